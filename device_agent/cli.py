@@ -1,0 +1,85 @@
+"""`edge-agent`: the device's command line. argparse only, so the agent installs without click.
+
+Exit codes: 0 clean stop, 2 usage or configuration error, 3 bad local state (keys, storage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from edge_sdk import __version__
+from edge_sdk.errors import ConfigError, EdgeError, LocalStateError
+
+from device_agent.config import load_config
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent", description="edge-sdk device agent")
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="connect to the broker and serve deploy commands until stopped",
+        description="Connect to the MQTT broker, announce this device, and receive, verify, install "
+        "and benchmark signed bundles until SIGTERM or SIGINT. Flags override the config file.",
+    )
+    run.add_argument("--config", type=Path, help="TOML config file (see device_agent/config.py)")
+    run.add_argument("--broker", help="broker URL, mqtt://host:port or mqtts://host:port")
+    run.add_argument("--device-id", help="this device's id (letters, digits, _ . -)")
+    run.add_argument("--data-dir", type=Path, help="directory for slots, staging and state")
+    run.add_argument(
+        "--trusted-key", type=Path, action="append", default=[], help="public key file allowed to sign bundles (repeatable)"
+    )
+    run.add_argument("--sysfs-root", type=Path, help="root for hardware probes (default /)")
+    run.add_argument("--transfer-idle-timeout", type=float, help="seconds without a chunk before a transfer is dropped")
+    run.add_argument("--reconnect-max", type=float, help="upper bound of the reconnect backoff in seconds")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = load_config(
+            args.config,
+            {
+                "broker": args.broker,
+                "device_id": args.device_id,
+                "data_dir": args.data_dir,
+                "trusted_keys": tuple(args.trusted_key),
+                "sysfs_root": args.sysfs_root,
+                "transfer_idle_timeout_s": args.transfer_idle_timeout,
+                "reconnect_max_s": args.reconnect_max,
+            },
+        )
+        from device_agent.agent import Agent  # heavy imports only once the config is valid
+
+        agent = Agent(config)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc.message}", file=sys.stderr)
+        return 2
+    except LocalStateError as exc:
+        print(f"edge-agent: {exc.message}", file=sys.stderr)
+        return 3
+    except EdgeError as exc:
+        print(f"edge-agent: {exc.message}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

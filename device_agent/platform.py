@@ -1,0 +1,90 @@
+"""What this device is: Raspberry Pi, Jetson, Android (Termux) or generic Linux.
+
+Every probe reads files under a ``root`` path, so tests build fake trees in a temporary
+directory. Nothing here imports a runtime; which runtimes exist comes from
+:func:`edge_sdk.runtime.available_runtimes`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform as _platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PlatformInfo", "detect_platform"]
+
+
+@dataclass(frozen=True)
+class PlatformInfo:
+    """Facts about the device reported in its birth message.
+
+    Attributes:
+        kind: ``raspberry-pi``, ``jetson``, ``android`` or ``generic-linux``.
+        model: human-readable model string when the device tells one.
+        arch: machine architecture (``aarch64``, ``x86_64``...).
+        cores: logical CPU count.
+        memory_bytes: total RAM.
+    """
+
+    kind: str
+    model: str
+    arch: str
+    cores: int
+    memory_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": self.model,
+            "arch": self.arch,
+            "cores": self.cores,
+            "memory_bytes": self.memory_bytes,
+        }
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace").replace("\x00", "").strip()
+    except OSError:
+        return None
+
+
+def _mem_total(root: Path) -> int:
+    text = _read_text(root / "proc/meminfo") or ""
+    for line in text.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def detect_platform(root: Path = Path("/"), arch: str | None = None, cores: int | None = None) -> PlatformInfo:
+    """Identify the device from files under ``root``.
+
+    Args:
+        root: filesystem root to probe (tests pass a fake tree).
+        arch: architecture override; defaults to this interpreter's machine.
+        cores: core-count override; defaults to ``os.cpu_count()``.
+
+    Returns:
+        The detected platform; ``generic-linux`` when nothing more specific matches.
+    """
+    root = Path(root)
+    arch = arch or _platform.machine()
+    cores = cores or os.cpu_count() or 1
+    memory = _mem_total(root)
+    dt_model = _read_text(root / "proc/device-tree/model") or _read_text(root / "sys/firmware/devicetree/base/model")
+    tegra = _read_text(root / "etc/nv_tegra_release")
+    chip_id = _read_text(root / "sys/module/tegra_fuse/parameters/tegra_chip_id")
+    if tegra is not None or chip_id is not None or (dt_model and "jetson" in dt_model.lower()):
+        model = dt_model or (f"tegra chip {chip_id}" if chip_id else (tegra or "").split(",")[0])
+        return PlatformInfo("jetson", model or "NVIDIA Jetson", arch, cores, memory)
+    if dt_model and "raspberry pi" in dt_model.lower():
+        return PlatformInfo("raspberry-pi", dt_model, arch, cores, memory)
+    if (root / "system/build.prop").exists() or (root / "data/data/com.termux").exists():
+        props = _read_text(root / "system/build.prop") or ""
+        model = next((ln.split("=", 1)[1] for ln in props.splitlines() if ln.startswith("ro.product.model=")), "Android")
+        return PlatformInfo("android", model, arch, cores, memory)
+    product = _read_text(root / "sys/class/dmi/id/product_name")
+    return PlatformInfo("generic-linux", dt_model or product or "Linux", arch, cores, memory)

@@ -1,0 +1,273 @@
+"""One error tree for edge-sdk, split by who is to blame.
+
+Every error the SDK raises on purpose is an :class:`EdgeError`. The four branches
+say whose fault it is, which tells the caller what to do next::
+
+    EdgeError
+    +-- UntrustedInputError        the bytes we were given are bad: never retry them
+    |   +-- BundleFormatError        not a bundle, truncated, hostile archive member
+    |   +-- ManifestError            manifest malformed or inconsistent
+    |   +-- HashMismatchError        a file's size or sha256 differs from the manifest
+    |   +-- SignatureError           signature missing or does not verify
+    |   |   +-- UntrustedKeyError      signed, but by a key this device does not trust
+    |   +-- ExpiredError             signed metadata is past its expiry (freeze attack)
+    |   +-- RollbackError            version not newer than the one installed
+    |   +-- MessageError             malformed MQTT payload or unknown schema
+    |   |   +-- MessageTooLargeError   payload above the configured limit
+    |   +-- TransferError            chunked transfer broke its own declaration
+    |       +-- TransferIncompleteError  chunks missing when the sender said "done"
+    +-- TransportError             the link failed; the same request may work later
+    |   +-- BrokerUnreachableError   no MQTT connection within the timeout
+    |   +-- DeviceTimeoutError       the device did not answer in time
+    +-- LocalStateError            this machine's own files, keys or config
+    |   +-- ConfigError              invalid configuration or command-line values
+    |   +-- KeyStoreError            signing keys missing, unreadable or malformed
+    |   +-- StorageError             disk full, unwritable, inconsistent slot state
+    +-- ModelError                 a model could not be loaded, run or transformed
+        +-- RuntimeUnavailableError  the runtime a model needs is not installed
+        +-- ModelLoadError           the runtime refused the model
+        +-- HealthCheckError         the model loaded but failed its health check
+        +-- CompressionError         a compression pass could not do what was asked
+
+Each class carries a stable ``code`` used on the wire (the agent reports refusals
+to the host as ``{"code": ..., "message": ...}``) and keeps structured facts in
+``details`` rather than only in the message text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "EdgeError",
+    "UntrustedInputError",
+    "BundleFormatError",
+    "ManifestError",
+    "HashMismatchError",
+    "SignatureError",
+    "UntrustedKeyError",
+    "ExpiredError",
+    "RollbackError",
+    "MessageError",
+    "MessageTooLargeError",
+    "TransferError",
+    "TransferIncompleteError",
+    "TransportError",
+    "BrokerUnreachableError",
+    "DeviceTimeoutError",
+    "LocalStateError",
+    "ConfigError",
+    "KeyStoreError",
+    "StorageError",
+    "ModelError",
+    "RuntimeUnavailableError",
+    "ModelLoadError",
+    "HealthCheckError",
+    "CompressionError",
+    "error_from_code",
+]
+
+
+class EdgeError(Exception):
+    """Root of every error edge-sdk raises on purpose.
+
+    Args:
+        message: what went wrong, naming the thing that is wrong.
+        **details: structured facts (file names, sizes, versions) kept for
+            callers and for the wire; they must be JSON-serialisable.
+    """
+
+    code = "edge_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: stable code, message and details."""
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+# --- untrusted input -------------------------------------------------------------------
+
+
+class UntrustedInputError(EdgeError):
+    """Input from outside this process (bundle, message, file) is bad."""
+
+    code = "untrusted_input"
+
+
+class BundleFormatError(UntrustedInputError):
+    """The bytes are not a well-formed bundle (truncated, hostile or unknown layout)."""
+
+    code = "bundle_format"
+
+
+class ManifestError(UntrustedInputError):
+    """The manifest is malformed, inconsistent or names something unsupported."""
+
+    code = "manifest_invalid"
+
+
+class HashMismatchError(UntrustedInputError):
+    """A file's size or sha256 differs from what the signed metadata declares."""
+
+    code = "hash_mismatch"
+
+
+class SignatureError(UntrustedInputError):
+    """A required signature is missing or does not verify."""
+
+    code = "signature_invalid"
+
+
+class UntrustedKeyError(SignatureError):
+    """The metadata is signed, but not by a key this verifier trusts."""
+
+    code = "untrusted_key"
+
+
+class ExpiredError(UntrustedInputError):
+    """Signed metadata is past its expiry time."""
+
+    code = "expired"
+
+
+class RollbackError(UntrustedInputError):
+    """The offered version is not newer than the one already accepted."""
+
+    code = "rollback"
+
+
+class MessageError(UntrustedInputError):
+    """An MQTT payload is malformed, of an unknown type or of an unknown schema."""
+
+    code = "message_invalid"
+
+
+class MessageTooLargeError(MessageError):
+    """An MQTT payload exceeds the configured size limit."""
+
+    code = "message_too_large"
+
+
+class TransferError(UntrustedInputError):
+    """A chunked transfer contradicted its own declaration (size, count, hash)."""
+
+    code = "transfer_invalid"
+
+
+class TransferIncompleteError(TransferError):
+    """The sender finished a transfer while chunks were still missing."""
+
+    code = "transfer_incomplete"
+
+
+# --- transport -------------------------------------------------------------------------
+
+
+class TransportError(EdgeError):
+    """The network or broker failed; the same request may succeed later."""
+
+    code = "transport"
+
+
+class BrokerUnreachableError(TransportError):
+    """No MQTT connection could be made within the timeout."""
+
+    code = "broker_unreachable"
+
+
+class DeviceTimeoutError(TransportError):
+    """A device did not answer within the timeout."""
+
+    code = "device_timeout"
+
+
+# --- local state -----------------------------------------------------------------------
+
+
+class LocalStateError(EdgeError):
+    """This machine's own configuration, keys or storage are wrong."""
+
+    code = "local_state"
+
+
+class ConfigError(LocalStateError):
+    """Configuration or command-line values are invalid."""
+
+    code = "config_invalid"
+
+
+class KeyStoreError(LocalStateError):
+    """Signing keys are missing, unreadable or malformed."""
+
+    code = "keystore"
+
+
+class StorageError(LocalStateError):
+    """Local storage failed: disk full, unwritable directory, inconsistent state."""
+
+    code = "storage"
+
+
+# --- models ----------------------------------------------------------------------------
+
+
+class ModelError(EdgeError):
+    """A model could not be loaded, run or transformed."""
+
+    code = "model"
+
+
+class RuntimeUnavailableError(ModelError):
+    """The inference runtime a model needs is not installed on this machine."""
+
+    code = "runtime_unavailable"
+
+
+class ModelLoadError(ModelError):
+    """The runtime refused to load the model."""
+
+    code = "model_load"
+
+
+class HealthCheckError(ModelError):
+    """The model loaded but failed its post-install health check."""
+
+    code = "health_check"
+
+
+class CompressionError(ModelError):
+    """A compression pass could not do what was asked of it."""
+
+    code = "compression"
+
+
+def _all_subclasses(cls: type[EdgeError]) -> list[type[EdgeError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_from_code(code: str, message: str, **details: Any) -> EdgeError:
+    """Rebuild an error reported over the wire into the most specific local type.
+
+    Unknown codes (a newer peer) become a plain :class:`EdgeError` that keeps the code.
+
+    Args:
+        code: the ``code`` field of a reported error.
+        message: the reported message.
+        **details: the reported details.
+
+    Returns:
+        An instance of the matching subclass.
+    """
+    for cls in _all_subclasses(EdgeError):
+        if cls.code == code:
+            return cls(message, **details)
+    err = EdgeError(message, **details)
+    err.code = code
+    return err

@@ -1,0 +1,268 @@
+"""The only module that imports paho-mqtt: connect, TLS, reconnect, publish, subscribe.
+
+One concurrency rule: paho's network thread never does work. It converts each foreign
+event into an own value (:class:`Incoming` or :class:`ConnectionChange`) and puts it on
+``client.inbox``; the owner of the client drains that queue on its own thread.
+
+Subscriptions are remembered and renewed on every reconnect, and reconnects back off
+exponentially between ``reconnect_min_s`` and ``reconnect_max_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_sdk.errors import BrokerUnreachableError, ConfigError, TransportError
+
+__all__ = [
+    "BrokerAddress",
+    "ConnectionChange",
+    "Incoming",
+    "MqttClient",
+    "MqttOptions",
+    "PublishHandle",
+    "Will",
+    "parse_broker_url",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parse ``mqtt://host[:port]`` or ``mqtts://host[:port]``.
+
+    Raises:
+        ConfigError: another scheme, no host, or a bad port.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"broker URL {url!r} has a bad port") from exc
+    tls = parts.scheme == "mqtts"
+    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+@dataclass(frozen=True)
+class Will:
+    """Last will: published by the broker when this client vanishes without a goodbye."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class MqttOptions:
+    """How to connect. Timeouts are on by default."""
+
+    client_id: str
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    publish_timeout_s: float = 30.0
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    will: Will | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message received from the broker, as an own type."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True)
+class ConnectionChange:
+    connected: bool
+    reason: str
+
+
+class PublishHandle:
+    """A QoS>0 publish in flight; :meth:`wait` blocks until the broker acknowledged it."""
+
+    def __init__(self, info: paho.MQTTMessageInfo, topic: str, timeout_s: float) -> None:
+        self._info = info
+        self._topic = topic
+        self._timeout_s = timeout_s
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Raises TransportError if not acknowledged in time or the connection dropped."""
+        try:
+            self._info.wait_for_publish(self._timeout_s if timeout_s is None else timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            raise TransportError(f"publish to {self._topic} failed: {exc}") from exc
+        if not self._info.is_published():
+            raise TransportError(f"publish to {self._topic} was not acknowledged in time")
+
+
+class MqttClient:
+    """A small, owned wrapper around a paho client.
+
+    Args:
+        url: broker URL.
+        options: identity, timeouts, will, TLS.
+    """
+
+    def __init__(self, url: str, options: MqttOptions) -> None:
+        self.address = parse_broker_url(url)
+        self.options = options
+        self.inbox: queue.Queue[Incoming | ConnectionChange] = queue.Queue()
+        self._connected = threading.Event()
+        self._filters: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._last_error = "no answer"
+        self._started = False
+        c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=options.client_id,
+            protocol=paho.MQTTv311,
+            clean_session=True,
+        )
+        c.reconnect_delay_set(
+            min_delay=max(1, int(options.reconnect_min_s)), max_delay=max(1, int(options.reconnect_max_s))
+        )
+        c.max_queued_messages_set(0)
+        if options.will is not None:
+            c.will_set(options.will.topic, options.will.payload, options.will.qos, options.will.retain)
+        if options.username is not None:
+            c.username_pw_set(options.username, options.password)
+        if self.address.tls:
+            try:
+                c.tls_set(
+                    ca_certs=str(options.ca_file) if options.ca_file else None,
+                    certfile=str(options.cert_file) if options.cert_file else None,
+                    keyfile=str(options.key_file) if options.key_file else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"TLS setup for {self.address} failed: {exc}") from exc
+        c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self._client = c
+
+    # --- network thread: convert and hand over, nothing else -------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            self._last_error = f"broker refused the connection: {reason_code}"
+            return
+        with self._lock:
+            filters = list(self._filters.items())
+        for topic_filter, qos in filters:
+            client.subscribe(topic_filter, qos)
+        self._connected.set()
+        self.inbox.put(ConnectionChange(True, "connected"))
+
+    def _on_connect_fail(self, client, userdata) -> None:  # noqa: ANN001
+        self._last_error = "connection failed"
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._last_error = f"disconnected: {reason_code}"
+        if was_connected:
+            self.inbox.put(ConnectionChange(False, str(reason_code)))
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    # --- owner's side ----------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Connect in the background and keep reconnecting with backoff, forever."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            self._client.connect_async(self.address.host, self.address.port, self.options.keepalive_s)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot connect to {self.address}: {exc}") from exc
+        self._client.loop_start()
+
+    def connect(self, timeout_s: float | None = None) -> None:
+        """Connect and wait until the broker accepted us.
+
+        Raises:
+            BrokerUnreachableError: no accepted connection within the timeout.
+        """
+        timeout = self.options.connect_timeout_s if timeout_s is None else timeout_s
+        self.start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise BrokerUnreachableError(
+                f"cannot reach MQTT broker at {self.address} within {timeout:g} s ({self._last_error})",
+                broker=str(self.address),
+            )
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now (if connected) and again after every reconnect."""
+        with self._lock:
+            self._filters[topic_filter] = qos
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishHandle:
+        """Queue a publish; call ``.wait()`` on the result to block until acknowledged.
+
+        Raises:
+            TransportError: the payload was refused locally (e.g. too large).
+        """
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        except (ValueError, OSError) as exc:
+            raise TransportError(f"cannot publish to {topic}: {exc}") from exc
+        return PublishHandle(info, topic, self.options.publish_timeout_s)
+
+    def publish_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Publish and block until the broker acknowledged it (QoS>0) or the timeout."""
+        self.publish(topic, payload, qos, retain).wait()
+
+    def close(self) -> None:
+        """Disconnect cleanly (no will is sent) and stop the network thread."""
+        if not self._started:
+            return
+        self._started = False
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+        self._connected.clear()

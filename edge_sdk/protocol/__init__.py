@@ -1,0 +1,51 @@
+"""The wire protocol between host and devices: topics, messages, codec, chunked transfer.
+
+Everything here is pure: strings and bytes in, values out. The MQTT client lives in
+:mod:`edge_sdk.mqtt`.
+"""
+
+from edge_sdk.protocol.codec import Chunk, CodecLimits, decode, decode_chunk, encode, encode_chunk
+from edge_sdk.protocol.messages import (
+    SCHEMA_VERSION,
+    BenchmarkSpec,
+    DeployCommand,
+    DeviceStatus,
+    ErrorInfo,
+    Event,
+    EventKind,
+    Message,
+    MetricsReport,
+    TransferEnd,
+    TransferOffer,
+)
+from edge_sdk.protocol.topics import Channel, DeviceTopics, ParsedTopic, fleet_filter, parse_topic, shared
+from edge_sdk.protocol.transfer import ChunkReceiver, WriteAt, chunk_spans
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "BenchmarkSpec",
+    "Channel",
+    "Chunk",
+    "ChunkReceiver",
+    "CodecLimits",
+    "DeployCommand",
+    "DeviceStatus",
+    "DeviceTopics",
+    "ErrorInfo",
+    "Event",
+    "EventKind",
+    "Message",
+    "MetricsReport",
+    "ParsedTopic",
+    "TransferEnd",
+    "TransferOffer",
+    "WriteAt",
+    "chunk_spans",
+    "decode",
+    "decode_chunk",
+    "encode",
+    "encode_chunk",
+    "fleet_filter",
+    "parse_topic",
+    "shared",
+]

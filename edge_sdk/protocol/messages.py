@@ -1,0 +1,284 @@
+"""Wire messages: frozen dataclasses with a schema version, validated on construction.
+
+Every JSON message carries ``schema`` (this module's :data:`SCHEMA_VERSION`) and
+``type``. Fields this build does not know are kept in ``extra`` (so a newer peer's
+message survives a round trip) and never acted on. A message with a newer *major*
+schema is refused by the codec rather than half-understood.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from edge_sdk.errors import MessageError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Message",
+    "TransferOffer",
+    "BenchmarkSpec",
+    "ErrorInfo",
+    "DeviceStatus",
+    "DeployCommand",
+    "TransferEnd",
+    "Event",
+    "EventKind",
+    "MetricsReport",
+    "MESSAGE_TYPES",
+]
+
+SCHEMA_VERSION = 1
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_MAX_CHUNKS = 1 << 20
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a simple type hint; convert nested dataclasses from dicts."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise MessageError(f"{where} must be an object")
+        return hint.from_dict(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise MessageError(f"{where} must be a list")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_check_type(v, item, f"{where}[]") for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise MessageError(f"{where} must be an object")
+        return dict(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MessageError(f"{where} must be a number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MessageError(f"{where} must be an integer")
+        return value
+    if hint in (str, bool):
+        if not isinstance(value, hint):
+            raise MessageError(f"{where} must be a {hint.__name__}")
+        return value
+    if hint is Any:
+        return value
+    raise TypeError(f"unsupported field type {hint!r}")  # a bug in this module, not input
+
+
+class _Wire:
+    """Mixin: generic ``from_dict``/``to_dict`` driven by the dataclass fields."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        names = set()
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name == "extra":
+                continue
+            names.add(f.name)
+            if f.name in d:
+                kwargs[f.name] = _check_type(d[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise MessageError(f"{cls.__name__}: missing field {f.name!r}")
+        if any(f.name == "extra" for f in dataclasses.fields(cls)):  # type: ignore[arg-type]
+            kwargs["extra"] = {k: v for k, v in d.items() if k not in names and k not in ("schema", "type")}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                continue
+            if dataclasses.is_dataclass(value):
+                value = value.to_dict()  # type: ignore[union-attr]
+            elif isinstance(value, tuple):
+                value = [v.to_dict() if dataclasses.is_dataclass(v) else v for v in value]
+            out[f.name] = value
+        extra = getattr(self, "extra", None)
+        if extra:
+            return {**extra, **out}
+        return out
+
+
+@dataclass(frozen=True)
+class TransferOffer(_Wire):
+    """What the host is about to send: the device enforces these numbers while receiving."""
+
+    transfer_id: str
+    size: int
+    sha256: str
+    chunk_size: int
+
+    def __post_init__(self) -> None:
+        if not _ID_RE.match(self.transfer_id):
+            raise MessageError("transfer_id must be 32 lowercase hex digits")
+        if self.size < 1:
+            raise MessageError("transfer size must be positive")
+        if not re.match(r"^[0-9a-f]{64}$", self.sha256):
+            raise MessageError("transfer sha256 must be 64 lowercase hex digits")
+        if not 1024 <= self.chunk_size <= 1 << 20:
+            raise MessageError("chunk_size must be between 1 KiB and 1 MiB")
+        if self.chunk_count > _MAX_CHUNKS:
+            raise MessageError(f"transfer of {self.chunk_count} chunks exceeds {_MAX_CHUNKS}")
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec(_Wire):
+    """How the device should benchmark the model after installing it."""
+
+    runs: int = 200
+    warmup: int = 20
+    threads: int = 1
+    min_duration_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.runs <= 100_000 and 0 <= self.warmup <= 10_000 and 1 <= self.threads <= 256):
+            raise MessageError("benchmark runs/warmup/threads out of range")
+        if not 0 <= self.min_duration_s <= 600:
+            raise MessageError("benchmark min_duration_s out of range")
+
+
+@dataclass(frozen=True)
+class ErrorInfo(_Wire):
+    """An :class:`~edge_sdk.errors.EdgeError` as reported over the wire."""
+
+    code: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Message(_Wire):
+    """Base of every JSON message; ``TYPE`` is the wire ``type``."""
+
+    TYPE: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"schema": SCHEMA_VERSION, "type": self.TYPE, **self.to_dict()}
+
+
+@dataclass(frozen=True)
+class DeviceStatus(Message):
+    """Birth (``online``, retained) and last will (``offline``, retained) of an agent."""
+
+    TYPE: ClassVar[str] = "status"
+    device_id: str
+    state: str
+    ts: float
+    agent_version: str = ""
+    platform: dict[str, Any] = field(default_factory=dict)
+    runtimes: dict[str, Any] = field(default_factory=dict)
+    active: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.state not in ("online", "offline"):
+            raise MessageError(f"status state must be online or offline, got {self.state!r}")
+
+
+@dataclass(frozen=True)
+class DeployCommand(Message):
+    """Host -> device: receive this bundle, install it, benchmark it."""
+
+    TYPE: ClassVar[str] = "deploy"
+    command_id: str
+    bundle_name: str
+    bundle_version: int
+    transfer: TransferOffer
+    ts: float
+    benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _ID_RE.match(self.command_id):
+            raise MessageError("command_id must be 32 lowercase hex digits")
+
+
+@dataclass(frozen=True)
+class TransferEnd(Message):
+    """Host -> device: every chunk has been sent once; tell me what is missing."""
+
+    TYPE: ClassVar[str] = "transfer_end"
+    command_id: str
+    transfer_id: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EventKind:
+    ACCEPTED = "accepted"  # offer accepted; `missing` lists chunks still needed (resume)
+    NEED_CHUNKS = "need_chunks"  # after transfer_end: these chunks are still missing
+    RECEIVED = "received"  # whole file received, hash matches
+    INSTALLED = "installed"  # verified, installed, health-checked, active
+    REFUSED = "refused"  # bad input: nothing installed (error says why)
+    FAILED = "failed"  # local failure on the device (error says why)
+    ERROR = "error"  # a message the agent could not act on
+    ALL = (ACCEPTED, NEED_CHUNKS, RECEIVED, INSTALLED, REFUSED, FAILED, ERROR)
+
+
+@dataclass(frozen=True)
+class Event(Message):
+    """Device -> host: what happened to a command."""
+
+    TYPE: ClassVar[str] = "event"
+    device_id: str
+    kind: str
+    ts: float
+    command_id: str = ""
+    transfer_id: str = ""
+    missing: tuple[int, ...] = ()
+    error: ErrorInfo | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in EventKind.ALL:
+            raise MessageError(f"unknown event kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class MetricsReport(Message):
+    """Device -> host: how a bundle ran on the device.
+
+    ``latency`` holds :class:`~edge_sdk.metrics.LatencyStats` fields; ``memory``, ``cpu``
+    and ``power`` hold the readers' ``to_dict()`` output. ``power`` always says whether it
+    is ``estimated``.
+    """
+
+    TYPE: ClassVar[str] = "metrics"
+    device_id: str
+    bundle_name: str
+    bundle_version: int
+    runtime: str
+    precision: str
+    ts: float
+    command_id: str = ""
+    threads: int = 1
+    providers: tuple[str, ...] = ()
+    latency: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, Any] = field(default_factory=dict)
+    power: dict[str, Any] = field(default_factory=dict)
+    temperature: tuple[dict[str, Any], ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (DeviceStatus, DeployCommand, TransferEnd, Event, MetricsReport)
+}
