@@ -1,0 +1,107 @@
+# edge-sdk developer entry points.
+#
+# On a fresh Debian/Ubuntu with python3 (>= 3.10) and root:
+#     make demo     # virtualenv + host tools, then `edgectl demo`
+#     make test     # + test extras and a mosquitto binary, then pytest
+#
+# Recipes are POSIX sh. Stamp files inside the virtualenv keep re-runs fast;
+# they depend on pyproject.toml, so changing dependencies reinstalls.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+DEMO_ARGS   ?=
+PYTEST_ARGS ?=
+
+VENV_PY     := $(VENV)/bin/python
+PIP         := $(VENV_PY) -m pip
+STAMP_VENV  := $(VENV)/.stamp-venv
+STAMP_HOST  := $(VENV)/.stamp-host
+STAMP_TEST  := $(VENV)/.stamp-test
+
+# Root runs apt-get itself; anyone else goes through sudo.
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_GET     := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -q
+MOSQUITTO_PRESENT := command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test-deps mosquitto demo test clean
+
+help:
+	@echo "make demo    create .venv, install edge-sdk[host,litert], run 'edgectl demo \$$DEMO_ARGS'"
+	@echo "make test    also install test extras and mosquitto, run 'pytest \$$PYTEST_ARGS'"
+	@echo "make venv    only create .venv with edge-sdk[host,litert]"
+	@echo "make clean   remove .venv and build outputs"
+
+# --- virtualenv ---------------------------------------------------------------------
+
+# Debian and Ubuntu ship python3 without venv/ensurepip; install python3-venv when
+# `python3 -m venv` fails for that reason. An existing, working venv is kept.
+$(STAMP_VENV):
+	@set -e; \
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
+	    echo "edge-sdk needs Python >= 3.10; '$(PYTHON)' is $$($(PYTHON) -V 2>&1)" >&2; exit 1; }; \
+	if [ -x "$(VENV_PY)" ] && "$(VENV_PY)" -m pip --version >/dev/null 2>&1; then \
+	    echo "using existing virtualenv $(VENV)"; \
+	elif ! $(PYTHON) -m venv "$(VENV)"; then \
+	    echo "'$(PYTHON) -m venv' failed; installing python3-venv with apt-get" >&2; \
+	    rm -rf "$(VENV)"; \
+	    command -v apt-get >/dev/null 2>&1 || { \
+	        echo "no apt-get here: install the venv module for $(PYTHON) and retry" >&2; exit 1; }; \
+	    $(APT_GET) update; \
+	    $(APT_GET) install --no-install-recommends python3-venv; \
+	    $(PYTHON) -m venv "$(VENV)"; \
+	fi; \
+	$(PIP) install --upgrade pip; \
+	touch "$@"
+
+$(STAMP_HOST): $(STAMP_VENV) pyproject.toml
+	$(PIP) install -e '.[host,litert]'
+	touch "$@"
+
+# The test extras include the host ones, so this stamp also satisfies `venv`.
+$(STAMP_TEST): $(STAMP_VENV) pyproject.toml
+	$(PIP) install -e '.[host,litert,test,postgres]'
+	touch "$(STAMP_HOST)" "$@"
+
+venv: $(STAMP_HOST)
+
+test-deps: $(STAMP_TEST) mosquitto
+
+# --- mosquitto (binary only) --------------------------------------------------------
+
+# The tests start their own brokers on free loopback ports; the machine-wide
+# service must not be started. policy-rc.d (exit 101) stops Debian maintainer
+# scripts from starting it; if one is already present it is left alone.
+mosquitto:
+	@set -e; \
+	if $(MOSQUITTO_PRESENT); then exit 0; fi; \
+	command -v apt-get >/dev/null 2>&1 || { \
+	    echo "mosquitto is missing and there is no apt-get: install the mosquitto broker" >&2; exit 1; }; \
+	echo "installing mosquitto (binary only; its service is not started)"; \
+	policy=/usr/sbin/policy-rc.d; made_policy=; \
+	if [ ! -e "$$policy" ]; then \
+	    printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee "$$policy" >/dev/null; \
+	    $(SUDO) chmod 755 "$$policy"; made_policy=1; \
+	fi; \
+	status=0; \
+	{ $(APT_GET) update && $(APT_GET) install --no-install-recommends mosquitto; } || status=$$?; \
+	if [ -n "$$made_policy" ]; then $(SUDO) rm -f "$$policy"; fi; \
+	[ "$$status" -eq 0 ] || exit "$$status"; \
+	if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then \
+	    echo "stopping the mosquitto service the package started" >&2; \
+	    $(SUDO) systemctl stop mosquitto || true; \
+	fi; \
+	$(MOSQUITTO_PRESENT)
+
+# --- entry points -------------------------------------------------------------------
+
+demo: $(STAMP_HOST)
+	$(VENV)/bin/edgectl demo $(DEMO_ARGS)
+
+test: test-deps
+	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf "$(VENV)" build dist .pytest_cache .hypothesis demo-out
+	rm -rf ./*.egg-info
+	find . -path "./$(VENV)" -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

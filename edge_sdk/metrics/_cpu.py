@@ -1,0 +1,135 @@
+"""Process CPU utilisation over a window of code."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any
+
+import psutil
+
+from edge_sdk.errors import ConfigError
+
+__all__ = ["CpuMeasurement", "CpuSampler", "process_cpu_seconds"]
+
+
+def process_cpu_seconds(pid: int | None = None) -> float:
+    """User plus system CPU time a process has used so far, in seconds.
+
+    Args:
+        pid: the process; ``None`` for this one.
+
+    Raises:
+        ConfigError: no such process, or it may not be inspected.
+    """
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied) as exc:
+        raise ConfigError(f"cannot read CPU times of process {pid}: {exc}", pid=pid) from exc
+    return float(times.user + times.system)
+
+
+@dataclass(frozen=True)
+class CpuMeasurement:
+    """CPU use of one process over one window.
+
+    Attributes:
+        wall_s: length of the window.
+        cpu_s: user + system CPU seconds the process used in it.
+        cores: logical cores of the machine.
+        percent_of_one_core: ``100 * cpu_s / wall_s``; above 100 for multi-threaded work.
+        utilisation: share of the whole machine, ``cpu_s / wall_s / cores``, in [0, 1].
+    """
+
+    wall_s: float
+    cpu_s: float
+    cores: int
+    percent_of_one_core: float
+    utilisation: float
+
+    @classmethod
+    def from_deltas(cls, wall_s: float, cpu_s: float, cores: int) -> CpuMeasurement:
+        """Derive the ratios; a zero-length window has zero utilisation.
+
+        Args:
+            wall_s: window length in seconds.
+            cpu_s: CPU seconds used in it.
+            cores: logical core count (at least 1).
+
+        Returns:
+            The measurement.
+        """
+        cores = max(1, cores)
+        cpu_s = max(0.0, cpu_s)
+        if wall_s <= 0:
+            return cls(wall_s=max(0.0, wall_s), cpu_s=cpu_s, cores=cores, percent_of_one_core=0.0, utilisation=0.0)
+        one_core = cpu_s / wall_s
+        return cls(
+            wall_s=wall_s,
+            cpu_s=cpu_s,
+            cores=cores,
+            percent_of_one_core=100.0 * one_core,
+            utilisation=min(1.0, one_core / cores),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+class CpuSampler:
+    """Context manager measuring a process's CPU use while its body runs.
+
+    It reads the process's CPU time and the clock at entry and exit; no thread.
+
+    Args:
+        pid: the process; ``None`` for this one.
+        clock: monotonic seconds (injectable).
+        cpu_seconds: returns the process's cumulative CPU seconds (injectable).
+        cores: logical core count; ``None`` asks the OS.
+    """
+
+    def __init__(
+        self,
+        pid: int | None = None,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        cpu_seconds: Callable[[], float] | None = None,
+        cores: int | None = None,
+    ) -> None:
+        self._clock = clock
+        self._cpu = cpu_seconds if cpu_seconds is not None else (lambda: process_cpu_seconds(pid))
+        self._cores = cores if cores is not None else (os.cpu_count() or 1)
+        self._t0 = 0.0
+        self._c0 = 0.0
+        self._result: CpuMeasurement | None = None
+
+    def __enter__(self) -> CpuSampler:
+        self._result = None
+        self._c0 = self._cpu()
+        self._t0 = self._clock()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        t1 = self._clock()
+        c1 = self._cpu()
+        self._result = CpuMeasurement.from_deltas(t1 - self._t0, c1 - self._c0, self._cores)
+
+    @property
+    def result(self) -> CpuMeasurement:
+        """The measurement of the finished window.
+
+        Raises:
+            ConfigError: the window has not been closed yet.
+        """
+        if self._result is None:
+            raise ConfigError("CpuSampler result read before the window closed")
+        return self._result

@@ -1,0 +1,150 @@
+"""Latency statistics (pure) and a benchmark loop with an injectable clock."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.errors import ConfigError, MessageError
+
+__all__ = ["LatencyStats", "benchmark"]
+
+#: Upper bound on timed runs when ``min_duration_s`` keeps :func:`benchmark` going.
+DEFAULT_MAX_RUNS = 100_000
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Summary of repeated timings of one operation, in milliseconds.
+
+    ``stdev_ms`` is the sample standard deviation (0 for a single sample).
+    Percentiles use numpy's ``"linear"`` method. ``throughput_per_s`` is runs per
+    second of back-to-back execution (``count / total time``); it is 0.0 when the
+    total time is zero, i.e. unmeasurable.
+    """
+
+    count: int
+    mean_ms: float
+    stdev_ms: float
+    min_ms: float
+    max_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    throughput_per_s: float
+
+    @classmethod
+    def from_samples(cls, seconds: Sequence[float]) -> LatencyStats:
+        """Summarise timings.
+
+        Args:
+            seconds: one duration per run, in seconds.
+
+        Returns:
+            The statistics, in milliseconds.
+
+        Raises:
+            ConfigError: no samples, or a sample is negative or not finite.
+        """
+        data = np.asarray(seconds, dtype=np.float64)
+        if data.ndim != 1 or data.size == 0:
+            raise ConfigError("no latency samples to summarise", count=int(data.size))
+        if not np.all(np.isfinite(data)) or np.any(data < 0):
+            raise ConfigError("latency samples must be finite and non-negative")
+        ms = data * 1000.0
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99], method="linear")
+        total = float(data.sum())
+        return cls(
+            count=int(data.size),
+            mean_ms=float(ms.mean()),
+            stdev_ms=float(ms.std(ddof=1)) if data.size > 1 else 0.0,
+            min_ms=float(ms.min()),
+            max_ms=float(ms.max()),
+            p50_ms=float(p50),
+            p90_ms=float(p90),
+            p99_ms=float(p99),
+            throughput_per_s=data.size / total if total > 0 else 0.0,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyStats:
+        """Rebuild from :meth:`to_dict` output, e.g. a device's metrics report.
+
+        Unknown keys (from a newer peer) are ignored.
+
+        Args:
+            data: the mapping to read.
+
+        Returns:
+            The statistics.
+
+        Raises:
+            MessageError: a field is missing or not a finite number.
+        """
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = data.get(f.name) if isinstance(data, Mapping) else None
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+                raise MessageError(f"latency stats field {f.name!r} missing or not a number", field=f.name)
+            values[f.name] = int(raw) if f.name == "count" else float(raw)
+        return cls(**values)
+
+
+def benchmark(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 10,
+    runs: int = 100,
+    min_duration_s: float = 0.0,
+    max_runs: int = DEFAULT_MAX_RUNS,
+    clock: Callable[[], float] = time.perf_counter,
+) -> LatencyStats:
+    """Time ``fn`` repeatedly.
+
+    ``warmup`` calls run first and are not counted. Then ``fn`` is timed at least
+    ``runs`` times, and further until ``min_duration_s`` of timed runs have passed,
+    but never more than ``max_runs`` times.
+
+    Args:
+        fn: the operation, e.g. ``lambda: session.run(feeds)``.
+        warmup: untimed calls before measuring.
+        runs: minimum number of timed calls.
+        min_duration_s: minimum wall time to keep measuring, in seconds.
+        max_runs: hard cap on timed calls, so a slow clock cannot loop forever.
+        clock: monotonic seconds; injectable for tests.
+
+    Returns:
+        Statistics over the timed calls.
+
+    Raises:
+        ConfigError: a count is negative, ``runs`` is below 1, ``max_runs`` is below
+            ``runs``, or ``min_duration_s`` is negative.
+    """
+    if warmup < 0 or runs < 1 or max_runs < runs or not min_duration_s >= 0:
+        raise ConfigError(
+            "benchmark needs warmup >= 0, runs >= 1, max_runs >= runs and min_duration_s >= 0",
+            warmup=warmup,
+            runs=runs,
+            max_runs=max_runs,
+            min_duration_s=min_duration_s,
+        )
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = clock()
+    end = start
+    while len(samples) < max_runs and (len(samples) < runs or end - start < min_duration_s):
+        t0 = clock()
+        fn()
+        end = clock()
+        samples.append(end - t0)
+    return LatencyStats.from_samples(samples)

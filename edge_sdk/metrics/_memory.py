@@ -1,0 +1,204 @@
+"""Resident memory: current RSS, and the peak over a window of code.
+
+Two sources are combined. A background thread samples RSS every ``interval_s``;
+that sees the window only, but can miss a spike shorter than the interval. The
+kernel's high-water mark ``VmHWM`` in ``/proc/<pid>/status`` misses nothing, but it
+is the peak over the *whole life of the process*, not over the window. So the
+window's peak is the sampled peak, raised to ``VmHWM`` only when ``VmHWM`` grew
+during the window (which proves the process's peak was set inside it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil
+
+from edge_sdk.errors import ConfigError
+
+__all__ = ["MemoryMeasurement", "PeakRssSampler", "parse_vm_hwm", "read_vm_hwm", "rss_bytes"]
+
+logger = logging.getLogger(__name__)
+
+_VM_HWM = re.compile(r"^VmHWM:\s*(\d+)\s*kB\s*$", re.MULTILINE)
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident set size of a process right now.
+
+    Args:
+        pid: the process; ``None`` for this one.
+
+    Returns:
+        RSS in bytes.
+
+    Raises:
+        ConfigError: no such process, or it may not be inspected.
+    """
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except (psutil.NoSuchProcess, psutil.AccessDenied) as exc:
+        raise ConfigError(f"cannot read memory of process {pid}: {exc}", pid=pid) from exc
+
+
+def parse_vm_hwm(status_text: str) -> int | None:
+    """The ``VmHWM`` line of a ``/proc/<pid>/status`` text, in bytes; ``None`` if absent."""
+    match = _VM_HWM.search(status_text)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def read_vm_hwm(pid: int | None = None, root: Path = Path("/")) -> int | None:
+    """The kernel's lifetime peak RSS of a process (``VmHWM``).
+
+    Args:
+        pid: the process; ``None`` for this one.
+        root: filesystem root holding ``proc/``; a fake tree in tests.
+
+    Returns:
+        Bytes, or ``None`` where the file is missing or unreadable (not Linux).
+    """
+    path = root / "proc" / str(os.getpid() if pid is None else pid) / "status"
+    try:
+        return parse_vm_hwm(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class MemoryMeasurement:
+    """Memory over one window.
+
+    Attributes:
+        start_bytes: RSS when the window opened.
+        peak_bytes: best estimate of the window's peak RSS (see module docs).
+        sampled_peak_bytes: highest RSS the sampling thread saw in the window.
+        hwm_bytes: the kernel's lifetime high-water mark at the end, or ``None``.
+        samples: how many RSS samples were taken.
+    """
+
+    start_bytes: int
+    peak_bytes: int
+    sampled_peak_bytes: int
+    hwm_bytes: int | None
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+class PeakRssSampler:
+    """Context manager measuring the peak RSS of a process while its body runs.
+
+    Example::
+
+        with PeakRssSampler() as mem:
+            session.run(feeds)
+        mem.peak_bytes
+
+    Args:
+        pid: the process; ``None`` for this one.
+        interval_s: sampling period of the background thread.
+        root: filesystem root holding ``proc/`` for ``VmHWM``.
+        rss_reader: returns the current RSS in bytes; defaults to psutil (injectable).
+
+    Raises:
+        ConfigError: ``interval_s`` is not positive.
+    """
+
+    def __init__(
+        self,
+        pid: int | None = None,
+        *,
+        interval_s: float = 0.005,
+        root: Path = Path("/"),
+        rss_reader: Callable[[], int] | None = None,
+    ) -> None:
+        if not interval_s > 0:
+            raise ConfigError(f"interval_s must be positive, got {interval_s!r}")
+        self._pid = pid
+        self._interval_s = interval_s
+        self._root = root
+        self._read = rss_reader if rss_reader is not None else (lambda: rss_bytes(pid))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._peak = 0
+        self._count = 0
+        self._start = 0
+        self._hwm_start: int | None = None
+        self._result: MemoryMeasurement | None = None
+
+    def _sample(self) -> None:
+        value = self._read()
+        with self._lock:
+            self._peak = max(self._peak, value)
+            self._count += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._sample()
+            except Exception:  # the process ended, psutil failed: stop sampling, keep results
+                logger.debug("RSS sampling stopped", exc_info=True)
+                return
+
+    def __enter__(self) -> PeakRssSampler:
+        self._hwm_start = read_vm_hwm(self._pid, self._root)
+        self._start = self._read()
+        self._peak, self._count = self._start, 1
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="edge-sdk-rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        hwm = read_vm_hwm(self._pid, self._root)
+        peak = self._peak
+        if hwm is not None and self._hwm_start is not None and hwm > self._hwm_start:
+            peak = max(peak, hwm)
+        self._result = MemoryMeasurement(
+            start_bytes=self._start,
+            peak_bytes=peak,
+            sampled_peak_bytes=self._peak,
+            hwm_bytes=hwm,
+            samples=self._count,
+        )
+
+    @property
+    def result(self) -> MemoryMeasurement:
+        """The measurement of the finished window.
+
+        Raises:
+            ConfigError: the window has not been closed yet.
+        """
+        if self._result is None:
+            raise ConfigError("PeakRssSampler result read before the window closed")
+        return self._result
+
+    @property
+    def start_bytes(self) -> int:
+        """RSS when the window opened."""
+        return self.result.start_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Best estimate of the window's peak RSS."""
+        return self.result.peak_bytes

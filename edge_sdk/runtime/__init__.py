@@ -1,0 +1,161 @@
+"""Run models on this machine: one session protocol over onnxruntime and LiteRT.
+
+``open_session`` is the one way in. It picks the backend by name, converts every
+runtime failure into an :class:`~edge_sdk.errors.ModelError`, and gives back an
+:class:`InferenceSession` whose inputs and outputs are described by plain
+:class:`TensorSpec` values. onnxruntime and LiteRT are imported only when a session
+of theirs is opened, so ``import edge_sdk.runtime`` stays light for the agent.
+
+Precision: LiteRT sessions read it from the model's tensors. onnxruntime cannot
+list a graph's nodes, so an onnxruntime session uses ``precision_hint`` when given
+(the bundle manifest carries it), else scans the model's protobuf bytes for
+quantization ops, else goes by the inputs' element types.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk.errors import ConfigError
+from edge_sdk.runtime._types import PRECISIONS, InferenceSession, SessionOptions, TensorSpec
+
+__all__ = [
+    "PRECISIONS",
+    "RUNTIMES",
+    "InferenceSession",
+    "SessionOptions",
+    "TensorSpec",
+    "available_runtimes",
+    "open_session",
+    "sample_feeds",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Runtime names accepted by :func:`open_session`.
+RUNTIMES = ("onnxruntime", "litert", "tflite-runtime")
+
+# runtime name -> (importable top-level module, distribution name)
+_PACKAGES = {
+    "onnxruntime": ("onnxruntime", "onnxruntime"),
+    "litert": ("ai_edge_litert", "ai-edge-litert"),
+    "tflite-runtime": ("tflite_runtime", "tflite-runtime"),
+}
+
+
+def open_session(
+    model_path: Path,
+    runtime: str,
+    options: SessionOptions = SessionOptions(),
+    *,
+    precision_hint: str | None = None,
+) -> InferenceSession:
+    """Load a model and return a session that runs it.
+
+    Args:
+        model_path: the ``.onnx`` or ``.tflite`` file.
+        runtime: ``"onnxruntime"``; ``"litert"`` for ``.tflite`` (falls back to
+            tflite-runtime when ai-edge-litert is missing); or ``"tflite-runtime"``
+            to use only that package.
+        options: threads and execution providers.
+        precision_hint: the model's precision as declared by its bundle (one of
+            :data:`PRECISIONS`). Used by onnxruntime sessions, which cannot inspect
+            their graph; LiteRT sessions read the precision from the model itself.
+
+    Returns:
+        An open :class:`InferenceSession`; close it, or use it as a context manager.
+
+    Raises:
+        ConfigError: unknown runtime name, unknown precision, or an execution
+            provider that is not available (the message lists those that are).
+        RuntimeUnavailableError: the runtime's package is not installed; the
+            message names the pip package to install.
+        ModelLoadError: the file is missing or the runtime refuses it (corrupt,
+            truncated, unsupported ops); the message names the file.
+    """
+    if precision_hint is not None and precision_hint not in PRECISIONS:
+        raise ConfigError(
+            f"unknown precision {precision_hint!r}; expected one of {', '.join(PRECISIONS)}",
+            precision=precision_hint,
+        )
+    path = Path(model_path)
+    if runtime == "onnxruntime":
+        from edge_sdk.runtime._onnx import open_onnx
+
+        return open_onnx(path, options, precision_hint)
+    if runtime in ("litert", "tflite-runtime"):
+        from edge_sdk.runtime._litert import open_litert
+
+        return open_litert(path, options, prefer=runtime)
+    raise ConfigError(
+        f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}",
+        runtime=runtime,
+    )
+
+
+def available_runtimes() -> dict[str, str]:
+    """Which runtimes are installed here, without importing them.
+
+    Returns:
+        Runtime name -> installed version (``"unknown"`` when the package has no
+        metadata), for each of ``onnxruntime``, ``litert`` and ``tflite-runtime``
+        that is importable. Empty when none is.
+    """
+    found: dict[str, str] = {}
+    for name, (module, distribution) in _PACKAGES.items():
+        try:
+            if importlib.util.find_spec(module) is None:
+                continue
+        except (ImportError, ValueError):
+            continue
+        try:
+            found[name] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return found
+
+
+def sample_feeds(specs: list[TensorSpec], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random inputs that match ``specs``, for benchmarks and health checks.
+
+    Dynamic dimensions become 1. Floats are standard normal. 8-bit integers are
+    uniform over their whole range; wider integers, which are usually indices (token
+    ids, class ids), are uniform in [0, 100) so they stay valid for small tables.
+    Booleans are fair coin flips.
+
+    Args:
+        specs: the inputs to fill, usually ``session.inputs()``.
+        rng: the random generator; pass a seeded one for reproducible feeds.
+
+    Returns:
+        One array per spec name.
+
+    Raises:
+        ConfigError: a spec has a dtype numpy does not know or cannot be sampled.
+    """
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        shape = tuple(1 if d is None else d for d in spec.shape)
+        try:
+            dtype = np.dtype(spec.dtype)
+        except TypeError as exc:
+            raise ConfigError(f"input {spec.name!r} has unknown dtype {spec.dtype!r}", tensor=spec.name) from exc
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            if dtype.itemsize == 1:
+                info = np.iinfo(dtype)
+                low, high = int(info.min), int(info.max) + 1
+            else:
+                low, high = 0, 100
+            feeds[spec.name] = rng.integers(low, high, size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = rng.integers(0, 1, size=shape, endpoint=True).astype(bool)
+        else:
+            raise ConfigError(f"cannot sample input {spec.name!r} of dtype {spec.dtype!r}", tensor=spec.name)
+    return feeds

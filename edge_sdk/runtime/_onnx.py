@@ -1,0 +1,344 @@
+"""onnxruntime backend. The only module that imports ``onnxruntime``, and only lazily.
+
+Precision: onnxruntime cannot list a graph's nodes and the device has no ``onnx``
+package, so the precision comes from, in order: the caller's ``precision_hint``
+(a bundle manifest carries it); else a small read of the model file's protobuf
+wire format that collects the node op types (``QuantizeLinear``,
+``DequantizeLinear``, ``QLinear*``, ``MatMulInteger``, ``ConvInteger`` mean int8);
+else the inputs' element types.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.errors import ConfigError, ModelError, ModelLoadError, RuntimeUnavailableError
+from edge_sdk.runtime._types import SessionOptions, TensorSpec, precision_from_dtypes
+
+__all__ = [
+    "OnnxSession",
+    "onnx_op_types",
+    "open_onnx",
+    "precision_from_op_types",
+    "resolve_providers",
+]
+
+logger = logging.getLogger(__name__)
+
+RUNTIME = "onnxruntime"
+CPU_PROVIDER = "CPUExecutionProvider"
+#: Accelerated providers tried, in this order, when the caller names none.
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+_INT8_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+    }
+)
+
+# onnxruntime's type strings, "tensor(float)" etc., as numpy dtype names.
+_ORT_DTYPES = {
+    "float": "float32",
+    "float16": "float16",
+    "double": "float64",
+    "bfloat16": "bfloat16",
+    "int8": "int8",
+    "uint8": "uint8",
+    "int16": "int16",
+    "uint16": "uint16",
+    "int32": "int32",
+    "uint32": "uint32",
+    "int64": "int64",
+    "uint64": "uint64",
+    "bool": "bool",
+    "string": "str",
+}
+
+# Do not scan model files larger than this for op types; fall back to input dtypes.
+_MAX_SCAN_BYTES = 2 * 1024**3
+# Nested subgraphs (If / Loop bodies) followed this deep at most.
+_MAX_GRAPH_DEPTH = 8
+
+
+def resolve_providers(requested: tuple[str, ...] | None, available: list[str]) -> tuple[str, ...]:
+    """Choose execution providers; pure, so it is testable without a GPU.
+
+    Args:
+        requested: providers in order of preference, or ``None`` for the best available.
+        available: what ``onnxruntime.get_available_providers()`` reports.
+
+    Returns:
+        The providers to use, always ending with the CPU provider.
+
+    Raises:
+        ConfigError: a requested provider is not available; the message lists those that are.
+    """
+    if requested is None:
+        chosen = [p for p in PREFERRED_PROVIDERS if p in available]
+    else:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ConfigError(
+                f"execution provider {', '.join(missing)} not available; "
+                f"this onnxruntime has: {', '.join(available)}",
+                missing=missing,
+                available=list(available),
+            )
+        chosen = [p for p in dict.fromkeys(requested) if p != CPU_PROVIDER]
+    return (*chosen, CPU_PROVIDER)
+
+
+class _Malformed(Exception):
+    """The bytes are not the protobuf we expected; the scan gives up quietly."""
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise _Malformed
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _length_delimited(buf: memoryview) -> list[tuple[int, memoryview]]:
+    """The (field number, bytes) of every length-delimited field of one message."""
+    out: list[tuple[int, memoryview]] = []
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _varint(buf, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise _Malformed
+            out.append((field, buf[pos : pos + length]))
+            pos += length
+        else:
+            raise _Malformed
+    if pos != end:
+        raise _Malformed
+    return out
+
+
+def _graph_op_types(graph: memoryview, depth: int, found: set[str]) -> None:
+    # GraphProto.node = 1; NodeProto.op_type = 4, .attribute = 5;
+    # AttributeProto.g = 6, .graphs = 11.
+    if depth > _MAX_GRAPH_DEPTH:
+        return
+    for field, node in _length_delimited(graph):
+        if field != 1:
+            continue
+        for nfield, value in _length_delimited(node):
+            if nfield == 4:
+                found.add(bytes(value).decode("utf-8", errors="replace"))
+            elif nfield == 5:
+                for afield, sub in _length_delimited(value):
+                    if afield in (6, 11):
+                        _graph_op_types(sub, depth + 1, found)
+
+
+def _op_types_of(model: memoryview) -> set[str] | None:
+    found: set[str] = set()
+    try:
+        for field, graph in _length_delimited(model):
+            if field == 7:  # ModelProto.graph
+                _graph_op_types(graph, 0, found)
+    except _Malformed:
+        return None
+    return found
+
+
+def onnx_op_types(data: bytes | memoryview) -> set[str] | None:
+    """The op types of an ONNX model's nodes, read straight from the protobuf wire format.
+
+    Pure and cheap: it skips initializers without decoding them and needs no ``onnx``
+    package. Subgraphs of ``If``/``Loop`` are included.
+
+    Args:
+        data: the serialised ``ModelProto``.
+
+    Returns:
+        The set of op types, or ``None`` when the bytes are not a parsable model.
+    """
+    return _op_types_of(memoryview(data))
+
+
+def precision_from_op_types(op_types: set[str]) -> str | None:
+    """``"int8"`` when the graph has quantization ops, else ``None`` (undecided)."""
+    if op_types & _INT8_OPS or any(op.startswith("QLinear") for op in op_types):
+        return "int8"
+    return None
+
+
+def _scan_file(path: Path) -> set[str] | None:
+    try:
+        size = path.stat().st_size
+        if size == 0 or size > _MAX_SCAN_BYTES:
+            return None
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            # _op_types_of returns only strings, so no view of the map outlives the call.
+            return _op_types_of(memoryview(mm))
+    except (OSError, ValueError, BufferError) as exc:
+        logger.debug("could not scan %s for op types: %s", path, exc)
+        return None
+
+
+def _spec(arg: Any) -> TensorSpec:
+    type_str = str(arg.type)
+    inner = type_str[len("tensor(") : -1] if type_str.startswith("tensor(") else type_str
+    dtype = _ORT_DTYPES.get(inner, inner)
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or ()))
+    return TensorSpec(name=arg.name, shape=shape, dtype=dtype)
+
+
+class OnnxSession:
+    """An :class:`~edge_sdk.runtime.InferenceSession` backed by onnxruntime.
+
+    Built by :func:`open_onnx`; not meant to be constructed directly.
+    """
+
+    runtime = RUNTIME
+
+    def __init__(
+        self, session: Any, path: Path, providers: tuple[str, ...], threads: int, precision: str
+    ) -> None:
+        self._session: Any | None = session
+        self._path = path
+        self.providers = providers
+        self.threads = threads
+        self.precision = precision
+        self._inputs = [_spec(a) for a in session.get_inputs()]
+        self._outputs = [_spec(a) for a in session.get_outputs()]
+
+    def __repr__(self) -> str:
+        return f"OnnxSession({str(self._path)!r}, providers={self.providers!r}, precision={self.precision!r})"
+
+    def inputs(self) -> list[TensorSpec]:
+        """The model's inputs, in declaration order."""
+        return list(self._inputs)
+
+    def outputs(self) -> list[TensorSpec]:
+        """The model's outputs, in the order :meth:`run` returns them."""
+        return list(self._outputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the model once.
+
+        Args:
+            feeds: one array per input name.
+
+        Returns:
+            One array per output, in :meth:`outputs` order.
+
+        Raises:
+            ModelError: the session is closed, a feed is missing or unknown, or
+                onnxruntime failed to run the model.
+        """
+        if self._session is None:
+            raise ModelError(f"session for {self._path} is closed", model=str(self._path))
+        _check_feed_names(self._path, self._inputs, feeds)
+        try:
+            return list(self._session.run(None, feeds))
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise ModelError(
+                f"onnxruntime failed to run {self._path.name}: {exc}", model=str(self._path)
+            ) from exc
+
+    def close(self) -> None:
+        """Drop the onnxruntime session; onnxruntime frees it with the last reference."""
+        self._session = None
+
+    def __enter__(self) -> OnnxSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _check_feed_names(path: Path, specs: list[TensorSpec], feeds: dict[str, Any]) -> None:
+    expected = {s.name for s in specs}
+    missing = sorted(expected - feeds.keys())
+    unknown = sorted(feeds.keys() - expected)
+    if missing or unknown:
+        raise ModelError(
+            f"feeds for {path.name} do not match its inputs: missing {missing}, unknown {unknown}",
+            model=str(path),
+            missing=missing,
+            unknown=unknown,
+        )
+
+
+def open_onnx(path: Path, options: SessionOptions, precision_hint: str | None) -> OnnxSession:
+    """Load an ONNX model with onnxruntime.
+
+    Args:
+        path: the ``.onnx`` file (external data, if any, next to it).
+        options: threads and providers.
+        precision_hint: precision declared by the bundle, or ``None`` to work it out.
+
+    Returns:
+        The open session.
+
+    Raises:
+        RuntimeUnavailableError: onnxruntime is not installed.
+        ConfigError: a requested provider is not available.
+        ModelLoadError: the file is missing or onnxruntime refuses it.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise RuntimeUnavailableError(
+            "onnxruntime is not installed; install it with `pip install onnxruntime`",
+            runtime=RUNTIME,
+            package="onnxruntime",
+        ) from exc
+
+    providers = resolve_providers(options.providers, list(ort.get_available_providers()))
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist", model=str(path))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.threads
+    so.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+    except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile...: all mean "refused"
+        raise ModelLoadError(
+            f"onnxruntime refused model {path}: {exc}", model=str(path), runtime=RUNTIME
+        ) from exc
+
+    used = tuple(session.get_providers())
+    if used != providers:
+        logger.warning("%s: asked for providers %s, onnxruntime gave %s", path.name, providers, used)
+    if precision_hint is not None:
+        precision = precision_hint
+    else:
+        op_types = _scan_file(path)
+        precision = (precision_from_op_types(op_types) if op_types else None) or precision_from_dtypes(
+            [_spec(a).dtype for a in session.get_inputs()]
+        )
+    logger.debug("opened %s with %s, precision %s", path.name, used, precision)
+    return OnnxSession(session, path, used, options.threads, precision)

@@ -1,0 +1,96 @@
+"""Model compression on the host: passes, a pass manager, evaluation, and model files.
+
+Typical use, as ``edgectl compress`` does it::
+
+    from host_tools import compress as hc
+
+    model = hc.load_model("model.onnx")
+    result = hc.compress(
+        model,
+        [hc.parse_quantize_option("int8-static")],
+        calibration=hc.load_arrays("calib.npz"),
+        evaluation=hc.load_arrays("test.npz"),
+    )
+    hc.save_model_atomic(result.model_bytes, "model.int8.onnx")
+    report = result.report.to_dict()
+
+Passes take and return ``onnx.ModelProto`` and never touch the disk; reading and writing
+files happens only in :mod:`host_tools.compress.model_file` and :mod:`host_tools.compress.data`.
+"""
+
+from .data import Dataset, DigitsSplit, load_arrays, load_digits_split
+from .decompose import DecomposeGemm
+from .digits import mlp_to_onnx, train_digits_mlp
+from .evaluate import (
+    count_parameters,
+    evaluate_accuracy,
+    host_latency_ms,
+    measure_sparsity,
+    model_size_bytes,
+    predict_classes,
+    top1_agreement,
+)
+from .model_file import load_model, model_from_bytes, save_model_atomic
+from .passes import (
+    CompressionPass,
+    CompressionReport,
+    CompressionResult,
+    MeasureOptions,
+    ModelMetrics,
+    PassContext,
+    PassManager,
+    PassResult,
+    ProgressCallback,
+    ProgressEvent,
+    StepReport,
+)
+from .pipeline import compress
+from .quantize import (
+    QUANTIZE_OPTIONS,
+    DynamicInt8Quantization,
+    StaticInt8Quantization,
+    parse_quantize_option,
+)
+
+__all__ = [
+    # entry points
+    "compress",
+    "load_model",
+    "model_from_bytes",
+    "save_model_atomic",
+    # pass framework
+    "CompressionPass",
+    "PassContext",
+    "PassResult",
+    "PassManager",
+    "ProgressEvent",
+    "ProgressCallback",
+    "MeasureOptions",
+    # reports
+    "CompressionResult",
+    "CompressionReport",
+    "StepReport",
+    "ModelMetrics",
+    # passes
+    "StaticInt8Quantization",
+    "DynamicInt8Quantization",
+    "DecomposeGemm",
+    "parse_quantize_option",
+    "QUANTIZE_OPTIONS",
+    # data
+    "Dataset",
+    "DigitsSplit",
+    "load_digits_split",
+    "load_arrays",
+    # evaluation
+    "evaluate_accuracy",
+    "predict_classes",
+    "top1_agreement",
+    "model_size_bytes",
+    "count_parameters",
+    "measure_sparsity",
+    "host_latency_ms",
+    # model zoo
+    "train_digits_mlp",
+    "mlp_to_onnx",
+]

@@ -1,0 +1,221 @@
+"""Measurements of a model: size, parameters, sparsity, accuracy and host latency.
+
+All functions take a model as ``onnx.ModelProto`` or its serialized bytes and never
+touch the disk. Models are assumed to have one input whose axis 0 is the batch axis and
+whose first output holds class scores ``[N, classes]`` (or class ids ``[N]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Union
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edge_sdk.errors import ConfigError
+
+from . import _session
+from .data import Dataset
+
+__all__ = [
+    "ModelLike",
+    "evaluate_accuracy",
+    "predict_classes",
+    "top1_agreement",
+    "model_size_bytes",
+    "count_parameters",
+    "measure_sparsity",
+    "host_latency_ms",
+]
+
+logger = logging.getLogger(__name__)
+
+ModelLike = Union[onnx.ModelProto, bytes]
+"""A model in memory: the proto or its serialized bytes."""
+
+
+def _to_bytes(model: ModelLike) -> bytes:
+    return model.SerializeToString() if isinstance(model, onnx.ModelProto) else bytes(model)
+
+
+def _to_proto(model: ModelLike) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else onnx.load_model_from_string(bytes(model))
+
+
+def predict_classes(model: ModelLike, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Top-1 class of every sample.
+
+    Args:
+        model: the model.
+        x: inputs, axis 0 is the sample axis.
+        batch_size: samples per onnxruntime run.
+
+    Returns:
+        int64 ``[N]`` class ids (argmax of the last axis of the first output).
+
+    Raises:
+        ModelLoadError: onnxruntime refused the model.
+        ModelError: the model failed on these inputs.
+    """
+    session = _session.open_session(_to_bytes(model))
+    scores = _session.run_batched(session, x, batch_size)
+    if scores.ndim == 1:
+        return scores.astype(np.int64)
+    return np.argmax(scores.reshape(len(scores), -1), axis=-1).astype(np.int64)
+
+
+def evaluate_accuracy(model: ModelLike, dataset: Dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy on a labelled dataset.
+
+    Args:
+        model: the model.
+        dataset: inputs and labels.
+        batch_size: samples per onnxruntime run.
+
+    Returns:
+        Fraction of samples classified correctly, in ``[0, 1]``.
+
+    Raises:
+        ConfigError: the dataset has no labels.
+        ModelLoadError: onnxruntime refused the model.
+        ModelError: the model failed on these inputs.
+    """
+    if dataset.y is None:
+        raise ConfigError("accuracy needs labels; this dataset has none", key="y")
+    predictions = predict_classes(model, dataset.x, batch_size)
+    return float(np.mean(predictions == dataset.y))
+
+
+def top1_agreement(predictions: np.ndarray, reference: np.ndarray) -> float:
+    """Share of samples on which two models pick the same class.
+
+    Args:
+        predictions: class ids from the model under test.
+        reference: class ids from the reference (usually the uncompressed) model.
+
+    Returns:
+        Fraction of equal predictions, in ``[0, 1]``.
+
+    Raises:
+        ConfigError: the two arrays differ in length.
+    """
+    if predictions.shape != reference.shape:
+        raise ConfigError(f"cannot compare {predictions.shape} predictions with {reference.shape} reference predictions")
+    return float(np.mean(predictions == reference))
+
+
+def model_size_bytes(model: ModelLike) -> int:
+    """Serialized size of the model, which is what a bundle ships.
+
+    Args:
+        model: the model.
+
+    Returns:
+        Size in bytes.
+    """
+    if isinstance(model, onnx.ModelProto):
+        return model.ByteSize()
+    return len(model)
+
+
+def count_parameters(model: ModelLike) -> int:
+    """Number of stored values: the elements of every initializer of the main graph.
+
+    Quantization scales and zero points count too; they are stored and shipped.
+
+    Args:
+        model: the model.
+
+    Returns:
+        Total element count.
+    """
+    return sum(int(np.prod(init.dims, dtype=np.int64)) for init in _to_proto(model).graph.initializer)
+
+
+def measure_sparsity(model: ModelLike) -> float:
+    """Fraction of weight values that are zero.
+
+    Weights are initializers of rank >= 2 (matrices and kernels; biases, scales and zero
+    points are left out). A quantized weight counts as zero when it equals the zero point
+    of the ``DequantizeLinear`` that reads it, i.e. when it dequantizes to exactly 0.
+
+    Args:
+        model: the model.
+
+    Returns:
+        Zero weights over all weights, in ``[0, 1]``; 0.0 for a model with no weights.
+    """
+    proto = _to_proto(model)
+    graph = proto.graph
+    inits = {init.name: init for init in graph.initializer}
+    zero_points: dict[str, tuple[str, int]] = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2]:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            zero_points[node.input[0]] = (node.input[2], axis)
+    zeros = total = 0
+    for name, init in inits.items():
+        if len(init.dims) < 2:
+            continue
+        values = numpy_helper.to_array(init)
+        zero = np.zeros((), dtype=values.dtype)
+        if name in zero_points and zero_points[name][0] in inits:
+            zp_name, axis = zero_points[name]
+            zero = numpy_helper.to_array(inits[zp_name])
+            if zero.ndim == 1 and zero.size > 1:
+                shape = [1] * values.ndim
+                shape[axis % values.ndim] = zero.size
+                zero = zero.reshape(shape)
+        zeros += int(np.count_nonzero(values == zero))
+        total += values.size
+    return zeros / total if total else 0.0
+
+
+def host_latency_ms(
+    model: ModelLike, sample: np.ndarray | None = None, *, runs: int = 50, warmup: int = 5
+) -> float:
+    """Median latency of one inference on this host: onnxruntime CPU, 1 thread, batch 1.
+
+    This is a quick comparison between compression steps, not a device benchmark;
+    devices report their own numbers through ``edge_sdk.metrics``.
+
+    Args:
+        model: the model.
+        sample: one input row (without or with a batch axis of 1); zeros of the model's
+            input shape (dynamic dimensions as 1) when omitted.
+        runs: timed runs.
+        warmup: untimed runs first.
+
+    Returns:
+        p50 latency in milliseconds.
+
+    Raises:
+        ConfigError: ``runs`` is below 1.
+        ModelLoadError: onnxruntime refused the model.
+        ModelError: the model failed on the sample.
+    """
+    if runs < 1:
+        raise ConfigError(f"latency needs at least one run, got {runs}", key="runs")
+    session = _session.open_session(_to_bytes(model), threads=1)
+    model_input = session.get_inputs()[0]
+    dtype = _session.input_dtype(session)
+    if sample is None:
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in model_input.shape]
+        feed = np.zeros(shape, dtype=dtype)
+    else:
+        feed = np.asarray(sample, dtype=dtype)
+        if feed.ndim == len(model_input.shape) - 1:
+            feed = feed[np.newaxis]
+    _session.run_batched(session, feed, 1)  # validates the sample and maps errors
+    inputs = {model_input.name: feed}
+    for _ in range(max(0, warmup - 1)):
+        session.run(None, inputs)
+    timings = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        session.run(None, inputs)
+        timings[i] = time.perf_counter() - start
+    return float(np.median(timings) * 1000.0)

@@ -1,0 +1,156 @@
+"""Reading and writing model files: the I/O shell around the pure passes.
+
+Passes take and return ``onnx.ModelProto``; only this module touches the disk. Writes
+are atomic and durable (temp file in the target directory, fsync, ``os.replace``, fsync
+the directory), so an interrupted ``edgectl compress`` never leaves a half-written model
+where a good one is expected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import onnx
+
+from edge_sdk.errors import ModelLoadError, StorageError
+
+__all__ = ["ModelSource", "load_model", "model_from_bytes", "as_model", "save_model_atomic"]
+
+logger = logging.getLogger(__name__)
+
+ModelSource = Union[onnx.ModelProto, bytes, str, "os.PathLike[str]"]
+"""What the compression entry points accept: a model, its bytes, or a path to a file."""
+
+
+def model_from_bytes(data: bytes, *, source: str = "<bytes>") -> onnx.ModelProto:
+    """Parse and check serialized ONNX bytes.
+
+    Protobuf parsing alone accepts many byte strings that are not models, so the result
+    is also run through ``onnx.checker``.
+
+    Args:
+        data: the serialized ``ModelProto``.
+        source: what to call the bytes in error messages (usually a file name).
+
+    Returns:
+        The parsed model.
+
+    Raises:
+        ModelLoadError: the bytes are not a valid ONNX model; names ``source``.
+    """
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ModelLoadError(f"{source}: not an ONNX model ({exc})", file=source) from exc
+    _check(model, source)
+    return model
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Load and check an ONNX model file, with any external data beside it.
+
+    Args:
+        path: the ``.onnx`` file.
+
+    Returns:
+        The parsed and checked model.
+
+    Raises:
+        ModelLoadError: the file is missing, unreadable or not a valid ONNX model;
+            the message and ``details["file"]`` name the file.
+    """
+    file = Path(path)
+    try:
+        model = onnx.load(str(file))
+    except OSError as exc:
+        raise ModelLoadError(f"{file}: cannot read model file ({exc.strerror or exc})", file=str(file)) from exc
+    except Exception as exc:  # protobuf DecodeError, bad external data references
+        raise ModelLoadError(f"{file}: not an ONNX model ({exc})", file=str(file)) from exc
+    _check(model, str(file))
+    logger.debug("loaded model %s (%d nodes)", file, len(model.graph.node))
+    return model
+
+
+def as_model(model: ModelSource) -> onnx.ModelProto:
+    """Turn any accepted model source into a checked ``ModelProto``.
+
+    A ``ModelProto`` is returned as it is, unchecked (the caller built it in memory).
+
+    Args:
+        model: a ``ModelProto``, serialized bytes, or a path.
+
+    Returns:
+        The model.
+
+    Raises:
+        ModelLoadError: the bytes or the file do not hold a valid model.
+    """
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return model_from_bytes(bytes(model))
+    return load_model(model)
+
+
+def save_model_atomic(model_bytes: bytes, path: str | os.PathLike[str]) -> Path:
+    """Write model bytes so that ``path`` holds either the old file or the whole new one.
+
+    Args:
+        model_bytes: the serialized model.
+        path: the destination file; its directory must exist.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        StorageError: the directory is missing or the write failed; no temp file and no
+            partial destination file are left behind.
+    """
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise StorageError(f"{target}: cannot create a file in {directory} ({exc.strerror or exc})", file=str(target)) from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(model_bytes)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise StorageError(f"{target}: write failed ({exc.strerror or exc})", file=str(target)) from exc
+        raise
+    _fsync_directory(directory)
+    logger.info("wrote %s (%d bytes)", target, len(model_bytes))
+    return target
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the rename itself; a no-op where directories cannot be opened (Windows)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        logger.debug("fsync of directory %s not supported", directory)
+    finally:
+        os.close(dir_fd)
+
+
+def _check(model: onnx.ModelProto, source: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx.checker.ValidationError, or a model > 2 GiB given as a proto
+        raise ModelLoadError(f"{source}: invalid ONNX model ({exc})", file=source) from exc

@@ -1,0 +1,79 @@
+"""Turn what devices publish (status, metrics) into registry rows.
+
+Several collectors may run against one broker and one PostgreSQL registry: subscribe
+through :func:`edge_sdk.protocol.shared` and every message is handled by exactly one of
+them; every registry write is a single atomic statement.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterable
+
+from edge_sdk.errors import MessageError
+from edge_sdk.mqtt import Incoming, MqttClient
+from edge_sdk.protocol import CodecLimits, DeviceStatus, Message, MetricsReport, decode
+
+from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry
+
+__all__ = ["record_message", "collect_retained"]
+
+log = logging.getLogger(__name__)
+
+
+def record_message(registry: Registry, msg: Message, received_at: float) -> None:
+    """Store one device message in the registry (other message types are ignored)."""
+    if isinstance(msg, DeviceStatus):
+        bundles = (msg.active or {}).get("bundles") or []
+        active = None
+        if bundles and isinstance(bundles[0], dict) and bundles[0].get("name"):
+            active = BundleRef(str(bundles[0]["name"]), str(bundles[0].get("version", "")))
+        registry.upsert_device(
+            DeviceRecord(
+                device_id=msg.device_id,
+                status=msg.state,
+                last_seen=msg.ts or received_at,
+                platform=msg.platform or None,
+                runtimes=msg.runtimes or None,
+                agent_version=msg.agent_version or None,
+                active_bundle=active,
+            )
+        )
+    elif isinstance(msg, MetricsReport):
+        registry.add_metrics(msg.device_id, msg.bundle_name, str(msg.bundle_version), msg.to_dict(), received_at)
+
+
+def collect_retained(
+    client: MqttClient,
+    filters: Iterable[str],
+    quiet_s: float = 0.5,
+    max_wait_s: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[Message]:
+    """Subscribe and gather the retained messages the broker sends straight away.
+
+    Returns after ``quiet_s`` without a new message (or ``max_wait_s`` in all).
+    Malformed messages are logged and skipped: one bad device must not hide the fleet.
+    """
+    for f in filters:
+        client.subscribe(f, qos=1)
+    out: list[Message] = []
+    deadline = clock() + max_wait_s
+    limits = CodecLimits()
+    while True:
+        remaining = min(quiet_s, deadline - clock())
+        if remaining <= 0:
+            break
+        try:
+            item = client.inbox.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if not isinstance(item, Incoming):
+            continue
+        try:
+            out.append(decode(item.payload, limits))
+        except MessageError as exc:
+            log.warning("skipping malformed message on %s: %s", item.topic, exc.message)
+    return out

@@ -1,0 +1,288 @@
+"""Send one bundle to one device over MQTT and follow it until it runs, or is refused.
+
+The conversation (see :mod:`device_agent.agent` for the device's side)::
+
+    host: deploy (offer: size, sha256, chunk size)      device: accepted (missing chunks)
+    host: chunks (QoS 1, a bounded window in flight)
+    host: transfer_end                                  device: need_chunks -> host resends
+                                                        device: received, installed, metrics
+                                                     or device: refused / failed (error)
+
+Timeouts are on by default: a device that never answers raises
+:class:`~edge_sdk.errors.DeviceTimeoutError`; a refusal is returned as the device's own
+error type rebuilt from its code.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_sdk.bundle import Manifest, file_sha256
+from edge_sdk.bundle.archive import BundleLimits, BundleReader
+from edge_sdk.errors import DeviceTimeoutError, EdgeError, MessageError, error_from_code
+from edge_sdk.mqtt import Incoming, MqttClient, PublishHandle
+from edge_sdk.protocol import (
+    BenchmarkSpec,
+    CodecLimits,
+    DeployCommand,
+    DeviceStatus,
+    DeviceTopics,
+    Event,
+    EventKind,
+    MetricsReport,
+    TransferEnd,
+    TransferOffer,
+    chunk_spans,
+    decode,
+    encode,
+    encode_chunk,
+)
+
+__all__ = ["DeployOptions", "DeployOutcome", "deploy_bundle", "read_manifest"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """How to send a bundle.
+
+    Attributes:
+        chunk_size: bytes per chunk message.
+        window: chunks in flight before waiting for the broker's acknowledgements.
+        accept_timeout_s: how long the device has to accept the offer.
+        finish_timeout_s: how long it has to install and report after the last chunk.
+        max_resend_rounds: rounds of resending missing chunks before giving up.
+        benchmark: what the device should measure after installing.
+    """
+
+    chunk_size: int = 64 * 1024
+    window: int = 16
+    accept_timeout_s: float = 15.0
+    finish_timeout_s: float = 180.0
+    max_resend_rounds: int = 5
+    benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
+
+
+@dataclass(frozen=True)
+class DeployOutcome:
+    """How a deploy ended.
+
+    Attributes:
+        device_id, bundle_name, bundle_version, sha256, transfer_id: what was sent where.
+        state: ``installed``, ``refused`` or ``failed``.
+        error: the device's error when not installed.
+        metrics: the device's report after installing.
+        checks: the device's list of verification checks that passed.
+        seconds: wall time of the whole deploy.
+    """
+
+    device_id: str
+    bundle_name: str
+    bundle_version: int
+    sha256: str
+    transfer_id: str
+    state: str
+    error: EdgeError | None = None
+    metrics: MetricsReport | None = None
+    checks: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+def read_manifest(bundle_path: Path) -> Manifest:
+    """The manifest of a local bundle, parsed but not verified (the device verifies)."""
+    with BundleReader(bundle_path, BundleLimits()) as reader:
+        return Manifest.from_bytes(reader.manifest_bytes, BundleLimits().max_manifest_bytes)
+
+
+class _Conversation:
+    """Events of one command, read from the client's inbox."""
+
+    def __init__(self, client: MqttClient, topics: DeviceTopics, command_id: str) -> None:
+        self.client = client
+        self.topics = topics
+        self.command_id = command_id
+        self.last_status: DeviceStatus | None = None
+        self.limits = CodecLimits()
+
+    def next(self, deadline: float) -> Event | MetricsReport | None:
+        """The next event or metrics report of this command, or None at the deadline."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                item = self.client.inbox.get(timeout=remaining)
+            except queue.Empty:
+                return None
+            if not isinstance(item, Incoming):
+                continue
+            try:
+                msg = decode(item.payload, self.limits)
+            except MessageError as exc:
+                log.warning("ignoring malformed message on %s: %s", item.topic, exc.message)
+                continue
+            if isinstance(msg, DeviceStatus):
+                self.last_status = msg
+            elif isinstance(msg, (Event, MetricsReport)) and msg.command_id == self.command_id:
+                return msg
+
+
+def deploy_bundle(
+    client: MqttClient,
+    device_id: str,
+    bundle_path: Path,
+    options: DeployOptions = DeployOptions(),
+    progress: Callable[[int, int], None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> DeployOutcome:
+    """Deploy a bundle file to a device and wait for the result.
+
+    Args:
+        client: a connected client.
+        device_id: target device.
+        bundle_path: the signed bundle.
+        options: chunking, timeouts, benchmark.
+        progress: called with (bytes sent, total bytes) as chunks are acknowledged.
+        clock: wall clock for message timestamps.
+
+    Returns:
+        The outcome; refusals are outcomes, not exceptions.
+
+    Raises:
+        DeviceTimeoutError: the device did not accept, or did not finish, in time.
+        TransportError: the broker connection failed while sending.
+        BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
+    """
+    started = time.monotonic()
+    manifest = read_manifest(bundle_path)
+    digest, size = file_sha256(bundle_path)
+    topics = DeviceTopics(device_id)
+    command_id = uuid.uuid4().hex
+    offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
+    cmd = DeployCommand(command_id, manifest.name, manifest.version, offer, clock(), options.benchmark)
+    convo = _Conversation(client, topics, command_id)
+    for topic in (topics.events, topics.metrics, topics.status):
+        client.subscribe(topic, qos=1)
+
+    def outcome(state: str, **kw: object) -> DeployOutcome:
+        return DeployOutcome(
+            device_id, manifest.name, manifest.version, digest, offer.transfer_id, state,
+            seconds=time.monotonic() - started, **kw,  # type: ignore[arg-type]
+        )
+
+    client.publish_wait(topics.cmd, encode(cmd))
+    accepted = _wait_for(convo, {EventKind.ACCEPTED}, options.accept_timeout_s, device_id, "accept the deploy")
+    if accepted.kind != EventKind.ACCEPTED:
+        return outcome(_end_state(accepted), error=_error_of(accepted))
+
+    spans = chunk_spans(size, options.chunk_size)
+    to_send = list(accepted.missing) if accepted.missing else list(range(len(spans)))
+    sent_bytes = size - sum(spans[i][1] for i in to_send)
+    with open(bundle_path, "rb") as fh:
+        for round_no in range(options.max_resend_rounds + 1):
+            sent_bytes = _send_chunks(client, topics, offer, fh, spans, to_send, options.window, sent_bytes, size, progress)
+            client.publish_wait(topics.cmd, encode(TransferEnd(command_id, offer.transfer_id)))
+            event = _wait_for(
+                convo,
+                {EventKind.NEED_CHUNKS, EventKind.RECEIVED, EventKind.INSTALLED},
+                options.finish_timeout_s,
+                device_id,
+                "receive the bundle",
+            )
+            if event.kind == EventKind.NEED_CHUNKS:
+                to_send = list(event.missing)
+                sent_bytes -= sum(spans[i][1] for i in to_send)
+                log.info("device %s lacks %d chunk(s); resend round %d", device_id, len(to_send), round_no + 1)
+                continue
+            break
+        else:
+            return outcome("failed", error=DeviceTimeoutError(f"device {device_id} still lacks chunks after {options.max_resend_rounds} resend rounds"))
+
+    checks: tuple[str, ...] = ()
+    deadline = time.monotonic() + options.finish_timeout_s
+    while event.kind != EventKind.INSTALLED:
+        if event.kind in (EventKind.REFUSED, EventKind.FAILED, EventKind.ERROR):
+            return outcome(_end_state(event), error=_error_of(event))
+        nxt = convo.next(deadline)
+        if nxt is None:
+            raise DeviceTimeoutError(f"device {device_id} did not finish installing within {options.finish_timeout_s:g} s")
+        if isinstance(nxt, Event):
+            event = nxt
+    checks = tuple(event.detail.get("checks", ()))
+    metrics = None
+    while metrics is None:
+        nxt = convo.next(deadline)
+        if nxt is None:
+            raise DeviceTimeoutError(f"device {device_id} installed the bundle but sent no metrics in time")
+        if isinstance(nxt, MetricsReport):
+            metrics = nxt
+    return outcome("installed", metrics=metrics, checks=checks)
+
+
+def _send_chunks(
+    client: MqttClient,
+    topics: DeviceTopics,
+    offer: TransferOffer,
+    fh,  # noqa: ANN001 - a binary file
+    spans: list[tuple[int, int]],
+    indices: list[int],
+    window: int,
+    sent_bytes: int,
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> int:
+    in_flight: deque[tuple[PublishHandle, int]] = deque()
+
+    def settle_one() -> int:
+        handle, n = in_flight.popleft()
+        handle.wait()
+        return n
+
+    for index in indices:
+        offset, length = spans[index]
+        fh.seek(offset)
+        in_flight.append((client.publish(topics.data, encode_chunk(offer.transfer_id, index, fh.read(length))), length))
+        if len(in_flight) >= window:
+            sent_bytes += settle_one()
+            if progress:
+                progress(sent_bytes, total)
+    while in_flight:
+        sent_bytes += settle_one()
+        if progress:
+            progress(sent_bytes, total)
+    return sent_bytes
+
+
+def _wait_for(convo: _Conversation, wanted: set[str], timeout_s: float, device_id: str, what: str) -> Event:
+    """The next event of a wanted kind, or a terminal one (refused, failed, error)."""
+    deadline = time.monotonic() + timeout_s
+    terminal = {EventKind.REFUSED, EventKind.FAILED, EventKind.ERROR}
+    while True:
+        msg = convo.next(deadline)
+        if msg is None:
+            state = convo.last_status.state if convo.last_status else "never seen"
+            raise DeviceTimeoutError(
+                f"device {device_id} did not {what} within {timeout_s:g} s (its last status: {state})",
+                device_id=device_id,
+                last_status=state,
+            )
+        if isinstance(msg, Event) and (msg.kind in wanted or msg.kind in terminal):
+            return msg
+
+
+def _end_state(event: Event) -> str:
+    return "refused" if event.kind in (EventKind.REFUSED, EventKind.ERROR) else "failed"
+
+
+def _error_of(event: Event) -> EdgeError:
+    if event.error is None:
+        return EdgeError(f"device reported {event.kind} without an error")
+    return error_from_code(event.error.code, event.error.message, **event.error.details)

@@ -1,0 +1,1018 @@
+"""The host's record of the fleet: devices, deployments and metrics reports.
+
+One :class:`Registry` class works on two databases:
+
+* a SQLite file (the default: a filesystem path or ``sqlite:///abs/path``), opened in
+  WAL mode with a busy timeout so a CLI can read while a collector writes;
+* PostgreSQL (a ``postgresql://`` URL), shared by several collectors at once when the
+  host side is scaled out (``$share/...`` subscriptions). psycopg 3 is imported only
+  when such a URL is opened.
+
+Both run the same schema and the same SQL. What differs lives in a small dialect
+object (:class:`_Dialect`): the parameter style (``?`` or ``%s``), the identity
+column, the float type, the names of the two-argument min/max functions, how a
+schema transaction is opened and how a new row id comes back. JSON is stored as TEXT
+on both, so the schema stays portable.
+
+Concurrency: every write is one atomic statement (``INSERT ... ON CONFLICT DO UPDATE``
+for devices), so collectors sharing a registry never race on a read-modify-write.
+The registry reads no clock: every timestamp is passed in by the caller as float
+unix seconds.
+
+Errors: a bad URL is a :class:`~edge_sdk.errors.ConfigError`; any database failure
+(locked, unreachable, unwritable) is a :class:`~edge_sdk.errors.StorageError` naming
+the database with its password masked, raised ``from`` the driver's exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from edge_sdk.errors import ConfigError, StorageError
+
+__all__ = [
+    "DEPLOYMENT_STATES",
+    "DEVICE_STATUSES",
+    "SCHEMA_VERSION",
+    "BundleRef",
+    "DeploymentRecord",
+    "DeploymentState",
+    "DeviceRecord",
+    "DeviceStatus",
+    "MetricsRecord",
+    "Registry",
+    "open_registry",
+]
+
+logger = logging.getLogger(__name__)
+
+DeviceStatus = Literal["online", "offline"]
+DeploymentState = Literal["sent", "installed", "refused", "failed", "deferred"]
+
+#: Every status a device row may hold.
+DEVICE_STATUSES: frozenset[str] = frozenset({"online", "offline"})
+#: Every state a deployment row may hold.
+DEPLOYMENT_STATES: frozenset[str] = frozenset(
+    {"sent", "installed", "refused", "failed", "deferred"}
+)
+
+_DEFAULT_TIMEOUT_S = 10.0
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+# Any 64-bit constant: serialises schema creation between collectors on PostgreSQL.
+_PG_SCHEMA_LOCK_KEY = 0x6564_6765_7265_6701
+
+
+# --- records ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """A bundle named by name and version, as a device reports its active bundle.
+
+    Args:
+        name: bundle name.
+        version: bundle version string.
+
+    Raises:
+        ValueError: if either field is empty.
+    """
+
+    name: str
+    version: str
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.version:
+            raise ValueError(f"bundle reference needs a name and a version, got {self!r}")
+
+    def to_dict(self) -> dict[str, str]:
+        """The JSON form: ``{"name": ..., "version": ...}``."""
+        return {"name": self.name, "version": self.version}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BundleRef:
+        """Build from the JSON form written by :meth:`to_dict`.
+
+        Args:
+            data: mapping with ``name`` and ``version``.
+
+        Returns:
+            The reference.
+
+        Raises:
+            ValueError: if a field is missing or empty.
+        """
+        try:
+            return cls(name=str(data["name"]), version=str(data["version"]))
+        except KeyError as exc:
+            raise ValueError(f"bundle reference lacks {exc.args[0]!r}") from exc
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """What the host knows about one device.
+
+    ``None`` in ``platform``, ``runtimes``, ``agent_version`` or ``active_bundle`` means
+    "not reported in this update": :meth:`Registry.upsert_device` keeps the stored value,
+    so a bare status change (a will message) never erases what the birth message said.
+
+    Args:
+        device_id: the device's id (primary key).
+        status: ``"online"`` or ``"offline"``.
+        last_seen: unix seconds of the message this record came from.
+        first_seen: unix seconds the device was first seen; defaults to ``last_seen``
+            on insert and is never moved later by an upsert.
+        platform: what the device is (board, OS, CPU), as reported.
+        runtimes: which inference runtimes it has, as reported.
+        agent_version: the agent's version string.
+        active_bundle: the bundle it runs now.
+
+    Raises:
+        ValueError: if ``device_id`` is empty or ``status`` is unknown.
+    """
+
+    device_id: str
+    status: DeviceStatus
+    last_seen: float
+    first_seen: float | None = None
+    platform: Mapping[str, Any] | None = None
+    runtimes: Mapping[str, Any] | None = None
+    agent_version: str | None = None
+    active_bundle: BundleRef | None = None
+
+    def __post_init__(self) -> None:
+        if not self.device_id:
+            raise ValueError("device_id must not be empty")
+        if self.status not in DEVICE_STATUSES:
+            raise ValueError(
+                f"unknown device status {self.status!r}; expected one of {sorted(DEVICE_STATUSES)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return {
+            "device_id": self.device_id,
+            "status": self.status,
+            "platform": dict(self.platform) if self.platform is not None else None,
+            "runtimes": dict(self.runtimes) if self.runtimes is not None else None,
+            "agent_version": self.agent_version,
+            "active_bundle": self.active_bundle.to_dict() if self.active_bundle else None,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+        }
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    """One bundle sent to one device, and what became of it.
+
+    Args:
+        id: row id assigned by the registry.
+        device_id: target device.
+        bundle_name: bundle name.
+        bundle_version: bundle version.
+        bundle_sha256: hex sha256 of the bundle file.
+        transfer_id: id of the chunked transfer that carried it, if any.
+        state: ``sent``, ``installed``, ``refused``, ``failed`` or ``deferred``.
+        error_code: the device's error code (an ``EdgeError.code``) on refusal or failure.
+        error_message: the device's error message.
+        started_at: unix seconds the deploy command was sent.
+        finished_at: unix seconds the outcome arrived, if it has.
+
+    Raises:
+        ValueError: if ``state`` is unknown.
+    """
+
+    id: int
+    device_id: str
+    bundle_name: str
+    bundle_version: str
+    bundle_sha256: str
+    transfer_id: str | None
+    state: DeploymentState
+    error_code: str | None
+    error_message: str | None
+    started_at: float
+    finished_at: float | None
+
+    def __post_init__(self) -> None:
+        _check_deployment_state(self.state)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return {
+            "id": self.id,
+            "device_id": self.device_id,
+            "bundle_name": self.bundle_name,
+            "bundle_version": self.bundle_version,
+            "bundle_sha256": self.bundle_sha256,
+            "transfer_id": self.transfer_id,
+            "state": self.state,
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+
+
+@dataclass(frozen=True)
+class MetricsRecord:
+    """One metrics report from one device about one bundle, stored whole.
+
+    Args:
+        id: row id assigned by the registry.
+        device_id: reporting device.
+        bundle_name: bundle the report is about.
+        bundle_version: its version.
+        received_at: unix seconds the host received the report.
+        report: the report as the device sent it.
+    """
+
+    id: int
+    device_id: str
+    bundle_name: str
+    bundle_version: str
+    received_at: float
+    report: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return {
+            "id": self.id,
+            "device_id": self.device_id,
+            "bundle_name": self.bundle_name,
+            "bundle_version": self.bundle_version,
+            "received_at": self.received_at,
+            "report": dict(self.report),
+        }
+
+
+def _check_deployment_state(state: str) -> None:
+    if state not in DEPLOYMENT_STATES:
+        raise ValueError(
+            f"unknown deployment state {state!r}; expected one of {sorted(DEPLOYMENT_STATES)}"
+        )
+
+
+# --- dialects --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """What differs between SQLite and PostgreSQL; everything else is shared SQL.
+
+    Shared SQL is written with ``?`` placeholders, ``{id}``, ``{float}``, ``{least}`` and
+    ``{greatest}``; :meth:`sql` turns it into this dialect's text. Shared SQL must
+    contain no literal ``?`` or ``%``.
+    """
+
+    name: str
+    placeholder: str
+    id_column: str
+    float_type: str
+    least: str
+    greatest: str
+    driver_errors: tuple[type[BaseException], ...]
+    begin_schema_change: Callable[[Any], contextlib.AbstractContextManager[None]]
+    returns_id_by_clause: bool
+
+    def sql(self, text: str) -> str:
+        """Render shared SQL for this dialect."""
+        rendered = text.format(
+            id=self.id_column, float=self.float_type, least=self.least, greatest=self.greatest
+        )
+        return rendered.replace("?", self.placeholder)
+
+
+@contextlib.contextmanager
+def _sqlite_schema_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    # BEGIN IMMEDIATE takes the write lock up front, so two processes creating the
+    # schema at once queue on the busy timeout instead of failing half-way.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def _postgres_schema_transaction(conn: Any) -> Iterator[None]:
+    # CREATE TABLE IF NOT EXISTS is not safe against a concurrent twin on PostgreSQL;
+    # a transaction-scoped advisory lock makes collectors create the schema one by one.
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK_KEY,))
+        yield
+
+
+def _sqlite_dialect() -> _Dialect:
+    return _Dialect(
+        name="sqlite",
+        placeholder="?",
+        id_column="INTEGER PRIMARY KEY AUTOINCREMENT",
+        float_type="REAL",
+        least="min",
+        greatest="max",
+        driver_errors=(sqlite3.Error,),
+        begin_schema_change=_sqlite_schema_transaction,
+        # RETURNING needs SQLite 3.35; lastrowid works on every version with upserts.
+        returns_id_by_clause=False,
+    )
+
+
+def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
+    return _Dialect(
+        name="postgresql",
+        placeholder="%s",
+        id_column="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+        float_type="DOUBLE PRECISION",
+        least="LEAST",
+        greatest="GREATEST",
+        driver_errors=(driver_error,),
+        begin_schema_change=_postgres_schema_transaction,
+        returns_id_by_clause=True,
+    )
+
+
+# --- schema ----------------------------------------------------------------------------
+
+#: The schema version this code writes and understands.
+SCHEMA_VERSION = 1
+
+# Each entry brings the schema from version N-1 to N. Append; never edit a shipped one.
+_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """
+            CREATE TABLE IF NOT EXISTS devices (
+                device_id TEXT PRIMARY KEY,
+                status TEXT NOT NULL,
+                platform TEXT,
+                runtimes TEXT,
+                agent_version TEXT,
+                active_bundle TEXT,
+                first_seen {float} NOT NULL,
+                last_seen {float} NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS deployments (
+                id {id},
+                device_id TEXT NOT NULL,
+                bundle_name TEXT NOT NULL,
+                bundle_version TEXT NOT NULL,
+                bundle_sha256 TEXT NOT NULL,
+                transfer_id TEXT,
+                state TEXT NOT NULL,
+                error_code TEXT,
+                error_message TEXT,
+                started_at {float} NOT NULL,
+                finished_at {float}
+            )
+            """,
+            "CREATE INDEX IF NOT EXISTS deployments_device ON deployments (device_id, started_at)",
+            "CREATE INDEX IF NOT EXISTS deployments_started ON deployments (started_at)",
+            """
+            CREATE TABLE IF NOT EXISTS metrics (
+                id {id},
+                device_id TEXT NOT NULL,
+                bundle_name TEXT NOT NULL,
+                bundle_version TEXT NOT NULL,
+                received_at {float} NOT NULL,
+                report TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE INDEX IF NOT EXISTS metrics_device_bundle
+                ON metrics (device_id, bundle_name, bundle_version, received_at)
+            """,
+            """
+            CREATE INDEX IF NOT EXISTS metrics_bundle
+                ON metrics (bundle_name, bundle_version, received_at)
+            """,
+        ),
+    ),
+)
+
+_CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
+
+# One statement, so concurrent collectors cannot interleave a read and a write.
+# A field missing from the update (NULL) keeps the stored value; an update older than
+# the stored row (a late, reordered message) fills gaps but overwrites nothing.
+_UPSERT_DEVICE = """
+INSERT INTO devices (device_id, status, platform, runtimes, agent_version, active_bundle,
+                     first_seen, last_seen)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (device_id) DO UPDATE SET
+    status = CASE WHEN excluded.last_seen >= devices.last_seen
+                  THEN excluded.status ELSE devices.status END,
+    platform = CASE WHEN excluded.platform IS NULL THEN devices.platform
+                    WHEN devices.platform IS NULL OR excluded.last_seen >= devices.last_seen
+                    THEN excluded.platform ELSE devices.platform END,
+    runtimes = CASE WHEN excluded.runtimes IS NULL THEN devices.runtimes
+                    WHEN devices.runtimes IS NULL OR excluded.last_seen >= devices.last_seen
+                    THEN excluded.runtimes ELSE devices.runtimes END,
+    agent_version = CASE WHEN excluded.agent_version IS NULL THEN devices.agent_version
+                         WHEN devices.agent_version IS NULL
+                              OR excluded.last_seen >= devices.last_seen
+                         THEN excluded.agent_version ELSE devices.agent_version END,
+    active_bundle = CASE WHEN excluded.active_bundle IS NULL THEN devices.active_bundle
+                         WHEN devices.active_bundle IS NULL
+                              OR excluded.last_seen >= devices.last_seen
+                         THEN excluded.active_bundle ELSE devices.active_bundle END,
+    first_seen = {least}(devices.first_seen, excluded.first_seen),
+    last_seen = {greatest}(devices.last_seen, excluded.last_seen)
+"""
+
+_DEVICE_COLUMNS = (
+    "device_id, status, platform, runtimes, agent_version, active_bundle, first_seen, last_seen"
+)
+_DEPLOYMENT_COLUMNS = (
+    "id, device_id, bundle_name, bundle_version, bundle_sha256, transfer_id, state, "
+    "error_code, error_message, started_at, finished_at"
+)
+_METRICS_COLUMNS = "id, device_id, bundle_name, bundle_version, received_at, report"
+
+
+def _dump_json(value: Mapping[str, Any] | None) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(dict(value), sort_keys=True, separators=(",", ":"))
+
+
+def _load_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+# --- the registry ----------------------------------------------------------------------
+
+
+class Registry:
+    """The fleet's devices, deployments and metrics in one SQL database.
+
+    Build it with :func:`open_registry`. One instance holds one connection in
+    autocommit mode; use it from one thread. Several processes (or several instances)
+    may share one database.
+
+    Args:
+        conn: an open DB-API connection in autocommit mode.
+        dialect: the dialect matching ``conn``.
+        display_name: the database as shown in errors and logs, password masked.
+    """
+
+    def __init__(self, conn: Any, dialect: _Dialect, display_name: str) -> None:
+        self._conn = conn
+        self._dialect = dialect
+        self._name = display_name
+        self._closed = False
+
+    # -- lifecycle --
+
+    @property
+    def name(self) -> str:
+        """The database this registry writes to, password masked."""
+        return self._name
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._dialect.name
+
+    def close(self) -> None:
+        """Close the connection. Calling it twice is harmless.
+
+        Raises:
+            StorageError: if the driver fails to close the connection.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with self._storage_errors("close"):
+            self._conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Registry({self._name!r})"
+
+    # -- schema --
+
+    def ensure_schema(self) -> int:
+        """Create the schema if missing and run any pending migrations.
+
+        Idempotent, and safe when several processes open the same database at once.
+
+        Returns:
+            The schema version now in the database.
+
+        Raises:
+            StorageError: on a database failure, or if the database was written by a
+                newer edge-sdk (its schema version is above :data:`SCHEMA_VERSION`).
+        """
+        # Fast path without the write lock, so a reader can open a registry that a
+        # collector is busy writing. A missing table is an error here, hence the try.
+        try:
+            current = self._schema_version()
+        except self._dialect.driver_errors:
+            current = 0
+        if current == SCHEMA_VERSION:
+            return current
+        with self._storage_errors("create schema"):
+            with self._dialect.begin_schema_change(self._conn):
+                self._conn.execute(_CREATE_SCHEMA_VERSION)
+                current = self._schema_version()
+                for version, statements in _MIGRATIONS:
+                    if version <= current:
+                        continue
+                    for statement in statements:
+                        self._conn.execute(self._dialect.sql(statement))
+                    self._conn.execute(
+                        self._dialect.sql("INSERT INTO schema_version (version) VALUES (?)"),
+                        (version,),
+                    )
+                    logger.info("registry %s: schema migrated to version %d", self._name, version)
+                    current = version
+        return current
+
+    def _schema_version(self) -> int:
+        row = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        current = int(row[0]) if row and row[0] is not None else 0
+        if current > SCHEMA_VERSION:
+            raise StorageError(
+                f"registry {self._name} has schema version {current}, newer than "
+                f"{SCHEMA_VERSION} which this edge-sdk understands; upgrade edge-sdk",
+                database=self._name,
+                schema_version=current,
+            )
+        return current
+
+    # -- devices --
+
+    def upsert_device(self, record: DeviceRecord) -> None:
+        """Insert a device or merge an update into it, in one atomic statement.
+
+        Merge rules: ``None`` fields keep what is stored; ``first_seen`` only moves
+        earlier and ``last_seen`` only later; an update older than the stored row
+        (messages reordered between collectors) fills empty fields but overwrites none.
+
+        Args:
+            record: the device as this update reports it.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        first_seen = record.first_seen if record.first_seen is not None else record.last_seen
+        params = (
+            record.device_id,
+            record.status,
+            _dump_json(record.platform),
+            _dump_json(record.runtimes),
+            record.agent_version,
+            _dump_json(record.active_bundle.to_dict()) if record.active_bundle else None,
+            first_seen,
+            record.last_seen,
+        )
+        with self._storage_errors(f"upsert device {record.device_id!r}"):
+            self._conn.execute(self._dialect.sql(_UPSERT_DEVICE), params)
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        """One device by id.
+
+        Args:
+            device_id: the device's id.
+
+        Returns:
+            The device, or ``None`` if the registry has never seen it.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        with self._storage_errors(f"read device {device_id!r}"):
+            row = self._conn.execute(
+                self._dialect.sql(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?"),
+                (device_id,),
+            ).fetchone()
+        return None if row is None else _device_from_row(row)
+
+    def list_devices(self) -> list[DeviceRecord]:
+        """Every device, ordered by id.
+
+        Returns:
+            The devices.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        with self._storage_errors("list devices"):
+            rows = self._conn.execute(
+                f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id"
+            ).fetchall()
+        return [_device_from_row(row) for row in rows]
+
+    # -- deployments --
+
+    def record_deployment(
+        self,
+        device_id: str,
+        bundle_name: str,
+        bundle_version: str,
+        bundle_sha256: str,
+        *,
+        started_at: float,
+        transfer_id: str | None = None,
+        state: DeploymentState = "sent",
+    ) -> int:
+        """Record that a bundle was sent (or is about to be) to a device.
+
+        Args:
+            device_id: target device.
+            bundle_name: bundle name.
+            bundle_version: bundle version.
+            bundle_sha256: hex sha256 of the bundle file.
+            started_at: unix seconds the deploy command was sent.
+            transfer_id: id of the chunked transfer carrying it, if any.
+            state: initial state, ``"sent"`` unless told otherwise.
+
+        Returns:
+            The new deployment's id.
+
+        Raises:
+            ValueError: if ``state`` is unknown.
+            StorageError: on a database failure.
+        """
+        _check_deployment_state(state)
+        params = (
+            device_id,
+            bundle_name,
+            bundle_version,
+            bundle_sha256,
+            transfer_id,
+            state,
+            started_at,
+        )
+        return self._insert(
+            "INSERT INTO deployments (device_id, bundle_name, bundle_version, bundle_sha256, "
+            "transfer_id, state, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            params,
+            what=f"record deployment of {bundle_name} {bundle_version} to {device_id!r}",
+        )
+
+    def update_deployment(
+        self,
+        deployment_id: int,
+        state: DeploymentState,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        finished_at: float | None = None,
+    ) -> None:
+        """Set a deployment's state and outcome; the error fields are replaced as given.
+
+        Args:
+            deployment_id: id returned by :meth:`record_deployment`.
+            state: the new state.
+            error_code: the device's error code, for ``refused`` or ``failed``.
+            error_message: the device's error message.
+            finished_at: unix seconds the outcome arrived.
+
+        Raises:
+            ValueError: if ``state`` is unknown.
+            StorageError: on a database failure, or if no deployment has that id.
+        """
+        _check_deployment_state(state)
+        with self._storage_errors(f"update deployment {deployment_id}"):
+            cursor = self._conn.execute(
+                self._dialect.sql(
+                    "UPDATE deployments SET state = ?, error_code = ?, error_message = ?, "
+                    "finished_at = ? WHERE id = ?"
+                ),
+                (state, error_code, error_message, finished_at, deployment_id),
+            )
+            updated = cursor.rowcount
+        if updated == 0:
+            raise StorageError(
+                f"registry {self._name} has no deployment {deployment_id}",
+                database=self._name,
+                deployment_id=deployment_id,
+            )
+
+    def list_deployments(
+        self, device_id: str | None = None, limit: int = 100
+    ) -> list[DeploymentRecord]:
+        """Deployments, newest first.
+
+        Args:
+            device_id: only this device's deployments; all devices when ``None``.
+            limit: at most this many rows.
+
+        Returns:
+            The deployments, ordered by ``started_at`` then id, newest first.
+
+        Raises:
+            ValueError: if ``limit`` is below 1.
+            StorageError: on a database failure.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        where, params = _where({"device_id": device_id})
+        query = (
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments{where} "
+            "ORDER BY started_at DESC, id DESC LIMIT ?"
+        )
+        with self._storage_errors("list deployments"):
+            rows = self._conn.execute(self._dialect.sql(query), (*params, limit)).fetchall()
+        return [DeploymentRecord(*row) for row in rows]
+
+    # -- metrics --
+
+    def add_metrics(
+        self,
+        device_id: str,
+        bundle_name: str,
+        bundle_version: str,
+        report: Mapping[str, Any],
+        received_at: float,
+    ) -> int:
+        """Store one metrics report whole.
+
+        Args:
+            device_id: reporting device.
+            bundle_name: bundle the report is about.
+            bundle_version: its version.
+            report: the report as received; must be JSON-serialisable.
+            received_at: unix seconds the host received it.
+
+        Returns:
+            The new row's id.
+
+        Raises:
+            TypeError: if ``report`` is not JSON-serialisable.
+            StorageError: on a database failure.
+        """
+        params = (device_id, bundle_name, bundle_version, received_at, _dump_json(report))
+        return self._insert(
+            "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report) "
+            "VALUES (?, ?, ?, ?, ?)",
+            params,
+            what=f"add metrics from {device_id!r}",
+        )
+
+    def latest_metrics(
+        self, device_id: str | None = None, bundle_name: str | None = None
+    ) -> list[MetricsRecord]:
+        """The newest report for each (device, bundle, version).
+
+        Args:
+            device_id: only this device; all when ``None``.
+            bundle_name: only this bundle (any version); all when ``None``.
+
+        Returns:
+            One record per (device, bundle, version), ordered by device, bundle, version.
+            Ties on ``received_at`` go to the report stored last.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        where, params = _where({"device_id": device_id, "bundle_name": bundle_name})
+        query = (
+            f"SELECT {_METRICS_COLUMNS} FROM ("
+            f"SELECT {_METRICS_COLUMNS}, ROW_NUMBER() OVER ("
+            "PARTITION BY device_id, bundle_name, bundle_version "
+            f"ORDER BY received_at DESC, id DESC) AS newest FROM metrics{where}"
+            ") ranked WHERE newest = 1 ORDER BY device_id, bundle_name, bundle_version"
+        )
+        with self._storage_errors("read latest metrics"):
+            rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
+        return [
+            MetricsRecord(
+                id=row[0],
+                device_id=row[1],
+                bundle_name=row[2],
+                bundle_version=row[3],
+                received_at=row[4],
+                report=json.loads(row[5]),
+            )
+            for row in rows
+        ]
+
+    # -- internals --
+
+    def _insert(self, query: str, params: Sequence[Any], *, what: str) -> int:
+        with self._storage_errors(what):
+            if self._dialect.returns_id_by_clause:
+                row = self._conn.execute(
+                    self._dialect.sql(query + " RETURNING id"), params
+                ).fetchone()
+                return int(row[0])
+            cursor = self._conn.execute(self._dialect.sql(query), params)
+            return int(cursor.lastrowid)
+
+    @contextlib.contextmanager
+    def _storage_errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except self._dialect.driver_errors as exc:
+            raise StorageError(
+                f"registry {self._name}: cannot {what}: {exc}",
+                database=self._name,
+                backend=self._dialect.name,
+            ) from exc
+
+
+def _where(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    # Column names come from this module only; values always go through parameters.
+    used = {column: value for column, value in filters.items() if value is not None}
+    if not used:
+        return "", ()
+    return " WHERE " + " AND ".join(f"{column} = ?" for column in used), tuple(used.values())
+
+
+def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
+    active = _load_json(row[5])
+    return DeviceRecord(
+        device_id=row[0],
+        status=row[1],
+        platform=_load_json(row[2]),
+        runtimes=_load_json(row[3]),
+        agent_version=row[4],
+        active_bundle=BundleRef.from_dict(active) if active is not None else None,
+        first_seen=row[6],
+        last_seen=row[7],
+    )
+
+
+# --- opening ---------------------------------------------------------------------------
+
+
+def open_registry(url_or_path: str | Path, *, timeout: float = _DEFAULT_TIMEOUT_S) -> Registry:
+    """Open (and if needed create) the fleet registry.
+
+    Args:
+        url_or_path: a filesystem path or ``sqlite:///abs/path`` for a SQLite file
+            (parent directories are created), or a ``postgresql://`` URL.
+        timeout: seconds to wait for a locked SQLite database, or for a PostgreSQL
+            connection when the URL sets no ``connect_timeout``.
+
+    Returns:
+        An open registry whose schema is current.
+
+    Raises:
+        ConfigError: if the URL's scheme is not understood, or psycopg is missing
+            for a PostgreSQL URL.
+        StorageError: if the database cannot be opened, created or migrated.
+    """
+    if isinstance(url_or_path, Path):
+        return _open_sqlite(url_or_path, timeout)
+    text = str(url_or_path)
+    if not text.strip():
+        raise ConfigError("registry location is empty", url=text)
+    if "://" not in text:
+        return _open_sqlite(Path(text), timeout)
+    scheme = text.split("://", 1)[0].lower()
+    if scheme == "sqlite":
+        path = text[len("sqlite://") :]
+        if not path.startswith("/") or path == "/":
+            raise ConfigError(
+                f"registry URL {text!r} must name an absolute file: sqlite:///abs/path",
+                url=text,
+            )
+        return _open_sqlite(Path(path), timeout)
+    if scheme in _POSTGRES_SCHEMES:
+        return _open_postgres(text, timeout)
+    shown = _mask_password(text)
+    raise ConfigError(
+        f"registry URL {shown!r} is neither a path, sqlite:/// nor postgresql://",
+        url=shown,
+    )
+
+
+def _open_sqlite(path: Path, timeout: float) -> Registry:
+    path = path.expanduser()
+    name = f"sqlite://{path.resolve()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            f"registry {name}: cannot create directory {path.parent}: {exc}",
+            database=name,
+            backend="sqlite",
+        ) from exc
+    dialect = _sqlite_dialect()
+    try:
+        # isolation_level=None: autocommit; every write is one statement, and the
+        # schema transaction is opened explicitly with BEGIN IMMEDIATE.
+        conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StorageError(
+            f"registry {name}: cannot open: {exc}", database=name, backend="sqlite"
+        ) from exc
+    registry = Registry(conn, dialect, name)
+    try:
+        with registry._storage_errors("configure"):
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                logger.warning("registry %s: WAL mode unavailable, journal mode %s", name, mode)
+        registry.ensure_schema()
+    except BaseException:
+        conn.close()
+        raise
+    logger.debug("registry %s opened", name)
+    return registry
+
+
+def _open_postgres(url: str, timeout: float) -> Registry:
+    name = _mask_password(url)
+    try:
+        # Optional dependency, imported only when a PostgreSQL URL is opened.
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError as exc:
+        raise ConfigError(
+            f"registry {name} needs psycopg 3: install edge-sdk[postgres]", url=name
+        ) from exc
+    dialect = _postgres_dialect(psycopg.Error)
+    kwargs: dict[str, Any] = {"autocommit": True}
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise ConfigError(
+            f"registry URL {name!r} is not a valid PostgreSQL URL: {_scrub(str(exc), url)}",
+            url=name,
+        ) from exc
+    if "connect_timeout" not in given:
+        kwargs["connect_timeout"] = max(2, int(timeout))
+    try:
+        conn = psycopg.connect(url, **kwargs)
+    except psycopg.Error as exc:
+        raise StorageError(
+            f"registry {name}: cannot connect: {_scrub(str(exc), url)}",
+            database=name,
+            backend="postgresql",
+        ) from exc
+    registry = Registry(conn, dialect, name)
+    try:
+        registry.ensure_schema()
+    except BaseException:
+        conn.close()
+        raise
+    logger.debug("registry %s opened", name)
+    return registry
+
+
+def _mask_password(url: str) -> str:
+    """The URL with any password replaced by ``***``, in the netloc or the query."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable registry URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = urllib.parse.urlencode(
+            [(key, "***" if key.lower() == "password" else value) for key, value in pairs],
+            safe="*=",
+        )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _scrub(message: str, url: str) -> str:
+    """Remove any password found in ``url`` from a driver's message."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        secrets = [parts.password] if parts.password else []
+        secrets += [
+            value
+            for key, value in urllib.parse.parse_qsl(parts.query)
+            if key.lower() == "password" and value
+        ]
+    except ValueError:
+        return message
+    for secret in secrets:
+        for form in {secret, urllib.parse.unquote(secret), urllib.parse.quote(secret)}:
+            message = message.replace(form, "***")
+    return message

@@ -1,0 +1,123 @@
+"""Unit tests for host_tools.compress.data.load_arrays: the operator's own data files."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_sdk.errors import ConfigError
+from host_tools.compress import Dataset, load_arrays
+
+
+def test_npz_with_named_keys(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.ones((5, 3), np.float32), y=np.arange(5))
+    data = load_arrays(str(path))
+    assert data.x.shape == (5, 3) and data.y is not None and data.y.dtype == np.int64
+
+
+def test_npz_positional_arrays(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, np.ones((4, 2)), np.array([0.0, 1.0, 1.0, 0.0]))
+    data = load_arrays(path)
+    assert data.x.shape == (4, 2) and data.y is not None and data.y.tolist() == [0, 1, 1, 0]
+
+
+def test_npz_inputs_only(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((2, 2)))
+    assert load_arrays(path).y is None
+
+
+def test_npy_inputs_only(tmp_path: Path) -> None:
+    path = tmp_path / "d.npy"
+    np.save(path, np.zeros((3, 8), np.float32))
+    data = load_arrays(path)
+    assert data.x.shape == (3, 8) and data.y is None
+
+
+def test_npz_labels_without_inputs_names_key(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, y=np.arange(3), z=np.zeros((3, 2)))
+    with pytest.raises(ConfigError) as info:
+        load_arrays(path)
+    assert "'x'" in str(info.value) and str(path) in str(info.value) and info.value.details["key"] == "x"
+
+
+def test_npz_label_count_mismatch_names_key(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((3, 2)), y=np.arange(4))
+    with pytest.raises(ConfigError) as info:
+        load_arrays(path)
+    assert "'y'" in str(info.value) and str(path) in str(info.value)
+
+
+def test_non_integer_labels_name_key(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((2, 2)), y=np.array([0.5, 1.0]))
+    with pytest.raises(ConfigError, match="'y'"):
+        load_arrays(path)
+
+
+def test_pickled_array_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ConfigError, match="d.npy"):
+        load_arrays(path)
+
+
+@pytest.mark.parametrize("name,content", [("bad.npz", b"not a zip"), ("bad.npy", b"\x93NUMPY garbage")])
+def test_corrupt_file_names_file(tmp_path: Path, name: str, content: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=name):
+        load_arrays(path)
+
+
+def test_missing_file_names_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nothere.npz"):
+        load_arrays(tmp_path / "nothere.npz")
+
+
+def test_unknown_spec() -> None:
+    with pytest.raises(ConfigError, match="entry point"):
+        load_arrays("just some words")
+
+
+def test_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "calib_mod.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            def with_labels():
+                return np.zeros((3, 4), np.float32), np.array([0, 1, 2])
+            def inputs_only():
+                return np.zeros((2, 4), np.float32)
+            def broken():
+                raise RuntimeError("no data today")
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "calib_mod", raising=False)
+    data = load_arrays("calib_mod:with_labels")
+    assert data.x.shape == (3, 4) and data.y is not None and data.y.tolist() == [0, 1, 2]
+    assert load_arrays("calib_mod:inputs_only").y is None
+    with pytest.raises(ConfigError, match="no data today"):
+        load_arrays("calib_mod:broken")
+    with pytest.raises(ConfigError, match="missing"):
+        load_arrays("calib_mod:missing")
+    with pytest.raises(ConfigError, match="no_such_module_xyz"):
+        load_arrays("no_such_module_xyz:f")
+
+
+def test_dataset_validates() -> None:
+    with pytest.raises(ConfigError):
+        Dataset(np.zeros((0, 2)))
+    with pytest.raises(ConfigError):
+        Dataset(np.zeros((2, 2)), np.zeros(3, dtype=np.int64))
+    assert len(Dataset(np.zeros((2, 2)))) == 2

@@ -1,0 +1,449 @@
+"""edge_sdk.metrics: pure statistics, and hardware readers against fake sysfs trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edge_sdk.metrics as metrics
+from edge_sdk.errors import ConfigError, MessageError
+from edge_sdk.metrics import (
+    BatterySource,
+    CpuSampler,
+    EnergyWindow,
+    EstimatedSource,
+    Ina3221Source,
+    LatencyStats,
+    PeakRssSampler,
+    PowerSource,
+    RaplSource,
+    benchmark,
+    detect_power_source,
+    power_model_for,
+    read_thermal_zones,
+    read_vm_hwm,
+    rss_bytes,
+)
+from edge_sdk.metrics._power import rapl_delta_uj
+
+
+class FakeClock:
+    """A clock that advances by ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float = 0.0, start: float = 100.0) -> None:
+        self.now = start
+        self.step = step
+
+    def __call__(self) -> float:
+        value = self.now
+        self.now += self.step
+        return value
+
+
+def write(root: Path, rel: str, text: str) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return path
+
+
+def fixed_cpu_sampler(wall_s: float, cpu_s: float, cores: int) -> Callable[[], CpuSampler]:
+    """A CpuSampler factory whose window always lasts ``wall_s`` and uses ``cpu_s``."""
+
+    def factory() -> CpuSampler:
+        clock = iter([0.0, wall_s])
+        cpu = iter([10.0, 10.0 + cpu_s])
+        return CpuSampler(clock=lambda: next(clock), cpu_seconds=lambda: next(cpu), cores=cores)
+
+    return factory
+
+
+def test_public_names_are_exactly_the_intended_ones() -> None:
+    assert sorted(metrics.__all__) == sorted(
+        [
+            "POWER_MODELS",
+            "BatterySource",
+            "CpuMeasurement",
+            "CpuSampler",
+            "EnergyMeasurement",
+            "EnergyWindow",
+            "EstimatedSource",
+            "Ina3221Source",
+            "LatencyStats",
+            "MemoryMeasurement",
+            "PeakRssSampler",
+            "PowerModel",
+            "PowerReading",
+            "PowerSource",
+            "RaplSource",
+            "ThermalReading",
+            "benchmark",
+            "detect_power_source",
+            "power_model_for",
+            "read_thermal_zones",
+            "read_vm_hwm",
+            "rss_bytes",
+        ]
+    )
+
+
+# --- latency -------------------------------------------------------------------------------
+
+
+def test_latency_stats_match_numpy() -> None:
+    seconds = [0.010, 0.012, 0.011, 0.050, 0.009, 0.013, 0.010, 0.011, 0.012, 0.100]
+    stats = LatencyStats.from_samples(seconds)
+    ms = np.array(seconds) * 1000
+    assert stats.count == 10
+    assert stats.mean_ms == pytest.approx(ms.mean())
+    assert stats.stdev_ms == pytest.approx(ms.std(ddof=1))
+    assert stats.min_ms == pytest.approx(9.0)
+    assert stats.max_ms == pytest.approx(100.0)
+    for q, got in [(50, stats.p50_ms), (90, stats.p90_ms), (99, stats.p99_ms)]:
+        assert got == pytest.approx(np.percentile(ms, q, method="linear"))
+    assert stats.throughput_per_s == pytest.approx(10 / sum(seconds))
+
+
+def test_latency_stats_known_percentiles() -> None:
+    stats = LatencyStats.from_samples([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.p99_ms == pytest.approx(99.01)
+
+
+def test_latency_stats_single_and_zero_samples() -> None:
+    one = LatencyStats.from_samples([0.002])
+    assert one.stdev_ms == 0.0 and one.p99_ms == pytest.approx(2.0)
+    assert LatencyStats.from_samples([0.0, 0.0]).throughput_per_s == 0.0
+
+
+@pytest.mark.parametrize("bad", [[], [0.1, -0.001], [float("nan")], [float("inf")]])
+def test_latency_stats_reject_bad_samples(bad: list[float]) -> None:
+    with pytest.raises(ConfigError):
+        LatencyStats.from_samples(bad)
+
+
+def test_latency_stats_round_trip_through_json() -> None:
+    stats = LatencyStats.from_samples([0.001, 0.002, 0.004])
+    wire = json.loads(json.dumps({**stats.to_dict(), "newer_field": 1}))
+    assert LatencyStats.from_dict(wire) == stats
+
+
+@pytest.mark.parametrize("damage", [{"count": None}, {"p50_ms": "fast"}, {"mean_ms": True}])
+def test_latency_stats_from_dict_rejects_malformed(damage: dict[str, object]) -> None:
+    data = {**LatencyStats.from_samples([0.001]).to_dict(), **damage}
+    with pytest.raises(MessageError):
+        LatencyStats.from_dict(data)
+
+
+def test_benchmark_with_fake_clock_counts_only_timed_runs() -> None:
+    calls = []
+    clock = FakeClock(step=0.005)
+    stats = benchmark(lambda: calls.append(1), warmup=3, runs=20, clock=clock)
+    assert len(calls) == 23
+    assert stats.count == 20
+    assert stats.mean_ms == pytest.approx(5.0)
+    assert stats.p99_ms == pytest.approx(5.0)
+
+
+def test_benchmark_runs_until_min_duration_but_not_past_max_runs() -> None:
+    # Each clock read advances 1 ms; each timed run costs 2 reads -> 1 ms sample.
+    stats = benchmark(lambda: None, warmup=0, runs=5, min_duration_s=0.1, clock=FakeClock(step=0.001))
+    assert 45 <= stats.count <= 55
+    capped = benchmark(lambda: None, warmup=0, runs=5, min_duration_s=1e9, max_runs=30, clock=FakeClock(step=0.001))
+    assert capped.count == 30
+    frozen = benchmark(lambda: None, warmup=0, runs=5, min_duration_s=1.0, max_runs=50, clock=FakeClock(step=0.0))
+    assert frozen.count == 50
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"runs": 0}, {"warmup": -1}, {"min_duration_s": -1.0}, {"runs": 10, "max_runs": 5}]
+)
+def test_benchmark_rejects_bad_parameters(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        benchmark(lambda: None, **kwargs)  # type: ignore[arg-type]
+
+
+# --- memory and CPU ------------------------------------------------------------------------
+
+
+def test_rss_bytes_of_this_process_is_positive() -> None:
+    assert rss_bytes() > 0
+    assert rss_bytes(os.getpid()) > 0
+
+
+def test_vm_hwm_read_from_fake_proc(tmp_path: Path) -> None:
+    write(tmp_path, "proc/42/status", "Name:\tpython\nVmPeak:\t  9000 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1024 kB")
+    assert read_vm_hwm(42, tmp_path) == 2048 * 1024
+    assert read_vm_hwm(43, tmp_path) is None
+
+
+def test_peak_rss_sampler_uses_hwm_only_when_it_grew_in_the_window(tmp_path: Path) -> None:
+    status = write(tmp_path, "proc/7/status", "VmHWM:\t 1000 kB")
+    readings: Iterator[int] = iter([500_000, 600_000])
+
+    class GrowHwm:
+        def __call__(self) -> int:
+            value = next(readings)
+            status.write_text("VmHWM:\t 2000 kB\n")  # a spike the sampler never saw
+            return value
+
+    with PeakRssSampler(7, interval_s=60, root=tmp_path, rss_reader=GrowHwm()) as mem:
+        pass
+    assert mem.start_bytes == 500_000
+    assert mem.result.sampled_peak_bytes == 600_000
+    assert mem.result.hwm_bytes == 2000 * 1024
+    assert mem.peak_bytes == 2000 * 1024
+    assert mem.result.samples == 2
+
+    # The lifetime peak was set before the window: it says nothing about this window.
+    values = iter([500_000, 700_000])
+    with PeakRssSampler(7, interval_s=60, root=tmp_path, rss_reader=lambda: next(values)) as mem:
+        pass
+    assert mem.peak_bytes == 700_000
+    assert mem.result.to_dict()["hwm_bytes"] == 2000 * 1024
+
+
+def test_peak_rss_sampler_sees_a_real_allocation() -> None:
+    with PeakRssSampler(interval_s=0.001) as mem:
+        block = np.ones(40 * 1024 * 1024 // 8)  # 40 MiB, touched
+        block.sum()
+        del block
+    assert mem.peak_bytes >= mem.start_bytes + 30 * 1024 * 1024
+
+
+def test_samplers_refuse_results_before_the_window_closes() -> None:
+    with pytest.raises(ConfigError):
+        PeakRssSampler().peak_bytes  # noqa: B018
+    with pytest.raises(ConfigError):
+        CpuSampler().result  # noqa: B018
+    with pytest.raises(ConfigError):
+        PeakRssSampler(interval_s=0)
+
+
+def test_cpu_sampler_with_fake_clock_and_cpu_time() -> None:
+    with fixed_cpu_sampler(wall_s=2.0, cpu_s=3.0, cores=4)() as cpu:
+        pass
+    m = cpu.result
+    assert m.wall_s == 2.0 and m.cpu_s == 3.0 and m.cores == 4
+    assert m.percent_of_one_core == pytest.approx(150.0)
+    assert m.utilisation == pytest.approx(0.375)
+    assert m.to_dict()["utilisation"] == pytest.approx(0.375)
+
+
+def test_cpu_sampler_real_process_busy_loop() -> None:
+    with CpuSampler() as cpu:
+        sum(i * i for i in range(200_000))
+    assert cpu.result.cpu_s > 0
+    assert 0 < cpu.result.utilisation <= 1
+
+
+# --- temperature ---------------------------------------------------------------------------
+
+
+def test_thermal_zones_read_sorted_and_skip_broken(tmp_path: Path) -> None:
+    write(tmp_path, "sys/class/thermal/thermal_zone0/type", "cpu-thermal")
+    write(tmp_path, "sys/class/thermal/thermal_zone0/temp", "48312")
+    write(tmp_path, "sys/class/thermal/thermal_zone10/type", "gpu-thermal")
+    write(tmp_path, "sys/class/thermal/thermal_zone10/temp", "-1500")
+    write(tmp_path, "sys/class/thermal/thermal_zone2/type", "sleeping")
+    write(tmp_path, "sys/class/thermal/thermal_zone2/temp", "")  # read error: skipped
+    write(tmp_path, "sys/class/thermal/thermal_zone3/type", "no-temp")  # no temp file: skipped
+    write(tmp_path, "sys/class/thermal/cooling_device0/type", "fan")  # not a zone
+    readings = read_thermal_zones(tmp_path)
+    assert [(r.zone, r.type, r.celsius) for r in readings] == [
+        ("thermal_zone0", "cpu-thermal", pytest.approx(48.312)),
+        ("thermal_zone10", "gpu-thermal", pytest.approx(-1.5)),
+    ]
+    assert readings[0].to_dict() == {"zone": "thermal_zone0", "type": "cpu-thermal", "celsius": 48.312}
+
+
+def test_thermal_zones_absent_is_empty(tmp_path: Path) -> None:
+    assert read_thermal_zones(tmp_path) == []
+
+
+# --- power: RAPL ---------------------------------------------------------------------------
+
+
+def rapl_tree(root: Path, energy_uj: int, max_uj: int = 262_143_328_850) -> Path:
+    write(root, "sys/class/powercap/intel-rapl:0/max_energy_range_uj", str(max_uj))
+    write(root, "sys/class/powercap/intel-rapl:0:0/energy_uj", "5")  # sub-zone: not summed
+    write(root, "sys/class/powercap/intel-rapl:0:0/max_energy_range_uj", str(max_uj))
+    return write(root, "sys/class/powercap/intel-rapl:0/energy_uj", str(energy_uj))
+
+
+def test_rapl_delta_handles_wrap() -> None:
+    assert rapl_delta_uj(100, 350, 1000) == 250
+    assert rapl_delta_uj(900, 150, 1000) == 250
+
+
+def test_rapl_energy_over_a_window_with_counter_wrap(tmp_path: Path) -> None:
+    counter = rapl_tree(tmp_path, energy_uj=999_000_000, max_uj=1_000_000_000)
+    source = RaplSource(tmp_path, clock=FakeClock(step=2.0))
+    assert isinstance(source, PowerSource)
+    token = source.start()
+    counter.write_text("19000000\n")  # wrapped: 1 J to the top, then 19 J
+    energy = source.stop(token)
+    assert energy.joules == pytest.approx(20.0)
+    assert energy.seconds == pytest.approx(2.0)
+    assert energy.watts == pytest.approx(10.0)
+    assert energy.to_dict() == {
+        "joules": pytest.approx(20.0),
+        "seconds": 2.0,
+        "watts": pytest.approx(10.0),
+        "source": "rapl",
+        "estimated": False,
+    }
+
+
+def test_rapl_sums_packages(tmp_path: Path) -> None:
+    rapl_tree(tmp_path, energy_uj=0)
+    write(tmp_path, "sys/class/powercap/intel-rapl:1/max_energy_range_uj", "1000000000")
+    second = write(tmp_path, "sys/class/powercap/intel-rapl:1/energy_uj", "0")
+    first = tmp_path / "sys/class/powercap/intel-rapl:0/energy_uj"
+    source = RaplSource(tmp_path, clock=FakeClock(step=1.0))
+    with EnergyWindow(source) as window:
+        first.write_text("3000000")
+        second.write_text("4000000")
+    assert window.result.joules == pytest.approx(7.0)
+
+
+def test_rapl_unreadable_counter_means_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Since CVE-2020-8694 energy_uj is root-only on most kernels; reading it fails.
+    rapl_tree(tmp_path, energy_uj=10)
+    real_read_text = Path.read_text
+
+    def deny_energy(self: Path, *args: object, **kwargs: object) -> str:
+        if self.name == "energy_uj":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", deny_energy)
+    assert RaplSource.probe(tmp_path) is None
+    with pytest.raises(ConfigError, match="RAPL"):
+        RaplSource(tmp_path)
+    assert detect_power_source(tmp_path, "generic-x86").estimated is True
+
+
+# --- power: battery and INA3221 ------------------------------------------------------------
+
+
+def battery_tree(root: Path, status: str = "Discharging", **files: int) -> Path:
+    base = root / "sys/class/power_supply/battery"
+    write(root, "sys/class/power_supply/battery/type", "Battery")
+    write(root, "sys/class/power_supply/battery/status", status)
+    for name, value in files.items():
+        write(root, f"sys/class/power_supply/battery/{name}", str(value))
+    write(root, "sys/class/power_supply/AC/type", "Mains")
+    return base
+
+
+def test_battery_from_current_and_voltage(tmp_path: Path) -> None:
+    # Android reports discharge current as negative microamps.
+    base = battery_tree(tmp_path, current_now=-500_000, voltage_now=4_000_000)
+    source = BatterySource(tmp_path, interval_s=None, clock=FakeClock(step=10.0))
+    assert source.read().to_dict() == {"watts": pytest.approx(2.0), "source": "battery", "estimated": False}
+    token = source.start()
+    (base / "current_now").write_text("-1000000\n")  # 4 W at the end
+    energy = source.stop(token)
+    assert energy.watts == pytest.approx(3.0)  # mean of the start and stop samples
+    assert energy.joules == pytest.approx(30.0)
+    assert energy.estimated is False
+
+
+def test_battery_prefers_power_now(tmp_path: Path) -> None:
+    battery_tree(tmp_path, power_now=7_500_000, current_now=1, voltage_now=1)
+    assert BatterySource(tmp_path, interval_s=None).read_watts() == pytest.approx(7.5)
+
+
+def test_battery_sampling_thread_collects_samples(tmp_path: Path) -> None:
+    battery_tree(tmp_path, power_now=2_000_000)
+    source = BatterySource(tmp_path, interval_s=0.001)
+    token = source.start()
+    time.sleep(0.02)
+    energy = source.stop(token)
+    assert energy.watts == pytest.approx(2.0)
+    assert len(token.samples) > 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("status", ["Charging", "Full", "Not charging"])
+def test_battery_not_discharging_is_not_a_source(tmp_path: Path, status: str) -> None:
+    battery_tree(tmp_path, status=status, power_now=5_000_000)
+    assert BatterySource.probe(tmp_path) is None
+
+
+def ina_tree(root: Path, channels: dict[int, tuple[str, int, int]]) -> Path:
+    hwmon = "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon3"
+    for n, (label, mv, ma) in channels.items():
+        write(root, f"{hwmon}/in{n}_label", label)
+        write(root, f"{hwmon}/in{n}_input", str(mv))
+        write(root, f"{hwmon}/curr{n}_input", str(ma))
+    return root / hwmon
+
+
+def test_ina3221_prefers_the_input_rail(tmp_path: Path) -> None:
+    ina_tree(tmp_path, {1: ("VDD_IN", 5000, 1200), 2: ("VDD_CPU_GPU_CV", 5000, 400), 3: ("VDD_SOC", 5000, 300)})
+    source = Ina3221Source(tmp_path, interval_s=None, clock=FakeClock(step=0.5))
+    assert source.rails == ("VDD_IN",)
+    assert source.read_watts() == pytest.approx(6.0)
+    with EnergyWindow(source) as window:
+        pass
+    assert window.result.joules == pytest.approx(3.0)
+    assert window.result.source == "ina3221"
+
+
+def test_ina3221_sums_all_rails_without_an_input_rail(tmp_path: Path) -> None:
+    ina_tree(tmp_path, {1: ("VDD_GPU", 1000, 1000), 2: ("VDD_CPU", 2000, 1000), 3: ("NC", 5000, 5000)})
+    source = Ina3221Source(tmp_path, interval_s=None)
+    assert source.rails == ("VDD_GPU", "VDD_CPU")
+    assert source.read_watts() == pytest.approx(3.0)
+
+
+# --- power: estimate and detection ---------------------------------------------------------
+
+
+def test_estimated_source_scales_with_cpu_utilisation() -> None:
+    source = EstimatedSource(2.0, 6.0, model_name="toy", cpu_sampler_factory=fixed_cpu_sampler(4.0, 8.0, 4))
+    energy = source.stop(source.start())  # utilisation 8 / 4 / 4 = 0.5 -> 4 W
+    assert energy.watts == pytest.approx(4.0)
+    assert energy.joules == pytest.approx(16.0)
+    assert energy.to_dict()["source"] == "estimate:toy"
+    assert energy.to_dict()["estimated"] is True
+    assert source.watts_at(2.0) == 6.0
+
+
+def test_power_models_table() -> None:
+    pi4 = power_model_for("Raspberry Pi 4")
+    assert (pi4.idle_watts, pi4.max_watts) == (2.7, 6.4)
+    assert power_model_for("jetson_orin_nano").max_watts == 15.0
+    with pytest.raises(ConfigError, match="raspberry-pi-4"):
+        power_model_for("toaster")
+    with pytest.raises(ConfigError):
+        EstimatedSource(5.0, 1.0)
+
+
+def test_detect_prefers_real_sensors_in_order(tmp_path: Path) -> None:
+    battery_tree(tmp_path, power_now=1_000_000)
+    assert detect_power_source(tmp_path, "android").name == "battery"
+    ina_tree(tmp_path, {1: ("POM_5V_IN", 5000, 1000)})
+    assert detect_power_source(tmp_path, "jetson-nano").name == "ina3221"
+    rapl_tree(tmp_path, energy_uj=1)
+    source = detect_power_source(tmp_path, "generic-x86")
+    assert source.name == "rapl" and source.estimated is False
+
+
+def test_detect_falls_back_to_labelled_estimate(tmp_path: Path) -> None:
+    battery_tree(tmp_path, status="Charging", power_now=1_000_000)
+    factory = fixed_cpu_sampler(1.0, 1.0, 1)
+    source = detect_power_source(tmp_path, "raspberry-pi-5", cpu_sampler_factory=factory)
+    assert source.estimated is True
+    assert source.name == "estimate:raspberry-pi-5"
+    assert source.stop(source.start()).watts == pytest.approx(8.0)
+    unknown = detect_power_source(tmp_path, "toaster", cpu_sampler_factory=factory)
+    assert unknown.name == "estimate:generic" and unknown.estimated is True

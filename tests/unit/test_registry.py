@@ -1,0 +1,482 @@
+"""The fleet registry against a real SQLite file and a real PostgreSQL server.
+
+Every behavioural case runs on both backends through the ``open_db`` fixture.
+PostgreSQL cases use ``EDGE_SDK_TEST_POSTGRES_URL`` if set (and then fail if it does
+not answer), else ``postgresql://postgres@127.0.0.1:5432/test``; only when the
+variable is unset and that default does not answer are they skipped, loudly.
+Each PostgreSQL case gets its own schema, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import host_tools.fleet.registry as registry_module
+from edge_sdk.errors import ConfigError, StorageError
+from host_tools.fleet.registry import (
+    SCHEMA_VERSION,
+    BundleRef,
+    DeviceRecord,
+    Registry,
+    open_registry,
+)
+
+POSTGRES_ENV = "EDGE_SDK_TEST_POSTGRES_URL"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+OpenDb = Callable[[], Registry]
+
+
+# --- PostgreSQL availability -----------------------------------------------------------
+
+_postgres_probe: dict[str, str | None] = {}
+
+
+def _postgres_admin_url(config: pytest.Config) -> str:
+    """The server URL to use, or skip (loudly) / fail as the module docstring says."""
+    if "result" not in _postgres_probe:
+        _postgres_probe["result"] = reason = _probe_postgres()
+        if reason is not None:
+            # Straight to the terminal, past output capture, once per run, so nobody
+            # mistakes a skip for a pass.
+            capture = config.pluginmanager.get_plugin("capturemanager")
+            with capture.global_and_fixture_disabled() if capture else nullcontext():
+                sys.stderr.write(f"\n*** {reason} ***\n")
+    reason = _postgres_probe["result"]
+    if reason is not None:
+        pytest.skip(reason)
+    return os.environ.get(POSTGRES_ENV) or DEFAULT_POSTGRES_URL
+
+
+def _probe_postgres() -> str | None:
+    explicit = os.environ.get(POSTGRES_ENV)
+    try:
+        import psycopg
+    except ImportError:
+        if explicit:
+            raise
+        reason = "PostgreSQL registry tests SKIPPED: psycopg is not installed"
+    else:
+        url = explicit or DEFAULT_POSTGRES_URL
+        try:
+            with psycopg.connect(url, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return None
+        except psycopg.OperationalError as exc:
+            if explicit:
+                pytest.fail(f"{POSTGRES_ENV} is set but PostgreSQL does not answer: {exc}")
+            reason = (
+                f"PostgreSQL registry tests SKIPPED: {POSTGRES_ENV} is unset and "
+                f"{DEFAULT_POSTGRES_URL} does not answer ({str(exc).strip()})"
+            )
+    return reason
+
+
+def _with_search_path(url: str, schema: str) -> str:
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options=-csearch_path%3D{schema}"
+
+
+# --- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenDb]:
+    """A factory opening the same fresh database each call; closes all at teardown."""
+    opened: list[Registry] = []
+    cleanup: Callable[[], None] | None = None
+    if request.param == "sqlite":
+        target = str(tmp_path / "fleet" / "registry.db")
+    else:
+        import psycopg
+
+        admin_url = _postgres_admin_url(request.config)
+        schema = f"t_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        target = _with_search_path(admin_url, schema)
+
+        def cleanup() -> None:
+            with psycopg.connect(admin_url, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+    def factory() -> Registry:
+        registry = open_registry(target)
+        opened.append(registry)
+        return registry
+
+    try:
+        yield factory
+    finally:
+        for registry in opened:
+            registry.close()
+        if cleanup is not None:
+            cleanup()
+
+
+@pytest.fixture
+def db(open_db: OpenDb) -> Registry:
+    return open_db()
+
+
+# --- devices ---------------------------------------------------------------------------
+
+PLATFORM = {"board": "raspberry-pi-4", "os": "linux", "cpu": {"arch": "aarch64", "cores": 4}}
+RUNTIMES = {"onnxruntime": "1.17.1", "litert": None}
+
+
+def _birth(device_id: str = "pi-01", at: float = 1000.0) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=device_id,
+        status="online",
+        last_seen=at,
+        platform=PLATFORM,
+        runtimes=RUNTIMES,
+        agent_version="0.1.0",
+        active_bundle=BundleRef("digits", "1.0.0"),
+    )
+
+
+def test_device_round_trip(db: Registry) -> None:
+    db.upsert_device(_birth())
+
+    got = db.get_device("pi-01")
+
+    assert got == DeviceRecord(
+        device_id="pi-01",
+        status="online",
+        last_seen=1000.0,
+        first_seen=1000.0,
+        platform=PLATFORM,
+        runtimes=RUNTIMES,
+        agent_version="0.1.0",
+        active_bundle=BundleRef("digits", "1.0.0"),
+    )
+    assert got.to_dict()["active_bundle"] == {"name": "digits", "version": "1.0.0"}
+    assert db.get_device("nobody") is None
+
+
+def test_status_update_keeps_platform_info(db: Registry) -> None:
+    db.upsert_device(_birth(at=1000.0))
+
+    db.upsert_device(DeviceRecord(device_id="pi-01", status="offline", last_seen=1060.0))
+
+    got = db.get_device("pi-01")
+    assert got is not None
+    assert got.status == "offline"
+    assert got.platform == PLATFORM
+    assert got.runtimes == RUNTIMES
+    assert got.agent_version == "0.1.0"
+    assert got.active_bundle == BundleRef("digits", "1.0.0")
+    assert (got.first_seen, got.last_seen) == (1000.0, 1060.0)
+
+
+def test_newer_fields_replace_older(db: Registry) -> None:
+    db.upsert_device(_birth(at=1000.0))
+
+    db.upsert_device(
+        DeviceRecord(
+            device_id="pi-01",
+            status="online",
+            last_seen=2000.0,
+            agent_version="0.2.0",
+            active_bundle=BundleRef("digits", "1.1.0"),
+        )
+    )
+
+    got = db.get_device("pi-01")
+    assert got is not None
+    assert got.agent_version == "0.2.0"
+    assert got.active_bundle == BundleRef("digits", "1.1.0")
+    assert got.platform == PLATFORM
+
+
+def test_late_stale_update_fills_gaps_but_overwrites_nothing(db: Registry) -> None:
+    db.upsert_device(
+        DeviceRecord(device_id="pi-01", status="offline", last_seen=2000.0, agent_version="0.2.0")
+    )
+
+    # A birth message from before, delivered late by another collector.
+    db.upsert_device(_birth(at=1000.0))
+
+    got = db.get_device("pi-01")
+    assert got is not None
+    assert got.status == "offline"
+    assert got.agent_version == "0.2.0"
+    assert got.platform == PLATFORM
+    assert (got.first_seen, got.last_seen) == (1000.0, 2000.0)
+
+
+def test_list_devices_sorted(db: Registry) -> None:
+    for device_id in ("jetson-2", "android-7", "pi-01"):
+        db.upsert_device(_birth(device_id))
+
+    assert [d.device_id for d in db.list_devices()] == ["android-7", "jetson-2", "pi-01"]
+
+
+def test_two_registries_share_one_database(open_db: OpenDb) -> None:
+    first, second = open_db(), open_db()
+
+    first.upsert_device(_birth(at=1000.0))
+    second.upsert_device(DeviceRecord(device_id="pi-01", status="offline", last_seen=1001.0))
+
+    got = first.get_device("pi-01")
+    assert got is not None
+    assert (got.status, got.platform) == ("offline", PLATFORM)
+
+
+# --- deployments -----------------------------------------------------------------------
+
+
+def test_deployment_round_trip_and_update(db: Registry) -> None:
+    dep_id = db.record_deployment(
+        "pi-01", "digits", "1.0.0", "ab" * 32, started_at=100.0, transfer_id="tx-1"
+    )
+
+    db.update_deployment(
+        dep_id, "refused", error_code="rollback", error_message="1.0.0 < 1.1.0", finished_at=105.5
+    )
+
+    [got] = db.list_deployments()
+    assert got.to_dict() == {
+        "id": dep_id,
+        "device_id": "pi-01",
+        "bundle_name": "digits",
+        "bundle_version": "1.0.0",
+        "bundle_sha256": "ab" * 32,
+        "transfer_id": "tx-1",
+        "state": "refused",
+        "error_code": "rollback",
+        "error_message": "1.0.0 < 1.1.0",
+        "started_at": 100.0,
+        "finished_at": 105.5,
+    }
+
+
+def test_list_deployments_filters_newest_first_and_limits(db: Registry) -> None:
+    ids = [
+        db.record_deployment(device, "digits", "1.0.0", "00" * 32, started_at=at)
+        for device, at in (("pi-01", 10.0), ("pi-02", 20.0), ("pi-01", 30.0), ("pi-01", 40.0))
+    ]
+
+    assert [d.id for d in db.list_deployments()] == [ids[3], ids[2], ids[1], ids[0]]
+    assert [d.id for d in db.list_deployments("pi-01", limit=2)] == [ids[3], ids[2]]
+    assert all(d.state == "sent" and d.finished_at is None for d in db.list_deployments())
+    assert db.list_deployments("nobody") == []
+
+
+def test_update_unknown_deployment_is_storage_error(db: Registry) -> None:
+    with pytest.raises(StorageError, match="no deployment 999"):
+        db.update_deployment(999, "installed", finished_at=1.0)
+
+
+def test_unknown_state_rejected(db: Registry) -> None:
+    with pytest.raises(ValueError, match="unknown deployment state"):
+        db.record_deployment("pi-01", "digits", "1", "00", started_at=1.0, state="lost")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown device status"):
+        DeviceRecord(device_id="pi-01", status="asleep", last_seen=1.0)  # type: ignore[arg-type]
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+
+def test_metrics_round_trip(db: Registry) -> None:
+    report = {"latency_ms": {"p50": 3.25, "p99": 9.5}, "rss_mb": 41.0, "power_w": None}
+
+    row_id = db.add_metrics("pi-01", "digits", "1.0.0", report, received_at=50.0)
+
+    [got] = db.latest_metrics()
+    assert got.to_dict() == {
+        "id": row_id,
+        "device_id": "pi-01",
+        "bundle_name": "digits",
+        "bundle_version": "1.0.0",
+        "received_at": 50.0,
+        "report": report,
+    }
+
+
+def test_latest_metrics_picks_newest_per_device_bundle_version(db: Registry) -> None:
+    # Inserted out of order: the newest is not the last row written.
+    db.add_metrics("pi-01", "digits", "1.0.0", {"n": 2}, received_at=20.0)
+    db.add_metrics("pi-01", "digits", "1.0.0", {"n": 3}, received_at=30.0)
+    db.add_metrics("pi-01", "digits", "1.0.0", {"n": 1}, received_at=10.0)
+    db.add_metrics("pi-01", "digits", "1.1.0", {"n": 4}, received_at=5.0)
+    db.add_metrics("pi-02", "digits", "1.0.0", {"n": 5}, received_at=1.0)
+    db.add_metrics("pi-02", "minilm", "2.0.0", {"n": 6}, received_at=2.0)
+
+    latest = [(m.device_id, m.bundle_name, m.bundle_version, m.report["n"]) for m in db.latest_metrics()]
+    assert latest == [
+        ("pi-01", "digits", "1.0.0", 3),
+        ("pi-01", "digits", "1.1.0", 4),
+        ("pi-02", "digits", "1.0.0", 5),
+        ("pi-02", "minilm", "2.0.0", 6),
+    ]
+    assert [m.report["n"] for m in db.latest_metrics(device_id="pi-02")] == [5, 6]
+    assert [m.report["n"] for m in db.latest_metrics(bundle_name="minilm")] == [6]
+    assert [m.report["n"] for m in db.latest_metrics("pi-01", "digits")] == [3, 4]
+
+
+# --- durability and schema -------------------------------------------------------------
+
+
+def test_reopen_keeps_data(open_db: OpenDb) -> None:
+    with open_db() as first:
+        first.upsert_device(_birth())
+        dep_id = first.record_deployment("pi-01", "digits", "1.0.0", "00", started_at=1.0)
+        first.add_metrics("pi-01", "digits", "1.0.0", {"n": 1}, received_at=2.0)
+
+    with open_db() as again:
+        assert again.get_device("pi-01") == replace(_birth(), first_seen=_birth().last_seen)
+        assert [d.id for d in again.list_deployments()] == [dep_id]
+        assert [m.report for m in again.latest_metrics()] == [{"n": 1}]
+        assert again.ensure_schema() == SCHEMA_VERSION
+
+
+def test_newer_schema_refused(open_db: OpenDb) -> None:
+    db = open_db()
+    db._conn.execute(  # a future edge-sdk was here
+        db._dialect.sql("INSERT INTO schema_version (version) VALUES (?)"), (SCHEMA_VERSION + 1,)
+    )
+
+    with pytest.raises(StorageError, match="newer than"):
+        open_db()
+
+
+def test_close_twice_and_context_manager(open_db: OpenDb) -> None:
+    with open_db() as db:
+        assert db.backend in {"sqlite", "postgresql"}
+    db.close()
+
+
+# --- opening: SQLite specifics ---------------------------------------------------------
+
+
+def test_sqlite_url_and_path_open_the_same_file(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "fleet.db"
+    with open_registry(f"sqlite://{path}") as db:
+        db.upsert_device(_birth())
+        assert db.name == f"sqlite://{path}"
+    with open_registry(path) as db:
+        assert db.get_device("pi-01") is not None
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://root@localhost/fleet", "sqlite://relative/path.db", "sqlite:///", "", "  "],
+)
+def test_bad_url_is_config_error(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        open_registry(url)
+    assert not url.strip() or url in str(info.value)
+
+
+def test_bad_url_message_hides_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        open_registry("mysql://root:hunter2@localhost/fleet")
+    assert "hunter2" not in str(info.value)
+    assert "mysql://root:***@localhost/fleet" in str(info.value)
+
+
+def test_parent_is_a_file_is_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+
+    with pytest.raises(StorageError, match="not-a-dir") as info:
+        open_registry(blocker / "registry.db")
+    assert info.value.__cause__ is not None
+
+
+def test_path_is_a_directory_is_storage_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="cannot") as info:
+        open_registry(tmp_path)
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores file permissions"
+)
+def test_read_only_directory_is_storage_error(tmp_path: Path) -> None:
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(StorageError):
+            open_registry(locked / "registry.db")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_locked_sqlite_is_storage_error(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    open_registry(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with open_registry(path, timeout=0.05) as db:
+            with pytest.raises(StorageError, match="fleet.db") as info:
+                db.upsert_device(_birth())
+            assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+# --- opening: PostgreSQL specifics -----------------------------------------------------
+
+
+def test_unreachable_postgres_is_storage_error_without_password() -> None:
+    pytest.importorskip("psycopg", reason="psycopg not installed")
+    url = "postgresql://postgres:s3cr%40t@127.0.0.1:1/test?connect_timeout=2"
+
+    with pytest.raises(StorageError) as info:
+        open_registry(url)
+
+    text = f"{info.value} {info.value.details}"
+    assert "postgres:***@127.0.0.1:1/test" in text
+    assert "s3cr" not in text
+
+
+def test_mask_password_in_query() -> None:
+    masked = registry_module._mask_password("postgresql://h/db?user=u&password=pw%21")
+    assert "pw" not in masked
+    assert "password=***" in masked
+
+
+def test_public_names() -> None:
+    assert set(registry_module.__all__) == {
+        "DEPLOYMENT_STATES",
+        "DEVICE_STATUSES",
+        "SCHEMA_VERSION",
+        "BundleRef",
+        "DeploymentRecord",
+        "DeploymentState",
+        "DeviceRecord",
+        "DeviceStatus",
+        "MetricsRecord",
+        "Registry",
+        "open_registry",
+    }
+
+
+def test_psycopg_not_imported_for_sqlite(tmp_path: Path) -> None:
+    import subprocess
+
+    code = (
+        "import sys; from host_tools.fleet.registry import open_registry; "
+        f"open_registry({str(tmp_path / 'x.db')!r}).close(); "
+        "assert 'psycopg' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
