@@ -28,6 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_agent.config import AgentConfig
+from device_agent.installer import Installer
+from device_agent.platform import PlatformInfo, detect_platform
+from device_agent.profiler import profile_model
 from edge_sdk import __version__
 from edge_sdk.errors import (
     EdgeError,
@@ -57,11 +61,6 @@ from edge_sdk.protocol import (
     parse_topic,
 )
 from edge_sdk.runtime import available_runtimes
-
-from device_agent.config import AgentConfig
-from device_agent.installer import Installer
-from device_agent.platform import PlatformInfo, detect_platform
-from device_agent.profiler import profile_model
 
 __all__ = ["Agent"]
 

@@ -12,10 +12,9 @@ import sys
 import threading
 from pathlib import Path
 
+from device_agent.config import load_config
 from edge_sdk import __version__
 from edge_sdk.errors import ConfigError, EdgeError, LocalStateError
-
-from device_agent.config import load_config
 
 __all__ = ["main"]
 
@@ -62,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                 "reconnect_max_s": args.reconnect_max,
             },
         )
-        from device_agent.agent import Agent  # heavy imports only once the config is valid
+        from device_agent.agent import (
+            Agent,  # heavy imports only once the config is valid
+        )
 
         agent = Agent(config)
     except ConfigError as exc:

@@ -101,6 +101,8 @@ class Installer:
             raise StorageError(f"cannot read {self.state_path}: {exc.strerror}") from exc
         try:
             state = json.loads(raw)
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
             if state.get("schema") != _STATE_SCHEMA or not isinstance(state.get("bundles"), dict):
                 raise ValueError("unknown layout")
         except ValueError as exc:
@@ -208,7 +210,9 @@ class Installer:
                 _remove(scratch)
 
     def _installed_for(self, bundle_path: Path) -> int | None:
-        from edge_sdk.bundle.archive import BundleReader  # the manifest name, unverified
+        from edge_sdk.bundle.archive import (
+            BundleReader,  # the manifest name, unverified
+        )
 
         with contextlib.suppress(Exception), BundleReader(bundle_path, self.limits) as r:
             name = json.loads(r.manifest_bytes).get("name")

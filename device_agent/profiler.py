@@ -27,7 +27,13 @@ from edge_sdk.metrics import (
     rss_bytes,
 )
 from edge_sdk.protocol import BenchmarkSpec
-from edge_sdk.runtime import InferenceSession, SessionOptions, open_session, sample_feeds
+from edge_sdk.runtime import (
+    InferenceSession,
+    SessionOptions,
+    open_session,
+    preload,
+    sample_feeds,
+)
 
 __all__ = ["Profile", "health_check", "load_feeds", "profile_model"]
 
@@ -119,6 +125,7 @@ def profile_model(
     Raises:
         ModelError: load or health check failed.
     """
+    preload(runtime)
     rss_before = rss_bytes()
     with open_session(model_path, runtime, SessionOptions(threads=spec.threads), precision_hint=precision) as session:
         rss_loaded = rss_bytes()

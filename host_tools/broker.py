@@ -93,14 +93,20 @@ def _make_amqtt_broker(config: dict[str, Any]) -> Any:
         async def stream_connected(
             self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
         ) -> None:
+            # This is the top of a connection's task. At shutdown the task is cancelled;
+            # ending it normally instead of re-raising matters on Python 3.11, whose
+            # asyncio stream callback calls task.exception() on a cancelled task and logs
+            # a CancelledError traceback for every client still connected.
             try:
                 await super().stream_connected(reader, writer, listener_name)
+            except asyncio.CancelledError:
+                pass
             finally:
                 if not writer.is_closing():
                     writer.close()
                 try:
                     await writer.wait_closed()
-                except OSError:  # the peer is already gone
+                except (OSError, asyncio.CancelledError):  # the peer is gone, or shutting down
                     pass
 
     return _ClosingBroker(config, loop=asyncio.get_running_loop())

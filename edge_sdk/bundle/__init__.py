@@ -32,7 +32,13 @@ from edge_sdk.errors import (
     RollbackError,
     StorageError,
 )
-from edge_sdk.trust import SigningKey, TrustedKeys, decode_signatures, encode_signatures, verify_signatures
+from edge_sdk.trust import (
+    SigningKey,
+    TrustedKeys,
+    decode_signatures,
+    encode_signatures,
+    verify_signatures,
+)
 
 __all__ = [
     "BundleLimits",

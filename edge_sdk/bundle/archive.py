@@ -28,7 +28,12 @@ from typing import BinaryIO
 
 from edge_sdk.bundle.manifest import check_member_path
 from edge_sdk.durable import atomic_writer, fsync_dir
-from edge_sdk.errors import BundleFormatError, HashMismatchError, ManifestError, StorageError
+from edge_sdk.errors import (
+    BundleFormatError,
+    HashMismatchError,
+    ManifestError,
+    StorageError,
+)
 
 __all__ = ["BundleLimits", "BundleReader", "write_bundle", "MANIFEST_NAME", "SIGNATURES_NAME", "PAYLOAD_DIR"]
 
@@ -261,7 +266,10 @@ class BundleReader:
         """
         target = dest_root.joinpath(*rel.split("/"))
         resolved_root = dest_root.resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {target.parent}: {exc.strerror}") from exc
         if not target.parent.resolve().is_relative_to(resolved_root):
             raise BundleFormatError(f"bundle member {rel!r} escapes the staging directory")
         digest = hashlib.sha256()

@@ -9,10 +9,10 @@ acted on.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 from edge_sdk.errors import ManifestError
@@ -50,19 +50,24 @@ def check_member_path(path: str) -> str:
         raise ManifestError(f"bad file path {path!r}")
     if "\\" in path or "\x00" in path or path.startswith("/") or ":" in path:
         raise ManifestError(f"file path {path!r} must be relative POSIX")
-    parts = PurePosixPath(path).parts
-    if any(p in ("", ".", "..") for p in parts) or path.endswith("/") or "//" in path:
+    # Split by hand: PurePosixPath("a/./b").parts drops the "." and would let it through.
+    if any(p in ("", ".", "..") for p in path.split("/")):
         raise ManifestError(f"file path {path!r} contains '.', '..' or empty parts")
-    if any(ord(c) < 0x20 for c in path):
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
         raise ManifestError(f"file path {path!r} contains control characters")
     return path
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _require(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if key not in d:
         raise ManifestError(f"{where}: missing field {key!r}")
     value = d[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
         raise ManifestError(f"{where}: field {key!r} has the wrong type")
     return value
 
@@ -79,7 +84,7 @@ class FileEntry:
         check_member_path(self.path)
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
             raise ManifestError(f"file {self.path!r}: size must be a non-negative integer")
-        if not isinstance(self.sha256, str) or not _SHA256_RE.match(self.sha256):
+        if not isinstance(self.sha256, str) or not _SHA256_RE.fullmatch(self.sha256):
             raise ManifestError(f"file {self.path!r}: sha256 must be 64 lowercase hex digits")
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,12 +160,14 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.schema != MANIFEST_SCHEMA:
             raise ManifestError(f"unsupported manifest schema {self.schema!r} (this build reads {MANIFEST_SCHEMA})")
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
             raise ManifestError(f"bad bundle name {self.name!r}")
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
             raise ManifestError(f"version must be a positive integer, got {self.version!r}")
         if self.runtime not in RUNTIMES:
             raise ManifestError(f"unknown runtime {self.runtime!r}; expected one of {', '.join(RUNTIMES)}")
+        if not (math.isfinite(self.created_at) and math.isfinite(self.expires_at)):
+            raise ManifestError("created_at and expires_at must be finite numbers")
         if not self.expires_at > self.created_at:
             raise ManifestError("expires_at must be after created_at")
         if not self.files:
@@ -170,6 +177,9 @@ class Manifest:
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths):
             raise ManifestError("manifest lists a file twice")
+        dirs = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+        if clash := sorted(dirs.intersection(paths)):
+            raise ManifestError(f"manifest lists {clash[0]!r} both as a file and as a directory")
         if self.model not in paths:
             raise ManifestError(f"model {self.model!r} is not among the manifest's files")
         if self.sample_input is not None and self.sample_input not in paths:
@@ -250,7 +260,7 @@ class Manifest:
         if len(data) > max_bytes:
             raise ManifestError(f"manifest is {len(data)} bytes (limit {max_bytes})")
         try:
-            body = json.loads(data.decode("utf-8"))
+            body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ManifestError("manifest is not valid UTF-8 JSON") from exc
         return cls.from_dict(body)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from edge_sdk.metrics._cpu import CpuMeasurement, CpuSampler
 from edge_sdk.metrics._latency import LatencyStats, benchmark
-from edge_sdk.metrics._memory import MemoryMeasurement, PeakRssSampler, read_vm_hwm, rss_bytes
+from edge_sdk.metrics._memory import (
+    MemoryMeasurement,
+    PeakRssSampler,
+    read_vm_hwm,
+    rss_bytes,
+)
 from edge_sdk.metrics._power import (
     POWER_MODELS,
     BatterySource,

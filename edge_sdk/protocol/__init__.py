@@ -4,7 +4,14 @@ Everything here is pure: strings and bytes in, values out. The MQTT client lives
 :mod:`edge_sdk.mqtt`.
 """
 
-from edge_sdk.protocol.codec import Chunk, CodecLimits, decode, decode_chunk, encode, encode_chunk
+from edge_sdk.protocol.codec import (
+    Chunk,
+    CodecLimits,
+    decode,
+    decode_chunk,
+    encode,
+    encode_chunk,
+)
 from edge_sdk.protocol.messages import (
     SCHEMA_VERSION,
     BenchmarkSpec,
@@ -18,7 +25,14 @@ from edge_sdk.protocol.messages import (
     TransferEnd,
     TransferOffer,
 )
-from edge_sdk.protocol.topics import Channel, DeviceTopics, ParsedTopic, fleet_filter, parse_topic, shared
+from edge_sdk.protocol.topics import (
+    Channel,
+    DeviceTopics,
+    ParsedTopic,
+    fleet_filter,
+    parse_topic,
+    shared,
+)
 from edge_sdk.protocol.transfer import ChunkReceiver, WriteAt, chunk_spans
 
 __all__ = [

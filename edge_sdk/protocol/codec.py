@@ -34,6 +34,10 @@ class CodecLimits:
     max_chunk_bytes: int = (1 << 20) + CHUNK_HEADER_SIZE
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _depth(obj: Any, limit: int) -> None:
     stack = [(obj, 1)]
     while stack:
@@ -63,7 +67,7 @@ def decode(payload: bytes, limits: CodecLimits = CodecLimits()) -> Message:
             f"message of {len(payload)} bytes exceeds {limits.max_json_bytes}", size=len(payload)
         )
     try:
-        body = json.loads(payload.decode("utf-8"))
+        body = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MessageError("message is not UTF-8 JSON") from exc
     if not isinstance(body, dict):

@@ -124,11 +124,11 @@ class TransferOffer(_Wire):
     chunk_size: int
 
     def __post_init__(self) -> None:
-        if not _ID_RE.match(self.transfer_id):
+        if not _ID_RE.fullmatch(self.transfer_id):
             raise MessageError("transfer_id must be 32 lowercase hex digits")
         if self.size < 1:
             raise MessageError("transfer size must be positive")
-        if not re.match(r"^[0-9a-f]{64}$", self.sha256):
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
             raise MessageError("transfer sha256 must be 64 lowercase hex digits")
         if not 1024 <= self.chunk_size <= 1 << 20:
             raise MessageError("chunk_size must be between 1 KiB and 1 MiB")
@@ -171,7 +171,8 @@ class Message(_Wire):
     TYPE: ClassVar[str] = ""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"schema": SCHEMA_VERSION, "type": self.TYPE, **self.to_dict()}
+        # schema and type last: an ``extra`` field may never override them.
+        return {**self.to_dict(), "schema": SCHEMA_VERSION, "type": self.TYPE}
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class DeployCommand(Message):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _ID_RE.match(self.command_id):
+        if not _ID_RE.fullmatch(self.command_id):
             raise MessageError("command_id must be 32 lowercase hex digits")
 
 

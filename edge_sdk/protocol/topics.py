@@ -41,7 +41,7 @@ def check_device_id(device_id: str) -> str:
     Raises:
         ConfigError: the id would break or widen a topic (``+``, ``#``, ``/``, empty...).
     """
-    if not isinstance(device_id, str) or not _DEVICE_ID_RE.match(device_id):
+    if not isinstance(device_id, str) or not _DEVICE_ID_RE.fullmatch(device_id):
         raise ConfigError(
             f"bad device id {device_id!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
@@ -100,7 +100,7 @@ def parse_topic(topic: str) -> ParsedTopic:
     if len(parts) != 2:
         raise MessageError(f"topic {topic!r} is not <device>/<channel>")
     device_id, channel = parts
-    if not _DEVICE_ID_RE.match(device_id):
+    if not _DEVICE_ID_RE.fullmatch(device_id):
         raise MessageError(f"topic {topic!r} has a bad device id")
     try:
         return ParsedTopic(device_id, Channel(channel))

@@ -17,7 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk.errors import ConfigError, ModelError, ModelLoadError, RuntimeUnavailableError
+from edge_sdk.errors import (
+    ConfigError,
+    ModelError,
+    ModelLoadError,
+    RuntimeUnavailableError,
+)
 from edge_sdk.runtime._types import SessionOptions, TensorSpec, precision_from_dtypes
 
 __all__ = [

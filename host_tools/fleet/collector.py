@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 from edge_sdk.errors import MessageError
 from edge_sdk.mqtt import Incoming, MqttClient
 from edge_sdk.protocol import CodecLimits, DeviceStatus, Message, MetricsReport, decode
-
 from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry
 
 __all__ = ["record_message", "collect_retained"]

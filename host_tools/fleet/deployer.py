@@ -44,8 +44,10 @@ from edge_sdk.protocol import (
     encode,
     encode_chunk,
 )
+from host_tools.fleet.collector import record_message
+from host_tools.fleet.registry import Registry
 
-__all__ = ["DeployOptions", "DeployOutcome", "deploy_bundle", "read_manifest"]
+__all__ = ["DeployOptions", "DeployOutcome", "deploy_and_record", "deploy_bundle", "read_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -286,3 +288,34 @@ def _error_of(event: Event) -> EdgeError:
     if event.error is None:
         return EdgeError(f"device reported {event.kind} without an error")
     return error_from_code(event.error.code, event.error.message, **event.error.details)
+
+
+def deploy_and_record(
+    client: MqttClient,
+    registry: Registry,
+    device_id: str,
+    bundle_path: Path,
+    options: DeployOptions = DeployOptions(),
+    progress: Callable[[int, int], None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> DeployOutcome:
+    """:func:`deploy_bundle`, with the deployment and its metrics recorded in the registry.
+
+    A deploy that raises (timeout, broker lost) is recorded as ``failed`` before the error
+    propagates.
+    """
+    manifest = read_manifest(bundle_path)
+    digest, _ = file_sha256(bundle_path)
+    dep_id = registry.record_deployment(device_id, manifest.name, str(manifest.version), digest, started_at=clock())
+    try:
+        outcome = deploy_bundle(client, device_id, bundle_path, options, progress, clock)
+    except EdgeError as exc:
+        registry.update_deployment(dep_id, "failed", exc.code, exc.message, finished_at=clock())
+        raise
+    err = outcome.error
+    registry.update_deployment(
+        dep_id, outcome.state, err.code if err else None, err.message if err else None, finished_at=clock()
+    )
+    if outcome.metrics is not None:
+        record_message(registry, outcome.metrics, clock())
+    return outcome

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-
 from mosquitto import MosquittoProcess
 
 pytestmark = pytest.mark.integration

@@ -85,7 +85,8 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
             "TensorSpec",
             "available_runtimes",
             "open_session",
-            "sample_feeds",
+            "preload",
+                "sample_feeds",
         ]
     )
 
@@ -352,3 +353,10 @@ def test_litert_resizes_dynamic_batch(tmp_path: Path) -> None:
             (y,) = session.run({"a": a, "b": a})
             assert y.shape == (batch, 4)
             np.testing.assert_allclose(y, 4.0)
+
+
+def test_preload_imports_the_backend_and_names_unknown_runtimes() -> None:
+    rt.preload("onnxruntime")
+    assert "onnxruntime" in sys.modules
+    with pytest.raises(ConfigError, match="unknown runtime"):
+        rt.preload("tensorflow")

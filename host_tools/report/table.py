@@ -1,0 +1,41 @@
+"""Plain-text tables. The CLI prints these, or the same rows as JSON with ``--json``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Column", "format_bytes", "render_table"]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: header, how to get the cell from a row, and alignment."""
+
+    header: str
+    get: Callable[[Any], Any]
+    align: str = "<"
+
+
+def format_bytes(n: float | None) -> str:
+    """1536 -> '1.5 KiB'; None -> '-'."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_table(columns: Sequence[Column], rows: Sequence[Any]) -> str:
+    """Render rows as an aligned table with a header rule. ``None`` cells print as '-'."""
+    cells = [[("-" if (v := c.get(r)) is None else str(v)) for c in columns] for r in rows]
+    widths = [max([len(c.header)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(f"{c.header:{c.align}{w}}" for c, w in zip(columns, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in cells:
+        lines.append("  ".join(f"{v:{c.align}{w}}" for v, c, w in zip(row, columns, widths)).rstrip())
+    return "\n".join(lines)

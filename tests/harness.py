@@ -1,0 +1,135 @@
+"""Helpers for tests that drive real `edgectl` and `edge-agent` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
+from edge_sdk.protocol import DeviceStatus, DeviceTopics, decode
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def json(self) -> object:
+        return json.loads(self.stdout)
+
+
+@dataclass
+class Host:
+    home: Path
+
+    def run(self, *args: str, timeout: float = 120.0, home: Path | None = None) -> CliResult:
+        env = dict(os.environ, EDGE_SDK_HOME=str(home or self.home))
+        env.pop("EDGE_SDK_BROKER", None)
+        started = time.monotonic()
+        proc = subprocess.run(
+            [str(BIN / "edgectl"), *args], capture_output=True, text=True, timeout=timeout, env=env
+        )
+        return CliResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+    @property
+    def public_key(self) -> Path:
+        return self.home / "keys" / "bundle-signing.pub"
+
+
+@dataclass
+class TinyModel:
+    path: Path
+    sample: Path
+
+
+def build_tiny_model(d: Path) -> TinyModel:
+    """Gemm(16->8) + Relu + Gemm(8->4), fp32, dynamic batch, and a sample input, under ``d``."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(np.zeros(8, np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2")
+    b2 = numpy_helper.from_array(np.zeros(4, np.float32), "b2")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["input", "w1", "b1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [w1, b1, w2, b2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = d / "tiny.onnx"
+    path.write_bytes(model.SerializeToString())
+    sample = d / "sample.npz"
+    np.savez(sample, input=rng.standard_normal((2, 16)).astype(np.float32))
+    return TinyModel(path, sample)
+
+
+class AgentProcess:
+    def __init__(self, proc: subprocess.Popen[str], device_id: str, data_dir: Path, log_path: Path) -> None:
+        self.proc = proc
+        self.device_id = device_id
+        self.data_dir = data_dir
+        self.log_path = log_path
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def state(self) -> dict:
+        path = self.data_dir / "state.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def wait_online(broker_url: str, device_id: str, timeout: float = 20.0) -> DeviceStatus:
+    """Block until the device's retained status says online."""
+    client = MqttClient(broker_url, MqttOptions(client_id=f"test-watch-{device_id}-{os.getpid()}"))
+    client.connect()
+    try:
+        client.subscribe(DeviceTopics(device_id).status)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                item = client.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(item, Incoming):
+                msg = decode(item.payload)
+                if isinstance(msg, DeviceStatus) and msg.state == "online":
+                    return msg
+    finally:
+        client.close()
+    raise AssertionError(f"{device_id} did not come online within {timeout} s")

@@ -1,0 +1,63 @@
+"""Fixtures for the end-to-end tests: real `edgectl` and `edge-agent` processes, real broker.
+
+- ``host``: an operator's home (keys created with `edgectl keys init`) and a runner for
+  `edgectl` commands in a subprocess.
+- ``tiny_model``: a small ONNX model built with onnx.helper, and a sample input.
+- ``start_agent``: starts `edge-agent run` as its own process and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from harness import BIN, AgentProcess, Host, TinyModel, build_tiny_model, wait_online
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    h = Host(tmp_path / "home")
+    result = h.run("keys", "init")
+    assert result.code == 0, result.stderr
+    return h
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return build_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    agents: list[AgentProcess] = []
+
+    def start(broker_url: str, device_id: str, trusted_key: Path, *extra: str, wait: bool = True) -> AgentProcess:
+        data_dir = tmp_path / f"agent-{device_id}"
+        log_path = tmp_path / f"agent-{device_id}.log"
+        log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process below
+        proc = subprocess.Popen(
+            [
+                str(BIN / "edge-agent"), "run",
+                "--broker", broker_url,
+                "--device-id", device_id,
+                "--data-dir", str(data_dir),
+                "--trusted-key", str(trusted_key),
+                "--log-level", "DEBUG",
+                *extra,
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        log_file.close()
+        agent = AgentProcess(proc, device_id, data_dir, log_path)
+        agents.append(agent)
+        if wait:
+            wait_online(broker_url, device_id)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()

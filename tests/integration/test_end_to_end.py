@@ -1,0 +1,298 @@
+"""The whole path through real processes: `edgectl` and `edge-agent` over a real Mosquitto.
+
+Each bad-input case checks three things: the host sees a refusal that names what is
+wrong, nothing was installed (the agent's state file is unchanged), and the agent is
+still running and still serves a good deploy afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from harness import BIN, wait_online
+
+from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
+from edge_sdk.protocol import (
+    DeployCommand,
+    DeviceTopics,
+    Event,
+    EventKind,
+    TransferEnd,
+    TransferOffer,
+    decode,
+    encode,
+    encode_chunk,
+)
+
+pytestmark = pytest.mark.integration
+
+EXIT_UNTRUSTED = 3
+EXIT_TRANSPORT = 4
+
+
+def _pack(host, model, out: Path, version: int, name: str = "tiny", home: Path | None = None) -> Path:
+    r = host.run(
+        "pack", str(model.path), "-o", str(out), "--name", name, "--version", str(version),
+        "--sample", str(model.sample), home=home,
+    )
+    assert r.code == 0, r.stderr
+    return out
+
+
+def _deploy(host, bundle: Path, broker_url: str, device: str, *extra: str):
+    return host.run("deploy", str(bundle), "--device", device, "--broker", broker_url, "--runs", "20", "--warmup", "2", "--json", *extra)
+
+
+class _Raw:
+    """A hand-driven host, for conversations `edgectl` would never have."""
+
+    def __init__(self, url: str, device_id: str) -> None:
+        self.topics = DeviceTopics(device_id)
+        self.client = MqttClient(url, MqttOptions(client_id=f"raw-{uuid.uuid4().hex[:8]}"))
+        self.client.connect()
+        self.client.subscribe(self.topics.events)
+
+    def events(self, timeout: float, until: set[str]) -> list[Event]:
+        out: list[Event] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                item = self.client.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(item, Incoming) and item.topic == self.topics.events:
+                ev = decode(item.payload)
+                assert isinstance(ev, Event)
+                out.append(ev)
+                if ev.kind in until:
+                    return out
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def test_happy_path_deploy_devices_metrics(host, tiny_model, mosquitto, start_agent, tmp_path):
+    agent = start_agent(mosquitto.url, "e2e-happy", host.public_key)
+    bundle = _pack(host, tiny_model, tmp_path / "tiny-v1.edge", 1)
+
+    verify = host.run("verify", str(bundle))
+    assert verify.code == 0 and "signature" in verify.stdout and "hashes" in verify.stdout
+
+    r = _deploy(host, bundle, mosquitto.url, agent.device_id)
+    assert r.code == 0, r.stderr
+    out = r.json()
+    assert out["state"] == "installed"
+    assert any(c.startswith("signature") for c in out["checks"])
+    m = out["metrics"]
+    assert m["bundle_name"] == "tiny" and m["bundle_version"] == 1
+    assert m["runtime"] == "onnxruntime" and m["precision"] == "fp32"
+    assert m["latency"]["count"] >= 20
+    assert 0 < m["latency"]["p50_ms"] <= m["latency"]["p90_ms"] <= m["latency"]["p99_ms"]
+    assert m["memory"]["peak_bytes"] > 0
+    assert "estimated" in m["power"]
+    assert agent.state()["bundles"]["tiny"]["active"]["version"] == 1
+
+    devices = host.run("devices", "--broker", mosquitto.url, "--json")
+    assert devices.code == 0, devices.stderr
+    mine = [d for d in devices.json() if d["device_id"] == agent.device_id]
+    assert mine and mine[0]["status"] == "online"
+    assert mine[0]["active_bundle"] == {"name": "tiny", "version": "1"}
+
+    metrics = host.run("metrics", "--device", agent.device_id, "--json")
+    assert metrics.code == 0 and metrics.json()[0]["bundle_version"] == 1
+    table = host.run("metrics", "--device", agent.device_id)
+    assert "p99 ms" in table.stdout and agent.device_id in table.stdout
+
+    # Same version again: rollback protection refuses it, v1 stays active.
+    again = _deploy(host, bundle, mosquitto.url, agent.device_id)
+    assert again.code == EXIT_UNTRUSTED
+    assert again.json()["error"]["code"] == "rollback"
+    assert agent.alive and agent.state()["bundles"]["tiny"]["active"]["version"] == 1
+
+
+def test_flipped_byte_is_refused_and_agent_survives(host, tiny_model, mosquitto, start_agent, tmp_path):
+    agent = start_agent(mosquitto.url, "e2e-flip", host.public_key)
+    good = _pack(host, tiny_model, tmp_path / "good.edge", 1)
+    raw = bytearray(good.read_bytes())
+    model_offset = raw.index(b"payload/tiny.onnx") + 512 + 100  # inside the model's data
+    raw[model_offset] ^= 0x01
+    bad = tmp_path / "flipped.edge"
+    bad.write_bytes(bytes(raw))
+
+    r = _deploy(host, bad, mosquitto.url, agent.device_id)
+    assert r.code == EXIT_UNTRUSTED, r.stderr
+    assert r.json()["error"]["code"] == "hash_mismatch"
+    assert "tiny.onnx" in r.stderr
+    assert agent.alive and agent.state() == {}
+    assert not list((agent.data_dir / "slots").iterdir())
+    assert not list((agent.data_dir / "staging").iterdir())
+
+    ok = _deploy(host, good, mosquitto.url, agent.device_id)
+    assert ok.code == 0, ok.stderr
+
+
+def test_wrong_key_is_refused(host, tiny_model, mosquitto, start_agent, tmp_path):
+    agent = start_agent(mosquitto.url, "e2e-wrongkey", host.public_key)
+    other_home = tmp_path / "other-home"
+    assert host.run("keys", "init", home=other_home).code == 0
+    bundle = _pack(host, tiny_model, tmp_path / "other.edge", 1, home=other_home)
+
+    r = _deploy(host, bundle, mosquitto.url, agent.device_id)
+    assert r.code == EXIT_UNTRUSTED
+    err = r.json()["error"]
+    assert err["code"] == "untrusted_key"
+    assert "does not trust" in err["message"] or "none of which" in err["message"]
+    assert agent.alive and agent.state() == {}
+
+
+def test_truncated_transfer_is_refused(host, tiny_model, mosquitto, start_agent, tmp_path):
+    agent = start_agent(mosquitto.url, "e2e-trunc", host.public_key, "--transfer-idle-timeout", "2")
+    bundle = _pack(host, tiny_model, tmp_path / "b.edge", 1)
+    data = bundle.read_bytes()
+    chunk = 1024
+    offer = TransferOffer(uuid.uuid4().hex, len(data), hashlib.sha256(data).hexdigest(), chunk)
+    cmd = DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, time.time())
+    raw = _Raw(mosquitto.url, agent.device_id)
+    try:
+        raw.client.publish_wait(raw.topics.cmd, encode(cmd))
+        accepted = raw.events(10, {EventKind.ACCEPTED})
+        assert accepted and accepted[-1].kind == EventKind.ACCEPTED
+        assert len(accepted[-1].missing) == offer.chunk_count
+        half = offer.chunk_count // 2
+        for i in range(half):
+            raw.client.publish_wait(raw.topics.data, encode_chunk(offer.transfer_id, i, data[i * chunk:(i + 1) * chunk]))
+        raw.client.publish_wait(raw.topics.cmd, encode(TransferEnd(cmd.command_id, offer.transfer_id)))
+        need = raw.events(10, {EventKind.NEED_CHUNKS})
+        assert need[-1].kind == EventKind.NEED_CHUNKS
+        assert list(need[-1].missing) == list(range(half, offer.chunk_count))
+        # The sender goes silent: the agent gives up after its idle timeout and says why.
+        refused = raw.events(15, {EventKind.REFUSED})
+        assert refused and refused[-1].kind == EventKind.REFUSED
+        assert refused[-1].error is not None and refused[-1].error.code == "transfer_incomplete"
+        assert "incomplete" in refused[-1].error.message
+    finally:
+        raw.close()
+    assert agent.alive and agent.state() == {}
+    assert not list((agent.data_dir / "staging").iterdir())
+
+
+def test_oversized_chunk_is_refused(host, tiny_model, mosquitto, start_agent, tmp_path):
+    """Endless data: a chunk longer than the offer declares is refused while receiving."""
+    agent = start_agent(mosquitto.url, "e2e-endless", host.public_key)
+    offer = TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024)
+    cmd = DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, time.time())
+    raw = _Raw(mosquitto.url, agent.device_id)
+    try:
+        raw.client.publish_wait(raw.topics.cmd, encode(cmd))
+        assert raw.events(10, {EventKind.ACCEPTED})[-1].kind == EventKind.ACCEPTED
+        raw.client.publish_wait(raw.topics.data, encode_chunk(offer.transfer_id, 0, b"x" * 5000))
+        refused = raw.events(10, {EventKind.REFUSED})
+        assert refused[-1].kind == EventKind.REFUSED and refused[-1].error.code == "transfer_invalid"
+    finally:
+        raw.close()
+    assert agent.alive and not list((agent.data_dir / "staging").iterdir())
+
+
+@pytest.mark.parametrize(
+    "payload, code",
+    [
+        (b"\xff\xfe not json", "message_invalid"),
+        (b'{"schema": 1, "type": "deploy"}', "message_invalid"),
+        (b'{"schema": 99, "type": "deploy"}', "message_invalid"),
+        (b"[" * 70000, "message_too_large"),
+    ],
+)
+def test_malformed_command_gets_error_event(host, mosquitto, start_agent, payload, code):
+    agent = start_agent(mosquitto.url, f"e2e-bad-{code}-{len(payload)}", host.public_key)
+    raw = _Raw(mosquitto.url, agent.device_id)
+    try:
+        raw.client.publish_wait(raw.topics.cmd, payload)
+        events = raw.events(10, {EventKind.ERROR})
+        assert events and events[-1].kind == EventKind.ERROR
+        assert events[-1].error is not None and events[-1].error.code == code
+    finally:
+        raw.close()
+    assert agent.alive
+
+
+def test_unreachable_broker_fails_fast(host, tmp_path):
+    from mosquitto import free_port
+
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    r = host.run("devices", "--broker", url, "--connect-timeout", "2")
+    assert r.code == EXIT_TRANSPORT
+    assert "cannot reach MQTT broker" in r.stderr and url.split("//")[1] in r.stderr
+    assert r.seconds < 15
+
+    bundle = tmp_path / "nothing.edge"
+    r = host.run("deploy", str(bundle), "--device", "x", "--broker", url, "--connect-timeout", "2")
+    assert r.code != 0
+
+
+def test_agent_retries_until_broker_appears(host, start_agent, start_mosquitto):
+    from mosquitto import free_port
+
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    agent = start_agent(url, "e2e-retry", host.public_key, "--reconnect-max", "2", wait=False)
+    time.sleep(3)
+    assert agent.alive, agent.log()
+    start_mosquitto(port=port)
+    wait_online(url, agent.device_id, timeout=20)
+
+
+def test_agent_reconnects_after_broker_restart(host, tiny_model, start_agent, start_mosquitto, tmp_path):
+    broker = start_mosquitto()
+    agent = start_agent(broker.url, "e2e-restart", host.public_key, "--reconnect-max", "2")
+    broker.kill()
+    time.sleep(1)
+    broker.restart()
+    bundle = _pack(host, tiny_model, tmp_path / "r.edge", 1)
+    deadline = time.monotonic() + 30
+    while True:
+        r = _deploy(host, bundle, broker.url, agent.device_id)
+        if r.code == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert r.code == 0, r.stderr + agent.log()[-2000:]
+
+
+def test_agent_refuses_bad_config(tmp_path):
+    r = subprocess.run(
+        [str(BIN / "edge-agent"), "run", "--broker", "http://x", "--device-id", "d", "--data-dir", str(tmp_path), "--trusted-key", "k"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2 and "mqtt://" in r.stderr
+    r = subprocess.run(
+        [str(BIN / "edge-agent"), "run", "--broker", "mqtt://127.0.0.1:1", "--device-id", "d", "--data-dir", str(tmp_path), "--trusted-key", str(tmp_path / "missing.pub")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 3 and "missing.pub" in r.stderr
+
+
+def test_demo_runs_whole_path(tmp_path):
+    env = dict(os.environ, EDGE_SDK_HOME=str(tmp_path / "home"))
+    started = time.monotonic()
+    proc = subprocess.run(
+        [str(BIN / "edgectl"), "demo", "--json", "--runs", "50"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["rows"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8"]
+    fp32, int8 = rows
+    assert fp32["size_bytes"] / int8["size_bytes"] > 3
+    assert fp32["accuracy"] > 0.9 and fp32["accuracy"] - int8["accuracy"] < 0.02
+    for r in rows:
+        assert r["device"]["latency"]["p99_ms"] > 0
+        assert r["device"]["power"]["estimated"] in (True, False)
+    assert time.monotonic() - started < 60
+    assert "every process the demo started has stopped" in proc.stderr
