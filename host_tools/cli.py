@@ -373,6 +373,7 @@ def verify(ctx: click.Context, bundle: Path, key_files: tuple[Path, ...], instal
 @click.option("--warmup", default=20, show_default=True, help="untimed warm-up inferences")
 @click.option("--threads", default=1, show_default=True, help="inference threads on the device")
 @click.option("--chunk-size", default=64 * 1024, show_default=True, help="bytes per MQTT chunk")
+@click.option("--accept-timeout", default=15.0, show_default=True, help="seconds the device has to accept the offer")
 @click.option("--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device to finish")
 @json_option
 @click.pass_context
@@ -386,6 +387,7 @@ def deploy(
     warmup: int,
     threads: int,
     chunk_size: int,
+    accept_timeout: float,
     timeout_s: float,
     json_output: bool,
 ) -> None:
@@ -397,6 +399,7 @@ def deploy(
     try:
         options = DeployOptions(
             chunk_size=chunk_size,
+            accept_timeout_s=accept_timeout,
             finish_timeout_s=timeout_s,
             benchmark=BenchmarkSpec(runs=runs, warmup=warmup, threads=threads),
         )

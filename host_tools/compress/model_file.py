@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import onnx
 
-from edge_sdk.errors import ModelLoadError, StorageError
+from edge_sdk.durable import atomic_write_bytes
+from edge_sdk.errors import ModelLoadError
 
 __all__ = ["ModelSource", "load_model", "model_from_bytes", "as_model", "save_model_atomic"]
 
@@ -111,42 +111,9 @@ def save_model_atomic(model_bytes: bytes, path: str | os.PathLike[str]) -> Path:
             partial destination file are left behind.
     """
     target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise StorageError(f"{target}: cannot create a file in {directory} ({exc.strerror or exc})", file=str(target)) from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(model_bytes)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise StorageError(f"{target}: write failed ({exc.strerror or exc})", file=str(target)) from exc
-        raise
-    _fsync_directory(directory)
+    atomic_write_bytes(target, model_bytes)
     logger.info("wrote %s (%d bytes)", target, len(model_bytes))
     return target
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself; a no-op where directories cannot be opened (Windows)."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        logger.debug("fsync of directory %s not supported", directory)
-    finally:
-        os.close(dir_fd)
 
 
 def _check(model: onnx.ModelProto, source: str) -> None:

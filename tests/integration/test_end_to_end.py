@@ -296,3 +296,65 @@ def test_demo_runs_whole_path(tmp_path):
         assert r["device"]["power"]["estimated"] in (True, False)
     assert time.monotonic() - started < 60
     assert "every process the demo started has stopped" in proc.stderr
+
+
+def test_deploy_to_absent_device_times_out(host, tiny_model, mosquitto, tmp_path):
+    bundle = _pack(host, tiny_model, tmp_path / "b.edge", 1)
+    r = host.run("deploy", str(bundle), "--device", "nobody-home", "--broker", mosquitto.url, "--accept-timeout", "2")
+    assert r.code == EXIT_TRANSPORT
+    assert "nobody-home did not accept the deploy within 2 s" in r.stderr
+    assert "never seen" in r.stderr
+
+
+def test_will_marks_killed_agent_offline(host, mosquitto, start_agent):
+    agent = start_agent(mosquitto.url, "e2e-will", host.public_key)
+    agent.proc.kill()  # SIGKILL: no goodbye; the broker publishes the will
+    agent.proc.wait()
+    deadline = time.monotonic() + 20
+    while True:
+        r = host.run("devices", "--broker", mosquitto.url, "--json", "--wait", "0.5")
+        status = {d["device_id"]: d["status"] for d in r.json()}
+        if status.get(agent.device_id) == "offline" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status[agent.device_id] == "offline"
+
+
+def test_graceful_stop_says_offline_and_agent_reads_toml_config(host, mosquitto, tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'broker = "{mosquitto.url}"\n'
+        'device_id = "e2e-toml"\n'
+        f'data_dir = "{tmp_path / "data"}"\n'
+        f'trusted_keys = ["{host.public_key}"]\n'
+    )
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(config)], stderr=out)
+    try:
+        online = wait_online(mosquitto.url, "e2e-toml")
+        assert online.platform["kind"] == "generic-linux" and "onnxruntime" in online.runtimes
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    r = host.run("devices", "--broker", mosquitto.url, "--json")
+    assert {d["device_id"]: d["status"] for d in r.json()}["e2e-toml"] == "offline"
+
+
+def test_demo_leaves_no_process_behind(tmp_path):
+    env = dict(os.environ, EDGE_SDK_HOME=str(tmp_path / "home"))
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [str(BIN / "edgectl"), "demo", "--runs", "20", "--workdir", str(work)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "(estimated)" in proc.stdout and "p99 ms" in proc.stdout
+    import psutil
+
+    leftovers = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(str(work) in part for part in (p.info["cmdline"] or [])):
+            leftovers.append(p.info["cmdline"])
+    assert leftovers == []
+    assert (work / "agent-data" / "state.json").exists()
