@@ -1,0 +1,90 @@
+"""`edgectl` commands that need no broker, run as real processes."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_keys_init_is_idempotent_and_private_key_is_0600(host):
+    again = host.run("keys", "init", "--json")
+    assert again.code == 0 and again.json()["created"] is False
+    mode = stat.S_IMODE(os.stat(host.home / "keys" / "bundle-signing.key").st_mode)
+    assert mode == 0o600
+    shown = host.run("keys", "show", "--json")
+    assert shown.json()["keyid"] == again.json()["keyid"]
+
+
+def test_passphrase_protected_key(tmp_path, tiny_model):
+    from harness import Host
+
+    h = Host(tmp_path / "home")
+    os.environ["EDGE_TEST_PASS"] = "correct horse"
+    try:
+        assert h.run("keys", "init", "--passphrase-env", "EDGE_TEST_PASS").code == 0
+        out = tmp_path / "b.edge"
+        no_pass = h.run("pack", str(tiny_model.path), "-o", str(out), "--name", "t", "--version", "1")
+        assert no_pass.code == 5 and "signing key" in no_pass.stderr
+        assert not out.exists()
+        ok = h.run("pack", str(tiny_model.path), "-o", str(out), "--name", "t", "--version", "1", "--passphrase-env", "EDGE_TEST_PASS")
+        assert ok.code == 0, ok.stderr
+    finally:
+        del os.environ["EDGE_TEST_PASS"]
+
+
+def test_compress_writes_model_and_report(host, tiny_model, tmp_path):
+    calib = tmp_path / "calib.npz"
+    rng = np.random.default_rng(1)
+    np.savez(calib, x=rng.standard_normal((64, 16)).astype(np.float32))
+    out = tmp_path / "tiny.int8.onnx"
+    r = host.run("compress", str(tiny_model.path), "-o", str(out), "--calib", str(calib), "--json")
+    assert r.code == 0, r.stderr
+    report = r.json()["report"]
+    assert out.exists() and report["steps"][0]["metrics"]["size_bytes"] == out.stat().st_size
+    table = host.run("compress", str(tiny_model.path), "-o", str(out), "--calib", str(calib))
+    assert "smaller" in table.stdout and "int8" in table.stdout
+
+
+def test_compress_refuses_bad_input_and_writes_nothing(host, tiny_model, tmp_path):
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((8, 5), np.float32))
+    out = tmp_path / "never.onnx"
+    r = host.run("compress", str(tiny_model.path), "-o", str(out), "--calib", str(wrong))
+    assert r.code == 6 and "input" in r.stderr
+    assert not out.exists()
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    r = host.run("compress", str(garbage), "-o", str(out), "--quantize", "int8-dynamic")
+    assert r.code == 6 and "garbage.onnx" in r.stderr
+    assert not out.exists()
+
+
+def test_pack_refuses_a_model_that_does_not_load(host, tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07 definitely not protobuf")
+    out = tmp_path / "b.edge"
+    r = host.run("pack", str(garbage), "-o", str(out), "--name", "g", "--version", "1")
+    assert r.code == 6 and "garbage.onnx" in r.stderr
+    assert not out.exists()
+
+
+def test_verify_explains_and_refuses(host, tiny_model, tmp_path):
+    out = tmp_path / "b.edge"
+    assert host.run("pack", str(tiny_model.path), "-o", str(out), "--name", "t", "--version", "3").code == 0
+    ok = host.run("verify", str(out), "--json")
+    checks = ok.json()["checks"]
+    assert [c.split(":")[0] for c in checks] == ["archive", "signature", "manifest", "expiry", "rollback", "files", "hashes"]
+
+    old = host.run("verify", str(out), "--installed-version", "3")
+    assert old.code == 3 and "not newer" in old.stderr
+
+    cut = tmp_path / "cut.edge"
+    cut.write_bytes(out.read_bytes()[:-3000])
+    r = host.run("verify", str(cut))
+    assert r.code == 3 and "truncated" in r.stderr
