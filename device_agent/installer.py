@@ -101,12 +101,14 @@ class Installer:
             raise StorageError(f"cannot read {self.state_path}: {exc.strerror}") from exc
         try:
             state = json.loads(raw)
-            if not isinstance(state, dict):
-                raise ValueError("not a JSON object")
-            if state.get("schema") != _STATE_SCHEMA or not isinstance(state.get("bundles"), dict):
-                raise ValueError("unknown layout")
         except ValueError as exc:
             raise StorageError(f"{self.state_path} is corrupt: {exc}") from exc
+        if (
+            not isinstance(state, dict)
+            or state.get("schema") != _STATE_SCHEMA
+            or not isinstance(state.get("bundles"), dict)
+        ):
+            raise StorageError(f"{self.state_path} is corrupt: unknown layout")
         return state
 
     def _write_state(self, state: dict[str, Any]) -> None:
@@ -183,13 +185,11 @@ class Installer:
         try:
             payload = scratch / "payload"
             payload.mkdir()
-            # Rollback protection needs the name before the signature is checked; the
-            # verifier re-reads it from the verified manifest, so peeking is harmless.
             verified = verify_bundle(
                 bundle_path,
                 self.trusted,
                 now,
-                installed_version=self._installed_for(bundle_path),
+                installed_version=self.accepted_version,
                 limits=self.limits,
                 extract_to=payload,
             )
@@ -208,17 +208,6 @@ class Installer:
         finally:
             if scratch.exists():
                 _remove(scratch)
-
-    def _installed_for(self, bundle_path: Path) -> int | None:
-        from edge_sdk.bundle.archive import (
-            BundleReader,  # the manifest name, unverified
-        )
-
-        with contextlib.suppress(Exception), BundleReader(bundle_path, self.limits) as r:
-            name = json.loads(r.manifest_bytes).get("name")
-            if isinstance(name, str):
-                return self.accepted_version(name)
-        return None
 
     def activate(self, staged: StagedBundle) -> ActiveBundle | None:
         """Make a staged slot active; the old active one becomes ``previous``.

@@ -79,7 +79,7 @@ class EdgeError(Exception):
 
     code = "edge_error"
 
-    def __init__(self, message: str, **details: Any) -> None:
+    def __init__(self, message: str, /, **details: Any) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
@@ -252,7 +252,7 @@ def _all_subclasses(cls: type[EdgeError]) -> list[type[EdgeError]]:
     return out
 
 
-def error_from_code(code: str, message: str, **details: Any) -> EdgeError:
+def error_from_code(code: str, message: str, /, **details: Any) -> EdgeError:
     """Rebuild an error reported over the wire into the most specific local type.
 
     Unknown codes (a newer peer) become a plain :class:`EdgeError` that keeps the code.

@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
 import mosquitto as mosquitto_helpers
+import pytest
 from mosquitto import MosquittoNotFoundError, MosquittoProcess
 
 

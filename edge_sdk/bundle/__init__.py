@@ -17,7 +17,7 @@ the specific :class:`~edge_sdk.errors.UntrustedInputError` for the first check t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +167,7 @@ def verify_bundle(
     trusted: TrustedKeys,
     now: float,
     *,
-    installed_version: int | None = None,
+    installed_version: int | Callable[[str], int | None] | None = None,
     limits: BundleLimits = BundleLimits(),
     extract_to: Path | None = None,
 ) -> VerifiedBundle:
@@ -177,7 +177,9 @@ def verify_bundle(
         path: bundle file.
         trusted: keys that may sign bundles, and the threshold.
         now: current time (unix seconds), injected.
-        installed_version: version of the same bundle name already accepted, if any.
+        installed_version: version of the same bundle name already accepted, if any; or a
+            lookup from bundle name to that version, consulted only once the manifest's
+            signature has verified (so the name it is asked about is authentic).
         limits: size and count limits.
         extract_to: an existing empty staging directory; payload files are written there
             as they are hashed. The caller removes it when verification fails.
@@ -208,6 +210,8 @@ def verify_bundle(
                 now=now,
             )
         checks.append(f"expiry: valid for another {(manifest.expires_at - now) / 3600:.1f} h")
+        if callable(installed_version):
+            installed_version = installed_version(manifest.name)
         if installed_version is not None:
             if manifest.version <= installed_version:
                 raise RollbackError(

@@ -49,10 +49,9 @@ def test_writer_raising_midway_leaves_the_original_untouched(tmp_path: Path) -> 
     class Boom(Exception):
         pass
 
-    with pytest.raises(Boom):
-        with atomic_writer(target) as fh:
-            fh.write(b"half of the new")
-            raise Boom
+    with pytest.raises(Boom), atomic_writer(target) as fh:
+        fh.write(b"half of the new")
+        raise Boom
     assert target.read_bytes() == b"original"
     assert os.listdir(tmp_path) == ["model.bin"]
 
@@ -60,19 +59,17 @@ def test_writer_raising_midway_leaves_the_original_untouched(tmp_path: Path) -> 
 def test_os_error_inside_the_writer_becomes_storage_error(tmp_path: Path) -> None:
     target = tmp_path / "model.bin"
     target.write_bytes(b"original")
-    with pytest.raises(StorageError):
-        with atomic_writer(target) as fh:
-            fh.write(b"partial")
-            raise OSError(28, "No space left on device")
+    with pytest.raises(StorageError), atomic_writer(target) as fh:
+        fh.write(b"partial")
+        raise OSError(28, "No space left on device")
     assert target.read_bytes() == b"original"
     assert os.listdir(tmp_path) == ["model.bin"]
 
 
 def test_writer_that_raises_before_writing_anything_creates_nothing(tmp_path: Path) -> None:
     target = tmp_path / "new.bin"
-    with pytest.raises(KeyError):
-        with atomic_writer(target):
-            raise KeyError("x")
+    with pytest.raises(KeyError), atomic_writer(target):
+        raise KeyError("x")
     assert os.listdir(tmp_path) == []
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import edge_sdk.errors as errors
+from edge_sdk import errors
 from edge_sdk.errors import (
     EdgeError,
     LocalStateError,
@@ -86,12 +86,6 @@ def test_signature_branch_is_caught_by_its_parent() -> None:
         raise UntrustedKeyError("nope")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bug: details named 'code' or 'message' collide with error_from_code's / EdgeError's own "
-    "parameters (make them positional-only)",
-)
 def test_details_named_like_parameters_survive_the_wire() -> None:
     # A peer's details are untrusted: a key called "code" must not crash the host.
     err = error_from_code("storage", "disk full", code="ENOSPC")

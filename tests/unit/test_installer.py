@@ -1,0 +1,284 @@
+"""device_agent.installer: slots, atomic activation, rollback and recovery on a real data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from device_agent.installer import Installer
+from edge_sdk.bundle import BundleSpec, pack_bundle
+from edge_sdk.errors import (
+    BundleFormatError,
+    ExpiredError,
+    RollbackError,
+    SignatureError,
+    StorageError,
+    UntrustedInputError,
+    UntrustedKeyError,
+)
+from edge_sdk.trust import SigningKey, TrustedKeys
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    return SigningKey.generate()
+
+
+@pytest.fixture
+def make_bundle(tmp_path: Path, key: SigningKey):  # type: ignore[no-untyped-def]
+    src = tmp_path / "src"
+    src.mkdir()
+
+    def make(version: int, name: str = "digits", signer: SigningKey | None = None, ttl: float = 3600.0) -> Path:
+        model = src / f"{name}-{version}.onnx"
+        model.write_bytes(f"model {name} v{version}".encode() * 50)
+        sample = src / f"{name}-{version}.npz"
+        sample.write_bytes(b"sample")
+        out = src / f"{name}-v{version}.edge"
+        pack_bundle(
+            BundleSpec(name, version, "onnxruntime", model, sample_input=sample, ttl_s=ttl),
+            [signer or key],
+            out,
+            now=NOW,
+        )
+        return out
+
+    return make
+
+
+@pytest.fixture
+def installer(tmp_path: Path, key: SigningKey) -> Installer:
+    return Installer(tmp_path / "data", TrustedKeys((key.public_key,)))
+
+
+def _listing(root: Path) -> dict[str, bytes | None]:
+    out: dict[str, bytes | None] = {}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = p.read_bytes() if p.is_file() else None
+    return out
+
+
+def _install(installer: Installer, bundle: Path):  # type: ignore[no-untyped-def]
+    staged = installer.stage(bundle, NOW)
+    return staged, installer.activate(staged)
+
+
+def test_new_data_dir_has_the_layout(installer: Installer) -> None:
+    for d in ("slots", "staging", "tmp"):
+        assert (installer.data_dir / d).is_dir()
+    assert installer.all_active() == []
+    assert installer.active("digits") is None
+    assert installer.accepted_version("digits") is None
+    assert not installer.state_path.exists()
+
+
+def test_stage_then_activate(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    staged = installer.stage(make_bundle(1), NOW)
+    assert staged.slot == installer.slots_dir / "digits" / "v1"
+    assert (staged.slot / "payload" / "digits-1.onnx").read_bytes() == b"model digits v1" * 50
+    assert installer.active("digits") is None  # staged is not active
+    assert installer.activate(staged) is None
+    active = installer.active("digits")
+    assert active is not None
+    assert active.version == 1
+    assert active.model_path.read_bytes() == b"model digits v1" * 50
+    assert active.sample_path is not None and active.sample_path.read_bytes() == b"sample"
+    assert active.to_dict() == {"name": "digits", "version": 1, "precision": "fp32"}
+    assert installer.accepted_version("digits") == 1
+    assert list(installer.tmp_dir.iterdir()) == []
+    state = json.loads(installer.state_path.read_bytes())
+    assert state["bundles"]["digits"] == {"active": {"version": 1}, "previous": None, "highest": 1}
+
+
+def test_second_version_makes_the_first_previous(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    _, before = _install(installer, make_bundle(2))
+    assert before is not None and before.version == 1
+    assert installer.active("digits").version == 2  # type: ignore[union-attr]
+    assert installer.previous("digits").version == 1  # type: ignore[union-attr]
+    # A third version prunes the oldest slot: only active and previous stay.
+    _install(installer, make_bundle(3))
+    assert sorted(p.name for p in (installer.slots_dir / "digits").iterdir()) == ["v2", "v3"]
+    assert installer.accepted_version("digits") == 3
+
+
+def test_state_survives_a_restart(tmp_path: Path, key: SigningKey, installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    _install(installer, make_bundle(2))
+    again = Installer(installer.data_dir, TrustedKeys((key.public_key,)))
+    assert again.active("digits").version == 2  # type: ignore[union-attr]
+    assert again.previous("digits").version == 1  # type: ignore[union-attr]
+    assert [a.name for a in again.all_active()] == ["digits"]
+
+
+def test_rollback_restores_previous_and_removes_the_failed_slot(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    _install(installer, make_bundle(2))
+    now_active = installer.rollback("digits")
+    assert now_active is not None and now_active.version == 1
+    assert installer.active("digits").version == 1  # type: ignore[union-attr]
+    assert installer.previous("digits") is None
+    assert not (installer.slots_dir / "digits" / "v2").exists()
+    assert (installer.slots_dir / "digits" / "v1" / "payload").is_dir()
+
+
+def test_rollback_protection_survives_rollback(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    v1, v2 = make_bundle(1), make_bundle(2)
+    _install(installer, v1)
+    _install(installer, v2)
+    installer.rollback("digits")
+    assert installer.accepted_version("digits") == 2
+    # The failed v2 cannot be installed again, and neither can the older v1.
+    with pytest.raises(RollbackError):
+        installer.stage(v2, NOW)
+    with pytest.raises(RollbackError):
+        installer.stage(v1, NOW)
+    assert installer.stage(make_bundle(3), NOW).slot.name == "v3"
+
+
+def test_rollback_with_nothing_previous_keeps_the_high_water_mark(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    v1 = make_bundle(1)
+    _install(installer, v1)
+    assert installer.rollback("digits") is None
+    assert installer.active("digits") is None
+    assert installer.all_active() == []
+    assert installer.accepted_version("digits") == 1
+    assert not (installer.slots_dir / "digits" / "v1").exists()
+    with pytest.raises(RollbackError):
+        installer.stage(v1, NOW)
+    # Rolling back again, or rolling back an unknown name, is harmless.
+    assert installer.rollback("digits") is None
+    assert installer.rollback("never-installed") is None
+    assert installer.accepted_version("digits") == 1
+
+
+def test_bundles_of_different_names_are_independent(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(5, name="digits"))
+    _install(installer, make_bundle(1, name="minilm"))
+    assert [(a.name, a.version) for a in installer.all_active()] == [("digits", 5), ("minilm", 1)]
+    assert installer.accepted_version("minilm") == 1
+
+
+def test_recover_removes_leftovers_but_keeps_active_and_previous(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    _install(installer, make_bundle(2))
+    (installer.tmp_dir / "unpack-abc").mkdir()
+    (installer.tmp_dir / "unpack-abc" / "half.bin").write_bytes(b"x")
+    installer.staging_path("ab" * 16).write_bytes(b"partial transfer")
+    orphan = installer.slots_dir / "digits" / "v9"
+    (orphan / "payload").mkdir(parents=True)
+    other = installer.slots_dir / "ghost" / "v1"
+    other.mkdir(parents=True)
+    removed = installer.recover()
+    assert sorted(removed) == sorted(
+        str(p) for p in (installer.tmp_dir / "unpack-abc", installer.staging_path("ab" * 16), orphan, other)
+    )
+    assert list(installer.tmp_dir.iterdir()) == []
+    assert list(installer.staging_dir.iterdir()) == []
+    assert sorted(p.name for p in (installer.slots_dir / "digits").iterdir()) == ["v1", "v2"]
+    assert installer.active("digits").version == 2  # type: ignore[union-attr]
+    assert installer.previous("digits").version == 1  # type: ignore[union-attr]
+    assert installer.recover() == []
+
+
+def test_staged_but_not_activated_slot_is_removed_by_recover(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    staged = installer.stage(make_bundle(2), NOW)  # power cut before activate()
+    assert staged.slot.exists()
+    installer.recover()
+    assert not staged.slot.exists()
+    assert installer.active("digits").version == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"\xff\xfe", b'{"schema": 2, "bundles": {}}', b'{"schema": 1, "bundles": []}', b"[]", b"null", b"3"],
+    ids=repr,
+)
+def test_corrupt_state_json_is_a_storage_error(tmp_path: Path, key: SigningKey, content: bytes) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "state.json").write_bytes(content)
+    with pytest.raises(StorageError, match="corrupt"):
+        Installer(data, TrustedKeys((key.public_key,)))
+
+
+def test_unwritable_data_dir_is_a_storage_error(tmp_path: Path, key: SigningKey) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"not a directory")
+    with pytest.raises(StorageError):
+        Installer(blocker / "data", TrustedKeys((key.public_key,)))
+
+
+def test_missing_slot_named_in_state_is_a_storage_error(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    (installer.slots_dir / "digits" / "v1" / "manifest.json").unlink()
+    with pytest.raises(StorageError):
+        installer.active("digits")
+
+
+def _refusals(make_bundle, tmp_path: Path) -> list[tuple[Path, type[UntrustedInputError]]]:  # type: ignore[no-untyped-def]
+    corrupt = tmp_path / "corrupt.edge"
+    good = make_bundle(7).read_bytes()
+    corrupt.write_bytes(good[:5000] + bytes([good[5000] ^ 1]) + good[5001:])
+    junk = tmp_path / "junk.edge"
+    junk.write_bytes(b"junk" * 1000)
+    return [
+        (make_bundle(8, signer=SigningKey.generate()), UntrustedKeyError),
+        (make_bundle(9, ttl=1.0), ExpiredError),
+        (make_bundle(1), RollbackError),  # older than the installed v2
+        (corrupt, UntrustedInputError),
+        (junk, BundleFormatError),
+    ]
+
+
+def test_refused_bundles_change_nothing(installer: Installer, make_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    _install(installer, make_bundle(2))
+    for bundle, error in _refusals(make_bundle, tmp_path):
+        slots_before = _listing(installer.slots_dir)
+        state_before = installer.state_path.read_bytes()
+        with pytest.raises(error):
+            installer.stage(bundle, NOW + 10)
+        assert _listing(installer.slots_dir) == slots_before, bundle.name
+        assert installer.state_path.read_bytes() == state_before
+        assert list(installer.tmp_dir.iterdir()) == [], bundle.name
+    assert installer.active("digits").version == 2  # type: ignore[union-attr]
+
+
+def test_hash_mismatch_after_partial_extraction_leaves_no_scratch(installer: Installer, make_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The payload flip is caught only after some bytes were extracted into tmp/."""
+    good = make_bundle(3)
+    data = bytearray(good.read_bytes())
+    at = data.find(b"model digits v3")
+    assert at > 0
+    data[at] ^= 0x20
+    bad = tmp_path / "bad-payload.edge"
+    bad.write_bytes(bytes(data))
+    before = _listing(installer.data_dir)
+    with pytest.raises(UntrustedInputError):
+        installer.stage(bad, NOW)
+    assert _listing(installer.data_dir) == before
+    assert list(installer.tmp_dir.iterdir()) == []
+
+
+def test_untrusted_signer_cannot_raise_the_rollback_mark(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    """A forged high version must not lock the device out of genuine updates."""
+    _install(installer, make_bundle(1))
+    with pytest.raises(SignatureError):
+        installer.stage(make_bundle(1000, signer=SigningKey.generate()), NOW)
+    assert installer.accepted_version("digits") == 1
+    assert installer.stage(make_bundle(2), NOW).slot.name == "v2"
+
+
+def test_stage_replaces_a_leftover_slot_of_the_same_version(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    leftover = installer.slots_dir / "digits" / "v1"
+    (leftover / "payload").mkdir(parents=True)
+    (leftover / "payload" / "stale.bin").write_bytes(b"stale")
+    staged = installer.stage(make_bundle(1), NOW)
+    assert sorted(os.listdir(staged.slot / "payload")) == ["digits-1.onnx", "sample_input.npz"]
