@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from edge_sdk.errors import MessageError
+from edge_sdk.errors import ConfigError, MessageError
+from edge_sdk.protocol.topics import check_device_id
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -36,6 +37,13 @@ __all__ = [
 SCHEMA_VERSION = 1
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _MAX_CHUNKS = 1 << 20
+
+
+def _check_device_id(device_id: str, where: str) -> None:
+    try:
+        check_device_id(device_id)
+    except ConfigError as exc:
+        raise MessageError(f"{where}: {exc.message}") from exc
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
@@ -190,6 +198,7 @@ class DeviceStatus(Message):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_device_id(self.device_id, "status")
         if self.state not in ("online", "offline"):
             raise MessageError(f"status state must be online or offline, got {self.state!r}")
 
@@ -249,6 +258,7 @@ class Event(Message):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_device_id(self.device_id, "event")
         if self.kind not in EventKind.ALL:
             raise MessageError(f"unknown event kind {self.kind!r}")
 
@@ -278,6 +288,9 @@ class MetricsReport(Message):
     power: dict[str, Any] = field(default_factory=dict)
     temperature: tuple[dict[str, Any], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_device_id(self.device_id, "metrics")
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

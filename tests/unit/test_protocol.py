@@ -482,3 +482,11 @@ def test_deadline_moves_with_each_accepted_chunk() -> None:
         r.accept(1, b"short", now=205.0)
     assert r.deadline == 210.0  # a refused chunk does not keep the transfer alive
     assert r.expired(210.0)
+
+
+@pytest.mark.parametrize("device_id", ["", "a/b", "+", "#", "x" * 65, "dev\n"])
+def test_device_messages_refuse_bad_device_ids(device_id: str) -> None:
+    with pytest.raises(MessageError):
+        DeviceStatus(device_id, "online", 1.0)
+    with pytest.raises(MessageError):
+        Event(device_id, EventKind.ERROR, 1.0)
