@@ -1,10 +1,12 @@
 """Run models on this machine: one session protocol over onnxruntime and LiteRT.
 
-``open_session`` is the one way in. It picks the backend by name, converts every
-runtime failure into an :class:`~edge_sdk.errors.ModelError`, and gives back an
-:class:`InferenceSession` whose inputs and outputs are described by plain
-:class:`TensorSpec` values. onnxruntime and LiteRT are imported only when a session
-of theirs is opened, so ``import edge_sdk.runtime`` stays light for the agent.
+``open_session`` is the one way in, for a model file or a serialized model in
+memory; nothing else in the repository opens an onnxruntime or LiteRT session.
+It picks the backend by name, converts every runtime failure into an
+:class:`~edge_sdk.errors.ModelError`, and gives back an :class:`InferenceSession`
+whose inputs and outputs are described by plain :class:`TensorSpec` values.
+onnxruntime and LiteRT are imported only when a session of theirs is opened, so
+``import edge_sdk.runtime`` stays light for the agent.
 
 Precision: LiteRT sessions read it from the model's tensors. onnxruntime cannot
 list a graph's nodes, so an onnxruntime session uses ``precision_hint`` when given
@@ -18,7 +20,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from edge_sdk.errors import ConfigError, RuntimeUnavailableError
 from edge_sdk.runtime._types import (
     PRECISIONS,
     InferenceSession,
+    ModelLike,
+    ModelSource,
     SessionOptions,
     TensorSpec,
 )
@@ -56,7 +59,7 @@ _PACKAGES = {
 
 
 def open_session(
-    model_path: Path,
+    model: ModelLike,
     runtime: str,
     options: SessionOptions = SessionOptions(),
     *,
@@ -65,7 +68,9 @@ def open_session(
     """Load a model and return a session that runs it.
 
     Args:
-        model_path: the ``.onnx`` or ``.tflite`` file.
+        model: the ``.onnx`` or ``.tflite`` file, or the serialized model itself
+            (``bytes``); messages then name it ``<in-memory model>``. An in-memory
+            ONNX model cannot use external data files.
         runtime: ``"onnxruntime"``; ``"litert"`` for ``.tflite`` (falls back to
             tflite-runtime when ai-edge-litert is missing); or ``"tflite-runtime"``
             to use only that package.
@@ -78,27 +83,29 @@ def open_session(
         An open :class:`InferenceSession`; close it, or use it as a context manager.
 
     Raises:
-        ConfigError: unknown runtime name, unknown precision, or an execution
-            provider that is not available (the message lists those that are).
+        ConfigError: unknown runtime name, unknown precision, ``model`` neither a
+            path nor bytes, or an execution provider that is not available (the
+            message lists those that are).
         RuntimeUnavailableError: the runtime's package is not installed; the
             message names the pip package to install.
-        ModelLoadError: the file is missing or the runtime refuses it (corrupt,
-            truncated, unsupported ops); the message names the file.
+        ModelLoadError: the file is missing, the bytes are empty, or the runtime
+            refuses the model (corrupt, truncated, unsupported ops); the message
+            names the file.
     """
     if precision_hint is not None and precision_hint not in PRECISIONS:
         raise ConfigError(
             f"unknown precision {precision_hint!r}; expected one of {', '.join(PRECISIONS)}",
             precision=precision_hint,
         )
-    path = Path(model_path)
+    source = ModelSource.of(model)
     if runtime == "onnxruntime":
         from edge_sdk.runtime._onnx import open_onnx
 
-        return open_onnx(path, options, precision_hint)
+        return open_onnx(source, options, precision_hint)
     if runtime in ("litert", "tflite-runtime"):
         from edge_sdk.runtime._litert import open_litert
 
-        return open_litert(path, options, prefer=runtime)
+        return open_litert(source, options, prefer=runtime)
     raise ConfigError(
         f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}",
         runtime=runtime,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,12 @@ from edge_sdk.errors import (
     ModelLoadError,
     RuntimeUnavailableError,
 )
-from edge_sdk.runtime._types import SessionOptions, TensorSpec, precision_from_dtypes
+from edge_sdk.runtime._types import (
+    ModelSource,
+    SessionOptions,
+    TensorSpec,
+    precision_from_dtypes,
+)
 
 __all__ = ["LiteRtSession", "dequantize", "load_interpreter_class", "open_litert", "quantize"]
 
@@ -144,9 +148,10 @@ class LiteRtSession:
 
     providers = (CPU,)
 
-    def __init__(self, interpreter: Any, path: Path, runtime: str, threads: int) -> None:
+    def __init__(self, interpreter: Any, source: ModelSource, runtime: str, threads: int) -> None:
         self._interpreter: Any | None = interpreter
-        self._path = path
+        self._name = source.name
+        self._label = source.label
         self.runtime = runtime
         self.threads = threads
         self._inputs = [_tensor(d) for d in interpreter.get_input_details()]
@@ -156,7 +161,7 @@ class LiteRtSession:
         self.precision = _model_precision(interpreter, self._inputs)
 
     def __repr__(self) -> str:
-        return f"LiteRtSession({str(self._path)!r}, runtime={self.runtime!r}, precision={self.precision!r})"
+        return f"LiteRtSession({self._label!r}, runtime={self.runtime!r}, precision={self.precision!r})"
 
     def inputs(self) -> list[TensorSpec]:
         """The model's inputs, in declaration order."""
@@ -182,13 +187,13 @@ class LiteRtSession:
         """
         interpreter = self._interpreter
         if interpreter is None:
-            raise ModelError(f"session for {self._path} is closed", model=str(self._path))
+            raise ModelError(f"session for {self._label} is closed", model=self._label)
         expected = {t.spec.name for t in self._inputs}
         missing, unknown = sorted(expected - feeds.keys()), sorted(feeds.keys() - expected)
         if missing or unknown:
             raise ModelError(
-                f"feeds for {self._path.name} do not match its inputs: missing {missing}, unknown {unknown}",
-                model=str(self._path),
+                f"feeds for {self._name} do not match its inputs: missing {missing}, unknown {unknown}",
+                model=self._label,
                 missing=missing,
                 unknown=unknown,
             )
@@ -215,7 +220,7 @@ class LiteRtSession:
                 outputs.append(y)
         except Exception as exc:  # the interpreter raises ValueError/RuntimeError
             raise ModelError(
-                f"{self.runtime} failed to run {self._path.name}: {exc}", model=str(self._path)
+                f"{self.runtime} failed to run {self._name}: {exc}", model=self._label
             ) from exc
         return outputs
 
@@ -240,11 +245,11 @@ class LiteRtSession:
         self.close()
 
 
-def open_litert(path: Path, options: SessionOptions, prefer: str = LITERT) -> LiteRtSession:
+def open_litert(source: ModelSource, options: SessionOptions, prefer: str = LITERT) -> LiteRtSession:
     """Load a ``.tflite`` model with LiteRT (or tflite-runtime).
 
     Args:
-        path: the model file.
+        source: the model file, or the flatbuffer in memory.
         options: threads; providers must be ``None`` or ``("cpu",)``.
         prefer: ``"litert"`` (fall back to tflite-runtime) or ``"tflite-runtime"``.
 
@@ -254,7 +259,8 @@ def open_litert(path: Path, options: SessionOptions, prefer: str = LITERT) -> Li
     Raises:
         RuntimeUnavailableError: neither ai-edge-litert nor tflite-runtime is installed.
         ConfigError: providers other than ``"cpu"`` were asked for.
-        ModelLoadError: the file is missing or the interpreter refuses it.
+        ModelLoadError: the file is missing, the bytes are empty, or the interpreter
+            refuses the model.
     """
     if options.providers is not None and set(options.providers) - {CPU}:
         raise ConfigError(
@@ -263,15 +269,18 @@ def open_litert(path: Path, options: SessionOptions, prefer: str = LITERT) -> Li
             available=[CPU],
         )
     interpreter_cls, runtime = load_interpreter_class(prefer)
-    if not path.is_file():
-        raise ModelLoadError(f"model file {path} does not exist", model=str(path))
+    if source.path is not None and not source.path.is_file():
+        raise ModelLoadError(f"model file {source.path} does not exist", model=source.label)
+    if source.data is not None and not source.data:
+        raise ModelLoadError(f"{source.label} is empty", model=source.label)
+    model = {"model_content": source.data} if source.data is not None else {"model_path": str(source.path)}
     try:
-        interpreter = interpreter_cls(model_path=str(path), num_threads=options.threads)
+        interpreter = interpreter_cls(**model, num_threads=options.threads)
         interpreter.allocate_tensors()
     except Exception as exc:  # ValueError for bad flatbuffers, RuntimeError for bad ops
         raise ModelLoadError(
-            f"{runtime} refused model {path}: {exc}", model=str(path), runtime=runtime
+            f"{runtime} refused model {source.label}: {exc}", model=source.label, runtime=runtime
         ) from exc
-    session = LiteRtSession(interpreter, path, runtime, options.threads)
-    logger.debug("opened %s with %s, precision %s", path.name, runtime, session.precision)
+    session = LiteRtSession(interpreter, source, runtime, options.threads)
+    logger.debug("opened %s with %s, precision %s", source.name, runtime, session.precision)
     return session

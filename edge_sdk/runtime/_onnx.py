@@ -1,8 +1,11 @@
 """onnxruntime backend. The only module that imports ``onnxruntime``, and only lazily.
 
+Models come from a file or, on the host, from serialized bytes in memory (the
+compression tools evaluate models they never write to disk).
+
 Precision: onnxruntime cannot list a graph's nodes and the device has no ``onnx``
 package, so the precision comes from, in order: the caller's ``precision_hint``
-(a bundle manifest carries it); else a small read of the model file's protobuf
+(a bundle manifest carries it); else a small read of the model's protobuf
 wire format that collects the node op types (``QuantizeLinear``,
 ``DequantizeLinear``, ``QLinear*``, ``MatMulInteger``, ``ConvInteger`` mean int8);
 else the inputs' element types.
@@ -23,7 +26,12 @@ from edge_sdk.errors import (
     ModelLoadError,
     RuntimeUnavailableError,
 )
-from edge_sdk.runtime._types import SessionOptions, TensorSpec, precision_from_dtypes
+from edge_sdk.runtime._types import (
+    ModelSource,
+    SessionOptions,
+    TensorSpec,
+    precision_from_dtypes,
+)
 
 __all__ = [
     "OnnxSession",
@@ -199,6 +207,13 @@ def precision_from_op_types(op_types: set[str]) -> str | None:
     return None
 
 
+def _scan(source: ModelSource) -> set[str] | None:
+    if source.data is not None:
+        return onnx_op_types(source.data) if 0 < len(source.data) <= _MAX_SCAN_BYTES else None
+    assert source.path is not None
+    return _scan_file(source.path)
+
+
 def _scan_file(path: Path) -> set[str] | None:
     try:
         size = path.stat().st_size
@@ -229,10 +244,11 @@ class OnnxSession:
     runtime = RUNTIME
 
     def __init__(
-        self, session: Any, path: Path, providers: tuple[str, ...], threads: int, precision: str
+        self, session: Any, source: ModelSource, providers: tuple[str, ...], threads: int, precision: str
     ) -> None:
         self._session: Any | None = session
-        self._path = path
+        self._name = source.name
+        self._label = source.label
         self.providers = providers
         self.threads = threads
         self.precision = precision
@@ -240,7 +256,7 @@ class OnnxSession:
         self._outputs = [_spec(a) for a in session.get_outputs()]
 
     def __repr__(self) -> str:
-        return f"OnnxSession({str(self._path)!r}, providers={self.providers!r}, precision={self.precision!r})"
+        return f"OnnxSession({self._label!r}, providers={self.providers!r}, precision={self.precision!r})"
 
     def inputs(self) -> list[TensorSpec]:
         """The model's inputs, in declaration order."""
@@ -264,13 +280,13 @@ class OnnxSession:
                 onnxruntime failed to run the model.
         """
         if self._session is None:
-            raise ModelError(f"session for {self._path} is closed", model=str(self._path))
-        _check_feed_names(self._path, self._inputs, feeds)
+            raise ModelError(f"session for {self._label} is closed", model=self._label)
+        _check_feed_names(self._name, self._label, self._inputs, feeds)
         try:
             return list(self._session.run(None, feeds))
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise ModelError(
-                f"onnxruntime failed to run {self._path.name}: {exc}", model=str(self._path)
+                f"onnxruntime failed to run {self._name}: {exc}", model=self._label
             ) from exc
 
     def close(self) -> None:
@@ -284,24 +300,25 @@ class OnnxSession:
         self.close()
 
 
-def _check_feed_names(path: Path, specs: list[TensorSpec], feeds: dict[str, Any]) -> None:
+def _check_feed_names(name: str, label: str, specs: list[TensorSpec], feeds: dict[str, Any]) -> None:
     expected = {s.name for s in specs}
     missing = sorted(expected - feeds.keys())
     unknown = sorted(feeds.keys() - expected)
     if missing or unknown:
         raise ModelError(
-            f"feeds for {path.name} do not match its inputs: missing {missing}, unknown {unknown}",
-            model=str(path),
+            f"feeds for {name} do not match its inputs: missing {missing}, unknown {unknown}",
+            model=label,
             missing=missing,
             unknown=unknown,
         )
 
 
-def open_onnx(path: Path, options: SessionOptions, precision_hint: str | None) -> OnnxSession:
+def open_onnx(source: ModelSource, options: SessionOptions, precision_hint: str | None) -> OnnxSession:
     """Load an ONNX model with onnxruntime.
 
     Args:
-        path: the ``.onnx`` file (external data, if any, next to it).
+        source: the ``.onnx`` file (external data, if any, next to it) or the
+            serialized model in memory (no external data).
         options: threads and providers.
         precision_hint: precision declared by the bundle, or ``None`` to work it out.
 
@@ -311,7 +328,8 @@ def open_onnx(path: Path, options: SessionOptions, precision_hint: str | None) -
     Raises:
         RuntimeUnavailableError: onnxruntime is not installed.
         ConfigError: a requested provider is not available.
-        ModelLoadError: the file is missing or onnxruntime refuses it.
+        ModelLoadError: the file is missing, the bytes are empty, or onnxruntime
+            refuses the model.
     """
     try:
         import onnxruntime as ort
@@ -323,27 +341,30 @@ def open_onnx(path: Path, options: SessionOptions, precision_hint: str | None) -
         ) from exc
 
     providers = resolve_providers(options.providers, list(ort.get_available_providers()))
-    if not path.is_file():
-        raise ModelLoadError(f"model file {path} does not exist", model=str(path))
+    if source.path is not None and not source.path.is_file():
+        raise ModelLoadError(f"model file {source.path} does not exist", model=source.label)
+    if source.data is not None and not source.data:
+        raise ModelLoadError(f"{source.label} is empty", model=source.label)
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.threads
     so.inter_op_num_threads = 1
+    model = source.data if source.data is not None else str(source.path)
     try:
-        session = ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+        session = ort.InferenceSession(model, sess_options=so, providers=list(providers))
     except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile...: all mean "refused"
         raise ModelLoadError(
-            f"onnxruntime refused model {path}: {exc}", model=str(path), runtime=RUNTIME
+            f"onnxruntime refused model {source.label}: {exc}", model=source.label, runtime=RUNTIME
         ) from exc
 
     used = tuple(session.get_providers())
     if used != providers:
-        logger.warning("%s: asked for providers %s, onnxruntime gave %s", path.name, providers, used)
+        logger.warning("%s: asked for providers %s, onnxruntime gave %s", source.name, providers, used)
     if precision_hint is not None:
         precision = precision_hint
     else:
-        op_types = _scan_file(path)
+        op_types = _scan(source)
         precision = (precision_from_op_types(op_types) if op_types else None) or precision_from_dtypes(
             [_spec(a).dtype for a in session.get_inputs()]
         )
-    logger.debug("opened %s with %s, precision %s", path.name, used, precision)
-    return OnnxSession(session, path, used, options.threads, precision)
+    logger.debug("opened %s with %s, precision %s", source.name, used, precision)
+    return OnnxSession(session, source, used, options.threads, precision)

@@ -7,15 +7,19 @@ types at the edge so callers never see an onnxruntime or LiteRT object.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Protocol, Union, runtime_checkable
 
 import numpy as np
 
 from edge_sdk.errors import ConfigError
 
 __all__ = [
+    "IN_MEMORY_MODEL",
     "PRECISIONS",
     "InferenceSession",
+    "ModelLike",
+    "ModelSource",
     "SessionOptions",
     "TensorSpec",
     "precision_from_dtypes",
@@ -23,6 +27,55 @@ __all__ = [
 
 #: Precision labels a session may report.
 PRECISIONS = ("fp32", "fp16", "int8", "int16", "fp64")
+
+#: How messages name a model that was given as bytes rather than a file.
+IN_MEMORY_MODEL = "<in-memory model>"
+
+ModelLike = Union[Path, str, bytes, bytearray, memoryview]
+"""A model file's path, or the serialized model itself."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a file, or serialized bytes in memory.
+
+    Backends load from whichever is set and use :attr:`name` and :attr:`label` in
+    their messages, so an in-memory model is named ``<in-memory model>``.
+
+    Args:
+        path: the model file, or ``None`` for an in-memory model.
+        data: the serialized model, or ``None`` for a file.
+    """
+
+    path: Path | None = None
+    data: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.data is None):
+            raise ConfigError("a model source is either a path or bytes, not both or neither")
+
+    @classmethod
+    def of(cls, model: ModelLike) -> ModelSource:
+        """A source for a path (``Path`` or ``str``) or bytes-like serialized model.
+
+        Raises:
+            ConfigError: ``model`` is neither.
+        """
+        if isinstance(model, (bytes, bytearray, memoryview)):
+            return cls(data=bytes(model))
+        if isinstance(model, (Path, str)):
+            return cls(path=Path(model))
+        raise ConfigError(f"a model is a path or bytes, got {type(model).__name__}")
+
+    @property
+    def name(self) -> str:
+        """Short name for messages: the file name, or ``<in-memory model>``."""
+        return self.path.name if self.path is not None else IN_MEMORY_MODEL
+
+    @property
+    def label(self) -> str:
+        """Full name for messages and error details: the path, or ``<in-memory model>``."""
+        return str(self.path) if self.path is not None else IN_MEMORY_MODEL
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """Measurements of a model: size, parameters, sparsity, accuracy and host latency.
 
 All functions take a model as ``onnx.ModelProto`` or its serialized bytes and never
-touch the disk. Models are assumed to have one input whose axis 0 is the batch axis and
+touch the disk. Models run through :func:`edge_sdk.runtime.open_session` on the CPU
+provider (:func:`open_host_session`), so host numbers come from the same session code
+the device agent uses, and no module of ``host_tools`` opens an onnxruntime session
+itself. Models are assumed to have one input whose axis 0 is the batch axis and
 whose first output holds class scores ``[N, classes]`` (or class ids ``[N]``).
 """
 
@@ -15,9 +18,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, ModelError
+from edge_sdk.runtime import InferenceSession, SessionOptions, TensorSpec, open_session
 
-from . import _session
 from .data import Dataset
 
 __all__ = [
@@ -29,6 +32,8 @@ __all__ = [
     "count_parameters",
     "measure_sparsity",
     "host_latency_ms",
+    "open_host_session",
+    "run_batched",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,6 +48,74 @@ def _to_bytes(model: ModelLike) -> bytes:
 
 def _to_proto(model: ModelLike) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else onnx.load_model_from_string(bytes(model))
+
+
+_HOST_CPU = SessionOptions(threads=1, providers=("CPUExecutionProvider",))
+"""CPU only and one thread: stable, comparable numbers on a shared host, GPU or not."""
+
+
+def open_host_session(model: ModelLike) -> InferenceSession:
+    """Open an in-memory model on this host's CPU, one intra-op thread.
+
+    Args:
+        model: the model.
+
+    Returns:
+        An onnxruntime :class:`~edge_sdk.runtime.InferenceSession`; close it, or use it
+        as a context manager.
+
+    Raises:
+        ModelLoadError: onnxruntime refused the model.
+    """
+    return open_session(_to_bytes(model), "onnxruntime", _HOST_CPU)
+
+
+def _numpy_dtype(spec: TensorSpec) -> np.dtype:
+    try:
+        return np.dtype(spec.dtype)
+    except TypeError:  # bfloat16, strings: not numpy dtypes; our classifiers take floats
+        return np.dtype(np.float32)
+
+
+def run_batched(session: InferenceSession, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Run the first output of a single-input model over ``x`` in batches.
+
+    A model whose batch dimension is fixed (say 1) gets batches of exactly that size; the
+    last one is zero-padded and the padding cut from the result.
+
+    Args:
+        session: an open session, e.g. from :func:`open_host_session`.
+        x: inputs, first axis is the sample axis.
+        batch_size: samples per run when the model's batch dimension is dynamic.
+
+    Returns:
+        The first output for every sample, concatenated along axis 0.
+
+    Raises:
+        ModelError: the model failed while running on these inputs (names the input
+            and the batch shape).
+    """
+    spec = session.inputs()[0]
+    fixed = spec.shape[0] if spec.shape else None
+    step = fixed if fixed is not None and fixed > 0 else max(1, batch_size)
+    x = np.ascontiguousarray(x, dtype=_numpy_dtype(spec))
+    outputs = []
+    for start in range(0, len(x), step):
+        chunk = x[start : start + step]
+        real = len(chunk)
+        if fixed is not None and real < step:
+            pad = np.zeros((step - real, *chunk.shape[1:]), dtype=chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        try:
+            out = session.run({spec.name: chunk})[0]
+        except ModelError as exc:
+            raise ModelError(
+                f"model failed on input {spec.name!r} with shape {list(chunk.shape)}: {exc.message}",
+                input=spec.name,
+                shape=list(chunk.shape),
+            ) from exc
+        outputs.append(np.asarray(out)[:real])
+    return np.concatenate(outputs) if outputs else np.empty((0,))
 
 
 def predict_classes(model: ModelLike, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -60,8 +133,8 @@ def predict_classes(model: ModelLike, x: np.ndarray, batch_size: int = 256) -> n
         ModelLoadError: onnxruntime refused the model.
         ModelError: the model failed on these inputs.
     """
-    session = _session.open_session(_to_bytes(model))
-    scores = _session.run_batched(session, x, batch_size)
+    with open_host_session(model) as session:
+        scores = run_batched(session, x, batch_size)
     if scores.ndim == 1:
         return scores.astype(np.int64)
     return np.argmax(scores.reshape(len(scores), -1), axis=-1).astype(np.int64)
@@ -199,23 +272,22 @@ def host_latency_ms(
     """
     if runs < 1:
         raise ConfigError(f"latency needs at least one run, got {runs}", key="runs")
-    session = _session.open_session(_to_bytes(model), threads=1)
-    model_input = session.get_inputs()[0]
-    dtype = _session.input_dtype(session)
-    if sample is None:
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in model_input.shape]
-        feed = np.zeros(shape, dtype=dtype)
-    else:
-        feed = np.asarray(sample, dtype=dtype)
-        if feed.ndim == len(model_input.shape) - 1:
-            feed = feed[np.newaxis]
-    _session.run_batched(session, feed, 1)  # validates the sample and maps errors
-    inputs = {model_input.name: feed}
-    for _ in range(max(0, warmup - 1)):
-        session.run(None, inputs)
-    timings = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        session.run(None, inputs)
-        timings[i] = time.perf_counter() - start
+    with open_host_session(model) as session:
+        spec = session.inputs()[0]
+        dtype = _numpy_dtype(spec)
+        if sample is None:
+            feed = np.zeros([1 if d is None or d == 0 else d for d in spec.shape], dtype=dtype)
+        else:
+            feed = np.asarray(sample, dtype=dtype)
+            if feed.ndim == len(spec.shape) - 1:
+                feed = feed[np.newaxis]
+        run_batched(session, feed, 1)  # validates the sample and maps errors
+        feeds = {spec.name: feed}
+        for _ in range(max(0, warmup - 1)):
+            session.run(feeds)
+        timings = np.empty(runs)
+        for i in range(runs):
+            start = time.perf_counter()
+            session.run(feeds)
+            timings[i] = time.perf_counter() - start
     return float(np.median(timings) * 1000.0)

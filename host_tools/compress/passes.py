@@ -26,7 +26,6 @@ import onnx
 
 from edge_sdk.errors import CompressionError, ConfigError, EdgeError
 
-from . import _session
 from .data import Dataset
 from .evaluate import (
     count_parameters,
@@ -34,6 +33,7 @@ from .evaluate import (
     host_latency_ms,
     measure_sparsity,
     model_size_bytes,
+    open_host_session,
     predict_classes,
     top1_agreement,
 )
@@ -422,7 +422,7 @@ def _check(model: onnx.ModelProto, name: str, index: int) -> None:
             f"compression step {index + 1} ({name}) produced an invalid ONNX model: {exc}", step=name, step_index=index
         ) from exc
     try:
-        _session.open_session(model.SerializeToString())
+        open_host_session(model).close()
     except EdgeError as exc:
         raise CompressionError(
             f"compression step {index + 1} ({name}) produced a model onnxruntime cannot load: {exc.message}",

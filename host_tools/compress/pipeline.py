@@ -7,7 +7,14 @@ from collections.abc import Sequence
 
 from .data import Dataset
 from .model_file import ModelSource, as_model
-from .passes import CompressionPass, CompressionResult, MeasureOptions, PassContext, PassManager, ProgressCallback
+from .passes import (
+    CompressionPass,
+    CompressionResult,
+    MeasureOptions,
+    PassContext,
+    PassManager,
+    ProgressCallback,
+)
 
 __all__ = ["compress"]
 

@@ -111,9 +111,10 @@ def test_mlp_export_reproduces_sklearn(split: hc.DigitsSplit) -> None:
     predictions = hc.predict_classes(model, split.x_test)
     np.testing.assert_array_equal(predictions, clf.predict(split.x_test))
     # logits, through a softmax, are sklearn's probabilities
-    from host_tools.compress import _session
+    from host_tools.compress.evaluate import open_host_session, run_batched
 
-    logits = _session.run_batched(_session.open_session(model.SerializeToString()), split.x_test, 256)
+    with open_host_session(model) as session:
+        logits = run_batched(session, split.x_test, 256)
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(probs, clf.predict_proba(split.x_test), atol=1e-4)

@@ -13,10 +13,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edge_sdk.runtime as rt
-from edge_sdk.errors import ConfigError, ModelError, ModelLoadError, RuntimeUnavailableError
+from edge_sdk.errors import (
+    ConfigError,
+    ModelError,
+    ModelLoadError,
+    RuntimeUnavailableError,
+)
 from edge_sdk.runtime import SessionOptions, TensorSpec, open_session, sample_feeds
 from edge_sdk.runtime._onnx import onnx_op_types, resolve_providers
-from tests.tflite_models import QuantParams, add_model, fully_connected_model, quantized_add_model
+from tests.tflite_models import (
+    QuantParams,
+    add_model,
+    fully_connected_model,
+    quantized_add_model,
+)
 
 OPSET = 17
 
@@ -199,6 +209,43 @@ def test_missing_model_file_is_model_load_error(tmp_path: Path) -> None:
         open_session(tmp_path / "absent.onnx", "onnxruntime")
 
 
+def test_onnx_in_memory_model_runs_like_the_file(gemm_path: Path, weights: tuple[np.ndarray, np.ndarray]) -> None:
+    w, b = weights
+    x = np.random.default_rng(4).standard_normal((3, 3)).astype(np.float32)
+    with open_session(gemm_path.read_bytes(), "onnxruntime") as session:
+        assert session.runtime == "onnxruntime"
+        assert session.precision == "fp32"
+        assert session.inputs() == [TensorSpec("x", (None, 3), "float32")]
+        assert "<in-memory model>" in repr(session)
+        (y,) = session.run({"x": x})
+        with pytest.raises(ModelError, match="<in-memory model>") as info:
+            session.run({"x": np.zeros((1, 7), np.float32)})  # wrong width
+        assert info.value.details["model"] == "<in-memory model>"
+    np.testing.assert_allclose(y, np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_in_memory_model_precision_comes_from_its_ops() -> None:
+    data = bytearray(qdq_model().SerializeToString())  # any bytes-like
+    with open_session(data, "onnxruntime") as session:
+        assert session.precision == "int8"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x00garbage, not a model" * 20, b"\x08\x07garbage", b""],
+    ids=["garbage", "short-garbage", "empty"],
+)
+def test_onnx_refused_in_memory_model_is_model_load_error(data: bytes) -> None:
+    with pytest.raises(ModelLoadError, match="<in-memory model>") as info:
+        open_session(data, "onnxruntime")
+    assert info.value.details["model"] == "<in-memory model>"
+
+
+def test_model_neither_path_nor_bytes_is_config_error() -> None:
+    with pytest.raises(ConfigError, match="path or bytes"):
+        open_session(12, "onnxruntime")  # type: ignore[arg-type]
+
+
 def test_unknown_provider_is_config_error_listing_available(gemm_path: Path) -> None:
     with pytest.raises(ConfigError, match="NoSuchExecutionProvider") as info:
         open_session(gemm_path, "onnxruntime", SessionOptions(providers=("NoSuchExecutionProvider",)))
@@ -304,6 +351,17 @@ def test_litert_refused_model_is_model_load_error_naming_file(tmp_path: Path, da
     with pytest.raises(ModelLoadError, match="broken-model.tflite") as info:
         open_session(path, "litert")
     assert info.value.__cause__ is not None
+
+
+def test_litert_in_memory_model_runs_and_refusals_name_it() -> None:
+    a = np.arange(4, dtype=np.float32).reshape(1, 4)
+    with open_session(add_model((1, 4)), "litert") as session:
+        assert "<in-memory model>" in repr(session)
+        (y,) = session.run({"a": a, "b": a * 10})
+    np.testing.assert_allclose(y, a * 11)
+    for data in (b"not a flatbuffer" * 10, b""):
+        with pytest.raises(ModelLoadError, match="<in-memory model>"):
+            open_session(data, "litert")
 
 
 def test_litert_rejects_accelerator_providers(tmp_path: Path) -> None:
