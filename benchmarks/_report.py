@@ -1,0 +1,63 @@
+"""Shared output for benchmarks: one table with the ratio to the baseline, and a JSON file.
+
+Every benchmark measures our code and its baseline side by side in the same run, prints
+a table, and writes ``benchmarks/results/<name>.json`` (or ``--json-out PATH``) with the
+rows, the machine, and the command line, so ``docs/benchmarks.md`` can quote both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_common_args", "machine_info", "write_results", "print_table"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """``--json-out`` and ``--quick`` (a smaller run for smoke tests)."""
+    parser.add_argument("--json-out", type=Path, help="where to write the JSON results")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cores": os.cpu_count(),
+        "system": platform.platform(),
+    }
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print an aligned table to stdout (benchmarks are programs; printing is their job)."""
+    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(v.rjust(w) if n and i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_results(name: str, results: dict[str, Any], json_out: Path | None = None) -> Path:
+    """Write results with machine info and the command line; returns the path."""
+    path = json_out or RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {
+        "benchmark": name,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine_info(),
+        **results,
+    }
+    path.write_text(json.dumps(body, indent=2, sort_keys=True, default=str))
+    return path
