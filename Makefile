@@ -59,8 +59,13 @@ $(STAMP_HOST): $(STAMP_VENV) pyproject.toml
 	touch "$@"
 
 # The test extras include the host ones, so this stamp also satisfies `venv`.
+# torch (the `train` extra: fine-tuning, distillation) is pinned and installed first,
+# so that the extra's `torch>=2.1` is already satisfied and pip never picks a newer
+# (CUDA, multi-GB) build on its own. `make demo` does not install torch.
+TORCH_VERSION ?= 2.13.0
 $(STAMP_TEST): $(STAMP_VENV) pyproject.toml
-	$(PIP) install -e '.[host,litert,test,postgres]'
+	$(PIP) install 'torch==$(TORCH_VERSION)'
+	$(PIP) install -e '.[host,litert,test,postgres,train]'
 	touch "$(STAMP_HOST)" "$@"
 
 venv: $(STAMP_HOST)

@@ -13,6 +13,15 @@ Lifecycle of a deploy::
                 -> INSTALLED, new birth message, metrics report
     transfer_end while chunks are missing -> NEED_CHUNKS (the host resends them)
     idle too long -> REFUSED (transfer_incomplete), staging removed
+    update gate closed after RECEIVED -> DEFERRED (reason); bundle kept under deferred/,
+                the gate asked again every update_gate_retry_s, then installed as above
+    action "profile" -> verify into scratch, benchmark, metrics report (not retained),
+                PROFILED, scratch removed; state.json untouched
+
+Events and metrics go through an on-disk outbox (:mod:`device_agent.outbox`) whenever
+the broker is unreachable, and leave in order once it is back. Installs are two-phase
+(see :mod:`device_agent.installer`): a version the agent finds still pending at start
+was interrupted before it proved itself, and is rolled back and reported.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import hashlib
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -29,16 +39,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_agent.config import AgentConfig
-from device_agent.installer import Installer
-from device_agent.platform import PlatformInfo, detect_platform
-from device_agent.profiler import profile_model
+from device_agent.gate import UpdateGate
+from device_agent.installer import Installer, PendingRollback
+from device_agent.outbox import Outbox
+from device_agent.platform import PlatformInfo, detect_platform, power_model_name
+from device_agent.sdnotify import Notifier
+from device_agent.trust_store import TrustStore
 from edge_sdk import __version__
+from edge_sdk.bundle import DeviceFacts, Expected
 from edge_sdk.errors import (
     EdgeError,
     HashMismatchError,
+    HealthCheckError,
     ModelError,
+    RollbackError,
     StorageError,
     TransferError,
+    SignatureError,
+    TransportError,
     UntrustedInputError,
 )
 from edge_sdk.metrics import PowerSource, detect_power_source
@@ -54,18 +72,40 @@ from edge_sdk.protocol import (
     Event,
     EventKind,
     MetricsReport,
+    RemoveCommand,
+    RollbackCommand,
+    RootUpdate,
+    SignedCommand,
     TransferEnd,
     decode,
     decode_chunk,
     encode,
+    open_command,
     parse_topic,
+    peek_command_id,
 )
 from edge_sdk.runtime import available_runtimes
+from edge_sdk.trust import canonical_json
 
 __all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 _MAX_MISSING_LISTED = 2048
+_OUTBOX_ACK_TIMEOUT_S = 10.0
+_OUTBOX_COMMIT_EVERY = 32
+
+
+def _crash_hook(point: str | None) -> Callable[[str], None]:
+    """The ``debug_crash_at`` option: a real SIGKILL of this process at one named step."""
+    if point is None:
+        return lambda _reached: None
+
+    def hook(reached: str) -> None:
+        if reached == point:
+            log.warning("debug_crash_at=%s reached: SIGKILL", point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 @dataclass
@@ -88,14 +128,23 @@ class Agent:
         self.config = config
         self.clock = clock
         self.topics = DeviceTopics(config.device_id)
-        self.installer = Installer(config.data_dir, config.load_trusted(), config.limits)
+        self._checkpoint = _crash_hook(config.debug_crash_at)
+        self.trust = TrustStore(config.data_dir / "trust", config.load_root())
+        self.installer = Installer(
+            config.data_dir, self.trust.root.trusted("bundles"), config.limits, checkpoint=self._checkpoint
+        )
         removed = self.installer.recover()
         if removed:
             log.info("removed %d leftover(s) of interrupted work", len(removed))
+        rolled_back = self.installer.roll_back_pending()
+        self.outbox = Outbox(config.data_dir / "outbox", config.outbox_max_bytes)
+        self.gate = UpdateGate(config.update_gate_file, config.update_gate_command, config.update_gate_timeout_s)
+        self._next_gate_check = 0.0
         self.platform: PlatformInfo = detect_platform(config.sysfs_root)
-        self.power: PowerSource = detect_power_source(config.sysfs_root, self.platform.kind)
+        self.power: PowerSource = detect_power_source(config.sysfs_root, power_model_name(self.platform))
         self.codec_limits = CodecLimits()
         self._transfers: dict[str, _Transfer] = {}
+        self._notifier = Notifier()
         will = DeviceStatus(config.device_id, "offline", 0.0, agent_version=__version__)
         self.client = MqttClient(
             config.broker,
@@ -108,25 +157,44 @@ class Agent:
                 key_file=config.key_file,
             ),
         )
+        for rb in rolled_back:
+            self._report_interrupted(rb)
 
     # --- loop -----------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
-        """Work until ``stop`` is set; then say goodbye (offline status) and disconnect."""
+    def run(self, stop: threading.Event, notifier: Notifier | None = None) -> None:
+        """Work until ``stop`` is set; then say goodbye (offline status) and disconnect.
+
+        Args:
+            stop: set it to stop.
+            notifier: systemd notification socket (ready, watchdog, stopping), if any.
+        """
+        self._notifier = notifier or Notifier()
         self.client.subscribe(self.topics.cmd, qos=1)
         self.client.subscribe(self.topics.data, qos=1)
         log.info("agent %s starting; broker %s", self.config.device_id, self.client.address)
         self.client.start()
+        self._notifier.ready(f"device {self.config.device_id}: connecting to {self.client.address}")
         try:
             while not stop.is_set():
+                self._notifier.watchdog()
                 try:
                     item = self.client.inbox.get(timeout=0.5)
                 except queue.Empty:
-                    self._tick()
+                    self._guarded_tick()
                     continue
                 self._guarded(item)
         finally:
+            self._notifier.stopping()
             self._shutdown()
+
+    def _guarded_tick(self) -> None:
+        try:
+            self._tick()
+        except EdgeError as exc:
+            log.warning("%s: %s", exc.code, exc.message)
+        except Exception:  # the agent must keep running
+            log.exception("unexpected failure in periodic work")
 
     def _shutdown(self) -> None:
         for tid in list(self._transfers):
@@ -135,6 +203,7 @@ class Agent:
             with contextlib.suppress(EdgeError):
                 self.client.publish_wait(self.topics.status, encode(self._status("offline")), retain=True)
         self.client.close()
+        self.outbox.close()
         log.info("agent %s stopped", self.config.device_id)
 
     def _guarded(self, item: Incoming | ConnectionChange) -> None:
@@ -151,8 +220,11 @@ class Agent:
         if isinstance(item, ConnectionChange):
             if item.connected:
                 log.info("connected to %s", self.client.address)
+                self._notifier.status(f"device {self.config.device_id}: online at {self.client.address}")
                 self._publish_status()
+                self._drain_outbox()
             else:
+                self._notifier.status(f"device {self.config.device_id}: offline, reconnecting")
                 log.warning("connection lost (%s); reconnecting with backoff", item.reason)
             return
         channel = parse_topic(item.topic).channel
@@ -160,8 +232,14 @@ class Agent:
             self._on_chunk(item.payload)
         elif channel is Channel.CMD:
             msg = decode(item.payload, self.codec_limits)
-            if isinstance(msg, DeployCommand):
-                self._on_deploy(msg)
+            if isinstance(msg, SignedCommand):
+                self._on_signed_command(msg)
+            elif isinstance(msg, RootUpdate):
+                self._on_root_update(msg)
+            elif isinstance(msg, (DeployCommand, RollbackCommand, RemoveCommand)):
+                raise SignatureError(
+                    f"unsigned {msg.TYPE} command refused: commands must be signed by a key the root authorises",
+                )
             elif isinstance(msg, TransferEnd):
                 self._on_transfer_end(msg)
             else:
@@ -178,6 +256,53 @@ class Agent:
                     err = exc
                 self._drop_transfer(tid)
                 self._event(EventKind.REFUSED, cmd=t.command, error=err or TransferError("transfer timed out"))
+        if self.outbox.pending and self.client.connected:
+            self._drain_outbox()
+        if now >= self._next_gate_check:
+            self._retry_deferred()
+
+    # --- offline buffer -------------------------------------------------------------
+
+    def _send(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish now when online and nothing older waits; else buffer on disk, in order."""
+        if self.client.connected and not self.outbox.pending:
+            self.client.publish(topic, payload, retain=retain)
+            return
+        if not self.outbox.append(topic, payload, retain):
+            log.warning("offline buffer full (%d bytes): message to %s dropped", self.outbox.max_bytes, topic)
+
+    def _drain_outbox(self) -> None:
+        """Deliver buffered messages oldest first, each acknowledged before the next."""
+        sent = 0
+        try:
+            while self.client.connected and (record := self.outbox.peek()) is not None:
+                try:
+                    self.client.publish(record.topic, record.payload, retain=record.retain).wait(_OUTBOX_ACK_TIMEOUT_S)
+                except TransportError as exc:
+                    log.info("outbox delivery paused: %s", exc.message)
+                    break
+                self.outbox.pop()
+                sent += 1
+                if sent % _OUTBOX_COMMIT_EVERY == 0:
+                    self.outbox.commit()
+        finally:
+            self.outbox.commit()
+        if sent:
+            log.info("delivered %d buffered message(s)", sent)
+        if self.outbox.dropped and not self.outbox.pending and self.client.connected:
+            dropped = self.outbox.dropped
+            event = Event(
+                device_id=self.config.device_id,
+                kind=EventKind.DROPPED,
+                ts=self.clock(),
+                detail={"count": dropped, "max_bytes": self.outbox.max_bytes},
+            )
+            try:
+                self.client.publish(self.topics.events, encode(event)).wait(_OUTBOX_ACK_TIMEOUT_S)
+            except TransportError:
+                return
+            log.warning("reported %d message(s) dropped while offline", dropped)
+            self.outbox.reset_dropped()
 
     # --- messages out ---------------------------------------------------------------
 
@@ -198,22 +323,88 @@ class Agent:
     def _event(
         self,
         kind: str,
-        cmd: DeployCommand | None = None,
+        cmd: DeployCommand | RollbackCommand | RemoveCommand | None = None,
         error: EdgeError | None = None,
         missing: list[int] | None = None,
         detail: dict | None = None,
+        command_id: str = "",
     ) -> None:
         event = Event(
             device_id=self.config.device_id,
             kind=kind,
             ts=self.clock(),
-            command_id=cmd.command_id if cmd else "",
-            transfer_id=cmd.transfer.transfer_id if cmd else "",
+            command_id=cmd.command_id if cmd else command_id,
+            transfer_id=cmd.transfer.transfer_id if isinstance(cmd, DeployCommand) else "",
             missing=tuple((missing or [])[:_MAX_MISSING_LISTED]),
             error=ErrorInfo(error.code, error.message, _jsonable(error.details)) if error else None,
             detail=detail or {},
         )
-        self.client.publish(self.topics.events, encode(event))
+        self._send(self.topics.events, encode(event))
+
+    # --- signed commands and the root of trust ------------------------------------------
+
+    def _on_signed_command(self, signed: SignedCommand) -> None:
+        """Verify signature, addressee, times and nonce; then obey. Refusals change nothing."""
+        now = self.clock()
+        try:
+            cmd = open_command(signed, self.trust.root, self.config.device_id, now, limits=self.codec_limits)
+            self.trust.admit(cmd.command_id, cmd.expires_at, now)
+        except UntrustedInputError as exc:
+            log.warning("refused command: %s: %s", exc.code, exc.message)
+            self._event(EventKind.REFUSED, error=exc, command_id=peek_command_id(signed))
+            return
+        if isinstance(cmd, DeployCommand):
+            self._on_deploy(cmd)
+        elif isinstance(cmd, RollbackCommand):
+            self._on_rollback(cmd)
+        else:
+            self._on_remove(cmd)
+
+    def _on_root_update(self, msg: RootUpdate) -> None:
+        try:
+            adopted = self.trust.update_root(canonical_json(msg.root), self.clock())
+        except UntrustedInputError as exc:
+            log.warning("refused root update: %s: %s", exc.code, exc.message)
+            self._event(EventKind.REFUSED, error=exc, detail={"root_version": self.trust.root.version})
+            return
+        if adopted:
+            self.installer.trusted = self.trust.root.trusted("bundles")
+            self._event(EventKind.DONE, detail={"root_version": self.trust.root.version})
+            self._publish_status()
+
+    def _on_rollback(self, cmd: RollbackCommand) -> None:
+        """Re-activate the kept previous version, only if it is the one the command names."""
+        previous = self.installer.previous(cmd.bundle_name)
+        if previous is None or previous.version != cmd.bundle_version:
+            kept = f"v{previous.version}" if previous else "no previous version"
+            err = RollbackError(
+                f"cannot roll {cmd.bundle_name} back to v{cmd.bundle_version}: this device keeps {kept}; "
+                f"deploy that version's bundle as a rollback instead",
+                offered=cmd.bundle_version,
+                installed=previous.version if previous else None,
+            )
+            self._event(EventKind.REFUSED, cmd=cmd, error=err)
+            return
+        restored = self.installer.rollback(cmd.bundle_name)
+        self._publish_status()
+        self._event(
+            EventKind.DONE, cmd=cmd,
+            detail={"action": "rollback", "name": cmd.bundle_name, "version": restored.version if restored else None},
+        )
+
+    def _on_remove(self, cmd: RemoveCommand) -> None:
+        removed = self.installer.remove(cmd.bundle_name)
+        self._publish_status()
+        self._event(EventKind.DONE, cmd=cmd, detail={"action": "remove", "name": cmd.bundle_name, "removed": removed})
+
+    def _bundle_checks(self, cmd: DeployCommand) -> dict:
+        """What a bundle is verified against: the current root, this device, the signed command."""
+        self.trust.root.check_not_expired(self.clock())
+        return {
+            "trusted": self.trust.root.trusted("bundles"),
+            "device": DeviceFacts(self.platform.arch, self.platform.memory_bytes, frozenset(self.config.accelerators)),
+            "expect": Expected(cmd.bundle_name, cmd.bundle_version, rollback=cmd.rollback),
+        }
 
     # --- transfer -------------------------------------------------------------------
 
@@ -261,6 +452,8 @@ class Agent:
             write = t.receiver.accept(chunk.index, chunk.data, time.monotonic())
             if write is not None:
                 os.pwrite(t.fd, write.data, write.offset)
+                if self.config.debug_crash_at == "receiving" and 2 * len(t.receiver.missing()) <= t.receiver.chunk_count:
+                    self._checkpoint("receiving")
         except (TransferError, OSError) as exc:
             self._drop_transfer(chunk.transfer_id)
             err = exc if isinstance(exc, EdgeError) else StorageError(f"cannot write staging file: {exc.strerror}")
@@ -298,6 +491,17 @@ class Agent:
                     actual=digest,
                 )
             self._event(EventKind.RECEIVED, cmd=cmd)
+            self._checkpoint("received")
+            if cmd.action == "profile":
+                self._profile_only(cmd, t.path)
+                return
+            decision = self.gate.check()
+            if not decision.open:
+                self.installer.defer(cmd.transfer.transfer_id, t.path, encode(cmd))
+                self._next_gate_check = time.monotonic() + self.config.update_gate_retry_s
+                log.info("install of %s v%s deferred: %s", cmd.bundle_name, cmd.bundle_version, decision.reason)
+                self._event(EventKind.DEFERRED, cmd=cmd, detail={"reason": decision.reason, "retry_s": self.config.update_gate_retry_s})
+                return
             self._install(cmd, t.path)
         except UntrustedInputError as exc:
             log.warning("refused %s v%s: %s", cmd.bundle_name, cmd.bundle_version, exc.message)
@@ -311,9 +515,11 @@ class Agent:
     # --- install --------------------------------------------------------------------
 
     def _install(self, cmd: DeployCommand, bundle_path: Path) -> None:
-        staged = self.installer.stage(bundle_path, self.clock())
+        from device_agent.profiler import profile_model  # numpy and the runtimes only when needed
+
+        staged = self.installer.stage(bundle_path, self.clock(), **self._bundle_checks(cmd))
         manifest = staged.verified.manifest
-        self.installer.activate(staged)
+        self.installer.activate(staged, cmd.command_id)
         active = self.installer.active(manifest.name)
         assert active is not None
         try:
@@ -325,22 +531,37 @@ class Agent:
                 cmd.benchmark,
                 self.power,
                 self.config.sysfs_root,
+                max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
             )
         except ModelError as exc:
             restored = self.installer.rollback(manifest.name)
             exc.details["rolled_back_to"] = restored.version if restored else None
+            log.warning(
+                "%s v%s failed its health check (%s); rolled back to %s",
+                manifest.name, manifest.version, exc.message, restored.version if restored else "nothing",
+            )
             self._publish_status()
             raise
+        self._checkpoint("profiled")
+        self.installer.confirm(manifest.name)
         self._event(
             EventKind.INSTALLED,
             cmd=cmd,
             detail={"name": manifest.name, "version": manifest.version, "checks": list(staged.verified.checks)},
         )
+        self._checkpoint("reported")
         self._publish_status()
-        report = MetricsReport(
+        self._send(self.topics.metrics, encode(self._metrics_report(cmd, manifest.name, manifest.version, profile)), retain=True)
+        log.info(
+            "installed %s v%s: p50 %.3f ms, p99 %.3f ms",
+            manifest.name, manifest.version, profile.latency["p50_ms"], profile.latency["p99_ms"],
+        )
+
+    def _metrics_report(self, cmd: DeployCommand, name: str, version: int, profile, **extra: object) -> MetricsReport:  # noqa: ANN001
+        return MetricsReport(
             device_id=self.config.device_id,
-            bundle_name=manifest.name,
-            bundle_version=manifest.version,
+            bundle_name=name,
+            bundle_version=version,
             runtime=profile.runtime,
             precision=profile.precision,
             ts=self.clock(),
@@ -352,12 +573,75 @@ class Agent:
             cpu=profile.cpu,
             power=profile.power,
             temperature=profile.temperature,
+            extra=dict(extra),
         )
-        self.client.publish(self.topics.metrics, encode(report), retain=True)
+
+    def _profile_only(self, cmd: DeployCommand, bundle_path: Path) -> None:
+        """Verify, benchmark from a scratch directory, report, remove. Nothing is activated."""
+        from device_agent.profiler import profile_model
+
+        scratch = self.installer.stage_scratch(bundle_path, self.clock(), **self._bundle_checks(cmd))
+        manifest = scratch.verified.manifest
+        payload = scratch.slot / "payload"
+        try:
+            profile = profile_model(
+                payload / manifest.model,
+                manifest.runtime,
+                manifest.precision,
+                payload / manifest.sample_input if manifest.sample_input else None,
+                cmd.benchmark,
+                self.power,
+                self.config.sysfs_root,
+                max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
+            )
+        finally:
+            self.installer.discard(scratch)
+        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, mode="profile")
+        self._send(self.topics.metrics, encode(report))
+        self._event(EventKind.PROFILED, cmd=cmd, detail={"name": manifest.name, "version": manifest.version})
         log.info(
-            "installed %s v%s: p50 %.3f ms, p99 %.3f ms",
-            manifest.name, manifest.version, profile.latency["p50_ms"], profile.latency["p99_ms"],
+            "profiled %s v%s without installing: p50 %.3f ms",
+            manifest.name, manifest.version, profile.latency["p50_ms"],
         )
+
+    def _retry_deferred(self) -> None:
+        """Ask the gate again for installs it held back; install them oldest first once it opens."""
+        self._next_gate_check = time.monotonic() + self.config.update_gate_retry_s
+        waiting = self.installer.deferred()
+        if not waiting:
+            return
+        decision = self.gate.check()
+        if not decision.open:
+            log.debug("update gate still closed (%s); %d install(s) wait", decision.reason, len(waiting))
+            return
+        for tid, path, raw in waiting:
+            try:
+                cmd = decode(raw, self.codec_limits)
+                if not isinstance(cmd, DeployCommand):
+                    raise StorageError(f"deferred command {tid} is not a deploy command")
+            except EdgeError as exc:
+                log.warning("dropping unreadable deferred install %s: %s", tid, exc.message)
+                self.installer.drop_deferred(tid)
+                continue
+            log.info("update gate open: installing deferred %s v%s", cmd.bundle_name, cmd.bundle_version)
+            try:
+                self._install(cmd, path)
+            except UntrustedInputError as exc:
+                self._event(EventKind.REFUSED, cmd=cmd, error=exc)
+            except EdgeError as exc:
+                self._event(EventKind.FAILED, cmd=cmd, error=exc)
+            finally:
+                self.installer.drop_deferred(tid)
+
+    def _report_interrupted(self, rb: PendingRollback) -> None:
+        err = HealthCheckError(
+            f"install of {rb.name} v{rb.version} was interrupted before it passed its health check "
+            f"(agent restarted); rolled back to {f'v{rb.restored}' if rb.restored else 'nothing'}",
+            check="interrupted",
+            rolled_back_to=rb.restored,
+        )
+        log.warning("%s", err.message)
+        self._event(EventKind.FAILED, error=err, command_id=rb.command_id, detail={"name": rb.name, "version": rb.version})
 
 
 def _sha256_fd(fd: int) -> str:

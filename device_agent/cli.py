@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from device_agent.config import load_config
+from device_agent.config import CRASH_POINTS, load_config
+from device_agent.sdnotify import Notifier
 from edge_sdk import __version__
 from edge_sdk.errors import ConfigError, EdgeError, LocalStateError
 
@@ -34,11 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", help="this device's id (letters, digits, _ . -)")
     run.add_argument("--data-dir", type=Path, help="directory for slots, staging and state")
     run.add_argument(
-        "--trusted-key", type=Path, action="append", default=[], help="public key file allowed to sign bundles (repeatable)"
+        "--root", "--trusted-key", dest="root", type=Path,
+        help="the signed root of trust (root.json from `edgectl keys init`); --trusted-key is its old name",
+    )
+    run.add_argument(
+        "--accelerator", action="append", default=[], help="an accelerator this device has, e.g. cuda (repeatable)"
     )
     run.add_argument("--sysfs-root", type=Path, help="root for hardware probes (default /)")
     run.add_argument("--transfer-idle-timeout", type=float, help="seconds without a chunk before a transfer is dropped")
     run.add_argument("--reconnect-max", type=float, help="upper bound of the reconnect backoff in seconds")
+    run.add_argument("--update-gate-file", type=Path, help="defer installs while this file exists (its first line is the reason)")
+    run.add_argument("--update-gate-command", help="command run before each install; a non-zero exit defers it")
+    run.add_argument("--update-gate-retry", type=float, help="seconds between asks of the gate while an install waits")
+    run.add_argument("--outbox-max-bytes", type=int, help="bound of the on-disk buffer of events and metrics kept while offline")
+    run.add_argument("--debug-crash-at", choices=CRASH_POINTS, help="testing only: SIGKILL the agent at this step of an install")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -55,10 +66,16 @@ def main(argv: list[str] | None = None) -> int:
                 "broker": args.broker,
                 "device_id": args.device_id,
                 "data_dir": args.data_dir,
-                "trusted_keys": tuple(args.trusted_key),
+                "root": args.root,
+                "accelerators": tuple(args.accelerator),
                 "sysfs_root": args.sysfs_root,
                 "transfer_idle_timeout_s": args.transfer_idle_timeout,
                 "reconnect_max_s": args.reconnect_max,
+                "update_gate_file": args.update_gate_file,
+                "update_gate_command": args.update_gate_command,
+                "update_gate_retry_s": args.update_gate_retry,
+                "outbox_max_bytes": args.outbox_max_bytes,
+                "debug_crash_at": args.debug_crash_at,
             },
         )
         from device_agent.agent import (
@@ -78,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    agent.run(stop)
+    agent.run(stop, Notifier.from_environ(os.environ))
     return 0
 
 

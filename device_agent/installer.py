@@ -5,13 +5,22 @@ Layout under the agent's data directory::
     state.json                    which slot of each bundle is active, and the previous one
     slots/<name>/v<version>/      verified payload files of one bundle version
     staging/<transfer_id>.part    bytes of a transfer being received
-    tmp/                          verification and extraction scratch (emptied at start)
+    deferred/<transfer_id>.*      received bundles the update gate held back (kept across restarts)
+    tmp/                          verification, extraction and profiling scratch (emptied at start)
 
 Every change of what is active is one atomic replace of ``state.json`` (temp file, fsync,
 rename, fsync the directory). A slot directory is complete and fsynced before its name
 appears under ``slots/``, so after a power cut ``state.json`` names either the old or
 the new version, and both are whole. Slots that ``state.json`` does not name are
 leftovers of an interrupted install and are removed at start.
+
+Activation is two-phase. :meth:`Installer.activate` makes the new version active but
+marks it ``pending`` (with the command that asked for it); only :meth:`Installer.confirm`,
+called once the health check and benchmark passed, clears the mark. An agent that
+finds a pending version at start (power cut, ``kill -9``, or a runtime that crashed the
+process during the health check) rolls it back with :meth:`Installer.roll_back_pending`:
+a version that never proved itself never stays active, and a model that crashes the
+agent cannot put it in a restart loop.
 """
 
 from __future__ import annotations
@@ -22,16 +31,17 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.bundle import BundleLimits, Manifest, VerifiedBundle, verify_bundle
+from edge_sdk.bundle import BundleLimits, DeviceFacts, Expected, Manifest, VerifiedBundle, verify_bundle
 from edge_sdk.durable import atomic_write_bytes, fsync_dir, fsync_tree
 from edge_sdk.errors import StorageError
 from edge_sdk.trust import TrustedKeys
 
-__all__ = ["ActiveBundle", "Installer", "StagedBundle"]
+__all__ = ["ActiveBundle", "Installer", "PendingRollback", "StagedBundle"]
 
 log = logging.getLogger(__name__)
 _STATE_SCHEMA = 1
@@ -59,6 +69,23 @@ class ActiveBundle:
 
 
 @dataclass(frozen=True)
+class PendingRollback:
+    """A version found active-but-unconfirmed at start, and what replaced it.
+
+    Attributes:
+        name: bundle name.
+        version: the version whose install was interrupted.
+        command_id: the deploy command that asked for it ("" if unknown).
+        restored: the version active again, or None.
+    """
+
+    name: str
+    version: int
+    command_id: str
+    restored: int | None
+
+
+@dataclass(frozen=True)
 class StagedBundle:
     """A verified bundle unpacked into its slot, not yet active."""
 
@@ -73,18 +100,29 @@ class Installer:
         data_dir: the agent's own directory (created if missing).
         trusted: keys that may sign bundles.
         limits: bundle limits.
+        checkpoint: called with the name of each step of an install as it is reached
+            (``staged``, ``activated``, ``confirmed``); the agent's ``debug_crash_at``
+            option uses it to SIGKILL itself there in crash-safety tests.
     """
 
-    def __init__(self, data_dir: Path, trusted: TrustedKeys, limits: BundleLimits = BundleLimits()) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        trusted: TrustedKeys,
+        limits: BundleLimits = BundleLimits(),
+        checkpoint: Callable[[str], None] = lambda _point: None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.trusted = trusted
         self.limits = limits
+        self.checkpoint = checkpoint
         self.slots_dir = self.data_dir / "slots"
         self.staging_dir = self.data_dir / "staging"
+        self.deferred_dir = self.data_dir / "deferred"
         self.tmp_dir = self.data_dir / "tmp"
         self.state_path = self.data_dir / "state.json"
         try:
-            for d in (self.data_dir, self.slots_dir, self.staging_dir, self.tmp_dir):
+            for d in (self.data_dir, self.slots_dir, self.staging_dir, self.deferred_dir, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create data directory {self.data_dir}: {exc.strerror}") from exc
@@ -157,6 +195,10 @@ class Installer:
             for child in d.iterdir():
                 _remove(child)
                 removed.append(str(child))
+        # Temp files of an atomic write of state.json cut short (edge_sdk.durable names them so).
+        for child in self.data_dir.glob(f".{self.state_path.name}.*.tmp"):
+            _remove(child)
+            removed.append(str(child))
         keep = set()
         for name, entry in self._state["bundles"].items():
             for key in ("active", "previous"):
@@ -174,8 +216,61 @@ class Installer:
     def staging_path(self, transfer_id: str) -> Path:
         return self.staging_dir / f"{transfer_id}.part"
 
-    def stage(self, bundle_path: Path, now: float) -> StagedBundle:
+    # --- deferred (update gate said "not now") -------------------------------------
+
+    def defer(self, transfer_id: str, bundle_path: Path, command: bytes) -> None:
+        """Keep a received bundle and its command until the update gate opens.
+
+        The bundle is moved first and the command written last (atomically), so a
+        crash in between leaves a bundle without a command, which :meth:`deferred`
+        removes: a deferred install is whole or absent.
+
+        Raises:
+            StorageError: the bundle cannot be moved or the command written.
+        """
+        target = self.deferred_dir / f"{transfer_id}.edge"
+        try:
+            os.replace(bundle_path, target)
+            fsync_dir(self.deferred_dir)
+        except OSError as exc:
+            raise StorageError(f"cannot keep deferred bundle in {self.deferred_dir}: {exc.strerror}") from exc
+        atomic_write_bytes(self.deferred_dir / f"{transfer_id}.cmd", command, mode=0o600)
+
+    def deferred(self) -> list[tuple[str, Path, bytes]]:
+        """Deferred installs, oldest first: (transfer id, bundle file, command bytes).
+
+        Incomplete entries (a crash while deferring) are removed.
+        """
+        found = []
+        for child in sorted(self.deferred_dir.iterdir(), key=lambda p: (p.stat().st_mtime, p.name)):
+            tid, _, suffix = child.name.partition(".")
+            if suffix == "edge" and (self.deferred_dir / f"{tid}.cmd").is_file():
+                try:
+                    found.append((tid, child, (self.deferred_dir / f"{tid}.cmd").read_bytes()))
+                except OSError as exc:
+                    raise StorageError(f"cannot read deferred command {tid}: {exc.strerror}") from exc
+            elif suffix != "cmd" or not (self.deferred_dir / f"{tid}.edge").is_file():
+                _remove(child)
+        return found
+
+    def drop_deferred(self, transfer_id: str) -> None:
+        """Forget a deferred install (done, refused or superseded)."""
+        _remove(self.deferred_dir / f"{transfer_id}.cmd")
+        _remove(self.deferred_dir / f"{transfer_id}.edge")
+
+    def stage(
+        self,
+        bundle_path: Path,
+        now: float,
+        *,
+        trusted: TrustedKeys | None = None,
+        device: DeviceFacts | None = None,
+        expect: Expected | None = None,
+    ) -> StagedBundle:
         """Verify a received bundle and unpack it into a fresh slot (not yet active).
+
+        ``trusted`` (default: the constructor's keys), ``device`` and ``expect`` are passed
+        to :func:`edge_sdk.bundle.verify_bundle`.
 
         Raises:
             UntrustedInputError: any failed check (see :func:`edge_sdk.bundle.verify_bundle`).
@@ -187,11 +282,13 @@ class Installer:
             payload.mkdir()
             verified = verify_bundle(
                 bundle_path,
-                self.trusted,
+                trusted or self.trusted,
                 now,
                 installed_version=self.accepted_version,
                 limits=self.limits,
                 extract_to=payload,
+                device=device,
+                expect=expect,
             )
             manifest = verified.manifest
             (scratch / "manifest.json").write_bytes(manifest.to_bytes())
@@ -209,23 +306,101 @@ class Installer:
             if scratch.exists():
                 _remove(scratch)
 
-    def activate(self, staged: StagedBundle) -> ActiveBundle | None:
-        """Make a staged slot active; the old active one becomes ``previous``.
+    def stage_scratch(
+        self,
+        bundle_path: Path,
+        now: float,
+        *,
+        trusted: TrustedKeys | None = None,
+        device: DeviceFacts | None = None,
+        expect: Expected | None = None,
+    ) -> StagedBundle:
+        """Verify a bundle and unpack it into a scratch directory, for profiling only.
+
+        Every check of :meth:`stage` runs except rollback protection (nothing is
+        installed, so an older version may be measured). ``state.json`` and ``slots/``
+        are not touched; the caller removes the scratch with :meth:`discard`, and
+        :meth:`recover` removes it after a crash.
+
+        Raises:
+            UntrustedInputError: any failed check.
+            StorageError: the scratch directory cannot be written.
+        """
+        scratch = Path(tempfile.mkdtemp(prefix="profile-", dir=self.tmp_dir))
+        try:
+            payload = scratch / "payload"
+            payload.mkdir()
+            verified = verify_bundle(
+                bundle_path, trusted or self.trusted, now, limits=self.limits, extract_to=payload,
+                device=device, expect=expect,
+            )
+            return StagedBundle(verified, scratch)
+        except OSError as exc:
+            _remove(scratch)
+            raise StorageError(f"cannot unpack bundle into {self.tmp_dir}: {exc.strerror}") from exc
+        except BaseException:
+            _remove(scratch)
+            raise
+
+    def discard(self, staged: StagedBundle) -> None:
+        """Remove a scratch directory made by :meth:`stage_scratch`."""
+        _remove(staged.slot)
+
+    def activate(self, staged: StagedBundle, command_id: str = "") -> ActiveBundle | None:
+        """Make a staged slot active, pending its health check; the old active one becomes ``previous``.
+
+        Args:
+            staged: from :meth:`stage`.
+            command_id: the deploy command, remembered with the pending mark so that a
+                roll-back at the next start can be reported against it.
 
         Returns:
             The bundle that was active before, if any.
         """
         m = staged.verified.manifest
+        self.checkpoint("staged")
         state = json.loads(json.dumps(self._state))
         entry = state["bundles"].setdefault(m.name, {})
         old = entry.get("active")
         entry["previous"] = old
         entry["active"] = {"version": m.version}
         entry["highest"] = max(m.version, entry.get("highest") or 0)
+        entry["pending"] = {"command_id": command_id}
         self._write_state(state)
-        log.info("activated %s v%s", m.name, m.version)
+        log.info("activated %s v%s (pending its health check)", m.name, m.version)
+        self.checkpoint("activated")
         self._prune(m.name)
         return self._load_active(m.name, "previous")
+
+    def confirm(self, name: str) -> None:
+        """Clear the pending mark: the active version of ``name`` passed its health check."""
+        entry = self._state["bundles"].get(name)
+        if entry is None or "pending" not in entry:
+            return
+        state = json.loads(json.dumps(self._state))
+        del state["bundles"][name]["pending"]
+        self._write_state(state)
+        log.info("confirmed %s v%s", name, entry["active"]["version"] if entry.get("active") else None)
+        self.checkpoint("confirmed")
+
+    def pending(self) -> list[str]:
+        """Names whose active version has not passed its health check yet."""
+        return sorted(n for n, e in self._state["bundles"].items() if "pending" in e)
+
+    def roll_back_pending(self) -> list[PendingRollback]:
+        """Roll back every version left pending by an interrupted install (call at start).
+
+        Returns:
+            One entry per roll-back, for the agent to report.
+        """
+        done = []
+        for name in self.pending():
+            entry = self._state["bundles"][name]
+            version = int(entry["active"]["version"]) if entry.get("active") else 0
+            command_id = str((entry.get("pending") or {}).get("command_id", ""))
+            restored = self.rollback(name)
+            done.append(PendingRollback(name, version, command_id, restored.version if restored else None))
+        return done
 
     def rollback(self, name: str) -> ActiveBundle | None:
         """Make the previous version active again (the failed one is dropped).
@@ -240,6 +415,7 @@ class Installer:
         failed = entry.get("active")
         entry["active"] = entry.get("previous")
         entry["previous"] = None
+        entry.pop("pending", None)
         if entry["active"] is None:
             del state["bundles"][name]
             if entry.get("highest"):
@@ -250,6 +426,23 @@ class Installer:
             _remove(self._slot_dir(name, int(failed["version"])))
         log.warning("rolled back %s to %s", name, entry["active"])
         return self.active(name)
+
+    def remove(self, name: str) -> int | None:
+        """Stop running ``name`` and delete its slots; its highest version stays on record.
+
+        Returns:
+            The version that was active, or None if nothing of that name was installed.
+        """
+        state = json.loads(json.dumps(self._state))
+        entry = state["bundles"].get(name)
+        if entry is None or not entry.get("active"):
+            return None
+        removed = int(entry["active"]["version"])
+        state["bundles"][name] = {"active": None, "previous": None, "highest": entry.get("highest") or removed}
+        self._write_state(state)
+        _remove(self.slots_dir / name)
+        log.info("removed %s (was v%s)", name, removed)
+        return removed
 
     def _prune(self, name: str) -> None:
         entry = self._state["bundles"][name]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PlatformInfo", "detect_platform"]
+__all__ = ["PlatformInfo", "detect_platform", "power_model_name"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,31 @@ def detect_platform(root: Path = Path("/"), arch: str | None = None, cores: int 
         return PlatformInfo("android", model, arch, cores, memory)
     product = _read_text(root / "sys/class/dmi/id/product_name")
     return PlatformInfo("generic-linux", dt_model or product or "Linux", arch, cores, memory)
+
+
+def power_model_name(info: PlatformInfo) -> str:
+    """Which entry of :data:`edge_sdk.metrics.POWER_MODELS` fits this device.
+
+    It also picks the power sensors worth probing: ``raspberry-pi-5`` enables the PMIC
+    (``vcgencmd pmic_read_adc``), which older Pis lack.
+    """
+    model = info.model.lower()
+    if info.kind == "raspberry-pi":
+        if "raspberry pi 5" in model:
+            return "raspberry-pi-5"
+        if "raspberry pi 4" in model:
+            return "raspberry-pi-4"
+        return "generic-arm"
+    if info.kind == "jetson":
+        if "orin" in model and "nano" in model:
+            return "jetson-orin-nano"
+        if "nano" in model:
+            return "jetson-nano"
+        return "generic-arm"
+    if info.kind == "android":
+        return "android"
+    if info.arch in ("x86_64", "amd64", "i686", "i386"):
+        return "generic-x86"
+    if info.arch.startswith(("aarch64", "arm")):
+        return "generic-arm"
+    return "generic"

@@ -10,6 +10,8 @@ not a sensor), and finally the thermal zones.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ from edge_sdk.runtime import (
 __all__ = ["Profile", "health_check", "load_feeds", "profile_model"]
 
 log = logging.getLogger(__name__)
+
+#: Timed runs of the sample input behind a latency budget (after one untimed run).
+HEALTH_TIMED_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -79,25 +84,64 @@ def load_feeds(session: InferenceSession, sample_path: Path | None, seed: int = 
     return feeds
 
 
-def health_check(session: InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run one inference and check every output is finite and shaped as declared.
+def health_check(
+    session: InferenceSession,
+    feeds: dict[str, np.ndarray],
+    max_latency_ms: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[np.ndarray]:
+    """Run the sample input and check the outputs, and the latency when a budget is given.
+
+    Every output must be finite and shaped as the model declares (dynamic dimensions
+    match anything). With ``max_latency_ms``, the median of :data:`HEALTH_TIMED_RUNS`
+    further runs must be within it.
+
+    Args:
+        session: the loaded model.
+        feeds: one sample input.
+        max_latency_ms: the manifest's ``health.max_latency_ms``, or None.
+        clock: seconds, for the timed runs (injectable).
 
     Raises:
-        HealthCheckError: the run failed, or an output is non-finite or misshaped.
+        HealthCheckError: the run failed, an output is non-finite or misshaped, or the
+            model is slower than its budget; ``details["check"]`` names which
+            (``run``, ``finite``, ``shape``, ``latency``).
     """
     try:
         outputs = session.run(feeds)
     except Exception as exc:  # any runtime failure is a failed health check
-        raise HealthCheckError(f"model failed to run on its sample input: {exc}") from exc
-    for spec, out in zip(session.outputs(), outputs):
+        raise HealthCheckError(f"model failed to run on its sample input: {exc}", check="run") from exc
+    specs = session.outputs()
+    if len(outputs) != len(specs):
+        raise HealthCheckError(f"model returned {len(outputs)} outputs, declares {len(specs)}", check="shape")
+    for spec, out in zip(specs, outputs):
         if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
-            raise HealthCheckError(f"output {spec.name!r} contains NaN or infinity", output=spec.name)
+            raise HealthCheckError(f"output {spec.name!r} contains NaN or infinity", output=spec.name, check="finite")
         if len(spec.shape) != out.ndim or any(
             d is not None and d != got for d, got in zip(spec.shape, out.shape)
         ):
             raise HealthCheckError(
                 f"output {spec.name!r} has shape {list(out.shape)}, model declares {list(spec.shape)}",
                 output=spec.name,
+                check="shape",
+            )
+    if max_latency_ms is not None:
+        times = []
+        for _ in range(HEALTH_TIMED_RUNS):
+            t0 = clock()
+            try:
+                session.run(feeds)
+            except Exception as exc:
+                raise HealthCheckError(f"model failed on a repeated run: {exc}", check="run") from exc
+            times.append((clock() - t0) * 1000.0)
+        median_ms = float(np.median(times))
+        if median_ms > max_latency_ms:
+            raise HealthCheckError(
+                f"median latency {median_ms:.3f} ms over {HEALTH_TIMED_RUNS} runs exceeds the "
+                f"budget of {max_latency_ms:g} ms",
+                check="latency",
+                median_ms=median_ms,
+                max_latency_ms=max_latency_ms,
             )
     return outputs
 
@@ -110,6 +154,7 @@ def profile_model(
     spec: BenchmarkSpec,
     power_source: PowerSource,
     root: Path = Path("/"),
+    max_latency_ms: float | None = None,
 ) -> Profile:
     """Load a model, health-check it, benchmark it and measure what it cost.
 
@@ -121,6 +166,7 @@ def profile_model(
         spec: runs, warm-up, threads.
         power_source: from :func:`edge_sdk.metrics.detect_power_source`.
         root: filesystem root for thermal zones.
+        max_latency_ms: the health check's latency budget (the manifest's ``health``).
 
     Raises:
         ModelError: load or health check failed.
@@ -130,7 +176,7 @@ def profile_model(
     with open_session(model_path, runtime, SessionOptions(threads=spec.threads), precision_hint=precision) as session:
         rss_loaded = rss_bytes()
         feeds = load_feeds(session, sample_path)
-        health_check(session, feeds)
+        health_check(session, feeds, max_latency_ms)
         with PeakRssSampler() as mem, CpuSampler() as cpu, EnergyWindow(power_source) as energy:
             stats = benchmark(
                 lambda: session.run(feeds),

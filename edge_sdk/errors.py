@@ -8,10 +8,14 @@ say whose fault it is, which tells the caller what to do next::
     |   +-- BundleFormatError        not a bundle, truncated, hostile archive member
     |   +-- ManifestError            manifest malformed or inconsistent
     |   +-- HashMismatchError        a file's size or sha256 differs from the manifest
+    |   +-- FileSetMismatchError     payload has a file the manifest lacks, or lacks one (mix-and-match)
+    |   +-- TargetMismatchError      bundle or command is not for this device (arch, memory, id)
     |   +-- SignatureError           signature missing or does not verify
     |   |   +-- UntrustedKeyError      signed, but by a key this device does not trust
     |   +-- ExpiredError             signed metadata is past its expiry (freeze attack)
     |   +-- RollbackError            version not newer than the one installed
+    |   +-- ReplayError              a signed command's nonce was already used
+    |   +-- RootError                root-of-trust document malformed, or not the next version
     |   +-- MessageError             malformed MQTT payload or unknown schema
     |   |   +-- MessageTooLargeError   payload above the configured limit
     |   +-- TransferError            chunked transfer broke its own declaration
@@ -48,6 +52,10 @@ __all__ = [
     "UntrustedKeyError",
     "ExpiredError",
     "RollbackError",
+    "FileSetMismatchError",
+    "TargetMismatchError",
+    "ReplayError",
+    "RootError",
     "MessageError",
     "MessageTooLargeError",
     "TransferError",
@@ -138,6 +146,30 @@ class RollbackError(UntrustedInputError):
     """The offered version is not newer than the one already accepted."""
 
     code = "rollback"
+
+
+class FileSetMismatchError(UntrustedInputError):
+    """The payload holds a file the signed manifest does not list, or lacks one it lists."""
+
+    code = "file_set_mismatch"
+
+
+class TargetMismatchError(UntrustedInputError):
+    """A bundle's target constraints, or a command's device id, do not fit this device."""
+
+    code = "target_mismatch"
+
+
+class ReplayError(UntrustedInputError):
+    """A signed command arrived again (its nonce was already used on this device)."""
+
+    code = "replay"
+
+
+class RootError(UntrustedInputError):
+    """A root-of-trust document is malformed, or is not the next version of the trusted one."""
+
+    code = "root_invalid"
 
 
 class MessageError(UntrustedInputError):

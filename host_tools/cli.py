@@ -184,37 +184,113 @@ passphrase_option = click.option(
 
 @cli.group()
 def keys() -> None:
-    """Manage the bundle-signing key pair."""
+    """Manage signing keys and the root of trust devices ship with (HOME/keys/root.json)."""
+
+
+def _authority(cfg: HostConfig, passphrase_env: str | None) -> Any:
+    """The command keys and the root chain, for every command sent to a device."""
+    from host_tools.fleet.deployer import CommandAuthority
+    from host_tools.keys import KeyRing
+
+    ring = KeyRing(cfg.keys_dir)
+    return CommandAuthority(tuple(ring.role_keys("commands", _passphrase(passphrase_env))), tuple(ring.chain()))
+
+
+def _root_summary(ring: Any) -> dict[str, Any]:
+    root = ring.root
+    return {
+        "root": str(ring.root_path),
+        "version": root.version,
+        "expires_at": root.expires_at,
+        "roles": {
+            name: {
+                "threshold": role.threshold,
+                "keys": [{"keyid": k, "private_key_here": ring.private_path(k).exists()} for k in role.keyids],
+            }
+            for name, role in root.roles.items()
+        },
+    }
+
+
+def _root_text(summary: dict[str, Any]) -> str:
+    lines = [
+        f"root v{summary['version']}, expires {time.strftime('%Y-%m-%d', time.gmtime(summary['expires_at']))} "
+        f"-> {summary['root']} (give this file to devices)"
+    ]
+    for name, role in summary["roles"].items():
+        keys_text = ", ".join(k["keyid"] + ("" if k["private_key_here"] else " (no private key here)") for k in role["keys"])
+        lines.append(f"  {name:<9} threshold {role['threshold']}: {keys_text}")
+    return "\n".join(lines)
 
 
 @keys.command("init")
 @passphrase_option
-@click.option("--force", is_flag=True, help="replace an existing key pair")
+@click.option("--force", is_flag=True, help="start over: new keys and root v1 (devices must be re-provisioned)")
+@click.option("--root-keys", default=1, show_default=True, help="how many root keys")
+@click.option("--root-threshold", default=1, show_default=True, help="how many root keys must sign a new root")
+@click.option("--ttl-days", default=365.0, show_default=True, help="days until the root expires")
 @json_option
 @click.pass_context
-def keys_init(ctx: click.Context, passphrase_env: str | None, force: bool, json_output: bool) -> None:
-    """Create a signing key pair (private key 0600) unless one exists."""
+def keys_init(
+    ctx: click.Context, passphrase_env: str | None, force: bool, root_keys: int, root_threshold: int,
+    ttl_days: float, json_output: bool,
+) -> None:
+    """Create root, bundle and command keys (private keys 0600) and root v1, unless they exist."""
     from host_tools.keys import init_keys
 
     cfg = _cfg(ctx, json_output)
-    paths, key, created = init_keys(cfg.keys_dir, _passphrase(passphrase_env), force)
-    data = {"created": created, "keyid": key.keyid, "private_key": str(paths.private), "public_key": str(paths.public)}
-    verb = "created" if created else "exists"
-    _emit(cfg, data, f"key pair {verb}: keyid {key.keyid}\n  private {paths.private}\n  public  {paths.public} (give this to devices)")
+    ring, created = init_keys(
+        cfg.keys_dir, time.time(), _passphrase(passphrase_env), force, root_keys, root_threshold, ttl_days * 86400.0
+    )
+    data = {"created": created, **_root_summary(ring)}
+    _emit(cfg, data, lambda: ("created " if created else "exists: ") + _root_text(data))
 
 
 @keys.command("show")
 @json_option
 @click.pass_context
 def keys_show(ctx: click.Context, json_output: bool) -> None:
-    """Show the public key id and where the key pair is."""
-    from host_tools.keys import KeyPaths, load_public_key
+    """Show the root of trust: its version, expiry, and which keys act in each role."""
+    from host_tools.keys import KeyRing
 
     cfg = _cfg(ctx, json_output)
-    paths = KeyPaths.in_dir(cfg.keys_dir)
-    pub = load_public_key(paths.public)
-    data = {"keyid": pub.keyid, "private_key": str(paths.private), "public_key": str(paths.public)}
-    _emit(cfg, data, f"keyid {pub.keyid}\n  private {paths.private}\n  public  {paths.public}")
+    data = _root_summary(KeyRing(cfg.keys_dir))
+    _emit(cfg, data, lambda: _root_text(data))
+
+
+@keys.command("rotate")
+@click.argument("role", type=click.Choice(["root", "bundles", "commands"]))
+@click.option("--keyid", help="which key of the role to replace (default: its only key)")
+@click.option("--ttl-days", default=365.0, show_default=True, help="days until the new root expires")
+@passphrase_option
+@json_option
+@click.pass_context
+def keys_rotate(
+    ctx: click.Context, role: str, keyid: str | None, ttl_days: float, passphrase_env: str | None, json_output: bool
+) -> None:
+    """Replace a key of ROLE and publish the next root (devices get it with the next command)."""
+    from host_tools.keys import KeyRing, rotate_key
+
+    cfg = _cfg(ctx, json_output)
+    old, key, _ = rotate_key(cfg.keys_dir, role, time.time(), _passphrase(passphrase_env), keyid, ttl_days * 86400.0)
+    data = {"replaced": old, "new_keyid": key.keyid, **_root_summary(KeyRing(cfg.keys_dir))}
+    _emit(cfg, data, lambda: f"{role}: {old} replaced by {key.keyid}\n" + _root_text(data))
+
+
+@keys.command("revoke")
+@click.argument("keyid")
+@click.option("--ttl-days", default=365.0, show_default=True, help="days until the new root expires")
+@passphrase_option
+@json_option
+@click.pass_context
+def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env: str | None, json_output: bool) -> None:
+    """Publish the next root without KEYID; a device stops trusting it as soon as it sees that root."""
+    from host_tools.keys import KeyRing, revoke_key
+
+    cfg = _cfg(ctx, json_output)
+    revoke_key(cfg.keys_dir, keyid, time.time(), _passphrase(passphrase_env), ttl_days * 86400.0)
+    data = {"revoked": keyid, **_root_summary(KeyRing(cfg.keys_dir))}
+    _emit(cfg, data, lambda: f"revoked {keyid}\n" + _root_text(data))
 
 
 # --- compress ---------------------------------------------------------------------------
@@ -225,20 +301,61 @@ def keys_show(ctx: click.Context, json_output: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True, help="compressed model")
 @click.option(
     "--quantize",
-    default="int8-static",
-    show_default=True,
-    help="int8-static, int8-static-entropy, int8-static-percentile, int8-static-per-tensor, int8-dynamic",
+    help="int8-static (default when no other step is given), int8-static-entropy, int8-static-percentile, "
+    "int8-static-per-tensor, int8-dynamic, fp16, int4-weight",
+)
+@click.option(
+    "--lowrank",
+    help="SVD-factorize large Gemm/MatMul/1x1 Conv layers: retained energy (e.g. 0.9), "
+    "or 'auto' to pick ranks within --max-accuracy-drop",
+)
+@click.option("--weight-share", type=click.IntRange(1, 8), help="cluster each large float weight into 2**BITS shared values")
+@click.option(
+    "--distill",
+    help="replace the model by a student trained on its soft targets: mlp:WIDTH[,WIDTH...] (needs --train, torch)",
+)
+@click.option("--distill-temperature", type=float, default=4.0, show_default=True, help="distillation temperature T")
+@click.option("--distill-alpha", type=float, default=0.7, show_default=True, help="weight of the soft (teacher) loss")
+@click.option(
+    "--prune",
+    help="magnitude:S (global), layer:S (per layer), sensitivity:S (target sparsity S), or channels:R "
+    "(remove share R of channels/neurons; the dense model shrinks)",
+)
+@click.option("--finetune", "finetune_epochs", type=click.IntRange(1), help="fine-tune this many epochs after pruning (needs --train, torch)")
+@click.option("--train", "train_data", help="labelled training data for --distill, --finetune, sensitivity: .npz or module:function")
+@click.option("--epochs", "train_epochs", type=click.IntRange(1), help="training epochs for --distill (default 60)")
+@click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False), help="TOML recipe of [[step]] tables (instead of step options)")
+@click.option(
+    "--packed",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="also write the packed transport form (codebooks + entropy-coded indices) of the output here",
 )
 @click.option("--calib", help="calibration data: .npz, .npy or module:function")
 @click.option("--eval", "eval_data", help="evaluation data (x and labels y): .npz or module:function")
-@click.option("--max-accuracy-drop", type=float, help="fail if accuracy drops by more than this (fraction, e.g. 0.005)")
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    help="quality budget (fraction, e.g. 0.005): quantization keeps its most sensitive nodes in float to meet it, "
+    "and nothing is written if the final model still misses it",
+)
 @json_option
 @click.pass_context
 def compress(
     ctx: click.Context,
     model: Path,
     output: Path,
-    quantize: str,
+    quantize: str | None,
+    lowrank: str | None,
+    weight_share: int | None,
+    distill: str | None,
+    distill_temperature: float,
+    distill_alpha: float,
+    prune: str | None,
+    finetune_epochs: int | None,
+    train_data: str | None,
+    train_epochs: int | None,
+    recipe: Path | None,
+    packed: Path | None,
     calib: str | None,
     eval_data: str | None,
     max_accuracy_drop: float | None,
@@ -247,28 +364,116 @@ def compress(
     """Compress MODEL and report size, accuracy and host latency per step."""
     from tqdm import tqdm
 
+    from edge_sdk.errors import CompressionError
     from host_tools import compress as hc
 
     cfg = _cfg(ctx, json_output)
-    steps = [hc.parse_quantize_option(quantize)]
+    if max_accuracy_drop is not None and max_accuracy_drop < 0:
+        raise ConfigError("--max-accuracy-drop must be >= 0", key="max_accuracy_drop")
+    if max_accuracy_drop is not None and not eval_data:
+        raise ConfigError("--max-accuracy-drop needs evaluation data (--eval)", key="eval")
+    training_steps = _training_steps(hc, distill, distill_temperature, distill_alpha, train_epochs, prune, finetune_epochs)
+    if training_steps and recipe is not None:
+        raise ConfigError("give either --recipe or step options (--prune, --distill, ...), not both")
+    steps = training_steps + _compress_steps(
+        hc, recipe, quantize, lowrank, weight_share, max_accuracy_drop, default_quantize=not training_steps
+    )
+    training = hc.load_arrays(train_data) if train_data else None
     calibration = hc.load_arrays(calib) if calib else None
     evaluation = hc.load_arrays(eval_data) if eval_data else None
     source = hc.load_model(model)
     with tqdm(total=len(steps), desc="compress", unit="step", file=sys.stderr, leave=False) as bar:
-        result = hc.compress(
-            source, steps, calibration, evaluation,
-            progress=lambda ev: bar.set_postfix_str(f"{ev.step} {ev.phase}"),
-        )
-        bar.update(len(steps))
+
+        def progress(ev: Any) -> None:
+            if ev.phase == "run" and ev.done != bar.n:
+                bar.update(ev.done - bar.n)
+            bar.set_postfix_str(f"{ev.step} {ev.phase}")
+
+        result = hc.compress(source, steps, calibration, evaluation, progress=progress, training=training)
+        bar.update(len(steps) - bar.n)
     report = result.report
     drop = report.quality_drop
     if max_accuracy_drop is not None and drop is not None and drop > max_accuracy_drop:
-        raise hc.CompressionError(
+        raise CompressionError(
             f"accuracy dropped by {drop:.4f}, more than --max-accuracy-drop {max_accuracy_drop}; nothing written",
             drop=drop,
         )
+    packed_model = hc.pack_model(hc.model_from_bytes(result.model_bytes)) if packed else None
     hc.save_model_atomic(result.model_bytes, output)
-    _emit(cfg, {"output": str(output), "report": report.to_dict()}, lambda: _compress_table(report, output))
+    data: dict[str, Any] = {"output": str(output), "report": report.to_dict()}
+    if packed_model is not None and packed is not None:
+        hc.save_model_atomic(packed_model.data, packed)
+        data["packed"] = {"path": str(packed), "size_bytes": packed_model.size_bytes,
+                          "shared_tensors": list(packed_model.shared_tensors)}  # fmt: skip
+    _emit(cfg, data, lambda: _compress_table(report, output) + _packed_line(data.get("packed"), report))
+
+
+def _compress_steps(
+    hc: Any, recipe: Path | None, quantize: str | None, lowrank: str | None, weight_share: int | None,
+    max_drop: float | None, *, default_quantize: bool = True,
+) -> list[Any]:
+    """The passes for ``compress``, from a recipe or from the step options, in a fixed order."""
+    if recipe is not None:
+        if quantize or lowrank or weight_share:
+            raise ConfigError("give either --recipe or step options (--quantize, --lowrank, ...), not both")
+        return hc.load_recipe(recipe)
+    steps = []
+    if lowrank:
+        if lowrank.strip().lower() == "auto":
+            if max_drop is None:
+                raise ConfigError("--lowrank auto needs --max-accuracy-drop", key="lowrank")
+            steps.append(hc.build_pass("lowrank", {"max_drop": max_drop}))
+        else:
+            try:
+                energy = float(lowrank)
+            except ValueError as exc:
+                raise ConfigError(f"--lowrank takes an energy in (0, 1] or 'auto', not {lowrank!r}", key="lowrank") from exc
+            steps.append(hc.build_pass("lowrank", {"energy": energy}))
+    if quantize and weight_share:
+        raise ConfigError("--weight-share clusters float weights; it cannot follow --quantize", key="weight_share")
+    if weight_share:
+        steps.append(hc.build_pass("weight-share", {"bits": weight_share}))
+    if quantize or (not steps and default_quantize):
+        options: dict[str, Any] = {"mode": quantize or "int8-static"}
+        if max_drop is not None:
+            options["max_accuracy_drop"] = max_drop
+        steps.append(hc.build_pass("quantize", options))
+    return steps
+
+
+def _training_steps(
+    hc: Any, distill: str | None, temperature: float, alpha: float, epochs: int | None,
+    prune: str | None, finetune_epochs: int | None,
+) -> list[Any]:
+    """Distillation, pruning and fine-tuning passes from the CLI options, in that order."""
+    steps: list[Any] = []
+    if distill:
+        student = hc.parse_student(distill)
+        options = {"hidden": list(student.hidden), "temperature": temperature, "alpha": alpha}
+        steps.append(hc.build_pass("distill", {**options, "epochs": epochs or 60, "learning_rate": 0.01}))
+    if prune:
+        kind, _, value = prune.strip().lower().partition(":")
+        names = {"magnitude": ("prune", "sparsity", {}), "layer": ("prune", "sparsity", {"scope": "layer"}),
+                 "sensitivity": ("prune-sensitivity", "sparsity", {}), "channels": ("prune-channels", "ratio", {})}  # fmt: skip
+        try:
+            name, key, extra = names[kind]
+            amount = float(value)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(
+                f"--prune takes magnitude:S, layer:S, sensitivity:S or channels:R (e.g. magnitude:0.9), not {prune!r}",
+                key="prune",
+            ) from exc
+        steps.append(hc.build_pass(name, {key: amount, **extra}))
+    if finetune_epochs:
+        steps.append(hc.build_pass("finetune", {"epochs": finetune_epochs}))
+    return steps
+
+
+def _packed_line(packed: dict[str, Any] | None, report: Any) -> str:
+    if not packed:
+        return ""
+    ratio = report.original.size_bytes / max(1, packed["size_bytes"])
+    return f"\npacked transport form: {packed['size_bytes']} bytes ({ratio:.1f}x smaller than the input model); wrote {packed['path']}"
 
 
 def _compress_table(report: Any, output: Path) -> str:
@@ -286,7 +491,17 @@ def _compress_table(report: Any, output: Path) -> str:
         ],
         rows,
     )
-    return f"{table}\n\n{report.size_ratio:.2f}x smaller; wrote {output}"
+    notes = []
+    for step in report.steps:
+        if step.notes.get("float_nodes"):
+            notes.append(f"{step.name}: kept in float: {', '.join(step.notes['float_nodes'])}")
+        if "packed_bytes" in step.notes:
+            notes.append(f"{step.name}: packed transport form {format_bytes(step.notes['packed_bytes'])}")
+        if "factorized_params_before" in step.notes:
+            layers = ", ".join(f"{d['layer']} rank {d['rank']}/{d['full_rank']}" for d in step.notes["layers"])
+            notes.append(f"{step.name}: {layers or 'no layer worth factorizing'}")
+    extra = "".join(f"\n* {n}" for n in notes)
+    return f"{table}{extra}\n\n{report.size_ratio:.2f}x smaller; wrote {output}"
 
 
 # --- pack and verify --------------------------------------------------------------------
@@ -301,6 +516,10 @@ def _compress_table(report: Any, output: Path) -> str:
 @click.option("--precision", help="what the model computes in (default: detected)")
 @click.option("--sample", type=click.Path(path_type=Path, dir_okay=False), help=".npz with one sample batch for the device's health check")
 @click.option("--ttl-days", type=float, default=30.0, show_default=True, help="days until the manifest expires")
+@click.option("--max-latency-ms", type=float, help="health check: the device rolls back if the sample's median latency exceeds this")
+@click.option("--arch", "archs", multiple=True, help="target: an architecture the model runs on, e.g. aarch64 (repeatable)")
+@click.option("--min-memory-mb", type=int, help="target: memory the device must have, in MiB")
+@click.option("--accelerator", "accelerators", multiple=True, help="target: an accelerator the device must have (repeatable)")
 @passphrase_option
 @json_option
 @click.pass_context
@@ -314,13 +533,17 @@ def pack(
     precision: str | None,
     sample: Path | None,
     ttl_days: float,
+    max_latency_ms: float | None,
+    archs: tuple[str, ...],
+    min_memory_mb: int | None,
+    accelerators: tuple[str, ...],
     passphrase_env: str | None,
     json_output: bool,
 ) -> None:
-    """Pack MODEL into a signed bundle."""
-    from edge_sdk.bundle import BundleSpec, TensorInfo, pack_bundle
+    """Pack MODEL into a bundle signed by the root's bundle key(s)."""
+    from edge_sdk.bundle import BundleSpec, HealthSpec, Target, TensorInfo, pack_bundle
     from edge_sdk.runtime import open_session
-    from host_tools.keys import KeyPaths, load_signing_key
+    from host_tools.keys import KeyRing
 
     cfg = _cfg(ctx, json_output)
     runtime = runtime or ("litert" if model.suffix == ".tflite" else "onnxruntime")
@@ -328,37 +551,66 @@ def pack(
     with open_session(model, runtime) as session:
         inputs = tuple(TensorInfo(s.name, tuple(s.shape), s.dtype) for s in session.inputs())
         precision = precision or session.precision
-    key = load_signing_key(KeyPaths.in_dir(cfg.keys_dir).private, _passphrase(passphrase_env))
-    spec = BundleSpec(name, version, runtime, model, precision, inputs, sample, ttl_days * 86400.0)
-    manifest = pack_bundle(spec, [key], output, time.time())
-    data = {"bundle": str(output), "signed_by": key.keyid, "manifest": manifest.to_dict()}
+    signers = KeyRing(cfg.keys_dir).role_keys("bundles", _passphrase(passphrase_env))
+    health = HealthSpec(max_latency_ms) if max_latency_ms is not None else None
+    target = None
+    if archs or min_memory_mb or accelerators:
+        target = Target(tuple(archs), (min_memory_mb or 0) << 20, tuple(accelerators))
+    spec = BundleSpec(
+        name, version, runtime, model, precision, inputs, sample, health=health, target=target,
+        ttl_s=ttl_days * 86400.0,
+    )
+    manifest = pack_bundle(spec, signers, output, time.time())
+    signed_by = ", ".join(k.keyid for k in signers)
+    data = {"bundle": str(output), "signed_by": [k.keyid for k in signers], "manifest": manifest.to_dict()}
     _emit(
         cfg,
         data,
         f"packed {manifest.name} v{manifest.version} ({manifest.runtime}, {manifest.precision}, "
-        f"{len(manifest.files)} file(s)) -> {output}\nsigned by {key.keyid}",
+        f"{len(manifest.files)} file(s)) -> {output}\nsigned by {signed_by}",
     )
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--key", "key_files", type=click.Path(path_type=Path, dir_okay=False), multiple=True, help="trusted public key (default: HOME/keys)")
+@click.option("--root", "root_file", type=click.Path(path_type=Path, dir_okay=False), help="root of trust to check against (default: HOME/keys/root.json)")
 @click.option("--installed-version", type=int, help="check rollback protection against this installed version")
+@click.option("--arch", help="check target constraints against this architecture")
+@click.option("--memory-mb", type=int, help="... and this much memory (MiB)")
+@click.option("--accelerator", "accelerators", multiple=True, help="... and these accelerators (repeatable)")
 @json_option
 @click.pass_context
-def verify(ctx: click.Context, bundle: Path, key_files: tuple[Path, ...], installed_version: int | None, json_output: bool) -> None:
+def verify(
+    ctx: click.Context, bundle: Path, root_file: Path | None, installed_version: int | None, arch: str | None,
+    memory_mb: int | None, accelerators: tuple[str, ...], json_output: bool,
+) -> None:
     """Run every check a device runs on BUNDLE and explain each one."""
-    from edge_sdk.bundle import verify_bundle
-    from edge_sdk.trust import TrustedKeys
-    from host_tools.keys import KeyPaths, load_public_key
+    from edge_sdk.bundle import DeviceFacts, verify_bundle
+    from edge_sdk.errors import KeyStoreError
+    from edge_sdk.trust import SignedRoot, verify_root
+    from host_tools.keys import KeyRing
 
     cfg = _cfg(ctx, json_output)
-    paths = key_files or (KeyPaths.in_dir(cfg.keys_dir).public,)
-    trusted = TrustedKeys(tuple(load_public_key(p) for p in paths))
-    result = verify_bundle(bundle, trusted, time.time(), installed_version=installed_version)
+    now = time.time()
+    if root_file is None:
+        root = KeyRing(cfg.keys_dir).root
+    else:
+        try:
+            root = verify_root(SignedRoot.from_bytes(root_file.read_bytes()))
+        except OSError as exc:
+            raise KeyStoreError(f"cannot read root {root_file}: {exc.strerror}") from exc
+    root.check_not_expired(now)
+    role = root.roles["bundles"]
+    root_line = (
+        f"root: v{root.version}, valid for another {(root.expires_at - now) / 86400:.0f} days; bundle keys "
+        f"{', '.join(role.keyids)}, threshold {role.threshold}"
+    )
+    device = DeviceFacts(arch, (memory_mb or 0) << 20, frozenset(accelerators)) if arch else None
+    result = verify_bundle(bundle, root.trusted("bundles"), now, installed_version=installed_version, device=device)
     m = result.manifest
-    data = {"ok": True, "checks": list(result.checks), "manifest": m.to_dict()}
-    _emit(cfg, data, "\n".join(f"ok  {c}" for c in result.checks) + f"\n{bundle}: {m.name} v{m.version} verified")
+    checks = [root_line, *result.checks]
+    data = {"ok": True, "checks": checks, "manifest": m.to_dict()}
+    _emit(cfg, data, "\n".join(f"ok  {c}" for c in checks) + f"\n{bundle}: {m.name} v{m.version} verified")
 
 
 # --- fleet ------------------------------------------------------------------------------
@@ -375,6 +627,8 @@ def verify(ctx: click.Context, bundle: Path, key_files: tuple[Path, ...], instal
 @click.option("--chunk-size", default=64 * 1024, show_default=True, help="bytes per MQTT chunk")
 @click.option("--accept-timeout", default=15.0, show_default=True, help="seconds the device has to accept the offer")
 @click.option("--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device to finish")
+@click.option("--rollback", is_flag=True, help="allow this version even if the device accepted a newer one (signed downgrade)")
+@passphrase_option
 @json_option
 @click.pass_context
 def deploy(
@@ -389,9 +643,11 @@ def deploy(
     chunk_size: int,
     accept_timeout: float,
     timeout_s: float,
+    rollback: bool,
+    passphrase_env: str | None,
     json_output: bool,
 ) -> None:
-    """Send BUNDLE to a device, wait until it is installed, print its metrics."""
+    """Send BUNDLE to a device with a signed command, wait until it is installed, print its metrics."""
     from edge_sdk.protocol import BenchmarkSpec
     from host_tools.fleet.deployer import DeployOptions, deploy_and_record
 
@@ -402,6 +658,8 @@ def deploy(
             accept_timeout_s=accept_timeout,
             finish_timeout_s=timeout_s,
             benchmark=BenchmarkSpec(runs=runs, warmup=warmup, threads=threads),
+            authority=_authority(cfg, passphrase_env),
+            rollback=rollback,
         )
     except EdgeError as exc:
         raise ConfigError(exc.message) from exc
@@ -429,6 +687,147 @@ def deploy(
         lambda: f"{device_id}: installed {outcome.bundle_name} v{outcome.bundle_version} in {outcome.seconds:.1f} s\n"
         + _metrics_table([outcome.metrics.to_dict()]),
     )
+
+
+@cli.command()
+@click.argument("device_id", metavar="DEVICE")
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@broker_option
+@connect_timeout_option
+@click.option("--runs", default=200, show_default=True, help="timed inferences on the device")
+@click.option("--warmup", default=20, show_default=True, help="untimed warm-up inferences")
+@click.option("--threads", default=1, show_default=True, help="inference threads on the device")
+@click.option("--min-duration", default=0.0, show_default=True, help="keep running for at least this many seconds")
+@click.option("--chunk-size", default=64 * 1024, show_default=True, help="bytes per MQTT chunk")
+@click.option("--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device's report")
+@passphrase_option
+@json_option
+@click.pass_context
+def profile(
+    ctx: click.Context,
+    device_id: str,
+    bundle: Path,
+    broker: str,
+    connect_timeout: float,
+    runs: int,
+    warmup: int,
+    threads: int,
+    min_duration: float,
+    chunk_size: int,
+    timeout_s: float,
+    passphrase_env: str | None,
+    json_output: bool,
+) -> None:
+    """Benchmark BUNDLE on DEVICE without installing it; print and store the device's metrics.
+
+    The device verifies the bundle as for a deploy, runs it from a scratch directory and
+    removes it afterwards; what it has installed does not change.
+    """
+    from edge_sdk.protocol import BenchmarkSpec
+    from host_tools.fleet.deployer import DeployOptions
+    from host_tools.fleet.profiler import profile_and_record
+
+    cfg = _cfg(ctx, json_output)
+    try:
+        options = DeployOptions(
+            chunk_size=chunk_size,
+            finish_timeout_s=timeout_s,
+            benchmark=BenchmarkSpec(runs=runs, warmup=warmup, threads=threads, min_duration_s=min_duration),
+            authority=_authority(cfg, passphrase_env),
+        )
+    except EdgeError as exc:
+        raise ConfigError(exc.message) from exc
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "profile") as client:
+        outcome = profile_and_record(
+            client, reg, device_id, bundle, options, _byte_progress(bundle.name, bundle.stat().st_size)
+        )
+    data = {
+        "device_id": outcome.device_id,
+        "bundle": outcome.bundle_name,
+        "version": outcome.bundle_version,
+        "state": outcome.state,
+        "seconds": outcome.seconds,
+        "error": outcome.error.to_dict() if outcome.error else None,
+        "metrics": outcome.metrics.to_dict() if outcome.metrics else None,
+    }
+    if outcome.error is not None:
+        _emit(cfg, data, f"{device_id} {outcome.state} {outcome.bundle_name} v{outcome.bundle_version}")
+        raise outcome.error
+    assert outcome.metrics is not None
+    _emit(
+        cfg,
+        data,
+        lambda: f"{device_id}: profiled {outcome.bundle_name} v{outcome.bundle_version} (not installed)\n"
+        + _metrics_table([outcome.metrics.to_dict()]),
+    )
+
+
+def _command_result(cfg: HostConfig, device_id: str, event: Any, what: str) -> None:
+    from edge_sdk.errors import error_from_code
+    from edge_sdk.protocol import EventKind
+
+    data = {"device_id": device_id, "state": event.kind, "detail": event.detail,
+            "error": event.error.to_dict() if event.error else None}
+    if event.kind != EventKind.DONE:
+        _emit(cfg, data, f"{device_id} refused: {what}")
+        if event.error is None:
+            raise EdgeError(f"device reported {event.kind} without an error")
+        raise error_from_code(event.error.code, event.error.message, **event.error.details)
+    _emit(cfg, data, f"{device_id}: {what}: done ({event.detail})")
+
+
+@cli.command()
+@click.option("--device", "device_id", required=True, help="target device id")
+@click.option("--name", required=True, help="bundle name")
+@click.option("--version", "version", type=int, required=True, help="the version the device kept as previous")
+@broker_option
+@connect_timeout_option
+@click.option("--timeout", "timeout_s", default=30.0, show_default=True, help="seconds to wait for the device")
+@passphrase_option
+@json_option
+@click.pass_context
+def rollback(
+    ctx: click.Context, device_id: str, name: str, version: int, broker: str, connect_timeout: float,
+    timeout_s: float, passphrase_env: str | None, json_output: bool,
+) -> None:
+    """Make a device re-activate the version of NAME it kept (a signed command naming VERSION).
+
+    To go back to a version the device no longer keeps, `edgectl deploy --rollback` its bundle.
+    """
+    from edge_sdk.protocol import RollbackCommand
+    from host_tools.fleet.deployer import run_command
+
+    cfg = _cfg(ctx, json_output)
+    authority = _authority(cfg, passphrase_env)
+    with _client(broker, connect_timeout, "rollback") as client:
+        event = run_command(
+            client, device_id, lambda cid, f: RollbackCommand(cid, name, version, **f), authority, timeout_s  # type: ignore[arg-type]
+        )
+    _command_result(cfg, device_id, event, f"roll {name} back to v{version}")
+
+
+@cli.command()
+@click.option("--device", "device_id", required=True, help="target device id")
+@click.option("--name", required=True, help="bundle name")
+@broker_option
+@connect_timeout_option
+@click.option("--timeout", "timeout_s", default=30.0, show_default=True, help="seconds to wait for the device")
+@passphrase_option
+@json_option
+@click.pass_context
+def remove(
+    ctx: click.Context, device_id: str, name: str, broker: str, connect_timeout: float, timeout_s: float,
+    passphrase_env: str | None, json_output: bool,
+) -> None:
+    """Make a device stop running NAME and delete it (a signed command); older versions stay refused."""
+    from edge_sdk.protocol import RemoveCommand
+    from host_tools.fleet.deployer import run_command
+
+    cfg = _cfg(ctx, json_output)
+    authority = _authority(cfg, passphrase_env)
+    with _client(broker, connect_timeout, "remove") as client:
+        event = run_command(client, device_id, lambda cid, f: RemoveCommand(cid, name, **f), authority, timeout_s)  # type: ignore[arg-type]
+    _command_result(cfg, device_id, event, f"remove {name}")
 
 
 @cli.command()
@@ -561,14 +960,15 @@ def demo(ctx: click.Context, broker: str | None, workdir: Path | None, runs: int
     cfg = _cfg(ctx, json_output)
     say = _say(cfg)
     started = time.monotonic()
-    paths, key, created = init_keys(cfg.keys_dir)
+    ring, created = init_keys(cfg.keys_dir, time.time())
     with tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp, _registry(cfg) as reg:
         work = workdir or Path(tmp)
-        say(f"signing key {key.keyid} ({'created' if created else 'existing'}, {paths.private})")
+        say(f"root of trust v{ring.root.version} ({'created' if created else 'existing'}, {ring.root_path})")
         rows = run_demo(
             DemoOptions(work, broker_url=broker, runs=runs, warmup=max(1, runs // 10)),
-            key,
-            paths.public,
+            ring.role_keys("bundles"),
+            _authority(cfg, None),
+            ring.root_path,
             reg,
             say,
             _byte_progress,

@@ -18,7 +18,7 @@ import queue
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from edge_sdk.protocol import (
 )
 from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
-from host_tools.fleet.deployer import DeployOptions, deploy_and_record
+from host_tools.fleet.deployer import CommandAuthority, DeployOptions, deploy_and_record
 from host_tools.fleet.registry import Registry
 
 __all__ = ["DemoOptions", "DemoRow", "run_demo"]
@@ -139,8 +139,9 @@ def _wait_online(client: MqttClient, device_id: str, timeout_s: float, proc: sub
 
 def run_demo(
     options: DemoOptions,
-    signing_key: SigningKey,
-    public_key_path: Path,
+    bundle_keys: Sequence[SigningKey],
+    authority: CommandAuthority,
+    root_path: Path,
     registry: Registry,
     say: Callable[[str], None],
     progress: Callable[[str, int], Callable[[int, int], None]],
@@ -150,8 +151,9 @@ def run_demo(
 
     Args:
         options: what to do and where.
-        signing_key: signs the bundles.
-        public_key_path: given to the agent as its trusted key.
+        bundle_keys: sign the bundles.
+        authority: signs the deploy commands.
+        root_path: the signed root of trust, given to the agent.
         registry: where device status and metrics are recorded.
         say: prints a progress line.
         progress: makes a byte-progress callback for a named transfer of a given size.
@@ -194,7 +196,7 @@ def run_demo(
         out = work / f"{_BUNDLE_NAME}-v{version}-{precision}.edge"
         pack_bundle(
             BundleSpec(_BUNDLE_NAME, version, "onnxruntime", path, precision, inputs, sample),
-            [signing_key],
+            list(bundle_keys),
             out,
             now,
         )
@@ -210,7 +212,7 @@ def run_demo(
                 "--broker", url,
                 "--device-id", options.device_id,
                 "--data-dir", str(work / "agent-data"),
-                "--trusted-key", str(public_key_path),
+                "--root", str(root_path),
             ]
             with _agent_process(agent_args, work / "agent.log", lambda m: say(f"5/7 {m}")) as proc:
                 status = _wait_online(client, options.device_id, options.agent_start_timeout_s, proc)
@@ -220,6 +222,7 @@ def run_demo(
                 deploy_options = DeployOptions(
                     chunk_size=16 * 1024,
                     benchmark=BenchmarkSpec(runs=options.runs, warmup=options.warmup, threads=1, min_duration_s=options.min_duration_s),
+                    authority=authority,
                 )
                 for bundle_path, precision, size, accuracy in bundles:
                     say(f"6/7 deploying {bundle_path.name} over MQTT")

@@ -47,8 +47,21 @@ class Host:
         return CliResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
 
     @property
+    def root(self) -> Path:
+        """The signed root of trust devices of this host are provisioned with."""
+        return self.home / "keys" / "root.json"
+
+    @property
     def public_key(self) -> Path:
-        return self.home / "keys" / "bundle-signing.pub"
+        """Old name of :attr:`root` (what a device needs to trust this host)."""
+        return self.root
+
+    def signed(self, command: object) -> bytes:
+        """``command`` (deploy, rollback, remove) signed with this host's command keys, encoded."""
+        from edge_sdk.protocol import encode, sign_command
+        from host_tools.keys import KeyRing
+
+        return encode(sign_command(command, KeyRing(self.home / "keys").role_keys("commands")))  # type: ignore[arg-type]
 
 
 @dataclass

@@ -9,9 +9,12 @@ the specific :class:`~edge_sdk.errors.UntrustedInputError` for the first check t
 2. signatures over the manifest bytes, by keys the caller trusts, up to the threshold;
 3. manifest content (schema, fields, safe paths);
 4. expiry against the caller's clock (freeze protection);
-5. version newer than the one installed (rollback protection);
-6. payload set equals the manifest's file list (mix-and-match protection);
-7. every file's size and sha256, read with the declared size as a hard bound.
+5. the signed command's expectation: same name and version (when the caller has one);
+6. target constraints against the device's facts (architecture, memory, accelerators);
+7. version newer than the one installed (rollback protection), unless the signed command
+   explicitly names this older version as a rollback;
+8. payload set equals the manifest's file list (mix-and-match protection);
+9. every file's size and sha256, read with the declared size as a hard bound.
 """
 
 from __future__ import annotations
@@ -23,12 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.bundle.archive import BundleLimits, BundleReader, write_bundle
-from edge_sdk.bundle.manifest import FileEntry, Manifest, TensorInfo, canonical_json
+from edge_sdk.bundle.manifest import (
+    DeviceFacts,
+    FileEntry,
+    HealthSpec,
+    Manifest,
+    Target,
+    TensorInfo,
+    canonical_json,
+)
 from edge_sdk.errors import (
-    BundleFormatError,
     ConfigError,
     ExpiredError,
+    FileSetMismatchError,
     HashMismatchError,
+    ManifestError,
     RollbackError,
     StorageError,
 )
@@ -43,8 +55,12 @@ from edge_sdk.trust import (
 __all__ = [
     "BundleLimits",
     "BundleSpec",
+    "DeviceFacts",
+    "Expected",
     "FileEntry",
+    "HealthSpec",
     "Manifest",
+    "Target",
     "TensorInfo",
     "VerifiedBundle",
     "canonical_json",
@@ -82,6 +98,8 @@ class BundleSpec:
         precision: what the model computes in, for reports (``fp32``, ``int8``...).
         inputs: model inputs, for the device's benchmark and health check.
         sample_input: optional local ``.npz`` with one sample batch for the health check.
+        health: optional health-check budget the device enforces (latency).
+        target: optional device constraints (architecture, memory, accelerators).
         ttl_s: seconds until the manifest expires.
     """
 
@@ -92,6 +110,8 @@ class BundleSpec:
     precision: str = "fp32"
     inputs: tuple[TensorInfo, ...] = ()
     sample_input: Path | None = None
+    health: HealthSpec | None = None
+    target: Target | None = None
     ttl_s: float = _DEFAULT_TTL_S
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -139,12 +159,29 @@ def pack_bundle(
         files=tuple(entries),
         inputs=tuple(spec.inputs),
         sample_input=sample_name,
+        health=spec.health,
+        target=spec.target,
         extra=dict(spec.extra),
     )
     manifest_bytes = manifest.to_bytes()
     signatures = encode_signatures(k.sign(manifest_bytes) for k in signing_keys)
     write_bundle(Path(out), manifest_bytes, signatures, files)
     return manifest
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a signed command said the bundle is; the bundle must agree.
+
+    Attributes:
+        name, version: the bundle the command names.
+        rollback: the command explicitly allows installing this version even though it
+            is not newer than the one accepted before.
+    """
+
+    name: str
+    version: int
+    rollback: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +207,8 @@ def verify_bundle(
     installed_version: int | Callable[[str], int | None] | None = None,
     limits: BundleLimits = BundleLimits(),
     extract_to: Path | None = None,
+    device: DeviceFacts | None = None,
+    expect: Expected | None = None,
 ) -> VerifiedBundle:
     """Run every check on a bundle file; optionally extract the payload while hashing it.
 
@@ -183,13 +222,17 @@ def verify_bundle(
         limits: size and count limits.
         extract_to: an existing empty staging directory; payload files are written there
             as they are hashed. The caller removes it when verification fails.
+        device: the device's facts, checked against the manifest's target constraints.
+        expect: what the signed command names; the manifest must match it, and a
+            rollback it names explicitly is allowed.
 
     Returns:
         The verified bundle.
 
     Raises:
         BundleFormatError, SignatureError, UntrustedKeyError, ManifestError, ExpiredError,
-        RollbackError, HashMismatchError: the first check that failed.
+        TargetMismatchError, RollbackError, FileSetMismatchError, HashMismatchError: the
+        first check that failed.
         StorageError: the file cannot be read or the staging directory written.
     """
     checks = []
@@ -210,9 +253,28 @@ def verify_bundle(
                 now=now,
             )
         checks.append(f"expiry: valid for another {(manifest.expires_at - now) / 3600:.1f} h")
+        if expect is not None:
+            if (manifest.name, manifest.version) != (expect.name, expect.version):
+                raise ManifestError(
+                    f"bundle is {manifest.name} v{manifest.version}, but the signed command names "
+                    f"{expect.name} v{expect.version}",
+                    offered=f"{manifest.name} v{manifest.version}",
+                    expected=f"{expect.name} v{expect.version}",
+                )
+            checks.append(f"command: the signed command names {expect.name} v{expect.version}")
+        if manifest.target is None:
+            checks.append("target: any device")
+        elif device is None:
+            checks.append(f"target: {manifest.target.to_dict()} (no device to check against)")
+        else:
+            checks.append(f"target: {manifest.target.check(device)}")
         if callable(installed_version):
             installed_version = installed_version(manifest.name)
-        if installed_version is not None:
+        if installed_version is not None and expect is not None and expect.rollback:
+            checks.append(
+                f"rollback: v{manifest.version} after v{installed_version}, explicitly allowed by a signed rollback command"
+            )
+        elif installed_version is not None:
             if manifest.version <= installed_version:
                 raise RollbackError(
                     f"{manifest.name} v{manifest.version} is not newer than installed v{installed_version}",
@@ -225,12 +287,12 @@ def verify_bundle(
         declared = {f.path for f in manifest.files}
         present = set(reader.payload)
         if present - declared:
-            raise BundleFormatError(
+            raise FileSetMismatchError(
                 f"bundle carries file(s) not in the manifest: {', '.join(sorted(present - declared))}",
                 extra_files=sorted(present - declared),
             )
         if declared - present:
-            raise BundleFormatError(
+            raise FileSetMismatchError(
                 f"bundle lacks file(s) the manifest lists: {', '.join(sorted(declared - present))}",
                 missing_files=sorted(declared - present),
             )

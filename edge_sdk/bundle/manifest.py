@@ -15,12 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_sdk.errors import ManifestError
+from edge_sdk.errors import ManifestError, TargetMismatchError
+from edge_sdk.trust import canonical_json
 
 __all__ = [
     "MANIFEST_SCHEMA",
     "RUNTIMES",
     "FileEntry",
+    "HealthSpec",
+    "DeviceFacts",
+    "Target",
     "TensorInfo",
     "Manifest",
     "canonical_json",
@@ -33,11 +37,6 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAX_PATH = 255
 _MAX_FILES = 64
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The one encoding signed bytes use: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def check_member_path(path: str) -> str:
@@ -128,6 +127,124 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class HealthSpec:
+    """What the device's health check demands of the model beyond running and finite outputs.
+
+    Attributes:
+        max_latency_ms: median latency budget of the health check's timed runs on the
+            sample input; a slower model is rolled back. ``None``: no budget.
+    """
+
+    max_latency_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        v = self.max_latency_ms
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+        ):
+            raise ManifestError(f"health: max_latency_ms must be a positive number, got {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {} if self.max_latency_ms is None else {"max_latency_ms": float(self.max_latency_ms)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> HealthSpec:
+        if not isinstance(d, dict):
+            raise ManifestError("manifest: field 'health' must be an object")
+        if set(d) - {"max_latency_ms"}:
+            raise ManifestError(f"health: unknown field(s) {', '.join(sorted(set(d) - {'max_latency_ms'}))}")
+        value = d.get("max_latency_ms")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ManifestError("health: field 'max_latency_ms' has the wrong type")
+        return cls(None if value is None else float(value))
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What a device is, as far as a bundle's :class:`Target` cares.
+
+    Attributes:
+        arch: machine architecture (``aarch64``, ``x86_64``, ``armv7l``...).
+        memory_bytes: total RAM.
+        accelerators: what the device can run models on besides the CPU
+            (``cuda``, ``tensorrt``, ``npu``...).
+    """
+
+    arch: str
+    memory_bytes: int
+    accelerators: frozenset[str] = frozenset()
+
+
+_ACCEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which devices a bundle is for; empty fields mean "any".
+
+    Attributes:
+        arch: architectures the model runs on (one must match the device's).
+        min_memory_bytes: RAM the device must have at least.
+        accelerators: accelerators the device must all have.
+    """
+
+    arch: tuple[str, ...] = ()
+    min_memory_bytes: int = 0
+    accelerators: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for value in (*self.arch, *self.accelerators):
+            if not isinstance(value, str) or not _ACCEL_RE.fullmatch(value):
+                raise ManifestError(f"target: bad architecture or accelerator name {value!r}")
+        m = self.min_memory_bytes
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ManifestError("target: min_memory_bytes must be a non-negative integer")
+
+    def check(self, device: DeviceFacts) -> str:
+        """Explain why ``device`` fits, or raise.
+
+        Raises:
+            TargetMismatchError: wrong architecture, too little memory, or a missing accelerator.
+        """
+        if self.arch and device.arch not in self.arch:
+            raise TargetMismatchError(
+                f"bundle is built for {', '.join(self.arch)}; this device is {device.arch}",
+                constraint="arch", required=list(self.arch), actual=device.arch,
+            )
+        if device.memory_bytes < self.min_memory_bytes:
+            raise TargetMismatchError(
+                f"bundle needs {self.min_memory_bytes} bytes of memory; this device has {device.memory_bytes}",
+                constraint="min_memory_bytes", required=self.min_memory_bytes, actual=device.memory_bytes,
+            )
+        missing = sorted(set(self.accelerators) - set(device.accelerators))
+        if missing:
+            raise TargetMismatchError(
+                f"bundle needs accelerator(s) {', '.join(missing)}; this device has "
+                f"{', '.join(sorted(device.accelerators)) or 'none'}",
+                constraint="accelerators", required=list(self.accelerators), actual=sorted(device.accelerators),
+            )
+        return (
+            f"{device.arch} in {', '.join(self.arch) or 'any arch'}, "
+            f"{device.memory_bytes} >= {self.min_memory_bytes} bytes, "
+            f"accelerators {', '.join(self.accelerators) or 'none needed'}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": list(self.arch), "min_memory_bytes": self.min_memory_bytes, "accelerators": list(self.accelerators)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Target:
+        if not isinstance(d, dict):
+            raise ManifestError("manifest: field 'target' must be an object")
+        if set(d) - {"arch", "min_memory_bytes", "accelerators"}:
+            raise ManifestError("target: unknown field(s)")
+        arch, accel = d.get("arch", []), d.get("accelerators", [])
+        if not isinstance(arch, list) or not isinstance(accel, list) or len(arch) > 16 or len(accel) > 16:
+            raise ManifestError("target: arch and accelerators must be lists of at most 16 names")
+        return cls(tuple(arch), d.get("min_memory_bytes", 0), tuple(accel))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What a bundle is and holds.
 
@@ -141,6 +258,8 @@ class Manifest:
         files: every payload file, with size and sha256.
         inputs: model inputs, for benchmarks and health checks.
         sample_input: optional path (one of ``files``) of an ``.npz`` sample for the health check.
+        health: optional health-check budget (latency); absent from the encoding when ``None``.
+        target: which devices the bundle is for; absent (any device) when ``None``.
         extra: unknown fields from a newer packer, kept, never acted on.
     """
 
@@ -154,6 +273,8 @@ class Manifest:
     precision: str = "fp32"
     inputs: tuple[TensorInfo, ...] = ()
     sample_input: str | None = None
+    health: HealthSpec | None = None
+    target: Target | None = None
     schema: int = MANIFEST_SCHEMA
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -210,6 +331,10 @@ class Manifest:
             inputs=[i.to_dict() for i in self.inputs],
             sample_input=self.sample_input,
         )
+        if self.health is not None:
+            d["health"] = self.health.to_dict()
+        if self.target is not None:
+            d["target"] = self.target.to_dict()
         return d
 
     def to_bytes(self) -> bytes:
@@ -221,7 +346,7 @@ class Manifest:
             raise ManifestError("manifest must be a JSON object")
         known = {
             "schema", "name", "version", "created_at", "expires_at", "runtime", "model",
-            "precision", "files", "inputs", "sample_input",
+            "precision", "files", "inputs", "sample_input", "health", "target",
         }
         files = _require(d, "files", list, "manifest")
         inputs = d.get("inputs", [])
@@ -247,6 +372,8 @@ class Manifest:
             files=tuple(FileEntry.from_dict(f) for f in files),
             inputs=tuple(TensorInfo.from_dict(i) for i in inputs),
             sample_input=sample,
+            health=HealthSpec.from_dict(d["health"]) if d.get("health") is not None else None,
+            target=Target.from_dict(d["target"]) if d.get("target") is not None else None,
             extra={k: v for k, v in d.items() if k not in known},
         )
 

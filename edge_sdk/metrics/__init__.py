@@ -8,29 +8,67 @@ always say whether they are measured or estimated.
 
 from __future__ import annotations
 
-from edge_sdk.metrics._cpu import CpuMeasurement, CpuSampler
-from edge_sdk.metrics._latency import LatencyStats, benchmark
-from edge_sdk.metrics._memory import (
-    MemoryMeasurement,
-    PeakRssSampler,
-    read_vm_hwm,
-    rss_bytes,
-)
-from edge_sdk.metrics._power import (
-    POWER_MODELS,
-    BatterySource,
-    EnergyMeasurement,
-    EnergyWindow,
-    EstimatedSource,
-    Ina3221Source,
-    PowerModel,
-    PowerReading,
-    PowerSource,
-    RaplSource,
-    detect_power_source,
-    power_model_for,
-)
-from edge_sdk.metrics._thermal import ThermalReading, read_thermal_zones
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edge_sdk.metrics._cpu import CpuMeasurement, CpuSampler
+    from edge_sdk.metrics._latency import LatencyStats, benchmark
+    from edge_sdk.metrics._memory import MemoryMeasurement, PeakRssSampler, read_vm_hwm, rss_bytes
+    from edge_sdk.metrics._power import (
+        POWER_MODELS,
+        BatterySource,
+        EnergyMeasurement,
+        EnergyWindow,
+        EstimatedSource,
+        Ina3221Source,
+        Pi5PmicSource,
+        PowerModel,
+        PowerReading,
+        PowerSource,
+        RaplSource,
+        detect_power_source,
+        parse_pmic_adc,
+        power_model_for,
+    )
+    from edge_sdk.metrics._thermal import ThermalReading, read_thermal_zones
+
+# Names load their module on first use (PEP 562), so the agent can pick its power source
+# at start without paying for numpy, which only the latency statistics need.
+_HOMES = {
+    "CpuMeasurement": "_cpu",
+    "CpuSampler": "_cpu",
+    "LatencyStats": "_latency",
+    "benchmark": "_latency",
+    "MemoryMeasurement": "_memory",
+    "PeakRssSampler": "_memory",
+    "read_vm_hwm": "_memory",
+    "rss_bytes": "_memory",
+    "ThermalReading": "_thermal",
+    "read_thermal_zones": "_thermal",
+    **dict.fromkeys(
+        (
+            "POWER_MODELS", "BatterySource", "EnergyMeasurement", "EnergyWindow", "EstimatedSource",
+            "Ina3221Source", "Pi5PmicSource", "PowerModel", "PowerReading", "PowerSource", "RaplSource",
+            "detect_power_source", "parse_pmic_adc", "power_model_for",
+        ),
+        "_power",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "POWER_MODELS",
@@ -44,6 +82,7 @@ __all__ = [
     "LatencyStats",
     "MemoryMeasurement",
     "PeakRssSampler",
+    "Pi5PmicSource",
     "PowerModel",
     "PowerReading",
     "PowerSource",
@@ -51,6 +90,7 @@ __all__ = [
     "ThermalReading",
     "benchmark",
     "detect_power_source",
+    "parse_pmic_adc",
     "power_model_for",
     "read_thermal_zones",
     "read_vm_hwm",

@@ -13,6 +13,9 @@ Sources, in the order :func:`detect_power_source` tries them:
   2020 most kernels make these root-only; unreadable means absent.
 - :class:`Ina3221Source`: the INA3221 rail monitors of NVIDIA Jetson boards, read
   through hwmon (JetPack 5 and later).
+- :class:`Pi5PmicSource`: the Raspberry Pi 5's PMIC rail monitors, read with
+  ``vcgencmd pmic_read_adc`` through an injected command runner (probed only when the
+  platform is a Pi 5).
 - :class:`BatterySource`: a discharging battery (Android phones, laptops) through
   ``/sys/class/power_supply``.
 - :class:`EstimatedSource`: ``idle + (max - idle) * CPU utilisation`` from a table
@@ -27,9 +30,10 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -45,11 +49,13 @@ __all__ = [
     "EnergyWindow",
     "EstimatedSource",
     "Ina3221Source",
+    "Pi5PmicSource",
     "PowerModel",
     "PowerReading",
     "PowerSource",
     "RaplSource",
     "detect_power_source",
+    "parse_pmic_adc",
     "power_model_for",
     "rapl_delta_uj",
 ]
@@ -510,6 +516,107 @@ class Ina3221Source(_SampledSource):
         return sum(_read_int(r.millivolts) * _read_int(r.milliamps) for r in self._rails) / 1e6
 
 
+# --- Raspberry Pi 5 PMIC ------------------------------------------------------------------
+
+#: Runs a command and returns its standard output; raises OSError or
+#: subprocess.SubprocessError when it cannot. Injected so tests need no vcgencmd.
+CommandRunner = Callable[[Sequence[str]], str]
+
+_PMIC_LINE = re.compile(r"^\s*(?P<rail>\S+?)_(?P<kind>[AV])\s+(?:current|volt)\(\d+\)=(?P<value>[-+0-9.eE]+)[AV]\s*$")
+_PMIC_COMMAND = ("vcgencmd", "pmic_read_adc")
+
+
+def run_command(argv: Sequence[str], timeout_s: float = 2.0) -> str:
+    """The default :data:`CommandRunner`: run ``argv``, return stdout.
+
+    Raises:
+        OSError: it cannot be started.
+        subprocess.SubprocessError: it failed or timed out.
+    """
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s, check=True)
+    return proc.stdout
+
+
+def parse_pmic_adc(text: str) -> dict[str, tuple[float, float]]:
+    """Rails of ``vcgencmd pmic_read_adc`` output: name -> (amps, volts).
+
+    The command prints one current line (``VDD_CORE_A current(7)=0.76954200A``) and one
+    voltage line (``VDD_CORE_V volt(15)=0.86175000V``) per rail; rails with only one of
+    the two (``EXT5V_V``, ``BATT_V``) are left out, since they give no power.
+
+    Raises:
+        ValueError: no rail with both a current and a voltage.
+    """
+    amps: dict[str, float] = {}
+    volts: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _PMIC_LINE.match(line)
+        if m is None:
+            continue
+        (amps if m["kind"] == "A" else volts)[m["rail"]] = float(m["value"])
+    rails = {name: (abs(amps[name]), abs(volts[name])) for name in sorted(amps.keys() & volts.keys())}
+    if not rails:
+        raise ValueError("no PMIC rail with both current and voltage in the output")
+    return rails
+
+
+class Pi5PmicSource(_SampledSource):
+    """Power of the Raspberry Pi 5 from its PMIC's rail monitors (``vcgencmd pmic_read_adc``).
+
+    Power is the sum over rails of current times voltage: the SoC, memory and the
+    board's own supplies. It is a measurement (``estimated=False``), but of the PMIC's
+    rails: USB peripherals and the 5 V input's conversion losses are not in it.
+
+    Args:
+        runner: runs ``vcgencmd pmic_read_adc`` and returns its output (injectable).
+        interval_s: sampling period of the window thread; ``None`` samples only at
+            start and stop.
+        clock: monotonic seconds (injectable).
+
+    Raises:
+        ConfigError: the command fails or prints no usable rail (use :meth:`probe`).
+    """
+
+    name = "pi5-pmic"
+
+    def __init__(
+        self,
+        runner: CommandRunner = run_command,
+        *,
+        interval_s: float | None = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(interval_s=interval_s, clock=clock)
+        self._runner = runner
+        try:
+            self.rails = tuple(self._rails())
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            raise ConfigError(f"no usable Raspberry Pi 5 PMIC readings: {exc}") from exc
+
+    def _rails(self) -> dict[str, tuple[float, float]]:
+        return parse_pmic_adc(self._runner(_PMIC_COMMAND))
+
+    @classmethod
+    def probe(cls, runner: CommandRunner = run_command, **kwargs: Any) -> Pi5PmicSource | None:
+        """A source if ``vcgencmd pmic_read_adc`` answers with rails, else ``None``."""
+        try:
+            return cls(runner, **kwargs)
+        except ConfigError:
+            return None
+
+    def read_watts(self) -> float:
+        """Sum of the PMIC rails' power now, in watts.
+
+        Raises:
+            OSError, ValueError: the command failed or printed nothing usable.
+        """
+        try:
+            rails = self._rails()
+        except subprocess.SubprocessError as exc:
+            raise OSError(f"vcgencmd pmic_read_adc failed: {exc}") from exc
+        return sum(a * v for a, v in rails.values())
+
+
 # --- estimate ------------------------------------------------------------------------------
 
 
@@ -651,11 +758,13 @@ def detect_power_source(
     clock: Callable[[], float] = time.monotonic,
     interval_s: float | None = 0.1,
     cpu_sampler_factory: Callable[[], CpuSampler] = CpuSampler,
+    command_runner: CommandRunner = run_command,
 ) -> PowerSource:
     """The best power source on this machine.
 
-    Tries RAPL, then INA3221, then a discharging battery; the first that is present
-    and readable wins (unreadable files count as absent). Otherwise an
+    Tries RAPL, then INA3221, then (on ``raspberry-pi-5`` only) the PMIC, then a
+    discharging battery; the first that is present and readable wins (unreadable
+    files count as absent). Otherwise an
     :class:`EstimatedSource` for ``platform_name``, falling back to the ``"generic"``
     model (with a warning) when the platform has no entry.
 
@@ -665,6 +774,7 @@ def detect_power_source(
         clock: monotonic seconds for the real sensors.
         interval_s: sampling period for sampled sensors (battery, INA3221).
         cpu_sampler_factory: CPU sampler maker for the estimate.
+        command_runner: runs ``vcgencmd`` for the Pi 5 PMIC (injectable).
 
     Returns:
         A :class:`PowerSource`; check its ``estimated`` attribute.
@@ -672,6 +782,11 @@ def detect_power_source(
     real: PowerSource | None = (
         RaplSource.probe(root, clock=clock)
         or Ina3221Source.probe(root, interval_s=interval_s, clock=clock)
+        or (
+            Pi5PmicSource.probe(command_runner, interval_s=interval_s, clock=clock)
+            if platform_name == "raspberry-pi-5"
+            else None
+        )
         or BatterySource.probe(root, interval_s=interval_s, clock=clock)
     )
     if real is not None:

@@ -12,6 +12,13 @@ from edge_sdk.protocol.codec import (
     encode,
     encode_chunk,
 )
+from edge_sdk.protocol.commands import (
+    Command,
+    CommandPolicy,
+    open_command,
+    peek_command_id,
+    sign_command,
+)
 from edge_sdk.protocol.messages import (
     SCHEMA_VERSION,
     BenchmarkSpec,
@@ -22,6 +29,10 @@ from edge_sdk.protocol.messages import (
     EventKind,
     Message,
     MetricsReport,
+    RemoveCommand,
+    RollbackCommand,
+    RootUpdate,
+    SignedCommand,
     TransferEnd,
     TransferOffer,
 )
@@ -42,6 +53,8 @@ __all__ = [
     "Chunk",
     "ChunkReceiver",
     "CodecLimits",
+    "Command",
+    "CommandPolicy",
     "DeployCommand",
     "DeviceStatus",
     "DeviceTopics",
@@ -51,6 +64,10 @@ __all__ = [
     "Message",
     "MetricsReport",
     "ParsedTopic",
+    "RemoveCommand",
+    "RollbackCommand",
+    "RootUpdate",
+    "SignedCommand",
     "TransferEnd",
     "TransferOffer",
     "WriteAt",
@@ -60,6 +77,9 @@ __all__ = [
     "encode",
     "encode_chunk",
     "fleet_filter",
+    "open_command",
+    "peek_command_id",
+    "sign_command",
     "parse_topic",
     "shared",
 ]

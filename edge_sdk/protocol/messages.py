@@ -24,9 +24,14 @@ __all__ = [
     "Message",
     "TransferOffer",
     "BenchmarkSpec",
+    "DEPLOY_ACTIONS",
     "ErrorInfo",
     "DeviceStatus",
     "DeployCommand",
+    "RollbackCommand",
+    "RemoveCommand",
+    "SignedCommand",
+    "RootUpdate",
     "TransferEnd",
     "Event",
     "EventKind",
@@ -203,9 +208,18 @@ class DeviceStatus(Message):
             raise MessageError(f"status state must be online or offline, got {self.state!r}")
 
 
+#: What a device does with a received bundle: install it (the default), or only
+#: benchmark it in a scratch directory without activating it.
+DEPLOY_ACTIONS = ("install", "profile")
+
+
 @dataclass(frozen=True)
 class DeployCommand(Message):
-    """Host -> device: receive this bundle, install it, benchmark it."""
+    """Host -> device: receive this bundle, then install it and benchmark it.
+
+    With ``action="profile"`` the device verifies the bundle, benchmarks it from a
+    scratch directory, reports, and removes it: what is active does not change.
+    """
 
     TYPE: ClassVar[str] = "deploy"
     command_id: str
@@ -214,11 +228,91 @@ class DeployCommand(Message):
     transfer: TransferOffer
     ts: float
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
+    action: str = "install"
+    device_id: str = ""
+    expires_at: float = 0.0
+    rollback: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _ID_RE.fullmatch(self.command_id):
             raise MessageError("command_id must be 32 lowercase hex digits")
+        if self.action not in DEPLOY_ACTIONS:
+            raise MessageError(f"deploy action must be one of {', '.join(DEPLOY_ACTIONS)}, got {self.action!r}")
+
+
+@dataclass(frozen=True)
+class RollbackCommand(Message):
+    """Host -> device: make the version kept on the device active again.
+
+    The device goes back only to the version it kept as ``previous`` and only when the
+    command names it; this is the explicit, signed exception to rollback protection.
+    (To go back to an older version the device no longer has, deploy its bundle with
+    ``rollback=True``.) Fields as in :class:`DeployCommand`: ``command_id`` is the nonce,
+    ``ts`` the issue time.
+    """
+
+    TYPE: ClassVar[str] = "rollback"
+    command_id: str
+    bundle_name: str
+    bundle_version: int
+    ts: float
+    device_id: str = ""
+    expires_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _ID_RE.fullmatch(self.command_id):
+            raise MessageError("command_id must be 32 lowercase hex digits")
+        if self.bundle_version < 1:
+            raise MessageError("bundle_version must be positive")
+
+
+@dataclass(frozen=True)
+class RemoveCommand(Message):
+    """Host -> device: stop running a bundle and delete its slots (rollback protection stays)."""
+
+    TYPE: ClassVar[str] = "remove"
+    command_id: str
+    bundle_name: str
+    ts: float
+    device_id: str = ""
+    expires_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _ID_RE.fullmatch(self.command_id):
+            raise MessageError("command_id must be 32 lowercase hex digits")
+
+
+@dataclass(frozen=True)
+class SignedCommand(Message):
+    """A command that changes what runs on a device, with signatures over its exact bytes.
+
+    ``command`` is the JSON text of a :class:`DeployCommand`, :class:`RollbackCommand` or
+    :class:`RemoveCommand` exactly as signed; ``signatures`` is the envelope of
+    :mod:`edge_sdk.trust` (``{"keyid", "sig"}`` objects). Verification lives in
+    :mod:`edge_sdk.protocol.commands`.
+    """
+
+    TYPE: ClassVar[str] = "signed_command"
+    command: str
+    signatures: tuple[dict[str, Any], ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RootUpdate(Message):
+    """Host -> device: the next root of trust (a signed root document as a JSON object).
+
+    Needs no command signature: the root carries its own threshold signatures by the
+    current and the new root keys, and its version must be exactly the next one, so a
+    replayed or forged update changes nothing.
+    """
+
+    TYPE: ClassVar[str] = "root_update"
+    root: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -239,7 +333,11 @@ class EventKind:
     REFUSED = "refused"  # bad input: nothing installed (error says why)
     FAILED = "failed"  # local failure on the device (error says why)
     ERROR = "error"  # a message the agent could not act on
-    ALL = (ACCEPTED, NEED_CHUNKS, RECEIVED, INSTALLED, REFUSED, FAILED, ERROR)
+    DEFERRED = "deferred"  # received, but the update gate says "not now"; retried later
+    PROFILED = "profiled"  # profile-only: benchmarked and removed, nothing activated
+    DROPPED = "dropped"  # the offline buffer was full; detail.count messages were lost
+    DONE = "done"  # a rollback, remove or root update was carried out (detail says what)
+    ALL = (ACCEPTED, NEED_CHUNKS, RECEIVED, INSTALLED, REFUSED, FAILED, ERROR, DEFERRED, PROFILED, DROPPED, DONE)
 
 
 @dataclass(frozen=True)
@@ -294,5 +392,9 @@ class MetricsReport(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (DeviceStatus, DeployCommand, TransferEnd, Event, MetricsReport)
+    cls.TYPE: cls
+    for cls in (
+        DeviceStatus, DeployCommand, RollbackCommand, RemoveCommand, SignedCommand, RootUpdate, TransferEnd,
+        Event, MetricsReport,
+    )
 }

@@ -20,8 +20,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from edge_sdk.errors import ConfigError, RuntimeUnavailableError
 from edge_sdk.runtime._types import (
@@ -44,6 +43,9 @@ __all__ = [
     "preload",
     "sample_feeds",
 ]
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +177,8 @@ def sample_feeds(specs: list[TensorSpec], rng: np.random.Generator) -> dict[str,
     Raises:
         ConfigError: a spec has a dtype numpy does not know or cannot be sampled.
     """
+    import numpy as np  # not at module level: the agent lists runtimes without loading numpy
+
     feeds: dict[str, np.ndarray] = {}
     for spec in specs:
         shape = tuple(1 if d is None else d for d in spec.shape)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Union, runtime_checkable
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
 from edge_sdk.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "IN_MEMORY_MODEL",

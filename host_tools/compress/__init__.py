@@ -48,9 +48,22 @@ from .pipeline import compress
 from .quantize import (
     QUANTIZE_OPTIONS,
     DynamicInt8Quantization,
+    Float16Conversion,
+    Int4WeightOnlyQuantization,
     StaticInt8Quantization,
     parse_quantize_option,
 )
+from .accuracy_guard import AccuracyGuard, node_sensitivity
+from .digits_cnn import train_digits_cnn
+from .lowrank import LowRankFactorization
+from .recipe import PASS_REGISTRY, build_pass, load_recipe, parse_recipe, quantize_modes, register_pass
+from .weight_sharing import PackedModel, WeightSharing, pack_model
+from .distill import Distillation, MlpStudent, parse_student, teacher_logits
+from .finetune import FineTune, TrainingOptions, finetune_module, train_module
+from .layers import WeightLayer, find_layers
+from .prune import MagnitudePruning, SensitivityPruning, weight_sparsity
+from .structured import ChannelPruning
+from .torch_bridge import graph_module, module_to_onnx
 
 __all__ = [
     # entry points
@@ -77,6 +90,39 @@ __all__ = [
     "DecomposeGemm",
     "parse_quantize_option",
     "QUANTIZE_OPTIONS",
+    "Float16Conversion",
+    "Int4WeightOnlyQuantization",
+    "AccuracyGuard",
+    "node_sensitivity",
+    "LowRankFactorization",
+    "WeightSharing",
+    "MagnitudePruning",
+    "SensitivityPruning",
+    "ChannelPruning",
+    "FineTune",
+    "Distillation",
+    "MlpStudent",
+    "parse_student",
+    "TrainingOptions",
+    # pruning and training helpers
+    "WeightLayer",
+    "find_layers",
+    "weight_sparsity",
+    "teacher_logits",
+    "train_module",
+    "finetune_module",
+    "graph_module",
+    "module_to_onnx",
+    # transport form
+    "PackedModel",
+    "pack_model",
+    # recipes and the pass registry
+    "PASS_REGISTRY",
+    "register_pass",
+    "build_pass",
+    "parse_recipe",
+    "load_recipe",
+    "quantize_modes",
     # data
     "Dataset",
     "DigitsSplit",
@@ -93,4 +139,5 @@ __all__ = [
     # model zoo
     "train_digits_mlp",
     "mlp_to_onnx",
+    "train_digits_cnn",
 ]

@@ -86,12 +86,15 @@ class PassContext:
             them top-1 agreement with the original model.
         progress: called with a :class:`ProgressEvent` as work advances.
         seed: seed for any randomness a pass uses.
+        training: labelled data for passes that train (fine-tuning, distillation) or
+            measure layer sensitivity; keep it apart from ``evaluation``.
     """
 
     calibration: Dataset | None = None
     evaluation: Dataset | None = None
     progress: ProgressCallback | None = None
     seed: int = 0
+    training: Dataset | None = None
 
     def report(self, step: str, phase: str, done: int, total: int) -> None:
         """Send a progress event if anyone listens; callback errors are logged, not raised."""

@@ -30,6 +30,7 @@ def compress(
     *,
     seed: int = 0,
     measure: MeasureOptions | None = None,
+    training: Dataset | None = None,
 ) -> CompressionResult:
     """Run compression steps on a model and measure every step.
 
@@ -43,6 +44,8 @@ def compress(
         progress: called with a :class:`~host_tools.compress.passes.ProgressEvent` as work advances.
         seed: seed for passes that use randomness.
         measure: measurement settings; defaults to :class:`MeasureOptions()`.
+        training: labelled data for passes that train or measure sensitivity
+            (fine-tuning, distillation, sensitivity pruning).
 
     Returns:
         The compressed model's bytes and the report. Writing them out is the caller's
@@ -55,7 +58,9 @@ def compress(
     """
     proto = as_model(model)
     manager = PassManager(steps, measure=measure)
-    ctx = PassContext(calibration=calibration, evaluation=evaluation, progress=progress, seed=seed)
+    ctx = PassContext(
+        calibration=calibration, evaluation=evaluation, progress=progress, seed=seed, training=training
+    )
     result = manager.run(proto, ctx)
     report = result.report
     logger.info(

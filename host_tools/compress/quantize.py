@@ -1,6 +1,7 @@
-"""Int8 quantization passes, wrapping ``onnxruntime.quantization``.
+"""Quantization passes, wrapping ``onnxruntime.quantization``.
 
-onnxruntime's tools read and write files, take a dict of string options and log to the
+Static int8 (QDQ, calibrated), dynamic int8, float16, and 4-bit weight-only
+(``MatMulNBits``). onnxruntime's tools read and write files, take a dict of string options and log to the
 root logger. These passes keep all of that inside: they take and return
 ``onnx.ModelProto``, use a private temp directory that is gone when they return, map the
 options to typed fields, and route onnxruntime's log records to this module's logger.
@@ -13,11 +14,12 @@ import importlib.util
 import io
 import logging
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
 import onnx
@@ -32,6 +34,9 @@ __all__ = [
     "CalibrationMethod",
     "StaticInt8Quantization",
     "DynamicInt8Quantization",
+    "Float16Conversion",
+    "Int4WeightOnlyQuantization",
+    "QuantizationPass",
     "parse_quantize_option",
     "QUANTIZE_OPTIONS",
 ]
@@ -73,6 +78,7 @@ class StaticInt8Quantization:
             subset drawn with ``ctx.seed`` when there are more.
         preprocess: run onnxruntime's shape inference and graph optimisation first, as
             its docs recommend.
+        exclude_nodes: names of nodes to keep in float (the accuracy guard fills this in).
 
     Raises:
         ConfigError: an option is out of range.
@@ -84,6 +90,7 @@ class StaticInt8Quantization:
     calibration_batch_size: int = 64
     max_calibration_samples: int | None = 1024
     preprocess: bool = True
+    exclude_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -137,6 +144,7 @@ class StaticInt8Quantization:
         activation = ortq.QuantType.QUInt8 if self.activation_type == "uint8" else ortq.QuantType.QInt8
         with _workdir() as work, _ort_logs_routed():
             source = _prepare(model, work, self.preprocess)
+            excluded = _resolve_exclusions(source, self.exclude_nodes)
             out = work / "quantized.onnx"
             try:
                 ortq.quantize_static(
@@ -148,6 +156,7 @@ class StaticInt8Quantization:
                     activation_type=activation,
                     weight_type=ortq.QuantType.QInt8,
                     calibrate_method=method,
+                    nodes_to_exclude=excluded,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": self.activation_type == "int8"},
                 )
             except Exception as exc:  # onnxruntime raises ValueError, RuntimeError, its own Fail
@@ -162,6 +171,7 @@ class StaticInt8Quantization:
                 "activation_type": self.activation_type,
                 "weight_type": "int8",
                 "calibration_samples": int(len(x)),
+                "float_nodes": list(self.exclude_nodes),
                 **_qdq_counts(quantized),
             },
         )
@@ -178,10 +188,12 @@ class DynamicInt8Quantization:
     Args:
         per_channel: one scale per output channel of each weight.
         preprocess: run onnxruntime's shape inference and graph optimisation first.
+        exclude_nodes: names of nodes to keep in float (the accuracy guard fills this in).
     """
 
     per_channel: bool = False
     preprocess: bool = True
+    exclude_nodes: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -206,10 +218,15 @@ class DynamicInt8Quantization:
         decomposed = decompose_gemm(model)
         with _workdir() as work, _ort_logs_routed():
             source = _prepare(model, work, self.preprocess)
+            excluded = _resolve_exclusions(source, self.exclude_nodes)
             out = work / "quantized.onnx"
             try:
                 ortq.quantize_dynamic(
-                    str(source), str(out), per_channel=self.per_channel, weight_type=ortq.QuantType.QInt8
+                    str(source),
+                    str(out),
+                    per_channel=self.per_channel,
+                    weight_type=ortq.QuantType.QInt8,
+                    nodes_to_exclude=excluded,
                 )
             except Exception as exc:  # onnxruntime raises ValueError, RuntimeError, its own Fail
                 raise CompressionError(f"onnxruntime dynamic quantization failed: {exc}") from exc
@@ -218,8 +235,224 @@ class DynamicInt8Quantization:
         return PassResult(
             quantized,
             changed=integer_ops > 0 or decomposed > 0,
-            notes={"per_channel": self.per_channel, "gemms_decomposed": decomposed, "integer_ops": integer_ops},
+            notes={
+                "per_channel": self.per_channel,
+                "gemms_decomposed": decomposed,
+                "integer_ops": integer_ops,
+                "float_nodes": list(self.exclude_nodes),
+            },
         )
+
+
+@dataclass(frozen=True)
+class Float16Conversion:
+    """Convert weights and arithmetic to float16 with onnxruntime's converter.
+
+    Inputs and outputs stay float32 (``keep_io_types``), so callers feed the same arrays;
+    onnxruntime's converter inserts the ``Cast`` nodes and keeps ops that have no float16
+    kernel (its default block list) in float32. Halves the weights; speed depends on the
+    device (ARMv8.2+ and GPUs have float16 arithmetic, most x86 CPUs do not).
+
+    Args:
+        exclude_nodes: names of nodes to keep in float32 (the accuracy guard fills this in).
+    """
+
+    exclude_nodes: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The pass name."""
+        return "fp16"
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        """Convert to float16.
+
+        Args:
+            model: the float32 model (not modified).
+            ctx: unused.
+
+        Returns:
+            The float16 model, with the number of float16 initializers in the notes.
+
+        Raises:
+            CompressionError: the model has no float32 weights, or the converter failed.
+        """
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        floats = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+        if not floats:
+            raise CompressionError("float16 conversion needs float32 weights; this model has none")
+        try:
+            with _ort_logs_routed(), warnings.catch_warnings():
+                # The converter warns for every value it clamps into float16's range;
+                # those values are counted in the notes instead.
+                warnings.simplefilter("ignore")
+                converted = convert_float_to_float16(
+                    model, keep_io_types=True, node_block_list=list(self.exclude_nodes) or None
+                )
+        except Exception as exc:  # the converter raises ValueError, onnx errors, KeyError
+            raise CompressionError(f"onnxruntime float16 conversion failed: {exc}") from exc
+        _sort_topologically(converted.graph)
+        halves = sum(1 for i in converted.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16)
+        return PassResult(
+            converted,
+            changed=halves > 0,
+            notes={"float16_weights": halves, "float_nodes": list(self.exclude_nodes)},
+        )
+
+
+@dataclass(frozen=True)
+class Int4WeightOnlyQuantization:
+    """4-bit weight-only quantization of ``MatMul`` weights into ``MatMulNBits``.
+
+    Weights are quantized in blocks of ``block_size`` values along the input axis, one
+    float scale (and, when asymmetric, a 4-bit zero point) per block; activations stay
+    float. Constant-weight ``Gemm`` nodes are first decomposed into ``MatMul`` + ``Add``.
+    ``MatMulNBits`` is an onnxruntime contrib op (``com.microsoft``), so the result runs
+    on onnxruntime only, not on LiteRT or other ONNX runtimes.
+
+    Args:
+        block_size: values per scale; a power of two, at least 16.
+        symmetric: zero point fixed at 8 (no stored zero points) instead of per block.
+        accuracy_level: onnxruntime's compute type for the product (0 unset, 1 fp32,
+            2 fp16, 3 bf16, 4 int8); ``None`` lets onnxruntime choose.
+        exclude_nodes: names of ``MatMul`` nodes to keep in float.
+
+    Raises:
+        ConfigError: ``block_size`` is not a power of two >= 16.
+    """
+
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int | None = None
+    exclude_nodes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two >= 16, not {self.block_size}", key="block_size")
+
+    @property
+    def name(self) -> str:
+        """The pass name."""
+        return "int4-weight"
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        """Quantize every eligible ``MatMul`` weight to 4 bits.
+
+        Args:
+            model: the float model (modified in place by the Gemm decomposition).
+            ctx: unused.
+
+        Returns:
+            The model with ``MatMulNBits`` nodes, and how many were made.
+
+        Raises:
+            CompressionError: the model has no ``MatMul`` with a constant 2-D weight
+                (names the op types it has), or onnxruntime failed.
+        """
+        decomposed = decompose_gemm(model)
+        _name_unnamed_nodes(model)
+        inits = {i.name: i for i in model.graph.initializer}
+        eligible = [
+            n.name
+            for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
+        ]
+        if not eligible:
+            ops = sorted({n.op_type for n in model.graph.node})
+            raise CompressionError(
+                f"4-bit weight-only quantization applies to MatMul/Gemm with constant 2-D weights; "
+                f"this model has none (its ops: {', '.join(ops)})",
+                op_types=ops,
+            )
+        try:
+            with _ort_logs_routed():
+                # Imported here, under the routing guard: this module calls
+                # logging.basicConfig(level=INFO) at import time, which would otherwise
+                # configure the application's root logger.
+                from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+                quantizer = MatMulNBitsQuantizer(
+                    model,
+                    bits=4,
+                    block_size=self.block_size,
+                    is_symmetric=self.symmetric,
+                    accuracy_level=self.accuracy_level,
+                    nodes_to_exclude=list(self.exclude_nodes),
+                )
+                quantizer.process()
+                quantized = _as_model_proto(quantizer.model)
+        except Exception as exc:  # onnxruntime raises ValueError, AssertionError, onnx-ir errors
+            raise CompressionError(f"onnxruntime 4-bit weight-only quantization failed: {exc}") from exc
+        made = sum(1 for n in quantized.graph.node if n.op_type == "MatMulNBits")
+        return PassResult(
+            quantized,
+            changed=made > 0 or decomposed > 0,
+            notes={
+                "matmul_nbits": made,
+                "block_size": self.block_size,
+                "symmetric": self.symmetric,
+                "gemms_decomposed": decomposed,
+                "float_nodes": list(self.exclude_nodes),
+            },
+        )
+
+
+QuantizationPass = Union[StaticInt8Quantization, DynamicInt8Quantization, Float16Conversion, Int4WeightOnlyQuantization]
+"""The quantization passes; each has an ``exclude_nodes`` field the accuracy guard sets."""
+
+
+def _as_model_proto(model: object) -> onnx.ModelProto:
+    """onnxruntime's quantizers hand back a ``ModelProto`` or their ``ONNXModel`` wrapper."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, onnx.ModelProto):
+        return inner
+    raise CompressionError(f"onnxruntime returned {type(model).__name__}, not an ONNX model")
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so each comes after its producers (the float16 converter appends
+    its input casts at the end, which ``onnx.checker`` rejects). Stable otherwise."""
+    produced_by: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for out in node.output:
+            produced_by[out] = index
+    order: list[int] = []
+    state = [0] * len(graph.node)  # 0 new, 1 visiting, 2 done
+    for root in range(len(graph.node)):
+        stack = [(root, False)]
+        while stack:
+            index, expanded = stack.pop()
+            if expanded:
+                state[index] = 2
+                order.append(index)
+                continue
+            if state[index]:
+                continue
+            state[index] = 1
+            stack.append((index, True))
+            for name in reversed(graph.node[index].input):
+                producer = produced_by.get(name)
+                if producer is not None and state[producer] == 0:
+                    stack.append((producer, False))
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _name_unnamed_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name; node exclusion and reports refer to nodes by name."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for index, node in enumerate(model.graph.node):
+        if node.name:
+            continue
+        name = f"{node.op_type}_{index}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
 
 
 QUANTIZE_OPTIONS: Mapping[str, Callable[[], CompressionPass]] = MappingProxyType(
@@ -229,6 +462,8 @@ QUANTIZE_OPTIONS: Mapping[str, Callable[[], CompressionPass]] = MappingProxyType
         "int8-static-percentile": lambda: StaticInt8Quantization(method="percentile"),
         "int8-static-per-tensor": lambda: StaticInt8Quantization(per_channel=False),
         "int8-dynamic": lambda: DynamicInt8Quantization(),
+        "fp16": lambda: Float16Conversion(),
+        "int4-weight": lambda: Int4WeightOnlyQuantization(),
     }
 )
 """CLI spellings of ``--quantize`` and the pass each builds."""
@@ -352,6 +587,23 @@ def _prepare(model: onnx.ModelProto, work: Path, preprocess: bool) -> Path:
     except Exception as exc:  # onnxruntime's optimizer and shape inference raise many types
         raise CompressionError(f"onnxruntime quantization pre-processing failed: {exc}") from exc
     return prepared
+
+
+def _resolve_exclusions(prepared: Path, names: tuple[str, ...]) -> list[str]:
+    """Node names to exclude in the pre-processed model.
+
+    onnxruntime's optimizer names a node it fuses ``"<original>/<Fusion>"``, so a node
+    excluded by its original name is also excluded under its fused name.
+    """
+    if not names:
+        return []
+    wanted = set(names)
+    found = [
+        node.name
+        for node in onnx.load(str(prepared), load_external_data=False).graph.node
+        if node.name in wanted or node.name.split("/", 1)[0] in wanted
+    ]
+    return sorted(set(found) | wanted)
 
 
 def _qdq_counts(model: onnx.ModelProto) -> dict[str, int]:

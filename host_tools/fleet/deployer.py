@@ -8,6 +8,11 @@ The conversation (see :mod:`device_agent.agent` for the device's side)::
                                                         device: received, installed, metrics
                                                      or device: refused / failed (error)
 
+Every command goes out signed (:class:`CommandAuthority`): the device obeys only commands
+signed by keys its root authorises, addressed to it, unexpired and never seen before.
+Ahead of each command the host sends its chain of signed roots; a device applies the
+versions it lacks, so a key rotation reaches it before the first command that needs it.
+
 Timeouts are on by default: a device that never answers raises
 :class:`~edge_sdk.errors.DeviceTimeoutError`; a refusal is returned as the device's own
 error type rebuilt from its code.
@@ -15,6 +20,7 @@ error type rebuilt from its code.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import time
@@ -26,7 +32,7 @@ from pathlib import Path
 
 from edge_sdk.bundle import Manifest, file_sha256
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
-from edge_sdk.errors import DeviceTimeoutError, EdgeError, MessageError, error_from_code
+from edge_sdk.errors import ConfigError, DeviceTimeoutError, EdgeError, MessageError, error_from_code
 from edge_sdk.mqtt import Incoming, MqttClient, PublishHandle
 from edge_sdk.protocol import (
     BenchmarkSpec,
@@ -36,20 +42,80 @@ from edge_sdk.protocol import (
     DeviceTopics,
     Event,
     EventKind,
+    Message,
     MetricsReport,
+    RootUpdate,
     TransferEnd,
     TransferOffer,
     chunk_spans,
     decode,
     encode,
     encode_chunk,
+    sign_command,
 )
+from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.registry import Registry
 
-__all__ = ["DeployOptions", "DeployOutcome", "deploy_and_record", "deploy_bundle", "read_manifest"]
+__all__ = [
+    "CommandAuthority",
+    "DeployOptions",
+    "DeployOutcome",
+    "deploy_and_record",
+    "deploy_bundle",
+    "publish_command",
+    "read_manifest",
+    "run_command",
+    "signed_fields",
+]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CommandAuthority:
+    """What the host signs commands with, and the roots it brings devices up to date with.
+
+    Attributes:
+        keys: private keys of the root's ``commands`` role (at least its threshold).
+        root_chain: every signed root, version 1 first (see :class:`host_tools.keys.KeyRing`).
+        ttl_s: lifetime of each command; devices refuse it after that and keep its nonce
+            until then.
+    """
+
+    keys: tuple[SigningKey, ...]
+    root_chain: tuple[bytes, ...] = ()
+    ttl_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ConfigError("signing commands needs at least one command key")
+        if not 0 < self.ttl_s <= 24 * 3600:
+            raise ConfigError("command lifetime must be between 0 and 24 hours")
+
+
+def publish_command(
+    client: MqttClient, topics: DeviceTopics, command: Message, authority: CommandAuthority | None
+) -> None:
+    """Send the root chain, then ``command`` signed, to one device (in order, QoS 1).
+
+    ``command`` must carry this device's id and an ``expires_at`` (see :func:`signed_fields`).
+
+    Raises:
+        ConfigError: no authority (commands cannot go out unsigned).
+        TransportError: the broker connection failed.
+    """
+    if authority is None:
+        raise ConfigError("commands must be signed: no command keys given (run `edgectl keys init`)")
+    for doc in authority.root_chain:
+        client.publish_wait(topics.cmd, encode(RootUpdate(json.loads(doc))))
+    client.publish_wait(topics.cmd, encode(sign_command(command, authority.keys)))  # type: ignore[arg-type]
+
+
+def signed_fields(device_id: str, authority: CommandAuthority | None, now: float) -> dict[str, object]:
+    """The fields every signed command carries: addressee and expiry."""
+    ttl = authority.ttl_s if authority is not None else 900.0
+    return {"device_id": device_id, "expires_at": now + ttl}
 
 
 @dataclass(frozen=True)
@@ -63,6 +129,9 @@ class DeployOptions:
         finish_timeout_s: how long it has to install and report after the last chunk.
         max_resend_rounds: rounds of resending missing chunks before giving up.
         benchmark: what the device should measure after installing.
+        authority: keys that sign the command, and the root chain to send first.
+        rollback: the signed command explicitly allows this bundle's version even if the
+            device accepted a newer one (an intentional downgrade).
     """
 
     chunk_size: int = 64 * 1024
@@ -71,6 +140,8 @@ class DeployOptions:
     finish_timeout_s: float = 180.0
     max_resend_rounds: int = 5
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
+    authority: CommandAuthority | None = None
+    rollback: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +215,8 @@ def deploy_bundle(
     options: DeployOptions = DeployOptions(),
     progress: Callable[[int, int], None] | None = None,
     clock: Callable[[], float] = time.time,
+    *,
+    claim: tuple[str, int] | None = None,
 ) -> DeployOutcome:
     """Deploy a bundle file to a device and wait for the result.
 
@@ -154,6 +227,9 @@ def deploy_bundle(
         options: chunking, timeouts, benchmark.
         progress: called with (bytes sent, total bytes) as chunks are acknowledged.
         clock: wall clock for message timestamps.
+        claim: the bundle name and version the signed command names, instead of reading
+            them from the bundle (tests and the tamper benchmark send bundles whose
+            manifest cannot be read, to see the device refuse them).
 
     Returns:
         The outcome; refusals are outcomes, not exceptions.
@@ -164,23 +240,27 @@ def deploy_bundle(
         BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
     """
     started = time.monotonic()
-    manifest = read_manifest(bundle_path)
+    name, version = claim or _name_version(read_manifest(bundle_path))
     digest, size = file_sha256(bundle_path)
     topics = DeviceTopics(device_id)
     command_id = uuid.uuid4().hex
     offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
-    cmd = DeployCommand(command_id, manifest.name, manifest.version, offer, clock(), options.benchmark)
+    now = clock()
+    cmd = DeployCommand(
+        command_id, name, version, offer, now, options.benchmark,
+        rollback=options.rollback, **signed_fields(device_id, options.authority, now),  # type: ignore[arg-type]
+    )
     convo = _Conversation(client, topics, command_id)
     for topic in (topics.events, topics.metrics, topics.status):
         client.subscribe(topic, qos=1)
 
     def outcome(state: str, **kw: object) -> DeployOutcome:
         return DeployOutcome(
-            device_id, manifest.name, manifest.version, digest, offer.transfer_id, state,
+            device_id, name, version, digest, offer.transfer_id, state,
             seconds=time.monotonic() - started, **kw,  # type: ignore[arg-type]
         )
 
-    client.publish_wait(topics.cmd, encode(cmd))
+    publish_command(client, topics, cmd, options.authority)
     accepted = _wait_for(convo, {EventKind.ACCEPTED}, options.accept_timeout_s, device_id, "accept the deploy")
     if accepted.kind != EventKind.ACCEPTED:
         return outcome(_end_state(accepted), error=_error_of(accepted))
@@ -227,6 +307,10 @@ def deploy_bundle(
         if isinstance(nxt, MetricsReport):
             metrics = nxt
     return outcome("installed", metrics=metrics, checks=checks)
+
+
+def _name_version(manifest: Manifest) -> tuple[str, int]:
+    return manifest.name, manifest.version
 
 
 def _send_chunks(
@@ -319,3 +403,37 @@ def deploy_and_record(
     if outcome.metrics is not None:
         record_message(registry, outcome.metrics, clock())
     return outcome
+
+
+def run_command(
+    client: MqttClient,
+    device_id: str,
+    make_command: Callable[[str, dict[str, object]], Message],
+    authority: CommandAuthority,
+    timeout_s: float = 30.0,
+) -> Event:
+    """Send a rollback or remove command and wait for the device's answer.
+
+    Args:
+        client: a connected client.
+        device_id: target device.
+        make_command: builds the command from a fresh command id and the signed fields
+            (``device_id``, ``expires_at``) plus ``ts``.
+        authority: signs it.
+        timeout_s: how long the device has to answer.
+
+    Returns:
+        The device's ``done``, ``refused`` or ``error`` event.
+
+    Raises:
+        DeviceTimeoutError: no answer in time.
+    """
+    topics = DeviceTopics(device_id)
+    command_id = uuid.uuid4().hex
+    now = time.time()
+    cmd = make_command(command_id, {"ts": now, **signed_fields(device_id, authority, now)})
+    convo = _Conversation(client, topics, command_id)
+    for topic in (topics.events, topics.status):
+        client.subscribe(topic, qos=1)
+    publish_command(client, topics, cmd, authority)
+    return _wait_for(convo, {EventKind.DONE}, timeout_s, device_id, f"answer the {cmd.TYPE} command")

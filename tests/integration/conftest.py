@@ -3,7 +3,7 @@
 - ``host``: an operator's home (keys created with `edgectl keys init`) and a runner for
   `edgectl` commands in a subprocess.
 - ``tiny_model``: a small ONNX model built with onnx.helper, and a sample input.
-- ``start_agent``: starts `edge-agent run` as its own process and stops it afterwards.
+- ``start_agent``: starts `edge-agent run --root ROOT` as its own process and stops it afterwards.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     agents: list[AgentProcess] = []
 
-    def start(broker_url: str, device_id: str, trusted_key: Path, *extra: str, wait: bool = True) -> AgentProcess:
+    def start(broker_url: str, device_id: str, root: Path, *extra: str, wait: bool = True) -> AgentProcess:
         data_dir = tmp_path / f"agent-{device_id}"
         log_path = tmp_path / f"agent-{device_id}.log"
         log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process below
@@ -43,7 +43,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
                 "--broker", broker_url,
                 "--device-id", device_id,
                 "--data-dir", str(data_dir),
-                "--trusted-key", str(trusted_key),
+                "--root", str(root),
                 "--log-level", "DEBUG",
                 *extra,
             ],

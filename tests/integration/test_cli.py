@@ -14,10 +14,11 @@ pytestmark = pytest.mark.integration
 def test_keys_init_is_idempotent_and_private_key_is_0600(host):
     again = host.run("keys", "init", "--json")
     assert again.code == 0 and again.json()["created"] is False
-    mode = stat.S_IMODE(os.stat(host.home / "keys" / "bundle-signing.key").st_mode)
-    assert mode == 0o600
+    keys = list((host.home / "keys").glob("*.key"))
+    assert len(keys) == 3  # root, bundles, commands
+    assert all(stat.S_IMODE(os.stat(k).st_mode) == 0o600 for k in keys)
     shown = host.run("keys", "show", "--json")
-    assert shown.json()["keyid"] == again.json()["keyid"]
+    assert shown.json()["roles"] == again.json()["roles"] and shown.json()["version"] == 1
 
 
 def test_passphrase_protected_key(tmp_path, tiny_model):
@@ -79,7 +80,7 @@ def test_verify_explains_and_refuses(host, tiny_model, tmp_path):
     assert host.run("pack", str(tiny_model.path), "-o", str(out), "--name", "t", "--version", "3").code == 0
     ok = host.run("verify", str(out), "--json")
     checks = ok.json()["checks"]
-    assert [c.split(":")[0] for c in checks] == ["archive", "signature", "manifest", "expiry", "rollback", "files", "hashes"]
+    assert [c.split(":")[0] for c in checks] == ["root", "archive", "signature", "manifest", "expiry", "target", "rollback", "files", "hashes"]
 
     old = host.run("verify", str(out), "--installed-version", "3")
     assert old.code == 3 and "not newer" in old.stderr

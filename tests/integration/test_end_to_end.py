@@ -81,7 +81,7 @@ class _Raw:
 
 
 def test_happy_path_deploy_devices_metrics(host, tiny_model, mosquitto, start_agent, tmp_path):
-    agent = start_agent(mosquitto.url, "e2e-happy", host.public_key)
+    agent = start_agent(mosquitto.url, "e2e-happy", host.root)
     bundle = _pack(host, tiny_model, tmp_path / "tiny-v1.edge", 1)
 
     verify = host.run("verify", str(bundle))
@@ -120,7 +120,7 @@ def test_happy_path_deploy_devices_metrics(host, tiny_model, mosquitto, start_ag
 
 
 def test_flipped_byte_is_refused_and_agent_survives(host, tiny_model, mosquitto, start_agent, tmp_path):
-    agent = start_agent(mosquitto.url, "e2e-flip", host.public_key)
+    agent = start_agent(mosquitto.url, "e2e-flip", host.root)
     good = _pack(host, tiny_model, tmp_path / "good.edge", 1)
     raw = bytearray(good.read_bytes())
     model_offset = raw.index(b"payload/tiny.onnx") + 512 + 100  # inside the model's data
@@ -141,7 +141,7 @@ def test_flipped_byte_is_refused_and_agent_survives(host, tiny_model, mosquitto,
 
 
 def test_wrong_key_is_refused(host, tiny_model, mosquitto, start_agent, tmp_path):
-    agent = start_agent(mosquitto.url, "e2e-wrongkey", host.public_key)
+    agent = start_agent(mosquitto.url, "e2e-wrongkey", host.root)
     other_home = tmp_path / "other-home"
     assert host.run("keys", "init", home=other_home).code == 0
     bundle = _pack(host, tiny_model, tmp_path / "other.edge", 1, home=other_home)
@@ -155,15 +155,15 @@ def test_wrong_key_is_refused(host, tiny_model, mosquitto, start_agent, tmp_path
 
 
 def test_truncated_transfer_is_refused(host, tiny_model, mosquitto, start_agent, tmp_path):
-    agent = start_agent(mosquitto.url, "e2e-trunc", host.public_key, "--transfer-idle-timeout", "2")
+    agent = start_agent(mosquitto.url, "e2e-trunc", host.root, "--transfer-idle-timeout", "2")
     bundle = _pack(host, tiny_model, tmp_path / "b.edge", 1)
     data = bundle.read_bytes()
     chunk = 1024
     offer = TransferOffer(uuid.uuid4().hex, len(data), hashlib.sha256(data).hexdigest(), chunk)
-    cmd = DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, time.time())
+    cmd = DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, time.time(), device_id=agent.device_id, expires_at=time.time() + 60)
     raw = _Raw(mosquitto.url, agent.device_id)
     try:
-        raw.client.publish_wait(raw.topics.cmd, encode(cmd))
+        raw.client.publish_wait(raw.topics.cmd, host.signed(cmd))
         accepted = raw.events(10, {EventKind.ACCEPTED})
         assert accepted and accepted[-1].kind == EventKind.ACCEPTED
         assert len(accepted[-1].missing) == offer.chunk_count
@@ -187,12 +187,12 @@ def test_truncated_transfer_is_refused(host, tiny_model, mosquitto, start_agent,
 
 def test_oversized_chunk_is_refused(host, tiny_model, mosquitto, start_agent, tmp_path):
     """Endless data: a chunk longer than the offer declares is refused while receiving."""
-    agent = start_agent(mosquitto.url, "e2e-endless", host.public_key)
+    agent = start_agent(mosquitto.url, "e2e-endless", host.root)
     offer = TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024)
-    cmd = DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, time.time())
+    cmd = DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, time.time(), device_id=agent.device_id, expires_at=time.time() + 60)
     raw = _Raw(mosquitto.url, agent.device_id)
     try:
-        raw.client.publish_wait(raw.topics.cmd, encode(cmd))
+        raw.client.publish_wait(raw.topics.cmd, host.signed(cmd))
         assert raw.events(10, {EventKind.ACCEPTED})[-1].kind == EventKind.ACCEPTED
         raw.client.publish_wait(raw.topics.data, encode_chunk(offer.transfer_id, 0, b"x" * 5000))
         refused = raw.events(10, {EventKind.REFUSED})
@@ -212,7 +212,7 @@ def test_oversized_chunk_is_refused(host, tiny_model, mosquitto, start_agent, tm
     ],
 )
 def test_malformed_command_gets_error_event(host, mosquitto, start_agent, payload, code):
-    agent = start_agent(mosquitto.url, f"e2e-bad-{code}-{len(payload)}", host.public_key)
+    agent = start_agent(mosquitto.url, f"e2e-bad-{code}-{len(payload)}", host.root)
     raw = _Raw(mosquitto.url, agent.device_id)
     try:
         raw.client.publish_wait(raw.topics.cmd, payload)
@@ -243,7 +243,7 @@ def test_agent_retries_until_broker_appears(host, start_agent, start_mosquitto):
 
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
-    agent = start_agent(url, "e2e-retry", host.public_key, "--reconnect-max", "2", wait=False)
+    agent = start_agent(url, "e2e-retry", host.root, "--reconnect-max", "2", wait=False)
     time.sleep(3)
     assert agent.alive, agent.log()
     start_mosquitto(port=port)
@@ -252,7 +252,7 @@ def test_agent_retries_until_broker_appears(host, start_agent, start_mosquitto):
 
 def test_agent_reconnects_after_broker_restart(host, tiny_model, start_agent, start_mosquitto, tmp_path):
     broker = start_mosquitto()
-    agent = start_agent(broker.url, "e2e-restart", host.public_key, "--reconnect-max", "2")
+    agent = start_agent(broker.url, "e2e-restart", host.root, "--reconnect-max", "2")
     broker.kill()
     time.sleep(1)
     broker.restart()
@@ -307,7 +307,7 @@ def test_deploy_to_absent_device_times_out(host, tiny_model, mosquitto, tmp_path
 
 
 def test_will_marks_killed_agent_offline(host, mosquitto, start_agent):
-    agent = start_agent(mosquitto.url, "e2e-will", host.public_key)
+    agent = start_agent(mosquitto.url, "e2e-will", host.root)
     agent.proc.kill()  # SIGKILL: no goodbye; the broker publishes the will
     agent.proc.wait()
     deadline = time.monotonic() + 20
@@ -326,7 +326,7 @@ def test_graceful_stop_says_offline_and_agent_reads_toml_config(host, mosquitto,
         f'broker = "{mosquitto.url}"\n'
         'device_id = "e2e-toml"\n'
         f'data_dir = "{tmp_path / "data"}"\n'
-        f'trusted_keys = ["{host.public_key}"]\n'
+        f'root = "{host.root}"\n'
     )
     log = tmp_path / "agent.log"
     with open(log, "wb") as out:

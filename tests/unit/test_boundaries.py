@@ -79,11 +79,11 @@ RULES = (
         "inference sessions are opened only in edge_sdk/runtime/",
         ("onnxruntime", "ai_edge_litert", "tflite_runtime"),
         allowed=("edge_sdk/runtime/",),
-        exempt=("onnxruntime.quantization",),
+        exempt=("onnxruntime.quantization", "onnxruntime.transformers.float16"),
     ),
     Rule(
         "onnxruntime's quantization tools are host-side compression",
-        ("onnxruntime.quantization",),
+        ("onnxruntime.quantization", "onnxruntime.transformers.float16"),
         allowed=("host_tools/compress/",),
     ),
 )

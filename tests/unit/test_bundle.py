@@ -24,8 +24,11 @@ from hypothesis import strategies as st
 from edge_sdk.bundle import (
     BundleLimits,
     BundleSpec,
+    DeviceFacts,
+    Expected,
     FileEntry,
     Manifest,
+    Target,
     TensorInfo,
     canonical_json,
     file_sha256,
@@ -38,11 +41,13 @@ from edge_sdk.errors import (
     BundleFormatError,
     ConfigError,
     ExpiredError,
+    FileSetMismatchError,
     HashMismatchError,
     ManifestError,
     RollbackError,
     SignatureError,
     StorageError,
+    TargetMismatchError,
     UntrustedInputError,
     UntrustedKeyError,
 )
@@ -386,7 +391,7 @@ def test_pack_then_verify_round_trip(tmp_path: Path, key: SigningKey, trusted: T
     assert verified.manifest.extra == {"future": {"x": 1}}
     assert verified.signers == {key.keyid}
     assert [c.split(":")[0] for c in verified.checks] == [
-        "archive", "signature", "manifest", "expiry", "rollback", "files", "hashes",
+        "archive", "signature", "manifest", "expiry", "target", "rollback", "files", "hashes",
     ]
     assert out.stat().st_size % tarfile.RECORDSIZE == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files
@@ -501,7 +506,7 @@ def test_signature_check_comes_before_manifest_content(tmp_path: Path, other_key
 def test_extra_member_not_in_manifest_is_refused(tmp_path: Path, key: SigningKey, trusted: TrustedKeys) -> None:
     declared = {"model.onnx": MODEL}
     out = _forge(tmp_path / "b.edge", _manifest_dict(declared), [key], {**declared, "evil.so": b"\x7fELF"})
-    with pytest.raises(BundleFormatError) as info:
+    with pytest.raises(FileSetMismatchError) as info:
         verify_bundle(out, trusted, NOW)
     assert info.value.details == {"extra_files": ["evil.so"]}
 
@@ -514,7 +519,7 @@ def test_missing_manifest_file_is_refused(tmp_path: Path, key: SigningKey, trust
         [key],
         {"model.onnx": MODEL},
     )
-    with pytest.raises(BundleFormatError) as info:
+    with pytest.raises(FileSetMismatchError) as info:
         verify_bundle(out, trusted, NOW)
     assert info.value.details == {"missing_files": ["sample_input.npz"]}
 
@@ -938,3 +943,104 @@ def test_manifest_edits_without_resigning_are_never_accepted(
         write_bundle(out, forged, signatures, {"model.onnx": model, "sample_input.npz": sample})
         exc = _refused(out, trusted)
     assert isinstance(exc, SignatureError) and not isinstance(exc, UntrustedKeyError)
+
+
+# --- target constraints, the signed command's expectation, explicit rollback ----------------
+
+
+_PI = DeviceFacts("aarch64", 4 << 30, frozenset())
+_JETSON = DeviceFacts("aarch64", 8 << 30, frozenset({"cuda", "tensorrt"}))
+
+
+@pytest.mark.parametrize(
+    "target, device, fits",
+    [
+        (Target(("aarch64", "armv7l")), _PI, True),
+        (Target(("x86_64",)), _PI, False),
+        (Target(min_memory_bytes=6 << 30), _PI, False),
+        (Target(min_memory_bytes=6 << 30), _JETSON, True),
+        (Target(accelerators=("cuda",)), _PI, False),
+        (Target(("aarch64",), 1 << 30, ("cuda", "tensorrt")), _JETSON, True),
+    ],
+)
+def test_target_constraints_are_checked_against_the_device(
+    tmp_path: Path, key: SigningKey, trusted: TrustedKeys, target: Target, device: DeviceFacts, fits: bool
+) -> None:
+    out, manifest = _pack(tmp_path, [key], target=target)
+    assert manifest.target == target and Manifest.from_bytes(manifest.to_bytes(), 1 << 20) == manifest
+    if fits:
+        assert verify_bundle(out, trusted, NOW, device=device).checks[4].startswith("target: aarch64")
+    else:
+        with pytest.raises(TargetMismatchError) as info:
+            verify_bundle(out, trusted, NOW, device=device, extract_to=tmp_path / "x")
+        assert info.value.details["constraint"] in ("arch", "min_memory_bytes", "accelerators")
+
+
+@pytest.mark.parametrize("bad", [{"arch": "x86_64"}, {"arch": ["../x"]}, {"min_memory_bytes": -1}, {"gpu": True}, []])
+def test_malformed_targets_are_refused(bad: Any) -> None:
+    d = _manifest_dict({"model.onnx": MODEL}, target=bad)
+    with pytest.raises(ManifestError):
+        Manifest.from_bytes(canonical_json(d), 1 << 20)
+
+
+def test_bundle_must_be_the_one_the_signed_command_names(tmp_path: Path, key: SigningKey, trusted: TrustedKeys) -> None:
+    out, _ = _pack(tmp_path, [key], version=3)
+    verify_bundle(out, trusted, NOW, expect=Expected("digits", 3))
+    for wrong in (Expected("digits", 4), Expected("other", 3)):
+        with pytest.raises(ManifestError, match="signed command names"):
+            verify_bundle(out, trusted, NOW, expect=wrong)
+
+
+def test_only_an_explicit_signed_rollback_installs_an_older_version(tmp_path: Path, key: SigningKey, trusted: TrustedKeys) -> None:
+    out, _ = _pack(tmp_path, [key], version=2)
+    with pytest.raises(RollbackError):
+        verify_bundle(out, trusted, NOW, installed_version=5, expect=Expected("digits", 2))
+    ok = verify_bundle(out, trusted, NOW, installed_version=5, expect=Expected("digits", 2, rollback=True))
+    assert any("explicitly allowed" in c for c in ok.checks)
+    with pytest.raises(ManifestError):  # the rollback allowance names one version, not any
+        verify_bundle(out, trusted, NOW, installed_version=5, expect=Expected("digits", 1, rollback=True))
+
+
+# --- hostile archives on the device: nothing written outside scratch, scratch removed -----------
+
+
+def _compressed(tmp_path: Path, key: SigningKey, mode: str) -> Path:
+    """A compression bomb: a valid-looking bundle whose payload inflates 1000x."""
+    members = [*_signed_valid_members(key), _reg("payload/zeros.bin", bytes(8 << 20))]
+    out = tmp_path / f"bomb.{mode}"
+    with tarfile.open(out, mode=f"w:{mode}", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data))
+    assert out.stat().st_size < 64 << 10
+    return out
+
+
+_HOSTILE = {
+    "symlink": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _special("payload/x", tarfile.SYMTYPE, "/etc/passwd")]),
+    "hardlink": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _special("payload/x", tarfile.LNKTYPE, "/etc/shadow")]),
+    "device": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _special("payload/x", tarfile.CHRTYPE)]),
+    "absolute": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _reg("/tmp/evil", b"x")]),
+    "dotdot": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _reg("payload/../../evil", b"x")]),
+    "duplicate": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _reg("payload/model.onnx", MODEL)]),
+    "too-many": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), *(_reg(f"payload/f{i}", b"x") for i in range(80))]),
+    "gzip-bomb": lambda p, k: _compressed(p.parent, k, "gz"),
+    "xz-bomb": lambda p, k: _compressed(p.parent, k, "xz"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(_HOSTILE))
+def test_hostile_archives_leave_the_device_unchanged(tmp_path: Path, key: SigningKey, trusted: TrustedKeys, attack: str) -> None:
+    from device_agent.installer import Installer
+
+    installer = Installer(tmp_path / "data", trusted)
+    good, _ = _pack(tmp_path / "good", [key], version=1)
+    installer.activate(installer.stage(good, NOW))
+    before = (installer.state_path.read_bytes(), _tree(installer.data_dir))
+    (tmp_path / "attack").mkdir()
+    bundle = _HOSTILE[attack](tmp_path / "attack" / "b.edge", key)
+    with pytest.raises(BundleFormatError):
+        installer.stage(bundle, NOW)
+    assert (installer.state_path.read_bytes(), _tree(installer.data_dir)) == before
+    assert list(installer.tmp_dir.iterdir()) == []
+    assert not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
+

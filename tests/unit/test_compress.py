@@ -377,7 +377,7 @@ def test_parse_quantize_option() -> None:
     entropy = hc.parse_quantize_option("int8-static-entropy")
     assert isinstance(entropy, StaticInt8Quantization) and entropy.method == "entropy"
     with pytest.raises(ConfigError, match="int8-static"):
-        hc.parse_quantize_option("int4")
+        hc.parse_quantize_option("int3")
 
 
 def test_public_names() -> None:
@@ -393,6 +393,14 @@ def test_public_names() -> None:
             "evaluate_accuracy", "predict_classes", "top1_agreement", "model_size_bytes",
             "count_parameters", "measure_sparsity", "host_latency_ms",
             "train_digits_mlp", "mlp_to_onnx",
+            "Float16Conversion", "Int4WeightOnlyQuantization", "AccuracyGuard", "node_sensitivity",
+            "LowRankFactorization", "WeightSharing", "PackedModel", "pack_model",
+            "PASS_REGISTRY", "register_pass", "build_pass", "parse_recipe", "load_recipe",
+            "quantize_modes", "train_digits_cnn",
+            "MagnitudePruning", "SensitivityPruning", "ChannelPruning", "FineTune", "Distillation",
+            "MlpStudent", "parse_student", "TrainingOptions", "WeightLayer", "find_layers",
+            "weight_sparsity", "teacher_logits", "train_module", "finetune_module", "graph_module",
+            "module_to_onnx",
         ]
     )  # fmt: skip
     for name in hc.__all__:

@@ -92,6 +92,11 @@ def test_stage_then_activate(installer: Installer, make_bundle) -> None:  # type
     assert installer.accepted_version("digits") == 1
     assert list(installer.tmp_dir.iterdir()) == []
     state = json.loads(installer.state_path.read_bytes())
+    assert state["bundles"]["digits"] == {
+        "active": {"version": 1}, "previous": None, "highest": 1, "pending": {"command_id": ""},
+    }
+    installer.confirm("digits")
+    state = json.loads(installer.state_path.read_bytes())
     assert state["bundles"]["digits"] == {"active": {"version": 1}, "previous": None, "highest": 1}
 
 
@@ -282,3 +287,89 @@ def test_stage_replaces_a_leftover_slot_of_the_same_version(installer: Installer
     (leftover / "payload" / "stale.bin").write_bytes(b"stale")
     staged = installer.stage(make_bundle(1), NOW)
     assert sorted(os.listdir(staged.slot / "payload")) == ["digits-1.onnx", "sample_input.npz"]
+
+
+# --- two-phase activation, crash recovery, deferred installs, profiling scratch ---------------
+
+
+def test_activation_is_pending_until_confirmed(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    installer.confirm("digits")
+    staged = installer.stage(make_bundle(2), NOW)
+    installer.activate(staged, "c" * 32)
+    assert installer.pending() == ["digits"]
+    installer.confirm("digits")
+    assert installer.pending() == []
+    assert installer.active("digits").version == 2  # type: ignore[union-attr]
+    assert installer.previous("digits").version == 1  # type: ignore[union-attr]
+
+
+def test_restart_rolls_back_an_unconfirmed_version(tmp_path: Path, key: SigningKey, installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    installer.confirm("digits")
+    staged = installer.stage(make_bundle(2), NOW)
+    installer.activate(staged, "c" * 32)  # power cut during the health check
+    again = Installer(tmp_path / "data", TrustedKeys((key.public_key,)))
+    again.recover()
+    (rb,) = again.roll_back_pending()
+    assert (rb.name, rb.version, rb.command_id, rb.restored) == ("digits", 2, "c" * 32, 1)
+    assert again.active("digits").version == 1  # type: ignore[union-attr]
+    assert not staged.slot.exists()
+    assert again.pending() == [] and again.roll_back_pending() == []
+    assert again.accepted_version("digits") == 2  # the version that never proved itself stays refused
+
+
+def test_unconfirmed_first_install_rolls_back_to_nothing(tmp_path: Path, key: SigningKey, installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    again = Installer(tmp_path / "data", TrustedKeys((key.public_key,)))
+    (rb,) = again.roll_back_pending()
+    assert rb.restored is None and again.active("digits") is None and again.all_active() == []
+
+
+def test_checkpoints_are_reached_in_order(tmp_path: Path, key: SigningKey, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    seen: list[str] = []
+    inst = Installer(tmp_path / "cp", TrustedKeys((key.public_key,)), checkpoint=seen.append)
+    inst.activate(inst.stage(make_bundle(1), NOW))
+    inst.confirm("digits")
+    assert seen == ["staged", "activated", "confirmed"]
+
+
+def test_recover_removes_a_torn_state_temp_file(installer: Installer) -> None:
+    torn = installer.data_dir / ".state.json.abc123.tmp"
+    torn.write_bytes(b'{"schema": 1, "bun')
+    assert str(torn) in installer.recover()
+    assert not torn.exists()
+
+
+def test_deferred_installs_survive_restart_and_incomplete_ones_vanish(tmp_path: Path, key: SigningKey, installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    part = installer.staging_path("a" * 32)
+    part.write_bytes(make_bundle(1).read_bytes())
+    installer.defer("a" * 32, part, b'{"cmd": 1}')
+    (installer.deferred_dir / f"{'b' * 32}.edge").write_bytes(b"bundle without its command")
+    (installer.deferred_dir / f"{'c' * 32}.cmd").write_bytes(b"command without its bundle")
+    again = Installer(tmp_path / "data", TrustedKeys((key.public_key,)))
+    again.recover()
+    [(tid, path, cmd)] = again.deferred()
+    assert tid == "a" * 32 and cmd == b'{"cmd": 1}' and path.read_bytes() == make_bundle(1).read_bytes()
+    assert sorted(p.name for p in again.deferred_dir.iterdir()) == [f"{'a' * 32}.cmd", f"{'a' * 32}.edge"]
+    again.drop_deferred(tid)
+    assert again.deferred() == [] and list(again.deferred_dir.iterdir()) == []
+
+
+def test_profiling_scratch_never_touches_state_and_skips_rollback_protection(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(2))
+    installer.confirm("digits")
+    before = installer.state_path.read_bytes()
+    slots = _listing(installer.slots_dir)
+    scratch = installer.stage_scratch(make_bundle(1), NOW)  # older than installed: fine for profiling
+    assert scratch.slot.parent == installer.tmp_dir
+    assert (scratch.slot / "payload" / "digits-1.onnx").read_bytes() == b"model digits v1" * 50
+    installer.discard(scratch)
+    assert not scratch.slot.exists()
+    assert installer.state_path.read_bytes() == before and _listing(installer.slots_dir) == slots
+
+
+def test_profiling_scratch_still_refuses_an_untrusted_bundle(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UntrustedKeyError):
+        installer.stage_scratch(make_bundle(1, signer=SigningKey.generate()), NOW)
+    assert list(installer.tmp_dir.iterdir()) == []

@@ -78,6 +78,7 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
             "LatencyStats",
             "MemoryMeasurement",
             "PeakRssSampler",
+            "Pi5PmicSource",
             "PowerModel",
             "PowerReading",
             "PowerSource",
@@ -85,6 +86,7 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
             "ThermalReading",
             "benchmark",
             "detect_power_source",
+            "parse_pmic_adc",
             "power_model_for",
             "read_thermal_zones",
             "read_vm_hwm",
@@ -441,9 +443,83 @@ def test_detect_prefers_real_sensors_in_order(tmp_path: Path) -> None:
 def test_detect_falls_back_to_labelled_estimate(tmp_path: Path) -> None:
     battery_tree(tmp_path, status="Charging", power_now=1_000_000)
     factory = fixed_cpu_sampler(1.0, 1.0, 1)
-    source = detect_power_source(tmp_path, "raspberry-pi-5", cpu_sampler_factory=factory)
+    source = detect_power_source(tmp_path, "raspberry-pi-5", cpu_sampler_factory=factory, command_runner=_no_vcgencmd)
     assert source.estimated is True
     assert source.name == "estimate:raspberry-pi-5"
     assert source.stop(source.start()).watts == pytest.approx(8.0)
     unknown = detect_power_source(tmp_path, "toaster", cpu_sampler_factory=factory)
     assert unknown.name == "estimate:generic" and unknown.estimated is True
+
+
+# --- Raspberry Pi 5 PMIC (vcgencmd pmic_read_adc through a fake runner) ----------------------
+
+PMIC_OUTPUT = """\
+     3V7_WL_SW_A current(0)=0.00000000A
+       3V3_SYS_A current(1)=0.05000000A
+     VDD_CORE_A current(7)=2.00000000A
+     3V7_WL_SW_V volt(8)=3.70000000V
+       3V3_SYS_V volt(9)=3.30000000V
+     VDD_CORE_V volt(15)=0.80000000V
+     EXT5V_V volt(24)=5.15000000V
+     BATT_V volt(25)=0.00000000V
+"""
+
+
+def _no_vcgencmd(argv: object) -> str:
+    raise FileNotFoundError(2, "No such file or directory", "vcgencmd")
+
+
+def test_pmic_output_parses_into_rails() -> None:
+    from edge_sdk.metrics import parse_pmic_adc
+
+    rails = parse_pmic_adc(PMIC_OUTPUT)
+    assert rails == {"3V3_SYS": (0.05, 3.3), "3V7_WL_SW": (0.0, 3.7), "VDD_CORE": (2.0, 0.8)}
+    with pytest.raises(ValueError):
+        parse_pmic_adc("error=1 error_msg=\"Command not registered\"\n")
+
+
+def test_pmic_source_measures_energy_with_a_fake_runner() -> None:
+    from edge_sdk.metrics import Pi5PmicSource
+
+    calls: list[tuple[str, ...]] = []
+
+    def runner(argv: object) -> str:
+        calls.append(tuple(argv))  # type: ignore[arg-type]
+        return PMIC_OUTPUT
+
+    source = Pi5PmicSource(runner, interval_s=None, clock=FakeClock(step=1.0))
+    assert source.name == "pi5-pmic" and source.estimated is False
+    assert source.read().watts == pytest.approx(0.05 * 3.3 + 2.0 * 0.8)
+    m = source.stop(source.start())
+    assert m.seconds == pytest.approx(1.0) and m.joules == pytest.approx(1.765)
+    assert m.estimated is False and m.source == "pi5-pmic"
+    assert calls[0] == ("vcgencmd", "pmic_read_adc")
+
+
+def test_pmic_is_probed_only_on_a_pi_5(tmp_path: Path) -> None:
+    from edge_sdk.metrics import Pi5PmicSource
+
+    factory = fixed_cpu_sampler(1.0, 1.0, 1)
+    pi5 = detect_power_source(tmp_path, "raspberry-pi-5", command_runner=lambda argv: PMIC_OUTPUT, cpu_sampler_factory=factory)
+    assert isinstance(pi5, Pi5PmicSource)
+    pi4 = detect_power_source(tmp_path, "raspberry-pi-4", command_runner=lambda argv: PMIC_OUTPUT, cpu_sampler_factory=factory)
+    assert pi4.name == "estimate:raspberry-pi-4" and pi4.estimated is True
+    assert Pi5PmicSource.probe(_no_vcgencmd) is None
+    assert Pi5PmicSource.probe(lambda argv: "garbage\n") is None
+
+
+def test_every_public_name_resolves_and_importing_loads_no_numpy() -> None:
+    import subprocess
+    import sys
+
+    for name in metrics.__all__:
+        assert getattr(metrics, name) is not None
+    code = (
+        "import sys\n"
+        "from edge_sdk.metrics import detect_power_source, PowerSource\n"
+        "import edge_sdk.runtime\n"
+        "edge_sdk.runtime.available_runtimes()\n"
+        "assert 'numpy' not in sys.modules, 'numpy loaded'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -101,3 +101,24 @@ def test_device_tree_model_that_is_neither_pi_nor_jetson(tmp_path: Path) -> None
     _write(tmp_path, "proc/device-tree/model", b"Rockchip RK3588 EVB\x00")
     info = detect_platform(tmp_path, arch="aarch64", cores=8)
     assert (info.kind, info.model) == ("generic-linux", "Rockchip RK3588 EVB")
+
+
+def test_power_model_names_follow_the_hardware() -> None:
+    from device_agent.platform import power_model_name
+    from edge_sdk.metrics import POWER_MODELS
+
+    cases = {
+        ("raspberry-pi", "Raspberry Pi 5 Model B Rev 1.0", "aarch64"): "raspberry-pi-5",
+        ("raspberry-pi", "Raspberry Pi 4 Model B Rev 1.4", "aarch64"): "raspberry-pi-4",
+        ("raspberry-pi", "Raspberry Pi 3 Model B Plus", "armv7l"): "generic-arm",
+        ("jetson", "NVIDIA Jetson Orin Nano Developer Kit", "aarch64"): "jetson-orin-nano",
+        ("jetson", "NVIDIA Jetson Nano Developer Kit", "aarch64"): "jetson-nano",
+        ("android", "Pixel 7", "aarch64"): "android",
+        ("generic-linux", "Standard PC", "x86_64"): "generic-x86",
+        ("generic-linux", "Linux", "aarch64"): "generic-arm",
+        ("generic-linux", "Linux", "riscv64"): "generic",
+    }
+    for (kind, model, arch), want in cases.items():
+        got = power_model_name(PlatformInfo(kind, model, arch, 4, 1 << 30))
+        assert got == want, (kind, model, arch)
+        assert got in POWER_MODELS

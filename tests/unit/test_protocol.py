@@ -42,6 +42,7 @@ from edge_sdk.protocol import (
     parse_topic,
     shared,
 )
+from edge_sdk.protocol import RemoveCommand, RollbackCommand, RootUpdate, SignedCommand
 from edge_sdk.protocol.codec import CHUNK_HEADER_SIZE
 from edge_sdk.protocol.messages import MESSAGE_TYPES
 from edge_sdk.protocol.topics import TOPIC_ROOT, check_device_id
@@ -145,6 +146,11 @@ def _examples() -> list[Any]:
         MetricsReport("pi-1", "digits", 3, "onnxruntime", "int8", 4.0, command_id=CID, threads=4,
                       providers=("CPUExecutionProvider",), latency={"p50_ms": 1.2}, memory={"peak_rss": 10},
                       cpu={"util": 0.5}, power={"estimated": True}, temperature=({"zone": "cpu", "c": 45.0},)),
+        DeployCommand(CID, "digits", 2, _offer(), 10.0, device_id="pi-1", expires_at=70.0, rollback=True),
+        RollbackCommand(CID, "digits", 2, 10.0, device_id="pi-1", expires_at=70.0),
+        RemoveCommand(CID, "digits", 10.0, device_id="pi-1", expires_at=70.0),
+        SignedCommand('{"type":"remove"}', ({"keyid": "k", "sig": "AA=="},)),
+        RootUpdate({"signed": {"version": 2}, "signatures": []}),
     ]
 
 

@@ -1,23 +1,55 @@
-"""edge_sdk.trust: keys, signature envelopes, threshold verification."""
+"""edge_sdk.trust: keys, signature envelopes, thresholds, the root of trust; signed commands; the device's trust store."""
 
 from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from edge_sdk.errors import KeyStoreError, SignatureError, UntrustedKeyError
+from edge_sdk.errors import (
+    ExpiredError,
+    KeyStoreError,
+    MessageError,
+    ReplayError,
+    RollbackError,
+    RootError,
+    SignatureError,
+    TargetMismatchError,
+    UntrustedInputError,
+    UntrustedKeyError,
+)
+from edge_sdk.protocol import (
+    DeployCommand,
+    RemoveCommand,
+    RollbackCommand,
+    SignedCommand,
+    TransferEnd,
+    TransferOffer,
+    encode,
+    open_command,
+    sign_command,
+)
 from edge_sdk.trust import (
     MAX_SIGNATURES,
     PublicKey,
+    Role,
+    Root,
     Signature,
+    SignedRoot,
     SigningKey,
     TrustedKeys,
     decode_signatures,
     encode_signatures,
+    sign_root,
+    update_root_chain,
+    verify_root,
+    verify_root_update,
     verify_signatures,
 )
 
@@ -265,3 +297,228 @@ def test_envelope_round_trip_then_verify(keys: list[SigningKey]) -> None:
     body[0]["sig"] = base64.b64encode(bytes(raw)).decode()
     with pytest.raises(SignatureError):
         verify_signatures(DATA, decode_signatures(json.dumps(body).encode()), trusted)
+
+
+# --- the root of trust ----------------------------------------------------------------------
+
+NOW = 1_700_000_000.0
+YEAR = 365 * 86400.0
+
+
+@pytest.fixture(scope="module")
+def pki() -> dict[str, SigningKey]:
+    """root1, root2 (a second root key), bundles, commands, and spares."""
+    return {n: SigningKey.generate() for n in ("root1", "root2", "bundles", "commands", "new", "evil")}
+
+
+def _root(version: int, root_keys: list[SigningKey], bundles: list[SigningKey], commands: list[SigningKey],
+          threshold: int = 1, expires: float = NOW + YEAR) -> Root:
+    every = {k.keyid: k.public_key for k in (*root_keys, *bundles, *commands)}
+    return Root(version, expires, every, {
+        "root": Role(tuple(k.keyid for k in root_keys), threshold),
+        "bundles": Role(tuple(k.keyid for k in bundles)),
+        "commands": Role(tuple(k.keyid for k in commands)),
+    })
+
+
+@pytest.fixture(scope="module")
+def root_v1(pki: dict[str, SigningKey]) -> SignedRoot:
+    return sign_root(_root(1, [pki["root1"]], [pki["bundles"]], [pki["commands"]]), [pki["root1"]])
+
+
+def test_root_round_trips_through_canonical_bytes(root_v1: SignedRoot) -> None:
+    again = SignedRoot.from_bytes(root_v1.to_bytes())
+    assert again == root_v1 and verify_root(again) == root_v1.root
+    assert again.to_bytes() == root_v1.to_bytes()
+    assert root_v1.root.trusted("bundles").threshold == 1
+
+
+def test_rotation_needs_old_and_new_root_keys(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
+    new = _root(2, [pki["new"]], [pki["bundles"]], [pki["commands"]])
+    good = sign_root(new, [pki["root1"], pki["new"]])
+    assert verify_root_update(root_v1.root, good.to_bytes(), NOW) == new
+    with pytest.raises(UntrustedKeyError, match="current root keys"):
+        verify_root_update(root_v1.root, sign_root(new, [pki["new"]]), NOW)  # attacker's own new root
+    with pytest.raises(UntrustedKeyError, match="its own root keys"):
+        verify_root_update(root_v1.root, sign_root(new, [pki["root1"]]), NOW)  # new keys never proved
+
+
+def test_root_threshold_counts_distinct_old_keys(pki: dict[str, SigningKey]) -> None:
+    v1 = _root(1, [pki["root1"], pki["root2"]], [pki["bundles"]], [pki["commands"]], threshold=2)
+    v2 = _root(2, [pki["root1"], pki["root2"]], [pki["new"]], [pki["commands"]], threshold=2)
+    with pytest.raises(UntrustedKeyError, match="1 trusted signature"):
+        verify_root_update(v1, sign_root(v2, [pki["root1"]]), NOW)
+    assert verify_root_update(v1, sign_root(v2, [pki["root1"], pki["root2"]]), NOW) == v2
+
+
+@pytest.mark.parametrize("version, error", [(1, RollbackError), (0, RootError), (3, RootError)])
+def test_root_version_must_be_exactly_the_next(pki: dict[str, SigningKey], root_v1: SignedRoot, version: int, error: type) -> None:
+    signers = [pki["root1"]]
+    with pytest.raises(error):
+        verify_root_update(root_v1.root, sign_root(replace(root_v1.root, version=version), signers)
+                           if version else b'{"signed":{"version":0},"signatures":[]}', NOW)
+
+
+def test_expired_new_root_is_refused(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
+    stale = _root(2, [pki["root1"]], [pki["bundles"]], [pki["commands"]], expires=NOW - 1)
+    with pytest.raises(ExpiredError):
+        verify_root_update(root_v1.root, sign_root(stale, [pki["root1"]]), NOW)
+    with pytest.raises(ExpiredError):
+        root_v1.root.check_not_expired(NOW + 2 * YEAR)
+
+
+def test_chain_walks_versions_in_order_and_revocation_takes_effect(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
+    v2 = sign_root(_root(2, [pki["root1"]], [pki["bundles"], pki["new"]], [pki["commands"]]), [pki["root1"]])
+    v3 = sign_root(_root(3, [pki["root1"]], [pki["new"]], [pki["commands"]]), [pki["root1"]])  # revokes "bundles"
+    with pytest.raises(RootError, match="skips"):
+        verify_root_update(root_v1.root, v3, NOW)
+    final = update_root_chain(root_v1.root, [root_v1.to_bytes(), v2.to_bytes(), v3.to_bytes()], NOW)
+    assert final.version == 3
+    data = b"manifest"
+    verify_signatures(data, [pki["bundles"].sign(data)], root_v1.root.trusted("bundles"))
+    with pytest.raises(UntrustedKeyError):
+        verify_signatures(data, [pki["bundles"].sign(data)], final.trusted("bundles"))
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [b"", b"[]", b'{"signed": {}}', b'{"signed": {}, "signatures": []}', b"x" * (70 << 10),
+     b'{"signed": {"schema": 1, "type": "root"}, "signatures": [{"keyid": "a", "sig": "AA=="}]}'],
+)
+def test_malformed_roots_are_refused(root_v1: SignedRoot, doc: bytes) -> None:
+    with pytest.raises(UntrustedInputError):
+        verify_root_update(root_v1.root, doc, NOW)
+
+
+def test_root_key_ids_must_match_their_keys(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
+    body = json.loads(root_v1.to_bytes())
+    keyid = pki["bundles"].keyid
+    body["signed"]["keys"][keyid]["public"] = pki["evil"].public_key.raw.hex()  # swap the key under a trusted id
+    with pytest.raises(RootError, match="does not match"):
+        SignedRoot.from_bytes(json.dumps(body).encode())
+
+
+_ROOT_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+
+
+@_ROOT_SETTINGS
+@given(data=st.data())
+def test_mutated_root_updates_are_never_accepted(pki: dict[str, SigningKey], root_v1: SignedRoot, data: st.DataObject) -> None:
+    """A valid v2 with any byte changed, or re-signed by an outsider, is refused."""
+    v2 = sign_root(_root(2, [pki["root1"]], [pki["new"]], [pki["commands"]]), [pki["root1"]]).to_bytes()
+    if data.draw(st.booleans()):
+        edits = data.draw(st.lists(st.tuples(st.integers(0, len(v2) - 1), st.integers(0, 255)), min_size=1, max_size=4))
+        mutated = bytearray(v2)
+        for pos, value in edits:
+            mutated[pos] = value
+        doc = bytes(mutated)
+    else:
+        body = json.loads(v2)
+        field = data.draw(st.sampled_from(["version", "expires_at", "roles", "keys"]))
+        body["signed"][field] = {"version": 3, "expires_at": NOW + 10 * YEAR, "roles": {}, "keys": {}}[field]
+        signed = sign_root(Root.from_dict(body["signed"]), [pki["evil"]]) if field in ("version", "expires_at") else None
+        doc = signed.to_bytes() if signed else json.dumps(body).encode()
+    try:
+        accepted = verify_root_update(root_v1.root, doc, NOW)
+    except UntrustedInputError:
+        return
+    assert accepted == SignedRoot.from_bytes(v2).root  # only an equivalent encoding may pass
+
+
+# --- signed commands ---------------------------------------------------------------------------
+
+_CID = "0123456789abcdef0123456789abcdef"
+
+
+def _deploy(device: str = "pi-1", ts: float = NOW, ttl: float = 600.0) -> DeployCommand:
+    offer = TransferOffer("ab" * 16, 4096, "0" * 64, 1024)
+    return DeployCommand(_CID, "digits", 2, offer, ts, device_id=device, expires_at=ts + ttl)
+
+
+def test_signed_command_opens_only_for_its_device_and_time(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
+    root = root_v1.root
+    signed = sign_command(_deploy(), [pki["commands"]])
+    assert open_command(signed, root, "pi-1", NOW + 1) == _deploy()
+    with pytest.raises(TargetMismatchError, match="addressed to device"):
+        open_command(signed, root, "pi-2", NOW + 1)
+    with pytest.raises(ExpiredError, match="expired"):
+        open_command(signed, root, "pi-1", NOW + 601)
+    with pytest.raises(ExpiredError, match="future"):
+        open_command(sign_command(_deploy(ts=NOW + 3600), [pki["commands"]]), root, "pi-1", NOW)
+    with pytest.raises(ExpiredError, match="lives"):
+        open_command(sign_command(_deploy(ttl=3 * 86400), [pki["commands"]]), root, "pi-1", NOW)
+    for cmd in (RollbackCommand(_CID, "digits", 1, NOW, "pi-1", NOW + 60), RemoveCommand(_CID, "digits", NOW, "pi-1", NOW + 60)):
+        assert open_command(sign_command(cmd, [pki["commands"]]), root, "pi-1", NOW) == cmd
+
+
+def test_commands_need_a_command_key(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
+    root = root_v1.root
+    for wrong in ("bundles", "root1", "evil"):  # keys of other roles do not command
+        with pytest.raises(UntrustedKeyError):
+            open_command(sign_command(_deploy(), [pki[wrong]]), root, "pi-1", NOW)
+    with pytest.raises(SignatureError, match="not signed"):
+        open_command(SignedCommand(encode(_deploy()).decode(), ()), root, "pi-1", NOW)
+    with pytest.raises(MessageError, match="not a command"):
+        text = encode(TransferEnd(_CID, "ab" * 16)).decode()
+        open_command(SignedCommand(text, (pki["commands"].sign(text.encode()).to_dict(),)), root, "pi-1", NOW)
+    with pytest.raises(MessageError):
+        sign_command(DeployCommand(_CID, "digits", 2, _deploy().transfer, NOW), [pki["commands"]])  # no device, no expiry
+
+
+@_ROOT_SETTINGS
+@given(data=st.data())
+def test_mutated_signed_commands_are_never_accepted(pki: dict[str, SigningKey], root_v1: SignedRoot, data: st.DataObject) -> None:
+    signed = sign_command(_deploy(), [pki["commands"]])
+    text = signed.command
+    kind = data.draw(st.sampled_from(["text", "field", "resign"]))
+    if kind == "text":
+        pos = data.draw(st.integers(0, len(text) - 1))
+        ch = data.draw(st.characters(codec="ascii"))
+        mutated = SignedCommand(text[:pos] + ch + text[pos + 1:], signed.signatures)
+        if mutated.command == text:
+            return
+    else:
+        body = json.loads(text)
+        field = data.draw(st.sampled_from(["device_id", "expires_at", "bundle_version", "rollback", "bundle_name"]))
+        body[field] = {"device_id": "pi-2", "expires_at": NOW + 86000, "bundle_version": 1, "rollback": True,
+                       "bundle_name": "other"}[field]
+        new_text = json.dumps(body, separators=(",", ":"))
+        sigs = (pki["evil"].sign(new_text.encode()).to_dict(),) if kind == "resign" else signed.signatures
+        mutated = SignedCommand(new_text, sigs)
+    with pytest.raises(UntrustedInputError):
+        open_command(mutated, root_v1.root, "pi-1", NOW + 1)
+
+
+# --- the device's trust store (persisted root and nonces) -----------------------------------
+
+
+def test_trust_store_refuses_replays_across_restarts(tmp_path, root_v1: SignedRoot) -> None:  # type: ignore[no-untyped-def]
+    from device_agent.trust_store import TrustStore
+
+    store = TrustStore(tmp_path, root_v1.to_bytes())
+    store.admit(_CID, NOW + 60, NOW)
+    again = TrustStore(tmp_path, root_v1.to_bytes())  # a reboot
+    with pytest.raises(ReplayError):
+        again.admit(_CID, NOW + 60, NOW + 1)
+    again.admit(_CID, NOW + 200, NOW + 61)  # expired nonces are forgotten (the command itself is refused as expired)
+    small = TrustStore(tmp_path / "small", root_v1.to_bytes(), max_nonces=2)
+    small.admit("a" * 32, NOW + 60, NOW)
+    small.admit("b" * 32, NOW + 60, NOW)
+    with pytest.raises(ReplayError, match="limit"):
+        small.admit("c" * 32, NOW + 60, NOW)
+
+
+def test_trust_store_keeps_rotations_and_ignores_older_shipped_roots(tmp_path, pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:  # type: ignore[no-untyped-def]
+    from device_agent.trust_store import TrustStore
+
+    store = TrustStore(tmp_path, root_v1.to_bytes())
+    v2 = sign_root(_root(2, [pki["root1"]], [pki["new"]], [pki["commands"]]), [pki["root1"]])
+    assert store.update_root(v2.to_bytes(), NOW) is True
+    assert store.update_root(v2.to_bytes(), NOW) is False  # a repeat changes nothing
+    assert store.update_root(root_v1.to_bytes(), NOW) is False
+    forged = sign_root(_root(3, [pki["evil"]], [pki["evil"]], [pki["evil"]]), [pki["evil"]])
+    with pytest.raises(UntrustedKeyError):
+        store.update_root(forged.to_bytes(), NOW)
+    rebooted = TrustStore(tmp_path, root_v1.to_bytes())  # shipped v1 does not undo the rotation
+    assert rebooted.root.version == 2 and pki["bundles"].keyid not in rebooted.root.keys

@@ -1,0 +1,151 @@
+"""The device's root of trust and the nonces of the commands it obeyed, kept on disk.
+
+Layout under ``data_dir/trust/``::
+
+    root.json      the signed root this device trusts now (the shipped one, or a later one)
+    nonces.json    {command_id: expires_at} of every signed command accepted and not yet expired
+
+This is the I/O shell around the pure checks in :mod:`edge_sdk.trust` and
+:mod:`edge_sdk.protocol.commands`. Every change is written durably (temp file, fsync,
+rename, fsync the directory) *before* the agent acts on it, so a power cut can neither
+lose a root rotation (which would bring a revoked key back) nor forget a nonce (which
+would let the same command be replayed after a reboot).
+
+How new roots reach a device: over MQTT, as ``root_update`` messages that ``edgectl``
+sends ahead of every command (the whole chain; the device applies the versions it lacks,
+one by one). They need no command signature: each root is signed by a threshold of the
+previous root's keys and of its own, so a broker can only withhold roots, not forge
+them, and withholding eventually shows as the root's expiry. Shipping roots inside
+bundles was the alternative; it would tie key rotation to publishing a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from edge_sdk.durable import atomic_write_bytes
+from edge_sdk.errors import ReplayError, StorageError, UntrustedInputError
+from edge_sdk.trust import Root, SignedRoot, verify_root, verify_root_update
+
+__all__ = ["TrustStore"]
+
+log = logging.getLogger(__name__)
+
+
+class TrustStore:
+    """The current root and the seen command nonces of one device.
+
+    Args:
+        trust_dir: where to keep them (created if missing).
+        shipped_root: the signed root this device was provisioned with (already checked
+            by the config loader). It is adopted when nothing newer is stored.
+        max_nonces: most unexpired nonces kept; a device commanded faster than this
+            refuses further commands until some expire (bounded memory and disk).
+
+    Raises:
+        StorageError: the directory cannot be written, or the stored files are corrupt.
+    """
+
+    def __init__(self, trust_dir: Path, shipped_root: bytes, max_nonces: int = 4096) -> None:
+        self.dir = Path(trust_dir)
+        self.root_path = self.dir / "root.json"
+        self.nonces_path = self.dir / "nonces.json"
+        self.max_nonces = max_nonces
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.dir}: {exc.strerror}") from exc
+        shipped = SignedRoot.from_bytes(shipped_root)
+        stored = self._load_stored_root()
+        if stored is None or shipped.root.version > stored.root.version:
+            # A newer shipped root is a re-provisioned device image: local, trusted like the first.
+            atomic_write_bytes(self.root_path, shipped.to_bytes(), mode=0o644)
+            stored = shipped
+        self._signed = stored
+        self._nonces = self._load_nonces()
+
+    # --- root ---------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Root:
+        return self._signed.root
+
+    def _load_stored_root(self) -> SignedRoot | None:
+        try:
+            data = self.root_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.root_path}: {exc.strerror}") from exc
+        try:
+            signed = SignedRoot.from_bytes(data)
+            verify_root(signed)
+        except UntrustedInputError as exc:
+            raise StorageError(f"{self.root_path} is corrupt: {exc.message}") from exc
+        return signed
+
+    def update_root(self, document: bytes, now: float) -> bool:
+        """Adopt the next root if ``document`` is it.
+
+        Args:
+            document: a signed root document as received.
+            now: current time (unix seconds).
+
+        Returns:
+            True if adopted; False if it is a version this device already has (harmless repeat).
+
+        Raises:
+            RootError, SignatureError, UntrustedKeyError, ExpiredError: refused (see
+                :func:`edge_sdk.trust.verify_root_update`).
+            StorageError: it cannot be stored.
+        """
+        signed = SignedRoot.from_bytes(document)
+        if signed.root.version <= self.root.version:
+            return False
+        new = verify_root_update(self.root, signed, now)
+        atomic_write_bytes(self.root_path, signed.to_bytes(), mode=0o644)
+        old = self.root
+        self._signed = SignedRoot(new, signed.signatures)
+        log.info(
+            "root of trust rotated: v%d -> v%d; keys removed: %s",
+            old.version, new.version, ", ".join(sorted(set(old.keys) - set(new.keys))) or "none",
+        )
+        return True
+
+    # --- nonces -------------------------------------------------------------------------
+
+    def _load_nonces(self) -> dict[str, float]:
+        try:
+            raw = self.nonces_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.nonces_path}: {exc.strerror}") from exc
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise StorageError(f"{self.nonces_path} is corrupt: {exc}") from exc
+        if not isinstance(body, dict) or not all(isinstance(v, (int, float)) for v in body.values()):
+            raise StorageError(f"{self.nonces_path} is corrupt: unknown layout")
+        return {str(k): float(v) for k, v in body.items()}
+
+    def admit(self, nonce: str, expires_at: float, now: float) -> None:
+        """Record a verified command's nonce, refusing one seen before. Durable before return.
+
+        Raises:
+            ReplayError: the nonce was seen, or too many unexpired commands are on record.
+            StorageError: the record cannot be written.
+        """
+        live = {n: e for n, e in self._nonces.items() if e > now}
+        if nonce in live:
+            raise ReplayError(f"command {nonce} was already received: replay refused", nonce=nonce)
+        if len(live) >= self.max_nonces:
+            raise ReplayError(
+                f"{len(live)} unexpired commands on record (limit {self.max_nonces}); refusing more until some expire",
+                nonce=nonce,
+            )
+        live[nonce] = float(expires_at)
+        atomic_write_bytes(self.nonces_path, json.dumps(live, sort_keys=True).encode(), mode=0o600)
+        self._nonces = live

@@ -1,0 +1,258 @@
+"""Fine-tuning after pruning: train the surviving weights to win accuracy back.
+
+:class:`FineTune` is a pass: it runs the ONNX model as a torch module
+(:func:`~host_tools.compress.torch_bridge.graph_module`), trains it on
+``ctx.training`` with cross-entropy, and writes the weights back into the same graph.
+Weights that are exactly zero stay zero (the pruning mask is read from the weights), so
+the sparsity a pruning pass bought survives. :func:`finetune_module` does the same for
+a torch module the user already has.
+
+:func:`train_module` is the training loop shared with distillation. torch is optional
+(``pip install 'edge-sdk[train]'``) and only imported when training runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from edge_sdk.errors import CompressionError, ConfigError
+
+from .data import Dataset
+from .passes import PassContext, PassResult
+from .torch_bridge import graph_module, require_torch
+
+__all__ = ["TrainingOptions", "FineTune", "finetune_module", "train_module", "zero_masks"]
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any], Any]
+"""``loss(logits, batch_rows) -> scalar tensor``: how one batch is scored."""
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How a model is trained (fine-tuning and distillation).
+
+    Attributes:
+        epochs: passes over the training data.
+        learning_rate: Adam's initial step size; it follows a cosine schedule to 0.
+        batch_size: samples per step.
+        weight_decay: decoupled weight decay (AdamW).
+        threads: torch intra-op threads; ``None`` leaves torch's default.
+
+    Raises:
+        ConfigError: a value out of range.
+    """
+
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or not self.learning_rate > 0 or self.weight_decay < 0:
+            raise ConfigError(
+                "training needs epochs >= 0, batch_size >= 1, learning_rate > 0 and weight_decay >= 0",
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                learning_rate=self.learning_rate,
+                weight_decay=self.weight_decay,
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads must be at least 1", key="threads")
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """Train the model's weights on labelled data, keeping zero weights at zero.
+
+    Args:
+        options: epochs, learning rate, batch size.
+        keep_zeros: keep every weight (rank >= 2) that is exactly zero at zero, so pruned
+            connections stay pruned. Turn off only to fine-tune a dense model.
+
+    Raises:
+        ConfigError: from :class:`TrainingOptions`.
+    """
+
+    options: TrainingOptions = TrainingOptions()
+    keep_zeros: bool = True
+
+    @property
+    def name(self) -> str:
+        """The pass name."""
+        return "finetune"
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        """Fine-tune.
+
+        Args:
+            model: a float model of the ops the torch bridge supports.
+            ctx: ``training`` must hold labelled data shaped like the model input.
+
+        Returns:
+            The model with trained weights (same graph), with notes on epochs, the loss
+            before and after, and the sparsity kept.
+
+        Raises:
+            CompressionError: no labelled training data, or an op the torch bridge cannot
+                run (names the node).
+            RuntimeUnavailableError: torch is not installed.
+        """
+        data = ctx.training
+        if data is None or data.y is None:
+            raise CompressionError("fine-tuning needs labelled training data (x and y); none was given")
+        module = graph_module(model)
+        masks = zero_masks(module) if self.keep_zeros else {}
+        stats = train_module(
+            module, data, self.options, seed=ctx.seed, masks=masks,
+            progress=lambda done, total: ctx.report(self.name, "train", done, total),
+        )
+        tuned = module.to_onnx()
+        return PassResult(tuned, changed=self.options.epochs > 0, notes={**stats, "masked_weights": len(masks)})
+
+
+def finetune_module(module: Any, data: Dataset, options: TrainingOptions = TrainingOptions(), *, seed: int = 0) -> dict[str, Any]:
+    """Fine-tune a torch classifier in place, keeping its zero weights at zero.
+
+    Args:
+        module: a ``torch.nn.Module`` returning class scores.
+        data: labelled training data.
+        options: how to train.
+        seed: seed for shuffling.
+
+    Returns:
+        Training statistics (loss before and after, epochs).
+
+    Raises:
+        CompressionError: ``data`` has no labels.
+        RuntimeUnavailableError: torch is not installed.
+    """
+    if data.y is None:
+        raise CompressionError("fine-tuning needs labelled training data (x and y)")
+    return train_module(module, data, options, seed=seed, masks=zero_masks(module))
+
+
+def zero_masks(module: Any) -> dict[str, Any]:
+    """Masks (1 = trainable) for every weight of rank >= 2 that has zeros.
+
+    Args:
+        module: a torch module.
+
+    Returns:
+        Parameter name -> float mask tensor of its shape.
+    """
+    return {
+        name: (param.detach() != 0).to(param.dtype)
+        for name, param in module.named_parameters()
+        if param.dim() >= 2 and bool((param.detach() == 0).any())
+    }
+
+
+def train_module(
+    module: Any,
+    data: Dataset,
+    options: TrainingOptions,
+    *,
+    seed: int = 0,
+    masks: dict[str, Any] | None = None,
+    loss: LossFn | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``module`` in place with AdamW and a cosine learning-rate schedule.
+
+    Args:
+        module: the torch module.
+        data: training inputs (and labels, which the default loss needs).
+        options: epochs, learning rate, batch size.
+        seed: seeds torch and the shuffling.
+        masks: parameter name -> mask; masked entries are held at zero after each step.
+        loss: ``loss(logits, rows)`` with ``rows`` the batch's indices into ``data``;
+            cross-entropy on ``data.y`` when omitted.
+        progress: called with ``(epoch done, epochs)``.
+
+    Returns:
+        ``{"epochs", "loss_before", "loss_after", "train_accuracy"}`` (accuracy when
+        ``data`` has labels).
+
+    Raises:
+        CompressionError: no labels for the default loss, or the model fails on the data.
+        RuntimeUnavailableError: torch is not installed.
+    """
+    torch = require_torch("training")
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(seed)
+    x = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32))
+    y = None if data.y is None else torch.from_numpy(np.asarray(data.y, dtype=np.int64))
+    if loss is None:
+        if y is None:
+            raise CompressionError("training with cross-entropy needs labels")
+        labels = y
+
+        def loss(logits: Any, rows: Any) -> Any:
+            return torch.nn.functional.cross_entropy(logits, labels[rows])
+
+    masks = dict(masks or {})
+    params = dict(module.named_parameters())
+    unknown = sorted(set(masks) - set(params))
+    if unknown:
+        raise ConfigError(f"masks name parameters the module does not have: {unknown}")
+    optimizer = torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad], lr=options.learning_rate, weight_decay=options.weight_decay
+    )
+    steps_per_epoch = max(1, math.ceil(len(x) / options.batch_size))
+    total_steps = max(1, options.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    generator = torch.Generator().manual_seed(seed)
+    everything = torch.arange(len(x))
+
+    def evaluate() -> tuple[float, float | None]:
+        module.eval()
+        with torch.no_grad():
+            logits = _forward(module, x)
+            value = float(loss(logits, everything))
+            accuracy = None if y is None else float((logits.argmax(dim=1) == y).float().mean())
+        return value, accuracy
+
+    before, _ = evaluate()
+    for epoch in range(options.epochs):
+        module.train()
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), options.batch_size):
+            rows = order[start : start + options.batch_size]
+            optimizer.zero_grad()
+            value = loss(_forward(module, x[rows]), rows)
+            value.backward()
+            optimizer.step()
+            scheduler.step()
+            if masks:
+                with torch.no_grad():
+                    for name, mask in masks.items():
+                        params[name].mul_(mask)
+        if progress is not None:
+            progress(epoch + 1, options.epochs)
+    after, accuracy = evaluate()
+    module.eval()
+    logger.info("trained %d epochs: loss %.4f -> %.4f, train accuracy %s", options.epochs, before, after, accuracy)
+    stats: dict[str, Any] = {"epochs": options.epochs, "loss_before": round(before, 6), "loss_after": round(after, 6)}
+    if accuracy is not None:
+        stats["train_accuracy"] = round(accuracy, 6)
+    return stats
+
+
+def _forward(module: Any, x: Any) -> Any:
+    try:
+        return module(x)
+    except CompressionError:
+        raise
+    except Exception as exc:  # shape mismatches surface as RuntimeError from torch
+        raise CompressionError(f"the model failed on the training data (input shape {list(x.shape)}): {exc}") from exc

@@ -1,0 +1,228 @@
+"""Recipes and the pass registry: the one place that maps pass names to passes.
+
+A recipe is a TOML file with one ``[[step]]`` table per pass, run in order::
+
+    [[step]]
+    pass = "lowrank"
+    energy = 0.9
+
+    [[step]]
+    pass = "quantize"
+    mode = "int8-static"
+    method = "entropy"
+    max_accuracy_drop = 0.005     # keep sensitive nodes in float until the drop fits
+
+Every key besides ``pass`` is an option of that pass (the fields of its class). New passes
+register here with :func:`register_pass`, so the CLI and recipes know them at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from edge_sdk.errors import ConfigError
+
+from .accuracy_guard import AccuracyGuard
+from .decompose import DecomposeGemm
+from .lowrank import LowRankFactorization
+from .passes import CompressionPass
+from .quantize import (
+    DynamicInt8Quantization,
+    Float16Conversion,
+    Int4WeightOnlyQuantization,
+    StaticInt8Quantization,
+)
+from .weight_sharing import WeightSharing
+from .distill import Distillation, MlpStudent
+from .finetune import FineTune, TrainingOptions
+from .prune import MagnitudePruning, SensitivityPruning
+from .structured import ChannelPruning
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["PassFactory", "PASS_REGISTRY", "register_pass", "build_pass", "parse_recipe", "load_recipe", "quantize_modes"]
+
+PassFactory = Callable[[Mapping[str, Any]], CompressionPass]
+"""Builds a pass from a step's options (everything in the step but ``pass``)."""
+
+_REGISTRY: dict[str, PassFactory] = {}
+PASS_REGISTRY: Mapping[str, PassFactory] = MappingProxyType(_REGISTRY)
+"""Pass names (as in recipes) and their factories; read-only view, add with :func:`register_pass`."""
+
+
+def register_pass(name: str, factory: PassFactory) -> None:
+    """Make a pass known to recipes and the CLI.
+
+    Args:
+        name: the ``pass = "..."`` value in a recipe.
+        factory: builds the pass from the step's other keys; raises :class:`ConfigError`
+            for a bad option.
+
+    Raises:
+        ConfigError: the name is already registered.
+    """
+    if name in _REGISTRY:
+        raise ConfigError(f"compression pass {name!r} is already registered", key="pass")
+    _REGISTRY[name] = factory
+
+
+def build_pass(name: str, options: Mapping[str, Any] | None = None) -> CompressionPass:
+    """Build a registered pass.
+
+    Args:
+        name: the pass name.
+        options: its options.
+
+    Returns:
+        The pass.
+
+    Raises:
+        ConfigError: unknown name (lists the known ones) or a bad option (names it).
+    """
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown compression pass {name!r}; known: {', '.join(sorted(_REGISTRY))}", key="pass")
+    return factory(dict(options or {}))
+
+
+def parse_recipe(text: str, *, source: str = "<recipe>") -> list[CompressionPass]:
+    """Parse recipe TOML into passes.
+
+    Args:
+        text: the TOML text.
+        source: what to call it in error messages.
+
+    Returns:
+        The passes, in order.
+
+    Raises:
+        ConfigError: not TOML, no ``[[step]]``, a step without ``pass``, or a bad pass
+            or option; names the source, the step number and the key.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})", file=source) from exc
+    steps = doc.get("step")
+    unknown = sorted(set(doc) - {"step"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level keys {unknown}; a recipe is a list of [[step]] tables", file=source)
+    if not isinstance(steps, list) or not steps:
+        raise ConfigError(f"{source}: a recipe needs at least one [[step]] table", file=source)
+    passes: list[CompressionPass] = []
+    for number, step in enumerate(steps, start=1):
+        options = dict(step)
+        name = options.pop("pass", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"{source}: step {number} has no pass = \"...\"", file=source, step=number)
+        try:
+            passes.append(build_pass(name, options))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: step {number} ({name}): {exc.message}", file=source, step=number) from exc
+    return passes
+
+
+def load_recipe(path: str | Path) -> list[CompressionPass]:
+    """Read and parse a recipe file.
+
+    Args:
+        path: the ``.toml`` file.
+
+    Returns:
+        The passes, in order.
+
+    Raises:
+        ConfigError: the file cannot be read or the recipe is invalid.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read recipe ({exc})", file=str(file)) from exc
+    return parse_recipe(text, source=str(file))
+
+
+def _construct(cls: type, options: Mapping[str, Any]) -> Any:
+    """``cls(**options)`` with unknown keys and wrong values reported as ConfigError."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(known)}", key=unknown[0])
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+_QUANTIZE_MODES: Mapping[str, tuple[type, Mapping[str, Any]]] = MappingProxyType(
+    {
+        "int8-static": (StaticInt8Quantization, {}),
+        "int8-static-entropy": (StaticInt8Quantization, {"method": "entropy"}),
+        "int8-static-percentile": (StaticInt8Quantization, {"method": "percentile"}),
+        "int8-static-per-tensor": (StaticInt8Quantization, {"per_channel": False}),
+        "int8-dynamic": (DynamicInt8Quantization, {}),
+        "fp16": (Float16Conversion, {}),
+        "int4-weight": (Int4WeightOnlyQuantization, {}),
+    }
+)
+
+
+def _quantize(options: Mapping[str, Any]) -> CompressionPass:
+    opts = dict(options)
+    mode = str(opts.pop("mode", "int8-static")).strip().lower().replace("_", "-")
+    max_drop = opts.pop("max_accuracy_drop", None)
+    if mode not in _QUANTIZE_MODES:
+        raise ConfigError(f"unknown quantize mode {mode!r}; choose one of: {', '.join(_QUANTIZE_MODES)}", key="mode")
+    cls, defaults = _QUANTIZE_MODES[mode]
+    inner = _construct(cls, {**defaults, **opts})
+    return inner if max_drop is None else AccuracyGuard(inner, float(max_drop))
+
+
+def quantize_modes() -> Sequence[str]:
+    """The ``mode`` values of the ``quantize`` pass (and of ``edgectl compress --quantize``)."""
+    return tuple(_QUANTIZE_MODES)
+
+
+register_pass("quantize", _quantize)
+register_pass("lowrank", lambda o: _construct(LowRankFactorization, o))
+register_pass("weight-share", lambda o: _construct(WeightSharing, o))
+register_pass("decompose-gemm", lambda o: _construct(DecomposeGemm, o))
+
+
+# --- pruning, fine-tuning, distillation -----------------------------------------------------
+
+
+def _training_options(options: dict[str, Any]) -> TrainingOptions:
+    """Pull ``epochs``, ``learning_rate``, ``batch_size``, ``weight_decay`` out of a step's options."""
+    keys = [f.name for f in dataclasses.fields(TrainingOptions)]
+    return _construct(TrainingOptions, {k: options.pop(k) for k in keys if k in options})
+
+
+def _finetune(options: Mapping[str, Any]) -> CompressionPass:
+    opts = dict(options)
+    training = _training_options(opts)
+    return _construct(FineTune, {**opts, "options": training})
+
+
+def _distill(options: Mapping[str, Any]) -> CompressionPass:
+    opts = dict(options)
+    training = _training_options(opts)
+    hidden = opts.pop("hidden", (32,))
+    student = MlpStudent(tuple(hidden) if isinstance(hidden, (list, tuple)) else (int(hidden),))
+    return _construct(Distillation, {**opts, "student": student, "options": training})
+
+
+register_pass("prune", lambda o: _construct(MagnitudePruning, o))
+register_pass("prune-sensitivity", lambda o: _construct(SensitivityPruning, o))
+register_pass("prune-channels", lambda o: _construct(ChannelPruning, o))
+register_pass("finetune", _finetune)
+register_pass("distill", _distill)

@@ -1,0 +1,166 @@
+"""Ask a device to benchmark a bundle without installing it, and keep the result.
+
+The transfer is the deploy's (same offer, chunks, resends; :mod:`host_tools.fleet.deployer`
+does the sending); only the command's ``action`` differs. The device verifies the
+bundle as for an install, unpacks it into a scratch directory, benchmarks it, sends a
+metrics report (``mode: profile``, not retained) and a ``profiled`` event, and removes
+the scratch. What is active on the device does not change.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_sdk.bundle import file_sha256
+from edge_sdk.errors import DeviceTimeoutError, EdgeError
+from edge_sdk.mqtt import MqttClient
+from edge_sdk.protocol import (
+    DeployCommand,
+    DeviceTopics,
+    Event,
+    EventKind,
+    MetricsReport,
+    TransferEnd,
+    TransferOffer,
+    chunk_spans,
+    encode,
+)
+from host_tools.fleet.collector import record_message
+from host_tools.fleet.deployer import (
+    DeployOptions,
+    _Conversation,
+    _end_state,
+    _error_of,
+    _send_chunks,
+    _wait_for,
+    publish_command,
+    read_manifest,
+    signed_fields,
+)
+from host_tools.fleet.registry import Registry
+
+__all__ = ["ProfileOutcome", "profile_and_record", "profile_bundle"]
+
+
+@dataclass(frozen=True)
+class ProfileOutcome:
+    """How a remote profile ended.
+
+    Attributes:
+        device_id, bundle_name, bundle_version: what was measured where.
+        state: ``profiled``, ``refused`` or ``failed``.
+        error: the device's error when not profiled.
+        metrics: the device's report.
+        seconds: wall time of the whole exchange.
+    """
+
+    device_id: str
+    bundle_name: str
+    bundle_version: int
+    state: str
+    error: EdgeError | None = None
+    metrics: MetricsReport | None = None
+    seconds: float = 0.0
+
+
+def profile_bundle(
+    client: MqttClient,
+    device_id: str,
+    bundle_path: Path,
+    options: DeployOptions = DeployOptions(),
+    progress: Callable[[int, int], None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ProfileOutcome:
+    """Send a bundle for profiling only and wait for the device's report.
+
+    Args:
+        client: a connected client.
+        device_id: target device.
+        bundle_path: the signed bundle.
+        options: chunking, timeouts and the benchmark (runs, warm-up, threads).
+        progress: called with (bytes sent, total bytes).
+        clock: wall clock for message timestamps.
+
+    Returns:
+        The outcome; refusals are outcomes, not exceptions.
+
+    Raises:
+        DeviceTimeoutError: the device did not accept, or did not report, in time.
+        TransportError: the broker connection failed while sending.
+    """
+    started = time.monotonic()
+    manifest = read_manifest(bundle_path)
+    digest, size = file_sha256(bundle_path)
+    topics = DeviceTopics(device_id)
+    command_id = uuid.uuid4().hex
+    offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
+    now = clock()
+    cmd = DeployCommand(
+        command_id, manifest.name, manifest.version, offer, now, options.benchmark, action="profile",
+        **signed_fields(device_id, options.authority, now),  # type: ignore[arg-type]
+    )
+    convo = _Conversation(client, topics, command_id)
+    for topic in (topics.events, topics.metrics, topics.status):
+        client.subscribe(topic, qos=1)
+
+    def outcome(state: str, **kw: object) -> ProfileOutcome:
+        return ProfileOutcome(
+            device_id, manifest.name, manifest.version, state, seconds=time.monotonic() - started, **kw  # type: ignore[arg-type]
+        )
+
+    publish_command(client, topics, cmd, options.authority)
+    accepted = _wait_for(convo, {EventKind.ACCEPTED}, options.accept_timeout_s, device_id, "accept the profile request")
+    if accepted.kind != EventKind.ACCEPTED:
+        return outcome(_end_state(accepted), error=_error_of(accepted))
+    spans = chunk_spans(size, options.chunk_size)
+    to_send = list(accepted.missing) if accepted.missing else list(range(len(spans)))
+    sent = size - sum(spans[i][1] for i in to_send)
+    with open(bundle_path, "rb") as fh:
+        for _ in range(options.max_resend_rounds + 1):
+            sent = _send_chunks(client, topics, offer, fh, spans, to_send, options.window, sent, size, progress)
+            client.publish_wait(topics.cmd, encode(TransferEnd(command_id, offer.transfer_id)))
+            event = _wait_for(
+                convo, {EventKind.NEED_CHUNKS, EventKind.RECEIVED}, options.finish_timeout_s, device_id, "receive the bundle"
+            )
+            if event.kind != EventKind.NEED_CHUNKS:
+                break
+            to_send = list(event.missing)
+            sent -= sum(spans[i][1] for i in to_send)
+        else:
+            return outcome("failed", error=DeviceTimeoutError(f"device {device_id} still lacks chunks after {options.max_resend_rounds} resend rounds"))
+    if event.kind != EventKind.RECEIVED:
+        return outcome(_end_state(event), error=_error_of(event))
+    deadline = time.monotonic() + options.finish_timeout_s
+    metrics: MetricsReport | None = None
+    done = False
+    while not (done and metrics is not None):
+        msg = convo.next(deadline)
+        if msg is None:
+            raise DeviceTimeoutError(f"device {device_id} did not report the profile within {options.finish_timeout_s:g} s")
+        if isinstance(msg, MetricsReport):
+            metrics = msg
+        elif isinstance(msg, Event):
+            if msg.kind in (EventKind.REFUSED, EventKind.FAILED, EventKind.ERROR):
+                return outcome(_end_state(msg), error=_error_of(msg))
+            done = done or msg.kind == EventKind.PROFILED
+    return outcome("profiled", metrics=metrics)
+
+
+def profile_and_record(
+    client: MqttClient,
+    registry: Registry,
+    device_id: str,
+    bundle_path: Path,
+    options: DeployOptions = DeployOptions(),
+    progress: Callable[[int, int], None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ProfileOutcome:
+    """:func:`profile_bundle`, with the device's report stored in the registry."""
+    outcome = profile_bundle(client, device_id, bundle_path, options, progress, clock)
+    if outcome.metrics is not None:
+        record_message(registry, outcome.metrics, clock())
+    return outcome

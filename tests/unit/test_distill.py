@@ -1,0 +1,89 @@
+"""Knowledge distillation: the student is smaller, is trained on the teacher's soft targets, runs in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from prune_models import mlp
+
+import host_tools.compress as hc
+from edge_sdk.errors import CompressionError, ConfigError
+from host_tools.compress import Distillation, MlpStudent, PassContext, TrainingOptions
+
+
+@pytest.fixture(scope="module")
+def split() -> hc.DigitsSplit:
+    return hc.load_digits_split(test_fraction=0.25, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher(split: hc.DigitsSplit) -> onnx.ModelProto:
+    return onnx.load_model_from_string(hc.train_digits_mlp(split, hidden=(64, 32), seed=0, max_iter=60))
+
+
+def test_distilled_mlp_student_is_small_and_accurate(teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
+    step = Distillation(MlpStudent((16,)), temperature=2.0, alpha=0.7, options=TrainingOptions(epochs=10, learning_rate=1e-2, threads=1))
+    result = hc.compress(
+        teacher, [step], evaluation=split.test, training=split.train, measure=hc.MeasureOptions(latency=False)
+    )
+    student = onnx.load_model_from_string(result.model_bytes)
+    assert [n.op_type for n in student.graph.node] == ["Gemm", "Relu", "Gemm"]
+    assert student.graph.input[0].name == "input" and student.graph.output[0].name == "logits"
+    assert hc.count_parameters(student) == 64 * 16 + 16 + 16 * 10 + 10
+    assert result.report.final.parameters <= result.report.original.parameters / 4
+    assert result.report.final.quality >= 0.95 * result.report.original.quality
+    notes = result.report.steps[0].notes
+    assert notes["teacher_parameters"] == hc.count_parameters(teacher) and notes["temperature"] == 2.0
+
+
+def test_soft_loss_is_scaled_by_t_squared(teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
+    # With alpha=1 the student learns from the teacher alone; the initial loss is
+    # T^2 * KL, so it grows with T for the same (random) student.
+    data = hc.Dataset(split.x_train[:200], split.y_train[:200])
+    losses = []
+    for temperature in (1.0, 4.0):
+        step = Distillation(MlpStudent((8,)), temperature=temperature, alpha=1.0, options=TrainingOptions(epochs=0))
+        losses.append(step.run(teacher, PassContext(training=data)).notes["loss_before"])
+    assert losses[1] > losses[0] * 1.5
+
+
+def test_teacher_probabilities_become_logits() -> None:
+    model = mlp()
+    model.graph.node.append(onnx.helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+    model.graph.output[0].name = "probs"
+    x = 0.2 * np.random.default_rng(0).normal(size=(10, 12)).astype(np.float32)
+    logits, from_probs = hc.teacher_logits(model, x)
+    assert from_probs and logits.shape == (10, 5)
+    reference, _ = hc.teacher_logits(mlp(), x)
+    np.testing.assert_allclose(logits - logits.mean(1, keepdims=True), reference - reference.mean(1, keepdims=True), atol=1e-3)
+
+
+def test_torch_student_is_trained_and_exported(teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    data = hc.Dataset(split.x_train[:300], split.y_train[:300])
+    result = Distillation(net, options=TrainingOptions(epochs=3)).run(teacher, PassContext(training=data))
+    assert hc.count_parameters(result.model) == 64 * 16 + 16 + 16 * 10 + 10
+    with torch.no_grad():
+        expected = net(torch.from_numpy(split.x_test[:5])).numpy()
+    from host_tools.compress.evaluate import open_host_session, run_batched
+
+    with open_host_session(result.model) as session:
+        np.testing.assert_allclose(run_batched(session, split.x_test[:5], 8), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_distillation_refusals(teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
+    with pytest.raises(CompressionError, match="training data"):
+        Distillation().run(teacher, PassContext())
+    with pytest.raises(CompressionError, match="needs labels"):
+        Distillation(alpha=0.5).run(teacher, PassContext(training=hc.Dataset(split.x_train[:10])))
+    wrong = torch.nn.Sequential(torch.nn.Linear(64, 3))
+    with pytest.raises(CompressionError, match="student outputs shape \\[3\\]"):
+        Distillation(wrong).run(teacher, PassContext(training=split.train))
+    with pytest.raises(ConfigError, match="temperature"):
+        Distillation(temperature=0)
+    with pytest.raises(ConfigError, match="mlp:WIDTH"):
+        hc.parse_student("cnn:3")
+    assert hc.parse_student("mlp:32,16").hidden == (32, 16)

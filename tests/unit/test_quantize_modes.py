@@ -1,0 +1,125 @@
+"""float16, 4-bit weight-only, the accuracy guard and recipes, on small real and generated models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import host_tools.compress as hc
+from edge_sdk.errors import CompressionError, ConfigError
+from host_tools.compress import AccuracyGuard, Float16Conversion, Int4WeightOnlyQuantization, MeasureOptions
+
+FAST = MeasureOptions(latency=False)
+
+
+@pytest.fixture(scope="module")
+def split() -> hc.DigitsSplit:
+    return hc.load_digits_split(seed=0)
+
+
+@pytest.fixture(scope="module")
+def mlp(split: hc.DigitsSplit) -> bytes:
+    return hc.train_digits_mlp(split, hidden=(128, 64), seed=0, max_iter=60)
+
+
+def _run(model: bytes | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    with hc.evaluate.open_host_session(model) as session:
+        return session.run({session.inputs()[0].name: x.astype(np.float32)})[0]
+
+
+def test_fp16_halves_weights_and_keeps_float32_io(mlp: bytes, split: hc.DigitsSplit) -> None:
+    result = hc.compress(mlp, [Float16Conversion()], evaluation=split.test, measure=FAST)
+    model = onnx.load_model_from_string(result.model_bytes)
+    weights = [i for i in model.graph.initializer if len(i.dims) == 2]
+    assert weights and all(i.data_type == TensorProto.FLOAT16 for i in weights)
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert result.report.size_ratio > 1.9
+    np.testing.assert_allclose(_run(result.model_bytes, split.x_test[:32]), _run(mlp, split.x_test[:32]), atol=2e-2)
+    assert result.report.quality_drop <= 0.005
+
+
+def test_int4_weight_only_makes_matmulnbits(mlp: bytes, split: hc.DigitsSplit) -> None:
+    result = hc.compress(mlp, [Int4WeightOnlyQuantization()], evaluation=split.test, measure=FAST)
+    model = onnx.load_model_from_string(result.model_bytes)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 3 and "Gemm" not in ops and "MatMul" not in ops
+    packed = [i for i in model.graph.initializer if i.data_type == TensorProto.UINT8]
+    assert sum(int(np.prod(i.dims)) for i in packed) * 2 >= 64 * 128  # two 4-bit values per byte
+    assert result.report.size_ratio > 3.0
+    assert result.report.quality_drop <= 0.02
+
+
+def test_int4_rejects_a_model_without_matmul() -> None:
+    node = helper.make_node("Relu", ["x"], ["y"], name="relu")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(CompressionError, match="MatMul.*Relu"):
+        hc.compress(model, [Int4WeightOnlyQuantization()], measure=FAST)
+    with pytest.raises(ConfigError, match="block_size"):
+        Int4WeightOnlyQuantization(block_size=24)
+
+
+def test_guard_keeps_sensitive_nodes_float_until_the_budget_fits(mlp: bytes, split: hc.DigitsSplit) -> None:
+    # Per-tensor asymmetric 4-bit blocks of 128 lose accuracy on this model; a zero budget
+    # forces the guard to keep nodes in float and say which.
+    inner = Int4WeightOnlyQuantization(block_size=128, symmetric=True)
+    plain = hc.compress(mlp, [inner], evaluation=split.test, measure=FAST)
+    guarded = hc.compress(mlp, [AccuracyGuard(inner, 0.0, max_float_fraction=1.0)], evaluation=split.test, measure=FAST)
+    notes = guarded.report.steps[0].notes
+    assert guarded.report.quality_drop <= 0.0
+    model = onnx.load_model_from_string(guarded.model_bytes)
+    float_matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    assert set(notes["float_nodes"]) == float_matmuls
+    if plain.report.quality_drop > 0:
+        assert notes["float_nodes"], "the guard had to keep something in float"
+    assert notes["guard"]["attempts"][-1]["drop"] <= 0.0
+
+
+def test_guard_errors_when_the_target_cannot_be_met(mlp: bytes, split: hc.DigitsSplit) -> None:
+    inner = Int4WeightOnlyQuantization(block_size=128)
+    impossible = AccuracyGuard(inner, 0.0, max_float_fraction=0.01)
+    result = hc.compress(mlp, [inner], evaluation=split.test, measure=FAST)
+    if result.report.quality_drop <= 0:
+        pytest.skip("4-bit quantization happened to lose nothing on this model")
+    with pytest.raises(CompressionError, match="cannot keep the quality drop"):
+        hc.compress(mlp, [impossible], evaluation=split.test, measure=FAST)
+    with pytest.raises(CompressionError, match="evaluation data"):
+        hc.compress(mlp, [impossible], measure=FAST)
+
+
+def test_node_sensitivity_ranks_the_damaged_layer_first(mlp: bytes, split: hc.DigitsSplit) -> None:
+    reference = onnx.load_model_from_string(mlp)
+    damaged = onnx.load_model_from_string(mlp)
+    weight = next(i for i in damaged.graph.initializer if i.name == "fc1.weight")
+    values = numpy_helper.to_array(weight)
+    weight.CopyFrom(numpy_helper.from_array(np.round(values * 4) / 4, weight.name))  # coarse on fc1 only
+    ranking = hc.node_sensitivity(reference, damaged, split.x_test[:64], ["fc0", "fc1", "fc2"])
+    assert ranking[0][0] == "fc1"
+
+
+def test_recipe_builds_guarded_and_plain_passes(tmp_path) -> None:
+    text = (
+        '[[step]]\npass = "lowrank"\nenergy = 0.95\n\n'
+        '[[step]]\npass = "quantize"\nmode = "int8-static"\nmethod = "entropy"\nmax_accuracy_drop = 0.01\n\n'
+        '[[step]]\npass = "quantize"\nmode = "int4-weight"\nblock_size = 64\n'
+    )
+    steps = hc.parse_recipe(text)
+    assert isinstance(steps[0], hc.LowRankFactorization) and steps[0].energy == 0.95
+    assert isinstance(steps[1], AccuracyGuard) and steps[1].inner.method == "entropy"
+    assert isinstance(steps[2], Int4WeightOnlyQuantization) and steps[2].block_size == 64
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    assert len(hc.load_recipe(path)) == 3
+    with pytest.raises(ConfigError, match="step 1 .*unknown option"):
+        hc.parse_recipe('[[step]]\npass = "lowrank"\nenergie = 0.9\n')
+    with pytest.raises(ConfigError, match="unknown compression pass"):
+        hc.parse_recipe('[[step]]\npass = "magic"\n')
+    with pytest.raises(ConfigError, match="mode"):
+        hc.parse_recipe('[[step]]\npass = "quantize"\nmode = "int3"\n')
+    with pytest.raises(ConfigError, match="TOML"):
+        hc.parse_recipe("[[step]\n")
+    with pytest.raises(ConfigError, match="already registered"):
+        hc.register_pass("quantize", lambda o: steps[0])
