@@ -44,14 +44,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/
 
 from _report import add_common_args, print_table, write_results  # noqa: E402
 
-from edge_sdk.bundle import BundleSpec, TensorInfo, canonical_json, pack_bundle, verify_bundle  # noqa: E402
+from edge_sdk.bundle import (  # noqa: E402
+    BundleSpec,
+    TensorInfo,
+    canonical_json,
+    pack_bundle,
+    verify_bundle,
+)
 from edge_sdk.bundle.archive import BundleReader, _canonical_info  # noqa: E402
 from edge_sdk.errors import EdgeError  # noqa: E402
 from edge_sdk.mqtt import MqttClient, MqttOptions  # noqa: E402
 from edge_sdk.protocol import BenchmarkSpec  # noqa: E402
 from edge_sdk.trust import SigningKey, encode_signatures  # noqa: E402
 from host_tools.fleet.deployer import CommandAuthority, DeployOptions, deploy_bundle  # noqa: E402
-from host_tools.keys import KeyRing, init_keys  # noqa: E402
+from host_tools.keys import init_keys  # noqa: E402
 
 NAME = "tamper-target"
 GENERIC_CODES = {"edge_error", "untrusted_input"}
@@ -61,7 +67,6 @@ GENERIC_CODES = {"edge_error", "untrusted_input"}
 
 
 def _model(d: Path) -> tuple[Path, Path]:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

@@ -27,7 +27,12 @@ from dataclasses import dataclass
 
 from edge_sdk.errors import ExpiredError, MessageError, TargetMismatchError
 from edge_sdk.protocol.codec import CodecLimits, decode, encode
-from edge_sdk.protocol.messages import DeployCommand, RemoveCommand, RollbackCommand, SignedCommand
+from edge_sdk.protocol.messages import (
+    DeployCommand,
+    RemoveCommand,
+    RollbackCommand,
+    SignedCommand,
+)
 from edge_sdk.trust import Root, SigningKey, signatures_from_list, verify_signatures
 
 __all__ = ["Command", "COMMAND_TYPES", "CommandPolicy", "open_command", "peek_command_id", "sign_command"]

@@ -29,7 +29,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_sdk.errors import ExpiredError, KeyStoreError, RollbackError, RootError, SignatureError
+from edge_sdk.errors import (
+    ExpiredError,
+    KeyStoreError,
+    RollbackError,
+    RootError,
+    SignatureError,
+)
 from edge_sdk.trust._keys import (
     PublicKey,
     Signature,

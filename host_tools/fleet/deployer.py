@@ -32,7 +32,13 @@ from pathlib import Path
 
 from edge_sdk.bundle import Manifest, file_sha256
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
-from edge_sdk.errors import ConfigError, DeviceTimeoutError, EdgeError, MessageError, error_from_code
+from edge_sdk.errors import (
+    ConfigError,
+    DeviceTimeoutError,
+    EdgeError,
+    MessageError,
+    error_from_code,
+)
 from edge_sdk.mqtt import Incoming, MqttClient, PublishHandle
 from edge_sdk.protocol import (
     BenchmarkSpec,
