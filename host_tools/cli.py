@@ -676,10 +676,20 @@ def deploy(
         "error": outcome.error.to_dict() if outcome.error else None,
         "checks": list(outcome.checks),
         "metrics": outcome.metrics.to_dict() if outcome.metrics else None,
+        "detail": outcome.detail,
     }
     if outcome.error is not None:
         _emit(cfg, data, f"{device_id} {outcome.state} {outcome.bundle_name} v{outcome.bundle_version}")
         raise outcome.error
+    if outcome.state == "deferred":
+        _emit(
+            cfg,
+            data,
+            f"{device_id}: deferred {outcome.bundle_name} v{outcome.bundle_version} "
+            f"({outcome.detail.get('reason', 'update gate closed')}); the device keeps it and installs it "
+            f"when its gate opens (asks again every {outcome.detail.get('retry_s', '?')} s)",
+        )
+        return
     assert outcome.metrics is not None
     _emit(
         cfg,

@@ -28,6 +28,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from edge_sdk.bundle import Manifest, file_sha256
@@ -156,8 +157,10 @@ class DeployOutcome:
 
     Attributes:
         device_id, bundle_name, bundle_version, sha256, transfer_id: what was sent where.
-        state: ``installed``, ``refused`` or ``failed``.
-        error: the device's error when not installed.
+        state: ``installed``, ``deferred`` (the device's update gate said "not now"; it
+            keeps the bundle and installs it later by itself), ``refused`` or ``failed``.
+        error: the device's error when refused or failed.
+        detail: what the device said with its last event (e.g. the gate's reason).
         metrics: the device's report after installing.
         checks: the device's list of verification checks that passed.
         seconds: wall time of the whole deploy.
@@ -173,6 +176,7 @@ class DeployOutcome:
     metrics: MetricsReport | None = None
     checks: tuple[str, ...] = ()
     seconds: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 def read_manifest(bundle_path: Path) -> Manifest:
@@ -280,7 +284,7 @@ def deploy_bundle(
             client.publish_wait(topics.cmd, encode(TransferEnd(command_id, offer.transfer_id)))
             event = _wait_for(
                 convo,
-                {EventKind.NEED_CHUNKS, EventKind.RECEIVED, EventKind.INSTALLED},
+                {EventKind.NEED_CHUNKS, EventKind.RECEIVED, EventKind.INSTALLED, EventKind.DEFERRED},
                 options.finish_timeout_s,
                 device_id,
                 "receive the bundle",
@@ -299,6 +303,8 @@ def deploy_bundle(
     while event.kind != EventKind.INSTALLED:
         if event.kind in (EventKind.REFUSED, EventKind.FAILED, EventKind.ERROR):
             return outcome(_end_state(event), error=_error_of(event))
+        if event.kind == EventKind.DEFERRED:
+            return outcome("deferred", detail=dict(event.detail))
         nxt = convo.next(deadline)
         if nxt is None:
             raise DeviceTimeoutError(f"device {device_id} did not finish installing within {options.finish_timeout_s:g} s")
