@@ -28,8 +28,8 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from edge_sdk.bundle import Manifest, file_sha256
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
@@ -73,6 +73,7 @@ __all__ = [
     "publish_command",
     "read_manifest",
     "run_command",
+    "send_bundle",
     "signed_fields",
 ]
 
@@ -245,7 +246,7 @@ def deploy_bundle(
         The outcome; refusals are outcomes, not exceptions.
 
     Raises:
-        DeviceTimeoutError: the device did not accept, or did not finish, in time.
+        DeviceTimeoutError: the device did not accept, receive or finish in time.
         TransportError: the broker connection failed while sending.
         BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
     """
@@ -270,34 +271,7 @@ def deploy_bundle(
             seconds=time.monotonic() - started, **kw,  # type: ignore[arg-type]
         )
 
-    publish_command(client, topics, cmd, options.authority)
-    accepted = _wait_for(convo, {EventKind.ACCEPTED}, options.accept_timeout_s, device_id, "accept the deploy")
-    if accepted.kind != EventKind.ACCEPTED:
-        return outcome(_end_state(accepted), error=_error_of(accepted))
-
-    spans = chunk_spans(size, options.chunk_size)
-    to_send = list(accepted.missing) if accepted.missing else list(range(len(spans)))
-    sent_bytes = size - sum(spans[i][1] for i in to_send)
-    with open(bundle_path, "rb") as fh:
-        for round_no in range(options.max_resend_rounds + 1):
-            sent_bytes = _send_chunks(client, topics, offer, fh, spans, to_send, options.window, sent_bytes, size, progress)
-            client.publish_wait(topics.cmd, encode(TransferEnd(command_id, offer.transfer_id)))
-            event = _wait_for(
-                convo,
-                {EventKind.NEED_CHUNKS, EventKind.RECEIVED, EventKind.INSTALLED, EventKind.DEFERRED},
-                options.finish_timeout_s,
-                device_id,
-                "receive the bundle",
-            )
-            if event.kind == EventKind.NEED_CHUNKS:
-                to_send = list(event.missing)
-                sent_bytes -= sum(spans[i][1] for i in to_send)
-                log.info("device %s lacks %d chunk(s); resend round %d", device_id, len(to_send), round_no + 1)
-                continue
-            break
-        else:
-            return outcome("failed", error=DeviceTimeoutError(f"device {device_id} still lacks chunks after {options.max_resend_rounds} resend rounds"))
-
+    event = send_bundle(client, convo, cmd, bundle_path, options, progress, "deploy")
     checks: tuple[str, ...] = ()
     deadline = time.monotonic() + options.finish_timeout_s
     while event.kind != EventKind.INSTALLED:
@@ -320,6 +294,57 @@ def deploy_bundle(
             metrics = nxt
     return outcome("installed", metrics=metrics, checks=checks)
 
+
+
+def send_bundle(
+    client: MqttClient,
+    convo: _Conversation,
+    cmd: DeployCommand,
+    bundle_path: Path,
+    options: DeployOptions,
+    progress: Callable[[int, int], None] | None,
+    what: str,
+) -> Event:
+    """Publish a signed transfer command, then send the chunks the device asks for.
+
+    Shared by deploy and profile, whose commands differ only in ``action``.
+
+    Returns:
+        The device's first event after the transfer that is not ``need_chunks``
+        (``received``, ``installed``, ``deferred``...), or its refusal of the offer.
+
+    Raises:
+        DeviceTimeoutError: no answer in time, or chunks still missing after
+            ``options.max_resend_rounds`` rounds.
+    """
+    device_id, topics, offer = convo.topics.device_id, convo.topics, cmd.transfer
+    publish_command(client, topics, cmd, options.authority)
+    accepted = _wait_for(convo, {EventKind.ACCEPTED}, options.accept_timeout_s, device_id, f"accept the {what}")
+    if accepted.kind != EventKind.ACCEPTED:
+        return accepted
+    spans = chunk_spans(offer.size, offer.chunk_size)
+    to_send = list(accepted.missing) if accepted.missing else list(range(len(spans)))
+    sent_bytes = offer.size - sum(spans[i][1] for i in to_send)
+    with open(bundle_path, "rb") as fh:
+        for round_no in range(options.max_resend_rounds + 1):
+            sent_bytes = _send_chunks(client, topics, offer, fh, spans, to_send, options.window, sent_bytes, offer.size, progress)
+            client.publish_wait(topics.cmd, encode(TransferEnd(cmd.command_id, offer.transfer_id)))
+            event = _wait_for(
+                convo,
+                {EventKind.NEED_CHUNKS, EventKind.RECEIVED, EventKind.INSTALLED, EventKind.DEFERRED},
+                options.finish_timeout_s,
+                device_id,
+                "receive the bundle",
+            )
+            if event.kind != EventKind.NEED_CHUNKS:
+                return event
+            to_send = list(event.missing)
+            sent_bytes -= sum(spans[i][1] for i in to_send)
+            log.info("device %s lacks %d chunk(s); resend round %d", device_id, len(to_send), round_no + 1)
+    raise DeviceTimeoutError(
+        f"device {device_id} still lacks chunks after {options.max_resend_rounds} resend rounds",
+        device_id=device_id,
+    )
 
 def _name_version(manifest: Manifest) -> tuple[str, int]:
     return manifest.name, manifest.version

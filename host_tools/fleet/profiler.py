@@ -24,10 +24,7 @@ from edge_sdk.protocol import (
     Event,
     EventKind,
     MetricsReport,
-    TransferEnd,
     TransferOffer,
-    chunk_spans,
-    encode,
 )
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.deployer import (
@@ -35,10 +32,8 @@ from host_tools.fleet.deployer import (
     _Conversation,
     _end_state,
     _error_of,
-    _send_chunks,
-    _wait_for,
-    publish_command,
     read_manifest,
+    send_bundle,
     signed_fields,
 )
 from host_tools.fleet.registry import Registry
@@ -112,26 +107,7 @@ def profile_bundle(
             device_id, manifest.name, manifest.version, state, seconds=time.monotonic() - started, **kw  # type: ignore[arg-type]
         )
 
-    publish_command(client, topics, cmd, options.authority)
-    accepted = _wait_for(convo, {EventKind.ACCEPTED}, options.accept_timeout_s, device_id, "accept the profile request")
-    if accepted.kind != EventKind.ACCEPTED:
-        return outcome(_end_state(accepted), error=_error_of(accepted))
-    spans = chunk_spans(size, options.chunk_size)
-    to_send = list(accepted.missing) if accepted.missing else list(range(len(spans)))
-    sent = size - sum(spans[i][1] for i in to_send)
-    with open(bundle_path, "rb") as fh:
-        for _ in range(options.max_resend_rounds + 1):
-            sent = _send_chunks(client, topics, offer, fh, spans, to_send, options.window, sent, size, progress)
-            client.publish_wait(topics.cmd, encode(TransferEnd(command_id, offer.transfer_id)))
-            event = _wait_for(
-                convo, {EventKind.NEED_CHUNKS, EventKind.RECEIVED}, options.finish_timeout_s, device_id, "receive the bundle"
-            )
-            if event.kind != EventKind.NEED_CHUNKS:
-                break
-            to_send = list(event.missing)
-            sent -= sum(spans[i][1] for i in to_send)
-        else:
-            return outcome("failed", error=DeviceTimeoutError(f"device {device_id} still lacks chunks after {options.max_resend_rounds} resend rounds"))
+    event = send_bundle(client, convo, cmd, bundle_path, options, progress, "profile request")
     if event.kind != EventKind.RECEIVED:
         return outcome(_end_state(event), error=_error_of(event))
     deadline = time.monotonic() + options.finish_timeout_s
