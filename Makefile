@@ -65,7 +65,7 @@ $(STAMP_HOST): $(STAMP_VENV) pyproject.toml
 TORCH_VERSION ?= 2.13.0
 $(STAMP_TEST): $(STAMP_VENV) pyproject.toml
 	$(PIP) install 'torch==$(TORCH_VERSION)'
-	$(PIP) install -e '.[host,litert,test,postgres,train]'
+	$(PIP) install -e '.[host,litert,test,postgres,train,bench]'
 	touch "$(STAMP_HOST)" "$@"
 
 venv: $(STAMP_HOST)

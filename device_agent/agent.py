@@ -46,7 +46,7 @@ from device_agent.platform import PlatformInfo, detect_platform, power_model_nam
 from device_agent.sdnotify import Notifier
 from device_agent.trust_store import TrustStore
 from edge_sdk import __version__
-from edge_sdk.bundle import DeviceFacts, Expected
+from edge_sdk.bundle import DeviceFacts, Expected, Manifest
 from edge_sdk.errors import (
     EdgeError,
     HashMismatchError,
@@ -522,7 +522,11 @@ class Agent:
         self.installer.activate(staged, cmd.command_id)
         active = self.installer.active(manifest.name)
         assert active is not None
+        choice = None
         try:
+            opener = None
+            if manifest.sparse is not None:
+                choice, opener = self._select_execution(manifest, active.slot / "payload", active.sample_path, cmd)
             profile = profile_model(
                 active.model_path,
                 manifest.runtime,
@@ -532,7 +536,10 @@ class Agent:
                 self.power,
                 self.config.sysfs_root,
                 max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
+                opener=opener,
             )
+            if choice is not None:
+                self.installer.record_execution(manifest.name, choice.to_dict())
         except ModelError as exc:
             restored = self.installer.rollback(manifest.name)
             exc.details["rolled_back_to"] = restored.version if restored else None
@@ -551,7 +558,9 @@ class Agent:
         )
         self._checkpoint("reported")
         self._publish_status()
-        self._send(self.topics.metrics, encode(self._metrics_report(cmd, manifest.name, manifest.version, profile)), retain=True)
+        extra = {"execution": choice.to_dict()} if choice is not None else {}
+        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, **extra)
+        self._send(self.topics.metrics, encode(report), retain=True)
         log.info(
             "installed %s v%s: p50 %.3f ms, p99 %.3f ms",
             manifest.name, manifest.version, profile.latency["p50_ms"], profile.latency["p99_ms"],
@@ -583,26 +592,49 @@ class Agent:
         scratch = self.installer.stage_scratch(bundle_path, self.clock(), **self._bundle_checks(cmd))
         manifest = scratch.verified.manifest
         payload = scratch.slot / "payload"
+        sample = payload / manifest.sample_input if manifest.sample_input else None
+        choice = None
         try:
+            opener = None
+            if manifest.sparse is not None:
+                choice, opener = self._select_execution(manifest, payload, sample, cmd)
             profile = profile_model(
                 payload / manifest.model,
                 manifest.runtime,
                 manifest.precision,
-                payload / manifest.sample_input if manifest.sample_input else None,
+                sample,
                 cmd.benchmark,
                 self.power,
                 self.config.sysfs_root,
                 max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
+                opener=opener,
             )
         finally:
             self.installer.discard(scratch)
-        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, mode="profile")
+        extra = {"execution": choice.to_dict()} if choice is not None else {}
+        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, mode="profile", **extra)
         self._send(self.topics.metrics, encode(report))
         self._event(EventKind.PROFILED, cmd=cmd, detail={"name": manifest.name, "version": manifest.version})
         log.info(
             "profiled %s v%s without installing: p50 %.3f ms",
             manifest.name, manifest.version, profile.latency["p50_ms"],
         )
+
+    def _select_execution(self, manifest: Manifest, payload: Path, sample: Path | None, cmd: DeployCommand):  # noqa: ANN202
+        """Measure (or take the pin of) how to run a bundle with sparse layers; see device_agent/selection.py.
+
+        Raises:
+            ModelError: the sparse files are unusable or no execution can run; the caller
+                rolls the install back.
+        """
+        from device_agent.selection import select_execution  # numpy and the runtimes only when needed
+
+        try:
+            return select_execution(payload, manifest, cmd.benchmark, self.config.execution, sample)
+        except ModelError:
+            raise
+        except EdgeError as exc:
+            raise HealthCheckError(f"{exc.code}: {exc.message}", check="execution") from exc
 
     def _retry_deferred(self) -> None:
         """Ask the gate again for installs it held back; install them oldest first once it opens."""

@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--update-gate-command", help="command run before each install; a non-zero exit defers it")
     run.add_argument("--update-gate-retry", type=float, help="seconds between asks of the gate while an install waits")
     run.add_argument("--outbox-max-bytes", type=int, help="bound of the on-disk buffer of events and metrics kept while offline")
+    run.add_argument(
+        "--execution", choices=["auto", "dense", "sparse"],
+        help="bundles with sparse layers: measure and pick the fastest (auto, the default) or pin one",
+    )
     run.add_argument("--debug-crash-at", choices=CRASH_POINTS, help="testing only: SIGKILL the agent at this step of an install")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 "update_gate_command": args.update_gate_command,
                 "update_gate_retry_s": args.update_gate_retry,
                 "outbox_max_bytes": args.outbox_max_bytes,
+                "execution": args.execution,
                 "debug_crash_at": args.debug_crash_at,
             },
         )

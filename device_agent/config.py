@@ -73,6 +73,8 @@ class AgentConfig:
         update_gate_timeout_s: how long the gate command may take.
         update_gate_retry_s: how often a deferred install asks the gate again.
         outbox_max_bytes: bound of the on-disk buffer of events and metrics kept while offline.
+        execution: how to run bundles with sparse layers: ``auto`` (measure and pick the
+            fastest), or ``dense``/``sparse`` to pin it, overriding the manifest's choice.
         debug_crash_at: test-only: SIGKILL the agent at this step of an install (:data:`CRASH_POINTS`).
     """
 
@@ -93,6 +95,7 @@ class AgentConfig:
     update_gate_timeout_s: float = 10.0
     update_gate_retry_s: float = 30.0
     outbox_max_bytes: int = 8 << 20
+    execution: str = "auto"
     debug_crash_at: str | None = None
 
     def __post_init__(self) -> None:
@@ -113,6 +116,8 @@ class AgentConfig:
             raise ConfigError("update gate timeout and retry interval must be positive")
         if isinstance(self.outbox_max_bytes, bool) or not isinstance(self.outbox_max_bytes, int) or self.outbox_max_bytes < 1024:
             raise ConfigError("outbox_max_bytes must be an integer of at least 1024")
+        if self.execution not in ("auto", "dense", "sparse"):
+            raise ConfigError(f"execution must be auto, dense or sparse, got {self.execution!r}")
         if self.debug_crash_at is not None and self.debug_crash_at not in CRASH_POINTS:
             raise ConfigError(f"debug_crash_at must be one of {', '.join(CRASH_POINTS)}, got {self.debug_crash_at!r}")
 

@@ -45,6 +45,9 @@ __all__ = ["ActiveBundle", "Installer", "PendingRollback", "StagedBundle"]
 
 log = logging.getLogger(__name__)
 _STATE_SCHEMA = 1
+#: File in a slot that records the execution chosen at install (sparse bundles).
+EXECUTION_FILE = "execution.json"
+_MAX_EXECUTION_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,30 @@ class ActiveBundle:
     def sample_path(self) -> Path | None:
         return self.slot / "payload" / self.manifest.sample_input if self.manifest.sample_input else None
 
+    @property
+    def execution(self) -> dict[str, Any] | None:
+        """The execution chosen for this version when it was installed (sparse bundles), or None.
+
+        Kept in the slot (``execution.json``) so that a restart does not measure again.
+        """
+        try:
+            raw = (self.slot / EXECUTION_FILE).read_bytes()
+        except OSError:
+            return None
+        if len(raw) > _MAX_EXECUTION_BYTES:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "precision": self.manifest.precision}
+        d = {"name": self.name, "version": self.version, "precision": self.manifest.precision}
+        execution = self.execution
+        if execution is not None and isinstance(execution.get("chosen"), str):
+            d["execution"] = execution["chosen"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -382,6 +407,20 @@ class Installer:
         self._write_state(state)
         log.info("confirmed %s v%s", name, entry["active"]["version"] if entry.get("active") else None)
         self.checkpoint("confirmed")
+
+    def record_execution(self, name: str, choice: dict[str, Any]) -> None:
+        """Keep the execution chosen for the active version of ``name`` in its slot, durably.
+
+        Raises:
+            StorageError: nothing of that name is active, or the file cannot be written.
+        """
+        active = self.active(name)
+        if active is None:
+            raise StorageError(f"no active version of {name} to record an execution for")
+        try:
+            atomic_write_bytes(active.slot / EXECUTION_FILE, json.dumps(choice, sort_keys=True).encode())
+        except OSError as exc:
+            raise StorageError(f"cannot write {active.slot / EXECUTION_FILE}: {exc.strerror}") from exc
 
     def pending(self) -> list[str]:
         """Names whose active version has not passed its health check yet."""

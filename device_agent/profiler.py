@@ -155,6 +155,7 @@ def profile_model(
     power_source: PowerSource,
     root: Path = Path("/"),
     max_latency_ms: float | None = None,
+    opener: Callable[[SessionOptions], InferenceSession] | None = None,
 ) -> Profile:
     """Load a model, health-check it, benchmark it and measure what it cost.
 
@@ -167,13 +168,20 @@ def profile_model(
         power_source: from :func:`edge_sdk.metrics.detect_power_source`.
         root: filesystem root for thermal zones.
         max_latency_ms: the health check's latency budget (the manifest's ``health``).
+        opener: opens the session instead of ``open_session(model_path, ...)``; the
+            execution :mod:`device_agent.selection` chose for a sparse bundle.
 
     Raises:
         ModelError: load or health check failed.
     """
     preload(runtime)
     rss_before = rss_bytes()
-    with open_session(model_path, runtime, SessionOptions(threads=spec.threads), precision_hint=precision) as session:
+    options = SessionOptions(threads=spec.threads)
+    if opener is None:
+        opened = open_session(model_path, runtime, options, precision_hint=precision)
+    else:
+        opened = opener(options)
+    with opened as session:
         rss_loaded = rss_bytes()
         feeds = load_feeds(session, sample_path)
         health_check(session, feeds, max_latency_ms)

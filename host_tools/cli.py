@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -302,7 +303,8 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
 @click.option(
     "--quantize",
     help="int8-static (default when no other step is given), int8-static-entropy, int8-static-percentile, "
-    "int8-static-per-tensor, int8-dynamic, fp16, int4-weight",
+    "int8-static-per-tensor, int8-dynamic, fp16, int4-weight; for a .tflite MODEL (ai-edge-quantizer): "
+    "int8-static, int8-dynamic, int8-weight-only, int4-weight-only, int16-static",
 )
 @click.option(
     "--lowrank",
@@ -368,6 +370,15 @@ def compress(
     from host_tools import compress as hc
 
     cfg = _cfg(ctx, json_output)
+    if model.suffix.lower() == ".tflite":
+        unsupported = {"--lowrank": lowrank, "--weight-share": weight_share, "--distill": distill, "--prune": prune,
+                       "--finetune": finetune_epochs, "--train": train_data, "--recipe": recipe, "--packed": packed,
+                       "--max-accuracy-drop": max_accuracy_drop}  # fmt: skip
+        given = [name for name, value in unsupported.items() if value is not None]
+        if given:
+            raise ConfigError(f"a .tflite model takes --quantize, --calib and --eval only, not {', '.join(given)}")
+        _compress_tflite(cfg, model, output, quantize or "int8-static", calib, eval_data)
+        return
     if max_accuracy_drop is not None and max_accuracy_drop < 0:
         raise ConfigError("--max-accuracy-drop must be >= 0", key="max_accuracy_drop")
     if max_accuracy_drop is not None and not eval_data:
@@ -504,6 +515,39 @@ def _compress_table(report: Any, output: Path) -> str:
     return f"{table}{extra}\n\n{report.size_ratio:.2f}x smaller; wrote {output}"
 
 
+def _compress_tflite(cfg: HostConfig, model: Path, output: Path, quantize: str, calib: str | None, eval_data: str | None) -> None:
+    """``compress`` for a ``.tflite`` MODEL: ai-edge-quantizer, measured in LiteRT."""
+    from edge_sdk.errors import ModelLoadError
+    from host_tools import compress as hc
+    from host_tools.compress.tflite_quant import compress_tflite
+    from host_tools.report import Column, format_bytes, render_table
+
+    try:
+        data = model.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{model}: cannot read model file ({exc.strerror or exc})", file=str(model)) from exc
+    calibration = hc.load_arrays(calib) if calib else None
+    evaluation = hc.load_arrays(eval_data) if eval_data else None
+    result = compress_tflite(data, quantize, calibration=calibration, evaluation=evaluation)
+    hc.save_model_atomic(result.model_bytes, output)
+    report = {"output": str(output), "report": result.to_dict()}
+
+    def text() -> str:
+        table = render_table(
+            [
+                Column("model", lambda r: r[0]),
+                Column("size", lambda r: format_bytes(r[1].size_bytes), ">"),
+                Column("weights", lambda r: ", ".join(f"{n} {t}" for t, n in sorted(r[1].weight_types.items()))),
+                Column("quality", lambda r: None if r[1].quality is None else f"{r[1].quality:.2%} {r[1].quality_metric}", ">"),
+                Column("LiteRT p50", lambda r: None if r[1].latency_p50_ms is None else f"{r[1].latency_p50_ms:.3f} ms", ">"),
+            ],
+            [("original", result.original), (f"{result.mode} ({result.recipe})", result.final)],
+        )
+        return f"{table}\n\n{result.size_ratio:.2f}x smaller; wrote {output}"
+
+    _emit(cfg, report, text)
+
+
 # --- pack and verify --------------------------------------------------------------------
 
 
@@ -520,6 +564,10 @@ def _compress_table(report: Any, output: Path) -> str:
 @click.option("--arch", "archs", multiple=True, help="target: an architecture the model runs on, e.g. aarch64 (repeatable)")
 @click.option("--min-memory-mb", type=int, help="target: memory the device must have, in MiB")
 @click.option("--accelerator", "accelerators", multiple=True, help="target: an accelerator the device must have (repeatable)")
+@click.option("--sparse", is_flag=True, help="ship pruned MatMul/Gemm weights as CSR; the device measures sparse against dense execution")
+@click.option("--sparse-min-sparsity", type=float, default=0.5, show_default=True, help="with --sparse: a layer goes sparse from this fraction of zeros")
+@click.option("--sparse-int8", is_flag=True, help="with --sparse: store the sparse values as int8 with a scale per row")
+@click.option("--execution", type=click.Choice(["auto", "dense", "sparse"]), help="pin how devices run a --sparse bundle (default: they measure)")
 @passphrase_option
 @json_option
 @click.pass_context
@@ -537,10 +585,17 @@ def pack(
     archs: tuple[str, ...],
     min_memory_mb: int | None,
     accelerators: tuple[str, ...],
+    sparse: bool,
+    sparse_min_sparsity: float,
+    sparse_int8: bool,
+    execution: str | None,
     passphrase_env: str | None,
     json_output: bool,
 ) -> None:
     """Pack MODEL into a bundle signed by the root's bundle key(s)."""
+    if not sparse and (sparse_int8 or execution):
+        raise ConfigError("--sparse-int8 and --execution apply to --sparse bundles", key="sparse")
+
     from edge_sdk.bundle import BundleSpec, HealthSpec, Target, TensorInfo, pack_bundle
     from edge_sdk.runtime import open_session
     from host_tools.keys import KeyRing
@@ -560,15 +615,56 @@ def pack(
         name, version, runtime, model, precision, inputs, sample, health=health, target=target,
         ttl_s=ttl_days * 86400.0,
     )
-    manifest = pack_bundle(spec, signers, output, time.time())
+    with tempfile.TemporaryDirectory(prefix="edgectl-sparse-") as tmp:
+        if sparse:
+            spec = _sparse_bundle_spec(spec, Path(tmp), sparse_min_sparsity, sparse_int8, execution)
+        manifest = pack_bundle(spec, signers, output, time.time())
     signed_by = ", ".join(k.keyid for k in signers)
     data = {"bundle": str(output), "signed_by": [k.keyid for k in signers], "manifest": manifest.to_dict()}
     _emit(
         cfg,
         data,
         f"packed {manifest.name} v{manifest.version} ({manifest.runtime}, {manifest.precision}, "
-        f"{len(manifest.files)} file(s)) -> {output}\nsigned by {signed_by}",
+        f"{len(manifest.files)} file(s)) -> {output}\nsigned by {signed_by}"
+        + (
+            f"\nsparse: {len(manifest.sparse.layers)} layer(s) as CSR ({manifest.sparse.values} values): "
+            + ", ".join(f"{l.name} {l.sparsity:.1%}" for l in manifest.sparse.layers)
+            if manifest.sparse is not None
+            else ""
+        ),
     )
+
+
+def _sparse_bundle_spec(spec: Any, tmp: Path, min_sparsity: float, int8_values: bool, execution: str | None) -> Any:
+    """The bundle spec with the model split into sparse graph, dense graph and CSR weights.
+
+    The sparse graph is opened here with its weights and compared with the original
+    model on a random batch, so a broken split fails on the host, not on the devices.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from edge_sdk.bundle.sparse import decode_sparse_weights
+    from edge_sdk.errors import CompressionError
+    from edge_sdk.runtime import open_session, open_sparse_session, sample_feeds
+    from host_tools.compress.model_file import load_model
+    from host_tools.compress.sparse_pack import sparsify, write_sparse_files
+
+    if spec.runtime != "onnxruntime":
+        raise ConfigError("--sparse needs an ONNX model (onnxruntime)", key="sparse")
+    pack_ = sparsify(load_model(spec.model), min_sparsity)
+    model_path, files, sparse_spec = write_sparse_files(pack_, tmp, Path(spec.model).stem, int8_values=int8_values)
+    weights = decode_sparse_weights(files[sparse_spec.weights].read_bytes())
+    with open_session(spec.model, "onnxruntime") as dense, open_sparse_session(model_path, weights) as sparse_session:
+        feeds = sample_feeds(dense.inputs(), np.random.default_rng(0))
+        want, got = dense.run(feeds), sparse_session.run(feeds)
+    tolerance = 0.05 if int8_values else 1e-3
+    for a, b in zip(want, got):
+        scale = float(np.max(np.abs(a))) or 1.0
+        if a.shape != b.shape or float(np.max(np.abs(a - b))) > tolerance * scale:
+            raise CompressionError("the sparse graph's outputs differ from the model's; not packing it")
+    return dataclasses.replace(spec, model=model_path, files=files, sparse=sparse_spec, execution=execution)
 
 
 @cli.command()

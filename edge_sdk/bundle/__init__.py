@@ -31,6 +31,8 @@ from edge_sdk.bundle.manifest import (
     FileEntry,
     HealthSpec,
     Manifest,
+    SparseLayer,
+    SparseSpec,
     Target,
     TensorInfo,
     canonical_json,
@@ -60,6 +62,8 @@ __all__ = [
     "FileEntry",
     "HealthSpec",
     "Manifest",
+    "SparseLayer",
+    "SparseSpec",
     "Target",
     "TensorInfo",
     "VerifiedBundle",
@@ -101,6 +105,10 @@ class BundleSpec:
         health: optional health-check budget the device enforces (latency).
         target: optional device constraints (architecture, memory, accelerators).
         ttl_s: seconds until the manifest expires.
+        sparse: optional sparse layers; ``files`` must then carry its weights and dense model.
+        execution: optional pin of how devices run the model (``auto``, ``dense``, ``sparse``).
+        files: further payload files, bundle path -> local file (the sparse weights and
+            dense model, for instance).
     """
 
     name: str
@@ -114,6 +122,9 @@ class BundleSpec:
     target: Target | None = None
     ttl_s: float = _DEFAULT_TTL_S
     extra: dict[str, Any] = field(default_factory=dict)
+    sparse: SparseSpec | None = None
+    execution: str | None = None
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 def pack_bundle(
@@ -144,6 +155,10 @@ def pack_bundle(
         if sample_name in files:
             raise ConfigError(f"model file may not be called {sample_name}")
         files[sample_name] = Path(spec.sample_input)
+    for name, src in spec.files.items():
+        if name in files:
+            raise ConfigError(f"bundle file {name!r} is given twice")
+        files[name] = Path(src)
     entries = []
     for name, src in sorted(files.items()):
         digest, size = file_sha256(src)
@@ -161,6 +176,8 @@ def pack_bundle(
         sample_input=sample_name,
         health=spec.health,
         target=spec.target,
+        sparse=spec.sparse,
+        execution=spec.execution,
         extra=dict(spec.extra),
     )
     manifest_bytes = manifest.to_bytes()

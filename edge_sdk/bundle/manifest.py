@@ -22,8 +22,11 @@ __all__ = [
     "MANIFEST_SCHEMA",
     "RUNTIMES",
     "FileEntry",
+    "EXECUTIONS",
     "HealthSpec",
     "DeviceFacts",
+    "SparseLayer",
+    "SparseSpec",
     "Target",
     "TensorInfo",
     "Manifest",
@@ -37,6 +40,9 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAX_PATH = 255
 _MAX_FILES = 64
+_MAX_SPARSE_LAYERS = 256
+#: How a bundle may be run: ``auto`` lets the device measure and choose.
+EXECUTIONS = ("auto", "dense", "sparse")
 
 
 def check_member_path(path: str) -> str:
@@ -245,6 +251,127 @@ class Target:
 
 
 @dataclass(frozen=True)
+class SparseLayer:
+    """One weight-sparse layer of the model.
+
+    Attributes:
+        name: the node's name in the model (for reports).
+        tensor: the weight's name: a sparse graph input of the model, a float
+            initializer of the dense model, and the matrix's name in the weights file.
+        shape: ``[rows, cols]`` of the stored matrix.
+        nnz: stored values.
+        transposed: the stored matrix is the transpose of the dense initializer.
+    """
+
+    name: str
+    tensor: str
+    shape: tuple[int, int]
+    nnz: int
+    transposed: bool = False
+
+    def __post_init__(self) -> None:
+        for value in (self.name, self.tensor):
+            if not isinstance(value, str) or not 0 < len(value) <= 256:
+                raise ManifestError(f"sparse: bad layer or tensor name {value!r}")
+        shape = tuple(self.shape)
+        if len(shape) != 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+            raise ManifestError(f"sparse: layer {self.name!r} has a bad shape {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+        if isinstance(self.nnz, bool) or not isinstance(self.nnz, int) or not 0 <= self.nnz <= shape[0] * shape[1]:
+            raise ManifestError(f"sparse: layer {self.name!r} has a bad nnz {self.nnz!r}")
+        if not isinstance(self.transposed, bool):
+            raise ManifestError(f"sparse: layer {self.name!r}: transposed must be a boolean")
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the matrix that is zero."""
+        return 1.0 - self.nnz / (self.shape[0] * self.shape[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "tensor": self.tensor, "shape": list(self.shape), "nnz": self.nnz, "transposed": self.transposed}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SparseLayer:
+        if not isinstance(d, dict):
+            raise ManifestError("sparse: each layer must be an object")
+        shape = _require(d, "shape", list, "sparse layer")
+        return cls(
+            _require(d, "name", str, "sparse layer"),
+            _require(d, "tensor", str, "sparse layer"),
+            tuple(shape),
+            _require(d, "nnz", int, "sparse layer"),
+            d.get("transposed", False),
+        )
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """How the model's weight-sparse layers travel and can run (the manifest's ``sparse``).
+
+    The bundle's ``model`` is the sparse graph: each sparse layer is an onnxruntime
+    ``com.microsoft.SparseToDenseMatMul`` node whose weight is a sparse graph input,
+    bound from ``weights`` at load. ``dense_model`` is the same network with ordinary
+    ``MatMul``/``Gemm`` nodes and those weights left out; the device fills them in, in
+    memory only, when it runs or measures the dense execution.
+
+    Attributes:
+        format: ``"csr"`` (see :mod:`edge_sdk.bundle.sparse`).
+        weights: path (one of the manifest's files) of the sparse weights file.
+        dense_model: path (one of the files) of the dense graph without the sparse weights.
+        values: ``"fp32"`` or ``"int8"``: how the values are stored.
+        layers: the sparse layers.
+    """
+
+    weights: str
+    dense_model: str
+    layers: tuple[SparseLayer, ...]
+    format: str = "csr"
+    values: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.format != "csr":
+            raise ManifestError(f"sparse: unknown format {self.format!r} (this build reads 'csr')")
+        if self.values not in ("fp32", "int8"):
+            raise ManifestError(f"sparse: values must be 'fp32' or 'int8', got {self.values!r}")
+        check_member_path(self.weights)
+        check_member_path(self.dense_model)
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers or len(self.layers) > _MAX_SPARSE_LAYERS:
+            raise ManifestError(f"sparse: between 1 and {_MAX_SPARSE_LAYERS} layers, got {len(self.layers)}")
+        if len({l.tensor for l in self.layers}) != len(self.layers):
+            raise ManifestError("sparse: a tensor is listed twice")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "weights": self.weights,
+            "dense_model": self.dense_model,
+            "values": self.values,
+            "layers": [l.to_dict() for l in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SparseSpec:
+        if not isinstance(d, dict):
+            raise ManifestError("manifest: field 'sparse' must be an object")
+        if unknown := set(d) - {"format", "weights", "dense_model", "values", "layers"}:
+            raise ManifestError(f"sparse: unknown field(s) {', '.join(sorted(unknown))}")
+        layers = _require(d, "layers", list, "sparse")
+        if len(layers) > _MAX_SPARSE_LAYERS:
+            raise ManifestError(f"sparse: {len(layers)} layers (limit {_MAX_SPARSE_LAYERS})")
+        fmt, values = d.get("format", "csr"), d.get("values", "fp32")
+        if not isinstance(fmt, str) or not isinstance(values, str):
+            raise ManifestError("sparse: format and values must be strings")
+        return cls(
+            weights=_require(d, "weights", str, "sparse"),
+            dense_model=_require(d, "dense_model", str, "sparse"),
+            layers=tuple(SparseLayer.from_dict(l) for l in layers),
+            format=fmt,
+            values=values,
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What a bundle is and holds.
 
@@ -260,6 +387,9 @@ class Manifest:
         sample_input: optional path (one of ``files``) of an ``.npz`` sample for the health check.
         health: optional health-check budget (latency); absent from the encoding when ``None``.
         target: which devices the bundle is for; absent (any device) when ``None``.
+        sparse: the model's weight-sparse layers and their files; absent when ``None``.
+        execution: how the device must run the model (:data:`EXECUTIONS`); ``None``
+            (absent) or ``"auto"``: the device measures the ways that apply and picks.
         extra: unknown fields from a newer packer, kept, never acted on.
     """
 
@@ -275,6 +405,8 @@ class Manifest:
     sample_input: str | None = None
     health: HealthSpec | None = None
     target: Target | None = None
+    sparse: SparseSpec | None = None
+    execution: str | None = None
     schema: int = MANIFEST_SCHEMA
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -305,6 +437,14 @@ class Manifest:
             raise ManifestError(f"model {self.model!r} is not among the manifest's files")
         if self.sample_input is not None and self.sample_input not in paths:
             raise ManifestError(f"sample input {self.sample_input!r} is not among the manifest's files")
+        if self.sparse is not None:
+            for path in (self.sparse.weights, self.sparse.dense_model):
+                if path not in paths or path == self.model:
+                    raise ManifestError(f"sparse: {path!r} is not among the manifest's files, or is the model")
+        if self.execution is not None and self.execution not in EXECUTIONS:
+            raise ManifestError(f"execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
+        if self.execution == "sparse" and self.sparse is None:
+            raise ManifestError("execution 'sparse' needs the manifest's 'sparse' field")
 
     @property
     def payload_size(self) -> int:
@@ -335,6 +475,10 @@ class Manifest:
             d["health"] = self.health.to_dict()
         if self.target is not None:
             d["target"] = self.target.to_dict()
+        if self.sparse is not None:
+            d["sparse"] = self.sparse.to_dict()
+        if self.execution is not None:
+            d["execution"] = self.execution
         return d
 
     def to_bytes(self) -> bytes:
@@ -347,6 +491,7 @@ class Manifest:
         known = {
             "schema", "name", "version", "created_at", "expires_at", "runtime", "model",
             "precision", "files", "inputs", "sample_input", "health", "target",
+            "sparse", "execution",
         }
         files = _require(d, "files", list, "manifest")
         inputs = d.get("inputs", [])
@@ -360,6 +505,9 @@ class Manifest:
             raise ManifestError("manifest: field 'precision' must be a string")
         if len(files) > _MAX_FILES:
             raise ManifestError(f"manifest lists {len(files)} files (limit {_MAX_FILES})")
+        execution = d.get("execution")
+        if execution is not None and not isinstance(execution, str):
+            raise ManifestError("manifest: field 'execution' must be a string")
         return cls(
             schema=_require(d, "schema", int, "manifest"),
             name=_require(d, "name", str, "manifest"),
@@ -374,6 +522,8 @@ class Manifest:
             sample_input=sample,
             health=HealthSpec.from_dict(d["health"]) if d.get("health") is not None else None,
             target=Target.from_dict(d["target"]) if d.get("target") is not None else None,
+            sparse=SparseSpec.from_dict(d["sparse"]) if d.get("sparse") is not None else None,
+            execution=execution,
             extra={k: v for k, v in d.items() if k not in known},
         )
 

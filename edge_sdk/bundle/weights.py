@@ -1,46 +1,58 @@
 """Decoder for packed weights: rebuild a runnable ONNX model from its transport form.
 
-Weight sharing (Deep Compression, Han et al. 2016) leaves each layer with a few distinct
+Weight sharing (Deep Compression, Han et al. 2016) leaves each tensor with a few distinct
 values. The host (``host_tools.compress.weight_sharing``) ships such a model as one
-*packed model* file: the ONNX model without its shared weights (the "skeleton"), and per
-shared tensor a codebook of its distinct values, one small index per value, and, for a
-sparse tensor, the positions of its nonzeros as gaps between them; each stream is
-compressed with LZMA, an entropy coder. This module turns that file back into ONNX model
-bytes that onnxruntime loads, on the device, with numpy and the standard library only
-(no ``onnx`` package): it writes each tensor as a ``TensorProto`` with ``raw_data`` and
-appends it to the skeleton's graph, at the protobuf wire level.
+*packed model* file: the ONNX model without its shared tensors (the "skeleton",
+LZMA-coded), and per shared tensor a codebook of its distinct values and, entropy coded,
+which of them sits where. This module turns that file back into ONNX model bytes that
+onnxruntime loads, on the device, with numpy and the standard library only (no ``onnx``
+package): it writes each tensor as a ``TensorProto`` with ``raw_data`` and appends it to
+the skeleton's graph, at the protobuf wire level.
 
-File layout (all integers little-endian)::
+File layout, format 2 (``V`` is an unsigned LEB128 varint, ``u8`` one byte)::
 
-    magic      8 bytes  b"EDGEWTS1"
-    header_len u32
-    header     JSON, header_len bytes (utf-8)
-    data       the streams, at offsets given in the header (relative to data start)
+    magic      7 bytes  b"EDGEWTS", then the format version, u8 = 2
+    skeleton   V decoded size, V coded length, the ONNX model without the shared
+               tensors as a raw LZMA2 stream (:data:`LZMA_FILTERS`)
+    tensors    V count, then per tensor:
+        name       V length, utf-8 bytes
+        data_type  V (1 float32 | 10 float16)
+        dims       V rank, V per dimension
+        codebook   u8 dtype (1 | 10), V entries k (1..256), k little-endian values
+        layout     u8 (0 dense: every value is a codebook index;
+                       1 sparse: zeros are implicit, V nonzero count follows)
+        coding     u8 (0 range: positions and indices range coded, see below;
+                       1 lzma: LZMA2 of the sparsity bitmask (sparse only) then one
+                       index byte per coded value)
+        stream     V coded length, the bytes
+    crc32      u32 little-endian, zlib CRC-32 of every byte before it
 
-Header::
+Range coding (``coding`` 0) is an adaptive binary arithmetic coder (the LZMA range coder
+with 16-bit probabilities whose leading zero byte is left out, and trailing zero bytes
+too: reading past the end yields zeros). Probabilities are Krichevsky-Trofimov counts.
+The tensor is seen as a matrix ``dims[0] x prod(dims[1:])`` in row-major order. A sparse
+tensor first codes, for every element, whether it is nonzero, with one adaptive context
+per column (a pruned input feature stays pruned across the rows); then every coded
+value's codebook index as ``ceil(log2 k)`` bits, most significant first, through a
+binary tree of adaptive contexts. Compared with LZMA on gaps between nonzeros, this
+is about a quarter smaller on pruned fully connected layers.
 
-    {"format": 1,
-     "skeleton": STREAM,
-     "tensors": [{"name": str, "data_type": 1 | 10, "dims": [int, ...],
-                  "codebook": STREAM, "bits": 1..8, "layout": "dense" | "sparse",
-                  "count": int,              # values coded (nonzeros when sparse)
-                  "indices": STREAM,
-                  "positions": STREAM | null, "position_coding": "gaps-u1" | "gaps-u2" | "gaps-u4" | "bitmask"}]}
-    STREAM = {"offset": int, "length": int, "codec": "raw" | "lzma", "size": int, "packing": "bits" | "bytes"}
-
-``size`` is the decoded length of a stream, so every decompression is bounded before it
-starts (a small file cannot expand without limit), and every count and index is checked
-against the tensor's shape.
+The CRC is checked first, so a damaged file is refused before anything is decoded (the
+bundle's signature is what makes it trustworthy; the CRC makes damage a clear error
+rather than wrong weights). Every size is checked before anything is decoded: the rebuilt model is charged to a
+budget (:class:`WeightsLimits`) as each tensor's dims are read, LZMA output is bounded by
+its declared size, and the range decoder does exactly as many steps as the dims and
+counts require, so a small file cannot expand without limit or run without end.
 """
 
 from __future__ import annotations
 
-import json
 import lzma
+import math
 import struct
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -51,23 +63,31 @@ __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
     "LZMA_FILTERS",
+    "CODING_RANGE",
+    "CODING_LZMA",
     "WeightsLimits",
     "is_packed_model",
     "unpack_model",
     "encode_varint",
     "tensor_proto_bytes",
+    "range_decode_tensor",
 ]
 
-MAGIC = b"EDGEWTS1"
-FORMAT_VERSION = 1
+MAGIC = b"EDGEWTS"
+"""The first bytes of every packed model; the format version byte follows."""
+FORMAT_VERSION = 2
 LZMA_FILTERS: tuple[Mapping[str, int], ...] = ({"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME},)
 """Raw LZMA2 streams (no container headers): both sides use exactly these filters."""
+CODING_RANGE, CODING_LZMA = 0, 1
+"""Values of a tensor's ``coding`` byte."""
+COUNT_LIMIT = 1 << 16
+"""Adaptive counts are halved when their sum passes this (the encoder does the same)."""
 
 _DTYPES = {1: np.dtype("<f4"), 10: np.dtype("<f2")}  # TensorProto.FLOAT, FLOAT16
-_GAP_DTYPES = {"gaps-u1": np.dtype("u1"), "gaps-u2": np.dtype("<u2"), "gaps-u4": np.dtype("<u4")}
 # ModelProto.graph = 7; GraphProto.initializer = 5;
 # TensorProto.dims = 1, .data_type = 2, .name = 8, .raw_data = 9.
 _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+_MAX_RANK = 8
 
 
 @dataclass(frozen=True)
@@ -76,8 +96,8 @@ class WeightsLimits:
 
     Attributes:
         max_model_bytes: the rebuilt ONNX model, in bytes.
-        max_header_bytes: the JSON header.
-        max_tensors: shared tensors listed in the header.
+        max_header_bytes: the names in the file, together (kept for the header of format 1).
+        max_tensors: shared tensors listed in the file.
     """
 
     max_model_bytes: int = 1 << 30
@@ -105,33 +125,39 @@ def unpack_model(data: bytes | memoryview, limits: WeightsLimits | None = None) 
         Serialized ONNX ``ModelProto`` that onnxruntime can load.
 
     Raises:
-        BundleFormatError: not a packed model, an unknown format version, a stream or
-            header out of bounds or corrupt, a count or index that does not fit its
-            tensor, or output beyond ``limits``; the message names the tensor.
+        BundleFormatError: not a packed model, an unknown format version, a field or
+            stream out of bounds or corrupt, a count or index that does not fit its
+            tensor, trailing bytes, or output beyond ``limits``; the message names the
+            tensor.
     """
     limits = limits or WeightsLimits()
     view = memoryview(data)
     if not is_packed_model(view):
         raise BundleFormatError("not a packed model (bad magic)")
-    if len(view) < len(MAGIC) + 4:
+    if len(view) <= len(MAGIC):
         raise BundleFormatError("packed model truncated in its header")
-    (header_len,) = struct.unpack_from("<I", view, len(MAGIC))
-    start = len(MAGIC) + 4
-    if header_len > limits.max_header_bytes or start + header_len > len(view):
-        raise BundleFormatError(f"packed model header of {header_len} bytes is too large or truncated")
-    try:
-        header = json.loads(bytes(view[start : start + header_len]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleFormatError(f"packed model header is not JSON: {exc}") from exc
-    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
-        raise BundleFormatError(f"unsupported packed model format {header.get('format') if isinstance(header, dict) else header!r}")
-    body = view[start + header_len :]
-    tensors = header.get("tensors")
-    if not isinstance(tensors, list) or len(tensors) > limits.max_tensors:
-        raise BundleFormatError("packed model header has no valid tensor list")
+    if len(view) < len(MAGIC) + 5:
+        raise BundleFormatError("packed model truncated in its header")
+    version = view[len(MAGIC)]
+    if version != FORMAT_VERSION:
+        shown = chr(version) if version == ord("1") else str(version)
+        raise BundleFormatError(f"unsupported packed model format {shown} (this decoder reads format {FORMAT_VERSION})")
+    (crc,) = struct.unpack_from("<I", view, len(view) - 4)
+    if zlib.crc32(view[:-4]) != crc:
+        raise BundleFormatError("packed model is damaged (CRC-32 mismatch)")
+    view = view[:-4]
+    reader = _Reader(view, len(MAGIC) + 1)
     budget = _Budget(limits.max_model_bytes)
-    skeleton = _stream(body, header.get("skeleton"), "skeleton", budget)
-    initializers = [_tensor(body, entry, budget) for entry in tensors]
+    skeleton_size = reader.varint("skeleton size")
+    budget.charge(skeleton_size, "skeleton")
+    skeleton = _lzma(reader.chunk("skeleton"), skeleton_size, "skeleton")
+    count = reader.varint("tensor count")
+    if count > limits.max_tensors:
+        raise BundleFormatError(f"packed model lists {count} tensors, more than the limit of {limits.max_tensors}")
+    names = _Budget(limits.max_header_bytes)
+    initializers = [_tensor(reader, budget, names) for _ in range(count)]
+    if reader.pos != len(view):
+        raise BundleFormatError(f"packed model has {len(view) - reader.pos} bytes after its last tensor")
     try:
         return _append_initializers(skeleton, initializers)
     except _Malformed as exc:
@@ -139,7 +165,7 @@ def unpack_model(data: bytes | memoryview, limits: WeightsLimits | None = None) 
 
 
 class _Budget:
-    """Output bytes left; every decoded stream and tensor is charged before it is made."""
+    """Bytes left; every decoded stream and tensor is charged before it is made."""
 
     def __init__(self, left: int) -> None:
         self.left = left
@@ -150,106 +176,180 @@ class _Budget:
         self.left -= size
 
 
-def _field(entry: Any, key: str, kind: type, what: str) -> Any:
-    value = entry.get(key) if isinstance(entry, dict) else None
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise BundleFormatError(f"{what}: field {key!r} missing or not {kind.__name__}")
-    return value
+class _Reader:
+    """Reads fields from the file, never past its end."""
+
+    def __init__(self, view: memoryview, pos: int) -> None:
+        self.view, self.pos = view, pos
+
+    def varint(self, what: str) -> int:
+        value, shift = 0, 0
+        while True:
+            if self.pos >= len(self.view) or shift > 63:
+                raise BundleFormatError(f"{what}: truncated or overlong varint")
+            byte = self.view[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    def byte(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def take(self, length: int, what: str) -> memoryview:
+        if length < 0 or self.pos + length > len(self.view):
+            raise BundleFormatError(f"{what}: {length} bytes wanted, the file ends first")
+        out = self.view[self.pos : self.pos + length]
+        self.pos += length
+        return out
+
+    def chunk(self, what: str) -> memoryview:
+        return self.take(self.varint(what), what)
 
 
-def _stream(body: memoryview, spec: Any, what: str, budget: _Budget) -> bytes:
-    offset, length = _field(spec, "offset", int, what), _field(spec, "length", int, what)
-    size, codec = _field(spec, "size", int, what), _field(spec, "codec", str, what)
-    if offset < 0 or length < 0 or offset + length > len(body):
-        raise BundleFormatError(f"{what}: stream [{offset}, +{length}) lies outside the file")
-    budget.charge(size, what)
-    raw = body[offset : offset + length]
-    if codec == "raw":
-        out = bytes(raw)
-    elif codec == "lzma":
-        decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
-        try:
-            out = decoder.decompress(bytes(raw), max_length=size + 1)
-        except lzma.LZMAError as exc:
-            raise BundleFormatError(f"{what}: corrupt LZMA stream ({exc})") from exc
-    else:
-        raise BundleFormatError(f"{what}: unknown codec {codec!r}")
+def _lzma(raw: memoryview | bytes, size: int, what: str) -> bytes:
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    try:
+        out = decoder.decompress(bytes(raw), max_length=size + 1)
+    except lzma.LZMAError as exc:
+        raise BundleFormatError(f"{what}: corrupt LZMA stream ({exc})") from exc
     if len(out) != size:
-        raise BundleFormatError(f"{what}: decoded {len(out)} bytes, header says {size}")
+        raise BundleFormatError(f"{what}: decoded {len(out)} bytes, expected {size}")
     return out
 
 
-def _tensor(body: memoryview, entry: Any, budget: _Budget) -> bytes:
-    name = _field(entry, "name", str, "tensor")
+def _tensor(reader: _Reader, budget: _Budget, names: _Budget) -> bytes:
+    name_bytes = reader.chunk("tensor name")
+    names.charge(len(name_bytes), "tensor names")
+    try:
+        name = bytes(name_bytes).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleFormatError("tensor name is not utf-8") from exc
     what = f"tensor {name!r}"
-    dtype = _DTYPES.get(_field(entry, "data_type", int, what))
+    data_type = reader.varint(what)
+    dtype = _DTYPES.get(data_type)
     if dtype is None:
-        raise BundleFormatError(f"{what}: unsupported data type {entry['data_type']}")
-    dims = _field(entry, "dims", list, what)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
-        raise BundleFormatError(f"{what}: dims must be non-negative integers")
-    size = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        raise BundleFormatError(f"{what}: unsupported data type {data_type}")
+    rank = reader.varint(what)
+    if rank > _MAX_RANK:
+        raise BundleFormatError(f"{what}: rank {rank} above {_MAX_RANK}")
+    dims = [reader.varint(what) for _ in range(rank)]
+    size = math.prod(dims)
     budget.charge(size * dtype.itemsize, what)
-    bits, count = _field(entry, "bits", int, what), _field(entry, "count", int, what)
-    layout = _field(entry, "layout", str, what)
-    if not 1 <= bits <= 8 or not 0 <= count <= size or layout not in ("dense", "sparse"):
-        raise BundleFormatError(f"{what}: bits {bits}, count {count} or layout {layout!r} out of range")
-    if layout == "dense" and count != size:
-        raise BundleFormatError(f"{what}: dense layout codes {count} of {size} values")
-    codebook = np.frombuffer(_stream(body, entry.get("codebook"), f"{what} codebook", budget), dtype=dtype)
-    if not 1 <= len(codebook) <= 1 << bits:
-        raise BundleFormatError(f"{what}: codebook of {len(codebook)} values does not fit {bits}-bit indices")
-    indices = _indices(_stream(body, entry.get("indices"), f"{what} indices", budget), entry["indices"], bits, count, what)
-    if count and int(indices.max()) >= len(codebook):
-        raise BundleFormatError(f"{what}: index {int(indices.max())} outside its codebook of {len(codebook)}")
-    values = codebook[indices]
-    if layout == "dense":
-        dense = values
+    book_dtype = _DTYPES.get(reader.byte(what))
+    k = reader.varint(what)
+    if book_dtype is None or not 1 <= k <= 256:
+        raise BundleFormatError(f"{what}: codebook type or size {k} out of range")
+    codebook = np.frombuffer(reader.take(k * book_dtype.itemsize, f"{what} codebook"), dtype=book_dtype).astype(dtype)
+    layout = reader.byte(what)
+    if layout not in (0, 1):
+        raise BundleFormatError(f"{what}: unknown layout {layout}")
+    count = size if layout == 0 else reader.varint(what)
+    if count > size:
+        raise BundleFormatError(f"{what}: {count} nonzeros in {size} values")
+    coding = reader.byte(what)
+    stream = reader.chunk(f"{what} stream")
+    if coding == CODING_RANGE:
+        mask, indices = range_decode_tensor(bytes(stream), dims, count, k, sparse=layout == 1, what=what)
+    elif coding == CODING_LZMA:
+        mask_bytes = -(-size // 8) if layout == 1 else 0
+        raw = _lzma(stream, mask_bytes + count, what)
+        indices = np.frombuffer(raw, dtype=np.uint8, offset=mask_bytes)
+        mask = None
+        if layout == 1:
+            mask = np.unpackbits(np.frombuffer(raw, np.uint8, mask_bytes), count=size, bitorder="little").astype(bool)
+            if int(np.count_nonzero(mask)) != count:
+                raise BundleFormatError(f"{what}: bitmask marks {int(np.count_nonzero(mask))} values, not {count}")
     else:
-        positions = _positions(body, entry, size, count, what, budget)
-        dense = np.zeros(size, dtype=dtype)
-        dense[positions] = values
-    return tensor_proto_bytes(name, entry["data_type"], dims, dense.astype(dtype, copy=False).tobytes())
+        raise BundleFormatError(f"{what}: unknown coding {coding}")
+    if count and int(indices.max()) >= k:
+        raise BundleFormatError(f"{what}: index {int(indices.max())} outside its codebook of {k}")
+    if mask is None:
+        values = codebook[indices]
+    else:
+        values = np.zeros(size, dtype=dtype)
+        values[mask] = codebook[indices]
+    return tensor_proto_bytes(name, data_type, dims, values.astype(dtype, copy=False).tobytes())
 
 
-def _indices(raw: bytes, spec: Mapping[str, Any], bits: int, count: int, what: str) -> np.ndarray:
-    packing = spec.get("packing", "bytes")
-    if packing == "bytes":
-        if len(raw) != count:
-            raise BundleFormatError(f"{what}: {len(raw)} index bytes for {count} values")
-        return np.frombuffer(raw, dtype=np.uint8)
-    if packing != "bits":
-        raise BundleFormatError(f"{what}: unknown index packing {packing!r}")
-    if len(raw) != -(-count * bits // 8):
-        raise BundleFormatError(f"{what}: {len(raw)} index bytes for {count} {bits}-bit values")
-    unpacked = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=count * bits, bitorder="little")
-    weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
-    return (unpacked.reshape(count, bits).astype(np.uint16) @ weights).astype(np.uint16)
+class _RangeDecoder:
+    """The LZMA range decoder with adaptive Krichevsky-Trofimov counts as probabilities."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 4
+        self.code = int.from_bytes(data[:4].ljust(4, b"\0"), "big")
+        self.range = 0xFFFFFFFF
+
+    def bit(self, zeros: list[int], ones: list[int], ctx: int) -> int:
+        """Decode one bit in context ``ctx`` and update its counts (kept doubled: +2 per bit)."""
+        a, b = zeros[ctx], ones[ctx]
+        bound = (self.range >> 16) * max(1, min(0xFFFF, (a << 16) // (a + b)))
+        if self.code < bound:
+            self.range = bound
+            a, bit = a + 2, 0
+        else:
+            self.code -= bound
+            self.range -= bound
+            b, bit = b + 2, 1
+        if a + b > COUNT_LIMIT:
+            a, b = (a + 1) >> 1, (b + 1) >> 1
+        zeros[ctx], ones[ctx] = a, b
+        while self.range < 0x1000000:
+            self.range = self.range << 8
+            byte = self.data[self.pos] if self.pos < len(self.data) else 0
+            self.code = ((self.code << 8) | byte) & 0xFFFFFFFF
+            self.pos += 1
+        return bit
 
 
-def _positions(body: memoryview, entry: Mapping[str, Any], size: int, count: int, what: str, budget: _Budget) -> np.ndarray:
-    coding = entry.get("position_coding")
-    raw = _stream(body, entry.get("positions"), f"{what} positions", budget)
-    if coding == "bitmask":
-        if len(raw) != -(-size // 8):
-            raise BundleFormatError(f"{what}: bitmask of {len(raw)} bytes for {size} values")
-        mask = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=size, bitorder="little").astype(bool)
-        positions = np.flatnonzero(mask)
-        if len(positions) != count:
-            raise BundleFormatError(f"{what}: bitmask marks {len(positions)} values, header says {count}")
-        return positions
-    gap_dtype = _GAP_DTYPES.get(coding) if isinstance(coding, str) else None
-    if gap_dtype is None:
-        raise BundleFormatError(f"{what}: unknown position coding {coding!r}")
-    if len(raw) != count * gap_dtype.itemsize:
-        raise BundleFormatError(f"{what}: {len(raw)} position bytes for {count} gaps")
-    gaps = np.frombuffer(raw, dtype=gap_dtype).astype(np.int64)
-    if count and np.any(gaps[1:] < 1):
-        raise BundleFormatError(f"{what}: positions are not strictly increasing")
-    positions = np.cumsum(gaps)
-    if count and (positions[0] < 0 or positions[-1] >= size):
-        raise BundleFormatError(f"{what}: a position lies outside the tensor's {size} values")
-    return positions
+def range_decode_tensor(
+    stream: bytes, dims: list[int], count: int, k: int, *, sparse: bool, what: str = "tensor"
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Decode one range-coded tensor stream (format 2, ``coding`` 0).
+
+    The work is fixed by ``dims``, ``count`` and ``k`` (one step per element for the
+    mask, ``ceil(log2 k)`` per value), whatever the stream holds.
+
+    Args:
+        stream: the coded bytes.
+        dims: the tensor's shape.
+        count: coded values (nonzeros when ``sparse``).
+        k: codebook entries, 1..256.
+        sparse: whether a nonzero mask precedes the indices.
+        what: names the tensor in errors.
+
+    Returns:
+        ``(mask, indices)``: the flat boolean nonzero mask (``None`` when dense) and the
+        ``count`` codebook indices in order.
+
+    Raises:
+        BundleFormatError: the mask does not mark exactly ``count`` values.
+    """
+    size = math.prod(dims)
+    columns = max(1, size // dims[0]) if dims and dims[0] else 1
+    decoder = _RangeDecoder(stream)
+    mask = None
+    if sparse:
+        zeros, ones = [1] * columns, [1] * columns
+        bits = bytearray(size)
+        bit = decoder.bit
+        for i in range(size):
+            bits[i] = bit(zeros, ones, i % columns)
+        mask = np.frombuffer(bytes(bits), dtype=np.uint8).astype(bool)
+        found = int(np.count_nonzero(mask))
+        if found != count:
+            raise BundleFormatError(f"{what}: the coded mask marks {found} values, not {count}")
+    width = max(1, (k - 1).bit_length())
+    zeros, ones = [1] * (1 << width), [1] * (1 << width)
+    indices = np.zeros(count, dtype=np.uint16)
+    bit = decoder.bit
+    for n in range(count):
+        node = 1
+        for _ in range(width):
+            node = node << 1 | bit(zeros, ones, node)
+        indices[n] = node - (1 << width)
+    return mask, indices
 
 
 def encode_varint(value: int) -> bytes:

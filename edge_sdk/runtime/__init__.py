@@ -1,7 +1,7 @@
 """Run models on this machine: one session protocol over onnxruntime and LiteRT.
 
 ``open_session`` is the one way in, for a model file or a serialized model in
-memory; nothing else in the repository opens an onnxruntime or LiteRT session.
+memory (``open_sparse_session`` for a sparse graph and its CSR weights); nothing else in the repository opens an onnxruntime or LiteRT session.
 It picks the backend by name, converts every runtime failure into an
 :class:`~edge_sdk.errors.ModelError`, and gives back an :class:`InferenceSession`
 whose inputs and outputs are described by plain :class:`TensorSpec` values.
@@ -40,12 +40,17 @@ __all__ = [
     "TensorSpec",
     "available_runtimes",
     "open_session",
+    "open_sparse_session",
     "preload",
     "sample_feeds",
 ]
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import numpy as np
+
+    from edge_sdk.runtime._sparse import CsrLike
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +117,34 @@ def open_session(
         f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}",
         runtime=runtime,
     )
+
+
+def open_sparse_session(
+    model: ModelLike, weights: Mapping[str, CsrLike], options: SessionOptions = SessionOptions()
+) -> InferenceSession:
+    """Load a sparse graph with onnxruntime and bind its CSR weights (sparse execution).
+
+    The graph's weight-sparse layers are ``com.microsoft.SparseToDenseMatMul`` nodes fed
+    by ``sparse_tensor`` graph inputs (``host_tools.compress.sparse_pack`` writes such
+    graphs); the session binds ``weights`` to those inputs on every run, so callers feed
+    only the model's own inputs. See :mod:`edge_sdk.runtime._sparse`.
+
+    Args:
+        model: the sparse graph's file or bytes.
+        weights: input name -> CSR matrix (``shape``, ``indptr``, ``indices``, ``values``).
+        options: threads and providers.
+
+    Returns:
+        An open session; its ``inputs()`` leave out the bound weights.
+
+    Raises:
+        ConfigError: ``model`` is neither a path nor bytes, or a provider is unavailable.
+        RuntimeUnavailableError: onnxruntime is missing or lacks the sparse tensor API.
+        ModelLoadError: the graph is refused, or the weights do not match its sparse inputs.
+    """
+    from edge_sdk.runtime._sparse import open_sparse
+
+    return open_sparse(ModelSource.of(model), weights, options)
 
 
 def preload(runtime: str) -> None:

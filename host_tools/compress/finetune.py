@@ -28,7 +28,7 @@ from .data import Dataset
 from .passes import PassContext, PassResult
 from .torch_bridge import graph_module, require_torch
 
-__all__ = ["TrainingOptions", "FineTune", "finetune_module", "train_module", "zero_masks"]
+__all__ = ["TrainingOptions", "FineTune", "finetune_module", "train_module", "zero_masks", "codebook_ties"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,11 @@ class FineTune:
         options: epochs, learning rate, batch size.
         keep_zeros: keep every weight (rank >= 2) that is exactly zero at zero, so pruned
             connections stay pruned. Turn off only to fine-tune a dense model.
+        share_codebooks: after :class:`~host_tools.compress.weight_sharing.WeightSharing`,
+            train the shared values instead of the weights (Deep Compression's centroid
+            fine-tuning): every tensor with at most 256 distinct nonzero values keeps its
+            clusters, and each cluster's value moves by the sum of its members' gradients.
+            Values that were float16 before stay float16 (rounded once, at the end).
 
     Raises:
         ConfigError: from :class:`TrainingOptions`.
@@ -85,6 +90,7 @@ class FineTune:
 
     options: TrainingOptions = TrainingOptions()
     keep_zeros: bool = True
+    share_codebooks: bool = False
 
     @property
     def name(self) -> str:
@@ -111,13 +117,15 @@ class FineTune:
         if data is None or data.y is None:
             raise CompressionError("fine-tuning needs labelled training data (x and y); none was given")
         module = graph_module(model)
-        masks = zero_masks(module) if self.keep_zeros else {}
+        ties = codebook_ties(module) if self.share_codebooks else {}
+        masks = {k: v for k, v in zero_masks(module).items() if k not in ties} if self.keep_zeros else {}
         stats = train_module(
-            module, data, self.options, seed=ctx.seed, masks=masks,
+            module, data, self.options, seed=ctx.seed, masks=masks, ties=ties,
             progress=lambda done, total: ctx.report(self.name, "train", done, total),
         )
         tuned = module.to_onnx()
-        return PassResult(tuned, changed=self.options.epochs > 0, notes={**stats, "masked_weights": len(masks)})
+        notes = {**stats, "masked_weights": len(masks), "tied_parameters": sorted(ties)}
+        return PassResult(tuned, changed=self.options.epochs > 0, notes=notes)
 
 
 def finetune_module(module: Any, data: Dataset, options: TrainingOptions = TrainingOptions(), *, seed: int = 0) -> dict[str, Any]:
@@ -157,6 +165,66 @@ def zero_masks(module: Any) -> dict[str, Any]:
     }
 
 
+def codebook_ties(module: Any, max_codebook: int = 256) -> dict[str, Any]:
+    """Cluster assignments of the parameters that hold few distinct values (shared weights).
+
+    Args:
+        module: a torch module.
+        max_codebook: most distinct nonzero values a tied parameter has.
+
+    Returns:
+        Parameter name -> int64 tensor of its shape: each element's cluster (the index
+        of its value among the parameter's distinct nonzero values), -1 where it is zero.
+        Only parameters whose values repeat (fewer clusters than nonzeros) are included.
+    """
+    torch = require_torch("codebook fine-tuning")
+    ties = {}
+    for name, param in module.named_parameters():
+        values = param.detach()
+        nonzero = values != 0
+        count = int(nonzero.sum())
+        if not count:
+            continue
+        centres, inverse = torch.unique(values[nonzero], return_inverse=True)
+        if len(centres) <= max_codebook and len(centres) < count:
+            assignment = torch.full(values.shape, -1, dtype=torch.int64)
+            assignment[nonzero] = inverse
+            ties[name] = assignment
+    return ties
+
+
+class _Tied:
+    """One shared tensor during training: gradients summed per cluster, members kept equal."""
+
+    def __init__(self, torch: Any, param: Any, assignment: Any) -> None:
+        self.param = param
+        self.flat = assignment.reshape(-1)
+        self.valid = self.flat >= 0
+        self.index = self.flat.clamp(min=0)
+        self.k = int(self.flat.max()) + 1
+        first = torch.full((self.k,), len(self.flat), dtype=torch.int64)
+        positions = torch.arange(len(self.flat))
+        self.first = first.scatter_reduce(0, self.index[self.valid], positions[self.valid], reduce="amin")
+        centres = param.detach().reshape(-1)[self.first].numpy()
+        self.float16 = bool(np.array_equal(centres.astype(np.float16).astype(centres.dtype), centres))
+        self.torch = torch
+
+    def tie_gradient(self) -> None:
+        grad = self.param.grad
+        if grad is None:
+            return
+        flat = grad.reshape(-1)
+        sums = self.torch.zeros(self.k, dtype=flat.dtype).index_add_(0, self.index[self.valid], flat[self.valid])
+        self.param.grad = (sums[self.index] * self.valid).reshape(grad.shape)
+
+    def snap(self, *, float16: bool = False) -> None:
+        with self.torch.no_grad():
+            centres = self.param.reshape(-1)[self.first]
+            if float16:
+                centres = centres.half().to(self.param.dtype)
+            self.param.copy_((centres[self.index] * self.valid).reshape(self.param.shape))
+
+
 def train_module(
     module: Any,
     data: Dataset,
@@ -164,6 +232,7 @@ def train_module(
     *,
     seed: int = 0,
     masks: dict[str, Any] | None = None,
+    ties: dict[str, Any] | None = None,
     loss: LossFn | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -175,6 +244,8 @@ def train_module(
         options: epochs, learning rate, batch size.
         seed: seeds torch and the shuffling.
         masks: parameter name -> mask; masked entries are held at zero after each step.
+        ties: parameter name -> cluster assignment (from :func:`codebook_ties`); each
+            cluster is trained as one value, by the sum of its members' gradients.
         loss: ``loss(logits, rows)`` with ``rows`` the batch's indices into ``data``;
             cross-entropy on ``data.y`` when omitted.
         progress: called with ``(epoch done, epochs)``.
@@ -203,9 +274,10 @@ def train_module(
 
     masks = dict(masks or {})
     params = dict(module.named_parameters())
-    unknown = sorted(set(masks) - set(params))
+    unknown = sorted((set(masks) | set(ties or {})) - set(params))
     if unknown:
         raise ConfigError(f"masks name parameters the module does not have: {unknown}")
+    tied = [_Tied(torch, params[name], assignment) for name, assignment in (ties or {}).items()]
     optimizer = torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad], lr=options.learning_rate, weight_decay=options.weight_decay
     )
@@ -232,7 +304,11 @@ def train_module(
             optimizer.zero_grad()
             value = loss(_forward(module, x[rows]), rows)
             value.backward()
+            for tie in tied:
+                tie.tie_gradient()
             optimizer.step()
+            for tie in tied:
+                tie.snap()
             scheduler.step()
             if masks:
                 with torch.no_grad():
@@ -240,6 +316,8 @@ def train_module(
                         params[name].mul_(mask)
         if progress is not None:
             progress(epoch + 1, options.epochs)
+    for tie in tied:
+        tie.snap(float16=tie.float16)
     after, accuracy = evaluate()
     module.eval()
     logger.info("trained %d epochs: loss %.4f -> %.4f, train accuracy %s", options.epochs, before, after, accuracy)

@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import io
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -582,10 +583,17 @@ def _prepare(model: onnx.ModelProto, work: Path, preprocess: bool) -> Path:
     # Symbolic shape inference helps transformer graphs and needs sympy, which the
     # host extra does not install; plain ONNX shape inference covers MLPs and CNNs.
     symbolic = importlib.util.find_spec("sympy") is not None
+    # When symbolic shape inference gives up, onnxruntime saves its partial model as
+    # "sym_shape_infer_temp.onnx" plus an external-data file in the *current* directory;
+    # running from the private work directory keeps that litter out of the user's.
+    cwd = os.getcwd()
     try:
+        os.chdir(work)
         quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=not symbolic)
     except Exception as exc:  # onnxruntime's optimizer and shape inference raise many types
         raise CompressionError(f"onnxruntime quantization pre-processing failed: {exc}") from exc
+    finally:
+        os.chdir(cwd)
     return prepared
 
 

@@ -121,3 +121,28 @@ def test_missing_torch_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(RuntimeUnavailableError, match=r"pip install 'edge-sdk\[train\]'"):
         FineTune().run(mlp(), PassContext(training=hc.Dataset(np.zeros((2, 12), np.float32), np.zeros(2, np.int64))))
+
+
+def test_codebook_finetuning_keeps_clusters_and_moves_centroids(split: hc.DigitsSplit) -> None:
+    model = hc.model_from_bytes(hc.train_digits_mlp(split, hidden=(64, 32), seed=0, max_iter=30))
+    steps = [MagnitudePruning(0.8), hc.WeightSharing(bits=3, min_params=256, bias_bits=3, float16_codebook=True)]
+    shared = hc.compress(model, steps, measure=hc.MeasureOptions(latency=False)).model_bytes
+    before = weights(hc.model_from_bytes(shared))
+    step = FineTune(TrainingOptions(epochs=3, learning_rate=1e-2, threads=1), share_codebooks=True)
+    result = step.run(hc.model_from_bytes(shared), PassContext(training=split.train))
+    after = weights(result.model)
+    assert result.notes["tied_parameters"]
+    moved = 0
+    for name, old in before.items():
+        if len(np.unique(old[old != 0])) >= np.count_nonzero(old):
+            continue  # not shared: trained freely
+        new = after[name]
+        assert np.array_equal(new == 0, old == 0), "zeros stay zero"
+        # same clusters: equal values stay equal, and still at most 8 distinct, float16-exact
+        _, old_ids = np.unique(old, return_inverse=True)
+        _, new_ids = np.unique(new, return_inverse=True)
+        assert len(np.unique(np.stack([old_ids.ravel(), new_ids.ravel()]), axis=1)[0]) == len(np.unique(old))
+        assert len(np.unique(new)) <= len(np.unique(old))
+        assert np.array_equal(new.astype(np.float16).astype(np.float32), new)
+        moved += int(not np.array_equal(new, old))
+    assert moved

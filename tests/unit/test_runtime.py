@@ -95,6 +95,7 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
             "TensorSpec",
             "available_runtimes",
             "open_session",
+            "open_sparse_session",
             "preload",
                 "sample_feeds",
         ]

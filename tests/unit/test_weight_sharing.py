@@ -12,10 +12,17 @@ import pytest
 from onnx import numpy_helper
 
 import host_tools.compress as hc
-from edge_sdk.bundle.weights import MAGIC, WeightsLimits, is_packed_model, tensor_proto_bytes, unpack_model
+from edge_sdk.bundle.weights import (
+    MAGIC,
+    WeightsLimits,
+    is_packed_model,
+    range_decode_tensor,
+    tensor_proto_bytes,
+    unpack_model,
+)
 from edge_sdk.errors import BundleFormatError, CompressionError, ConfigError
 from host_tools.compress import MeasureOptions, WeightSharing, pack_model
-from host_tools.compress.weight_sharing import kmeans_1d
+from host_tools.compress.weight_sharing import kmeans_1d, range_encode_tensor
 
 FAST = MeasureOptions(latency=False)
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,3 +145,78 @@ def test_weight_sharing_errors() -> None:
     )  # fmt: skip
     with pytest.raises(CompressionError, match="no float weight tensor"):
         hc.compress(tiny, [WeightSharing()], measure=FAST)
+
+
+def _decode_tensors(data: bytes) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load_model_from_string(unpack_model(data)).graph.initializer}
+
+
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 1.0])
+@pytest.mark.parametrize("k", [1, 2, 5, 16, 256])
+def test_range_coder_round_trips(density: float, k: int) -> None:
+    rng = np.random.default_rng(k)
+    dims = [37, 23]
+    mask = rng.random(37 * 23) < density
+    indices = rng.integers(0, k, int(mask.sum())).astype(np.uint8)
+    stream = range_encode_tensor(dims, mask, indices, k)
+    got_mask, got = range_decode_tensor(stream, dims, int(mask.sum()), k, sparse=True)
+    assert np.array_equal(got_mask, mask) and np.array_equal(got, indices)
+    dense = rng.integers(0, k, 50).astype(np.uint8)
+    assert np.array_equal(range_decode_tensor(range_encode_tensor([50], None, dense, k), [50], 50, k, sparse=False)[1], dense)
+
+
+def test_range_coding_beats_lzma_on_a_pruned_layer() -> None:
+    rng = np.random.default_rng(0)
+    mask = rng.random(300 * 64) < 0.05
+    indices = rng.integers(0, 16, int(mask.sum())).astype(np.uint8)
+    coded = range_encode_tensor([300, 64], mask, indices, 16)
+    import lzma
+
+    from edge_sdk.bundle.weights import LZMA_FILTERS
+
+    lz = lzma.compress(np.packbits(mask).tobytes() + indices.tobytes(), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    assert len(coded) < 0.85 * len(lz)
+
+
+def test_biases_and_per_layer_bits_are_shared_and_packed(mlp: bytes) -> None:
+    model = _pruned(mlp, 0.9)
+    names = [i.name for i in model.graph.initializer]
+    step = WeightSharing(bits=4, min_params=256, bias_bits=3, layer_bits={"fc1.weight": 2}, float16_codebook=True)
+    shared = onnx.load_model_from_string(hc.compress(model, [step], measure=FAST).model_bytes)
+    values = {i.name: numpy_helper.to_array(i) for i in shared.graph.initializer}
+    assert len(np.unique(values["fc1.weight"][values["fc1.weight"] != 0])) <= 4
+    assert len(np.unique(values["fc0.bias"])) <= 8
+    packed = pack_model(shared)
+    assert set(packed.shared_tensors) == {n for n in names if values[n].size >= 16}
+    assert all(t["codebook"] <= 2 + 2 * t["codebook_size"] for t in packed.breakdown["tensors"].values()), "float16 codebooks"
+    got = _decode_tensors(packed.data)
+    for name, array in values.items():
+        assert np.array_equal(got[name], array)
+    with pytest.raises(ConfigError):
+        WeightSharing(layer_bits={"fc0.weight": 0})
+    with pytest.raises(CompressionError, match="unknown"):
+        hc.compress(model, [WeightSharing(layer_bits={"nope": 3})], measure=FAST)
+
+
+def test_packed_file_refuses_old_format_trailing_bytes_and_huge_dims(mlp: bytes) -> None:
+    import struct
+    import zlib
+
+    data = pack_model(_pruned(mlp, 0.9)).data
+    with pytest.raises(BundleFormatError, match="format 1"):
+        unpack_model(b"EDGEWTS1" + struct.pack("<I", 2) + b"{}")
+
+    def sealed(body: bytes) -> bytes:
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    with pytest.raises(BundleFormatError, match="after its last tensor"):
+        unpack_model(sealed(data[:-4] + b"\0"))
+    # a skeleton, then one tensor claiming 2**40 x 2**40 values: refused before decoding
+    from edge_sdk.bundle.weights import encode_varint
+
+    skeleton_end = len(MAGIC) + 1
+    hostile = bytearray(data[:skeleton_end])
+    hostile += encode_varint(0) + encode_varint(0) + encode_varint(1)
+    hostile += encode_varint(1) + b"w" + encode_varint(1) + encode_varint(2) + encode_varint(1 << 40) * 2
+    with pytest.raises(BundleFormatError, match="limit"):
+        unpack_model(sealed(bytes(hostile)))

@@ -1,0 +1,205 @@
+"""Sparse execution against onnxruntime dense, in the same run, on an FC-heavy model.
+
+Run:  .venv/bin/python benchmarks/sparse.py [--quick]
+
+Model: x[batch, N] -> MatMul N x N + bias -> Relu -> MatMul N x N + bias (N = 4096; 1024
+with --quick), unstructured magnitude-style pruning (random positions) to 50/80/90/95%.
+Every model goes through the real host split (``host_tools.compress.sparse_pack``) and
+the device's decoder and openers (``device_agent.selection``), one intra-op thread.
+
+Three tables:
+
+1. latency, dense (the original pruned model in onnxruntime) against sparse (the sparse
+   graph: onnxruntime ``SparseToDenseMatMul`` with bound CSR weights), batch 1 and 8;
+   scipy CSR on the same two layers is shown as a reference (candidate (c) of the
+   evaluation in ``docs/benchmarks.md``), not as an execution the agent uses;
+2. the agent's automatic choice against the best single option: the choice is made
+   with the agent's own measurement (``select_execution`` at batch 1, its ``_measure``
+   at batch 8), then both executions are timed again, interleaved, and the chosen one's
+   median is divided by the best median;
+3. structured pruning (hidden width cut to keep the same parameter count, run dense)
+   beside unstructured pruning (run the best way) at 90% and 95%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._report import add_common_args, print_table, write_results  # noqa: E402
+from device_agent.selection import _measure, choose, execution_opener, select_execution  # noqa: E402
+from edge_sdk.bundle import FileEntry, Manifest, file_sha256  # noqa: E402
+from edge_sdk.protocol import BenchmarkSpec  # noqa: E402
+from edge_sdk.runtime import SessionOptions, open_session  # noqa: E402
+from host_tools.compress.sparse_pack import sparsify, write_sparse_files  # noqa: E402
+
+SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+BATCHES = (1, 8)
+ONE_THREAD = SessionOptions(threads=1)
+
+
+def fc_model(rng: np.random.Generator, dims: list[int], sparsity: float) -> onnx.ModelProto:
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
+        if sparsity:
+            w[rng.random((a, b)) < sparsity] = 0.0
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(np.zeros(b, np.float32), f"B{i}")]
+        last = i == len(dims) - 2
+        nodes += [
+            helper.make_node("MatMul", [prev, f"W{i}"], [f"m{i}"], name=f"fc{i}"),
+            helper.make_node("Add", [f"m{i}", f"B{i}"], ["y" if last else f"z{i}"]),
+        ]
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"z{i}"], [f"h{i}"]))
+            prev = f"h{i}"
+    graph = helper.make_graph(
+        nodes, "fc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dims[-1]])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def bundle_dir(model: onnx.ModelProto, d: Path) -> Manifest:
+    pack = sparsify(model, min_sparsity=0.3)
+    model_path, files, spec = write_sparse_files(pack, d, "m")
+    np.savez(d / "sample.npz", x=np.random.default_rng(1).standard_normal((1, model.graph.input[0].type.tensor_type.shape.dim[1].dim_value)).astype(np.float32))
+    entries = [FileEntry(p.name, *reversed(file_sha256(p))) for p in (model_path, *files.values(), d / "sample.npz")]
+    return Manifest("fc", 1, 0.0, 1e12, "onnxruntime", model_path.name, tuple(entries), sample_input="sample.npz", sparse=spec)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], runs: int, rounds: int = 5) -> dict[str, float]:
+    """Median ms of each function, timed in alternating rounds."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(max(1, runs // rounds)):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def scipy_chain(weights: dict, manifest: Manifest) -> Callable[[np.ndarray], np.ndarray]:
+    import scipy.sparse as sp
+
+    mats = [sp.csr_matrix((weights[l.tensor].values, weights[l.tensor].indices, weights[l.tensor].indptr), shape=weights[l.tensor].shape) for l in manifest.sparse.layers]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        h = np.ascontiguousarray(x.T)
+        for i, m in enumerate(mats):
+            h = m @ h
+            if i < len(mats) - 1:
+                np.maximum(h, 0, out=h)
+        return h.T
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    args = parser.parse_args()
+    n = 1024 if args.quick else 4096
+    runs = 20 if args.quick else 60
+    spec = BenchmarkSpec(runs=30 if not args.quick else 12, warmup=3)
+    rng = np.random.default_rng(0)
+    latency_rows, choice_rows, results = [], [], {"n": n, "layers": 2, "latency": [], "choice": [], "structured": []}
+    best_unstructured: dict[tuple[float, int], float] = {}
+    t_start = time.perf_counter()
+    for sparsity in SPARSITIES:
+        model = fc_model(rng, [n, n, n], sparsity)
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            manifest = bundle_dir(model, d)
+            from edge_sdk.bundle.sparse import decode_sparse_weights
+
+            weights = decode_sparse_weights((d / manifest.sparse.weights).read_bytes())
+            original = open_session(model.SerializeToString(), "onnxruntime", ONE_THREAD)
+            dense = execution_opener(d, manifest, "dense")(ONE_THREAD)
+            sparse = execution_opener(d, manifest, "sparse")(ONE_THREAD)
+            ref = scipy_chain(weights, manifest)
+            csr_bytes = (d / manifest.sparse.weights).stat().st_size
+            for batch in BATCHES:
+                x = np.random.default_rng(batch).standard_normal((batch, n)).astype(np.float32)
+                want = original.run({"x": x})[0]
+                np.testing.assert_allclose(sparse.run({"x": x})[0], want, rtol=1e-3, atol=1e-3)
+                np.testing.assert_allclose(ref(x), want, rtol=1e-3, atol=1e-3)
+                # The agent's choice, with its own measurement.
+                if batch == 1:
+                    choice, _ = select_execution(d, manifest, spec, "auto", d / "sample.npz")
+                    chosen, reason = choice.chosen, choice.reason
+                else:
+                    timings = _measure({"dense": dense, "sparse": sparse}, None, spec, lambda s, p, x=x: {"x": x})
+                    chosen, reason = choose(timings)
+                t = interleaved(
+                    {
+                        "original": lambda: original.run({"x": x}),
+                        "dense": lambda: dense.run({"x": x}),
+                        "sparse": lambda: sparse.run({"x": x}),
+                        "scipy": lambda: ref(x),
+                    },
+                    runs,
+                )
+                best = min(t["dense"], t["sparse"])
+                best_unstructured[(sparsity, batch)] = best
+                row = {
+                    "sparsity": sparsity, "batch": batch, "dense_ms": t["original"], "sparse_ms": t["sparse"],
+                    "ratio": t["original"] / t["sparse"], "scipy_ms": t["scipy"], "scipy_ratio": t["original"] / t["scipy"],
+                    "rebuilt_dense_ms": t["dense"], "csr_bytes": csr_bytes, "dense_bytes": 2 * n * n * 4,
+                }
+                results["latency"].append(row)
+                latency_rows.append([
+                    f"{sparsity:.0%}", batch, f"{t['original']:.3f}", f"{t['sparse']:.3f}", f"{row['ratio']:.2f}x",
+                    f"{t['scipy']:.3f}", f"{row['scipy_ratio']:.2f}x", f"{csr_bytes / (2 * n * n * 4):.3f}",
+                ])
+                crow = {
+                    "sparsity": sparsity, "batch": batch, "chosen": chosen, "reason": reason,
+                    "chosen_ms": t[chosen], "best_ms": best, "ratio": t[chosen] / best,
+                }
+                results["choice"].append(crow)
+                choice_rows.append([f"{sparsity:.0%}", batch, f"{t['dense']:.3f}", f"{t['sparse']:.3f}", chosen, f"{crow['ratio']:.3f}", "yes" if crow["ratio"] <= 1.05 else "NO"])
+            for s in (original, dense, sparse):
+                s.close()
+        print(f"# {sparsity:.0%} done after {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
+
+    print(f"\nFC model x -> {n}x{n} -> relu -> {n}x{n}, unstructured sparsity; onnxruntime 1 thread; median ms")
+    print_table(["sparsity", "batch", "ORT dense", "ORT sparse", "dense/sparse", "scipy CSR", "dense/scipy", "CSR/dense bytes"], latency_rows)
+    print("\nAutomatic choice (agent's measurement) against the best single option (re-measured)")
+    print_table(["sparsity", "batch", "dense", "sparse", "chosen", "chosen/best", "<= 1.05"], choice_rows)
+
+    structured_rows = []
+    for sparsity in (0.9, 0.95):
+        h = int(round(n * (1 - sparsity)))
+        model = fc_model(rng, [n, h, n], 0.0)
+        session = open_session(model.SerializeToString(), "onnxruntime", ONE_THREAD)
+        for batch in BATCHES:
+            x = np.random.default_rng(batch).standard_normal((batch, n)).astype(np.float32)
+            t = interleaved({"structured": lambda: session.run({"x": x})}, runs)["structured"]
+            u = best_unstructured[(sparsity, batch)]
+            results["structured"].append({"sparsity": sparsity, "hidden": h, "batch": batch, "structured_ms": t, "unstructured_best_ms": u})
+            structured_rows.append([f"{1 - sparsity:.0%}", f"{n}->{h}->{n}", batch, f"{t:.3f}", f"{u:.3f}", f"{u / t:.2f}x"])
+        session.close()
+    print(f"\nStructured (channels removed, dense) vs unstructured (best execution) at equal parameter count")
+    print_table(["params kept", "structured shape", "batch", "structured ms", "unstructured ms", "structured speed-up"], structured_rows)
+    path = write_results("sparse", results, args.json_out)
+    print(f"\nwrote {path} in {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

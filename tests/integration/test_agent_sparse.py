@@ -1,0 +1,70 @@
+"""A pruned model deployed as a sparse bundle through a real agent: it measures, chooses, reports.
+
+`edgectl pack --sparse` ships the pruned layers as CSR; the agent times the dense and the
+sparse executions on its own CPU, activates the faster, keeps the choice in the slot and
+reports every timing. Which one wins is not asserted (it depends on the machine); that
+the choice is the minimum of what was reported, and that pins are obeyed, is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from sparse_models import mlp
+
+pytestmark = pytest.mark.integration
+
+
+def _model(tmp_path: Path) -> tuple[Path, Path]:
+    path = tmp_path / "pruned.onnx"
+    onnx.save(mlp([256, 512, 10], 0.9), path)
+    sample = tmp_path / "pruned.npz"
+    np.savez(sample, x=np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32))
+    return path, sample
+
+
+def _pack(host, model: Path, sample: Path, out: Path, version: int, *extra: str) -> Path:
+    r = host.run("pack", str(model), "-o", str(out), "--name", "pruned", "--version", str(version), "--sample", str(sample), "--sparse", *extra)
+    assert r.code == 0, r.stderr
+    return out
+
+
+def _deploy(host, bundle: Path, url: str, device: str) -> dict:
+    r = host.run("deploy", str(bundle), "--device", device, "--broker", url, "--runs", "30", "--warmup", "3", "--json")
+    assert r.code == 0, r.stderr
+    return r.json()["metrics"]
+
+
+def test_sparse_bundle_is_measured_chosen_persisted_and_pinnable(host, mosquitto, start_agent, tmp_path):
+    model, sample = _model(tmp_path)
+    v1 = _pack(host, model, sample, tmp_path / "v1.edge", 1)
+    manifest = json.loads(host.run("verify", str(v1), "--json").stdout)["manifest"]
+    assert manifest["sparse"]["format"] == "csr" and len(manifest["sparse"]["layers"]) == 2
+    assert {f["path"] for f in manifest["files"]} == {"pruned.sparse.onnx", "pruned.dense.onnx", "pruned.csr", "sample_input.npz"}
+    csr = next(f for f in manifest["files"] if f["path"] == "pruned.csr")
+    assert csr["size"] < 0.2 * (256 * 512 + 512 * 10) * 4  # CSR, never dense on disk
+
+    agent = start_agent(mosquitto.url, "sparse", host.root)
+    m = _deploy(host, v1, mosquitto.url, agent.device_id)
+    ex = m["execution"]
+    timings = {c["name"]: c["p50_ms"] for c in ex["candidates"]}
+    assert set(timings) == {"dense", "sparse"} and all(t > 0 for t in timings.values())
+    assert ex["chosen"] == min(timings, key=timings.get) and ex["pinned_by"] is None
+    slot = agent.data_dir / "slots" / "pruned" / "v1"
+    assert json.loads((slot / "execution.json").read_text())["chosen"] == ex["chosen"]
+    assert m["latency"]["count"] >= 30
+
+    # Pinned by the manifest: no measurement, the pinned execution runs.
+    v2 = _pack(host, model, sample, tmp_path / "v2.edge", 2, "--execution", "sparse", "--sparse-int8")
+    m = _deploy(host, v2, mosquitto.url, agent.device_id)
+    assert (m["execution"]["chosen"], m["execution"]["pinned_by"], m["execution"]["candidates"]) == ("sparse", "manifest", [])
+    agent.stop()
+
+    # Pinned by the device's configuration, which wins over the manifest.
+    other = start_agent(mosquitto.url, "sparse-dense", host.root, "--execution", "dense")
+    m = _deploy(host, v2, mosquitto.url, other.device_id)
+    assert (m["execution"]["chosen"], m["execution"]["pinned_by"]) == ("dense", "config")
