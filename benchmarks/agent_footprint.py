@@ -107,7 +107,6 @@ def measure_idle(work: Path, settle_s: float) -> list[dict]:
 
 def _mlp(path: Path, width: int = 256, layers: int = 3) -> None:
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

@@ -195,7 +195,7 @@ def main() -> None:
             results["structured"].append({"sparsity": sparsity, "hidden": h, "batch": batch, "structured_ms": t, "unstructured_best_ms": u})
             structured_rows.append([f"{1 - sparsity:.0%}", f"{n}->{h}->{n}", batch, f"{t:.3f}", f"{u:.3f}", f"{u / t:.2f}x"])
         session.close()
-    print(f"\nStructured (channels removed, dense) vs unstructured (best execution) at equal parameter count")
+    print("\nStructured (channels removed, dense) vs unstructured (best execution) at equal parameter count")
     print_table(["params kept", "structured shape", "batch", "structured ms", "unstructured ms", "structured speed-up"], structured_rows)
     path = write_results("sparse", results, args.json_out)
     print(f"\nwrote {path} in {time.perf_counter() - t_start:.0f} s")

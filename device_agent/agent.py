@@ -53,9 +53,9 @@ from edge_sdk.errors import (
     HealthCheckError,
     ModelError,
     RollbackError,
+    SignatureError,
     StorageError,
     TransferError,
-    SignatureError,
     TransportError,
     UntrustedInputError,
 )

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_sdk.bundle._reader import ByteReader
 from edge_sdk.errors import BundleFormatError, ConfigError
+from edge_sdk.protowire import WireError, append_initializers, encode_varint, tensor_proto
 
 __all__ = [
     "FORMAT_VERSION",
@@ -57,7 +59,7 @@ _INDEX_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _MAX_NAME = 256
 # ONNX wire fields: ModelProto.graph = 7, GraphProto.initializer = 5; TensorProto
 # dims = 1, data_type = 2, name = 8, raw_data = 9; FLOAT = 1.
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _FLOAT = 7, 5, 1
+_FLOAT = 1  # TensorProto.FLOAT
 
 
 @dataclass(frozen=True)
@@ -135,18 +137,6 @@ class CsrMatrix:
         return out
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _index_width(largest: int) -> int:
     return next(w for w in (1, 2, 4) if largest < 1 << (8 * w))
 
@@ -168,7 +158,7 @@ def encode_sparse_weights(matrices: list[CsrMatrix], *, int8_values: bool = Fals
     names = [m.name for m in matrices]
     if len(set(names)) != len(names):
         raise ConfigError("sparse weights: duplicate matrix names")
-    out = [MAGIC, bytes([FORMAT_VERSION]), _varint(len(matrices))]
+    out = [MAGIC, bytes([FORMAT_VERSION]), encode_varint(len(matrices))]
     for m in matrices:
         name = m.name.encode("utf-8")
         if not name or len(name) > _MAX_NAME:
@@ -178,7 +168,7 @@ def encode_sparse_weights(matrices: list[CsrMatrix], *, int8_values: bool = Fals
             raise ConfigError(f"sparse weights: {m.name!r} is too large for 32-bit indices")
         ptr_width, col_width = _index_width(m.nnz), _index_width(max(cols - 1, 0))
         ptr, index = _INDEX_DTYPES[ptr_width], _INDEX_DTYPES[col_width]
-        out += [_varint(len(name)), name, _varint(rows), _varint(cols), _varint(m.nnz), bytes([ptr_width, col_width])]
+        out += [encode_varint(len(name)), name, encode_varint(rows), encode_varint(cols), encode_varint(m.nnz), bytes([ptr_width, col_width])]
         values = np.asarray(m.values, dtype=np.float32)
         if int8_values:
             counts = np.diff(m.indptr)
@@ -194,34 +184,6 @@ def encode_sparse_weights(matrices: list[CsrMatrix], *, int8_values: bool = Fals
             out += [bytes([_VALUES_F32]), m.indptr.astype(ptr).tobytes(), m.indices.astype(index).tobytes()]
             out.append(values.astype("<f4").tobytes())
     return b"".join(out)
-
-
-class _Reader:
-    def __init__(self, data: memoryview) -> None:
-        self.view = data
-        self.pos = 0
-
-    def varint(self, what: str) -> int:
-        result, shift = 0, 0
-        while True:
-            if self.pos >= len(self.view) or shift > 63:
-                raise BundleFormatError(f"sparse weights: truncated or malformed {what}")
-            byte = self.view[self.pos]
-            self.pos += 1
-            result |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return result
-            shift += 7
-
-    def take(self, length: int, what: str) -> memoryview:
-        if length < 0 or self.pos + length > len(self.view):
-            raise BundleFormatError(f"sparse weights: {what} runs past the end of the file")
-        chunk = self.view[self.pos : self.pos + length]
-        self.pos += length
-        return chunk
-
-    def array(self, dtype: np.dtype, count: int, what: str) -> np.ndarray:
-        return np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype)
 
 
 def decode_sparse_weights(data: bytes | memoryview, limits: SparseLimits = SparseLimits()) -> dict[str, CsrMatrix]:
@@ -242,7 +204,7 @@ def decode_sparse_weights(data: bytes | memoryview, limits: SparseLimits = Spars
     view = memoryview(data)
     if bytes(view[: len(MAGIC)]) != MAGIC:
         raise BundleFormatError("sparse weights: not an edge-sdk sparse weights file (bad magic)")
-    reader = _Reader(view)
+    reader = ByteReader(view, "sparse weights: ")
     reader.pos = len(MAGIC)
     version = reader.take(1, "version")[0]
     if version != FORMAT_VERSION:
@@ -311,22 +273,6 @@ def _check_structure(name: str, cols: int, indptr: np.ndarray, indices: np.ndarr
             raise BundleFormatError(f"sparse weights: {name!r} has columns out of order or repeated in a row")
 
 
-def _key(field: int, wire_type: int) -> bytes:
-    return _varint(field << 3 | wire_type)
-
-
-def _delimited(field: int, payload: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(payload)) + payload
-
-
-def _tensor_proto(name: str, dense: np.ndarray) -> bytes:
-    parts = [_key(1, 0) + _varint(d) for d in dense.shape]
-    parts.append(_key(2, 0) + _varint(_FLOAT))
-    parts.append(_delimited(8, name.encode("utf-8")))
-    parts.append(_delimited(9, np.ascontiguousarray(dense, dtype="<f4").tobytes()))
-    return b"".join(parts)
-
-
 def dense_model(skeleton: bytes, matrices: Mapping[str, CsrMatrix], transposed: Mapping[str, bool]) -> bytes:
     """The dense ONNX model: the skeleton with each matrix appended as a float initializer.
 
@@ -349,35 +295,9 @@ def dense_model(skeleton: bytes, matrices: Mapping[str, CsrMatrix], transposed: 
     inits = []
     for name, m in matrices.items():
         dense = m.to_dense()
-        inits.append(_tensor_proto(name, dense.T if transposed.get(name, False) else dense))
-    view = memoryview(skeleton)
-    out = bytearray()
-    pos, graphs = 0, 0
-    reader = _Reader(view)
-    while pos < len(view):
-        reader.pos = pos
-        key = reader.varint("model field")
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            reader.varint("model field")
-        elif wire == 1:
-            reader.take(8, "model field")
-        elif wire == 5:
-            reader.take(4, "model field")
-        elif wire == 2:
-            length = reader.varint("model field")
-            start = reader.pos
-            reader.take(length, "model field")
-            if field == _MODEL_GRAPH:
-                graphs += 1
-                graph = bytes(view[start : reader.pos]) + b"".join(_delimited(_GRAPH_INITIALIZER, t) for t in inits)
-                out += _delimited(_MODEL_GRAPH, graph)
-                pos = reader.pos
-                continue
-        else:
-            raise BundleFormatError("dense model: the skeleton is not an ONNX model")
-        out += view[pos : reader.pos]
-        pos = reader.pos
-    if graphs != 1:
-        raise BundleFormatError(f"dense model: the skeleton has {graphs} graphs, expected 1")
-    return bytes(out)
+        dense = dense.T if transposed.get(name, False) else dense
+        inits.append(tensor_proto(name, _FLOAT, dense.shape, np.ascontiguousarray(dense, dtype="<f4").tobytes()))
+    try:
+        return append_initializers(skeleton, inits)
+    except WireError as exc:
+        raise BundleFormatError(f"dense model: the skeleton is not a usable ONNX model ({exc})") from exc

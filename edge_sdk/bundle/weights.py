@@ -51,13 +51,14 @@ import lzma
 import math
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from edge_sdk.bundle._reader import ByteReader
 from edge_sdk.errors import BundleFormatError, ConfigError
-from edge_sdk.runtime._onnx import _Malformed, _varint
+from edge_sdk.protowire import WireError, append_initializers, tensor_proto
 
 __all__ = [
     "MAGIC",
@@ -68,8 +69,6 @@ __all__ = [
     "WeightsLimits",
     "is_packed_model",
     "unpack_model",
-    "encode_varint",
-    "tensor_proto_bytes",
     "range_decode_tensor",
 ]
 
@@ -86,7 +85,6 @@ COUNT_LIMIT = 1 << 16
 _DTYPES = {1: np.dtype("<f4"), 10: np.dtype("<f2")}  # TensorProto.FLOAT, FLOAT16
 # ModelProto.graph = 7; GraphProto.initializer = 5;
 # TensorProto.dims = 1, .data_type = 2, .name = 8, .raw_data = 9.
-_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
 _MAX_RANK = 8
 
 
@@ -146,7 +144,8 @@ def unpack_model(data: bytes | memoryview, limits: WeightsLimits | None = None) 
     if zlib.crc32(view[:-4]) != crc:
         raise BundleFormatError("packed model is damaged (CRC-32 mismatch)")
     view = view[:-4]
-    reader = _Reader(view, len(MAGIC) + 1)
+    reader = ByteReader(view)
+    reader.pos = len(MAGIC) + 1
     budget = _Budget(limits.max_model_bytes)
     skeleton_size = reader.varint("skeleton size")
     budget.charge(skeleton_size, "skeleton")
@@ -159,8 +158,8 @@ def unpack_model(data: bytes | memoryview, limits: WeightsLimits | None = None) 
     if reader.pos != len(view):
         raise BundleFormatError(f"packed model has {len(view) - reader.pos} bytes after its last tensor")
     try:
-        return _append_initializers(skeleton, initializers)
-    except _Malformed as exc:
+        return append_initializers(skeleton, initializers)
+    except WireError as exc:
         raise BundleFormatError("packed model skeleton is not an ONNX model") from exc
 
 
@@ -176,38 +175,6 @@ class _Budget:
         self.left -= size
 
 
-class _Reader:
-    """Reads fields from the file, never past its end."""
-
-    def __init__(self, view: memoryview, pos: int) -> None:
-        self.view, self.pos = view, pos
-
-    def varint(self, what: str) -> int:
-        value, shift = 0, 0
-        while True:
-            if self.pos >= len(self.view) or shift > 63:
-                raise BundleFormatError(f"{what}: truncated or overlong varint")
-            byte = self.view[self.pos]
-            self.pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
-
-    def byte(self, what: str) -> int:
-        return self.take(1, what)[0]
-
-    def take(self, length: int, what: str) -> memoryview:
-        if length < 0 or self.pos + length > len(self.view):
-            raise BundleFormatError(f"{what}: {length} bytes wanted, the file ends first")
-        out = self.view[self.pos : self.pos + length]
-        self.pos += length
-        return out
-
-    def chunk(self, what: str) -> memoryview:
-        return self.take(self.varint(what), what)
-
-
 def _lzma(raw: memoryview | bytes, size: int, what: str) -> bytes:
     decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
     try:
@@ -219,7 +186,7 @@ def _lzma(raw: memoryview | bytes, size: int, what: str) -> bytes:
     return out
 
 
-def _tensor(reader: _Reader, budget: _Budget, names: _Budget) -> bytes:
+def _tensor(reader: ByteReader, budget: _Budget, names: _Budget) -> bytes:
     name_bytes = reader.chunk("tensor name")
     names.charge(len(name_bytes), "tensor names")
     try:
@@ -270,7 +237,7 @@ def _tensor(reader: _Reader, budget: _Budget, names: _Budget) -> bytes:
     else:
         values = np.zeros(size, dtype=dtype)
         values[mask] = codebook[indices]
-    return tensor_proto_bytes(name, data_type, dims, values.astype(dtype, copy=False).tobytes())
+    return tensor_proto(name, data_type, dims, values.astype(dtype, copy=False).tobytes())
 
 
 class _RangeDecoder:
@@ -350,87 +317,3 @@ def range_decode_tensor(
             node = node << 1 | bit(zeros, ones, node)
         indices[n] = node - (1 << width)
     return mask, indices
-
-
-def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative integer (negative int64 as two's complement)."""
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-    return encode_varint(field << 3 | wire_type)
-
-
-def _delimited(field: int, payload: bytes | memoryview) -> bytes:
-    return _key(field, 2) + encode_varint(len(payload)) + bytes(payload)
-
-
-def tensor_proto_bytes(name: str, data_type: int, dims: list[int], raw_data: bytes) -> bytes:
-    """Serialize a ``TensorProto`` with ``dims``, ``data_type``, ``name`` and ``raw_data``.
-
-    Args:
-        name: the initializer's name.
-        data_type: ONNX ``TensorProto.DataType`` value.
-        dims: the shape.
-        raw_data: little-endian element bytes.
-
-    Returns:
-        The message bytes (without a field key or length in front).
-    """
-    parts = [_key(1, 0) + encode_varint(d) for d in dims]
-    parts.append(_key(2, 0) + encode_varint(data_type))
-    parts.append(_delimited(8, name.encode("utf-8")))
-    parts.append(_delimited(9, raw_data))
-    return b"".join(parts)
-
-
-def _spans(buf: memoryview) -> Iterator[tuple[int, int, int, int]]:
-    """``(field, wire_type, start, payload_start)`` of each top-level field; ends at ``len(buf)``."""
-    pos = 0
-    while pos < len(buf):
-        start = pos
-        key, pos = _varint(buf, pos)
-        field, wire_type = key >> 3, key & 7
-        payload = pos
-        if wire_type == 0:
-            _, pos = _varint(buf, pos)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        elif wire_type == 2:
-            length, payload = _varint(buf, pos)
-            pos = payload + length
-        else:
-            raise _Malformed
-        if pos > len(buf):
-            raise _Malformed
-        yield field, wire_type, start, payload
-
-
-def _append_initializers(skeleton: bytes, initializers: list[bytes]) -> bytes:
-    """Copy the ``ModelProto`` field by field, appending ``initializers`` to its graph."""
-    view = memoryview(skeleton)
-    out = bytearray()
-    spans = list(_spans(view))
-    ends = [s[2] for s in spans[1:]] + [len(view)]
-    graphs = 0
-    for (field, wire_type, start, payload), end in zip(spans, ends):
-        if field == _MODEL_GRAPH and wire_type == 2:
-            graphs += 1
-            graph = bytes(view[payload:end]) + b"".join(_delimited(_GRAPH_INITIALIZER, t) for t in initializers)
-            out += _delimited(_MODEL_GRAPH, graph)
-        else:
-            out += view[start:end]
-    if graphs != 1:
-        raise _Malformed
-    return bytes(out)

@@ -26,6 +26,7 @@ from edge_sdk.errors import (
     ModelLoadError,
     RuntimeUnavailableError,
 )
+from edge_sdk.protowire import GRAPH_NODE, MODEL_GRAPH, WireError, fields
 from edge_sdk.runtime._types import (
     ModelSource,
     SessionOptions,
@@ -112,49 +113,9 @@ def resolve_providers(requested: tuple[str, ...] | None, available: list[str]) -
     return (*chosen, CPU_PROVIDER)
 
 
-class _Malformed(Exception):
-    """The bytes are not the protobuf we expected; the scan gives up quietly."""
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise _Malformed
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
 def _length_delimited(buf: memoryview) -> list[tuple[int, memoryview]]:
     """The (field number, bytes) of every length-delimited field of one message."""
-    out: list[tuple[int, memoryview]] = []
-    pos = 0
-    end = len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, pos = _varint(buf, pos)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        elif wire_type == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > end:
-                raise _Malformed
-            out.append((field, buf[pos : pos + length]))
-            pos += length
-        else:
-            raise _Malformed
-    if pos != end:
-        raise _Malformed
-    return out
+    return [(f.number, f.payload) for f in fields(buf) if f.payload is not None]
 
 
 def _graph_op_types(graph: memoryview, depth: int, found: set[str]) -> None:
@@ -163,7 +124,7 @@ def _graph_op_types(graph: memoryview, depth: int, found: set[str]) -> None:
     if depth > _MAX_GRAPH_DEPTH:
         return
     for field, node in _length_delimited(graph):
-        if field != 1:
+        if field != GRAPH_NODE:
             continue
         for nfield, value in _length_delimited(node):
             if nfield == 4:
@@ -178,9 +139,9 @@ def _op_types_of(model: memoryview) -> set[str] | None:
     found: set[str] = set()
     try:
         for field, graph in _length_delimited(model):
-            if field == 7:  # ModelProto.graph
+            if field == MODEL_GRAPH:
                 _graph_op_types(graph, 0, found)
-    except _Malformed:
+    except WireError:
         return None
     return found
 

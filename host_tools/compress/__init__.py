@@ -18,9 +18,12 @@ Passes take and return ``onnx.ModelProto`` and never touch the disk; reading and
 files happens only in :mod:`host_tools.compress.model_file` and :mod:`host_tools.compress.data`.
 """
 
+from .accuracy_guard import AccuracyGuard, node_sensitivity
 from .data import Dataset, DigitsSplit, load_arrays, load_digits_split
 from .decompose import DecomposeGemm
 from .digits import mlp_to_onnx, train_digits_mlp
+from .digits_cnn import train_digits_cnn
+from .distill import Distillation, MlpStudent, parse_student, teacher_logits
 from .evaluate import (
     count_parameters,
     evaluate_accuracy,
@@ -30,6 +33,9 @@ from .evaluate import (
     predict_classes,
     top1_agreement,
 )
+from .finetune import FineTune, TrainingOptions, finetune_module, train_module
+from .layers import WeightLayer, find_layers
+from .lowrank import LowRankFactorization
 from .model_file import load_model, model_from_bytes, save_model_atomic
 from .passes import (
     CompressionPass,
@@ -45,6 +51,7 @@ from .passes import (
     StepReport,
 )
 from .pipeline import compress
+from .prune import MagnitudePruning, SensitivityPruning, weight_sparsity
 from .quantize import (
     QUANTIZE_OPTIONS,
     DynamicInt8Quantization,
@@ -53,17 +60,10 @@ from .quantize import (
     StaticInt8Quantization,
     parse_quantize_option,
 )
-from .accuracy_guard import AccuracyGuard, node_sensitivity
-from .digits_cnn import train_digits_cnn
-from .lowrank import LowRankFactorization
 from .recipe import PASS_REGISTRY, build_pass, load_recipe, parse_recipe, quantize_modes, register_pass
-from .weight_sharing import PackedModel, WeightSharing, pack_model
-from .distill import Distillation, MlpStudent, parse_student, teacher_logits
-from .finetune import FineTune, TrainingOptions, finetune_module, train_module
-from .layers import WeightLayer, find_layers
-from .prune import MagnitudePruning, SensitivityPruning, weight_sparsity
 from .structured import ChannelPruning
 from .torch_bridge import graph_module, module_to_onnx
+from .weight_sharing import PackedModel, WeightSharing, pack_model
 
 __all__ = [
     # entry points

@@ -29,19 +29,19 @@ from edge_sdk.errors import ConfigError
 
 from .accuracy_guard import AccuracyGuard
 from .decompose import DecomposeGemm
+from .distill import Distillation, MlpStudent
+from .finetune import FineTune, TrainingOptions
 from .lowrank import LowRankFactorization
 from .passes import CompressionPass
+from .prune import MagnitudePruning, SensitivityPruning
 from .quantize import (
     DynamicInt8Quantization,
     Float16Conversion,
     Int4WeightOnlyQuantization,
     StaticInt8Quantization,
 )
-from .weight_sharing import WeightSharing
-from .distill import Distillation, MlpStudent
-from .finetune import FineTune, TrainingOptions
-from .prune import MagnitudePruning, SensitivityPruning
 from .structured import ChannelPruning
+from .weight_sharing import WeightSharing
 
 if sys.version_info >= (3, 11):
     import tomllib

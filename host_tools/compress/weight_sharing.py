@@ -37,10 +37,10 @@ from edge_sdk.bundle.weights import (
     FORMAT_VERSION,
     LZMA_FILTERS,
     MAGIC,
-    encode_varint,
     unpack_model,
 )
 from edge_sdk.errors import CompressionError, ConfigError
+from edge_sdk.protowire import encode_varint
 
 from .passes import PassContext, PassResult
 

@@ -30,6 +30,10 @@ from edge_sdk.protocol import (
     EventKind,
     MetricsReport,
     ParsedTopic,
+    RemoveCommand,
+    RollbackCommand,
+    RootUpdate,
+    SignedCommand,
     TransferEnd,
     TransferOffer,
     WriteAt,
@@ -42,7 +46,6 @@ from edge_sdk.protocol import (
     parse_topic,
     shared,
 )
-from edge_sdk.protocol import RemoveCommand, RollbackCommand, RootUpdate, SignedCommand
 from edge_sdk.protocol.codec import CHUNK_HEADER_SIZE
 from edge_sdk.protocol.messages import MESSAGE_TYPES
 from edge_sdk.protocol.topics import TOPIC_ROOT, check_device_id

@@ -17,10 +17,10 @@ from edge_sdk.bundle.weights import (
     WeightsLimits,
     is_packed_model,
     range_decode_tensor,
-    tensor_proto_bytes,
     unpack_model,
 )
 from edge_sdk.errors import BundleFormatError, CompressionError, ConfigError
+from edge_sdk.protowire import tensor_proto
 from host_tools.compress import MeasureOptions, WeightSharing, pack_model
 from host_tools.compress.weight_sharing import kmeans_1d, range_encode_tensor
 
@@ -125,10 +125,10 @@ def test_corrupt_or_oversized_packed_models_are_refused(mlp: bytes) -> None:
         WeightsLimits(max_tensors=0)
 
 
-def test_tensor_proto_bytes_parse_with_onnx() -> None:
+def test_tensor_proto_parses_with_onnx() -> None:
     values = np.arange(6, dtype=np.float32).reshape(2, 3)
     tensor = onnx.TensorProto()
-    tensor.ParseFromString(tensor_proto_bytes("w", onnx.TensorProto.FLOAT, [2, 3], values.tobytes()))
+    tensor.ParseFromString(tensor_proto("w", onnx.TensorProto.FLOAT, [2, 3], values.tobytes()))
     assert tensor.name == "w" and list(tensor.dims) == [2, 3]
     assert np.array_equal(numpy_helper.to_array(tensor), values)
 
@@ -212,7 +212,7 @@ def test_packed_file_refuses_old_format_trailing_bytes_and_huge_dims(mlp: bytes)
     with pytest.raises(BundleFormatError, match="after its last tensor"):
         unpack_model(sealed(data[:-4] + b"\0"))
     # a skeleton, then one tensor claiming 2**40 x 2**40 values: refused before decoding
-    from edge_sdk.bundle.weights import encode_varint
+    from edge_sdk.protowire import encode_varint
 
     skeleton_end = len(MAGIC) + 1
     hostile = bytearray(data[:skeleton_end])
