@@ -31,7 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,17 +301,14 @@ class Installer:
             UntrustedInputError: any failed check (see :func:`edge_sdk.bundle.verify_bundle`).
             StorageError: the slot cannot be written (disk full...).
         """
-        scratch = Path(tempfile.mkdtemp(prefix="unpack-", dir=self.tmp_dir))
-        try:
-            payload = scratch / "payload"
-            payload.mkdir()
+        with self._unpacking("unpack-", into=self.slots_dir) as scratch:
             verified = verify_bundle(
                 bundle_path,
                 trusted or self.trusted,
                 now,
                 installed_version=self.accepted_version,
                 limits=self.limits,
-                extract_to=payload,
+                extract_to=scratch / "payload",
                 device=device,
                 expect=expect,
             )
@@ -324,12 +321,7 @@ class Installer:
                 _remove(slot)
             os.replace(scratch, slot)
             fsync_dir(slot.parent)
-            return StagedBundle(verified, slot)
-        except OSError as exc:
-            raise StorageError(f"cannot unpack bundle into {self.slots_dir}: {exc.strerror}") from exc
-        finally:
-            if scratch.exists():
-                _remove(scratch)
+        return StagedBundle(verified, slot)
 
     def stage_scratch(
         self,
@@ -351,21 +343,32 @@ class Installer:
             UntrustedInputError: any failed check.
             StorageError: the scratch directory cannot be written.
         """
-        scratch = Path(tempfile.mkdtemp(prefix="profile-", dir=self.tmp_dir))
-        try:
-            payload = scratch / "payload"
-            payload.mkdir()
+        with self._unpacking("profile-", into=self.tmp_dir) as scratch:
             verified = verify_bundle(
-                bundle_path, trusted or self.trusted, now, limits=self.limits, extract_to=payload,
+                bundle_path, trusted or self.trusted, now, limits=self.limits, extract_to=scratch / "payload",
                 device=device, expect=expect,
             )
-            return StagedBundle(verified, scratch)
+        return StagedBundle(verified, scratch)
+
+    @contextlib.contextmanager
+    def _unpacking(self, prefix: str, *, into: Path) -> Iterator[Path]:
+        """A fresh scratch directory under ``tmp/`` with an empty ``payload/``, for one bundle.
+
+        The body verifies the bundle into ``payload/`` and then moves the scratch into
+        place or keeps it. If the body fails, the scratch is removed, and an
+        :class:`OSError` becomes a :class:`StorageError` that names ``into``.
+        """
+        scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp_dir))
+        done = False
+        try:
+            (scratch / "payload").mkdir()
+            yield scratch
+            done = True
         except OSError as exc:
-            _remove(scratch)
-            raise StorageError(f"cannot unpack bundle into {self.tmp_dir}: {exc.strerror}") from exc
-        except BaseException:
-            _remove(scratch)
-            raise
+            raise StorageError(f"cannot unpack bundle into {into}: {exc.strerror}") from exc
+        finally:
+            if not done and scratch.exists():
+                _remove(scratch)
 
     def discard(self, staged: StagedBundle) -> None:
         """Remove a scratch directory made by :meth:`stage_scratch`."""

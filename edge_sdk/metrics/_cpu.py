@@ -6,12 +6,12 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from types import TracebackType
 from typing import Any
 
 import psutil
 
 from edge_sdk.errors import ConfigError
+from edge_sdk.metrics._window import MeasurementWindow
 
 __all__ = ["CpuMeasurement", "CpuSampler", "process_cpu_seconds"]
 
@@ -80,7 +80,7 @@ class CpuMeasurement:
         return asdict(self)
 
 
-class CpuSampler:
+class CpuSampler(MeasurementWindow[CpuMeasurement]):
     """Context manager measuring a process's CPU use while its body runs.
 
     It reads the process's CPU time and the clock at entry and exit; no thread.
@@ -105,31 +105,12 @@ class CpuSampler:
         self._cores = cores if cores is not None else (os.cpu_count() or 1)
         self._t0 = 0.0
         self._c0 = 0.0
-        self._result: CpuMeasurement | None = None
 
-    def __enter__(self) -> CpuSampler:
-        self._result = None
+    def _open(self) -> None:
         self._c0 = self._cpu()
         self._t0 = self._clock()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _close(self) -> CpuMeasurement:
         t1 = self._clock()
         c1 = self._cpu()
-        self._result = CpuMeasurement.from_deltas(t1 - self._t0, c1 - self._c0, self._cores)
-
-    @property
-    def result(self) -> CpuMeasurement:
-        """The measurement of the finished window.
-
-        Raises:
-            ConfigError: the window has not been closed yet.
-        """
-        if self._result is None:
-            raise ConfigError("CpuSampler result read before the window closed")
-        return self._result
+        return CpuMeasurement.from_deltas(t1 - self._t0, c1 - self._c0, self._cores)

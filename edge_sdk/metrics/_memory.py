@@ -10,23 +10,20 @@ during the window (which proves the process's peak was set inside it).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import psutil
 
 from edge_sdk.errors import ConfigError
+from edge_sdk.metrics._window import MeasurementWindow, SamplingThread
 
 __all__ = ["MemoryMeasurement", "PeakRssSampler", "parse_vm_hwm", "read_vm_hwm", "rss_bytes"]
-
-logger = logging.getLogger(__name__)
 
 _VM_HWM = re.compile(r"^VmHWM:\s*(\d+)\s*kB\s*$", re.MULTILINE)
 
@@ -95,7 +92,7 @@ class MemoryMeasurement:
         return asdict(self)
 
 
-class PeakRssSampler:
+class PeakRssSampler(MeasurementWindow[MemoryMeasurement]):
     """Context manager measuring the peak RSS of a process while its body runs.
 
     Example::
@@ -128,14 +125,12 @@ class PeakRssSampler:
         self._interval_s = interval_s
         self._root = root
         self._read = rss_reader if rss_reader is not None else (lambda: rss_bytes(pid))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._sampler: SamplingThread | None = None
         self._lock = threading.Lock()
         self._peak = 0
         self._count = 0
         self._start = 0
         self._hwm_start: int | None = None
-        self._result: MemoryMeasurement | None = None
 
     def _sample(self) -> None:
         value = self._read()
@@ -143,55 +138,29 @@ class PeakRssSampler:
             self._peak = max(self._peak, value)
             self._count += 1
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self._sample()
-            except Exception:  # the process ended, psutil failed: stop sampling, keep results
-                logger.debug("RSS sampling stopped", exc_info=True)
-                return
-
-    def __enter__(self) -> PeakRssSampler:
+    def _open(self) -> None:
         self._hwm_start = read_vm_hwm(self._pid, self._root)
         self._start = self._read()
         self._peak, self._count = self._start, 1
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="edge-sdk-rss-sampler", daemon=True)
-        self._thread.start()
-        return self
+        # Any failure (the process ended, psutil failed) stops the sampling; results are kept.
+        self._sampler = SamplingThread("RSS", self._interval_s, self._sample, stop_on=(Exception,))
+        self._sampler.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+    def _close(self) -> MemoryMeasurement:
+        if self._sampler is not None:
+            self._sampler.stop()
         self._sample()
         hwm = read_vm_hwm(self._pid, self._root)
         peak = self._peak
         if hwm is not None and self._hwm_start is not None and hwm > self._hwm_start:
             peak = max(peak, hwm)
-        self._result = MemoryMeasurement(
+        return MemoryMeasurement(
             start_bytes=self._start,
             peak_bytes=peak,
             sampled_peak_bytes=self._peak,
             hwm_bytes=hwm,
             samples=self._count,
         )
-
-    @property
-    def result(self) -> MemoryMeasurement:
-        """The measurement of the finished window.
-
-        Raises:
-            ConfigError: the window has not been closed yet.
-        """
-        if self._result is None:
-            raise ConfigError("PeakRssSampler result read before the window closed")
-        return self._result
 
     @property
     def start_bytes(self) -> int:

@@ -36,11 +36,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.metrics._cpu import CpuSampler
+from edge_sdk.metrics._window import MeasurementWindow, SamplingThread
 
 __all__ = [
     "POWER_MODELS",
@@ -130,7 +130,7 @@ class PowerSource(Protocol):
         ...
 
 
-class EnergyWindow:
+class EnergyWindow(MeasurementWindow[EnergyMeasurement]):
     """Context manager measuring energy while its body runs.
 
     Example::
@@ -146,31 +146,12 @@ class EnergyWindow:
     def __init__(self, source: PowerSource) -> None:
         self._source = source
         self._token: object | None = None
-        self._result: EnergyMeasurement | None = None
 
-    def __enter__(self) -> EnergyWindow:
-        self._result = None
+    def _open(self) -> None:
         self._token = self._source.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._result = self._source.stop(self._token)
-
-    @property
-    def result(self) -> EnergyMeasurement:
-        """The measurement of the finished window.
-
-        Raises:
-            ConfigError: the window has not been closed yet.
-        """
-        if self._result is None:
-            raise ConfigError("EnergyWindow result read before the window closed")
-        return self._result
+    def _close(self) -> EnergyMeasurement:
+        return self._source.stop(self._token)
 
 
 def _energy(joules: float, seconds: float, source: str, estimated: bool) -> EnergyMeasurement:
@@ -292,8 +273,7 @@ class RaplSource:
 class _SampledWindow:
     t0: float
     samples: list[float]
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
+    sampler: SamplingThread | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -316,25 +296,19 @@ class _SampledSource:
         """Instantaneous power now."""
         return PowerReading(watts=self.read_watts(), source=self.name, estimated=self.estimated)
 
-    def _loop(self, window: _SampledWindow) -> None:
-        assert self._interval_s is not None
-        while not window.stop.wait(self._interval_s):
-            try:
-                watts = self.read_watts()
-            except _UNREADABLE:
-                logger.debug("%s sampling stopped", self.name, exc_info=True)
-                return
-            with window.lock:
-                window.samples.append(watts)
+    def _sample_into(self, window: _SampledWindow) -> None:
+        watts = self.read_watts()
+        with window.lock:
+            window.samples.append(watts)
 
     def start(self) -> object:
         """Take a first sample and, if ``interval_s`` is set, start the sampling thread."""
         window = _SampledWindow(t0=self._clock(), samples=[self.read_watts()])
         if self._interval_s is not None:
-            window.thread = threading.Thread(
-                target=self._loop, args=(window,), name=f"edge-sdk-{self.name}-sampler", daemon=True
+            window.sampler = SamplingThread(
+                self.name, self._interval_s, lambda: self._sample_into(window), stop_on=_UNREADABLE
             )
-            window.thread.start()
+            window.sampler.start()
         return window
 
     def stop(self, token: object) -> EnergyMeasurement:
@@ -345,9 +319,8 @@ class _SampledSource:
         """
         if not isinstance(token, _SampledWindow):
             raise ConfigError(f"{type(self).__name__}.stop needs the token returned by start()")
-        token.stop.set()
-        if token.thread is not None:
-            token.thread.join()
+        if token.sampler is not None:
+            token.sampler.stop()
         last = self.read_watts()
         seconds = self._clock() - token.t0
         with token.lock:

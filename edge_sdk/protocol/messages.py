@@ -51,6 +51,12 @@ def _check_device_id(device_id: str, where: str) -> None:
         raise MessageError(f"{where}: {exc.message}") from exc
 
 
+def _check_id(value: str, name: str) -> None:
+    """Command and transfer ids are 32 lowercase hex digits."""
+    if not _ID_RE.fullmatch(value):
+        raise MessageError(f"{name} must be 32 lowercase hex digits")
+
+
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against a simple type hint; convert nested dataclasses from dicts."""
     origin = typing.get_origin(hint)
@@ -137,8 +143,7 @@ class TransferOffer(_Wire):
     chunk_size: int
 
     def __post_init__(self) -> None:
-        if not _ID_RE.fullmatch(self.transfer_id):
-            raise MessageError("transfer_id must be 32 lowercase hex digits")
+        _check_id(self.transfer_id, "transfer_id")
         if self.size < 1:
             raise MessageError("transfer size must be positive")
         if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
@@ -235,8 +240,7 @@ class DeployCommand(Message):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _ID_RE.fullmatch(self.command_id):
-            raise MessageError("command_id must be 32 lowercase hex digits")
+        _check_id(self.command_id, "command_id")
         if self.action not in DEPLOY_ACTIONS:
             raise MessageError(f"deploy action must be one of {', '.join(DEPLOY_ACTIONS)}, got {self.action!r}")
 
@@ -262,8 +266,7 @@ class RollbackCommand(Message):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _ID_RE.fullmatch(self.command_id):
-            raise MessageError("command_id must be 32 lowercase hex digits")
+        _check_id(self.command_id, "command_id")
         if self.bundle_version < 1:
             raise MessageError("bundle_version must be positive")
 
@@ -281,8 +284,7 @@ class RemoveCommand(Message):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _ID_RE.fullmatch(self.command_id):
-            raise MessageError("command_id must be 32 lowercase hex digits")
+        _check_id(self.command_id, "command_id")
 
 
 @dataclass(frozen=True)

@@ -373,3 +373,21 @@ def test_profiling_scratch_still_refuses_an_untrusted_bundle(installer: Installe
     with pytest.raises(UntrustedKeyError):
         installer.stage_scratch(make_bundle(1, signer=SigningKey.generate()), NOW)
     assert list(installer.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("method, names", [("stage", "slots"), ("stage_scratch", "tmp")])
+def test_disk_full_while_unpacking_is_a_storage_error_and_leaves_no_scratch(
+    installer: Installer, make_bundle, monkeypatch: pytest.MonkeyPatch, method: str, names: str  # type: ignore[no-untyped-def]
+) -> None:
+    import device_agent.installer as installer_module
+
+    def disk_full(*args: object, extract_to: Path, **kwargs: object) -> None:
+        (extract_to / "half-written.bin").write_bytes(b"x" * 100)
+        raise OSError(28, "No space left on device")
+
+    bundle = make_bundle(1)
+    monkeypatch.setattr(installer_module, "verify_bundle", disk_full)
+    with pytest.raises(StorageError, match=f"cannot unpack bundle into .*{names}: No space left on device"):
+        getattr(installer, method)(bundle, NOW)
+    assert list(installer.tmp_dir.iterdir()) == []
+    assert _listing(installer.slots_dir) == {}

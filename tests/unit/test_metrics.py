@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -221,12 +222,22 @@ def test_peak_rss_sampler_sees_a_real_allocation() -> None:
 
 
 def test_samplers_refuse_results_before_the_window_closes() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="PeakRssSampler result read before the window closed"):
         PeakRssSampler().peak_bytes  # noqa: B018
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="CpuSampler result read before the window closed"):
         CpuSampler().result  # noqa: B018
+    with pytest.raises(ConfigError, match="EnergyWindow result read before the window closed"):
+        EnergyWindow(EstimatedSource(1.0, 2.0)).result  # noqa: B018
     with pytest.raises(ConfigError):
         PeakRssSampler(interval_s=0)
+    # A window opened again has no result until it closes again.
+    sampler = CpuSampler(clock=FakeClock(step=1.0), cpu_seconds=lambda: 5.0, cores=1)
+    with sampler:
+        pass
+    assert sampler.result.wall_s == 1.0
+    with pytest.raises(ConfigError), sampler:
+        sampler.result  # noqa: B018
+    assert sampler.result.wall_s == 1.0
 
 
 def test_cpu_sampler_with_fake_clock_and_cpu_time() -> None:
@@ -239,11 +250,31 @@ def test_cpu_sampler_with_fake_clock_and_cpu_time() -> None:
     assert m.to_dict()["utilisation"] == pytest.approx(0.375)
 
 
+def _process_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def test_cpu_sampler_real_process_busy_loop() -> None:
+    # Burn a fixed amount of CPU time, not a fixed amount of work: on a loaded machine the
+    # loop just takes longer. The sampler must report the CPU time the kernel (os.times)
+    # saw this process use, give or take the kernel's accounting tick.
+    burn_s, tick_s = 0.2, 0.05
+    outer0 = _process_cpu_s()
     with CpuSampler() as cpu:
-        sum(i * i for i in range(200_000))
-    assert cpu.result.cpu_s > 0
-    assert 0 < cpu.result.utilisation <= 1
+        inner0 = _process_cpu_s()
+        thread0 = time.thread_time()
+        deadline = time.monotonic() + 60
+        while _process_cpu_s() - inner0 < burn_s and time.monotonic() < deadline:
+            sum(i * i for i in range(10_000))
+        thread_s = time.thread_time() - thread0
+    outer_s = _process_cpu_s() - outer0
+    m = cpu.result
+    assert burn_s - tick_s <= m.cpu_s <= outer_s + tick_s
+    assert m.wall_s >= thread_s * 0.9  # one thread cannot burn more CPU than the window's length
+    assert m.percent_of_one_core == pytest.approx(100 * m.cpu_s / m.wall_s)
+    assert m.utilisation == pytest.approx(min(1.0, m.cpu_s / m.wall_s / m.cores))
+    assert 0 < m.utilisation <= 1
 
 
 # --- temperature ---------------------------------------------------------------------------
@@ -372,6 +403,37 @@ def test_battery_sampling_thread_collects_samples(tmp_path: Path) -> None:
     energy = source.stop(token)
     assert energy.watts == pytest.approx(2.0)
     assert len(token.samples) > 2  # type: ignore[attr-defined]
+
+
+def _new_sampler_threads(name: str, before: set[threading.Thread]) -> list[threading.Thread]:
+    """Live threads named ``edge-sdk-<name>-sampler`` that were not running at ``before``."""
+    return [t for t in threading.enumerate() if t.name == f"edge-sdk-{name}-sampler" and t not in before]
+
+
+def test_battery_sampling_stops_quietly_when_the_sensor_goes_away(tmp_path: Path) -> None:
+    base = battery_tree(tmp_path, power_now=2_000_000)
+    source = BatterySource(tmp_path, interval_s=0.001)
+    before = set(threading.enumerate())
+    token = source.start()
+    (thread,) = _new_sampler_threads("battery", before)
+    deadline = time.monotonic() + 30
+    while len(token.samples) < 3 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.001)
+    (base / "power_now").write_text("unreadable\n")  # the sampling thread ends at its next read
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert len(token.samples) >= 3 and set(token.samples) == {2.0}  # type: ignore[attr-defined]
+    (base / "power_now").write_text("4000000\n")
+    energy = source.stop(token)  # the samples from before the failure are kept, plus the last one
+    assert 2.0 < energy.watts < 4.0
+
+
+def test_peak_rss_sampler_thread_lives_only_as_long_as_the_window() -> None:
+    before = set(threading.enumerate())
+    with PeakRssSampler(interval_s=0.001):
+        (thread,) = _new_sampler_threads("rss", before)
+        assert thread.daemon
+    assert not thread.is_alive()
 
 
 @pytest.mark.parametrize("status", ["Charging", "Full", "Not charging"])
@@ -514,6 +576,9 @@ def test_every_public_name_resolves_and_importing_loads_no_numpy() -> None:
 
     for name in metrics.__all__:
         assert getattr(metrics, name) is not None
+    assert dir(metrics) == sorted(metrics.__all__)
+    with pytest.raises(AttributeError, match="no_such_reader"):
+        metrics.no_such_reader  # noqa: B018
     code = (
         "import sys\n"
         "from edge_sdk.metrics import detect_power_source, PowerSource\n"

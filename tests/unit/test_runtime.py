@@ -97,7 +97,7 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
             "open_session",
             "open_sparse_session",
             "preload",
-                "sample_feeds",
+            "sample_feeds",
         ]
     )
 
