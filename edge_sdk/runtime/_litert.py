@@ -29,6 +29,7 @@ from edge_sdk.runtime._types import (
     ModelSource,
     SessionOptions,
     TensorSpec,
+    check_feed_names,
     precision_from_dtypes,
 )
 
@@ -188,15 +189,7 @@ class LiteRtSession:
         interpreter = self._interpreter
         if interpreter is None:
             raise ModelError(f"session for {self._label} is closed", model=self._label)
-        expected = {t.spec.name for t in self._inputs}
-        missing, unknown = sorted(expected - feeds.keys()), sorted(feeds.keys() - expected)
-        if missing or unknown:
-            raise ModelError(
-                f"feeds for {self._name} do not match its inputs: missing {missing}, unknown {unknown}",
-                model=self._label,
-                missing=missing,
-                unknown=unknown,
-            )
+        check_feed_names(self._name, self._label, (t.spec.name for t in self._inputs), feeds)
         float_in = False
         try:
             arrays = []
@@ -269,10 +262,7 @@ def open_litert(source: ModelSource, options: SessionOptions, prefer: str = LITE
             available=[CPU],
         )
     interpreter_cls, runtime = load_interpreter_class(prefer)
-    if source.path is not None and not source.path.is_file():
-        raise ModelLoadError(f"model file {source.path} does not exist", model=source.label)
-    if source.data is not None and not source.data:
-        raise ModelLoadError(f"{source.label} is empty", model=source.label)
+    source.check_present()
     model = {"model_content": source.data} if source.data is not None else {"model_path": str(source.path)}
     try:
         interpreter = interpreter_cls(**model, num_threads=options.threads)

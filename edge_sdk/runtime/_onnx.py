@@ -31,6 +31,7 @@ from edge_sdk.runtime._types import (
     ModelSource,
     SessionOptions,
     TensorSpec,
+    check_feed_names,
     precision_from_dtypes,
 )
 
@@ -244,7 +245,7 @@ class OnnxSession:
         if self._session is None:
             raise ModelError(f"session for {self._label} is closed", model=self._label)
         if feeds.keys() != self._input_names:  # the fast path costs ~0.1 us; benchmarks time this call
-            _check_feed_names(self._name, self._label, self._inputs, feeds)
+            check_feed_names(self._name, self._label, (i.name for i in self._inputs), feeds)
         try:
             return self._session.run(None, feeds)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -261,19 +262,6 @@ class OnnxSession:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _check_feed_names(name: str, label: str, specs: list[TensorSpec], feeds: dict[str, Any]) -> None:
-    expected = {s.name for s in specs}
-    missing = sorted(expected - feeds.keys())
-    unknown = sorted(feeds.keys() - expected)
-    if missing or unknown:
-        raise ModelError(
-            f"feeds for {name} do not match its inputs: missing {missing}, unknown {unknown}",
-            model=label,
-            missing=missing,
-            unknown=unknown,
-        )
 
 
 def open_onnx(source: ModelSource, options: SessionOptions, precision_hint: str | None) -> OnnxSession:
@@ -304,10 +292,7 @@ def open_onnx(source: ModelSource, options: SessionOptions, precision_hint: str 
         ) from exc
 
     providers = resolve_providers(options.providers, list(ort.get_available_providers()))
-    if source.path is not None and not source.path.is_file():
-        raise ModelLoadError(f"model file {source.path} does not exist", model=source.label)
-    if source.data is not None and not source.data:
-        raise ModelLoadError(f"{source.label} is empty", model=source.label)
+    source.check_present()
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.threads
     so.inter_op_num_threads = 1

@@ -6,11 +6,12 @@ types at the edge so callers never see an onnxruntime or LiteRT object.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, ModelError, ModelLoadError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,6 +78,34 @@ class ModelSource:
     def label(self) -> str:
         """Full name for messages and error details: the path, or ``<in-memory model>``."""
         return str(self.path) if self.path is not None else IN_MEMORY_MODEL
+
+    def check_present(self) -> None:
+        """Refuse a missing file or empty bytes before a runtime sees them.
+
+        Raises:
+            ModelLoadError: the file does not exist, or the bytes are empty.
+        """
+        if self.path is not None and not self.path.is_file():
+            raise ModelLoadError(f"model file {self.path} does not exist", model=self.label)
+        if self.data is not None and not self.data:
+            raise ModelLoadError(f"{self.label} is empty", model=self.label)
+
+
+def check_feed_names(name: str, label: str, expected: Iterable[str], feeds: Mapping[str, object]) -> None:
+    """Refuse feeds that do not name exactly the model's inputs.
+
+    Raises:
+        ModelError: an input is missing or a feed is unknown (both listed).
+    """
+    wanted = set(expected)
+    missing, unknown = sorted(wanted - feeds.keys()), sorted(feeds.keys() - wanted)
+    if missing or unknown:
+        raise ModelError(
+            f"feeds for {name} do not match its inputs: missing {missing}, unknown {unknown}",
+            model=label,
+            missing=missing,
+            unknown=unknown,
+        )
 
 
 @dataclass(frozen=True)
