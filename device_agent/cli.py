@@ -16,6 +16,7 @@ from pathlib import Path
 from device_agent.config import CRASH_POINTS, load_config
 from device_agent.sdnotify import Notifier
 from edge_sdk import __version__
+from edge_sdk.bundle.manifest import EXECUTIONS
 from edge_sdk.errors import ConfigError, EdgeError, LocalStateError
 
 __all__ = ["main"]
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--update-gate-retry", type=float, help="seconds between asks of the gate while an install waits")
     run.add_argument("--outbox-max-bytes", type=int, help="bound of the on-disk buffer of events and metrics kept while offline")
     run.add_argument(
-        "--execution", choices=["auto", "dense", "sparse"],
+        "--execution", choices=EXECUTIONS,
         help="bundles with sparse layers: measure and pick the fastest (auto, the default) or pin one",
     )
     run.add_argument("--debug-crash-at", choices=CRASH_POINTS, help="testing only: SIGKILL the agent at this step of an install")

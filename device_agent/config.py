@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.bundle import BundleLimits
+from edge_sdk.bundle.manifest import EXECUTIONS
 from edge_sdk.errors import ConfigError, KeyStoreError, UntrustedInputError
 from edge_sdk.mqtt import parse_broker_url
 from edge_sdk.protocol.topics import check_device_id
@@ -74,7 +75,8 @@ class AgentConfig:
         update_gate_retry_s: how often a deferred install asks the gate again.
         outbox_max_bytes: bound of the on-disk buffer of events and metrics kept while offline.
         execution: how to run bundles with sparse layers: ``auto`` (measure and pick the
-            fastest), or ``dense``/``sparse`` to pin it, overriding the manifest's choice.
+            fastest), or ``dense``/``dense_int8``/``sparse`` to pin it, overriding the
+            manifest's choice.
         debug_crash_at: test-only: SIGKILL the agent at this step of an install (:data:`CRASH_POINTS`).
     """
 
@@ -116,8 +118,8 @@ class AgentConfig:
             raise ConfigError("update gate timeout and retry interval must be positive")
         if isinstance(self.outbox_max_bytes, bool) or not isinstance(self.outbox_max_bytes, int) or self.outbox_max_bytes < 1024:
             raise ConfigError("outbox_max_bytes must be an integer of at least 1024")
-        if self.execution not in ("auto", "dense", "sparse"):
-            raise ConfigError(f"execution must be auto, dense or sparse, got {self.execution!r}")
+        if self.execution not in EXECUTIONS:
+            raise ConfigError(f"execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
         if self.debug_crash_at is not None and self.debug_crash_at not in CRASH_POINTS:
             raise ConfigError(f"debug_crash_at must be one of {', '.join(CRASH_POINTS)}, got {self.debug_crash_at!r}")
 

@@ -1,23 +1,41 @@
 """Which way to run a bundle on this device: measure the ones that apply, keep the fastest.
 
-A bundle with weight-sparse layers (the manifest's ``sparse`` field) can run two ways:
+A bundle with weight-sparse layers (the manifest's ``sparse`` field) can run these ways:
 
-- ``dense``: the dense graph with its weights rebuilt from the CSR file, in memory only;
-  onnxruntime's ordinary (MLAS) matrix products;
+- ``dense``: the dense graph with its weights rebuilt from the CSR file as float32, in
+  memory only; onnxruntime's ordinary (MLAS) matrix products;
+- ``dense_int8``: the dense graph with each sparse layer as onnxruntime's
+  ``DynamicQuantizeMatMul`` on the file's int8 values and per-row scales
+  (:func:`edge_sdk.bundle.sparse.dense_int8_model`). It applies only when the file
+  stores int8 values (``edgectl pack --sparse --sparse-int8``): the packer chose to
+  quantize the weights; the device does not quantize float weights on its own;
 - ``sparse``: the sparse graph, each sparse layer an onnxruntime
   ``SparseToDenseMatMul`` node with its CSR weight bound (:mod:`edge_sdk.runtime._sparse`).
 
+``sparse_int8`` does not exist in this build, and every report says so (see
+:data:`UNAVAILABLE`): onnxruntime's ``SparseToDenseMatMul`` has kernels for float,
+double and 32/64-bit integers only (an int8 sparse input fails type checking). Running
+it on int32 (activations quantized, then widened) works but moves as many bytes as
+float and measured no faster than float sparse (4096x4096 at 90% and 95%, batch 1 and
+8: from 12% slower to 6% faster; 1024x1024: 25-35% slower). A
+real int8 sparse kernel would be a custom operator (onnxruntime-extensions or a
+compiled library per device and onnxruntime ABI) or scipy, none of which the agent
+ships. With int8 values, ``sparse`` computes in float32 on the dequantized values.
+
 Which is faster depends on the sparsity, the batch size, the layer shapes and the
-device's caches and memory bandwidth, so it is measured, here, on the bundle's sample
-input: each candidate is health-checked, then timed with the same machinery as the
+device's caches, memory bandwidth and integer instructions, so it is measured, here, on
+the bundle's sample input: each candidate is health-checked, its outputs compared with
+the dense execution's (within :data:`TOLERANCE` of their largest magnitude: int8 is
+approximate, the others must agree), then timed with the same machinery as the
 benchmark (:func:`edge_sdk.metrics.benchmark`), in interleaved rounds so that a burst of
 background load does not fall on one candidate only. The lowest median wins. A
-candidate that cannot run (an onnxruntime build without the sparse kernel, say) is
-reported with its error and never chosen.
+candidate that cannot run (an onnxruntime build without the sparse kernel, say) or
+disagrees is reported with its error and never chosen; one that does not apply to the
+bundle is reported as ``not_applicable`` with the reason.
 
 A pin skips the measurement: the agent's ``execution`` setting (when not ``auto``) wins
 over the manifest's ``execution``; a pinned candidate that cannot run falls back to the
-other one, with the reason reported.
+first of the others that can, in :data:`CANDIDATES` order, with the reason reported.
 
 :func:`choose` is pure; :func:`select_execution` does the I/O.
 """
@@ -25,13 +43,15 @@ other one, with the reason reported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_sdk.bundle import Manifest
-from edge_sdk.bundle.sparse import SparseLimits, decode_sparse_weights, dense_model
+from edge_sdk.bundle.sparse import CsrMatrix, SparseLimits, decode_sparse_weights, dense_int8_model, dense_model
 from edge_sdk.errors import BundleFormatError, EdgeError, StorageError
 from edge_sdk.metrics import benchmark
 from edge_sdk.protocol import BenchmarkSpec
@@ -39,22 +59,38 @@ from edge_sdk.runtime import InferenceSession, SessionOptions, open_session, ope
 
 __all__ = [
     "CANDIDATES",
+    "TOLERANCE",
+    "UNAVAILABLE",
     "CandidateTiming",
     "ExecutionChoice",
     "Opener",
+    "agreement",
     "choose",
     "execution_opener",
+    "not_applicable",
     "select_execution",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Executions a sparse bundle offers, in the order they are measured.
-CANDIDATES = ("dense", "sparse")
+#: Executions a sparse bundle offers, in the order they are measured and reported.
+CANDIDATES = ("dense", "dense_int8", "sparse")
+#: Executions this build does not have, with why; reported, never measured.
+UNAVAILABLE = {
+    "sparse_int8": (
+        "not available: onnxruntime's SparseToDenseMatMul has no int8 kernel, and an int32 "
+        "emulation measured no faster than float sparse"
+    ),
+}
+#: Largest difference from the dense execution's health-check outputs a candidate may
+#: show, as a fraction of the largest magnitude among the dense outputs.
+TOLERANCE = {"dense_int8": 0.05, "sparse": 1e-3}
 #: Timed rounds per candidate; each round runs ``spec.runs / ROUNDS`` times.
 ROUNDS = 3
 #: Largest sparse weights file read, in bytes.
 MAX_WEIGHTS_BYTES = 2 << 30
+
+_REPORTED = (*CANDIDATES, *UNAVAILABLE)
 
 Opener = Callable[[SessionOptions], InferenceSession]
 """Opens one execution of a bundle with the given session options."""
@@ -62,13 +98,14 @@ Opener = Callable[[SessionOptions], InferenceSession]
 
 @dataclass(frozen=True)
 class CandidateTiming:
-    """How one execution measured, or why it could not run.
+    """How one execution measured, or why it could not run or does not apply.
 
     Attributes:
-        name: ``dense`` or ``sparse``.
-        p50_ms, p90_ms, mean_ms: latency over the timed runs (``None`` on error).
+        name: one of :data:`CANDIDATES`, or of :data:`UNAVAILABLE`.
+        p50_ms, p90_ms, mean_ms: latency over the timed runs (``None`` when not timed).
         runs: timed runs.
-        error: why it could not run, or ``None``.
+        error: why it could not run (or disagreed with the dense execution), or ``None``.
+        not_applicable: why it does not apply to this bundle or this build, or ``None``.
     """
 
     name: str
@@ -77,11 +114,14 @@ class CandidateTiming:
     mean_ms: float | None = None
     runs: int = 0
     error: str | None = None
+    not_applicable: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "mean_ms": self.mean_ms, "runs": self.runs}
         if self.error is not None:
             d["error"] = self.error
+        if self.not_applicable is not None:
+            d["not_applicable"] = self.not_applicable
         return d
 
 
@@ -90,10 +130,10 @@ class ExecutionChoice:
     """The execution picked for a bundle on this device, and why.
 
     Attributes:
-        chosen: ``dense`` or ``sparse``.
+        chosen: one of :data:`CANDIDATES`.
         reason: one line for humans.
         pinned_by: ``"config"``, ``"manifest"`` or ``None`` (measured).
-        candidates: what each candidate measured (empty when pinned).
+        candidates: what each execution measured, or why it did not (empty when pinned).
     """
 
     chosen: str
@@ -114,7 +154,7 @@ def choose(timings: Sequence[CandidateTiming]) -> tuple[str, str]:
     """The candidate with the lowest median latency among those that ran.
 
     Args:
-        timings: one per candidate.
+        timings: one per candidate (those not applicable are ignored).
 
     Returns:
         ``(name, reason)``.
@@ -124,7 +164,8 @@ def choose(timings: Sequence[CandidateTiming]) -> tuple[str, str]:
     """
     ran = [t for t in timings if t.error is None and t.p50_ms is not None]
     if not ran:
-        raise EdgeError("no execution of this bundle could run: " + "; ".join(f"{t.name}: {t.error}" for t in timings))
+        errors = "; ".join(f"{t.name}: {t.error}" for t in timings if t.error)
+        raise EdgeError(f"no execution of this bundle could run: {errors}")
     best = min(ran, key=lambda t: t.p50_ms)  # type: ignore[arg-type, return-value]
     others = ", ".join(f"{t.name} {t.p50_ms:.3f} ms" for t in ran if t is not best)
     failed = ", ".join(f"{t.name} could not run ({t.error})" for t in timings if t.error is not None)
@@ -132,15 +173,44 @@ def choose(timings: Sequence[CandidateTiming]) -> tuple[str, str]:
     return best.name, reason + (f"; {failed}" if failed else "")
 
 
-def execution_opener(payload: Path, manifest: Manifest, name: str, limits: SparseLimits = SparseLimits()) -> Opener:
-    """A function that opens execution ``name`` of a sparse bundle unpacked in ``payload``.
+def agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], tolerance: float) -> str | None:
+    """Whether a candidate's outputs match the dense execution's, within ``tolerance``.
 
-    The weights file is read and checked once, here.
+    Floating outputs are compared by their largest absolute difference, as a fraction
+    of the largest magnitude among the reference's floating outputs; other outputs
+    (labels, indices) only by shape, since an int8 execution may flip a near tie.
 
-    Raises:
-        BundleFormatError: the weights file is corrupt or beyond ``limits``.
-        StorageError: a file cannot be read.
+    Returns:
+        ``None`` when they agree, else why not.
     """
+    if len(reference) != len(outputs):
+        return f"it returns {len(outputs)} outputs, the dense execution {len(reference)}"
+    floats = [np.asarray(r) for r in reference if np.issubdtype(np.asarray(r).dtype, np.floating)]
+    scale = max((float(np.abs(r).max()) for r in floats if r.size), default=0.0) or 1.0
+    worst = 0.0
+    for i, (want, got) in enumerate(zip(reference, outputs)):
+        want, got = np.asarray(want), np.asarray(got)
+        if want.shape != got.shape:
+            return f"its output {i} has shape {list(got.shape)}, the dense execution's {list(want.shape)}"
+        if np.issubdtype(want.dtype, np.floating) and want.size:
+            diff = float(np.abs(got.astype(np.float64) - want).max()) / scale
+            worst = max(worst, diff) if np.isfinite(diff) else float("inf")
+    if not worst <= tolerance:
+        return f"its outputs differ from the dense execution's by {worst:.2%} of their size (limit {tolerance:.2%})"
+    return None
+
+
+def not_applicable(manifest: Manifest, name: str) -> str | None:
+    """Why execution ``name`` does not apply to a sparse bundle, or ``None`` when it does."""
+    assert manifest.sparse is not None
+    if name in UNAVAILABLE:
+        return UNAVAILABLE[name]
+    if name == "dense_int8" and manifest.sparse.values != "int8":
+        return "the weights file stores float32 values (pack with --sparse-int8 for int8)"
+    return None
+
+
+def _read_weights(payload: Path, manifest: Manifest, limits: SparseLimits) -> dict[str, CsrMatrix]:
     assert manifest.sparse is not None
     spec = manifest.sparse
     path = payload / spec.weights
@@ -153,6 +223,16 @@ def execution_opener(payload: Path, manifest: Manifest, name: str, limits: Spars
     expected = {l.tensor: l for l in spec.layers}
     if set(weights) != set(expected) or any(weights[n].shape != expected[n].shape for n in expected):
         raise BundleFormatError(f"sparse weights file {spec.weights} does not hold the layers the manifest lists")
+    if any(m.quantized != (spec.values == "int8") for m in weights.values()):
+        raise BundleFormatError(f"sparse weights file {spec.weights} does not hold the manifest's {spec.values} values")
+    return weights
+
+
+def _opener(payload: Path, manifest: Manifest, name: str, weights: Mapping[str, CsrMatrix]) -> Opener:
+    assert manifest.sparse is not None
+    spec = manifest.sparse
+    if name not in CANDIDATES:
+        raise ValueError(f"unknown execution {name!r}; expected one of {', '.join(CANDIDATES)}")
     if name == "sparse":
         model_path = payload / manifest.model
         return lambda options: open_sparse_session(model_path, weights, options)
@@ -161,11 +241,33 @@ def execution_opener(payload: Path, manifest: Manifest, name: str, limits: Spars
     except OSError as exc:
         raise StorageError(f"cannot read {spec.dense_model}: {exc.strerror}") from exc
     transposed = {l.tensor: l.transposed for l in spec.layers}
+    build, precision = (dense_int8_model, "int8") if name == "dense_int8" else (dense_model, "fp32")
 
     def open_dense(options: SessionOptions) -> InferenceSession:
-        return open_session(dense_model(skeleton, weights, transposed), "onnxruntime", options, precision_hint="fp32")
+        return open_session(build(skeleton, weights, transposed), "onnxruntime", options, precision_hint=precision)
 
     return open_dense
+
+
+def execution_opener(payload: Path, manifest: Manifest, name: str, limits: SparseLimits = SparseLimits()) -> Opener:
+    """A function that opens execution ``name`` of a sparse bundle unpacked in ``payload``.
+
+    The weights file is read and checked once, here.
+
+    Args:
+        payload: directory holding the bundle's files.
+        manifest: its manifest (with ``sparse``).
+        name: one of :data:`CANDIDATES` (see :func:`not_applicable` for whether it applies).
+        limits: bounds on the weights file.
+
+    Raises:
+        BundleFormatError: the weights file is corrupt, beyond ``limits`` or does not
+            match the manifest; for ``dense_int8``, a file of float32 values (when the
+            opener is called).
+        StorageError: a file cannot be read.
+        ValueError: ``name`` is not a candidate.
+    """
+    return _opener(payload, manifest, name, _read_weights(payload, manifest, limits))
 
 
 def _pin(manifest: Manifest, configured: str) -> tuple[str | None, str | None]:
@@ -183,13 +285,13 @@ def select_execution(
     configured: str = "auto",
     sample_path: Path | None = None,
 ) -> tuple[ExecutionChoice, Opener]:
-    """Pick how to run a sparse bundle here: by pin, else by measuring every candidate.
+    """Pick how to run a sparse bundle here: by pin, else by measuring every candidate that applies.
 
     Args:
         payload: directory holding the bundle's files.
         manifest: its manifest (with ``sparse``).
         spec: runs, warm-up and threads, as for the benchmark.
-        configured: the agent's ``execution`` setting (``auto``, ``dense``, ``sparse``).
+        configured: the agent's ``execution`` setting (``auto`` or one of :data:`CANDIDATES`).
         sample_path: the bundle's sample input, or ``None`` for random inputs.
 
     Returns:
@@ -203,40 +305,55 @@ def select_execution(
 
     pinned, by = _pin(manifest, configured)
     options = SessionOptions(threads=spec.threads)
+    weights = _read_weights(payload, manifest, SparseLimits())
+    skipped = {n: why for n in _REPORTED if (why := not_applicable(manifest, n)) is not None}
     sessions: dict[str, InferenceSession] = {}
     openers: dict[str, Opener] = {}
+    outputs: dict[str, list[np.ndarray]] = {}
     errors: dict[str, str] = {}
-    names = [pinned] if pinned else list(CANDIDATES)
-    if pinned:
-        names += [c for c in CANDIDATES if c != pinned]  # the fallback, opened only if needed
+
+    def opens(name: str) -> bool:
+        """Open and health-check ``name``; on failure record why and return False."""
+        if name in skipped:
+            errors[name] = skipped[name]
+            return False
+        try:
+            openers[name] = _opener(payload, manifest, name, weights)
+            session = sessions[name] = openers[name](options)
+            outputs[name] = health_check(session, load_feeds(session, sample_path))
+            return True
+        except (BundleFormatError, StorageError):
+            raise
+        except EdgeError as exc:
+            errors[name] = exc.message
+            log.warning("%s v%s: %s execution cannot run here: %s", manifest.name, manifest.version, name, exc.message)
+            if name in sessions:
+                sessions.pop(name).close()
+            return False
+
     try:
-        for name in names:
-            if pinned and name != pinned and pinned not in errors:
-                break
-            try:
-                openers[name] = execution_opener(payload, manifest, name)
-                session = openers[name](options)
-                sessions[name] = session
-                feeds = load_feeds(session, sample_path)
-                health_check(session, feeds)
-            except (BundleFormatError, StorageError):
-                raise
-            except EdgeError as exc:
-                errors[name] = exc.message
-                log.warning("%s v%s: %s execution cannot run here: %s", manifest.name, manifest.version, name, exc.message)
-                if name in sessions:
-                    sessions.pop(name).close()
         if pinned:
-            if pinned not in errors:
+            if opens(pinned):
                 return ExecutionChoice(pinned, f"pinned by {by}", by), openers[pinned]
-            fallback = next((n for n in sessions if n != pinned), None)
+            fallback = next((n for n in CANDIDATES if n != pinned and n not in skipped and opens(n)), None)
             if fallback is None:
                 raise EdgeError(f"pinned {pinned} execution cannot run ({errors[pinned]}), nor any other")
             reason = f"pinned by {by} to {pinned}, which cannot run here ({errors[pinned]}); ran {fallback}"
             return ExecutionChoice(fallback, reason, by), openers[fallback]
+        for name in CANDIDATES:
+            if name not in skipped:
+                opens(name)
+        if "dense" in outputs:
+            for name in [n for n in sessions if n in TOLERANCE]:
+                why = agreement(outputs["dense"], outputs[name], TOLERANCE[name])
+                if why is not None:
+                    errors[name] = why
+                    log.warning("%s v%s: %s execution disagrees: %s", manifest.name, manifest.version, name, why)
+                    sessions.pop(name).close()
         timings = _measure(sessions, sample_path, spec, load_feeds)
         timings += [CandidateTiming(n, error=e) for n, e in errors.items()]
-        timings.sort(key=lambda t: CANDIDATES.index(t.name))
+        timings += [CandidateTiming(n, not_applicable=why) for n, why in skipped.items()]
+        timings.sort(key=lambda t: _REPORTED.index(t.name))
         chosen, reason = choose(timings)
         log.info("%s v%s: %s", manifest.name, manifest.version, reason)
         return ExecutionChoice(chosen, reason, None, tuple(timings)), openers[chosen]

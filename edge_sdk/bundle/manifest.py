@@ -42,7 +42,7 @@ _MAX_PATH = 255
 _MAX_FILES = 64
 _MAX_SPARSE_LAYERS = 256
 #: How a bundle may be run: ``auto`` lets the device measure and choose.
-EXECUTIONS = ("auto", "dense", "sparse")
+EXECUTIONS = ("auto", "dense", "dense_int8", "sparse")
 
 
 def check_member_path(path: str) -> str:
@@ -443,8 +443,10 @@ class Manifest:
                     raise ManifestError(f"sparse: {path!r} is not among the manifest's files, or is the model")
         if self.execution is not None and self.execution not in EXECUTIONS:
             raise ManifestError(f"execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
-        if self.execution == "sparse" and self.sparse is None:
-            raise ManifestError("execution 'sparse' needs the manifest's 'sparse' field")
+        if self.execution in ("sparse", "dense_int8") and self.sparse is None:
+            raise ManifestError(f"execution {self.execution!r} needs the manifest's 'sparse' field")
+        if self.execution == "dense_int8" and self.sparse is not None and self.sparse.values != "int8":
+            raise ManifestError("execution 'dense_int8' needs sparse weights stored as int8 values")
 
     @property
     def payload_size(self) -> int:

@@ -4,8 +4,9 @@ A pruned model's large weight matrices travel as compressed sparse rows (CSR), n
 as dense arrays on disk. The host (``host_tools.compress.sparse_pack``) writes one
 *sparse weights* file per bundle; the device reads it with numpy and the standard
 library only, and hands the matrices to :func:`edge_sdk.runtime.open_sparse_session`
-(sparse execution) or to :func:`dense_model` (dense execution, weights rebuilt in
-memory), whichever measures faster there.
+(sparse execution), to :func:`dense_model` (dense execution, float weights rebuilt in
+memory) or, when the file stores int8 values, to :func:`dense_int8_model` (dense int8
+execution), whichever measures faster there (``device_agent.selection``).
 
 File layout, format 1 (``V`` is an unsigned LEB128 varint, ``u8`` one byte, arrays
 little-endian)::
@@ -29,6 +30,31 @@ structure is checked (``indptr`` starts at 0, never decreases, ends at ``nnz``; 
 column is below ``cols`` and increasing within its row; float values are finite), so a
 corrupt or hostile file is refused with a :class:`~edge_sdk.errors.BundleFormatError`
 instead of crashing a kernel or exhausting memory.
+
+Dense int8 execution (:func:`dense_int8_model`) is built on the device from the same two
+files the dense execution uses, the dense skeleton and the int8 CSR file: no third
+file, no host step, so every bundle packed with int8 values offers it. The skeleton's
+nodes are read and rewritten on the protobuf wire format (:mod:`edge_sdk.protowire`;
+the device has no ``onnx`` package): each sparse layer's ``MatMul`` or ``Gemm`` becomes
+onnxruntime's ``com.microsoft.DynamicQuantizeMatMul`` (the activation quantized to
+uint8 per call, an integer matrix product, the result scaled back to float), plus an
+``Add`` for a ``Gemm``'s bias. (The alternative, a second skeleton written by the host
+with the int8 nodes already in place, would be one more file in every bundle and
+would leave bundles packed before it without the candidate; rewriting a handful of
+nodes here needs only a small node reader and writer next to the wire-format code the
+device already has.)
+
+The weights map without requantizing. The stored matrix is always ``[out, in]`` (it is
+``W^T`` of ``x @ W``, or a ``Gemm``'s ``B`` under ``transB``; see ``transposed`` of the
+manifest's layers), so its per-row scales are per *output column* of the product, which
+is what ``DynamicQuantizeMatMul``'s 1-D ``b_scale`` means: ``B`` is the stored matrix
+transposed, ``[in, out]``, and ``b_scale`` the row scales as they are. ``B`` is held as
+*uint8 with zero point 128* (each int8 value plus 128; the same numbers): onnxruntime's
+uint8 x int8 kernel on x86 without VNNI multiplies with ``vpmaddubsw``, whose 16-bit
+sums saturate on full-range int8 weights (measured on this project's AVX2 test VM:
+errors up to 25% of the output's magnitude), while its uint8 x uint8 kernel is exact
+and was 15-25% slower there (``docs/benchmarks.md``, "Sparse"). ``B`` is dense in
+memory only, one byte per weight.
 """
 
 from __future__ import annotations
@@ -40,7 +66,16 @@ import numpy as np
 
 from edge_sdk.bundle._reader import ByteReader
 from edge_sdk.errors import BundleFormatError, ConfigError
-from edge_sdk.protowire import WireError, append_initializers, encode_varint, tensor_proto
+from edge_sdk.protowire import (
+    Node,
+    WireError,
+    append_initializers,
+    encode_varint,
+    graph_nodes,
+    node_proto,
+    rewrite_model,
+    tensor_proto,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -48,6 +83,7 @@ __all__ = [
     "CsrMatrix",
     "SparseLimits",
     "decode_sparse_weights",
+    "dense_int8_model",
     "dense_model",
     "encode_sparse_weights",
 ]
@@ -57,9 +93,10 @@ FORMAT_VERSION = 1
 _VALUES_F32, _VALUES_I8 = 0, 1
 _INDEX_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _MAX_NAME = 256
-# ONNX wire fields: ModelProto.graph = 7, GraphProto.initializer = 5; TensorProto
-# dims = 1, data_type = 2, name = 8, raw_data = 9; FLOAT = 1.
-_FLOAT = 1  # TensorProto.FLOAT
+_FLOAT, _UINT8 = 1, 2  # TensorProto.DataType
+_MS_DOMAIN = "com.microsoft"
+#: The uint8 value that stands for 0 in the dense int8 execution's weights.
+_ZERO_POINT = 128
 
 
 @dataclass(frozen=True)
@@ -94,7 +131,9 @@ class CsrMatrix:
         indptr: ``rows + 1`` offsets into ``indices``/``values``.
         indices: column of each stored value.
         values: stored values, float32 (int8 files are dequantized when read).
-        quantized: whether the file stored the values as int8 with per-row scales.
+        int8_values: for a file that stores int8 values, those values (``values`` is
+            ``int8_values * row_scales[row]``); ``None`` for float32 files.
+        row_scales: for int8 values, the float32 scale of each row; ``None`` otherwise.
     """
 
     name: str
@@ -102,7 +141,13 @@ class CsrMatrix:
     indptr: np.ndarray
     indices: np.ndarray
     values: np.ndarray
-    quantized: bool = False
+    int8_values: np.ndarray | None = None
+    row_scales: np.ndarray | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the file stored the values as int8 with per-row scales."""
+        return self.int8_values is not None
 
     @property
     def nnz(self) -> int:
@@ -245,15 +290,18 @@ def decode_sparse_weights(data: bytes | memoryview, limits: SparseLimits = Spars
         indptr = reader.array(_INDEX_DTYPES[ptr_width], rows + 1, "indptr").astype(np.int64)
         indices = reader.array(index, nnz, "indices").astype(np.int64)
         _check_structure(name, cols, indptr, indices)
+        q = scales = None
         if kind == _VALUES_F32:
             values = reader.array(np.dtype("<f4"), nnz, "values").astype(np.float32)
         else:
-            q = reader.array(np.dtype("i1"), nnz, "values")
-            scales = reader.array(np.dtype("<f4"), rows, "scales")
+            q = reader.array(np.dtype("i1"), nnz, "values").astype(np.int8)  # copies: the file's bytes can go
+            scales = reader.array(np.dtype("<f4"), rows, "scales").astype(np.float32)
+            if not np.all(np.isfinite(scales)):
+                raise BundleFormatError(f"sparse weights: {name!r} has non-finite scales")
             values = q.astype(np.float32) * np.repeat(scales, np.diff(indptr))
         if not np.all(np.isfinite(values)):
             raise BundleFormatError(f"sparse weights: {name!r} has non-finite values")
-        out[name] = CsrMatrix(name, (rows, cols), indptr, indices, values, quantized=kind == _VALUES_I8)
+        out[name] = CsrMatrix(name, (rows, cols), indptr, indices, values, q, scales)
     if reader.pos != len(view):
         raise BundleFormatError(f"sparse weights: {len(view) - reader.pos} trailing bytes")
     return out
@@ -301,3 +349,105 @@ def dense_model(skeleton: bytes, matrices: Mapping[str, CsrMatrix], transposed: 
         return append_initializers(skeleton, inits)
     except WireError as exc:
         raise BundleFormatError(f"dense model: the skeleton is not a usable ONNX model ({exc})") from exc
+
+
+def _int8_weight(m: CsrMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """``B`` (``[cols, rows]``, uint8, zero point 128) and its per-column scales, from an int8 matrix."""
+    assert m.int8_values is not None and m.row_scales is not None
+    rows, cols = m.shape
+    b = np.full((cols, rows), _ZERO_POINT, dtype=np.uint8)
+    row_of = np.repeat(np.arange(rows), np.diff(m.indptr))
+    b[m.indices, row_of] = (m.int8_values.astype(np.int16) + _ZERO_POINT).astype(np.uint8)
+    return b, np.ascontiguousarray(m.row_scales, dtype="<f4")
+
+
+def _int8_layer(name: str, node: Node, transposed: bool) -> list[bytes]:
+    """The nodes that replace the ``MatMul``/``Gemm`` fed by weight ``name``.
+
+    Raises:
+        BundleFormatError: the node is not one the host writes for a sparse layer.
+    """
+    where = f"dense int8 model: the node that reads {name!r}"
+    attrs = node.attributes
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.outputs) != 1:
+        raise BundleFormatError(f"{where} is a {node.domain or 'ai.onnx'} {node.op_type}, not a MatMul or Gemm")
+    if node.inputs.index(name) != 1 or not node.inputs[0]:
+        raise BundleFormatError(f"{where} does not take it as its second input")
+    if node.op_type == "Gemm":
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if not plain or len(node.inputs) > 3:
+            raise BundleFormatError(f"{where} is a Gemm with transA, alpha or beta")
+        expected = not attrs.get("transB", 0)
+    else:
+        if len(node.inputs) != 2:
+            raise BundleFormatError(f"{where} is a MatMul with {len(node.inputs)} inputs")
+        expected = True
+    if transposed != expected:
+        raise BundleFormatError(f"{where}: the manifest's 'transposed' ({transposed}) does not fit the {node.op_type}")
+    out = node.outputs[0]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    product = f"{out}__int8" if bias else out
+    label = f"{node.name or out}__int8"
+    nodes = [
+        node_proto(
+            "DynamicQuantizeMatMul", [node.inputs[0], name, f"{name}__scale", f"{name}__zero_point"], [product],
+            name=label, domain=_MS_DOMAIN,
+        )
+    ]
+    if bias:
+        nodes.append(node_proto("Add", [product, bias], [out], name=f"{label}_bias"))
+    return nodes
+
+
+def dense_int8_model(skeleton: bytes, matrices: Mapping[str, CsrMatrix], transposed: Mapping[str, bool]) -> bytes:
+    """The dense int8 ONNX model: the skeleton with each sparse layer as ``DynamicQuantizeMatMul``.
+
+    See the module docstring for the graph and why ``B`` is uint8 with zero point 128.
+    Each matrix's int8 values become the layer's weight (``{name}``, uint8 ``[in, out]``),
+    its row scales the per-column ``{name}__scale``, and ``{name}__zero_point`` is 128.
+
+    Args:
+        skeleton: the dense graph without the sparse layers' weights (the bundle's
+            ``sparse.dense_model``).
+        matrices: the weights, by initializer name; all must hold int8 values.
+        transposed: name -> the manifest's ``transposed`` of the layer, checked against
+            the node that reads the weight (``MatMul`` and ``Gemm`` without ``transB``
+            store the transpose).
+
+    Returns:
+        Serialized model bytes onnxruntime can load (with its contrib operators).
+
+    Raises:
+        BundleFormatError: a matrix holds float32 values; the skeleton does not parse; a
+            weight is not read by exactly one ``MatMul``/``Gemm`` as its second input,
+            or that node does not match the manifest's layer; a name the rewrite adds
+            is already used by the graph.
+    """
+    try:
+        nodes = graph_nodes(skeleton)
+    except WireError as exc:
+        raise BundleFormatError(f"dense int8 model: the skeleton is not a usable ONNX model ({exc})") from exc
+    used = {t for n in nodes for t in (*n.inputs, *n.outputs)}
+    replace: dict[int, list[bytes]] = {}
+    inits = []
+    for name, m in matrices.items():
+        if not m.quantized:
+            raise BundleFormatError(f"dense int8 model: {name!r} stores float32 values, not int8")
+        reads = sum(n.inputs.count(name) for n in nodes)
+        if reads != 1:
+            raise BundleFormatError(f"dense int8 model: the skeleton reads {name!r} {reads} times, expected once")
+        index = next(i for i, n in enumerate(nodes) if name in n.inputs)
+        replace[index] = _int8_layer(name, nodes[index], transposed.get(name, False))
+        added = {f"{name}__scale", f"{name}__zero_point", f"{nodes[index].outputs[0]}__int8"}
+        if clash := sorted(added & used):
+            raise BundleFormatError(f"dense int8 model: the skeleton already uses the name {clash[0]!r}")
+        b, scales = _int8_weight(m)
+        inits += [
+            tensor_proto(name, _UINT8, b.shape, b.tobytes()),
+            tensor_proto(f"{name}__scale", _FLOAT, scales.shape, scales.tobytes()),
+            tensor_proto(f"{name}__zero_point", _UINT8, (), bytes([_ZERO_POINT])),
+        ]
+    try:
+        return rewrite_model(skeleton, nodes=replace, initializers=inits, opsets={_MS_DOMAIN: 1})
+    except WireError as exc:
+        raise BundleFormatError(f"dense int8 model: the skeleton is not a usable ONNX model ({exc})") from exc

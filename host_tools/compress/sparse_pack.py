@@ -11,7 +11,9 @@ whose constant weight is at least ``min_sparsity`` zeros and writes three things
   onnxruntime runs it whole, the device binds the weights (see
   :mod:`edge_sdk.runtime._sparse`).
 - the **dense graph**: the original model without those weights (a few KB); the device
-  fills them in, in memory only, to measure or run the dense execution.
+  fills them in, in memory only, to measure or run the dense execution (and, for int8
+  values, rewrites those layers into the dense int8 execution: ``dense_int8_model`` in
+  :mod:`edge_sdk.bundle.sparse`).
 - the **sparse weights** file: CSR, indices in the smallest unsigned type that fits,
   values float32 or int8 with a scale per row (:mod:`edge_sdk.bundle.sparse`).
 

@@ -74,3 +74,68 @@ def test_truncated_model_is_refused(cut: int) -> None:
 def test_bytes_that_are_not_a_model_are_refused() -> None:
     with pytest.raises(WireError, match="graphs"):
         append_initializers(encode_varint(1 << 3) + encode_varint(5), [])
+
+
+# --- nodes and graph rewrites --------------------------------------------------------
+
+from edge_sdk.protowire import Node, graph_nodes, node_proto, parse_node, rewrite_model  # noqa: E402
+
+
+def test_parse_node_reads_what_onnx_writes() -> None:
+    node = helper.make_node(
+        "Gemm", ["a", "", "c"], ["y"], name="fc", domain="ai.onnx", transB=1, transA=0, alpha=0.5, axis=-3,
+        perm=[1, 0], mode="x",
+    )
+    got = parse_node(node.SerializeToString())
+    assert (got.op_type, got.domain, got.name, got.inputs, got.outputs) == ("Gemm", "ai.onnx", "fc", ("a", "", "c"), ("y",))
+    assert got.attributes == {"transB": 1, "transA": 0, "alpha": 0.5, "axis": -3}  # lists and strings left out
+
+
+def test_node_proto_is_a_node_onnx_reads_back() -> None:
+    data = node_proto("DynamicQuantizeMatMul", ["x", "w", "s", ""], ["y"], name="n", domain="com.microsoft")
+    node = onnx.NodeProto()
+    node.ParseFromString(data)
+    assert (node.op_type, node.domain, node.name, list(node.input), list(node.output)) == (
+        "DynamicQuantizeMatMul", "com.microsoft", "n", ["x", "w", "s", ""], ["y"],
+    )
+    assert parse_node(data) == Node("DynamicQuantizeMatMul", "com.microsoft", "n", ("x", "w", "s", ""), ("y",))
+    plain = onnx.NodeProto()
+    plain.ParseFromString(node_proto("Relu", ["a"], ["b"]))
+    assert (plain.name, plain.domain) == ("", "")
+
+
+def _two_nodes() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="first"), helper.make_node("Neg", ["h"], ["y"], name="second")]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_graph_nodes_lists_the_graph_in_order() -> None:
+    assert [(n.op_type, n.name) for n in graph_nodes(_two_nodes().SerializeToString())] == [("Relu", "first"), ("Neg", "second")]
+
+
+def test_rewrite_model_replaces_nodes_in_place_and_imports_opsets_once() -> None:
+    w = np.ones((3, 3), np.float32)
+    data = rewrite_model(
+        _two_nodes().SerializeToString(),
+        nodes={0: [node_proto("MatMul", ["x", "w"], ["m"]), node_proto("Abs", ["m"], ["h"])]},
+        initializers=[tensor_proto("w", 1, w.shape, w.tobytes())],
+        opsets={"com.microsoft": 1, "": 99},
+    )
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Abs", "Neg"]
+    assert {(o.domain, o.version) for o in model.opset_import} == {("", 17), ("com.microsoft", 1)}
+    again = rewrite_model(data, opsets={"com.microsoft": 1})
+    assert len(onnx.load_from_string(again).opset_import) == 2
+
+
+def test_rewrite_model_refuses_a_node_position_beyond_the_graph() -> None:
+    with pytest.raises(WireError, match="beyond"):
+        rewrite_model(_two_nodes().SerializeToString(), nodes={2: []})
+
+
+def test_a_node_name_that_is_not_utf8_is_refused() -> None:
+    with pytest.raises(WireError, match="UTF-8"):
+        parse_node(node_proto("Relu", ["x"], ["y"]).replace(b"Relu", b"R\xffel"))

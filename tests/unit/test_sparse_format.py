@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sparse_models import pruned
@@ -35,6 +37,10 @@ def test_int8_values_are_within_half_a_step_of_their_row_scale():
     step = np.abs(dense).max(axis=1, keepdims=True) / 127
     assert np.all(np.abs(out.to_dense() - dense) <= step / 2 + 1e-7)
     assert np.all(out.to_dense()[dense == 0] == 0)  # no new nonzeros (tiny values may round to 0)
+    # The int8 values and row scales are kept as stored, for the dense int8 execution.
+    assert out.int8_values.dtype == np.int8 and out.row_scales.shape == (50,)
+    np.testing.assert_array_equal(out.int8_values * np.repeat(out.row_scales, np.diff(out.indptr)), out.values)
+    assert np.abs(out.int8_values).max() == 127
 
 
 def test_file_is_compact_and_never_dense():
@@ -150,6 +156,11 @@ def test_manifest_sparse_field_round_trips_and_is_validated():
         _manifest(execution="fastest")
     with pytest.raises(ManifestError):
         _manifest(execution="sparse")  # nothing sparse to run
+    with pytest.raises(ManifestError):
+        _manifest(execution="dense_int8")
+    assert _manifest(sparse=spec, execution="dense_int8").execution == "dense_int8"
+    with pytest.raises(ManifestError, match="int8 values"):
+        _manifest(sparse=dataclasses.replace(spec, values="fp32"), execution="dense_int8")
     for bad in (
         {"layers": [], "weights": "m.csr", "dense_model": "m.dense.onnx"},
         {**spec.to_dict(), "format": "coo"},
@@ -160,3 +171,9 @@ def test_manifest_sparse_field_round_trips_and_is_validated():
     ):
         with pytest.raises(ManifestError):
             Manifest.from_dict({**m.to_dict(), "sparse": bad})
+
+
+def test_non_finite_int8_scales_are_refused():
+    data = encode_sparse_weights([CsrMatrix.from_dense("w", np.eye(3, dtype=np.float32))], int8_values=True)
+    with pytest.raises(BundleFormatError, match="non-finite scales"):
+        decode_sparse_weights(data[:-4] + np.float32("nan").tobytes())
