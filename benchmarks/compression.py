@@ -103,22 +103,55 @@ def mlp_static_int8_speed(env: Env) -> Row:
     )
 
 
+def _alternating_latency(env: Env, first: bytes, second: bytes, runs: int, rounds: int = 5) -> tuple[float, float]:
+    """Batch-1 p50 of two models timed in alternating rounds (median of the rounds' medians),
+    so that other load on the host slows both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for model, out in zip((first, second), times):
+            out.append(env.latency(model, max(10, runs // rounds)))
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
 def mlp_lowrank(env: Env) -> Row:
-    result = hc.compress(
-        env.big_mlp, [hc.LowRankFactorization(max_drop=0.01)], evaluation=env.split.test, measure=MEASURE
-    )
-    notes = result.report.steps[0].notes
+    """Factorize the wide MLP's two large layers to >= 2x fewer parameters, then fine-tune the factors.
+
+    Ranks: ``LowRankFactorization(param_ratio=2.0, min_params=100_000)``, one retained-energy
+    threshold shared by fc0 (64x2048) and fc1 (2048x2048), the highest that gives 2x; the
+    2048x10 output layer stays dense. Fine-tuning trains both factors of each layer (the
+    ranks stay) for 10 epochs at learning rate 1e-3. The scope (fc0+fc1 rather than fc1
+    alone), epochs (3/5/10/20) and learning rate (1e-3/3e-4) were chosen on a validation
+    split carved from the training data (270 of 1,347 images, seed 1), never on the test
+    split this row reports. The dense fp32 model fine-tuned the same way is measured too,
+    to show how much of the gain is the extra training rather than the factorization.
+    """
+    fp32 = env.big_mlp
+    tune = _train(3 if env.quick else 10, 1e-3)
+    steps = [hc.LowRankFactorization(param_ratio=2.0, min_params=100_000), hc.FineTune(tune)]
+    result = hc.compress(fp32, steps, evaluation=env.split.test, training=env.split.train, measure=MEASURE)
+    dense = hc.compress(fp32, [hc.FineTune(tune)], evaluation=env.split.test, training=env.split.train, measure=MEASURE)
+    t32, t_lr = _alternating_latency(env, fp32, result.model_bytes, 50 if env.quick else 300)
+    rep = result.report
+    notes = rep.steps[0].notes
     before, after = notes["factorized_params_before"], max(1, notes["factorized_params_after"])
-    drop_pt = 100 * (result.report.quality_drop or 0.0)
+    factorized_only = rep.steps[0].metrics.quality or 0.0
+    drop_pt = 100 * (rep.quality_drop or 0.0)
     ranks = ", ".join(f"{d['layer']} {d['rank']}/{d['full_rank']}" for d in notes["layers"])
     return Row(
-        "low-rank (accuracy budget 1 pt) on the MLP's large layers",
+        f"low-rank to 2x fewer parameters ({', '.join(d['layer'] for d in notes['layers'])} of the MLP) + fine-tune "
+        "of the factors, batch 1, 1 thread",
         ">= 2x fewer parameters in factorized layers, <= 1 pt drop",
-        f"{before / after:.2f}x fewer ({before} -> {after}; ranks {ranks}), {drop_pt:+.2f} pt drop, "
-        f"whole model {result.report.original.parameters / result.report.final.parameters:.2f}x",
+        f"{before / after:.2f}x fewer ({before} -> {after}; ranks {ranks}); whole model {rep.original.parameters} -> "
+        f"{rep.final.parameters}; accuracy {rep.original.quality:.2%} -> {factorized_only:.2%} factorized -> "
+        f"{rep.final.quality:.2%} tuned ({drop_pt:+.2f} pt drop; dense fp32 tuned the same way "
+        f"{dense.report.final.quality:.2%}); p50 {t32:.3f} -> {t_lr:.3f} ms = {t32 / t_lr:.2f}x",
         before / after >= 2.0 and drop_pt <= 1.0,
         "Denton 2014: ~2x within 1%",
-        {"energy": notes["energy"], "layers": notes["layers"], "drop": result.report.quality_drop},
+        {"energy": notes["energy"], "layers": notes["layers"], "drop": rep.quality_drop,
+         "fp32_accuracy": rep.original.quality, "factorized_accuracy": factorized_only,
+         "tuned_accuracy": rep.final.quality, "dense_tuned_accuracy": dense.report.final.quality,
+         "fp32_parameters": rep.original.parameters, "parameters": rep.final.parameters,
+         "fp32_p50_ms": t32, "p50_ms": t_lr, "speedup": t32 / t_lr, "finetune": dict(rep.steps[1].notes)},  # fmt: skip
     )
 
 
@@ -187,10 +220,16 @@ def structured_pruning_speed(env: Env) -> Row:
 
 
 def distillation(env: Env) -> Row:
-    """Digits CNN teacher -> MLP student (< 1/4 the parameters): soft targets vs labels alone."""
+    """Digits CNN teacher -> MLP student (< 1/4 the parameters): soft targets vs labels alone.
+
+    For a given seed both students start from the same weights and see the batches in the
+    same order, so the per-seed difference isolates the loss. Distillation counts as
+    beating labels-only training only when the mean of those paired differences exceeds
+    twice its standard error over the seeds; one test image is 0.22 pt.
+    """
     teacher = onnx.load_model_from_string(hc.train_digits_cnn(env.split, epochs=8 if env.quick else 20))
     teacher_acc = hc.evaluate_accuracy(teacher, env.split.test)
-    seeds = range(2 if env.quick else 5)
+    seeds = range(2 if env.quick else 10)  # 20 students: about 40 s
     options = _train(30 if env.quick else 60, 1e-2)
 
     def student(alpha: float, seed: int) -> tuple[float, int]:
@@ -199,18 +238,28 @@ def distillation(env: Env) -> Row:
         return hc.evaluate_accuracy(model, env.split.test), hc.count_parameters(model)
 
     distilled = [student(0.7, s) for s in seeds]
-    labels = [student(0.0, s)[0] for s in seeds]
-    kd, base = float(np.mean([a for a, _ in distilled])), float(np.mean(labels))
+    kd_runs = np.array([a for a, _ in distilled])
+    label_runs = np.array([student(0.0, s)[0] for s in seeds])
+    gain = 100 * (kd_runs - label_runs)  # paired, in points
+    gain_se = float(gain.std(ddof=1) / np.sqrt(len(gain)))
+    beats = float(gain.mean()) > 2 * gain_se if gain_se > 0 else bool(gain.mean() > 0)
+    kd, base = float(kd_runs.mean()), float(label_runs.mean())
     params, t_params = distilled[0][1], hc.count_parameters(teacher)
     kept = kd / teacher_acc
+    ahead, behind = int(np.sum(gain > 0)), int(np.sum(gain < 0))
     return Row(
         f"distillation: CNN teacher ({t_params} params) -> MLP 64-32-10 student ({params}), T=2, alpha=0.7",
-        "student <= 1/4 params keeps >= 97% of teacher accuracy and beats labels-only training",
-        f"teacher {teacher_acc:.2%}; student distilled {kd:.2%} ({kept:.1%} of teacher) vs labels alone {base:.2%} "
-        f"(mean of {len(labels)} seeds); {params / t_params:.1%} of the parameters",
-        params <= t_params / 4 and kept >= 0.97 and kd > base,
+        "student <= 1/4 params keeps >= 97% of teacher accuracy and beats labels-only training "
+        "(paired over seeds, by more than 2 standard errors)",
+        f"teacher {teacher_acc:.2%}; student distilled {kd:.2%} +- {100 * kd_runs.std(ddof=1):.2f} pt "
+        f"({kept:.1%} of teacher) vs labels alone {base:.2%} +- {100 * label_runs.std(ddof=1):.2f} pt "
+        f"(mean +- std over {len(gain)} seeds); paired gain {gain.mean():+.2f} +- {gain_se:.2f} pt (standard error; "
+        f"distilled ahead in {ahead}, behind in {behind}, tied in {len(gain) - ahead - behind}); "
+        f"{params / t_params:.1%} of the parameters",
+        params <= t_params / 4 and kept >= 0.97 and beats,
         "DistilBERT: 97% at 60% size; Hinton 2015",
-        {"teacher_accuracy": teacher_acc, "distilled": [a for a, _ in distilled], "labels_only": labels,
+        {"teacher_accuracy": teacher_acc, "distilled": kd_runs.tolist(), "labels_only": label_runs.tolist(),
+         "paired_gain_pt": gain.tolist(), "paired_gain_se_pt": gain_se, "beats_labels_only": beats,
          "student_parameters": params, "teacher_parameters": t_params},  # fmt: skip
     )
 

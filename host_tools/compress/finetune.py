@@ -1,10 +1,12 @@
-"""Fine-tuning after pruning: train the surviving weights to win accuracy back.
+"""Fine-tuning after pruning or low-rank factorization: train the weights to win accuracy back.
 
 :class:`FineTune` is a pass: it runs the ONNX model as a torch module
 (:func:`~host_tools.compress.torch_bridge.graph_module`), trains it on
 ``ctx.training`` with cross-entropy, and writes the weights back into the same graph.
 Weights that are exactly zero stay zero (the pruning mask is read from the weights), so
-the sparsity a pruning pass bought survives. :func:`finetune_module` does the same for
+the sparsity a pruning pass bought survives. After
+:class:`~host_tools.compress.lowrank.LowRankFactorization` each factor is its own
+parameter, so both are trained and the rank (the factor shapes) stays. :func:`finetune_module` does the same for
 a torch module the user already has.
 
 :func:`train_module` is the training loop shared with distillation. torch is optional

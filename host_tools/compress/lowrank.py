@@ -8,10 +8,18 @@ and becomes two 1x1 convolutions. A layer is factorized only when the two factor
 fewer values than ``W`` (``r * (in + out) < in * out``) by at least ``min_saving``.
 
 The rank of each layer is chosen by retained energy (the smallest ``r`` whose singular
-values keep ``energy`` of ``sum(s**2)``), or, with :class:`LowRankFactorization`'s
-``max_drop``, by an accuracy budget: a bisection over one energy threshold shared by all
-layers, each layer's rank following from it, for the lowest threshold whose quality drop
-on the evaluation data stays within the budget.
+values keep ``energy`` of ``sum(s**2)``). :class:`LowRankFactorization` can instead pick
+that one energy threshold, shared by all layers, to meet a target:
+
+- ``param_ratio``, a parameter reduction: the highest threshold at which the eligible
+  layers together hold at most ``1 / param_ratio`` of their weight values (an exact
+  search over the thresholds where some layer's rank changes). Layers with a flat
+  spectrum keep more rank than layers whose energy sits in a few directions.
+- ``max_drop``, an accuracy budget: a bisection for the lowest threshold whose quality
+  drop on the evaluation data stays within the budget.
+
+Factorizing is usually followed by :class:`~host_tools.compress.finetune.FineTune`,
+which trains the two factors of each layer and keeps their shapes (the rank).
 """
 
 from __future__ import annotations
@@ -74,7 +82,10 @@ class LowRankFactorization:
 
     Args:
         energy: retained share of squared singular values per layer, in ``(0, 1]``;
-            ignored when ``max_drop`` is set.
+            ignored when ``param_ratio`` or ``max_drop`` is set.
+        param_ratio: parameter reduction target (2.0 means at least 2x fewer): choose the
+            highest shared energy threshold at which the eligible layers hold at most
+            ``1 / param_ratio`` of their weight values, layers left dense counted in full.
         max_drop: quality budget (fraction; 0.01 is one point): choose the lowest shared
             energy threshold whose drop on the evaluation data is within it.
         min_params: leave layers with fewer weight values than this alone.
@@ -83,10 +94,12 @@ class LowRankFactorization:
         layers: only these node names (default: every eligible node).
 
     Raises:
-        ConfigError: an option is out of range.
+        ConfigError: an option is out of range, or both ``param_ratio`` and ``max_drop``
+            are given.
     """
 
     energy: float = 0.9
+    param_ratio: float | None = None
     max_drop: float | None = None
     min_params: int = 4096
     min_saving: float = 0.8
@@ -97,6 +110,10 @@ class LowRankFactorization:
             raise ConfigError(f"energy must be in (0, 1], not {self.energy}", key="energy")
         if self.max_drop is not None and not self.max_drop >= 0.0:
             raise ConfigError(f"max_drop must be >= 0, not {self.max_drop}", key="max_drop")
+        if self.param_ratio is not None and not self.param_ratio > 1.0:
+            raise ConfigError(f"param_ratio must be > 1, not {self.param_ratio}", key="param_ratio")
+        if self.param_ratio is not None and self.max_drop is not None:
+            raise ConfigError("give param_ratio or max_drop, not both", key="param_ratio")
         if not 0.0 < self.min_saving <= 1.0:
             raise ConfigError(f"min_saving must be in (0, 1], not {self.min_saving}", key="min_saving")
 
@@ -118,11 +135,12 @@ class LowRankFactorization:
 
         Raises:
             CompressionError: a named layer does not exist or cannot be factorized (says
-                why), no layer is eligible, or ``max_drop`` is set without evaluation data.
+                why), no layer is eligible, ``param_ratio`` cannot be reached even at rank 1
+                (says the most it can reach), or ``max_drop`` is set without evaluation data.
         """
         layers = self._find_layers(model)
         if self.max_drop is None:
-            energy = self.energy
+            energy = self.energy if self.param_ratio is None else self._energy_for_ratio(layers, self.param_ratio)
             factorized, details = _factorize(model, layers, energy, self.min_saving)
         else:
             if ctx.evaluation is None:
@@ -135,6 +153,7 @@ class LowRankFactorization:
             changed=bool(details),
             notes={
                 "energy": energy,
+                "param_ratio": self.param_ratio,
                 "layers": details,
                 "factorized_params_before": before,
                 "factorized_params_after": after,
@@ -169,6 +188,32 @@ class LowRankFactorization:
             )
         return found
 
+    def _energy_for_ratio(self, layers: list[_Layer], ratio: float) -> float:
+        """The highest shared energy threshold at which ``layers`` shrink by ``ratio`` or more."""
+        before = sum(layer.weight.size for layer in layers)
+        # Every threshold at which some layer's rank changes; the total size is
+        # non-decreasing in the threshold, so a binary search finds the highest that fits.
+        thresholds = np.unique(np.concatenate([[1.0], *(_kept_energy(layer.singular_values) for layer in layers)]))
+        least = _total_params(layers, float(thresholds[0]), self.min_saving)
+        if least * ratio > before:
+            best = before / least
+            raise CompressionError(
+                f"low-rank: cannot reach {ratio:g}x fewer parameters in these layers; at most {best:.2f}x "
+                f"(rank 1, min_saving {self.min_saving})",
+                param_ratio=ratio,
+                reachable=round(best, 4),
+            )
+        low, high = 0, len(thresholds) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if _total_params(layers, float(thresholds[middle]), self.min_saving) * ratio <= before:
+                low = middle
+            else:
+                high = middle - 1
+        energy = float(thresholds[low])
+        logger.info("low-rank: energy %.6f gives >= %.2fx fewer parameters", energy, ratio)
+        return energy
+
     def _search(self, model: onnx.ModelProto, layers: list[_Layer], ctx: PassContext) -> tuple[float, onnx.ModelProto, list[dict[str, Any]]]:
         assert ctx.evaluation is not None and self.max_drop is not None
         data = ctx.evaluation
@@ -199,6 +244,29 @@ class LowRankFactorization:
             logger.warning("low-rank: no energy threshold up to %.4f keeps the drop within %.4f", low, self.max_drop)
             best = (1.0, model, [])
         return best
+
+
+def _kept_energy(singular_values: np.ndarray) -> np.ndarray:
+    """Share of the squared singular values kept at each rank 1..n (empty for an all-zero weight)."""
+    power = np.asarray(singular_values, dtype=np.float64) ** 2
+    total = power.sum()
+    return np.cumsum(power) / total if total > 0 else np.zeros(0)
+
+
+def _rank_if_worth_it(layer: _Layer, energy: float, min_saving: float) -> int | None:
+    """The layer's rank at ``energy``, or ``None`` when the factors would not save enough."""
+    n_in, n_out = layer.weight.shape
+    rank = rank_for_energy(layer.singular_values, energy)
+    return None if rank * (n_in + n_out) > min_saving * n_in * n_out else rank
+
+
+def _total_params(layers: list[_Layer], energy: float, min_saving: float) -> int:
+    """Weight values of ``layers`` after factorizing at ``energy``, layers left dense counted in full."""
+    total = 0
+    for layer in layers:
+        rank = _rank_if_worth_it(layer, energy, min_saving)
+        total += layer.weight.size if rank is None else rank * sum(layer.weight.shape)
+    return total
 
 
 def _weight_of(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray | None, str]:
@@ -250,8 +318,8 @@ def _factorize(
             nodes.append(node)
             continue
         n_in, n_out = layer.weight.shape
-        rank = rank_for_energy(layer.singular_values, energy)
-        if rank * (n_in + n_out) > min_saving * n_in * n_out:
+        rank = _rank_if_worth_it(layer, energy, min_saving)
+        if rank is None:
             nodes.append(node)
             continue
         root = np.sqrt(layer.singular_values[:rank])

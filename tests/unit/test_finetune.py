@@ -115,6 +115,27 @@ def test_digits_prune_then_finetune_wins_accuracy_back(split: hc.DigitsSplit) ->
     assert tuned.quality >= original.quality - 0.03
 
 
+def test_finetune_trains_both_low_rank_factors_and_keeps_the_rank(split: hc.DigitsSplit) -> None:
+    dense = hc.model_from_bytes(hc.train_digits_mlp(split, hidden=(64, 32), seed=0, max_iter=60))
+    factorized = hc.LowRankFactorization(param_ratio=3.0, min_params=1000).run(dense, PassContext()).model
+    step = FineTune(TrainingOptions(epochs=5, learning_rate=1e-2, threads=1))
+    result = hc.compress(factorized, [step], evaluation=split.test, training=split.train, measure=hc.MeasureOptions(latency=False))
+    tuned = hc.model_from_bytes(result.model_bytes)
+    before, after = weights(factorized), weights(tuned)
+    factors = sorted(name for name in before if ".lowrank_" in name)
+    assert factors == ["fc0.lowrank_a", "fc0.lowrank_b", "fc1.lowrank_a", "fc1.lowrank_b"]
+    # same graph, same factor shapes (the rank is kept; nothing is re-densified)
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    assert [(n.op_type, list(n.input)) for n in tuned.graph.node] == [(n.op_type, list(n.input)) for n in factorized.graph.node]
+    for name in factors:
+        assert not np.array_equal(after[name], before[name]), f"{name} was not trained"
+    # it runs in onnxruntime, and training won accuracy back
+    logits = _run(tuned, split.x_test)
+    assert logits.shape == (len(split.x_test), 10)
+    assert float(np.mean(logits.argmax(axis=1) == split.y_test)) == pytest.approx(result.report.final.quality)
+    assert result.report.final.quality >= result.report.original.quality
+
+
 def test_missing_torch_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     from edge_sdk.errors import RuntimeUnavailableError
 

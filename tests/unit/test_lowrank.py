@@ -1,4 +1,4 @@
-"""Low-rank factorization: ranks from shapes, parameter counts, outputs close to the original."""
+"""Low-rank factorization: ranks from shapes, parameter counts and targets, outputs close to the original."""
 
 from __future__ import annotations
 
@@ -98,6 +98,78 @@ def test_named_layer_that_cannot_be_factorized_is_named() -> None:
         hc.compress(model, [LowRankFactorization(min_params=10**6)], measure=FAST)
     with pytest.raises(ConfigError):
         LowRankFactorization(energy=0.0)
+
+
+def _factor_ranks(model: onnx.ModelProto) -> dict[str, tuple[int, int, int]]:
+    """Per factorized layer, read from the factor shapes: ``(rank, in, out)`` (MatMul/Gemm layout)."""
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    ranks = {}
+    for name, dims in shapes.items():
+        if name.endswith(".lowrank_a"):
+            layer = name.removesuffix(".lowrank_a")
+            n_in, rank = dims
+            rank_b, n_out = shapes[f"{layer}.lowrank_b"]
+            assert rank_b == rank
+            ranks[layer] = (rank, n_in, n_out)
+    return ranks
+
+
+@pytest.mark.parametrize("ratio", [2.0, 3.0])
+def test_param_ratio_gives_the_requested_reduction(split: hc.DigitsSplit, mlp: bytes, ratio: float) -> None:
+    dense = {i.name: i for i in onnx.load_model_from_string(mlp).graph.initializer}
+    result = hc.compress(
+        mlp, [LowRankFactorization(param_ratio=ratio, min_params=1000)], evaluation=split.test, measure=FAST
+    )
+    out = onnx.load_model_from_string(result.model_bytes)
+    ranks = _factor_ranks(out)
+    assert set(ranks) == {"fc0", "fc1"}  # fc2 (64x10) is under min_params
+    before = sum(n_in * n_out for _, n_in, n_out in ranks.values())
+    after = sum(rank * (n_in + n_out) for rank, n_in, n_out in ranks.values())
+    assert before / after >= ratio
+    assert before == sum(int(np.prod(dense[f"{layer}.weight"].dims)) for layer in ranks)
+    assert not {"fc0.weight", "fc1.weight"} & {i.name for i in out.graph.initializer}
+    notes = result.report.steps[0].notes
+    assert notes["param_ratio"] == ratio
+    assert (notes["factorized_params_before"], notes["factorized_params_after"]) == (before, after)
+    assert {d["layer"]: d["rank"] for d in notes["layers"]} == {layer: r[0] for layer, r in ranks.items()}
+    # the threshold reported is the one used: a plain energy pass at it picks the same ranks
+    again = LowRankFactorization(energy=notes["energy"], min_params=1000).run(
+        hc.model_from_bytes(mlp), hc.PassContext()
+    )
+    assert _factor_ranks(again.model) == ranks
+
+
+def test_param_ratio_out_of_reach_or_misused_is_refused() -> None:
+    model = _model(np.random.default_rng(2))
+    with pytest.raises(CompressionError, match=r"cannot reach 1000x .* at most"):
+        hc.compress(model, [LowRankFactorization(param_ratio=1000.0, min_params=1)], measure=FAST)
+    with pytest.raises(ConfigError, match="param_ratio"):
+        LowRankFactorization(param_ratio=1.0)
+    with pytest.raises(ConfigError, match="not both"):
+        LowRankFactorization(param_ratio=2.0, max_drop=0.01)
+
+
+def test_recipe_and_cli_take_a_parameter_reduction(tmp_path, mlp: bytes) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from host_tools.cli import cli
+
+    steps = hc.parse_recipe('[[step]]\npass = "lowrank"\nparam_ratio = 2.0\n[[step]]\npass = "finetune"\nepochs = 3\n')
+    assert steps[0] == LowRankFactorization(param_ratio=2.0) and isinstance(steps[1], hc.FineTune)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(mlp)
+    args = ["--home", str(tmp_path / "home"), "compress", str(model), "-o", str(tmp_path / "lr.onnx"), "--json"]
+    result = CliRunner().invoke(cli, [*args, "--lowrank", "2x"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["report"]
+    assert [s["name"] for s in report["steps"]] == ["lowrank"]
+    notes = report["steps"][0]["notes"]
+    assert notes["param_ratio"] == 2.0
+    assert notes["factorized_params_before"] >= 2 * notes["factorized_params_after"]
+    bad = CliRunner().invoke(cli, [*args, "--lowrank", "twox"])
+    assert bad.exit_code != 0 and "reduction like 2x" in bad.output
 
 
 @pytest.fixture(scope="module")
