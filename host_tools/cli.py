@@ -108,6 +108,22 @@ def _byte_progress(label: str, total: int) -> Callable[[int, int], None]:
     return update
 
 
+def _bundle_progress(bundle: Path) -> Callable[[int, int], None]:
+    """A byte progress bar for sending ``bundle``."""
+    return _byte_progress(bundle.name, bundle.stat().st_size)
+
+
+def _stacked(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """One decorator applying ``decorators`` as if written one per line, top first."""
+
+    def apply(f: Any) -> Any:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
 json_option = click.option("--json", "json_output", is_flag=True, help="print JSON instead of a table")
 broker_option = click.option(
     "--broker", required=True, envvar="EDGE_SDK_BROKER", help="broker URL, mqtt://host:port (env EDGE_SDK_BROKER)"
@@ -115,6 +131,9 @@ broker_option = click.option(
 connect_timeout_option = click.option(
     "--connect-timeout", default=10.0, show_default=True, type=float, help="seconds to wait for the broker"
 )
+broker_options = _stacked(broker_option, connect_timeout_option)
+device_option = click.option("--device", "device_id", required=True, help="target device id")
+bundle_argument = click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
 
 
 def _cfg(ctx: click.Context, json_output: bool) -> HostConfig:
@@ -308,8 +327,8 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
 )
 @click.option(
     "--lowrank",
-    help="SVD-factorize large Gemm/MatMul/1x1 Conv layers: retained energy (e.g. 0.9), "
-    "or 'auto' to pick ranks within --max-accuracy-drop",
+    help="SVD-factorize large Gemm/MatMul/1x1 Conv layers: retained energy (e.g. 0.9), a parameter "
+    "reduction (e.g. 2x), or 'auto' to pick ranks within --max-accuracy-drop",
 )
 @click.option("--weight-share", type=click.IntRange(1, 8), help="cluster each large float weight into 2**BITS shared values")
 @click.option(
@@ -435,11 +454,13 @@ def _compress_steps(
                 raise ConfigError("--lowrank auto needs --max-accuracy-drop", key="lowrank")
             steps.append(hc.build_pass("lowrank", {"max_drop": max_drop}))
         else:
+            text = lowrank.strip().lower()
+            key = "param_ratio" if text.endswith("x") else "energy"
             try:
-                energy = float(lowrank)
+                value = float(text.removesuffix("x"))
             except ValueError as exc:
-                raise ConfigError(f"--lowrank takes an energy in (0, 1] or 'auto', not {lowrank!r}", key="lowrank") from exc
-            steps.append(hc.build_pass("lowrank", {"energy": energy}))
+                raise ConfigError(f"--lowrank takes an energy in (0, 1], a reduction like 2x, or 'auto', not {lowrank!r}", key="lowrank") from exc
+            steps.append(hc.build_pass("lowrank", {key: value}))
     if quantize and weight_share:
         raise ConfigError("--weight-share clusters float weights; it cannot follow --quantize", key="weight_share")
     if weight_share:
@@ -564,10 +585,13 @@ def _compress_tflite(cfg: HostConfig, model: Path, output: Path, quantize: str, 
 @click.option("--arch", "archs", multiple=True, help="target: an architecture the model runs on, e.g. aarch64 (repeatable)")
 @click.option("--min-memory-mb", type=int, help="target: memory the device must have, in MiB")
 @click.option("--accelerator", "accelerators", multiple=True, help="target: an accelerator the device must have (repeatable)")
-@click.option("--sparse", is_flag=True, help="ship pruned MatMul/Gemm weights as CSR; the device measures sparse against dense execution")
+@click.option("--sparse", is_flag=True, help="ship pruned MatMul/Gemm weights as CSR; the device measures sparse against dense execution (and dense int8 with --sparse-int8)")
 @click.option("--sparse-min-sparsity", type=float, default=0.5, show_default=True, help="with --sparse: a layer goes sparse from this fraction of zeros")
-@click.option("--sparse-int8", is_flag=True, help="with --sparse: store the sparse values as int8 with a scale per row")
-@click.option("--execution", type=click.Choice(["auto", "dense", "sparse"]), help="pin how devices run a --sparse bundle (default: they measure)")
+@click.option("--sparse-int8", is_flag=True, help="with --sparse: store the sparse values as int8 with a scale per row (devices may then also run them dense int8)")
+@click.option(
+    "--execution", type=click.Choice(["auto", "dense", "dense_int8", "sparse"]),
+    help="pin how devices run a --sparse bundle (default: they measure; dense_int8 needs --sparse-int8)",
+)
 @passphrase_option
 @json_option
 @click.pass_context
@@ -595,6 +619,8 @@ def pack(
     """Pack MODEL into a bundle signed by the root's bundle key(s)."""
     if not sparse and (sparse_int8 or execution):
         raise ConfigError("--sparse-int8 and --execution apply to --sparse bundles", key="sparse")
+    if execution == "dense_int8" and not sparse_int8:
+        raise ConfigError("--execution dense_int8 needs --sparse-int8 (int8 values to run)", key="execution")
 
     from edge_sdk.bundle import BundleSpec, HealthSpec, Target, TensorInfo, pack_bundle
     from edge_sdk.runtime import open_session
@@ -668,7 +694,7 @@ def _sparse_bundle_spec(spec: Any, tmp: Path, min_sparsity: float, int8_values: 
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@bundle_argument
 @click.option("--root", "root_file", type=click.Path(path_type=Path, dir_okay=False), help="root of trust to check against (default: HOME/keys/root.json)")
 @click.option("--installed-version", type=int, help="check rollback protection against this installed version")
 @click.option("--arch", help="check target constraints against this architecture")
@@ -712,20 +738,67 @@ def verify(
 # --- fleet ------------------------------------------------------------------------------
 
 
+benchmark_options = _stacked(
+    click.option("--runs", default=200, show_default=True, help="timed inferences on the device"),
+    click.option("--warmup", default=20, show_default=True, help="untimed warm-up inferences"),
+    click.option("--threads", default=1, show_default=True, help="inference threads on the device"),
+)
+chunk_size_option = click.option("--chunk-size", default=64 * 1024, show_default=True, help="bytes per MQTT chunk")
+# The last options of every command that signs a command for a device.
+signed_command_options = _stacked(passphrase_option, json_option)
+
+
+def _transfer_options(cfg: HostConfig, passphrase_env: str | None, benchmark: dict[str, Any], **options: Any) -> Any:
+    """``DeployOptions`` for ``deploy`` and ``profile``, with the command keys as authority.
+
+    Options the transfer refuses, or command keys that cannot be loaded, are a usage
+    error (exit 2).
+    """
+    from edge_sdk.protocol import BenchmarkSpec
+    from host_tools.fleet.deployer import DeployOptions
+
+    try:
+        return DeployOptions(benchmark=BenchmarkSpec(**benchmark), authority=_authority(cfg, passphrase_env), **options)
+    except EdgeError as exc:
+        raise ConfigError(exc.message) from exc
+
+
+def _outcome_data(outcome: Any) -> dict[str, Any]:
+    """The JSON that ``deploy`` and ``profile`` both print about the device's answer."""
+    return {
+        "device_id": outcome.device_id,
+        "bundle": outcome.bundle_name,
+        "version": outcome.bundle_version,
+        "state": outcome.state,
+        "seconds": outcome.seconds,
+        "error": outcome.error.to_dict() if outcome.error else None,
+        "metrics": outcome.metrics.to_dict() if outcome.metrics else None,
+    }
+
+
+def _raise_refusal(cfg: HostConfig, device_id: str, outcome: Any, data: dict[str, Any]) -> None:
+    """Print a refused or failed transfer and raise the device's error (exit code by its blame)."""
+    if outcome.error is not None:
+        _emit(cfg, data, f"{device_id} {outcome.state} {outcome.bundle_name} v{outcome.bundle_version}")
+        raise outcome.error
+
+
+def _emit_measured(cfg: HostConfig, data: dict[str, Any], headline: str, metrics: Any) -> None:
+    """Print ``headline`` and the device's metrics as a table (or ``data`` as JSON)."""
+    assert metrics is not None
+    _emit(cfg, data, lambda: f"{headline}\n" + _metrics_table([metrics.to_dict()]))
+
+
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--device", "device_id", required=True, help="target device id")
-@broker_option
-@connect_timeout_option
-@click.option("--runs", default=200, show_default=True, help="timed inferences on the device")
-@click.option("--warmup", default=20, show_default=True, help="untimed warm-up inferences")
-@click.option("--threads", default=1, show_default=True, help="inference threads on the device")
-@click.option("--chunk-size", default=64 * 1024, show_default=True, help="bytes per MQTT chunk")
+@bundle_argument
+@device_option
+@broker_options
+@benchmark_options
+@chunk_size_option
 @click.option("--accept-timeout", default=15.0, show_default=True, help="seconds the device has to accept the offer")
 @click.option("--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device to finish")
 @click.option("--rollback", is_flag=True, help="allow this version even if the device accepted a newer one (signed downgrade)")
-@passphrase_option
-@json_option
+@signed_command_options
 @click.pass_context
 def deploy(
     ctx: click.Context,
@@ -744,39 +817,17 @@ def deploy(
     json_output: bool,
 ) -> None:
     """Send BUNDLE to a device with a signed command, wait until it is installed, print its metrics."""
-    from edge_sdk.protocol import BenchmarkSpec
-    from host_tools.fleet.deployer import DeployOptions, deploy_and_record
+    from host_tools.fleet.deployer import deploy_and_record
 
     cfg = _cfg(ctx, json_output)
-    try:
-        options = DeployOptions(
-            chunk_size=chunk_size,
-            accept_timeout_s=accept_timeout,
-            finish_timeout_s=timeout_s,
-            benchmark=BenchmarkSpec(runs=runs, warmup=warmup, threads=threads),
-            authority=_authority(cfg, passphrase_env),
-            rollback=rollback,
-        )
-    except EdgeError as exc:
-        raise ConfigError(exc.message) from exc
+    options = _transfer_options(
+        cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads},
+        chunk_size=chunk_size, accept_timeout_s=accept_timeout, finish_timeout_s=timeout_s, rollback=rollback,
+    )  # fmt: skip
     with _registry(cfg) as reg, _client(broker, connect_timeout, "deploy") as client:
-        outcome = deploy_and_record(
-            client, reg, device_id, bundle, options, _byte_progress(bundle.name, bundle.stat().st_size)
-        )
-    data = {
-        "device_id": outcome.device_id,
-        "bundle": outcome.bundle_name,
-        "version": outcome.bundle_version,
-        "state": outcome.state,
-        "seconds": outcome.seconds,
-        "error": outcome.error.to_dict() if outcome.error else None,
-        "checks": list(outcome.checks),
-        "metrics": outcome.metrics.to_dict() if outcome.metrics else None,
-        "detail": outcome.detail,
-    }
-    if outcome.error is not None:
-        _emit(cfg, data, f"{device_id} {outcome.state} {outcome.bundle_name} v{outcome.bundle_version}")
-        raise outcome.error
+        outcome = deploy_and_record(client, reg, device_id, bundle, options, _bundle_progress(bundle))
+    data = {**_outcome_data(outcome), "checks": list(outcome.checks), "detail": outcome.detail}
+    _raise_refusal(cfg, device_id, outcome, data)
     if outcome.state == "deferred":
         _emit(
             cfg,
@@ -786,28 +837,19 @@ def deploy(
             f"when its gate opens (asks again every {outcome.detail.get('retry_s', '?')} s)",
         )
         return
-    assert outcome.metrics is not None
-    _emit(
-        cfg,
-        data,
-        lambda: f"{device_id}: installed {outcome.bundle_name} v{outcome.bundle_version} in {outcome.seconds:.1f} s\n"
-        + _metrics_table([outcome.metrics.to_dict()]),
-    )
+    headline = f"{device_id}: installed {outcome.bundle_name} v{outcome.bundle_version} in {outcome.seconds:.1f} s"
+    _emit_measured(cfg, data, headline, outcome.metrics)
 
 
 @cli.command()
 @click.argument("device_id", metavar="DEVICE")
-@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
-@broker_option
-@connect_timeout_option
-@click.option("--runs", default=200, show_default=True, help="timed inferences on the device")
-@click.option("--warmup", default=20, show_default=True, help="untimed warm-up inferences")
-@click.option("--threads", default=1, show_default=True, help="inference threads on the device")
+@bundle_argument
+@broker_options
+@benchmark_options
 @click.option("--min-duration", default=0.0, show_default=True, help="keep running for at least this many seconds")
-@click.option("--chunk-size", default=64 * 1024, show_default=True, help="bytes per MQTT chunk")
+@chunk_size_option
 @click.option("--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device's report")
-@passphrase_option
-@json_option
+@signed_command_options
 @click.pass_context
 def profile(
     ctx: click.Context,
@@ -829,68 +871,47 @@ def profile(
     The device verifies the bundle as for a deploy, runs it from a scratch directory and
     removes it afterwards; what it has installed does not change.
     """
-    from edge_sdk.protocol import BenchmarkSpec
-    from host_tools.fleet.deployer import DeployOptions
     from host_tools.fleet.profiler import profile_and_record
 
     cfg = _cfg(ctx, json_output)
-    try:
-        options = DeployOptions(
-            chunk_size=chunk_size,
-            finish_timeout_s=timeout_s,
-            benchmark=BenchmarkSpec(runs=runs, warmup=warmup, threads=threads, min_duration_s=min_duration),
-            authority=_authority(cfg, passphrase_env),
-        )
-    except EdgeError as exc:
-        raise ConfigError(exc.message) from exc
+    options = _transfer_options(
+        cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads, "min_duration_s": min_duration},
+        chunk_size=chunk_size, finish_timeout_s=timeout_s,
+    )  # fmt: skip
     with _registry(cfg) as reg, _client(broker, connect_timeout, "profile") as client:
-        outcome = profile_and_record(
-            client, reg, device_id, bundle, options, _byte_progress(bundle.name, bundle.stat().st_size)
-        )
-    data = {
-        "device_id": outcome.device_id,
-        "bundle": outcome.bundle_name,
-        "version": outcome.bundle_version,
-        "state": outcome.state,
-        "seconds": outcome.seconds,
-        "error": outcome.error.to_dict() if outcome.error else None,
-        "metrics": outcome.metrics.to_dict() if outcome.metrics else None,
-    }
-    if outcome.error is not None:
-        _emit(cfg, data, f"{device_id} {outcome.state} {outcome.bundle_name} v{outcome.bundle_version}")
-        raise outcome.error
-    assert outcome.metrics is not None
-    _emit(
-        cfg,
-        data,
-        lambda: f"{device_id}: profiled {outcome.bundle_name} v{outcome.bundle_version} (not installed)\n"
-        + _metrics_table([outcome.metrics.to_dict()]),
-    )
+        outcome = profile_and_record(client, reg, device_id, bundle, options, _bundle_progress(bundle))
+    data = _outcome_data(outcome)
+    _raise_refusal(cfg, device_id, outcome, data)
+    headline = f"{device_id}: profiled {outcome.bundle_name} v{outcome.bundle_version} (not installed)"
+    _emit_measured(cfg, data, headline, outcome.metrics)
 
 
 def _command_result(cfg: HostConfig, device_id: str, event: Any, what: str) -> None:
-    from edge_sdk.errors import error_from_code
     from edge_sdk.protocol import EventKind
+    from host_tools.fleet.conversation import error_of
 
     data = {"device_id": device_id, "state": event.kind, "detail": event.detail,
             "error": event.error.to_dict() if event.error else None}
     if event.kind != EventKind.DONE:
         _emit(cfg, data, f"{device_id} refused: {what}")
-        if event.error is None:
-            raise EdgeError(f"device reported {event.kind} without an error")
-        raise error_from_code(event.error.code, event.error.message, **event.error.details)
+        raise error_of(event)
     _emit(cfg, data, f"{device_id}: {what}: done ({event.detail})")
 
 
+bundle_name_option = click.option("--name", required=True, help="bundle name")
+# What follows the command's own options in ``rollback`` and ``remove``.
+device_answer_options = _stacked(
+    broker_options,
+    click.option("--timeout", "timeout_s", default=30.0, show_default=True, help="seconds to wait for the device"),
+    signed_command_options,
+)
+
+
 @cli.command()
-@click.option("--device", "device_id", required=True, help="target device id")
-@click.option("--name", required=True, help="bundle name")
+@device_option
+@bundle_name_option
 @click.option("--version", "version", type=int, required=True, help="the version the device kept as previous")
-@broker_option
-@connect_timeout_option
-@click.option("--timeout", "timeout_s", default=30.0, show_default=True, help="seconds to wait for the device")
-@passphrase_option
-@json_option
+@device_answer_options
 @click.pass_context
 def rollback(
     ctx: click.Context, device_id: str, name: str, version: int, broker: str, connect_timeout: float,
@@ -913,13 +934,9 @@ def rollback(
 
 
 @cli.command()
-@click.option("--device", "device_id", required=True, help="target device id")
-@click.option("--name", required=True, help="bundle name")
-@broker_option
-@connect_timeout_option
-@click.option("--timeout", "timeout_s", default=30.0, show_default=True, help="seconds to wait for the device")
-@passphrase_option
-@json_option
+@device_option
+@bundle_name_option
+@device_answer_options
 @click.pass_context
 def remove(
     ctx: click.Context, device_id: str, name: str, broker: str, connect_timeout: float, timeout_s: float,
@@ -937,8 +954,7 @@ def remove(
 
 
 @cli.command()
-@broker_option
-@connect_timeout_option
+@broker_options
 @click.option("--wait", "wait_s", default=1.0, show_default=True, help="seconds to listen for device status")
 @json_option
 @click.pass_context

@@ -8,6 +8,8 @@ The conversation (see :mod:`device_agent.agent` for the device's side)::
                                                         device: received, installed, metrics
                                                      or device: refused / failed (error)
 
+The host hears the device's side through a :class:`~host_tools.fleet.conversation.Conversation`.
+
 Every command goes out signed (:class:`CommandAuthority`): the device obeys only commands
 signed by keys its root authorises, addressed to it, unexpired and never seen before.
 Ahead of each command the host sends its chain of signed roots; a device applies the
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import time
 import uuid
 from collections import deque
@@ -33,19 +34,11 @@ from typing import Any
 
 from edge_sdk.bundle import Manifest, file_sha256
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
-from edge_sdk.errors import (
-    ConfigError,
-    DeviceTimeoutError,
-    EdgeError,
-    MessageError,
-    error_from_code,
-)
-from edge_sdk.mqtt import Incoming, MqttClient, PublishHandle
+from edge_sdk.errors import ConfigError, DeviceTimeoutError, EdgeError
+from edge_sdk.mqtt import MqttClient, PublishHandle
 from edge_sdk.protocol import (
     BenchmarkSpec,
-    CodecLimits,
     DeployCommand,
-    DeviceStatus,
     DeviceTopics,
     Event,
     EventKind,
@@ -55,13 +48,13 @@ from edge_sdk.protocol import (
     TransferEnd,
     TransferOffer,
     chunk_spans,
-    decode,
     encode,
     encode_chunk,
     sign_command,
 )
 from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
+from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
 from host_tools.fleet.registry import Registry
 
 __all__ = [
@@ -70,6 +63,7 @@ __all__ = [
     "DeployOutcome",
     "deploy_and_record",
     "deploy_bundle",
+    "open_transfer",
     "publish_command",
     "read_manifest",
     "run_command",
@@ -186,39 +180,6 @@ def read_manifest(bundle_path: Path) -> Manifest:
         return Manifest.from_bytes(reader.manifest_bytes, BundleLimits().max_manifest_bytes)
 
 
-class _Conversation:
-    """Events of one command, read from the client's inbox."""
-
-    def __init__(self, client: MqttClient, topics: DeviceTopics, command_id: str) -> None:
-        self.client = client
-        self.topics = topics
-        self.command_id = command_id
-        self.last_status: DeviceStatus | None = None
-        self.limits = CodecLimits()
-
-    def next(self, deadline: float) -> Event | MetricsReport | None:
-        """The next event or metrics report of this command, or None at the deadline."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                item = self.client.inbox.get(timeout=remaining)
-            except queue.Empty:
-                return None
-            if not isinstance(item, Incoming):
-                continue
-            try:
-                msg = decode(item.payload, self.limits)
-            except MessageError as exc:
-                log.warning("ignoring malformed message on %s: %s", item.topic, exc.message)
-                continue
-            if isinstance(msg, DeviceStatus):
-                self.last_status = msg
-            elif isinstance(msg, (Event, MetricsReport)) and msg.command_id == self.command_id:
-                return msg
-
-
 def deploy_bundle(
     client: MqttClient,
     device_id: str,
@@ -251,23 +212,11 @@ def deploy_bundle(
         BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
     """
     started = time.monotonic()
-    name, version = claim or _name_version(read_manifest(bundle_path))
-    digest, size = file_sha256(bundle_path)
-    topics = DeviceTopics(device_id)
-    command_id = uuid.uuid4().hex
-    offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
-    now = clock()
-    cmd = DeployCommand(
-        command_id, name, version, offer, now, options.benchmark,
-        rollback=options.rollback, **signed_fields(device_id, options.authority, now),  # type: ignore[arg-type]
-    )
-    convo = _Conversation(client, topics, command_id)
-    for topic in (topics.events, topics.metrics, topics.status):
-        client.subscribe(topic, qos=1)
+    cmd, convo = open_transfer(client, device_id, bundle_path, options, clock, rollback=options.rollback, claim=claim)
 
     def outcome(state: str, **kw: object) -> DeployOutcome:
         return DeployOutcome(
-            device_id, name, version, digest, offer.transfer_id, state,
+            device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, cmd.transfer.transfer_id, state,
             seconds=time.monotonic() - started, **kw,  # type: ignore[arg-type]
         )
 
@@ -275,8 +224,8 @@ def deploy_bundle(
     checks: tuple[str, ...] = ()
     deadline = time.monotonic() + options.finish_timeout_s
     while event.kind != EventKind.INSTALLED:
-        if event.kind in (EventKind.REFUSED, EventKind.FAILED, EventKind.ERROR):
-            return outcome(_end_state(event), error=_error_of(event))
+        if event.kind in TERMINAL_KINDS:
+            return outcome(end_state(event), error=error_of(event))
         if event.kind == EventKind.DEFERRED:
             return outcome("deferred", detail=dict(event.detail))
         nxt = convo.next(deadline)
@@ -295,10 +244,57 @@ def deploy_bundle(
     return outcome("installed", metrics=metrics, checks=checks)
 
 
+def open_transfer(
+    client: MqttClient,
+    device_id: str,
+    bundle_path: Path,
+    options: DeployOptions,
+    clock: Callable[[], float],
+    *,
+    action: str = "install",
+    rollback: bool = False,
+    claim: tuple[str, int] | None = None,
+) -> tuple[DeployCommand, Conversation]:
+    """The transfer command for a bundle, and the conversation that will hear its answers.
+
+    Shared by deploy and profile: reads the bundle's name and version (unless
+    ``claim`` gives them) and its hash and size, builds the offer and the command with
+    its signed fields, and subscribes to the device's events, metrics and status.
+    Nothing is sent yet; :func:`send_bundle` signs and sends the command.
+
+    Args:
+        client: a connected client.
+        device_id: target device.
+        bundle_path: the signed bundle.
+        options: chunk size, benchmark and the authority whose lifetime the command gets.
+        clock: wall clock for the command's timestamp and expiry.
+        action: ``install`` (deploy) or ``profile``.
+        rollback: the command allows a version older than one the device accepted.
+        claim: the bundle name and version to name instead of the manifest's.
+
+    Returns:
+        The command and its conversation.
+
+    Raises:
+        BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
+        TransportError: the broker connection failed while subscribing.
+    """
+    name, version = claim or _name_version(read_manifest(bundle_path))
+    digest, size = file_sha256(bundle_path)
+    topics = DeviceTopics(device_id)
+    command_id = uuid.uuid4().hex
+    offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
+    now = clock()
+    cmd = DeployCommand(
+        command_id, name, version, offer, now, options.benchmark, action=action,
+        rollback=rollback, **signed_fields(device_id, options.authority, now),  # type: ignore[arg-type]
+    )
+    return cmd, Conversation.open(client, topics, command_id, metrics=True)
+
 
 def send_bundle(
     client: MqttClient,
-    convo: _Conversation,
+    convo: Conversation,
     cmd: DeployCommand,
     bundle_path: Path,
     options: DeployOptions,
@@ -319,7 +315,7 @@ def send_bundle(
     """
     device_id, topics, offer = convo.topics.device_id, convo.topics, cmd.transfer
     publish_command(client, topics, cmd, options.authority)
-    accepted = _wait_for(convo, {EventKind.ACCEPTED}, options.accept_timeout_s, device_id, f"accept the {what}")
+    accepted = convo.wait_for({EventKind.ACCEPTED}, options.accept_timeout_s, f"accept the {what}")
     if accepted.kind != EventKind.ACCEPTED:
         return accepted
     spans = chunk_spans(offer.size, offer.chunk_size)
@@ -329,11 +325,9 @@ def send_bundle(
         for round_no in range(options.max_resend_rounds + 1):
             sent_bytes = _send_chunks(client, topics, offer, fh, spans, to_send, options.window, sent_bytes, offer.size, progress)
             client.publish_wait(topics.cmd, encode(TransferEnd(cmd.command_id, offer.transfer_id)))
-            event = _wait_for(
-                convo,
+            event = convo.wait_for(
                 {EventKind.NEED_CHUNKS, EventKind.RECEIVED, EventKind.INSTALLED, EventKind.DEFERRED},
                 options.finish_timeout_s,
-                device_id,
                 "receive the bundle",
             )
             if event.kind != EventKind.NEED_CHUNKS:
@@ -345,6 +339,7 @@ def send_bundle(
         f"device {device_id} still lacks chunks after {options.max_resend_rounds} resend rounds",
         device_id=device_id,
     )
+
 
 def _name_version(manifest: Manifest) -> tuple[str, int]:
     return manifest.name, manifest.version
@@ -382,33 +377,6 @@ def _send_chunks(
         if progress:
             progress(sent_bytes, total)
     return sent_bytes
-
-
-def _wait_for(convo: _Conversation, wanted: set[str], timeout_s: float, device_id: str, what: str) -> Event:
-    """The next event of a wanted kind, or a terminal one (refused, failed, error)."""
-    deadline = time.monotonic() + timeout_s
-    terminal = {EventKind.REFUSED, EventKind.FAILED, EventKind.ERROR}
-    while True:
-        msg = convo.next(deadline)
-        if msg is None:
-            state = convo.last_status.state if convo.last_status else "never seen"
-            raise DeviceTimeoutError(
-                f"device {device_id} did not {what} within {timeout_s:g} s (its last status: {state})",
-                device_id=device_id,
-                last_status=state,
-            )
-        if isinstance(msg, Event) and (msg.kind in wanted or msg.kind in terminal):
-            return msg
-
-
-def _end_state(event: Event) -> str:
-    return "refused" if event.kind in (EventKind.REFUSED, EventKind.ERROR) else "failed"
-
-
-def _error_of(event: Event) -> EdgeError:
-    if event.error is None:
-        return EdgeError(f"device reported {event.kind} without an error")
-    return error_from_code(event.error.code, event.error.message, **event.error.details)
 
 
 def deploy_and_record(
@@ -469,8 +437,6 @@ def run_command(
     command_id = uuid.uuid4().hex
     now = time.time()
     cmd = make_command(command_id, {"ts": now, **signed_fields(device_id, authority, now)})
-    convo = _Conversation(client, topics, command_id)
-    for topic in (topics.events, topics.status):
-        client.subscribe(topic, qos=1)
+    convo = Conversation.open(client, topics, command_id, metrics=False)
     publish_command(client, topics, cmd, authority)
-    return _wait_for(convo, {EventKind.DONE}, timeout_s, device_id, f"answer the {cmd.TYPE} command")
+    return convo.wait_for({EventKind.DONE}, timeout_s, f"answer the {cmd.TYPE} command")

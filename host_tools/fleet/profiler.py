@@ -1,41 +1,26 @@
 """Ask a device to benchmark a bundle without installing it, and keep the result.
 
 The transfer is the deploy's (same offer, chunks, resends; :mod:`host_tools.fleet.deployer`
-does the sending); only the command's ``action`` differs. The device verifies the
-bundle as for an install, unpacks it into a scratch directory, benchmarks it, sends a
-metrics report (``mode: profile``, not retained) and a ``profiled`` event, and removes
-the scratch. What is active on the device does not change.
+does the sending, :mod:`host_tools.fleet.conversation` the listening); only the command's
+``action`` differs. The device verifies the bundle as for an install, unpacks it into a
+scratch directory, benchmarks it, sends a metrics report (``mode: profile``, not
+retained) and a ``profiled`` event, and removes the scratch. What is active on the
+device does not change.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_sdk.bundle import file_sha256
 from edge_sdk.errors import DeviceTimeoutError, EdgeError
 from edge_sdk.mqtt import MqttClient
-from edge_sdk.protocol import (
-    DeployCommand,
-    DeviceTopics,
-    Event,
-    EventKind,
-    MetricsReport,
-    TransferOffer,
-)
+from edge_sdk.protocol import Event, EventKind, MetricsReport
 from host_tools.fleet.collector import record_message
-from host_tools.fleet.deployer import (
-    DeployOptions,
-    _Conversation,
-    _end_state,
-    _error_of,
-    read_manifest,
-    send_bundle,
-    signed_fields,
-)
+from host_tools.fleet.conversation import TERMINAL_KINDS, end_state, error_of
+from host_tools.fleet.deployer import DeployOptions, open_transfer, send_bundle
 from host_tools.fleet.registry import Registry
 
 __all__ = ["ProfileOutcome", "profile_and_record", "profile_bundle"]
@@ -88,28 +73,16 @@ def profile_bundle(
         TransportError: the broker connection failed while sending.
     """
     started = time.monotonic()
-    manifest = read_manifest(bundle_path)
-    digest, size = file_sha256(bundle_path)
-    topics = DeviceTopics(device_id)
-    command_id = uuid.uuid4().hex
-    offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
-    now = clock()
-    cmd = DeployCommand(
-        command_id, manifest.name, manifest.version, offer, now, options.benchmark, action="profile",
-        **signed_fields(device_id, options.authority, now),  # type: ignore[arg-type]
-    )
-    convo = _Conversation(client, topics, command_id)
-    for topic in (topics.events, topics.metrics, topics.status):
-        client.subscribe(topic, qos=1)
+    cmd, convo = open_transfer(client, device_id, bundle_path, options, clock, action="profile")
 
     def outcome(state: str, **kw: object) -> ProfileOutcome:
         return ProfileOutcome(
-            device_id, manifest.name, manifest.version, state, seconds=time.monotonic() - started, **kw  # type: ignore[arg-type]
+            device_id, cmd.bundle_name, cmd.bundle_version, state, seconds=time.monotonic() - started, **kw  # type: ignore[arg-type]
         )
 
     event = send_bundle(client, convo, cmd, bundle_path, options, progress, "profile request")
     if event.kind != EventKind.RECEIVED:
-        return outcome(_end_state(event), error=_error_of(event))
+        return outcome(end_state(event), error=error_of(event))
     deadline = time.monotonic() + options.finish_timeout_s
     metrics: MetricsReport | None = None
     done = False
@@ -120,8 +93,8 @@ def profile_bundle(
         if isinstance(msg, MetricsReport):
             metrics = msg
         elif isinstance(msg, Event):
-            if msg.kind in (EventKind.REFUSED, EventKind.FAILED, EventKind.ERROR):
-                return outcome(_end_state(msg), error=_error_of(msg))
+            if msg.kind in TERMINAL_KINDS:
+                return outcome(end_state(msg), error=error_of(msg))
             done = done or msg.kind == EventKind.PROFILED
     return outcome("profiled", metrics=metrics)
 

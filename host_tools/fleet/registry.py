@@ -32,7 +32,7 @@ import logging
 import sqlite3
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -207,20 +207,8 @@ class DeploymentRecord:
         _check_deployment_state(self.state)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return {
-            "id": self.id,
-            "device_id": self.device_id,
-            "bundle_name": self.bundle_name,
-            "bundle_version": self.bundle_version,
-            "bundle_sha256": self.bundle_sha256,
-            "transfer_id": self.transfer_id,
-            "state": self.state,
-            "error_code": self.error_code,
-            "error_message": self.error_message,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-        }
+        """A JSON-ready dict of every field (all of them plain strings and numbers)."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -924,19 +912,15 @@ def _open_sqlite(path: Path, timeout: float) -> Registry:
         raise StorageError(
             f"registry {name}: cannot open: {exc}", database=name, backend="sqlite"
         ) from exc
-    registry = Registry(conn, dialect, name)
-    try:
+
+    def configure(registry: Registry) -> None:
         with registry._storage_errors("configure"):
             conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
                 logger.warning("registry %s: WAL mode unavailable, journal mode %s", name, mode)
-        registry.ensure_schema()
-    except BaseException:
-        conn.close()
-        raise
-    logger.debug("registry %s opened", name)
-    return registry
+
+    return _registry_on(conn, dialect, name, configure)
 
 
 def _open_postgres(url: str, timeout: float) -> Registry:
@@ -968,8 +952,21 @@ def _open_postgres(url: str, timeout: float) -> Registry:
             database=name,
             backend="postgresql",
         ) from exc
+    return _registry_on(conn, dialect, name)
+
+
+def _registry_on(
+    conn: Any, dialect: _Dialect, name: str, configure: Callable[[Registry], None] | None = None
+) -> Registry:
+    """A registry on the fresh connection ``conn``, configured and its schema current.
+
+    If either step fails the connection is closed before the error propagates, so a
+    failed open leaves no connection behind.
+    """
     registry = Registry(conn, dialect, name)
     try:
+        if configure is not None:
+            configure(registry)
         registry.ensure_schema()
     except BaseException:
         conn.close()
