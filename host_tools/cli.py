@@ -342,7 +342,7 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
     help="magnitude:S (global), layer:S (per layer), sensitivity:S (target sparsity S), or channels:R "
     "(remove share R of channels/neurons; the dense model shrinks)",
 )
-@click.option("--finetune", "finetune_epochs", type=click.IntRange(1), help="fine-tune this many epochs after pruning (needs --train, torch)")
+@click.option("--finetune", "finetune_epochs", type=click.IntRange(1), help="fine-tune this many epochs after pruning and low-rank, before weight sharing and quantization (needs --train, torch)")
 @click.option("--train", "train_data", help="labelled training data for --distill, --finetune, sensitivity: .npz or module:function")
 @click.option("--epochs", "train_epochs", type=click.IntRange(1), help="training epochs for --distill (default 60)")
 @click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False), help="TOML recipe of [[step]] tables (instead of step options)")
@@ -402,12 +402,13 @@ def compress(
         raise ConfigError("--max-accuracy-drop must be >= 0", key="max_accuracy_drop")
     if max_accuracy_drop is not None and not eval_data:
         raise ConfigError("--max-accuracy-drop needs evaluation data (--eval)", key="eval")
-    training_steps = _training_steps(hc, distill, distill_temperature, distill_alpha, train_epochs, prune, finetune_epochs)
-    if training_steps and recipe is not None:
+    training_steps = _training_steps(hc, distill, distill_temperature, distill_alpha, train_epochs, prune)
+    if (training_steps or finetune_epochs) and recipe is not None:
         raise ConfigError("give either --recipe or step options (--prune, --distill, ...), not both")
     steps = training_steps + _compress_steps(
-        hc, recipe, quantize, lowrank, weight_share, max_accuracy_drop, default_quantize=not training_steps
-    )
+        hc, recipe, quantize, lowrank, weight_share, max_accuracy_drop, finetune_epochs,
+        default_quantize=not (training_steps or finetune_epochs),
+    )  # fmt: skip
     training = hc.load_arrays(train_data) if train_data else None
     calibration = hc.load_arrays(calib) if calib else None
     evaluation = hc.load_arrays(eval_data) if eval_data else None
@@ -440,9 +441,14 @@ def compress(
 
 def _compress_steps(
     hc: Any, recipe: Path | None, quantize: str | None, lowrank: str | None, weight_share: int | None,
-    max_drop: float | None, *, default_quantize: bool = True,
+    max_drop: float | None, finetune_epochs: int | None = None, *, default_quantize: bool = True,
 ) -> list[Any]:
-    """The passes for ``compress``, from a recipe or from the step options, in a fixed order."""
+    """The passes for ``compress``, from a recipe or from the step options.
+
+    The step options run in a fixed order: low-rank, fine-tuning (so that it trains the
+    pruned and factorized model), weight sharing, quantization. Distillation and pruning
+    come before all of them (:func:`_training_steps`).
+    """
     if recipe is not None:
         if quantize or lowrank or weight_share:
             raise ConfigError("give either --recipe or step options (--quantize, --lowrank, ...), not both")
@@ -461,6 +467,8 @@ def _compress_steps(
             except ValueError as exc:
                 raise ConfigError(f"--lowrank takes an energy in (0, 1], a reduction like 2x, or 'auto', not {lowrank!r}", key="lowrank") from exc
             steps.append(hc.build_pass("lowrank", {key: value}))
+    if finetune_epochs:
+        steps.append(hc.build_pass("finetune", {"epochs": finetune_epochs}))
     if quantize and weight_share:
         raise ConfigError("--weight-share clusters float weights; it cannot follow --quantize", key="weight_share")
     if weight_share:
@@ -475,9 +483,9 @@ def _compress_steps(
 
 def _training_steps(
     hc: Any, distill: str | None, temperature: float, alpha: float, epochs: int | None,
-    prune: str | None, finetune_epochs: int | None,
+    prune: str | None,
 ) -> list[Any]:
-    """Distillation, pruning and fine-tuning passes from the CLI options, in that order."""
+    """Distillation and pruning passes from the CLI options, in that order."""
     steps: list[Any] = []
     if distill:
         student = hc.parse_student(distill)
@@ -496,8 +504,6 @@ def _training_steps(
                 key="prune",
             ) from exc
         steps.append(hc.build_pass(name, {key: amount, **extra}))
-    if finetune_epochs:
-        steps.append(hc.build_pass("finetune", {"epochs": finetune_epochs}))
     return steps
 
 

@@ -269,3 +269,24 @@ def test_cli_compress_prune_and_finetune(tmp_path, split: hc.DigitsSplit, digits
     bad = CliRunner().invoke(cli, [*args[:5], str(tmp_path / "bad.onnx"), "--prune", "magnitude:1.5"])
     assert bad.exit_code == 2 and "sparsity" in bad.output
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_cli_compress_finetunes_after_pruning_and_low_rank(tmp_path, split: hc.DigitsSplit, digits_model: bytes) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from host_tools.cli import cli
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(digits_model)
+    np.savez(tmp_path / "train.npz", x=split.x_train, y=split.y_train)
+    out = tmp_path / "small.onnx"
+    args = ["--home", str(tmp_path / "home"), "compress", str(model), "-o", str(out), "--finetune", "1",
+            "--lowrank", "2x", "--prune", "magnitude:0.5", "--quantize", "int8-dynamic",
+            "--train", str(tmp_path / "train.npz"), "--json"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    steps = [s["name"] for s in json.loads(result.stdout)["report"]["steps"]]
+    assert steps.index("finetune") > steps.index("lowrank") > 0
+    assert steps[0] == "prune-global" and steps[-1] == "int8-dynamic"
