@@ -28,11 +28,31 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
 
 
+#: CPU features that change int8 and float kernel choices in onnxruntime and XNNPACK.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm", "sve")
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """CPU model and the kernel-relevant ISA flags, from ``/proc/cpuinfo`` (Linux)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return {"model": None, "flags": []}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {"model": fields.get("model name") or fields.get("Model"), "flags": [f for f in KERNEL_FLAGS if f in flags]}
+
+
 def machine_info() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "cpu": cpu_info(),
         "cores": os.cpu_count(),
         "system": platform.platform(),
     }

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import host_tools.compress as hc  # noqa: E402
 from benchmarks._report import add_common_args, print_table, write_results  # noqa: E402
+from edge_sdk.metrics import benchmark  # noqa: E402
 
 MEASURE = hc.MeasureOptions(latency=False)
 
@@ -375,14 +376,8 @@ def minilm_dynamic_int8(env: Env) -> Row:
         with open_session(model, "onnxruntime", options) as session:
             for length in (128, 32):
                 feeds = tokenizer.encode(_SENTENCES[5:6], length, pad_to_max=True)
-                for _ in range(max(5, runs // 10)):
-                    session.run(feeds)
-                timings = np.empty(runs)
-                for i in range(runs):
-                    start = time.perf_counter()
-                    session.run(feeds)
-                    timings[i] = time.perf_counter() - start
-                p50[length] = float(np.median(timings) * 1000.0)
+                stats = benchmark(lambda f=feeds: session.run(f), warmup=max(5, runs // 10), runs=runs)
+                p50[length] = stats.p50_ms
         return p50
 
     def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ whose first output holds class scores ``[N, classes]`` (or class ids ``[N]``).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Union
 
 import numpy as np
@@ -19,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from edge_sdk.errors import ConfigError, ModelError
+from edge_sdk.metrics import benchmark
 from edge_sdk.runtime import InferenceSession, SessionOptions, TensorSpec, open_session
 
 from .data import Dataset
@@ -283,11 +283,5 @@ def host_latency_ms(
                 feed = feed[np.newaxis]
         run_batched(session, feed, 1)  # validates the sample and maps errors
         feeds = {spec.name: feed}
-        for _ in range(max(0, warmup - 1)):
-            session.run(feeds)
-        timings = np.empty(runs)
-        for i in range(runs):
-            start = time.perf_counter()
-            session.run(feeds)
-            timings[i] = time.perf_counter() - start
-    return float(np.median(timings) * 1000.0)
+        stats = benchmark(lambda: session.run(feeds), warmup=max(0, warmup - 1), runs=runs)
+    return stats.p50_ms

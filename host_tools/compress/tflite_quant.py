@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from edge_sdk.errors import (
     ModelLoadError,
     RuntimeUnavailableError,
 )
+from edge_sdk.metrics import benchmark
 from edge_sdk.runtime import SessionOptions, open_session
 
 from .data import Dataset
@@ -441,14 +441,7 @@ def measure_tflite(
                 else np.zeros(shape, dtype=np.float32)
             )
             feeds = {spec.name: sample}
-            for _ in range(5):
-                session.run(feeds)
-            timings = np.empty(latency_runs)
-            for i in range(latency_runs):
-                start = time.perf_counter()
-                session.run(feeds)
-                timings[i] = time.perf_counter() - start
-            latency = float(np.median(timings) * 1000.0)
+            latency = benchmark(lambda: session.run(feeds), warmup=5, runs=latency_runs).p50_ms
     return TfliteMetrics(len(model), MappingProxyType(weights), quality, metric, latency), predictions
 
 
