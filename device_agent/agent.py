@@ -655,6 +655,13 @@ class Agent:
                 log.warning("dropping unreadable deferred install %s: %s", tid, exc.message)
                 self.installer.drop_deferred(tid)
                 continue
+            active = self.installer.active(cmd.bundle_name)
+            if active is not None and active.version == cmd.bundle_version:
+                # Installed and confirmed before a crash or restart kept us from dropping
+                # it; installing it again would only be refused as "not newer".
+                log.info("deferred %s v%s is already active; dropping it", cmd.bundle_name, cmd.bundle_version)
+                self.installer.drop_deferred(tid)
+                continue
             log.info("update gate open: installing deferred %s v%s", cmd.bundle_name, cmd.bundle_version)
             try:
                 self._install(cmd, path)

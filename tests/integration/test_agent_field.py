@@ -187,3 +187,25 @@ def test_systemd_notifications_ready_watchdog_stopping(host, mosquitto, start_ag
         assert agent.proc.wait(timeout=15) == 0
     finally:
         sock.close()
+
+
+def test_deferred_install_finished_before_a_crash_is_not_retried(host, tiny_model, mosquitto, start_agent, tmp_path):
+    hold = tmp_path / "hold"
+    hold.write_text("driving\n")
+    gate_args = ("--update-gate-file", str(hold), "--update-gate-retry", "0.3")
+    agent = start_agent(mosquitto.url, "gate-crash", host.root, *gate_args, "--debug-crash-at", "reported")
+    bundle = _pack(host, tiny_model, tmp_path / "c.edge", "held")
+    deployer = _deploy_bg(host, bundle, mosquitto.url, agent.device_id, timeout_s=30)
+    out, err = deployer.communicate(timeout=60)
+    assert json.loads(out)["state"] == "deferred", err
+    hold.unlink()
+    # Installed, confirmed and reported, then SIGKILLed before the held copy was dropped.
+    assert agent.proc.wait(timeout=30) == -signal.SIGKILL, agent.log()[-2000:]
+    assert agent.state()["bundles"]["held"]["active"] == {"version": 1}
+    assert list((agent.data_dir / "deferred").glob("*.cmd"))
+
+    agent = start_agent(mosquitto.url, "gate-crash", host.root, *gate_args)
+    _until(lambda: not list((agent.data_dir / "deferred").iterdir()), 20, "the held copy to be dropped")
+    log = agent.log()
+    assert "already active; dropping it" in log and "refused" not in log.lower(), log[-2000:]
+    assert agent.state()["bundles"]["held"]["active"] == {"version": 1}
