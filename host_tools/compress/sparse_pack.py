@@ -76,6 +76,20 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
+def _without(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` without the initializers and graph inputs called ``names``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    g = copy.graph
+    kept = [i for i in g.initializer if i.name not in names]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    inputs = [i for i in g.input if i.name not in names]
+    del g.input[:]
+    g.input.extend(inputs)
+    return copy
+
+
 def sparsify(model: onnx.ModelProto, min_sparsity: float = 0.5) -> SparsePack:
     """Split a pruned model into a sparse graph, a dense graph and CSR weights.
 
@@ -155,15 +169,11 @@ def sparsify(model: onnx.ModelProto, min_sparsity: float = 0.5) -> SparsePack:
         raise CompressionError(f"no layer qualifies for sparse execution ({why})", skipped=skipped)
     sparse_names = {l.tensor for l in layers}
 
-    sparse_graph = onnx.ModelProto()
-    sparse_graph.CopyFrom(model)
+    sparse_graph = _without(model, sparse_names)
     g = sparse_graph.graph
     del g.node[:]
     g.node.extend(new_nodes)
-    kept = [i for i in g.initializer if i.name not in sparse_names]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    real_inputs = [i for i in g.input if i.name not in sparse_names]
+    real_inputs = list(g.input)
     del g.input[:]
     # The sparse inputs are declared without a shape on purpose: onnxruntime's shape
     # inference for SparseToDenseMatMul ignores transB (1.32) and would refuse the graph.
@@ -173,15 +183,7 @@ def sparsify(model: onnx.ModelProto, min_sparsity: float = 0.5) -> SparsePack:
     if not any(o.domain == _MS_DOMAIN for o in sparse_graph.opset_import):
         sparse_graph.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
 
-    dense_graph = onnx.ModelProto()
-    dense_graph.CopyFrom(model)
-    d = dense_graph.graph
-    kept = [i for i in d.initializer if i.name not in sparse_names]
-    del d.initializer[:]
-    d.initializer.extend(kept)
-    real_inputs = [i for i in d.input if i.name not in sparse_names]
-    del d.input[:]
-    d.input.extend(real_inputs)
+    dense_graph = _without(model, sparse_names)
     for layer_name_, why in skipped.items():
         logger.info("layer %s stays dense: %s", layer_name_, why)
     return SparsePack(sparse_graph, dense_graph, matrices, layers, skipped)

@@ -151,9 +151,10 @@ class WeightSharing:
                 f"weight sharing: no float weight tensor with at least {self.min_params} values",
                 min_params=self.min_params,
             )
-        for i in model.graph.initializer:
-            if self.bias_bits is not None and i.data_type in _FLOAT_TYPES and len(i.dims) == 1 and i.dims[0] >= 16:
-                targets.setdefault(i.name, self.layer_bits.get(i.name, self.bias_bits))
+        if self.bias_bits is not None:
+            for i in model.graph.initializer:
+                if i.data_type in _FLOAT_TYPES and len(i.dims) == 1 and i.dims[0] >= 16:
+                    targets.setdefault(i.name, self.layer_bits.get(i.name, self.bias_bits))
         layers: dict[str, int] = {}
         tensors = [i for i in model.graph.initializer if i.name in targets]
         for done, tensor in enumerate(tensors):
@@ -284,6 +285,11 @@ def _encode_tensor(name: str, data_type: int, values: np.ndarray, max_codebook: 
     if not layouts:
         return None
     dims = [int(d) for d in values.shape]
+    name_bytes = name.encode("utf-8")
+    head = (
+        encode_varint(len(name_bytes)) + name_bytes + encode_varint(data_type) + encode_varint(len(dims))
+        + b"".join(encode_varint(d) for d in dims)
+    )  # fmt: skip
     best: tuple[bytes, dict[str, Any]] | None = None
     for layout, codebook, mask in layouts:
         coded = flat if mask is None else flat[mask]
@@ -292,11 +298,6 @@ def _encode_tensor(name: str, data_type: int, values: np.ndarray, max_codebook: 
         if data_type == onnx.TensorProto.FLOAT and np.array_equal(codebook.astype(np.float16).astype(codebook.dtype), codebook):
             book_type = onnx.TensorProto.FLOAT16
         book = codebook.astype(_DTYPES[book_type]).tobytes()
-        name_bytes = name.encode("utf-8")
-        head = (
-            encode_varint(len(name_bytes)) + name_bytes + encode_varint(data_type) + encode_varint(len(dims))
-            + b"".join(encode_varint(d) for d in dims)
-        )  # fmt: skip
         book_part = bytes([book_type]) + encode_varint(len(codebook)) + book
         layout_part = bytes([layout]) + (encode_varint(len(coded)) if layout == 1 else b"")
         streams = []
