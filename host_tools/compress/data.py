@@ -67,6 +67,33 @@ class Dataset:
         """Whether the dataset carries labels."""
         return self.y is not None
 
+    def sample(self, share: float, seed: int = 0) -> Dataset:
+        """A random ``share`` of the samples, in their original order.
+
+        A labelled dataset is sampled per class (stratified): each class keeps
+        ``round(share * its count)`` samples, at least one, so a small share still
+        holds every class in its proportion.
+
+        Args:
+            share: the fraction to keep, in ``(0, 1]``.
+            seed: random seed of the draw.
+
+        Raises:
+            ConfigError: ``share`` is outside ``(0, 1]``.
+        """
+        if not 0.0 < share <= 1.0:
+            raise ConfigError(f"sample share must be in (0, 1], got {share}", key="share")
+        rng = np.random.default_rng(seed)
+        if self.y is None:
+            keep = rng.choice(len(self.x), max(1, round(share * len(self.x))), replace=False)
+        else:
+            keep = np.concatenate([
+                rng.choice(members, max(1, round(share * len(members))), replace=False)
+                for members in (np.flatnonzero(self.y == label) for label in np.unique(self.y))
+            ])  # fmt: skip
+        keep.sort()
+        return Dataset(self.x[keep], None if self.y is None else self.y[keep])
+
 
 @dataclass(frozen=True)
 class DigitsSplit:

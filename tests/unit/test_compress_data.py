@@ -1,4 +1,4 @@
-"""Unit tests for host_tools.compress.data.load_arrays: the operator's own data files."""
+"""Unit tests for host_tools.compress.data: the operator's own data files and Dataset itself."""
 
 from __future__ import annotations
 
@@ -121,3 +121,24 @@ def test_dataset_validates() -> None:
     with pytest.raises(ConfigError):
         Dataset(np.zeros((2, 2)), np.zeros(3, dtype=np.int64))
     assert len(Dataset(np.zeros((2, 2)))) == 2
+
+
+def test_sample_is_stratified_ordered_and_reproducible() -> None:
+    y = np.repeat(np.arange(3), [50, 30, 2])
+    data = Dataset(np.arange(len(y), dtype=np.float32)[:, None], y)
+    part = data.sample(0.2, seed=5)
+    assert part.y is not None
+    assert np.bincount(part.y).tolist() == [10, 6, 1]  # every class in proportion, at least one
+    assert np.all(np.diff(part.x[:, 0]) > 0)  # original order, no repeats
+    assert np.array_equal(part.y, y[part.x[:, 0].astype(int)])  # labels stay with their inputs
+    assert np.array_equal(part.x, data.sample(0.2, seed=5).x)
+    assert not np.array_equal(part.x, data.sample(0.2, seed=6).x)
+    assert len(data.sample(1.0).x) == len(y)
+
+
+def test_sample_unlabelled_and_bad_share() -> None:
+    data = Dataset(np.zeros((10, 2), np.float32))
+    assert len(data.sample(0.3).x) == 3 and data.sample(0.3).y is None
+    for share in (0.0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match="share"):
+            data.sample(share)

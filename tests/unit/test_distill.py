@@ -87,3 +87,19 @@ def test_distillation_refusals(teacher: onnx.ModelProto, split: hc.DigitsSplit) 
     with pytest.raises(ConfigError, match="mlp:WIDTH"):
         hc.parse_student("cnn:3")
     assert hc.parse_student("mlp:32,16").hidden == (32, 16)
+
+
+def test_soft_targets_beat_labels_when_labels_are_few(teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
+    # Hinton et al. (2015): soft targets carry most of what the teacher learnt from the
+    # whole training set, so a student given 10% of it learns more from them than from
+    # its labels. Each seed pairs the two students (same draw, initial weights, batches).
+    options = TrainingOptions(epochs=100, learning_rate=1e-2, threads=1)
+    gains = []
+    for seed in range(3):
+        few = split.train.sample(0.1, seed=seed)
+        accuracy = {}
+        for alpha in (1.0, 0.0):
+            step = Distillation(MlpStudent((32,)), temperature=4.0, alpha=alpha, options=options)
+            accuracy[alpha] = hc.evaluate_accuracy(step.run(teacher, PassContext(training=few, seed=seed)).model, split.test)
+        gains.append(accuracy[1.0] - accuracy[0.0])
+    assert min(gains) > 0 and np.mean(gains) > 0.01, gains
