@@ -163,7 +163,10 @@ class Distillation:
         if data is None:
             raise CompressionError("distillation needs training data (the transfer set); none was given")
         if self.alpha < 1.0 and data.y is None:
-            raise CompressionError(f"distillation with alpha={self.alpha} < 1 needs labels in the training data")
+            raise CompressionError(
+                f"distillation with alpha={self.alpha} < 1 needs labels in the training data; give labels, "
+                "or alpha=1 (--distill-alpha 1) to learn from the teacher alone"
+            )
         soft, from_probabilities = teacher_logits(model, data.x)
         classes = soft.shape[1]
         module, exporter = self._student_module(model, classes, ctx.seed, data)

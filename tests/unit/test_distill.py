@@ -103,3 +103,26 @@ def test_soft_targets_beat_labels_when_labels_are_few(teacher: onnx.ModelProto, 
             accuracy[alpha] = hc.evaluate_accuracy(step.run(teacher, PassContext(training=few, seed=seed)).model, split.test)
         gains.append(accuracy[1.0] - accuracy[0.0])
     assert min(gains) > 0 and np.mean(gains) > 0.01, gains
+
+
+def test_cli_distills_from_unlabelled_transfer_set_only_at_alpha_one(tmp_path, teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from host_tools.cli import cli
+
+    model = tmp_path / "teacher.onnx"
+    model.write_bytes(teacher.SerializeToString())
+    np.save(tmp_path / "unlabelled.npy", split.x_train[:300])
+    np.savez(tmp_path / "test.npz", x=split.x_test, y=split.y_test)
+    out = tmp_path / "student.onnx"
+    args = ["--home", str(tmp_path / "home"), "compress", str(model), "-o", str(out), "--distill", "mlp:16",
+            "--train", str(tmp_path / "unlabelled.npy"), "--eval", str(tmp_path / "test.npz"), "--epochs", "60"]  # fmt: skip
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code != 0 and "labels" in refused.output and not out.exists()
+    result = CliRunner().invoke(cli, [*args, "--distill-alpha", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["report"]
+    assert report["steps"][0]["name"] == "distill" and report["final"]["parameters"] == 64 * 16 + 16 + 16 * 10 + 10
+    assert report["final"]["quality"] > 0.8
