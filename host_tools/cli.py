@@ -332,7 +332,8 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
 @click.option("--weight-share", type=click.IntRange(1, 8), help="cluster each large float weight into 2**BITS shared values")
 @click.option(
     "--distill",
-    help="replace the model by a student trained on its soft targets: mlp:WIDTH[,WIDTH...] (needs --train, torch)",
+    help="replace the model by a student trained on its soft targets: mlp:WIDTH[,WIDTH...] or a student.onnx "
+    "to train (needs --train, torch)",
 )
 @click.option("--distill-temperature", type=float, default=4.0, show_default=True, help="distillation temperature T")
 @click.option("--distill-alpha", type=float, default=0.7, show_default=True, help="weight of the soft (teacher) loss")
@@ -342,7 +343,8 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
     "(remove share R of channels/neurons; the dense model shrinks)",
 )
 @click.option("--finetune", "finetune_epochs", type=click.IntRange(1), help="fine-tune this many epochs after pruning and low-rank, before weight sharing and quantization (needs --train, torch)")
-@click.option("--train", "train_data", help="labelled training data for --distill, --finetune, sensitivity: .npz or module:function")
+@click.option("--train", "train_data", help="training data for --distill (labels unless --distill-alpha 1), --finetune, sensitivity: "
+              ".npz or module:function")
 @click.option("--epochs", "train_epochs", type=click.IntRange(1), help="training epochs for --distill (default 60)")
 @click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False), help="TOML recipe of [[step]] tables (instead of step options)")
 @click.option(
@@ -487,8 +489,7 @@ def _training_steps(
     """Distillation and pruning passes from the CLI options, in that order."""
     steps: list[Any] = []
     if distill:
-        student = hc.parse_student(distill)
-        options = {"hidden": list(student.hidden), "temperature": temperature, "alpha": alpha}
+        options = {"student": distill, "temperature": temperature, "alpha": alpha}
         steps.append(hc.build_pass("distill", {**options, "epochs": epochs or 60, "learning_rate": 0.01}))
     if prune:
         kind, _, value = prune.strip().lower().partition(":")

@@ -31,6 +31,7 @@ from edge_sdk.errors import CompressionError, ConfigError
 from .data import Dataset
 from .evaluate import count_parameters, open_host_session, run_batched
 from .finetune import TrainingOptions, train_module
+from .model_file import load_model
 from .passes import PassContext, PassResult
 from .torch_bridge import graph_module, module_to_onnx, require_torch
 
@@ -259,19 +260,30 @@ def teacher_logits(teacher: onnx.ModelProto, x: np.ndarray, batch_size: int = 25
     return out.astype(np.float32), probabilities
 
 
-def parse_student(text: str) -> MlpStudent:
-    """Parse a CLI ``--distill`` value: ``mlp:32`` or ``mlp:64,32`` (hidden widths).
+def parse_student(text: str) -> MlpStudent | onnx.ModelProto:
+    """Parse a CLI ``--distill`` or recipe ``student`` value.
+
+    ``mlp:32`` or ``mlp:64,32`` builds an :class:`MlpStudent` with those hidden widths;
+    a path ending in ``.onnx`` (relative to the current directory) loads that model as the
+    student: its architecture and initial weights; the torch bridge must support its ops.
 
     Raises:
-        ConfigError: anything else; the message shows the form.
+        ConfigError: anything else; the message shows the forms.
+        ModelLoadError: the ``.onnx`` file is missing or not a valid model (names the file).
     """
-    kind, _, widths = text.strip().partition(":")
+    text = text.strip()
+    if text.lower().endswith(".onnx"):
+        return load_model(text)
+    kind, _, widths = text.partition(":")
     try:
         hidden = tuple(int(w) for w in widths.split(",") if w.strip())
     except ValueError:
         hidden = ()
     if kind.strip().lower() != "mlp" or not hidden:
-        raise ConfigError(f"--distill takes mlp:WIDTH[,WIDTH...] (e.g. mlp:32), not {text!r}", key="distill", value=text)
+        raise ConfigError(
+            f"a student is mlp:WIDTH[,WIDTH...] (e.g. mlp:32) or a student.onnx file, not {text!r}",
+            key="distill", value=text,
+        )  # fmt: skip
     return MlpStudent(hidden)
 
 

@@ -29,7 +29,7 @@ from edge_sdk.errors import ConfigError
 
 from .accuracy_guard import AccuracyGuard
 from .decompose import DecomposeGemm
-from .distill import Distillation, MlpStudent
+from .distill import Distillation, MlpStudent, StudentSpec, parse_student
 from .finetune import FineTune, TrainingOptions
 from .lowrank import LowRankFactorization
 from .passes import CompressionPass
@@ -216,8 +216,13 @@ def _finetune(options: Mapping[str, Any]) -> CompressionPass:
 def _distill(options: Mapping[str, Any]) -> CompressionPass:
     opts = dict(options)
     training = _training_options(opts)
-    hidden = opts.pop("hidden", (32,))
-    student = MlpStudent(tuple(hidden) if isinstance(hidden, (list, tuple)) else (int(hidden),))
+    if "student" in opts and "hidden" in opts:
+        raise ConfigError("a distill step takes student or hidden, not both", key="student")
+    if "student" in opts:
+        student: StudentSpec = parse_student(str(opts.pop("student")))
+    else:
+        hidden = opts.pop("hidden", (32,))
+        student = MlpStudent(tuple(hidden) if isinstance(hidden, (list, tuple)) else (int(hidden),))
     return _construct(Distillation, {**opts, "student": student, "options": training})
 
 

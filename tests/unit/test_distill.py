@@ -126,3 +126,35 @@ def test_cli_distills_from_unlabelled_transfer_set_only_at_alpha_one(tmp_path, t
     report = json.loads(result.stdout)["report"]
     assert report["steps"][0]["name"] == "distill" and report["final"]["parameters"] == 64 * 16 + 16 + 16 * 10 + 10
     assert report["final"]["quality"] > 0.8
+
+
+def test_cli_and_recipe_take_an_onnx_student(tmp_path, teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from host_tools.cli import cli
+
+    model = tmp_path / "teacher.onnx"
+    model.write_bytes(teacher.SerializeToString())
+    student = MlpStudent((24, 12)).build(teacher, 10, seed=3)
+    (tmp_path / "student.onnx").write_bytes(student.SerializeToString())
+    np.savez(tmp_path / "train.npz", x=split.x_train, y=split.y_train)
+    base = ["--home", str(tmp_path / "home"), "compress", str(model), "--train", str(tmp_path / "train.npz"),
+            "--epochs", "3", "--json"]  # fmt: skip
+    result = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "a.onnx"), "--distill", str(tmp_path / "student.onnx")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["report"]["final"]["parameters"] == hc.count_parameters(student)
+    trained = onnx.load(str(tmp_path / "a.onnx"))
+    assert [tuple(i.dims) for i in trained.graph.initializer] == [tuple(i.dims) for i in student.graph.initializer]
+
+    (tmp_path / "r.toml").write_text(f'[[step]]\npass = "distill"\nstudent = "{tmp_path / "student.onnx"}"\nepochs = 2\n')
+    steps = hc.load_recipe(tmp_path / "r.toml")
+    assert isinstance(steps[0].student, onnx.ModelProto)
+
+    missing = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "b.onnx"), "--distill", str(tmp_path / "nope.onnx")])
+    assert missing.exit_code != 0 and "nope.onnx" in missing.output and not (tmp_path / "b.onnx").exists()
+    with pytest.raises(ConfigError, match="student or hidden"):
+        hc.parse_recipe('[[step]]\npass = "distill"\nstudent = "mlp:8"\nhidden = [8]\n')
+    with pytest.raises(ConfigError, match="student.onnx"):
+        hc.parse_student("cnn:3")
