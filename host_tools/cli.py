@@ -355,6 +355,14 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
 @click.option("--calib", help="calibration data: .npz, .npy or module:function")
 @click.option("--eval", "eval_data", help="evaluation data (x and labels y): .npz or module:function")
 @click.option(
+    "--quality",
+    "quality_metric",
+    type=click.Choice(["accuracy", "agreement", "cosine"]),
+    help="how --eval scores each step: accuracy (needs labels; the default with them), agreement (top-1 class "
+    "of the original; the default without), cosine (lowest per-sample cosine of the output to the original's, "
+    "for embedding models)",
+)
+@click.option(
     "--max-accuracy-drop",
     type=float,
     help="quality budget (fraction, e.g. 0.005): quantization keeps its most sensitive nodes in float to meet it, "
@@ -380,6 +388,7 @@ def compress(
     packed: Path | None,
     calib: str | None,
     eval_data: str | None,
+    quality_metric: str | None,
     max_accuracy_drop: float | None,
     json_output: bool,
 ) -> None:
@@ -393,7 +402,7 @@ def compress(
     if model.suffix.lower() == ".tflite":
         unsupported = {"--lowrank": lowrank, "--weight-share": weight_share, "--distill": distill, "--prune": prune,
                        "--finetune": finetune_epochs, "--train": train_data, "--recipe": recipe, "--packed": packed,
-                       "--max-accuracy-drop": max_accuracy_drop}  # fmt: skip
+                       "--max-accuracy-drop": max_accuracy_drop, "--quality": quality_metric}  # fmt: skip
         given = [name for name, value in unsupported.items() if value is not None]
         if given:
             raise ConfigError(f"a .tflite model takes --quantize, --calib and --eval only, not {', '.join(given)}")
@@ -403,6 +412,8 @@ def compress(
         raise ConfigError("--max-accuracy-drop must be >= 0", key="max_accuracy_drop")
     if max_accuracy_drop is not None and not eval_data:
         raise ConfigError("--max-accuracy-drop needs evaluation data (--eval)", key="eval")
+    if quality_metric is not None and not eval_data:
+        raise ConfigError("--quality needs evaluation data (--eval)", key="eval")
     training_steps = _training_steps(hc, distill, distill_temperature, distill_alpha, train_epochs, prune)
     if (training_steps or finetune_epochs) and recipe is not None:
         raise ConfigError("give either --recipe or step options (--prune, --distill, ...), not both")
@@ -421,13 +432,16 @@ def compress(
                 bar.update(ev.done - bar.n)
             bar.set_postfix_str(f"{ev.step} {ev.phase}")
 
-        result = hc.compress(source, steps, calibration, evaluation, progress=progress, training=training)
+        result = hc.compress(
+            source, steps, calibration, evaluation, progress=progress, training=training, quality_metric=quality_metric
+        )
         bar.update(len(steps) - bar.n)
     report = result.report
     drop = report.quality_drop
     if max_accuracy_drop is not None and drop is not None and drop > max_accuracy_drop:
         raise CompressionError(
-            f"accuracy dropped by {drop:.4f}, more than --max-accuracy-drop {max_accuracy_drop}; nothing written",
+            f"{report.final.quality_metric} dropped by {drop:.4f}, more than --max-accuracy-drop {max_accuracy_drop}; "
+            "nothing written",
             drop=drop,
         )
     packed_model = hc.pack_model(hc.model_from_bytes(result.model_bytes)) if packed else None
@@ -514,6 +528,13 @@ def _packed_line(packed: dict[str, Any] | None, report: Any) -> str:
     return f"\npacked transport form: {packed['size_bytes']} bytes ({ratio:.1f}x smaller than the input model); wrote {packed['path']}"
 
 
+def _quality_cell(quality: float | None, metric: str | None) -> str | None:
+    """Accuracy and agreement as percentages; cosine as the similarity itself."""
+    if quality is None:
+        return None
+    return f"{quality:.4f} cosine" if metric == "cosine" else f"{quality:.2%} {metric}"
+
+
 def _compress_table(report: Any, output: Path) -> str:
     from host_tools.report import Column, format_bytes, render_table
 
@@ -524,7 +545,7 @@ def _compress_table(report: Any, output: Path) -> str:
             Column("size", lambda r: format_bytes(r[1].size_bytes), ">"),
             Column("params", lambda r: r[1].parameters, ">"),
             Column("sparsity", lambda r: f"{r[1].sparsity:.1%}", ">"),
-            Column("quality", lambda r: None if r[1].quality is None else f"{r[1].quality:.2%} {r[1].quality_metric}", ">"),
+            Column("quality", lambda r: _quality_cell(r[1].quality, r[1].quality_metric), ">"),
             Column("host p50", lambda r: None if r[1].latency_p50_ms is None else f"{r[1].latency_p50_ms:.3f} ms", ">"),
         ],
         rows,
@@ -565,7 +586,7 @@ def _compress_tflite(cfg: HostConfig, model: Path, output: Path, quantize: str, 
                 Column("model", lambda r: r[0]),
                 Column("size", lambda r: format_bytes(r[1].size_bytes), ">"),
                 Column("weights", lambda r: ", ".join(f"{n} {t}" for t, n in sorted(r[1].weight_types.items()))),
-                Column("quality", lambda r: None if r[1].quality is None else f"{r[1].quality:.2%} {r[1].quality_metric}", ">"),
+                Column("quality", lambda r: _quality_cell(r[1].quality, r[1].quality_metric), ">"),
                 Column("LiteRT p50", lambda r: None if r[1].latency_p50_ms is None else f"{r[1].latency_p50_ms:.3f} ms", ">"),
             ],
             [("original", result.original), (f"{result.mode} ({result.recipe})", result.final)],

@@ -25,6 +25,8 @@ from .digits import mlp_to_onnx, train_digits_mlp
 from .digits_cnn import train_digits_cnn
 from .distill import Distillation, MlpStudent, parse_student, teacher_logits
 from .evaluate import (
+    QUALITY_METRICS,
+    Quality,
     count_parameters,
     evaluate_accuracy,
     host_latency_ms,
@@ -130,6 +132,8 @@ __all__ = [
     "load_arrays",
     # evaluation
     "evaluate_accuracy",
+    "Quality",
+    "QUALITY_METRICS",
     "predict_classes",
     "top1_agreement",
     "model_size_bytes",

@@ -19,9 +19,8 @@ import onnx
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import Dataset
 from .decompose import decompose_gemm
-from .evaluate import evaluate_accuracy, open_host_session, predict_classes, top1_agreement
+from .evaluate import Quality, open_host_session
 from .passes import PassContext, PassResult
 from .quantize import (
     DynamicInt8Quantization,
@@ -45,8 +44,9 @@ class AccuracyGuard:
 
     Args:
         inner: a quantization pass with an ``exclude_nodes`` field.
-        max_drop: largest allowed quality drop as a fraction (0.005 is half a point),
-            accuracy with labelled evaluation data, else top-1 agreement with the input.
+        max_drop: largest allowed quality drop as a fraction (0.005 is half a point), in
+            the run's quality metric (``ctx.quality_metric``: accuracy with labelled
+            evaluation data, else top-1 agreement with the input, or cosine).
         max_float_fraction: give up (raise) rather than keep more than this share of the
             quantizable nodes in float.
 
@@ -93,7 +93,7 @@ class AccuracyGuard:
             decompose_gemm(reference)  # the inner pass sees (and names) MatMul nodes
         candidates = [n.name for n in reference.graph.node if n.op_type in WEIGHTED_OPS and n.name]
         limit = int(len(candidates) * self.max_float_fraction)
-        quality = _Quality(model, ctx.evaluation)
+        quality = Quality(model, ctx.evaluation, ctx.quality_metric)
         base = quality.of(model)
         excluded = list(self.inner.exclude_nodes)
         attempts: list[dict[str, object]] = []
@@ -123,19 +123,6 @@ class AccuracyGuard:
                 )
             logger.info("keeping %s in float (most sensitive remaining node)", remaining[0])
             excluded.append(remaining[0])
-
-
-class _Quality:
-    """Accuracy with labels, else top-1 agreement with the original model's predictions."""
-
-    def __init__(self, original: onnx.ModelProto, data: Dataset) -> None:
-        self.data = data
-        self.reference = None if data.labelled else predict_classes(original, data.x)
-
-    def of(self, model: onnx.ModelProto) -> float:
-        if self.reference is None:
-            return evaluate_accuracy(model, self.data)
-        return top1_agreement(predict_classes(model, self.data.x), self.reference)
 
 
 def node_sensitivity(

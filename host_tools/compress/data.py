@@ -92,7 +92,11 @@ class Dataset:
                 for members in (np.flatnonzero(self.y == label) for label in np.unique(self.y))
             ])  # fmt: skip
         keep.sort()
-        return Dataset(self.x[keep], None if self.y is None else self.y[keep])
+        return self.take(keep)
+
+    def take(self, rows: np.ndarray | slice) -> Dataset:
+        """The samples at ``rows`` (indices or a slice), labels with them."""
+        return Dataset(self.x[rows], None if self.y is None else self.y[rows])
 
 
 @dataclass(frozen=True)

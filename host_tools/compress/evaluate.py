@@ -5,7 +5,9 @@ touch the disk. Models run through :func:`edge_sdk.runtime.open_session` on the 
 provider (:func:`open_host_session`), so host numbers come from the same session code
 the device agent uses, and no module of ``host_tools`` opens an onnxruntime session
 itself. Models are assumed to have one input whose axis 0 is the batch axis and
-whose first output holds class scores ``[N, classes]`` (or class ids ``[N]``).
+whose first output holds class scores ``[N, classes]`` (or class ids ``[N]``), or, for
+the cosine quality metric, any per-sample vector such as an embedding. :class:`Quality`
+is the one place that scores a model on evaluation data.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from .data import Dataset
 
 __all__ = [
     "ModelLike",
+    "Quality",
+    "QUALITY_METRICS",
     "evaluate_accuracy",
     "predict_classes",
     "top1_agreement",
@@ -134,10 +138,7 @@ def predict_classes(model: ModelLike, x: np.ndarray, batch_size: int = 256) -> n
         ModelError: the model failed on these inputs.
     """
     with open_host_session(model) as session:
-        scores = run_batched(session, x, batch_size)
-    if scores.ndim == 1:
-        return scores.astype(np.int64)
-    return np.argmax(scores.reshape(len(scores), -1), axis=-1).astype(np.int64)
+        return _top1(run_batched(session, x, batch_size))
 
 
 def evaluate_accuracy(model: ModelLike, dataset: Dataset, batch_size: int = 256) -> float:
@@ -178,6 +179,91 @@ def top1_agreement(predictions: np.ndarray, reference: np.ndarray) -> float:
     if predictions.shape != reference.shape:
         raise ConfigError(f"cannot compare {predictions.shape} predictions with {reference.shape} reference predictions")
     return float(np.mean(predictions == reference))
+
+
+QUALITY_METRICS = ("accuracy", "agreement", "cosine")
+"""The ways :class:`Quality` can score a model (see there)."""
+
+
+class Quality:
+    """How well models do on fixed data, scored one way for a whole compression run.
+
+    The one place that turns evaluation data into a quality figure, for the report and
+    for every pass that searches under a quality budget (accuracy guard, low-rank,
+    sensitivity pruning). All figures are in ``[0, 1]``, higher is better, and a drop is
+    the original's figure minus the candidate's:
+
+    - ``"accuracy"``: top-1 accuracy against the labels;
+    - ``"agreement"``: share of samples whose top-1 class is the original model's;
+    - ``"cosine"``: the lowest per-sample cosine similarity between the candidate's
+      first output and the original's, for models that output embeddings or other
+      vectors rather than class scores; the lowest, because every input should stay
+      close, not just the average (a drop of 0.01 allows 0.99 for the worst sample).
+
+    Args:
+        original: the uncompressed model (the reference for agreement and cosine).
+        data: the evaluation data.
+        metric: one of :data:`QUALITY_METRICS`; ``None`` picks accuracy for labelled
+            data, else agreement.
+        batch_size: samples per onnxruntime run.
+
+    Raises:
+        ConfigError: an unknown metric, or accuracy without labels.
+        ModelLoadError, ModelError: the original model does not load or run on the data.
+    """
+
+    def __init__(self, original: ModelLike, data: Dataset, metric: str | None = None, batch_size: int = 256) -> None:
+        metric = metric or ("accuracy" if data.labelled else "agreement")
+        if metric not in QUALITY_METRICS:
+            raise ConfigError(f"unknown quality metric {metric!r}; choose one of {', '.join(QUALITY_METRICS)}", key="metric")
+        if metric == "accuracy" and not data.labelled:
+            raise ConfigError("the accuracy metric needs labelled evaluation data; this data has no labels", key="metric")
+        self.metric = metric
+        self.data = data
+        self.batch_size = batch_size
+        self._reference: np.ndarray | None = None
+        if metric != "accuracy":
+            self._reference = self._outputs(original)
+
+    def _outputs(self, model: ModelLike) -> np.ndarray:
+        with open_host_session(model) as session:
+            out = run_batched(session, self.data.x, self.batch_size)
+        if self.metric == "cosine":
+            return np.asarray(out, dtype=np.float64).reshape(len(out), -1)
+        return _top1(out)
+
+    def of(self, model: ModelLike) -> float:
+        """The model's figure on the data.
+
+        Raises:
+            ModelLoadError, ModelError: the model does not load or run on the data.
+            ConfigError: its outputs cannot be compared with the original's (shape).
+        """
+        if self.metric == "accuracy":
+            return evaluate_accuracy(model, self.data, self.batch_size)
+        assert self._reference is not None
+        out = self._outputs(model)
+        if self.metric == "agreement":
+            return top1_agreement(out, self._reference)
+        if out.shape != self._reference.shape:
+            raise ConfigError(f"cannot compare outputs of shape {list(out.shape)} with the original's {list(self._reference.shape)}")
+        return float(np.min(_row_cosines(out, self._reference)))
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row pair; two zero rows count as identical, one as orthogonal."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.sum(a * b, axis=1)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.where(both_zero, 1.0, np.clip(cos, -1.0, 1.0))
+
+
+def _top1(scores: np.ndarray) -> np.ndarray:
+    if scores.ndim == 1:
+        return scores.astype(np.int64)
+    return np.argmax(scores.reshape(len(scores), -1), axis=-1).astype(np.int64)
 
 
 def model_size_bytes(model: ModelLike) -> int:

@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 from edge_sdk.errors import CompressionError, ConfigError
 
 from .decompose import _drop_unused_initializers
-from .evaluate import evaluate_accuracy, predict_classes, top1_agreement
+from .evaluate import Quality
 from .passes import PassContext, PassResult
 
 __all__ = ["LowRankFactorization", "rank_for_energy"]
@@ -216,14 +216,7 @@ class LowRankFactorization:
 
     def _search(self, model: onnx.ModelProto, layers: list[_Layer], ctx: PassContext) -> tuple[float, onnx.ModelProto, list[dict[str, Any]]]:
         assert ctx.evaluation is not None and self.max_drop is not None
-        data = ctx.evaluation
-        reference = None if data.labelled else predict_classes(model, data.x)
-
-        def quality(candidate: onnx.ModelProto) -> float:
-            if reference is None:
-                return evaluate_accuracy(candidate, data)
-            return top1_agreement(predict_classes(candidate, data.x), reference)
-
+        quality = Quality(model, ctx.evaluation, ctx.quality_metric).of
         base = quality(model)
         low, high = 0.5, 1.0
         best: tuple[float, onnx.ModelProto, list[dict[str, Any]]] | None = None

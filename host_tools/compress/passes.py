@@ -21,21 +21,18 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-import numpy as np
 import onnx
 
 from edge_sdk.errors import CompressionError, ConfigError, EdgeError
 
 from .data import Dataset
 from .evaluate import (
+    Quality,
     count_parameters,
-    evaluate_accuracy,
     host_latency_ms,
     measure_sparsity,
     model_size_bytes,
     open_host_session,
-    predict_classes,
-    top1_agreement,
 )
 
 __all__ = [
@@ -83,11 +80,15 @@ class PassContext:
         calibration: representative inputs (labels unused), for static quantization and
             other data-driven passes.
         evaluation: data for measuring each step; with labels it gives accuracy, without
-            them top-1 agreement with the original model.
+            them top-1 agreement with the original model (or see ``quality_metric``).
         progress: called with a :class:`ProgressEvent` as work advances.
         seed: seed for any randomness a pass uses.
         training: labelled data for passes that train (fine-tuning, distillation) or
             measure layer sensitivity; keep it apart from ``evaluation``.
+        quality_metric: how quality is scored, for the report and for every pass that
+            searches under a quality budget: one of
+            :data:`~host_tools.compress.evaluate.QUALITY_METRICS`, or ``None`` for
+            accuracy with labels, else agreement (see :class:`~host_tools.compress.evaluate.Quality`).
     """
 
     calibration: Dataset | None = None
@@ -95,6 +96,7 @@ class PassContext:
     progress: ProgressCallback | None = None
     seed: int = 0
     training: Dataset | None = None
+    quality_metric: str | None = None
 
     def report(self, step: str, phase: str, done: int, total: int) -> None:
         """Send a progress event if anyone listens; callback errors are logged, not raised."""
@@ -188,7 +190,9 @@ class ModelMetrics:
         sparsity: fraction of zero weights (initializers of rank >= 2).
         quality: accuracy or agreement in ``[0, 1]``; ``None`` without evaluation data.
         quality_metric: ``"accuracy"`` (labelled data), ``"agreement"`` (top-1 agreement
-            with the original model on unlabelled data) or ``None``.
+            with the original model), ``"cosine"`` (lowest per-sample cosine similarity of
+            the first output to the original's; see :class:`~host_tools.compress.evaluate.Quality`)
+            or ``None``.
         latency_p50_ms: median latency on this host, or ``None`` when not measured.
     """
 
@@ -383,24 +387,15 @@ class _Meter:
 
     def __init__(self, original: onnx.ModelProto, ctx: PassContext, options: MeasureOptions) -> None:
         self.options = options
-        self.evaluation = ctx.evaluation
-        self.reference: np.ndarray | None = None
-        if self.evaluation is not None and self.evaluation.y is None:
-            self.reference = predict_classes(original, self.evaluation.x, options.batch_size)
+        self.quality = None if ctx.evaluation is None else Quality(original, ctx.evaluation, ctx.quality_metric, options.batch_size)
         # Calibration data is not used as the latency sample: checking its shape is the
         # job of the pass that needs it, which names the problem better.
         self.sample = ctx.evaluation.x[:1] if ctx.evaluation is not None else None
 
     def measure(self, model: onnx.ModelProto) -> ModelMetrics:
         model_bytes = model.SerializeToString()
-        quality: float | None = None
-        metric: str | None = None
-        if self.evaluation is not None:
-            if self.reference is None:
-                quality, metric = evaluate_accuracy(model_bytes, self.evaluation, self.options.batch_size), "accuracy"
-            else:
-                predictions = predict_classes(model_bytes, self.evaluation.x, self.options.batch_size)
-                quality, metric = top1_agreement(predictions, self.reference), "agreement"
+        quality = None if self.quality is None else self.quality.of(model_bytes)
+        metric = None if self.quality is None else self.quality.metric
         latency = None
         if self.options.latency:
             latency = host_latency_ms(

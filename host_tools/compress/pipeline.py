@@ -31,6 +31,7 @@ def compress(
     seed: int = 0,
     measure: MeasureOptions | None = None,
     training: Dataset | None = None,
+    quality_metric: str | None = None,
 ) -> CompressionResult:
     """Run compression steps on a model and measure every step.
 
@@ -46,6 +47,10 @@ def compress(
         measure: measurement settings; defaults to :class:`MeasureOptions()`.
         training: labelled data for passes that train or measure sensitivity
             (fine-tuning, distillation, sensitivity pruning).
+        quality_metric: ``"accuracy"``, ``"agreement"`` or ``"cosine"`` (for models that
+            output embeddings rather than class scores); ``None`` picks accuracy for
+            labelled evaluation data, else agreement. It scores the report and every
+            quality budget (see :class:`~host_tools.compress.evaluate.Quality`).
 
     Returns:
         The compressed model's bytes and the report. Writing them out is the caller's
@@ -54,12 +59,13 @@ def compress(
     Raises:
         ModelLoadError: the input model does not load (names the file when given a path).
         CompressionError: a step failed; names the step.
-        ConfigError: ``steps`` holds something that is not a pass.
+        ConfigError: ``steps`` holds something that is not a pass, or an unknown metric.
     """
     proto = as_model(model)
     manager = PassManager(steps, measure=measure)
     ctx = PassContext(
-        calibration=calibration, evaluation=evaluation, progress=progress, seed=seed, training=training
+        calibration=calibration, evaluation=evaluation, progress=progress, seed=seed, training=training,
+        quality_metric=quality_metric,
     )
     result = manager.run(proto, ctx)
     report = result.report

@@ -34,8 +34,7 @@ from onnx import numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import Dataset
-from .evaluate import predict_classes
+from .evaluate import Quality
 from .layers import WeightLayer, find_layers, replace_initializer, select_layers
 from .passes import PassContext, PassResult
 
@@ -190,8 +189,10 @@ class SensitivityPruning:
                 target=self.sparsity,
                 reachable=reachable,
             )
-        x, y = _subset(data, self.max_samples, ctx.seed)
-        quality = _Quality(model, x, y)
+        if len(data) > self.max_samples:
+            data = data.take(np.sort(np.random.default_rng(ctx.seed).choice(len(data), self.max_samples, replace=False)))
+        quality = Quality(model, data, ctx.quality_metric)
+        base = quality.of(model)
         grid = [g for g in self.grid if g <= self.max_layer_sparsity]
         if not grid or grid[-1] < self.max_layer_sparsity:
             grid.append(self.max_layer_sparsity)
@@ -203,7 +204,7 @@ class SensitivityPruning:
                 trial = onnx.ModelProto()
                 trial.CopyFrom(model)
                 prune_to_sparsity(trial, layers, 0.0, {layer.name: level}, (), "layer")
-                curve.append((level, quality.drop(trial)))
+                curve.append((level, max(0.0, base - quality.of(trial))))
             curves[layer.name] = curve
             logger.debug("sensitivity of %s: %s", layer.name, curve)
         allocation, tolerated = _allocate(curves, sizes, self.sparsity * total - fixed_zeros)
@@ -216,27 +217,6 @@ class SensitivityPruning:
             quality_metric=quality.metric,
         )
         return PassResult(model, changed=True, notes=notes)
-
-
-class _Quality:
-    """Quality drop of a trial model against the unpruned one, on fixed data."""
-
-    def __init__(self, model: onnx.ModelProto, x: np.ndarray, y: np.ndarray | None) -> None:
-        self.x = x
-        reference = predict_classes(model, x)
-        self.truth = y if y is not None else reference
-        self.metric = "accuracy" if y is not None else "agreement"
-        self.base = float(np.mean(reference == self.truth))
-
-    def drop(self, model: onnx.ModelProto) -> float:
-        return max(0.0, self.base - float(np.mean(predict_classes(model, self.x) == self.truth)))
-
-
-def _subset(data: Dataset, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    if len(data) <= limit:
-        return data.x, data.y
-    rows = np.sort(np.random.default_rng(seed).choice(len(data), limit, replace=False))
-    return data.x[rows], None if data.y is None else data.y[rows]
 
 
 def _inverse(curve: Sequence[tuple[float, float]], tolerance: float) -> float:

@@ -123,3 +123,83 @@ def test_recipe_builds_guarded_and_plain_passes(tmp_path) -> None:
         hc.parse_recipe("[[step]\n")
     with pytest.raises(ConfigError, match="already registered"):
         hc.register_pass("quantize", lambda o: steps[0])
+
+
+def _embedder(seed: int = 0) -> onnx.ModelProto:
+    """A two-layer embedding model (16 -> 32 -> 24, no classes): what cosine quality is for."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (16, 32)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (32, 24)).astype(np.float32), "w1"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"], name="proj0"),
+        helper.make_node("Tanh", ["h"], ["t"], name="tanh"),
+        helper.make_node("MatMul", ["t", "w1"], ["embedding"], name="proj1"),
+    ]
+    graph = helper.make_graph(
+        nodes, "embedder", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 24])], initializer=inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_cosine_quality_is_the_worst_sample(tmp_path) -> None:
+    model = _embedder()
+    x = np.random.default_rng(1).normal(size=(40, 16)).astype(np.float32)
+    data = hc.Dataset(x)
+    quality = hc.Quality(model, data, "cosine")
+    assert quality.metric == "cosine" and quality.of(model) == pytest.approx(1.0)
+    bent = _embedder()
+    w1 = numpy_helper.to_array(bent.graph.initializer[1]).copy()
+    w1[:, 0] += 0.5  # pushes every embedding along one axis, some samples much more than others
+    bent.graph.initializer[1].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    reference, moved = _run(model, x), _run(bent, x)
+    expected = np.sum(reference * moved, 1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(moved, axis=1))
+    assert quality.of(bent) == pytest.approx(float(expected.min()), abs=1e-5)
+    assert quality.of(bent) < float(expected.mean())
+    assert hc.Quality(model, data).metric == "agreement"
+    with pytest.raises(ConfigError, match="labelled"):
+        hc.Quality(model, data, "accuracy")
+    with pytest.raises(ConfigError, match="unknown quality metric"):
+        hc.Quality(model, data, "f1")
+
+
+def test_guard_meets_a_cosine_budget_and_the_report_says_cosine() -> None:
+    # 4-bit weights cost this model about 0.018 of worst-sample cosine; keeping either
+    # MatMul in float brings it under 0.015 (0.006 or 0.012), so the guard keeps one.
+    model = _embedder()
+    data = hc.Dataset(np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32))
+    inner = Int4WeightOnlyQuantization(block_size=16)
+    plain = hc.compress(model, [inner], evaluation=data, measure=FAST, quality_metric="cosine")
+    assert plain.report.final.quality_metric == "cosine" and plain.report.quality_drop > 0.015
+    guarded = hc.compress(model, [AccuracyGuard(inner, 0.015)], evaluation=data, measure=FAST, quality_metric="cosine")
+    assert guarded.report.quality_drop <= 0.015
+    assert len(guarded.report.steps[0].notes["float_nodes"]) == 1
+    assert [n.op_type for n in onnx.load_model_from_string(guarded.model_bytes).graph.node].count("MatMulNBits") == 1
+    worst = hc.Quality(model, data, "cosine").of(guarded.model_bytes)
+    assert worst == pytest.approx(guarded.report.final.quality) and worst >= 1 - 0.015
+
+
+def test_cli_quality_cosine(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from host_tools.cli import cli
+
+    (tmp_path / "e.onnx").write_bytes(_embedder().SerializeToString())
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).normal(size=(32, 16)).astype(np.float32))
+    base = ["--home", str(tmp_path / "home"), "compress", str(tmp_path / "e.onnx"), "--quantize", "int8-dynamic"]
+    out = tmp_path / "q.onnx"
+    ok = CliRunner().invoke(cli, [*base, "-o", str(out), "--eval", str(tmp_path / "x.npy"), "--quality", "cosine"])
+    assert ok.exit_code == 0, ok.output
+    assert "cosine" in ok.stdout and out.exists()
+    as_json = CliRunner().invoke(cli, [*base, "-o", str(out), "--eval", str(tmp_path / "x.npy"), "--quality", "cosine", "--json"])
+    final = json.loads(as_json.stdout)["report"]["final"]
+    assert final["quality_metric"] == "cosine" and 0.99 < final["quality"] <= 1.0
+    no_eval = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "n.onnx"), "--quality", "cosine"])
+    assert no_eval.exit_code == 2 and "--eval" in no_eval.output
+    no_labels = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "l.onnx"), "--eval", str(tmp_path / "x.npy"), "--quality", "accuracy"])
+    assert no_labels.exit_code != 0 and "labelled" in no_labels.output
+    assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "l.onnx").exists()
