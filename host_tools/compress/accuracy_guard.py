@@ -19,8 +19,9 @@ import onnx
 
 from edge_sdk.errors import CompressionError, ConfigError
 
+from .data import Inputs
 from .decompose import decompose_gemm
-from .evaluate import Quality, open_host_session
+from .evaluate import Quality, input_feeds, open_host_session
 from .passes import PassContext, PassResult
 from .quantize import (
     DynamicInt8Quantization,
@@ -109,7 +110,8 @@ class AccuracyGuard:
                 notes = dict(result.notes)
                 notes.update(float_nodes=list(excluded), guard={"max_drop": self.max_drop, "attempts": attempts})
                 return PassResult(result.model, result.changed, notes)
-            ranking = node_sensitivity(reference, result.model, ctx.evaluation.x[:_SENSITIVITY_SAMPLES], candidates)
+            few = ctx.evaluation.take(slice(0, _SENSITIVITY_SAMPLES)).x
+            ranking = node_sensitivity(reference, result.model, few, candidates)
             remaining = [name for name, _ in ranking if name not in excluded]
             if not remaining or len(excluded) >= limit:
                 best = min(attempts, key=lambda a: float(a["drop"]))  # type: ignore[arg-type]
@@ -126,7 +128,7 @@ class AccuracyGuard:
 
 
 def node_sensitivity(
-    reference: onnx.ModelProto, quantized: onnx.ModelProto, x: np.ndarray, candidates: Iterable[str]
+    reference: onnx.ModelProto, quantized: onnx.ModelProto, x: Inputs, candidates: Iterable[str]
 ) -> list[tuple[str, float]]:
     """Rank nodes by the error they add, comparing intermediate tensors with the float model.
 
@@ -139,7 +141,7 @@ def node_sensitivity(
     Args:
         reference: the float model, with the node names the quantizer was given.
         quantized: the quantized model.
-        x: a few evaluation inputs.
+        x: a few evaluation inputs (one array, or one per input name).
         candidates: names of the nodes that may be kept in float.
 
     Returns:
@@ -178,7 +180,7 @@ def node_sensitivity(
     return scores
 
 
-def _intermediates(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> Mapping[str, np.ndarray]:
+def _intermediates(model: onnx.ModelProto, names: list[str], x: Inputs) -> Mapping[str, np.ndarray]:
     """Run ``model`` on ``x`` with ``names`` exposed as extra outputs."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -186,9 +188,9 @@ def _intermediates(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> M
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
     with open_host_session(probe) as session:
         outputs = [spec.name for spec in session.outputs()]
-        spec = session.inputs()[0]
-        feeds = np.ascontiguousarray(x, dtype=np.float32)
-        if spec.shape and spec.shape[0] not in (None, 0) and spec.shape[0] != len(feeds):
-            feeds = feeds[: spec.shape[0]]
-        values = session.run({spec.name: feeds})
+        feeds = input_feeds(session, x)
+        batch = session.inputs()[0].shape[0] if session.inputs()[0].shape else None
+        if batch not in (None, 0):
+            feeds = {name: value[:batch] for name, value in feeds.items()}
+        values = session.run(feeds)
     return dict(zip(outputs, values))

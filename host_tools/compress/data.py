@@ -12,19 +12,25 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Union
 
 import numpy as np
 
 from edge_sdk.errors import ConfigError
 
-__all__ = ["Dataset", "DigitsSplit", "load_digits_split", "load_arrays"]
+__all__ = ["Dataset", "DigitsSplit", "Inputs", "load_digits_split", "load_arrays"]
 
 logger = logging.getLogger(__name__)
 
 _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+Inputs = Union[np.ndarray, Mapping[str, np.ndarray]]
+"""Model inputs: one array for a single-input model, or one array per input name."""
 
 
 @dataclass(frozen=True)
@@ -32,35 +38,65 @@ class Dataset:
     """Model inputs and, when known, their integer class labels.
 
     Attributes:
-        x: inputs; axis 0 is the sample axis.
+        x: inputs; axis 0 is the sample axis. One array for a single-input model, or a
+            mapping of input name to array (all with the same number of samples) for a
+            model with several inputs, e.g. ``{"input_ids": ..., "attention_mask": ...}``.
         y: one integer label per sample, or ``None`` for unlabelled data (then accuracy
             is replaced by top-1 agreement with the original model).
 
     Raises:
-        ConfigError: ``x`` is empty or not an array, or ``y`` does not match it.
+        ConfigError: ``x`` is empty or not an array (or a mapping of arrays of one
+            length), or ``y`` does not match it.
     """
 
-    x: np.ndarray
+    x: Inputs
     y: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.x, np.ndarray) or self.x.ndim < 1 or len(self.x) == 0:
-            raise ConfigError("dataset inputs must be a non-empty array with a sample axis", key="x")
-        if self.x.dtype == object:
-            raise ConfigError("dataset inputs must be numeric, not objects", key="x")
+        if isinstance(self.x, Mapping):
+            if not self.x:
+                raise ConfigError("dataset inputs must name at least one input", key="x")
+            arrays = {str(name): value for name, value in self.x.items()}
+            for name, value in arrays.items():
+                _check_inputs(value, f"input {name!r}")
+            lengths = {name: len(value) for name, value in arrays.items()}
+            if len(set(lengths.values())) > 1:
+                raise ConfigError(f"dataset inputs differ in sample count: {lengths}", key="x")
+            object.__setattr__(self, "x", MappingProxyType(arrays))
+        else:
+            _check_inputs(self.x, "inputs")
         if self.y is None:
             return
         if not isinstance(self.y, np.ndarray) or self.y.ndim != 1:
             raise ConfigError("dataset labels must be a 1-D array", key="y")
-        if len(self.y) != len(self.x):
+        if len(self.y) != len(self):
             raise ConfigError(
-                f"dataset has {len(self.x)} inputs but {len(self.y)} labels", key="y", inputs=len(self.x), labels=len(self.y)
+                f"dataset has {len(self)} inputs but {len(self.y)} labels", key="y", inputs=len(self), labels=len(self.y)
             )
         if not np.issubdtype(self.y.dtype, np.integer):
             raise ConfigError(f"dataset labels must be integers, not {self.y.dtype}", key="y")
 
     def __len__(self) -> int:
+        if isinstance(self.x, Mapping):
+            return len(next(iter(self.x.values())))
         return len(self.x)
+
+    @property
+    def input_names(self) -> tuple[str, ...] | None:
+        """The input names of multi-input data; ``None`` for one unnamed array."""
+        return tuple(self.x) if isinstance(self.x, Mapping) else None
+
+    def array(self, purpose: str) -> np.ndarray:
+        """The inputs as one array, for work that handles single-input models only.
+
+        Raises:
+            ConfigError: the data has several named inputs (names ``purpose`` and them).
+        """
+        if isinstance(self.x, Mapping):
+            raise ConfigError(
+                f"{purpose} supports single-input models only; this data has inputs {list(self.x)}", key="x"
+            )
+        return self.x
 
     @property
     def labelled(self) -> bool:
@@ -85,7 +121,7 @@ class Dataset:
             raise ConfigError(f"sample share must be in (0, 1], got {share}", key="share")
         rng = np.random.default_rng(seed)
         if self.y is None:
-            keep = rng.choice(len(self.x), max(1, round(share * len(self.x))), replace=False)
+            keep = rng.choice(len(self), max(1, round(share * len(self))), replace=False)
         else:
             keep = np.concatenate([
                 rng.choice(members, max(1, round(share * len(members))), replace=False)
@@ -96,7 +132,8 @@ class Dataset:
 
     def take(self, rows: np.ndarray | slice) -> Dataset:
         """The samples at ``rows`` (indices or a slice), labels with them."""
-        return Dataset(self.x[rows], None if self.y is None else self.y[rows])
+        x = {name: value[rows] for name, value in self.x.items()} if isinstance(self.x, Mapping) else self.x[rows]
+        return Dataset(x, None if self.y is None else self.y[rows])
 
 
 @dataclass(frozen=True)
@@ -124,6 +161,13 @@ class DigitsSplit:
     def test(self) -> Dataset:
         """The test part as a :class:`Dataset` (use it for evaluation)."""
         return Dataset(self.x_test, self.y_test)
+
+
+def _check_inputs(value: Any, what: str) -> None:
+    if not isinstance(value, np.ndarray) or value.ndim < 1 or len(value) == 0:
+        raise ConfigError(f"dataset {what} must be a non-empty array with a sample axis", key="x")
+    if value.dtype == object:
+        raise ConfigError(f"dataset {what} must be numeric, not objects", key="x")
 
 
 def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit:
@@ -156,10 +200,13 @@ def load_arrays(spec: str | os.PathLike[str]) -> Dataset:
 
     ``spec`` is one of:
 
-    - a ``.npz`` file: inputs under key ``x`` and optional labels under ``y``; without
-      an ``x`` key, the first array is the inputs and the second (if any) the labels;
+    - a ``.npz`` file: inputs under key ``x`` and optional labels under ``y``; for a
+      model with several inputs, one array per input under ``x.NAME`` (e.g.
+      ``x.input_ids``, ``x.attention_mask``); without any ``x`` key, the first array is
+      the inputs and the second (if any) the labels;
     - a ``.npy`` file: inputs only;
-    - ``module:function``: an importable callable returning ``x`` or ``(x, y)``.
+    - ``module:function``: an importable callable returning ``x`` or ``(x, y)``, where
+      ``x`` is an array or a dict of input name to array.
 
     Pickled arrays are refused: a data file must not be able to run code.
 
@@ -199,6 +246,13 @@ def _load_file(path: Path) -> Dataset:
         return _dataset(loaded, None, source=str(path), x_key="<array>", y_key=None)
     with loaded as archive:
         keys = list(archive.files)
+        named = [k for k in keys if k.startswith("x.") and len(k) > 2]
+        if named:
+            if "x" in keys:
+                raise ConfigError(f"{path}: has both 'x' and per-input 'x.NAME' arrays; give one or the other", file=str(path), key="x")
+            y_key = "y" if "y" in keys else None
+            inputs = {k[2:]: _read(archive, k, path) for k in named}
+            return _dataset(inputs, _read(archive, y_key, path) if y_key else None, source=str(path), x_key="x", y_key=y_key)
         if "x" in keys:
             x_key, y_key = "x", ("y" if "y" in keys else None)
         elif "y" in keys:
@@ -209,15 +263,16 @@ def _load_file(path: Path) -> Dataset:
                 logger.warning("%s: no 'x' key; using %r as inputs and %r as labels, ignoring %s", path, x_key, y_key, keys[2:])
         else:
             raise ConfigError(f"{path}: archive holds no arrays", file=str(path))
-        arrays = {}
-        for key in (x_key, y_key):
-            if key is None:
-                continue
-            try:
-                arrays[key] = archive[key]
-            except (OSError, ValueError, zipfile.BadZipFile) as exc:
-                raise ConfigError(f"{path}: array {key!r} is unreadable ({exc})", file=str(path), key=key) from exc
-    return _dataset(arrays[x_key], arrays.get(y_key) if y_key else None, source=str(path), x_key=x_key, y_key=y_key)
+        x = _read(archive, x_key, path)
+        y = _read(archive, y_key, path) if y_key else None
+    return _dataset(x, y, source=str(path), x_key=x_key, y_key=y_key)
+
+
+def _read(archive: Any, key: str, path: Path) -> np.ndarray:
+    try:
+        return archive[key]
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"{path}: array {key!r} is unreadable ({exc})", file=str(path), key=key) from exc
 
 
 def _load_entry_point(spec: str) -> Dataset:
@@ -243,7 +298,10 @@ def _load_entry_point(spec: str) -> Dataset:
 
 
 def _dataset(x: Any, y: Any, *, source: str, x_key: str, y_key: str | None) -> Dataset:
-    x_arr = _numeric(x, source, x_key)
+    if isinstance(x, Mapping):
+        x_arr: Inputs = {str(name): _numeric(value, source, f"{x_key}.{name}") for name, value in x.items()}
+    else:
+        x_arr = _numeric(x, source, x_key)
     y_arr = None
     if y is not None:
         y_arr = _numeric(y, source, y_key or "y")

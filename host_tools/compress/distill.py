@@ -168,11 +168,12 @@ class Distillation:
                 f"distillation with alpha={self.alpha} < 1 needs labels in the training data; give labels, "
                 "or alpha=1 (--distill-alpha 1) to learn from the teacher alone"
             )
-        soft, from_probabilities = teacher_logits(model, data.x)
+        inputs = data.array("distillation")
+        soft, from_probabilities = teacher_logits(model, inputs)
         classes = soft.shape[1]
         module, exporter = self._student_module(model, classes, ctx.seed, data)
         with torch.no_grad():
-            probe = module(torch.from_numpy(np.ascontiguousarray(data.x[:2], dtype=np.float32)))
+            probe = module(torch.from_numpy(np.ascontiguousarray(inputs[:2], dtype=np.float32)))
         if tuple(probe.shape[1:]) != (classes,):
             raise CompressionError(
                 f"the student outputs shape {list(probe.shape[1:])}, the teacher {classes} classes",
@@ -211,7 +212,7 @@ class Distillation:
             raise ConfigError(f"a student is an MlpStudent, an ONNX model or a torch module, not {type(spec).__name__}")
         input_name = _single_input(teacher).name
         output_name = teacher.graph.output[0].name
-        shape = tuple(int(d) for d in data.x.shape[1:])
+        shape = tuple(int(d) for d in data.array("distillation").shape[1:])
         return spec, lambda m: module_to_onnx(m, shape, input_name=input_name, output_name=output_name)
 
     def _loss(self, torch: Any, soft: np.ndarray, data: Dataset) -> Any:

@@ -4,15 +4,17 @@ All functions take a model as ``onnx.ModelProto`` or its serialized bytes and ne
 touch the disk. Models run through :func:`edge_sdk.runtime.open_session` on the CPU
 provider (:func:`open_host_session`), so host numbers come from the same session code
 the device agent uses, and no module of ``host_tools`` opens an onnxruntime session
-itself. Models are assumed to have one input whose axis 0 is the batch axis and
-whose first output holds class scores ``[N, classes]`` (or class ids ``[N]``), or, for
-the cosine quality metric, any per-sample vector such as an embedding. :class:`Quality`
-is the one place that scores a model on evaluation data.
+itself. Inputs are one array, or one per input name for a model with several inputs
+(:func:`input_feeds`); axis 0 is the batch axis. The first output holds class scores
+``[N, classes]`` (or class ids ``[N]``), or, for the cosine quality metric, any
+per-sample vector such as an embedding. :class:`Quality` is the one place that scores a
+model on evaluation data.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Union
 
 import numpy as np
@@ -23,7 +25,7 @@ from edge_sdk.errors import ConfigError, ModelError
 from edge_sdk.metrics import benchmark
 from edge_sdk.runtime import InferenceSession, SessionOptions, TensorSpec, open_session
 
-from .data import Dataset
+from .data import Dataset, Inputs
 
 __all__ = [
     "ModelLike",
@@ -38,6 +40,7 @@ __all__ = [
     "host_latency_ms",
     "open_host_session",
     "run_batched",
+    "input_feeds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,48 +84,77 @@ def _numpy_dtype(spec: TensorSpec) -> np.dtype:
         return np.dtype(np.float32)
 
 
-def run_batched(session: InferenceSession, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Run the first output of a single-input model over ``x`` in batches.
+def input_feeds(session: InferenceSession, x: Inputs) -> dict[str, np.ndarray]:
+    """Match data to a session's inputs: one array for a single-input model, or one per
+    input name; each is cast to its input's type.
+
+    Raises:
+        ConfigError: the data's input names are not the model's, or one array was given
+            for a model with several inputs (names both sides).
+    """
+    specs = session.inputs()
+    names = [spec.name for spec in specs]
+    if isinstance(x, Mapping):
+        if set(x) != set(names):
+            raise ConfigError(
+                f"the data has inputs {sorted(x)}, the model takes {names}", key="x", data=sorted(x), model=names
+            )
+        return {spec.name: np.ascontiguousarray(x[spec.name], dtype=_numpy_dtype(spec)) for spec in specs}
+    if len(specs) != 1:
+        raise ConfigError(
+            f"the model takes {len(specs)} inputs {names}; give the data as one array per input "
+            "(.npz keys x.NAME, or a dict from a module:function)",
+            key="x",
+            model=names,
+        )
+    return {specs[0].name: np.ascontiguousarray(x, dtype=_numpy_dtype(specs[0]))}
+
+
+def run_batched(session: InferenceSession, x: Inputs, batch_size: int) -> np.ndarray:
+    """Run the first output of a model over ``x`` in batches.
 
     A model whose batch dimension is fixed (say 1) gets batches of exactly that size; the
     last one is zero-padded and the padding cut from the result.
 
     Args:
         session: an open session, e.g. from :func:`open_host_session`.
-        x: inputs, first axis is the sample axis.
+        x: inputs (see :func:`input_feeds`), first axis is the sample axis.
         batch_size: samples per run when the model's batch dimension is dynamic.
 
     Returns:
         The first output for every sample, concatenated along axis 0.
 
     Raises:
-        ModelError: the model failed while running on these inputs (names the input
-            and the batch shape).
+        ConfigError: the data does not match the model's inputs.
+        ModelError: the model failed while running on these inputs (names the inputs
+            and the batch shapes).
     """
+    feeds = input_feeds(session, x)
     spec = session.inputs()[0]
     fixed = spec.shape[0] if spec.shape else None
     step = fixed if fixed is not None and fixed > 0 else max(1, batch_size)
-    x = np.ascontiguousarray(x, dtype=_numpy_dtype(spec))
+    count = len(next(iter(feeds.values())))
     outputs = []
-    for start in range(0, len(x), step):
-        chunk = x[start : start + step]
-        real = len(chunk)
+    for start in range(0, count, step):
+        chunk = {name: value[start : start + step] for name, value in feeds.items()}
+        real = min(step, count - start)
         if fixed is not None and real < step:
-            pad = np.zeros((step - real, *chunk.shape[1:]), dtype=chunk.dtype)
-            chunk = np.concatenate([chunk, pad])
+            chunk = {name: np.concatenate([v, np.zeros((step - real, *v.shape[1:]), v.dtype)]) for name, v in chunk.items()}
         try:
-            out = session.run({spec.name: chunk})[0]
+            out = session.run(chunk)[0]
         except ModelError as exc:
+            shapes = {name: list(v.shape) for name, v in chunk.items()}
+            described = ", ".join(f"{name!r} with shape {shape}" for name, shape in shapes.items())
             raise ModelError(
-                f"model failed on input {spec.name!r} with shape {list(chunk.shape)}: {exc.message}",
-                input=spec.name,
-                shape=list(chunk.shape),
+                f"model failed on input {described}: {exc.message}",
+                input=next(iter(shapes)) if len(shapes) == 1 else list(shapes),
+                shape=next(iter(shapes.values())) if len(shapes) == 1 else shapes,
             ) from exc
         outputs.append(np.asarray(out)[:real])
     return np.concatenate(outputs) if outputs else np.empty((0,))
 
 
-def predict_classes(model: ModelLike, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def predict_classes(model: ModelLike, x: Inputs, batch_size: int = 256) -> np.ndarray:
     """Top-1 class of every sample.
 
     Args:
@@ -334,7 +366,7 @@ def measure_sparsity(model: ModelLike) -> float:
 
 
 def host_latency_ms(
-    model: ModelLike, sample: np.ndarray | None = None, *, runs: int = 50, warmup: int = 5
+    model: ModelLike, sample: Inputs | None = None, *, runs: int = 50, warmup: int = 5
 ) -> float:
     """Median latency of one inference on this host: onnxruntime CPU, 1 thread, batch 1.
 
@@ -343,8 +375,9 @@ def host_latency_ms(
 
     Args:
         model: the model.
-        sample: one input row (without or with a batch axis of 1); zeros of the model's
-            input shape (dynamic dimensions as 1) when omitted.
+        sample: one input row (without or with a batch axis of 1), or a batch of one per
+            input name for a model with several inputs; zeros of each input's shape
+            (dynamic dimensions as 1) when omitted.
         runs: timed runs.
         warmup: untimed runs first.
 
@@ -359,15 +392,12 @@ def host_latency_ms(
     if runs < 1:
         raise ConfigError(f"latency needs at least one run, got {runs}", key="runs")
     with open_host_session(model) as session:
-        spec = session.inputs()[0]
-        dtype = _numpy_dtype(spec)
+        specs = session.inputs()
         if sample is None:
-            feed = np.zeros([1 if d is None or d == 0 else d for d in spec.shape], dtype=dtype)
-        else:
-            feed = np.asarray(sample, dtype=dtype)
-            if feed.ndim == len(spec.shape) - 1:
-                feed = feed[np.newaxis]
-        run_batched(session, feed, 1)  # validates the sample and maps errors
-        feeds = {spec.name: feed}
+            sample = {s.name: np.zeros([1 if d is None or d == 0 else d for d in s.shape], _numpy_dtype(s)) for s in specs}
+        elif not isinstance(sample, Mapping) and np.ndim(sample) == len(specs[0].shape) - 1:
+            sample = np.asarray(sample)[np.newaxis]
+        feeds = input_feeds(session, sample)
+        run_batched(session, feeds, 1)  # validates the sample and maps errors
         stats = benchmark(lambda: session.run(feeds), warmup=max(0, warmup - 1), runs=runs)
     return stats.p50_ms

@@ -264,7 +264,7 @@ def train_module(
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     torch.manual_seed(seed)
-    x = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(data.array("training"), dtype=np.float32))
     y = None if data.y is None else torch.from_numpy(np.asarray(data.y, dtype=np.int64))
     if loss is None:
         if y is None:

@@ -390,7 +390,7 @@ class _Meter:
         self.quality = None if ctx.evaluation is None else Quality(original, ctx.evaluation, ctx.quality_metric, options.batch_size)
         # Calibration data is not used as the latency sample: checking its shape is the
         # job of the pass that needs it, which names the problem better.
-        self.sample = ctx.evaluation.x[:1] if ctx.evaluation is not None else None
+        self.sample = ctx.evaluation.take(slice(0, 1)).x if ctx.evaluation is not None else None
 
     def measure(self, model: onnx.ModelProto) -> ModelMetrics:
         model_bytes = model.SerializeToString()

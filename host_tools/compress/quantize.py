@@ -130,13 +130,13 @@ class StaticInt8Quantization:
             raise CompressionError(
                 "static int8 quantization needs calibration data (representative inputs); none was given"
             )
-        input_name = _check_calibration(model, ctx.calibration)
-        x = ctx.calibration.x
-        if self.max_calibration_samples is not None and len(x) > self.max_calibration_samples:
+        inputs = _calibration_inputs(model, ctx.calibration)
+        samples = len(ctx.calibration)
+        if self.max_calibration_samples is not None and samples > self.max_calibration_samples:
             # A seeded random subset, not the first rows: user files are often sorted by class.
-            rng = np.random.default_rng(ctx.seed)
-            x = x[np.sort(rng.choice(len(x), self.max_calibration_samples, replace=False))]
-        reader = _CalibrationReader(input_name, x, self.calibration_batch_size, ctx, self.name)
+            rows = np.sort(np.random.default_rng(ctx.seed).choice(samples, self.max_calibration_samples, replace=False))
+            inputs, samples = {name: value[rows] for name, value in inputs.items()}, len(rows)
+        reader = _CalibrationReader(inputs, self.calibration_batch_size, ctx, self.name)
         method = {
             "minmax": ortq.CalibrationMethod.MinMax,
             "entropy": ortq.CalibrationMethod.Entropy,
@@ -171,7 +171,7 @@ class StaticInt8Quantization:
                 "per_channel": self.per_channel,
                 "activation_type": self.activation_type,
                 "weight_type": "int8",
-                "calibration_samples": int(len(x)),
+                "calibration_samples": samples,
                 "float_nodes": list(self.exclude_nodes),
                 **_qdq_counts(quantized),
             },
@@ -495,22 +495,22 @@ def parse_quantize_option(text: str) -> CompressionPass:
 class _CalibrationReader:
     """Feeds calibration batches to onnxruntime (duck-types its ``CalibrationDataReader``)."""
 
-    def __init__(self, input_name: str, x: np.ndarray, batch_size: int, ctx: PassContext, step: str) -> None:
-        self._input_name = input_name
-        self._x = np.ascontiguousarray(x, dtype=np.float32)
+    def __init__(self, inputs: dict[str, np.ndarray], batch_size: int, ctx: PassContext, step: str) -> None:
+        self._inputs = inputs
+        self._count = len(next(iter(inputs.values())))
         self._batch_size = batch_size
         self._ctx = ctx
         self._step = step
-        self._total = -(-len(self._x) // batch_size)
+        self._total = -(-self._count // batch_size)
         self._next = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         start = self._next * self._batch_size
-        if start >= len(self._x):
+        if start >= self._count:
             return None
         self._next += 1
         self._ctx.report(self._step, "calibrate", self._next, self._total)
-        return {self._input_name: self._x[start : start + self._batch_size]}
+        return {name: value[start : start + self._batch_size] for name, value in self._inputs.items()}
 
     def rewind(self) -> None:
         self._next = 0
@@ -528,40 +528,60 @@ class _CalibrationReader:
         return self._total
 
 
-def _check_calibration(model: onnx.ModelProto, data: Dataset) -> str:
-    """Return the single input's name after checking ``data.x`` fits it."""
+def _calibration_inputs(model: onnx.ModelProto, data: Dataset) -> dict[str, np.ndarray]:
+    """The calibration arrays by input name, each checked against its model input and cast
+    to its type (float32 inputs, and integer inputs such as token ids)."""
     init_names = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in init_names]
-    if len(inputs) != 1:
+    names = [i.name for i in inputs]
+    if isinstance(data.x, Mapping):
+        if set(data.x) != set(names):
+            raise CompressionError(
+                f"calibration data has inputs {sorted(data.x)}, the model takes {names}", inputs=names
+            )
+        arrays = dict(data.x)
+    elif len(inputs) != 1:
         raise CompressionError(
-            f"calibration feeds one array, but the model has {len(inputs)} inputs: {[i.name for i in inputs]}",
-            inputs=[i.name for i in inputs],
+            f"calibration feeds one array, but the model has {len(inputs)} inputs: {names}; give one array per "
+            "input (.npz keys x.NAME)",
+            inputs=names,
         )
-    model_input = inputs[0]
-    tensor_type = model_input.type.tensor_type
-    expected: list[int | str] = [
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim
-    ]
-    got = list(data.x.shape)
-    fits = len(expected) == len(got) and all(
-        not isinstance(e, int) or e == g for e, g in zip(expected[1:], got[1:])
-    )
-    if not fits:
-        raise CompressionError(
-            f"calibration data for input {model_input.name!r} has shape {got}, but the model expects {expected}",
-            input=model_input.name,
-            expected=[str(e) for e in expected],
-            got=got,
-        )
-    if tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise CompressionError(
-            f"static quantization calibrates float32 inputs; input {model_input.name!r} is "
-            f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)}",
-            input=model_input.name,
-        )
-    if not np.issubdtype(data.x.dtype, np.number):
-        raise CompressionError(f"calibration data for input {model_input.name!r} is not numeric ({data.x.dtype})")
-    return model_input.name
+    else:
+        arrays = {names[0]: data.x}
+    checked = {}
+    for model_input in inputs:
+        got_array = arrays[model_input.name]
+        tensor_type = model_input.type.tensor_type
+        expected: list[int | str] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim
+        ]
+        got = list(got_array.shape)
+        fits = len(expected) == len(got) and all(not isinstance(e, int) or e == g for e, g in zip(expected[1:], got[1:]))
+        if not fits:
+            raise CompressionError(
+                f"calibration data for input {model_input.name!r} has shape {got}, but the model expects {expected}",
+                input=model_input.name,
+                expected=[str(e) for e in expected],
+                got=got,
+            )
+        dtype = _CALIBRATION_TYPES.get(tensor_type.elem_type)
+        if dtype is None:
+            raise CompressionError(
+                f"static quantization calibrates float32 and integer inputs; input {model_input.name!r} is "
+                f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)}",
+                input=model_input.name,
+            )
+        if not np.issubdtype(got_array.dtype, np.number):
+            raise CompressionError(f"calibration data for input {model_input.name!r} is not numeric ({got_array.dtype})")
+        checked[model_input.name] = np.ascontiguousarray(got_array, dtype=dtype)
+    return checked
+
+
+_CALIBRATION_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+}
 
 
 @contextlib.contextmanager

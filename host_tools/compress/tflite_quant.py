@@ -425,7 +425,7 @@ def measure_tflite(
     with open_session(model, "litert", SessionOptions(threads=1)) as session:
         spec = session.inputs()[0]
         if evaluation is not None:
-            x = np.asarray(evaluation.x, dtype=np.float32)
+            x = np.asarray(evaluation.array("tflite evaluation"), dtype=np.float32)
             scores = _predict(session, x)
             predictions = scores.reshape(len(scores), -1).argmax(axis=1)
             if evaluation.y is not None:
@@ -436,7 +436,7 @@ def measure_tflite(
         if latency_runs > 0:
             shape = [1 if d is None else d for d in spec.shape]
             sample = (
-                np.asarray(evaluation.x[: shape[0] or 1], dtype=np.float32)
+                np.asarray(evaluation.array("tflite evaluation")[: shape[0] or 1], dtype=np.float32)
                 if evaluation is not None
                 else np.zeros(shape, dtype=np.float32)
             )
@@ -523,7 +523,9 @@ def compress_tflite(
         raise CompressionError(
             f"{key} for a .tflite model needs calibration data (--calib), or choose --quantize int8-dynamic"
         )
-    quantized = quantize_tflite(model, recipe, calibration=None if calibration is None else calibration.x)
+    quantized = quantize_tflite(
+        model, recipe, calibration=None if calibration is None else calibration.array("tflite calibration")
+    )
     original, reference = measure_tflite(model, evaluation, latency_runs=latency_runs)
     if evaluation is not None and evaluation.y is None:
         original = dataclasses.replace(original, quality=1.0, quality_metric="agreement")  # with itself

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,53 @@ def test_sample_unlabelled_and_bad_share() -> None:
     for share in (0.0, -0.1, 1.5):
         with pytest.raises(ConfigError, match="share"):
             data.sample(share)
+
+
+def test_multi_input_dataset_takes_samples_across_inputs() -> None:
+    ids = np.arange(12, dtype=np.int64).reshape(6, 2)
+    data = Dataset({"ids": ids, "mask": np.ones((6, 2), np.int64)}, np.array([0, 1, 0, 1, 0, 1]))
+    assert len(data) == 6 and data.input_names == ("ids", "mask")
+    part = data.take(np.array([1, 4]))
+    assert isinstance(part.x, Mapping) and part.x["ids"].tolist() == [[2, 3], [8, 9]] and part.y.tolist() == [1, 0]
+    assert np.bincount(data.sample(0.5, seed=0).y).tolist() == [2, 2]
+    with pytest.raises(ConfigError, match=r"training supports single-input models only; this data has inputs \['ids', 'mask'\]"):
+        data.array("training")
+    assert Dataset(ids).array("training") is ids and Dataset(ids).input_names is None
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        ({}, "at least one input"),
+        ({"a": np.zeros((3, 2)), "b": np.zeros((4, 2))}, "differ in sample count"),
+        ({"a": np.zeros((3, 2)), "b": np.array([], dtype=np.float32)}, "input 'b'"),
+    ],
+)
+def test_multi_input_dataset_validates(x: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Dataset(x)
+
+
+def test_npz_with_one_array_per_input(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, **{"x.input_ids": np.ones((5, 7), np.int64), "x.attention_mask": np.ones((5, 7)), "y": np.arange(5)})
+    data = load_arrays(str(path))
+    assert data.input_names is not None and set(data.input_names) == {"input_ids", "attention_mask"}
+    assert data.x["input_ids"].dtype == np.int64 and data.y is not None and len(data) == 5
+    np.savez(tmp_path / "both.npz", x=np.ones((5, 2)), **{"x.a": np.ones((5, 2))})
+    with pytest.raises(ConfigError, match="both 'x' and per-input"):
+        load_arrays(str(tmp_path / "both.npz"))
+    np.savez(tmp_path / "short.npz", **{"x.a": np.ones((5, 2)), "x.b": np.ones((4, 2))})
+    with pytest.raises(ConfigError, match="sample count"):
+        load_arrays(str(tmp_path / "short.npz"))
+
+
+def test_entry_point_returning_a_dict_of_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "twoinputs.py").write_text(
+        "import numpy as np\n"
+        "def load():\n"
+        "    return {'a': np.zeros((3, 2), np.float32), 'b': np.ones((3, 1), np.float32)}, np.array([0, 1, 2])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = load_arrays("twoinputs:load")
+    assert data.input_names == ("a", "b") and data.y is not None and data.y.tolist() == [0, 1, 2]

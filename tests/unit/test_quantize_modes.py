@@ -203,3 +203,49 @@ def test_cli_quality_cosine(tmp_path) -> None:
     no_labels = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "l.onnx"), "--eval", str(tmp_path / "x.npy"), "--quality", "accuracy"])
     assert no_labels.exit_code != 0 and "labelled" in no_labels.output
     assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "l.onnx").exists()
+
+
+def _two_input_classifier() -> tuple[onnx.ModelProto, hc.Dataset]:
+    """A classifier over two inputs (a float feature vector and a float mask) and data for it,
+    labelled by the float model itself so that its accuracy is 100%."""
+    rng = np.random.default_rng(4)
+    w = numpy_helper.from_array(rng.normal(0, 0.5, (16, 5)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Mul", ["features", "mask"], ["masked"], name="mask"),
+        helper.make_node("Concat", ["masked", "mask"], ["both"], name="concat", axis=1),
+        helper.make_node("MatMul", ["both", "w"], ["logits"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_inputs",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], initializer=[w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    inputs = {"features": rng.normal(size=(200, 8)).astype(np.float32),
+              "mask": (rng.random((200, 8)) > 0.3).astype(np.float32)}  # fmt: skip
+    return model, hc.Dataset(inputs, hc.predict_classes(model, inputs))
+
+
+def test_two_input_model_calibrates_evaluates_and_times() -> None:
+    model, data = _two_input_classifier()
+    assert hc.evaluate_accuracy(model, data) == 1.0
+    result = hc.compress(model, [hc.StaticInt8Quantization()], calibration=data, evaluation=data)
+    report = result.report
+    assert report.final.quality_metric == "accuracy" and report.final.quality >= 0.9
+    assert report.final.latency_p50_ms is not None and report.final.latency_p50_ms > 0
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load_model_from_string(result.model_bytes).graph.node}
+    guarded = hc.compress(model, [AccuracyGuard(hc.DynamicInt8Quantization(), 0.0, max_float_fraction=1.0)], evaluation=data, measure=FAST)
+    assert guarded.report.quality_drop <= 0.0
+
+
+def test_two_input_model_refuses_data_that_does_not_name_its_inputs() -> None:
+    model, data = _two_input_classifier()
+    with pytest.raises(ConfigError, match=r"the data has inputs \['features', 'other'\], the model takes \['features', 'mask'\]"):
+        hc.evaluate_accuracy(model, hc.Dataset({"features": data.x["features"], "other": data.x["mask"]}, data.y))
+    with pytest.raises(ConfigError, match="one array per input"):
+        hc.evaluate_accuracy(model, hc.Dataset(data.x["features"], data.y))
+    with pytest.raises(CompressionError, match="calibration data has inputs"):
+        hc.compress(model, [hc.StaticInt8Quantization()], calibration=hc.Dataset({"features": data.x["features"]}), measure=FAST)
+    with pytest.raises(CompressionError, match="x.NAME"):
+        hc.compress(model, [hc.StaticInt8Quantization()], calibration=hc.Dataset(data.x["features"]), measure=FAST)
