@@ -368,6 +368,12 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
     help="quality budget (fraction, e.g. 0.005): quantization keeps its most sensitive nodes in float to meet it, "
     "and nothing is written if the final model still misses it",
 )
+@click.option(
+    "--guard-ranking",
+    type=click.Choice(["error", "measured"]),
+    help="how --max-accuracy-drop picks nodes to keep in float: error (default; local error, one run) or measured "
+    "(one quantization per node, ranked by the quality metric itself; slower, better for transformers)",
+)
 @json_option
 @click.pass_context
 def compress(
@@ -390,6 +396,7 @@ def compress(
     eval_data: str | None,
     quality_metric: str | None,
     max_accuracy_drop: float | None,
+    guard_ranking: str | None,
     json_output: bool,
 ) -> None:
     """Compress MODEL and report size, accuracy and host latency per step."""
@@ -402,7 +409,8 @@ def compress(
     if model.suffix.lower() == ".tflite":
         unsupported = {"--lowrank": lowrank, "--weight-share": weight_share, "--distill": distill, "--prune": prune,
                        "--finetune": finetune_epochs, "--train": train_data, "--recipe": recipe, "--packed": packed,
-                       "--max-accuracy-drop": max_accuracy_drop, "--quality": quality_metric}  # fmt: skip
+                       "--max-accuracy-drop": max_accuracy_drop, "--quality": quality_metric,
+                       "--guard-ranking": guard_ranking}  # fmt: skip
         given = [name for name, value in unsupported.items() if value is not None]
         if given:
             raise ConfigError(f"a .tflite model takes --quantize, --calib and --eval only, not {', '.join(given)}")
@@ -414,12 +422,14 @@ def compress(
         raise ConfigError("--max-accuracy-drop needs evaluation data (--eval)", key="eval")
     if quality_metric is not None and not eval_data:
         raise ConfigError("--quality needs evaluation data (--eval)", key="eval")
+    if guard_ranking is not None and max_accuracy_drop is None:
+        raise ConfigError("--guard-ranking needs --max-accuracy-drop", key="guard_ranking")
     training_steps = _training_steps(hc, distill, distill_temperature, distill_alpha, train_epochs, prune)
     if (training_steps or finetune_epochs) and recipe is not None:
         raise ConfigError("give either --recipe or step options (--prune, --distill, ...), not both")
     steps = training_steps + _compress_steps(
         hc, recipe, quantize, lowrank, weight_share, max_accuracy_drop, finetune_epochs,
-        default_quantize=not (training_steps or finetune_epochs),
+        default_quantize=not (training_steps or finetune_epochs), guard_ranking=guard_ranking,
     )  # fmt: skip
     training = hc.load_arrays(train_data) if train_data else None
     calibration = hc.load_arrays(calib) if calib else None
@@ -457,6 +467,7 @@ def compress(
 def _compress_steps(
     hc: Any, recipe: Path | None, quantize: str | None, lowrank: str | None, weight_share: int | None,
     max_drop: float | None, finetune_epochs: int | None = None, *, default_quantize: bool = True,
+    guard_ranking: str | None = None,
 ) -> list[Any]:
     """The passes for ``compress``, from a recipe or from the step options.
 
@@ -467,6 +478,8 @@ def _compress_steps(
     if recipe is not None:
         if quantize or lowrank or weight_share:
             raise ConfigError("give either --recipe or step options (--quantize, --lowrank, ...), not both")
+        if guard_ranking is not None:
+            raise ConfigError("with --recipe, set guard_ranking in the recipe's quantize step", key="guard_ranking")
         return hc.load_recipe(recipe)
     steps = []
     if lowrank:
@@ -492,6 +505,8 @@ def _compress_steps(
         options: dict[str, Any] = {"mode": quantize or "int8-static"}
         if max_drop is not None:
             options["max_accuracy_drop"] = max_drop
+        if guard_ranking is not None:
+            options["guard_ranking"] = guard_ranking
         steps.append(hc.build_pass("quantize", options))
     return steps
 

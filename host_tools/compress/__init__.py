@@ -18,7 +18,7 @@ Passes take and return ``onnx.ModelProto`` and never touch the disk; reading and
 files happens only in :mod:`host_tools.compress.model_file` and :mod:`host_tools.compress.data`.
 """
 
-from .accuracy_guard import AccuracyGuard, node_sensitivity
+from .accuracy_guard import AccuracyGuard, node_sensitivity, quantized_nodes
 from .data import Dataset, DigitsSplit, load_arrays, load_digits_split
 from .decompose import DecomposeGemm
 from .digits import mlp_to_onnx, train_digits_mlp
@@ -96,6 +96,7 @@ __all__ = [
     "Int4WeightOnlyQuantization",
     "AccuracyGuard",
     "node_sensitivity",
+    "quantized_nodes",
     "LowRankFactorization",
     "WeightSharing",
     "MagnitudePruning",

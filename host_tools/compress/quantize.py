@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -456,18 +456,19 @@ def _name_unnamed_nodes(model: onnx.ModelProto) -> None:
         taken.add(name)
 
 
-QUANTIZE_OPTIONS: Mapping[str, Callable[[], CompressionPass]] = MappingProxyType(
+QUANTIZE_OPTIONS: Mapping[str, tuple[type, Mapping[str, object]]] = MappingProxyType(
     {
-        "int8-static": lambda: StaticInt8Quantization(),
-        "int8-static-entropy": lambda: StaticInt8Quantization(method="entropy"),
-        "int8-static-percentile": lambda: StaticInt8Quantization(method="percentile"),
-        "int8-static-per-tensor": lambda: StaticInt8Quantization(per_channel=False),
-        "int8-dynamic": lambda: DynamicInt8Quantization(),
-        "fp16": lambda: Float16Conversion(),
-        "int4-weight": lambda: Int4WeightOnlyQuantization(),
+        "int8-static": (StaticInt8Quantization, {}),
+        "int8-static-entropy": (StaticInt8Quantization, {"method": "entropy"}),
+        "int8-static-percentile": (StaticInt8Quantization, {"method": "percentile"}),
+        "int8-static-per-tensor": (StaticInt8Quantization, {"per_channel": False}),
+        "int8-dynamic": (DynamicInt8Quantization, {}),
+        "int8-dynamic-per-channel": (DynamicInt8Quantization, {"per_channel": True}),
+        "fp16": (Float16Conversion, {}),
+        "int4-weight": (Int4WeightOnlyQuantization, {}),
     }
 )
-"""CLI spellings of ``--quantize`` and the pass each builds."""
+"""The quantization modes, by their CLI and recipe spelling: the pass class and its settings."""
 
 
 def parse_quantize_option(text: str) -> CompressionPass:
@@ -484,12 +485,14 @@ def parse_quantize_option(text: str) -> CompressionPass:
         ConfigError: unknown value; the message lists the known ones.
     """
     key = text.strip().lower().replace("_", "-")
-    factory = QUANTIZE_OPTIONS.get(key)
-    if factory is None:
+    mode = QUANTIZE_OPTIONS.get(key)
+    if mode is None:
         raise ConfigError(
             f"unknown quantization {text!r}; choose one of: {', '.join(QUANTIZE_OPTIONS)}", key="quantize", value=text
         )
-    return factory()
+    cls, settings = mode
+    pass_: CompressionPass = cls(**settings)
+    return pass_
 
 
 class _CalibrationReader:

@@ -34,12 +34,7 @@ from .finetune import FineTune, TrainingOptions
 from .lowrank import LowRankFactorization
 from .passes import CompressionPass
 from .prune import MagnitudePruning, SensitivityPruning
-from .quantize import (
-    DynamicInt8Quantization,
-    Float16Conversion,
-    Int4WeightOnlyQuantization,
-    StaticInt8Quantization,
-)
+from .quantize import QUANTIZE_OPTIONS
 from .structured import ChannelPruning
 from .weight_sharing import WeightSharing
 
@@ -163,33 +158,25 @@ def _construct(cls: type, options: Mapping[str, Any]) -> Any:
         raise ConfigError(str(exc)) from exc
 
 
-_QUANTIZE_MODES: Mapping[str, tuple[type, Mapping[str, Any]]] = MappingProxyType(
-    {
-        "int8-static": (StaticInt8Quantization, {}),
-        "int8-static-entropy": (StaticInt8Quantization, {"method": "entropy"}),
-        "int8-static-percentile": (StaticInt8Quantization, {"method": "percentile"}),
-        "int8-static-per-tensor": (StaticInt8Quantization, {"per_channel": False}),
-        "int8-dynamic": (DynamicInt8Quantization, {}),
-        "fp16": (Float16Conversion, {}),
-        "int4-weight": (Int4WeightOnlyQuantization, {}),
-    }
-)
-
-
 def _quantize(options: Mapping[str, Any]) -> CompressionPass:
     opts = dict(options)
     mode = str(opts.pop("mode", "int8-static")).strip().lower().replace("_", "-")
     max_drop = opts.pop("max_accuracy_drop", None)
-    if mode not in _QUANTIZE_MODES:
-        raise ConfigError(f"unknown quantize mode {mode!r}; choose one of: {', '.join(_QUANTIZE_MODES)}", key="mode")
-    cls, defaults = _QUANTIZE_MODES[mode]
+    ranking = opts.pop("guard_ranking", None)
+    if mode not in QUANTIZE_OPTIONS:
+        raise ConfigError(f"unknown quantize mode {mode!r}; choose one of: {', '.join(QUANTIZE_OPTIONS)}", key="mode")
+    if ranking is not None and max_drop is None:
+        raise ConfigError("guard_ranking needs max_accuracy_drop (it orders the accuracy guard's search)", key="guard_ranking")
+    cls, defaults = QUANTIZE_OPTIONS[mode]
     inner = _construct(cls, {**defaults, **opts})
-    return inner if max_drop is None else AccuracyGuard(inner, float(max_drop))
+    if max_drop is None:
+        return inner
+    return AccuracyGuard(inner, float(max_drop), ranking=ranking or "error")
 
 
 def quantize_modes() -> Sequence[str]:
     """The ``mode`` values of the ``quantize`` pass (and of ``edgectl compress --quantize``)."""
-    return tuple(_QUANTIZE_MODES)
+    return tuple(QUANTIZE_OPTIONS)
 
 
 register_pass("quantize", _quantize)

@@ -393,7 +393,7 @@ def test_public_names() -> None:
             "evaluate_accuracy", "predict_classes", "top1_agreement", "model_size_bytes", "Quality", "QUALITY_METRICS",
             "count_parameters", "measure_sparsity", "host_latency_ms",
             "train_digits_mlp", "mlp_to_onnx",
-            "Float16Conversion", "Int4WeightOnlyQuantization", "AccuracyGuard", "node_sensitivity",
+            "Float16Conversion", "Int4WeightOnlyQuantization", "AccuracyGuard", "node_sensitivity", "quantized_nodes",
             "LowRankFactorization", "WeightSharing", "PackedModel", "pack_model",
             "PASS_REGISTRY", "register_pass", "build_pass", "parse_recipe", "load_recipe",
             "quantize_modes", "train_digits_cnn",
