@@ -440,7 +440,8 @@ def compress(
         def progress(ev: Any) -> None:
             if ev.phase == "run" and ev.done != bar.n:
                 bar.update(ev.done - bar.n)
-            bar.set_postfix_str(f"{ev.step} {ev.phase}")
+            counted = f" {ev.done}/{ev.total}" if ev.phase != "run" and ev.total > 1 else ""
+            bar.set_postfix_str(f"{ev.step} {ev.phase}{counted}")
 
         result = hc.compress(
             source, steps, calibration, evaluation, progress=progress, training=training, quality_metric=quality_metric
