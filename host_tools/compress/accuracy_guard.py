@@ -57,7 +57,7 @@ class AccuracyGuard:
       error tracks the end result.
     - ``"measured"``: quantize once per candidate with only that node kept in float, and
       rank by the quality each of those models reaches. One quantization per candidate
-      (about 3 minutes for MiniLM-L6's 37 on a 2-core host), but it ranks by the metric
+      (about 2.5 minutes for MiniLM-L6's 38 on a 2-core host), but it ranks by the metric
       itself, which matters for transformers: there a node's local error says little
       about what it does to the output (BERT's FFN outlier channels).
 
