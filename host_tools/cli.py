@@ -352,8 +352,8 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
     type=click.Path(path_type=Path, dir_okay=False),
     help="also write the packed transport form (codebooks + entropy-coded indices) of the output here",
 )
-@click.option("--calib", help="calibration data: .npz, .npy or module:function")
-@click.option("--eval", "eval_data", help="evaluation data (x and labels y): .npz or module:function")
+@click.option("--calib", help="calibration data: .npz (x, or x.NAME per input), .npy or module:function")
+@click.option("--eval", "eval_data", help="evaluation data: .npz (x, or x.NAME per input; labels y if any), .npy or module:function")
 @click.option(
     "--quality",
     "quality_metric",
