@@ -406,22 +406,21 @@ def compress(
     from host_tools import compress as hc
 
     cfg = _cfg(ctx, json_output)
+    if quality_metric is not None and not eval_data:
+        raise ConfigError("--quality needs evaluation data (--eval)", key="eval")
     if model.suffix.lower() == ".tflite":
         unsupported = {"--lowrank": lowrank, "--weight-share": weight_share, "--distill": distill, "--prune": prune,
                        "--finetune": finetune_epochs, "--train": train_data, "--recipe": recipe, "--packed": packed,
-                       "--max-accuracy-drop": max_accuracy_drop, "--quality": quality_metric,
-                       "--guard-ranking": guard_ranking}  # fmt: skip
+                       "--max-accuracy-drop": max_accuracy_drop, "--guard-ranking": guard_ranking}  # fmt: skip
         given = [name for name, value in unsupported.items() if value is not None]
         if given:
-            raise ConfigError(f"a .tflite model takes --quantize, --calib and --eval only, not {', '.join(given)}")
-        _compress_tflite(cfg, model, output, quantize or "int8-static", calib, eval_data)
+            raise ConfigError(f"a .tflite model takes --quantize, --calib, --eval and --quality only, not {', '.join(given)}")
+        _compress_tflite(cfg, model, output, quantize or "int8-static", calib, eval_data, quality_metric)
         return
     if max_accuracy_drop is not None and max_accuracy_drop < 0:
         raise ConfigError("--max-accuracy-drop must be >= 0", key="max_accuracy_drop")
     if max_accuracy_drop is not None and not eval_data:
         raise ConfigError("--max-accuracy-drop needs evaluation data (--eval)", key="eval")
-    if quality_metric is not None and not eval_data:
-        raise ConfigError("--quality needs evaluation data (--eval)", key="eval")
     if guard_ranking is not None and max_accuracy_drop is None:
         raise ConfigError("--guard-ranking needs --max-accuracy-drop", key="guard_ranking")
     training_steps = _training_steps(hc, distill, distill_temperature, distill_alpha, train_epochs, prune)
@@ -579,7 +578,10 @@ def _compress_table(report: Any, output: Path) -> str:
     return f"{table}{extra}\n\n{report.size_ratio:.2f}x smaller; wrote {output}"
 
 
-def _compress_tflite(cfg: HostConfig, model: Path, output: Path, quantize: str, calib: str | None, eval_data: str | None) -> None:
+def _compress_tflite(
+    cfg: HostConfig, model: Path, output: Path, quantize: str, calib: str | None, eval_data: str | None,
+    quality_metric: str | None,
+) -> None:
     """``compress`` for a ``.tflite`` MODEL: ai-edge-quantizer, measured in LiteRT."""
     from edge_sdk.errors import ModelLoadError
     from host_tools import compress as hc
@@ -592,7 +594,7 @@ def _compress_tflite(cfg: HostConfig, model: Path, output: Path, quantize: str, 
         raise ModelLoadError(f"{model}: cannot read model file ({exc.strerror or exc})", file=str(model)) from exc
     calibration = hc.load_arrays(calib) if calib else None
     evaluation = hc.load_arrays(eval_data) if eval_data else None
-    result = compress_tflite(data, quantize, calibration=calibration, evaluation=evaluation)
+    result = compress_tflite(data, quantize, calibration=calibration, evaluation=evaluation, quality_metric=quality_metric)
     hc.save_model_atomic(result.model_bytes, output)
     report = {"output": str(output), "report": result.to_dict()}
 

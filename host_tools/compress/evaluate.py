@@ -245,41 +245,75 @@ class Quality:
     """
 
     def __init__(self, original: ModelLike, data: Dataset, metric: str | None = None, batch_size: int = 256) -> None:
-        metric = metric or ("accuracy" if data.labelled else "agreement")
-        if metric not in QUALITY_METRICS:
-            raise ConfigError(f"unknown quality metric {metric!r}; choose one of {', '.join(QUALITY_METRICS)}", key="metric")
-        if metric == "accuracy" and not data.labelled:
-            raise ConfigError("the accuracy metric needs labelled evaluation data; this data has no labels", key="metric")
-        self.metric = metric
+        self.metric = _pick_metric(metric, data)
         self.data = data
         self.batch_size = batch_size
-        self._reference: np.ndarray | None = None
-        if metric != "accuracy":
-            self._reference = self._outputs(original)
+        self._reference = None if self.metric == "accuracy" else self._prepare(self.run(original))
 
-    def _outputs(self, model: ModelLike) -> np.ndarray:
+    @classmethod
+    def from_outputs(cls, reference: np.ndarray, data: Dataset, metric: str | None = None) -> Quality:
+        """A scorer against the original model's first output on ``data``, computed elsewhere
+        (another runtime, e.g. LiteRT); score with :meth:`score`.
+
+        Raises:
+            ConfigError: an unknown metric, or accuracy without labels.
+        """
+        quality = cls.__new__(cls)
+        quality.metric = _pick_metric(metric, data)
+        quality.data = data
+        quality.batch_size = 256
+        quality._reference = None if quality.metric == "accuracy" else quality._prepare(reference)
+        return quality
+
+    def run(self, model: ModelLike) -> np.ndarray:
+        """The model's first output on the data, in onnxruntime on this host."""
         with open_host_session(model) as session:
-            out = run_batched(session, self.data.x, self.batch_size)
-        if self.metric == "cosine":
-            return np.asarray(out, dtype=np.float64).reshape(len(out), -1)
-        return _top1(out)
+            return run_batched(session, self.data.x, self.batch_size)
 
     def of(self, model: ModelLike) -> float:
-        """The model's figure on the data.
+        """The model's figure on the data, run in onnxruntime.
 
         Raises:
             ModelLoadError, ModelError: the model does not load or run on the data.
             ConfigError: its outputs cannot be compared with the original's (shape).
         """
+        return self.score(self.run(model))
+
+    def score(self, outputs: np.ndarray) -> float:
+        """The figure for a model's first output on the data.
+
+        ``outputs`` may cover only the first samples (a runtime that runs whole batches
+        only may leave off the remainder); they are scored against those samples.
+
+        Raises:
+            ConfigError: the outputs cannot be compared with the original's (shape).
+        """
+        out = self._prepare(outputs)
+        n = len(out)
         if self.metric == "accuracy":
-            return evaluate_accuracy(model, self.data, self.batch_size)
+            assert self.data.y is not None
+            return float(np.mean(out == self.data.y[:n]))
         assert self._reference is not None
-        out = self._outputs(model)
+        reference = self._reference[:n]
+        if out.shape != reference.shape:
+            raise ConfigError(f"cannot compare outputs of shape {list(out.shape)} with the original's {list(reference.shape)}")
         if self.metric == "agreement":
-            return top1_agreement(out, self._reference)
-        if out.shape != self._reference.shape:
-            raise ConfigError(f"cannot compare outputs of shape {list(out.shape)} with the original's {list(self._reference.shape)}")
-        return float(np.min(_row_cosines(out, self._reference)))
+            return top1_agreement(out, reference)
+        return float(np.min(_row_cosines(out, reference)))
+
+    def _prepare(self, outputs: np.ndarray) -> np.ndarray:
+        if self.metric == "cosine":
+            return np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+        return _top1(np.asarray(outputs))
+
+
+def _pick_metric(metric: str | None, data: Dataset) -> str:
+    metric = metric or ("accuracy" if data.labelled else "agreement")
+    if metric not in QUALITY_METRICS:
+        raise ConfigError(f"unknown quality metric {metric!r}; choose one of {', '.join(QUALITY_METRICS)}", key="metric")
+    if metric == "accuracy" and not data.labelled:
+        raise ConfigError("the accuracy metric needs labelled evaluation data; this data has no labels", key="metric")
+    return metric
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

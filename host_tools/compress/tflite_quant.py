@@ -37,6 +37,7 @@ from edge_sdk.metrics import benchmark
 from edge_sdk.runtime import SessionOptions, open_session
 
 from .data import Dataset
+from .evaluate import Quality
 
 __all__ = [
     "TFLITE_RECIPES",
@@ -393,20 +394,21 @@ def measure_tflite(
     model: bytes,
     evaluation: Dataset | None = None,
     *,
-    reference: np.ndarray | None = None,
+    quality: Quality | None = None,
     latency_runs: int = 50,
 ) -> tuple[TfliteMetrics, np.ndarray | None]:
-    """Measure a single-input ``.tflite`` classifier in LiteRT: size, weights, quality, latency.
+    """Measure a single-input ``.tflite`` model in LiteRT: size, weights, quality, latency.
 
     Args:
         model: the model.
-        evaluation: inputs, with labels for accuracy; without labels, quality is top-1
-            agreement with ``reference``.
-        reference: predicted classes to agree with (the original model's).
+        evaluation: inputs to run (and to time on).
+        quality: scores the outputs on ``evaluation`` (built from the original model's
+            outputs with :meth:`~host_tools.compress.evaluate.Quality.from_outputs`);
+            quality is not measured without it.
         latency_runs: timed batch-1 runs (0 to skip timing).
 
     Returns:
-        The metrics, and this model's predicted classes on ``evaluation`` (or ``None``).
+        The metrics, and this model's first output on ``evaluation`` (or ``None``).
 
     Raises:
         RuntimeUnavailableError: LiteRT is not installed.
@@ -418,21 +420,16 @@ def measure_tflite(
     for tensor in tflite_tensors(model):
         if tensor.constant:
             weights[tensor.dtype] = weights.get(tensor.dtype, 0) + 1
-    quality: float | None = None
+    score: float | None = None
     metric: str | None = None
-    predictions: np.ndarray | None = None
+    outputs: np.ndarray | None = None
     latency: float | None = None
     with open_session(model, "litert", SessionOptions(threads=1)) as session:
         spec = session.inputs()[0]
         if evaluation is not None:
-            x = np.asarray(evaluation.array("tflite evaluation"), dtype=np.float32)
-            scores = _predict(session, x)
-            predictions = scores.reshape(len(scores), -1).argmax(axis=1)
-            if evaluation.y is not None:
-                labels = np.asarray(evaluation.y)[: len(predictions)]
-                quality, metric = float(np.mean(predictions == labels)), "accuracy"
-            elif reference is not None:
-                quality, metric = float(np.mean(predictions == reference[: len(predictions)])), "agreement"
+            outputs = _predict(session, np.asarray(evaluation.array("tflite evaluation"), dtype=np.float32))
+            if quality is not None:
+                score, metric = quality.score(outputs), quality.metric
         if latency_runs > 0:
             shape = [1 if d is None else d for d in spec.shape]
             sample = (
@@ -442,7 +439,7 @@ def measure_tflite(
             )
             feeds = {spec.name: sample}
             latency = benchmark(lambda: session.run(feeds), warmup=5, runs=latency_runs).p50_ms
-    return TfliteMetrics(len(model), MappingProxyType(weights), quality, metric, latency), predictions
+    return TfliteMetrics(len(model), MappingProxyType(weights), score, metric, latency), outputs
 
 
 @dataclass(frozen=True)
@@ -491,6 +488,7 @@ def compress_tflite(
     calibration: Dataset | None = None,
     evaluation: Dataset | None = None,
     latency_runs: int = 50,
+    quality_metric: str | None = None,
 ) -> TfliteCompression:
     """Quantize a ``.tflite`` model and measure it beside the original in LiteRT.
 
@@ -501,6 +499,9 @@ def compress_tflite(
         evaluation: inputs with labels (accuracy) or without (top-1 agreement with the
             original model); quality is not measured without it.
         latency_runs: timed batch-1 runs per model (0 to skip).
+        quality_metric: ``"accuracy"``, ``"agreement"`` or ``"cosine"``; ``None`` picks
+            accuracy for labelled data, else agreement (see
+            :class:`~host_tools.compress.evaluate.Quality`).
 
     Returns:
         The quantized model and both measurements.
@@ -526,8 +527,10 @@ def compress_tflite(
     quantized = quantize_tflite(
         model, recipe, calibration=None if calibration is None else calibration.array("tflite calibration")
     )
-    original, reference = measure_tflite(model, evaluation, latency_runs=latency_runs)
-    if evaluation is not None and evaluation.y is None:
-        original = dataclasses.replace(original, quality=1.0, quality_metric="agreement")  # with itself
-    final, _ = measure_tflite(quantized, evaluation, reference=reference, latency_runs=latency_runs)
+    original, outputs = measure_tflite(model, evaluation, latency_runs=latency_runs)
+    quality = None
+    if evaluation is not None and outputs is not None:
+        quality = Quality.from_outputs(outputs, evaluation, quality_metric)
+        original = dataclasses.replace(original, quality=quality.score(outputs), quality_metric=quality.metric)
+    final, _ = measure_tflite(quantized, evaluation, quality=quality, latency_runs=latency_runs)
     return TfliteCompression(quantized, key, recipe, original, final)

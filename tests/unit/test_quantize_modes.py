@@ -158,6 +158,12 @@ def test_cosine_quality_is_the_worst_sample(tmp_path) -> None:
     expected = np.sum(reference * moved, 1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(moved, axis=1))
     assert quality.of(bent) == pytest.approx(float(expected.min()), abs=1e-5)
     assert quality.of(bent) < float(expected.mean())
+    # The same scorer for outputs computed elsewhere (LiteRT), also over the first samples only.
+    elsewhere = hc.Quality.from_outputs(reference, data, "cosine")
+    assert elsewhere.score(moved) == pytest.approx(quality.of(bent))
+    assert elsewhere.score(moved[:10]) == pytest.approx(float(expected[:10].min()), abs=1e-5)
+    labelled = hc.Quality.from_outputs(reference, hc.Dataset(x, reference.argmax(1)))
+    assert labelled.metric == "accuracy" and labelled.score(reference) == 1.0
     assert hc.Quality(model, data).metric == "agreement"
     with pytest.raises(ConfigError, match="labelled"):
         hc.Quality(model, data, "accuracy")

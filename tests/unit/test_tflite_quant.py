@@ -139,3 +139,10 @@ def test_cli_compress_dispatches_tflite_models(tmp_path, fc) -> None:
     assert no_calib.exit_code == 6 and "--calib" in no_calib.output
     mixed = CliRunner().invoke(cli, [*base, "--quantize", "int8-dynamic", "--prune", "magnitude:0.5"])
     assert mixed.exit_code == 2 and "--prune" in mixed.output
+    cosine = CliRunner().invoke(
+        cli, [*base, "--quantize", "int8-dynamic", "--eval", str(tmp_path / "calib.npz"), "--quality", "cosine", "--json"]
+    )
+    assert cosine.exit_code == 0, cosine.output
+    scored = json.loads(cosine.stdout)["report"]
+    assert scored["original"]["quality"] == pytest.approx(1.0) and scored["final"]["quality_metric"] == "cosine"
+    assert 0.9 < scored["final"]["quality"] <= 1.0
