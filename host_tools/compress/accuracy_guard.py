@@ -1,10 +1,12 @@
 """Accuracy guard: quantize, and keep the most sensitive nodes in float until the drop fits.
 
 :class:`AccuracyGuard` wraps a quantization pass. It runs it, measures quality on the
-evaluation data, and when the drop exceeds the budget it ranks the quantized nodes by
-the error each one adds against the float model (:func:`node_sensitivity`), keeps the
-worst one in float and tries again, until the drop fits or too many nodes would stay
-float. The report names the nodes that stayed float.
+evaluation data, and when the drop exceeds the budget it ranks the nodes the pass
+quantized (:func:`quantized_nodes`), keeps the worst one in float and tries again, until
+the drop fits or too many nodes would stay float. The ranking is either the error each
+node adds against the float model (:func:`node_sensitivity`, cheap) or the quality
+measured with each node alone in float (one quantization per node). The report names
+the nodes that stayed float.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import onnx
@@ -67,7 +69,7 @@ class AccuracyGuard:
             the run's quality metric (``ctx.quality_metric``: accuracy with labelled
             evaluation data, else top-1 agreement with the input, or cosine).
         max_float_fraction: give up (raise) rather than keep more than this share of the
-            quantizable nodes in float.
+            nodes the inner pass quantized in float (besides its own ``exclude_nodes``).
         ranking: ``"error"`` or ``"measured"``.
 
     Raises:
@@ -85,7 +87,7 @@ class AccuracyGuard:
             raise ConfigError(f"max accuracy drop must be >= 0, not {self.max_drop}", key="max_accuracy_drop")
         if not 0.0 < self.max_float_fraction <= 1.0:
             raise ConfigError("max_float_fraction must be in (0, 1]", key="max_float_fraction")
-        if self.ranking not in ("error", "measured"):
+        if self.ranking not in get_args(Ranking):
             raise ConfigError(f"guard ranking is 'error' or 'measured', not {self.ranking!r}", key="ranking")
 
     @property
@@ -117,8 +119,8 @@ class AccuracyGuard:
         if isinstance(self.inner, (DynamicInt8Quantization, Int4WeightOnlyQuantization)):
             decompose_gemm(reference)  # the inner pass sees (and names) MatMul nodes
         candidates = [n.name for n in reference.graph.node if n.op_type in WEIGHTED_OPS and n.name]
-        quality = Quality(model, ctx.evaluation, ctx.quality_metric)
-        base = quality.of(model)
+        quality = Quality.for_model(model, ctx.evaluation, ctx.quality_metric)
+        base = quality.original
         excluded = list(self.inner.exclude_nodes)
         attempts: list[dict[str, object]] = []
         measured: list[dict[str, object]] | None = None
@@ -146,7 +148,7 @@ class AccuracyGuard:
                 few = ctx.evaluation.take(slice(0, _SENSITIVITY_SAMPLES)).x
                 order = [name for name, _ in node_sensitivity(reference, result.model, few, candidates)]
             remaining = [name for name in order if name not in excluded]
-            if not remaining or len(excluded) >= limit:
+            if not remaining or len(excluded) - len(self.inner.exclude_nodes) >= limit:
                 best = min(attempts, key=lambda a: float(a["drop"]))  # type: ignore[arg-type]
                 raise CompressionError(
                     f"{self.name}: cannot keep the quality drop within {self.max_drop:.4f}; best was "
@@ -182,21 +184,33 @@ class AccuracyGuard:
 
 
 def quantized_nodes(reference: onnx.ModelProto, quantized: onnx.ModelProto, candidates: Iterable[str]) -> list[str]:
-    """The candidates that quantization changed, in graph order.
+    """The candidates whose weights quantization changed, in graph order.
 
-    A node counts as quantized when the quantized graph no longer has a node of that name
-    and op type (rewritten to an integer op, e.g. ``MatMulInteger``), or when that node
-    now reads an integer initializer or a ``DequantizeLinear`` output (QDQ, quantized
-    ``Gather`` tables).
+    Only weight inputs count: the inputs that are float initializers in ``reference``. A
+    node counts as quantized when the quantized graph no longer has a node of that name
+    and op type (rewritten to an integer op, e.g. ``MatMulInteger``), or when one of its
+    weight inputs is now an integer initializer or comes from a ``DequantizeLinear`` of
+    one (QDQ, quantized ``Gather`` tables). A node kept in float that merely reads a
+    dequantized activation, or a ``Gather`` of int64 shape indices, does not count.
     """
-    kinds = {n.name: n.op_type for n in reference.graph.node}
+    float_inits = {i.name for i in reference.graph.initializer if i.data_type in _FLOAT_TYPES}
+    kinds = {n.name: n for n in reference.graph.node}
     same = {n.name: n for n in quantized.graph.node}
     integer = {i.name for i in quantized.graph.initializer if i.data_type not in _FLOAT_TYPES}
-    dequantized = {out for n in quantized.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    from_integer = {
+        out for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input and n.input[0] in integer
+        for out in n.output
+    }  # fmt: skip
     result = []
     for name in candidates:
-        node = same.get(name)
-        if node is None or node.op_type != kinds.get(name) or any(i in integer or i in dequantized for i in node.input):
+        before, after = kinds.get(name), same.get(name)
+        if before is None:
+            continue
+        if after is None or after.op_type != before.op_type:
+            result.append(name)
+            continue
+        weights = [i for i, inp in enumerate(before.input) if inp in float_inits]
+        if any(i < len(after.input) and (after.input[i] in integer or after.input[i] in from_integer) for i in weights):
             result.append(name)
     return result
 

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_sdk.errors import ConfigError
 
-__all__ = ["Dataset", "DigitsSplit", "Inputs", "load_digits_split", "load_arrays"]
+__all__ = ["Dataset", "DigitsSplit", "Inputs", "load_digits_split", "load_arrays", "match_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,34 @@ class DigitsSplit:
         return Dataset(self.x_test, self.y_test)
 
 
+def match_inputs(names: Sequence[str], x: Inputs, what: str = "the data") -> dict[str, np.ndarray]:
+    """The arrays of ``x`` by model input name, in ``names`` order.
+
+    One array feeds a single-input model; several inputs need one named array each.
+
+    Args:
+        names: the model's input names.
+        x: the data's inputs.
+        what: what to call the data in errors, e.g. ``"calibration data"``.
+
+    Raises:
+        ConfigError: the names differ, or one array was given for several inputs (names both sides).
+    """
+    names = list(names)
+    if isinstance(x, Mapping):
+        if set(x) != set(names):
+            raise ConfigError(f"{what} has inputs {sorted(x)}, the model takes {names}", key="x", data=sorted(x), model=names)
+        return {name: x[name] for name in names}
+    if len(names) != 1:
+        raise ConfigError(
+            f"the model takes {len(names)} inputs {names}; give {what} as one array per input "
+            "(.npz keys x.NAME, or a dict from a module:function)",
+            key="x",
+            model=names,
+        )
+    return {names[0]: x}
+
+
 def _check_inputs(value: Any, what: str) -> None:
     if not isinstance(value, np.ndarray) or value.ndim < 1 or len(value) == 0:
         raise ConfigError(f"dataset {what} must be a non-empty array with a sample axis", key="x")
@@ -251,6 +279,9 @@ def _load_file(path: Path) -> Dataset:
             if "x" in keys:
                 raise ConfigError(f"{path}: has both 'x' and per-input 'x.NAME' arrays; give one or the other", file=str(path), key="x")
             y_key = "y" if "y" in keys else None
+            ignored = [k for k in keys if k not in named and k != y_key]
+            if ignored:
+                logger.warning("%s: using %s as inputs and %r as labels, ignoring %s", path, named, y_key, ignored)
             inputs = {k[2:]: _read(archive, k, path) for k in named}
             return _dataset(inputs, _read(archive, y_key, path) if y_key else None, source=str(path), x_key="x", y_key=y_key)
         if "x" in keys:
@@ -265,6 +296,13 @@ def _load_file(path: Path) -> Dataset:
             raise ConfigError(f"{path}: archive holds no arrays", file=str(path))
         x = _read(archive, x_key, path)
         y = _read(archive, y_key, path) if y_key else None
+        if x_key != "x" and y is not None and y.ndim != 1:
+            raise ConfigError(
+                f"{path}: no 'x' key, so {x_key!r} would be the inputs and {y_key!r} the labels, but {y_key!r} is not "
+                f"1-D labels; for a model with several inputs name the arrays x.NAME (keys: {keys})",
+                file=str(path),
+                key=y_key,
+            )
     return _dataset(x, y, source=str(path), x_key=x_key, y_key=y_key)
 
 

@@ -261,7 +261,7 @@ def teacher_logits(teacher: onnx.ModelProto, x: np.ndarray, batch_size: int = 25
     return out.astype(np.float32), probabilities
 
 
-def parse_student(text: str) -> MlpStudent | onnx.ModelProto:
+def parse_student(text: str, key: str = "distill") -> MlpStudent | onnx.ModelProto:
     """Parse a CLI ``--distill`` or recipe ``student`` value.
 
     ``mlp:32`` or ``mlp:64,32`` builds an :class:`MlpStudent` with those hidden widths;
@@ -283,7 +283,7 @@ def parse_student(text: str) -> MlpStudent | onnx.ModelProto:
     if kind.strip().lower() != "mlp" or not hidden:
         raise ConfigError(
             f"a student is mlp:WIDTH[,WIDTH...] (e.g. mlp:32) or a student.onnx file, not {text!r}",
-            key="distill", value=text,
+            key=key, value=text,
         )  # fmt: skip
     return MlpStudent(hidden)
 

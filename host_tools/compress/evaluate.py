@@ -25,12 +25,14 @@ from edge_sdk.errors import ConfigError, ModelError
 from edge_sdk.metrics import benchmark
 from edge_sdk.runtime import InferenceSession, SessionOptions, TensorSpec, open_session
 
-from .data import Dataset, Inputs
+from .data import Dataset, Inputs, match_inputs
 
 __all__ = [
     "ModelLike",
     "Quality",
     "QUALITY_METRICS",
+    "check_metric",
+    "cosine_similarities",
     "evaluate_accuracy",
     "predict_classes",
     "top1_agreement",
@@ -85,29 +87,16 @@ def _numpy_dtype(spec: TensorSpec) -> np.dtype:
 
 
 def input_feeds(session: InferenceSession, x: Inputs) -> dict[str, np.ndarray]:
-    """Match data to a session's inputs: one array for a single-input model, or one per
-    input name; each is cast to its input's type.
+    """Match data to a session's inputs (:func:`~host_tools.compress.data.match_inputs`),
+    each array cast to its input's type.
 
     Raises:
         ConfigError: the data's input names are not the model's, or one array was given
             for a model with several inputs (names both sides).
     """
     specs = session.inputs()
-    names = [spec.name for spec in specs]
-    if isinstance(x, Mapping):
-        if set(x) != set(names):
-            raise ConfigError(
-                f"the data has inputs {sorted(x)}, the model takes {names}", key="x", data=sorted(x), model=names
-            )
-        return {spec.name: np.ascontiguousarray(x[spec.name], dtype=_numpy_dtype(spec)) for spec in specs}
-    if len(specs) != 1:
-        raise ConfigError(
-            f"the model takes {len(specs)} inputs {names}; give the data as one array per input "
-            "(.npz keys x.NAME, or a dict from a module:function)",
-            key="x",
-            model=names,
-        )
-    return {specs[0].name: np.ascontiguousarray(x, dtype=_numpy_dtype(specs[0]))}
+    arrays = match_inputs([spec.name for spec in specs], x)
+    return {spec.name: np.ascontiguousarray(arrays[spec.name], dtype=_numpy_dtype(spec)) for spec in specs}
 
 
 def run_batched(session: InferenceSession, x: Inputs, batch_size: int) -> np.ndarray:
@@ -222,53 +211,55 @@ class Quality:
 
     The one place that turns evaluation data into a quality figure, for the report and
     for every pass that searches under a quality budget (accuracy guard, low-rank,
-    sensitivity pruning). All figures are in ``[0, 1]``, higher is better, and a drop is
-    the original's figure minus the candidate's:
+    sensitivity pruning), whatever runtime produced the outputs. Higher is better, and a
+    drop is the original's figure minus the candidate's:
 
-    - ``"accuracy"``: top-1 accuracy against the labels;
-    - ``"agreement"``: share of samples whose top-1 class is the original model's;
+    - ``"accuracy"``: top-1 accuracy against the labels, in ``[0, 1]``;
+    - ``"agreement"``: share of samples whose top-1 class is the original model's, in ``[0, 1]``;
     - ``"cosine"``: the lowest per-sample cosine similarity between the candidate's
-      first output and the original's, for models that output embeddings or other
-      vectors rather than class scores; the lowest, because every input should stay
-      close, not just the average (a drop of 0.01 allows 0.99 for the worst sample).
+      first output and the original's, in ``[-1, 1]``, for models that output
+      embeddings or other vectors rather than class scores; the lowest, because every
+      input should stay close, not just the average (a drop of 0.01 allows 0.99 for the
+      worst sample).
+
+    Build it with :meth:`for_model` (runs the original in onnxruntime) or directly from
+    the original's outputs computed elsewhere (LiteRT).
 
     Args:
-        original: the uncompressed model (the reference for agreement and cosine).
+        reference: the original model's first output on ``data`` (or on its first samples).
         data: the evaluation data.
         metric: one of :data:`QUALITY_METRICS`; ``None`` picks accuracy for labelled
             data, else agreement.
-        batch_size: samples per onnxruntime run.
+        batch_size: samples per onnxruntime run, for :meth:`of`.
+
+    Attributes:
+        metric: the metric in use.
+        original: the original model's own figure (1.0 for agreement and cosine).
 
     Raises:
         ConfigError: an unknown metric, or accuracy without labels.
-        ModelLoadError, ModelError: the original model does not load or run on the data.
     """
 
-    def __init__(self, original: ModelLike, data: Dataset, metric: str | None = None, batch_size: int = 256) -> None:
-        self.metric = _pick_metric(metric, data)
+    def __init__(self, reference: np.ndarray, data: Dataset, metric: str | None = None, batch_size: int = 256) -> None:
+        self.metric = check_metric(metric, data)
         self.data = data
         self.batch_size = batch_size
-        self._reference = None if self.metric == "accuracy" else self._prepare(self.run(original))
+        self._reference = None if self.metric == "accuracy" else self._prepare(reference)
+        self.original = self.score(reference)
 
     @classmethod
-    def from_outputs(cls, reference: np.ndarray, data: Dataset, metric: str | None = None) -> Quality:
-        """A scorer against the original model's first output on ``data``, computed elsewhere
-        (another runtime, e.g. LiteRT); score with :meth:`score`.
+    def for_model(cls, original: ModelLike, data: Dataset, metric: str | None = None, batch_size: int = 256) -> Quality:
+        """Score against ``original``, run once in onnxruntime on this host.
 
         Raises:
-            ConfigError: an unknown metric, or accuracy without labels.
+            ConfigError: an unknown metric, accuracy without labels, or data that does
+                not match the model's inputs.
+            ModelLoadError, ModelError: the original does not load or run on the data.
         """
-        quality = cls.__new__(cls)
-        quality.metric = _pick_metric(metric, data)
-        quality.data = data
-        quality.batch_size = 256
-        quality._reference = None if quality.metric == "accuracy" else quality._prepare(reference)
-        return quality
-
-    def run(self, model: ModelLike) -> np.ndarray:
-        """The model's first output on the data, in onnxruntime on this host."""
-        with open_host_session(model) as session:
-            return run_batched(session, self.data.x, self.batch_size)
+        check_metric(metric, data)
+        with open_host_session(original) as session:
+            reference = run_batched(session, data.x, batch_size)
+        return cls(reference, data, metric, batch_size)
 
     def of(self, model: ModelLike) -> float:
         """The model's figure on the data, run in onnxruntime.
@@ -277,7 +268,8 @@ class Quality:
             ModelLoadError, ModelError: the model does not load or run on the data.
             ConfigError: its outputs cannot be compared with the original's (shape).
         """
-        return self.score(self.run(model))
+        with open_host_session(model) as session:
+            return self.score(run_batched(session, self.data.x, self.batch_size))
 
     def score(self, outputs: np.ndarray) -> float:
         """The figure for a model's first output on the data.
@@ -299,7 +291,7 @@ class Quality:
             raise ConfigError(f"cannot compare outputs of shape {list(out.shape)} with the original's {list(reference.shape)}")
         if self.metric == "agreement":
             return top1_agreement(out, reference)
-        return float(np.min(_row_cosines(out, reference)))
+        return float(np.min(cosine_similarities(out, reference)))
 
     def _prepare(self, outputs: np.ndarray) -> np.ndarray:
         if self.metric == "cosine":
@@ -307,23 +299,34 @@ class Quality:
         return _top1(np.asarray(outputs))
 
 
-def _pick_metric(metric: str | None, data: Dataset) -> str:
+def check_metric(metric: str | None, data: Dataset) -> str:
+    """The quality metric to use on ``data``: ``metric``, or accuracy with labels, else agreement.
+
+    Raises:
+        ConfigError: an unknown metric, or accuracy on data without labels.
+    """
     metric = metric or ("accuracy" if data.labelled else "agreement")
     if metric not in QUALITY_METRICS:
         raise ConfigError(f"unknown quality metric {metric!r}; choose one of {', '.join(QUALITY_METRICS)}", key="metric")
     if metric == "accuracy" and not data.labelled:
-        raise ConfigError("the accuracy metric needs labelled evaluation data; this data has no labels", key="metric")
+        raise ConfigError(
+            "quality metric 'accuracy' needs labelled evaluation data (labels y); this data has none: "
+            "add labels, or choose agreement or cosine",
+            key="metric",
+        )
     return metric
 
 
-def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row pair; two zero rows count as identical, one as orthogonal."""
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+def cosine_similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row pair of two ``[N, D]`` arrays; two zero rows count as
+    identical, one zero row as orthogonal."""
+    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    norms = norm_a * norm_b
     dots = np.sum(a * b, axis=1)
-    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
-    return np.where(both_zero, 1.0, np.clip(cos, -1.0, 1.0))
+    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.where((norm_a == 0) & (norm_b == 0), 1.0, np.clip(cos, -1.0, 1.0))
 
 
 def _top1(scores: np.ndarray) -> np.ndarray:
@@ -419,7 +422,7 @@ def host_latency_ms(
         p50 latency in milliseconds.
 
     Raises:
-        ConfigError: ``runs`` is below 1.
+        ConfigError: ``runs`` is below 1, or ``sample`` does not match the model's inputs.
         ModelLoadError: onnxruntime refused the model.
         ModelError: the model failed on the sample.
     """

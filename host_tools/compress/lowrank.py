@@ -216,8 +216,8 @@ class LowRankFactorization:
 
     def _search(self, model: onnx.ModelProto, layers: list[_Layer], ctx: PassContext) -> tuple[float, onnx.ModelProto, list[dict[str, Any]]]:
         assert ctx.evaluation is not None and self.max_drop is not None
-        quality = Quality(model, ctx.evaluation, ctx.quality_metric).of
-        base = quality(model)
+        scorer = Quality.for_model(model, ctx.evaluation, ctx.quality_metric)
+        quality, base = scorer.of, scorer.original
         low, high = 0.5, 1.0
         best: tuple[float, onnx.ModelProto, list[dict[str, Any]]] | None = None
         for step in range(_BISECTION_STEPS):

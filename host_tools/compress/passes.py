@@ -188,7 +188,8 @@ class ModelMetrics:
         size_bytes: serialized size.
         parameters: elements of all initializers.
         sparsity: fraction of zero weights (initializers of rank >= 2).
-        quality: accuracy or agreement in ``[0, 1]``; ``None`` without evaluation data.
+        quality: the figure of ``quality_metric`` (accuracy and agreement in ``[0, 1]``,
+            cosine in ``[-1, 1]``); ``None`` without evaluation data.
         quality_metric: ``"accuracy"`` (labelled data), ``"agreement"`` (top-1 agreement
             with the original model), ``"cosine"`` (lowest per-sample cosine similarity of
             the first output to the original's; see :class:`~host_tools.compress.evaluate.Quality`)
@@ -387,7 +388,10 @@ class _Meter:
 
     def __init__(self, original: onnx.ModelProto, ctx: PassContext, options: MeasureOptions) -> None:
         self.options = options
-        self.quality = None if ctx.evaluation is None else Quality(original, ctx.evaluation, ctx.quality_metric, options.batch_size)
+        self.quality = (
+            None if ctx.evaluation is None
+            else Quality.for_model(original, ctx.evaluation, ctx.quality_metric, options.batch_size)
+        )  # fmt: skip
         # Calibration data is not used as the latency sample: checking its shape is the
         # job of the pass that needs it, which names the problem better.
         self.sample = ctx.evaluation.take(slice(0, 1)).x if ctx.evaluation is not None else None

@@ -191,8 +191,8 @@ class SensitivityPruning:
             )
         if len(data) > self.max_samples:
             data = data.take(np.sort(np.random.default_rng(ctx.seed).choice(len(data), self.max_samples, replace=False)))
-        quality = Quality(model, data, ctx.quality_metric)
-        base = quality.of(model)
+        quality = Quality.for_model(model, data, ctx.quality_metric)
+        base = quality.original
         grid = [g for g in self.grid if g <= self.max_layer_sparsity]
         if not grid or grid[-1] < self.max_layer_sparsity:
             grid.append(self.max_layer_sparsity)

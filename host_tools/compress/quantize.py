@@ -27,7 +27,7 @@ import onnx
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import Dataset
+from .data import Dataset, match_inputs
 from .decompose import decompose_gemm
 from .passes import CompressionPass, PassContext, PassResult
 
@@ -536,21 +536,7 @@ def _calibration_inputs(model: onnx.ModelProto, data: Dataset) -> dict[str, np.n
     to its type (float32 inputs, and integer inputs such as token ids)."""
     init_names = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in init_names]
-    names = [i.name for i in inputs]
-    if isinstance(data.x, Mapping):
-        if set(data.x) != set(names):
-            raise CompressionError(
-                f"calibration data has inputs {sorted(data.x)}, the model takes {names}", inputs=names
-            )
-        arrays = dict(data.x)
-    elif len(inputs) != 1:
-        raise CompressionError(
-            f"calibration feeds one array, but the model has {len(inputs)} inputs: {names}; give one array per "
-            "input (.npz keys x.NAME)",
-            inputs=names,
-        )
-    else:
-        arrays = {names[0]: data.x}
+    arrays = match_inputs([i.name for i in inputs], data.x, "calibration data")
     checked = {}
     for model_input in inputs:
         got_array = arrays[model_input.name]

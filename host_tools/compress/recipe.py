@@ -25,7 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, ModelLoadError
 
 from .accuracy_guard import AccuracyGuard
 from .decompose import DecomposeGemm
@@ -88,12 +88,15 @@ def build_pass(name: str, options: Mapping[str, Any] | None = None) -> Compressi
     return factory(dict(options or {}))
 
 
-def parse_recipe(text: str, *, source: str = "<recipe>") -> list[CompressionPass]:
+def parse_recipe(text: str, *, source: str = "<recipe>", base_dir: str | Path | None = None) -> list[CompressionPass]:
     """Parse recipe TOML into passes.
 
     Args:
         text: the TOML text.
         source: what to call it in error messages.
+        base_dir: the folder relative file options (:data:`FILE_OPTIONS`, e.g. a distill
+            step's ``student = "student.onnx"``) resolve against; the current directory
+            when ``None``. :func:`load_recipe` passes the recipe's own folder.
 
     Returns:
         The passes, in order.
@@ -101,6 +104,8 @@ def parse_recipe(text: str, *, source: str = "<recipe>") -> list[CompressionPass
     Raises:
         ConfigError: not TOML, no ``[[step]]``, a step without ``pass``, or a bad pass
             or option; names the source, the step number and the key.
+        ModelLoadError: a model file an option names is missing or invalid; names the
+            source, the step and the file.
     """
     try:
         doc = tomllib.loads(text)
@@ -118,10 +123,17 @@ def parse_recipe(text: str, *, source: str = "<recipe>") -> list[CompressionPass
         name = options.pop("pass", None)
         if not isinstance(name, str):
             raise ConfigError(f"{source}: step {number} has no pass = \"...\"", file=source, step=number)
+        if base_dir is not None:
+            for key in FILE_OPTIONS:
+                value = options.get(key)
+                if isinstance(value, str) and value.lower().endswith(".onnx") and not Path(value).is_absolute():
+                    options[key] = str(Path(base_dir) / value)
         try:
             passes.append(build_pass(name, options))
         except ConfigError as exc:
             raise ConfigError(f"{source}: step {number} ({name}): {exc.message}", file=source, step=number) from exc
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{source}: step {number} ({name}): {exc.message}", file=source, step=number) from exc
     return passes
 
 
@@ -142,7 +154,12 @@ def load_recipe(path: str | Path) -> list[CompressionPass]:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file}: cannot read recipe ({exc})", file=str(file)) from exc
-    return parse_recipe(text, source=str(file))
+    return parse_recipe(text, source=str(file), base_dir=file.parent)
+
+
+FILE_OPTIONS = ("student",)
+"""Step options whose value may name a model file; relative paths in a recipe file resolve
+against the recipe's folder."""
 
 
 def _construct(cls: type, options: Mapping[str, Any]) -> Any:
@@ -206,7 +223,7 @@ def _distill(options: Mapping[str, Any]) -> CompressionPass:
     if "student" in opts and "hidden" in opts:
         raise ConfigError("a distill step takes student or hidden, not both", key="student")
     if "student" in opts:
-        student: StudentSpec = parse_student(str(opts.pop("student")))
+        student: StudentSpec = parse_student(str(opts.pop("student")), key="student")
     else:
         hidden = opts.pop("hidden", (32,))
         student = MlpStudent(tuple(hidden) if isinstance(hidden, (list, tuple)) else (int(hidden),))

@@ -37,7 +37,7 @@ from edge_sdk.metrics import benchmark
 from edge_sdk.runtime import SessionOptions, open_session
 
 from .data import Dataset
-from .evaluate import Quality
+from .evaluate import Quality, check_metric
 
 __all__ = [
     "TFLITE_RECIPES",
@@ -355,9 +355,9 @@ class TfliteMetrics:
     Attributes:
         size_bytes: file size.
         weight_types: element type -> number of constant tensors of that type.
-        quality: accuracy (labelled data) or top-1 agreement with a reference; ``None``
-            without evaluation data.
-        quality_metric: ``"accuracy"``, ``"agreement"`` or ``None``.
+        quality: the figure of ``quality_metric`` (see
+            :class:`~host_tools.compress.evaluate.Quality`); ``None`` without evaluation data.
+        quality_metric: ``"accuracy"``, ``"agreement"``, ``"cosine"`` or ``None``.
         latency_p50_ms: median latency, batch 1, one thread; ``None`` when not measured.
     """
 
@@ -403,7 +403,7 @@ def measure_tflite(
         model: the model.
         evaluation: inputs to run (and to time on).
         quality: scores the outputs on ``evaluation`` (built from the original model's
-            outputs with :meth:`~host_tools.compress.evaluate.Quality.from_outputs`);
+            outputs, :class:`~host_tools.compress.evaluate.Quality`);
             quality is not measured without it.
         latency_runs: timed batch-1 runs (0 to skip timing).
 
@@ -511,6 +511,8 @@ def compress_tflite(
         ModelLoadError: not a ``.tflite`` model, or LiteRT refused it.
         CompressionError: see :func:`quantize_tflite`.
     """
+    if evaluation is not None:
+        check_metric(quality_metric, evaluation)  # before the quantizer's minutes, not after
     key = mode.strip().lower().replace("_", "-")
     recipe = TFLITE_QUANTIZE_MODES.get(key)
     if recipe is None:
@@ -530,7 +532,7 @@ def compress_tflite(
     original, outputs = measure_tflite(model, evaluation, latency_runs=latency_runs)
     quality = None
     if evaluation is not None and outputs is not None:
-        quality = Quality.from_outputs(outputs, evaluation, quality_metric)
-        original = dataclasses.replace(original, quality=quality.score(outputs), quality_metric=quality.metric)
+        quality = Quality(outputs, evaluation, quality_metric)
+        original = dataclasses.replace(original, quality=quality.original, quality_metric=quality.metric)
     final, _ = measure_tflite(quantized, evaluation, quality=quality, latency_runs=latency_runs)
     return TfliteCompression(quantized, key, recipe, original, final)

@@ -390,7 +390,7 @@ def test_public_names() -> None:
             "StaticInt8Quantization", "DynamicInt8Quantization", "DecomposeGemm",
             "parse_quantize_option", "QUANTIZE_OPTIONS",
             "Dataset", "DigitsSplit", "load_digits_split", "load_arrays",
-            "evaluate_accuracy", "predict_classes", "top1_agreement", "model_size_bytes", "Quality", "QUALITY_METRICS",
+            "evaluate_accuracy", "predict_classes", "top1_agreement", "model_size_bytes", "Quality", "QUALITY_METRICS", "check_metric", "cosine_similarities",
             "count_parameters", "measure_sparsity", "host_latency_ms",
             "train_digits_mlp", "mlp_to_onnx",
             "Float16Conversion", "Int4WeightOnlyQuantization", "AccuracyGuard", "node_sensitivity", "quantized_nodes",

@@ -193,3 +193,10 @@ def test_entry_point_returning_a_dict_of_inputs(tmp_path: Path, monkeypatch: pyt
     monkeypatch.syspath_prepend(str(tmp_path))
     data = load_arrays("twoinputs:load")
     assert data.input_names == ("a", "b") and data.y is not None and data.y.tolist() == [0, 1, 2]
+
+
+def test_npz_of_unprefixed_inputs_says_to_name_them(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.npz"
+    np.savez(path, input_ids=np.ones((4, 6), np.int64), attention_mask=np.ones((4, 6), np.int64))
+    with pytest.raises(ConfigError, match=r"not 1-D labels; for a model with several inputs name the arrays x.NAME"):
+        load_arrays(str(path))

@@ -9,7 +9,7 @@ import torch
 from prune_models import mlp
 
 import host_tools.compress as hc
-from edge_sdk.errors import CompressionError, ConfigError
+from edge_sdk.errors import CompressionError, ConfigError, ModelLoadError
 from host_tools.compress import Distillation, MlpStudent, PassContext, TrainingOptions
 
 
@@ -148,9 +148,13 @@ def test_cli_and_recipe_take_an_onnx_student(tmp_path, teacher: onnx.ModelProto,
     trained = onnx.load(str(tmp_path / "a.onnx"))
     assert [tuple(i.dims) for i in trained.graph.initializer] == [tuple(i.dims) for i in student.graph.initializer]
 
-    (tmp_path / "r.toml").write_text(f'[[step]]\npass = "distill"\nstudent = "{tmp_path / "student.onnx"}"\nepochs = 2\n')
+    # In a recipe file a relative student path is relative to the recipe's folder.
+    (tmp_path / "r.toml").write_text('[[step]]\npass = "distill"\nstudent = "student.onnx"\nepochs = 2\n')
     steps = hc.load_recipe(tmp_path / "r.toml")
-    assert isinstance(steps[0].student, onnx.ModelProto)
+    assert isinstance(steps[0].student, onnx.ModelProto) and hc.count_parameters(steps[0].student) == hc.count_parameters(student)
+    (tmp_path / "bad.toml").write_text('[[step]]\npass = "distill"\nstudent = "gone.onnx"\n')
+    with pytest.raises(ModelLoadError, match=r"bad.toml: step 1 \(distill\): .*gone.onnx"):
+        hc.load_recipe(tmp_path / "bad.toml")
 
     missing = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "b.onnx"), "--distill", str(tmp_path / "nope.onnx")])
     assert missing.exit_code != 0 and "nope.onnx" in missing.output and not (tmp_path / "b.onnx").exists()

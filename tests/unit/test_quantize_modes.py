@@ -148,7 +148,7 @@ def test_cosine_quality_is_the_worst_sample(tmp_path) -> None:
     model = _embedder()
     x = np.random.default_rng(1).normal(size=(40, 16)).astype(np.float32)
     data = hc.Dataset(x)
-    quality = hc.Quality(model, data, "cosine")
+    quality = hc.Quality.for_model(model, data, "cosine")
     assert quality.metric == "cosine" and quality.of(model) == pytest.approx(1.0)
     bent = _embedder()
     w1 = numpy_helper.to_array(bent.graph.initializer[1]).copy()
@@ -159,16 +159,16 @@ def test_cosine_quality_is_the_worst_sample(tmp_path) -> None:
     assert quality.of(bent) == pytest.approx(float(expected.min()), abs=1e-5)
     assert quality.of(bent) < float(expected.mean())
     # The same scorer for outputs computed elsewhere (LiteRT), also over the first samples only.
-    elsewhere = hc.Quality.from_outputs(reference, data, "cosine")
+    elsewhere = hc.Quality(reference, data, "cosine")
     assert elsewhere.score(moved) == pytest.approx(quality.of(bent))
     assert elsewhere.score(moved[:10]) == pytest.approx(float(expected[:10].min()), abs=1e-5)
-    labelled = hc.Quality.from_outputs(reference, hc.Dataset(x, reference.argmax(1)))
+    labelled = hc.Quality(reference, hc.Dataset(x, reference.argmax(1)))
     assert labelled.metric == "accuracy" and labelled.score(reference) == 1.0
-    assert hc.Quality(model, data).metric == "agreement"
+    assert hc.Quality.for_model(model, data).metric == "agreement"
     with pytest.raises(ConfigError, match="labelled"):
-        hc.Quality(model, data, "accuracy")
+        hc.Quality.for_model(model, data, "accuracy")
     with pytest.raises(ConfigError, match="unknown quality metric"):
-        hc.Quality(model, data, "f1")
+        hc.Quality.for_model(model, data, "f1")
 
 
 def test_guard_meets_a_cosine_budget_and_the_report_says_cosine() -> None:
@@ -183,7 +183,7 @@ def test_guard_meets_a_cosine_budget_and_the_report_says_cosine() -> None:
     assert guarded.report.quality_drop <= 0.015
     assert len(guarded.report.steps[0].notes["float_nodes"]) == 1
     assert [n.op_type for n in onnx.load_model_from_string(guarded.model_bytes).graph.node].count("MatMulNBits") == 1
-    worst = hc.Quality(model, data, "cosine").of(guarded.model_bytes)
+    worst = hc.Quality.for_model(model, data, "cosine").of(guarded.model_bytes)
     assert worst == pytest.approx(guarded.report.final.quality) and worst >= 1 - 0.015
 
 
@@ -251,7 +251,7 @@ def test_two_input_model_refuses_data_that_does_not_name_its_inputs() -> None:
         hc.evaluate_accuracy(model, hc.Dataset({"features": data.x["features"], "other": data.x["mask"]}, data.y))
     with pytest.raises(ConfigError, match="one array per input"):
         hc.evaluate_accuracy(model, hc.Dataset(data.x["features"], data.y))
-    with pytest.raises(CompressionError, match="calibration data has inputs"):
+    with pytest.raises(CompressionError, match=r"calibration data has inputs \['features'\], the model takes"):
         hc.compress(model, [hc.StaticInt8Quantization()], calibration=hc.Dataset({"features": data.x["features"]}), measure=FAST)
     with pytest.raises(CompressionError, match="x.NAME"):
         hc.compress(model, [hc.StaticInt8Quantization()], calibration=hc.Dataset(data.x["features"]), measure=FAST)
@@ -305,3 +305,38 @@ def test_guard_ranking_in_recipes_and_cli(tmp_path) -> None:
     r = CliRunner().invoke(cli, ["--home", str(tmp_path), "compress", str(tmp_path / "e.onnx"), "-o", str(tmp_path / "o.onnx"),
                                  "--guard-ranking", "measured"])  # fmt: skip
     assert r.exit_code == 2 and "--guard-ranking needs --max-accuracy-drop" in r.output
+
+
+def test_quantized_nodes_ignores_shape_gathers_and_float_nodes_reading_dequantized_activations() -> None:
+    rng = np.random.default_rng(6)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"),
+        helper.make_node("Shape", ["y"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], name="batch_dim", axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "shape_gather", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]), helper.make_tensor_value_info("batch", TensorProto.INT64, [])],
+        initializer=[numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w1"),
+                     numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w2"),
+                     numpy_helper.from_array(np.array(0, np.int64), "zero")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    calib = hc.Dataset(rng.normal(size=(16, 8)).astype(np.float32))
+    static = hc.compress(model, [hc.StaticInt8Quantization(exclude_nodes=("mm2",))], calibration=calib, measure=FAST)
+    assert hc.quantized_nodes(model, onnx.load_model_from_string(static.model_bytes), ["mm1", "mm2", "batch_dim"]) == ["mm1"]
+    dynamic = hc.compress(model, [hc.DynamicInt8Quantization()], measure=FAST)
+    assert hc.quantized_nodes(model, onnx.load_model_from_string(dynamic.model_bytes), ["mm1", "mm2", "batch_dim"]) == ["mm1", "mm2"]
+
+
+def test_cli_choices_are_the_library_s() -> None:
+    # The CLI spells them out (importing the library at CLI start-up would slow every command).
+    from typing import get_args
+
+    from host_tools.cli import compress
+    from host_tools.compress.accuracy_guard import Ranking
+
+    choices = {p.name: tuple(p.type.choices) for p in compress.params if hasattr(p.type, "choices")}
+    assert choices["quality_metric"] == hc.QUALITY_METRICS
+    assert choices["guard_ranking"] == get_args(Ranking)
