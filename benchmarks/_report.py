@@ -3,6 +3,7 @@
 Every benchmark measures our code and its baseline side by side in the same run, prints
 a table, and writes ``benchmarks/results/<name>.json`` (or ``--json-out PATH``) with the
 rows, the machine, and the command line, so ``docs/benchmarks.md`` can quote both.
+Side-by-side timings go through :func:`alternating_p50`, so both sides share the host's load.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_common_args", "machine_info", "write_results", "print_table"]
+from edge_sdk.metrics import benchmark_interleaved
+
+__all__ = ["add_common_args", "alternating_p50", "cpu_info", "machine_info", "write_results", "print_table"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -45,6 +49,15 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
             fields.setdefault(key.strip(), value.strip())
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     return {"model": fields.get("model name") or fields.get("Model"), "flags": [f for f in KERNEL_FLAGS if f in flags]}
+
+
+def alternating_p50(calls: Sequence[Callable[[], object]], runs: int, rounds: int = 5) -> list[float]:
+    """p50 ms of each call, timed in alternating rounds (median of the rounds' medians),
+    so that other load on the host slows them alike."""
+    stats = benchmark_interleaved(
+        {str(i): call for i, call in enumerate(calls)}, rounds=rounds, runs_per_round=max(10, runs // rounds), warmup=5
+    )
+    return [statistics.median(s.p50_ms for s in per_round) for per_round in stats.values()]
 
 
 def machine_info() -> dict[str, Any]:

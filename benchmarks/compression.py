@@ -27,9 +27,9 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import host_tools.compress as hc  # noqa: E402
-from benchmarks._report import add_common_args, cpu_info, print_table, write_results  # noqa: E402
-from edge_sdk.metrics import benchmark  # noqa: E402
-from host_tools.compress.evaluate import open_host_session  # noqa: E402
+from benchmarks._report import add_common_args, alternating_p50, cpu_info, print_table, write_results  # noqa: E402
+from host_tools.compress.data import Inputs  # noqa: E402
+from host_tools.compress.evaluate import input_feeds, open_host_session  # noqa: E402
 
 MEASURE = hc.MeasureOptions(latency=False)
 
@@ -95,7 +95,7 @@ def mlp_static_int8_speed(env: Env) -> Row:
     params = hc.count_parameters(fp32)
     int8 = hc.compress(fp32, [hc.StaticInt8Quantization()], env.split.train, env.split.test, measure=MEASURE)
     runs = 50 if env.quick else 300
-    t32, t8 = _alternating_latency(env, fp32, int8.model_bytes, runs)
+    t32, t8 = _alternating_latency(fp32, int8.model_bytes, env.split.x_test[:1], runs)
     return Row(
         f"MLP {params / 1e6:.2f}M params, static int8, batch 1, 1 thread",
         ">= 3x faster than fp32 (onnxruntime)",
@@ -107,21 +107,11 @@ def mlp_static_int8_speed(env: Env) -> Row:
     )
 
 
-def _alternating_p50(calls: list[Callable[[], object]], runs: int, rounds: int = 5) -> list[float]:
-    """Batch-1 p50 of each call, timed in alternating rounds (median of the rounds' medians),
-    so that other load on the host slows them alike."""
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(rounds):
-        for call, out in zip(calls, times):
-            out.append(benchmark(call, warmup=5, runs=max(10, runs // rounds)).p50_ms)
-    return [float(np.median(t)) for t in times]
-
-
-def _alternating_latency(env: Env, first: bytes, second: bytes, runs: int) -> tuple[float, float]:
-    """Batch-1 p50 of two digits models on one test image, in alternating rounds."""
+def _alternating_latency(first: bytes, second: bytes, x: Inputs, runs: int) -> tuple[float, float]:
+    """p50 of two models on the same input ``x`` (one sample for batch 1), in alternating rounds."""
     with open_host_session(first) as one, open_host_session(second) as two:
-        calls = [lambda s=s: s.run({s.inputs()[0].name: env.split.x_test[:1]}) for s in (one, two)]
-        t1, t2 = _alternating_p50(calls, runs)
+        calls = [lambda s=s, feeds=input_feeds(s, x): s.run(feeds) for s in (one, two)]
+        t1, t2 = alternating_p50(calls, runs)
     return t1, t2
 
 
@@ -142,7 +132,7 @@ def mlp_lowrank(env: Env) -> Row:
     steps = [hc.LowRankFactorization(param_ratio=2.0, min_params=100_000), hc.FineTune(tune)]
     result = hc.compress(fp32, steps, evaluation=env.split.test, training=env.split.train, measure=MEASURE)
     dense = hc.compress(fp32, [hc.FineTune(tune)], evaluation=env.split.test, training=env.split.train, measure=MEASURE)
-    t32, t_lr = _alternating_latency(env, fp32, result.model_bytes, 50 if env.quick else 300)
+    t32, t_lr = _alternating_latency(fp32, result.model_bytes, env.split.x_test[:1], 50 if env.quick else 300)
     rep = result.report
     notes = rep.steps[0].notes
     before, after = notes["factorized_params_before"], max(1, notes["factorized_params_after"])
@@ -214,7 +204,7 @@ def structured_pruning_speed(env: Env) -> Row:
     steps = [hc.ChannelPruning(0.5), hc.FineTune(_train(3 if env.quick else 8, 1e-3))]
     result = hc.compress(fp32, steps, evaluation=env.split.test, training=env.split.train, measure=MEASURE)
     runs = 50 if env.quick else 300
-    t_before, t_after = _alternating_latency(env, fp32, result.model_bytes, runs)
+    t_before, t_after = _alternating_latency(fp32, result.model_bytes, env.split.x_test[:1], runs)
     rep = result.report
     pruned_only = rep.steps[0].metrics.quality or 0.0
     drop_pt = 100 * (rep.quality_drop or 0.0)
@@ -436,17 +426,13 @@ def minilm_dynamic_int8(env: Env) -> Row:
         with open_host_session(model) as session:
             return session.run(batch)[0]
 
-    def p50_ms(first: bytes, second: bytes) -> tuple[dict[int, float], dict[int, float]]:
-        p50: tuple[dict[int, float], dict[int, float]] = ({}, {})
-        with open_host_session(first) as one, open_host_session(second) as two:
-            for length in (128, 32):
-                feeds = tokenizer.encode(_SENTENCES[5:6], length, pad_to_max=True)
-                p50[0][length], p50[1][length] = _alternating_p50([lambda s=s: s.run(feeds) for s in (one, two)], runs)
-        return p50
-
     e32 = embed(fp32)
     cos = {k: hc.cosine_similarities(e32, embed(m)) for k, m in quantized.items()}
-    t32, t8 = p50_ms(fp32, int8)
+    t32: dict[int, float] = {}
+    t8: dict[int, float] = {}
+    for length in (128, 32):
+        one_sentence = tokenizer.encode(_SENTENCES[5:6], length, pad_to_max=True)
+        t32[length], t8[length] = _alternating_latency(fp32, int8, one_sentence, runs)
     reference = _minilm_package_cosine(e32)
     ratio = len(fp32) / len(int8)
     speed = {n: t32[n] / t8[n] for n in t32}

@@ -528,7 +528,7 @@ class Agent:
         try:
             profile, choice = self._profile(manifest, active.slot / "payload", cmd)
             if choice is not None:
-                self.installer.record_execution(manifest.name, choice.to_dict())
+                self.installer.record_execution(active, choice.to_dict())
         except ModelError as exc:
             restored = self.installer.rollback(manifest.name)
             exc.details["rolled_back_to"] = restored.version if restored else None
@@ -608,11 +608,12 @@ class Agent:
                 files are unusable, or no execution can run.
         """
         from device_agent.profiler import profile_model  # numpy and the runtimes only when needed
-        from device_agent.selection import select_execution
 
         sample = payload / manifest.sample_input if manifest.sample_input else None
         choice, opener = None, None
         if manifest.sparse is not None:
+            from device_agent.selection import select_execution  # sparse bundles only
+
             try:
                 choice, opener = select_execution(payload, manifest, cmd.benchmark, self.config.execution, sample)
             except ModelError:

@@ -411,19 +411,17 @@ class Installer:
         log.info("confirmed %s v%s", name, entry["active"]["version"] if entry.get("active") else None)
         self.checkpoint("confirmed")
 
-    def record_execution(self, name: str, choice: dict[str, Any]) -> None:
-        """Keep the execution chosen for the active version of ``name`` in its slot, durably.
+    def record_execution(self, active: ActiveBundle, choice: dict[str, Any]) -> None:
+        """Keep the execution chosen for an active bundle in its slot, durably.
+
+        Args:
+            active: the bundle, from :meth:`active` (its slot is written, not looked up again).
+            choice: the choice, as :attr:`ActiveBundle.execution` will read it back.
 
         Raises:
-            StorageError: nothing of that name is active, or the file cannot be written.
+            StorageError: the file cannot be written (from :func:`~edge_sdk.durable.atomic_write_bytes`).
         """
-        active = self.active(name)
-        if active is None:
-            raise StorageError(f"no active version of {name} to record an execution for")
-        try:
-            atomic_write_bytes(active.slot / EXECUTION_FILE, json.dumps(choice, sort_keys=True).encode())
-        except OSError as exc:
-            raise StorageError(f"cannot write {active.slot / EXECUTION_FILE}: {exc.strerror}") from exc
+        atomic_write_bytes(active.slot / EXECUTION_FILE, json.dumps(choice, sort_keys=True).encode())
 
     def pending(self) -> list[str]:
         """Names whose active version has not passed its health check yet."""

@@ -27,7 +27,7 @@ device's caches, memory bandwidth and integer instructions, so it is measured, h
 the bundle's sample input: each candidate is health-checked, its outputs compared with
 the dense execution's (within :data:`TOLERANCE` of their largest magnitude: int8 is
 approximate, the others must agree), then timed with the same machinery as the
-benchmark (:func:`edge_sdk.metrics.benchmark`), in interleaved rounds so that a burst of
+benchmark (:func:`edge_sdk.metrics.benchmark_interleaved`), in interleaved rounds so that a burst of
 background load does not fall on one candidate only. The lowest median wins. A
 candidate that cannot run (an onnxruntime build without the sparse kernel, say) or
 disagrees is reported with its error and never chosen; one that does not apply to the
@@ -53,9 +53,10 @@ import numpy as np
 from edge_sdk.bundle import Manifest
 from edge_sdk.bundle.sparse import CsrMatrix, SparseLimits, decode_sparse_weights, dense_int8_model, dense_model
 from edge_sdk.errors import BundleFormatError, EdgeError, StorageError
-from edge_sdk.metrics import benchmark
+from edge_sdk.metrics import benchmark_interleaved
 from edge_sdk.protocol import BenchmarkSpec
 from edge_sdk.runtime import InferenceSession, SessionOptions, open_session, open_sparse_session
+from edge_sdk.runtime.agreement import TOLERANCE, agreement
 
 __all__ = [
     "CANDIDATES",
@@ -83,9 +84,6 @@ UNAVAILABLE = {
         "emulation measured no faster than float sparse"
     ),
 }
-#: Largest difference from the dense execution's health-check outputs a candidate may
-#: show, as a fraction of the largest magnitude among the dense outputs.
-TOLERANCE = {"dense_int8": 0.05, "sparse": 1e-3}
 #: Timed rounds per candidate; each round runs ``spec.runs / ROUNDS`` times.
 ROUNDS = 3
 #: Largest sparse weights file read, in bytes.
@@ -172,33 +170,6 @@ def choose(timings: Sequence[CandidateTiming]) -> tuple[str, str]:
     failed = ", ".join(f"{t.name} could not run ({t.error})" for t in timings if t.error is not None)
     reason = f"measured: {best.name} {best.p50_ms:.3f} ms p50" + (f" vs {others}" if others else "")
     return best.name, reason + (f"; {failed}" if failed else "")
-
-
-def agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], tolerance: float) -> str | None:
-    """Whether a candidate's outputs match the dense execution's, within ``tolerance``.
-
-    Floating outputs are compared by their largest absolute difference, as a fraction
-    of the largest magnitude among the reference's floating outputs; other outputs
-    (labels, indices) only by shape, since an int8 execution may flip a near tie.
-
-    Returns:
-        ``None`` when they agree, else why not.
-    """
-    if len(reference) != len(outputs):
-        return f"it returns {len(outputs)} outputs, the dense execution {len(reference)}"
-    floats = [np.asarray(r) for r in reference if np.issubdtype(np.asarray(r).dtype, np.floating)]
-    scale = max((float(np.abs(r).max()) for r in floats if r.size), default=0.0) or 1.0
-    worst = 0.0
-    for i, (want, got) in enumerate(zip(reference, outputs)):
-        want, got = np.asarray(want), np.asarray(got)
-        if want.shape != got.shape:
-            return f"its output {i} has shape {list(got.shape)}, the dense execution's {list(want.shape)}"
-        if np.issubdtype(want.dtype, np.floating) and want.size:
-            diff = float(np.abs(got.astype(np.float64) - want).max()) / scale
-            worst = max(worst, diff) if np.isfinite(diff) else float("inf")
-    if not worst <= tolerance:
-        return f"its outputs differ from the dense execution's by {worst:.2%} of their size (limit {tolerance:.2%})"
-    return None
 
 
 def not_applicable(manifest: Manifest, name: str) -> str | None:
@@ -373,31 +344,21 @@ def measure(
     Interleaving keeps a burst of background load from falling on one candidate only;
     each candidate's figures are the median (mean for ``mean_ms``) over the rounds.
     """
-    per_round = max(1, spec.runs // ROUNDS)
-    medians: dict[str, list[float]] = {n: [] for n in sessions}
-    p90s: dict[str, list[float]] = {n: [] for n in sessions}
-    means: dict[str, list[float]] = {n: [] for n in sessions}
-    runs = dict.fromkeys(sessions, 0)
-    for r in range(ROUNDS):
-        for name, session in sessions.items():
-            f = feeds[name]
-            stats = benchmark(
-                lambda s=session, f=f: s.run(f),
-                warmup=spec.warmup if r == 0 else max(1, spec.warmup // 4),
-                runs=per_round,
-                min_duration_s=spec.min_duration_s / ROUNDS,
-            )
-            medians[name].append(stats.p50_ms)
-            p90s[name].append(stats.p90_ms)
-            means[name].append(stats.mean_ms)
-            runs[name] += stats.count
+    rounds = benchmark_interleaved(
+        {name: (lambda s=session, f=feeds[name]: s.run(f)) for name, session in sessions.items()},
+        rounds=ROUNDS,
+        runs_per_round=max(1, spec.runs // ROUNDS),
+        warmup=spec.warmup,
+        later_warmup=max(1, spec.warmup // 4),
+        min_duration_s=spec.min_duration_s,
+    )
     return [
         CandidateTiming(
             name,
-            p50_ms=sorted(medians[name])[ROUNDS // 2],
-            p90_ms=sorted(p90s[name])[ROUNDS // 2],
-            mean_ms=sum(means[name]) / ROUNDS,
-            runs=runs[name],
+            p50_ms=sorted(s.p50_ms for s in stats)[ROUNDS // 2],
+            p90_ms=sorted(s.p90_ms for s in stats)[ROUNDS // 2],
+            mean_ms=sum(s.mean_ms for s in stats) / ROUNDS,
+            runs=sum(s.count for s in stats),
         )
-        for name in sessions
+        for name, stats in rounds.items()
     ]

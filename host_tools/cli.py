@@ -321,7 +321,8 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
 @click.option(
     "--quantize",
     help="int8-static (default when no other step is given), int8-static-entropy, int8-static-percentile, "
-    "int8-static-per-tensor, int8-dynamic, fp16, int4-weight; for a .tflite MODEL (ai-edge-quantizer): "
+    "int8-static-per-tensor, int8-dynamic, int8-dynamic-per-channel, fp16, int4-weight; for a .tflite MODEL "
+    "(ai-edge-quantizer): "
     "int8-static, int8-dynamic, int8-weight-only, int4-weight-only, int16-static",
 )
 @click.option(
@@ -721,6 +722,7 @@ def _sparse_bundle_spec(spec: Any, tmp: Path, min_sparsity: float, int8_values: 
     from edge_sdk.bundle.sparse import decode_sparse_weights
     from edge_sdk.errors import CompressionError
     from edge_sdk.runtime import open_session, open_sparse_session, sample_feeds
+    from edge_sdk.runtime.agreement import TOLERANCE, agreement
     from host_tools.compress.model_file import load_model
     from host_tools.compress.sparse_pack import sparsify, write_sparse_files
 
@@ -732,11 +734,8 @@ def _sparse_bundle_spec(spec: Any, tmp: Path, min_sparsity: float, int8_values: 
     with open_session(spec.model, "onnxruntime") as dense, open_sparse_session(model_path, weights) as sparse_session:
         feeds = sample_feeds(dense.inputs(), np.random.default_rng(0))
         want, got = dense.run(feeds), sparse_session.run(feeds)
-    tolerance = 0.05 if int8_values else 1e-3
-    for a, b in zip(want, got):
-        scale = float(np.max(np.abs(a))) or 1.0
-        if a.shape != b.shape or float(np.max(np.abs(a - b))) > tolerance * scale:
-            raise CompressionError("the sparse graph's outputs differ from the model's; not packing it")
+    if agreement(want, got, TOLERANCE["dense_int8" if int8_values else "sparse"]) is not None:
+        raise CompressionError("the sparse graph's outputs differ from the model's; not packing it")
     return dataclasses.replace(spec, model=model_path, files=files, sparse=sparse_spec, execution=execution)
 
 

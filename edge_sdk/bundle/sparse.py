@@ -177,9 +177,13 @@ class CsrMatrix:
     def to_dense(self) -> np.ndarray:
         """The full matrix as float32 (in memory only)."""
         out = np.zeros(self.shape, dtype=np.float32)
-        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
-        out[rows, self.indices] = self.values
+        out[_value_rows(self.indptr), self.indices] = self.values
         return out
+
+
+def _value_rows(indptr: np.ndarray) -> np.ndarray:
+    """The row of each stored value."""
+    return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
 
 
 def _index_width(largest: int) -> int:
@@ -213,20 +217,19 @@ def encode_sparse_weights(matrices: list[CsrMatrix], *, int8_values: bool = Fals
             raise ConfigError(f"sparse weights: {m.name!r} is too large for 32-bit indices")
         ptr_width, col_width = _index_width(m.nnz), _index_width(max(cols - 1, 0))
         ptr, index = _INDEX_DTYPES[ptr_width], _INDEX_DTYPES[col_width]
-        out += [encode_varint(len(name)), name, encode_varint(rows), encode_varint(cols), encode_varint(m.nnz), bytes([ptr_width, col_width])]
+        out += [encode_varint(len(name)), name, encode_varint(rows), encode_varint(cols), encode_varint(m.nnz)]
+        kind = _VALUES_I8 if int8_values else _VALUES_F32
+        out += [bytes([ptr_width, col_width, kind]), m.indptr.astype(ptr).tobytes(), m.indices.astype(index).tobytes()]
         values = np.asarray(m.values, dtype=np.float32)
         if int8_values:
-            counts = np.diff(m.indptr)
-            row_of = np.repeat(np.arange(rows), counts)
+            row_of = _value_rows(m.indptr)
             peak = np.zeros(rows, dtype=np.float32)
             if values.size:
                 np.maximum.at(peak, row_of, np.abs(values))
             scales = np.where(peak > 0, peak / 127.0, 1.0).astype("<f4")
             q = np.clip(np.rint(values / scales[row_of]), -127, 127).astype(np.int8)
-            out += [bytes([_VALUES_I8]), m.indptr.astype(ptr).tobytes(), m.indices.astype(index).tobytes()]
             out += [q.tobytes(), scales.tobytes()]
         else:
-            out += [bytes([_VALUES_F32]), m.indptr.astype(ptr).tobytes(), m.indices.astype(index).tobytes()]
             out.append(values.astype("<f4").tobytes())
     return b"".join(out)
 
@@ -251,7 +254,7 @@ def decode_sparse_weights(data: bytes | memoryview, limits: SparseLimits = Spars
         raise BundleFormatError("sparse weights: not an edge-sdk sparse weights file (bad magic)")
     reader = ByteReader(view, "sparse weights: ")
     reader.pos = len(MAGIC)
-    version = reader.take(1, "version")[0]
+    version = reader.byte("version")
     if version != FORMAT_VERSION:
         raise BundleFormatError(f"sparse weights: format version {version} (this build reads {FORMAT_VERSION})")
     count = reader.varint("matrix count")
@@ -279,11 +282,11 @@ def decode_sparse_weights(data: bytes | memoryview, limits: SparseLimits = Spars
             )
         if nnz > rows * cols:
             raise BundleFormatError(f"sparse weights: {name!r} stores {nnz} values in a {rows}x{cols} matrix")
-        ptr_width, col_width = reader.take(1, "index width")[0], reader.take(1, "index width")[0]
+        ptr_width, col_width = reader.byte("index width"), reader.byte("index width")
         for width, largest in ((ptr_width, nnz), (col_width, max(cols - 1, 0))):
             if width not in _INDEX_DTYPES or largest >= 1 << (8 * width):
                 raise BundleFormatError(f"sparse weights: {name!r} has index width {width}, too small or unknown")
-        kind = reader.take(1, "value kind")[0]
+        kind = reader.byte("value kind")
         if kind not in (_VALUES_F32, _VALUES_I8):
             raise BundleFormatError(f"sparse weights: {name!r} has unknown value kind {kind}")
         index = _INDEX_DTYPES[col_width]
@@ -302,8 +305,8 @@ def decode_sparse_weights(data: bytes | memoryview, limits: SparseLimits = Spars
         if not np.all(np.isfinite(values)):
             raise BundleFormatError(f"sparse weights: {name!r} has non-finite values")
         out[name] = CsrMatrix(name, (rows, cols), indptr, indices, values, q, scales)
-    if reader.pos != len(view):
-        raise BundleFormatError(f"sparse weights: {len(view) - reader.pos} trailing bytes")
+    if trailing := reader.trailing():
+        raise BundleFormatError(f"sparse weights: {trailing} trailing bytes")
     return out
 
 
@@ -356,8 +359,7 @@ def _int8_weight(m: CsrMatrix) -> tuple[np.ndarray, np.ndarray]:
     assert m.int8_values is not None and m.row_scales is not None
     rows, cols = m.shape
     b = np.full((cols, rows), _ZERO_POINT, dtype=np.uint8)
-    row_of = np.repeat(np.arange(rows), np.diff(m.indptr))
-    b[m.indices, row_of] = (m.int8_values.astype(np.int16) + _ZERO_POINT).astype(np.uint8)
+    b[m.indices, _value_rows(m.indptr)] = (m.int8_values.astype(np.int16) + _ZERO_POINT).astype(np.uint8)
     return b, np.ascontiguousarray(m.row_scales, dtype="<f4")
 
 

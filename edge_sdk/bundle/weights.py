@@ -62,6 +62,7 @@ from edge_sdk.protowire import WireError, append_initializers, tensor_proto
 
 __all__ = [
     "MAGIC",
+    "FLOAT_DTYPES",
     "FORMAT_VERSION",
     "LZMA_FILTERS",
     "CODING_RANGE",
@@ -82,9 +83,9 @@ CODING_RANGE, CODING_LZMA = 0, 1
 COUNT_LIMIT = 1 << 16
 """Adaptive counts are halved when their sum passes this (the encoder does the same)."""
 
-_DTYPES = {1: np.dtype("<f4"), 10: np.dtype("<f2")}  # TensorProto.FLOAT, FLOAT16
-# ModelProto.graph = 7; GraphProto.initializer = 5;
-# TensorProto.dims = 1, .data_type = 2, .name = 8, .raw_data = 9.
+#: Float element types the format stores (codebooks, dense values), by ONNX TensorProto type:
+#: FLOAT and FLOAT16.
+FLOAT_DTYPES = {1: np.dtype("<f4"), 10: np.dtype("<f2")}
 _MAX_RANK = 8
 
 
@@ -132,9 +133,7 @@ def unpack_model(data: bytes | memoryview, limits: WeightsLimits | None = None) 
     view = memoryview(data)
     if not is_packed_model(view):
         raise BundleFormatError("not a packed model (bad magic)")
-    if len(view) <= len(MAGIC):
-        raise BundleFormatError("packed model truncated in its header")
-    if len(view) < len(MAGIC) + 5:
+    if len(view) < len(MAGIC) + 5:  # the version byte and the CRC at least
         raise BundleFormatError("packed model truncated in its header")
     version = view[len(MAGIC)]
     if version != FORMAT_VERSION:
@@ -155,8 +154,8 @@ def unpack_model(data: bytes | memoryview, limits: WeightsLimits | None = None) 
         raise BundleFormatError(f"packed model lists {count} tensors, more than the limit of {limits.max_tensors}")
     names = _Budget(limits.max_header_bytes)
     initializers = [_tensor(reader, budget, names) for _ in range(count)]
-    if reader.pos != len(view):
-        raise BundleFormatError(f"packed model has {len(view) - reader.pos} bytes after its last tensor")
+    if trailing := reader.trailing():
+        raise BundleFormatError(f"packed model has {trailing} bytes after its last tensor")
     try:
         return append_initializers(skeleton, initializers)
     except WireError as exc:
@@ -195,7 +194,7 @@ def _tensor(reader: ByteReader, budget: _Budget, names: _Budget) -> bytes:
         raise BundleFormatError("tensor name is not utf-8") from exc
     what = f"tensor {name!r}"
     data_type = reader.varint(what)
-    dtype = _DTYPES.get(data_type)
+    dtype = FLOAT_DTYPES.get(data_type)
     if dtype is None:
         raise BundleFormatError(f"{what}: unsupported data type {data_type}")
     rank = reader.varint(what)
@@ -204,11 +203,11 @@ def _tensor(reader: ByteReader, budget: _Budget, names: _Budget) -> bytes:
     dims = [reader.varint(what) for _ in range(rank)]
     size = math.prod(dims)
     budget.charge(size * dtype.itemsize, what)
-    book_dtype = _DTYPES.get(reader.byte(what))
+    book_dtype = FLOAT_DTYPES.get(reader.byte(what))
     k = reader.varint(what)
     if book_dtype is None or not 1 <= k <= 256:
         raise BundleFormatError(f"{what}: codebook type or size {k} out of range")
-    codebook = np.frombuffer(reader.take(k * book_dtype.itemsize, f"{what} codebook"), dtype=book_dtype).astype(dtype)
+    codebook = reader.array(book_dtype, k, f"{what} codebook").astype(dtype)
     layout = reader.byte(what)
     if layout not in (0, 1):
         raise BundleFormatError(f"{what}: unknown layout {layout}")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from edge_sdk.metrics._cpu import CpuMeasurement, CpuSampler
-    from edge_sdk.metrics._latency import LatencyStats, benchmark
+    from edge_sdk.metrics._latency import LatencyStats, benchmark, benchmark_interleaved
     from edge_sdk.metrics._memory import MemoryMeasurement, PeakRssSampler, read_vm_hwm, rss_bytes
     from edge_sdk.metrics._power import (
         POWER_MODELS,
@@ -40,6 +40,7 @@ _HOMES = {
     "CpuSampler": "_cpu",
     "LatencyStats": "_latency",
     "benchmark": "_latency",
+    "benchmark_interleaved": "_latency",
     "MemoryMeasurement": "_memory",
     "PeakRssSampler": "_memory",
     "read_vm_hwm": "_memory",
@@ -89,6 +90,7 @@ __all__ = [
     "RaplSource",
     "ThermalReading",
     "benchmark",
+    "benchmark_interleaved",
     "detect_power_source",
     "parse_pmic_adc",
     "power_model_for",

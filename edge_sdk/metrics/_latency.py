@@ -12,7 +12,7 @@ import numpy as np
 
 from edge_sdk.errors import ConfigError, MessageError
 
-__all__ = ["LatencyStats", "benchmark"]
+__all__ = ["LatencyStats", "benchmark", "benchmark_interleaved"]
 
 #: Upper bound on timed runs when ``min_duration_s`` keeps :func:`benchmark` going.
 DEFAULT_MAX_RUNS = 100_000
@@ -148,3 +148,44 @@ def benchmark(
         end = clock()
         samples.append(end - t0)
     return LatencyStats.from_samples(samples)
+
+
+def benchmark_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int,
+    runs_per_round: int,
+    warmup: int,
+    later_warmup: int | None = None,
+    min_duration_s: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[LatencyStats]]:
+    """Time several operations in alternating rounds, so that a burst of other load on
+    the host falls on all of them alike rather than on one.
+
+    Each round runs :func:`benchmark` once per operation, in order: ``runs_per_round``
+    timed calls and at least ``min_duration_s / rounds`` seconds, after ``warmup``
+    untimed calls in the first round and ``later_warmup`` (default ``warmup``) after.
+
+    Returns:
+        Per name, the statistics of each round, in round order.
+
+    Raises:
+        ConfigError: ``rounds`` is below 1, or a count :func:`benchmark` refuses.
+    """
+    if rounds < 1:
+        raise ConfigError("interleaved benchmark needs rounds >= 1", rounds=rounds)
+    stats: dict[str, list[LatencyStats]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            stats[name].append(
+                benchmark(
+                    fn,
+                    warmup=warmup if r == 0 or later_warmup is None else later_warmup,
+                    runs=runs_per_round,
+                    min_duration_s=min_duration_s / rounds,
+                    clock=clock,
+                )
+            )
+    return stats
+

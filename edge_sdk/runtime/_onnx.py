@@ -245,7 +245,7 @@ class OnnxSession:
         if self._session is None:
             raise ModelError(f"session for {self._label} is closed", model=self._label)
         if feeds.keys() != self._input_names:  # the fast path costs ~0.1 us; benchmarks time this call
-            check_feed_names(self._name, self._label, (i.name for i in self._inputs), feeds)
+            check_feed_names(self._name, self._label, self._input_names, feeds)
         try:
             return self._session.run(None, feeds)
         except Exception as exc:  # onnxruntime raises its own pybind exception types

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .layers import drop_unused_initializers, node_attributes
 from .passes import PassContext, PassResult
 
 __all__ = ["DecomposeGemm", "decompose_gemm"]
@@ -67,7 +68,7 @@ def decompose_gemm(model: onnx.ModelProto) -> int:
         if not _eligible(node, inits):
             new_nodes.append(node)
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attributes(node)
         base = node.name or node.output[0]
         weight = numpy_helper.to_array(inits[node.input[1]])
         if attrs.get("transB", 0):
@@ -90,7 +91,7 @@ def decompose_gemm(model: onnx.ModelProto) -> int:
     if replaced:
         del graph.node[:]
         graph.node.extend(new_nodes)
-        _drop_unused_initializers(graph)
+        drop_unused_initializers(graph)
         logger.debug("decomposed %d Gemm nodes", replaced)
     return replaced
 
@@ -99,7 +100,7 @@ def _eligible(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
     """A Gemm whose weight (and scaled bias, if any) are constants and whose A is not transposed."""
     if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits:
         return False
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attributes(node)
     if attrs.get("transA", 0):
         return False
     has_bias = len(node.input) > 2 and bool(node.input[2])
@@ -116,21 +117,3 @@ def _add_initializer(
     graph.initializer.append(tensor)
     inits[name] = tensor
     return name
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = _names_used(graph) | {out.name for out in graph.output}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-
-
-def _names_used(graph: onnx.GraphProto) -> set[str]:
-    """Every input name read in ``graph`` and its subgraphs (which may read outer initializers)."""
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                used |= _names_used(sub)
-    return used

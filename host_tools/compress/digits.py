@@ -20,6 +20,7 @@ from edge_sdk.errors import CompressionError, ConfigError
 
 from .data import DigitsSplit
 from .evaluate import predict_classes
+from .model_file import build_model
 
 __all__ = ["train_digits_mlp", "mlp_to_onnx", "DIGITS_OPSET"]
 
@@ -132,9 +133,5 @@ def mlp_to_onnx(classifier: Any, *, input_name: str = "input", output_name: str 
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", n_out])],
         initializer=inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", DIGITS_OPSET)], producer_name="edge-sdk", doc_string="digits MLP"
-    )
-    model.ir_version = 8  # readable by onnxruntime >= 1.14 on devices
-    onnx.checker.check_model(model)
+    model = build_model(graph, DIGITS_OPSET, doc_string="digits MLP")
     return model

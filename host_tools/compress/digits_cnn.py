@@ -24,6 +24,7 @@ from edge_sdk.errors import CompressionError, ConfigError
 from .data import DigitsSplit
 from .digits import DIGITS_OPSET
 from .evaluate import predict_classes
+from .model_file import build_model
 
 __all__ = ["train_digits_cnn"]
 
@@ -179,9 +180,5 @@ def _to_onnx(p: dict[str, np.ndarray]) -> onnx.ModelProto:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
         initializer=inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", DIGITS_OPSET)], producer_name="edge-sdk", doc_string="digits CNN"
-    )
-    model.ir_version = 8
-    onnx.checker.check_model(model)
+    model = build_model(graph, DIGITS_OPSET, doc_string="digits CNN")
     return model

@@ -31,7 +31,7 @@ from edge_sdk.errors import CompressionError, ConfigError
 from .data import Dataset
 from .evaluate import count_parameters, open_host_session, run_batched
 from .finetune import TrainingOptions, train_module
-from .model_file import load_model
+from .model_file import build_model, load_model
 from .passes import PassContext, PassResult
 from .torch_bridge import graph_module, module_to_onnx, require_torch
 
@@ -102,9 +102,7 @@ class MlpStudent:
             initializer=inits,
         )
         opset = next((o.version for o in teacher.opset_import if o.domain in ("", "ai.onnx")), 17)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(13, min(opset, 21)))], producer_name="edge-sdk")
-        model.ir_version = 8
-        return model
+        return build_model(graph, max(13, min(opset, 21)))
 
 
 StudentSpec = Union[MlpStudent, onnx.ModelProto, Any]
@@ -171,7 +169,7 @@ class Distillation:
         inputs = data.array("distillation")
         soft, from_probabilities = teacher_logits(model, inputs)
         classes = soft.shape[1]
-        module, exporter = self._student_module(model, classes, ctx.seed, data)
+        module, exporter = self._student_module(model, classes, ctx.seed, inputs)
         with torch.no_grad():
             probe = module(torch.from_numpy(np.ascontiguousarray(inputs[:2], dtype=np.float32)))
         if tuple(probe.shape[1:]) != (classes,):
@@ -200,7 +198,7 @@ class Distillation:
             },
         )
 
-    def _student_module(self, teacher: onnx.ModelProto, classes: int, seed: int, data: Dataset) -> tuple[Any, Any]:
+    def _student_module(self, teacher: onnx.ModelProto, classes: int, seed: int, inputs: np.ndarray) -> tuple[Any, Any]:
         spec = self.student
         if isinstance(spec, MlpStudent):
             spec = spec.build(teacher, classes, seed)
@@ -212,7 +210,7 @@ class Distillation:
             raise ConfigError(f"a student is an MlpStudent, an ONNX model or a torch module, not {type(spec).__name__}")
         input_name = _single_input(teacher).name
         output_name = teacher.graph.output[0].name
-        shape = tuple(int(d) for d in data.array("distillation").shape[1:])
+        shape = tuple(int(d) for d in inputs.shape[1:])
         return spec, lambda m: module_to_onnx(m, shape, input_name=input_name, output_name=output_name)
 
     def _loss(self, torch: Any, soft: np.ndarray, data: Dataset) -> Any:

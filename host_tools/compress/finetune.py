@@ -203,10 +203,11 @@ class _Tied:
         self.flat = assignment.reshape(-1)
         self.valid = self.flat >= 0
         self.index = self.flat.clamp(min=0)
+        self.members = self.index[self.valid]  # cluster of each nonzero element
         self.k = int(self.flat.max()) + 1
         first = torch.full((self.k,), len(self.flat), dtype=torch.int64)
         positions = torch.arange(len(self.flat))
-        self.first = first.scatter_reduce(0, self.index[self.valid], positions[self.valid], reduce="amin")
+        self.first = first.scatter_reduce(0, self.members, positions[self.valid], reduce="amin")
         centres = param.detach().reshape(-1)[self.first].numpy()
         self.float16 = bool(np.array_equal(centres.astype(np.float16).astype(centres.dtype), centres))
         self.torch = torch
@@ -216,7 +217,7 @@ class _Tied:
         if grad is None:
             return
         flat = grad.reshape(-1)
-        sums = self.torch.zeros(self.k, dtype=flat.dtype).index_add_(0, self.index[self.valid], flat[self.valid])
+        sums = self.torch.zeros(self.k, dtype=flat.dtype).index_add_(0, self.members, flat[self.valid])
         self.param.grad = (sums[self.index] * self.valid).reshape(grad.shape)
 
     def snap(self, *, float16: bool = False) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -56,7 +57,8 @@ def layer_name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes as Python values, by name."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -98,7 +100,7 @@ def find_layers(model: onnx.ModelProto) -> list[WeightLayer]:
                 "prune and fine-tune the float model, then quantize",
                 layer=name,
             )
-        attrs = _attrs(node)
+        attrs = node_attributes(node)
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
         bias_node = None
         output = node.output[0]
@@ -144,3 +146,22 @@ def replace_initializer(graph: onnx.GraphProto, name: str, values: np.ndarray) -
             graph.initializer[index].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values), name))
             return
     raise CompressionError(f"initializer {name!r} is missing from the graph", initializer=name)
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove the initializers nothing in ``graph`` (or its subgraphs, or its outputs) reads."""
+    used = _names_used(graph) | {out.name for out in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _names_used(graph: onnx.GraphProto) -> set[str]:
+    """Every input name read in ``graph`` and its subgraphs (which may read outer initializers)."""
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                used |= _names_used(sub)
+    return used

@@ -34,8 +34,8 @@ from onnx import helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .decompose import _drop_unused_initializers
 from .evaluate import Quality
+from .layers import drop_unused_initializers, node_attributes
 from .passes import PassContext, PassResult
 
 __all__ = ["LowRankFactorization", "rank_for_energy"]
@@ -55,12 +55,10 @@ def rank_for_energy(singular_values: np.ndarray, energy: float) -> int:
     Returns:
         A rank between 1 and ``len(singular_values)``.
     """
-    power = np.asarray(singular_values, dtype=np.float64) ** 2
-    total = power.sum()
-    if total <= 0:
+    kept = _kept_energy(singular_values)
+    if not len(kept):
         return 1
-    kept = np.cumsum(power) / total
-    return int(min(len(power), np.searchsorted(kept, energy - 1e-12) + 1))
+    return int(min(len(kept), np.searchsorted(kept, energy - 1e-12) + 1))
 
 
 @dataclass(frozen=True)
@@ -264,7 +262,7 @@ def _total_params(layers: list[_Layer], energy: float, min_saving: float) -> int
 
 def _weight_of(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray | None, str]:
     """The node's weight in ``[in, out]`` layout, or ``None`` and why not."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attributes(node)
     if node.op_type not in ("MatMul", "Gemm", "Conv"):
         return None, f"op {node.op_type} is not Gemm, MatMul or Conv"
     if len(node.input) < 2 or node.input[1] not in inits:
@@ -349,5 +347,5 @@ def _factorize(
         )
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return out, details

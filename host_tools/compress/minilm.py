@@ -37,6 +37,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ModelLoadError, RuntimeUnavailableError
 
+from .model_file import build_model
+
 __all__ = [
     "BENCH_EXTRA_HINT",
     "MINILM_PACKAGE",
@@ -311,10 +313,7 @@ def bert_embedding_onnx(weights: Mapping[str, np.ndarray], config: BertConfig) -
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", h])],
         g.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="edge-sdk")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return build_model(graph, _OPSET)
 
 
 def _dense(g: _Graph, x: str, weight: np.ndarray, bias: np.ndarray, name: str) -> str:

@@ -1,4 +1,5 @@
-"""Reading and writing model files: the I/O shell around the pure passes.
+"""Reading and writing model files: the I/O shell around the pure passes; and
+:func:`build_model`, which gives every model edge-sdk builds the same header.
 
 Passes take and return ``onnx.ModelProto``; only this module touches the disk. Writes
 are atomic and durable (temp file in the target directory, fsync, ``os.replace``, fsync
@@ -18,12 +19,29 @@ import onnx
 from edge_sdk.durable import atomic_write_bytes
 from edge_sdk.errors import ModelLoadError
 
-__all__ = ["ModelSource", "load_model", "model_from_bytes", "as_model", "save_model_atomic"]
+__all__ = ["ModelSource", "DEVICE_IR_VERSION", "build_model", "load_model", "model_from_bytes", "as_model", "save_model_atomic"]
 
 logger = logging.getLogger(__name__)
 
 ModelSource = Union[onnx.ModelProto, bytes, str, "os.PathLike[str]"]
 """What the compression entry points accept: a model, its bytes, or a path to a file."""
+
+DEVICE_IR_VERSION = 8
+"""The ONNX IR version of the models edge-sdk builds: readable by onnxruntime >= 1.14 on devices."""
+
+
+def build_model(graph: onnx.GraphProto, opset: int, *, doc_string: str = "") -> onnx.ModelProto:
+    """A checked model around ``graph``: default-domain ``opset``, :data:`DEVICE_IR_VERSION`.
+
+    Raises:
+        onnx.checker.ValidationError: the graph is not a valid model (a bug in its builder).
+    """
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", opset)], producer_name="edge-sdk", doc_string=doc_string
+    )
+    model.ir_version = DEVICE_IR_VERSION
+    onnx.checker.check_model(model)
+    return model
 
 
 def model_from_bytes(data: bytes, *, source: str = "<bytes>") -> onnx.ModelProto:

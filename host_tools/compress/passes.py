@@ -14,6 +14,7 @@ every step bought and what it cost. A failing step is named in the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -206,14 +207,7 @@ class ModelMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
-        return {
-            "size_bytes": self.size_bytes,
-            "parameters": self.parameters,
-            "sparsity": self.sparsity,
-            "quality": self.quality,
-            "quality_metric": self.quality_metric,
-            "latency_p50_ms": self.latency_p50_ms,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -344,7 +338,7 @@ class PassManager:
         current.CopyFrom(model)
         ctx.report("original", "measure", 0, total)
         meter = _Meter(current, ctx, self.measure)
-        original = meter.measure(current)
+        original = meter.measure(current, original=True)
         logger.info("original model: %s", original)
         steps: list[StepReport] = []
         metrics = original
@@ -396,10 +390,15 @@ class _Meter:
         # job of the pass that needs it, which names the problem better.
         self.sample = ctx.evaluation.take(slice(0, 1)).x if ctx.evaluation is not None else None
 
-    def measure(self, model: onnx.ModelProto) -> ModelMetrics:
+    def measure(self, model: onnx.ModelProto, *, original: bool = False) -> ModelMetrics:
+        """``original``: ``model`` is the run's input, whose quality :class:`Quality` has already
+        scored when it ran it for reference; it is not run again."""
         model_bytes = model.SerializeToString()
-        quality = None if self.quality is None else self.quality.of(model_bytes)
-        metric = None if self.quality is None else self.quality.metric
+        quality: float | None = None
+        metric: str | None = None
+        if self.quality is not None:
+            quality = self.quality.original if original else self.quality.of(model_bytes)
+            metric = self.quality.metric
         latency = None
         if self.options.latency:
             latency = host_latency_ms(

@@ -484,15 +484,22 @@ def parse_quantize_option(text: str) -> CompressionPass:
     Raises:
         ConfigError: unknown value; the message lists the known ones.
     """
-    key = text.strip().lower().replace("_", "-")
-    mode = QUANTIZE_OPTIONS.get(key)
-    if mode is None:
-        raise ConfigError(
-            f"unknown quantization {text!r}; choose one of: {', '.join(QUANTIZE_OPTIONS)}", key="quantize", value=text
-        )
-    cls, settings = mode
+    cls, settings = quantize_mode(text)
     pass_: CompressionPass = cls(**settings)
     return pass_
+
+
+def quantize_mode(text: str, key: str = "quantize") -> tuple[type, Mapping[str, object]]:
+    """The pass class and settings of a mode in :data:`QUANTIZE_OPTIONS` (case and
+    surrounding spaces ignored; ``_`` may stand for ``-``).
+
+    Raises:
+        ConfigError: unknown mode; the message lists the known ones and ``details["key"]`` is ``key``.
+    """
+    mode = QUANTIZE_OPTIONS.get(text.strip().lower().replace("_", "-"))
+    if mode is None:
+        raise ConfigError(f"unknown quantization mode {text!r}; choose one of: {', '.join(QUANTIZE_OPTIONS)}", key=key, value=text)
+    return mode
 
 
 class _CalibrationReader:

@@ -34,7 +34,7 @@ from .finetune import FineTune, TrainingOptions
 from .lowrank import LowRankFactorization
 from .passes import CompressionPass
 from .prune import MagnitudePruning, SensitivityPruning
-from .quantize import QUANTIZE_OPTIONS
+from .quantize import QUANTIZE_OPTIONS, quantize_mode
 from .structured import ChannelPruning
 from .weight_sharing import WeightSharing
 
@@ -177,14 +177,11 @@ def _construct(cls: type, options: Mapping[str, Any]) -> Any:
 
 def _quantize(options: Mapping[str, Any]) -> CompressionPass:
     opts = dict(options)
-    mode = str(opts.pop("mode", "int8-static")).strip().lower().replace("_", "-")
+    cls, defaults = quantize_mode(str(opts.pop("mode", "int8-static")), key="mode")
     max_drop = opts.pop("max_accuracy_drop", None)
     ranking = opts.pop("guard_ranking", None)
-    if mode not in QUANTIZE_OPTIONS:
-        raise ConfigError(f"unknown quantize mode {mode!r}; choose one of: {', '.join(QUANTIZE_OPTIONS)}", key="mode")
     if ranking is not None and max_drop is None:
         raise ConfigError("guard_ranking needs max_accuracy_drop (it orders the accuracy guard's search)", key="guard_ranking")
-    cls, defaults = QUANTIZE_OPTIONS[mode]
     inner = _construct(cls, {**defaults, **opts})
     if max_drop is None:
         return inner

@@ -35,6 +35,8 @@ from edge_sdk.bundle import SparseLayer, SparseSpec
 from edge_sdk.bundle.sparse import CsrMatrix, encode_sparse_weights
 from edge_sdk.errors import CompressionError, ConfigError
 
+from .layers import consumers_of, layer_name, node_attributes
+
 __all__ = ["SparsePack", "sparsify", "write_sparse_files"]
 
 logger = logging.getLogger(__name__)
@@ -61,8 +63,6 @@ class SparsePack:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
@@ -108,27 +108,24 @@ def sparsify(model: onnx.ModelProto, min_sparsity: float = 0.5) -> SparsePack:
         raise ConfigError(f"min_sparsity must be in [0, 1), got {min_sparsity}", key="min_sparsity")
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    readers = consumers_of(graph)
     ranks = _ranks(model)
     new_nodes: list[onnx.NodeProto] = []
     matrices: list[CsrMatrix] = []
     layers: list[SparseLayer] = []
     skipped: dict[str, str] = {}
     for node in graph.node:
-        name = node.name or node.output[0]
+        name = layer_name(node)
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
             new_nodes.append(node)
             continue
         weight_name = node.input[1]
         init = inits[weight_name]
-        attrs = _attrs(node)
+        attrs = node_attributes(node)
         reason = None
         if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2:
             reason = "weight is not a 2-D float32 matrix"
-        elif uses.get(weight_name, 0) != 1:
+        elif len(readers.get(weight_name, ())) != 1:
             reason = "weight is shared with another node"
         elif node.op_type == "MatMul" and ranks.get(node.input[0]) != 2:
             reason = "input is not 2-D (batch x features)"
@@ -184,8 +181,8 @@ def sparsify(model: onnx.ModelProto, min_sparsity: float = 0.5) -> SparsePack:
         sparse_graph.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
 
     dense_graph = _without(model, sparse_names)
-    for layer_name_, why in skipped.items():
-        logger.info("layer %s stays dense: %s", layer_name_, why)
+    for name, why in skipped.items():
+        logger.info("layer %s stays dense: %s", name, why)
     return SparsePack(sparse_graph, dense_graph, matrices, layers, skipped)
 
 

@@ -368,14 +368,9 @@ class TfliteMetrics:
     latency_p50_ms: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready form."""
-        return {
-            "size_bytes": self.size_bytes,
-            "weight_types": dict(self.weight_types),
-            "quality": self.quality,
-            "quality_metric": self.quality_metric,
-            "latency_p50_ms": self.latency_p50_ms,
-        }
+        """Plain JSON-ready form: every field, ``weight_types`` as a plain dict."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "weight_types": dict(self.weight_types)}
 
 
 def _predict(session: Any, x: np.ndarray) -> np.ndarray:
@@ -424,19 +419,16 @@ def measure_tflite(
     metric: str | None = None
     outputs: np.ndarray | None = None
     latency: float | None = None
+    x = None if evaluation is None else np.asarray(evaluation.array("tflite evaluation"), dtype=np.float32)
     with open_session(model, "litert", SessionOptions(threads=1)) as session:
         spec = session.inputs()[0]
-        if evaluation is not None:
-            outputs = _predict(session, np.asarray(evaluation.array("tflite evaluation"), dtype=np.float32))
+        if x is not None:
+            outputs = _predict(session, x)
             if quality is not None:
                 score, metric = quality.score(outputs), quality.metric
         if latency_runs > 0:
             shape = [1 if d is None else d for d in spec.shape]
-            sample = (
-                np.asarray(evaluation.array("tflite evaluation")[: shape[0] or 1], dtype=np.float32)
-                if evaluation is not None
-                else np.zeros(shape, dtype=np.float32)
-            )
+            sample = x[: shape[0] or 1] if x is not None else np.zeros(shape, dtype=np.float32)
             feeds = {spec.name: sample}
             latency = benchmark(lambda: session.run(feeds), warmup=5, runs=latency_runs).p50_ms
     return TfliteMetrics(len(model), MappingProxyType(weights), score, metric, latency), outputs

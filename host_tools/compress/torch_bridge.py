@@ -34,6 +34,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, RuntimeUnavailableError
 
+from .layers import node_attributes
+from .model_file import build_model
+
 __all__ = ["require_torch", "graph_module", "module_to_onnx", "SUPPORTED_OPS", "TRAIN_EXTRA_HINT"]
 
 logger = logging.getLogger(__name__)
@@ -74,8 +77,6 @@ def require_torch(purpose: str) -> Any:
     return torch
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -147,7 +148,7 @@ def _graph_module_class(torch: Any) -> type:
                     self._key[name] = key
                 else:
                     self._consts[name] = torch.from_numpy(np.array(values))
-            self._nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n), _label(n)) for n in graph.node]
+            self._nodes = [(n.op_type, list(n.input), list(n.output), node_attributes(n), _label(n)) for n in graph.node]
 
         def _value(self, env: dict[str, Any], name: str) -> Any:
             if not name:
@@ -197,7 +198,7 @@ def _check_node(node: onnx.NodeProto) -> None:
             node=label,
             op_type=node.op_type,
         )
-    attrs = _attrs(node)
+    attrs = node_attributes(node)
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     if isinstance(auto_pad, bytes):
         auto_pad = auto_pad.decode()
@@ -327,10 +328,7 @@ def module_to_onnx(
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", *out_shape])],
         initializer=builder.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edge-sdk")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return build_model(graph, opset)
 
 
 class _SequentialBuilder:

@@ -34,6 +34,7 @@ from edge_sdk.bundle.weights import (
     CODING_LZMA,
     CODING_RANGE,
     COUNT_LIMIT,
+    FLOAT_DTYPES,
     FORMAT_VERSION,
     LZMA_FILTERS,
     MAGIC,
@@ -49,7 +50,6 @@ __all__ = ["WeightSharing", "PackedModel", "pack_model", "kmeans_1d"]
 logger = logging.getLogger(__name__)
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-_DTYPES = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.FLOAT16: np.dtype("<f2")}
 
 
 def kmeans_1d(values: np.ndarray, clusters: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
@@ -297,7 +297,7 @@ def _encode_tensor(name: str, data_type: int, values: np.ndarray, max_codebook: 
         book_type = data_type
         if data_type == onnx.TensorProto.FLOAT and np.array_equal(codebook.astype(np.float16).astype(codebook.dtype), codebook):
             book_type = onnx.TensorProto.FLOAT16
-        book = codebook.astype(_DTYPES[book_type]).tobytes()
+        book = codebook.astype(FLOAT_DTYPES[book_type]).tobytes()
         book_part = bytes([book_type]) + encode_varint(len(codebook)) + book
         layout_part = bytes([layout]) + (encode_varint(len(coded)) if layout == 1 else b"")
         streams = []

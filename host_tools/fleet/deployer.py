@@ -63,12 +63,12 @@ __all__ = [
     "DeployOutcome",
     "deploy_and_record",
     "deploy_bundle",
-    "open_transfer",
     "publish_command",
     "read_manifest",
     "run_command",
     "send_bundle",
     "signed_fields",
+    "transfer_command",
 ]
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,26 @@ def deploy_bundle(
         BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
     """
     started = time.monotonic()
-    cmd, convo = open_transfer(client, device_id, bundle_path, options, clock, rollback=options.rollback, claim=claim)
+    cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback, claim=claim)
+    return _deliver(client, device_id, cmd, bundle_path, options, progress, started)
+
+
+def _deliver(
+    client: MqttClient,
+    device_id: str,
+    cmd: DeployCommand,
+    bundle_path: Path,
+    options: DeployOptions,
+    progress: Callable[[int, int], None] | None,
+    started: float,
+) -> DeployOutcome:
+    """Send a built deploy command and its bundle, and wait for the device's outcome.
+
+    :func:`deploy_bundle` without reading the bundle's manifest and hash, which ``cmd``
+    already carries (so :func:`deploy_and_record` reads them once for both uses).
+    ``started`` is the :func:`time.monotonic` time the deploy began.
+    """
+    convo = Conversation.open(client, DeviceTopics(device_id), cmd.command_id, metrics=True)
 
     def outcome(state: str, **kw: object) -> DeployOutcome:
         return DeployOutcome(
@@ -244,8 +263,7 @@ def deploy_bundle(
     return outcome("installed", metrics=metrics, checks=checks)
 
 
-def open_transfer(
-    client: MqttClient,
+def transfer_command(
     device_id: str,
     bundle_path: Path,
     options: DeployOptions,
@@ -254,16 +272,15 @@ def open_transfer(
     action: str = "install",
     rollback: bool = False,
     claim: tuple[str, int] | None = None,
-) -> tuple[DeployCommand, Conversation]:
-    """The transfer command for a bundle, and the conversation that will hear its answers.
+) -> DeployCommand:
+    """The transfer command for a bundle, not yet signed or sent.
 
     Shared by deploy and profile: reads the bundle's name and version (unless
-    ``claim`` gives them) and its hash and size, builds the offer and the command with
-    its signed fields, and subscribes to the device's events, metrics and status.
-    Nothing is sent yet; :func:`send_bundle` signs and sends the command.
+    ``claim`` gives them) and its hash and size, and builds the offer and the command
+    with its signed fields. :func:`send_bundle` signs and sends it, once a
+    :class:`~host_tools.fleet.conversation.Conversation` listens for the answers.
 
     Args:
-        client: a connected client.
         device_id: target device.
         bundle_path: the signed bundle.
         options: chunk size, benchmark and the authority whose lifetime the command gets.
@@ -273,23 +290,19 @@ def open_transfer(
         claim: the bundle name and version to name instead of the manifest's.
 
     Returns:
-        The command and its conversation.
+        The command; its ``transfer`` holds the bundle's hash and size.
 
     Raises:
         BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
-        TransportError: the broker connection failed while subscribing.
     """
     name, version = claim or _name_version(read_manifest(bundle_path))
     digest, size = file_sha256(bundle_path)
-    topics = DeviceTopics(device_id)
-    command_id = uuid.uuid4().hex
     offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
     now = clock()
-    cmd = DeployCommand(
-        command_id, name, version, offer, now, options.benchmark, action=action,
+    return DeployCommand(
+        uuid.uuid4().hex, name, version, offer, now, options.benchmark, action=action,
         rollback=rollback, **signed_fields(device_id, options.authority, now),  # type: ignore[arg-type]
     )
-    return cmd, Conversation.open(client, topics, command_id, metrics=True)
 
 
 def send_bundle(
@@ -393,11 +406,13 @@ def deploy_and_record(
     A deploy that raises (timeout, broker lost) is recorded as ``failed`` before the error
     propagates.
     """
-    manifest = read_manifest(bundle_path)
-    digest, _ = file_sha256(bundle_path)
-    dep_id = registry.record_deployment(device_id, manifest.name, str(manifest.version), digest, started_at=clock())
+    started = time.monotonic()
+    cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback)
+    dep_id = registry.record_deployment(
+        device_id, cmd.bundle_name, str(cmd.bundle_version), cmd.transfer.sha256, started_at=clock()
+    )
     try:
-        outcome = deploy_bundle(client, device_id, bundle_path, options, progress, clock)
+        outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started)
     except EdgeError as exc:
         registry.update_deployment(dep_id, "failed", exc.code, exc.message, finished_at=clock())
         raise

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from edge_sdk.errors import DeviceTimeoutError, EdgeError
 from edge_sdk.mqtt import MqttClient
-from edge_sdk.protocol import Event, EventKind, MetricsReport
+from edge_sdk.protocol import DeviceTopics, Event, EventKind, MetricsReport
 from host_tools.fleet.collector import record_message
-from host_tools.fleet.conversation import TERMINAL_KINDS, end_state, error_of
-from host_tools.fleet.deployer import DeployOptions, open_transfer, send_bundle
+from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
+from host_tools.fleet.deployer import DeployOptions, send_bundle, transfer_command
 from host_tools.fleet.registry import Registry
 
 __all__ = ["ProfileOutcome", "profile_and_record", "profile_bundle"]
@@ -73,7 +73,8 @@ def profile_bundle(
         TransportError: the broker connection failed while sending.
     """
     started = time.monotonic()
-    cmd, convo = open_transfer(client, device_id, bundle_path, options, clock, action="profile")
+    cmd = transfer_command(device_id, bundle_path, options, clock, action="profile")
+    convo = Conversation.open(client, DeviceTopics(device_id), cmd.command_id, metrics=True)
 
     def outcome(state: str, **kw: object) -> ProfileOutcome:
         return ProfileOutcome(

@@ -17,18 +17,6 @@ from tflite_models import QuantParams, fully_connected_model, quantized_add_mode
 pytestmark = pytest.mark.integration
 
 
-def _pack(host, model: Path, sample: Path, out: Path, name: str, version: int = 1) -> Path:
-    r = host.run("pack", str(model), "-o", str(out), "--name", name, "--version", str(version), "--sample", str(sample))
-    assert r.code == 0, r.stderr
-    return out
-
-
-def _deploy(host, bundle: Path, url: str, device: str) -> dict:
-    r = host.run("deploy", str(bundle), "--device", device, "--broker", url, "--runs", "30", "--warmup", "3", "--json")
-    assert r.code == 0, r.stderr
-    return r.json()["metrics"]
-
-
 def _int8_qdq_onnx(tiny_model, out: Path) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -55,18 +43,18 @@ def test_tflite_and_int8_bundles_run_and_report_their_precision(host, tiny_model
     fc = tmp_path / "fc.tflite"
     fc.write_bytes(fully_connected_model(rng.standard_normal((4, 8)).astype(np.float32), np.zeros(4, np.float32)))
     np.savez(tmp_path / "fc.npz", x=rng.standard_normal((1, 8)).astype(np.float32))
-    m = _deploy(host, _pack(host, fc, tmp_path / "fc.npz", tmp_path / "fc.edge", "fc"), mosquitto.url, agent.device_id)
+    m = host.deploy_metrics(host.pack(fc, tmp_path / "fc.npz", tmp_path / "fc.edge", "fc"), mosquitto.url, agent.device_id)
     assert m["runtime"] in ("litert", "tflite-runtime") and m["precision"] == "fp32"
     assert m["latency"]["count"] >= 30 and m["power"]["estimated"] is True
 
     qadd = tmp_path / "qadd.tflite"
     qadd.write_bytes(quantized_add_model((1, 4), QuantParams(0.05, 0), QuantParams(0.05, 0), QuantParams(0.1, 0)))
     np.savez(tmp_path / "qadd.npz", a=np.ones((1, 4), np.int8), b=np.full((1, 4), 3, np.int8))
-    m = _deploy(host, _pack(host, qadd, tmp_path / "qadd.npz", tmp_path / "qadd.edge", "qadd"), mosquitto.url, agent.device_id)
+    m = host.deploy_metrics(host.pack(qadd, tmp_path / "qadd.npz", tmp_path / "qadd.edge", "qadd"), mosquitto.url, agent.device_id)
     assert m["runtime"] in ("litert", "tflite-runtime") and m["precision"] == "int8"
 
     q = _int8_qdq_onnx(tiny_model, tmp_path / "tiny.int8.onnx")
-    m = _deploy(host, _pack(host, q, tiny_model.sample, tmp_path / "q.edge", "tiny-int8"), mosquitto.url, agent.device_id)
+    m = host.deploy_metrics(host.pack(q, tiny_model.sample, tmp_path / "q.edge", "tiny-int8"), mosquitto.url, agent.device_id)
     assert m["runtime"] == "onnxruntime" and m["precision"] == "int8"
     assert m["providers"] == ["CPUExecutionProvider"] and m["threads"] == 1
 
@@ -76,12 +64,12 @@ def test_tflite_and_int8_bundles_run_and_report_their_precision(host, tiny_model
 
 def test_remote_profile_reports_and_stores_without_installing(host, tiny_model, mosquitto, start_agent, tmp_path):
     agent = start_agent(mosquitto.url, "profile-only", host.root)
-    v1 = _pack(host, tiny_model.path, tiny_model.sample, tmp_path / "v1.edge", "pr", 1)
-    _deploy(host, v1, mosquitto.url, agent.device_id)
+    v1 = host.pack(tiny_model.path, tiny_model.sample, tmp_path / "v1.edge", "pr", 1)
+    host.deploy_metrics(v1, mosquitto.url, agent.device_id)
     state_before = (agent.data_dir / "state.json").read_bytes()
     slots_before = sorted(p.relative_to(agent.data_dir) for p in (agent.data_dir / "slots").rglob("*"))
 
-    v2 = _pack(host, tiny_model.path, tiny_model.sample, tmp_path / "v2.edge", "pr", 2)
+    v2 = host.pack(tiny_model.path, tiny_model.sample, tmp_path / "v2.edge", "pr", 2)
     r = host.run("profile", agent.device_id, str(v2), "--broker", mosquitto.url, "--runs", "25", "--warmup", "2", "--threads", "2", "--json")
     assert r.code == 0, r.stderr
     out = r.json()
@@ -102,5 +90,5 @@ def test_remote_profile_reports_and_stores_without_installing(host, tiny_model, 
 
     # An older version can be profiled (nothing is installed), and v2 can still be deployed after.
     assert host.run("profile", agent.device_id, str(v1), "--broker", mosquitto.url, "--runs", "5", "--json").code == 0
-    m = _deploy(host, v2, mosquitto.url, agent.device_id)
+    m = host.deploy_metrics(v2, mosquitto.url, agent.device_id)
     assert m["bundle_version"] == 2 and agent.state()["bundles"]["pr"]["active"]["version"] == 2

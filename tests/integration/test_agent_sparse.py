@@ -28,21 +28,9 @@ def _model(tmp_path: Path) -> tuple[Path, Path]:
     return path, sample
 
 
-def _pack(host, model: Path, sample: Path, out: Path, version: int, *extra: str) -> Path:
-    r = host.run("pack", str(model), "-o", str(out), "--name", "pruned", "--version", str(version), "--sample", str(sample), "--sparse", *extra)
-    assert r.code == 0, r.stderr
-    return out
-
-
-def _deploy(host, bundle: Path, url: str, device: str) -> dict:
-    r = host.run("deploy", str(bundle), "--device", device, "--broker", url, "--runs", "30", "--warmup", "3", "--json")
-    assert r.code == 0, r.stderr
-    return r.json()["metrics"]
-
-
 def test_sparse_bundle_is_measured_chosen_persisted_and_pinnable(host, mosquitto, start_agent, tmp_path):
     model, sample = _model(tmp_path)
-    v1 = _pack(host, model, sample, tmp_path / "v1.edge", 1, "--sparse-int8")
+    v1 = host.pack(model, sample, tmp_path / "v1.edge", "pruned", 1, "--sparse", "--sparse-int8")
     manifest = json.loads(host.run("verify", str(v1), "--json").stdout)["manifest"]
     assert manifest["sparse"]["format"] == "csr" and len(manifest["sparse"]["layers"]) == 2
     assert manifest["sparse"]["values"] == "int8"
@@ -51,7 +39,7 @@ def test_sparse_bundle_is_measured_chosen_persisted_and_pinnable(host, mosquitto
     assert csr["size"] < 0.1 * (256 * 512 + 512 * 10) * 4  # int8 CSR, never dense on disk
 
     agent = start_agent(mosquitto.url, "sparse", host.root)
-    m = _deploy(host, v1, mosquitto.url, agent.device_id)
+    m = host.deploy_metrics(v1, mosquitto.url, agent.device_id)
     ex = m["execution"]
     timings = {c["name"]: c["p50_ms"] for c in ex["candidates"] if "not_applicable" not in c}
     assert set(timings) == {"dense", "dense_int8", "sparse"} and all(t > 0 for t in timings.values())
@@ -64,13 +52,13 @@ def test_sparse_bundle_is_measured_chosen_persisted_and_pinnable(host, mosquitto
     # Pinned by the manifest: no measurement, the pinned execution runs.
     r = host.run("pack", str(model), "-o", str(tmp_path / "bad.edge"), "--name", "pruned", "--version", "2", "--sparse", "--execution", "dense_int8")
     assert r.code != 0 and "--sparse-int8" in r.stderr  # nothing int8 to run
-    v2 = _pack(host, model, sample, tmp_path / "v2.edge", 2, "--execution", "dense_int8", "--sparse-int8")
-    m = _deploy(host, v2, mosquitto.url, agent.device_id)
+    v2 = host.pack(model, sample, tmp_path / "v2.edge", "pruned", 2, "--sparse", "--execution", "dense_int8", "--sparse-int8")
+    m = host.deploy_metrics(v2, mosquitto.url, agent.device_id)
     assert (m["execution"]["chosen"], m["execution"]["pinned_by"], m["execution"]["candidates"]) == ("dense_int8", "manifest", [])
     assert m["precision"] == "int8"
     agent.stop()
 
     # Pinned by the device's configuration, which wins over the manifest.
     other = start_agent(mosquitto.url, "sparse-dense", host.root, "--execution", "dense")
-    m = _deploy(host, v2, mosquitto.url, other.device_id)
+    m = host.deploy_metrics(v2, mosquitto.url, other.device_id)
     assert (m["execution"]["chosen"], m["execution"]["pinned_by"]) == ("dense", "config")

@@ -24,6 +24,12 @@ def split() -> hc.DigitsSplit:
     return hc.load_digits_split(test_fraction=0.25, seed=0)
 
 
+@pytest.fixture(scope="module")
+def digits_mlp(split: hc.DigitsSplit) -> bytes:
+    """A 64-32 MLP trained on the digits, shared by the tests that compress and fine-tune it."""
+    return hc.train_digits_mlp(split, hidden=(64, 32), seed=0, max_iter=60)
+
+
 @pytest.mark.parametrize(("build", "shape"), [(mlp, (12,)), (cnn, (2, 8, 8))])
 def test_graph_module_computes_what_onnxruntime_computes(build, shape) -> None:
     model = build()
@@ -100,10 +106,9 @@ def test_finetune_module_on_a_users_torch_model_keeps_its_zeros() -> None:
     assert not net[0].weight[:, :6].any()
 
 
-def test_digits_prune_then_finetune_wins_accuracy_back(split: hc.DigitsSplit) -> None:
-    teacher = hc.train_digits_mlp(split, hidden=(64, 32), seed=0, max_iter=60)
+def test_digits_prune_then_finetune_wins_accuracy_back(split: hc.DigitsSplit, digits_mlp: bytes) -> None:
     result = hc.compress(
-        teacher,
+        digits_mlp,
         [MagnitudePruning(0.8), FineTune(TrainingOptions(epochs=10, learning_rate=1e-2, threads=1))],
         evaluation=split.test,
         training=split.train,
@@ -115,8 +120,8 @@ def test_digits_prune_then_finetune_wins_accuracy_back(split: hc.DigitsSplit) ->
     assert tuned.quality >= original.quality - 0.03
 
 
-def test_finetune_trains_both_low_rank_factors_and_keeps_the_rank(split: hc.DigitsSplit) -> None:
-    dense = hc.model_from_bytes(hc.train_digits_mlp(split, hidden=(64, 32), seed=0, max_iter=60))
+def test_finetune_trains_both_low_rank_factors_and_keeps_the_rank(split: hc.DigitsSplit, digits_mlp: bytes) -> None:
+    dense = hc.model_from_bytes(digits_mlp)
     factorized = hc.LowRankFactorization(param_ratio=3.0, min_params=1000).run(dense, PassContext()).model
     step = FineTune(TrainingOptions(epochs=5, learning_rate=1e-2, threads=1))
     result = hc.compress(factorized, [step], evaluation=split.test, training=split.train, measure=hc.MeasureOptions(latency=False))

@@ -86,6 +86,7 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
             "RaplSource",
             "ThermalReading",
             "benchmark",
+            "benchmark_interleaved",
             "detect_power_source",
             "parse_pmic_adc",
             "power_model_for",
@@ -588,3 +589,18 @@ def test_every_public_name_resolves_and_importing_loads_no_numpy() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_benchmark_interleaved_alternates_rounds_and_warms_up_first() -> None:
+    calls: list[str] = []
+    ticks = iter(range(10_000))
+    fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b")}
+    stats = metrics.benchmark_interleaved(
+        fns, rounds=3, runs_per_round=2, warmup=4, later_warmup=1, clock=lambda: float(next(ticks))
+    )
+    assert [len(stats[n]) for n in "ab"] == [3, 3] and all(s.count == 2 for n in "ab" for s in stats[n])
+    # round 1: a (4 warm + 2), b (4 + 2); rounds 2 and 3: a (1 + 2), b (1 + 2)
+    assert calls == ["a"] * 6 + ["b"] * 6 + (["a"] * 3 + ["b"] * 3) * 2
+    with pytest.raises(ConfigError, match="rounds"):
+        metrics.benchmark_interleaved(fns, rounds=0, runs_per_round=1, warmup=0)
+

@@ -15,7 +15,7 @@ from edge_sdk.bundle import FileEntry, Manifest, file_sha256
 from edge_sdk.bundle.sparse import decode_sparse_weights, dense_int8_model, dense_model, encode_sparse_weights
 from edge_sdk.errors import BundleFormatError, CompressionError, EdgeError, ModelError, ModelLoadError
 from edge_sdk.protocol import BenchmarkSpec
-from edge_sdk.runtime import open_session, open_sparse_session
+from edge_sdk.runtime import SessionOptions, open_session, open_sparse_session
 from host_tools.compress.sparse_pack import sparsify, write_sparse_files
 
 
@@ -205,7 +205,7 @@ def test_selection_measures_every_candidate_that_applies_and_picks_the_minimum(t
     if not int8:
         assert "--sparse-int8" in by_name["dense_int8"].not_applicable and by_name["dense_int8"].runs == 0
     assert json.loads(json.dumps(choice.to_dict()))["candidates"][3]["not_applicable"]
-    with opener(__import__("edge_sdk.runtime", fromlist=["SessionOptions"]).SessionOptions()) as session:
+    with opener(SessionOptions()) as session:
         assert session.run({"x": np.ones((1, 64), np.float32)})[0].shape == (1, 10)
 
 
@@ -221,7 +221,7 @@ def test_pins_skip_the_measurement(tmp_path, manifest_pin, config_pin, want, by)
     payload, manifest = _bundle_dir(tmp_path, manifest_pin, int8=True)
     choice, opener = select_execution(payload, manifest, SPEC, config_pin)
     assert (choice.chosen, choice.pinned_by, choice.candidates) == (want, by, ())
-    with opener(__import__("edge_sdk.runtime", fromlist=["SessionOptions"]).SessionOptions()) as session:
+    with opener(SessionOptions()) as session:
         assert session.precision == ("int8" if want == "dense_int8" else "fp32")
 
 
