@@ -21,7 +21,7 @@ from typing import Any
 
 from edge_sdk.metrics import benchmark_interleaved
 
-__all__ = ["add_common_args", "alternating_p50", "cpu_info", "machine_info", "write_results", "print_table"]
+__all__ = ["add_common_args", "alternating_p50", "cpu_info", "machine_info", "print_table", "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -76,7 +76,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for n, row in enumerate(cells):
-        print("  ".join(v.rjust(w) if n and i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
+        print("  ".join(v.rjust(w) if n and i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths, strict=False))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
 

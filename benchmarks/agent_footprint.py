@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import add_common_args, print_table, write_results  # noqa: E402
+from _report import add_common_args, print_table, write_results
 
 BIN = Path(sys.executable).parent
 RSS_TARGET_MB = 40.0
@@ -81,21 +81,43 @@ def measure_idle(work: Path, settle_s: float) -> list[dict]:
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = _free_port()
     conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser {os.environ.get('USER') or 'root'}\n")
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser {os.environ.get('USER') or 'root'}\n"
+    )
     broker = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
         env = dict(os.environ, EDGE_SDK_HOME=str(work / "home"))
         subprocess.run([str(BIN / "edgectl"), "keys", "init"], check=True, capture_output=True, env=env)
         rows = [
-            {"process": "bare python (no MQTT)", "rss_mb": _idle_rss([sys.executable, "-c", BARE_PYTHON], "connected", work / "py.log", settle_s)},
-            {"process": "bare paho-mqtt client", "rss_mb": _idle_rss([sys.executable, "-c", BARE_PAHO, str(port)], "connected", work / "paho.log", settle_s)},
+            {
+                "process": "bare python (no MQTT)",
+                "rss_mb": _idle_rss([sys.executable, "-c", BARE_PYTHON], "connected", work / "py.log", settle_s),
+            },
+            {
+                "process": "bare paho-mqtt client",
+                "rss_mb": _idle_rss(
+                    [sys.executable, "-c", BARE_PAHO, str(port)], "connected", work / "paho.log", settle_s
+                ),
+            },
             {
                 "process": "edge-agent run (idle, no model)",
                 "rss_mb": _idle_rss(
-                    [str(BIN / "edge-agent"), "run", "--broker", f"mqtt://127.0.0.1:{port}", "--device-id", "footprint",
-                     "--data-dir", str(work / "agent"), "--root", str(work / "home" / "keys" / "root.json")],
-                    "connected to", work / "agent.log", settle_s,
+                    [
+                        str(BIN / "edge-agent"),
+                        "run",
+                        "--broker",
+                        f"mqtt://127.0.0.1:{port}",
+                        "--device-id",
+                        "footprint",
+                        "--data-dir",
+                        str(work / "agent"),
+                        "--root",
+                        str(work / "home" / "keys" / "root.json"),
+                    ],
+                    "connected to",
+                    work / "agent.log",
+                    settle_s,
                 ),
             },
         ]
@@ -118,7 +140,8 @@ def _mlp(path: Path, width: int = 256, layers: int = 3) -> None:
         nodes.append(helper.make_node("Relu", [f"g{i}"], [f"r{i}"]))
         prev = f"r{i}"
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
         [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, width])],
         inits,
@@ -182,22 +205,34 @@ def main() -> int:
         overhead = measure_overhead(work, runs, rounds)
     agent_mb = idle[-1]["rss_mb"]
     print_table(["process", "idle RSS MB"], [[r["process"], f"{r['rss_mb']:.1f}"] for r in idle])
-    print(f"\nagent idle RSS {agent_mb:.1f} MB (target <= {RSS_TARGET_MB:.0f} MB): {'ok' if agent_mb <= RSS_TARGET_MB else 'OVER'}\n")
+    print(
+        f"\nagent idle RSS {agent_mb:.1f} MB (target <= {RSS_TARGET_MB:.0f} MB): {'ok' if agent_mb <= RSS_TARGET_MB else 'OVER'}\n"
+    )
     print_table(
         ["loop", "p50 ms (median of rounds)", "vs bare"],
         [
             ["bare onnxruntime loop", f"{overhead['bare_p50_ms']:.4f}", "1.000"],
-            ["agent profiler", f"{overhead['profiler_p50_ms']:.4f}", f"{overhead['profiler_p50_ms'] / overhead['bare_p50_ms']:.3f}"],
+            [
+                "agent profiler",
+                f"{overhead['profiler_p50_ms']:.4f}",
+                f"{overhead['profiler_p50_ms'] / overhead['bare_p50_ms']:.3f}",
+            ],
         ],
     )
-    print(f"\nprofiler overhead {overhead['overhead'] * 100:+.2f} % (target < {OVERHEAD_TARGET * 100:.0f} %): "
-          f"{'ok' if overhead['overhead'] < OVERHEAD_TARGET else 'OVER'}")
-    path = write_results("agent_footprint", {
-        "idle_rss": idle,
-        "rss_target_mb": RSS_TARGET_MB,
-        "profiler_overhead": overhead,
-        "overhead_target": OVERHEAD_TARGET,
-    }, args.json_out)
+    print(
+        f"\nprofiler overhead {overhead['overhead'] * 100:+.2f} % (target < {OVERHEAD_TARGET * 100:.0f} %): "
+        f"{'ok' if overhead['overhead'] < OVERHEAD_TARGET else 'OVER'}"
+    )
+    path = write_results(
+        "agent_footprint",
+        {
+            "idle_rss": idle,
+            "rss_target_mb": RSS_TARGET_MB,
+            "profiler_overhead": overhead,
+            "overhead_target": OVERHEAD_TARGET,
+        },
+        args.json_out,
+    )
     print(f"wrote {path}")
     return 0 if agent_mb <= RSS_TARGET_MB and overhead["overhead"] < OVERHEAD_TARGET else 1
 

@@ -26,10 +26,10 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import host_tools.compress as hc  # noqa: E402
-from benchmarks._report import add_common_args, alternating_p50, cpu_info, print_table, write_results  # noqa: E402
-from host_tools.compress.data import Inputs  # noqa: E402
-from host_tools.compress.evaluate import input_feeds, open_host_session  # noqa: E402
+import host_tools.compress as hc
+from benchmarks._report import add_common_args, alternating_p50, cpu_info, print_table, write_results
+from host_tools.compress.data import Inputs
+from host_tools.compress.evaluate import input_feeds, open_host_session
 
 MEASURE = hc.MeasureOptions(latency=False)
 
@@ -76,7 +76,9 @@ def digits_cnn_static_int8(env: Env) -> Row:
     cnn = hc.train_digits_cnn(env.split, epochs=8 if env.quick else 20)
     result = hc.compress(cnn, [hc.StaticInt8Quantization()], env.split.train, env.split.test, measure=MEASURE)
     rep = result.report
-    weights = _weight_bytes(onnx.load_model_from_string(cnn)) / _weight_bytes(onnx.load_model_from_string(result.model_bytes))
+    weights = _weight_bytes(onnx.load_model_from_string(cnn)) / _weight_bytes(
+        onnx.load_model_from_string(result.model_bytes)
+    )
     drop_pt = 100 * (rep.quality_drop or 0.0)
     return Row(
         "digits CNN, static int8",
@@ -85,8 +87,13 @@ def digits_cnn_static_int8(env: Env) -> Row:
         f"({_change(drop_pt)})",
         rep.size_ratio >= 3.5 and drop_pt <= 0.5,
         "ORT/INC ResNet50: 3.98x, -0.2 pt",
-        {"fp32_bytes": rep.original.size_bytes, "int8_bytes": rep.final.size_bytes, "weights_ratio": weights,
-         "fp32_accuracy": rep.original.quality, "int8_accuracy": rep.final.quality},  # fmt: skip
+        {
+            "fp32_bytes": rep.original.size_bytes,
+            "int8_bytes": rep.final.size_bytes,
+            "weights_ratio": weights,
+            "fp32_accuracy": rep.original.quality,
+            "int8_accuracy": rep.final.quality,
+        },
     )
 
 
@@ -149,11 +156,21 @@ def mlp_lowrank(env: Env) -> Row:
         f"{dense.report.final.quality:.2%}); p50 {t32:.3f} -> {t_lr:.3f} ms = {t32 / t_lr:.2f}x",
         before / after >= 2.0 and drop_pt <= 1.0,
         "Denton 2014: ~2x within 1%",
-        {"energy": notes["energy"], "layers": notes["layers"], "drop": rep.quality_drop,
-         "fp32_accuracy": rep.original.quality, "factorized_accuracy": factorized_only,
-         "tuned_accuracy": rep.final.quality, "dense_tuned_accuracy": dense.report.final.quality,
-         "fp32_parameters": rep.original.parameters, "parameters": rep.final.parameters,
-         "fp32_p50_ms": t32, "p50_ms": t_lr, "speedup": t32 / t_lr, "finetune": dict(rep.steps[1].notes)},  # fmt: skip
+        {
+            "energy": notes["energy"],
+            "layers": notes["layers"],
+            "drop": rep.quality_drop,
+            "fp32_accuracy": rep.original.quality,
+            "factorized_accuracy": factorized_only,
+            "tuned_accuracy": rep.final.quality,
+            "dense_tuned_accuracy": dense.report.final.quality,
+            "fp32_parameters": rep.original.parameters,
+            "parameters": rep.final.parameters,
+            "fp32_p50_ms": t32,
+            "p50_ms": t_lr,
+            "speedup": t32 / t_lr,
+            "finetune": dict(rep.steps[1].notes),
+        },
     )
 
 
@@ -192,9 +209,16 @@ def lenet_deep_compression(env: Env) -> Row:
         f"sparsity {rep.final.sparsity:.1%}",
         ratio >= 40 and drop_pt <= 0.5,
         "Deep Compression (Han 2016): 40x on MNIST LeNet-300-100, no loss",
-        {"fp32_bytes": len(fp32), "payload_bytes": packed.size_bytes, "ratio": ratio, "drop": rep.quality_drop,
-         "payload_breakdown": dict(packed.breakdown),
-         "steps": [{"name": s.name, "quality": s.metrics.quality, "sparsity": s.metrics.sparsity} for s in rep.steps]},  # fmt: skip
+        {
+            "fp32_bytes": len(fp32),
+            "payload_bytes": packed.size_bytes,
+            "ratio": ratio,
+            "drop": rep.quality_drop,
+            "payload_breakdown": dict(packed.breakdown),
+            "steps": [
+                {"name": s.name, "quality": s.metrics.quality, "sparsity": s.metrics.sparsity} for s in rep.steps
+            ],
+        },
     )
 
 
@@ -216,8 +240,13 @@ def structured_pruning_speed(env: Env) -> Row:
         f"-> {rep.final.quality:.2%} tuned ({_change(drop_pt)})",
         t_before / t_after >= 1.7 and drop_pt <= 1.0,
         "NNCF: 40% filter pruning, -0.5 pt",
-        {"before_p50_ms": t_before, "after_p50_ms": t_after, "speedup": t_before / t_after,
-         "channels": dict(rep.steps[0].notes["channels"]), "drop": rep.quality_drop},  # fmt: skip
+        {
+            "before_p50_ms": t_before,
+            "after_p50_ms": t_after,
+            "speedup": t_before / t_after,
+            "channels": dict(rep.steps[0].notes["channels"]),
+            "drop": rep.quality_drop,
+        },
     )
 
 
@@ -260,7 +289,12 @@ class _Paired:
 
 
 def _paired_students(
-    env: Env, teacher: onnx.ModelProto, share: float, hidden: tuple[int, ...], temperature: float, alpha: float,
+    env: Env,
+    teacher: onnx.ModelProto,
+    share: float,
+    hidden: tuple[int, ...],
+    temperature: float,
+    alpha: float,
     epochs: int,
 ) -> _Paired:
     """For each seed, a distilled student and its labels-only twin on the same ``share`` of the
@@ -310,8 +344,14 @@ def distillation(env: Env) -> Row:
         f"of the parameters. With all training images (MLP 64-32-10, T=2, alpha=0.7): {full.summary()}",
         few.parameters <= t_params / 4 and kept >= 0.97 and few.beats,
         "DistilBERT: 97% at 60% size; Hinton 2015: soft targets with 3% of the data",
-        {"teacher_accuracy": teacher_acc, "teacher_parameters": t_params, "labelled_share": share,
-         "kept": kept, "few_labels": few.details(), "all_labels": full.details()},  # fmt: skip
+        {
+            "teacher_accuracy": teacher_acc,
+            "teacher_parameters": t_params,
+            "labelled_share": share,
+            "kept": kept,
+            "few_labels": few.details(),
+            "all_labels": full.details(),
+        },
     )
 
 
@@ -455,13 +495,21 @@ def minilm_dynamic_int8(env: Env) -> Row:
         f"{speed[32]:.2f}x (other settings: {others})",
         ratio >= 3.5 and float(c.min()) >= 0.99 and speed[128] >= 1.5,
         "ORT docs: dynamic int8 for transformers",
-        {"fp32_bytes": len(fp32), "int8_bytes": {k: len(m) for k, m in quantized.items()}, "size_ratio": ratio,
-         "cosine_min": {k: float(v.min()) for k, v in cos.items()},
-         "cosine_mean": {k: float(v.mean()) for k, v in cos.items()}, "chosen": chosen,
-         "float_nodes": float_nodes, "guard": guarded.report.steps[0].notes["guard"],
-         "cosine_min_unseen": float(unseen.min()),
-         "fp32_p50_ms": t32, "int8_p50_ms": t8, "speedup": speed,
-         "fp32_onnx_vs_package_cosine_min": reference},  # fmt: skip
+        {
+            "fp32_bytes": len(fp32),
+            "int8_bytes": {k: len(m) for k, m in quantized.items()},
+            "size_ratio": ratio,
+            "cosine_min": {k: float(v.min()) for k, v in cos.items()},
+            "cosine_mean": {k: float(v.mean()) for k, v in cos.items()},
+            "chosen": chosen,
+            "float_nodes": float_nodes,
+            "guard": guarded.report.steps[0].notes["guard"],
+            "cosine_min_unseen": float(unseen.min()),
+            "fp32_p50_ms": t32,
+            "int8_p50_ms": t8,
+            "speedup": speed,
+            "fp32_onnx_vs_package_cosine_min": reference,
+        },
     )
 
 

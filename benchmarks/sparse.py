@@ -40,13 +40,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import add_common_args, print_table, write_results  # noqa: E402
-from device_agent.selection import CANDIDATES, choose, execution_opener, measure, select_execution  # noqa: E402
-from edge_sdk.bundle import FileEntry, Manifest, file_sha256  # noqa: E402
-from edge_sdk.bundle.sparse import decode_sparse_weights, encode_sparse_weights  # noqa: E402
-from edge_sdk.protocol import BenchmarkSpec  # noqa: E402
-from edge_sdk.runtime import SessionOptions, open_session  # noqa: E402
-from host_tools.compress.sparse_pack import sparsify, write_sparse_files  # noqa: E402
+import itertools
+
+from benchmarks._report import add_common_args, print_table, write_results
+from device_agent.selection import CANDIDATES, choose, execution_opener, measure, select_execution
+from edge_sdk.bundle import FileEntry, Manifest, file_sha256
+from edge_sdk.bundle.sparse import decode_sparse_weights, encode_sparse_weights
+from edge_sdk.protocol import BenchmarkSpec
+from edge_sdk.runtime import SessionOptions, open_session
+from host_tools.compress.sparse_pack import sparsify, write_sparse_files
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 BATCHES = (1, 8)
@@ -55,7 +57,7 @@ ONE_THREAD = SessionOptions(threads=1)
 
 def fc_model(rng: np.random.Generator, dims: list[int], sparsity: float) -> onnx.ModelProto:
     nodes, inits, prev = [], [], "x"
-    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
         if sparsity:
             w[rng.random((a, b)) < sparsity] = 0.0
@@ -69,7 +71,8 @@ def fc_model(rng: np.random.Generator, dims: list[int], sparsity: float) -> onnx
             nodes.append(helper.make_node("Relu", [f"z{i}"], [f"h{i}"]))
             prev = f"h{i}"
     graph = helper.make_graph(
-        nodes, "fc",
+        nodes,
+        "fc",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dims[-1]])],
         inits,
@@ -81,9 +84,16 @@ def bundle_dir(model: onnx.ModelProto, d: Path) -> tuple[Manifest, int]:
     """A sparse bundle with int8 values unpacked in ``d``, and the size its CSR file would have with fp32 values."""
     pack = sparsify(model, min_sparsity=0.3)
     model_path, files, spec = write_sparse_files(pack, d, "m", int8_values=True)
-    np.savez(d / "sample.npz", x=np.random.default_rng(1).standard_normal((1, model.graph.input[0].type.tensor_type.shape.dim[1].dim_value)).astype(np.float32))
+    np.savez(
+        d / "sample.npz",
+        x=np.random.default_rng(1)
+        .standard_normal((1, model.graph.input[0].type.tensor_type.shape.dim[1].dim_value))
+        .astype(np.float32),
+    )
     entries = [FileEntry(p.name, *reversed(file_sha256(p))) for p in (model_path, *files.values(), d / "sample.npz")]
-    manifest = Manifest("fc", 1, 0.0, 1e12, "onnxruntime", model_path.name, tuple(entries), sample_input="sample.npz", sparse=spec)
+    manifest = Manifest(
+        "fc", 1, 0.0, 1e12, "onnxruntime", model_path.name, tuple(entries), sample_input="sample.npz", sparse=spec
+    )
     return manifest, len(encode_sparse_weights(pack.matrices))
 
 
@@ -105,7 +115,13 @@ def interleaved(fns: dict[str, Callable[[], object]], runs: int, rounds: int = 5
 def scipy_chain(weights: dict, manifest: Manifest) -> Callable[[np.ndarray], np.ndarray]:
     import scipy.sparse as sp
 
-    mats = [sp.csr_matrix((weights[l.tensor].values, weights[l.tensor].indices, weights[l.tensor].indptr), shape=weights[l.tensor].shape) for l in manifest.sparse.layers]
+    mats = [
+        sp.csr_matrix(
+            (weights[l.tensor].values, weights[l.tensor].indices, weights[l.tensor].indptr),
+            shape=weights[l.tensor].shape,
+        )
+        for l in manifest.sparse.layers
+    ]
 
     def run(x: np.ndarray) -> np.ndarray:
         h = np.ascontiguousarray(x.T)
@@ -166,36 +182,79 @@ def main() -> None:
                 best = min(t[name] for name in CANDIDATES)
                 best_fp32[(sparsity, batch)] = min(t["dense"], t["sparse"])
                 row = {
-                    "sparsity": sparsity, "batch": batch, "dense_ms": t["original"], "dense_int8_ms": t["dense_int8"],
-                    "sparse_ms": t["sparse"], "int8_ratio": t["original"] / t["dense_int8"], "ratio": t["original"] / t["sparse"],
-                    "int8_max_error": int8_err, "scipy_ms": t["scipy"], "scipy_ratio": t["original"] / t["scipy"],
-                    "rebuilt_dense_ms": t["dense"], "csr_bytes_fp32": fp32_csr_bytes, "csr_bytes_int8": csr_bytes,
+                    "sparsity": sparsity,
+                    "batch": batch,
+                    "dense_ms": t["original"],
+                    "dense_int8_ms": t["dense_int8"],
+                    "sparse_ms": t["sparse"],
+                    "int8_ratio": t["original"] / t["dense_int8"],
+                    "ratio": t["original"] / t["sparse"],
+                    "int8_max_error": int8_err,
+                    "scipy_ms": t["scipy"],
+                    "scipy_ratio": t["original"] / t["scipy"],
+                    "rebuilt_dense_ms": t["dense"],
+                    "csr_bytes_fp32": fp32_csr_bytes,
+                    "csr_bytes_int8": csr_bytes,
                     "dense_bytes": dense_bytes,
                 }
                 results["latency"].append(row)
-                latency_rows.append([
-                    f"{sparsity:.0%}", batch, f"{t['original']:.3f}", f"{t['dense_int8']:.3f}", f"{t['sparse']:.3f}",
-                    f"{row['int8_ratio']:.2f}x", f"{row['ratio']:.2f}x", f"{int8_err:.2%}", f"{t['scipy']:.3f}",
-                    f"{row['scipy_ratio']:.2f}x", f"{fp32_csr_bytes / dense_bytes:.3f}", f"{csr_bytes / dense_bytes:.3f}",
-                ])
+                latency_rows.append(
+                    [
+                        f"{sparsity:.0%}",
+                        batch,
+                        f"{t['original']:.3f}",
+                        f"{t['dense_int8']:.3f}",
+                        f"{t['sparse']:.3f}",
+                        f"{row['int8_ratio']:.2f}x",
+                        f"{row['ratio']:.2f}x",
+                        f"{int8_err:.2%}",
+                        f"{t['scipy']:.3f}",
+                        f"{row['scipy_ratio']:.2f}x",
+                        f"{fp32_csr_bytes / dense_bytes:.3f}",
+                        f"{csr_bytes / dense_bytes:.3f}",
+                    ]
+                )
                 crow = {
-                    "sparsity": sparsity, "batch": batch, "chosen": chosen, "reason": reason,
-                    "chosen_ms": t[chosen], "best_ms": best, "ratio": t[chosen] / best,
+                    "sparsity": sparsity,
+                    "batch": batch,
+                    "chosen": chosen,
+                    "reason": reason,
+                    "chosen_ms": t[chosen],
+                    "best_ms": best,
+                    "ratio": t[chosen] / best,
                     **{f"{name}_ms": t[name] for name in CANDIDATES},
                 }
                 results["choice"].append(crow)
-                choice_rows.append([
-                    f"{sparsity:.0%}", batch, *(f"{t[name]:.3f}" for name in CANDIDATES), chosen,
-                    f"{crow['ratio']:.3f}", "yes" if crow["ratio"] <= 1.05 else "NO",
-                ])
+                choice_rows.append(
+                    [
+                        f"{sparsity:.0%}",
+                        batch,
+                        *(f"{t[name]:.3f}" for name in CANDIDATES),
+                        chosen,
+                        f"{crow['ratio']:.3f}",
+                        "yes" if crow["ratio"] <= 1.05 else "NO",
+                    ]
+                )
             for s in (original, *runs_of.values()):
                 s.close()
         print(f"# {sparsity:.0%} done after {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
 
     print(f"\nFC model x -> {n}x{n} -> relu -> {n}x{n}, unstructured sparsity; onnxruntime 1 thread; median ms")
     print_table(
-        ["sparsity", "batch", "ORT dense", "ORT dense int8", "ORT sparse", "dense/int8", "dense/sparse", "int8 max err",
-         "scipy CSR", "dense/scipy", "CSR fp32/dense bytes", "CSR int8/dense bytes"],
+        [
+            "sparsity",
+            "batch",
+            "ORT dense",
+            "ORT dense int8",
+            "ORT sparse",
+            "dense/int8",
+            "dense/sparse",
+            "int8 max err",
+            "scipy CSR",
+            "dense/scipy",
+            "CSR fp32/dense bytes",
+            "CSR int8/dense bytes",
+        ],
         latency_rows,
     )
     print("\nAutomatic choice (agent's measurement) against the best single option (re-measured)")
@@ -203,18 +262,25 @@ def main() -> None:
 
     structured_rows = []
     for sparsity in (0.9, 0.95):
-        h = int(round(n * (1 - sparsity)))
+        h = round(n * (1 - sparsity))
         model = fc_model(rng, [n, h, n], 0.0)
         session = open_session(model.SerializeToString(), "onnxruntime", ONE_THREAD)
         for batch in BATCHES:
             x = np.random.default_rng(batch).standard_normal((batch, n)).astype(np.float32)
             t = interleaved({"structured": lambda: session.run({"x": x})}, runs)["structured"]
             u = best_fp32[(sparsity, batch)]
-            results["structured"].append({"sparsity": sparsity, "hidden": h, "batch": batch, "structured_ms": t, "unstructured_best_ms": u})
-            structured_rows.append([f"{1 - sparsity:.0%}", f"{n}->{h}->{n}", batch, f"{t:.3f}", f"{u:.3f}", f"{u / t:.2f}x"])
+            results["structured"].append(
+                {"sparsity": sparsity, "hidden": h, "batch": batch, "structured_ms": t, "unstructured_best_ms": u}
+            )
+            structured_rows.append(
+                [f"{1 - sparsity:.0%}", f"{n}->{h}->{n}", batch, f"{t:.3f}", f"{u:.3f}", f"{u / t:.2f}x"]
+            )
         session.close()
     print("\nStructured (channels removed, dense) vs unstructured (best fp32 execution) at equal parameter count")
-    print_table(["params kept", "structured shape", "batch", "structured ms", "unstructured ms", "structured speed-up"], structured_rows)
+    print_table(
+        ["params kept", "structured shape", "batch", "structured ms", "unstructured ms", "structured speed-up"],
+        structured_rows,
+    )
     path = write_results("sparse", results, args.json_out)
     print(f"\nwrote {path} in {time.perf_counter() - t_start:.0f} s")
 

@@ -42,22 +42,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/mosquitto.py: real broker helper
 
-from _report import add_common_args, print_table, write_results  # noqa: E402
+from _report import add_common_args, print_table, write_results
 
-from edge_sdk.bundle import (  # noqa: E402
+from edge_sdk.bundle import (
     BundleSpec,
     TensorInfo,
     canonical_json,
     pack_bundle,
     verify_bundle,
 )
-from edge_sdk.bundle.archive import BundleReader, _canonical_info  # noqa: E402
-from edge_sdk.errors import EdgeError  # noqa: E402
-from edge_sdk.mqtt import MqttClient, MqttOptions  # noqa: E402
-from edge_sdk.protocol import BenchmarkSpec  # noqa: E402
-from edge_sdk.trust import SigningKey, encode_signatures  # noqa: E402
-from host_tools.fleet.deployer import CommandAuthority, DeployOptions, deploy_bundle  # noqa: E402
-from host_tools.keys import init_keys  # noqa: E402
+from edge_sdk.bundle.archive import BundleReader, _canonical_info
+from edge_sdk.errors import EdgeError
+from edge_sdk.mqtt import MqttClient, MqttOptions
+from edge_sdk.protocol import BenchmarkSpec
+from edge_sdk.trust import SigningKey, encode_signatures
+from host_tools.fleet.deployer import CommandAuthority, DeployOptions, deploy_bundle
+from host_tools.keys import init_keys
 
 NAME = "tamper-target"
 GENERIC_CODES = {"edge_error", "untrusted_input"}
@@ -73,9 +73,11 @@ def _model(d: Path) -> tuple[Path, Path]:
     w = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w")
     b = numpy_helper.from_array(np.zeros(4, np.float32), "b")
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["input", "w", "b"], ["logits"])], "tamper",
+        [helper.make_node("Gemm", ["input", "w", "b"], ["logits"])],
+        "tamper",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w, b],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [w, b],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -87,8 +89,9 @@ def _model(d: Path) -> tuple[Path, Path]:
 
 
 def _spec(model: Path, sample: Path, version: int, ttl_s: float = 86400.0) -> BundleSpec:
-    return BundleSpec(NAME, version, "onnxruntime", model, "fp32", (TensorInfo("input", (None, 16), "float32"),),
-                      sample, ttl_s=ttl_s)
+    return BundleSpec(
+        NAME, version, "onnxruntime", model, "fp32", (TensorInfo("input", (None, 16), "float32"),), sample, ttl_s=ttl_s
+    )
 
 
 # --- mutations ---------------------------------------------------------------------------------
@@ -123,17 +126,28 @@ def _special(name: str, kind: bytes, link: str = "") -> tuple[tarfile.TarInfo, b
 class Mutator:
     """Builds mutated bundles from one valid bundle. Each method returns bytes."""
 
-    def __init__(self, bundle: bytes, parts: tuple[bytes, bytes, dict[str, bytes]], evil: SigningKey,
-                 expired: bytes, old: bytes, rng: random.Random) -> None:
+    def __init__(
+        self,
+        bundle: bytes,
+        parts: tuple[bytes, bytes, dict[str, bytes]],
+        evil: SigningKey,
+        expired: bytes,
+        old: bytes,
+        rng: random.Random,
+    ) -> None:
         self.bundle, self.rng, self.evil = bundle, rng, evil
         self.manifest, self.signatures, self.payload = parts
         self.expired, self.old = expired, old
 
-    def _members(self, manifest: bytes | None = None, signatures: bytes | None = None,
-                 payload: dict[str, bytes] | None = None) -> list[tuple[tarfile.TarInfo, bytes]]:
+    def _members(
+        self, manifest: bytes | None = None, signatures: bytes | None = None, payload: dict[str, bytes] | None = None
+    ) -> list[tuple[tarfile.TarInfo, bytes]]:
         payload = self.payload if payload is None else payload
-        return [_reg("manifest.json", manifest or self.manifest), _reg("signatures.json", signatures or self.signatures),
-                *(_reg(f"payload/{k}", v) for k, v in sorted(payload.items()))]
+        return [
+            _reg("manifest.json", manifest or self.manifest),
+            _reg("signatures.json", signatures or self.signatures),
+            *(_reg(f"payload/{k}", v) for k, v in sorted(payload.items())),
+        ]
 
     def bit_flips(self) -> bytes:
         data = bytearray(self.bundle)
@@ -189,8 +203,22 @@ class Mutator:
         return _tar(self._members(payload=payload))
 
     def archive_trick(self) -> bytes:
-        trick = self.rng.choice(["symlink", "hardlink", "device", "fifo", "absolute", "dotdot", "duplicate",
-                                 "extra", "missing", "gzip", "dir", "unexpected"])
+        trick = self.rng.choice(
+            [
+                "symlink",
+                "hardlink",
+                "device",
+                "fifo",
+                "absolute",
+                "dotdot",
+                "duplicate",
+                "extra",
+                "missing",
+                "gzip",
+                "dir",
+                "unexpected",
+            ]
+        )
         members = self._members()
         if trick == "symlink":
             members.append(_special("payload/evil", tarfile.SYMTYPE, "/etc/passwd"))
@@ -215,7 +243,7 @@ class Mutator:
         elif trick == "unexpected":
             members.append(_reg("evil.sh", b"#!/bin/sh"))
         else:
-            return _tar(members + [_reg("payload/zeros", bytes(4 << 20))], mode="w:gz")
+            return _tar([*members, _reg("payload/zeros", bytes(4 << 20))], mode="w:gz")
         return _tar(members)
 
 
@@ -240,7 +268,7 @@ def _broker(work: Path) -> Iterator[tuple[str, str]]:
         from mosquitto import MosquittoProcess, find_mosquitto
 
         binary = find_mosquitto()
-    except Exception:  # noqa: BLE001 - fall back to the embedded broker
+    except Exception:
         binary = None
     if binary:
         broker = MosquittoProcess(work / "mosquitto", binary=binary).start()
@@ -291,8 +319,13 @@ def run_tamper(n: int, seed: int, work: Path) -> dict:
     base = good.read_bytes()
     mutator = Mutator(base, _parts(base, work), SigningKey.generate(), expired.read_bytes(), old.read_bytes(), rng)
     authority = CommandAuthority(tuple(ring.role_keys("commands")), tuple(ring.chain()))
-    options = DeployOptions(chunk_size=16 << 10, accept_timeout_s=10, finish_timeout_s=30,
-                            benchmark=BenchmarkSpec(runs=5, warmup=1), authority=authority)
+    options = DeployOptions(
+        chunk_size=16 << 10,
+        accept_timeout_s=10,
+        finish_timeout_s=30,
+        benchmark=BenchmarkSpec(runs=5, warmup=1),
+        authority=authority,
+    )
     results: dict[str, collections.Counter] = {k: collections.Counter() for k in KINDS}
     accepted, down, state_changed, errors = [], 0, 0, collections.Counter()
     data_dir = work / "agent-data"
@@ -301,10 +334,26 @@ def run_tamper(n: int, seed: int, work: Path) -> dict:
         client.connect()
         log = open(work / "agent.log", "wb")  # noqa: SIM115 - closed below
         agent = subprocess.Popen(
-            [sys.executable, "-m", "device_agent.cli", "run", "--broker", url, "--device-id", "tamper-dev",
-             "--data-dir", str(data_dir), "--root", str(ring.root_path), "--transfer-idle-timeout", "5",
-             "--log-level", "WARNING"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "device_agent.cli",
+                "run",
+                "--broker",
+                url,
+                "--device-id",
+                "tamper-dev",
+                "--data-dir",
+                str(data_dir),
+                "--root",
+                str(ring.root_path),
+                "--transfer-idle-timeout",
+                "5",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             _wait_online(client, "tamper-dev", agent)
@@ -393,11 +442,18 @@ def run_cost(size_mb: int, repeats: int, work: Path) -> dict:
         with tempfile.TemporaryDirectory(dir=work) as d:
             verify_bundle(bundle, trusted, now, extract_to=Path(d))
 
-    timings: dict[str, list[float]] = {"sha256 alone": [], "verify (every check)": [], "verify + extract to staging": []}
+    timings: dict[str, list[float]] = {
+        "sha256 alone": [],
+        "verify (every check)": [],
+        "verify + extract to staging": [],
+    }
     sha_only(), verify()  # warm the page cache
     for _ in range(repeats):
-        for name, fn in (("sha256 alone", sha_only), ("verify (every check)", verify),
-                         ("verify + extract to staging", verify_extract)):
+        for name, fn in (
+            ("sha256 alone", sha_only),
+            ("verify (every check)", verify),
+            ("verify + extract to staging", verify_extract),
+        ):
             t = time.perf_counter()
             fn()
             timings[name].append(time.perf_counter() - t)
@@ -428,27 +484,50 @@ def main() -> int:
         tamper = run_tamper(args.mutations, args.seed, work / "t")
         cost = run_cost(args.size_mb, args.repeats, work / "c")
 
-    print(f"\nTampered bundles -> real edge-agent through {tamper['broker']} ({tamper['mutations']} mutations, "
-          f"seed {tamper['seed']}, {tamper['seconds']:.1f} s)\n")
+    print(
+        f"\nTampered bundles -> real edge-agent through {tamper['broker']} ({tamper['mutations']} mutations, "
+        f"seed {tamper['seed']}, {tamper['seconds']:.1f} s)\n"
+    )
     rows = []
     for kind, codes in sorted(tamper["by_kind"].items()):
         total = sum(codes.values())
-        rows.append((kind, total, codes.get("ACCEPTED", 0), ", ".join(f"{c} {n}" for c, n in sorted(codes.items(), key=lambda x: -x[1]))))
+        rows.append(
+            (
+                kind,
+                total,
+                codes.get("ACCEPTED", 0),
+                ", ".join(f"{c} {n}" for c, n in sorted(codes.items(), key=lambda x: -x[1])),
+            )
+        )
     print_table(["mutation", "sent", "accepted", "refused with"], rows)
-    print(f"\naccepted: {tamper['accepted']} (must be 0); refused with a generic error: {tamper['generic_refusals']}; "
-          f"installed state changed: {tamper['state_changed']} times (must be 0); agent up throughout: "
-          f"{tamper['agent_up_throughout']}; valid control bundle installed afterwards: {tamper['control_installed']}")
+    print(
+        f"\naccepted: {tamper['accepted']} (must be 0); refused with a generic error: {tamper['generic_refusals']}; "
+        f"installed state changed: {tamper['state_changed']} times (must be 0); agent up throughout: "
+        f"{tamper['agent_up_throughout']}; valid control bundle installed afterwards: {tamper['control_installed']}"
+    )
 
-    print(f"\nVerification cost, {cost['bundle_bytes'] / 1e6:.1f} MB bundle, median of {args.repeats} (page cache warm)\n")
+    print(
+        f"\nVerification cost, {cost['bundle_bytes'] / 1e6:.1f} MB bundle, median of {args.repeats} (page cache warm)\n"
+    )
     base = cost["median_s"]["sha256 alone"]
-    print_table(["", "median s", "MB/s", "x sha256"],
-                [(k, f"{v:.4f}", f"{cost['bundle_bytes'] / v / 1e6:.0f}", f"{v / base:.3f}") for k, v in cost["median_s"].items()])
+    print_table(
+        ["", "median s", "MB/s", "x sha256"],
+        [
+            (k, f"{v:.4f}", f"{cost['bundle_bytes'] / v / 1e6:.0f}", f"{v / base:.3f}")
+            for k, v in cost["median_s"].items()
+        ],
+    )
     ok_cost = cost["ratio_verify_to_sha256"] <= 1.2
     print(f"\nverify / sha256 = {cost['ratio_verify_to_sha256']:.3f} (target <= 1.2: {'met' if ok_cost else 'MISSED'})")
     path = write_results("tamper", {"tamper": tamper, "cost": cost}, args.json_out)
     print(f"results: {path}")
-    ok = (tamper["accepted"] == 0 and tamper["agent_up_throughout"] and tamper["state_changed"] == 0
-          and tamper["control_installed"] and ok_cost)
+    ok = (
+        tamper["accepted"] == 0
+        and tamper["agent_up_throughout"]
+        and tamper["state_changed"] == 0
+        and tamper["control_installed"]
+        and ok_cost
+    )
     return 0 if ok else 1
 
 

@@ -317,7 +317,8 @@ class Agent:
             state,
             self.clock(),
             agent_version=__version__,
-            platform=self.platform.to_dict() | {"power_source": self.power.name, "power_estimated": self.power.estimated},
+            platform=self.platform.to_dict()
+            | {"power_source": self.power.name, "power_estimated": self.power.estimated},
             runtimes=available_runtimes(),
             active={"bundles": [a.to_dict() for a in self.installer.all_active()]},
         )
@@ -393,7 +394,8 @@ class Agent:
         restored = self.installer.rollback(cmd.bundle_name)
         self._publish_status()
         self._event(
-            EventKind.DONE, cmd=cmd,
+            EventKind.DONE,
+            cmd=cmd,
             detail={"action": "rollback", "name": cmd.bundle_name, "version": restored.version if restored else None},
         )
 
@@ -443,7 +445,10 @@ class Agent:
         self._transfers[offer.transfer_id] = _Transfer(cmd, receiver, path, fd)
         log.info(
             "receiving %s v%s: %d bytes in %d chunks",
-            cmd.bundle_name, cmd.bundle_version, offer.size, receiver.chunk_count,
+            cmd.bundle_name,
+            cmd.bundle_version,
+            offer.size,
+            receiver.chunk_count,
         )
         self._event(EventKind.ACCEPTED, cmd=cmd, missing=receiver.missing())
 
@@ -457,12 +462,19 @@ class Agent:
             write = t.receiver.accept(chunk.index, chunk.data, time.monotonic())
             if write is not None:
                 os.pwrite(t.fd, write.data, write.offset)
-                if self.config.debug_crash_at == "receiving" and 2 * len(t.receiver.missing()) <= t.receiver.chunk_count:
+                if (
+                    self.config.debug_crash_at == "receiving"
+                    and 2 * len(t.receiver.missing()) <= t.receiver.chunk_count
+                ):
                     self._checkpoint("receiving")
         except (TransferError, OSError) as exc:
             self._drop_transfer(chunk.transfer_id)
             err = exc if isinstance(exc, EdgeError) else StorageError(f"cannot write staging file: {exc.strerror}")
-            self._event(EventKind.REFUSED if isinstance(err, UntrustedInputError) else EventKind.FAILED, cmd=t.command, error=err)
+            self._event(
+                EventKind.REFUSED if isinstance(err, UntrustedInputError) else EventKind.FAILED,
+                cmd=t.command,
+                error=err,
+            )
             return
         if t.receiver.complete:
             self._finish_transfer(chunk.transfer_id)
@@ -505,7 +517,11 @@ class Agent:
                 self.installer.defer(cmd.transfer.transfer_id, t.path, encode(cmd))
                 self._next_gate_check = time.monotonic() + self.config.update_gate_retry_s
                 log.info("install of %s v%s deferred: %s", cmd.bundle_name, cmd.bundle_version, decision.reason)
-                self._event(EventKind.DEFERRED, cmd=cmd, detail={"reason": decision.reason, "retry_s": self.config.update_gate_retry_s})
+                self._event(
+                    EventKind.DEFERRED,
+                    cmd=cmd,
+                    detail={"reason": decision.reason, "retry_s": self.config.update_gate_retry_s},
+                )
                 return
             self._install(cmd, t.path)
         except UntrustedInputError as exc:
@@ -534,7 +550,10 @@ class Agent:
             exc.details["rolled_back_to"] = restored.version if restored else None
             log.warning(
                 "%s v%s failed its health check (%s); rolled back to %s",
-                manifest.name, manifest.version, exc.message, restored.version if restored else "nothing",
+                manifest.name,
+                manifest.version,
+                exc.message,
+                restored.version if restored else "nothing",
             )
             self._publish_status()
             raise
@@ -551,11 +570,19 @@ class Agent:
         self._send(self.topics.metrics, encode(report), retain=True)
         log.info(
             "installed %s v%s: p50 %.3f ms, p99 %.3f ms",
-            manifest.name, manifest.version, profile.latency["p50_ms"], profile.latency["p99_ms"],
+            manifest.name,
+            manifest.version,
+            profile.latency["p50_ms"],
+            profile.latency["p99_ms"],
         )
 
     def _metrics_report(
-        self, cmd: DeployCommand, name: str, version: int, profile: Profile, choice: ExecutionChoice | None,
+        self,
+        cmd: DeployCommand,
+        name: str,
+        version: int,
+        profile: Profile,
+        choice: ExecutionChoice | None,
         **extra: object,
     ) -> MetricsReport:
         if choice is not None:
@@ -591,7 +618,9 @@ class Agent:
         self._event(EventKind.PROFILED, cmd=cmd, detail={"name": manifest.name, "version": manifest.version})
         log.info(
             "profiled %s v%s without installing: p50 %.3f ms",
-            manifest.name, manifest.version, profile.latency["p50_ms"],
+            manifest.name,
+            manifest.version,
+            profile.latency["p50_ms"],
         )
 
     def _profile(self, manifest: Manifest, payload: Path, cmd: DeployCommand) -> tuple[Profile, ExecutionChoice | None]:
@@ -677,7 +706,9 @@ class Agent:
             rolled_back_to=rb.restored,
         )
         log.warning("%s", err.message)
-        self._event(EventKind.FAILED, error=err, command_id=rb.command_id, detail={"name": rb.name, "version": rb.version})
+        self._event(
+            EventKind.FAILED, error=err, command_id=rb.command_id, detail={"name": rb.name, "version": rb.version}
+        )
 
 
 def _sha256_fd(fd: int) -> str:

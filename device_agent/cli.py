@@ -37,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", help="this device's id (letters, digits, _ . -)")
     run.add_argument("--data-dir", type=Path, help="directory for slots, staging and state")
     run.add_argument(
-        "--root", "--trusted-key", dest="root", type=Path,
+        "--root",
+        "--trusted-key",
+        dest="root",
+        type=Path,
         help="the signed root of trust (root.json from `edgectl keys init`); --trusted-key is its old name",
     )
     run.add_argument(
@@ -46,15 +49,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sysfs-root", type=Path, help="root for hardware probes (default /)")
     run.add_argument("--transfer-idle-timeout", type=float, help="seconds without a chunk before a transfer is dropped")
     run.add_argument("--reconnect-max", type=float, help="upper bound of the reconnect backoff in seconds")
-    run.add_argument("--update-gate-file", type=Path, help="defer installs while this file exists (its first line is the reason)")
+    run.add_argument(
+        "--update-gate-file", type=Path, help="defer installs while this file exists (its first line is the reason)"
+    )
     run.add_argument("--update-gate-command", help="command run before each install; a non-zero exit defers it")
     run.add_argument("--update-gate-retry", type=float, help="seconds between asks of the gate while an install waits")
-    run.add_argument("--outbox-max-bytes", type=int, help="bound of the on-disk buffer of events and metrics kept while offline")
     run.add_argument(
-        "--execution", choices=EXECUTIONS,
+        "--outbox-max-bytes", type=int, help="bound of the on-disk buffer of events and metrics kept while offline"
+    )
+    run.add_argument(
+        "--execution",
+        choices=EXECUTIONS,
         help="bundles with sparse layers: measure and pick the fastest (auto, the default) or pin one",
     )
-    run.add_argument("--debug-crash-at", choices=CRASH_POINTS, help="testing only: SIGKILL the agent at this step of an install")
+    run.add_argument(
+        "--debug-crash-at", choices=CRASH_POINTS, help="testing only: SIGKILL the agent at this step of an install"
+    )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 

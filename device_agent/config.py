@@ -116,7 +116,11 @@ class AgentConfig:
             object.__setattr__(self, "update_gate_command", tuple(self.update_gate_command))
         if self.update_gate_timeout_s <= 0 or self.update_gate_retry_s <= 0:
             raise ConfigError("update gate timeout and retry interval must be positive")
-        if isinstance(self.outbox_max_bytes, bool) or not isinstance(self.outbox_max_bytes, int) or self.outbox_max_bytes < 1024:
+        if (
+            isinstance(self.outbox_max_bytes, bool)
+            or not isinstance(self.outbox_max_bytes, int)
+            or self.outbox_max_bytes < 1024
+        ):
             raise ConfigError("outbox_max_bytes must be an integer of at least 1024")
         if self.execution not in EXECUTIONS:
             raise ConfigError(f"execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")

@@ -345,8 +345,13 @@ class Installer:
         """
         with self._unpacking("profile-", into=self.tmp_dir) as scratch:
             verified = verify_bundle(
-                bundle_path, trusted or self.trusted, now, limits=self.limits, extract_to=scratch / "payload",
-                device=device, expect=expect,
+                bundle_path,
+                trusted or self.trusted,
+                now,
+                limits=self.limits,
+                extract_to=scratch / "payload",
+                device=device,
+                expect=expect,
             )
         return StagedBundle(verified, scratch)
 

@@ -19,6 +19,7 @@ the newest are counted in ``dropped``, which the agent reports when it is back o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -191,8 +192,6 @@ class Outbox:
         )
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.close(self._fd)
-        except OSError:
-            pass
         fsync_dir(self.directory)

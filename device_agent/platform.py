@@ -84,7 +84,9 @@ def detect_platform(root: Path = Path("/"), arch: str | None = None, cores: int 
         return PlatformInfo("raspberry-pi", dt_model, arch, cores, memory)
     if (root / "system/build.prop").exists() or (root / "data/data/com.termux").exists():
         props = _read_text(root / "system/build.prop") or ""
-        model = next((ln.split("=", 1)[1] for ln in props.splitlines() if ln.startswith("ro.product.model=")), "Android")
+        model = next(
+            (ln.split("=", 1)[1] for ln in props.splitlines() if ln.startswith("ro.product.model=")), "Android"
+        )
         return PlatformInfo("android", model, arch, cores, memory)
     product = _read_text(root / "sys/class/dmi/id/product_name")
     return PlatformInfo("generic-linux", dt_model or product or "Linux", arch, cores, memory)

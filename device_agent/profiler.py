@@ -114,12 +114,10 @@ def health_check(
     specs = session.outputs()
     if len(outputs) != len(specs):
         raise HealthCheckError(f"model returned {len(outputs)} outputs, declares {len(specs)}", check="shape")
-    for spec, out in zip(specs, outputs):
+    for spec, out in zip(specs, outputs, strict=False):
         if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
             raise HealthCheckError(f"output {spec.name!r} contains NaN or infinity", output=spec.name, check="finite")
-        if len(spec.shape) != out.ndim or any(
-            d is not None and d != got for d, got in zip(spec.shape, out.shape)
-        ):
+        if len(spec.shape) != out.ndim or any(d is not None and d != got for d, got in zip(spec.shape, out.shape, strict=False)):
             raise HealthCheckError(
                 f"output {spec.name!r} has shape {list(out.shape)}, model declares {list(spec.shape)}",
                 output=spec.name,
@@ -177,10 +175,7 @@ def profile_model(
     preload(runtime)
     rss_before = rss_bytes()
     options = SessionOptions(threads=spec.threads)
-    if opener is None:
-        opened = open_session(model_path, runtime, options, precision_hint=precision)
-    else:
-        opened = opener(options)
+    opened = open_session(model_path, runtime, options, precision_hint=precision) if opener is None else opener(options)
     with opened as session:
         rss_loaded = rss_bytes()
         feeds = load_feeds(session, sample_path)

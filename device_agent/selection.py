@@ -116,7 +116,13 @@ class CandidateTiming:
     not_applicable: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "mean_ms": self.mean_ms, "runs": self.runs}
+        d: dict[str, Any] = {
+            "name": self.name,
+            "p50_ms": self.p50_ms,
+            "p90_ms": self.p90_ms,
+            "mean_ms": self.mean_ms,
+            "runs": self.runs,
+        }
         if self.error is not None:
             d["error"] = self.error
         if self.not_applicable is not None:

@@ -110,7 +110,9 @@ class TrustStore:
         self._signed = SignedRoot(new, signed.signatures)
         log.info(
             "root of trust rotated: v%d -> v%d; keys removed: %s",
-            old.version, new.version, ", ".join(sorted(set(old.keys) - set(new.keys))) or "none",
+            old.version,
+            new.version,
+            ", ".join(sorted(set(old.keys) - set(new.keys))) or "none",
         )
         return True
 

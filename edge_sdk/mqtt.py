@@ -174,7 +174,7 @@ class MqttClient:
 
     # --- network thread: convert and hand over, nothing else -------------------------
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._last_error = f"broker refused the connection: {reason_code}"
             return
@@ -185,17 +185,17 @@ class MqttClient:
         self._connected.set()
         self.inbox.put(ConnectionChange(True, "connected"))
 
-    def _on_connect_fail(self, client, userdata) -> None:  # noqa: ANN001
+    def _on_connect_fail(self, client, userdata) -> None:
         self._last_error = "connection failed"
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
         self._last_error = f"disconnected: {reason_code}"
         if was_connected:
             self.inbox.put(ConnectionChange(False, str(reason_code)))
 
-    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+    def _on_message(self, client, userdata, msg) -> None:
         self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     # --- owner's side ----------------------------------------------------------------

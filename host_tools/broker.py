@@ -216,9 +216,7 @@ class EmbeddedBroker:
 
         self._started.clear()
         self._start_error = None
-        self._thread = threading.Thread(
-            target=self._run, name=f"edge-sdk-broker-{self._address()}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"edge-sdk-broker-{self._address()}", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
             self.stop(timeout=timeout)

@@ -36,7 +36,7 @@ from edge_sdk.errors import (
     UntrustedInputError,
 )
 
-__all__ = ["main", "cli"]
+__all__ = ["cli", "main"]
 
 log = logging.getLogger("edgectl")
 
@@ -173,7 +173,9 @@ def _registry(cfg: HostConfig) -> Iterator[Any]:
     show_default="~/.edge-sdk",
     help="where keys and the registry live (env EDGE_SDK_HOME)",
 )
-@click.option("--registry", "registry_url", help="registry: a SQLite path or postgresql:// URL (default HOME/registry.db)")
+@click.option(
+    "--registry", "registry_url", help="registry: a SQLite path or postgresql:// URL (default HOME/registry.db)"
+)
 @click.option("-v", "--verbose", count=True, help="more logging (-vv for debug)")
 @click.pass_context
 def cli(ctx: click.Context, home: Path, registry_url: str | None, verbose: int) -> None:
@@ -237,7 +239,9 @@ def _root_text(summary: dict[str, Any]) -> str:
         f"-> {summary['root']} (give this file to devices)"
     ]
     for name, role in summary["roles"].items():
-        keys_text = ", ".join(k["keyid"] + ("" if k["private_key_here"] else " (no private key here)") for k in role["keys"])
+        keys_text = ", ".join(
+            k["keyid"] + ("" if k["private_key_here"] else " (no private key here)") for k in role["keys"]
+        )
         lines.append(f"  {name:<9} threshold {role['threshold']}: {keys_text}")
     return "\n".join(lines)
 
@@ -251,8 +255,13 @@ def _root_text(summary: dict[str, Any]) -> str:
 @json_option
 @click.pass_context
 def keys_init(
-    ctx: click.Context, passphrase_env: str | None, force: bool, root_keys: int, root_threshold: int,
-    ttl_days: float, json_output: bool,
+    ctx: click.Context,
+    passphrase_env: str | None,
+    force: bool,
+    root_keys: int,
+    root_threshold: int,
+    ttl_days: float,
+    json_output: bool,
 ) -> None:
     """Create root, bundle and command keys (private keys 0600) and root v1, unless they exist."""
     from host_tools.keys import init_keys
@@ -330,7 +339,9 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
     help="SVD-factorize large Gemm/MatMul/1x1 Conv layers: retained energy (e.g. 0.9), a parameter "
     "reduction (e.g. 2x), or 'auto' to pick ranks within --max-accuracy-drop",
 )
-@click.option("--weight-share", type=click.IntRange(1, 8), help="cluster each large float weight into 2**BITS shared values")
+@click.option(
+    "--weight-share", type=click.IntRange(1, 8), help="cluster each large float weight into 2**BITS shared values"
+)
 @click.option(
     "--distill",
     help="replace the model by a student trained on its soft targets: mlp:WIDTH[,WIDTH...] or a student.onnx "
@@ -343,18 +354,35 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
     help="magnitude:S (global), layer:S (per layer), sensitivity:S (target sparsity S), or channels:R "
     "(remove share R of channels/neurons; the dense model shrinks)",
 )
-@click.option("--finetune", "finetune_epochs", type=click.IntRange(1), help="fine-tune this many epochs after pruning and low-rank, before weight sharing and quantization (needs --train, torch)")
-@click.option("--train", "train_data", help="training data for --distill (labels unless --distill-alpha 1), --finetune, sensitivity: "
-              ".npz or module:function")
+@click.option(
+    "--finetune",
+    "finetune_epochs",
+    type=click.IntRange(1),
+    help="fine-tune this many epochs after pruning and low-rank, before weight sharing and quantization (needs --train, torch)",
+)
+@click.option(
+    "--train",
+    "train_data",
+    help="training data for --distill (labels unless --distill-alpha 1), --finetune, sensitivity: "
+    ".npz or module:function",
+)
 @click.option("--epochs", "train_epochs", type=click.IntRange(1), help="training epochs for --distill (default 60)")
-@click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False), help="TOML recipe of [[step]] tables (instead of step options)")
+@click.option(
+    "--recipe",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML recipe of [[step]] tables (instead of step options)",
+)
 @click.option(
     "--packed",
     type=click.Path(path_type=Path, dir_okay=False),
     help="also write the packed transport form (codebooks + entropy-coded indices) of the output here",
 )
 @click.option("--calib", help="calibration data: .npz (x, or x.NAME per input), .npy or module:function")
-@click.option("--eval", "eval_data", help="evaluation data: .npz (x, or x.NAME per input; labels y if any), .npy or module:function")
+@click.option(
+    "--eval",
+    "eval_data",
+    help="evaluation data: .npz (x, or x.NAME per input; labels y if any), .npy or module:function",
+)
 @click.option(
     "--quality",
     "quality_metric",
@@ -415,7 +443,9 @@ def compress(
                        "--max-accuracy-drop": max_accuracy_drop, "--guard-ranking": guard_ranking}  # fmt: skip
         given = [name for name, value in unsupported.items() if value is not None]
         if given:
-            raise ConfigError(f"a .tflite model takes --quantize, --calib, --eval and --quality only, not {', '.join(given)}")
+            raise ConfigError(
+                f"a .tflite model takes --quantize, --calib, --eval and --quality only, not {', '.join(given)}"
+            )
         _compress_tflite(cfg, model, output, quantize or "int8-static", calib, eval_data, quality_metric)
         return
     if max_accuracy_drop is not None and max_accuracy_drop < 0:
@@ -468,8 +498,15 @@ def compress(
 
 
 def _compress_steps(
-    hc: Any, recipe: Path | None, quantize: str | None, lowrank: str | None, weight_share: int | None,
-    max_drop: float | None, finetune_epochs: int | None = None, *, default_quantize: bool = True,
+    hc: Any,
+    recipe: Path | None,
+    quantize: str | None,
+    lowrank: str | None,
+    weight_share: int | None,
+    max_drop: float | None,
+    finetune_epochs: int | None = None,
+    *,
+    default_quantize: bool = True,
     guard_ranking: str | None = None,
 ) -> list[Any]:
     """The passes for ``compress``, from a recipe or from the step options.
@@ -494,7 +531,10 @@ def _compress_steps(
             try:
                 value = float(text.removesuffix("x"))
             except ValueError as exc:
-                raise ConfigError(f"--lowrank takes an energy in (0, 1], a reduction like 2x, or 'auto', not {lowrank!r}", key="lowrank") from exc
+                raise ConfigError(
+                    f"--lowrank takes an energy in (0, 1], a reduction like 2x, or 'auto', not {lowrank!r}",
+                    key="lowrank",
+                ) from exc
             steps.append(hc.build_pass("lowrank", {key: value}))
     if finetune_epochs:
         steps.append(hc.build_pass("finetune", {"epochs": finetune_epochs}))
@@ -513,7 +553,11 @@ def _compress_steps(
 
 
 def _training_steps(
-    hc: Any, distill: str | None, temperature: float, alpha: float, epochs: int | None,
+    hc: Any,
+    distill: str | None,
+    temperature: float,
+    alpha: float,
+    epochs: int | None,
     prune: str | None,
 ) -> list[Any]:
     """Distillation and pruning passes from the CLI options, in that order."""
@@ -580,7 +624,12 @@ def _compress_table(report: Any, output: Path) -> str:
 
 
 def _compress_tflite(
-    cfg: HostConfig, model: Path, output: Path, quantize: str, calib: str | None, eval_data: str | None,
+    cfg: HostConfig,
+    model: Path,
+    output: Path,
+    quantize: str,
+    calib: str | None,
+    eval_data: str | None,
     quality_metric: str | None,
 ) -> None:
     """``compress`` for a ``.tflite`` MODEL: ai-edge-quantizer, measured in LiteRT."""
@@ -595,7 +644,9 @@ def _compress_tflite(
         raise ModelLoadError(f"{model}: cannot read model file ({exc.strerror or exc})", file=str(model)) from exc
     calibration = hc.load_arrays(calib) if calib else None
     evaluation = hc.load_arrays(eval_data) if eval_data else None
-    result = compress_tflite(data, quantize, calibration=calibration, evaluation=evaluation, quality_metric=quality_metric)
+    result = compress_tflite(
+        data, quantize, calibration=calibration, evaluation=evaluation, quality_metric=quality_metric
+    )
     hc.save_model_atomic(result.model_bytes, output)
     report = {"output": str(output), "report": result.to_dict()}
 
@@ -606,7 +657,11 @@ def _compress_tflite(
                 Column("size", lambda r: format_bytes(r[1].size_bytes), ">"),
                 Column("weights", lambda r: ", ".join(f"{n} {t}" for t, n in sorted(r[1].weight_types.items()))),
                 Column("quality", lambda r: _quality_cell(r[1].quality, r[1].quality_metric), ">"),
-                Column("LiteRT p50", lambda r: None if r[1].latency_p50_ms is None else f"{r[1].latency_p50_ms:.3f} ms", ">"),
+                Column(
+                    "LiteRT p50",
+                    lambda r: None if r[1].latency_p50_ms is None else f"{r[1].latency_p50_ms:.3f} ms",
+                    ">",
+                ),
             ],
             [("original", result.original), (f"{result.mode} ({result.recipe})", result.final)],
         )
@@ -620,22 +675,51 @@ def _compress_tflite(
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True, help="bundle file to write")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True, help="bundle file to write"
+)
 @click.option("--name", required=True, help="bundle name, stable across versions")
 @click.option("--version", "version", type=int, required=True, help="bundle version (positive, increasing)")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "litert"]), help="default: from the file suffix")
 @click.option("--precision", help="what the model computes in (default: detected)")
-@click.option("--sample", type=click.Path(path_type=Path, dir_okay=False), help=".npz with one sample batch for the device's health check")
-@click.option("--ttl-days", type=float, default=30.0, show_default=True, help="days until the manifest expires")
-@click.option("--max-latency-ms", type=float, help="health check: the device rolls back if the sample's median latency exceeds this")
-@click.option("--arch", "archs", multiple=True, help="target: an architecture the model runs on, e.g. aarch64 (repeatable)")
-@click.option("--min-memory-mb", type=int, help="target: memory the device must have, in MiB")
-@click.option("--accelerator", "accelerators", multiple=True, help="target: an accelerator the device must have (repeatable)")
-@click.option("--sparse", is_flag=True, help="ship pruned MatMul/Gemm weights as CSR; the device measures sparse against dense execution (and dense int8 with --sparse-int8)")
-@click.option("--sparse-min-sparsity", type=float, default=0.5, show_default=True, help="with --sparse: a layer goes sparse from this fraction of zeros")
-@click.option("--sparse-int8", is_flag=True, help="with --sparse: store the sparse values as int8 with a scale per row (devices may then also run them dense int8)")
 @click.option(
-    "--execution", type=click.Choice(["auto", "dense", "dense_int8", "sparse"]),
+    "--sample",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help=".npz with one sample batch for the device's health check",
+)
+@click.option("--ttl-days", type=float, default=30.0, show_default=True, help="days until the manifest expires")
+@click.option(
+    "--max-latency-ms",
+    type=float,
+    help="health check: the device rolls back if the sample's median latency exceeds this",
+)
+@click.option(
+    "--arch", "archs", multiple=True, help="target: an architecture the model runs on, e.g. aarch64 (repeatable)"
+)
+@click.option("--min-memory-mb", type=int, help="target: memory the device must have, in MiB")
+@click.option(
+    "--accelerator", "accelerators", multiple=True, help="target: an accelerator the device must have (repeatable)"
+)
+@click.option(
+    "--sparse",
+    is_flag=True,
+    help="ship pruned MatMul/Gemm weights as CSR; the device measures sparse against dense execution (and dense int8 with --sparse-int8)",
+)
+@click.option(
+    "--sparse-min-sparsity",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="with --sparse: a layer goes sparse from this fraction of zeros",
+)
+@click.option(
+    "--sparse-int8",
+    is_flag=True,
+    help="with --sparse: store the sparse values as int8 with a scale per row (devices may then also run them dense int8)",
+)
+@click.option(
+    "--execution",
+    type=click.Choice(["auto", "dense", "dense_int8", "sparse"]),
     help="pin how devices run a --sparse bundle (default: they measure; dense_int8 needs --sparse-int8)",
 )
 @passphrase_option
@@ -686,7 +770,15 @@ def pack(
     if archs or min_memory_mb or accelerators:
         target = Target(tuple(archs), (min_memory_mb or 0) << 20, tuple(accelerators))
     spec = BundleSpec(
-        name, version, runtime, model, precision, inputs, sample, health=health, target=target,
+        name,
+        version,
+        runtime,
+        model,
+        precision,
+        inputs,
+        sample,
+        health=health,
+        target=target,
         ttl_s=ttl_days * 86400.0,
     )
     with tempfile.TemporaryDirectory(prefix="edgectl-sparse-") as tmp:
@@ -741,7 +833,12 @@ def _sparse_bundle_spec(spec: Any, tmp: Path, min_sparsity: float, int8_values: 
 
 @cli.command()
 @bundle_argument
-@click.option("--root", "root_file", type=click.Path(path_type=Path, dir_okay=False), help="root of trust to check against (default: HOME/keys/root.json)")
+@click.option(
+    "--root",
+    "root_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="root of trust to check against (default: HOME/keys/root.json)",
+)
 @click.option("--installed-version", type=int, help="check rollback protection against this installed version")
 @click.option("--arch", help="check target constraints against this architecture")
 @click.option("--memory-mb", type=int, help="... and this much memory (MiB)")
@@ -749,8 +846,14 @@ def _sparse_bundle_spec(spec: Any, tmp: Path, min_sparsity: float, int8_values: 
 @json_option
 @click.pass_context
 def verify(
-    ctx: click.Context, bundle: Path, root_file: Path | None, installed_version: int | None, arch: str | None,
-    memory_mb: int | None, accelerators: tuple[str, ...], json_output: bool,
+    ctx: click.Context,
+    bundle: Path,
+    root_file: Path | None,
+    installed_version: int | None,
+    arch: str | None,
+    memory_mb: int | None,
+    accelerators: tuple[str, ...],
+    json_output: bool,
 ) -> None:
     """Run every check a device runs on BUNDLE and explain each one."""
     from edge_sdk.bundle import DeviceFacts, verify_bundle
@@ -842,8 +945,12 @@ def _emit_measured(cfg: HostConfig, data: dict[str, Any], headline: str, metrics
 @benchmark_options
 @chunk_size_option
 @click.option("--accept-timeout", default=15.0, show_default=True, help="seconds the device has to accept the offer")
-@click.option("--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device to finish")
-@click.option("--rollback", is_flag=True, help="allow this version even if the device accepted a newer one (signed downgrade)")
+@click.option(
+    "--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device to finish"
+)
+@click.option(
+    "--rollback", is_flag=True, help="allow this version even if the device accepted a newer one (signed downgrade)"
+)
 @signed_command_options
 @click.pass_context
 def deploy(
@@ -894,7 +1001,9 @@ def deploy(
 @benchmark_options
 @click.option("--min-duration", default=0.0, show_default=True, help="keep running for at least this many seconds")
 @chunk_size_option
-@click.option("--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device's report")
+@click.option(
+    "--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device's report"
+)
 @signed_command_options
 @click.pass_context
 def profile(
@@ -936,8 +1045,12 @@ def _command_result(cfg: HostConfig, device_id: str, event: Any, what: str) -> N
     from edge_sdk.protocol import EventKind
     from host_tools.fleet.conversation import error_of
 
-    data = {"device_id": device_id, "state": event.kind, "detail": event.detail,
-            "error": event.error.to_dict() if event.error else None}
+    data = {
+        "device_id": device_id,
+        "state": event.kind,
+        "detail": event.detail,
+        "error": event.error.to_dict() if event.error else None,
+    }
     if event.kind != EventKind.DONE:
         _emit(cfg, data, f"{device_id} refused: {what}")
         raise error_of(event)
@@ -960,8 +1073,15 @@ device_answer_options = _stacked(
 @device_answer_options
 @click.pass_context
 def rollback(
-    ctx: click.Context, device_id: str, name: str, version: int, broker: str, connect_timeout: float,
-    timeout_s: float, passphrase_env: str | None, json_output: bool,
+    ctx: click.Context,
+    device_id: str,
+    name: str,
+    version: int,
+    broker: str,
+    connect_timeout: float,
+    timeout_s: float,
+    passphrase_env: str | None,
+    json_output: bool,
 ) -> None:
     """Make a device re-activate the version of NAME it kept (a signed command naming VERSION).
 
@@ -974,7 +1094,11 @@ def rollback(
     authority = _authority(cfg, passphrase_env)
     with _client(broker, connect_timeout, "rollback") as client:
         event = run_command(
-            client, device_id, lambda cid, f: RollbackCommand(cid, name, version, **f), authority, timeout_s  # type: ignore[arg-type]
+            client,
+            device_id,
+            lambda cid, f: RollbackCommand(cid, name, version, **f),
+            authority,
+            timeout_s,  # type: ignore[arg-type]
         )
     _command_result(cfg, device_id, event, f"roll {name} back to v{version}")
 
@@ -985,8 +1109,14 @@ def rollback(
 @device_answer_options
 @click.pass_context
 def remove(
-    ctx: click.Context, device_id: str, name: str, broker: str, connect_timeout: float, timeout_s: float,
-    passphrase_env: str | None, json_output: bool,
+    ctx: click.Context,
+    device_id: str,
+    name: str,
+    broker: str,
+    connect_timeout: float,
+    timeout_s: float,
+    passphrase_env: str | None,
+    json_output: bool,
 ) -> None:
     """Make a device stop running NAME and delete it (a signed command); older versions stay refused."""
     from edge_sdk.protocol import RemoveCommand
@@ -1020,21 +1150,25 @@ def devices(ctx: click.Context, broker: str, connect_timeout: float, wait_s: flo
     _emit(
         cfg,
         data,
-        lambda: render_table(
-            [
-                Column("device", lambda r: r.device_id),
-                Column("status", lambda r: r.status),
-                Column("platform", lambda r: (r.platform or {}).get("kind")),
-                Column("arch", lambda r: (r.platform or {}).get("arch")),
-                Column("memory", lambda r: format_bytes((r.platform or {}).get("memory_bytes")), ">"),
-                Column("runtimes", lambda r: ", ".join(r.runtimes or {})),
-                Column("active", lambda r: r.active_bundle and f"{r.active_bundle.name} v{r.active_bundle.version}"),
-                Column("last seen", lambda r: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.last_seen))),
-            ],
-            records,
-        )
-        if records
-        else "no devices known",
+        lambda: (
+            render_table(
+                [
+                    Column("device", lambda r: r.device_id),
+                    Column("status", lambda r: r.status),
+                    Column("platform", lambda r: (r.platform or {}).get("kind")),
+                    Column("arch", lambda r: (r.platform or {}).get("arch")),
+                    Column("memory", lambda r: format_bytes((r.platform or {}).get("memory_bytes")), ">"),
+                    Column("runtimes", lambda r: ", ".join(r.runtimes or {})),
+                    Column(
+                        "active", lambda r: r.active_bundle and f"{r.active_bundle.name} v{r.active_bundle.version}"
+                    ),
+                    Column("last seen", lambda r: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.last_seen))),
+                ],
+                records,
+            )
+            if records
+            else "no devices known"
+        ),
     )
 
 
@@ -1044,7 +1178,9 @@ def devices(ctx: click.Context, broker: str, connect_timeout: float, wait_s: flo
 @connect_timeout_option
 @json_option
 @click.pass_context
-def metrics(ctx: click.Context, device_id: str | None, broker: str | None, connect_timeout: float, json_output: bool) -> None:
+def metrics(
+    ctx: click.Context, device_id: str | None, broker: str | None, connect_timeout: float, json_output: bool
+) -> None:
     """Latest metrics report per device and bundle version."""
     from edge_sdk.protocol import Channel, DeviceTopics, fleet_filter
     from host_tools.fleet.collector import collect_retained, record_message
@@ -1114,7 +1250,9 @@ def broker(host: str, port: int) -> None:
 
 @cli.command()
 @click.option("--broker", help="use this broker instead of an embedded one (mqtt://host:port)")
-@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), help="default: a fresh temporary directory")
+@click.option(
+    "--workdir", type=click.Path(path_type=Path, file_okay=False), help="default: a fresh temporary directory"
+)
 @click.option("--runs", default=300, show_default=True, help="timed inferences per model on the device")
 @json_option
 @click.pass_context

@@ -208,27 +208,43 @@ def run_demo(
         client.connect()
         try:
             agent_args = [
-                sys.executable, "-m", "device_agent.cli", "run",
-                "--broker", url,
-                "--device-id", options.device_id,
-                "--data-dir", str(work / "agent-data"),
-                "--root", str(root_path),
+                sys.executable,
+                "-m",
+                "device_agent.cli",
+                "run",
+                "--broker",
+                url,
+                "--device-id",
+                options.device_id,
+                "--data-dir",
+                str(work / "agent-data"),
+                "--root",
+                str(root_path),
             ]
             with _agent_process(agent_args, work / "agent.log", lambda m: say(f"5/7 {m}")) as proc:
                 status = _wait_online(client, options.device_id, options.agent_start_timeout_s, proc)
                 record_message(registry, status, clock())
-                say(f"    {options.device_id} online: {status.platform.get('kind')} {status.platform.get('arch')}, "
-                    f"runtimes {', '.join(status.runtimes)}")
+                say(
+                    f"    {options.device_id} online: {status.platform.get('kind')} {status.platform.get('arch')}, "
+                    f"runtimes {', '.join(status.runtimes)}"
+                )
                 deploy_options = DeployOptions(
                     chunk_size=16 * 1024,
-                    benchmark=BenchmarkSpec(runs=options.runs, warmup=options.warmup, threads=1, min_duration_s=options.min_duration_s),
+                    benchmark=BenchmarkSpec(
+                        runs=options.runs, warmup=options.warmup, threads=1, min_duration_s=options.min_duration_s
+                    ),
                     authority=authority,
                 )
                 for bundle_path, precision, size, accuracy in bundles:
                     say(f"6/7 deploying {bundle_path.name} over MQTT")
                     outcome = deploy_and_record(
-                        client, registry, options.device_id, bundle_path, deploy_options,
-                        progress(bundle_path.name, bundle_path.stat().st_size), clock,
+                        client,
+                        registry,
+                        options.device_id,
+                        bundle_path,
+                        deploy_options,
+                        progress(bundle_path.name, bundle_path.stat().st_size),
+                        clock,
                     )
                     if outcome.state != "installed":
                         assert outcome.error is not None

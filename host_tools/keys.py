@@ -83,7 +83,9 @@ class KeyRing:
         try:
             data = self.root_path.read_bytes()
         except OSError as exc:
-            raise KeyStoreError(f"cannot read {self.root_path}: {exc.strerror} (create it with `edgectl keys init`)") from exc
+            raise KeyStoreError(
+                f"cannot read {self.root_path}: {exc.strerror} (create it with `edgectl keys init`)"
+            ) from exc
         try:
             signed = SignedRoot.from_bytes(data)
             verify_root(signed)
@@ -188,7 +190,9 @@ def init_keys(
     return ring, True
 
 
-def _publish_next(ring: KeyRing, new: Root, new_root_keys: list[SigningKey], now: float, passphrase: bytes | None) -> SignedRoot:
+def _publish_next(
+    ring: KeyRing, new: Root, new_root_keys: list[SigningKey], now: float, passphrase: bytes | None
+) -> SignedRoot:
     current = ring.signed_root()
     signers = ring.role_keys("root", passphrase) + new_root_keys
     signed = sign_root(new, signers)

@@ -90,7 +90,10 @@ def big_model(d: Path, mib: int = 24) -> Built:
     k = mib * (1 << 20) // (16 * 4)
     w = numpy_helper.from_array(np.random.default_rng(3).standard_normal((16, k)).astype(np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "w"], ["h"]), helper.make_node("ReduceMax", ["h"], ["out"], keepdims=1, axes=None)],
+        [
+            helper.make_node("MatMul", ["input", "w"], ["h"]),
+            helper.make_node("ReduceMax", ["h"], ["out"], keepdims=1, axes=None),
+        ],
         "big",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1])],

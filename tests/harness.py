@@ -41,20 +41,42 @@ class Host:
         env = dict(os.environ, EDGE_SDK_HOME=str(home or self.home))
         env.pop("EDGE_SDK_BROKER", None)
         started = time.monotonic()
-        proc = subprocess.run(
-            [str(BIN / "edgectl"), *args], capture_output=True, text=True, timeout=timeout, env=env
-        )
+        proc = subprocess.run([str(BIN / "edgectl"), *args], capture_output=True, text=True, timeout=timeout, env=env)
         return CliResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
 
     def pack(self, model: Path, sample: Path, out: Path, name: str, version: int = 1, *extra: str) -> Path:
         """`edgectl pack` ``model`` (with its ``sample`` input) into ``out``; the pack must succeed."""
-        r = self.run("pack", str(model), "-o", str(out), "--name", name, "--version", str(version), "--sample", str(sample), *extra)
+        r = self.run(
+            "pack",
+            str(model),
+            "-o",
+            str(out),
+            "--name",
+            name,
+            "--version",
+            str(version),
+            "--sample",
+            str(sample),
+            *extra,
+        )
         assert r.code == 0, r.stderr
         return out
 
     def deploy_metrics(self, bundle: Path, url: str, device: str, runs: int = 30, warmup: int = 3) -> dict:
         """`edgectl deploy --json` of ``bundle`` to ``device``; the deploy must succeed. Returns its metrics report."""
-        r = self.run("deploy", str(bundle), "--device", device, "--broker", url, "--runs", str(runs), "--warmup", str(warmup), "--json")
+        r = self.run(
+            "deploy",
+            str(bundle),
+            "--device",
+            device,
+            "--broker",
+            url,
+            "--runs",
+            str(runs),
+            "--warmup",
+            str(warmup),
+            "--json",
+        )
         assert r.code == 0, r.stderr
         return r.json()["metrics"]  # type: ignore[index]
 

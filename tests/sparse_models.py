@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -22,13 +24,16 @@ def mlp(dims: list[int], sparsity: float, seed: int = 0, gemm: bool = False, tra
     rng = np.random.default_rng(seed)
     nodes, inits, prev = [], [], "x"
     last = len(dims) - 2
-    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         w = pruned(rng, (a, b), sparsity)
         bias = rng.standard_normal(b).astype(np.float32) * 0.1
         out = "y" if i == last else f"h{i}"
         pre = f"z{i}" if i != last else "y"
         if gemm:
-            inits += [numpy_helper.from_array(np.ascontiguousarray(w.T) if trans_b else w, f"W{i}"), numpy_helper.from_array(bias, f"B{i}")]
+            inits += [
+                numpy_helper.from_array(np.ascontiguousarray(w.T) if trans_b else w, f"W{i}"),
+                numpy_helper.from_array(bias, f"B{i}"),
+            ]
             nodes.append(helper.make_node("Gemm", [prev, f"W{i}", f"B{i}"], [pre], name=f"fc{i}", transB=int(trans_b)))
         else:
             inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(bias, f"B{i}")]
@@ -38,7 +43,8 @@ def mlp(dims: list[int], sparsity: float, seed: int = 0, gemm: bool = False, tra
             nodes.append(helper.make_node("Relu", [pre], [out]))
         prev = out
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dims[-1]])],
         inits,

@@ -127,9 +127,7 @@ class BundleSpec:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def pack_bundle(
-    spec: BundleSpec, signing_keys: Sequence[SigningKey], out: Path, now: float
-) -> Manifest:
+def pack_bundle(spec: BundleSpec, signing_keys: Sequence[SigningKey], out: Path, now: float) -> Manifest:
     """Build, sign and write a bundle. The output appears whole or not at all.
 
     Args:
@@ -264,8 +262,7 @@ def verify_bundle(
         checks.append(f"manifest: {manifest.name} v{manifest.version}, runtime {manifest.runtime}")
         if now >= manifest.expires_at:
             raise ExpiredError(
-                f"manifest of {manifest.name} v{manifest.version} expired at {manifest.expires_at:.0f} "
-                f"(now {now:.0f})",
+                f"manifest of {manifest.name} v{manifest.version} expired at {manifest.expires_at:.0f} (now {now:.0f})",
                 expires_at=manifest.expires_at,
                 now=now,
             )

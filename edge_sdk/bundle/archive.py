@@ -35,7 +35,7 @@ from edge_sdk.errors import (
     StorageError,
 )
 
-__all__ = ["BundleLimits", "BundleReader", "write_bundle", "MANIFEST_NAME", "SIGNATURES_NAME", "PAYLOAD_DIR"]
+__all__ = ["MANIFEST_NAME", "PAYLOAD_DIR", "SIGNATURES_NAME", "BundleLimits", "BundleReader", "write_bundle"]
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURES_NAME = "signatures.json"
@@ -70,9 +70,7 @@ class BundleLimits:
     max_member_bytes: int = 2 << 30
 
 
-def write_bundle(
-    out_path: Path, manifest_bytes: bytes, signatures_bytes: bytes, files: Mapping[str, Path]
-) -> None:
+def write_bundle(out_path: Path, manifest_bytes: bytes, signatures_bytes: bytes, files: Mapping[str, Path]) -> None:
     """Write a deterministic bundle atomically (no partial file on failure).
 
     Args:
@@ -88,17 +86,16 @@ def write_bundle(
     def add(tf: tarfile.TarFile, name: str, size: int, fh: BinaryIO) -> None:
         tf.addfile(_canonical_info(name, size), fh)
 
-    with atomic_writer(Path(out_path)) as out:
-        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
-            add(tf, MANIFEST_NAME, len(manifest_bytes), io.BytesIO(manifest_bytes))
-            add(tf, SIGNATURES_NAME, len(signatures_bytes), io.BytesIO(signatures_bytes))
-            for name in sorted(files):
-                src = Path(files[name])
-                try:
-                    with open(src, "rb") as fh:
-                        add(tf, PAYLOAD_DIR + check_member_path(name), os.fstat(fh.fileno()).st_size, fh)
-                except OSError as exc:
-                    raise StorageError(f"cannot read {src}: {exc.strerror}", path=str(src)) from exc
+    with atomic_writer(Path(out_path)) as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        add(tf, MANIFEST_NAME, len(manifest_bytes), io.BytesIO(manifest_bytes))
+        add(tf, SIGNATURES_NAME, len(signatures_bytes), io.BytesIO(signatures_bytes))
+        for name in sorted(files):
+            src = Path(files[name])
+            try:
+                with open(src, "rb") as fh:
+                    add(tf, PAYLOAD_DIR + check_member_path(name), os.fstat(fh.fileno()).st_size, fh)
+            except OSError as exc:
+                raise StorageError(f"cannot read {src}: {exc.strerror}", path=str(src)) from exc
 
 
 class BundleReader:
@@ -119,9 +116,7 @@ class BundleReader:
         except OSError as exc:
             raise StorageError(f"cannot open bundle {self.path}: {exc.strerror}") from exc
         if size > limits.max_bundle_bytes:
-            raise BundleFormatError(
-                f"bundle is {size} bytes (limit {limits.max_bundle_bytes})", size=size
-            )
+            raise BundleFormatError(f"bundle is {size} bytes (limit {limits.max_bundle_bytes})", size=size)
         try:
             self._tf = tarfile.open(self.path, mode="r:")
         except (tarfile.TarError, EOFError, OSError) as exc:
@@ -165,7 +160,7 @@ class BundleReader:
                 continue
             if not name.startswith(PAYLOAD_DIR):
                 raise BundleFormatError(f"unexpected bundle member {name!r}", member=name)
-            rel = name[len(PAYLOAD_DIR):]
+            rel = name[len(PAYLOAD_DIR) :]
             try:
                 check_member_path(rel)
             except ManifestError as exc:
@@ -194,9 +189,7 @@ class BundleReader:
                 raise BundleFormatError(f"bundle member {info.name!r} is not where a canonical bundle puts it")
             fileobj.seek(info.offset)
             if fileobj.read(info.offset_data - info.offset) != _canonical_header(info.name, info.size):
-                raise BundleFormatError(
-                    f"bundle member {info.name!r} has a non-canonical header", member=info.name
-                )
+                raise BundleFormatError(f"bundle member {info.name!r} has a non-canonical header", member=info.name)
             pad = -info.size % tarfile.BLOCKSIZE
             fileobj.seek(end)
             if fileobj.read(pad) != bytes(pad):
@@ -250,7 +243,9 @@ class BundleReader:
         if info.size > max_bytes:
             raise HashMismatchError(
                 f"file {rel!r} is {info.size} bytes, manifest declares {max_bytes}",
-                path=rel, expected_size=max_bytes, actual_size=info.size,
+                path=rel,
+                expected_size=max_bytes,
+                actual_size=info.size,
             )
         fh = self._tf.fileobj
         assert fh is not None

@@ -19,17 +19,17 @@ from edge_sdk.errors import ManifestError, TargetMismatchError
 from edge_sdk.trust import canonical_json
 
 __all__ = [
+    "EXECUTIONS",
     "MANIFEST_SCHEMA",
     "RUNTIMES",
-    "FileEntry",
-    "EXECUTIONS",
-    "HealthSpec",
     "DeviceFacts",
+    "FileEntry",
+    "HealthSpec",
+    "Manifest",
     "SparseLayer",
     "SparseSpec",
     "Target",
     "TensorInfo",
-    "Manifest",
     "canonical_json",
     "check_member_path",
 ]
@@ -145,9 +145,7 @@ class HealthSpec:
 
     def __post_init__(self) -> None:
         v = self.max_latency_ms
-        if v is not None and (
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
-        ):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
             raise ManifestError(f"health: max_latency_ms must be a positive number, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,19 +213,25 @@ class Target:
         if self.arch and device.arch not in self.arch:
             raise TargetMismatchError(
                 f"bundle is built for {', '.join(self.arch)}; this device is {device.arch}",
-                constraint="arch", required=list(self.arch), actual=device.arch,
+                constraint="arch",
+                required=list(self.arch),
+                actual=device.arch,
             )
         if device.memory_bytes < self.min_memory_bytes:
             raise TargetMismatchError(
                 f"bundle needs {self.min_memory_bytes} bytes of memory; this device has {device.memory_bytes}",
-                constraint="min_memory_bytes", required=self.min_memory_bytes, actual=device.memory_bytes,
+                constraint="min_memory_bytes",
+                required=self.min_memory_bytes,
+                actual=device.memory_bytes,
             )
         missing = sorted(set(self.accelerators) - set(device.accelerators))
         if missing:
             raise TargetMismatchError(
                 f"bundle needs accelerator(s) {', '.join(missing)}; this device has "
                 f"{', '.join(sorted(device.accelerators)) or 'none'}",
-                constraint="accelerators", required=list(self.accelerators), actual=sorted(device.accelerators),
+                constraint="accelerators",
+                required=list(self.accelerators),
+                actual=sorted(device.accelerators),
             )
         return (
             f"{device.arch} in {', '.join(self.arch) or 'any arch'}, "
@@ -236,7 +240,11 @@ class Target:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arch": list(self.arch), "min_memory_bytes": self.min_memory_bytes, "accelerators": list(self.accelerators)}
+        return {
+            "arch": list(self.arch),
+            "min_memory_bytes": self.min_memory_bytes,
+            "accelerators": list(self.accelerators),
+        }
 
     @classmethod
     def from_dict(cls, d: Any) -> Target:
@@ -288,7 +296,13 @@ class SparseLayer:
         return 1.0 - self.nnz / (self.shape[0] * self.shape[1])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "tensor": self.tensor, "shape": list(self.shape), "nnz": self.nnz, "transposed": self.transposed}
+        return {
+            "name": self.name,
+            "tensor": self.tensor,
+            "shape": list(self.shape),
+            "nnz": self.nnz,
+            "transposed": self.transposed,
+        }
 
     @classmethod
     def from_dict(cls, d: Any) -> SparseLayer:
@@ -491,9 +505,21 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError("manifest must be a JSON object")
         known = {
-            "schema", "name", "version", "created_at", "expires_at", "runtime", "model",
-            "precision", "files", "inputs", "sample_input", "health", "target",
-            "sparse", "execution",
+            "schema",
+            "name",
+            "version",
+            "created_at",
+            "expires_at",
+            "runtime",
+            "model",
+            "precision",
+            "files",
+            "inputs",
+            "sample_input",
+            "health",
+            "target",
+            "sparse",
+            "execution",
         }
         files = _require(d, "files", list, "manifest")
         inputs = d.get("inputs", [])

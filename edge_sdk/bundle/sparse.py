@@ -392,8 +392,11 @@ def _int8_layer(name: str, node: Node, transposed: bool) -> list[bytes]:
     label = f"{node.name or out}__int8"
     nodes = [
         node_proto(
-            "DynamicQuantizeMatMul", [node.inputs[0], name, f"{name}__scale", f"{name}__zero_point"], [product],
-            name=label, domain=_MS_DOMAIN,
+            "DynamicQuantizeMatMul",
+            [node.inputs[0], name, f"{name}__scale", f"{name}__zero_point"],
+            [product],
+            name=label,
+            domain=_MS_DOMAIN,
         )
     ]
     if bias:

@@ -61,16 +61,16 @@ from edge_sdk.errors import BundleFormatError, ConfigError
 from edge_sdk.protowire import WireError, append_initializers, tensor_proto
 
 __all__ = [
-    "MAGIC",
+    "CODING_LZMA",
+    "CODING_RANGE",
     "FLOAT_DTYPES",
     "FORMAT_VERSION",
     "LZMA_FILTERS",
-    "CODING_RANGE",
-    "CODING_LZMA",
+    "MAGIC",
     "WeightsLimits",
     "is_packed_model",
-    "unpack_model",
     "range_decode_tensor",
+    "unpack_model",
 ]
 
 MAGIC = b"EDGEWTS"

@@ -188,4 +188,3 @@ def benchmark_interleaved(
                 )
             )
     return stats
-

@@ -262,7 +262,7 @@ class RaplSource:
         t0, start = token
         end = self._read()
         seconds = self._clock() - t0
-        micro = sum(rapl_delta_uj(s, e, z.max_range_uj) for s, e, z in zip(start, end, self._zones))
+        micro = sum(rapl_delta_uj(s, e, z.max_range_uj) for s, e, z in zip(start, end, self._zones, strict=False))
         return _energy(micro / 1e6, seconds, self.name, self.estimated)
 
 

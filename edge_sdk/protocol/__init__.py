@@ -78,8 +78,8 @@ __all__ = [
     "encode_chunk",
     "fleet_filter",
     "open_command",
-    "peek_command_id",
-    "sign_command",
     "parse_topic",
+    "peek_command_id",
     "shared",
+    "sign_command",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 from edge_sdk.errors import MessageError, MessageTooLargeError
 from edge_sdk.protocol.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message
 
-__all__ = ["CodecLimits", "Chunk", "encode", "decode", "encode_chunk", "decode_chunk", "CHUNK_HEADER_SIZE"]
+__all__ = ["CHUNK_HEADER_SIZE", "Chunk", "CodecLimits", "decode", "decode_chunk", "encode", "encode_chunk"]
 
 _CHUNK_MAGIC = b"EDGC"
 _CHUNK_VERSION = 1

@@ -35,7 +35,7 @@ from edge_sdk.protocol.messages import (
 )
 from edge_sdk.trust import Root, SigningKey, signatures_from_list, verify_signatures
 
-__all__ = ["Command", "COMMAND_TYPES", "CommandPolicy", "open_command", "peek_command_id", "sign_command"]
+__all__ = ["COMMAND_TYPES", "Command", "CommandPolicy", "open_command", "peek_command_id", "sign_command"]
 
 Command = DeployCommand | RollbackCommand | RemoveCommand
 COMMAND_TYPES = (DeployCommand, RollbackCommand, RemoveCommand)

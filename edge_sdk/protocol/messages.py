@@ -20,23 +20,23 @@ from edge_sdk.errors import ConfigError, MessageError
 from edge_sdk.protocol.topics import check_device_id
 
 __all__ = [
-    "SCHEMA_VERSION",
-    "Message",
-    "TransferOffer",
-    "BenchmarkSpec",
     "DEPLOY_ACTIONS",
-    "ErrorInfo",
-    "DeviceStatus",
+    "MESSAGE_TYPES",
+    "SCHEMA_VERSION",
+    "BenchmarkSpec",
     "DeployCommand",
-    "RollbackCommand",
-    "RemoveCommand",
-    "SignedCommand",
-    "RootUpdate",
-    "TransferEnd",
+    "DeviceStatus",
+    "ErrorInfo",
     "Event",
     "EventKind",
+    "Message",
     "MetricsReport",
-    "MESSAGE_TYPES",
+    "RemoveCommand",
+    "RollbackCommand",
+    "RootUpdate",
+    "SignedCommand",
+    "TransferEnd",
+    "TransferOffer",
 ]
 
 SCHEMA_VERSION = 1
@@ -396,7 +396,14 @@ class MetricsReport(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
-        DeviceStatus, DeployCommand, RollbackCommand, RemoveCommand, SignedCommand, RootUpdate, TransferEnd,
-        Event, MetricsReport,
+        DeviceStatus,
+        DeployCommand,
+        RollbackCommand,
+        RemoveCommand,
+        SignedCommand,
+        RootUpdate,
+        TransferEnd,
+        Event,
+        MetricsReport,
     )
 }

@@ -21,7 +21,16 @@ from enum import Enum
 
 from edge_sdk.errors import ConfigError, MessageError
 
-__all__ = ["TOPIC_ROOT", "Channel", "DeviceTopics", "ParsedTopic", "parse_topic", "fleet_filter", "shared", "check_device_id"]
+__all__ = [
+    "TOPIC_ROOT",
+    "Channel",
+    "DeviceTopics",
+    "ParsedTopic",
+    "check_device_id",
+    "fleet_filter",
+    "parse_topic",
+    "shared",
+]
 
 TOPIC_ROOT = "edge/v1/devices"
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -96,7 +105,7 @@ def parse_topic(topic: str) -> ParsedTopic:
     prefix = TOPIC_ROOT + "/"
     if not topic.startswith(prefix):
         raise MessageError(f"topic {topic!r} is not under {TOPIC_ROOT}")
-    parts = topic[len(prefix):].split("/")
+    parts = topic[len(prefix) :].split("/")
     if len(parts) != 2:
         raise MessageError(f"topic {topic!r} is not <device>/<channel>")
     device_id, channel = parts

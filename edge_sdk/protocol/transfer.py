@@ -82,13 +82,16 @@ class ChunkReceiver:
         if not 0 <= index < len(self._spans):
             raise TransferError(
                 f"chunk {index} is outside the declared {len(self._spans)} chunks",
-                index=index, chunk_count=len(self._spans),
+                index=index,
+                chunk_count=len(self._spans),
             )
         offset, length = self._spans[index]
         if len(data) != length:
             raise TransferError(
                 f"chunk {index} carries {len(data)} bytes, the offer declares {length}",
-                index=index, expected=length, actual=len(data),
+                index=index,
+                expected=length,
+                actual=len(data),
             )
         self.deadline = now + self._idle_timeout_s
         if index in self._have:

@@ -202,7 +202,7 @@ class LiteRtSession:
                     x = x.astype(t.spec.dtype, copy=False)
                 arrays.append(x)
             self._resize_if_needed(interpreter, arrays)
-            for t, x in zip(self._inputs, arrays):
+            for t, x in zip(self._inputs, arrays, strict=False):
                 interpreter.set_tensor(t.index, x)
             interpreter.invoke()
             outputs = []
@@ -212,14 +212,12 @@ class LiteRtSession:
                     y = dequantize(y, t.scale, t.zero_point)
                 outputs.append(y)
         except Exception as exc:  # the interpreter raises ValueError/RuntimeError
-            raise ModelError(
-                f"{self.runtime} failed to run {self._name}: {exc}", model=self._label
-            ) from exc
+            raise ModelError(f"{self.runtime} failed to run {self._name}: {exc}", model=self._label) from exc
         return outputs
 
     def _resize_if_needed(self, interpreter: Any, arrays: list[np.ndarray]) -> None:
         resized = False
-        for t, x in zip(self._inputs, arrays):
+        for t, x in zip(self._inputs, arrays, strict=False):
             if self._shapes[t.index] != x.shape:
                 interpreter.resize_tensor_input(t.index, list(x.shape))
                 self._shapes[t.index] = x.shape
@@ -257,8 +255,7 @@ def open_litert(source: ModelSource, options: SessionOptions, prefer: str = LITE
     """
     if options.providers is not None and set(options.providers) - {CPU}:
         raise ConfigError(
-            f"provider {', '.join(sorted(set(options.providers) - {CPU}))} not available for LiteRT; "
-            f"available: {CPU}",
+            f"provider {', '.join(sorted(set(options.providers) - {CPU}))} not available for LiteRT; available: {CPU}",
             available=[CPU],
         )
     interpreter_cls, runtime = load_interpreter_class(prefer)

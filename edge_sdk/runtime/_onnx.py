@@ -105,8 +105,7 @@ def resolve_providers(requested: tuple[str, ...] | None, available: list[str]) -
         missing = [p for p in requested if p not in available]
         if missing:
             raise ConfigError(
-                f"execution provider {', '.join(missing)} not available; "
-                f"this onnxruntime has: {', '.join(available)}",
+                f"execution provider {', '.join(missing)} not available; this onnxruntime has: {', '.join(available)}",
                 missing=missing,
                 available=list(available),
             )
@@ -249,9 +248,7 @@ class OnnxSession:
         try:
             return self._session.run(None, feeds)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
-            raise ModelError(
-                f"onnxruntime failed to run {self._name}: {exc}", model=self._label
-            ) from exc
+            raise ModelError(f"onnxruntime failed to run {self._name}: {exc}", model=self._label) from exc
 
     def close(self) -> None:
         """Drop the onnxruntime session; onnxruntime frees it with the last reference."""

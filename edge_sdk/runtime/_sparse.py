@@ -137,7 +137,11 @@ def open_sparse(source: ModelSource, weights: Mapping[str, CsrLike], options: Se
     keep: list[np.ndarray] = []
     for name, m in weights.items():
         spec = wanted[name]
-        if spec.shape and len(spec.shape) != 2 or any(d is not None and d != got for d, got in zip(spec.shape, m.shape)):
+        if (
+            (spec.shape
+            and len(spec.shape) != 2)
+            or any(d is not None and d != got for d, got in zip(spec.shape, m.shape, strict=False))
+        ):
             raise ModelLoadError(
                 f"sparse input {name!r} of {source.name} is {list(spec.shape)}, the weight is {list(m.shape)}",
                 model=source.label,

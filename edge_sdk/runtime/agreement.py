@@ -33,7 +33,7 @@ def agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], to
     floats = [np.asarray(r) for r in reference if np.issubdtype(np.asarray(r).dtype, np.floating)]
     scale = max((float(np.abs(r).max()) for r in floats if r.size), default=0.0) or 1.0
     worst = 0.0
-    for i, (want, got) in enumerate(zip(reference, outputs)):
+    for i, (want, got) in enumerate(zip(reference, outputs, strict=False)):
         want, got = np.asarray(want), np.asarray(got)
         if want.shape != got.shape:
             return f"its output {i} has shape {list(got.shape)}, the dense execution's {list(want.shape)}"

@@ -29,16 +29,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from edge_sdk.errors import KeyStoreError, SignatureError, UntrustedKeyError
 
 __all__ = [
-    "canonical_json",
-    "signatures_from_list",
-    "PublicKey",
-    "SigningKey",
-    "Signature",
-    "TrustedKeys",
-    "encode_signatures",
-    "decode_signatures",
-    "verify_signatures",
     "MAX_SIGNATURES",
+    "PublicKey",
+    "Signature",
+    "SigningKey",
+    "TrustedKeys",
+    "canonical_json",
+    "decode_signatures",
+    "encode_signatures",
+    "signatures_from_list",
+    "verify_signatures",
 ]
 
 #: Upper bound on signatures accepted in one envelope (bounds work done on hostile input).
@@ -130,13 +130,9 @@ class SigningKey:
 
     def to_pem(self, passphrase: bytes | None = None) -> bytes:
         encryption: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(passphrase)
-            if passphrase
-            else serialization.NoEncryption()
+            serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
         )
-        return self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-        )
+        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
     def sign(self, data: bytes) -> Signature:
         return Signature(self.keyid, self._key.sign(data))
@@ -170,9 +166,7 @@ class TrustedKeys:
         if self.threshold < 1:
             raise KeyStoreError("signature threshold must be at least 1")
         if len({k.keyid for k in self.keys}) < self.threshold:
-            raise KeyStoreError(
-                f"threshold {self.threshold} exceeds the {len(self.keys)} distinct trusted keys"
-            )
+            raise KeyStoreError(f"threshold {self.threshold} exceeds the {len(self.keys)} distinct trusted keys")
 
     def by_id(self) -> dict[str, PublicKey]:
         return {k.keyid: k for k in self.keys}
@@ -211,8 +205,10 @@ def signatures_from_list(body: Any) -> list[Signature]:
         raise SignatureError(f"too many signatures ({len(body)} > {MAX_SIGNATURES})")
     out = []
     for entry in body:
-        if not isinstance(entry, dict) or not isinstance(entry.get("keyid"), str) or not isinstance(
-            entry.get("sig"), str
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("keyid"), str)
+            or not isinstance(entry.get("sig"), str)
         ):
             raise SignatureError("signature entry must have string 'keyid' and 'sig'")
         try:
@@ -223,9 +219,7 @@ def signatures_from_list(body: Any) -> list[Signature]:
     return out
 
 
-def verify_signatures(
-    data: bytes, signatures: Sequence[Signature], trusted: TrustedKeys
-) -> frozenset[str]:
+def verify_signatures(data: bytes, signatures: Sequence[Signature], trusted: TrustedKeys) -> frozenset[str]:
     """Check that ``data`` carries valid signatures from ``trusted.threshold`` trusted keys.
 
     Signatures by unknown keys are ignored for counting; a signature that claims a trusted

@@ -47,7 +47,14 @@ from edge_sdk.trust._keys import (
 )
 
 __all__ = [
-    "ROLES", "MAX_ROOT_BYTES", "Role", "Root", "SignedRoot", "sign_root", "update_root_chain", "verify_root",
+    "MAX_ROOT_BYTES",
+    "ROLES",
+    "Role",
+    "Root",
+    "SignedRoot",
+    "sign_root",
+    "update_root_chain",
+    "verify_root",
     "verify_root_update",
 ]
 
@@ -111,8 +118,10 @@ class Root:
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
             raise RootError(f"root version must be a positive integer, got {self.version!r}")
-        if isinstance(self.expires_at, bool) or not isinstance(self.expires_at, (int, float)) or not math.isfinite(
-            self.expires_at
+        if (
+            isinstance(self.expires_at, bool)
+            or not isinstance(self.expires_at, (int, float))
+            or not math.isfinite(self.expires_at)
         ):
             raise RootError("root expires_at must be a finite number")
         if set(self.roles) != set(ROLES):
@@ -177,7 +186,11 @@ class Root:
             raise RootError(f"root must have 'keys' (at most {_MAX_KEYS}) and 'roles' objects")
         keys = {}
         for keyid, entry in keys_in.items():
-            if not isinstance(entry, dict) or entry.get("keytype") != "ed25519" or not isinstance(entry.get("public"), str):
+            if (
+                not isinstance(entry, dict)
+                or entry.get("keytype") != "ed25519"
+                or not isinstance(entry.get("public"), str)
+            ):
                 raise RootError(f"root key {keyid!r} must be an ed25519 key with a hex 'public'")
             try:
                 keys[keyid] = PublicKey(bytes.fromhex(entry["public"]))
@@ -204,9 +217,7 @@ class SignedRoot:
     signatures: tuple[Signature, ...]
 
     def to_bytes(self) -> bytes:
-        return canonical_json(
-            {"signed": self.root.to_dict(), "signatures": [s.to_dict() for s in self.signatures]}
-        )
+        return canonical_json({"signed": self.root.to_dict(), "signatures": [s.to_dict() for s in self.signatures]})
 
     @classmethod
     def from_bytes(cls, data: bytes, max_bytes: int = MAX_ROOT_BYTES) -> SignedRoot:
@@ -271,11 +282,15 @@ def verify_root_update(trusted: Root, new_root: bytes | SignedRoot, now: float) 
     try:
         verify_signatures(data, signed.signatures, trusted.trusted("root"))
     except SignatureError as exc:
-        raise type(exc)(f"new root v{new.version} lacks the current root keys' signatures: {exc.message}", **exc.details) from exc
+        raise type(exc)(
+            f"new root v{new.version} lacks the current root keys' signatures: {exc.message}", **exc.details
+        ) from exc
     try:
         verify_signatures(data, signed.signatures, new.trusted("root"))
     except SignatureError as exc:
-        raise type(exc)(f"new root v{new.version} lacks its own root keys' signatures: {exc.message}", **exc.details) from exc
+        raise type(exc)(
+            f"new root v{new.version} lacks its own root keys' signatures: {exc.message}", **exc.details
+        ) from exc
     if new.version <= trusted.version:
         raise RollbackError(
             f"root v{new.version} is not newer than the trusted root v{trusted.version}",
@@ -311,6 +326,3 @@ def update_root_chain(trusted: Root, chain: Sequence[bytes], now: float) -> Root
             continue
         trusted = verify_root_update(trusted, signed, now)
     return trusted
-
-
-

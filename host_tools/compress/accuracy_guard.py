@@ -32,7 +32,7 @@ from .quantize import (
     QuantizationPass,
 )
 
-__all__ = ["AccuracyGuard", "Ranking", "node_sensitivity", "quantized_nodes", "WEIGHTED_OPS"]
+__all__ = ["WEIGHTED_OPS", "AccuracyGuard", "Ranking", "node_sensitivity", "quantized_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,9 @@ class AccuracyGuard:
             result = self._attempt(model, excluded, ctx)
             drop = base - quality.of(result.model)
             attempts.append({"float_nodes": list(excluded), "drop": drop})
-            logger.info("%s with %d float nodes: drop %.4f (budget %.4f)", self.name, len(excluded), drop, self.max_drop)
+            logger.info(
+                "%s with %d float nodes: drop %.4f (budget %.4f)", self.name, len(excluded), drop, self.max_drop
+            )
             if drop <= self.max_drop:
                 notes = dict(result.notes)
                 guard: dict[str, object] = {"max_drop": self.max_drop, "ranking": self.ranking, "attempts": attempts}
@@ -168,8 +170,13 @@ class AccuracyGuard:
         return step.run(work, ctx)
 
     def _measure_each(
-        self, model: onnx.ModelProto, candidates: list[str], excluded: list[str], ctx: PassContext,
-        quality: Quality, base: float,
+        self,
+        model: onnx.ModelProto,
+        candidates: list[str],
+        excluded: list[str],
+        ctx: PassContext,
+        quality: Quality,
+        base: float,
     ) -> list[dict[str, object]]:
         """The drop with each candidate alone (besides ``excluded``) kept in float, best first."""
         rows: list[dict[str, object]] = []
@@ -215,7 +222,9 @@ def quantized_nodes(reference: onnx.ModelProto, quantized: onnx.ModelProto, cand
     return result
 
 
-_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
+_FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+)
 
 
 def node_sensitivity(
@@ -284,4 +293,4 @@ def _intermediates(model: onnx.ModelProto, names: list[str], x: Inputs) -> Mappi
         if batch not in (None, 0):
             feeds = {name: value[:batch] for name, value in feeds.items()}
         values = session.run(feeds)
-    return dict(zip(outputs, values))
+    return dict(zip(outputs, values, strict=False))

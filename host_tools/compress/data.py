@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_sdk.errors import ConfigError
 
-__all__ = ["Dataset", "DigitsSplit", "Inputs", "load_digits_split", "load_arrays", "match_inputs"]
+__all__ = ["Dataset", "DigitsSplit", "Inputs", "load_arrays", "load_digits_split", "match_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,10 @@ class Dataset:
             raise ConfigError("dataset labels must be a 1-D array", key="y")
         if len(self.y) != len(self):
             raise ConfigError(
-                f"dataset has {len(self)} inputs but {len(self.y)} labels", key="y", inputs=len(self), labels=len(self.y)
+                f"dataset has {len(self)} inputs but {len(self.y)} labels",
+                key="y",
+                inputs=len(self),
+                labels=len(self.y),
             )
         if not np.issubdtype(self.y.dtype, np.integer):
             raise ConfigError(f"dataset labels must be integers, not {self.y.dtype}", key="y")
@@ -179,7 +182,9 @@ def match_inputs(names: Sequence[str], x: Inputs, what: str = "the data") -> dic
     names = list(names)
     if isinstance(x, Mapping):
         if set(x) != set(names):
-            raise ConfigError(f"{what} has inputs {sorted(x)}, the model takes {names}", key="x", data=sorted(x), model=names)
+            raise ConfigError(
+                f"{what} has inputs {sorted(x)}, the model takes {names}", key="x", data=sorted(x), model=names
+            )
         return {name: x[name] for name in names}
     if len(names) != 1:
         raise ConfigError(
@@ -255,9 +260,7 @@ def load_arrays(spec: str | os.PathLike[str]) -> Dataset:
         return _load_file(path)
     if _ENTRY_POINT.match(text):
         return _load_entry_point(text)
-    raise ConfigError(
-        f"{text}: not a .npz/.npy file and not a module:function entry point", file=text
-    )
+    raise ConfigError(f"{text}: not a .npz/.npy file and not a module:function entry point", file=text)
 
 
 def _load_file(path: Path) -> Dataset:
@@ -277,13 +280,19 @@ def _load_file(path: Path) -> Dataset:
         named = [k for k in keys if k.startswith("x.") and len(k) > 2]
         if named:
             if "x" in keys:
-                raise ConfigError(f"{path}: has both 'x' and per-input 'x.NAME' arrays; give one or the other", file=str(path), key="x")
+                raise ConfigError(
+                    f"{path}: has both 'x' and per-input 'x.NAME' arrays; give one or the other",
+                    file=str(path),
+                    key="x",
+                )
             y_key = "y" if "y" in keys else None
             ignored = [k for k in keys if k not in named and k != y_key]
             if ignored:
                 logger.warning("%s: using %s as inputs and %r as labels, ignoring %s", path, named, y_key, ignored)
             inputs = {k[2:]: _read(archive, k, path) for k in named}
-            return _dataset(inputs, _read(archive, y_key, path) if y_key else None, source=str(path), x_key="x", y_key=y_key)
+            return _dataset(
+                inputs, _read(archive, y_key, path) if y_key else None, source=str(path), x_key="x", y_key=y_key
+            )
         if "x" in keys:
             x_key, y_key = "x", ("y" if "y" in keys else None)
         elif "y" in keys:
@@ -291,7 +300,9 @@ def _load_file(path: Path) -> Dataset:
         elif keys:
             x_key, y_key = keys[0], (keys[1] if len(keys) > 1 else None)
             if len(keys) > 2:
-                logger.warning("%s: no 'x' key; using %r as inputs and %r as labels, ignoring %s", path, x_key, y_key, keys[2:])
+                logger.warning(
+                    "%s: no 'x' key; using %r as inputs and %r as labels, ignoring %s", path, x_key, y_key, keys[2:]
+                )
         else:
             raise ConfigError(f"{path}: archive holds no arrays", file=str(path))
         x = _read(archive, x_key, path)

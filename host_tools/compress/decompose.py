@@ -107,9 +107,7 @@ def _eligible(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
     return not (has_bias and attrs.get("beta", 1.0) != 1.0 and node.input[2] not in inits)
 
 
-def _add_initializer(
-    graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], values: np.ndarray, name: str
-) -> str:
+def _add_initializer(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], values: np.ndarray, name: str) -> str:
     """Store ``values`` under a fresh name; the old initializer may be shared with other nodes."""
     while name in inits:
         name += "_"

@@ -22,7 +22,7 @@ from .data import DigitsSplit
 from .evaluate import predict_classes
 from .model_file import build_model
 
-__all__ = ["train_digits_mlp", "mlp_to_onnx", "DIGITS_OPSET"]
+__all__ = ["DIGITS_OPSET", "mlp_to_onnx", "train_digits_mlp"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def mlp_to_onnx(classifier: Any, *, input_name: str = "input", output_name: str 
     n_out = coefs[-1].shape[1]
     nodes, inits = [], []
     current = input_name
-    for i, (weight, bias) in enumerate(zip(coefs, classifier.intercepts_)):
+    for i, (weight, bias) in enumerate(zip(coefs, classifier.intercepts_, strict=False)):
         last = i == len(coefs) - 1
         w_name, b_name = f"fc{i}.weight", f"fc{i}.bias"
         inits.append(numpy_helper.from_array(np.ascontiguousarray(weight.T, dtype=np.float32), w_name))

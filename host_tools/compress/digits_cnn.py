@@ -99,7 +99,9 @@ def _im2col(x: np.ndarray, stride: int) -> tuple[np.ndarray, int, int]:
     n, c, h, w = x.shape
     padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
-    patches = [padded[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride] for i in range(3) for j in range(3)]
+    patches = [
+        padded[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride] for i in range(3) for j in range(3)
+    ]
     cols = np.stack(patches, axis=2)  # [N, C, 9, oh, ow]
     return cols.transpose(0, 3, 4, 1, 2).reshape(n * oh * ow, c * 9), oh, ow
 
@@ -121,7 +123,7 @@ def _conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int) -> t
 
 
 def _forward(p: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, dict[str, object]]:
-    z1, cols1, oh1, ow1 = _conv(x, p["conv1.weight"], p["conv1.bias"], 1)
+    z1, cols1, _oh1, _ow1 = _conv(x, p["conv1.weight"], p["conv1.bias"], 1)
     a1 = np.maximum(z1, 0)
     z2, cols2, oh2, ow2 = _conv(a1, p["conv2.weight"], p["conv2.bias"], 2)
     a2 = np.maximum(z2, 0)

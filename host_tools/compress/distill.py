@@ -35,7 +35,7 @@ from .model_file import build_model, load_model
 from .passes import PassContext, PassResult
 from .torch_bridge import graph_module, module_to_onnx, require_torch
 
-__all__ = ["MlpStudent", "Distillation", "StudentSpec", "teacher_logits", "parse_student"]
+__all__ = ["Distillation", "MlpStudent", "StudentSpec", "parse_student", "teacher_logits"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +85,15 @@ class MlpStudent:
         widths = [*self.hidden, classes]
         for i, out in enumerate(widths):
             bound = 1.0 / np.sqrt(width)
-            inits.append(numpy_helper.from_array(rng.uniform(-bound, bound, (out, width)).astype(np.float32), f"fc{i}.weight"))
+            inits.append(
+                numpy_helper.from_array(rng.uniform(-bound, bound, (out, width)).astype(np.float32), f"fc{i}.weight")
+            )
             inits.append(numpy_helper.from_array(rng.uniform(-bound, bound, out).astype(np.float32), f"fc{i}.bias"))
             last = i == len(widths) - 1
             result = output_name if last else f"fc{i}"
-            nodes.append(helper.make_node("Gemm", [current, f"fc{i}.weight", f"fc{i}.bias"], [result], name=f"fc{i}", transB=1))
+            nodes.append(
+                helper.make_node("Gemm", [current, f"fc{i}.weight", f"fc{i}.bias"], [result], name=f"fc{i}", transB=1)
+            )
             if not last:
                 nodes.append(helper.make_node("Relu", [result], [f"relu{i}"], name=f"relu{i}"))
                 current = f"relu{i}"
@@ -179,7 +183,11 @@ class Distillation:
                 classes=classes,
             )
         stats = train_module(
-            module, data, self.options, seed=ctx.seed, loss=self._loss(torch, soft, data),
+            module,
+            data,
+            self.options,
+            seed=ctx.seed,
+            loss=self._loss(torch, soft, data),
             progress=lambda done, total: ctx.report(self.name, "train", done, total),
         )
         student = exporter(module)

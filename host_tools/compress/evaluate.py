@@ -28,21 +28,21 @@ from edge_sdk.runtime import InferenceSession, SessionOptions, TensorSpec, open_
 from .data import Dataset, Inputs, match_inputs
 
 __all__ = [
+    "QUALITY_METRICS",
     "ModelLike",
     "Quality",
-    "QUALITY_METRICS",
     "check_metric",
     "cosine_similarities",
-    "evaluate_accuracy",
-    "predict_classes",
-    "top1_agreement",
-    "model_size_bytes",
     "count_parameters",
-    "measure_sparsity",
+    "evaluate_accuracy",
     "host_latency_ms",
-    "open_host_session",
-    "run_batched",
     "input_feeds",
+    "measure_sparsity",
+    "model_size_bytes",
+    "open_host_session",
+    "predict_classes",
+    "run_batched",
+    "top1_agreement",
 ]
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,9 @@ def run_batched(session: InferenceSession, x: Inputs, batch_size: int) -> np.nda
         chunk = {name: value[start : start + step] for name, value in feeds.items()}
         real = min(step, count - start)
         if fixed is not None and real < step:
-            chunk = {name: np.concatenate([v, np.zeros((step - real, *v.shape[1:]), v.dtype)]) for name, v in chunk.items()}
+            chunk = {
+                name: np.concatenate([v, np.zeros((step - real, *v.shape[1:]), v.dtype)]) for name, v in chunk.items()
+            }
         try:
             out = session.run(chunk)[0]
         except ModelError as exc:
@@ -198,7 +200,9 @@ def top1_agreement(predictions: np.ndarray, reference: np.ndarray) -> float:
         ConfigError: the two arrays differ in length.
     """
     if predictions.shape != reference.shape:
-        raise ConfigError(f"cannot compare {predictions.shape} predictions with {reference.shape} reference predictions")
+        raise ConfigError(
+            f"cannot compare {predictions.shape} predictions with {reference.shape} reference predictions"
+        )
     return float(np.mean(predictions == reference))
 
 
@@ -288,7 +292,9 @@ class Quality:
         assert self._reference is not None
         reference = self._reference[:n]
         if out.shape != reference.shape:
-            raise ConfigError(f"cannot compare outputs of shape {list(out.shape)} with the original's {list(reference.shape)}")
+            raise ConfigError(
+                f"cannot compare outputs of shape {list(out.shape)} with the original's {list(reference.shape)}"
+            )
         if self.metric == "agreement":
             return top1_agreement(out, reference)
         return float(np.min(cosine_similarities(out, reference)))
@@ -307,7 +313,9 @@ def check_metric(metric: str | None, data: Dataset) -> str:
     """
     metric = metric or ("accuracy" if data.labelled else "agreement")
     if metric not in QUALITY_METRICS:
-        raise ConfigError(f"unknown quality metric {metric!r}; choose one of {', '.join(QUALITY_METRICS)}", key="metric")
+        raise ConfigError(
+            f"unknown quality metric {metric!r}; choose one of {', '.join(QUALITY_METRICS)}", key="metric"
+        )
     if metric == "accuracy" and not data.labelled:
         raise ConfigError(
             "quality metric 'accuracy' needs labelled evaluation data (labels y); this data has none: "
@@ -402,9 +410,7 @@ def measure_sparsity(model: ModelLike) -> float:
     return zeros / total if total else 0.0
 
 
-def host_latency_ms(
-    model: ModelLike, sample: Inputs | None = None, *, runs: int = 50, warmup: int = 5
-) -> float:
+def host_latency_ms(model: ModelLike, sample: Inputs | None = None, *, runs: int = 50, warmup: int = 5) -> float:
     """Median latency of one inference on this host: onnxruntime CPU, 1 thread, batch 1.
 
     This is a quick comparison between compression steps, not a device benchmark;
@@ -431,7 +437,9 @@ def host_latency_ms(
     with open_host_session(model) as session:
         specs = session.inputs()
         if sample is None:
-            sample = {s.name: np.zeros([1 if d is None or d == 0 else d for d in s.shape], _numpy_dtype(s)) for s in specs}
+            sample = {
+                s.name: np.zeros([1 if d is None or d == 0 else d for d in s.shape], _numpy_dtype(s)) for s in specs
+            }
         elif not isinstance(sample, Mapping) and np.ndim(sample) == len(specs[0].shape) - 1:
             sample = np.asarray(sample)[np.newaxis]
         feeds = input_feeds(session, sample)

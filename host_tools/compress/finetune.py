@@ -30,7 +30,7 @@ from .data import Dataset
 from .passes import PassContext, PassResult
 from .torch_bridge import graph_module, require_torch
 
-__all__ = ["TrainingOptions", "FineTune", "finetune_module", "train_module", "zero_masks", "codebook_ties"]
+__all__ = ["FineTune", "TrainingOptions", "codebook_ties", "finetune_module", "train_module", "zero_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,12 @@ class FineTune:
         ties = codebook_ties(module) if self.share_codebooks else {}
         masks = {k: v for k, v in zero_masks(module).items() if k not in ties} if self.keep_zeros else {}
         stats = train_module(
-            module, data, self.options, seed=ctx.seed, masks=masks, ties=ties,
+            module,
+            data,
+            self.options,
+            seed=ctx.seed,
+            masks=masks,
+            ties=ties,
             progress=lambda done, total: ctx.report(self.name, "train", done, total),
         )
         tuned = module.to_onnx()
@@ -130,7 +135,9 @@ class FineTune:
         return PassResult(tuned, changed=self.options.epochs > 0, notes=notes)
 
 
-def finetune_module(module: Any, data: Dataset, options: TrainingOptions = TrainingOptions(), *, seed: int = 0) -> dict[str, Any]:
+def finetune_module(
+    module: Any, data: Dataset, options: TrainingOptions = TrainingOptions(), *, seed: int = 0
+) -> dict[str, Any]:
     """Fine-tune a torch classifier in place, keeping its zero weights at zero.
 
     Args:
@@ -286,7 +293,9 @@ def train_module(
     )
     steps_per_epoch = max(1, math.ceil(len(x) / options.batch_size))
     total_steps = max(1, options.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    )
     generator = torch.Generator().manual_seed(seed)
     everything = torch.arange(len(x))
 

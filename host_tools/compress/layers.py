@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from edge_sdk.errors import CompressionError
 
-__all__ = ["WeightLayer", "find_layers", "layer_name", "select_layers", "consumers_of", "replace_initializer"]
+__all__ = ["WeightLayer", "consumers_of", "find_layers", "layer_name", "replace_initializer", "select_layers"]
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
 

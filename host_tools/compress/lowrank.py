@@ -212,7 +212,9 @@ class LowRankFactorization:
         logger.info("low-rank: energy %.6f gives >= %.2fx fewer parameters", energy, ratio)
         return energy
 
-    def _search(self, model: onnx.ModelProto, layers: list[_Layer], ctx: PassContext) -> tuple[float, onnx.ModelProto, list[dict[str, Any]]]:
+    def _search(
+        self, model: onnx.ModelProto, layers: list[_Layer], ctx: PassContext
+    ) -> tuple[float, onnx.ModelProto, list[dict[str, Any]]]:
         assert ctx.evaluation is not None and self.max_drop is not None
         scorer = Quality.for_model(model, ctx.evaluation, ctx.quality_metric)
         quality, base = scorer.of, scorer.original
@@ -323,7 +325,9 @@ def _factorize(
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(a.T)[:, :, None, None], a_name))
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b.T)[:, :, None, None], b_name))
             first_attrs = {k: v for k, v in attrs.items() if k in ("strides", "dilations", "pads", "auto_pad")}
-            nodes.append(helper.make_node("Conv", [node.input[0], a_name], [mid], name=f"{layer.name}.lowrank_a", **first_attrs))
+            nodes.append(
+                helper.make_node("Conv", [node.input[0], a_name], [mid], name=f"{layer.name}.lowrank_a", **first_attrs)
+            )
             nodes.append(helper.make_node("Conv", [mid, b_name, *node.input[2:]], list(node.output), name=layer.name))
         else:
             graph.initializer.append(numpy_helper.from_array(a, a_name))
@@ -334,13 +338,15 @@ def _factorize(
                 nodes.append(helper.make_node("MatMul", [mid, b_name], list(node.output), name=layer.name))
             else:
                 beta = {"beta": attrs["beta"]} if "beta" in attrs else {}
-                nodes.append(helper.make_node("Gemm", [mid, b_name, *node.input[2:]], list(node.output), name=layer.name, **beta))
+                nodes.append(
+                    helper.make_node("Gemm", [mid, b_name, *node.input[2:]], list(node.output), name=layer.name, **beta)
+                )
         details.append(
             {
                 "layer": layer.name,
                 "shape": [int(n_in), int(n_out)],
                 "rank": int(rank),
-                "full_rank": int(len(layer.singular_values)),
+                "full_rank": len(layer.singular_values),
                 "params_before": int(n_in * n_out),
                 "params_after": int(rank * (n_in + n_out)),
             }

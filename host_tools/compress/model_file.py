@@ -19,7 +19,15 @@ import onnx
 from edge_sdk.durable import atomic_write_bytes
 from edge_sdk.errors import ModelLoadError
 
-__all__ = ["ModelSource", "DEVICE_IR_VERSION", "build_model", "load_model", "model_from_bytes", "as_model", "save_model_atomic"]
+__all__ = [
+    "DEVICE_IR_VERSION",
+    "ModelSource",
+    "as_model",
+    "build_model",
+    "load_model",
+    "model_from_bytes",
+    "save_model_atomic",
+]
 
 logger = logging.getLogger(__name__)
 

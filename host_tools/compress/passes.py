@@ -37,17 +37,17 @@ from .evaluate import (
 )
 
 __all__ = [
-    "ProgressEvent",
-    "ProgressCallback",
-    "PassContext",
-    "PassResult",
     "CompressionPass",
-    "MeasureOptions",
-    "ModelMetrics",
-    "StepReport",
     "CompressionReport",
     "CompressionResult",
+    "MeasureOptions",
+    "ModelMetrics",
+    "PassContext",
     "PassManager",
+    "PassResult",
+    "ProgressCallback",
+    "ProgressEvent",
+    "StepReport",
 ]
 
 logger = logging.getLogger(__name__)

@@ -64,13 +64,20 @@ def compress(
     proto = as_model(model)
     manager = PassManager(steps, measure=measure)
     ctx = PassContext(
-        calibration=calibration, evaluation=evaluation, progress=progress, seed=seed, training=training,
+        calibration=calibration,
+        evaluation=evaluation,
+        progress=progress,
+        seed=seed,
+        training=training,
         quality_metric=quality_metric,
     )
     result = manager.run(proto, ctx)
     report = result.report
     logger.info(
-        "compressed %d -> %d bytes (%.2fx) in %d steps", report.original.size_bytes, report.final.size_bytes,
-        report.size_ratio, len(report.steps),
+        "compressed %d -> %d bytes (%.2fx) in %d steps",
+        report.original.size_bytes,
+        report.final.size_bytes,
+        report.size_ratio,
+        len(report.steps),
     )
     return result

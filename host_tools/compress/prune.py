@@ -21,6 +21,7 @@ Sparsity is counted over the weights of the ``Conv``, ``Gemm`` and ``MatMul`` la
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -174,7 +175,9 @@ class SensitivityPruning:
         """
         data = ctx.training or ctx.calibration
         if data is None:
-            raise CompressionError("sensitivity pruning needs data to measure on (training or calibration); none was given")
+            raise CompressionError(
+                "sensitivity pruning needs data to measure on (training or calibration); none was given"
+            )
         layers = _prunable(model)
         select_layers(layers, self.skip, self.name)
         free = [l for l in layers if l.name not in self.skip]
@@ -190,7 +193,9 @@ class SensitivityPruning:
                 reachable=reachable,
             )
         if len(data) > self.max_samples:
-            data = data.take(np.sort(np.random.default_rng(ctx.seed).choice(len(data), self.max_samples, replace=False)))
+            data = data.take(
+                np.sort(np.random.default_rng(ctx.seed).choice(len(data), self.max_samples, replace=False))
+            )
         quality = Quality.for_model(model, data, ctx.quality_metric)
         base = quality.original
         grid = [g for g in self.grid if g <= self.max_layer_sparsity]
@@ -224,7 +229,7 @@ def _inverse(curve: Sequence[tuple[float, float]], tolerance: float) -> float:
     best = 0.0
     running = 0.0
     points = [(p, running := max(running, d)) for p, d in curve]
-    for (p0, d0), (p1, d1) in zip(points, points[1:]):
+    for (p0, d0), (p1, d1) in itertools.pairwise(points):
         if d1 <= tolerance:
             best = p1
             continue
@@ -265,7 +270,9 @@ def _prunable(model: onnx.ModelProto) -> list[WeightLayer]:
     layers = find_layers(model)
     if not layers:
         ops = sorted({n.op_type for n in model.graph.node})
-        raise CompressionError(f"nothing to prune: no Conv, Gemm or MatMul with a constant weight (ops: {ops})", ops=ops)
+        raise CompressionError(
+            f"nothing to prune: no Conv, Gemm or MatMul with a constant weight (ops: {ops})", ops=ops
+        )
     return layers
 
 
@@ -306,12 +313,12 @@ def prune_to_sparsity(
     weights = {l.name: _weight(model, l) for l in layers}
     # Each layer's zeros stay zeros; ties at the threshold are broken by position.
     for name, target in layer_targets.items():
-        weights[name] = _zero_smallest(weights[name], int(round(target * weights[name].size)))
+        weights[name] = _zero_smallest(weights[name], round(target * weights[name].size))
     if scope == "global":
         free = [l.name for l in layers if l.name not in layer_targets and l.name not in skip]
         total = sum(w.size for w in weights.values())
         fixed = sum(int(np.count_nonzero(weights[n] == 0)) for n in weights if n not in free)
-        needed = int(math.ceil(sparsity * total - 1e-9)) - fixed
+        needed = math.ceil(sparsity * total - 1e-9) - fixed
         room = sum(weights[n].size for n in free)
         if needed > room:
             most = (fixed + room) / total

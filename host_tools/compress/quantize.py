@@ -32,14 +32,14 @@ from .decompose import decompose_gemm
 from .passes import CompressionPass, PassContext, PassResult
 
 __all__ = [
+    "QUANTIZE_OPTIONS",
     "CalibrationMethod",
-    "StaticInt8Quantization",
     "DynamicInt8Quantization",
     "Float16Conversion",
     "Int4WeightOnlyQuantization",
     "QuantizationPass",
+    "StaticInt8Quantization",
     "parse_quantize_option",
-    "QUANTIZE_OPTIONS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,9 @@ class DynamicInt8Quantization:
             except Exception as exc:  # onnxruntime raises ValueError, RuntimeError, its own Fail
                 raise CompressionError(f"onnxruntime dynamic quantization failed: {exc}") from exc
             quantized = onnx.load(str(out))
-        integer_ops = sum(1 for n in quantized.graph.node if n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul"))
+        integer_ops = sum(
+            1 for n in quantized.graph.node if n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
+        )
         return PassResult(
             quantized,
             changed=integer_ops > 0 or decomposed > 0,
@@ -498,7 +500,9 @@ def quantize_mode(text: str, key: str = "quantize") -> tuple[type, Mapping[str, 
     """
     mode = QUANTIZE_OPTIONS.get(text.strip().lower().replace("_", "-"))
     if mode is None:
-        raise ConfigError(f"unknown quantization mode {text!r}; choose one of: {', '.join(QUANTIZE_OPTIONS)}", key=key, value=text)
+        raise ConfigError(
+            f"unknown quantization mode {text!r}; choose one of: {', '.join(QUANTIZE_OPTIONS)}", key=key, value=text
+        )
     return mode
 
 
@@ -552,7 +556,9 @@ def _calibration_inputs(model: onnx.ModelProto, data: Dataset) -> dict[str, np.n
             d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim
         ]
         got = list(got_array.shape)
-        fits = len(expected) == len(got) and all(not isinstance(e, int) or e == g for e, g in zip(expected[1:], got[1:]))
+        fits = len(expected) == len(got) and all(
+            not isinstance(e, int) or e == g for e, g in zip(expected[1:], got[1:], strict=False)
+        )
         if not fits:
             raise CompressionError(
                 f"calibration data for input {model_input.name!r} has shape {got}, but the model expects {expected}",
@@ -568,7 +574,9 @@ def _calibration_inputs(model: onnx.ModelProto, data: Dataset) -> dict[str, np.n
                 input=model_input.name,
             )
         if not np.issubdtype(got_array.dtype, np.number):
-            raise CompressionError(f"calibration data for input {model_input.name!r} is not numeric ({got_array.dtype})")
+            raise CompressionError(
+                f"calibration data for input {model_input.name!r} is not numeric ({got_array.dtype})"
+            )
         checked[model_input.name] = np.ascontiguousarray(got_array, dtype=dtype)
     return checked
 

@@ -43,7 +43,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["PassFactory", "PASS_REGISTRY", "register_pass", "build_pass", "parse_recipe", "load_recipe", "quantize_modes"]
+__all__ = [
+    "PASS_REGISTRY",
+    "PassFactory",
+    "build_pass",
+    "load_recipe",
+    "parse_recipe",
+    "quantize_modes",
+    "register_pass",
+]
 
 PassFactory = Callable[[Mapping[str, Any]], CompressionPass]
 """Builds a pass from a step's options (everything in the step but ``pass``)."""
@@ -114,7 +122,9 @@ def parse_recipe(text: str, *, source: str = "<recipe>", base_dir: str | Path | 
     steps = doc.get("step")
     unknown = sorted(set(doc) - {"step"})
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level keys {unknown}; a recipe is a list of [[step]] tables", file=source)
+        raise ConfigError(
+            f"{source}: unknown top-level keys {unknown}; a recipe is a list of [[step]] tables", file=source
+        )
     if not isinstance(steps, list) or not steps:
         raise ConfigError(f"{source}: a recipe needs at least one [[step]] table", file=source)
     passes: list[CompressionPass] = []
@@ -122,7 +132,7 @@ def parse_recipe(text: str, *, source: str = "<recipe>", base_dir: str | Path | 
         options = dict(step)
         name = options.pop("pass", None)
         if not isinstance(name, str):
-            raise ConfigError(f"{source}: step {number} has no pass = \"...\"", file=source, step=number)
+            raise ConfigError(f'{source}: step {number} has no pass = "..."', file=source, step=number)
         if base_dir is not None:
             for key in FILE_OPTIONS:
                 value = options.get(key)
@@ -181,7 +191,9 @@ def _quantize(options: Mapping[str, Any]) -> CompressionPass:
     max_drop = opts.pop("max_accuracy_drop", None)
     ranking = opts.pop("guard_ranking", None)
     if ranking is not None and max_drop is None:
-        raise ConfigError("guard_ranking needs max_accuracy_drop (it orders the accuracy guard's search)", key="guard_ranking")
+        raise ConfigError(
+            "guard_ranking needs max_accuracy_drop (it orders the accuracy guard's search)", key="guard_ranking"
+        )
     inner = _construct(cls, {**defaults, **opts})
     if max_drop is None:
         return inner

@@ -63,8 +63,6 @@ class SparsePack:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-
-
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     inferred = shape_inference.infer_shapes(model)
     ranks = {}
@@ -152,8 +150,12 @@ def sparsify(model: onnx.ModelProto, min_sparsity: float = 0.5) -> SparsePack:
         product = f"{out}__sparse_t"
         new_nodes.append(
             helper.make_node(
-                "SparseToDenseMatMul", [weight_name, node.input[0]], [product], name=f"{name}__sparse",
-                domain=_MS_DOMAIN, transB=1,
+                "SparseToDenseMatMul",
+                [weight_name, node.input[0]],
+                [product],
+                name=f"{name}__sparse",
+                domain=_MS_DOMAIN,
+                transB=1,
             )
         )
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:

@@ -37,8 +37,22 @@ logger = logging.getLogger(__name__)
 
 _PER_CHANNEL_OPS = frozenset(
     {
-        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus",
-        "Dropout", "Identity", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "Elu",
+        "Selu",
+        "HardSigmoid",
+        "HardSwish",
+        "Softplus",
+        "Dropout",
+        "Identity",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "LpPool",
     }
 )
 """Ops whose output channel c depends only on input channel c: they pass a chain through."""
@@ -198,9 +212,7 @@ def _trace(graph: onnx.GraphProto, layer: WeightLayer, layers: Sequence[WeightLa
                 raise stop(f"{node.op_type} node {label!r} has constant inputs", label)
         elif node.op_type == "BatchNormalization" and node.input[0] == tensor:
             per_channel.extend(node.input[1:5])
-        elif node.op_type == "Flatten" and _attr(node, "axis", 1) == 1 and not flattened:
-            flattened = True
-        elif node.op_type == "Reshape" and not flattened and _is_flatten_shape(node, inits):
+        elif (node.op_type == "Flatten" and _attr(node, "axis", 1) == 1 and not flattened) or (node.op_type == "Reshape" and not flattened and _is_flatten_shape(node, inits)):
             flattened = True
         else:
             raise stop(f"it feeds {node.op_type} node {label!r}, which this pass does not understand", label)
@@ -230,7 +242,7 @@ def _prune_layer(graph: onnx.GraphProto, layer: WeightLayer, chain: _Chain, rati
     """Keep the strongest channels of ``layer``; shrink what reads them. Returns [before, after]."""
     weight = _array(graph, layer.weight)
     count = weight.shape[layer.out_axis]
-    remove = int(round(ratio * count))
+    remove = round(ratio * count)
     if remove >= count:
         raise CompressionError(
             f"layer {layer.name!r} has {count} channels; removing {ratio:.0%} would leave none",
@@ -240,7 +252,11 @@ def _prune_layer(graph: onnx.GraphProto, layer: WeightLayer, chain: _Chain, rati
     if remove == 0:
         return [count, count]
     other = tuple(a for a in range(weight.ndim) if a != layer.out_axis)
-    norms = np.abs(weight).sum(axis=other) if criterion == "l1" else np.sqrt((weight.astype(np.float64) ** 2).sum(axis=other))
+    norms = (
+        np.abs(weight).sum(axis=other)
+        if criterion == "l1"
+        else np.sqrt((weight.astype(np.float64) ** 2).sum(axis=other))
+    )
     keep = np.sort(np.argsort(-norms, kind="stable")[: count - remove])
     replace_initializer(graph, layer.weight, np.take(weight, keep, axis=layer.out_axis))
     for name in ([layer.bias] if layer.bias else []) + list(chain.per_channel):

@@ -40,8 +40,8 @@ from .data import Dataset
 from .evaluate import Quality, check_metric
 
 __all__ = [
-    "TFLITE_RECIPES",
     "TFLITE_QUANTIZE_MODES",
+    "TFLITE_RECIPES",
     "TfliteCompression",
     "TfliteMetrics",
     "TfliteTensor",
@@ -172,7 +172,10 @@ def tflite_tensors(data: bytes) -> list[TfliteTensor]:
 def _inputs(model: Any) -> list[tuple[str, tuple[int, ...]]]:
     graph = model.subgraphs[0]
     return [
-        (_name(graph.tensors[i].name), tuple(int(d) for d in (graph.tensors[i].shape if graph.tensors[i].shape is not None else ())))
+        (
+            _name(graph.tensors[i].name),
+            tuple(int(d) for d in (graph.tensors[i].shape if graph.tensors[i].shape is not None else ())),
+        )
         for i in graph.inputs
     ]
 
@@ -231,7 +234,7 @@ def _calibration_batches(
     if len(rows) != 1 or 0 in rows:
         raise CompressionError(f"calibration arrays must have the same, non-zero number of rows; got {sorted(rows)}")
     feeds: list[dict[str, np.ndarray]] = []
-    for (name, shape), key in zip(inputs, signature_inputs):
+    for (name, shape), key in zip(inputs, signature_inputs, strict=False):
         x = arrays[name]
         if not np.issubdtype(x.dtype, np.number) or tuple(x.shape[1:]) != tuple(shape[1:]):
             raise CompressionError(
@@ -304,7 +307,9 @@ def quantize_tflite(
             ai-edge-quantizer failed.
     """
     if recipe not in TFLITE_RECIPES:
-        raise ConfigError(f"unknown .tflite recipe {recipe!r}; choose one of: {', '.join(TFLITE_RECIPES)}", key="recipe")
+        raise ConfigError(
+            f"unknown .tflite recipe {recipe!r}; choose one of: {', '.join(TFLITE_RECIPES)}", key="recipe"
+        )
     if max_calibration_samples < 1:
         raise ConfigError("max_calibration_samples must be at least 1", key="max_calibration_samples")
     parsed = _read(model)
@@ -341,7 +346,9 @@ def quantize_tflite(
             engine = quantizer.Quantizer(bytearray(source), steps)
             quantized = engine.quantize(ranges, enable_progress_report=False).quantized_model
     except Exception as exc:  # ai-edge-quantizer raises ValueError, RuntimeError, KeyError...
-        raise CompressionError(f"ai-edge-quantizer ({recipe}) failed: {type(exc).__name__}: {exc}", recipe=recipe) from exc
+        raise CompressionError(
+            f"ai-edge-quantizer ({recipe}) failed: {type(exc).__name__}: {exc}", recipe=recipe
+        ) from exc
     if quantized is None:
         raise CompressionError(f"ai-edge-quantizer ({recipe}) returned no model", recipe=recipe)
     logger.info("quantized .tflite with %s: %d -> %d bytes", recipe, len(model), len(quantized))

@@ -37,7 +37,7 @@ from edge_sdk.errors import CompressionError, RuntimeUnavailableError
 from .layers import node_attributes
 from .model_file import build_model
 
-__all__ = ["require_torch", "graph_module", "module_to_onnx", "SUPPORTED_OPS", "TRAIN_EXTRA_HINT"]
+__all__ = ["SUPPORTED_OPS", "TRAIN_EXTRA_HINT", "graph_module", "module_to_onnx", "require_torch"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,26 @@ TRAIN_EXTRA_HINT = "pip install 'edge-sdk[train]'"
 
 SUPPORTED_OPS = frozenset(
     {
-        "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Softmax",
-        "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "BatchNormalization",
-        "Dropout", "Identity",
+        "Gemm",
+        "MatMul",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "Softmax",
+        "Conv",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Flatten",
+        "Reshape",
+        "BatchNormalization",
+        "Dropout",
+        "Identity",
     }
 )
 """ONNX ops :func:`graph_module` can run and train."""
@@ -75,8 +92,6 @@ def require_torch(purpose: str) -> Any:
             f"{purpose} needs torch, which is not installed: {TRAIN_EXTRA_HINT}", runtime="torch"
         ) from exc
     return torch
-
-
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -148,7 +163,9 @@ def _graph_module_class(torch: Any) -> type:
                     self._key[name] = key
                 else:
                     self._consts[name] = torch.from_numpy(np.array(values))
-            self._nodes = [(n.op_type, list(n.input), list(n.output), node_attributes(n), _label(n)) for n in graph.node]
+            self._nodes = [
+                (n.op_type, list(n.input), list(n.output), node_attributes(n), _label(n)) for n in graph.node
+            ]
 
         def _value(self, env: dict[str, Any], name: str) -> Any:
             if not name:
@@ -191,7 +208,9 @@ def _safe_key(name: str, taken: dict[str, str]) -> str:
 def _check_node(node: onnx.NodeProto) -> None:
     label = _label(node)
     if node.domain not in ("", "ai.onnx"):
-        raise CompressionError(f"node {label!r} is {node.domain}.{node.op_type}; training supports standard ops only", node=label)
+        raise CompressionError(
+            f"node {label!r} is {node.domain}.{node.op_type}; training supports standard ops only", node=label
+        )
     if node.op_type not in SUPPORTED_OPS:
         raise CompressionError(
             f"node {label!r} is a {node.op_type}, which the torch bridge does not support; supported: {sorted(SUPPORTED_OPS)}",
@@ -261,8 +280,13 @@ def _run_op(torch: Any, functional: Any, op: str, args: list[Any], attrs: dict[s
         conv = functional.conv2d if spatial == 2 else functional.conv1d
         bias = args[2] if len(args) > 2 else None
         return conv(
-            x, args[1], bias, stride=tuple(attrs.get("strides", [1] * spatial)), padding=padding,
-            dilation=tuple(attrs.get("dilations", [1] * spatial)), groups=attrs.get("group", 1),
+            x,
+            args[1],
+            bias,
+            stride=tuple(attrs.get("strides", [1] * spatial)),
+            padding=padding,
+            dilation=tuple(attrs.get("dilations", [1] * spatial)),
+            groups=attrs.get("group", 1),
         )
     kernel = tuple(attrs["kernel_shape"])
     strides = tuple(attrs.get("strides", [1] * spatial))
@@ -359,18 +383,28 @@ class _SequentialBuilder:
             self._node("Gemm", name, extra, transB=1)
         elif isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                raise CompressionError(f"layer {name!r}: Conv2d padding {module.padding!r}/{module.padding_mode} is not supported", layer=name)
+                raise CompressionError(
+                    f"layer {name!r}: Conv2d padding {module.padding!r}/{module.padding_mode} is not supported",
+                    layer=name,
+                )
             extra = [self._const(f"{name}.weight", module.weight)]
             if module.bias is not None:
                 extra.append(self._const(f"{name}.bias", module.bias))
             pads = list(module.padding) * 2
             self._node(
-                "Conv", name, extra, kernel_shape=list(module.kernel_size), strides=list(module.stride),
-                pads=pads, dilations=list(module.dilation), group=module.groups,
+                "Conv",
+                name,
+                extra,
+                kernel_shape=list(module.kernel_size),
+                strides=list(module.stride),
+                pads=pads,
+                dilations=list(module.dilation),
+                group=module.groups,
             )
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             extra = [
-                self._const(f"{name}.weight", module.weight), self._const(f"{name}.bias", module.bias),
+                self._const(f"{name}.weight", module.weight),
+                self._const(f"{name}.bias", module.bias),
                 self._const(f"{name}.running_mean", module.running_mean),
                 self._const(f"{name}.running_var", module.running_var),
             ]
@@ -390,11 +424,18 @@ class _SequentialBuilder:
             if isinstance(module, nn.MaxPool2d):
                 if _pair(module.dilation) != [1, 1]:
                     raise CompressionError(f"layer {name!r}: dilated MaxPool2d is not supported", layer=name)
-                self._node("MaxPool", name, kernel_shape=kernel, strides=stride, pads=pads, ceil_mode=int(module.ceil_mode))
+                self._node(
+                    "MaxPool", name, kernel_shape=kernel, strides=stride, pads=pads, ceil_mode=int(module.ceil_mode)
+                )
             else:
                 self._node(
-                    "AveragePool", name, kernel_shape=kernel, strides=stride, pads=pads,
-                    ceil_mode=int(module.ceil_mode), count_include_pad=int(module.count_include_pad),
+                    "AveragePool",
+                    name,
+                    kernel_shape=kernel,
+                    strides=stride,
+                    pads=pads,
+                    ceil_mode=int(module.ceil_mode),
+                    count_include_pad=int(module.count_include_pad),
                 )
         elif isinstance(module, nn.AdaptiveAvgPool2d) and _pair(module.output_size) == [1, 1]:
             self._node("GlobalAveragePool", name)

@@ -45,7 +45,7 @@ from edge_sdk.protowire import encode_varint
 
 from .passes import PassContext, PassResult
 
-__all__ = ["WeightSharing", "PackedModel", "pack_model", "kmeans_1d"]
+__all__ = ["PackedModel", "WeightSharing", "kmeans_1d", "pack_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,11 @@ class WeightSharing:
         unknown = sorted(set(self.layer_bits) - floats)
         if unknown:
             raise CompressionError(f"weight sharing: layer_bits names unknown float tensors {unknown}", tensors=unknown)
-        targets = {i.name: self.layer_bits.get(i.name, self.bits) for i in model.graph.initializer if _eligible(i, self.min_params)}
+        targets = {
+            i.name: self.layer_bits.get(i.name, self.bits)
+            for i in model.graph.initializer
+            if _eligible(i, self.min_params)
+        }
         if not targets:
             raise CompressionError(
                 f"weight sharing: no float weight tensor with at least {self.min_params} values",
@@ -247,7 +251,9 @@ def pack_model(model: onnx.ModelProto, max_codebook: int = 256) -> PackedModel:
     tensors: dict[str, dict[str, Any]] = {}
     for tensor in skeleton.graph.initializer:
         values = numpy_helper.to_array(tensor) if tensor.data_type in _FLOAT_TYPES else None
-        encoded = _encode_tensor(tensor.name, int(tensor.data_type), values, max_codebook) if values is not None else None
+        encoded = (
+            _encode_tensor(tensor.name, int(tensor.data_type), values, max_codebook) if values is not None else None
+        )
         if encoded is None or len(encoded[0]) >= values.nbytes:  # type: ignore[union-attr]
             kept.append(tensor)
             continue
@@ -265,11 +271,19 @@ def pack_model(model: onnx.ModelProto, max_codebook: int = 256) -> PackedModel:
     rebuilt = unpack_model(data)
     _check_round_trip(rebuilt, expected)
     breakdown = {"header": len(head) + len(count) + 4, "skeleton": len(coded_skeleton), "tensors": tensors}
-    logger.info("packed %d of %d tensors: %d bytes (ONNX %d)", len(entries), len(model.graph.initializer), len(data), model.ByteSize())
+    logger.info(
+        "packed %d of %d tensors: %d bytes (ONNX %d)",
+        len(entries),
+        len(model.graph.initializer),
+        len(data),
+        model.ByteSize(),
+    )
     return PackedModel(data, tuple(tensors), len(rebuilt), breakdown)
 
 
-def _encode_tensor(name: str, data_type: int, values: np.ndarray, max_codebook: int) -> tuple[bytes, dict[str, Any]] | None:
+def _encode_tensor(
+    name: str, data_type: int, values: np.ndarray, max_codebook: int
+) -> tuple[bytes, dict[str, Any]] | None:
     """The tensor's record in the packed file and its byte breakdown; ``None`` if it cannot be coded."""
     flat = values.ravel()
     if flat.size == 0 or not np.all(np.isfinite(flat)):
@@ -295,7 +309,9 @@ def _encode_tensor(name: str, data_type: int, values: np.ndarray, max_codebook: 
         coded = flat if mask is None else flat[mask]
         indices = np.searchsorted(codebook, coded).astype(np.uint8)
         book_type = data_type
-        if data_type == onnx.TensorProto.FLOAT and np.array_equal(codebook.astype(np.float16).astype(codebook.dtype), codebook):
+        if data_type == onnx.TensorProto.FLOAT and np.array_equal(
+            codebook.astype(np.float16).astype(codebook.dtype), codebook
+        ):
             book_type = onnx.TensorProto.FLOAT16
         book = codebook.astype(FLOAT_DTYPES[book_type]).tobytes()
         book_part = bytes([book_type]) + encode_varint(len(codebook)) + book
@@ -304,7 +320,9 @@ def _encode_tensor(name: str, data_type: int, values: np.ndarray, max_codebook: 
         if flat.size <= RANGE_CODING_MAX_VALUES:
             streams.append((CODING_RANGE, range_encode_tensor(dims, mask, indices, len(codebook))))
         mask_bytes = np.packbits(mask, bitorder="little").tobytes() if mask is not None else b""
-        streams.append((CODING_LZMA, lzma.compress(mask_bytes + indices.tobytes(), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)))
+        streams.append(
+            (CODING_LZMA, lzma.compress(mask_bytes + indices.tobytes(), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
+        )
         coding, stream = min(streams, key=lambda s: len(s[1]))
         record = head + book_part + layout_part + bytes([coding]) + encode_varint(len(stream)) + stream
         info = {

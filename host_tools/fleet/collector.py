@@ -17,7 +17,7 @@ from edge_sdk.mqtt import Incoming, MqttClient
 from edge_sdk.protocol import CodecLimits, DeviceStatus, Message, MetricsReport, decode
 from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry
 
-__all__ = ["record_message", "collect_retained"]
+__all__ = ["collect_retained", "record_message"]
 
 log = logging.getLogger(__name__)
 

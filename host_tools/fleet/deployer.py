@@ -235,8 +235,14 @@ def _deliver(
 
     def outcome(state: str, **kw: object) -> DeployOutcome:
         return DeployOutcome(
-            device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, cmd.transfer.transfer_id, state,
-            seconds=time.monotonic() - started, **kw,  # type: ignore[arg-type]
+            device_id,
+            cmd.bundle_name,
+            cmd.bundle_version,
+            cmd.transfer.sha256,
+            cmd.transfer.transfer_id,
+            state,
+            seconds=time.monotonic() - started,
+            **kw,  # type: ignore[arg-type]
         )
 
     event = send_bundle(client, convo, cmd, bundle_path, options, progress, "deploy")
@@ -249,7 +255,9 @@ def _deliver(
             return outcome("deferred", detail=dict(event.detail))
         nxt = convo.next(deadline)
         if nxt is None:
-            raise DeviceTimeoutError(f"device {device_id} did not finish installing within {options.finish_timeout_s:g} s")
+            raise DeviceTimeoutError(
+                f"device {device_id} did not finish installing within {options.finish_timeout_s:g} s"
+            )
         if isinstance(nxt, Event):
             event = nxt
     checks = tuple(event.detail.get("checks", ()))
@@ -300,8 +308,15 @@ def transfer_command(
     offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
     now = clock()
     return DeployCommand(
-        uuid.uuid4().hex, name, version, offer, now, options.benchmark, action=action,
-        rollback=rollback, **signed_fields(device_id, options.authority, now),  # type: ignore[arg-type]
+        uuid.uuid4().hex,
+        name,
+        version,
+        offer,
+        now,
+        options.benchmark,
+        action=action,
+        rollback=rollback,
+        **signed_fields(device_id, options.authority, now),  # type: ignore[arg-type]
     )
 
 
@@ -336,7 +351,9 @@ def send_bundle(
     sent_bytes = offer.size - sum(spans[i][1] for i in to_send)
     with open(bundle_path, "rb") as fh:
         for round_no in range(options.max_resend_rounds + 1):
-            sent_bytes = _send_chunks(client, topics, offer, fh, spans, to_send, options.window, sent_bytes, offer.size, progress)
+            sent_bytes = _send_chunks(
+                client, topics, offer, fh, spans, to_send, options.window, sent_bytes, offer.size, progress
+            )
             client.publish_wait(topics.cmd, encode(TransferEnd(cmd.command_id, offer.transfer_id)))
             event = convo.wait_for(
                 {EventKind.NEED_CHUNKS, EventKind.RECEIVED, EventKind.INSTALLED, EventKind.DEFERRED},
@@ -362,7 +379,7 @@ def _send_chunks(
     client: MqttClient,
     topics: DeviceTopics,
     offer: TransferOffer,
-    fh,  # noqa: ANN001 - a binary file
+    fh,
     spans: list[tuple[int, int]],
     indices: list[int],
     window: int,

@@ -78,7 +78,12 @@ def profile_bundle(
 
     def outcome(state: str, **kw: object) -> ProfileOutcome:
         return ProfileOutcome(
-            device_id, cmd.bundle_name, cmd.bundle_version, state, seconds=time.monotonic() - started, **kw  # type: ignore[arg-type]
+            device_id,
+            cmd.bundle_name,
+            cmd.bundle_version,
+            state,
+            seconds=time.monotonic() - started,
+            **kw,  # type: ignore[arg-type]
         )
 
     event = send_bundle(client, convo, cmd, bundle_path, options, progress, "profile request")
@@ -90,7 +95,9 @@ def profile_bundle(
     while not (done and metrics is not None):
         msg = convo.next(deadline)
         if msg is None:
-            raise DeviceTimeoutError(f"device {device_id} did not report the profile within {options.finish_timeout_s:g} s")
+            raise DeviceTimeoutError(
+                f"device {device_id} did not report the profile within {options.finish_timeout_s:g} s"
+            )
         if isinstance(msg, MetricsReport):
             metrics = msg
         elif isinstance(msg, Event):

@@ -61,9 +61,7 @@ DeploymentState = Literal["sent", "installed", "refused", "failed", "deferred"]
 #: Every status a device row may hold.
 DEVICE_STATUSES: frozenset[str] = frozenset({"online", "offline"})
 #: Every state a deployment row may hold.
-DEPLOYMENT_STATES: frozenset[str] = frozenset(
-    {"sent", "installed", "refused", "failed", "deferred"}
-)
+DEPLOYMENT_STATES: frozenset[str] = frozenset({"sent", "installed", "refused", "failed", "deferred"})
 
 _DEFAULT_TIMEOUT_S = 10.0
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -152,9 +150,7 @@ class DeviceRecord:
         if not self.device_id:
             raise ValueError("device_id must not be empty")
         if self.status not in DEVICE_STATUSES:
-            raise ValueError(
-                f"unknown device status {self.status!r}; expected one of {sorted(DEVICE_STATUSES)}"
-            )
+            raise ValueError(f"unknown device status {self.status!r}; expected one of {sorted(DEVICE_STATUSES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -245,9 +241,7 @@ class MetricsRecord:
 
 def _check_deployment_state(state: str) -> None:
     if state not in DEPLOYMENT_STATES:
-        raise ValueError(
-            f"unknown deployment state {state!r}; expected one of {sorted(DEPLOYMENT_STATES)}"
-        )
+        raise ValueError(f"unknown deployment state {state!r}; expected one of {sorted(DEPLOYMENT_STATES)}")
 
 
 # --- dialects --------------------------------------------------------------------------
@@ -274,9 +268,7 @@ class _Dialect:
 
     def sql(self, text: str) -> str:
         """Render shared SQL for this dialect."""
-        rendered = text.format(
-            id=self.id_column, float=self.float_type, least=self.least, greatest=self.greatest
-        )
+        rendered = text.format(id=self.id_column, float=self.float_type, least=self.least, greatest=self.greatest)
         return rendered.replace("?", self.placeholder)
 
 
@@ -422,9 +414,7 @@ ON CONFLICT (device_id) DO UPDATE SET
     last_seen = {greatest}(devices.last_seen, excluded.last_seen)
 """
 
-_DEVICE_COLUMNS = (
-    "device_id, status, platform, runtimes, agent_version, active_bundle, first_seen, last_seen"
-)
+_DEVICE_COLUMNS = "device_id, status, platform, runtimes, agent_version, active_bundle, first_seen, last_seen"
 _DEPLOYMENT_COLUMNS = (
     "id, device_id, bundle_name, bundle_version, bundle_sha256, transfer_id, state, "
     "error_code, error_message, started_at, finished_at"
@@ -524,21 +514,20 @@ class Registry:
             current = 0
         if current == SCHEMA_VERSION:
             return current
-        with self._storage_errors("create schema"):
-            with self._dialect.begin_schema_change(self._conn):
-                self._conn.execute(_CREATE_SCHEMA_VERSION)
-                current = self._schema_version()
-                for version, statements in _MIGRATIONS:
-                    if version <= current:
-                        continue
-                    for statement in statements:
-                        self._conn.execute(self._dialect.sql(statement))
-                    self._conn.execute(
-                        self._dialect.sql("INSERT INTO schema_version (version) VALUES (?)"),
-                        (version,),
-                    )
-                    logger.info("registry %s: schema migrated to version %d", self._name, version)
-                    current = version
+        with self._storage_errors("create schema"), self._dialect.begin_schema_change(self._conn):
+            self._conn.execute(_CREATE_SCHEMA_VERSION)
+            current = self._schema_version()
+            for version, statements in _MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    self._conn.execute(self._dialect.sql(statement))
+                self._conn.execute(
+                    self._dialect.sql("INSERT INTO schema_version (version) VALUES (?)"),
+                    (version,),
+                )
+                logger.info("registry %s: schema migrated to version %d", self._name, version)
+                current = version
         return current
 
     def _schema_version(self) -> int:
@@ -611,9 +600,7 @@ class Registry:
             StorageError: on a database failure.
         """
         with self._storage_errors("list devices"):
-            rows = self._conn.execute(
-                f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id"
-            ).fetchall()
+            rows = self._conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id").fetchall()
         return [_device_from_row(row) for row in rows]
 
     # -- deployments --
@@ -689,8 +676,7 @@ class Registry:
         with self._storage_errors(f"update deployment {deployment_id}"):
             cursor = self._conn.execute(
                 self._dialect.sql(
-                    "UPDATE deployments SET state = ?, error_code = ?, error_message = ?, "
-                    "finished_at = ? WHERE id = ?"
+                    "UPDATE deployments SET state = ?, error_code = ?, error_message = ?, finished_at = ? WHERE id = ?"
                 ),
                 (state, error_code, error_message, finished_at, deployment_id),
             )
@@ -702,9 +688,7 @@ class Registry:
                 deployment_id=deployment_id,
             )
 
-    def list_deployments(
-        self, device_id: str | None = None, limit: int = 100
-    ) -> list[DeploymentRecord]:
+    def list_deployments(self, device_id: str | None = None, limit: int = 100) -> list[DeploymentRecord]:
         """Deployments, newest first.
 
         Args:
@@ -721,10 +705,7 @@ class Registry:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         where, params = _where({"device_id": device_id})
-        query = (
-            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments{where} "
-            "ORDER BY started_at DESC, id DESC LIMIT ?"
-        )
+        query = f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments{where} ORDER BY started_at DESC, id DESC LIMIT ?"
         with self._storage_errors("list deployments"):
             rows = self._conn.execute(self._dialect.sql(query), (*params, limit)).fetchall()
         return [DeploymentRecord(*row) for row in rows]
@@ -757,15 +738,12 @@ class Registry:
         """
         params = (device_id, bundle_name, bundle_version, received_at, _dump_json(report))
         return self._insert(
-            "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report) VALUES (?, ?, ?, ?, ?)",
             params,
             what=f"add metrics from {device_id!r}",
         )
 
-    def latest_metrics(
-        self, device_id: str | None = None, bundle_name: str | None = None
-    ) -> list[MetricsRecord]:
+    def latest_metrics(self, device_id: str | None = None, bundle_name: str | None = None) -> list[MetricsRecord]:
         """The newest report for each (device, bundle, version).
 
         Args:
@@ -806,9 +784,7 @@ class Registry:
     def _insert(self, query: str, params: Sequence[Any], *, what: str) -> int:
         with self._storage_errors(what):
             if self._dialect.returns_id_by_clause:
-                row = self._conn.execute(
-                    self._dialect.sql(query + " RETURNING id"), params
-                ).fetchone()
+                row = self._conn.execute(self._dialect.sql(query + " RETURNING id"), params).fetchone()
                 return int(row[0])
             cursor = self._conn.execute(self._dialect.sql(query), params)
             return int(cursor.lastrowid)
@@ -909,9 +885,7 @@ def _open_sqlite(path: Path, timeout: float) -> Registry:
         # schema transaction is opened explicitly with BEGIN IMMEDIATE.
         conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
     except sqlite3.Error as exc:
-        raise StorageError(
-            f"registry {name}: cannot open: {exc}", database=name, backend="sqlite"
-        ) from exc
+        raise StorageError(f"registry {name}: cannot open: {exc}", database=name, backend="sqlite") from exc
 
     def configure(registry: Registry) -> None:
         with registry._storage_errors("configure"):
@@ -930,9 +904,7 @@ def _open_postgres(url: str, timeout: float) -> Registry:
         import psycopg
         from psycopg.conninfo import conninfo_to_dict
     except ImportError as exc:
-        raise ConfigError(
-            f"registry {name} needs psycopg 3: install edge-sdk[postgres]", url=name
-        ) from exc
+        raise ConfigError(f"registry {name} needs psycopg 3: install edge-sdk[postgres]", url=name) from exc
     dialect = _postgres_dialect(psycopg.Error)
     kwargs: dict[str, Any] = {"autocommit": True}
     try:
@@ -1002,11 +974,7 @@ def _scrub(message: str, url: str) -> str:
     try:
         parts = urllib.parse.urlsplit(url)
         secrets = [parts.password] if parts.password else []
-        secrets += [
-            value
-            for key, value in urllib.parse.parse_qsl(parts.query)
-            if key.lower() == "password" and value
-        ]
+        secrets += [value for key, value in urllib.parse.parse_qsl(parts.query) if key.lower() == "password" and value]
     except ValueError:
         return message
     for secret in secrets:

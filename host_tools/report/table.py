@@ -34,8 +34,8 @@ def render_table(columns: Sequence[Column], rows: Sequence[Any]) -> str:
     """Render rows as an aligned table with a header rule. ``None`` cells print as '-'."""
     cells = [[("-" if (v := c.get(r)) is None else str(v)) for c in columns] for r in rows]
     widths = [max([len(c.header)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(f"{c.header:{c.align}{w}}" for c, w in zip(columns, widths)).rstrip()]
+    lines = ["  ".join(f"{c.header:{c.align}{w}}" for c, w in zip(columns, widths, strict=False)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     for row in cells:
-        lines.append("  ".join(f"{v:{c.align}{w}}" for v, c, w in zip(row, columns, widths)).rstrip())
+        lines.append("  ".join(f"{v:{c.align}{w}}" for v, c, w in zip(row, columns, widths, strict=False)).rstrip())
     return "\n".join(lines)

@@ -56,9 +56,26 @@ def _deploy_in_background(host, bundle: Path, url: str, device: str) -> subproce
     env = dict(os.environ, EDGE_SDK_HOME=str(host.home))
     env.pop("EDGE_SDK_BROKER", None)
     return subprocess.Popen(
-        [str(BIN / "edgectl"), "deploy", str(bundle), "--device", device, "--broker", url,
-         "--runs", "20", "--warmup", "2", "--chunk-size", str(256 * 1024), "--json"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=env,
+        [
+            str(BIN / "edgectl"),
+            "deploy",
+            str(bundle),
+            "--device",
+            device,
+            "--broker",
+            url,
+            "--runs",
+            "20",
+            "--warmup",
+            "2",
+            "--chunk-size",
+            str(256 * 1024),
+            "--json",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
 
 
@@ -93,7 +110,9 @@ def installed_v1(host, tiny_model, mosquitto, start_agent, tmp_path) -> Path:
     """A data directory with v1 installed and confirmed, taken from a real agent."""
     v1 = _pack(host, tiny_model.path, tiny_model.sample, tmp_path / "v1.edge", OLD)
     agent = start_agent(mosquitto.url, "crash-base", host.root)
-    r = host.run("deploy", str(v1), "--device", agent.device_id, "--broker", mosquitto.url, "--runs", "5", "--warmup", "1")
+    r = host.run(
+        "deploy", str(v1), "--device", agent.device_id, "--broker", mosquitto.url, "--runs", "5", "--warmup", "1"
+    )
     assert r.code == 0, r.stderr
     assert agent.stop() == 0
     snapshot = tmp_path / "snapshot-v1"

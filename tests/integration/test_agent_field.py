@@ -32,7 +32,18 @@ pytestmark = pytest.mark.integration
 
 
 def _pack(host, tiny_model, out: Path, name: str, version: int = 1) -> Path:
-    r = host.run("pack", str(tiny_model.path), "-o", str(out), "--name", name, "--version", str(version), "--sample", str(tiny_model.sample))
+    r = host.run(
+        "pack",
+        str(tiny_model.path),
+        "-o",
+        str(out),
+        "--name",
+        name,
+        "--version",
+        str(version),
+        "--sample",
+        str(tiny_model.sample),
+    )
     assert r.code == 0, r.stderr
     return out
 
@@ -41,13 +52,30 @@ def _deploy_bg(host, bundle: Path, url: str, device: str, timeout_s: float) -> s
     env = dict(os.environ, EDGE_SDK_HOME=str(host.home))
     env.pop("EDGE_SDK_BROKER", None)
     return subprocess.Popen(
-        [str(BIN / "edgectl"), "deploy", str(bundle), "--device", device, "--broker", url,
-         "--runs", "10", "--warmup", "1", "--timeout", str(timeout_s), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            str(BIN / "edgectl"),
+            "deploy",
+            str(bundle),
+            "--device",
+            device,
+            "--broker",
+            url,
+            "--runs",
+            "10",
+            "--warmup",
+            "1",
+            "--timeout",
+            str(timeout_s),
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
-def _until(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+def _until(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -63,7 +91,9 @@ class PersistentWatcher:
         self.devices = devices
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         # A fresh client id has no old session; clean_session off keeps this one while away.
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:12]}", clean_session=False)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:12]}", clean_session=False
+        )
         self.client.on_message = lambda c, u, m: self.inbox.put((m.topic, bytes(m.payload)))
         # paho's default backoff grows to 120 s; while the broker is down for a while the
         # watcher could come back long after the agents have drained their outboxes.
@@ -116,13 +146,19 @@ def test_gate_defers_across_a_restart_then_installs(host, tiny_model, mosquitto,
     time.sleep(1.0)
     assert agent.state().get("bundles", {}) == {}
     hold.unlink()
-    _until(lambda: agent.state().get("bundles", {}).get("gated", {}).get("active") == {"version": 1}, 20, "the deferred install")
+    _until(
+        lambda: agent.state().get("bundles", {}).get("gated", {}).get("active") == {"version": 1},
+        20,
+        "the deferred install",
+    )
     _until(lambda: "pending" not in agent.state()["bundles"]["gated"], 20, "confirmation")
     # The held bundle is dropped once its install, benchmark included, has finished.
     _until(lambda: not list((agent.data_dir / "deferred").iterdir()), 20, "the deferred bundle to be dropped")
 
 
-def test_offline_events_and_metrics_are_buffered_and_delivered_in_order(host, tiny_model, start_mosquitto, start_agent, tmp_path):
+def test_offline_events_and_metrics_are_buffered_and_delivered_in_order(
+    host, tiny_model, start_mosquitto, start_agent, tmp_path
+):
     broker = start_mosquitto(extra_config=("persistence true", f"persistence_location {tmp_path}/"))
     hold = tmp_path / "hold"
     hold.write_text("driving\n")
@@ -143,7 +179,11 @@ def test_offline_events_and_metrics_are_buffered_and_delivered_in_order(host, ti
     big = start_agent(broker.url, "offline-big", host.root, *common, wait=False)
     hold.unlink()
     for agent in (big, small):
-        _until(lambda a=agent: a.state().get("bundles", {}).get("ob", {}).get("active") == {"version": 1}, 30, "offline install")
+        _until(
+            lambda a=agent: a.state().get("bundles", {}).get("ob", {}).get("active") == {"version": 1},
+            30,
+            "offline install",
+        )
     _until(lambda: (big.data_dir / "outbox" / "log").stat().st_size > 0, 10, "buffered messages")
     cursor = json.loads((small.data_dir / "outbox" / "cursor").read_text())
     assert cursor["dropped"] >= 1
@@ -163,7 +203,9 @@ def test_offline_events_and_metrics_are_buffered_and_delivered_in_order(host, ti
     assert EventKind.INSTALLED in big_seen and "metrics" in big_seen, big_seen
     assert big_seen.index(EventKind.INSTALLED) < big_seen.index("metrics"), big_seen
     assert EventKind.DROPPED not in big_seen
-    dropped = [m for m in got if isinstance(m, Event) and m.device_id == "offline-small" and m.kind == EventKind.DROPPED]
+    dropped = [
+        m for m in got if isinstance(m, Event) and m.device_id == "offline-small" and m.kind == EventKind.DROPPED
+    ]
     assert len(dropped) == 1 and dropped[0].detail["count"] == cursor["dropped"]
     assert json.loads((small.data_dir / "outbox" / "cursor").read_text())["dropped"] == 0
 

@@ -20,13 +20,17 @@ EXIT_MODEL = 6
 
 
 def pack(host, model: Path, sample: Path, out: Path, version: int, *extra: str, name: str = "hc") -> Path:
-    r = host.run("pack", str(model), "-o", str(out), "--name", name, "--version", str(version), "--sample", str(sample), *extra)
+    r = host.run(
+        "pack", str(model), "-o", str(out), "--name", name, "--version", str(version), "--sample", str(sample), *extra
+    )
     assert r.code == 0, r.stderr
     return out
 
 
 def deploy(host, bundle: Path, url: str, device: str):
-    return host.run("deploy", str(bundle), "--device", device, "--broker", url, "--runs", "20", "--warmup", "2", "--json")
+    return host.run(
+        "deploy", str(bundle), "--device", device, "--broker", url, "--runs", "20", "--warmup", "2", "--json"
+    )
 
 
 def test_bad_models_are_rolled_back_and_the_host_is_told_why(host, tiny_model, mosquitto, start_agent, tmp_path):

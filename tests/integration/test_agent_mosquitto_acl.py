@@ -34,7 +34,7 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _cert(cn: str, issuer_key, issuer_name, key, *, ca: bool = False, server: bool = False):  # noqa: ANN001, ANN202
+def _cert(cn: str, issuer_key, issuer_name, key, *, ca: bool = False, server: bool = False):
     now = datetime.datetime.now(datetime.timezone.utc)
     b = (
         x509.CertificateBuilder()
@@ -47,47 +47,57 @@ def _cert(cn: str, issuer_key, issuer_name, key, *, ca: bool = False, server: bo
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if server:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
     return b.sign(issuer_key, hashes.SHA256())
 
 
-def _write(d: Path, name: str, cert, key) -> tuple[Path, Path]:  # noqa: ANN001
+def _write(d: Path, name: str, cert, key) -> tuple[Path, Path]:
     crt, pem = d / f"{name}.crt", d / f"{name}.key"
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     pem.chmod(0o600)
     return crt, pem
 
 
 @pytest.fixture
-def tls_broker(tmp_path, start_mosquitto):  # noqa: ANN001, ANN201
+def tls_broker(tmp_path, start_mosquitto):
     pki = tmp_path / "pki"
     pki.mkdir()
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("edge-sdk test CA", ca_key, None, ca_key, ca=True)
     ca_file, _ = _write(pki, "ca", ca, ca_key)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_crt, server_pem = _write(pki, "server", _cert("127.0.0.1", ca_key, ca.subject, server_key, server=True), server_key)
+    server_crt, server_pem = _write(
+        pki, "server", _cert("127.0.0.1", ca_key, ca.subject, server_key, server=True), server_key
+    )
     clients = {}
     for cn in ("edge-host", "dev-a", "dev-b"):
         k = ec.generate_private_key(ec.SECP256R1())
         clients[cn] = _write(pki, cn, _cert(cn, ca_key, ca.subject, k), k)
-    broker = start_mosquitto(extra_config=(
-        f"cafile {ca_file}",
-        f"certfile {server_crt}",
-        f"keyfile {server_pem}",
-        "require_certificate true",
-        "use_identity_as_username true",
-        "tls_version tlsv1.2",
-        f"acl_file {ACL}",
-        "allow_anonymous false",
-    ))
+    broker = start_mosquitto(
+        extra_config=(
+            f"cafile {ca_file}",
+            f"certfile {server_crt}",
+            f"keyfile {server_pem}",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "tls_version tlsv1.2",
+            f"acl_file {ACL}",
+            "allow_anonymous false",
+        )
+    )
 
     def connect(cn: str | None) -> MqttClient:
         crt, key = clients[cn] if cn else (None, None)
         c = MqttClient(
             f"mqtts://127.0.0.1:{broker.port}",
-            MqttOptions(client_id=f"acl-{cn}", ca_file=ca_file, cert_file=crt, key_file=key, connect_timeout_s=5 if cn else 2),
+            MqttOptions(
+                client_id=f"acl-{cn}", ca_file=ca_file, cert_file=crt, key_file=key, connect_timeout_s=5 if cn else 2
+            ),
         )
         c.connect()
         return c
@@ -107,7 +117,7 @@ def _drain(client: MqttClient, wait_s: float = 1.0) -> list[tuple[str, bytes]]:
     return got
 
 
-def test_a_device_is_confined_to_its_own_topics(tls_broker):  # noqa: ANN001
+def test_a_device_is_confined_to_its_own_topics(tls_broker):
     a_topics, b_topics = DeviceTopics("dev-a"), DeviceTopics("dev-b")
     host, dev_a, dev_b = tls_broker("edge-host"), tls_broker("dev-a"), tls_broker("dev-b")
     try:
@@ -133,6 +143,6 @@ def test_a_device_is_confined_to_its_own_topics(tls_broker):  # noqa: ANN001
             c.close()
 
 
-def test_a_client_without_a_certificate_cannot_connect(tls_broker):  # noqa: ANN001
+def test_a_client_without_a_certificate_cannot_connect(tls_broker):
     with pytest.raises(BrokerUnreachableError):
         tls_broker(None)

@@ -26,12 +26,16 @@ def _int8_qdq_onnx(tiny_model, out: Path) -> Path:
         def __init__(self) -> None:
             self.rows = iter([{"input": x[i : i + 1]} for i in range(len(x))])
 
-        def get_next(self):  # noqa: ANN201
+        def get_next(self):
             return next(self.rows, None)
 
     quantize_static(
-        str(tiny_model.path), str(out), Reader(), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        str(tiny_model.path),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
     )
     return out
 
@@ -43,18 +47,24 @@ def test_tflite_and_int8_bundles_run_and_report_their_precision(host, tiny_model
     fc = tmp_path / "fc.tflite"
     fc.write_bytes(fully_connected_model(rng.standard_normal((4, 8)).astype(np.float32), np.zeros(4, np.float32)))
     np.savez(tmp_path / "fc.npz", x=rng.standard_normal((1, 8)).astype(np.float32))
-    m = host.deploy_metrics(host.pack(fc, tmp_path / "fc.npz", tmp_path / "fc.edge", "fc"), mosquitto.url, agent.device_id)
+    m = host.deploy_metrics(
+        host.pack(fc, tmp_path / "fc.npz", tmp_path / "fc.edge", "fc"), mosquitto.url, agent.device_id
+    )
     assert m["runtime"] in ("litert", "tflite-runtime") and m["precision"] == "fp32"
     assert m["latency"]["count"] >= 30 and m["power"]["estimated"] is True
 
     qadd = tmp_path / "qadd.tflite"
     qadd.write_bytes(quantized_add_model((1, 4), QuantParams(0.05, 0), QuantParams(0.05, 0), QuantParams(0.1, 0)))
     np.savez(tmp_path / "qadd.npz", a=np.ones((1, 4), np.int8), b=np.full((1, 4), 3, np.int8))
-    m = host.deploy_metrics(host.pack(qadd, tmp_path / "qadd.npz", tmp_path / "qadd.edge", "qadd"), mosquitto.url, agent.device_id)
+    m = host.deploy_metrics(
+        host.pack(qadd, tmp_path / "qadd.npz", tmp_path / "qadd.edge", "qadd"), mosquitto.url, agent.device_id
+    )
     assert m["runtime"] in ("litert", "tflite-runtime") and m["precision"] == "int8"
 
     q = _int8_qdq_onnx(tiny_model, tmp_path / "tiny.int8.onnx")
-    m = host.deploy_metrics(host.pack(q, tiny_model.sample, tmp_path / "q.edge", "tiny-int8"), mosquitto.url, agent.device_id)
+    m = host.deploy_metrics(
+        host.pack(q, tiny_model.sample, tmp_path / "q.edge", "tiny-int8"), mosquitto.url, agent.device_id
+    )
     assert m["runtime"] == "onnxruntime" and m["precision"] == "int8"
     assert m["providers"] == ["CPUExecutionProvider"] and m["threads"] == 1
 
@@ -70,7 +80,20 @@ def test_remote_profile_reports_and_stores_without_installing(host, tiny_model, 
     slots_before = sorted(p.relative_to(agent.data_dir) for p in (agent.data_dir / "slots").rglob("*"))
 
     v2 = host.pack(tiny_model.path, tiny_model.sample, tmp_path / "v2.edge", "pr", 2)
-    r = host.run("profile", agent.device_id, str(v2), "--broker", mosquitto.url, "--runs", "25", "--warmup", "2", "--threads", "2", "--json")
+    r = host.run(
+        "profile",
+        agent.device_id,
+        str(v2),
+        "--broker",
+        mosquitto.url,
+        "--runs",
+        "25",
+        "--warmup",
+        "2",
+        "--threads",
+        "2",
+        "--json",
+    )
     assert r.code == 0, r.stderr
     out = r.json()
     assert out["state"] == "profiled"

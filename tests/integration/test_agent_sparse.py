@@ -34,7 +34,12 @@ def test_sparse_bundle_is_measured_chosen_persisted_and_pinnable(host, mosquitto
     manifest = json.loads(host.run("verify", str(v1), "--json").stdout)["manifest"]
     assert manifest["sparse"]["format"] == "csr" and len(manifest["sparse"]["layers"]) == 2
     assert manifest["sparse"]["values"] == "int8"
-    assert {f["path"] for f in manifest["files"]} == {"pruned.sparse.onnx", "pruned.dense.onnx", "pruned.csr", "sample_input.npz"}
+    assert {f["path"] for f in manifest["files"]} == {
+        "pruned.sparse.onnx",
+        "pruned.dense.onnx",
+        "pruned.csr",
+        "sample_input.npz",
+    }
     csr = next(f for f in manifest["files"] if f["path"] == "pruned.csr")
     assert csr["size"] < 0.1 * (256 * 512 + 512 * 10) * 4  # int8 CSR, never dense on disk
 
@@ -50,11 +55,29 @@ def test_sparse_bundle_is_measured_chosen_persisted_and_pinnable(host, mosquitto
     assert m["latency"]["count"] >= 30
 
     # Pinned by the manifest: no measurement, the pinned execution runs.
-    r = host.run("pack", str(model), "-o", str(tmp_path / "bad.edge"), "--name", "pruned", "--version", "2", "--sparse", "--execution", "dense_int8")
+    r = host.run(
+        "pack",
+        str(model),
+        "-o",
+        str(tmp_path / "bad.edge"),
+        "--name",
+        "pruned",
+        "--version",
+        "2",
+        "--sparse",
+        "--execution",
+        "dense_int8",
+    )
     assert r.code != 0 and "--sparse-int8" in r.stderr  # nothing int8 to run
-    v2 = host.pack(model, sample, tmp_path / "v2.edge", "pruned", 2, "--sparse", "--execution", "dense_int8", "--sparse-int8")
+    v2 = host.pack(
+        model, sample, tmp_path / "v2.edge", "pruned", 2, "--sparse", "--execution", "dense_int8", "--sparse-int8"
+    )
     m = host.deploy_metrics(v2, mosquitto.url, agent.device_id)
-    assert (m["execution"]["chosen"], m["execution"]["pinned_by"], m["execution"]["candidates"]) == ("dense_int8", "manifest", [])
+    assert (m["execution"]["chosen"], m["execution"]["pinned_by"], m["execution"]["candidates"]) == (
+        "dense_int8",
+        "manifest",
+        [],
+    )
     assert m["precision"] == "int8"
     agent.stop()
 

@@ -32,7 +32,18 @@ def test_passphrase_protected_key(tmp_path, tiny_model):
         no_pass = h.run("pack", str(tiny_model.path), "-o", str(out), "--name", "t", "--version", "1")
         assert no_pass.code == 5 and "signing key" in no_pass.stderr
         assert not out.exists()
-        ok = h.run("pack", str(tiny_model.path), "-o", str(out), "--name", "t", "--version", "1", "--passphrase-env", "EDGE_TEST_PASS")
+        ok = h.run(
+            "pack",
+            str(tiny_model.path),
+            "-o",
+            str(out),
+            "--name",
+            "t",
+            "--version",
+            "1",
+            "--passphrase-env",
+            "EDGE_TEST_PASS",
+        )
         assert ok.code == 0, ok.stderr
     finally:
         del os.environ["EDGE_TEST_PASS"]
@@ -80,7 +91,17 @@ def test_verify_explains_and_refuses(host, tiny_model, tmp_path):
     assert host.run("pack", str(tiny_model.path), "-o", str(out), "--name", "t", "--version", "3").code == 0
     ok = host.run("verify", str(out), "--json")
     checks = ok.json()["checks"]
-    assert [c.split(":")[0] for c in checks] == ["root", "archive", "signature", "manifest", "expiry", "target", "rollback", "files", "hashes"]
+    assert [c.split(":")[0] for c in checks] == [
+        "root",
+        "archive",
+        "signature",
+        "manifest",
+        "expiry",
+        "target",
+        "rollback",
+        "files",
+        "hashes",
+    ]
 
     old = host.run("verify", str(out), "--installed-version", "3")
     assert old.code == 3 and "not newer" in old.stderr

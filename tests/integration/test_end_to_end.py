@@ -40,15 +40,37 @@ EXIT_TRANSPORT = 4
 
 def _pack(host, model, out: Path, version: int, name: str = "tiny", home: Path | None = None) -> Path:
     r = host.run(
-        "pack", str(model.path), "-o", str(out), "--name", name, "--version", str(version),
-        "--sample", str(model.sample), home=home,
+        "pack",
+        str(model.path),
+        "-o",
+        str(out),
+        "--name",
+        name,
+        "--version",
+        str(version),
+        "--sample",
+        str(model.sample),
+        home=home,
     )
     assert r.code == 0, r.stderr
     return out
 
 
 def _deploy(host, bundle: Path, broker_url: str, device: str, *extra: str):
-    return host.run("deploy", str(bundle), "--device", device, "--broker", broker_url, "--runs", "20", "--warmup", "2", "--json", *extra)
+    return host.run(
+        "deploy",
+        str(bundle),
+        "--device",
+        device,
+        "--broker",
+        broker_url,
+        "--runs",
+        "20",
+        "--warmup",
+        "2",
+        "--json",
+        *extra,
+    )
 
 
 class _Raw:
@@ -160,7 +182,9 @@ def test_truncated_transfer_is_refused(host, tiny_model, mosquitto, start_agent,
     data = bundle.read_bytes()
     chunk = 1024
     offer = TransferOffer(uuid.uuid4().hex, len(data), hashlib.sha256(data).hexdigest(), chunk)
-    cmd = DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, time.time(), device_id=agent.device_id, expires_at=time.time() + 60)
+    cmd = DeployCommand(
+        uuid.uuid4().hex, "tiny", 1, offer, time.time(), device_id=agent.device_id, expires_at=time.time() + 60
+    )
     raw = _Raw(mosquitto.url, agent.device_id)
     try:
         raw.client.publish_wait(raw.topics.cmd, host.signed(cmd))
@@ -169,7 +193,9 @@ def test_truncated_transfer_is_refused(host, tiny_model, mosquitto, start_agent,
         assert len(accepted[-1].missing) == offer.chunk_count
         half = offer.chunk_count // 2
         for i in range(half):
-            raw.client.publish_wait(raw.topics.data, encode_chunk(offer.transfer_id, i, data[i * chunk:(i + 1) * chunk]))
+            raw.client.publish_wait(
+                raw.topics.data, encode_chunk(offer.transfer_id, i, data[i * chunk : (i + 1) * chunk])
+            )
         raw.client.publish_wait(raw.topics.cmd, encode(TransferEnd(cmd.command_id, offer.transfer_id)))
         need = raw.events(10, {EventKind.NEED_CHUNKS})
         assert need[-1].kind == EventKind.NEED_CHUNKS
@@ -189,7 +215,9 @@ def test_oversized_chunk_is_refused(host, tiny_model, mosquitto, start_agent, tm
     """Endless data: a chunk longer than the offer declares is refused while receiving."""
     agent = start_agent(mosquitto.url, "e2e-endless", host.root)
     offer = TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024)
-    cmd = DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, time.time(), device_id=agent.device_id, expires_at=time.time() + 60)
+    cmd = DeployCommand(
+        uuid.uuid4().hex, "tiny", 1, offer, time.time(), device_id=agent.device_id, expires_at=time.time() + 60
+    )
     raw = _Raw(mosquitto.url, agent.device_id)
     try:
         raw.client.publish_wait(raw.topics.cmd, host.signed(cmd))
@@ -270,13 +298,39 @@ def test_agent_reconnects_after_broker_restart(host, tiny_model, start_agent, st
 
 def test_agent_refuses_bad_config(tmp_path):
     r = subprocess.run(
-        [str(BIN / "edge-agent"), "run", "--broker", "http://x", "--device-id", "d", "--data-dir", str(tmp_path), "--trusted-key", "k"],
-        capture_output=True, text=True, timeout=30,
+        [
+            str(BIN / "edge-agent"),
+            "run",
+            "--broker",
+            "http://x",
+            "--device-id",
+            "d",
+            "--data-dir",
+            str(tmp_path),
+            "--trusted-key",
+            "k",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 2 and "mqtt://" in r.stderr
     r = subprocess.run(
-        [str(BIN / "edge-agent"), "run", "--broker", "mqtt://127.0.0.1:1", "--device-id", "d", "--data-dir", str(tmp_path), "--trusted-key", str(tmp_path / "missing.pub")],
-        capture_output=True, text=True, timeout=30,
+        [
+            str(BIN / "edge-agent"),
+            "run",
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--device-id",
+            "d",
+            "--data-dir",
+            str(tmp_path),
+            "--trusted-key",
+            str(tmp_path / "missing.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 3 and "missing.pub" in r.stderr
 
@@ -324,10 +378,7 @@ def test_will_marks_killed_agent_offline(host, mosquitto, start_agent):
 def test_graceful_stop_says_offline_and_agent_reads_toml_config(host, mosquitto, tmp_path):
     config = tmp_path / "agent.toml"
     config.write_text(
-        f'broker = "{mosquitto.url}"\n'
-        'device_id = "e2e-toml"\n'
-        f'data_dir = "{tmp_path / "data"}"\n'
-        f'root = "{host.root}"\n'
+        f'broker = "{mosquitto.url}"\ndevice_id = "e2e-toml"\ndata_dir = "{tmp_path / "data"}"\nroot = "{host.root}"\n'
     )
     log = tmp_path / "agent.log"
     with open(log, "wb") as out:
@@ -347,7 +398,10 @@ def test_demo_leaves_no_process_behind(tmp_path):
     work = tmp_path / "work"
     proc = subprocess.run(
         [str(BIN / "edgectl"), "demo", "--runs", "20", "--workdir", str(work)],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert "(estimated)" in proc.stdout and "p99 ms" in proc.stdout

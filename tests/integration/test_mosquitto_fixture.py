@@ -65,9 +65,7 @@ def _relay(pub: _Client, sub: _Client, topic: str, payload: bytes) -> mqtt.MQTTM
     return sub.messages.get(timeout=TIMEOUT)
 
 
-def test_fixture_broker_relays_a_message(
-    mosquitto: MosquittoProcess, open_client: Callable[[int], _Client]
-) -> None:
+def test_fixture_broker_relays_a_message(mosquitto: MosquittoProcess, open_client: Callable[[int], _Client]) -> None:
     assert mosquitto.port != 1883
     assert mosquitto.url == f"mqtt://127.0.0.1:{mosquitto.port}"
     sub, pub = open_client(mosquitto.port), open_client(mosquitto.port)

@@ -38,15 +38,40 @@ EXIT_UNTRUSTED = 3
 
 
 def _pack(host, model, out: Path, version: int, *extra: str, home: Path | None = None) -> Path:
-    r = host.run("pack", str(model.path), "-o", str(out), "--name", "tiny", "--version", str(version),
-                 "--sample", str(model.sample), *extra, home=home)
+    r = host.run(
+        "pack",
+        str(model.path),
+        "-o",
+        str(out),
+        "--name",
+        "tiny",
+        "--version",
+        str(version),
+        "--sample",
+        str(model.sample),
+        *extra,
+        home=home,
+    )
     assert r.code == 0, r.stderr
     return out
 
 
 def _deploy(host, bundle: Path, url: str, device: str, *extra: str, home: Path | None = None):
-    return host.run("deploy", str(bundle), "--device", device, "--broker", url, "--runs", "5", "--warmup", "1",
-                    "--json", *extra, home=home)
+    return host.run(
+        "deploy",
+        str(bundle),
+        "--device",
+        device,
+        "--broker",
+        url,
+        "--runs",
+        "5",
+        "--warmup",
+        "1",
+        "--json",
+        *extra,
+        home=home,
+    )
 
 
 def _active(agent) -> int | None:
@@ -74,7 +99,12 @@ class _Attacker:
                 continue
             if isinstance(item, Incoming):
                 ev = decode(item.payload)
-                if isinstance(ev, Event) and ev.kind in (EventKind.ACCEPTED, EventKind.REFUSED, EventKind.ERROR, EventKind.DONE):
+                if isinstance(ev, Event) and ev.kind in (
+                    EventKind.ACCEPTED,
+                    EventKind.REFUSED,
+                    EventKind.ERROR,
+                    EventKind.DONE,
+                ):
                     return ev
         raise AssertionError("the device did not answer")
 
@@ -95,10 +125,16 @@ def test_unsigned_forged_misaddressed_expired_and_replayed_commands_are_refused(
     try:
         cases = [
             ("unsigned deploy", encode(_deploy_cmd(agent.device_id, now)), "signature_invalid"),
-            ("unsigned remove", encode(RemoveCommand(uuid.uuid4().hex, "tiny", now, agent.device_id, now + 60)),
-             "signature_invalid"),
-            ("signed by the bundle key", encode(sign_command(_deploy_cmd(agent.device_id, now), ring.role_keys("bundles"))),
-             "untrusted_key"),
+            (
+                "unsigned remove",
+                encode(RemoveCommand(uuid.uuid4().hex, "tiny", now, agent.device_id, now + 60)),
+                "signature_invalid",
+            ),
+            (
+                "signed by the bundle key",
+                encode(sign_command(_deploy_cmd(agent.device_id, now), ring.role_keys("bundles"))),
+                "untrusted_key",
+            ),
             ("addressed to another device", host.signed(_deploy_cmd("sec-other", now)), "target_mismatch"),
             ("expired", host.signed(_deploy_cmd(agent.device_id, now - 120)), "expired"),
             ("lives too long", host.signed(_deploy_cmd(agent.device_id, now, ttl=7 * 86400)), "expired"),

@@ -265,9 +265,14 @@ def test_invalid_file_entries_are_refused(size: Any, sha: Any) -> None:
 
 def test_tensor_info_validation() -> None:
     assert TensorInfo.from_dict({"name": "x", "shape": [None, 3], "dtype": "float32"}).shape == (None, 3)
-    for bad in ({"name": "", "shape": [], "dtype": "f"}, {"name": "x", "shape": [-1], "dtype": "f"},
-                {"name": "x", "shape": [True], "dtype": "f"}, {"name": "x", "shape": "3", "dtype": "f"},
-                {"name": "x", "shape": [1]}, [1]):
+    for bad in (
+        {"name": "", "shape": [], "dtype": "f"},
+        {"name": "x", "shape": [-1], "dtype": "f"},
+        {"name": "x", "shape": [True], "dtype": "f"},
+        {"name": "x", "shape": "3", "dtype": "f"},
+        {"name": "x", "shape": [1]},
+        [1],
+    ):
         with pytest.raises(ManifestError):
             TensorInfo.from_dict(bad)
 
@@ -391,7 +396,14 @@ def test_pack_then_verify_round_trip(tmp_path: Path, key: SigningKey, trusted: T
     assert verified.manifest.extra == {"future": {"x": 1}}
     assert verified.signers == {key.keyid}
     assert [c.split(":")[0] for c in verified.checks] == [
-        "archive", "signature", "manifest", "expiry", "target", "rollback", "files", "hashes",
+        "archive",
+        "signature",
+        "manifest",
+        "expiry",
+        "target",
+        "rollback",
+        "files",
+        "hashes",
     ]
     assert out.stat().st_size % tarfile.RECORDSIZE == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files
@@ -441,7 +453,9 @@ def test_pack_needs_a_key_and_readable_inputs(tmp_path: Path, key: SigningKey) -
     clash.parent.mkdir()
     clash.write_bytes(b"m")
     with pytest.raises(ConfigError):
-        pack_bundle(BundleSpec("digits", 1, "onnxruntime", clash, sample_input=clash), [key], tmp_path / "x.edge", now=NOW)
+        pack_bundle(
+            BundleSpec("digits", 1, "onnxruntime", clash, sample_input=clash), [key], tmp_path / "x.edge", now=NOW
+        )
     with pytest.raises(ManifestError):
         pack_bundle(BundleSpec("Bad Name", 1, "onnxruntime", spec.model), [key], tmp_path / "x.edge", now=NOW)
     assert not (tmp_path / "x.edge").exists()
@@ -492,10 +506,14 @@ def test_rollback_is_refused(tmp_path: Path, key: SigningKey, trusted: TrustedKe
         assert info.value.details == {"offered": 5, "installed": installed}
 
 
-def test_signature_check_comes_before_manifest_content(tmp_path: Path, other_key: SigningKey, trusted: TrustedKeys) -> None:
+def test_signature_check_comes_before_manifest_content(
+    tmp_path: Path, other_key: SigningKey, trusted: TrustedKeys
+) -> None:
     """An attacker's expired, rolled-back manifest is reported as untrusted, not parsed further."""
     files = {"model.onnx": MODEL}
-    out = _forge(tmp_path / "b.edge", _manifest_dict(files, expires_at=NOW - 10, created_at=NOW - 20), [other_key], files)
+    out = _forge(
+        tmp_path / "b.edge", _manifest_dict(files, expires_at=NOW - 10, created_at=NOW - 20), [other_key], files
+    )
     with pytest.raises(UntrustedKeyError):
         verify_bundle(out, trusted, NOW, installed_version=7)
 
@@ -880,9 +898,7 @@ def test_random_byte_mutations_are_never_accepted(
     small_bundle: bytes, trusted: TrustedKeys, data: st.DataObject
 ) -> None:
     edits = data.draw(
-        st.lists(
-            st.tuples(st.integers(0, len(small_bundle) - 1), st.integers(0, 255)), min_size=1, max_size=8
-        )
+        st.lists(st.tuples(st.integers(0, len(small_bundle) - 1), st.integers(0, 255)), min_size=1, max_size=8)
     )
     mutated = bytearray(small_bundle)
     for pos, value in edits:
@@ -903,8 +919,20 @@ _JSON_VALUES = st.one_of(
     st.lists(st.integers(0, 9), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(0, 9), max_size=2),
 )
-_FIELDS = ["schema", "name", "version", "created_at", "expires_at", "runtime", "model", "precision",
-           "files", "inputs", "sample_input", "brand_new_field"]
+_FIELDS = [
+    "schema",
+    "name",
+    "version",
+    "created_at",
+    "expires_at",
+    "runtime",
+    "model",
+    "precision",
+    "files",
+    "inputs",
+    "sample_input",
+    "brand_new_field",
+]
 
 
 @pytest.fixture(scope="module")
@@ -991,7 +1019,9 @@ def test_bundle_must_be_the_one_the_signed_command_names(tmp_path: Path, key: Si
             verify_bundle(out, trusted, NOW, expect=wrong)
 
 
-def test_only_an_explicit_signed_rollback_installs_an_older_version(tmp_path: Path, key: SigningKey, trusted: TrustedKeys) -> None:
+def test_only_an_explicit_signed_rollback_installs_an_older_version(
+    tmp_path: Path, key: SigningKey, trusted: TrustedKeys
+) -> None:
     out, _ = _pack(tmp_path, [key], version=2)
     with pytest.raises(RollbackError):
         verify_bundle(out, trusted, NOW, installed_version=5, expect=Expected("digits", 2))
@@ -1016,20 +1046,28 @@ def _compressed(tmp_path: Path, key: SigningKey, mode: str) -> Path:
 
 
 _HOSTILE = {
-    "symlink": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _special("payload/x", tarfile.SYMTYPE, "/etc/passwd")]),
-    "hardlink": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _special("payload/x", tarfile.LNKTYPE, "/etc/shadow")]),
+    "symlink": lambda p, k: _raw_tar(
+        p, [*_signed_valid_members(k), _special("payload/x", tarfile.SYMTYPE, "/etc/passwd")]
+    ),
+    "hardlink": lambda p, k: _raw_tar(
+        p, [*_signed_valid_members(k), _special("payload/x", tarfile.LNKTYPE, "/etc/shadow")]
+    ),
     "device": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _special("payload/x", tarfile.CHRTYPE)]),
     "absolute": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _reg("/tmp/evil", b"x")]),
     "dotdot": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _reg("payload/../../evil", b"x")]),
     "duplicate": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), _reg("payload/model.onnx", MODEL)]),
-    "too-many": lambda p, k: _raw_tar(p, [*_signed_valid_members(k), *(_reg(f"payload/f{i}", b"x") for i in range(80))]),
+    "too-many": lambda p, k: _raw_tar(
+        p, [*_signed_valid_members(k), *(_reg(f"payload/f{i}", b"x") for i in range(80))]
+    ),
     "gzip-bomb": lambda p, k: _compressed(p.parent, k, "gz"),
     "xz-bomb": lambda p, k: _compressed(p.parent, k, "xz"),
 }
 
 
 @pytest.mark.parametrize("attack", sorted(_HOSTILE))
-def test_hostile_archives_leave_the_device_unchanged(tmp_path: Path, key: SigningKey, trusted: TrustedKeys, attack: str) -> None:
+def test_hostile_archives_leave_the_device_unchanged(
+    tmp_path: Path, key: SigningKey, trusted: TrustedKeys, attack: str
+) -> None:
     from device_agent.installer import Installer
 
     installer = Installer(tmp_path / "data", trusted)
@@ -1043,4 +1081,3 @@ def test_hostile_archives_leave_the_device_unchanged(tmp_path: Path, key: Signin
     assert (installer.state_path.read_bytes(), _tree(installer.data_dir)) == before
     assert list(installer.tmp_dir.iterdir()) == []
     assert not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
-

@@ -84,7 +84,7 @@ def test_digits_split_shapes(split: hc.DigitsSplit) -> None:
     assert split.x_train.dtype == np.float32 and split.x_train.shape[1] == 64
     assert split.y_train.dtype == np.int64
     assert len(split.x_train) + len(split.x_test) == 1797
-    assert 0.0 <= split.x_train.min() and split.x_train.max() <= 1.0
+    assert split.x_train.min() >= 0.0 and split.x_train.max() <= 1.0
     # stratified: every class in the test part in about the same share as overall
     counts = np.bincount(split.y_test, minlength=10)
     assert counts.min() >= 40
@@ -131,7 +131,9 @@ def test_static_int8_is_qdq_with_int8_weights(static_result: hc.CompressionResul
     inits = {i.name: i for i in model.graph.initializer}
     weights = [i for i in model.graph.initializer if len(i.dims) >= 2]
     assert len(weights) == 3
-    assert all(w.data_type == TensorProto.INT8 for w in weights), [TensorProto.DataType.Name(w.data_type) for w in weights]
+    assert all(w.data_type == TensorProto.INT8 for w in weights), [
+        TensorProto.DataType.Name(w.data_type) for w in weights
+    ]
     # every weight is dequantized per channel: one scale per output row
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits and len(inits[node.input[0]].dims) >= 2:

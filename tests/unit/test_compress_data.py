@@ -152,7 +152,9 @@ def test_multi_input_dataset_takes_samples_across_inputs() -> None:
     part = data.take(np.array([1, 4]))
     assert isinstance(part.x, Mapping) and part.x["ids"].tolist() == [[2, 3], [8, 9]] and part.y.tolist() == [1, 0]
     assert np.bincount(data.sample(0.5, seed=0).y).tolist() == [2, 2]
-    with pytest.raises(ConfigError, match=r"training supports single-input models only; this data has inputs \['ids', 'mask'\]"):
+    with pytest.raises(
+        ConfigError, match=r"training supports single-input models only; this data has inputs \['ids', 'mask'\]"
+    ):
         data.array("training")
     assert Dataset(ids).array("training") is ids and Dataset(ids).input_names is None
 

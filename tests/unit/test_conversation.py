@@ -93,7 +93,9 @@ def test_wait_for_skips_unwanted_kinds_and_stops_at_a_terminal_one() -> None:
 def test_wait_for_times_out_naming_the_device_and_its_last_status() -> None:
     client, topics = FakeClient(), DeviceTopics(DEVICE)
     convo = Conversation(client, topics, COMMAND)  # type: ignore[arg-type]
-    with pytest.raises(DeviceTimeoutError, match=r"device pi-7 did not accept the deploy within 0.05 s \(its last status: never seen\)"):
+    with pytest.raises(
+        DeviceTimeoutError, match=r"device pi-7 did not accept the deploy within 0.05 s \(its last status: never seen\)"
+    ):
         convo.wait_for({EventKind.ACCEPTED}, 0.05, "accept the deploy")
     client.deliver(topics.status, encode(DeviceStatus(DEVICE, "offline", 1.0)))
     with pytest.raises(DeviceTimeoutError) as info:
@@ -111,7 +113,9 @@ def test_end_state_by_blame(kind: str, state: str) -> None:
 
 
 def test_error_of_rebuilds_the_devices_own_error_type() -> None:
-    refused = Event(DEVICE, EventKind.REFUSED, 1.0, error=ErrorInfo("rollback", "v1 is older than v2", {"installed": 2}))
+    refused = Event(
+        DEVICE, EventKind.REFUSED, 1.0, error=ErrorInfo("rollback", "v1 is older than v2", {"installed": 2})
+    )
     err = error_of(refused)
     assert isinstance(err, RollbackError) and err.message == "v1 is older than v2"
     bare = error_of(Event(DEVICE, EventKind.FAILED, 1.0))

@@ -24,7 +24,9 @@ def teacher(split: hc.DigitsSplit) -> onnx.ModelProto:
 
 
 def test_distilled_mlp_student_is_small_and_accurate(teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
-    step = Distillation(MlpStudent((16,)), temperature=2.0, alpha=0.7, options=TrainingOptions(epochs=10, learning_rate=1e-2, threads=1))
+    step = Distillation(
+        MlpStudent((16,)), temperature=2.0, alpha=0.7, options=TrainingOptions(epochs=10, learning_rate=1e-2, threads=1)
+    )
     result = hc.compress(
         teacher, [step], evaluation=split.test, training=split.train, measure=hc.MeasureOptions(latency=False)
     )
@@ -57,7 +59,9 @@ def test_teacher_probabilities_become_logits() -> None:
     logits, from_probs = hc.teacher_logits(model, x)
     assert from_probs and logits.shape == (10, 5)
     reference, _ = hc.teacher_logits(mlp(), x)
-    np.testing.assert_allclose(logits - logits.mean(1, keepdims=True), reference - reference.mean(1, keepdims=True), atol=1e-3)
+    np.testing.assert_allclose(
+        logits - logits.mean(1, keepdims=True), reference - reference.mean(1, keepdims=True), atol=1e-3
+    )
 
 
 def test_torch_student_is_trained_and_exported(teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
@@ -100,12 +104,16 @@ def test_soft_targets_beat_labels_when_labels_are_few(teacher: onnx.ModelProto, 
         accuracy = {}
         for alpha in (1.0, 0.0):
             step = Distillation(MlpStudent((32,)), temperature=4.0, alpha=alpha, options=options)
-            accuracy[alpha] = hc.evaluate_accuracy(step.run(teacher, PassContext(training=few, seed=seed)).model, split.test)
+            accuracy[alpha] = hc.evaluate_accuracy(
+                step.run(teacher, PassContext(training=few, seed=seed)).model, split.test
+            )
         gains.append(accuracy[1.0] - accuracy[0.0])
     assert min(gains) > 0 and np.mean(gains) > 0.01, gains
 
 
-def test_cli_distills_from_unlabelled_transfer_set_only_at_alpha_one(tmp_path, teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
+def test_cli_distills_from_unlabelled_transfer_set_only_at_alpha_one(
+    tmp_path, teacher: onnx.ModelProto, split: hc.DigitsSplit
+) -> None:
     import json
 
     from click.testing import CliRunner
@@ -142,7 +150,9 @@ def test_cli_and_recipe_take_an_onnx_student(tmp_path, teacher: onnx.ModelProto,
     np.savez(tmp_path / "train.npz", x=split.x_train, y=split.y_train)
     base = ["--home", str(tmp_path / "home"), "compress", str(model), "--train", str(tmp_path / "train.npz"),
             "--epochs", "3", "--json"]  # fmt: skip
-    result = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "a.onnx"), "--distill", str(tmp_path / "student.onnx")])
+    result = CliRunner().invoke(
+        cli, [*base, "-o", str(tmp_path / "a.onnx"), "--distill", str(tmp_path / "student.onnx")]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["report"]["final"]["parameters"] == hc.count_parameters(student)
     trained = onnx.load(str(tmp_path / "a.onnx"))
@@ -151,7 +161,9 @@ def test_cli_and_recipe_take_an_onnx_student(tmp_path, teacher: onnx.ModelProto,
     # In a recipe file a relative student path is relative to the recipe's folder.
     (tmp_path / "r.toml").write_text('[[step]]\npass = "distill"\nstudent = "student.onnx"\nepochs = 2\n')
     steps = hc.load_recipe(tmp_path / "r.toml")
-    assert isinstance(steps[0].student, onnx.ModelProto) and hc.count_parameters(steps[0].student) == hc.count_parameters(student)
+    assert isinstance(steps[0].student, onnx.ModelProto) and hc.count_parameters(
+        steps[0].student
+    ) == hc.count_parameters(student)
     (tmp_path / "bad.toml").write_text('[[step]]\npass = "distill"\nstudent = "gone.onnx"\n')
     with pytest.raises(ModelLoadError, match=r"bad.toml: step 1 \(distill\): .*gone.onnx"):
         hc.load_recipe(tmp_path / "bad.toml")

@@ -22,11 +22,7 @@ def _all_classes() -> list[type[EdgeError]]:
 
 
 def test_all_exports_every_error_class_and_nothing_else() -> None:
-    defined = {
-        name
-        for name, obj in vars(errors).items()
-        if isinstance(obj, type) and issubclass(obj, EdgeError)
-    }
+    defined = {name for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, EdgeError)}
     assert defined == set(errors.__all__) - {"error_from_code"}
 
 

@@ -72,7 +72,9 @@ def test_finetune_keeps_zeros_and_lowers_the_loss() -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=(256, 12)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0).astype(np.int64)  # 4 classes of 5 outputs
-    result = FineTune(TrainingOptions(epochs=5, learning_rate=1e-2, threads=1)).run(model, PassContext(training=hc.Dataset(x, y)))
+    result = FineTune(TrainingOptions(epochs=5, learning_rate=1e-2, threads=1)).run(
+        model, PassContext(training=hc.Dataset(x, y))
+    )
     before, after = weights(model), weights(result.model)
     for name in ("w0", "w1", "w2"):
         assert np.array_equal(after[name] == 0, before[name] == 0)  # the same weights are zero
@@ -124,14 +126,18 @@ def test_finetune_trains_both_low_rank_factors_and_keeps_the_rank(split: hc.Digi
     dense = hc.model_from_bytes(digits_mlp)
     factorized = hc.LowRankFactorization(param_ratio=3.0, min_params=1000).run(dense, PassContext()).model
     step = FineTune(TrainingOptions(epochs=5, learning_rate=1e-2, threads=1))
-    result = hc.compress(factorized, [step], evaluation=split.test, training=split.train, measure=hc.MeasureOptions(latency=False))
+    result = hc.compress(
+        factorized, [step], evaluation=split.test, training=split.train, measure=hc.MeasureOptions(latency=False)
+    )
     tuned = hc.model_from_bytes(result.model_bytes)
     before, after = weights(factorized), weights(tuned)
     factors = sorted(name for name in before if ".lowrank_" in name)
     assert factors == ["fc0.lowrank_a", "fc0.lowrank_b", "fc1.lowrank_a", "fc1.lowrank_b"]
     # same graph, same factor shapes (the rank is kept; nothing is re-densified)
     assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
-    assert [(n.op_type, list(n.input)) for n in tuned.graph.node] == [(n.op_type, list(n.input)) for n in factorized.graph.node]
+    assert [(n.op_type, list(n.input)) for n in tuned.graph.node] == [
+        (n.op_type, list(n.input)) for n in factorized.graph.node
+    ]
     for name in factors:
         assert not np.array_equal(after[name], before[name]), f"{name} was not trained"
     # it runs in onnxruntime, and training won accuracy back

@@ -93,7 +93,10 @@ def test_stage_then_activate(installer: Installer, make_bundle) -> None:  # type
     assert list(installer.tmp_dir.iterdir()) == []
     state = json.loads(installer.state_path.read_bytes())
     assert state["bundles"]["digits"] == {
-        "active": {"version": 1}, "previous": None, "highest": 1, "pending": {"command_id": ""},
+        "active": {"version": 1},
+        "previous": None,
+        "highest": 1,
+        "pending": {"command_id": ""},
     }
     installer.confirm("digits")
     state = json.loads(installer.state_path.read_bytes())
@@ -256,7 +259,9 @@ def test_refused_bundles_change_nothing(installer: Installer, make_bundle, tmp_p
     assert installer.active("digits").version == 2  # type: ignore[union-attr]
 
 
-def test_hash_mismatch_after_partial_extraction_leaves_no_scratch(installer: Installer, make_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_hash_mismatch_after_partial_extraction_leaves_no_scratch(
+    installer: Installer, make_bundle, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     """The payload flip is caught only after some bytes were extracted into tmp/."""
     good = make_bundle(3)
     data = bytearray(good.read_bytes())
@@ -304,7 +309,9 @@ def test_activation_is_pending_until_confirmed(installer: Installer, make_bundle
     assert installer.previous("digits").version == 1  # type: ignore[union-attr]
 
 
-def test_restart_rolls_back_an_unconfirmed_version(tmp_path: Path, key: SigningKey, installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+def test_restart_rolls_back_an_unconfirmed_version(
+    tmp_path: Path, key: SigningKey, installer: Installer, make_bundle
+) -> None:  # type: ignore[no-untyped-def]
     _install(installer, make_bundle(1))
     installer.confirm("digits")
     staged = installer.stage(make_bundle(2), NOW)
@@ -319,7 +326,9 @@ def test_restart_rolls_back_an_unconfirmed_version(tmp_path: Path, key: SigningK
     assert again.accepted_version("digits") == 2  # the version that never proved itself stays refused
 
 
-def test_unconfirmed_first_install_rolls_back_to_nothing(tmp_path: Path, key: SigningKey, installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+def test_unconfirmed_first_install_rolls_back_to_nothing(
+    tmp_path: Path, key: SigningKey, installer: Installer, make_bundle
+) -> None:  # type: ignore[no-untyped-def]
     _install(installer, make_bundle(1))
     again = Installer(tmp_path / "data", TrustedKeys((key.public_key,)))
     (rb,) = again.roll_back_pending()
@@ -341,7 +350,9 @@ def test_recover_removes_a_torn_state_temp_file(installer: Installer) -> None:
     assert not torn.exists()
 
 
-def test_deferred_installs_survive_restart_and_incomplete_ones_vanish(tmp_path: Path, key: SigningKey, installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+def test_deferred_installs_survive_restart_and_incomplete_ones_vanish(
+    tmp_path: Path, key: SigningKey, installer: Installer, make_bundle
+) -> None:  # type: ignore[no-untyped-def]
     part = installer.staging_path("a" * 32)
     part.write_bytes(make_bundle(1).read_bytes())
     installer.defer("a" * 32, part, b'{"cmd": 1}')
@@ -377,7 +388,11 @@ def test_profiling_scratch_still_refuses_an_untrusted_bundle(installer: Installe
 
 @pytest.mark.parametrize("method, names", [("stage", "slots"), ("stage_scratch", "tmp")])
 def test_disk_full_while_unpacking_is_a_storage_error_and_leaves_no_scratch(
-    installer: Installer, make_bundle, monkeypatch: pytest.MonkeyPatch, method: str, names: str  # type: ignore[no-untyped-def]
+    installer: Installer,
+    make_bundle,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    names: str,  # type: ignore[no-untyped-def]
 ) -> None:
     import device_agent.installer as installer_module
 

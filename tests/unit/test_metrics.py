@@ -166,9 +166,7 @@ def test_benchmark_runs_until_min_duration_but_not_past_max_runs() -> None:
     assert frozen.count == 50
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"runs": 0}, {"warmup": -1}, {"min_duration_s": -1.0}, {"runs": 10, "max_runs": 5}]
-)
+@pytest.mark.parametrize("kwargs", [{"runs": 0}, {"warmup": -1}, {"min_duration_s": -1.0}, {"runs": 10, "max_runs": 5}])
 def test_benchmark_rejects_bad_parameters(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         benchmark(lambda: None, **kwargs)  # type: ignore[arg-type]
@@ -538,7 +536,7 @@ def test_pmic_output_parses_into_rails() -> None:
     rails = parse_pmic_adc(PMIC_OUTPUT)
     assert rails == {"3V3_SYS": (0.05, 3.3), "3V7_WL_SW": (0.0, 3.7), "VDD_CORE": (2.0, 0.8)}
     with pytest.raises(ValueError):
-        parse_pmic_adc("error=1 error_msg=\"Command not registered\"\n")
+        parse_pmic_adc('error=1 error_msg="Command not registered"\n')
 
 
 def test_pmic_source_measures_energy_with_a_fake_runner() -> None:
@@ -563,9 +561,13 @@ def test_pmic_is_probed_only_on_a_pi_5(tmp_path: Path) -> None:
     from edge_sdk.metrics import Pi5PmicSource
 
     factory = fixed_cpu_sampler(1.0, 1.0, 1)
-    pi5 = detect_power_source(tmp_path, "raspberry-pi-5", command_runner=lambda argv: PMIC_OUTPUT, cpu_sampler_factory=factory)
+    pi5 = detect_power_source(
+        tmp_path, "raspberry-pi-5", command_runner=lambda argv: PMIC_OUTPUT, cpu_sampler_factory=factory
+    )
     assert isinstance(pi5, Pi5PmicSource)
-    pi4 = detect_power_source(tmp_path, "raspberry-pi-4", command_runner=lambda argv: PMIC_OUTPUT, cpu_sampler_factory=factory)
+    pi4 = detect_power_source(
+        tmp_path, "raspberry-pi-4", command_runner=lambda argv: PMIC_OUTPUT, cpu_sampler_factory=factory
+    )
     assert pi4.name == "estimate:raspberry-pi-4" and pi4.estimated is True
     assert Pi5PmicSource.probe(_no_vcgencmd) is None
     assert Pi5PmicSource.probe(lambda argv: "garbage\n") is None
@@ -603,4 +605,3 @@ def test_benchmark_interleaved_alternates_rounds_and_warms_up_first() -> None:
     assert calls == ["a"] * 6 + ["b"] * 6 + (["a"] * 3 + ["b"] * 3) * 2
     with pytest.raises(ConfigError, match="rounds"):
         metrics.benchmark_interleaved(fns, rounds=0, runs_per_round=1, warmup=0)
-

@@ -137,18 +137,40 @@ def _offer(**kw: Any) -> TransferOffer:
 
 def _examples() -> list[Any]:
     return [
-        DeviceStatus("pi-1", "online", 1.5, agent_version="0.1.0", platform={"kind": "raspberry-pi"},
-                     runtimes={"onnxruntime": "1.18"}, active={"digits": {"version": 3}}),
+        DeviceStatus(
+            "pi-1",
+            "online",
+            1.5,
+            agent_version="0.1.0",
+            platform={"kind": "raspberry-pi"},
+            runtimes={"onnxruntime": "1.18"},
+            active={"digits": {"version": 3}},
+        ),
         DeviceStatus("pi-1", "offline", 2.0),
-        DeployCommand(CID, "digits", 3, _offer(), 10.0, BenchmarkSpec(runs=50, warmup=5, threads=2, min_duration_s=1.5)),
+        DeployCommand(
+            CID, "digits", 3, _offer(), 10.0, BenchmarkSpec(runs=50, warmup=5, threads=2, min_duration_s=1.5)
+        ),
         DeployCommand(CID, "digits", 1, _offer(size=1, chunk_size=1024), 10.0),
         TransferEnd(CID, TID),
         Event("pi-1", EventKind.NEED_CHUNKS, 3.0, command_id=CID, transfer_id=TID, missing=(1, 5, 9)),
         Event("pi-1", EventKind.REFUSED, 3.0, error=ErrorInfo("rollback", "v1 is not newer", {"offered": 1})),
         Event("pi-1", EventKind.INSTALLED, 3.0, detail={"slot": "v3"}),
-        MetricsReport("pi-1", "digits", 3, "onnxruntime", "int8", 4.0, command_id=CID, threads=4,
-                      providers=("CPUExecutionProvider",), latency={"p50_ms": 1.2}, memory={"peak_rss": 10},
-                      cpu={"util": 0.5}, power={"estimated": True}, temperature=({"zone": "cpu", "c": 45.0},)),
+        MetricsReport(
+            "pi-1",
+            "digits",
+            3,
+            "onnxruntime",
+            "int8",
+            4.0,
+            command_id=CID,
+            threads=4,
+            providers=("CPUExecutionProvider",),
+            latency={"p50_ms": 1.2},
+            memory={"peak_rss": 10},
+            cpu={"util": 0.5},
+            power={"estimated": True},
+            temperature=({"zone": "cpu", "c": 45.0},),
+        ),
         DeployCommand(CID, "digits", 2, _offer(), 10.0, device_id="pi-1", expires_at=70.0, rollback=True),
         RollbackCommand(CID, "digits", 2, 10.0, device_id="pi-1", expires_at=70.0),
         RemoveCommand(CID, "digits", 10.0, device_id="pi-1", expires_at=70.0),
@@ -343,10 +365,20 @@ def test_nesting_that_would_exhaust_the_parser_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"\xff\xfe\x00", b"\xc3\x28", b"not json", b"[]", b"null", b"1", b'"deploy"', b"{",
-     b'{"schema":1,"type":"status","device_id":"d","state":"online","ts":NaN}',
-     b'{"schema":1,"type":"status","device_id":"d","state":"online","ts":Infinity}',
-     b'{"schema":1,"type":"status","device_id":"d","state":"online","ts":-Infinity}'],
+    [
+        b"",
+        b"\xff\xfe\x00",
+        b"\xc3\x28",
+        b"not json",
+        b"[]",
+        b"null",
+        b"1",
+        b'"deploy"',
+        b"{",
+        b'{"schema":1,"type":"status","device_id":"d","state":"online","ts":NaN}',
+        b'{"schema":1,"type":"status","device_id":"d","state":"online","ts":Infinity}',
+        b'{"schema":1,"type":"status","device_id":"d","state":"online","ts":-Infinity}',
+    ],
     ids=repr,
 )
 def test_non_json_and_non_objects_are_refused(payload: bytes) -> None:

@@ -83,11 +83,26 @@ from edge_sdk.protowire import Node, graph_nodes, node_proto, parse_node, rewrit
 
 def test_parse_node_reads_what_onnx_writes() -> None:
     node = helper.make_node(
-        "Gemm", ["a", "", "c"], ["y"], name="fc", domain="ai.onnx", transB=1, transA=0, alpha=0.5, axis=-3,
-        perm=[1, 0], mode="x",
+        "Gemm",
+        ["a", "", "c"],
+        ["y"],
+        name="fc",
+        domain="ai.onnx",
+        transB=1,
+        transA=0,
+        alpha=0.5,
+        axis=-3,
+        perm=[1, 0],
+        mode="x",
     )
     got = parse_node(node.SerializeToString())
-    assert (got.op_type, got.domain, got.name, got.inputs, got.outputs) == ("Gemm", "ai.onnx", "fc", ("a", "", "c"), ("y",))
+    assert (got.op_type, got.domain, got.name, got.inputs, got.outputs) == (
+        "Gemm",
+        "ai.onnx",
+        "fc",
+        ("a", "", "c"),
+        ("y",),
+    )
     assert got.attributes == {"transB": 1, "transA": 0, "alpha": 0.5, "axis": -3}  # lists and strings left out
 
 
@@ -96,7 +111,11 @@ def test_node_proto_is_a_node_onnx_reads_back() -> None:
     node = onnx.NodeProto()
     node.ParseFromString(data)
     assert (node.op_type, node.domain, node.name, list(node.input), list(node.output)) == (
-        "DynamicQuantizeMatMul", "com.microsoft", "n", ["x", "w", "s", ""], ["y"],
+        "DynamicQuantizeMatMul",
+        "com.microsoft",
+        "n",
+        ["x", "w", "s", ""],
+        ["y"],
     )
     assert parse_node(data) == Node("DynamicQuantizeMatMul", "com.microsoft", "n", ("x", "w", "s", ""), ("y",))
     plain = onnx.NodeProto()
@@ -112,7 +131,10 @@ def _two_nodes() -> onnx.ModelProto:
 
 
 def test_graph_nodes_lists_the_graph_in_order() -> None:
-    assert [(n.op_type, n.name) for n in graph_nodes(_two_nodes().SerializeToString())] == [("Relu", "first"), ("Neg", "second")]
+    assert [(n.op_type, n.name) for n in graph_nodes(_two_nodes().SerializeToString())] == [
+        ("Relu", "first"),
+        ("Neg", "second"),
+    ]
 
 
 def test_rewrite_model_replaces_nodes_in_place_and_imports_opsets_once() -> None:

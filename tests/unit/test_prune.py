@@ -130,7 +130,9 @@ def test_sensitivity_pruning_prunes_the_insensitive_layer_harder() -> None:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(300, 12)).astype(np.float32)
     y = np.argmax(_run(model, x), axis=1).astype(np.int64)
-    result = SensitivityPruning(0.6, grid=(0.2, 0.4, 0.6, 0.8, 0.9)).run(_copy(model), PassContext(training=Dataset(x, y)))
+    result = SensitivityPruning(0.6, grid=(0.2, 0.4, 0.6, 0.8, 0.9)).run(
+        _copy(model), PassContext(training=Dataset(x, y))
+    )
     layer = result.notes["layer_sparsity"]
     sens = result.notes["sensitivity"]
     assert set(sens) == {"fc0", "fc1", "fc2"}
@@ -271,7 +273,9 @@ def test_cli_compress_prune_and_finetune(tmp_path, split: hc.DigitsSplit, digits
     assert not (tmp_path / "bad.onnx").exists()
 
 
-def test_cli_compress_finetunes_after_pruning_and_low_rank(tmp_path, split: hc.DigitsSplit, digits_model: bytes) -> None:
+def test_cli_compress_finetunes_after_pruning_and_low_rank(
+    tmp_path, split: hc.DigitsSplit, digits_model: bytes
+) -> None:
     import json
 
     from click.testing import CliRunner

@@ -201,12 +201,16 @@ def test_cli_quality_cosine(tmp_path) -> None:
     ok = CliRunner().invoke(cli, [*base, "-o", str(out), "--eval", str(tmp_path / "x.npy"), "--quality", "cosine"])
     assert ok.exit_code == 0, ok.output
     assert "cosine" in ok.stdout and out.exists()
-    as_json = CliRunner().invoke(cli, [*base, "-o", str(out), "--eval", str(tmp_path / "x.npy"), "--quality", "cosine", "--json"])
+    as_json = CliRunner().invoke(
+        cli, [*base, "-o", str(out), "--eval", str(tmp_path / "x.npy"), "--quality", "cosine", "--json"]
+    )
     final = json.loads(as_json.stdout)["report"]["final"]
     assert final["quality_metric"] == "cosine" and 0.99 < final["quality"] <= 1.0
     no_eval = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "n.onnx"), "--quality", "cosine"])
     assert no_eval.exit_code == 2 and "--eval" in no_eval.output
-    no_labels = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "l.onnx"), "--eval", str(tmp_path / "x.npy"), "--quality", "accuracy"])
+    no_labels = CliRunner().invoke(
+        cli, [*base, "-o", str(tmp_path / "l.onnx"), "--eval", str(tmp_path / "x.npy"), "--quality", "accuracy"]
+    )
     assert no_labels.exit_code != 0 and "labelled" in no_labels.output
     assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "l.onnx").exists()
 
@@ -241,18 +245,24 @@ def test_two_input_model_calibrates_evaluates_and_times() -> None:
     assert report.final.quality_metric == "accuracy" and report.final.quality >= 0.9
     assert report.final.latency_p50_ms is not None and report.final.latency_p50_ms > 0
     assert "QuantizeLinear" in {n.op_type for n in onnx.load_model_from_string(result.model_bytes).graph.node}
-    guarded = hc.compress(model, [AccuracyGuard(hc.DynamicInt8Quantization(), 0.0, max_float_fraction=1.0)], evaluation=data, measure=FAST)
+    guarded = hc.compress(
+        model, [AccuracyGuard(hc.DynamicInt8Quantization(), 0.0, max_float_fraction=1.0)], evaluation=data, measure=FAST
+    )
     assert guarded.report.quality_drop <= 0.0
 
 
 def test_two_input_model_refuses_data_that_does_not_name_its_inputs() -> None:
     model, data = _two_input_classifier()
-    with pytest.raises(ConfigError, match=r"the data has inputs \['features', 'other'\], the model takes \['features', 'mask'\]"):
+    with pytest.raises(
+        ConfigError, match=r"the data has inputs \['features', 'other'\], the model takes \['features', 'mask'\]"
+    ):
         hc.evaluate_accuracy(model, hc.Dataset({"features": data.x["features"], "other": data.x["mask"]}, data.y))
     with pytest.raises(ConfigError, match="one array per input"):
         hc.evaluate_accuracy(model, hc.Dataset(data.x["features"], data.y))
     with pytest.raises(CompressionError, match=r"calibration data has inputs \['features'\], the model takes"):
-        hc.compress(model, [hc.StaticInt8Quantization()], calibration=hc.Dataset({"features": data.x["features"]}), measure=FAST)
+        hc.compress(
+            model, [hc.StaticInt8Quantization()], calibration=hc.Dataset({"features": data.x["features"]}), measure=FAST
+        )
     with pytest.raises(CompressionError, match="x.NAME"):
         hc.compress(model, [hc.StaticInt8Quantization()], calibration=hc.Dataset(data.x["features"]), measure=FAST)
 
@@ -271,9 +281,16 @@ def test_guard_considers_only_the_nodes_quantization_changed() -> None:
         initializer=[numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    quantized = hc.DynamicInt8Quantization().run(onnx.ModelProto.FromString(model.SerializeToString()), hc.PassContext()).model
+    quantized = (
+        hc.DynamicInt8Quantization().run(onnx.ModelProto.FromString(model.SerializeToString()), hc.PassContext()).model
+    )
     assert hc.quantized_nodes(model, quantized, ["proj", "scores"]) == ["proj"]
-    static = hc.compress(model, [hc.StaticInt8Quantization()], calibration=hc.Dataset(rng.normal(size=(16, 8)).astype(np.float32)), measure=FAST)
+    static = hc.compress(
+        model,
+        [hc.StaticInt8Quantization()],
+        calibration=hc.Dataset(rng.normal(size=(16, 8)).astype(np.float32)),
+        measure=FAST,
+    )
     assert "proj" in hc.quantized_nodes(model, onnx.load_model_from_string(static.model_bytes), ["proj"])
 
 
@@ -297,7 +314,9 @@ def test_guard_ranking_in_recipes_and_cli(tmp_path) -> None:
 
     from host_tools.cli import cli
 
-    steps = hc.parse_recipe('[[step]]\npass = "quantize"\nmode = "int8-dynamic-per-channel"\nmax_accuracy_drop = 0.01\nguard_ranking = "measured"\n')
+    steps = hc.parse_recipe(
+        '[[step]]\npass = "quantize"\nmode = "int8-dynamic-per-channel"\nmax_accuracy_drop = 0.01\nguard_ranking = "measured"\n'
+    )
     assert steps[0].ranking == "measured" and steps[0].inner.per_channel
     with pytest.raises(ConfigError, match="guard_ranking needs max_accuracy_drop"):
         hc.parse_recipe('[[step]]\npass = "quantize"\nguard_ranking = "measured"\n')
@@ -325,9 +344,14 @@ def test_quantized_nodes_ignores_shape_gathers_and_float_nodes_reading_dequantiz
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     calib = hc.Dataset(rng.normal(size=(16, 8)).astype(np.float32))
     static = hc.compress(model, [hc.StaticInt8Quantization(exclude_nodes=("mm2",))], calibration=calib, measure=FAST)
-    assert hc.quantized_nodes(model, onnx.load_model_from_string(static.model_bytes), ["mm1", "mm2", "batch_dim"]) == ["mm1"]
+    assert hc.quantized_nodes(model, onnx.load_model_from_string(static.model_bytes), ["mm1", "mm2", "batch_dim"]) == [
+        "mm1"
+    ]
     dynamic = hc.compress(model, [hc.DynamicInt8Quantization()], measure=FAST)
-    assert hc.quantized_nodes(model, onnx.load_model_from_string(dynamic.model_bytes), ["mm1", "mm2", "batch_dim"]) == ["mm1", "mm2"]
+    assert hc.quantized_nodes(model, onnx.load_model_from_string(dynamic.model_bytes), ["mm1", "mm2", "batch_dim"]) == [
+        "mm1",
+        "mm2",
+    ]
 
 
 def test_cli_choices_are_the_library_s() -> None:

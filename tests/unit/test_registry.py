@@ -201,9 +201,7 @@ def test_newer_fields_replace_older(db: Registry) -> None:
 
 
 def test_late_stale_update_fills_gaps_but_overwrites_nothing(db: Registry) -> None:
-    db.upsert_device(
-        DeviceRecord(device_id="pi-01", status="offline", last_seen=2000.0, agent_version="0.2.0")
-    )
+    db.upsert_device(DeviceRecord(device_id="pi-01", status="offline", last_seen=2000.0, agent_version="0.2.0"))
 
     # A birth message from before, delivered late by another collector.
     db.upsert_device(_birth(at=1000.0))
@@ -238,13 +236,9 @@ def test_two_registries_share_one_database(open_db: OpenDb) -> None:
 
 
 def test_deployment_round_trip_and_update(db: Registry) -> None:
-    dep_id = db.record_deployment(
-        "pi-01", "digits", "1.0.0", "ab" * 32, started_at=100.0, transfer_id="tx-1"
-    )
+    dep_id = db.record_deployment("pi-01", "digits", "1.0.0", "ab" * 32, started_at=100.0, transfer_id="tx-1")
 
-    db.update_deployment(
-        dep_id, "refused", error_code="rollback", error_message="1.0.0 < 1.1.0", finished_at=105.5
-    )
+    db.update_deployment(dep_id, "refused", error_code="rollback", error_message="1.0.0 < 1.1.0", finished_at=105.5)
 
     [got] = db.list_deployments()
     assert got.to_dict() == {
@@ -405,9 +399,7 @@ def test_path_is_a_directory_is_storage_error(tmp_path: Path) -> None:
     assert isinstance(info.value.__cause__, sqlite3.Error)
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores file permissions"
-)
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores file permissions")
 def test_read_only_directory_is_storage_error(tmp_path: Path) -> None:
     locked = tmp_path / "ro"
     locked.mkdir()

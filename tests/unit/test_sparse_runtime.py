@@ -26,7 +26,10 @@ def _split(model: onnx.ModelProto, int8: bool = False):
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.95])
-@pytest.mark.parametrize(("dims", "gemm", "trans_b"), [([64, 96, 10], False, False), ([33, 17, 50, 3], True, False), ([40, 24, 8], True, True)])
+@pytest.mark.parametrize(
+    ("dims", "gemm", "trans_b"),
+    [([64, 96, 10], False, False), ([33, 17, 50, 3], True, False), ([40, 24, 8], True, True)],
+)
 @pytest.mark.parametrize("batch", [1, 8])
 def test_sparse_and_rebuilt_dense_equal_the_original(sparsity, dims, gemm, trans_b, batch):
     model = mlp(dims, sparsity, seed=batch, gemm=gemm, trans_b=trans_b)
@@ -75,10 +78,16 @@ def test_sparsify_says_why_layers_stay_dense():
         helper.make_node("MatMul", ["c3", "W3"], ["y"], name="rank3"),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(w_dense, "Wd"), numpy_helper.from_array(w_shared, "Ws"),
-         numpy_helper.from_array(w_3d, "W3"), numpy_helper.from_array(np.array([0], np.int64), "axes")],
+        [
+            numpy_helper.from_array(w_dense, "Wd"),
+            numpy_helper.from_array(w_shared, "Ws"),
+            numpy_helper.from_array(w_3d, "W3"),
+            numpy_helper.from_array(np.array([0], np.int64), "axes"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(CompressionError) as info:
@@ -95,7 +104,10 @@ def _int8_parts(model: onnx.ModelProto):
     return pack.dense_graph, weights, {l.tensor: l.transposed for l in pack.layers}
 
 
-@pytest.mark.parametrize(("dims", "gemm", "trans_b"), [([64, 96, 10], False, False), ([33, 17, 50, 3], True, False), ([40, 24, 8], True, True)])
+@pytest.mark.parametrize(
+    ("dims", "gemm", "trans_b"),
+    [([64, 96, 10], False, False), ([33, 17, 50, 3], True, False), ([40, 24, 8], True, True)],
+)
 @pytest.mark.parametrize("batch", [1, 8])
 def test_dense_int8_model_is_close_to_the_dense_fp32_model(dims, gemm, trans_b, batch):
     skeleton, weights, transposed = _int8_parts(mlp(dims, 0.8, seed=batch, gemm=gemm, trans_b=trans_b))
@@ -163,7 +175,10 @@ def test_choose_takes_the_fastest_that_ran():
     timings = [CandidateTiming("dense", 2.0), CandidateTiming("sparse", 1.0), CandidateTiming("x", error="boom")]
     assert choose(timings)[0] == "sparse"
     assert choose([CandidateTiming("dense", 2.0), CandidateTiming("sparse", error="no kernel")])[0] == "dense"
-    assert choose([CandidateTiming("dense_int8", 0.5), CandidateTiming("sparse_int8", not_applicable="no kernel")])[0] == "dense_int8"
+    assert (
+        choose([CandidateTiming("dense_int8", 0.5), CandidateTiming("sparse_int8", not_applicable="no kernel")])[0]
+        == "dense_int8"
+    )
     with pytest.raises(EdgeError, match="no kernel"):
         choose([CandidateTiming("sparse", error="no kernel")])
 
@@ -185,7 +200,9 @@ def _bundle_dir(tmp_path: Path, execution: str | None = None, int8: bool = False
     for p in (model_path, *files.values()):
         digest, size = file_sha256(p)
         entries.append(FileEntry(p.name, size, digest))
-    manifest = Manifest("m", 1, 0.0, 10.0, "onnxruntime", model_path.name, tuple(entries), sparse=spec, execution=execution)
+    manifest = Manifest(
+        "m", 1, 0.0, 10.0, "onnxruntime", model_path.name, tuple(entries), sparse=spec, execution=execution
+    )
     return tmp_path, manifest
 
 
@@ -209,14 +226,17 @@ def test_selection_measures_every_candidate_that_applies_and_picks_the_minimum(t
         assert session.run({"x": np.ones((1, 64), np.float32)})[0].shape == (1, 10)
 
 
-@pytest.mark.parametrize(("manifest_pin", "config_pin", "want", "by"), [
-    ("dense", "auto", "dense", "manifest"),
-    ("sparse", "auto", "sparse", "manifest"),
-    ("dense_int8", "auto", "dense_int8", "manifest"),
-    ("sparse", "dense", "dense", "config"),
-    ("sparse", "dense_int8", "dense_int8", "config"),
-    (None, "sparse", "sparse", "config"),
-])
+@pytest.mark.parametrize(
+    ("manifest_pin", "config_pin", "want", "by"),
+    [
+        ("dense", "auto", "dense", "manifest"),
+        ("sparse", "auto", "sparse", "manifest"),
+        ("dense_int8", "auto", "dense_int8", "manifest"),
+        ("sparse", "dense", "dense", "config"),
+        ("sparse", "dense_int8", "dense_int8", "config"),
+        (None, "sparse", "sparse", "config"),
+    ],
+)
 def test_pins_skip_the_measurement(tmp_path, manifest_pin, config_pin, want, by):
     payload, manifest = _bundle_dir(tmp_path, manifest_pin, int8=True)
     choice, opener = select_execution(payload, manifest, SPEC, config_pin)

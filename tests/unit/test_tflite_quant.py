@@ -111,7 +111,9 @@ def test_compress_tflite_reports_size_agreement_and_latency(fc) -> None:
     assert report["original"]["quality"] == 1.0 and report["final"]["quality_metric"] == "agreement"
     assert report["final"]["quality"] >= 0.9
     assert report["final"]["latency_p50_ms"] > 0
-    labelled = compress_tflite(model, "int8-weight-only", evaluation=Dataset(x, _run(model, x).argmax(1)), latency_runs=0)
+    labelled = compress_tflite(
+        model, "int8-weight-only", evaluation=Dataset(x, _run(model, x).argmax(1)), latency_runs=0
+    )
     assert labelled.original.quality == 1.0 and labelled.original.quality_metric == "accuracy"
     assert labelled.final.latency_p50_ms is None
 
@@ -127,7 +129,9 @@ def test_cli_compress_dispatches_tflite_models(tmp_path, fc) -> None:
     np.savez(tmp_path / "calib.npz", x=x)
     out = tmp_path / "m.int8.tflite"
     base = ["--home", str(tmp_path / "home"), "compress", str(source), "-o", str(out)]
-    result = CliRunner().invoke(cli, [*base, "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "calib.npz"), "--json"])
+    result = CliRunner().invoke(
+        cli, [*base, "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "calib.npz"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["report"]
     assert report["format"] == "tflite" and report["recipe"] == "static_wi8_ai8"
@@ -140,7 +144,8 @@ def test_cli_compress_dispatches_tflite_models(tmp_path, fc) -> None:
     mixed = CliRunner().invoke(cli, [*base, "--quantize", "int8-dynamic", "--prune", "magnitude:0.5"])
     assert mixed.exit_code == 2 and "--prune" in mixed.output
     cosine = CliRunner().invoke(
-        cli, [*base, "--quantize", "int8-dynamic", "--eval", str(tmp_path / "calib.npz"), "--quality", "cosine", "--json"]
+        cli,
+        [*base, "--quantize", "int8-dynamic", "--eval", str(tmp_path / "calib.npz"), "--quality", "cosine", "--json"],
     )
     assert cosine.exit_code == 0, cosine.output
     scored = json.loads(cosine.stdout)["report"]

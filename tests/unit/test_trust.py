@@ -90,8 +90,10 @@ def test_public_pem_round_trip(keys: list[SigningKey]) -> None:
 def test_public_pem_refuses_garbage_and_other_algorithms() -> None:
     with pytest.raises(KeyStoreError):
         PublicKey.from_pem(b"not a pem")
-    ec_pem = generate_private_key(SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ec_pem = (
+        generate_private_key(SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     with pytest.raises(KeyStoreError, match="not Ed25519"):
         PublicKey.from_pem(ec_pem)
@@ -311,14 +313,25 @@ def pki() -> dict[str, SigningKey]:
     return {n: SigningKey.generate() for n in ("root1", "root2", "bundles", "commands", "new", "evil")}
 
 
-def _root(version: int, root_keys: list[SigningKey], bundles: list[SigningKey], commands: list[SigningKey],
-          threshold: int = 1, expires: float = NOW + YEAR) -> Root:
+def _root(
+    version: int,
+    root_keys: list[SigningKey],
+    bundles: list[SigningKey],
+    commands: list[SigningKey],
+    threshold: int = 1,
+    expires: float = NOW + YEAR,
+) -> Root:
     every = {k.keyid: k.public_key for k in (*root_keys, *bundles, *commands)}
-    return Root(version, expires, every, {
-        "root": Role(tuple(k.keyid for k in root_keys), threshold),
-        "bundles": Role(tuple(k.keyid for k in bundles)),
-        "commands": Role(tuple(k.keyid for k in commands)),
-    })
+    return Root(
+        version,
+        expires,
+        every,
+        {
+            "root": Role(tuple(k.keyid for k in root_keys), threshold),
+            "bundles": Role(tuple(k.keyid for k in bundles)),
+            "commands": Role(tuple(k.keyid for k in commands)),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -352,11 +365,18 @@ def test_root_threshold_counts_distinct_old_keys(pki: dict[str, SigningKey]) -> 
 
 
 @pytest.mark.parametrize("version, error", [(1, RollbackError), (0, RootError), (3, RootError)])
-def test_root_version_must_be_exactly_the_next(pki: dict[str, SigningKey], root_v1: SignedRoot, version: int, error: type) -> None:
+def test_root_version_must_be_exactly_the_next(
+    pki: dict[str, SigningKey], root_v1: SignedRoot, version: int, error: type
+) -> None:
     signers = [pki["root1"]]
     with pytest.raises(error):
-        verify_root_update(root_v1.root, sign_root(replace(root_v1.root, version=version), signers)
-                           if version else b'{"signed":{"version":0},"signatures":[]}', NOW)
+        verify_root_update(
+            root_v1.root,
+            sign_root(replace(root_v1.root, version=version), signers)
+            if version
+            else b'{"signed":{"version":0},"signatures":[]}',
+            NOW,
+        )
 
 
 def test_expired_new_root_is_refused(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
@@ -367,7 +387,9 @@ def test_expired_new_root_is_refused(pki: dict[str, SigningKey], root_v1: Signed
         root_v1.root.check_not_expired(NOW + 2 * YEAR)
 
 
-def test_chain_walks_versions_in_order_and_revocation_takes_effect(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
+def test_chain_walks_versions_in_order_and_revocation_takes_effect(
+    pki: dict[str, SigningKey], root_v1: SignedRoot
+) -> None:
     v2 = sign_root(_root(2, [pki["root1"]], [pki["bundles"], pki["new"]], [pki["commands"]]), [pki["root1"]])
     v3 = sign_root(_root(3, [pki["root1"]], [pki["new"]], [pki["commands"]]), [pki["root1"]])  # revokes "bundles"
     with pytest.raises(RootError, match="skips"):
@@ -382,8 +404,14 @@ def test_chain_walks_versions_in_order_and_revocation_takes_effect(pki: dict[str
 
 @pytest.mark.parametrize(
     "doc",
-    [b"", b"[]", b'{"signed": {}}', b'{"signed": {}, "signatures": []}', b"x" * (70 << 10),
-     b'{"signed": {"schema": 1, "type": "root"}, "signatures": [{"keyid": "a", "sig": "AA=="}]}'],
+    [
+        b"",
+        b"[]",
+        b'{"signed": {}}',
+        b'{"signed": {}, "signatures": []}',
+        b"x" * (70 << 10),
+        b'{"signed": {"schema": 1, "type": "root"}, "signatures": [{"keyid": "a", "sig": "AA=="}]}',
+    ],
 )
 def test_malformed_roots_are_refused(root_v1: SignedRoot, doc: bytes) -> None:
     with pytest.raises(UntrustedInputError):
@@ -398,13 +426,16 @@ def test_root_key_ids_must_match_their_keys(pki: dict[str, SigningKey], root_v1:
         SignedRoot.from_bytes(json.dumps(body).encode())
 
 
-_ROOT_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+_ROOT_SETTINGS = settings(
+    max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @_ROOT_SETTINGS
 @given(data=st.data())
-def test_mutated_root_updates_are_never_accepted(pki: dict[str, SigningKey], root_v1: SignedRoot, data: st.DataObject) -> None:
+def test_mutated_root_updates_are_never_accepted(
+    pki: dict[str, SigningKey], root_v1: SignedRoot, data: st.DataObject
+) -> None:
     """A valid v2 with any byte changed, or re-signed by an outsider, is refused."""
     v2 = sign_root(_root(2, [pki["root1"]], [pki["new"]], [pki["commands"]]), [pki["root1"]]).to_bytes()
     if data.draw(st.booleans()):
@@ -417,7 +448,9 @@ def test_mutated_root_updates_are_never_accepted(pki: dict[str, SigningKey], roo
         body = json.loads(v2)
         field = data.draw(st.sampled_from(["version", "expires_at", "roles", "keys"]))
         body["signed"][field] = {"version": 3, "expires_at": NOW + 10 * YEAR, "roles": {}, "keys": {}}[field]
-        signed = sign_root(Root.from_dict(body["signed"]), [pki["evil"]]) if field in ("version", "expires_at") else None
+        signed = (
+            sign_root(Root.from_dict(body["signed"]), [pki["evil"]]) if field in ("version", "expires_at") else None
+        )
         doc = signed.to_bytes() if signed else json.dumps(body).encode()
     try:
         accepted = verify_root_update(root_v1.root, doc, NOW)
@@ -448,7 +481,10 @@ def test_signed_command_opens_only_for_its_device_and_time(pki: dict[str, Signin
         open_command(sign_command(_deploy(ts=NOW + 3600), [pki["commands"]]), root, "pi-1", NOW)
     with pytest.raises(ExpiredError, match="lives"):
         open_command(sign_command(_deploy(ttl=3 * 86400), [pki["commands"]]), root, "pi-1", NOW)
-    for cmd in (RollbackCommand(_CID, "digits", 1, NOW, "pi-1", NOW + 60), RemoveCommand(_CID, "digits", NOW, "pi-1", NOW + 60)):
+    for cmd in (
+        RollbackCommand(_CID, "digits", 1, NOW, "pi-1", NOW + 60),
+        RemoveCommand(_CID, "digits", NOW, "pi-1", NOW + 60),
+    ):
         assert open_command(sign_command(cmd, [pki["commands"]]), root, "pi-1", NOW) == cmd
 
 
@@ -463,26 +499,35 @@ def test_commands_need_a_command_key(pki: dict[str, SigningKey], root_v1: Signed
         text = encode(TransferEnd(_CID, "ab" * 16)).decode()
         open_command(SignedCommand(text, (pki["commands"].sign(text.encode()).to_dict(),)), root, "pi-1", NOW)
     with pytest.raises(MessageError):
-        sign_command(DeployCommand(_CID, "digits", 2, _deploy().transfer, NOW), [pki["commands"]])  # no device, no expiry
+        sign_command(
+            DeployCommand(_CID, "digits", 2, _deploy().transfer, NOW), [pki["commands"]]
+        )  # no device, no expiry
 
 
 @_ROOT_SETTINGS
 @given(data=st.data())
-def test_mutated_signed_commands_are_never_accepted(pki: dict[str, SigningKey], root_v1: SignedRoot, data: st.DataObject) -> None:
+def test_mutated_signed_commands_are_never_accepted(
+    pki: dict[str, SigningKey], root_v1: SignedRoot, data: st.DataObject
+) -> None:
     signed = sign_command(_deploy(), [pki["commands"]])
     text = signed.command
     kind = data.draw(st.sampled_from(["text", "field", "resign"]))
     if kind == "text":
         pos = data.draw(st.integers(0, len(text) - 1))
         ch = data.draw(st.characters(codec="ascii"))
-        mutated = SignedCommand(text[:pos] + ch + text[pos + 1:], signed.signatures)
+        mutated = SignedCommand(text[:pos] + ch + text[pos + 1 :], signed.signatures)
         if mutated.command == text:
             return
     else:
         body = json.loads(text)
         field = data.draw(st.sampled_from(["device_id", "expires_at", "bundle_version", "rollback", "bundle_name"]))
-        body[field] = {"device_id": "pi-2", "expires_at": NOW + 86000, "bundle_version": 1, "rollback": True,
-                       "bundle_name": "other"}[field]
+        body[field] = {
+            "device_id": "pi-2",
+            "expires_at": NOW + 86000,
+            "bundle_version": 1,
+            "rollback": True,
+            "bundle_name": "other",
+        }[field]
         new_text = json.dumps(body, separators=(",", ":"))
         sigs = (pki["evil"].sign(new_text.encode()).to_dict(),) if kind == "resign" else signed.signatures
         mutated = SignedCommand(new_text, sigs)
@@ -509,7 +554,9 @@ def test_trust_store_refuses_replays_across_restarts(tmp_path, root_v1: SignedRo
         small.admit("c" * 32, NOW + 60, NOW)
 
 
-def test_trust_store_keeps_rotations_and_ignores_older_shipped_roots(tmp_path, pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:  # type: ignore[no-untyped-def]
+def test_trust_store_keeps_rotations_and_ignores_older_shipped_roots(
+    tmp_path, pki: dict[str, SigningKey], root_v1: SignedRoot
+) -> None:  # type: ignore[no-untyped-def]
     from device_agent.trust_store import TrustStore
 
     store = TrustStore(tmp_path, root_v1.to_bytes())

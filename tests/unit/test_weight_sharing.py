@@ -162,7 +162,9 @@ def test_range_coder_round_trips(density: float, k: int) -> None:
     got_mask, got = range_decode_tensor(stream, dims, int(mask.sum()), k, sparse=True)
     assert np.array_equal(got_mask, mask) and np.array_equal(got, indices)
     dense = rng.integers(0, k, 50).astype(np.uint8)
-    assert np.array_equal(range_decode_tensor(range_encode_tensor([50], None, dense, k), [50], 50, k, sparse=False)[1], dense)
+    assert np.array_equal(
+        range_decode_tensor(range_encode_tensor([50], None, dense, k), [50], 50, k, sparse=False)[1], dense
+    )
 
 
 def test_range_coding_beats_lzma_on_a_pruned_layer() -> None:
@@ -188,7 +190,9 @@ def test_biases_and_per_layer_bits_are_shared_and_packed(mlp: bytes) -> None:
     assert len(np.unique(values["fc0.bias"])) <= 8
     packed = pack_model(shared)
     assert set(packed.shared_tensors) == {n for n in names if values[n].size >= 16}
-    assert all(t["codebook"] <= 2 + 2 * t["codebook_size"] for t in packed.breakdown["tensors"].values()), "float16 codebooks"
+    assert all(t["codebook"] <= 2 + 2 * t["codebook_size"] for t in packed.breakdown["tensors"].values()), (
+        "float16 codebooks"
+    )
     got = _decode_tensors(packed.data)
     for name, array in values.items():
         assert np.array_equal(got[name], array)
