@@ -24,11 +24,12 @@ APT_GET     := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -q
 MOSQUITTO_PRESENT := command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test-deps mosquitto demo test clean
+.PHONY: help venv test-deps mosquitto demo lint test clean
 
 help:
 	@echo "make demo    create .venv, install edge-sdk[host,litert], run 'edgectl demo \$$DEMO_ARGS'"
-	@echo "make test    also install test extras and mosquitto, run 'pytest \$$PYTEST_ARGS'"
+	@echo "make test    also install test extras and mosquitto, run 'make lint', then 'pytest \$$PYTEST_ARGS'"
+	@echo "make lint    ruff check, ruff format --check and mypy (the house checks; part of 'make test')"
 	@echo "make venv    only create .venv with edge-sdk[host,litert]"
 	@echo "make clean   remove .venv and build outputs"
 
@@ -103,7 +104,17 @@ mosquitto:
 demo: $(STAMP_HOST)
 	$(VENV)/bin/edgectl demo $(DEMO_ARGS)
 
-test: test-deps
+# The house checks: lint rules and formatting (ruff), types (mypy: strict for edge_sdk
+# and device_agent, default for host_tools; see pyproject.toml). All three always run,
+# so one report shows every finding; the target fails if any of them did.
+lint: $(STAMP_TEST)
+	@status=0; \
+	echo "ruff check"; $(VENV)/bin/ruff check . || status=1; \
+	echo "ruff format --check"; $(VENV)/bin/ruff format --check . || status=1; \
+	echo "mypy"; $(VENV)/bin/mypy || status=1; \
+	exit $$status
+
+test: test-deps lint
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 clean:
