@@ -142,6 +142,11 @@ class Router:
         with self._lock:
             return sum(len(v) for v in self._by_device.values())
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker drains the client's inbox now."""
+        return self._worker is not None
+
     def last_status(self, device_id: str) -> DeviceStatus | None:
         """The latest status this router heard from the device, if any."""
         with self._lock:
@@ -155,7 +160,7 @@ class Router:
         The worker calls this for every item; tests call it directly with fake messages.
         """
         if not isinstance(item, Incoming):
-            log.info("connection to %s: %s", self.client.address, item.reason)
+            log.info("connection %s: %s", "up" if item.connected else "down", item.reason)
             return
         try:
             device_id = parse_topic(item.topic).device_id
@@ -201,7 +206,7 @@ class Router:
         if self._worker is not None:
             return
         self._stop.clear()
-        self._worker = threading.Thread(target=self._run, name=f"router-{self.client.options.client_id}", daemon=True)
+        self._worker = threading.Thread(target=self._run, name="fleet-router", daemon=True)
         self._worker.start()
 
     def close(self) -> None:
