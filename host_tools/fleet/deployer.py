@@ -449,8 +449,7 @@ def deploy_and_record(
     """:func:`deploy_bundle`, with the deployment and its metrics recorded in the registry.
 
     A deploy that raises (timeout, broker lost) is recorded as ``failed`` before the error
-    propagates. Threads sharing a connection may share the registry too when it is safe
-    to use from several threads; otherwise give each thread its own.
+    propagates. ``router`` is as for :func:`deploy_bundle`.
     """
     started = time.monotonic()
     cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback)
