@@ -4,6 +4,13 @@ One concurrency rule: paho's network thread never does work. It converts each fo
 event into an own value (:class:`Incoming` or :class:`ConnectionChange`) and puts it on
 ``client.inbox``; the owner of the client drains that queue on its own thread.
 
+The inbox is bounded (``MqttOptions.inbox_max`` messages), so an owner that falls behind
+costs memory up to that bound and no more: a message that finds the inbox full is dropped,
+counted in ``client.inbox_dropped`` and logged. The network thread never blocks on a full
+inbox (that would stop keep-alives and starve every other message). Connection changes
+have a small reserve of their own above the bound, so a full inbox of messages does not
+hide a reconnect from the owner.
+
 Subscriptions are remembered and renewed on every reconnect, and reconnects back off
 exponentially between ``reconnect_min_s`` and ``reconnect_max_s``.
 """
@@ -16,14 +23,18 @@ import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_sdk.errors import BrokerUnreachableError, ConfigError, TransportError
 
 __all__ = [
+    "DEFAULT_INBOX_MAX",
     "BrokerAddress",
     "ConnectionChange",
     "Incoming",
@@ -35,6 +46,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Default bound of a client's inbox, in messages (see :attr:`MqttOptions.inbox_max`).
+DEFAULT_INBOX_MAX = 1000
+
+#: Places in the inbox above ``inbox_max`` that only connection changes may take.
+_CONNECTION_RESERVE = 16
+
+#: After the first drop, one warning per this many drops (a flood must not flood the log).
+_DROP_LOG_EVERY = 100
 
 
 @dataclass(frozen=True)
@@ -76,7 +96,16 @@ class Will:
 
 @dataclass(frozen=True)
 class MqttOptions:
-    """How to connect. Timeouts are on by default."""
+    """How to connect. Timeouts are on by default.
+
+    Attributes:
+        inbox_max: most received messages waiting in :attr:`MqttClient.inbox`; more are
+            dropped (and counted) until the owner catches up. At most this many times the
+            largest payload the broker lets through is held in memory.
+
+    Raises:
+        ConfigError: a bound that is not positive.
+    """
 
     client_id: str
     keepalive_s: int = 30
@@ -90,6 +119,11 @@ class MqttOptions:
     key_file: Path | None = None
     username: str | None = None
     password: str | None = None
+    inbox_max: int = DEFAULT_INBOX_MAX
+
+    def __post_init__(self) -> None:
+        if self.inbox_max < 1:
+            raise ConfigError(f"the inbox bound must be at least 1 message, not {self.inbox_max}")
 
 
 @dataclass(frozen=True)
@@ -128,15 +162,20 @@ class PublishHandle:
 class MqttClient:
     """A small, owned wrapper around a paho client.
 
+    Attributes:
+        inbox: what the network thread received, in order; bounded (see :class:`MqttOptions`).
+        inbox_dropped: messages dropped because the inbox was full.
+
     Args:
         url: broker URL.
-        options: identity, timeouts, will, TLS.
+        options: identity, timeouts, will, TLS, inbox bound.
     """
 
     def __init__(self, url: str, options: MqttOptions) -> None:
         self.address = parse_broker_url(url)
         self.options = options
-        self.inbox: queue.Queue[Incoming | ConnectionChange] = queue.Queue()
+        self.inbox: queue.Queue[Incoming | ConnectionChange] = queue.Queue(options.inbox_max + _CONNECTION_RESERVE)
+        self.inbox_dropped = 0
         self._connected = threading.Event()
         self._filters: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -174,7 +213,14 @@ class MqttClient:
 
     # --- network thread: convert and hand over, nothing else -------------------------
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         if reason_code.is_failure:
             self._last_error = f"broker refused the connection: {reason_code}"
             return
@@ -183,20 +229,49 @@ class MqttClient:
         for topic_filter, qos in filters:
             client.subscribe(topic_filter, qos)
         self._connected.set()
-        self.inbox.put(ConnectionChange(True, "connected"))
+        self._hand_over(ConnectionChange(True, "connected"))
 
-    def _on_connect_fail(self, client, userdata) -> None:
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         self._last_error = "connection failed"
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
         self._last_error = f"disconnected: {reason_code}"
         if was_connected:
-            self.inbox.put(ConnectionChange(False, str(reason_code)))
+            self._hand_over(ConnectionChange(False, str(reason_code)))
 
-    def _on_message(self, client, userdata, msg) -> None:
-        self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._hand_over(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def _hand_over(self, item: Incoming | ConnectionChange) -> None:
+        """Put ``item`` on the inbox without ever blocking; count and log it if there is no room."""
+        if isinstance(item, Incoming) and self.inbox.qsize() >= self.options.inbox_max:
+            self._drop(item)
+            return
+        try:
+            self.inbox.put_nowait(item)
+        except queue.Full:
+            self._drop(item)
+
+    def _drop(self, item: Incoming | ConnectionChange) -> None:
+        self.inbox_dropped += 1  # only the network thread writes it
+        if self.inbox_dropped % _DROP_LOG_EVERY == 1:
+            what = item.topic if isinstance(item, Incoming) else "a connection change"
+            log.warning(
+                "inbox of %s full (%d waiting): dropped %s; %d dropped so far",
+                self.options.client_id,
+                self.inbox.qsize(),
+                what,
+                self.inbox_dropped,
+            )
 
     # --- owner's side ----------------------------------------------------------------
 

@@ -1,10 +1,12 @@
-"""One signed command's conversation with one device, heard through the client's inbox.
+"""One signed command's conversation with one device, heard through a router.
 
 Deploy, profile, rollback and remove each send one command and then read the device's
-answers to it: events and metrics reports carrying that command's id. Everything else
-in the inbox is passed over, except the device's status, whose latest value is kept so
-that a timeout can say what the device was last doing. A malformed message is logged
-and skipped: a device (or anyone on the broker) cannot end a conversation with junk.
+answers to it: events and metrics reports carrying that command's id. The
+:class:`~host_tools.fleet.router.Router` of the connection delivers exactly those into the
+conversation's own bounded mailbox, and the device's statuses to every conversation of
+that device, whose latest value is kept so that a timeout can say what the device was
+last doing. So one connection carries many conversations at once, each read by its own
+thread; junk and other commands' answers never reach a conversation.
 
 :mod:`host_tools.fleet.deployer` and :mod:`host_tools.fleet.profiler` share this module;
 neither reaches into the other.
@@ -12,59 +14,111 @@ neither reaches into the other.
 
 from __future__ import annotations
 
-import logging
 import queue
 import time
+from typing import Literal
 
-from edge_sdk.errors import DeviceTimeoutError, EdgeError, MessageError, error_from_code
-from edge_sdk.mqtt import Incoming, MqttClient
-from edge_sdk.protocol import CodecLimits, DeviceStatus, DeviceTopics, Event, EventKind, MetricsReport, decode
+from edge_sdk.errors import DeviceTimeoutError, EdgeError, error_from_code
+from edge_sdk.mqtt import MqttClient
+from edge_sdk.protocol import DeviceStatus, DeviceTopics, Event, EventKind, MetricsReport
+from host_tools.fleet.router import Router
 
 __all__ = ["TERMINAL_KINDS", "Conversation", "end_state", "error_of"]
-
-log = logging.getLogger(__name__)
 
 #: Event kinds that end a command without success: the device's error says why.
 TERMINAL_KINDS: frozenset[str] = frozenset({EventKind.REFUSED, EventKind.FAILED, EventKind.ERROR})
 
 
 class Conversation:
-    """Events and metrics reports of one command, read from the client's inbox.
+    """Events and metrics reports of one command, delivered by the connection's router.
+
+    Listening starts when it is made (the router delivers to it from then on) and ends with
+    :meth:`close`; use it as a context manager.
+
+    Attributes:
+        last_status: the device's latest status, None until one is heard.
 
     Args:
-        client: a connected client, subscribed to the device's topics (see :meth:`open`).
+        router: the router of the connection the command goes out on.
         topics: the device's topics.
         command_id: the command whose answers are wanted.
+        transfer_id: the command's transfer, if any (answers naming only it are wanted too).
+
+    Raises:
+        ConfigError: another open conversation already waits for this command or transfer.
     """
 
-    def __init__(self, client: MqttClient, topics: DeviceTopics, command_id: str) -> None:
-        self.client = client
+    def __init__(self, router: Router, topics: DeviceTopics, command_id: str, *, transfer_id: str = "") -> None:
+        self.router = router
         self.topics = topics
         self.command_id = command_id
+        self.transfer_id = transfer_id
         self.last_status: DeviceStatus | None = None
-        self.limits = CodecLimits()
+        self._mailbox: queue.Queue[Event | MetricsReport] = queue.Queue(router.mailbox_max)
+        router.register(topics.device_id, (command_id, transfer_id), self)
+
+    @property
+    def client(self) -> MqttClient:
+        """The connection this conversation is heard on."""
+        return self.router.client
 
     @classmethod
-    def open(cls, client: MqttClient, topics: DeviceTopics, command_id: str, *, metrics: bool) -> Conversation:
-        """Subscribe (QoS 1) to the device's events, its metrics when wanted, and its status.
+    def open(
+        cls, router: Router, topics: DeviceTopics, command_id: str, *, metrics: bool, transfer_id: str = ""
+    ) -> Conversation:
+        """Listen for the command's answers, then subscribe to the device's channels.
+
+        The channels (QoS 1) are its events, its metrics when wanted, and its status.
 
         Args:
-            client: a connected client.
+            router: the running router of a connected client.
             topics: the device's topics.
             command_id: the command about to be sent.
             metrics: also hear the device's metrics reports (deploy and profile do).
+            transfer_id: the command's transfer, if any.
 
         Returns:
             The conversation, ready before the command goes out so no answer is missed.
 
         Raises:
             TransportError: the broker connection failed.
+            ConfigError: another open conversation already waits for this command.
         """
-        convo = cls(client, topics, command_id)
+        convo = cls(router, topics, command_id, transfer_id=transfer_id)
         channels = (topics.events, topics.metrics, topics.status) if metrics else (topics.events, topics.status)
-        for topic in channels:
-            client.subscribe(topic, qos=1)
+        try:
+            for topic in channels:
+                router.client.subscribe(topic, qos=1)
+        except BaseException:
+            convo.close()
+            raise
         return convo
+
+    def close(self) -> None:
+        """Stop listening: the router forgets this conversation. Idempotent."""
+        self.router.unregister(self.topics.device_id, self)
+
+    def __enter__(self) -> Conversation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the router's side (its worker thread) -----------------------------------------
+
+    def offer(self, msg: Event | MetricsReport) -> bool:
+        """Take an answer into the mailbox without blocking; False when the mailbox is full."""
+        try:
+            self._mailbox.put_nowait(msg)
+        except queue.Full:
+            return False
+        return True
+
+    def note_status(self, status: DeviceStatus) -> None:
+        """Remember the device's latest status."""
+        self.last_status = status
+
+    # --- the reader's side ---------------------------------------------------------------
 
     def next(self, deadline: float) -> Event | MetricsReport | None:
         """The next event or metrics report of this command, or None at the deadline.
@@ -72,25 +126,13 @@ class Conversation:
         Args:
             deadline: a :func:`time.monotonic` time.
         """
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                item = self.client.inbox.get(timeout=remaining)
-            except queue.Empty:
-                return None
-            if not isinstance(item, Incoming):
-                continue
-            try:
-                msg = decode(item.payload, self.limits)
-            except MessageError as exc:
-                log.warning("ignoring malformed message on %s: %s", item.topic, exc.message)
-                continue
-            if isinstance(msg, DeviceStatus):
-                self.last_status = msg
-            elif isinstance(msg, (Event, MetricsReport)) and msg.command_id == self.command_id:
-                return msg
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        try:
+            return self._mailbox.get(timeout=remaining)
+        except queue.Empty:
+            return None
 
     def wait_for(self, wanted: set[str], timeout_s: float, what: str) -> Event:
         """The next event of a wanted kind, or a terminal one (refused, failed, error).
@@ -118,7 +160,7 @@ class Conversation:
                 return msg
 
 
-def end_state(event: Event) -> str:
+def end_state(event: Event) -> Literal["refused", "failed"]:
     """The outcome state of a terminal event: ``refused`` (refused, error) or ``failed``."""
     return "refused" if event.kind in (EventKind.REFUSED, EventKind.ERROR) else "failed"
 

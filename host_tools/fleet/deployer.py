@@ -8,7 +8,10 @@ The conversation (see :mod:`device_agent.agent` for the device's side)::
                                                         device: received, installed, metrics
                                                      or device: refused / failed (error)
 
-The host hears the device's side through a :class:`~host_tools.fleet.conversation.Conversation`.
+The host hears the device's side through a :class:`~host_tools.fleet.conversation.Conversation`,
+which the connection's :class:`~host_tools.fleet.router.Router` feeds. Every function here
+takes an optional ``router``: threads that share one connection pass the same running
+router and each run their own deploy; a call without one gets a router of its own.
 
 Every command goes out signed (:class:`CommandAuthority`): the device obeys only commands
 signed by keys its root authorises, addressed to it, unexpired and never seen before.
@@ -30,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edge_sdk.bundle import Manifest, file_sha256
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
@@ -55,7 +58,8 @@ from edge_sdk.protocol import (
 from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
-from host_tools.fleet.registry import Registry
+from host_tools.fleet.registry import DeploymentState, Registry
+from host_tools.fleet.router import Router, routed
 
 __all__ = [
     "CommandAuthority",
@@ -166,7 +170,7 @@ class DeployOutcome:
     bundle_version: int
     sha256: str
     transfer_id: str
-    state: str
+    state: DeploymentState
     error: EdgeError | None = None
     metrics: MetricsReport | None = None
     checks: tuple[str, ...] = ()
@@ -189,6 +193,7 @@ def deploy_bundle(
     clock: Callable[[], float] = time.time,
     *,
     claim: tuple[str, int] | None = None,
+    router: Router | None = None,
 ) -> DeployOutcome:
     """Deploy a bundle file to a device and wait for the result.
 
@@ -202,6 +207,7 @@ def deploy_bundle(
         claim: the bundle name and version the signed command names, instead of reading
             them from the bundle (tests and the tamper benchmark send bundles whose
             manifest cannot be read, to see the device refuse them).
+        router: the running router of ``client``, when other threads share the connection.
 
     Returns:
         The outcome; refusals are outcomes, not exceptions.
@@ -213,7 +219,7 @@ def deploy_bundle(
     """
     started = time.monotonic()
     cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback, claim=claim)
-    return _deliver(client, device_id, cmd, bundle_path, options, progress, started)
+    return _deliver(client, device_id, cmd, bundle_path, options, progress, started, router)
 
 
 def _deliver(
@@ -224,6 +230,7 @@ def _deliver(
     options: DeployOptions,
     progress: Callable[[int, int], None] | None,
     started: float,
+    router: Router | None,
 ) -> DeployOutcome:
     """Send a built deploy command and its bundle, and wait for the device's outcome.
 
@@ -231,9 +238,28 @@ def _deliver(
     already carries (so :func:`deploy_and_record` reads them once for both uses).
     ``started`` is the :func:`time.monotonic` time the deploy began.
     """
-    convo = Conversation.open(client, DeviceTopics(device_id), cmd.command_id, metrics=True)
+    with (
+        routed(client, router) as live,
+        Conversation.open(
+            live, DeviceTopics(device_id), cmd.command_id, metrics=True, transfer_id=cmd.transfer.transfer_id
+        ) as convo,
+    ):
+        return _follow_deploy(client, convo, cmd, bundle_path, options, progress, started)
 
-    def outcome(state: str, **kw: object) -> DeployOutcome:
+
+def _follow_deploy(
+    client: MqttClient,
+    convo: Conversation,
+    cmd: DeployCommand,
+    bundle_path: Path,
+    options: DeployOptions,
+    progress: Callable[[int, int], None] | None,
+    started: float,
+) -> DeployOutcome:
+    """:func:`_deliver`'s work, once ``convo`` listens: send, then wait for the outcome and the report."""
+    device_id = convo.topics.device_id
+
+    def outcome(state: DeploymentState, **kw: object) -> DeployOutcome:
         return DeployOutcome(
             device_id,
             cmd.bundle_name,
@@ -379,7 +405,7 @@ def _send_chunks(
     client: MqttClient,
     topics: DeviceTopics,
     offer: TransferOffer,
-    fh,
+    fh: BinaryIO,
     spans: list[tuple[int, int]],
     indices: list[int],
     window: int,
@@ -417,11 +443,13 @@ def deploy_and_record(
     options: DeployOptions = DeployOptions(),
     progress: Callable[[int, int], None] | None = None,
     clock: Callable[[], float] = time.time,
+    *,
+    router: Router | None = None,
 ) -> DeployOutcome:
     """:func:`deploy_bundle`, with the deployment and its metrics recorded in the registry.
 
     A deploy that raises (timeout, broker lost) is recorded as ``failed`` before the error
-    propagates.
+    propagates. ``router`` is as for :func:`deploy_bundle`.
     """
     started = time.monotonic()
     cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback)
@@ -429,7 +457,7 @@ def deploy_and_record(
         device_id, cmd.bundle_name, str(cmd.bundle_version), cmd.transfer.sha256, started_at=clock()
     )
     try:
-        outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started)
+        outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, router)
     except EdgeError as exc:
         registry.update_deployment(dep_id, "failed", exc.code, exc.message, finished_at=clock())
         raise
@@ -448,6 +476,8 @@ def run_command(
     make_command: Callable[[str, dict[str, object]], Message],
     authority: CommandAuthority,
     timeout_s: float = 30.0,
+    *,
+    router: Router | None = None,
 ) -> Event:
     """Send a rollback or remove command and wait for the device's answer.
 
@@ -458,6 +488,7 @@ def run_command(
             (``device_id``, ``expires_at``) plus ``ts``.
         authority: signs it.
         timeout_s: how long the device has to answer.
+        router: the running router of ``client``, when other threads share the connection.
 
     Returns:
         The device's ``done``, ``refused`` or ``error`` event.
@@ -469,6 +500,6 @@ def run_command(
     command_id = uuid.uuid4().hex
     now = time.time()
     cmd = make_command(command_id, {"ts": now, **signed_fields(device_id, authority, now)})
-    convo = Conversation.open(client, topics, command_id, metrics=False)
-    publish_command(client, topics, cmd, authority)
-    return convo.wait_for({EventKind.DONE}, timeout_s, f"answer the {cmd.TYPE} command")
+    with routed(client, router) as live, Conversation.open(live, topics, command_id, metrics=False) as convo:
+        publish_command(client, topics, cmd, authority)
+        return convo.wait_for({EventKind.DONE}, timeout_s, f"answer the {cmd.TYPE} command")

@@ -1,7 +1,8 @@
 """Ask a device to benchmark a bundle without installing it, and keep the result.
 
 The transfer is the deploy's (same offer, chunks, resends; :mod:`host_tools.fleet.deployer`
-does the sending, :mod:`host_tools.fleet.conversation` the listening); only the command's
+does the sending, :mod:`host_tools.fleet.conversation` the listening, through the
+connection's :class:`~host_tools.fleet.router.Router`); only the command's
 ``action`` differs. The device verifies the bundle as for an install, unpacks it into a
 scratch directory, benchmarks it, sends a metrics report (``mode: profile``, not
 retained) and a ``profiled`` event, and removes the scratch. What is active on the
@@ -17,13 +18,17 @@ from pathlib import Path
 
 from edge_sdk.errors import DeviceTimeoutError, EdgeError
 from edge_sdk.mqtt import MqttClient
-from edge_sdk.protocol import DeviceTopics, Event, EventKind, MetricsReport
+from edge_sdk.protocol import DeployCommand, DeviceTopics, Event, EventKind, MetricsReport
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
 from host_tools.fleet.deployer import DeployOptions, send_bundle, transfer_command
 from host_tools.fleet.registry import Registry
+from host_tools.fleet.router import Router, routed
 
 __all__ = ["ProfileOutcome", "profile_and_record", "profile_bundle"]
+
+#: What a call given no options uses (frozen, so one instance serves every call).
+_DEFAULT_OPTIONS = DeployOptions()
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,11 @@ def profile_bundle(
     client: MqttClient,
     device_id: str,
     bundle_path: Path,
-    options: DeployOptions = DeployOptions(),
+    options: DeployOptions = _DEFAULT_OPTIONS,
     progress: Callable[[int, int], None] | None = None,
     clock: Callable[[], float] = time.time,
+    *,
+    router: Router | None = None,
 ) -> ProfileOutcome:
     """Send a bundle for profiling only and wait for the device's report.
 
@@ -64,6 +71,7 @@ def profile_bundle(
         options: chunking, timeouts and the benchmark (runs, warm-up, threads).
         progress: called with (bytes sent, total bytes).
         clock: wall clock for message timestamps.
+        router: the running router of ``client``, when other threads share the connection.
 
     Returns:
         The outcome; refusals are outcomes, not exceptions.
@@ -74,7 +82,26 @@ def profile_bundle(
     """
     started = time.monotonic()
     cmd = transfer_command(device_id, bundle_path, options, clock, action="profile")
-    convo = Conversation.open(client, DeviceTopics(device_id), cmd.command_id, metrics=True)
+    with (
+        routed(client, router) as live,
+        Conversation.open(
+            live, DeviceTopics(device_id), cmd.command_id, metrics=True, transfer_id=cmd.transfer.transfer_id
+        ) as convo,
+    ):
+        return _follow_profile(client, convo, cmd, bundle_path, options, progress, started)
+
+
+def _follow_profile(
+    client: MqttClient,
+    convo: Conversation,
+    cmd: DeployCommand,
+    bundle_path: Path,
+    options: DeployOptions,
+    progress: Callable[[int, int], None] | None,
+    started: float,
+) -> ProfileOutcome:
+    """:func:`profile_bundle`'s work, once ``convo`` listens: send, then wait for the report and ``profiled``."""
+    device_id = convo.topics.device_id
 
     def outcome(state: str, **kw: object) -> ProfileOutcome:
         return ProfileOutcome(
@@ -112,12 +139,14 @@ def profile_and_record(
     registry: Registry,
     device_id: str,
     bundle_path: Path,
-    options: DeployOptions = DeployOptions(),
+    options: DeployOptions = _DEFAULT_OPTIONS,
     progress: Callable[[int, int], None] | None = None,
     clock: Callable[[], float] = time.time,
+    *,
+    router: Router | None = None,
 ) -> ProfileOutcome:
     """:func:`profile_bundle`, with the device's report stored in the registry."""
-    outcome = profile_bundle(client, device_id, bundle_path, options, progress, clock)
+    outcome = profile_bundle(client, device_id, bundle_path, options, progress, clock, router=router)
     if outcome.metrics is not None:
         record_message(registry, outcome.metrics, clock())
     return outcome
