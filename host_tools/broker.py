@@ -142,7 +142,8 @@ class EmbeddedBroker:
             ipaddress.ip_address(host)
         except ValueError as exc:
             raise ConfigError(f"broker host must be an IP address, got {host!r}", host=host) from exc
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        given: object = port  # untyped callers (and tests) may pass anything; refuse it plainly
+        if not isinstance(given, int) or isinstance(given, bool) or not 0 <= given <= 65535:
             raise ConfigError(f"broker port must be an integer in 0..65535, got {port!r}", port=repr(port))
         self._host = host
         self._requested_port = port

@@ -8,7 +8,7 @@ file, the registry or the network.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from edge_sdk.protocol import EventKind
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-def power_cell(power: dict[str, Any]) -> str | None:
+def power_cell(power: Mapping[str, Any]) -> str | None:
     """``1.23 W``, with ``(estimated)`` unless a sensor measured it; ``None`` without a reading."""
     if not power:
         return None
@@ -43,7 +43,7 @@ def power_cell(power: dict[str, Any]) -> str | None:
     return f"{power.get('watts', 0):.2f} W{label}"
 
 
-def metrics_table(reports: Sequence[dict[str, Any]]) -> str:
+def metrics_table(reports: Sequence[Mapping[str, Any]]) -> str:
     """One line per metrics report (``MetricsReport.to_dict()``): latency, throughput, memory, power.
 
     Args:
@@ -68,7 +68,7 @@ def metrics_table(reports: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def metrics_text(reports: Sequence[dict[str, Any]]) -> str:
+def metrics_text(reports: Sequence[Mapping[str, Any]]) -> str:
     """``edgectl metrics``: the table, or a line saying there is nothing yet."""
     return metrics_table(reports) if reports else "no metrics recorded"
 
