@@ -22,11 +22,13 @@ size, so bundle chunks of 64-256 KB pass unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -104,10 +106,9 @@ def _make_amqtt_broker(config: dict[str, Any]) -> Any:
             finally:
                 if not writer.is_closing():
                     writer.close()
-                try:
+                # OSError: the peer is gone; CancelledError: the broker is shutting down.
+                with contextlib.suppress(OSError, asyncio.CancelledError):
                     await writer.wait_closed()
-                except (OSError, asyncio.CancelledError):  # the peer is gone, or shutting down
-                    pass
 
     return _ClosingBroker(config, loop=asyncio.get_running_loop())
 
@@ -141,7 +142,8 @@ class EmbeddedBroker:
             ipaddress.ip_address(host)
         except ValueError as exc:
             raise ConfigError(f"broker host must be an IP address, got {host!r}", host=host) from exc
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        given: object = port  # untyped callers (and tests) may pass anything; refuse it plainly
+        if not isinstance(given, int) or isinstance(given, bool) or not 0 <= given <= 65535:
             raise ConfigError(f"broker port must be an integer in 0..65535, got {port!r}", port=repr(port))
         self._host = host
         self._requested_port = port
@@ -247,10 +249,9 @@ class EmbeddedBroker:
             return
         loop, stop_event = self._loop, self._stop_event
         if loop is not None and stop_event is not None and not loop.is_closed():
-            try:
+            # RuntimeError: the loop closed between the check and the call.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(stop_event.set)
-            except RuntimeError:  # the loop closed between the check and the call
-                pass
         thread.join(timeout)
         if thread.is_alive():
             raise TransportError(
@@ -261,6 +262,23 @@ class EmbeddedBroker:
         self._loop = None
         self._stop_event = None
         logger.info("embedded MQTT broker on %s stopped", self._address())
+
+    def serve(self, stop: threading.Event, on_ready: Callable[[str], None]) -> None:
+        """Start, serve until ``stop`` is set or Ctrl-C, then stop: ``edgectl broker``.
+
+        Args:
+            stop: set it (from a signal handler, say) to shut the broker down.
+            on_ready: called with the broker's URL once it accepts connections.
+
+        Raises:
+            TransportError: the address cannot be bound, or the broker does not start or stop in time.
+        """
+        with self:
+            on_ready(self.url)
+            # KeyboardInterrupt (Ctrl-C) is the ordinary way to stop; the broker shuts down cleanly.
+            with contextlib.suppress(KeyboardInterrupt):
+                while not stop.wait(0.5):
+                    pass
 
     def __enter__(self) -> EmbeddedBroker:
         """Start the broker (see :meth:`start`) and return it."""

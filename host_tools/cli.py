@@ -13,6 +13,7 @@ Every command that prints a table also prints JSON with ``--json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -94,22 +95,27 @@ def _say(cfg: HostConfig) -> Callable[[str], None]:
     return lambda line: click.echo(line, err=True)
 
 
-def _byte_progress(label: str, total: int) -> Callable[[int, int], None]:
+def _byte_progress(label: str, total: int | None = None) -> Callable[[int, int], None]:
+    """A byte progress bar on stderr; without ``total``, the first update's total is the bar's."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr, leave=False)
+    bars: list[Any] = []
 
-    def update(done: int, _total: int) -> None:
+    def start(size: int) -> None:
+        bars.append(tqdm(total=size, unit="B", unit_scale=True, desc=label, file=sys.stderr, leave=False))
+
+    if total is not None:
+        start(total)
+
+    def update(done: int, of: int) -> None:
+        if not bars:
+            start(of)
+        bar = bars[0]
         bar.update(done - bar.n)
-        if done >= total:
+        if done >= bar.total:
             bar.close()
 
     return update
-
-
-def _bundle_progress(bundle: Path) -> Callable[[int, int], None]:
-    """A byte progress bar for sending ``bundle``."""
-    return _byte_progress(bundle.name, bundle.stat().st_size)
 
 
 def _stacked(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -210,40 +216,9 @@ def keys() -> None:
 
 def _authority(cfg: HostConfig, passphrase_env: str | None) -> Any:
     """The command keys and the root chain, for every command sent to a device."""
-    from host_tools.fleet.deployer import CommandAuthority
-    from host_tools.keys import KeyRing
+    from host_tools.keys import KeyRing, command_authority
 
-    ring = KeyRing(cfg.keys_dir)
-    return CommandAuthority(tuple(ring.role_keys("commands", _passphrase(passphrase_env))), tuple(ring.chain()))
-
-
-def _root_summary(ring: Any) -> dict[str, Any]:
-    root = ring.root
-    return {
-        "root": str(ring.root_path),
-        "version": root.version,
-        "expires_at": root.expires_at,
-        "roles": {
-            name: {
-                "threshold": role.threshold,
-                "keys": [{"keyid": k, "private_key_here": ring.private_path(k).exists()} for k in role.keyids],
-            }
-            for name, role in root.roles.items()
-        },
-    }
-
-
-def _root_text(summary: dict[str, Any]) -> str:
-    lines = [
-        f"root v{summary['version']}, expires {time.strftime('%Y-%m-%d', time.gmtime(summary['expires_at']))} "
-        f"-> {summary['root']} (give this file to devices)"
-    ]
-    for name, role in summary["roles"].items():
-        keys_text = ", ".join(
-            k["keyid"] + ("" if k["private_key_here"] else " (no private key here)") for k in role["keys"]
-        )
-        lines.append(f"  {name:<9} threshold {role['threshold']}: {keys_text}")
-    return "\n".join(lines)
+    return command_authority(KeyRing(cfg.keys_dir), _passphrase(passphrase_env))
 
 
 @keys.command("init")
@@ -265,13 +240,15 @@ def keys_init(
 ) -> None:
     """Create root, bundle and command keys (private keys 0600) and root v1, unless they exist."""
     from host_tools.keys import init_keys
+    from host_tools.report.keys import root_text
 
     cfg = _cfg(ctx, json_output)
     ring, created = init_keys(
         cfg.keys_dir, time.time(), _passphrase(passphrase_env), force, root_keys, root_threshold, ttl_days * 86400.0
     )
-    data = {"created": created, **_root_summary(ring)}
-    _emit(cfg, data, lambda: ("created " if created else "exists: ") + _root_text(data))
+    summary = ring.summary()
+    data = {"created": created, **summary.to_dict()}
+    _emit(cfg, data, lambda: ("created " if created else "exists: ") + root_text(summary))
 
 
 @keys.command("show")
@@ -280,10 +257,11 @@ def keys_init(
 def keys_show(ctx: click.Context, json_output: bool) -> None:
     """Show the root of trust: its version, expiry, and which keys act in each role."""
     from host_tools.keys import KeyRing
+    from host_tools.report.keys import root_text
 
     cfg = _cfg(ctx, json_output)
-    data = _root_summary(KeyRing(cfg.keys_dir))
-    _emit(cfg, data, lambda: _root_text(data))
+    summary = KeyRing(cfg.keys_dir).summary()
+    _emit(cfg, summary.to_dict(), lambda: root_text(summary))
 
 
 @keys.command("rotate")
@@ -298,11 +276,13 @@ def keys_rotate(
 ) -> None:
     """Replace a key of ROLE and publish the next root (devices get it with the next command)."""
     from host_tools.keys import KeyRing, rotate_key
+    from host_tools.report.keys import root_text
 
     cfg = _cfg(ctx, json_output)
     old, key, _ = rotate_key(cfg.keys_dir, role, time.time(), _passphrase(passphrase_env), keyid, ttl_days * 86400.0)
-    data = {"replaced": old, "new_keyid": key.keyid, **_root_summary(KeyRing(cfg.keys_dir))}
-    _emit(cfg, data, lambda: f"{role}: {old} replaced by {key.keyid}\n" + _root_text(data))
+    summary = KeyRing(cfg.keys_dir).summary()
+    data = {"replaced": old, "new_keyid": key.keyid, **summary.to_dict()}
+    _emit(cfg, data, lambda: f"{role}: {old} replaced by {key.keyid}\n" + root_text(summary))
 
 
 @keys.command("revoke")
@@ -314,11 +294,13 @@ def keys_rotate(
 def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env: str | None, json_output: bool) -> None:
     """Publish the next root without KEYID; a device stops trusting it as soon as it sees that root."""
     from host_tools.keys import KeyRing, revoke_key
+    from host_tools.report.keys import root_text
 
     cfg = _cfg(ctx, json_output)
     revoke_key(cfg.keys_dir, keyid, time.time(), _passphrase(passphrase_env), ttl_days * 86400.0)
-    data = {"revoked": keyid, **_root_summary(KeyRing(cfg.keys_dir))}
-    _emit(cfg, data, lambda: f"revoked {keyid}\n" + _root_text(data))
+    summary = KeyRing(cfg.keys_dir).summary()
+    data = {"revoked": keyid, **summary.to_dict()}
+    _emit(cfg, data, lambda: f"revoked {keyid}\n" + root_text(summary))
 
 
 # --- compress ---------------------------------------------------------------------------
@@ -703,7 +685,8 @@ def _compress_tflite(
 @click.option(
     "--sparse",
     is_flag=True,
-    help="ship pruned MatMul/Gemm weights as CSR; the device measures sparse against dense execution (and dense int8 with --sparse-int8)",
+    help="ship pruned MatMul/Gemm weights as CSR; the device measures sparse against dense execution "
+    "(and dense int8 with --sparse-int8)",
 )
 @click.option(
     "--sparse-min-sparsity",
@@ -715,7 +698,8 @@ def _compress_tflite(
 @click.option(
     "--sparse-int8",
     is_flag=True,
-    help="with --sparse: store the sparse values as int8 with a scale per row (devices may then also run them dense int8)",
+    help="with --sparse: store the sparse values as int8 with a scale per row "
+    "(devices may then also run them dense int8)",
 )
 @click.option(
     "--execution",
@@ -752,83 +736,30 @@ def pack(
     if execution == "dense_int8" and not sparse_int8:
         raise ConfigError("--execution dense_int8 needs --sparse-int8 (int8 values to run)", key="execution")
 
-    import tempfile
-
-    from edge_sdk.bundle import BundleSpec, HealthSpec, Target, TensorInfo, pack_bundle
-    from edge_sdk.runtime import open_session
+    from edge_sdk.bundle import Target
     from host_tools.keys import KeyRing
+    from host_tools.packing import PackOptions, SparseOptions, pack_model
+    from host_tools.report.bundle import packed_text
 
     cfg = _cfg(ctx, json_output)
-    runtime = runtime or ("litert" if model.suffix == ".tflite" else "onnxruntime")
-    # Loading the model here catches a broken file on the host, not on a thousand devices.
-    with open_session(model, runtime) as session:
-        inputs = tuple(TensorInfo(s.name, tuple(s.shape), s.dtype) for s in session.inputs())
-        precision = precision or session.precision
-    signers = KeyRing(cfg.keys_dir).role_keys("bundles", _passphrase(passphrase_env))
-    health = HealthSpec(max_latency_ms) if max_latency_ms is not None else None
     target = None
     if archs or min_memory_mb or accelerators:
         target = Target(tuple(archs), (min_memory_mb or 0) << 20, tuple(accelerators))
-    spec = BundleSpec(
+    options = PackOptions(
+        model,
+        output,
         name,
         version,
-        runtime,
-        model,
-        precision,
-        inputs,
-        sample,
-        health=health,
-        target=target,
+        runtime=runtime,
+        precision=precision,
+        sample=sample,
         ttl_s=ttl_days * 86400.0,
+        max_latency_ms=max_latency_ms,
+        target=target,
+        sparse=SparseOptions(sparse_min_sparsity, sparse_int8, execution) if sparse else None,
     )
-    with tempfile.TemporaryDirectory(prefix="edgectl-sparse-") as tmp:
-        if sparse:
-            spec = _sparse_bundle_spec(spec, Path(tmp), sparse_min_sparsity, sparse_int8, execution)
-        manifest = pack_bundle(spec, signers, output, time.time())
-    signed_by = ", ".join(k.keyid for k in signers)
-    data = {"bundle": str(output), "signed_by": [k.keyid for k in signers], "manifest": manifest.to_dict()}
-    _emit(
-        cfg,
-        data,
-        f"packed {manifest.name} v{manifest.version} ({manifest.runtime}, {manifest.precision}, "
-        f"{len(manifest.files)} file(s)) -> {output}\nsigned by {signed_by}"
-        + (
-            f"\nsparse: {len(manifest.sparse.layers)} layer(s) as CSR ({manifest.sparse.values} values): "
-            + ", ".join(f"{l.name} {l.sparsity:.1%}" for l in manifest.sparse.layers)
-            if manifest.sparse is not None
-            else ""
-        ),
-    )
-
-
-def _sparse_bundle_spec(spec: Any, tmp: Path, min_sparsity: float, int8_values: bool, execution: str | None) -> Any:
-    """The bundle spec with the model split into sparse graph, dense graph and CSR weights.
-
-    The sparse graph is opened here with its weights and compared with the original
-    model on a random batch, so a broken split fails on the host, not on the devices.
-    """
-    import dataclasses
-
-    import numpy as np
-
-    from edge_sdk.bundle.sparse import decode_sparse_weights
-    from edge_sdk.errors import CompressionError
-    from edge_sdk.runtime import open_session, open_sparse_session, sample_feeds
-    from edge_sdk.runtime.agreement import TOLERANCE, agreement
-    from host_tools.compress.model_file import load_model
-    from host_tools.compress.sparse_pack import sparsify, write_sparse_files
-
-    if spec.runtime != "onnxruntime":
-        raise ConfigError("--sparse needs an ONNX model (onnxruntime)", key="sparse")
-    pack_ = sparsify(load_model(spec.model), min_sparsity)
-    model_path, files, sparse_spec = write_sparse_files(pack_, tmp, Path(spec.model).stem, int8_values=int8_values)
-    weights = decode_sparse_weights(files[sparse_spec.weights].read_bytes())
-    with open_session(spec.model, "onnxruntime") as dense, open_sparse_session(model_path, weights) as sparse_session:
-        feeds = sample_feeds(dense.inputs(), np.random.default_rng(0))
-        want, got = dense.run(feeds), sparse_session.run(feeds)
-    if agreement(want, got, TOLERANCE["dense_int8" if int8_values else "sparse"]) is not None:
-        raise CompressionError("the sparse graph's outputs differ from the model's; not packing it")
-    return dataclasses.replace(spec, model=model_path, files=files, sparse=sparse_spec, execution=execution)
+    packed = pack_model(options, KeyRing(cfg.keys_dir), time.time(), _passphrase(passphrase_env))
+    _emit(cfg, packed.to_dict(), packed_text(packed))
 
 
 @cli.command()
@@ -856,32 +787,15 @@ def verify(
     json_output: bool,
 ) -> None:
     """Run every check a device runs on BUNDLE and explain each one."""
-    from edge_sdk.bundle import DeviceFacts, verify_bundle
-    from edge_sdk.errors import KeyStoreError
-    from edge_sdk.trust import SignedRoot, verify_root
+    from edge_sdk.bundle import DeviceFacts
     from host_tools.keys import KeyRing
+    from host_tools.packing import CheckOptions, check_bundle
+    from host_tools.report.bundle import check_text
 
     cfg = _cfg(ctx, json_output)
-    now = time.time()
-    if root_file is None:
-        root = KeyRing(cfg.keys_dir).root
-    else:
-        try:
-            root = verify_root(SignedRoot.from_bytes(root_file.read_bytes()))
-        except OSError as exc:
-            raise KeyStoreError(f"cannot read root {root_file}: {exc.strerror}") from exc
-    root.check_not_expired(now)
-    role = root.roles["bundles"]
-    root_line = (
-        f"root: v{root.version}, valid for another {(root.expires_at - now) / 86400:.0f} days; bundle keys "
-        f"{', '.join(role.keyids)}, threshold {role.threshold}"
-    )
     device = DeviceFacts(arch, (memory_mb or 0) << 20, frozenset(accelerators)) if arch else None
-    result = verify_bundle(bundle, root.trusted("bundles"), now, installed_version=installed_version, device=device)
-    m = result.manifest
-    checks = [root_line, *result.checks]
-    data = {"ok": True, "checks": checks, "manifest": m.to_dict()}
-    _emit(cfg, data, "\n".join(f"ok  {c}" for c in checks) + f"\n{bundle}: {m.name} v{m.version} verified")
+    check = check_bundle(bundle, KeyRing(cfg.keys_dir), time.time(), CheckOptions(root_file, installed_version, device))
+    _emit(cfg, check.to_dict(), check_text(check))
 
 
 # --- fleet ------------------------------------------------------------------------------
@@ -912,30 +826,13 @@ def _transfer_options(cfg: HostConfig, passphrase_env: str | None, benchmark: di
         raise ConfigError(exc.message) from exc
 
 
-def _outcome_data(outcome: Any) -> dict[str, Any]:
-    """The JSON that ``deploy`` and ``profile`` both print about the device's answer."""
-    return {
-        "device_id": outcome.device_id,
-        "bundle": outcome.bundle_name,
-        "version": outcome.bundle_version,
-        "state": outcome.state,
-        "seconds": outcome.seconds,
-        "error": outcome.error.to_dict() if outcome.error else None,
-        "metrics": outcome.metrics.to_dict() if outcome.metrics else None,
-    }
-
-
-def _raise_refusal(cfg: HostConfig, device_id: str, outcome: Any, data: dict[str, Any]) -> None:
+def _raise_refusal(cfg: HostConfig, outcome: Any, data: dict[str, Any]) -> None:
     """Print a refused or failed transfer and raise the device's error (exit code by its blame)."""
+    from host_tools.report.fleet import refusal_text
+
     if outcome.error is not None:
-        _emit(cfg, data, f"{device_id} {outcome.state} {outcome.bundle_name} v{outcome.bundle_version}")
+        _emit(cfg, data, refusal_text(outcome))
         raise outcome.error
-
-
-def _emit_measured(cfg: HostConfig, data: dict[str, Any], headline: str, metrics: Any) -> None:
-    """Print ``headline`` and the device's metrics as a table (or ``data`` as JSON)."""
-    assert metrics is not None
-    _emit(cfg, data, lambda: f"{headline}\n" + _metrics_table([metrics.to_dict()]))
 
 
 @cli.command()
@@ -971,6 +868,7 @@ def deploy(
 ) -> None:
     """Send BUNDLE to a device with a signed command, wait until it is installed, print its metrics."""
     from host_tools.fleet.deployer import deploy_and_record
+    from host_tools.report.fleet import deploy_data, deploy_text
 
     cfg = _cfg(ctx, json_output)
     options = _transfer_options(
@@ -978,20 +876,10 @@ def deploy(
         chunk_size=chunk_size, accept_timeout_s=accept_timeout, finish_timeout_s=timeout_s, rollback=rollback,
     )  # fmt: skip
     with _registry(cfg) as reg, _client(broker, connect_timeout, "deploy") as client:
-        outcome = deploy_and_record(client, reg, device_id, bundle, options, _bundle_progress(bundle))
-    data = {**_outcome_data(outcome), "checks": list(outcome.checks), "detail": outcome.detail}
-    _raise_refusal(cfg, device_id, outcome, data)
-    if outcome.state == "deferred":
-        _emit(
-            cfg,
-            data,
-            f"{device_id}: deferred {outcome.bundle_name} v{outcome.bundle_version} "
-            f"({outcome.detail.get('reason', 'update gate closed')}); the device keeps it and installs it "
-            f"when its gate opens (asks again every {outcome.detail.get('retry_s', '?')} s)",
-        )
-        return
-    headline = f"{device_id}: installed {outcome.bundle_name} v{outcome.bundle_version} in {outcome.seconds:.1f} s"
-    _emit_measured(cfg, data, headline, outcome.metrics)
+        outcome = deploy_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name))
+    data = deploy_data(outcome)
+    _raise_refusal(cfg, outcome, data)
+    _emit(cfg, data, lambda: deploy_text(outcome))
 
 
 @cli.command()
@@ -1027,6 +915,7 @@ def profile(
     removes it afterwards; what it has installed does not change.
     """
     from host_tools.fleet.profiler import profile_and_record
+    from host_tools.report.fleet import outcome_data, profile_text
 
     cfg = _cfg(ctx, json_output)
     options = _transfer_options(
@@ -1034,27 +923,21 @@ def profile(
         chunk_size=chunk_size, finish_timeout_s=timeout_s,
     )  # fmt: skip
     with _registry(cfg) as reg, _client(broker, connect_timeout, "profile") as client:
-        outcome = profile_and_record(client, reg, device_id, bundle, options, _bundle_progress(bundle))
-    data = _outcome_data(outcome)
-    _raise_refusal(cfg, device_id, outcome, data)
-    headline = f"{device_id}: profiled {outcome.bundle_name} v{outcome.bundle_version} (not installed)"
-    _emit_measured(cfg, data, headline, outcome.metrics)
+        outcome = profile_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name))
+    data = outcome_data(outcome)
+    _raise_refusal(cfg, outcome, data)
+    _emit(cfg, data, lambda: profile_text(outcome))
 
 
 def _command_result(cfg: HostConfig, device_id: str, event: Any, what: str) -> None:
+    """Print the device's answer to a command; raise its error unless it is done."""
     from edge_sdk.protocol import EventKind
     from host_tools.fleet.conversation import error_of
+    from host_tools.report.fleet import command_data, command_text
 
-    data = {
-        "device_id": device_id,
-        "state": event.kind,
-        "detail": event.detail,
-        "error": event.error.to_dict() if event.error else None,
-    }
+    _emit(cfg, command_data(device_id, event), command_text(device_id, event, what))
     if event.kind != EventKind.DONE:
-        _emit(cfg, data, f"{device_id} refused: {what}")
         raise error_of(event)
-    _emit(cfg, data, f"{device_id}: {what}: done ({event.detail})")
 
 
 bundle_name_option = click.option("--name", required=True, help="bundle name")
@@ -1096,9 +979,10 @@ def rollback(
         event = run_command(
             client,
             device_id,
-            lambda cid, f: RollbackCommand(cid, name, version, **f),
+            # run_command types the signed fields as object; they are the fields RollbackCommand takes.
+            lambda cid, f: RollbackCommand(cid, name, version, **f),  # type: ignore[arg-type]
             authority,
-            timeout_s,  # type: ignore[arg-type]
+            timeout_s,
         )
     _command_result(cfg, device_id, event, f"roll {name} back to v{version}")
 
@@ -1125,7 +1009,14 @@ def remove(
     cfg = _cfg(ctx, json_output)
     authority = _authority(cfg, passphrase_env)
     with _client(broker, connect_timeout, "remove") as client:
-        event = run_command(client, device_id, lambda cid, f: RemoveCommand(cid, name, **f), authority, timeout_s)  # type: ignore[arg-type]
+        event = run_command(
+            client,
+            device_id,
+            # run_command types the signed fields as object; they are the fields RemoveCommand takes.
+            lambda cid, f: RemoveCommand(cid, name, **f),  # type: ignore[arg-type]
+            authority,
+            timeout_s,
+        )
     _command_result(cfg, device_id, event, f"remove {name}")
 
 
@@ -1136,40 +1027,13 @@ def remove(
 @click.pass_context
 def devices(ctx: click.Context, broker: str, connect_timeout: float, wait_s: float, json_output: bool) -> None:
     """List devices: their retained status from the broker, recorded in the registry."""
-    from edge_sdk.protocol import Channel, fleet_filter
-    from host_tools.fleet.collector import collect_retained, record_message
-    from host_tools.report import Column, format_bytes, render_table
+    from host_tools.fleet.inventory import current_devices
+    from host_tools.report.fleet import devices_text
 
     cfg = _cfg(ctx, json_output)
-    with _registry(cfg) as reg:
-        with _client(broker, connect_timeout, "devices") as client:
-            for msg in collect_retained(client, [fleet_filter(Channel.STATUS)], quiet_s=wait_s):
-                record_message(reg, msg, time.time())
-        records = reg.list_devices()
-    data = [r.to_dict() for r in records]
-    _emit(
-        cfg,
-        data,
-        lambda: (
-            render_table(
-                [
-                    Column("device", lambda r: r.device_id),
-                    Column("status", lambda r: r.status),
-                    Column("platform", lambda r: (r.platform or {}).get("kind")),
-                    Column("arch", lambda r: (r.platform or {}).get("arch")),
-                    Column("memory", lambda r: format_bytes((r.platform or {}).get("memory_bytes")), ">"),
-                    Column("runtimes", lambda r: ", ".join(r.runtimes or {})),
-                    Column(
-                        "active", lambda r: r.active_bundle and f"{r.active_bundle.name} v{r.active_bundle.version}"
-                    ),
-                    Column("last seen", lambda r: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.last_seen))),
-                ],
-                records,
-            )
-            if records
-            else "no devices known"
-        ),
-    )
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "devices") as client:
+        records = current_devices(reg, client, wait_s)
+    _emit(cfg, [r.to_dict() for r in records], lambda: devices_text(records))
 
 
 @cli.command()
@@ -1182,45 +1046,15 @@ def metrics(
     ctx: click.Context, device_id: str | None, broker: str | None, connect_timeout: float, json_output: bool
 ) -> None:
     """Latest metrics report per device and bundle version."""
-    from edge_sdk.protocol import Channel, DeviceTopics, fleet_filter
-    from host_tools.fleet.collector import collect_retained, record_message
+    from host_tools.fleet.inventory import latest_metrics
+    from host_tools.report.fleet import metrics_text
 
     cfg = _cfg(ctx, json_output)
-    with _registry(cfg) as reg:
-        if broker:
-            topic = DeviceTopics(device_id).metrics if device_id else fleet_filter(Channel.METRICS)
-            with _client(broker, connect_timeout, "metrics") as client:
-                for msg in collect_retained(client, [topic]):
-                    record_message(reg, msg, time.time())
-        records = reg.latest_metrics(device_id=device_id)
+    connection = _client(broker, connect_timeout, "metrics") if broker else contextlib.nullcontext()
+    with _registry(cfg) as reg, connection as client:
+        records = latest_metrics(reg, client, device_id)
     reports = [r.report for r in records]
-    _emit(cfg, reports, lambda: _metrics_table(reports) if reports else "no metrics recorded")
-
-
-def _power_cell(power: dict[str, Any]) -> str | None:
-    if not power:
-        return None
-    label = " (estimated)" if power.get("estimated", True) else ""
-    return f"{power.get('watts', 0):.2f} W{label}"
-
-
-def _metrics_table(reports: list[dict[str, Any]]) -> str:
-    from host_tools.report import Column, format_bytes, render_table
-
-    return render_table(
-        [
-            Column("device", lambda r: r["device_id"]),
-            Column("bundle", lambda r: f"{r['bundle_name']} v{r['bundle_version']}"),
-            Column("runtime", lambda r: f"{r['runtime']} {r['precision']} x{r['threads']}"),
-            Column("p50 ms", lambda r: f"{r['latency']['p50_ms']:.3f}", ">"),
-            Column("p90 ms", lambda r: f"{r['latency']['p90_ms']:.3f}", ">"),
-            Column("p99 ms", lambda r: f"{r['latency']['p99_ms']:.3f}", ">"),
-            Column("inf/s", lambda r: f"{r['latency']['throughput_per_s']:.0f}", ">"),
-            Column("peak RSS", lambda r: format_bytes(r["memory"].get("peak_bytes")), ">"),
-            Column("power", lambda r: _power_cell(r["power"]), ">"),
-        ],
-        reports,
-    )
+    _emit(cfg, reports, lambda: metrics_text(reports))
 
 
 # --- broker and demo --------------------------------------------------------------------
@@ -1238,13 +1072,9 @@ def broker(host: str, port: int) -> None:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with EmbeddedBroker(host, port) as b:
-        click.echo(f"MQTT broker listening on {b.url}; Ctrl-C to stop", err=True)
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
+    EmbeddedBroker(host, port).serve(
+        stop, lambda url: click.echo(f"MQTT broker listening on {url}; Ctrl-C to stop", err=True)
+    )
     click.echo("broker stopped", err=True)
 
 
@@ -1258,58 +1088,14 @@ def broker(host: str, port: int) -> None:
 @click.pass_context
 def demo(ctx: click.Context, broker: str | None, workdir: Path | None, runs: int, json_output: bool) -> None:
     """Train, quantize, sign, deploy to a local agent over MQTT, and compare fp32 with int8."""
-    import tempfile
-
-    from host_tools.demo import DemoOptions, run_demo
-    from host_tools.keys import init_keys
+    from host_tools.demo import DemoOptions, run_demo_with_keys
+    from host_tools.report.demo import demo_text
 
     cfg = _cfg(ctx, json_output)
-    say = _say(cfg)
-    started = time.monotonic()
-    ring, created = init_keys(cfg.keys_dir, time.time())
-    with tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp, _registry(cfg) as reg:
-        work = workdir or Path(tmp)
-        say(f"root of trust v{ring.root.version} ({'created' if created else 'existing'}, {ring.root_path})")
-        rows = run_demo(
-            DemoOptions(work, broker_url=broker, runs=runs, warmup=max(1, runs // 10)),
-            ring.role_keys("bundles"),
-            _authority(cfg, None),
-            ring.root_path,
-            reg,
-            say,
-            _byte_progress,
-        )
-    elapsed = time.monotonic() - started
-    data = {"rows": [r.to_dict() for r in rows], "seconds": elapsed}
-    _emit(cfg, data, lambda: _demo_table(rows) + f"\n\nwhole path in {elapsed:.1f} s")
-
-
-def _demo_table(rows: list[Any]) -> str:
-    from host_tools.report import Column, format_bytes, render_table
-
-    table = render_table(
-        [
-            Column("model", lambda r: r.precision),
-            Column("size", lambda r: format_bytes(r.size_bytes), ">"),
-            Column("accuracy", lambda r: f"{r.accuracy:.2%}", ">"),
-            Column("p50 ms", lambda r: f"{r.metrics.latency['p50_ms']:.3f}", ">"),
-            Column("p90 ms", lambda r: f"{r.metrics.latency['p90_ms']:.3f}", ">"),
-            Column("p99 ms", lambda r: f"{r.metrics.latency['p99_ms']:.3f}", ">"),
-            Column("peak RSS", lambda r: format_bytes(r.metrics.memory.get("peak_bytes")), ">"),
-            Column("model RSS", lambda r: format_bytes(r.metrics.memory.get("model_bytes")), ">"),
-            Column("power", lambda r: _power_cell(r.metrics.power), ">"),
-            Column("mJ/inf", lambda r: f"{1000 * r.metrics.power.get('joules_per_inference', 0):.3f}", ">"),
-        ],
-        rows,
-    )
-    notes = []
-    if rows and len(rows) == 2:
-        notes.append(f"int8 is {rows[0].size_bytes / rows[1].size_bytes:.2f}x smaller than fp32")
-    if any(r.metrics.power.get("estimated", True) for r in rows):
-        src = rows[0].metrics.power.get("source", "a power model")
-        notes.append(f"power is ESTIMATED from CPU use ({src}); no power sensor on this machine")
-    notes.append("latency, memory and power were measured by the device agent in its own process")
-    return table + "\n" + "\n".join(f"* {n}" for n in notes)
+    options = DemoOptions(workdir, broker_url=broker, runs=runs, warmup=max(1, runs // 10))
+    with _registry(cfg) as reg:
+        result = run_demo_with_keys(cfg.keys_dir, reg, options, _say(cfg), _byte_progress)
+    _emit(cfg, result.to_dict(), lambda: demo_text(result))
 
 
 def main() -> None:

@@ -17,9 +17,10 @@ import logging
 import queue
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,9 @@ from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.deployer import CommandAuthority, DeployOptions, deploy_and_record
 from host_tools.fleet.registry import Registry
+from host_tools.keys import command_authority, init_keys
 
-__all__ = ["DemoOptions", "DemoRow", "run_demo"]
+__all__ = ["DemoOptions", "DemoResult", "DemoRow", "run_demo", "run_demo_with_keys"]
 
 log = logging.getLogger(__name__)
 _BUNDLE_NAME = "digits-mlp"
@@ -51,7 +53,8 @@ class DemoOptions:
     """What the demo does.
 
     Attributes:
-        workdir: models, bundles, the agent's data directory and log go here.
+        workdir: models, bundles, the agent's data directory and log go here; ``None``:
+            a fresh temporary directory, removed afterwards.
         broker_url: use this broker instead of starting an embedded one.
         device_id: the demo agent's id.
         runs, warmup, min_duration_s: the on-device benchmark (at least ``runs`` timed
@@ -60,7 +63,7 @@ class DemoOptions:
         agent_start_timeout_s: how long the agent has to come online.
     """
 
-    workdir: Path
+    workdir: Path | None = None
     broker_url: str | None = None
     device_id: str = "demo-device"
     runs: int = 300
@@ -87,6 +90,17 @@ class DemoRow:
             "accuracy": self.accuracy,
             "device": self.metrics.to_dict(),
         }
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What ``edgectl demo`` shows: one row per model, and how long the whole path took."""
+
+    rows: tuple[DemoRow, ...]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": [r.to_dict() for r in self.rows], "seconds": self.seconds}
 
 
 @contextlib.contextmanager
@@ -162,6 +176,11 @@ def run_demo(
     Raises:
         EdgeError: any step failed; the message names it.
     """
+    if options.workdir is None:
+        with tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp:
+            return run_demo(
+                replace(options, workdir=Path(tmp)), bundle_keys, authority, root_path, registry, say, progress, clock
+            )
     # Compression lives in the host extra; import it only when the demo runs.
     from host_tools import compress as hc
 
@@ -255,3 +274,38 @@ def run_demo(
             client.close()
     say("7/7 done; every process the demo started has stopped")
     return rows
+
+
+def run_demo_with_keys(
+    keys_dir: Path,
+    registry: Registry,
+    options: DemoOptions,
+    say: Callable[[str], None],
+    progress: Callable[[str, int], Callable[[int, int], None]],
+    clock: Callable[[], float] = time.time,
+    timer: Callable[[], float] = time.monotonic,
+) -> DemoResult:
+    """``edgectl demo``: make the keys if there are none, then :func:`run_demo` with them.
+
+    Args:
+        keys_dir: the host's key directory; created with unencrypted keys if it has no root.
+        registry: where device status and metrics are recorded.
+        options: what to do and where.
+        say: prints a progress line.
+        progress: makes a byte-progress callback for a named transfer of a given size.
+        clock: wall clock.
+        timer: monotonic clock for the duration of the whole path.
+
+    Returns:
+        One row per model, and the seconds the whole path took.
+
+    Raises:
+        EdgeError: any step failed; the message names it.
+    """
+    started = timer()
+    ring, created = init_keys(keys_dir, clock())
+    say(f"root of trust v{ring.root.version} ({'created' if created else 'existing'}, {ring.root_path})")
+    rows = run_demo(
+        options, ring.role_keys("bundles"), command_authority(ring), ring.root_path, registry, say, progress, clock
+    )
+    return DemoResult(tuple(rows), timer() - started)

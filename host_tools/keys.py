@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edge_sdk.durable import atomic_write_bytes
 from edge_sdk.errors import EdgeError, KeyStoreError
@@ -38,9 +39,15 @@ from edge_sdk.trust import (
     verify_root_update,
 )
 
+if TYPE_CHECKING:
+    from host_tools.fleet.deployer import CommandAuthority
+
 __all__ = [
     "DEFAULT_ROOT_TTL_S",
     "KeyRing",
+    "RoleSummary",
+    "RootSummary",
+    "command_authority",
     "init_keys",
     "load_public_key",
     "load_signing_key",
@@ -49,6 +56,51 @@ __all__ = [
 ]
 
 DEFAULT_ROOT_TTL_S = 365 * 86400.0
+
+
+@dataclass(frozen=True)
+class RoleSummary:
+    """One role of a root as the operator sees it.
+
+    Attributes:
+        name: ``root``, ``bundles`` or ``commands``.
+        threshold: how many of its keys must sign.
+        keys: each key id of the role, with whether its private key is in this key directory.
+    """
+
+    name: str
+    threshold: int
+    keys: tuple[tuple[str, bool], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "keys": [{"keyid": keyid, "private_key_here": here} for keyid, here in self.keys],
+        }
+
+
+@dataclass(frozen=True)
+class RootSummary:
+    """What ``edgectl keys`` shows about the current root of trust.
+
+    Attributes:
+        root_path: the signed root file to give to devices.
+        version, expires_at: of the root.
+        roles: every role, in the root's order.
+    """
+
+    root_path: Path
+    version: int
+    expires_at: float
+    roles: tuple[RoleSummary, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root_path),
+            "version": self.version,
+            "expires_at": self.expires_at,
+            "roles": {role.name: role.to_dict() for role in self.roles},
+        }
 
 
 @dataclass(frozen=True)
@@ -124,6 +176,19 @@ class KeyRing:
             )
         return keys
 
+    def summary(self) -> RootSummary:
+        """The current root, its roles, and which of their private keys are here.
+
+        Raises:
+            KeyStoreError: missing or not a valid root.
+        """
+        root = self.root
+        roles = tuple(
+            RoleSummary(name, role.threshold, tuple((k, self.private_path(k).exists()) for k in role.keyids))
+            for name, role in root.roles.items()
+        )
+        return RootSummary(self.root_path, root.version, root.expires_at, roles)
+
     def _new_key(self, passphrase: bytes | None) -> SigningKey:
         key = SigningKey.generate()
         atomic_write_bytes(self.private_path(key.keyid), key.to_pem(passphrase), mode=0o600)
@@ -135,6 +200,25 @@ class KeyRing:
         data = signed.to_bytes()
         atomic_write_bytes(self.history_dir / f"{signed.root.version}.json", data)
         atomic_write_bytes(self.root_path, data)
+
+
+def command_authority(ring: KeyRing, passphrase: bytes | None = None) -> CommandAuthority:
+    """What signs every command sent to a device: the command keys and the chain of roots.
+
+    Args:
+        ring: the host's key directory.
+        passphrase: of the command keys.
+
+    Returns:
+        The authority the deployer signs commands with.
+
+    Raises:
+        KeyStoreError: fewer command keys here than the role's threshold, or a root unreadable.
+    """
+    # The deployer is imported here so that key management does not load the MQTT client.
+    from host_tools.fleet.deployer import CommandAuthority
+
+    return CommandAuthority(tuple(ring.role_keys("commands", passphrase)), tuple(ring.chain()))
 
 
 def init_keys(

@@ -220,3 +220,22 @@ def test_bad_host_is_config_error() -> None:
 def test_port_unknown_before_start() -> None:
     with pytest.raises(ConfigError, match="start"):
         _ = EmbeddedBroker(port=0).port
+
+
+def test_serve_runs_until_stop_is_set_then_releases_the_port() -> None:
+    import threading
+
+    stop = threading.Event()
+    broker = EmbeddedBroker(port=0)
+    urls: queue.Queue[str] = queue.Queue()
+    server = threading.Thread(target=broker.serve, args=(stop, urls.put))
+    server.start()
+    try:
+        url = urls.get(timeout=TIMEOUT)
+        assert url == broker.url and broker.running
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=TIMEOUT):
+            pass
+    finally:
+        stop.set()
+        server.join(TIMEOUT)
+    assert not server.is_alive() and not broker.running

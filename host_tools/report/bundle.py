@@ -1,0 +1,43 @@
+"""What ``edgectl pack`` and ``edgectl verify`` print about a bundle."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from host_tools.packing import BundleCheck, PackedBundle
+
+__all__ = ["check_text", "packed_text"]
+
+
+def packed_text(packed: PackedBundle) -> str:
+    """What was packed, where, signed by whom, and which layers went sparse.
+
+    Args:
+        packed: the result of :func:`host_tools.packing.pack_model`.
+
+    Returns:
+        Lines without a trailing newline.
+    """
+    manifest = packed.manifest
+    text = (
+        f"packed {manifest.name} v{manifest.version} ({manifest.runtime}, {manifest.precision}, "
+        f"{len(manifest.files)} file(s)) -> {packed.path}\nsigned by {', '.join(packed.signed_by)}"
+    )
+    if manifest.sparse is not None:
+        layers = ", ".join(f"{layer.name} {layer.sparsity:.1%}" for layer in manifest.sparse.layers)
+        text += f"\nsparse: {len(manifest.sparse.layers)} layer(s) as CSR ({manifest.sparse.values} values): {layers}"
+    return text
+
+
+def check_text(check: BundleCheck) -> str:
+    """One ``ok`` line per check that passed, then the verified bundle.
+
+    Args:
+        check: the result of :func:`host_tools.packing.check_bundle`.
+
+    Returns:
+        Lines without a trailing newline.
+    """
+    m = check.manifest
+    return "\n".join(f"ok  {c}" for c in check.checks) + f"\n{check.path}: {m.name} v{m.version} verified"

@@ -1,0 +1,180 @@
+"""The renderers in host_tools.report: values in, text or JSON-ready dicts out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.errors import RollbackError
+from edge_sdk.protocol import ErrorInfo, Event, EventKind, MetricsReport
+from host_tools.demo import DemoResult, DemoRow
+from host_tools.fleet.deployer import DeployOutcome
+from host_tools.fleet.profiler import ProfileOutcome
+from host_tools.fleet.registry import DeviceRecord
+from host_tools.keys import RoleSummary, RootSummary
+from host_tools.report.demo import demo_table, demo_text
+from host_tools.report.fleet import (
+    command_data,
+    command_text,
+    deploy_data,
+    deploy_text,
+    devices_text,
+    metrics_table,
+    metrics_text,
+    outcome_data,
+    power_cell,
+    profile_text,
+    refusal_text,
+)
+from host_tools.report.keys import root_text
+
+LATENCY = {"p50_ms": 1.25, "p90_ms": 2.5, "p99_ms": 4.0, "throughput_per_s": 800.4}
+
+
+def _metrics(power: dict[str, object] | None = None, **memory: int) -> MetricsReport:
+    return MetricsReport(
+        "dev-1",
+        "digits",
+        2,
+        "onnxruntime",
+        "int8",
+        ts=1.0,
+        threads=2,
+        latency=dict(LATENCY),
+        memory=dict(memory),
+        power=dict(power or {}),
+    )
+
+
+def _deploy(state: str = "installed", **fields: Any) -> DeployOutcome:
+    return DeployOutcome("dev-1", "digits", 2, "ab" * 32, "t1", state, **fields)
+
+
+def test_root_text_lists_roles_in_order_and_missing_private_keys() -> None:
+    expires = 86400.0 * 365  # 1971-01-01
+    summary = RootSummary(
+        Path("/keys/root.json"),
+        3,
+        expires,
+        (
+            RoleSummary("root", 2, (("r1", True), ("r2", False))),
+            RoleSummary("bundles", 1, (("b1", True),)),
+        ),
+    )
+    assert root_text(summary) == (
+        "root v3, expires 1971-01-01 -> /keys/root.json (give this file to devices)\n"
+        "  root      threshold 2: r1, r2 (no private key here)\n"
+        "  bundles   threshold 1: b1"
+    )
+    assert summary.to_dict() == {
+        "root": "/keys/root.json",
+        "version": 3,
+        "expires_at": expires,
+        "roles": {
+            "root": {
+                "threshold": 2,
+                "keys": [{"keyid": "r1", "private_key_here": True}, {"keyid": "r2", "private_key_here": False}],
+            },
+            "bundles": {"threshold": 1, "keys": [{"keyid": "b1", "private_key_here": True}]},
+        },
+    }
+
+
+def test_power_cell_says_estimated_unless_measured() -> None:
+    assert power_cell({}) is None
+    assert power_cell({"watts": 1.234}) == "1.23 W (estimated)"
+    assert power_cell({"watts": 2, "estimated": False}) == "2.00 W"
+
+
+def test_metrics_table_one_line_per_report() -> None:
+    report = _metrics({"watts": 0.5, "estimated": False}, peak_bytes=3 << 20).to_dict()
+    lines = metrics_table([report]).splitlines()
+    header = "device  bundle  runtime  p50 ms  p90 ms  p99 ms  inf/s  peak RSS  power"
+    assert lines[0].split() == header.split()
+    row = "dev-1  digits v2  onnxruntime int8 x2  1.250  2.500  4.000  800  3.0 MiB  0.50 W"
+    assert lines[2].split() == row.split()
+    assert metrics_text([]) == "no metrics recorded"
+    assert metrics_text([report]) == metrics_table([report])
+
+
+def test_devices_text() -> None:
+    assert devices_text([]) == "no devices known"
+    record = DeviceRecord(
+        "dev-1", "online", 0.0, platform={"kind": "pi", "arch": "aarch64", "memory_bytes": 1 << 30}, runtimes={}
+    )
+    last_seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(0.0))
+    row = devices_text([record]).splitlines()[2].split()
+    assert row == ["dev-1", "online", "pi", "aarch64", "1.0", "GiB", "-", *last_seen.split()]
+
+
+def test_deploy_data_and_text_installed() -> None:
+    outcome = _deploy(metrics=_metrics(), checks=("signature: ok",), seconds=2.25, detail={"x": 1})
+    data = deploy_data(outcome)
+    assert data == {
+        "device_id": "dev-1",
+        "bundle": "digits",
+        "version": 2,
+        "state": "installed",
+        "seconds": 2.25,
+        "error": None,
+        "metrics": _metrics().to_dict(),
+        "checks": ["signature: ok"],
+        "detail": {"x": 1},
+    }
+    assert {k: data[k] for k in outcome_data(outcome)} == outcome_data(outcome)
+    text = deploy_text(outcome)
+    assert text.startswith("dev-1: installed digits v2 in 2.2 s\ndevice ")
+    assert text.endswith(metrics_table([_metrics().to_dict()]))
+
+
+def test_deploy_text_deferred_names_reason_and_retry() -> None:
+    text = deploy_text(_deploy("deferred", detail={"reason": "in flight", "retry_s": 30}))
+    assert text == (
+        "dev-1: deferred digits v2 (in flight); the device keeps it and installs it when its gate opens "
+        "(asks again every 30 s)"
+    )
+    assert "(update gate closed)" in deploy_text(_deploy("deferred"))
+
+
+def test_refusal_and_profile_text() -> None:
+    refused = ProfileOutcome("dev-1", "digits", 2, "refused", error=RollbackError("old"))
+    assert refusal_text(refused) == "dev-1 refused digits v2"
+    assert outcome_data(refused)["error"] == RollbackError("old").to_dict()
+    profiled = ProfileOutcome("dev-1", "digits", 2, "profiled", metrics=_metrics())
+    assert profile_text(profiled).splitlines()[0] == "dev-1: profiled digits v2 (not installed)"
+
+
+def test_command_data_and_text() -> None:
+    done = Event("dev-1", EventKind.DONE, 1.0, detail={"active": "digits v1"})
+    assert command_text("dev-1", done, "remove digits") == "dev-1: remove digits: done ({'active': 'digits v1'})"
+    assert command_data("dev-1", done) == {
+        "device_id": "dev-1",
+        "state": "done",
+        "detail": {"active": "digits v1"},
+        "error": None,
+    }
+    error = ErrorInfo("rollback", "nothing kept")
+    refused = Event("dev-1", EventKind.REFUSED, 1.0, error=error)
+    assert command_text("dev-1", refused, "roll digits back to v1") == "dev-1 refused: roll digits back to v1"
+    assert command_data("dev-1", refused)["error"] == error.to_dict()
+
+
+def test_demo_table_notes_size_ratio_and_estimated_power() -> None:
+    power = {"watts": 1.0, "joules_per_inference": 0.002, "source": "cpu model"}
+    rows = (
+        DemoRow("digits-v1-fp32", "fp32", 4096, 0.97, _metrics(power, peak_bytes=1 << 20)),
+        DemoRow("digits-v2-int8", "int8", 1024, 0.965, _metrics(power, peak_bytes=1 << 20)),
+    )
+    table = demo_table(rows)
+    lines = table.splitlines()
+    assert lines[2].split()[:5] == ["fp32", "4.0", "KiB", "97.00%", "1.250"]
+    assert lines[-3:] == [
+        "* int8 is 4.00x smaller than fp32",
+        "* power is ESTIMATED from CPU use (cpu model); no power sensor on this machine",
+        "* latency, memory and power were measured by the device agent in its own process",
+    ]
+    assert lines[2].split()[-1] == "2.000"  # mJ per inference
+    result = DemoResult(rows, 12.34)
+    assert demo_text(result) == table + "\n\nwhole path in 12.3 s"
+    assert result.to_dict() == {"rows": [r.to_dict() for r in rows], "seconds": 12.34}
