@@ -253,12 +253,12 @@ def verify_bundle(
     checks = []
     with BundleReader(Path(path), limits) as reader:
         checks.append(f"archive: {len(reader.payload)} payload file(s), all regular, safe names, within limits")
-        signatures = decode_signatures(reader.signatures_bytes)
+        signatures = decode_signatures(reader.signatures_bytes, limits.max_signatures_bytes)
         signers = verify_signatures(reader.manifest_bytes, signatures, trusted)
         checks.append(
             f"signature: {len(signers)} of threshold {trusted.threshold} by trusted key(s) {', '.join(sorted(signers))}"
         )
-        manifest = Manifest.from_bytes(reader.manifest_bytes, limits.max_manifest_bytes)
+        manifest = Manifest.from_bytes(reader.manifest_bytes, limits.max_manifest_bytes, limits.max_manifest_depth)
         checks.append(f"manifest: {manifest.name} v{manifest.version}, runtime {manifest.runtime}")
         if now >= manifest.expires_at:
             raise ExpiredError(

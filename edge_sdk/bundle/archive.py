@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from edge_sdk.bundle.manifest import check_member_path
+from edge_sdk.bundle.manifest import MAX_MANIFEST_DEPTH, check_member_path
 from edge_sdk.durable import atomic_writer, fsync_dir
 from edge_sdk.errors import (
     BundleFormatError,
@@ -65,6 +65,7 @@ class BundleLimits:
 
     max_bundle_bytes: int = 2 << 30
     max_manifest_bytes: int = 256 << 10
+    max_manifest_depth: int = MAX_MANIFEST_DEPTH
     max_signatures_bytes: int = 16 << 10
     max_members: int = 66
     max_member_bytes: int = 2 << 30

@@ -8,19 +8,20 @@ acted on.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_sdk.errors import ManifestError, TargetMismatchError
+from edge_sdk.errors import JsonError, ManifestError, TargetMismatchError
 from edge_sdk.trust import canonical_json
+from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, parse_json_object
 
 __all__ = [
     "EXECUTIONS",
     "MANIFEST_SCHEMA",
+    "MAX_MANIFEST_DEPTH",
     "RUNTIMES",
     "DeviceFacts",
     "FileEntry",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 MANIFEST_SCHEMA = 1
+#: Deepest JSON nesting a manifest may have (a sparse layer's shape list sits at depth 6).
+MAX_MANIFEST_DEPTH = DEFAULT_MAX_DEPTH
 RUNTIMES = ("onnxruntime", "litert")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -61,10 +64,6 @@ def check_member_path(path: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
         raise ManifestError(f"file path {path!r} contains control characters")
     return path
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _require(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -556,16 +555,22 @@ class Manifest:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_bytes: int) -> Manifest:
+    def from_bytes(cls, data: bytes, max_bytes: int, max_depth: int = MAX_MANIFEST_DEPTH) -> Manifest:
         """Parse manifest bytes, refusing anything above ``max_bytes`` before decoding.
 
+        Args:
+            data: the manifest exactly as signed.
+            max_bytes: largest manifest accepted (checked before decoding).
+            max_depth: deepest JSON nesting accepted (see :class:`~edge_sdk.untrusted_json.JsonLimits`).
+
+        Returns:
+            The parsed manifest.
+
         Raises:
-            ManifestError: too large, not UTF-8 JSON, or invalid content.
+            ManifestError: too large, not UTF-8 JSON, NaN or Infinity, too deep, or invalid content.
         """
-        if len(data) > max_bytes:
-            raise ManifestError(f"manifest is {len(data)} bytes (limit {max_bytes})")
         try:
-            body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise ManifestError("manifest is not valid UTF-8 JSON") from exc
+            body = parse_json_object(data, JsonLimits(max_bytes, max_depth), what="manifest")
+        except JsonError as exc:
+            raise ManifestError(exc.message, **exc.details) from exc
         return cls.from_dict(body)

@@ -23,7 +23,6 @@ Nothing here reads a file or the clock; ``now`` is passed in.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 
 from edge_sdk.errors import (
     ExpiredError,
+    JsonError,
     KeyStoreError,
     RollbackError,
     RootError,
@@ -45,13 +45,16 @@ from edge_sdk.trust._keys import (
     signatures_from_list,
     verify_signatures,
 )
+from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, parse_json_object
 
 __all__ = [
     "MAX_ROOT_BYTES",
+    "MAX_ROOT_DEPTH",
     "ROLES",
     "Role",
     "Root",
     "SignedRoot",
+    "load_root",
     "sign_root",
     "update_root_chain",
     "verify_root",
@@ -62,12 +65,10 @@ __all__ = [
 ROLES = ("root", "bundles", "commands")
 #: Upper bound on a signed root document (bounds parsing of hostile input).
 MAX_ROOT_BYTES = 64 << 10
+#: Deepest JSON nesting a signed root document may have (a key's ``public`` sits at depth 5).
+MAX_ROOT_DEPTH = DEFAULT_MAX_DEPTH
 _MAX_KEYS = 32
 _SCHEMA = 1
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 @dataclass(frozen=True)
@@ -220,20 +221,26 @@ class SignedRoot:
         return canonical_json({"signed": self.root.to_dict(), "signatures": [s.to_dict() for s in self.signatures]})
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_bytes: int = MAX_ROOT_BYTES) -> SignedRoot:
-        """Parse a signed root document; signatures are *not* checked here.
+    def from_bytes(cls, data: bytes, max_bytes: int = MAX_ROOT_BYTES, max_depth: int = MAX_ROOT_DEPTH) -> SignedRoot:
+        """Parse a signed root document; signatures are *not* checked here (see :func:`load_root`).
+
+        Args:
+            data: the document as stored or received.
+            max_bytes: largest document accepted (checked before decoding).
+            max_depth: deepest JSON nesting accepted.
+
+        Returns:
+            The root and its signatures, unverified.
 
         Raises:
-            RootError: too large, not JSON, or not a root document.
+            RootError: too large, not JSON, NaN or Infinity, too deep, or not a root document.
             SignatureError: the signature list is malformed or empty.
         """
-        if len(data) > max_bytes:
-            raise RootError(f"root document is {len(data)} bytes (limit {max_bytes})")
         try:
-            body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise RootError("root document is not UTF-8 JSON") from exc
-        if not isinstance(body, dict) or set(body) != {"signed", "signatures"}:
+            body = parse_json_object(data, JsonLimits(max_bytes, max_depth), what="root document")
+        except JsonError as exc:
+            raise RootError(exc.message, **exc.details) from exc
+        if set(body) != {"signed", "signatures"}:
             raise RootError("root document must be {'signed': ..., 'signatures': [...]}")
         return cls(Root.from_dict(body["signed"]), tuple(signatures_from_list(body["signatures"])))
 
@@ -243,6 +250,30 @@ def sign_root(root: Root, keys: Iterable[SigningKey]) -> SignedRoot:
     data = root.to_bytes()
     by_id = {k.keyid: k for k in keys}
     return SignedRoot(root, tuple(k.sign(data) for _, k in sorted(by_id.items())))
+
+
+def load_root(data: bytes, max_bytes: int = MAX_ROOT_BYTES) -> SignedRoot:
+    """Parse a signed root document and check it is signed by a threshold of its own root role.
+
+    This is how a stored or shipped root is read back (the device's trust store, the
+    host's key ring): its provenance is local, so this catches corruption and hand-edits.
+    Expiry is not checked here; a newer root arriving from outside goes through
+    :func:`verify_root_update` instead.
+
+    Args:
+        data: the document's bytes.
+        max_bytes: largest document accepted (checked before decoding).
+
+    Returns:
+        The verified signed root.
+
+    Raises:
+        RootError: too large, not JSON, or not a root document.
+        SignatureError, UntrustedKeyError: not signed by a threshold of its own root keys.
+    """
+    signed = SignedRoot.from_bytes(data, max_bytes)
+    verify_root(signed)
+    return signed
 
 
 def verify_root(signed: SignedRoot) -> Root:
