@@ -14,17 +14,23 @@ documents has ever refused them, and the signed forms are canonical JSON anyway.
 
 Failures raise :class:`~edge_sdk.errors.JsonError`, or :class:`~edge_sdk.errors.JsonTooLargeError`
 for size; each caller maps them to its own type (``raise ManifestError(exc.message) from exc``).
+
+The predicates :func:`is_int`, :func:`is_number` and :func:`is_text` check decoded values the
+way JSON means them (``True`` is not the integer 1). They take ``object`` on purpose: the
+dataclasses that validate in ``__post_init__`` declare the type a field *should* have, and
+these checks are for the values that arrive from outside without one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from edge_sdk.errors import JsonError, JsonTooLargeError
 
-__all__ = ["DEFAULT_MAX_DEPTH", "JsonLimits", "parse_json", "parse_json_object"]
+__all__ = ["DEFAULT_MAX_DEPTH", "JsonLimits", "is_int", "is_number", "is_text", "parse_json", "parse_json_object"]
 
 #: Nesting bound used by every document unless its owner says otherwise.
 DEFAULT_MAX_DEPTH = 16
@@ -113,3 +119,45 @@ def parse_json_object(data: bytes, limits: JsonLimits, *, what: str) -> dict[str
     if not isinstance(value, dict):
         raise JsonError(f"{what} must be a JSON object")
     return value
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is an integer and not a bool.
+
+    Args:
+        value: any value, typically decoded from JSON.
+
+    Returns:
+        True for ``int`` values other than ``True`` and ``False``.
+    """
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> TypeGuard[float]:
+    """Whether ``value`` is an int or a float and not a bool (finite or not: check that apart).
+
+    Args:
+        value: any value, typically decoded from JSON.
+
+    Returns:
+        True for ``int`` and ``float`` values other than ``True`` and ``False``.
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_text(value: object, *, max_len: int | None = None, pattern: re.Pattern[str] | None = None) -> TypeGuard[str]:
+    """Whether ``value`` is a non-empty string, within ``max_len`` and matching ``pattern`` in full.
+
+    Args:
+        value: any value, typically decoded from JSON.
+        max_len: longest length accepted, or ``None`` for any.
+        pattern: a regular expression the whole string must match, or ``None``.
+
+    Returns:
+        True when every given condition holds.
+    """
+    if not isinstance(value, str) or not value:
+        return False
+    if max_len is not None and len(value) > max_len:
+        return False
+    return pattern is None or pattern.fullmatch(value) is not None

@@ -71,6 +71,9 @@ class BundleLimits:
     max_member_bytes: int = 2 << 30
 
 
+_DEFAULT_LIMITS = BundleLimits()
+
+
 def write_bundle(out_path: Path, manifest_bytes: bytes, signatures_bytes: bytes, files: Mapping[str, Path]) -> None:
     """Write a deterministic bundle atomically (no partial file on failure).
 
@@ -109,7 +112,7 @@ class BundleReader:
         StorageError: the file cannot be opened.
     """
 
-    def __init__(self, path: Path, limits: BundleLimits = BundleLimits()) -> None:
+    def __init__(self, path: Path, limits: BundleLimits = _DEFAULT_LIMITS) -> None:
         self.path = Path(path)
         self.limits = limits
         try:
@@ -118,19 +121,21 @@ class BundleReader:
             raise StorageError(f"cannot open bundle {self.path}: {exc.strerror}") from exc
         if size > limits.max_bundle_bytes:
             raise BundleFormatError(f"bundle is {size} bytes (limit {limits.max_bundle_bytes})", size=size)
-        try:
-            self._tf = tarfile.open(self.path, mode="r:")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise BundleFormatError(f"{self.path.name} is not a bundle (not a readable tar archive)") from exc
-        try:
+        # The reader owns one file: tarfile indexes it, and the member checks and reads
+        # below seek in it directly. Both stay open until close(), or close at once if
+        # the bundle is refused here.
+        with contextlib.ExitStack() as opened:
+            try:
+                self._fh: io.BufferedReader = opened.enter_context(open(self.path, "rb"))
+                self._tf = opened.enter_context(tarfile.open(fileobj=self._fh, mode="r:"))
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                raise BundleFormatError(f"{self.path.name} is not a bundle (not a readable tar archive)") from exc
             self.payload: dict[str, tarfile.TarInfo] = {}
             self._special: dict[str, tarfile.TarInfo] = {}
             self._index()
             self.manifest_bytes = self._read_small(MANIFEST_NAME, limits.max_manifest_bytes)
             self.signatures_bytes = self._read_small(SIGNATURES_NAME, limits.max_signatures_bytes)
-        except BaseException:
-            self._tf.close()
-            raise
+            self._open = opened.pop_all()
 
     def _index(self) -> None:
         count = 0
@@ -178,8 +183,7 @@ class BundleReader:
         hashes; this check covers the rest, so that no flipped byte anywhere in a bundle
         goes unnoticed.
         """
-        fileobj = self._tf.fileobj
-        assert fileobj is not None
+        fileobj = self._fh
         file_size = self.path.stat().st_size
         pos = 0
         for info in members:
@@ -248,8 +252,7 @@ class BundleReader:
                 expected_size=max_bytes,
                 actual_size=info.size,
             )
-        fh = self._tf.fileobj
-        assert fh is not None
+        fh = self._fh
         buf = memoryview(bytearray(min(_READ_CHUNK, max(info.size, 1))))
         remaining = info.size
         try:
@@ -308,7 +311,7 @@ class BundleReader:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._tf.close()
+            self._open.close()
 
     def __enter__(self) -> BundleReader:
         return self

@@ -16,7 +16,7 @@ from typing import Any
 
 from edge_sdk.errors import JsonError, ManifestError, TargetMismatchError
 from edge_sdk.trust import canonical_json
-from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, parse_json_object
+from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, is_int, is_number, is_text, parse_json_object
 
 __all__ = [
     "EXECUTIONS",
@@ -48,13 +48,19 @@ _MAX_SPARSE_LAYERS = 256
 EXECUTIONS = ("auto", "dense", "dense_int8", "sparse")
 
 
-def check_member_path(path: str) -> str:
+def check_member_path(path: object) -> str:
     """Accept only relative POSIX paths without ``..``, empty parts or odd characters.
+
+    Args:
+        path: the path as the manifest or archive gives it (any value: it is checked).
+
+    Returns:
+        ``path``, once it is known to be a safe member path.
 
     Raises:
         ManifestError: the path could escape the bundle directory or is malformed.
     """
-    if not isinstance(path, str) or not path or len(path) > _MAX_PATH:
+    if not is_text(path, max_len=_MAX_PATH):
         raise ManifestError(f"bad file path {path!r}")
     if "\\" in path or "\x00" in path or path.startswith("/") or ":" in path:
         raise ManifestError(f"file path {path!r} must be relative POSIX")
@@ -86,9 +92,9 @@ class FileEntry:
 
     def __post_init__(self) -> None:
         check_member_path(self.path)
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+        if not is_int(self.size) or self.size < 0:
             raise ManifestError(f"file {self.path!r}: size must be a non-negative integer")
-        if not isinstance(self.sha256, str) or not _SHA256_RE.fullmatch(self.sha256):
+        if not is_text(self.sha256, pattern=_SHA256_RE):
             raise ManifestError(f"file {self.path!r}: sha256 must be 64 lowercase hex digits")
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,10 +120,10 @@ class TensorInfo:
     dtype: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
+        if not is_text(self.name):
             raise ManifestError("input name must be a non-empty string")
         for dim in self.shape:
-            if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0):
+            if dim is not None and (not is_int(dim) or dim < 0):
                 raise ManifestError(f"input {self.name!r}: bad dimension {dim!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +150,7 @@ class HealthSpec:
 
     def __post_init__(self) -> None:
         v = self.max_latency_ms
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+        if v is not None and (not is_number(v) or not math.isfinite(v) or v <= 0):
             raise ManifestError(f"health: max_latency_ms must be a positive number, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,10 +203,10 @@ class Target:
 
     def __post_init__(self) -> None:
         for value in (*self.arch, *self.accelerators):
-            if not isinstance(value, str) or not _ACCEL_RE.fullmatch(value):
+            if not is_text(value, pattern=_ACCEL_RE):
                 raise ManifestError(f"target: bad architecture or accelerator name {value!r}")
         m = self.min_memory_bytes
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        if not is_int(m) or m < 0:
             raise ManifestError("target: min_memory_bytes must be a non-negative integer")
 
     def check(self, device: DeviceFacts) -> str:
@@ -278,13 +284,13 @@ class SparseLayer:
 
     def __post_init__(self) -> None:
         for value in (self.name, self.tensor):
-            if not isinstance(value, str) or not 0 < len(value) <= 256:
+            if not is_text(value, max_len=256):
                 raise ManifestError(f"sparse: bad layer or tensor name {value!r}")
         shape = tuple(self.shape)
-        if len(shape) != 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        if len(shape) != 2 or any(not is_int(d) or d < 1 for d in shape):
             raise ManifestError(f"sparse: layer {self.name!r} has a bad shape {self.shape!r}")
         object.__setattr__(self, "shape", shape)
-        if isinstance(self.nnz, bool) or not isinstance(self.nnz, int) or not 0 <= self.nnz <= shape[0] * shape[1]:
+        if not is_int(self.nnz) or not 0 <= self.nnz <= shape[0] * shape[1]:
             raise ManifestError(f"sparse: layer {self.name!r} has a bad nnz {self.nnz!r}")
         if not isinstance(self.transposed, bool):
             raise ManifestError(f"sparse: layer {self.name!r}: transposed must be a boolean")
@@ -426,9 +432,9 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.schema != MANIFEST_SCHEMA:
             raise ManifestError(f"unsupported manifest schema {self.schema!r} (this build reads {MANIFEST_SCHEMA})")
-        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
+        if not is_text(self.name, pattern=_NAME_RE):
             raise ManifestError(f"bad bundle name {self.name!r}")
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+        if not is_int(self.version) or self.version < 1:
             raise ManifestError(f"version must be a positive integer, got {self.version!r}")
         if self.runtime not in RUNTIMES:
             raise ManifestError(f"unknown runtime {self.runtime!r}; expected one of {', '.join(RUNTIMES)}")

@@ -67,9 +67,10 @@ def decode(payload: bytes, limits: CodecLimits = CodecLimits()) -> Message:
     if cls is None:
         raise MessageError(f"unknown message type {kind!r}")
     try:
-        return cls.from_dict(body)
+        message: Message = cls.from_dict(body)
     except (TypeError, ValueError) as exc:
         raise MessageError(f"invalid {kind} message: {exc}") from exc
+    return message
 
 
 @dataclass(frozen=True)

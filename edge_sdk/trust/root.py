@@ -45,7 +45,7 @@ from edge_sdk.trust._keys import (
     signatures_from_list,
     verify_signatures,
 )
-from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, parse_json_object
+from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, is_int, is_number, parse_json_object
 
 __all__ = [
     "MAX_ROOT_BYTES",
@@ -79,7 +79,7 @@ class Role:
     threshold: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 1:
+        if not is_int(self.threshold) or self.threshold < 1:
             raise RootError(f"role threshold must be a positive integer, got {self.threshold!r}")
         if len(set(self.keyids)) != len(self.keyids):
             raise RootError("a role lists the same key twice")
@@ -117,13 +117,9 @@ class Root:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+        if not is_int(self.version) or self.version < 1:
             raise RootError(f"root version must be a positive integer, got {self.version!r}")
-        if (
-            isinstance(self.expires_at, bool)
-            or not isinstance(self.expires_at, (int, float))
-            or not math.isfinite(self.expires_at)
-        ):
+        if not is_number(self.expires_at) or not math.isfinite(self.expires_at):
             raise RootError("root expires_at must be a finite number")
         if set(self.roles) != set(ROLES):
             raise RootError(f"root must define exactly the roles {', '.join(ROLES)}")
