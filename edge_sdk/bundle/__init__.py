@@ -74,6 +74,7 @@ __all__ = [
 ]
 
 _DEFAULT_TTL_S = 30 * 24 * 3600.0
+_DEFAULT_LIMITS = BundleLimits()
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -220,7 +221,7 @@ def verify_bundle(
     now: float,
     *,
     installed_version: int | Callable[[str], int | None] | None = None,
-    limits: BundleLimits = BundleLimits(),
+    limits: BundleLimits = _DEFAULT_LIMITS,
     extract_to: Path | None = None,
     device: DeviceFacts | None = None,
     expect: Expected | None = None,
@@ -286,7 +287,8 @@ def verify_bundle(
             installed_version = installed_version(manifest.name)
         if installed_version is not None and expect is not None and expect.rollback:
             checks.append(
-                f"rollback: v{manifest.version} after v{installed_version}, explicitly allowed by a signed rollback command"
+                f"rollback: v{manifest.version} after v{installed_version}, "
+                "explicitly allowed by a signed rollback command"
             )
         elif installed_version is not None:
             if manifest.version <= installed_version:

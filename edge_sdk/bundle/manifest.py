@@ -357,7 +357,7 @@ class SparseSpec:
         object.__setattr__(self, "layers", tuple(self.layers))
         if not self.layers or len(self.layers) > _MAX_SPARSE_LAYERS:
             raise ManifestError(f"sparse: between 1 and {_MAX_SPARSE_LAYERS} layers, got {len(self.layers)}")
-        if len({l.tensor for l in self.layers}) != len(self.layers):
+        if len({layer.tensor for layer in self.layers}) != len(self.layers):
             raise ManifestError("sparse: a tensor is listed twice")
 
     def to_dict(self) -> dict[str, Any]:
@@ -366,7 +366,7 @@ class SparseSpec:
             "weights": self.weights,
             "dense_model": self.dense_model,
             "values": self.values,
-            "layers": [l.to_dict() for l in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
         }
 
     @classmethod
@@ -384,7 +384,7 @@ class SparseSpec:
         return cls(
             weights=_require(d, "weights", str, "sparse"),
             dense_model=_require(d, "dense_model", str, "sparse"),
-            layers=tuple(SparseLayer.from_dict(l) for l in layers),
+            layers=tuple(SparseLayer.from_dict(layer) for layer in layers),
             format=fmt,
             values=values,
         )

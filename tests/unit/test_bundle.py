@@ -755,7 +755,7 @@ def test_size_limits_are_enforced(tmp_path: Path, key: SigningKey, trusted: Trus
         verify_bundle(out, trusted, NOW, limits=BundleLimits(max_bundle_bytes=size - 1))
     with pytest.raises(BundleFormatError):
         verify_bundle(out, trusted, NOW, limits=BundleLimits(max_member_bytes=len(MODEL) - 1))
-    with pytest.raises(BundleFormatError, match="signatures.json"):
+    with pytest.raises(BundleFormatError, match=r"signatures\.json"):
         verify_bundle(out, trusted, NOW, limits=BundleLimits(max_signatures_bytes=10))
 
 
@@ -763,10 +763,10 @@ def test_oversize_manifest_is_refused(tmp_path: Path, key: SigningKey, trusted: 
     files = {"model.onnx": MODEL}
     big = _manifest_dict(files, padding="x" * 300_000)  # a signed manifest above the 256 KiB default
     out = _forge(tmp_path / "b.edge", big, [key], files)
-    with pytest.raises(BundleFormatError, match="manifest.json"):
+    with pytest.raises(BundleFormatError, match=r"manifest\.json"):
         verify_bundle(out, trusted, NOW)
     small, _ = _pack(tmp_path / "small", [key])
-    with pytest.raises(BundleFormatError, match="manifest.json"):
+    with pytest.raises(BundleFormatError, match=r"manifest\.json"):
         verify_bundle(small, trusted, NOW, limits=BundleLimits(max_manifest_bytes=64))
 
 

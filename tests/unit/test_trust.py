@@ -1,4 +1,7 @@
-"""edge_sdk.trust: keys, signature envelopes, thresholds, the root of trust; signed commands; the device's trust store."""
+"""edge_sdk.trust: keys, signature envelopes, thresholds, the root of trust.
+
+Also signed commands and the device's trust store, which are built on them.
+"""
 
 from __future__ import annotations
 
