@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from edge_sdk.errors import JsonError, JsonTooLargeError
+from edge_sdk.errors import ConfigError, JsonError, JsonTooLargeError
 
 __all__ = ["DEFAULT_MAX_DEPTH", "JsonLimits", "is_int", "is_number", "is_text", "parse_json", "parse_json_object"]
 
@@ -45,6 +45,9 @@ class JsonLimits:
         max_depth: deepest nesting accepted. Every value counts one level below its
             container: a top-level scalar is depth 1, ``{"a": 1}`` is depth 2,
             ``{"a": [1]}`` is depth 3.
+
+    Raises:
+        ConfigError: a bound is not a positive integer.
     """
 
     max_bytes: int
@@ -54,7 +57,7 @@ class JsonLimits:
         for name in ("max_bytes", "max_depth"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"JsonLimits.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"JsonLimits.{name} must be a positive integer, got {value!r}")
 
 
 def _refuse_constant(name: str) -> Any:

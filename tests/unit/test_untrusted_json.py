@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 
-from edge_sdk.errors import JsonError, JsonTooLargeError, UntrustedInputError
-from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, parse_json, parse_json_object
+from edge_sdk.errors import ConfigError, JsonError, JsonTooLargeError, UntrustedInputError
+from edge_sdk.untrusted_json import (
+    DEFAULT_MAX_DEPTH,
+    JsonLimits,
+    is_int,
+    is_number,
+    is_text,
+    parse_json,
+    parse_json_object,
+)
 
 LIMITS = JsonLimits(max_bytes=1 << 16)
 
@@ -85,5 +94,16 @@ def test_object_is_required_where_asked(data: bytes) -> None:
 @pytest.mark.parametrize("value", [0, -1, True, 1.5])
 def test_limits_must_be_positive_integers(field: str, value: Any) -> None:
     kwargs: dict[str, Any] = {"max_bytes": 10, "max_depth": 4, field: value}
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigError, match=field):
         JsonLimits(**kwargs)
+
+
+def test_value_predicates_read_json_types_as_json_means_them() -> None:
+    assert is_int(0) and is_int(-3) and not is_int(True) and not is_int(1.0) and not is_int("1")
+    assert is_number(1) and is_number(1.5) and is_number(float("nan")) and not is_number(False)
+    assert not is_number("1.5") and not is_number(None)
+    assert is_text("a") and not is_text("") and not is_text(b"a") and not is_text(None)
+    assert is_text("abc", max_len=3) and not is_text("abcd", max_len=3)
+    pattern = re.compile(r"[a-z]+")
+    assert is_text("abc", pattern=pattern) and not is_text("abc1", pattern=pattern)
+    assert not is_text("ab\n", pattern=re.compile(r"^[a-z]+$"))  # the whole string must match
