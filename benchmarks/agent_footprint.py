@@ -205,9 +205,8 @@ def main() -> int:
         overhead = measure_overhead(work, runs, rounds)
     agent_mb = idle[-1]["rss_mb"]
     print_table(["process", "idle RSS MB"], [[r["process"], f"{r['rss_mb']:.1f}"] for r in idle])
-    print(
-        f"\nagent idle RSS {agent_mb:.1f} MB (target <= {RSS_TARGET_MB:.0f} MB): {'ok' if agent_mb <= RSS_TARGET_MB else 'OVER'}\n"
-    )
+    verdict = "ok" if agent_mb <= RSS_TARGET_MB else "OVER"
+    print(f"\nagent idle RSS {agent_mb:.1f} MB (target <= {RSS_TARGET_MB:.0f} MB): {verdict}\n")
     print_table(
         ["loop", "p50 ms (median of rounds)", "vs bare"],
         [

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from edge_sdk.durable import atomic_write_bytes
 from edge_sdk.errors import ReplayError, StorageError, UntrustedInputError
-from edge_sdk.trust import Root, SignedRoot, verify_root, verify_root_update
+from edge_sdk.trust import Root, SignedRoot, load_root, verify_root_update
 
 __all__ = ["TrustStore"]
 
@@ -80,11 +80,9 @@ class TrustStore:
         except OSError as exc:
             raise StorageError(f"cannot read {self.root_path}: {exc.strerror}") from exc
         try:
-            signed = SignedRoot.from_bytes(data)
-            verify_root(signed)
+            return load_root(data)
         except UntrustedInputError as exc:
             raise StorageError(f"{self.root_path} is corrupt: {exc.message}") from exc
-        return signed
 
     def update_root(self, document: bytes, now: float) -> bool:
         """Adopt the next root if ``document`` is it.

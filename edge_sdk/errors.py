@@ -16,6 +16,8 @@ say whose fault it is, which tells the caller what to do next::
     |   +-- RollbackError            version not newer than the one installed
     |   +-- ReplayError              a signed command's nonce was already used
     |   +-- RootError                root-of-trust document malformed, or not the next version
+    |   +-- JsonError                untrusted JSON: not UTF-8 JSON, NaN/Infinity, too deep, wrong top type
+    |   |   +-- JsonTooLargeError      the document is above its size limit (refused before decoding)
     |   +-- MessageError             malformed MQTT payload or unknown schema
     |   |   +-- MessageTooLargeError   payload above the configured limit
     |   +-- TransferError            chunked transfer broke its own declaration
@@ -53,6 +55,8 @@ __all__ = [
     "FileSetMismatchError",
     "HashMismatchError",
     "HealthCheckError",
+    "JsonError",
+    "JsonTooLargeError",
     "KeyStoreError",
     "LocalStateError",
     "ManifestError",
@@ -170,6 +174,22 @@ class RootError(UntrustedInputError):
     """A root-of-trust document is malformed, or is not the next version of the trusted one."""
 
     code = "root_invalid"
+
+
+class JsonError(UntrustedInputError):
+    """Untrusted JSON is not UTF-8 JSON, uses NaN/Infinity, nests too deep, or has the wrong top-level type.
+
+    Raised by :mod:`edge_sdk.untrusted_json`; the manifest, root and message parsers map
+    it to their own type (:class:`ManifestError`, :class:`RootError`, :class:`MessageError`).
+    """
+
+    code = "json_invalid"
+
+
+class JsonTooLargeError(JsonError):
+    """An untrusted JSON document is above its size limit; ``details`` has ``size`` and ``limit``."""
+
+    code = "json_too_large"
 
 
 class MessageError(UntrustedInputError):

@@ -34,8 +34,8 @@ from edge_sdk.trust import (
     Root,
     SignedRoot,
     SigningKey,
+    load_root,
     sign_root,
-    verify_root,
     verify_root_update,
 )
 
@@ -139,11 +139,9 @@ class KeyRing:
                 f"cannot read {self.root_path}: {exc.strerror} (create it with `edgectl keys init`)"
             ) from exc
         try:
-            signed = SignedRoot.from_bytes(data)
-            verify_root(signed)
+            return load_root(data)
         except EdgeError as exc:
             raise KeyStoreError(f"{self.root_path}: {exc.message}") from exc
-        return signed
 
     @property
     def root(self) -> Root:

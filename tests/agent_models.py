@@ -67,7 +67,10 @@ def wrong_shape_model(d: Path) -> Built:
 
 
 def slow_model(d: Path, size: int = 512, layers: int = 3) -> Built:
-    """input[N,size,size] through ``layers`` dense size x size MatMuls: ~0.8 GFLOP a run, ~10x the 1 ms budget the tests give it."""
+    """input[N,size,size] through ``layers`` dense size x size MatMuls.
+
+    About 0.8 GFLOP a run, some ten times the 1 ms budget the tests give it.
+    """
     rng = np.random.default_rng(2)
     inits, nodes, prev = [], [], "input"
     for i in range(layers):

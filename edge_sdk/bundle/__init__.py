@@ -74,6 +74,7 @@ __all__ = [
 ]
 
 _DEFAULT_TTL_S = 30 * 24 * 3600.0
+_DEFAULT_LIMITS = BundleLimits()
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -220,7 +221,7 @@ def verify_bundle(
     now: float,
     *,
     installed_version: int | Callable[[str], int | None] | None = None,
-    limits: BundleLimits = BundleLimits(),
+    limits: BundleLimits = _DEFAULT_LIMITS,
     extract_to: Path | None = None,
     device: DeviceFacts | None = None,
     expect: Expected | None = None,
@@ -253,12 +254,12 @@ def verify_bundle(
     checks = []
     with BundleReader(Path(path), limits) as reader:
         checks.append(f"archive: {len(reader.payload)} payload file(s), all regular, safe names, within limits")
-        signatures = decode_signatures(reader.signatures_bytes)
+        signatures = decode_signatures(reader.signatures_bytes, limits.max_signatures_bytes)
         signers = verify_signatures(reader.manifest_bytes, signatures, trusted)
         checks.append(
             f"signature: {len(signers)} of threshold {trusted.threshold} by trusted key(s) {', '.join(sorted(signers))}"
         )
-        manifest = Manifest.from_bytes(reader.manifest_bytes, limits.max_manifest_bytes)
+        manifest = Manifest.from_bytes(reader.manifest_bytes, limits.max_manifest_bytes, limits.max_manifest_depth)
         checks.append(f"manifest: {manifest.name} v{manifest.version}, runtime {manifest.runtime}")
         if now >= manifest.expires_at:
             raise ExpiredError(
@@ -286,7 +287,8 @@ def verify_bundle(
             installed_version = installed_version(manifest.name)
         if installed_version is not None and expect is not None and expect.rollback:
             checks.append(
-                f"rollback: v{manifest.version} after v{installed_version}, explicitly allowed by a signed rollback command"
+                f"rollback: v{manifest.version} after v{installed_version}, "
+                "explicitly allowed by a signed rollback command"
             )
         elif installed_version is not None:
             if manifest.version <= installed_version:

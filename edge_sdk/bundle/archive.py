@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from edge_sdk.bundle.manifest import check_member_path
+from edge_sdk.bundle.manifest import MAX_MANIFEST_DEPTH, check_member_path
 from edge_sdk.durable import atomic_writer, fsync_dir
 from edge_sdk.errors import (
     BundleFormatError,
@@ -65,9 +65,13 @@ class BundleLimits:
 
     max_bundle_bytes: int = 2 << 30
     max_manifest_bytes: int = 256 << 10
+    max_manifest_depth: int = MAX_MANIFEST_DEPTH
     max_signatures_bytes: int = 16 << 10
     max_members: int = 66
     max_member_bytes: int = 2 << 30
+
+
+_DEFAULT_LIMITS = BundleLimits()
 
 
 def write_bundle(out_path: Path, manifest_bytes: bytes, signatures_bytes: bytes, files: Mapping[str, Path]) -> None:
@@ -108,7 +112,7 @@ class BundleReader:
         StorageError: the file cannot be opened.
     """
 
-    def __init__(self, path: Path, limits: BundleLimits = BundleLimits()) -> None:
+    def __init__(self, path: Path, limits: BundleLimits = _DEFAULT_LIMITS) -> None:
         self.path = Path(path)
         self.limits = limits
         try:
@@ -117,19 +121,21 @@ class BundleReader:
             raise StorageError(f"cannot open bundle {self.path}: {exc.strerror}") from exc
         if size > limits.max_bundle_bytes:
             raise BundleFormatError(f"bundle is {size} bytes (limit {limits.max_bundle_bytes})", size=size)
-        try:
-            self._tf = tarfile.open(self.path, mode="r:")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise BundleFormatError(f"{self.path.name} is not a bundle (not a readable tar archive)") from exc
-        try:
+        # The reader owns one file: tarfile indexes it, and the member checks and reads
+        # below seek in it directly. Both stay open until close(), or close at once if
+        # the bundle is refused here.
+        with contextlib.ExitStack() as opened:
+            try:
+                self._fh: io.BufferedReader = opened.enter_context(open(self.path, "rb"))
+                self._tf = opened.enter_context(tarfile.open(fileobj=self._fh, mode="r:"))
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                raise BundleFormatError(f"{self.path.name} is not a bundle (not a readable tar archive)") from exc
             self.payload: dict[str, tarfile.TarInfo] = {}
             self._special: dict[str, tarfile.TarInfo] = {}
             self._index()
             self.manifest_bytes = self._read_small(MANIFEST_NAME, limits.max_manifest_bytes)
             self.signatures_bytes = self._read_small(SIGNATURES_NAME, limits.max_signatures_bytes)
-        except BaseException:
-            self._tf.close()
-            raise
+            self._open = opened.pop_all()
 
     def _index(self) -> None:
         count = 0
@@ -177,8 +183,7 @@ class BundleReader:
         hashes; this check covers the rest, so that no flipped byte anywhere in a bundle
         goes unnoticed.
         """
-        fileobj = self._tf.fileobj
-        assert fileobj is not None
+        fileobj = self._fh
         file_size = self.path.stat().st_size
         pos = 0
         for info in members:
@@ -247,8 +252,7 @@ class BundleReader:
                 expected_size=max_bytes,
                 actual_size=info.size,
             )
-        fh = self._tf.fileobj
-        assert fh is not None
+        fh = self._fh
         buf = memoryview(bytearray(min(_READ_CHUNK, max(info.size, 1))))
         remaining = info.size
         try:
@@ -307,7 +311,7 @@ class BundleReader:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._tf.close()
+            self._open.close()
 
     def __enter__(self) -> BundleReader:
         return self

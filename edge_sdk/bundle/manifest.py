@@ -8,19 +8,20 @@ acted on.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_sdk.errors import ManifestError, TargetMismatchError
+from edge_sdk.errors import JsonError, ManifestError, TargetMismatchError
 from edge_sdk.trust import canonical_json
+from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, is_int, is_number, is_text, parse_json_object
 
 __all__ = [
     "EXECUTIONS",
     "MANIFEST_SCHEMA",
+    "MAX_MANIFEST_DEPTH",
     "RUNTIMES",
     "DeviceFacts",
     "FileEntry",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 MANIFEST_SCHEMA = 1
+#: Deepest JSON nesting a manifest may have (a sparse layer's shape list sits at depth 6).
+MAX_MANIFEST_DEPTH = DEFAULT_MAX_DEPTH
 RUNTIMES = ("onnxruntime", "litert")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -45,13 +48,19 @@ _MAX_SPARSE_LAYERS = 256
 EXECUTIONS = ("auto", "dense", "dense_int8", "sparse")
 
 
-def check_member_path(path: str) -> str:
+def check_member_path(path: object) -> str:
     """Accept only relative POSIX paths without ``..``, empty parts or odd characters.
+
+    Args:
+        path: the path as the manifest or archive gives it (any value: it is checked).
+
+    Returns:
+        ``path``, once it is known to be a safe member path.
 
     Raises:
         ManifestError: the path could escape the bundle directory or is malformed.
     """
-    if not isinstance(path, str) or not path or len(path) > _MAX_PATH:
+    if not is_text(path, max_len=_MAX_PATH):
         raise ManifestError(f"bad file path {path!r}")
     if "\\" in path or "\x00" in path or path.startswith("/") or ":" in path:
         raise ManifestError(f"file path {path!r} must be relative POSIX")
@@ -61,10 +70,6 @@ def check_member_path(path: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
         raise ManifestError(f"file path {path!r} contains control characters")
     return path
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _require(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -87,9 +92,9 @@ class FileEntry:
 
     def __post_init__(self) -> None:
         check_member_path(self.path)
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+        if not is_int(self.size) or self.size < 0:
             raise ManifestError(f"file {self.path!r}: size must be a non-negative integer")
-        if not isinstance(self.sha256, str) or not _SHA256_RE.fullmatch(self.sha256):
+        if not is_text(self.sha256, pattern=_SHA256_RE):
             raise ManifestError(f"file {self.path!r}: sha256 must be 64 lowercase hex digits")
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,10 +120,10 @@ class TensorInfo:
     dtype: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
+        if not is_text(self.name):
             raise ManifestError("input name must be a non-empty string")
         for dim in self.shape:
-            if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0):
+            if dim is not None and (not is_int(dim) or dim < 0):
                 raise ManifestError(f"input {self.name!r}: bad dimension {dim!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,7 +150,7 @@ class HealthSpec:
 
     def __post_init__(self) -> None:
         v = self.max_latency_ms
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+        if v is not None and (not is_number(v) or not math.isfinite(v) or v <= 0):
             raise ManifestError(f"health: max_latency_ms must be a positive number, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,10 +203,10 @@ class Target:
 
     def __post_init__(self) -> None:
         for value in (*self.arch, *self.accelerators):
-            if not isinstance(value, str) or not _ACCEL_RE.fullmatch(value):
+            if not is_text(value, pattern=_ACCEL_RE):
                 raise ManifestError(f"target: bad architecture or accelerator name {value!r}")
         m = self.min_memory_bytes
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        if not is_int(m) or m < 0:
             raise ManifestError("target: min_memory_bytes must be a non-negative integer")
 
     def check(self, device: DeviceFacts) -> str:
@@ -279,13 +284,13 @@ class SparseLayer:
 
     def __post_init__(self) -> None:
         for value in (self.name, self.tensor):
-            if not isinstance(value, str) or not 0 < len(value) <= 256:
+            if not is_text(value, max_len=256):
                 raise ManifestError(f"sparse: bad layer or tensor name {value!r}")
         shape = tuple(self.shape)
-        if len(shape) != 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        if len(shape) != 2 or any(not is_int(d) or d < 1 for d in shape):
             raise ManifestError(f"sparse: layer {self.name!r} has a bad shape {self.shape!r}")
         object.__setattr__(self, "shape", shape)
-        if isinstance(self.nnz, bool) or not isinstance(self.nnz, int) or not 0 <= self.nnz <= shape[0] * shape[1]:
+        if not is_int(self.nnz) or not 0 <= self.nnz <= shape[0] * shape[1]:
             raise ManifestError(f"sparse: layer {self.name!r} has a bad nnz {self.nnz!r}")
         if not isinstance(self.transposed, bool):
             raise ManifestError(f"sparse: layer {self.name!r}: transposed must be a boolean")
@@ -352,7 +357,7 @@ class SparseSpec:
         object.__setattr__(self, "layers", tuple(self.layers))
         if not self.layers or len(self.layers) > _MAX_SPARSE_LAYERS:
             raise ManifestError(f"sparse: between 1 and {_MAX_SPARSE_LAYERS} layers, got {len(self.layers)}")
-        if len({l.tensor for l in self.layers}) != len(self.layers):
+        if len({layer.tensor for layer in self.layers}) != len(self.layers):
             raise ManifestError("sparse: a tensor is listed twice")
 
     def to_dict(self) -> dict[str, Any]:
@@ -361,7 +366,7 @@ class SparseSpec:
             "weights": self.weights,
             "dense_model": self.dense_model,
             "values": self.values,
-            "layers": [l.to_dict() for l in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
         }
 
     @classmethod
@@ -379,7 +384,7 @@ class SparseSpec:
         return cls(
             weights=_require(d, "weights", str, "sparse"),
             dense_model=_require(d, "dense_model", str, "sparse"),
-            layers=tuple(SparseLayer.from_dict(l) for l in layers),
+            layers=tuple(SparseLayer.from_dict(layer) for layer in layers),
             format=fmt,
             values=values,
         )
@@ -427,9 +432,9 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.schema != MANIFEST_SCHEMA:
             raise ManifestError(f"unsupported manifest schema {self.schema!r} (this build reads {MANIFEST_SCHEMA})")
-        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
+        if not is_text(self.name, pattern=_NAME_RE):
             raise ManifestError(f"bad bundle name {self.name!r}")
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+        if not is_int(self.version) or self.version < 1:
             raise ManifestError(f"version must be a positive integer, got {self.version!r}")
         if self.runtime not in RUNTIMES:
             raise ManifestError(f"unknown runtime {self.runtime!r}; expected one of {', '.join(RUNTIMES)}")
@@ -556,16 +561,22 @@ class Manifest:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_bytes: int) -> Manifest:
+    def from_bytes(cls, data: bytes, max_bytes: int, max_depth: int = MAX_MANIFEST_DEPTH) -> Manifest:
         """Parse manifest bytes, refusing anything above ``max_bytes`` before decoding.
 
+        Args:
+            data: the manifest exactly as signed.
+            max_bytes: largest manifest accepted (checked before decoding).
+            max_depth: deepest JSON nesting accepted (see :class:`~edge_sdk.untrusted_json.JsonLimits`).
+
+        Returns:
+            The parsed manifest.
+
         Raises:
-            ManifestError: too large, not UTF-8 JSON, or invalid content.
+            ManifestError: too large, not UTF-8 JSON, NaN or Infinity, too deep, or invalid content.
         """
-        if len(data) > max_bytes:
-            raise ManifestError(f"manifest is {len(data)} bytes (limit {max_bytes})")
         try:
-            body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise ManifestError("manifest is not valid UTF-8 JSON") from exc
+            body = parse_json_object(data, JsonLimits(max_bytes, max_depth), what="manifest")
+        except JsonError as exc:
+            raise ManifestError(exc.message, **exc.details) from exc
         return cls.from_dict(body)

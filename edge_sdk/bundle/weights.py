@@ -85,7 +85,7 @@ COUNT_LIMIT = 1 << 16
 
 #: Float element types the format stores (codebooks, dense values), by ONNX TensorProto type:
 #: FLOAT and FLOAT16.
-FLOAT_DTYPES = {1: np.dtype("<f4"), 10: np.dtype("<f2")}
+FLOAT_DTYPES: dict[int, np.dtype[np.floating]] = {1: np.dtype("<f4"), 10: np.dtype("<f2")}
 _MAX_RANK = 8
 
 

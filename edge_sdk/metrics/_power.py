@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.metrics._cpu import CpuSampler
@@ -194,10 +194,34 @@ class _RaplZone:
     max_range_uj: int
 
 
+_ProbedT = TypeVar("_ProbedT", bound="_Probed")
+
+
+class _Probed:
+    """Gives a sensor class :meth:`probe`: its constructor, answering ``None`` where it raises ConfigError."""
+
+    @classmethod
+    def probe(cls: type[_ProbedT], *args: Any, **kwargs: Any) -> _ProbedT | None:
+        """A source if this sensor is present and readable, else ``None``.
+
+        Args:
+            *args: the constructor's positional arguments (``root`` for the sysfs sensors,
+                ``runner`` for the Raspberry Pi 5 PMIC).
+            **kwargs: the constructor's keyword arguments (``interval_s``, ``clock``).
+
+        Returns:
+            The source, or ``None`` where the constructor found no usable sensor (ConfigError).
+        """
+        try:
+            return cls(*args, **kwargs)
+        except ConfigError:
+            return None
+
+
 _RAPL_PACKAGE = re.compile(r"^intel-rapl:\d+$")
 
 
-class RaplSource:
+class RaplSource(_Probed):
     """Package energy from RAPL counters; all packages (sockets) are summed.
 
     Args:
@@ -235,14 +259,6 @@ class RaplSource:
                 continue
             zones.append(_RaplZone(zone / "energy_uj", max_range))
         return zones
-
-    @classmethod
-    def probe(cls, root: Path = Path("/"), **kwargs: Any) -> RaplSource | None:
-        """A source if readable RAPL counters exist under ``root``, else ``None``."""
-        try:
-            return cls(root, **kwargs)
-        except ConfigError:
-            return None
 
     def _read(self) -> list[int]:
         return [_read_int(z.energy) for z in self._zones]
@@ -329,7 +345,7 @@ class _SampledSource:
         return _energy(watts * max(0.0, seconds), seconds, self.name, self.estimated)
 
 
-class BatterySource(_SampledSource):
+class BatterySource(_SampledSource, _Probed):
     """Power drawn from discharging batteries under ``sys/class/power_supply``.
 
     Uses ``power_now`` (µW) where present, else ``|current_now|`` (µA) times
@@ -389,14 +405,6 @@ class BatterySource(_SampledSource):
             found.append(supply)
         return found
 
-    @classmethod
-    def probe(cls, root: Path = Path("/"), **kwargs: Any) -> BatterySource | None:
-        """A source if a readable discharging battery exists under ``root``, else ``None``."""
-        try:
-            return cls(root, **kwargs)
-        except ConfigError:
-            return None
-
     def read_watts(self) -> float:
         """Total power drawn from the batteries now, in watts."""
         return sum(self._supply_watts(s) for s in self._supplies)
@@ -413,7 +421,7 @@ class _Rail:
 INPUT_RAIL_LABELS = ("VDD_IN", "POM_5V_IN")
 
 
-class Ina3221Source(_SampledSource):
+class Ina3221Source(_SampledSource, _Probed):
     """Board power of NVIDIA Jetson modules from their INA3221 rail monitors.
 
     Reads hwmon channels ``in<N>_label``, ``in<N>_input`` (mV) and
@@ -471,14 +479,6 @@ class Ina3221Source(_SampledSource):
                     rails.append(_Rail(label.upper(), rail.millivolts, rail.milliamps))
         return rails
 
-    @classmethod
-    def probe(cls, root: Path = Path("/"), **kwargs: Any) -> Ina3221Source | None:
-        """A source if readable INA3221 rails exist under ``root``, else ``None``."""
-        try:
-            return cls(root, **kwargs)
-        except ConfigError:
-            return None
-
     @property
     def rails(self) -> tuple[str, ...]:
         """Labels of the rails being summed."""
@@ -533,7 +533,7 @@ def parse_pmic_adc(text: str) -> dict[str, tuple[float, float]]:
     return rails
 
 
-class Pi5PmicSource(_SampledSource):
+class Pi5PmicSource(_SampledSource, _Probed):
     """Power of the Raspberry Pi 5 from its PMIC's rail monitors (``vcgencmd pmic_read_adc``).
 
     Power is the sum over rails of current times voltage: the SoC, memory and the
@@ -568,14 +568,6 @@ class Pi5PmicSource(_SampledSource):
 
     def _rails(self) -> dict[str, tuple[float, float]]:
         return parse_pmic_adc(self._runner(_PMIC_COMMAND))
-
-    @classmethod
-    def probe(cls, runner: CommandRunner = run_command, **kwargs: Any) -> Pi5PmicSource | None:
-        """A source if ``vcgencmd pmic_read_adc`` answers with rails, else ``None``."""
-        try:
-            return cls(runner, **kwargs)
-        except ConfigError:
-            return None
 
     def read_watts(self) -> float:
         """Sum of the PMIC rails' power now, in watts.

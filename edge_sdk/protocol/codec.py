@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any
 
-from edge_sdk.errors import MessageError, MessageTooLargeError
+from edge_sdk.errors import JsonError, JsonTooLargeError, MessageError, MessageTooLargeError
 from edge_sdk.protocol.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message
+from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, parse_json_object
 
 __all__ = ["CHUNK_HEADER_SIZE", "Chunk", "CodecLimits", "decode", "decode_chunk", "encode", "encode_chunk"]
 
@@ -30,24 +30,13 @@ class CodecLimits:
     """Upper bounds on untrusted payloads."""
 
     max_json_bytes: int = 64 << 10
-    max_json_depth: int = 16
+    max_json_depth: int = DEFAULT_MAX_DEPTH
     max_chunk_bytes: int = (1 << 20) + CHUNK_HEADER_SIZE
 
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _depth(obj: Any, limit: int) -> None:
-    stack = [(obj, 1)]
-    while stack:
-        node, d = stack.pop()
-        if d > limit:
-            raise MessageError(f"message nests deeper than {limit} levels")
-        if isinstance(node, dict):
-            stack.extend((v, d + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, d + 1) for v in node)
+    @property
+    def json_limits(self) -> JsonLimits:
+        """The bounds on one JSON message, for :func:`~edge_sdk.untrusted_json.parse_json_object`."""
+        return JsonLimits(self.max_json_bytes, self.max_json_depth)
 
 
 def encode(msg: Message) -> bytes:
@@ -62,17 +51,12 @@ def decode(payload: bytes, limits: CodecLimits = CodecLimits()) -> Message:
         MessageTooLargeError: payload above ``limits.max_json_bytes`` (checked first).
         MessageError: not JSON, too deep, unknown type or newer schema, invalid fields.
     """
-    if len(payload) > limits.max_json_bytes:
-        raise MessageTooLargeError(
-            f"message of {len(payload)} bytes exceeds {limits.max_json_bytes}", size=len(payload)
-        )
     try:
-        body = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MessageError("message is not UTF-8 JSON") from exc
-    if not isinstance(body, dict):
-        raise MessageError("message must be a JSON object")
-    _depth(body, limits.max_json_depth)
+        body = parse_json_object(payload, limits.json_limits, what="message")
+    except JsonTooLargeError as exc:
+        raise MessageTooLargeError(exc.message, size=len(payload)) from exc
+    except JsonError as exc:
+        raise MessageError(exc.message) from exc
     schema = body.get("schema")
     if isinstance(schema, bool) or not isinstance(schema, int):
         raise MessageError("message has no integer 'schema'")
@@ -83,9 +67,10 @@ def decode(payload: bytes, limits: CodecLimits = CodecLimits()) -> Message:
     if cls is None:
         raise MessageError(f"unknown message type {kind!r}")
     try:
-        return cls.from_dict(body)
+        message: Message = cls.from_dict(body)
     except (TypeError, ValueError) as exc:
         raise MessageError(f"invalid {kind} message: {exc}") from exc
+    return message
 
 
 @dataclass(frozen=True)

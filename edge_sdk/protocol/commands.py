@@ -20,12 +20,11 @@ chunks themselves (bound by the size and sha256 in the signed deploy command), a
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from edge_sdk.errors import ExpiredError, MessageError, TargetMismatchError
+from edge_sdk.errors import ExpiredError, JsonError, MessageError, TargetMismatchError
 from edge_sdk.protocol.codec import CodecLimits, decode, encode
 from edge_sdk.protocol.messages import (
     DeployCommand,
@@ -34,11 +33,13 @@ from edge_sdk.protocol.messages import (
     SignedCommand,
 )
 from edge_sdk.trust import Root, SigningKey, signatures_from_list, verify_signatures
+from edge_sdk.untrusted_json import parse_json_object
 
 __all__ = ["COMMAND_TYPES", "Command", "CommandPolicy", "open_command", "peek_command_id", "sign_command"]
 
 Command = DeployCommand | RollbackCommand | RemoveCommand
 COMMAND_TYPES = (DeployCommand, RollbackCommand, RemoveCommand)
+_DEFAULT_LIMITS = CodecLimits()
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,10 @@ def sign_command(command: Command, keys: Iterable[SigningKey]) -> SignedCommand:
 def peek_command_id(signed: SignedCommand) -> str:
     """The command id the envelope claims, unverified: only to label a refusal for the host."""
     try:
-        body = json.loads(signed.command)
-    except (ValueError, RecursionError):
+        body = parse_json_object(signed.command.encode(), _DEFAULT_LIMITS.json_limits, what="command")
+    except JsonError:
         return ""
-    cid = body.get("command_id") if isinstance(body, dict) else None
+    cid = body.get("command_id")
     return cid if isinstance(cid, str) and len(cid) == 32 else ""
 
 
@@ -85,7 +86,7 @@ def open_command(
     device_id: str,
     now: float,
     policy: CommandPolicy = CommandPolicy(),
-    limits: CodecLimits = CodecLimits(),
+    limits: CodecLimits = _DEFAULT_LIMITS,
 ) -> Command:
     """Verify a signed command and return the command it carries.
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from edge_sdk.errors import ConfigError, MessageError
+from edge_sdk.untrusted_json import is_text
 
 __all__ = [
     "TOPIC_ROOT",
@@ -44,13 +45,19 @@ class Channel(str, Enum):
     METRICS = "metrics"
 
 
-def check_device_id(device_id: str) -> str:
+def check_device_id(device_id: object) -> str:
     """Device ids are topic segments: letters, digits, ``_ . -``; at most 64 characters.
+
+    Args:
+        device_id: the id to check (any value: config files and messages are checked here).
+
+    Returns:
+        ``device_id``, once it is known to be a safe topic segment.
 
     Raises:
         ConfigError: the id would break or widen a topic (``+``, ``#``, ``/``, empty...).
     """
-    if not isinstance(device_id, str) or not _DEVICE_ID_RE.fullmatch(device_id):
+    if not is_text(device_id, pattern=_DEVICE_ID_RE):
         raise ConfigError(
             f"bad device id {device_id!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )

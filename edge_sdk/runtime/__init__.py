@@ -1,7 +1,8 @@
 """Run models on this machine: one session protocol over onnxruntime and LiteRT.
 
 ``open_session`` is the one way in, for a model file or a serialized model in
-memory (``open_sparse_session`` for a sparse graph and its CSR weights); nothing else in the repository opens an onnxruntime or LiteRT session.
+memory (``open_sparse_session`` for a sparse graph and its CSR weights); nothing else
+in the repository opens an onnxruntime or LiteRT session.
 It picks the backend by name, converts every runtime failure into an
 :class:`~edge_sdk.errors.ModelError`, and gives back an :class:`InferenceSession`
 whose inputs and outputs are described by plain :class:`TensorSpec` values.
@@ -63,12 +64,13 @@ _PACKAGES = {
     "litert": ("ai_edge_litert", "ai-edge-litert"),
     "tflite-runtime": ("tflite_runtime", "tflite-runtime"),
 }
+_DEFAULT_OPTIONS = SessionOptions()
 
 
 def open_session(
     model: ModelLike,
     runtime: str,
-    options: SessionOptions = SessionOptions(),
+    options: SessionOptions = _DEFAULT_OPTIONS,
     *,
     precision_hint: str | None = None,
 ) -> InferenceSession:
@@ -120,7 +122,7 @@ def open_session(
 
 
 def open_sparse_session(
-    model: ModelLike, weights: Mapping[str, CsrLike], options: SessionOptions = SessionOptions()
+    model: ModelLike, weights: Mapping[str, CsrLike], options: SessionOptions = _DEFAULT_OPTIONS
 ) -> InferenceSession:
     """Load a sparse graph with onnxruntime and bind its CSR weights (sparse execution).
 

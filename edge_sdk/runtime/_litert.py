@@ -121,7 +121,10 @@ def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.nda
 
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     """Real float32 values of affine-quantized ``q``."""
-    return ((q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
+    real = q.astype(np.float32)  # a new array, so the arithmetic below may work in place
+    real -= np.float32(zero_point)
+    real *= np.float32(scale)
+    return real
 
 
 def _model_precision(interpreter: Any, inputs: list[_Tensor]) -> str:
@@ -147,7 +150,7 @@ class LiteRtSession:
     shape of each feed before running.
     """
 
-    providers = (CPU,)
+    providers: tuple[str, ...] = (CPU,)
 
     def __init__(self, interpreter: Any, source: ModelSource, runtime: str, threads: int) -> None:
         self._interpreter: Any | None = interpreter

@@ -246,9 +246,10 @@ class OnnxSession:
         if feeds.keys() != self._input_names:  # the fast path costs ~0.1 us; benchmarks time this call
             check_feed_names(self._name, self._label, self._input_names, feeds)
         try:
-            return self._session.run(None, feeds)
+            outputs: list[np.ndarray] = self._session.run(None, feeds)  # onnxruntime is untyped: its result is Any
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise ModelError(f"onnxruntime failed to run {self._name}: {exc}", model=self._label) from exc
+        return outputs
 
     def close(self) -> None:
         """Drop the onnxruntime session; onnxruntime frees it with the last reference."""

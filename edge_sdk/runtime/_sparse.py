@@ -33,12 +33,30 @@ _SPARSE_TYPE = "sparse_tensor"
 
 
 class CsrLike(Protocol):
-    """What a sparse weight must provide (:class:`edge_sdk.bundle.sparse.CsrMatrix` does)."""
+    """What a sparse weight must provide (:class:`edge_sdk.bundle.sparse.CsrMatrix` does).
 
-    shape: tuple[int, int]
-    indptr: np.ndarray
-    indices: np.ndarray
-    values: np.ndarray
+    Read-only: a session only reads a weight, so frozen dataclasses qualify.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, cols)``."""
+        ...
+
+    @property
+    def indptr(self) -> np.ndarray:
+        """``rows + 1`` offsets into :attr:`indices` and :attr:`values`."""
+        ...
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Column of each stored value."""
+        ...
+
+    @property
+    def values(self) -> np.ndarray:
+        """The stored values."""
+        ...
 
 
 class SparseSession:
@@ -137,10 +155,8 @@ def open_sparse(source: ModelSource, weights: Mapping[str, CsrLike], options: Se
     keep: list[np.ndarray] = []
     for name, m in weights.items():
         spec = wanted[name]
-        if (
-            (spec.shape
-            and len(spec.shape) != 2)
-            or any(d is not None and d != got for d, got in zip(spec.shape, m.shape, strict=False))
+        if (spec.shape and len(spec.shape) != 2) or any(
+            d is not None and d != got for d, got in zip(spec.shape, m.shape, strict=False)
         ):
             raise ModelLoadError(
                 f"sparse input {name!r} of {source.name} is {list(spec.shape)}, the weight is {list(m.shape)}",

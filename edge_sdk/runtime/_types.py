@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from edge_sdk.errors import ConfigError, ModelError, ModelLoadError
+from edge_sdk.untrusted_json import is_int
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,7 +34,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int16", "fp64")
 #: How messages name a model that was given as bytes rather than a file.
 IN_MEMORY_MODEL = "<in-memory model>"
 
-ModelLike = Union[Path, str, bytes, bytearray, memoryview]
+ModelLike = Path | str | bytes | bytearray | memoryview
 """A model file's path, or the serialized model itself."""
 
 
@@ -126,7 +127,7 @@ class TensorSpec:
         if not isinstance(self.shape, tuple):
             object.__setattr__(self, "shape", tuple(self.shape))
         for dim in self.shape:
-            if dim is not None and (not isinstance(dim, int) or dim < 0):
+            if dim is not None and (not is_int(dim) or dim < 0):
                 raise ConfigError(
                     f"tensor {self.name!r}: dimension {dim!r} is not a non-negative int or None",
                     tensor=self.name,
@@ -161,13 +162,16 @@ class SessionOptions:
     providers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+        if not is_int(self.threads) or self.threads < 1:
             raise ConfigError(f"threads must be an int >= 1, got {self.threads!r}", threads=repr(self.threads))
         if self.providers is not None:
-            if isinstance(self.providers, str) or not all(isinstance(p, str) for p in self.providers):
-                raise ConfigError(
-                    f"providers must be a tuple of provider names, got {self.providers!r}",
-                )
+            providers: object = self.providers  # callers without a type checker pass lists, or a bare string
+            if (
+                not isinstance(providers, Iterable)
+                or isinstance(providers, str)
+                or not all(isinstance(p, str) for p in providers)
+            ):
+                raise ConfigError(f"providers must be a tuple of provider names, got {self.providers!r}")
             object.__setattr__(self, "providers", tuple(self.providers))
 
 

@@ -7,11 +7,13 @@ they keep them and pass them in; callers that check expiry pass ``now`` in.
   signature envelope (a JSON list of ``{"keyid": ..., "sig": base64}`` over the exact
   bytes signed) and :func:`verify_signatures` against a :class:`TrustedKeys` threshold.
 - :mod:`edge_sdk.trust.root`: the :class:`Root` document that says which keys may sign
-  bundles, commands and the next root, and :func:`verify_root_update` (rotation).
+  bundles, commands and the next root, :func:`load_root` (parse a stored root and check
+  its own signatures) and :func:`verify_root_update` (rotation).
 """
 
 from edge_sdk.trust._keys import (
     MAX_SIGNATURES,
+    MAX_SIGNATURES_BYTES,
     PublicKey,
     Signature,
     SigningKey,
@@ -24,10 +26,12 @@ from edge_sdk.trust._keys import (
 )
 from edge_sdk.trust.root import (
     MAX_ROOT_BYTES,
+    MAX_ROOT_DEPTH,
     ROLES,
     Role,
     Root,
     SignedRoot,
+    load_root,
     sign_root,
     update_root_chain,
     verify_root,
@@ -36,7 +40,9 @@ from edge_sdk.trust.root import (
 
 __all__ = [
     "MAX_ROOT_BYTES",
+    "MAX_ROOT_DEPTH",
     "MAX_SIGNATURES",
+    "MAX_SIGNATURES_BYTES",
     "ROLES",
     "PublicKey",
     "Role",
@@ -48,6 +54,7 @@ __all__ = [
     "canonical_json",
     "decode_signatures",
     "encode_signatures",
+    "load_root",
     "sign_root",
     "signatures_from_list",
     "update_root_chain",

@@ -26,10 +26,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from edge_sdk.errors import KeyStoreError, SignatureError, UntrustedKeyError
+from edge_sdk.errors import JsonError, KeyStoreError, SignatureError, UntrustedKeyError
+from edge_sdk.untrusted_json import JsonLimits, parse_json
 
 __all__ = [
     "MAX_SIGNATURES",
+    "MAX_SIGNATURES_BYTES",
     "PublicKey",
     "Signature",
     "SigningKey",
@@ -43,6 +45,8 @@ __all__ = [
 
 #: Upper bound on signatures accepted in one envelope (bounds work done on hostile input).
 MAX_SIGNATURES = 16
+#: Upper bound on a signature envelope's bytes (sixteen entries need about 2 KiB).
+MAX_SIGNATURES_BYTES = 16 << 10
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -178,16 +182,23 @@ def encode_signatures(signatures: Iterable[Signature]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def decode_signatures(data: bytes) -> list[Signature]:
+def decode_signatures(data: bytes, max_bytes: int = MAX_SIGNATURES_BYTES) -> list[Signature]:
     """Parse a signature envelope.
 
+    Args:
+        data: the envelope's bytes.
+        max_bytes: largest envelope accepted (checked before decoding).
+
+    Returns:
+        The signatures, in envelope order.
+
     Raises:
-        SignatureError: malformed envelope, too many entries, or no signature at all.
+        SignatureError: too large, not JSON, malformed, too many entries, or no signature at all.
     """
     try:
-        body = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise SignatureError("signature envelope is not valid JSON") from exc
+        body = parse_json(data, JsonLimits(max_bytes), what="signature envelope")
+    except JsonError as exc:
+        raise SignatureError(exc.message, **exc.details) from exc
     return signatures_from_list(body)
 
 

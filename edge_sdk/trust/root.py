@@ -23,7 +23,6 @@ Nothing here reads a file or the clock; ``now`` is passed in.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 
 from edge_sdk.errors import (
     ExpiredError,
+    JsonError,
     KeyStoreError,
     RollbackError,
     RootError,
@@ -45,13 +45,16 @@ from edge_sdk.trust._keys import (
     signatures_from_list,
     verify_signatures,
 )
+from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, is_int, is_number, parse_json_object
 
 __all__ = [
     "MAX_ROOT_BYTES",
+    "MAX_ROOT_DEPTH",
     "ROLES",
     "Role",
     "Root",
     "SignedRoot",
+    "load_root",
     "sign_root",
     "update_root_chain",
     "verify_root",
@@ -62,12 +65,10 @@ __all__ = [
 ROLES = ("root", "bundles", "commands")
 #: Upper bound on a signed root document (bounds parsing of hostile input).
 MAX_ROOT_BYTES = 64 << 10
+#: Deepest JSON nesting a signed root document may have (a key's ``public`` sits at depth 5).
+MAX_ROOT_DEPTH = DEFAULT_MAX_DEPTH
 _MAX_KEYS = 32
 _SCHEMA = 1
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Role:
     threshold: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 1:
+        if not is_int(self.threshold) or self.threshold < 1:
             raise RootError(f"role threshold must be a positive integer, got {self.threshold!r}")
         if len(set(self.keyids)) != len(self.keyids):
             raise RootError("a role lists the same key twice")
@@ -116,13 +117,9 @@ class Root:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+        if not is_int(self.version) or self.version < 1:
             raise RootError(f"root version must be a positive integer, got {self.version!r}")
-        if (
-            isinstance(self.expires_at, bool)
-            or not isinstance(self.expires_at, (int, float))
-            or not math.isfinite(self.expires_at)
-        ):
+        if not is_number(self.expires_at) or not math.isfinite(self.expires_at):
             raise RootError("root expires_at must be a finite number")
         if set(self.roles) != set(ROLES):
             raise RootError(f"root must define exactly the roles {', '.join(ROLES)}")
@@ -220,20 +217,26 @@ class SignedRoot:
         return canonical_json({"signed": self.root.to_dict(), "signatures": [s.to_dict() for s in self.signatures]})
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_bytes: int = MAX_ROOT_BYTES) -> SignedRoot:
-        """Parse a signed root document; signatures are *not* checked here.
+    def from_bytes(cls, data: bytes, max_bytes: int = MAX_ROOT_BYTES, max_depth: int = MAX_ROOT_DEPTH) -> SignedRoot:
+        """Parse a signed root document; signatures are *not* checked here (see :func:`load_root`).
+
+        Args:
+            data: the document as stored or received.
+            max_bytes: largest document accepted (checked before decoding).
+            max_depth: deepest JSON nesting accepted.
+
+        Returns:
+            The root and its signatures, unverified.
 
         Raises:
-            RootError: too large, not JSON, or not a root document.
+            RootError: too large, not JSON, NaN or Infinity, too deep, or not a root document.
             SignatureError: the signature list is malformed or empty.
         """
-        if len(data) > max_bytes:
-            raise RootError(f"root document is {len(data)} bytes (limit {max_bytes})")
         try:
-            body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise RootError("root document is not UTF-8 JSON") from exc
-        if not isinstance(body, dict) or set(body) != {"signed", "signatures"}:
+            body = parse_json_object(data, JsonLimits(max_bytes, max_depth), what="root document")
+        except JsonError as exc:
+            raise RootError(exc.message, **exc.details) from exc
+        if set(body) != {"signed", "signatures"}:
             raise RootError("root document must be {'signed': ..., 'signatures': [...]}")
         return cls(Root.from_dict(body["signed"]), tuple(signatures_from_list(body["signatures"])))
 
@@ -243,6 +246,30 @@ def sign_root(root: Root, keys: Iterable[SigningKey]) -> SignedRoot:
     data = root.to_bytes()
     by_id = {k.keyid: k for k in keys}
     return SignedRoot(root, tuple(k.sign(data) for _, k in sorted(by_id.items())))
+
+
+def load_root(data: bytes, max_bytes: int = MAX_ROOT_BYTES) -> SignedRoot:
+    """Parse a signed root document and check it is signed by a threshold of its own root role.
+
+    This is how a stored or shipped root is read back (the device's trust store, the
+    host's key ring): its provenance is local, so this catches corruption and hand-edits.
+    Expiry is not checked here; a newer root arriving from outside goes through
+    :func:`verify_root_update` instead.
+
+    Args:
+        data: the document's bytes.
+        max_bytes: largest document accepted (checked before decoding).
+
+    Returns:
+        The verified signed root.
+
+    Raises:
+        RootError: too large, not JSON, or not a root document.
+        SignatureError, UntrustedKeyError: not signed by a threshold of its own root keys.
+    """
+    signed = SignedRoot.from_bytes(data, max_bytes)
+    verify_root(signed)
+    return signed
 
 
 def verify_root(signed: SignedRoot) -> Root:

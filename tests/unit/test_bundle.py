@@ -337,6 +337,31 @@ def test_oversize_manifest_is_refused_before_parsing() -> None:
         Manifest.from_bytes(b"\xff" * 100, 10)  # refused by size, not by the decoder
 
 
+def _nested(levels: int) -> Any:
+    """A JSON value of exactly ``levels`` levels: ``levels - 1`` objects around a scalar."""
+    value: Any = 1
+    for _ in range(levels - 1):
+        value = {"n": value}
+    return value
+
+
+def test_manifest_nested_too_deep_is_refused() -> None:
+    # An unknown field (kept in ``extra``) is where a hostile packer would hide the nesting:
+    # the manifest itself is depth 1, so the field may hold 15 levels and not 16.
+    d = _valid_dict()
+    d["x_future"] = _nested(15)
+    assert Manifest.from_bytes(canonical_json(d), 1 << 16).extra["x_future"] == _nested(15)
+    d["x_future"] = _nested(16)
+    with pytest.raises(ManifestError, match="manifest nests deeper than 16 levels"):
+        Manifest.from_bytes(canonical_json(d), 1 << 16)
+    # The bound is the caller's, and a parser-exhausting document is refused the same way.
+    d["x_future"] = _nested(3)
+    with pytest.raises(ManifestError, match="deeper than 3"):
+        Manifest.from_bytes(canonical_json(d), 1 << 16, max_depth=3)
+    with pytest.raises(ManifestError):
+        Manifest.from_bytes(b'{"x":' + b"[" * 60_000 + b"]" * 60_000 + b"}", 1 << 20)
+
+
 # --- hostile paths -----------------------------------------------------------------------
 
 
@@ -730,7 +755,7 @@ def test_size_limits_are_enforced(tmp_path: Path, key: SigningKey, trusted: Trus
         verify_bundle(out, trusted, NOW, limits=BundleLimits(max_bundle_bytes=size - 1))
     with pytest.raises(BundleFormatError):
         verify_bundle(out, trusted, NOW, limits=BundleLimits(max_member_bytes=len(MODEL) - 1))
-    with pytest.raises(BundleFormatError, match="signatures.json"):
+    with pytest.raises(BundleFormatError, match=r"signatures\.json"):
         verify_bundle(out, trusted, NOW, limits=BundleLimits(max_signatures_bytes=10))
 
 
@@ -738,11 +763,23 @@ def test_oversize_manifest_is_refused(tmp_path: Path, key: SigningKey, trusted: 
     files = {"model.onnx": MODEL}
     big = _manifest_dict(files, padding="x" * 300_000)  # a signed manifest above the 256 KiB default
     out = _forge(tmp_path / "b.edge", big, [key], files)
-    with pytest.raises(BundleFormatError, match="manifest.json"):
+    with pytest.raises(BundleFormatError, match=r"manifest\.json"):
         verify_bundle(out, trusted, NOW)
     small, _ = _pack(tmp_path / "small", [key])
-    with pytest.raises(BundleFormatError, match="manifest.json"):
+    with pytest.raises(BundleFormatError, match=r"manifest\.json"):
         verify_bundle(small, trusted, NOW, limits=BundleLimits(max_manifest_bytes=64))
+
+
+def test_signed_manifest_nested_too_deep_is_refused(tmp_path: Path, key: SigningKey, trusted: TrustedKeys) -> None:
+    files = {"model.onnx": MODEL}
+    deep = _manifest_dict(files, x_future=_nested(40))
+    out = _forge(tmp_path / "deep.edge", deep, [key], files)
+    with pytest.raises(ManifestError, match="deeper than 16"):
+        verify_bundle(out, trusted, NOW)
+    shallow = _forge(tmp_path / "shallow.edge", _manifest_dict(files, x_future=_nested(4)), [key], files)
+    assert verify_bundle(shallow, trusted, NOW).manifest.extra == {"x_future": _nested(4)}
+    with pytest.raises(ManifestError, match="deeper than 4"):
+        verify_bundle(shallow, trusted, NOW, limits=BundleLimits(max_manifest_depth=4))
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 10240, b"PK\x03\x04 not a tar" * 100, os.urandom(0) + b"x" * 10240])

@@ -184,7 +184,7 @@ def test_onnx_closed_session_and_bad_feeds_are_model_errors(gemm_path: Path) -> 
     session = open_session(gemm_path, "onnxruntime")
     with pytest.raises(ModelError, match="missing"):
         session.run({"nope": np.zeros((1, 3), np.float32)})
-    with pytest.raises(ModelError, match="gemm.onnx"):
+    with pytest.raises(ModelError, match=r"gemm\.onnx"):
         session.run({"x": np.zeros((1, 7), np.float32)})  # wrong width
     session.close()
     with pytest.raises(ModelError, match="closed"):
@@ -199,14 +199,14 @@ def test_onnx_closed_session_and_bad_feeds_are_model_errors(gemm_path: Path) -> 
 def test_onnx_refused_model_is_model_load_error_naming_file(gemm_path: Path, damage) -> None:
     bad = gemm_path.with_name("broken-model.onnx")
     bad.write_bytes(damage(gemm_path.read_bytes()))
-    with pytest.raises(ModelLoadError, match="broken-model.onnx") as info:
+    with pytest.raises(ModelLoadError, match=r"broken-model\.onnx") as info:
         open_session(bad, "onnxruntime")
     assert info.value.__cause__ is not None
     assert info.value.details["model"] == str(bad)
 
 
 def test_missing_model_file_is_model_load_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="absent.onnx"):
+    with pytest.raises(ModelLoadError, match=r"absent\.onnx"):
         open_session(tmp_path / "absent.onnx", "onnxruntime")
 
 
@@ -349,7 +349,7 @@ def test_litert_quantizes_float_feeds_and_dequantizes_outputs(tmp_path: Path) ->
 def test_litert_refused_model_is_model_load_error_naming_file(tmp_path: Path, damage) -> None:
     path = tmp_path / "broken-model.tflite"
     path.write_bytes(damage(add_model()))
-    with pytest.raises(ModelLoadError, match="broken-model.tflite") as info:
+    with pytest.raises(ModelLoadError, match=r"broken-model\.tflite") as info:
         open_session(path, "litert")
     assert info.value.__cause__ is not None
 

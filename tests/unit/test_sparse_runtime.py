@@ -41,7 +41,9 @@ def test_sparse_and_rebuilt_dense_equal_the_original(sparsity, dims, gemm, trans
         assert [i.name for i in s.inputs()] == ["x"]
         got = s.run({"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    dense = dense_model(pack.dense_graph.SerializeToString(), weights, {l.tensor: l.transposed for l in pack.layers})
+    dense = dense_model(
+        pack.dense_graph.SerializeToString(), weights, {layer.tensor: layer.transposed for layer in pack.layers}
+    )
     np.testing.assert_allclose(open_session(dense, "onnxruntime").run({"x": x})[0], want, rtol=1e-5, atol=1e-6)
 
 
@@ -101,7 +103,7 @@ def test_sparsify_says_why_layers_stay_dense():
 
 def _int8_parts(model: onnx.ModelProto):
     pack, weights = _split(model, int8=True)
-    return pack.dense_graph, weights, {l.tensor: l.transposed for l in pack.layers}
+    return pack.dense_graph, weights, {layer.tensor: layer.transposed for layer in pack.layers}
 
 
 @pytest.mark.parametrize(

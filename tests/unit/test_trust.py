@@ -1,10 +1,14 @@
-"""edge_sdk.trust: keys, signature envelopes, thresholds, the root of trust; signed commands; the device's trust store."""
+"""edge_sdk.trust: keys, signature envelopes, thresholds, the root of trust.
+
+Also signed commands and the device's trust store, which are built on them.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -37,6 +41,7 @@ from edge_sdk.protocol import (
 )
 from edge_sdk.trust import (
     MAX_SIGNATURES,
+    MAX_SIGNATURES_BYTES,
     PublicKey,
     Role,
     Root,
@@ -46,6 +51,7 @@ from edge_sdk.trust import (
     TrustedKeys,
     decode_signatures,
     encode_signatures,
+    load_root,
     sign_root,
     update_root_chain,
     verify_root,
@@ -198,6 +204,19 @@ def test_envelope_round_trip_is_canonical(keys: list[SigningKey]) -> None:
 def test_malformed_envelopes_are_signature_errors(envelope: bytes) -> None:
     with pytest.raises(SignatureError):
         decode_signatures(envelope)
+
+
+def test_signature_envelope_bounds_are_checked_before_its_entries(keys: list[SigningKey]) -> None:
+    env = encode_signatures([keys[0].sign(DATA)])
+    assert decode_signatures(env, max_bytes=len(env)) == [keys[0].sign(DATA)]
+    with pytest.raises(SignatureError, match="limit"):
+        decode_signatures(env, max_bytes=len(env) - 1)
+    with pytest.raises(SignatureError, match="limit"):
+        decode_signatures(b" " * (MAX_SIGNATURES_BYTES + 1))
+    with pytest.raises(SignatureError, match="deeper"):
+        decode_signatures(json.dumps([{"keyid": "a", "sig": "AA==", "x": _nested(20)}]).encode())
+    with pytest.raises(SignatureError, match="not UTF-8 JSON"):
+        decode_signatures(b'[{"keyid": "a", "sig": NaN}]')
 
 
 def test_too_many_signatures_is_refused_before_decoding_entries(keys: list[SigningKey]) -> None:
@@ -416,6 +435,48 @@ def test_chain_walks_versions_in_order_and_revocation_takes_effect(
 def test_malformed_roots_are_refused(root_v1: SignedRoot, doc: bytes) -> None:
     with pytest.raises(UntrustedInputError):
         verify_root_update(root_v1.root, doc, NOW)
+
+
+def _nested(levels: int) -> Any:
+    """A JSON value of exactly ``levels`` levels: ``levels - 1`` objects around a scalar."""
+    value: Any = 1
+    for _ in range(levels - 1):
+        value = {"n": value}
+    return value
+
+
+def test_root_nested_too_deep_is_refused_before_its_signatures(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
+    # The document is depth 1 and "signed" depth 2, so an unknown field of the root may hold 14 levels.
+    ok = sign_root(replace(root_v1.root, version=2, extra={"x_future": _nested(14)}), [pki["root1"]])
+    assert SignedRoot.from_bytes(ok.to_bytes()).root.extra == {"x_future": _nested(14)}
+    deep = sign_root(replace(root_v1.root, version=2, extra={"x_future": _nested(15)}), [pki["root1"]])
+    with pytest.raises(RootError, match="root document nests deeper than 16 levels"):
+        SignedRoot.from_bytes(deep.to_bytes())
+    # Signed by the current root keys or not, a deep root_update is refused the same way.
+    with pytest.raises(RootError, match="deeper"):
+        verify_root_update(root_v1.root, deep.to_bytes(), NOW)
+    with pytest.raises(RootError, match="deeper"):
+        load_root(deep.to_bytes())
+    with pytest.raises(RootError, match="deeper than 4"):
+        SignedRoot.from_bytes(root_v1.to_bytes(), max_depth=4)
+    exhausting = b'{"signed":' + b"[" * 60_000 + b"]" * 60_000 + b',"signatures":[]}'
+    with pytest.raises(RootError):
+        verify_root_update(root_v1.root, exhausting, NOW)
+
+
+def test_load_root_parses_and_checks_the_roots_own_signatures(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
+    assert load_root(root_v1.to_bytes()) == root_v1
+    # Hand-edited after signing: the signatures no longer cover it.
+    edited = SignedRoot(replace(root_v1.root, expires_at=root_v1.root.expires_at + 1), root_v1.signatures)
+    with pytest.raises(SignatureError):
+        load_root(edited.to_bytes())
+    # Signed, but not by its own root role.
+    with pytest.raises(UntrustedKeyError):
+        load_root(sign_root(root_v1.root, [pki["evil"]]).to_bytes())
+    with pytest.raises(RootError, match="not UTF-8 JSON"):
+        load_root(b"{")
+    with pytest.raises(RootError, match="limit"):
+        load_root(root_v1.to_bytes(), max_bytes=len(root_v1.to_bytes()) - 1)
 
 
 def test_root_key_ids_must_match_their_keys(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
