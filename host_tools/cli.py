@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -35,6 +35,10 @@ from edge_sdk.errors import (
     TransportError,
     UntrustedInputError,
 )
+
+if TYPE_CHECKING:
+    from edge_sdk.metrics import PowerMeasurement
+    from edge_sdk.protocol import MetricsReport
 
 __all__ = ["cli", "main"]
 
@@ -1194,30 +1198,30 @@ def metrics(
                     record_message(reg, msg, time.time())
         records = reg.latest_metrics(device_id=device_id)
     reports = [r.report for r in records]
-    _emit(cfg, reports, lambda: _metrics_table(reports) if reports else "no metrics recorded")
+    _emit(cfg, [r.to_dict() for r in reports], lambda: _metrics_table(reports) if reports else "no metrics recorded")
 
 
-def _power_cell(power: dict[str, Any]) -> str | None:
-    if not power:
+def _power_cell(power: PowerMeasurement | None) -> str | None:
+    if power is None:
         return None
-    label = " (estimated)" if power.get("estimated", True) else ""
-    return f"{power.get('watts', 0):.2f} W{label}"
+    label = " (estimated)" if power.estimated else ""
+    return f"{power.watts:.2f} W{label}"
 
 
-def _metrics_table(reports: list[dict[str, Any]]) -> str:
+def _metrics_table(reports: list[MetricsReport]) -> str:
     from host_tools.report import Column, format_bytes, render_table
 
     return render_table(
         [
-            Column("device", lambda r: r["device_id"]),
-            Column("bundle", lambda r: f"{r['bundle_name']} v{r['bundle_version']}"),
-            Column("runtime", lambda r: f"{r['runtime']} {r['precision']} x{r['threads']}"),
-            Column("p50 ms", lambda r: f"{r['latency']['p50_ms']:.3f}", ">"),
-            Column("p90 ms", lambda r: f"{r['latency']['p90_ms']:.3f}", ">"),
-            Column("p99 ms", lambda r: f"{r['latency']['p99_ms']:.3f}", ">"),
-            Column("inf/s", lambda r: f"{r['latency']['throughput_per_s']:.0f}", ">"),
-            Column("peak RSS", lambda r: format_bytes(r["memory"].get("peak_bytes")), ">"),
-            Column("power", lambda r: _power_cell(r["power"]), ">"),
+            Column("device", lambda r: r.device_id),
+            Column("bundle", lambda r: f"{r.bundle_name} v{r.bundle_version}"),
+            Column("runtime", lambda r: f"{r.runtime} {r.precision} x{r.threads}"),
+            Column("p50 ms", lambda r: None if r.latency is None else f"{r.latency.p50_ms:.3f}", ">"),
+            Column("p90 ms", lambda r: None if r.latency is None else f"{r.latency.p90_ms:.3f}", ">"),
+            Column("p99 ms", lambda r: None if r.latency is None else f"{r.latency.p99_ms:.3f}", ">"),
+            Column("inf/s", lambda r: None if r.latency is None else f"{r.latency.throughput_per_s:.0f}", ">"),
+            Column("peak RSS", lambda r: format_bytes(None if r.memory is None else r.memory.peak_bytes), ">"),
+            Column("power", lambda r: _power_cell(r.power), ">"),
         ],
         reports,
     )
@@ -1292,21 +1296,25 @@ def _demo_table(rows: list[Any]) -> str:
             Column("model", lambda r: r.precision),
             Column("size", lambda r: format_bytes(r.size_bytes), ">"),
             Column("accuracy", lambda r: f"{r.accuracy:.2%}", ">"),
-            Column("p50 ms", lambda r: f"{r.metrics.latency['p50_ms']:.3f}", ">"),
-            Column("p90 ms", lambda r: f"{r.metrics.latency['p90_ms']:.3f}", ">"),
-            Column("p99 ms", lambda r: f"{r.metrics.latency['p99_ms']:.3f}", ">"),
-            Column("peak RSS", lambda r: format_bytes(r.metrics.memory.get("peak_bytes")), ">"),
-            Column("model RSS", lambda r: format_bytes(r.metrics.memory.get("model_bytes")), ">"),
+            Column("p50 ms", lambda r: None if r.metrics.latency is None else f"{r.metrics.latency.p50_ms:.3f}", ">"),
+            Column("p90 ms", lambda r: None if r.metrics.latency is None else f"{r.metrics.latency.p90_ms:.3f}", ">"),
+            Column("p99 ms", lambda r: None if r.metrics.latency is None else f"{r.metrics.latency.p99_ms:.3f}", ">"),
+            Column("peak RSS", lambda r: format_bytes(r.metrics.memory and r.metrics.memory.peak_bytes), ">"),
+            Column("model RSS", lambda r: format_bytes(r.metrics.memory and r.metrics.memory.model_bytes), ">"),
             Column("power", lambda r: _power_cell(r.metrics.power), ">"),
-            Column("mJ/inf", lambda r: f"{1000 * r.metrics.power.get('joules_per_inference', 0):.3f}", ">"),
+            Column(
+                "mJ/inf",
+                lambda r: f"{1000 * (r.metrics.power.joules_per_inference if r.metrics.power else 0):.3f}",
+                ">",
+            ),
         ],
         rows,
     )
     notes = []
     if rows and len(rows) == 2:
         notes.append(f"int8 is {rows[0].size_bytes / rows[1].size_bytes:.2f}x smaller than fp32")
-    if any(r.metrics.power.get("estimated", True) for r in rows):
-        src = rows[0].metrics.power.get("source", "a power model")
+    if any(r.metrics.power is None or r.metrics.power.estimated for r in rows):
+        src = rows[0].metrics.power.source if rows[0].metrics.power else "a power model"
         notes.append(f"power is ESTIMATED from CPU use ({src}); no power sensor on this machine")
     notes.append("latency, memory and power were measured by the device agent in its own process")
     return table + "\n" + "\n".join(f"* {n}" for n in notes)

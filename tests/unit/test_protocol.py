@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from edge_sdk import protocol
+from edge_sdk.metrics import CpuMeasurement, LatencyStats, ModelMemory, PowerMeasurement, ThermalReading
 from edge_sdk.errors import (
     ConfigError,
     MessageError,
@@ -165,11 +166,11 @@ def _examples() -> list[Any]:
             command_id=CID,
             threads=4,
             providers=("CPUExecutionProvider",),
-            latency={"p50_ms": 1.2},
-            memory={"peak_rss": 10},
-            cpu={"util": 0.5},
-            power={"estimated": True},
-            temperature=({"zone": "cpu", "c": 45.0},),
+            latency=LatencyStats(50, 1.3, 0.2, 1.0, 2.5, 1.2, 1.6, 2.4, 769.2),
+            memory=ModelMemory(10 << 20, 12 << 20, 2 << 20, 12 << 20, 13 << 20, 13 << 20, None, 40),
+            cpu=CpuMeasurement.from_deltas(2.0, 1.0, 4),
+            power=PowerMeasurement(6.0, 2.0, 3.0, "estimate:generic", True, 0.1),
+            temperature=(ThermalReading("thermal_zone0", "cpu-thermal", 45.0),),
         ),
         DeployCommand(CID, "digits", 2, _offer(), 10.0, device_id="pi-1", expires_at=70.0, rollback=True),
         RollbackCommand(CID, "digits", 2, 10.0, device_id="pi-1", expires_at=70.0),
