@@ -3,8 +3,10 @@
 Statistics are pure. The measurement types (:class:`LatencyStats`, :class:`ModelMemory`,
 :class:`CpuMeasurement`, :class:`ThermalReading`, :class:`PowerMeasurement`,
 :class:`ExecutionChoice`) are frozen, validated, and read back with ``from_dict``, keeping
-fields a newer peer sent in ``extra``; they are what a metrics report carries. Every reader of hardware state takes a ``root`` path (``/`` on a
-device, a fake sysfs tree in tests) or an injectable reader and clock, and treats
+fields a newer peer sent in ``extra``; they are what a metrics report carries.
+
+Every reader of hardware state takes a ``root`` path (``/`` on a device, a fake sysfs
+tree in tests) or an injectable reader and clock, and treats
 missing or unreadable files as "this machine has no such sensor". Power readings
 always say whether they are measured or estimated.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from edge_sdk.errors import MessageError
 
@@ -133,9 +133,9 @@ def plain_dict(obj: Any) -> dict[str, Any]:
             continue
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            value = value.to_dict()  # type: ignore[union-attr]  # every nested measurement has to_dict
+            value = cast(Any, value).to_dict()  # every nested measurement has to_dict
         elif isinstance(value, tuple):
-            value = [v.to_dict() if dataclasses.is_dataclass(v) else v for v in value]  # type: ignore[union-attr]  # as above
+            value = [cast(Any, v).to_dict() if dataclasses.is_dataclass(v) else v for v in value]
         out[f.name] = value
     extra = getattr(obj, "extra", None)
     return {**extra, **out} if extra else out

@@ -75,7 +75,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise MessageError(f"{where} must be an object")
-        return hint.from_dict(value)
+        return typing.cast(Any, hint).from_dict(value)  # every nested wire dataclass has from_dict
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise MessageError(f"{where} must be a list")
@@ -110,7 +110,7 @@ class _Wire:
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         names = set()
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # the mixin is used on dataclasses only
             if f.name == "extra":
                 continue
             names.add(f.name)
@@ -118,20 +118,20 @@ class _Wire:
                 kwargs[f.name] = _check_type(d[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise MessageError(f"{cls.__name__}: missing field {f.name!r}")
-        if any(f.name == "extra" for f in dataclasses.fields(cls)):  # type: ignore[arg-type]
+        if any(f.name == "extra" for f in dataclasses.fields(cls)):  # type: ignore[arg-type]  # as above
             kwargs["extra"] = {k: v for k, v in d.items() if k not in names and k not in ("schema", "type")}
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # the mixin is used on dataclasses only
             value = getattr(self, f.name)
             if f.name == "extra":
                 continue
             if dataclasses.is_dataclass(value):
-                value = value.to_dict()  # type: ignore[union-attr]
+                value = typing.cast(Any, value).to_dict()  # every nested wire dataclass has to_dict
             elif isinstance(value, tuple):
-                value = [v.to_dict() if dataclasses.is_dataclass(v) else v for v in value]
+                value = [typing.cast(Any, v).to_dict() if dataclasses.is_dataclass(v) else v for v in value]
             out[f.name] = value
         extra = getattr(self, "extra", None)
         if extra:

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from edge_sdk import protocol
-from edge_sdk.metrics import CpuMeasurement, LatencyStats, ModelMemory, PowerMeasurement, ThermalReading
 from edge_sdk.errors import (
     ConfigError,
     MessageError,
@@ -17,6 +16,7 @@ from edge_sdk.errors import (
     TransferError,
     TransferIncompleteError,
 )
+from edge_sdk.metrics import CpuMeasurement, LatencyStats, ModelMemory, PowerMeasurement, ThermalReading
 from edge_sdk.protocol import (
     SCHEMA_VERSION,
     BenchmarkSpec,
