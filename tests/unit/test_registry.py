@@ -9,9 +9,11 @@ Each PostgreSQL case gets its own schema, dropped afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -21,7 +23,8 @@ from pathlib import Path
 import pytest
 
 import host_tools.fleet.registry as registry_module
-from edge_sdk.errors import ConfigError, StorageError
+from edge_sdk.errors import ConfigError, MessageError, StorageError
+from edge_sdk.protocol import MetricsReport
 from host_tools.fleet.registry import (
     SCHEMA_VERSION,
     BundleRef,
@@ -34,6 +37,10 @@ POSTGRES_ENV = "EDGE_SDK_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 OpenDb = Callable[[], Registry]
+
+DATA = Path(__file__).parent / "data"
+#: A metrics report exactly as the v1 collector stored it (``MetricsReport.to_dict()``, keys sorted).
+V1_REPORT = json.loads((DATA / "registry_v1_report.json").read_text())
 
 
 # --- PostgreSQL availability -----------------------------------------------------------
@@ -142,7 +149,7 @@ def _birth(device_id: str = "pi-01", at: float = 1000.0) -> DeviceRecord:
         platform=PLATFORM,
         runtimes=RUNTIMES,
         agent_version="0.1.0",
-        active_bundle=BundleRef("digits", "1.0.0"),
+        active_bundle=BundleRef("digits", 1),
     )
 
 
@@ -159,9 +166,9 @@ def test_device_round_trip(db: Registry) -> None:
         platform=PLATFORM,
         runtimes=RUNTIMES,
         agent_version="0.1.0",
-        active_bundle=BundleRef("digits", "1.0.0"),
+        active_bundle=BundleRef("digits", 1),
     )
-    assert got.to_dict()["active_bundle"] == {"name": "digits", "version": "1.0.0"}
+    assert got.to_dict()["active_bundle"] == {"name": "digits", "version": "1"}
     assert db.get_device("nobody") is None
 
 
@@ -176,7 +183,7 @@ def test_status_update_keeps_platform_info(db: Registry) -> None:
     assert got.platform == PLATFORM
     assert got.runtimes == RUNTIMES
     assert got.agent_version == "0.1.0"
-    assert got.active_bundle == BundleRef("digits", "1.0.0")
+    assert got.active_bundle == BundleRef("digits", 1)
     assert (got.first_seen, got.last_seen) == (1000.0, 1060.0)
 
 
@@ -189,14 +196,14 @@ def test_newer_fields_replace_older(db: Registry) -> None:
             status="online",
             last_seen=2000.0,
             agent_version="0.2.0",
-            active_bundle=BundleRef("digits", "1.1.0"),
+            active_bundle=BundleRef("digits", 2),
         )
     )
 
     got = db.get_device("pi-01")
     assert got is not None
     assert got.agent_version == "0.2.0"
-    assert got.active_bundle == BundleRef("digits", "1.1.0")
+    assert got.active_bundle == BundleRef("digits", 2)
     assert got.platform == PLATFORM
 
 
@@ -236,7 +243,7 @@ def test_two_registries_share_one_database(open_db: OpenDb) -> None:
 
 
 def test_deployment_round_trip_and_update(db: Registry) -> None:
-    dep_id = db.record_deployment("pi-01", "digits", "1.0.0", "ab" * 32, started_at=100.0, transfer_id="tx-1")
+    dep_id = db.record_deployment("pi-01", "digits", 1, "ab" * 32, started_at=100.0, transfer_id="tx-1")
 
     db.update_deployment(dep_id, "refused", error_code="rollback", error_message="1.0.0 < 1.1.0", finished_at=105.5)
 
@@ -245,7 +252,7 @@ def test_deployment_round_trip_and_update(db: Registry) -> None:
         "id": dep_id,
         "device_id": "pi-01",
         "bundle_name": "digits",
-        "bundle_version": "1.0.0",
+        "bundle_version": 1,
         "bundle_sha256": "ab" * 32,
         "transfer_id": "tx-1",
         "state": "refused",
@@ -258,7 +265,7 @@ def test_deployment_round_trip_and_update(db: Registry) -> None:
 
 def test_list_deployments_filters_newest_first_and_limits(db: Registry) -> None:
     ids = [
-        db.record_deployment(device, "digits", "1.0.0", "00" * 32, started_at=at)
+        db.record_deployment(device, "digits", 1, "00" * 32, started_at=at)
         for device, at in (("pi-01", 10.0), ("pi-02", 20.0), ("pi-01", 30.0), ("pi-01", 40.0))
     ]
 
@@ -275,7 +282,7 @@ def test_update_unknown_deployment_is_storage_error(db: Registry) -> None:
 
 def test_unknown_state_rejected(db: Registry) -> None:
     with pytest.raises(ValueError, match="unknown deployment state"):
-        db.record_deployment("pi-01", "digits", "1", "00", started_at=1.0, state="lost")  # type: ignore[arg-type]
+        db.record_deployment("pi-01", "digits", 1, "00", started_at=1.0, state="lost")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown device status"):
         DeviceRecord(device_id="pi-01", status="asleep", last_seen=1.0)  # type: ignore[arg-type]
 
@@ -283,41 +290,88 @@ def test_unknown_state_rejected(db: Registry) -> None:
 # --- metrics ---------------------------------------------------------------------------
 
 
-def test_metrics_round_trip(db: Registry) -> None:
-    report = {"latency_ms": {"p50": 3.25, "p99": 9.5}, "rss_mb": 41.0, "power_w": None}
+def _report(device_id: str = "pi-01", bundle: str = "digits", version: int = 1, n: int = 1) -> MetricsReport:
+    """A report as today's agent sends it (see data/registry_v1_report.json); ``n`` goes in ``ts``."""
+    return MetricsReport.from_dict(
+        {**V1_REPORT, "device_id": device_id, "bundle_name": bundle, "bundle_version": version, "ts": float(n)}
+    )
 
-    row_id = db.add_metrics("pi-01", "digits", "1.0.0", report, received_at=50.0)
+
+def test_metrics_round_trip(db: Registry) -> None:
+    report = _report(version=1)
+
+    row_id = db.add_metrics(report, received_at=50.0)
 
     [got] = db.latest_metrics()
     assert got.to_dict() == {
         "id": row_id,
         "device_id": "pi-01",
         "bundle_name": "digits",
-        "bundle_version": "1.0.0",
+        "bundle_version": 1,
         "received_at": 50.0,
-        "report": report,
+        "report": report.to_dict(),
     }
+    assert got.report == report and got.report.to_dict() == {**V1_REPORT, "bundle_version": 1, "ts": 1.0}
+    assert got.report.power is not None and got.report.power.estimated is True
+    assert got.report.execution is not None and got.report.execution.chosen == "sparse"
 
 
 def test_latest_metrics_picks_newest_per_device_bundle_version(db: Registry) -> None:
     # Inserted out of order: the newest is not the last row written.
-    db.add_metrics("pi-01", "digits", "1.0.0", {"n": 2}, received_at=20.0)
-    db.add_metrics("pi-01", "digits", "1.0.0", {"n": 3}, received_at=30.0)
-    db.add_metrics("pi-01", "digits", "1.0.0", {"n": 1}, received_at=10.0)
-    db.add_metrics("pi-01", "digits", "1.1.0", {"n": 4}, received_at=5.0)
-    db.add_metrics("pi-02", "digits", "1.0.0", {"n": 5}, received_at=1.0)
-    db.add_metrics("pi-02", "minilm", "2.0.0", {"n": 6}, received_at=2.0)
+    db.add_metrics(_report("pi-01", "digits", 1, 2), received_at=20.0)
+    db.add_metrics(_report("pi-01", "digits", 1, 3), received_at=30.0)
+    db.add_metrics(_report("pi-01", "digits", 1, 1), received_at=10.0)
+    db.add_metrics(_report("pi-01", "digits", 2, 4), received_at=5.0)
+    db.add_metrics(_report("pi-02", "digits", 1, 5), received_at=1.0)
+    db.add_metrics(_report("pi-02", "minilm", 2, 6), received_at=2.0)
 
-    latest = [(m.device_id, m.bundle_name, m.bundle_version, m.report["n"]) for m in db.latest_metrics()]
+    latest = [(m.device_id, m.bundle_name, m.bundle_version, m.report.ts) for m in db.latest_metrics()]
     assert latest == [
-        ("pi-01", "digits", "1.0.0", 3),
-        ("pi-01", "digits", "1.1.0", 4),
-        ("pi-02", "digits", "1.0.0", 5),
-        ("pi-02", "minilm", "2.0.0", 6),
+        ("pi-01", "digits", 1, 3),
+        ("pi-01", "digits", 2, 4),
+        ("pi-02", "digits", 1, 5),
+        ("pi-02", "minilm", 2, 6),
     ]
-    assert [m.report["n"] for m in db.latest_metrics(device_id="pi-02")] == [5, 6]
-    assert [m.report["n"] for m in db.latest_metrics(bundle_name="minilm")] == [6]
-    assert [m.report["n"] for m in db.latest_metrics("pi-01", "digits")] == [3, 4]
+    assert [m.report.ts for m in db.latest_metrics(device_id="pi-02")] == [5, 6]
+    assert [m.report.ts for m in db.latest_metrics(bundle_name="minilm")] == [6]
+    assert [m.report.ts for m in db.latest_metrics("pi-01", "digits")] == [3, 4]
+
+
+def test_bundle_versions_sort_as_numbers(db: Registry) -> None:
+    for version in (10, 9, 100, 2):
+        db.add_metrics(_report(version=version, n=version), received_at=1.0)
+        db.record_deployment("pi-01", "digits", version, "00", started_at=float(version))
+
+    assert [m.bundle_version for m in db.latest_metrics()] == [2, 9, 10, 100]
+    assert [d.bundle_version for d in db.list_deployments()] == [100, 10, 9, 2]
+    with pytest.raises(ValueError, match="positive integer"):
+        db.record_deployment("pi-01", "digits", "10", "00", started_at=1.0)  # type: ignore[arg-type]  # the v1 API took strings
+
+
+def test_malformed_stored_report_is_storage_error_naming_the_row(db: Registry) -> None:
+    row_id = db.add_metrics(_report(), received_at=1.0)
+    damaged = {**V1_REPORT, "latency": {**V1_REPORT["latency"], "p50_ms": "fast"}}
+    db._conn.execute(db._dialect.sql("UPDATE metrics SET report = ? WHERE id = ?"), (json.dumps(damaged), row_id))
+
+    with pytest.raises(StorageError, match=rf"metrics row {row_id} is malformed: latency field 'p50_ms'") as info:
+        db.latest_metrics()
+    assert info.value.details["row_id"] == row_id and isinstance(info.value.__cause__, MessageError)
+
+    db._conn.execute(db._dialect.sql("UPDATE metrics SET report = ? WHERE id = ?"), ("{not json", row_id))
+    with pytest.raises(StorageError, match=f"metrics row {row_id}"):
+        db.latest_metrics()
+
+
+def test_malformed_device_and_deployment_rows_are_storage_errors(db: Registry) -> None:
+    db.upsert_device(_birth())
+    dep_id = db.record_deployment("pi-01", "digits", 1, "00", started_at=1.0)
+    db._conn.execute("UPDATE devices SET status = 'asleep'")
+    db._conn.execute("UPDATE deployments SET state = 'lost'")
+
+    with pytest.raises(StorageError, match="devices row 'pi-01' is malformed"):
+        db.list_devices()
+    with pytest.raises(StorageError, match=f"deployments row {dep_id} is malformed"):
+        db.list_deployments()
 
 
 # --- durability and schema -------------------------------------------------------------
@@ -326,13 +380,13 @@ def test_latest_metrics_picks_newest_per_device_bundle_version(db: Registry) -> 
 def test_reopen_keeps_data(open_db: OpenDb) -> None:
     with open_db() as first:
         first.upsert_device(_birth())
-        dep_id = first.record_deployment("pi-01", "digits", "1.0.0", "00", started_at=1.0)
-        first.add_metrics("pi-01", "digits", "1.0.0", {"n": 1}, received_at=2.0)
+        dep_id = first.record_deployment("pi-01", "digits", 1, "00", started_at=1.0)
+        first.add_metrics(_report(), received_at=2.0)
 
     with open_db() as again:
         assert again.get_device("pi-01") == replace(_birth(), first_seen=_birth().last_seen)
         assert [d.id for d in again.list_deployments()] == [dep_id]
-        assert [m.report for m in again.latest_metrics()] == [{"n": 1}]
+        assert [m.report for m in again.latest_metrics()] == [_report()]
         assert again.ensure_schema() == SCHEMA_VERSION
 
 
@@ -364,7 +418,10 @@ def test_sqlite_url_and_path_open_the_same_file(tmp_path: Path) -> None:
         assert db.get_device("pi-01") is not None
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        # one row per migration step run, the last one the version this code writes
+        assert raw.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [
+            (v,) for v in range(1, SCHEMA_VERSION + 1)
+        ]
 
 
 @pytest.mark.parametrize(
