@@ -532,3 +532,24 @@ def test_device_messages_refuse_bad_device_ids(device_id: str) -> None:
         DeviceStatus(device_id, "online", 1.0)
     with pytest.raises(MessageError):
         Event(device_id, EventKind.ERROR, 1.0)
+
+
+def test_metrics_report_reads_todays_wire_and_writes_it_back_unchanged() -> None:
+    bare = MetricsReport("pi-1", "digits", 3, "onnxruntime", "int8", 4.0)
+    body = json.loads(encode(bare))
+    assert {k: body[k] for k in ("latency", "memory", "cpu", "power", "temperature")} == {
+        "latency": {},
+        "memory": {},
+        "cpu": {},
+        "power": {},
+        "temperature": [],
+    }
+    assert "execution" not in body and decode(encode(bare)) == bare
+    choice = {"chosen": "sparse", "reason": "pinned", "pinned_by": "config", "candidates": []}
+    sent = {**body, "execution": choice, "mode": "profile"}
+    report = decode(json.dumps(sent).encode())
+    assert isinstance(report, MetricsReport) and report.latency is None
+    assert report.execution is not None and report.execution.pinned_by == "config"
+    assert report.extra == {"mode": "profile"} and json.loads(encode(report)) == sent
+    with pytest.raises(MessageError, match="latency field 'count'"):
+        decode(json.dumps({**body, "latency": {"p50_ms": 1.2}}).encode())
