@@ -181,7 +181,7 @@ def measure_overhead(work: Path, runs: int, rounds: int) -> dict:
             times.append(time.perf_counter() - t0)
         bare_p50.append(statistics.median(times) * 1000)
         profile = profile_model(model, "onnxruntime", "fp32", work / "sample.npz", spec, power)
-        prof_p50.append(profile.latency["p50_ms"])
+        prof_p50.append(profile.latency.p50_ms)
     bare, prof = statistics.median(bare_p50), statistics.median(prof_p50)
     return {
         "runs_per_round": runs,

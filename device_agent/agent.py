@@ -572,8 +572,8 @@ class Agent:
             "installed %s v%s: p50 %.3f ms, p99 %.3f ms",
             manifest.name,
             manifest.version,
-            profile.latency["p50_ms"],
-            profile.latency["p99_ms"],
+            profile.latency.p50_ms,
+            profile.latency.p99_ms,
         )
 
     def _metrics_report(
@@ -585,8 +585,6 @@ class Agent:
         choice: ExecutionChoice | None,
         **extra: object,
     ) -> MetricsReport:
-        if choice is not None:
-            extra["execution"] = choice.to_dict()
         return MetricsReport(
             device_id=self.config.device_id,
             bundle_name=name,
@@ -602,6 +600,7 @@ class Agent:
             cpu=profile.cpu,
             power=profile.power,
             temperature=profile.temperature,
+            execution=choice,
             extra=dict(extra),
         )
 
@@ -620,7 +619,7 @@ class Agent:
             "profiled %s v%s without installing: p50 %.3f ms",
             manifest.name,
             manifest.version,
-            profile.latency["p50_ms"],
+            profile.latency.p50_ms,
         )
 
     def _profile(self, manifest: Manifest, payload: Path, cmd: DeployCommand) -> tuple[Profile, ExecutionChoice | None]:

@@ -14,16 +14,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edge_sdk.errors import HealthCheckError
 from edge_sdk.metrics import (
+    CpuMeasurement,
     CpuSampler,
     EnergyWindow,
+    LatencyStats,
+    ModelMemory,
     PeakRssSampler,
+    PowerMeasurement,
     PowerSource,
+    ThermalReading,
     benchmark,
     read_thermal_zones,
     rss_bytes,
@@ -53,11 +57,11 @@ class Profile:
     precision: str
     threads: int
     providers: tuple[str, ...]
-    latency: dict[str, Any]
-    memory: dict[str, Any]
-    cpu: dict[str, Any]
-    power: dict[str, Any]
-    temperature: tuple[dict[str, Any], ...]
+    latency: LatencyStats
+    memory: ModelMemory
+    cpu: CpuMeasurement
+    power: PowerMeasurement
+    temperature: tuple[ThermalReading, ...]
 
 
 def load_feeds(session: InferenceSession, sample_path: Path | None, seed: int = 0) -> dict[str, np.ndarray]:
@@ -117,7 +121,9 @@ def health_check(
     for spec, out in zip(specs, outputs, strict=False):
         if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
             raise HealthCheckError(f"output {spec.name!r} contains NaN or infinity", output=spec.name, check="finite")
-        if len(spec.shape) != out.ndim or any(d is not None and d != got for d, got in zip(spec.shape, out.shape, strict=False)):
+        if len(spec.shape) != out.ndim or any(
+            d is not None and d != got for d, got in zip(spec.shape, out.shape, strict=False)
+        ):
             raise HealthCheckError(
                 f"output {spec.name!r} has shape {list(out.shape)}, model declares {list(spec.shape)}",
                 output=spec.name,
@@ -187,26 +193,15 @@ def profile_model(
                 runs=spec.runs,
                 min_duration_s=spec.min_duration_s,
             )
-        memory = {
-            "rss_before_load_bytes": rss_before,
-            "rss_after_load_bytes": rss_loaded,
-            "model_bytes": max(0, rss_loaded - rss_before),
-            **mem.result.to_dict(),
-        }
-        joules = energy.result.joules
-        power = {
-            **energy.result.to_dict(),
-            # The window spans warm-up and timed runs alike.
-            "joules_per_inference": joules / max(1, stats.count + spec.warmup),
-        }
         return Profile(
             runtime=session.runtime,
             precision=session.precision,
             threads=session.threads,
             providers=tuple(session.providers),
-            latency=stats.to_dict(),
-            memory=memory,
-            cpu=cpu.result.to_dict(),
-            power=power,
-            temperature=tuple(t.to_dict() for t in read_thermal_zones(root)),
+            latency=stats,
+            memory=ModelMemory.from_window(rss_before, rss_loaded, mem.result),
+            cpu=cpu.result,
+            # The window spans warm-up and timed runs alike.
+            power=PowerMeasurement.from_energy(energy.result, stats.count + spec.warmup),
+            temperature=tuple(read_thermal_zones(root)),
         )

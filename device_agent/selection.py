@@ -44,16 +44,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edge_sdk.bundle import Manifest
 from edge_sdk.bundle.sparse import CsrMatrix, SparseLimits, decode_sparse_weights, dense_int8_model, dense_model
 from edge_sdk.errors import BundleFormatError, EdgeError, StorageError
-from edge_sdk.metrics import benchmark_interleaved
+from edge_sdk.metrics import CandidateTiming, ExecutionChoice, benchmark_interleaved
 from edge_sdk.protocol import BenchmarkSpec
 from edge_sdk.runtime import InferenceSession, SessionOptions, open_session, open_sparse_session
 from edge_sdk.runtime.agreement import TOLERANCE, agreement
@@ -93,66 +91,6 @@ _REPORTED = (*CANDIDATES, *UNAVAILABLE)
 
 Opener = Callable[[SessionOptions], InferenceSession]
 """Opens one execution of a bundle with the given session options."""
-
-
-@dataclass(frozen=True)
-class CandidateTiming:
-    """How one execution measured, or why it could not run or does not apply.
-
-    Attributes:
-        name: one of :data:`CANDIDATES`, or of :data:`UNAVAILABLE`.
-        p50_ms, p90_ms, mean_ms: latency over the timed runs (``None`` when not timed).
-        runs: timed runs.
-        error: why it could not run (or disagreed with the dense execution), or ``None``.
-        not_applicable: why it does not apply to this bundle or this build, or ``None``.
-    """
-
-    name: str
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    mean_ms: float | None = None
-    runs: int = 0
-    error: str | None = None
-    not_applicable: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "name": self.name,
-            "p50_ms": self.p50_ms,
-            "p90_ms": self.p90_ms,
-            "mean_ms": self.mean_ms,
-            "runs": self.runs,
-        }
-        if self.error is not None:
-            d["error"] = self.error
-        if self.not_applicable is not None:
-            d["not_applicable"] = self.not_applicable
-        return d
-
-
-@dataclass(frozen=True)
-class ExecutionChoice:
-    """The execution picked for a bundle on this device, and why.
-
-    Attributes:
-        chosen: one of :data:`CANDIDATES`.
-        reason: one line for humans.
-        pinned_by: ``"config"``, ``"manifest"`` or ``None`` (measured).
-        candidates: what each execution measured, or why it did not (empty when pinned).
-    """
-
-    chosen: str
-    reason: str
-    pinned_by: str | None = None
-    candidates: tuple[CandidateTiming, ...] = field(default_factory=tuple)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "chosen": self.chosen,
-            "reason": self.reason,
-            "pinned_by": self.pinned_by,
-            "candidates": [c.to_dict() for c in self.candidates],
-        }
 
 
 def choose(timings: Sequence[CandidateTiming]) -> tuple[str, str]:

@@ -1054,7 +1054,7 @@ def metrics(
     with _registry(cfg) as reg, connection as client:
         records = latest_metrics(reg, client, device_id)
     reports = [r.report for r in records]
-    _emit(cfg, reports, lambda: metrics_text(reports))
+    _emit(cfg, [r.to_dict() for r in reports], lambda: metrics_text(reports))
 
 
 # --- broker and demo --------------------------------------------------------------------

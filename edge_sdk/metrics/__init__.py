@@ -1,7 +1,12 @@
 """Measure how a model behaves on this machine: latency, memory, CPU, temperature, power.
 
-Statistics are pure. Every reader of hardware state takes a ``root`` path (``/`` on a
-device, a fake sysfs tree in tests) or an injectable reader and clock, and treats
+Statistics are pure. The measurement types (:class:`LatencyStats`, :class:`ModelMemory`,
+:class:`CpuMeasurement`, :class:`ThermalReading`, :class:`PowerMeasurement`,
+:class:`ExecutionChoice`) are frozen, validated, and read back with ``from_dict``, keeping
+fields a newer peer sent in ``extra``; they are what a metrics report carries.
+
+Every reader of hardware state takes a ``root`` path (``/`` on a device, a fake sysfs
+tree in tests) or an injectable reader and clock, and treats
 missing or unreadable files as "this machine has no such sensor". Power readings
 always say whether they are measured or estimated.
 """
@@ -13,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from edge_sdk.metrics._cpu import CpuMeasurement, CpuSampler
+    from edge_sdk.metrics._execution import CandidateTiming, ExecutionChoice
     from edge_sdk.metrics._latency import LatencyStats, benchmark, benchmark_interleaved
-    from edge_sdk.metrics._memory import MemoryMeasurement, PeakRssSampler, read_vm_hwm, rss_bytes
+    from edge_sdk.metrics._memory import MemoryMeasurement, ModelMemory, PeakRssSampler, read_vm_hwm, rss_bytes
     from edge_sdk.metrics._power import (
         POWER_MODELS,
         BatterySource,
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
         EstimatedSource,
         Ina3221Source,
         Pi5PmicSource,
+        PowerMeasurement,
         PowerModel,
         PowerReading,
         PowerSource,
@@ -38,10 +45,13 @@ if TYPE_CHECKING:
 _HOMES = {
     "CpuMeasurement": "_cpu",
     "CpuSampler": "_cpu",
+    "CandidateTiming": "_execution",
+    "ExecutionChoice": "_execution",
     "LatencyStats": "_latency",
     "benchmark": "_latency",
     "benchmark_interleaved": "_latency",
     "MemoryMeasurement": "_memory",
+    "ModelMemory": "_memory",
     "PeakRssSampler": "_memory",
     "read_vm_hwm": "_memory",
     "rss_bytes": "_memory",
@@ -56,6 +66,7 @@ _HOMES = {
             "EstimatedSource",
             "Ina3221Source",
             "Pi5PmicSource",
+            "PowerMeasurement",
             "PowerModel",
             "PowerReading",
             "PowerSource",
@@ -85,16 +96,20 @@ def __dir__() -> list[str]:
 __all__ = [
     "POWER_MODELS",
     "BatterySource",
+    "CandidateTiming",
     "CpuMeasurement",
     "CpuSampler",
     "EnergyMeasurement",
     "EnergyWindow",
     "EstimatedSource",
+    "ExecutionChoice",
     "Ina3221Source",
     "LatencyStats",
     "MemoryMeasurement",
+    "ModelMemory",
     "PeakRssSampler",
     "Pi5PmicSource",
+    "PowerMeasurement",
     "PowerModel",
     "PowerReading",
     "PowerSource",

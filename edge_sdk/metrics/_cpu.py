@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, MessageError
+from edge_sdk.metrics._fields import as_mapping, plain_dict, read_int, read_number, unknown
 from edge_sdk.metrics._window import MeasurementWindow
 
 __all__ = ["CpuMeasurement", "CpuSampler", "process_cpu_seconds"]
@@ -42,6 +43,10 @@ class CpuMeasurement:
         cores: logical cores of the machine.
         percent_of_one_core: ``100 * cpu_s / wall_s``; above 100 for multi-threaded work.
         utilisation: share of the whole machine, ``cpu_s / wall_s / cores``, in [0, 1].
+        extra: fields from a newer peer, kept and written back, never read.
+
+    Raises:
+        MessageError: a negative time or share, fewer than one core, or utilisation above 1.
     """
 
     wall_s: float
@@ -49,6 +54,13 @@ class CpuMeasurement:
     cores: int
     percent_of_one_core: float
     utilisation: float
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.cores < 1:
+            raise MessageError(f"cpu cores must be at least 1, got {self.cores}", field="cores")
+        if min(self.wall_s, self.cpu_s, self.percent_of_one_core) < 0 or not 0 <= self.utilisation <= 1:
+            raise MessageError("cpu times and shares must not be negative, utilisation at most 1", field="cpu")
 
     @classmethod
     def from_deltas(cls, wall_s: float, cpu_s: float, cores: int) -> CpuMeasurement:
@@ -76,8 +88,32 @@ class CpuMeasurement:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return asdict(self)
+        """Plain-JSON form, with the kept unknown fields."""
+        return plain_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CpuMeasurement:
+        """Rebuild from :meth:`to_dict` output, e.g. a device's metrics report.
+
+        Args:
+            data: the mapping to read; unknown keys are kept in ``extra``.
+
+        Returns:
+            The measurement.
+
+        Raises:
+            MessageError: a field is missing, of the wrong type or out of range.
+        """
+        where = "cpu"
+        data = as_mapping(data, where)
+        return cls(
+            wall_s=read_number(data, "wall_s", where),
+            cpu_s=read_number(data, "cpu_s", where),
+            cores=read_int(data, "cores", where),
+            percent_of_one_core=read_number(data, "percent_of_one_core", where),
+            utilisation=read_number(data, "utilisation", where),
+            extra=unknown(data, cls),
+        )
 
 
 class CpuSampler(MeasurementWindow[CpuMeasurement]):

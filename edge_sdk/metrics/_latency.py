@@ -1,16 +1,17 @@
-"""Latency statistics (pure) and a benchmark loop with an injectable clock."""
+"""Latency statistics (pure) and a benchmark loop with an injectable clock.
+
+numpy is imported only to summarise samples: the protocol reads these statistics too.
+"""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-import numpy as np
-
 from edge_sdk.errors import ConfigError, MessageError
+from edge_sdk.metrics._fields import as_mapping, plain_dict, read_int, read_number, unknown
 
 __all__ = ["LatencyStats", "benchmark", "benchmark_interleaved"]
 
@@ -25,7 +26,8 @@ class LatencyStats:
     ``stdev_ms`` is the sample standard deviation (0 for a single sample).
     Percentiles use numpy's ``"linear"`` method. ``throughput_per_s`` is runs per
     second of back-to-back execution (``count / total time``); it is 0.0 when the
-    total time is zero, i.e. unmeasurable.
+    total time is zero, i.e. unmeasurable. ``extra`` keeps fields a newer peer sent
+    (written back by :meth:`to_dict`, never read, not compared).
     """
 
     count: int
@@ -37,6 +39,15 @@ class LatencyStats:
     p90_ms: float
     p99_ms: float
     throughput_per_s: float
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise MessageError(f"latency stats need at least one run, got count={self.count}", field="count")
+        if min(self.mean_ms, self.stdev_ms, self.min_ms, self.max_ms, self.p50_ms, self.p90_ms, self.p99_ms) < 0:
+            raise MessageError("latency stats must not be negative")
+        if self.throughput_per_s < 0:
+            raise MessageError("latency throughput must not be negative", field="throughput_per_s")
 
     @classmethod
     def from_samples(cls, seconds: Sequence[float]) -> LatencyStats:
@@ -51,6 +62,8 @@ class LatencyStats:
         Raises:
             ConfigError: no samples, or a sample is negative or not finite.
         """
+        import numpy as np  # here, so that reading a report (protocol, registry) does not load numpy
+
         data = np.asarray(seconds, dtype=np.float64)
         if data.ndim != 1 or data.size == 0:
             raise ConfigError("no latency samples to summarise", count=int(data.size))
@@ -72,14 +85,14 @@ class LatencyStats:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return asdict(self)
+        """Plain-JSON form, with the kept unknown fields."""
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LatencyStats:
         """Rebuild from :meth:`to_dict` output, e.g. a device's metrics report.
 
-        Unknown keys (from a newer peer) are ignored.
+        Unknown keys (from a newer peer) are kept in ``extra`` and never acted on.
 
         Args:
             data: the mapping to read.
@@ -88,15 +101,16 @@ class LatencyStats:
             The statistics.
 
         Raises:
-            MessageError: a field is missing or not a finite number.
+            MessageError: a field is missing, not a finite number, or out of range.
         """
+        where = "latency"
+        data = as_mapping(data, where)
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = data.get(f.name) if isinstance(data, Mapping) else None
-            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-                raise MessageError(f"latency stats field {f.name!r} missing or not a number", field=f.name)
-            values[f.name] = int(raw) if f.name == "count" else float(raw)
-        return cls(**values)
+            if f.name == "extra":
+                continue
+            values[f.name] = read_int(data, f.name, where) if f.name == "count" else read_number(data, f.name, where)
+        return cls(**values, extra=unknown(data, cls))
 
 
 def benchmark(

@@ -13,17 +13,18 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, MessageError
+from edge_sdk.metrics._fields import as_mapping, optional_int, plain_dict, read_int, unknown
 from edge_sdk.metrics._window import MeasurementWindow, SamplingThread
 
-__all__ = ["MemoryMeasurement", "PeakRssSampler", "parse_vm_hwm", "read_vm_hwm", "rss_bytes"]
+__all__ = ["MemoryMeasurement", "ModelMemory", "PeakRssSampler", "parse_vm_hwm", "read_vm_hwm", "rss_bytes"]
 
 _VM_HWM = re.compile(r"^VmHWM:\s*(\d+)\s*kB\s*$", re.MULTILINE)
 
@@ -90,6 +91,104 @@ class MemoryMeasurement:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """What a model cost in memory on a device: its load, and the peak while it ran.
+
+    This is the ``memory`` of a metrics report. The last five fields are the
+    :class:`MemoryMeasurement` of the benchmark window.
+
+    Attributes:
+        rss_before_load_bytes: RSS before the model was loaded.
+        rss_after_load_bytes: RSS once it was loaded.
+        model_bytes: the model's own share, ``after - before`` (never negative).
+        start_bytes, peak_bytes, sampled_peak_bytes, hwm_bytes, samples: as in
+            :class:`MemoryMeasurement`.
+        extra: fields from a newer peer, kept and written back, never read.
+
+    Raises:
+        MessageError: a byte count or the sample count is negative.
+    """
+
+    rss_before_load_bytes: int
+    rss_after_load_bytes: int
+    model_bytes: int
+    start_bytes: int
+    peak_bytes: int
+    sampled_peak_bytes: int
+    hwm_bytes: int | None
+    samples: int
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        counts = (
+            self.rss_before_load_bytes,
+            self.rss_after_load_bytes,
+            self.model_bytes,
+            self.start_bytes,
+            self.peak_bytes,
+            self.sampled_peak_bytes,
+            self.samples,
+            0 if self.hwm_bytes is None else self.hwm_bytes,
+        )
+        if min(counts) < 0:
+            raise MessageError("memory byte counts must not be negative", field="memory")
+
+    @classmethod
+    def from_window(cls, rss_before_load: int, rss_after_load: int, window: MemoryMeasurement) -> ModelMemory:
+        """Combine the RSS around loading with the benchmark window's measurement.
+
+        Args:
+            rss_before_load: RSS before loading, in bytes.
+            rss_after_load: RSS after loading, in bytes.
+            window: the benchmark window's memory.
+
+        Returns:
+            The model's memory.
+        """
+        return cls(
+            rss_before_load_bytes=rss_before_load,
+            rss_after_load_bytes=rss_after_load,
+            model_bytes=max(0, rss_after_load - rss_before_load),
+            start_bytes=window.start_bytes,
+            peak_bytes=window.peak_bytes,
+            sampled_peak_bytes=window.sampled_peak_bytes,
+            hwm_bytes=window.hwm_bytes,
+            samples=window.samples,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (flat, as metrics reports have always carried it), with the kept unknown fields."""
+        return plain_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelMemory:
+        """Rebuild from :meth:`to_dict` output, e.g. a device's metrics report.
+
+        Args:
+            data: the mapping to read; unknown keys are kept in ``extra``.
+
+        Returns:
+            The memory.
+
+        Raises:
+            MessageError: a field is missing, not an integer, or negative.
+        """
+        where = "memory"
+        data = as_mapping(data, where)
+        return cls(
+            rss_before_load_bytes=read_int(data, "rss_before_load_bytes", where),
+            rss_after_load_bytes=read_int(data, "rss_after_load_bytes", where),
+            model_bytes=read_int(data, "model_bytes", where),
+            start_bytes=read_int(data, "start_bytes", where),
+            peak_bytes=read_int(data, "peak_bytes", where),
+            sampled_peak_bytes=read_int(data, "sampled_peak_bytes", where),
+            hwm_bytes=optional_int(data, "hwm_bytes", where),
+            samples=read_int(data, "samples", where),
+            extra=unknown(data, cls),
+        )
 
 
 class PeakRssSampler(MeasurementWindow[MemoryMeasurement]):

@@ -33,13 +33,14 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, MessageError
 from edge_sdk.metrics._cpu import CpuSampler
+from edge_sdk.metrics._fields import as_mapping, plain_dict, read_bool, read_number, read_str, unknown
 from edge_sdk.metrics._window import MeasurementWindow, SamplingThread
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "EstimatedSource",
     "Ina3221Source",
     "Pi5PmicSource",
+    "PowerMeasurement",
     "PowerModel",
     "PowerReading",
     "PowerSource",
@@ -107,6 +109,84 @@ class EnergyMeasurement:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, always including ``estimated``."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PowerMeasurement:
+    """Power and energy over a benchmark window, per inference too: the ``power`` of a metrics report.
+
+    Attributes:
+        joules, seconds, watts, source, estimated: as in :class:`EnergyMeasurement`.
+        joules_per_inference: ``joules`` over every run in the window (warm-up included).
+        extra: fields from a newer peer, kept and written back, never read.
+
+    Raises:
+        MessageError: a negative quantity.
+    """
+
+    joules: float
+    seconds: float
+    watts: float
+    source: str
+    estimated: bool
+    joules_per_inference: float
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if min(self.joules, self.seconds, self.watts, self.joules_per_inference) < 0:
+            raise MessageError("power and energy must not be negative", field="power")
+
+    @classmethod
+    def from_energy(cls, energy: EnergyMeasurement, inferences: int) -> PowerMeasurement:
+        """The window's energy, and its share per inference.
+
+        Args:
+            energy: what the power source measured over the window.
+            inferences: runs in the window (warm-up and timed); at least 1 is assumed.
+
+        Returns:
+            The measurement.
+        """
+        return cls(
+            joules=energy.joules,
+            seconds=energy.seconds,
+            watts=energy.watts,
+            source=energy.source,
+            estimated=energy.estimated,
+            joules_per_inference=energy.joules / max(1, inferences),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, always including ``estimated``, with the kept unknown fields."""
+        return plain_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PowerMeasurement:
+        """Rebuild from :meth:`to_dict` output, e.g. a device's metrics report.
+
+        A report that does not say whether its power was estimated is read as
+        estimated: an estimate is never passed off as a measurement.
+
+        Args:
+            data: the mapping to read; unknown keys are kept in ``extra``.
+
+        Returns:
+            The measurement.
+
+        Raises:
+            MessageError: a field is missing, of the wrong type or negative.
+        """
+        where = "power"
+        data = as_mapping(data, where)
+        return cls(
+            joules=read_number(data, "joules", where),
+            seconds=read_number(data, "seconds", where),
+            watts=read_number(data, "watts", where),
+            source=read_str(data, "source", where),
+            estimated=read_bool(data, "estimated", where, default=True),
+            joules_per_inference=read_number(data, "joules_per_inference", where),
+            extra=unknown(data, cls),
+        )
 
 
 @runtime_checkable

@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from edge_sdk.errors import ConfigError, MessageError
+from edge_sdk.metrics._cpu import CpuMeasurement
+from edge_sdk.metrics._execution import ExecutionChoice
+from edge_sdk.metrics._latency import LatencyStats
+from edge_sdk.metrics._memory import ModelMemory
+from edge_sdk.metrics._power import PowerMeasurement
+from edge_sdk.metrics._thermal import ThermalReading
 from edge_sdk.protocol.topics import check_device_id
 
 __all__ = [
@@ -69,7 +75,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise MessageError(f"{where} must be an object")
-        return hint.from_dict(value)
+        return typing.cast(Any, hint).from_dict(value)  # every nested wire dataclass has from_dict
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise MessageError(f"{where} must be a list")
@@ -104,7 +110,7 @@ class _Wire:
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         names = set()
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # the mixin is used on dataclasses only
             if f.name == "extra":
                 continue
             names.add(f.name)
@@ -112,20 +118,20 @@ class _Wire:
                 kwargs[f.name] = _check_type(d[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise MessageError(f"{cls.__name__}: missing field {f.name!r}")
-        if any(f.name == "extra" for f in dataclasses.fields(cls)):  # type: ignore[arg-type]
+        if any(f.name == "extra" for f in dataclasses.fields(cls)):  # type: ignore[arg-type]  # as above
             kwargs["extra"] = {k: v for k, v in d.items() if k not in names and k not in ("schema", "type")}
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # the mixin is used on dataclasses only
             value = getattr(self, f.name)
             if f.name == "extra":
                 continue
             if dataclasses.is_dataclass(value):
-                value = value.to_dict()  # type: ignore[union-attr]
+                value = typing.cast(Any, value).to_dict()  # every nested wire dataclass has to_dict
             elif isinstance(value, tuple):
-                value = [v.to_dict() if dataclasses.is_dataclass(v) else v for v in value]
+                value = [typing.cast(Any, v).to_dict() if dataclasses.is_dataclass(v) else v for v in value]
             out[f.name] = value
         extra = getattr(self, "extra", None)
         if extra:
@@ -363,13 +369,23 @@ class Event(Message):
             raise MessageError(f"unknown event kind {self.kind!r}")
 
 
+#: The measurements of a report that are JSON objects; ``{}`` on the wire means "not measured".
+_MEASUREMENTS = ("latency", "memory", "cpu", "power")
+
+
 @dataclass(frozen=True)
 class MetricsReport(Message):
     """Device -> host: how a bundle ran on the device.
 
-    ``latency`` holds :class:`~edge_sdk.metrics.LatencyStats` fields; ``memory``, ``cpu``
-    and ``power`` hold the readers' ``to_dict()`` output. ``power`` always says whether it
-    is ``estimated``.
+    The measurements are typed (:mod:`edge_sdk.metrics`); one that was not measured is
+    ``None`` here and ``{}`` on the wire, as it always was. ``power`` always says whether
+    it is ``estimated``. ``execution`` is the choice made for a sparse bundle, on the wire
+    only when there is one. ``schema`` is the message schema the report was written in
+    (:data:`SCHEMA_VERSION` for reports built here); :meth:`to_dict` leaves it out and
+    :meth:`~Message.to_wire` writes it, as for every message.
+
+    Raises:
+        MessageError: a bad device id, or a schema this build does not know.
     """
 
     TYPE: ClassVar[str] = "metrics"
@@ -382,15 +398,52 @@ class MetricsReport(Message):
     command_id: str = ""
     threads: int = 1
     providers: tuple[str, ...] = ()
-    latency: dict[str, Any] = field(default_factory=dict)
-    memory: dict[str, Any] = field(default_factory=dict)
-    cpu: dict[str, Any] = field(default_factory=dict)
-    power: dict[str, Any] = field(default_factory=dict)
-    temperature: tuple[dict[str, Any], ...] = ()
+    latency: LatencyStats | None = None
+    memory: ModelMemory | None = None
+    cpu: CpuMeasurement | None = None
+    power: PowerMeasurement | None = None
+    temperature: tuple[ThermalReading, ...] = ()
+    execution: ExecutionChoice | None = None
+    schema: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_device_id(self.device_id, "metrics")
+        if not 1 <= self.schema <= SCHEMA_VERSION:
+            raise MessageError(
+                f"metrics report schema {self.schema} is not supported (this build speaks {SCHEMA_VERSION})"
+            )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MetricsReport:
+        """Read a report as devices send it, today's and older agents' alike.
+
+        Args:
+            d: the JSON object (``schema`` and ``type`` may be in it).
+
+        Returns:
+            The report; unknown fields are kept in ``extra``.
+
+        Raises:
+            MessageError: a field is missing or malformed; the message names it.
+        """
+        body = dict(d)
+        for name in _MEASUREMENTS:
+            if isinstance(body.get(name), Mapping) and not body[name]:
+                body[name] = None
+        report: MetricsReport = super().from_dict(body)
+        return report
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form devices have always sent: ``{}`` for a measurement not taken, no ``schema``."""
+        out = super().to_dict()
+        for name in _MEASUREMENTS:
+            if out[name] is None:
+                out[name] = {}
+        if out["execution"] is None:
+            del out["execution"]
+        del out["schema"]
+        return out
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -28,11 +28,14 @@ def record_message(registry: Registry, msg: Message, received_at: float) -> None
         bundles = (msg.active or {}).get("bundles") or []
         active = None
         if bundles and isinstance(bundles[0], dict) and bundles[0].get("name"):
-            active = BundleRef(str(bundles[0]["name"]), str(bundles[0].get("version", "")))
+            try:
+                active = BundleRef.from_dict(bundles[0])
+            except ValueError as exc:  # one device's odd status must not stop the collector
+                log.warning("device %s reports an active bundle without a valid version: %s", msg.device_id, exc)
         registry.upsert_device(
             DeviceRecord(
                 device_id=msg.device_id,
-                status=msg.state,
+                status="online" if msg.state == "online" else "offline",  # the message allows no other
                 last_seen=msg.ts or received_at,
                 platform=msg.platform or None,
                 runtimes=msg.runtimes or None,
@@ -41,7 +44,7 @@ def record_message(registry: Registry, msg: Message, received_at: float) -> None
             )
         )
     elif isinstance(msg, MetricsReport):
-        registry.add_metrics(msg.device_id, msg.bundle_name, str(msg.bundle_version), msg.to_dict(), received_at)
+        registry.add_metrics(msg, received_at)
 
 
 def collect_retained(

@@ -454,7 +454,7 @@ def deploy_and_record(
     started = time.monotonic()
     cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback)
     dep_id = registry.record_deployment(
-        device_id, cmd.bundle_name, str(cmd.bundle_version), cmd.transfer.sha256, started_at=clock()
+        device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
     )
     try:
         outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, router)

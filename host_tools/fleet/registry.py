@@ -21,7 +21,17 @@ unix seconds.
 
 Errors: a bad URL is a :class:`~edge_sdk.errors.ConfigError`; any database failure
 (locked, unreachable, unwritable) is a :class:`~edge_sdk.errors.StorageError` naming
-the database with its password masked, raised ``from`` the driver's exception.
+the database with its password masked, raised ``from`` the driver's exception. A stored
+row that does not make a valid record (a report that fails validation, a bad state) is
+a :class:`~edge_sdk.errors.StorageError` naming its table and row, so a renderer never
+meets a half-read record.
+
+Schema: ``schema_version`` holds the version reached; :data:`_MIGRATIONS` lists the
+steps in order, each run once inside the schema lock (``BEGIN IMMEDIATE`` on SQLite, an
+advisory lock on PostgreSQL), so two processes opening an old file upgrade it once.
+Version 2 makes bundle versions integers (they sort 9 before 10): the deployments and
+metrics tables are rebuilt with an integer column, every row kept, and the devices'
+active bundle is rewritten with an integer version.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sqlite3
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,7 +48,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from edge_sdk.errors import ConfigError, StorageError
+from edge_sdk.errors import ConfigError, MessageError, StorageError
+from edge_sdk.protocol import MetricsReport
 
 __all__ = [
     "DEPLOYMENT_STATES",
@@ -78,26 +90,30 @@ class BundleRef:
 
     Args:
         name: bundle name.
-        version: bundle version string.
+        version: bundle version, a positive integer as in the manifest.
 
     Raises:
-        ValueError: if either field is empty.
+        ValueError: if the name is empty or the version not a positive integer.
     """
 
     name: str
-    version: str
+    version: int
 
     def __post_init__(self) -> None:
-        if not self.name or not self.version:
-            raise ValueError(f"bundle reference needs a name and a version, got {self!r}")
+        if not self.name or type(self.version) is not int or self.version < 1:
+            raise ValueError(f"bundle reference needs a name and a positive integer version, got {self!r}")
 
     def to_dict(self) -> dict[str, str]:
-        """The JSON form: ``{"name": ..., "version": ...}``."""
-        return {"name": self.name, "version": self.version}
+        """The JSON form ``edgectl devices --json`` has always shown: ``{"name": ..., "version": "3"}``.
+
+        The version is written as a string there for the scripts that read it; the
+        registry stores it as a number.
+        """
+        return {"name": self.name, "version": str(self.version)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BundleRef:
-        """Build from the JSON form written by :meth:`to_dict`.
+        """Build from :meth:`to_dict`'s form or the stored one (the version an integer or its digits).
 
         Args:
             data: mapping with ``name`` and ``version``.
@@ -106,12 +122,35 @@ class BundleRef:
             The reference.
 
         Raises:
-            ValueError: if a field is missing or empty.
+            ValueError: if a field is missing, the name is empty or the version not a positive integer.
         """
         try:
-            return cls(name=str(data["name"]), version=str(data["version"]))
+            name, raw = data["name"], data["version"]
         except KeyError as exc:
             raise ValueError(f"bundle reference lacks {exc.args[0]!r}") from exc
+        version = _bundle_version(raw)
+        if version is None:
+            raise ValueError(f"bundle reference has version {raw!r}, not a positive integer")
+        return cls(name=str(name), version=version)
+
+
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def _bundle_version(raw: object) -> int | None:
+    """A bundle version as an integer: an int, or a string of decimal digits as v1 stored it.
+
+    Args:
+        raw: the value read.
+
+    Returns:
+        The positive version, or ``None`` when ``raw`` is not one.
+    """
+    if isinstance(raw, str) and _DIGITS.fullmatch(raw):
+        raw = int(raw)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        return None
+    return raw
 
 
 @dataclass(frozen=True)
@@ -190,7 +229,7 @@ class DeploymentRecord:
     id: int
     device_id: str
     bundle_name: str
-    bundle_version: str
+    bundle_version: int
     bundle_sha256: str
     transfer_id: str | None
     state: DeploymentState
@@ -217,25 +256,25 @@ class MetricsRecord:
         bundle_name: bundle the report is about.
         bundle_version: its version.
         received_at: unix seconds the host received the report.
-        report: the report as the device sent it.
+        report: the report as the device sent it, typed.
     """
 
     id: int
     device_id: str
     bundle_name: str
-    bundle_version: str
+    bundle_version: int
     received_at: float
-    report: Mapping[str, Any]
+    report: MetricsReport
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
+        """A JSON-ready dict of every field; ``report`` in its wire form."""
         return {
             "id": self.id,
             "device_id": self.device_id,
             "bundle_name": self.bundle_name,
             "bundle_version": self.bundle_version,
             "received_at": self.received_at,
-            "report": dict(self.report),
+            "report": self.report.to_dict(),
         }
 
 
@@ -265,6 +304,9 @@ class _Dialect:
     driver_errors: tuple[type[BaseException], ...]
     begin_schema_change: Callable[[Any], contextlib.AbstractContextManager[None]]
     returns_id_by_clause: bool
+    #: After rows were copied with their ids into a rebuilt table ``{table}``, makes the
+    #: next generated id follow the largest; ``None`` where the database does it itself.
+    reset_identity: str | None = None
 
     def sql(self, text: str) -> str:
         """Render shared SQL for this dialect."""
@@ -320,16 +362,125 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
         driver_errors=(driver_error,),
         begin_schema_change=_postgres_schema_transaction,
         returns_id_by_clause=True,
+        reset_identity=(
+            "SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"
+        ),
     )
 
 
 # --- schema ----------------------------------------------------------------------------
 
 #: The schema version this code writes and understands.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: One step of a migration: shared SQL, or a function of the connection and dialect for
+#: what SQL alone cannot say portably (checking rows, rewriting JSON).
+_Step = str | Callable[[Any, _Dialect], None]
+
+_V2_REBUILDS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (
+        "deployments",
+        """
+        CREATE TABLE deployments_v2 (
+            id {id},
+            device_id TEXT NOT NULL,
+            bundle_name TEXT NOT NULL,
+            bundle_version BIGINT NOT NULL,
+            bundle_sha256 TEXT NOT NULL,
+            transfer_id TEXT,
+            state TEXT NOT NULL,
+            error_code TEXT,
+            error_message TEXT,
+            started_at {float} NOT NULL,
+            finished_at {float}
+        )
+        """,
+        (
+            "id",
+            "device_id",
+            "bundle_name",
+            "bundle_version",
+            "bundle_sha256",
+            "transfer_id",
+            "state",
+            "error_code",
+            "error_message",
+            "started_at",
+            "finished_at",
+        ),
+        (
+            "CREATE INDEX deployments_device ON deployments (device_id, started_at)",
+            "CREATE INDEX deployments_started ON deployments (started_at)",
+        ),
+    ),
+    (
+        "metrics",
+        """
+        CREATE TABLE metrics_v2 (
+            id {id},
+            device_id TEXT NOT NULL,
+            bundle_name TEXT NOT NULL,
+            bundle_version BIGINT NOT NULL,
+            received_at {float} NOT NULL,
+            report TEXT NOT NULL
+        )
+        """,
+        ("id", "device_id", "bundle_name", "bundle_version", "received_at", "report"),
+        (
+            "CREATE INDEX metrics_device_bundle ON metrics (device_id, bundle_name, bundle_version, received_at)",
+            "CREATE INDEX metrics_bundle ON metrics (bundle_name, bundle_version, received_at)",
+        ),
+    ),
+)
+
+
+def _integer_bundle_versions(conn: Any, dialect: _Dialect) -> None:
+    """Migration 2: bundle versions become integers in deployments, metrics and devices.
+
+    Every row is checked first: a version that is not a whole number (only a caller of
+    the v1 API could have written one) stops the migration with an error naming the row,
+    and the schema transaction leaves the file as it was. The two tables are rebuilt
+    (SQLite cannot change a column's type) with their ids; the devices' active bundle
+    JSON is rewritten with an integer version.
+    """
+    for table, create, columns, indexes in _V2_REBUILDS:
+        for row_id, version in conn.execute(f"SELECT id, bundle_version FROM {table} ORDER BY id").fetchall():
+            if _bundle_version(version) is None:
+                raise StorageError(
+                    f"cannot migrate the registry: {table} row {row_id} has bundle version {version!r}, "
+                    "which is not a positive whole number; correct or delete that row, then open it again",
+                    table=table,
+                    row_id=row_id,
+                    bundle_version=version,
+                )
+        listed = ", ".join(columns)
+        selected = ", ".join("CAST(bundle_version AS BIGINT)" if c == "bundle_version" else c for c in columns)
+        conn.execute(dialect.sql(create))
+        conn.execute(f"INSERT INTO {table}_v2 ({listed}) SELECT {selected} FROM {table}")
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"ALTER TABLE {table}_v2 RENAME TO {table}")
+        for index in indexes:
+            conn.execute(index)
+        if dialect.reset_identity is not None:
+            conn.execute(dialect.reset_identity.format(table=table))
+    rows = conn.execute("SELECT device_id, active_bundle FROM devices WHERE active_bundle IS NOT NULL").fetchall()
+    for device_id, text in rows:
+        try:
+            ref = BundleRef.from_dict(json.loads(text))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise StorageError(
+                f"cannot migrate the registry: devices row {device_id!r} has active bundle {text!r}: {exc}",
+                table="devices",
+                row_id=device_id,
+            ) from exc
+        conn.execute(
+            dialect.sql("UPDATE devices SET active_bundle = ? WHERE device_id = ?"),
+            (_bundle_json(ref), device_id),
+        )
+
 
 # Each entry brings the schema from version N-1 to N. Append; never edit a shipped one.
-_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+_MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
     (
         1,
         (
@@ -382,6 +533,7 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             """,
         ),
     ),
+    (2, (_integer_bundle_versions,)),
 )
 
 _CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
@@ -430,6 +582,11 @@ def _dump_json(value: Mapping[str, Any] | None) -> str | None:
 
 def _load_json(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+def _bundle_json(ref: BundleRef) -> str:
+    """How the devices table stores an active bundle (since schema 2, the version a number)."""
+    return json.dumps({"name": ref.name, "version": ref.version}, sort_keys=True, separators=(",", ":"))
 
 
 # --- the registry ----------------------------------------------------------------------
@@ -521,7 +678,10 @@ class Registry:
                 if version <= current:
                     continue
                 for statement in statements:
-                    self._conn.execute(self._dialect.sql(statement))
+                    if isinstance(statement, str):
+                        self._conn.execute(self._dialect.sql(statement))
+                    else:
+                        statement(self._conn, self._dialect)
                 self._conn.execute(
                     self._dialect.sql("INSERT INTO schema_version (version) VALUES (?)"),
                     (version,),
@@ -564,7 +724,7 @@ class Registry:
             _dump_json(record.platform),
             _dump_json(record.runtimes),
             record.agent_version,
-            _dump_json(record.active_bundle.to_dict()) if record.active_bundle else None,
+            _bundle_json(record.active_bundle) if record.active_bundle else None,
             first_seen,
             record.last_seen,
         )
@@ -588,7 +748,7 @@ class Registry:
                 self._dialect.sql(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?"),
                 (device_id,),
             ).fetchone()
-        return None if row is None else _device_from_row(row)
+        return None if row is None else self._device_from_row(row)
 
     def list_devices(self) -> list[DeviceRecord]:
         """Every device, ordered by id.
@@ -601,7 +761,7 @@ class Registry:
         """
         with self._storage_errors("list devices"):
             rows = self._conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id").fetchall()
-        return [_device_from_row(row) for row in rows]
+        return [self._device_from_row(row) for row in rows]
 
     # -- deployments --
 
@@ -609,7 +769,7 @@ class Registry:
         self,
         device_id: str,
         bundle_name: str,
-        bundle_version: str,
+        bundle_version: int,
         bundle_sha256: str,
         *,
         started_at: float,
@@ -631,10 +791,12 @@ class Registry:
             The new deployment's id.
 
         Raises:
-            ValueError: if ``state`` is unknown.
+            ValueError: if ``state`` is unknown or the version is not a positive integer.
             StorageError: on a database failure.
         """
         _check_deployment_state(state)
+        if type(bundle_version) is not int or bundle_version < 1:
+            raise ValueError(f"bundle version must be a positive integer, got {bundle_version!r}")
         params = (
             device_id,
             bundle_name,
@@ -708,39 +870,29 @@ class Registry:
         query = f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments{where} ORDER BY started_at DESC, id DESC LIMIT ?"
         with self._storage_errors("list deployments"):
             rows = self._conn.execute(self._dialect.sql(query), (*params, limit)).fetchall()
-        return [DeploymentRecord(*row) for row in rows]
+        return [self._deployment_from_row(row) for row in rows]
 
     # -- metrics --
 
-    def add_metrics(
-        self,
-        device_id: str,
-        bundle_name: str,
-        bundle_version: str,
-        report: Mapping[str, Any],
-        received_at: float,
-    ) -> int:
-        """Store one metrics report whole.
+    def add_metrics(self, report: MetricsReport, received_at: float) -> int:
+        """Store one metrics report whole, with the schema it was written in.
 
         Args:
-            device_id: reporting device.
-            bundle_name: bundle the report is about.
-            bundle_version: its version.
-            report: the report as received; must be JSON-serialisable.
+            report: the report as received; device, bundle and version come from it.
             received_at: unix seconds the host received it.
 
         Returns:
             The new row's id.
 
         Raises:
-            TypeError: if ``report`` is not JSON-serialisable.
             StorageError: on a database failure.
         """
-        params = (device_id, bundle_name, bundle_version, received_at, _dump_json(report))
+        stored = {**report.to_dict(), "schema": report.schema}
+        params = (report.device_id, report.bundle_name, report.bundle_version, received_at, _dump_json(stored))
         return self._insert(
             "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report) VALUES (?, ?, ?, ?, ?)",
             params,
-            what=f"add metrics from {device_id!r}",
+            what=f"add metrics from {report.device_id!r}",
         )
 
     def latest_metrics(self, device_id: str | None = None, bundle_name: str | None = None) -> list[MetricsRecord]:
@@ -755,7 +907,8 @@ class Registry:
             Ties on ``received_at`` go to the report stored last.
 
         Raises:
-            StorageError: on a database failure.
+            StorageError: on a database failure, or a stored report that is not a valid one
+                (the error names its row).
         """
         where, params = _where({"device_id": device_id, "bundle_name": bundle_name})
         query = (
@@ -767,17 +920,61 @@ class Registry:
         )
         with self._storage_errors("read latest metrics"):
             rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
-        return [
-            MetricsRecord(
+        return [self._metrics_from_row(row) for row in rows]
+
+    # -- reading rows --
+
+    @contextlib.contextmanager
+    def _row(self, table: str, key: object) -> Iterator[None]:
+        """Turn a stored row that makes no valid record into a StorageError naming it."""
+        try:
+            yield
+        except (MessageError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            text = exc.message if isinstance(exc, MessageError) else str(exc)
+            raise StorageError(
+                f"registry {self._name}: {table} row {key!r} is malformed: {text}",
+                database=self._name,
+                table=table,
+                row_id=key,
+            ) from exc
+
+    def _device_from_row(self, row: Sequence[Any]) -> DeviceRecord:
+        with self._row("devices", row[0]):
+            return _device_from_row(row)
+
+    def _deployment_from_row(self, row: Sequence[Any]) -> DeploymentRecord:
+        with self._row("deployments", row[0]):
+            version = _bundle_version(row[3])
+            if version is None:
+                raise ValueError(f"bundle version {row[3]!r} is not a positive integer")
+            return DeploymentRecord(
                 id=row[0],
                 device_id=row[1],
                 bundle_name=row[2],
-                bundle_version=row[3],
-                received_at=row[4],
-                report=json.loads(row[5]),
+                bundle_version=version,
+                bundle_sha256=row[4],
+                transfer_id=row[5],
+                state=row[6],
+                error_code=row[7],
+                error_message=row[8],
+                started_at=row[9],
+                finished_at=row[10],
             )
-            for row in rows
-        ]
+
+    def _metrics_from_row(self, row: Sequence[Any]) -> MetricsRecord:
+        with self._row("metrics", row[0]):
+            report = MetricsReport.from_dict(json.loads(row[5]))
+            version = _bundle_version(row[3])
+            if version is None:
+                raise ValueError(f"bundle version {row[3]!r} is not a positive integer")
+            return MetricsRecord(
+                id=row[0],
+                device_id=row[1],
+                bundle_name=row[2],
+                bundle_version=version,
+                received_at=row[4],
+                report=report,
+            )
 
     # -- internals --
 
@@ -810,12 +1007,16 @@ def _where(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
 
 
 def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
+    """A device record from its row; raises ValueError, TypeError, KeyError or AttributeError when malformed."""
     active = _load_json(row[5])
+    platform, runtimes = _load_json(row[2]), _load_json(row[3])
+    if not isinstance(platform, (dict, type(None))) or not isinstance(runtimes, (dict, type(None))):
+        raise ValueError("platform and runtimes must be JSON objects")
     return DeviceRecord(
         device_id=row[0],
         status=row[1],
-        platform=_load_json(row[2]),
-        runtimes=_load_json(row[3]),
+        platform=platform,
+        runtimes=runtimes,
         agent_version=row[4],
         active_bundle=BundleRef.from_dict(active) if active is not None else None,
         first_seen=row[6],

@@ -28,21 +28,25 @@ def demo_table(rows: Sequence[DemoRow]) -> str:
             Column("model", lambda r: r.precision),
             Column("size", lambda r: format_bytes(r.size_bytes), ">"),
             Column("accuracy", lambda r: f"{r.accuracy:.2%}", ">"),
-            Column("p50 ms", lambda r: f"{r.metrics.latency['p50_ms']:.3f}", ">"),
-            Column("p90 ms", lambda r: f"{r.metrics.latency['p90_ms']:.3f}", ">"),
-            Column("p99 ms", lambda r: f"{r.metrics.latency['p99_ms']:.3f}", ">"),
-            Column("peak RSS", lambda r: format_bytes(r.metrics.memory.get("peak_bytes")), ">"),
-            Column("model RSS", lambda r: format_bytes(r.metrics.memory.get("model_bytes")), ">"),
+            Column("p50 ms", lambda r: None if r.metrics.latency is None else f"{r.metrics.latency.p50_ms:.3f}", ">"),
+            Column("p90 ms", lambda r: None if r.metrics.latency is None else f"{r.metrics.latency.p90_ms:.3f}", ">"),
+            Column("p99 ms", lambda r: None if r.metrics.latency is None else f"{r.metrics.latency.p99_ms:.3f}", ">"),
+            Column("peak RSS", lambda r: format_bytes(r.metrics.memory and r.metrics.memory.peak_bytes), ">"),
+            Column("model RSS", lambda r: format_bytes(r.metrics.memory and r.metrics.memory.model_bytes), ">"),
             Column("power", lambda r: power_cell(r.metrics.power), ">"),
-            Column("mJ/inf", lambda r: f"{1000 * r.metrics.power.get('joules_per_inference', 0):.3f}", ">"),
+            Column(
+                "mJ/inf",
+                lambda r: None if r.metrics.power is None else f"{1000 * r.metrics.power.joules_per_inference:.3f}",
+                ">",
+            ),
         ],
         rows,
     )
     notes = []
     if rows and len(rows) == 2:
         notes.append(f"int8 is {rows[0].size_bytes / rows[1].size_bytes:.2f}x smaller than fp32")
-    if any(r.metrics.power.get("estimated", True) for r in rows):
-        src = rows[0].metrics.power.get("source", "a power model")
+    if any(r.metrics.power is None or r.metrics.power.estimated for r in rows):
+        src = rows[0].metrics.power.source if rows[0].metrics.power else "a power model"
         notes.append(f"power is ESTIMATED from CPU use ({src}); no power sensor on this machine")
     notes.append("latency, memory and power were measured by the device agent in its own process")
     return table + "\n" + "\n".join(f"* {n}" for n in notes)

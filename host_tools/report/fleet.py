@@ -8,14 +8,15 @@ file, the registry or the network.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from edge_sdk.protocol import EventKind
 from host_tools.report.table import Column, format_bytes, render_table
 
 if TYPE_CHECKING:
-    from edge_sdk.protocol import Event
+    from edge_sdk.metrics import PowerMeasurement
+    from edge_sdk.protocol import Event, MetricsReport
     from host_tools.fleet.deployer import DeployOutcome
     from host_tools.fleet.profiler import ProfileOutcome
     from host_tools.fleet.registry import DeviceRecord
@@ -35,16 +36,16 @@ __all__ = [
 ]
 
 
-def power_cell(power: Mapping[str, Any]) -> str | None:
+def power_cell(power: PowerMeasurement | None) -> str | None:
     """``1.23 W``, with ``(estimated)`` unless a sensor measured it; ``None`` without a reading."""
-    if not power:
+    if power is None:
         return None
-    label = " (estimated)" if power.get("estimated", True) else ""
-    return f"{power.get('watts', 0):.2f} W{label}"
+    label = " (estimated)" if power.estimated else ""
+    return f"{power.watts:.2f} W{label}"
 
 
-def metrics_table(reports: Sequence[Mapping[str, Any]]) -> str:
-    """One line per metrics report (``MetricsReport.to_dict()``): latency, throughput, memory, power.
+def metrics_table(reports: Sequence[MetricsReport]) -> str:
+    """One line per metrics report: latency, throughput, memory, power (``-`` where not measured).
 
     Args:
         reports: the reports, in the order to print them.
@@ -54,21 +55,21 @@ def metrics_table(reports: Sequence[Mapping[str, Any]]) -> str:
     """
     return render_table(
         [
-            Column("device", lambda r: r["device_id"]),
-            Column("bundle", lambda r: f"{r['bundle_name']} v{r['bundle_version']}"),
-            Column("runtime", lambda r: f"{r['runtime']} {r['precision']} x{r['threads']}"),
-            Column("p50 ms", lambda r: f"{r['latency']['p50_ms']:.3f}", ">"),
-            Column("p90 ms", lambda r: f"{r['latency']['p90_ms']:.3f}", ">"),
-            Column("p99 ms", lambda r: f"{r['latency']['p99_ms']:.3f}", ">"),
-            Column("inf/s", lambda r: f"{r['latency']['throughput_per_s']:.0f}", ">"),
-            Column("peak RSS", lambda r: format_bytes(r["memory"].get("peak_bytes")), ">"),
-            Column("power", lambda r: power_cell(r["power"]), ">"),
+            Column("device", lambda r: r.device_id),
+            Column("bundle", lambda r: f"{r.bundle_name} v{r.bundle_version}"),
+            Column("runtime", lambda r: f"{r.runtime} {r.precision} x{r.threads}"),
+            Column("p50 ms", lambda r: None if r.latency is None else f"{r.latency.p50_ms:.3f}", ">"),
+            Column("p90 ms", lambda r: None if r.latency is None else f"{r.latency.p90_ms:.3f}", ">"),
+            Column("p99 ms", lambda r: None if r.latency is None else f"{r.latency.p99_ms:.3f}", ">"),
+            Column("inf/s", lambda r: None if r.latency is None else f"{r.latency.throughput_per_s:.0f}", ">"),
+            Column("peak RSS", lambda r: format_bytes(None if r.memory is None else r.memory.peak_bytes), ">"),
+            Column("power", lambda r: power_cell(r.power), ">"),
         ],
         reports,
     )
 
 
-def metrics_text(reports: Sequence[Mapping[str, Any]]) -> str:
+def metrics_text(reports: Sequence[MetricsReport]) -> str:
     """``edgectl metrics``: the table, or a line saying there is nothing yet."""
     return metrics_table(reports) if reports else "no metrics recorded"
 
@@ -125,7 +126,7 @@ def refusal_text(outcome: DeployOutcome | ProfileOutcome) -> str:
 def _measured_text(headline: str, outcome: DeployOutcome | ProfileOutcome) -> str:
     if outcome.metrics is None:
         raise ValueError(f"{outcome.device_id} {outcome.state}: the device sent no metrics to show")
-    return f"{headline}\n" + metrics_table([outcome.metrics.to_dict()])
+    return f"{headline}\n" + metrics_table([outcome.metrics])
 
 
 def deploy_text(outcome: DeployOutcome) -> str:

@@ -70,16 +70,20 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
         [
             "POWER_MODELS",
             "BatterySource",
+            "CandidateTiming",
             "CpuMeasurement",
             "CpuSampler",
             "EnergyMeasurement",
             "EnergyWindow",
             "EstimatedSource",
+            "ExecutionChoice",
             "Ina3221Source",
             "LatencyStats",
             "MemoryMeasurement",
+            "ModelMemory",
             "PeakRssSampler",
             "Pi5PmicSource",
+            "PowerMeasurement",
             "PowerModel",
             "PowerReading",
             "PowerSource",
@@ -605,3 +609,89 @@ def test_benchmark_interleaved_alternates_rounds_and_warms_up_first() -> None:
     assert calls == ["a"] * 6 + ["b"] * 6 + (["a"] * 3 + ["b"] * 3) * 2
     with pytest.raises(ConfigError, match="rounds"):
         metrics.benchmark_interleaved(fns, rounds=0, runs_per_round=1, warmup=0)
+
+
+# --- typed measurements: today's dicts read back, unknown fields kept, bad values refused ---
+
+_TODAY = {
+    "memory": {
+        "rss_before_load_bytes": 61865984,
+        "rss_after_load_bytes": 63176704,
+        "model_bytes": 1310720,
+        "start_bytes": 63176704,
+        "peak_bytes": 63438848,
+        "sampled_peak_bytes": 63438848,
+        "hwm_bytes": None,
+        "samples": 27,
+    },
+    "cpu": {"wall_s": 0.137, "cpu_s": 0.131, "cores": 2, "percent_of_one_core": 95.6, "utilisation": 0.478},
+    "power": {
+        "joules": 1.29,
+        "seconds": 0.137,
+        "watts": 9.43,
+        "source": "estimate:generic",
+        "estimated": True,
+        "joules_per_inference": 0.0039,
+    },
+    "temperature": {"zone": "thermal_zone0", "type": "cpu-thermal", "celsius": 48.3},
+    "execution": {
+        "chosen": "sparse",
+        "reason": "measured",
+        "pinned_by": None,
+        "candidates": [
+            {"name": "dense", "p50_ms": 0.4, "p90_ms": 0.5, "mean_ms": 0.41, "runs": 100},
+            {"name": "sparse_int8", "p50_ms": None, "p90_ms": None, "mean_ms": None, "runs": 0, "not_applicable": "no"},
+        ],
+    },
+}
+_TYPES = {
+    "memory": metrics.ModelMemory,
+    "cpu": metrics.CpuMeasurement,
+    "power": metrics.PowerMeasurement,
+    "temperature": metrics.ThermalReading,
+    "execution": metrics.ExecutionChoice,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_TYPES))
+def test_measurement_reads_todays_dict_and_keeps_unknown_fields(kind: str) -> None:
+    cls = _TYPES[kind]
+    assert cls.from_dict(_TODAY[kind]).to_dict() == _TODAY[kind]
+    newer = {**_TODAY[kind], "from_newer_peer": {"x": [1]}}
+    read = cls.from_dict(json.loads(json.dumps(newer)))
+    assert read == cls.from_dict(_TODAY[kind]) and read.extra == {"from_newer_peer": {"x": [1]}}
+    assert read.to_dict() == newer
+
+
+@pytest.mark.parametrize(
+    ("kind", "damage", "field"),
+    [
+        ("memory", {"peak_bytes": "big"}, "peak_bytes"),
+        ("memory", {"samples": -1}, "memory"),
+        ("cpu", {"cores": 0}, "cores"),
+        ("cpu", {"utilisation": 1.5}, "cpu"),
+        ("power", {"watts": None}, "watts"),
+        ("power", {"estimated": "yes"}, "estimated"),
+        ("temperature", {"celsius": float("nan")}, "celsius"),
+        ("execution", {"candidates": "none"}, "candidates"),
+        ("execution", {"chosen": ""}, "chosen"),
+    ],
+)
+def test_measurement_refuses_a_bad_field_and_names_it(kind: str, damage: dict[str, object], field: str) -> None:
+    with pytest.raises(MessageError) as info:
+        _TYPES[kind].from_dict({**_TODAY[kind], **damage})
+    assert info.value.details["field"] == field
+
+
+def test_power_that_does_not_say_is_read_as_estimated() -> None:
+    undeclared = {k: v for k, v in _TODAY["power"].items() if k != "estimated"}
+    assert metrics.PowerMeasurement.from_dict({**undeclared, "source": "rapl"}).estimated is True
+
+
+def test_model_memory_and_power_from_the_windows() -> None:
+    window = metrics.MemoryMeasurement(100, 180, 170, None, 5)
+    memory = metrics.ModelMemory.from_window(50, 40, window)
+    assert memory.model_bytes == 0 and memory.to_dict()["peak_bytes"] == 180
+    energy = metrics.EnergyMeasurement(2.0, 1.0, 2.0, "rapl", False)
+    power = metrics.PowerMeasurement.from_energy(energy, 0)
+    assert power.joules_per_inference == 2.0 and power.estimated is False

@@ -16,6 +16,7 @@ from edge_sdk.errors import (
     TransferError,
     TransferIncompleteError,
 )
+from edge_sdk.metrics import CpuMeasurement, LatencyStats, ModelMemory, PowerMeasurement, ThermalReading
 from edge_sdk.protocol import (
     SCHEMA_VERSION,
     BenchmarkSpec,
@@ -165,11 +166,11 @@ def _examples() -> list[Any]:
             command_id=CID,
             threads=4,
             providers=("CPUExecutionProvider",),
-            latency={"p50_ms": 1.2},
-            memory={"peak_rss": 10},
-            cpu={"util": 0.5},
-            power={"estimated": True},
-            temperature=({"zone": "cpu", "c": 45.0},),
+            latency=LatencyStats(50, 1.3, 0.2, 1.0, 2.5, 1.2, 1.6, 2.4, 769.2),
+            memory=ModelMemory(10 << 20, 12 << 20, 2 << 20, 12 << 20, 13 << 20, 13 << 20, None, 40),
+            cpu=CpuMeasurement.from_deltas(2.0, 1.0, 4),
+            power=PowerMeasurement(6.0, 2.0, 3.0, "estimate:generic", True, 0.1),
+            temperature=(ThermalReading("thermal_zone0", "cpu-thermal", 45.0),),
         ),
         DeployCommand(CID, "digits", 2, _offer(), 10.0, device_id="pi-1", expires_at=70.0, rollback=True),
         RollbackCommand(CID, "digits", 2, 10.0, device_id="pi-1", expires_at=70.0),
@@ -531,3 +532,24 @@ def test_device_messages_refuse_bad_device_ids(device_id: str) -> None:
         DeviceStatus(device_id, "online", 1.0)
     with pytest.raises(MessageError):
         Event(device_id, EventKind.ERROR, 1.0)
+
+
+def test_metrics_report_reads_todays_wire_and_writes_it_back_unchanged() -> None:
+    bare = MetricsReport("pi-1", "digits", 3, "onnxruntime", "int8", 4.0)
+    body = json.loads(encode(bare))
+    assert {k: body[k] for k in ("latency", "memory", "cpu", "power", "temperature")} == {
+        "latency": {},
+        "memory": {},
+        "cpu": {},
+        "power": {},
+        "temperature": [],
+    }
+    assert "execution" not in body and decode(encode(bare)) == bare
+    choice = {"chosen": "sparse", "reason": "pinned", "pinned_by": "config", "candidates": []}
+    sent = {**body, "execution": choice, "mode": "profile"}
+    report = decode(json.dumps(sent).encode())
+    assert isinstance(report, MetricsReport) and report.latency is None
+    assert report.execution is not None and report.execution.pinned_by == "config"
+    assert report.extra == {"mode": "profile"} and json.loads(encode(report)) == sent
+    with pytest.raises(MessageError, match="latency field 'count'"):
+        decode(json.dumps({**body, "latency": {"p50_ms": 1.2}}).encode())

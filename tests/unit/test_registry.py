@@ -9,19 +9,23 @@ Each PostgreSQL case gets its own schema, dropped afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import host_tools.fleet.registry as registry_module
-from edge_sdk.errors import ConfigError, StorageError
+from edge_sdk.errors import ConfigError, MessageError, StorageError
+from edge_sdk.protocol import MetricsReport
 from host_tools.fleet.registry import (
     SCHEMA_VERSION,
     BundleRef,
@@ -34,6 +38,10 @@ POSTGRES_ENV = "EDGE_SDK_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 OpenDb = Callable[[], Registry]
+
+DATA = Path(__file__).parent / "data"
+#: A metrics report exactly as the v1 collector stored it (``MetricsReport.to_dict()``, keys sorted).
+V1_REPORT = json.loads((DATA / "registry_v1_report.json").read_text())
 
 
 # --- PostgreSQL availability -----------------------------------------------------------
@@ -142,7 +150,7 @@ def _birth(device_id: str = "pi-01", at: float = 1000.0) -> DeviceRecord:
         platform=PLATFORM,
         runtimes=RUNTIMES,
         agent_version="0.1.0",
-        active_bundle=BundleRef("digits", "1.0.0"),
+        active_bundle=BundleRef("digits", 1),
     )
 
 
@@ -159,9 +167,9 @@ def test_device_round_trip(db: Registry) -> None:
         platform=PLATFORM,
         runtimes=RUNTIMES,
         agent_version="0.1.0",
-        active_bundle=BundleRef("digits", "1.0.0"),
+        active_bundle=BundleRef("digits", 1),
     )
-    assert got.to_dict()["active_bundle"] == {"name": "digits", "version": "1.0.0"}
+    assert got.to_dict()["active_bundle"] == {"name": "digits", "version": "1"}
     assert db.get_device("nobody") is None
 
 
@@ -176,7 +184,7 @@ def test_status_update_keeps_platform_info(db: Registry) -> None:
     assert got.platform == PLATFORM
     assert got.runtimes == RUNTIMES
     assert got.agent_version == "0.1.0"
-    assert got.active_bundle == BundleRef("digits", "1.0.0")
+    assert got.active_bundle == BundleRef("digits", 1)
     assert (got.first_seen, got.last_seen) == (1000.0, 1060.0)
 
 
@@ -189,14 +197,14 @@ def test_newer_fields_replace_older(db: Registry) -> None:
             status="online",
             last_seen=2000.0,
             agent_version="0.2.0",
-            active_bundle=BundleRef("digits", "1.1.0"),
+            active_bundle=BundleRef("digits", 2),
         )
     )
 
     got = db.get_device("pi-01")
     assert got is not None
     assert got.agent_version == "0.2.0"
-    assert got.active_bundle == BundleRef("digits", "1.1.0")
+    assert got.active_bundle == BundleRef("digits", 2)
     assert got.platform == PLATFORM
 
 
@@ -236,7 +244,7 @@ def test_two_registries_share_one_database(open_db: OpenDb) -> None:
 
 
 def test_deployment_round_trip_and_update(db: Registry) -> None:
-    dep_id = db.record_deployment("pi-01", "digits", "1.0.0", "ab" * 32, started_at=100.0, transfer_id="tx-1")
+    dep_id = db.record_deployment("pi-01", "digits", 1, "ab" * 32, started_at=100.0, transfer_id="tx-1")
 
     db.update_deployment(dep_id, "refused", error_code="rollback", error_message="1.0.0 < 1.1.0", finished_at=105.5)
 
@@ -245,7 +253,7 @@ def test_deployment_round_trip_and_update(db: Registry) -> None:
         "id": dep_id,
         "device_id": "pi-01",
         "bundle_name": "digits",
-        "bundle_version": "1.0.0",
+        "bundle_version": 1,
         "bundle_sha256": "ab" * 32,
         "transfer_id": "tx-1",
         "state": "refused",
@@ -258,7 +266,7 @@ def test_deployment_round_trip_and_update(db: Registry) -> None:
 
 def test_list_deployments_filters_newest_first_and_limits(db: Registry) -> None:
     ids = [
-        db.record_deployment(device, "digits", "1.0.0", "00" * 32, started_at=at)
+        db.record_deployment(device, "digits", 1, "00" * 32, started_at=at)
         for device, at in (("pi-01", 10.0), ("pi-02", 20.0), ("pi-01", 30.0), ("pi-01", 40.0))
     ]
 
@@ -275,7 +283,7 @@ def test_update_unknown_deployment_is_storage_error(db: Registry) -> None:
 
 def test_unknown_state_rejected(db: Registry) -> None:
     with pytest.raises(ValueError, match="unknown deployment state"):
-        db.record_deployment("pi-01", "digits", "1", "00", started_at=1.0, state="lost")  # type: ignore[arg-type]
+        db.record_deployment("pi-01", "digits", 1, "00", started_at=1.0, state="lost")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown device status"):
         DeviceRecord(device_id="pi-01", status="asleep", last_seen=1.0)  # type: ignore[arg-type]
 
@@ -283,41 +291,88 @@ def test_unknown_state_rejected(db: Registry) -> None:
 # --- metrics ---------------------------------------------------------------------------
 
 
-def test_metrics_round_trip(db: Registry) -> None:
-    report = {"latency_ms": {"p50": 3.25, "p99": 9.5}, "rss_mb": 41.0, "power_w": None}
+def _report(device_id: str = "pi-01", bundle: str = "digits", version: int = 1, n: int = 1) -> MetricsReport:
+    """A report as today's agent sends it (see data/registry_v1_report.json); ``n`` goes in ``ts``."""
+    return MetricsReport.from_dict(
+        {**V1_REPORT, "device_id": device_id, "bundle_name": bundle, "bundle_version": version, "ts": float(n)}
+    )
 
-    row_id = db.add_metrics("pi-01", "digits", "1.0.0", report, received_at=50.0)
+
+def test_metrics_round_trip(db: Registry) -> None:
+    report = _report(version=1)
+
+    row_id = db.add_metrics(report, received_at=50.0)
 
     [got] = db.latest_metrics()
     assert got.to_dict() == {
         "id": row_id,
         "device_id": "pi-01",
         "bundle_name": "digits",
-        "bundle_version": "1.0.0",
+        "bundle_version": 1,
         "received_at": 50.0,
-        "report": report,
+        "report": report.to_dict(),
     }
+    assert got.report == report and got.report.to_dict() == {**V1_REPORT, "bundle_version": 1, "ts": 1.0}
+    assert got.report.power is not None and got.report.power.estimated is True
+    assert got.report.execution is not None and got.report.execution.chosen == "sparse"
 
 
 def test_latest_metrics_picks_newest_per_device_bundle_version(db: Registry) -> None:
     # Inserted out of order: the newest is not the last row written.
-    db.add_metrics("pi-01", "digits", "1.0.0", {"n": 2}, received_at=20.0)
-    db.add_metrics("pi-01", "digits", "1.0.0", {"n": 3}, received_at=30.0)
-    db.add_metrics("pi-01", "digits", "1.0.0", {"n": 1}, received_at=10.0)
-    db.add_metrics("pi-01", "digits", "1.1.0", {"n": 4}, received_at=5.0)
-    db.add_metrics("pi-02", "digits", "1.0.0", {"n": 5}, received_at=1.0)
-    db.add_metrics("pi-02", "minilm", "2.0.0", {"n": 6}, received_at=2.0)
+    db.add_metrics(_report("pi-01", "digits", 1, 2), received_at=20.0)
+    db.add_metrics(_report("pi-01", "digits", 1, 3), received_at=30.0)
+    db.add_metrics(_report("pi-01", "digits", 1, 1), received_at=10.0)
+    db.add_metrics(_report("pi-01", "digits", 2, 4), received_at=5.0)
+    db.add_metrics(_report("pi-02", "digits", 1, 5), received_at=1.0)
+    db.add_metrics(_report("pi-02", "minilm", 2, 6), received_at=2.0)
 
-    latest = [(m.device_id, m.bundle_name, m.bundle_version, m.report["n"]) for m in db.latest_metrics()]
+    latest = [(m.device_id, m.bundle_name, m.bundle_version, m.report.ts) for m in db.latest_metrics()]
     assert latest == [
-        ("pi-01", "digits", "1.0.0", 3),
-        ("pi-01", "digits", "1.1.0", 4),
-        ("pi-02", "digits", "1.0.0", 5),
-        ("pi-02", "minilm", "2.0.0", 6),
+        ("pi-01", "digits", 1, 3),
+        ("pi-01", "digits", 2, 4),
+        ("pi-02", "digits", 1, 5),
+        ("pi-02", "minilm", 2, 6),
     ]
-    assert [m.report["n"] for m in db.latest_metrics(device_id="pi-02")] == [5, 6]
-    assert [m.report["n"] for m in db.latest_metrics(bundle_name="minilm")] == [6]
-    assert [m.report["n"] for m in db.latest_metrics("pi-01", "digits")] == [3, 4]
+    assert [m.report.ts for m in db.latest_metrics(device_id="pi-02")] == [5, 6]
+    assert [m.report.ts for m in db.latest_metrics(bundle_name="minilm")] == [6]
+    assert [m.report.ts for m in db.latest_metrics("pi-01", "digits")] == [3, 4]
+
+
+def test_bundle_versions_sort_as_numbers(db: Registry) -> None:
+    for version in (10, 9, 100, 2):
+        db.add_metrics(_report(version=version, n=version), received_at=1.0)
+        db.record_deployment("pi-01", "digits", version, "00", started_at=float(version))
+
+    assert [m.bundle_version for m in db.latest_metrics()] == [2, 9, 10, 100]
+    assert [d.bundle_version for d in db.list_deployments()] == [100, 10, 9, 2]
+    with pytest.raises(ValueError, match="positive integer"):
+        db.record_deployment("pi-01", "digits", "10", "00", started_at=1.0)  # type: ignore[arg-type]  # the v1 API took strings
+
+
+def test_malformed_stored_report_is_storage_error_naming_the_row(db: Registry) -> None:
+    row_id = db.add_metrics(_report(), received_at=1.0)
+    damaged = {**V1_REPORT, "latency": {**V1_REPORT["latency"], "p50_ms": "fast"}}
+    db._conn.execute(db._dialect.sql("UPDATE metrics SET report = ? WHERE id = ?"), (json.dumps(damaged), row_id))
+
+    with pytest.raises(StorageError, match=rf"metrics row {row_id} is malformed: latency field 'p50_ms'") as info:
+        db.latest_metrics()
+    assert info.value.details["row_id"] == row_id and isinstance(info.value.__cause__, MessageError)
+
+    db._conn.execute(db._dialect.sql("UPDATE metrics SET report = ? WHERE id = ?"), ("{not json", row_id))
+    with pytest.raises(StorageError, match=f"metrics row {row_id}"):
+        db.latest_metrics()
+
+
+def test_malformed_device_and_deployment_rows_are_storage_errors(db: Registry) -> None:
+    db.upsert_device(_birth())
+    dep_id = db.record_deployment("pi-01", "digits", 1, "00", started_at=1.0)
+    db._conn.execute("UPDATE devices SET status = 'asleep'")
+    db._conn.execute("UPDATE deployments SET state = 'lost'")
+
+    with pytest.raises(StorageError, match="devices row 'pi-01' is malformed"):
+        db.list_devices()
+    with pytest.raises(StorageError, match=f"deployments row {dep_id} is malformed"):
+        db.list_deployments()
 
 
 # --- durability and schema -------------------------------------------------------------
@@ -326,13 +381,13 @@ def test_latest_metrics_picks_newest_per_device_bundle_version(db: Registry) -> 
 def test_reopen_keeps_data(open_db: OpenDb) -> None:
     with open_db() as first:
         first.upsert_device(_birth())
-        dep_id = first.record_deployment("pi-01", "digits", "1.0.0", "00", started_at=1.0)
-        first.add_metrics("pi-01", "digits", "1.0.0", {"n": 1}, received_at=2.0)
+        dep_id = first.record_deployment("pi-01", "digits", 1, "00", started_at=1.0)
+        first.add_metrics(_report(), received_at=2.0)
 
     with open_db() as again:
         assert again.get_device("pi-01") == replace(_birth(), first_seen=_birth().last_seen)
         assert [d.id for d in again.list_deployments()] == [dep_id]
-        assert [m.report for m in again.latest_metrics()] == [{"n": 1}]
+        assert [m.report for m in again.latest_metrics()] == [_report()]
         assert again.ensure_schema() == SCHEMA_VERSION
 
 
@@ -364,7 +419,10 @@ def test_sqlite_url_and_path_open_the_same_file(tmp_path: Path) -> None:
         assert db.get_device("pi-01") is not None
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        # one row per migration step run, the last one the version this code writes
+        assert raw.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [
+            (v,) for v in range(1, SCHEMA_VERSION + 1)
+        ]
 
 
 @pytest.mark.parametrize(
@@ -418,7 +476,7 @@ def test_locked_sqlite_is_storage_error(tmp_path: Path) -> None:
     holder.execute("BEGIN EXCLUSIVE")
     try:
         with open_registry(path, timeout=0.05) as db:
-            with pytest.raises(StorageError, match="fleet.db") as info:
+            with pytest.raises(StorageError, match=r"fleet\.db") as info:
                 db.upsert_device(_birth())
             assert isinstance(info.value.__cause__, sqlite3.OperationalError)
     finally:
@@ -472,3 +530,243 @@ def test_psycopg_not_imported_for_sqlite(tmp_path: Path) -> None:
         "assert 'psycopg' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+# --- migration from schema 1 (a file written by the v1 code) ----------------------------
+
+#: The v1 dialects' renderings, copied from the v1 code: identity column, float type, placeholder.
+_V1_DIALECTS = {
+    "sqlite": ("INTEGER PRIMARY KEY AUTOINCREMENT", "REAL", "?"),
+    "postgresql": ("BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", "DOUBLE PRECISION", "%s"),
+}
+
+
+def _v1_statements() -> list[str]:
+    text = "\n".join(line for line in (DATA / "registry_v1.sql").read_text().splitlines() if not line.startswith("--"))
+    return [s.strip() for s in text.split("\n;") if s.strip()]
+
+
+def _v1_report(device_id: str, version: str, ts: float) -> str:
+    # Stored as the v1 collector did: MetricsReport.to_dict() with sorted keys (version an int inside).
+    body = {**V1_REPORT, "device_id": device_id, "bundle_version": int(version), "ts": ts}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+#: Realistic v1 rows, versions as TEXT: "10" sorted before "9" in v1.
+V1_DEVICES = [
+    ("pi-01", "online", '{"arch":"aarch64"}', '{"onnxruntime":"1.17.1"}', "0.1.0", '{"name":"digits","version":"10"}'),
+    ("pi-02", "online", None, None, "0.1.0", '{"name":"digits","version":"9"}'),
+    ("pi-03", "offline", None, None, None, None),
+]
+V1_DEPLOYMENTS = [
+    ("pi-01", "digits", "9", "aa" * 32, "t1", "installed", None, None, 10.0, 11.0),
+    ("pi-01", "digits", "10", "bb" * 32, "t2", "installed", None, None, 20.0, 21.0),
+    ("pi-02", "digits", "10", "bb" * 32, "t2", "refused", "rollback", "v10 refused", 22.0, 23.0),
+    ("pi-02", "digits", "9", "aa" * 32, None, "sent", None, None, 30.0, None),
+]
+V1_METRICS = [
+    ("pi-01", "digits", "10", 25.0),
+    ("pi-01", "digits", "9", 12.0),
+    ("pi-01", "digits", "10", 21.5),  # older report of the same version
+    ("pi-02", "digits", "9", 31.0),
+]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def v1_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """A database written as the v1 code wrote it; yields (target, raw connection factory)."""
+    backend = request.param
+    cleanup: Callable[[], None] | None = None
+    if backend == "sqlite":
+        target = str(tmp_path / "fleet-v1.db")
+
+        def connect() -> Any:
+            return sqlite3.connect(target, isolation_level=None)
+    else:
+        import psycopg
+
+        admin_url = _postgres_admin_url(request.config)
+        schema = f"t_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        target = _with_search_path(admin_url, schema)
+
+        def connect() -> Any:
+            return psycopg.connect(target, autocommit=True)
+
+        def cleanup() -> None:
+            with psycopg.connect(admin_url, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+    ident, real, mark = _V1_DIALECTS[backend]
+    conn = connect()
+    try:
+        for statement in _v1_statements():
+            conn.execute(statement.format(id=ident, float=real))
+        conn.execute(f"INSERT INTO schema_version (version) VALUES ({mark})", (1,))
+        for row in V1_DEVICES:
+            conn.execute(
+                "INSERT INTO devices (device_id, status, platform, runtimes, agent_version, active_bundle, "
+                f"first_seen, last_seen) VALUES ({', '.join([mark] * 8)})",
+                (*row, 100.0, 200.0),
+            )
+        for row in V1_DEPLOYMENTS:
+            conn.execute(
+                "INSERT INTO deployments (device_id, bundle_name, bundle_version, bundle_sha256, transfer_id, "
+                f"state, error_code, error_message, started_at, finished_at) VALUES ({', '.join([mark] * 10)})",
+                row,
+            )
+        for device_id, bundle, version, at in V1_METRICS:
+            conn.execute(
+                "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report) "
+                f"VALUES ({', '.join([mark] * 5)})",
+                (device_id, bundle, version, at, _v1_report(device_id, version, at)),
+            )
+    finally:
+        conn.close()
+    try:
+        yield target, connect
+    finally:
+        if cleanup is not None:
+            cleanup()
+
+
+def _counts(connect: Callable[[], Any]) -> dict[str, int]:
+    conn = connect()
+    try:
+        return {
+            t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("devices", "deployments", "metrics")
+        }
+    finally:
+        conn.close()
+
+
+def test_v1_fixture_is_the_shipped_first_migration() -> None:
+    # Migration 1 is shipped: it may never change, so the v1 fixture stays what v1 wrote.
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+
+    (version, steps), *_ = registry_module._MIGRATIONS
+    shipped = [norm(s) for s in steps if isinstance(s, str)]
+    assert version == 1 and shipped == [norm(s) for s in _v1_statements()[:-1]]
+
+
+def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[str, Callable[[], Any]]) -> None:
+    target, connect = v1_database
+    before = _counts(connect)
+
+    with open_registry(target) as db:
+        assert db.ensure_schema() == SCHEMA_VERSION == 2
+        assert _counts(connect) == before == {"devices": 3, "deployments": 4, "metrics": 4}
+
+        latest = db.latest_metrics()
+        assert [(m.device_id, m.bundle_version, m.received_at) for m in latest] == [
+            ("pi-01", 9, 12.0),
+            ("pi-01", 10, 25.0),
+            ("pi-02", 9, 31.0),
+        ]
+        for record in latest:  # the stored report reads back whole and typed
+            assert record.report.to_dict() == json.loads(
+                _v1_report(record.device_id, str(record.bundle_version), record.received_at)
+            )
+            assert record.report.latency is not None and record.report.latency.p50_ms == 0.405
+
+        deployments = db.list_deployments(limit=10)
+        assert [(d.device_id, d.bundle_version, d.state) for d in deployments] == [
+            ("pi-02", 9, "sent"),
+            ("pi-02", 10, "refused"),
+            ("pi-01", 10, "installed"),
+            ("pi-01", 9, "installed"),
+        ]
+        assert deployments[1].error_message == "v10 refused" and deployments[3].transfer_id == "t1"
+
+        assert [(d.device_id, d.active_bundle) for d in db.list_devices()] == [
+            ("pi-01", BundleRef("digits", 10)),
+            ("pi-02", BundleRef("digits", 9)),
+            ("pi-03", None),
+        ]
+        pi01 = db.get_device("pi-01")
+        assert (
+            pi01 is not None
+            and pi01.platform == {"arch": "aarch64"}
+            and pi01.to_dict()["active_bundle"]
+            == {
+                "name": "digits",
+                "version": "10",
+            }
+        )
+
+        # New rows get fresh ids after the rebuild, and versions sort as numbers in SQL.
+        old_ids = {d.id for d in deployments}
+        new_id = db.record_deployment("pi-03", "digits", 100, "cc" * 32, started_at=40.0)
+        assert new_id > max(old_ids)
+        db.add_metrics(_report("pi-01", "digits", 100, 50), received_at=50.0)
+        assert [m.bundle_version for m in db.latest_metrics("pi-01")] == [9, 10, 100]
+        raw = db._conn.execute("SELECT bundle_version FROM deployments ORDER BY bundle_version").fetchall()
+        assert [r[0] for r in raw] == [9, 9, 10, 10, 100]
+
+    with open_registry(target) as again:  # idempotent: a second open changes nothing
+        assert again.ensure_schema() == SCHEMA_VERSION
+        assert len(again.list_deployments(limit=100)) == 5
+    conn = connect()
+    try:
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2]
+        stored = conn.execute("SELECT active_bundle FROM devices WHERE device_id = 'pi-01'").fetchone()[0]
+        assert json.loads(stored) == {"name": "digits", "version": 10}
+    finally:
+        conn.close()
+
+
+def test_two_processes_upgrade_one_v1_file_once(v1_database: tuple[str, Callable[[], Any]]) -> None:
+    target, connect = v1_database
+    before = _counts(connect)
+    start = threading.Barrier(4)
+    opened: list[int] = []
+    failures: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            start.wait()
+            with open_registry(target, timeout=30.0) as db:
+                opened.append(db.ensure_schema())
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert failures == [] and opened == [SCHEMA_VERSION] * 4
+    assert _counts(connect) == before
+    conn = connect()
+    try:
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2]
+    finally:
+        conn.close()
+
+
+def test_v1_row_with_a_non_integer_version_stops_the_migration_and_changes_nothing(
+    v1_database: tuple[str, Callable[[], Any]],
+) -> None:
+    target, connect = v1_database
+    conn = connect()
+    try:
+        conn.execute("UPDATE deployments SET bundle_version = '1.0.0' WHERE transfer_id = 't1'")
+        [(bad_id,)] = conn.execute("SELECT id FROM deployments WHERE transfer_id = 't1'").fetchall()
+    finally:
+        conn.close()
+    before = _counts(connect)
+
+    with pytest.raises(StorageError, match=rf"deployments row {bad_id} has bundle version '1.0.0'"):
+        open_registry(target)
+
+    assert _counts(connect) == before
+    conn = connect()
+    try:
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+        versions = [r[0] for r in conn.execute("SELECT bundle_version FROM deployments ORDER BY id").fetchall()]
+        assert versions == ["1.0.0", "10", "10", "9"]
+    finally:
+        conn.close()

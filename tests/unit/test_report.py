@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.errors import RollbackError
+from edge_sdk.metrics import LatencyStats, ModelMemory, PowerMeasurement
 from edge_sdk.protocol import ErrorInfo, Event, EventKind, MetricsReport
 from host_tools.demo import DemoResult, DemoRow
 from host_tools.fleet.deployer import DeployOutcome
@@ -29,10 +30,29 @@ from host_tools.report.fleet import (
 )
 from host_tools.report.keys import root_text
 
-LATENCY = {"p50_ms": 1.25, "p90_ms": 2.5, "p99_ms": 4.0, "throughput_per_s": 800.4}
+LATENCY = LatencyStats(
+    count=100, mean_ms=1.3, stdev_ms=0.2, min_ms=1.0, max_ms=5.0, p50_ms=1.25, p90_ms=2.5, p99_ms=4.0,
+    throughput_per_s=800.4,
+)  # fmt: skip
 
 
-def _metrics(power: dict[str, object] | None = None, **memory: int) -> MetricsReport:
+def _power(
+    watts: float, *, estimated: bool = True, joules_per_inference: float = 0.0, source: str = ""
+) -> PowerMeasurement:
+    return PowerMeasurement(
+        joules=watts, seconds=1.0, watts=watts, source=source, estimated=estimated,
+        joules_per_inference=joules_per_inference,
+    )  # fmt: skip
+
+
+def _memory(peak_bytes: int) -> ModelMemory:
+    return ModelMemory(
+        rss_before_load_bytes=0, rss_after_load_bytes=0, model_bytes=0, start_bytes=0, peak_bytes=peak_bytes,
+        sampled_peak_bytes=peak_bytes, hwm_bytes=None, samples=1,
+    )  # fmt: skip
+
+
+def _metrics(power: PowerMeasurement | None = None, peak_bytes: int = 0) -> MetricsReport:
     return MetricsReport(
         "dev-1",
         "digits",
@@ -41,9 +61,9 @@ def _metrics(power: dict[str, object] | None = None, **memory: int) -> MetricsRe
         "int8",
         ts=1.0,
         threads=2,
-        latency=dict(LATENCY),
-        memory=dict(memory),
-        power=dict(power or {}),
+        latency=LATENCY,
+        memory=_memory(peak_bytes),
+        power=power,
     )
 
 
@@ -82,13 +102,13 @@ def test_root_text_lists_roles_in_order_and_missing_private_keys() -> None:
 
 
 def test_power_cell_says_estimated_unless_measured() -> None:
-    assert power_cell({}) is None
-    assert power_cell({"watts": 1.234}) == "1.23 W (estimated)"
-    assert power_cell({"watts": 2, "estimated": False}) == "2.00 W"
+    assert power_cell(None) is None
+    assert power_cell(_power(1.234)) == "1.23 W (estimated)"
+    assert power_cell(_power(2, estimated=False)) == "2.00 W"
 
 
 def test_metrics_table_one_line_per_report() -> None:
-    report = _metrics({"watts": 0.5, "estimated": False}, peak_bytes=3 << 20).to_dict()
+    report = _metrics(_power(0.5, estimated=False), peak_bytes=3 << 20)
     lines = metrics_table([report]).splitlines()
     header = "device  bundle  runtime  p50 ms  p90 ms  p99 ms  inf/s  peak RSS  power"
     assert lines[0].split() == header.split()
@@ -125,7 +145,7 @@ def test_deploy_data_and_text_installed() -> None:
     assert {k: data[k] for k in outcome_data(outcome)} == outcome_data(outcome)
     text = deploy_text(outcome)
     assert text.startswith("dev-1: installed digits v2 in 2.2 s\ndevice ")
-    assert text.endswith(metrics_table([_metrics().to_dict()]))
+    assert text.endswith(metrics_table([_metrics()]))
 
 
 def test_deploy_text_deferred_names_reason_and_retry() -> None:
@@ -161,7 +181,7 @@ def test_command_data_and_text() -> None:
 
 
 def test_demo_table_notes_size_ratio_and_estimated_power() -> None:
-    power = {"watts": 1.0, "joules_per_inference": 0.002, "source": "cpu model"}
+    power = _power(1.0, joules_per_inference=0.002, source="cpu model")
     rows = (
         DemoRow("digits-v1-fp32", "fp32", 4096, 0.97, _metrics(power, peak_bytes=1 << 20)),
         DemoRow("digits-v2-int8", "int8", 1024, 0.965, _metrics(power, peak_bytes=1 << 20)),
