@@ -117,7 +117,9 @@ def health_check(
     for spec, out in zip(specs, outputs, strict=False):
         if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
             raise HealthCheckError(f"output {spec.name!r} contains NaN or infinity", output=spec.name, check="finite")
-        if len(spec.shape) != out.ndim or any(d is not None and d != got for d, got in zip(spec.shape, out.shape, strict=False)):
+        if len(spec.shape) != out.ndim or any(
+            d is not None and d != got for d, got in zip(spec.shape, out.shape, strict=False)
+        ):
             raise HealthCheckError(
                 f"output {spec.name!r} has shape {list(out.shape)}, model declares {list(spec.shape)}",
                 output=spec.name,
