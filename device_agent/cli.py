@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
         "--outbox-max-bytes", type=int, help="bound of the on-disk buffer of events and metrics kept while offline"
     )
     run.add_argument(
+        "--inbound-queue-max",
+        type=int,
+        help="most inbound messages waiting for the agent; more are dropped, counted and logged (default 1024)",
+    )
+    run.add_argument(
         "--execution",
         choices=EXECUTIONS,
         help="bundles with sparse layers: measure and pick the fastest (auto, the default) or pin one",
@@ -90,15 +95,14 @@ def main(argv: list[str] | None = None) -> int:
                 "update_gate_command": args.update_gate_command,
                 "update_gate_retry_s": args.update_gate_retry,
                 "outbox_max_bytes": args.outbox_max_bytes,
+                "inbound_queue_max": args.inbound_queue_max,
                 "execution": args.execution,
                 "debug_crash_at": args.debug_crash_at,
             },
         )
-        from device_agent.agent import (
-            Agent,  # heavy imports only once the config is valid
-        )
+        from device_agent.agent import Agent, mqtt_transport  # heavy imports only once the config is valid
 
-        agent = Agent(config)
+        agent = Agent(config, mqtt_transport(config))
     except ConfigError as exc:
         print(f"edge-agent: {exc.message}", file=sys.stderr)
         return 2

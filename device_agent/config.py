@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from device_agent.transport import DEFAULT_INBOUND_MAX
 from edge_sdk.bundle import BundleLimits
 from edge_sdk.bundle.manifest import EXECUTIONS
 from edge_sdk.errors import ConfigError, KeyStoreError, UntrustedInputError
@@ -49,6 +50,8 @@ __all__ = ["CRASH_POINTS", "AgentConfig", "load_config"]
 #: active-but-pending; the health check and benchmark passed; state.json says confirmed;
 #: the installed event was published.
 CRASH_POINTS = ("receiving", "received", "staged", "activated", "profiled", "confirmed", "reported")
+#: Smallest inbound queue: a command, a transfer end and a few chunks must fit.
+_MIN_INBOUND = 16
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class AgentConfig:
         update_gate_timeout_s: how long the gate command may take.
         update_gate_retry_s: how often a deferred install asks the gate again.
         outbox_max_bytes: bound of the on-disk buffer of events and metrics kept while offline.
+        inbound_queue_max: most inbound messages waiting for the agent's worker; more are
+            dropped, counted and logged (see :mod:`device_agent.transport`).
         execution: how to run bundles with sparse layers: ``auto`` (measure and pick the
             fastest), or ``dense``/``dense_int8``/``sparse`` to pin it, overriding the
             manifest's choice.
@@ -97,6 +102,7 @@ class AgentConfig:
     update_gate_timeout_s: float = 10.0
     update_gate_retry_s: float = 30.0
     outbox_max_bytes: int = 8 << 20
+    inbound_queue_max: int = DEFAULT_INBOUND_MAX
     execution: str = "auto"
     debug_crash_at: str | None = None
 
@@ -116,12 +122,10 @@ class AgentConfig:
             object.__setattr__(self, "update_gate_command", tuple(self.update_gate_command))
         if self.update_gate_timeout_s <= 0 or self.update_gate_retry_s <= 0:
             raise ConfigError("update gate timeout and retry interval must be positive")
-        if (
-            isinstance(self.outbox_max_bytes, bool)
-            or not isinstance(self.outbox_max_bytes, int)
-            or self.outbox_max_bytes < 1024
-        ):
+        if not _is_int_at_least(self.outbox_max_bytes, 1024):
             raise ConfigError("outbox_max_bytes must be an integer of at least 1024")
+        if not _is_int_at_least(self.inbound_queue_max, _MIN_INBOUND):
+            raise ConfigError(f"inbound_queue_max must be an integer of at least {_MIN_INBOUND}")
         if self.execution not in EXECUTIONS:
             raise ConfigError(f"execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
         if self.debug_crash_at is not None and self.debug_crash_at not in CRASH_POINTS:
@@ -146,6 +150,11 @@ class AgentConfig:
         except UntrustedInputError as exc:
             raise KeyStoreError(f"root of trust {self.root}: {exc.message}") from exc
         return data
+
+
+def _is_int_at_least(value: object, minimum: int) -> bool:
+    """True for an integer (not a bool) of at least ``minimum``; config files can hold anything."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 _PATH_FIELDS = {"data_dir", "ca_file", "cert_file", "key_file", "sysfs_root", "update_gate_file", "root"}

@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.bundle import BundleLimits, DeviceFacts, Expected, Manifest, VerifiedBundle, verify_bundle
-from edge_sdk.durable import atomic_write_bytes, fsync_dir, fsync_tree
+from edge_sdk.durable import atomic_write_bytes, fsync_dir, fsync_tree, read_json
 from edge_sdk.errors import StorageError
 from edge_sdk.trust import TrustedKeys
 
-__all__ = ["ActiveBundle", "Installer", "PendingRollback", "StagedBundle"]
+__all__ = ["ActiveBundle", "BundleChecks", "Installer", "PendingRollback", "StagedBundle"]
 
 log = logging.getLogger(__name__)
 _STATE_SCHEMA = 1
@@ -74,14 +74,8 @@ class ActiveBundle:
         Kept in the slot (``execution.json``) so that a restart does not measure again.
         """
         try:
-            raw = (self.slot / EXECUTION_FILE).read_bytes()
-        except OSError:
-            return None
-        if len(raw) > _MAX_EXECUTION_BYTES:
-            return None
-        try:
-            data = json.loads(raw)
-        except ValueError:
+            data = read_json(self.slot / EXECUTION_FILE, None, max_bytes=_MAX_EXECUTION_BYTES)
+        except StorageError:
             return None
         return data if isinstance(data, dict) else None
 
@@ -111,6 +105,24 @@ class PendingRollback:
 
 
 @dataclass(frozen=True)
+class BundleChecks:
+    """What a received bundle is verified against, besides its own signatures and hashes.
+
+    Passed to :func:`edge_sdk.bundle.verify_bundle` by :meth:`Installer.stage` and
+    :meth:`Installer.stage_scratch`.
+
+    Attributes:
+        trusted: keys that may sign bundles; None means the installer's own keys.
+        device: this device's facts, for the bundle's target constraints; None skips them.
+        expect: the name and version the signed command announced; None skips the match.
+    """
+
+    trusted: TrustedKeys | None = None
+    device: DeviceFacts | None = None
+    expect: Expected | None = None
+
+
+@dataclass(frozen=True)
 class StagedBundle:
     """A verified bundle unpacked into its slot, not yet active."""
 
@@ -124,7 +136,7 @@ class Installer:
     Args:
         data_dir: the agent's own directory (created if missing).
         trusted: keys that may sign bundles.
-        limits: bundle limits.
+        limits: bundle limits (default: :class:`~edge_sdk.bundle.BundleLimits`).
         checkpoint: called with the name of each step of an install as it is reached
             (``staged``, ``activated``, ``confirmed``); the agent's ``debug_crash_at``
             option uses it to SIGKILL itself there in crash-safety tests.
@@ -134,12 +146,12 @@ class Installer:
         self,
         data_dir: Path,
         trusted: TrustedKeys,
-        limits: BundleLimits = BundleLimits(),
+        limits: BundleLimits | None = None,
         checkpoint: Callable[[str], None] = lambda _point: None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.trusted = trusted
-        self.limits = limits
+        self.limits = limits or BundleLimits()
         self.checkpoint = checkpoint
         self.slots_dir = self.data_dir / "slots"
         self.staging_dir = self.data_dir / "staging"
@@ -156,16 +168,7 @@ class Installer:
     # --- state ----------------------------------------------------------------------
 
     def _load_state(self) -> dict[str, Any]:
-        try:
-            raw = self.state_path.read_bytes()
-        except FileNotFoundError:
-            return {"schema": _STATE_SCHEMA, "bundles": {}}
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.state_path}: {exc.strerror}") from exc
-        try:
-            state = json.loads(raw)
-        except ValueError as exc:
-            raise StorageError(f"{self.state_path} is corrupt: {exc}") from exc
+        state = read_json(self.state_path, {"schema": _STATE_SCHEMA, "bundles": {}})
         if (
             not isinstance(state, dict)
             or state.get("schema") != _STATE_SCHEMA
@@ -283,34 +286,32 @@ class Installer:
         _remove(self.deferred_dir / f"{transfer_id}.cmd")
         _remove(self.deferred_dir / f"{transfer_id}.edge")
 
-    def stage(
-        self,
-        bundle_path: Path,
-        now: float,
-        *,
-        trusted: TrustedKeys | None = None,
-        device: DeviceFacts | None = None,
-        expect: Expected | None = None,
-    ) -> StagedBundle:
+    def stage(self, bundle_path: Path, now: float, checks: BundleChecks | None = None) -> StagedBundle:
         """Verify a received bundle and unpack it into a fresh slot (not yet active).
 
-        ``trusted`` (default: the constructor's keys), ``device`` and ``expect`` are passed
-        to :func:`edge_sdk.bundle.verify_bundle`.
+        Args:
+            bundle_path: the received bundle file.
+            now: current time (unix seconds), for expiry checks.
+            checks: what else to verify it against (default: signed by the installer's keys).
+
+        Returns:
+            The verified bundle and its slot.
 
         Raises:
             UntrustedInputError: any failed check (see :func:`edge_sdk.bundle.verify_bundle`).
             StorageError: the slot cannot be written (disk full...).
         """
+        checks = checks or BundleChecks()
         with self._unpacking("unpack-", into=self.slots_dir) as scratch:
             verified = verify_bundle(
                 bundle_path,
-                trusted or self.trusted,
+                checks.trusted or self.trusted,
                 now,
                 installed_version=self.accepted_version,
                 limits=self.limits,
                 extract_to=scratch / "payload",
-                device=device,
-                expect=expect,
+                device=checks.device,
+                expect=checks.expect,
             )
             manifest = verified.manifest
             (scratch / "manifest.json").write_bytes(manifest.to_bytes())
@@ -323,15 +324,7 @@ class Installer:
             fsync_dir(slot.parent)
         return StagedBundle(verified, slot)
 
-    def stage_scratch(
-        self,
-        bundle_path: Path,
-        now: float,
-        *,
-        trusted: TrustedKeys | None = None,
-        device: DeviceFacts | None = None,
-        expect: Expected | None = None,
-    ) -> StagedBundle:
+    def stage_scratch(self, bundle_path: Path, now: float, checks: BundleChecks | None = None) -> StagedBundle:
         """Verify a bundle and unpack it into a scratch directory, for profiling only.
 
         Every check of :meth:`stage` runs except rollback protection (nothing is
@@ -339,19 +332,28 @@ class Installer:
         are not touched; the caller removes the scratch with :meth:`discard`, and
         :meth:`recover` removes it after a crash.
 
+        Args:
+            bundle_path: the received bundle file.
+            now: current time (unix seconds), for expiry checks.
+            checks: what else to verify it against (default: signed by the installer's keys).
+
+        Returns:
+            The verified bundle and its scratch directory.
+
         Raises:
             UntrustedInputError: any failed check.
             StorageError: the scratch directory cannot be written.
         """
+        checks = checks or BundleChecks()
         with self._unpacking("profile-", into=self.tmp_dir) as scratch:
             verified = verify_bundle(
                 bundle_path,
-                trusted or self.trusted,
+                checks.trusted or self.trusted,
                 now,
                 limits=self.limits,
                 extract_to=scratch / "payload",
-                device=device,
-                expect=expect,
+                device=checks.device,
+                expect=checks.expect,
             )
         return StagedBundle(verified, scratch)
 

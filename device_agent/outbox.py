@@ -28,7 +28,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_sdk.durable import atomic_write_bytes, fsync_dir
+from edge_sdk.durable import atomic_write_bytes, fsync_dir, read_json
 from edge_sdk.errors import StorageError
 
 __all__ = ["Outbox", "OutboxRecord"]
@@ -81,11 +81,9 @@ class Outbox:
 
     def _read_cursor(self) -> tuple[int, int]:
         try:
-            raw = json.loads(self._cursor_path.read_bytes())
+            raw = read_json(self._cursor_path, {"offset": 0, "dropped": 0})
             return int(raw["offset"]), int(raw["dropped"])
-        except FileNotFoundError:
-            return 0, 0
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (StorageError, KeyError, TypeError, ValueError) as exc:
             # A lost cursor costs re-delivery of what was sent, never a lost message.
             log.warning("outbox cursor unreadable (%s); delivering the whole log again", exc)
             return 0, 0

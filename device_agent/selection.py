@@ -42,6 +42,7 @@ first of the others that can, in :data:`CANDIDATES` order, with the reason repor
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -136,7 +137,7 @@ def _read_weights(payload: Path, manifest: Manifest, limits: SparseLimits) -> di
         weights = decode_sparse_weights(path.read_bytes(), limits)
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
-    expected = {l.tensor: l for l in spec.layers}
+    expected = {layer.tensor: layer for layer in spec.layers}
     if set(weights) != set(expected) or any(weights[n].shape != expected[n].shape for n in expected):
         raise BundleFormatError(f"sparse weights file {spec.weights} does not hold the layers the manifest lists")
     if any(m.quantized != (spec.values == "int8") for m in weights.values()):
@@ -156,7 +157,7 @@ def _opener(payload: Path, manifest: Manifest, name: str, weights: Mapping[str, 
         skeleton = (payload / spec.dense_model).read_bytes()
     except OSError as exc:
         raise StorageError(f"cannot read {spec.dense_model}: {exc.strerror}") from exc
-    transposed = {l.tensor: l.transposed for l in spec.layers}
+    transposed = {layer.tensor: layer.transposed for layer in spec.layers}
     build, precision = (dense_int8_model, "int8") if name == "dense_int8" else (dense_model, "fp32")
 
     def open_dense(options: SessionOptions) -> InferenceSession:
@@ -165,7 +166,7 @@ def _opener(payload: Path, manifest: Manifest, name: str, weights: Mapping[str, 
     return open_dense
 
 
-def execution_opener(payload: Path, manifest: Manifest, name: str, limits: SparseLimits = SparseLimits()) -> Opener:
+def execution_opener(payload: Path, manifest: Manifest, name: str, limits: SparseLimits | None = None) -> Opener:
     """A function that opens execution ``name`` of a sparse bundle unpacked in ``payload``.
 
     The weights file is read and checked once, here.
@@ -174,7 +175,7 @@ def execution_opener(payload: Path, manifest: Manifest, name: str, limits: Spars
         payload: directory holding the bundle's files.
         manifest: its manifest (with ``sparse``).
         name: one of :data:`CANDIDATES` (see :func:`not_applicable` for whether it applies).
-        limits: bounds on the weights file.
+        limits: bounds on the weights file (default: :class:`~edge_sdk.bundle.sparse.SparseLimits`).
 
     Raises:
         BundleFormatError: the weights file is corrupt, beyond ``limits`` or does not
@@ -183,7 +184,7 @@ def execution_opener(payload: Path, manifest: Manifest, name: str, limits: Spars
         StorageError: a file cannot be read.
         ValueError: ``name`` is not a candidate.
     """
-    return _opener(payload, manifest, name, _read_weights(payload, manifest, limits))
+    return _opener(payload, manifest, name, _read_weights(payload, manifest, limits or SparseLimits()))
 
 
 def _pin(manifest: Manifest, configured: str) -> tuple[str | None, str | None]:
@@ -289,7 +290,7 @@ def measure(
     each candidate's figures are the median (mean for ``mean_ms``) over the rounds.
     """
     rounds = benchmark_interleaved(
-        {name: (lambda s=session, f=feeds[name]: s.run(f)) for name, session in sessions.items()},
+        {name: functools.partial(session.run, feeds[name]) for name, session in sessions.items()},
         rounds=ROUNDS,
         runs_per_round=max(1, spec.runs // ROUNDS),
         warmup=spec.warmup,

@@ -25,7 +25,7 @@ import json
 import logging
 from pathlib import Path
 
-from edge_sdk.durable import atomic_write_bytes
+from edge_sdk.durable import atomic_write_bytes, read_json
 from edge_sdk.errors import ReplayError, StorageError, UntrustedInputError
 from edge_sdk.trust import Root, SignedRoot, load_root, verify_root_update
 
@@ -117,16 +117,7 @@ class TrustStore:
     # --- nonces -------------------------------------------------------------------------
 
     def _load_nonces(self) -> dict[str, float]:
-        try:
-            raw = self.nonces_path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.nonces_path}: {exc.strerror}") from exc
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise StorageError(f"{self.nonces_path} is corrupt: {exc}") from exc
+        body = read_json(self.nonces_path, {})
         if not isinstance(body, dict) or not all(isinstance(v, (int, float)) for v in body.values()):
             raise StorageError(f"{self.nonces_path} is corrupt: unknown layout")
         return {str(k): float(v) for k, v in body.items()}

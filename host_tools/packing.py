@@ -209,7 +209,7 @@ def _sparse_bundle_spec(spec: BundleSpec, tmp: Path, sparse: SparseOptions) -> B
     weights = decode_sparse_weights(files[sparse_spec.weights].read_bytes())
     with (
         open_session(spec.model, "onnxruntime") as dense,
-        open_sparse_session(model_path, weights) as sparse_session,  # type: ignore[arg-type]  # CsrMatrix is a CsrLike; mypy cannot see it through the dict's invariance
+        open_sparse_session(model_path, weights) as sparse_session,
     ):
         feeds = sample_feeds(dense.inputs(), np.random.default_rng(0))
         want, got = dense.run(feeds), sparse_session.run(feeds)

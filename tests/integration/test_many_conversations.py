@@ -86,7 +86,11 @@ def test_twenty_deploys_over_one_connection_each_get_their_own_outcome(
             assert out.state == "installed" and out.error is None, what
             assert out.bundle_version == version
             assert out.metrics is not None and out.metrics.device_id == device_id
-            assert out.metrics.bundle_version == version and out.metrics.latency is not None and out.metrics.latency.count >= 5
+            assert (
+                out.metrics.bundle_version == version
+                and out.metrics.latency is not None
+                and out.metrics.latency.count >= 5
+            )
             assert agent.state()["bundles"]["tiny"]["active"]["version"] == version
         elif kind == "flipped":
             assert out.state == "refused" and out.error is not None and out.error.code == "hash_mismatch", what

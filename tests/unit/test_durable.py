@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_sdk.durable import atomic_write_bytes, atomic_writer, fsync_dir, fsync_tree
+from edge_sdk.durable import atomic_write_bytes, atomic_writer, fsync_dir, fsync_tree, read_json
 from edge_sdk.errors import StorageError
 
 
@@ -79,3 +79,33 @@ def test_fsync_helpers_accept_real_trees(tmp_path: Path) -> None:
     (tmp_path / "g").write_bytes(b"2")
     fsync_tree(tmp_path)
     fsync_dir(tmp_path)
+
+
+# --- read_json: the one reader of our own JSON files ------------------------------------------
+
+
+def test_read_json_returns_the_default_only_for_a_missing_file(tmp_path: Path) -> None:
+    default: dict[str, int] = {}
+    assert read_json(tmp_path / "absent.json", default) is default
+    atomic_write_bytes(tmp_path / "state.json", b'{"a": [1, 2]}')
+    assert read_json(tmp_path / "state.json", default) == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b""], ids=repr)
+def test_read_json_calls_garbage_corrupt(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "state.json").write_bytes(content)
+    with pytest.raises(StorageError, match="corrupt"):
+        read_json(tmp_path / "state.json", None)
+
+
+def test_read_json_refuses_a_file_above_its_bound_before_parsing(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_bytes(b"[" + b"1," * 100 + b"1]")
+    assert len(read_json(tmp_path / "state.json", None, max_bytes=1000)) == 101
+    with pytest.raises(StorageError, match="larger than 100 bytes"):
+        read_json(tmp_path / "state.json", None, max_bytes=100)
+
+
+def test_read_json_of_an_unreadable_path_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(StorageError, match="cannot read"):
+        read_json(tmp_path / "dir.json", {})

@@ -406,3 +406,21 @@ def test_disk_full_while_unpacking_is_a_storage_error_and_leaves_no_scratch(
         getattr(installer, method)(bundle, NOW)
     assert list(installer.tmp_dir.iterdir()) == []
     assert _listing(installer.slots_dir) == {}
+
+
+def test_stage_checks_the_bundle_against_the_typed_request(installer: Installer, make_bundle, key: SigningKey) -> None:  # type: ignore[no-untyped-def]
+    from device_agent.installer import BundleChecks
+    from edge_sdk.bundle import Expected
+
+    bundle = make_bundle(1)
+    with pytest.raises(UntrustedInputError):
+        installer.stage(bundle, NOW, BundleChecks(expect=Expected("digits", 2)))
+    with pytest.raises(UntrustedKeyError):
+        installer.stage(bundle, NOW, BundleChecks(trusted=TrustedKeys((SigningKey.generate().public_key,))))
+    with pytest.raises(UntrustedInputError):
+        installer.stage_scratch(bundle, NOW, BundleChecks(expect=Expected("other", 1)))
+    assert installer.all_active() == [] and list(installer.tmp_dir.iterdir()) == []
+    staged = installer.stage(
+        bundle, NOW, BundleChecks(trusted=TrustedKeys((key.public_key,)), expect=Expected("digits", 1))
+    )
+    assert staged.verified.manifest.version == 1

@@ -1,0 +1,366 @@
+"""The install sequence: what happens to a received bundle, read top to bottom.
+
+::
+
+    received        RECEIVED event                      (whole file, hash checked: device_agent.receiving)
+    action profile  -> verify into scratch, benchmark, metrics (not retained), PROFILED, scratch removed
+    gate closed     -> DEFERRED (reason); bundle kept under deferred/, the gate asked again every
+                       update_gate_retry_s (retry_deferred), then installed as below
+    install         stage      verify against root, device and command; unpack into a slot
+                    activate   state.json: active, pending its health check
+                    health     load, run the sample, benchmark (sparse bundles: choose the execution)
+                    confirm    state.json: pending mark cleared    | roll back on a failed health check
+                    report     INSTALLED, new status, metrics report (retained)
+
+An error on the way becomes an event: ``refused`` for bad input (nothing changed), ``failed``
+for everything else (a failed health check has already rolled back). The disk work of each
+step is :class:`device_agent.installer.Installer`'s; the decisions and their order are here.
+Rollback and remove commands, which also change what runs, are here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from device_agent.config import AgentConfig
+from device_agent.gate import UpdateGate
+from device_agent.installer import BundleChecks, Installer, PendingRollback
+from device_agent.platform import PlatformInfo
+from device_agent.receiving import ReceivedBundle
+from device_agent.reporter import Reporter
+from device_agent.trust_store import TrustStore
+from edge_sdk.bundle import DeviceFacts, Expected, Manifest
+from edge_sdk.errors import (
+    EdgeError,
+    HealthCheckError,
+    ModelError,
+    RollbackError,
+    StorageError,
+    UntrustedInputError,
+)
+from edge_sdk.metrics import PowerSource
+from edge_sdk.protocol import (
+    CodecLimits,
+    DeployCommand,
+    EventKind,
+    MetricsReport,
+    RemoveCommand,
+    RollbackCommand,
+    decode,
+    encode,
+)
+
+if TYPE_CHECKING:  # numpy and the runtimes are imported only when a model is profiled
+    from device_agent.profiler import Profile
+    from device_agent.selection import ExecutionChoice
+
+__all__ = ["InstallSequence"]
+
+log = logging.getLogger(__name__)
+
+
+class InstallSequence:
+    """Installs, profiles, defers, rolls back and removes bundles on one device.
+
+    Args:
+        config: the agent's configuration (device facts, gate timing, execution pin).
+        installer: the slots on disk.
+        trust: the current root of trust (bundles are verified against it).
+        reporter: where events, status and metrics go.
+        platform: what this device is (for bundles' target constraints).
+        power: where power figures come from (for the benchmark).
+        gate: may an install happen now.
+        clock: wall-clock seconds (expiry checks, timestamps).
+        monotonic: monotonic seconds (when to ask the gate again).
+        checkpoint: called with ``received``, ``profiled`` and ``reported`` as they are reached
+            (the ``debug_crash_at`` option).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        installer: Installer,
+        trust: TrustStore,
+        reporter: Reporter,
+        platform: PlatformInfo,
+        power: PowerSource,
+        gate: UpdateGate,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        checkpoint: Callable[[str], None] = lambda _point: None,
+    ) -> None:
+        self.config = config
+        self.installer = installer
+        self.trust = trust
+        self.reporter = reporter
+        self.platform = platform
+        self.power = power
+        self.gate = gate
+        self.clock = clock
+        self.monotonic = monotonic
+        self.checkpoint = checkpoint
+        self.codec_limits = CodecLimits()
+        self.next_gate_check = 0.0
+
+    # --- a received bundle ------------------------------------------------------------
+
+    def received(self, bundle: ReceivedBundle) -> None:
+        """Take a received bundle through the sequence; every outcome is reported, none raised."""
+        cmd = bundle.command
+        try:
+            self.reporter.event(EventKind.RECEIVED, cmd=cmd)
+            self.checkpoint("received")
+            if cmd.action == "profile":
+                self._profile_only(cmd, bundle.path)
+                return
+            decision = self.gate.check()
+            if not decision.open:
+                self.installer.defer(cmd.transfer.transfer_id, bundle.path, encode(cmd))
+                self.next_gate_check = self.monotonic() + self.config.update_gate_retry_s
+                log.info("install of %s v%s deferred: %s", cmd.bundle_name, cmd.bundle_version, decision.reason)
+                self.reporter.event(
+                    EventKind.DEFERRED,
+                    cmd=cmd,
+                    detail={"reason": decision.reason, "retry_s": self.config.update_gate_retry_s},
+                )
+                return
+            self.install(cmd, bundle.path)
+        except UntrustedInputError as exc:
+            log.warning("refused %s v%s: %s", cmd.bundle_name, cmd.bundle_version, exc.message)
+            self.reporter.event(EventKind.REFUSED, cmd=cmd, error=exc)
+        except EdgeError as exc:
+            log.warning("install of %s v%s failed: %s", cmd.bundle_name, cmd.bundle_version, exc.message)
+            self.reporter.event(EventKind.FAILED, cmd=cmd, error=exc)
+        finally:
+            bundle.discard()
+
+    def install(self, cmd: DeployCommand, bundle_path: Path) -> None:
+        """Stage, activate, health-check, then confirm or roll back; report.
+
+        Raises:
+            UntrustedInputError: the bundle failed a check (nothing changed).
+            ModelError: the health check failed (already rolled back, status published).
+            StorageError: the disk refused a step.
+        """
+        staged = self.installer.stage(bundle_path, self.clock(), self._checks(cmd))
+        manifest = staged.verified.manifest
+        self.installer.activate(staged, cmd.command_id)
+        active = self.installer.active(manifest.name)
+        if active is None:
+            raise StorageError(f"{manifest.name} v{manifest.version} is not active right after its activation")
+        try:
+            profile, choice = self._profile(manifest, active.slot / "payload", cmd)
+            if choice is not None:
+                self.installer.record_execution(active, choice.to_dict())
+        except ModelError as exc:
+            restored = self.installer.rollback(manifest.name)
+            exc.details["rolled_back_to"] = restored.version if restored else None
+            log.warning(
+                "%s v%s failed its health check (%s); rolled back to %s",
+                manifest.name,
+                manifest.version,
+                exc.message,
+                restored.version if restored else "nothing",
+            )
+            self.reporter.publish_status()
+            raise
+        self.checkpoint("profiled")
+        self.installer.confirm(manifest.name)
+        self.reporter.event(
+            EventKind.INSTALLED,
+            cmd=cmd,
+            detail={"name": manifest.name, "version": manifest.version, "checks": list(staged.verified.checks)},
+        )
+        self.checkpoint("reported")
+        self.reporter.publish_status()
+        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, choice)
+        self.reporter.metrics(report, retain=True)
+        log.info(
+            "installed %s v%s: p50 %.3f ms, p99 %.3f ms",
+            manifest.name,
+            manifest.version,
+            profile.latency.p50_ms,
+            profile.latency.p99_ms,
+        )
+
+    def _profile_only(self, cmd: DeployCommand, bundle_path: Path) -> None:
+        """Verify, benchmark from a scratch directory, report, remove. Nothing is activated."""
+        scratch = self.installer.stage_scratch(bundle_path, self.clock(), self._checks(cmd))
+        manifest = scratch.verified.manifest
+        try:
+            profile, choice = self._profile(manifest, scratch.slot / "payload", cmd)
+        finally:
+            self.installer.discard(scratch)
+        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, choice, mode="profile")
+        self.reporter.metrics(report)
+        self.reporter.event(EventKind.PROFILED, cmd=cmd, detail={"name": manifest.name, "version": manifest.version})
+        log.info(
+            "profiled %s v%s without installing: p50 %.3f ms",
+            manifest.name,
+            manifest.version,
+            profile.latency.p50_ms,
+        )
+
+    def _checks(self, cmd: DeployCommand) -> BundleChecks:
+        """What a bundle is verified against: the current root, this device, the signed command."""
+        self.trust.root.check_not_expired(self.clock())
+        return BundleChecks(
+            trusted=self.trust.root.trusted("bundles"),
+            device=DeviceFacts(self.platform.arch, self.platform.memory_bytes, frozenset(self.config.accelerators)),
+            expect=Expected(cmd.bundle_name, cmd.bundle_version, rollback=cmd.rollback),
+        )
+
+    def _profile(self, manifest: Manifest, payload: Path, cmd: DeployCommand) -> tuple[Profile, ExecutionChoice | None]:
+        """Health-check and benchmark the bundle unpacked in ``payload``.
+
+        A bundle with sparse layers first gets its execution chosen (by pin or by
+        measurement, :mod:`device_agent.selection`), and the profile runs that one.
+
+        Returns:
+            The profile, and the execution choice (``None`` for other bundles).
+
+        Raises:
+            ModelError: the model does not load or fails its health check, the sparse
+                files are unusable, or no execution can run.
+        """
+        from device_agent.profiler import profile_model  # numpy and the runtimes only when needed
+
+        sample = payload / manifest.sample_input if manifest.sample_input else None
+        choice, opener = None, None
+        if manifest.sparse is not None:
+            from device_agent.selection import select_execution  # sparse bundles only
+
+            try:
+                choice, opener = select_execution(payload, manifest, cmd.benchmark, self.config.execution, sample)
+            except ModelError:
+                raise
+            except EdgeError as exc:
+                raise HealthCheckError(f"{exc.code}: {exc.message}", check="execution") from exc
+        profile = profile_model(
+            payload / manifest.model,
+            manifest.runtime,
+            manifest.precision,
+            sample,
+            cmd.benchmark,
+            self.power,
+            self.config.sysfs_root,
+            max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
+            opener=opener,
+        )
+        return profile, choice
+
+    def _metrics_report(
+        self,
+        cmd: DeployCommand,
+        name: str,
+        version: int,
+        profile: Profile,
+        choice: ExecutionChoice | None,
+        **extra: object,
+    ) -> MetricsReport:
+        return MetricsReport(
+            device_id=self.config.device_id,
+            bundle_name=name,
+            bundle_version=version,
+            runtime=profile.runtime,
+            precision=profile.precision,
+            ts=self.clock(),
+            command_id=cmd.command_id,
+            threads=profile.threads,
+            providers=profile.providers,
+            latency=profile.latency,
+            memory=profile.memory,
+            cpu=profile.cpu,
+            power=profile.power,
+            temperature=profile.temperature,
+            execution=choice,
+            extra=dict(extra),
+        )
+
+    # --- deferred installs --------------------------------------------------------------
+
+    def retry_deferred(self) -> None:
+        """Ask the gate again for installs it held back, when due; install them oldest first once it opens."""
+        if self.monotonic() < self.next_gate_check:
+            return
+        self.next_gate_check = self.monotonic() + self.config.update_gate_retry_s
+        waiting = self.installer.deferred()
+        if not waiting:
+            return
+        decision = self.gate.check()
+        if not decision.open:
+            log.debug("update gate still closed (%s); %d install(s) wait", decision.reason, len(waiting))
+            return
+        for tid, path, raw in waiting:
+            try:
+                cmd = decode(raw, self.codec_limits)
+                if not isinstance(cmd, DeployCommand):
+                    raise StorageError(f"deferred command {tid} is not a deploy command")
+            except EdgeError as exc:
+                log.warning("dropping unreadable deferred install %s: %s", tid, exc.message)
+                self.installer.drop_deferred(tid)
+                continue
+            active = self.installer.active(cmd.bundle_name)
+            if active is not None and active.version == cmd.bundle_version:
+                # Installed and confirmed before a crash or restart kept us from dropping
+                # it; installing it again would only be refused as "not newer".
+                log.info("deferred %s v%s is already active; dropping it", cmd.bundle_name, cmd.bundle_version)
+                self.installer.drop_deferred(tid)
+                continue
+            log.info("update gate open: installing deferred %s v%s", cmd.bundle_name, cmd.bundle_version)
+            try:
+                self.install(cmd, path)
+            except UntrustedInputError as exc:
+                self.reporter.event(EventKind.REFUSED, cmd=cmd, error=exc)
+            except EdgeError as exc:
+                self.reporter.event(EventKind.FAILED, cmd=cmd, error=exc)
+            finally:
+                self.installer.drop_deferred(tid)
+
+    # --- other changes of what runs --------------------------------------------------------
+
+    def roll_back(self, cmd: RollbackCommand) -> None:
+        """Re-activate the kept previous version, only if it is the one the command names."""
+        previous = self.installer.previous(cmd.bundle_name)
+        if previous is None or previous.version != cmd.bundle_version:
+            kept = f"v{previous.version}" if previous else "no previous version"
+            err = RollbackError(
+                f"cannot roll {cmd.bundle_name} back to v{cmd.bundle_version}: this device keeps {kept}; "
+                f"deploy that version's bundle as a rollback instead",
+                offered=cmd.bundle_version,
+                installed=previous.version if previous else None,
+            )
+            self.reporter.event(EventKind.REFUSED, cmd=cmd, error=err)
+            return
+        restored = self.installer.rollback(cmd.bundle_name)
+        self.reporter.publish_status()
+        self.reporter.event(
+            EventKind.DONE,
+            cmd=cmd,
+            detail={"action": "rollback", "name": cmd.bundle_name, "version": restored.version if restored else None},
+        )
+
+    def remove(self, cmd: RemoveCommand) -> None:
+        """Stop running a bundle and delete its slots."""
+        removed = self.installer.remove(cmd.bundle_name)
+        self.reporter.publish_status()
+        self.reporter.event(
+            EventKind.DONE, cmd=cmd, detail={"action": "remove", "name": cmd.bundle_name, "removed": removed}
+        )
+
+    def report_interrupted(self, rb: PendingRollback) -> None:
+        """Report an install found pending at start, and rolled back then (see :meth:`Installer.roll_back_pending`)."""
+        err = HealthCheckError(
+            f"install of {rb.name} v{rb.version} was interrupted before it passed its health check "
+            f"(agent restarted); rolled back to {f'v{rb.restored}' if rb.restored else 'nothing'}",
+            check="interrupted",
+            rolled_back_to=rb.restored,
+        )
+        log.warning("%s", err.message)
+        self.reporter.event(
+            EventKind.FAILED, error=err, command_id=rb.command_id, detail={"name": rb.name, "version": rb.version}
+        )

@@ -1,0 +1,200 @@
+"""What the agent says: its status (birth and goodbye), events about commands, metrics.
+
+Everything but the status goes through the on-disk outbox (:mod:`device_agent.outbox`)
+whenever the broker is unreachable or older messages still wait, and leaves in order
+once the broker is back. The status is retained by the broker and always current, so
+it is only ever published live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from device_agent.installer import Installer
+from device_agent.outbox import Outbox
+from device_agent.platform import PlatformInfo
+from device_agent.transport import InboundQueue, Transport
+from edge_sdk import __version__
+from edge_sdk.errors import EdgeError, TransportError
+from edge_sdk.metrics import PowerSource
+from edge_sdk.protocol import (
+    DeployCommand,
+    DeviceStatus,
+    DeviceTopics,
+    ErrorInfo,
+    Event,
+    EventKind,
+    MetricsReport,
+    RemoveCommand,
+    RollbackCommand,
+    encode,
+)
+from edge_sdk.runtime import available_runtimes
+
+__all__ = ["Reporter"]
+
+log = logging.getLogger(__name__)
+_MAX_MISSING_LISTED = 2048
+_OUTBOX_ACK_TIMEOUT_S = 10.0
+_OUTBOX_COMMIT_EVERY = 32
+
+
+class Reporter:
+    """Publishes one device's status, events and metrics, buffering them while offline.
+
+    Args:
+        device_id: this device.
+        transport: the connection.
+        outbox: the offline buffer.
+        installer: what is installed (the status lists the active bundles).
+        platform: what this device is (for the status).
+        power: where power figures come from (for the status).
+        inbound: the agent's inbound queue; the status says how many messages it dropped.
+        clock: wall-clock seconds, for timestamps.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        transport: Transport,
+        outbox: Outbox,
+        installer: Installer,
+        platform: PlatformInfo,
+        power: PowerSource,
+        inbound: InboundQueue,
+        clock: Callable[[], float],
+    ) -> None:
+        self.device_id = device_id
+        self.topics = DeviceTopics(device_id)
+        self.transport = transport
+        self.outbox = outbox
+        self.installer = installer
+        self.platform = platform
+        self.power = power
+        self.inbound = inbound
+        self.clock = clock
+
+    # --- status ---------------------------------------------------------------------
+
+    def status(self, state: str) -> DeviceStatus:
+        """This device's status now (``online`` or ``offline``)."""
+        extra: dict[str, Any] = {}
+        if self.inbound.dropped:
+            extra["inbound_dropped"] = self.inbound.dropped
+        return DeviceStatus(
+            self.device_id,
+            state,
+            self.clock(),
+            agent_version=__version__,
+            platform=self.platform.to_dict()
+            | {"power_source": self.power.name, "power_estimated": self.power.estimated},
+            runtimes=available_runtimes(),
+            active={"bundles": [a.to_dict() for a in self.installer.all_active()]},
+            extra=extra,
+        )
+
+    def publish_status(self) -> None:
+        """Publish the ``online`` status (retained): the birth message, and every change of what runs."""
+        self.transport.publish(self.topics.status, encode(self.status("online")), retain=True)
+
+    def goodbye(self) -> None:
+        """Publish the ``offline`` status and wait for it, if connected (a clean stop sends no will)."""
+        if self.transport.connected:
+            with contextlib.suppress(EdgeError):
+                self.transport.publish_wait(self.topics.status, encode(self.status("offline")), retain=True)
+
+    # --- events and metrics -----------------------------------------------------------
+
+    def event(
+        self,
+        kind: str,
+        cmd: DeployCommand | RollbackCommand | RemoveCommand | None = None,
+        error: EdgeError | None = None,
+        missing: list[int] | None = None,
+        detail: dict[str, Any] | None = None,
+        command_id: str = "",
+    ) -> None:
+        """Report what happened to a command.
+
+        Args:
+            kind: an :class:`~edge_sdk.protocol.EventKind`.
+            cmd: the command it is about (gives the command and transfer ids).
+            error: why it was refused or failed.
+            missing: chunk indices the device lacks (at most 2048 are listed).
+            detail: facts for the host (name, version, reason...).
+            command_id: the command id when there is no ``cmd``.
+        """
+        event = Event(
+            device_id=self.device_id,
+            kind=kind,
+            ts=self.clock(),
+            command_id=cmd.command_id if cmd else command_id,
+            transfer_id=cmd.transfer.transfer_id if isinstance(cmd, DeployCommand) else "",
+            missing=tuple((missing or [])[:_MAX_MISSING_LISTED]),
+            error=ErrorInfo(error.code, error.message, _jsonable(error.details)) if error else None,
+            detail=detail or {},
+        )
+        self.send(self.topics.events, encode(event))
+
+    def metrics(self, report: MetricsReport, retain: bool = False) -> None:
+        """Report a benchmark (retained for the installed version, not for a profile-only run)."""
+        self.send(self.topics.metrics, encode(report), retain=retain)
+
+    def send(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish now when online and nothing older waits; else buffer on disk, in order."""
+        if self.transport.connected and not self.outbox.pending:
+            self.transport.publish(topic, payload, retain=retain)
+            return
+        if not self.outbox.append(topic, payload, retain):
+            log.warning("offline buffer full (%d bytes): message to %s dropped", self.outbox.max_bytes, topic)
+
+    # --- offline buffer -------------------------------------------------------------
+
+    def drain_outbox(self) -> None:
+        """Deliver buffered messages oldest first, each acknowledged before the next."""
+        sent = 0
+        try:
+            while self.transport.connected and (record := self.outbox.peek()) is not None:
+                try:
+                    self.transport.publish(record.topic, record.payload, retain=record.retain).wait(
+                        _OUTBOX_ACK_TIMEOUT_S
+                    )
+                except TransportError as exc:
+                    log.info("outbox delivery paused: %s", exc.message)
+                    break
+                self.outbox.pop()
+                sent += 1
+                if sent % _OUTBOX_COMMIT_EVERY == 0:
+                    self.outbox.commit()
+        finally:
+            self.outbox.commit()
+        if sent:
+            log.info("delivered %d buffered message(s)", sent)
+        if self.outbox.dropped and not self.outbox.pending and self.transport.connected:
+            dropped = self.outbox.dropped
+            event = Event(
+                device_id=self.device_id,
+                kind=EventKind.DROPPED,
+                ts=self.clock(),
+                detail={"count": dropped, "max_bytes": self.outbox.max_bytes},
+            )
+            try:
+                self.transport.publish(self.topics.events, encode(event)).wait(_OUTBOX_ACK_TIMEOUT_S)
+            except TransportError:
+                return
+            log.warning("reported %d message(s) dropped while offline", dropped)
+            self.outbox.reset_dropped()
+
+    def close(self) -> None:
+        """Close the outbox (its files stay for the next start)."""
+        self.outbox.close()
+
+
+def _jsonable(details: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in details.items():
+        out[k] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
+    return out

@@ -1,0 +1,178 @@
+"""What the agent needs from its connection, and the bounded queue between it and the worker.
+
+:class:`Transport` is the seam: publish, subscribe, and one inbox of inbound messages and
+connection changes. :class:`edge_sdk.mqtt.MqttClient` satisfies it as it is (structurally,
+nothing to inherit); unit tests pass an in-memory one.
+
+The network side never waits for the worker: a small pump thread moves everything from
+the transport's inbox into an :class:`InboundQueue` of bounded length. While the worker
+is busy (a health check, a benchmark) and the queue is full, new messages are dropped,
+counted and logged, so a flood costs messages, never the device's memory. Dropping is
+safe for this protocol: a lost chunk is asked for again at ``transfer_end``, and a lost
+command is one the host times out on and retries. Connection changes are never dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from edge_sdk.mqtt import ConnectionChange, Incoming
+
+__all__ = ["DEFAULT_INBOUND_MAX", "InboundQueue", "Inbox", "PublishAck", "Transport", "pump"]
+
+log = logging.getLogger(__name__)
+
+#: Default bound of the agent's inbound queue, in messages (1024 chunks of 64 KiB: 64 MiB).
+DEFAULT_INBOUND_MAX = 1024
+_DROP_LOG_EVERY_S = 30.0
+
+Inbound = Incoming | ConnectionChange
+
+
+class PublishAck(Protocol):
+    """A publish in flight."""
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until the broker acknowledged it; raise TransportError if it did not."""
+
+
+class Inbox(Protocol):
+    """Where a transport puts what arrives (a :class:`queue.Queue` is one)."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Incoming | ConnectionChange:
+        """The next item; raise :class:`queue.Empty` when none came within ``timeout``."""
+        ...
+
+
+class Transport(Protocol):
+    """A connection to the broker, as the agent uses it."""
+
+    @property
+    def address(self) -> object:
+        """Where it connects to, for log lines."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker accepts publishes."""
+        ...
+
+    @property
+    def inbox(self) -> Inbox:
+        """Inbound messages and connection changes, in arrival order."""
+        ...
+
+    def start(self) -> None:
+        """Connect in the background, and keep reconnecting."""
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now and after every reconnect."""
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishAck:
+        """Queue a publish."""
+        ...
+
+    def publish_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Publish and wait for the broker's acknowledgement."""
+
+    def close(self) -> None:
+        """Disconnect cleanly (no will)."""
+
+
+class InboundQueue:
+    """A FIFO of inbound items with a bound; thread-safe for one producer and one consumer.
+
+    Args:
+        max_messages: most :class:`Incoming` messages held; more are dropped and counted.
+            Connection changes are always kept (they are few and the agent must see them).
+        clock: monotonic seconds, for rate-limiting the drop warnings.
+        log_every_s: at most one drop warning per this many seconds.
+    """
+
+    def __init__(
+        self,
+        max_messages: int = DEFAULT_INBOUND_MAX,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        log_every_s: float = _DROP_LOG_EVERY_S,
+    ) -> None:
+        if max_messages < 1:
+            raise ValueError(f"inbound queue bound must be positive, got {max_messages}")
+        self.max_messages = max_messages
+        self._items: collections.deque[Inbound] = collections.deque()
+        self._messages = 0
+        self._ready = threading.Condition()
+        self._clock = clock
+        self._log_every_s = log_every_s
+        self._dropped = 0
+        self._unlogged = 0
+        self._last_log: float | None = None
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the queue was full, since start."""
+        return self._dropped
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Inbound) -> bool:
+        """Add an item unless the queue is full.
+
+        Returns:
+            False when a message was dropped (counted, and logged at most every ``log_every_s``).
+        """
+        with self._ready:
+            if isinstance(item, Incoming):
+                if self._messages >= self.max_messages:
+                    self._drop(item)
+                    return False
+                self._messages += 1
+            self._items.append(item)
+            self._ready.notify()
+        return True
+
+    def get(self, timeout: float) -> Inbound | None:
+        """The oldest item, waiting up to ``timeout`` seconds; None if none came."""
+        with self._ready:
+            if not self._items and not self._ready.wait_for(lambda: bool(self._items), timeout):
+                return None
+            item = self._items.popleft()
+            if isinstance(item, Incoming):
+                self._messages -= 1
+            return item
+
+    def _drop(self, item: Incoming) -> None:
+        self._dropped += 1
+        self._unlogged += 1
+        now = self._clock()
+        if self._last_log is None or now - self._last_log >= self._log_every_s:
+            log.warning(
+                "inbound queue full (%d messages): dropped %d message(s) (latest to %s), %d since start",
+                self.max_messages,
+                self._unlogged,
+                item.topic,
+                self._dropped,
+            )
+            self._last_log = now
+            self._unlogged = 0
+
+
+def pump(source: Inbox, into: InboundQueue, stop: threading.Event, poll_s: float = 0.2) -> None:
+    """Move items from a transport's inbox into the bounded queue until ``stop`` is set.
+
+    Runs on its own thread and does nothing else, so the transport's inbox stays short
+    however long the worker is busy.
+    """
+    while not stop.is_set():
+        try:
+            item = source.get(timeout=poll_s)
+        except queue.Empty:
+            continue
+        into.put(item)

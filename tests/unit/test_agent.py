@@ -1,0 +1,338 @@
+"""device_agent.agent: a whole Agent driven through an in-memory transport.
+
+Real installer, trust store, outbox, onnxruntime and models; only the broker is played
+by :class:`memory_transport.MemoryTransport`. The real-process tests are in
+tests/integration/test_agent_*.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from agent_models import nan_model
+from harness import build_tiny_model
+from memory_transport import MemoryTransport
+
+from device_agent.agent import Agent
+from device_agent.config import AgentConfig
+from edge_sdk.bundle import BundleSpec, pack_bundle
+from edge_sdk.mqtt import Incoming
+from edge_sdk.protocol import (
+    BenchmarkSpec,
+    DeployCommand,
+    DeviceTopics,
+    Event,
+    EventKind,
+    RemoveCommand,
+    RollbackCommand,
+    TransferEnd,
+    TransferOffer,
+    encode,
+    encode_chunk,
+    sign_command,
+)
+from edge_sdk.trust import Role, Root, SigningKey, sign_root
+
+DEVICE = "pi-unit"
+CHUNK = 1024
+TOPICS = DeviceTopics(DEVICE)
+
+
+class Fleet:
+    """The host's side: keys, bundles, signed commands and chunks for one device."""
+
+    def __init__(self, d: Path) -> None:
+        self.dir = d
+        self.root_key, self.bundle_key, self.command_key = (SigningKey.generate() for _ in range(3))
+        every = {k.keyid: k.public_key for k in (self.root_key, self.bundle_key, self.command_key)}
+        root = Root(
+            1,
+            time.time() + 86400,
+            every,
+            {
+                "root": Role((self.root_key.keyid,)),
+                "bundles": Role((self.bundle_key.keyid,)),
+                "commands": Role((self.command_key.keyid,)),
+            },
+        )
+        self.root_path = d / "root.json"
+        self.root_path.write_bytes(sign_root(root, [self.root_key]).to_bytes())
+        self.model = build_tiny_model(d)
+
+    def bundle(self, version: int, name: str = "tiny", model: tuple[Path, Path] | None = None) -> bytes:
+        path, sample = model or (self.model.path, self.model.sample)
+        out = self.dir / f"{name}-v{version}.edge"
+        pack_bundle(
+            BundleSpec(name, version, "onnxruntime", path, sample_input=sample), [self.bundle_key], out, now=time.time()
+        )
+        return out.read_bytes()
+
+    def signed(self, cmd: DeployCommand | RollbackCommand | RemoveCommand) -> bytes:
+        return encode(sign_command(cmd, [self.command_key]))
+
+    def deploy(self, data: bytes, name: str, version: int) -> DeployCommand:
+        offer = TransferOffer(uuid.uuid4().hex, len(data), hashlib.sha256(data).hexdigest(), CHUNK)
+        return DeployCommand(
+            uuid.uuid4().hex,
+            name,
+            version,
+            offer,
+            time.time(),
+            benchmark=BenchmarkSpec(runs=3, warmup=1),
+            device_id=DEVICE,
+            expires_at=time.time() + 300,
+        )
+
+
+def chunks(cmd: DeployCommand, data: bytes) -> list[bytes]:
+    tid = cmd.transfer.transfer_id
+    return [encode_chunk(tid, i, data[off : off + CHUNK]) for i, off in enumerate(range(0, len(data), CHUNK))]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    d = tmp_path / "host"
+    d.mkdir()
+    return Fleet(d)
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path, fleet: Fleet) -> Iterator[Callable[..., tuple[Agent, MemoryTransport]]]:
+    made: list[Agent] = []
+
+    def make(**options: object) -> tuple[Agent, MemoryTransport]:
+        (tmp_path / "sys").mkdir(exist_ok=True)
+        config = AgentConfig(
+            broker="mqtt://127.0.0.1:1",
+            device_id=DEVICE,
+            data_dir=tmp_path / "data",
+            root=fleet.root_path,
+            sysfs_root=tmp_path / "sys",
+            **options,  # type: ignore[arg-type]
+        )
+        transport = MemoryTransport()
+        agent = Agent(config, transport)
+        agent.start()
+        made.append(agent)
+        return agent, transport
+
+    yield make
+    for agent in made:
+        agent.shutdown()
+
+
+def drive(agent: Agent, until: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Step the agent until ``until()`` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not until():
+        assert time.monotonic() < deadline, "the agent did not get there in time"
+        agent.step(0.02)
+
+
+def kinds(transport: MemoryTransport, command_id: str) -> list[str]:
+    return [e.kind for e in transport.events() if e.command_id == command_id]
+
+
+def last(transport: MemoryTransport, command_id: str) -> Event:
+    return [e for e in transport.events() if e.command_id == command_id][-1]
+
+
+def settled(transport: MemoryTransport, command_id: str) -> Callable[[], bool]:
+    final = {EventKind.INSTALLED, EventKind.REFUSED, EventKind.FAILED, EventKind.DONE, EventKind.ERROR}
+    return lambda: any(k in final for k in kinds(transport, command_id))
+
+
+def send_deploy(
+    fleet: Fleet, transport: MemoryTransport, data: bytes, name: str, version: int, tamper: int | None = None
+) -> DeployCommand:
+    cmd = fleet.deploy(data, name, version)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    for i, chunk in enumerate(chunks(cmd, data)):
+        if i == tamper:
+            chunk = chunk[:-1] + bytes([chunk[-1] ^ 0xFF])  # same length, other bytes
+        transport.deliver(TOPICS.data, chunk)
+    return cmd
+
+
+def test_a_deploy_is_received_installed_and_reported(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    data = fleet.bundle(1)
+    cmd = send_deploy(fleet, transport, data, "tiny", 1)
+    drive(agent, settled(transport, cmd.command_id))
+    assert kinds(transport, cmd.command_id) == [EventKind.ACCEPTED, EventKind.RECEIVED, EventKind.INSTALLED]
+    accepted = transport.events()[0]
+    assert accepted.transfer_id == cmd.transfer.transfer_id
+    assert list(accepted.missing) == list(range(cmd.transfer.chunk_count))
+    assert agent.installer.active("tiny").version == 1  # type: ignore[union-attr]
+    assert agent.installer.pending() == []
+    assert transport.statuses()[-1].active == {"bundles": [{"name": "tiny", "version": 1, "precision": "fp32"}]}
+    (report,) = transport.metrics()
+    assert report.bundle_version == 1 and report.command_id == cmd.command_id
+    assert report.latency is not None and report.latency.p50_ms > 0
+    assert [p.retain for p in transport.published if p.topic == TOPICS.metrics] == [True]
+    assert list((agent.config.data_dir / "staging").iterdir()) == []
+    assert transport.subscriptions == [TOPICS.cmd, TOPICS.data]
+
+
+def test_rollback_and_remove_commands(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    for version in (1, 2):
+        cmd = send_deploy(fleet, transport, fleet.bundle(version), "tiny", version)
+        drive(agent, settled(transport, cmd.command_id))
+        assert kinds(transport, cmd.command_id)[-1] == EventKind.INSTALLED
+    now = time.time()
+    wrong = RollbackCommand(uuid.uuid4().hex, "tiny", 3, now, device_id=DEVICE, expires_at=now + 60)
+    transport.deliver(TOPICS.cmd, fleet.signed(wrong))
+    drive(agent, settled(transport, wrong.command_id))
+    refusal = last(transport, wrong.command_id)
+    assert refusal.kind == EventKind.REFUSED and refusal.error is not None
+    assert refusal.error.code == "rollback" and "keeps v1" in refusal.error.message
+    back = RollbackCommand(uuid.uuid4().hex, "tiny", 1, now, device_id=DEVICE, expires_at=now + 60)
+    transport.deliver(TOPICS.cmd, fleet.signed(back))
+    drive(agent, settled(transport, back.command_id))
+    assert last(transport, back.command_id).detail == {"action": "rollback", "name": "tiny", "version": 1}
+    assert agent.installer.active("tiny").version == 1  # type: ignore[union-attr]
+    remove = RemoveCommand(uuid.uuid4().hex, "tiny", now, device_id=DEVICE, expires_at=now + 60)
+    transport.deliver(TOPICS.cmd, fleet.signed(remove))
+    drive(agent, settled(transport, remove.command_id))
+    assert last(transport, remove.command_id).detail == {"action": "remove", "name": "tiny", "removed": 1}
+    assert agent.installer.active("tiny") is None
+    assert transport.statuses()[-1].active == {"bundles": []}
+    # Rollback protection outlives the removal: v1 again is refused as not newer.
+    again = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1)
+    drive(agent, settled(transport, again.command_id))
+    assert last(transport, again.command_id).kind == EventKind.REFUSED
+
+
+def test_a_failed_health_check_rolls_back(make_agent, fleet: Fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    good = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1)
+    drive(agent, settled(transport, good.command_id))
+    bad_model = nan_model(tmp_path)
+    bad = send_deploy(fleet, transport, fleet.bundle(2, model=bad_model), "tiny", 2)
+    drive(agent, settled(transport, bad.command_id))
+    failure = last(transport, bad.command_id)
+    assert failure.kind == EventKind.FAILED and failure.error is not None
+    assert failure.error.code == "health_check" and "NaN" in failure.error.message
+    assert failure.error.details["rolled_back_to"] == 1
+    assert agent.installer.active("tiny").version == 1  # type: ignore[union-attr]
+    assert agent.installer.pending() == []
+
+
+def test_a_tampered_chunk_is_refused_and_leaves_nothing(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    cmd = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1, tamper=2)
+    drive(agent, settled(transport, cmd.command_id))
+    refusal = last(transport, cmd.command_id)
+    assert refusal.kind == EventKind.REFUSED and refusal.error is not None
+    assert refusal.error.code == "hash_mismatch"
+    assert EventKind.RECEIVED not in kinds(transport, cmd.command_id)
+    assert agent.installer.active("tiny") is None
+    assert list((agent.config.data_dir / "staging").iterdir()) == []
+    assert len(agent.receiving) == 0
+
+
+def test_a_chunk_longer_than_declared_is_refused(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    data = fleet.bundle(1)
+    cmd = fleet.deploy(data, "tiny", 1)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    transport.deliver(TOPICS.data, encode_chunk(cmd.transfer.transfer_id, 0, data[: CHUNK + 1]))
+    drive(agent, settled(transport, cmd.command_id))
+    refusal = last(transport, cmd.command_id)
+    assert refusal.kind == EventKind.REFUSED and refusal.error is not None
+    assert refusal.error.code == "transfer_invalid" and "the offer declares" in refusal.error.message
+    assert list((agent.config.data_dir / "staging").iterdir()) == []
+
+
+def test_missing_chunks_are_asked_for_and_the_transfer_resumes(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    data = fleet.bundle(1)
+    cmd = fleet.deploy(data, "tiny", 1)
+    parts = chunks(cmd, data)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    for chunk in parts[1:]:
+        transport.deliver(TOPICS.data, chunk)
+    transport.deliver(TOPICS.cmd, encode(TransferEnd(cmd.command_id, cmd.transfer.transfer_id)))
+    drive(agent, lambda: EventKind.NEED_CHUNKS in kinds(transport, cmd.command_id))
+    assert list(last(transport, cmd.command_id).missing) == [0]
+    transport.deliver(TOPICS.data, parts[0])
+    drive(agent, settled(transport, cmd.command_id))
+    assert last(transport, cmd.command_id).kind == EventKind.INSTALLED
+
+
+def test_malformed_and_unsigned_messages_become_error_events(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    transport.deliver(TOPICS.cmd, b"{not json")
+    transport.deliver(TOPICS.data, b"\x00\x01")
+    cmd = fleet.deploy(fleet.bundle(1), "tiny", 1)
+    transport.deliver(TOPICS.cmd, encode(cmd))  # unsigned
+    drive(agent, lambda: len([e for e in transport.events() if e.kind == EventKind.ERROR]) == 3)
+    errors = [e.error for e in transport.events() if e.kind == EventKind.ERROR]
+    assert all(e is not None for e in errors)
+    assert errors[2].code == "signature_invalid"  # type: ignore[union-attr]
+    assert not kinds(transport, cmd.command_id)
+    # The agent goes on working.
+    ok = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1)
+    drive(agent, settled(transport, ok.command_id))
+    assert last(transport, ok.command_id).kind == EventKind.INSTALLED
+
+
+def test_events_wait_in_the_outbox_while_offline(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    drive(agent, lambda: bool(transport.statuses()))
+    transport.disconnect()
+    now = time.time()
+    remove = RemoveCommand(uuid.uuid4().hex, "tiny", now, device_id=DEVICE, expires_at=now + 60)
+    transport.deliver(TOPICS.cmd, fleet.signed(remove))
+    drive(agent, lambda: agent.reporter.outbox.pending == 1)
+    assert not kinds(transport, remove.command_id)
+    transport.reconnect()
+    drive(agent, settled(transport, remove.command_id))
+    assert agent.reporter.outbox.pending == 0
+
+
+def test_a_full_inbound_queue_drops_counts_and_reports(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent(inbound_queue_max=16)
+    # The worker is not stepping: the pump fills the queue, and the rest is dropped.
+    for i in range(40):
+        transport.deliver(TOPICS.data, encode_chunk("0" * 32, i, b"x"))
+    deadline = time.monotonic() + 10
+    while agent.inbound.dropped + len(agent.inbound) < 40 + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The start's ConnectionChange is always kept; 16 chunks fit beside it.
+    assert agent.inbound.dropped == 40 - 16
+    assert len(agent.inbound) == 16 + 1
+    transport.reconnect()
+    drive(agent, lambda: len(transport.statuses()) >= 2)
+    assert transport.statuses()[-1].extra == {"inbound_dropped": 24}
+
+
+def test_shutdown_says_goodbye_and_drops_partial_transfers(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    data = fleet.bundle(1)
+    cmd = fleet.deploy(data, "tiny", 1)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    transport.deliver(TOPICS.data, chunks(cmd, data)[0])
+    drive(agent, lambda: len(agent.receiving) == 1 and not agent.inbound and transport.inbox.empty())
+    agent.shutdown()
+    assert transport.closed
+    assert transport.statuses()[-1].state == "offline"
+    assert list((agent.config.data_dir / "staging").iterdir()) == []
+
+
+def test_the_memory_transport_satisfies_the_protocol() -> None:
+    from device_agent.transport import Transport
+    from edge_sdk.mqtt import MqttClient, MqttOptions
+
+    def accepts(_t: Transport) -> None:
+        return None
+
+    accepts(MemoryTransport())
+    accepts(MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="x")))  # structurally, unchanged
+    assert isinstance(Incoming("t", b"", False), Incoming)

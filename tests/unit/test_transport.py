@@ -1,0 +1,76 @@
+"""device_agent.transport: the bounded inbound queue, its drop count and its rate-limited warning."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import pytest
+
+from device_agent.transport import InboundQueue, pump
+from edge_sdk.mqtt import ConnectionChange, Incoming
+
+
+def _msg(i: int) -> Incoming:
+    return Incoming(f"edge/v1/devices/d/data/{i}", b"x", False)
+
+
+def test_items_leave_in_order_and_get_times_out_when_empty() -> None:
+    q = InboundQueue(4)
+    assert q.get(0.01) is None
+    for i in range(3):
+        assert q.put(_msg(i))
+    assert [q.get(0.01) for _ in range(3)] == [_msg(0), _msg(1), _msg(2)]
+    assert q.get(0.01) is None and q.dropped == 0
+
+
+def test_a_full_queue_drops_new_messages_but_never_connection_changes() -> None:
+    q = InboundQueue(2)
+    assert q.put(_msg(0)) and q.put(_msg(1))
+    assert not q.put(_msg(2))
+    assert q.put(ConnectionChange(False, "lost"))
+    assert q.dropped == 1 and len(q) == 3
+    assert q.get(0.01) == _msg(0)
+    assert q.put(_msg(3))  # room again once the worker took one
+    assert [q.get(0.01) for _ in range(3)] == [_msg(1), ConnectionChange(False, "lost"), _msg(3)]
+
+
+def test_drops_are_logged_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    q = InboundQueue(1, clock=lambda: now[0], log_every_s=30.0)
+    q.put(_msg(0))
+    with caplog.at_level(logging.WARNING, logger="device_agent.transport"):
+        for i in range(5):
+            q.put(_msg(i))
+        now[0] += 31
+        q.put(_msg(9))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "dropped 1 message(s)" in warnings[0] and "5 since start" not in warnings[0]
+    assert "dropped 5 message(s)" in warnings[1] and "6 since start" in warnings[1]
+    assert q.dropped == 6
+
+
+def test_a_bound_below_one_is_refused() -> None:
+    with pytest.raises(ValueError):
+        InboundQueue(0)
+
+
+def test_the_pump_moves_everything_into_the_bound_and_stops() -> None:
+    source: queue.Queue[Incoming | ConnectionChange] = queue.Queue()
+    for i in range(5):
+        source.put(_msg(i))
+    into = InboundQueue(3)
+    stop = threading.Event()
+    thread = threading.Thread(target=pump, args=(source, into, stop, 0.01))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while into.dropped + len(into) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert into.dropped == 2
+    assert [into.get(0.01) for _ in range(4)] == [_msg(0), _msg(1), _msg(2), None]
