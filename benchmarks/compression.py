@@ -440,7 +440,7 @@ def minilm_dynamic_int8(env: Env) -> Row:
     """
     import os
 
-    from host_tools.compress.minilm import MiniLmTokenizer, load_minilm
+    from host_tools.compress.reference.minilm import MiniLmTokenizer, load_minilm
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference check must not reach the hub
     minilm = load_minilm()

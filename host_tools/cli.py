@@ -635,7 +635,7 @@ def _compress_tflite(
     """``compress`` for a ``.tflite`` MODEL: ai-edge-quantizer, measured in LiteRT."""
     from edge_sdk.errors import ModelLoadError
     from host_tools import compress as hc
-    from host_tools.compress.tflite_quant import compress_tflite
+    from host_tools.compress.tflite.quantize import compress_tflite
     from host_tools.report import Column, format_bytes, render_table
 
     try:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from .data import Dataset
 from .model_file import ModelSource, as_model
-from .passes import (
+from .pass_manager import (
     CompressionPass,
     CompressionResult,
     MeasureOptions,
@@ -42,7 +42,7 @@ def compress(
         calibration: representative inputs for data-driven passes.
         evaluation: data for the report: labelled gives accuracy, unlabelled gives top-1
             agreement with the input model.
-        progress: called with a :class:`~host_tools.compress.passes.ProgressEvent` as work advances.
+        progress: called with a :class:`~host_tools.compress.pass_manager.ProgressEvent` as work advances.
         seed: seed for passes that use randomness.
         measure: measurement settings; defaults to :class:`MeasureOptions()`.
         training: labelled data for passes that train or measure sensitivity

@@ -27,16 +27,16 @@ from typing import Any
 
 from edge_sdk.errors import ConfigError, ModelLoadError
 
-from .accuracy_guard import AccuracyGuard
-from .decompose import DecomposeGemm
-from .distill import Distillation, MlpStudent, StudentSpec, parse_student
-from .finetune import FineTune, TrainingOptions
-from .lowrank import LowRankFactorization
-from .passes import CompressionPass
-from .prune import MagnitudePruning, SensitivityPruning
-from .quantize import QUANTIZE_OPTIONS, quantize_mode
-from .structured import ChannelPruning
-from .weight_sharing import WeightSharing
+from .pass_manager import CompressionPass
+from .passes.accuracy_guard import AccuracyGuard
+from .passes.decompose import DecomposeGemm
+from .passes.distill import Distillation, MlpStudent, StudentSpec, parse_student
+from .passes.finetune import FineTune, TrainingOptions
+from .passes.lowrank import LowRankFactorization
+from .passes.prune import MagnitudePruning, SensitivityPruning
+from .passes.quantize import QUANTIZE_OPTIONS, quantize_mode
+from .passes.structured import ChannelPruning
+from .passes.weight_sharing import WeightSharing
 
 if sys.version_info >= (3, 11):
     import tomllib

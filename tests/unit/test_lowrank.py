@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 import host_tools.compress as hc
 from edge_sdk.errors import CompressionError, ConfigError
 from host_tools.compress import LowRankFactorization, MeasureOptions
-from host_tools.compress.lowrank import rank_for_energy
+from host_tools.compress.passes.lowrank import rank_for_energy
 
 FAST = MeasureOptions(latency=False)
 

@@ -359,12 +359,12 @@ def test_cli_choices_are_the_library_s() -> None:
     from typing import get_args
 
     from host_tools.cli import compress
-    from host_tools.compress.accuracy_guard import Ranking
+    from host_tools.compress.passes.accuracy_guard import Ranking
 
     choices = {p.name: tuple(p.type.choices) for p in compress.params if hasattr(p.type, "choices")}
     assert choices["quality_metric"] == hc.QUALITY_METRICS
     assert choices["guard_ranking"] == get_args(Ranking)
-    from host_tools.compress.tflite_quant import TFLITE_QUANTIZE_MODES
+    from host_tools.compress.tflite.quantize import TFLITE_QUANTIZE_MODES
 
     quantize_help = next(p.help for p in compress.params if p.name == "quantize")
     assert all(mode in quantize_help for mode in [*hc.QUANTIZE_OPTIONS, *TFLITE_QUANTIZE_MODES])

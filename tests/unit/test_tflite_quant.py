@@ -17,7 +17,7 @@ from tflite_models import add_model, fully_connected_model
 from edge_sdk.errors import CompressionError, ConfigError, ModelLoadError
 from edge_sdk.runtime import SessionOptions, open_session
 from host_tools.compress.data import Dataset
-from host_tools.compress.tflite_quant import (
+from host_tools.compress.tflite.quantize import (
     compress_tflite,
     quantize_tflite,
     tflite_tensors,

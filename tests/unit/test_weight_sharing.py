@@ -22,7 +22,7 @@ from edge_sdk.bundle.weights import (
 from edge_sdk.errors import BundleFormatError, CompressionError, ConfigError
 from edge_sdk.protowire import tensor_proto
 from host_tools.compress import MeasureOptions, WeightSharing, pack_model
-from host_tools.compress.weight_sharing import kmeans_1d, range_encode_tensor
+from host_tools.compress.passes.weight_sharing import kmeans_1d, range_encode_tensor
 
 FAST = MeasureOptions(latency=False)
 ROOT = Path(__file__).resolve().parents[2]

@@ -34,8 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, RuntimeUnavailableError
 
-from .layers import node_attributes
-from .model_file import build_model
+from ..layers import node_attributes
+from ..model_file import build_model
 
 __all__ = ["SUPPORTED_OPS", "TRAIN_EXTRA_HINT", "graph_module", "module_to_onnx", "require_torch"]
 

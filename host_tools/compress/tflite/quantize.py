@@ -36,8 +36,8 @@ from edge_sdk.errors import (
 from edge_sdk.metrics import benchmark
 from edge_sdk.runtime import SessionOptions, open_session
 
-from .data import Dataset
-from .evaluate import Quality, check_metric
+from ..data import Dataset
+from ..evaluate import Quality, check_metric
 
 __all__ = [
     "TFLITE_QUANTIZE_MODES",

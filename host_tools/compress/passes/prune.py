@@ -3,7 +3,7 @@
 Pruning sets the weights with the smallest magnitudes to zero. The dense model does not
 get smaller or faster by itself; the zeros pay off when the model is weight-shared and
 entropy coded for shipping, or run by a sparse kernel. Fine-tuning
-(:class:`~host_tools.compress.finetune.FineTune`) then wins back most of the accuracy
+(:class:`~host_tools.compress.passes.finetune.FineTune`) then wins back most of the accuracy
 while keeping the zeros.
 
 Three ways to choose how much each layer loses:
@@ -35,9 +35,9 @@ from onnx import numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .evaluate import Quality
-from .layers import WeightLayer, find_layers, replace_initializer, select_layers
-from .passes import PassContext, PassResult
+from ..evaluate import Quality
+from ..layers import WeightLayer, find_layers, replace_initializer, select_layers
+from ..pass_manager import PassContext, PassResult
 
 __all__ = ["MagnitudePruning", "SensitivityPruning", "prune_to_sparsity", "weight_sparsity"]
 

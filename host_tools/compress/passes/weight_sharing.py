@@ -43,7 +43,7 @@ from edge_sdk.bundle.weights import (
 from edge_sdk.errors import CompressionError, ConfigError
 from edge_sdk.protowire import encode_varint
 
-from .passes import PassContext, PassResult
+from ..pass_manager import PassContext, PassResult
 
 __all__ = ["PackedModel", "WeightSharing", "kmeans_1d", "pack_model"]
 

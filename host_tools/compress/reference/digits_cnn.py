@@ -21,10 +21,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import DigitsSplit
+from ..data import DigitsSplit
+from ..evaluate import predict_classes
+from ..model_file import build_model
 from .digits import DIGITS_OPSET
-from .evaluate import predict_classes
-from .model_file import build_model
 
 __all__ = ["train_digits_cnn"]
 

@@ -28,8 +28,8 @@ from onnx import helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .layers import WeightLayer, consumers_of, find_layers, replace_initializer, select_layers
-from .passes import PassContext, PassResult
+from ..layers import WeightLayer, consumers_of, find_layers, replace_initializer, select_layers
+from ..pass_manager import PassContext, PassResult
 
 __all__ = ["ChannelPruning"]
 
@@ -212,7 +212,9 @@ def _trace(graph: onnx.GraphProto, layer: WeightLayer, layers: Sequence[WeightLa
                 raise stop(f"{node.op_type} node {label!r} has constant inputs", label)
         elif node.op_type == "BatchNormalization" and node.input[0] == tensor:
             per_channel.extend(node.input[1:5])
-        elif (node.op_type == "Flatten" and _attr(node, "axis", 1) == 1 and not flattened) or (node.op_type == "Reshape" and not flattened and _is_flatten_shape(node, inits)):
+        elif (node.op_type == "Flatten" and _attr(node, "axis", 1) == 1 and not flattened) or (
+            node.op_type == "Reshape" and not flattened and _is_flatten_shape(node, inits)
+        ):
             flattened = True
         else:
             raise stop(f"it feeds {node.op_type} node {label!r}, which this pass does not understand", label)

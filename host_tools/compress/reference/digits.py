@@ -18,9 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import DigitsSplit
-from .evaluate import predict_classes
-from .model_file import build_model
+from ..data import DigitsSplit
+from ..evaluate import predict_classes
+from ..model_file import build_model
 
 __all__ = ["DIGITS_OPSET", "mlp_to_onnx", "train_digits_mlp"]
 
