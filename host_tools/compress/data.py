@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-Inputs = Union[np.ndarray, Mapping[str, np.ndarray]]
+Inputs = np.ndarray | Mapping[str, np.ndarray]
 """Model inputs: one array for a single-input model, or one array per input name."""
 
 

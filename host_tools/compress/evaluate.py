@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Union
 
 import numpy as np
 import onnx
@@ -47,7 +46,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ModelLike = Union[onnx.ModelProto, bytes]
+ModelLike = onnx.ModelProto | bytes
 """A model in memory: the proto or its serialized bytes."""
 
 

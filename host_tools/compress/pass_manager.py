@@ -370,7 +370,8 @@ class PassManager:
             raise CompressionError(f"compression step {index + 1} ({name}) failed: {message}", **details) from exc
         if not isinstance(result, PassResult) or not isinstance(result.model, onnx.ModelProto):
             raise CompressionError(
-                f"compression step {index + 1} ({name}) returned {type(result).__name__}, not a PassResult with a model",
+                f"compression step {index + 1} ({name}) returned {type(result).__name__}, "
+                "not a PassResult with a model",
                 step=name,
                 step_index=index,
             )

@@ -20,8 +20,8 @@ The student is one of: :class:`MlpStudent` (hidden widths; built here), an ONNX 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -110,7 +110,7 @@ class MlpStudent:
         return build_model(graph, max(13, min(opset, 21)))
 
 
-StudentSpec = Union[MlpStudent, onnx.ModelProto, Any]
+StudentSpec = MlpStudent | onnx.ModelProto | Any
 """An :class:`MlpStudent`, an ONNX model, or a torch ``nn.Module``."""
 
 
@@ -132,7 +132,7 @@ class Distillation:
     student: StudentSpec = MlpStudent()
     temperature: float = 4.0
     alpha: float = 0.9
-    options: TrainingOptions = TrainingOptions(epochs=60)
+    options: TrainingOptions = field(default_factory=lambda: TrainingOptions(epochs=60))
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:

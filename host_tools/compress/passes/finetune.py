@@ -12,7 +12,7 @@ torch is optional (``pip install 'edge-sdk[train]'``) and only imported when tra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
@@ -43,7 +43,7 @@ class FineTune:
         ConfigError: from :class:`TrainingOptions`.
     """
 
-    options: TrainingOptions = TrainingOptions()
+    options: TrainingOptions = field(default_factory=TrainingOptions)
     keep_zeros: bool = True
     share_codebooks: bool = False
 

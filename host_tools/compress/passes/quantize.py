@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -400,7 +400,7 @@ class Int4WeightOnlyQuantization:
         )
 
 
-QuantizationPass = Union[StaticInt8Quantization, DynamicInt8Quantization, Float16Conversion, Int4WeightOnlyQuantization]
+QuantizationPass = StaticInt8Quantization | DynamicInt8Quantization | Float16Conversion | Int4WeightOnlyQuantization
 """The quantization passes; each has an ``exclude_nodes`` field the accuracy guard sets."""
 
 

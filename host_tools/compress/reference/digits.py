@@ -81,7 +81,8 @@ def train_digits_mlp(
     mismatches = int(np.count_nonzero(got != expected))
     if mismatches:
         raise CompressionError(
-            f"ONNX export of the digits MLP disagrees with scikit-learn on {mismatches} of {len(expected)} test samples",
+            f"ONNX export of the digits MLP disagrees with scikit-learn on {mismatches} of {len(expected)} "
+            "test samples",
             mismatches=mismatches,
         )
     return model_bytes

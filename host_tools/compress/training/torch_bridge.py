@@ -213,7 +213,8 @@ def _check_node(node: onnx.NodeProto) -> None:
         )
     if node.op_type not in SUPPORTED_OPS:
         raise CompressionError(
-            f"node {label!r} is a {node.op_type}, which the torch bridge does not support; supported: {sorted(SUPPORTED_OPS)}",
+            f"node {label!r} is a {node.op_type}, which the torch bridge does not support; "
+            f"supported: {sorted(SUPPORTED_OPS)}",
             node=label,
             op_type=node.op_type,
         )
