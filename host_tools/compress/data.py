@@ -67,7 +67,7 @@ class Dataset:
             _check_inputs(self.x, "inputs")
         if self.y is None:
             return
-        if not isinstance(self.y, np.ndarray) or self.y.ndim != 1:
+        if getattr(self.y, "ndim", None) != 1:  # also catches a list or other non-array
             raise ConfigError("dataset labels must be a 1-D array", key="y")
         if len(self.y) != len(self):
             raise ConfigError(
@@ -319,7 +319,7 @@ def _load_file(path: Path) -> Dataset:
 
 def _read(archive: Any, key: str, path: Path) -> np.ndarray:
     try:
-        return archive[key]
+        return np.asarray(archive[key])
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"{path}: array {key!r} is unreadable ({exc})", file=str(path), key=key) from exc
 
@@ -362,7 +362,7 @@ def _dataset(x: Any, y: Any, *, source: str, x_key: str, y_key: str | None) -> D
         return Dataset(x_arr, y_arr)
     except ConfigError as exc:
         key = exc.details.get("key")
-        named = {"x": x_key, "y": y_key}.get(key, key)
+        named = {"x": x_key, "y": y_key}.get(str(key), key)
         raise ConfigError(f"{source}: array {named!r}: {exc.message}", file=source, key=named) from exc
 
 

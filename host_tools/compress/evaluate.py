@@ -339,7 +339,7 @@ def cosine_similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _top1(scores: np.ndarray) -> np.ndarray:
     if scores.ndim == 1:
         return scores.astype(np.int64)
-    return np.argmax(scores.reshape(len(scores), -1), axis=-1).astype(np.int64)
+    return np.asarray(np.argmax(scores.reshape(len(scores), -1), axis=-1), dtype=np.int64)
 
 
 def model_size_bytes(model: ModelLike) -> int:
@@ -352,7 +352,7 @@ def model_size_bytes(model: ModelLike) -> int:
         Size in bytes.
     """
     if isinstance(model, onnx.ModelProto):
-        return model.ByteSize()
+        return int(model.ByteSize())
     return len(model)
 
 

@@ -362,7 +362,7 @@ class PassManager:
     @staticmethod
     def _run_step(step: CompressionPass, name: str, index: int, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         try:
-            result = step.run(model, ctx)
+            result: object = step.run(model, ctx)  # a plug-in pass may return anything
         except Exception as exc:  # any failure inside a pass becomes a CompressionError naming it
             details = dict(exc.details) if isinstance(exc, EdgeError) else {}
             message = exc.message if isinstance(exc, EdgeError) else f"{type(exc).__name__}: {exc}"

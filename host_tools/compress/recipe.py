@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from edge_sdk.errors import ConfigError, ModelLoadError
 
@@ -31,12 +31,13 @@ from .pass_manager import CompressionPass
 from .passes.accuracy_guard import AccuracyGuard
 from .passes.decompose import DecomposeGemm
 from .passes.distill import Distillation, MlpStudent, StudentSpec, parse_student
-from .passes.finetune import FineTune, TrainingOptions
+from .passes.finetune import FineTune
 from .passes.lowrank import LowRankFactorization
 from .passes.prune import MagnitudePruning, SensitivityPruning
-from .passes.quantize import QUANTIZE_OPTIONS, quantize_mode
+from .passes.quantize import QUANTIZE_OPTIONS, QuantizationPass, quantize_mode
 from .passes.structured import ChannelPruning
 from .passes.weight_sharing import WeightSharing
+from .training.loop import TrainingOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -172,9 +173,12 @@ FILE_OPTIONS = ("student",)
 against the recipe's folder."""
 
 
-def _construct(cls: type, options: Mapping[str, Any]) -> Any:
+_T = TypeVar("_T")
+
+
+def _construct(cls: type[_T], options: Mapping[str, Any]) -> _T:
     """``cls(**options)`` with unknown keys and wrong values reported as ConfigError."""
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # every pass is a dataclass
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(known)}", key=unknown[0])
@@ -194,7 +198,7 @@ def _quantize(options: Mapping[str, Any]) -> CompressionPass:
         raise ConfigError(
             "guard_ranking needs max_accuracy_drop (it orders the accuracy guard's search)", key="guard_ranking"
         )
-    inner = _construct(cls, {**defaults, **opts})
+    inner: QuantizationPass = _construct(cls, {**defaults, **opts})
     if max_drop is None:
         return inner
     return AccuracyGuard(inner, float(max_drop), ranking=ranking or "error")

@@ -355,7 +355,8 @@ def _zero_smallest(values: np.ndarray, count: int) -> np.ndarray:
     flat = values.ravel().copy()
     order = np.argsort(np.abs(flat), kind="stable")
     flat[order[: min(count, flat.size)]] = 0
-    return flat.reshape(values.shape)
+    zeroed: np.ndarray = flat.reshape(values.shape)
+    return zeroed
 
 
 def weight_sparsity(model: onnx.ModelProto) -> dict[str, float]:

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -490,7 +490,7 @@ def parse_quantize_option(text: str) -> CompressionPass:
     return pass_
 
 
-def quantize_mode(text: str, key: str = "quantize") -> tuple[type, Mapping[str, object]]:
+def quantize_mode(text: str, key: str = "quantize") -> tuple[type[QuantizationPass], Mapping[str, Any]]:
     """The pass class and settings of a mode in :data:`QUANTIZE_OPTIONS` (case and
     surrounding spaces ignored; ``_`` may stand for ``-``).
 
@@ -641,7 +641,8 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     inference._update_output_from_vi()
     if not complete:
         raise CompressionError("Incomplete symbolic shape inference")
-    return inference.out_mp_
+    shaped: onnx.ModelProto = inference.out_mp_
+    return shaped
 
 
 def _resolve_exclusions(prepared: Path, names: tuple[str, ...]) -> list[str]:

@@ -75,7 +75,7 @@ def train_digits_mlp(
         classifier.score(split.x_train, split.y_train),
     )
     model = mlp_to_onnx(classifier)
-    model_bytes = model.SerializeToString()
+    model_bytes = bytes(model.SerializeToString())
     expected = classifier.predict(split.x_test).astype(np.int64)
     got = predict_classes(model_bytes, split.x_test)
     mismatches = int(np.count_nonzero(got != expected))

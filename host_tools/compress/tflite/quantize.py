@@ -186,7 +186,7 @@ def _with_signature(data: bytes, model: Any) -> tuple[bytes, str, list[str]]:
     if model.signatureDefs:
         sig = model.signatureDefs[0]
         return data, _name(sig.signatureKey), [_name(m.name) for m in sig.inputs or []]
-    import flatbuffers
+    import flatbuffers  # type: ignore[import-untyped]  # flatbuffers ships no type information
 
     graph = model.subgraphs[0]
 

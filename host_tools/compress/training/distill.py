@@ -121,7 +121,7 @@ def teacher_logits(teacher: onnx.ModelProto, x: np.ndarray, batch_size: int = 25
 
 def single_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     inits = {init.name for init in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
+    inputs: list[onnx.ValueInfoProto] = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise CompressionError(f"distillation needs a teacher with one input, not {[i.name for i in inputs]}")
     return inputs[0]

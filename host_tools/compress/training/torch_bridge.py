@@ -126,7 +126,7 @@ def _graph_module_class(torch: Any) -> type:
     nn = torch.nn
     functional = torch.nn.functional
 
-    class GraphModule(nn.Module):
+    class GraphModule(nn.Module):  # type: ignore[name-defined,misc]  # torch is imported lazily: Any here
         """An ONNX graph run by torch; parameters are its float weights and biases."""
 
         def __init__(self, model: onnx.ModelProto) -> None:
@@ -337,7 +337,8 @@ def module_to_onnx(
     torch = require_torch("exporting a torch model")
     module.eval()
     if hasattr(module, "to_onnx") and isinstance(getattr(module, "weight_names", None), dict):
-        return module.to_onnx()
+        exported: onnx.ModelProto = module.to_onnx()
+        return exported
     nn = torch.nn
     builder = _SequentialBuilder(input_name)
     builder.add(module, "", nn)
