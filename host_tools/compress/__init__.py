@@ -77,8 +77,17 @@ from .passes.quantize import (
 )
 from .passes.structured import ChannelPruning
 from .passes.weight_sharing import PackedModel, WeightSharing, pack_model
-from .pipeline import compress
-from .recipe import PASS_REGISTRY, build_pass, load_recipe, parse_recipe, quantize_modes, register_pass
+from .pipeline import CompressJob, CompressJobResult, PackedFile, compress, run_compress_job
+from .recipe import (
+    PASS_REGISTRY,
+    StepOptions,
+    build_pass,
+    load_recipe,
+    parse_recipe,
+    passes_from_options,
+    quantize_modes,
+    register_pass,
+)
 from .reference.digits import mlp_to_onnx, train_digits_mlp
 from .reference.digits_cnn import train_digits_cnn
 from .training.distill import teacher_logits
@@ -93,6 +102,8 @@ __all__ = [
     "AccuracyGuard",
     "ChannelPruning",
     # pass framework
+    "CompressJob",
+    "CompressJobResult",
     "CompressionPass",
     "CompressionReport",
     # reports
@@ -112,6 +123,7 @@ __all__ = [
     "MlpStudent",
     "ModelMetrics",
     # transport form
+    "PackedFile",
     "PackedModel",
     "PassContext",
     "PassManager",
@@ -122,6 +134,7 @@ __all__ = [
     "SensitivityPruning",
     # passes
     "StaticInt8Quantization",
+    "StepOptions",
     "StepReport",
     "TrainingOptions",
     # pruning and training helpers
@@ -153,10 +166,12 @@ __all__ = [
     "parse_quantize_option",
     "parse_recipe",
     "parse_student",
+    "passes_from_options",
     "predict_classes",
     "quantize_modes",
     "quantized_nodes",
     "register_pass",
+    "run_compress_job",
     "save_model_atomic",
     "teacher_logits",
     "top1_agreement",

@@ -103,7 +103,7 @@ def test_graph_matches_numpy_bert_with_padding() -> None:
 def test_graph_rejects_missing_or_misshapen_weights() -> None:
     w = _weights(np.random.default_rng(1))
     del w["encoder.layer.1.output.dense.bias"]
-    with pytest.raises(CompressionError, match="encoder.layer.1.output.dense.bias' is missing"):
+    with pytest.raises(CompressionError, match=r"encoder.layer.1.output.dense.bias' is missing"):
         bert_embedding_onnx(w, CONFIG)
     w = _weights(np.random.default_rng(1))
     w["encoder.layer.0.attention.self.key.weight"] = np.zeros((8, 9), np.float32)
