@@ -449,10 +449,10 @@ def compress(
     with tqdm(desc="compress", unit="step", file=sys.stderr, leave=False, disable=job.is_tflite) as bar:
 
         def progress(ev: Any) -> None:
-            if bar.total != ev.total:
+            if ev.phase == "run":  # the pass manager counting passes; other phases count inside one
                 bar.total = ev.total
-            if ev.phase == "run" and ev.done != bar.n:
-                bar.update(ev.done - bar.n)
+                if ev.done != bar.n:
+                    bar.update(ev.done - bar.n)
             counted = f" {ev.done}/{ev.total}" if ev.phase != "run" and ev.total > 1 else ""
             bar.set_postfix_str(f"{ev.step} {ev.phase}{counted}")
 

@@ -182,8 +182,8 @@ def run_compress_job(job: CompressJob, progress: ProgressCallback | None = None)
 
     Args:
         job: what to compress, how, and where to write it.
-        progress: called as the passes advance (ONNX only); ``ProgressEvent.total`` is the
-            number of passes.
+        progress: called as the work advances (ONNX only); events of phase ``"run"`` count
+            the passes (``done`` of ``total``), other phases count work inside one pass.
 
     Returns:
         The output paths and the report.

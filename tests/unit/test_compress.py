@@ -25,7 +25,7 @@ from host_tools.compress import (
     StaticInt8Quantization,
 )
 
-pytest_plugins = ["compress_data"]
+pytest_plugins = ["compress_fixtures"]
 
 FAST = MeasureOptions(latency_runs=5, latency_warmup=1)
 

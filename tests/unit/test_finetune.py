@@ -12,7 +12,7 @@ import host_tools.compress as hc
 from edge_sdk.errors import CompressionError
 from host_tools.compress import FineTune, MagnitudePruning, PassContext, TrainingOptions
 
-pytest_plugins = ["compress_data"]
+pytest_plugins = ["compress_fixtures"]
 
 
 @pytest.mark.parametrize(("build", "shape"), [(mlp, (12,)), (cnn, (2, 8, 8))])

@@ -13,7 +13,7 @@ from edge_sdk.errors import CompressionError, ConfigError
 from host_tools.compress import LowRankFactorization
 from host_tools.compress.passes.lowrank import rank_for_energy
 
-pytest_plugins = ["compress_data"]
+pytest_plugins = ["compress_fixtures"]
 
 
 def _low_rank_matrix(rng: np.random.Generator, n_in: int, n_out: int, rank: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import host_tools.compress as hc
 from edge_sdk.errors import CompressionError, ConfigError
 from host_tools.compress import ChannelPruning, Dataset, MagnitudePruning, PassContext, SensitivityPruning
 
-pytest_plugins = ["compress_data"]
+pytest_plugins = ["compress_fixtures"]
 
 
 @pytest.fixture(scope="module")
