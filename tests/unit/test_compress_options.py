@@ -151,7 +151,7 @@ def test_a_recipe_replaces_the_step_options(tmp_path: Path) -> None:
 
 def _write_data(tmp_path: Path, split: hc.DigitsSplit) -> tuple[str, str]:
     np.savez(tmp_path / "calib.npz", x=split.train.array("calibration")[:64])
-    np.savez(tmp_path / "test.npz", x=split.test.array("evaluation"), y=split.test.y)
+    np.savez(tmp_path / "test.npz", x=split.test.array("evaluation"), y=np.asarray(split.test.y))
     return str(tmp_path / "calib.npz"), str(tmp_path / "test.npz")
 
 
