@@ -12,6 +12,7 @@ compared with.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -117,7 +118,7 @@ def mlp_static_int8_speed(env: Env) -> Row:
 def _alternating_latency(first: bytes, second: bytes, x: Inputs, runs: int) -> tuple[float, float]:
     """p50 of two models on the same input ``x`` (one sample for batch 1), in alternating rounds."""
     with open_host_session(first) as one, open_host_session(second) as two:
-        calls = [lambda s=s, feeds=input_feeds(s, x): s.run(feeds) for s in (one, two)]
+        calls = [functools.partial(s.run, input_feeds(s, x)) for s in (one, two)]
         t1, t2 = alternating_p50(calls, runs)
     return t1, t2
 
@@ -337,7 +338,8 @@ def distillation(env: Env) -> Row:
     kept = float(few.distilled.mean()) / teacher_acc
     return Row(
         f"distillation: CNN teacher ({t_params} params, all {len(env.split.train)} training images) -> "
-        f"MLP 64-64-10 student ({few.parameters}) on {share:.0%} of them, T=4, alpha=1, {len(few.gain_pt)} paired seeds",
+        f"MLP 64-64-10 student ({few.parameters}) on {share:.0%} of them, T=4, alpha=1, "
+        f"{len(few.gain_pt)} paired seeds",
         "student <= 1/4 params keeps >= 97% of teacher accuracy and beats labels-only training "
         "(paired over seeds, by more than 2 standard errors)",
         f"teacher {teacher_acc:.2%}; {few.summary()}; {kept:.1%} of the teacher with {few.parameters / t_params:.1%} "
@@ -440,7 +442,7 @@ def minilm_dynamic_int8(env: Env) -> Row:
     """
     import os
 
-    from host_tools.compress.minilm import MiniLmTokenizer, load_minilm
+    from host_tools.compress.reference.minilm import MiniLmTokenizer, load_minilm
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference check must not reach the hub
     minilm = load_minilm()

@@ -28,6 +28,7 @@ Three tables:
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -117,10 +118,10 @@ def scipy_chain(weights: dict, manifest: Manifest) -> Callable[[np.ndarray], np.
 
     mats = [
         sp.csr_matrix(
-            (weights[l.tensor].values, weights[l.tensor].indices, weights[l.tensor].indptr),
-            shape=weights[l.tensor].shape,
+            (weights[layer.tensor].values, weights[layer.tensor].indices, weights[layer.tensor].indptr),
+            shape=weights[layer.tensor].shape,
         )
-        for l in manifest.sparse.layers
+        for layer in manifest.sparse.layers
     ]
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -173,9 +174,9 @@ def main() -> None:
                     chosen, reason = choose(timings)
                 t = interleaved(
                     {
-                        "original": lambda: original.run({"x": x}),
-                        **{name: (lambda s=s: s.run({"x": x})) for name, s in runs_of.items()},
-                        "scipy": lambda: ref(x),
+                        "original": functools.partial(original.run, {"x": x}),
+                        **{name: functools.partial(s.run, {"x": x}) for name, s in runs_of.items()},
+                        "scipy": functools.partial(ref, x),
                     },
                     runs,
                 )
@@ -267,7 +268,7 @@ def main() -> None:
         session = open_session(model.SerializeToString(), "onnxruntime", ONE_THREAD)
         for batch in BATCHES:
             x = np.random.default_rng(batch).standard_normal((batch, n)).astype(np.float32)
-            t = interleaved({"structured": lambda: session.run({"x": x})}, runs)["structured"]
+            t = interleaved({"structured": functools.partial(session.run, {"x": x})}, runs)["structured"]
             u = best_fp32[(sparsity, batch)]
             results["structured"].append(
                 {"sparsity": sparsity, "hidden": h, "batch": batch, "structured_ms": t, "unstructured_best_ms": u}

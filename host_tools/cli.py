@@ -340,7 +340,8 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
     "--finetune",
     "finetune_epochs",
     type=click.IntRange(1),
-    help="fine-tune this many epochs after pruning and low-rank, before weight sharing and quantization (needs --train, torch)",
+    help="fine-tune this many epochs after pruning and low-rank, before weight sharing and quantization "
+    "(needs --train, torch)",
 )
 @click.option(
     "--train",
@@ -413,243 +414,33 @@ def compress(
     """Compress MODEL and report size, accuracy and host latency per step."""
     from tqdm import tqdm
 
-    from edge_sdk.errors import CompressionError
     from host_tools import compress as hc
+    from host_tools.report.compress import compress_text
 
     cfg = _cfg(ctx, json_output)
-    if quality_metric is not None and not eval_data:
-        raise ConfigError("--quality needs evaluation data (--eval)", key="eval")
-    if model.suffix.lower() == ".tflite":
-        unsupported = {"--lowrank": lowrank, "--weight-share": weight_share, "--distill": distill, "--prune": prune,
-                       "--finetune": finetune_epochs, "--train": train_data, "--recipe": recipe, "--packed": packed,
-                       "--max-accuracy-drop": max_accuracy_drop, "--guard-ranking": guard_ranking}  # fmt: skip
-        given = [name for name, value in unsupported.items() if value is not None]
-        if given:
-            raise ConfigError(
-                f"a .tflite model takes --quantize, --calib, --eval and --quality only, not {', '.join(given)}"
-            )
-        _compress_tflite(cfg, model, output, quantize or "int8-static", calib, eval_data, quality_metric)
-        return
-    if max_accuracy_drop is not None and max_accuracy_drop < 0:
-        raise ConfigError("--max-accuracy-drop must be >= 0", key="max_accuracy_drop")
-    if max_accuracy_drop is not None and not eval_data:
-        raise ConfigError("--max-accuracy-drop needs evaluation data (--eval)", key="eval")
-    if guard_ranking is not None and recipe is not None:
-        raise ConfigError("with --recipe, set guard_ranking in the recipe's quantize step", key="guard_ranking")
-    if guard_ranking is not None and max_accuracy_drop is None:
-        raise ConfigError("--guard-ranking needs --max-accuracy-drop", key="guard_ranking")
-    training_steps = _training_steps(hc, distill, distill_temperature, distill_alpha, train_epochs, prune)
-    if (training_steps or finetune_epochs) and recipe is not None:
-        raise ConfigError("give either --recipe or step options (--prune, --distill, ...), not both")
-    steps = training_steps + _compress_steps(
-        hc, recipe, quantize, lowrank, weight_share, max_accuracy_drop, finetune_epochs,
-        default_quantize=not (training_steps or finetune_epochs), guard_ranking=guard_ranking,
+    steps = hc.StepOptions(
+        quantize=quantize, lowrank=lowrank, weight_share=weight_share, distill=distill,
+        distill_temperature=distill_temperature, distill_alpha=distill_alpha, prune=prune,
+        finetune_epochs=finetune_epochs, train_epochs=train_epochs, max_accuracy_drop=max_accuracy_drop,
+        guard_ranking=guard_ranking,
     )  # fmt: skip
-    training = hc.load_arrays(train_data) if train_data else None
-    calibration = hc.load_arrays(calib) if calib else None
-    evaluation = hc.load_arrays(eval_data) if eval_data else None
-    source = hc.load_model(model)
-    with tqdm(total=len(steps), desc="compress", unit="step", file=sys.stderr, leave=False) as bar:
+    job = hc.CompressJob(
+        model, output, steps, recipe=recipe, packed=packed, calibration=calib, evaluation=eval_data,
+        training=train_data, quality_metric=quality_metric,
+    )  # fmt: skip
+    with tqdm(desc="compress", unit="step", file=sys.stderr, leave=False, disable=job.is_tflite) as bar:
 
         def progress(ev: Any) -> None:
-            if ev.phase == "run" and ev.done != bar.n:
-                bar.update(ev.done - bar.n)
+            if ev.phase == "run":  # the pass manager counting passes; other phases count inside one
+                bar.total = ev.total
+                if ev.done != bar.n:
+                    bar.update(ev.done - bar.n)
             counted = f" {ev.done}/{ev.total}" if ev.phase != "run" and ev.total > 1 else ""
             bar.set_postfix_str(f"{ev.step} {ev.phase}{counted}")
 
-        result = hc.compress(
-            source, steps, calibration, evaluation, progress=progress, training=training, quality_metric=quality_metric
-        )
-        bar.update(len(steps) - bar.n)
-    report = result.report
-    drop = report.quality_drop
-    if max_accuracy_drop is not None and drop is not None and drop > max_accuracy_drop:
-        raise CompressionError(
-            f"{report.final.quality_metric} dropped by {drop:.4f}, more than --max-accuracy-drop {max_accuracy_drop}; "
-            "nothing written",
-            drop=drop,
-        )
-    packed_model = hc.pack_model(hc.model_from_bytes(result.model_bytes)) if packed else None
-    hc.save_model_atomic(result.model_bytes, output)
-    data: dict[str, Any] = {"output": str(output), "report": report.to_dict()}
-    if packed_model is not None and packed is not None:
-        hc.save_model_atomic(packed_model.data, packed)
-        data["packed"] = {"path": str(packed), "size_bytes": packed_model.size_bytes,
-                          "shared_tensors": list(packed_model.shared_tensors)}  # fmt: skip
-    _emit(cfg, data, lambda: _compress_table(report, output) + _packed_line(data.get("packed"), report))
-
-
-def _compress_steps(
-    hc: Any,
-    recipe: Path | None,
-    quantize: str | None,
-    lowrank: str | None,
-    weight_share: int | None,
-    max_drop: float | None,
-    finetune_epochs: int | None = None,
-    *,
-    default_quantize: bool = True,
-    guard_ranking: str | None = None,
-) -> list[Any]:
-    """The passes for ``compress``, from a recipe or from the step options.
-
-    The step options run in a fixed order: low-rank, fine-tuning (so that it trains the
-    pruned and factorized model), weight sharing, quantization. Distillation and pruning
-    come before all of them (:func:`_training_steps`).
-    """
-    if recipe is not None:
-        if quantize or lowrank or weight_share:
-            raise ConfigError("give either --recipe or step options (--quantize, --lowrank, ...), not both")
-        return hc.load_recipe(recipe)
-    steps = []
-    if lowrank:
-        if lowrank.strip().lower() == "auto":
-            if max_drop is None:
-                raise ConfigError("--lowrank auto needs --max-accuracy-drop", key="lowrank")
-            steps.append(hc.build_pass("lowrank", {"max_drop": max_drop}))
-        else:
-            text = lowrank.strip().lower()
-            key = "param_ratio" if text.endswith("x") else "energy"
-            try:
-                value = float(text.removesuffix("x"))
-            except ValueError as exc:
-                raise ConfigError(
-                    f"--lowrank takes an energy in (0, 1], a reduction like 2x, or 'auto', not {lowrank!r}",
-                    key="lowrank",
-                ) from exc
-            steps.append(hc.build_pass("lowrank", {key: value}))
-    if finetune_epochs:
-        steps.append(hc.build_pass("finetune", {"epochs": finetune_epochs}))
-    if quantize and weight_share:
-        raise ConfigError("--weight-share clusters float weights; it cannot follow --quantize", key="weight_share")
-    if weight_share:
-        steps.append(hc.build_pass("weight-share", {"bits": weight_share}))
-    if quantize or (not steps and default_quantize):
-        options: dict[str, Any] = {"mode": quantize or "int8-static"}
-        if max_drop is not None:
-            options["max_accuracy_drop"] = max_drop
-        if guard_ranking is not None:
-            options["guard_ranking"] = guard_ranking
-        steps.append(hc.build_pass("quantize", options))
-    return steps
-
-
-def _training_steps(
-    hc: Any,
-    distill: str | None,
-    temperature: float,
-    alpha: float,
-    epochs: int | None,
-    prune: str | None,
-) -> list[Any]:
-    """Distillation and pruning passes from the CLI options, in that order."""
-    steps: list[Any] = []
-    if distill:
-        options = {"student": distill, "temperature": temperature, "alpha": alpha}
-        steps.append(hc.build_pass("distill", {**options, "epochs": epochs or 60, "learning_rate": 0.01}))
-    if prune:
-        kind, _, value = prune.strip().lower().partition(":")
-        names = {"magnitude": ("prune", "sparsity", {}), "layer": ("prune", "sparsity", {"scope": "layer"}),
-                 "sensitivity": ("prune-sensitivity", "sparsity", {}), "channels": ("prune-channels", "ratio", {})}  # fmt: skip
-        try:
-            name, key, extra = names[kind]
-            amount = float(value)
-        except (KeyError, ValueError) as exc:
-            raise ConfigError(
-                f"--prune takes magnitude:S, layer:S, sensitivity:S or channels:R (e.g. magnitude:0.9), not {prune!r}",
-                key="prune",
-            ) from exc
-        steps.append(hc.build_pass(name, {key: amount, **extra}))
-    return steps
-
-
-def _packed_line(packed: dict[str, Any] | None, report: Any) -> str:
-    if not packed:
-        return ""
-    ratio = report.original.size_bytes / max(1, packed["size_bytes"])
-    return f"\npacked transport form: {packed['size_bytes']} bytes ({ratio:.1f}x smaller than the input model); wrote {packed['path']}"
-
-
-def _quality_cell(quality: float | None, metric: str | None) -> str | None:
-    """Accuracy and agreement as percentages; cosine as the similarity itself."""
-    if quality is None:
-        return None
-    return f"{quality:.4f} cosine" if metric == "cosine" else f"{quality:.2%} {metric}"
-
-
-def _compress_table(report: Any, output: Path) -> str:
-    from host_tools.report import Column, format_bytes, render_table
-
-    rows = [("original", report.original)] + [(s.name, s.metrics) for s in report.steps]
-    table = render_table(
-        [
-            Column("step", lambda r: r[0]),
-            Column("size", lambda r: format_bytes(r[1].size_bytes), ">"),
-            Column("params", lambda r: r[1].parameters, ">"),
-            Column("sparsity", lambda r: f"{r[1].sparsity:.1%}", ">"),
-            Column("quality", lambda r: _quality_cell(r[1].quality, r[1].quality_metric), ">"),
-            Column("host p50", lambda r: None if r[1].latency_p50_ms is None else f"{r[1].latency_p50_ms:.3f} ms", ">"),
-        ],
-        rows,
-    )
-    notes = []
-    for step in report.steps:
-        if step.notes.get("float_nodes"):
-            notes.append(f"{step.name}: kept in float: {', '.join(step.notes['float_nodes'])}")
-        if "packed_bytes" in step.notes:
-            notes.append(f"{step.name}: packed transport form {format_bytes(step.notes['packed_bytes'])}")
-        if "factorized_params_before" in step.notes:
-            layers = ", ".join(f"{d['layer']} rank {d['rank']}/{d['full_rank']}" for d in step.notes["layers"])
-            notes.append(f"{step.name}: {layers or 'no layer worth factorizing'}")
-    extra = "".join(f"\n* {n}" for n in notes)
-    return f"{table}{extra}\n\n{report.size_ratio:.2f}x smaller; wrote {output}"
-
-
-def _compress_tflite(
-    cfg: HostConfig,
-    model: Path,
-    output: Path,
-    quantize: str,
-    calib: str | None,
-    eval_data: str | None,
-    quality_metric: str | None,
-) -> None:
-    """``compress`` for a ``.tflite`` MODEL: ai-edge-quantizer, measured in LiteRT."""
-    from edge_sdk.errors import ModelLoadError
-    from host_tools import compress as hc
-    from host_tools.compress.tflite_quant import compress_tflite
-    from host_tools.report import Column, format_bytes, render_table
-
-    try:
-        data = model.read_bytes()
-    except OSError as exc:
-        raise ModelLoadError(f"{model}: cannot read model file ({exc.strerror or exc})", file=str(model)) from exc
-    calibration = hc.load_arrays(calib) if calib else None
-    evaluation = hc.load_arrays(eval_data) if eval_data else None
-    result = compress_tflite(
-        data, quantize, calibration=calibration, evaluation=evaluation, quality_metric=quality_metric
-    )
-    hc.save_model_atomic(result.model_bytes, output)
-    report = {"output": str(output), "report": result.to_dict()}
-
-    def text() -> str:
-        table = render_table(
-            [
-                Column("model", lambda r: r[0]),
-                Column("size", lambda r: format_bytes(r[1].size_bytes), ">"),
-                Column("weights", lambda r: ", ".join(f"{n} {t}" for t, n in sorted(r[1].weight_types.items()))),
-                Column("quality", lambda r: _quality_cell(r[1].quality, r[1].quality_metric), ">"),
-                Column(
-                    "LiteRT p50",
-                    lambda r: None if r[1].latency_p50_ms is None else f"{r[1].latency_p50_ms:.3f} ms",
-                    ">",
-                ),
-            ],
-            [("original", result.original), (f"{result.mode} ({result.recipe})", result.final)],
-        )
-        return f"{table}\n\n{result.size_ratio:.2f}x smaller; wrote {output}"
-
-    _emit(cfg, report, text)
+        result = hc.run_compress_job(job, progress)
+        bar.update((bar.total or 0) - bar.n)
+    _emit(cfg, result.to_dict(), lambda: compress_text(result))
 
 
 # --- pack and verify --------------------------------------------------------------------

@@ -16,14 +16,23 @@ Typical use, as ``edgectl compress`` does it::
 
 Passes take and return ``onnx.ModelProto`` and never touch the disk; reading and writing
 files happens only in :mod:`host_tools.compress.model_file` and :mod:`host_tools.compress.data`.
+
+The parts:
+
+- ``pass_manager``: the pass protocol, the pass manager, the report; ``pipeline``: the one-call
+  entry points (:func:`compress`, and :func:`run_compress_job` for ``edgectl compress``)
+- ``recipe``: pass names, TOML recipes, and the grammar of ``edgectl compress``'s step options
+- ``passes/``: one module per pass (quantize, prune, low-rank, weight sharing, ...)
+- ``training/``: torch training for fine-tuning and distillation (torch imported lazily)
+- ``tflite/``: ``.tflite`` quantization with ai-edge-quantizer
+- ``reference/``: the reference models (digits MLP and CNN, MiniLM)
+- ``data``, ``evaluate``, ``model_file``, ``layers``: datasets, measuring, model files, a graph's weight layers
+- ``sparse_pack``: splitting a pruned model into a sparse bundle's files
+
+Everything listed in ``__all__`` is imported from here; the module paths are internal.
 """
 
-from .accuracy_guard import AccuracyGuard, node_sensitivity, quantized_nodes
 from .data import Dataset, DigitsSplit, load_arrays, load_digits_split
-from .decompose import DecomposeGemm
-from .digits import mlp_to_onnx, train_digits_mlp
-from .digits_cnn import train_digits_cnn
-from .distill import Distillation, MlpStudent, parse_student, teacher_logits
 from .evaluate import (
     QUALITY_METRICS,
     Quality,
@@ -37,11 +46,9 @@ from .evaluate import (
     predict_classes,
     top1_agreement,
 )
-from .finetune import FineTune, TrainingOptions, finetune_module, train_module
 from .layers import WeightLayer, find_layers
-from .lowrank import LowRankFactorization
 from .model_file import load_model, model_from_bytes, save_model_atomic
-from .passes import (
+from .pass_manager import (
     CompressionPass,
     CompressionReport,
     CompressionResult,
@@ -54,9 +61,13 @@ from .passes import (
     ProgressEvent,
     StepReport,
 )
-from .pipeline import compress
-from .prune import MagnitudePruning, SensitivityPruning, weight_sparsity
-from .quantize import (
+from .passes.accuracy_guard import AccuracyGuard, node_sensitivity, quantized_nodes
+from .passes.decompose import DecomposeGemm
+from .passes.distill import Distillation, MlpStudent, parse_student
+from .passes.finetune import FineTune
+from .passes.lowrank import LowRankFactorization
+from .passes.prune import MagnitudePruning, SensitivityPruning, weight_sparsity
+from .passes.quantize import (
     QUANTIZE_OPTIONS,
     DynamicInt8Quantization,
     Float16Conversion,
@@ -64,10 +75,24 @@ from .quantize import (
     StaticInt8Quantization,
     parse_quantize_option,
 )
-from .recipe import PASS_REGISTRY, build_pass, load_recipe, parse_recipe, quantize_modes, register_pass
-from .structured import ChannelPruning
-from .torch_bridge import graph_module, module_to_onnx
-from .weight_sharing import PackedModel, WeightSharing, pack_model
+from .passes.structured import ChannelPruning
+from .passes.weight_sharing import PackedModel, WeightSharing, pack_model
+from .pipeline import CompressJob, CompressJobResult, PackedFile, compress, run_compress_job
+from .recipe import (
+    PASS_REGISTRY,
+    StepOptions,
+    build_pass,
+    load_recipe,
+    parse_recipe,
+    passes_from_options,
+    quantize_modes,
+    register_pass,
+)
+from .reference.digits import mlp_to_onnx, train_digits_mlp
+from .reference.digits_cnn import train_digits_cnn
+from .training.distill import teacher_logits
+from .training.loop import TrainingOptions, finetune_module, train_module
+from .training.torch_bridge import graph_module, module_to_onnx
 
 __all__ = [
     # recipes and the pass registry
@@ -77,6 +102,8 @@ __all__ = [
     "AccuracyGuard",
     "ChannelPruning",
     # pass framework
+    "CompressJob",
+    "CompressJobResult",
     "CompressionPass",
     "CompressionReport",
     # reports
@@ -96,6 +123,7 @@ __all__ = [
     "MlpStudent",
     "ModelMetrics",
     # transport form
+    "PackedFile",
     "PackedModel",
     "PassContext",
     "PassManager",
@@ -106,6 +134,7 @@ __all__ = [
     "SensitivityPruning",
     # passes
     "StaticInt8Quantization",
+    "StepOptions",
     "StepReport",
     "TrainingOptions",
     # pruning and training helpers
@@ -137,10 +166,12 @@ __all__ = [
     "parse_quantize_option",
     "parse_recipe",
     "parse_student",
+    "passes_from_options",
     "predict_classes",
     "quantize_modes",
     "quantized_nodes",
     "register_pass",
+    "run_compress_job",
     "save_model_atomic",
     "teacher_logits",
     "top1_agreement",

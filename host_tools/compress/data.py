@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-Inputs = Union[np.ndarray, Mapping[str, np.ndarray]]
+Inputs = np.ndarray | Mapping[str, np.ndarray]
 """Model inputs: one array for a single-input model, or one array per input name."""
 
 
@@ -67,7 +67,7 @@ class Dataset:
             _check_inputs(self.x, "inputs")
         if self.y is None:
             return
-        if not isinstance(self.y, np.ndarray) or self.y.ndim != 1:
+        if getattr(self.y, "ndim", None) != 1:  # also catches a list or other non-array
             raise ConfigError("dataset labels must be a 1-D array", key="y")
         if len(self.y) != len(self):
             raise ConfigError(
@@ -319,7 +319,7 @@ def _load_file(path: Path) -> Dataset:
 
 def _read(archive: Any, key: str, path: Path) -> np.ndarray:
     try:
-        return archive[key]
+        return np.asarray(archive[key])
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"{path}: array {key!r} is unreadable ({exc})", file=str(path), key=key) from exc
 
@@ -362,7 +362,7 @@ def _dataset(x: Any, y: Any, *, source: str, x_key: str, y_key: str | None) -> D
         return Dataset(x_arr, y_arr)
     except ConfigError as exc:
         key = exc.details.get("key")
-        named = {"x": x_key, "y": y_key}.get(key, key)
+        named = {"x": x_key, "y": y_key}.get(str(key), key)
         raise ConfigError(f"{source}: array {named!r}: {exc.message}", file=source, key=named) from exc
 
 

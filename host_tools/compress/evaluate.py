@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Union
 
 import numpy as np
 import onnx
@@ -47,7 +46,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ModelLike = Union[onnx.ModelProto, bytes]
+ModelLike = onnx.ModelProto | bytes
 """A model in memory: the proto or its serialized bytes."""
 
 
@@ -340,7 +339,7 @@ def cosine_similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _top1(scores: np.ndarray) -> np.ndarray:
     if scores.ndim == 1:
         return scores.astype(np.int64)
-    return np.argmax(scores.reshape(len(scores), -1), axis=-1).astype(np.int64)
+    return np.asarray(np.argmax(scores.reshape(len(scores), -1), axis=-1), dtype=np.int64)
 
 
 def model_size_bytes(model: ModelLike) -> int:
@@ -353,7 +352,7 @@ def model_size_bytes(model: ModelLike) -> int:
         Size in bytes.
     """
     if isinstance(model, onnx.ModelProto):
-        return model.ByteSize()
+        return int(model.ByteSize())
     return len(model)
 
 

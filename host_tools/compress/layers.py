@@ -116,9 +116,13 @@ def find_layers(model: onnx.ModelProto) -> list[WeightLayer]:
             if len(after) == 1:
                 add = graph.node[after[0]]
                 other = [i for i in add.input if i != output]
-                if add.op_type == "Add" and len(other) == 1 and other[0] in inits:
-                    if int(np.prod(inits[other[0]].dims)) == weight.dims[1]:
-                        bias, bias_node, output = other[0], after[0], add.output[0]
+                if (
+                    add.op_type == "Add"
+                    and len(other) == 1
+                    and other[0] in inits
+                    and int(np.prod(inits[other[0]].dims)) == weight.dims[1]
+                ):
+                    bias, bias_node, output = other[0], after[0], add.output[0]
         layers.append(WeightLayer(name, node.op_type, index, node.input[1], bias, bias_node, out_axis, in_axis, output))
     return layers
 

@@ -166,7 +166,7 @@ def sparsify(model: onnx.ModelProto, min_sparsity: float = 0.5) -> SparsePack:
     if not layers:
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no MatMul or Gemm with a constant weight"
         raise CompressionError(f"no layer qualifies for sparse execution ({why})", skipped=skipped)
-    sparse_names = {l.tensor for l in layers}
+    sparse_names = {layer.tensor for layer in layers}
 
     sparse_graph = _without(model, sparse_names)
     g = sparse_graph.graph
@@ -177,7 +177,9 @@ def sparsify(model: onnx.ModelProto, min_sparsity: float = 0.5) -> SparsePack:
     # The sparse inputs are declared without a shape on purpose: onnxruntime's shape
     # inference for SparseToDenseMatMul ignores transB (1.32) and would refuse the graph.
     # The weights' shapes are in the manifest and checked when they are bound.
-    g.input.extend([helper.make_sparse_tensor_value_info(l.tensor, onnx.TensorProto.FLOAT, None) for l in layers])
+    g.input.extend(
+        [helper.make_sparse_tensor_value_info(layer.tensor, onnx.TensorProto.FLOAT, None) for layer in layers]
+    )
     g.input.extend(real_inputs)
     if not any(o.domain == _MS_DOMAIN for o in sparse_graph.opset_import):
         sparse_graph.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))

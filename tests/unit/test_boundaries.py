@@ -79,7 +79,12 @@ RULES = (
         "inference sessions are opened only in edge_sdk/runtime/",
         ("onnxruntime", "ai_edge_litert", "tflite_runtime"),
         allowed=("edge_sdk/runtime/",),
-        exempt=("onnxruntime.quantization", "onnxruntime.transformers.float16", "ai_edge_litert.schema_py_generated"),
+        exempt=(
+            "onnxruntime.quantization",
+            "onnxruntime.tools.symbolic_shape_infer",
+            "onnxruntime.transformers.float16",
+            "ai_edge_litert.schema_py_generated",
+        ),
     ),
     Rule(
         "LiteRT's flatbuffer schema (reading and editing .tflite files) is host-side compression",

@@ -25,15 +25,12 @@ from host_tools.compress import (
     StaticInt8Quantization,
 )
 
+pytest_plugins = ["compress_fixtures"]
+
 FAST = MeasureOptions(latency_runs=5, latency_warmup=1)
 
 
 # --- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def split() -> hc.DigitsSplit:
-    return hc.load_digits_split(test_fraction=0.25, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -330,14 +327,14 @@ def test_load_model_garbage_names_file(tmp_path: Path) -> None:
 
 def test_load_model_missing_file_names_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.onnx"
-    with pytest.raises(ModelLoadError, match="absent.onnx"):
+    with pytest.raises(ModelLoadError, match=r"absent.onnx"):
         hc.load_model(path)
 
 
 def test_compress_from_garbage_path_names_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.onnx"
     path.write_bytes(b"\x08\x07garbage")
-    with pytest.raises(ModelLoadError, match="bad.onnx"):
+    with pytest.raises(ModelLoadError, match=r"bad.onnx"):
         hc.compress(path, [])
 
 
@@ -351,7 +348,7 @@ def test_save_and_load_round_trip(tmp_path: Path, float_bytes: bytes) -> None:
 
 def test_save_model_atomic_missing_dir(tmp_path: Path) -> None:
     target = tmp_path / "missing" / "model.onnx"
-    with pytest.raises(StorageError, match="model.onnx"):
+    with pytest.raises(StorageError, match=r"model.onnx"):
         hc.save_model_atomic(b"abc", target)
     assert not target.exists() and os.listdir(tmp_path) == []
 
@@ -386,13 +383,15 @@ def test_public_names() -> None:
     assert sorted(hc.__all__) == sorted(
         [
             "compress", "load_model", "model_from_bytes", "save_model_atomic",
+            "CompressJob", "CompressJobResult", "PackedFile", "run_compress_job", "StepOptions", "passes_from_options",
             "CompressionPass", "PassContext", "PassResult", "PassManager", "ProgressEvent",
             "ProgressCallback", "MeasureOptions",
             "CompressionResult", "CompressionReport", "StepReport", "ModelMetrics",
             "StaticInt8Quantization", "DynamicInt8Quantization", "DecomposeGemm",
             "parse_quantize_option", "QUANTIZE_OPTIONS",
             "Dataset", "DigitsSplit", "load_digits_split", "load_arrays",
-            "evaluate_accuracy", "predict_classes", "top1_agreement", "model_size_bytes", "Quality", "QUALITY_METRICS", "check_metric", "cosine_similarities",
+            "evaluate_accuracy", "predict_classes", "top1_agreement", "model_size_bytes", "Quality", "QUALITY_METRICS",
+            "check_metric", "cosine_similarities",
             "count_parameters", "measure_sparsity", "host_latency_ms",
             "train_digits_mlp", "mlp_to_onnx",
             "Float16Conversion", "Int4WeightOnlyQuantization", "AccuracyGuard", "node_sensitivity", "quantized_nodes",

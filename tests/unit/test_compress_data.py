@@ -67,7 +67,7 @@ def test_non_integer_labels_name_key(tmp_path: Path) -> None:
 def test_pickled_array_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "d.npy"
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ConfigError, match="d.npy"):
+    with pytest.raises(ConfigError, match=r"d.npy"):
         load_arrays(path)
 
 
@@ -80,7 +80,7 @@ def test_corrupt_file_names_file(tmp_path: Path, name: str, content: bytes) -> N
 
 
 def test_missing_file_names_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nothere.npz"):
+    with pytest.raises(ConfigError, match=r"nothere.npz"):
         load_arrays(tmp_path / "nothere.npz")
 
 

@@ -12,15 +12,12 @@ import host_tools.compress as hc
 from edge_sdk.errors import CompressionError, ConfigError, ModelLoadError
 from host_tools.compress import Distillation, MlpStudent, PassContext, TrainingOptions
 
-
-@pytest.fixture(scope="module")
-def split() -> hc.DigitsSplit:
-    return hc.load_digits_split(test_fraction=0.25, seed=0)
+pytest_plugins = ["compress_fixtures"]
 
 
 @pytest.fixture(scope="module")
-def teacher(split: hc.DigitsSplit) -> onnx.ModelProto:
-    return onnx.load_model_from_string(hc.train_digits_mlp(split, hidden=(64, 32), seed=0, max_iter=60))
+def teacher(digits_mlp: bytes) -> onnx.ModelProto:
+    return onnx.load_model_from_string(digits_mlp)
 
 
 def test_distilled_mlp_student_is_small_and_accurate(teacher: onnx.ModelProto, split: hc.DigitsSplit) -> None:
@@ -126,7 +123,8 @@ def test_cli_distills_from_unlabelled_transfer_set_only_at_alpha_one(
     np.savez(tmp_path / "test.npz", x=split.x_test, y=split.y_test)
     out = tmp_path / "student.onnx"
     args = ["--home", str(tmp_path / "home"), "compress", str(model), "-o", str(out), "--distill", "mlp:16",
-            "--train", str(tmp_path / "unlabelled.npy"), "--eval", str(tmp_path / "test.npz"), "--epochs", "60"]  # fmt: skip
+            "--train", str(tmp_path / "unlabelled.npy"), "--eval", str(tmp_path / "test.npz"),
+            "--epochs", "60"]  # fmt: skip
     refused = CliRunner().invoke(cli, args)
     assert refused.exit_code != 0 and "labels" in refused.output and not out.exists()
     result = CliRunner().invoke(cli, [*args, "--distill-alpha", "1", "--json"])
@@ -172,5 +170,5 @@ def test_cli_and_recipe_take_an_onnx_student(tmp_path, teacher: onnx.ModelProto,
     assert missing.exit_code != 0 and "nope.onnx" in missing.output and not (tmp_path / "b.onnx").exists()
     with pytest.raises(ConfigError, match="student or hidden"):
         hc.parse_recipe('[[step]]\npass = "distill"\nstudent = "mlp:8"\nhidden = [8]\n')
-    with pytest.raises(ConfigError, match="student.onnx"):
+    with pytest.raises(ConfigError, match=r"student.onnx"):
         hc.parse_student("cnn:3")

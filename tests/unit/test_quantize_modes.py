@@ -5,23 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from compress_data import FAST
 from onnx import TensorProto, helper, numpy_helper
 
 import host_tools.compress as hc
 from edge_sdk.errors import CompressionError, ConfigError
-from host_tools.compress import AccuracyGuard, Float16Conversion, Int4WeightOnlyQuantization, MeasureOptions
+from host_tools.compress import AccuracyGuard, Float16Conversion, Int4WeightOnlyQuantization
 
-FAST = MeasureOptions(latency=False)
-
-
-@pytest.fixture(scope="module")
-def split() -> hc.DigitsSplit:
-    return hc.load_digits_split(seed=0)
-
-
-@pytest.fixture(scope="module")
-def mlp(split: hc.DigitsSplit) -> bytes:
-    return hc.train_digits_mlp(split, hidden=(128, 64), seed=0, max_iter=60)
+pytest_plugins = ["compress_fixtures"]
 
 
 def _run(model: bytes | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -56,7 +47,7 @@ def test_int4_rejects_a_model_without_matmul() -> None:
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(CompressionError, match="MatMul.*Relu"):
+    with pytest.raises(CompressionError, match=r"MatMul.*Relu"):
         hc.compress(model, [Int4WeightOnlyQuantization()], measure=FAST)
     with pytest.raises(ConfigError, match="block_size"):
         Int4WeightOnlyQuantization(block_size=24)
@@ -113,7 +104,7 @@ def test_recipe_builds_guarded_and_plain_passes(tmp_path) -> None:
     path = tmp_path / "r.toml"
     path.write_text(text)
     assert len(hc.load_recipe(path)) == 3
-    with pytest.raises(ConfigError, match="step 1 .*unknown option"):
+    with pytest.raises(ConfigError, match=r"step 1 .*unknown option"):
         hc.parse_recipe('[[step]]\npass = "lowrank"\nenergie = 0.9\n')
     with pytest.raises(ConfigError, match="unknown compression pass"):
         hc.parse_recipe('[[step]]\npass = "magic"\n')
@@ -263,7 +254,7 @@ def test_two_input_model_refuses_data_that_does_not_name_its_inputs() -> None:
         hc.compress(
             model, [hc.StaticInt8Quantization()], calibration=hc.Dataset({"features": data.x["features"]}), measure=FAST
         )
-    with pytest.raises(CompressionError, match="x.NAME"):
+    with pytest.raises(CompressionError, match=r"x.NAME"):
         hc.compress(model, [hc.StaticInt8Quantization()], calibration=hc.Dataset(data.x["features"]), measure=FAST)
 
 
@@ -315,14 +306,15 @@ def test_guard_ranking_in_recipes_and_cli(tmp_path) -> None:
     from host_tools.cli import cli
 
     steps = hc.parse_recipe(
-        '[[step]]\npass = "quantize"\nmode = "int8-dynamic-per-channel"\nmax_accuracy_drop = 0.01\nguard_ranking = "measured"\n'
+        '[[step]]\npass = "quantize"\nmode = "int8-dynamic-per-channel"\n'
+        'max_accuracy_drop = 0.01\nguard_ranking = "measured"\n'
     )
     assert steps[0].ranking == "measured" and steps[0].inner.per_channel
     with pytest.raises(ConfigError, match="guard_ranking needs max_accuracy_drop"):
         hc.parse_recipe('[[step]]\npass = "quantize"\nguard_ranking = "measured"\n')
     (tmp_path / "e.onnx").write_bytes(_embedder().SerializeToString())
-    r = CliRunner().invoke(cli, ["--home", str(tmp_path), "compress", str(tmp_path / "e.onnx"), "-o", str(tmp_path / "o.onnx"),
-                                 "--guard-ranking", "measured"])  # fmt: skip
+    r = CliRunner().invoke(cli, ["--home", str(tmp_path), "compress", str(tmp_path / "e.onnx"),
+                                 "-o", str(tmp_path / "o.onnx"), "--guard-ranking", "measured"])  # fmt: skip
     assert r.exit_code == 2 and "--guard-ranking needs --max-accuracy-drop" in r.output
 
 
@@ -336,7 +328,8 @@ def test_quantized_nodes_ignores_shape_gathers_and_float_nodes_reading_dequantiz
     ]
     graph = helper.make_graph(
         nodes, "shape_gather", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]), helper.make_tensor_value_info("batch", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("batch", TensorProto.INT64, [])],
         initializer=[numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w1"),
                      numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w2"),
                      numpy_helper.from_array(np.array(0, np.int64), "zero")],
@@ -359,12 +352,12 @@ def test_cli_choices_are_the_library_s() -> None:
     from typing import get_args
 
     from host_tools.cli import compress
-    from host_tools.compress.accuracy_guard import Ranking
+    from host_tools.compress.passes.accuracy_guard import Ranking
 
     choices = {p.name: tuple(p.type.choices) for p in compress.params if hasattr(p.type, "choices")}
     assert choices["quality_metric"] == hc.QUALITY_METRICS
     assert choices["guard_ranking"] == get_args(Ranking)
-    from host_tools.compress.tflite_quant import TFLITE_QUANTIZE_MODES
+    from host_tools.compress.tflite.quantize import TFLITE_QUANTIZE_MODES
 
     quantize_help = next(p.help for p in compress.params if p.name == "quantize")
     assert all(mode in quantize_help for mode in [*hc.QUANTIZE_OPTIONS, *TFLITE_QUANTIZE_MODES])

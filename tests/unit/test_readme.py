@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from host_tools.compress import FineTune, MagnitudePruning, StaticInt8Quantization
-from host_tools.compress.accuracy_guard import AccuracyGuard
+from host_tools.compress.passes.accuracy_guard import AccuracyGuard
 from host_tools.compress.recipe import parse_recipe
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -17,7 +17,7 @@ from tflite_models import add_model, fully_connected_model
 from edge_sdk.errors import CompressionError, ConfigError, ModelLoadError
 from edge_sdk.runtime import SessionOptions, open_session
 from host_tools.compress.data import Dataset
-from host_tools.compress.tflite_quant import (
+from host_tools.compress.tflite.quantize import (
     compress_tflite,
     quantize_tflite,
     tflite_tensors,
@@ -88,7 +88,7 @@ def test_wrong_inputs_fail_clearly(fc) -> None:
     model, x = fc
     with pytest.raises(ModelLoadError, match="TFL3"):
         quantize_tflite(b"\x08\x00\x00\x00ONNXnot a tflite model")
-    with pytest.raises(ConfigError, match="unknown .tflite recipe 'int3'.*dynamic_wi8_afp32"):
+    with pytest.raises(ConfigError, match=r"unknown .tflite recipe 'int3'.*dynamic_wi8_afp32"):
         quantize_tflite(model, "int3")
     with pytest.raises(CompressionError, match="static and needs calibration data"):
         quantize_tflite(model, "static_wi8_ai8")
@@ -96,7 +96,7 @@ def test_wrong_inputs_fail_clearly(fc) -> None:
         quantize_tflite(model, "static_wi8_ai8", calibration=x[:, :10])
     with pytest.raises(CompressionError, match="model has 2 inputs"):
         quantize_tflite(add_model((1, 4)), "static_wi8_ai8", calibration=np.zeros((4, 4), np.float32))
-    with pytest.raises(ConfigError, match="not available for .tflite models"):
+    with pytest.raises(ConfigError, match=r"not available for .tflite models"):
         compress_tflite(model, "fp16")
 
 

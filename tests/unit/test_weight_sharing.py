@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from compress_data import FAST
 from onnx import numpy_helper
 
 import host_tools.compress as hc
@@ -21,21 +22,12 @@ from edge_sdk.bundle.weights import (
 )
 from edge_sdk.errors import BundleFormatError, CompressionError, ConfigError
 from edge_sdk.protowire import tensor_proto
-from host_tools.compress import MeasureOptions, WeightSharing, pack_model
-from host_tools.compress.weight_sharing import kmeans_1d, range_encode_tensor
+from host_tools.compress import WeightSharing, pack_model
+from host_tools.compress.passes.weight_sharing import kmeans_1d, range_encode_tensor
 
-FAST = MeasureOptions(latency=False)
+pytest_plugins = ["compress_fixtures"]
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def split() -> hc.DigitsSplit:
-    return hc.load_digits_split(seed=0)
-
-
-@pytest.fixture(scope="module")
-def mlp(split: hc.DigitsSplit) -> bytes:
-    return hc.train_digits_mlp(split, hidden=(128, 64), seed=0, max_iter=60)
 
 
 def _pruned(model_bytes: bytes, fraction: float) -> onnx.ModelProto:
@@ -102,7 +94,8 @@ def test_device_decodes_and_runs_without_onnx(mlp: bytes, split: hc.DigitsSplit,
         "with open_session(model, 'onnxruntime') as s:\n"
         "    y = s.run({'input': np.load(d + '/x.npy')})[0]\n"
         "np.testing.assert_allclose(y, np.load(d + '/expected.npy'), rtol=1e-5, atol=1e-5)\n"
-        "assert not [m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in ('onnx', 'host_tools')]\n"
+        "assert not [m for m, v in sys.modules.items()\n"
+        "            if v is not None and m.split('.')[0] in ('onnx', 'host_tools')]\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

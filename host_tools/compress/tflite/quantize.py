@@ -36,8 +36,8 @@ from edge_sdk.errors import (
 from edge_sdk.metrics import benchmark
 from edge_sdk.runtime import SessionOptions, open_session
 
-from .data import Dataset
-from .evaluate import Quality, check_metric
+from ..data import Dataset
+from ..evaluate import Quality, check_metric
 
 __all__ = [
     "TFLITE_QUANTIZE_MODES",
@@ -186,7 +186,7 @@ def _with_signature(data: bytes, model: Any) -> tuple[bytes, str, list[str]]:
     if model.signatureDefs:
         sig = model.signatureDefs[0]
         return data, _name(sig.signatureKey), [_name(m.name) for m in sig.inputs or []]
-    import flatbuffers
+    import flatbuffers  # type: ignore[import-untyped]  # flatbuffers ships no type information
 
     graph = model.subgraphs[0]
 

@@ -10,7 +10,8 @@ loss of Hinton et al. (2015)::
 The ``T^2`` factor keeps the soft term's gradients on the same scale as the hard term's
 whatever the temperature. The pass returns the student as ONNX, under the teacher's
 input and output names, so the steps after it (pruning, quantization, packing) treat it
-like any model.
+like any model. The training itself (teacher logits, the loss, the student as a torch
+module) is in :mod:`host_tools.compress.training.distill`.
 
 The student is one of: :class:`MlpStudent` (hidden widths; built here), an ONNX model
 (its architecture and initial weights), or a torch ``nn.Sequential`` of common layers.
@@ -19,8 +20,8 @@ The student is one of: :class:`MlpStudent` (hidden widths; built here), an ONNX 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -28,14 +29,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import Dataset
-from .evaluate import count_parameters, open_host_session, run_batched
-from .finetune import TrainingOptions, train_module
-from .model_file import build_model, load_model
-from .passes import PassContext, PassResult
-from .torch_bridge import graph_module, module_to_onnx, require_torch
+from ..evaluate import count_parameters
+from ..model_file import build_model, load_model
+from ..pass_manager import PassContext, PassResult
+from ..training.distill import distillation_loss, single_input, student_module, teacher_logits
+from ..training.loop import TrainingOptions, train_module
+from ..training.torch_bridge import require_torch
 
-__all__ = ["Distillation", "MlpStudent", "StudentSpec", "parse_student", "teacher_logits"]
+__all__ = ["Distillation", "MlpStudent", "StudentSpec", "parse_student"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class MlpStudent:
         Raises:
             CompressionError: the teacher's input has a dynamic non-batch dimension.
         """
-        model_input = _single_input(teacher)
+        model_input = single_input(teacher)
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in model_input.type.tensor_type.shape.dim][1:]
         if not dims or any(d < 1 for d in dims):
             raise CompressionError(
@@ -109,7 +110,7 @@ class MlpStudent:
         return build_model(graph, max(13, min(opset, 21)))
 
 
-StudentSpec = Union[MlpStudent, onnx.ModelProto, Any]
+StudentSpec = MlpStudent | onnx.ModelProto | Any
 """An :class:`MlpStudent`, an ONNX model, or a torch ``nn.Module``."""
 
 
@@ -131,7 +132,7 @@ class Distillation:
     student: StudentSpec = MlpStudent()
     temperature: float = 4.0
     alpha: float = 0.9
-    options: TrainingOptions = TrainingOptions(epochs=60)
+    options: TrainingOptions = field(default_factory=lambda: TrainingOptions(epochs=60))
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -173,7 +174,8 @@ class Distillation:
         inputs = data.array("distillation")
         soft, from_probabilities = teacher_logits(model, inputs)
         classes = soft.shape[1]
-        module, exporter = self._student_module(model, classes, ctx.seed, inputs)
+        spec = self.student.build(model, classes, ctx.seed) if isinstance(self.student, MlpStudent) else self.student
+        module, exporter = student_module(spec, model, inputs)
         with torch.no_grad():
             probe = module(torch.from_numpy(np.ascontiguousarray(inputs[:2], dtype=np.float32)))
         if tuple(probe.shape[1:]) != (classes,):
@@ -187,7 +189,7 @@ class Distillation:
             data,
             self.options,
             seed=ctx.seed,
-            loss=self._loss(torch, soft, data),
+            loss=distillation_loss(soft, data.y, self.temperature, self.alpha),
             progress=lambda done, total: ctx.report(self.name, "train", done, total),
         )
         student = exporter(module)
@@ -205,66 +207,6 @@ class Distillation:
                 "teacher_outputs": "probabilities" if from_probabilities else "logits",
             },
         )
-
-    def _student_module(self, teacher: onnx.ModelProto, classes: int, seed: int, inputs: np.ndarray) -> tuple[Any, Any]:
-        spec = self.student
-        if isinstance(spec, MlpStudent):
-            spec = spec.build(teacher, classes, seed)
-        if isinstance(spec, onnx.ModelProto):
-            module = graph_module(spec)
-            return module, lambda m: m.to_onnx()
-        torch = require_torch("distillation")
-        if not isinstance(spec, torch.nn.Module):
-            raise ConfigError(f"a student is an MlpStudent, an ONNX model or a torch module, not {type(spec).__name__}")
-        input_name = _single_input(teacher).name
-        output_name = teacher.graph.output[0].name
-        shape = tuple(int(d) for d in inputs.shape[1:])
-        return spec, lambda m: module_to_onnx(m, shape, input_name=input_name, output_name=output_name)
-
-    def _loss(self, torch: Any, soft: np.ndarray, data: Dataset) -> Any:
-        functional = torch.nn.functional
-        teacher = torch.from_numpy(soft.astype(np.float32))
-        labels = None if data.y is None else torch.from_numpy(np.asarray(data.y, dtype=np.int64))
-        temperature, alpha = self.temperature, self.alpha
-
-        def loss(logits: Any, rows: Any) -> Any:
-            total = 0.0
-            if alpha > 0:
-                target = functional.softmax(teacher[rows] / temperature, dim=1)
-                log_student = functional.log_softmax(logits / temperature, dim=1)
-                total = total + alpha * temperature**2 * functional.kl_div(log_student, target, reduction="batchmean")
-            if alpha < 1:
-                total = total + (1 - alpha) * functional.cross_entropy(logits, labels[rows])
-            return total
-
-        return loss
-
-
-def teacher_logits(teacher: onnx.ModelProto, x: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, bool]:
-    """Run the teacher with onnxruntime over ``x``.
-
-    A teacher that ends in a softmax gives probabilities; their logarithm is used as
-    logits (equal up to a per-sample constant, which the softmax ignores).
-
-    Args:
-        teacher: the ONNX teacher.
-        x: inputs.
-        batch_size: samples per run.
-
-    Returns:
-        ``[N, classes]`` float32 logits, and whether they came from probabilities.
-
-    Raises:
-        CompressionError: the teacher's first output is not ``[N, classes]``.
-    """
-    with open_host_session(teacher) as session:
-        out = np.asarray(run_batched(session, x, batch_size), dtype=np.float64)
-    if out.ndim != 2:
-        raise CompressionError(f"the teacher's first output has shape {list(out.shape)}, not [N, classes]")
-    probabilities = bool(np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3))
-    if probabilities:
-        out = np.log(np.clip(out, 1e-12, None))
-    return out.astype(np.float32), probabilities
 
 
 def parse_student(text: str, key: str = "distill") -> MlpStudent | onnx.ModelProto:
@@ -292,11 +234,3 @@ def parse_student(text: str, key: str = "distill") -> MlpStudent | onnx.ModelPro
             key=key, value=text,
         )  # fmt: skip
     return MlpStudent(hidden)
-
-
-def _single_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    inits = {init.name for init in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise CompressionError(f"distillation needs a teacher with one input, not {[i.name for i in inputs]}")
-    return inputs[0]

@@ -43,7 +43,7 @@ from edge_sdk.bundle.weights import (
 from edge_sdk.errors import CompressionError, ConfigError
 from edge_sdk.protowire import encode_varint
 
-from .passes import PassContext, PassResult
+from ..pass_manager import PassContext, PassResult
 
 __all__ = ["PackedModel", "WeightSharing", "kmeans_1d", "pack_model"]
 
@@ -90,6 +90,11 @@ def kmeans_1d(values: np.ndarray, clusters: int, iterations: int = 30) -> tuple[
     return centres[used], remap[assignment]
 
 
+def _valid_bits(value: object) -> bool:
+    """A bit width weight sharing takes: an int in 1..8."""
+    return isinstance(value, int) and 1 <= value <= 8
+
+
 @dataclass(frozen=True)
 class WeightSharing:
     """Cluster each float weight tensor into ``2**bits`` shared values.
@@ -115,7 +120,7 @@ class WeightSharing:
 
     def __post_init__(self) -> None:
         for key, value in [("bits", self.bits), ("bias_bits", self.bias_bits), *self.layer_bits.items()]:
-            if value is not None and not (isinstance(value, int) and 1 <= value <= 8):
+            if value is not None and not _valid_bits(value):
                 raise ConfigError(f"weight sharing bits must be 1..8, not {value} ({key})", key=key)
         if self.min_params < 1:
             raise ConfigError("min_params must be at least 1", key="min_params")
@@ -313,7 +318,8 @@ def _encode_tensor(
             codebook.astype(np.float16).astype(codebook.dtype), codebook
         ):
             book_type = onnx.TensorProto.FLOAT16
-        book = codebook.astype(FLOAT_DTYPES[book_type]).tobytes()
+        book_dtype: Any = FLOAT_DTYPES[book_type]
+        book = codebook.astype(book_dtype).tobytes()
         book_part = bytes([book_type]) + encode_varint(len(codebook)) + book
         layout_part = bytes([layout]) + (encode_varint(len(coded)) if layout == 1 else b"")
         streams = []

@@ -18,9 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import DigitsSplit
-from .evaluate import predict_classes
-from .model_file import build_model
+from ..data import DigitsSplit
+from ..evaluate import predict_classes
+from ..model_file import build_model
 
 __all__ = ["DIGITS_OPSET", "mlp_to_onnx", "train_digits_mlp"]
 
@@ -75,13 +75,14 @@ def train_digits_mlp(
         classifier.score(split.x_train, split.y_train),
     )
     model = mlp_to_onnx(classifier)
-    model_bytes = model.SerializeToString()
+    model_bytes = bytes(model.SerializeToString())
     expected = classifier.predict(split.x_test).astype(np.int64)
     got = predict_classes(model_bytes, split.x_test)
     mismatches = int(np.count_nonzero(got != expected))
     if mismatches:
         raise CompressionError(
-            f"ONNX export of the digits MLP disagrees with scikit-learn on {mismatches} of {len(expected)} test samples",
+            f"ONNX export of the digits MLP disagrees with scikit-learn on {mismatches} of {len(expected)} "
+            "test samples",
             mismatches=mismatches,
         )
     return model_bytes

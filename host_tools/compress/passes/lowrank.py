@@ -18,7 +18,7 @@ that one energy threshold, shared by all layers, to meet a target:
 - ``max_drop``, an accuracy budget: a bisection for the lowest threshold whose quality
   drop on the evaluation data stays within the budget.
 
-Factorizing is usually followed by :class:`~host_tools.compress.finetune.FineTune`,
+Factorizing is usually followed by :class:`~host_tools.compress.passes.finetune.FineTune`,
 which trains the two factors of each layer and keeps their shapes (the rank).
 """
 
@@ -34,9 +34,9 @@ from onnx import helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .evaluate import Quality
-from .layers import drop_unused_initializers, node_attributes
-from .passes import PassContext, PassResult
+from ..evaluate import Quality
+from ..layers import drop_unused_initializers, node_attributes
+from ..pass_manager import PassContext, PassResult
 
 __all__ = ["LowRankFactorization", "rank_for_energy"]
 

@@ -362,7 +362,7 @@ class PassManager:
     @staticmethod
     def _run_step(step: CompressionPass, name: str, index: int, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         try:
-            result = step.run(model, ctx)
+            result: object = step.run(model, ctx)  # a plug-in pass may return anything
         except Exception as exc:  # any failure inside a pass becomes a CompressionError naming it
             details = dict(exc.details) if isinstance(exc, EdgeError) else {}
             message = exc.message if isinstance(exc, EdgeError) else f"{type(exc).__name__}: {exc}"
@@ -370,7 +370,8 @@ class PassManager:
             raise CompressionError(f"compression step {index + 1} ({name}) failed: {message}", **details) from exc
         if not isinstance(result, PassResult) or not isinstance(result.model, onnx.ModelProto):
             raise CompressionError(
-                f"compression step {index + 1} ({name}) returned {type(result).__name__}, not a PassResult with a model",
+                f"compression step {index + 1} ({name}) returned {type(result).__name__}, "
+                "not a PassResult with a model",
                 step=name,
                 step_index=index,
             )

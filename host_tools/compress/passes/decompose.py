@@ -2,7 +2,7 @@
 
 :class:`DecomposeGemm` splits ``Gemm`` into ``MatMul`` + ``Add``. onnxruntime's dynamic
 quantization quantizes ``MatMul`` but leaves ``Gemm`` in float, so
-:class:`~host_tools.compress.quantize.DynamicInt8Quantization` runs it first; low-rank
+:class:`~host_tools.compress.passes.quantize.DynamicInt8Quantization` runs it first; low-rank
 factorization will want it too.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .layers import drop_unused_initializers, node_attributes
-from .passes import PassContext, PassResult
+from ..layers import drop_unused_initializers, node_attributes
+from ..pass_manager import PassContext, PassResult
 
 __all__ = ["DecomposeGemm", "decompose_gemm"]
 

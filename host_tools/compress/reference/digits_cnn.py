@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,10 +22,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import DigitsSplit
+from ..data import DigitsSplit
+from ..evaluate import predict_classes
+from ..model_file import build_model
 from .digits import DIGITS_OPSET
-from .evaluate import predict_classes
-from .model_file import build_model
 
 __all__ = ["train_digits_cnn"]
 
@@ -86,7 +87,7 @@ def train_digits_cnn(
                 lr = 2e-3 * np.sqrt(1 - 0.999**step) / (1 - 0.9**step)
                 params[key] -= (lr * m / (np.sqrt(v) + 1e-8)).astype(np.float32)
         logger.debug("digits CNN epoch %d done", epoch + 1)
-    model = _to_onnx(params).SerializeToString()
+    model = bytes(_to_onnx(params).SerializeToString())
     expected = np.argmax(_forward(params, split.x_test.reshape(-1, 1, 8, 8))[0], axis=1)
     mismatches = int(np.count_nonzero(predict_classes(model, split.x_test) != expected))
     if mismatches > 1:  # float summation order may flip one near-tie
@@ -122,7 +123,7 @@ def _conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int) -> t
     return out.reshape(len(x), oh, ow, -1).transpose(0, 3, 1, 2), cols, oh, ow
 
 
-def _forward(p: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, dict[str, object]]:
+def _forward(p: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     z1, cols1, _oh1, _ow1 = _conv(x, p["conv1.weight"], p["conv1.bias"], 1)
     a1 = np.maximum(z1, 0)
     z2, cols2, oh2, ow2 = _conv(a1, p["conv2.weight"], p["conv2.bias"], 2)

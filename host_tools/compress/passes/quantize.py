@@ -13,23 +13,22 @@ import contextlib
 import importlib.util
 import io
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import Dataset, match_inputs
+from ..data import Dataset, match_inputs
+from ..pass_manager import CompressionPass, PassContext, PassResult
 from .decompose import decompose_gemm
-from .passes import CompressionPass, PassContext, PassResult
 
 __all__ = [
     "QUANTIZE_OPTIONS",
@@ -401,7 +400,7 @@ class Int4WeightOnlyQuantization:
         )
 
 
-QuantizationPass = Union[StaticInt8Quantization, DynamicInt8Quantization, Float16Conversion, Int4WeightOnlyQuantization]
+QuantizationPass = StaticInt8Quantization | DynamicInt8Quantization | Float16Conversion | Int4WeightOnlyQuantization
 """The quantization passes; each has an ``exclude_nodes`` field the accuracy guard sets."""
 
 
@@ -491,7 +490,7 @@ def parse_quantize_option(text: str) -> CompressionPass:
     return pass_
 
 
-def quantize_mode(text: str, key: str = "quantize") -> tuple[type, Mapping[str, object]]:
+def quantize_mode(text: str, key: str = "quantize") -> tuple[type[QuantizationPass], Mapping[str, Any]]:
     """The pass class and settings of a mode in :data:`QUANTIZE_OPTIONS` (case and
     surrounding spaces ignored; ``_`` may stand for ``-``).
 
@@ -596,7 +595,11 @@ def _workdir() -> Iterator[Path]:
 
 
 def _prepare(model: onnx.ModelProto, work: Path, preprocess: bool) -> Path:
-    """Write the model for onnxruntime, pre-processed when asked; returns its path."""
+    """Write the model for onnxruntime, pre-processed when asked; returns its path.
+
+    Every file goes to ``work`` by absolute path; the process's working directory is
+    neither read nor changed, so concurrent quantizations in one process are safe.
+    """
     raw = work / "input.onnx"
     onnx.save(model, str(raw))
     if not preprocess:
@@ -604,21 +607,42 @@ def _prepare(model: onnx.ModelProto, work: Path, preprocess: bool) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = work / "prepared.onnx"
-    # Symbolic shape inference helps transformer graphs and needs sympy, which the
-    # host extra does not install; plain ONNX shape inference covers MLPs and CNNs.
-    symbolic = importlib.util.find_spec("sympy") is not None
-    # When symbolic shape inference gives up, onnxruntime saves its partial model as
-    # "sym_shape_infer_temp.onnx" plus an external-data file in the *current* directory;
-    # running from the private work directory keeps that litter out of the user's.
-    cwd = os.getcwd()
     try:
-        os.chdir(work)
-        quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=not symbolic)
+        # Symbolic shape inference helps transformer graphs and needs sympy, which the
+        # host extra does not install; plain ONNX shape inference covers MLPs and CNNs.
+        if importlib.util.find_spec("sympy") is not None:
+            shaped = work / "shaped.onnx"
+            onnx.save(_symbolic_shapes(model), str(shaped))
+            raw = shaped
+        quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
     except Exception as exc:  # onnxruntime's optimizer and shape inference raise many types
         raise CompressionError(f"onnxruntime quantization pre-processing failed: {exc}") from exc
-    finally:
-        os.chdir(cwd)
     return prepared
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's symbolic shape inference, the step ``quant_pre_process`` runs first.
+
+    ``SymbolicShapeInference.infer_shapes`` saves its partial model as
+    ``sym_shape_infer_temp.onnx`` (plus external data) in the *current* directory when it
+    gives up. This runs the same steps and raises instead, so nothing lands in the
+    caller's directory and nobody has to change the process's working directory.
+
+    Raises:
+        CompressionError: inference could not give every tensor a shape.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inference = SymbolicShapeInference(2**31 - 1, False, False, 0)  # int_max, auto_merge, guess_rank, verbose
+    inference._preprocess(model)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    if not complete:
+        raise CompressionError("Incomplete symbolic shape inference")
+    shaped: onnx.ModelProto = inference.out_mp_
+    return shaped
 
 
 def _resolve_exclusions(prepared: Path, names: tuple[str, ...]) -> list[str]:

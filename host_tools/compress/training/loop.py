@@ -1,16 +1,10 @@
-"""Fine-tuning after pruning or low-rank factorization: train the weights to win accuracy back.
+"""The training loop shared by fine-tuning and distillation, and fine-tuning of torch modules.
 
-:class:`FineTune` is a pass: it runs the ONNX model as a torch module
-(:func:`~host_tools.compress.torch_bridge.graph_module`), trains it on
-``ctx.training`` with cross-entropy, and writes the weights back into the same graph.
-Weights that are exactly zero stay zero (the pruning mask is read from the weights), so
-the sparsity a pruning pass bought survives. After
-:class:`~host_tools.compress.lowrank.LowRankFactorization` each factor is its own
-parameter, so both are trained and the rank (the factor shapes) stays. :func:`finetune_module` does the same for
-a torch module the user already has.
-
-:func:`train_module` is the training loop shared with distillation. torch is optional
-(``pip install 'edge-sdk[train]'``) and only imported when training runs.
+:func:`train_module` trains a torch module in place (AdamW, cosine schedule), optionally
+holding pruned weights at zero (:func:`zero_masks`) and training shared weights as one
+value per cluster (:func:`codebook_ties`). :func:`finetune_module` fine-tunes a torch
+module the user already has. torch is optional (``pip install 'edge-sdk[train]'``) and
+imported only when training runs.
 """
 
 from __future__ import annotations
@@ -22,15 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import Dataset
-from .passes import PassContext, PassResult
-from .torch_bridge import graph_module, require_torch
+from ..data import Dataset
+from .torch_bridge import require_torch
 
-__all__ = ["FineTune", "TrainingOptions", "codebook_ties", "finetune_module", "train_module", "zero_masks"]
+__all__ = ["LossFn", "TrainingOptions", "codebook_ties", "finetune_module", "train_module", "zero_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,69 +62,6 @@ class TrainingOptions:
             )
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be at least 1", key="threads")
-
-
-@dataclass(frozen=True)
-class FineTune:
-    """Train the model's weights on labelled data, keeping zero weights at zero.
-
-    Args:
-        options: epochs, learning rate, batch size.
-        keep_zeros: keep every weight (rank >= 2) that is exactly zero at zero, so pruned
-            connections stay pruned. Turn off only to fine-tune a dense model.
-        share_codebooks: after :class:`~host_tools.compress.weight_sharing.WeightSharing`,
-            train the shared values instead of the weights (Deep Compression's centroid
-            fine-tuning): every tensor with at most 256 distinct nonzero values keeps its
-            clusters, and each cluster's value moves by the sum of its members' gradients.
-            Values that were float16 before stay float16 (rounded once, at the end).
-
-    Raises:
-        ConfigError: from :class:`TrainingOptions`.
-    """
-
-    options: TrainingOptions = TrainingOptions()
-    keep_zeros: bool = True
-    share_codebooks: bool = False
-
-    @property
-    def name(self) -> str:
-        """The pass name."""
-        return "finetune"
-
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        """Fine-tune.
-
-        Args:
-            model: a float model of the ops the torch bridge supports.
-            ctx: ``training`` must hold labelled data shaped like the model input.
-
-        Returns:
-            The model with trained weights (same graph), with notes on epochs, the loss
-            before and after, and the sparsity kept.
-
-        Raises:
-            CompressionError: no labelled training data, or an op the torch bridge cannot
-                run (names the node).
-            RuntimeUnavailableError: torch is not installed.
-        """
-        data = ctx.training
-        if data is None or data.y is None:
-            raise CompressionError("fine-tuning needs labelled training data (x and y); none was given")
-        module = graph_module(model)
-        ties = codebook_ties(module) if self.share_codebooks else {}
-        masks = {k: v for k, v in zero_masks(module).items() if k not in ties} if self.keep_zeros else {}
-        stats = train_module(
-            module,
-            data,
-            self.options,
-            seed=ctx.seed,
-            masks=masks,
-            ties=ties,
-            progress=lambda done, total: ctx.report(self.name, "train", done, total),
-        )
-        tuned = module.to_onnx()
-        notes = {**stats, "masked_weights": len(masks), "tied_parameters": sorted(ties)}
-        return PassResult(tuned, changed=self.options.epochs > 0, notes=notes)
 
 
 def finetune_module(

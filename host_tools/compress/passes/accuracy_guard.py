@@ -22,10 +22,10 @@ import onnx
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .data import Inputs
+from ..data import Inputs
+from ..evaluate import Quality, input_feeds, open_host_session
+from ..pass_manager import PassContext, PassResult
 from .decompose import decompose_gemm
-from .evaluate import Quality, input_feeds, open_host_session
-from .passes import PassContext, PassResult
 from .quantize import (
     DynamicInt8Quantization,
     Int4WeightOnlyQuantization,

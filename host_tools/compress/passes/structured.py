@@ -28,8 +28,8 @@ from onnx import helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, ConfigError
 
-from .layers import WeightLayer, consumers_of, find_layers, replace_initializer, select_layers
-from .passes import PassContext, PassResult
+from ..layers import WeightLayer, consumers_of, find_layers, replace_initializer, select_layers
+from ..pass_manager import PassContext, PassResult
 
 __all__ = ["ChannelPruning"]
 
@@ -125,9 +125,9 @@ class ChannelPruning:
         select_layers(layers, self.layer_ratio, self.name)
         if self.layers is not None:
             select_layers(layers, self.layers, self.name)
-            chosen = [l for l in layers if l.name in self.layers]
+            chosen = [layer for layer in layers if layer.name in self.layers]
         else:
-            chosen = [l for l in layers if _feeds_another_layer(model.graph, l, layers)]
+            chosen = [layer for layer in layers if _feeds_another_layer(model.graph, layer, layers)]
             if not chosen:
                 raise CompressionError("no layer feeds another one: only the output layer is left, nothing to prune")
         params_before = _weight_count(model)
@@ -154,7 +154,7 @@ def _weight_count(model: onnx.ModelProto) -> int:
 
 def _feeds_another_layer(graph: onnx.GraphProto, layer: WeightLayer, layers: Sequence[WeightLayer]) -> bool:
     """Whether any weight layer lies downstream of ``layer`` (the head does not have one)."""
-    layer_nodes = {l.node_index for l in layers}
+    layer_nodes = {layer.node_index for layer in layers}
     readers = consumers_of(graph)
     seen: set[str] = set()
     frontier = [layer.output]
@@ -174,7 +174,7 @@ def _trace(graph: onnx.GraphProto, layer: WeightLayer, layers: Sequence[WeightLa
     """Follow ``layer``'s output to the next weight layer, through per-channel ops only."""
     readers = consumers_of(graph)
     inits = {init.name: init for init in graph.initializer}
-    by_index = {l.node_index: l for l in layers}
+    by_index = {layer.node_index: layer for layer in layers}
     outputs = {o.name for o in graph.output}
     producer = graph.node[layer.node_index]
     if layer.op_type == "Conv" and _attr(producer, "group", 1) != 1:
@@ -212,7 +212,9 @@ def _trace(graph: onnx.GraphProto, layer: WeightLayer, layers: Sequence[WeightLa
                 raise stop(f"{node.op_type} node {label!r} has constant inputs", label)
         elif node.op_type == "BatchNormalization" and node.input[0] == tensor:
             per_channel.extend(node.input[1:5])
-        elif (node.op_type == "Flatten" and _attr(node, "axis", 1) == 1 and not flattened) or (node.op_type == "Reshape" and not flattened and _is_flatten_shape(node, inits)):
+        elif (node.op_type == "Flatten" and _attr(node, "axis", 1) == 1 and not flattened) or (
+            node.op_type == "Reshape" and not flattened and _is_flatten_shape(node, inits)
+        ):
             flattened = True
         else:
             raise stop(f"it feeds {node.op_type} node {label!r}, which this pass does not understand", label)

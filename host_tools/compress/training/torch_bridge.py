@@ -34,8 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import CompressionError, RuntimeUnavailableError
 
-from .layers import node_attributes
-from .model_file import build_model
+from ..layers import node_attributes
+from ..model_file import build_model
 
 __all__ = ["SUPPORTED_OPS", "TRAIN_EXTRA_HINT", "graph_module", "module_to_onnx", "require_torch"]
 
@@ -126,7 +126,7 @@ def _graph_module_class(torch: Any) -> type:
     nn = torch.nn
     functional = torch.nn.functional
 
-    class GraphModule(nn.Module):
+    class GraphModule(nn.Module):  # type: ignore[name-defined,misc]  # torch is imported lazily: Any here
         """An ONNX graph run by torch; parameters are its float weights and biases."""
 
         def __init__(self, model: onnx.ModelProto) -> None:
@@ -213,7 +213,8 @@ def _check_node(node: onnx.NodeProto) -> None:
         )
     if node.op_type not in SUPPORTED_OPS:
         raise CompressionError(
-            f"node {label!r} is a {node.op_type}, which the torch bridge does not support; supported: {sorted(SUPPORTED_OPS)}",
+            f"node {label!r} is a {node.op_type}, which the torch bridge does not support; "
+            f"supported: {sorted(SUPPORTED_OPS)}",
             node=label,
             op_type=node.op_type,
         )
@@ -336,7 +337,8 @@ def module_to_onnx(
     torch = require_torch("exporting a torch model")
     module.eval()
     if hasattr(module, "to_onnx") and isinstance(getattr(module, "weight_names", None), dict):
-        return module.to_onnx()
+        exported: onnx.ModelProto = module.to_onnx()
+        return exported
     nn = torch.nn
     builder = _SequentialBuilder(input_name)
     builder.add(module, "", nn)
