@@ -35,7 +35,7 @@ from edge_sdk.bundle.manifest import EXECUTIONS
 from edge_sdk.errors import ConfigError, KeyStoreError, UntrustedInputError
 from edge_sdk.mqtt import parse_broker_url
 from edge_sdk.protocol.topics import check_device_id
-from edge_sdk.trust import SignedRoot, verify_root
+from edge_sdk.trust import load_root
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -146,7 +146,7 @@ class AgentConfig:
         except OSError as exc:
             raise KeyStoreError(f"cannot read root of trust {self.root}: {exc.strerror}") from exc
         try:
-            verify_root(SignedRoot.from_bytes(data))
+            load_root(data)
         except UntrustedInputError as exc:
             raise KeyStoreError(f"root of trust {self.root}: {exc.message}") from exc
         return data

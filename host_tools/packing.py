@@ -34,7 +34,7 @@ from edge_sdk.bundle.sparse import decode_sparse_weights
 from edge_sdk.errors import CompressionError, ConfigError, KeyStoreError
 from edge_sdk.runtime import open_session, open_sparse_session, sample_feeds
 from edge_sdk.runtime.agreement import TOLERANCE, agreement
-from edge_sdk.trust import Root, SignedRoot, verify_root
+from edge_sdk.trust import Root, load_root
 from host_tools.keys import KeyRing
 
 __all__ = [
@@ -250,6 +250,6 @@ def check_bundle(bundle: Path, keys: KeyRing, now: float, options: CheckOptions 
 
 def _read_root(path: Path) -> Root:
     try:
-        return verify_root(SignedRoot.from_bytes(path.read_bytes()))
+        return load_root(path.read_bytes()).root
     except OSError as exc:
         raise KeyStoreError(f"cannot read root {path}: {exc.strerror}") from exc

@@ -1,6 +1,6 @@
 """Helpers shared by the compression tests: :func:`run_model` and :data:`FAST`.
 
-The shared fixtures (the digits split and the trained MLPs) are in :mod:`compress_fixtures`.
+The shared fixtures (the digits split and the trained MLPs) are in tests/unit/host_tools/compress/conftest.py.
 """
 
 from __future__ import annotations

@@ -25,8 +25,6 @@ from host_tools.compress import (
     StaticInt8Quantization,
 )
 
-pytest_plugins = ["compress_fixtures"]
-
 FAST = MeasureOptions(latency_runs=5, latency_warmup=1)
 
 

@@ -25,9 +25,7 @@ from edge_sdk.protowire import tensor_proto
 from host_tools.compress import WeightSharing, pack_model
 from host_tools.compress.passes.weight_sharing import kmeans_1d, range_encode_tensor
 
-pytest_plugins = ["compress_fixtures"]
-
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def _pruned(model_bytes: bytes, fraction: float) -> onnx.ModelProto:

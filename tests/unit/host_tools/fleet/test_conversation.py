@@ -2,7 +2,7 @@
 
 The fake has only what a conversation and its router touch: ``inbox`` and ``subscribe``.
 Messages go through the router's ``dispatch`` in the test's own thread, so every test is
-deterministic; tests/unit/test_router.py covers the router, and the real broker and agent
+deterministic; tests/unit/host_tools/fleet/test_router.py covers the router, and the real broker and agent
 drive the same code in the integration tests (deploy, profile, rollback, remove, and
 many deploys over one connection).
 """
@@ -26,7 +26,7 @@ from host_tools.fleet.router import Router
 DEVICE = "pi-7"
 COMMAND = "a" * 32
 OTHER = "b" * 32
-FLEET = Path(__file__).resolve().parents[2] / "host_tools" / "fleet"
+FLEET = Path(__file__).resolve().parents[4] / "host_tools" / "fleet"
 
 
 class FakeClient:

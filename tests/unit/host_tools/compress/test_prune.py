@@ -12,8 +12,6 @@ import host_tools.compress as hc
 from edge_sdk.errors import CompressionError, ConfigError
 from host_tools.compress import ChannelPruning, Dataset, MagnitudePruning, PassContext, SensitivityPruning
 
-pytest_plugins = ["compress_fixtures"]
-
 
 @pytest.fixture(scope="module")
 def digits_cnn(split: hc.DigitsSplit) -> bytes:

@@ -12,8 +12,6 @@ import host_tools.compress as hc
 from edge_sdk.errors import CompressionError, ConfigError, ModelLoadError
 from host_tools.compress import Distillation, MlpStudent, PassContext, TrainingOptions
 
-pytest_plugins = ["compress_fixtures"]
-
 
 @pytest.fixture(scope="module")
 def teacher(digits_mlp: bytes) -> onnx.ModelProto:

@@ -13,8 +13,6 @@ from edge_sdk.errors import CompressionError, ConfigError
 from host_tools.compress import LowRankFactorization
 from host_tools.compress.passes.lowrank import rank_for_energy
 
-pytest_plugins = ["compress_fixtures"]
-
 
 def _low_rank_matrix(rng: np.random.Generator, n_in: int, n_out: int, rank: int) -> np.ndarray:
     return (rng.normal(size=(n_in, rank)) @ rng.normal(size=(rank, n_out)) / np.sqrt(rank)).astype(np.float32)

@@ -1,9 +1,4 @@
-"""Fixtures shared by the compression tests (a pytest plugin).
-
-A test module that wants them names this module in ``pytest_plugins`` (and imports
-nothing from it, so that pytest can load it as a plugin)::
-
-    pytest_plugins = ["compress_fixtures"]
+"""Fixtures shared by the compression tests in this folder.
 
 Session-scoped: built once for the whole run, never modified by a test.
 

@@ -30,8 +30,6 @@ from host_tools.compress import (
 )
 from host_tools.compress.recipe import parse_lowrank_option, parse_prune_option
 
-pytest_plugins = ["compress_fixtures"]
-
 
 def test_no_step_options_mean_int8_static() -> None:
     (step,) = passes_from_options(StepOptions())

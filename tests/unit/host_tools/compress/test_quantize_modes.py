@@ -12,8 +12,6 @@ import host_tools.compress as hc
 from edge_sdk.errors import CompressionError, ConfigError
 from host_tools.compress import AccuracyGuard, Float16Conversion, Int4WeightOnlyQuantization
 
-pytest_plugins = ["compress_fixtures"]
-
 
 def _run(model: bytes | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     with hc.evaluate.open_host_session(model) as session:

@@ -529,7 +529,7 @@ def test_psycopg_not_imported_for_sqlite(tmp_path: Path) -> None:
         f"open_registry({str(tmp_path / 'x.db')!r}).close(); "
         "assert 'psycopg' not in sys.modules"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[4])
 
 
 # --- migration from schema 1 (a file written by the v1 code) ----------------------------

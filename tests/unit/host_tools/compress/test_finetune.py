@@ -12,8 +12,6 @@ import host_tools.compress as hc
 from edge_sdk.errors import CompressionError
 from host_tools.compress import FineTune, MagnitudePruning, PassContext, TrainingOptions
 
-pytest_plugins = ["compress_fixtures"]
-
 
 @pytest.mark.parametrize(("build", "shape"), [(mlp, (12,)), (cnn, (2, 8, 8))])
 def test_graph_module_computes_what_onnxruntime_computes(build, shape) -> None:
