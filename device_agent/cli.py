@@ -67,9 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=EXECUTIONS,
         help="bundles with sparse layers: measure and pick the fastest (auto, the default) or pin one",
     )
-    run.add_argument(
-        "--debug-crash-at", choices=CRASH_POINTS, help="testing only: SIGKILL the agent at this step of an install"
-    )
+    # A test hook (SIGKILL at a named step of an install, for crash-safety tests): accepted, never shown.
+    run.add_argument("--debug-crash-at", choices=CRASH_POINTS, help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 

@@ -17,15 +17,17 @@ Example ``agent.toml``::
     update_gate_file = "/run/edge-agent/hold"
     update_gate_command = ["/usr/local/bin/may-update"]
 
-Flags given on the command line override the file.
+Flags given on the command line override the file. A value of the wrong type (a number
+in quotes, a single string where a list is wanted) is refused with the key's name and the
+type it wants, before anything else is checked.
 """
 
 from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +114,24 @@ class AgentConfig:
         if self.root is None:
             raise ConfigError("no root of trust: pass --root root.json or set root in the config file")
         object.__setattr__(self, "accelerators", tuple(self.accelerators))
-        if self.transfer_idle_timeout_s <= 0 or self.reconnect_max_s < 1:
-            raise ConfigError("timeouts must be positive")
+        if self.transfer_idle_timeout_s <= 0:
+            raise ConfigError(
+                f"transfer_idle_timeout_s must be positive (seconds), got {self.transfer_idle_timeout_s!r}",
+                key="transfer_idle_timeout_s",
+            )
+        if self.reconnect_max_s < 1:
+            raise ConfigError(
+                f"reconnect_max_s must be at least 1 (seconds), got {self.reconnect_max_s!r}", key="reconnect_max_s"
+            )
         if isinstance(self.update_gate_command, str):
             object.__setattr__(self, "update_gate_command", tuple(shlex.split(self.update_gate_command)) or None)
         elif self.update_gate_command is not None:
             if not all(isinstance(a, str) for a in self.update_gate_command) or not self.update_gate_command:
                 raise ConfigError("update_gate_command must be a command line or a non-empty list of strings")
             object.__setattr__(self, "update_gate_command", tuple(self.update_gate_command))
-        if self.update_gate_timeout_s <= 0 or self.update_gate_retry_s <= 0:
-            raise ConfigError("update gate timeout and retry interval must be positive")
+        for key in ("update_gate_timeout_s", "update_gate_retry_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive (seconds), got {getattr(self, key)!r}", key=key)
         if not _is_int_at_least(self.outbox_max_bytes, 1024):
             raise ConfigError("outbox_max_bytes must be an integer of at least 1024")
         if not _is_int_at_least(self.inbound_queue_max, _MIN_INBOUND):
@@ -157,14 +167,104 @@ def _is_int_at_least(value: object, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-_PATH_FIELDS = {"data_dir", "ca_file", "cert_file", "key_file", "sysfs_root", "update_gate_file", "root"}
+@dataclass(frozen=True)
+class _Kind:
+    """What a setting holds: its description for messages, and the test of a value."""
+
+    wanted: str
+    accepts: Callable[[object], bool]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+_STRING = _Kind("a string", lambda v: isinstance(v, str))
+_PATH = _Kind("a path (a string)", lambda v: isinstance(v, (str, Path)))
+_NUMBER = _Kind("a number of seconds", _is_number)
+_INTEGER = _Kind("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+_STRINGS = _Kind("a list of strings", _is_strings)
+_COMMAND = _Kind("a command line (a string) or a list of strings", lambda v: isinstance(v, str) or _is_strings(v))
+
+#: Every setting a config file or a flag may give, with the kind of value it takes.
+_SETTINGS: dict[str, _Kind] = {
+    "broker": _STRING,
+    "device_id": _STRING,
+    "data_dir": _PATH,
+    "root": _PATH,
+    "accelerators": _STRINGS,
+    "ca_file": _PATH,
+    "cert_file": _PATH,
+    "key_file": _PATH,
+    "reconnect_max_s": _NUMBER,
+    "transfer_idle_timeout_s": _NUMBER,
+    "sysfs_root": _PATH,
+    "update_gate_file": _PATH,
+    "update_gate_command": _COMMAND,
+    "update_gate_timeout_s": _NUMBER,
+    "update_gate_retry_s": _NUMBER,
+    "outbox_max_bytes": _INTEGER,
+    "inbound_queue_max": _INTEGER,
+    "execution": _STRING,
+    "debug_crash_at": _STRING,
+}
+_PATH_FIELDS = {key for key, kind in _SETTINGS.items() if kind is _PATH}
+
+
+def _toml_type(value: object) -> str:
+    """How a value read from TOML is called in a message: its TOML type and the value."""
+    if isinstance(value, bool):
+        kind = "a boolean"
+    elif isinstance(value, int):
+        kind = "an integer"
+    elif isinstance(value, float):
+        kind = "a float"
+    elif isinstance(value, str):
+        kind = "a string"
+    elif isinstance(value, (list, tuple)):
+        kind = "an array"
+    elif isinstance(value, dict):
+        kind = "a table"
+    else:
+        kind = "a date or time"
+    return f"{kind} ({value!r})"
+
+
+def _check_types(values: Mapping[str, object], where: str, tls: frozenset[str] = frozenset()) -> None:
+    """Refuse a setting whose value is not of the type the agent wants, naming both.
+
+    Args:
+        values: setting name -> value, as read from the file (unknown names are not checked here).
+        where: the file they came from, for the message.
+        tls: the names that came from the file's ``[tls]`` table.
+
+    Raises:
+        ConfigError: the first setting, in file order, of the wrong type.
+    """
+    for key, value in values.items():
+        kind = _SETTINGS.get(key)
+        if kind is not None and not kind.accepts(value):
+            name = f"[tls] {key}" if key in tls else key
+            raise ConfigError(f"{where}: {name} must be {kind.wanted}, not {_toml_type(value)}", key=key)
 
 
 def load_config(config_file: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     """Merge a TOML file (optional) with flag values (``None`` means "not given").
 
+    Args:
+        config_file: the TOML file, or ``None``.
+        overrides: flag values by setting name; they win over the file.
+
+    Returns:
+        The validated configuration.
+
     Raises:
-        ConfigError: unreadable or invalid file, unknown keys, or missing required values.
+        ConfigError: unreadable or invalid file, unknown keys, a value of the wrong type
+            (named with its key and the type wanted), or missing required values.
     """
     values: dict[str, Any] = {}
     if config_file is not None:
@@ -178,10 +278,10 @@ def load_config(config_file: Path | None, overrides: Mapping[str, Any]) -> Agent
         if not isinstance(tls, dict):
             raise ConfigError(f"{config_file}: [tls] must be a table")
         raw.update(tls)
-        known = {f.name for f in fields(AgentConfig)} - {"limits"}
-        unknown = set(raw) - known
+        unknown = set(raw) - set(_SETTINGS)
         if unknown:
             raise ConfigError(f"{config_file}: unknown setting(s) {', '.join(sorted(unknown))}")
+        _check_types(raw, str(config_file), frozenset(tls))
         values.update(raw)
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     missing = [k for k in ("broker", "device_id", "data_dir") if k not in values]

@@ -12,12 +12,19 @@ have a small reserve of their own above the bound, so a full inbox of messages d
 hide a reconnect from the owner.
 
 Subscriptions are remembered and renewed on every reconnect, and reconnects back off
-exponentially between ``reconnect_min_s`` and ``reconnect_max_s``.
+exponentially between ``reconnect_min_s`` and ``reconnect_max_s``. Every connection
+attempt is logged at DEBUG with its number; a failed one with its cause and the delay
+before the next (:class:`ConnectAttempts`), at INFO for the first failure, whenever the
+delay grows, and every tenth failure after that, so an unreachable broker is never silent.
+
+TLS files (``ca_file``, ``cert_file``, ``key_file``) are checked when the client is built:
+a missing or unreadable one is named with its key and path before any connection is tried.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import ssl
 import threading
@@ -27,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -36,6 +43,7 @@ from edge_sdk.errors import BrokerUnreachableError, ConfigError, TransportError
 __all__ = [
     "DEFAULT_INBOX_MAX",
     "BrokerAddress",
+    "ConnectAttempts",
     "ConnectionChange",
     "Incoming",
     "MqttClient",
@@ -55,6 +63,11 @@ _CONNECTION_RESERVE = 16
 
 #: After the first drop, one warning per this many drops (a flood must not flood the log).
 _DROP_LOG_EVERY = 100
+
+#: Once the reconnect delay has stopped growing, one INFO line per this many failed attempts.
+_ATTEMPT_LOG_EVERY = 10
+
+_TLS_FILES = ("ca_file", "cert_file", "key_file")
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,98 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ConfigError(f"broker URL {url!r} has a bad port") from exc
     tls = parts.scheme == "mqtts"
     return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+class ConnectAttempts:
+    """Counts connection attempts and mirrors paho's backoff, so each failure can name the next delay.
+
+    Pure bookkeeping, no clock: paho waits ``min_s`` after the first failure (or after a lost
+    connection), doubles the wait after each further failure up to ``max_s``, and starts
+    over once the broker accepts a connection.
+
+    Args:
+        min_s, max_s: the bounds of the reconnect delay, in whole seconds as paho uses them.
+    """
+
+    def __init__(self, min_s: int, max_s: int) -> None:
+        self.min_s = min_s
+        self.max_s = max_s
+        self.attempt = 0  # attempts since the last accepted connection
+        self._waits = 0  # waits paho has made or is about to make since then
+
+    def next_attempt(self) -> int:
+        """A connection attempt starts.
+
+        Returns:
+            Its number since the last accepted connection, from 1.
+        """
+        self.attempt += 1
+        return self.attempt
+
+    def failed(self) -> tuple[float, bool]:
+        """The attempt failed; paho waits before the next one.
+
+        Returns:
+            The delay before the next attempt, in seconds, and whether this failure is
+            worth an INFO line (the first, each time the delay grows, every tenth after).
+        """
+        before = self._delay(self._waits) if self._waits else 0
+        self._waits += 1
+        delay = self._delay(self._waits)
+        loud = self._waits == 1 or delay > before or self._waits % _ATTEMPT_LOG_EVERY == 0
+        return delay, loud
+
+    def lost(self) -> float:
+        """An accepted connection was lost.
+
+        Returns:
+            The delay before paho's first attempt to reconnect, in seconds.
+        """
+        self.attempt = 0
+        self._waits = 1
+        return self._delay(1)
+
+    def connected(self) -> int:
+        """The broker accepted a connection.
+
+        Returns:
+            How many attempts it took.
+        """
+        attempts, self.attempt, self._waits = self.attempt, 0, 0
+        return attempts
+
+    def _delay(self, waits: int) -> int:
+        return min(self.min_s << min(waits - 1, 32), self.max_s)
+
+
+def _check_tls_files(options: MqttOptions) -> None:
+    """Name a TLS file that is missing or unreadable, with its key, before any connection.
+
+    Raises:
+        ConfigError: a TLS file given in ``options`` cannot be read.
+    """
+    for key in _TLS_FILES:
+        path = getattr(options, key)
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            what = "is not a file" if Path(path).exists() else "does not exist"
+            raise ConfigError(f"TLS {key} {path} {what}", key=key, path=str(path))
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"TLS {key} {path} is not readable by this user", key=key, path=str(path))
+
+
+class _Paho(paho.Client):
+    """paho's client, keeping the cause of the last failed connection attempt (paho drops it)."""
+
+    connect_error: OSError | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.connect_error = exc
+            raise
 
 
 @dataclass(frozen=True)
@@ -181,21 +286,22 @@ class MqttClient:
         self._lock = threading.Lock()
         self._last_error = "no answer"
         self._started = False
-        c = paho.Client(
+        min_delay, max_delay = max(1, int(options.reconnect_min_s)), max(1, int(options.reconnect_max_s))
+        self._attempts = ConnectAttempts(min_delay, max_delay)
+        c = _Paho(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=options.client_id,
             protocol=paho.MQTTv311,
             clean_session=True,
         )
-        c.reconnect_delay_set(
-            min_delay=max(1, int(options.reconnect_min_s)), max_delay=max(1, int(options.reconnect_max_s))
-        )
+        c.reconnect_delay_set(min_delay=min_delay, max_delay=max_delay)
         c.max_queued_messages_set(0)
         if options.will is not None:
             c.will_set(options.will.topic, options.will.payload, options.will.qos, options.will.retain)
         if options.username is not None:
             c.username_pw_set(options.username, options.password)
         if self.address.tls:
+            _check_tls_files(options)
             try:
                 c.tls_set(
                     ca_certs=str(options.ca_file) if options.ca_file else None,
@@ -205,6 +311,11 @@ class MqttClient:
                 )
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise ConfigError(f"TLS setup for {self.address} failed: {exc}") from exc
+        else:
+            unused = [key for key in _TLS_FILES if getattr(options, key) is not None]
+            if unused:
+                log.warning("%s is not mqtts://: %s not used", self.address, ", ".join(unused))
+        c.on_pre_connect = self._on_pre_connect
         c.on_connect = self._on_connect
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
@@ -212,6 +323,22 @@ class MqttClient:
         self._client = c
 
     # --- network thread: convert and hand over, nothing else -------------------------
+
+    def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
+        attempt = self._attempts.next_attempt()
+        log.debug("connecting to %s as %s (attempt %d)", self.address, self.options.client_id, attempt)
+
+    def _attempt_failed(self, cause: str) -> None:
+        delay, loud = self._attempts.failed()
+        self._last_error = cause
+        log.log(
+            logging.INFO if loud else logging.DEBUG,
+            "cannot connect to %s (attempt %d): %s; next attempt in %g s",
+            self.address,
+            self._attempts.attempt,
+            cause,
+            delay,
+        )
 
     def _on_connect(
         self,
@@ -222,8 +349,10 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
-            self._last_error = f"broker refused the connection: {reason_code}"
+            self._attempt_failed(f"broker refused the connection: {reason_code}")
             return
+        attempts = self._attempts.connected()
+        log.debug("connected to %s (attempt %d)", self.address, attempts)
         with self._lock:
             filters = list(self._filters.items())
         for topic_filter, qos in filters:
@@ -232,7 +361,8 @@ class MqttClient:
         self._hand_over(ConnectionChange(True, "connected"))
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        self._last_error = "connection failed"
+        exc = self._client.connect_error
+        self._attempt_failed(f"connection failed: {exc}" if exc is not None else "connection failed")
 
     def _on_disconnect(
         self,
@@ -244,8 +374,10 @@ class MqttClient:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        self._last_error = f"disconnected: {reason_code}"
         if was_connected:
+            self._last_error = f"disconnected: {reason_code}"
+            if self._started:  # not close(): paho will reconnect
+                log.debug("lost %s (%s); next attempt in %g s", self.address, reason_code, self._attempts.lost())
             self._hand_over(ConnectionChange(False, str(reason_code)))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -8,12 +8,15 @@ broker drives the same callbacks in the integration tests.
 from __future__ import annotations
 
 import logging
+import socket
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from edge_sdk.errors import ConfigError
-from edge_sdk.mqtt import DEFAULT_INBOX_MAX, ConnectionChange, Incoming, MqttClient, MqttOptions
+from edge_sdk.mqtt import DEFAULT_INBOX_MAX, ConnectAttempts, ConnectionChange, Incoming, MqttClient, MqttOptions
 
 
 def _client(inbox_max: int) -> MqttClient:
@@ -53,3 +56,71 @@ def test_a_connection_change_finds_room_in_a_full_inbox() -> None:
     items = [client.inbox.get_nowait() for _ in range(client.inbox.qsize())]
     assert len(items) == 3 and items[-1] == ConnectionChange(False, "gone")
     assert client.inbox_dropped == 2
+
+
+# --- connection attempts: each one logged, with its cause and the next delay ----------------
+
+
+def test_connect_attempts_mirror_paho_backoff_and_say_when_to_log_at_info() -> None:
+    attempts = ConnectAttempts(1, 30)
+    seen = []
+    for _ in range(25):
+        attempts.next_attempt()
+        seen.append(attempts.failed())
+    delays = [d for d, _ in seen]
+    assert delays[:7] == [1, 2, 4, 8, 16, 30, 30] and set(delays[6:]) == {30}
+    loud = [n for n, (_, is_loud) in enumerate(seen, start=1) if is_loud]
+    assert loud == [1, 2, 3, 4, 5, 6, 10, 20]  # the first, each growth of the delay, every tenth after
+    assert attempts.attempt == 25
+    assert attempts.connected() == 25 and attempts.attempt == 0
+    assert attempts.lost() == 1  # paho waits the minimum after a lost connection ...
+    attempts.next_attempt()
+    assert attempts.failed() == (2, True)  # ... and doubles it after the next failure
+
+
+def test_each_failed_attempt_is_logged_with_its_cause_and_the_next_delay(caplog: pytest.LogCaptureFixture) -> None:
+    client = _client(10)
+    caplog.set_level(logging.DEBUG, logger="edge_sdk.mqtt")
+    for _ in range(3):
+        client._on_pre_connect(client._client, None)
+        client._client.connect_error = ConnectionRefusedError(111, "Connection refused")
+        client._on_connect_fail(client._client, None)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "edge_sdk.mqtt"]
+    assert (logging.DEBUG, "connecting to mqtt://127.0.0.1:1 as unit-inbox (attempt 1)") in lines
+    failures = [(level, text) for level, text in lines if text.startswith("cannot connect")]
+    assert [level for level, _ in failures] == [logging.INFO] * 3
+    assert "(attempt 3): connection failed: [Errno 111] Connection refused; next attempt in 4 s" in failures[2][1]
+
+
+def test_an_unreachable_broker_is_not_silent(caplog: pytest.LogCaptureFixture) -> None:
+    """A real socket to a closed loopback port: attempts are logged at INFO within seconds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    caplog.set_level(logging.INFO, logger="edge_sdk.mqtt")
+    client = MqttClient(f"mqtt://127.0.0.1:{port}", MqttOptions(client_id="unit-closed"))
+    client.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            failures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot connect")]
+            if len(failures) >= 2:
+                break
+            time.sleep(0.1)
+    finally:
+        client.close()
+    assert len(failures) >= 2, failures
+    assert f"127.0.0.1:{port} (attempt 1)" in failures[0] and "next attempt in 1 s" in failures[0]
+    assert "(attempt 2)" in failures[1] and "next attempt in 2 s" in failures[1]
+
+
+@pytest.mark.parametrize("key", ["ca_file", "cert_file", "key_file"])
+def test_a_missing_tls_file_is_named_with_its_key_and_path(key: str, tmp_path: Path) -> None:
+    present = tmp_path / "present.pem"
+    present.write_text("not read before the missing file is named")
+    files = {k: present for k in ("ca_file", "cert_file", "key_file")}
+    files[key] = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError) as caught:
+        MqttClient("mqtts://127.0.0.1:1", MqttOptions(client_id="unit-tls", **files))
+    assert caught.value.message == f"TLS {key} {tmp_path / 'missing.pem'} does not exist"
+    assert caught.value.details["key"] == key

@@ -1,0 +1,91 @@
+"""device_agent.config: a config file's mistakes are named by key, with the type the agent wants."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from device_agent.config import AgentConfig, load_config
+from edge_sdk.errors import ConfigError
+
+_VALID = 'broker = "mqtt://127.0.0.1:1883"\ndevice_id = "pi-01"\ndata_dir = "/tmp/edge-agent"\nroot = "root.json"\n'
+_SETTABLE = [f for f in fields(AgentConfig) if f.name != "limits"]  # limits are not a setting
+_TLS = {"ca_file", "cert_file", "key_file"}
+
+
+def _wanted(annotation: str) -> str:
+    """The type a field's annotation asks for, as the message must name it."""
+    if annotation.startswith(("float", "int")):
+        return "a number of seconds" if annotation.startswith("float") else "an integer"
+    if "Path" in annotation:
+        return "a path (a string)"
+    if annotation.startswith("tuple[str, ...] | None"):
+        return "a command line (a string) or a list of strings"
+    if annotation.startswith("tuple"):
+        return "a list of strings"
+    return "a string"
+
+
+def _load(tmp_path: Path, text: str) -> AgentConfig:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return load_config(path, {})
+
+
+@pytest.mark.parametrize("field", _SETTABLE, ids=lambda f: f.name)
+@pytest.mark.parametrize("wrong", ['"30"', "7", "true", "{ a = 1 }"], ids=["string", "integer", "boolean", "table"])
+def test_every_setting_of_the_wrong_type_is_named_with_the_type_wanted(
+    field: object, wrong: str, tmp_path: Path
+) -> None:
+    name, annotation = field.name, str(field.type)  # type: ignore[attr-defined]  # a dataclasses.Field
+    wanted = _wanted(annotation)
+    if wrong == '"30"' and wanted != "a number of seconds" and wanted != "an integer":
+        wrong = "30"  # a string is right for these: give a number instead
+    if wrong == "7" and wanted in ("a number of seconds", "an integer"):
+        wrong = "[7]"
+    lines = [line for line in _VALID.splitlines() if not line.startswith(f"{name} =")]
+    text = "\n".join(lines) + "\n"
+    text += f"[tls]\n{name} = {wrong}\n" if name in _TLS else ""
+    if name not in _TLS:
+        text = f"{name} = {wrong}\n" + text
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, text)
+    where = f"[tls] {name}" if name in _TLS else name
+    assert caught.value.message.startswith(f"{tmp_path / 'agent.toml'}: {where} must be {wanted}, not "), (
+        caught.value.message
+    )
+    assert caught.value.details["key"] == name
+    assert "not supported between" not in caught.value.message
+
+
+def test_the_reported_case_names_the_key_not_a_python_comparison(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=re.escape("reconnect_max_s must be a number of seconds, not a string ('30')")
+    ):
+        _load(tmp_path, _VALID + 'reconnect_max_s = "30"\n')
+
+
+def test_a_single_accelerator_string_is_not_split_into_letters(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="accelerators must be a list of strings"):
+        _load(tmp_path, 'accelerators = "cuda"\n' + _VALID)
+
+
+def test_values_of_the_right_type_load_and_range_errors_name_their_key(tmp_path: Path) -> None:
+    config = _load(
+        tmp_path,
+        _VALID
+        + 'accelerators = ["cuda"]\nreconnect_max_s = 5\ntransfer_idle_timeout_s = 2.5\n'
+        + 'update_gate_command = "/bin/true --x"\noutbox_max_bytes = 4096\n[tls]\nca_file = "ca.pem"\n',
+    )
+    assert config.accelerators == ("cuda",) and config.reconnect_max_s == 5
+    assert config.update_gate_command == ("/bin/true", "--x") and config.ca_file == Path("ca.pem")
+    for setting, message in (
+        ("reconnect_max_s = 0.5", "reconnect_max_s must be at least 1 (seconds), got 0.5"),
+        ("transfer_idle_timeout_s = 0", "transfer_idle_timeout_s must be positive (seconds), got 0"),
+        ("update_gate_retry_s = -1", "update_gate_retry_s must be positive (seconds), got -1"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            _load(tmp_path, _VALID + setting + "\n")
