@@ -167,9 +167,10 @@ def preload(runtime: str) -> None:
     try:
         importlib.import_module(module)
     except ImportError as exc:
-        raise RuntimeUnavailableError(
-            f"runtime {runtime!r} is not installed: pip install {distribution}", runtime=runtime
-        ) from exc
+        install = f"pip install {distribution}"
+        if runtime != "onnxruntime":  # the README installs LiteRT through the package's extra
+            install = "pip install 'edge-sdk[litert]' (ai-edge-litert), or pip install tflite-runtime"
+        raise RuntimeUnavailableError(f"runtime {runtime!r} is not installed: {install}", runtime=runtime) from exc
 
 
 def available_runtimes() -> dict[str, str]:

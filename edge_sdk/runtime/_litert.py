@@ -68,8 +68,8 @@ def load_interpreter_class(prefer: str = LITERT) -> tuple[type[Any], str]:
         from tflite_runtime.interpreter import Interpreter as TfliteInterpreter
     except ImportError as exc:
         raise RuntimeUnavailableError(
-            "no LiteRT runtime is installed; install it with `pip install ai-edge-litert` "
-            "(or `pip install tflite-runtime` on older devices)",
+            "no LiteRT runtime is installed; install it with `pip install 'edge-sdk[litert]'` "
+            "(that is `pip install ai-edge-litert`), or `pip install tflite-runtime` on older devices",
             runtime=prefer,
             package="ai-edge-litert",
         ) from exc

@@ -419,3 +419,21 @@ def test_preload_imports_the_backend_and_names_unknown_runtimes() -> None:
     assert "onnxruntime" in sys.modules
     with pytest.raises(ConfigError, match="unknown runtime"):
         rt.preload("tensorflow")
+
+
+def test_a_missing_litert_names_the_extra_the_readme_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
+    extra = "pip install 'edge-sdk[litert]'"
+    assert extra in readme
+    path = tmp_path / "add.tflite"
+    path.write_bytes(add_model())
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    monkeypatch.setitem(sys.modules, "tflite_runtime", None)
+    with pytest.raises(RuntimeUnavailableError) as opened:
+        open_session(path, "litert")
+    assert extra in opened.value.message and "tflite-runtime" in opened.value.message
+    monkeypatch.setattr(rt.importlib.util, "find_spec", lambda name: None)  # neither package is installed
+    with pytest.raises(RuntimeUnavailableError) as preloaded:
+        rt.preload("litert")
+    assert extra in preloaded.value.message and "tflite-runtime" in preloaded.value.message
