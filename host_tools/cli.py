@@ -274,14 +274,21 @@ def keys_show(ctx: click.Context, json_output: bool) -> None:
 def keys_rotate(
     ctx: click.Context, role: str, keyid: str | None, ttl_days: float, passphrase_env: str | None, json_output: bool
 ) -> None:
-    """Replace a key of ROLE and publish the next root (devices get it with the next command)."""
-    from host_tools.keys import KeyRing, rotate_key
+    """Replace a key of ROLE and publish the next root (devices get it with the next command).
+
+    Rotating the bundles key makes devices refuse every bundle packed before: re-sign
+    those with `edgectl resign BUNDLE`.
+    """
+    from host_tools.keys import KeyRing, rotate_key, rotation_warning
     from host_tools.report.keys import root_text
 
     cfg = _cfg(ctx, json_output)
     old, key, _ = rotate_key(cfg.keys_dir, role, time.time(), _passphrase(passphrase_env), keyid, ttl_days * 86400.0)
     summary = KeyRing(cfg.keys_dir).summary()
-    data = {"replaced": old, "new_keyid": key.keyid, **summary.to_dict()}
+    warning = rotation_warning(role, old, summary.version)
+    data = {"replaced": old, "new_keyid": key.keyid, "warnings": [warning] if warning else [], **summary.to_dict()}
+    if warning:
+        click.echo(f"edgectl: warning: {warning}", err=True)
     _emit(cfg, data, lambda: f"{role}: {old} replaced by {key.keyid}\n" + root_text(summary))
 
 
@@ -587,6 +594,33 @@ def verify(
     device = DeviceFacts(arch, (memory_mb or 0) << 20, frozenset(accelerators)) if arch else None
     check = check_bundle(bundle, KeyRing(cfg.keys_dir), time.time(), CheckOptions(root_file, installed_version, device))
     _emit(cfg, check.to_dict(), check_text(check))
+
+
+@cli.command()
+@bundle_argument
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="bundle file to write (default: BUNDLE)"
+)
+@passphrase_option
+@json_option
+@click.pass_context
+def resign(
+    ctx: click.Context, bundle: Path, output: Path | None, passphrase_env: str | None, json_output: bool
+) -> None:
+    """Sign BUNDLE again with the current bundle keys: same payload, manifest and version.
+
+    After `edgectl keys rotate bundles` devices refuse bundles packed before; a re-signed
+    one deploys again. Only a bundle signed by a bundle key of one of HOME/keys' roots (rotated
+    out, not revoked) is re-signed, and only if every file matches its manifest. The output is
+    written atomically; without -o it replaces BUNDLE.
+    """
+    from host_tools.keys import KeyRing
+    from host_tools.packing import resign_bundle
+    from host_tools.report.bundle import resigned_text
+
+    cfg = _cfg(ctx, json_output)
+    resigned = resign_bundle(bundle, KeyRing(cfg.keys_dir), time.time(), output, _passphrase(passphrase_env))
+    _emit(cfg, resigned.to_dict(), resigned_text(resigned))
 
 
 # --- fleet ------------------------------------------------------------------------------

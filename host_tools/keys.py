@@ -53,6 +53,7 @@ __all__ = [
     "load_signing_key",
     "revoke_key",
     "rotate_key",
+    "rotation_warning",
 ]
 
 DEFAULT_ROOT_TTL_S = 365 * 86400.0
@@ -324,6 +325,30 @@ def rotate_key(
     new = _next_root(root, roles, {key.keyid: key.public_key}, now, ttl_s)
     signed = _publish_next(ring, new, [key] if role == "root" else [], now, passphrase)
     return keyid, key, signed
+
+
+def rotation_warning(role: str, replaced: str, root_version: int) -> str | None:
+    """What an operator must know after rotating a key of ``role``, or ``None`` if nothing.
+
+    Bundles are signed once, when packed, and kept: after the bundle key is rotated every
+    device that has the new root refuses each bundle the old key signed. Commands and
+    roots are signed when sent, so their rotation leaves nothing behind.
+
+    Args:
+        role: the rotated role.
+        replaced: the key id that left the role.
+        root_version: the version of the root that no longer lists it.
+
+    Returns:
+        The warning, naming the consequence and the fix, or ``None``.
+    """
+    if role != "bundles":
+        return None
+    return (
+        f"every bundle signed by {replaced} (all bundles packed before this rotation) is now refused by a "
+        f"device once it has root v{root_version}, which the next command to it brings: re-sign each one "
+        "with `edgectl resign BUNDLE` (same payload and version, new signature), or pack it again"
+    )
 
 
 def revoke_key(

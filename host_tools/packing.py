@@ -2,7 +2,9 @@
 
 ``edgectl pack`` and ``edgectl verify`` parse their options into :class:`PackOptions`
 and :class:`CheckOptions` and call :func:`pack_model` or :func:`check_bundle`; what
-they print comes from :mod:`host_tools.report.bundle`.
+they print comes from :mod:`host_tools.report.bundle`. ``edgectl resign`` calls
+:func:`resign_bundle`: after ``edgectl keys rotate bundles`` it signs a bundle packed
+before again with the current bundle keys, keeping its payload, manifest and version.
 
 Packing opens the model once on the host, so a broken file fails here and not on a
 thousand devices. A sparse bundle (``--sparse``) splits the model into a sparse graph,
@@ -13,6 +15,7 @@ before anything is signed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +30,23 @@ from edge_sdk.bundle import (
     Manifest,
     Target,
     TensorInfo,
+    VerifiedBundle,
     pack_bundle,
     verify_bundle,
 )
+from edge_sdk.bundle.archive import BundleLimits, BundleReader, write_bundle
 from edge_sdk.bundle.sparse import decode_sparse_weights
-from edge_sdk.errors import CompressionError, ConfigError, KeyStoreError
+from edge_sdk.errors import (
+    CompressionError,
+    ConfigError,
+    KeyStoreError,
+    ManifestError,
+    SignatureError,
+    UntrustedKeyError,
+)
 from edge_sdk.runtime import open_session, open_sparse_session, sample_feeds
 from edge_sdk.runtime.agreement import TOLERANCE, agreement
-from edge_sdk.trust import Root, load_root
+from edge_sdk.trust import Root, TrustedKeys, encode_signatures, load_root
 from host_tools.keys import KeyRing
 
 __all__ = [
@@ -42,9 +54,11 @@ __all__ = [
     "CheckOptions",
     "PackOptions",
     "PackedBundle",
+    "ResignedBundle",
     "SparseOptions",
     "check_bundle",
     "pack_model",
+    "resign_bundle",
 ]
 
 
@@ -253,3 +267,143 @@ def _read_root(path: Path) -> Root:
         return load_root(path.read_bytes()).root
     except OSError as exc:
         raise KeyStoreError(f"cannot read root {path}: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class ResignedBundle:
+    """A bundle signed again by :func:`resign_bundle`.
+
+    Attributes:
+        path: the bundle file written.
+        source: the bundle it was made from (the same file when re-signed in place).
+        signed_by: key ids of the current bundle keys that signed it.
+        previously_signed_by: key ids whose signatures it carried before.
+        vouched_by_root: the version of this key directory's root whose bundle keys had signed it.
+        checks: what :func:`check_bundle` found on the result, the root of trust first.
+        manifest: its manifest, unchanged.
+    """
+
+    path: Path
+    source: Path
+    signed_by: tuple[str, ...]
+    previously_signed_by: tuple[str, ...]
+    vouched_by_root: int
+    checks: tuple[str, ...]
+    manifest: Manifest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bundle": str(self.path),
+            "source": str(self.source),
+            "signed_by": list(self.signed_by),
+            "previously_signed_by": list(self.previously_signed_by),
+            "vouched_by_root": self.vouched_by_root,
+            "checks": list(self.checks),
+            "manifest": self.manifest.to_dict(),
+        }
+
+
+def resign_bundle(
+    bundle: Path, keys: KeyRing, now: float, output: Path | None = None, passphrase: bytes | None = None
+) -> ResignedBundle:
+    """Sign a bundle again with the current bundle keys: same payload, same manifest, same version.
+
+    After ``edgectl keys rotate bundles`` devices refuse every bundle signed by the old
+    key. This gives such a bundle new signatures without packing it again. Only a bundle
+    this key directory signed before is re-signed: its signatures must verify under the
+    bundle keys of one of the roots in ``keys`` (newest first), leaving out keys that were
+    revoked (dropped from the role without a replacement), and every file must match the
+    manifest. The manifest, and so its expiry, is kept byte for byte: an expired bundle
+    must be packed again.
+
+    Args:
+        bundle: the bundle file.
+        keys: the key directory: its root history says which keys signed bundles before,
+            its current bundle keys sign.
+        now: current time, for expiry.
+        output: where to write the result (atomically); ``None`` replaces ``bundle``.
+        passphrase: of the bundle keys.
+
+    Returns:
+        The written bundle, and what ``edgectl verify`` finds on it.
+
+    Raises:
+        KeyStoreError: the bundle keys or the roots cannot be loaded.
+        UntrustedKeyError: no root of this key directory trusted the bundle's signers (or they were revoked).
+        UntrustedInputError: the bundle is malformed, tampered with, or expired.
+        StorageError: the bundle cannot be read or the output written.
+    """
+    signers = keys.role_keys("bundles", passphrase)  # fail before reading anything
+    out = Path(output) if output is not None else Path(bundle)
+    with tempfile.TemporaryDirectory(prefix="edgectl-resign-", dir=out.parent if out.parent.is_dir() else None) as tmp:
+        staging = Path(tmp) / "payload"
+        staging.mkdir()
+        version, verified = _verify_with_past_keys(bundle, keys, now, staging)
+        with BundleReader(Path(bundle)) as reader:
+            manifest_bytes = reader.manifest_bytes
+        limits = BundleLimits()
+        if Manifest.from_bytes(manifest_bytes, limits.max_manifest_bytes, limits.max_manifest_depth) != (
+            verified.manifest
+        ):
+            raise ManifestError(f"{bundle} changed while it was being re-signed; nothing written")
+        files = {entry.path: staging.joinpath(*entry.path.split("/")) for entry in verified.manifest.files}
+        write_bundle(out, manifest_bytes, encode_signatures(k.sign(manifest_bytes) for k in signers), files)
+    check = check_bundle(out, keys, now)
+    return ResignedBundle(
+        out,
+        Path(bundle),
+        tuple(k.keyid for k in signers),
+        tuple(sorted(verified.signers)),
+        version,
+        check.checks,
+        check.manifest,
+    )
+
+
+def _bundle_keys_by_root(keys: KeyRing) -> list[tuple[int, TrustedKeys]]:
+    """The bundle keys of every root in ``keys``, newest first, without revoked keys.
+
+    A key that left the bundles role while no new key joined it was revoked (``edgectl keys
+    revoke``), not rotated: a bundle it signed may be an attacker's, and is not re-signed.
+    """
+    roots = [load_root(data).root for data in keys.chain()] or [keys.root]
+    revoked: set[str] = set()
+    for before, after in itertools.pairwise(roots):
+        left = set(before.roles["bundles"].keyids) - set(after.roles["bundles"].keyids)
+        if left and set(after.roles["bundles"].keyids) <= set(before.roles["bundles"].keyids):
+            revoked |= left
+    out = []
+    for root in reversed(roots):
+        role = root.roles["bundles"]
+        kept = tuple(root.keys[k] for k in role.keyids if k not in revoked)
+        if len(kept) >= role.threshold:
+            out.append((root.version, TrustedKeys(kept, role.threshold)))
+    return out
+
+
+def _verify_with_past_keys(bundle: Path, keys: KeyRing, now: float, staging: Path) -> tuple[int, VerifiedBundle]:
+    """Verify ``bundle`` against the newest root of ``keys`` whose bundle keys signed it; extract it to ``staging``.
+
+    Returns:
+        That root's version and the verified bundle.
+
+    Raises:
+        SignatureError: a signature by a key of one of the roots does not verify.
+        UntrustedKeyError: no root's bundle keys (revoked ones left out) signed it.
+        UntrustedInputError: it fails another check (format, expiry, files, hashes).
+    """
+    bad_signature: SignatureError | None = None
+    for version, trusted in _bundle_keys_by_root(keys):
+        try:
+            return version, verify_bundle(bundle, trusted, now, extract_to=staging)
+        except UntrustedKeyError:
+            continue
+        except SignatureError as exc:
+            bad_signature = bad_signature or exc
+    if bad_signature is not None:
+        raise bad_signature
+    raise UntrustedKeyError(
+        f"{bundle} is not signed by a bundle key of any root in {keys.dir}: only bundles this key "
+        "directory signed, with a key since rotated out (not revoked), can be re-signed",
+        bundle=str(bundle),
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from host_tools.packing import BundleCheck, PackedBundle
+    from host_tools.packing import BundleCheck, PackedBundle, ResignedBundle
 
-__all__ = ["check_text", "packed_text"]
+__all__ = ["check_text", "packed_text", "resigned_text"]
 
 
 def packed_text(packed: PackedBundle) -> str:
@@ -41,3 +41,20 @@ def check_text(check: BundleCheck) -> str:
     """
     m = check.manifest
     return "\n".join(f"ok  {c}" for c in check.checks) + f"\n{check.path}: {m.name} v{m.version} verified"
+
+
+def resigned_text(resigned: ResignedBundle) -> str:
+    """Which bundle was re-signed, by which keys in place of which, and where it went.
+
+    Args:
+        resigned: the result of :func:`host_tools.packing.resign_bundle`.
+
+    Returns:
+        Lines without a trailing newline.
+    """
+    m = resigned.manifest
+    return (
+        f"re-signed {m.name} v{m.version} (payload and manifest unchanged) -> {resigned.path}\n"
+        f"signed by {', '.join(resigned.signed_by)} (was {', '.join(resigned.previously_signed_by)}, "
+        f"a bundle key of root v{resigned.vouched_by_root})"
+    )
