@@ -811,20 +811,58 @@ def remove(
     _command_result(cfg, device_id, event, f"remove {name}")
 
 
-@cli.command()
-@broker_options
+@cli.group(invoke_without_command=True)
+@click.option(
+    "--broker", envvar="EDGE_SDK_BROKER", help="broker URL, mqtt://host:port (env EDGE_SDK_BROKER); required to list"
+)
+@connect_timeout_option
 @click.option("--wait", "wait_s", default=1.0, show_default=True, help="seconds to listen for device status")
 @json_option
 @click.pass_context
-def devices(ctx: click.Context, broker: str, connect_timeout: float, wait_s: float, json_output: bool) -> None:
-    """List devices: their retained status from the broker, recorded in the registry."""
+def devices(ctx: click.Context, broker: str | None, connect_timeout: float, wait_s: float, json_output: bool) -> None:
+    """List devices: their retained status read from BROKER now, and what the registry knows.
+
+    A device is shown `online` only when this broker says so now. A device seen on
+    another broker, or whose status this broker no longer holds (an agent that stopped
+    without its will reaching it), shows its last known state "as of" when it was seen
+    (`unknown` in --json, with `last_status`). A device id seen on two brokers is listed
+    once per broker. `last seen` is in UTC.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not broker:
+        raise click.MissingParameter(ctx=ctx, param_hint="'--broker'", param_type="option")
     from host_tools.fleet.inventory import current_devices
-    from host_tools.report.fleet import devices_text
+    from host_tools.report.fleet import devices_data, devices_text
 
     cfg = _cfg(ctx, json_output)
     with _registry(cfg) as reg, _client(broker, connect_timeout, "devices") as client:
-        records = current_devices(reg, client, wait_s)
-    _emit(cfg, [r.to_dict() for r in records], lambda: devices_text(records))
+        views = current_devices(reg, client, wait_s)
+    now = time.time()
+    _emit(cfg, devices_data(views, now), lambda: devices_text(views, now))
+
+
+@devices.command("forget")
+@click.argument("device_id", metavar="ID")
+@broker_options
+@json_option
+@click.pass_context
+def devices_forget(ctx: click.Context, device_id: str, broker: str, connect_timeout: float, json_output: bool) -> None:
+    """Forget a decommissioned device: delete its registry rows (every broker, its deployments
+    and metrics) and clear its retained status and metrics on BROKER.
+
+    Stop its agent first: a running agent announces itself again when it reconnects.
+    """
+    from host_tools.fleet.inventory import forget_device, require_known
+    from host_tools.report.fleet import forget_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        require_known(reg, device_id)
+        with _client(broker, connect_timeout, "forget") as client:
+            result = forget_device(reg, client, device_id)
+            address = str(client.address)
+    _emit(cfg, {**result.to_dict(), "cleared_on": address}, lambda: forget_text(result, address))
 
 
 @cli.command()
