@@ -92,10 +92,12 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
             "benchmark",
             "benchmark_interleaved",
             "detect_power_source",
+            "heap_in_use_bytes",
             "parse_pmic_adc",
             "power_model_for",
             "read_thermal_zones",
             "read_vm_hwm",
+            "release_free_heap",
             "rss_bytes",
         ]
     )
