@@ -639,6 +639,14 @@ def _raise_refusal(cfg: HostConfig, outcome: Any, data: dict[str, Any]) -> None:
 @click.option(
     "--rollback", is_flag=True, help="allow this version even if the device accepted a newer one (signed downgrade)"
 )
+@click.option(
+    "--min-duration",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 600),
+    help="benchmark for at least this many seconds as well as --runs (whichever is longer), so CPU and power "
+    "of a fast model are measured over a window long enough to mean something",
+)
 @signed_command_options
 @click.pass_context
 def deploy(
@@ -654,16 +662,22 @@ def deploy(
     accept_timeout: float,
     timeout_s: float,
     rollback: bool,
+    min_duration: float,
     passphrase_env: str | None,
     json_output: bool,
 ) -> None:
-    """Send BUNDLE to a device with a signed command, wait until it is installed, print its metrics."""
+    """Send BUNDLE to a device with a signed command, wait until it is installed, print its metrics.
+
+    The device benchmarks the installed model for --runs timed inferences and at least
+    --min-duration seconds (default 1 s; at most 100,000 runs): 200 runs of a 20 us model take 4 ms, too short
+    for CPU time (counted in 10 ms ticks) or a power estimate to mean anything.
+    """
     from host_tools.fleet.deployer import deploy_and_record
     from host_tools.report.fleet import deploy_data, deploy_text
 
     cfg = _cfg(ctx, json_output)
     options = _transfer_options(
-        cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads},
+        cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads, "min_duration_s": min_duration},
         chunk_size=chunk_size, accept_timeout_s=accept_timeout, finish_timeout_s=timeout_s, rollback=rollback,
     )  # fmt: skip
     with _registry(cfg) as reg, _client(broker, connect_timeout, "deploy") as client:

@@ -47,7 +47,7 @@ def _clock_tick_s() -> float:
 #: Resolution of a process's CPU-time counters, in seconds (one clock tick).
 CLOCK_TICK_S = _clock_tick_s()
 #: Ticks a window must span before its CPU share means something (error at most 1/MIN_TICKS).
-MIN_TICKS = 20
+MIN_TICKS = 10
 
 
 def process_cpu_seconds(pid: int | None = None) -> float:
@@ -152,8 +152,8 @@ class CpuMeasurement:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form, with the kept unknown fields."""
-        return plain_dict(self)
+        """Plain-JSON form, with the kept unknown fields; ``threads`` and ``insufficient_data`` only when set."""
+        return plain_dict(self, omit_none=("threads", "insufficient_data"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CpuMeasurement:

@@ -235,8 +235,9 @@ class ModelMemory:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (flat, as metrics reports have always carried it), with the kept unknown fields."""
-        return plain_dict(self)
+        """Plain-JSON form (flat, as metrics reports have always carried it), with the kept unknown fields;
+        ``model_bytes_method`` only when known."""
+        return plain_dict(self, omit_none=("model_bytes_method",))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelMemory:

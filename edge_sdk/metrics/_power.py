@@ -125,8 +125,11 @@ class EnergyMeasurement:
     insufficient_data: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form, always including ``estimated``."""
-        return asdict(self)
+        """Plain-JSON form, always including ``estimated``; ``insufficient_data`` only when set."""
+        out = asdict(self)
+        if self.insufficient_data is None:
+            del out["insufficient_data"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ class PowerMeasurement:
         if min([self.seconds, *figures]) < 0:
             raise MessageError("power and energy must not be negative", field="power")
         if self.watts is None and not self.insufficient_data:
-            raise MessageError("a power measurement without watts must say why (insufficient_data)", field="power")
+            raise MessageError("a power measurement without watts must say why (insufficient_data)", field="watts")
 
     @classmethod
     def from_energy(cls, energy: EnergyMeasurement, inferences: int) -> PowerMeasurement:
@@ -191,8 +194,9 @@ class PowerMeasurement:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form, always including ``estimated``, with the kept unknown fields."""
-        return plain_dict(self)
+        """Plain-JSON form, always including ``estimated``, with the kept unknown fields;
+        ``insufficient_data`` only when set, so a report with figures reads as it always did."""
+        return plain_dict(self, omit_none=("insufficient_data",))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PowerMeasurement:
