@@ -463,7 +463,9 @@ class _SampledSource:
         watts = sum(samples) / len(samples)
         energy = _energy(watts * max(0.0, seconds), seconds, self.name, self.estimated)
         if self._interval_s is not None and seconds < self._interval_s:
-            reason = f"window of {seconds:.3f} s is shorter than the {self.name} sampling interval ({self._interval_s:g} s)"
+            reason = (
+                f"window of {seconds:.3f} s is shorter than the {self.name} sampling interval ({self._interval_s:g} s)"
+            )
             return replace(energy, insufficient_data=reason)
         return energy
 

@@ -37,7 +37,7 @@ def active_bundles(msg: DeviceStatus) -> tuple[BundleRef, ...] | None:
             out.append(BundleRef.from_dict(entry))
         except (ValueError, TypeError) as exc:
             log.warning("device %s reports an active bundle without a valid name and version: %s", msg.device_id, exc)
-    return tuple(out)
+    return tuple(sorted(out, key=lambda ref: (ref.name, ref.version)))
 
 
 def record_message(registry: Registry, msg: Message, received_at: float, broker: str = "") -> None:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge_sdk.mqtt import MqttClient
 from edge_sdk.errors import ConfigError
+from edge_sdk.mqtt import MqttClient
 from edge_sdk.protocol import Channel, DeviceStatus, DeviceTopics, fleet_filter
 from host_tools.fleet.collector import collect_retained, record_message
 from host_tools.fleet.registry import DeviceRecord, ForgetResult, MetricsRecord, Registry

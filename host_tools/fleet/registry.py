@@ -224,7 +224,9 @@ class DeviceRecord:
             "runtimes": dict(self.runtimes) if self.runtimes is not None else None,
             "agent_version": self.agent_version,
             "active_bundles": (
-                None if self.active_bundles is None else [{"name": b.name, "version": b.version} for b in self.active_bundles]
+                None
+                if self.active_bundles is None
+                else [{"name": b.name, "version": b.version} for b in self.active_bundles]
             ),
             "active_bundle": self.active_bundle.to_dict() if self.active_bundle else None,
             "first_seen": self.first_seen,
@@ -669,9 +671,7 @@ UPDATE devices SET broker = ? WHERE device_id = ? AND broker = ''
     AND NOT EXISTS (SELECT 1 FROM devices known WHERE known.device_id = ? AND known.broker = ?)
 """
 
-_DEVICE_COLUMNS = (
-    "device_id, status, platform, runtimes, agent_version, active_bundles, first_seen, last_seen, broker"
-)
+_DEVICE_COLUMNS = "device_id, status, platform, runtimes, agent_version, active_bundles, first_seen, last_seen, broker"
 _DEPLOYMENT_COLUMNS = (
     "id, device_id, bundle_name, bundle_version, bundle_sha256, transfer_id, state, "
     "error_code, error_message, started_at, finished_at"
@@ -880,9 +880,7 @@ class Registry:
             StorageError: on a database failure.
         """
         with self._storage_errors("list devices"):
-            rows = self._conn.execute(
-                f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id, broker"
-            ).fetchall()
+            rows = self._conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id, broker").fetchall()
         return [self._device_from_row(row) for row in rows]
 
     def forget_device(self, device_id: str) -> ForgetResult:

@@ -156,7 +156,7 @@ def devices_text(views: Sequence[DeviceView], now: float) -> str:
     if all(v.confirmed for v in views):
         return table
     return (
-        f"{table}\n\n\"... as of\" is the last status recorded, not confirmed now: the device was seen on "
+        f'{table}\n\n"... as of" is the last status recorded, not confirmed now: the device was seen on '
         f"another broker, or its broker no longer holds its status (checked {views[0].checked_broker})"
     )
 

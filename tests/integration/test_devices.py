@@ -181,9 +181,7 @@ def _model_of(d: Path, rows: int, cols: int) -> TinyModel:
     return TinyModel(path, sample)
 
 
-def test_model_memory_share_does_not_depend_on_what_was_loaded_before(
-    host, mosquitto, start_agent, tmp_path
-) -> None:
+def test_model_memory_share_does_not_depend_on_what_was_loaded_before(host, mosquitto, start_agent, tmp_path) -> None:
     """The same 4 MiB model installed as v1 then v2 in one agent: shares within 25 % (or 256 KiB)."""
     wide = _model_of(tmp_path, 256, 4096)
     agent = start_agent(mosquitto.url, "dev-memory", host.root)

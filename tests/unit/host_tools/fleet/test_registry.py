@@ -711,10 +711,12 @@ def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[st
         assert len(again.list_deployments(limit=100)) == 5
     conn = connect()
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2, 3]
-        stored = conn.execute(
-            "SELECT active_bundles, broker FROM devices WHERE device_id = 'pi-01'"
-        ).fetchone()
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [
+            1,
+            2,
+            3,
+        ]
+        stored = conn.execute("SELECT active_bundles, broker FROM devices WHERE device_id = 'pi-01'").fetchone()
         assert json.loads(stored[0]) == [{"name": "digits", "version": 10}] and stored[1] == ""
     finally:
         conn.close()
