@@ -1,14 +1,33 @@
 """Health checks and benchmark runs of an installed model -> a metrics report.
 
 The profiler runs on the agent's worker thread, never on the MQTT network thread.
-What it measures, in order: RSS before loading, RSS after loading (the model's own share
-is the difference), then warm-up and timed runs while a sampler records peak RSS, CPU
-use and energy from the best power source (labelled ``estimated`` when it is a model,
-not a sensor), and finally the thermal zones.
+What it measures, in order: the model's own memory share around loading (below), then
+warm-up and timed runs while a sampler records peak RSS, CPU use and energy from the
+best power source (labelled ``estimated`` when it is a model, not a sensor), and finally
+the thermal zones.
+
+The model's memory share must not depend on what the agent loaded before. A plain RSS
+difference does: memory freed by an earlier model stays resident in the C heap and the
+next load reuses it, so the same bundle measured 10.4 MiB first and 4 KiB later. So:
+
+1. the model is loaded once and closed, unmeasured: the runtime's one-time state
+   (its environment, kernel registries, thread pools) is set up by then and is not
+   charged to this model, whichever model came first;
+2. freed heap pages are handed back to the OS (:func:`~edge_sdk.metrics.release_free_heap`);
+3. the C heap's bytes in use (:func:`~edge_sdk.metrics.heap_in_use_bytes`) and RSS are
+   read, the model is loaded again, and both are read again. The heap's growth is the
+   model's share (``model_bytes_method: "heap"``): it counts what loading allocated,
+   whether or not those pages were resident already. Where the C library cannot say
+   (not glibc), RSS's growth is used after step 2 (``"rss"``), which is less stable.
+
+Repeated installs of one bundle in one agent process then report the same share within
+a few percent (the tests allow 25 % or 256 KiB). The extra, unmeasured load costs one
+model load's time; its memory is freed before the measured one.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +48,9 @@ from edge_sdk.metrics import (
     PowerSource,
     ThermalReading,
     benchmark,
+    heap_in_use_bytes,
     read_thermal_zones,
+    release_free_heap,
     rss_bytes,
 )
 from edge_sdk.protocol import BenchmarkSpec
@@ -179,14 +200,25 @@ def profile_model(
         ModelError: load or health check failed.
     """
     preload(runtime)
-    rss_before = rss_bytes()
     options = SessionOptions(threads=spec.threads)
-    opened = open_session(model_path, runtime, options, precision_hint=precision) if opener is None else opener(options)
-    with opened as session:
-        rss_loaded = rss_bytes()
+
+    def open_model() -> InferenceSession:
+        if opener is not None:
+            return opener(options)
+        return open_session(model_path, runtime, options, precision_hint=precision)
+
+    with open_model():
+        pass  # unmeasured: the runtime's one-time state is set up now (see the module docs)
+    gc.collect()
+    release_free_heap()
+    heap_before, rss_before = heap_in_use_bytes(), rss_bytes()
+    with open_model() as session:
+        heap_loaded, rss_loaded = heap_in_use_bytes(), rss_bytes()
+        heap_growth = None if heap_before is None or heap_loaded is None else heap_loaded - heap_before
         feeds = load_feeds(session, sample_path)
         health_check(session, feeds, max_latency_ms)
-        with PeakRssSampler() as mem, CpuSampler() as cpu, EnergyWindow(power_source) as energy:
+        cpu_window = CpuSampler(threads=session.threads)
+        with PeakRssSampler() as mem, cpu_window as cpu, EnergyWindow(power_source) as energy:
             stats = benchmark(
                 lambda: session.run(feeds),
                 warmup=spec.warmup,
@@ -199,7 +231,7 @@ def profile_model(
             threads=session.threads,
             providers=tuple(session.providers),
             latency=stats,
-            memory=ModelMemory.from_window(rss_before, rss_loaded, mem.result),
+            memory=ModelMemory.from_window(rss_before, rss_loaded, mem.result, heap_growth),
             cpu=cpu.result,
             # The window spans warm-up and timed runs alike.
             power=PowerMeasurement.from_energy(energy.result, stats.count + spec.warmup),

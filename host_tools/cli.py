@@ -673,6 +673,14 @@ def _raise_refusal(cfg: HostConfig, outcome: Any, data: dict[str, Any]) -> None:
 @click.option(
     "--rollback", is_flag=True, help="allow this version even if the device accepted a newer one (signed downgrade)"
 )
+@click.option(
+    "--min-duration",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 600),
+    help="benchmark for at least this many seconds as well as --runs (whichever is longer), so CPU and power "
+    "of a fast model are measured over a window long enough to mean something",
+)
 @signed_command_options
 @click.pass_context
 def deploy(
@@ -688,16 +696,22 @@ def deploy(
     accept_timeout: float,
     timeout_s: float,
     rollback: bool,
+    min_duration: float,
     passphrase_env: str | None,
     json_output: bool,
 ) -> None:
-    """Send BUNDLE to a device with a signed command, wait until it is installed, print its metrics."""
+    """Send BUNDLE to a device with a signed command, wait until it is installed, print its metrics.
+
+    The device benchmarks the installed model for --runs timed inferences and at least
+    --min-duration seconds (default 1 s; at most 100,000 runs): 200 runs of a 20 us model take 4 ms, too short
+    for CPU time (counted in 10 ms ticks) or a power estimate to mean anything.
+    """
     from host_tools.fleet.deployer import deploy_and_record
     from host_tools.report.fleet import deploy_data, deploy_text
 
     cfg = _cfg(ctx, json_output)
     options = _transfer_options(
-        cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads},
+        cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads, "min_duration_s": min_duration},
         chunk_size=chunk_size, accept_timeout_s=accept_timeout, finish_timeout_s=timeout_s, rollback=rollback,
     )  # fmt: skip
     with _registry(cfg) as reg, _client(broker, connect_timeout, "deploy") as client:
@@ -845,20 +859,58 @@ def remove(
     _command_result(cfg, device_id, event, f"remove {name}")
 
 
-@cli.command()
-@broker_options
+@cli.group(invoke_without_command=True)
+@click.option(
+    "--broker", envvar="EDGE_SDK_BROKER", help="broker URL, mqtt://host:port (env EDGE_SDK_BROKER); required to list"
+)
+@connect_timeout_option
 @click.option("--wait", "wait_s", default=1.0, show_default=True, help="seconds to listen for device status")
 @json_option
 @click.pass_context
-def devices(ctx: click.Context, broker: str, connect_timeout: float, wait_s: float, json_output: bool) -> None:
-    """List devices: their retained status from the broker, recorded in the registry."""
+def devices(ctx: click.Context, broker: str | None, connect_timeout: float, wait_s: float, json_output: bool) -> None:
+    """List devices: their retained status read from BROKER now, and what the registry knows.
+
+    A device is shown `online` only when this broker says so now. A device seen on
+    another broker, or whose status this broker no longer holds (an agent that stopped
+    without its will reaching it), shows its last known state "as of" when it was seen
+    (`unknown` in --json, with `last_status`). A device id seen on two brokers is listed
+    once per broker. `last seen` is in UTC.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not broker:
+        raise click.MissingParameter(ctx=ctx, param_hint="'--broker'", param_type="option")
     from host_tools.fleet.inventory import current_devices
-    from host_tools.report.fleet import devices_text
+    from host_tools.report.fleet import devices_data, devices_text
 
     cfg = _cfg(ctx, json_output)
     with _registry(cfg) as reg, _client(broker, connect_timeout, "devices") as client:
-        records = current_devices(reg, client, wait_s)
-    _emit(cfg, [r.to_dict() for r in records], lambda: devices_text(records))
+        views = current_devices(reg, client, wait_s)
+    now = time.time()
+    _emit(cfg, devices_data(views, now), lambda: devices_text(views, now))
+
+
+@devices.command("forget")
+@click.argument("device_id", metavar="ID")
+@broker_options
+@json_option
+@click.pass_context
+def devices_forget(ctx: click.Context, device_id: str, broker: str, connect_timeout: float, json_output: bool) -> None:
+    """Forget a decommissioned device: delete its registry rows (every broker, its deployments
+    and metrics) and clear its retained status and metrics on BROKER.
+
+    Stop its agent first: a running agent announces itself again when it reconnects.
+    """
+    from host_tools.fleet.inventory import forget_device, require_known
+    from host_tools.report.fleet import forget_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        require_known(reg, device_id)
+        with _client(broker, connect_timeout, "forget") as client:
+            result = forget_device(reg, client, device_id)
+            address = str(client.address)
+    _emit(cfg, {**result.to_dict(), "cleared_on": address}, lambda: forget_text(result, address))
 
 
 @cli.command()

@@ -20,7 +20,15 @@ if TYPE_CHECKING:
     from edge_sdk.metrics._cpu import CpuMeasurement, CpuSampler
     from edge_sdk.metrics._execution import CandidateTiming, ExecutionChoice
     from edge_sdk.metrics._latency import LatencyStats, benchmark, benchmark_interleaved
-    from edge_sdk.metrics._memory import MemoryMeasurement, ModelMemory, PeakRssSampler, read_vm_hwm, rss_bytes
+    from edge_sdk.metrics._memory import (
+        MemoryMeasurement,
+        ModelMemory,
+        PeakRssSampler,
+        heap_in_use_bytes,
+        read_vm_hwm,
+        release_free_heap,
+        rss_bytes,
+    )
     from edge_sdk.metrics._power import (
         POWER_MODELS,
         BatterySource,
@@ -53,7 +61,9 @@ _HOMES = {
     "MemoryMeasurement": "_memory",
     "ModelMemory": "_memory",
     "PeakRssSampler": "_memory",
+    "heap_in_use_bytes": "_memory",
     "read_vm_hwm": "_memory",
+    "release_free_heap": "_memory",
     "rss_bytes": "_memory",
     "ThermalReading": "_thermal",
     "read_thermal_zones": "_thermal",
@@ -118,9 +128,11 @@ __all__ = [
     "benchmark",
     "benchmark_interleaved",
     "detect_power_source",
+    "heap_in_use_bytes",
     "parse_pmic_adc",
     "power_model_for",
     "read_thermal_zones",
     "read_vm_hwm",
+    "release_free_heap",
     "rss_bytes",
 ]

@@ -122,16 +122,20 @@ def unknown(data: Mapping[str, Any], cls: type) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in known}
 
 
-def plain_dict(obj: Any) -> dict[str, Any]:
+def plain_dict(obj: Any, omit_none: tuple[str, ...] = ()) -> dict[str, Any]:
     """A measurement's JSON form: its kept unknown keys, then its own fields (which win).
 
     Nested measurements and tuples of them are written with their own ``to_dict``.
+    Fields named in ``omit_none`` are left out while they are ``None`` (optional fields
+    added later, so a report without them reads as it always did).
     """
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         if f.name == "extra":
             continue
         value = getattr(obj, f.name)
+        if value is None and f.name in omit_none:
+            continue
         if dataclasses.is_dataclass(value):
             value = cast(Any, value).to_dict()  # every nested measurement has to_dict
         elif isinstance(value, tuple):

@@ -6,10 +6,20 @@ kernel's high-water mark ``VmHWM`` in ``/proc/<pid>/status`` misses nothing, but
 is the peak over the *whole life of the process*, not over the window. So the
 window's peak is the sampled peak, raised to ``VmHWM`` only when ``VmHWM`` grew
 during the window (which proves the process's peak was set inside it).
+
+A model's own share of memory cannot be read from RSS alone in a long-lived process:
+memory freed by an earlier model stays resident in the C heap, and the next load reuses
+it without RSS growing (10 MiB for a first load, 4 KiB for the same model later).
+:func:`heap_in_use_bytes` reads the C heap's bytes in use (glibc ``mallinfo2``), which
+grows by what a load allocates whether or not the pages were resident already, and
+:func:`release_free_heap` (glibc ``malloc_trim``) hands freed heap pages back to the OS
+so that RSS deltas are less distorted where ``mallinfo2`` is missing.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import threading
@@ -21,10 +31,19 @@ from typing import Any
 import psutil
 
 from edge_sdk.errors import ConfigError, MessageError
-from edge_sdk.metrics._fields import as_mapping, optional_int, plain_dict, read_int, unknown
+from edge_sdk.metrics._fields import as_mapping, optional_int, optional_str, plain_dict, read_int, unknown
 from edge_sdk.metrics._window import MeasurementWindow, SamplingThread
 
-__all__ = ["MemoryMeasurement", "ModelMemory", "PeakRssSampler", "parse_vm_hwm", "read_vm_hwm", "rss_bytes"]
+__all__ = [
+    "MemoryMeasurement",
+    "ModelMemory",
+    "PeakRssSampler",
+    "heap_in_use_bytes",
+    "parse_vm_hwm",
+    "read_vm_hwm",
+    "release_free_heap",
+    "rss_bytes",
+]
 
 _VM_HWM = re.compile(r"^VmHWM:\s*(\d+)\s*kB\s*$", re.MULTILINE)
 
@@ -45,6 +64,52 @@ def rss_bytes(pid: int | None = None) -> int:
         return int(psutil.Process(pid).memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied) as exc:
         raise ConfigError(f"cannot read memory of process {pid}: {exc}", pid=pid) from exc
+
+
+class _MallInfo2(ctypes.Structure):
+    # glibc's struct mallinfo2 (2.33 and later): every field a size_t.
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes the C heap has handed out and not taken back (glibc ``mallinfo2``: in-use plus mmapped).
+
+    Returns:
+        The bytes, or ``None`` where the C library has no ``mallinfo2`` (musl, macOS,
+        glibc before 2.33).
+    """
+    libc = _libc()
+    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def release_free_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``), so RSS shows live memory.
+
+    Returns:
+        Whether the C library offers it.
+    """
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def parse_vm_hwm(status_text: str) -> int | None:
@@ -103,9 +168,12 @@ class ModelMemory:
     Attributes:
         rss_before_load_bytes: RSS before the model was loaded.
         rss_after_load_bytes: RSS once it was loaded.
-        model_bytes: the model's own share, ``after - before`` (never negative).
+        model_bytes: the model's own share (never negative): the growth of the C heap's
+            bytes in use across loading where that can be read, else ``after - before``.
         start_bytes, peak_bytes, sampled_peak_bytes, hwm_bytes, samples: as in
             :class:`MemoryMeasurement`.
+        model_bytes_method: ``"heap"`` or ``"rss"``: how ``model_bytes`` was measured;
+            ``None`` in reports from devices that did not say (they used RSS).
         extra: fields from a newer peer, kept and written back, never read.
 
     Raises:
@@ -120,6 +188,7 @@ class ModelMemory:
     sampled_peak_bytes: int
     hwm_bytes: int | None
     samples: int
+    model_bytes_method: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -137,21 +206,27 @@ class ModelMemory:
             raise MessageError("memory byte counts must not be negative", field="memory")
 
     @classmethod
-    def from_window(cls, rss_before_load: int, rss_after_load: int, window: MemoryMeasurement) -> ModelMemory:
-        """Combine the RSS around loading with the benchmark window's measurement.
+    def from_window(
+        cls, rss_before_load: int, rss_after_load: int, window: MemoryMeasurement, heap_growth: int | None = None
+    ) -> ModelMemory:
+        """Combine the memory around loading with the benchmark window's measurement.
 
         Args:
             rss_before_load: RSS before loading, in bytes.
             rss_after_load: RSS after loading, in bytes.
             window: the benchmark window's memory.
+            heap_growth: growth of :func:`heap_in_use_bytes` across loading, when it
+                could be read; it is the model's share then, RSS's growth otherwise.
 
         Returns:
             The model's memory.
         """
+        model_bytes = heap_growth if heap_growth is not None else rss_after_load - rss_before_load
         return cls(
             rss_before_load_bytes=rss_before_load,
             rss_after_load_bytes=rss_after_load,
-            model_bytes=max(0, rss_after_load - rss_before_load),
+            model_bytes=max(0, model_bytes),
+            model_bytes_method="heap" if heap_growth is not None else "rss",
             start_bytes=window.start_bytes,
             peak_bytes=window.peak_bytes,
             sampled_peak_bytes=window.sampled_peak_bytes,
@@ -160,8 +235,9 @@ class ModelMemory:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (flat, as metrics reports have always carried it), with the kept unknown fields."""
-        return plain_dict(self)
+        """Plain-JSON form (flat, as metrics reports have always carried it), with the kept unknown fields;
+        ``model_bytes_method`` only when known."""
+        return plain_dict(self, omit_none=("model_bytes_method",))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelMemory:
@@ -187,6 +263,7 @@ class ModelMemory:
             sampled_peak_bytes=read_int(data, "sampled_peak_bytes", where),
             hwm_bytes=optional_int(data, "hwm_bytes", where),
             samples=read_int(data, "samples", where),
+            model_bytes_method=optional_str(data, "model_bytes_method", where),
             extra=unknown(data, cls),
         )
 

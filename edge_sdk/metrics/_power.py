@@ -24,6 +24,12 @@ Sources, in the order :func:`detect_power_source` tries them:
 Sensors that give instantaneous power (battery, INA3221) are sampled by a background
 thread every ``interval_s`` plus once at start and once at stop; the window's power
 is the mean of those samples and its energy is that mean times the window length.
+
+A window too short for its source has no figure: a sampled sensor's window shorter
+than its sampling interval, or an estimate whose CPU share could not be measured (see
+:mod:`edge_sdk.metrics._cpu`). Its :class:`EnergyMeasurement` says why in
+``insufficient_data``, and the :class:`PowerMeasurement` built from it carries ``None``
+for joules and watts instead of the idle or full-load figure of the model.
 """
 
 from __future__ import annotations
@@ -34,13 +40,22 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from edge_sdk.errors import ConfigError, MessageError
 from edge_sdk.metrics._cpu import CpuSampler
-from edge_sdk.metrics._fields import as_mapping, plain_dict, read_bool, read_number, read_str, unknown
+from edge_sdk.metrics._fields import (
+    as_mapping,
+    optional_number,
+    optional_str,
+    plain_dict,
+    read_bool,
+    read_number,
+    read_str,
+    unknown,
+)
 from edge_sdk.metrics._window import MeasurementWindow, SamplingThread
 
 __all__ = [
@@ -98,6 +113,8 @@ class EnergyMeasurement:
         watts: mean power, ``joules / seconds`` (0 for an empty window).
         source: as in :class:`PowerReading`.
         estimated: ``True`` when computed from a model rather than measured.
+        insufficient_data: why ``joules`` and ``watts`` mean nothing (the window was too
+            short for the source), or ``None``.
     """
 
     joules: float
@@ -105,10 +122,14 @@ class EnergyMeasurement:
     watts: float
     source: str
     estimated: bool
+    insufficient_data: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form, always including ``estimated``."""
-        return asdict(self)
+        """Plain-JSON form, always including ``estimated``; ``insufficient_data`` only when set."""
+        out = asdict(self)
+        if self.insufficient_data is None:
+            del out["insufficient_data"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -118,27 +139,33 @@ class PowerMeasurement:
     Attributes:
         joules, seconds, watts, source, estimated: as in :class:`EnergyMeasurement`.
         joules_per_inference: ``joules`` over every run in the window (warm-up included).
+        insufficient_data: why there are no figures (``joules``, ``watts`` and
+            ``joules_per_inference`` are ``None``), or ``None``.
         extra: fields from a newer peer, kept and written back, never read.
 
     Raises:
         MessageError: a negative quantity.
     """
 
-    joules: float
+    joules: float | None
     seconds: float
-    watts: float
+    watts: float | None
     source: str
     estimated: bool
-    joules_per_inference: float
+    joules_per_inference: float | None
+    insufficient_data: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if min(self.joules, self.seconds, self.watts, self.joules_per_inference) < 0:
+        figures = [v for v in (self.joules, self.watts, self.joules_per_inference) if v is not None]
+        if min([self.seconds, *figures]) < 0:
             raise MessageError("power and energy must not be negative", field="power")
+        if self.watts is None and not self.insufficient_data:
+            raise MessageError("a power measurement without watts must say why (insufficient_data)", field="watts")
 
     @classmethod
     def from_energy(cls, energy: EnergyMeasurement, inferences: int) -> PowerMeasurement:
-        """The window's energy, and its share per inference.
+        """The window's energy, and its share per inference; no figures when the window had too little data.
 
         Args:
             energy: what the power source measured over the window.
@@ -147,6 +174,16 @@ class PowerMeasurement:
         Returns:
             The measurement.
         """
+        if energy.insufficient_data:
+            return cls(
+                joules=None,
+                seconds=energy.seconds,
+                watts=None,
+                source=energy.source,
+                estimated=energy.estimated,
+                joules_per_inference=None,
+                insufficient_data=energy.insufficient_data,
+            )
         return cls(
             joules=energy.joules,
             seconds=energy.seconds,
@@ -157,8 +194,9 @@ class PowerMeasurement:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form, always including ``estimated``, with the kept unknown fields."""
-        return plain_dict(self)
+        """Plain-JSON form, always including ``estimated``, with the kept unknown fields;
+        ``insufficient_data`` only when set, so a report with figures reads as it always did."""
+        return plain_dict(self, omit_none=("insufficient_data",))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PowerMeasurement:
@@ -179,12 +217,13 @@ class PowerMeasurement:
         where = "power"
         data = as_mapping(data, where)
         return cls(
-            joules=read_number(data, "joules", where),
+            joules=optional_number(data, "joules", where),
             seconds=read_number(data, "seconds", where),
-            watts=read_number(data, "watts", where),
+            watts=optional_number(data, "watts", where),
             source=read_str(data, "source", where),
             estimated=read_bool(data, "estimated", where, default=True),
-            joules_per_inference=read_number(data, "joules_per_inference", where),
+            joules_per_inference=optional_number(data, "joules_per_inference", where),
+            insufficient_data=optional_str(data, "insufficient_data", where),
             extra=unknown(data, cls),
         )
 
@@ -422,7 +461,13 @@ class _SampledSource:
         with token.lock:
             samples = [*token.samples, last]
         watts = sum(samples) / len(samples)
-        return _energy(watts * max(0.0, seconds), seconds, self.name, self.estimated)
+        energy = _energy(watts * max(0.0, seconds), seconds, self.name, self.estimated)
+        if self._interval_s is not None and seconds < self._interval_s:
+            reason = (
+                f"window of {seconds:.3f} s is shorter than the {self.name} sampling interval ({self._interval_s:g} s)"
+            )
+            return replace(energy, insufficient_data=reason)
+        return energy
 
 
 class BatterySource(_SampledSource, _Probed):
@@ -792,6 +837,11 @@ class EstimatedSource:
             raise ConfigError("EstimatedSource.stop needs the token returned by start()")
         token.__exit__(None, None, None)
         cpu = token.result
+        if cpu.utilisation is None:
+            return replace(
+                _energy(0.0, cpu.wall_s, self.name, self.estimated),
+                insufficient_data=f"the estimate needs the CPU share, which is unknown: {cpu.insufficient_data}",
+            )
         watts = self.watts_at(cpu.utilisation)
         return _energy(watts * cpu.wall_s, cpu.wall_s, self.name, self.estimated)
 

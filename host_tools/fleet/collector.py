@@ -17,21 +17,39 @@ from edge_sdk.mqtt import Incoming, MqttClient
 from edge_sdk.protocol import CodecLimits, DeviceStatus, Message, MetricsReport, decode
 from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry
 
-__all__ = ["collect_retained", "record_message"]
+__all__ = ["active_bundles", "collect_retained", "record_message"]
 
 log = logging.getLogger(__name__)
 
 
-def record_message(registry: Registry, msg: Message, received_at: float) -> None:
-    """Store one device message in the registry (other message types are ignored)."""
+def active_bundles(msg: DeviceStatus) -> tuple[BundleRef, ...] | None:
+    """Every active bundle a status lists; ``None`` when it lists none at all (a will message).
+
+    A status with ``active: {"bundles": []}`` says the device runs nothing, which is an
+    empty tuple; an entry without a valid name and version is logged and skipped, so one
+    device's odd status cannot stop the collector.
+    """
+    if msg.active is None or not isinstance(msg.active.get("bundles"), list):
+        return None
+    out = []
+    for entry in msg.active["bundles"]:
+        try:
+            out.append(BundleRef.from_dict(entry))
+        except (ValueError, TypeError) as exc:
+            log.warning("device %s reports an active bundle without a valid name and version: %s", msg.device_id, exc)
+    return tuple(sorted(out, key=lambda ref: (ref.name, ref.version)))
+
+
+def record_message(registry: Registry, msg: Message, received_at: float, broker: str = "") -> None:
+    """Store one device message in the registry (other message types are ignored).
+
+    Args:
+        registry: where to store it.
+        msg: the decoded message.
+        received_at: unix seconds it was received (a status without a time gets this one).
+        broker: the address of the broker it came from (``mqtt://host:port``); ``""`` when unknown.
+    """
     if isinstance(msg, DeviceStatus):
-        bundles = (msg.active or {}).get("bundles") or []
-        active = None
-        if bundles and isinstance(bundles[0], dict) and bundles[0].get("name"):
-            try:
-                active = BundleRef.from_dict(bundles[0])
-            except ValueError as exc:  # one device's odd status must not stop the collector
-                log.warning("device %s reports an active bundle without a valid version: %s", msg.device_id, exc)
         registry.upsert_device(
             DeviceRecord(
                 device_id=msg.device_id,
@@ -40,7 +58,8 @@ def record_message(registry: Registry, msg: Message, received_at: float) -> None
                 platform=msg.platform or None,
                 runtimes=msg.runtimes or None,
                 agent_version=msg.agent_version or None,
-                active_bundle=active,
+                active_bundles=active_bundles(msg),
+                broker=broker,
             )
         )
     elif isinstance(msg, MetricsReport):

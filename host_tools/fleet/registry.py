@@ -31,7 +31,12 @@ steps in order, each run once inside the schema lock (``BEGIN IMMEDIATE`` on SQL
 advisory lock on PostgreSQL), so two processes opening an old file upgrade it once.
 Version 2 makes bundle versions integers (they sort 9 before 10): the deployments and
 metrics tables are rebuilt with an integer column, every row kept, and the devices'
-active bundle is rewritten with an integer version.
+active bundle is rewritten with an integer version. Version 3 keys devices by
+``(device_id, broker)``: a device id seen on two brokers is two rows, told apart by the
+broker's address (``mqtt://host:port`` as :class:`~edge_sdk.mqtt.BrokerAddress` writes
+it); rows from before version 3 have the broker ``""`` (unknown) and are adopted by the
+first status seen for that device on a broker. It also stores every active bundle
+(``active_bundles``, a JSON list; ``[]`` when the device runs none) instead of one.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ __all__ = [
     "DeploymentState",
     "DeviceRecord",
     "DeviceStatus",
+    "ForgetResult",
     "MetricsRecord",
     "Registry",
     "open_registry",
@@ -155,22 +161,27 @@ def _bundle_version(raw: object) -> int | None:
 
 @dataclass(frozen=True)
 class DeviceRecord:
-    """What the host knows about one device.
+    """What the host knows about one device, as seen on one broker.
 
-    ``None`` in ``platform``, ``runtimes``, ``agent_version`` or ``active_bundle`` means
+    ``None`` in ``platform``, ``runtimes``, ``agent_version`` or ``active_bundles`` means
     "not reported in this update": :meth:`Registry.upsert_device` keeps the stored value,
     so a bare status change (a will message) never erases what the birth message said.
+    An empty ``active_bundles`` means the device reported that it runs nothing (after a
+    ``remove``), and replaces what was stored.
 
     Args:
-        device_id: the device's id (primary key).
-        status: ``"online"`` or ``"offline"``.
+        device_id: the device's id.
+        status: ``"online"`` or ``"offline"``: the last status recorded, not a claim
+            that it is still true (see :mod:`host_tools.fleet.inventory`).
         last_seen: unix seconds of the message this record came from.
         first_seen: unix seconds the device was first seen; defaults to ``last_seen``
             on insert and is never moved later by an upsert.
         platform: what the device is (board, OS, CPU), as reported.
         runtimes: which inference runtimes it has, as reported.
         agent_version: the agent's version string.
-        active_bundle: the bundle it runs now.
+        active_bundles: every bundle it runs now, ordered by name.
+        broker: the address of the broker it was seen on (``mqtt://host:port``);
+            ``""`` for rows recorded before the registry knew brokers.
 
     Raises:
         ValueError: if ``device_id`` is empty or ``status`` is unknown.
@@ -183,26 +194,71 @@ class DeviceRecord:
     platform: Mapping[str, Any] | None = None
     runtimes: Mapping[str, Any] | None = None
     agent_version: str | None = None
-    active_bundle: BundleRef | None = None
+    active_bundles: tuple[BundleRef, ...] | None = None
+    broker: str = ""
 
     def __post_init__(self) -> None:
         if not self.device_id:
             raise ValueError("device_id must not be empty")
         if self.status not in DEVICE_STATUSES:
             raise ValueError(f"unknown device status {self.status!r}; expected one of {sorted(DEVICE_STATUSES)}")
+        if self.active_bundles is not None:
+            object.__setattr__(self, "active_bundles", tuple(sorted(self.active_bundles, key=_bundle_order)))
+
+    @property
+    def active_bundle(self) -> BundleRef | None:
+        """The first active bundle by name (what ``--json`` showed as ``active_bundle`` before)."""
+        return self.active_bundles[0] if self.active_bundles else None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
+        """A JSON-ready dict of every field.
+
+        ``active_bundles`` lists every bundle with an integer version; ``active_bundle``
+        (the first of them, version as a string) is kept for scripts written against it.
+        """
         return {
             "device_id": self.device_id,
+            "broker": self.broker,
             "status": self.status,
             "platform": dict(self.platform) if self.platform is not None else None,
             "runtimes": dict(self.runtimes) if self.runtimes is not None else None,
             "agent_version": self.agent_version,
+            "active_bundles": (
+                None
+                if self.active_bundles is None
+                else [{"name": b.name, "version": b.version} for b in self.active_bundles]
+            ),
             "active_bundle": self.active_bundle.to_dict() if self.active_bundle else None,
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
         }
+
+
+def _bundle_order(ref: BundleRef) -> tuple[str, int]:
+    return (ref.name, ref.version)
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    """What :meth:`Registry.forget_device` deleted.
+
+    Args:
+        device_id: the device forgotten.
+        brokers: the brokers its device rows named (``""`` for unknown).
+        devices: device rows deleted.
+        deployments: deployment rows deleted.
+        metrics: metrics reports deleted.
+    """
+
+    device_id: str
+    brokers: tuple[str, ...]
+    devices: int
+    deployments: int
+    metrics: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return {**asdict(self), "brokers": list(self.brokers)}
 
 
 @dataclass(frozen=True)
@@ -371,7 +427,7 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
 # --- schema ----------------------------------------------------------------------------
 
 #: The schema version this code writes and understands.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: One step of a migration: shared SQL, or a function of the connection and dialect for
 #: what SQL alone cannot say portably (checking rows, rewriting JSON).
@@ -479,6 +535,47 @@ def _integer_bundle_versions(conn: Any, dialect: _Dialect) -> None:
         )
 
 
+def _devices_by_broker(conn: Any, dialect: _Dialect) -> None:
+    """Migration 3: devices are keyed by ``(device_id, broker)`` and keep every active bundle.
+
+    The devices table is rebuilt with a ``broker`` column (``""`` for every existing row:
+    where it was seen is not known) and ``active_bundles``, a JSON list made from the
+    stored single ``active_bundle``.
+    """
+    conn.execute(
+        dialect.sql(
+            """
+            CREATE TABLE devices_v3 (
+                device_id TEXT NOT NULL,
+                broker TEXT NOT NULL DEFAULT '',
+                status TEXT NOT NULL,
+                platform TEXT,
+                runtimes TEXT,
+                agent_version TEXT,
+                active_bundles TEXT,
+                first_seen {float} NOT NULL,
+                last_seen {float} NOT NULL,
+                PRIMARY KEY (device_id, broker)
+            )
+            """
+        )
+    )
+    rows = conn.execute(
+        "SELECT device_id, status, platform, runtimes, agent_version, active_bundle, first_seen, last_seen FROM devices"
+    ).fetchall()
+    for device_id, status, platform, runtimes, agent_version, active, first_seen, last_seen in rows:
+        bundles = None if active is None else json.dumps([json.loads(active)], sort_keys=True, separators=(",", ":"))
+        conn.execute(
+            dialect.sql(
+                "INSERT INTO devices_v3 (device_id, broker, status, platform, runtimes, agent_version, "
+                "active_bundles, first_seen, last_seen) VALUES (?, '', ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            (device_id, status, platform, runtimes, agent_version, bundles, first_seen, last_seen),
+        )
+    conn.execute("DROP TABLE devices")
+    conn.execute("ALTER TABLE devices_v3 RENAME TO devices")
+
+
 # Each entry brings the schema from version N-1 to N. Append; never edit a shipped one.
 _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
     (
@@ -534,6 +631,7 @@ _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
         ),
     ),
     (2, (_integer_bundle_versions,)),
+    (3, (_devices_by_broker,)),
 )
 
 _CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
@@ -542,10 +640,10 @@ _CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INT
 # A field missing from the update (NULL) keeps the stored value; an update older than
 # the stored row (a late, reordered message) fills gaps but overwrites nothing.
 _UPSERT_DEVICE = """
-INSERT INTO devices (device_id, status, platform, runtimes, agent_version, active_bundle,
+INSERT INTO devices (device_id, broker, status, platform, runtimes, agent_version, active_bundles,
                      first_seen, last_seen)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (device_id) DO UPDATE SET
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (device_id, broker) DO UPDATE SET
     status = CASE WHEN excluded.last_seen >= devices.last_seen
                   THEN excluded.status ELSE devices.status END,
     platform = CASE WHEN excluded.platform IS NULL THEN devices.platform
@@ -558,15 +656,22 @@ ON CONFLICT (device_id) DO UPDATE SET
                          WHEN devices.agent_version IS NULL
                               OR excluded.last_seen >= devices.last_seen
                          THEN excluded.agent_version ELSE devices.agent_version END,
-    active_bundle = CASE WHEN excluded.active_bundle IS NULL THEN devices.active_bundle
-                         WHEN devices.active_bundle IS NULL
-                              OR excluded.last_seen >= devices.last_seen
-                         THEN excluded.active_bundle ELSE devices.active_bundle END,
+    active_bundles = CASE WHEN excluded.active_bundles IS NULL THEN devices.active_bundles
+                          WHEN devices.active_bundles IS NULL
+                               OR excluded.last_seen >= devices.last_seen
+                          THEN excluded.active_bundles ELSE devices.active_bundles END,
     first_seen = {least}(devices.first_seen, excluded.first_seen),
     last_seen = {greatest}(devices.last_seen, excluded.last_seen)
 """
 
-_DEVICE_COLUMNS = "device_id, status, platform, runtimes, agent_version, active_bundle, first_seen, last_seen"
+# A row from before schema 3 (broker unknown) becomes the row of the first broker the
+# device is seen on, unless that broker already has one. Idempotent.
+_ADOPT_UNKNOWN_BROKER = """
+UPDATE devices SET broker = ? WHERE device_id = ? AND broker = ''
+    AND NOT EXISTS (SELECT 1 FROM devices known WHERE known.device_id = ? AND known.broker = ?)
+"""
+
+_DEVICE_COLUMNS = "device_id, status, platform, runtimes, agent_version, active_bundles, first_seen, last_seen, broker"
 _DEPLOYMENT_COLUMNS = (
     "id, device_id, bundle_name, bundle_version, bundle_sha256, transfer_id, state, "
     "error_code, error_message, started_at, finished_at"
@@ -585,8 +690,15 @@ def _load_json(text: str | None) -> Any:
 
 
 def _bundle_json(ref: BundleRef) -> str:
-    """How the devices table stores an active bundle (since schema 2, the version a number)."""
+    """How the devices table stored an active bundle in schema 2 (the version a number)."""
     return json.dumps({"name": ref.name, "version": ref.version}, sort_keys=True, separators=(",", ":"))
+
+
+def _bundles_json(refs: Sequence[BundleRef] | None) -> str | None:
+    """How the devices table stores the active bundles since schema 3: a JSON list, ``[]`` for none."""
+    if refs is None:
+        return None
+    return json.dumps([{"name": r.name, "version": r.version} for r in refs], sort_keys=True, separators=(",", ":"))
 
 
 # --- the registry ----------------------------------------------------------------------
@@ -705,11 +817,13 @@ class Registry:
     # -- devices --
 
     def upsert_device(self, record: DeviceRecord) -> None:
-        """Insert a device or merge an update into it, in one atomic statement.
+        """Insert a device or merge an update into it, keyed by device id and broker.
 
         Merge rules: ``None`` fields keep what is stored; ``first_seen`` only moves
         earlier and ``last_seen`` only later; an update older than the stored row
         (messages reordered between collectors) fills empty fields but overwrites none.
+        A row of this device recorded before brokers were known (broker ``""``) is
+        first adopted by ``record.broker`` when that broker has no row of its own.
 
         Args:
             record: the device as this update reports it.
@@ -720,48 +834,82 @@ class Registry:
         first_seen = record.first_seen if record.first_seen is not None else record.last_seen
         params = (
             record.device_id,
+            record.broker,
             record.status,
             _dump_json(record.platform),
             _dump_json(record.runtimes),
             record.agent_version,
-            _bundle_json(record.active_bundle) if record.active_bundle else None,
+            _bundles_json(record.active_bundles),
             first_seen,
             record.last_seen,
         )
         with self._storage_errors(f"upsert device {record.device_id!r}"):
+            if record.broker:
+                self._conn.execute(
+                    self._dialect.sql(_ADOPT_UNKNOWN_BROKER),
+                    (record.broker, record.device_id, record.device_id, record.broker),
+                )
             self._conn.execute(self._dialect.sql(_UPSERT_DEVICE), params)
 
-    def get_device(self, device_id: str) -> DeviceRecord | None:
-        """One device by id.
+    def get_device(self, device_id: str, broker: str | None = None) -> DeviceRecord | None:
+        """One device by id: its row on ``broker``, or the row seen last on any broker.
 
         Args:
             device_id: the device's id.
+            broker: the broker's address; ``None`` for any.
 
         Returns:
-            The device, or ``None`` if the registry has never seen it.
+            The device, or ``None`` if the registry has never seen it (there).
 
         Raises:
             StorageError: on a database failure.
         """
+        where, params = _where({"device_id": device_id, "broker": broker})
+        query = f"SELECT {_DEVICE_COLUMNS} FROM devices{where} ORDER BY last_seen DESC, broker LIMIT 1"
         with self._storage_errors(f"read device {device_id!r}"):
-            row = self._conn.execute(
-                self._dialect.sql(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?"),
-                (device_id,),
-            ).fetchone()
+            row = self._conn.execute(self._dialect.sql(query), params).fetchone()
         return None if row is None else self._device_from_row(row)
 
     def list_devices(self) -> list[DeviceRecord]:
-        """Every device, ordered by id.
+        """Every device row, ordered by id, then broker.
 
         Returns:
-            The devices.
+            The devices; a device seen on two brokers appears once for each.
 
         Raises:
             StorageError: on a database failure.
         """
         with self._storage_errors("list devices"):
-            rows = self._conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id").fetchall()
+            rows = self._conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id, broker").fetchall()
         return [self._device_from_row(row) for row in rows]
+
+    def forget_device(self, device_id: str) -> ForgetResult:
+        """Delete every row about a device: its device rows (all brokers), deployments and metrics.
+
+        Args:
+            device_id: the device's id.
+
+        Returns:
+            What was deleted, and the brokers the device was seen on.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        counts: dict[str, int] = {}
+        with self._storage_errors(f"forget device {device_id!r}"):
+            brokers = self._conn.execute(
+                self._dialect.sql("SELECT broker FROM devices WHERE device_id = ? ORDER BY broker"), (device_id,)
+            ).fetchall()
+            for table in ("devices", "deployments", "metrics"):
+                cursor = self._conn.execute(self._dialect.sql(f"DELETE FROM {table} WHERE device_id = ?"), (device_id,))
+                counts[table] = max(0, cursor.rowcount)
+        return ForgetResult(
+            device_id=device_id,
+            brokers=tuple(str(row[0]) for row in brokers),
+            devices=counts["devices"],
+            deployments=counts["deployments"],
+            metrics=counts["metrics"],
+        )
 
     # -- deployments --
 
@@ -1012,15 +1160,18 @@ def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
     platform, runtimes = _load_json(row[2]), _load_json(row[3])
     if not isinstance(platform, (dict, type(None))) or not isinstance(runtimes, (dict, type(None))):
         raise ValueError("platform and runtimes must be JSON objects")
+    if not isinstance(active, (list, type(None))):
+        raise ValueError("active_bundles must be a JSON list")
     return DeviceRecord(
         device_id=row[0],
         status=row[1],
         platform=platform,
         runtimes=runtimes,
         agent_version=row[4],
-        active_bundle=BundleRef.from_dict(active) if active is not None else None,
+        active_bundles=None if active is None else tuple(BundleRef.from_dict(b) for b in active),
         first_seen=row[6],
         last_seen=row[7],
+        broker=row[8],
     )
 
 

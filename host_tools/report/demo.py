@@ -36,7 +36,11 @@ def demo_table(rows: Sequence[DemoRow]) -> str:
             Column("power", lambda r: power_cell(r.metrics.power), ">"),
             Column(
                 "mJ/inf",
-                lambda r: None if r.metrics.power is None else f"{1000 * r.metrics.power.joules_per_inference:.3f}",
+                lambda r: (
+                    None
+                    if r.metrics.power is None or r.metrics.power.joules_per_inference is None
+                    else f"{1000 * r.metrics.power.joules_per_inference:.3f}"
+                ),
                 ">",
             ),
         ],

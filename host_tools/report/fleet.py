@@ -18,28 +18,38 @@ if TYPE_CHECKING:
     from edge_sdk.metrics import PowerMeasurement
     from edge_sdk.protocol import Event, MetricsReport
     from host_tools.fleet.deployer import DeployOutcome
+    from host_tools.fleet.inventory import DeviceView
     from host_tools.fleet.profiler import ProfileOutcome
-    from host_tools.fleet.registry import DeviceRecord
+    from host_tools.fleet.registry import ForgetResult
 
 __all__ = [
     "command_data",
     "command_text",
     "deploy_data",
     "deploy_text",
+    "devices_data",
     "devices_text",
+    "forget_text",
     "metrics_table",
     "metrics_text",
     "outcome_data",
     "power_cell",
     "profile_text",
     "refusal_text",
+    "seen_text",
 ]
+
+#: What a renderer prints where a measurement had too little data to mean anything.
+TOO_SHORT = "n/a (too short)"
 
 
 def power_cell(power: PowerMeasurement | None) -> str | None:
-    """``1.23 W``, with ``(estimated)`` unless a sensor measured it; ``None`` without a reading."""
+    """``1.23 W``, with ``(estimated)`` unless a sensor measured it; ``None`` without a reading;
+    ``n/a (too short)`` when the window held too little data for a figure."""
     if power is None:
         return None
+    if power.watts is None:
+        return TOO_SHORT
     label = " (estimated)" if power.estimated else ""
     return f"{power.watts:.2f} W{label}"
 
@@ -74,29 +84,95 @@ def metrics_text(reports: Sequence[MetricsReport]) -> str:
     return metrics_table(reports) if reports else "no metrics recorded"
 
 
-def devices_text(records: Sequence[DeviceRecord]) -> str:
-    """``edgectl devices``: one line per known device, or a line saying there is none.
+def ago_text(seconds: float) -> str:
+    """How long ago, for people: ``just now``, ``42 s ago``, ``3 min ago``, ``5 h ago``, ``2 days ago``."""
+    if seconds < 0:
+        return "in the future (clock skew)"
+    if seconds < 5:
+        return "just now"
+    for limit, unit, size in ((60, "s", 1), (3600, "min", 60), (86400, "h", 3600)):
+        if seconds < limit:
+            return f"{int(seconds // size)} {unit} ago"
+    days = int(seconds // 86400)
+    return f"{days} day{'s' if days != 1 else ''} ago"
+
+
+def seen_text(ts: float, now: float) -> str:
+    """A moment for people: ``2026-12-03 07:45:12 UTC (3 min ago)``.
 
     Args:
-        records: the registry's devices.
+        ts: unix seconds.
+        now: unix seconds now, for the "ago".
 
     Returns:
-        The table; ``last seen`` in local time.
+        The text.
     """
-    if not records:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    return f"{stamp} ({ago_text(now - ts)})"
+
+
+def status_cell(view: DeviceView, now: float) -> str:
+    """``online``/``offline`` when this broker said so just now; else the last known state, labelled."""
+    if view.confirmed:
+        return view.record.status
+    return f"{view.record.status} as of {ago_text(now - view.record.last_seen)}"
+
+
+def _bundles_cell(view: DeviceView) -> str | None:
+    bundles = view.record.active_bundles
+    if not bundles:
+        return None
+    return ", ".join(f"{b.name} v{b.version}" for b in bundles)
+
+
+def devices_text(views: Sequence[DeviceView], now: float) -> str:
+    """``edgectl devices``: one line per device and broker it was seen on, or a line saying there is none.
+
+    Args:
+        views: the devices, with whether this command confirmed their status.
+        now: unix seconds now.
+
+    Returns:
+        The table: every active bundle, the broker, ``last seen`` in UTC with its age, and
+        a status that is plainly ``online`` only when the broker said so just now; a
+        footnote explains the others.
+    """
+    if not views:
         return "no devices known"
-    return render_table(
+    table = render_table(
         [
-            Column("device", lambda r: r.device_id),
-            Column("status", lambda r: r.status),
-            Column("platform", lambda r: (r.platform or {}).get("kind")),
-            Column("arch", lambda r: (r.platform or {}).get("arch")),
-            Column("memory", lambda r: format_bytes((r.platform or {}).get("memory_bytes")), ">"),
-            Column("runtimes", lambda r: ", ".join(r.runtimes or {})),
-            Column("active", lambda r: r.active_bundle and f"{r.active_bundle.name} v{r.active_bundle.version}"),
-            Column("last seen", lambda r: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.last_seen))),
+            Column("device", lambda v: v.record.device_id),
+            Column("broker", lambda v: v.record.broker or "unknown"),
+            Column("status", lambda v: status_cell(v, now)),
+            Column("platform", lambda v: (v.record.platform or {}).get("kind")),
+            Column("arch", lambda v: (v.record.platform or {}).get("arch")),
+            Column("memory", lambda v: format_bytes((v.record.platform or {}).get("memory_bytes")), ">"),
+            Column("runtimes", lambda v: ", ".join(v.record.runtimes or {})),
+            Column("active", _bundles_cell),
+            Column("last seen", lambda v: seen_text(v.record.last_seen, now)),
         ],
-        records,
+        views,
+    )
+    if all(v.confirmed for v in views):
+        return table
+    return (
+        f'{table}\n\n"... as of" is the last status recorded, not confirmed now: the device was seen on '
+        f"another broker, or its broker no longer holds its status (checked {views[0].checked_broker})"
+    )
+
+
+def devices_data(views: Sequence[DeviceView], now: float) -> list[dict[str, Any]]:
+    """The JSON ``edgectl devices`` prints: each view's dict plus ``last_seen_text`` for people."""
+    return [{**v.to_dict(), "last_seen_text": seen_text(v.record.last_seen, now)} for v in views]
+
+
+def forget_text(result: ForgetResult, broker: str) -> str:
+    """What ``edgectl devices forget`` did, in one paragraph."""
+    seen = ", ".join(b or "an unknown broker" for b in result.brokers) or "no broker"
+    return (
+        f"forgot {result.device_id}: deleted {result.devices} device row(s), {result.deployments} deployment(s) "
+        f"and {result.metrics} metrics report(s) from the registry; cleared its retained status and metrics "
+        f"on {broker} (it had been seen on {seen}). A running agent announces itself again when it reconnects."
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -60,3 +62,41 @@ def test_slower_than_the_budget_fails_and_says_by_how_much() -> None:
     assert info.value.details["check"] == "latency"
     assert info.value.details["median_ms"] == pytest.approx(2.0)
     assert info.value.details["max_latency_ms"] == 1.0
+
+
+def _matmul_model(path: Path, rows: int, cols: int) -> Path:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["out"])],
+        "m",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", rows])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", cols])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_model_memory_share_does_not_depend_on_what_was_loaded_before(tmp_path: Path) -> None:
+    """A plain RSS difference gave 12.6, 0, 16 and 0 MiB for one 8 MiB model loaded four times."""
+    from device_agent.profiler import profile_model
+    from edge_sdk.metrics import EstimatedSource
+    from edge_sdk.protocol import BenchmarkSpec
+
+    big = _matmul_model(tmp_path / "big.onnx", 512, 4096)  # 8 MiB of weights
+    small = _matmul_model(tmp_path / "small.onnx", 64, 256)
+    source = EstimatedSource(1.0, 10.0)
+    spec = BenchmarkSpec(runs=3, warmup=1)
+    shares = []
+    for path in (big, small, big, big):
+        profile = profile_model(path, "onnxruntime", "fp32", None, spec, source)
+        shares.append(profile.memory.model_bytes)
+        assert profile.memory.model_bytes_method in ("heap", "rss")
+    first, _, second, third = shares
+    assert first >= 8 << 20
+    for later in (second, third):
+        assert abs(later - first) <= max(0.25 * first, 256 << 10), shares

@@ -92,10 +92,12 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
             "benchmark",
             "benchmark_interleaved",
             "detect_power_source",
+            "heap_in_use_bytes",
             "parse_pmic_adc",
             "power_model_for",
             "read_thermal_zones",
             "read_vm_hwm",
+            "release_free_heap",
             "rss_bytes",
         ]
     )
@@ -695,3 +697,72 @@ def test_model_memory_and_power_from_the_windows() -> None:
     energy = metrics.EnergyMeasurement(2.0, 1.0, 2.0, "rapl", False)
     power = metrics.PowerMeasurement.from_energy(energy, 0)
     assert power.joules_per_inference == 2.0 and power.estimated is False
+
+
+# --- too little data -------------------------------------------------------------------------
+
+
+def test_cpu_window_shorter_than_the_tick_count_has_no_share_and_says_why() -> None:
+    from edge_sdk.metrics import CpuMeasurement
+
+    # 200 runs in 4 ms: one 10 ms tick was counted, which read as 250 % of one core.
+    short = CpuMeasurement.from_deltas(0.004, 0.01, cores=4, threads=1, tick_s=0.01, min_ticks=10)
+    assert short.percent_of_one_core is None and short.utilisation is None and short.cpu_s is None
+    assert short.insufficient_data is not None and "10 CPU-time ticks" in short.insufficient_data
+    assert CpuMeasurement.from_dict(json.loads(json.dumps(short.to_dict()))) == short
+    with pytest.raises(MessageError):
+        CpuMeasurement(wall_s=1.0, cpu_s=None, cores=1, percent_of_one_core=None, utilisation=None)
+
+
+def test_cpu_share_is_bounded_by_threads_and_cores() -> None:
+    from edge_sdk.metrics import CpuMeasurement
+
+    one_thread = CpuMeasurement.from_deltas(1.0, 2.99, cores=4, threads=1, tick_s=0.01)
+    assert one_thread.percent_of_one_core == 100.0 and one_thread.utilisation == pytest.approx(0.25)
+    assert one_thread.cpu_s == pytest.approx(2.99) and one_thread.to_dict()["threads"] == 1
+    more_threads_than_cores = CpuMeasurement.from_deltas(1.0, 5.0, cores=2, threads=8, tick_s=0.01)
+    assert more_threads_than_cores.percent_of_one_core == 200.0 and more_threads_than_cores.utilisation == 1.0
+    plain = CpuMeasurement.from_deltas(1.0, 0.5, cores=2, tick_s=0.01)
+    assert plain.percent_of_one_core == pytest.approx(50.0) and "insufficient_data" not in plain.to_dict()
+
+
+def test_power_estimate_from_a_too_short_cpu_window_is_no_number() -> None:
+    from edge_sdk.metrics import PowerMeasurement
+
+    source = EstimatedSource(10.0, 65.0, model_name="generic", cpu_sampler_factory=fixed_cpu_sampler(0.004, 0.03, 2))
+    with EnergyWindow(source) as window:
+        pass
+    power = PowerMeasurement.from_energy(window.result, 220)
+    assert power.watts is None and power.joules is None and power.joules_per_inference is None
+    assert power.insufficient_data is not None and "CPU share" in power.insufficient_data
+    assert power.to_dict()["watts"] is None and PowerMeasurement.from_dict(power.to_dict()) == power
+
+    long_enough = EstimatedSource(10.0, 65.0, cpu_sampler_factory=fixed_cpu_sampler(2.0, 1.0, 2))
+    with EnergyWindow(long_enough) as window:
+        pass
+    figures = PowerMeasurement.from_energy(window.result, 100)
+    assert figures.watts == pytest.approx(10.0 + 55.0 * 0.25) and figures.insufficient_data is None
+    assert "insufficient_data" not in figures.to_dict()
+
+
+def test_sampled_sensor_window_shorter_than_its_interval_is_no_number(tmp_path: Path) -> None:
+    from edge_sdk.metrics import PowerMeasurement
+
+    battery_tree(tmp_path, power_now=7_500_000)
+    source = BatterySource(tmp_path, interval_s=0.25, clock=FakeClock(step=0.01))
+    energy = source.stop(source.start())
+    assert energy.insufficient_data is not None and "sampling interval" in energy.insufficient_data
+    assert PowerMeasurement.from_energy(energy, 10).watts is None
+
+
+def test_heap_reading_and_trimming_work_on_glibc() -> None:
+    from edge_sdk.metrics import heap_in_use_bytes, release_free_heap
+
+    before = heap_in_use_bytes()
+    if before is None:
+        pytest.skip("no mallinfo2 in this C library")
+    block = bytearray(8 << 20)
+    after = heap_in_use_bytes()
+    assert after is not None and after - before >= 8 << 20
+    del block
+    assert release_free_heap() is True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,9 @@ from edge_sdk.metrics import LatencyStats, ModelMemory, PowerMeasurement
 from edge_sdk.protocol import ErrorInfo, Event, EventKind, MetricsReport
 from host_tools.demo import DemoResult, DemoRow
 from host_tools.fleet.deployer import DeployOutcome
+from host_tools.fleet.inventory import DeviceView
 from host_tools.fleet.profiler import ProfileOutcome
-from host_tools.fleet.registry import DeviceRecord
+from host_tools.fleet.registry import BundleRef, DeviceRecord, ForgetResult
 from host_tools.keys import RoleSummary, RootSummary
 from host_tools.report.demo import demo_table, demo_text
 from host_tools.report.fleet import (
@@ -20,13 +20,16 @@ from host_tools.report.fleet import (
     command_text,
     deploy_data,
     deploy_text,
+    devices_data,
     devices_text,
+    forget_text,
     metrics_table,
     metrics_text,
     outcome_data,
     power_cell,
     profile_text,
     refusal_text,
+    seen_text,
 )
 from host_tools.report.keys import root_text
 
@@ -119,13 +122,64 @@ def test_metrics_table_one_line_per_report() -> None:
 
 
 def test_devices_text() -> None:
-    assert devices_text([]) == "no devices known"
+    assert devices_text([], 0.0) == "no devices known"
     record = DeviceRecord(
-        "dev-1", "online", 0.0, platform={"kind": "pi", "arch": "aarch64", "memory_bytes": 1 << 30}, runtimes={}
-    )
-    last_seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(0.0))
-    row = devices_text([record]).splitlines()[2].split()
-    assert row == ["dev-1", "online", "pi", "aarch64", "1.0", "GiB", "-", *last_seen.split()]
+        "dev-1", "online", 0.0, platform={"kind": "pi", "arch": "aarch64", "memory_bytes": 1 << 30}, runtimes={},
+        broker="mqtt://b:1883",
+    )  # fmt: skip
+    row = devices_text([DeviceView(record, True, "mqtt://b:1883")], 180.0).splitlines()[2].split()
+    last_seen = ["1970-01-01", "00:00:00", "UTC", "(3", "min", "ago)"]
+    assert row == ["dev-1", "mqtt://b:1883", "online", "pi", "aarch64", "1.0", "GiB", "-", *last_seen]
+
+
+NOW = 1_796_284_800.0  # 2026-12-03 08:00:00 UTC
+
+
+def test_devices_text_shows_every_bundle_the_broker_and_online_only_when_confirmed() -> None:
+    bundles = (BundleRef("beta", 10), BundleRef("alpha", 2))
+    here = DeviceRecord("dev-1", "online", NOW - 12, active_bundles=bundles, broker="mqtt://here:1883")
+    gone = DeviceRecord("dev-1", "online", NOW - 3 * 3600, broker="mqtt://gone:1883")
+    stale = DeviceRecord("dev-2", "online", NOW - 200, broker="mqtt://here:1883")
+    views = [DeviceView(here, True, "mqtt://here:1883"), DeviceView(gone, False, "mqtt://here:1883")]
+    views.append(DeviceView(stale, False, "mqtt://here:1883"))
+    lines = devices_text(views, NOW).splitlines()
+    assert "online  " in lines[2] and "alpha v2, beta v10" in lines[2] and "mqtt://here:1883" in lines[2]
+    assert "2026-12-03 07:59:48 UTC (12 s ago)" in lines[2]
+    assert "online as of 3 h ago" in lines[3] and "mqtt://gone:1883" in lines[3]
+    assert "online as of 3 min ago" in lines[4]
+    assert "not confirmed now" in lines[-1]
+
+    data = devices_data(views, NOW)
+    assert data[0]["status"] == "online" and data[0]["status_confirmed"] is True
+    assert data[0]["active_bundles"] == [{"name": "alpha", "version": 2}, {"name": "beta", "version": 10}]
+    assert data[0]["last_seen_text"] == "2026-12-03 07:59:48 UTC (12 s ago)"
+    assert data[1]["status"] == "unknown" and data[1]["last_status"] == "online"
+    assert data[1]["broker"] == "mqtt://gone:1883" and data[1]["active_bundles"] is None
+
+
+def test_seen_text_for_people() -> None:
+    assert seen_text(NOW, NOW + 2) == "2026-12-03 08:00:00 UTC (just now)"
+    assert seen_text(NOW, NOW + 2 * 86400 + 5) == "2026-12-03 08:00:00 UTC (2 days ago)"
+    assert seen_text(NOW, NOW - 60).endswith("(in the future (clock skew))")
+
+
+def test_forget_text_says_what_was_deleted_and_cleared() -> None:
+    result = ForgetResult("dev-1", ("", "mqtt://a:1883"), devices=2, deployments=3, metrics=4)
+    text = forget_text(result, "mqtt://a:1883")
+    assert text.startswith("forgot dev-1: deleted 2 device row(s), 3 deployment(s) and 4 metrics report(s)")
+    assert "cleared its retained status and metrics on mqtt://a:1883" in text
+    assert "an unknown broker, mqtt://a:1883" in text
+
+
+def test_power_and_cpu_with_too_little_data_show_no_number() -> None:
+    short = PowerMeasurement(
+        joules=None, seconds=0.004, watts=None, source="estimate:generic", estimated=True,
+        joules_per_inference=None, insufficient_data="the estimate needs the CPU share",
+    )  # fmt: skip
+    assert power_cell(short) == "n/a (too short)"
+    report = _metrics(short)
+    assert "n/a (too short)" in metrics_table([report])
+    assert MetricsReport.from_dict(report.to_dict()).power == short
 
 
 def test_deploy_data_and_text_installed() -> None:

@@ -150,7 +150,7 @@ def _birth(device_id: str = "pi-01", at: float = 1000.0) -> DeviceRecord:
         platform=PLATFORM,
         runtimes=RUNTIMES,
         agent_version="0.1.0",
-        active_bundle=BundleRef("digits", 1),
+        active_bundles=(BundleRef("digits", 1),),
     )
 
 
@@ -167,7 +167,7 @@ def test_device_round_trip(db: Registry) -> None:
         platform=PLATFORM,
         runtimes=RUNTIMES,
         agent_version="0.1.0",
-        active_bundle=BundleRef("digits", 1),
+        active_bundles=(BundleRef("digits", 1),),
     )
     assert got.to_dict()["active_bundle"] == {"name": "digits", "version": "1"}
     assert db.get_device("nobody") is None
@@ -197,7 +197,7 @@ def test_newer_fields_replace_older(db: Registry) -> None:
             status="online",
             last_seen=2000.0,
             agent_version="0.2.0",
-            active_bundle=BundleRef("digits", 2),
+            active_bundles=(BundleRef("digits", 2),),
         )
     )
 
@@ -515,6 +515,7 @@ def test_public_names() -> None:
         "DeploymentState",
         "DeviceRecord",
         "DeviceStatus",
+        "ForgetResult",
         "MetricsRecord",
         "Registry",
         "open_registry",
@@ -656,7 +657,7 @@ def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[st
     before = _counts(connect)
 
     with open_registry(target) as db:
-        assert db.ensure_schema() == SCHEMA_VERSION == 2
+        assert db.ensure_schema() == SCHEMA_VERSION == 3
         assert _counts(connect) == before == {"devices": 3, "deployments": 4, "metrics": 4}
 
         latest = db.latest_metrics()
@@ -710,9 +711,13 @@ def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[st
         assert len(again.list_deployments(limit=100)) == 5
     conn = connect()
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2]
-        stored = conn.execute("SELECT active_bundle FROM devices WHERE device_id = 'pi-01'").fetchone()[0]
-        assert json.loads(stored) == {"name": "digits", "version": 10}
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [
+            1,
+            2,
+            3,
+        ]
+        stored = conn.execute("SELECT active_bundles, broker FROM devices WHERE device_id = 'pi-01'").fetchone()
+        assert json.loads(stored[0]) == [{"name": "digits", "version": 10}] and stored[1] == ""
     finally:
         conn.close()
 
@@ -742,7 +747,11 @@ def test_two_processes_upgrade_one_v1_file_once(v1_database: tuple[str, Callable
     assert _counts(connect) == before
     conn = connect()
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2]
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [
+            1,
+            2,
+            3,
+        ]
     finally:
         conn.close()
 
