@@ -308,11 +308,18 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True, help="compressed model")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="compressed model; its directory (and --packed's) must exist and be writable, checked before any work",
+)
 @click.option(
     "--quantize",
-    help="int8-static (default when no other step is given), int8-static-entropy, int8-static-percentile, "
-    "int8-static-per-tensor, int8-dynamic, int8-dynamic-per-channel, fp16, int4-weight; for a .tflite MODEL "
+    help="int8-static (needs --calib), int8-static-entropy, int8-static-percentile, "
+    "int8-static-per-tensor, int8-dynamic, int8-dynamic-per-channel, fp16, int4-weight. When no step is given: "
+    "int8-static with --calib, int8-dynamic (needs no data) without. For a .tflite MODEL "
     "(ai-edge-quantizer): "
     "int8-static, int8-dynamic, int8-weight-only, int4-weight-only, int16-static",
 )
