@@ -274,19 +274,19 @@ def check_bundle(bundle: Path, keys: KeyRing, now: float, options: CheckOptions 
             device=options.device,
             extract_to=payload,
         )
-        sample_line = _check_bundled_sample(payload, result.manifest)
-    return BundleCheck(bundle, (root_line, *result.checks, *sample_line), result.manifest)
+        _check_bundled_sample(payload, result.manifest)
+    return BundleCheck(bundle, (root_line, *result.checks), result.manifest)
 
 
-def _check_bundled_sample(payload: Path, manifest: Manifest) -> tuple[str, ...]:
-    """The ``sample`` line of ``verify`` (none without a sample): the bundled sample fits
-    the manifest's inputs, keyed by their names as the device reads it.
+def _check_bundled_sample(payload: Path, manifest: Manifest) -> None:
+    """Check that the bundled sample (if any) fits the manifest's inputs, keyed by their
+    names as the device reads it, so that ``verify`` fails where the device would.
 
     Raises:
         ManifestError: the sample is unreadable or does not fit (names the input).
     """
     if manifest.sample_input is None:
-        return ()
+        return
     try:
         arrays = read_sample(payload / manifest.sample_input)
         canonical_sample(arrays, manifest.inputs, manifest.sample_input)
@@ -299,7 +299,6 @@ def _check_bundled_sample(payload: Path, manifest: Manifest) -> tuple[str, ...]:
             f"from the array of its name (has: {', '.join(sorted(arrays))})",
             input=missing[0],
         )
-    return (f"sample: {manifest.sample_input} fits the inputs {', '.join(i.name for i in manifest.inputs)}",)
 
 
 def read_sample(path: Path) -> dict[str, np.ndarray]:

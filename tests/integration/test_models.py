@@ -59,7 +59,6 @@ def test_pack_sample_layouts_and_mismatch(host, tiny_model, tmp_path):
     bundle = host.pack(tiny_model.path, good, tmp_path / "a.edge", "layouts")
     checked = host.run("verify", str(bundle), "--json")
     assert checked.code == 0, checked.stderr
-    assert any(c.startswith("sample: sample_input.npz fits the inputs input") for c in checked.json()["checks"])
 
     per_input = tmp_path / "xname.npz"
     np.savez(per_input, **{"x.input": np.ones((1, 16), np.float64)})
