@@ -315,11 +315,18 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True, help="compressed model")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="compressed model; its directory (and --packed's) must exist and be writable, checked before any work",
+)
 @click.option(
     "--quantize",
-    help="int8-static (default when no other step is given), int8-static-entropy, int8-static-percentile, "
-    "int8-static-per-tensor, int8-dynamic, int8-dynamic-per-channel, fp16, int4-weight; for a .tflite MODEL "
+    help="int8-static (needs --calib), int8-static-entropy, int8-static-percentile, "
+    "int8-static-per-tensor, int8-dynamic, int8-dynamic-per-channel, fp16, int4-weight. When no step is given: "
+    "int8-static with --calib, int8-dynamic (needs no data) without. For a .tflite MODEL "
     "(ai-edge-quantizer): "
     "int8-static, int8-dynamic, int8-weight-only, int4-weight-only, int16-static",
 )
@@ -465,7 +472,9 @@ def compress(
 @click.option(
     "--sample",
     type=click.Path(path_type=Path, dir_okay=False),
-    help=".npz with one sample batch for the device's health check",
+    help=".npz with one sample batch for the device's health check, keyed like --eval data: by the model's input "
+    "names, x for a single-input model, or x.NAME per input; checked against the model's inputs (names, dtypes, "
+    "shapes; axis 0 is the batch) and stored keyed by input name",
 )
 @click.option("--ttl-days", type=float, default=30.0, show_default=True, help="days until the manifest expires")
 @click.option(
@@ -961,17 +970,34 @@ def broker(host: str, port: int) -> None:
     "--workdir", type=click.Path(path_type=Path, file_okay=False), help="default: a fresh temporary directory"
 )
 @click.option("--runs", default=300, show_default=True, help="timed inferences per model on the device")
+@click.option(
+    "--use-home",
+    is_flag=True,
+    help="keep keys and registry in the edge-sdk home (--home, EDGE_SDK_HOME, ~/.edge-sdk) instead of WORKDIR/home; "
+    "an explicit edgectl --home DIR does the same",
+)
 @json_option
 @click.pass_context
-def demo(ctx: click.Context, broker: str | None, workdir: Path | None, runs: int, json_output: bool) -> None:
-    """Train, quantize, sign, deploy to a local agent over MQTT, and compare fp32 with int8."""
-    from host_tools.demo import DemoOptions, run_demo_with_keys
+def demo(
+    ctx: click.Context, broker: str | None, workdir: Path | None, runs: int, use_home: bool, json_output: bool
+) -> None:
+    """Train, quantize, sign, deploy to a local agent over MQTT, and compare fp32 with int8.
+
+    Everything goes under WORKDIR (keys and registry in WORKDIR/home, reused by the next run); the demo
+    device is new every run (WORKDIR/agent-data is recreated), so the demo can run again and again.
+    """
+    from host_tools.demo import DemoOptions, run_demo_session
     from host_tools.report.demo import demo_text
 
     cfg = _cfg(ctx, json_output)
-    options = DemoOptions(workdir, broker_url=broker, runs=runs, warmup=max(1, runs // 10))
-    with _registry(cfg) as reg:
-        result = run_demo_with_keys(cfg.keys_dir, reg, options, _say(cfg), _byte_progress)
+    given = {name: ctx.find_root().get_parameter_source(name) for name in ("home", "registry_url")}
+    in_home = use_home or given["home"] == click.core.ParameterSource.COMMANDLINE
+    registry_given = given["registry_url"] == click.core.ParameterSource.COMMANDLINE
+    options = DemoOptions(
+        workdir, broker_url=broker, runs=runs, warmup=max(1, runs // 10), home=cfg.home if in_home else None,
+        registry_url=cfg.registry_url if in_home or registry_given else None,
+    )  # fmt: skip
+    result = run_demo_session(options, _say(cfg), _byte_progress)
     _emit(cfg, result.to_dict(), lambda: demo_text(result))
 
 

@@ -8,6 +8,13 @@ over MQTT in chunks -> the agent verifies, installs, health-checks, benchmarks, 
 
 Every process and broker it starts is stopped on the way out, including on errors and
 Ctrl-C.
+
+Where things go (:func:`run_demo_session`): everything under the work directory, so the
+demo never touches the operator's own ``~/.edge-sdk`` unless asked (``home``). Keys and
+the registry go to ``WORKDIR/home`` and are reused by the next run in the same work
+directory; the demo device is a new device every run (its data directory
+``WORKDIR/agent-data`` is recreated), so the run deploys v1 and v2 again and can be
+repeated as often as wanted.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk.bundle import BundleSpec, TensorInfo, pack_bundle
-from edge_sdk.errors import DeviceTimeoutError
+from edge_sdk.errors import DeviceTimeoutError, StorageError
 from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import (
     BenchmarkSpec,
@@ -39,10 +47,10 @@ from edge_sdk.protocol import (
 from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.deployer import CommandAuthority, DeployOptions, deploy_and_record
-from host_tools.fleet.registry import Registry
+from host_tools.fleet.registry import Registry, open_registry
 from host_tools.keys import command_authority, init_keys
 
-__all__ = ["DemoOptions", "DemoResult", "DemoRow", "run_demo", "run_demo_with_keys"]
+__all__ = ["DemoOptions", "DemoResult", "DemoRow", "run_demo", "run_demo_session", "run_demo_with_keys"]
 
 log = logging.getLogger(__name__)
 _BUNDLE_NAME = "digits-mlp"
@@ -61,6 +69,10 @@ class DemoOptions:
             inferences and at least ``min_duration_s`` of them, so energy windows are long
             enough to mean something).
         agent_start_timeout_s: how long the agent has to come online.
+        home: keep keys and the registry here (the operator's own home, when asked for);
+            ``None``: in ``WORKDIR/home``.
+        registry_url: the registry to record into; ``None``: ``HOME/registry.db`` of the
+            home in use.
     """
 
     workdir: Path | None = None
@@ -70,6 +82,8 @@ class DemoOptions:
     warmup: int = 30
     min_duration_s: float = 1.0
     agent_start_timeout_s: float = 30.0
+    home: Path | None = None
+    registry_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -309,3 +323,54 @@ def run_demo_with_keys(
         options, ring.role_keys("bundles"), command_authority(ring), ring.root_path, registry, say, progress, clock
     )
     return DemoResult(tuple(rows), timer() - started)
+
+
+def run_demo_session(
+    options: DemoOptions,
+    say: Callable[[str], None],
+    progress: Callable[[str, int], Callable[[int, int], None]],
+    clock: Callable[[], float] = time.time,
+    timer: Callable[[], float] = time.monotonic,
+) -> DemoResult:
+    """``edgectl demo``: decide where everything goes, say so, and run the whole path.
+
+    Keys and the registry go to ``options.home``, or to ``WORKDIR/home`` when it is
+    ``None`` (the operator's own home is used only when asked for). The demo device's
+    data directory ``WORKDIR/agent-data`` is recreated first: every run is a new device,
+    so a second run in the same work directory deploys v1 and v2 again instead of being
+    refused as not newer than what the previous run installed.
+
+    Args:
+        options: what to do and where; ``workdir`` ``None`` is a temporary directory,
+            removed afterwards (with the keys and registry in it unless ``home`` is set).
+        say: prints a progress line.
+        progress: makes a byte-progress callback for a named transfer of a given size.
+        clock: wall clock.
+        timer: monotonic clock for the duration of the whole path.
+
+    Returns:
+        One row per model, and the seconds the whole path took.
+
+    Raises:
+        EdgeError: any step failed; the message names it.
+        StorageError: the work directory cannot be prepared.
+    """
+    if options.workdir is None:
+        with tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp:
+            return run_demo_session(replace(options, workdir=Path(tmp)), say, progress, clock, timer)
+    work = Path(options.workdir)
+    agent_data = work / "agent-data"
+    home = options.home if options.home is not None else work / "home"
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        home.mkdir(parents=True, exist_ok=True)
+        if agent_data.exists():
+            shutil.rmtree(agent_data)
+    except OSError as exc:
+        raise StorageError(f"cannot prepare the demo work directory {work}: {exc.strerror or exc}") from exc
+    registry_url = options.registry_url or str(home / "registry.db")
+    where = "your edge-sdk home, as asked" if options.home is not None else "inside the work directory"
+    say(f"work directory {work}; keys and registry in {home} ({where}); registry {registry_url}")
+    say(f"demo device {options.device_id}: a new device every run, data in {agent_data}")
+    with open_registry(registry_url) as registry:
+        return run_demo_with_keys(home / "keys", registry, options, say, progress, clock, timer)

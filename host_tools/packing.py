@@ -10,6 +10,12 @@ Packing opens the model once on the host, so a broken file fails here and not on
 thousand devices. A sparse bundle (``--sparse``) splits the model into a sparse graph,
 a dense graph and CSR weights, and the sparse graph is run against the original model
 before anything is signed.
+
+A sample input (``--sample``) is checked against the model's inputs when packing, and
+against the manifest's inputs by ``verify``, so a sample the device could not feed fails on
+the host instead of using up a version on the device. Packing accepts the layouts
+``--eval`` reads (see :func:`canonical_sample`) and always stores the canonical one: one
+array per model input, under the input's name, in the input's dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +64,10 @@ __all__ = [
     "PackedBundle",
     "ResignedBundle",
     "SparseOptions",
+    "canonical_sample",
     "check_bundle",
     "pack_model",
+    "read_sample",
     "resign_bundle",
 ]
 
@@ -88,7 +98,8 @@ class PackOptions:
         name, version: the bundle's name (stable across versions) and version.
         runtime: ``onnxruntime`` or ``litert``; ``None`` picks by the file suffix.
         precision: what the model computes in; ``None`` asks the runtime.
-        sample: .npz with one sample batch for the device's health check.
+        sample: .npz with one sample batch for the device's health check, in any layout
+            :func:`canonical_sample` accepts.
         ttl_s: seconds until the manifest expires.
         max_latency_ms: health check: the device rolls back above this median latency.
         target: architectures, memory and accelerators a device must have.
@@ -173,7 +184,8 @@ def pack_model(options: PackOptions, keys: KeyRing, now: float, passphrase: byte
 
     Raises:
         ModelError: the model does not load, or its sparse split does not compute what it does.
-        ConfigError: ``sparse`` asked of a model that is not ONNX.
+        ConfigError: ``sparse`` asked of a model that is not ONNX; a sample that is unreadable
+            or does not fit the model's inputs (names the input and what it expects).
         KeyStoreError: the bundle keys cannot be loaded.
     """
     runtime = options.runtime or ("litert" if options.model.suffix == ".tflite" else "onnxruntime")
@@ -181,6 +193,9 @@ def pack_model(options: PackOptions, keys: KeyRing, now: float, passphrase: byte
     with open_session(options.model, runtime) as session:
         inputs = tuple(TensorInfo(s.name, tuple(s.shape), s.dtype) for s in session.inputs())
         precision = options.precision or session.precision
+    sample = None
+    if options.sample is not None:
+        sample = canonical_sample(read_sample(options.sample), inputs, str(options.sample))
     signers = keys.role_keys("bundles", passphrase)
     health = HealthSpec(options.max_latency_ms) if options.max_latency_ms is not None else None
     spec = BundleSpec(
@@ -190,12 +205,19 @@ def pack_model(options: PackOptions, keys: KeyRing, now: float, passphrase: byte
         options.model,
         precision,
         inputs,
-        options.sample,
+        None,
         health=health,
         target=options.target,
         ttl_s=options.ttl_s,
     )
-    with tempfile.TemporaryDirectory(prefix="edgectl-sparse-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgectl-pack-") as tmp:
+        if sample is not None:
+            # The canonical layout, whatever layout the operator's file had.
+            sample_path = Path(tmp) / "sample" / "sample_input.npz"
+            sample_path.parent.mkdir()
+            arrays: dict[str, Any] = dict(sample)  # numpy's stub types **kwds like allow_pickle
+            np.savez(sample_path, **arrays)
+            spec = dataclasses.replace(spec, sample_input=sample_path)
         if options.sparse is not None:
             spec = _sparse_bundle_spec(spec, Path(tmp), options.sparse)
         manifest = pack_bundle(spec, signers, options.output, now)
@@ -256,10 +278,161 @@ def check_bundle(bundle: Path, keys: KeyRing, now: float, options: CheckOptions 
         f"root: v{root.version}, valid for another {(root.expires_at - now) / 86400:.0f} days; bundle keys "
         f"{', '.join(role.keyids)}, threshold {role.threshold}"
     )
-    result = verify_bundle(
-        bundle, root.trusted("bundles"), now, installed_version=options.installed_version, device=options.device
-    )
+    with tempfile.TemporaryDirectory(prefix="edgectl-verify-") as tmp:
+        payload = Path(tmp)
+        result = verify_bundle(
+            bundle,
+            root.trusted("bundles"),
+            now,
+            installed_version=options.installed_version,
+            device=options.device,
+            extract_to=payload,
+        )
+        _check_bundled_sample(payload, result.manifest)
     return BundleCheck(bundle, (root_line, *result.checks), result.manifest)
+
+
+def _check_bundled_sample(payload: Path, manifest: Manifest) -> None:
+    """Check that the bundled sample (if any) fits the manifest's inputs, keyed by their
+    names as the device reads it, so that ``verify`` fails where the device would.
+
+    Raises:
+        ManifestError: the sample is unreadable or does not fit (names the input).
+    """
+    if manifest.sample_input is None:
+        return
+    try:
+        arrays = read_sample(payload / manifest.sample_input)
+        canonical_sample(arrays, manifest.inputs, manifest.sample_input)
+    except ConfigError as exc:
+        raise ManifestError(f"sample: {exc.message}", **exc.details) from exc
+    missing = [i.name for i in manifest.inputs if i.name not in arrays]
+    if missing:
+        raise ManifestError(
+            f"sample: {manifest.sample_input} has no array named {missing[0]!r}; the device feeds each input "
+            f"from the array of its name (has: {', '.join(sorted(arrays))})",
+            input=missing[0],
+        )
+
+
+def read_sample(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a sample ``.npz`` (pickled arrays refused).
+
+    Args:
+        path: the ``.npz`` file.
+
+    Returns:
+        Its arrays by key.
+
+    Raises:
+        ConfigError: the file is missing or not a readable ``.npz`` (names it).
+    """
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            raise ConfigError(
+                f"sample {path}: one bare array (.npy); give a .npz keyed x, x.NAME or by input name", file=str(path)
+            )
+        with loaded as npz:
+            return {key: np.asarray(npz[key]) for key in npz.files}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"sample {path}: no such file", file=str(path)) from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"sample {path}: not a readable .npz file ({exc})", file=str(path)) from exc
+
+
+def canonical_sample(
+    arrays: Mapping[str, np.ndarray], inputs: Sequence[TensorInfo], source: str = "sample"
+) -> dict[str, np.ndarray]:
+    """A sample's arrays by model input name, checked against the model's inputs.
+
+    Three layouts, as ``--eval`` reads them: the model's own input names as keys; ``x``
+    for a single-input model; ``x.NAME`` per input. Axis 0 is the batch (the device
+    feeds the first row). Each input must get an array of its rank whose dimensions
+    after the batch equal the model's (dynamic ones match any size), and whose dtype
+    converts to the input's without changing kind (float to float, integer to integer or
+    float; not float to integer).
+
+    Args:
+        arrays: the sample file's arrays by key.
+        inputs: the model's inputs.
+        source: what to call the sample in errors (its file name).
+
+    Returns:
+        One array per input, under its name, in its dtype.
+
+    Raises:
+        ConfigError: an input has no array, or its array does not fit; the message names
+            the input, what the model expects and what the sample has.
+    """
+    names = [i.name for i in inputs]
+    per_input = {key[2:]: value for key, value in arrays.items() if key.startswith("x.") and len(key) > 2}
+    if all(name in arrays for name in names):
+        chosen = {name: arrays[name] for name in names}
+    elif per_input:
+        unknown = sorted(set(per_input) - set(names))
+        missing = [name for name in names if name not in per_input]
+        if unknown or missing:
+            raise ConfigError(
+                f"{source}: has arrays for inputs {sorted(per_input)} (x.NAME), the model takes {names}"
+                + (f"; no input named {', '.join(unknown)}" if unknown else "")
+                + (f"; missing x.{missing[0]}" if missing else ""),
+                key="sample",
+                model=names,
+            )
+        chosen = {name: per_input[name] for name in names}
+    elif "x" in arrays:
+        if len(names) != 1:
+            raise ConfigError(
+                f"{source}: one array 'x', but the model takes {len(names)} inputs {names}; "
+                "give one array per input, keyed x.NAME or by the input's name",
+                key="sample",
+                model=names,
+            )
+        chosen = {names[0]: arrays["x"]}
+    else:
+        missing = [name for name in names if name not in arrays]
+        raise ConfigError(
+            f"{source}: no array for model input {missing[0]!r} (the sample has {sorted(arrays) or 'no arrays'}); "
+            f"key the arrays by input name {names}, as x.NAME, or as x for a single-input model",
+            key="sample",
+            input=missing[0],
+        )
+    return {info.name: _fitted(chosen[info.name], info, source) for info in inputs}
+
+
+def _fitted(array: np.ndarray, info: TensorInfo, source: str) -> np.ndarray:
+    """``array`` as the value of input ``info``; refused when it does not fit."""
+    expected = "[" + ", ".join("?" if d is None else str(d) for d in info.shape) + "]"
+    got = list(array.shape)
+    fits = (
+        array.ndim == len(info.shape)
+        and array.ndim > 0
+        and got[0] >= 1
+        and all(d is None or d == g for d, g in zip(info.shape[1:], got[1:], strict=True))
+    )
+    if not fits:
+        raise ConfigError(
+            f"{source}: input {info.name!r} expects shape {expected} (axis 0 the batch, ? any size), "
+            f"the sample has {got}",
+            key="sample",
+            input=info.name,
+            expected=expected,
+            got=got,
+        )
+    try:
+        want = np.dtype(info.dtype)
+    except TypeError as exc:
+        raise ConfigError(f"{source}: input {info.name!r} has unknown dtype {info.dtype!r}", key="sample") from exc
+    if not np.can_cast(array.dtype, want, casting="same_kind"):
+        raise ConfigError(
+            f"{source}: input {info.name!r} expects {want}, the sample has {array.dtype}",
+            key="sample",
+            input=info.name,
+            expected=str(want),
+            got=str(array.dtype),
+        )
+    return np.ascontiguousarray(array, dtype=want)
 
 
 def _read_root(path: Path) -> Root:

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ from .pass_manager import (
     PassManager,
     ProgressCallback,
 )
+from .passes.accuracy_guard import AccuracyGuard
+from .passes.quantize import StaticInt8Quantization
 from .passes.weight_sharing import pack_model
 from .recipe import StepOptions, passes_from_options
 
@@ -29,9 +33,20 @@ if TYPE_CHECKING:
     from .pass_manager import CompressionReport
     from .tflite.quantize import TfliteCompression
 
-__all__ = ["CompressJob", "CompressJobResult", "PackedFile", "compress", "run_compress_job"]
+__all__ = [
+    "DEFAULT_QUANTIZE_WITHOUT_DATA",
+    "CompressJob",
+    "CompressJobResult",
+    "PackedFile",
+    "compress",
+    "run_compress_job",
+]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_QUANTIZE_WITHOUT_DATA = "int8-dynamic"
+"""What ``edgectl compress`` quantizes to without ``--quantize`` and without ``--calib``
+(with ``--calib`` the default is ``int8-static``)."""
 
 
 def compress(
@@ -188,12 +203,20 @@ def run_compress_job(job: CompressJob, progress: ProgressCallback | None = None)
     Returns:
         The output paths and the report.
 
+    Everything that can be checked without doing the work is checked first: the output
+    directories exist and are writable, and the data each step needs was given (static
+    quantization needs ``--calib``). Without ``--quantize`` or another step the job
+    quantizes to int8: static when calibration data is given, dynamic (no data needed)
+    when it is not.
+
     Raises:
-        ConfigError: options that do not fit together or do not fit the model, or a bad
-            option or data file.
+        ConfigError: options that do not fit together or do not fit the model, a bad
+            option or data file, an output whose directory is missing or not writable, or
+            a static quantization without calibration data.
         ModelLoadError: the model (or a student model) does not load.
         CompressionError: a step failed, or the quality budget was missed.
     """
+    _check_outputs(job)
     if job.quality_metric is not None and not job.evaluation:
         raise ConfigError("--quality needs evaluation data (--eval)", key="eval")
     if job.is_tflite:
@@ -202,6 +225,17 @@ def run_compress_job(job: CompressJob, progress: ProgressCallback | None = None)
     if budget is not None and budget >= 0 and not job.evaluation:
         raise ConfigError("--max-accuracy-drop needs evaluation data (--eval)", key="eval")
     steps = passes_from_options(job.steps, job.recipe)
+    if not job.calibration and any(_needs_calibration(step) for step in steps):
+        if job.recipe is None and job.steps.quantize is None:
+            # The default quantization: without data it is the one that needs none.
+            steps = passes_from_options(dataclasses.replace(job.steps, quantize=DEFAULT_QUANTIZE_WITHOUT_DATA))
+        else:
+            wanted = ", ".join(step.name for step in steps if _needs_calibration(step))
+            raise ConfigError(
+                f"{wanted} needs calibration data: give --calib (a .npz with x, or x.NAME per input; a .npy; or "
+                f"module:function), or choose --quantize {DEFAULT_QUANTIZE_WITHOUT_DATA}, which needs none",
+                key="calib",
+            )
     training = load_arrays(job.training) if job.training else None
     calibration = load_arrays(job.calibration) if job.calibration else None
     evaluation = load_arrays(job.evaluation) if job.evaluation else None
@@ -224,6 +258,40 @@ def run_compress_job(job: CompressJob, progress: ProgressCallback | None = None)
         save_model_atomic(packed_model.data, job.packed)
         packed = PackedFile(job.packed, packed_model.size_bytes, tuple(packed_model.shared_tensors))
     return CompressJobResult(job.output, report, packed)
+
+
+def _check_outputs(job: CompressJob) -> None:
+    """Check, before any work, that the job's output files can be written.
+
+    Args:
+        job: the job; its ``output`` and ``packed`` paths are checked.
+
+    Raises:
+        ConfigError: a path is a directory, or its directory is missing, not a directory
+            or not writable; the message names the path and the option.
+    """
+    for flag, key, path in (("-o/--output", "output", job.output), ("--packed", "packed", job.packed)):
+        if path is None:
+            continue
+        parent = path.parent if str(path.parent) else Path(".")
+        problem = None
+        if path.is_dir():
+            problem = "is a directory"
+        elif not parent.exists():
+            problem = f"cannot be written: directory {parent} does not exist"
+        elif not parent.is_dir():
+            problem = f"cannot be written: {parent} is not a directory"
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            problem = f"cannot be written: directory {parent} is not writable"
+        if problem is not None:
+            raise ConfigError(f"{flag} {path} {problem}; nothing was done", key=key, path=str(path))
+
+
+def _needs_calibration(step: CompressionPass) -> bool:
+    """Whether a step quantizes statically (directly or inside the accuracy guard)."""
+    if isinstance(step, AccuracyGuard):
+        return _needs_calibration(step.inner)
+    return isinstance(step, StaticInt8Quantization)
 
 
 def _run_tflite_job(job: CompressJob) -> CompressJobResult:
@@ -250,7 +318,7 @@ def _run_tflite_job(job: CompressJob) -> CompressJobResult:
     evaluation = load_arrays(job.evaluation) if job.evaluation else None
     result = compress_tflite(
         data,
-        job.steps.quantize or "int8-static",
+        job.steps.quantize or ("int8-static" if job.calibration else DEFAULT_QUANTIZE_WITHOUT_DATA),
         calibration=calibration,
         evaluation=evaluation,
         quality_metric=job.quality_metric,

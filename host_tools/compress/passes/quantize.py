@@ -143,7 +143,7 @@ class StaticInt8Quantization:
         }[self.method]
         activation = ortq.QuantType.QUInt8 if self.activation_type == "uint8" else ortq.QuantType.QInt8
         with _workdir() as work, _ort_logs_routed():
-            source = _prepare(model, work, self.preprocess)
+            source, prepared = _prepare(model, work, self.preprocess)
             excluded = _resolve_exclusions(source, self.exclude_nodes)
             out = work / "quantized.onnx"
             try:
@@ -162,6 +162,7 @@ class StaticInt8Quantization:
             except Exception as exc:  # onnxruntime raises ValueError, RuntimeError, its own Fail
                 raise CompressionError(f"onnxruntime static quantization failed: {exc}") from exc
             quantized = onnx.load(str(out))
+        trimmed = _trimmed(quantized)
         return PassResult(
             quantized,
             changed=True,
@@ -173,6 +174,8 @@ class StaticInt8Quantization:
                 "calibration_samples": samples,
                 "float_nodes": list(self.exclude_nodes),
                 **_qdq_counts(quantized),
+                **prepared,
+                **trimmed,
             },
         )
 
@@ -217,7 +220,7 @@ class DynamicInt8Quantization:
 
         decomposed = decompose_gemm(model)
         with _workdir() as work, _ort_logs_routed():
-            source = _prepare(model, work, self.preprocess)
+            source, prepared = _prepare(model, work, self.preprocess)
             excluded = _resolve_exclusions(source, self.exclude_nodes)
             out = work / "quantized.onnx"
             try:
@@ -231,6 +234,7 @@ class DynamicInt8Quantization:
             except Exception as exc:  # onnxruntime raises ValueError, RuntimeError, its own Fail
                 raise CompressionError(f"onnxruntime dynamic quantization failed: {exc}") from exc
             quantized = onnx.load(str(out))
+        trimmed = _trimmed(quantized)
         integer_ops = sum(
             1 for n in quantized.graph.node if n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
         )
@@ -242,6 +246,8 @@ class DynamicInt8Quantization:
                 "gemms_decomposed": decomposed,
                 "integer_ops": integer_ops,
                 "float_nodes": list(self.exclude_nodes),
+                **prepared,
+                **trimmed,
             },
         )
 
@@ -594,30 +600,76 @@ def _workdir() -> Iterator[Path]:
         yield Path(name)
 
 
-def _prepare(model: onnx.ModelProto, work: Path, preprocess: bool) -> Path:
-    """Write the model for onnxruntime, pre-processed when asked; returns its path.
+_PREPROCESS_STEPS = ("full", "without symbolic shape inference", "skipped")
+"""How pre-processing went, best first: symbolic shape inference, ONNX shape inference and
+onnxruntime's optimizer; the same without symbolic shape inference (sympy missing, or it
+gave up); none (the optimizer or shape inference failed)."""
+
+
+def _prepare(model: onnx.ModelProto, work: Path, preprocess: bool) -> tuple[Path, dict[str, str]]:
+    """Write the model for onnxruntime, pre-processed when asked; returns its path and
+    notes for the report: how pre-processing went (``preprocess``, one of
+    :data:`_PREPROCESS_STEPS`) and, after a fallback, why (``preprocess_fallback``).
+
+    Pre-processing is an optimisation, not a requirement, so it degrades instead of
+    failing: symbolic shape inference gives up on graphs whose dynamic dimensions it
+    cannot relate (a torch export naming the sequence axis differently per input gives
+    "Incomplete symbolic shape inference"), so it is retried without symbolic shape
+    inference, and then skipped; every fallback is logged as a warning.
 
     Every file goes to ``work`` by absolute path; the process's working directory is
     neither read nor changed, so concurrent quantizations in one process are safe.
     """
+    model = _current_ir(model)
     raw = work / "input.onnx"
     onnx.save(model, str(raw))
     if not preprocess:
-        return raw
+        return raw, {}
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = work / "prepared.onnx"
-    try:
-        # Symbolic shape inference helps transformer graphs and needs sympy, which the
-        # host extra does not install; plain ONNX shape inference covers MLPs and CNNs.
-        if importlib.util.find_spec("sympy") is not None:
+    source, how, notes = raw, _PREPROCESS_STEPS[1], {}
+    # Symbolic shape inference helps transformer graphs and needs sympy, which the
+    # host extra does not install; plain ONNX shape inference covers MLPs and CNNs.
+    if importlib.util.find_spec("sympy") is not None:
+        try:
             shaped = work / "shaped.onnx"
             onnx.save(_symbolic_shapes(model), str(shaped))
-            raw = shaped
-        quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
+            source, how = shaped, _PREPROCESS_STEPS[0]
+        except Exception as exc:  # onnxruntime's shape inference raises many types
+            notes["preprocess_fallback"] = f"symbolic shape inference failed ({exc}); pre-processed without it"
+            logger.warning("quantization pre-processing: %s", notes["preprocess_fallback"])
+    try:
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     except Exception as exc:  # onnxruntime's optimizer and shape inference raise many types
-        raise CompressionError(f"onnxruntime quantization pre-processing failed: {exc}") from exc
-    return prepared
+        reason = notes.get("preprocess_fallback", "").replace("; pre-processed without it", "; then ")
+        notes["preprocess_fallback"] = f"{reason}pre-processing failed ({exc}); quantized without it"
+        logger.warning("quantization pre-processing: %s", notes["preprocess_fallback"])
+        return raw, {"preprocess": _PREPROCESS_STEPS[2], **notes}
+    return prepared, {"preprocess": how, **notes}
+
+
+def _current_ir(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model in the IR onnxruntime's quantization tools expect (version 4 or later).
+
+    Models of IR version 3 and older (e.g. onnx's own ``light_squeezenet.onnx``) list
+    every initializer as a graph input too. onnxruntime's optimizer drops those inputs
+    but keeps the old IR version, which ``onnx.checker`` then refuses ("... in
+    initializer but not in graph input"). Here the initializers leave the input list and
+    the IR version becomes 4, which allows that; the outputs are the same for every feed
+    of the real inputs. A model that is already IR 4 or later is returned unchanged.
+    """
+    if model.ir_version >= 4:
+        return model
+    upgraded = onnx.ModelProto()
+    upgraded.CopyFrom(model)
+    weights = {init.name for init in upgraded.graph.initializer}
+    real = [i for i in upgraded.graph.input if i.name not in weights]
+    del upgraded.graph.input[:]
+    upgraded.graph.input.extend(real)
+    upgraded.ir_version = 4
+    logger.info("model is ONNX IR version %d; quantizing it as IR version 4", model.ir_version)
+    return upgraded
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -660,6 +712,63 @@ def _resolve_exclusions(prepared: Path, names: tuple[str, ...]) -> list[str]:
         if node.name in wanted or node.name.split("/", 1)[0] in wanted
     ]
     return sorted(set(found) | wanted)
+
+
+def _trimmed(model: onnx.ModelProto) -> dict[str, int]:
+    """Remove from a quantized model, in place, what onnxruntime's tools leave behind that
+    nothing needs; returns what was removed, for the notes.
+
+    - Zero points of ``DequantizeLinear`` nodes whose input is an int32 initializer (the
+      quantized biases) when they are all zero: an absent zero point means zero, and
+      onnxruntime's QDQ fusion treats both alike. Per-channel, they were one int32 per
+      output channel, e.g. 1.2 KB of zeros for a 300-wide layer.
+    - Initializers that no node uses any more.
+    - Opset imports of domains no node uses: onnxruntime's optimizer declares every
+      domain it knows (``com.microsoft.nchwc``, ``org.pytorch.aten``, ...).
+
+    The model computes exactly what it computed before.
+    """
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    zero_points = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
+            continue
+        values, zero = inits.get(node.input[0]), inits.get(node.input[2])
+        if values is None or zero is None or values.data_type != onnx.TensorProto.INT32:
+            continue
+        if zero.data_type == onnx.TensorProto.INT32 and not np.any(onnx.numpy_helper.to_array(zero)):
+            del node.input[2]
+            zero_points += 1
+    used = {name for node in _all_nodes(graph) for name in node.input} | {o.name for o in graph.output}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    domains = {node.domain or "" for node in _all_nodes(graph)}
+    for function in model.functions:
+        domains.add(function.domain)
+        domains.update(node.domain or "" for node in function.node)
+    declared = list(model.opset_import)
+    kept = [o for o in declared if (o.domain or "") in domains or (o.domain or "") in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return {
+        "bias_zero_points_dropped": zero_points,
+        "unused_initializers_dropped": len(unused),
+        "unused_opsets_dropped": len(declared) - len(kept),
+    }
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of the subgraphs in its attributes (``If``, ``Loop``...)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_nodes(sub)
 
 
 def _qdq_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -6,16 +6,32 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from harness import TinyModel, build_tiny_model
 from sparse_models import mlp
 
 import host_tools.packing
-from edge_sdk.bundle import DeviceFacts, Target
-from edge_sdk.errors import CompressionError, KeyStoreError, ModelLoadError, RollbackError, TargetMismatchError
+from edge_sdk.bundle import BundleSpec, DeviceFacts, Target, TensorInfo, pack_bundle, verify_bundle
+from edge_sdk.errors import (
+    CompressionError,
+    ConfigError,
+    KeyStoreError,
+    ManifestError,
+    ModelLoadError,
+    RollbackError,
+    TargetMismatchError,
+)
 from host_tools.keys import KeyRing, init_keys
-from host_tools.packing import CheckOptions, PackOptions, SparseOptions, check_bundle, pack_model
+from host_tools.packing import (
+    CheckOptions,
+    PackOptions,
+    SparseOptions,
+    canonical_sample,
+    check_bundle,
+    pack_model,
+)
 from host_tools.report.bundle import check_text, packed_text
 
 NOW = time.time()
@@ -134,3 +150,88 @@ def test_options_are_frozen() -> None:
     options = PackOptions(Path("m.onnx"), Path("b.edge"), "m", 1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.version = 2  # type: ignore[misc]  # the assignment under test
+
+
+# --- the sample input (--sample) --------------------------------------------------------
+
+
+def _inputs(*specs: tuple[str, tuple[int | None, ...], str]) -> tuple[TensorInfo, ...]:
+    return tuple(TensorInfo(name, shape, dtype) for name, shape, dtype in specs)
+
+
+def test_sample_layouts_become_the_model_input_names() -> None:
+    one = _inputs(("input", (None, 16), "float32"))
+    x = np.ones((2, 16), np.float64)
+    for arrays in ({"input": x}, {"x": x}, {"x.input": x}, {"input": x, "y": np.zeros(2, np.int64)}):
+        sample = canonical_sample(arrays, one)
+        assert list(sample) == ["input"] and sample["input"].dtype == np.float32
+    two = _inputs(("input_ids", (None, None), "int64"), ("attention_mask", (None, None), "int64"))
+    ids = np.ones((1, 7), np.int32)
+    sample = canonical_sample({"x.attention_mask": ids, "x.input_ids": ids}, two)
+    assert list(sample) == ["input_ids", "attention_mask"] and sample["input_ids"].dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.ones((2, 15), np.float32)}, r"'input' expects shape \[\?, 16\] .* the sample has \[2, 15\]"),
+        ({"x": np.ones((2, 2, 16), np.float32)}, r"'input' expects shape \[\?, 16\]"),
+        ({"x": np.ones((2, 16), np.float32), "x.other": np.ones((2, 16))}, r"has both|no input named other"),
+        ({"x.other": np.ones((2, 16), np.float32)}, r"no input named other; missing x.input"),
+        ({"pixels": np.ones((2, 16), np.float32)}, r"no array for model input 'input' \(the sample has \['pixels'\]"),
+    ],
+)
+def test_sample_that_does_not_fit_is_refused_naming_the_input(arrays: dict[str, np.ndarray], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        canonical_sample(arrays, _inputs(("input", (None, 16), "float32")), "s.npz")
+
+
+def test_sample_dtype_must_keep_its_kind() -> None:
+    ids = _inputs(("input_ids", (None, 8), "int64"))
+    with pytest.raises(ConfigError, match=r"'input_ids' expects int64, the sample has float32"):
+        canonical_sample({"x": np.ones((1, 8), np.float32)}, ids)
+    with pytest.raises(ConfigError, match=r"one array 'x', but the model takes 2 inputs"):
+        canonical_sample({"x": np.ones((1, 8))}, (*ids, TensorInfo("mask", (None, 8), "int64")))
+
+
+def test_pack_stores_the_canonical_sample_and_refuses_a_wrong_one(
+    ring: KeyRing, tiny: TinyModel, tmp_path: Path
+) -> None:
+    eval_layout = tmp_path / "eval.npz"
+    np.savez(eval_layout, x=np.ones((3, 16), np.float64), y=np.zeros(3, np.int64))
+    out = tmp_path / "t.edge"
+    pack_model(PackOptions(tiny.path, out, "t", 1, sample=eval_layout), ring, NOW)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    verify_bundle(out, ring.root.trusted("bundles"), NOW, extract_to=staged)
+    with np.load(staged / "sample_input.npz") as npz:
+        assert npz.files == ["input"] and npz["input"].dtype == np.float32 and npz["input"].shape == (3, 16)
+
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, input=np.ones((3, 4), np.float32))
+    with pytest.raises(ConfigError, match=r"'input' expects shape \[\?, 16\]"):
+        pack_model(PackOptions(tiny.path, tmp_path / "w.edge", "t", 2, sample=wrong), ring, NOW)
+    assert not (tmp_path / "w.edge").exists()
+    with pytest.raises(ConfigError, match=r"no such file"):
+        pack_model(PackOptions(tiny.path, tmp_path / "w.edge", "t", 2, sample=tmp_path / "none.npz"), ring, NOW)
+
+
+def test_verify_refuses_a_bundled_sample_the_device_could_not_feed(
+    ring: KeyRing, tiny: TinyModel, tmp_path: Path
+) -> None:
+    # A bundle packed without the check (e.g. by an older edgectl): its sample is keyed "x".
+    x_layout = tmp_path / "x.npz"
+    np.savez(x_layout, x=np.ones((1, 16), np.float32))
+    out = tmp_path / "old.edge"
+    spec = BundleSpec(
+        "old", 1, "onnxruntime", tiny.path, "fp32", (TensorInfo("input", (None, 16), "float32"),), x_layout
+    )
+    pack_bundle(spec, ring.role_keys("bundles"), out, NOW)
+    with pytest.raises(ManifestError, match=r"sample: sample_input.npz has no array named 'input'"):
+        check_bundle(out, ring, NOW)
+
+    bad_shape = tmp_path / "bad.npz"
+    np.savez(bad_shape, input=np.ones((1, 3), np.float32))
+    pack_bundle(dataclasses.replace(spec, version=2, sample_input=bad_shape), ring.role_keys("bundles"), out, NOW)
+    with pytest.raises(ManifestError, match=r"sample: sample_input.npz: input 'input' expects shape"):
+        check_bundle(out, ring, NOW)
