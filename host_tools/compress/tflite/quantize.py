@@ -522,8 +522,9 @@ def compress_tflite(
             value=mode,
         )
     if TFLITE_RECIPES[recipe] and calibration is None:
-        raise CompressionError(
-            f"{key} for a .tflite model needs calibration data (--calib), or choose --quantize int8-dynamic"
+        raise ConfigError(
+            f"{key} for a .tflite model needs calibration data (--calib), or choose --quantize int8-dynamic",
+            key="calib",
         )
     quantized = quantize_tflite(
         model, recipe, calibration=None if calibration is None else calibration.array("tflite calibration")

@@ -139,8 +139,11 @@ def test_cli_compress_dispatches_tflite_models(tmp_path, fc) -> None:
     text = CliRunner().invoke(cli, [*base, "--quantize", "int8-dynamic"])
     assert text.exit_code == 0, text.output
     assert "int8-dynamic (dynamic_wi8_afp32)" in text.stdout and "smaller; wrote" in text.stdout
-    no_calib = CliRunner().invoke(cli, [*base])
-    assert no_calib.exit_code == 6 and "--calib" in no_calib.output
+    # without data the default is int8-dynamic; int8-static without --calib is refused before any work
+    bare = CliRunner().invoke(cli, [*base])
+    assert bare.exit_code == 0 and "int8-dynamic" in bare.output, bare.output
+    no_calib = CliRunner().invoke(cli, [*base, "--quantize", "int8-static"])
+    assert no_calib.exit_code == 2 and "--calib" in no_calib.output, no_calib.output
     mixed = CliRunner().invoke(cli, [*base, "--quantize", "int8-dynamic", "--prune", "magnitude:0.5"])
     assert mixed.exit_code == 2 and "--prune" in mixed.output
     cosine = CliRunner().invoke(
