@@ -18,6 +18,12 @@ signed by keys its root authorises, addressed to it, unexpired and never seen be
 Ahead of each command the host sends its chain of signed roots; a device applies the
 versions it lacks, so a key rotation reaches it before the first command that needs it.
 
+The signed deploy command carries the manifest's facts (:class:`~edge_sdk.protocol.BundleFacts`:
+runtime, expiry, content digest, unpacked size, target), so the device refuses a bundle it
+cannot take before any chunk moves. :func:`deploy_and_record` checks first what the host
+already knows from the registry (:func:`check_known_device`): a device that lacks the
+runtime, or already runs this version or a newer one, is refused before anything is sent.
+
 Timeouts are on by default: a device that never answers raises
 :class:`~edge_sdk.errors.DeviceTimeoutError`; a refusal is returned as the device's own
 error type rebuilt from its code.
@@ -35,12 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from edge_sdk.bundle import Manifest, file_sha256
+from edge_sdk.bundle import Manifest, content_digest, file_sha256
+from edge_sdk.bundle.admission import runtime_available
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
-from edge_sdk.errors import ConfigError, DeviceTimeoutError, EdgeError
+from edge_sdk.errors import ConfigError, DeviceTimeoutError, EdgeError, RollbackError, TargetMismatchError
 from edge_sdk.mqtt import MqttClient, PublishHandle
 from edge_sdk.protocol import (
     BenchmarkSpec,
+    BundleFacts,
     DeployCommand,
     DeviceTopics,
     Event,
@@ -58,13 +66,15 @@ from edge_sdk.protocol import (
 from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
-from host_tools.fleet.registry import DeploymentState, Registry
+from host_tools.fleet.registry import DeploymentState, DeviceRecord, Registry
 from host_tools.fleet.router import Router, routed
 
 __all__ = [
     "CommandAuthority",
     "DeployOptions",
     "DeployOutcome",
+    "bundle_facts",
+    "check_known_device",
     "deploy_and_record",
     "deploy_bundle",
     "publish_command",
@@ -329,7 +339,8 @@ def transfer_command(
     Raises:
         BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
     """
-    name, version = claim or _name_version(read_manifest(bundle_path))
+    manifest = None if claim else read_manifest(bundle_path)
+    name, version = claim or _name_version(manifest)  # type: ignore[arg-type]  # read when there is no claim
     digest, size = file_sha256(bundle_path)
     offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
     now = clock()
@@ -342,8 +353,78 @@ def transfer_command(
         options.benchmark,
         action=action,
         rollback=rollback,
+        bundle=None if manifest is None else bundle_facts(manifest),
         **signed_fields(device_id, options.authority, now),  # type: ignore[arg-type]
     )
+
+
+def bundle_facts(manifest: Manifest) -> BundleFacts:
+    """What the signed deploy command tells the device about the bundle, so it can check before the transfer.
+
+    Args:
+        manifest: the bundle's manifest (read, not verified: the device verifies it after
+            receipt and refuses a bundle whose content is not the one named here).
+
+    Returns:
+        Runtime, expiry, content digest, unpacked size and target constraints.
+    """
+    target = manifest.target
+    return BundleFacts(
+        runtime=manifest.runtime,
+        expires_at=manifest.expires_at,
+        content=content_digest(manifest.files),
+        unpacked_bytes=sum(f.size for f in manifest.files),
+        arch=target.arch if target else (),
+        min_memory_bytes=target.min_memory_bytes if target else 0,
+        accelerators=target.accelerators if target else (),
+    )
+
+
+def check_known_device(device: DeviceRecord | None, cmd: DeployCommand) -> None:
+    """Refuse a deploy the registry already shows the device would refuse, before anything is sent.
+
+    Only what the device itself reported is used: the runtimes of its status, and the
+    bundle it runs. A device the registry does not know, or a fact it did not report,
+    is left to the device's own checks.
+
+    Args:
+        device: the registry's record of the target device, or None.
+        cmd: the deploy command about to be signed and sent.
+
+    Raises:
+        TargetMismatchError: the device reported its runtimes, and none runs the bundle's.
+        RollbackError: the device runs this bundle at this version or a newer one, and the
+            command is not an explicit ``rollback``.
+    """
+    if device is None:
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(device.last_seen))
+    seen = f"as device {device.device_id} last reported at {when}"
+    facts = cmd.bundle
+    if facts is not None and facts.runtime and device.runtimes is not None:
+        have = sorted(device.runtimes)
+        if not runtime_available(facts.runtime, have):
+            raise TargetMismatchError(
+                f"{cmd.bundle_name} v{cmd.bundle_version} needs runtime {facts.runtime}, which device "
+                f"{device.device_id} lacks (it has {', '.join(have) or 'none'}, {seen}); nothing was sent",
+                constraint="runtime",
+                required=facts.runtime,
+                actual=have,
+            )
+    active = device.active_bundle
+    if (
+        active is not None
+        and active.name == cmd.bundle_name
+        and active.version >= cmd.bundle_version
+        and not cmd.rollback
+    ):
+        raise RollbackError(
+            f"{cmd.bundle_name} v{cmd.bundle_version} is not newer than v{active.version}, which device "
+            f"{device.device_id} runs ({seen}): the device would refuse it; nothing was sent "
+            f"(deploy --rollback to go back on purpose)",
+            offered=cmd.bundle_version,
+            installed=active.version,
+        )
 
 
 def send_bundle(
@@ -448,11 +529,19 @@ def deploy_and_record(
 ) -> DeployOutcome:
     """:func:`deploy_bundle`, with the deployment and its metrics recorded in the registry.
 
-    A deploy that raises (timeout, broker lost) is recorded as ``failed`` before the error
-    propagates. ``router`` is as for :func:`deploy_bundle`.
+    First :func:`check_known_device` refuses, before anything is sent or recorded, a deploy
+    the registry shows the device would refuse. A deploy that raises (timeout, broker lost)
+    is recorded as ``failed`` before the error propagates. ``router`` is as for
+    :func:`deploy_bundle`.
+
+    Raises:
+        TargetMismatchError, RollbackError: from :func:`check_known_device`.
+        DeviceTimeoutError, TransportError, BundleFormatError, ManifestError, StorageError:
+            as for :func:`deploy_bundle`.
     """
     started = time.monotonic()
     cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback)
+    check_known_device(registry.get_device(device_id), cmd)
     dep_id = registry.record_deployment(
         device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
     )
