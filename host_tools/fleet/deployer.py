@@ -21,8 +21,9 @@ versions it lacks, so a key rotation reaches it before the first command that ne
 The signed deploy command carries the manifest's facts (:class:`~edge_sdk.protocol.BundleFacts`:
 runtime, expiry, content digest, unpacked size, target), so the device refuses a bundle it
 cannot take before any chunk moves. :func:`deploy_and_record` checks first what the host
-already knows from the registry (:func:`check_known_device`): a device that lacks the
-runtime, or already runs this version or a newer one, is refused before anything is sent.
+already knows (:func:`check_known_device`, on the registry brought up to date by the
+device's retained status): a device that lacks the runtime, or already runs this version
+or a newer one, is refused before anything is sent.
 
 Timeouts are on by default: a device that never answers raises
 :class:`~edge_sdk.errors.DeviceTimeoutError`; a refusal is returned as the device's own
@@ -50,6 +51,7 @@ from edge_sdk.protocol import (
     BenchmarkSpec,
     BundleFacts,
     DeployCommand,
+    DeviceStatus,
     DeviceTopics,
     Event,
     EventKind,
@@ -241,12 +243,16 @@ def _deliver(
     progress: Callable[[int, int], None] | None,
     started: float,
     router: Router | None,
+    before_send: Callable[[DeviceStatus | None], None] | None = None,
 ) -> DeployOutcome:
     """Send a built deploy command and its bundle, and wait for the device's outcome.
 
     :func:`deploy_bundle` without reading the bundle's manifest and hash, which ``cmd``
     already carries (so :func:`deploy_and_record` reads them once for both uses).
-    ``started`` is the :func:`time.monotonic` time the deploy began.
+    ``started`` is the :func:`time.monotonic` time the deploy began. ``before_send``, if
+    given, is called once the conversation listens and before anything is published,
+    with the device's status if the broker had one retained (heard within
+    :data:`STATUS_WAIT_S`); it may raise to stop the deploy there.
     """
     with (
         routed(client, router) as live,
@@ -254,7 +260,21 @@ def _deliver(
             live, DeviceTopics(device_id), cmd.command_id, metrics=True, transfer_id=cmd.transfer.transfer_id
         ) as convo,
     ):
+        if before_send is not None:
+            before_send(_status_heard(convo, min(STATUS_WAIT_S, options.accept_timeout_s)))
         return _follow_deploy(client, convo, cmd, bundle_path, options, progress, started)
+
+
+#: How long a deploy listens for the device's retained status before its host-side checks.
+STATUS_WAIT_S = 1.0
+
+
+def _status_heard(convo: Conversation, wait_s: float) -> DeviceStatus | None:
+    """The device's status as the broker retained it, if it arrives within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while convo.last_status is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return convo.last_status
 
 
 def _follow_deploy(
@@ -380,7 +400,7 @@ def bundle_facts(manifest: Manifest) -> BundleFacts:
     )
 
 
-def check_known_device(device: DeviceRecord | None, cmd: DeployCommand) -> None:
+def check_known_device(device: DeviceRecord | None, cmd: DeployCommand, *, versions: bool = True) -> None:
     """Refuse a deploy the registry already shows the device would refuse, before anything is sent.
 
     Only what the device itself reported is used: the runtimes of its status, and the
@@ -390,6 +410,9 @@ def check_known_device(device: DeviceRecord | None, cmd: DeployCommand) -> None:
     Args:
         device: the registry's record of the target device, or None.
         cmd: the deploy command about to be signed and sent.
+        versions: also check the version against the bundle the device runs (only with a
+            record as fresh as the device's retained status: a rollback or remove since
+            changes it).
 
     Raises:
         TargetMismatchError: the device reported its runtimes, and none runs the bundle's.
@@ -413,7 +436,8 @@ def check_known_device(device: DeviceRecord | None, cmd: DeployCommand) -> None:
             )
     active = device.active_bundle
     if (
-        active is not None
+        versions
+        and active is not None
         and active.name == cmd.bundle_name
         and active.version >= cmd.bundle_version
         and not cmd.rollback
@@ -530,7 +554,9 @@ def deploy_and_record(
     """:func:`deploy_bundle`, with the deployment and its metrics recorded in the registry.
 
     First :func:`check_known_device` refuses, before anything is sent or recorded, a deploy
-    the registry shows the device would refuse. A deploy that raises (timeout, broker lost)
+    the registry shows the device would refuse: a runtime it lacks at once, and a version
+    not newer than the one it runs once its retained status (if the broker has one) has
+    brought the registry up to date. A deploy that raises (timeout, broker lost)
     is recorded as ``failed`` before the error propagates. ``router`` is as for
     :func:`deploy_bundle`.
 
@@ -541,15 +567,28 @@ def deploy_and_record(
     """
     started = time.monotonic()
     cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback)
-    check_known_device(registry.get_device(device_id), cmd)
-    dep_id = registry.record_deployment(
-        device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
-    )
+    check_known_device(registry.get_device(device_id), cmd, versions=False)  # before touching the broker
+    recorded: list[int] = []
+
+    def before_send(heard: DeviceStatus | None) -> None:
+        # The retained status is fresher than the registry (a rollback or remove since
+        # changed what runs): record it, then check against the registry's fresh record.
+        if heard is not None:
+            record_message(registry, heard, clock())
+        check_known_device(registry.get_device(device_id), cmd)
+        recorded.append(
+            registry.record_deployment(
+                device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
+            )
+        )
+
     try:
-        outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, router)
+        outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, router, before_send)
     except EdgeError as exc:
-        registry.update_deployment(dep_id, "failed", exc.code, exc.message, finished_at=clock())
+        if recorded:
+            registry.update_deployment(recorded[0], "failed", exc.code, exc.message, finished_at=clock())
         raise
+    dep_id = recorded[0]
     err = outcome.error
     registry.update_deployment(
         dep_id, outcome.state, err.code if err else None, err.message if err else None, finished_at=clock()

@@ -72,6 +72,7 @@ def test_a_device_that_runs_this_version_or_newer_is_refused_by_the_host(bundle:
     assert isinstance(info.value, UntrustedInputError)  # a refusal: exit code 3
     check_known_device(device, _cmd(bundle, rollback=True))  # an explicit signed rollback goes through
     check_known_device(_device(active_bundle=BundleRef("my-cnn", 1)), _cmd(bundle))
+    check_known_device(device, _cmd(bundle), versions=False)  # a record not yet refreshed by the retained status
     check_known_device(_device(active_bundle=BundleRef("other", 9)), _cmd(bundle))
 
 
