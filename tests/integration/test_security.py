@@ -176,15 +176,16 @@ def test_rollback_and_remove_are_explicit_signed_commands(host, tiny_model, mosq
     assert wrong.code == EXIT_UNTRUSTED and "keeps v1" in wrong.stderr and _active(agent) == 2
     back = host.run("rollback", "--device", dev, "--name", "tiny", "--version", "1", "--broker", url, "--json")
     assert back.code == 0, back.stderr
-    assert _active(agent) == 1 and agent.state()["bundles"]["tiny"]["highest"] == 2
+    assert _active(agent) == 1 and agent.state()["bundles"]["tiny"]["floor"] == {"version": 1, "reason": "rollback"}
 
-    # Going back is not an invitation to go forward again to a version the device left.
-    again = _deploy(host, v2, url, dev)
+    # The signed rollback reset the floor: v1 again is not newer, but v2 (the content that ran) deploys again.
+    again = _deploy(host, v1, url, dev)
     assert again.code == EXIT_UNTRUSTED and again.json()["error"]["code"] == "rollback" and _active(agent) == 1
+    assert _deploy(host, v2, url, dev).code == 0 and _active(agent) == 2
 
     gone = host.run("remove", "--device", dev, "--name", "tiny", "--broker", url)
     assert gone.code == 0, gone.stderr
-    assert _active(agent) is None and agent.state()["bundles"]["tiny"]["highest"] == 2
+    assert _active(agent) is None and agent.state()["bundles"]["tiny"]["floor"] == {"version": 2, "reason": "removed"}
     assert not (agent.data_dir / "slots" / "tiny").exists()
 
     old = _deploy(host, v1, url, dev)  # rollback protection outlives the removal ...
