@@ -571,8 +571,6 @@ class Installer:
         entry.pop("pending", None)
         if signed and entry["active"] is not None:
             entry["floor"] = {"version": int(entry["active"]["version"]), "reason": "rollback"}
-        if entry["active"] is None and not entry.get("floor") and not entry.get("ran"):
-            del state["bundles"][name]  # nothing ran: nothing to remember
         self._write_state(state)
         if failed:
             _remove(self._slot_dir(name, int(failed["version"])))
