@@ -45,7 +45,14 @@ from typing import Any, BinaryIO
 from edge_sdk.bundle import Manifest, content_digest, file_sha256
 from edge_sdk.bundle.admission import runtime_available
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
-from edge_sdk.errors import ConfigError, DeviceTimeoutError, EdgeError, RollbackError, TargetMismatchError
+from edge_sdk.errors import (
+    ConfigError,
+    DeviceTimeoutError,
+    EdgeError,
+    RollbackError,
+    TargetMismatchError,
+    UntrustedInputError,
+)
 from edge_sdk.mqtt import MqttClient, PublishHandle
 from edge_sdk.protocol import (
     BenchmarkSpec,
@@ -170,7 +177,8 @@ class DeployOutcome:
         device_id, bundle_name, bundle_version, sha256, transfer_id: what was sent where.
         state: ``installed``, ``deferred`` (the device's update gate said "not now"; it
             keeps the bundle and installs it later by itself), ``refused`` or ``failed``.
-        error: the device's error when refused or failed.
+        error: the device's error when refused or failed (or the host's, when it refused
+            before sending: ``detail`` then says ``{"refused_by": "host", "sent": False}``).
         detail: what the device said with its last event (e.g. the gate's reason).
         metrics: the device's report after installing.
         checks: the device's list of verification checks that passed.
@@ -400,6 +408,14 @@ def bundle_facts(manifest: Manifest) -> BundleFacts:
     )
 
 
+class _HostRefusal(Exception):
+    """Carries a :func:`check_known_device` refusal out of the conversation, to become an outcome."""
+
+    def __init__(self, error: UntrustedInputError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 def check_known_device(device: DeviceRecord | None, cmd: DeployCommand, *, versions: bool = True) -> None:
     """Refuse a deploy the registry already shows the device would refuse, before anything is sent.
 
@@ -553,37 +569,62 @@ def deploy_and_record(
 ) -> DeployOutcome:
     """:func:`deploy_bundle`, with the deployment and its metrics recorded in the registry.
 
-    First :func:`check_known_device` refuses, before anything is sent or recorded, a deploy
-    the registry shows the device would refuse: a runtime it lacks at once, and a version
-    not newer than the one it runs once its retained status (if the broker has one) has
-    brought the registry up to date. A deploy that raises (timeout, broker lost)
-    is recorded as ``failed`` before the error propagates. ``router`` is as for
-    :func:`deploy_bundle`.
+    First :func:`check_known_device` refuses, before anything is sent, a deploy the
+    registry shows the device would refuse: a runtime it lacks at once, and a version not
+    newer than the one it runs once its retained status (if the broker has one) has
+    brought the registry up to date. Such a refusal is an outcome like the device's own
+    (``refused``, recorded, ``detail`` ``{"refused_by": "host", "sent": False}``). A deploy
+    that raises (timeout, broker lost) is recorded as ``failed`` before the error
+    propagates. ``router`` is as for :func:`deploy_bundle`.
 
     Raises:
-        TargetMismatchError, RollbackError: from :func:`check_known_device`.
         DeviceTimeoutError, TransportError, BundleFormatError, ManifestError, StorageError:
             as for :func:`deploy_bundle`.
     """
     started = time.monotonic()
     cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback)
-    check_known_device(registry.get_device(device_id), cmd, versions=False)  # before touching the broker
     recorded: list[int] = []
+
+    def record() -> int:
+        recorded.append(
+            registry.record_deployment(
+                device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
+            )
+        )
+        return recorded[-1]
 
     def before_send(heard: DeviceStatus | None) -> None:
         # The retained status is fresher than the registry (a rollback or remove since
         # changed what runs): record it, then check against the registry's fresh record.
         if heard is not None:
             record_message(registry, heard, clock())
-        check_known_device(registry.get_device(device_id), cmd)
-        recorded.append(
-            registry.record_deployment(
-                device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
-            )
-        )
+        try:
+            check_known_device(registry.get_device(device_id), cmd)
+        except UntrustedInputError as exc:
+            raise _HostRefusal(exc) from exc
+        record()
 
     try:
+        try:
+            check_known_device(registry.get_device(device_id), cmd, versions=False)  # before touching the broker
+        except UntrustedInputError as exc:
+            raise _HostRefusal(exc) from exc
         outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, router, before_send)
+    except _HostRefusal as stop:
+        refusal = stop.error
+        registry.update_deployment(record(), "refused", refusal.code, refusal.message, finished_at=clock())
+        log.info("refused %s v%s for %s before sending: %s", cmd.bundle_name, cmd.bundle_version, device_id, refusal)
+        return DeployOutcome(
+            device_id,
+            cmd.bundle_name,
+            cmd.bundle_version,
+            cmd.transfer.sha256,
+            cmd.transfer.transfer_id,
+            "refused",
+            error=refusal,
+            seconds=time.monotonic() - started,
+            detail={"refused_by": "host", "sent": False},
+        )
     except EdgeError as exc:
         if recorded:
             registry.update_deployment(recorded[0], "failed", exc.code, exc.message, finished_at=clock())

@@ -233,7 +233,8 @@ def test_key_rotation_and_revocation_reach_the_device(host, tiny_model, mosquitt
 
     revoked = _deploy(host, signed_by_old_key, url, dev, "--rollback")  # valid signature, revoked key
     assert revoked.code == EXIT_UNTRUSTED and revoked.json()["error"]["code"] == "untrusted_key"
-    stale = _deploy(host, v3, url, dev, home=stale_home)  # old command key: the device no longer obeys it
+    v4 = _pack(host, tiny_model, tmp_path / "v4.edge", 4)  # newer than v3, so only the command key is wrong
+    stale = _deploy(host, v4, url, dev, home=stale_home)  # old command key: the device no longer obeys it
     assert stale.code == EXIT_UNTRUSTED and stale.json()["error"]["code"] == "untrusted_key"
     assert _active(agent) == 3
 

@@ -83,6 +83,8 @@ def test_deploy_refuses_before_sending_or_recording_anything(bundle: Path, tmp_p
 
     with open_registry(tmp_path / "registry.db") as registry:
         registry.upsert_device(_device(runtimes={"onnxruntime": "1.20"}))
-        with pytest.raises(TargetMismatchError):
-            deploy_and_record(NoBroker(), registry, "pi-01", bundle)  # type: ignore[arg-type]
-        assert registry.list_deployments("pi-01") == []
+        outcome = deploy_and_record(NoBroker(), registry, "pi-01", bundle)  # type: ignore[arg-type]
+        assert outcome.state == "refused" and isinstance(outcome.error, TargetMismatchError)
+        assert outcome.detail == {"refused_by": "host", "sent": False} and outcome.metrics is None
+        (recorded,) = registry.list_deployments("pi-01")
+        assert (recorded.state, recorded.error_code) == ("refused", "target_mismatch")
