@@ -16,7 +16,10 @@ The parts, one job each::
 
 Lifecycle of a deploy::
 
-    deploy cmd  -> ACCEPTED (missing chunks)      staging file reserved at its declared size
+    deploy cmd  -> REFUSED at once                what the signed offer allows is checked first
+                                                  (version vs floor, runtime, expiry, target, storage):
+                                                  no chunk moves, no staging file is reserved
+                -> ACCEPTED (missing chunks)      staging file reserved at its declared size
     chunks      -> written at their offsets       size and count enforced per chunk
     complete    -> RECEIVED                       whole-file sha256 checked against the offer
                 -> the install sequence (device_agent.install)
@@ -345,6 +348,13 @@ class Agent:
     # --- receiving ------------------------------------------------------------------
 
     def _on_deploy(self, cmd: DeployCommand) -> None:
+        try:
+            if self.receiving.command(cmd.transfer.transfer_id) is None:  # a resumed transfer was checked already
+                self.installs.precheck(cmd)
+        except (UntrustedInputError, StorageError) as exc:
+            log.warning("refused offer of %s v%s before transfer: %s", cmd.bundle_name, cmd.bundle_version, exc.message)
+            self.reporter.event(EventKind.REFUSED, cmd=cmd, error=exc)
+            return
         try:
             missing = self.receiving.begin(cmd, self.monotonic())
         except StorageError as exc:

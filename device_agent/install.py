@@ -2,6 +2,9 @@
 
 ::
 
+    deploy offer    precheck   every check the signed offer allows, before any chunk moves:
+                               version vs floor and content, expiry, runtime, target, storage
+                               (edge_sdk.bundle.admission) -> REFUSED at once, nothing reserved
     received        RECEIVED event                      (whole file, hash checked: device_agent.receiving)
     action profile  -> verify into scratch, benchmark, metrics (not retained), PROFILED, scratch removed
     gate closed     -> DEFERRED (reason); bundle kept under deferred/, the gate asked again every
@@ -21,6 +24,7 @@ Rollback and remove commands, which also change what runs, are here too.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +37,8 @@ from device_agent.platform import PlatformInfo
 from device_agent.receiving import ReceivedBundle
 from device_agent.reporter import Reporter
 from device_agent.trust_store import TrustStore
-from edge_sdk.bundle import DeviceFacts, Expected, Manifest
+from edge_sdk.bundle import DeviceFacts, Expected, Manifest, Target
+from edge_sdk.bundle.admission import OfferedBundle, check_offer
 from edge_sdk.errors import (
     EdgeError,
     HealthCheckError,
@@ -53,6 +58,7 @@ from edge_sdk.protocol import (
     decode,
     encode,
 )
+from edge_sdk.runtime import available_runtimes
 
 if TYPE_CHECKING:  # numpy and the runtimes are imported only when a model is profiled
     from device_agent.profiler import Profile
@@ -78,6 +84,8 @@ class InstallSequence:
         monotonic: monotonic seconds (when to ask the gate again).
         checkpoint: called with ``received``, ``profiled`` and ``reported`` as they are reached
             (the ``debug_crash_at`` option).
+        free_bytes: free bytes on the file system of a directory (the storage pre-check);
+            injectable for tests.
     """
 
     def __init__(
@@ -92,8 +100,10 @@ class InstallSequence:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         checkpoint: Callable[[str], None] = lambda _point: None,
+        free_bytes: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
     ) -> None:
         self.config = config
+        self.free_bytes = free_bytes
         self.installer = installer
         self.trust = trust
         self.reporter = reporter
@@ -105,6 +115,51 @@ class InstallSequence:
         self.checkpoint = checkpoint
         self.codec_limits = CodecLimits()
         self.next_gate_check = 0.0
+
+    # --- an offered bundle, before any chunk ---------------------------------------------
+
+    def precheck(self, cmd: DeployCommand) -> tuple[str, ...]:
+        """Every check the signed deploy command lets this device run before any chunk moves.
+
+        Always: the root of trust is current, and (for an install) the version is above the
+        floor. With the offer's manifest facts (``cmd.bundle``, from hosts that send them):
+        the content a version ran with, expiry, runtime, target, and storage for the
+        download plus its unpacked payload. Without them the rest is checked after receipt,
+        as before. Nothing is written.
+
+        Returns:
+            One line per check that passed.
+
+        Raises:
+            UntrustedInputError: a check failed (RollbackError, ExpiredError, TargetMismatchError...).
+            StorageError: the download and its unpacked payload would not fit.
+        """
+        self.trust.root.check_not_expired(self.clock())
+        facts = cmd.bundle
+        offer = OfferedBundle(cmd.bundle_name, cmd.bundle_version, cmd.transfer.size, rollback=cmd.rollback)
+        free = None
+        if facts is not None:
+            target = None
+            if facts.arch or facts.min_memory_bytes or facts.accelerators:
+                target = Target(facts.arch, facts.min_memory_bytes, facts.accelerators)
+            offer = OfferedBundle(
+                cmd.bundle_name,
+                cmd.bundle_version,
+                cmd.transfer.size,
+                runtime=facts.runtime,
+                expires_at=facts.expires_at,
+                content=facts.content,
+                unpacked_bytes=facts.unpacked_bytes,
+                target=target,
+                rollback=cmd.rollback,
+            )
+            data_dir = self.installer.data_dir
+            try:
+                free = (self.free_bytes(data_dir), str(data_dir))
+            except OSError as exc:
+                raise StorageError(f"cannot read the free space of {data_dir}: {exc.strerror}") from exc
+        history = self.installer.history(cmd.bundle_name) if cmd.action == "install" else None
+        return check_offer(offer, history, self._device_facts(), set(available_runtimes()), self.clock(), free)
 
     # --- a received bundle ------------------------------------------------------------
 
@@ -208,11 +263,15 @@ class InstallSequence:
     def _checks(self, cmd: DeployCommand) -> BundleChecks:
         """What a bundle is verified against: the current root, this device, the signed command."""
         self.trust.root.check_not_expired(self.clock())
+        content = cmd.bundle.content if cmd.bundle is not None and cmd.bundle.content else None
         return BundleChecks(
             trusted=self.trust.root.trusted("bundles"),
-            device=DeviceFacts(self.platform.arch, self.platform.memory_bytes, frozenset(self.config.accelerators)),
-            expect=Expected(cmd.bundle_name, cmd.bundle_version, rollback=cmd.rollback),
+            device=self._device_facts(),
+            expect=Expected(cmd.bundle_name, cmd.bundle_version, rollback=cmd.rollback, content=content),
         )
+
+    def _device_facts(self) -> DeviceFacts:
+        return DeviceFacts(self.platform.arch, self.platform.memory_bytes, frozenset(self.config.accelerators))
 
     def _profile(self, manifest: Manifest, payload: Path, cmd: DeployCommand) -> tuple[Profile, ExecutionChoice | None]:
         """Health-check and benchmark the bundle unpacked in ``payload``.
@@ -336,7 +395,7 @@ class InstallSequence:
             )
             self.reporter.event(EventKind.REFUSED, cmd=cmd, error=err)
             return
-        restored = self.installer.rollback(cmd.bundle_name)
+        restored = self.installer.rollback(cmd.bundle_name, signed=True)
         self.reporter.publish_status()
         self.reporter.event(
             EventKind.DONE,

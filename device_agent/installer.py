@@ -2,7 +2,8 @@
 
 Layout under the agent's data directory::
 
-    state.json                    which slot of each bundle is active, and the previous one
+    state.json                    per bundle name: the active slot, the previous one, the floor,
+                                  and the versions that ran with their content digest
     slots/<name>/v<version>/      verified payload files of one bundle version
     staging/<transfer_id>.part    bytes of a transfer being received
     deferred/<transfer_id>.*      received bundles the update gate held back (kept across restarts)
@@ -21,6 +22,21 @@ finds a pending version at start (power cut, ``kill -9``, or a runtime that cras
 process during the health check) rolls it back with :meth:`Installer.roll_back_pending`:
 a version that never proved itself never stays active, and a model that crashes the
 agent cannot put it in a restart loop.
+
+Rollback protection keeps, per bundle name, a *floor* and the versions that *ran*
+(the rule is :mod:`edge_sdk.bundle.admission`'s). A signed deploy must exceed the
+floor: the version the device runs, or last ran, after every signed rollback or
+remove, not the highest version ever seen. :meth:`Installer.confirm` makes the
+confirmed version the floor and records its content digest; :meth:`Installer.rollback`
+with ``signed=True`` (the operator's rollback command) makes the restored version the
+floor; :meth:`Installer.remove` keeps the removed version as the floor. A version that
+never passed its health check (rolled back for a failed check, a missing runtime, a
+model that does not load, or an interrupted install) leaves the floor and the record
+untouched, so a corrected bundle of the same number installs. The versions that ran are
+kept with their content digest (the :data:`~edge_sdk.bundle.admission.MAX_RAN_VERSIONS`
+highest), so a different bundle under a number that already ran is refused.
+``state.json`` of schema 1 (which kept only the highest version accepted) is migrated
+in place at start.
 """
 
 from __future__ import annotations
@@ -36,15 +52,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.bundle import BundleLimits, DeviceFacts, Expected, Manifest, VerifiedBundle, verify_bundle
+from edge_sdk.bundle import (
+    BundleLimits,
+    DeviceFacts,
+    Expected,
+    Manifest,
+    VerifiedBundle,
+    VersionHistory,
+    content_digest,
+    verify_bundle,
+)
+from edge_sdk.bundle.admission import MAX_RAN_VERSIONS
 from edge_sdk.durable import atomic_write_bytes, fsync_dir, fsync_tree, read_json
-from edge_sdk.errors import StorageError
+from edge_sdk.errors import EdgeError, StorageError
 from edge_sdk.trust import TrustedKeys
 
 __all__ = ["ActiveBundle", "BundleChecks", "Installer", "PendingRollback", "StagedBundle"]
 
 log = logging.getLogger(__name__)
-_STATE_SCHEMA = 1
+_STATE_SCHEMA = 2
 #: File in a slot that records the execution chosen at install (sparse bundles).
 EXECUTION_FILE = "execution.json"
 _MAX_EXECUTION_BYTES = 64 * 1024
@@ -168,14 +194,64 @@ class Installer:
     # --- state ----------------------------------------------------------------------
 
     def _load_state(self) -> dict[str, Any]:
-        state = read_json(self.state_path, {"schema": _STATE_SCHEMA, "bundles": {}})
+        state: Any = read_json(self.state_path, {"schema": _STATE_SCHEMA, "bundles": {}})
         if (
             not isinstance(state, dict)
-            or state.get("schema") != _STATE_SCHEMA
+            or state.get("schema") not in (1, _STATE_SCHEMA)
             or not isinstance(state.get("bundles"), dict)
         ):
             raise StorageError(f"{self.state_path} is corrupt: unknown layout")
-        return state
+        if state["schema"] == 1:
+            state = self._migrate_v1(state)
+            self._write_state(state)
+            log.info("migrated %s to schema %d (floors and versions that ran)", self.state_path, _STATE_SCHEMA)
+        loaded: dict[str, Any] = state
+        return loaded
+
+    def _migrate_v1(self, old: dict[str, Any]) -> dict[str, Any]:
+        """Schema 1 kept ``highest`` (every version ever activated); schema 2 keeps a floor and what ran.
+
+        A confirmed active version becomes the floor; an unconfirmed one (rolled back
+        at start) leaves its predecessor as the floor; with nothing active, the old
+        ``highest`` stays the floor (``floor_reason`` ``highest``). The content digest
+        of every kept slot that ran is read from its manifest.
+        """
+        bundles: dict[str, Any] = {}
+        entry: Any
+        for name, entry in old["bundles"].items():
+            if not isinstance(entry, dict):
+                raise StorageError(f"{self.state_path} is corrupt: entry {name!r} is not an object")
+            new: dict[str, Any] = {k: entry.get(k) for k in ("active", "previous")}
+            if "pending" in entry:
+                new["pending"] = entry["pending"]
+            ran_versions = [int(new[k]["version"]) for k in ("active", "previous") if new.get(k)]
+            if "pending" in entry and new.get("active"):
+                ran_versions.remove(int(new["active"]["version"]))
+            floor: int | None = None
+            reason = "ran"
+            if new.get("active") and "pending" not in entry:
+                floor = int(new["active"]["version"])
+            elif new.get("previous"):
+                floor = int(new["previous"]["version"])
+            elif entry.get("highest"):
+                floor, reason = int(entry["highest"]), "highest"
+            new["floor"] = None if floor is None else {"version": floor, "reason": reason}
+            ran = {}
+            for version in ran_versions:
+                manifest = self._slot_manifest(name, version)
+                if manifest is not None:
+                    ran[str(version)] = content_digest(manifest.files)
+            new["ran"] = ran
+            bundles[name] = new
+        return {"schema": _STATE_SCHEMA, "bundles": bundles}
+
+    def _slot_manifest(self, name: str, version: int) -> Manifest | None:
+        """The manifest kept in a slot, or None if it cannot be read."""
+        try:
+            raw = (self._slot_dir(name, version) / "manifest.json").read_bytes()
+            return Manifest.from_bytes(raw, self.limits.max_manifest_bytes)
+        except (OSError, EdgeError):
+            return None
 
     def _write_state(self, state: dict[str, Any]) -> None:
         atomic_write_bytes(self.state_path, json.dumps(state, sort_keys=True, indent=1).encode())
@@ -206,9 +282,19 @@ class Installer:
         return [a for n in sorted(self._state["bundles"]) if (a := self.active(n)) is not None]
 
     def accepted_version(self, name: str) -> int | None:
-        """Highest version of ``name`` ever activated here (rollback protection)."""
-        entry = self._state["bundles"].get(name)
-        return None if entry is None else entry.get("highest")
+        """The floor of ``name``: a signed deploy must offer a newer version (None: no floor)."""
+        return self.history(name).floor
+
+    def history(self, name: str) -> VersionHistory:
+        """What rollback protection knows of ``name``: installed version, floor and why, versions that ran."""
+        entry = self._state["bundles"].get(name) or {}
+        active, floor = entry.get("active"), entry.get("floor")
+        return VersionHistory(
+            installed=int(active["version"]) if active else None,
+            floor=int(floor["version"]) if floor else None,
+            floor_reason=str(floor.get("reason", "ran")) if floor else "ran",
+            ran={int(v): str(d) for v, d in (entry.get("ran") or {}).items()},
+        )
 
     # --- recovery -------------------------------------------------------------------
 
@@ -307,7 +393,7 @@ class Installer:
                 bundle_path,
                 checks.trusted or self.trusted,
                 now,
-                installed_version=self.accepted_version,
+                installed_version=self.history,
                 limits=self.limits,
                 extract_to=scratch / "payload",
                 device=checks.device,
@@ -399,7 +485,8 @@ class Installer:
         old = entry.get("active")
         entry["previous"] = old
         entry["active"] = {"version": m.version}
-        entry["highest"] = max(m.version, entry.get("highest") or 0)
+        entry.setdefault("floor", None)
+        entry.setdefault("ran", {})
         entry["pending"] = {"command_id": command_id}
         self._write_state(state)
         log.info("activated %s v%s (pending its health check)", m.name, m.version)
@@ -408,12 +495,25 @@ class Installer:
         return self._load_active(m.name, "previous")
 
     def confirm(self, name: str) -> None:
-        """Clear the pending mark: the active version of ``name`` passed its health check."""
+        """Clear the pending mark: the active version of ``name`` passed its health check.
+
+        It becomes the floor, and is recorded as having run with its content digest.
+        """
         entry = self._state["bundles"].get(name)
         if entry is None or "pending" not in entry:
             return
         state = json.loads(json.dumps(self._state))
-        del state["bundles"][name]["pending"]
+        new = state["bundles"][name]
+        del new["pending"]
+        if new.get("active"):
+            version = int(new["active"]["version"])
+            new["floor"] = {"version": version, "reason": "ran"}
+            manifest = self._slot_manifest(name, version)
+            if manifest is not None:
+                ran = dict(new.get("ran") or {})
+                ran[str(version)] = content_digest(manifest.files)
+                kept = sorted(ran, key=int)[-MAX_RAN_VERSIONS:]
+                new["ran"] = {v: ran[v] for v in kept}
         self._write_state(state)
         log.info("confirmed %s v%s", name, entry["active"]["version"] if entry.get("active") else None)
         self.checkpoint("confirmed")
@@ -449,8 +549,14 @@ class Installer:
             done.append(PendingRollback(name, version, command_id, restored.version if restored else None))
         return done
 
-    def rollback(self, name: str) -> ActiveBundle | None:
+    def rollback(self, name: str, *, signed: bool = False) -> ActiveBundle | None:
         """Make the previous version active again (the failed one is dropped).
+
+        Args:
+            name: the bundle name.
+            signed: an operator's signed rollback command asked for it: the restored
+                version becomes the floor. Otherwise (a failed health check, an interrupted
+                install) the floor stays what it was: the dropped version never ran.
 
         Returns:
             The bundle now active, or None if there was no previous version.
@@ -463,11 +569,8 @@ class Installer:
         entry["active"] = entry.get("previous")
         entry["previous"] = None
         entry.pop("pending", None)
-        if entry["active"] is None:
-            del state["bundles"][name]
-            if entry.get("highest"):
-                # Keep rollback protection even when nothing remains active.
-                state["bundles"][name] = {"active": None, "previous": None, "highest": entry["highest"]}
+        if signed and entry["active"] is not None:
+            entry["floor"] = {"version": int(entry["active"]["version"]), "reason": "rollback"}
         self._write_state(state)
         if failed:
             _remove(self._slot_dir(name, int(failed["version"])))
@@ -475,7 +578,7 @@ class Installer:
         return self.active(name)
 
     def remove(self, name: str) -> int | None:
-        """Stop running ``name`` and delete its slots; its highest version stays on record.
+        """Stop running ``name`` and delete its slots; the removed version stays the floor.
 
         Returns:
             The version that was active, or None if nothing of that name was installed.
@@ -485,7 +588,12 @@ class Installer:
         if entry is None or not entry.get("active"):
             return None
         removed = int(entry["active"]["version"])
-        state["bundles"][name] = {"active": None, "previous": None, "highest": entry.get("highest") or removed}
+        state["bundles"][name] = {
+            "active": None,
+            "previous": None,
+            "floor": {"version": removed, "reason": "removed"},
+            "ran": entry.get("ran") or {},
+        }
         self._write_state(state)
         _remove(self.slots_dir / name)
         log.info("removed %s (was v%s)", name, removed)

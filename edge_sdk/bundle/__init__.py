@@ -9,10 +9,12 @@ the specific :class:`~edge_sdk.errors.UntrustedInputError` for the first check t
 2. signatures over the manifest bytes, by keys the caller trusts, up to the threshold;
 3. manifest content (schema, fields, safe paths);
 4. expiry against the caller's clock (freeze protection);
-5. the signed command's expectation: same name and version (when the caller has one);
+5. the signed command's expectation: same name and version, and the same content when
+   the command's offer names it (when the caller has one);
 6. target constraints against the device's facts (architecture, memory, accelerators);
-7. version newer than the one installed (rollback protection), unless the signed command
-   explicitly names this older version as a rollback;
+7. version newer than the floor (rollback protection, :mod:`edge_sdk.bundle.admission`),
+   unless the signed command explicitly names this older version as a rollback; and never
+   other content under a version number that already ran on the device;
 8. payload set equals the manifest's file list (mix-and-match protection);
 9. every file's size and sha256, read with the declared size as a hard bound.
 """
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_sdk.bundle.admission import VersionHistory, check_version, content_digest
 from edge_sdk.bundle.archive import BundleLimits, BundleReader, write_bundle
 from edge_sdk.bundle.manifest import (
     DeviceFacts,
@@ -67,7 +70,9 @@ __all__ = [
     "Target",
     "TensorInfo",
     "VerifiedBundle",
+    "VersionHistory",
     "canonical_json",
+    "content_digest",
     "file_sha256",
     "pack_bundle",
     "verify_bundle",
@@ -192,12 +197,15 @@ class Expected:
     Attributes:
         name, version: the bundle the command names.
         rollback: the command explicitly allows installing this version even though it
-            is not newer than the one accepted before.
+            is not newer than the floor.
+        content: the :func:`~edge_sdk.bundle.admission.content_digest` the command's offer
+            names, or None when it names none (older hosts).
     """
 
     name: str
     version: int
     rollback: bool = False
+    content: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,7 +228,7 @@ def verify_bundle(
     trusted: TrustedKeys,
     now: float,
     *,
-    installed_version: int | Callable[[str], int | None] | None = None,
+    installed_version: int | VersionHistory | Callable[[str], int | VersionHistory | None] | None = None,
     limits: BundleLimits = _DEFAULT_LIMITS,
     extract_to: Path | None = None,
     device: DeviceFacts | None = None,
@@ -232,9 +240,11 @@ def verify_bundle(
         path: bundle file.
         trusted: keys that may sign bundles, and the threshold.
         now: current time (unix seconds), injected.
-        installed_version: version of the same bundle name already accepted, if any; or a
-            lookup from bundle name to that version, consulted only once the manifest's
-            signature has verified (so the name it is asked about is authentic).
+        installed_version: the version of the same bundle name installed, if any (it is
+            then the floor); or the device's :class:`VersionHistory` of that name (floor,
+            installed version, versions that ran with their content); or a lookup from
+            bundle name to either, consulted only once the manifest's signature has
+            verified (so the name it is asked about is authentic).
         limits: size and count limits.
         extract_to: an existing empty staging directory; payload files are written there
             as they are hashed. The caller removes it when verification fails.
@@ -276,6 +286,14 @@ def verify_bundle(
                     offered=f"{manifest.name} v{manifest.version}",
                     expected=f"{expect.name} v{expect.version}",
                 )
+            if expect.content is not None and expect.content != content_digest(manifest.files):
+                raise ManifestError(
+                    f"bundle {manifest.name} v{manifest.version} does not hold the content the signed command "
+                    f"describes (content sha256 {content_digest(manifest.files)[:12]}..., "
+                    f"command {expect.content[:12]}...)",
+                    offered=content_digest(manifest.files),
+                    expected=expect.content,
+                )
             checks.append(f"command: the signed command names {expect.name} v{expect.version}")
         if manifest.target is None:
             checks.append("target: any device")
@@ -283,23 +301,8 @@ def verify_bundle(
             checks.append(f"target: {manifest.target.to_dict()} (no device to check against)")
         else:
             checks.append(f"target: {manifest.target.check(device)}")
-        if callable(installed_version):
-            installed_version = installed_version(manifest.name)
-        if installed_version is not None and expect is not None and expect.rollback:
-            checks.append(
-                f"rollback: v{manifest.version} after v{installed_version}, "
-                "explicitly allowed by a signed rollback command"
-            )
-        elif installed_version is not None:
-            if manifest.version <= installed_version:
-                raise RollbackError(
-                    f"{manifest.name} v{manifest.version} is not newer than installed v{installed_version}",
-                    offered=manifest.version,
-                    installed=installed_version,
-                )
-            checks.append(f"rollback: v{manifest.version} is newer than installed v{installed_version}")
-        else:
-            checks.append("rollback: nothing of this name installed")
+        history = installed_version(manifest.name) if callable(installed_version) else installed_version
+        checks.append(_check_rollback(manifest, history, expect))
         declared = {f.path for f in manifest.files}
         present = set(reader.payload)
         if present - declared:
@@ -328,3 +331,27 @@ def verify_bundle(
                 )
         checks.append(f"hashes: sha256 and size of {len(manifest.files)} file(s) match")
     return VerifiedBundle(manifest, signers, tuple(checks))
+
+
+def _check_rollback(manifest: Manifest, history: int | VersionHistory | None, expect: Expected | None) -> str:
+    """Rollback protection: the check's line, or the :class:`RollbackError` that refuses the bundle.
+
+    An integer is the installed version and the floor (``edgectl verify --installed-version``);
+    a :class:`VersionHistory` is a device's full record (see :mod:`edge_sdk.bundle.admission`).
+    """
+    rollback = expect is not None and expect.rollback
+    if isinstance(history, VersionHistory):
+        return check_version(
+            history, manifest.name, manifest.version, content_digest(manifest.files), rollback=rollback
+        )
+    if history is None:
+        return "rollback: nothing of this name installed"
+    if rollback:
+        return f"rollback: v{manifest.version} after v{history}, explicitly allowed by a signed rollback command"
+    if manifest.version <= history:
+        raise RollbackError(
+            f"{manifest.name} v{manifest.version} is not newer than installed v{history}",
+            offered=manifest.version,
+            installed=history,
+        )
+    return f"rollback: v{manifest.version} is newer than installed v{history}"

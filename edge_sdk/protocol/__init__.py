@@ -22,6 +22,7 @@ from edge_sdk.protocol.commands import (
 from edge_sdk.protocol.messages import (
     SCHEMA_VERSION,
     BenchmarkSpec,
+    BundleFacts,
     DeployCommand,
     DeviceStatus,
     ErrorInfo,
@@ -49,6 +50,7 @@ from edge_sdk.protocol.transfer import ChunkReceiver, WriteAt, chunk_spans
 __all__ = [
     "SCHEMA_VERSION",
     "BenchmarkSpec",
+    "BundleFacts",
     "Channel",
     "Chunk",
     "ChunkReceiver",

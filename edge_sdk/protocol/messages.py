@@ -30,6 +30,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "SCHEMA_VERSION",
     "BenchmarkSpec",
+    "BundleFacts",
     "DeployCommand",
     "DeviceStatus",
     "ErrorInfo",
@@ -219,6 +220,50 @@ class DeviceStatus(Message):
             raise MessageError(f"status state must be online or offline, got {self.state!r}")
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TARGET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class BundleFacts(_Wire):
+    """What the host read from a bundle's manifest, offered in the signed deploy command.
+
+    With these the device runs every check that needs no byte of the bundle (version
+    against its floor and the content a version ran with, expiry, runtime, target,
+    storage) before any chunk moves; see :mod:`edge_sdk.bundle.admission`. After receipt
+    the device verifies the bundle's own signed manifest as always, and the manifest's
+    content must be the one named here: a wrong fact can make a device refuse early,
+    never accept. Every field is optional ("" / 0 / None: not said).
+
+    Attributes:
+        runtime: the manifest's runtime.
+        expires_at: the manifest's expiry (unix seconds).
+        content: :func:`edge_sdk.bundle.content_digest` of the manifest's file list.
+        unpacked_bytes: the manifest's file sizes summed (what unpacking writes).
+        arch, min_memory_bytes, accelerators: the manifest's target constraints.
+    """
+
+    runtime: str = ""
+    expires_at: float = 0.0
+    content: str = ""
+    unpacked_bytes: int = 0
+    arch: tuple[str, ...] = ()
+    min_memory_bytes: int = 0
+    accelerators: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.content and not _HEX64.fullmatch(self.content):
+            raise MessageError("bundle content must be 64 lowercase hex digits")
+        if self.unpacked_bytes < 0 or self.min_memory_bytes < 0 or self.expires_at < 0:
+            raise MessageError("bundle sizes and expiry must not be negative")
+        if len(self.runtime) > 32 or len(self.arch) > 16 or len(self.accelerators) > 16:
+            raise MessageError("bundle facts too long")
+        for name in (*self.arch, *self.accelerators):
+            if not _TARGET_NAME.fullmatch(name):
+                raise MessageError(f"bad architecture or accelerator name {name!r}")
+
+
 #: What a device does with a received bundle: install it (the default), or only
 #: benchmark it in a scratch directory without activating it.
 DEPLOY_ACTIONS = ("install", "profile")
@@ -230,6 +275,10 @@ class DeployCommand(Message):
 
     With ``action="profile"`` the device verifies the bundle, benchmarks it from a
     scratch directory, reports, and removes it: what is active does not change.
+
+    ``bundle`` (optional; absent from older hosts' commands, and from the
+    wire when None) carries the manifest's facts so that the device checks before any
+    chunk moves (:class:`BundleFacts`); without it the device checks after receipt.
     """
 
     TYPE: ClassVar[str] = "deploy"
@@ -243,12 +292,20 @@ class DeployCommand(Message):
     device_id: str = ""
     expires_at: float = 0.0
     rollback: bool = False
+    bundle: BundleFacts | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_id(self.command_id, "command_id")
         if self.action not in DEPLOY_ACTIONS:
             raise MessageError(f"deploy action must be one of {', '.join(DEPLOY_ACTIONS)}, got {self.action!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form; ``bundle`` only when there is one (older agents' commands are unchanged)."""
+        out = super().to_dict()
+        if out["bundle"] is None:
+            del out["bundle"]
+        return out
 
 
 @dataclass(frozen=True)

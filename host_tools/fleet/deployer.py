@@ -18,6 +18,13 @@ signed by keys its root authorises, addressed to it, unexpired and never seen be
 Ahead of each command the host sends its chain of signed roots; a device applies the
 versions it lacks, so a key rotation reaches it before the first command that needs it.
 
+The signed deploy command carries the manifest's facts (:class:`~edge_sdk.protocol.BundleFacts`:
+runtime, expiry, content digest, unpacked size, target), so the device refuses a bundle it
+cannot take before any chunk moves. :func:`deploy_and_record` checks first what the host
+already knows (:func:`check_known_device`, on the registry brought up to date by the
+device's retained status): a device that lacks the runtime, or already runs this version
+or a newer one, is refused before anything is sent.
+
 Timeouts are on by default: a device that never answers raises
 :class:`~edge_sdk.errors.DeviceTimeoutError`; a refusal is returned as the device's own
 error type rebuilt from its code.
@@ -35,13 +42,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from edge_sdk.bundle import Manifest, file_sha256
+from edge_sdk.bundle import Manifest, content_digest, file_sha256
+from edge_sdk.bundle.admission import runtime_available
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
-from edge_sdk.errors import ConfigError, DeviceTimeoutError, EdgeError
+from edge_sdk.errors import (
+    ConfigError,
+    DeviceTimeoutError,
+    EdgeError,
+    RollbackError,
+    TargetMismatchError,
+    UntrustedInputError,
+)
 from edge_sdk.mqtt import MqttClient, PublishHandle
 from edge_sdk.protocol import (
     BenchmarkSpec,
+    BundleFacts,
     DeployCommand,
+    DeviceStatus,
     DeviceTopics,
     Event,
     EventKind,
@@ -58,13 +75,15 @@ from edge_sdk.protocol import (
 from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
-from host_tools.fleet.registry import DeploymentState, Registry
+from host_tools.fleet.registry import DeploymentState, DeviceRecord, Registry
 from host_tools.fleet.router import Router, routed
 
 __all__ = [
     "CommandAuthority",
     "DeployOptions",
     "DeployOutcome",
+    "bundle_facts",
+    "check_known_device",
     "deploy_and_record",
     "deploy_bundle",
     "publish_command",
@@ -158,7 +177,8 @@ class DeployOutcome:
         device_id, bundle_name, bundle_version, sha256, transfer_id: what was sent where.
         state: ``installed``, ``deferred`` (the device's update gate said "not now"; it
             keeps the bundle and installs it later by itself), ``refused`` or ``failed``.
-        error: the device's error when refused or failed.
+        error: the device's error when refused or failed (or the host's, when it refused
+            before sending: ``detail`` then says ``{"refused_by": "host", "sent": False}``).
         detail: what the device said with its last event (e.g. the gate's reason).
         metrics: the device's report after installing.
         checks: the device's list of verification checks that passed.
@@ -231,12 +251,16 @@ def _deliver(
     progress: Callable[[int, int], None] | None,
     started: float,
     router: Router | None,
+    before_send: Callable[[DeviceStatus | None], None] | None = None,
 ) -> DeployOutcome:
     """Send a built deploy command and its bundle, and wait for the device's outcome.
 
     :func:`deploy_bundle` without reading the bundle's manifest and hash, which ``cmd``
     already carries (so :func:`deploy_and_record` reads them once for both uses).
-    ``started`` is the :func:`time.monotonic` time the deploy began.
+    ``started`` is the :func:`time.monotonic` time the deploy began. ``before_send``, if
+    given, is called once the conversation listens and before anything is published,
+    with the device's status if the broker had one retained (heard within
+    :data:`STATUS_WAIT_S`); it may raise to stop the deploy there.
     """
     with (
         routed(client, router) as live,
@@ -244,7 +268,21 @@ def _deliver(
             live, DeviceTopics(device_id), cmd.command_id, metrics=True, transfer_id=cmd.transfer.transfer_id
         ) as convo,
     ):
+        if before_send is not None:
+            before_send(_status_heard(convo, min(STATUS_WAIT_S, options.accept_timeout_s)))
         return _follow_deploy(client, convo, cmd, bundle_path, options, progress, started)
+
+
+#: How long a deploy listens for the device's retained status before its host-side checks.
+STATUS_WAIT_S = 1.0
+
+
+def _status_heard(convo: Conversation, wait_s: float) -> DeviceStatus | None:
+    """The device's status as the broker retained it, if it arrives within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while convo.last_status is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return convo.last_status
 
 
 def _follow_deploy(
@@ -329,7 +367,8 @@ def transfer_command(
     Raises:
         BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
     """
-    name, version = claim or _name_version(read_manifest(bundle_path))
+    manifest = None if claim else read_manifest(bundle_path)
+    name, version = claim or _name_version(manifest)  # type: ignore[arg-type]  # read when there is no claim
     digest, size = file_sha256(bundle_path)
     offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
     now = clock()
@@ -342,8 +381,90 @@ def transfer_command(
         options.benchmark,
         action=action,
         rollback=rollback,
+        bundle=None if manifest is None else bundle_facts(manifest),
         **signed_fields(device_id, options.authority, now),  # type: ignore[arg-type]
     )
+
+
+def bundle_facts(manifest: Manifest) -> BundleFacts:
+    """What the signed deploy command tells the device about the bundle, so it can check before the transfer.
+
+    Args:
+        manifest: the bundle's manifest (read, not verified: the device verifies it after
+            receipt and refuses a bundle whose content is not the one named here).
+
+    Returns:
+        Runtime, expiry, content digest, unpacked size and target constraints.
+    """
+    target = manifest.target
+    return BundleFacts(
+        runtime=manifest.runtime,
+        expires_at=manifest.expires_at,
+        content=content_digest(manifest.files),
+        unpacked_bytes=sum(f.size for f in manifest.files),
+        arch=target.arch if target else (),
+        min_memory_bytes=target.min_memory_bytes if target else 0,
+        accelerators=target.accelerators if target else (),
+    )
+
+
+class _HostRefusal(Exception):
+    """Carries a :func:`check_known_device` refusal out of the conversation, to become an outcome."""
+
+    def __init__(self, error: UntrustedInputError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def check_known_device(device: DeviceRecord | None, cmd: DeployCommand, *, versions: bool = True) -> None:
+    """Refuse a deploy the registry already shows the device would refuse, before anything is sent.
+
+    Only what the device itself reported is used: the runtimes of its status, and the
+    bundle it runs. A device the registry does not know, or a fact it did not report,
+    is left to the device's own checks.
+
+    Args:
+        device: the registry's record of the target device, or None.
+        cmd: the deploy command about to be signed and sent.
+        versions: also check the version against the bundle the device runs (only with a
+            record as fresh as the device's retained status: a rollback or remove since
+            changes it).
+
+    Raises:
+        TargetMismatchError: the device reported its runtimes, and none runs the bundle's.
+        RollbackError: the device runs this bundle at this version or a newer one, and the
+            command is not an explicit ``rollback``.
+    """
+    if device is None:
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(device.last_seen))
+    seen = f"as device {device.device_id} last reported at {when}"
+    facts = cmd.bundle
+    if facts is not None and facts.runtime and device.runtimes is not None:
+        have = sorted(device.runtimes)
+        if not runtime_available(facts.runtime, have):
+            raise TargetMismatchError(
+                f"{cmd.bundle_name} v{cmd.bundle_version} needs runtime {facts.runtime}, which device "
+                f"{device.device_id} lacks (it has {', '.join(have) or 'none'}, {seen}); nothing was sent",
+                constraint="runtime",
+                required=facts.runtime,
+                actual=have,
+            )
+    active = device.active_bundle
+    if (
+        versions
+        and active is not None
+        and active.name == cmd.bundle_name
+        and active.version >= cmd.bundle_version
+        and not cmd.rollback
+    ):
+        raise RollbackError(
+            f"{cmd.bundle_name} v{cmd.bundle_version} is not newer than v{active.version}, which device "
+            f"{device.device_id} runs ({seen}): the device would refuse it; nothing was sent "
+            f"(deploy --rollback to go back on purpose)",
+            offered=cmd.bundle_version,
+            installed=active.version,
+        )
 
 
 def send_bundle(
@@ -448,19 +569,67 @@ def deploy_and_record(
 ) -> DeployOutcome:
     """:func:`deploy_bundle`, with the deployment and its metrics recorded in the registry.
 
-    A deploy that raises (timeout, broker lost) is recorded as ``failed`` before the error
+    First :func:`check_known_device` refuses, before anything is sent, a deploy the
+    registry shows the device would refuse: a runtime it lacks at once, and a version not
+    newer than the one it runs once its retained status (if the broker has one) has
+    brought the registry up to date. Such a refusal is an outcome like the device's own
+    (``refused``, recorded, ``detail`` ``{"refused_by": "host", "sent": False}``). A deploy
+    that raises (timeout, broker lost) is recorded as ``failed`` before the error
     propagates. ``router`` is as for :func:`deploy_bundle`.
+
+    Raises:
+        DeviceTimeoutError, TransportError, BundleFormatError, ManifestError, StorageError:
+            as for :func:`deploy_bundle`.
     """
     started = time.monotonic()
     cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback)
-    dep_id = registry.record_deployment(
-        device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
-    )
+    recorded: list[int] = []
+
+    def record() -> int:
+        recorded.append(
+            registry.record_deployment(
+                device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
+            )
+        )
+        return recorded[-1]
+
+    def before_send(heard: DeviceStatus | None) -> None:
+        # The retained status is fresher than the registry (a rollback or remove since
+        # changed what runs): record it, then check against the registry's fresh record.
+        if heard is not None:
+            record_message(registry, heard, clock())
+        try:
+            check_known_device(registry.get_device(device_id), cmd)
+        except UntrustedInputError as exc:
+            raise _HostRefusal(exc) from exc
+        record()
+
     try:
-        outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, router)
+        try:
+            check_known_device(registry.get_device(device_id), cmd, versions=False)  # before touching the broker
+        except UntrustedInputError as exc:
+            raise _HostRefusal(exc) from exc
+        outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, router, before_send)
+    except _HostRefusal as stop:
+        refusal = stop.error
+        registry.update_deployment(record(), "refused", refusal.code, refusal.message, finished_at=clock())
+        log.info("refused %s v%s for %s before sending: %s", cmd.bundle_name, cmd.bundle_version, device_id, refusal)
+        return DeployOutcome(
+            device_id,
+            cmd.bundle_name,
+            cmd.bundle_version,
+            cmd.transfer.sha256,
+            cmd.transfer.transfer_id,
+            "refused",
+            error=refusal,
+            seconds=time.monotonic() - started,
+            detail={"refused_by": "host", "sent": False},
+        )
     except EdgeError as exc:
-        registry.update_deployment(dep_id, "failed", exc.code, exc.message, finished_at=clock())
+        if recorded:
+            registry.update_deployment(recorded[0], "failed", exc.code, exc.message, finished_at=clock())
         raise
+    dep_id = recorded[0]
     err = outcome.error
     registry.update_deployment(
         dep_id, outcome.state, err.code if err else None, err.message if err else None, finished_at=clock()

@@ -176,15 +176,16 @@ def test_rollback_and_remove_are_explicit_signed_commands(host, tiny_model, mosq
     assert wrong.code == EXIT_UNTRUSTED and "keeps v1" in wrong.stderr and _active(agent) == 2
     back = host.run("rollback", "--device", dev, "--name", "tiny", "--version", "1", "--broker", url, "--json")
     assert back.code == 0, back.stderr
-    assert _active(agent) == 1 and agent.state()["bundles"]["tiny"]["highest"] == 2
+    assert _active(agent) == 1 and agent.state()["bundles"]["tiny"]["floor"] == {"version": 1, "reason": "rollback"}
 
-    # Going back is not an invitation to go forward again to a version the device left.
-    again = _deploy(host, v2, url, dev)
+    # The signed rollback reset the floor: v1 again is not newer, but v2 (the content that ran) deploys again.
+    again = _deploy(host, v1, url, dev)
     assert again.code == EXIT_UNTRUSTED and again.json()["error"]["code"] == "rollback" and _active(agent) == 1
+    assert _deploy(host, v2, url, dev).code == 0 and _active(agent) == 2
 
     gone = host.run("remove", "--device", dev, "--name", "tiny", "--broker", url)
     assert gone.code == 0, gone.stderr
-    assert _active(agent) is None and agent.state()["bundles"]["tiny"]["highest"] == 2
+    assert _active(agent) is None and agent.state()["bundles"]["tiny"]["floor"] == {"version": 2, "reason": "removed"}
     assert not (agent.data_dir / "slots" / "tiny").exists()
 
     old = _deploy(host, v1, url, dev)  # rollback protection outlives the removal ...
@@ -232,7 +233,8 @@ def test_key_rotation_and_revocation_reach_the_device(host, tiny_model, mosquitt
 
     revoked = _deploy(host, signed_by_old_key, url, dev, "--rollback")  # valid signature, revoked key
     assert revoked.code == EXIT_UNTRUSTED and revoked.json()["error"]["code"] == "untrusted_key"
-    stale = _deploy(host, v3, url, dev, home=stale_home)  # old command key: the device no longer obeys it
+    v4 = _pack(host, tiny_model, tmp_path / "v4.edge", 4)  # newer than v3, so only the command key is wrong
+    stale = _deploy(host, v4, url, dev, home=stale_home)  # old command key: the device no longer obeys it
     assert stale.code == EXIT_UNTRUSTED and stale.json()["error"]["code"] == "untrusted_key"
     assert _active(agent) == 3
 

@@ -336,3 +336,116 @@ def test_the_memory_transport_satisfies_the_protocol() -> None:
     accepts(MemoryTransport())
     accepts(MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="x")))  # structurally, unchanged
     assert isinstance(Incoming("t", b"", False), Incoming)
+
+
+# --- cheap checks first: the signed offer is checked before any chunk moves -----------------
+
+
+def _deploy_with_facts(fleet: Fleet, version: int, name: str = "tiny", **facts: object) -> tuple[DeployCommand, bytes]:
+    """A deploy command as today's host builds it: the manifest's facts in the signed offer."""
+    import dataclasses
+
+    from host_tools.fleet.deployer import bundle_facts, read_manifest
+
+    data = fleet.bundle(version, name)
+    offered = dataclasses.replace(bundle_facts(read_manifest(fleet.dir / f"{name}-v{version}.edge")), **facts)
+    return dataclasses.replace(fleet.deploy(data, name, version), bundle=offered), data
+
+
+def _refused_at_once(agent: Agent, transport: MemoryTransport, fleet: Fleet, cmd: DeployCommand) -> Event:
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    drive(agent, settled(transport, cmd.command_id))
+    assert kinds(transport, cmd.command_id) == [EventKind.REFUSED]  # no ACCEPTED: the host sends no chunk
+    assert list((agent.config.data_dir / "staging").iterdir()) == []  # no staging file reserved
+    event = last(transport, cmd.command_id)
+    assert event.error is not None
+    return event
+
+
+def test_an_older_version_is_refused_before_any_chunk(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    for version in (1, 2):
+        cmd = send_deploy(fleet, transport, fleet.bundle(version), "tiny", version)
+        drive(agent, settled(transport, cmd.command_id))
+    old, _ = _deploy_with_facts(fleet, 1)
+    event = _refused_at_once(agent, transport, fleet, old)
+    assert event.error is not None and event.error.code == "rollback"
+    assert event.error.message == "tiny v1 is not newer than the floor v2 (the version this device runs; installed: v2)"
+
+
+def test_a_missing_runtime_expiry_and_target_are_refused_before_any_chunk(  # type: ignore[no-untyped-def]
+    make_agent, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import device_agent.install as install_module
+
+    agent, transport = make_agent()
+    monkeypatch.setattr(install_module, "available_runtimes", lambda: {"onnxruntime": "1.0"})
+    cmd, _ = _deploy_with_facts(fleet, 1, runtime="litert")
+    event = _refused_at_once(agent, transport, fleet, cmd)
+    assert event.error is not None and event.error.code == "target_mismatch"
+    assert "needs runtime litert, which this device lacks (it has onnxruntime)" in event.error.message
+    cmd, _ = _deploy_with_facts(fleet, 1, expires_at=time.time() - 5)
+    assert _refused_at_once(agent, transport, fleet, cmd).error.code == "expired"  # type: ignore[union-attr]
+    cmd, _ = _deploy_with_facts(fleet, 1, arch=("riscv64",))
+    event = _refused_at_once(agent, transport, fleet, cmd)
+    assert event.error is not None and event.error.details["constraint"] == "arch"
+    assert agent.installer.all_active() == []
+
+
+def test_storage_for_the_unpacked_payload_is_checked_before_any_chunk(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    cmd, data = _deploy_with_facts(fleet, 1)
+    assert cmd.bundle is not None
+    free = len(data) + cmd.bundle.unpacked_bytes // 2  # room for the download, not for unpacking it too
+    agent.installs.free_bytes = lambda _path: free
+    event = _refused_at_once(agent, transport, fleet, cmd)
+    assert event.error is not None and event.error.code == "storage"
+    assert f"{len(data)} bytes to download + {cmd.bundle.unpacked_bytes} bytes unpacked" in event.error.message
+    assert f"{free} bytes free" in event.error.message
+    agent.installs.free_bytes = lambda _path: 1 << 40
+    ok, data = _deploy_with_facts(fleet, 1)
+    transport.deliver(TOPICS.cmd, fleet.signed(ok))
+    for chunk in chunks(ok, data):
+        transport.deliver(TOPICS.data, chunk)
+    drive(agent, settled(transport, ok.command_id))
+    assert kinds(transport, ok.command_id)[-1] == EventKind.INSTALLED
+
+
+def test_a_bundle_that_is_not_the_content_the_offer_named_is_refused(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    cmd, data = _deploy_with_facts(fleet, 1, content="0" * 64)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    for chunk in chunks(cmd, data):
+        transport.deliver(TOPICS.data, chunk)
+    drive(agent, settled(transport, cmd.command_id))
+    event = last(transport, cmd.command_id)
+    assert event.kind == EventKind.REFUSED and event.error is not None and event.error.code == "manifest_invalid"
+    assert "does not hold the content the signed command describes" in event.error.message
+    assert agent.installer.all_active() == []
+
+
+def test_an_old_command_without_facts_still_installs_and_is_checked_after_receipt(  # type: ignore[no-untyped-def]
+    make_agent, fleet: Fleet, tmp_path: Path
+) -> None:
+    agent, transport = make_agent()
+    ran = {}
+    for version in (1, 2):
+        ran[version] = fleet.bundle(version)
+        cmd = send_deploy(fleet, transport, ran[version], "tiny", version)
+        drive(agent, settled(transport, cmd.command_id))
+        assert cmd.bundle is None and kinds(transport, cmd.command_id)[-1] == EventKind.INSTALLED
+    now = time.time()
+    back = RollbackCommand(uuid.uuid4().hex, "tiny", 1, now, device_id=DEVICE, expires_at=now + 60)
+    transport.deliver(TOPICS.cmd, fleet.signed(back))
+    drive(agent, settled(transport, back.command_id))
+    # Other content under v2, which ran here: refused once received (the old offer does not name content).
+    other = send_deploy(fleet, transport, fleet.bundle(2, model=nan_model(tmp_path)), "tiny", 2)
+    drive(agent, settled(transport, other.command_id))
+    event = last(transport, other.command_id)
+    assert kinds(transport, other.command_id)[0] == EventKind.ACCEPTED
+    assert event.kind == EventKind.REFUSED and event.error is not None
+    assert "tiny v2 differs from the v2 this device already ran" in event.error.message
+    # The v2 that ran deploys again after the signed rollback.
+    again = send_deploy(fleet, transport, ran[2], "tiny", 2)
+    drive(agent, settled(transport, again.command_id))
+    assert kinds(transport, again.command_id)[-1] == EventKind.INSTALLED

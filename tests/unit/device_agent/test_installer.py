@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.installer import Installer
-from edge_sdk.bundle import BundleSpec, pack_bundle
+from edge_sdk.bundle import BundleSpec, content_digest, pack_bundle
 from edge_sdk.errors import (
     BundleFormatError,
     ExpiredError,
@@ -64,8 +64,11 @@ def _listing(root: Path) -> dict[str, bytes | None]:
 
 
 def _install(installer: Installer, bundle: Path):  # type: ignore[no-untyped-def]
+    """A successful install: staged, activated, and confirmed once its health check passed."""
     staged = installer.stage(bundle, NOW)
-    return staged, installer.activate(staged)
+    before = installer.activate(staged)
+    installer.confirm(staged.verified.manifest.name)
+    return staged, before
 
 
 def test_new_data_dir_has_the_layout(installer: Installer) -> None:
@@ -89,18 +92,25 @@ def test_stage_then_activate(installer: Installer, make_bundle) -> None:  # type
     assert active.model_path.read_bytes() == b"model digits v1" * 50
     assert active.sample_path is not None and active.sample_path.read_bytes() == b"sample"
     assert active.to_dict() == {"name": "digits", "version": 1, "precision": "fp32"}
-    assert installer.accepted_version("digits") == 1
+    assert installer.accepted_version("digits") is None  # not before it passed its health check
     assert list(installer.tmp_dir.iterdir()) == []
     state = json.loads(installer.state_path.read_bytes())
     assert state["bundles"]["digits"] == {
         "active": {"version": 1},
         "previous": None,
-        "highest": 1,
+        "floor": None,
+        "ran": {},
         "pending": {"command_id": ""},
     }
     installer.confirm("digits")
+    assert installer.accepted_version("digits") == 1
     state = json.loads(installer.state_path.read_bytes())
-    assert state["bundles"]["digits"] == {"active": {"version": 1}, "previous": None, "highest": 1}
+    assert state["bundles"]["digits"] == {
+        "active": {"version": 1},
+        "previous": None,
+        "floor": {"version": 1, "reason": "ran"},
+        "ran": {"1": content_digest(staged.verified.manifest.files)},
+    }
 
 
 def test_second_version_makes_the_first_previous(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
@@ -205,7 +215,7 @@ def test_staged_but_not_activated_slot_is_removed_by_recover(installer: Installe
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"\xff\xfe", b'{"schema": 2, "bundles": {}}', b'{"schema": 1, "bundles": []}', b"[]", b"null", b"3"],
+    [b"{not json", b"\xff\xfe", b'{"schema": 3, "bundles": {}}', b'{"schema": 1, "bundles": []}', b"[]", b"null", b"3"],
     ids=repr,
 )
 def test_corrupt_state_json_is_a_storage_error(tmp_path: Path, key: SigningKey, content: bytes) -> None:
@@ -323,13 +333,13 @@ def test_restart_rolls_back_an_unconfirmed_version(
     assert again.active("digits").version == 1  # type: ignore[union-attr]
     assert not staged.slot.exists()
     assert again.pending() == [] and again.roll_back_pending() == []
-    assert again.accepted_version("digits") == 2  # the version that never proved itself stays refused
+    assert again.accepted_version("digits") == 1  # the version that never proved itself does not raise the floor
 
 
 def test_unconfirmed_first_install_rolls_back_to_nothing(
     tmp_path: Path, key: SigningKey, installer: Installer, make_bundle
 ) -> None:  # type: ignore[no-untyped-def]
-    _install(installer, make_bundle(1))
+    installer.activate(installer.stage(make_bundle(1), NOW))  # never confirmed
     again = Installer(tmp_path / "data", TrustedKeys((key.public_key,)))
     (rb,) = again.roll_back_pending()
     assert rb.restored is None and again.active("digits") is None and again.all_active() == []
@@ -424,3 +434,124 @@ def test_stage_checks_the_bundle_against_the_typed_request(installer: Installer,
         bundle, NOW, BundleChecks(trusted=TrustedKeys((key.public_key,)), expect=Expected("digits", 1))
     )
     assert staged.verified.manifest.version == 1
+
+
+# --- the floor: what a signed deploy must exceed (edge_sdk.bundle.admission) -----------------
+
+
+def test_a_signed_rollback_resets_the_floor_so_the_left_version_deploys_again(
+    installer: Installer, make_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    v1, v2 = make_bundle(1), make_bundle(2)
+    _install(installer, v1)
+    _install(installer, v2)
+    assert installer.rollback("digits", signed=True).version == 1  # type: ignore[union-attr]
+    history = installer.history("digits")
+    assert (history.installed, history.floor, history.floor_reason) == (1, 1, "rollback")
+    with pytest.raises(RollbackError, match=r"v1 is not newer than the floor v1 .*since a signed rollback"):
+        installer.stage(v1, NOW)
+    _install(installer, v2)  # the version the operator left is not locked out
+    assert installer.active("digits").version == 2 and installer.accepted_version("digits") == 2  # type: ignore[union-attr]
+
+
+def test_a_failed_version_does_not_raise_the_floor_and_a_corrected_one_installs(
+    installer: Installer, make_bundle, tmp_path: Path, key: SigningKey
+) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(2))
+    broken = installer.stage(make_bundle(3), NOW)
+    installer.activate(broken)
+    installer.rollback("digits")  # its health check failed
+    assert installer.accepted_version("digits") == 2
+    assert installer.history("digits").ran.keys() == {2}
+    src = tmp_path / "fixed.onnx"
+    src.write_bytes(b"corrected model" * 40)
+    fixed = tmp_path / "fixed.edge"
+    pack_bundle(BundleSpec("digits", 3, "onnxruntime", src, ttl_s=3600), [key], fixed, now=NOW)
+    _install(installer, fixed)
+    assert installer.active("digits").version == 3 and installer.accepted_version("digits") == 3  # type: ignore[union-attr]
+
+
+def test_remove_keeps_the_removed_version_as_the_floor_and_says_nothing_is_installed(
+    installer: Installer, make_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    _install(installer, make_bundle(2))
+    assert installer.remove("digits") == 2
+    with pytest.raises(RollbackError) as info:
+        installer.stage(make_bundle(2), NOW)
+    assert "floor v2 (the version this device last ran, until a signed remove; installed: none)" in info.value.message
+    assert "installed v2" not in info.value.message
+    assert installer.stage(make_bundle(3), NOW).slot.name == "v3"
+
+
+def test_other_content_under_a_version_that_ran_is_refused(
+    installer: Installer, make_bundle, tmp_path: Path, key: SigningKey
+) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    _install(installer, make_bundle(2))
+    installer.rollback("digits", signed=True)
+    src = tmp_path / "other.onnx"
+    src.write_bytes(b"another v2" * 40)
+    other = tmp_path / "other-v2.edge"
+    pack_bundle(BundleSpec("digits", 2, "onnxruntime", src, ttl_s=3600), [key], other, now=NOW)
+    with pytest.raises(RollbackError, match="digits v2 differs from the v2 this device already ran"):
+        installer.stage(other, NOW)
+
+
+def test_the_versions_that_ran_are_bounded(installer: Installer, make_bundle) -> None:  # type: ignore[no-untyped-def]
+    from edge_sdk.bundle.admission import MAX_RAN_VERSIONS
+
+    for version in range(1, MAX_RAN_VERSIONS + 3):
+        _install(installer, make_bundle(version))
+    ran = installer.history("digits").ran
+    assert len(ran) == MAX_RAN_VERSIONS and min(ran) == 3 and max(ran) == MAX_RAN_VERSIONS + 2
+
+
+def test_a_schema_1_state_file_is_migrated_in_place(
+    tmp_path: Path, key: SigningKey, installer: Installer, make_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    _install(installer, make_bundle(2))
+    _install(installer, make_bundle(1, name="gone"))
+    installer.remove("gone")
+    digests = dict(installer.history("digits").ran)
+    # What today's agents wrote: v2 active after a rollback from v3, and a removed name.
+    old = {
+        "schema": 1,
+        "bundles": {
+            "digits": {"active": {"version": 2}, "previous": {"version": 1}, "highest": 3},
+            "gone": {"active": None, "previous": None, "highest": 4},
+        },
+    }
+    installer.state_path.write_text(json.dumps(old))
+    again = Installer(installer.data_dir, TrustedKeys((key.public_key,)))
+    digits, gone = again.history("digits"), again.history("gone")
+    assert (digits.installed, digits.floor, digits.floor_reason, dict(digits.ran)) == (2, 2, "ran", digests)
+    assert (gone.installed, gone.floor, gone.floor_reason) == (None, 4, "highest")
+    assert json.loads(again.state_path.read_bytes())["schema"] == 2
+    assert again.active("digits").version == 2 and again.previous("digits").version == 1  # type: ignore[union-attr]
+    with pytest.raises(RollbackError, match="the highest version this device accepted before it kept floors"):
+        again.stage(make_bundle(4, name="gone"), NOW)
+
+
+def test_a_pending_version_in_a_schema_1_state_file_is_not_the_floor(
+    tmp_path: Path, key: SigningKey, installer: Installer, make_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    _install(installer, make_bundle(1))
+    installer.activate(installer.stage(make_bundle(2), NOW), "c" * 32)
+    old = {
+        "schema": 1,
+        "bundles": {
+            "digits": {
+                "active": {"version": 2},
+                "previous": {"version": 1},
+                "highest": 2,
+                "pending": {"command_id": "c" * 32},
+            }
+        },
+    }
+    installer.state_path.write_text(json.dumps(old))
+    again = Installer(installer.data_dir, TrustedKeys((key.public_key,)))
+    assert again.history("digits").floor == 1 and set(again.history("digits").ran) == {1}
+    (rb,) = again.roll_back_pending()
+    assert rb.restored == 1 and again.accepted_version("digits") == 1

@@ -553,3 +553,46 @@ def test_metrics_report_reads_todays_wire_and_writes_it_back_unchanged() -> None
     assert report.extra == {"mode": "profile"} and json.loads(encode(report)) == sent
     with pytest.raises(MessageError, match="latency field 'count'"):
         decode(json.dumps({**body, "latency": {"p50_ms": 1.2}}).encode())
+
+
+# --- the deploy command's offer of manifest facts (added fields; old commands unchanged) --------
+
+
+def test_a_deploy_without_bundle_facts_is_on_the_wire_as_before() -> None:
+    body = _deploy()
+    cmd = decode(json.dumps(body).encode())
+    assert isinstance(cmd, DeployCommand) and cmd.bundle is None
+    assert "bundle" not in cmd.to_wire() and json.loads(encode(cmd)) == body  # byte-for-byte what old agents read
+
+
+def test_bundle_facts_round_trip_and_keep_unknown_fields() -> None:
+    from edge_sdk.protocol import BundleFacts
+
+    facts = {
+        "runtime": "litert",
+        "expires_at": 1.7e9,
+        "content": "c" * 64,
+        "unpacked_bytes": 12_000_000,
+        "arch": ["aarch64"],
+        "min_memory_bytes": 1 << 30,
+        "accelerators": ["npu"],
+        "from_a_newer_host": {"kept": True},
+    }
+    cmd = decode(json.dumps({**_deploy(), "bundle": facts}).encode())
+    assert isinstance(cmd, DeployCommand) and cmd.bundle is not None
+    assert (
+        cmd.bundle.runtime == "litert" and cmd.bundle.arch == ("aarch64",) and cmd.bundle.unpacked_bytes == 12_000_000
+    )
+    assert cmd.bundle.extra == {"from_a_newer_host": {"kept": True}}  # kept, never acted on
+    assert json.loads(encode(cmd))["bundle"] == facts
+    assert BundleFacts() == BundleFacts.from_dict({})  # every fact is optional
+
+
+@pytest.mark.parametrize(
+    "facts",
+    [{"content": "XYZ"}, {"unpacked_bytes": -1}, {"unpacked_bytes": "9"}, {"arch": ["../x"]}, {"arch": "aarch64"}],
+    ids=repr,
+)
+def test_malformed_bundle_facts_are_refused(facts: dict[str, Any]) -> None:
+    with pytest.raises(MessageError):
+        decode(json.dumps({**_deploy(), "bundle": facts}).encode())
