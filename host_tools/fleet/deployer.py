@@ -450,14 +450,8 @@ def check_known_device(device: DeviceRecord | None, cmd: DeployCommand, *, versi
                 required=facts.runtime,
                 actual=have,
             )
-    active = device.active_bundle
-    if (
-        versions
-        and active is not None
-        and active.name == cmd.bundle_name
-        and active.version >= cmd.bundle_version
-        and not cmd.rollback
-    ):
+    active = next((b for b in device.active_bundles or () if b.name == cmd.bundle_name), None)
+    if versions and active is not None and active.version >= cmd.bundle_version and not cmd.rollback:
         raise RollbackError(
             f"{cmd.bundle_name} v{cmd.bundle_version} is not newer than v{active.version}, which device "
             f"{device.device_id} runs ({seen}): the device would refuse it; nothing was sent "
@@ -465,6 +459,11 @@ def check_known_device(device: DeviceRecord | None, cmd: DeployCommand, *, versi
             offered=cmd.bundle_version,
             installed=active.version,
         )
+
+
+def _known_device(registry: Registry, device_id: str, broker: str) -> DeviceRecord | None:
+    """The registry's row of ``device_id`` as seen on ``broker``, else its row from before brokers were recorded."""
+    return registry.get_device(device_id, broker) or registry.get_device(device_id, "")
 
 
 def send_bundle(
@@ -593,20 +592,23 @@ def deploy_and_record(
         )
         return recorded[-1]
 
+    broker = str(client.address)
+
     def before_send(heard: DeviceStatus | None) -> None:
         # The retained status is fresher than the registry (a rollback or remove since
         # changed what runs): record it, then check against the registry's fresh record.
         if heard is not None:
-            record_message(registry, heard, clock())
+            record_message(registry, heard, clock(), broker)
         try:
-            check_known_device(registry.get_device(device_id), cmd)
+            check_known_device(_known_device(registry, device_id, broker), cmd)
         except UntrustedInputError as exc:
             raise _HostRefusal(exc) from exc
         record()
 
     try:
         try:
-            check_known_device(registry.get_device(device_id), cmd, versions=False)  # before touching the broker
+            # before touching the broker: what the registry knows of this device on this broker
+            check_known_device(_known_device(registry, device_id, broker), cmd, versions=False)
         except UntrustedInputError as exc:
             raise _HostRefusal(exc) from exc
         outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, router, before_send)

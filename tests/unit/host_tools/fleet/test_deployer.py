@@ -65,19 +65,21 @@ def test_a_device_that_lacks_the_runtime_is_refused_by_the_host(bundle: Path) ->
 
 @pytest.mark.parametrize("running", [2, 3])
 def test_a_device_that_runs_this_version_or_newer_is_refused_by_the_host(bundle: Path, running: int) -> None:
-    device = _device(active_bundle=BundleRef("my-cnn", running))
+    device = _device(active_bundles=(BundleRef("my-cnn", running),))
     with pytest.raises(RollbackError) as info:
         check_known_device(device, _cmd(bundle))
     assert f"my-cnn v2 is not newer than v{running}, which device pi-01 runs" in info.value.message
     assert isinstance(info.value, UntrustedInputError)  # a refusal: exit code 3
     check_known_device(device, _cmd(bundle, rollback=True))  # an explicit signed rollback goes through
-    check_known_device(_device(active_bundle=BundleRef("my-cnn", 1)), _cmd(bundle))
+    check_known_device(_device(active_bundles=(BundleRef("my-cnn", 1),)), _cmd(bundle))
     check_known_device(device, _cmd(bundle), versions=False)  # a record not yet refreshed by the retained status
-    check_known_device(_device(active_bundle=BundleRef("other", 9)), _cmd(bundle))
+    check_known_device(_device(active_bundles=(BundleRef("other", 9),)), _cmd(bundle))
 
 
 def test_deploy_refuses_before_sending_or_recording_anything(bundle: Path, tmp_path: Path) -> None:
     class NoBroker:
+        address = "mqtt://127.0.0.1:1"  # configuration, not a connection
+
         def __getattr__(self, name: str) -> object:
             raise AssertionError(f"the host touched the broker ({name}) before refusing")
 
