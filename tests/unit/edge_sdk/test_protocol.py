@@ -553,3 +553,13 @@ def test_metrics_report_reads_todays_wire_and_writes_it_back_unchanged() -> None
     assert report.extra == {"mode": "profile"} and json.loads(encode(report)) == sent
     with pytest.raises(MessageError, match="latency field 'count'"):
         decode(json.dumps({**body, "latency": {"p50_ms": 1.2}}).encode())
+
+
+def test_a_duplicate_chunk_does_not_push_the_idle_deadline() -> None:
+    from edge_sdk.protocol import ChunkReceiver, TransferOffer
+
+    receiver = ChunkReceiver(TransferOffer("a" * 32, 2048, "0" * 64, 1024), now=0.0, idle_timeout_s=10.0)
+    assert receiver.accept(0, b"x" * 1024, now=5.0) is not None
+    assert receiver.deadline == 15.0
+    assert receiver.accept(0, b"x" * 1024, now=14.0) is None  # a duplicate: not progress
+    assert receiver.expired(15.0)
