@@ -6,6 +6,17 @@ agent's bounded :class:`~device_agent.transport.InboundQueue` (what does not fit
 dropped and counted). Every message is handled inside a guard: bad input becomes an
 ``error``/``refused`` event back to the host, and the loop goes on.
 
+Periodic work (idle transfers dropped, the offline outbox drained, deferred installs
+retried) runs on its own schedule, every ``_TICK_S`` whatever arrives: a trickle of junk
+cannot starve it. The worker feeds systemd's watchdog only while the network and pump
+threads live (:func:`device_agent.sdnotify.should_feed`); if the network thread dies,
+:meth:`Agent.run` stops the agent with an error, so any supervisor restarts it.
+
+Time: every expiry decision uses :meth:`TrustStore.now <device_agent.trust_store.TrustStore.now>`,
+the clock but never earlier than the newest signed time seen, and an expired root
+refuses commands as it refuses installs (root updates still apply, they carry their own
+signatures).
+
 The parts, one job each::
 
     device_agent.transport   the connection seam (MqttClient or an in-memory one) and the bounded queue
@@ -48,11 +59,18 @@ from device_agent.outbox import Outbox
 from device_agent.platform import PlatformInfo, detect_platform, power_model_name
 from device_agent.receiving import Receiving
 from device_agent.reporter import Reporter
-from device_agent.sdnotify import Notifier
+from device_agent.sdnotify import Liveness, Notifier, should_feed
 from device_agent.transport import InboundQueue, Transport, pump
 from device_agent.trust_store import TrustStore
 from edge_sdk import __version__
-from edge_sdk.errors import EdgeError, SignatureError, StorageError, TransferError, UntrustedInputError
+from edge_sdk.errors import (
+    EdgeError,
+    SignatureError,
+    StorageError,
+    TransferError,
+    TransportError,
+    UntrustedInputError,
+)
 from edge_sdk.metrics import PowerSource, detect_power_source
 from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions, Will
 from edge_sdk.protocol import (
@@ -80,6 +98,10 @@ __all__ = ["Agent", "mqtt_transport"]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.5
+#: Periodic work runs at least this often, however busy the inbound queue is.
+_TICK_S = 0.5
+#: How long the network thread may be dead before :meth:`Agent.run` gives up.
+_DEAF_GRACE_S = 5.0
 
 
 def mqtt_transport(config: AgentConfig) -> MqttClient:
@@ -104,6 +126,7 @@ def mqtt_transport(config: AgentConfig) -> MqttClient:
             ca_file=config.ca_file,
             cert_file=config.cert_file,
             key_file=config.key_file,
+            inbox_max_bytes=config.inbound_max_bytes // 2,
         ),
     )
 
@@ -130,7 +153,8 @@ class Agent:
     Args:
         config: validated configuration.
         transport: the connection (:func:`mqtt_transport` in production); not started yet.
-        clock: wall-clock seconds (expiry checks, timestamps); injectable.
+        clock: wall-clock seconds (timestamps; expiry checks through the trust store's time
+            floor); injectable. Default: the system clock plus ``config.debug_clock_offset_s``.
         monotonic: monotonic seconds (transfer idle timeouts, gate retries); injectable.
 
     Raises:
@@ -142,12 +166,13 @@ class Agent:
         self,
         config: AgentConfig,
         transport: Transport,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.transport = transport
-        self.clock = clock
+        offset = config.debug_clock_offset_s
+        self.clock: Callable[[], float] = clock or (lambda: time.time() + offset)
         self.monotonic = monotonic
         self.topics = DeviceTopics(config.device_id)
         self.codec_limits = CodecLimits()
@@ -162,7 +187,7 @@ class Agent:
         rolled_back = self.installer.roll_back_pending()
         self.platform: PlatformInfo = detect_platform(config.sysfs_root)
         self.power: PowerSource = detect_power_source(config.sysfs_root, power_model_name(self.platform))
-        self.inbound = InboundQueue(config.inbound_queue_max)
+        self.inbound = InboundQueue(config.inbound_queue_max, max_bytes=config.inbound_max_bytes // 2)
         self.reporter = Reporter(
             config.device_id,
             transport,
@@ -171,7 +196,7 @@ class Agent:
             self.platform,
             self.power,
             self.inbound,
-            clock,
+            self.clock,
         )
         self.receiving = Receiving(
             self.installer.staging_path,
@@ -187,15 +212,21 @@ class Agent:
             self.platform,
             self.power,
             UpdateGate(config.update_gate_file, config.update_gate_command, config.update_gate_timeout_s),
-            clock=clock,
+            clock=self.trusted_now,
             monotonic=monotonic,
             checkpoint=checkpoint,
         )
         self._notifier = Notifier()
         self._pump_stop = threading.Event()
         self._pump: threading.Thread | None = None
+        self._next_tick = float("-inf")
+        self._deaf_since: float | None = None
         for rb in rolled_back:
             self.installs.report_interrupted(rb)
+
+    def trusted_now(self) -> float:
+        """The time expiry is judged by: the clock, never earlier than the newest signed time seen."""
+        return self.trust.now(self.clock())
 
     # --- loop -----------------------------------------------------------------------
 
@@ -205,11 +236,17 @@ class Agent:
         Args:
             stop: set it to stop.
             notifier: systemd notification socket (ready, watchdog, stopping), if any.
+
+        Raises:
+            TransportError: the network thread died (the agent could no longer hear); the
+                agent has shut down, and its supervisor should start it again.
         """
         self.start(notifier)
         try:
             while not stop.is_set():
                 self.step(_POLL_S)
+                if self._deaf_since is not None and self.monotonic() - self._deaf_since >= _DEAF_GRACE_S:
+                    raise TransportError("the network thread has stopped: the agent cannot receive; restart it")
         finally:
             self._notifier.stopping()
             self.shutdown()
@@ -231,18 +268,40 @@ class Agent:
         self._notifier.ready(f"device {self.config.device_id}: connecting to {self.transport.address}")
 
     def step(self, timeout_s: float) -> bool:
-        """Handle the next inbound item, or do periodic work if none comes within ``timeout_s``.
+        """Handle the next inbound item (waiting up to ``timeout_s``); do periodic work when due.
+
+        Periodic work runs when no item came, and at least every ``_TICK_S`` however
+        many items come.
 
         Returns:
             True if an item was handled.
         """
-        self._notifier.watchdog()
+        self._feed_watchdog()
         item = self.inbound.get(timeout_s)
-        if item is None:
+        if item is not None:
+            self._guarded(item)
+        if item is None or self.monotonic() >= self._next_tick:
+            self._next_tick = self.monotonic() + _TICK_S
             self._guarded_tick()
-            return False
-        self._guarded(item)
-        return True
+        return item is not None
+
+    def liveness(self) -> Liveness:
+        """The state of the threads that bring messages to the worker."""
+        return Liveness(
+            network_alive=self.transport.network_alive,
+            pump_alive=self._pump is None or self._pump.is_alive(),
+        )
+
+    def _feed_watchdog(self) -> None:
+        liveness = self.liveness()
+        if should_feed(liveness):
+            self._deaf_since = None
+            self._notifier.watchdog()
+            return
+        if self._deaf_since is None:
+            self._deaf_since = self.monotonic()
+            log.critical("agent cannot receive (%s): watchdog no longer fed", liveness)
+            self._notifier.status(f"device {self.config.device_id}: deaf (receiving thread died)")
 
     def shutdown(self) -> None:
         """Drop transfers under way, say goodbye, disconnect, close the outbox."""
@@ -317,11 +376,13 @@ class Agent:
             log.warning("connection lost (%s); reconnecting with backoff", change.reason)
 
     def _on_signed_command(self, signed: SignedCommand) -> None:
-        """Verify signature, addressee, times and nonce; then obey. Refusals change nothing."""
-        now = self.clock()
+        """Verify signature, addressee, times, root expiry and nonce; then obey. Refusals change nothing."""
+        now = self.trusted_now()
         try:
             cmd = open_command(signed, self.trust.root, self.config.device_id, now, limits=self.codec_limits)
+            self.trust.root.check_not_expired(now)
             self.trust.admit(cmd.command_id, cmd.expires_at, now)
+            self.trust.observe(cmd.ts, self.clock())
         except UntrustedInputError as exc:
             log.warning("refused command: %s: %s", exc.code, exc.message)
             self.reporter.event(EventKind.REFUSED, error=exc, command_id=peek_command_id(signed))
@@ -335,7 +396,7 @@ class Agent:
 
     def _on_root_update(self, msg: RootUpdate) -> None:
         try:
-            adopted = self.trust.update_root(canonical_json(msg.root), self.clock())
+            adopted = self.trust.update_root(canonical_json(msg.root), self.trusted_now())
         except UntrustedInputError as exc:
             log.warning("refused root update: %s: %s", exc.code, exc.message)
             self.reporter.event(EventKind.REFUSED, error=exc, detail={"root_version": self.trust.root.version})

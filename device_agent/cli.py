@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    agent.run(stop, Notifier.from_environ(os.environ))
+    try:
+        agent.run(stop, Notifier.from_environ(os.environ))
+    except EdgeError as exc:  # the agent could no longer work (its network thread died): let systemd restart it
+        print(f"edge-agent: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent.transport import DEFAULT_INBOUND_MAX
+from device_agent.transport import DEFAULT_INBOUND_MAX, DEFAULT_INBOUND_MAX_BYTES
 from edge_sdk.bundle import BundleLimits
 from edge_sdk.bundle.manifest import EXECUTIONS
 from edge_sdk.errors import ConfigError, KeyStoreError, UntrustedInputError
@@ -54,6 +54,10 @@ __all__ = ["CRASH_POINTS", "AgentConfig", "load_config"]
 CRASH_POINTS = ("receiving", "received", "staged", "activated", "profiled", "confirmed", "reported")
 #: Smallest inbound queue: a command, a transfer end and a few chunks must fit.
 _MIN_INBOUND = 16
+#: Smallest inbound byte bound: a few 1 MiB chunks must fit.
+_MIN_INBOUND_BYTES = 4 << 20
+#: Largest clock offset the test hook accepts (a year).
+_MAX_CLOCK_OFFSET_S = 366 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,15 @@ class AgentConfig:
         outbox_max_bytes: bound of the on-disk buffer of events and metrics kept while offline.
         inbound_queue_max: most inbound messages waiting for the agent's worker; more are
             dropped, counted and logged (see :mod:`device_agent.transport`).
+        inbound_max_bytes: the memory bound for inbound messages: most payload bytes held
+            between the network and the worker (half in the MQTT client's inbox, half in the
+            worker's queue); a flood beyond it is dropped and counted, whatever its size.
         execution: how to run bundles with sparse layers: ``auto`` (measure and pick the
             fastest), or ``dense``/``dense_int8``/``sparse`` to pin it, overriding the
             manifest's choice.
         debug_crash_at: test-only: SIGKILL the agent at this step of an install (:data:`CRASH_POINTS`).
+        debug_clock_offset_s: test-only, config file only: seconds added to the device's
+            clock (mounts a clock set back or forward, as after a reboot without RTC).
     """
 
     broker: str
@@ -105,8 +114,10 @@ class AgentConfig:
     update_gate_retry_s: float = 30.0
     outbox_max_bytes: int = 8 << 20
     inbound_queue_max: int = DEFAULT_INBOUND_MAX
+    inbound_max_bytes: int = DEFAULT_INBOUND_MAX_BYTES
     execution: str = "auto"
     debug_crash_at: str | None = None
+    debug_clock_offset_s: float = 0.0
 
     def __post_init__(self) -> None:
         parse_broker_url(self.broker)
@@ -136,6 +147,10 @@ class AgentConfig:
             raise ConfigError("outbox_max_bytes must be an integer of at least 1024")
         if not _is_int_at_least(self.inbound_queue_max, _MIN_INBOUND):
             raise ConfigError(f"inbound_queue_max must be an integer of at least {_MIN_INBOUND}")
+        if not _is_int_at_least(self.inbound_max_bytes, _MIN_INBOUND_BYTES):
+            raise ConfigError(f"inbound_max_bytes must be an integer of at least {_MIN_INBOUND_BYTES}")
+        if not _is_number_within(self.debug_clock_offset_s, _MAX_CLOCK_OFFSET_S):
+            raise ConfigError(f"debug_clock_offset_s must be a number of seconds within ±{_MAX_CLOCK_OFFSET_S:g}")
         if self.execution not in EXECUTIONS:
             raise ConfigError(f"execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
         if self.debug_crash_at is not None and self.debug_crash_at not in CRASH_POINTS:
@@ -209,6 +224,8 @@ _SETTINGS: dict[str, _Kind] = {
     "update_gate_retry_s": _NUMBER,
     "outbox_max_bytes": _INTEGER,
     "inbound_queue_max": _INTEGER,
+    "inbound_max_bytes": _INTEGER,
+    "debug_clock_offset_s": _NUMBER,
     "execution": _STRING,
     "debug_crash_at": _STRING,
 }
@@ -250,6 +267,11 @@ def _check_types(values: Mapping[str, object], where: str, tls: frozenset[str] =
         if kind is not None and not kind.accepts(value):
             name = f"[tls] {key}" if key in tls else key
             raise ConfigError(f"{where}: {name} must be {kind.wanted}, not {_toml_type(value)}", key=key)
+
+
+def _is_number_within(value: object, bound: float) -> bool:
+    """True for a number (not a bool) no further than ``bound`` from zero."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= bound
 
 
 def load_config(config_file: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:

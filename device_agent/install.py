@@ -203,6 +203,7 @@ class InstallSequence:
         """
         staged = self.installer.stage(bundle_path, self.clock(), self._checks(cmd))
         manifest = staged.verified.manifest
+        self.trust.observe(manifest.created_at, self.clock())  # a signed time: raises the device's time floor
         self.installer.activate(staged, cmd.command_id)
         active = self.installer.active(manifest.name)
         if active is None:

@@ -3,9 +3,13 @@
 systemd passes ``NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace) and,
 with ``WatchdogSec=``, ``WATCHDOG_USEC``. The entry point reads both (library code reads
 no environment) and builds a :class:`Notifier`; the agent sends ``READY=1`` once it
-runs, ``WATCHDOG=1`` from its worker loop at half the watchdog period (so a wedged
-worker gets the agent restarted), a ``STATUS=`` line, and ``STOPPING=1`` on the way out.
-Without ``NOTIFY_SOCKET`` every call does nothing.
+runs, ``WATCHDOG=1`` from its worker loop at half the watchdog period, a ``STATUS=`` line,
+and ``STOPPING=1`` on the way out. Without ``NOTIFY_SOCKET`` every call does nothing.
+
+The worker vouches only for an agent that can hear: :func:`should_feed` (pure) says
+whether to ping, from the liveness of the threads that bring messages in. A wedged worker
+sends nothing (it is the one that pings); a dead network or pump thread makes it stop
+pinging. Either way systemd's watchdog fires and restarts the agent.
 """
 
 from __future__ import annotations
@@ -14,10 +18,39 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-__all__ = ["Notifier"]
+__all__ = ["Liveness", "Notifier", "should_feed"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """What the worker knows about the threads it depends on, at one moment.
+
+    Attributes:
+        network_alive: the transport's network thread runs (it receives and keeps the connection).
+        pump_alive: the thread that moves received messages to the worker's queue runs.
+    """
+
+    network_alive: bool
+    pump_alive: bool
+
+
+def should_feed(liveness: Liveness) -> bool:
+    """Whether the worker may tell systemd the agent is well (pure).
+
+    The worker calls this itself, so its own liveness is implied: a stuck worker calls
+    nothing. An agent that cannot receive is not well, however busy its worker looks.
+
+    Args:
+        liveness: the state of the receiving threads.
+
+    Returns:
+        True only if every thread on the way from the network to the worker is alive.
+    """
+    return liveness.network_alive and liveness.pump_alive
 
 
 class Notifier:
@@ -60,12 +93,15 @@ class Notifier:
         return True
 
     def ready(self, status: str = "") -> None:
+        """Tell systemd start-up is done (``READY=1``), with an optional status line."""
         self.notify("READY=1", *([f"STATUS={status}"] if status else []))
 
     def status(self, status: str) -> None:
+        """Set the status line ``systemctl status`` shows."""
         self.notify(f"STATUS={status}")
 
     def stopping(self) -> None:
+        """Tell systemd the agent is stopping."""
         self.notify("STOPPING=1")
 
     def watchdog(self) -> None:

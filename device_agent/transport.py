@@ -5,9 +5,10 @@ connection changes. :class:`edge_sdk.mqtt.MqttClient` satisfies it as it is (str
 nothing to inherit); unit tests pass an in-memory one.
 
 The network side never waits for the worker: a small pump thread moves everything from
-the transport's inbox into an :class:`InboundQueue` of bounded length. While the worker
-is busy (a health check, a benchmark) and the queue is full, new messages are dropped,
-counted and logged, so a flood costs messages, never the device's memory. Dropping is
+the transport's inbox into an :class:`InboundQueue` bounded in messages and in payload
+bytes. While the worker is busy (a health check, a benchmark) and the queue is full, new
+messages are dropped, counted and logged, so a flood costs messages, never the device's
+memory. The count of drops goes out in the device's status (``inbound_dropped``). Dropping is
 safe for this protocol: a lost chunk is asked for again at ``transfer_end``, and a lost
 command is one the host times out on and retries. Connection changes are never dropped.
 """
@@ -24,12 +25,22 @@ from typing import Protocol
 
 from edge_sdk.mqtt import ConnectionChange, Incoming
 
-__all__ = ["DEFAULT_INBOUND_MAX", "InboundQueue", "Inbox", "PublishAck", "Transport", "pump"]
+__all__ = [
+    "DEFAULT_INBOUND_MAX",
+    "DEFAULT_INBOUND_MAX_BYTES",
+    "InboundQueue",
+    "Inbox",
+    "PublishAck",
+    "Transport",
+    "pump",
+]
 
 log = logging.getLogger(__name__)
 
 #: Default bound of the agent's inbound queue, in messages (1024 chunks of 64 KiB: 64 MiB).
 DEFAULT_INBOUND_MAX = 1024
+#: Default bound of the payload bytes held in memory between the network and the worker.
+DEFAULT_INBOUND_MAX_BYTES = 64 << 20
 _DROP_LOG_EVERY_S = 30.0
 
 Inbound = Incoming | ConnectionChange
@@ -64,6 +75,11 @@ class Transport(Protocol):
         ...
 
     @property
+    def network_alive(self) -> bool:
+        """False once the thread that receives has died (the agent is then deaf)."""
+        ...
+
+    @property
     def inbox(self) -> Inbox:
         """Inbound messages and connection changes, in arrival order."""
         ...
@@ -91,6 +107,7 @@ class InboundQueue:
     Args:
         max_messages: most :class:`Incoming` messages held; more are dropped and counted.
             Connection changes are always kept (they are few and the agent must see them).
+        max_bytes: most payload bytes held, whatever the number of messages.
         clock: monotonic seconds, for rate-limiting the drop warnings.
         log_every_s: at most one drop warning per this many seconds.
     """
@@ -99,12 +116,17 @@ class InboundQueue:
         self,
         max_messages: int = DEFAULT_INBOUND_MAX,
         *,
+        max_bytes: int = DEFAULT_INBOUND_MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
         log_every_s: float = _DROP_LOG_EVERY_S,
     ) -> None:
         if max_messages < 1:
             raise ValueError(f"inbound queue bound must be positive, got {max_messages}")
+        if max_bytes < 1:
+            raise ValueError(f"inbound queue byte bound must be positive, got {max_bytes}")
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._items: collections.deque[Inbound] = collections.deque()
         self._messages = 0
         self._ready = threading.Condition()
@@ -119,6 +141,11 @@ class InboundQueue:
         """Messages dropped because the queue was full, since start."""
         return self._dropped
 
+    @property
+    def payload_bytes(self) -> int:
+        """Payload bytes held now."""
+        return self._bytes
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -130,10 +157,11 @@ class InboundQueue:
         """
         with self._ready:
             if isinstance(item, Incoming):
-                if self._messages >= self.max_messages:
+                if self._messages >= self.max_messages or self._bytes + len(item.payload) > self.max_bytes:
                     self._drop(item)
                     return False
                 self._messages += 1
+                self._bytes += len(item.payload)
             self._items.append(item)
             self._ready.notify()
         return True
@@ -146,6 +174,7 @@ class InboundQueue:
             item = self._items.popleft()
             if isinstance(item, Incoming):
                 self._messages -= 1
+                self._bytes -= len(item.payload)
             return item
 
     def _drop(self, item: Incoming) -> None:
@@ -154,8 +183,9 @@ class InboundQueue:
         now = self._clock()
         if self._last_log is None or now - self._last_log >= self._log_every_s:
             log.warning(
-                "inbound queue full (%d messages): dropped %d message(s) (latest to %s), %d since start",
+                "inbound queue full (%d messages or %d bytes): dropped %d message(s) (latest to %s), %d since start",
                 self.max_messages,
+                self.max_bytes,
                 self._unlogged,
                 item.topic,
                 self._dropped,

@@ -3,7 +3,17 @@
 Layout under ``data_dir/trust/``::
 
     root.json      the signed root this device trusts now (the shipped one, or a later one)
-    nonces.json    {command_id: expires_at} of every signed command accepted and not yet expired
+    nonces.json    {command_id: expires_at} of every signed command accepted whose expiry the
+                   time floor has not yet passed
+    time.json      {"floor": unix seconds}: the newest signed time this device has seen
+
+The time floor is what makes expiry mean something on a device whose clock can be set
+back (no RTC battery, a reboot before NTP, an attacker who spoofs NTP). It only rises, and
+only with times that someone trusted signed: the issue time of each verified command and
+the creation time of each verified manifest. The device never believes a clock earlier
+than the floor (:meth:`TrustStore.now` is ``max(clock, floor)``), and a nonce is forgotten
+only once the *floor* passes its command's expiry, never because the clock says so: a
+recorded command replayed after the clock went back is still on record, and refused.
 
 This is the I/O shell around the pure checks in :mod:`edge_sdk.trust` and
 :mod:`edge_sdk.protocol.commands`. Every change is written durably (temp file, fsync,
@@ -23,19 +33,25 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from edge_sdk.durable import atomic_write_bytes, read_json
 from edge_sdk.errors import ReplayError, StorageError, UntrustedInputError
 from edge_sdk.trust import Root, SignedRoot, load_root, verify_root_update
 
-__all__ = ["TrustStore"]
+__all__ = ["MAX_FLOOR_LEAD_S", "TrustStore"]
 
 log = logging.getLogger(__name__)
 
+#: A signed time further than this ahead of the device's trusted time does not raise the floor
+#: (a bundle key cannot push every device into the far future; commands are bounded the same way
+#: by :class:`edge_sdk.protocol.CommandPolicy`'s clock skew).
+MAX_FLOOR_LEAD_S = 300.0
+
 
 class TrustStore:
-    """The current root and the seen command nonces of one device.
+    """The current root, the seen command nonces and the time floor of one device.
 
     Args:
         trust_dir: where to keep them (created if missing).
@@ -52,6 +68,7 @@ class TrustStore:
         self.dir = Path(trust_dir)
         self.root_path = self.dir / "root.json"
         self.nonces_path = self.dir / "nonces.json"
+        self.floor_path = self.dir / "time.json"
         self.max_nonces = max_nonces
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +82,7 @@ class TrustStore:
             stored = shipped
         self._signed = stored
         self._nonces = self._load_nonces()
+        self._floor = self._load_floor()
 
     # --- root ---------------------------------------------------------------------------
 
@@ -125,11 +143,19 @@ class TrustStore:
     def admit(self, nonce: str, expires_at: float, now: float) -> None:
         """Record a verified command's nonce, refusing one seen before. Durable before return.
 
+        Nonces are kept until the time floor (not ``now``) passes their expiry, so a clock
+        set back cannot make the device forget a command it obeyed.
+
+        Args:
+            nonce: the command id.
+            expires_at: the command's expiry (unix seconds).
+            now: the trusted time (:meth:`now`); used only in messages.
+
         Raises:
             ReplayError: the nonce was seen, or too many unexpired commands are on record.
             StorageError: the record cannot be written.
         """
-        live = {n: e for n, e in self._nonces.items() if e > now}
+        live = {n: e for n, e in self._nonces.items() if e > self._floor}
         if nonce in live:
             raise ReplayError(f"command {nonce} was already received: replay refused", nonce=nonce)
         if len(live) >= self.max_nonces:
@@ -140,3 +166,52 @@ class TrustStore:
         live[nonce] = float(expires_at)
         atomic_write_bytes(self.nonces_path, json.dumps(live, sort_keys=True).encode(), mode=0o600)
         self._nonces = live
+
+    # --- time floor ---------------------------------------------------------------------
+
+    @property
+    def floor(self) -> float:
+        """The newest signed time this device has seen (unix seconds; 0 before any)."""
+        return self._floor
+
+    def now(self, clock: float) -> float:
+        """The time to judge expiry by: the clock, but never earlier than the floor.
+
+        Args:
+            clock: what the device's clock says (unix seconds).
+
+        Returns:
+            ``max(clock, floor)``.
+        """
+        return max(clock, self._floor) if math.isfinite(clock) else self._floor
+
+    def observe(self, signed_time: float, clock: float) -> bool:
+        """Raise the floor to a verified, signed time. Durable before return.
+
+        Args:
+            signed_time: a time a trusted key signed (a command's issue time, a manifest's
+                creation time).
+            clock: what the device's clock says now.
+
+        Returns:
+            True if the floor rose. A time not newer than the floor, not finite, or more than
+            :data:`MAX_FLOOR_LEAD_S` ahead of :meth:`now` changes nothing.
+
+        Raises:
+            StorageError: the floor cannot be written.
+        """
+        if not math.isfinite(signed_time) or signed_time <= self._floor:
+            return False
+        if signed_time > self.now(clock) + MAX_FLOOR_LEAD_S:
+            log.warning("signed time %.0f is far ahead of this device's time %.0f: floor unchanged", signed_time, clock)
+            return False
+        atomic_write_bytes(self.floor_path, json.dumps({"floor": signed_time}).encode(), mode=0o600)
+        self._floor = signed_time
+        return True
+
+    def _load_floor(self) -> float:
+        body = read_json(self.floor_path, {"floor": 0.0})
+        value = body.get("floor") if isinstance(body, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise StorageError(f"{self.floor_path} is corrupt: unknown layout")
+        return float(value)

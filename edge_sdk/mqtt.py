@@ -19,10 +19,18 @@ delay grows, and every tenth failure after that, so an unreachable broker is nev
 
 TLS files (``ca_file``, ``cert_file``, ``key_file``) are checked when the client is built:
 a missing or unreadable one is named with its key and path before any connection is tried.
+
+No exception leaves a callback: an exception in paho's network thread would end it, and
+the client would be deaf while its owner looks alive. A message whose topic is not valid
+UTF-8 (some brokers pass them on) is counted in ``client.rejected`` and dropped; any other
+failure in a callback, ``MemoryError`` included, is counted in ``client.callback_errors``,
+logged, and the message dropped. :attr:`MqttClient.network_alive` says whether the network
+thread still runs, so that an owner (the agent's watchdog) can stop vouching for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -42,6 +50,7 @@ from edge_sdk.errors import BrokerUnreachableError, ConfigError, TransportError
 
 __all__ = [
     "DEFAULT_INBOX_MAX",
+    "DEFAULT_INBOX_MAX_BYTES",
     "BrokerAddress",
     "ConnectAttempts",
     "ConnectionChange",
@@ -57,6 +66,8 @@ log = logging.getLogger(__name__)
 
 #: Default bound of a client's inbox, in messages (see :attr:`MqttOptions.inbox_max`).
 DEFAULT_INBOX_MAX = 1000
+#: Default bound of a client's inbox, in payload bytes (see :attr:`MqttOptions.inbox_max_bytes`).
+DEFAULT_INBOX_MAX_BYTES = 256 << 20
 
 #: Places in the inbox above ``inbox_max`` that only connection changes may take.
 _CONNECTION_RESERVE = 16
@@ -205,8 +216,9 @@ class MqttOptions:
 
     Attributes:
         inbox_max: most received messages waiting in :attr:`MqttClient.inbox`; more are
-            dropped (and counted) until the owner catches up. At most this many times the
-            largest payload the broker lets through is held in memory.
+            dropped (and counted) until the owner catches up.
+        inbox_max_bytes: most payload bytes waiting in the inbox, whatever their count; with
+            ``inbox_max`` it bounds the memory a flood can take.
 
     Raises:
         ConfigError: a bound that is not positive.
@@ -225,10 +237,13 @@ class MqttOptions:
     username: str | None = None
     password: str | None = None
     inbox_max: int = DEFAULT_INBOX_MAX
+    inbox_max_bytes: int = DEFAULT_INBOX_MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.inbox_max < 1:
             raise ConfigError(f"the inbox bound must be at least 1 message, not {self.inbox_max}")
+        if self.inbox_max_bytes < 1:
+            raise ConfigError(f"the inbox byte bound must be at least 1 byte, not {self.inbox_max_bytes}")
 
 
 @dataclass(frozen=True)
@@ -244,6 +259,25 @@ class Incoming:
 class ConnectionChange:
     connected: bool
     reason: str
+
+
+class _Inbox(queue.Queue[Incoming | ConnectionChange]):
+    """A :class:`queue.Queue` that also knows how many payload bytes it holds."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.payload_bytes = 0
+
+    def _put(self, item: Incoming | ConnectionChange) -> None:  # called under the queue's lock
+        super()._put(item)
+        if isinstance(item, Incoming):
+            self.payload_bytes += len(item.payload)
+
+    def _get(self) -> Incoming | ConnectionChange:  # called under the queue's lock
+        item = super()._get()
+        if isinstance(item, Incoming):
+            self.payload_bytes -= len(item.payload)
+        return item
 
 
 class PublishHandle:
@@ -270,6 +304,9 @@ class MqttClient:
     Attributes:
         inbox: what the network thread received, in order; bounded (see :class:`MqttOptions`).
         inbox_dropped: messages dropped because the inbox was full.
+        rejected: messages dropped because they could not be converted (a topic that is
+            not valid UTF-8).
+        callback_errors: failures caught inside paho's callbacks (the message, if any, dropped).
 
     Args:
         url: broker URL.
@@ -279,8 +316,10 @@ class MqttClient:
     def __init__(self, url: str, options: MqttOptions) -> None:
         self.address = parse_broker_url(url)
         self.options = options
-        self.inbox: queue.Queue[Incoming | ConnectionChange] = queue.Queue(options.inbox_max + _CONNECTION_RESERVE)
+        self.inbox: _Inbox = _Inbox(options.inbox_max + _CONNECTION_RESERVE)
         self.inbox_dropped = 0
+        self.rejected = 0
+        self.callback_errors = 0
         self._connected = threading.Event()
         self._filters: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -296,6 +335,7 @@ class MqttClient:
         )
         c.reconnect_delay_set(min_delay=min_delay, max_delay=max_delay)
         c.max_queued_messages_set(0)
+        c.suppress_exceptions = True  # a second net under our own guards: paho logs and goes on
         if options.will is not None:
             c.will_set(options.will.topic, options.will.payload, options.will.qos, options.will.retain)
         if options.username is not None:
@@ -348,21 +388,27 @@ class MqttClient:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        if reason_code.is_failure:
-            self._attempt_failed(f"broker refused the connection: {reason_code}")
-            return
-        attempts = self._attempts.connected()
-        log.debug("connected to %s (attempt %d)", self.address, attempts)
-        with self._lock:
-            filters = list(self._filters.items())
-        for topic_filter, qos in filters:
-            client.subscribe(topic_filter, qos)
-        self._connected.set()
-        self._hand_over(ConnectionChange(True, "connected"))
+        try:
+            if reason_code.is_failure:
+                self._attempt_failed(f"broker refused the connection: {reason_code}")
+                return
+            attempts = self._attempts.connected()
+            log.debug("connected to %s (attempt %d)", self.address, attempts)
+            with self._lock:
+                filters = list(self._filters.items())
+            for topic_filter, qos in filters:
+                client.subscribe(topic_filter, qos)
+            self._connected.set()
+            self._hand_over(ConnectionChange(True, "connected"))
+        except Exception as exc:  # nothing may end the network thread
+            self._survive("on_connect", exc)
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        exc = self._client.connect_error
-        self._attempt_failed(f"connection failed: {exc}" if exc is not None else "connection failed")
+        try:
+            exc = self._client.connect_error
+            self._attempt_failed(f"connection failed: {exc}" if exc is not None else "connection failed")
+        except Exception as error:  # nothing may end the network thread
+            self._survive("on_connect_fail", error)
 
     def _on_disconnect(
         self,
@@ -372,20 +418,49 @@ class MqttClient:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        was_connected = self._connected.is_set()
-        self._connected.clear()
-        if was_connected:
-            self._last_error = f"disconnected: {reason_code}"
-            if self._started:  # not close(): paho will reconnect
-                log.debug("lost %s (%s); next attempt in %g s", self.address, reason_code, self._attempts.lost())
-            self._hand_over(ConnectionChange(False, str(reason_code)))
+        try:
+            was_connected = self._connected.is_set()
+            self._connected.clear()
+            if was_connected:
+                self._last_error = f"disconnected: {reason_code}"
+                if self._started:  # not close(): paho will reconnect
+                    log.debug("lost %s (%s); next attempt in %g s", self.address, reason_code, self._attempts.lost())
+                self._hand_over(ConnectionChange(False, str(reason_code)))
+        except Exception as exc:  # nothing may end the network thread
+            self._survive("on_disconnect", exc)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        self._hand_over(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        try:
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:
+                self.rejected += 1  # only the network thread writes it
+                if self.rejected % _DROP_LOG_EVERY == 1:
+                    log.warning("dropped a message whose topic is not valid UTF-8; %d so far", self.rejected)
+                return
+            self._hand_over(Incoming(topic, bytes(msg.payload), bool(msg.retain)))
+        except Exception as exc:  # MemoryError included: nothing may end the network thread
+            self._survive("on_message", exc)
+
+    def _survive(self, where: str, exc: Exception) -> None:
+        """Count and log a failure inside a callback; never raise (not even MemoryError)."""
+        self.callback_errors += 1
+        with contextlib.suppress(Exception):  # logging itself can fail under MemoryError
+            log.error(
+                "%s of %s failed (%d so far): %s: %s",
+                where,
+                self.options.client_id,
+                self.callback_errors,
+                type(exc).__name__,
+                exc,
+            )
 
     def _hand_over(self, item: Incoming | ConnectionChange) -> None:
         """Put ``item`` on the inbox without ever blocking; count and log it if there is no room."""
-        if isinstance(item, Incoming) and self.inbox.qsize() >= self.options.inbox_max:
+        if isinstance(item, Incoming) and (
+            self.inbox.qsize() >= self.options.inbox_max
+            or self.inbox.payload_bytes + len(item.payload) > self.options.inbox_max_bytes
+        ):
             self._drop(item)
             return
         try:
@@ -410,6 +485,17 @@ class MqttClient:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def network_alive(self) -> bool:
+        """False once the network thread, started by :meth:`start`, has ended without :meth:`close`.
+
+        Before :meth:`start` (nothing to watch yet) it is True.
+        """
+        if not self._started:
+            return True
+        thread = self._client._thread  # paho keeps its loop_start thread here; no public accessor
+        return thread is not None and thread.is_alive()
 
     def start(self) -> None:
         """Connect in the background and keep reconnecting with backoff, forever."""

@@ -43,6 +43,7 @@ class MemoryTransport:
     subscriptions: list[str] = field(default_factory=list)
     inbox: queue.Queue[Incoming | ConnectionChange] = field(default_factory=queue.Queue)
     _connected: bool = False
+    network_alive: bool = True
     started: bool = False
     closed: bool = False
 

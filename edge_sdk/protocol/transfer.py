@@ -41,7 +41,7 @@ class ChunkReceiver:
         offer: the declared size, hash and chunk size (from a signed or trusted command).
         have: chunk indices already on disk from an earlier, interrupted attempt.
         deadline: time (same clock as ``now`` arguments) after which an idle transfer is dropped.
-        idle_timeout_s: how far each accepted chunk pushes the deadline.
+        idle_timeout_s: how far each new chunk pushes the deadline (a duplicate does not).
     """
 
     def __init__(
@@ -93,9 +93,9 @@ class ChunkReceiver:
                 expected=length,
                 actual=len(data),
             )
-        self.deadline = now + self._idle_timeout_s
         if index in self._have:
-            return None
+            return None  # a duplicate is not progress: it does not push the deadline
+        self.deadline = now + self._idle_timeout_s
         self._have.add(index)
         return WriteAt(offset, data)
 

@@ -8,6 +8,8 @@ tests/integration/test_agent_*.py.
 from __future__ import annotations
 
 import hashlib
+import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,9 +20,12 @@ from agent_models import nan_model
 from harness import build_tiny_model
 from memory_transport import MemoryTransport
 
+from device_agent import agent as agent_module
 from device_agent.agent import Agent
 from device_agent.config import AgentConfig
+from device_agent.sdnotify import Liveness, Notifier, should_feed
 from edge_sdk.bundle import BundleSpec, pack_bundle
+from edge_sdk.errors import TransportError
 from edge_sdk.mqtt import Incoming
 from edge_sdk.protocol import (
     BenchmarkSpec,
@@ -30,6 +35,7 @@ from edge_sdk.protocol import (
     EventKind,
     RemoveCommand,
     RollbackCommand,
+    RootUpdate,
     TransferEnd,
     TransferOffer,
     encode,
@@ -449,3 +455,204 @@ def test_an_old_command_without_facts_still_installs_and_is_checked_after_receip
     again = send_deploy(fleet, transport, ran[2], "tiny", 2)
     drive(agent, settled(transport, again.command_id))
     assert kinds(transport, again.command_id)[-1] == EventKind.INSTALLED
+
+
+# --- an agent that cannot be deafened; time the device can trust --------------------------
+# Periodic work under a trickle of junk, the watchdog decision, the time floor against a
+# clock set back, an expired root against signed commands. The same attacks against real
+# agent processes through a real Mosquitto: tests/integration/test_agent_liveness.py.
+
+
+class Recording(Notifier):
+    """A notifier that records what it would send."""
+
+    def __init__(self) -> None:
+        super().__init__("/unused", watchdog_usec=2, clock=time.monotonic)  # ping whenever asked
+        self.sent: list[tuple[str, ...]] = []
+
+    def notify(self, *fields: str) -> bool:
+        self.sent.append(fields)
+        return True
+
+    @property
+    def pings(self) -> int:
+        return sum(1 for f in self.sent if f == ("WATCHDOG=1",))
+
+
+def _fake_deploy(device: str, now: float, ttl: float) -> DeployCommand:
+    offer = TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024)
+    return DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, now, device_id=device, expires_at=now + ttl)
+
+
+def _answer(transport: MemoryTransport, command_id: str) -> Callable[[], bool]:
+    return lambda: any(e.command_id == command_id for e in transport.events())
+
+
+# --- periodic work under traffic ----------------------------------------------------------
+
+
+def test_a_trickle_of_junk_does_not_stop_idle_timeouts(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent(transfer_idle_timeout_s=1.0)
+    data = fleet.bundle(1)
+    cmd = fleet.deploy(data, "tiny", 1)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    drive(agent, lambda: len(agent.receiving) == 1)
+    # From now on the worker always finds something waiting: a junk message, never a chunk.
+    deadline = time.monotonic() + 10
+    while EventKind.REFUSED not in kinds(transport, cmd.command_id):
+        assert time.monotonic() < deadline, "the idle transfer was never dropped"
+        transport.deliver(TOPICS.data, b"junk")
+        transport.deliver(TOPICS.data, b"junk")
+        time.sleep(0.05)
+        assert agent.step(0.3)  # an item was there: before the fix, periodic work never ran
+    assert last(transport, cmd.command_id).error.code == "transfer_incomplete"  # type: ignore[union-attr]
+    assert len(agent.receiving) == 0
+
+
+def test_a_duplicate_chunk_does_not_keep_a_transfer_alive(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent(transfer_idle_timeout_s=1.0)
+    data = fleet.bundle(1)
+    cmd = fleet.deploy(data, "tiny", 1)
+    first = chunks(cmd, data)[0]
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    transport.deliver(TOPICS.data, first)
+    drive(agent, lambda: agent.receiving.missing(cmd.transfer.transfer_id) == list(range(1, len(chunks(cmd, data)))))
+    started = time.monotonic()
+    while EventKind.REFUSED not in kinds(transport, cmd.command_id):
+        assert time.monotonic() - started < 5, "duplicates kept the transfer alive"
+        transport.deliver(TOPICS.data, first)  # the same chunk, again and again
+        agent.step(0.1)
+    assert time.monotonic() - started < 2.5
+
+
+# --- the watchdog --------------------------------------------------------------------------
+
+
+def test_should_feed_needs_every_receiving_thread_alive() -> None:
+    assert should_feed(Liveness(network_alive=True, pump_alive=True))
+    assert not should_feed(Liveness(network_alive=False, pump_alive=True))
+    assert not should_feed(Liveness(network_alive=True, pump_alive=False))
+    assert not should_feed(Liveness(network_alive=False, pump_alive=False))
+
+
+def test_a_dead_network_thread_stops_the_watchdog_and_the_agent(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    notifier = Recording()
+    agent._notifier = notifier
+    agent.step(0.01)
+    assert notifier.pings == 1
+    transport.network_alive = False  # paho's thread died (an exception escaped, MemoryError)
+    for _ in range(5):
+        agent.step(0.01)
+    assert notifier.pings == 1  # no more: systemd's watchdog fires and restarts the agent
+    assert any(f[0].startswith("STATUS=") and "deaf" in f[0] for f in notifier.sent)
+    transport.network_alive = True  # it does not come back in practice, but the decision is live
+    agent.step(0.01)
+    assert notifier.pings == 2
+
+
+def test_run_ends_with_an_error_when_the_agent_is_deaf(fleet: Fleet, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(agent_module, "_DEAF_GRACE_S", 0.2)
+    (tmp_path / "sys").mkdir()
+    config = AgentConfig("mqtt://127.0.0.1:1", DEVICE, tmp_path / "data", fleet.root_path, sysfs_root=tmp_path / "sys")
+    transport = MemoryTransport(network_alive=False)
+    agent = Agent(config, transport)
+    with pytest.raises(TransportError, match="network thread"):
+        agent.run(threading.Event())
+    assert transport.closed  # it said goodbye and disconnected on the way out
+
+
+# --- time the device can trust ---------------------------------------------------------------
+
+
+def test_a_command_replayed_after_the_clock_went_back_is_refused(fleet: Fleet, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    base = time.time()
+    offset = [0.0]
+    (tmp_path / "sys").mkdir()
+    config = AgentConfig("mqtt://127.0.0.1:1", DEVICE, tmp_path / "data", fleet.root_path, sysfs_root=tmp_path / "sys")
+
+    def boot() -> tuple[Agent, MemoryTransport]:
+        transport = MemoryTransport()
+        agent = Agent(config, transport, clock=lambda: time.time() + offset[0])
+        agent.start()
+        return agent, transport
+
+    agent, transport = boot()
+    recorded = fleet.signed(_fake_deploy(DEVICE, base, ttl=600))  # the attacker keeps a copy
+    transport.deliver(TOPICS.cmd, recorded)
+    drive(agent, lambda: bool(transport.events()))
+    assert transport.events()[-1].kind == EventKind.ACCEPTED
+    agent.shutdown()
+    offset[0] = 1200.0  # 20 minutes on: the recorded command has expired by the clock
+    agent, transport = boot()
+    later = _fake_deploy(DEVICE, base, ttl=1800)
+    transport.deliver(TOPICS.cmd, fleet.signed(later))
+    drive(agent, _answer(transport, later.command_id))
+    assert last(transport, later.command_id).kind == EventKind.ACCEPTED
+    agent.shutdown()
+    offset[0] = 1200.0 - 900  # reboot with the clock 15 minutes early: the command looks fresh again
+    agent, transport = boot()
+    transport.deliver(TOPICS.cmd, recorded)
+    drive(agent, lambda: bool(transport.events()))
+    refused = transport.events()[-1]
+    assert refused.kind == EventKind.REFUSED and refused.error is not None and refused.error.code == "replay"
+    agent.shutdown()
+
+
+def test_the_floor_survives_restarts_and_outranks_an_early_clock(fleet: Fleet, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "sys").mkdir()
+    config = AgentConfig("mqtt://127.0.0.1:1", DEVICE, tmp_path / "data", fleet.root_path, sysfs_root=tmp_path / "sys")
+    now = time.time()
+    agent = Agent(config, MemoryTransport(), clock=lambda: now)
+    agent.start()
+    cmd = _fake_deploy(DEVICE, now + 100, ttl=600)  # issued a little ahead of this device's clock
+    agent.transport.deliver(TOPICS.cmd, fleet.signed(cmd))  # type: ignore[attr-defined]
+    drive(agent, lambda: agent.trust.floor == now + 100)
+    agent.shutdown()
+    assert json.loads((config.data_dir / "trust" / "time.json").read_text()) == {"floor": now + 100}
+    # Rebooted with a clock an hour early: the device believes the floor, not the clock.
+    agent = Agent(config, MemoryTransport(), clock=lambda: now - 3600)
+    assert agent.trusted_now() == now + 100
+    stale = _fake_deploy(DEVICE, now - 3600, ttl=600)  # valid by the early clock, expired by the floor
+    agent.start()
+    agent.transport.deliver(TOPICS.cmd, fleet.signed(stale))  # type: ignore[attr-defined]
+    drive(agent, _answer(agent.transport, stale.command_id))  # type: ignore[arg-type]
+    ev = last(agent.transport, stale.command_id)  # type: ignore[arg-type]
+    assert ev.kind == EventKind.REFUSED and ev.error is not None and ev.error.code == "expired"
+    agent.shutdown()
+
+
+def test_an_expired_root_refuses_every_command_until_a_new_root_arrives(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    ahead = 2 * 86400.0  # the device's clock is past the root's expiry (one day)
+    agent, transport = make_agent(debug_clock_offset_s=ahead)
+    data = fleet.bundle(1)
+    drive(agent, lambda: bool(transport.statuses()))
+    now = time.time() + ahead
+    remove = RemoveCommand(uuid.uuid4().hex, "tiny", now, device_id=DEVICE, expires_at=now + 60)
+    deploy = fleet.deploy(data, "tiny", 1)
+    deploy = DeployCommand(
+        uuid.uuid4().hex,
+        "tiny",
+        1,
+        deploy.transfer,
+        now,
+        benchmark=deploy.benchmark,
+        device_id=DEVICE,
+        expires_at=now + 60,
+    )
+    for cmd in (remove, deploy):
+        transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+        drive(agent, _answer(transport, cmd.command_id))
+        ev = last(transport, cmd.command_id)
+        assert ev.kind == EventKind.REFUSED and ev.error is not None and ev.error.code == "expired", ev
+        assert "root" in ev.error.message
+    assert len(agent.receiving) == 0 and agent.installer.active("tiny") is None
+    # Root updates still apply (they carry their own signatures); then commands are obeyed again.
+    old = agent.trust.root
+    new = Root(2, now + 86400, dict(old.keys), {n: Role(r.keyids, r.threshold) for n, r in old.roles.items()})
+    transport.deliver(TOPICS.cmd, encode(RootUpdate(json.loads(sign_root(new, [fleet.root_key]).to_bytes()))))
+    drive(agent, lambda: agent.trust.root.version == 2)
+    again = RemoveCommand(uuid.uuid4().hex, "tiny", now, device_id=DEVICE, expires_at=now + 60)
+    transport.deliver(TOPICS.cmd, fleet.signed(again))
+    drive(agent, settled(transport, again.command_id))
+    assert last(transport, again.command_id).kind == EventKind.DONE

@@ -74,3 +74,11 @@ def test_the_pump_moves_everything_into_the_bound_and_stops() -> None:
     assert not thread.is_alive()
     assert into.dropped == 2
     assert [into.get(0.01) for _ in range(4)] == [_msg(0), _msg(1), _msg(2), None]
+
+
+def test_the_inbound_queue_is_bounded_in_bytes() -> None:
+    q = InboundQueue(100, max_bytes=10)
+    assert [q.put(Incoming("t", b"1234", False)) for _ in range(3)] == [True, True, False]
+    assert q.dropped == 1 and q.payload_bytes == 8
+    q.get(0)
+    assert q.payload_bytes == 4 and q.put(Incoming("t", b"123456", False))

@@ -124,3 +124,61 @@ def test_a_missing_tls_file_is_named_with_its_key_and_path(key: str, tmp_path: P
         MqttClient("mqtts://127.0.0.1:1", MqttOptions(client_id="unit-tls", **files))
     assert caught.value.message == f"TLS {key} {tmp_path / 'missing.pem'} does not exist"
     assert caught.value.details["key"] == key
+
+
+def test_a_topic_that_is_not_utf8_is_counted_and_dropped_and_the_next_message_goes_through() -> None:
+    import paho.mqtt.client as paho
+
+    client = _client(10)
+    bad = paho.MQTTMessage(topic=b"edge/devices/\xff/cmd")
+    bad.payload = b"x"
+    client._on_message(None, None, bad)  # type: ignore[arg-type]  # must not raise: it would end paho's thread
+    assert client.rejected == 1 and client.inbox.qsize() == 0
+    good = paho.MQTTMessage(topic=b"edge/devices/d/cmd")
+    good.payload = b"y"
+    client._on_message(None, None, good)  # type: ignore[arg-type]
+    assert client.inbox.get_nowait() == Incoming("edge/devices/d/cmd", b"y", False)
+
+
+def test_no_exception_leaves_a_callback_not_even_memory_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = _client(10)
+
+    def no_memory(item: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(client.inbox, "put_nowait", no_memory)
+    _receive(client, 2)
+    client._connected.set()
+    client._on_disconnect(None, None, None, "gone", None)  # type: ignore[arg-type]
+    client._on_connect(None, None, None, None, None)  # type: ignore[arg-type]  # reason_code None: AttributeError
+    assert client.callback_errors == 4
+
+
+def test_the_inbox_is_bounded_in_bytes_too() -> None:
+    client = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="unit-bytes", inbox_max_bytes=10))
+    for i in range(4):
+        client._on_message(None, None, SimpleNamespace(topic=f"t/{i}", payload=b"1234", retain=False))  # type: ignore[arg-type]
+    assert client.inbox.qsize() == 2 and client.inbox.payload_bytes == 8 and client.inbox_dropped == 2
+    client.inbox.get_nowait()
+    assert client.inbox.payload_bytes == 4
+    with pytest.raises(ConfigError, match="byte bound"):
+        MqttOptions(client_id="x", inbox_max_bytes=0)
+
+
+def test_network_alive_follows_the_network_thread() -> None:
+    import threading
+
+    client = _client(10)
+    assert client.network_alive  # not started: nothing to watch
+    client.start()  # nothing listens on port 1: the thread keeps retrying
+    try:
+        assert client.network_alive
+        dead = threading.Thread(target=lambda: None)
+        dead.start()
+        dead.join()
+        running = client._client._thread
+        client._client._thread = dead  # what an exception escaping paho's loop leaves behind
+        assert not client.network_alive
+        client._client._thread = running
+    finally:
+        client.close()

@@ -596,3 +596,13 @@ def test_bundle_facts_round_trip_and_keep_unknown_fields() -> None:
 def test_malformed_bundle_facts_are_refused(facts: dict[str, Any]) -> None:
     with pytest.raises(MessageError):
         decode(json.dumps({**_deploy(), "bundle": facts}).encode())
+
+
+def test_a_duplicate_chunk_does_not_push_the_idle_deadline() -> None:
+    from edge_sdk.protocol import ChunkReceiver, TransferOffer
+
+    receiver = ChunkReceiver(TransferOffer("a" * 32, 2048, "0" * 64, 1024), now=0.0, idle_timeout_s=10.0)
+    assert receiver.accept(0, b"x" * 1024, now=5.0) is not None
+    assert receiver.deadline == 15.0
+    assert receiver.accept(0, b"x" * 1024, now=14.0) is None  # a duplicate: not progress
+    assert receiver.expired(15.0)

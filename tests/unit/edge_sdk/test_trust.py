@@ -607,7 +607,10 @@ def test_trust_store_refuses_replays_across_restarts(tmp_path, root_v1: SignedRo
     again = TrustStore(tmp_path, root_v1.to_bytes())  # a reboot
     with pytest.raises(ReplayError):
         again.admit(_CID, NOW + 60, NOW + 1)
-    again.admit(_CID, NOW + 200, NOW + 61)  # expired nonces are forgotten (the command itself is refused as expired)
+    with pytest.raises(ReplayError):  # the device's clock alone (it can go back) forgets nothing
+        again.admit(_CID, NOW + 200, NOW + 61)
+    again.observe(NOW + 61, NOW + 61)  # a signed time past the nonce's expiry raises the time floor
+    again.admit(_CID, NOW + 200, NOW + 61)  # only then is the expired nonce forgotten
     small = TrustStore(tmp_path / "small", root_v1.to_bytes(), max_nonces=2)
     small.admit("a" * 32, NOW + 60, NOW)
     small.admit("b" * 32, NOW + 60, NOW)
