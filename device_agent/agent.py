@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 
 from device_agent.config import AgentConfig
+from device_agent.decryption_key import load_or_create_decryption_key
 from device_agent.gate import UpdateGate
 from device_agent.install import InstallSequence
 from device_agent.installer import Installer
@@ -157,6 +158,7 @@ class Agent:
         if removed:
             log.info("removed %d leftover(s) of interrupted work", len(removed))
         rolled_back = self.installer.roll_back_pending()
+        self.decryption_key = load_or_create_decryption_key(config.data_dir)
         self.platform: PlatformInfo = detect_platform(config.sysfs_root)
         self.power: PowerSource = detect_power_source(config.sysfs_root, power_model_name(self.platform))
         self.inbound = InboundQueue(config.inbound_queue_max)
@@ -169,6 +171,7 @@ class Agent:
             self.power,
             self.inbound,
             clock,
+            decryption_key=self.decryption_key.public,
         )
         self.receiving = Receiving(
             self.installer.staging_path,
@@ -187,6 +190,7 @@ class Agent:
             clock=clock,
             monotonic=monotonic,
             checkpoint=checkpoint,
+            decryption_key=self.decryption_key,
         )
         self._notifier = Notifier()
         self._pump_stop = threading.Event()
@@ -345,6 +349,14 @@ class Agent:
     # --- receiving ------------------------------------------------------------------
 
     def _on_deploy(self, cmd: DeployCommand) -> None:
+        # Coordinator: issue 12's cheap checks (InstallSequence.precheck, before any chunk
+        # moves) are the home of this recipient check once they are on main.
+        try:
+            self.installs.check_recipient(cmd)
+        except UntrustedInputError as exc:
+            log.warning("refused offer of %s v%s before transfer: %s", cmd.bundle_name, cmd.bundle_version, exc.message)
+            self.reporter.event(EventKind.REFUSED, cmd=cmd, error=exc)
+            return
         try:
             missing = self.receiving.begin(cmd, self.monotonic())
         except StorageError as exc:

@@ -7,6 +7,8 @@
     gate closed     -> DEFERRED (reason); bundle kept under deferred/, the gate asked again every
                        update_gate_retry_s (retry_deferred), then installed as below
     install         stage      verify against root, device and command; unpack into a slot
+                               (an encrypted bundle: its ciphertext hashes checked, then decrypted
+                               chunk by chunk into the slot's scratch; nothing is left on failure)
                     activate   state.json: active, pending its health check
                     health     load, run the sample, benchmark (sparse bundles: choose the execution)
                     confirm    state.json: pending mark cleared    | roll back on a failed health check
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from device_agent.config import AgentConfig
+from device_agent.decryption_key import check_recipient
 from device_agent.gate import UpdateGate
 from device_agent.installer import BundleChecks, Installer, PendingRollback
 from device_agent.platform import PlatformInfo
@@ -38,6 +41,7 @@ from edge_sdk.errors import (
     EdgeError,
     HealthCheckError,
     ModelError,
+    NotRecipientError,
     RollbackError,
     StorageError,
     UntrustedInputError,
@@ -53,6 +57,7 @@ from edge_sdk.protocol import (
     decode,
     encode,
 )
+from edge_sdk.trust import RecipientKey
 
 if TYPE_CHECKING:  # numpy and the runtimes are imported only when a model is profiled
     from device_agent.profiler import Profile
@@ -78,6 +83,8 @@ class InstallSequence:
         monotonic: monotonic seconds (when to ask the gate again).
         checkpoint: called with ``received``, ``profiled`` and ``reported`` as they are reached
             (the ``debug_crash_at`` option).
+        decryption_key: this device's X25519 key; encrypted bundles addressed to it are
+            decrypted while they are staged (:mod:`device_agent.decryption_key`).
     """
 
     def __init__(
@@ -92,8 +99,10 @@ class InstallSequence:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         checkpoint: Callable[[str], None] = lambda _point: None,
+        decryption_key: RecipientKey | None = None,
     ) -> None:
         self.config = config
+        self.decryption_key = decryption_key
         self.installer = installer
         self.trust = trust
         self.reporter = reporter
@@ -105,6 +114,26 @@ class InstallSequence:
         self.checkpoint = checkpoint
         self.codec_limits = CodecLimits()
         self.next_gate_check = 0.0
+
+    # --- an offer, before any chunk moves ------------------------------------------------
+
+    def check_recipient(self, cmd: DeployCommand) -> None:
+        """Refuse the offer of an encrypted bundle that is not encrypted to this device.
+
+        Runs when the deploy command arrives, before the staging file is reserved or any
+        chunk is sent; the signed manifest is checked again after receipt.
+
+        Raises:
+            NotRecipientError: the offer lists recipient keys and this device's is not one.
+        """
+        if self.decryption_key is None:
+            if cmd.transfer.encrypted_for:
+                raise NotRecipientError(
+                    f"{cmd.bundle_name} v{cmd.bundle_version} is encrypted, and this device has no decryption key",
+                    recipients=list(cmd.transfer.encrypted_for),
+                )
+            return
+        check_recipient(cmd, self.decryption_key)
 
     # --- a received bundle ------------------------------------------------------------
 
@@ -212,6 +241,7 @@ class InstallSequence:
             trusted=self.trust.root.trusted("bundles"),
             device=DeviceFacts(self.platform.arch, self.platform.memory_bytes, frozenset(self.config.accelerators)),
             expect=Expected(cmd.bundle_name, cmd.bundle_version, rollback=cmd.rollback),
+            decrypt_with=self.decryption_key,
         )
 
     def _profile(self, manifest: Manifest, payload: Path, cmd: DeployCommand) -> tuple[Profile, ExecutionChoice | None]:

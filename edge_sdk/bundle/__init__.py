@@ -193,8 +193,8 @@ def pack_bundle(spec: BundleSpec, signing_keys: Sequence[SigningKey], out: Path,
     # Ciphertext is written next to the output (same file system), one chunk in memory at a
     # time, and removed with the directory; no plaintext copy is made.
     with tempfile.TemporaryDirectory(prefix=".edge-encrypt-", dir=Path(out).parent) as tmp:
-        encryption, entries, sealed = _encrypt_files(spec, files, Path(tmp))
-        return _sign_and_write(spec, sample_name, entries, encryption, signing_keys, out, now, sealed)
+        encryption, sealed_entries, sealed = _encrypt_files(spec, files, Path(tmp))
+        return _sign_and_write(spec, sample_name, sealed_entries, encryption, signing_keys, out, now, sealed)
 
 
 def _encrypt_files(
@@ -418,9 +418,7 @@ def verify_bundle(
     return VerifiedBundle(manifest, signers, tuple(checks))
 
 
-def _recipient_check(
-    encryption: Encryption, key: RecipientKey | None, extracting: bool
-) -> tuple[bytes | None, str]:
+def _recipient_check(encryption: Encryption, key: RecipientKey | None, extracting: bool) -> tuple[bytes | None, str]:
     """Whether this device can open an encrypted bundle; the content key when it must.
 
     Returns:
@@ -432,11 +430,17 @@ def _recipient_check(
     """
     keyids = ", ".join(encryption.keyids)
     if not extracting:
-        return None, f"encryption: payload encrypted (AES-256-GCM) for key(s) {keyids}; ciphertext checked, not decrypted"
+        return (
+            None,
+            f"encryption: payload encrypted (AES-256-GCM) for key(s) {keyids}; ciphertext checked, not decrypted",
+        )
     if key is None:
         raise NotRecipientError(
             f"bundle is encrypted for key(s) {keyids}, and this device has no decryption key",
             recipients=list(encryption.keyids),
         )
     content_key = encryption.content_key(key)
-    return content_key, f"recipient: encrypted for {len(encryption.keyids)} key(s), this device's key {key.keyid} among them"
+    return (
+        content_key,
+        f"recipient: encrypted for {len(encryption.keyids)} key(s), this device's key {key.keyid} among them",
+    )

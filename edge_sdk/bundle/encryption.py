@@ -54,6 +54,7 @@ from edge_sdk.trust.recipient import (
     unwrap_content_key,
     wrap_content_key,
 )
+from edge_sdk.untrusted_json import is_int, is_text
 
 __all__ = [
     "ALGORITHM",
@@ -109,9 +110,9 @@ class EncryptedFile:
     salt: bytes
 
     def __post_init__(self) -> None:
-        if not isinstance(self.path, str) or not self.path:
+        if not is_text(self.path, max_len=255):
             raise ManifestError("encryption: a file needs a path")
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+        if not is_int(self.size) or self.size < 0:
             raise ManifestError(f"encryption: file {self.path!r}: size must be a non-negative integer")
         if len(self.salt) != SALT_BYTES:
             raise ManifestError(f"encryption: file {self.path!r}: salt must be {SALT_BYTES} bytes")
@@ -155,7 +156,7 @@ class Encryption:
         if self.algorithm != ALGORITHM:
             raise ManifestError(f"encryption: unknown algorithm {self.algorithm!r} (this build reads {ALGORITHM})")
         c = self.chunk_size
-        if isinstance(c, bool) or not isinstance(c, int) or not MIN_CHUNK_SIZE <= c <= MAX_CHUNK_SIZE:
+        if not is_int(c) or not MIN_CHUNK_SIZE <= c <= MAX_CHUNK_SIZE:
             raise ManifestError(f"encryption: chunk_size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}")
         if not 1 <= len(self.recipients) <= MAX_RECIPIENTS:
             raise ManifestError(f"encryption: between 1 and {MAX_RECIPIENTS} recipients")

@@ -24,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edge_sdk.errors import DecryptionError, KeyStoreError, ManifestError
+from edge_sdk.untrusted_json import is_text
 
 __all__ = [
     "CONTENT_KEY_BYTES",
@@ -54,6 +56,7 @@ RECIPIENT_PREFIX = "x25519:"
 WRAP_INFO = b"edge-sdk bundle content key wrap v1"
 _ZERO_NONCE = bytes(12)
 _TAG_BYTES = 16
+_KEYID_RE = re.compile(r"[0-9a-f]{32}")
 
 
 def _b64(data: bytes) -> str:
@@ -102,7 +105,7 @@ class RecipientPublicKey:
         Raises:
             KeyStoreError: not ``x25519:`` and 32 bytes of base64.
         """
-        if not isinstance(text, str) or not text.startswith(RECIPIENT_PREFIX):
+        if not is_text(text) or not text.startswith(RECIPIENT_PREFIX):
             raise KeyStoreError(f"a recipient key is written {RECIPIENT_PREFIX}<base64>")
         try:
             return cls(_unb64(text[len(RECIPIENT_PREFIX) :].strip(), 32, "recipient key"))
@@ -206,7 +209,7 @@ class WrappedKey:
     wrapped: bytes
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.keyid, str) and len(self.keyid) == 32 and all(c in "0123456789abcdef" for c in self.keyid)):
+        if not is_text(self.keyid, pattern=_KEYID_RE):
             raise ManifestError(f"recipient key id must be 32 lowercase hex digits, got {self.keyid!r}")
         if len(self.ephemeral) != 32 or len(self.wrapped) != CONTENT_KEY_BYTES + _TAG_BYTES:
             raise ManifestError("recipient stanza has the wrong key lengths")

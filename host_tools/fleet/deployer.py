@@ -329,9 +329,16 @@ def transfer_command(
     Raises:
         BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
     """
-    name, version = claim or _name_version(read_manifest(bundle_path))
+    recipients: tuple[str, ...] = ()
+    if claim:
+        name, version = claim
+    else:
+        manifest = read_manifest(bundle_path)
+        name, version = _name_version(manifest)
+        # An encrypted bundle's offer names its recipients: a device that is not one refuses before any chunk.
+        recipients = manifest.encryption.keyids if manifest.encryption is not None else ()
     digest, size = file_sha256(bundle_path)
-    offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
+    offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size, encrypted_for=recipients)
     now = clock()
     return DeployCommand(
         uuid.uuid4().hex,
