@@ -359,7 +359,8 @@ class FileDecryptor:
     def _open(self, sealed: bytes | bytearray | memoryview) -> bytes:
         final = self._index == self._count - 1
         try:
-            plain = self._aead.decrypt(_nonce(self._index, final), sealed, None)
+            # bytes, not a view: cryptography's AES-GCM takes bytes about twice as fast.
+            plain = self._aead.decrypt(_nonce(self._index, final), bytes(sealed), None)
         except InvalidTag as exc:
             raise DecryptionError(
                 f"chunk {self._index} of {self._entry.path!r} does not decrypt (altered, reordered or wrong key)",
