@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable
 
 from device_agent.config import AgentConfig
+from device_agent.decryption_key import load_or_create_decryption_key
 from device_agent.gate import UpdateGate
 from device_agent.install import InstallSequence
 from device_agent.installer import Installer
@@ -185,6 +186,7 @@ class Agent:
         if removed:
             log.info("removed %d leftover(s) of interrupted work", len(removed))
         rolled_back = self.installer.roll_back_pending()
+        self.decryption_key = load_or_create_decryption_key(config.data_dir)
         self.platform: PlatformInfo = detect_platform(config.sysfs_root)
         self.power: PowerSource = detect_power_source(config.sysfs_root, power_model_name(self.platform))
         self.inbound = InboundQueue(config.inbound_queue_max, max_bytes=config.inbound_max_bytes // 2)
@@ -197,6 +199,7 @@ class Agent:
             self.power,
             self.inbound,
             self.clock,
+            decryption_key=self.decryption_key.public,
         )
         self.receiving = Receiving(
             self.installer.staging_path,
@@ -215,6 +218,7 @@ class Agent:
             clock=self.trusted_now,
             monotonic=monotonic,
             checkpoint=checkpoint,
+            decryption_key=self.decryption_key,
         )
         self._notifier = Notifier()
         self._pump_stop = threading.Event()
@@ -411,6 +415,7 @@ class Agent:
     def _on_deploy(self, cmd: DeployCommand) -> None:
         try:
             if self.receiving.command(cmd.transfer.transfer_id) is None:  # a resumed transfer was checked already
+                self.installs.check_recipient(cmd)
                 self.installs.precheck(cmd)
         except (UntrustedInputError, StorageError) as exc:
             log.warning("refused offer of %s v%s before transfer: %s", cmd.bundle_name, cmd.bundle_version, exc.message)

@@ -70,11 +70,65 @@ def _parser() -> argparse.ArgumentParser:
     # A test hook (SIGKILL at a named step of an install, for crash-safety tests): accepted, never shown.
     run.add_argument("--debug-crash-at", choices=CRASH_POINTS, help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    keys = sub.add_parser(
+        "show-keys",
+        help="print this device's recipient key (for edgectl pack --encrypt-to), making it if absent",
+        description="Print the public half of this device's X25519 decryption key as PEM, the recipient key "
+        "file edgectl pack --encrypt-to takes. The key lives in the data directory (decryption_key.pem, "
+        "0600) and is made there if it does not exist yet, as the agent does at first start.",
+    )
+    keys.add_argument("--config", type=Path, help="TOML config file (for its data_dir)")
+    keys.add_argument("--data-dir", type=Path, help="the agent's data directory")
+    keys.add_argument("--json", action="store_true", help="print key id, algorithm and key as JSON")
     return p
+
+
+def _show_keys(args: argparse.Namespace) -> int:
+    """``edge-agent show-keys``: print the device's recipient key."""
+    import json
+
+    from device_agent.decryption_key import load_or_create_decryption_key
+
+    data_dir = args.data_dir
+    try:
+        if data_dir is None:
+            if args.config is None:
+                raise ConfigError("show-keys needs --data-dir or --config")
+            data_dir = load_config(args.config, {}).data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        key = load_or_create_decryption_key(data_dir)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc.message}", file=sys.stderr)
+        return 2
+    except LocalStateError as exc:
+        print(f"edge-agent: {exc.message}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        print(f"edge-agent: cannot use {data_dir}: {exc.strerror}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "decryption": {
+                        "algorithm": "x25519",
+                        "keyid": key.keyid,
+                        "key": key.public.to_text(),
+                        "public_pem": key.public.to_pem().decode(),
+                    }
+                }
+            )
+        )
+    else:
+        print(f"# decryption (recipient) key {key.keyid}", file=sys.stderr)
+        sys.stdout.write(key.public.to_pem().decode())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "show-keys":
+        return _show_keys(args)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -10,6 +10,8 @@
     gate closed     -> DEFERRED (reason); bundle kept under deferred/, the gate asked again every
                        update_gate_retry_s (retry_deferred), then installed as below
     install         stage      verify against root, device and command; unpack into a slot
+                               (an encrypted bundle: its ciphertext hashes checked, then decrypted
+                               chunk by chunk into the slot's scratch; nothing is left on failure)
                     activate   state.json: active, pending its health check
                     health     load, run the sample, benchmark (sparse bundles: choose the execution)
                     confirm    state.json: pending mark cleared    | roll back on a failed health check
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from device_agent.config import AgentConfig
+from device_agent.decryption_key import check_recipient
 from device_agent.gate import UpdateGate
 from device_agent.installer import BundleChecks, Installer, PendingRollback
 from device_agent.platform import PlatformInfo
@@ -43,6 +46,7 @@ from edge_sdk.errors import (
     EdgeError,
     HealthCheckError,
     ModelError,
+    NotRecipientError,
     RollbackError,
     StorageError,
     UntrustedInputError,
@@ -59,6 +63,7 @@ from edge_sdk.protocol import (
     encode,
 )
 from edge_sdk.runtime import available_runtimes
+from edge_sdk.trust import RecipientKey
 
 if TYPE_CHECKING:  # numpy and the runtimes are imported only when a model is profiled
     from device_agent.profiler import Profile
@@ -86,6 +91,8 @@ class InstallSequence:
             (the ``debug_crash_at`` option).
         free_bytes: free bytes on the file system of a directory (the storage pre-check);
             injectable for tests.
+        decryption_key: this device's X25519 key; encrypted bundles addressed to it are
+            decrypted while they are staged (:mod:`device_agent.decryption_key`).
     """
 
     def __init__(
@@ -101,9 +108,11 @@ class InstallSequence:
         monotonic: Callable[[], float] = time.monotonic,
         checkpoint: Callable[[str], None] = lambda _point: None,
         free_bytes: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
+        decryption_key: RecipientKey | None = None,
     ) -> None:
         self.config = config
         self.free_bytes = free_bytes
+        self.decryption_key = decryption_key
         self.installer = installer
         self.trust = trust
         self.reporter = reporter
@@ -160,6 +169,24 @@ class InstallSequence:
                 raise StorageError(f"cannot read the free space of {data_dir}: {exc.strerror}") from exc
         history = self.installer.history(cmd.bundle_name) if cmd.action == "install" else None
         return check_offer(offer, history, self._device_facts(), set(available_runtimes()), self.clock(), free)
+
+    def check_recipient(self, cmd: DeployCommand) -> None:
+        """Refuse the offer of an encrypted bundle that is not encrypted to this device.
+
+        Runs when the deploy command arrives, before the staging file is reserved or any
+        chunk is sent; the signed manifest is checked again after receipt.
+
+        Raises:
+            NotRecipientError: the offer lists recipient keys and this device's is not one.
+        """
+        if self.decryption_key is None:
+            if cmd.transfer.encrypted_for:
+                raise NotRecipientError(
+                    f"{cmd.bundle_name} v{cmd.bundle_version} is encrypted, and this device has no decryption key",
+                    recipients=list(cmd.transfer.encrypted_for),
+                )
+            return
+        check_recipient(cmd, self.decryption_key)
 
     # --- a received bundle ------------------------------------------------------------
 
@@ -269,6 +296,7 @@ class InstallSequence:
             trusted=self.trust.root.trusted("bundles"),
             device=self._device_facts(),
             expect=Expected(cmd.bundle_name, cmd.bundle_version, rollback=cmd.rollback, content=content),
+            decrypt_with=self.decryption_key,
         )
 
     def _device_facts(self) -> DeviceFacts:

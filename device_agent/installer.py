@@ -65,7 +65,7 @@ from edge_sdk.bundle import (
 from edge_sdk.bundle.admission import MAX_RAN_VERSIONS
 from edge_sdk.durable import atomic_write_bytes, fsync_dir, fsync_tree, read_json
 from edge_sdk.errors import EdgeError, StorageError
-from edge_sdk.trust import TrustedKeys
+from edge_sdk.trust import RecipientKey, TrustedKeys
 
 __all__ = ["ActiveBundle", "BundleChecks", "Installer", "PendingRollback", "StagedBundle"]
 
@@ -141,11 +141,14 @@ class BundleChecks:
         trusted: keys that may sign bundles; None means the installer's own keys.
         device: this device's facts, for the bundle's target constraints; None skips them.
         expect: the name and version the signed command announced; None skips the match.
+        decrypt_with: this device's decryption key, for encrypted bundles; without it an
+            encrypted bundle is refused.
     """
 
     trusted: TrustedKeys | None = None
     device: DeviceFacts | None = None
     expect: Expected | None = None
+    decrypt_with: RecipientKey | None = None
 
 
 @dataclass(frozen=True)
@@ -398,6 +401,7 @@ class Installer:
                 extract_to=scratch / "payload",
                 device=checks.device,
                 expect=checks.expect,
+                decrypt_with=checks.decrypt_with,
             )
             manifest = verified.manifest
             (scratch / "manifest.json").write_bytes(manifest.to_bytes())
@@ -440,6 +444,7 @@ class Installer:
                 extract_to=scratch / "payload",
                 device=checks.device,
                 expect=checks.expect,
+                decrypt_with=checks.decrypt_with,
             )
         return StagedBundle(verified, scratch)
 

@@ -33,6 +33,7 @@ from edge_sdk.protocol import (
     encode,
 )
 from edge_sdk.runtime import available_runtimes
+from edge_sdk.trust import RecipientPublicKey
 
 __all__ = ["Reporter"]
 
@@ -54,6 +55,8 @@ class Reporter:
         power: where power figures come from (for the status).
         inbound: the agent's inbound queue; the status says how many messages it dropped.
         clock: wall-clock seconds, for timestamps.
+        decryption_key: this device's recipient key; the status publishes it
+            (``platform.decryption_key``) so the host can encrypt bundles to it.
     """
 
     def __init__(
@@ -66,8 +69,10 @@ class Reporter:
         power: PowerSource,
         inbound: InboundQueue,
         clock: Callable[[], float],
+        decryption_key: RecipientPublicKey | None = None,
     ) -> None:
         self.device_id = device_id
+        self.decryption_key = decryption_key
         self.topics = DeviceTopics(device_id)
         self.transport = transport
         self.outbox = outbox
@@ -84,13 +89,15 @@ class Reporter:
         extra: dict[str, Any] = {}
         if self.inbound.dropped:
             extra["inbound_dropped"] = self.inbound.dropped
+        platform = self.platform.to_dict() | {"power_source": self.power.name, "power_estimated": self.power.estimated}
+        if self.decryption_key is not None:
+            platform["decryption_key"] = self.decryption_key.to_text()
         return DeviceStatus(
             self.device_id,
             state,
             self.clock(),
             agent_version=__version__,
-            platform=self.platform.to_dict()
-            | {"power_source": self.power.name, "power_estimated": self.power.estimated},
+            platform=platform,
             runtimes=available_runtimes(),
             active={"bundles": [a.to_dict() for a in self.installer.all_active()]},
             extra=extra,

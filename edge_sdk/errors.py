@@ -10,6 +10,8 @@ say whose fault it is, which tells the caller what to do next::
     |   +-- HashMismatchError        a file's size or sha256 differs from the manifest
     |   +-- FileSetMismatchError     payload has a file the manifest lacks, or lacks one (mix-and-match)
     |   +-- TargetMismatchError      bundle or command is not for this device (arch, memory, id)
+    |   |   +-- NotRecipientError      an encrypted bundle is not encrypted to this device's key
+    |   +-- DecryptionError          an encrypted bundle does not decrypt (wrong key, altered ciphertext)
     |   +-- SignatureError           signature missing or does not verify
     |   |   +-- UntrustedKeyError      signed, but by a key this device does not trust
     |   +-- ExpiredError             signed metadata is past its expiry (freeze attack)
@@ -49,6 +51,7 @@ __all__ = [
     "BundleFormatError",
     "CompressionError",
     "ConfigError",
+    "DecryptionError",
     "DeviceTimeoutError",
     "EdgeError",
     "ExpiredError",
@@ -64,6 +67,7 @@ __all__ = [
     "MessageTooLargeError",
     "ModelError",
     "ModelLoadError",
+    "NotRecipientError",
     "ReplayError",
     "RollbackError",
     "RootError",
@@ -162,6 +166,18 @@ class TargetMismatchError(UntrustedInputError):
     """A bundle's target constraints, or a command's device id, do not fit this device."""
 
     code = "target_mismatch"
+
+
+class NotRecipientError(TargetMismatchError):
+    """An encrypted bundle names recipient keys, and this device's key is not among them."""
+
+    code = "not_recipient"
+
+
+class DecryptionError(UntrustedInputError):
+    """An encrypted bundle's content key or payload does not decrypt with this device's key."""
+
+    code = "decryption"
 
 
 class ReplayError(UntrustedInputError):

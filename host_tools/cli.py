@@ -513,6 +513,14 @@ def compress(
     type=click.Choice(["auto", "dense", "dense_int8", "sparse"]),
     help="pin how devices run a --sparse bundle (default: they measure; dense_int8 needs --sparse-int8)",
 )
+@click.option(
+    "--encrypt-to",
+    "encrypt_to",
+    multiple=True,
+    metavar="DEVICE|KEYFILE",
+    help="encrypt the payload for this recipient (repeatable): a recipient key file (edge-agent show-keys), "
+    "or a device id whose key the registry learnt from its status. Device groups are not supported yet",
+)
 @passphrase_option
 @json_option
 @click.pass_context
@@ -534,6 +542,7 @@ def pack(
     sparse_min_sparsity: float,
     sparse_int8: bool,
     execution: str | None,
+    encrypt_to: tuple[str, ...],
     passphrase_env: str | None,
     json_output: bool,
 ) -> None:
@@ -545,10 +554,23 @@ def pack(
 
     from edge_sdk.bundle import Target
     from host_tools.keys import KeyRing
-    from host_tools.packing import PackOptions, SparseOptions, pack_model
+    from host_tools.packing import PackOptions, SparseOptions, pack_model, resolve_recipients
     from host_tools.report.bundle import packed_text
 
     cfg = _cfg(ctx, json_output)
+    recipients: tuple[Any, ...] = ()
+    if encrypt_to:
+        if all(Path(v).is_file() for v in encrypt_to):
+            recipients = resolve_recipients(encrypt_to)
+        else:
+            with _registry(cfg) as reg:
+
+                def device_key(device_id: str) -> str | None:
+                    record = reg.get_device(device_id)
+                    key = (record.platform or {}).get("decryption_key") if record is not None else None
+                    return key if isinstance(key, str) else None
+
+                recipients = resolve_recipients(encrypt_to, device_key)
     target = None
     if archs or min_memory_mb or accelerators:
         target = Target(tuple(archs), (min_memory_mb or 0) << 20, tuple(accelerators))
@@ -564,6 +586,7 @@ def pack(
         max_latency_ms=max_latency_ms,
         target=target,
         sparse=SparseOptions(sparse_min_sparsity, sparse_int8, execution) if sparse else None,
+        encrypt_to=recipients,
     )
     packed = pack_model(options, KeyRing(cfg.keys_dir), time.time(), _passphrase(passphrase_env))
     _emit(cfg, packed.to_dict(), packed_text(packed))

@@ -16,6 +16,10 @@ against the manifest's inputs by ``verify``, so a sample the device could not fe
 the host instead of using up a version on the device. Packing accepts the layouts
 ``--eval`` reads (see :func:`canonical_sample`) and always stores the canonical one: one
 array per model input, under the input's name, in the input's dtype.
+
+An encrypted bundle (``--encrypt-to``) is encrypted for recipient keys that
+:func:`resolve_recipients` finds: a recipient key file, or a device whose status the
+registry holds (the agent publishes its key there).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import dataclasses
 import itertools
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +58,7 @@ from edge_sdk.errors import (
 )
 from edge_sdk.runtime import open_session, open_sparse_session, sample_feeds
 from edge_sdk.runtime.agreement import TOLERANCE, agreement
-from edge_sdk.trust import Root, TrustedKeys, encode_signatures, load_root
+from edge_sdk.trust import RecipientPublicKey, Root, TrustedKeys, encode_signatures, load_root
 from host_tools.keys import KeyRing
 
 __all__ = [
@@ -69,6 +73,7 @@ __all__ = [
     "pack_model",
     "read_sample",
     "resign_bundle",
+    "resolve_recipients",
 ]
 
 
@@ -104,6 +109,8 @@ class PackOptions:
         max_latency_ms: health check: the device rolls back above this median latency.
         target: architectures, memory and accelerators a device must have.
         sparse: ship pruned MatMul/Gemm weights as CSR; ``None`` for a dense bundle.
+        encrypt_to: recipient keys; when given the payload is encrypted for them
+            (see :func:`resolve_recipients`).
     """
 
     model: Path
@@ -117,6 +124,7 @@ class PackOptions:
     max_latency_ms: float | None = None
     target: Target | None = None
     sparse: SparseOptions | None = None
+    encrypt_to: tuple[RecipientPublicKey, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,7 @@ def pack_model(options: PackOptions, keys: KeyRing, now: float, passphrase: byte
         health=health,
         target=options.target,
         ttl_s=options.ttl_s,
+        encrypt_to=options.encrypt_to,
     )
     with tempfile.TemporaryDirectory(prefix="edgectl-pack-") as tmp:
         if sample is not None:
@@ -222,6 +231,48 @@ def pack_model(options: PackOptions, keys: KeyRing, now: float, passphrase: byte
             spec = _sparse_bundle_spec(spec, Path(tmp), options.sparse)
         manifest = pack_bundle(spec, signers, options.output, now)
     return PackedBundle(options.output, tuple(k.keyid for k in signers), manifest)
+
+
+def resolve_recipients(
+    values: Sequence[str], device_key: Callable[[str], str | None] | None = None
+) -> tuple[RecipientPublicKey, ...]:
+    """The recipient keys ``--encrypt-to`` names: each a key file or a device id.
+
+    A value naming an existing file is a recipient key file (PEM X25519 public key, as
+    ``edge-agent show-keys`` prints it, or ``x25519:<base64>``); any other value is a
+    device id whose key the registry learnt from the device's status.
+
+    Args:
+        values: what ``--encrypt-to`` was given, in order.
+        device_key: looks up a device's published key (``x25519:...``) by id; ``None``
+            when there is no registry to ask.
+
+    Returns:
+        The keys, duplicates removed, in the order given.
+
+    Raises:
+        ConfigError: a value is neither a readable key file nor a device with a known key.
+        KeyStoreError: a key file or a published key is malformed.
+    """
+    keys: dict[str, RecipientPublicKey] = {}
+    for value in values:
+        path = Path(value)
+        if path.is_file():
+            try:
+                key = RecipientPublicKey.from_file_bytes(path.read_bytes())
+            except OSError as exc:
+                raise ConfigError(f"cannot read recipient key file {path}: {exc.strerror}", key="encrypt_to") from exc
+        else:
+            published = device_key(value) if device_key is not None else None
+            if published is None:
+                raise ConfigError(
+                    f"--encrypt-to {value!r} is neither a recipient key file nor a device whose key the registry "
+                    "knows (a device publishes it in its status; or copy the file edge-agent show-keys prints)",
+                    key="encrypt_to",
+                )
+            key = RecipientPublicKey.from_text(published)
+        keys.setdefault(key.keyid, key)
+    return tuple(keys.values())
 
 
 def _sparse_bundle_spec(spec: BundleSpec, tmp: Path, sparse: SparseOptions) -> BundleSpec:

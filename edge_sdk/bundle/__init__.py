@@ -15,13 +15,19 @@ the specific :class:`~edge_sdk.errors.UntrustedInputError` for the first check t
 7. version newer than the floor (rollback protection, :mod:`edge_sdk.bundle.admission`),
    unless the signed command explicitly names this older version as a rollback; and never
    other content under a version number that already ran on the device;
-8. payload set equals the manifest's file list (mix-and-match protection);
-9. every file's size and sha256, read with the declared size as a hard bound.
+8. recipient (encrypted bundles): this device's key is one the bundle is encrypted for;
+9. payload set equals the manifest's file list (mix-and-match protection);
+10. every file's size and sha256, read with the declared size as a hard bound;
+11. decryption (encrypted bundles, when extracting): only now, with every hash of the
+    ciphertext checked, is the payload decrypted into the staging directory, chunk by
+    chunk, each chunk authenticated (see :mod:`edge_sdk.bundle.encryption`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +35,18 @@ from typing import Any
 
 from edge_sdk.bundle.admission import VersionHistory, check_version, content_digest
 from edge_sdk.bundle.archive import BundleLimits, BundleReader, write_bundle
+from edge_sdk.bundle.encryption import (
+    DEFAULT_CHUNK_SIZE,
+    EncryptedFile,
+    Encryption,
+    FileDecryptor,
+    encrypt_stream,
+    new_payload_key,
+    new_salt,
+)
 from edge_sdk.bundle.manifest import (
+    ENCRYPTED_MANIFEST_SCHEMA,
+    MANIFEST_SCHEMA,
     DeviceFacts,
     FileEntry,
     HealthSpec,
@@ -46,10 +63,13 @@ from edge_sdk.errors import (
     FileSetMismatchError,
     HashMismatchError,
     ManifestError,
+    NotRecipientError,
     RollbackError,
     StorageError,
 )
 from edge_sdk.trust import (
+    RecipientKey,
+    RecipientPublicKey,
     SigningKey,
     TrustedKeys,
     decode_signatures,
@@ -61,6 +81,7 @@ __all__ = [
     "BundleLimits",
     "BundleSpec",
     "DeviceFacts",
+    "Encryption",
     "Expected",
     "FileEntry",
     "HealthSpec",
@@ -115,6 +136,9 @@ class BundleSpec:
         execution: optional pin of how devices run the model (``auto``, ``dense``, ``sparse``).
         files: further payload files, bundle path -> local file (the sparse weights and
             dense model, for instance).
+        encrypt_to: recipient keys; when given, every payload file is encrypted under a
+            fresh content key wrapped for each of them (:mod:`edge_sdk.bundle.encryption`).
+        encryption_chunk_size: plaintext bytes per encrypted chunk.
     """
 
     name: str
@@ -131,6 +155,8 @@ class BundleSpec:
     sparse: SparseSpec | None = None
     execution: str | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    encrypt_to: tuple[RecipientPublicKey, ...] = ()
+    encryption_chunk_size: int = DEFAULT_CHUNK_SIZE
 
 
 def pack_bundle(spec: BundleSpec, signing_keys: Sequence[SigningKey], out: Path, now: float) -> Manifest:
@@ -163,10 +189,55 @@ def pack_bundle(spec: BundleSpec, signing_keys: Sequence[SigningKey], out: Path,
         if name in files:
             raise ConfigError(f"bundle file {name!r} is given twice")
         files[name] = Path(src)
-    entries = []
-    for name, src in sorted(files.items()):
-        digest, size = file_sha256(src)
+    if not spec.encrypt_to:
+        entries = []
+        for name, src in sorted(files.items()):
+            digest, size = file_sha256(src)
+            entries.append(FileEntry(name, size, digest))
+        return _sign_and_write(spec, sample_name, tuple(entries), None, signing_keys, out, now, files)
+    # Ciphertext is written next to the output (same file system), one chunk in memory at a
+    # time, and removed with the directory; no plaintext copy is made.
+    with tempfile.TemporaryDirectory(prefix=".edge-encrypt-", dir=Path(out).parent) as tmp:
+        encryption, sealed_entries, sealed = _encrypt_files(spec, files, Path(tmp))
+        return _sign_and_write(spec, sample_name, sealed_entries, encryption, signing_keys, out, now, sealed)
+
+
+def _encrypt_files(
+    spec: BundleSpec, files: dict[str, Path], tmp: Path
+) -> tuple[Encryption, tuple[FileEntry, ...], dict[str, Path]]:
+    """Encrypt every payload file into ``tmp`` under one fresh content key.
+
+    Returns:
+        The manifest's ``encryption`` field, the file entries of the ciphertext, and
+        bundle path -> ciphertext file.
+    """
+    payload_key = new_payload_key(tuple(spec.encrypt_to))
+    encrypted, entries, sealed = [], [], {}
+    for i, (name, src) in enumerate(sorted(files.items())):
+        target = tmp / f"{i}.sealed"
+        try:
+            with open(src, "rb") as fin, open(target, "wb") as fout:
+                entry = EncryptedFile(name, os.fstat(fin.fileno()).st_size, new_salt())
+                digest, size = encrypt_stream(fin, fout, payload_key.content_key, entry, spec.encryption_chunk_size)
+        except OSError as exc:
+            raise StorageError(f"cannot encrypt {src}: {exc.strerror}", path=str(src)) from exc
+        encrypted.append(entry)
         entries.append(FileEntry(name, size, digest))
+        sealed[name] = target
+    encryption = Encryption(payload_key.recipients, tuple(encrypted), spec.encryption_chunk_size)
+    return encryption, tuple(entries), sealed
+
+
+def _sign_and_write(
+    spec: BundleSpec,
+    sample_name: str | None,
+    entries: tuple[FileEntry, ...],
+    encryption: Encryption | None,
+    signing_keys: Sequence[SigningKey],
+    out: Path,
+    now: float,
+    files: dict[str, Path],
+) -> Manifest:
     manifest = Manifest(
         name=spec.name,
         version=spec.version,
@@ -175,13 +246,15 @@ def pack_bundle(spec: BundleSpec, signing_keys: Sequence[SigningKey], out: Path,
         runtime=spec.runtime,
         model=Path(spec.model).name,
         precision=spec.precision,
-        files=tuple(entries),
+        files=entries,
         inputs=tuple(spec.inputs),
         sample_input=sample_name,
         health=spec.health,
         target=spec.target,
         sparse=spec.sparse,
         execution=spec.execution,
+        encryption=encryption,
+        schema=MANIFEST_SCHEMA if encryption is None else ENCRYPTED_MANIFEST_SCHEMA,
         extra=dict(spec.extra),
     )
     manifest_bytes = manifest.to_bytes()
@@ -233,6 +306,7 @@ def verify_bundle(
     extract_to: Path | None = None,
     device: DeviceFacts | None = None,
     expect: Expected | None = None,
+    decrypt_with: RecipientKey | None = None,
 ) -> VerifiedBundle:
     """Run every check on a bundle file; optionally extract the payload while hashing it.
 
@@ -251,14 +325,17 @@ def verify_bundle(
         device: the device's facts, checked against the manifest's target constraints.
         expect: what the signed command names; the manifest must match it, and a
             rollback it names explicitly is allowed.
+        decrypt_with: this device's X25519 key. An encrypted bundle is extracted only
+            with it, decrypted once every ciphertext hash has matched; without
+            ``extract_to`` the ciphertext is checked and not decrypted.
 
     Returns:
         The verified bundle.
 
     Raises:
         BundleFormatError, SignatureError, UntrustedKeyError, ManifestError, ExpiredError,
-        TargetMismatchError, RollbackError, FileSetMismatchError, HashMismatchError: the
-        first check that failed.
+        TargetMismatchError, RollbackError, NotRecipientError, FileSetMismatchError,
+        HashMismatchError, DecryptionError: the first check that failed.
         StorageError: the file cannot be read or the staging directory written.
     """
     checks = []
@@ -303,6 +380,10 @@ def verify_bundle(
             checks.append(f"target: {manifest.target.check(device)}")
         history = installed_version(manifest.name) if callable(installed_version) else installed_version
         checks.append(_check_rollback(manifest, history, expect))
+        content_key = None
+        if manifest.encryption is not None:
+            content_key, line = _recipient_check(manifest.encryption, decrypt_with, extract_to is not None)
+            checks.append(line)
         declared = {f.path for f in manifest.files}
         present = set(reader.payload)
         if present - declared:
@@ -317,7 +398,7 @@ def verify_bundle(
             )
         checks.append("files: payload matches the manifest's file list exactly")
         for entry in manifest.files:
-            if extract_to is not None:
+            if extract_to is not None and content_key is None:
                 digest, size = reader.extract_member(entry.path, Path(extract_to), entry.size)
             else:
                 digest, size = reader.hash_member(entry.path, entry.size)
@@ -330,6 +411,13 @@ def verify_bundle(
                     actual=digest,
                 )
         checks.append(f"hashes: sha256 and size of {len(manifest.files)} file(s) match")
+        if content_key is not None and manifest.encryption is not None and extract_to is not None:
+            encryption = manifest.encryption
+            plain = 0
+            for entry in manifest.files:
+                decryptor = FileDecryptor(content_key, encryption.file(entry.path), encryption.chunk_size)
+                plain += reader.decrypt_member(entry.path, Path(extract_to), entry.size, decryptor)
+            checks.append(f"decryption: {len(manifest.files)} file(s), {plain} bytes, every chunk authenticated")
     return VerifiedBundle(manifest, signers, tuple(checks))
 
 
@@ -355,3 +443,31 @@ def _check_rollback(manifest: Manifest, history: int | VersionHistory | None, ex
             installed=history,
         )
     return f"rollback: v{manifest.version} is newer than installed v{history}"
+
+
+def _recipient_check(encryption: Encryption, key: RecipientKey | None, extracting: bool) -> tuple[bytes | None, str]:
+    """Whether this device can open an encrypted bundle; the content key when it must.
+
+    Returns:
+        The content key (``None`` when not extracting), and the check's line.
+
+    Raises:
+        NotRecipientError: extracting, and ``key`` is absent or not a recipient.
+        DecryptionError: the stanza for ``key`` does not open.
+    """
+    keyids = ", ".join(encryption.keyids)
+    if not extracting:
+        return (
+            None,
+            f"encryption: payload encrypted (AES-256-GCM) for key(s) {keyids}; ciphertext checked, not decrypted",
+        )
+    if key is None:
+        raise NotRecipientError(
+            f"bundle is encrypted for key(s) {keyids}, and this device has no decryption key",
+            recipients=list(encryption.keyids),
+        )
+    content_key = encryption.content_key(key)
+    return (
+        content_key,
+        f"recipient: encrypted for {len(encryption.keyids)} key(s), this device's key {key.keyid} among them",
+    )

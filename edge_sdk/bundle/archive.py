@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from edge_sdk.bundle.manifest import MAX_MANIFEST_DEPTH, check_member_path
 from edge_sdk.durable import atomic_writer, fsync_dir
@@ -35,13 +35,29 @@ from edge_sdk.errors import (
     StorageError,
 )
 
-__all__ = ["MANIFEST_NAME", "PAYLOAD_DIR", "SIGNATURES_NAME", "BundleLimits", "BundleReader", "write_bundle"]
+__all__ = [
+    "MANIFEST_NAME",
+    "PAYLOAD_DIR",
+    "SIGNATURES_NAME",
+    "BundleLimits",
+    "BundleReader",
+    "Decryptor",
+    "write_bundle",
+]
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURES_NAME = "signatures.json"
 PAYLOAD_DIR = "payload/"
 _READ_CHUNK = 1 << 20
 _MAX_TAIL = 2 * tarfile.RECORDSIZE
+
+
+class Decryptor(Protocol):
+    """Ciphertext blocks in, plaintext out (:class:`edge_sdk.bundle.encryption.FileDecryptor`)."""
+
+    def update(self, data: memoryview) -> list[bytes]: ...
+
+    def finalize(self) -> None: ...
 
 
 def _canonical_info(name: str, size: int) -> tarfile.TarInfo:
@@ -275,11 +291,11 @@ class BundleReader:
             n += len(block)
         return digest.hexdigest(), n
 
-    def extract_member(self, rel: str, dest_root: Path, declared_size: int) -> tuple[str, int]:
-        """Write a payload member under ``dest_root`` (never outside it), returning sha256 and size.
+    def _create(self, rel: str, dest_root: Path, mode: int) -> tuple[Path, int]:
+        """Create the file for member ``rel`` under ``dest_root``: exclusively, not through links.
 
-        The file is created exclusively without following links; parent directories are
-        created from the already-validated relative path.
+        Returns:
+            Its path and an open write descriptor.
         """
         target = dest_root.joinpath(*rel.split("/"))
         resolved_root = dest_root.resolve()
@@ -289,13 +305,21 @@ class BundleReader:
             raise StorageError(f"cannot create {target.parent}: {exc.strerror}") from exc
         if not target.parent.resolve().is_relative_to(resolved_root):
             raise BundleFormatError(f"bundle member {rel!r} escapes the staging directory")
-        digest = hashlib.sha256()
-        n = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(target, flags, 0o644)
+            return target, os.open(target, flags, mode)
         except OSError as exc:
             raise StorageError(f"cannot create {target}: {exc.strerror}") from exc
+
+    def extract_member(self, rel: str, dest_root: Path, declared_size: int) -> tuple[str, int]:
+        """Write a payload member under ``dest_root`` (never outside it), returning sha256 and size.
+
+        The file is created exclusively without following links; parent directories are
+        created from the already-validated relative path.
+        """
+        target, fd = self._create(rel, dest_root, 0o644)
+        digest = hashlib.sha256()
+        n = 0
         with os.fdopen(fd, "wb") as out:
             try:
                 for block in self._blocks(rel, declared_size):
@@ -308,6 +332,43 @@ class BundleReader:
                 raise StorageError(f"cannot write {target}: {exc.strerror}") from exc
         fsync_dir(target.parent)
         return digest.hexdigest(), n
+
+    def decrypt_member(self, rel: str, dest_root: Path, declared_size: int, decryptor: Decryptor) -> int:
+        """Write the plaintext of an encrypted payload member under ``dest_root``, streamed.
+
+        Call it only once the member's hash has been checked (:meth:`hash_member`). The
+        file is created as in :meth:`extract_member`, readable by the owner only (it is
+        the bundle's protected content); if decryption fails the partial file stays for
+        the caller, who removes the whole staging directory.
+
+        Args:
+            rel: the member's path.
+            dest_root: the staging directory.
+            declared_size: the member's ciphertext size from the manifest (a hard bound).
+            decryptor: turns ciphertext blocks into plaintext and checks the end.
+
+        Returns:
+            Plaintext bytes written.
+
+        Raises:
+            DecryptionError: from ``decryptor``.
+            StorageError: the file cannot be created or written.
+        """
+        target, fd = self._create(rel, dest_root, 0o600)
+        n = 0
+        with os.fdopen(fd, "wb") as out:
+            try:
+                for block in self._blocks(rel, declared_size):
+                    for plain in decryptor.update(block):
+                        out.write(plain)
+                        n += len(plain)
+                decryptor.finalize()
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                raise StorageError(f"cannot write {target}: {exc.strerror}") from exc
+        fsync_dir(target.parent)
+        return n
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -14,11 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_sdk.bundle.encryption import Encryption
 from edge_sdk.errors import JsonError, ManifestError, TargetMismatchError
 from edge_sdk.trust import canonical_json
 from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, is_int, is_number, is_text, parse_json_object
 
 __all__ = [
+    "ENCRYPTED_MANIFEST_SCHEMA",
     "EXECUTIONS",
     "MANIFEST_SCHEMA",
     "MAX_MANIFEST_DEPTH",
@@ -36,6 +38,9 @@ __all__ = [
 ]
 
 MANIFEST_SCHEMA = 1
+#: Schema of a manifest whose payload is encrypted: an agent that cannot decrypt refuses
+#: it as an unknown schema instead of installing ciphertext.
+ENCRYPTED_MANIFEST_SCHEMA = 2
 #: Deepest JSON nesting a manifest may have (a sparse layer's shape list sits at depth 6).
 MAX_MANIFEST_DEPTH = DEFAULT_MAX_DEPTH
 RUNTIMES = ("onnxruntime", "litert")
@@ -409,6 +414,9 @@ class Manifest:
         sparse: the model's weight-sparse layers and their files; absent when ``None``.
         execution: how the device must run the model (:data:`EXECUTIONS`); ``None``
             (absent) or ``"auto"``: the device measures the ways that apply and picks.
+        encryption: how the payload is encrypted and for whom
+            (:class:`~edge_sdk.bundle.encryption.Encryption`); ``files`` then lists the
+            ciphertext's sizes and hashes. Absent for a plain bundle.
         extra: unknown fields from a newer packer, kept, never acted on.
     """
 
@@ -426,12 +434,20 @@ class Manifest:
     target: Target | None = None
     sparse: SparseSpec | None = None
     execution: str | None = None
+    encryption: Encryption | None = None
     schema: int = MANIFEST_SCHEMA
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.schema != MANIFEST_SCHEMA:
-            raise ManifestError(f"unsupported manifest schema {self.schema!r} (this build reads {MANIFEST_SCHEMA})")
+        if self.schema not in (MANIFEST_SCHEMA, ENCRYPTED_MANIFEST_SCHEMA):
+            raise ManifestError(
+                f"unsupported manifest schema {self.schema!r} "
+                f"(this build reads {MANIFEST_SCHEMA}, and {ENCRYPTED_MANIFEST_SCHEMA} for encrypted bundles)"
+            )
+        if (self.schema == ENCRYPTED_MANIFEST_SCHEMA) != (self.encryption is not None):
+            raise ManifestError(
+                f"manifest schema {ENCRYPTED_MANIFEST_SCHEMA} is for encrypted bundles, and only they use it"
+            )
         if not is_text(self.name, pattern=_NAME_RE):
             raise ManifestError(f"bad bundle name {self.name!r}")
         if not is_int(self.version) or self.version < 1:
@@ -466,6 +482,8 @@ class Manifest:
             raise ManifestError(f"execution {self.execution!r} needs the manifest's 'sparse' field")
         if self.execution == "dense_int8" and self.sparse is not None and self.sparse.values != "int8":
             raise ManifestError("execution 'dense_int8' needs sparse weights stored as int8 values")
+        if self.encryption is not None:
+            self.encryption.check_files({f.path: f.size for f in self.files})
 
     @property
     def payload_size(self) -> int:
@@ -500,6 +518,8 @@ class Manifest:
             d["sparse"] = self.sparse.to_dict()
         if self.execution is not None:
             d["execution"] = self.execution
+        if self.encryption is not None:
+            d["encryption"] = self.encryption.to_dict()
         return d
 
     def to_bytes(self) -> bytes:
@@ -525,6 +545,7 @@ class Manifest:
             "target",
             "sparse",
             "execution",
+            "encryption",
         }
         files = _require(d, "files", list, "manifest")
         inputs = d.get("inputs", [])
@@ -557,6 +578,7 @@ class Manifest:
             target=Target.from_dict(d["target"]) if d.get("target") is not None else None,
             sparse=SparseSpec.from_dict(d["sparse"]) if d.get("sparse") is not None else None,
             execution=execution,
+            encryption=Encryption.from_dict(d["encryption"]) if d.get("encryption") is not None else None,
             extra={k: v for k, v in d.items() if k not in known},
         )
 

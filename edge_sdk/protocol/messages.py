@@ -142,12 +142,18 @@ class _Wire:
 
 @dataclass(frozen=True)
 class TransferOffer(_Wire):
-    """What the host is about to send: the device enforces these numbers while receiving."""
+    """What the host is about to send: the device enforces these numbers while receiving.
+
+    ``encrypted_for`` lists the recipient key ids of an encrypted bundle (from its
+    manifest), so that a device that is not one refuses before any chunk moves; empty
+    (and absent from the wire) for a plain bundle.
+    """
 
     transfer_id: str
     size: int
     sha256: str
     chunk_size: int
+    encrypted_for: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_id(self.transfer_id, "transfer_id")
@@ -159,6 +165,15 @@ class TransferOffer(_Wire):
             raise MessageError("chunk_size must be between 1 KiB and 1 MiB")
         if self.chunk_count > _MAX_CHUNKS:
             raise MessageError(f"transfer of {self.chunk_count} chunks exceeds {_MAX_CHUNKS}")
+        if len(self.encrypted_for) > 256 or not all(re.fullmatch(r"[0-9a-f]{32}", k) for k in self.encrypted_for):
+            raise MessageError("encrypted_for must list at most 256 key ids of 32 lowercase hex digits")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form; ``encrypted_for`` only for an encrypted bundle (plain offers are unchanged)."""
+        out = super().to_dict()
+        if not self.encrypted_for:
+            del out["encrypted_for"]
+        return out
 
     @property
     def chunk_count(self) -> int:

@@ -9,6 +9,9 @@ they keep them and pass them in; callers that check expiry pass ``now`` in.
 - :mod:`edge_sdk.trust.root`: the :class:`Root` document that says which keys may sign
   bundles, commands and the next root, :func:`load_root` (parse a stored root and check
   its own signatures) and :func:`verify_root_update` (rotation).
+- :mod:`edge_sdk.trust.recipient`: X25519 :class:`RecipientKey` / :class:`RecipientPublicKey`
+  and the wrap of an encrypted bundle's content key for each recipient
+  (:func:`wrap_content_key`, :func:`unwrap_content_key`).
 """
 
 from edge_sdk.trust._keys import (
@@ -23,6 +26,14 @@ from edge_sdk.trust._keys import (
     encode_signatures,
     signatures_from_list,
     verify_signatures,
+)
+from edge_sdk.trust.recipient import (
+    RecipientKey,
+    RecipientPublicKey,
+    WrappedKey,
+    new_content_key,
+    unwrap_content_key,
+    wrap_content_key,
 )
 from edge_sdk.trust.root import (
     MAX_ROOT_BYTES,
@@ -45,20 +56,26 @@ __all__ = [
     "MAX_SIGNATURES_BYTES",
     "ROLES",
     "PublicKey",
+    "RecipientKey",
+    "RecipientPublicKey",
     "Role",
     "Root",
     "Signature",
     "SignedRoot",
     "SigningKey",
     "TrustedKeys",
+    "WrappedKey",
     "canonical_json",
     "decode_signatures",
     "encode_signatures",
     "load_root",
+    "new_content_key",
     "sign_root",
     "signatures_from_list",
+    "unwrap_content_key",
     "update_root_chain",
     "verify_root",
     "verify_root_update",
     "verify_signatures",
+    "wrap_content_key",
 ]

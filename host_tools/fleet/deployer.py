@@ -369,8 +369,10 @@ def transfer_command(
     """
     manifest = None if claim else read_manifest(bundle_path)
     name, version = claim or _name_version(manifest)  # type: ignore[arg-type]  # read when there is no claim
+    # An encrypted bundle's offer names its recipients: a device that is not one refuses before any chunk.
+    recipients = manifest.encryption.keyids if manifest is not None and manifest.encryption is not None else ()
     digest, size = file_sha256(bundle_path)
-    offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size)
+    offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size, encrypted_for=recipients)
     now = clock()
     return DeployCommand(
         uuid.uuid4().hex,

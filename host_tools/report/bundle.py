@@ -27,6 +27,8 @@ def packed_text(packed: PackedBundle) -> str:
     if manifest.sparse is not None:
         layers = ", ".join(f"{layer.name} {layer.sparsity:.1%}" for layer in manifest.sparse.layers)
         text += f"\nsparse: {len(manifest.sparse.layers)} layer(s) as CSR ({manifest.sparse.values} values): {layers}"
+    if manifest.encryption is not None:
+        text += f"\nencrypted (AES-256-GCM) for recipient key(s) {', '.join(manifest.encryption.keyids)}"
     return text
 
 
