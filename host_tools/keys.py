@@ -136,7 +136,7 @@ class KeyRing:
             data = self.root_path.read_bytes()
         except OSError as exc:
             raise KeyStoreError(
-                f"cannot read {self.root_path}: {exc.strerror} (create it with `edgectl keys init`)"
+                f"cannot read {self.root_path}: {exc.strerror} (no keys yet: run `edgectl keys init`)"
             ) from exc
         try:
             return load_root(data)
@@ -370,7 +370,7 @@ def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise KeyStoreError(
-            f"cannot read signing key {path}: {exc.strerror} (create one with `edgectl keys init`)"
+            f"cannot read signing key {path}: {exc.strerror} (no keys yet: run `edgectl keys init`)"
         ) from exc
     if st.st_mode & 0o077:
         raise KeyStoreError(f"signing key {path} is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
