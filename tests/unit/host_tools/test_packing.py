@@ -173,6 +173,9 @@ def test_checklist_marks_the_failing_check_and_what_did_not_run(ring: KeyRing, t
 
     expired = checklist_bundle(out, ring, NOW + 400 * 86400)  # the root (365 days) expires first
     assert expired.failed is not None and expired.failed.name == "root"
+    assert "UTC" in expired.failed.detail and str(int(NOW))[:6] not in expired.failed.detail  # no epoch seconds
+    target_line = next(i.detail for i in passed.items if i.name == "target")
+    assert "{" not in target_line and "aarch64" in target_line  # never a Python dict
     assert [i.status for i in expired.items][1:] == ["not run"] * 8
 
     cut = tmp_path / "cut.edge"
