@@ -47,8 +47,8 @@ def test_command_authority_holds_command_keys_and_every_root(tmp_path: Path) -> 
 def test_command_authority_needs_the_passphrase(tmp_path: Path) -> None:
     ring, _ = init_keys(tmp_path / "keys", NOW, passphrase=b"secret")
     # A passphrase missing or wrong is configuration (exit 2) from every command, not local state.
-    with pytest.raises(ConfigError, match="signing key .* is encrypted: give its passphrase"):
+    with pytest.raises(ConfigError, match=r"signing key .* is encrypted: give its passphrase"):
         command_authority(ring)
-    with pytest.raises(ConfigError, match="signing key .*: wrong passphrase"):
+    with pytest.raises(ConfigError, match=r"signing key .*: wrong passphrase"):
         command_authority(ring, b"not it")
     assert len(command_authority(ring, b"secret").keys) == 1
