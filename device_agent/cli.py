@@ -1,6 +1,8 @@
 """`edge-agent`: the device's command line. argparse only, so the agent installs without click.
 
-Exit codes: 0 clean stop, 2 usage or configuration error, 3 bad local state (keys, storage).
+Exit codes come from the one table both programs share (:class:`edge_sdk.errors.ExitCode`):
+0 clean stop, 2 usage or configuration, 3 untrusted input, 4 transport, 5 local state
+(keys, storage), 6 model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from device_agent.config import CRASH_POINTS, load_config
 from device_agent.sdnotify import Notifier
 from edge_sdk import __version__
 from edge_sdk.bundle.manifest import EXECUTIONS
-from edge_sdk.errors import ConfigError, EdgeError, LocalStateError
+from edge_sdk.errors import ConfigError, EdgeError, ExitCode, exit_code_of
 
 __all__ = ["main"]
 
@@ -33,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         "and benchmark signed bundles until SIGTERM or SIGINT. Flags override the config file.",
     )
     run.add_argument("--config", type=Path, help="TOML config file (see device_agent/config.py)")
-    run.add_argument("--broker", help="broker URL, mqtt://host:port or mqtts://host:port")
+    run.add_argument(
+        "--broker", help="broker URL, mqtt://host:port or mqtts://host:port (default port 1883, 8883 for mqtts)"
+    )
     run.add_argument("--device-id", help="this device's id (letters, digits, _ . -)")
     run.add_argument("--data-dir", type=Path, help="directory for slots, staging and state")
     run.add_argument(
@@ -93,19 +97,16 @@ def _show_keys(args: argparse.Namespace) -> int:
     try:
         if data_dir is None:
             if args.config is None:
-                raise ConfigError("show-keys needs --data-dir or --config")
+                raise ConfigError("show-keys needs --data-dir or --config", key="data_dir")
             data_dir = load_config(args.config, {}).data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         key = load_or_create_decryption_key(data_dir)
-    except ConfigError as exc:
+    except EdgeError as exc:
         print(f"edge-agent: {exc.message}", file=sys.stderr)
-        return 2
-    except LocalStateError as exc:
-        print(f"edge-agent: {exc.message}", file=sys.stderr)
-        return 3
+        return int(exit_code_of(exc))
     except OSError as exc:
         print(f"edge-agent: cannot use {data_dir}: {exc.strerror}", file=sys.stderr)
-        return 3
+        return int(ExitCode.LOCAL_STATE)
     if args.json:
         print(
             json.dumps(
@@ -156,15 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         from device_agent.agent import Agent, mqtt_transport  # heavy imports only once the config is valid
 
         agent = Agent(config, mqtt_transport(config))
-    except ConfigError as exc:
-        print(f"edge-agent: {exc.message}", file=sys.stderr)
-        return 2
-    except LocalStateError as exc:
-        print(f"edge-agent: {exc.message}", file=sys.stderr)
-        return 3
     except EdgeError as exc:
         print(f"edge-agent: {exc.message}", file=sys.stderr)
-        return 1
+        return int(exit_code_of(exc))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -172,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         agent.run(stop, Notifier.from_environ(os.environ))
     except EdgeError as exc:  # the agent could no longer work (its network thread died): let systemd restart it
         print(f"edge-agent: {exc.message}", file=sys.stderr)
-        return 1
-    return 0
+        return int(exit_code_of(exc))
+    return int(ExitCode.OK)
 
 
 if __name__ == "__main__":

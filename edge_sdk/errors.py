@@ -17,6 +17,7 @@ say whose fault it is, which tells the caller what to do next::
     |   +-- ExpiredError             signed metadata is past its expiry (freeze attack)
     |   +-- RollbackError            version not newer than the one installed
     |   +-- ReplayError              a signed command's nonce was already used
+    |   +-- NotInstalledError        a command names a bundle the device does not have
     |   +-- RootError                root-of-trust document malformed, or not the next version
     |   +-- JsonError                untrusted JSON: not UTF-8 JSON, NaN/Infinity, too deep, wrong top type
     |   |   +-- JsonTooLargeError      the document is above its size limit (refused before decoding)
@@ -40,13 +41,20 @@ say whose fault it is, which tells the caller what to do next::
 Each class carries a stable ``code`` used on the wire (the agent reports refusals
 to the host as ``{"code": ..., "message": ...}``) and keeps structured facts in
 ``details`` rather than only in the message text.
+
+The blame also decides how a program ends. :class:`ExitCode` is the one exit-code
+table of both programs (``edgectl`` and ``edge-agent``); each branch names its code
+in ``exit_code`` (configuration errors are usage errors, 2, although they are local
+state), and :func:`exit_code_of` picks it for any exception.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from typing import Any, ClassVar
 
 __all__ = [
+    "EXIT_CODES",
     "BrokerUnreachableError",
     "BundleFormatError",
     "CompressionError",
@@ -54,6 +62,7 @@ __all__ = [
     "DecryptionError",
     "DeviceTimeoutError",
     "EdgeError",
+    "ExitCode",
     "ExpiredError",
     "FileSetMismatchError",
     "HashMismatchError",
@@ -67,6 +76,7 @@ __all__ = [
     "MessageTooLargeError",
     "ModelError",
     "ModelLoadError",
+    "NotInstalledError",
     "NotRecipientError",
     "ReplayError",
     "RollbackError",
@@ -81,7 +91,55 @@ __all__ = [
     "UntrustedInputError",
     "UntrustedKeyError",
     "error_from_code",
+    "exit_code_of",
 ]
+
+
+class ExitCode(enum.IntEnum):
+    """How ``edgectl`` and ``edge-agent`` end, chosen by who is to blame (one table for both)."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    UNTRUSTED_INPUT = 3
+    TRANSPORT = 4
+    LOCAL_STATE = 5
+    MODEL = 6
+
+    @property
+    def kind(self) -> str:
+        """The lower-case name (``usage``, ``transport``, ...), as ``--json`` error objects print it."""
+        return self.name.lower()
+
+    @property
+    def meaning(self) -> str:
+        """What the code says, in the user's words (the README and ``edgectl --help`` print these)."""
+        return EXIT_CODES[self]
+
+
+#: The exit-code table, in order. The README's table and ``edgectl --help`` are made from it.
+EXIT_CODES: dict[ExitCode, str] = {
+    ExitCode.OK: "ok",
+    ExitCode.FAILURE: "anything else: a bug, or an error code this version does not know (please report it)",
+    ExitCode.USAGE: "usage or configuration: a bad option or value, a missing input file, a key passphrase "
+    "missing or wrong, an invalid config file",
+    ExitCode.UNTRUSTED_INPUT: "untrusted input: a bundle or message failed a check, or the device refused it",
+    ExitCode.TRANSPORT: "transport: the broker is unreachable, or the device did not answer in time",
+    ExitCode.LOCAL_STATE: "local state: no keys yet (run `edgectl keys init`), keys or storage unreadable or full",
+    ExitCode.MODEL: "model: a model does not load, run, pass its health check or compress",
+}
+
+
+def exit_code_of(exc: BaseException) -> ExitCode:
+    """The exit code for an exception: its branch's for an :class:`EdgeError`, else :attr:`ExitCode.FAILURE`.
+
+    Args:
+        exc: what ended the program.
+
+    Returns:
+        The code from the table.
+    """
+    return exc.exit_code if isinstance(exc, EdgeError) else ExitCode.FAILURE
 
 
 class EdgeError(Exception):
@@ -94,6 +152,7 @@ class EdgeError(Exception):
     """
 
     code = "edge_error"
+    exit_code: ClassVar[ExitCode] = ExitCode.FAILURE
 
     def __init__(self, message: str, /, **details: Any) -> None:
         super().__init__(message)
@@ -112,6 +171,7 @@ class UntrustedInputError(EdgeError):
     """Input from outside this process (bundle, message, file) is bad."""
 
     code = "untrusted_input"
+    exit_code = ExitCode.UNTRUSTED_INPUT
 
 
 class BundleFormatError(UntrustedInputError):
@@ -186,6 +246,12 @@ class ReplayError(UntrustedInputError):
     code = "replay"
 
 
+class NotInstalledError(UntrustedInputError):
+    """A command names a bundle the device does not have installed (so it did nothing)."""
+
+    code = "not_installed"
+
+
 class RootError(UntrustedInputError):
     """A root-of-trust document is malformed, or is not the next version of the trusted one."""
 
@@ -239,6 +305,7 @@ class TransportError(EdgeError):
     """The network or broker failed; the same request may succeed later."""
 
     code = "transport"
+    exit_code = ExitCode.TRANSPORT
 
 
 class BrokerUnreachableError(TransportError):
@@ -260,12 +327,14 @@ class LocalStateError(EdgeError):
     """This machine's own configuration, keys or storage are wrong."""
 
     code = "local_state"
+    exit_code = ExitCode.LOCAL_STATE
 
 
 class ConfigError(LocalStateError):
     """Configuration or command-line values are invalid."""
 
     code = "config_invalid"
+    exit_code = ExitCode.USAGE
 
 
 class KeyStoreError(LocalStateError):
@@ -287,6 +356,7 @@ class ModelError(EdgeError):
     """A model could not be loaded, run or transformed."""
 
     code = "model"
+    exit_code = ExitCode.MODEL
 
 
 class RuntimeUnavailableError(ModelError):

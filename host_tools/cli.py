@@ -1,14 +1,17 @@
 """`edgectl`: the operator's command line.
 
 This module parses arguments, builds the configuration once, calls the services in
-``host_tools`` and turns every :class:`~edge_sdk.errors.EdgeError` into one line on
-stderr and an exit code chosen by blame:
+``host_tools`` and turns every failure into one line on stderr and an exit code chosen
+by blame, from the one table both programs share (:class:`edge_sdk.errors.ExitCode`,
+printed by ``edgectl --help``): an :class:`~edge_sdk.errors.EdgeError` by its branch, a
+usage mistake (a bad option, a missing input file) as 2.
 
-    0 ok | 1 other failure | 2 usage or configuration | 3 untrusted input (bad bundle,
-    refused by the device) | 4 transport (broker unreachable, device timeout)
-    | 5 local state (keys, storage) | 6 model (does not load, compression failed)
+Every command that prints a table also prints JSON with ``--json``; with ``--json`` a
+failure prints ``{"error": {"code", "kind", "message", "exit_code", "details"}}`` on
+stdout as well (beside what the command knows, e.g. ``verify``'s checklist).
 
-Every command that prints a table also prints JSON with ``--json``.
+Progress goes to stderr: a bar on a terminal, plain lines at a modest rate elsewhere
+(a log file, a pipe), and every bar is closed before an error is printed.
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ import click
 
 from edge_sdk import __version__
 from edge_sdk.errors import (
+    EXIT_CODES,
     ConfigError,
     EdgeError,
-    LocalStateError,
-    ModelError,
-    TransportError,
-    UntrustedInputError,
+    ExitCode,
+    NotInstalledError,
+    exit_code_of,
 )
 
 __all__ = ["cli", "main"]
@@ -58,34 +61,109 @@ class HostConfig:
         return self.home / "keys"
 
 
-def _exit_code(exc: EdgeError) -> int:
-    for cls, code in (
-        (ConfigError, 2),
-        (UntrustedInputError, 3),
-        (TransportError, 4),
-        (LocalStateError, 5),
-        (ModelError, 6),
-    ):
-        if isinstance(exc, cls):
-            return code
-    return 1
+class CommandFailed(Exception):
+    """A command failed after learning something worth printing: ``data`` for ``--json``, ``text`` for people.
+
+    The group prints them (the JSON with the error object under ``error``) and ends
+    with the exit code of ``error``.
+    """
+
+    def __init__(self, error: EdgeError, data: dict[str, Any], text: str | Callable[[], str]) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.data = data
+        self.text = text
+
+
+def _error_object(
+    code: str, exit_code: ExitCode, message: str, details: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``{"error": ...}`` member every failure prints with ``--json``."""
+    return {
+        "code": code,
+        "kind": exit_code.kind,
+        "message": message,
+        "exit_code": int(exit_code),
+        "details": details or {},
+    }
+
+
+def _wants_json(args: list[str]) -> bool:
+    """Whether the command line asks for ``--json`` (known before, or without, parsing it)."""
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 class _EdgeGroup(click.Group):
-    """Runs subcommands and maps EdgeError to a message and an exit code."""
+    """The ``edgectl`` group: every failure ends here as a message, ``--json`` output and an exit code.
 
-    def invoke(self, ctx: click.Context) -> Any:
+    Click's own handling (standalone mode) would print usage errors without JSON and let
+    an ``EdgeError`` become a traceback; this runs the command in non-standalone mode and
+    handles each kind of failure once.
+    """
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        code = self._run(argv, prog_name, complete_var, **extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _run(self, argv: list[str], prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
+        json_output = _wants_json(argv)
         try:
-            return super().invoke(ctx)
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except CommandFailed as failed:
+            if json_output:
+                _print_json({**failed.data, "error": _edge_error_object(failed.error)})
+            else:
+                click.echo(failed.text() if callable(failed.text) else failed.text)
+            return _report(failed.error)
         except EdgeError as exc:
-            click.echo(f"edgectl: error [{exc.code}]: {exc.message}", err=True)
-            log.debug("details", exc_info=exc)
-            ctx.exit(_exit_code(exc))
+            if json_output:
+                _print_json({"error": _edge_error_object(exc)})
+            return _report(exc)
+        except click.ClickException as exc:  # a usage mistake: bad option, missing input file
+            if json_output:
+                _print_json({"error": _error_object("usage", ExitCode.USAGE, exc.format_message())})
+            exc.show()
+            return int(ExitCode.USAGE)
+        except click.Abort:
+            if json_output:
+                _print_json({"error": _error_object("aborted", ExitCode.FAILURE, "aborted")})
+            click.echo("Aborted!", err=True)
+            return int(ExitCode.FAILURE)
+        except Exception as exc:  # a bug: the traceback follows, and JSON readers still get an object
+            if json_output:
+                _print_json({"error": _error_object("internal", ExitCode.FAILURE, f"{type(exc).__name__}: {exc}")})
+            raise
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else int(ExitCode.OK)
+
+
+def _edge_error_object(exc: EdgeError) -> dict[str, Any]:
+    return _error_object(exc.code, exit_code_of(exc), exc.message, exc.details)
+
+
+def _report(exc: EdgeError) -> int:
+    """Print ``exc`` as one line on stderr; return its exit code."""
+    click.echo(f"edgectl: error [{exc.code}]: {exc.message}", err=True)
+    log.debug("details", exc_info=exc)
+    return int(exit_code_of(exc))
 
 
 def _emit(cfg: HostConfig, data: Any, text: str | Callable[[], str]) -> None:
     if cfg.json_output:
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        _print_json(data)
     else:
         click.echo(text() if callable(text) else text)
 
@@ -95,14 +173,44 @@ def _say(cfg: HostConfig) -> Callable[[str], None]:
     return lambda line: click.echo(line, err=True)
 
 
+def _on_terminal() -> bool:
+    """Whether stderr, where progress goes, is a terminal (bars) or a log or pipe (plain lines)."""
+    return sys.stderr.isatty()
+
+
+def _close_with_command(closer: Callable[[], Any]) -> None:
+    """Run ``closer`` when the command ends, before any error is printed (click closes the context first)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(closer)
+
+
 def _byte_progress(label: str, total: int | None = None) -> Callable[[int, int], None]:
-    """A byte progress bar on stderr; without ``total``, the first update's total is the bar's."""
+    """Byte progress on stderr: a bar on a terminal, else a plain line every 10 % or 5 s.
+
+    Without ``total``, the first update's total is the bar's. A bar still open when the
+    command ends (it failed mid-transfer) is closed before the error is printed.
+    """
+    if not _on_terminal():
+        from host_tools.report.progress import ProgressLines
+
+        lines = ProgressLines(label)
+
+        def print_line(done: int, of: int) -> None:
+            line = lines.update(done, of, time.monotonic())
+            if line is not None:
+                click.echo(line, err=True)
+
+        return print_line
+
     from tqdm import tqdm
 
     bars: list[Any] = []
 
     def start(size: int) -> None:
-        bars.append(tqdm(total=size, unit="B", unit_scale=True, desc=label, file=sys.stderr, leave=False))
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc=label, file=sys.stderr, leave=False)
+        bars.append(bar)
+        _close_with_command(bar.close)
 
     if total is not None:
         start(total)
@@ -118,6 +226,69 @@ def _byte_progress(label: str, total: int | None = None) -> Callable[[int, int],
     return update
 
 
+@contextmanager
+def _step_progress(label: str, enabled: bool = True) -> Iterator[Callable[[Any], None]]:
+    """Progress of a pass manager's steps: a bar on a terminal, else one line per step started.
+
+    Yields:
+        The callback for :class:`host_tools.compress.pass_manager.ProgressEvent` values.
+    """
+    if not enabled:
+        yield lambda ev: None
+        return
+    if not _on_terminal():
+        said: set[tuple[int, int]] = set()
+
+        def line(ev: Any) -> None:
+            if ev.phase == "run" and (ev.done, ev.total) not in said and ev.done < ev.total:
+                said.add((ev.done, ev.total))
+                click.echo(f"{label}: step {ev.done + 1}/{ev.total}: {ev.step}", err=True)
+
+        yield line
+        return
+
+    from tqdm import tqdm
+
+    with tqdm(desc=label, unit="step", file=sys.stderr, leave=False) as bar:
+
+        def progress(ev: Any) -> None:
+            if ev.phase == "run":  # the pass manager counting passes; other phases count inside one
+                bar.total = ev.total
+                if ev.done != bar.n:
+                    bar.update(ev.done - bar.n)
+            counted = f" {ev.done}/{ev.total}" if ev.phase != "run" and ev.total > 1 else ""
+            bar.set_postfix_str(f"{ev.step} {ev.phase}{counted}")
+
+        yield progress
+        bar.update((bar.total or 0) - bar.n)
+
+
+class InputFile(click.Path):
+    """A file the command reads: it must exist, or the command stops as a usage error (exit 2) naming it."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, dir_okay=False, path_type=Path)
+
+
+class OutputFile(click.Path):
+    """A file the command writes."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+
+class DataSource(click.types.StringParamType):
+    """Data for compression: a ``.npz``/``.npy`` file, which must exist, or a ``module:function``."""
+
+    name = "data"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = str(value)
+        if text.lower().endswith((".npz", ".npy")) and not Path(text).exists():
+            self.fail(f"data file {text!r} does not exist.", param, ctx)
+        return text
+
+
 def _stacked(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """One decorator applying ``decorators`` as if written one per line, top first."""
 
@@ -129,16 +300,36 @@ def _stacked(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return apply
 
 
-json_option = click.option("--json", "json_output", is_flag=True, help="print JSON instead of a table")
+json_option = click.option(
+    "--json", "json_output", is_flag=True, help='print JSON instead of a table (a failure as {"error": {...}})'
+)
+#: Every --broker help says what a URL without a port means.
+BROKER_URL_HELP = "mqtt://host[:port] or mqtts://host[:port]; without a port, 1883 (8883 for mqtts)"
 broker_option = click.option(
-    "--broker", required=True, envvar="EDGE_SDK_BROKER", help="broker URL, mqtt://host:port (env EDGE_SDK_BROKER)"
+    "--broker", required=True, envvar="EDGE_SDK_BROKER", help=f"broker URL, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)"
 )
 connect_timeout_option = click.option(
     "--connect-timeout", default=10.0, show_default=True, type=float, help="seconds to wait for the broker"
 )
 broker_options = _stacked(broker_option, connect_timeout_option)
-device_option = click.option("--device", "device_id", required=True, help="target device id")
-bundle_argument = click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+
+
+def _one_device(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> str:
+    """Refuse a repeated ``--device`` rather than silently keep only the last one."""
+    if len(set(values)) > 1:
+        raise click.BadParameter(
+            f"one device per {ctx.info_name} for now; got {len(values)} ({', '.join(values)}): "
+            "run the command once per device",
+            ctx,
+            param,
+        )
+    return values[0]
+
+
+device_option = click.option(
+    "--device", "device_id", required=True, multiple=True, callback=_one_device, help="target device id (one)"
+)
+bundle_argument = click.argument("bundle", type=InputFile())
 
 
 def _cfg(ctx: click.Context, json_output: bool) -> HostConfig:
@@ -148,8 +339,9 @@ def _cfg(ctx: click.Context, json_output: bool) -> HostConfig:
 
 @contextmanager
 def _client(broker: str, timeout_s: float, name: str) -> Iterator[Any]:
-    from edge_sdk.mqtt import MqttClient, MqttOptions
+    from edge_sdk.mqtt import MqttClient, MqttOptions, parse_broker_url
 
+    click.echo(f"edgectl: broker {parse_broker_url(broker)}", err=True)  # the address used, port included
     client = MqttClient(broker, MqttOptions(client_id=f"edgectl-{name}-{os.getpid()}", connect_timeout_s=timeout_s))
     client.connect()
     try:
@@ -169,7 +361,12 @@ def _registry(cfg: HostConfig) -> Iterator[Any]:
 # --- the group --------------------------------------------------------------------------
 
 
-@click.group(cls=_EdgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def _exit_code_epilog() -> str:
+    rows = "\n".join(f"  {int(code)}  {meaning}" for code, meaning in EXIT_CODES.items())
+    return f"\b\nExit codes (the same for edge-agent):\n{rows}"
+
+
+@click.group(cls=_EdgeGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_exit_code_epilog())
 @click.version_option(__version__, prog_name="edgectl")
 @click.option(
     "--home",
@@ -314,11 +511,11 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", type=InputFile())
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=OutputFile(),
     required=True,
     help="compressed model; its directory (and --packed's) must exist and be writable, checked before any work",
 )
@@ -360,24 +557,28 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
 @click.option(
     "--train",
     "train_data",
+    type=DataSource(),
     help="training data for --distill (labels unless --distill-alpha 1), --finetune, sensitivity: "
     ".npz or module:function",
 )
 @click.option("--epochs", "train_epochs", type=click.IntRange(1), help="training epochs for --distill (default 60)")
 @click.option(
     "--recipe",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=InputFile(),
     help="TOML recipe of [[step]] tables (instead of step options)",
 )
 @click.option(
     "--packed",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=OutputFile(),
     help="also write the packed transport form (codebooks + entropy-coded indices) of the output here",
 )
-@click.option("--calib", help="calibration data: .npz (x, or x.NAME per input), .npy or module:function")
+@click.option(
+    "--calib", type=DataSource(), help="calibration data: .npz (x, or x.NAME per input), .npy or module:function"
+)
 @click.option(
     "--eval",
     "eval_data",
+    type=DataSource(),
     help="evaluation data: .npz (x, or x.NAME per input; labels y if any), .npy or module:function",
 )
 @click.option(
@@ -426,8 +627,6 @@ def compress(
     json_output: bool,
 ) -> None:
     """Compress MODEL and report size, accuracy and host latency per step."""
-    from tqdm import tqdm
-
     from host_tools import compress as hc
     from host_tools.report.compress import compress_text
 
@@ -442,18 +641,8 @@ def compress(
         model, output, steps, recipe=recipe, packed=packed, calibration=calib, evaluation=eval_data,
         training=train_data, quality_metric=quality_metric,
     )  # fmt: skip
-    with tqdm(desc="compress", unit="step", file=sys.stderr, leave=False, disable=job.is_tflite) as bar:
-
-        def progress(ev: Any) -> None:
-            if ev.phase == "run":  # the pass manager counting passes; other phases count inside one
-                bar.total = ev.total
-                if ev.done != bar.n:
-                    bar.update(ev.done - bar.n)
-            counted = f" {ev.done}/{ev.total}" if ev.phase != "run" and ev.total > 1 else ""
-            bar.set_postfix_str(f"{ev.step} {ev.phase}{counted}")
-
+    with _step_progress("compress", enabled=not job.is_tflite) as progress:
         result = hc.run_compress_job(job, progress)
-        bar.update((bar.total or 0) - bar.n)
     _emit(cfg, result.to_dict(), lambda: compress_text(result))
 
 
@@ -461,17 +650,15 @@ def compress(
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option(
-    "-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True, help="bundle file to write"
-)
+@click.argument("model", type=InputFile())
+@click.option("-o", "--output", type=OutputFile(), required=True, help="bundle file to write")
 @click.option("--name", required=True, help="bundle name, stable across versions")
 @click.option("--version", "version", type=int, required=True, help="bundle version (positive, increasing)")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "litert"]), help="default: from the file suffix")
 @click.option("--precision", help="what the model computes in (default: detected)")
 @click.option(
     "--sample",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=InputFile(),
     help=".npz with one sample batch for the device's health check, keyed like --eval data: by the model's input "
     "names, x for a single-input model, or x.NAME per input; checked against the model's inputs (names, dtypes, "
     "shapes; axis 0 is the batch) and stored keyed by input name",
@@ -597,7 +784,7 @@ def pack(
 @click.option(
     "--root",
     "root_file",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=InputFile(),
     help="root of trust to check against (default: HOME/keys/root.json)",
 )
 @click.option("--installed-version", type=int, help="check rollback protection against this installed version")
@@ -616,16 +803,19 @@ def verify(
     accelerators: tuple[str, ...],
     json_output: bool,
 ) -> None:
-    """Run every check a device runs on BUNDLE and explain each one."""
+    """Run every check a device runs on BUNDLE and explain each one (a failing one marked FAIL)."""
     from edge_sdk.bundle import DeviceFacts
     from host_tools.keys import KeyRing
-    from host_tools.packing import CheckOptions, check_bundle
-    from host_tools.report.bundle import check_text
+    from host_tools.packing import CheckOptions, checklist_bundle
+    from host_tools.report.bundle import checklist_text
 
     cfg = _cfg(ctx, json_output)
     device = DeviceFacts(arch, (memory_mb or 0) << 20, frozenset(accelerators)) if arch else None
-    check = check_bundle(bundle, KeyRing(cfg.keys_dir), time.time(), CheckOptions(root_file, installed_version, device))
-    _emit(cfg, check.to_dict(), check_text(check))
+    options = CheckOptions(root_file, installed_version, device)
+    checklist = checklist_bundle(bundle, KeyRing(cfg.keys_dir), time.time(), options)
+    if checklist.error is not None:
+        raise CommandFailed(checklist.error, checklist.to_dict(), checklist_text(checklist))
+    _emit(cfg, checklist.to_dict(), checklist_text(checklist))
 
 
 @cli.command()
@@ -659,11 +849,23 @@ def resign(
 
 
 benchmark_options = _stacked(
-    click.option("--runs", default=200, show_default=True, help="timed inferences on the device"),
-    click.option("--warmup", default=20, show_default=True, help="untimed warm-up inferences"),
-    click.option("--threads", default=1, show_default=True, help="inference threads on the device"),
+    click.option(
+        "--runs", default=200, show_default=True, type=click.IntRange(1, 100_000), help="timed inferences on the device"
+    ),
+    click.option(
+        "--warmup", default=20, show_default=True, type=click.IntRange(0, 10_000), help="untimed warm-up inferences"
+    ),
+    click.option(
+        "--threads", default=1, show_default=True, type=click.IntRange(1, 256), help="inference threads on the device"
+    ),
 )
-chunk_size_option = click.option("--chunk-size", default=64 * 1024, show_default=True, help="bytes per MQTT chunk")
+chunk_size_option = click.option(
+    "--chunk-size",
+    default=64 * 1024,
+    show_default=True,
+    type=click.IntRange(1024, 1 << 20),
+    help="bytes per MQTT chunk (1 KiB to 1 MiB)",
+)
 # The last options of every command that signs a command for a device.
 signed_command_options = _stacked(passphrase_option, json_option)
 
@@ -671,25 +873,26 @@ signed_command_options = _stacked(passphrase_option, json_option)
 def _transfer_options(cfg: HostConfig, passphrase_env: str | None, benchmark: dict[str, Any], **options: Any) -> Any:
     """``DeployOptions`` for ``deploy`` and ``profile``, with the command keys as authority.
 
-    Options the transfer refuses, or command keys that cannot be loaded, are a usage
-    error (exit 2).
+    Options the transfer refuses are a usage error (exit 2); command keys that cannot be
+    loaded keep their own blame (no keys yet: local state, 5; a passphrase missing: 2),
+    as in every other command.
     """
     from edge_sdk.protocol import BenchmarkSpec
     from host_tools.fleet.deployer import DeployOptions
 
+    authority = _authority(cfg, passphrase_env)
     try:
-        return DeployOptions(benchmark=BenchmarkSpec(**benchmark), authority=_authority(cfg, passphrase_env), **options)
+        return DeployOptions(benchmark=BenchmarkSpec(**benchmark), authority=authority, **options)
     except EdgeError as exc:
         raise ConfigError(exc.message) from exc
 
 
 def _raise_refusal(cfg: HostConfig, outcome: Any, data: dict[str, Any]) -> None:
-    """Print a refused or failed transfer and raise the device's error (exit code by its blame)."""
+    """Raise a refused or failed transfer as the device's error (exit code by its blame), with what to print."""
     from host_tools.report.fleet import refusal_text
 
     if outcome.error is not None:
-        _emit(cfg, data, refusal_text(outcome))
-        raise outcome.error
+        raise CommandFailed(outcome.error, data, refusal_text(outcome))
 
 
 @cli.command()
@@ -801,14 +1004,25 @@ def profile(
 
 
 def _command_result(cfg: HostConfig, device_id: str, event: Any, what: str) -> None:
-    """Print the device's answer to a command; raise its error unless it is done."""
+    """Print the device's answer to a command; raise its error unless it is done.
+
+    A ``remove`` the device answered with "nothing of that name was installed" is a
+    failure too (:class:`~edge_sdk.errors.NotInstalledError`, exit 3): the command did nothing.
+    """
     from edge_sdk.protocol import EventKind
     from host_tools.fleet.conversation import error_of
     from host_tools.report.fleet import command_data, command_text
 
-    _emit(cfg, command_data(device_id, event), command_text(device_id, event, what))
+    data, text = command_data(device_id, event), command_text(device_id, event, what)
     if event.kind != EventKind.DONE:
-        raise error_of(event)
+        raise CommandFailed(error_of(event), data, text)
+    if event.detail.get("action") == "remove" and event.detail.get("removed", 0) is None:
+        name = event.detail.get("name")
+        error = NotInstalledError(
+            f"{device_id} does not have {name} installed; nothing was removed", device_id=device_id, name=name
+        )
+        raise CommandFailed(error, data, text)
+    _emit(cfg, data, text)
 
 
 bundle_name_option = click.option("--name", required=True, help="bundle name")
@@ -947,7 +1161,9 @@ def devices_forget(ctx: click.Context, device_id: str, broker: str, connect_time
 
 @cli.command()
 @click.option("--device", "device_id", help="only this device")
-@click.option("--broker", envvar="EDGE_SDK_BROKER", help="also fetch the latest reports from this broker")
+@click.option(
+    "--broker", envvar="EDGE_SDK_BROKER", help=f"also fetch the latest reports from this broker ({BROKER_URL_HELP})"
+)
 @connect_timeout_option
 @json_option
 @click.pass_context
@@ -988,7 +1204,7 @@ def broker(host: str, port: int) -> None:
 
 
 @cli.command()
-@click.option("--broker", help="use this broker instead of an embedded one (mqtt://host:port)")
+@click.option("--broker", help=f"use this broker instead of an embedded one ({BROKER_URL_HELP})")
 @click.option(
     "--workdir", type=click.Path(path_type=Path, file_okay=False), help="default: a fresh temporary directory"
 )

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_sdk.durable import atomic_write_bytes
-from edge_sdk.errors import EdgeError, KeyStoreError
+from edge_sdk.errors import ConfigError, EdgeError, KeyStoreError
 from edge_sdk.trust import (
     ROLES,
     PublicKey,
@@ -137,7 +137,7 @@ class KeyRing:
             data = self.root_path.read_bytes()
         except OSError as exc:
             raise KeyStoreError(
-                f"cannot read {self.root_path}: {exc.strerror} (create it with `edgectl keys init`)"
+                f"cannot read {self.root_path}: {exc.strerror} (no keys yet: run `edgectl keys init`)"
             ) from exc
         try:
             return load_root(data)
@@ -387,20 +387,28 @@ def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
     """Load a private key, refusing one that others can read.
 
     Raises:
-        KeyStoreError: missing, unreadable, group/world-readable, or wrong passphrase.
+        KeyStoreError: missing, unreadable, group/world-readable, or malformed.
+        ConfigError: encrypted, and the passphrase is missing or wrong.
     """
     try:
         st = os.stat(path)
         data = Path(path).read_bytes()
     except OSError as exc:
         raise KeyStoreError(
-            f"cannot read signing key {path}: {exc.strerror} (create one with `edgectl keys init`)"
+            f"cannot read signing key {path}: {exc.strerror} (no keys yet: run `edgectl keys init`)"
         ) from exc
     if st.st_mode & 0o077:
         raise KeyStoreError(f"signing key {path} is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+    encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
+    if encrypted and passphrase is None:
+        raise ConfigError(
+            f"signing key {path} is encrypted: give its passphrase with --passphrase-env VAR", key=str(path)
+        )
     try:
         return SigningKey.from_pem(data, passphrase)
     except KeyStoreError as exc:
+        if encrypted:  # a passphrase was given: it is the wrong one (configuration, like a missing one)
+            raise ConfigError(f"signing key {path}: wrong passphrase ({exc.message})", key=str(path)) from exc
         raise KeyStoreError(f"signing key {path}: {exc.message}") from exc
 
 

@@ -1,7 +1,8 @@
 """Packing models into signed bundles, and checking bundles as a device would.
 
 ``edgectl pack`` and ``edgectl verify`` parse their options into :class:`PackOptions`
-and :class:`CheckOptions` and call :func:`pack_model` or :func:`check_bundle`; what
+and :class:`CheckOptions` and call :func:`pack_model` or :func:`check_bundle`
+(:func:`checklist_bundle` for the whole checklist, the failing check marked); what
 they print comes from :mod:`host_tools.report.bundle`. ``edgectl resign`` calls
 :func:`resign_bundle`: after ``edgectl keys rotate bundles`` it signs a bundle packed
 before again with the current bundle keys, keeping its payload, manifest and version.
@@ -49,11 +50,19 @@ from edge_sdk.bundle import (
 from edge_sdk.bundle.archive import BundleLimits, BundleReader, write_bundle
 from edge_sdk.bundle.sparse import decode_sparse_weights
 from edge_sdk.errors import (
+    BundleFormatError,
     CompressionError,
     ConfigError,
+    EdgeError,
+    ExpiredError,
+    FileSetMismatchError,
+    HashMismatchError,
     KeyStoreError,
     ManifestError,
+    RollbackError,
     SignatureError,
+    TargetMismatchError,
+    UntrustedInputError,
     UntrustedKeyError,
 )
 from edge_sdk.runtime import open_session, open_sparse_session, sample_feeds
@@ -62,7 +71,10 @@ from edge_sdk.trust import RecipientPublicKey, Root, TrustedKeys, encode_signatu
 from host_tools.keys import KeyRing
 
 __all__ = [
+    "CHECKS",
     "BundleCheck",
+    "BundleChecklist",
+    "CheckItem",
     "CheckOptions",
     "PackOptions",
     "PackedBundle",
@@ -70,11 +82,27 @@ __all__ = [
     "SparseOptions",
     "canonical_sample",
     "check_bundle",
+    "checklist_bundle",
     "pack_model",
     "read_sample",
     "resign_bundle",
     "resolve_recipients",
 ]
+
+#: Every check ``verify`` runs, in the order a device runs them; a check runs only after those before it passed.
+CHECKS = ("root", "archive", "signature", "manifest", "expiry", "target", "rollback", "files", "hashes")
+
+#: Which check an error of the bundle's verification comes from (most specific type first).
+_FAILED_CHECK: tuple[tuple[type[EdgeError], str], ...] = (
+    (SignatureError, "signature"),
+    (ManifestError, "manifest"),
+    (ExpiredError, "expiry"),
+    (TargetMismatchError, "target"),
+    (RollbackError, "rollback"),
+    (FileSetMismatchError, "files"),
+    (HashMismatchError, "hashes"),
+    (BundleFormatError, "archive"),
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +171,55 @@ class PackedBundle:
 
     def to_dict(self) -> dict[str, Any]:
         return {"bundle": str(self.path), "signed_by": list(self.signed_by), "manifest": self.manifest.to_dict()}
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    """One line of ``verify``'s checklist.
+
+    Attributes:
+        name: one of :data:`CHECKS`.
+        status: ``ok``, ``failed`` or ``not run`` (an earlier check failed).
+        detail: what the check found, or why it failed; empty when not known.
+    """
+
+    name: str
+    status: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.name, "status": self.status, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class BundleChecklist:
+    """Every check of :data:`CHECKS` on a bundle, passed, failed or not run.
+
+    Attributes:
+        path: the bundle file.
+        items: one per check, in :data:`CHECKS` order.
+        manifest: the manifest, when the checks got far enough to read it authentically.
+        error: the failing check's error; ``None`` when every check passed.
+    """
+
+    path: Path
+    items: tuple[CheckItem, ...]
+    manifest: Manifest | None
+    error: EdgeError | None = None
+
+    @property
+    def failed(self) -> CheckItem | None:
+        """The check that failed, if any."""
+        return next((item for item in self.items if item.status == "failed"), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``ok``, the passed checks as ``name: detail`` lines, the whole checklist and the manifest."""
+        return {
+            "ok": self.error is None,
+            "checks": [f"{i.name}: {i.detail}" if i.detail else i.name for i in self.items if i.status == "ok"],
+            "checklist": [i.to_dict() for i in self.items],
+            "manifest": None if self.manifest is None else self.manifest.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -484,6 +561,77 @@ def _fitted(array: np.ndarray, info: TensorInfo, source: str) -> np.ndarray:
             got=str(array.dtype),
         )
     return np.ascontiguousarray(array, dtype=want)
+
+
+def checklist_bundle(bundle: Path, keys: KeyRing, now: float, options: CheckOptions | None = None) -> BundleChecklist:
+    """Like :func:`check_bundle`, but a failed check is a result: the whole checklist with it marked.
+
+    Checks before the failing one passed; those after it did not run. Details of the
+    passed checks are known when every check passed, or when only the rollback or
+    target check (the ones ``options`` add) failed.
+
+    Args:
+        bundle: the bundle file.
+        keys: the key directory whose root is used when ``options.root_file`` is not given.
+        now: current time, for expiry.
+        options: another root, an installed version, a device to check against.
+
+    Returns:
+        The checklist; its ``error`` is the failing check's error, ``None`` if all passed.
+
+    Raises:
+        KeyStoreError: the root cannot be read.
+        StorageError: the bundle cannot be read.
+    """
+    options = options or CheckOptions()
+    try:
+        check = check_bundle(bundle, keys, now, options)
+    except UntrustedInputError as exc:
+        return _failed_checklist(bundle, keys, now, options, exc)
+    items = tuple(CheckItem(*_split_check(line)) for line in check.checks)
+    return BundleChecklist(bundle, items, check.manifest)
+
+
+def _split_check(line: str) -> tuple[str, str, str]:
+    name, _, detail = line.partition(": ")
+    return name, "ok", detail
+
+
+def _failed_checklist(
+    bundle: Path, keys: KeyRing, now: float, options: CheckOptions, exc: UntrustedInputError
+) -> BundleChecklist:
+    root_failed = not _root_is_valid(keys, now, options)
+    failed = "root" if root_failed else next((n for t, n in _FAILED_CHECK if isinstance(exc, t)), "archive")
+    details: dict[str, str] = {}
+    manifest = None
+    if failed in ("target", "rollback"):
+        # The checks before it passed; run them again without the options that failed, for their details.
+        try:
+            plain = check_bundle(bundle, keys, now, CheckOptions(options.root_file))
+        except EdgeError:
+            pass
+        else:
+            details = dict(_split_check(line)[::2] for line in plain.checks)
+            manifest = plain.manifest
+    position = CHECKS.index(failed)
+    items = tuple(
+        CheckItem(name, "ok", details.get(name, ""))
+        if i < position
+        else CheckItem(name, "failed", exc.message)
+        if i == position
+        else CheckItem(name, "not run")
+        for i, name in enumerate(CHECKS)
+    )
+    return BundleChecklist(bundle, items, manifest, exc)
+
+
+def _root_is_valid(keys: KeyRing, now: float, options: CheckOptions) -> bool:
+    try:
+        root = keys.root if options.root_file is None else _read_root(options.root_file)
+        root.check_not_expired(now)
+    except UntrustedInputError:
+        return False
+    return True
 
 
 def _read_root(path: Path) -> Root:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,7 +351,8 @@ def verify_bundle(
         checks.append(f"manifest: {manifest.name} v{manifest.version}, runtime {manifest.runtime}")
         if now >= manifest.expires_at:
             raise ExpiredError(
-                f"manifest of {manifest.name} v{manifest.version} expired at {manifest.expires_at:.0f} (now {now:.0f})",
+                f"manifest of {manifest.name} v{manifest.version} expired at {_utc(manifest.expires_at)} "
+                f"(now {_utc(now)})",
                 expires_at=manifest.expires_at,
                 now=now,
             )
@@ -375,7 +377,11 @@ def verify_bundle(
         if manifest.target is None:
             checks.append("target: any device")
         elif device is None:
-            checks.append(f"target: {manifest.target.to_dict()} (no device to check against)")
+            t = manifest.target
+            checks.append(
+                f"target: {', '.join(t.arch) or 'any arch'}, at least {t.min_memory_bytes} bytes of memory, "
+                f"accelerators {', '.join(t.accelerators) or 'none needed'} (no device to check against)"
+            )
         else:
             checks.append(f"target: {manifest.target.check(device)}")
         history = installed_version(manifest.name) if callable(installed_version) else installed_version
@@ -471,3 +477,8 @@ def _recipient_check(encryption: Encryption, key: RecipientKey | None, extractin
         content_key,
         f"recipient: encrypted for {len(encryption.keyids)} key(s), this device's key {key.keyid} among them",
     )
+
+
+def _utc(unix_s: float) -> str:
+    """A time in messages people read: ``2025-03-01 13:05:09 UTC``, not epoch seconds."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix_s))

@@ -24,6 +24,7 @@ Nothing here reads a file or the clock; ``now`` is passed in.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +145,7 @@ class Root:
         """Raises ExpiredError when ``now`` is past :attr:`expires_at` (freeze protection)."""
         if now >= self.expires_at:
             raise ExpiredError(
-                f"trusted root v{self.version} expired at {self.expires_at:.0f} (now {now:.0f}); "
+                f"trusted root v{self.version} expired at {_utc(self.expires_at)} (now {_utc(now)}); "
                 "the operator must publish a new root",
                 role="root",
                 expires_at=self.expires_at,
@@ -333,7 +334,7 @@ def verify_root_update(trusted: Root, new_root: bytes | SignedRoot, now: float) 
         )
     if now >= new.expires_at:
         raise ExpiredError(
-            f"new root v{new.version} expired at {new.expires_at:.0f} (now {now:.0f})",
+            f"new root v{new.version} expired at {_utc(new.expires_at)} (now {_utc(now)})",
             role="root",
             expires_at=new.expires_at,
             now=now,
@@ -353,3 +354,8 @@ def update_root_chain(trusted: Root, chain: Sequence[bytes], now: float) -> Root
             continue
         trusted = verify_root_update(trusted, signed, now)
     return trusted
+
+
+def _utc(unix_s: float) -> str:
+    """A time in messages people read: ``2025-03-01 13:05:09 UTC``, not epoch seconds."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix_s))

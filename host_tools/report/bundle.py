@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from host_tools.packing import BundleCheck, PackedBundle, ResignedBundle
+    from host_tools.packing import BundleCheck, BundleChecklist, PackedBundle, ResignedBundle
 
-__all__ = ["check_text", "packed_text", "resigned_text"]
+__all__ = ["check_text", "checklist_text", "packed_text", "resigned_text"]
+
+#: How each status of a checklist line starts (``ok  `` as :func:`check_text` prints it).
+_MARKS = {"ok": "ok  ", "failed": "FAIL ", "not run": "--  "}
 
 
 def packed_text(packed: PackedBundle) -> str:
@@ -60,3 +63,26 @@ def resigned_text(resigned: ResignedBundle) -> str:
         f"signed by {', '.join(resigned.signed_by)} (was {', '.join(resigned.previously_signed_by)}, "
         f"a bundle key of root v{resigned.vouched_by_root})"
     )
+
+
+def checklist_text(checklist: BundleChecklist) -> str:
+    """Every check, the failing one marked ``FAIL`` with its reason, then the verdict.
+
+    Args:
+        checklist: the result of :func:`host_tools.packing.checklist_bundle`.
+
+    Returns:
+        Lines without a trailing newline; when every check passed, the lines
+        :func:`check_text` prints.
+    """
+    lines = []
+    for item in checklist.items:
+        text = item.detail if item.status != "not run" else "not run (an earlier check failed)"
+        lines.append(f"{_MARKS[item.status]}{item.name}: {text}" if text else f"{_MARKS[item.status]}{item.name}")
+    failed = checklist.failed
+    if failed is None and checklist.manifest is not None:
+        m = checklist.manifest
+        lines.append(f"{checklist.path}: {m.name} v{m.version} verified")
+    elif failed is not None:
+        lines.append(f"{checklist.path}: failed the {failed.name} check; a device would refuse it")
+    return "\n".join(lines)

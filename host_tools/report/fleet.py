@@ -244,7 +244,16 @@ def command_data(device_id: str, event: Event) -> dict[str, Any]:
 
 
 def command_text(device_id: str, event: Event, what: str) -> str:
-    """The line for the device's answer to ``what`` (e.g. ``remove NAME``)."""
+    """The line for the device's answer to ``what`` (e.g. ``remove NAME``), its detail in words."""
     if event.kind != EventKind.DONE:
         return f"{device_id} refused: {what}"
-    return f"{device_id}: {what}: done ({event.detail})"
+    detail = dict(event.detail)
+    action = detail.pop("action", None)
+    detail.pop("name", None)
+    if action == "remove" and "removed" in detail:
+        said = f"v{detail['removed']} removed" if detail["removed"] is not None else "nothing was installed"
+    elif action == "rollback" and "version" in detail:
+        said = f"now runs v{detail['version']}"
+    else:
+        said = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in sorted(detail.items()))
+    return f"{device_id}: {what}: done ({said})" if said else f"{device_id}: {what}: done"

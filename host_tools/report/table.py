@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Column", "format_bytes", "render_table"]
+__all__ = ["Column", "format_bytes", "format_time", "render_table"]
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,20 @@ def render_table(columns: Sequence[Column], rows: Sequence[Any]) -> str:
     for row in cells:
         lines.append("  ".join(f"{v:{c.align}{w}}" for v, c, w in zip(row, columns, widths, strict=False)).rstrip())
     return "\n".join(lines)
+
+
+def format_time(unix_s: float | None) -> str:
+    """A time for people: local date and time with its zone, and UTC (``2025-03-01 14:05:09 CET, 13:05:09 UTC``).
+
+    Args:
+        unix_s: seconds since the epoch, as the wire and the registry keep times; ``None`` for unknown.
+
+    Returns:
+        The text; ``-`` for ``None``.
+    """
+    if unix_s is None:
+        return "-"
+    local = time.localtime(unix_s)
+    if local.tm_gmtoff == 0:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix_s))
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', local)}, {time.strftime('%H:%M:%S', time.gmtime(unix_s))} UTC"

@@ -30,7 +30,9 @@ def test_passphrase_protected_key(tmp_path, tiny_model):
         assert h.run("keys", "init", "--passphrase-env", "EDGE_TEST_PASS").code == 0
         out = tmp_path / "b.edge"
         no_pass = h.run("pack", str(tiny_model.path), "-o", str(out), "--name", "t", "--version", "1")
-        assert no_pass.code == 5 and "signing key" in no_pass.stderr
+        assert (
+            no_pass.code == 2 and "signing key" in no_pass.stderr and "passphrase" in no_pass.stderr
+        )  # usage, as everywhere
         assert not out.exists()
         ok = h.run(
             "pack",
@@ -110,3 +112,80 @@ def test_verify_explains_and_refuses(host, tiny_model, tmp_path):
     cut.write_bytes(out.read_bytes()[:-3000])
     r = host.run("verify", str(cut))
     assert r.code == 3 and "truncated" in r.stderr
+
+
+def test_verify_of_a_bad_bundle_shows_the_whole_checklist_with_the_failing_check_marked(host, tiny_model, tmp_path):
+    out = tmp_path / "b.edge"
+    assert host.run("pack", str(tiny_model.path), "-o", str(out), "--name", "t", "--version", "3").code == 0
+    text = host.run("verify", str(out), "--installed-version", "3")
+    assert text.code == 3 and "not newer" in text.stderr
+    lines = text.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:9]] == ["ok"] * 6 + ["FAIL", "--", "--"]
+    assert lines[6].startswith("FAIL rollback: t v3 is not newer") and "signature:" in lines[2]
+    assert "failed the rollback check" in lines[-1]
+
+    j = host.run("verify", str(out), "--installed-version", "3", "--json")
+    data = j.json()
+    assert j.code == 3 and data["ok"] is False and data["error"]["code"] == "rollback"
+    assert data["error"]["exit_code"] == 3 and data["error"]["kind"] == "untrusted_input"
+    statuses = {c["check"]: c["status"] for c in data["checklist"]}
+    assert statuses["rollback"] == "failed" and statuses["hashes"] == "not run" and statuses["root"] == "ok"
+    assert len(data["checklist"]) == 9
+
+    cut = tmp_path / "cut.edge"
+    cut.write_bytes(out.read_bytes()[:-3000])
+    r = host.run("verify", str(cut), "--json")
+    failed = [c for c in r.json()["checklist"] if c["status"] == "failed"]
+    assert r.code == 3 and len(failed) == 1 and "truncated" in failed[0]["detail"]
+
+
+def test_remove_of_an_absent_bundle_fails_and_progress_in_a_pipe_is_plain_lines(
+    host, tiny_model, mosquitto, start_agent, tmp_path
+):
+    agent = start_agent(mosquitto.url, "cli-remove", host.root)
+    bundle = tmp_path / "t.edge"
+    r = host.run(
+        "pack", str(tiny_model.path), "-o", str(bundle), "--name", "t", "--version", "1",
+        "--sample", str(tiny_model.sample),
+    )  # fmt: skip
+    assert r.code == 0, r.stderr
+    dev = ("--device", agent.device_id, "--broker", mosquitto.url)
+    # stderr is a pipe here: progress is whole lines, never a bar's carriage returns.
+    deployed = host.run("deploy", str(bundle), *dev, "--runs", "5", "--warmup", "1", "--chunk-size", "1024")
+    assert deployed.code == 0, deployed.stderr
+    assert "\r" not in deployed.stderr and "\x1b" not in deployed.stderr
+    progress = [line for line in deployed.stderr.splitlines() if line.startswith("t.edge:")]
+    assert progress and "100%" in progress[-1] and len(progress) <= 12
+
+    first = host.run("remove", *dev, "--name", "t")
+    assert first.code == 0 and "v1 removed" in first.stdout and "{" not in first.stdout, first.stdout
+    again = host.run("remove", *dev, "--name", "t")
+    assert again.code == 3 and "does not have t installed" in again.stderr
+    j = host.run("remove", *dev, "--name", "t", "--json")
+    assert j.code == 3 and j.json()["error"]["code"] == "not_installed" and j.json()["state"] == "done"
+
+
+def test_demo_log_ends_with_its_table_not_a_progress_bar(tmp_path):
+    """stdout and stderr into one log file, as `make demo > demo.log 2>&1` does: whole lines only."""
+    import subprocess
+
+    from harness import BIN
+
+    env = dict(os.environ, EDGE_SDK_HOME=str(tmp_path / "home"))
+    log = tmp_path / "demo.log"
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            [str(BIN / "edgectl"), "demo", "--runs", "30", "--workdir", str(tmp_path / "work")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+            env=env,
+        )
+    text = log.read_text()
+    assert proc.returncode == 0, text[-2000:]
+    assert "\r" not in text and "\x1b" not in text
+    assert "%|" not in text  # no tqdm bar
+    lines = text.rstrip().splitlines()
+    table = next(i for i, line in enumerate(lines) if "smaller than fp32" in line)
+    assert not any("%" in line for line in lines[table:]), text[-1000:]  # the table, not a bar, ends the log
+    assert lines[-1].startswith("whole path in"), lines[-1]

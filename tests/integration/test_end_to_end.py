@@ -332,7 +332,7 @@ def test_agent_refuses_bad_config(tmp_path):
         text=True,
         timeout=30,
     )
-    assert r.returncode == 3 and "missing.pub" in r.stderr
+    assert r.returncode == 5 and "missing.pub" in r.stderr  # local state: the same code as edgectl's (ExitCode)
 
 
 def test_demo_runs_whole_path(tmp_path):

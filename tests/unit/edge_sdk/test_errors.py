@@ -7,6 +7,7 @@ import pytest
 from edge_sdk import errors
 from edge_sdk.errors import (
     EdgeError,
+    ExitCode,
     LocalStateError,
     ModelError,
     SignatureError,
@@ -14,16 +15,20 @@ from edge_sdk.errors import (
     UntrustedInputError,
     UntrustedKeyError,
     error_from_code,
+    exit_code_of,
 )
+
+#: What errors.py exports besides the error classes: the exit-code table and two functions.
+_NOT_CLASSES = {"error_from_code", "exit_code_of", "ExitCode", "EXIT_CODES"}
 
 
 def _all_classes() -> list[type[EdgeError]]:
-    return [getattr(errors, n) for n in errors.__all__ if n != "error_from_code"]
+    return [getattr(errors, n) for n in errors.__all__ if n not in _NOT_CLASSES]
 
 
 def test_all_exports_every_error_class_and_nothing_else() -> None:
     defined = {name for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, EdgeError)}
-    assert defined == set(errors.__all__) - {"error_from_code"}
+    assert defined == set(errors.__all__) - _NOT_CLASSES
 
 
 def test_every_class_has_a_unique_code() -> None:
@@ -86,3 +91,34 @@ def test_details_named_like_parameters_survive_the_wire() -> None:
     # A peer's details are untrusted: a key called "code" must not crash the host.
     err = error_from_code("storage", "disk full", code="ENOSPC")
     assert err.details == {"code": "ENOSPC"}
+
+
+@pytest.mark.parametrize(
+    ("cls", "code"),
+    [
+        (EdgeError, ExitCode.FAILURE),
+        (UntrustedInputError, ExitCode.UNTRUSTED_INPUT),
+        (UntrustedKeyError, ExitCode.UNTRUSTED_INPUT),
+        (errors.NotInstalledError, ExitCode.UNTRUSTED_INPUT),
+        (TransportError, ExitCode.TRANSPORT),
+        (errors.DeviceTimeoutError, ExitCode.TRANSPORT),
+        (LocalStateError, ExitCode.LOCAL_STATE),
+        (errors.KeyStoreError, ExitCode.LOCAL_STATE),
+        (errors.StorageError, ExitCode.LOCAL_STATE),
+        (errors.ConfigError, ExitCode.USAGE),
+        (ModelError, ExitCode.MODEL),
+        (errors.CompressionError, ExitCode.MODEL),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_exit_code_follows_the_blame(cls: type[EdgeError], code: ExitCode) -> None:
+    assert exit_code_of(cls("x")) == code == cls.exit_code
+
+
+def test_exit_code_of_anything_else_is_failure_and_the_table_is_complete() -> None:
+    assert exit_code_of(ValueError("bug")) == ExitCode.FAILURE == 1
+    assert list(errors.EXIT_CODES) == list(ExitCode) == list(range(7))
+    assert ExitCode.USAGE.kind == "usage" and ExitCode.LOCAL_STATE.kind == "local_state"
+    assert "edgectl keys init" in ExitCode.LOCAL_STATE.meaning
+    # A device's error with an unknown code is not mistaken for a known blame.
+    assert exit_code_of(error_from_code("from_a_newer_peer", "x")) == ExitCode.FAILURE

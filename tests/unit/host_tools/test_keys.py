@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_sdk.errors import KeyStoreError
+from edge_sdk.errors import ConfigError, KeyStoreError
 from edge_sdk.trust import SignedRoot
 from host_tools.keys import KeyRing, command_authority, init_keys, rotate_key
 
@@ -46,6 +46,9 @@ def test_command_authority_holds_command_keys_and_every_root(tmp_path: Path) -> 
 
 def test_command_authority_needs_the_passphrase(tmp_path: Path) -> None:
     ring, _ = init_keys(tmp_path / "keys", NOW, passphrase=b"secret")
-    with pytest.raises(KeyStoreError, match="signing key"):
+    # A passphrase missing or wrong is configuration (exit 2) from every command, not local state.
+    with pytest.raises(ConfigError, match=r"signing key .* is encrypted: give its passphrase"):
         command_authority(ring)
+    with pytest.raises(ConfigError, match=r"signing key .*: wrong passphrase"):
+        command_authority(ring, b"not it")
     assert len(command_authority(ring, b"secret").keys) == 1

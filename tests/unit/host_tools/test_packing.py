@@ -25,14 +25,16 @@ from edge_sdk.errors import (
 )
 from host_tools.keys import KeyRing, init_keys
 from host_tools.packing import (
+    CHECKS,
     CheckOptions,
     PackOptions,
     SparseOptions,
     canonical_sample,
     check_bundle,
+    checklist_bundle,
     pack_model,
 )
-from host_tools.report.bundle import check_text, packed_text
+from host_tools.report.bundle import check_text, checklist_text, packed_text
 
 NOW = time.time()
 
@@ -235,3 +237,43 @@ def test_verify_refuses_a_bundled_sample_the_device_could_not_feed(
     pack_bundle(dataclasses.replace(spec, version=2, sample_input=bad_shape), ring.role_keys("bundles"), out, NOW)
     with pytest.raises(ManifestError, match=r"sample: sample_input.npz: input 'input' expects shape"):
         check_bundle(out, ring, NOW)
+
+
+def test_checklist_marks_the_failing_check_and_what_did_not_run(ring: KeyRing, tiny: TinyModel, tmp_path: Path) -> None:
+    out = tmp_path / "t.edge"
+    pack_model(PackOptions(tiny.path, out, "t", 2, target=Target(("aarch64",), 0, ())), ring, NOW)
+
+    passed = checklist_bundle(out, ring, NOW)
+    assert passed.error is None and passed.failed is None and passed.manifest is not None
+    assert [i.name for i in passed.items] == list(CHECKS) and {i.status for i in passed.items} == {"ok"}
+    assert checklist_text(passed) == check_text(check_bundle(out, ring, NOW))
+    assert passed.to_dict()["checks"] == list(check_bundle(out, ring, NOW).checks)
+
+    old = checklist_bundle(out, ring, NOW, CheckOptions(installed_version=2))
+    assert isinstance(old.error, RollbackError) and old.failed is not None and old.failed.name == "rollback"
+    assert [i.status for i in old.items] == ["ok"] * 6 + ["failed", "not run", "not run"]
+    assert old.items[2].detail.startswith("1 of threshold 1 by trusted key(s)")  # the passed checks keep details
+    text = checklist_text(old).splitlines()
+    assert text[6] == f"FAIL rollback: {old.error.message}" and text[7].startswith("--  files: not run")
+    assert text[-1] == f"{out}: failed the rollback check; a device would refuse it"
+    data = old.to_dict()
+    assert data["ok"] is False and data["checklist"][6] == {
+        "check": "rollback",
+        "status": "failed",
+        "detail": old.error.message,
+    }
+
+    wrong_device = checklist_bundle(out, ring, NOW, CheckOptions(device=DeviceFacts("x86_64", 1 << 30, frozenset())))
+    assert wrong_device.failed is not None and wrong_device.failed.name == "target"
+
+    expired = checklist_bundle(out, ring, NOW + 400 * 86400)  # the root (365 days) expires first
+    assert expired.failed is not None and expired.failed.name == "root"
+    assert "UTC" in expired.failed.detail and str(int(NOW))[:6] not in expired.failed.detail  # no epoch seconds
+    target_line = next(i.detail for i in passed.items if i.name == "target")
+    assert "{" not in target_line and "aarch64" in target_line  # never a Python dict
+    assert [i.status for i in expired.items][1:] == ["not run"] * 8
+
+    cut = tmp_path / "cut.edge"
+    cut.write_bytes(out.read_bytes()[:-3000])
+    broken = checklist_bundle(cut, ring, NOW)
+    assert broken.failed is not None and broken.error is not None and broken.manifest is None

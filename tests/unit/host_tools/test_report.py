@@ -221,7 +221,13 @@ def test_refusal_and_profile_text() -> None:
 
 def test_command_data_and_text() -> None:
     done = Event("dev-1", EventKind.DONE, 1.0, detail={"active": "digits v1"})
-    assert command_text("dev-1", done, "remove digits") == "dev-1: remove digits: done ({'active': 'digits v1'})"
+    assert command_text("dev-1", done, "remove digits") == "dev-1: remove digits: done (active digits v1)"
+    removed = Event("dev-1", EventKind.DONE, 1.0, detail={"action": "remove", "name": "digits", "removed": 2})
+    assert command_text("dev-1", removed, "remove digits") == "dev-1: remove digits: done (v2 removed)"
+    back = Event("dev-1", EventKind.DONE, 1.0, detail={"action": "rollback", "name": "digits", "version": 1})
+    assert command_text("dev-1", back, "roll digits back to v1") == "dev-1: roll digits back to v1: done (now runs v1)"
+    for event in (done, removed, back):
+        assert "{" not in command_text("dev-1", event, "x")  # never a Python dict
     assert command_data("dev-1", done) == {
         "device_id": "dev-1",
         "state": "done",
