@@ -820,9 +820,7 @@ def verify(
 
 @cli.command()
 @bundle_argument
-@click.option(
-    "-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="bundle file to write (default: BUNDLE)"
-)
+@click.option("-o", "--output", type=OutputFile(), help="bundle file to write (default: BUNDLE)")
 @passphrase_option
 @json_option
 @click.pass_context
@@ -961,7 +959,12 @@ def deploy(
 @bundle_argument
 @broker_options
 @benchmark_options
-@click.option("--min-duration", default=0.0, show_default=True, help="keep running for at least this many seconds")
+@click.option(
+    "--min-duration",
+    default=1.0,
+    show_default=True,
+    help="keep running for at least this many seconds (as deploy: a short window measures nothing)",
+)
 @chunk_size_option
 @click.option(
     "--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device's report"
@@ -1107,7 +1110,7 @@ def remove(
 
 @cli.group(invoke_without_command=True)
 @click.option(
-    "--broker", envvar="EDGE_SDK_BROKER", help="broker URL, mqtt://host:port (env EDGE_SDK_BROKER); required to list"
+    "--broker", envvar="EDGE_SDK_BROKER", help=f"broker URL, {BROKER_URL_HELP} (env EDGE_SDK_BROKER); required to list"
 )
 @connect_timeout_option
 @click.option("--wait", "wait_s", default=1.0, show_default=True, help="seconds to listen for device status")

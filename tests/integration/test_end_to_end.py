@@ -281,7 +281,7 @@ def test_agent_retries_until_broker_appears(host, start_agent, start_mosquitto):
 def test_agent_reconnects_after_broker_restart(host, tiny_model, start_agent, start_mosquitto, tmp_path):
     broker = start_mosquitto()
     agent = start_agent(broker.url, "e2e-restart", host.root, "--reconnect-max", "2")
-    assert agent.log().count("connected to ") == 1
+    assert agent.log().count("device_agent.agent: connected to ") == 1
     broker.kill()
     time.sleep(1)
     broker.restart()
@@ -289,7 +289,7 @@ def test_agent_reconnects_after_broker_restart(host, tiny_model, start_agent, st
     # Deploy once the agent says it is back: a command sent before it resubscribes is
     # lost (clean session), and the deploy would wait out its accept timeout.
     deadline = time.monotonic() + 30
-    while agent.log().count("connected to ") < 2:
+    while agent.log().count("device_agent.agent: connected to ") < 2:
         assert time.monotonic() < deadline, "the agent did not reconnect:\n" + agent.log()[-2000:]
         time.sleep(0.2)
     r = _deploy(host, bundle, broker.url, agent.device_id)
