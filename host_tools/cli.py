@@ -94,7 +94,8 @@ def _wants_json(args: list[str]) -> bool:
 
 
 def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    # ensure_ascii: control characters and bidi overrides become \uXXXX escapes; the JSON stays exact.
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=True))
 
 
 class _EdgeGroup(click.Group):
@@ -156,21 +157,34 @@ def _edge_error_object(exc: EdgeError) -> dict[str, Any]:
 
 def _report(exc: EdgeError) -> int:
     """Print ``exc`` as one line on stderr; return its exit code."""
-    click.echo(f"edgectl: error [{exc.code}]: {exc.message}", err=True)
+    _echo_for_terminal(f"edgectl: error [{exc.code}]: {exc.message}", err=True)
     log.debug("details", exc_info=exc)
     return int(exit_code_of(exc))
+
+
+def _echo_for_terminal(text: str, err: bool = False) -> None:
+    """Print text for people, every character a terminal would interpret escaped.
+
+    Device- and bundle-supplied strings (platform, runtime and bundle names, event details,
+    error messages) end up in what ``edgectl`` prints; escaped here, an escape sequence in
+    one shows as ``\\x1b[2J`` instead of clearing the screen. The text path of every
+    command, progress lines and error lines go through this one function.
+    """
+    from host_tools.report.safe_text import escape_for_terminal
+
+    click.echo(escape_for_terminal(text, multiline=True), err=err)
 
 
 def _emit(cfg: HostConfig, data: Any, text: str | Callable[[], str]) -> None:
     if cfg.json_output:
         _print_json(data)
     else:
-        click.echo(text() if callable(text) else text)
+        _echo_for_terminal(text() if callable(text) else text)
 
 
 def _say(cfg: HostConfig) -> Callable[[str], None]:
     """Progress lines go to stderr, so ``--json`` output on stdout stays parseable."""
-    return lambda line: click.echo(line, err=True)
+    return lambda line: _echo_for_terminal(line, err=True)
 
 
 def _on_terminal() -> bool:
@@ -358,6 +372,15 @@ def _registry(cfg: HostConfig) -> Iterator[Any]:
         yield reg
 
 
+def _log_handler() -> logging.Handler:
+    """Log lines on stderr, escaped for the terminal like every other line (they quote device strings)."""
+    from host_tools.report.safe_text import TerminalSafeFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TerminalSafeFormatter("%(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 # --- the group --------------------------------------------------------------------------
 
 
@@ -384,7 +407,7 @@ def _exit_code_epilog() -> str:
 def cli(ctx: click.Context, home: Path, registry_url: str | None, verbose: int) -> None:
     """edge-sdk: compress models, sign bundles, deploy them to devices over MQTT."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, handlers=[_log_handler()])
     home = Path(home).expanduser()
     ctx.obj = HostConfig(home, registry_url or str(home / "registry.db"))
 
@@ -485,7 +508,7 @@ def keys_rotate(
     warning = rotation_warning(role, old, summary.version)
     data = {"replaced": old, "new_keyid": key.keyid, "warnings": [warning] if warning else [], **summary.to_dict()}
     if warning:
-        click.echo(f"edgectl: warning: {warning}", err=True)
+        _echo_for_terminal(f"edgectl: warning: {warning}", err=True)
     _emit(cfg, data, lambda: f"{role}: {old} replaced by {key.keyid}\n" + root_text(summary))
 
 

@@ -1,4 +1,9 @@
-"""Plain-text tables. The CLI prints these, or the same rows as JSON with ``--json``."""
+"""Plain-text tables. The CLI prints these, or the same rows as JSON with ``--json``.
+
+Every cell is escaped for the terminal (:func:`~host_tools.report.safe_text.escape_for_terminal`,
+newlines included) before the widths are measured, so a device-supplied string can neither
+reach the terminal raw nor break the table's lines or alignment.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from host_tools.report.safe_text import escape_for_terminal
 
 __all__ = ["Column", "format_bytes", "format_time", "render_table"]
 
@@ -32,10 +39,19 @@ def format_bytes(n: float | None) -> str:
 
 
 def render_table(columns: Sequence[Column], rows: Sequence[Any]) -> str:
-    """Render rows as an aligned table with a header rule. ``None`` cells print as '-'."""
-    cells = [[("-" if (v := c.get(r)) is None else str(v)) for c in columns] for r in rows]
-    widths = [max([len(c.header)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(f"{c.header:{c.align}{w}}" for c, w in zip(columns, widths, strict=False)).rstrip()]
+    """Render rows as an aligned table with a header rule. ``None`` cells print as '-'.
+
+    Args:
+        columns: the columns, left to right.
+        rows: the rows; each column's ``get`` picks its cell.
+
+    Returns:
+        The table without a trailing newline; every cell and header escaped for the terminal.
+    """
+    cells = [[("-" if (v := c.get(r)) is None else escape_for_terminal(str(v))) for c in columns] for r in rows]
+    headers = [escape_for_terminal(c.header) for c in columns]
+    widths = [max([len(headers[i])] + [len(row[i]) for row in cells]) for i in range(len(columns))]
+    lines = ["  ".join(f"{h:{c.align}{w}}" for h, c, w in zip(headers, columns, widths, strict=False)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     for row in cells:
         lines.append("  ".join(f"{v:{c.align}{w}}" for v, c, w in zip(row, columns, widths, strict=False)).rstrip())

@@ -1,0 +1,236 @@
+"""Every renderer in host_tools.report, fed device- and bundle-supplied strings full of escape
+sequences, prints nothing a terminal would interpret.
+
+The renderers are found, not listed: every public function of every module of
+``host_tools.report`` must have a case in :data:`CASES` (a new renderer without one fails
+:func:`test_every_renderer_has_a_hostile_case`). Each case's text goes through the CLI's
+output path for people, its JSON-ready data through the ``--json`` path, as ``edgectl``
+prints them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import pkgutil
+from collections.abc import Callable
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+import host_tools.report
+from edge_sdk.bundle import FileEntry, Manifest
+from edge_sdk.errors import EdgeError
+from edge_sdk.metrics import LatencyStats, ModelMemory, PowerMeasurement
+from edge_sdk.protocol import ErrorInfo, Event, EventKind, MetricsReport
+from host_tools.cli import HostConfig, _emit
+from host_tools.compress import CompressionReport, CompressJobResult, ModelMetrics, PackedFile, StepReport
+from host_tools.compress.tflite.quantize import TfliteCompression, TfliteMetrics
+from host_tools.demo import DemoResult, DemoRow
+from host_tools.fleet.deployer import DeployOutcome
+from host_tools.fleet.inventory import DeviceView
+from host_tools.fleet.profiler import ProfileOutcome
+from host_tools.fleet.registry import BundleRef, DeviceRecord, ForgetResult
+from host_tools.keys import RoleSummary, RootSummary
+from host_tools.packing import BundleCheck, BundleChecklist, CheckItem, PackedBundle, ResignedBundle
+from host_tools.report import bundle, compress, demo, fleet, keys, table
+from host_tools.report.progress import ProgressLines
+from host_tools.report.safe_text import escape_for_terminal
+
+# ESC [2J (clear screen), OSC 52 (write the clipboard), CSI as the one byte 0x9b, BEL,
+# backspace, carriage return, a bidi override and an isolate.
+EVIL = "X\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07\x9b31m\x08\r\u202eevil\u2066"
+SHOWN = escape_for_terminal(EVIL)
+RAW = {chr(c) for c in (*range(0x00, 0x0A), *range(0x0B, 0x20), *range(0x7F, 0xA0))}
+RAW |= {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+#: Public names of host_tools.report modules that render nothing a device or bundle supplies.
+NOT_RENDERERS = {"safe_text.escape_for_terminal", "safe_text.TerminalSafeFormatter", "table.Column"}
+
+LATENCY = LatencyStats(
+    count=10, mean_ms=1.0, stdev_ms=0.1, min_ms=0.9, max_ms=2.0, p50_ms=1.0, p90_ms=1.5, p99_ms=2.0,
+    throughput_per_s=900.0,
+)  # fmt: skip
+MEMORY = ModelMemory(
+    rss_before_load_bytes=0, rss_after_load_bytes=0, model_bytes=0, start_bytes=0, peak_bytes=1 << 20,
+    sampled_peak_bytes=1 << 20, hwm_bytes=None, samples=1,
+)  # fmt: skip
+POWER = PowerMeasurement(
+    joules=1.0, seconds=1.0, watts=1.0, source=EVIL, estimated=True, joules_per_inference=0.001
+)  # fmt: skip
+
+
+def _metrics() -> MetricsReport:
+    # The device id is checked on the wire; every other string is the device's to choose.
+    return MetricsReport(
+        "dev-1", EVIL, 2, EVIL, EVIL, ts=1.0, latency=LATENCY, memory=MEMORY, power=POWER, providers=(EVIL,)
+    )
+
+
+def _manifest() -> Manifest:
+    # Name and runtime are checked; precision and file paths are the packer's to choose.
+    files = (FileEntry("model.onnx", 1, "0" * 64),)
+    return Manifest("digits", 2, 0.0, 10.0, "onnxruntime", "model.onnx", files, precision=EVIL)
+
+
+def _record() -> DeviceRecord:
+    return DeviceRecord(
+        EVIL, "online", 0.0, platform={"kind": EVIL, "arch": EVIL, "memory_bytes": 1 << 30, "model": EVIL},
+        runtimes={EVIL: "1.0", "onnxruntime": EVIL}, agent_version=EVIL, active_bundles=(BundleRef(EVIL, 1),),
+        broker=EVIL,
+    )  # fmt: skip
+
+
+def _views() -> list[DeviceView]:
+    return [DeviceView(_record(), True, EVIL), DeviceView(_record(), False, EVIL)]
+
+
+def _deploy(state: str, **kw: Any) -> DeployOutcome:
+    return DeployOutcome(EVIL, EVIL, 2, "ab" * 32, "t1", state, **kw)
+
+
+def _profile() -> ProfileOutcome:
+    return ProfileOutcome(EVIL, EVIL, 2, "profiled", metrics=_metrics())
+
+
+def _event(kind: str) -> Event:
+    return Event("dev-1", kind, 1.0, error=ErrorInfo(EVIL, EVIL, {EVIL: EVIL}), detail={EVIL: EVIL, "x": [EVIL]})
+
+
+def _compression() -> CompressionReport:
+    m = ModelMetrics(4096, 10, 0.5, 0.9, EVIL, 0.1)
+    notes = {"float_nodes": [EVIL], "packed_bytes": 10, "factorized_params_before": 1}
+    notes["layers"] = [{"layer": EVIL, "rank": 1, "full_rank": 2}]
+    return CompressionReport(m, (StepReport(EVIL, True, 0.1, m, notes),))
+
+
+def _tflite() -> TfliteCompression:
+    m = TfliteMetrics(8192, MappingProxyType({EVIL: 2}), 0.9, EVIL, 0.25)
+    return TfliteCompression(b"", EVIL, EVIL, m, m)
+
+
+def _demo_rows() -> tuple[DemoRow, ...]:
+    return (DemoRow(EVIL, EVIL, 4096, 0.9, _metrics()), DemoRow(EVIL, EVIL, 1024, 0.9, _metrics()))
+
+
+PATH = Path(f"/tmp/{EVIL}.bundle")
+
+#: One call per renderer with every string it takes chosen by an attacker.
+CASES: dict[str, Callable[[], Any]] = {
+    "bundle.packed_text": lambda: bundle.packed_text(PackedBundle(PATH, (EVIL,), _manifest())),
+    "bundle.check_text": lambda: bundle.check_text(BundleCheck(PATH, (EVIL, f"file {EVIL}: ok"), _manifest())),
+    "bundle.resigned_text": lambda: bundle.resigned_text(
+        ResignedBundle(PATH, PATH, (EVIL,), (EVIL,), 1, (EVIL,), _manifest())
+    ),
+    "compress.quality_cell": lambda: compress.quality_cell(0.5, EVIL),
+    "compress.compress_table": lambda: compress.compress_table(_compression(), PATH),
+    "compress.packed_line": lambda: compress.packed_line(PackedFile(PATH, 10, (EVIL,)), _compression()),
+    "compress.tflite_table": lambda: compress.tflite_table(_tflite(), PATH),
+    "compress.compress_text": lambda: compress.compress_text(
+        CompressJobResult(PATH, _compression(), PackedFile(PATH, 10, (EVIL,)))
+    ),
+    "demo.demo_table": lambda: demo.demo_table(_demo_rows()),
+    "demo.demo_text": lambda: demo.demo_text(DemoResult(_demo_rows(), 1.0)),
+    "fleet.power_cell": lambda: fleet.power_cell(POWER),
+    "fleet.metrics_table": lambda: fleet.metrics_table([_metrics()]),
+    "fleet.metrics_text": lambda: fleet.metrics_text([_metrics()]),
+    "fleet.seen_text": lambda: fleet.seen_text(0.0, 10.0),
+    "fleet.devices_text": lambda: fleet.devices_text(_views(), 10.0),
+    "fleet.devices_data": lambda: fleet.devices_data(_views(), 10.0),
+    "fleet.forget_text": lambda: fleet.forget_text(ForgetResult(EVIL, (EVIL, ""), 1, 1, 1), EVIL),
+    "fleet.outcome_data": lambda: fleet.outcome_data(_deploy("refused", error=EdgeError(EVIL, why=EVIL))),
+    "fleet.deploy_data": lambda: fleet.deploy_data(_deploy("installed", metrics=_metrics(), checks=(EVIL,))),
+    "fleet.refusal_text": lambda: fleet.refusal_text(_deploy(EVIL, error=EdgeError(EVIL))),
+    "fleet.deploy_text": lambda: (
+        fleet.deploy_text(_deploy("installed", metrics=_metrics()))
+        + "\n"
+        + fleet.deploy_text(_deploy("deferred", detail={"reason": EVIL, "retry_s": EVIL}))
+    ),
+    "fleet.profile_text": lambda: fleet.profile_text(_profile()),
+    "fleet.command_data": lambda: fleet.command_data(EVIL, _event(EventKind.REFUSED)),
+    "fleet.command_text": lambda: (
+        fleet.command_text(EVIL, _event(EventKind.DONE), EVIL)
+        + "\n"
+        + fleet.command_text(EVIL, _event(EventKind.REFUSED), EVIL)
+    ),
+    "keys.root_text": lambda: keys.root_text(RootSummary(PATH, 1, 0.0, (RoleSummary(EVIL, 1, ((EVIL, False),)),))),
+    "table.format_bytes": lambda: table.format_bytes(1536),
+    "table.format_time": lambda: table.format_time(0.0),
+    "bundle.checklist_text": lambda: bundle.checklist_text(
+        BundleChecklist(PATH, (CheckItem(EVIL, "ok", EVIL), CheckItem(EVIL, "failed", EVIL)), _manifest())
+    ),
+    "progress.ProgressLines": lambda: ProgressLines(EVIL).update(1, 2, 0.0),
+    "table.render_table": lambda: table.render_table([table.Column(EVIL, lambda r: r)], [EVIL, None]),
+}
+
+#: Renderers whose output carries no string an attacker chooses (numbers and our own words).
+NO_HOSTILE_TEXT = {
+    "fleet.seen_text",
+    "table.format_bytes",
+    "table.format_time",
+    "fleet.power_cell",
+    "compress.quality_cell",
+}
+
+
+def _public_functions() -> set[str]:
+    names = set()
+    for info in pkgutil.iter_modules(host_tools.report.__path__):
+        module = importlib.import_module(f"host_tools.report.{info.name}")
+        for name in getattr(module, "__all__", ()):
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                names.add(f"{info.name}.{name}")
+    return names - NOT_RENDERERS
+
+
+def test_every_renderer_has_a_hostile_case() -> None:
+    assert _public_functions() == set(CASES)
+
+
+def _raw(text: str) -> list[str]:
+    return sorted({f"U+{ord(ch):04X}" for ch in text if ch in RAW or 0xD800 <= ord(ch) <= 0xDFFF})
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_renderer_output_reaches_the_terminal_escaped(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rendered = CASES[name]()
+    if isinstance(rendered, str) or rendered is None:
+        # What edgectl prints for people: the text through the one output function.
+        _emit(HostConfig(Path("/home"), "r", json_output=False), None, rendered or "")
+        out = capsys.readouterr().out
+        assert _raw(out) == [], f"{name} printed raw control characters"
+        if name not in NO_HOSTILE_TEXT:
+            assert SHOWN in out or escape_for_terminal(EVIL, multiline=True) in out, name
+    else:
+        # What edgectl prints with --json: exact JSON, every unsafe character a \\u escape.
+        _emit(HostConfig(Path("/home"), "r", json_output=True), rendered, "")
+        out = capsys.readouterr().out
+        assert _raw(out) == [] and out.isascii(), f"{name} --json printed raw characters"
+        assert json.loads(out) == json.loads(json.dumps(rendered, default=str))
+        assert EVIL in _strings(json.loads(out))  # the device's string comes back exactly
+
+
+def _strings(value: Any) -> set[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return set(value) | {s for v in value.values() for s in _strings(v)}
+    if isinstance(value, list):
+        return {s for v in value for s in _strings(v)}
+    return set()
+
+
+def test_a_hostile_cell_keeps_the_table_aligned() -> None:
+    # The table alone, before the output function: every cell is already escaped, and
+    # each column is as wide as its widest cell as shown.
+    header, rule, *rows = fleet.devices_text(_views(), 10.0).split("\n\n")[0].splitlines()
+    assert _raw("\n".join([header, rule, *rows])) == [] and len(rows) == 2
+    widths = [len(dashes) for dashes in rule.split("  ")]
+    assert widths[0] == len(SHOWN) and rows[0].startswith(SHOWN + "  ")
+    column_starts = [sum(widths[:i]) + 2 * i for i in range(len(widths))]
+    assert rows[0][column_starts[1] : column_starts[1] + len(SHOWN)] == SHOWN  # the broker column lines up
