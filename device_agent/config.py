@@ -7,6 +7,8 @@ Example ``agent.toml``::
     data_dir = "/var/lib/edge-agent"
     root = "/etc/edge-agent/root.json"      # the signed root of trust shipped with the device
     accelerators = ["cuda"]                 # optional: what bundles' target constraints may require
+    identity_key = "/etc/edge-agent/identity.key"  # optional: a provisioned key that signs what it
+                                            # reports; else made at first start in data_dir/identity/
 
     [tls]
     ca_file = "/etc/edge-agent/ca.pem"
@@ -82,6 +84,8 @@ class AgentConfig:
         execution: how to run bundles with sparse layers: ``auto`` (measure and pick the
             fastest), or ``dense``/``dense_int8``/``sparse`` to pin it, overriding the
             manifest's choice.
+        identity_key: a provisioned PEM Ed25519 key the device signs its messages with;
+            None: made at first start under ``data_dir/identity`` (see device_agent/identity.py).
         debug_crash_at: test-only: SIGKILL the agent at this step of an install (:data:`CRASH_POINTS`).
     """
 
@@ -104,6 +108,7 @@ class AgentConfig:
     outbox_max_bytes: int = 8 << 20
     inbound_queue_max: int = DEFAULT_INBOUND_MAX
     execution: str = "auto"
+    identity_key: Path | None = None
     debug_crash_at: str | None = None
 
     def __post_init__(self) -> None:
@@ -157,7 +162,16 @@ def _is_int_at_least(value: object, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-_PATH_FIELDS = {"data_dir", "ca_file", "cert_file", "key_file", "sysfs_root", "update_gate_file", "root"}
+_PATH_FIELDS = {
+    "data_dir",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "sysfs_root",
+    "update_gate_file",
+    "root",
+    "identity_key",
+}
 
 
 def load_config(config_file: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:

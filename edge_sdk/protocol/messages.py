@@ -41,6 +41,7 @@ __all__ = [
     "RollbackCommand",
     "RootUpdate",
     "SignedCommand",
+    "SignedReport",
     "TransferEnd",
     "TransferOffer",
 ]
@@ -48,6 +49,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _MAX_CHUNKS = 1 << 20
+_MAX_SEQ = (1 << 53) - 1
 
 
 def _check_device_id(device_id: str, where: str) -> None:
@@ -201,7 +203,13 @@ class Message(_Wire):
 
 @dataclass(frozen=True)
 class DeviceStatus(Message):
-    """Birth (``online``, retained) and last will (``offline``, retained) of an agent."""
+    """Birth (``online``, retained) and last will (``offline``, retained) of an agent.
+
+    ``public_key`` is the device's own Ed25519 key (64 hex digits), so an operator sees a
+    device waiting for enrolment and its fingerprint; ``will_seq`` is the sequence number
+    this agent's last will was signed with (the host accepts that one number after later
+    ones, see :mod:`edge_sdk.protocol.reports`).
+    """
 
     TYPE: ClassVar[str] = "status"
     device_id: str
@@ -211,12 +219,18 @@ class DeviceStatus(Message):
     platform: dict[str, Any] = field(default_factory=dict)
     runtimes: dict[str, Any] = field(default_factory=dict)
     active: dict[str, Any] | None = None
+    public_key: str = ""
+    will_seq: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_device_id(self.device_id, "status")
         if self.state not in ("online", "offline"):
             raise MessageError(f"status state must be online or offline, got {self.state!r}")
+        if self.public_key and not re.fullmatch(r"[0-9a-f]{64}", self.public_key):
+            raise MessageError("status public_key must be 64 lowercase hex digits")
+        if not 0 <= self.will_seq <= _MAX_SEQ:
+            raise MessageError("status will_seq out of range")
 
 
 #: What a device does with a received bundle: install it (the default), or only
@@ -307,6 +321,35 @@ class SignedCommand(Message):
     command: str
     signatures: tuple[dict[str, Any], ...]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SignedReport(Message):
+    """Device -> host: a status, event or metrics report signed by the device's own key.
+
+    ``message`` is the inner message's exact JSON text; ``seq`` its place in the device's
+    sequence, ``ts`` the device's time, ``keyid`` and ``sig`` (base64) the signature of
+    :func:`edge_sdk.trust.device.signed_device_bytes`. Sealing and opening live in
+    :mod:`edge_sdk.protocol.reports`.
+    """
+
+    TYPE: ClassVar[str] = "signed_report"
+    device_id: str
+    seq: int
+    ts: float
+    message: str
+    keyid: str
+    sig: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_device_id(self.device_id, "signed report")
+        if not 0 <= self.seq <= _MAX_SEQ:
+            raise MessageError("signed report seq out of range")
+        if not _ID_RE.fullmatch(self.keyid):
+            raise MessageError("signed report keyid must be 32 lowercase hex digits")
+        if len(self.sig) > 128:
+            raise MessageError("signed report signature too long")
 
 
 @dataclass(frozen=True)
@@ -458,5 +501,6 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         TransferEnd,
         Event,
         MetricsReport,
+        SignedReport,
     )
 }

@@ -9,6 +9,8 @@ they keep them and pass them in; callers that check expiry pass ``now`` in.
 - :mod:`edge_sdk.trust.root`: the :class:`Root` document that says which keys may sign
   bundles, commands and the next root, :func:`load_root` (parse a stored root and check
   its own signatures) and :func:`verify_root_update` (rotation).
+- :mod:`edge_sdk.trust.device`: a device's own key signs what it reports
+  (:func:`sign_device_message`); the host accepts it with :func:`verify_device_message`.
 """
 
 from edge_sdk.trust._keys import (
@@ -23,6 +25,14 @@ from edge_sdk.trust._keys import (
     encode_signatures,
     signatures_from_list,
     verify_signatures,
+)
+from edge_sdk.trust.device import (
+    DROP_REASONS,
+    DeviceEnvelope,
+    DevicePolicy,
+    fingerprint,
+    sign_device_message,
+    verify_device_message,
 )
 from edge_sdk.trust.root import (
     MAX_ROOT_BYTES,
@@ -39,11 +49,14 @@ from edge_sdk.trust.root import (
 )
 
 __all__ = [
+    "DROP_REASONS",
     "MAX_ROOT_BYTES",
     "MAX_ROOT_DEPTH",
     "MAX_SIGNATURES",
     "MAX_SIGNATURES_BYTES",
     "ROLES",
+    "DeviceEnvelope",
+    "DevicePolicy",
     "PublicKey",
     "Role",
     "Root",
@@ -54,11 +67,14 @@ __all__ = [
     "canonical_json",
     "decode_signatures",
     "encode_signatures",
+    "fingerprint",
     "load_root",
+    "sign_device_message",
     "sign_root",
     "signatures_from_list",
     "update_root_chain",
     "verify_root",
     "verify_root_update",
+    "verify_device_message",
     "verify_signatures",
 ]
