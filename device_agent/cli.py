@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 "debug_crash_at": args.debug_crash_at,
             },
         )
-        from device_agent.agent import Agent, mqtt_transport, open_identity  # heavy imports only once the config is valid
+        # heavy imports only once the config is valid
+        from device_agent.agent import Agent, mqtt_transport, open_identity
 
         identity = open_identity(config)
         agent = Agent(config, mqtt_transport(config, identity), identity=identity)

@@ -53,6 +53,7 @@ _CHANNEL_OF: dict[type[Message], Channel] = {
     MetricsReport: Channel.METRICS,
 }
 _DEFAULT_LIMITS = CodecLimits()
+_DEFAULT_POLICY = DevicePolicy()
 
 
 def seal_bytes(payload: bytes, device_id: str, key: SigningKey, seq: int, ts: float) -> bytes:
@@ -125,7 +126,7 @@ def open_report(
     now: float,
     *,
     will_seq: int | None = None,
-    policy: DevicePolicy = DevicePolicy(),
+    policy: DevicePolicy = _DEFAULT_POLICY,
     limits: CodecLimits = _DEFAULT_LIMITS,
 ) -> DeviceMessage:
     """Verify a device's signed message and return the message it carries.
@@ -160,7 +161,7 @@ def open_enrolment_request(
     signed: SignedReport,
     topic_device_id: str,
     now: float,
-    policy: DevicePolicy = DevicePolicy(),
+    policy: DevicePolicy = _DEFAULT_POLICY,
     limits: CodecLimits = _DEFAULT_LIMITS,
 ) -> DeviceStatus:
     """Accept an unenrolled device's status as a request to be enrolled with the key it carries.
@@ -183,5 +184,6 @@ def open_enrolment_request(
     assert isinstance(msg, DeviceStatus)
     if not msg.public_key:
         raise UntrustedInputError(f"device {topic_device_id!r} is not enrolled", reason="unenrolled")
-    verify_device_message(PublicKey(bytes.fromhex(msg.public_key)), topic_device_id, _envelope(signed), None, now, policy)
+    key = PublicKey(bytes.fromhex(msg.public_key))
+    verify_device_message(key, topic_device_id, _envelope(signed), None, now, policy)
     return msg

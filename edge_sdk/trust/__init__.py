@@ -73,8 +73,8 @@ __all__ = [
     "sign_root",
     "signatures_from_list",
     "update_root_chain",
+    "verify_device_message",
     "verify_root",
     "verify_root_update",
-    "verify_device_message",
     "verify_signatures",
 ]

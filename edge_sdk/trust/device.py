@@ -119,7 +119,7 @@ def verify_device_message(
     envelope: DeviceEnvelope,
     last_seq: int | None,
     now: float,
-    policy: DevicePolicy = DevicePolicy(),
+    policy: DevicePolicy | None = None,
 ) -> bytes:
     """Accept one device message, or raise why it is dropped.
 
@@ -129,7 +129,7 @@ def verify_device_message(
         envelope: the message as received.
         last_seq: the highest sequence number accepted from this device, or None for none yet.
         now: the host's clock (unix seconds), injected.
-        policy: the allowed clock skew.
+        policy: the allowed clock skew (default :class:`DevicePolicy`).
 
     Returns:
         The payload, now attributed to ``topic_device_id``.
@@ -155,6 +155,7 @@ def verify_device_message(
         envelope.sig, signed_device_bytes(envelope.device_id, envelope.seq, envelope.ts, envelope.payload)
     ):
         raise SignatureError(f"message from {topic_device_id!r} has an invalid signature", reason="bad_signature")
+    policy = policy or DevicePolicy()
     ts = envelope.ts
     if not math.isfinite(ts) or ts < 0 or ts > now + policy.max_future_s:
         raise ExpiredError(

@@ -59,7 +59,7 @@ from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
 from host_tools.fleet.registry import DeploymentState, Registry
-from host_tools.fleet.router import Router, routed
+from host_tools.fleet.router import Router, gated, routed
 
 __all__ = [
     "CommandAuthority",
@@ -457,7 +457,8 @@ def deploy_and_record(
         device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
     )
     try:
-        outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, router)
+        with gated(client, registry, router) as live:  # only enrolled devices' signed answers count
+            outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, live)
     except EdgeError as exc:
         registry.update_deployment(dep_id, "failed", exc.code, exc.message, finished_at=clock())
         raise
