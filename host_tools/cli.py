@@ -52,6 +52,7 @@ class HostConfig:
     home: Path
     registry_url: str
     json_output: bool = False
+    allow_unsigned_reports: bool = False
 
     @property
     def keys_dir(self) -> Path:
@@ -143,7 +144,7 @@ bundle_argument = click.argument("bundle", type=click.Path(path_type=Path, dir_o
 
 def _cfg(ctx: click.Context, json_output: bool) -> HostConfig:
     base: HostConfig = ctx.obj
-    return HostConfig(base.home, base.registry_url, json_output)
+    return HostConfig(base.home, base.registry_url, json_output, base.allow_unsigned_reports)
 
 
 @contextmanager
@@ -166,6 +167,15 @@ def _registry(cfg: HostConfig) -> Iterator[Any]:
         yield reg
 
 
+@contextmanager
+def _gated(cfg: HostConfig, reg: Any, client: Any) -> Iterator[Any]:
+    """A running router that believes only enrolled devices' signed messages (see fleet/router.py)."""
+    from host_tools.fleet.router import gated
+
+    with gated(client, reg, allow_unsigned=cfg.allow_unsigned_reports) as router:
+        yield router
+
+
 # --- the group --------------------------------------------------------------------------
 
 
@@ -182,14 +192,20 @@ def _registry(cfg: HostConfig) -> Iterator[Any]:
 @click.option(
     "--registry", "registry_url", help="registry: a SQLite path or postgresql:// URL (default HOME/registry.db)"
 )
+@click.option(
+    "--allow-unsigned-reports",
+    is_flag=True,
+    envvar="EDGE_SDK_ALLOW_UNSIGNED_REPORTS",
+    help="also believe unsigned device messages (only while migrating older agents; off by default)",
+)
 @click.option("-v", "--verbose", count=True, help="more logging (-vv for debug)")
 @click.pass_context
-def cli(ctx: click.Context, home: Path, registry_url: str | None, verbose: int) -> None:
+def cli(ctx: click.Context, home: Path, registry_url: str | None, allow_unsigned_reports: bool, verbose: int) -> None:
     """edge-sdk: compress models, sign bundles, deploy them to devices over MQTT."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     home = Path(home).expanduser()
-    ctx.obj = HostConfig(home, registry_url or str(home / "registry.db"))
+    ctx.obj = HostConfig(home, registry_url or str(home / "registry.db"), False, allow_unsigned_reports)
 
 
 # --- keys -------------------------------------------------------------------------------
@@ -666,8 +682,8 @@ def deploy(
         cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads},
         chunk_size=chunk_size, accept_timeout_s=accept_timeout, finish_timeout_s=timeout_s, rollback=rollback,
     )  # fmt: skip
-    with _registry(cfg) as reg, _client(broker, connect_timeout, "deploy") as client:
-        outcome = deploy_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name))
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "deploy") as client, _gated(cfg, reg, client) as r:
+        outcome = deploy_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name), router=r)
     data = deploy_data(outcome)
     _raise_refusal(cfg, outcome, data)
     _emit(cfg, data, lambda: deploy_text(outcome))
@@ -713,8 +729,8 @@ def profile(
         cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads, "min_duration_s": min_duration},
         chunk_size=chunk_size, finish_timeout_s=timeout_s,
     )  # fmt: skip
-    with _registry(cfg) as reg, _client(broker, connect_timeout, "profile") as client:
-        outcome = profile_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name))
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "profile") as client, _gated(cfg, reg, client) as r:
+        outcome = profile_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name), router=r)
     data = outcome_data(outcome)
     _raise_refusal(cfg, outcome, data)
     _emit(cfg, data, lambda: profile_text(outcome))
@@ -766,7 +782,7 @@ def rollback(
 
     cfg = _cfg(ctx, json_output)
     authority = _authority(cfg, passphrase_env)
-    with _client(broker, connect_timeout, "rollback") as client:
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "rollback") as client, _gated(cfg, reg, client) as r:
         event = run_command(
             client,
             device_id,
@@ -774,6 +790,7 @@ def rollback(
             lambda cid, f: RollbackCommand(cid, name, version, **f),  # type: ignore[arg-type]
             authority,
             timeout_s,
+            router=r,
         )
     _command_result(cfg, device_id, event, f"roll {name} back to v{version}")
 
@@ -799,7 +816,7 @@ def remove(
 
     cfg = _cfg(ctx, json_output)
     authority = _authority(cfg, passphrase_env)
-    with _client(broker, connect_timeout, "remove") as client:
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "remove") as client, _gated(cfg, reg, client) as r:
         event = run_command(
             client,
             device_id,
@@ -807,24 +824,132 @@ def remove(
             lambda cid, f: RemoveCommand(cid, name, **f),  # type: ignore[arg-type]
             authority,
             timeout_s,
+            router=r,
         )
     _command_result(cfg, device_id, event, f"remove {name}")
 
 
-@cli.command()
-@broker_options
+@cli.group(invoke_without_command=True)
+@click.option("--broker", envvar="EDGE_SDK_BROKER", help="broker URL, mqtt://host:port (env EDGE_SDK_BROKER)")
+@connect_timeout_option
 @click.option("--wait", "wait_s", default=1.0, show_default=True, help="seconds to listen for device status")
 @json_option
 @click.pass_context
-def devices(ctx: click.Context, broker: str, connect_timeout: float, wait_s: float, json_output: bool) -> None:
-    """List devices: their retained status from the broker, recorded in the registry."""
+def devices(ctx: click.Context, broker: str | None, connect_timeout: float, wait_s: float, json_output: bool) -> None:
+    """List devices: their retained status from the broker, recorded in the registry.
+
+    Only enrolled devices' signed statuses are believed; what was dropped is counted per
+    device and reason. `edgectl devices enroll|approve|revoke` manage enrolment.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not broker:
+        raise click.UsageError("Missing option '--broker' (or env EDGE_SDK_BROKER).")
     from host_tools.fleet.inventory import current_devices
-    from host_tools.report.fleet import devices_text
+    from host_tools.report.fleet import devices_data, devices_text
 
     cfg = _cfg(ctx, json_output)
     with _registry(cfg) as reg, _client(broker, connect_timeout, "devices") as client:
-        records = current_devices(reg, client, wait_s)
-    _emit(cfg, [r.to_dict() for r in records], lambda: devices_text(records))
+        records = current_devices(reg, client, wait_s, allow_unsigned=cfg.allow_unsigned_reports)
+        drops = reg.drop_counts()
+        pending = reg.list_enrolments("pending")
+    _emit(cfg, devices_data(records, drops), lambda: devices_text(records, drops, len(pending)))
+
+
+def _read_public_key(path: Path) -> Any:
+    """A device's public key from a file: PEM (``device.pub``) or 64 hex digits."""
+    from edge_sdk.trust import PublicKey
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from exc
+    text = data.strip()
+    if len(text) == 64:
+        try:
+            return PublicKey(bytes.fromhex(text.decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            pass
+    try:
+        return PublicKey.from_pem(data)
+    except EdgeError as exc:
+        raise ConfigError(f"{path} is not an Ed25519 public key (PEM or 64 hex digits): {exc.message}") from exc
+
+
+@devices.command("enroll")
+@click.argument("device_id", metavar="[ID]", required=False)
+@click.option("--key", "key_file", type=click.Path(path_type=Path, dir_okay=False), help="the device's public key file")
+@click.option("--fingerprint", help="approve the pending key only if its fingerprint is this one")
+@json_option
+@click.pass_context
+def devices_enroll(
+    ctx: click.Context, device_id: str | None, key_file: Path | None, fingerprint: str | None, json_output: bool
+) -> None:
+    """List devices waiting for enrolment, or enroll ID with its key file (--key) or the pending key's --fingerprint."""
+    from edge_sdk.protocol.topics import check_device_id
+    from edge_sdk.trust import PublicKey
+    from edge_sdk.trust import fingerprint as fingerprint_of
+    from host_tools.report.fleet import enrolments_data, enrolments_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        if device_id is None:
+            if key_file or fingerprint:
+                raise click.UsageError("--key and --fingerprint need a device ID")
+            pending = reg.list_enrolments("pending")
+            _emit(cfg, enrolments_data(pending), lambda: enrolments_text(pending, "no device waits for enrolment"))
+            return
+        check_device_id(device_id)
+        if (key_file is None) == (fingerprint is None):
+            raise click.UsageError("give exactly one of --key PUBKEYFILE or --fingerprint FP")
+        if key_file is not None:
+            record = reg.enroll(device_id, _read_public_key(key_file).raw.hex(), time.time())
+        else:
+            current = reg.get_enrolment(device_id)
+            if current is None or current.state != "pending":
+                raise ConfigError(f"device {device_id!r} has no pending key; enroll it with --key")
+            actual = fingerprint_of(PublicKey(bytes.fromhex(current.public_key)))
+            if actual.replace(":", "") != (fingerprint or "").replace(":", "").lower():
+                raise ConfigError(f"device {device_id!r} waits with key {actual}, not {fingerprint}; nothing enrolled")
+            record = reg.decide_enrolment(device_id, "approved", time.time())
+    _emit(cfg, enrolments_data([record]), lambda: enrolments_text([record], ""))
+
+
+@devices.command("approve")
+@click.argument("device_id", metavar="ID")
+@click.option("--yes", is_flag=True, help="do not ask; approve the key shown")
+@json_option
+@click.pass_context
+def devices_approve(ctx: click.Context, device_id: str, yes: bool, json_output: bool) -> None:
+    """Approve the key device ID announced, after showing its fingerprint."""
+    from edge_sdk.trust import PublicKey, fingerprint
+    from host_tools.report.fleet import enrolments_data, enrolments_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        current = reg.get_enrolment(device_id)
+        if current is None or current.state != "pending":
+            state = "unknown" if current is None else current.state
+            raise ConfigError(f"device {device_id!r} is {state}, not waiting for approval")
+        shown = fingerprint(PublicKey(bytes.fromhex(current.public_key)))
+        if not yes:
+            click.confirm(f"approve {device_id} with key fingerprint {shown}?", abort=True, err=True)
+        record = reg.decide_enrolment(device_id, "approved", time.time())
+    _emit(cfg, enrolments_data([record]), lambda: enrolments_text([record], ""))
+
+
+@devices.command("revoke")
+@click.argument("device_id", metavar="ID")
+@json_option
+@click.pass_context
+def devices_revoke(ctx: click.Context, device_id: str, json_output: bool) -> None:
+    """Stop believing device ID: its messages are dropped from now on."""
+    from host_tools.report.fleet import enrolments_data, enrolments_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        record = reg.decide_enrolment(device_id, "revoked", time.time())
+    _emit(cfg, enrolments_data([record]), lambda: enrolments_text([record], ""))
 
 
 @cli.command()
@@ -843,7 +968,7 @@ def metrics(
     cfg = _cfg(ctx, json_output)
     connection = _client(broker, connect_timeout, "metrics") if broker else contextlib.nullcontext()
     with _registry(cfg) as reg, connection as client:
-        records = latest_metrics(reg, client, device_id)
+        records = latest_metrics(reg, client, device_id, allow_unsigned=cfg.allow_unsigned_reports)
     reports = [r.report for r in records]
     _emit(cfg, [r.to_dict() for r in reports], lambda: metrics_text(reports))
 

@@ -7,8 +7,9 @@ file, the registry or the network.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from edge_sdk.protocol import EventKind
@@ -19,14 +20,18 @@ if TYPE_CHECKING:
     from edge_sdk.protocol import Event, MetricsReport
     from host_tools.fleet.deployer import DeployOutcome
     from host_tools.fleet.profiler import ProfileOutcome
-    from host_tools.fleet.registry import DeviceRecord
+    from host_tools.fleet.registry import DeviceRecord, EnrolmentRecord
 
 __all__ = [
     "command_data",
     "command_text",
     "deploy_data",
     "deploy_text",
+    "devices_data",
     "devices_text",
+    "enrolments_data",
+    "enrolments_text",
+    "local_time",
     "metrics_table",
     "metrics_text",
     "outcome_data",
@@ -74,18 +79,55 @@ def metrics_text(reports: Sequence[MetricsReport]) -> str:
     return metrics_table(reports) if reports else "no metrics recorded"
 
 
-def devices_text(records: Sequence[DeviceRecord]) -> str:
+def local_time(t: object) -> str:
+    """Unix seconds as local time, or ``?`` for anything that is not a plausible time (never raises)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 4_102_444_800:
+        return "?"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return "?"
+
+
+def _drops_cell(drops: Mapping[str, int] | None) -> str | None:
+    if not drops:
+        return None
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()))
+
+
+def devices_data(
+    records: Sequence[DeviceRecord], drops: Mapping[str, Mapping[str, int]] | None = None
+) -> list[dict[str, Any]]:
+    """``edgectl devices --json``: each device's record, with ``dropped``: reason -> messages dropped."""
+    drops = drops or {}
+    return [{**r.to_dict(), "dropped": dict(drops.get(r.device_id, {}))} for r in records]
+
+
+def devices_text(
+    records: Sequence[DeviceRecord],
+    drops: Mapping[str, Mapping[str, int]] | None = None,
+    pending: int = 0,
+) -> str:
     """``edgectl devices``: one line per known device, or a line saying there is none.
 
     Args:
         records: the registry's devices.
+        drops: device id (``*`` for devices the host does not know) -> reason -> messages dropped.
+        pending: how many devices wait for enrolment.
 
     Returns:
-        The table; ``last seen`` in local time.
+        The table; ``last seen`` in local time; lines about dropped messages and pending devices.
     """
+    drops = drops or {}
+    lines = []
+    unknown = _drops_cell(drops.get("*"))
+    if unknown:
+        lines.append(f"dropped from unknown devices: {unknown}")
+    if pending:
+        lines.append(f"{pending} device(s) wait for enrolment: edgectl devices enroll")
     if not records:
-        return "no devices known"
-    return render_table(
+        return "\n".join(["no devices known", *lines])
+    table = render_table(
         [
             Column("device", lambda r: r.device_id),
             Column("status", lambda r: r.status),
@@ -94,9 +136,33 @@ def devices_text(records: Sequence[DeviceRecord]) -> str:
             Column("memory", lambda r: format_bytes((r.platform or {}).get("memory_bytes")), ">"),
             Column("runtimes", lambda r: ", ".join(r.runtimes or {})),
             Column("active", lambda r: r.active_bundle and f"{r.active_bundle.name} v{r.active_bundle.version}"),
-            Column("last seen", lambda r: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.last_seen))),
+            Column("last seen", lambda r: local_time(r.last_seen)),
+            Column("dropped", lambda r: _drops_cell(drops.get(r.device_id))),
         ],
         records,
+    )
+    return "\n".join([table, *lines])
+
+
+def enrolments_data(records: Sequence[EnrolmentRecord]) -> list[dict[str, Any]]:
+    """``edgectl devices enroll|approve|revoke --json``: each enrolment with its key's fingerprint."""
+    from edge_sdk.trust import PublicKey, fingerprint
+
+    return [{**r.to_dict(), "fingerprint": fingerprint(PublicKey(bytes.fromhex(r.public_key)))} for r in records]
+
+
+def enrolments_text(records: Sequence[EnrolmentRecord], empty: str) -> str:
+    """One line per enrolment: device, state, key fingerprint, when it was asked for; ``empty`` if none."""
+    if not records:
+        return empty
+    return render_table(
+        [
+            Column("device", lambda r: r["device_id"]),
+            Column("state", lambda r: r["state"]),
+            Column("fingerprint", lambda r: r["fingerprint"]),
+            Column("since", lambda r: local_time(r["requested_at"])),
+        ],
+        enrolments_data(records),
     )
 
 
