@@ -127,6 +127,7 @@ def devices_text(
         lines.append(f"{pending} device(s) wait for enrolment: edgectl devices enroll")
     if not records:
         return "\n".join(["no devices known", *lines])
+    any_drops = any(drops.get(r.device_id) for r in records)
     table = render_table(
         [
             Column("device", lambda r: r.device_id),
@@ -137,7 +138,7 @@ def devices_text(
             Column("runtimes", lambda r: ", ".join(r.runtimes or {})),
             Column("active", lambda r: r.active_bundle and f"{r.active_bundle.name} v{r.active_bundle.version}"),
             Column("last seen", lambda r: local_time(r.last_seen)),
-            Column("dropped", lambda r: _drops_cell(drops.get(r.device_id))),
+            *([Column("dropped", lambda r: _drops_cell(drops.get(r.device_id)))] if any_drops else []),
         ],
         records,
     )

@@ -509,7 +509,12 @@ def test_public_names() -> None:
     assert set(registry_module.__all__) == {
         "DEPLOYMENT_STATES",
         "DEVICE_STATUSES",
+        "ENROLMENT_STATES",
+        "LATEST_TIME",
         "SCHEMA_VERSION",
+        "UNKNOWN_DEVICE",
+        "EnrolmentRecord",
+        "check_time",
         "BundleRef",
         "DeploymentRecord",
         "DeploymentState",
@@ -656,7 +661,7 @@ def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[st
     before = _counts(connect)
 
     with open_registry(target) as db:
-        assert db.ensure_schema() == SCHEMA_VERSION == 2
+        assert db.ensure_schema() == SCHEMA_VERSION == 3
         assert _counts(connect) == before == {"devices": 3, "deployments": 4, "metrics": 4}
 
         latest = db.latest_metrics()
@@ -710,7 +715,7 @@ def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[st
         assert len(again.list_deployments(limit=100)) == 5
     conn = connect()
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2]
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2, 3]
         stored = conn.execute("SELECT active_bundle FROM devices WHERE device_id = 'pi-01'").fetchone()[0]
         assert json.loads(stored) == {"name": "digits", "version": 10}
     finally:
@@ -742,7 +747,7 @@ def test_two_processes_upgrade_one_v1_file_once(v1_database: tuple[str, Callable
     assert _counts(connect) == before
     conn = connect()
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2]
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2, 3]
     finally:
         conn.close()
 
