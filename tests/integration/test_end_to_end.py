@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from harness import BIN, wait_online
+from harness import BIN, read_device_message, wait_online
 
 from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import (
@@ -27,7 +27,6 @@ from edge_sdk.protocol import (
     EventKind,
     TransferEnd,
     TransferOffer,
-    decode,
     encode,
     encode_chunk,
 )
@@ -91,7 +90,7 @@ class _Raw:
             except queue.Empty:
                 continue
             if isinstance(item, Incoming) and item.topic == self.topics.events:
-                ev = decode(item.payload)
+                ev = read_device_message(item.payload)
                 assert isinstance(ev, Event)
                 out.append(ev)
                 if ev.kind in until:

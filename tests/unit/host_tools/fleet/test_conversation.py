@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+from device_keys import TestDevice, enrolled_gate
 
 import host_tools.fleet.conversation as conversation
 from edge_sdk.errors import DeviceTimeoutError, EdgeError, RollbackError
 from edge_sdk.mqtt import ConnectionChange, Incoming
-from edge_sdk.protocol import DeviceStatus, DeviceTopics, ErrorInfo, Event, EventKind, MetricsReport, encode
+from edge_sdk.protocol import DeviceStatus, DeviceTopics, ErrorInfo, Event, EventKind, MetricsReport
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
 from host_tools.fleet.router import Router
-from device_keys import TestDevice, enrolled_gate
 
 DEVICE = "pi-7"
 SIGNER = TestDevice(DEVICE)  # the device signs what it says, as a real agent does

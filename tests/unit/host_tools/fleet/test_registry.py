@@ -715,7 +715,8 @@ def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[st
         assert len(again.list_deployments(limit=100)) == 5
     conn = connect()
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2, 3]
+        versions = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert [r[0] for r in versions] == [1, 2, 3]
         stored = conn.execute("SELECT active_bundle FROM devices WHERE device_id = 'pi-01'").fetchone()[0]
         assert json.loads(stored) == {"name": "digits", "version": 10}
     finally:
@@ -747,7 +748,8 @@ def test_two_processes_upgrade_one_v1_file_once(v1_database: tuple[str, Callable
     assert _counts(connect) == before
     conn = connect()
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [1, 2, 3]
+        versions = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert [r[0] for r in versions] == [1, 2, 3]
     finally:
         conn.close()
 

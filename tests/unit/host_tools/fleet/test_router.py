@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from device_keys import TestDevice, enrolled_gate
 
 import host_tools.fleet.router as router_module
 from edge_sdk.errors import ConfigError
@@ -21,7 +22,6 @@ from edge_sdk.mqtt import ConnectionChange, Incoming
 from edge_sdk.protocol import DeviceStatus, DeviceTopics, Event, EventKind, MetricsReport, RootUpdate, encode
 from host_tools.fleet.conversation import Conversation
 from host_tools.fleet.router import Router, routed
-from device_keys import TestDevice, enrolled_gate
 
 A, B = DeviceTopics("pi-a"), DeviceTopics("pi-b")
 DEVICES = {d: TestDevice(d) for d in ["pi-a", "pi-b", *(f"pi-{i}" for i in range(12))]}
