@@ -4,7 +4,9 @@ A :class:`ReportGate` is built from the registry's enrolments (:meth:`ReportGate
 and checks each message a device published (:meth:`ReportGate.check`): it must be a
 :class:`~edge_sdk.protocol.SignedReport` from an approved device, signed by its enrolled key,
 for the device and channel its topic names, with a sequence number above the last one
-accepted and a plausible time (:func:`edge_sdk.protocol.open_report`). What fails is dropped
+accepted from that device on that channel (a retained status is older than the events
+after it; a message cannot change channel, its type is bound to it) and a plausible time
+(:func:`edge_sdk.protocol.open_report`). What fails is dropped
 and counted per device and reason (drops from devices the host does not know are counted
 under ``*``, so a flood of invented ids adds no rows). An unenrolled device's status that
 carries its key and is signed by it is kept as a request to be enrolled, never as a device.
@@ -106,9 +108,9 @@ class ReportGate:
         self.requests: dict[str, DeviceStatus] = {}
         self._known = {e.device_id for e in enrolments}
         self._keys = {e.device_id: PublicKey(bytes.fromhex(e.public_key)) for e in enrolments if e.state == "approved"}
-        self._last = {e.device_id: e.last_seq for e in enrolments if e.last_seq is not None}
+        self._last = {(e.device_id, ch): n for e in enrolments for ch, n in e.sequences.items()}
         self._will = {e.device_id: e.will_seq for e in enrolments if e.will_seq is not None}
-        self._advanced: dict[str, tuple[int, int | None]] = {}
+        self._advanced: dict[tuple[str, str], tuple[int, int | None]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -152,7 +154,8 @@ class ReportGate:
             key = self._keys.get(device_id)
             if key is None:
                 return self._request(msg, device_id, channel, now)
-            last = self._last.get(device_id)
+            where = (device_id, channel.value)
+            last = self._last.get(where)
             try:
                 inner = open_report(
                     msg,
@@ -172,10 +175,10 @@ class ReportGate:
                 return self._drop(device_id, reason, exc.message)
             will = inner.will_seq if isinstance(inner, DeviceStatus) and inner.state == "online" else None
             if last is None or msg.seq > last:
-                self._last[device_id] = msg.seq
+                self._last[where] = msg.seq
             if will is not None:
                 self._will[device_id] = will
-            self._advanced[device_id] = (self._last[device_id], will if will is not None else self._will.get(device_id))
+            self._advanced[where] = (self._last[where], self._will.get(device_id))
             return Verified(inner, True, msg.seq)
 
     def _repeat(
@@ -220,8 +223,8 @@ class ReportGate:
             drops, self.drops = self.drops, Counter()
             advanced, self._advanced = self._advanced, {}
             requests, self.requests = self.requests, {}
-        for device_id, (seq, will) in advanced.items():
-            registry.advance_sequence(device_id, seq, will)
+        for (device_id, channel), (seq, will) in advanced.items():
+            registry.advance_sequence(device_id, channel, seq, will)
         full = 0
         for device_id, status in requests.items():
             if not registry.request_enrolment(device_id, status.public_key, now, self.max_pending):

@@ -47,8 +47,7 @@ def current_devices(
     """
     gate = ReportGate.from_registry(registry, allow_unsigned=allow_unsigned)
     for verified in collect_retained(client, [fleet_filter(Channel.STATUS)], gate, quiet_s=wait_s, wall_clock=clock):
-        if verified.fresh:
-            record_message(registry, verified.msg, clock())
+        record_message(registry, verified.msg, clock())  # a status heard again records the same row again
     gate.flush(registry, clock())
     return registry.list_devices()
 

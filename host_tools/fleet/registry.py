@@ -33,8 +33,10 @@ Version 2 makes bundle versions integers (they sort 9 before 10): the deployment
 metrics tables are rebuilt with an integer column, every row kept, and the devices'
 active bundle is rewritten with an integer version. Version 3 adds device identity:
 ``enrolments`` binds each device id to its public key (``pending`` until an operator
-approves it, ``approved``, or ``revoked``) and keeps the last sequence number accepted from
-it; ``report_drops`` counts the device messages the host dropped, per device and reason.
+approves it, ``approved``, or ``revoked``); ``device_sequences`` keeps the last sequence
+number accepted from each device on each channel (status, events, metrics: a retained
+status is older than the events after it); ``report_drops`` counts the device messages the
+host dropped, per device and reason.
 
 Values are checked before they are stored: times must be finite and between 1970 and
 2100 (:func:`check_time`), numbers in a metrics report finite, so that no stored row can
@@ -51,7 +53,7 @@ import re
 import sqlite3
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -344,7 +346,8 @@ class EnrolmentRecord:
         state: ``pending`` (seen, waiting for an operator), ``approved`` or ``revoked``.
         requested_at: unix seconds the key was first seen or enrolled.
         decided_at: unix seconds it was approved or revoked.
-        last_seq: highest sequence number accepted from the device, if any.
+        sequences: channel (``status``, ``events``, ``metrics``) -> highest sequence number
+            accepted from the device on it.
         will_seq: the sequence number of its last will, as its latest status says.
 
     Raises:
@@ -356,7 +359,7 @@ class EnrolmentRecord:
     state: str
     requested_at: float
     decided_at: float | None = None
-    last_seq: int | None = None
+    sequences: Mapping[str, int] = field(default_factory=dict)
     will_seq: int | None = None
 
     def __post_init__(self) -> None:
@@ -372,7 +375,7 @@ class EnrolmentRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
-        return asdict(self)
+        return {**asdict(self), "sequences": dict(self.sequences)}
 
 
 def _check_deployment_state(state: str) -> None:
@@ -641,8 +644,15 @@ _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
                 state TEXT NOT NULL,
                 requested_at {float} NOT NULL,
                 decided_at {float},
-                last_seq BIGINT,
                 will_seq BIGINT
+            )
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS device_sequences (
+                device_id TEXT NOT NULL,
+                channel TEXT NOT NULL,
+                last_seq BIGINT NOT NULL,
+                PRIMARY KEY (device_id, channel)
             )
             """,
             """
@@ -692,7 +702,7 @@ ON CONFLICT (device_id) DO UPDATE SET
     last_seen = {greatest}(devices.last_seen, excluded.last_seen)
 """
 
-_ENROLMENT_COLUMNS = "device_id, public_key, state, requested_at, decided_at, last_seq, will_seq"
+_ENROLMENT_COLUMNS = "device_id, public_key, state, requested_at, decided_at, will_seq"
 
 _DEVICE_COLUMNS = "device_id, status, platform, runtimes, agent_version, active_bundle, first_seen, last_seen"
 _DEPLOYMENT_COLUMNS = (
@@ -1065,21 +1075,22 @@ class Registry:
     def enroll(self, device_id: str, public_key: str, at: float) -> EnrolmentRecord:
         """Bind ``device_id`` to ``public_key``, approved now (pre-provisioning, or a new key).
 
-        A new key starts a new sequence; a revoked device can be enrolled again this way.
+        A new key starts new sequences; a revoked device can be enrolled again this way.
 
         Raises:
             ValueError: a bad key or time.
             StorageError: on a database failure.
         """
         record = EnrolmentRecord(device_id, public_key, "approved", at, at)
+        current = self.get_enrolment(device_id)
         with self._storage_errors(f"enroll device {device_id!r}"):
+            if current is not None and current.public_key != public_key:
+                self._conn.execute(self._dialect.sql("DELETE FROM device_sequences WHERE device_id = ?"), (device_id,))
             self._conn.execute(
                 self._dialect.sql(
                     "INSERT INTO enrolments (device_id, public_key, state, requested_at, decided_at) "
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
                     "state = excluded.state, decided_at = excluded.decided_at, "
-                    "last_seq = CASE WHEN enrolments.public_key = excluded.public_key "
-                    "THEN enrolments.last_seq ELSE NULL END, "
                     "will_seq = CASE WHEN enrolments.public_key = excluded.public_key "
                     "THEN enrolments.will_seq ELSE NULL END, "
                     "public_key = excluded.public_key"
@@ -1178,13 +1189,14 @@ class Registry:
             ).fetchall()
         return [self._enrolment_from_row(row) for row in rows]
 
-    def advance_sequence(self, device_id: str, seq: int, will_seq: int | None = None) -> None:
-        """Raise the device's last accepted sequence number to ``seq`` (never lowers it).
+    def advance_sequence(self, device_id: str, channel: str, seq: int, will_seq: int | None = None) -> None:
+        """Raise the device's last accepted sequence number on ``channel`` to ``seq`` (never lowers it).
 
         Args:
             device_id: the device.
+            channel: ``status``, ``events`` or ``metrics``.
             seq: a sequence number just accepted.
-            will_seq: the will number its latest ``online`` status named, if this was one.
+            will_seq: the will number its latest ``online`` status named, if known.
 
         Raises:
             StorageError: on a database failure.
@@ -1192,11 +1204,16 @@ class Registry:
         with self._storage_errors(f"advance sequence of {device_id!r}"):
             self._conn.execute(
                 self._dialect.sql(
-                    "UPDATE enrolments SET last_seq = CASE WHEN last_seq IS NULL OR last_seq < ? THEN ? "
-                    "ELSE last_seq END, will_seq = COALESCE(?, will_seq) WHERE device_id = ?"
+                    "INSERT INTO device_sequences (device_id, channel, last_seq) VALUES (?, ?, ?) "
+                    "ON CONFLICT (device_id, channel) DO UPDATE SET "
+                    "last_seq = {greatest}(device_sequences.last_seq, excluded.last_seq)"
                 ),
-                (seq, seq, will_seq, device_id),
+                (device_id, channel, seq),
             )
+            if will_seq is not None:
+                self._conn.execute(
+                    self._dialect.sql("UPDATE enrolments SET will_seq = ? WHERE device_id = ?"), (will_seq, device_id)
+                )
 
     def count_drops(self, counts: Mapping[tuple[str, str], int], at: float) -> None:
         """Add dropped-message counts, per (device, reason).
@@ -1251,6 +1268,10 @@ class Registry:
             return _device_from_row(row)
 
     def _enrolment_from_row(self, row: Sequence[Any]) -> EnrolmentRecord:
+        with self._storage_errors(f"read sequences of {row[0]!r}"):
+            seqs = self._conn.execute(
+                self._dialect.sql("SELECT channel, last_seq FROM device_sequences WHERE device_id = ?"), (row[0],)
+            ).fetchall()
         with self._row("enrolments", row[0]):
             return EnrolmentRecord(
                 device_id=row[0],
@@ -1258,8 +1279,8 @@ class Registry:
                 state=row[2],
                 requested_at=row[3],
                 decided_at=row[4],
-                last_seq=None if row[5] is None else int(row[5]),
-                will_seq=None if row[6] is None else int(row[6]),
+                sequences={str(c): int(n) for c, n in seqs},
+                will_seq=None if row[5] is None else int(row[5]),
             )
 
     def _deployment_from_row(self, row: Sequence[Any]) -> DeploymentRecord:

@@ -385,6 +385,11 @@ def test_graceful_stop_says_offline_and_agent_reads_toml_config(host, mosquitto,
     try:
         online = wait_online(mosquitto.url, "e2e-toml")
         assert online.platform["kind"] == "generic-linux" and "onnxruntime" in online.runtimes
+        # The operator enrols the key the agent made at first start (only enrolled devices are believed).
+        enrolled = host.run(
+            "devices", "enroll", "e2e-toml", "--key", str(tmp_path / "data" / "identity" / "device.pub")
+        )
+        assert enrolled.code == 0, enrolled.stderr
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0, log.read_text()
