@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from edge_sdk.protocol import DeviceMessage, seal
+from edge_sdk.protocol import DeviceMessage, seal, seal_bytes
 from edge_sdk.trust import SigningKey
 
 
@@ -26,6 +26,11 @@ class TestDevice:
     def sign(self, msg: DeviceMessage, ts: float | None = None, seq: int | None = None) -> bytes:
         """``msg`` signed by this device's key, as number ``seq`` (default: the next one)."""
         return seal(msg, self.key, next(self._seq) if seq is None else seq, time.time() if ts is None else ts)
+
+    def sign_bytes(self, payload: bytes, device_id: str | None = None, ts: float | None = None) -> bytes:
+        """Raw message bytes signed by this key as device ``device_id`` (default: this device)."""
+        now = time.time() if ts is None else ts
+        return seal_bytes(payload, device_id or self.device_id, self.key, next(self._seq), now)
 
     def enrolment(self) -> object:
         """This device's approved enrolment, as the registry would hold it."""

@@ -43,8 +43,11 @@ def record_message(registry: Registry, msg: Message, received_at: float) -> None
         msg: a status or metrics report the gate let through.
         received_at: the host's clock when it arrived.
 
+    A report with an implausible time or a number that is not finite is not stored (logged):
+    one device's odd report must not stop the collector or the command that heard it.
+
     Raises:
-        StorageError: the registry cannot be written, or refused an implausible report.
+        StorageError: the registry cannot be written.
     """
     if isinstance(msg, DeviceStatus):
         bundles = (msg.active or {}).get("bundles") or []
@@ -66,7 +69,10 @@ def record_message(registry: Registry, msg: Message, received_at: float) -> None
             )
         )
     elif isinstance(msg, MetricsReport):
-        registry.add_metrics(msg, received_at)
+        try:
+            registry.add_metrics(msg, received_at)
+        except ValueError as exc:
+            log.warning("metrics report from %s not stored: %s", msg.device_id, exc)
 
 
 def collect_retained(

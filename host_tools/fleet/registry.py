@@ -1023,19 +1023,13 @@ class Registry:
             The new row's id.
 
         Raises:
-            StorageError: on a database failure, or a report with an implausible time or a
-                number that is not finite (nothing is stored).
+            ValueError: an implausible time or a number that is not finite (nothing is stored).
+            StorageError: on a database failure.
         """
         stored = {**report.to_dict(), "schema": report.schema}
-        try:
-            check_time(received_at, "received_at")
-            check_time(report.ts, "report ts")
-            _check_finite(stored, "report")
-        except ValueError as exc:
-            raise StorageError(
-                f"registry {self._name}: metrics from {report.device_id!r} not stored: {exc}",
-                database=self._name,
-            ) from exc
+        check_time(received_at, "received_at")
+        check_time(report.ts, "report ts")
+        _check_finite(stored, "report")
         params = (report.device_id, report.bundle_name, report.bundle_version, received_at, _dump_json(stored))
         return self._insert(
             "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report) VALUES (?, ?, ?, ?, ?)",
