@@ -9,6 +9,7 @@ schema is refused by the codec rather than half-understood.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -104,12 +105,18 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported field type {hint!r}")  # a bug in this module, not input
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a wire class (resolving them is most of a decode's cost; they never change)."""
+    return typing.get_type_hints(cls)
+
+
 class _Wire:
     """Mixin: generic ``from_dict``/``to_dict`` driven by the dataclass fields."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Any:
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         kwargs: dict[str, Any] = {}
         names = set()
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # the mixin is used on dataclasses only
