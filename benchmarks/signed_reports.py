@@ -96,11 +96,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     def decode_plain() -> int:
         return sum(1 for _topic, payload in plain if decode(payload) is not None)
 
+    key = SigningKey.generate()
+    raw = [(key.sign(payload).sig, payload) for _topic, payload in plain]
+
+    def ed25519_alone() -> int:
+        return sum(1 for sig, data in raw if key.public_key.verifies(sig, data))
+
     def verify_signed() -> int:
         gate = ReportGate(enrolments)  # a fresh gate each round: every sequence starts again
         return sum(1 for topic, payload in signed if isinstance(gate.check(topic, payload, now), Verified))
 
-    runs: dict[str, list[float]] = {"decode": [], "verify": []}
+    runs: dict[str, list[float]] = {"decode": [], "verify": [], "ed25519": []}
     for _ in range(args.rounds):  # alternating rounds, so that other load on the host slows both alike
         rate, _handled = _timed(decode_plain)
         runs["decode"].append(rate)
@@ -108,10 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handled != len(signed):
             raise SystemExit(f"only {handled} of {len(signed)} signed reports verified")
         runs["verify"].append(rate)
+        runs["ed25519"].append(_timed(ed25519_alone)[0])
     base, verify = statistics.median(runs["decode"]), statistics.median(runs["verify"])
+    ed = statistics.median(runs["ed25519"])
     rows = [
         ["decode unsigned (baseline)", f"{base:,.0f}", f"{1e6 / base:.1f}", "1.00"],
         ["verify signed (ReportGate.check)", f"{verify:,.0f}", f"{1e6 / verify:.1f}", f"{base / verify:.2f}"],
+        ["(an Ed25519 verify alone, the floor)", f"{ed:,.0f}", f"{1e6 / ed:.1f}", f"{base / ed:.2f}"],
     ]
     print(f"{len(signed)} reports from {args.devices} devices, one core, median of {args.rounds} alternating rounds")
     print_table(["path", "reports/s", "us/report", "x baseline cost"], rows)
@@ -125,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rounds": args.rounds,
             "decode_unsigned_per_s": base,
             "verify_signed_per_s": verify,
+            "ed25519_verify_alone_per_s": ed,
             "cost_ratio": base / verify,
             "goal_per_s": GOAL_PER_S,
             "goal_met": met,

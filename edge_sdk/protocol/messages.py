@@ -67,6 +67,10 @@ def _check_id(value: str, name: str) -> None:
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against a simple type hint; convert nested dataclasses from dicts."""
+    if hint is str:  # the commonest field type first: decoding every device report goes through here
+        if not isinstance(value, str):
+            raise MessageError(f"{where} must be a str")
+        return value
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -104,15 +108,23 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported field type {hint!r}")  # a bug in this module, not input
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+#: Per wire class: (name, resolved type, required) of each field but ``extra``, and whether it has ``extra``.
+_FIELDS: dict[type, tuple[tuple[tuple[str, Any, bool], ...], bool]] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    """The resolved field types of a wire class (resolving them is most of a decode's cost; they never change)."""
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
+def _fields(cls: type) -> tuple[tuple[tuple[str, Any, bool], ...], bool]:
+    """A wire class's fields with their resolved types, computed once (resolving types was most of a decode)."""
+    known = _FIELDS.get(cls)
+    if known is None:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        plain = tuple(
+            (f.name, hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in fields
+            if f.name != "extra"
+        )
+        known = _FIELDS[cls] = (plain, any(f.name == "extra" for f in fields))
+    return known
 
 
 class _Wire:
@@ -120,18 +132,15 @@ class _Wire:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Any:
-        hints = _hints(cls)
+        plain, has_extra = _fields(cls)
         kwargs: dict[str, Any] = {}
-        names = set()
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # the mixin is used on dataclasses only
-            if f.name == "extra":
-                continue
-            names.add(f.name)
-            if f.name in d:
-                kwargs[f.name] = _check_type(d[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise MessageError(f"{cls.__name__}: missing field {f.name!r}")
-        if any(f.name == "extra" for f in dataclasses.fields(cls)):  # type: ignore[arg-type]  # as above
+        for name, hint, required in plain:
+            if name in d:
+                kwargs[name] = _check_type(d[name], hint, f"{cls.__name__}.{name}")
+            elif required:
+                raise MessageError(f"{cls.__name__}: missing field {name!r}")
+        if has_extra:
+            names = {name for name, _hint, _required in plain}
             kwargs["extra"] = {k: v for k, v in d.items() if k not in names and k not in ("schema", "type")}
         return cls(**kwargs)
 
