@@ -54,6 +54,7 @@ from collections.abc import Callable
 from device_agent.config import AgentConfig
 from device_agent.decryption_key import load_or_create_decryption_key
 from device_agent.gate import UpdateGate
+from device_agent.identity import DeviceIdentity
 from device_agent.install import InstallSequence
 from device_agent.installer import Installer
 from device_agent.outbox import Outbox
@@ -78,7 +79,6 @@ from edge_sdk.protocol import (
     Channel,
     CodecLimits,
     DeployCommand,
-    DeviceStatus,
     DeviceTopics,
     EventKind,
     RemoveCommand,
@@ -88,14 +88,13 @@ from edge_sdk.protocol import (
     TransferEnd,
     decode,
     decode_chunk,
-    encode,
     open_command,
     parse_topic,
     peek_command_id,
 )
 from edge_sdk.trust import canonical_json
 
-__all__ = ["Agent", "mqtt_transport"]
+__all__ = ["Agent", "mqtt_transport", "open_identity"]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.5
@@ -105,11 +104,23 @@ _TICK_S = 0.5
 _DEAF_GRACE_S = 5.0
 
 
-def mqtt_transport(config: AgentConfig) -> MqttClient:
+def open_identity(config: AgentConfig) -> DeviceIdentity:
+    """The device's own key and sequence counter (made at first start, or the provisioned key).
+
+    Raises:
+        KeyStoreError: the key cannot be loaded.
+        StorageError: the identity directory cannot be used.
+    """
+    return DeviceIdentity(config.device_id, config.data_dir / "identity", config.identity_key)
+
+
+def mqtt_transport(config: AgentConfig, identity: DeviceIdentity | None = None) -> MqttClient:
     """The agent's MQTT connection: its client id, TLS material, and an ``offline`` last will.
 
     Args:
         config: the agent's configuration.
+        identity: signs the last will; pass the one given to :class:`Agent` (each process
+            must have one identity, or sequence numbers would repeat). Opened here if None.
 
     Returns:
         An unstarted client (the agent starts it).
@@ -117,13 +128,13 @@ def mqtt_transport(config: AgentConfig) -> MqttClient:
     Raises:
         ConfigError: the TLS material cannot be loaded.
     """
-    will = DeviceStatus(config.device_id, "offline", 0.0, agent_version=__version__)
+    will = (identity or open_identity(config)).will(__version__, time.time())
     return MqttClient(
         config.broker,
         MqttOptions(
             client_id=f"edge-agent-{config.device_id}",
             reconnect_max_s=config.reconnect_max_s,
-            will=Will(DeviceTopics(config.device_id).status, encode(will)),
+            will=Will(DeviceTopics(config.device_id).status, will),
             ca_file=config.ca_file,
             cert_file=config.cert_file,
             key_file=config.key_file,
@@ -157,6 +168,7 @@ class Agent:
         clock: wall-clock seconds (timestamps; expiry checks through the trust store's time
             floor); injectable. Default: the system clock plus ``config.debug_clock_offset_s``.
         monotonic: monotonic seconds (transfer idle timeouts, gate retries); injectable.
+        identity: the device's key and sequence counter (:func:`open_identity` if None).
 
     Raises:
         StorageError: the data directory cannot be used.
@@ -169,8 +181,10 @@ class Agent:
         transport: Transport,
         clock: Callable[[], float] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        identity: DeviceIdentity | None = None,
     ) -> None:
         self.config = config
+        self.identity = identity or open_identity(config)
         self.transport = transport
         offset = config.debug_clock_offset_s
         self.clock: Callable[[], float] = clock or (lambda: time.time() + offset)
@@ -199,6 +213,7 @@ class Agent:
             self.power,
             self.inbound,
             self.clock,
+            self.identity,
             decryption_key=self.decryption_key.public,
         )
         self.receiving = Receiving(

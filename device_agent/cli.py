@@ -154,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                 "debug_crash_at": args.debug_crash_at,
             },
         )
-        from device_agent.agent import Agent, mqtt_transport  # heavy imports only once the config is valid
+        # heavy imports only once the config is valid
+        from device_agent.agent import Agent, mqtt_transport, open_identity
 
-        agent = Agent(config, mqtt_transport(config))
+        identity = open_identity(config)
+        agent = Agent(config, mqtt_transport(config, identity), identity=identity)
     except EdgeError as exc:
         print(f"edge-agent: {exc.message}", file=sys.stderr)
         return int(exit_code_of(exc))

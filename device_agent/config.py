@@ -7,6 +7,8 @@ Example ``agent.toml``::
     data_dir = "/var/lib/edge-agent"
     root = "/etc/edge-agent/root.json"      # the signed root of trust shipped with the device
     accelerators = ["cuda"]                 # optional: what bundles' target constraints may require
+    identity_key = "/etc/edge-agent/identity.key"  # optional: a provisioned key that signs what it
+                                            # reports; else made at first start in data_dir/identity/
 
     [tls]
     ca_file = "/etc/edge-agent/ca.pem"
@@ -91,6 +93,8 @@ class AgentConfig:
         execution: how to run bundles with sparse layers: ``auto`` (measure and pick the
             fastest), or ``dense``/``dense_int8``/``sparse`` to pin it, overriding the
             manifest's choice.
+        identity_key: a provisioned PEM Ed25519 key the device signs its messages with;
+            None: made at first start under ``data_dir/identity`` (see device_agent/identity.py).
         debug_crash_at: test-only: SIGKILL the agent at this step of an install (:data:`CRASH_POINTS`).
         debug_clock_offset_s: test-only, config file only: seconds added to the device's
             clock (mounts a clock set back or forward, as after a reboot without RTC).
@@ -116,6 +120,7 @@ class AgentConfig:
     inbound_queue_max: int = DEFAULT_INBOUND_MAX
     inbound_max_bytes: int = DEFAULT_INBOUND_MAX_BYTES
     execution: str = "auto"
+    identity_key: Path | None = None
     debug_crash_at: str | None = None
     debug_clock_offset_s: float = 0.0
 
@@ -228,6 +233,7 @@ _SETTINGS: dict[str, _Kind] = {
     "debug_clock_offset_s": _NUMBER,
     "execution": _STRING,
     "debug_crash_at": _STRING,
+    "identity_key": _PATH,
 }
 _PATH_FIELDS = {key for key, kind in _SETTINGS.items() if kind is _PATH}
 

@@ -1,6 +1,9 @@
 """What the agent says: its status (birth and goodbye), events about commands, metrics.
 
-Everything but the status goes through the on-disk outbox (:mod:`device_agent.outbox`)
+Everything the agent says is signed by the device's own key with the next sequence number
+(:class:`~device_agent.identity.DeviceIdentity`) at the moment it is published: a message
+buffered while offline is signed when it leaves, so numbers reach the host in the order
+they were used. Everything but the status goes through the on-disk outbox (:mod:`device_agent.outbox`)
 whenever the broker is unreachable or older messages still wait, and leaves in order
 once the broker is back. The status is retained by the broker and always current, so
 it is only ever published live.
@@ -13,6 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from device_agent.identity import DeviceIdentity
 from device_agent.installer import Installer
 from device_agent.outbox import Outbox
 from device_agent.platform import PlatformInfo
@@ -55,6 +59,7 @@ class Reporter:
         power: where power figures come from (for the status).
         inbound: the agent's inbound queue; the status says how many messages it dropped.
         clock: wall-clock seconds, for timestamps.
+        identity: signs every message (the status carries its public key and will number).
         decryption_key: this device's recipient key; the status publishes it
             (``platform.decryption_key``) so the host can encrypt bundles to it.
     """
@@ -69,9 +74,11 @@ class Reporter:
         power: PowerSource,
         inbound: InboundQueue,
         clock: Callable[[], float],
+        identity: DeviceIdentity,
         decryption_key: RecipientPublicKey | None = None,
     ) -> None:
         self.device_id = device_id
+        self.identity = identity
         self.decryption_key = decryption_key
         self.topics = DeviceTopics(device_id)
         self.transport = transport
@@ -100,18 +107,23 @@ class Reporter:
             platform=platform,
             runtimes=available_runtimes(),
             active={"bundles": [a.to_dict() for a in self.installer.all_active()]},
+            public_key=self.identity.public_key.raw.hex(),
+            will_seq=self.identity.will_seq,
             extra=extra,
         )
 
     def publish_status(self) -> None:
         """Publish the ``online`` status (retained): the birth message, and every change of what runs."""
-        self.transport.publish(self.topics.status, encode(self.status("online")), retain=True)
+        self.transport.publish(self.topics.status, self._sealed(self.status("online")), retain=True)
 
     def goodbye(self) -> None:
         """Publish the ``offline`` status and wait for it, if connected (a clean stop sends no will)."""
         if self.transport.connected:
             with contextlib.suppress(EdgeError):
-                self.transport.publish_wait(self.topics.status, encode(self.status("offline")), retain=True)
+                self.transport.publish_wait(self.topics.status, self._sealed(self.status("offline")), retain=True)
+
+    def _sealed(self, msg: DeviceStatus | Event) -> bytes:
+        return self.identity.seal(msg, self.clock())
 
     # --- events and metrics -----------------------------------------------------------
 
@@ -153,7 +165,7 @@ class Reporter:
     def send(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """Publish now when online and nothing older waits; else buffer on disk, in order."""
         if self.transport.connected and not self.outbox.pending:
-            self.transport.publish(topic, payload, retain=retain)
+            self.transport.publish(topic, self.identity.seal_bytes(payload, self.clock()), retain=retain)
             return
         if not self.outbox.append(topic, payload, retain):
             log.warning("offline buffer full (%d bytes): message to %s dropped", self.outbox.max_bytes, topic)
@@ -166,9 +178,8 @@ class Reporter:
         try:
             while self.transport.connected and (record := self.outbox.peek()) is not None:
                 try:
-                    self.transport.publish(record.topic, record.payload, retain=record.retain).wait(
-                        _OUTBOX_ACK_TIMEOUT_S
-                    )
+                    sealed = self.identity.seal_bytes(record.payload, self.clock())
+                    self.transport.publish(record.topic, sealed, retain=record.retain).wait(_OUTBOX_ACK_TIMEOUT_S)
                 except TransportError as exc:
                     log.info("outbox delivery paused: %s", exc.message)
                     break
@@ -189,7 +200,7 @@ class Reporter:
                 detail={"count": dropped, "max_bytes": self.outbox.max_bytes},
             )
             try:
-                self.transport.publish(self.topics.events, encode(event)).wait(_OUTBOX_ACK_TIMEOUT_S)
+                self.transport.publish(self.topics.events, self._sealed(event)).wait(_OUTBOX_ACK_TIMEOUT_S)
             except TransportError:
                 return
             log.warning("reported %d message(s) dropped while offline", dropped)

@@ -55,6 +55,7 @@ class HostConfig:
     home: Path
     registry_url: str
     json_output: bool = False
+    allow_unsigned_reports: bool = False
 
     @property
     def keys_dir(self) -> Path:
@@ -348,7 +349,7 @@ bundle_argument = click.argument("bundle", type=InputFile())
 
 def _cfg(ctx: click.Context, json_output: bool) -> HostConfig:
     base: HostConfig = ctx.obj
-    return HostConfig(base.home, base.registry_url, json_output)
+    return HostConfig(base.home, base.registry_url, json_output, base.allow_unsigned_reports)
 
 
 @contextmanager
@@ -381,6 +382,15 @@ def _log_handler() -> logging.Handler:
     return handler
 
 
+@contextmanager
+def _gated(cfg: HostConfig, reg: Any, client: Any) -> Iterator[Any]:
+    """A running router that believes only enrolled devices' signed messages (see fleet/router.py)."""
+    from host_tools.fleet.router import gated
+
+    with gated(client, reg, allow_unsigned=cfg.allow_unsigned_reports) as router:
+        yield router
+
+
 # --- the group --------------------------------------------------------------------------
 
 
@@ -402,14 +412,20 @@ def _exit_code_epilog() -> str:
 @click.option(
     "--registry", "registry_url", help="registry: a SQLite path or postgresql:// URL (default HOME/registry.db)"
 )
+@click.option(
+    "--allow-unsigned-reports",
+    is_flag=True,
+    envvar="EDGE_SDK_ALLOW_UNSIGNED_REPORTS",
+    help="also believe unsigned device messages (only while migrating older agents; off by default)",
+)
 @click.option("-v", "--verbose", count=True, help="more logging (-vv for debug)")
 @click.pass_context
-def cli(ctx: click.Context, home: Path, registry_url: str | None, verbose: int) -> None:
+def cli(ctx: click.Context, home: Path, registry_url: str | None, allow_unsigned_reports: bool, verbose: int) -> None:
     """edge-sdk: compress models, sign bundles, deploy them to devices over MQTT."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, handlers=[_log_handler()])
     home = Path(home).expanduser()
-    ctx.obj = HostConfig(home, registry_url or str(home / "registry.db"))
+    ctx.obj = HostConfig(home, registry_url or str(home / "registry.db"), False, allow_unsigned_reports)
 
 
 # --- keys -------------------------------------------------------------------------------
@@ -970,8 +986,8 @@ def deploy(
         cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads, "min_duration_s": min_duration},
         chunk_size=chunk_size, accept_timeout_s=accept_timeout, finish_timeout_s=timeout_s, rollback=rollback,
     )  # fmt: skip
-    with _registry(cfg) as reg, _client(broker, connect_timeout, "deploy") as client:
-        outcome = deploy_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name))
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "deploy") as client, _gated(cfg, reg, client) as r:
+        outcome = deploy_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name), router=r)
     data = deploy_data(outcome)
     _raise_refusal(cfg, outcome, data)
     _emit(cfg, data, lambda: deploy_text(outcome))
@@ -1022,8 +1038,8 @@ def profile(
         cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads, "min_duration_s": min_duration},
         chunk_size=chunk_size, finish_timeout_s=timeout_s,
     )  # fmt: skip
-    with _registry(cfg) as reg, _client(broker, connect_timeout, "profile") as client:
-        outcome = profile_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name))
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "profile") as client, _gated(cfg, reg, client) as r:
+        outcome = profile_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name), router=r)
     data = outcome_data(outcome)
     _raise_refusal(cfg, outcome, data)
     _emit(cfg, data, lambda: profile_text(outcome))
@@ -1086,7 +1102,7 @@ def rollback(
 
     cfg = _cfg(ctx, json_output)
     authority = _authority(cfg, passphrase_env)
-    with _client(broker, connect_timeout, "rollback") as client:
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "rollback") as client, _gated(cfg, reg, client) as r:
         event = run_command(
             client,
             device_id,
@@ -1094,6 +1110,7 @@ def rollback(
             lambda cid, f: RollbackCommand(cid, name, version, **f),  # type: ignore[arg-type]
             authority,
             timeout_s,
+            router=r,
         )
     _command_result(cfg, device_id, event, f"roll {name} back to v{version}")
 
@@ -1119,7 +1136,7 @@ def remove(
 
     cfg = _cfg(ctx, json_output)
     authority = _authority(cfg, passphrase_env)
-    with _client(broker, connect_timeout, "remove") as client:
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "remove") as client, _gated(cfg, reg, client) as r:
         event = run_command(
             client,
             device_id,
@@ -1127,6 +1144,7 @@ def remove(
             lambda cid, f: RemoveCommand(cid, name, **f),  # type: ignore[arg-type]
             authority,
             timeout_s,
+            router=r,
         )
     _command_result(cfg, device_id, event, f"remove {name}")
 
@@ -1147,6 +1165,9 @@ def devices(ctx: click.Context, broker: str | None, connect_timeout: float, wait
     without its will reaching it), shows its last known state "as of" when it was seen
     (`unknown` in --json, with `last_status`). A device id seen on two brokers is listed
     once per broker. `last seen` is in UTC.
+
+    Only enrolled devices' signed statuses are believed; what was dropped is counted per
+    device and reason. `edgectl devices enroll|approve|revoke` manage enrolment.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -1157,9 +1178,11 @@ def devices(ctx: click.Context, broker: str | None, connect_timeout: float, wait
 
     cfg = _cfg(ctx, json_output)
     with _registry(cfg) as reg, _client(broker, connect_timeout, "devices") as client:
-        views = current_devices(reg, client, wait_s)
+        views = current_devices(reg, client, wait_s, allow_unsigned=cfg.allow_unsigned_reports)
+        drops = reg.drop_counts()
+        pending = reg.list_enrolments("pending")
     now = time.time()
-    _emit(cfg, devices_data(views, now), lambda: devices_text(views, now))
+    _emit(cfg, devices_data(views, now, drops), lambda: devices_text(views, now, drops, len(pending)))
 
 
 @devices.command("forget")
@@ -1185,6 +1208,102 @@ def devices_forget(ctx: click.Context, device_id: str, broker: str, connect_time
     _emit(cfg, {**result.to_dict(), "cleared_on": address}, lambda: forget_text(result, address))
 
 
+def _read_public_key(path: Path) -> Any:
+    """A device's public key from a file: PEM (``device.pub``) or 64 hex digits."""
+    from edge_sdk.trust import PublicKey
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from exc
+    text = data.strip()
+    if len(text) == 64:
+        try:
+            return PublicKey(bytes.fromhex(text.decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            pass
+    try:
+        return PublicKey.from_pem(data)
+    except EdgeError as exc:
+        raise ConfigError(f"{path} is not an Ed25519 public key (PEM or 64 hex digits): {exc.message}") from exc
+
+
+@devices.command("enroll")
+@click.argument("device_id", metavar="[ID]", required=False)
+@click.option("--key", "key_file", type=InputFile(), help="the device's public key file")
+@click.option("--fingerprint", help="approve the pending key only if its fingerprint is this one")
+@json_option
+@click.pass_context
+def devices_enroll(
+    ctx: click.Context, device_id: str | None, key_file: Path | None, fingerprint: str | None, json_output: bool
+) -> None:
+    """List devices waiting for enrolment, or enroll ID with its key file (--key) or the pending key's --fingerprint."""
+    from edge_sdk.protocol.topics import check_device_id
+    from edge_sdk.trust import PublicKey
+    from edge_sdk.trust import fingerprint as fingerprint_of
+    from host_tools.report.fleet import enrolments_data, enrolments_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        if device_id is None:
+            if key_file or fingerprint:
+                raise click.UsageError("--key and --fingerprint need a device ID")
+            pending = reg.list_enrolments("pending")
+            _emit(cfg, enrolments_data(pending), lambda: enrolments_text(pending, "no device waits for enrolment"))
+            return
+        check_device_id(device_id)
+        if (key_file is None) == (fingerprint is None):
+            raise click.UsageError("give exactly one of --key PUBKEYFILE or --fingerprint FP")
+        if key_file is not None:
+            record = reg.enroll(device_id, _read_public_key(key_file).raw.hex(), time.time())
+        else:
+            current = reg.get_enrolment(device_id)
+            if current is None or current.state != "pending":
+                raise ConfigError(f"device {device_id!r} has no pending key; enroll it with --key")
+            actual = fingerprint_of(PublicKey(bytes.fromhex(current.public_key)))
+            if actual.replace(":", "") != (fingerprint or "").replace(":", "").lower():
+                raise ConfigError(f"device {device_id!r} waits with key {actual}, not {fingerprint}; nothing enrolled")
+            record = reg.decide_enrolment(device_id, "approved", time.time())
+    _emit(cfg, enrolments_data([record]), lambda: enrolments_text([record], ""))
+
+
+@devices.command("approve")
+@click.argument("device_id", metavar="ID")
+@click.option("--yes", is_flag=True, help="do not ask; approve the key shown")
+@json_option
+@click.pass_context
+def devices_approve(ctx: click.Context, device_id: str, yes: bool, json_output: bool) -> None:
+    """Approve the key device ID announced, after showing its fingerprint."""
+    from edge_sdk.trust import PublicKey, fingerprint
+    from host_tools.report.fleet import enrolments_data, enrolments_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        current = reg.get_enrolment(device_id)
+        if current is None or current.state != "pending":
+            state = "unknown" if current is None else current.state
+            raise ConfigError(f"device {device_id!r} is {state}, not waiting for approval")
+        shown = fingerprint(PublicKey(bytes.fromhex(current.public_key)))
+        if not yes:
+            click.confirm(f"approve {device_id} with key fingerprint {shown}?", abort=True, err=True)
+        record = reg.decide_enrolment(device_id, "approved", time.time())
+    _emit(cfg, enrolments_data([record]), lambda: enrolments_text([record], ""))
+
+
+@devices.command("revoke")
+@click.argument("device_id", metavar="ID")
+@json_option
+@click.pass_context
+def devices_revoke(ctx: click.Context, device_id: str, json_output: bool) -> None:
+    """Stop believing device ID: its messages are dropped from now on."""
+    from host_tools.report.fleet import enrolments_data, enrolments_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        record = reg.decide_enrolment(device_id, "revoked", time.time())
+    _emit(cfg, enrolments_data([record]), lambda: enrolments_text([record], ""))
+
+
 @cli.command()
 @click.option("--device", "device_id", help="only this device")
 @click.option(
@@ -1203,7 +1322,7 @@ def metrics(
     cfg = _cfg(ctx, json_output)
     connection = _client(broker, connect_timeout, "metrics") if broker else contextlib.nullcontext()
     with _registry(cfg) as reg, connection as client:
-        records = latest_metrics(reg, client, device_id)
+        records = latest_metrics(reg, client, device_id, allow_unsigned=cfg.allow_unsigned_reports)
     reports = [r.report for r in records]
     _emit(cfg, [r.to_dict() for r in reports], lambda: metrics_text(reports))
 

@@ -42,11 +42,11 @@ from edge_sdk.protocol import (
     DeviceStatus,
     DeviceTopics,
     MetricsReport,
-    decode,
 )
-from edge_sdk.trust import SigningKey
+from edge_sdk.trust import PublicKey, SigningKey
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.deployer import CommandAuthority, DeployOptions, deploy_and_record
+from host_tools.fleet.enrolment import ReportGate, Verified
 from host_tools.fleet.registry import Registry, open_registry
 from host_tools.keys import command_authority, init_keys
 
@@ -147,7 +147,15 @@ def _agent_process(args: list[str], log_path: Path, say: Callable[[str], None]) 
             say(f"device agent stopped (exit {proc.returncode})")
 
 
-def _wait_online(client: MqttClient, device_id: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> DeviceStatus:
+def _wait_online(
+    client: MqttClient,
+    device_id: str,
+    timeout_s: float,
+    proc: subprocess.Popen[bytes],
+    registry: Registry,
+    identity_dir: Path,
+) -> DeviceStatus:
+    """Wait for the demo agent's online status; it is enrolled first with the key it made (the demo started it)."""
     topic = DeviceTopics(device_id).status
     client.subscribe(topic)
     deadline = time.monotonic() + timeout_s
@@ -159,7 +167,10 @@ def _wait_online(client: MqttClient, device_id: str, timeout_s: float, proc: sub
         except queue.Empty:
             continue
         if isinstance(item, Incoming) and item.topic == topic:
-            msg = decode(item.payload)
+            key = PublicKey.from_pem((identity_dir / "device.pub").read_bytes())
+            registry.enroll(device_id, key.raw.hex(), time.time())
+            verified = ReportGate.from_registry(registry).check(item.topic, item.payload, time.time())
+            msg = verified.msg if isinstance(verified, Verified) else None
             if isinstance(msg, DeviceStatus) and msg.state == "online":
                 return msg
     raise DeviceTimeoutError(f"device agent {device_id} did not come online within {timeout_s:g} s")
@@ -255,7 +266,14 @@ def run_demo(
                 str(root_path),
             ]
             with _agent_process(agent_args, work / "agent.log", lambda m: say(f"5/7 {m}")) as proc:
-                status = _wait_online(client, options.device_id, options.agent_start_timeout_s, proc)
+                status = _wait_online(
+                    client,
+                    options.device_id,
+                    options.agent_start_timeout_s,
+                    proc,
+                    registry,
+                    work / "agent-data" / "identity",
+                )
                 record_message(registry, status, clock())
                 say(
                     f"    {options.device_id} online: {status.platform.get('kind')} {status.platform.get('arch')}, "

@@ -17,9 +17,25 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
-from edge_sdk.protocol import DeviceStatus, DeviceTopics, decode
+from edge_sdk.protocol import DeviceStatus, DeviceTopics, Message, SignedReport, decode
 
 BIN = Path(sys.executable).parent
+
+
+def read_device_message(payload: bytes) -> Message:
+    """What a device published, as a test observer reads it: the message inside its signed envelope."""
+    msg = decode(payload)
+    return decode(msg.message.encode()) if isinstance(msg, SignedReport) else msg
+
+
+def enroll(home: Path, device_id: str, public_key_pem: bytes) -> None:
+    """Enrol a device's key in the registry under ``home``, as `edgectl devices enroll ID --key` does."""
+    from edge_sdk.trust import PublicKey
+    from host_tools.fleet.registry import open_registry
+
+    with open_registry(home / "registry.db") as reg:
+        reg.ensure_schema()
+        reg.enroll(device_id, PublicKey.from_pem(public_key_pem).raw.hex(), time.time())
 
 
 @dataclass
@@ -146,6 +162,22 @@ class AgentProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def public_key_file(self) -> Path:
+        """The public half of the key the agent made at first start (what an operator enrols)."""
+        return self.data_dir / "identity" / "device.pub"
+
+    def wait_for_key(self, timeout: float = 20.0) -> bytes:
+        """The agent's public key, once it has written it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.public_key_file.exists() and self.public_key_file.stat().st_size:
+                return self.public_key_file.read_bytes()
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{self.device_id} wrote no public key within {timeout} s")
+
     def state(self) -> dict:
         path = self.data_dir / "state.json"
         return json.loads(path.read_text()) if path.exists() else {}
@@ -174,7 +206,7 @@ def wait_online(broker_url: str, device_id: str, timeout: float = 20.0) -> Devic
             except queue.Empty:
                 continue
             if isinstance(item, Incoming):
-                msg = decode(item.payload)
+                msg = read_device_message(item.payload)
                 if isinstance(msg, DeviceStatus) and msg.state == "online":
                     return msg
     finally:

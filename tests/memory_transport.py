@@ -10,7 +10,7 @@ import queue
 from dataclasses import dataclass, field
 
 from edge_sdk.mqtt import ConnectionChange, Incoming
-from edge_sdk.protocol import DeviceStatus, Event, MetricsReport, decode
+from edge_sdk.protocol import DeviceStatus, Event, MetricsReport, SignedReport, decode
 
 __all__ = ["MemoryTransport", "Published"]
 
@@ -102,4 +102,10 @@ class MemoryTransport:
         return [m for m in self._decoded("/metrics") if isinstance(m, MetricsReport)]
 
     def _decoded(self, suffix: str) -> list[object]:
-        return [decode(p.payload) for p in self.published if p.topic.endswith(suffix)]
+        """The messages published on topics ending in ``suffix``; a device signs each, so each is unwrapped."""
+        out: list[object] = []
+        for p in self.published:
+            if p.topic.endswith(suffix):
+                msg = decode(p.payload)
+                out.append(decode(msg.message.encode()) if isinstance(msg, SignedReport) else msg)
+        return out

@@ -34,8 +34,17 @@ from edge_sdk.protocol.messages import (
     RollbackCommand,
     RootUpdate,
     SignedCommand,
+    SignedReport,
     TransferEnd,
     TransferOffer,
+)
+from edge_sdk.protocol.reports import (
+    DeviceMessage,
+    open_enrolment_request,
+    open_report,
+    seal,
+    seal_bytes,
+    signed_report_of,
 )
 from edge_sdk.protocol.topics import (
     Channel,
@@ -58,6 +67,7 @@ __all__ = [
     "Command",
     "CommandPolicy",
     "DeployCommand",
+    "DeviceMessage",
     "DeviceStatus",
     "DeviceTopics",
     "ErrorInfo",
@@ -70,6 +80,7 @@ __all__ = [
     "RollbackCommand",
     "RootUpdate",
     "SignedCommand",
+    "SignedReport",
     "TransferEnd",
     "TransferOffer",
     "WriteAt",
@@ -80,8 +91,13 @@ __all__ = [
     "encode_chunk",
     "fleet_filter",
     "open_command",
+    "open_enrolment_request",
+    "open_report",
     "parse_topic",
     "peek_command_id",
+    "seal",
+    "seal_bytes",
     "shared",
     "sign_command",
+    "signed_report_of",
 ]

@@ -42,6 +42,7 @@ __all__ = [
     "RollbackCommand",
     "RootUpdate",
     "SignedCommand",
+    "SignedReport",
     "TransferEnd",
     "TransferOffer",
 ]
@@ -49,6 +50,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _MAX_CHUNKS = 1 << 20
+_MAX_SEQ = (1 << 53) - 1
 
 
 def _check_device_id(device_id: str, where: str) -> None:
@@ -66,6 +68,10 @@ def _check_id(value: str, name: str) -> None:
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against a simple type hint; convert nested dataclasses from dicts."""
+    if hint is str:  # the commonest field type first: decoding every device report goes through here
+        if not isinstance(value, str):
+            raise MessageError(f"{where} must be a str")
+        return value
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -103,23 +109,39 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported field type {hint!r}")  # a bug in this module, not input
 
 
+#: Per wire class: (name, resolved type, required) of each field but ``extra``, and whether it has ``extra``.
+_FIELDS: dict[type, tuple[tuple[tuple[str, Any, bool], ...], bool]] = {}
+
+
+def _fields(cls: type) -> tuple[tuple[tuple[str, Any, bool], ...], bool]:
+    """A wire class's fields with their resolved types, computed once (resolving types was most of a decode)."""
+    known = _FIELDS.get(cls)
+    if known is None:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        plain = tuple(
+            (f.name, hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in fields
+            if f.name != "extra"
+        )
+        known = _FIELDS[cls] = (plain, any(f.name == "extra" for f in fields))
+    return known
+
+
 class _Wire:
     """Mixin: generic ``from_dict``/``to_dict`` driven by the dataclass fields."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Any:
-        hints = typing.get_type_hints(cls)
+        plain, has_extra = _fields(cls)
         kwargs: dict[str, Any] = {}
-        names = set()
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # the mixin is used on dataclasses only
-            if f.name == "extra":
-                continue
-            names.add(f.name)
-            if f.name in d:
-                kwargs[f.name] = _check_type(d[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise MessageError(f"{cls.__name__}: missing field {f.name!r}")
-        if any(f.name == "extra" for f in dataclasses.fields(cls)):  # type: ignore[arg-type]  # as above
+        for name, hint, required in plain:
+            if name in d:
+                kwargs[name] = _check_type(d[name], hint, f"{cls.__name__}.{name}")
+            elif required:
+                raise MessageError(f"{cls.__name__}: missing field {name!r}")
+        if has_extra:
+            names = {name for name, _hint, _required in plain}
             kwargs["extra"] = {k: v for k, v in d.items() if k not in names and k not in ("schema", "type")}
         return cls(**kwargs)
 
@@ -217,7 +239,13 @@ class Message(_Wire):
 
 @dataclass(frozen=True)
 class DeviceStatus(Message):
-    """Birth (``online``, retained) and last will (``offline``, retained) of an agent."""
+    """Birth (``online``, retained) and last will (``offline``, retained) of an agent.
+
+    ``public_key`` is the device's own Ed25519 key (64 hex digits), so an operator sees a
+    device waiting for enrolment and its fingerprint; ``will_seq`` is the sequence number
+    this agent's last will was signed with (the host accepts that one number after later
+    ones, see :mod:`edge_sdk.protocol.reports`).
+    """
 
     TYPE: ClassVar[str] = "status"
     device_id: str
@@ -227,12 +255,18 @@ class DeviceStatus(Message):
     platform: dict[str, Any] = field(default_factory=dict)
     runtimes: dict[str, Any] = field(default_factory=dict)
     active: dict[str, Any] | None = None
+    public_key: str = ""
+    will_seq: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_device_id(self.device_id, "status")
         if self.state not in ("online", "offline"):
             raise MessageError(f"status state must be online or offline, got {self.state!r}")
+        if self.public_key and not re.fullmatch(r"[0-9a-f]{64}", self.public_key):
+            raise MessageError("status public_key must be 64 lowercase hex digits")
+        if not 0 <= self.will_seq <= _MAX_SEQ:
+            raise MessageError("status will_seq out of range")
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -379,6 +413,35 @@ class SignedCommand(Message):
     command: str
     signatures: tuple[dict[str, Any], ...]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SignedReport(Message):
+    """Device -> host: a status, event or metrics report signed by the device's own key.
+
+    ``message`` is the inner message's exact JSON text; ``seq`` its place in the device's
+    sequence, ``ts`` the device's time, ``keyid`` and ``sig`` (base64) the signature of
+    :func:`edge_sdk.trust.device.signed_device_bytes`. Sealing and opening live in
+    :mod:`edge_sdk.protocol.reports`.
+    """
+
+    TYPE: ClassVar[str] = "signed_report"
+    device_id: str
+    seq: int
+    ts: float
+    message: str
+    keyid: str
+    sig: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_device_id(self.device_id, "signed report")
+        if not 0 <= self.seq <= _MAX_SEQ:
+            raise MessageError("signed report seq out of range")
+        if not _ID_RE.fullmatch(self.keyid):
+            raise MessageError("signed report keyid must be 32 lowercase hex digits")
+        if len(self.sig) > 128:
+            raise MessageError("signed report signature too long")
 
 
 @dataclass(frozen=True)
@@ -530,5 +593,6 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         TransferEnd,
         Event,
         MetricsReport,
+        SignedReport,
     )
 }

@@ -12,6 +12,8 @@ they keep them and pass them in; callers that check expiry pass ``now`` in.
 - :mod:`edge_sdk.trust.recipient`: X25519 :class:`RecipientKey` / :class:`RecipientPublicKey`
   and the wrap of an encrypted bundle's content key for each recipient
   (:func:`wrap_content_key`, :func:`unwrap_content_key`).
+- :mod:`edge_sdk.trust.device`: a device's own key signs what it reports
+  (:func:`sign_device_message`); the host accepts it with :func:`verify_device_message`.
 """
 
 from edge_sdk.trust._keys import (
@@ -26,6 +28,14 @@ from edge_sdk.trust._keys import (
     encode_signatures,
     signatures_from_list,
     verify_signatures,
+)
+from edge_sdk.trust.device import (
+    DROP_REASONS,
+    DeviceEnvelope,
+    DevicePolicy,
+    fingerprint,
+    sign_device_message,
+    verify_device_message,
 )
 from edge_sdk.trust.recipient import (
     RecipientKey,
@@ -50,11 +60,14 @@ from edge_sdk.trust.root import (
 )
 
 __all__ = [
+    "DROP_REASONS",
     "MAX_ROOT_BYTES",
     "MAX_ROOT_DEPTH",
     "MAX_SIGNATURES",
     "MAX_SIGNATURES_BYTES",
     "ROLES",
+    "DeviceEnvelope",
+    "DevicePolicy",
     "PublicKey",
     "RecipientKey",
     "RecipientPublicKey",
@@ -68,12 +81,15 @@ __all__ = [
     "canonical_json",
     "decode_signatures",
     "encode_signatures",
+    "fingerprint",
     "load_root",
     "new_content_key",
+    "sign_device_message",
     "sign_root",
     "signatures_from_list",
     "unwrap_content_key",
     "update_root_chain",
+    "verify_device_message",
     "verify_root",
     "verify_root_update",
     "verify_signatures",

@@ -1,5 +1,10 @@
 """Turn what devices publish (status, metrics) into registry rows.
 
+Only what a :class:`~host_tools.fleet.enrolment.ReportGate` verified is recorded: a
+message that is unsigned, from a device not enrolled, forged, replayed or dated in the
+future is dropped and counted (see :mod:`host_tools.fleet.enrolment`). A device's time is
+never trusted beyond the host's own: a row's ``last_seen`` is the earlier of the two.
+
 Several collectors may run against one broker and one PostgreSQL registry: subscribe
 through :func:`edge_sdk.protocol.shared` and every message is handled by exactly one of
 them; every registry write is a single atomic statement.
@@ -12,14 +17,22 @@ import queue
 import time
 from collections.abc import Callable, Iterable
 
-from edge_sdk.errors import MessageError
 from edge_sdk.mqtt import Incoming, MqttClient
-from edge_sdk.protocol import CodecLimits, DeviceStatus, Message, MetricsReport, decode
-from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry
+from edge_sdk.protocol import DeviceStatus, Message, MetricsReport
+from host_tools.fleet.enrolment import ReportGate, Verified
+from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry, check_time
 
 __all__ = ["active_bundles", "collect_retained", "record_message"]
 
 log = logging.getLogger(__name__)
+
+
+def _seen_at(ts: float, received_at: float) -> float:
+    """When the device was seen: its own time, unless that is later than ours or not a time."""
+    try:
+        return min(check_time(ts, "ts"), received_at) if ts else received_at
+    except ValueError:
+        return received_at
 
 
 def active_bundles(msg: DeviceStatus) -> tuple[BundleRef, ...] | None:
@@ -41,20 +54,26 @@ def active_bundles(msg: DeviceStatus) -> tuple[BundleRef, ...] | None:
 
 
 def record_message(registry: Registry, msg: Message, received_at: float, broker: str = "") -> None:
-    """Store one device message in the registry (other message types are ignored).
+    """Store one verified device message in the registry (other message types are ignored).
 
     Args:
-        registry: where to store it.
-        msg: the decoded message.
-        received_at: unix seconds it was received (a status without a time gets this one).
+        registry: where it goes.
+        msg: a status or metrics report the gate let through.
+        received_at: the host's clock when it arrived.
         broker: the address of the broker it came from (``mqtt://host:port``); ``""`` when unknown.
+
+    A report with an implausible time or a number that is not finite is not stored (logged):
+    one device's odd report must not stop the collector or the command that heard it.
+
+    Raises:
+        StorageError: the registry cannot be written.
     """
     if isinstance(msg, DeviceStatus):
         registry.upsert_device(
             DeviceRecord(
                 device_id=msg.device_id,
                 status="online" if msg.state == "online" else "offline",  # the message allows no other
-                last_seen=msg.ts or received_at,
+                last_seen=_seen_at(msg.ts, received_at),
                 platform=msg.platform or None,
                 runtimes=msg.runtimes or None,
                 agent_version=msg.agent_version or None,
@@ -63,26 +82,42 @@ def record_message(registry: Registry, msg: Message, received_at: float, broker:
             )
         )
     elif isinstance(msg, MetricsReport):
-        registry.add_metrics(msg, received_at)
+        try:
+            registry.add_metrics(msg, received_at)
+        except ValueError as exc:
+            log.warning("metrics report from %s not stored: %s", msg.device_id, exc)
 
 
 def collect_retained(
     client: MqttClient,
     filters: Iterable[str],
+    gate: ReportGate,
     quiet_s: float = 0.5,
     max_wait_s: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
-) -> list[Message]:
-    """Subscribe and gather the retained messages the broker sends straight away.
+    wall_clock: Callable[[], float] = time.time,
+) -> list[Verified]:
+    """Subscribe and gather the retained messages the broker sends straight away, verified.
 
-    Returns after ``quiet_s`` without a new message (or ``max_wait_s`` in all).
-    Malformed messages are logged and skipped: one bad device must not hide the fleet.
+    Returns after ``quiet_s`` without a new message (or ``max_wait_s`` in all). What the
+    gate drops is counted there and skipped: one bad device must not hide the fleet.
+
+    Args:
+        client: a connected client.
+        filters: topic filters to subscribe.
+        gate: verifies each message (its counts and enrolment requests are flushed by the caller).
+        quiet_s: how long to wait for the next message.
+        max_wait_s: how long to wait in all.
+        clock: monotonic clock, for the waits.
+        wall_clock: the host's clock, for judging devices' times.
+
+    Returns:
+        The messages the gate let through, in the order they came.
     """
     for f in filters:
         client.subscribe(f, qos=1)
-    out: list[Message] = []
+    out: list[Verified] = []
     deadline = clock() + max_wait_s
-    limits = CodecLimits()
     while True:
         remaining = min(quiet_s, deadline - clock())
         if remaining <= 0:
@@ -93,8 +128,7 @@ def collect_retained(
             break
         if not isinstance(item, Incoming):
             continue
-        try:
-            out.append(decode(item.payload, limits))
-        except MessageError as exc:
-            log.warning("skipping malformed message on %s: %s", item.topic, exc.message)
+        verified = gate.check(item.topic, item.payload, wall_clock())
+        if isinstance(verified, Verified):
+            out.append(verified)
     return out

@@ -76,7 +76,7 @@ from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
 from host_tools.fleet.registry import DeploymentState, DeviceRecord, Registry
-from host_tools.fleet.router import Router, routed
+from host_tools.fleet.router import Router, gated, routed
 
 __all__ = [
     "CommandAuthority",
@@ -613,7 +613,8 @@ def deploy_and_record(
             check_known_device(_known_device(registry, device_id, broker), cmd, versions=False)
         except UntrustedInputError as exc:
             raise _HostRefusal(exc) from exc
-        outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, router, before_send)
+        with gated(client, registry, router) as live:  # only enrolled devices' signed answers count
+            outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, live, before_send)
     except _HostRefusal as stop:
         refusal = stop.error
         registry.update_deployment(record(), "refused", refusal.code, refusal.message, finished_at=clock())

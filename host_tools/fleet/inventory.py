@@ -10,7 +10,10 @@ its last will replaces it. The registry only remembers what was last read. So
 :func:`current_devices` marks a device ``confirmed`` only when this command read its
 status from this broker just now; every other row (seen on another broker, or whose
 retained status is gone, as when the broker that saw it has stopped) is shown with its
-last known state and when that was, never as plainly online.
+last known state and when that was, never as plainly online. Every message
+passes a :class:`~host_tools.fleet.enrolment.ReportGate` built from the registry's
+enrolments; what it drops is counted in the registry, and an unenrolled device's signed
+status is recorded as an enrolment request only.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from edge_sdk.errors import ConfigError
 from edge_sdk.mqtt import MqttClient
 from edge_sdk.protocol import Channel, DeviceStatus, DeviceTopics, fleet_filter
 from host_tools.fleet.collector import collect_retained, record_message
+from host_tools.fleet.enrolment import ReportGate
 from host_tools.fleet.registry import DeviceRecord, ForgetResult, MetricsRecord, Registry
 
 __all__ = ["DeviceView", "current_devices", "forget_device", "latest_metrics", "require_known"]
@@ -61,7 +65,12 @@ class DeviceView:
 
 
 def current_devices(
-    registry: Registry, client: MqttClient, wait_s: float = 1.0, clock: Callable[[], float] = time.time
+    registry: Registry,
+    client: MqttClient,
+    wait_s: float = 1.0,
+    clock: Callable[[], float] = time.time,
+    *,
+    allow_unsigned: bool = False,
 ) -> list[DeviceView]:
     """Record every device's retained status on this broker, then list the registry's devices.
 
@@ -70,6 +79,7 @@ def current_devices(
         client: a connected client; its broker's address is recorded with each device.
         wait_s: how long to listen for retained status after the last one arrived.
         clock: wall clock, for when each status was received.
+        allow_unsigned: believe unsigned statuses (migration period only).
 
     Returns:
         Every device row the registry holds, ordered by id then broker, each marked
@@ -80,10 +90,13 @@ def current_devices(
     """
     broker = str(client.address)
     seen: set[str] = set()
-    for msg in collect_retained(client, [fleet_filter(Channel.STATUS)], quiet_s=wait_s):
-        record_message(registry, msg, clock(), broker)
+    gate = ReportGate.from_registry(registry, allow_unsigned=allow_unsigned)
+    for verified in collect_retained(client, [fleet_filter(Channel.STATUS)], gate, quiet_s=wait_s, wall_clock=clock):
+        msg = verified.msg
+        record_message(registry, msg, clock(), broker)  # a status heard again records the same row again
         if isinstance(msg, DeviceStatus):
             seen.add(msg.device_id)
+    gate.flush(registry, clock())
     return [
         DeviceView(record, record.broker == broker and record.device_id in seen, broker)
         for record in registry.list_devices()
@@ -137,6 +150,8 @@ def latest_metrics(
     client: MqttClient | None = None,
     device_id: str | None = None,
     clock: Callable[[], float] = time.time,
+    *,
+    allow_unsigned: bool = False,
 ) -> list[MetricsRecord]:
     """The newest metrics report per device and bundle version.
 
@@ -146,6 +161,7 @@ def latest_metrics(
             reads the registry only.
         device_id: only this device; every device when ``None``.
         clock: wall clock, for when each report was received.
+        allow_unsigned: believe unsigned reports (migration period only).
 
     Returns:
         The reports, as the registry stores them.
@@ -155,6 +171,9 @@ def latest_metrics(
     """
     if client is not None:
         topic = DeviceTopics(device_id).metrics if device_id else fleet_filter(Channel.METRICS)
-        for msg in collect_retained(client, [topic]):
-            record_message(registry, msg, clock())
+        gate = ReportGate.from_registry(registry, allow_unsigned=allow_unsigned)
+        for verified in collect_retained(client, [topic], gate, wall_clock=clock):
+            if verified.fresh:
+                record_message(registry, verified.msg, clock())
+        gate.flush(registry, clock())
     return registry.latest_metrics(device_id=device_id)

@@ -23,7 +23,7 @@ from host_tools.fleet.collector import record_message
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
 from host_tools.fleet.deployer import DeployOptions, send_bundle, transfer_command
 from host_tools.fleet.registry import Registry
-from host_tools.fleet.router import Router, routed
+from host_tools.fleet.router import Router, gated, routed
 
 __all__ = ["ProfileOutcome", "profile_and_record", "profile_bundle"]
 
@@ -146,7 +146,8 @@ def profile_and_record(
     router: Router | None = None,
 ) -> ProfileOutcome:
     """:func:`profile_bundle`, with the device's report stored in the registry."""
-    outcome = profile_bundle(client, device_id, bundle_path, options, progress, clock, router=router)
+    with gated(client, registry, router) as live:  # only enrolled devices' signed answers count
+        outcome = profile_bundle(client, device_id, bundle_path, options, progress, clock, router=live)
     if outcome.metrics is not None:
         record_message(registry, outcome.metrics, clock())
     return outcome

@@ -37,6 +37,16 @@ broker's address (``mqtt://host:port`` as :class:`~edge_sdk.mqtt.BrokerAddress` 
 it); rows from before version 3 have the broker ``""`` (unknown) and are adopted by the
 first status seen for that device on a broker. It also stores every active bundle
 (``active_bundles``, a JSON list; ``[]`` when the device runs none) instead of one.
+Version 4 adds device identity:
+``enrolments`` binds each device id to its public key (``pending`` until an operator
+approves it, ``approved``, or ``revoked``); ``device_sequences`` keeps the last sequence
+number accepted from each device on each channel (status, events, metrics: a retained
+status is older than the events after it); ``report_drops`` counts the device messages the
+host dropped, per device and reason.
+
+Values are checked before they are stored: times must be finite and between 1970 and
+2100 (:func:`check_time`), numbers in a metrics report finite, so that no stored row can
+make a command fail.
 """
 
 from __future__ import annotations
@@ -44,11 +54,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import sqlite3
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -59,15 +70,20 @@ from edge_sdk.protocol import MetricsReport
 __all__ = [
     "DEPLOYMENT_STATES",
     "DEVICE_STATUSES",
+    "ENROLMENT_STATES",
+    "LATEST_TIME",
     "SCHEMA_VERSION",
+    "UNKNOWN_DEVICE",
     "BundleRef",
     "DeploymentRecord",
     "DeploymentState",
     "DeviceRecord",
     "DeviceStatus",
+    "EnrolmentRecord",
     "ForgetResult",
     "MetricsRecord",
     "Registry",
+    "check_time",
     "open_registry",
 ]
 
@@ -81,6 +97,13 @@ DEVICE_STATUSES: frozenset[str] = frozenset({"online", "offline"})
 #: Every state a deployment row may hold.
 DEPLOYMENT_STATES: frozenset[str] = frozenset({"sent", "installed", "refused", "failed", "deferred"})
 
+#: Every state an enrolment may hold.
+ENROLMENT_STATES: frozenset[str] = frozenset({"pending", "approved", "revoked"})
+#: The latest time a registry row may hold (2100-01-01 UTC); later is not plausible.
+LATEST_TIME = 4_102_444_800.0
+#: Device id under which drops of messages from devices the host does not know are counted.
+UNKNOWN_DEVICE = "*"
+
 _DEFAULT_TIMEOUT_S = 10.0
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 # Any 64-bit constant: serialises schema creation between collectors on PostgreSQL.
@@ -88,6 +111,39 @@ _PG_SCHEMA_LOCK_KEY = 0x6564_6765_7265_6701
 
 
 # --- records ---------------------------------------------------------------------------
+
+
+def check_time(value: object, what: str) -> float:
+    """``value`` as unix seconds, if it is a plausible time for a registry row.
+
+    Args:
+        value: the candidate.
+        what: its name, for the error.
+
+    Returns:
+        The time as a float.
+
+    Raises:
+        ValueError: not a number, not finite, before 1970 or after 2100.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number of unix seconds, got {value!r}")
+    t = float(value)
+    if not math.isfinite(t) or not 0.0 <= t <= LATEST_TIME:
+        raise ValueError(f"{what} {value!r} is not a plausible time (1970 to 2100)")
+    return t
+
+
+def _check_finite(value: object, where: str) -> None:
+    """Raise ValueError if any number inside ``value`` (JSON-like) is not finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is not a finite number")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_finite(v, f"{where}[]")
 
 
 @dataclass(frozen=True)
@@ -204,6 +260,9 @@ class DeviceRecord:
             raise ValueError(f"unknown device status {self.status!r}; expected one of {sorted(DEVICE_STATUSES)}")
         if self.active_bundles is not None:
             object.__setattr__(self, "active_bundles", tuple(sorted(self.active_bundles, key=_bundle_order)))
+        check_time(self.last_seen, "last_seen")
+        if self.first_seen is not None:
+            check_time(self.first_seen, "first_seen")
 
     @property
     def active_bundle(self) -> BundleRef | None:
@@ -334,6 +393,48 @@ class MetricsRecord:
         }
 
 
+@dataclass(frozen=True)
+class EnrolmentRecord:
+    """A device id bound to its public key, and what the host knows of its messages.
+
+    Args:
+        device_id: the device.
+        public_key: its Ed25519 public key, 64 hex digits.
+        state: ``pending`` (seen, waiting for an operator), ``approved`` or ``revoked``.
+        requested_at: unix seconds the key was first seen or enrolled.
+        decided_at: unix seconds it was approved or revoked.
+        sequences: channel (``status``, ``events``, ``metrics``) -> highest sequence number
+            accepted from the device on it.
+        will_seq: the sequence number of its last will, as its latest status says.
+
+    Raises:
+        ValueError: a bad key, state or time.
+    """
+
+    device_id: str
+    public_key: str
+    state: str
+    requested_at: float
+    decided_at: float | None = None
+    sequences: Mapping[str, int] = field(default_factory=dict)
+    will_seq: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.device_id:
+            raise ValueError("device_id must not be empty")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.public_key):
+            raise ValueError("public_key must be 64 lowercase hex digits")
+        if self.state not in ENROLMENT_STATES:
+            raise ValueError(f"unknown enrolment state {self.state!r}; expected one of {sorted(ENROLMENT_STATES)}")
+        check_time(self.requested_at, "requested_at")
+        if self.decided_at is not None:
+            check_time(self.decided_at, "decided_at")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return {**asdict(self), "sequences": dict(self.sequences)}
+
+
 def _check_deployment_state(state: str) -> None:
     if state not in DEPLOYMENT_STATES:
         raise ValueError(f"unknown deployment state {state!r}; expected one of {sorted(DEPLOYMENT_STATES)}")
@@ -427,7 +528,7 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
 # --- schema ----------------------------------------------------------------------------
 
 #: The schema version this code writes and understands.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: One step of a migration: shared SQL, or a function of the connection and dialect for
 #: what SQL alone cannot say portably (checking rows, rewriting JSON).
@@ -632,6 +733,42 @@ _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
     ),
     (2, (_integer_bundle_versions,)),
     (3, (_devices_by_broker,)),
+    (
+        4,
+        (
+            """
+            CREATE TABLE IF NOT EXISTS enrolments (
+                device_id TEXT PRIMARY KEY,
+                public_key TEXT NOT NULL,
+                state TEXT NOT NULL,
+                requested_at {float} NOT NULL,
+                decided_at {float},
+                will_seq BIGINT
+            )
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS device_sequences (
+                device_id TEXT NOT NULL,
+                channel TEXT NOT NULL,
+                last_seq BIGINT NOT NULL,
+                PRIMARY KEY (device_id, channel)
+            )
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS report_drops (
+                device_id TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                count BIGINT NOT NULL,
+                last_at {float} NOT NULL,
+                PRIMARY KEY (device_id, reason)
+            )
+            """,
+            # Rows written before times were checked (a status dated 2100 froze a row): 0 means unknown.
+            "UPDATE devices SET last_seen = 0 WHERE NOT (last_seen BETWEEN 0 AND 4102444800) OR last_seen IS NULL",
+            "UPDATE devices SET first_seen = 0 WHERE NOT (first_seen BETWEEN 0 AND 4102444800) OR first_seen IS NULL",
+            "UPDATE metrics SET received_at = 0 WHERE NOT (received_at BETWEEN 0 AND 4102444800)",
+        ),
+    ),
 )
 
 _CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
@@ -670,6 +807,8 @@ _ADOPT_UNKNOWN_BROKER = """
 UPDATE devices SET broker = ? WHERE device_id = ? AND broker = ''
     AND NOT EXISTS (SELECT 1 FROM devices known WHERE known.device_id = ? AND known.broker = ?)
 """
+
+_ENROLMENT_COLUMNS = "device_id, public_key, state, requested_at, decided_at, will_seq"
 
 _DEVICE_COLUMNS = "device_id, status, platform, runtimes, agent_version, active_bundles, first_seen, last_seen, broker"
 _DEPLOYMENT_COLUMNS = (
@@ -1033,9 +1172,13 @@ class Registry:
             The new row's id.
 
         Raises:
+            ValueError: an implausible time or a number that is not finite (nothing is stored).
             StorageError: on a database failure.
         """
         stored = {**report.to_dict(), "schema": report.schema}
+        check_time(received_at, "received_at")
+        check_time(report.ts, "report ts")
+        _check_finite(stored, "report")
         params = (report.device_id, report.bundle_name, report.bundle_version, received_at, _dump_json(stored))
         return self._insert(
             "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report) VALUES (?, ?, ?, ?, ?)",
@@ -1070,6 +1213,183 @@ class Registry:
             rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
         return [self._metrics_from_row(row) for row in rows]
 
+    # -- enrolment --
+
+    def enroll(self, device_id: str, public_key: str, at: float) -> EnrolmentRecord:
+        """Bind ``device_id`` to ``public_key``, approved now (pre-provisioning, or a new key).
+
+        A new key starts new sequences; a revoked device can be enrolled again this way.
+
+        Raises:
+            ValueError: a bad key or time.
+            StorageError: on a database failure.
+        """
+        record = EnrolmentRecord(device_id, public_key, "approved", at, at)
+        current = self.get_enrolment(device_id)
+        with self._storage_errors(f"enroll device {device_id!r}"):
+            if current is not None and current.public_key != public_key:
+                self._conn.execute(self._dialect.sql("DELETE FROM device_sequences WHERE device_id = ?"), (device_id,))
+            self._conn.execute(
+                self._dialect.sql(
+                    "INSERT INTO enrolments (device_id, public_key, state, requested_at, decided_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+                    "state = excluded.state, decided_at = excluded.decided_at, "
+                    "will_seq = CASE WHEN enrolments.public_key = excluded.public_key "
+                    "THEN enrolments.will_seq ELSE NULL END, "
+                    "public_key = excluded.public_key"
+                ),
+                (device_id, public_key, "approved", at, at),
+            )
+        return self.get_enrolment(device_id) or record
+
+    def request_enrolment(self, device_id: str, public_key: str, at: float, max_pending: int) -> bool:
+        """Record that ``device_id`` announced ``public_key`` and waits for approval.
+
+        Never touches an approved or revoked device; a pending one takes the newest key.
+
+        Args:
+            device_id: the device, as its topic names it.
+            public_key: the key its status carried (and was signed with).
+            at: unix seconds.
+            max_pending: most devices that may wait at once; beyond, nothing is recorded.
+
+        Returns:
+            True if the device is now pending with this key.
+
+        Raises:
+            ValueError: a bad key or time.
+            StorageError: on a database failure.
+        """
+        EnrolmentRecord(device_id, public_key, "pending", at)
+        current = self.get_enrolment(device_id)
+        if current is not None and current.state != "pending":
+            return False
+        with self._storage_errors(f"record enrolment request of {device_id!r}"):
+            if current is None:
+                row = self._conn.execute("SELECT COUNT(*) FROM enrolments WHERE state = 'pending'").fetchone()
+                if int(row[0]) >= max_pending:
+                    return False
+            self._conn.execute(
+                self._dialect.sql(
+                    "INSERT INTO enrolments (device_id, public_key, state, requested_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (device_id) DO UPDATE SET public_key = excluded.public_key "
+                    "WHERE enrolments.state = 'pending'"
+                ),
+                (device_id, public_key, "pending", at),
+            )
+        return True
+
+    def decide_enrolment(self, device_id: str, state: str, at: float) -> EnrolmentRecord:
+        """Approve a pending device, or revoke any enrolled one.
+
+        Args:
+            device_id: the device.
+            state: ``approved`` or ``revoked``.
+            at: unix seconds.
+
+        Returns:
+            The enrolment as it is now.
+
+        Raises:
+            ConfigError: no such device, or approving one that is not pending.
+            StorageError: on a database failure.
+        """
+        current = self.get_enrolment(device_id)
+        if current is None:
+            raise ConfigError(f"device {device_id!r} has neither asked to be enrolled nor been enrolled")
+        if state == "approved" and current.state != "pending":
+            raise ConfigError(f"device {device_id!r} is {current.state}, not pending; enroll it with --key")
+        check_time(at, "decided_at")
+        with self._storage_errors(f"{state} device {device_id!r}"):
+            self._conn.execute(
+                self._dialect.sql("UPDATE enrolments SET state = ?, decided_at = ? WHERE device_id = ?"),
+                (state, at, device_id),
+            )
+        return self.get_enrolment(device_id) or current
+
+    def get_enrolment(self, device_id: str) -> EnrolmentRecord | None:
+        """One device's enrolment, or None.
+
+        Raises:
+            StorageError: on a database failure or a malformed row.
+        """
+        with self._storage_errors(f"read enrolment of {device_id!r}"):
+            row = self._conn.execute(
+                self._dialect.sql(f"SELECT {_ENROLMENT_COLUMNS} FROM enrolments WHERE device_id = ?"), (device_id,)
+            ).fetchone()
+        return None if row is None else self._enrolment_from_row(row)
+
+    def list_enrolments(self, state: str | None = None) -> list[EnrolmentRecord]:
+        """Every enrolment (or those in ``state``), ordered by device id.
+
+        Raises:
+            StorageError: on a database failure or a malformed row.
+        """
+        where, params = _where({"state": state})
+        with self._storage_errors("list enrolments"):
+            rows = self._conn.execute(
+                self._dialect.sql(f"SELECT {_ENROLMENT_COLUMNS} FROM enrolments{where} ORDER BY device_id"), params
+            ).fetchall()
+        return [self._enrolment_from_row(row) for row in rows]
+
+    def advance_sequence(self, device_id: str, channel: str, seq: int, will_seq: int | None = None) -> None:
+        """Raise the device's last accepted sequence number on ``channel`` to ``seq`` (never lowers it).
+
+        Args:
+            device_id: the device.
+            channel: ``status``, ``events`` or ``metrics``.
+            seq: a sequence number just accepted.
+            will_seq: the will number its latest ``online`` status named, if known.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        with self._storage_errors(f"advance sequence of {device_id!r}"):
+            self._conn.execute(
+                self._dialect.sql(
+                    "INSERT INTO device_sequences (device_id, channel, last_seq) VALUES (?, ?, ?) "
+                    "ON CONFLICT (device_id, channel) DO UPDATE SET "
+                    "last_seq = {greatest}(device_sequences.last_seq, excluded.last_seq)"
+                ),
+                (device_id, channel, seq),
+            )
+            if will_seq is not None:
+                self._conn.execute(
+                    self._dialect.sql("UPDATE enrolments SET will_seq = ? WHERE device_id = ?"), (will_seq, device_id)
+                )
+
+    def count_drops(self, counts: Mapping[tuple[str, str], int], at: float) -> None:
+        """Add dropped-message counts, per (device, reason).
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        with self._storage_errors("count dropped messages"):
+            for (device_id, reason), n in counts.items():
+                if n <= 0:
+                    continue
+                self._conn.execute(
+                    self._dialect.sql(
+                        "INSERT INTO report_drops (device_id, reason, count, last_at) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (device_id, reason) DO UPDATE SET "
+                        "count = report_drops.count + excluded.count, last_at = excluded.last_at"
+                    ),
+                    (device_id, reason, n, at),
+                )
+
+    def drop_counts(self) -> dict[str, dict[str, int]]:
+        """Dropped device messages: device id (``*`` for unknown devices) -> reason -> count.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        with self._storage_errors("read dropped-message counts"):
+            rows = self._conn.execute("SELECT device_id, reason, count FROM report_drops ORDER BY device_id").fetchall()
+        out: dict[str, dict[str, int]] = {}
+        for device_id, reason, count in rows:
+            out.setdefault(str(device_id), {})[str(reason)] = int(count)
+        return out
+
     # -- reading rows --
 
     @contextlib.contextmanager
@@ -1089,6 +1409,22 @@ class Registry:
     def _device_from_row(self, row: Sequence[Any]) -> DeviceRecord:
         with self._row("devices", row[0]):
             return _device_from_row(row)
+
+    def _enrolment_from_row(self, row: Sequence[Any]) -> EnrolmentRecord:
+        with self._storage_errors(f"read sequences of {row[0]!r}"):
+            seqs = self._conn.execute(
+                self._dialect.sql("SELECT channel, last_seq FROM device_sequences WHERE device_id = ?"), (row[0],)
+            ).fetchall()
+        with self._row("enrolments", row[0]):
+            return EnrolmentRecord(
+                device_id=row[0],
+                public_key=row[1],
+                state=row[2],
+                requested_at=row[3],
+                decided_at=row[4],
+                sequences={str(c): int(n) for c, n in seqs},
+                will_seq=None if row[5] is None else int(row[5]),
+            )
 
     def _deployment_from_row(self, row: Sequence[Any]) -> DeploymentRecord:
         with self._row("deployments", row[0]):

@@ -10,6 +10,13 @@ once and delivers it:
 - a device's status goes to every conversation of that device, and is remembered, so a
   conversation opened later starts knowing what the device was last doing.
 
+Nothing reaches a conversation unverified: each message passes the router's
+:class:`~host_tools.fleet.enrolment.ReportGate` first (signed by the device's enrolled key, for
+the device the topic names, in sequence, plausibly dated). What fails is counted in
+``rejected`` and in the gate's per-device drop counts; a router built without a gate has no
+enrolled device and believes nothing. :func:`gated` runs a router whose gate comes from the
+registry and writes the gate's counts back when it ends.
+
 Each conversation has a bounded mailbox. What cannot be delivered is counted in the
 router's attributes and logged: ``dropped_full`` (the conversation's mailbox was full; a
 warning), ``dropped_unknown`` (no conversation waits for it, e.g. the retained report of an
@@ -32,15 +39,18 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from edge_sdk.errors import ConfigError, MessageError
+from edge_sdk.errors import ConfigError
 from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient
-from edge_sdk.protocol import CodecLimits, DeviceStatus, Event, MetricsReport, decode, parse_topic
+from edge_sdk.protocol import CodecLimits, DeviceStatus, Event, MetricsReport
+from host_tools.fleet.enrolment import Dropped, ReportGate
+from host_tools.fleet.registry import Registry
 
-__all__ = ["DEFAULT_MAILBOX_MAX", "Listener", "Router", "routed"]
+__all__ = ["DEFAULT_MAILBOX_MAX", "Listener", "Router", "gated", "routed"]
 
 log = logging.getLogger(__name__)
 
@@ -74,28 +84,41 @@ class Router:
         dropped_full: messages dropped because their conversation's mailbox was full.
         dropped_unknown: events and reports no conversation was waiting for.
         malformed: messages that could not be decoded or are not from a device's topic.
+        rejected: messages the gate dropped (unsigned, unenrolled, forged, replayed...).
+        gate: what decides which device messages are believed.
 
     Args:
         client: a client; the router subscribes nothing itself (conversations do).
         mailbox_max: bound of each conversation's mailbox, in messages.
         limits: size limits for decoding.
+        gate: the enrolled keys; None: a gate with none, which believes nothing.
+        clock: wall clock, for judging devices' times.
 
     Raises:
         ConfigError: a mailbox bound that is not positive.
     """
 
     def __init__(
-        self, client: MqttClient, *, mailbox_max: int = DEFAULT_MAILBOX_MAX, limits: CodecLimits | None = None
+        self,
+        client: MqttClient,
+        *,
+        mailbox_max: int = DEFAULT_MAILBOX_MAX,
+        limits: CodecLimits | None = None,
+        gate: ReportGate | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if mailbox_max < 1:
             raise ConfigError(f"a conversation's mailbox must hold at least 1 message, not {mailbox_max}")
         self.client = client
         self.limits = limits or CodecLimits()
+        self.gate = gate or ReportGate(limits=self.limits)
+        self.clock = clock
         self.mailbox_max = mailbox_max
         self.delivered = 0
         self.dropped_full = 0
         self.dropped_unknown = 0
         self.malformed = 0
+        self.rejected = 0
         self._lock = threading.Lock()
         self._by_id: dict[tuple[str, str], Listener] = {}
         self._by_device: dict[str, list[Listener]] = {}
@@ -162,13 +185,16 @@ class Router:
         if not isinstance(item, Incoming):
             log.info("connection %s: %s", "up" if item.connected else "down", item.reason)
             return
-        try:
-            device_id = parse_topic(item.topic).device_id
-            msg = decode(item.payload, self.limits)
-        except MessageError as exc:
-            self.malformed += 1
-            log.warning("ignoring malformed message on %s: %s", item.topic, exc.message)
+        verified = self.gate.check(item.topic, item.payload, self.clock())
+        if isinstance(verified, Dropped):
+            if verified.reason == "malformed":
+                self.malformed += 1
+                log.warning("ignoring malformed message on %s", item.topic)
+            else:
+                self.rejected += 1
             return
+        msg = verified.msg
+        device_id = msg.device_id
         if isinstance(msg, DeviceStatus):
             with self._lock:
                 self._status[device_id] = msg
@@ -177,9 +203,9 @@ class Router:
                 listener.note_status(msg)
             self.delivered += len(listeners)
             return
-        if not isinstance(msg, (Event, MetricsReport)):
+        if not verified.fresh:
             self.dropped_unknown += 1
-            log.debug("no conversation takes a %s message on %s", msg.TYPE, item.topic)
+            log.debug("%s %s from %s heard again; already delivered", msg.TYPE, msg.command_id, device_id)
             return
         ids = (msg.command_id, msg.transfer_id) if isinstance(msg, Event) else (msg.command_id,)
         with self._lock:
@@ -235,6 +261,40 @@ class Router:
                 self.dispatch(item)
             except Exception:  # one bad message must not stop every conversation on this connection
                 log.exception("unexpected failure routing a message on %s", getattr(item, "topic", "?"))
+
+
+@contextmanager
+def gated(
+    client: MqttClient, registry: Registry, router: Router | None = None, *, allow_unsigned: bool = False
+) -> Iterator[Router]:
+    """``router`` if given, else a running router whose gate holds the registry's enrolments.
+
+    When the block ends, the gate's drop counts, sequence numbers and enrolment requests
+    are written to the registry (from the calling thread, which owns the registry).
+
+    Args:
+        client: the connection.
+        registry: where the enrolments are, and where the counts go.
+        router: a caller's running router (its owner flushes its gate).
+        allow_unsigned: believe unsigned device messages (migration period only).
+
+    Returns:
+        A context whose value is a running router for ``client``.
+
+    Raises:
+        StorageError: the registry cannot be read or written.
+    """
+    if router is not None:
+        with routed(client, router) as shared:
+            yield shared
+        return
+    gate = ReportGate.from_registry(registry, allow_unsigned=allow_unsigned)
+    own = Router(client, gate=gate)
+    try:
+        with own:
+            yield own
+    finally:
+        gate.flush(registry, time.time())
 
 
 @contextmanager

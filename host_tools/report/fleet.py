@@ -7,8 +7,9 @@ file, the registry or the network.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from edge_sdk.protocol import EventKind
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from host_tools.fleet.deployer import DeployOutcome
     from host_tools.fleet.inventory import DeviceView
     from host_tools.fleet.profiler import ProfileOutcome
-    from host_tools.fleet.registry import ForgetResult
+    from host_tools.fleet.registry import EnrolmentRecord, ForgetResult
 
 __all__ = [
     "command_data",
@@ -29,7 +30,10 @@ __all__ = [
     "deploy_text",
     "devices_data",
     "devices_text",
+    "enrolments_data",
+    "enrolments_text",
     "forget_text",
+    "local_time",
     "metrics_table",
     "metrics_text",
     "outcome_data",
@@ -125,20 +129,51 @@ def _bundles_cell(view: DeviceView) -> str | None:
     return ", ".join(f"{b.name} v{b.version}" for b in bundles)
 
 
-def devices_text(views: Sequence[DeviceView], now: float) -> str:
+def local_time(t: object) -> str:
+    """Unix seconds as local time, or ``?`` for anything that is not a plausible time (never raises)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 4_102_444_800:
+        return "?"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return "?"
+
+
+def _drops_cell(drops: Mapping[str, int] | None) -> str | None:
+    if not drops:
+        return None
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()))
+
+
+def devices_text(
+    views: Sequence[DeviceView],
+    now: float,
+    drops: Mapping[str, Mapping[str, int]] | None = None,
+    pending: int = 0,
+) -> str:
     """``edgectl devices``: one line per device and broker it was seen on, or a line saying there is none.
 
     Args:
         views: the devices, with whether this command confirmed their status.
         now: unix seconds now.
+        drops: device id (``*`` for devices the host does not know) -> reason -> messages dropped.
+        pending: how many devices wait for enrolment.
 
     Returns:
         The table: every active bundle, the broker, ``last seen`` in UTC with its age, and
         a status that is plainly ``online`` only when the broker said so just now; a
-        footnote explains the others.
+        footnote explains the others; lines about dropped messages and pending devices.
     """
+    drops = drops or {}
+    lines = []
+    unknown = _drops_cell(drops.get("*"))
+    if unknown:
+        lines.append(f"dropped from unknown devices: {unknown}")
+    if pending:
+        lines.append(f"{pending} device(s) wait for enrolment: edgectl devices enroll")
     if not views:
-        return "no devices known"
+        return "\n".join(["no devices known", *lines])
+    any_drops = any(drops.get(v.record.device_id) for v in views)
     table = render_table(
         [
             Column("device", lambda v: v.record.device_id),
@@ -150,20 +185,32 @@ def devices_text(views: Sequence[DeviceView], now: float) -> str:
             Column("runtimes", lambda v: ", ".join(v.record.runtimes or {})),
             Column("active", _bundles_cell),
             Column("last seen", lambda v: seen_text(v.record.last_seen, now)),
+            *([Column("dropped", lambda v: _drops_cell(drops.get(v.record.device_id)))] if any_drops else []),
         ],
         views,
     )
-    if all(v.confirmed for v in views):
-        return table
-    return (
-        f'{table}\n\n"... as of" is the last status recorded, not confirmed now: the device was seen on '
-        f"another broker, or its broker no longer holds its status (checked {views[0].checked_broker})"
-    )
+    if not all(v.confirmed for v in views):
+        table += (
+            '\n\n"... as of" is the last status recorded, not confirmed now: the device was seen on '
+            f"another broker, or its broker no longer holds its status (checked {views[0].checked_broker})"
+        )
+    return "\n".join([table, *lines])
 
 
-def devices_data(views: Sequence[DeviceView], now: float) -> list[dict[str, Any]]:
-    """The JSON ``edgectl devices`` prints: each view's dict plus ``last_seen_text`` for people."""
-    return [{**v.to_dict(), "last_seen_text": seen_text(v.record.last_seen, now)} for v in views]
+def devices_data(
+    views: Sequence[DeviceView], now: float, drops: Mapping[str, Mapping[str, int]] | None = None
+) -> list[dict[str, Any]]:
+    """The JSON ``edgectl devices`` prints: each view's dict, ``last_seen_text`` for people, and
+    ``dropped``: reason -> messages dropped from that device."""
+    drops = drops or {}
+    return [
+        {
+            **v.to_dict(),
+            "last_seen_text": seen_text(v.record.last_seen, now),
+            "dropped": dict(drops.get(v.record.device_id, {})),
+        }
+        for v in views
+    ]
 
 
 def forget_text(result: ForgetResult, broker: str) -> str:
@@ -173,6 +220,28 @@ def forget_text(result: ForgetResult, broker: str) -> str:
         f"forgot {result.device_id}: deleted {result.devices} device row(s), {result.deployments} deployment(s) "
         f"and {result.metrics} metrics report(s) from the registry; cleared its retained status and metrics "
         f"on {broker} (it had been seen on {seen}). A running agent announces itself again when it reconnects."
+    )
+
+
+def enrolments_data(records: Sequence[EnrolmentRecord]) -> list[dict[str, Any]]:
+    """``edgectl devices enroll|approve|revoke --json``: each enrolment with its key's fingerprint."""
+    from edge_sdk.trust import PublicKey, fingerprint
+
+    return [{**r.to_dict(), "fingerprint": fingerprint(PublicKey(bytes.fromhex(r.public_key)))} for r in records]
+
+
+def enrolments_text(records: Sequence[EnrolmentRecord], empty: str) -> str:
+    """One line per enrolment: device, state, key fingerprint, when it was asked for; ``empty`` if none."""
+    if not records:
+        return empty
+    return render_table(
+        [
+            Column("device", lambda r: r["device_id"]),
+            Column("state", lambda r: r["state"]),
+            Column("fingerprint", lambda r: r["fingerprint"]),
+            Column("since", lambda r: local_time(r["requested_at"])),
+        ],
+        enrolments_data(records),
     )
 
 

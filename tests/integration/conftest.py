@@ -4,6 +4,8 @@
   `edgectl` commands in a subprocess.
 - ``tiny_model``: a small ONNX model built with onnx.helper, and a sample input.
 - ``start_agent``: starts `edge-agent run --root ROOT` as its own process and stops it afterwards.
+  The key the agent makes at first start is enrolled in the ``host``'s registry (as
+  `edgectl devices enroll ID --key device.pub` does), unless ``enroll=False``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import BIN, AgentProcess, Host, TinyModel, build_tiny_model, wait_online
+from harness import BIN, AgentProcess, Host, TinyModel, build_tiny_model, enroll, wait_online
 
 
 @pytest.fixture
@@ -30,10 +32,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 
 
 @pytest.fixture
-def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+def start_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., AgentProcess]]:
     agents: list[AgentProcess] = []
 
-    def start(broker_url: str, device_id: str, root: Path, *extra: str, wait: bool = True) -> AgentProcess:
+    def start(
+        broker_url: str, device_id: str, root: Path, *extra: str, wait: bool = True, enroll_key: bool = True
+    ) -> AgentProcess:
         data_dir = tmp_path / f"agent-{device_id}"
         log_path = tmp_path / f"agent-{device_id}.log"
         log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process below
@@ -60,6 +64,9 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         log_file.close()
         agent = AgentProcess(proc, device_id, data_dir, log_path)
         agents.append(agent)
+        if enroll_key:
+            home = request.getfixturevalue("host").home
+            enroll(home, device_id, agent.wait_for_key())
         if wait:
             wait_online(broker_url, device_id)
         return agent

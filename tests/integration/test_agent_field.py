@@ -23,10 +23,10 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from harness import BIN
+from harness import BIN, read_device_message
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_sdk.protocol import DeviceTopics, Event, EventKind, MetricsReport, decode
+from edge_sdk.protocol import DeviceTopics, Event, EventKind, MetricsReport
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +119,7 @@ class PersistentWatcher:
                 _topic, payload = self.inbox.get(timeout=quiet_s)
             except queue.Empty:
                 break
-            out.append(decode(payload))
+            out.append(read_device_message(payload))
         return out
 
     def close(self) -> None:

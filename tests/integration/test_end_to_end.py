@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from harness import BIN, wait_online
+from harness import BIN, read_device_message, wait_online
 
 from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import (
@@ -27,7 +27,6 @@ from edge_sdk.protocol import (
     EventKind,
     TransferEnd,
     TransferOffer,
-    decode,
     encode,
     encode_chunk,
 )
@@ -91,7 +90,7 @@ class _Raw:
             except queue.Empty:
                 continue
             if isinstance(item, Incoming) and item.topic == self.topics.events:
-                ev = decode(item.payload)
+                ev = read_device_message(item.payload)
                 assert isinstance(ev, Event)
                 out.append(ev)
                 if ev.kind in until:
@@ -386,6 +385,11 @@ def test_graceful_stop_says_offline_and_agent_reads_toml_config(host, mosquitto,
     try:
         online = wait_online(mosquitto.url, "e2e-toml")
         assert online.platform["kind"] == "generic-linux" and "onnxruntime" in online.runtimes
+        # The operator enrols the key the agent made at first start (only enrolled devices are believed).
+        enrolled = host.run(
+            "devices", "enroll", "e2e-toml", "--key", str(tmp_path / "data" / "identity" / "device.pub")
+        )
+        assert enrolled.code == 0, enrolled.stderr
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0, log.read_text()

@@ -24,6 +24,8 @@ from harness import wait_online
 from edge_sdk.mqtt import MqttClient, MqttOptions
 from edge_sdk.protocol import BenchmarkSpec
 from host_tools.fleet.deployer import CommandAuthority, DeployOptions, DeployOutcome, deploy_bundle
+from host_tools.fleet.enrolment import ReportGate
+from host_tools.fleet.registry import open_registry
 from host_tools.fleet.router import Router
 from host_tools.keys import KeyRing
 
@@ -67,7 +69,9 @@ def test_twenty_deploys_over_one_connection_each_get_their_own_outcome(
     client.connect()
     started = time.monotonic()
     try:
-        with Router(client) as router, ThreadPoolExecutor(DEVICES) as pool:
+        with open_registry(host.home / "registry.db") as registry:  # the agents' keys are enrolled there
+            gate = ReportGate.from_registry(registry)
+        with Router(client, gate=gate) as router, ThreadPoolExecutor(DEVICES) as pool:
             futures = {
                 d: pool.submit(deploy_bundle, client, d, bundles[kind], options, router=router)
                 for d, kind in plan.items()

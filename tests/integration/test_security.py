@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from harness import read_device_message
 
 from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import (
@@ -26,7 +27,6 @@ from edge_sdk.protocol import (
     EventKind,
     RemoveCommand,
     TransferOffer,
-    decode,
     encode,
     sign_command,
 )
@@ -98,7 +98,7 @@ class _Attacker:
             except queue.Empty:
                 continue
             if isinstance(item, Incoming):
-                ev = decode(item.payload)
+                ev = read_device_message(item.payload)
                 if isinstance(ev, Event) and ev.kind in (
                     EventKind.ACCEPTED,
                     EventKind.REFUSED,

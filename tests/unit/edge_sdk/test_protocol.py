@@ -35,6 +35,7 @@ from edge_sdk.protocol import (
     RollbackCommand,
     RootUpdate,
     SignedCommand,
+    SignedReport,
     TransferEnd,
     TransferOffer,
     WriteAt,
@@ -177,6 +178,7 @@ def _examples() -> list[Any]:
         RemoveCommand(CID, "digits", 10.0, device_id="pi-1", expires_at=70.0),
         SignedCommand('{"type":"remove"}', ({"keyid": "k", "sig": "AA=="},)),
         RootUpdate({"signed": {"version": 2}, "signatures": []}),
+        SignedReport("pi-1", 7, 3.0, '{"type":"event"}', "0" * 32, "AA=="),
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,32 @@ def test_demo_table_notes_size_ratio_and_estimated_power() -> None:
     result = DemoResult(rows, 12.34)
     assert demo_text(result) == table + "\n\nwhole path in 12.3 s"
     assert result.to_dict() == {"rows": [r.to_dict() for r in rows], "seconds": 12.34}
+
+
+def test_devices_text_shows_drops_and_pending_and_never_fails_on_a_time() -> None:
+    from host_tools.fleet.inventory import DeviceView
+    from host_tools.report.fleet import devices_data, local_time
+
+    view = DeviceView(DeviceRecord("dev-1", "online", 0.0, broker="mqtt://b:1883"), True, "mqtt://b:1883")
+    drops = {"dev-1": {"bad_signature": 2, "replayed": 1}, "*": {"unsigned": 7}}
+    lines = devices_text([view], 10.0, drops, pending=3).splitlines()
+    assert lines[0].split()[-1] == "dropped" and lines[2].endswith("bad_signature 2, replayed 1")
+    assert lines[3] == "dropped from unknown devices: unsigned 7"
+    assert lines[4] == "3 device(s) wait for enrolment: edgectl devices enroll"
+    assert devices_data([view], 10.0, drops)[0]["dropped"] == {"bad_signature": 2, "replayed": 1}
+    assert devices_data([view], 10.0)[0]["dropped"] == {}
+    for t in (1e300, float("inf"), float("nan"), -5.0, 4_200_000_000.0, "x", None):
+        assert local_time(t) == "?"
+    assert local_time(0.0) == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(0.0))
+
+
+def test_enrolments_text_shows_each_keys_fingerprint() -> None:
+    from edge_sdk.trust import SigningKey, fingerprint
+    from host_tools.fleet.registry import EnrolmentRecord
+    from host_tools.report.fleet import enrolments_text
+
+    key = SigningKey.generate().public_key
+    record = EnrolmentRecord("dev-9", key.raw.hex(), "pending", 0.0)
+    lines = enrolments_text([record], "none").splitlines()
+    assert lines[2].split()[:3] == ["dev-9", "pending", fingerprint(key)]
+    assert enrolments_text([], "none") == "none"

@@ -26,6 +26,7 @@ from edge_sdk.bundle import FileEntry, Manifest
 from edge_sdk.errors import EdgeError
 from edge_sdk.metrics import LatencyStats, ModelMemory, PowerMeasurement
 from edge_sdk.protocol import ErrorInfo, Event, EventKind, MetricsReport
+from edge_sdk.trust import SigningKey
 from host_tools.cli import HostConfig, _emit
 from host_tools.compress import CompressionReport, CompressJobResult, ModelMetrics, PackedFile, StepReport
 from host_tools.compress.tflite.quantize import TfliteCompression, TfliteMetrics
@@ -33,7 +34,7 @@ from host_tools.demo import DemoResult, DemoRow
 from host_tools.fleet.deployer import DeployOutcome
 from host_tools.fleet.inventory import DeviceView
 from host_tools.fleet.profiler import ProfileOutcome
-from host_tools.fleet.registry import BundleRef, DeviceRecord, ForgetResult
+from host_tools.fleet.registry import BundleRef, DeviceRecord, EnrolmentRecord, ForgetResult
 from host_tools.keys import RoleSummary, RootSummary
 from host_tools.packing import BundleCheck, BundleChecklist, CheckItem, PackedBundle, ResignedBundle
 from host_tools.report import bundle, compress, demo, fleet, keys, table
@@ -118,6 +119,11 @@ def _demo_rows() -> tuple[DemoRow, ...]:
 
 PATH = Path(f"/tmp/{EVIL}.bundle")
 
+
+def _enrolment() -> EnrolmentRecord:
+    return EnrolmentRecord(EVIL, SigningKey.generate().public_key.raw.hex(), "pending", 0.0)
+
+
 #: One call per renderer with every string it takes chosen by an attacker.
 CASES: dict[str, Callable[[], Any]] = {
     "bundle.packed_text": lambda: bundle.packed_text(PackedBundle(PATH, (EVIL,), _manifest())),
@@ -159,6 +165,9 @@ CASES: dict[str, Callable[[], Any]] = {
     "keys.root_text": lambda: keys.root_text(RootSummary(PATH, 1, 0.0, (RoleSummary(EVIL, 1, ((EVIL, False),)),))),
     "table.format_bytes": lambda: table.format_bytes(1536),
     "table.format_time": lambda: table.format_time(0.0),
+    "fleet.local_time": lambda: fleet.local_time(0.0),
+    "fleet.enrolments_data": lambda: fleet.enrolments_data([_enrolment()]),
+    "fleet.enrolments_text": lambda: fleet.enrolments_text([_enrolment()], EVIL),
     "bundle.checklist_text": lambda: bundle.checklist_text(
         BundleChecklist(PATH, (CheckItem(EVIL, "ok", EVIL), CheckItem(EVIL, "failed", EVIL)), _manifest())
     ),
@@ -171,6 +180,7 @@ NO_HOSTILE_TEXT = {
     "fleet.seen_text",
     "table.format_bytes",
     "table.format_time",
+    "fleet.local_time",
     "fleet.power_cell",
     "compress.quality_cell",
 }

@@ -15,15 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
+from device_keys import TestDevice, enrolled_gate
 
 import host_tools.fleet.conversation as conversation
 from edge_sdk.errors import DeviceTimeoutError, EdgeError, RollbackError
 from edge_sdk.mqtt import ConnectionChange, Incoming
-from edge_sdk.protocol import DeviceStatus, DeviceTopics, ErrorInfo, Event, EventKind, MetricsReport, encode
+from edge_sdk.protocol import DeviceStatus, DeviceTopics, ErrorInfo, Event, EventKind, MetricsReport
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
 from host_tools.fleet.router import Router
 
 DEVICE = "pi-7"
+SIGNER = TestDevice(DEVICE)  # the device signs what it says, as a real agent does
 COMMAND = "a" * 32
 OTHER = "b" * 32
 FLEET = Path(__file__).resolve().parents[4] / "host_tools" / "fleet"
@@ -38,7 +40,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.inbox: queue.Queue[object] = queue.Queue()
         self.subscribed: list[tuple[str, int]] = []
-        self.router = Router(self)  # type: ignore[arg-type]
+        self.router = Router(self, gate=enrolled_gate(SIGNER))  # type: ignore[arg-type]
 
     def subscribe(self, topic: str, qos: int = 0) -> None:
         self.subscribed.append((topic, qos))
@@ -48,11 +50,11 @@ class FakeClient:
 
 
 def _event(kind: str, command_id: str = COMMAND, error: ErrorInfo | None = None) -> bytes:
-    return encode(Event(DEVICE, kind, 1.0, command_id=command_id, error=error))
+    return SIGNER.sign(Event(DEVICE, kind, 1.0, command_id=command_id, error=error))
 
 
 def _metrics(command_id: str = COMMAND) -> bytes:
-    return encode(MetricsReport(DEVICE, "digits", 2, "onnxruntime", "int8", 1.0, command_id=command_id))
+    return SIGNER.sign(MetricsReport(DEVICE, "digits", 2, "onnxruntime", "int8", 1.0, command_id=command_id))
 
 
 def test_exports_are_exactly_the_conversation_api() -> None:
@@ -76,7 +78,7 @@ def test_next_returns_only_this_commands_answers_and_keeps_the_status() -> None:
     client.router.dispatch(ConnectionChange(True, "connected"))
     client.deliver(topics.events, b"{not json")
     client.deliver(topics.events, _event(EventKind.ACCEPTED, command_id=OTHER))
-    client.deliver(topics.status, encode(DeviceStatus(DEVICE, "online", 1.0)))
+    client.deliver(topics.status, SIGNER.sign(DeviceStatus(DEVICE, "online", 1.0)))
     client.deliver(topics.metrics, _metrics())
     client.deliver(topics.events, _event(EventKind.INSTALLED))
     deadline = time.monotonic() + 5
@@ -104,7 +106,7 @@ def test_wait_for_times_out_naming_the_device_and_its_last_status() -> None:
         DeviceTimeoutError, match=r"device pi-7 did not accept the deploy within 0.05 s \(its last status: never seen\)"
     ):
         convo.wait_for({EventKind.ACCEPTED}, 0.05, "accept the deploy")
-    client.deliver(topics.status, encode(DeviceStatus(DEVICE, "offline", 1.0)))
+    client.deliver(topics.status, SIGNER.sign(DeviceStatus(DEVICE, "offline", 1.0)))
     with pytest.raises(DeviceTimeoutError) as info:
         convo.wait_for({EventKind.ACCEPTED}, 0.05, "accept the deploy")
     assert info.value.details["last_status"] == "offline"
@@ -142,7 +144,7 @@ def test_two_conversations_on_one_connection_each_get_their_own_answers() -> Non
     mine, other = Conversation(client.router, topics, COMMAND), Conversation(client.router, topics, OTHER)
     client.deliver(topics.events, _event(EventKind.ACCEPTED, command_id=OTHER))
     client.deliver(topics.events, _event(EventKind.REFUSED))
-    client.deliver(topics.status, encode(DeviceStatus(DEVICE, "online", 1.0)))
+    client.deliver(topics.status, SIGNER.sign(DeviceStatus(DEVICE, "online", 1.0)))
     assert mine.wait_for({EventKind.ACCEPTED}, 5.0, "accept").kind == EventKind.REFUSED
     assert other.wait_for({EventKind.ACCEPTED}, 5.0, "accept").kind == EventKind.ACCEPTED
     assert mine.next(time.monotonic() + 0.05) is None and other.next(time.monotonic() + 0.05) is None

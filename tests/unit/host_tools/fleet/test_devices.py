@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from device_keys import TestDevice
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.mqtt import BrokerAddress, Incoming
@@ -37,16 +38,18 @@ def _status(device_id: str, ts: float, bundles: list[dict] | None, state: str = 
 class FakeClient:
     """What inventory needs of an MqttClient: an address, subscribe, publish_wait and an inbox."""
 
-    def __init__(self, url: str, retained: list[DeviceStatus]) -> None:
+    def __init__(self, url: str, retained: list[DeviceStatus], signer: TestDevice | None = None) -> None:
         host, port = url.removeprefix("mqtt://").split(":")
         self.address = BrokerAddress(host, int(port), False)
         self.inbox: queue.Queue[object] = queue.Queue()
         self.retained = retained
+        self.signer = signer
         self.published: list[tuple[str, bytes, bool]] = []
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         for msg in self.retained:
-            self.inbox.put(Incoming(DeviceTopics(msg.device_id).status, encode(msg), True))
+            payload = encode(msg) if self.signer is None else self.signer.sign(msg)
+            self.inbox.put(Incoming(DeviceTopics(msg.device_id).status, payload, True))
 
     def publish_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self.published.append((topic, payload, retain))
@@ -87,7 +90,9 @@ def test_a_row_from_before_brokers_were_known_is_adopted_once(db: Registry) -> N
 def test_online_only_when_this_broker_says_so_now(db: Registry) -> None:
     record_message(db, _status("gone", 1.0, []), 1.0, THERE)  # its broker stopped; no will reached it
     record_message(db, _status("cleared", 1.0, []), 1.0, HERE)  # this broker no longer holds its status
-    client = FakeClient(HERE, [_status("live", 9.0, [{"name": "m", "version": 2}])])
+    live = TestDevice("live")
+    db.enroll("live", live.public_hex, 1.0)  # only an enrolled device's signed status is believed
+    client = FakeClient(HERE, [_status("live", 9.0, [{"name": "m", "version": 2}])], live)
     views = {(v.record.device_id, v.record.broker): v for v in current_devices(db, client, wait_s=0.05)}  # type: ignore[arg-type]
     assert views[("live", HERE)].status == "online" and views[("live", HERE)].confirmed
     for key in (("gone", THERE), ("cleared", HERE)):

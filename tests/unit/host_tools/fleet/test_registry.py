@@ -509,7 +509,12 @@ def test_public_names() -> None:
     assert set(registry_module.__all__) == {
         "DEPLOYMENT_STATES",
         "DEVICE_STATUSES",
+        "ENROLMENT_STATES",
+        "LATEST_TIME",
         "SCHEMA_VERSION",
+        "UNKNOWN_DEVICE",
+        "EnrolmentRecord",
+        "check_time",
         "BundleRef",
         "DeploymentRecord",
         "DeploymentState",
@@ -657,7 +662,7 @@ def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[st
     before = _counts(connect)
 
     with open_registry(target) as db:
-        assert db.ensure_schema() == SCHEMA_VERSION == 3
+        assert db.ensure_schema() == SCHEMA_VERSION == 4
         assert _counts(connect) == before == {"devices": 3, "deployments": 4, "metrics": 4}
 
         latest = db.latest_metrics()
@@ -711,11 +716,8 @@ def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[st
         assert len(again.list_deployments(limit=100)) == 5
     conn = connect()
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [
-            1,
-            2,
-            3,
-        ]
+        versions = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert [r[0] for r in versions] == [1, 2, 3, 4]
         stored = conn.execute("SELECT active_bundles, broker FROM devices WHERE device_id = 'pi-01'").fetchone()
         assert json.loads(stored[0]) == [{"name": "digits", "version": 10}] and stored[1] == ""
     finally:
@@ -747,11 +749,8 @@ def test_two_processes_upgrade_one_v1_file_once(v1_database: tuple[str, Callable
     assert _counts(connect) == before
     conn = connect()
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == [
-            1,
-            2,
-            3,
-        ]
+        versions = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert [r[0] for r in versions] == [1, 2, 3, 4]
     finally:
         conn.close()
 

@@ -2,6 +2,8 @@
 
 Fake messages go through ``Router.dispatch`` in the test's thread (what the worker does
 with every inbox item); one test runs the worker itself over a fake client's inbox.
+Devices sign what they say (tests/device_keys.py), as real agents do; the routers here
+have them enrolled.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import threading
 import time
 
 import pytest
+from device_keys import TestDevice, enrolled_gate
 
 import host_tools.fleet.router as router_module
 from edge_sdk.errors import ConfigError
@@ -21,6 +24,7 @@ from host_tools.fleet.conversation import Conversation
 from host_tools.fleet.router import Router, routed
 
 A, B = DeviceTopics("pi-a"), DeviceTopics("pi-b")
+DEVICES = {d: TestDevice(d) for d in ["pi-a", "pi-b", *(f"pi-{i}" for i in range(12))]}
 CMD1, CMD2, TRANSFER = "1" * 32, "2" * 32, "t" * 32
 
 
@@ -36,21 +40,29 @@ class FakeClient:
 
 
 def _router(mailbox_max: int = 8) -> Router:
-    return Router(FakeClient(), mailbox_max=mailbox_max)  # type: ignore[arg-type]
+    return Router(FakeClient(), mailbox_max=mailbox_max, gate=_gate())  # type: ignore[arg-type]
+
+
+def _gate():  # type: ignore[no-untyped-def]
+    return enrolled_gate(*DEVICES.values())
+
+
+def _signed(msg: DeviceStatus | Event | MetricsReport) -> bytes:
+    return DEVICES[msg.device_id].sign(msg)
 
 
 def _event(topics: DeviceTopics, kind: str, command_id: str = "", transfer_id: str = "") -> Incoming:
     msg = Event(topics.device_id, kind, 1.0, command_id=command_id, transfer_id=transfer_id)
-    return Incoming(topics.events, encode(msg), False)
+    return Incoming(topics.events, _signed(msg), False)
 
 
 def _metrics(topics: DeviceTopics, command_id: str) -> Incoming:
     msg = MetricsReport(topics.device_id, "tiny", 1, "onnxruntime", "fp32", 1.0, command_id=command_id)
-    return Incoming(topics.metrics, encode(msg), True)
+    return Incoming(topics.metrics, _signed(msg), True)
 
 
 def _status(topics: DeviceTopics, state: str) -> Incoming:
-    return Incoming(topics.status, encode(DeviceStatus(topics.device_id, state, 1.0)), True)
+    return Incoming(topics.status, _signed(DeviceStatus(topics.device_id, state, 1.0)), True)
 
 
 def _drain(convo: Conversation) -> list[Event | MetricsReport]:
@@ -61,7 +73,7 @@ def _drain(convo: Conversation) -> list[Event | MetricsReport]:
 
 
 def test_exports_are_exactly_the_router_api() -> None:
-    assert sorted(router_module.__all__) == ["DEFAULT_MAILBOX_MAX", "Listener", "Router", "routed"]
+    assert sorted(router_module.__all__) == ["DEFAULT_MAILBOX_MAX", "Listener", "Router", "gated", "routed"]
 
 
 def test_routes_by_device_and_command_id() -> None:
@@ -84,8 +96,9 @@ def test_the_topic_names_the_device_not_the_payload() -> None:
     router = _router()
     convo = Conversation(router, A, CMD1)
     forged = Event("pi-a", EventKind.INSTALLED, 1.0, command_id=CMD1)
-    router.dispatch(Incoming(B.events, encode(forged), False))  # pi-b's topic, claiming to be pi-a
-    assert _drain(convo) == [] and router.dropped_unknown == 1
+    router.dispatch(Incoming(B.events, _signed(forged), False))  # pi-b's topic, claiming to be pi-a
+    # Signed by pi-a but published on pi-b's topic: refused outright, before any routing.
+    assert _drain(convo) == [] and router.rejected == 1 and router.dropped_unknown == 0
 
 
 def test_an_event_naming_only_the_transfer_reaches_its_conversation() -> None:
@@ -102,16 +115,17 @@ def test_unknown_ids_and_other_message_types_are_counted_and_logged(caplog: pyte
     router.dispatch(_event(A, EventKind.DONE))  # a root update's answer: no command id
     router.dispatch(_metrics(A, CMD2))  # the retained report of an earlier deploy
     router.dispatch(_event(B, EventKind.ACCEPTED, CMD1))  # no conversation with pi-b
-    router.dispatch(Incoming(A.events, encode(RootUpdate({"signed": {}})), False))
-    assert router.dropped_unknown == 4 and router.delivered == 0
-    assert sum("no conversation" in r.getMessage() for r in caplog.records) == 4
+    router.dispatch(Incoming(A.events, encode(RootUpdate({"signed": {}})), False))  # not a signed device message
+    assert router.dropped_unknown == 3 and router.rejected == 1 and router.delivered == 0
+    assert sum("no conversation" in r.getMessage() for r in caplog.records) == 3
 
 
 def test_malformed_messages_are_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     router = _router()
     convo = Conversation(router, A, CMD1)
     router.dispatch(Incoming(A.events, b"{not json", False))
-    router.dispatch(Incoming("elsewhere/pi-a/events", encode(Event("pi-a", "accepted", 1.0, command_id=CMD1)), False))
+    elsewhere = _signed(Event("pi-a", "accepted", 1.0, command_id=CMD1))
+    router.dispatch(Incoming("elsewhere/pi-a/events", elsewhere, False))
     router.dispatch(ConnectionChange(False, "gone"))  # not a message: noted, not counted
     assert router.malformed == 2 and _drain(convo) == []
     assert sum(r.levelno == logging.WARNING and "malformed" in r.getMessage() for r in caplog.records) == 2
@@ -177,7 +191,7 @@ def test_the_worker_drains_the_inbox_for_many_threads_at_once() -> None:
     devices = [DeviceTopics(f"pi-{i}") for i in range(12)]
     wanted = {t.device_id: EventKind.INSTALLED if i % 2 else EventKind.REFUSED for i, t in enumerate(devices)}
     results: dict[str, str] = {}
-    with Router(client) as router:  # type: ignore[arg-type]
+    with Router(client, gate=_gate()) as router:  # type: ignore[arg-type]
         convos = {t.device_id: Conversation(router, t, CMD1) for t in devices}
 
         def wait(device_id: str) -> None:

@@ -1,0 +1,238 @@
+"""Which device messages the host believes: the enrolled keys, and the gate every message passes.
+
+A :class:`ReportGate` is built from the registry's enrolments (:meth:`ReportGate.from_registry`)
+and checks each message a device published (:meth:`ReportGate.check`): it must be a
+:class:`~edge_sdk.protocol.SignedReport` from an approved device, signed by its enrolled key,
+for the device and channel its topic names, with a sequence number above the last one
+accepted from that device on that channel (a retained status is older than the events
+after it; a message cannot change channel, its type is bound to it) and a plausible time
+(:func:`edge_sdk.protocol.open_report`). What fails is dropped
+and counted per device and reason (drops from devices the host does not know are counted
+under ``*``, so a flood of invented ids adds no rows). An unenrolled device's status that
+carries its key and is signed by it is kept as a request to be enrolled, never as a device.
+
+The gate holds what it learns in memory (it is called from a router's worker thread);
+:meth:`ReportGate.flush` writes the counts, sequence numbers and enrolment requests to the
+registry from the thread that owns it.
+
+Unsigned messages are refused unless the gate is built with ``allow_unsigned=True``, for a
+migration period while older agents are replaced (``edgectl --allow-unsigned-reports``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+from edge_sdk.errors import MessageError, UntrustedInputError
+from edge_sdk.protocol import (
+    Channel,
+    CodecLimits,
+    DeviceMessage,
+    DeviceStatus,
+    Event,
+    MetricsReport,
+    SignedReport,
+    decode,
+    open_enrolment_request,
+    open_report,
+    parse_topic,
+)
+from edge_sdk.trust import DevicePolicy, PublicKey
+from host_tools.fleet.registry import UNKNOWN_DEVICE, EnrolmentRecord, Registry
+
+__all__ = ["DEFAULT_MAX_PENDING", "Dropped", "ReportGate", "Verified"]
+
+log = logging.getLogger(__name__)
+
+#: Most devices that may wait for approval at once (bounds what invented ids can add).
+DEFAULT_MAX_PENDING = 256
+_CHANNEL_OF = {DeviceStatus: Channel.STATUS, Event: Channel.EVENTS, MetricsReport: Channel.METRICS}
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A device message the gate let through.
+
+    Attributes:
+        msg: the message; its device is the topic's.
+        fresh: False for a repeat of the last message accepted from the device (a retained
+            status or report heard again): deliver statuses, store nothing twice.
+        seq: its sequence number (None for an unsigned message let through).
+    """
+
+    msg: DeviceMessage
+    fresh: bool
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A device message the gate refused, and why (one of :data:`edge_sdk.trust.DROP_REASONS`,
+    or ``pending`` for a valid enrolment request, which is kept but not delivered)."""
+
+    reason: str
+
+
+class ReportGate:
+    """Verifies device messages against the enrolled keys; counts what it drops.
+
+    Args:
+        enrolments: the registry's enrolments; only approved ones may speak.
+        allow_unsigned: let plain (unsigned) messages through (migration period only).
+        policy: the allowed clock skew of devices.
+        limits: size limits for decoding.
+        max_pending: most devices that may wait for approval.
+
+    Attributes:
+        drops: (device id or ``*``, reason) -> messages dropped since the last flush.
+        requests: device id -> its latest enrolment request (a status with its key), not yet recorded.
+    """
+
+    def __init__(
+        self,
+        enrolments: list[EnrolmentRecord] | tuple[EnrolmentRecord, ...] = (),
+        *,
+        allow_unsigned: bool = False,
+        policy: DevicePolicy | None = None,
+        limits: CodecLimits | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        self.allow_unsigned = allow_unsigned
+        self.policy = policy or DevicePolicy()
+        self.limits = limits or CodecLimits()
+        self.max_pending = max_pending
+        self.drops: Counter[tuple[str, str]] = Counter()
+        self.requests: dict[str, DeviceStatus] = {}
+        self._known = {e.device_id for e in enrolments}
+        self._keys = {e.device_id: PublicKey(bytes.fromhex(e.public_key)) for e in enrolments if e.state == "approved"}
+        self._last = {(e.device_id, ch): n for e in enrolments for ch, n in e.sequences.items()}
+        self._will = {e.device_id: e.will_seq for e in enrolments if e.will_seq is not None}
+        self._advanced: dict[tuple[str, str], tuple[int, int | None]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_registry(cls, registry: Registry, *, allow_unsigned: bool = False) -> ReportGate:
+        """A gate for the registry's enrolments.
+
+        Raises:
+            StorageError: the registry cannot be read.
+        """
+        return cls(registry.list_enrolments(), allow_unsigned=allow_unsigned)
+
+    def _drop(self, device_id: str, reason: str, why: str) -> Dropped:
+        who = device_id if device_id in self._known else UNKNOWN_DEVICE
+        self.drops[(who, reason)] += 1
+        log.info("dropped a message on the topic of %r (%s): %s", device_id, reason, why)
+        return Dropped(reason)
+
+    def check(self, topic: str, payload: bytes, now: float) -> Verified | Dropped:
+        """Verify one message a device published; what is dropped is counted.
+
+        Args:
+            topic: the topic it arrived on (names the device and channel).
+            payload: its bytes.
+            now: the host's clock.
+
+        Returns:
+            The verified message, or why it was dropped.
+        """
+        try:
+            parsed = parse_topic(topic)
+            msg = decode(payload, self.limits)
+        except MessageError as exc:
+            with self._lock:
+                self.drops[(UNKNOWN_DEVICE, "malformed")] += 1
+            log.info("dropped a malformed message on %s: %s", topic, exc.message)
+            return Dropped("malformed")
+        device_id, channel = parsed.device_id, parsed.channel
+        with self._lock:
+            if not isinstance(msg, SignedReport):
+                return self._unsigned(device_id, channel, msg)
+            key = self._keys.get(device_id)
+            if key is None:
+                return self._request(msg, device_id, channel, now)
+            where = (device_id, channel.value)
+            last = self._last.get(where)
+            try:
+                inner = open_report(
+                    msg,
+                    key,
+                    device_id,
+                    channel,
+                    last,
+                    now,
+                    will_seq=self._will.get(device_id),
+                    policy=self.policy,
+                    limits=self.limits,
+                )
+            except UntrustedInputError as exc:
+                reason = str(exc.details.get("reason", "malformed"))
+                if reason == "replayed" and last is not None and msg.seq == last:
+                    return self._repeat(msg, key, device_id, channel, now)
+                return self._drop(device_id, reason, exc.message)
+            will = inner.will_seq if isinstance(inner, DeviceStatus) and inner.state == "online" else None
+            if last is None or msg.seq > last:
+                self._last[where] = msg.seq
+            if will is not None:
+                self._will[device_id] = will
+            self._advanced[where] = (self._last[where], self._will.get(device_id))
+            return Verified(inner, True, msg.seq)
+
+    def _repeat(
+        self, msg: SignedReport, key: PublicKey, device_id: str, channel: Channel, now: float
+    ) -> Verified | Dropped:
+        """The last message accepted, heard again (retained): verify it fully, mark it not fresh."""
+        try:
+            inner = open_report(msg, key, device_id, channel, msg.seq - 1, now, policy=self.policy, limits=self.limits)
+        except UntrustedInputError as exc:
+            return self._drop(device_id, str(exc.details.get("reason", "malformed")), exc.message)
+        return Verified(inner, False, msg.seq)
+
+    def _unsigned(self, device_id: str, channel: Channel, msg: object) -> Verified | Dropped:
+        if not self.allow_unsigned:
+            return self._drop(device_id, "unsigned", "unsigned device messages are refused")
+        if not isinstance(msg, (DeviceStatus, Event, MetricsReport)) or _CHANNEL_OF[type(msg)] is not channel:
+            return self._drop(device_id, "malformed", "not a device message for this channel")
+        if msg.device_id != device_id:
+            return self._drop(device_id, "device_mismatch", f"names device {msg.device_id!r}")
+        return Verified(msg, True)
+
+    def _request(self, msg: SignedReport, device_id: str, channel: Channel, now: float) -> Dropped:
+        """An unenrolled (or revoked, or pending) device spoke: keep a valid status as an enrolment request."""
+        if channel is not Channel.STATUS:
+            return self._drop(device_id, "unenrolled", "no approved key")
+        try:
+            status = open_enrolment_request(msg, device_id, now, self.policy, self.limits)
+        except UntrustedInputError as exc:
+            return self._drop(device_id, str(exc.details.get("reason", "malformed")), exc.message)
+        if device_id not in self.requests and len(self.requests) >= self.max_pending:
+            return self._drop(device_id, "pending_full", "too many enrolment requests")
+        self.requests[device_id] = status
+        return Dropped("pending")
+
+    def flush(self, registry: Registry, now: float) -> None:
+        """Write drop counts, sequence numbers and enrolment requests to the registry, then forget them.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        with self._lock:
+            drops, self.drops = self.drops, Counter()
+            advanced, self._advanced = self._advanced, {}
+            requests, self.requests = self.requests, {}
+        for (device_id, channel), (seq, will) in advanced.items():
+            registry.advance_sequence(device_id, channel, seq, will)
+        full = 0
+        for device_id, status in requests.items():
+            if not registry.request_enrolment(device_id, status.public_key, now, self.max_pending):
+                current = registry.get_enrolment(device_id)
+                if current is None:
+                    full += 1
+                elif current.state == "revoked":
+                    drops[(device_id, "unenrolled")] += 1
+        if full:
+            drops[(UNKNOWN_DEVICE, "pending_full")] += full
+        registry.count_drops(drops, now)
