@@ -96,7 +96,10 @@ def test_the_password_is_never_shown() -> None:
 
 
 def test_file_settings_take_a_tls_table_and_refuse_unknown_keys_and_wrong_types() -> None:
-    assert connection_file_settings({"tls": {"ca_file": "a"}, "username": "u"}, "f") == {"ca_file": "a", "username": "u"}
+    assert connection_file_settings({"tls": {"ca_file": "a"}, "username": "u"}, "f") == {
+        "ca_file": "a",
+        "username": "u",
+    }
     with pytest.raises(ConfigError, match=r"f: unknown setting\(s\) password"):
         connection_file_settings({"password": "x"}, "f")
     with pytest.raises(ConfigError, match=r"unknown setting\(s\) tls.username"):
