@@ -327,7 +327,7 @@ broker_auth_options = _stacked(
     click.option(
         "--broker-config",
         "broker_config",
-        type=click.Path(path_type=Path, dir_okay=False),
+        type=InputFile(),
         help="TOML file of the settings below ([tls] ca_file, cert_file, key_file; username, password_file); "
         "default HOME/broker.toml if it exists (env EDGE_SDK_BROKER_CONFIG)",
         **_connection_flag,

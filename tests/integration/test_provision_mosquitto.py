@@ -240,3 +240,17 @@ def test_the_shipped_max_packet_size_carries_a_1_mib_chunk_plus_its_header(fleet
     finally:
         watcher.close()
         sender.close()
+
+
+def test_the_agent_takes_username_and_password_from_the_environment_and_never_logs_the_password(
+    host: Host, mosquitto, start_agent, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    password = f"pw-{uuid.uuid4().hex}"
+    monkeypatch.setenv("EDGE_SDK_BROKER_USERNAME", "dev-pw")
+    monkeypatch.setenv("EDGE_SDK_BROKER_PASSWORD", password)
+    agent = start_agent(mosquitto.url, "dev-pw", host.root)  # the test broker takes any credentials
+    agent.stop()
+    log = agent.log()
+    assert "agent dev-pw starting" in log
+    assert password not in log and password not in mosquitto.log_text()
+    assert "u'dev-pw'" in mosquitto.log_text()  # the broker saw the username from the environment

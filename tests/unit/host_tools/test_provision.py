@@ -159,7 +159,7 @@ def test_edgectl_provision_without_keys_says_to_run_keys_init(tmp_path: Path) ->
             {"EDGE_SDK_BROKER_CA_FILE": "{missing}"},
             "TLS ca_file {missing} does not exist (from EDGE_SDK_BROKER_CA_FILE)",
         ),
-        (("--broker-config", "{missing}"), {}, "broker config file {missing} does not exist (from --broker-config)"),
+        (("--broker-config", "{missing}"), {}, "'--broker-config': File '{missing}' does not exist"),
         (
             ("--username", "edge-host"),
             {"EDGE_SDK_BROKER_PASSWORD_FILE": "{missing}"},
@@ -186,3 +186,11 @@ def test_edgectl_reads_home_broker_toml_by_default(tmp_path: Path) -> None:
     (home / "broker.toml").write_text(f'[tls]\nca_file = "{tmp_path / "gone.pem"}"\n')
     code, out = _edgectl(home, "devices", "--broker", "mqtts://127.0.0.1:9")
     assert code == 2 and f"TLS ca_file {tmp_path / 'gone.pem'} does not exist (from {home / 'broker.toml'})" in out
+
+
+def test_edgectl_names_a_missing_broker_config_from_the_environment(tmp_path: Path) -> None:
+    missing = tmp_path / "gone.toml"
+    code, out = _edgectl(
+        tmp_path / "home", "devices", "--broker", "mqtts://127.0.0.1:9", env={"EDGE_SDK_BROKER_CONFIG": str(missing)}
+    )
+    assert code == 2 and f"broker config file {missing} does not exist (from EDGE_SDK_BROKER_CONFIG)" in out
