@@ -138,6 +138,8 @@ def mqtt_transport(config: AgentConfig, identity: DeviceIdentity | None = None) 
             ca_file=config.ca_file,
             cert_file=config.cert_file,
             key_file=config.key_file,
+            username=config.username,
+            password=config.password,
             inbox_max_bytes=config.inbound_max_bytes // 2,
         ),
     )

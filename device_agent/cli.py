@@ -50,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--accelerator", action="append", default=[], help="an accelerator this device has, e.g. cuda (repeatable)"
     )
+    tls = run.add_argument_group(
+        "broker connection",
+        "TLS client certificate and MQTT username/password. Each may also come from the environment "
+        "(EDGE_SDK_BROKER_CA_FILE, _CERT_FILE, _KEY_FILE, _USERNAME, _PASSWORD or _PASSWORD_FILE) or the "
+        "config file ([tls] ca_file, cert_file, key_file; username, password_file): flag > environment > file.",
+    )
+    tls.add_argument("--ca-file", help="CA certificate that signed the broker's (PEM)")
+    tls.add_argument("--cert-file", help="this device's client certificate (PEM; CN = device id)")
+    tls.add_argument("--key-file", help="the client certificate's private key (PEM)")
+    tls.add_argument("--username", help="MQTT username")
+    tls.add_argument(
+        "--password-file", help="file whose first line is the MQTT password (never given on the command line)"
+    )
     run.add_argument("--sysfs-root", type=Path, help="root for hardware probes (default /)")
     run.add_argument("--transfer-idle-timeout", type=float, help="seconds without a chunk before a transfer is dropped")
     run.add_argument("--reconnect-max", type=float, help="upper bound of the reconnect backoff in seconds")
@@ -152,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
                 "inbound_queue_max": args.inbound_queue_max,
                 "execution": args.execution,
                 "debug_crash_at": args.debug_crash_at,
+                "ca_file": args.ca_file,
+                "cert_file": args.cert_file,
+                "key_file": args.key_file,
+                "username": args.username,
+                "password_file": args.password_file,
             },
+            os.environ,
         )
         # heavy imports only once the config is valid
         from device_agent.agent import Agent, mqtt_transport, open_identity

@@ -12,14 +12,20 @@ Example ``agent.toml``::
 
     [tls]
     ca_file = "/etc/edge-agent/ca.pem"
-    cert_file = "/etc/edge-agent/device.pem"
-    key_file = "/etc/edge-agent/device.key"
+    cert_file = "/etc/edge-agent/client.pem"
+    key_file = "/etc/edge-agent/client.key"
+
+    # MQTT username/password, where the broker wants them (the password in its own file):
+    username = "pi-kitchen-01"
+    password_file = "/etc/edge-agent/broker.password"
 
     # Field devices: hold installs while this file exists or this command says no.
     update_gate_file = "/run/edge-agent/hold"
     update_gate_command = ["/usr/local/bin/may-update"]
 
-Flags given on the command line override the file. A value of the wrong type (a number
+Flags given on the command line override the file. The broker connection's settings (TLS
+files, ``username``, ``password_file``) may also come from the environment, between the
+two: flag > environment > file (names in :mod:`edge_sdk.broker_connection`). A value of the wrong type (a number
 in quotes, a single string where a list is wanted) is refused with the key's name and the
 type it wants, before anything else is checked.
 """
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.transport import DEFAULT_INBOUND_MAX, DEFAULT_INBOUND_MAX_BYTES
+from edge_sdk.broker_connection import CONNECTION_SETTINGS, resolve_connection
 from edge_sdk.bundle import BundleLimits
 from edge_sdk.bundle.manifest import EXECUTIONS
 from edge_sdk.errors import ConfigError, KeyStoreError, UntrustedInputError
@@ -76,6 +83,8 @@ class AgentConfig:
         accelerators: accelerators this device has (``cuda``, ``npu``...), for bundles'
             target constraints.
         ca_file, cert_file, key_file: TLS material for ``mqtts://`` brokers.
+        username, password: MQTT credentials (the password is read from ``password_file``
+            or the environment, and never shown in this object's ``repr``).
         reconnect_max_s: upper bound of the reconnect backoff.
         transfer_idle_timeout_s: drop a transfer after this long without a chunk.
         sysfs_root: root for platform, power and thermal probes (tests pass a fake tree).
@@ -108,6 +117,8 @@ class AgentConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
     reconnect_max_s: float = 30.0
     transfer_idle_timeout_s: float = 60.0
     sysfs_root: Path = Path("/")
@@ -220,6 +231,8 @@ _SETTINGS: dict[str, _Kind] = {
     "ca_file": _PATH,
     "cert_file": _PATH,
     "key_file": _PATH,
+    "username": _STRING,
+    "password_file": _PATH,
     "reconnect_max_s": _NUMBER,
     "transfer_idle_timeout_s": _NUMBER,
     "sysfs_root": _PATH,
@@ -235,7 +248,7 @@ _SETTINGS: dict[str, _Kind] = {
     "debug_crash_at": _STRING,
     "identity_key": _PATH,
 }
-_PATH_FIELDS = {key for key, kind in _SETTINGS.items() if kind is _PATH}
+_PATH_FIELDS = {key for key, kind in _SETTINGS.items() if kind is _PATH} - set(CONNECTION_SETTINGS)
 
 
 def _toml_type(value: object) -> str:
@@ -280,19 +293,24 @@ def _is_number_within(value: object, bound: float) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= bound
 
 
-def load_config(config_file: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
+def load_config(
+    config_file: Path | None, overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> AgentConfig:
     """Merge a TOML file (optional) with flag values (``None`` means "not given").
 
     Args:
         config_file: the TOML file, or ``None``.
         overrides: flag values by setting name; they win over the file.
+        environ: the process environment, for the broker connection's settings (see
+            :mod:`edge_sdk.broker_connection`); they win over the file and lose to flags.
 
     Returns:
         The validated configuration.
 
     Raises:
         ConfigError: unreadable or invalid file, unknown keys, a value of the wrong type
-            (named with its key and the type wanted), or missing required values.
+            (named with its key and the type wanted), missing required values, or a TLS or
+            password file that cannot be read (named with where it was set).
     """
     values: dict[str, Any] = {}
     if config_file is not None:
@@ -311,12 +329,22 @@ def load_config(config_file: Path | None, overrides: Mapping[str, Any]) -> Agent
             raise ConfigError(f"{config_file}: unknown setting(s) {', '.join(sorted(unknown))}")
         _check_types(raw, str(config_file), frozenset(tls))
         values.update(raw)
-    values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    file_connection = {k: values.pop(k) for k in CONNECTION_SETTINGS if k in values}
+    flag_connection = {k: overrides.get(k) for k in CONNECTION_SETTINGS}
+    values.update({k: v for k, v in overrides.items() if v is not None and v != () and k not in CONNECTION_SETTINGS})
     missing = [k for k in ("broker", "device_id", "data_dir") if k not in values]
     if missing:
         raise ConfigError(f"missing required setting(s): {', '.join(missing)} (flags or config file)")
     for key in _PATH_FIELDS & set(values):
         values[key] = Path(values[key])
+    connection = resolve_connection(flag_connection, environ or {}, file_connection, str(config_file or "config file"))
+    values.update(
+        ca_file=connection.ca_file,
+        cert_file=connection.cert_file,
+        key_file=connection.key_file,
+        username=connection.username,
+        password=connection.password,
+    )
     try:
         return AgentConfig(**values)
     except TypeError as exc:

@@ -36,7 +36,7 @@ import os
 import queue
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -235,7 +235,7 @@ class MqttOptions:
     cert_file: Path | None = None
     key_file: Path | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never printed
     inbox_max: int = DEFAULT_INBOX_MAX
     inbox_max_bytes: int = DEFAULT_INBOX_MAX_BYTES
 

@@ -326,7 +326,45 @@ broker_option = click.option(
 connect_timeout_option = click.option(
     "--connect-timeout", default=10.0, show_default=True, type=float, help="seconds to wait for the broker"
 )
-broker_options = _stacked(broker_option, connect_timeout_option)
+
+
+def _remember_connection_flag(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Keep a broker connection flag for :func:`_broker_connection` (the commands' signatures stay as they are)."""
+    if value is not None and param.name is not None:
+        ctx.meta.setdefault(_CONNECTION_FLAGS, {})[param.name] = value
+
+
+_CONNECTION_FLAGS = "edgectl.broker_connection_flags"
+_connection_flag: dict[str, Any] = dict(expose_value=False, callback=_remember_connection_flag)
+#: TLS client certificate and MQTT credentials, on every command that talks to a broker. Each may
+#: also come from the environment or the broker config file (flag > environment > file).
+broker_auth_options = _stacked(
+    click.option(
+        "--broker-config",
+        "broker_config",
+        type=InputFile(),
+        help="TOML file of the settings below ([tls] ca_file, cert_file, key_file; username, password_file); "
+        "default HOME/broker.toml if it exists (env EDGE_SDK_BROKER_CONFIG)",
+        **_connection_flag,
+    ),
+    click.option(
+        "--ca-file", help="CA certificate that signed the broker's (env EDGE_SDK_BROKER_CA_FILE)", **_connection_flag
+    ),
+    click.option(
+        "--cert-file",
+        help="edgectl's client certificate, e.g. HOME/ca/edge-host.pem (env EDGE_SDK_BROKER_CERT_FILE)",
+        **_connection_flag,
+    ),
+    click.option("--key-file", help="its private key (env EDGE_SDK_BROKER_KEY_FILE)", **_connection_flag),
+    click.option("--username", help="MQTT username (env EDGE_SDK_BROKER_USERNAME)", **_connection_flag),
+    click.option(
+        "--password-file",
+        help="file whose first line is the MQTT password (env EDGE_SDK_BROKER_PASSWORD_FILE, "
+        "or the password itself in EDGE_SDK_BROKER_PASSWORD)",
+        **_connection_flag,
+    ),
+)
+broker_options = _stacked(broker_option, connect_timeout_option, broker_auth_options)
 
 
 def _one_device(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> str:
@@ -352,12 +390,59 @@ def _cfg(ctx: click.Context, json_output: bool) -> HostConfig:
     return HostConfig(base.home, base.registry_url, json_output, base.allow_unsigned_reports)
 
 
+def _broker_connection() -> Any:
+    """The broker connection (:class:`edge_sdk.broker_connection.BrokerConnection`), built once per command.
+
+    Each setting comes from its flag, else the environment, else the broker config file
+    (``--broker-config``, ``EDGE_SDK_BROKER_CONFIG``, or ``HOME/broker.toml`` if it exists).
+
+    Raises:
+        ConfigError: a config file or a file it names is missing or unreadable (named with
+            where it was set), or the file is not valid.
+    """
+    from edge_sdk.broker_connection import connection_file_settings, resolve_connection
+
+    ctx = click.get_current_context()
+    flags: dict[str, Any] = dict(ctx.meta.get(_CONNECTION_FLAGS, {}))
+    config_file: Path | None = flags.pop("broker_config", None)
+    source = "--broker-config"
+    if config_file is None and os.environ.get("EDGE_SDK_BROKER_CONFIG"):
+        config_file, source = Path(os.environ["EDGE_SDK_BROKER_CONFIG"]), "EDGE_SDK_BROKER_CONFIG"
+    if config_file is None:
+        default = ctx.find_object(HostConfig)
+        if default is not None and (default.home / "broker.toml").is_file():
+            config_file = default.home / "broker.toml"
+    file_values: dict[str, str] = {}
+    if config_file is not None:
+        file_values = connection_file_settings(_read_toml(config_file, source), str(config_file))
+    return resolve_connection(flags, os.environ, file_values, str(config_file))
+
+
+def _read_toml(path: Path, source: str) -> dict[str, Any]:
+    """A TOML file's contents; a missing or invalid file is a ConfigError naming it and who named it."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - 3.10
+        import tomli as tomllib
+
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"broker config file {path} does not exist (from {source})", path=str(path)) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read broker config file {path}: {exc.strerror}", path=str(path)) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"broker config file {path} is not valid TOML: {exc}", path=str(path)) from exc
+
+
 @contextmanager
 def _client(broker: str, timeout_s: float, name: str) -> Iterator[Any]:
     from edge_sdk.mqtt import MqttClient, MqttOptions, parse_broker_url
 
+    connection = _broker_connection()
     click.echo(f"edgectl: broker {parse_broker_url(broker)}", err=True)  # the address used, port included
-    client = MqttClient(broker, MqttOptions(client_id=f"edgectl-{name}-{os.getpid()}", connect_timeout_s=timeout_s))
+    options = MqttOptions(client_id=f"edgectl-{name}-{os.getpid()}", connect_timeout_s=timeout_s)
+    client = MqttClient(broker, connection.mqtt_options(options))
     client.connect()
     try:
         yield client
@@ -544,6 +629,45 @@ def keys_revoke(ctx: click.Context, keyid: str, ttl_days: float, passphrase_env:
     summary = KeyRing(cfg.keys_dir).summary()
     data = {"revoked": keyid, **summary.to_dict()}
     _emit(cfg, data, lambda: f"revoked {keyid}\n" + root_text(summary))
+
+
+# --- fleet CA ---------------------------------------------------------------------------
+
+
+@cli.group()
+def ca() -> None:
+    """The fleet CA: TLS client certificates for edgectl and devices (HOME/ca), for the shipped Mosquitto config."""
+
+
+@ca.command("init")
+@click.option("--force", is_flag=True, help="start over: a new CA (every certificate issued before stops working)")
+@click.option("--ttl-days", default=3650.0, show_default=True, help="days until the CA expires")
+@click.option(
+    "--operator",
+    default="edge-host",
+    show_default=True,
+    help="CN of edgectl's own client certificate: a host user of the broker's ACL",
+)
+@click.option(
+    "--broker-host",
+    "broker_hosts",
+    multiple=True,
+    help="also issue the broker's server certificate for this DNS name or IP address (repeatable)",
+)
+@json_option
+@click.pass_context
+def ca_init(
+    ctx: click.Context, force: bool, ttl_days: float, operator: str, broker_hosts: tuple[str, ...], json_output: bool
+) -> None:
+    """Make the fleet CA (ECDSA P-256; key 0600) and edgectl's client certificate, unless a CA exists."""
+    from host_tools.provision import init_ca
+    from host_tools.report.provision import ca_text
+
+    cfg = _cfg(ctx, json_output)
+    summary = init_ca(
+        cfg.home / "ca", time.time(), ttl_days=ttl_days, operator=operator, broker_hosts=broker_hosts, force=force
+    )
+    _emit(cfg, summary.to_dict(), lambda: ca_text(summary, operator))
 
 
 # --- compress ---------------------------------------------------------------------------
@@ -1154,6 +1278,7 @@ def remove(
     "--broker", envvar="EDGE_SDK_BROKER", help=f"broker URL, {BROKER_URL_HELP} (env EDGE_SDK_BROKER); required to list"
 )
 @connect_timeout_option
+@broker_auth_options
 @click.option("--wait", "wait_s", default=1.0, show_default=True, help="seconds to listen for device status")
 @json_option
 @click.pass_context
@@ -1304,12 +1429,75 @@ def devices_revoke(ctx: click.Context, device_id: str, json_output: bool) -> Non
     _emit(cfg, enrolments_data([record]), lambda: enrolments_text([record], ""))
 
 
+@devices.command("provision")
+@click.argument("device_id", metavar="ID")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="directory to write (default HOME/devices/ID)",
+)
+@click.option(
+    "--broker",
+    required=True,
+    envvar="EDGE_SDK_BROKER",
+    help=f"the broker URL the device connects to, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)",
+)
+@click.option(
+    "--device-dir",
+    default="/etc/edge-agent",
+    show_default=True,
+    help="where these files will be on the device (agent.toml names them there)",
+)
+@click.option(
+    "--data-dir", default="/var/lib/edge-agent", show_default=True, help="the agent's data directory on the device"
+)
+@click.option("--ttl-days", default=825.0, show_default=True, help="days until the client certificate expires")
+@click.option("--force", is_flag=True, help="replace an earlier provisioning of ID in that directory")
+@json_option
+@click.pass_context
+def devices_provision(
+    ctx: click.Context,
+    device_id: str,
+    out_dir: Path | None,
+    broker: str,
+    device_dir: str,
+    data_dir: str,
+    ttl_days: float,
+    force: bool,
+    json_output: bool,
+) -> None:
+    """Write what device ID needs: agent.toml, root.json and, with a fleet CA (`edgectl ca init`),
+    a client certificate whose CN is ID and its key (0600).
+
+    Copy the directory's files to --device-dir on the device. The device's Ed25519 identity
+    key is made on the device at its first start.
+    """
+    from edge_sdk.mqtt import parse_broker_url
+    from host_tools.keys import KeyRing
+    from host_tools.provision import CA_CERT, ProvisionRequest, load_ca, provision_device
+    from host_tools.report.provision import provisioned_text
+
+    cfg = _cfg(ctx, json_output)
+    parse_broker_url(broker)
+    ring = KeyRing(cfg.keys_dir)
+    ring.signed_root()  # a root that devices can load, or a KeyStoreError saying to run `edgectl keys init`
+    request = ProvisionRequest(
+        device_id, out_dir or cfg.home / "devices" / device_id, broker, ring.root_path, device_dir=device_dir,
+        data_dir=data_dir, ttl_days=ttl_days, force=force,
+    )  # fmt: skip
+    fleet_ca = load_ca(cfg.home / "ca") if (cfg.home / "ca" / CA_CERT).exists() else None
+    provisioned = provision_device(request, ring.root_path.read_bytes(), fleet_ca, time.time())
+    _emit(cfg, provisioned.to_dict(), lambda: provisioned_text(provisioned))
+
+
 @cli.command()
 @click.option("--device", "device_id", help="only this device")
 @click.option(
     "--broker", envvar="EDGE_SDK_BROKER", help=f"also fetch the latest reports from this broker ({BROKER_URL_HELP})"
 )
 @connect_timeout_option
+@broker_auth_options
 @json_option
 @click.pass_context
 def metrics(

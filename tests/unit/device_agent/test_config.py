@@ -12,7 +12,8 @@ from device_agent.config import AgentConfig, load_config
 from edge_sdk.errors import ConfigError
 
 _VALID = 'broker = "mqtt://127.0.0.1:1883"\ndevice_id = "pi-01"\ndata_dir = "/tmp/edge-agent"\nroot = "root.json"\n'
-_SETTABLE = [f for f in fields(AgentConfig) if f.name != "limits"]  # limits are not a setting
+# limits are not a setting; the password is read from password_file (tested below), never set in the file
+_SETTABLE = [f for f in fields(AgentConfig) if f.name not in ("limits", "password")]
 _TLS = {"ca_file", "cert_file", "key_file"}
 
 
@@ -73,7 +74,11 @@ def test_a_single_accelerator_string_is_not_split_into_letters(tmp_path: Path) -
         _load(tmp_path, 'accelerators = "cuda"\n' + _VALID)
 
 
-def test_values_of_the_right_type_load_and_range_errors_name_their_key(tmp_path: Path) -> None:
+def test_values_of_the_right_type_load_and_range_errors_name_their_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ca.pem").write_text("a CA\n")  # a TLS file named in the config must exist
     config = _load(
         tmp_path,
         _VALID
@@ -89,3 +94,46 @@ def test_values_of_the_right_type_load_and_range_errors_name_their_key(tmp_path:
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             _load(tmp_path, _VALID + setting + "\n")
+
+
+def test_username_and_password_come_from_flag_environment_or_file_in_that_order(tmp_path: Path) -> None:
+    for name in ("file", "env", "flag"):
+        (tmp_path / f"{name}.pw").write_text(f"{name}-password\n")
+    path = tmp_path / "agent.toml"
+    path.write_text(_VALID + f'username = "file-user"\npassword_file = "{tmp_path / "file.pw"}"\n')
+    env = {"EDGE_SDK_BROKER_USERNAME": "env-user", "EDGE_SDK_BROKER_PASSWORD_FILE": str(tmp_path / "env.pw")}
+    flags = {"username": "flag-user", "password_file": tmp_path / "flag.pw"}
+    from_file = load_config(path, {})
+    assert (from_file.username, from_file.password) == ("file-user", "file-password")
+    from_env = load_config(path, {}, env)
+    assert (from_env.username, from_env.password) == ("env-user", "env-password")
+    from_flags = load_config(path, flags, env)
+    assert (from_flags.username, from_flags.password) == ("flag-user", "flag-password")
+    assert "flag-password" not in repr(from_flags)
+
+
+def test_tls_files_come_from_flags_and_the_environment_too(tmp_path: Path) -> None:
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("pem")
+    env = {"EDGE_SDK_BROKER_CA_FILE": str(tmp_path / "ca.pem"), "EDGE_SDK_BROKER_CERT_FILE": str(tmp_path / "x")}
+    flags = {"cert_file": tmp_path / "cert.pem", "key_file": tmp_path / "key.pem"}
+    config = load_config(_write(tmp_path, _VALID), flags, env)
+    assert (config.ca_file, config.cert_file, config.key_file) == (
+        tmp_path / "ca.pem",
+        tmp_path / "cert.pem",
+        tmp_path / "key.pem",
+    )
+
+
+def test_a_missing_password_file_is_named_with_where_it_was_set(tmp_path: Path) -> None:
+    missing = tmp_path / "no.pw"
+    env = {"EDGE_SDK_BROKER_USERNAME": "u", "EDGE_SDK_BROKER_PASSWORD_FILE": str(missing)}
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, _VALID), {}, env)
+    assert caught.value.message == f"broker password_file {missing} does not exist (from EDGE_SDK_BROKER_PASSWORD_FILE)"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path

@@ -37,7 +37,8 @@ from host_tools.fleet.profiler import ProfileOutcome
 from host_tools.fleet.registry import BundleRef, DeviceRecord, EnrolmentRecord, ForgetResult
 from host_tools.keys import RoleSummary, RootSummary
 from host_tools.packing import BundleCheck, BundleChecklist, CheckItem, PackedBundle, ResignedBundle
-from host_tools.report import bundle, compress, demo, fleet, keys, table
+from host_tools.provision import CaSummary, Provisioned
+from host_tools.report import bundle, compress, demo, fleet, keys, provision, table
 from host_tools.report.progress import ProgressLines
 from host_tools.report.safe_text import escape_for_terminal
 
@@ -166,6 +167,10 @@ CASES: dict[str, Callable[[], Any]] = {
     "table.format_bytes": lambda: table.format_bytes(1536),
     "table.format_time": lambda: table.format_time(0.0),
     "fleet.local_time": lambda: fleet.local_time(0.0),
+    "provision.ca_text": lambda: provision.ca_text(CaSummary(True, PATH, EVIL, EVIL, 0.0, (PATH,)), EVIL),
+    "provision.provisioned_text": lambda: provision.provisioned_text(
+        Provisioned(EVIL, PATH, f"/etc/{EVIL}", (PATH,), False, None)
+    ),
     "fleet.enrolments_data": lambda: fleet.enrolments_data([_enrolment()]),
     "fleet.enrolments_text": lambda: fleet.enrolments_text([_enrolment()], EVIL),
     "bundle.checklist_text": lambda: bundle.checklist_text(
