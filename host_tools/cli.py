@@ -1333,26 +1333,6 @@ def devices_forget(ctx: click.Context, device_id: str, broker: str, connect_time
     _emit(cfg, {**result.to_dict(), "cleared_on": address}, lambda: forget_text(result, address))
 
 
-def _read_public_key(path: Path) -> Any:
-    """A device's public key from a file: PEM (``device.pub``) or 64 hex digits."""
-    from edge_sdk.trust import PublicKey
-
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from exc
-    text = data.strip()
-    if len(text) == 64:
-        try:
-            return PublicKey(bytes.fromhex(text.decode("ascii")))
-        except (ValueError, UnicodeDecodeError):
-            pass
-    try:
-        return PublicKey.from_pem(data)
-    except EdgeError as exc:
-        raise ConfigError(f"{path} is not an Ed25519 public key (PEM or 64 hex digits): {exc.message}") from exc
-
-
 @devices.command("enroll")
 @click.argument("device_id", metavar="[ID]", required=False)
 @click.option("--key", "key_file", type=InputFile(), help="the device's public key file")
@@ -1363,9 +1343,7 @@ def devices_enroll(
     ctx: click.Context, device_id: str | None, key_file: Path | None, fingerprint: str | None, json_output: bool
 ) -> None:
     """List devices waiting for enrolment, or enroll ID with its key file (--key) or the pending key's --fingerprint."""
-    from edge_sdk.protocol.topics import check_device_id
-    from edge_sdk.trust import PublicKey
-    from edge_sdk.trust import fingerprint as fingerprint_of
+    from host_tools.fleet.enrolment import enroll_device
     from host_tools.report.fleet import enrolments_data, enrolments_text
 
     cfg = _cfg(ctx, json_output)
@@ -1376,19 +1354,7 @@ def devices_enroll(
             pending = reg.list_enrolments("pending")
             _emit(cfg, enrolments_data(pending), lambda: enrolments_text(pending, "no device waits for enrolment"))
             return
-        check_device_id(device_id)
-        if (key_file is None) == (fingerprint is None):
-            raise click.UsageError("give exactly one of --key PUBKEYFILE or --fingerprint FP")
-        if key_file is not None:
-            record = reg.enroll(device_id, _read_public_key(key_file).raw.hex(), time.time())
-        else:
-            current = reg.get_enrolment(device_id)
-            if current is None or current.state != "pending":
-                raise ConfigError(f"device {device_id!r} has no pending key; enroll it with --key")
-            actual = fingerprint_of(PublicKey(bytes.fromhex(current.public_key)))
-            if actual.replace(":", "") != (fingerprint or "").replace(":", "").lower():
-                raise ConfigError(f"device {device_id!r} waits with key {actual}, not {fingerprint}; nothing enrolled")
-            record = reg.decide_enrolment(device_id, "approved", time.time())
+        record = enroll_device(reg, device_id, time.time(), key_file=key_file, fingerprint=fingerprint)
     _emit(cfg, enrolments_data([record]), lambda: enrolments_text([record], ""))
 
 
@@ -1399,16 +1365,12 @@ def devices_enroll(
 @click.pass_context
 def devices_approve(ctx: click.Context, device_id: str, yes: bool, json_output: bool) -> None:
     """Approve the key device ID announced, after showing its fingerprint."""
-    from edge_sdk.trust import PublicKey, fingerprint
+    from host_tools.fleet.enrolment import key_fingerprint, pending_enrolment
     from host_tools.report.fleet import enrolments_data, enrolments_text
 
     cfg = _cfg(ctx, json_output)
     with _registry(cfg) as reg:
-        current = reg.get_enrolment(device_id)
-        if current is None or current.state != "pending":
-            state = "unknown" if current is None else current.state
-            raise ConfigError(f"device {device_id!r} is {state}, not waiting for approval")
-        shown = fingerprint(PublicKey(bytes.fromhex(current.public_key)))
+        shown = key_fingerprint(pending_enrolment(reg, device_id))
         if not yes:
             click.confirm(f"approve {device_id} with key fingerprint {shown}?", abort=True, err=True)
         record = reg.decide_enrolment(device_id, "approved", time.time())

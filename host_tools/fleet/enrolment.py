@@ -25,8 +25,9 @@ import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
-from edge_sdk.errors import MessageError, UntrustedInputError
+from edge_sdk.errors import ConfigError, EdgeError, MessageError, UntrustedInputError
 from edge_sdk.protocol import (
     Channel,
     CodecLimits,
@@ -40,10 +41,21 @@ from edge_sdk.protocol import (
     open_report,
     parse_topic,
 )
+from edge_sdk.protocol.topics import check_device_id
 from edge_sdk.trust import DevicePolicy, PublicKey
+from edge_sdk.trust import fingerprint as fingerprint_of
 from host_tools.fleet.registry import UNKNOWN_DEVICE, EnrolmentRecord, Registry
 
-__all__ = ["DEFAULT_MAX_PENDING", "Dropped", "ReportGate", "Verified"]
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "Dropped",
+    "ReportGate",
+    "Verified",
+    "enroll_device",
+    "key_fingerprint",
+    "pending_enrolment",
+    "read_public_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +248,76 @@ class ReportGate:
         if full:
             drops[(UNKNOWN_DEVICE, "pending_full")] += full
         registry.count_drops(drops, now)
+
+
+# --- the operator's decisions: enroll, approve, revoke ----------------------------------
+
+
+def read_public_key(path: Path) -> PublicKey:
+    """A device's public key from a file: PEM (the agent's ``device.pub``) or 64 hex digits.
+
+    Raises:
+        ConfigError: the file cannot be read, or holds no Ed25519 public key.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror}", file=str(path)) from exc
+    text = data.strip()
+    if len(text) == 64:
+        try:
+            return PublicKey(bytes.fromhex(text.decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            pass
+    try:
+        return PublicKey.from_pem(data)
+    except EdgeError as exc:
+        raise ConfigError(
+            f"{path} is not an Ed25519 public key (PEM or 64 hex digits): {exc.message}", file=str(path)
+        ) from exc
+
+
+def enroll_device(
+    registry: Registry, device_id: str, now: float, *, key_file: Path | None = None, fingerprint: str | None = None
+) -> EnrolmentRecord:
+    """Enroll ``device_id``: with its key file (pre-provisioning, or a new key), or by approving
+    the key it announced when that key's fingerprint is ``fingerprint``.
+
+    Raises:
+        ConfigError: not exactly one of ``key_file`` and ``fingerprint``; a bad key file; no
+            pending key; a pending key with another fingerprint (nothing is enrolled).
+        MessageError: ``device_id`` is not a valid device id.
+        StorageError: the registry cannot be written.
+    """
+    check_device_id(device_id)
+    if (key_file is None) == (fingerprint is None):
+        raise ConfigError("give exactly one of --key PUBKEYFILE or --fingerprint FP", key="key")
+    if key_file is not None:
+        return registry.enroll(device_id, read_public_key(key_file).raw.hex(), now)
+    current = registry.get_enrolment(device_id)
+    if current is None or current.state != "pending":
+        raise ConfigError(f"device {device_id!r} has no pending key; enroll it with --key", device_id=device_id)
+    actual = key_fingerprint(current)
+    if actual.replace(":", "") != (fingerprint or "").replace(":", "").lower():
+        raise ConfigError(
+            f"device {device_id!r} waits with key {actual}, not {fingerprint}; nothing enrolled", device_id=device_id
+        )
+    return registry.decide_enrolment(device_id, "approved", now)
+
+
+def pending_enrolment(registry: Registry, device_id: str) -> EnrolmentRecord:
+    """The key ``device_id`` announced and waits to have approved.
+
+    Raises:
+        ConfigError: the device is unknown, or not waiting for approval.
+    """
+    current = registry.get_enrolment(device_id)
+    if current is None or current.state != "pending":
+        state = "unknown" if current is None else current.state
+        raise ConfigError(f"device {device_id!r} is {state}, not waiting for approval", device_id=device_id)
+    return current
+
+
+def key_fingerprint(record: EnrolmentRecord) -> str:
+    """The fingerprint an operator compares before approving ``record``'s key."""
+    return fingerprint_of(PublicKey(bytes.fromhex(record.public_key)))

@@ -156,3 +156,28 @@ def test_old_rows_with_implausible_times_are_repaired_by_the_migration(tmp_path:
 
 def _report(device: str, ts: float = NOW) -> MetricsReport:
     return MetricsReport(device, "tiny", 1, "onnxruntime", "fp32", ts)
+
+
+def test_enroll_device_by_key_file_or_by_the_pending_keys_fingerprint(tmp_path: Path) -> None:
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.trust import SigningKey
+    from host_tools.fleet.enrolment import enroll_device, key_fingerprint, pending_enrolment
+
+    key = SigningKey.generate().public_key
+    with open_registry(tmp_path / "r.db") as reg:
+        with pytest.raises(ConfigError, match="exactly one of --key"):
+            enroll_device(reg, "pi-1", NOW)
+        hex_file = tmp_path / "pi-1.hex"
+        hex_file.write_text(key.raw.hex() + "\n")
+        assert enroll_device(reg, "pi-1", NOW, key_file=hex_file).state == "approved"
+        junk = tmp_path / "junk.pub"
+        junk.write_text("not a key")
+        with pytest.raises(ConfigError, match="is not an Ed25519 public key"):
+            enroll_device(reg, "pi-2", NOW, key_file=junk)
+        with pytest.raises(ConfigError, match="has no pending key"):
+            enroll_device(reg, "pi-2", NOW, fingerprint="00")
+        with pytest.raises(ConfigError, match="not waiting for approval"):
+            pending_enrolment(reg, "pi-1")  # already approved
+        assert key_fingerprint(reg.get_enrolment("pi-1")) == key_fingerprint(  # type: ignore[arg-type]
+            reg.list_enrolments("approved")[0]
+        )
