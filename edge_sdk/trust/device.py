@@ -58,10 +58,13 @@ class DevicePolicy:
     """How strictly the host judges a device's clock.
 
     Attributes:
-        max_future_s: how far ahead of the host's clock a message may be dated.
+        max_future_s: how far ahead of the host's clock a message may be dated. An hour:
+            boards without a real-time clock (a Raspberry Pi) run with a skewed clock until
+            NTP answers, and must not go silent for it; a row's ``last_seen`` is never later
+            than the host's own clock anyway, so a future date cannot freeze it.
     """
 
-    max_future_s: float = 300.0
+    max_future_s: float = 3600.0
 
 
 @dataclass(frozen=True)

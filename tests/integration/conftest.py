@@ -5,7 +5,8 @@
 - ``tiny_model``: a small ONNX model built with onnx.helper, and a sample input.
 - ``start_agent``: starts `edge-agent run --root ROOT` as its own process and stops it afterwards.
   The key the agent makes at first start is enrolled in the ``host``'s registry (as
-  `edgectl devices enroll ID --key device.pub` does), unless ``enroll=False``.
+  `edgectl devices enroll ID --key device.pub` does), unless ``enroll_key=False``; a test
+  with its own operator home passes it as ``enroll_home``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,17 @@ def start_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Call
     agents: list[AgentProcess] = []
 
     def start(
-        broker_url: str, device_id: str, root: Path, *extra: str, wait: bool = True, enroll_key: bool = True
+        broker_url: str,
+        device_id: str,
+        root: Path,
+        *extra: str,
+        wait: bool = True,
+        enroll_key: bool = True,
+        enroll_home: Path | None = None,
     ) -> AgentProcess:
         data_dir = tmp_path / f"agent-{device_id}"
+        if "--data-dir" in extra:  # the test's own data directory wins (argparse takes the last)
+            data_dir = Path(extra[len(extra) - 1 - extra[::-1].index("--data-dir") + 1])
         log_path = tmp_path / f"agent-{device_id}.log"
         log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process below
         proc = subprocess.Popen(
@@ -65,7 +74,7 @@ def start_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Call
         agent = AgentProcess(proc, device_id, data_dir, log_path)
         agents.append(agent)
         if enroll_key:
-            home = request.getfixturevalue("host").home
+            home = enroll_home or request.getfixturevalue("host").home
             enroll(home, device_id, agent.wait_for_key())
         if wait:
             wait_online(broker_url, device_id)

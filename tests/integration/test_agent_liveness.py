@@ -262,7 +262,7 @@ def test_an_expired_root_commands_nothing_until_a_new_root_arrives(tiny_model, m
     assert host.run("keys", "init", "--ttl-days", str(ttl_s / 86400)).code == 0
     expires = time.time() + ttl_s
     url, dev = mosquitto.url, "live-root"
-    agent = start_agent(url, dev, host.root)
+    agent = start_agent(url, dev, host.root, enroll_home=host.home)
     v1 = _pack(host, tiny_model, tmp_path / "v1.edge", 1)
     assert _deploy(host, v1, url, dev).code == 0 and _active(agent) == 1
     time.sleep(max(0.0, expires - time.time()) + 1)

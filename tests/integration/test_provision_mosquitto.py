@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import BIN, Host
+from harness import BIN, AgentProcess, Host, enroll, read_device_message
 from mosquitto import MosquittoProcess
 
 from edge_sdk.errors import BrokerUnreachableError
 from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
-from edge_sdk.protocol import DeviceStatus, DeviceTopics, decode, encode
+from edge_sdk.protocol import DeviceStatus, DeviceTopics, encode
 from edge_sdk.protocol.codec import CodecLimits, encode_chunk
 
 pytestmark = pytest.mark.integration
@@ -130,6 +130,9 @@ def agents(fleet: Fleet, tmp_path: Path) -> Iterator[dict[str, subprocess.Popen[
         )
         log.close()
     try:
+        for device_id, proc in procs.items():  # the host believes only enrolled devices: enrol each key it made
+            agent = AgentProcess(proc, device_id, tmp_path / f"data-{device_id}", tmp_path / f"{device_id}.log")
+            enroll(fleet.host.home, device_id, agent.wait_for_key())
         watcher = fleet.operator()
         try:
             for device_id in procs:
@@ -140,7 +143,7 @@ def agents(fleet: Fleet, tmp_path: Path) -> Iterator[dict[str, subprocess.Popen[
                 with _suppress_empty():
                     item = watcher.inbox.get(timeout=0.2)
                     if isinstance(item, Incoming):
-                        msg = decode(item.payload)
+                        msg = read_device_message(item.payload)  # devices sign: read inside the envelope
                         if isinstance(msg, DeviceStatus) and msg.state == "online":
                             online.add(msg.device_id)
             assert online == set(procs), {k: (tmp_path / f"{k}.log").read_text()[-2000:] for k in procs}

@@ -23,13 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_models import nan_model
-from harness import BIN, AgentProcess, wait_online
+from harness import BIN, AgentProcess, enroll, wait_online
 from tflite_models import fully_connected_model
 
 from edge_sdk.bundle import BundleSpec, pack_bundle
 from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import DeviceTopics
 from host_tools.fleet.deployer import DeployOptions, deploy_bundle
+from host_tools.fleet.registry import open_registry
+from host_tools.fleet.router import gated
 from host_tools.keys import KeyRing, command_authority
 
 pytestmark = pytest.mark.integration
@@ -104,9 +106,15 @@ def _direct(host, url: str, device: str, bundle: Path):  # type: ignore[no-untyp
     client = MqttClient(url, MqttOptions(client_id=f"direct-{uuid.uuid4().hex[:8]}"))
     client.connect()
     try:
-        outcome = deploy_bundle(
-            client, device, bundle, DeployOptions(authority=authority), progress=lambda n, _total: sent.append(n)
-        )
+        with open_registry(host.home / "registry.db") as registry, gated(client, registry) as router:
+            outcome = deploy_bundle(
+                client,
+                device,
+                bundle,
+                DeployOptions(authority=authority),
+                progress=lambda n, _total: sent.append(n),
+                router=router,
+            )
     finally:
         client.close()
     return outcome, sum(1 for _ in sent)
@@ -221,6 +229,7 @@ def agent_without_litert(mosquitto, host, tmp_path) -> Iterator[AgentProcess]:
         )
     agent = AgentProcess(proc, "ver-nolitert", data_dir, log_path)
     try:
+        enroll(host.home, agent.device_id, agent.wait_for_key())
         status = wait_online(mosquitto.url, agent.device_id)
         assert "litert" not in status.runtimes and "onnxruntime" in status.runtimes
         yield agent
