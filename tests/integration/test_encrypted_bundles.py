@@ -29,6 +29,8 @@ from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import decode_chunk
 from edge_sdk.trust import RecipientPublicKey
 from host_tools.fleet.deployer import DeployOptions, deploy_bundle
+from host_tools.fleet.registry import open_registry
+from host_tools.fleet.router import gated
 from host_tools.keys import KeyRing, command_authority
 
 pytestmark = pytest.mark.integration
@@ -186,7 +188,9 @@ def test_encrypted_deploy_shows_only_ciphertext_and_refuses_non_recipients(
         client.connect()
         try:
             options = DeployOptions(authority=command_authority(ring))
-            outcome = deploy_bundle(client, a.device_id, for_b, options, claim=("tiny", 2))
+            # The host believes only enrolled devices' signed messages: a's key is in its registry.
+            with open_registry(host.home / "registry.db") as registry, gated(client, registry) as router:
+                outcome = deploy_bundle(client, a.device_id, for_b, options, claim=("tiny", 2), router=router)
         finally:
             client.close()
         assert outcome.state == "refused" and outcome.error is not None

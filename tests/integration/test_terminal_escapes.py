@@ -3,11 +3,12 @@
 Against a real Mosquitto and real `edgectl` processes, whose stdout and stderr bytes are
 read as they are written:
 
-- a client publishing as a device (device messages are not signed on this branch) reports
-  a platform, runtimes, an agent version and a metrics report full of escape sequences,
-  and refuses a deploy with an error message full of them; `edgectl devices`,
-  `edgectl metrics` and both deploy refusals (the device's, and the host's own, which
-  quotes the device's runtime names) print them as visible escapes;
+- a client publishing as a device (signing with a key enrolled in the host's registry, as
+  a real agent does: the host believes nothing else) reports a platform, runtimes, an
+  agent version and a metrics report full of escape sequences, and refuses a deploy with
+  an error message full of them; `edgectl devices`, `edgectl metrics` and both deploy
+  refusals (the device's, and the host's own, which quotes the device's runtime names)
+  print them as visible escapes;
 - a bundle whose precision (the packer's free text) holds escape sequences: `edgectl pack`
   prints it escaped, and a real agent's refusal to run it (which quotes it) prints escaped;
   the agent answers a good deploy afterwards.
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from device_keys import TestDevice
 from harness import BIN, Host, TinyModel
 
 from edge_sdk.metrics import LatencyStats
@@ -42,9 +44,9 @@ from edge_sdk.protocol import (
     MetricsReport,
     SignedCommand,
     decode,
-    encode,
     peek_command_id,
 )
+from host_tools.fleet.registry import open_registry
 
 pytestmark = pytest.mark.integration
 
@@ -86,9 +88,19 @@ def _metrics(device_id: str) -> MetricsReport:
     return MetricsReport(device_id, f"digits{EVIL}", 1, EVIL, EVIL, ts=time.time(), latency=latency)
 
 
+def enrolled_device(home: Path, device_id: str) -> TestDevice:
+    """A device with its own key, enrolled in the registry under ``home`` so the host believes it."""
+    device = TestDevice(device_id)
+    with open_registry(home / "registry.db") as reg:
+        reg.ensure_schema()
+        reg.enroll(device_id, device.public_hex, time.time())
+    return device
+
+
 @contextmanager
-def forged_device(url: str, device_id: str, runtimes: dict[str, str]) -> Iterator[None]:
-    """A client publishing as ``device_id``: retained status and metrics, and a refusal of every command."""
+def forged_device(url: str, device: TestDevice, runtimes: dict[str, str]) -> Iterator[None]:
+    """A client publishing as ``device``, signed: retained status and metrics, and a refusal of every command."""
+    device_id = device.device_id
     topics = DeviceTopics(device_id)
     client = MqttClient(url, MqttOptions(client_id=f"forged-{device_id}-{os.getpid()}"))
     client.connect()
@@ -106,11 +118,11 @@ def forged_device(url: str, device_id: str, runtimes: dict[str, str]) -> Iterato
             if isinstance(msg, SignedCommand):
                 error = ErrorInfo("target_mismatch", f"no room for it {EVIL}", {"why": EVIL})
                 refusal = Event(device_id, EventKind.REFUSED, time.time(), command_id=peek_command_id(msg), error=error)
-                client.publish(topics.events, encode(refusal))
+                client.publish(topics.events, device.sign(refusal))
 
     client.subscribe(topics.cmd)
-    client.publish_wait(topics.status, encode(_status(device_id, runtimes)), retain=True)
-    client.publish_wait(topics.metrics, encode(_metrics(device_id)), retain=True)
+    client.publish_wait(topics.status, device.sign(_status(device_id, runtimes)), retain=True)
+    client.publish_wait(topics.metrics, device.sign(_metrics(device_id)), retain=True)
     worker = threading.Thread(target=refuse_commands, daemon=True)
     worker.start()
     try:
@@ -128,8 +140,8 @@ def test_devices_metrics_and_deploy_refusals_print_a_forged_devices_strings_esca
 ) -> None:
     bundle = host.pack(tiny_model.path, tiny_model.sample, tmp_path / "digits-v1.bundle", "digits")
     with (
-        forged_device(mosquitto.url, "escapes-1", {"onnxruntime": "1.0", EVIL: "1"}),
-        forged_device(mosquitto.url, "escapes-2", {EVIL: "1"}),
+        forged_device(mosquitto.url, enrolled_device(host.home, "escapes-1"), {"onnxruntime": "1.0", EVIL: "1"}),
+        forged_device(mosquitto.url, enrolled_device(host.home, "escapes-2"), {EVIL: "1"}),
     ):
         devices = edgectl(host.home, "devices", "--broker", mosquitto.url, "--wait", "0.5")
         assert devices.returncode == 0, devices.stderr
