@@ -11,7 +11,7 @@ import pytest
 from device_agent.config import AgentConfig, load_config
 from edge_sdk.errors import ConfigError
 
-_VALID = 'broker = "mqtt://127.0.0.1:1883"\ndevice_id = "pi-01"\ndata_dir = "/tmp/edge-agent"\nroot = "root.json"\n'
+_VALID = 'broker = "mqtt://127.0.0.1:18883"\ndevice_id = "pi-01"\ndata_dir = "/tmp/edge-agent"\nroot = "root.json"\n'
 # limits are not a setting; the password is read from password_file (tested below), never set in the file
 _SETTABLE = [f for f in fields(AgentConfig) if f.name not in ("limits", "password")]
 _TLS = {"ca_file", "cert_file", "key_file"}

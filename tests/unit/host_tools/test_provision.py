@@ -71,7 +71,7 @@ def test_load_ca_without_a_ca_says_what_to_run(tmp_path: Path) -> None:
 def _request(tmp_path: Path, device_id: str = "pi-01", **kw: object) -> ProvisionRequest:
     out = tmp_path / "out" / device_id
     return ProvisionRequest(
-        device_id, out, "mqtts://127.0.0.1:8883", tmp_path / "root.json", device_dir=str(out),
+        device_id, out, "mqtts://127.0.0.1:18884", tmp_path / "root.json", device_dir=str(out),
         data_dir=str(tmp_path / "data"), **kw,  # type: ignore[arg-type]  # the remaining fields
     )  # fmt: skip
 
@@ -91,7 +91,7 @@ def test_provision_writes_a_directory_the_agent_loads_with_a_certificate_for_its
         ExtendedKeyUsageOID.CLIENT_AUTH
     ]
     config = load_config(out / "agent.toml", {})  # the agent's own loader checks every file it names
-    assert config.device_id == "pi-01" and config.broker == "mqtts://127.0.0.1:8883"
+    assert config.device_id == "pi-01" and config.broker == "mqtts://127.0.0.1:18884"
     assert (config.ca_file, config.cert_file, config.key_file) == (
         out / "ca.pem",
         out / "client.pem",

@@ -1,0 +1,41 @@
+"""A broker URL without a port: edgectl echoes the address it uses, port included, and fails as transport.
+
+In-process, with the connection refused by a stand-in: no test may connect to port 1883 or
+8883 of this machine, where a real broker may be listening.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edge_sdk.errors import BrokerUnreachableError, ExitCode
+from edge_sdk.mqtt import MqttClient
+from host_tools.cli import cli
+
+
+@pytest.mark.parametrize(
+    ("url", "echoed"), [("mqtt://127.0.0.1", "mqtt://127.0.0.1:1883"), ("mqtts://h", "mqtts://h:8883")]
+)
+def test_a_broker_url_without_a_port_is_echoed_with_the_port_used(
+    url: str, echoed: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    tried: list[str] = []
+
+    def refuse(client: MqttClient, *_args: object, **_kw: object) -> None:
+        tried.append(str(client.address))
+        raise BrokerUnreachableError(f"cannot reach {client.address}: refused (test stand-in)")
+
+    monkeypatch.setattr(MqttClient, "connect", refuse)
+    assert host_keys(tmp_path).exit_code == 0
+    args = ["--home", str(tmp_path), "rollback", "--device", "pi-01", "--name", "t", "--version", "1"]
+    result = CliRunner().invoke(cli, [*args, "--broker", url, "--connect-timeout", "1", "--json"])
+    assert result.exit_code == ExitCode.TRANSPORT, result.output
+    assert f"edgectl: broker {echoed}" in result.stderr and "edgectl: broker" not in result.stdout
+    assert json.loads(result.stdout)["error"]["kind"] == "transport" and tried == [echoed]
+
+
+def host_keys(home) -> object:  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(cli, ["--home", str(home), "keys", "init"])
