@@ -209,3 +209,16 @@ def test_importing_the_agent_loads_nothing_heavy_or_host_side() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_test_file_has_a_unique_name() -> None:
+    # pytest imports test files by their base name (rootdir-relative "prepend" mode): two
+    # tests/**/test_x.py stop the whole run at collection, so the mirrored folders keep names apart.
+    seen: dict[str, str] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if path.name in seen:
+            clashes.append(f"{seen[path.name]} and {relative}")
+        seen.setdefault(path.name, relative)
+    assert clashes == []
