@@ -102,6 +102,9 @@ _POLL_S = 0.5
 _TICK_S = 0.5
 #: How long the network thread may be dead before :meth:`Agent.run` gives up.
 _DEAF_GRACE_S = 5.0
+#: Error events for messages the agent could not handle: a burst, then this many a second.
+_ERROR_EVENT_BURST = 20
+_ERROR_EVENTS_PER_S = 5.0
 
 
 def open_identity(config: AgentConfig) -> DeviceIdentity:
@@ -191,6 +194,9 @@ class Agent:
         offset = config.debug_clock_offset_s
         self.clock: Callable[[], float] = clock or (lambda: time.time() + offset)
         self.monotonic = monotonic
+        self._error_budget = float(_ERROR_EVENT_BURST)
+        self._error_budget_at = monotonic()
+        self.errors_not_reported = 0
         self.topics = DeviceTopics(config.device_id)
         self.codec_limits = CodecLimits()
         checkpoint = _crash_hook(config.debug_crash_at)
@@ -348,10 +354,32 @@ class Agent:
             self._handle(item)
         except EdgeError as exc:
             log.warning("%s: %s", exc.code, exc.message)
-            self.reporter.event(EventKind.ERROR, error=exc)
+            self._report_error(exc)
         except Exception as exc:  # the agent must keep running whatever one message does
             log.exception("unexpected failure handling a message")
-            self.reporter.event(EventKind.ERROR, error=EdgeError(f"agent failure: {type(exc).__name__}: {exc}"))
+            self._report_error(EdgeError(f"agent failure: {type(exc).__name__}: {exc}"))
+
+    def _report_error(self, error: EdgeError) -> None:
+        """An ``error`` event for a message that could not be handled, at most a few per second.
+
+        A flood of junk must not become a flood of signed events: each one costs a signature
+        and a place in the outbound queue ahead of the answers to real commands. What the
+        budget holds back is counted (``errors_not_reported``) and logged.
+        """
+        now = self.monotonic()
+        self._error_budget = min(
+            _ERROR_EVENT_BURST, self._error_budget + (now - self._error_budget_at) * _ERROR_EVENTS_PER_S
+        )
+        self._error_budget_at = now
+        if self._error_budget < 1:
+            self.errors_not_reported += 1
+            if self.errors_not_reported % 1000 == 1:
+                log.warning(
+                    "%d error event(s) not reported: more bad messages than the event budget", self.errors_not_reported
+                )
+            return
+        self._error_budget -= 1
+        self.reporter.event(EventKind.ERROR, error=error)
 
     def _tick(self) -> None:
         for cmd, err in self.receiving.expire(self.monotonic()):

@@ -289,6 +289,21 @@ def test_malformed_and_unsigned_messages_become_error_events(make_agent, fleet: 
     assert last(transport, ok.command_id).kind == EventKind.INSTALLED
 
 
+def test_a_flood_of_junk_is_not_answered_by_a_flood_of_error_events(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    for _ in range(300):
+        transport.deliver(TOPICS.cmd, b"{not json")
+    drive(
+        agent,
+        lambda: len([e for e in transport.events() if e.kind == EventKind.ERROR]) + agent.errors_not_reported == 300,
+    )
+    errors = [e for e in transport.events() if e.kind == EventKind.ERROR]
+    assert 20 <= len(errors) <= 30 and len(errors) + agent.errors_not_reported == 300  # a burst, then a few a second
+    ok = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1)  # a real command is answered at once
+    drive(agent, settled(transport, ok.command_id))
+    assert last(transport, ok.command_id).kind == EventKind.INSTALLED
+
+
 def test_events_wait_in_the_outbox_while_offline(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
     agent, transport = make_agent()
     drive(agent, lambda: bool(transport.statuses()))
