@@ -17,7 +17,11 @@ from host_tools.cli import cli
 
 
 @pytest.mark.parametrize(
-    ("url", "echoed"), [("mqtt://127.0.0.1", "mqtt://127.0.0.1:1883"), ("mqtts://h", "mqtts://h:8883")]
+    ("url", "echoed"),
+    [
+        ("mqtt://broker.invalid", "mqtt://broker.invalid:1883"),
+        ("mqtts://broker.invalid", "mqtts://broker.invalid:8883"),
+    ],
 )
 def test_a_broker_url_without_a_port_is_echoed_with_the_port_used(
     url: str, echoed: str, tmp_path, monkeypatch: pytest.MonkeyPatch
