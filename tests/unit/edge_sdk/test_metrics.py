@@ -219,9 +219,13 @@ def test_peak_rss_sampler_uses_hwm_only_when_it_grew_in_the_window(tmp_path: Pat
 
 
 def test_peak_rss_sampler_sees_a_real_allocation() -> None:
+    # The block is held across several sampling intervals: filling it holds the GIL, so
+    # a spike freed at once can fall between samples, and late in a long test run the
+    # process's lifetime VmHWM is already above it and cannot stand in for the samples.
     with PeakRssSampler(interval_s=0.001) as mem:
         block = np.ones(40 * 1024 * 1024 // 8)  # 40 MiB, touched
         block.sum()
+        time.sleep(0.2)
         del block
     assert mem.peak_bytes >= mem.start_bytes + 30 * 1024 * 1024
 
