@@ -9,6 +9,7 @@ as base64::
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ class CodecLimits:
     max_json_depth: int = DEFAULT_MAX_DEPTH
     max_chunk_bytes: int = (1 << 20) + CHUNK_HEADER_SIZE
 
-    @property
+    @functools.cached_property
     def json_limits(self) -> JsonLimits:
         """The bounds on one JSON message, for :func:`~edge_sdk.untrusted_json.parse_json_object`."""
         return JsonLimits(self.max_json_bytes, self.max_json_depth)

@@ -12,7 +12,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -66,65 +66,118 @@ def _check_id(value: str, name: str) -> None:
         raise MessageError(f"{name} must be 32 lowercase hex digits")
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a simple type hint; convert nested dataclasses from dicts."""
-    if hint is str:  # the commonest field type first: decoding every device report goes through here
-        if not isinstance(value, str):
-            raise MessageError(f"{where} must be a str")
-        return value
+Checker = Callable[[Any, str], Any]
+
+
+def _check_str(value: Any, where: str) -> Any:
+    if not isinstance(value, str):
+        raise MessageError(f"{where} must be a str")
+    return value
+
+
+def _check_float(value: Any, where: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MessageError(f"{where} must be a number")
+    return float(value)
+
+
+def _check_int(value: Any, where: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageError(f"{where} must be an integer")
+    return value
+
+
+def _check_bool(value: Any, where: str) -> Any:
+    if not isinstance(value, bool):
+        raise MessageError(f"{where} must be a bool")
+    return value
+
+
+def _check_dict(value: Any, where: str) -> Any:
+    if not isinstance(value, Mapping):
+        raise MessageError(f"{where} must be an object")
+    return dict(value)
+
+
+def _check_any(value: Any, where: str) -> Any:
+    return value
+
+
+_SIMPLE: dict[Any, Checker] = {
+    str: _check_str,
+    float: _check_float,
+    int: _check_int,
+    bool: _check_bool,
+    dict: _check_dict,
+    Any: _check_any,
+}
+
+
+def _checker(hint: Any) -> Checker:
+    """A function that checks a value against a simple type hint (and converts nested dataclasses from dicts).
+
+    Built once per field type: resolving a hint on every decode was most of the cost of
+    decoding a device report.
+    """
+    simple = _SIMPLE.get(hint)
+    if simple is not None:
+        return simple
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], where)
+        optional = type(None) in args
+        inner = _checker(next(a for a in args if a is not type(None)))
+
+        def check_union(value: Any, where: str) -> Any:
+            if value is None and optional:
+                return None
+            return inner(value, where)
+
+        return check_union
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise MessageError(f"{where} must be an object")
-        return typing.cast(Any, hint).from_dict(value)  # every nested wire dataclass has from_dict
+        from_dict = typing.cast(Any, hint).from_dict  # every nested wire dataclass has from_dict
+
+        def check_nested(value: Any, where: str) -> Any:
+            if not isinstance(value, Mapping):
+                raise MessageError(f"{where} must be an object")
+            return from_dict(value)
+
+        return check_nested
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise MessageError(f"{where} must be a list")
-        (item,) = typing.get_args(hint)[:1]
-        return tuple(_check_type(v, item, f"{where}[]") for v in value)
-    if origin is dict or hint is dict:
-        if not isinstance(value, Mapping):
-            raise MessageError(f"{where} must be an object")
-        return dict(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MessageError(f"{where} must be a number")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MessageError(f"{where} must be an integer")
-        return value
-    if hint in (str, bool):
-        if not isinstance(value, hint):
-            raise MessageError(f"{where} must be a {hint.__name__}")
-        return value
-    if hint is Any:
-        return value
+        item = _checker(typing.get_args(hint)[0])
+
+        def check_tuple(value: Any, where: str) -> Any:
+            if not isinstance(value, (list, tuple)):
+                raise MessageError(f"{where} must be a list")
+            return tuple(item(v, f"{where}[]") for v in value)
+
+        return check_tuple
+    if origin is dict:
+        return _check_dict
     raise TypeError(f"unsupported field type {hint!r}")  # a bug in this module, not input
 
 
-#: Per wire class: (name, resolved type, required) of each field but ``extra``, and whether it has ``extra``.
-_FIELDS: dict[type, tuple[tuple[tuple[str, Any, bool], ...], bool]] = {}
+#: Per wire class: (name, checker, required) of each field but ``extra``, the names, and whether it has ``extra``.
+_FIELDS: dict[type, tuple[tuple[tuple[str, Checker, bool], ...], frozenset[str], bool]] = {}
 
 
-def _fields(cls: type) -> tuple[tuple[tuple[str, Any, bool], ...], bool]:
-    """A wire class's fields with their resolved types, computed once (resolving types was most of a decode)."""
+def _fields(cls: type) -> tuple[tuple[tuple[str, Checker, bool], ...], frozenset[str], bool]:
+    """A wire class's fields with a checker for each, computed once per class."""
     known = _FIELDS.get(cls)
     if known is None:
         hints = typing.get_type_hints(cls)
         fields = dataclasses.fields(cls)
         plain = tuple(
-            (f.name, hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            (
+                f.name,
+                _checker(hints[f.name]),
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
             for f in fields
             if f.name != "extra"
         )
-        known = _FIELDS[cls] = (plain, any(f.name == "extra" for f in fields))
+        names = frozenset(name for name, _check, _required in plain) | {"schema", "type"}
+        known = _FIELDS[cls] = (plain, names, any(f.name == "extra" for f in fields))
     return known
 
 
@@ -133,16 +186,15 @@ class _Wire:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Any:
-        plain, has_extra = _fields(cls)
+        plain, names, has_extra = _fields(cls)
         kwargs: dict[str, Any] = {}
-        for name, hint, required in plain:
+        for name, check, required in plain:
             if name in d:
-                kwargs[name] = _check_type(d[name], hint, f"{cls.__name__}.{name}")
+                kwargs[name] = check(d[name], f"{cls.__name__}.{name}")
             elif required:
                 raise MessageError(f"{cls.__name__}: missing field {name!r}")
         if has_extra:
-            names = {name for name, _hint, _required in plain}
-            kwargs["extra"] = {k: v for k, v in d.items() if k not in names and k not in ("schema", "type")}
+            kwargs["extra"] = {k: v for k, v in d.items() if k not in names}
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -68,9 +69,14 @@ class PublicKey:
         if len(self.raw) != 32:
             raise KeyStoreError(f"an Ed25519 public key is 32 bytes, got {len(self.raw)}")
 
-    @property
+    @functools.cached_property
     def keyid(self) -> str:
         return _key_id(self.raw)
+
+    @functools.cached_property
+    def _verifier(self) -> Ed25519PublicKey:
+        # Built once per key: a host verifies many messages with each enrolled key.
+        return Ed25519PublicKey.from_public_bytes(self.raw)
 
     @classmethod
     def from_pem(cls, data: bytes) -> PublicKey:
@@ -94,7 +100,7 @@ class PublicKey:
 
     def verifies(self, signature: bytes, data: bytes) -> bool:
         try:
-            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, data)
+            self._verifier.verify(signature, data)
         except InvalidSignature:
             return False
         return True

@@ -74,6 +74,18 @@ def test_depth_counts_every_value_and_the_limit_is_inclusive() -> None:
         parse_json(b"[[[[1]]]]", limits, what="doc")
 
 
+def test_the_bracket_count_shortcut_never_lets_a_deep_document_through() -> None:
+    # Fewer opening brackets than the limit cannot nest past it, so those skip the walk;
+    # brackets inside strings only raise the count, and then the walk decides.
+    limits = JsonLimits(max_bytes=1 << 16, max_depth=4)
+    assert parse_json(b"[[[1]]]", limits, what="doc") == [[[1]]]
+    assert parse_json(b'[["[{[{"]]', limits, what="doc") == [["[{[{"]]
+    with pytest.raises(JsonError, match="deeper than 4"):
+        parse_json(b'[[[["x"]]]]', limits, what="doc")
+    with pytest.raises(JsonError, match="deeper than 4"):
+        parse_json(b'{"a":{"b":{"c":{"d":1}}}}', limits, what="doc")
+
+
 def test_the_default_depth_is_sixteen() -> None:
     assert JsonLimits(max_bytes=1).max_depth == DEFAULT_MAX_DEPTH == 16
 
