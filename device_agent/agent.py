@@ -6,8 +6,8 @@ agent's bounded :class:`~device_agent.transport.InboundQueue` (what does not fit
 dropped and counted). Every message is handled inside a guard: bad input becomes an
 ``error``/``refused`` event back to the host, and the loop goes on.
 
-Periodic work (idle transfers dropped, the offline outbox drained, deferred installs
-retried) runs on its own schedule, every ``_TICK_S`` whatever arrives: a trickle of junk
+Periodic work (idle transfers reported, abandoned ones removed, the offline outbox
+drained, deferred installs retried) runs on its own schedule, every ``_TICK_S`` whatever arrives: a trickle of junk
 cannot starve it. The worker feeds systemd's watchdog only while the network and pump
 threads live (:func:`device_agent.sdnotify.should_feed`); if the network thread dies,
 :meth:`Agent.run` stops the agent with an error, so any supervisor restarts it.
@@ -20,7 +20,7 @@ signatures).
 The parts, one job each::
 
     device_agent.transport   the connection seam (MqttClient or an in-memory one) and the bounded queue
-    device_agent.receiving   chunks -> staging file -> a finished, hash-checked bundle
+    device_agent.receiving   chunks, each checked -> staging kept across restarts -> a finished bundle
     device_agent.install     the install sequence: stage, activate, health check, confirm or roll back,
                              deferred installs, rollback and remove commands
     device_agent.reporter    status (birth, goodbye), events, metrics, the offline outbox
@@ -30,12 +30,17 @@ Lifecycle of a deploy::
     deploy cmd  -> REFUSED at once                what the signed offer allows is checked first
                                                   (version vs floor, runtime, expiry, target, storage):
                                                   no chunk moves, no staging file is reserved
-                -> ACCEPTED (missing chunks)      staging file reserved at its declared size
-    chunks      -> written at their offsets       size and count enforced per chunk
+                -> ACCEPTED (missing ranges)      staging reserved at its declared size, or the
+                                                  transfer of the same content resumed; the
+                                                  device subscribes to the transfer's topic
+    index frame -> kept if it is the signed one   (the offer binds its sha256)
+    chunks      -> checked against their digest, written at their offsets; a bad one is
+                   discarded and asked for again; PROGRESS every PROGRESS_EVERY chunks
     complete    -> RECEIVED                       whole-file sha256 checked against the offer
                 -> the install sequence (device_agent.install)
-    transfer_end while chunks are missing -> NEED_CHUNKS (the host resends them)
-    idle too long -> REFUSED (transfer_incomplete), staging removed
+    transfer_end while chunks are missing -> NEED_CHUNKS (the host sends them)
+    (re)connected, or idle for transfer_idle_timeout_s -> NEED_CHUNKS for each transfer held
+    no chunk for staging_max_age_s -> its staging removed
 
 Installs are two-phase (see :mod:`device_agent.installer`): a version the agent finds
 still pending at start was interrupted before it proved itself, and is rolled back and
@@ -59,7 +64,7 @@ from device_agent.install import InstallSequence
 from device_agent.installer import Installer
 from device_agent.outbox import Outbox
 from device_agent.platform import PlatformInfo, detect_platform, power_model_name
-from device_agent.receiving import Receiving
+from device_agent.receiving import Receiving, Transfer
 from device_agent.reporter import Reporter
 from device_agent.sdnotify import Liveness, Notifier, should_feed
 from device_agent.transport import InboundQueue, Transport, pump
@@ -76,6 +81,8 @@ from edge_sdk.errors import (
 from edge_sdk.metrics import PowerSource, detect_power_source
 from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions, Will
 from edge_sdk.protocol import (
+    PROGRESS_EVERY,
+    TRANSFER_ROOT,
     Channel,
     CodecLimits,
     DeployCommand,
@@ -91,6 +98,7 @@ from edge_sdk.protocol import (
     open_command,
     parse_topic,
     peek_command_id,
+    transfer_topic,
 )
 from edge_sdk.trust import canonical_json
 
@@ -225,11 +233,13 @@ class Agent:
             decryption_key=self.decryption_key.public,
         )
         self.receiving = Receiving(
-            self.installer.staging_path,
+            self.installer.staging_dir,
             config.limits.max_bundle_bytes,
-            config.transfer_idle_timeout_s,
+            max_age_s=config.staging_max_age_s,
             checkpoint=checkpoint,
+            limits=self.codec_limits,
         )
+        self.receiving.recover(monotonic(), self.clock())
         self.installs = InstallSequence(
             config,
             self.installer,
@@ -283,6 +293,8 @@ class Agent:
         self._notifier = notifier or Notifier()
         self.transport.subscribe(self.topics.cmd, qos=1)
         self.transport.subscribe(self.topics.data, qos=1)
+        for t in self.receiving.held():
+            self.transport.subscribe(transfer_topic(t.command.transfer.transfer_id), qos=1)
         log.info("agent %s starting; broker %s", self.config.device_id, self.transport.address)
         self._pump = threading.Thread(
             target=pump,
@@ -331,7 +343,7 @@ class Agent:
             self._notifier.status(f"device {self.config.device_id}: deaf (receiving thread died)")
 
     def shutdown(self) -> None:
-        """Drop transfers under way, say goodbye, disconnect, close the outbox."""
+        """Close transfers under way (kept on disk), say goodbye, disconnect, close the outbox."""
         self._pump_stop.set()
         if self._pump is not None:
             self._pump.join(timeout=5)
@@ -382,8 +394,15 @@ class Agent:
         self.reporter.event(EventKind.ERROR, error=error)
 
     def _tick(self) -> None:
-        for cmd, err in self.receiving.expire(self.monotonic()):
-            self.reporter.event(EventKind.REFUSED, cmd=cmd, error=err)
+        now = self.monotonic()
+        for cmd in self.receiving.expire(now):
+            self.transport.unsubscribe(transfer_topic(cmd.transfer.transfer_id))
+            log.info(
+                "removed the partial transfer of %s v%s: no chunk for too long", cmd.bundle_name, cmd.bundle_version
+            )
+        if self.transport.connected:
+            for t in self.receiving.idle(now, self.config.transfer_idle_timeout_s):
+                self._report_lacking(t)
         if self.reporter.outbox.pending and self.transport.connected:
             self.reporter.drain_outbox()
         self.installs.retry_deferred()
@@ -393,6 +412,9 @@ class Agent:
     def _handle(self, item: Incoming | ConnectionChange) -> None:
         if isinstance(item, ConnectionChange):
             self._on_connection(item)
+            return
+        if item.topic.startswith(TRANSFER_ROOT + "/"):
+            self._on_chunk(item.payload)
             return
         channel = parse_topic(item.topic).channel
         if channel is Channel.DATA:
@@ -420,6 +442,8 @@ class Agent:
                 log.warning("inbound queue has dropped %d message(s) since start", self.inbound.dropped)
             self.reporter.publish_status()
             self.reporter.drain_outbox()
+            for t in self.receiving.held():  # after any restart, say what is kept and what is lacking
+                self._report_lacking(t)
         else:
             self._notifier.status(f"device {self.config.device_id}: offline, reconnecting")
             log.warning("connection lost (%s); reconnecting with backoff", change.reason)
@@ -458,8 +482,9 @@ class Agent:
     # --- receiving ------------------------------------------------------------------
 
     def _on_deploy(self, cmd: DeployCommand) -> None:
+        tid = cmd.transfer.transfer_id
         try:
-            if self.receiving.command(cmd.transfer.transfer_id) is None:  # a resumed transfer was checked already
+            if self.receiving.get(tid) is None:  # a resumed transfer was checked already
                 self.installs.check_recipient(cmd)
                 self.installs.precheck(cmd)
         except (UntrustedInputError, StorageError) as exc:
@@ -467,33 +492,55 @@ class Agent:
             self.reporter.event(EventKind.REFUSED, cmd=cmd, error=exc)
             return
         try:
-            missing = self.receiving.begin(cmd, self.monotonic())
+            t = self.receiving.begin(cmd, self.monotonic())
         except StorageError as exc:
             self.reporter.event(EventKind.FAILED, cmd=cmd, error=exc)
             return
-        self.reporter.event(EventKind.ACCEPTED, cmd=cmd, missing=missing)
+        self.transport.subscribe(transfer_topic(tid), qos=1)
+        receiver = t.receiver
+        self.reporter.event(
+            EventKind.ACCEPTED,
+            cmd=cmd,
+            missing=receiver.missing(),
+            detail={"have": receiver.have_count, "have_index": receiver.index is not None},
+        )
 
     def _on_chunk(self, payload: bytes) -> None:
         chunk = decode_chunk(payload, self.codec_limits)
-        cmd = self.receiving.command(chunk.transfer_id)
-        if cmd is None:
-            log.debug("chunk for unknown transfer %s ignored", chunk.transfer_id)
+        t = self.receiving.get(chunk.transfer_id)
+        if t is None:
+            log.debug("chunk for a transfer not held (%s) ignored", chunk.transfer_id)
             return
+        cmd = t.command
         try:
             received = self.receiving.accept(chunk, self.monotonic())
         except EdgeError as exc:
+            self.transport.unsubscribe(transfer_topic(chunk.transfer_id))
             kind = EventKind.REFUSED if isinstance(exc, UntrustedInputError) else EventKind.FAILED
-            if kind == EventKind.REFUSED and not isinstance(exc, TransferError):
-                log.warning("refused %s v%s: %s", cmd.bundle_name, cmd.bundle_version, exc.message)
+            log.warning("transfer of %s v%s ended: %s", cmd.bundle_name, cmd.bundle_version, exc.message)
             self.reporter.event(kind, cmd=cmd, error=exc)
             return
         if received is not None:
+            self.transport.unsubscribe(transfer_topic(chunk.transfer_id))
             self.installs.received(received)
+            return
+        have = self.receiving.progress_due(chunk.transfer_id, PROGRESS_EVERY)
+        if have is not None and self.transport.connected:
+            self.reporter.event(EventKind.PROGRESS, cmd=t.command, detail={"have": have})
 
     def _on_transfer_end(self, msg: TransferEnd) -> None:
-        cmd = self.receiving.command(msg.transfer_id)
-        if cmd is None:
-            return  # already finished (or refused, which the host has been told)
-        missing = self.receiving.missing(msg.transfer_id)
-        if missing:
-            self.reporter.event(EventKind.NEED_CHUNKS, cmd=cmd, missing=missing)
+        t = self.receiving.get(msg.transfer_id)
+        if t is not None:
+            self._report_lacking(t)
+        # else: already finished (or refused, which the host has been told)
+
+    def _report_lacking(self, t: Transfer) -> None:
+        """NEED_CHUNKS: what a transfer held lacks, and whether the chunk index is in."""
+        receiver = t.receiver
+        missing = receiver.missing()
+        self.reporter.event(
+            EventKind.NEED_CHUNKS,
+            cmd=t.command,
+            missing=missing,
+            detail={"have": receiver.have_count, "missing": len(missing), "have_index": receiver.index is not None},
+        )

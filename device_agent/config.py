@@ -86,7 +86,12 @@ class AgentConfig:
         username, password: MQTT credentials (the password is read from ``password_file``
             or the environment, and never shown in this object's ``repr``).
         reconnect_max_s: upper bound of the reconnect backoff.
-        transfer_idle_timeout_s: drop a transfer after this long without a chunk.
+        transfer_idle_timeout_s: a transfer without a chunk for this long is reported to the
+            host as lacking what it lacks (once per period), so a host that lost track of it
+            sends only the rest.
+        staging_max_age_s: a partial transfer kept on disk without a chunk for this long is
+            removed (at start and while running); until then a new offer of the same bundle
+            resumes it.
         sysfs_root: root for platform, power and thermal probes (tests pass a fake tree).
         limits: bundle size and count limits.
         update_gate_file: while this file exists, installs are deferred (see device_agent/gate.py).
@@ -121,6 +126,7 @@ class AgentConfig:
     password: str | None = field(default=None, repr=False)
     reconnect_max_s: float = 30.0
     transfer_idle_timeout_s: float = 60.0
+    staging_max_age_s: float = 7 * 86400.0
     sysfs_root: Path = Path("/")
     limits: BundleLimits = field(default_factory=BundleLimits)
     update_gate_file: Path | None = None
@@ -145,6 +151,10 @@ class AgentConfig:
             raise ConfigError(
                 f"transfer_idle_timeout_s must be positive (seconds), got {self.transfer_idle_timeout_s!r}",
                 key="transfer_idle_timeout_s",
+            )
+        if self.staging_max_age_s <= 0:
+            raise ConfigError(
+                f"staging_max_age_s must be positive (seconds), got {self.staging_max_age_s!r}", key="staging_max_age_s"
             )
         if self.reconnect_max_s < 1:
             raise ConfigError(
@@ -235,6 +245,7 @@ _SETTINGS: dict[str, _Kind] = {
     "password_file": _PATH,
     "reconnect_max_s": _NUMBER,
     "transfer_idle_timeout_s": _NUMBER,
+    "staging_max_age_s": _NUMBER,
     "sysfs_root": _PATH,
     "update_gate_file": _PATH,
     "update_gate_command": _COMMAND,

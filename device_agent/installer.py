@@ -5,7 +5,7 @@ Layout under the agent's data directory::
     state.json                    per bundle name: the active slot, the previous one, the floor,
                                   and the versions that ran with their content digest
     slots/<name>/v<version>/      verified payload files of one bundle version
-    staging/<transfer_id>.part    bytes of a transfer being received
+    staging/<transfer_id>.*       transfers being received, kept across restarts (device_agent.receiving)
     deferred/<transfer_id>.*      received bundles the update gate held back (kept across restarts)
     tmp/                          verification, extraction and profiling scratch (emptied at start)
 
@@ -302,16 +302,18 @@ class Installer:
     # --- recovery -------------------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Remove leftovers of interrupted work: scratch, partial transfers, unnamed slots.
+        """Remove leftovers of interrupted work: scratch and unnamed slots.
+
+        Partial transfers in ``staging/`` are kept: :class:`device_agent.receiving.Receiving`
+        resumes them (or removes them by its own bounds).
 
         Returns:
             What was removed, for the log.
         """
         removed = []
-        for d in (self.tmp_dir, self.staging_dir):
-            for child in d.iterdir():
-                _remove(child)
-                removed.append(str(child))
+        for child in self.tmp_dir.iterdir():
+            _remove(child)
+            removed.append(str(child))
         # Temp files of an atomic write of state.json cut short (edge_sdk.durable names them so).
         for child in self.data_dir.glob(f".{self.state_path.name}.*.tmp"):
             _remove(child)
@@ -329,9 +331,6 @@ class Installer:
         return removed
 
     # --- install --------------------------------------------------------------------
-
-    def staging_path(self, transfer_id: str) -> Path:
-        return self.staging_dir / f"{transfer_id}.part"
 
     # --- deferred (update gate said "not now") -------------------------------------
 

@@ -1,16 +1,26 @@
-"""Receiving bundles: chunks in, a finished and hash-checked file out.
+"""Receiving bundles: chunks in, each checked, kept on disk across restarts, a finished file out.
 
-The decisions are :class:`edge_sdk.protocol.ChunkReceiver`'s (pure: is this chunk in the
-offer, where does it go, what is missing, has the transfer gone idle); this module is the
-shell that does what it says to a staging file on disk::
+The decisions are :class:`edge_sdk.protocol.ChunkReceiver`'s (pure: is this the index the
+signed offer binds, is this chunk the one its digest names, where does it go, what is
+missing); this module is the shell that does what it says to the staging directory::
 
-    begin(offer)     staging file created and reserved at its declared size (fallocate)
-    accept(chunk)    ChunkReceiver.accept -> pwrite at the offset it names
+    staging/<transfer_id>.cmd     the verified deploy command (JSON), written first
+    staging/<transfer_id>.part    the bundle's bytes, reserved at its declared size (fallocate)
+    staging/<transfer_id>.index   the chunk index, once it arrived and matched the offer
+
+    begin(cmd)       files created (or, for a transfer already held, the command replaced)
+    accept(frame)    index frame -> kept; chunk -> digest checked -> pwrite at its offset;
+                     a frame that fails a check is discarded and counted, never fatal
     last chunk       fsync, whole-file sha256 checked against the offer -> ReceivedBundle
-    expire(now)      transfers idle too long are dropped and their files removed
+    recover()        at start: every held transfer is reopened, and the chunks on disk that
+                     match their digests count as received (the bitmap is rebuilt from the
+                     bytes themselves, so nothing unverified is ever trusted)
 
-A transfer that fails in any way is dropped (file closed and removed) before the error
-reaches the caller, so nothing half-received outlives its error.
+A transfer is named by its content, so a host that offers the same bundle again (a retry,
+a restarted ``edgectl``) resumes it. What is held is bounded: a transfer without a chunk
+for ``max_age_s`` is removed, at most ``max_transfers`` are kept (the oldest idle one goes
+first), and when a new transfer cannot reserve its bytes, idle transfers are removed,
+oldest first, until it can.
 """
 
 from __future__ import annotations
@@ -19,16 +29,39 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
+import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_sdk.errors import EdgeError, HashMismatchError, StorageError, TransferError
-from edge_sdk.protocol import Chunk, ChunkReceiver, DeployCommand
+from edge_sdk.durable import atomic_write_bytes, fsync_dir
+from edge_sdk.errors import EdgeError, HashMismatchError, MessageError, StorageError, TransferError
+from edge_sdk.protocol import (
+    INDEX_FRAME,
+    Chunk,
+    ChunkReceiver,
+    CodecLimits,
+    DeployCommand,
+    Discard,
+    decode,
+    encode,
+)
 
-__all__ = ["ReceivedBundle", "Receiving", "StagingFile"]
+__all__ = ["ReceivedBundle", "Receiving", "StagingFile", "Transfer"]
 
 log = logging.getLogger(__name__)
+
+_SUFFIXES = (".cmd", ".part", ".index")
+_KEPT_FILE = re.compile(r"^([0-9a-f]{32})\.(?:cmd|part|index)$")
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -51,7 +84,7 @@ class ReceivedBundle:
 class StagingFile:
     """One staging file, open for positioned writes.
 
-    Use :meth:`create`; the constructor only wraps an open descriptor.
+    Use :meth:`create` or :meth:`reopen`; the constructor only wraps an open descriptor.
     """
 
     def __init__(self, path: Path, fd: int) -> None:
@@ -80,6 +113,22 @@ class StagingFile:
             ) from exc
         return cls(path, fd)
 
+    @classmethod
+    def reopen(cls, path: Path, size: int) -> StagingFile:
+        """Open a staging file kept from before a restart.
+
+        Raises:
+            StorageError: it is missing, unreadable, or not ``size`` bytes long.
+        """
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise StorageError(f"cannot reopen staging file {path}: {exc.strerror}") from exc
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            raise StorageError(f"staging file {path} is not the {size} bytes its offer declares")
+        return cls(path, fd)
+
     def write(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``.
 
@@ -90,6 +139,13 @@ class StagingFile:
             os.pwrite(self._fd, data, offset)
         except OSError as exc:
             raise StorageError(f"cannot write staging file: {exc.strerror}") from exc
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (short at the end of the file)."""
+        try:
+            return os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise StorageError(f"cannot read staging file {self.path}: {exc.strerror}") from exc
 
     def finish(self) -> str:
         """fsync the file and close it.
@@ -120,118 +176,249 @@ class StagingFile:
                 os.close(self._fd)
             self._fd = -1
 
-    def remove(self) -> None:
-        """Close and delete the file."""
-        self.close()
-        self.path.unlink(missing_ok=True)
-
 
 @dataclass
-class _Transfer:
+class Transfer:
+    """One transfer this device holds.
+
+    Attributes:
+        command: the deploy command it answers (the latest offer of this content).
+        receiver: the pure state: what is in, what is missing.
+        file: the staging file.
+        last_chunk_at: monotonic time of the last chunk taken (or of the start, or of the
+            latest offer of it).
+        reported: chunks held when progress was last reported.
+        idle_reported_at: monotonic time it was last reported idle (see :meth:`Receiving.idle`).
+    """
+
     command: DeployCommand
     receiver: ChunkReceiver
     file: StagingFile
-    written: int = 0
+    last_chunk_at: float
+    reported: int = 0
+    idle_reported_at: float = float("-inf")
 
 
 class Receiving:
-    """The transfers this device is receiving, each into its own staging file.
+    """The transfers this device holds, each in its own files under ``staging_dir``.
 
     Args:
-        staging_path: where the file of a transfer id goes.
+        staging_dir: where transfers are kept (the installer's ``staging/``).
         max_bundle_bytes: largest offer accepted.
-        idle_timeout_s: drop a transfer after this long without a chunk.
+        max_age_s: remove a transfer after this long without a chunk.
+        max_transfers: most transfers held at once.
         checkpoint: called with ``"receiving"`` once a transfer is at least half written
             (the agent's ``debug_crash_at`` option).
+        limits: bounds for reading a kept command back.
     """
 
     def __init__(
         self,
-        staging_path: Callable[[str], Path],
+        staging_dir: Path,
         max_bundle_bytes: int,
-        idle_timeout_s: float,
+        *,
+        max_age_s: float = 7 * 86400.0,
+        max_transfers: int = 4,
         checkpoint: Callable[[str], None] = lambda _point: None,
+        limits: CodecLimits | None = None,
     ) -> None:
-        self._staging_path = staging_path
+        self.staging_dir = staging_dir
         self.max_bundle_bytes = max_bundle_bytes
-        self.idle_timeout_s = idle_timeout_s
+        self.max_age_s = max_age_s
+        self.max_transfers = max_transfers
         self._checkpoint = checkpoint
-        self._transfers: dict[str, _Transfer] = {}
+        self._limits = limits or CodecLimits()
+        self._transfers: dict[str, Transfer] = {}
+        self.discarded: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._transfers)
 
-    def begin(self, cmd: DeployCommand, now: float) -> list[int]:
-        """Start receiving the bundle ``cmd`` offers, or resume it if it is already under way.
+    def _path(self, transfer_id: str, suffix: str) -> Path:
+        return self.staging_dir / f"{transfer_id}{suffix}"
+
+    # --- start ----------------------------------------------------------------------
+
+    def recover(self, now: float, wall_now: float) -> list[Transfer]:
+        """Reopen the transfers kept from before a restart; remove what cannot be resumed.
 
         Args:
-            cmd: a verified deploy command.
+            now: monotonic seconds (the reopened transfers' idle clocks start here).
+            wall_now: the wall clock, to judge the files' age against ``max_age_s``.
+
+        Returns:
+            The transfers held now, to subscribe to and report.
+        """
+        names = set()
+        for path in self.staging_dir.iterdir():
+            match = _KEPT_FILE.fullmatch(path.name)
+            if match is None:  # a temporary file of a write cut short, or anything else
+                _remove_path(path)
+            else:
+                names.add(match.group(1))
+        for tid in sorted(names):
+            try:
+                t = self._reopen(tid, now, wall_now)
+            except (EdgeError, OSError) as exc:
+                log.info("removed kept transfer %s: %s", tid, getattr(exc, "message", exc))
+                t = None
+            if t is None:
+                self._remove_files(tid)
+                continue
+            self._transfers[tid] = t
+            log.info(
+                "resuming %s v%s: %d of %d chunks kept",
+                t.command.bundle_name,
+                t.command.bundle_version,
+                t.receiver.have_count,
+                t.receiver.chunk_count,
+            )
+        return list(self._transfers.values())
+
+    def _reopen(self, tid: str, now: float, wall_now: float) -> Transfer | None:
+        cmd_path, part, index_path = (self._path(tid, s) for s in _SUFFIXES)
+        if not cmd_path.is_file() or not part.is_file():
+            return None
+        if wall_now - part.stat().st_mtime > self.max_age_s:
+            log.info("transfer %s has had no chunk for over %g s", tid, self.max_age_s)
+            return None
+        cmd = decode(cmd_path.read_bytes(), self._limits)
+        if not isinstance(cmd, DeployCommand) or cmd.transfer.transfer_id != tid:
+            raise MessageError(f"{cmd_path} does not hold the deploy command of transfer {tid}")
+        offer = cmd.transfer
+        file = StagingFile.reopen(part, offer.size)
+        receiver = ChunkReceiver(offer)
+        if index_path.is_file():
+            try:
+                receiver.take_index(index_path.read_bytes())
+            except TransferError:
+                index_path.unlink()
+        index = receiver.index
+        if index is not None:
+            have = [i for i in range(receiver.chunk_count) if index.matches(i, file.read(*receiver.span(i)))]
+            receiver = ChunkReceiver(offer, index, have)
+        return Transfer(cmd, receiver, file, now, reported=receiver.have_count)
+
+    # --- a transfer -----------------------------------------------------------------
+
+    def begin(self, cmd: DeployCommand, now: float) -> Transfer:
+        """Start receiving the bundle ``cmd`` offers, or go on with it if it is already held.
+
+        Args:
+            cmd: a verified deploy command. For a transfer already held, it replaces the
+                command kept (a newer offer of the same content: its answers carry its id).
             now: monotonic seconds.
 
         Returns:
-            The chunk indices still missing (all of them for a new transfer).
+            The transfer (what it lacks: ``transfer.receiver.missing()``).
 
         Raises:
             TransferError: the offer exceeds this device's bundle size limit.
-            StorageError: the staging file cannot be created or reserved.
+            StorageError: the staging files cannot be written, or there is no room even after
+                removing the idle transfers.
         """
         offer = cmd.transfer
-        existing = self._transfers.get(offer.transfer_id)
-        if existing is not None:  # the host re-offered: resume
-            return existing.receiver.missing()
+        tid = offer.transfer_id
+        existing = self._transfers.get(tid)
+        if existing is not None:
+            if existing.command != cmd:
+                atomic_write_bytes(self._path(tid, ".cmd"), encode(cmd), mode=0o600)
+                existing.command = cmd
+            existing.last_chunk_at = now
+            return existing
         if offer.size > self.max_bundle_bytes:
             raise TransferError(f"bundle of {offer.size} bytes exceeds this device's limit of {self.max_bundle_bytes}")
-        file = StagingFile.create(self._staging_path(offer.transfer_id), offer.size)
-        receiver = ChunkReceiver(offer, now=now, idle_timeout_s=self.idle_timeout_s)
-        self._transfers[offer.transfer_id] = _Transfer(cmd, receiver, file)
+        while len(self._transfers) >= self.max_transfers:
+            self._evict_oldest(f"at most {self.max_transfers} transfers are kept")
+        atomic_write_bytes(self._path(tid, ".cmd"), encode(cmd), mode=0o600)
+        while True:
+            try:
+                file = StagingFile.create(self._path(tid, ".part"), offer.size)
+                break
+            except StorageError:
+                if not self._transfers:
+                    self._remove_files(tid)
+                    raise
+                self._evict_oldest(f"room for a {offer.size}-byte bundle")
+        fsync_dir(self.staging_dir)
+        t = Transfer(cmd, ChunkReceiver(offer), file, now)
+        self._transfers[tid] = t
         log.info(
             "receiving %s v%s: %d bytes in %d chunks",
             cmd.bundle_name,
             cmd.bundle_version,
             offer.size,
-            receiver.chunk_count,
+            t.receiver.chunk_count,
         )
-        return receiver.missing()
+        return t
 
-    def command(self, transfer_id: str) -> DeployCommand | None:
-        """The command of a transfer under way, or None."""
-        t = self._transfers.get(transfer_id)
-        return None if t is None else t.command
+    def get(self, transfer_id: str) -> Transfer | None:
+        """A transfer held, or None."""
+        return self._transfers.get(transfer_id)
 
-    def missing(self, transfer_id: str) -> list[int]:
-        """Chunks a transfer under way still lacks (empty for an unknown transfer)."""
-        t = self._transfers.get(transfer_id)
-        return [] if t is None else t.receiver.missing()
+    def held(self) -> list[Transfer]:
+        """Every transfer held."""
+        return list(self._transfers.values())
 
     def accept(self, chunk: Chunk, now: float) -> ReceivedBundle | None:
-        """Write one chunk of a transfer under way.
+        """Take one frame of a transfer held: the chunk index, or a chunk.
+
+        A frame that fails a check (not the bound index; a chunk outside the offer, of the
+        wrong length or not matching its digest; a chunk before the index) is discarded and
+        counted in :attr:`discarded`: the device asks for it again.
 
         Args:
-            chunk: as decoded from the wire (its transfer must be under way, see :meth:`command`).
+            chunk: as decoded from the wire.
             now: monotonic seconds.
 
         Returns:
             The finished file once the last chunk is in and the whole file's hash matches;
-            None while chunks are missing (or for a chunk of an unknown transfer).
+            None otherwise (also for a frame of a transfer not held).
 
         Raises:
-            TransferError: the chunk breaks the offer (index, length).
-            HashMismatchError: the finished file is not the one the offer declared.
-            StorageError: the staging file cannot be written or read back.
+            HashMismatchError: the finished file is not the one the offer declared (the
+                transfer is removed).
+            StorageError: the staging files cannot be written or read back.
         """
         t = self._transfers.get(chunk.transfer_id)
         if t is None:
-            log.debug("chunk for unknown transfer %s ignored", chunk.transfer_id)
+            return None
+        if chunk.index == INDEX_FRAME:
+            self._take_index(t, chunk.data)
+            return None
+        action = t.receiver.accept(chunk.index, chunk.data)
+        if action is None:
+            return None
+        if isinstance(action, Discard):
+            self.discarded[action.reason] += 1
+            log.debug("discarded chunk %d of %s: %s", action.index, chunk.transfer_id, action.reason)
             return None
         try:
-            write = t.receiver.accept(chunk.index, chunk.data, now)
-            if write is not None:
-                t.file.write(write.offset, write.data)
-                t.written += 1
-                if 2 * t.written >= t.receiver.chunk_count:
-                    self._checkpoint("receiving")
-            if not t.receiver.complete:
-                return None
+            t.file.write(action.offset, action.data)
+        except StorageError:
+            self.drop(chunk.transfer_id)
+            raise
+        t.last_chunk_at = now
+        if 2 * t.receiver.have_count >= t.receiver.chunk_count:
+            self._checkpoint("receiving")
+        if not t.receiver.complete:
+            return None
+        return self._finish(t)
+
+    def _take_index(self, t: Transfer, data: bytes) -> None:
+        if t.receiver.index is not None:
+            return
+        try:
+            index = t.receiver.take_index(data)
+        except TransferError as exc:
+            self.discarded["index"] += 1
+            log.info("discarded a chunk index for %s: %s", t.command.transfer.transfer_id, exc.message)
+            return
+        atomic_write_bytes(self._path(t.command.transfer.transfer_id, ".index"), index.digests, mode=0o600)
+
+    def _finish(self, t: Transfer) -> ReceivedBundle:
+        tid = t.command.transfer.transfer_id
+        try:
             digest = t.file.finish()
             expected = t.command.transfer.sha256
             if digest != expected:
@@ -241,36 +428,60 @@ class Receiving:
                     actual=digest,
                 )
         except EdgeError:
-            self.drop(chunk.transfer_id)
+            self.drop(tid)
             raise
-        del self._transfers[chunk.transfer_id]
+        del self._transfers[tid]
+        for suffix in (".cmd", ".index"):
+            self._path(tid, suffix).unlink(missing_ok=True)
         return ReceivedBundle(t.command, t.file.path)
 
-    def expire(self, now: float) -> list[tuple[DeployCommand, TransferError]]:
-        """Drop the transfers that have gone idle.
+    def progress_due(self, transfer_id: str, every: int) -> int | None:
+        """Chunks held, if ``every`` more arrived since progress was last reported (then marked reported)."""
+        t = self._transfers.get(transfer_id)
+        if t is None or t.receiver.have_count - t.reported < every:
+            return None
+        t.reported = t.receiver.have_count
+        return t.reported
+
+    def idle(self, now: float, after_s: float) -> list[Transfer]:
+        """Transfers without a chunk for ``after_s``, each at most once every ``after_s``."""
+        out = []
+        for t in self._transfers.values():
+            if now - max(t.last_chunk_at, t.idle_reported_at) >= after_s:
+                t.idle_reported_at = now
+                out.append(t)
+        return out
+
+    def expire(self, now: float) -> list[DeployCommand]:
+        """Remove transfers without a chunk for ``max_age_s``.
 
         Returns:
-            Each dropped transfer's command, and why (which chunks it still lacked).
+            The commands of the transfers removed.
         """
-        dropped = []
-        for tid, t in list(self._transfers.items()):
-            if t.receiver.expired(now):
-                err: TransferError = TransferError("transfer timed out")
-                try:
-                    t.receiver.require_complete()
-                except TransferError as exc:
-                    err = exc
-                self.drop(tid)
-                dropped.append((t.command, err))
-        return dropped
+        gone = [t for t in self._transfers.values() if now - t.last_chunk_at >= self.max_age_s]
+        for t in gone:
+            self.drop(t.command.transfer.transfer_id)
+        return [t.command for t in gone]
+
+    def _evict_oldest(self, why: str) -> None:
+        oldest = min(self._transfers.values(), key=lambda t: t.last_chunk_at)
+        tid = oldest.command.transfer.transfer_id
+        log.info("removed idle transfer %s for %s", tid, why)
+        self.drop(tid)
 
     def drop(self, transfer_id: str) -> None:
-        """Forget a transfer and remove its file (nothing happens for an unknown one)."""
+        """Forget a transfer and remove its files (nothing happens for an unknown one)."""
         t = self._transfers.pop(transfer_id, None)
         if t is not None:
-            t.file.remove()
+            t.file.close()
+        self._remove_files(transfer_id)
+
+    def _remove_files(self, transfer_id: str) -> None:
+        for suffix in _SUFFIXES:
+            self._path(transfer_id, suffix).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Drop every transfer under way (at shutdown)."""
-        for tid in list(self._transfers):
-            self.drop(tid)
+        """Close every transfer's file; the files stay, to be resumed at the next start."""
+        for t in self._transfers.values():
+            t.file.close()
+        self._transfers.clear()

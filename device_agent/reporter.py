@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from device_agent.identity import DeviceIdentity
@@ -35,6 +35,7 @@ from edge_sdk.protocol import (
     RemoveCommand,
     RollbackCommand,
     encode,
+    encode_ranges,
 )
 from edge_sdk.runtime import available_runtimes
 from edge_sdk.trust import RecipientPublicKey
@@ -42,7 +43,6 @@ from edge_sdk.trust import RecipientPublicKey
 __all__ = ["Reporter"]
 
 log = logging.getLogger(__name__)
-_MAX_MISSING_LISTED = 2048
 _OUTBOX_ACK_TIMEOUT_S = 10.0
 _OUTBOX_COMMIT_EVERY = 32
 
@@ -132,7 +132,7 @@ class Reporter:
         kind: str,
         cmd: DeployCommand | RollbackCommand | RemoveCommand | None = None,
         error: EdgeError | None = None,
-        missing: list[int] | None = None,
+        missing: Iterable[int] | None = None,
         detail: dict[str, Any] | None = None,
         command_id: str = "",
     ) -> None:
@@ -142,7 +142,8 @@ class Reporter:
             kind: an :class:`~edge_sdk.protocol.EventKind`.
             cmd: the command it is about (gives the command and transfer ids).
             error: why it was refused or failed.
-            missing: chunk indices the device lacks (at most 2048 are listed).
+            missing: chunk indices the device lacks (sent as ranges, at most
+                :data:`~edge_sdk.protocol.transfer.MAX_RANGES` of them: the lowest).
             detail: facts for the host (name, version, reason...).
             command_id: the command id when there is no ``cmd``.
         """
@@ -152,7 +153,7 @@ class Reporter:
             ts=self.clock(),
             command_id=cmd.command_id if cmd else command_id,
             transfer_id=cmd.transfer.transfer_id if isinstance(cmd, DeployCommand) else "",
-            missing=tuple((missing or [])[:_MAX_MISSING_LISTED]),
+            missing_ranges=encode_ranges(missing or ()),
             error=ErrorInfo(error.code, error.message, _jsonable(error.details)) if error else None,
             detail=detail or {},
         )

@@ -90,6 +90,9 @@ class Transport(Protocol):
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now and after every reconnect."""
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Unsubscribe now, and no longer after reconnects."""
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishAck:
         """Queue a publish."""
         ...

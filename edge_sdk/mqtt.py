@@ -533,6 +533,13 @@ class MqttClient:
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Unsubscribe now (if connected), and no longer after reconnects."""
+        with self._lock:
+            known = self._filters.pop(topic_filter, None) is not None
+        if known and self._connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishHandle:
         """Queue a publish; call ``.wait()`` on the result to block until acknowledged.
 

@@ -60,6 +60,10 @@ class MemoryTransport:
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         self.subscriptions.append(topic_filter)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        if topic_filter in self.subscriptions:
+            self.subscriptions.remove(topic_filter)
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> _Ack:
         self.published.append(Published(topic, payload, retain))
         return _Ack()

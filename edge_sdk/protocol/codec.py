@@ -5,6 +5,9 @@ binary frames, so a 256 KiB chunk costs 256 KiB on the link rather than a third 
 as base64::
 
     b"EDGC" | version (1 byte) | transfer id (16 bytes) | chunk index (u32, big endian) | data
+
+A frame whose index is ``0xFFFFFFFF`` carries the transfer's chunk index (the sha256 of
+every chunk) instead of a chunk; :class:`Chunk` gives it index :data:`INDEX_FRAME` (-1).
 """
 
 from __future__ import annotations
@@ -18,12 +21,24 @@ from edge_sdk.errors import JsonError, JsonTooLargeError, MessageError, MessageT
 from edge_sdk.protocol.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message
 from edge_sdk.untrusted_json import DEFAULT_MAX_DEPTH, JsonLimits, parse_json_object
 
-__all__ = ["CHUNK_HEADER_SIZE", "Chunk", "CodecLimits", "decode", "decode_chunk", "encode", "encode_chunk"]
+__all__ = [
+    "CHUNK_HEADER_SIZE",
+    "INDEX_FRAME",
+    "Chunk",
+    "CodecLimits",
+    "decode",
+    "decode_chunk",
+    "encode",
+    "encode_chunk",
+]
 
 _CHUNK_MAGIC = b"EDGC"
 _CHUNK_VERSION = 1
 _CHUNK_HEADER = struct.Struct(">4sB16sI")
 CHUNK_HEADER_SIZE = _CHUNK_HEADER.size
+#: The index of a frame that carries the chunk index rather than a chunk.
+INDEX_FRAME = -1
+_INDEX_FRAME_WIRE = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -82,8 +97,9 @@ class Chunk:
 
 
 def encode_chunk(transfer_id: str, index: int, data: bytes) -> bytes:
-    """Frame one chunk of a transfer."""
-    return _CHUNK_HEADER.pack(_CHUNK_MAGIC, _CHUNK_VERSION, bytes.fromhex(transfer_id), index) + data
+    """Frame one chunk of a transfer (or, with ``index`` :data:`INDEX_FRAME`, its chunk index)."""
+    wire_index = _INDEX_FRAME_WIRE if index == INDEX_FRAME else index
+    return _CHUNK_HEADER.pack(_CHUNK_MAGIC, _CHUNK_VERSION, bytes.fromhex(transfer_id), wire_index) + data
 
 
 def decode_chunk(payload: bytes, limits: CodecLimits = CodecLimits()) -> Chunk:
@@ -102,4 +118,4 @@ def decode_chunk(payload: bytes, limits: CodecLimits = CodecLimits()) -> Chunk:
         raise MessageError("not a chunk frame (bad magic)")
     if version != _CHUNK_VERSION:
         raise MessageError(f"chunk frame version {version} is not supported")
-    return Chunk(tid.hex(), index, payload[CHUNK_HEADER_SIZE:])
+    return Chunk(tid.hex(), INDEX_FRAME if index == _INDEX_FRAME_WIRE else index, payload[CHUNK_HEADER_SIZE:])

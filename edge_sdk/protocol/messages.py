@@ -49,7 +49,8 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
-_MAX_CHUNKS = 1 << 20
+#: Most chunks in one transfer (edge_sdk.protocol.transfer.MAX_CHUNKS: the chunk index fits one 1 MiB frame).
+_MAX_CHUNKS = 1 << 15
 _MAX_SEQ = (1 << 53) - 1
 
 
@@ -218,6 +219,11 @@ class _Wire:
 class TransferOffer(_Wire):
     """What the host is about to send: the device enforces these numbers while receiving.
 
+    ``transfer_id`` is derived from the content (:func:`edge_sdk.protocol.content_transfer_id`),
+    so the same file is always the same transfer. ``chunks_sha256`` is the sha256 of the chunk
+    index (the sha256 of every chunk, in order): signed with the command, it is what lets a
+    device check each chunk as it arrives (:class:`edge_sdk.protocol.ChunkIndex`).
+
     ``encrypted_for`` lists the recipient key ids of an encrypted bundle (from its
     manifest), so that a device that is not one refuses before any chunk moves; empty
     (and absent from the wire) for a plain bundle.
@@ -227,6 +233,7 @@ class TransferOffer(_Wire):
     size: int
     sha256: str
     chunk_size: int
+    chunks_sha256: str
     encrypted_for: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -235,6 +242,8 @@ class TransferOffer(_Wire):
             raise MessageError("transfer size must be positive")
         if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
             raise MessageError("transfer sha256 must be 64 lowercase hex digits")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.chunks_sha256):
+            raise MessageError("transfer chunks_sha256 must be 64 lowercase hex digits")
         if not 1024 <= self.chunk_size <= 1 << 20:
             raise MessageError("chunk_size must be between 1 KiB and 1 MiB")
         if self.chunk_count > _MAX_CHUNKS:
@@ -521,8 +530,9 @@ class TransferEnd(Message):
 
 
 class EventKind:
-    ACCEPTED = "accepted"  # offer accepted; `missing` lists chunks still needed (resume)
-    NEED_CHUNKS = "need_chunks"  # after transfer_end: these chunks are still missing
+    ACCEPTED = "accepted"  # offer accepted; `missing_ranges` lists chunks still needed (resume)
+    NEED_CHUNKS = "need_chunks"  # after transfer_end, or after a restart: these chunks are still missing
+    PROGRESS = "progress"  # detail.have: chunks held now (paces the host's sending)
     RECEIVED = "received"  # whole file received, hash matches
     INSTALLED = "installed"  # verified, installed, health-checked, active
     REFUSED = "refused"  # bad input: nothing installed (error says why)
@@ -532,7 +542,9 @@ class EventKind:
     PROFILED = "profiled"  # profile-only: benchmarked and removed, nothing activated
     DROPPED = "dropped"  # the offline buffer was full; detail.count messages were lost
     DONE = "done"  # a rollback, remove or root update was carried out (detail says what)
-    ALL = (ACCEPTED, NEED_CHUNKS, RECEIVED, INSTALLED, REFUSED, FAILED, ERROR, DEFERRED, PROFILED, DROPPED, DONE)
+    ALL = (
+        ACCEPTED, NEED_CHUNKS, PROGRESS, RECEIVED, INSTALLED, REFUSED, FAILED, ERROR, DEFERRED, PROFILED, DROPPED, DONE,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -545,7 +557,7 @@ class Event(Message):
     ts: float
     command_id: str = ""
     transfer_id: str = ""
-    missing: tuple[int, ...] = ()
+    missing_ranges: str = ""
     error: ErrorInfo | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -554,6 +566,8 @@ class Event(Message):
         _check_device_id(self.device_id, "event")
         if self.kind not in EventKind.ALL:
             raise MessageError(f"unknown event kind {self.kind!r}")
+        if len(self.missing_ranges) > 8192:
+            raise MessageError("event missing_ranges longer than 8192 characters")
 
 
 #: The measurements of a report that are JSON objects; ``{}`` on the wire means "not measured".

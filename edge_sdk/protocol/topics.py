@@ -7,10 +7,14 @@
     edge/v1/devices/<device_id>/data      binary bundle chunks                         host -> device
     edge/v1/devices/<device_id>/events    progress, refusals, results                  device -> host
     edge/v1/devices/<device_id>/metrics   metrics reports (retained: the latest)       device -> host
+    edge/v1/transfers/<transfer_id>       chunk frames sent once to every device       host -> devices
+                                          receiving that transfer (the broker fans out)
 
 Every topic of one device sits under its own prefix, so a broker ACL of
-``pattern readwrite edge/v1/devices/%u/#`` confines a device to itself. The version
-segment lets a later tree live beside this one during a fleet migration.
+``pattern readwrite edge/v1/devices/%u/#`` confines a device to itself; devices may
+read ``edge/v1/transfers/#`` and only the host writes there (what arrives there is checked
+chunk by chunk against the signed offer anyway). The version segment lets a later tree
+live beside this one during a fleet migration.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from edge_sdk.untrusted_json import is_text
 
 __all__ = [
     "TOPIC_ROOT",
+    "TRANSFER_ROOT",
     "Channel",
     "DeviceTopics",
     "ParsedTopic",
@@ -31,9 +36,12 @@ __all__ = [
     "fleet_filter",
     "parse_topic",
     "shared",
+    "transfer_topic",
 ]
 
 TOPIC_ROOT = "edge/v1/devices"
+TRANSFER_ROOT = "edge/v1/transfers"
+_TRANSFER_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -134,3 +142,14 @@ def shared(group: str, topic_filter: str) -> str:
     if not group or any(c in group for c in "/+#"):
         raise ConfigError(f"bad shared-subscription group {group!r}")
     return f"$share/{group}/{topic_filter}"
+
+
+def transfer_topic(transfer_id: str) -> str:
+    """The topic a transfer's chunks go out on once, for every device receiving it.
+
+    Raises:
+        ConfigError: not a transfer id (32 lowercase hex digits).
+    """
+    if not _TRANSFER_ID_RE.fullmatch(transfer_id):
+        raise ConfigError(f"bad transfer id {transfer_id!r}")
+    return f"{TRANSFER_ROOT}/{transfer_id}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Mapping
 from typing import Literal
 
 from edge_sdk.errors import DeviceTimeoutError, EdgeError, error_from_code
@@ -23,7 +24,7 @@ from edge_sdk.mqtt import MqttClient
 from edge_sdk.protocol import DeviceStatus, DeviceTopics, Event, EventKind, MetricsReport
 from host_tools.fleet.router import Router
 
-__all__ = ["TERMINAL_KINDS", "Conversation", "end_state", "error_of"]
+__all__ = ["TERMINAL_KINDS", "Conversation", "FleetConversation", "end_state", "error_of"]
 
 #: Event kinds that end a command without success: the device's error says why.
 TERMINAL_KINDS: frozenset[str] = frozenset({EventKind.REFUSED, EventKind.FAILED, EventKind.ERROR})
@@ -127,9 +128,9 @@ class Conversation:
             deadline: a :func:`time.monotonic` time.
         """
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
         try:
+            if remaining <= 0:
+                return self._mailbox.get_nowait()
             return self._mailbox.get(timeout=remaining)
         except queue.Empty:
             return None
@@ -158,6 +159,91 @@ class Conversation:
                 )
             if isinstance(msg, Event) and (msg.kind in wanted or msg.kind in TERMINAL_KINDS):
                 return msg
+
+
+class FleetConversation:
+    """One command's answers from each of many devices, in one mailbox: a deploy to a fleet.
+
+    Each device has its own command (its own id, signed for it) for the same transfer; the
+    router delivers each device's answers here, tagged with the device, in arrival order.
+
+    Attributes:
+        last_status: each device's latest status, once heard.
+
+    Args:
+        router: the router of the connection the commands go out on.
+        ids: per device, the (command id, transfer id) whose answers are wanted.
+
+    Raises:
+        ConfigError: another open conversation already waits for one of these.
+    """
+
+    def __init__(self, router: Router, ids: Mapping[str, tuple[str, str]]) -> None:
+        self.router = router
+        self.last_status: dict[str, DeviceStatus] = {}
+        self._mailbox: queue.Queue[tuple[str, Event | MetricsReport]] = queue.Queue(
+            router.mailbox_max * max(1, len(ids))
+        )
+        self._devices: list[str] = []
+        try:
+            for device_id, (command_id, transfer_id) in ids.items():
+                router.register(device_id, (command_id, transfer_id), self)
+                self._devices.append(device_id)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, router: Router, ids: Mapping[str, tuple[str, str]]) -> FleetConversation:
+        """Listen for the commands' answers, then subscribe to each device's events, metrics and status.
+
+        Raises:
+            TransportError: the broker connection failed.
+            ConfigError: another open conversation already waits for one of these.
+        """
+        convo = cls(router, ids)
+        try:
+            for device_id in ids:
+                topics = DeviceTopics(device_id)
+                for topic in (topics.events, topics.metrics, topics.status):
+                    router.client.subscribe(topic, qos=1)
+        except BaseException:
+            convo.close()
+            raise
+        return convo
+
+    def close(self) -> None:
+        """Stop listening. Idempotent."""
+        for device_id in self._devices:
+            self.router.unregister(device_id, self)
+
+    def __enter__(self) -> FleetConversation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def offer(self, msg: Event | MetricsReport) -> bool:
+        """Take an answer into the mailbox without blocking; False when the mailbox is full."""
+        try:
+            self._mailbox.put_nowait((msg.device_id, msg))
+        except queue.Full:
+            return False
+        return True
+
+    def note_status(self, status: DeviceStatus) -> None:
+        """Remember the device's latest status."""
+        self.last_status[status.device_id] = status
+
+    def next(self, deadline: float) -> tuple[str, Event | MetricsReport] | None:
+        """The next (device id, answer), or None at the deadline (a :func:`time.monotonic` time)."""
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                return self._mailbox.get_nowait()
+            return self._mailbox.get(timeout=remaining)
+        except queue.Empty:
+            return None
 
 
 def end_state(event: Event) -> Literal["refused", "failed"]:

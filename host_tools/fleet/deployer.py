@@ -1,12 +1,19 @@
-"""Send one bundle to one device over MQTT and follow it until it runs, or is refused.
+"""Send one bundle to one device or many over MQTT and follow each until it runs, or is refused.
 
-The conversation (see :mod:`device_agent.agent` for the device's side)::
+The conversation (see :mod:`device_agent.agent` for the device's side, and
+:mod:`edge_sdk.protocol.transfer` for the transfer)::
 
-    host: deploy (offer: size, sha256, chunk size)      device: accepted (missing chunks)
-    host: chunks (QoS 1, a bounded window in flight)
-    host: transfer_end                                  device: need_chunks -> host resends
+    host: deploy (offer: size, sha256, chunk size,      device: accepted (missing ranges)
+          chunk index hash), signed for each device
+    host: index + chunks once on the transfer topic     device: progress (paces the host)
+    host: transfer_end                                  device: need_chunks -> host sends them
                                                         device: received, installed, metrics
                                                      or device: refused / failed (error)
+
+:func:`deploy_many` (``edgectl deploy --device A --device B ...``) sends one signed command
+to each device and the bundle once (:class:`~host_tools.fleet.delivery.TransferRun`), over
+one connection, and returns one outcome per device. :func:`deploy_bundle` is the same for
+one device without the registry.
 
 The host hears the device's side through a :class:`~host_tools.fleet.conversation.Conversation`,
 which the connection's :class:`~host_tools.fleet.router.Router` feeds. Every function here
@@ -36,13 +43,12 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from edge_sdk.bundle import Manifest, content_digest, file_sha256
+from edge_sdk.bundle import Manifest, content_digest
 from edge_sdk.bundle.admission import runtime_available
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
 from edge_sdk.errors import (
@@ -53,7 +59,7 @@ from edge_sdk.errors import (
     TargetMismatchError,
     UntrustedInputError,
 )
-from edge_sdk.mqtt import MqttClient, PublishHandle
+from edge_sdk.mqtt import MqttClient
 from edge_sdk.protocol import (
     BenchmarkSpec,
     BundleFacts,
@@ -65,16 +71,13 @@ from edge_sdk.protocol import (
     Message,
     MetricsReport,
     RootUpdate,
-    TransferEnd,
-    TransferOffer,
-    chunk_spans,
     encode,
-    encode_chunk,
     sign_command,
 )
 from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
-from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, end_state, error_of
+from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, FleetConversation, end_state, error_of
+from host_tools.fleet.delivery import PreparedFile, TransferResult, TransferRun, prepare_file
 from host_tools.fleet.registry import DeploymentState, DeviceRecord, Registry
 from host_tools.fleet.router import Router, gated, routed
 
@@ -86,6 +89,7 @@ __all__ = [
     "check_known_device",
     "deploy_and_record",
     "deploy_bundle",
+    "deploy_many",
     "publish_command",
     "read_manifest",
     "run_command",
@@ -148,11 +152,16 @@ class DeployOptions:
     """How to send a bundle.
 
     Attributes:
-        chunk_size: bytes per chunk message.
-        window: chunks in flight before waiting for the broker's acknowledgements.
-        accept_timeout_s: how long the device has to accept the offer.
-        finish_timeout_s: how long it has to install and report after the last chunk.
-        max_resend_rounds: rounds of resending missing chunks before giving up.
+        chunk_size: bytes per chunk message (doubled for files of more than 32,768 chunks).
+        window: chunks in flight beyond what each receiving device has acknowledged (and
+            publishes awaiting the broker's acknowledgement); keep it below the broker's
+            per-client queue (Mosquitto's ``max_queued_messages``).
+        accept_timeout_s: how long a device has to accept the offer.
+        finish_timeout_s: how long a device may stay silent while receiving, and how long it
+            has to install and report after the last chunk.
+        max_resend_rounds: rounds of repairs a device may ask for before it is given up.
+        stall_s: a device silent this long with chunks in flight stops pacing the others.
+        reconnect_timeout_s: how long to wait for a lost broker connection to come back.
         benchmark: what the device should measure after installing.
         authority: keys that sign the command, and the root chain to send first.
         rollback: the signed command explicitly allows this bundle's version even if the
@@ -160,10 +169,12 @@ class DeployOptions:
     """
 
     chunk_size: int = 64 * 1024
-    window: int = 16
+    window: int = 64
     accept_timeout_s: float = 15.0
     finish_timeout_s: float = 180.0
-    max_resend_rounds: int = 5
+    max_resend_rounds: int = 8
+    stall_s: float = 10.0
+    reconnect_timeout_s: float = 60.0
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
     authority: CommandAuthority | None = None
     rollback: bool = False
@@ -238,67 +249,96 @@ def deploy_bundle(
         BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
     """
     started = time.monotonic()
-    cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback, claim=claim)
-    return _deliver(client, device_id, cmd, bundle_path, options, progress, started, router)
+    prepared = prepare_file(bundle_path, options.chunk_size)
+    cmd = transfer_command(
+        device_id, bundle_path, options, clock, rollback=options.rollback, claim=claim, prepared=prepared
+    )
+    with routed(client, router) as live, FleetConversation.open(live, _ids({device_id: cmd})) as fleet:
+        outcome = _deploy(client, fleet, {device_id: cmd}, prepared, options, progress, started)[device_id]
+    return _raise_host_error(outcome)
 
 
-def _deliver(
-    client: MqttClient,
-    device_id: str,
-    cmd: DeployCommand,
-    bundle_path: Path,
-    options: DeployOptions,
-    progress: Callable[[int, int], None] | None,
-    started: float,
-    router: Router | None,
-    before_send: Callable[[DeviceStatus | None], None] | None = None,
-) -> DeployOutcome:
-    """Send a built deploy command and its bundle, and wait for the device's outcome.
-
-    :func:`deploy_bundle` without reading the bundle's manifest and hash, which ``cmd``
-    already carries (so :func:`deploy_and_record` reads them once for both uses).
-    ``started`` is the :func:`time.monotonic` time the deploy began. ``before_send``, if
-    given, is called once the conversation listens and before anything is published,
-    with the device's status if the broker had one retained (heard within
-    :data:`STATUS_WAIT_S`); it may raise to stop the deploy there.
-    """
-    with (
-        routed(client, router) as live,
-        Conversation.open(
-            live, DeviceTopics(device_id), cmd.command_id, metrics=True, transfer_id=cmd.transfer.transfer_id
-        ) as convo,
-    ):
-        if before_send is not None:
-            before_send(_status_heard(convo, min(STATUS_WAIT_S, options.accept_timeout_s)))
-        return _follow_deploy(client, convo, cmd, bundle_path, options, progress, started)
+def _ids(commands: dict[str, DeployCommand]) -> dict[str, tuple[str, str]]:
+    return {d: (c.command_id, c.transfer.transfer_id) for d, c in commands.items()}
 
 
-#: How long a deploy listens for the device's retained status before its host-side checks.
+def _raise_host_error(outcome: DeployOutcome) -> DeployOutcome:
+    """A one-device deploy raises what ended it on the host's side (a timeout), as it always did."""
+    if outcome.detail.get("ended_by") == "host" and outcome.error is not None:
+        raise outcome.error
+    return outcome
+
+
+#: How long a deploy listens for the devices' retained statuses before its host-side checks.
 STATUS_WAIT_S = 1.0
 
 
-def _status_heard(convo: Conversation, wait_s: float) -> DeviceStatus | None:
-    """The device's status as the broker retained it, if it arrives within ``wait_s``."""
+def _statuses_heard(fleet: FleetConversation, devices: list[str], wait_s: float) -> dict[str, DeviceStatus]:
+    """The devices' statuses as the broker retained them, those that arrive within ``wait_s``."""
     deadline = time.monotonic() + wait_s
-    while convo.last_status is None and time.monotonic() < deadline:
+    while len(fleet.last_status) < len(devices) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return convo.last_status
+    return dict(fleet.last_status)
 
 
-def _follow_deploy(
+def _deploy(
     client: MqttClient,
-    convo: Conversation,
-    cmd: DeployCommand,
-    bundle_path: Path,
+    fleet: FleetConversation,
+    commands: dict[str, DeployCommand],
+    prepared: PreparedFile,
     options: DeployOptions,
     progress: Callable[[int, int], None] | None,
     started: float,
-) -> DeployOutcome:
-    """:func:`_deliver`'s work, once ``convo`` listens: send, then wait for the outcome and the report."""
-    device_id = convo.topics.device_id
+) -> dict[str, DeployOutcome]:
+    """Send the commands and the bundle once, then follow each device until it installed, deferred or refused.
 
-    def outcome(state: DeploymentState, **kw: object) -> DeployOutcome:
-        return DeployOutcome(
+    ``fleet`` listens to every device already. A device that times out, or is given up after
+    its repair rounds, gets a ``failed`` outcome whose ``detail`` says ``ended_by: host``.
+
+    Raises:
+        TransportError: the broker connection failed and did not come back.
+    """
+
+    def publish(topics: DeviceTopics, cmd: DeployCommand) -> None:
+        publish_command(client, topics, cmd, options.authority)
+
+    run = TransferRun(client, prepared, options, publish, progress)
+    results = run.run(commands, fleet.next)
+    log.info(
+        "sent %s to %d device(s): %d frames, %d bytes (bundle %d bytes)",
+        prepared.path.name,
+        len(commands),
+        run.frames_sent,
+        run.bytes_sent,
+        prepared.size,
+    )
+    return _follow_installs(fleet, commands, results, options, started)
+
+
+class _Follow:
+    """What one device said after its transfer, until its outcome is known."""
+
+    def __init__(self, result: TransferResult) -> None:
+        self.pending: list[Event | MetricsReport] = list(result.later)
+        self.event = result.event
+        self.metrics: MetricsReport | None = None
+        self.checks: tuple[str, ...] = ()
+        self.installed = False
+
+
+def _follow_installs(
+    fleet: FleetConversation,
+    commands: dict[str, DeployCommand],
+    results: dict[str, TransferResult],
+    options: DeployOptions,
+    started: float,
+) -> dict[str, DeployOutcome]:
+    """Each device's outcome: wait for ``installed`` and its metrics report (or a refusal, or ``deferred``)."""
+    outcomes: dict[str, DeployOutcome] = {}
+
+    def outcome(device_id: str, state: DeploymentState, **kw: object) -> None:
+        cmd = commands[device_id]
+        outcomes[device_id] = DeployOutcome(
             device_id,
             cmd.bundle_name,
             cmd.bundle_version,
@@ -309,30 +349,61 @@ def _follow_deploy(
             **kw,  # type: ignore[arg-type]
         )
 
-    event = send_bundle(client, convo, cmd, bundle_path, options, progress, "deploy")
-    checks: tuple[str, ...] = ()
+    following: dict[str, _Follow] = {}
+    for device_id, result in results.items():
+        if result.error is not None:
+            outcome(device_id, "failed", error=result.error, detail={"ended_by": "host"})
+        else:
+            following[device_id] = _Follow(result)
     deadline = time.monotonic() + options.finish_timeout_s
-    while event.kind != EventKind.INSTALLED:
-        if event.kind in TERMINAL_KINDS:
-            return outcome(end_state(event), error=error_of(event))
-        if event.kind == EventKind.DEFERRED:
-            return outcome("deferred", detail=dict(event.detail))
-        nxt = convo.next(deadline)
-        if nxt is None:
-            raise DeviceTimeoutError(
-                f"device {device_id} did not finish installing within {options.finish_timeout_s:g} s"
-            )
-        if isinstance(nxt, Event):
-            event = nxt
-    checks = tuple(event.detail.get("checks", ()))
-    metrics = None
-    while metrics is None:
-        nxt = convo.next(deadline)
-        if nxt is None:
-            raise DeviceTimeoutError(f"device {device_id} installed the bundle but sent no metrics in time")
-        if isinstance(nxt, MetricsReport):
-            metrics = nxt
-    return outcome("installed", metrics=metrics, checks=checks)
+    while True:
+        for device_id, f in list(following.items()):
+            while f.pending and not _settled(f):
+                _take(f, f.pending.pop(0))
+            end = _settled(f)
+            if end is not None:
+                state, kw = end
+                outcome(device_id, state, **kw)
+                del following[device_id]
+        if not following:
+            return outcomes
+        msg = fleet.next(deadline)
+        if msg is None:
+            for device_id, f in following.items():
+                what = "sent no metrics" if f.installed else "did not finish installing"
+                error = DeviceTimeoutError(
+                    f"device {device_id} {what} within {options.finish_timeout_s:g} s", device_id=device_id
+                )
+                outcome(device_id, "failed", error=error, detail={"ended_by": "host"})
+            return outcomes
+        if msg[0] in following:
+            following[msg[0]].pending.append(msg[1])
+
+
+def _take(f: _Follow, msg: Event | MetricsReport) -> None:
+    if isinstance(msg, MetricsReport):
+        if f.installed or (f.event is not None and f.event.kind == EventKind.INSTALLED):
+            f.metrics = msg
+        return
+    if msg.kind == EventKind.INSTALLED or msg.kind in TERMINAL_KINDS or msg.kind == EventKind.DEFERRED:
+        f.event = msg
+
+
+def _settled(f: _Follow) -> tuple[DeploymentState, dict[str, object]] | None:
+    """The outcome, once the events heard so far decide it."""
+    event = f.event
+    if event is None:
+        return None
+    if event.kind in TERMINAL_KINDS:
+        return end_state(event), {"error": error_of(event)}
+    if event.kind == EventKind.DEFERRED:
+        return "deferred", {"detail": dict(event.detail)}
+    if event.kind == EventKind.INSTALLED:
+        f.installed = True
+        f.checks = tuple(event.detail.get("checks", ()))
+        if f.metrics is not None:
+            return "installed", {"metrics": f.metrics, "checks": f.checks}
+    return None
 
 
 def transfer_command(
@@ -344,6 +415,8 @@ def transfer_command(
     action: str = "install",
     rollback: bool = False,
     claim: tuple[str, int] | None = None,
+    prepared: PreparedFile | None = None,
+    manifest: Manifest | None = None,
 ) -> DeployCommand:
     """The transfer command for a bundle, not yet signed or sent.
 
@@ -360,6 +433,8 @@ def transfer_command(
         action: ``install`` (deploy) or ``profile``.
         rollback: the command allows a version older than one the device accepted.
         claim: the bundle name and version to name instead of the manifest's.
+        prepared: the bundle's hash and chunk index, if read already (:func:`prepare_file`).
+        manifest: its manifest, if read already.
 
     Returns:
         The command; its ``transfer`` holds the bundle's hash and size.
@@ -367,12 +442,12 @@ def transfer_command(
     Raises:
         BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
     """
-    manifest = None if claim else read_manifest(bundle_path)
+    if manifest is None and claim is None:
+        manifest = read_manifest(bundle_path)
     name, version = claim or _name_version(manifest)  # type: ignore[arg-type]  # read when there is no claim
     # An encrypted bundle's offer names its recipients: a device that is not one refuses before any chunk.
     recipients = manifest.encryption.keyids if manifest is not None and manifest.encryption is not None else ()
-    digest, size = file_sha256(bundle_path)
-    offer = TransferOffer(uuid.uuid4().hex, size, digest, options.chunk_size, encrypted_for=recipients)
+    offer = (prepared or prepare_file(bundle_path, options.chunk_size)).offer(recipients)
     now = clock()
     return DeployCommand(
         uuid.uuid4().hex,
@@ -408,14 +483,6 @@ def bundle_facts(manifest: Manifest) -> BundleFacts:
         min_memory_bytes=target.min_memory_bytes if target else 0,
         accelerators=target.accelerators if target else (),
     )
-
-
-class _HostRefusal(Exception):
-    """Carries a :func:`check_known_device` refusal out of the conversation, to become an outcome."""
-
-    def __init__(self, error: UntrustedInputError) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 def check_known_device(device: DeviceRecord | None, cmd: DeployCommand, *, versions: bool = True) -> None:
@@ -477,84 +544,37 @@ def send_bundle(
     progress: Callable[[int, int], None] | None,
     what: str,
 ) -> Event:
-    """Publish a signed transfer command, then send the chunks the device asks for.
+    """Publish a signed transfer command to one device, then send it the bundle.
 
-    Shared by deploy and profile, whose commands differ only in ``action``.
+    The profile command's path (a deploy goes through :func:`deploy_bundle`).
 
     Returns:
-        The device's first event after the transfer that is not ``need_chunks``
-        (``received``, ``installed``, ``deferred``...), or its refusal of the offer.
+        The device's first event after the transfer (``received``...), or its refusal of the offer.
 
     Raises:
         DeviceTimeoutError: no answer in time, or chunks still missing after
-            ``options.max_resend_rounds`` rounds.
+            ``options.max_resend_rounds`` repair rounds.
     """
-    device_id, topics, offer = convo.topics.device_id, convo.topics, cmd.transfer
-    publish_command(client, topics, cmd, options.authority)
-    accepted = convo.wait_for({EventKind.ACCEPTED}, options.accept_timeout_s, f"accept the {what}")
-    if accepted.kind != EventKind.ACCEPTED:
-        return accepted
-    spans = chunk_spans(offer.size, offer.chunk_size)
-    to_send = list(accepted.missing) if accepted.missing else list(range(len(spans)))
-    sent_bytes = offer.size - sum(spans[i][1] for i in to_send)
-    with open(bundle_path, "rb") as fh:
-        for round_no in range(options.max_resend_rounds + 1):
-            sent_bytes = _send_chunks(
-                client, topics, offer, fh, spans, to_send, options.window, sent_bytes, offer.size, progress
-            )
-            client.publish_wait(topics.cmd, encode(TransferEnd(cmd.command_id, offer.transfer_id)))
-            event = convo.wait_for(
-                {EventKind.NEED_CHUNKS, EventKind.RECEIVED, EventKind.INSTALLED, EventKind.DEFERRED},
-                options.finish_timeout_s,
-                "receive the bundle",
-            )
-            if event.kind != EventKind.NEED_CHUNKS:
-                return event
-            to_send = list(event.missing)
-            sent_bytes -= sum(spans[i][1] for i in to_send)
-            log.info("device %s lacks %d chunk(s); resend round %d", device_id, len(to_send), round_no + 1)
-    raise DeviceTimeoutError(
-        f"device {device_id} still lacks chunks after {options.max_resend_rounds} resend rounds",
-        device_id=device_id,
-    )
+    device_id = convo.topics.device_id
+    prepared = prepare_file(bundle_path, options.chunk_size)
+
+    def publish(topics: DeviceTopics, command: DeployCommand) -> None:
+        publish_command(client, topics, command, options.authority)
+
+    def inbound(deadline: float) -> tuple[str, Event | MetricsReport] | None:
+        msg = convo.next(deadline)
+        return None if msg is None else (device_id, msg)
+
+    result = TransferRun(client, prepared, options, publish, progress).run({device_id: cmd}, inbound)[device_id]
+    if result.error is not None:
+        raise result.error
+    if result.event is None:  # a result has one or the other
+        raise DeviceTimeoutError(f"device {device_id} did not {what}", device_id=device_id)
+    return result.event
 
 
 def _name_version(manifest: Manifest) -> tuple[str, int]:
     return manifest.name, manifest.version
-
-
-def _send_chunks(
-    client: MqttClient,
-    topics: DeviceTopics,
-    offer: TransferOffer,
-    fh: BinaryIO,
-    spans: list[tuple[int, int]],
-    indices: list[int],
-    window: int,
-    sent_bytes: int,
-    total: int,
-    progress: Callable[[int, int], None] | None,
-) -> int:
-    in_flight: deque[tuple[PublishHandle, int]] = deque()
-
-    def settle_one() -> int:
-        handle, n = in_flight.popleft()
-        handle.wait()
-        return n
-
-    for index in indices:
-        offset, length = spans[index]
-        fh.seek(offset)
-        in_flight.append((client.publish(topics.data, encode_chunk(offer.transfer_id, index, fh.read(length))), length))
-        if len(in_flight) >= window:
-            sent_bytes += settle_one()
-            if progress:
-                progress(sent_bytes, total)
-    while in_flight:
-        sent_bytes += settle_one()
-        if progress:
-            progress(sent_bytes, total)
-    return sent_bytes
 
 
 def deploy_and_record(
@@ -568,58 +588,77 @@ def deploy_and_record(
     *,
     router: Router | None = None,
 ) -> DeployOutcome:
-    """:func:`deploy_bundle`, with the deployment and its metrics recorded in the registry.
-
-    First :func:`check_known_device` refuses, before anything is sent, a deploy the
-    registry shows the device would refuse: a runtime it lacks at once, and a version not
-    newer than the one it runs once its retained status (if the broker has one) has
-    brought the registry up to date. Such a refusal is an outcome like the device's own
-    (``refused``, recorded, ``detail`` ``{"refused_by": "host", "sent": False}``). A deploy
-    that raises (timeout, broker lost) is recorded as ``failed`` before the error
-    propagates. ``router`` is as for :func:`deploy_bundle`.
+    """:func:`deploy_many` to one device; what ended it on the host's side (a timeout) is raised.
 
     Raises:
         DeviceTimeoutError, TransportError, BundleFormatError, ManifestError, StorageError:
             as for :func:`deploy_bundle`.
     """
+    outcome = deploy_many(client, registry, [device_id], bundle_path, options, progress, clock, router=router)[0]
+    return _raise_host_error(outcome)
+
+
+def deploy_many(
+    client: MqttClient,
+    registry: Registry,
+    device_ids: list[str],
+    bundle_path: Path,
+    options: DeployOptions = DeployOptions(),
+    progress: Callable[[int, int], None] | None = None,
+    clock: Callable[[], float] = time.time,
+    *,
+    router: Router | None = None,
+) -> list[DeployOutcome]:
+    """Deploy one bundle to many devices over one connection, the bundle sent once; record each deployment.
+
+    First :func:`check_known_device` refuses, before anything is sent, what the registry
+    shows a device would refuse: a runtime it lacks at once, and a version not newer than
+    the one it runs once its retained status (if the broker has one) has brought the registry
+    up to date. Such a refusal is an outcome like the device's own (``refused``, recorded,
+    ``detail`` ``{"refused_by": "host", "sent": False}``). The other devices each get their
+    own signed command and share one transfer. A device that times out is ``failed`` with
+    ``detail["ended_by"] == "host"``.
+
+    Args:
+        client: a connected client.
+        registry: where deployments are recorded.
+        device_ids: the target devices (each once).
+        bundle_path: the signed bundle.
+        options: chunking, timeouts, benchmark, authority.
+        progress: called with (bytes sent, total bytes).
+        clock: wall clock for message timestamps.
+        router: the running router of ``client``, when other threads share the connection.
+
+    Returns:
+        One outcome per device, in the order given.
+
+    Raises:
+        TransportError: the broker connection failed and did not come back.
+        BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
+        ConfigError: a device named twice.
+    """
+    if len(set(device_ids)) != len(device_ids):
+        raise ConfigError("a device is named more than once")
     started = time.monotonic()
-    cmd = transfer_command(device_id, bundle_path, options, clock, rollback=options.rollback)
-    recorded: list[int] = []
-
-    def record() -> int:
-        recorded.append(
-            registry.record_deployment(
-                device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
-            )
+    manifest = read_manifest(bundle_path)
+    prepared = prepare_file(bundle_path, options.chunk_size)
+    commands = {
+        d: transfer_command(
+            d, bundle_path, options, clock, rollback=options.rollback, prepared=prepared, manifest=manifest
         )
-        return recorded[-1]
-
+        for d in device_ids
+    }
     broker = str(client.address)
+    outcomes: dict[str, DeployOutcome] = {}
 
-    def before_send(heard: DeviceStatus | None) -> None:
-        # The retained status is fresher than the registry (a rollback or remove since
-        # changed what runs): record it, then check against the registry's fresh record.
-        if heard is not None:
-            record_message(registry, heard, clock(), broker)
-        try:
-            check_known_device(_known_device(registry, device_id, broker), cmd)
-        except UntrustedInputError as exc:
-            raise _HostRefusal(exc) from exc
-        record()
-
-    try:
-        try:
-            # before touching the broker: what the registry knows of this device on this broker
-            check_known_device(_known_device(registry, device_id, broker), cmd, versions=False)
-        except UntrustedInputError as exc:
-            raise _HostRefusal(exc) from exc
-        with gated(client, registry, router) as live:  # only enrolled devices' signed answers count
-            outcome = _deliver(client, device_id, cmd, bundle_path, options, progress, started, live, before_send)
-    except _HostRefusal as stop:
-        refusal = stop.error
-        registry.update_deployment(record(), "refused", refusal.code, refusal.message, finished_at=clock())
+    def refuse(device_id: str, refusal: UntrustedInputError) -> None:
+        cmd = commands.pop(device_id)
+        dep = registry.record_deployment(
+            device_id, cmd.bundle_name, cmd.bundle_version, cmd.transfer.sha256, started_at=clock()
+        )
+        registry.update_deployment(dep, "refused", refusal.code, refusal.message, finished_at=clock())
         log.info("refused %s v%s for %s before sending: %s", cmd.bundle_name, cmd.bundle_version, device_id, refusal)
-        return DeployOutcome(
+        outcomes[device_id] = DeployOutcome(
             device_id,
             cmd.bundle_name,
             cmd.bundle_version,
@@ -630,18 +669,45 @@ def deploy_and_record(
             seconds=time.monotonic() - started,
             detail={"refused_by": "host", "sent": False},
         )
-    except EdgeError as exc:
-        if recorded:
-            registry.update_deployment(recorded[0], "failed", exc.code, exc.message, finished_at=clock())
-        raise
-    dep_id = recorded[0]
-    err = outcome.error
-    registry.update_deployment(
-        dep_id, outcome.state, err.code if err else None, err.message if err else None, finished_at=clock()
-    )
-    if outcome.metrics is not None:
-        record_message(registry, outcome.metrics, clock())
-    return outcome
+
+    for device_id, cmd in list(commands.items()):
+        try:  # before touching the broker: what the registry knows of this device on this broker
+            check_known_device(_known_device(registry, device_id, broker), cmd, versions=False)
+        except UntrustedInputError as exc:
+            refuse(device_id, exc)
+    if commands:
+        with gated(client, registry, router) as live, FleetConversation.open(live, _ids(commands)) as fleet:
+            # The retained statuses are fresher than the registry (a rollback or remove since changed what runs).
+            for status in _statuses_heard(fleet, list(commands), min(STATUS_WAIT_S, options.accept_timeout_s)).values():
+                record_message(registry, status, clock(), broker)
+            for device_id, cmd in list(commands.items()):
+                try:
+                    check_known_device(_known_device(registry, device_id, broker), cmd)
+                except UntrustedInputError as exc:
+                    refuse(device_id, exc)
+            deployments = {
+                d: registry.record_deployment(d, c.bundle_name, c.bundle_version, c.transfer.sha256, started_at=clock())
+                for d, c in commands.items()
+            }
+            try:
+                sent = _deploy(client, fleet, commands, prepared, options, progress, started) if commands else {}
+            except EdgeError as exc:
+                for dep in deployments.values():
+                    registry.update_deployment(dep, "failed", exc.code, exc.message, finished_at=clock())
+                raise
+        for device_id, outcome in sent.items():
+            err = outcome.error
+            registry.update_deployment(
+                deployments[device_id],
+                outcome.state,
+                err.code if err else None,
+                err.message if err else None,
+                finished_at=clock(),
+            )
+            if outcome.metrics is not None:
+                record_message(registry, outcome.metrics, clock())
+            outcomes[device_id] = outcome
+    return [outcomes[d] for d in device_ids]
 
 
 def run_command(
