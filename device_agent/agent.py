@@ -504,6 +504,8 @@ class Agent:
             missing=receiver.missing(),
             detail={"have": receiver.have_count, "have_index": receiver.index is not None},
         )
+        if receiver.complete:  # every chunk was in before a restart: the install goes on from here
+            self._finish(t)
 
     def _on_chunk(self, payload: bytes) -> None:
         chunk = decode_chunk(payload, self.codec_limits)
@@ -534,9 +536,25 @@ class Agent:
             self._report_lacking(t)
         # else: already finished (or refused, which the host has been told)
 
+    def _finish(self, t: Transfer) -> None:
+        """Take a transfer whose chunks are all in to the install sequence."""
+        tid = t.command.transfer.transfer_id
+        self.transport.unsubscribe(transfer_topic(tid))
+        try:
+            received = self.receiving.finish(tid)
+        except EdgeError as exc:
+            kind = EventKind.REFUSED if isinstance(exc, UntrustedInputError) else EventKind.FAILED
+            self.reporter.event(kind, cmd=t.command, error=exc)
+            return
+        if received is not None:
+            self.installs.received(received)
+
     def _report_lacking(self, t: Transfer) -> None:
-        """NEED_CHUNKS: what a transfer held lacks, and whether the chunk index is in."""
+        """NEED_CHUNKS: what a transfer held lacks, and whether it has the chunk index; if nothing, finish it."""
         receiver = t.receiver
+        if receiver.complete:
+            self._finish(t)
+            return
         missing = receiver.missing()
         self.reporter.event(
             EventKind.NEED_CHUNKS,

@@ -416,6 +416,20 @@ class Receiving:
             return
         atomic_write_bytes(self._path(t.command.transfer.transfer_id, ".index"), index.digests, mode=0o600)
 
+    def finish(self, transfer_id: str) -> ReceivedBundle | None:
+        """The finished file of a transfer held whose chunks are all in (one completed before a restart).
+
+        Returns:
+            The file, or None when the transfer is not held or still lacks chunks.
+
+        Raises:
+            HashMismatchError, StorageError: as for :meth:`accept`.
+        """
+        t = self._transfers.get(transfer_id)
+        if t is None or not t.receiver.complete:
+            return None
+        return self._finish(t)
+
     def _finish(self, t: Transfer) -> ReceivedBundle:
         tid = t.command.transfer.transfer_id
         try:

@@ -1056,9 +1056,23 @@ def _raise_refusal(cfg: HostConfig, outcome: Any, data: dict[str, Any]) -> None:
         raise CommandFailed(outcome.error, data, refusal_text(outcome))
 
 
+def _already_runs(outcome: Any) -> bool:
+    """A device the host skipped because it runs this very version already (not a failure of a fleet deploy)."""
+    details = outcome.error.details if outcome.error is not None else {}
+    return bool(
+        outcome.detail.get("refused_by") == "host" and details.get("installed") == details.get("offered") is not None
+    )
+
+
 @cli.command()
 @bundle_argument
-@device_option
+@click.option(
+    "--device",
+    "device_ids",
+    required=True,
+    multiple=True,
+    help="target device id; repeat for several (the bundle is sent once, every device gets its own signed command)",
+)
 @broker_options
 @benchmark_options
 @chunk_size_option
@@ -1082,7 +1096,7 @@ def _raise_refusal(cfg: HostConfig, outcome: Any, data: dict[str, Any]) -> None:
 def deploy(
     ctx: click.Context,
     bundle: Path,
-    device_id: str,
+    device_ids: tuple[str, ...],
     broker: str,
     connect_timeout: float,
     runs: int,
@@ -1096,25 +1110,43 @@ def deploy(
     passphrase_env: str | None,
     json_output: bool,
 ) -> None:
-    """Send BUNDLE to a device with a signed command, wait until it is installed, print its metrics.
+    """Send BUNDLE to devices with signed commands, wait until each installed it, print the metrics.
 
-    The device benchmarks the installed model for --runs timed inferences and at least
+    With several --device, the bundle travels once on a transfer topic every device
+    subscribes to, and each device gets one row; devices that already run this version
+    (as the registry knows them) are refused before any byte moves. Exit code 0 when every
+    device installed or deferred it, else the exit code of the first device that did not.
+
+    Each device benchmarks the installed model for --runs timed inferences and at least
     --min-duration seconds (default 1 s; at most 100,000 runs): 200 runs of a 20 us model take 4 ms, too short
     for CPU time (counted in 10 ms ticks) or a power estimate to mean anything.
     """
-    from host_tools.fleet.deployer import deploy_and_record
-    from host_tools.report.fleet import deploy_data, deploy_text
+    from host_tools.fleet.deployer import deploy_and_record, deploy_many
+    from host_tools.report.fleet import deploy_data, deploy_many_data, deploy_many_text, deploy_text
 
     cfg = _cfg(ctx, json_output)
     options = _transfer_options(
         cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads, "min_duration_s": min_duration},
         chunk_size=chunk_size, accept_timeout_s=accept_timeout, finish_timeout_s=timeout_s, rollback=rollback,
     )  # fmt: skip
+    if len(set(device_ids)) != len(device_ids):
+        raise click.BadParameter("a device is named more than once", param_hint="--device")
+    progress = _byte_progress(bundle.name)
     with _registry(cfg) as reg, _client(broker, connect_timeout, "deploy") as client, _gated(cfg, reg, client) as r:
-        outcome = deploy_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name), router=r)
-    data = deploy_data(outcome)
-    _raise_refusal(cfg, outcome, data)
-    _emit(cfg, data, lambda: deploy_text(outcome))
+        if len(device_ids) == 1:
+            outcome = deploy_and_record(client, reg, device_ids[0], bundle, options, progress, router=r)
+        else:
+            outcomes = deploy_many(client, reg, list(device_ids), bundle, options, progress, router=r)
+    if len(device_ids) == 1:
+        data = deploy_data(outcome)
+        _raise_refusal(cfg, outcome, data)
+        _emit(cfg, data, lambda: deploy_text(outcome))
+        return
+    many = deploy_many_data(outcomes)
+    failed = next((o for o in outcomes if o.error is not None and not _already_runs(o)), None)
+    if failed is not None:
+        raise CommandFailed(failed.error, many, lambda: deploy_many_text(outcomes))  # type: ignore[arg-type]
+    _emit(cfg, many, lambda: deploy_many_text(outcomes))
 
 
 @cli.command()

@@ -27,6 +27,8 @@ __all__ = [
     "command_data",
     "command_text",
     "deploy_data",
+    "deploy_many_data",
+    "deploy_many_text",
     "deploy_text",
     "devices_data",
     "devices_text",
@@ -261,6 +263,38 @@ def outcome_data(outcome: DeployOutcome | ProfileOutcome) -> dict[str, Any]:
 def deploy_data(outcome: DeployOutcome) -> dict[str, Any]:
     """The JSON ``deploy`` prints: :func:`outcome_data` with the device's checks and last detail."""
     return {**outcome_data(outcome), "checks": list(outcome.checks), "detail": outcome.detail}
+
+
+def deploy_many_data(outcomes: Sequence[DeployOutcome]) -> dict[str, Any]:
+    """The JSON ``deploy`` prints for several devices: one :func:`deploy_data` row each, and the counts."""
+    states: dict[str, int] = {}
+    for o in outcomes:
+        states[o.state] = states.get(o.state, 0) + 1
+    return {"devices": len(outcomes), "states": states, "outcomes": [deploy_data(o) for o in outcomes]}
+
+
+def deploy_many_text(outcomes: Sequence[DeployOutcome]) -> str:
+    """``deploy`` to several devices: one row per device (state, time, latency, why not), then a summary."""
+    table = render_table(
+        [
+            Column("device", lambda o: o.device_id),
+            Column("bundle", lambda o: f"{o.bundle_name} v{o.bundle_version}"),
+            Column("state", lambda o: o.state),
+            Column("s", lambda o: f"{o.seconds:.1f}", ">"),
+            Column(
+                "p50 ms",
+                lambda o: None if o.metrics is None or o.metrics.latency is None else f"{o.metrics.latency.p50_ms:.3f}",
+                ">",
+            ),
+            Column("why", lambda o: None if o.error is None else f"{o.error.code}: {o.error.message}"),
+        ],
+        outcomes,
+    )
+    states: dict[str, int] = {}
+    for o in outcomes:
+        states[o.state] = states.get(o.state, 0) + 1
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    return f"{table}\n{len(outcomes)} device(s): {summary}"
 
 
 def refusal_text(outcome: DeployOutcome | ProfileOutcome) -> str:

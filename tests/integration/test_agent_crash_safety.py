@@ -10,7 +10,9 @@ Real processes, real SIGKILL. Two ways to reach the moments that matter:
 After each kill the agent is restarted without the option, and the data directory
 must hold exactly one consistent active version, old or new, never a mix: state.json
 names it, no pending mark remains, its slot's files match its manifest's hashes, only
-the active and previous slots exist, and no scratch, staging or temp file is left.
+the active and previous slots exist, and no scratch or temp file is left. A transfer cut
+short stays in ``staging/`` whole (its command, its bytes, its chunk index), to be resumed:
+a deploy of the same bundle after the restart sends only what the device lacks.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _pack(host, model: Path, sample: Path, out: Path, version: int) -> Path:
     return out
 
 
-def _deploy_in_background(host, bundle: Path, url: str, device: str) -> subprocess.Popen[str]:
+def _deploy_in_background(host, bundle: Path, url: str, device: str, *extra: str) -> subprocess.Popen[str]:
     env = dict(os.environ, EDGE_SDK_HOME=str(host.home))
     env.pop("EDGE_SDK_BROKER", None)
     return subprocess.Popen(
@@ -71,6 +73,7 @@ def _deploy_in_background(host, bundle: Path, url: str, device: str) -> subproce
             "--chunk-size",
             str(256 * 1024),
             "--json",
+            *extra,  # a later --chunk-size wins
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -99,10 +102,19 @@ def assert_consistent(data_dir: Path) -> int:
         assert _sha256(slot / "payload" / f["path"]) == f["sha256"], f["path"]
     expected_slots = {f"v{active}"} | ({f"v{previous}"} if previous else set())
     assert {p.name for p in (data_dir / "slots" / "cs").iterdir()} == expected_slots
-    assert list((data_dir / "staging").iterdir()) == []
+    _assert_staging_whole(data_dir / "staging")
     assert list((data_dir / "tmp").iterdir()) == []
     assert not list(data_dir.glob(".state.json.*"))
     return active
+
+
+def _assert_staging_whole(staging: Path) -> None:
+    """Only whole kept transfers: each a command and its bytes (and maybe its chunk index), nothing else."""
+    names = [p.name for p in staging.iterdir()]
+    tids = {n.split(".")[0] for n in names}
+    for tid in tids:
+        assert {f"{tid}.cmd", f"{tid}.part"} <= set(names), names
+    assert all(n.split(".", 1)[1] in ("cmd", "part", "index") for n in names), names
 
 
 @pytest.fixture
@@ -165,3 +177,33 @@ def test_sigkill_at_random_moments_of_a_large_install(host, mosquitto, start_age
         deployer.wait()
         seen.add(_restart_and_check(start_agent, mosquitto.url, device, host.root, data_dir))
     assert seen <= {OLD, NEW}
+
+
+def test_a_transfer_cut_by_sigkill_resumes_after_the_restart(host, mosquitto, start_agent, installed_v1, tmp_path):
+    """SIGKILL at half the chunks; restarted, the device keeps them, and a new deploy sends only the rest."""
+    model, sample = big_model(tmp_path, mib=4)
+    v2 = _pack(host, model, sample, tmp_path / "v2.edge", NEW)
+    device = "crash-resume"
+    data_dir = tmp_path / f"agent-{device}"
+    shutil.copytree(installed_v1, data_dir)
+    agent = start_agent(mosquitto.url, device, host.root, "--debug-crash-at", "receiving")
+    deployer = _deploy_in_background(host, v2, mosquitto.url, device, "--chunk-size", "65536")
+    try:
+        assert agent.proc.wait(timeout=30) == -signal.SIGKILL, agent.log()[-2000:]
+    finally:
+        deployer.kill()
+        deployer.wait()
+    agent = start_agent(mosquitto.url, device, host.root)
+    kept = [line for line in agent.log().splitlines() if "resuming cs v2" in line]
+    assert kept, agent.log()[-2000:]
+    have, _of, count = kept[0].split(": ")[-1].split()[:3]
+    assert 0 < int(have) < int(count), kept  # the chunks written before the kill, and only those
+    r = host.run(
+        "deploy", str(v2), "--device", device, "--broker", mosquitto.url, "--runs", "5", "--warmup", "1",
+        "--chunk-size", "65536", "--json",
+    )  # fmt: skip
+    assert r.code == 0, r.stderr + agent.log()[-3000:]
+    assert json.loads(r.stdout)["state"] == "installed"
+    assert agent.stop() == 0
+    assert assert_consistent(data_dir) == NEW
+    assert list((data_dir / "staging").iterdir()) == []
