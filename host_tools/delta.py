@@ -561,6 +561,22 @@ class _Plan:
         self._literal_from = end
 
 
+def _plan(view: memoryview, copies: list[tuple[int, _Copy]], options: DeltaOptions) -> _Plan:
+    """The operations; zero runs are split off the literal bytes, and less eagerly if that
+    would take more operations than devices accept (data with many short zero runs)."""
+    zero_run = options.min_zero_run
+    for _attempt in range(4):
+        plan = _Plan(view, zero_run)
+        for start, c in copies:
+            plan.skip_to(start + c.start)
+            plan.copy(c.path, c.offset, c.length)
+        plan.finish()
+        if len(plan.ops) <= options.limits.max_ops:
+            break
+        zero_run *= 16
+    return plan
+
+
 def _replay_sha256(ops: list[DeltaOp], files: list[str], index: _Index) -> str:
     digest = hashlib.sha256()
     for op in ops:
@@ -584,14 +600,13 @@ def _build(base: _MappedBundle, new: _MappedBundle, out_path: Path, options: Del
     index = _Index.build(base, base.checked_members(), options.block_size)
     new_files = new.checked_members()
     tally = _Tally()
-    plan = _Plan(new.view, options.min_zero_run)
-    members = sorted(new.manifest.files, key=lambda f: new.reader.member_span(f.path)[0])
-    for entry in members:
+    copies: list[tuple[int, _Copy]] = []  # (where the file starts in the new bundle, a match in it)
+    for entry in sorted(new.manifest.files, key=lambda f: new.reader.member_span(f.path)[0]):
         start, _size = new.reader.member_span(entry.path)
-        for c in _match_file(entry.path, new_files[entry.path], entry.sha256, index, options, tally):
-            plan.skip_to(start + c.start)
-            plan.copy(c.path, c.offset, c.length)
-    ops = plan.finish()
+        matches = _match_file(entry.path, new_files[entry.path], entry.sha256, index, options, tally)
+        copies.extend((start, c) for c in matches)
+    plan = _plan(new.view, copies, options)
+    ops = plan.ops
     target_sha256 = hashlib.sha256(new.view).hexdigest()
     header = DeltaHeader(
         base_name=bm.name,
