@@ -435,6 +435,9 @@ def _read_header(fh: BinaryIO, limits: DeltaLimits) -> DeltaHeader:
 def read_delta_header(path: Path, limits: DeltaLimits = _DEFAULT_LIMITS) -> DeltaHeader:
     """Read and check a delta's header only (which base it needs, what it rebuilds).
 
+    A receiver compares ``target_sha256`` and ``target_size`` with the signed deploy
+    command, and the base with its installed slot, before applying anything.
+
     Args:
         path: the delta file.
         limits: header size, operation count and target size bounds.
