@@ -24,7 +24,8 @@ say whose fault it is, which tells the caller what to do next::
     |   +-- MessageError             malformed MQTT payload or unknown schema
     |   |   +-- MessageTooLargeError   payload above the configured limit
     |   +-- TransferError            chunked transfer broke its own declaration
-    |       +-- TransferIncompleteError  chunks missing when the sender said "done"
+    |   |   +-- TransferIncompleteError  chunks missing when the sender said "done"
+    |   +-- DeltaError               a bundle delta is malformed or does not fit the installed base
     +-- TransportError             the link failed; the same request may work later
     |   +-- BrokerUnreachableError   no MQTT connection within the timeout
     |   +-- DeviceTimeoutError       the device did not answer in time
@@ -60,6 +61,7 @@ __all__ = [
     "CompressionError",
     "ConfigError",
     "DecryptionError",
+    "DeltaError",
     "DeviceTimeoutError",
     "EdgeError",
     "ExitCode",
@@ -296,6 +298,16 @@ class TransferIncompleteError(TransferError):
     """The sender finished a transfer while chunks were still missing."""
 
     code = "transfer_incomplete"
+
+
+class DeltaError(UntrustedInputError):
+    """A bundle delta is malformed, names another base, or asks its base for bytes it does not hold.
+
+    The delta is at fault (a damaged base slot is a :class:`StorageError` instead): the
+    device never retries it and fetches the full bundle. See :mod:`edge_sdk.bundle.delta`.
+    """
+
+    code = "delta_invalid"
 
 
 # --- transport -------------------------------------------------------------------------

@@ -21,6 +21,10 @@ the specific :class:`~edge_sdk.errors.UntrustedInputError` for the first check t
 11. decryption (encrypted bundles, when extracting): only now, with every hash of the
     ciphertext checked, is the payload decrypted into the staging directory, chunk by
     chunk, each chunk authenticated (see :mod:`edge_sdk.bundle.encryption`).
+
+A device that runs version N may receive version N+1 as a delta instead
+(:mod:`edge_sdk.bundle.delta`): the bundle file is rebuilt from N's installed slot and
+then goes through these same checks, so a delta adds no trust of its own.
 """
 
 from __future__ import annotations

@@ -238,6 +238,22 @@ class BundleReader:
             raise BundleFormatError(f"{name} is truncated", member=name)
         return data
 
+    def member_span(self, rel: str) -> tuple[int, int]:
+        """Where a payload member's bytes lie in the bundle file (a bundle delta copies by range).
+
+        Args:
+            rel: the member's path (a key of :attr:`payload`).
+
+        Returns:
+            The offset of its first data byte and its size; the index and the canonical
+            layout check have already pinned both inside the file.
+
+        Raises:
+            KeyError: the bundle has no such member.
+        """
+        info = self.payload[rel]
+        return info.offset_data, info.size
+
     def iter_member(self, rel: str, max_bytes: int) -> Iterator[bytes]:
         """Stream a payload member, refusing to yield more than ``max_bytes`` in total.
 
