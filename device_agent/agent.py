@@ -40,6 +40,7 @@ Lifecycle of a deploy::
                 -> the install sequence (device_agent.install)
     transfer_end while chunks are missing -> NEED_CHUNKS (the host sends them)
     (re)connected, or idle for transfer_idle_timeout_s -> NEED_CHUNKS for each transfer held
+                   (one whose chunks were all in before a restart waits for the host's offer)
     no chunk for staging_max_age_s -> its staging removed
 
 Installs are two-phase (see :mod:`device_agent.installer`): a version the agent finds
@@ -402,7 +403,8 @@ class Agent:
             )
         if self.transport.connected:
             for t in self.receiving.idle(now, self.config.transfer_idle_timeout_s):
-                self._report_lacking(t)
+                if not t.receiver.complete:
+                    self._report_lacking(t)
         if self.reporter.outbox.pending and self.transport.connected:
             self.reporter.drain_outbox()
         self.installs.retry_deferred()
@@ -443,7 +445,8 @@ class Agent:
             self.reporter.publish_status()
             self.reporter.drain_outbox()
             for t in self.receiving.held():  # after any restart, say what is kept and what is lacking
-                self._report_lacking(t)
+                if not t.receiver.complete:  # a complete one waits for the host to offer it again
+                    self._report_lacking(t)
         else:
             self._notifier.status(f"device {self.config.device_id}: offline, reconnecting")
             log.warning("connection lost (%s); reconnecting with backoff", change.reason)

@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 _AFTER_TRANSFER = frozenset({EventKind.RECEIVED, EventKind.INSTALLED, EventKind.DEFERRED, EventKind.PROFILED})
 #: How long the run waits for answers when it has nothing to send.
 _IDLE_WAIT_S = 0.05
+#: Longest wait for every device's answer to the offer before the first chunk goes out.
+_GATHER_S = 5.0
 
 #: Where answers come from: the next (device id, message) before a monotonic deadline, or None.
 Inbound = Callable[[float], "tuple[str, Event | MetricsReport] | None"]
@@ -164,6 +166,7 @@ class TransferRun:
         publish_command: sends one device its signed command (the root chain first).
         progress: called with (bytes sent, bytes of the file) as frames are acknowledged.
         monotonic: the clock for deadlines, injectable.
+        last_status: what a device was last heard doing (for timeout messages).
 
     Attributes:
         bytes_sent: chunk bytes published (broadcast and unicast, repairs included).
@@ -179,6 +182,7 @@ class TransferRun:
         publish_command: Callable[[DeviceTopics, DeployCommand], None],
         progress: Callable[[int, int], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        last_status: Callable[[str], str] = lambda _device: "unknown",
     ) -> None:
         self.client = client
         self.prepared = prepared
@@ -186,6 +190,7 @@ class TransferRun:
         self._publish_command = publish_command
         self._progress = progress
         self._now = monotonic
+        self._last_status = last_status
         self.plan = FanOut(
             prepared.chunk_count,
             window=options.window,
@@ -220,10 +225,14 @@ class TransferRun:
             self._guarded(self._publish_command, DeviceTopics(device_id), cmd)
             devices[device_id] = _Device(cmd, self._now() + self.options.accept_timeout_s)
             self.plan.offered(device_id, self._now())
+        # Chunks wait until every device has answered the offer (or a few seconds passed), so
+        # that one broadcast serves them all; a device that accepts later is sent what it missed.
+        gather_until = self._now() + min(self.options.accept_timeout_s, _GATHER_S)
         with open(self.prepared.path, "rb") as fh:
             while len(results) < len(devices):
                 now = self._now()
-                worked = self._send(fh, devices, now)
+                gathering = now < gather_until and any(not d.accepted and k not in results for k, d in devices.items())
+                worked = False if gathering else self._send(fh, devices, now)
                 wait_until = now if worked else now + _IDLE_WAIT_S
                 while (msg := inbound(wait_until)) is not None:
                     self._hear(msg[0], msg[1], devices, results)
@@ -341,9 +350,12 @@ class TransferRun:
                 continue
             what = "receive the bundle" if device.accepted else "accept the offer"
             limit = self.options.finish_timeout_s if device.accepted else self.options.accept_timeout_s
+            state = self._last_status(device_id)
             results[device_id] = TransferResult(
                 error=DeviceTimeoutError(
-                    f"device {device_id} did not {what} within {limit:g} s of its last answer", device_id=device_id
+                    f"device {device_id} did not {what} within {limit:g} s (its last status: {state})",
+                    device_id=device_id,
+                    last_status=state,
                 )
             )
             self.plan.finished(device_id)

@@ -302,7 +302,11 @@ def _deploy(
     def publish(topics: DeviceTopics, cmd: DeployCommand) -> None:
         publish_command(client, topics, cmd, options.authority)
 
-    run = TransferRun(client, prepared, options, publish, progress)
+    def last_status(device_id: str) -> str:
+        status = fleet.last_status.get(device_id)
+        return "never seen" if status is None else status.state
+
+    run = TransferRun(client, prepared, options, publish, progress, last_status=last_status)
     results = run.run(commands, fleet.next)
     log.info(
         "sent %s to %d device(s): %d frames, %d bytes (bundle %d bytes)",

@@ -39,12 +39,14 @@ EXIT_UNTRUSTED = 3
 
 
 class _Spy:
-    """Subscribes to every device's data topic and keeps every chunk it sees, by transfer."""
+    """Subscribes to every transfer topic and device data topic; keeps every chunk it sees, by transfer."""
 
     def __init__(self, url: str) -> None:
         self.client = MqttClient(url, MqttOptions(client_id=f"spy-{uuid.uuid4().hex[:8]}"))
         self.client.connect()
         self.client.subscribe("edge/v1/devices/+/data", qos=1)
+        self.client.subscribe("edge/v1/transfers/#", qos=1)
+        self.frames = 0
         self.chunks: dict[str, dict[int, bytes]] = {}
         self.topics: dict[str, set[str]] = {}
         self._stop = threading.Event()
@@ -59,6 +61,9 @@ class _Spy:
                 continue
             if isinstance(item, Incoming):
                 chunk = decode_chunk(item.payload)
+                self.frames += 1
+                if chunk.index < 0:  # the chunk index: digests, not bundle bytes
+                    continue
                 self.chunks.setdefault(chunk.transfer_id, {})[chunk.index] = chunk.data
                 self.topics.setdefault(item.topic, set()).add(chunk.transfer_id)
 
@@ -161,13 +166,15 @@ def test_encrypted_deploy_shows_only_ciphertext_and_refuses_non_recipients(
             for w in weights:
                 assert w not in data
 
-        # b is not a recipient: refused at the offer, before any chunk is sent to it.
+        # b is not a recipient: refused at the offer, before any chunk is sent.
+        frames_before = spy.frames
         refused = _deploy(host, v1, url, b.device_id)
         assert refused.code == EXIT_UNTRUSTED, refused.stderr
         err = refused.json()["error"]
         assert err["code"] == "not_recipient" and key_b.keyid in err["message"], err
         assert err["details"]["recipients"] == [key_a.keyid]
-        assert spy.transfers_to(b.device_id) == set()
+        time.sleep(0.5)
+        assert spy.transfers_to(b.device_id) == set() and spy.frames == frames_before
         assert b.state() == {} and b.alive
 
         # Tampered ciphertext: the signed manifest's hash refuses it; nothing changes on a.

@@ -397,7 +397,7 @@ def test_deploy_to_absent_device_times_out(host, tiny_model, mosquitto, tmp_path
     bundle = _pack(host, tiny_model, tmp_path / "b.edge", 1)
     r = host.run("deploy", str(bundle), "--device", "nobody-home", "--broker", mosquitto.url, "--accept-timeout", "2")
     assert r.code == EXIT_TRANSPORT
-    assert "nobody-home did not accept the deploy within 2 s" in r.stderr
+    assert "nobody-home did not accept the offer within 2 s" in r.stderr
     assert "never seen" in r.stderr
 
 

@@ -113,7 +113,7 @@ class _Attacker:
 
 
 def _deploy_cmd(device: str, now: float, ttl: float = 60.0) -> DeployCommand:
-    offer = TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024)
+    offer = TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024, "0" * 64)
     return DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, now, device_id=device, expires_at=now + ttl)
 
 
