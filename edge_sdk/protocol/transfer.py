@@ -74,7 +74,7 @@ MAX_RANGES = 512
 PROGRESS_EVERY = 16
 
 _CONTEXT = b"edge-sdk transfer v1\n"
-_RANGE = re.compile(r"^(\d{1,7})(?:-(\d{1,7}))?$")
+_RANGE = re.compile(r"^([0-9]{1,7})(?:-([0-9]{1,7}))?$")  # ASCII digits only (\d would take any Unicode digit)
 
 
 def content_transfer_id(sha256: str, chunk_size: int) -> str:
