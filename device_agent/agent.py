@@ -487,7 +487,8 @@ class Agent:
     def _on_deploy(self, cmd: DeployCommand) -> None:
         tid = cmd.transfer.transfer_id
         try:
-            if self.receiving.get(tid) is None:  # a resumed transfer was checked already
+            held = self.receiving.get(tid)
+            if held is None or held.receiver.offer != cmd.transfer:  # a resumed transfer was checked already
                 self.installs.check_recipient(cmd)
                 self.installs.precheck(cmd)
         except (UntrustedInputError, StorageError) as exc:

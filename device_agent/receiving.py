@@ -45,6 +45,7 @@ from edge_sdk.protocol import (
     CodecLimits,
     DeployCommand,
     Discard,
+    TransferOffer,
     decode,
     encode,
 )
@@ -62,6 +63,11 @@ def _remove_path(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _same_bytes(a: TransferOffer, b: TransferOffer) -> bool:
+    """Whether two offers describe the same file in the same chunks."""
+    return (a.size, a.sha256, a.chunk_size, a.chunks_sha256) == (b.size, b.sha256, b.chunk_size, b.chunks_sha256)
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,12 @@ class Receiving:
         offer = cmd.transfer
         tid = offer.transfer_id
         existing = self._transfers.get(tid)
+        if existing is not None and not _same_bytes(existing.receiver.offer, offer):
+            # Another file under a held id (a host that does not name transfers by content):
+            # what is held cannot be part of it.
+            log.info("transfer %s is offered again with other content; starting over", tid)
+            self.drop(tid)
+            existing = None
         if existing is not None:
             if existing.command != cmd:
                 atomic_write_bytes(self._path(tid, ".cmd"), encode(cmd), mode=0o600)

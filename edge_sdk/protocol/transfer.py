@@ -74,7 +74,7 @@ MAX_RANGES = 512
 PROGRESS_EVERY = 16
 
 _CONTEXT = b"edge-sdk transfer v1\n"
-_RANGE = re.compile(r"^(\d{1,7})(?:-(\d{1,7}))?$")
+_RANGE = re.compile(r"^([0-9]{1,7})(?:-([0-9]{1,7}))?$")  # ASCII digits only (\d would take any Unicode digit)
 
 
 def content_transfer_id(sha256: str, chunk_size: int) -> str:
@@ -355,6 +355,7 @@ class _Peer:
     stalled: bool = False
     unicast: list[int] = field(default_factory=list)
     end_sent: bool = False
+    end_seq: int = 0  # broadcast frames sent before its last transfer_end
     rounds: int = 0
 
     @property
@@ -374,7 +375,9 @@ class FanOut:
     :meth:`finished`) and asks :meth:`next_sends` what to publish and :meth:`ends_due` whom to
     send ``transfer_end``. Chunks any receiving device lacks go out once on the transfer topic;
     repairs go to the devices that asked, or out on the transfer topic once more when at least
-    ``rebroadcast_share`` of the receiving devices (and two) lack them.
+    ``rebroadcast_share`` of the receiving devices (and two) lack them, by what their latest
+    ``need_chunks`` says. A chunk that went out on the transfer topic after a device's
+    ``transfer_end`` is on its way to it: asking for it then sends nothing more.
 
     Each device has rounds: one from its ``accepted``, then one per ``need_chunks``. Within a
     round everything it lacks goes out once; then it gets ``transfer_end`` and says what is
@@ -416,6 +419,8 @@ class FanOut:
         self._broadcast: list[int] = []  # ascending indices still to go out on the transfer topic
         self._queued: set[int] = set()
         self._index_broadcast = False
+        self._seq = 0  # broadcast frames sent so far
+        self._broadcast_at: dict[int, int] = {}  # chunk -> self._seq when it last went out to every device
         self.given_up: dict[str, str] = {}
         self.broadcast_chunks = 0
         self.unicast_chunks = 0
@@ -434,8 +439,9 @@ class FanOut:
             self.ignored += 1
             return
         peer.new_round(self._valid(missing), have_index, self.chunk_count, now)
-        unicast = [INDEX_FRAME] if peer.needs_index and self._index_broadcast else []
         late = self.broadcast_chunks > 0  # the broadcast may have passed what it lacks already
+        # Late, it may never see the index on the transfer topic (the others may have had it).
+        unicast = [INDEX_FRAME] if peer.needs_index and (self._index_broadcast or late) else []
         for i in sorted(peer.missing):
             if i in self._queued:
                 continue
@@ -452,6 +458,10 @@ class FanOut:
             self.ignored += 1
             return
         peer.have = max(peer.have, have)
+        if peer.stalled:
+            # What it has not acknowledged by now was lost (it asks for it at transfer_end):
+            # counted as in flight, it would stall the sending again at once, and so on.
+            peer.sent = peer.have - peer.have_at_round
         peer.last_heard, peer.stalled = now, False
 
     def need(self, device: str, missing: Iterable[int], have_index: bool, now: float) -> None:
@@ -468,6 +478,7 @@ class FanOut:
         if peer.rounds > self.max_rounds:
             self._give_up(device, f"still lacks {len(lacking)} chunk(s) after {self.max_rounds} repair rounds")
             return
+        answers_end, end_seq = peer.end_sent, peer.end_seq
         peer.new_round(lacking, have_index, self.chunk_count, now)
         receiving = [p for p in self._peers.values() if p.state == "receiving"]
         threshold = max(2.0, self.rebroadcast_share * len(receiving))
@@ -475,8 +486,15 @@ class FanOut:
         for i in sorted(lacking):
             if i in self._queued:
                 continue
-            if sum(1 for p in receiving if i in p.missing) >= threshold:
+            if answers_end and self._broadcast_at.get(i, -1) > end_seq:
+                continue  # re-broadcast after its transfer_end went out: on its way to it already
+            # Who lacks it: the devices whose latest need_chunks lists it. What a device lacked
+            # when it accepted is stale once the broadcast has passed, and is not counted.
+            if sum(1 for p in receiving if p.rounds and i in p.missing) >= threshold:
                 self._queue_broadcast(i)
+                for p in receiving:  # those waiting for it on their own topic get it this way
+                    if i in p.unicast:
+                        p.unicast.remove(i)
             else:
                 unicast.append(i)
         peer.unicast = unicast
@@ -488,7 +506,12 @@ class FanOut:
             peer.state, peer.missing, peer.unicast = "done", set(), []
 
     def _valid(self, indices: Iterable[int]) -> set[int]:
-        return {i for i in indices if 0 <= i < self.chunk_count}
+        """The indices inside the file; a list with others is counted in :attr:`ignored` (once)."""
+        given = set(indices)
+        valid = {i for i in given if 0 <= i < self.chunk_count}
+        if len(valid) != len(given):
+            self.ignored += 1
+        return valid
 
     def _give_up(self, device: str, why: str) -> None:
         self.given_up[device] = why
@@ -530,17 +553,21 @@ class FanOut:
         for device, peer in self._peers.items():
             while peer.unicast and len(sends) < limit and not peer.stalled and peer.in_flight < self.window:
                 i = peer.unicast.pop(0)
-                sends.append(Send(i, device))
                 if i == INDEX_FRAME:
-                    peer.needs_index = False
-                else:
-                    peer.sent += 1
-                    self.unicast_chunks += 1
+                    if peer.needs_index:  # not when the index just went out to every device
+                        sends.append(Send(i, device))
+                        peer.needs_index = False
+                    continue
+                sends.append(Send(i, device))
+                peer.sent += 1
+                self.unicast_chunks += 1
         while self._broadcast and len(sends) < limit and all(p.in_flight < self.window for p in active):
             i = self._broadcast.pop(0)
             self._queued.discard(i)
             sends.append(Send(i))
             self.broadcast_chunks += 1
+            self._seq += 1
+            self._broadcast_at[i] = self._seq
             for p in self._peers.values():
                 if p.state == "receiving" and i in p.missing:
                     p.sent += 1
@@ -555,7 +582,7 @@ class FanOut:
             if peer.stalled:
                 peer.unicast = []  # it says what it lacks when it answers
             if not peer.unicast:
-                peer.end_sent = True
+                peer.end_sent, peer.end_seq = True, self._seq
                 due.append(device)
         return due
 

@@ -28,7 +28,10 @@ from edge_sdk.bundle import BundleSpec, pack_bundle
 from edge_sdk.errors import TransportError
 from edge_sdk.mqtt import Incoming
 from edge_sdk.protocol import (
+    INDEX_FRAME,
+    PROGRESS_EVERY,
     BenchmarkSpec,
+    ChunkIndex,
     DeployCommand,
     DeviceTopics,
     Event,
@@ -38,9 +41,12 @@ from edge_sdk.protocol import (
     RootUpdate,
     TransferEnd,
     TransferOffer,
+    content_transfer_id,
+    decode_ranges,
     encode,
     encode_chunk,
     sign_command,
+    transfer_topic,
 )
 from edge_sdk.trust import Role, Root, SigningKey, sign_root
 
@@ -82,7 +88,10 @@ class Fleet:
         return encode(sign_command(cmd, [self.command_key]))
 
     def deploy(self, data: bytes, name: str, version: int) -> DeployCommand:
-        offer = TransferOffer(uuid.uuid4().hex, len(data), hashlib.sha256(data).hexdigest(), CHUNK)
+        sha256 = hashlib.sha256(data).hexdigest()
+        offer = TransferOffer(
+            content_transfer_id(sha256, CHUNK), len(data), sha256, CHUNK, ChunkIndex.of_chunks(parts(data)).sha256
+        )
         return DeployCommand(
             uuid.uuid4().hex,
             name,
@@ -95,9 +104,30 @@ class Fleet:
         )
 
 
+def parts(data: bytes) -> list[bytes]:
+    return [data[off : off + CHUNK] for off in range(0, len(data), CHUNK)]
+
+
 def chunks(cmd: DeployCommand, data: bytes) -> list[bytes]:
     tid = cmd.transfer.transfer_id
-    return [encode_chunk(tid, i, data[off : off + CHUNK]) for i, off in enumerate(range(0, len(data), CHUNK))]
+    return [encode_chunk(tid, i, part) for i, part in enumerate(parts(data))]
+
+
+def have(agent: Agent, transfer_id: str) -> int:
+    """Chunks the agent holds of a transfer (-1: not held)."""
+    t = agent.receiving.get(transfer_id)
+    return -1 if t is None else t.receiver.have_count
+
+
+def index_frame(cmd: DeployCommand, data: bytes) -> bytes:
+    """The frame that carries the chunk index the offer binds (sent ahead of the chunks)."""
+    return encode_chunk(cmd.transfer.transfer_id, INDEX_FRAME, ChunkIndex.of_chunks(parts(data)).digests)
+
+
+def send_frames(transport: MemoryTransport, cmd: DeployCommand, frames: list[bytes]) -> None:
+    """Frames on the transfer's topic, as the host broadcasts them."""
+    for frame in frames:
+        transport.deliver(transfer_topic(cmd.transfer.transfer_id), frame)
 
 
 @pytest.fixture
@@ -158,10 +188,11 @@ def send_deploy(
 ) -> DeployCommand:
     cmd = fleet.deploy(data, name, version)
     transport.deliver(TOPICS.cmd, fleet.signed(cmd))
-    for i, chunk in enumerate(chunks(cmd, data)):
-        if i == tamper:
-            chunk = chunk[:-1] + bytes([chunk[-1] ^ 0xFF])  # same length, other bytes
-        transport.deliver(TOPICS.data, chunk)
+    frames = [index_frame(cmd, data), *chunks(cmd, data)]
+    if tamper is not None:
+        chunk = frames[1 + tamper]
+        frames[1 + tamper] = chunk[:-1] + bytes([chunk[-1] ^ 0xFF])  # same length, other bytes
+    send_frames(transport, cmd, frames)
     return cmd
 
 
@@ -173,7 +204,9 @@ def test_a_deploy_is_received_installed_and_reported(make_agent, fleet: Fleet) -
     assert kinds(transport, cmd.command_id) == [EventKind.ACCEPTED, EventKind.RECEIVED, EventKind.INSTALLED]
     accepted = transport.events()[0]
     assert accepted.transfer_id == cmd.transfer.transfer_id
-    assert list(accepted.missing) == list(range(cmd.transfer.chunk_count))
+    assert decode_ranges(accepted.missing_ranges, cmd.transfer.chunk_count) == list(range(cmd.transfer.chunk_count))
+    assert accepted.missing_ranges == f"0-{cmd.transfer.chunk_count - 1}"
+    assert accepted.detail == {"have": 0, "have_index": False}
     assert agent.installer.active("tiny").version == 1  # type: ignore[union-attr]
     assert agent.installer.pending() == []
     assert transport.statuses()[-1].active == {"bundles": [{"name": "tiny", "version": 1, "precision": "fp32"}]}
@@ -182,6 +215,22 @@ def test_a_deploy_is_received_installed_and_reported(make_agent, fleet: Fleet) -
     assert report.latency is not None and report.latency.p50_ms > 0
     assert [p.retain for p in transport.published if p.topic == TOPICS.metrics] == [True]
     assert list((agent.config.data_dir / "staging").iterdir()) == []
+    assert transport.subscriptions == [TOPICS.cmd, TOPICS.data]  # the transfer's topic is left once it is in
+    assert sum(agent.receiving.discarded.values()) == 0
+
+
+def test_a_receiving_agent_listens_on_the_transfer_topic(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    data = fleet.bundle(1)
+    cmd = fleet.deploy(data, "tiny", 1)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    drive(agent, lambda: bool(kinds(transport, cmd.command_id)))
+    assert transport.subscriptions == [TOPICS.cmd, TOPICS.data, transfer_topic(cmd.transfer.transfer_id)]
+    # Repairs come on the device's own data topic: the same checks apply there.
+    for frame in [index_frame(cmd, data), *chunks(cmd, data)]:
+        transport.deliver(TOPICS.data, frame)
+    drive(agent, settled(transport, cmd.command_id))
+    assert last(transport, cmd.command_id).kind == EventKind.INSTALLED
     assert transport.subscriptions == [TOPICS.cmd, TOPICS.data]
 
 
@@ -230,44 +279,63 @@ def test_a_failed_health_check_rolls_back(make_agent, fleet: Fleet, tmp_path: Pa
     assert agent.installer.pending() == []
 
 
-def test_a_tampered_chunk_is_refused_and_leaves_nothing(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+def _ended_and_asked_for(agent: Agent, transport: MemoryTransport, cmd: DeployCommand) -> list[int]:
+    """Send transfer_end; the chunks the device then says it lacks."""
+    before = len([e for e in transport.events() if e.kind == EventKind.NEED_CHUNKS])
+    transport.deliver(TOPICS.cmd, encode(TransferEnd(cmd.command_id, cmd.transfer.transfer_id)))
+    drive(agent, lambda: len([e for e in transport.events() if e.kind == EventKind.NEED_CHUNKS]) > before)
+    need = [e for e in transport.events() if e.kind == EventKind.NEED_CHUNKS][-1]
+    assert need.command_id == cmd.command_id and need.transfer_id == cmd.transfer.transfer_id
+    return decode_ranges(need.missing_ranges, cmd.transfer.chunk_count)
+
+
+def test_a_tampered_chunk_is_discarded_and_the_real_one_installs(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
     agent, transport = make_agent()
-    cmd = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1, tamper=2)
+    data = fleet.bundle(1)
+    cmd = send_deploy(fleet, transport, data, "tiny", 1, tamper=2)  # forged on the transfer topic
+    drive(agent, lambda: agent.receiving.discarded["digest"] == 1 and transport.inbox.empty() and not agent.inbound)
+    assert kinds(transport, cmd.command_id) == [EventKind.ACCEPTED]  # not refused: the transfer goes on
+    assert agent.installer.active("tiny") is None and len(agent.receiving) == 1
+    assert _ended_and_asked_for(agent, transport, cmd) == [2]
+    send_frames(transport, cmd, [chunks(cmd, data)[2]])
     drive(agent, settled(transport, cmd.command_id))
-    refusal = last(transport, cmd.command_id)
-    assert refusal.kind == EventKind.REFUSED and refusal.error is not None
-    assert refusal.error.code == "hash_mismatch"
-    assert EventKind.RECEIVED not in kinds(transport, cmd.command_id)
-    assert agent.installer.active("tiny") is None
+    assert kinds(transport, cmd.command_id)[-2:] == [EventKind.RECEIVED, EventKind.INSTALLED]
+    assert agent.installer.active("tiny").version == 1  # type: ignore[union-attr]
+    assert EventKind.REFUSED not in kinds(transport, cmd.command_id)
     assert list((agent.config.data_dir / "staging").iterdir()) == []
-    assert len(agent.receiving) == 0
 
 
-def test_a_chunk_longer_than_declared_is_refused(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+def test_a_forged_index_and_a_chunk_longer_than_declared_are_discarded(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
     agent, transport = make_agent()
     data = fleet.bundle(1)
     cmd = fleet.deploy(data, "tiny", 1)
+    tid = cmd.transfer.transfer_id
     transport.deliver(TOPICS.cmd, fleet.signed(cmd))
-    transport.deliver(TOPICS.data, encode_chunk(cmd.transfer.transfer_id, 0, data[: CHUNK + 1]))
+    forged = ChunkIndex.of_chunks(parts(bytes(len(data))))  # well formed, not the one the offer binds
+    send_frames(transport, cmd, [encode_chunk(tid, INDEX_FRAME, forged.digests), index_frame(cmd, data)[:-1]])
+    send_frames(transport, cmd, [encode_chunk(tid, 0, data[: CHUNK + 1]), encode_chunk(tid, 99, data[:CHUNK])])
+    drive(agent, lambda: sum(agent.receiving.discarded.values()) == 4)
+    assert agent.receiving.discarded == {"index": 2, "length": 1, "outside_offer": 1}
+    assert kinds(transport, cmd.command_id) == [EventKind.ACCEPTED]
+    assert _ended_and_asked_for(agent, transport, cmd) == list(range(cmd.transfer.chunk_count))
+    need = [e for e in transport.events() if e.kind == EventKind.NEED_CHUNKS][-1]
+    assert need.detail["have_index"] is False
+    send_frames(transport, cmd, [index_frame(cmd, data), *chunks(cmd, data)])
     drive(agent, settled(transport, cmd.command_id))
-    refusal = last(transport, cmd.command_id)
-    assert refusal.kind == EventKind.REFUSED and refusal.error is not None
-    assert refusal.error.code == "transfer_invalid" and "the offer declares" in refusal.error.message
-    assert list((agent.config.data_dir / "staging").iterdir()) == []
+    assert last(transport, cmd.command_id).kind == EventKind.INSTALLED
 
 
 def test_missing_chunks_are_asked_for_and_the_transfer_resumes(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
     agent, transport = make_agent()
     data = fleet.bundle(1)
     cmd = fleet.deploy(data, "tiny", 1)
-    parts = chunks(cmd, data)
+    frames = chunks(cmd, data)
     transport.deliver(TOPICS.cmd, fleet.signed(cmd))
-    for chunk in parts[1:]:
-        transport.deliver(TOPICS.data, chunk)
-    transport.deliver(TOPICS.cmd, encode(TransferEnd(cmd.command_id, cmd.transfer.transfer_id)))
-    drive(agent, lambda: EventKind.NEED_CHUNKS in kinds(transport, cmd.command_id))
-    assert list(last(transport, cmd.command_id).missing) == [0]
-    transport.deliver(TOPICS.data, parts[0])
+    send_frames(transport, cmd, [index_frame(cmd, data), *frames[1:]])
+    assert _ended_and_asked_for(agent, transport, cmd) == [0]
+    need = last(transport, cmd.command_id)
+    assert need.missing_ranges == "0" and need.detail == {"have": len(frames) - 1, "missing": 1, "have_index": True}
+    transport.deliver(TOPICS.data, frames[0])
     drive(agent, settled(transport, cmd.command_id))
     assert last(transport, cmd.command_id).kind == EventKind.INSTALLED
 
@@ -334,17 +402,109 @@ def test_a_full_inbound_queue_drops_counts_and_reports(make_agent, fleet: Fleet)
     assert transport.statuses()[-1].extra == {"inbound_dropped": 24}
 
 
-def test_shutdown_says_goodbye_and_drops_partial_transfers(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+def test_shutdown_says_goodbye_and_keeps_partial_transfers(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
     agent, transport = make_agent()
     data = fleet.bundle(1)
     cmd = fleet.deploy(data, "tiny", 1)
     transport.deliver(TOPICS.cmd, fleet.signed(cmd))
-    transport.deliver(TOPICS.data, chunks(cmd, data)[0])
+    send_frames(transport, cmd, [index_frame(cmd, data), chunks(cmd, data)[0]])
     drive(agent, lambda: len(agent.receiving) == 1 and not agent.inbound and transport.inbox.empty())
     agent.shutdown()
     assert transport.closed
     assert transport.statuses()[-1].state == "offline"
-    assert list((agent.config.data_dir / "staging").iterdir()) == []
+    tid = cmd.transfer.transfer_id
+    staging = agent.config.data_dir / "staging"
+    assert sorted(p.name for p in staging.iterdir()) == [f"{tid}.cmd", f"{tid}.index", f"{tid}.part"]
+
+
+def test_an_agent_restarted_mid_transfer_says_what_it_lacks_and_resumes(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    data = fleet.bundle(1)
+    cmd = fleet.deploy(data, "tiny", 1)
+    tid, count = cmd.transfer.transfer_id, cmd.transfer.chunk_count
+    frames = chunks(cmd, data)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    send_frames(transport, cmd, [index_frame(cmd, data), *frames[::2]])
+    drive(agent, lambda: have(agent, tid) == len(frames[::2]))
+    agent.shutdown()  # the device reboots half-way
+    again, transport = make_agent()
+    assert transfer_topic(tid) in transport.subscriptions  # listening again before anything is said
+    drive(again, lambda: EventKind.NEED_CHUNKS in kinds(transport, cmd.command_id))  # on connect, unasked
+    need = last(transport, cmd.command_id)
+    # What is on disk is checked against the index: the tar's zero padding at the end already
+    # matches in the reserved (zero-filled) file, so only the real chunks never written are lacking.
+    lacking = [i for i in range(1, count, 2) if any(parts(data)[i])]
+    assert lacking and len(lacking) < len(frames[1::2])
+    assert decode_ranges(need.missing_ranges, count) == lacking and need.transfer_id == tid
+    assert need.detail == {"have": count - len(lacking), "missing": len(lacking), "have_index": True}
+    send_frames(transport, cmd, [frames[i] for i in lacking])  # only the rest
+    drive(again, settled(transport, cmd.command_id))
+    assert kinds(transport, cmd.command_id)[-2:] == [EventKind.RECEIVED, EventKind.INSTALLED]
+    assert again.installer.active("tiny").version == 1  # type: ignore[union-attr]
+    assert list((again.config.data_dir / "staging").iterdir()) == []
+
+
+def test_a_retried_deploy_after_a_restart_resumes_the_kept_transfer(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    data = fleet.bundle(1)
+    cmd = fleet.deploy(data, "tiny", 1)
+    tid, count = cmd.transfer.transfer_id, cmd.transfer.chunk_count
+    frames = chunks(cmd, data)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    send_frames(transport, cmd, [index_frame(cmd, data), *frames[:3]])
+    drive(agent, lambda: have(agent, tid) == 3)
+    agent.shutdown()
+    again, transport = make_agent()
+    retry = fleet.deploy(data, "tiny", 1)  # the host tried again: a new command, the same content
+    assert retry.transfer.transfer_id == tid and retry.command_id != cmd.command_id
+    transport.deliver(TOPICS.cmd, fleet.signed(retry))
+    drive(again, lambda: EventKind.ACCEPTED in kinds(transport, retry.command_id))
+    accepted = last(transport, retry.command_id)
+    lacking = [i for i in range(3, count) if any(parts(data)[i])]  # zero padding is on disk already
+    assert decode_ranges(accepted.missing_ranges, count) == lacking and lacking
+    assert accepted.detail == {"have": count - len(lacking), "have_index": True}
+    send_frames(transport, retry, [frames[i] for i in lacking])
+    drive(again, settled(transport, retry.command_id))
+    assert kinds(transport, retry.command_id)[-2:] == [EventKind.RECEIVED, EventKind.INSTALLED]
+
+
+def test_other_content_offered_under_a_held_transfer_id_is_checked_before_any_chunk(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    agent, transport = make_agent()
+    installed = send_deploy(fleet, transport, fleet.bundle(2), "tiny", 2)
+    drive(agent, settled(transport, installed.command_id))
+    data = fleet.bundle(3)
+    held = fleet.deploy(data, "tiny", 3)
+    tid = held.transfer.transfer_id
+    transport.deliver(TOPICS.cmd, fleet.signed(held))
+    send_frames(transport, held, [index_frame(held, data), chunks(held, data)[0]])
+    drive(agent, lambda: have(agent, tid) == 1)
+    # A host that does not name transfers by content offers v1 under the id of the transfer held.
+    old = fleet.deploy(fleet.bundle(1), "tiny", 1)
+    old = dataclasses.replace(old, transfer=dataclasses.replace(old.transfer, transfer_id=tid))
+    transport.deliver(TOPICS.cmd, fleet.signed(old))
+    drive(agent, settled(transport, old.command_id))
+    assert kinds(transport, old.command_id) == [EventKind.REFUSED]  # the version check was not skipped
+    assert last(transport, old.command_id).error.code == "rollback"  # type: ignore[union-attr]
+    assert have(agent, tid) == 1  # what was held is untouched
+
+
+def test_progress_is_reported_every_so_many_chunks(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    data = bytes(range(256)) * (41 * CHUNK // 256)  # 41 chunks; never finished here
+    cmd = fleet.deploy(data, "big", 1)
+    frames = chunks(cmd, data)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    # Duplicates and forgeries are not progress.
+    forged = encode_chunk(cmd.transfer.transfer_id, 5, bytes(CHUNK))
+    send_frames(
+        transport, cmd, [index_frame(cmd, data), *frames[:10], frames[3], forged, *frames[10 : 2 * PROGRESS_EVERY + 3]]
+    )
+    drive(agent, lambda: have(agent, cmd.transfer.transfer_id) == 2 * PROGRESS_EVERY + 3)
+    progress = [e for e in transport.events() if e.kind == EventKind.PROGRESS]
+    assert [e.detail for e in progress] == [{"have": PROGRESS_EVERY}, {"have": 2 * PROGRESS_EVERY}]
+    assert all(e.command_id == cmd.command_id and e.transfer_id == cmd.transfer.transfer_id for e in progress)
 
 
 def test_the_memory_transport_satisfies_the_protocol() -> None:
@@ -426,8 +586,7 @@ def test_storage_for_the_unpacked_payload_is_checked_before_any_chunk(make_agent
     agent.installs.free_bytes = lambda _path: 1 << 40
     ok, data = _deploy_with_facts(fleet, 1)
     transport.deliver(TOPICS.cmd, fleet.signed(ok))
-    for chunk in chunks(ok, data):
-        transport.deliver(TOPICS.data, chunk)
+    send_frames(transport, ok, [index_frame(ok, data), *chunks(ok, data)])
     drive(agent, settled(transport, ok.command_id))
     assert kinds(transport, ok.command_id)[-1] == EventKind.INSTALLED
 
@@ -436,8 +595,7 @@ def test_a_bundle_that_is_not_the_content_the_offer_named_is_refused(make_agent,
     agent, transport = make_agent()
     cmd, data = _deploy_with_facts(fleet, 1, content="0" * 64)
     transport.deliver(TOPICS.cmd, fleet.signed(cmd))
-    for chunk in chunks(cmd, data):
-        transport.deliver(TOPICS.data, chunk)
+    send_frames(transport, cmd, [index_frame(cmd, data), *chunks(cmd, data)])
     drive(agent, settled(transport, cmd.command_id))
     event = last(transport, cmd.command_id)
     assert event.kind == EventKind.REFUSED and event.error is not None and event.error.code == "manifest_invalid"
@@ -495,7 +653,7 @@ class Recording(Notifier):
 
 
 def _fake_deploy(device: str, now: float, ttl: float) -> DeployCommand:
-    offer = TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024)
+    offer = TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024, "1" * 64)
     return DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, now, device_id=device, expires_at=now + ttl)
 
 
@@ -506,7 +664,7 @@ def _answer(transport: MemoryTransport, command_id: str) -> Callable[[], bool]:
 # --- periodic work under traffic ----------------------------------------------------------
 
 
-def test_a_trickle_of_junk_does_not_stop_idle_timeouts(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+def test_a_trickle_of_junk_does_not_stop_idle_reports(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
     agent, transport = make_agent(transfer_idle_timeout_s=1.0)
     data = fleet.bundle(1)
     cmd = fleet.deploy(data, "tiny", 1)
@@ -514,30 +672,47 @@ def test_a_trickle_of_junk_does_not_stop_idle_timeouts(make_agent, fleet: Fleet)
     drive(agent, lambda: len(agent.receiving) == 1)
     # From now on the worker always finds something waiting: a junk message, never a chunk.
     deadline = time.monotonic() + 10
-    while EventKind.REFUSED not in kinds(transport, cmd.command_id):
-        assert time.monotonic() < deadline, "the idle transfer was never dropped"
+    while EventKind.NEED_CHUNKS not in kinds(transport, cmd.command_id):
+        assert time.monotonic() < deadline, "the idle transfer was never reported"
         transport.deliver(TOPICS.data, b"junk")
         transport.deliver(TOPICS.data, b"junk")
         time.sleep(0.05)
         assert agent.step(0.3)  # an item was there: before the fix, periodic work never ran
-    assert last(transport, cmd.command_id).error.code == "transfer_incomplete"  # type: ignore[union-attr]
-    assert len(agent.receiving) == 0
+    need = last(transport, cmd.command_id)
+    assert decode_ranges(need.missing_ranges, cmd.transfer.chunk_count) == list(range(cmd.transfer.chunk_count))
+    assert len(agent.receiving) == 1  # idle is not abandoned: the transfer is kept for the host to go on
+    assert EventKind.REFUSED not in kinds(transport, cmd.command_id)
 
 
-def test_a_duplicate_chunk_does_not_keep_a_transfer_alive(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+def test_a_duplicate_chunk_does_not_keep_a_transfer_from_being_reported_idle(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
     agent, transport = make_agent(transfer_idle_timeout_s=1.0)
     data = fleet.bundle(1)
     cmd = fleet.deploy(data, "tiny", 1)
     first = chunks(cmd, data)[0]
     transport.deliver(TOPICS.cmd, fleet.signed(cmd))
-    transport.deliver(TOPICS.data, first)
-    drive(agent, lambda: agent.receiving.missing(cmd.transfer.transfer_id) == list(range(1, len(chunks(cmd, data)))))
+    send_frames(transport, cmd, [index_frame(cmd, data), first])
+    drive(agent, lambda: have(agent, cmd.transfer.transfer_id) == 1)
     started = time.monotonic()
-    while EventKind.REFUSED not in kinds(transport, cmd.command_id):
-        assert time.monotonic() - started < 5, "duplicates kept the transfer alive"
-        transport.deliver(TOPICS.data, first)  # the same chunk, again and again
+    while EventKind.NEED_CHUNKS not in kinds(transport, cmd.command_id):
+        assert time.monotonic() - started < 5, "duplicates kept the transfer from being reported idle"
+        send_frames(transport, cmd, [first])  # the same chunk, again and again
         agent.step(0.1)
     assert time.monotonic() - started < 2.5
+    assert last(transport, cmd.command_id).missing_ranges == f"1-{cmd.transfer.chunk_count - 1}"
+
+
+def test_an_abandoned_transfer_is_removed_after_staging_max_age(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent(staging_max_age_s=0.5)
+    data = fleet.bundle(1)
+    cmd = fleet.deploy(data, "tiny", 1)
+    transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+    send_frames(transport, cmd, [index_frame(cmd, data), chunks(cmd, data)[0]])
+    drive(agent, lambda: len(agent.receiving) == 1)
+    assert transfer_topic(cmd.transfer.transfer_id) in transport.subscriptions
+    drive(agent, lambda: len(agent.receiving) == 0, timeout_s=10)
+    assert list((agent.config.data_dir / "staging").iterdir()) == []
+    assert transport.subscriptions == [TOPICS.cmd, TOPICS.data]
+    assert EventKind.REFUSED not in kinds(transport, cmd.command_id)
 
 
 # --- the watchdog --------------------------------------------------------------------------
@@ -593,7 +768,8 @@ def test_a_command_replayed_after_the_clock_went_back_is_refused(fleet: Fleet, t
         return agent, transport
 
     agent, transport = boot()
-    recorded = fleet.signed(_fake_deploy(DEVICE, base, ttl=600))  # the attacker keeps a copy
+    original = _fake_deploy(DEVICE, base, ttl=600)
+    recorded = fleet.signed(original)  # the attacker keeps a copy
     transport.deliver(TOPICS.cmd, recorded)
     drive(agent, lambda: bool(transport.events()))
     assert transport.events()[-1].kind == EventKind.ACCEPTED
@@ -608,9 +784,12 @@ def test_a_command_replayed_after_the_clock_went_back_is_refused(fleet: Fleet, t
     offset[0] = 1200.0 - 900  # reboot with the clock 15 minutes early: the command looks fresh again
     agent, transport = boot()
     transport.deliver(TOPICS.cmd, recorded)
-    drive(agent, lambda: bool(transport.events()))
-    refused = transport.events()[-1]
+    drive(agent, lambda: EventKind.REFUSED in kinds(transport, original.command_id))
+    refused = last(transport, original.command_id)
     assert refused.kind == EventKind.REFUSED and refused.error is not None and refused.error.code == "replay"
+    # The partial transfers both commands began are kept across the reboots and reported on connect.
+    reported = {e.command_id for e in transport.events() if e.kind == EventKind.NEED_CHUNKS}
+    assert reported == {original.command_id, later.command_id}
     agent.shutdown()
 
 

@@ -19,7 +19,7 @@ from edge_sdk.trust import RecipientKey, RecipientPublicKey
 
 
 def _cmd(encrypted_for: tuple[str, ...] = ()) -> DeployCommand:
-    offer = TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024, encrypted_for=encrypted_for)
+    offer = TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024, "1" * 64, encrypted_for=encrypted_for)
     return DeployCommand(uuid.uuid4().hex, "tiny", 1, offer, 1.0)
 
 
@@ -67,4 +67,4 @@ def test_offer_wire_form_is_unchanged_for_plain_bundles_and_carries_recipients_o
     back = decode(encode(enc))
     assert isinstance(back, DeployCommand) and back.transfer.encrypted_for == (keyid,)
     with pytest.raises(Exception, match="encrypted_for"):
-        TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024, encrypted_for=("NOT-HEX",))
+        TransferOffer(uuid.uuid4().hex, 4096, "0" * 64, 1024, "1" * 64, encrypted_for=("NOT-HEX",))

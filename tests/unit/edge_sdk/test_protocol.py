@@ -14,18 +14,20 @@ from edge_sdk.errors import (
     MessageError,
     MessageTooLargeError,
     TransferError,
-    TransferIncompleteError,
 )
 from edge_sdk.metrics import CpuMeasurement, LatencyStats, ModelMemory, PowerMeasurement, ThermalReading
 from edge_sdk.protocol import (
+    INDEX_FRAME,
     SCHEMA_VERSION,
     BenchmarkSpec,
     Channel,
+    ChunkIndex,
     ChunkReceiver,
     CodecLimits,
     DeployCommand,
     DeviceStatus,
     DeviceTopics,
+    Discard,
     ErrorInfo,
     Event,
     EventKind,
@@ -132,7 +134,13 @@ def test_fleet_filter_and_shared_subscriptions() -> None:
 
 
 def _offer(**kw: Any) -> TransferOffer:
-    args: dict[str, Any] = {"transfer_id": TID, "size": 10_000, "sha256": SHA, "chunk_size": 4096}
+    args: dict[str, Any] = {
+        "transfer_id": TID,
+        "size": 10_000,
+        "sha256": SHA,
+        "chunk_size": 4096,
+        "chunks_sha256": "cd" * 32,
+    }
     args.update(kw)
     return TransferOffer(**args)
 
@@ -154,7 +162,7 @@ def _examples() -> list[Any]:
         ),
         DeployCommand(CID, "digits", 1, _offer(size=1, chunk_size=1024), 10.0),
         TransferEnd(CID, TID),
-        Event("pi-1", EventKind.NEED_CHUNKS, 3.0, command_id=CID, transfer_id=TID, missing=(1, 5, 9)),
+        Event("pi-1", EventKind.NEED_CHUNKS, 3.0, command_id=CID, transfer_id=TID, missing_ranges="1,5-9"),
         Event("pi-1", EventKind.REFUSED, 3.0, error=ErrorInfo("rollback", "v1 is not newer", {"offered": 1})),
         Event("pi-1", EventKind.INSTALLED, 3.0, detail={"slot": "v3"}),
         MetricsReport(
@@ -282,7 +290,10 @@ def test_missing_optional_field_takes_its_default() -> None:
         (("transfer", "transfer_id"), TID + "\n"),
         (("transfer", "sha256"), "AB" * 32),
         (("transfer", "sha256"), SHA + "\n"),
-        (("transfer", "size"), 4096 * (1 << 20) + 1),  # one chunk more than 2^20
+        (("transfer", "chunks_sha256"), "CD" * 32),
+        (("transfer", "chunks_sha256"), "cd" * 31),
+        (("transfer", "chunks_sha256"), None),
+        (("transfer", "size"), 4096 * (1 << 15) + 1),  # one chunk more than MAX_CHUNKS (2^15)
         (("benchmark", "runs"), 0),
         (("benchmark", "runs"), True),
         (("benchmark", "threads"), 1000),
@@ -309,9 +320,10 @@ def test_wrong_field_values_are_refused(path: tuple[str, ...], value: Any) -> No
         (0, "active", "digits"),
         (0, "agent_version", 1),
         (5, "kind", "exploded"),
-        (5, "missing", [1, "2"]),
-        (5, "missing", "1,2"),
-        (5, "missing", [True]),
+        (5, "missing_ranges", [1, 2]),
+        (5, "missing_ranges", 12),
+        (5, "missing_ranges", None),
+        (5, "missing_ranges", "0-" + "9" * 8192),
         (6, "error", "boom"),
         (6, "error", {"code": "x"}),
         (8, "providers", "CPU"),
@@ -404,8 +416,18 @@ def test_chunk_frame_round_trip() -> None:
     assert frame[:4] == b"EDGC"
     chunk = decode_chunk(frame)
     assert (chunk.transfer_id, chunk.index, chunk.data) == (TID, 7, b"payload")
-    empty = decode_chunk(encode_chunk(TID, 2**32 - 1, b""))
-    assert (empty.index, empty.data) == (2**32 - 1, b"")
+    empty = decode_chunk(encode_chunk(TID, 2**32 - 2, b""))
+    assert (empty.index, empty.data) == (2**32 - 2, b"")
+
+
+def test_index_frame_round_trip() -> None:
+    digests = bytes(range(64))
+    frame = encode_chunk(TID, INDEX_FRAME, digests)
+    assert frame[CHUNK_HEADER_SIZE - 4 : CHUNK_HEADER_SIZE] == b"\xff\xff\xff\xff"  # on the wire: 2^32 - 1
+    chunk = decode_chunk(frame)
+    assert INDEX_FRAME == -1
+    assert (chunk.transfer_id, chunk.index, chunk.data) == (TID, INDEX_FRAME, digests)
+    assert decode_chunk(encode_chunk(TID, 0, digests)).index == 0  # chunk 0 is not the index
 
 
 def test_chunk_frame_errors() -> None:
@@ -450,82 +472,107 @@ def test_offer_chunk_count_matches_spans() -> None:
         assert offer.chunk_count == len(chunk_spans(size, 1024))
 
 
-def _receiver(size: int = 3000, have: Any = (), now: float = 100.0, idle: float = 60.0) -> ChunkReceiver:
-    return ChunkReceiver(_offer(size=size, chunk_size=1024), have, now=now, idle_timeout_s=idle)
+def _receiver(size: int = 3000, have: Any = ()) -> tuple[ChunkReceiver, list[bytes]]:
+    """A receiver of ``size`` random-looking bytes in 1 KiB chunks, with its index already taken."""
+    data = bytes((i * 7 + i // 1024) % 251 for i in range(size))
+    parts = [data[off : off + 1024] for off in range(0, size, 1024)]
+    index = ChunkIndex.of_chunks(parts)
+    r = ChunkReceiver(_offer(size=size, chunk_size=1024, chunks_sha256=index.sha256), index, have)
+    return r, parts
 
 
 def test_receiver_accepts_every_chunk_once() -> None:
-    r = _receiver()
+    r, parts = _receiver()
     assert r.chunk_count == 3 and r.missing() == [0, 1, 2] and not r.complete
-    assert r.accept(2, b"c" * 952, now=101) == WriteAt(2048, b"c" * 952)
-    assert r.accept(0, b"a" * 1024, now=102) == WriteAt(0, b"a" * 1024)
-    assert r.missing() == [1]
+    assert r.accept(2, parts[2]) == WriteAt(2048, parts[2])
+    assert r.accept(0, parts[0]) == WriteAt(0, parts[0])
+    assert r.missing() == [1] and r.have_count == 2
     assert r.received_bytes == 1024 + 952
-    with pytest.raises(TransferIncompleteError) as info:
-        r.require_complete()
-    assert info.value.details == {"missing": 1, "received_bytes": 1976, "size": 3000}
-    assert isinstance(info.value, TransferError)
-    assert r.accept(1, b"b" * 1024, now=103) == WriteAt(1024, b"b" * 1024)
-    assert r.complete and r.missing() == [] and r.received_bytes == 3000
-    r.require_complete()
+    assert r.accept(1, parts[1]) == WriteAt(1024, parts[1])
+    assert r.complete and r.missing() == [] and r.received_bytes == 3000 and r.discarded == 0
 
 
 def test_duplicates_are_ignored() -> None:
-    r = _receiver()
-    assert r.accept(0, b"a" * 1024, now=101) is not None
-    assert r.accept(0, b"a" * 1024, now=102) is None
-    assert r.accept(0, b"z" * 1024, now=103) is None  # never rewrites a chunk already on disk
-    assert r.missing() == [1, 2]
+    r, parts = _receiver()
+    assert r.accept(0, parts[0]) is not None
+    assert r.accept(0, parts[0]) is None
+    assert r.accept(0, b"z" * 1024) is None  # never rewrites a chunk already on disk
+    assert r.missing() == [1, 2] and r.discarded == 0
 
 
 @pytest.mark.parametrize("index", [-1, 3, 4, 2**32 - 1])
-def test_out_of_range_index_is_refused(index: int) -> None:
-    r = _receiver()
-    with pytest.raises(TransferError) as info:
-        r.accept(index, b"x" * 1024, now=101)
-    assert info.value.details == {"index": index, "chunk_count": 3}
-    assert r.missing() == [0, 1, 2]
+def test_out_of_range_index_is_discarded(index: int) -> None:
+    r, _ = _receiver()
+    assert r.accept(index, b"x" * 1024) == Discard(index, "outside_offer")
+    assert r.missing() == [0, 1, 2] and r.discarded == 1
 
 
 @pytest.mark.parametrize(("index", "length"), [(0, 1023), (0, 1025), (0, 0), (2, 1024), (2, 951), (2, 953)])
-def test_wrong_length_chunk_is_refused(index: int, length: int) -> None:
-    r = _receiver()
+def test_wrong_length_chunk_is_discarded(index: int, length: int) -> None:
+    r, parts = _receiver()
+    assert r.accept(index, b"x" * length) == Discard(index, "length")
+    assert r.missing() == [0, 1, 2] and r.discarded == 1
+    assert r.accept(index, parts[index]) is not None  # the real one still goes in
+
+
+def test_a_forged_chunk_of_the_right_length_is_discarded_and_the_real_one_taken_after() -> None:
+    r, parts = _receiver()
+    forged = bytes([parts[1][0] ^ 1]) + parts[1][1:]  # one bit off, same length
+    assert r.accept(1, forged) == Discard(1, "digest")
+    assert r.accept(1, parts[0]) == Discard(1, "digest")  # a real chunk in the wrong place
+    assert r.missing() == [0, 1, 2] and r.discarded == 2
+    assert r.accept(1, parts[1]) == WriteAt(1024, parts[1])
+    assert r.missing() == [0, 2]
+
+
+def test_a_chunk_before_the_index_is_discarded_then_taken_once_the_index_is_in() -> None:
+    r, parts = _receiver()
+    bare = ChunkReceiver(r.offer)
+    assert bare.index is None
+    assert bare.accept(0, parts[0]) == Discard(0, "no_index")
+    assert bare.missing() == [0, 1, 2]
+    assert r.index is not None
+    assert bare.take_index(r.index.digests) == r.index
+    assert bare.accept(0, parts[0]) == WriteAt(0, parts[0])
+
+
+def test_only_the_bound_index_is_taken() -> None:
+    r, parts = _receiver()
+    bare = ChunkReceiver(r.offer)
+    other = ChunkIndex.of_chunks([b"o" * 1024, b"t" * 1024, b"h" * 952])  # the right length, not the signed one
     with pytest.raises(TransferError) as info:
-        r.accept(index, b"x" * length, now=101)
-    assert info.value.details["actual"] == length
-    assert r.missing() == [0, 1, 2]
+        bare.take_index(other.digests)
+    assert info.value.details["reason"] == "index_hash"
+    assert r.index is not None
+    with pytest.raises(TransferError) as info:
+        bare.take_index(r.index.digests[:-1])
+    assert info.value.details["reason"] == "index_length"
+    with pytest.raises(TransferError):
+        bare.take_index(r.index.digests + other.digests[:32])
+    assert bare.index is None and bare.accept(0, parts[0]) == Discard(0, "no_index")
+    bare.take_index(r.index.digests)
+    assert bare.take_index(r.index.digests) is bare.index  # a later copy is checked and ignored
+    with pytest.raises(TransferError):
+        bare.take_index(other.digests)  # a later forgery is still refused
+    assert bare.index == r.index
 
 
 def test_size_an_exact_multiple_of_chunk_size() -> None:
-    r = _receiver(size=3072)
+    r, parts = _receiver(size=3072)
     assert r.chunk_count == 3
-    with pytest.raises(TransferError):
-        r.accept(3, b"", now=101)  # no empty trailing chunk
+    assert r.accept(3, b"") == Discard(3, "outside_offer")  # no empty trailing chunk
     for i in range(3):
-        assert r.accept(i, b"x" * 1024, now=101) == WriteAt(i * 1024, b"x" * 1024)
+        assert r.accept(i, parts[i]) == WriteAt(i * 1024, parts[i])
     assert r.complete
 
 
 def test_resume_with_have() -> None:
-    r = _receiver(have=[0, 2, 2, 7, -1])  # out-of-range indices from a stale file are dropped
-    assert r.missing() == [1]
+    r, parts = _receiver(have=[0, 2, 2, 7, -1])  # out-of-range indices from a stale file are dropped
+    assert r.missing() == [1] and r.have_count == 2
     assert r.received_bytes == 1024 + 952
-    assert r.accept(0, b"a" * 1024, now=101) is None
-    assert r.accept(1, b"b" * 1024, now=101) == WriteAt(1024, b"b" * 1024)
+    assert r.accept(0, parts[0]) is None
+    assert r.accept(1, parts[1]) == WriteAt(1024, parts[1])
     assert r.complete
-
-
-def test_deadline_moves_with_each_accepted_chunk() -> None:
-    r = _receiver(now=100.0, idle=60.0)
-    assert r.deadline == 160.0
-    assert not r.expired(159.999)
-    assert r.expired(160.0)
-    r.accept(0, b"a" * 1024, now=150.0)
-    assert r.deadline == 210.0 and not r.expired(200.0)
-    with pytest.raises(TransferError):
-        r.accept(1, b"short", now=205.0)
-    assert r.deadline == 210.0  # a refused chunk does not keep the transfer alive
-    assert r.expired(210.0)
 
 
 @pytest.mark.parametrize("device_id", ["", "a/b", "+", "#", "x" * 65, "dev\n"])
@@ -598,13 +645,3 @@ def test_bundle_facts_round_trip_and_keep_unknown_fields() -> None:
 def test_malformed_bundle_facts_are_refused(facts: dict[str, Any]) -> None:
     with pytest.raises(MessageError):
         decode(json.dumps({**_deploy(), "bundle": facts}).encode())
-
-
-def test_a_duplicate_chunk_does_not_push_the_idle_deadline() -> None:
-    from edge_sdk.protocol import ChunkReceiver, TransferOffer
-
-    receiver = ChunkReceiver(TransferOffer("a" * 32, 2048, "0" * 64, 1024), now=0.0, idle_timeout_s=10.0)
-    assert receiver.accept(0, b"x" * 1024, now=5.0) is not None
-    assert receiver.deadline == 15.0
-    assert receiver.accept(0, b"x" * 1024, now=14.0) is None  # a duplicate: not progress
-    assert receiver.expired(15.0)

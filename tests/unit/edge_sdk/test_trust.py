@@ -526,7 +526,7 @@ _CID = "0123456789abcdef0123456789abcdef"
 
 
 def _deploy(device: str = "pi-1", ts: float = NOW, ttl: float = 600.0) -> DeployCommand:
-    offer = TransferOffer("ab" * 16, 4096, "0" * 64, 1024)
+    offer = TransferOffer("ab" * 16, 4096, "0" * 64, 1024, "1" * 64)
     return DeployCommand(_CID, "digits", 2, offer, ts, device_id=device, expires_at=ts + ttl)
 
 

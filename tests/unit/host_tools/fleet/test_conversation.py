@@ -58,7 +58,13 @@ def _metrics(command_id: str = COMMAND) -> bytes:
 
 
 def test_exports_are_exactly_the_conversation_api() -> None:
-    assert sorted(conversation.__all__) == ["Conversation", "TERMINAL_KINDS", "end_state", "error_of"]
+    assert sorted(conversation.__all__) == [
+        "Conversation",
+        "FleetConversation",
+        "TERMINAL_KINDS",
+        "end_state",
+        "error_of",
+    ]
 
 
 @pytest.mark.parametrize(
