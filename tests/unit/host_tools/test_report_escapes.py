@@ -151,6 +151,12 @@ CASES: dict[str, Callable[[], Any]] = {
     "fleet.outcome_data": lambda: fleet.outcome_data(_deploy("refused", error=EdgeError(EVIL, why=EVIL))),
     "fleet.deploy_data": lambda: fleet.deploy_data(_deploy("installed", metrics=_metrics(), checks=(EVIL,))),
     "fleet.refusal_text": lambda: fleet.refusal_text(_deploy(EVIL, error=EdgeError(EVIL))),
+    "fleet.deploy_many_data": lambda: fleet.deploy_many_data(
+        [_deploy("installed", metrics=_metrics(), checks=(EVIL,)), _deploy(EVIL, error=EdgeError(EVIL))]
+    ),
+    "fleet.deploy_many_text": lambda: fleet.deploy_many_text(
+        [_deploy("installed", metrics=_metrics()), _deploy(EVIL, error=EdgeError(EVIL))]
+    ),
     "fleet.deploy_text": lambda: (
         fleet.deploy_text(_deploy("installed", metrics=_metrics()))
         + "\n"
