@@ -86,7 +86,7 @@ def test_each_failed_attempt_is_logged_with_its_cause_and_the_next_delay(caplog:
         client._client.connect_error = ConnectionRefusedError(111, "Connection refused")
         client._on_connect_fail(client._client, None)
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "edge_sdk.mqtt"]
-    assert (logging.DEBUG, "connecting to mqtt://127.0.0.1:1 as unit-inbox (attempt 1)") in lines
+    assert (logging.DEBUG, "connecting to mqtt://127.0.0.1:1 as unit-inbox with MQTT 5 (attempt 1)") in lines
     failures = [(level, text) for level, text in lines if text.startswith("cannot connect")]
     assert [level for level, _ in failures] == [logging.INFO] * 3
     assert "(attempt 3): connection failed: [Errno 111] Connection refused; next attempt in 4 s" in failures[2][1]
