@@ -8,8 +8,9 @@ Four topologies, each a :class:`Topology` (the ``topology`` fixture in
 - ``amqtt``: the embedded amqtt broker (:class:`host_tools.broker.EmbeddedBroker`), which
   speaks only 3.1.1; clients on ``"auto"`` fall back to it.
 - ``bridged``: two Mosquittos, as in a vehicle: devices on the vehicle's gateway broker,
-  the host on the fleet's. The gateway's bridge (:func:`bridge_config`) forwards
-  ``edge/v1/devices/#`` both ways and ``edge/v1/transfers/#`` from fleet to gateway, QoS 1.
+  the host on the fleet's. The gateway's bridge (:func:`bridge_config`, from the shipped
+  ``deploy/mosquitto/gateway-bridge.conf.example``) forwards ``edge/v1/devices/#`` both
+  ways and ``edge/v1/transfers/#`` from fleet to gateway, QoS 1.
 
 Used by the fixtures; tests use :meth:`Topology.connect` and :func:`expect_delivery`.
 """
@@ -21,12 +22,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
 
 __all__ = [
     "BRIDGED_IN",
     "BRIDGED_OUT",
+    "GATEWAY_BRIDGE",
     "TOPOLOGIES",
     "Topology",
     "bridge_config",
@@ -40,31 +43,33 @@ TOPOLOGIES = ("mosquitto-mqtt5", "mosquitto-mqtt311", "amqtt", "bridged")
 BRIDGED_OUT = "edge/v1/devices/#"
 #: What it forwards from the fleet broker to the gateway only: the broadcast transfers.
 BRIDGED_IN = "edge/v1/transfers/#"
+#: The shipped gateway bridge configuration, which the bridged topology runs.
+GATEWAY_BRIDGE = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "gateway-bridge.conf.example"
 
 
-def bridge_config(fleet_port: int, *, name: str = "fleet", client_id: str = "gateway-bridge") -> tuple[str, ...]:
-    """Lines of a gateway Mosquitto's config that bridge it to the fleet broker on ``fleet_port``.
+def bridge_config(fleet_port: int, *, client_id: str = "gateway-bridge") -> tuple[str, ...]:
+    """The bridge lines of ``deploy/mosquitto/gateway-bridge.conf.example``, pointed at a test's fleet broker.
+
+    Taken as shipped, except the fleet's address (``127.0.0.1:fleet_port``), the client
+    id and the TLS files (the test brokers listen without TLS), and a quick restart so a
+    test that restarts the fleet broker is not kept waiting.
 
     Args:
         fleet_port: the fleet broker's loopback port.
-        name: the bridge connection's name.
         client_id: the client id the bridge uses on the fleet broker.
 
     Returns:
         Config lines, for ``MosquittoProcess(extra_config=...)`` of the gateway.
     """
-    return (
-        f"connection {name}",
-        f"address 127.0.0.1:{fleet_port}",
-        f"remote_clientid {client_id}",
-        f"topic {BRIDGED_OUT} both 1",
-        f"topic {BRIDGED_IN} in 1",
-        "cleansession false",  # the fleet broker queues for the gateway while the link is down
-        "try_private true",  # Mosquitto to Mosquitto: no message loops back over the bridge
-        "notifications false",
-        "restart_timeout 1 2",  # a test broker that restarts is back within seconds
-        "start_type automatic",
-    )
+    swap = {"address": f"127.0.0.1:{fleet_port}", "remote_clientid": client_id, "restart_timeout": "1 2"}
+    lines = []
+    for line in GATEWAY_BRIDGE.read_text().splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#") or words[0].startswith("bridge_"):
+            continue
+        lines.append(f"{words[0]} {swap[words[0]]}" if words[0] in swap else line)
+    assert f"topic {BRIDGED_OUT} both 1" in lines and f"topic {BRIDGED_IN} in 1" in lines, lines
+    return tuple(lines)
 
 
 @dataclass
