@@ -144,8 +144,10 @@ def mqtt_transport(config: AgentConfig, identity: DeviceIdentity | None = None) 
     return MqttClient(
         config.broker,
         MqttOptions(
-            client_id=f"edge-agent-{config.device_id}",
+            client_id=f"edge-agent-{config.device_id}",  # stable: the broker keeps its session
             reconnect_max_s=config.reconnect_max_s,
+            protocol=config.mqtt_protocol,
+            session_expiry_s=config.session_expiry_s,
             will=Will(DeviceTopics(config.device_id).status, will),
             ca_file=config.ca_file,
             cert_file=config.cert_file,

@@ -20,6 +20,7 @@ from device_agent.sdnotify import Notifier
 from edge_sdk import __version__
 from edge_sdk.bundle.manifest import EXECUTIONS
 from edge_sdk.errors import ConfigError, EdgeError, ExitCode, exit_code_of
+from edge_sdk.mqtt import PROTOCOLS
 
 __all__ = ["main"]
 
@@ -66,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sysfs-root", type=Path, help="root for hardware probes (default /)")
     run.add_argument("--transfer-idle-timeout", type=float, help="seconds without a chunk before a transfer is dropped")
     run.add_argument("--reconnect-max", type=float, help="upper bound of the reconnect backoff in seconds")
+    run.add_argument(
+        "--mqtt-protocol",
+        choices=PROTOCOLS,
+        help="MQTT version: auto (5, or 3.1.1 where the broker does not speak 5; the default), 5 or 3.1.1",
+    )
+    run.add_argument(
+        "--session-expiry",
+        type=int,
+        help="seconds the broker keeps this device's session and queued messages while it is away "
+        "(default 3600; 0: a clean session on every connect)",
+    )
     run.add_argument(
         "--update-gate-file", type=Path, help="defer installs while this file exists (its first line is the reason)"
     )
@@ -158,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 "sysfs_root": args.sysfs_root,
                 "transfer_idle_timeout_s": args.transfer_idle_timeout,
                 "reconnect_max_s": args.reconnect_max,
+                "mqtt_protocol": args.mqtt_protocol,
+                "session_expiry_s": args.session_expiry,
                 "update_gate_file": args.update_gate_file,
                 "update_gate_command": args.update_gate_command,
                 "update_gate_retry_s": args.update_gate_retry,

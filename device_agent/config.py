@@ -19,6 +19,11 @@ Example ``agent.toml``::
     username = "pi-kitchen-01"
     password_file = "/etc/edge-agent/broker.password"
 
+    # MQTT 5 where the broker speaks it, else 3.1.1 ("auto"; or pin "5" / "3.1.1"), and how
+    # long the broker keeps this device's session and queued messages while it is away:
+    mqtt_protocol = "auto"
+    session_expiry_s = 3600
+
     # Field devices: hold installs while this file exists or this command says no.
     update_gate_file = "/run/edge-agent/hold"
     update_gate_command = ["/usr/local/bin/may-update"]
@@ -44,7 +49,7 @@ from edge_sdk.broker_connection import CONNECTION_SETTINGS, resolve_connection
 from edge_sdk.bundle import BundleLimits
 from edge_sdk.bundle.manifest import EXECUTIONS
 from edge_sdk.errors import ConfigError, KeyStoreError, UntrustedInputError
-from edge_sdk.mqtt import parse_broker_url
+from edge_sdk.mqtt import MAX_SESSION_EXPIRY_S, PROTOCOLS, parse_broker_url
 from edge_sdk.protocol.topics import check_device_id
 from edge_sdk.trust import load_root
 
@@ -86,6 +91,12 @@ class AgentConfig:
         username, password: MQTT credentials (the password is read from ``password_file``
             or the environment, and never shown in this object's ``repr``).
         reconnect_max_s: upper bound of the reconnect backoff.
+        mqtt_protocol: ``auto`` (MQTT 5, or 3.1.1 where the broker does not speak 5), ``5``
+            or ``3.1.1``.
+        session_expiry_s: how long the broker keeps this device's session (subscriptions
+            and queued QoS 1 messages) after the device goes away, so that a short outage
+            delays what was sent meanwhile instead of losing it; 0 asks for a clean session
+            on every connect.
         transfer_idle_timeout_s: a transfer without a chunk for this long is reported to the
             host as lacking what it lacks (once per period), so a host that lost track of it
             sends only the rest.
@@ -125,6 +136,8 @@ class AgentConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     reconnect_max_s: float = 30.0
+    mqtt_protocol: str = "auto"
+    session_expiry_s: int = 3600
     transfer_idle_timeout_s: float = 60.0
     staging_max_age_s: float = 7 * 86400.0
     sysfs_root: Path = Path("/")
@@ -159,6 +172,16 @@ class AgentConfig:
         if self.reconnect_max_s < 1:
             raise ConfigError(
                 f"reconnect_max_s must be at least 1 (seconds), got {self.reconnect_max_s!r}", key="reconnect_max_s"
+            )
+        if self.mqtt_protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"mqtt_protocol must be one of {', '.join(PROTOCOLS)}, got {self.mqtt_protocol!r}", key="mqtt_protocol"
+            )
+        if not _is_int_at_least(self.session_expiry_s, 0) or self.session_expiry_s > MAX_SESSION_EXPIRY_S:
+            raise ConfigError(
+                f"session_expiry_s must be an integer of seconds in 0..{MAX_SESSION_EXPIRY_S}, "
+                f"got {self.session_expiry_s!r}",
+                key="session_expiry_s",
             )
         if isinstance(self.update_gate_command, str):
             object.__setattr__(self, "update_gate_command", tuple(shlex.split(self.update_gate_command)) or None)
@@ -244,6 +267,8 @@ _SETTINGS: dict[str, _Kind] = {
     "username": _STRING,
     "password_file": _PATH,
     "reconnect_max_s": _NUMBER,
+    "mqtt_protocol": _STRING,
+    "session_expiry_s": _INTEGER,
     "transfer_idle_timeout_s": _NUMBER,
     "staging_max_age_s": _NUMBER,
     "sysfs_root": _PATH,

@@ -26,6 +26,24 @@ UTF-8 (some brokers pass them on) is counted in ``client.rejected`` and dropped;
 failure in a callback, ``MemoryError`` included, is counted in ``client.callback_errors``,
 logged, and the message dropped. :attr:`MqttClient.network_alive` says whether the network
 thread still runs, so that an owner (the agent's watchdog) can stop vouching for it.
+
+Protocol versions (``MqttOptions.protocol``): ``"5"`` or ``"3.1.1"`` pins one; ``"auto"``
+(the default) asks for MQTT 5 and, when the broker refuses that protocol version or closes
+the connection before its CONNACK, speaks MQTT 3.1.1 from then on (logged once, at INFO).
+A client whose broker once accepted MQTT 5 never falls back. The embedded amqtt broker
+speaks only 3.1.1; Mosquitto speaks both.
+
+After each CONNACK, :attr:`MqttClient.link` says what the broker told this client
+(:class:`LinkFacts`). Under MQTT 5 it bounds what the client does: no more QoS>0 publishes
+in flight than the broker's Receive Maximum (and ``MqttOptions.max_inflight``), and no
+publish larger than its Maximum Packet Size; such a publish is refused here, because the
+broker would drop the whole connection for it.
+
+Sessions (``MqttOptions.session_expiry_s``): 0 asks for a clean session on every connect.
+Above 0 the broker keeps the session, its subscriptions and its queued QoS 1 messages,
+for that many seconds after the client goes away (MQTT 5: clean start off, Session Expiry
+Interval; MQTT 3.1.1: clean session off, kept until the broker's own expiry), so a short
+outage costs a delay, not the messages. The client id must then be stable.
 """
 
 from __future__ import annotations
@@ -36,6 +54,7 @@ import os
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +62,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -51,15 +71,20 @@ from edge_sdk.errors import BrokerUnreachableError, ConfigError, TransportError
 __all__ = [
     "DEFAULT_INBOX_MAX",
     "DEFAULT_INBOX_MAX_BYTES",
+    "DEFAULT_MAX_INFLIGHT",
+    "MAX_SESSION_EXPIRY_S",
+    "PROTOCOLS",
     "BrokerAddress",
     "ConnectAttempts",
     "ConnectionChange",
     "Incoming",
+    "LinkFacts",
     "MqttClient",
     "MqttOptions",
     "PublishHandle",
     "Will",
     "parse_broker_url",
+    "publish_packet_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +93,17 @@ log = logging.getLogger(__name__)
 DEFAULT_INBOX_MAX = 1000
 #: Default bound of a client's inbox, in payload bytes (see :attr:`MqttOptions.inbox_max_bytes`).
 DEFAULT_INBOX_MAX_BYTES = 256 << 20
+
+#: Default cap on QoS>0 publishes in flight (awaiting PUBACK), before the broker's Receive Maximum.
+DEFAULT_MAX_INFLIGHT = 20
+#: The protocol choices of :attr:`MqttOptions.protocol`.
+PROTOCOLS = ("auto", "5", "3.1.1")
+#: Largest MQTT 5 Session Expiry Interval (four bytes; the broker reads it as "never expires").
+MAX_SESSION_EXPIRY_S = 2**32 - 1
+#: Largest Receive Maximum MQTT 5 can say (two bytes), and the largest in-flight cap.
+_MAX_RECEIVE_MAXIMUM = 65535
+#: MQTT 5 reason code "Unsupported Protocol Version" (paho maps a 3.1.1 broker's return code 1 to it).
+_UNSUPPORTED_PROTOCOL_VERSION = 132
 
 #: Places in the inbox above ``inbox_max`` that only connection changes may take.
 _CONNECTION_RESERVE = 16
@@ -106,6 +142,112 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ConfigError(f"broker URL {url!r} has a bad port") from exc
     tls = parts.scheme == "mqtts"
     return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+def _remaining_length_bytes(n: int) -> int:
+    """Bytes of MQTT's variable-length "remaining length" field for ``n``."""
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def _publish_header(topic: str, qos: int, protocol: str) -> int:
+    """Bytes of a PUBLISH's variable header: topic, packet identifier (QoS>0), properties length (MQTT 5)."""
+    if protocol not in ("5", "3.1.1"):
+        raise ConfigError(f"MQTT protocol must be '5' or '3.1.1' here, not {protocol!r}")
+    if qos not in (0, 1, 2):
+        raise ConfigError(f"QoS must be 0, 1 or 2, not {qos!r}")
+    return 2 + len(topic.encode()) + (2 if qos else 0) + (1 if protocol == "5" else 0)
+
+
+def publish_packet_size(topic: str, payload_bytes: int, qos: int, protocol: str) -> int:
+    """Bytes on the wire of a PUBLISH packet, as a broker's Maximum Packet Size counts them.
+
+    Args:
+        topic: the topic name (its UTF-8 bytes count).
+        payload_bytes: the payload's length.
+        qos: 0, 1 or 2 (QoS>0 adds a packet identifier).
+        protocol: ``"5"`` (adds a properties length; this client sends no properties) or ``"3.1.1"``.
+
+    Returns:
+        Fixed header, variable header and payload together.
+
+    Raises:
+        ConfigError: a protocol other than ``"5"`` or ``"3.1.1"``, a QoS outside 0-2, or a
+            negative payload length.
+    """
+    if payload_bytes < 0:
+        raise ConfigError(f"a payload length cannot be negative ({payload_bytes})")
+    remaining = _publish_header(topic, qos, protocol) + payload_bytes
+    return 1 + _remaining_length_bytes(remaining) + remaining
+
+
+@dataclass(frozen=True)
+class LinkFacts:
+    """What the broker said about this connection in its CONNACK.
+
+    Attributes:
+        protocol: the protocol the broker accepted, ``"5"`` or ``"3.1.1"``.
+        receive_maximum: most QoS>0 publishes the broker takes in flight from this client
+            (MQTT 5; None where it said nothing, which means 65,535, and always under 3.1.1).
+        maximum_packet_size: largest packet the broker accepts, in bytes (MQTT 5; None: no
+            limit said).
+        session_present: the broker kept a session for this client id, with its
+            subscriptions and the QoS 1 messages queued while the client was away.
+
+    Raises:
+        ConfigError: another protocol, or a bound that is not positive.
+    """
+
+    protocol: str
+    receive_maximum: int | None
+    maximum_packet_size: int | None
+    session_present: bool
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("5", "3.1.1"):
+            raise ConfigError(f"a link's protocol is '5' or '3.1.1', not {self.protocol!r}")
+        for key in ("receive_maximum", "maximum_packet_size"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"a link's {key} must be a positive integer or None, not {value!r}", key=key)
+
+    def largest_payload(self, topic: str, qos: int = 1) -> int | None:
+        """The largest payload one PUBLISH on ``topic`` may carry on this link.
+
+        Args:
+            topic: the topic it goes to.
+            qos: its QoS.
+
+        Returns:
+            Bytes, or None where the broker set no Maximum Packet Size (0 where even an
+            empty payload does not fit).
+        """
+        if self.maximum_packet_size is None:
+            return None
+        header = _publish_header(topic, qos, self.protocol)
+        best = 0
+        for width in range(1, 5):  # the remaining length takes 1 to 4 bytes; a shorter one only helps
+            remaining = min(self.maximum_packet_size - 1 - width, 128**width - 1)
+            best = max(best, remaining - header)
+        return best
+
+
+def _link_facts(mqtt5: bool, flags: paho.ConnectFlags, properties: Properties | None) -> LinkFacts:
+    """Convert a CONNACK's flags and properties; a bound the broker got wrong (0) counts as unsaid."""
+
+    def positive(name: str) -> int | None:
+        value = getattr(properties, name, None) if mqtt5 else None
+        return value if isinstance(value, int) and value > 0 else None
+
+    return LinkFacts(
+        "5" if mqtt5 else "3.1.1",
+        positive("ReceiveMaximum"),
+        positive("MaximumPacketSize"),
+        bool(flags.session_present),
+    )
 
 
 class ConnectAttempts:
@@ -188,16 +330,56 @@ def _check_tls_files(options: MqttOptions) -> None:
 
 
 class _Paho(paho.Client):
-    """paho's client, keeping the cause of the last failed connection attempt (paho drops it)."""
+    """paho's client, keeping the cause of the last failed connection attempt (paho drops it).
+
+    It also does what paho has no public way to do, reaching private attributes of paho 2:
+    give up on a connection whose CONNACK does not come within ``connack_timeout_s`` (paho
+    waits a whole keep-alive; a broker that cannot parse the CONNECT may say nothing at
+    all), switch an unconnected client to MQTT 3.1.1, and lower the cap on publishes in
+    flight once the broker's CONNACK has named its Receive Maximum.
+    """
 
     connect_error: OSError | None = None
+    connack_timeout_s: float = 10.0
+    _connack_due: float | None = None  # monotonic time; set once a CONNECT went out, cleared by the CONNACK
 
     def reconnect(self) -> MQTTErrorCode:
+        self._connack_due = None
         try:
-            return super().reconnect()
+            rc = super().reconnect()
         except OSError as exc:
             self.connect_error = exc
             raise
+        self._connack_due = time.monotonic() + self.connack_timeout_s
+        return rc
+
+    def connack_arrived(self) -> None:
+        self._connack_due = None
+
+    def loop_misc(self) -> MQTTErrorCode:
+        due = self._connack_due
+        if due is not None and self._sock is not None and time.monotonic() > due:
+            # As paho's own keep-alive timeout does: close, tell on_disconnect, let the loop reconnect.
+            self._connack_due = None
+            self._sock_close()
+            self._do_on_disconnect(packet_from_broker=False, v1_rc=MQTTErrorCode.MQTT_ERR_KEEPALIVE)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        return super().loop_misc()
+
+    @property
+    def speaks_mqtt5(self) -> bool:
+        return self.protocol == paho.MQTTv5
+
+    def use_mqtt311(self, clean_session: bool) -> None:
+        """Speak MQTT 3.1.1 from the next connection attempt on (called between attempts)."""
+        self._protocol = paho.MQTTv311
+        self._clean_session = clean_session
+        self._clean_start = paho.MQTT_CLEAN_START_FIRST_ONLY
+        self._connect_properties = None
+
+    def cap_inflight(self, cap: int) -> None:
+        """Set the in-flight cap on a live connection (paho's setter refuses; the cap only gates later sends)."""
+        self._max_inflight_messages = cap
 
 
 @dataclass(frozen=True)
@@ -219,9 +401,20 @@ class MqttOptions:
             dropped (and counted) until the owner catches up.
         inbox_max_bytes: most payload bytes waiting in the inbox, whatever their count; with
             ``inbox_max`` it bounds the memory a flood can take.
+        protocol: ``"5"``, ``"3.1.1"``, or ``"auto"``: MQTT 5, falling back to 3.1.1 for
+            good when the broker does not speak it (see the module's docstring).
+        session_expiry_s: 0 for a clean session on every connect; above 0 the broker
+            keeps this client's session (subscriptions, queued QoS 1 messages) that many
+            seconds after it goes away. Needs a stable ``client_id``.
+        max_inflight: most QoS>0 publishes awaiting their acknowledgement; lowered to the
+            broker's Receive Maximum where it names a smaller one.
+        connack_timeout_s: how long after sending CONNECT to wait for the broker's CONNACK
+            before the attempt counts as failed (and, under ``"auto"``, MQTT 5 as refused):
+            a broker that cannot parse an MQTT 5 CONNECT may wait for bytes that never come.
 
     Raises:
-        ConfigError: a bound that is not positive.
+        ConfigError: a bound that is not positive, an unknown protocol, or a session
+            expiry outside 0..2**32-1.
     """
 
     client_id: str
@@ -238,12 +431,44 @@ class MqttOptions:
     password: str | None = field(default=None, repr=False)  # never printed
     inbox_max: int = DEFAULT_INBOX_MAX
     inbox_max_bytes: int = DEFAULT_INBOX_MAX_BYTES
+    protocol: str = "auto"
+    session_expiry_s: int = 0
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    connack_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.inbox_max < 1:
             raise ConfigError(f"the inbox bound must be at least 1 message, not {self.inbox_max}")
         if self.inbox_max_bytes < 1:
             raise ConfigError(f"the inbox byte bound must be at least 1 byte, not {self.inbox_max_bytes}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"MQTT protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}", key="protocol"
+            )
+        if not _is_int_within(self.session_expiry_s, 0, MAX_SESSION_EXPIRY_S):
+            raise ConfigError(
+                f"session_expiry_s must be an integer of seconds in 0..{MAX_SESSION_EXPIRY_S}, "
+                f"not {self.session_expiry_s!r}",
+                key="session_expiry_s",
+            )
+        if self.session_expiry_s and not self.client_id:
+            raise ConfigError("a session that outlives the connection (session_expiry_s > 0) needs a client_id")
+        if not _is_int_within(self.max_inflight, 1, _MAX_RECEIVE_MAXIMUM):
+            raise ConfigError(
+                f"max_inflight must be an integer in 1..{_MAX_RECEIVE_MAXIMUM}, not {self.max_inflight!r}",
+                key="max_inflight",
+            )
+        timeout: object = self.connack_timeout_s
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ConfigError(
+                f"connack_timeout_s must be a positive number of seconds, not {self.connack_timeout_s!r}",
+                key="connack_timeout_s",
+            )
+
+
+def _is_int_within(value: object, low: int, high: int) -> bool:
+    """True for an integer (not a bool) in ``low..high``; options may come from config files."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -257,8 +482,17 @@ class Incoming:
 
 @dataclass(frozen=True)
 class ConnectionChange:
+    """The connection came up or went down.
+
+    Attributes:
+        connected: whether the client is now connected.
+        reason: why, in words.
+        link: on connecting, what the broker said in its CONNACK; else None.
+    """
+
     connected: bool
     reason: str
+    link: LinkFacts | None = None
 
 
 class _Inbox(queue.Queue[Incoming | ConnectionChange]):
@@ -307,6 +541,8 @@ class MqttClient:
         rejected: messages dropped because they could not be converted (a topic that is
             not valid UTF-8).
         callback_errors: failures caught inside paho's callbacks (the message, if any, dropped).
+        link: what the broker said in the CONNACK of the current or last connection
+            (:class:`LinkFacts`); None before the first.
 
     Args:
         url: broker URL.
@@ -325,16 +561,23 @@ class MqttClient:
         self._lock = threading.Lock()
         self._last_error = "no answer"
         self._started = False
+        self._link: LinkFacts | None = None
+        self._awaiting_connack = False  # a connection attempt has begun and no CONNACK came yet
+        self._mqtt5_accepted = False  # a broker once accepted MQTT 5 from this client: never fall back
+        self._forgotten: set[str] = set()  # unsubscribed while offline, still in the broker's session
         min_delay, max_delay = max(1, int(options.reconnect_min_s)), max(1, int(options.reconnect_max_s))
         self._attempts = ConnectAttempts(min_delay, max_delay)
+        mqtt5 = options.protocol != "3.1.1"
         c = _Paho(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=options.client_id,
-            protocol=paho.MQTTv311,
-            clean_session=True,
+            protocol=paho.MQTTv5 if mqtt5 else paho.MQTTv311,
+            clean_session=None if mqtt5 else options.session_expiry_s == 0,
         )
         c.reconnect_delay_set(min_delay=min_delay, max_delay=max_delay)
         c.max_queued_messages_set(0)
+        c.max_inflight_messages_set(options.max_inflight)
+        c.connack_timeout_s = options.connack_timeout_s
         c.suppress_exceptions = True  # a second net under our own guards: paho logs and goes on
         if options.will is not None:
             c.will_set(options.will.topic, options.will.payload, options.will.qos, options.will.retain)
@@ -365,8 +608,15 @@ class MqttClient:
     # --- network thread: convert and hand over, nothing else -------------------------
 
     def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
+        self._awaiting_connack = True
         attempt = self._attempts.next_attempt()
-        log.debug("connecting to %s as %s (attempt %d)", self.address, self.options.client_id, attempt)
+        log.debug(
+            "connecting to %s as %s with MQTT %s (attempt %d)",
+            self.address,
+            self.options.client_id,
+            "5" if self._client.speaks_mqtt5 else "3.1.1",
+            attempt,
+        )
 
     def _attempt_failed(self, cause: str) -> None:
         delay, loud = self._attempts.failed()
@@ -389,22 +639,45 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         try:
+            self._awaiting_connack = False
+            self._client.connack_arrived()
             if reason_code.is_failure:
-                self._attempt_failed(f"broker refused the connection: {reason_code}")
+                cause = f"broker refused the connection: {reason_code}"
+                self._attempt_failed(cause)
+                if reason_code.value == _UNSUPPORTED_PROTOCOL_VERSION:
+                    self._fall_back(cause)
                 return
             attempts = self._attempts.connected()
-            log.debug("connected to %s (attempt %d)", self.address, attempts)
+            mqtt5 = self._client.speaks_mqtt5
+            link = _link_facts(mqtt5, flags, properties)
+            self._mqtt5_accepted = self._mqtt5_accepted or mqtt5
+            self._link = link
+            if link.receive_maximum is not None:
+                self._client.cap_inflight(min(self.options.max_inflight, link.receive_maximum))
+            log.debug("connected to %s (attempt %d): %s", self.address, attempts, link)
             with self._lock:
                 filters = list(self._filters.items())
+                forgotten, self._forgotten = self._forgotten, set()
+            if link.session_present:  # the broker still holds what was unsubscribed while away
+                for topic_filter in sorted(forgotten):
+                    client.unsubscribe(topic_filter)
             for topic_filter, qos in filters:
                 client.subscribe(topic_filter, qos)
             self._connected.set()
-            self._hand_over(ConnectionChange(True, "connected"))
+            self._hand_over(ConnectionChange(True, "connected", link))
         except Exception as exc:  # nothing may end the network thread
             self._survive("on_connect", exc)
 
+    def _fall_back(self, cause: str) -> None:
+        """Under ``protocol="auto"``, speak MQTT 3.1.1 from the next attempt on; say so once."""
+        if self.options.protocol != "auto" or self._mqtt5_accepted or not self._client.speaks_mqtt5:
+            return
+        self._client.use_mqtt311(clean_session=self.options.session_expiry_s == 0)
+        log.info("%s does not speak MQTT 5 (%s): using MQTT 3.1.1 from now on", self.address, cause)
+
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         try:
+            self._awaiting_connack = False
             exc = self._client.connect_error
             self._attempt_failed(f"connection failed: {exc}" if exc is not None else "connection failed")
         except Exception as error:  # nothing may end the network thread
@@ -426,6 +699,11 @@ class MqttClient:
                 if self._started:  # not close(): paho will reconnect
                     log.debug("lost %s (%s); next attempt in %g s", self.address, reason_code, self._attempts.lost())
                 self._hand_over(ConnectionChange(False, str(reason_code)))
+            elif self._started and self._awaiting_connack:  # the socket opened, the CONNACK never came
+                self._awaiting_connack = False
+                cause = f"the connection ended before the broker's CONNACK ({reason_code})"
+                self._attempt_failed(cause)
+                self._fall_back(cause)
         except Exception as exc:  # nothing may end the network thread
             self._survive("on_disconnect", exc)
 
@@ -487,6 +765,11 @@ class MqttClient:
         return self._connected.is_set()
 
     @property
+    def link(self) -> LinkFacts | None:
+        """What the broker said in the CONNACK of the current or last connection; None before the first."""
+        return self._link
+
+    @property
     def network_alive(self) -> bool:
         """False once the network thread, started by :meth:`start`, has ended without :meth:`close`.
 
@@ -503,7 +786,21 @@ class MqttClient:
             return
         self._started = True
         try:
-            self._client.connect_async(self.address.host, self.address.port, self.options.keepalive_s)
+            if self._client.speaks_mqtt5:
+                expiry = self.options.session_expiry_s
+                properties = None
+                if expiry:
+                    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    properties.SessionExpiryInterval = expiry
+                self._client.connect_async(
+                    self.address.host,
+                    self.address.port,
+                    self.options.keepalive_s,
+                    clean_start=expiry == 0,
+                    properties=properties,
+                )
+            else:
+                self._client.connect_async(self.address.host, self.address.port, self.options.keepalive_s)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot connect to {self.address}: {exc}") from exc
         self._client.loop_start()
@@ -530,22 +827,49 @@ class MqttClient:
         """Subscribe now (if connected) and again after every reconnect."""
         with self._lock:
             self._filters[topic_filter] = qos
+            self._forgotten.discard(topic_filter)
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
-        """Unsubscribe now (if connected), and no longer after reconnects."""
+        """Stop receiving ``topic_filter``: now (if connected), and it is not renewed on reconnects.
+
+        With a session that outlives the connection (``session_expiry_s`` > 0), a filter
+        dropped while offline is unsubscribed on the next connection that finds the
+        session still there. A filter never subscribed is harmless (the broker says so).
+
+        Args:
+            topic_filter: exactly as given to :meth:`subscribe`.
+        """
         with self._lock:
-            known = self._filters.pop(topic_filter, None) is not None
-        if known and self._connected.is_set():
-            self._client.unsubscribe(topic_filter)
+            self._filters.pop(topic_filter, None)
+        sent = False
+        if self._connected.is_set():
+            rc, _mid = self._client.unsubscribe(topic_filter)
+            sent = rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+        if not sent and self.options.session_expiry_s:
+            with self._lock:
+                if topic_filter not in self._filters:  # not subscribed again meanwhile
+                    self._forgotten.add(topic_filter)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishHandle:
         """Queue a publish; call ``.wait()`` on the result to block until acknowledged.
 
         Raises:
-            TransportError: the payload was refused locally (e.g. too large).
+            TransportError: the payload was refused locally: larger than the broker's
+                Maximum Packet Size (both sizes named), or refused by paho.
         """
+        link = self._link
+        if link is not None and link.maximum_packet_size is not None:
+            size = publish_packet_size(topic, len(payload), qos, link.protocol)
+            if size > link.maximum_packet_size:
+                raise TransportError(
+                    f"cannot publish to {topic}: the packet would be {size} bytes ({len(payload)} of payload), "
+                    f"larger than the broker's Maximum Packet Size of {link.maximum_packet_size} bytes",
+                    topic=topic,
+                    packet_bytes=size,
+                    maximum_packet_size=link.maximum_packet_size,
+                )
         try:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
         except (ValueError, OSError) as exc:

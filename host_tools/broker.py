@@ -103,6 +103,10 @@ def _make_amqtt_broker(config: dict[str, Any]) -> Any:
                 await super().stream_connected(reader, writer, listener_name)
             except asyncio.CancelledError:
                 pass
+            except OSError as exc:
+                # amqtt refuses an MQTT 5 CONNECT (clients that try 5 first, then 3.1.1) and then
+                # half-closes a socket the client may have closed already; nothing is lost.
+                logger.debug("a client connection ended while amqtt closed it: %s", exc)
             finally:
                 if not writer.is_closing():
                     writer.close()

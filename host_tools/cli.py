@@ -335,6 +335,8 @@ def _remember_connection_flag(ctx: click.Context, param: click.Parameter, value:
 
 
 _CONNECTION_FLAGS = "edgectl.broker_connection_flags"
+#: Where the global ``--mqtt-protocol`` is kept for :func:`_client` (``ctx.meta`` is shared by subcommands).
+_MQTT_PROTOCOL = "edgectl.mqtt_protocol"
 _connection_flag: dict[str, Any] = dict(expose_value=False, callback=_remember_connection_flag)
 #: TLS client certificate and MQTT credentials, on every command that talks to a broker. Each may
 #: also come from the environment or the broker config file (flag > environment > file).
@@ -441,7 +443,9 @@ def _client(broker: str, timeout_s: float, name: str) -> Iterator[Any]:
 
     connection = _broker_connection()
     click.echo(f"edgectl: broker {parse_broker_url(broker)}", err=True)  # the address used, port included
-    options = MqttOptions(client_id=f"edgectl-{name}-{os.getpid()}", connect_timeout_s=timeout_s)
+    protocol = click.get_current_context().meta.get(_MQTT_PROTOCOL, "auto")
+    # The host keeps clean sessions (session_expiry_s 0): its client ids are per process.
+    options = MqttOptions(client_id=f"edgectl-{name}-{os.getpid()}", connect_timeout_s=timeout_s, protocol=protocol)
     client = MqttClient(broker, connection.mqtt_options(options))
     client.connect()
     try:
@@ -503,13 +507,30 @@ def _exit_code_epilog() -> str:
     envvar="EDGE_SDK_ALLOW_UNSIGNED_REPORTS",
     help="also believe unsigned device messages (only while migrating older agents; off by default)",
 )
+@click.option(
+    "--mqtt-protocol",
+    type=click.Choice(["auto", "5", "3.1.1"]),
+    default="auto",
+    show_default=True,
+    envvar="EDGE_SDK_MQTT_PROTOCOL",
+    help="MQTT version to the broker: auto (5, or 3.1.1 where the broker does not speak 5), 5 or 3.1.1 "
+    "(env EDGE_SDK_MQTT_PROTOCOL)",
+)
 @click.option("-v", "--verbose", count=True, help="more logging (-vv for debug)")
 @click.pass_context
-def cli(ctx: click.Context, home: Path, registry_url: str | None, allow_unsigned_reports: bool, verbose: int) -> None:
+def cli(
+    ctx: click.Context,
+    home: Path,
+    registry_url: str | None,
+    allow_unsigned_reports: bool,
+    mqtt_protocol: str,
+    verbose: int,
+) -> None:
     """edge-sdk: compress models, sign bundles, deploy them to devices over MQTT."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, handlers=[_log_handler()])
     home = Path(home).expanduser()
+    ctx.meta[_MQTT_PROTOCOL] = mqtt_protocol
     ctx.obj = HostConfig(home, registry_url or str(home / "registry.db"), False, allow_unsigned_reports)
 
 

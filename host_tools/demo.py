@@ -248,7 +248,9 @@ def run_demo(
 
     rows: list[DemoRow] = []
     with _broker(options.broker_url, lambda m: say(f"4/7 {m}")) as url:
-        client = MqttClient(url, MqttOptions(client_id=f"edgectl-demo-{int(now)}"))
+        # The embedded broker (amqtt) speaks only MQTT 3.1.1: say so rather than try 5 first.
+        protocol = "auto" if options.broker_url else "3.1.1"
+        client = MqttClient(url, MqttOptions(client_id=f"edgectl-demo-{int(now)}", protocol=protocol))
         client.connect()
         try:
             agent_args = [
@@ -264,6 +266,8 @@ def run_demo(
                 str(work / "agent-data"),
                 "--root",
                 str(root_path),
+                "--mqtt-protocol",
+                protocol,
             ]
             with _agent_process(agent_args, work / "agent.log", lambda m: say(f"5/7 {m}")) as proc:
                 status = _wait_online(

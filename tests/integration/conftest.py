@@ -7,16 +7,31 @@
   The key the agent makes at first start is enrolled in the ``host``'s registry (as
   `edgectl devices enroll ID --key device.pub` does), unless ``enroll_key=False``; a test
   with its own operator home passes it as ``enroll_home``.
+
+Broker topologies (helpers in ``tests/topologies.py``):
+
+- ``topology``: runs a test once per topology (Mosquitto with MQTT 5 clients, Mosquitto
+  with 3.1.1 clients, embedded amqtt, two bridged Mosquittos); ``topology.connect("host",
+  name)`` and ``topology.connect("device", name)`` give connected ``MqttClient``s on the
+  right broker with the right protocol, closed afterwards.
+- ``embedded_broker``: an amqtt :class:`host_tools.broker.EmbeddedBroker` on a free port.
+- ``bridged_mosquittos``: ``.gateway`` and ``.fleet`` Mosquittos, the bridge already
+  forwarding ``edge/v1/devices/#`` both ways and ``edge/v1/transfers/#`` fleet -> gateway.
 """
 
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from harness import BIN, AgentProcess, Host, TinyModel, build_tiny_model, enroll, wait_online
+from mosquitto import MosquittoProcess
+from topologies import TOPOLOGIES, Topology, bridge_config, wait_bridged
+
+from host_tools.broker import EmbeddedBroker
 
 
 @pytest.fixture
@@ -83,3 +98,57 @@ def start_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Call
     yield start
     for agent in agents:
         agent.stop()
+
+
+# --- broker topologies (tests/topologies.py) ----------------------------------------------------
+
+
+@pytest.fixture
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    """The embedded amqtt broker (MQTT 3.1.1 only), in this process on a free loopback port."""
+    with EmbeddedBroker(port=0) as broker:
+        yield broker
+
+
+@dataclass(frozen=True)
+class Bridged:
+    """Two Mosquittos: devices on ``gateway``, the host on ``fleet``; the gateway bridges to the fleet."""
+
+    gateway: MosquittoProcess
+    fleet: MosquittoProcess
+
+
+@pytest.fixture
+def bridged_mosquittos(start_mosquitto: Callable[..., MosquittoProcess]) -> Bridged:
+    """A gateway Mosquitto bridged to a fleet Mosquitto, forwarding both ways already (see tests/topologies.py).
+
+    ``bridged_mosquittos.fleet`` and ``.gateway`` are :class:`mosquitto.MosquittoProcess`
+    (``url``, ``stop()``, ``restart()``...). Both stop when the test ends.
+    """
+    fleet = start_mosquitto()
+    gateway = start_mosquitto(extra_config=bridge_config(fleet.port))
+    wait_bridged(gateway.url, fleet.url)
+    return Bridged(gateway, fleet)
+
+
+@pytest.fixture(params=TOPOLOGIES)
+def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
+    """Runs the test once per broker topology: Mosquitto with MQTT 5 clients, with 3.1.1 clients,
+    the embedded amqtt broker, and two bridged Mosquittos (host on the fleet broker, devices on
+    the gateway). ``topology.connect("host" | "device", name, **options)`` gives connected clients.
+    """
+    name = request.param
+    if name == "amqtt":
+        broker = request.getfixturevalue("embedded_broker")
+        chosen = Topology(name, broker.url, broker.url, "auto", "3.1.1")
+    elif name == "bridged":
+        pair = request.getfixturevalue("bridged_mosquittos")
+        chosen = Topology(name, pair.fleet.url, pair.gateway.url, "auto", "5")
+    else:
+        shared = request.getfixturevalue("mosquitto")
+        mqtt5 = name == "mosquitto-mqtt5"
+        chosen = Topology(name, shared.url, shared.url, "auto" if mqtt5 else "3.1.1", "5" if mqtt5 else "3.1.1")
+    try:
+        yield chosen
+    finally:
+        chosen.close()

@@ -120,9 +120,9 @@ def _packet_end(buf: bytes) -> int | None:
     return None
 
 
-def _raw_publish(topic: bytes, payload: bytes) -> bytes:
-    """An MQTT 3.1.1 QoS 0 PUBLISH packet with ``topic`` taken as raw bytes."""
-    body = struct.pack("!H", len(topic)) + topic + payload
+def _raw_publish(topic: bytes, payload: bytes, mqtt5: bool = False) -> bytes:
+    """A QoS 0 PUBLISH packet with ``topic`` taken as raw bytes (MQTT 5: with an empty property list)."""
+    body = struct.pack("!H", len(topic)) + topic + (b"\x00" if mqtt5 else b"") + payload
     length, encoded = len(body), b""
     while True:
         byte, length = length & 0x7F, length >> 7
@@ -149,7 +149,7 @@ def test_a_topic_that_is_not_utf8_does_not_deafen_the_agent(host, tiny_model, mo
             assert raw.recv(16) == b""
         # ... but a less strict broker passes it on: slip it into the agent's stream.
         for topic in (cmd_topic + b"/\xff", b"edge/devices/\xed\xa0\x80/cmd", b"\xc0\xaf"):
-            proxy.inject(_raw_publish(topic, b"junk"))
+            proxy.inject(_raw_publish(topic, b"junk", mqtt5=True))  # the agent speaks MQTT 5 to Mosquitto
         time.sleep(2)
         assert agent.alive
         v1 = _pack(host, tiny_model, tmp_path / "v1.edge", 1)

@@ -4,7 +4,8 @@ A CA, a server certificate and client certificates (CN = identity) are generated
 ``cryptography`` at test time. Mosquitto runs with TLS, ``require_certificate``,
 ``use_identity_as_username`` and ``deploy/mosquitto/acl.example`` itself. Device A can
 use its own topics but cannot read device B's commands, cannot publish as device B,
-and cannot read B's status; a client without a certificate cannot connect at all.
+and cannot read B's status; a client without a certificate cannot connect at all. Every
+device reads the broadcast transfers (``edge/v1/transfers/#``); only the host writes them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import datetime
 import ipaddress
 import queue
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from topologies import expect_delivery
 
 from edge_sdk.errors import BrokerUnreachableError
 from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
@@ -146,3 +149,25 @@ def test_a_device_is_confined_to_its_own_topics(tls_broker):
 def test_a_client_without_a_certificate_cannot_connect(tls_broker):
     with pytest.raises(BrokerUnreachableError):
         tls_broker(None)
+
+
+def test_devices_read_every_transfer_and_only_the_host_writes_one(tls_broker):
+    transfer = f"edge/v1/transfers/{uuid.uuid4().hex}"
+    host, dev_a, dev_b = tls_broker("edge-host"), tls_broker("dev-a"), tls_broker("dev-b")
+    try:
+        for device in (dev_a, dev_b):
+            device.subscribe(transfer)
+        host.subscribe(transfer)
+        expect_delivery(dev_a, transfer, lambda p: host.publish_wait(transfer, p))
+        _drain(dev_a, 0.3)
+        _drain(host, 0.3)
+        _drain(dev_b, 0.3)
+
+        host.publish_wait(transfer, b"chunk from the host")
+        dev_a.publish_wait(transfer, b"chunk forged by dev-a")  # acknowledged, then dropped by the ACL
+        assert _drain(dev_b) == [(transfer, b"chunk from the host")]  # both devices read it; nothing forged
+        assert _drain(dev_a, 0.3) == [(transfer, b"chunk from the host")]
+        assert _drain(host, 0.3) == [(transfer, b"chunk from the host")]
+    finally:
+        for c in (host, dev_a, dev_b):
+            c.close()

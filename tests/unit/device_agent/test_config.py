@@ -137,3 +137,38 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "agent.toml"
     path.write_text(text)
     return path
+
+
+def test_the_mqtt_protocol_and_session_expiry_default_to_auto_and_an_hour_and_reach_the_client(
+    tmp_path: Path,
+) -> None:
+    from device_agent.agent import mqtt_transport
+    from device_agent.identity import DeviceIdentity
+
+    config = _load(tmp_path, _VALID.replace("/tmp/edge-agent", str(tmp_path / "data")))
+    assert (config.mqtt_protocol, config.session_expiry_s) == ("auto", 3600)
+    pinned = _load(
+        tmp_path,
+        _VALID.replace("/tmp/edge-agent", str(tmp_path / "data")) + 'mqtt_protocol = "3.1.1"\nsession_expiry_s = 0\n',
+    )
+    assert (pinned.mqtt_protocol, pinned.session_expiry_s) == ("3.1.1", 0)
+    identity = DeviceIdentity(config.device_id, tmp_path / "identity", None)
+    options = mqtt_transport(config, identity).options
+    assert (options.protocol, options.session_expiry_s, options.client_id) == ("auto", 3600, "edge-agent-pi-01")
+    assert mqtt_transport(pinned, identity).options.protocol == "3.1.1"
+    flagged = load_config(tmp_path / "agent.toml", {"mqtt_protocol": "5", "session_expiry_s": 60})
+    assert (flagged.mqtt_protocol, flagged.session_expiry_s) == ("5", 60)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ('mqtt_protocol = "4"', "mqtt_protocol must be one of auto, 5, 3.1.1, got '4'"),
+        ("session_expiry_s = -1", "session_expiry_s must be an integer of seconds in 0..4294967295, got -1"),
+        ("session_expiry_s = 4294967296", "session_expiry_s must be an integer of seconds in 0..4294967295"),
+    ],
+)
+def test_a_bad_mqtt_protocol_or_session_expiry_is_named(setting: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        _load(tmp_path, _VALID + setting + "\n")
+    assert caught.value.details["key"] == setting.split()[0]

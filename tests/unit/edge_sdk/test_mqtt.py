@@ -8,15 +8,29 @@ broker drives the same callbacks in the integration tests.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_sdk.errors import ConfigError
-from edge_sdk.mqtt import DEFAULT_INBOX_MAX, ConnectAttempts, ConnectionChange, Incoming, MqttClient, MqttOptions
+from edge_sdk.errors import ConfigError, TransportError
+from edge_sdk.mqtt import (
+    DEFAULT_INBOX_MAX,
+    DEFAULT_MAX_INFLIGHT,
+    ConnectAttempts,
+    ConnectionChange,
+    Incoming,
+    LinkFacts,
+    MqttClient,
+    MqttOptions,
+    publish_packet_size,
+)
 
 
 def _client(inbox_max: int) -> MqttClient:
@@ -86,7 +100,7 @@ def test_each_failed_attempt_is_logged_with_its_cause_and_the_next_delay(caplog:
         client._client.connect_error = ConnectionRefusedError(111, "Connection refused")
         client._on_connect_fail(client._client, None)
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "edge_sdk.mqtt"]
-    assert (logging.DEBUG, "connecting to mqtt://127.0.0.1:1 as unit-inbox (attempt 1)") in lines
+    assert (logging.DEBUG, "connecting to mqtt://127.0.0.1:1 as unit-inbox with MQTT 5 (attempt 1)") in lines
     failures = [(level, text) for level, text in lines if text.startswith("cannot connect")]
     assert [level for level, _ in failures] == [logging.INFO] * 3
     assert "(attempt 3): connection failed: [Errno 111] Connection refused; next attempt in 4 s" in failures[2][1]
@@ -182,3 +196,240 @@ def test_network_alive_follows_the_network_thread() -> None:
         client._client._thread = running
     finally:
         client.close()
+
+
+# --- protocol versions, CONNACK facts, sessions -----------------------------------------------
+
+
+def _connack(**values: int) -> Properties:
+    properties = Properties(PacketTypes.CONNACK)
+    for name, value in values.items():
+        setattr(properties, name, value)
+    return properties
+
+
+class _Recorder:
+    """Stands in for paho's client where a callback subscribes and unsubscribes through it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def subscribe(self, topic_filter: str, qos: int) -> None:
+        self.calls.append(("subscribe", topic_filter))
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.calls.append(("unsubscribe", topic_filter))
+
+
+_OK = ReasonCode(PacketTypes.CONNACK, identifier=0)
+_NO_MQTT5 = ReasonCode(PacketTypes.CONNACK, aName="Unsupported protocol version")
+
+
+def _connected(client: MqttClient, session_present: bool = False, **connack: int) -> _Recorder:
+    recorder = _Recorder()
+    client._on_pre_connect(client._client, None)
+    client._on_connect(recorder, None, SimpleNamespace(session_present=session_present), _OK, _connack(**connack))  # type: ignore[arg-type]
+    return recorder
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"protocol": "4"}, "MQTT protocol must be one of auto, 5, 3.1.1"),
+        ({"protocol": "mqtt5"}, "MQTT protocol must be one of"),
+        ({"session_expiry_s": -1}, "session_expiry_s must be an integer of seconds in 0..4294967295"),
+        ({"session_expiry_s": 2**32}, "session_expiry_s must be an integer"),
+        ({"session_expiry_s": True}, "session_expiry_s must be an integer"),
+        ({"session_expiry_s": 1.5}, "session_expiry_s must be an integer"),
+        ({"session_expiry_s": 60, "client_id": ""}, "needs a client_id"),
+        ({"max_inflight": 0}, "max_inflight must be an integer in 1..65535"),
+        ({"connack_timeout_s": 0}, "connack_timeout_s must be a positive number"),
+        ({"connack_timeout_s": "5"}, "connack_timeout_s must be a positive number"),
+    ],
+)
+def test_bad_protocol_session_and_inflight_options_are_refused_by_name(options: dict[str, object], says: str) -> None:
+    values: dict[str, object] = {"client_id": "x", **options}
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        MqttOptions(**values)  # type: ignore[arg-type]
+
+
+def test_the_paho_client_asks_for_the_protocol_and_session_the_options_say() -> None:
+    import paho.mqtt.client as paho
+
+    assert MqttOptions(client_id="x").protocol == "auto" and MqttOptions(client_id="x").session_expiry_s == 0
+    auto = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="x"))
+    assert auto._client.protocol == paho.MQTTv5
+    old = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="x", protocol="3.1.1", session_expiry_s=60))
+    assert old._client.protocol == paho.MQTTv311 and old._client._clean_session is False
+    clean = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="x", protocol="3.1.1"))
+    assert clean._client._clean_session is True
+
+
+def test_connack_facts_are_kept_and_receive_maximum_lowers_the_inflight_cap() -> None:
+    client = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="x", max_inflight=32))
+    assert client.link is None and client._client.max_inflight_messages == 32
+    _connected(client, session_present=True, ReceiveMaximum=7, MaximumPacketSize=100_000)
+    assert client.link == LinkFacts("5", 7, 100_000, True)
+    assert client._client.max_inflight_messages == 7
+    change = client.inbox.get_nowait()
+    assert change == ConnectionChange(True, "connected", LinkFacts("5", 7, 100_000, True))
+    _connected(client, ReceiveMaximum=1000)  # a broker that takes more: our own cap stays
+    assert client._client.max_inflight_messages == 32 and client.link == LinkFacts("5", 1000, None, False)
+
+
+def test_a_broker_that_says_nothing_or_zero_leaves_the_bounds_unsaid() -> None:
+    client = _client(10)
+    _connected(client)
+    assert client.link == LinkFacts("5", None, None, False)
+    zero = SimpleNamespace(ReceiveMaximum=0, MaximumPacketSize=0)  # paho decodes what a broker sends; it may be 0
+    client._on_connect(_Recorder(), None, SimpleNamespace(session_present=False), _OK, zero)  # type: ignore[arg-type]
+    assert client.link == LinkFacts("5", None, None, False)
+    assert client._client.max_inflight_messages == DEFAULT_MAX_INFLIGHT
+
+
+def test_auto_falls_back_to_mqtt_311_once_when_the_broker_refuses_mqtt5(caplog: pytest.LogCaptureFixture) -> None:
+    client = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="x", session_expiry_s=60))
+    caplog.set_level(logging.INFO, logger="edge_sdk.mqtt")
+    for _ in range(2):
+        client._on_pre_connect(client._client, None)
+        client._on_connect(client._client, None, SimpleNamespace(session_present=False), _NO_MQTT5, None)  # type: ignore[arg-type]
+    assert not client._client.speaks_mqtt5
+    assert client._client._clean_session is False  # the session is still asked for, the 3.1.1 way
+    assert client._client._connect_properties is None
+    said = [r.getMessage() for r in caplog.records if "does not speak MQTT 5" in r.getMessage()]
+    assert said == [
+        "mqtt://127.0.0.1:1 does not speak MQTT 5 (broker refused the connection: Unsupported protocol version): "
+        "using MQTT 3.1.1 from now on"
+    ]
+    _connected(client)
+    assert client.link is not None and client.link.protocol == "3.1.1"
+
+
+def test_auto_falls_back_when_the_connection_ends_before_the_connack() -> None:
+    client = _client(10)
+    client._started = True  # as after start(), without a network thread
+    client._on_pre_connect(client._client, None)
+    client._on_disconnect(client._client, None, None, "Keep alive timeout", None)  # type: ignore[arg-type]
+    assert not client._client.speaks_mqtt5
+    assert "ended before the broker's CONNACK (Keep alive timeout)" in client._last_error
+    client._started = False
+
+
+def test_a_pinned_protocol_or_a_broker_that_once_took_mqtt5_never_falls_back() -> None:
+    pinned = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="x", protocol="5"))
+    pinned._on_pre_connect(pinned._client, None)
+    pinned._on_connect(pinned._client, None, SimpleNamespace(session_present=False), _NO_MQTT5, None)  # type: ignore[arg-type]
+    assert pinned._client.speaks_mqtt5
+    known = _client(10)
+    _connected(known)
+    known._connected.clear()
+    known._on_pre_connect(known._client, None)
+    known._on_connect(known._client, None, SimpleNamespace(session_present=False), _NO_MQTT5, None)  # type: ignore[arg-type]
+    assert known._client.speaks_mqtt5  # a restarted broker answering oddly once is not a 3.1.1 broker
+
+
+def test_a_connection_refused_at_tcp_level_is_not_a_reason_to_fall_back() -> None:
+    client = _client(10)
+    client._started = True
+    client._on_pre_connect(client._client, None)
+    client._client.connect_error = ConnectionRefusedError(111, "Connection refused")
+    client._on_connect_fail(client._client, None)
+    client._on_disconnect(client._client, None, None, "gone", None)  # type: ignore[arg-type]
+    assert client._client.speaks_mqtt5
+    client._started = False
+
+
+def test_a_publish_larger_than_the_brokers_maximum_packet_size_is_refused_naming_both() -> None:
+    client = _client(10)
+    _connected(client, MaximumPacketSize=100)
+    fits = client.link.largest_payload("t/x", qos=1)  # type: ignore[union-attr]
+    assert fits == 100 - 1 - 1 - (2 + 3 + 2 + 1)
+    client.publish("t/x", bytes(fits))  # not connected: paho queues it; nothing refused here
+    with pytest.raises(TransportError) as caught:
+        client.publish("t/x", bytes(fits + 1))
+    assert "101 bytes" in caught.value.message and "Maximum Packet Size of 100 bytes" in caught.value.message
+    assert caught.value.details == {"topic": "t/x", "packet_bytes": 101, "maximum_packet_size": 100}
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "qos", "protocol", "size"),
+    [
+        ("a", 10, 1, "5", 18),  # 1 + 1 length byte + (2 + 1 topic + 2 id + 1 properties + 10)
+        ("a", 10, 1, "3.1.1", 17),
+        ("a", 10, 0, "5", 16),
+        ("a", 200, 1, "5", 209),  # remaining length 206 takes two bytes
+        ("é", 0, 0, "3.1.1", 6),  # the topic's UTF-8 bytes count
+    ],
+)
+def test_publish_packet_size_counts_every_header_byte(
+    topic: str, payload: int, qos: int, protocol: str, size: int
+) -> None:
+    assert publish_packet_size(topic, payload, qos, protocol) == size
+
+
+@pytest.mark.parametrize("maximum", [20, 127, 128, 129, 130, 131, 16_383, 16_384, 16_387, 16_388, 1_114_112])
+@pytest.mark.parametrize("topic", ["t", "edge/v1/transfers/" + "f" * 64, "x" * 200])
+def test_the_largest_payload_fits_and_one_byte_more_does_not(maximum: int, topic: str) -> None:
+    link = LinkFacts("5", None, maximum, False)
+    largest = link.largest_payload(topic, qos=1)
+    assert largest is not None
+    if publish_packet_size(topic, 0, 1, "5") <= maximum:
+        assert publish_packet_size(topic, largest, 1, "5") <= maximum
+    else:
+        assert largest == 0  # not even an empty payload fits
+    assert publish_packet_size(topic, largest + 1, 1, "5") > maximum
+    assert LinkFacts("3.1.1", None, None, False).largest_payload(topic) is None
+
+
+def test_link_facts_are_validated() -> None:
+    with pytest.raises(ConfigError, match="protocol"):
+        LinkFacts("4", None, None, False)
+    with pytest.raises(ConfigError, match="receive_maximum"):
+        LinkFacts("5", 0, None, False)
+
+
+def test_unsubscribe_drops_the_filter_from_every_later_connection() -> None:
+    client = _client(10)
+    client.subscribe("a/#")
+    client.subscribe("b/#")
+    client.unsubscribe("a/#")
+    client.unsubscribe("never/subscribed")  # harmless
+    recorder = _connected(client)
+    assert recorder.calls == [("subscribe", "b/#")]
+
+
+def test_a_persistent_session_unsubscribes_offline_drops_when_the_broker_kept_the_session() -> None:
+    client = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="x", session_expiry_s=60))
+    client.subscribe("a/#")
+    client.subscribe("b/#")
+    client.unsubscribe("a/#")  # offline: the broker's session still has it
+    client.subscribe("c/#")
+    client.unsubscribe("c/#")
+    client.subscribe("c/#")  # subscribed again: not to be unsubscribed
+    recorder = _connected(client, session_present=True)
+    assert recorder.calls == [("unsubscribe", "a/#"), ("subscribe", "b/#"), ("subscribe", "c/#")]
+    client._connected.clear()
+    assert _connected(client, session_present=True).calls == [("subscribe", "b/#"), ("subscribe", "c/#")]
+    client.unsubscribe("b/#")
+    assert _connected(client, session_present=False).calls == [("subscribe", "c/#")]  # no session: nothing to undo
+
+
+def test_the_connack_deadline_ends_an_attempt_the_broker_never_answers() -> None:
+    """A listening socket that accepts and never answers (as amqtt does with some MQTT 5 CONNECTs)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        client = MqttClient(
+            f"mqtt://127.0.0.1:{port}", MqttOptions(client_id="unit-silent", connack_timeout_s=0.5, protocol="5")
+        )
+        started = time.monotonic()
+        client.start()
+        try:
+            deadline = started + 10
+            while "CONNACK" not in client._last_error and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            client.close()
+        assert "ended before the broker's CONNACK" in client._last_error
+        assert time.monotonic() - started < 5  # not paho's keep-alive (30 s)

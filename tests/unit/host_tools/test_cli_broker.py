@@ -43,3 +43,30 @@ def test_a_broker_url_without_a_port_is_echoed_with_the_port_used(
 
 def host_keys(home) -> object:  # type: ignore[no-untyped-def]
     return CliRunner().invoke(cli, ["--home", str(home), "keys", "init"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "protocol"),
+    [([], {}, "auto"), (["--mqtt-protocol", "3.1.1"], {}, "3.1.1"), ([], {"EDGE_SDK_MQTT_PROTOCOL": "5"}, "5")],
+)
+def test_edgectl_asks_for_the_mqtt_protocol_it_is_given_with_a_clean_session(
+    flags: list[str], env: dict[str, str], protocol: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    seen: list[tuple[str, int]] = []
+
+    def refuse(client: MqttClient, *_args: object, **_kw: object) -> None:
+        seen.append((client.options.protocol, client.options.session_expiry_s))
+        raise BrokerUnreachableError("refused (test stand-in)")
+
+    monkeypatch.setattr(MqttClient, "connect", refuse)
+    monkeypatch.delenv("EDGE_SDK_MQTT_PROTOCOL", raising=False)
+    assert host_keys(tmp_path).exit_code == 0
+    args = [*flags, "--home", str(tmp_path), "rollback", "--device", "pi-01", "--name", "t", "--version", "1"]
+    result = CliRunner().invoke(cli, [*args, "--broker", "mqtt://broker.invalid:18830"], env=env)
+    assert result.exit_code == ExitCode.TRANSPORT, result.output
+    assert seen == [(protocol, 0)]
+
+
+def test_an_unknown_mqtt_protocol_is_a_usage_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(cli, ["--mqtt-protocol", "4", "--home", str(tmp_path), "devices", "--broker", "x"])
+    assert result.exit_code == ExitCode.USAGE and "'4' is not one of 'auto', '5', '3.1.1'" in result.output
