@@ -1077,6 +1077,13 @@ def _raise_refusal(cfg: HostConfig, outcome: Any, data: dict[str, Any]) -> None:
         raise CommandFailed(outcome.error, data, refusal_text(outcome))
 
 
+def _rate(text: str | None) -> float | None:
+    """``--rate`` in bytes per second (a rate it cannot read is a usage error, exit 2)."""
+    from host_tools.fleet.pacing import parse_rate
+
+    return None if text is None else parse_rate(text)
+
+
 def _already_runs(outcome: Any) -> bool:
     """A device the host skipped because it runs this very version already (not a failure of a fleet deploy)."""
     details = outcome.error.details if outcome.error is not None else {}
@@ -1097,6 +1104,12 @@ def _already_runs(outcome: Any) -> bool:
 @broker_options
 @benchmark_options
 @chunk_size_option
+@click.option(
+    "--rate",
+    default=None,
+    metavar="RATE",
+    help="cap on the bytes per second of this transfer, for metered links (200KB/s, 1.5MiB/s; K=1000, Ki=1024)",
+)
 @click.option("--accept-timeout", default=15.0, show_default=True, help="seconds the device has to accept the offer")
 @click.option(
     "--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device to finish"
@@ -1124,6 +1137,7 @@ def deploy(
     warmup: int,
     threads: int,
     chunk_size: int,
+    rate: str | None,
     accept_timeout: float,
     timeout_s: float,
     rollback: bool,
@@ -1149,6 +1163,7 @@ def deploy(
     options = _transfer_options(
         cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads, "min_duration_s": min_duration},
         chunk_size=chunk_size, accept_timeout_s=accept_timeout, finish_timeout_s=timeout_s, rollback=rollback,
+        rate_bytes_per_s=_rate(rate),
     )  # fmt: skip
     if len(set(device_ids)) != len(device_ids):
         raise click.BadParameter("a device is named more than once", param_hint="--device")

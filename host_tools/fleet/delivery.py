@@ -50,6 +50,7 @@ from edge_sdk.protocol import (
     transfer_topic,
 )
 from host_tools.fleet.conversation import TERMINAL_KINDS
+from host_tools.fleet.pacing import TokenBucket
 
 if TYPE_CHECKING:
     from host_tools.fleet.deployer import DeployOptions
@@ -202,6 +203,10 @@ class TransferRun:
         self.malformed = 0
         self._in_flight: deque[tuple[PublishHandle, int]] = deque()
         self._acked = 0
+        rate = options.rate_bytes_per_s
+        # A burst of a quarter second's worth, and never less than two chunks (a chunk must fit;
+        # the chunk index may overdraw it, and what follows then waits).
+        self._bucket = None if rate is None else TokenBucket(rate, max(2.0 * prepared.chunk_size, rate / 4))
 
     def run(self, commands: Mapping[str, DeployCommand], inbound: Inbound) -> dict[str, TransferResult]:
         """Send the commands, then the file, until every device has it or has stopped.
@@ -244,7 +249,10 @@ class TransferRun:
     # --- sending ----------------------------------------------------------------------
 
     def _send(self, fh: BinaryIO, devices: dict[str, _Device], now: float) -> bool:
-        sends = self.plan.next_sends(now, limit=self.options.window)
+        limit = self.options.window
+        if self._bucket is not None:  # a rate cap: only what the bucket holds goes now
+            limit = min(limit, int(self._bucket.tokens(now) // self.prepared.chunk_size))
+        sends = self.plan.next_sends(now, limit=limit) if limit > 0 else []
         for send in sends:
             if send.index == INDEX_FRAME:
                 data = self.prepared.index.digests
@@ -253,6 +261,8 @@ class TransferRun:
                 data = os.pread(fh.fileno(), self.prepared.chunk_size, offset)
             topic = transfer_topic(self.prepared.transfer_id) if send.device is None else DeviceTopics(send.device).data
             frame = encode_chunk(self.prepared.transfer_id, send.index, data)
+            if self._bucket is not None:
+                self._bucket.spend(len(data), now)
             self._guarded(self._publish, topic, frame, len(data))
         for device_id in self.plan.ends_due():
             cmd = devices[device_id].command

@@ -162,6 +162,9 @@ class DeployOptions:
         max_resend_rounds: rounds of repairs a device may ask for before it is given up.
         stall_s: a device silent this long with chunks in flight stops pacing the others.
         reconnect_timeout_s: how long to wait for a lost broker connection to come back.
+        rate_bytes_per_s: cap on the bytes of chunks one transfer sends per second
+            (broadcast and repairs together), for metered links; None: as fast as the
+            devices acknowledge.
         benchmark: what the device should measure after installing.
         authority: keys that sign the command, and the root chain to send first.
         rollback: the signed command explicitly allows this bundle's version even if the
@@ -175,9 +178,16 @@ class DeployOptions:
     max_resend_rounds: int = 8
     stall_s: float = 10.0
     reconnect_timeout_s: float = 60.0
+    rate_bytes_per_s: float | None = None
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
     authority: CommandAuthority | None = None
     rollback: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rate_bytes_per_s is not None and not self.rate_bytes_per_s > 0:
+            raise ConfigError(f"a transfer rate must be more than 0 bytes/s, not {self.rate_bytes_per_s!r}")
+        if self.window < 1 or self.stall_s <= 0 or self.max_resend_rounds < 0:
+            raise ConfigError("window, stall time and repair rounds must be positive")
 
 
 @dataclass(frozen=True)
