@@ -194,7 +194,7 @@ class InstallSequence:
         """Take a received bundle through the sequence; every outcome is reported, none raised."""
         cmd = bundle.command
         try:
-            self.reporter.event(EventKind.RECEIVED, cmd=cmd)
+            self.reporter.event(EventKind.RECEIVED, cmd=cmd, detail={"discarded": bundle.discarded})
             self.checkpoint("received")
             if cmd.action == "profile":
                 self._profile_only(cmd, bundle.path)

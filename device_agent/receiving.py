@@ -77,10 +77,14 @@ class ReceivedBundle:
     Attributes:
         command: the deploy command that offered it.
         path: the file (under ``staging/``); :meth:`discard` removes it unless it was moved.
+        discarded: frames of this transfer that failed a check and were dropped (forged,
+            damaged or misplaced chunks, or a chunk index that was not the signed one) since
+            this agent started.
     """
 
     command: DeployCommand
     path: Path
+    discarded: int = 0
 
     def discard(self) -> None:
         """Remove the file, if it is still there (a deferred install moves it away)."""
@@ -203,6 +207,7 @@ class Transfer:
     last_chunk_at: float
     reported: int = 0
     idle_reported_at: float = float("-inf")
+    index_discarded: int = 0
 
 
 class Receiving:
@@ -424,6 +429,7 @@ class Receiving:
             index = t.receiver.take_index(data)
         except TransferError as exc:
             self.discarded["index"] += 1
+            t.index_discarded += 1
             log.info("discarded a chunk index for %s: %s", t.command.transfer.transfer_id, exc.message)
             return
         atomic_write_bytes(self._path(t.command.transfer.transfer_id, ".index"), index.digests, mode=0o600)
@@ -459,7 +465,7 @@ class Receiving:
         del self._transfers[tid]
         for suffix in (".cmd", ".index"):
             self._path(tid, suffix).unlink(missing_ok=True)
-        return ReceivedBundle(t.command, t.file.path)
+        return ReceivedBundle(t.command, t.file.path, t.receiver.discarded + t.index_discarded)
 
     def progress_due(self, transfer_id: str, every: int) -> int | None:
         """Chunks held, if ``every`` more arrived since progress was last reported (then marked reported)."""

@@ -315,12 +315,12 @@ class ChunkReceiver:
         offset, length = self._spans[index]
         if len(data) != length:
             return self._discard(index, "length")
-        if index in self._have:
-            return None
         if self.index is None:
             return self._discard(index, "no_index")
-        if not self.index.matches(index, data):
+        if not self.index.matches(index, data):  # checked for duplicates too: every forgery is counted
             return self._discard(index, "digest")
+        if index in self._have:
+            return None
         self._have.add(index)
         return WriteAt(offset, data)
 

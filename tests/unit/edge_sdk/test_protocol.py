@@ -496,8 +496,10 @@ def test_duplicates_are_ignored() -> None:
     r, parts = _receiver()
     assert r.accept(0, parts[0]) is not None
     assert r.accept(0, parts[0]) is None
-    assert r.accept(0, b"z" * 1024) is None  # never rewrites a chunk already on disk
-    assert r.missing() == [1, 2] and r.discarded == 0
+    assert r.discarded == 0
+    # A forgery of a chunk already on disk never rewrites it, and is counted like any other.
+    assert r.accept(0, b"z" * 1024) == Discard(0, "digest")
+    assert r.missing() == [1, 2] and r.discarded == 1
 
 
 @pytest.mark.parametrize("index", [-1, 3, 4, 2**32 - 1])

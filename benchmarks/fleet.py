@@ -1,0 +1,503 @@
+"""Delivery to a fleet of real agents: bytes, time and host CPU, each case beside its baseline in the same run.
+
+Real `edge-agent` processes, a real Mosquitto (its default limits, the test helper's
+generated config), real `edgectl deploy`. A tap client subscribed to everything the host
+publishes (transfer topics, devices' data and command topics) counts the bytes that went
+from the host to the broker, and the devices' signed events say when each had the bundle.
+
+Cases (issue 14's table):
+
+- ``fan-out``: one bundle to N agents, against a raw paho QoS 1 publish of the same chunk
+  frames fanned out by the broker to N subscriber processes. Goals: host->broker bytes
+  <= 1.1x the bundle; delivery (first chunk to the last device's ``received``) within 1.5x
+  of the raw time; host CPU (the whole `edgectl deploy` process, start-up included) <= 20 ms
+  per device.
+- ``agent-kill``, ``broker-kill``, ``edgectl-kill``: SIGKILL at half the chunks, restart,
+  finish. Baseline: the bundle's chunk bytes. Goal: bytes sent again <= one window of chunks
+  (64), and the deploy ends installed.
+- ``forged``: another client publishes forged chunks on the transfer topic (about one for
+  every ten real ones). Goal: installed, every forged chunk refused at the chunk.
+
+Usage::
+
+    .venv/bin/python benchmarks/fleet.py [--devices 100] [--mib 10] [--cases fan-out,agent-kill,...]
+    .venv/bin/python benchmarks/fleet.py --quick     # 10 devices, 4 MiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import queue
+import random
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # real broker, agents and models
+
+from _report import add_common_args, print_table, write_results
+from agent_models import big_model
+from harness import BIN, AgentProcess, Host, enroll, read_device_message, wait_online
+from mosquitto import MosquittoProcess, find_mosquitto
+
+from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
+from edge_sdk.protocol import (
+    Event,
+    EventKind,
+    content_transfer_id,
+    decode_chunk,
+    encode_chunk,
+    transfer_topic,
+)
+
+CHUNK = 64 * 1024
+WINDOW = 64
+CASES = ("fan-out", "agent-kill", "broker-kill", "edgectl-kill", "forged")
+
+
+# --- what the host sends, seen from the broker ---------------------------------------------------
+
+
+class Tap:
+    """Counts what the host publishes (chunk frames by index, command bytes) and when devices had the bundle."""
+
+    def __init__(self, url: str) -> None:
+        self.client = MqttClient(url, MqttOptions(client_id=f"bench-tap-{os.getpid()}-{time.monotonic_ns()}"))
+        self.client.connect()
+        for topic in (
+            "edge/v1/transfers/#",
+            "edge/v1/devices/+/data",
+            "edge/v1/devices/+/cmd",
+            "edge/v1/devices/+/events",
+        ):
+            self.client.subscribe(topic)
+        self.frames: Counter[int] = Counter()
+        self.chunk_bytes = 0
+        self.cmd_bytes = 0
+        self.first_chunk_at: float | None = None
+        self.received_at: dict[str, float] = {}
+        self.discarded: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self.client.inbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if not isinstance(item, Incoming):
+                continue
+            now = time.monotonic()
+            if item.topic.endswith("/cmd"):
+                self.cmd_bytes += len(item.payload)
+            elif item.topic.endswith("/events"):
+                msg = read_device_message(item.payload)
+                if isinstance(msg, Event) and msg.kind == EventKind.RECEIVED:
+                    self.received_at.setdefault(msg.device_id, now)
+                    discarded = msg.detail.get("discarded")
+                    self.discarded[msg.device_id] = discarded if isinstance(discarded, int) else -1
+            else:
+                chunk = decode_chunk(item.payload)
+                if self.first_chunk_at is None and chunk.index >= 0:
+                    self.first_chunk_at = now
+                self.frames[chunk.index] += 1
+                self.chunk_bytes += len(item.payload)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.client.close()
+
+
+# --- a fleet ---------------------------------------------------------------------------------------
+
+
+class Fleet:
+    """Real agents on one broker, enrolled in the host's registry."""
+
+    def __init__(self, host: Host, url: str, root: Path, work: Path) -> None:
+        self.host, self.url, self.root, self.work = host, url, root, work
+        self.agents: dict[str, AgentProcess] = {}
+
+    def start(self, device_ids: Sequence[str], *extra: str) -> None:
+        started = []
+        for d in device_ids:
+            data_dir = self.work / f"agent-{d}"
+            log_path = self.work / f"agent-{d}.log"
+            with open(log_path, "a") as log:
+                proc = subprocess.Popen(
+                    [str(BIN / "edge-agent"), "run", "--broker", self.url, "--device-id", d, "--data-dir",
+                     str(data_dir), "--root", str(self.root), "--log-level", "INFO", *extra],
+                    stdout=log, stderr=subprocess.STDOUT, text=True,
+                )  # fmt: skip
+            self.agents[d] = AgentProcess(proc, d, data_dir, log_path)
+            started.append(d)
+        for d in started:
+            enroll(self.host.home, d, self.agents[d].wait_for_key(timeout=120))
+        for d in started:
+            wait_online(self.url, d, timeout=120)
+
+    def kill(self, device_id: str) -> None:
+        agent = self.agents[device_id]
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            if agent.alive:
+                agent.proc.send_signal(signal.SIGTERM)
+        for agent in self.agents.values():
+            try:
+                agent.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                agent.proc.kill()
+
+
+def _deploy_args(bundle: Path, url: str, devices: Sequence[str]) -> list[str]:
+    args = [str(BIN / "edgectl"), "deploy", str(bundle), "--broker", url, "--chunk-size", str(CHUNK)]
+    args += ["--runs", "5", "--warmup", "1", "--min-duration", "0", "--json", "--timeout", "600"]
+    for d in devices:
+        args += ["--device", d]
+    return args
+
+
+def _env(host: Host) -> dict[str, str]:
+    env = dict(os.environ, EDGE_SDK_HOME=str(host.home))
+    env.pop("EDGE_SDK_BROKER", None)
+    return env
+
+
+def _timed_deploy(
+    host: Host, bundle: Path, url: str, devices: Sequence[str]
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run `edgectl deploy` to completion; its CPU seconds (user + system, the whole process)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(
+        _deploy_args(bundle, url, devices), capture_output=True, text=True, env=_env(host), timeout=1800
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return proc, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+# --- the raw baseline ------------------------------------------------------------------------------
+
+_SUBSCRIBER = r"""
+import sys, time, paho.mqtt.client as mqtt
+host, port, topic, want, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+got = 0
+def on_message(c, u, m):
+    global got
+    got += 1
+    if got == want:
+        open(out, "w").write(repr(time.monotonic()))
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, 1)
+c.on_message = on_message
+c.connect(host, port)
+open(out + ".ready", "w").close()
+c.loop_forever()
+"""
+
+
+def raw_fan_out(url: str, frames: list[bytes], subscribers: int, work: Path) -> float:
+    """Seconds from the first publish to the last subscriber holding every frame: paho QoS 1, the broker fans out."""
+    host, port = url.split("//")[1].split(":")
+    topic = f"bench/raw/{time.monotonic_ns()}"
+    outs = [work / f"raw-{i}.done" for i in range(subscribers)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _SUBSCRIBER, host, port, topic, str(len(frames)), str(o)]) for o in outs
+    ]
+    try:
+        if not _wait(lambda: all(Path(f"{o}.ready").exists() for o in outs), 120):
+            raise RuntimeError("raw subscribers did not start")
+        time.sleep(1.0)  # let every subscription reach the broker
+        client = MqttClient(url, MqttOptions(client_id=f"bench-raw-{os.getpid()}"))
+        client.connect()
+        started = time.monotonic()
+        handles = [client.publish(topic, f) for f in frames]
+        for h in handles:
+            h.wait()
+        if not _wait(lambda: all(o.exists() for o in outs), 600):
+            raise RuntimeError("raw subscribers did not get every frame")
+        client.close()
+        return max(float(o.read_text()) for o in outs) - started
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+# --- cases -----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _broker(work: Path) -> Iterator[MosquittoProcess]:
+    binary = find_mosquitto()  # raises, naming `make test-deps`, when Mosquitto is missing
+    broker = MosquittoProcess(work / "mosquitto", binary=binary).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def _pack(host: Host, work: Path, mib: int, version: int, name: str) -> Path:
+    model_dir = work / f"model-{name}-{version}"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model, sample = big_model(model_dir, mib=mib)
+    out = work / f"{name}-v{version}.edge"
+    r = host.run("pack", str(model), "-o", str(out), "--name", name, "--version", str(version), "--sample", str(sample))
+    if r.code:
+        raise RuntimeError(r.stderr)
+    return out
+
+
+def case_fan_out(host: Host, work: Path, devices: int, mib: int) -> dict:
+    with _broker(work / "fan-out") as broker:
+        fleet = Fleet(host, broker.url, host.root, work / "fan-out")
+        ids = [f"bench-{i:03d}" for i in range(devices)]
+        try:
+            t0 = time.monotonic()
+            fleet.start(ids)
+            print(f"  {devices} agents online in {time.monotonic() - t0:.0f} s", flush=True)
+            bundle = _pack(host, work, mib, 1, "fanout")
+            data = bundle.read_bytes()
+            tid = content_transfer_id(hashlib.sha256(data).hexdigest(), CHUNK)
+            frames = [encode_chunk(tid, i // CHUNK, data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)]
+            raw_s = raw_fan_out(broker.url, frames, devices, work)
+            tap = Tap(broker.url)
+            proc, cpu_s = _timed_deploy(host, bundle, broker.url, ids)
+            _wait(lambda: len(tap.received_at) == devices, 10)
+            tap.close()
+            if proc.returncode:
+                raise RuntimeError(proc.stderr[-2000:])
+            deliver_s = max(tap.received_at.values()) - (tap.first_chunk_at or 0.0)
+            sent = tap.chunk_bytes + tap.cmd_bytes
+            return {
+                "devices": devices,
+                "bundle_bytes": len(data),
+                "host_to_broker_bytes": sent,
+                "chunk_frame_bytes": tap.chunk_bytes,
+                "command_bytes": tap.cmd_bytes,
+                "bytes_ratio": sent / len(data),
+                "raw_fan_out_s": raw_s,
+                "delivery_s": deliver_s,
+                "delivery_ratio": deliver_s / raw_s,
+                "host_cpu_s": cpu_s,
+                "host_cpu_ms_per_device": 1000 * cpu_s / devices,
+                "goals_met": sent <= 1.1 * len(data) and deliver_s <= 1.5 * raw_s and 1000 * cpu_s / devices <= 20,
+            }
+        finally:
+            fleet.stop()
+
+
+def _resume_case(host: Host, work: Path, mib: int, what: str) -> dict:
+    """SIGKILL the agent, the broker or `edgectl` at half the chunks; restart it; finish."""
+    case_dir = work / what
+    with _broker(case_dir) as broker:
+        fleet = Fleet(host, broker.url, host.root, case_dir)
+        device = f"bench-{what}"
+        try:
+            fleet.start([device])
+            bundle = _pack(host, work, mib, 1, what.replace("-", ""))
+            chunks = -(-bundle.stat().st_size // CHUNK)
+            tap = Tap(broker.url)
+            deployer = subprocess.Popen(
+                _deploy_args(bundle, broker.url, [device]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, env=_env(host),
+            )  # fmt: skip
+            if not _wait(lambda: len([i for i in tap.frames if i >= 0]) >= chunks // 2, 300):
+                raise RuntimeError(f"{what}: the transfer did not reach half")
+            if what == "agent-kill":
+                fleet.kill(device)
+                time.sleep(0.5)
+                fleet.start([device])
+            elif what == "broker-kill":
+                broker.kill()
+                time.sleep(1.0)
+                broker.restart()
+            else:
+                deployer.send_signal(signal.SIGKILL)
+                deployer.wait()
+                deployer = subprocess.Popen(
+                    _deploy_args(bundle, broker.url, [device]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True, env=_env(host),
+                )  # fmt: skip
+            out, err = deployer.communicate(timeout=1200)
+            time.sleep(0.5)
+            tap.close()
+            chunk_frames = sum(n for i, n in tap.frames.items() if i >= 0)
+            return {
+                "chunks": chunks,
+                "chunk_frames_sent": chunk_frames,
+                "resent_chunks": chunk_frames - chunks,
+                "window": WINDOW,
+                "exit_code": deployer.returncode,
+                "installed": '"state": "installed"' in out,
+                "goals_met": deployer.returncode == 0 and chunk_frames - chunks <= WINDOW,
+                "note": "tap counts frames the broker delivered to it; frames lost with a killed broker are not seen",
+                "stderr_tail": err[-500:] if deployer.returncode else "",
+            }
+        finally:
+            fleet.stop()
+
+
+def case_forged(host: Host, work: Path, mib: int) -> dict:
+    case_dir = work / "forged"
+    with _broker(case_dir) as broker:
+        fleet = Fleet(host, broker.url, host.root, case_dir)
+        device = "bench-forged"
+        try:
+            fleet.start([device])
+            bundle = _pack(host, work, mib, 1, "forged")
+            data = bundle.read_bytes()
+            tid = content_transfer_id(hashlib.sha256(data).hexdigest(), CHUNK)
+            chunks = -(-len(data) // CHUNK)
+            tap = Tap(broker.url)
+            forger = MqttClient(broker.url, MqttOptions(client_id="bench-forger"))
+            forger.connect()
+            stop = threading.Event()
+            forged = Counter[str]()
+            rng = random.Random(14)
+
+            def forge() -> None:
+                real_seen = 0
+                while not stop.is_set():
+                    real = sum(n for i, n in tap.frames.items() if i >= 0)
+                    if real - real_seen >= 10:  # one forged for every ten real chunks
+                        real_seen = real
+                        forger.publish(
+                            transfer_topic(tid), encode_chunk(tid, rng.randrange(chunks), rng.randbytes(CHUNK))
+                        )
+                        forged["sent"] += 1
+                    time.sleep(0.001)
+
+            thread = threading.Thread(target=forge, daemon=True)
+            thread.start()
+            proc, _cpu = _timed_deploy(host, bundle, broker.url, [device])
+            stop.set()
+            thread.join(timeout=5)
+            forger.close()
+            tap.close()
+            refused = tap.discarded.get(device, -1)  # the device's own count, in its signed `received` event
+            return {
+                "chunks": chunks,
+                "forged_sent": forged["sent"],
+                "exit_code": proc.returncode,
+                "installed": '"state": "installed"' in proc.stdout,
+                "discarded_by_device": refused,
+                "goals_met": proc.returncode == 0
+                and '"state": "installed"' in proc.stdout
+                and refused >= forged["sent"],
+            }
+        finally:
+            fleet.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=100, help="agents in the fan-out case")
+    parser.add_argument("--mib", type=int, default=10, help="MiB of weights in the bundle")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.devices, args.mib = 10, 4
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="edge-fleet-bench-") as tmp:
+        work = Path(tmp)
+        host = Host(work / "home")
+        r = host.run("keys", "init")
+        if r.code:
+            raise SystemExit(r.stderr)
+        for case in cases:
+            print(f"case {case}...", flush=True)
+            started = time.monotonic()
+            if case == "fan-out":
+                results[case] = case_fan_out(host, work, args.devices, args.mib)
+            elif case == "forged":
+                results[case] = case_forged(host, work, args.mib)
+            else:
+                results[case] = _resume_case(host, work, args.mib, case)
+            results[case]["seconds"] = time.monotonic() - started
+    rows = []
+    if "fan-out" in results:
+        f = results["fan-out"]
+        rows.append(
+            [
+                "fan-out: host->broker bytes",
+                f"{f['host_to_broker_bytes']:,}",
+                f"bundle {f['bundle_bytes']:,}",
+                f"{f['bytes_ratio']:.3f}",
+                "<= 1.1",
+            ]
+        )
+        rows.append(
+            [
+                "fan-out: delivery s",
+                f"{f['delivery_s']:.2f}",
+                f"raw paho fan-out {f['raw_fan_out_s']:.2f}",
+                f"{f['delivery_ratio']:.2f}",
+                "<= 1.5",
+            ]
+        )
+        rows.append(["fan-out: host CPU ms/device", f"{f['host_cpu_ms_per_device']:.1f}", "-", "-", "<= 20"])
+    for case in ("agent-kill", "broker-kill", "edgectl-kill"):
+        if case in results:
+            c = results[case]
+            rows.append(
+                [
+                    f"{case}: chunks sent again",
+                    str(c["resent_chunks"]),
+                    f"bundle {c['chunks']} chunks",
+                    f"{c['chunk_frames_sent'] / c['chunks']:.3f}",
+                    f"<= {WINDOW} chunks, installed: {c['installed']}",
+                ]
+            )
+    if "forged" in results:
+        c = results["forged"]
+        rows.append(
+            [
+                "forged: installed",
+                str(c["installed"]),
+                f"{c['forged_sent']} forged chunks",
+                f"{c['agent_discards_logged']} discarded",
+                "installed",
+            ]
+        )
+    print(f"fleet delivery, {args.devices} devices, {args.mib} MiB of weights, {CHUNK // 1024} KiB chunks, Mosquitto")
+    print_table(["measure", "edge-sdk", "baseline (same run)", "ratio", "goal"], rows)
+    path = write_results(
+        "fleet", {"devices": args.devices, "mib": args.mib, "chunk": CHUNK, "cases": results}, args.json_out
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
