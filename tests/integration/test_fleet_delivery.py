@@ -180,3 +180,14 @@ def test_forged_chunks_on_the_transfer_topic_are_refused_one_by_one(host, tiny_m
     assert r.json()["state"] == "installed"
     discarded = [line for line in agent.log().splitlines() if "discarded chunk" in line and ": digest" in line]
     assert forged["chunks"] > 0 and discarded, forged
+
+
+def test_one_deploy_to_two_devices_through_every_broker_topology(host, tiny_model, topology, start_agent, tmp_path):
+    """Mosquitto with MQTT 5 and with 3.1.1 clients, the embedded amqtt, and a gateway bridged to the fleet broker."""
+    devices = [f"topo-{topology.name.replace('.', '')}-{i}" for i in range(2)]
+    for d in devices:
+        start_agent(topology.device_url, d, host.root, "--mqtt-protocol", topology.protocol)
+    bundle = _pack(host, tiny_model.path, tiny_model.sample, tmp_path / "v1.edge", 1)
+    r = host.run("--mqtt-protocol", topology.protocol, *_deploy_args(bundle, topology.host_url, devices))
+    assert r.code == 0, r.stderr
+    assert r.json()["states"] == {"installed": 2}
