@@ -191,3 +191,25 @@ def test_one_deploy_to_two_devices_through_every_broker_topology(host, tiny_mode
     r = host.run("--mqtt-protocol", topology.protocol, *_deploy_args(bundle, topology.host_url, devices))
     assert r.code == 0, r.stderr
     assert r.json()["states"] == {"installed": 2}
+
+
+def test_edgectl_killed_half_way_and_run_again_sends_only_the_rest(host, mosquitto, start_agent, tmp_path):
+    model, sample = big_model(tmp_path, mib=4)
+    bundle = _pack(host, model, sample, tmp_path / "big.edge", 1)
+    chunks = -(-bundle.stat().st_size // 8192)
+    start_agent(mosquitto.url, "fleet-host-killed", host.root)
+    args = _deploy_args(bundle, mosquitto.url, ["fleet-host-killed"], "--chunk-size", "8192")
+    tap = _Tap(mosquitto.url)
+    try:
+        first = _background_deploy(host, args)
+        assert _wait_for(lambda: len(tap.broadcast) >= chunks // 2, 60), tap.broadcast
+        first.kill()
+        first.communicate()  # reaps it and closes its pipes
+        r = host.run(*args)
+        assert r.code == 0, r.stderr
+        assert r.json()["state"] == "installed"
+        time.sleep(0.5)
+    finally:
+        tap.close()
+    sent = sum(n for i, n in tap.broadcast.items() if i >= 0) + sum(n for i, n in tap.unicast.items() if i >= 0)
+    assert sent <= chunks + 64, (sent, chunks)  # the second run sends what the device lacks, not the bundle again
