@@ -17,6 +17,8 @@ Cases (issue 14's table):
   (64), and the deploy ends installed.
 - ``forged``: another client publishes forged chunks on the transfer topic (about one for
   every ten real ones). Goal: installed, every forged chunk refused at the chunk.
+- ``slow-link``: the device's connection to Mosquitto (default limits) passes a proxy that
+  delivers 256 KB/s to the device. Baseline: the bundle's size. Goal: extra bytes <= 5%.
 
 Usage::
 
@@ -27,12 +29,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import os
 import queue
 import random
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,7 +67,8 @@ from edge_sdk.protocol import (
 
 CHUNK = 64 * 1024
 WINDOW = 64
-CASES = ("fan-out", "agent-kill", "broker-kill", "edgectl-kill", "forged")
+CASES = ("fan-out", "agent-kill", "broker-kill", "edgectl-kill", "forged", "slow-link")
+SLOW_LINK_BYTES_PER_S = 256_000
 
 
 # --- what the host sends, seen from the broker ---------------------------------------------------
@@ -84,6 +89,7 @@ class Tap:
             self.client.subscribe(topic)
         self.frames: Counter[int] = Counter()
         self.chunk_bytes = 0
+        self.chunk_payload = 0  # bytes of bundle carried (chunk frames without headers, index frames not counted)
         self.cmd_bytes = 0
         self.first_chunk_at: float | None = None
         self.received_at: dict[str, float] = {}
@@ -115,6 +121,8 @@ class Tap:
                     self.first_chunk_at = now
                 self.frames[chunk.index] += 1
                 self.chunk_bytes += len(item.payload)
+                if chunk.index >= 0:
+                    self.chunk_payload += len(chunk.data)
 
     def close(self) -> None:
         self._stop.set()
@@ -247,6 +255,99 @@ def raw_fan_out(url: str, frames: list[bytes], subscribers: int, work: Path) -> 
         for p in procs:
             p.kill()
             p.wait()
+
+
+# --- a slow link ---------------------------------------------------------------------------------
+
+
+class SlowLink:
+    """A TCP proxy on loopback that delivers the broker's bytes to the client at ``rate`` bytes/s.
+
+    The client's bytes to the broker pass at full speed (a device's uplink carries only small
+    events here). Runs its own event loop in a thread; :attr:`url` is what the device connects to.
+    """
+
+    def __init__(self, broker_url: str, rate: float) -> None:
+        self._target = broker_url.split("//")[1].split(":")
+        self._rate = rate
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("slow link proxy did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", self.port))
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self._target
+        try:
+            up_r, up_w = await asyncio.open_connection(host, int(port))
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, rate: float | None) -> None:
+            try:
+                while data := await src.read(16384):
+                    dst.write(data)
+                    await dst.drain()
+                    if rate is not None:
+                        await asyncio.sleep(len(data) / rate)
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_w, None), pipe(up_r, writer, self._rate))
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+def case_slow_link(host: Host, work: Path, mib: int) -> dict:
+    case_dir = work / "slow-link"
+    with _broker(case_dir) as broker:
+        link = SlowLink(broker.url, SLOW_LINK_BYTES_PER_S)
+        fleet = Fleet(host, link.url, host.root, case_dir)
+        device = "bench-slow"
+        try:
+            fleet.start([device])
+            bundle = _pack(host, work, mib, 1, "slow")
+            size = bundle.stat().st_size
+            tap = Tap(broker.url)
+            started = time.monotonic()
+            proc, _cpu = _timed_deploy(host, bundle, broker.url, [device])
+            seconds = time.monotonic() - started
+            time.sleep(0.5)
+            tap.close()
+            extra = max(0, tap.chunk_payload - size) / size
+            return {
+                "bundle_bytes": size,
+                "rate_bytes_per_s": SLOW_LINK_BYTES_PER_S,
+                "chunk_frames": sum(n for i, n in tap.frames.items() if i >= 0),
+                "extra_share": extra,
+                "seconds": seconds,
+                "exit_code": proc.returncode,
+                "installed": '"state": "installed"' in proc.stdout,
+                "goals_met": proc.returncode == 0 and extra <= 0.05,
+                "bundle_bytes_sent": tap.chunk_payload,
+            }
+        finally:
+            fleet.stop()
+            link.close()
 
 
 # --- cases -----------------------------------------------------------------------------------------
@@ -419,11 +520,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=100, help="agents in the fan-out case")
     parser.add_argument("--mib", type=int, default=10, help="MiB of weights in the bundle")
+    parser.add_argument("--slow-mib", type=int, default=50, help="MiB of weights for the slow-link case")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.devices, args.mib = 10, 4
+        args.devices, args.mib, args.slow_mib = 10, 4, 4
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(CASES)
     if unknown:
@@ -442,6 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results[case] = case_fan_out(host, work, args.devices, args.mib)
             elif case == "forged":
                 results[case] = case_forged(host, work, args.mib)
+            elif case == "slow-link":
+                results[case] = case_slow_link(host, work, args.slow_mib)
             else:
                 results[case] = _resume_case(host, work, args.mib, case)
             results[case]["seconds"] = time.monotonic() - started
@@ -486,8 +590,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "forged: installed",
                 str(c["installed"]),
                 f"{c['forged_sent']} forged chunks",
-                f"{c['agent_discards_logged']} discarded",
-                "installed",
+                f"{c['discarded_by_device']} discarded",
+                "installed, every forgery refused",
+            ]
+        )
+    if "slow-link" in results:
+        c = results["slow-link"]
+        rows.append(
+            [
+                "slow link 256 KB/s: extra bytes",
+                f"{100 * c['extra_share']:.1f}%",
+                f"bundle {c['bundle_bytes']:,}",
+                f"{c['seconds']:.0f} s",
+                "<= 5%, installed",
             ]
         )
     print(f"fleet delivery, {args.devices} devices, {args.mib} MiB of weights, {CHUNK // 1024} KiB chunks, Mosquitto")
