@@ -463,6 +463,10 @@ class FanOut:
         if peer is None or peer.state != "receiving" or not 0 <= have <= self.chunk_count:
             self.ignored += 1
             return
+        if have < peer.have_at_round:
+            # It holds fewer than its list of what it lacks implied: the list was capped at
+            # MAX_RANGES ranges. Count from what it holds, taking what went out as received.
+            peer.have_at_round, peer.have = max(0, have - peer.sent), have
         peer.have = max(peer.have, have)
         if peer.stalled:
             # What it has not acknowledged by now was lost (it asks for it at transfer_end):

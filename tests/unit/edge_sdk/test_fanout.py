@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from edge_sdk.errors import ConfigError
-from edge_sdk.protocol import INDEX_FRAME, PROGRESS_EVERY, FanOut, Send
+from edge_sdk.protocol import INDEX_FRAME, PROGRESS_EVERY, FanOut, Send, decode_ranges, encode_ranges
+from edge_sdk.protocol.transfer import MAX_RANGES
 
 
 class Devices:
@@ -349,6 +350,27 @@ def test_a_device_that_lost_frames_holds_the_others_back_once_at_most() -> None:
     assert plan.given_up == {} and all(len(h) == 400 for h in devices.held.values())
     # Each round of d0's may end with it set aside once (what it lost fills its window); no more.
     assert took < (devices.rounds["d0"] + 1) * plan.stall_s + 0.5, (took, devices.rounds)
+
+
+def test_a_device_whose_list_was_capped_is_paced_by_what_it_really_holds() -> None:
+    # A device lacking more than MAX_RANGES ranges lists the lowest ones only: it holds fewer
+    # chunks than the plan would reckon from the list, and its progress must still count.
+    count = 4 * MAX_RANGES
+    plan = FanOut(count, window=64, stall_s=1.0)
+    devices = Devices(plan, progress_every=PROGRESS_EVERY)
+    devices.held["a"], devices.has_index["a"] = set(range(0, count, 2)), True  # kept every other chunk
+    devices.reported["a"] = count // 2
+    plan.offered("a", 0.0)
+    listed = decode_ranges(encode_ranges(devices.lacking("a")), count)
+    assert len(listed) == MAX_RANGES < len(devices.lacking("a"))
+    plan.accepted("a", listed, True, 0.0)
+    now = 0.0
+    while "a" not in plan.ends_due():
+        assert now < plan.stall_s, "the device's own window stalled the sending"
+        devices.deliver(plan.next_sends(now))
+        devices.progress(now)
+        now += 0.01
+    assert set(listed) <= devices.held["a"]
 
 
 def test_a_window_smaller_than_the_progress_interval_is_refused() -> None:
