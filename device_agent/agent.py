@@ -497,11 +497,14 @@ class Agent:
             log.warning("refused offer of %s v%s before transfer: %s", cmd.bundle_name, cmd.bundle_version, exc.message)
             self.reporter.event(EventKind.REFUSED, cmd=cmd, error=exc)
             return
+        held_before = {x.command.transfer.transfer_id for x in self.receiving.held()}
         try:
             t = self.receiving.begin(cmd, self.monotonic())
         except StorageError as exc:
+            self._stop_listening(held_before)
             self.reporter.event(EventKind.FAILED, cmd=cmd, error=exc)
             return
+        self._stop_listening(held_before)
         self.transport.subscribe(transfer_topic(tid), qos=1)
         receiver = t.receiver
         self.reporter.event(
@@ -512,6 +515,11 @@ class Agent:
         )
         if receiver.complete:  # every chunk was in before a restart: the install goes on from here
             self._finish(t)
+
+    def _stop_listening(self, held_before: set[str]) -> None:
+        """Unsubscribe from the transfers no longer held (a new one evicted them for room or count)."""
+        for tid in held_before - {x.command.transfer.transfer_id for x in self.receiving.held()}:
+            self.transport.unsubscribe(transfer_topic(tid))
 
     def _on_chunk(self, payload: bytes) -> None:
         chunk = decode_chunk(payload, self.codec_limits)

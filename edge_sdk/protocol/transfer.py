@@ -385,7 +385,8 @@ class FanOut:
 
     Args:
         chunk_count: chunks in the file.
-        window: most chunks in flight beyond any active device's acknowledged progress.
+        window: most chunks in flight beyond any active device's acknowledged progress (at
+            least :data:`PROGRESS_EVERY`, how often devices acknowledge).
         stall_s: a device with chunks in flight that says nothing for this long no longer
             holds the others back; it is sent ``transfer_end`` when its chunks have gone out,
             and goes on when it speaks again.
@@ -410,6 +411,11 @@ class FanOut:
             raise ConfigError(f"a transfer has 1 to {MAX_CHUNKS} chunks, not {chunk_count}")
         if window < 1 or stall_s <= 0 or max_rounds < 0 or not 0 < rebroadcast_share <= 1:
             raise ConfigError("fan-out window, stall time, rounds or share out of range")
+        if window < PROGRESS_EVERY:  # a device would never acknowledge a window: each one would stall
+            raise ConfigError(
+                f"fan-out window of {window} chunks: it must be at least {PROGRESS_EVERY}, as devices "
+                f"report progress every {PROGRESS_EVERY} chunks"
+            )
         self.chunk_count = chunk_count
         self.window = window
         self.stall_s = stall_s
@@ -457,6 +463,10 @@ class FanOut:
         if peer is None or peer.state != "receiving" or not 0 <= have <= self.chunk_count:
             self.ignored += 1
             return
+        if have < peer.have_at_round:
+            # It holds fewer than its list of what it lacks implied: the list was capped at
+            # MAX_RANGES ranges. Count from what it holds, taking what went out as received.
+            peer.have_at_round, peer.have = max(0, have - peer.sent), have
         peer.have = max(peer.have, have)
         if peer.stalled:
             # What it has not acknowledged by now was lost (it asks for it at transfer_end):

@@ -490,6 +490,20 @@ def test_other_content_offered_under_a_held_transfer_id_is_checked_before_any_ch
     assert have(agent, tid) == 1  # what was held is untouched
 
 
+def test_a_transfer_evicted_for_a_new_one_is_no_longer_listened_to(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    agent, transport = make_agent()
+    held = agent.receiving.max_transfers
+    cmds = [fleet.deploy(os.urandom(3 * CHUNK), f"b{k}", 1) for k in range(held + 1)]
+    for cmd in cmds:  # each begun, none finished: the first one is the oldest idle one when the last comes
+        transport.deliver(TOPICS.cmd, fleet.signed(cmd))
+        drive(agent, lambda cmd=cmd: EventKind.ACCEPTED in kinds(transport, cmd.command_id))
+    assert len(agent.receiving) == held and agent.receiving.get(cmds[0].transfer.transfer_id) is None
+    listening = [t for t in transport.subscriptions if t.startswith("edge/v1/transfers/")]
+    assert listening == [transfer_topic(c.transfer.transfer_id) for c in cmds[1:]]  # its broadcast costs nothing
+
+
 def test_progress_is_reported_every_so_many_chunks(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
     agent, transport = make_agent()
     data = bytes(range(256)) * (41 * CHUNK // 256)  # 41 chunks; never finished here

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from edge_sdk.errors import ConfigError
-from edge_sdk.protocol import INDEX_FRAME, FanOut, Send
+from edge_sdk.protocol import INDEX_FRAME, PROGRESS_EVERY, FanOut, Send, decode_ranges, encode_ranges
+from edge_sdk.protocol.transfer import MAX_RANGES
 
 
 class Devices:
@@ -77,6 +78,13 @@ class Devices:
         return Counter((s.device, s.index) for s in self.sent if s.device is not None)
 
 
+W = PROGRESS_EVERY  # the smallest window: devices acknowledge every so many chunks
+
+
+def sends(indices: Iterable[int], device: str | None = None) -> list[Send]:
+    return [Send(i, device) for i in indices]
+
+
 def run(devices: Devices, *, steps: int = 1000, limit: int = 64, dt: float = 0.01, **kw: object) -> float:
     """Send, deliver, report progress and answer ends until every device is done; return the time it took."""
     now = 0.0
@@ -94,22 +102,25 @@ def run(devices: Devices, *, steps: int = 1000, limit: int = 64, dt: float = 0.0
 
 
 def test_one_device_gets_the_index_then_every_chunk_once_then_its_end() -> None:
-    plan = FanOut(10, window=4, stall_s=5.0)
+    plan = FanOut(40, window=W, stall_s=5.0)
     plan.offered("a", 0.0)
     assert plan.next_sends(0.0) == [] and plan.ends_due() == []  # nothing before it accepts
     assert plan.receiving == ["a"]
-    plan.accepted("a", range(10), have_index=False, now=0.0)
-    assert plan.next_sends(0.0) == [Send(INDEX_FRAME), Send(0), Send(1), Send(2), Send(3)]
-    assert plan.next_sends(0.5) == [] and plan.in_flight("a") == 4  # the window is full
+    plan.accepted("a", range(40), have_index=False, now=0.0)
+    assert plan.next_sends(0.0, limit=100) == [Send(INDEX_FRAME), *sends(range(W))]
+    assert plan.next_sends(0.5) == [] and plan.in_flight("a") == W  # the window is full
     assert plan.ends_due() == [] and not plan.idle
     plan.progress("a", 3, 1.0)
-    assert plan.next_sends(1.0) == [Send(4), Send(5), Send(6)]  # three acknowledged: three more
-    plan.progress("a", 7, 2.0)
-    assert plan.next_sends(2.0) == [Send(7), Send(8), Send(9)]
-    assert plan.next_sends(2.0) == []
+    assert plan.next_sends(1.0) == sends(range(W, W + 3))  # three acknowledged: three more
+    plan.progress("a", W + 3, 2.0)
+    assert plan.next_sends(2.0, limit=10) == sends(range(W + 3, W + 13))  # at most limit at a time
+    assert plan.next_sends(2.0, limit=10) == sends(range(W + 13, W + 19))
+    plan.progress("a", 39, 2.5)
+    assert plan.next_sends(2.5) == sends(range(W + 19, 40))
+    assert plan.next_sends(2.5) == []
     assert plan.ends_due() == ["a"]
     assert plan.ends_due() == [] and plan.idle  # once a round
-    assert (plan.broadcast_chunks, plan.unicast_chunks) == (10, 0)
+    assert (plan.broadcast_chunks, plan.unicast_chunks) == (40, 0)
     plan.finished("a")  # it said received
     assert plan.receiving == [] and plan.next_sends(3.0) == [] and plan.ends_due() == []
 
@@ -123,7 +134,7 @@ def test_a_device_that_lacks_nothing_gets_its_end_at_once() -> None:
 
 
 def test_the_window_bounds_what_is_in_flight_beyond_acknowledged_progress() -> None:
-    window = 8
+    window = W
     plan = FanOut(200, window=window, stall_s=60.0)
     devices = Devices(plan)
     rng = random.Random(7)
@@ -156,18 +167,18 @@ def test_the_window_bounds_what_is_in_flight_beyond_acknowledged_progress() -> N
 
 
 def test_a_stalled_device_stops_pacing_the_others_and_gets_its_end() -> None:
-    plan = FanOut(12, window=4, stall_s=5.0)
+    plan = FanOut(3 * W, window=W, stall_s=5.0)
     for d in ("a", "b"):
         plan.offered(d, 0.0)
-        plan.accepted(d, range(12), have_index=False, now=0.0)
-    assert plan.next_sends(0.0) == [Send(INDEX_FRAME), Send(0), Send(1), Send(2), Send(3)]
-    plan.progress("a", 4, 1.0)  # b says nothing from now on
+        plan.accepted(d, range(3 * W), have_index=False, now=0.0)
+    assert plan.next_sends(0.0) == [Send(INDEX_FRAME), *sends(range(W))]
+    plan.progress("a", W, 1.0)  # b says nothing from now on
     assert plan.next_sends(1.0) == []  # b's window is full: it paces the sending
     assert plan.next_sends(4.999) == []
-    assert plan.next_sends(5.0) == [Send(4), Send(5), Send(6), Send(7)]  # b is set aside; a paces alone
-    plan.progress("a", 8, 6.0)
-    assert plan.next_sends(6.0) == [Send(8), Send(9), Send(10), Send(11)]
-    plan.progress("a", 12, 7.0)
+    assert plan.next_sends(5.0) == sends(range(W, 2 * W))  # b is set aside; a paces alone
+    plan.progress("a", 2 * W, 6.0)
+    assert plan.next_sends(6.0) == sends(range(2 * W, 3 * W))
+    plan.progress("a", 3 * W, 7.0)
     plan.finished("a")
     assert plan.ends_due() == ["b"]  # all it lacked went out: it is asked what it still lacks
     plan.need("b", [2, 9], True, 30.0)  # it speaks again: repaired on its own topic
@@ -176,7 +187,7 @@ def test_a_stalled_device_stops_pacing_the_others_and_gets_its_end() -> None:
 
 
 def test_a_device_silent_with_nothing_in_flight_is_not_stalled() -> None:
-    plan = FanOut(4, window=4, stall_s=1.0)
+    plan = FanOut(4, window=W, stall_s=1.0)
     plan.offered("a", 0.0)
     plan.accepted("a", range(4), have_index=True, now=0.0)
     assert plan.next_sends(0.0) == [Send(0), Send(1), Send(2), Send(3)]
@@ -215,23 +226,23 @@ def test_no_index_goes_out_when_every_device_has_it() -> None:
 
 
 def test_a_late_acceptor_gets_what_already_went_out_on_its_own_topic() -> None:
-    plan = FanOut(10, window=4, stall_s=60.0)
+    plan = FanOut(3 * W, window=W, stall_s=60.0)
     plan.offered("a", 0.0)
     plan.offered("b", 0.0)
-    plan.accepted("a", range(10), have_index=False, now=0.0)
-    assert plan.next_sends(0.0) == [Send(INDEX_FRAME), Send(0), Send(1), Send(2), Send(3)]
-    plan.accepted("b", range(10), have_index=False, now=0.5)  # it answered after the broadcast began
-    first = plan.next_sends(0.5)
-    assert first == [Send(INDEX_FRAME, "b"), Send(0, "b"), Send(1, "b"), Send(2, "b"), Send(3, "b")]
-    plan.progress("a", 4, 1.0)
-    plan.progress("b", 4, 1.0)
+    plan.accepted("a", range(3 * W), have_index=False, now=0.0)
+    assert plan.next_sends(0.0) == [Send(INDEX_FRAME), *sends(range(W))]
+    plan.accepted("b", range(3 * W), have_index=False, now=0.5)  # it answered after the broadcast began
+    first = plan.next_sends(0.5, limit=100)
+    assert first == [Send(INDEX_FRAME, "b"), *sends(range(W), "b")]  # a's window is full: b's own go
+    plan.progress("a", W, 1.0)
+    plan.progress("b", W, 1.0)
     rest = plan.next_sends(1.0, limit=100)
-    assert rest == [Send(4), Send(5), Send(6), Send(7)]  # what is still to go out goes once, to both
-    assert plan.unicast_chunks == 4 and plan.broadcast_chunks == 8
+    assert rest == sends(range(W, 2 * W))  # what is still to go out goes once, to both
+    assert plan.unicast_chunks == W and plan.broadcast_chunks == 2 * W
 
 
 def test_a_late_acceptor_without_the_index_gets_it_when_the_others_had_it() -> None:
-    plan = FanOut(5, window=10, stall_s=60.0)
+    plan = FanOut(5, window=W, stall_s=60.0)
     devices = Devices(plan)
     devices.accept("a", has_index=True)  # a resumed transfer: the index never had to go out
     devices.deliver(plan.next_sends(0.0))
@@ -316,7 +327,7 @@ def test_a_device_still_lacking_after_max_rounds_is_given_up() -> None:
 
 
 def test_lost_frames_are_repaired_until_every_device_has_the_file() -> None:
-    plan = FanOut(40, window=8, stall_s=0.5, max_rounds=20)
+    plan = FanOut(40, window=W, stall_s=0.5, max_rounds=20)
     devices = Devices(plan)
     for k in range(10):
         devices.accept(f"d{k}")
@@ -341,11 +352,43 @@ def test_a_device_that_lost_frames_holds_the_others_back_once_at_most() -> None:
     assert took < (devices.rounds["d0"] + 1) * plan.stall_s + 0.5, (took, devices.rounds)
 
 
+def test_a_device_whose_list_was_capped_is_paced_by_what_it_really_holds() -> None:
+    # A device lacking more than MAX_RANGES ranges lists the lowest ones only: it holds fewer
+    # chunks than the plan would reckon from the list, and its progress must still count.
+    count = 4 * MAX_RANGES
+    plan = FanOut(count, window=64, stall_s=1.0)
+    devices = Devices(plan, progress_every=PROGRESS_EVERY)
+    devices.held["a"], devices.has_index["a"] = set(range(0, count, 2)), True  # kept every other chunk
+    devices.reported["a"] = count // 2
+    plan.offered("a", 0.0)
+    listed = decode_ranges(encode_ranges(devices.lacking("a")), count)
+    assert len(listed) == MAX_RANGES < len(devices.lacking("a"))
+    plan.accepted("a", listed, True, 0.0)
+    now = 0.0
+    while "a" not in plan.ends_due():
+        assert now < plan.stall_s, "the device's own window stalled the sending"
+        devices.deliver(plan.next_sends(now))
+        devices.progress(now)
+        now += 0.01
+    assert set(listed) <= devices.held["a"]
+
+
+def test_a_window_smaller_than_the_progress_interval_is_refused() -> None:
+    # Devices acknowledge every PROGRESS_EVERY chunks: with fewer in flight they never would,
+    # and every window would wait stall_s.
+    with pytest.raises(ConfigError, match=f"at least {PROGRESS_EVERY}"):
+        FanOut(100, window=PROGRESS_EVERY - 1)
+    plan = FanOut(100, window=PROGRESS_EVERY, stall_s=1.0)
+    devices = Devices(plan, progress_every=PROGRESS_EVERY)
+    devices.accept("a")
+    assert run(devices) < plan.stall_s  # never waits for a stall
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 
 def test_malformed_answers_are_ignored_and_counted() -> None:
-    plan = FanOut(10, window=4)
+    plan = FanOut(10, window=W)
     plan.offered("a", 0.0)
     plan.progress("a", 3, 0.0)  # progress before it accepted
     assert plan.ignored == 1
@@ -399,6 +442,7 @@ def test_a_device_that_restarted_and_reports_before_accepting_is_taken_as_accept
         {"chunk_count": 0},
         {"chunk_count": (1 << 15) + 1},
         {"window": 0},
+        {"window": PROGRESS_EVERY - 1},
         {"stall_s": 0},
         {"max_rounds": -1},
         {"rebroadcast_share": 0},
