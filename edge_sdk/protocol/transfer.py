@@ -185,7 +185,7 @@ def encode_ranges(indices: Iterable[int], max_ranges: int = MAX_RANGES) -> str:
     """
     out: list[str] = []
     start = prev = -2
-    for i in sorted(set(indices)):
+    for i in sorted({i for i in indices if i >= 0}):  # chunk indices are never negative
         if i == prev + 1:
             prev = i
             continue
@@ -357,6 +357,7 @@ class _Peer:
     end_sent: bool = False
     end_seq: int = 0  # broadcast frames sent before its last transfer_end
     rounds: int = 0
+    stuck: int = 0  # repair rounds in a row that brought nothing
 
     @property
     def in_flight(self) -> int:
@@ -390,7 +391,7 @@ class FanOut:
         stall_s: a device with chunks in flight that says nothing for this long no longer
             holds the others back; it is sent ``transfer_end`` when its chunks have gone out,
             and goes on when it speaks again.
-        max_rounds: repair rounds a device may ask for before it is given up.
+        max_rounds: repair rounds in a row without progress before a device is given up.
         rebroadcast_share: share of receiving devices that must lack a chunk for a repair
             to go to all of them at once.
 
@@ -485,8 +486,13 @@ class FanOut:
             return
         peer.rounds += 1
         lacking = self._valid(missing)
-        if peer.rounds > self.max_rounds:
-            self._give_up(device, f"still lacks {len(lacking)} chunk(s) after {self.max_rounds} repair rounds")
+        # Only rounds that brought nothing count toward giving up: a device whose list of
+        # missing chunks is capped (MAX_RANGES) may need many rounds, each one progress.
+        peer.stuck = 0 if len(lacking) < len(peer.missing) else peer.stuck + 1
+        if peer.stuck > self.max_rounds:
+            self._give_up(
+                device, f"still lacks {len(lacking)} chunk(s) after {self.max_rounds} repair rounds without progress"
+            )
             return
         answers_end, end_seq = peer.end_sent, peer.end_seq
         peer.new_round(lacking, have_index, self.chunk_count, now)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, TypeVar
 
 from edge_sdk.errors import DeviceTimeoutError, EdgeError, error_from_code
 from edge_sdk.mqtt import MqttClient
@@ -25,6 +25,8 @@ from edge_sdk.protocol import DeviceStatus, DeviceTopics, Event, EventKind, Metr
 from host_tools.fleet.router import Router
 
 __all__ = ["TERMINAL_KINDS", "Conversation", "FleetConversation", "end_state", "error_of"]
+
+T = TypeVar("T")
 
 #: Event kinds that end a command without success: the device's error says why.
 TERMINAL_KINDS: frozenset[str] = frozenset({EventKind.REFUSED, EventKind.FAILED, EventKind.ERROR})
@@ -127,13 +129,7 @@ class Conversation:
         Args:
             deadline: a :func:`time.monotonic` time.
         """
-        remaining = deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                return self._mailbox.get_nowait()
-            return self._mailbox.get(timeout=remaining)
-        except queue.Empty:
-            return None
+        return _take(self._mailbox, deadline)
 
     def wait_for(self, wanted: set[str], timeout_s: float, what: str) -> Event:
         """The next event of a wanted kind, or a terminal one (refused, failed, error).
@@ -237,13 +233,18 @@ class FleetConversation:
 
     def next(self, deadline: float) -> tuple[str, Event | MetricsReport] | None:
         """The next (device id, answer), or None at the deadline (a :func:`time.monotonic` time)."""
-        remaining = deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                return self._mailbox.get_nowait()
-            return self._mailbox.get(timeout=remaining)
-        except queue.Empty:
-            return None
+        return _take(self._mailbox, deadline)
+
+
+def _take(mailbox: queue.Queue[T], deadline: float) -> T | None:
+    """The next item of a mailbox, or None at ``deadline`` (:func:`time.monotonic`); at once if it has passed."""
+    remaining = deadline - time.monotonic()
+    try:
+        if remaining <= 0:
+            return mailbox.get_nowait()
+        return mailbox.get(timeout=remaining)
+    except queue.Empty:
+        return None
 
 
 def end_state(event: Event) -> Literal["refused", "failed"]:

@@ -320,9 +320,11 @@ def test_a_device_still_lacking_after_max_rounds_is_given_up() -> None:
         now += 1.0
         if not plan.receiving:
             break
-    assert list(plan.given_up) == ["a"] and "after 2 repair rounds" in plan.given_up["a"]
+    assert list(plan.given_up) == ["a"] and "after 2 repair rounds without progress" in plan.given_up["a"]
     assert devices.held["b"] == set(range(5)) and plan.receiving == []
-    assert devices.unicasts() == Counter({("a", 1): 2})  # two repairs, then no more
+    # The first repair round brought progress (all but chunk 1 came by broadcast); then two
+    # rounds without progress, and no more.
+    assert devices.unicasts() == Counter({("a", 1): 3})
     assert plan.next_sends(now) == [] and plan.ends_due() == []
 
 
@@ -455,3 +457,19 @@ def test_bounds_out_of_range_are_refused(kw: dict[str, float]) -> None:
     count = int(args.pop("chunk_count"))
     with pytest.raises(ConfigError):
         FanOut(count, **args)  # type: ignore[arg-type]
+
+
+def test_rounds_that_bring_progress_never_give_a_device_up() -> None:
+    # A device whose missing list is capped says a part of what it lacks each round: many
+    # rounds, each one progress, and it is not given up however few max_rounds allows.
+    plan = FanOut(100, window=100, stall_s=60.0, max_rounds=1)
+    plan.offered("a", 0.0)
+    plan.accepted("a", range(100), True, 0.0)
+    plan.next_sends(0.0, limit=1000)
+    for round_no in range(10):
+        lacking = range(10 * (round_no + 1), 100)
+        plan.need("a", lacking, True, float(round_no))
+        assert "a" not in plan.given_up, round_no
+    plan.need("a", range(99, 100), True, 20.0)
+    plan.need("a", range(99, 100), True, 21.0)
+    assert "a" in plan.given_up and "without progress" in plan.given_up["a"]

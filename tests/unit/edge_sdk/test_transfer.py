@@ -227,3 +227,9 @@ def test_an_event_bounds_its_missing_ranges() -> None:
     body = encode(Event("pi-1", EventKind.NEED_CHUNKS, 1.0, missing_ranges="1"))
     with pytest.raises(MessageError):
         decode(body.replace(b'"missing_ranges":"1"', b'"missing_ranges":"' + b"1," * 4097 + b'"'))
+
+
+def test_encode_ranges_leaves_out_negative_indices() -> None:
+    from edge_sdk.protocol import encode_ranges
+
+    assert encode_ranges([-5, -1, 0, 1, 2, 7]) == "0-2,7"

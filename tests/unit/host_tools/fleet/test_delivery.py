@@ -291,7 +291,7 @@ def test_a_device_that_never_accepts_times_out(prepared: PreparedFile) -> None:
     run, results = _run(client, prepared)
     error = results["pi-1"].error
     assert isinstance(error, DeviceTimeoutError) and "did not accept the offer within 0.5 s" in error.message
-    assert error.details == {"device_id": "pi-1"}
+    assert error.details == {"device_id": "pi-1", "last_status": "unknown"}
     assert 0.5 <= time.monotonic() - started < 5
     assert client.frames() == [] and run.frames_sent == 0  # nothing sent to no one
 
