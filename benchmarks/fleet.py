@@ -176,6 +176,7 @@ class Fleet:
 
 def _deploy_args(bundle: Path, url: str, devices: Sequence[str]) -> list[str]:
     args = [str(BIN / "edgectl"), "deploy", str(bundle), "--broker", url, "--chunk-size", str(CHUNK)]
+    args += ["--window", str(WINDOW)]
     args += ["--runs", "5", "--warmup", "1", "--min-duration", "0", "--json", "--timeout", "600"]
     for d in devices:
         args += ["--device", d]
@@ -484,7 +485,7 @@ def case_forged(host: Host, work: Path, mib: int) -> dict:
 
             def forge() -> None:
                 real_seen = 0
-                while not stop.is_set():
+                while not stop.is_set() and device not in tap.received_at:  # none after it has the bundle
                     real = sum(n for i, n in tap.frames.items() if i >= 0)
                     if real - real_seen >= 10:  # one forged for every ten real chunks
                         real_seen = real
@@ -522,8 +523,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=10, help="MiB of weights in the bundle")
     parser.add_argument("--slow-mib", type=int, default=50, help="MiB of weights for the slow-link case")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--window", type=int, default=WINDOW, help="deploy --window (chunks in flight)")
     add_common_args(parser)
     args = parser.parse_args(argv)
+    global WINDOW
+    WINDOW = args.window
     if args.quick:
         args.devices, args.mib, args.slow_mib = 10, 4, 4
     cases = [c for c in args.cases.split(",") if c]

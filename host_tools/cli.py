@@ -1110,6 +1110,14 @@ def _already_runs(outcome: Any) -> bool:
     metavar="RATE",
     help="cap on the bytes per second of this transfer, for metered links (200KB/s, 1.5MiB/s; K=1000, Ki=1024)",
 )
+@click.option(
+    "--window",
+    default=64,
+    show_default=True,
+    type=click.IntRange(16, 4096),
+    help="chunks in flight beyond what each device has acknowledged; keep it below the broker's per-client "
+    "queue (Mosquitto max_queued_messages: 1000 by default and in deploy/mosquitto)",
+)
 @click.option("--accept-timeout", default=15.0, show_default=True, help="seconds the device has to accept the offer")
 @click.option(
     "--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait for the device to finish"
@@ -1138,6 +1146,7 @@ def deploy(
     threads: int,
     chunk_size: int,
     rate: str | None,
+    window: int,
     accept_timeout: float,
     timeout_s: float,
     rollback: bool,
@@ -1163,7 +1172,7 @@ def deploy(
     options = _transfer_options(
         cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads, "min_duration_s": min_duration},
         chunk_size=chunk_size, accept_timeout_s=accept_timeout, finish_timeout_s=timeout_s, rollback=rollback,
-        rate_bytes_per_s=_rate(rate),
+        rate_bytes_per_s=_rate(rate), window=window,
     )  # fmt: skip
     if len(set(device_ids)) != len(device_ids):
         raise click.BadParameter("a device is named more than once", param_hint="--device")
