@@ -446,7 +446,11 @@ class Agent:
                 log.warning("inbound queue has dropped %d message(s) since start", self.inbound.dropped)
             self.reporter.publish_status()
             self.reporter.drain_outbox()
-            for t in self.receiving.held():  # after any restart, say what is kept and what is lacking
+            # After any restart, say what is kept and what is lacking, unless the broker kept
+            # this device's session: then what was sent meanwhile is queued and on its way, and
+            # the host's transfer_end (or the idle timer) asks soon enough.
+            session_kept = change.link is not None and change.link.session_present
+            for t in self.receiving.held() if not session_kept else ():
                 if not t.receiver.complete:  # a complete one waits for the host to offer it again
                     self._report_lacking(t)
         else:
