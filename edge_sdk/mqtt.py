@@ -434,7 +434,7 @@ class MqttOptions:
     protocol: str = "auto"
     session_expiry_s: int = 0
     max_inflight: int = DEFAULT_MAX_INFLIGHT
-    connack_timeout_s: float = 5.0
+    connack_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.inbox_max < 1:
