@@ -20,6 +20,7 @@ from topologies import expect_delivery
 
 from edge_sdk.mqtt import Incoming, LinkFacts, MqttClient, MqttOptions
 from edge_sdk.protocol import DeviceTopics
+from host_tools.fleet.deployer import DeployOptions
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,7 @@ QUEUE_SETTINGS = (
     "max_queued_bytes",
     "persistent_client_expiration",
 )
-WINDOW = 64
+WINDOW = DeployOptions().window
 
 
 def _shipped() -> dict[str, str]:

@@ -19,11 +19,12 @@ from pathlib import Path
 from edge_sdk.mqtt import DEFAULT_MAX_INFLIGHT, publish_packet_size
 from edge_sdk.protocol import DeviceTopics
 from edge_sdk.protocol.codec import CHUNK_HEADER_SIZE, CodecLimits, encode_chunk
+from host_tools.fleet.deployer import DeployOptions
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf.example"
 ACL = SHIPPED.with_name("acl.example")
 #: The host's default window: chunks in flight beyond the slowest device (host_tools/fleet delivery).
-WINDOW = 64
+WINDOW = DeployOptions().window
 #: Longest transfer id the topic is tested with (a content hash in hex is 64 characters).
 TRANSFER_ID_CHARS = 128
 
