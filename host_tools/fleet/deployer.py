@@ -15,6 +15,20 @@ to each device and the bundle once (:class:`~host_tools.fleet.delivery.TransferR
 one connection, and returns one outcome per device. :func:`deploy_bundle` is the same for
 one device without the registry.
 
+Deltas (:class:`DeltaSettings`): :func:`deploy_many` keeps every bundle it sends in the
+host's :class:`~host_tools.fleet.bundle_store.BundleStore`. A device whose registry record
+says it runs version N of the bundle, and whose installed bundle file (the registry's last
+``installed`` deployment of N names its sha256) the store holds, is offered a delta from
+it besides the whole bundle (:class:`~edge_sdk.protocol.DeltaOffer`, one delta built per
+distinct base). The delta goes out first, in a run of its own, to the devices offered it;
+then the bundle, to the others and to every device that took the full transfer after all
+(its base did not match, or rebuilding failed: the device decides, see
+:mod:`device_agent.deltas`). Each outcome says how the bundle travelled (:class:`Delivery`)::
+
+    devices offered a delta    delta run  ->  received (rebuilt)  -> install as always
+                                          ->  accepted the full transfer instead --+
+    the others                 full run   <------------------------------------------+
+
 The host hears the device's side through a :class:`~host_tools.fleet.conversation.Conversation`,
 which the connection's :class:`~host_tools.fleet.router.Router` feeds. Every function here
 takes an optional ``router``: threads that share one connection pass the same running
@@ -39,23 +53,28 @@ error type rebuilt from its code.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edge_sdk.bundle import Manifest, content_digest
 from edge_sdk.bundle.admission import runtime_available
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
+from edge_sdk.bundle.delta import read_delta_header
 from edge_sdk.errors import (
     ConfigError,
     DeviceTimeoutError,
     EdgeError,
     RollbackError,
+    StorageError,
     TargetMismatchError,
     UntrustedInputError,
 )
@@ -63,6 +82,7 @@ from edge_sdk.mqtt import MqttClient
 from edge_sdk.protocol import (
     BenchmarkSpec,
     BundleFacts,
+    DeltaOffer,
     DeployCommand,
     DeviceStatus,
     DeviceTopics,
@@ -75,14 +95,18 @@ from edge_sdk.protocol import (
     sign_command,
 )
 from edge_sdk.trust import SigningKey
+from host_tools.delta import DeltaOptions, DeltaStats, build_delta
+from host_tools.fleet.bundle_store import BundleStore
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, FleetConversation, end_state, error_of
-from host_tools.fleet.delivery import PreparedFile, TransferResult, TransferRun, prepare_file
+from host_tools.fleet.delivery import Inbound, PreparedFile, TransferResult, TransferRun, prepare_file
 from host_tools.fleet.registry import DeploymentState, DeviceRecord, Registry
 from host_tools.fleet.router import Router, gated, routed
 
 __all__ = [
     "CommandAuthority",
+    "Delivery",
+    "DeltaSettings",
     "DeployOptions",
     "DeployOutcome",
     "bundle_facts",
@@ -148,6 +172,27 @@ def signed_fields(device_id: str, authority: CommandAuthority | None, now: float
 
 
 @dataclass(frozen=True)
+class DeltaSettings:
+    """Deltas for devices that run an older version, and the store their bases come from.
+
+    Attributes:
+        store: where every bundle deployed is kept, by name and sha256 (the bases of later
+            deltas); None: nothing is kept.
+        offer: offer deltas (``edgectl deploy --no-delta`` turns it off; bundles are
+            still kept).
+        base: a base bundle given explicitly (``--delta-from``), for the devices that run
+            its version when the store lacks their bundle (or the registry does not know
+            which one they installed).
+        build: how deltas are built, and when one is not worth sending.
+    """
+
+    store: BundleStore | None = None
+    offer: bool = True
+    base: Path | None = None
+    build: DeltaOptions = field(default_factory=DeltaOptions)
+
+
+@dataclass(frozen=True)
 class DeployOptions:
     """How to send a bundle.
 
@@ -169,6 +214,8 @@ class DeployOptions:
         authority: keys that sign the command, and the root chain to send first.
         rollback: the signed command explicitly allows this bundle's version even if the
             device accepted a newer one (an intentional downgrade).
+        deltas: the bundle store, and deltas to devices that run an older version
+            (:func:`deploy_many` only); None: neither.
     """
 
     chunk_size: int = 64 * 1024
@@ -182,12 +229,36 @@ class DeployOptions:
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
     authority: CommandAuthority | None = None
     rollback: bool = False
+    deltas: DeltaSettings | None = None
 
     def __post_init__(self) -> None:
         if self.rate_bytes_per_s is not None and not self.rate_bytes_per_s > 0:
             raise ConfigError(f"a transfer rate must be more than 0 bytes/s, not {self.rate_bytes_per_s!r}")
         if self.window < 1 or self.stall_s <= 0 or self.max_resend_rounds < 0:
             raise ConfigError("window, stall time and repair rounds must be positive")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How the bundle travelled to one device.
+
+    Attributes:
+        method: ``delta`` (the device received the delta and rebuilt the bundle from its
+            installed version) or ``full`` (the bundle file itself).
+        full_bytes: the bundle file's size.
+        delta_bytes: the size of the delta offered to the device; None when none was.
+        base_version: the version that delta starts from; None when none was offered.
+        why_full: offered a delta, the device took the bundle whole: its reason.
+    """
+
+    method: Literal["delta", "full"]
+    full_bytes: int
+    delta_bytes: int | None = None
+    base_version: int | None = None
+    why_full: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -204,6 +275,7 @@ class DeployOutcome:
         metrics: the device's report after installing.
         checks: the device's list of verification checks that passed.
         seconds: wall time of the whole deploy.
+        delivery: how the bundle travelled (None when nothing was sent).
     """
 
     device_id: str
@@ -217,6 +289,7 @@ class DeployOutcome:
     checks: tuple[str, ...] = ()
     seconds: float = 0.0
     detail: dict[str, Any] = field(default_factory=dict)
+    delivery: Delivery | None = None
 
 
 def read_manifest(bundle_path: Path) -> Manifest:
@@ -291,6 +364,15 @@ def _statuses_heard(fleet: FleetConversation, devices: list[str], wait_s: float)
     return dict(fleet.last_status)
 
 
+@dataclass(frozen=True)
+class _Delta:
+    """A delta built for the devices that run one base, ready to be offered."""
+
+    prepared: PreparedFile
+    offer: DeltaOffer
+    stats: DeltaStats
+
+
 def _deploy(
     client: MqttClient,
     fleet: FleetConversation,
@@ -299,11 +381,14 @@ def _deploy(
     options: DeployOptions,
     progress: Callable[[int, int], None] | None,
     started: float,
+    deltas: Mapping[str, _Delta] | None = None,
 ) -> dict[str, DeployOutcome]:
-    """Send the commands and the bundle once, then follow each device until it installed, deferred or refused.
+    """Send the commands, each delta and the bundle once; follow each device until it installed, deferred or refused.
 
-    ``fleet`` listens to every device already. A device that times out, or is given up after
-    its repair rounds, gets a ``failed`` outcome whose ``detail`` says ``ended_by: host``.
+    ``fleet`` listens to every device already. Each delta (by transfer id) goes first to the
+    devices whose command offers it; then the bundle to the others, and to those that took
+    the full transfer instead. A device that times out, or is given up after its repair
+    rounds, gets a ``failed`` outcome whose ``detail`` says ``ended_by: host``.
 
     Raises:
         TransportError: the broker connection failed and did not come back.
@@ -316,17 +401,90 @@ def _deploy(
         status = fleet.last_status.get(device_id)
         return "never seen" if status is None else status.state
 
-    run = TransferRun(client, prepared, options, publish, progress, last_status=last_status)
-    results = run.run(commands, fleet.next)
+    results: dict[str, TransferResult] = {}
+    joined: dict[str, list[Event | MetricsReport]] = {}  # left a delta run for the full one: what each said
+    why_full: dict[str, str] = {}
+    stash: dict[str, list[Event | MetricsReport]] = {}  # heard during a run the device is not in
+    for tid, delta in (deltas or {}).items():
+        group = {d: c for d, c in commands.items() if c.delta is not None and c.delta.transfer.transfer_id == tid}
+        if not group:
+            continue
+        run = TransferRun(client, delta.prepared, options, publish, last_status=last_status)
+        for device_id, result in run.run(group, _divert(fleet.next, group, stash)).items():
+            if result.left is None:
+                results[device_id] = result
+            else:
+                joined[device_id] = [result.left, *result.later]
+                why_full[device_id] = str(result.left.detail.get("why", "it did not say why"))
+        _log_run(run, delta.prepared, group, f"the delta from v{delta.stats.base_version}")
+    full = {d: c for d, c in commands.items() if d not in results}
+    if full:
+        for device_id, said in joined.items():
+            said.extend(stash.pop(device_id, []))
+        run = TransferRun(client, prepared, options, publish, progress, last_status=last_status)
+        results.update(run.run(full, _divert(fleet.next, full, stash), joined))
+        _log_run(run, prepared, full, "the bundle")
+    for device_id, heard in stash.items():
+        if device_id in results:
+            results[device_id].later.extend(heard)
+    outcomes = _follow_installs(fleet, commands, results, options, started)
+    for device_id, cmd in commands.items():
+        delivery = _delivery(cmd, prepared, deltas or {}, by_delta=device_id not in full, why=why_full.get(device_id))
+        outcomes[device_id] = dataclasses.replace(outcomes[device_id], delivery=delivery)
+        if cmd.delta is not None:
+            log.info(
+                "%s: %s v%d %s (delta %d bytes, bundle %d bytes)",
+                device_id,
+                cmd.bundle_name,
+                cmd.bundle_version,
+                f"by delta from v{delivery.base_version}"
+                if delivery.method == "delta"
+                else f"whole: {delivery.why_full}",
+                delivery.delta_bytes,
+                delivery.full_bytes,
+            )
+    return outcomes
+
+
+def _divert(inbound: Inbound, wanted: Collection[str], stash: dict[str, list[Event | MetricsReport]]) -> Inbound:
+    """``inbound`` for one run of ``wanted`` devices: what the others say is kept in ``stash``, in order."""
+
+    def heard(deadline: float) -> tuple[str, Event | MetricsReport] | None:
+        while (msg := inbound(deadline)) is not None:
+            if msg[0] in wanted:
+                return msg
+            stash.setdefault(msg[0], []).append(msg[1])
+        return None
+
+    return heard
+
+
+def _log_run(run: TransferRun, prepared: PreparedFile, devices: Collection[str], what: str) -> None:
     log.info(
-        "sent %s to %d device(s): %d frames, %d bytes (bundle %d bytes)",
+        "sent %s (%s) to %d device(s): %d frames, %d bytes (file %d bytes)",
+        what,
         prepared.path.name,
-        len(commands),
+        len(devices),
         run.frames_sent,
         run.bytes_sent,
         prepared.size,
     )
-    return _follow_installs(fleet, commands, results, options, started)
+
+
+def _delivery(
+    cmd: DeployCommand, prepared: PreparedFile, deltas: Mapping[str, _Delta], *, by_delta: bool, why: str | None
+) -> Delivery:
+    """How the bundle travelled to the device of ``cmd``: by the delta it was offered, or whole."""
+    delta = deltas.get(cmd.delta.transfer.transfer_id) if cmd.delta is not None else None
+    if delta is None:
+        return Delivery("full", prepared.size)
+    return Delivery(
+        "delta" if by_delta else "full",
+        prepared.size,
+        delta_bytes=delta.prepared.size,
+        base_version=delta.stats.base_version,
+        why_full=why or "",
+    )
 
 
 class _Follow:
@@ -633,6 +791,10 @@ def deploy_many(
     own signed command and share one transfer. A device that times out is ``failed`` with
     ``detail["ended_by"] == "host"``.
 
+    With ``options.deltas``, the bundle is kept in the bundle store, and devices that run an
+    older version whose bundle the host has are offered a delta from it (see the module's
+    docstring); each outcome's ``delivery`` says how the bundle travelled.
+
     Args:
         client: a connected client.
         registry: where deployments are recorded.
@@ -648,13 +810,16 @@ def deploy_many(
 
     Raises:
         TransportError: the broker connection failed and did not come back.
-        BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
-        ConfigError: a device named twice.
+        BundleFormatError, ManifestError, StorageError: the local bundle (or the explicit
+            delta base) is unusable.
+        ConfigError: a device named twice; an explicit delta base of another bundle, or of
+            the same version.
     """
     if len(set(device_ids)) != len(device_ids):
         raise ConfigError("a device is named more than once")
     started = time.monotonic()
     manifest = read_manifest(bundle_path)
+    explicit = _explicit_base(options.deltas, manifest)
     prepared = prepare_file(bundle_path, options.chunk_size)
     commands = {
         d: transfer_command(
@@ -690,7 +855,12 @@ def deploy_many(
         except UntrustedInputError as exc:
             refuse(device_id, exc)
     if commands:
-        with gated(client, registry, router) as live, FleetConversation.open(live, _ids(commands)) as fleet:
+        with (
+            gated(client, registry, router) as live,
+            FleetConversation.open(live, _ids(commands)) as fleet,
+            tempfile.TemporaryDirectory(prefix="edge-delta-") as work_dir,
+        ):
+            work = Path(work_dir)
             # The retained statuses are fresher than the registry (a rollback or remove since changed what runs).
             for status in _statuses_heard(fleet, list(commands), min(STATUS_WAIT_S, options.accept_timeout_s)).values():
                 record_message(registry, status, clock(), broker)
@@ -699,12 +869,19 @@ def deploy_many(
                     check_known_device(_known_device(registry, device_id, broker), cmd)
                 except UntrustedInputError as exc:
                     refuse(device_id, exc)
+            deltas: dict[str, _Delta] = {}
+            if commands and options.deltas is not None:
+                _keep(options.deltas.store, bundle_path, manifest, prepared)
+                if options.deltas.offer:
+                    commands, deltas = _offer_deltas(registry, broker, commands, bundle_path, options, explicit, work)
             deployments = {
                 d: registry.record_deployment(d, c.bundle_name, c.bundle_version, c.transfer.sha256, started_at=clock())
                 for d, c in commands.items()
             }
             try:
-                sent = _deploy(client, fleet, commands, prepared, options, progress, started) if commands else {}
+                sent = (
+                    _deploy(client, fleet, commands, prepared, options, progress, started, deltas) if commands else {}
+                )
             except EdgeError as exc:
                 for dep in deployments.values():
                     registry.update_deployment(dep, "failed", exc.code, exc.message, finished_at=clock())
@@ -722,6 +899,128 @@ def deploy_many(
                 record_message(registry, outcome.metrics, clock())
             outcomes[device_id] = outcome
     return [outcomes[d] for d in device_ids]
+
+
+@dataclass(frozen=True)
+class _Base:
+    """A base bundle for deltas: the file, its version and its sha256."""
+
+    path: Path
+    version: int
+    sha256: str
+
+
+def _explicit_base(deltas: DeltaSettings | None, manifest: Manifest) -> _Base | None:
+    """The base given with ``--delta-from``, checked to be another version of the same bundle.
+
+    Raises:
+        ConfigError: a base of another bundle, or of the version being deployed.
+        BundleFormatError, ManifestError, StorageError: the file is not a readable bundle.
+    """
+    if deltas is None or deltas.base is None or not deltas.offer:
+        return None
+    base = read_manifest(deltas.base)
+    if base.name != manifest.name:
+        raise ConfigError(f"the delta base {deltas.base} is bundle {base.name!r}, not {manifest.name!r}")
+    if base.version == manifest.version:
+        raise ConfigError(f"the delta base {deltas.base} is v{base.version}, the version being deployed")
+    digest = hashlib.sha256()
+    try:
+        with open(deltas.base, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    except OSError as exc:
+        raise StorageError(f"cannot read {deltas.base}: {exc.strerror}", path=str(deltas.base)) from exc
+    return _Base(deltas.base, base.version, digest.hexdigest())
+
+
+def _keep(store: BundleStore | None, bundle_path: Path, manifest: Manifest, prepared: PreparedFile) -> None:
+    """Keep the bundle being deployed in the store, the base of the next version's deltas (a failure is logged)."""
+    if store is None:
+        return
+    try:
+        store.put(bundle_path, manifest.name, prepared.sha256)
+    except EdgeError as exc:
+        log.warning("the bundle store did not keep %s (%s): later deltas cannot start from it", bundle_path, exc)
+
+
+def _base_of(
+    registry: Registry, broker: str, device_id: str, cmd: DeployCommand, deltas: DeltaSettings, explicit: _Base | None
+) -> _Base | None:
+    """The bundle the device runs, as the host has it: from the store by the sha256 the registry recorded, or the
+    explicit base when the device runs its version (and the registry does not say it installed another file)."""
+    record = _known_device(registry, device_id, broker)
+    running = next((b for b in (record.active_bundles or ()) if b.name == cmd.bundle_name), None) if record else None
+    if running is None or running.version == cmd.bundle_version:
+        return None
+    installed = registry.installed_deployment(device_id, cmd.bundle_name, running.version)
+    sha256 = installed.bundle_sha256 if installed is not None else None
+    if sha256 is not None and deltas.store is not None:
+        try:
+            kept = deltas.store.get(cmd.bundle_name, sha256)
+        except ConfigError:  # not a sha256 in the registry: nothing the store can have
+            kept = None
+        if kept is not None:
+            return _Base(kept, running.version, sha256)
+    if explicit is not None and explicit.version == running.version and sha256 in (None, explicit.sha256):
+        return explicit
+    return None
+
+
+def _offer_deltas(
+    registry: Registry,
+    broker: str,
+    commands: dict[str, DeployCommand],
+    bundle_path: Path,
+    options: DeployOptions,
+    explicit: _Base | None,
+    work: Path,
+) -> tuple[dict[str, DeployCommand], dict[str, _Delta]]:
+    """Offer a delta to each device whose base the host has: one delta built per distinct base.
+
+    Returns:
+        The commands, those of such devices with their delta offer; and the deltas, by
+        transfer id (written under ``work``).
+    """
+    deltas = options.deltas
+    if deltas is None:
+        return commands, {}
+    by_base: dict[str, tuple[_Base, list[str]]] = {}
+    for device_id, cmd in commands.items():
+        base = _base_of(registry, broker, device_id, cmd, deltas, explicit)
+        if base is not None:
+            by_base.setdefault(base.sha256, (base, []))[1].append(device_id)
+    offered = dict(commands)
+    built: dict[str, _Delta] = {}
+    for base, devices in by_base.values():
+        delta = _build_delta(base, bundle_path, work / f"{base.sha256[:16]}.delta", deltas.build, options.chunk_size)
+        if delta is None:
+            continue
+        built[delta.prepared.transfer_id] = delta
+        for device_id in devices:
+            offered[device_id] = dataclasses.replace(offered[device_id], delta=delta.offer)
+    return offered, built
+
+
+def _build_delta(base: _Base, bundle_path: Path, out: Path, build: DeltaOptions, chunk_size: int) -> _Delta | None:
+    """The delta from ``base`` to the bundle, prepared for sending; None when there is none worth sending."""
+    try:
+        stats = build_delta(base.path, bundle_path, out, build)
+        if stats is None:
+            return None
+        header = read_delta_header(out, build.limits)
+        prepared = prepare_file(out, chunk_size)
+    except EdgeError as exc:
+        log.warning("no delta from %s (v%d): %s: %s", base.path, base.version, exc.code, exc.message)
+        return None
+    log.info(
+        "delta from v%d: %d bytes instead of %d (%.1f%%)",
+        stats.base_version,
+        stats.delta_bytes,
+        stats.full_bytes,
+        100 * stats.ratio,
+    )
+    return _Delta(prepared, DeltaOffer(prepared.offer(), header.base_version, header.base_content), stats)
 
 
 def run_command(
