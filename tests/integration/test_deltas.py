@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from collections import Counter
@@ -62,27 +63,36 @@ class _Tap:
         self.client.close()
 
 
-def _versions(host, d: Path) -> tuple[Path, Path, int]:
-    """v1 and v2 bundles of one MLP (v2: the last layer fine-tuned), and the bytes of the tensors changed."""
-    v1 = mlp(DIMS, 0.0, seed=0)
-    v2 = onnx.ModelProto()
-    v2.CopyFrom(v1)
-    rng = np.random.default_rng(1)
+def _finetuned(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto, int]:
+    """The model with its last layer (W2, B2) fine-tuned, and the bytes of the tensors changed."""
+    tuned = onnx.ModelProto()
+    tuned.CopyFrom(model)
+    rng = np.random.default_rng(seed)
     changed = 0
-    for init in v2.graph.initializer:
+    for init in tuned.graph.initializer:
         if init.name in ("W2", "B2"):
             values = numpy_helper.to_array(init)
             values = (values + rng.standard_normal(values.shape) * 0.01).astype(np.float32)
             init.CopyFrom(numpy_helper.from_array(values, init.name))
             changed += values.nbytes
+    return tuned, changed
+
+
+def _versions(host, d: Path, count: int = 2) -> tuple[list[Path], int]:
+    """Bundles v1..v``count`` of one MLP, each the last fine-tuned in its last layer; the bytes that changes."""
+    models = [mlp(DIMS, 0.0, seed=0)]
+    changed = 0
+    for seed in range(1, count):
+        tuned, changed = _finetuned(models[-1], seed)
+        models.append(tuned)
     sample = d / "sample.npz"
     np.savez(sample, x=np.ones((1, DIMS[0]), np.float32))
     bundles = []
-    for version, model in ((1, v1), (2, v2)):
+    for version, model in enumerate(models, start=1):
         path = d / f"mlp-v{version}.onnx"
         path.write_bytes(model.SerializeToString())
         bundles.append(host.pack(path, sample, d / f"{NAME}-v{version}.edge", NAME, version))
-    return bundles[0], bundles[1], changed
+    return bundles, changed
 
 
 def _overhead(bundle: Path) -> int:
@@ -92,10 +102,11 @@ def _overhead(bundle: Path) -> int:
         return len(reader.manifest_bytes) + len(reader.signatures_bytes) + 128 * (2 + len(reader.payload))
 
 
-def _deploy(host, bundle: Path, url: str, devices: list[str]) -> dict[str, dict]:
+def _deploy(host, bundle: Path, url: str, devices: list[str], *extra: str) -> dict[str, dict]:
     args = ["deploy", str(bundle), "--broker", url, "--runs", "5", "--warmup", "1", "--min-duration", "0", "--json"]
     for d in devices:
         args += ["--device", d]
+    args += extra
     r = host.run(*args)
     assert r.code == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.json()
@@ -116,7 +127,7 @@ def _assert_runs_exactly(agent, bundle: Path, version: int) -> None:
 
 
 def test_a_fine_tune_of_the_last_layer_travels_as_a_delta(host, mosquitto, start_agent, tmp_path):
-    v1, v2, changed = _versions(host, tmp_path)
+    (v1, v2), changed = _versions(host, tmp_path)
     agent = start_agent(mosquitto.url, "delta-one", host.root)
     first = _deploy(host, v1, mosquitto.url, [agent.device_id])[agent.device_id]
     assert first["state"] == "installed" and first["delivery"]["method"] == "full"
@@ -144,7 +155,7 @@ def test_a_fine_tune_of_the_last_layer_travels_as_a_delta(host, mosquitto, start
 
 
 def test_one_deploy_sends_the_delta_where_it_fits_and_the_bundle_elsewhere(host, mosquitto, start_agent, tmp_path):
-    v1, v2, _changed = _versions(host, tmp_path)
+    (v1, v2), _changed = _versions(host, tmp_path)
     based, fresh, damaged = (start_agent(mosquitto.url, f"delta-{n}", host.root) for n in ("based", "fresh", "damaged"))
     first = _deploy(host, v1, mosquitto.url, [based.device_id, damaged.device_id])
     assert {row["state"] for row in first.values()} == {"installed"}
@@ -170,3 +181,26 @@ def test_one_deploy_sends_the_delta_where_it_fits_and_the_bundle_elsewhere(host,
     for agent in (based, fresh, damaged):
         _assert_runs_exactly(agent, v2, 2)
     assert "taking it whole" in damaged.log()
+
+
+def test_delta_from_gives_the_base_the_store_lacks_and_no_delta_sends_the_bundle(
+    host, mosquitto, start_agent, tmp_path
+):
+    (v1, v2, v3), _changed = _versions(host, tmp_path, 3)
+    agent = start_agent(mosquitto.url, "delta-from", host.root)
+    assert _deploy(host, v1, mosquitto.url, [agent.device_id])[agent.device_id]["state"] == "installed"
+    shutil.rmtree(host.home / "bundles")  # the host kept nothing: only --delta-from has the base
+    second = _deploy(host, v2, mosquitto.url, [agent.device_id], "--delta-from", str(v1))[agent.device_id]
+    assert (second["state"], second["delivery"]["method"], second["delivery"]["base_version"]) == (
+        "installed",
+        "delta",
+        1,
+    )
+    third = _deploy(host, v3, mosquitto.url, [agent.device_id], "--no-delta")[agent.device_id]
+    assert third["state"] == "installed" and third["delivery"]["delta_bytes"] is None  # v2 was kept, not used
+    assert (host.home / "bundles" / NAME).is_dir() and len(list((host.home / "bundles" / NAME).iterdir())) == 2
+    _assert_runs_exactly(agent, v3, 3)
+    both = host.run(
+        "deploy", str(v3), "--device", agent.device_id, "--broker", mosquitto.url, "--no-delta", "--delta-from", str(v2)
+    )
+    assert both.code == 2 and "--no-delta" in both.stderr
