@@ -1177,7 +1177,8 @@ def deploy(
     for CPU time (counted in 10 ms ticks) or a power estimate to mean anything.
     """
     from host_tools.fleet.bundle_store import BundleStore
-    from host_tools.fleet.deployer import DeltaSettings, deploy_and_record, deploy_many
+    from host_tools.fleet.delta_offers import DeltaSettings
+    from host_tools.fleet.deployer import deploy_and_record, deploy_many
     from host_tools.report.fleet import deploy_data, deploy_many_data, deploy_many_text, deploy_text
 
     cfg = _cfg(ctx, json_output)

@@ -350,11 +350,13 @@ class TransferRun:
         device.deadline = now + (self.options.finish_timeout_s if device.accepted else self.options.accept_timeout_s)
         count = self.prepared.chunk_count
         if msg.kind in _OF_A_TRANSFER and msg.transfer_id not in ("", self.prepared.transfer_id):
-            # About the command's other transfer: accepting it means leaving this one.
-            if msg.kind == EventKind.ACCEPTED:
+            # About another transfer: accepting the command's other one means leaving this one.
+            if msg.kind == EventKind.ACCEPTED and device.command.offer_named(msg.transfer_id) is not None:
                 log.info("%s takes transfer %s instead of %s", device_id, msg.transfer_id, self.prepared.transfer_id)
                 results[device_id] = TransferResult(left=msg)
                 self.plan.finished(device_id)
+            else:
+                log.debug("ignored a %s event of %s about transfer %s", msg.kind, device_id, msg.transfer_id)
             return
         try:
             if msg.kind in (EventKind.ACCEPTED, EventKind.NEED_CHUNKS):

@@ -15,15 +15,14 @@ to each device and the bundle once (:class:`~host_tools.fleet.delivery.TransferR
 one connection, and returns one outcome per device. :func:`deploy_bundle` is the same for
 one device without the registry.
 
-Deltas (:class:`DeltaSettings`): :func:`deploy_many` keeps every bundle it sends in the
-host's :class:`~host_tools.fleet.bundle_store.BundleStore`. A device whose registry record
-says it runs version N of the bundle, and whose installed bundle file (the registry's last
-``installed`` deployment of N names its sha256) the store holds, is offered a delta from
-it besides the whole bundle (:class:`~edge_sdk.protocol.DeltaOffer`, one delta built per
-distinct base). The delta goes out first, in a run of its own, to the devices offered it;
-then the bundle, to the others and to every device that took the full transfer after all
-(its base did not match, or rebuilding failed: the device decides, see
-:mod:`device_agent.deltas`). Each outcome says how the bundle travelled (:class:`Delivery`)::
+Deltas (``DeployOptions.deltas``): :func:`deploy_many` keeps every bundle it sends in the
+host's bundle store, and offers a device that runs an older version whose bundle the host
+has a delta from it besides the whole bundle (:mod:`host_tools.fleet.delta_offers` decides
+who gets which; one delta is built per distinct base). The delta goes out first, in a run
+of its own, to the devices offered it; then the bundle, to the others and to every device
+that took the full transfer after all (its base did not match, or rebuilding failed: the
+device decides, see :mod:`device_agent.deltas`). Each outcome says how the bundle
+travelled (:class:`Delivery`)::
 
     devices offered a delta    delta run  ->  received (rebuilt)  -> install as always
                                           ->  accepted the full transfer instead --+
@@ -54,7 +53,6 @@ error type rebuilt from its code.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import tempfile
@@ -68,13 +66,11 @@ from typing import Any, Literal
 from edge_sdk.bundle import Manifest, content_digest
 from edge_sdk.bundle.admission import runtime_available
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
-from edge_sdk.bundle.delta import read_delta_header
 from edge_sdk.errors import (
     ConfigError,
     DeviceTimeoutError,
     EdgeError,
     RollbackError,
-    StorageError,
     TargetMismatchError,
     UntrustedInputError,
 )
@@ -82,7 +78,6 @@ from edge_sdk.mqtt import MqttClient
 from edge_sdk.protocol import (
     BenchmarkSpec,
     BundleFacts,
-    DeltaOffer,
     DeployCommand,
     DeviceStatus,
     DeviceTopics,
@@ -95,18 +90,23 @@ from edge_sdk.protocol import (
     sign_command,
 )
 from edge_sdk.trust import SigningKey
-from host_tools.delta import DeltaOptions, DeltaStats, build_delta
-from host_tools.fleet.bundle_store import BundleStore
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, FleetConversation, end_state, error_of
 from host_tools.fleet.delivery import Inbound, PreparedFile, TransferResult, TransferRun, prepare_file
+from host_tools.fleet.delta_offers import (
+    DeltaSettings,
+    PreparedDelta,
+    base_of,
+    explicit_base,
+    keep_bundle,
+    offer_deltas,
+)
 from host_tools.fleet.registry import DeploymentState, DeviceRecord, Registry
 from host_tools.fleet.router import Router, gated, routed
 
 __all__ = [
     "CommandAuthority",
     "Delivery",
-    "DeltaSettings",
     "DeployOptions",
     "DeployOutcome",
     "bundle_facts",
@@ -169,27 +169,6 @@ def signed_fields(device_id: str, authority: CommandAuthority | None, now: float
     """The fields every signed command carries: addressee and expiry."""
     ttl = authority.ttl_s if authority is not None else 900.0
     return {"device_id": device_id, "expires_at": now + ttl}
-
-
-@dataclass(frozen=True)
-class DeltaSettings:
-    """Deltas for devices that run an older version, and the store their bases come from.
-
-    Attributes:
-        store: where every bundle deployed is kept, by name and sha256 (the bases of later
-            deltas); None: nothing is kept.
-        offer: offer deltas (``edgectl deploy --no-delta`` turns it off; bundles are
-            still kept).
-        base: a base bundle given explicitly (``--delta-from``), for the devices that run
-            its version when the store lacks their bundle (or the registry does not know
-            which one they installed).
-        build: how deltas are built, and when one is not worth sending.
-    """
-
-    store: BundleStore | None = None
-    offer: bool = True
-    base: Path | None = None
-    build: DeltaOptions = field(default_factory=DeltaOptions)
 
 
 @dataclass(frozen=True)
@@ -364,15 +343,6 @@ def _statuses_heard(fleet: FleetConversation, devices: list[str], wait_s: float)
     return dict(fleet.last_status)
 
 
-@dataclass(frozen=True)
-class _Delta:
-    """A delta built for the devices that run one base, ready to be offered."""
-
-    prepared: PreparedFile
-    offer: DeltaOffer
-    stats: DeltaStats
-
-
 def _deploy(
     client: MqttClient,
     fleet: FleetConversation,
@@ -381,7 +351,7 @@ def _deploy(
     options: DeployOptions,
     progress: Callable[[int, int], None] | None,
     started: float,
-    deltas: Mapping[str, _Delta] | None = None,
+    deltas: Mapping[str, PreparedDelta] | None = None,
 ) -> dict[str, DeployOutcome]:
     """Send the commands, each delta and the bundle once; follow each device until it installed, deferred or refused.
 
@@ -472,7 +442,12 @@ def _log_run(run: TransferRun, prepared: PreparedFile, devices: Collection[str],
 
 
 def _delivery(
-    cmd: DeployCommand, prepared: PreparedFile, deltas: Mapping[str, _Delta], *, by_delta: bool, why: str | None
+    cmd: DeployCommand,
+    prepared: PreparedFile,
+    deltas: Mapping[str, PreparedDelta],
+    *,
+    by_delta: bool,
+    why: str | None,
 ) -> Delivery:
     """How the bundle travelled to the device of ``cmd``: by the delta it was offered, or whole."""
     delta = deltas.get(cmd.delta.transfer.transfer_id) if cmd.delta is not None else None
@@ -819,7 +794,7 @@ def deploy_many(
         raise ConfigError("a device is named more than once")
     started = time.monotonic()
     manifest = read_manifest(bundle_path)
-    explicit = _explicit_base(options.deltas, manifest)
+    explicit = explicit_base(options.deltas, manifest)
     prepared = prepare_file(bundle_path, options.chunk_size)
     commands = {
         d: transfer_command(
@@ -860,7 +835,6 @@ def deploy_many(
             FleetConversation.open(live, _ids(commands)) as fleet,
             tempfile.TemporaryDirectory(prefix="edge-delta-") as work_dir,
         ):
-            work = Path(work_dir)
             # The retained statuses are fresher than the registry (a rollback or remove since changed what runs).
             for status in _statuses_heard(fleet, list(commands), min(STATUS_WAIT_S, options.accept_timeout_s)).values():
                 record_message(registry, status, clock(), broker)
@@ -869,11 +843,19 @@ def deploy_many(
                     check_known_device(_known_device(registry, device_id, broker), cmd)
                 except UntrustedInputError as exc:
                     refuse(device_id, exc)
-            deltas: dict[str, _Delta] = {}
-            if commands and options.deltas is not None:
-                _keep(options.deltas.store, bundle_path, manifest, prepared)
-                if options.deltas.offer:
-                    commands, deltas = _offer_deltas(registry, broker, commands, bundle_path, options, explicit, work)
+            deltas: dict[str, PreparedDelta] = {}
+            settings = options.deltas
+            if commands and settings is not None:
+                keep_bundle(settings.store, bundle_path, manifest.name, prepared.sha256)
+                if settings.offer:
+                    bases = {
+                        d: base
+                        for d, c in commands.items()
+                        if (base := base_of(registry, _known_device(registry, d, broker), c, settings, explicit))
+                    }
+                    commands, deltas = offer_deltas(
+                        commands, bases, bundle_path, settings.build, options.chunk_size, Path(work_dir)
+                    )
             deployments = {
                 d: registry.record_deployment(d, c.bundle_name, c.bundle_version, c.transfer.sha256, started_at=clock())
                 for d, c in commands.items()
@@ -899,128 +881,6 @@ def deploy_many(
                 record_message(registry, outcome.metrics, clock())
             outcomes[device_id] = outcome
     return [outcomes[d] for d in device_ids]
-
-
-@dataclass(frozen=True)
-class _Base:
-    """A base bundle for deltas: the file, its version and its sha256."""
-
-    path: Path
-    version: int
-    sha256: str
-
-
-def _explicit_base(deltas: DeltaSettings | None, manifest: Manifest) -> _Base | None:
-    """The base given with ``--delta-from``, checked to be another version of the same bundle.
-
-    Raises:
-        ConfigError: a base of another bundle, or of the version being deployed.
-        BundleFormatError, ManifestError, StorageError: the file is not a readable bundle.
-    """
-    if deltas is None or deltas.base is None or not deltas.offer:
-        return None
-    base = read_manifest(deltas.base)
-    if base.name != manifest.name:
-        raise ConfigError(f"the delta base {deltas.base} is bundle {base.name!r}, not {manifest.name!r}")
-    if base.version == manifest.version:
-        raise ConfigError(f"the delta base {deltas.base} is v{base.version}, the version being deployed")
-    digest = hashlib.sha256()
-    try:
-        with open(deltas.base, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-    except OSError as exc:
-        raise StorageError(f"cannot read {deltas.base}: {exc.strerror}", path=str(deltas.base)) from exc
-    return _Base(deltas.base, base.version, digest.hexdigest())
-
-
-def _keep(store: BundleStore | None, bundle_path: Path, manifest: Manifest, prepared: PreparedFile) -> None:
-    """Keep the bundle being deployed in the store, the base of the next version's deltas (a failure is logged)."""
-    if store is None:
-        return
-    try:
-        store.put(bundle_path, manifest.name, prepared.sha256)
-    except EdgeError as exc:
-        log.warning("the bundle store did not keep %s (%s): later deltas cannot start from it", bundle_path, exc)
-
-
-def _base_of(
-    registry: Registry, broker: str, device_id: str, cmd: DeployCommand, deltas: DeltaSettings, explicit: _Base | None
-) -> _Base | None:
-    """The bundle the device runs, as the host has it: from the store by the sha256 the registry recorded, or the
-    explicit base when the device runs its version (and the registry does not say it installed another file)."""
-    record = _known_device(registry, device_id, broker)
-    running = next((b for b in (record.active_bundles or ()) if b.name == cmd.bundle_name), None) if record else None
-    if running is None or running.version == cmd.bundle_version:
-        return None
-    installed = registry.installed_deployment(device_id, cmd.bundle_name, running.version)
-    sha256 = installed.bundle_sha256 if installed is not None else None
-    if sha256 is not None and deltas.store is not None:
-        try:
-            kept = deltas.store.get(cmd.bundle_name, sha256)
-        except ConfigError:  # not a sha256 in the registry: nothing the store can have
-            kept = None
-        if kept is not None:
-            return _Base(kept, running.version, sha256)
-    if explicit is not None and explicit.version == running.version and sha256 in (None, explicit.sha256):
-        return explicit
-    return None
-
-
-def _offer_deltas(
-    registry: Registry,
-    broker: str,
-    commands: dict[str, DeployCommand],
-    bundle_path: Path,
-    options: DeployOptions,
-    explicit: _Base | None,
-    work: Path,
-) -> tuple[dict[str, DeployCommand], dict[str, _Delta]]:
-    """Offer a delta to each device whose base the host has: one delta built per distinct base.
-
-    Returns:
-        The commands, those of such devices with their delta offer; and the deltas, by
-        transfer id (written under ``work``).
-    """
-    deltas = options.deltas
-    if deltas is None:
-        return commands, {}
-    by_base: dict[str, tuple[_Base, list[str]]] = {}
-    for device_id, cmd in commands.items():
-        base = _base_of(registry, broker, device_id, cmd, deltas, explicit)
-        if base is not None:
-            by_base.setdefault(base.sha256, (base, []))[1].append(device_id)
-    offered = dict(commands)
-    built: dict[str, _Delta] = {}
-    for base, devices in by_base.values():
-        delta = _build_delta(base, bundle_path, work / f"{base.sha256[:16]}.delta", deltas.build, options.chunk_size)
-        if delta is None:
-            continue
-        built[delta.prepared.transfer_id] = delta
-        for device_id in devices:
-            offered[device_id] = dataclasses.replace(offered[device_id], delta=delta.offer)
-    return offered, built
-
-
-def _build_delta(base: _Base, bundle_path: Path, out: Path, build: DeltaOptions, chunk_size: int) -> _Delta | None:
-    """The delta from ``base`` to the bundle, prepared for sending; None when there is none worth sending."""
-    try:
-        stats = build_delta(base.path, bundle_path, out, build)
-        if stats is None:
-            return None
-        header = read_delta_header(out, build.limits)
-        prepared = prepare_file(out, chunk_size)
-    except EdgeError as exc:
-        log.warning("no delta from %s (v%d): %s: %s", base.path, base.version, exc.code, exc.message)
-        return None
-    log.info(
-        "delta from v%d: %d bytes instead of %d (%.1f%%)",
-        stats.base_version,
-        stats.delta_bytes,
-        stats.full_bytes,
-        100 * stats.ratio,
-    )
-    return _Delta(prepared, DeltaOffer(prepared.offer(), header.base_version, header.base_content), stats)
 
 
 def run_command(

@@ -190,3 +190,18 @@ def test_a_command_that_offers_neither_file_is_a_bug(files: tuple[PreparedFile, 
     with pytest.raises(ValueError, match="offers another transfer"):
         run.run(_commands(bundle, delta, ["dev-a"]), net.inbound)
     assert net.commands == []
+
+
+def test_accepting_a_transfer_the_command_does_not_offer_is_not_leaving(
+    files: tuple[PreparedFile, PreparedFile],
+) -> None:
+    bundle, delta = files
+    net = Devices({"dev-a": delta.transfer_id})
+    commands = _commands(bundle, delta, ["dev-a"])
+    net.say("dev-a", EventKind.ACCEPTED, "ab" * 16, commands["dev-a"].command_id)  # names neither file
+    run = TransferRun(net, delta, OPTIONS, net.publish_command)  # type: ignore[arg-type]
+
+    results = run.run(commands, net.inbound)
+
+    assert results["dev-a"].left is None
+    assert results["dev-a"].event is not None and results["dev-a"].event.kind == EventKind.RECEIVED
