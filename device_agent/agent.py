@@ -21,6 +21,7 @@ The parts, one job each::
 
     device_agent.transport   the connection seam (MqttClient or an in-memory one) and the bounded queue
     device_agent.receiving   chunks, each checked -> staging kept across restarts -> a finished bundle
+    device_agent.deltas      does an offered delta fit the installed slot; the bundle rebuilt from it
     device_agent.install     the install sequence: stage, activate, health check, confirm or roll back,
                              deferred installs, rollback and remove commands
     device_agent.reporter    status (birth, goodbye), events, metrics, the offline outbox
@@ -32,12 +33,17 @@ Lifecycle of a deploy::
                                                   no chunk moves, no staging file is reserved
                 -> ACCEPTED (missing ranges)      staging reserved at its declared size, or the
                                                   transfer of the same content resumed; the
-                                                  device subscribes to the transfer's topic
+                                                  device subscribes to the transfer's topic.
+                                                  With a delta offered that fits the active slot,
+                                                  the transfer is the delta's (detail.delta true);
+                                                  else the bundle's (detail.delta false, .why)
     index frame -> kept if it is the signed one   (the offer binds its sha256)
     chunks      -> checked against their digest, written at their offsets; a bad one is
                    discarded and asked for again; PROGRESS every PROGRESS_EVERY chunks
     complete    -> RECEIVED                       whole-file sha256 checked against the offer
                 -> the install sequence (device_agent.install)
+    delta complete -> the bundle rebuilt from the slot (device_agent.deltas), then as above;
+                   if it cannot be -> ACCEPTED for the full transfer (detail.delta false, .why)
     transfer_end while chunks are missing -> NEED_CHUNKS (the host sends them)
     (re)connected, or idle for transfer_idle_timeout_s -> NEED_CHUNKS for each transfer held
                    (one whose chunks were all in before a restart waits for the host's offer)
@@ -59,19 +65,21 @@ from collections.abc import Callable
 
 from device_agent.config import AgentConfig
 from device_agent.decryption_key import load_or_create_decryption_key
+from device_agent.deltas import base_refusal, rebuild_bundle
 from device_agent.gate import UpdateGate
 from device_agent.identity import DeviceIdentity
 from device_agent.install import InstallSequence
 from device_agent.installer import Installer
 from device_agent.outbox import Outbox
 from device_agent.platform import PlatformInfo, detect_platform, power_model_name
-from device_agent.receiving import Receiving, Transfer
+from device_agent.receiving import Received, ReceivedBundle, Receiving, Transfer
 from device_agent.reporter import Reporter
 from device_agent.sdnotify import Liveness, Notifier, should_feed
 from device_agent.transport import InboundQueue, Transport, pump
 from device_agent.trust_store import TrustStore
 from edge_sdk import __version__
 from edge_sdk.errors import (
+    DeltaError,
     EdgeError,
     SignatureError,
     StorageError,
@@ -297,7 +305,7 @@ class Agent:
         self.transport.subscribe(self.topics.cmd, qos=1)
         self.transport.subscribe(self.topics.data, qos=1)
         for t in self.receiving.held():
-            self.transport.subscribe(transfer_topic(t.command.transfer.transfer_id), qos=1)
+            self.transport.subscribe(transfer_topic(t.transfer_id), qos=1)
         log.info("agent %s starting; broker %s", self.config.device_id, self.transport.address)
         self._pump = threading.Thread(
             target=pump,
@@ -398,10 +406,12 @@ class Agent:
 
     def _tick(self) -> None:
         now = self.monotonic()
-        for cmd in self.receiving.expire(now):
-            self.transport.unsubscribe(transfer_topic(cmd.transfer.transfer_id))
+        for t in self.receiving.expire(now):
+            self.transport.unsubscribe(transfer_topic(t.transfer_id))
             log.info(
-                "removed the partial transfer of %s v%s: no chunk for too long", cmd.bundle_name, cmd.bundle_version
+                "removed the partial transfer of %s v%s: no chunk for too long",
+                t.command.bundle_name,
+                t.command.bundle_version,
             )
         if self.transport.connected:
             for t in self.receiving.idle(now, self.config.transfer_idle_timeout_s):
@@ -491,39 +501,85 @@ class Agent:
     # --- receiving ------------------------------------------------------------------
 
     def _on_deploy(self, cmd: DeployCommand) -> None:
-        tid = cmd.transfer.transfer_id
+        why = self._delta_refusal(cmd)
+        offer = cmd.delta.transfer if cmd.delta is not None and why is None else cmd.transfer
         try:
-            held = self.receiving.get(tid)
-            if held is None or held.receiver.offer != cmd.transfer:  # a resumed transfer was checked already
+            held = self.receiving.get(offer.transfer_id)
+            if held is None or held.receiver.offer != offer:  # a resumed transfer was checked already
                 self.installs.check_recipient(cmd)
                 self.installs.precheck(cmd)
         except (UntrustedInputError, StorageError) as exc:
             log.warning("refused offer of %s v%s before transfer: %s", cmd.bundle_name, cmd.bundle_version, exc.message)
             self.reporter.event(EventKind.REFUSED, cmd=cmd, error=exc)
             return
-        held_before = {x.command.transfer.transfer_id for x in self.receiving.held()}
+        if cmd.delta is None:
+            self._receive(cmd, delta=False, detail={})
+        elif why is None:
+            log.info("taking %s v%s as a delta from v%s", cmd.bundle_name, cmd.bundle_version, cmd.delta.base_version)
+            self._receive(cmd, delta=True, detail={"delta": True, "base_version": cmd.delta.base_version})
+        else:
+            log.info("taking %s v%s whole: its delta does not fit (%s)", cmd.bundle_name, cmd.bundle_version, why)
+            self._receive(cmd, delta=False, detail={"delta": False, "why": why})
+
+    def _delta_refusal(self, cmd: DeployCommand) -> str | None:
+        """Why the delta ``cmd`` offers does not fit the active slot (None: it fits; no delta: a reason)."""
+        if cmd.delta is None:
+            return "no delta offered"
         try:
-            t = self.receiving.begin(cmd, self.monotonic())
-        except StorageError as exc:
+            return base_refusal(cmd, self.installer.active(cmd.bundle_name))
+        except EdgeError as exc:  # the slot named in state.json cannot be read: not a base to build on
+            return f"{exc.code}: {exc.message}"
+
+    def _receive(self, cmd: DeployCommand, *, delta: bool, detail: dict[str, object]) -> None:
+        """Begin (or resume) receiving the command's bundle, or its delta; ACCEPTED names the transfer."""
+        held_before = {x.transfer_id for x in self.receiving.held()}
+        try:
+            t = self.receiving.begin(cmd, self.monotonic(), delta=delta)
+        except EdgeError as exc:
             self._stop_listening(held_before)
-            self.reporter.event(EventKind.FAILED, cmd=cmd, error=exc)
+            kind = EventKind.REFUSED if isinstance(exc, UntrustedInputError) else EventKind.FAILED
+            self.reporter.event(kind, cmd=cmd, error=exc)
             return
         self._stop_listening(held_before)
-        self.transport.subscribe(transfer_topic(tid), qos=1)
+        self.transport.subscribe(transfer_topic(t.transfer_id), qos=1)
         receiver = t.receiver
         self.reporter.event(
             EventKind.ACCEPTED,
             cmd=cmd,
             missing=receiver.missing(),
-            detail={"have": receiver.have_count, "have_index": receiver.index is not None},
+            detail={"have": receiver.have_count, "have_index": receiver.index is not None, **detail},
+            transfer_id=t.transfer_id,
         )
         if receiver.complete:  # every chunk was in before a restart: the install goes on from here
             self._finish(t)
 
     def _stop_listening(self, held_before: set[str]) -> None:
         """Unsubscribe from the transfers no longer held (a new one evicted them for room or count)."""
-        for tid in held_before - {x.command.transfer.transfer_id for x in self.receiving.held()}:
+        for tid in held_before - {x.transfer_id for x in self.receiving.held()}:
             self.transport.unsubscribe(transfer_topic(tid))
+
+    def _take(self, received: Received) -> None:
+        """A finished transfer: a bundle goes to the install sequence; a delta is rebuilt into one first."""
+        if isinstance(received, ReceivedBundle):
+            self.installs.received(received)
+            return
+        cmd = received.command
+        try:
+            try:
+                bundle = rebuild_bundle(received, self.installer.active(cmd.bundle_name), self.config.limits)
+            finally:
+                received.discard()  # the delta is used up, whatever came of it
+        except (DeltaError, StorageError) as exc:
+            log.warning(
+                "cannot rebuild %s v%s from its delta (%s: %s); taking it whole",
+                cmd.bundle_name,
+                cmd.bundle_version,
+                exc.code,
+                exc.message,
+            )
+            self._receive(cmd, delta=False, detail={"delta": False, "why": f"{exc.code}: {exc.message}"})
+            return
+        self.installs.received(bundle)
 
     def _on_chunk(self, payload: bytes) -> None:
         chunk = decode_chunk(payload, self.codec_limits)
@@ -538,15 +594,15 @@ class Agent:
             self.transport.unsubscribe(transfer_topic(chunk.transfer_id))
             kind = EventKind.REFUSED if isinstance(exc, UntrustedInputError) else EventKind.FAILED
             log.warning("transfer of %s v%s ended: %s", cmd.bundle_name, cmd.bundle_version, exc.message)
-            self.reporter.event(kind, cmd=cmd, error=exc)
+            self.reporter.event(kind, cmd=cmd, error=exc, transfer_id=chunk.transfer_id)
             return
         if received is not None:
             self.transport.unsubscribe(transfer_topic(chunk.transfer_id))
-            self.installs.received(received)
+            self._take(received)
             return
         have = self.receiving.progress_due(chunk.transfer_id, PROGRESS_EVERY)
         if have is not None and self.transport.connected:
-            self.reporter.event(EventKind.PROGRESS, cmd=t.command, detail={"have": have})
+            self.reporter.event(EventKind.PROGRESS, cmd=t.command, detail={"have": have}, transfer_id=t.transfer_id)
 
     def _on_transfer_end(self, msg: TransferEnd) -> None:
         t = self.receiving.get(msg.transfer_id)
@@ -556,16 +612,16 @@ class Agent:
 
     def _finish(self, t: Transfer) -> None:
         """Take a transfer whose chunks are all in to the install sequence."""
-        tid = t.command.transfer.transfer_id
+        tid = t.transfer_id
         self.transport.unsubscribe(transfer_topic(tid))
         try:
             received = self.receiving.finish(tid)
         except EdgeError as exc:
             kind = EventKind.REFUSED if isinstance(exc, UntrustedInputError) else EventKind.FAILED
-            self.reporter.event(kind, cmd=t.command, error=exc)
+            self.reporter.event(kind, cmd=t.command, error=exc, transfer_id=tid)
             return
         if received is not None:
-            self.installs.received(received)
+            self._take(received)
 
     def _report_lacking(self, t: Transfer) -> None:
         """NEED_CHUNKS: what a transfer held lacks, and whether it has the chunk index; if nothing, finish it."""
@@ -579,4 +635,5 @@ class Agent:
             cmd=t.command,
             missing=missing,
             detail={"have": receiver.have_count, "missing": len(missing), "have_index": receiver.index is not None},
+            transfer_id=t.transfer_id,
         )

@@ -5,7 +5,7 @@ signed offer binds, is this chunk the one its digest names, where does it go, wh
 missing); this module is the shell that does what it says to the staging directory::
 
     staging/<transfer_id>.cmd     the verified deploy command (JSON), written first
-    staging/<transfer_id>.part    the bundle's bytes, reserved at its declared size (fallocate)
+    staging/<transfer_id>.part    the file's bytes, reserved at its declared size (fallocate)
     staging/<transfer_id>.index   the chunk index, once it arrived and matched the offer
 
     begin(cmd)       files created (or, for a transfer already held, the command replaced)
@@ -15,6 +15,11 @@ missing); this module is the shell that does what it says to the staging directo
     recover()        at start: every held transfer is reopened, and the chunks on disk that
                      match their digests count as received (the bitmap is rebuilt from the
                      bytes themselves, so nothing unverified is ever trusted)
+
+The file is the bundle the command offers, or the delta it offers instead
+(``DeployCommand.delta``, see :mod:`device_agent.deltas`): the transfer id the files are
+named by says which, so both resume alike. A finished bundle comes out as a
+:class:`ReceivedBundle`, a finished delta as a :class:`ReceivedDelta`.
 
 A transfer is named by its content, so a host that offers the same bundle again (a retry,
 a restarted ``edgectl``) resumes it. What is held is bounded: a transfer without a chunk
@@ -50,7 +55,7 @@ from edge_sdk.protocol import (
     encode,
 )
 
-__all__ = ["ReceivedBundle", "Receiving", "StagingFile", "Transfer"]
+__all__ = ["Received", "ReceivedBundle", "ReceivedDelta", "Receiving", "StagingFile", "Transfer"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,30 @@ class ReceivedBundle:
     def discard(self) -> None:
         """Remove the file, if it is still there (a deferred install moves it away)."""
         self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class ReceivedDelta:
+    """A delta file received whole, its sha256 matching the signed offer (``command.delta.transfer``).
+
+    It is not a bundle yet: :func:`device_agent.deltas.rebuild_bundle` makes one from it
+    and the installed base slot.
+
+    Attributes:
+        command: the deploy command that offered it.
+        path: the file (under ``staging/``); :meth:`discard` removes it.
+    """
+
+    command: DeployCommand
+    path: Path
+
+    def discard(self) -> None:
+        """Remove the file, if it is still there."""
+        self.path.unlink(missing_ok=True)
+
+
+#: What a finished transfer gives: the bundle, or the delta that rebuilds it.
+Received = ReceivedBundle | ReceivedDelta
 
 
 class StagingFile:
@@ -209,6 +238,20 @@ class Transfer:
     idle_reported_at: float = float("-inf")
     index_discarded: int = 0
 
+    @property
+    def offer(self) -> TransferOffer:
+        """What is received: the command's bundle offer, or its delta's."""
+        return self.receiver.offer
+
+    @property
+    def transfer_id(self) -> str:
+        return self.receiver.offer.transfer_id
+
+    @property
+    def is_delta(self) -> bool:
+        """Whether the file is the command's delta rather than its bundle."""
+        return self.receiver.offer.transfer_id != self.command.transfer.transfer_id
+
 
 class Receiving:
     """The transfers this device holds, each in its own files under ``staging_dir``.
@@ -294,9 +337,9 @@ class Receiving:
             log.info("transfer %s has had no chunk for over %g s", tid, self.max_age_s)
             return None
         cmd = decode(cmd_path.read_bytes(), self._limits)
-        if not isinstance(cmd, DeployCommand) or cmd.transfer.transfer_id != tid:
+        offer = cmd.offer_named(tid) if isinstance(cmd, DeployCommand) else None
+        if not isinstance(cmd, DeployCommand) or offer is None:
             raise MessageError(f"{cmd_path} does not hold the deploy command of transfer {tid}")
-        offer = cmd.transfer
         file = StagingFile.reopen(part, offer.size)
         receiver = ChunkReceiver(offer)
         if index_path.is_file():
@@ -312,13 +355,15 @@ class Receiving:
 
     # --- a transfer -----------------------------------------------------------------
 
-    def begin(self, cmd: DeployCommand, now: float) -> Transfer:
-        """Start receiving the bundle ``cmd`` offers, or go on with it if it is already held.
+    def begin(self, cmd: DeployCommand, now: float, *, delta: bool = False) -> Transfer:
+        """Start receiving the bundle ``cmd`` offers (or its delta), or go on with it if it is already held.
 
         Args:
             cmd: a verified deploy command. For a transfer already held, it replaces the
                 command kept (a newer offer of the same content: its answers carry its id).
             now: monotonic seconds.
+            delta: receive the delta the command offers (``cmd.delta.transfer``) instead
+                of the bundle.
 
         Returns:
             The transfer (what it lacks: ``transfer.receiver.missing()``).
@@ -327,8 +372,11 @@ class Receiving:
             TransferError: the offer exceeds this device's bundle size limit.
             StorageError: the staging files cannot be written, or there is no room even after
                 removing the idle transfers.
+            ValueError: ``delta`` for a command that offers none (a bug, not input).
         """
-        offer = cmd.transfer
+        if delta and cmd.delta is None:
+            raise ValueError("begin(delta=True) for a command without a delta")
+        offer = cmd.delta.transfer if delta and cmd.delta is not None else cmd.transfer
         tid = offer.transfer_id
         existing = self._transfers.get(tid)
         if existing is not None and not _same_bytes(existing.receiver.offer, offer):
@@ -361,9 +409,10 @@ class Receiving:
         t = Transfer(cmd, ChunkReceiver(offer), file, now)
         self._transfers[tid] = t
         log.info(
-            "receiving %s v%s: %d bytes in %d chunks",
+            "receiving %s v%s%s: %d bytes in %d chunks",
             cmd.bundle_name,
             cmd.bundle_version,
+            " as a delta" if t.is_delta else "",
             offer.size,
             t.receiver.chunk_count,
         )
@@ -377,7 +426,7 @@ class Receiving:
         """Every transfer held."""
         return list(self._transfers.values())
 
-    def accept(self, chunk: Chunk, now: float) -> ReceivedBundle | None:
+    def accept(self, chunk: Chunk, now: float) -> Received | None:
         """Take one frame of a transfer held: the chunk index, or a chunk.
 
         A frame that fails a check (not the bound index; a chunk outside the offer, of the
@@ -430,11 +479,11 @@ class Receiving:
         except TransferError as exc:
             self.discarded["index"] += 1
             t.index_discarded += 1
-            log.info("discarded a chunk index for %s: %s", t.command.transfer.transfer_id, exc.message)
+            log.info("discarded a chunk index for %s: %s", t.transfer_id, exc.message)
             return
-        atomic_write_bytes(self._path(t.command.transfer.transfer_id, ".index"), index.digests, mode=0o600)
+        atomic_write_bytes(self._path(t.transfer_id, ".index"), index.digests, mode=0o600)
 
-    def finish(self, transfer_id: str) -> ReceivedBundle | None:
+    def finish(self, transfer_id: str) -> Received | None:
         """The finished file of a transfer held whose chunks are all in (one completed before a restart).
 
         Returns:
@@ -448,11 +497,11 @@ class Receiving:
             return None
         return self._finish(t)
 
-    def _finish(self, t: Transfer) -> ReceivedBundle:
-        tid = t.command.transfer.transfer_id
+    def _finish(self, t: Transfer) -> Received:
+        tid = t.transfer_id
         try:
             digest = t.file.finish()
-            expected = t.command.transfer.sha256
+            expected = t.offer.sha256
             if digest != expected:
                 raise HashMismatchError(
                     f"received file's sha256 {digest[:16]}... differs from the offer's {expected[:16]}...",
@@ -465,7 +514,10 @@ class Receiving:
         del self._transfers[tid]
         for suffix in (".cmd", ".index"):
             self._path(tid, suffix).unlink(missing_ok=True)
-        return ReceivedBundle(t.command, t.file.path, t.receiver.discarded + t.index_discarded)
+        discarded = t.receiver.discarded + t.index_discarded
+        if t.is_delta:
+            return ReceivedDelta(t.command, t.file.path)
+        return ReceivedBundle(t.command, t.file.path, discarded)
 
     def progress_due(self, transfer_id: str, every: int) -> int | None:
         """Chunks held, if ``every`` more arrived since progress was last reported (then marked reported)."""
@@ -484,20 +536,20 @@ class Receiving:
                 out.append(t)
         return out
 
-    def expire(self, now: float) -> list[DeployCommand]:
+    def expire(self, now: float) -> list[Transfer]:
         """Remove transfers without a chunk for ``max_age_s``.
 
         Returns:
-            The commands of the transfers removed.
+            The transfers removed.
         """
         gone = [t for t in self._transfers.values() if now - t.last_chunk_at >= self.max_age_s]
         for t in gone:
-            self.drop(t.command.transfer.transfer_id)
-        return [t.command for t in gone]
+            self.drop(t.transfer_id)
+        return gone
 
     def _evict_oldest(self, why: str) -> None:
         oldest = min(self._transfers.values(), key=lambda t: t.last_chunk_at)
-        tid = oldest.command.transfer.transfer_id
+        tid = oldest.transfer_id
         log.info("removed idle transfer %s for %s", tid, why)
         self.drop(tid)
 

@@ -135,6 +135,7 @@ class Reporter:
         missing: Iterable[int] | None = None,
         detail: dict[str, Any] | None = None,
         command_id: str = "",
+        transfer_id: str = "",
     ) -> None:
         """Report what happened to a command.
 
@@ -146,13 +147,16 @@ class Reporter:
                 :data:`~edge_sdk.protocol.transfer.MAX_RANGES` of them: the lowest).
             detail: facts for the host (name, version, reason...).
             command_id: the command id when there is no ``cmd``.
+            transfer_id: the transfer it is about, when not the bundle's of ``cmd`` (its delta's).
         """
+        if not transfer_id and isinstance(cmd, DeployCommand):
+            transfer_id = cmd.transfer.transfer_id
         event = Event(
             device_id=self.device_id,
             kind=kind,
             ts=self.clock(),
             command_id=cmd.command_id if cmd else command_id,
-            transfer_id=cmd.transfer.transfer_id if isinstance(cmd, DeployCommand) else "",
+            transfer_id=transfer_id,
             missing_ranges=encode_ranges(missing or ()),
             error=ErrorInfo(error.code, error.message, _jsonable(error.details)) if error else None,
             detail=detail or {},

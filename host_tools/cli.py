@@ -1126,6 +1126,18 @@ def _already_runs(outcome: Any) -> bool:
     "--rollback", is_flag=True, help="allow this version even if the device accepted a newer one (signed downgrade)"
 )
 @click.option(
+    "--no-delta",
+    is_flag=True,
+    help="send the whole bundle to every device, even to those that run a version the host has a delta base for",
+)
+@click.option(
+    "--delta-from",
+    type=InputFile(),
+    default=None,
+    metavar="OLD.edge",
+    help="the bundle of the version the devices run, for deltas when the host's bundle store lacks it",
+)
+@click.option(
     "--min-duration",
     default=1.0,
     show_default=True,
@@ -1150,6 +1162,8 @@ def deploy(
     accept_timeout: float,
     timeout_s: float,
     rollback: bool,
+    no_delta: bool,
+    delta_from: Path | None,
     min_duration: float,
     passphrase_env: str | None,
     json_output: bool,
@@ -1161,18 +1175,31 @@ def deploy(
     (as the registry knows them) are refused before any byte moves. Exit code 0 when every
     device installed or deferred it, else the exit code of the first device that did not.
 
+    Every bundle deployed is kept in the home's bundle store (the last 4 per name). A device
+    that runs an older version whose bundle the host has (from the store, or --delta-from)
+    is sent only what changed, a delta it rebuilds the bundle from; a device whose installed
+    version turns out not to match takes the whole bundle by itself. --no-delta sends the
+    whole bundle to every device. The JSON's "delivery" says, per device, which it got.
+
     Each device benchmarks the installed model for --runs timed inferences and at least
     --min-duration seconds (default 1 s; at most 100,000 runs): 200 runs of a 20 us model take 4 ms, too short
     for CPU time (counted in 10 ms ticks) or a power estimate to mean anything.
     """
+    from host_tools.fleet.bundle_store import BundleStore
+    from host_tools.fleet.delta_offers import DeltaSettings
     from host_tools.fleet.deployer import deploy_and_record, deploy_many
     from host_tools.report.fleet import deploy_data, deploy_many_data, deploy_many_text, deploy_text
 
     cfg = _cfg(ctx, json_output)
+    if no_delta and delta_from is not None:
+        raise click.BadParameter(
+            "--delta-from gives a base for deltas, which --no-delta turns off", param_hint="--delta-from"
+        )
+    deltas = DeltaSettings(store=BundleStore(cfg.home / "bundles"), offer=not no_delta, base=delta_from)
     options = _transfer_options(
         cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads, "min_duration_s": min_duration},
         chunk_size=chunk_size, accept_timeout_s=accept_timeout, finish_timeout_s=timeout_s, rollback=rollback,
-        rate_bytes_per_s=_rate(rate), window=window,
+        rate_bytes_per_s=_rate(rate), window=window, deltas=deltas,
     )  # fmt: skip
     if len(set(device_ids)) != len(device_ids):
         raise click.BadParameter("a device is named more than once", param_hint="--device")

@@ -31,6 +31,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "BenchmarkSpec",
     "BundleFacts",
+    "DeltaOffer",
     "DeployCommand",
     "DeviceStatus",
     "ErrorInfo",
@@ -374,6 +375,40 @@ class BundleFacts(_Wire):
                 raise MessageError(f"bad architecture or accelerator name {name!r}")
 
 
+@dataclass(frozen=True)
+class DeltaOffer(_Wire):
+    """A delta a device may take instead of the whole bundle, offered in the signed deploy command.
+
+    A device that runs exactly the base named here (its active slot of the command's
+    bundle has ``base_version`` and the content ``base_content``) receives the delta
+    file (``transfer``: an offer of its own, content-named like any other) and rebuilds
+    the bundle from its slot (:mod:`edge_sdk.bundle.delta`). The rebuilt file must be the
+    one the command's own ``transfer`` names (size and sha256), and is then verified in
+    full as always: a delta adds no trust. Any other device, or one whose rebuild fails,
+    takes the command's full transfer instead; so does an agent that does not know this
+    field (it keeps it in ``extra``).
+
+    Attributes:
+        transfer: the delta file's offer (never encrypted: no delta is built for an
+            encrypted bundle).
+        base_version: the installed version the delta starts from.
+        base_content: :func:`edge_sdk.bundle.content_digest` of that version's manifest files.
+    """
+
+    transfer: TransferOffer
+    base_version: int
+    base_content: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.base_version < 1:
+            raise MessageError("delta base_version must be a positive integer")
+        if not _HEX64.fullmatch(self.base_content):
+            raise MessageError("delta base_content must be 64 lowercase hex digits")
+        if self.transfer.encrypted_for:
+            raise MessageError("a delta is never offered for an encrypted bundle")
+
+
 #: What a device does with a received bundle: install it (the default), or only
 #: benchmark it in a scratch directory without activating it.
 DEPLOY_ACTIONS = ("install", "profile")
@@ -389,6 +424,10 @@ class DeployCommand(Message):
     ``bundle`` (optional; absent from older hosts' commands, and from the
     wire when None) carries the manifest's facts so that the device checks before any
     chunk moves (:class:`BundleFacts`); without it the device checks after receipt.
+
+    ``delta`` (optional, absent from the wire when None) offers a delta from an installed
+    version instead of the whole bundle (:class:`DeltaOffer`); the device chooses. Its
+    transfer is another file than ``transfer``, so it has another transfer id.
     """
 
     TYPE: ClassVar[str] = "deploy"
@@ -403,18 +442,30 @@ class DeployCommand(Message):
     expires_at: float = 0.0
     rollback: bool = False
     bundle: BundleFacts | None = None
+    delta: DeltaOffer | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_id(self.command_id, "command_id")
         if self.action not in DEPLOY_ACTIONS:
             raise MessageError(f"deploy action must be one of {', '.join(DEPLOY_ACTIONS)}, got {self.action!r}")
+        if self.delta is not None and self.delta.transfer.transfer_id == self.transfer.transfer_id:
+            raise MessageError("a delta's transfer must be another transfer than the bundle's")
+
+    def offer_named(self, transfer_id: str) -> TransferOffer | None:
+        """The offer ``transfer_id`` names: the bundle's, or the delta's; None if neither."""
+        if self.transfer.transfer_id == transfer_id:
+            return self.transfer
+        if self.delta is not None and self.delta.transfer.transfer_id == transfer_id:
+            return self.delta.transfer
+        return None
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire form; ``bundle`` only when there is one (older agents' commands are unchanged)."""
+        """The wire form; ``bundle`` and ``delta`` only when there is one (older agents' commands are unchanged)."""
         out = super().to_dict()
-        if out["bundle"] is None:
-            del out["bundle"]
+        for name in ("bundle", "delta"):
+            if out[name] is None:
+                del out[name]
         return out
 
 

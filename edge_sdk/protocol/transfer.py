@@ -12,6 +12,11 @@ The conversation (the shells are :mod:`device_agent.receiving` and :mod:`host_to
     host -> transfer      chunks many devices lack      (one re-broadcast)
     host -> one device    chunks only it lacks          (on its own data topic)
 
+A deploy command may offer a delta besides its bundle (:class:`~edge_sdk.protocol.DeltaOffer`):
+both are files with offers of their own, sent as above. The device answers ``accepted`` naming
+the transfer it takes (its events about a transfer carry that transfer's id), and may switch
+to the bundle's transfer later by accepting it; the host sends each file to those that took it.
+
 What makes this safe and resumable:
 
 - **Named by content.** :func:`content_transfer_id` derives the transfer id from the bundle's

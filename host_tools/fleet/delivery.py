@@ -12,6 +12,12 @@ over one connection, and returns, per device, the first thing it said after the 
 (a timeout: :class:`~edge_sdk.errors.DeviceTimeoutError`, exit code 4). What a device says
 after that is kept for the caller (:attr:`TransferResult.later`).
 
+The file is a bundle, or a delta a command offers besides its bundle
+(:class:`~edge_sdk.protocol.DeltaOffer`). A device may answer a command by accepting its
+*other* transfer (offered the delta, it takes the bundle whole): it has then left this run
+(:attr:`TransferResult.left`), and the caller sends it that file in a run of its own,
+passing what it said as ``joined`` so that its command is not sent twice.
+
 A broker that goes away mid-transfer costs what was in flight: the run waits for the
 connection to come back (``DeployOptions.reconnect_timeout_s``), the devices say what they
 lack when they reconnect, and only that is sent again.
@@ -24,7 +30,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -61,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: What ends a device's part in the transfer: it has the file, or it stopped.
 _AFTER_TRANSFER = frozenset({EventKind.RECEIVED, EventKind.INSTALLED, EventKind.DEFERRED, EventKind.PROFILED})
+#: Events about one transfer in particular (the others are about the command).
+_OF_A_TRANSFER = frozenset({EventKind.ACCEPTED, EventKind.NEED_CHUNKS, EventKind.PROGRESS})
 #: How long the run waits for answers when it has nothing to send.
 _IDLE_WAIT_S = 0.05
 #: Longest wait for every device's answer to the offer before the first chunk goes out.
@@ -140,13 +148,17 @@ class TransferResult:
 
     Attributes:
         event: the first event after the transfer (``received``, ``installed``, ``deferred``,
-            ``profiled``) or the device's refusal; None when ``error`` is set.
+            ``profiled``) or the device's refusal; None when ``error`` or ``left`` is set.
         error: what ended it on the host's side (a timeout).
-        later: what the device said after ``event``, in order, for the caller to read first.
+        left: the device accepted the command's other transfer instead (its ``accepted``
+            event): it left this run, and needs that file.
+        later: what the device said after ``event`` (or ``left``), in order, for the caller
+            to read first.
     """
 
     event: Event | None = None
     error: EdgeError | None = None
+    left: Event | None = None
     later: list[Event | MetricsReport] = field(default_factory=list)
 
 
@@ -208,12 +220,21 @@ class TransferRun:
         # the chunk index may overdraw it, and what follows then waits).
         self._bucket = None if rate is None else TokenBucket(rate, max(2.0 * prepared.chunk_size, rate / 4))
 
-    def run(self, commands: Mapping[str, DeployCommand], inbound: Inbound) -> dict[str, TransferResult]:
+    def run(
+        self,
+        commands: Mapping[str, DeployCommand],
+        inbound: Inbound,
+        joined: Mapping[str, Sequence[Event | MetricsReport]] | None = None,
+    ) -> dict[str, TransferResult]:
         """Send the commands, then the file, until every device has it or has stopped.
 
         Args:
-            commands: each device's deploy command (all offering this file), not yet sent.
+            commands: each device's deploy command (each offering this file, as its bundle
+                or its delta), not yet sent unless the device is in ``joined``.
             inbound: where the devices' answers come from.
+            joined: devices whose command went out already and that accepted this file in
+                answer (having left another run): what each said since, its ``accepted``
+                first. Their commands are not sent again.
 
         Returns:
             Per device, how its part ended.
@@ -222,14 +243,19 @@ class TransferRun:
             TransportError: the broker connection failed and did not come back in time.
         """
         tid = self.prepared.transfer_id
+        joined = joined or {}
         devices: dict[str, _Device] = {}
         results: dict[str, TransferResult] = {}
         for device_id, cmd in commands.items():
-            if cmd.transfer.transfer_id != tid:
+            if cmd.offer_named(tid) is None:
                 raise ValueError(f"the command for {device_id} offers another transfer")  # a bug, not input
-            self._guarded(self._publish_command, DeviceTopics(device_id), cmd)
+            if device_id not in joined:
+                self._guarded(self._publish_command, DeviceTopics(device_id), cmd)
             devices[device_id] = _Device(cmd, self._now() + self.options.accept_timeout_s)
             self.plan.offered(device_id, self._now())
+        for device_id, said in joined.items():
+            for message in said:
+                self._hear(device_id, message, devices, results)
         # Chunks wait until every device has answered the offer (or a few seconds passed), so
         # that one broadcast serves them all; a device that accepts later is sent what it missed.
         gather_until = self._now() + min(self.options.accept_timeout_s, _GATHER_S)
@@ -266,7 +292,7 @@ class TransferRun:
             self._guarded(self._publish, topic, frame, len(data))
         for device_id in self.plan.ends_due():
             cmd = devices[device_id].command
-            end = encode(TransferEnd(cmd.command_id, cmd.transfer.transfer_id))
+            end = encode(TransferEnd(cmd.command_id, self.prepared.transfer_id))
             self._guarded(self.client.publish, DeviceTopics(device_id).cmd, end)
         return bool(sends)
 
@@ -323,6 +349,15 @@ class TransferRun:
         now = self._now()
         device.deadline = now + (self.options.finish_timeout_s if device.accepted else self.options.accept_timeout_s)
         count = self.prepared.chunk_count
+        if msg.kind in _OF_A_TRANSFER and msg.transfer_id not in ("", self.prepared.transfer_id):
+            # About another transfer: accepting the command's other one means leaving this one.
+            if msg.kind == EventKind.ACCEPTED and device.command.offer_named(msg.transfer_id) is not None:
+                log.info("%s takes transfer %s instead of %s", device_id, msg.transfer_id, self.prepared.transfer_id)
+                results[device_id] = TransferResult(left=msg)
+                self.plan.finished(device_id)
+            else:
+                log.debug("ignored a %s event of %s about transfer %s", msg.kind, device_id, msg.transfer_id)
+            return
         try:
             if msg.kind in (EventKind.ACCEPTED, EventKind.NEED_CHUNKS):
                 missing = decode_ranges(msg.missing_ranges, count)

@@ -15,6 +15,19 @@ to each device and the bundle once (:class:`~host_tools.fleet.delivery.TransferR
 one connection, and returns one outcome per device. :func:`deploy_bundle` is the same for
 one device without the registry.
 
+Deltas (``DeployOptions.deltas``): :func:`deploy_many` keeps every bundle it sends in the
+host's bundle store, and offers a device that runs an older version whose bundle the host
+has a delta from it besides the whole bundle (:mod:`host_tools.fleet.delta_offers` decides
+who gets which; one delta is built per distinct base). The delta goes out first, in a run
+of its own, to the devices offered it; then the bundle, to the others and to every device
+that took the full transfer after all (its base did not match, or rebuilding failed: the
+device decides, see :mod:`device_agent.deltas`). Each outcome says how the bundle
+travelled (:class:`Delivery`)::
+
+    devices offered a delta    delta run  ->  received (rebuilt)  -> install as always
+                                          ->  accepted the full transfer instead --+
+    the others                 full run   <------------------------------------------+
+
 The host hears the device's side through a :class:`~host_tools.fleet.conversation.Conversation`,
 which the connection's :class:`~host_tools.fleet.router.Router` feeds. Every function here
 takes an optional ``router``: threads that share one connection pass the same running
@@ -39,14 +52,16 @@ error type rebuilt from its code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edge_sdk.bundle import Manifest, content_digest
 from edge_sdk.bundle.admission import runtime_available
@@ -77,12 +92,21 @@ from edge_sdk.protocol import (
 from edge_sdk.trust import SigningKey
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, FleetConversation, end_state, error_of
-from host_tools.fleet.delivery import PreparedFile, TransferResult, TransferRun, prepare_file
+from host_tools.fleet.delivery import Inbound, PreparedFile, TransferResult, TransferRun, prepare_file
+from host_tools.fleet.delta_offers import (
+    DeltaSettings,
+    PreparedDelta,
+    base_of,
+    explicit_base,
+    keep_bundle,
+    offer_deltas,
+)
 from host_tools.fleet.registry import DeploymentState, DeviceRecord, Registry
 from host_tools.fleet.router import Router, gated, routed
 
 __all__ = [
     "CommandAuthority",
+    "Delivery",
     "DeployOptions",
     "DeployOutcome",
     "bundle_facts",
@@ -169,6 +193,8 @@ class DeployOptions:
         authority: keys that sign the command, and the root chain to send first.
         rollback: the signed command explicitly allows this bundle's version even if the
             device accepted a newer one (an intentional downgrade).
+        deltas: the bundle store, and deltas to devices that run an older version
+            (:func:`deploy_many` only); None: neither.
     """
 
     chunk_size: int = 64 * 1024
@@ -182,12 +208,36 @@ class DeployOptions:
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
     authority: CommandAuthority | None = None
     rollback: bool = False
+    deltas: DeltaSettings | None = None
 
     def __post_init__(self) -> None:
         if self.rate_bytes_per_s is not None and not self.rate_bytes_per_s > 0:
             raise ConfigError(f"a transfer rate must be more than 0 bytes/s, not {self.rate_bytes_per_s!r}")
         if self.window < 1 or self.stall_s <= 0 or self.max_resend_rounds < 0:
             raise ConfigError("window, stall time and repair rounds must be positive")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How the bundle travelled to one device.
+
+    Attributes:
+        method: ``delta`` (the device received the delta and rebuilt the bundle from its
+            installed version) or ``full`` (the bundle file itself).
+        full_bytes: the bundle file's size.
+        delta_bytes: the size of the delta offered to the device; None when none was.
+        base_version: the version that delta starts from; None when none was offered.
+        why_full: offered a delta, the device took the bundle whole: its reason.
+    """
+
+    method: Literal["delta", "full"]
+    full_bytes: int
+    delta_bytes: int | None = None
+    base_version: int | None = None
+    why_full: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -204,6 +254,7 @@ class DeployOutcome:
         metrics: the device's report after installing.
         checks: the device's list of verification checks that passed.
         seconds: wall time of the whole deploy.
+        delivery: how the bundle travelled (None when nothing was sent).
     """
 
     device_id: str
@@ -217,6 +268,7 @@ class DeployOutcome:
     checks: tuple[str, ...] = ()
     seconds: float = 0.0
     detail: dict[str, Any] = field(default_factory=dict)
+    delivery: Delivery | None = None
 
 
 def read_manifest(bundle_path: Path) -> Manifest:
@@ -299,11 +351,14 @@ def _deploy(
     options: DeployOptions,
     progress: Callable[[int, int], None] | None,
     started: float,
+    deltas: Mapping[str, PreparedDelta] | None = None,
 ) -> dict[str, DeployOutcome]:
-    """Send the commands and the bundle once, then follow each device until it installed, deferred or refused.
+    """Send the commands, each delta and the bundle once; follow each device until it installed, deferred or refused.
 
-    ``fleet`` listens to every device already. A device that times out, or is given up after
-    its repair rounds, gets a ``failed`` outcome whose ``detail`` says ``ended_by: host``.
+    ``fleet`` listens to every device already. Each delta (by transfer id) goes first to the
+    devices whose command offers it; then the bundle to the others, and to those that took
+    the full transfer instead. A device that times out, or is given up after its repair
+    rounds, gets a ``failed`` outcome whose ``detail`` says ``ended_by: host``.
 
     Raises:
         TransportError: the broker connection failed and did not come back.
@@ -316,17 +371,95 @@ def _deploy(
         status = fleet.last_status.get(device_id)
         return "never seen" if status is None else status.state
 
-    run = TransferRun(client, prepared, options, publish, progress, last_status=last_status)
-    results = run.run(commands, fleet.next)
+    results: dict[str, TransferResult] = {}
+    joined: dict[str, list[Event | MetricsReport]] = {}  # left a delta run for the full one: what each said
+    why_full: dict[str, str] = {}
+    stash: dict[str, list[Event | MetricsReport]] = {}  # heard during a run the device is not in
+    for tid, delta in (deltas or {}).items():
+        group = {d: c for d, c in commands.items() if c.delta is not None and c.delta.transfer.transfer_id == tid}
+        if not group:
+            continue
+        run = TransferRun(client, delta.prepared, options, publish, last_status=last_status)
+        for device_id, result in run.run(group, _divert(fleet.next, group, stash)).items():
+            if result.left is None:
+                results[device_id] = result
+            else:
+                joined[device_id] = [result.left, *result.later]
+                why_full[device_id] = str(result.left.detail.get("why", "it did not say why"))
+        _log_run(run, delta.prepared, group, f"the delta from v{delta.stats.base_version}")
+    full = {d: c for d, c in commands.items() if d not in results}
+    if full:
+        for device_id, said in joined.items():
+            said.extend(stash.pop(device_id, []))
+        run = TransferRun(client, prepared, options, publish, progress, last_status=last_status)
+        results.update(run.run(full, _divert(fleet.next, full, stash), joined))
+        _log_run(run, prepared, full, "the bundle")
+    for device_id, heard in stash.items():
+        if device_id in results:
+            results[device_id].later.extend(heard)
+    outcomes = _follow_installs(fleet, commands, results, options, started)
+    for device_id, cmd in commands.items():
+        delivery = _delivery(cmd, prepared, deltas or {}, by_delta=device_id not in full, why=why_full.get(device_id))
+        outcomes[device_id] = dataclasses.replace(outcomes[device_id], delivery=delivery)
+        if cmd.delta is not None:
+            log.info(
+                "%s: %s v%d %s (delta %d bytes, bundle %d bytes)",
+                device_id,
+                cmd.bundle_name,
+                cmd.bundle_version,
+                f"by delta from v{delivery.base_version}"
+                if delivery.method == "delta"
+                else f"whole: {delivery.why_full}",
+                delivery.delta_bytes,
+                delivery.full_bytes,
+            )
+    return outcomes
+
+
+def _divert(inbound: Inbound, wanted: Collection[str], stash: dict[str, list[Event | MetricsReport]]) -> Inbound:
+    """``inbound`` for one run of ``wanted`` devices: what the others say is kept in ``stash``, in order."""
+
+    def heard(deadline: float) -> tuple[str, Event | MetricsReport] | None:
+        while (msg := inbound(deadline)) is not None:
+            if msg[0] in wanted:
+                return msg
+            stash.setdefault(msg[0], []).append(msg[1])
+        return None
+
+    return heard
+
+
+def _log_run(run: TransferRun, prepared: PreparedFile, devices: Collection[str], what: str) -> None:
     log.info(
-        "sent %s to %d device(s): %d frames, %d bytes (bundle %d bytes)",
+        "sent %s (%s) to %d device(s): %d frames, %d bytes (file %d bytes)",
+        what,
         prepared.path.name,
-        len(commands),
+        len(devices),
         run.frames_sent,
         run.bytes_sent,
         prepared.size,
     )
-    return _follow_installs(fleet, commands, results, options, started)
+
+
+def _delivery(
+    cmd: DeployCommand,
+    prepared: PreparedFile,
+    deltas: Mapping[str, PreparedDelta],
+    *,
+    by_delta: bool,
+    why: str | None,
+) -> Delivery:
+    """How the bundle travelled to the device of ``cmd``: by the delta it was offered, or whole."""
+    delta = deltas.get(cmd.delta.transfer.transfer_id) if cmd.delta is not None else None
+    if delta is None:
+        return Delivery("full", prepared.size)
+    return Delivery(
+        "delta" if by_delta else "full",
+        prepared.size,
+        delta_bytes=delta.prepared.size,
+        base_version=delta.stats.base_version,
+        why_full=why or "",
+    )
 
 
 class _Follow:
@@ -633,6 +766,10 @@ def deploy_many(
     own signed command and share one transfer. A device that times out is ``failed`` with
     ``detail["ended_by"] == "host"``.
 
+    With ``options.deltas``, the bundle is kept in the bundle store, and devices that run an
+    older version whose bundle the host has are offered a delta from it (see the module's
+    docstring); each outcome's ``delivery`` says how the bundle travelled.
+
     Args:
         client: a connected client.
         registry: where deployments are recorded.
@@ -648,13 +785,16 @@ def deploy_many(
 
     Raises:
         TransportError: the broker connection failed and did not come back.
-        BundleFormatError, ManifestError, StorageError: the local bundle is unusable.
-        ConfigError: a device named twice.
+        BundleFormatError, ManifestError, StorageError: the local bundle (or the explicit
+            delta base) is unusable.
+        ConfigError: a device named twice; an explicit delta base of another bundle, or of
+            the same version.
     """
     if len(set(device_ids)) != len(device_ids):
         raise ConfigError("a device is named more than once")
     started = time.monotonic()
     manifest = read_manifest(bundle_path)
+    explicit = explicit_base(options.deltas, manifest)
     prepared = prepare_file(bundle_path, options.chunk_size)
     commands = {
         d: transfer_command(
@@ -690,7 +830,11 @@ def deploy_many(
         except UntrustedInputError as exc:
             refuse(device_id, exc)
     if commands:
-        with gated(client, registry, router) as live, FleetConversation.open(live, _ids(commands)) as fleet:
+        with (
+            gated(client, registry, router) as live,
+            FleetConversation.open(live, _ids(commands)) as fleet,
+            tempfile.TemporaryDirectory(prefix="edge-delta-") as work_dir,
+        ):
             # The retained statuses are fresher than the registry (a rollback or remove since changed what runs).
             for status in _statuses_heard(fleet, list(commands), min(STATUS_WAIT_S, options.accept_timeout_s)).values():
                 record_message(registry, status, clock(), broker)
@@ -699,12 +843,27 @@ def deploy_many(
                     check_known_device(_known_device(registry, device_id, broker), cmd)
                 except UntrustedInputError as exc:
                     refuse(device_id, exc)
+            deltas: dict[str, PreparedDelta] = {}
+            settings = options.deltas
+            if commands and settings is not None:
+                keep_bundle(settings.store, bundle_path, manifest.name, prepared.sha256)
+                if settings.offer:
+                    bases = {
+                        d: base
+                        for d, c in commands.items()
+                        if (base := base_of(registry, _known_device(registry, d, broker), c, settings, explicit))
+                    }
+                    commands, deltas = offer_deltas(
+                        commands, bases, bundle_path, settings.build, options.chunk_size, Path(work_dir)
+                    )
             deployments = {
                 d: registry.record_deployment(d, c.bundle_name, c.bundle_version, c.transfer.sha256, started_at=clock())
                 for d, c in commands.items()
             }
             try:
-                sent = _deploy(client, fleet, commands, prepared, options, progress, started) if commands else {}
+                sent = (
+                    _deploy(client, fleet, commands, prepared, options, progress, started, deltas) if commands else {}
+                )
             except EdgeError as exc:
                 for dep in deployments.values():
                     registry.update_deployment(dep, "failed", exc.code, exc.message, finished_at=clock())

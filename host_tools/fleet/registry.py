@@ -1159,6 +1159,31 @@ class Registry:
             rows = self._conn.execute(self._dialect.sql(query), (*params, limit)).fetchall()
         return [self._deployment_from_row(row) for row in rows]
 
+    def installed_deployment(self, device_id: str, bundle_name: str, bundle_version: int) -> DeploymentRecord | None:
+        """The latest deployment of this bundle version to this device that ended installed.
+
+        Its ``bundle_sha256`` names the bundle file the device's slot of that version came
+        from (what a delta to the next version starts from).
+
+        Args:
+            device_id: the device.
+            bundle_name: bundle name.
+            bundle_version: bundle version.
+
+        Returns:
+            The deployment, newest by ``started_at`` then id; None when none was recorded.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        where, params = _where(
+            {"device_id": device_id, "bundle_name": bundle_name, "bundle_version": bundle_version, "state": "installed"}
+        )
+        query = f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments{where} ORDER BY started_at DESC, id DESC LIMIT 1"
+        with self._storage_errors(f"find the installed deployment of {bundle_name} {bundle_version}"):
+            rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
+        return self._deployment_from_row(rows[0]) if rows else None
+
     # -- metrics --
 
     def add_metrics(self, report: MetricsReport, received_at: float) -> int:

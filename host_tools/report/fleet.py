@@ -261,8 +261,14 @@ def outcome_data(outcome: DeployOutcome | ProfileOutcome) -> dict[str, Any]:
 
 
 def deploy_data(outcome: DeployOutcome) -> dict[str, Any]:
-    """The JSON ``deploy`` prints: :func:`outcome_data` with the device's checks and last detail."""
-    return {**outcome_data(outcome), "checks": list(outcome.checks), "detail": outcome.detail}
+    """The JSON ``deploy`` prints: :func:`outcome_data` with the device's checks, last detail, and how
+    the bundle travelled (``delivery``: ``method`` delta or full, ``delta_bytes``, ``full_bytes``...)."""
+    return {
+        **outcome_data(outcome),
+        "checks": list(outcome.checks),
+        "detail": outcome.detail,
+        "delivery": outcome.delivery.to_dict() if outcome.delivery is not None else None,
+    }
 
 
 def deploy_many_data(outcomes: Sequence[DeployOutcome]) -> dict[str, Any]:

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.receiving import Receiving
+from device_agent.receiving import ReceivedDelta, Receiving
 from edge_sdk.errors import HashMismatchError, StorageError, TransferError
 from edge_sdk.protocol import (
     INDEX_FRAME,
     Chunk,
     ChunkIndex,
+    DeltaOffer,
     DeployCommand,
     TransferOffer,
     content_transfer_id,
@@ -206,7 +207,7 @@ def test_abandoned_transfers_expire(staging: Path, data: bytes) -> None:
     r.accept(_index(cmd, data), 0.0)
     r.accept(_chunk(cmd, data, 0), 5.0)
     assert r.expire(104.9) == []
-    assert r.expire(105.0) == [cmd]
+    assert [t.command for t in r.expire(105.0)] == [cmd]
     assert len(r) == 0 and _names(staging) == []
 
 
@@ -420,3 +421,45 @@ def test_no_room_for_a_new_transfer_removes_idle_ones_first(staging: Path, monke
     with pytest.raises(StorageError):
         r.begin(cc, 2.0)
     assert len(r) == 0 and _names(staging) == []  # nothing of the new one is left either
+
+
+def test_a_delta_transfer_is_named_by_the_delta_and_resumes_as_one(staging: Path) -> None:
+    bundle, delta = os.urandom(8 * CHUNK), os.urandom(3 * CHUNK + 5)
+    full = _cmd(bundle, version=2)
+    digest = hashlib.sha256(delta).hexdigest()
+    offer = TransferOffer(
+        content_transfer_id(digest, CHUNK), len(delta), digest, CHUNK, ChunkIndex.of_chunks(_parts(delta)).sha256
+    )
+    cmd = dataclasses.replace(full, delta=DeltaOffer(offer, 1, "c" * 64))
+    tid = offer.transfer_id
+    r = _receiving(staging)
+    t = r.begin(cmd, 0.0, delta=True)
+    assert (t.transfer_id, t.offer, t.is_delta) == (tid, offer, True)
+    assert r.get(cmd.transfer.transfer_id) is None  # the bundle's own transfer is not begun
+    r.accept(Chunk(tid, INDEX_FRAME, ChunkIndex.of_chunks(_parts(delta)).digests), 0.0)
+    r.accept(Chunk(tid, 0, delta[:CHUNK]), 1.0)
+    r.close()
+    assert _names(staging) == sorted(f"{tid}{s}" for s in (".cmd", ".index", ".part"))
+    again = _receiving(staging)
+    (kept,) = again.recover(5.0, time.time())
+    assert (kept.command, kept.is_delta, kept.receiver.missing()) == (cmd, True, [1, 2, 3])
+    for i in (1, 2):
+        assert again.accept(Chunk(tid, i, delta[i * CHUNK : (i + 1) * CHUNK]), 6.0) is None
+    done = again.accept(Chunk(tid, 3, delta[3 * CHUNK :]), 7.0)
+    assert isinstance(done, ReceivedDelta) and done.command == cmd and done.path.read_bytes() == delta
+    done.discard()
+    assert _names(staging) == []
+    with pytest.raises(ValueError, match="without a delta"):
+        again.begin(full, 8.0, delta=True)
+
+
+def test_a_kept_command_that_offers_neither_file_is_removed_at_start(staging: Path, data: bytes) -> None:
+    r = _receiving(staging)
+    cmd = _cmd(data)
+    r.begin(cmd, 0.0)
+    r.close()
+    stranger = "f" * 32  # files named by a transfer id the kept command does not offer
+    for suffix in (".cmd", ".part"):
+        (staging / f"{cmd.transfer.transfer_id}{suffix}").rename(staging / f"{stranger}{suffix}")
+    assert _receiving(staging).recover(1.0, time.time()) == []
+    assert _names(staging) == []

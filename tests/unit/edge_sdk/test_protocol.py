@@ -24,6 +24,7 @@ from edge_sdk.protocol import (
     ChunkIndex,
     ChunkReceiver,
     CodecLimits,
+    DeltaOffer,
     DeployCommand,
     DeviceStatus,
     DeviceTopics,
@@ -647,3 +648,75 @@ def test_bundle_facts_round_trip_and_keep_unknown_fields() -> None:
 def test_malformed_bundle_facts_are_refused(facts: dict[str, Any]) -> None:
     with pytest.raises(MessageError):
         decode(json.dumps({**_deploy(), "bundle": facts}).encode())
+
+
+# --- the deploy command's delta offer (an added field; old commands unchanged) -------------------
+
+DELTA_TID = "aa" * 16
+
+
+def _delta(**kw: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "transfer": {
+            "transfer_id": DELTA_TID,
+            "size": 900,
+            "sha256": "ee" * 32,
+            "chunk_size": 1024,
+            "chunks_sha256": "ff" * 32,
+        },
+        "base_version": 1,
+        "base_content": "c" * 64,
+    }
+    body.update(kw)
+    return body
+
+
+def test_a_deploy_without_a_delta_is_on_the_wire_as_before() -> None:
+    body = _deploy()
+    cmd = decode(json.dumps(body).encode())
+    assert isinstance(cmd, DeployCommand) and cmd.delta is None
+    assert "delta" not in cmd.to_wire() and json.loads(encode(cmd)) == body
+
+
+def test_a_delta_offer_round_trips_and_keeps_unknown_fields() -> None:
+    sent = {**_deploy(), "delta": _delta(from_a_newer_host=[1, 2])}
+    cmd = decode(json.dumps(sent).encode())
+    assert isinstance(cmd, DeployCommand) and isinstance(cmd.delta, DeltaOffer)
+    assert (cmd.delta.base_version, cmd.delta.base_content) == (1, "c" * 64)
+    assert cmd.delta.transfer == TransferOffer(DELTA_TID, 900, "ee" * 32, 1024, "ff" * 32)
+    assert cmd.delta.extra == {"from_a_newer_host": [1, 2]}  # kept, never acted on
+    assert json.loads(encode(cmd)) == sent
+    assert cmd.offer_named(DELTA_TID) == cmd.delta.transfer and cmd.offer_named(TID) == cmd.transfer
+    assert cmd.offer_named("bb" * 16) is None
+    assert dataclasses.replace(cmd, delta=None).offer_named(DELTA_TID) is None
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        _delta(base_version=0),
+        _delta(base_version=-1),
+        _delta(base_version="1"),
+        _delta(base_version=True),
+        _delta(base_version=1.0),
+        _delta(base_content="C" * 64),
+        _delta(base_content="c" * 63),
+        _delta(base_content=None),
+        _delta(transfer=None),
+        _delta(transfer={**_delta()["transfer"], "size": 0}),
+        _delta(transfer={**_delta()["transfer"], "transfer_id": TID}),  # the bundle's own transfer
+        _delta(transfer={**_delta()["transfer"], "encrypted_for": ["ab" * 16]}),  # never for an encrypted bundle
+        {k: v for k, v in _delta().items() if k != "base_content"},
+        "delta",
+        [],
+    ],
+    ids=repr,
+)
+def test_malformed_delta_offers_are_refused(delta: Any) -> None:
+    with pytest.raises(MessageError):
+        decode(json.dumps({**_deploy(), "delta": delta}).encode())
+
+
+def test_a_null_delta_is_no_delta() -> None:
+    cmd = decode(json.dumps({**_deploy(), "delta": None}).encode())
+    assert isinstance(cmd, DeployCommand) and cmd.delta is None

@@ -29,6 +29,7 @@ from edge_sdk.errors import (
     UntrustedKeyError,
 )
 from edge_sdk.protocol import (
+    DeltaOffer,
     DeployCommand,
     RemoveCommand,
     RollbackCommand,
@@ -563,6 +564,27 @@ def test_commands_need_a_command_key(pki: dict[str, SigningKey], root_v1: Signed
         sign_command(
             DeployCommand(_CID, "digits", 2, _deploy().transfer, NOW), [pki["commands"]]
         )  # no device, no expiry
+
+
+def test_a_delta_offer_is_signed_with_its_command(pki: dict[str, SigningKey], root_v1: SignedRoot) -> None:
+    delta = DeltaOffer(TransferOffer("cd" * 16, 2048, "2" * 64, 1024, "3" * 64), 1, "4" * 64)
+    cmd = replace(_deploy(), delta=delta)
+    signed = sign_command(cmd, [pki["commands"]])
+    assert open_command(signed, root_v1.root, "pi-1", NOW + 1) == cmd
+    body = json.loads(signed.command)
+    forged: list[dict[str, Any]] = []
+    for path, value in ((("transfer", "sha256"), "5" * 64), (("base_version",), 2), (("base_content",), "6" * 64)):
+        changed = json.loads(signed.command)
+        target = changed["delta"]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        forged.append(changed)
+    forged.append({k: v for k, v in body.items() if k != "delta"})  # the offer dropped: the signature covered it
+    for changed in forged:
+        text = json.dumps(changed, separators=(",", ":"))
+        with pytest.raises(SignatureError):
+            open_command(SignedCommand(text, signed.signatures), root_v1.root, "pi-1", NOW + 1)
 
 
 @_ROOT_SETTINGS

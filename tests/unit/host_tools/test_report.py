@@ -196,6 +196,7 @@ def test_deploy_data_and_text_installed() -> None:
         "metrics": _metrics().to_dict(),
         "checks": ["signature: ok"],
         "detail": {"x": 1},
+        "delivery": None,
     }
     assert {k: data[k] for k in outcome_data(outcome)} == outcome_data(outcome)
     text = deploy_text(outcome)

@@ -276,6 +276,25 @@ def test_list_deployments_filters_newest_first_and_limits(db: Registry) -> None:
     assert db.list_deployments("nobody") == []
 
 
+def test_installed_deployment_is_the_latest_that_installed_that_version(db: Registry) -> None:
+    def deployed(version: int, sha: str, at: float, state: str) -> int:
+        dep = db.record_deployment("pi-01", "digits", version, sha * 32, started_at=at)
+        db.update_deployment(dep, state, finished_at=at + 1)  # type: ignore[arg-type]
+        return dep
+
+    assert db.installed_deployment("pi-01", "digits", 1) is None
+    first = deployed(1, "aa", 10.0, "installed")
+    deployed(1, "bb", 20.0, "failed")  # a later attempt that did not install: not what runs
+    db.record_deployment("pi-02", "digits", 1, "cc" * 32, started_at=30.0, state="installed")
+    deployed(2, "dd", 40.0, "installed")
+    got = db.installed_deployment("pi-01", "digits", 1)
+    assert got is not None and (got.id, got.bundle_sha256) == (first, "aa" * 32)
+    again = deployed(1, "ee", 50.0, "installed")  # reinstalled (after a rollback, say): the newest counts
+    assert (db.installed_deployment("pi-01", "digits", 1) or got).id == again
+    assert db.installed_deployment("pi-01", "other", 1) is None
+    assert db.installed_deployment("pi-03", "digits", 1) is None
+
+
 def test_update_unknown_deployment_is_storage_error(db: Registry) -> None:
     with pytest.raises(StorageError, match="no deployment 999"):
         db.update_deployment(999, "installed", finished_at=1.0)
