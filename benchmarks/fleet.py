@@ -19,6 +19,9 @@ Cases (issue 14's table):
   every ten real ones, until two windows before the end, so that each lands while the device
   still receives; the bundle is three times ``--mib``). Goal: installed, every forged chunk
   refused at the chunk (the device's count, in its signed ``received`` event).
+- ``delta``: an MLP (256-2048-2048-1000) installed at v1; v2 fine-tunes its last layer
+  only. Baseline: the bytes of the changed tensors, and the full bundle. Goal: bytes sent
+  <= 1.2x the changed tensors.
 - ``slow-link``: the device's connection to Mosquitto (default limits) passes a proxy that
   delivers 256 KB/s to the device. Baseline: the bundle's size. Goal: extra bytes <= 5%.
 
@@ -69,7 +72,8 @@ from edge_sdk.protocol import (
 
 CHUNK = 64 * 1024
 WINDOW = 64
-CASES = ("fan-out", "agent-kill", "broker-kill", "edgectl-kill", "forged", "slow-link")
+CASES = ("fan-out", "agent-kill", "broker-kill", "edgectl-kill", "forged", "delta", "slow-link")
+DELTA_DIMS = [256, 2048, 2048, 1000]
 SLOW_LINK_BYTES_PER_S = 256_000
 
 
@@ -330,6 +334,62 @@ class SlowLink:
         self._thread.join(timeout=5)
 
 
+def case_delta(host: Host, work: Path) -> dict:
+    """v1 installed, then v2 with only its last layer fine-tuned: what the host sends for v2."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from sparse_models import mlp
+
+    case_dir = work / "delta"
+    case_dir.mkdir(parents=True, exist_ok=True)
+    base = mlp(DELTA_DIMS, 0.0, seed=1)
+    tuned = onnx.ModelProto()
+    tuned.CopyFrom(base)
+    rng = np.random.default_rng(2)
+    last = len(DELTA_DIMS) - 2
+    changed = 0
+    for init in tuned.graph.initializer:
+        if init.name in (f"W{last}", f"B{last}"):
+            values = numpy_helper.to_array(init)
+            values = (values + rng.standard_normal(values.shape) * 0.01).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(values, init.name))
+            changed += values.nbytes
+    sample = case_dir / "sample.npz"
+    np.savez(sample, x=np.ones((1, DELTA_DIMS[0]), np.float32))
+    bundles = []
+    for version, model in ((1, base), (2, tuned)):
+        path = case_dir / f"mlp-v{version}.onnx"
+        onnx.save(model, path)
+        bundles.append(host.pack(path, sample, case_dir / f"mlp-v{version}.edge", "tuned", version))
+    with _broker(case_dir) as broker:
+        fleet = Fleet(host, broker.url, host.root, case_dir)
+        device = "bench-delta"
+        try:
+            fleet.start([device])
+            first, _cpu = _timed_deploy(host, bundles[0], broker.url, [device])
+            if first.returncode:
+                raise RuntimeError(first.stderr[-2000:])
+            tap = Tap(broker.url)
+            second, _cpu = _timed_deploy(host, bundles[1], broker.url, [device])
+            time.sleep(0.5)
+            tap.close()
+            full = bundles[1].stat().st_size
+            sent = tap.chunk_payload
+            return {
+                "changed_tensor_bytes": changed,
+                "full_bundle_bytes": full,
+                "bytes_sent": sent,
+                "ratio_to_changed": sent / changed,
+                "ratio_to_full": sent / full,
+                "exit_code": second.returncode,
+                "installed": '"state": "installed"' in second.stdout,
+                "goals_met": second.returncode == 0 and sent <= 1.2 * changed,
+            }
+        finally:
+            fleet.stop()
+
+
 def case_slow_link(host: Host, work: Path, mib: int) -> dict:
     case_dir = work / "slow-link"
     with _broker(case_dir) as broker:
@@ -572,6 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results[case] = case_fan_out(host, work, args.devices, args.mib)
             elif case == "forged":
                 results[case] = case_forged(host, work, args.mib)
+            elif case == "delta":
+                results[case] = case_delta(host, work)
             elif case == "slow-link":
                 results[case] = case_slow_link(host, work, args.slow_mib)
             else:
@@ -620,6 +682,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{c['forged_sent']} forged chunks",
                 f"{c['discarded_by_device']} discarded",
                 "installed, every forgery refused",
+            ]
+        )
+    if "delta" in results:
+        c = results["delta"]
+        rows.append(
+            [
+                "delta, last layer fine-tuned: bytes sent",
+                f"{c['bytes_sent']:,}",
+                f"changed {c['changed_tensor_bytes']:,}; full {c['full_bundle_bytes']:,}",
+                f"{c['ratio_to_changed']:.3f}",
+                "<= 1.2x changed",
             ]
         )
     if "slow-link" in results:
