@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import hashlib
 import os
-import queue
 import random
 import resource
 import signal
@@ -59,8 +58,9 @@ from _report import add_common_args, print_table, write_results
 from agent_models import big_model
 from harness import BIN, AgentProcess, Host, enroll, read_device_message, wait_online
 from mosquitto import MosquittoProcess, find_mosquitto
+from taps import BrokerTap
 
-from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
+from edge_sdk.mqtt import MqttClient, MqttOptions
 from edge_sdk.protocol import (
     Event,
     EventKind,
@@ -84,15 +84,6 @@ class Tap:
     """Counts what the host publishes (chunk frames by index, command bytes) and when devices had the bundle."""
 
     def __init__(self, url: str) -> None:
-        self.client = MqttClient(url, MqttOptions(client_id=f"bench-tap-{os.getpid()}-{time.monotonic_ns()}"))
-        self.client.connect()
-        for topic in (
-            "edge/v1/transfers/#",
-            "edge/v1/devices/+/data",
-            "edge/v1/devices/+/cmd",
-            "edge/v1/devices/+/events",
-        ):
-            self.client.subscribe(topic)
         self.frames: Counter[int] = Counter()
         self.chunk_bytes = 0
         self.chunk_payload = 0  # bytes of bundle carried (chunk frames without headers, index frames not counted)
@@ -100,40 +91,30 @@ class Tap:
         self.first_chunk_at: float | None = None
         self.received_at: dict[str, float] = {}
         self.discarded: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        topics = ("edge/v1/transfers/#", "edge/v1/devices/+/data", "edge/v1/devices/+/cmd", "edge/v1/devices/+/events")
+        self._tap = BrokerTap(url, topics, self._count)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self.client.inbox.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if not isinstance(item, Incoming):
-                continue
-            now = time.monotonic()
-            if item.topic.endswith("/cmd"):
-                self.cmd_bytes += len(item.payload)
-            elif item.topic.endswith("/events"):
-                msg = read_device_message(item.payload)
-                if isinstance(msg, Event) and msg.kind == EventKind.RECEIVED:
-                    self.received_at.setdefault(msg.device_id, now)
-                    discarded = msg.detail.get("discarded")
-                    self.discarded[msg.device_id] = discarded if isinstance(discarded, int) else -1
-            else:
-                chunk = decode_chunk(item.payload)
-                if self.first_chunk_at is None and chunk.index >= 0:
-                    self.first_chunk_at = now
-                self.frames[chunk.index] += 1
-                self.chunk_bytes += len(item.payload)
-                if chunk.index >= 0:
-                    self.chunk_payload += len(chunk.data)
+    def _count(self, topic: str, payload: bytes) -> None:
+        now = time.monotonic()
+        if topic.endswith("/cmd"):
+            self.cmd_bytes += len(payload)
+        elif topic.endswith("/events"):
+            msg = read_device_message(payload)
+            if isinstance(msg, Event) and msg.kind == EventKind.RECEIVED:
+                self.received_at.setdefault(msg.device_id, now)
+                discarded = msg.detail.get("discarded")
+                self.discarded[msg.device_id] = discarded if isinstance(discarded, int) else -1
+        else:
+            chunk = decode_chunk(payload)
+            if self.first_chunk_at is None and chunk.index >= 0:
+                self.first_chunk_at = now
+            self.frames[chunk.index] += 1
+            self.chunk_bytes += len(payload)
+            if chunk.index >= 0:
+                self.chunk_payload += len(chunk.data)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.client.close()
+        self._tap.close()
 
 
 # --- a fleet ---------------------------------------------------------------------------------------

@@ -9,10 +9,7 @@ takes the whole bundle; every device ends on v2 with exactly v2's files.
 from __future__ import annotations
 
 import json
-import os
-import queue
 import shutil
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,9 +19,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 from sparse_models import mlp
+from taps import BrokerTap
 
 from edge_sdk.bundle.archive import BundleReader
-from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import INDEX_FRAME, decode_chunk
 
 pytestmark = pytest.mark.integration
@@ -37,30 +34,17 @@ class _Tap:
     """Chunk bytes (the chunk index apart) the host publishes on each transfer topic."""
 
     def __init__(self, url: str) -> None:
-        self.client = MqttClient(url, MqttOptions(client_id=f"tap-{os.getpid()}-{time.monotonic_ns()}"))
-        self.client.connect()
-        self.client.subscribe("edge/v1/transfers/#")
         self.chunk_bytes: Counter[str] = Counter()
         self.index_bytes: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._tap = BrokerTap(url, ("edge/v1/transfers/#",), self._count)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self.client.inbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if isinstance(item, Incoming):
-                chunk = decode_chunk(item.payload)
-                counter = self.index_bytes if chunk.index == INDEX_FRAME else self.chunk_bytes
-                counter[chunk.transfer_id] += len(chunk.data)
+    def _count(self, topic: str, payload: bytes) -> None:
+        chunk = decode_chunk(payload)
+        counter = self.index_bytes if chunk.index == INDEX_FRAME else self.chunk_bytes
+        counter[chunk.transfer_id] += len(chunk.data)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.client.close()
+        self._tap.close()
 
 
 def _finetuned(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto, int]:

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import tarfile
-import threading
 import time
-import uuid
 from pathlib import Path
 
 import onnx
 import pytest
 from harness import BIN
 from onnx import numpy_helper
+from taps import BrokerTap
 
 from edge_sdk.bundle.archive import BundleReader
-from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
+from edge_sdk.mqtt import MqttClient, MqttOptions
 from edge_sdk.protocol import decode_chunk
 from edge_sdk.trust import RecipientPublicKey
 from host_tools.fleet.deployer import DeployOptions, deploy_bundle
@@ -42,30 +40,18 @@ class _Spy:
     """Subscribes to every transfer topic and device data topic; keeps every chunk it sees, by transfer."""
 
     def __init__(self, url: str) -> None:
-        self.client = MqttClient(url, MqttOptions(client_id=f"spy-{uuid.uuid4().hex[:8]}"))
-        self.client.connect()
-        self.client.subscribe("edge/v1/devices/+/data", qos=1)
-        self.client.subscribe("edge/v1/transfers/#", qos=1)
         self.frames = 0
         self.chunks: dict[str, dict[int, bytes]] = {}
         self.topics: dict[str, set[str]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._tap = BrokerTap(url, ("edge/v1/devices/+/data", "edge/v1/transfers/#"), self._keep)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self.client.inbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if isinstance(item, Incoming):
-                chunk = decode_chunk(item.payload)
-                self.frames += 1
-                if chunk.index < 0:  # the chunk index: digests, not bundle bytes
-                    continue
-                self.chunks.setdefault(chunk.transfer_id, {})[chunk.index] = chunk.data
-                self.topics.setdefault(item.topic, set()).add(chunk.transfer_id)
+    def _keep(self, topic: str, payload: bytes) -> None:
+        chunk = decode_chunk(payload)
+        self.frames += 1
+        if chunk.index < 0:  # the chunk index: digests, not bundle bytes
+            return
+        self.chunks.setdefault(chunk.transfer_id, {})[chunk.index] = chunk.data
+        self.topics.setdefault(topic, set()).add(chunk.transfer_id)
 
     def reassembled(self) -> dict[str, bytes]:
         time.sleep(0.5)  # let the last chunks arrive
@@ -75,9 +61,7 @@ class _Spy:
         return self.topics.get(f"edge/v1/devices/{device_id}/data", set())
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.client.close()
+        self._tap.close()
 
 
 def _pack(host, model, out: Path, version: int, *extra: str) -> Path:

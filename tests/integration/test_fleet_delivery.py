@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import random
 import subprocess
 import threading
@@ -20,8 +19,9 @@ from pathlib import Path
 import pytest
 from agent_models import big_model
 from harness import BIN
+from taps import BrokerTap
 
-from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
+from edge_sdk.mqtt import MqttClient, MqttOptions
 from edge_sdk.protocol import INDEX_FRAME, content_transfer_id, decode_chunk, encode_chunk, transfer_topic
 
 pytestmark = pytest.mark.integration
@@ -37,30 +37,16 @@ class _Tap:
     """Counts the chunk frames the host publishes, by topic kind and index."""
 
     def __init__(self, url: str) -> None:
-        self.client = MqttClient(url, MqttOptions(client_id=f"tap-{os.getpid()}-{time.monotonic_ns()}"))
-        self.client.connect()
-        self.client.subscribe("edge/v1/transfers/#")
-        self.client.subscribe("edge/v1/devices/+/data")
         self.broadcast: Counter[int] = Counter()
         self.unicast: Counter[int] = Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._tap = BrokerTap(url, ("edge/v1/transfers/#", "edge/v1/devices/+/data"), self._count)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self.client.inbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if isinstance(item, Incoming):
-                chunk = decode_chunk(item.payload)
-                (self.broadcast if item.topic.startswith("edge/v1/transfers/") else self.unicast)[chunk.index] += 1
+    def _count(self, topic: str, payload: bytes) -> None:
+        chunk = decode_chunk(payload)
+        (self.broadcast if topic.startswith("edge/v1/transfers/") else self.unicast)[chunk.index] += 1
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.client.close()
+        self._tap.close()
 
 
 def _deploy_args(bundle: Path, url: str, devices: list[str], *extra: str) -> list[str]:
