@@ -168,10 +168,12 @@ def base_of(
     Raises:
         StorageError: the registry cannot be read.
     """
-    running = next((b for b in device.active_bundles or () if b.name == cmd.bundle_name), None) if device else None
+    if device is None:
+        return None
+    running = next((b for b in device.active_bundles or () if b.name == cmd.bundle_name), None)
     if running is None or running.version == cmd.bundle_version:
         return None
-    installed = registry.installed_deployment(device.device_id, cmd.bundle_name, running.version)  # type: ignore[union-attr]
+    installed = registry.installed_deployment(device.device_id, cmd.bundle_name, running.version)
     sha256 = installed.bundle_sha256 if installed is not None else None
     if sha256 is not None and settings.store is not None:
         try:
