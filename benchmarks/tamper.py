@@ -55,8 +55,11 @@ from edge_sdk.bundle.archive import BundleReader, _canonical_info
 from edge_sdk.errors import EdgeError
 from edge_sdk.mqtt import MqttClient, MqttOptions
 from edge_sdk.protocol import BenchmarkSpec
-from edge_sdk.trust import SigningKey, encode_signatures
+from edge_sdk.trust import PublicKey, SigningKey, encode_signatures
 from host_tools.fleet.deployer import CommandAuthority, DeployOptions, deploy_bundle
+from host_tools.fleet.enrolment import ReportGate
+from host_tools.fleet.registry import EnrolmentRecord
+from host_tools.fleet.router import Router
 from host_tools.keys import init_keys
 
 NAME = "tamper-target"
@@ -287,7 +290,7 @@ def _wait_online(client: MqttClient, device_id: str, agent: subprocess.Popen, ti
     import queue
 
     from edge_sdk.mqtt import Incoming
-    from edge_sdk.protocol import DeviceStatus, DeviceTopics, decode
+    from edge_sdk.protocol import DeviceStatus, DeviceTopics, SignedReport, decode
 
     client.subscribe(DeviceTopics(device_id).status)
     deadline = time.monotonic() + timeout_s
@@ -298,6 +301,8 @@ def _wait_online(client: MqttClient, device_id: str, agent: subprocess.Popen, ti
             continue
         if isinstance(item, Incoming):
             msg = decode(item.payload)
+            if isinstance(msg, SignedReport):  # a device signs what it says; the status is inside
+                msg = decode(msg.message.encode())
             if isinstance(msg, DeviceStatus) and msg.state == "online":
                 return
     raise RuntimeError("the agent did not come online")
@@ -355,9 +360,17 @@ def run_tamper(n: int, seed: int, work: Path) -> dict:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        router = None
         try:
             _wait_online(client, "tamper-dev", agent)
-            first = deploy_bundle(client, "tamper-dev", old, options)  # v1 installed: the state to protect
+            # The host believes only enrolled devices' signed answers: enrol this agent's key.
+            key = PublicKey.from_pem((data_dir / "identity" / "device.pub").read_bytes())
+            gate = ReportGate([EnrolmentRecord("tamper-dev", key.raw.hex(), "approved", now, now)])
+            router = Router(client, gate=gate)
+            router.start()
+            first = deploy_bundle(
+                client, "tamper-dev", old, options, router=router
+            )  # v1 installed: the state to protect
             assert first.state == "installed", first.error
             before = (data_dir / "state.json").read_bytes()
             path = work / "mutant.edge"
@@ -372,7 +385,7 @@ def run_tamper(n: int, seed: int, work: Path) -> dict:
                     # The command names what the operator believes it sends; for the validly signed
                     # expired/old bundles it names what they are, so the device's own checks speak.
                     claim = None if kind == "expired or old (valid key)" else (NAME, 2)
-                    outcome = deploy_bundle(client, "tamper-dev", path, options, claim=claim)
+                    outcome = deploy_bundle(client, "tamper-dev", path, options, claim=claim, router=router)
                     code = outcome.error.code if outcome.error else "ACCEPTED"
                 except EdgeError as exc:
                     code = f"host:{exc.code}"
@@ -387,8 +400,10 @@ def run_tamper(n: int, seed: int, work: Path) -> dict:
                     state_changed += 1
                     before = (data_dir / "state.json").read_bytes()
             seconds = time.monotonic() - started
-            ctrl = deploy_bundle(client, "tamper-dev", control, options)
+            ctrl = deploy_bundle(client, "tamper-dev", control, options, router=router)
         finally:
+            if router is not None:
+                router.close()
             client.close()
             alive = agent.poll() is None
             agent.terminate()

@@ -26,7 +26,6 @@ import stat
 from device_agent.installer import ActiveBundle
 from device_agent.receiving import ReceivedBundle, ReceivedDelta
 from edge_sdk.bundle import BundleLimits, content_digest
-from edge_sdk.bundle.delta import DeltaLimits, apply_delta, read_delta_header
 from edge_sdk.errors import DeltaError, StorageError
 from edge_sdk.protocol import DeployCommand
 
@@ -105,6 +104,9 @@ def rebuild_bundle(received: ReceivedDelta, active: ActiveBundle | None, limits:
         raise DeltaError(f"{cmd.bundle_name} v{cmd.bundle_version}: a delta arrived for a command that offers none")
     if active is None:
         raise StorageError(f"{cmd.bundle_name} is no longer installed: no base for the delta")
+    # Imported when a delta has arrived, not at start: the agent starts light.
+    from edge_sdk.bundle.delta import DeltaLimits, apply_delta, read_delta_header
+
     delta_limits = DeltaLimits.for_bundles(limits)
     header = read_delta_header(received.path, delta_limits)
     if (header.target_sha256, header.target_size) != (cmd.transfer.sha256, cmd.transfer.size):
