@@ -337,7 +337,7 @@ class Installer:
     def defer(self, transfer_id: str, bundle_path: Path, command: bytes) -> None:
         """Keep a received bundle and its command until the update gate opens.
 
-        The bundle is moved first and the command written last (atomically), so a
+        The bundle is fsynced and moved first and the command written last (atomically), so a
         crash in between leaves a bundle without a command, which :meth:`deferred`
         removes: a deferred install is whole or absent.
 
@@ -346,6 +346,8 @@ class Installer:
         """
         target = self.deferred_dir / f"{transfer_id}.edge"
         try:
+            with open(bundle_path, "rb") as fh:  # received without an fsync (see receiving.StagingFile.finish)
+                os.fsync(fh.fileno())
             os.replace(bundle_path, target)
             fsync_dir(self.deferred_dir)
         except OSError as exc:

@@ -187,16 +187,21 @@ class StagingFile:
             raise StorageError(f"cannot read staging file {self.path}: {exc.strerror}") from exc
 
     def finish(self) -> str:
-        """fsync the file and close it.
+        """Read the whole file back for its sha256, and close it.
+
+        No fsync here. A power cut cannot make a chunk count as received without its bytes:
+        after a restart, a chunk counts only if the bytes on disk match its digest. What the
+        file becomes is made durable where it goes next: the install fsyncs the slot it
+        unpacks into, and a deferred install fsyncs the file before keeping it. So the
+        bundle goes to storage once, not twice, which matters on an SD card.
 
         Returns:
             The sha256 of its content (hex).
 
         Raises:
-            StorageError: it cannot be synced or read back.
+            StorageError: it cannot be read back.
         """
         try:
-            os.fsync(self._fd)
             digest = hashlib.sha256()
             offset = 0
             while block := os.pread(self._fd, 1 << 20, offset):
