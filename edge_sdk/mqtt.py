@@ -72,6 +72,7 @@ __all__ = [
     "DEFAULT_INBOX_MAX",
     "DEFAULT_INBOX_MAX_BYTES",
     "DEFAULT_MAX_INFLIGHT",
+    "DEFAULT_PORTS",
     "MAX_SESSION_EXPIRY_S",
     "PROTOCOLS",
     "BrokerAddress",
@@ -127,6 +128,10 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+#: The port a broker URL without one means: MQTT's registered ports, by whether it is TLS.
+DEFAULT_PORTS = {False: 1883, True: 8883}
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """Parse ``mqtt://host[:port]`` or ``mqtts://host[:port]``.
 
@@ -141,7 +146,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
     except ValueError as exc:
         raise ConfigError(f"broker URL {url!r} has a bad port") from exc
     tls = parts.scheme == "mqtts"
-    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
+    return BrokerAddress(parts.hostname, port or DEFAULT_PORTS[tls], tls)
 
 
 def _remaining_length_bytes(n: int) -> int:

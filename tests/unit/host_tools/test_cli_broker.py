@@ -12,15 +12,15 @@ import pytest
 from click.testing import CliRunner
 
 from edge_sdk.errors import BrokerUnreachableError, ExitCode
-from edge_sdk.mqtt import MqttClient
+from edge_sdk.mqtt import DEFAULT_PORTS, MqttClient
 from host_tools.cli import cli
 
 
 @pytest.mark.parametrize(
     ("url", "echoed"),
     [
-        ("mqtt://broker.invalid", "mqtt://broker.invalid:1883"),
-        ("mqtts://broker.invalid", "mqtts://broker.invalid:8883"),
+        ("mqtt://broker.invalid", f"mqtt://broker.invalid:{DEFAULT_PORTS[False]}"),
+        ("mqtts://broker.invalid", f"mqtts://broker.invalid:{DEFAULT_PORTS[True]}"),
     ],
 )
 def test_a_broker_url_without_a_port_is_echoed_with_the_port_used(
