@@ -242,6 +242,8 @@ class Agent:
             self.clock,
             self.identity,
             decryption_key=self.decryption_key.public,
+            labels=config.labels,
+            heartbeat_s=config.heartbeat_s,
         )
         self.receiving = Receiving(
             self.installer.staging_dir,
@@ -268,6 +270,7 @@ class Agent:
         self._pump_stop = threading.Event()
         self._pump: threading.Thread | None = None
         self._next_tick = float("-inf")
+        self._next_heartbeat = float("inf")  # set when connected: the birth message counts as one
         self._deaf_since: float | None = None
         for rb in rolled_back:
             self.installs.report_interrupted(rb)
@@ -419,6 +422,8 @@ class Agent:
                     self._report_lacking(t)
         if self.reporter.outbox.pending and self.transport.connected:
             self.reporter.drain_outbox()
+        if now >= self._next_heartbeat and self.reporter.heartbeat():
+            self._next_heartbeat = now + self.config.heartbeat_s
         self.installs.retry_deferred()
 
     # --- dispatch -------------------------------------------------------------------
@@ -455,6 +460,7 @@ class Agent:
             if self.inbound.dropped:
                 log.warning("inbound queue has dropped %d message(s) since start", self.inbound.dropped)
             self.reporter.publish_status()
+            self._next_heartbeat = self.monotonic() + self.config.heartbeat_s
             self.reporter.drain_outbox()
             # After any restart, say what is kept and what is lacking, unless the broker kept
             # this device's session: then what was sent meanwhile is queued and on its way, and

@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--accelerator", action="append", default=[], help="an accelerator this device has, e.g. cuda (repeatable)"
     )
+    run.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        help="a label of this device, key=value, e.g. site=depot-3 (repeatable; replaces the config file's labels)",
+    )
+    run.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 60)")
     tls = run.add_argument_group(
         "broker connection",
         "TLS client certificate and MQTT username/password. Each may also come from the environment "
@@ -167,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 "data_dir": args.data_dir,
                 "root": args.root,
                 "accelerators": tuple(args.accelerator),
+                "labels": tuple(args.label),
+                "heartbeat_s": args.heartbeat,
                 "sysfs_root": args.sysfs_root,
                 "transfer_idle_timeout_s": args.transfer_idle_timeout,
                 "reconnect_max_s": args.reconnect_max,

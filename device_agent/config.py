@@ -7,8 +7,13 @@ Example ``agent.toml``::
     data_dir = "/var/lib/edge-agent"
     root = "/etc/edge-agent/root.json"      # the signed root of trust shipped with the device
     accelerators = ["cuda"]                 # optional: what bundles' target constraints may require
+    heartbeat_s = 60                        # optional: seconds between heartbeats (not retained)
     identity_key = "/etc/edge-agent/identity.key"  # optional: a provisioned key that signs what it
                                             # reports; else made at first start in data_dir/identity/
+
+    [labels]                                # optional: where and what this device is, for selectors
+    site = "depot-3"                        # (or labels = ["site=depot-3", "hw=pi5"])
+    hw = "pi5"
 
     [tls]
     ca_file = "/etc/edge-agent/ca.pem"
@@ -50,6 +55,8 @@ from edge_sdk.bundle import BundleLimits
 from edge_sdk.bundle.manifest import EXECUTIONS
 from edge_sdk.errors import ConfigError, KeyStoreError, UntrustedInputError
 from edge_sdk.mqtt import MAX_SESSION_EXPIRY_S, PROTOCOLS, parse_broker_url
+from edge_sdk.protocol.labels import check_labels, parse_labels
+from edge_sdk.protocol.messages import MAX_HEARTBEAT_S
 from edge_sdk.protocol.topics import check_device_id
 from edge_sdk.trust import load_root
 
@@ -120,6 +127,10 @@ class AgentConfig:
             manifest's choice.
         identity_key: a provisioned PEM Ed25519 key the device signs its messages with;
             None: made at first start under ``data_dir/identity`` (see device_agent/identity.py).
+        labels: this device's labels (``key=value``, see :mod:`edge_sdk.protocol.labels`),
+            carried by its status; a table, or a list of ``key=value`` strings.
+        heartbeat_s: seconds between heartbeats (1 s to a day); the host lists a device it
+            has not heard from within a few of them as ``stale``.
         debug_crash_at: test-only: SIGKILL the agent at this step of an install (:data:`CRASH_POINTS`).
         debug_clock_offset_s: test-only, config file only: seconds added to the device's
             clock (mounts a clock set back or forward, as after a reboot without RTC).
@@ -151,6 +162,8 @@ class AgentConfig:
     inbound_max_bytes: int = DEFAULT_INBOUND_MAX_BYTES
     execution: str = "auto"
     identity_key: Path | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    heartbeat_s: float = 60.0
     debug_crash_at: str | None = None
     debug_clock_offset_s: float = 0.0
 
@@ -160,6 +173,15 @@ class AgentConfig:
         if self.root is None:
             raise ConfigError("no root of trust: pass --root root.json or set root in the config file")
         object.__setattr__(self, "accelerators", tuple(self.accelerators))
+        labels: object = self.labels  # a list of key=value from flags or the file, or a table
+        object.__setattr__(
+            self, "labels", parse_labels(labels) if isinstance(labels, (list, tuple)) else check_labels(labels)
+        )
+        if not _is_number(self.heartbeat_s) or not 1 <= self.heartbeat_s <= MAX_HEARTBEAT_S:
+            raise ConfigError(
+                f"heartbeat_s must be a number of seconds from 1 to {MAX_HEARTBEAT_S:g}, got {self.heartbeat_s!r}",
+                key="heartbeat_s",
+            )
         if self.transfer_idle_timeout_s <= 0:
             raise ConfigError(
                 f"transfer_idle_timeout_s must be positive (seconds), got {self.transfer_idle_timeout_s!r}",
@@ -252,6 +274,10 @@ _PATH = _Kind("a path (a string)", lambda v: isinstance(v, (str, Path)))
 _NUMBER = _Kind("a number of seconds", _is_number)
 _INTEGER = _Kind("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
 _STRINGS = _Kind("a list of strings", _is_strings)
+_LABELS = _Kind(
+    "a table of key = value strings, or a list of key=value strings",
+    lambda v: _is_strings(v) or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())),
+)
 _COMMAND = _Kind("a command line (a string) or a list of strings", lambda v: isinstance(v, str) or _is_strings(v))
 
 #: Every setting a config file or a flag may give, with the kind of value it takes.
@@ -283,6 +309,8 @@ _SETTINGS: dict[str, _Kind] = {
     "execution": _STRING,
     "debug_crash_at": _STRING,
     "identity_key": _PATH,
+    "labels": _LABELS,
+    "heartbeat_s": _NUMBER,
 }
 _PATH_FIELDS = {key for key, kind in _SETTINGS.items() if kind is _PATH} - set(CONNECTION_SETTINGS)
 

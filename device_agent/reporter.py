@@ -1,4 +1,4 @@
-"""What the agent says: its status (birth and goodbye), events about commands, metrics.
+"""What the agent says: its status (birth and goodbye), heartbeats, events about commands, metrics.
 
 Everything the agent says is signed by the device's own key with the next sequence number
 (:class:`~device_agent.identity.DeviceIdentity`) at the moment it is published: a message
@@ -6,7 +6,7 @@ buffered while offline is signed when it leaves, so numbers reach the host in th
 they were used. Everything but the status goes through the on-disk outbox (:mod:`device_agent.outbox`)
 whenever the broker is unreachable or older messages still wait, and leaves in order
 once the broker is back. The status is retained by the broker and always current, so
-it is only ever published live.
+it is only ever published live; so is a heartbeat (never retained, and worthless late).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from edge_sdk.protocol import (
     ErrorInfo,
     Event,
     EventKind,
+    Heartbeat,
     MetricsReport,
     RemoveCommand,
     RollbackCommand,
@@ -62,6 +63,8 @@ class Reporter:
         identity: signs every message (the status carries its public key and will number).
         decryption_key: this device's recipient key; the status publishes it
             (``platform.decryption_key``) so the host can encrypt bundles to it.
+        labels: this device's labels, carried by its status.
+        heartbeat_s: seconds between heartbeats, announced in its status and each heartbeat.
     """
 
     def __init__(
@@ -76,8 +79,12 @@ class Reporter:
         clock: Callable[[], float],
         identity: DeviceIdentity,
         decryption_key: RecipientPublicKey | None = None,
+        labels: Mapping[str, str] | None = None,
+        heartbeat_s: float = 60.0,
     ) -> None:
         self.device_id = device_id
+        self.labels = dict(labels or {})
+        self.heartbeat_s = heartbeat_s
         self.identity = identity
         self.decryption_key = decryption_key
         self.topics = DeviceTopics(device_id)
@@ -109,6 +116,8 @@ class Reporter:
             active={"bundles": [a.to_dict() for a in self.installer.all_active()]},
             public_key=self.identity.public_key.raw.hex(),
             will_seq=self.identity.will_seq,
+            labels=self.labels,
+            heartbeat_s=self.heartbeat_s,
             extra=extra,
         )
 
@@ -122,7 +131,23 @@ class Reporter:
             with contextlib.suppress(EdgeError):
                 self.transport.publish_wait(self.topics.status, self._sealed(self.status("offline")), retain=True)
 
-    def _sealed(self, msg: DeviceStatus | Event) -> bytes:
+    def heartbeat(self) -> bool:
+        """Publish a heartbeat (signed, not retained) if connected; never buffered.
+
+        Returns:
+            Whether it was handed to the connection.
+        """
+        if not self.transport.connected:
+            return False
+        beat = Heartbeat(self.device_id, self.clock(), self.heartbeat_s)
+        try:
+            self.transport.publish(self.topics.heartbeat, self._sealed(beat), retain=False)
+        except TransportError as exc:
+            log.info("heartbeat not sent: %s", exc.message)
+            return False
+        return True
+
+    def _sealed(self, msg: DeviceStatus | Event | Heartbeat) -> bytes:
         return self.identity.seal(msg, self.clock())
 
     # --- events and metrics -----------------------------------------------------------

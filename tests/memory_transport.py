@@ -10,7 +10,7 @@ import queue
 from dataclasses import dataclass, field
 
 from edge_sdk.mqtt import ConnectionChange, Incoming
-from edge_sdk.protocol import DeviceStatus, Event, MetricsReport, SignedReport, decode
+from edge_sdk.protocol import DeviceStatus, Event, Heartbeat, MetricsReport, SignedReport, decode
 
 __all__ = ["MemoryTransport", "Published"]
 
@@ -100,6 +100,10 @@ class MemoryTransport:
     def statuses(self) -> list[DeviceStatus]:
         """Every status published, decoded."""
         return [m for m in self._decoded("/status") if isinstance(m, DeviceStatus)]
+
+    def heartbeats(self) -> list[Heartbeat]:
+        """Every heartbeat published, decoded."""
+        return [m for m in self._decoded("/heartbeat") if isinstance(m, Heartbeat)]
 
     def metrics(self) -> list[MetricsReport]:
         """Every metrics report published, decoded."""

@@ -20,6 +20,7 @@ from edge_sdk.protocol.commands import (
     peek_command_id,
     sign_command,
 )
+from edge_sdk.protocol.labels import check_labels, parse_label, parse_labels
 from edge_sdk.protocol.messages import (
     SCHEMA_VERSION,
     BenchmarkSpec,
@@ -30,6 +31,7 @@ from edge_sdk.protocol.messages import (
     ErrorInfo,
     Event,
     EventKind,
+    Heartbeat,
     Message,
     MetricsReport,
     RemoveCommand,
@@ -41,6 +43,7 @@ from edge_sdk.protocol.messages import (
     TransferOffer,
 )
 from edge_sdk.protocol.reports import (
+    CHANNEL_OF,
     DeviceMessage,
     open_enrolment_request,
     open_report,
@@ -75,6 +78,7 @@ from edge_sdk.protocol.transfer import (
 )
 
 __all__ = [
+    "CHANNEL_OF",
     "INDEX_FRAME",
     "MAX_CHUNKS",
     "PROGRESS_EVERY",
@@ -99,6 +103,7 @@ __all__ = [
     "Event",
     "EventKind",
     "FanOut",
+    "Heartbeat",
     "Message",
     "MetricsReport",
     "ParsedTopic",
@@ -111,6 +116,7 @@ __all__ = [
     "TransferEnd",
     "TransferOffer",
     "WriteAt",
+    "check_labels",
     "choose_chunk_size",
     "chunk_spans",
     "content_transfer_id",
@@ -124,6 +130,8 @@ __all__ = [
     "open_command",
     "open_enrolment_request",
     "open_report",
+    "parse_label",
+    "parse_labels",
     "parse_topic",
     "peek_command_id",
     "seal",

@@ -23,6 +23,7 @@ from edge_sdk.metrics._latency import LatencyStats
 from edge_sdk.metrics._memory import ModelMemory
 from edge_sdk.metrics._power import PowerMeasurement
 from edge_sdk.metrics._thermal import ThermalReading
+from edge_sdk.protocol.labels import check_labels
 from edge_sdk.protocol.topics import check_device_id
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "EventKind",
+    "Heartbeat",
     "Message",
     "MetricsReport",
     "RemoveCommand",
@@ -319,6 +321,8 @@ class DeviceStatus(Message):
     active: dict[str, Any] | None = None
     public_key: str = ""
     will_seq: int = 0
+    labels: dict[str, Any] | None = None
+    heartbeat_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -329,6 +333,53 @@ class DeviceStatus(Message):
             raise MessageError("status public_key must be 64 lowercase hex digits")
         if not 0 <= self.will_seq <= _MAX_SEQ:
             raise MessageError("status will_seq out of range")
+        if self.labels is not None:
+            try:
+                object.__setattr__(self, "labels", check_labels(self.labels))
+            except ConfigError as exc:
+                raise MessageError(f"status labels: {exc.message}") from exc
+        _check_heartbeat_s(self.heartbeat_s, "status", allow_none=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form; ``labels`` and ``heartbeat_s`` only when given (older statuses are unchanged)."""
+        out = super().to_dict()
+        if self.labels is None:
+            del out["labels"]
+        if not self.heartbeat_s:
+            del out["heartbeat_s"]
+        return out
+
+
+#: Longest heartbeat interval a device may announce (a day).
+MAX_HEARTBEAT_S = 86400.0
+
+
+def _check_heartbeat_s(value: float, where: str, *, allow_none: bool = False) -> None:
+    """A heartbeat interval: 1 s to a day; 0 means "sends none" where ``allow_none``."""
+    if allow_none and value == 0:
+        return
+    if not 1.0 <= value <= MAX_HEARTBEAT_S:
+        raise MessageError(f"{where} heartbeat_s must be between 1 and {MAX_HEARTBEAT_S:g} seconds, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Device -> host: "still here", every ``heartbeat_s`` seconds, never retained.
+
+    Small on purpose (a device sends one a minute, forever). The host keeps when it last
+    heard one and the interval it names, and lists a device it has not heard from within
+    a few intervals as ``stale``.
+    """
+
+    TYPE: ClassVar[str] = "heartbeat"
+    device_id: str
+    ts: float
+    heartbeat_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_device_id(self.device_id, "heartbeat")
+        _check_heartbeat_s(self.heartbeat_s, "heartbeat")
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -711,5 +762,6 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Event,
         MetricsReport,
         SignedReport,
+        Heartbeat,
     )
 }

@@ -27,7 +27,7 @@ import binascii
 
 from edge_sdk.errors import MessageError, SignatureError, TargetMismatchError, UntrustedInputError
 from edge_sdk.protocol.codec import CodecLimits, decode, encode
-from edge_sdk.protocol.messages import DeviceStatus, Event, Message, MetricsReport, SignedReport
+from edge_sdk.protocol.messages import DeviceStatus, Event, Heartbeat, Message, MetricsReport, SignedReport
 from edge_sdk.protocol.topics import Channel
 from edge_sdk.trust import PublicKey, SigningKey
 from edge_sdk.trust.device import (
@@ -38,6 +38,7 @@ from edge_sdk.trust.device import (
 )
 
 __all__ = [
+    "CHANNEL_OF",
     "DeviceMessage",
     "open_enrolment_request",
     "open_report",
@@ -46,11 +47,13 @@ __all__ = [
     "signed_report_of",
 ]
 
-DeviceMessage = DeviceStatus | Event | MetricsReport
-_CHANNEL_OF: dict[type[Message], Channel] = {
+DeviceMessage = DeviceStatus | Event | MetricsReport | Heartbeat
+#: The one channel each kind of device message belongs on.
+CHANNEL_OF: dict[type[Message], Channel] = {
     DeviceStatus: Channel.STATUS,
     Event: Channel.EVENTS,
     MetricsReport: Channel.METRICS,
+    Heartbeat: Channel.HEARTBEAT,
 }
 _DEFAULT_LIMITS = CodecLimits()
 _DEFAULT_POLICY = DevicePolicy()
@@ -107,7 +110,7 @@ def _inner(signed: SignedReport, topic_device_id: str, channel: Channel, limits:
         msg = decode(signed.message.encode(), limits)
     except MessageError as exc:
         raise MessageError(f"signed report carries no valid message: {exc.message}", reason="malformed") from exc
-    if not isinstance(msg, (DeviceStatus, Event, MetricsReport)) or _CHANNEL_OF[type(msg)] is not channel:
+    if not isinstance(msg, (DeviceStatus, Event, MetricsReport, Heartbeat)) or CHANNEL_OF[type(msg)] is not channel:
         raise MessageError(f"a signed {msg.TYPE} message does not belong on {channel.value}", reason="malformed")
     if msg.device_id != topic_device_id:
         raise TargetMismatchError(

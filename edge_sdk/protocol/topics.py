@@ -7,6 +7,7 @@
     edge/v1/devices/<device_id>/data      binary bundle chunks                         host -> device
     edge/v1/devices/<device_id>/events    progress, refusals, results                  device -> host
     edge/v1/devices/<device_id>/metrics   metrics reports (retained: the latest)       device -> host
+    edge/v1/devices/<device_id>/heartbeat "still here" every heartbeat_s (not retained) device -> host
     edge/v1/transfers/<transfer_id>       chunk frames sent once to every device       host -> devices
                                           receiving that transfer (the broker fans out)
 
@@ -51,6 +52,7 @@ class Channel(str, Enum):
     DATA = "data"
     EVENTS = "events"
     METRICS = "metrics"
+    HEARTBEAT = "heartbeat"
 
 
 def check_device_id(device_id: object) -> str:
@@ -103,6 +105,10 @@ class DeviceTopics:
     @property
     def metrics(self) -> str:
         return self.topic(Channel.METRICS)
+
+    @property
+    def heartbeat(self) -> str:
+        return self.topic(Channel.HEARTBEAT)
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,13 @@ from pathlib import Path
 
 from edge_sdk.errors import ConfigError, EdgeError, MessageError, UntrustedInputError
 from edge_sdk.protocol import (
+    CHANNEL_OF,
     Channel,
     CodecLimits,
     DeviceMessage,
     DeviceStatus,
     Event,
+    Heartbeat,
     MetricsReport,
     SignedReport,
     decode,
@@ -61,7 +63,6 @@ log = logging.getLogger(__name__)
 
 #: Most devices that may wait for approval at once (bounds what invented ids can add).
 DEFAULT_MAX_PENDING = 256
-_CHANNEL_OF = {DeviceStatus: Channel.STATUS, Event: Channel.EVENTS, MetricsReport: Channel.METRICS}
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ class ReportGate:
     def _unsigned(self, device_id: str, channel: Channel, msg: object) -> Verified | Dropped:
         if not self.allow_unsigned:
             return self._drop(device_id, "unsigned", "unsigned device messages are refused")
-        if not isinstance(msg, (DeviceStatus, Event, MetricsReport)) or _CHANNEL_OF[type(msg)] is not channel:
+        if not isinstance(msg, (DeviceStatus, Event, MetricsReport, Heartbeat)) or CHANNEL_OF[type(msg)] is not channel:
             return self._drop(device_id, "malformed", "not a device message for this channel")
         if msg.device_id != device_id:
             return self._drop(device_id, "device_mismatch", f"names device {msg.device_id!r}")

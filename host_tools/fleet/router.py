@@ -46,7 +46,7 @@ from typing import Protocol
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient
-from edge_sdk.protocol import CodecLimits, DeviceStatus, Event, MetricsReport
+from edge_sdk.protocol import CodecLimits, DeviceStatus, Event, Heartbeat, MetricsReport
 from host_tools.fleet.enrolment import Dropped, ReportGate
 from host_tools.fleet.registry import Registry
 
@@ -203,6 +203,8 @@ class Router:
                 listener.note_status(msg)
             self.delivered += len(listeners)
             return
+        if isinstance(msg, Heartbeat):
+            return  # no conversation waits for one; the collector records them
         if not verified.fresh:
             self.dropped_unknown += 1
             log.debug("%s %s from %s heard again; already delivered", msg.TYPE, msg.command_id, device_id)

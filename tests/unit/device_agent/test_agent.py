@@ -864,3 +864,23 @@ def test_an_expired_root_refuses_every_command_until_a_new_root_arrives(make_age
     transport.deliver(TOPICS.cmd, fleet.signed(again))
     drive(agent, settled(transport, again.command_id))
     assert last(transport, again.command_id).kind == EventKind.DONE
+
+
+def test_status_carries_labels_and_heartbeats_follow_live_only(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent(labels={"site": "depot-3", "hw": "pi5"}, heartbeat_s=1.0)
+    drive(agent, lambda: bool(transport.statuses()))
+    birth = transport.statuses()[-1]
+    assert birth.labels == {"hw": "pi5", "site": "depot-3"} and birth.heartbeat_s == 1.0
+    assert not transport.heartbeats()  # the birth message counts as the first
+    drive(agent, lambda: len(transport.heartbeats()) >= 2, timeout_s=10)
+    beats = transport.heartbeats()
+    assert all(b.device_id == DEVICE and b.heartbeat_s == 1.0 for b in beats)
+    assert beats[1].ts - beats[0].ts >= 0.9
+    published = [p for p in transport.published if p.topic == TOPICS.heartbeat]
+    assert published and not any(p.retain for p in published)
+    transport.disconnect()  # offline: no heartbeat is buffered for later
+    sent = len(transport.heartbeats())
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        agent.step(0.05)
+    assert len(transport.heartbeats()) == sent and agent.reporter.outbox.pending == 0

@@ -23,6 +23,8 @@ def _wanted(annotation: str) -> str:
         return "a number of seconds" if annotation.startswith("float") else "an integer"
     if "Path" in annotation:
         return "a path (a string)"
+    if annotation.startswith("Mapping"):
+        return "a table of key = value strings, or a list of key=value strings"
     if annotation.startswith("tuple[str, ...] | None"):
         return "a command line (a string) or a list of strings"
     if annotation.startswith("tuple"):
@@ -172,3 +174,16 @@ def test_a_bad_mqtt_protocol_or_session_expiry_is_named(setting: str, message: s
     with pytest.raises(ConfigError, match=re.escape(message)) as caught:
         _load(tmp_path, _VALID + setting + "\n")
     assert caught.value.details["key"] == setting.split()[0]
+
+
+def test_labels_come_from_a_table_or_a_list_and_are_checked(tmp_path: Path) -> None:
+    table = _load(tmp_path, _VALID + 'heartbeat_s = 15\n[labels]\nsite = "depot-3"\nhw = "pi5"\n')
+    assert table.labels == {"hw": "pi5", "site": "depot-3"} and table.heartbeat_s == 15
+    listed = _load(tmp_path, 'labels = ["site=depot-3"]\n' + _VALID)
+    assert listed.labels == {"site": "depot-3"} and listed.heartbeat_s == 60.0
+    flagged = load_config(tmp_path / "agent.toml", {"labels": ("site=depot-4", "hw=pi4")})
+    assert flagged.labels == {"hw": "pi4", "site": "depot-4"}
+    with pytest.raises(ConfigError, match="bad label key 'Site'"):
+        _load(tmp_path, 'labels = ["Site=x"]\n' + _VALID)
+    with pytest.raises(ConfigError, match="heartbeat_s must be a number of seconds from 1"):
+        _load(tmp_path, "heartbeat_s = 0.5\n" + _VALID)

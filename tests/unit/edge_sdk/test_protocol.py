@@ -32,6 +32,7 @@ from edge_sdk.protocol import (
     ErrorInfo,
     Event,
     EventKind,
+    Heartbeat,
     MetricsReport,
     ParsedTopic,
     RemoveCommand,
@@ -188,6 +189,8 @@ def _examples() -> list[Any]:
         SignedCommand('{"type":"remove"}', ({"keyid": "k", "sig": "AA=="},)),
         RootUpdate({"signed": {"version": 2}, "signatures": []}),
         SignedReport("pi-1", 7, 3.0, '{"type":"event"}', "0" * 32, "AA=="),
+        DeviceStatus("pi-1", "online", 2.5, labels={"site": "depot-3", "hw": "pi5"}, heartbeat_s=60.0),
+        Heartbeat("pi-1", 3.5, 60.0),
     ]
 
 
