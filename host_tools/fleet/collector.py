@@ -1,4 +1,4 @@
-"""Turn what devices publish (status, metrics) into registry rows.
+"""Turn what devices publish (status, heartbeats, metrics) into registry rows.
 
 Only what a :class:`~host_tools.fleet.enrolment.ReportGate` verified is recorded: a
 message that is unsigned, from a device not enrolled, forged, replayed or dated in the
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from edge_sdk.mqtt import Incoming, MqttClient
-from edge_sdk.protocol import DeviceStatus, Message, MetricsReport
+from edge_sdk.protocol import DeviceStatus, Heartbeat, Message, MetricsReport
 from host_tools.fleet.enrolment import ReportGate, Verified
 from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry, check_time
 
@@ -58,7 +58,7 @@ def record_message(registry: Registry, msg: Message, received_at: float, broker:
 
     Args:
         registry: where it goes.
-        msg: a status or metrics report the gate let through.
+        msg: a status, heartbeat or metrics report the gate let through.
         received_at: the host's clock when it arrived.
         broker: the address of the broker it came from (``mqtt://host:port``); ``""`` when unknown.
 
@@ -79,8 +79,13 @@ def record_message(registry: Registry, msg: Message, received_at: float, broker:
                 agent_version=msg.agent_version or None,
                 active_bundles=active_bundles(msg),
                 broker=broker,
+                labels=msg.labels,
+                heartbeat_s=msg.heartbeat_s or None,
             )
         )
+    elif isinstance(msg, Heartbeat):
+        # Heard when the host heard it: a device clock running late must not make it look stale.
+        registry.record_heartbeat(msg.device_id, broker, received_at, msg.heartbeat_s)
     elif isinstance(msg, MetricsReport):
         try:
             registry.add_metrics(msg, received_at)

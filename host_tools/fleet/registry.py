@@ -43,6 +43,13 @@ approves it, ``approved``, or ``revoked``); ``device_sequences`` keeps the last 
 number accepted from each device on each channel (status, events, metrics: a retained
 status is older than the events after it); ``report_drops`` counts the device messages the
 host dropped, per device and reason.
+Version 5 adds what selects and watches devices: the device's own labels (``labels``, a
+JSON object from its status) and its heartbeat (``heartbeat_s``, ``last_heard``) on each
+device row; ``operator_labels`` (set with ``edgectl devices label``, overriding the
+device's own on the same key); ``installed_versions``, the installed and previous version
+of each bundle name per device, derived from the statuses (when the active version of a
+bundle changes, the old one becomes ``previous``); ``device_groups``, selectors saved by
+name.
 
 Values are checked before they are stored: times must be finite and between 1970 and
 2100 (:func:`check_time`), numbers in a metrics report finite, so that no stored row can
@@ -81,6 +88,8 @@ __all__ = [
     "DeviceStatus",
     "EnrolmentRecord",
     "ForgetResult",
+    "GroupRecord",
+    "InstalledVersion",
     "MetricsRecord",
     "Registry",
     "check_time",
@@ -238,6 +247,11 @@ class DeviceRecord:
         active_bundles: every bundle it runs now, ordered by name.
         broker: the address of the broker it was seen on (``mqtt://host:port``);
             ``""`` for rows recorded before the registry knew brokers.
+        labels: the device's own labels, from its status; ``None``: not reported in this
+            update (kept), ``{}``: it has none (replaces).
+        heartbeat_s: the heartbeat interval its status announced; ``None``: not reported.
+        last_heard: unix seconds of its last heartbeat (read only: heartbeats are recorded
+            with :meth:`Registry.record_heartbeat`).
 
     Raises:
         ValueError: if ``device_id`` is empty or ``status`` is unknown.
@@ -252,6 +266,9 @@ class DeviceRecord:
     agent_version: str | None = None
     active_bundles: tuple[BundleRef, ...] | None = None
     broker: str = ""
+    labels: Mapping[str, str] | None = None
+    heartbeat_s: float | None = None
+    last_heard: float | None = None
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -290,7 +307,52 @@ class DeviceRecord:
             "active_bundle": self.active_bundle.to_dict() if self.active_bundle else None,
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
+            "device_labels": dict(self.labels) if self.labels is not None else None,
+            "heartbeat_s": self.heartbeat_s,
+            "last_heard": self.last_heard,
         }
+
+
+@dataclass(frozen=True)
+class InstalledVersion:
+    """What a device runs of one bundle name, and what it ran before.
+
+    Args:
+        device_id: the device.
+        bundle_name: the bundle name.
+        version: the version active now; None once the bundle was removed.
+        previous: the version active before the last change; None if none is known.
+        changed_at: unix seconds of the status that showed the last change.
+    """
+
+    device_id: str
+    bundle_name: str
+    version: int | None
+    previous: int | None
+    changed_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """A selector saved under a name (``edgectl groups add``).
+
+    Args:
+        name: the group's name.
+        selector: the selector text (see :mod:`host_tools.fleet.selectors`).
+        created_at: unix seconds it was saved (or last replaced).
+    """
+
+    name: str
+    selector: str
+    created_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
 
 
 def _bundle_order(ref: BundleRef) -> tuple[str, int]:
@@ -528,7 +590,7 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
 # --- schema ----------------------------------------------------------------------------
 
 #: The schema version this code writes and understands.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: One step of a migration: shared SQL, or a function of the connection and dialect for
 #: what SQL alone cannot say portably (checking rows, rewriting JSON).
@@ -677,6 +739,21 @@ def _devices_by_broker(conn: Any, dialect: _Dialect) -> None:
     conn.execute("ALTER TABLE devices_v3 RENAME TO devices")
 
 
+def _installed_from_active(conn: Any, dialect: _Dialect) -> None:
+    """Migration 5: each device's stored active bundles become its installed versions (no previous known)."""
+    rows = conn.execute("SELECT device_id, active_bundles, last_seen FROM devices WHERE active_bundles IS NOT NULL")
+    for device_id, text, last_seen in rows.fetchall():
+        try:
+            refs = [BundleRef.from_dict(b) for b in json.loads(text)]
+        except (ValueError, TypeError, AttributeError) as exc:
+            logger.warning("registry migration 5: devices row %r has active bundles %r: %s", device_id, text, exc)
+            continue
+        for ref in refs:
+            conn.execute(
+                dialect.sql(_NOTE_INSTALLED), (device_id, ref.name, ref.version, last_seen or 0.0, last_seen or 0.0)
+            )
+
+
 # Each entry brings the schema from version N-1 to N. Append; never edit a shipped one.
 _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
     (
@@ -769,6 +846,43 @@ _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
             "UPDATE metrics SET received_at = 0 WHERE NOT (received_at BETWEEN 0 AND 4102444800)",
         ),
     ),
+    (
+        5,
+        (
+            "ALTER TABLE devices ADD COLUMN labels TEXT",
+            "ALTER TABLE devices ADD COLUMN heartbeat_s {float}",
+            "ALTER TABLE devices ADD COLUMN last_heard {float}",
+            """
+            CREATE TABLE IF NOT EXISTS operator_labels (
+                device_id TEXT NOT NULL,
+                key TEXT NOT NULL,
+                value TEXT NOT NULL,
+                set_at {float} NOT NULL,
+                PRIMARY KEY (device_id, key)
+            )
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS installed_versions (
+                device_id TEXT NOT NULL,
+                bundle_name TEXT NOT NULL,
+                version BIGINT,
+                previous BIGINT,
+                changed_at {float} NOT NULL,
+                seen_at {float} NOT NULL,
+                PRIMARY KEY (device_id, bundle_name)
+            )
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS device_groups (
+                name TEXT PRIMARY KEY,
+                selector TEXT NOT NULL,
+                created_at {float} NOT NULL
+            )
+            """,
+            # What runs now, for devices known before: their active bundles as the first version seen.
+            _installed_from_active,
+        ),
+    ),
 )
 
 _CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
@@ -778,8 +892,8 @@ _CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INT
 # the stored row (a late, reordered message) fills gaps but overwrites nothing.
 _UPSERT_DEVICE = """
 INSERT INTO devices (device_id, broker, status, platform, runtimes, agent_version, active_bundles,
-                     first_seen, last_seen)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     first_seen, last_seen, labels, heartbeat_s)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (device_id, broker) DO UPDATE SET
     status = CASE WHEN excluded.last_seen >= devices.last_seen
                   THEN excluded.status ELSE devices.status END,
@@ -797,6 +911,12 @@ ON CONFLICT (device_id, broker) DO UPDATE SET
                           WHEN devices.active_bundles IS NULL
                                OR excluded.last_seen >= devices.last_seen
                           THEN excluded.active_bundles ELSE devices.active_bundles END,
+    labels = CASE WHEN excluded.labels IS NULL THEN devices.labels
+                  WHEN devices.labels IS NULL OR excluded.last_seen >= devices.last_seen
+                  THEN excluded.labels ELSE devices.labels END,
+    heartbeat_s = CASE WHEN excluded.heartbeat_s IS NULL THEN devices.heartbeat_s
+                       WHEN devices.heartbeat_s IS NULL OR excluded.last_seen >= devices.last_seen
+                       THEN excluded.heartbeat_s ELSE devices.heartbeat_s END,
     first_seen = {least}(devices.first_seen, excluded.first_seen),
     last_seen = {greatest}(devices.last_seen, excluded.last_seen)
 """
@@ -808,9 +928,43 @@ UPDATE devices SET broker = ? WHERE device_id = ? AND broker = ''
     AND NOT EXISTS (SELECT 1 FROM devices known WHERE known.device_id = ? AND known.broker = ?)
 """
 
+# A heartbeat: when it was heard, and the interval it names. A device whose birth was not
+# seen yet gets a row (online as of the heartbeat) that its status fills in later.
+_RECORD_HEARTBEAT = """
+INSERT INTO devices (device_id, broker, status, first_seen, last_seen, heartbeat_s, last_heard)
+VALUES (?, ?, 'online', ?, ?, ?, ?)
+ON CONFLICT (device_id, broker) DO UPDATE SET
+    heartbeat_s = CASE WHEN devices.last_heard IS NULL OR excluded.last_heard >= devices.last_heard
+                       THEN excluded.heartbeat_s ELSE devices.heartbeat_s END,
+    last_heard = {greatest}(COALESCE(devices.last_heard, excluded.last_heard), excluded.last_heard)
+"""
+
+# The active version of one bundle, as a status seen at ``seen_at`` reports it. A change makes
+# the stored version ``previous``; a status older than the stored one changes nothing; the
+# same status twice changes nothing (right-hand sides read the row as it was).
+_NOTE_INSTALLED = """
+INSERT INTO installed_versions (device_id, bundle_name, version, previous, changed_at, seen_at)
+VALUES (?, ?, ?, NULL, ?, ?)
+ON CONFLICT (device_id, bundle_name) DO UPDATE SET
+    previous = CASE WHEN excluded.seen_at >= installed_versions.seen_at
+                         AND installed_versions.version IS NOT NULL
+                         AND installed_versions.version <> excluded.version
+                    THEN installed_versions.version ELSE installed_versions.previous END,
+    changed_at = CASE WHEN excluded.seen_at >= installed_versions.seen_at
+                           AND (installed_versions.version IS NULL
+                                OR installed_versions.version <> excluded.version)
+                      THEN excluded.changed_at ELSE installed_versions.changed_at END,
+    version = CASE WHEN excluded.seen_at >= installed_versions.seen_at
+                   THEN excluded.version ELSE installed_versions.version END,
+    seen_at = {greatest}(installed_versions.seen_at, excluded.seen_at)
+"""
+
 _ENROLMENT_COLUMNS = "device_id, public_key, state, requested_at, decided_at, will_seq"
 
-_DEVICE_COLUMNS = "device_id, status, platform, runtimes, agent_version, active_bundles, first_seen, last_seen, broker"
+_DEVICE_COLUMNS = (
+    "device_id, status, platform, runtimes, agent_version, active_bundles, first_seen, last_seen, broker, "
+    "labels, heartbeat_s, last_heard"
+)
 _DEPLOYMENT_COLUMNS = (
     "id, device_id, bundle_name, bundle_version, bundle_sha256, transfer_id, state, "
     "error_code, error_message, started_at, finished_at"
@@ -981,6 +1135,8 @@ class Registry:
             _bundles_json(record.active_bundles),
             first_seen,
             record.last_seen,
+            _dump_json(record.labels),
+            record.heartbeat_s,
         )
         with self._storage_errors(f"upsert device {record.device_id!r}"):
             if record.broker:
@@ -989,6 +1145,8 @@ class Registry:
                     (record.broker, record.device_id, record.device_id, record.broker),
                 )
             self._conn.execute(self._dialect.sql(_UPSERT_DEVICE), params)
+            if record.active_bundles is not None:
+                self._note_installed(record.device_id, record.active_bundles, record.last_seen)
 
     def get_device(self, device_id: str, broker: str | None = None) -> DeviceRecord | None:
         """One device by id: its row on ``broker``, or the row seen last on any broker.
@@ -1022,6 +1180,225 @@ class Registry:
             rows = self._conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id, broker").fetchall()
         return [self._device_from_row(row) for row in rows]
 
+    def iter_devices(self, after: tuple[str, str] | None = None, page: int = 5000) -> Iterator[DeviceRecord]:
+        """Every device row after ``after``, ordered by id then broker, read in pages (keyset paging).
+
+        Each page is one query that starts where the last one ended (on the primary key), so
+        a listing of any size holds one page in memory and never skips or repeats a row
+        that was there throughout.
+
+        Args:
+            after: ``(device_id, broker)`` of the last row already seen; None from the start.
+            page: rows per query.
+
+        Yields:
+            The devices.
+
+        Raises:
+            ValueError: a page size below 1.
+            StorageError: on a database failure or a malformed row.
+        """
+        if page < 1:
+            raise ValueError(f"page must be at least 1, got {page}")
+        cursor_key = after
+        while True:
+            if cursor_key is None:
+                query, params = f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id, broker LIMIT ?", (page,)
+            else:
+                query = (
+                    f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id > ? OR (device_id = ? AND broker > ?) "
+                    "ORDER BY device_id, broker LIMIT ?"
+                )
+                params = (cursor_key[0], cursor_key[0], cursor_key[1], page)  # type: ignore[assignment]
+            with self._storage_errors("list devices"):
+                rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
+            for row in rows:
+                yield self._device_from_row(row)
+            if len(rows) < page:
+                return
+            cursor_key = (rows[-1][0], rows[-1][8])
+
+    def record_heartbeat(self, device_id: str, broker: str, at: float, heartbeat_s: float) -> None:
+        """Record that a device was heard from at ``at``, announcing ``heartbeat_s``.
+
+        Never moves ``last_heard`` earlier (heartbeats may arrive out of order); a heartbeat
+        from a device without a row yet makes one, ``online`` as of ``at``.
+
+        Raises:
+            ValueError: an implausible time or interval.
+            StorageError: on a database failure.
+        """
+        check_time(at, "heartbeat time")
+        if not heartbeat_s > 0:
+            raise ValueError(f"heartbeat interval must be a positive number, got {heartbeat_s!r}")
+        with self._storage_errors(f"record heartbeat of {device_id!r}"):
+            if broker:
+                self._conn.execute(self._dialect.sql(_ADOPT_UNKNOWN_BROKER), (broker, device_id, device_id, broker))
+            self._conn.execute(
+                self._dialect.sql(_RECORD_HEARTBEAT), (device_id, broker, at, at, float(heartbeat_s), at)
+            )
+
+    # -- installed versions --
+
+    def _note_installed(self, device_id: str, bundles: Sequence[BundleRef], seen_at: float) -> None:
+        """Derive installed and previous versions from a status listing ``bundles`` (its time ``seen_at``)."""
+        for ref in bundles:
+            self._conn.execute(self._dialect.sql(_NOTE_INSTALLED), (device_id, ref.name, ref.version, seen_at, seen_at))
+        names = sorted({ref.name for ref in bundles})
+        gone = f" AND bundle_name NOT IN ({', '.join('?' * len(names))})" if names else ""
+        self._conn.execute(
+            self._dialect.sql(
+                "UPDATE installed_versions SET previous = version, version = NULL, changed_at = ?, seen_at = ? "
+                f"WHERE device_id = ? AND version IS NOT NULL AND seen_at <= ?{gone}"
+            ),
+            (seen_at, seen_at, device_id, seen_at, *names),
+        )
+
+    def installed_versions(self, device_id: str | None = None) -> list[InstalledVersion]:
+        """Installed and previous version per bundle name, for one device or all.
+
+        Returns:
+            Ordered by device, then bundle name.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        where, params = _where({"device_id": device_id})
+        query = (
+            "SELECT device_id, bundle_name, version, previous, changed_at FROM installed_versions"
+            f"{where} ORDER BY device_id, bundle_name"
+        )
+        with self._storage_errors("read installed versions"):
+            rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
+        return [
+            InstalledVersion(
+                str(r[0]),
+                str(r[1]),
+                None if r[2] is None else int(r[2]),
+                None if r[3] is None else int(r[3]),
+                float(r[4]),
+            )
+            for r in rows
+        ]
+
+    # -- operator labels --
+
+    def operator_labels(self, device_id: str | None = None) -> dict[str, dict[str, str]]:
+        """Labels set by the operator: device id -> key -> value (one device, or every device).
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        where, params = _where({"device_id": device_id})
+        query = f"SELECT device_id, key, value FROM operator_labels{where} ORDER BY device_id, key"
+        with self._storage_errors("read operator labels"):
+            rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
+        out: dict[str, dict[str, str]] = {}
+        for dev, key, value in rows:
+            out.setdefault(str(dev), {})[str(key)] = str(value)
+        return out
+
+    def set_operator_labels(
+        self, device_id: str, labels: Mapping[str, str], remove: Sequence[str] = (), *, at: float
+    ) -> dict[str, str]:
+        """Set (or replace) and remove a device's operator labels; setting the same twice changes nothing.
+
+        Args:
+            device_id: the device.
+            labels: key -> value to set (checked by the caller: :func:`edge_sdk.protocol.labels.check_labels`).
+            remove: keys to remove (a key not set is ignored).
+            at: unix seconds.
+
+        Returns:
+            The device's operator labels now.
+
+        Raises:
+            ConfigError: a key both set and removed, or more labels than allowed in all.
+            StorageError: on a database failure.
+        """
+        from edge_sdk.protocol.labels import MAX_LABELS
+
+        both = sorted(set(labels) & set(remove))
+        if both:
+            raise ConfigError(f"label(s) {', '.join(both)} both set and removed")
+        check_time(at, "label time")
+        current = self.operator_labels(device_id).get(device_id, {})
+        after = {k: v for k, v in {**current, **labels}.items() if k not in remove}
+        if len(after) > MAX_LABELS:
+            raise ConfigError(f"device {device_id!r} would have {len(after)} operator labels; at most {MAX_LABELS}")
+        with self._storage_errors(f"set labels of {device_id!r}"):
+            for key, value in labels.items():
+                self._conn.execute(
+                    self._dialect.sql(
+                        "INSERT INTO operator_labels (device_id, key, value, set_at) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (device_id, key) DO UPDATE SET value = excluded.value, "
+                        "set_at = CASE WHEN operator_labels.value = excluded.value "
+                        "THEN operator_labels.set_at ELSE excluded.set_at END"
+                    ),
+                    (device_id, key, value, at),
+                )
+            for key in remove:
+                self._conn.execute(
+                    self._dialect.sql("DELETE FROM operator_labels WHERE device_id = ? AND key = ?"), (device_id, key)
+                )
+        return self.operator_labels(device_id).get(device_id, {})
+
+    # -- groups --
+
+    def save_group(self, name: str, selector: str, at: float) -> GroupRecord:
+        """Save ``selector`` under ``name`` (replacing what that name held). Saving the same twice is one row.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        check_time(at, "group time")
+        with self._storage_errors(f"save group {name!r}"):
+            self._conn.execute(
+                self._dialect.sql(
+                    "INSERT INTO device_groups (name, selector, created_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET selector = excluded.selector, "
+                    "created_at = CASE WHEN device_groups.selector = excluded.selector "
+                    "THEN device_groups.created_at ELSE excluded.created_at END"
+                ),
+                (name, selector, at),
+            )
+        return self.get_group(name) or GroupRecord(name, selector, at)
+
+    def get_group(self, name: str) -> GroupRecord | None:
+        """One group, or None.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        with self._storage_errors(f"read group {name!r}"):
+            row = self._conn.execute(
+                self._dialect.sql("SELECT name, selector, created_at FROM device_groups WHERE name = ?"), (name,)
+            ).fetchone()
+        return None if row is None else GroupRecord(str(row[0]), str(row[1]), float(row[2]))
+
+    def list_groups(self) -> list[GroupRecord]:
+        """Every group, by name.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        with self._storage_errors("list groups"):
+            rows = self._conn.execute("SELECT name, selector, created_at FROM device_groups ORDER BY name").fetchall()
+        return [GroupRecord(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    def remove_group(self, name: str) -> bool:
+        """Delete a group; removing one that is not there is harmless.
+
+        Returns:
+            Whether it was there.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        with self._storage_errors(f"remove group {name!r}"):
+            cursor = self._conn.execute(self._dialect.sql("DELETE FROM device_groups WHERE name = ?"), (name,))
+        return bool(cursor.rowcount > 0)
+
     def forget_device(self, device_id: str) -> ForgetResult:
         """Delete every row about a device: its device rows (all brokers), deployments and metrics.
 
@@ -1039,7 +1416,7 @@ class Registry:
             brokers = self._conn.execute(
                 self._dialect.sql("SELECT broker FROM devices WHERE device_id = ? ORDER BY broker"), (device_id,)
             ).fetchall()
-            for table in ("devices", "deployments", "metrics"):
+            for table in ("devices", "deployments", "metrics", "operator_labels", "installed_versions"):
                 cursor = self._conn.execute(self._dialect.sql(f"DELETE FROM {table} WHERE device_id = ?"), (device_id,))
                 counts[table] = max(0, cursor.rowcount)
         return ForgetResult(
@@ -1523,6 +1900,9 @@ def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
         raise ValueError("platform and runtimes must be JSON objects")
     if not isinstance(active, (list, type(None))):
         raise ValueError("active_bundles must be a JSON list")
+    labels = _load_json(row[9])
+    if not isinstance(labels, (dict, type(None))):
+        raise ValueError("labels must be a JSON object")
     return DeviceRecord(
         device_id=row[0],
         status=row[1],
@@ -1533,6 +1913,9 @@ def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
         first_seen=row[6],
         last_seen=row[7],
         broker=row[8],
+        labels=labels,
+        heartbeat_s=row[10],
+        last_heard=row[11],
     )
 
 
