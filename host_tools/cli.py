@@ -1377,41 +1377,213 @@ def remove(
     _command_result(cfg, device_id, event, f"remove {name}")
 
 
+def _print_json_stream(items: Iterator[Any]) -> int:
+    """A JSON list written item by item (one per line), so a listing of any size streams.
+
+    Returns:
+        How many items were written.
+    """
+    out = sys.stdout
+    out.write("[")
+    n = 0
+    for item in items:
+        out.write(",\n" if n else "\n")
+        out.write(json.dumps(item, sort_keys=True, default=str, ensure_ascii=True))
+        n += 1
+    out.write("\n]\n" if n else "]\n")
+    out.flush()
+    return n
+
+
+def _selector(reg: Any, text: str | None) -> Any:
+    """``--select``/``--to`` as a selector: ``@group`` for a saved one (see host_tools/fleet/selectors.py)."""
+    from host_tools.fleet.selectors import Selector, resolve_selector
+
+    if text is None:
+        return Selector()
+
+    def saved(name: str) -> str | None:
+        group = reg.get_group(name)
+        return None if group is None else str(group.selector)
+
+    return resolve_selector(text, saved)
+
+
 @cli.group(invoke_without_command=True)
 @click.option(
-    "--broker", envvar="EDGE_SDK_BROKER", help=f"broker URL, {BROKER_URL_HELP} (env EDGE_SDK_BROKER); required to list"
+    "--broker",
+    envvar="EDGE_SDK_BROKER",
+    help=f"broker URL, {BROKER_URL_HELP} (env EDGE_SDK_BROKER): first record its retained statuses "
+    "(the listing itself reads the registry)",
 )
 @connect_timeout_option
 @broker_auth_options
-@click.option("--wait", "wait_s", default=1.0, show_default=True, help="seconds to listen for device status")
+@click.option("--wait", "wait_s", default=1.0, show_default=True, help="seconds to listen for status with --broker")
+@click.option(
+    "--select", "select", metavar="SELECTOR", help="only devices it selects: site=depot-3,hw!=pi4,gpu,id=D or @GROUP"
+)
+@click.option("--state", type=click.Choice(["online", "stale", "offline"]), help="only devices in this state")
+@click.option("--limit", type=click.IntRange(1), help="at most this many devices (the next page: --after)")
+@click.option("--after", metavar="CURSOR", help="start after this device (DEVICE/BROKER, as the last page said)")
+@click.option(
+    "--stale-factor",
+    type=click.FloatRange(min=1.0),
+    default=3.0,
+    show_default=True,
+    help="heartbeat intervals a device may go unheard before it is stale",
+)
 @json_option
 @click.pass_context
-def devices(ctx: click.Context, broker: str | None, connect_timeout: float, wait_s: float, json_output: bool) -> None:
-    """List devices: their retained status read from BROKER now, and what the registry knows.
+def devices(
+    ctx: click.Context,
+    broker: str | None,
+    connect_timeout: float,
+    wait_s: float,
+    select: str | None,
+    state: str | None,
+    limit: int | None,
+    after: str | None,
+    stale_factor: float,
+    json_output: bool,
+) -> None:
+    """List devices from the registry: state, labels, platform, active bundles, last seen.
 
-    A device is shown `online` only when this broker says so now. A device seen on
-    another broker, or whose status this broker no longer holds (an agent that stopped
-    without its will reaching it), shows its last known state "as of" when it was seen
-    (`unknown` in --json, with `last_status`). A device id seen on two brokers is listed
-    once per broker. `last seen` is in UTC.
+    The registry is kept current by `edgectl collect`; the listing reads it and nothing
+    else, complete however many devices there are (--json streams the list). A device is
+    `online`, `stale` (not heard from within its heartbeat interval x --stale-factor) or
+    `offline` (its goodbye or last will). Labels are the device's own (its config) and the
+    operator's (`edgectl devices label`), which win on a shared key. Pages: --limit N, then
+    --after CURSOR as printed on stderr.
 
-    Only enrolled devices' signed statuses are believed; what was dropped is counted per
+    With --broker, the broker's retained statuses are recorded first, and a device is shown
+    `online` only when this broker says so now: one seen on another broker, or whose status
+    this broker no longer holds, shows its last known state "as of" when it was seen
+    (`unknown` in --json, with `last_status`). `last seen` is in UTC.
+
+    Only enrolled devices' signed messages are believed; what was dropped is counted per
     device and reason. `edgectl devices enroll|approve|revoke` manage enrolment.
     """
     if ctx.invoked_subcommand is not None:
         return
-    if not broker:
-        raise click.MissingParameter(ctx=ctx, param_hint="'--broker'", param_type="option")
-    from host_tools.fleet.inventory import current_devices
-    from host_tools.report.fleet import devices_data, devices_text
+    from host_tools.fleet.inventory import ListingQuery, current_devices, cursor_of, list_devices, parse_cursor
+    from host_tools.report.fleet import device_data, devices_text
 
     cfg = _cfg(ctx, json_output)
-    with _registry(cfg) as reg, _client(broker, connect_timeout, "devices") as client:
-        views = current_devices(reg, client, wait_s, allow_unsigned=cfg.allow_unsigned_reports)
+    with _registry(cfg) as reg:
+        query = ListingQuery(
+            selector=_selector(reg, select),
+            state=state,  # type: ignore[arg-type]  # click.Choice gives one of the states
+            limit=limit,
+            after=None if after is None else parse_cursor(after),
+            stale_factor=stale_factor,
+        )
         drops = reg.drop_counts()
         pending = reg.list_enrolments("pending")
-    now = time.time()
-    _emit(cfg, devices_data(views, now, drops), lambda: devices_text(views, now, drops, len(pending)))
+        now = time.time()
+        if broker:
+            with _client(broker, connect_timeout, "devices") as client:
+                views: Any = current_devices(
+                    reg, client, wait_s, allow_unsigned=cfg.allow_unsigned_reports, query=query
+                )
+        else:
+            views = list_devices(reg, now, query)
+        last: list[Any] = []
+
+        def tracked() -> Iterator[Any]:
+            for view in views:
+                last[:] = [view]
+                yield view
+
+        if cfg.json_output:
+            shown = _print_json_stream(device_data(v, now, drops) for v in tracked())
+        else:
+            listed = list(tracked())
+            shown = len(listed)
+            _echo_for_terminal(devices_text(listed, now, drops, len(pending)))
+    if limit is not None and shown == limit and last:
+        _echo_for_terminal(f"edgectl: next page: --after {cursor_of(last[0])}", err=True)
+
+
+@devices.command("label")
+@click.argument("device_id", metavar="DEVICE")
+@click.argument("labels", metavar="KEY=VALUE...", nargs=-1)
+@click.option("--remove", "remove", multiple=True, metavar="KEY", help="remove this operator label (repeatable)")
+@json_option
+@click.pass_context
+def devices_label(
+    ctx: click.Context, device_id: str, labels: tuple[str, ...], remove: tuple[str, ...], json_output: bool
+) -> None:
+    """Set operator labels on DEVICE (they override the device's own on the same key), or --remove them."""
+    from edge_sdk.protocol.labels import check_label_key, parse_labels
+    from host_tools.fleet.inventory import label_device
+    from host_tools.report.fleet import labels_text
+
+    if not labels and not remove:
+        raise click.UsageError("give KEY=VALUE labels to set, or --remove KEY")
+    wanted = parse_labels(labels)
+    gone = tuple(check_label_key(k) for k in remove)
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        view = label_device(reg, device_id, wanted, gone, time.time())
+    data = {
+        "device_id": device_id,
+        "labels": view.labels,
+        "label_sources": view.label_sources(),
+        "operator_labels": dict(view.operator_labels),
+    }
+    _emit(cfg, data, lambda: labels_text(view))
+
+
+@cli.group()
+def groups() -> None:
+    """Groups: selectors saved by name, used as @NAME wherever a selector is taken."""
+
+
+@groups.command("add")
+@click.argument("name")
+@click.argument("selector")
+@json_option
+@click.pass_context
+def groups_add(ctx: click.Context, name: str, selector: str, json_output: bool) -> None:
+    """Save SELECTOR (e.g. 'site=depot-3,hw=pi5') as group NAME, replacing what NAME held."""
+    from host_tools.fleet.selectors import check_group_name, parse_selector
+    from host_tools.report.fleet import groups_text
+
+    check_group_name(name)
+    canonical = str(parse_selector(selector))
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        group = reg.save_group(name, canonical, time.time())
+    _emit(cfg, group.to_dict(), lambda: groups_text([group]))
+
+
+@groups.command("list")
+@json_option
+@click.pass_context
+def groups_list(ctx: click.Context, json_output: bool) -> None:
+    """List the saved groups."""
+    from host_tools.report.fleet import groups_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        saved = reg.list_groups()
+    _emit(cfg, [g.to_dict() for g in saved], lambda: groups_text(saved))
+
+
+@groups.command("rm")
+@click.argument("name")
+@json_option
+@click.pass_context
+def groups_rm(ctx: click.Context, name: str, json_output: bool) -> None:
+    """Delete group NAME (deleting one that is not there is not an error)."""
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        removed = reg.remove_group(name)
+    _emit(
+        cfg,
+        {"name": name, "removed": removed},
+        f"removed group {name}" if removed else f"no group {name}; nothing removed",
+    )
 
 
 @devices.command("forget")

@@ -1,5 +1,12 @@
-"""What the fleet looks like now: devices and their latest metrics, brought up to date
-from the broker's retained messages before they are read from the registry.
+"""What the fleet looks like now: devices and their latest metrics, read from the registry
+(:func:`list_devices`), or first brought up to date from a broker's retained messages
+(:func:`current_devices`).
+
+The registry is kept current by the collector (``edgectl collect``), so a listing reads it
+and nothing else: no wait for retained messages, any number of devices, paged by key. Each
+device's state (``online``, ``stale``, ``offline``) is computed at read time from the times
+stored (:func:`host_tools.fleet.liveness.liveness`), and its labels are its own (from its
+status) overridden key by key by the operator's (``edgectl devices label``).
 
 ``edgectl devices`` and ``edgectl metrics`` call these; the CLI opens the registry and
 the connection, and :mod:`host_tools.report.fleet` renders what comes back.
@@ -19,8 +26,8 @@ status is recorded as an enrolment request only.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edge_sdk.errors import ConfigError
@@ -28,9 +35,22 @@ from edge_sdk.mqtt import MqttClient
 from edge_sdk.protocol import Channel, DeviceStatus, DeviceTopics, fleet_filter
 from host_tools.fleet.collector import collect_retained, record_message
 from host_tools.fleet.enrolment import ReportGate
+from host_tools.fleet.liveness import DEFAULT_STALE_FACTOR, LivenessState, liveness
 from host_tools.fleet.registry import DeviceRecord, ForgetResult, MetricsRecord, Registry
+from host_tools.fleet.selectors import Selector
 
-__all__ = ["DeviceView", "current_devices", "forget_device", "latest_metrics", "require_known"]
+__all__ = [
+    "DeviceView",
+    "ListingQuery",
+    "current_devices",
+    "cursor_of",
+    "forget_device",
+    "label_device",
+    "latest_metrics",
+    "list_devices",
+    "parse_cursor",
+    "require_known",
+]
 
 
 @dataclass(frozen=True)
@@ -41,27 +61,146 @@ class DeviceView:
         record: the registry's row (its ``status`` is the last one recorded).
         confirmed: this command read the device's retained status from its broker just
             now, so ``record.status`` is what that broker says at present.
-        checked_broker: the broker this command read (``mqtt://host:port``).
+        checked_broker: the broker this command read (``mqtt://host:port``); ``""`` when
+            the listing read the registry only.
+        state: ``online``, ``stale`` or ``offline``, computed when listed.
+        operator_labels: the labels the operator set on this device.
     """
 
     record: DeviceRecord
     confirmed: bool
     checked_broker: str
+    state: LivenessState = "online"
+    operator_labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
-        """``online`` or ``offline`` as the broker says now; ``unknown`` when not confirmed."""
+        """The registry's status when no broker was read; else ``online`` or ``offline`` as
+        the broker says now, ``unknown`` when not confirmed."""
+        if not self.checked_broker:
+            return self.record.status
         return self.record.status if self.confirmed else "unknown"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The labels selectors see: the device's own, overridden key by key by the operator's."""
+        return {**(self.record.labels or {}), **self.operator_labels}
+
+    def label_sources(self) -> dict[str, str]:
+        """Each label's source: ``device`` or ``operator`` (the operator's wins on a shared key)."""
+        return {k: ("operator" if k in self.operator_labels else "device") for k in self.labels}
 
     def to_dict(self) -> dict[str, Any]:
         """The record's dict, with ``status`` as :attr:`status`, ``last_status`` (the
-        registry's) and ``status_confirmed``."""
+        registry's), ``status_confirmed``, ``state``, and the labels (effective, with their
+        sources, and the operator's)."""
         return {
             **self.record.to_dict(),
             "status": self.status,
             "last_status": self.record.status,
             "status_confirmed": self.confirmed,
+            "state": self.state,
+            "labels": dict(sorted(self.labels.items())),
+            "label_sources": self.label_sources(),
+            "operator_labels": dict(self.operator_labels),
         }
+
+
+@dataclass(frozen=True)
+class ListingQuery:
+    """Which devices a listing returns.
+
+    Args:
+        selector: only devices it selects (by effective labels and id).
+        state: only devices in this state.
+        limit: at most this many (None: all).
+        after: start after this ``(device_id, broker)`` (:func:`parse_cursor`).
+        stale_factor: heartbeat intervals a device may go unheard before it is stale.
+    """
+
+    selector: Selector = field(default_factory=Selector)
+    state: LivenessState | None = None
+    limit: int | None = None
+    after: tuple[str, str] | None = None
+    stale_factor: float = DEFAULT_STALE_FACTOR
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be at least 1, got {self.limit}")
+
+
+def cursor_of(view: DeviceView) -> str:
+    """The ``--after`` cursor that continues a listing after ``view``: ``DEVICE/BROKER``."""
+    return f"{view.record.device_id}/{view.record.broker}"
+
+
+def parse_cursor(text: str) -> tuple[str, str]:
+    """``DEVICE/BROKER`` (as :func:`cursor_of` writes it) as ``(device_id, broker)``.
+
+    Raises:
+        ConfigError: not a cursor.
+    """
+    device_id, sep, broker = text.partition("/")
+    if not sep or not device_id:
+        raise ConfigError(f"bad cursor {text[:120]!r}: expected DEVICE/BROKER as a listing printed it")
+    return device_id, broker
+
+
+def list_devices(registry: Registry, now: float, query: ListingQuery | None = None) -> Iterator[DeviceView]:
+    """The registry's devices, ordered by id then broker, read page by page (nothing else is read).
+
+    Args:
+        registry: the registry.
+        now: unix seconds now, for each device's state.
+        query: selector, state, limit and cursor; everything when None.
+
+    Yields:
+        One view per device row that the query selects, at most ``query.limit``.
+
+    Raises:
+        StorageError: the registry cannot be read.
+    """
+    query = query or ListingQuery()
+    operator = registry.operator_labels()
+    only_ids = query.selector.device_ids()
+    left = query.limit
+    for record in registry.iter_devices(after=query.after):
+        if only_ids is not None and record.device_id not in only_ids:
+            continue
+        state = liveness(
+            record.status, record.last_seen, record.last_heard, record.heartbeat_s, now, query.stale_factor
+        )
+        if query.state is not None and state != query.state:
+            continue
+        mine = operator.get(record.device_id, {})
+        view = DeviceView(record, False, "", state, mine)
+        if query.selector.terms and not query.selector.matches(record.device_id, view.labels):
+            continue
+        yield view
+        if left is not None:
+            left -= 1
+            if left == 0:
+                return
+
+
+def label_device(
+    registry: Registry, device_id: str, labels: Mapping[str, str], remove: tuple[str, ...], at: float
+) -> DeviceView:
+    """Set and remove operator labels on a device the registry knows.
+
+    Returns:
+        The device as listed now (its row seen last).
+
+    Raises:
+        ConfigError: the device is unknown, or the labels are bad or too many.
+        StorageError: the registry cannot be read or written.
+    """
+    require_known(registry, device_id)
+    operator = registry.set_operator_labels(device_id, labels, remove, at=at)
+    record = registry.get_device(device_id)
+    assert record is not None  # require_known saw it
+    state = liveness(record.status, record.last_seen, record.last_heard, record.heartbeat_s, at)
+    return DeviceView(record, False, "", state, operator)
 
 
 def current_devices(
@@ -71,6 +210,7 @@ def current_devices(
     clock: Callable[[], float] = time.time,
     *,
     allow_unsigned: bool = False,
+    query: ListingQuery | None = None,
 ) -> list[DeviceView]:
     """Record every device's retained status on this broker, then list the registry's devices.
 
@@ -80,10 +220,11 @@ def current_devices(
         wait_s: how long to listen for retained status after the last one arrived.
         clock: wall clock, for when each status was received.
         allow_unsigned: believe unsigned statuses (migration period only).
+        query: which devices to list (:func:`list_devices`); all when None.
 
     Returns:
-        Every device row the registry holds, ordered by id then broker, each marked
-        confirmed when its status was read from this broker now.
+        The device rows the registry holds (those ``query`` selects), ordered by id then
+        broker, each marked confirmed when its status was read from this broker now.
 
     Raises:
         StorageError: the registry cannot be read or written.
@@ -98,8 +239,8 @@ def current_devices(
             seen.add(msg.device_id)
     gate.flush(registry, clock())
     return [
-        DeviceView(record, record.broker == broker and record.device_id in seen, broker)
-        for record in registry.list_devices()
+        replace(view, confirmed=view.record.broker == broker and view.record.device_id in seen, checked_broker=broker)
+        for view in list_devices(registry, clock(), query)
     ]
 
 

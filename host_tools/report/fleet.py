@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from host_tools.fleet.deployer import DeployOutcome
     from host_tools.fleet.inventory import DeviceView
     from host_tools.fleet.profiler import ProfileOutcome
-    from host_tools.fleet.registry import EnrolmentRecord, ForgetResult
+    from host_tools.fleet.registry import EnrolmentRecord, ForgetResult, GroupRecord
 
 __all__ = [
     "command_data",
@@ -30,11 +30,15 @@ __all__ = [
     "deploy_many_data",
     "deploy_many_text",
     "deploy_text",
+    "device_data",
     "devices_data",
     "devices_text",
     "enrolments_data",
     "enrolments_text",
     "forget_text",
+    "groups_text",
+    "labels_cell",
+    "labels_text",
     "local_time",
     "metrics_table",
     "metrics_text",
@@ -118,10 +122,22 @@ def seen_text(ts: float, now: float) -> str:
 
 
 def status_cell(view: DeviceView, now: float) -> str:
-    """``online``/``offline`` when this broker said so just now; else the last known state, labelled."""
+    """The state (``online``, ``stale``, ``offline``) when the listing read the registry only;
+    with a broker read: ``online``/``offline`` when it said so just now, else the last known
+    state, labelled."""
+    if not view.checked_broker:
+        return view.state
     if view.confirmed:
         return view.record.status
     return f"{view.record.status} as of {ago_text(now - view.record.last_seen)}"
+
+
+def labels_cell(view: DeviceView) -> str | None:
+    """``hw=pi5, site=depot-4*``: every effective label, ``*`` marking the operator's."""
+    labels = view.labels
+    if not labels:
+        return None
+    return ", ".join(f"{k}={v}{'*' if k in view.operator_labels else ''}" for k, v in sorted(labels.items()))
 
 
 def _bundles_cell(view: DeviceView) -> str | None:
@@ -181,6 +197,7 @@ def devices_text(
             Column("device", lambda v: v.record.device_id),
             Column("broker", lambda v: v.record.broker or "unknown"),
             Column("status", lambda v: status_cell(v, now)),
+            Column("labels", labels_cell),
             Column("platform", lambda v: (v.record.platform or {}).get("kind")),
             Column("arch", lambda v: (v.record.platform or {}).get("arch")),
             Column("memory", lambda v: format_bytes((v.record.platform or {}).get("memory_bytes")), ">"),
@@ -191,7 +208,9 @@ def devices_text(
         ],
         views,
     )
-    if not all(v.confirmed for v in views):
+    if any(v.operator_labels for v in views):
+        table += "\n\n* set by the operator (edgectl devices label), overriding the device's own"
+    if views[0].checked_broker and not all(v.confirmed for v in views):
         table += (
             '\n\n"... as of" is the last status recorded, not confirmed now: the device was seen on '
             f"another broker, or its broker no longer holds its status (checked {views[0].checked_broker})"
@@ -204,15 +223,42 @@ def devices_data(
 ) -> list[dict[str, Any]]:
     """The JSON ``edgectl devices`` prints: each view's dict, ``last_seen_text`` for people, and
     ``dropped``: reason -> messages dropped from that device."""
-    drops = drops or {}
-    return [
-        {
-            **v.to_dict(),
-            "last_seen_text": seen_text(v.record.last_seen, now),
-            "dropped": dict(drops.get(v.record.device_id, {})),
-        }
-        for v in views
-    ]
+    return [device_data(v, now, drops) for v in views]
+
+
+def device_data(view: DeviceView, now: float, drops: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
+    """One device as ``edgectl devices --json`` prints it (see :func:`devices_data`)."""
+    return {
+        **view.to_dict(),
+        "last_seen_text": seen_text(view.record.last_seen, now),
+        "dropped": dict((drops or {}).get(view.record.device_id, {})),
+    }
+
+
+def labels_text(view: DeviceView) -> str:
+    """What ``edgectl devices label`` prints: the device's labels now, by source."""
+    sources = view.label_sources()
+    if not sources:
+        return f"{view.record.device_id} has no labels"
+    rows = [(k, v, sources[k]) for k, v in sorted(view.labels.items())]
+    table = render_table(
+        [Column("label", lambda r: r[0]), Column("value", lambda r: r[1]), Column("source", lambda r: r[2])], rows
+    )
+    return f"{view.record.device_id}:\n{table}"
+
+
+def groups_text(groups: Sequence[GroupRecord]) -> str:
+    """``edgectl groups list``: one line per group, or a line saying there is none."""
+    if not groups:
+        return "no groups saved: edgectl groups add NAME SELECTOR"
+    return render_table(
+        [
+            Column("group", lambda g: g.name),
+            Column("selector", lambda g: g.selector or "(every device)"),
+            Column("saved", lambda g: local_time(g.created_at)),
+        ],
+        groups,
+    )
 
 
 def forget_text(result: ForgetResult, broker: str) -> str:
