@@ -59,6 +59,7 @@ make a command fail.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -1892,15 +1893,27 @@ def _where(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
     return " WHERE " + " AND ".join(f"{column} = ?" for column in used), tuple(used.values())
 
 
+@functools.lru_cache(maxsize=4096)
+def _load_shared_json(text: str) -> Any:
+    """JSON that many device rows hold alike (platform, runtimes, labels, bundles), decoded once.
+
+    The result is shared between records: records are frozen and read-only, and nothing
+    that reads them mutates what they hold.
+    """
+    return json.loads(text)
+
+
 def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
     """A device record from its row; raises ValueError, TypeError, KeyError or AttributeError when malformed."""
-    active = _load_json(row[5])
-    platform, runtimes = _load_json(row[2]), _load_json(row[3])
+    load = _load_shared_json
+    active = None if row[5] is None else load(row[5])
+    platform = None if row[2] is None else load(row[2])
+    runtimes = None if row[3] is None else load(row[3])
     if not isinstance(platform, (dict, type(None))) or not isinstance(runtimes, (dict, type(None))):
         raise ValueError("platform and runtimes must be JSON objects")
     if not isinstance(active, (list, type(None))):
         raise ValueError("active_bundles must be a JSON list")
-    labels = _load_json(row[9])
+    labels = None if row[9] is None else load(row[9])
     if not isinstance(labels, (dict, type(None))):
         raise ValueError("labels must be a JSON object")
     return DeviceRecord(
