@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             with open_registry(path) as reg:
                 n = 0
                 for view in list_devices(reg, time.time()):
-                    out.write(json.dumps(device_data(view, now), sort_keys=True, ensure_ascii=True))
+                    out.write(json.dumps(device_data(view, now), default=str, ensure_ascii=True))
                     n += 1
             return n
 

@@ -94,15 +94,17 @@ class DeviceView:
         """The record's dict, with ``status`` as :attr:`status`, ``last_status`` (the
         registry's), ``status_confirmed``, ``state``, and the labels (effective, with their
         sources, and the operator's)."""
+        labels = dict(sorted(self.labels.items()))
+        operator = self.operator_labels
         return {
             **self.record.to_dict(),
             "status": self.status,
             "last_status": self.record.status,
             "status_confirmed": self.confirmed,
             "state": self.state,
-            "labels": dict(sorted(self.labels.items())),
-            "label_sources": self.label_sources(),
-            "operator_labels": dict(self.operator_labels),
+            "labels": labels,
+            "label_sources": {k: ("operator" if k in operator else "device") for k in labels},
+            "operator_labels": dict(operator),
         }
 
 

@@ -1903,16 +1903,22 @@ def _load_shared_json(text: str) -> Any:
     return json.loads(text)
 
 
+@functools.lru_cache(maxsize=4096)
+def _shared_bundles(text: str) -> tuple[BundleRef, ...]:
+    """The active bundles a row's JSON lists, decoded once for every row that lists the same."""
+    active = json.loads(text)
+    if not isinstance(active, list):
+        raise ValueError("active_bundles must be a JSON list")
+    return tuple(sorted((BundleRef.from_dict(b) for b in active), key=_bundle_order))
+
+
 def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
     """A device record from its row; raises ValueError, TypeError, KeyError or AttributeError when malformed."""
     load = _load_shared_json
-    active = None if row[5] is None else load(row[5])
     platform = None if row[2] is None else load(row[2])
     runtimes = None if row[3] is None else load(row[3])
     if not isinstance(platform, (dict, type(None))) or not isinstance(runtimes, (dict, type(None))):
         raise ValueError("platform and runtimes must be JSON objects")
-    if not isinstance(active, (list, type(None))):
-        raise ValueError("active_bundles must be a JSON list")
     labels = None if row[9] is None else load(row[9])
     if not isinstance(labels, (dict, type(None))):
         raise ValueError("labels must be a JSON object")
@@ -1922,7 +1928,7 @@ def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
         platform=platform,
         runtimes=runtimes,
         agent_version=row[4],
-        active_bundles=None if active is None else tuple(BundleRef.from_dict(b) for b in active),
+        active_bundles=None if row[5] is None else _shared_bundles(row[5]),
         first_seen=row[6],
         last_seen=row[7],
         broker=row[8],
