@@ -130,7 +130,7 @@ def test_devices_text() -> None:
     )  # fmt: skip
     row = devices_text([DeviceView(record, True, "mqtt://b:1883")], 180.0).splitlines()[2].split()
     last_seen = ["1970-01-01", "00:00:00", "UTC", "(3", "min", "ago)"]
-    assert row == ["dev-1", "mqtt://b:1883", "online", "pi", "aarch64", "1.0", "GiB", "-", *last_seen]
+    assert row == ["dev-1", "mqtt://b:1883", "online", "pi", "aarch64", "1.0", "GiB", "-", "-", *last_seen]
 
 
 NOW = 1_796_284_800.0  # 2026-12-03 08:00:00 UTC

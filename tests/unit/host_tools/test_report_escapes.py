@@ -34,7 +34,7 @@ from host_tools.demo import DemoResult, DemoRow
 from host_tools.fleet.deployer import DeployOutcome
 from host_tools.fleet.inventory import DeviceView
 from host_tools.fleet.profiler import ProfileOutcome
-from host_tools.fleet.registry import BundleRef, DeviceRecord, EnrolmentRecord, ForgetResult
+from host_tools.fleet.registry import BundleRef, DeviceRecord, EnrolmentRecord, ForgetResult, GroupRecord
 from host_tools.keys import RoleSummary, RootSummary
 from host_tools.packing import BundleCheck, BundleChecklist, CheckItem, PackedBundle, ResignedBundle
 from host_tools.provision import CaSummary, Provisioned
@@ -84,6 +84,12 @@ def _record() -> DeviceRecord:
         runtimes={EVIL: "1.0", "onnxruntime": EVIL}, agent_version=EVIL, active_bundles=(BundleRef(EVIL, 1),),
         broker=EVIL,
     )  # fmt: skip
+
+
+def _labelled() -> DeviceView:
+    """A device whose own labels and operator labels are attacker-chosen (the registry may hold anything)."""
+    record = DeviceRecord(EVIL, "online", 0.0, broker=EVIL, labels={EVIL: EVIL, "site": EVIL})
+    return DeviceView(record, False, "", "stale", {"site": EVIL + "o"})
 
 
 def _views() -> list[DeviceView]:
@@ -147,6 +153,10 @@ CASES: dict[str, Callable[[], Any]] = {
     "fleet.seen_text": lambda: fleet.seen_text(0.0, 10.0),
     "fleet.devices_text": lambda: fleet.devices_text(_views(), 10.0),
     "fleet.devices_data": lambda: fleet.devices_data(_views(), 10.0),
+    "fleet.device_data": lambda: fleet.device_data(_labelled(), 10.0),
+    "fleet.labels_cell": lambda: fleet.labels_cell(_labelled()),
+    "fleet.labels_text": lambda: fleet.labels_text(_labelled()),
+    "fleet.groups_text": lambda: fleet.groups_text([GroupRecord(EVIL, EVIL, 0.0)]),
     "fleet.forget_text": lambda: fleet.forget_text(ForgetResult(EVIL, (EVIL, ""), 1, 1, 1), EVIL),
     "fleet.outcome_data": lambda: fleet.outcome_data(_deploy("refused", error=EdgeError(EVIL, why=EVIL))),
     "fleet.deploy_data": lambda: fleet.deploy_data(_deploy("installed", metrics=_metrics(), checks=(EVIL,))),
