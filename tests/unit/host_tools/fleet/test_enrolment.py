@@ -141,8 +141,11 @@ def test_old_rows_with_implausible_times_are_repaired_by_the_migration(tmp_path:
     with open_registry(path) as reg:
         reg.ensure_schema()
     conn = sqlite3.connect(path)
-    conn.execute("DELETE FROM schema_version WHERE version = 4")  # the step that adds enrolments
+    conn.execute("DELETE FROM schema_version WHERE version >= 4")  # back to schema 3: before enrolments
     conn.execute("DROP TABLE enrolments")
+    conn.execute("DROP TABLE events")  # and before schema 5's keyed reports
+    conn.execute("DROP INDEX metrics_report")
+    conn.execute("ALTER TABLE metrics DROP COLUMN report_ts")
     conn.execute(
         "INSERT INTO devices (device_id, status, first_seen, last_seen) VALUES ('pi-x', 'online', 1e300, 4200000000)"
     )
