@@ -157,3 +157,68 @@ def test_two_collectors_split_the_stream_and_a_killed_one_loses_nothing(
     counts = [c for _, c in codes]
     assert all(c["stored"] > 0 for c in counts)  # both carried part of the stream
     assert "lost the broker" not in second.log()
+
+
+def test_a_restarted_collector_loses_nothing_the_broker_queued(start_mosquitto, collectors, pg_url) -> None:
+    broker = start_mosquitto(extra_config=UNBOUNDED_QUEUES)
+    devices = reporting_devices(10, "queued")
+    with open_registry(pg_url) as reg:
+        enroll_devices(reg, devices)
+    collector = collectors(broker.url, pg_url, "collect-alone").start()
+    code, _ = collector.stop()  # a clean stop keeps the session: the broker queues for it
+    assert code == 0
+
+    client = publisher(broker.url, "queued-publisher")
+    try:
+        published = publish_at_rate(client, devices, rate_hz=50, duration_s=1)
+    finally:
+        client.close()
+    with open_registry(pg_url) as reg:
+        assert _metrics_keys(reg) == []  # nobody listened
+        collector.start()
+        _until(lambda: len(_metrics_keys(reg)) >= published, 30, f"{published} queued reports")
+        keys = _metrics_keys(reg)
+    assert keys == sorted((d.device_id, ts) for d in devices for ts in d.sent) and len(keys) == published == 500
+    code, counts = collector.stop()
+    assert code == 0 and counts["stored"] == published and counts["dropped"] == 0
+
+
+def test_a_deferred_install_that_lands_later_updates_its_deployment_row(
+    mosquitto, collectors, start_agent, host, tiny_model, pg_url, tmp_path
+) -> None:
+    from edge_sdk.trust import PublicKey
+
+    hold = tmp_path / "hold"
+    hold.write_text("in flight\n")
+    agent = start_agent(
+        mosquitto.url, "held-1", host.root, "--update-gate-file", str(hold), "--update-gate-retry", "0.3",
+        enroll_key=False, wait=False,
+    )  # fmt: skip
+    with open_registry(pg_url) as reg:
+        reg.enroll(agent.device_id, PublicKey.from_pem(agent.wait_for_key()).raw.hex(), time.time())
+    collector = collectors(mosquitto.url, pg_url, "collect-deploys").start()
+    bundle = tmp_path / "held.edge"
+    packed = host.run(
+        "pack", str(tiny_model.path), "-o", str(bundle), "--name", "held", "--version", "1",
+        "--sample", str(tiny_model.sample),
+    )  # fmt: skip
+    assert packed.code == 0, packed.stderr
+    deployed = host.run(
+        "--registry", pg_url, "deploy", str(bundle), "--device", agent.device_id, "--broker", mosquitto.url,
+        "--runs", "10", "--warmup", "1", "--json",
+    )  # fmt: skip
+    assert deployed.code == 0 and deployed.json()["state"] == "deferred", deployed.stderr
+
+    with open_registry(pg_url) as reg:
+        (row,) = reg.list_deployments(agent.device_id)
+        assert row.state == "deferred" and row.transfer_id
+        hold.unlink()  # the gate opens after `edgectl deploy` ended: only the collector hears the install
+        _until(
+            lambda: reg.list_deployments(agent.device_id)[0].state == "installed", 30, "the deployment row to follow"
+        )
+        (row,) = reg.list_deployments(agent.device_id)
+        assert row.finished_at is not None and row.finished_at >= row.started_at
+        assert reg.count_events(agent.device_id) >= 2  # deferred, installed (and what came before)
+        device = reg.get_device(agent.device_id)
+    assert device is not None and [(b.name, b.version) for b in device.active_bundles or ()] == [("held", 1)]
+    assert collector.stop()[0] == 0
