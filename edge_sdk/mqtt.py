@@ -51,9 +51,11 @@ message as soon as it arrived, so a crash before the owner stored it loses it. W
 then the broker keeps it and sends it again on the next connection of the session. An
 acknowledgement belongs to the connection the message came on (:attr:`Incoming.link_epoch`);
 one from an earlier connection is not sent (the packet id may name another message by
-now) and the broker's redelivery covers it. The client then asks the broker (MQTT 5
+now) and the broker's redelivery covers it. The client may ask the broker (MQTT 5
 Receive Maximum, ``receive_maximum``) for no more unacknowledged messages than the inbox
-holds, so the inbox never drops one it would then never acknowledge.
+holds; Mosquitto 2.0 honours it for live traffic but sends what it queued while the client
+was away all at once, so size the inbox for that backlog. A message the inbox drops is
+never acknowledged on this connection: the broker sends it again on the next one.
 """
 
 from __future__ import annotations

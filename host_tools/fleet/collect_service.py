@@ -19,8 +19,13 @@ Nothing acknowledged is ever lost:
   are keyed by device and their own signed time (registry schema 5). So the gate checks the
   order of status messages only (``unordered`` events and metrics): messages of one device
   are split between collectors, and repeats after a restart are expected.
-* Flow: the broker sends no more unacknowledged messages than the inbox holds (MQTT 5
-  Receive Maximum), so a slow registry slows the broker's sending and drops nothing.
+* Flow: the collector asks the broker for at most ``receive_maximum`` unacknowledged
+  messages (MQTT 5 Receive Maximum), so a slow registry slows the broker's sending. Mosquitto
+  2.0 does not apply it to what it queued while the collector was away: it sends all of that
+  at once. The inbox is therefore sized for a backlog (``inbox_max`` messages, 256 MiB), and
+  should it overflow anyway, the dropped messages are unacknowledged, not lost: the
+  collector commits what it holds and ends with a :class:`~edge_sdk.errors.TransportError`
+  (exit 4), and on the restart (systemd ``Restart=always``) the broker sends them again.
 
 A batch the registry refuses is rolled back, kept, and tried again after ``retry_s``
 (logged), for as long as the collector runs.
@@ -35,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from edge_sdk.errors import ConfigError, StorageError
+from edge_sdk.errors import ConfigError, StorageError, TransportError
 from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import Channel, fleet_filter, shared
 from host_tools.fleet.collector import record_message
@@ -64,7 +69,8 @@ class CollectOptions:
             the collector is away.
         batch_max: most messages written in one transaction.
         batch_wait_s: how long a batch waits for more messages once it has one.
-        receive_maximum: most unacknowledged messages the broker may send at once (the inbox holds them).
+        receive_maximum: most unacknowledged messages the broker may send at once.
+        inbox_max: most messages waiting for the worker (a backlog the broker sends at once).
         progress_every_s: how often the progress callback is called.
         retry_s: wait before writing a batch the registry refused again.
         allow_unsigned: believe unsigned device messages (migration period only).
@@ -79,6 +85,7 @@ class CollectOptions:
     batch_max: int = 500
     batch_wait_s: float = 0.05
     receive_maximum: int = 1000
+    inbox_max: int = 200_000
     progress_every_s: float = 5.0
     retry_s: float = 1.0
     allow_unsigned: bool = False
@@ -88,7 +95,7 @@ class CollectOptions:
             raise ConfigError("a collector needs a fixed client id (its session outlives it)", key="client_id")
         if self.group is not None:
             shared(self.group, "x")  # raises ConfigError for a bad group name
-        for key in ("session_expiry_s", "batch_max", "receive_maximum"):
+        for key in ("session_expiry_s", "batch_max", "receive_maximum", "inbox_max"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, not {value!r}", key=key)
@@ -112,7 +119,7 @@ class CollectOptions:
             session_expiry_s=self.session_expiry_s,
             manual_ack=True,
             receive_maximum=self.receive_maximum,
-            inbox_max=self.receive_maximum,
+            inbox_max=max(self.inbox_max, self.receive_maximum),
         )
 
 
@@ -205,8 +212,9 @@ class Collector:
             The counts.
 
         Raises:
-            StorageError: never for a refused batch (retried); only if the first read of
-                the registry fails.
+            TransportError: the inbox overflowed (a backlog larger than ``inbox_max``): what
+                it held is committed and acknowledged; the dropped messages come again on
+                the next connection of the session (run again).
         """
         for topic_filter in collect_filters(self.options.group):
             self.client.subscribe(topic_filter, qos=1)
@@ -215,6 +223,13 @@ class Collector:
             batch = self._take(stop)
             if batch:
                 self._commit(batch, stop)
+            if self.client.inbox_dropped and self.client.inbox.empty():
+                raise TransportError(
+                    f"collector {self.options.client_id} dropped {self.client.inbox_dropped} messages from a "
+                    f"full inbox (more than {self.client.options.inbox_max} waiting); they are not acknowledged, "
+                    "so the broker sends them again when the collector reconnects: run it again",
+                    dropped=self.client.inbox_dropped,
+                )
             if progress is not None and self._clock() >= next_progress:
                 next_progress = self._clock() + self.options.progress_every_s
                 progress(self.counts)
