@@ -109,7 +109,7 @@ class Subscriber:
         self.starts += 1
         with open(self.log, "a") as err:
             self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=err, text=True, env=self.env)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a loaded host starts processes slowly
         while self.log.read_text(errors="replace").count(self.ready) < self.starts:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError(f"{self.args[:4]} did not start: {self.log.read_text()[-2000:]}")
