@@ -44,6 +44,18 @@ Above 0 the broker keeps the session, its subscriptions and its queued QoS 1 mes
 for that many seconds after the client goes away (MQTT 5: clean start off, Session Expiry
 Interval; MQTT 3.1.1: clean session off, kept until the broker's own expiry), so a short
 outage costs a delay, not the messages. The client id must then be stable.
+
+Acknowledgements (``MqttOptions.manual_ack``): by default paho acknowledges a QoS 1
+message as soon as it arrived, so a crash before the owner stored it loses it. With
+``manual_ack`` the owner calls :meth:`MqttClient.ack` once the message is safe; until
+then the broker keeps it and sends it again on the next connection of the session. An
+acknowledgement belongs to the connection the message came on (:attr:`Incoming.link_epoch`);
+one from an earlier connection is not sent (the packet id may name another message by
+now) and the broker's redelivery covers it. The client may ask the broker (MQTT 5
+Receive Maximum, ``receive_maximum``) for no more unacknowledged messages than the inbox
+holds; Mosquitto 2.0 honours it for live traffic but sends what it queued while the client
+was away all at once, so size the inbox for that backlog. A message the inbox drops is
+never acknowledged on this connection: the broker sends it again on the next one.
 """
 
 from __future__ import annotations
@@ -416,10 +428,15 @@ class MqttOptions:
         connack_timeout_s: how long after sending CONNECT to wait for the broker's CONNACK
             before the attempt counts as failed (and, under ``"auto"``, MQTT 5 as refused):
             a broker that cannot parse an MQTT 5 CONNECT may wait for bytes that never come.
+        manual_ack: acknowledge QoS>0 messages only when the owner calls
+            :meth:`MqttClient.ack` (see the module's docstring); needs ``receive_maximum``.
+        receive_maximum: most unacknowledged QoS>0 messages the broker may send this client
+            at once (MQTT 5 Receive Maximum); at most ``inbox_max``. None: not said (65,535).
 
     Raises:
-        ConfigError: a bound that is not positive, an unknown protocol, or a session
-            expiry outside 0..2**32-1.
+        ConfigError: a bound that is not positive, an unknown protocol, a session
+            expiry outside 0..2**32-1, or ``manual_ack`` without a ``receive_maximum``
+            that the inbox can hold.
     """
 
     client_id: str
@@ -440,6 +457,8 @@ class MqttOptions:
     session_expiry_s: int = 0
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     connack_timeout_s: float = 10.0
+    manual_ack: bool = False
+    receive_maximum: int | None = None
 
     def __post_init__(self) -> None:
         if self.inbox_max < 1:
@@ -469,6 +488,20 @@ class MqttOptions:
                 f"connack_timeout_s must be a positive number of seconds, not {self.connack_timeout_s!r}",
                 key="connack_timeout_s",
             )
+        if self.receive_maximum is not None and not _is_int_within(
+            self.receive_maximum, 1, min(_MAX_RECEIVE_MAXIMUM, self.inbox_max)
+        ):
+            raise ConfigError(
+                f"receive_maximum must be an integer in 1..{min(_MAX_RECEIVE_MAXIMUM, self.inbox_max)} "
+                f"(at most inbox_max), not {self.receive_maximum!r}",
+                key="receive_maximum",
+            )
+        if self.manual_ack and self.receive_maximum is None:
+            raise ConfigError(
+                "manual_ack needs a receive_maximum (at most inbox_max), so the inbox never drops "
+                "a message it would then never acknowledge",
+                key="receive_maximum",
+            )
 
 
 def _is_int_within(value: object, low: int, high: int) -> bool:
@@ -478,11 +511,23 @@ def _is_int_within(value: object, low: int, high: int) -> bool:
 
 @dataclass(frozen=True)
 class Incoming:
-    """A message received from the broker, as an own type."""
+    """A message received from the broker, as an own type.
+
+    Attributes:
+        topic: where it was published.
+        payload: its bytes.
+        retain: whether the broker sent it as the topic's retained message.
+        qos: the QoS it was delivered with.
+        mid: its packet id on this connection (for :meth:`MqttClient.ack`; 0 at QoS 0).
+        link_epoch: the number of the connection it came on, from 1.
+    """
 
     topic: str
     payload: bytes
     retain: bool
+    qos: int = 0
+    mid: int = 0
+    link_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -569,6 +614,7 @@ class MqttClient:
         self._link: LinkFacts | None = None
         self._awaiting_connack = False  # a connection attempt has begun and no CONNACK came yet
         self._mqtt5_accepted = False  # a broker once accepted MQTT 5 from this client: never fall back
+        self._epoch = 0  # accepted connections so far; messages carry the one they came on
         self._forgotten: set[str] = set()  # unsubscribed while offline, still in the broker's session
         min_delay, max_delay = max(1, int(options.reconnect_min_s)), max(1, int(options.reconnect_max_s))
         self._attempts = ConnectAttempts(min_delay, max_delay)
@@ -578,6 +624,7 @@ class MqttClient:
             client_id=options.client_id,
             protocol=paho.MQTTv5 if mqtt5 else paho.MQTTv311,
             clean_session=None if mqtt5 else options.session_expiry_s == 0,
+            manual_ack=options.manual_ack,
         )
         c.reconnect_delay_set(min_delay=min_delay, max_delay=max_delay)
         c.max_queued_messages_set(0)
@@ -653,6 +700,7 @@ class MqttClient:
                     self._fall_back(cause)
                 return
             attempts = self._attempts.connected()
+            self._epoch += 1
             mqtt5 = self._client.speaks_mqtt5
             link = _link_facts(mqtt5, flags, properties)
             self._mqtt5_accepted = self._mqtt5_accepted or mqtt5
@@ -721,7 +769,7 @@ class MqttClient:
                 if self.rejected % _DROP_LOG_EVERY == 1:
                     log.warning("dropped a message whose topic is not valid UTF-8; %d so far", self.rejected)
                 return
-            self._hand_over(Incoming(topic, bytes(msg.payload), bool(msg.retain)))
+            self._hand_over(Incoming(topic, bytes(msg.payload), bool(msg.retain), msg.qos, msg.mid, self._epoch))
         except Exception as exc:  # MemoryError included: nothing may end the network thread
             self._survive("on_message", exc)
 
@@ -793,10 +841,13 @@ class MqttClient:
         try:
             if self._client.speaks_mqtt5:
                 expiry = self.options.session_expiry_s
-                properties = None
-                if expiry:
+                properties: Properties | None = None
+                if expiry or self.options.receive_maximum is not None:
                     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                    properties.SessionExpiryInterval = expiry
+                    if expiry:
+                        properties.SessionExpiryInterval = expiry
+                    if self.options.receive_maximum is not None:
+                        properties.ReceiveMaximum = self.options.receive_maximum
                 self._client.connect_async(
                     self.address.host,
                     self.address.port,
@@ -856,6 +907,27 @@ class MqttClient:
             with self._lock:
                 if topic_filter not in self._filters:  # not subscribed again meanwhile
                     self._forgotten.add(topic_filter)
+
+    def ack(self, message: Incoming) -> bool:
+        """Acknowledge ``message`` now that its owner has it safe (``MqttOptions.manual_ack``).
+
+        Acknowledge in the order messages arrived. Without ``manual_ack``, or at QoS 0,
+        paho has already done it (or there is nothing to do).
+
+        Args:
+            message: a message from :attr:`inbox`.
+
+        Returns:
+            True if an acknowledgement went out (or none was needed); False if the message
+            came on an earlier connection or the client is not connected now: the broker
+            sends it again on the next connection of the session.
+        """
+        if not self.options.manual_ack or message.qos == 0:
+            return True
+        if message.link_epoch != self._epoch or not self._connected.is_set():
+            return False
+        rc = self._client.ack(message.mid, message.qos)
+        return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishHandle:
         """Queue a publish; call ``.wait()`` on the result to block until acknowledged.

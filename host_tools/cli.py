@@ -1730,6 +1730,106 @@ def devices_provision(
 
 
 @cli.command()
+@broker_option
+@click.option(
+    "--group",
+    help="shared-subscription group: collectors with the same group split the traffic ($share/GROUP/...)",
+)
+@click.option(
+    "--client-id",
+    help="MQTT client id, fixed per collector so its session survives restarts [default: edgectl-collect-HOSTNAME]",
+)
+@click.option(
+    "--session-expiry",
+    "session_expiry_s",
+    default=86_400,
+    show_default=True,
+    type=click.IntRange(1, 2**32 - 1),
+    help="seconds the broker keeps this collector's session and queues for it while it is away",
+)
+@click.option(
+    "--batch", "batch_max", default=500, show_default=True, type=click.IntRange(1), help="most messages per commit"
+)
+@click.option(
+    "--every",
+    "every_s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="seconds per progress line",
+)
+@connect_timeout_option
+@broker_auth_options
+@json_option
+@click.pass_context
+def collect(
+    ctx: click.Context,
+    broker: str,
+    group: str | None,
+    client_id: str | None,
+    session_expiry_s: int,
+    batch_max: int,
+    every_s: float,
+    connect_timeout: float,
+    json_output: bool,
+) -> None:
+    """Keep the registry current: store every device's status, events and metrics until SIGTERM or Ctrl-C.
+
+    Only enrolled devices' signed messages are stored; each is acknowledged to the broker
+    after its row is committed, and the session outlives the process, so a restart loses
+    nothing the broker queued. Run one per host with the same --group to split the load.
+    """
+    import signal
+    import socket
+    import threading
+
+    from edge_sdk.mqtt import MqttClient, MqttOptions
+    from host_tools.fleet.collect_service import CollectCounts, CollectOptions, Collector
+    from host_tools.report.fleet import collect_line, collect_text
+
+    cfg = _cfg(ctx, json_output)
+    options = CollectOptions(
+        client_id=client_id or f"edgectl-collect-{socket.gethostname()}"[:64],
+        group=group,
+        session_expiry_s=session_expiry_s,
+        batch_max=batch_max,
+        progress_every_s=every_s,
+        allow_unsigned=cfg.allow_unsigned_reports,
+    )
+    base = MqttOptions(client_id=options.client_id, connect_timeout_s=connect_timeout)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    started = time.monotonic()
+    terminal = _on_terminal()
+
+    def progress(counts: CollectCounts) -> None:
+        line = collect_line(counts.to_dict(), time.monotonic() - started)
+        if terminal:
+            click.echo(f"\r{line}\x1b[K", nl=False, err=True)
+        else:
+            _echo_for_terminal(line, err=True)
+
+    with _registry(cfg) as reg:
+        client = MqttClient(broker, _broker_connection().mqtt_options(options.mqtt_options(base)))
+        click.echo(
+            f"edgectl: collecting from {client.address} as {options.client_id}"
+            + (f" in group {group}" if group else "")
+            + f" into {reg.name}",
+            err=True,
+        )
+        client.connect()
+        try:
+            counts = Collector(client, reg, options).run(stop, progress)
+        finally:
+            client.close()
+    if terminal:
+        click.echo("", err=True)
+    elapsed = time.monotonic() - started
+    _emit(cfg, counts.to_dict(), lambda: collect_text(counts.to_dict(), elapsed))
+
+
+@cli.command()
 @click.option("--device", "device_id", help="only this device")
 @click.option(
     "--broker", envvar="EDGE_SDK_BROKER", help=f"also fetch the latest reports from this broker ({BROKER_URL_HELP})"

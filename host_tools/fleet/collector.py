@@ -1,4 +1,4 @@
-"""Turn what devices publish (status, heartbeats, metrics) into registry rows.
+"""Turn what devices publish (status, heartbeats, events, metrics) into registry rows.
 
 Only what a :class:`~host_tools.fleet.enrolment.ReportGate` verified is recorded: a
 message that is unsigned, from a device not enrolled, forged, replayed or dated in the
@@ -7,22 +7,26 @@ never trusted beyond the host's own: a row's ``last_seen`` is the earlier of the
 
 Several collectors may run against one broker and one PostgreSQL registry: subscribe
 through :func:`edge_sdk.protocol.shared` and every message is handled by exactly one of
-them; every registry write is a single atomic statement.
+them; every registry write is a single atomic statement, and a report or event stored
+twice is one row. An install outcome a device reports (installed, failed, refused,
+deferred) also brings its deployment row up to date (:func:`record_event`), however long
+after the deploy command ended it arrives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
 from collections.abc import Callable, Iterable
 
 from edge_sdk.mqtt import Incoming, MqttClient
-from edge_sdk.protocol import DeviceStatus, Heartbeat, Message, MetricsReport
+from edge_sdk.protocol import DeviceStatus, Event, EventKind, Heartbeat, Message, MetricsReport
 from host_tools.fleet.enrolment import ReportGate, Verified
-from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry, check_time
+from host_tools.fleet.registry import BundleRef, DeploymentState, DeviceRecord, Registry, check_time
 
-__all__ = ["active_bundles", "collect_retained", "record_message"]
+__all__ = ["active_bundles", "collect_retained", "record_event", "record_message"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,52 @@ def record_message(registry: Registry, msg: Message, received_at: float, broker:
             registry.add_metrics(msg, received_at)
         except ValueError as exc:
             log.warning("metrics report from %s not stored: %s", msg.device_id, exc)
+    elif isinstance(msg, Event):
+        record_event(registry, msg, received_at)
+
+
+#: What each install outcome a device reports makes of its deployment row.
+_OUTCOMES: dict[str, DeploymentState] = {
+    EventKind.INSTALLED: "installed",
+    EventKind.FAILED: "failed",
+    EventKind.REFUSED: "refused",
+    EventKind.DEFERRED: "deferred",
+}
+
+
+def record_event(registry: Registry, event: Event, received_at: float) -> None:
+    """Store one verified event; an install outcome also updates its deployment row.
+
+    The row is found by the event's transfer (or the bundle name and version it names);
+    see :meth:`~host_tools.fleet.registry.Registry.follow_deployment` for which rows may
+    still change. Only an event stored now changes a row: one heard again (delivered
+    twice, replayed) changes nothing. An event with an implausible time is not stored (logged).
+
+    Raises:
+        StorageError: the registry cannot be written.
+    """
+    try:
+        stored = registry.add_event(event, received_at)
+    except ValueError as exc:
+        log.warning("event from %s not stored: %s", event.device_id, exc)
+        return
+    state = _OUTCOMES.get(event.kind)
+    if state is None or not stored:
+        return
+    bundle = None
+    with contextlib.suppress(ValueError, TypeError):
+        bundle = BundleRef.from_dict(event.detail)
+    error = event.error
+    registry.follow_deployment(
+        event.device_id,
+        state,
+        seen_at=_seen_at(event.ts, received_at),
+        received_at=received_at,
+        transfer_id=event.transfer_id,
+        bundle=bundle,
+        error_code=error.code if error else None,
+        error_message=error.message if error else None,
+    )
 
 
 def collect_retained(

@@ -857,7 +857,14 @@ def deploy_many(
                         commands, bases, bundle_path, settings.build, options.chunk_size, Path(work_dir)
                     )
             deployments = {
-                d: registry.record_deployment(d, c.bundle_name, c.bundle_version, c.transfer.sha256, started_at=clock())
+                d: registry.record_deployment(
+                    d,
+                    c.bundle_name,
+                    c.bundle_version,
+                    c.transfer.sha256,
+                    started_at=clock(),
+                    transfer_id=c.transfer.transfer_id,
+                )
                 for d, c in commands.items()
             }
             try:

@@ -15,6 +15,12 @@ The gate holds what it learns in memory (it is called from a router's worker thr
 :meth:`ReportGate.flush` writes the counts, sequence numbers and enrolment requests to the
 registry from the thread that owns it.
 
+A collector that splits a shared subscription with others sees each device's messages out
+of order and, after a restart, again: it builds the gate with ``unordered`` channels
+(events and metrics), whose messages are stored under their own unique key, so a repeat
+changes nothing. On those channels the signature, device and time are checked, the order
+is not.
+
 Unsigned messages are refused unless the gate is built with ``allow_unsigned=True``, for a
 migration period while older agents are replaced (``edgectl --allow-unsigned-reports``).
 """
@@ -98,6 +104,8 @@ class ReportGate:
         policy: the allowed clock skew of devices.
         limits: size limits for decoding.
         max_pending: most devices that may wait for approval.
+        unordered: channels whose messages need not come in order (each is stored once
+            under its own key): a sequence number at or below the last is not a replay there.
 
     Attributes:
         drops: (device id or ``*``, reason) -> messages dropped since the last flush.
@@ -112,8 +120,10 @@ class ReportGate:
         policy: DevicePolicy | None = None,
         limits: CodecLimits | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        unordered: frozenset[Channel] = frozenset(),
     ) -> None:
         self.allow_unsigned = allow_unsigned
+        self.unordered = unordered
         self.policy = policy or DevicePolicy()
         self.limits = limits or CodecLimits()
         self.max_pending = max_pending
@@ -127,13 +137,15 @@ class ReportGate:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_registry(cls, registry: Registry, *, allow_unsigned: bool = False) -> ReportGate:
+    def from_registry(
+        cls, registry: Registry, *, allow_unsigned: bool = False, unordered: frozenset[Channel] = frozenset()
+    ) -> ReportGate:
         """A gate for the registry's enrolments.
 
         Raises:
             StorageError: the registry cannot be read.
         """
-        return cls(registry.list_enrolments(), allow_unsigned=allow_unsigned)
+        return cls(registry.list_enrolments(), allow_unsigned=allow_unsigned, unordered=unordered)
 
     def _drop(self, device_id: str, reason: str, why: str) -> Dropped:
         who = device_id if device_id in self._known else UNKNOWN_DEVICE
@@ -168,7 +180,8 @@ class ReportGate:
             if key is None:
                 return self._request(msg, device_id, channel, now)
             where = (device_id, channel.value)
-            last = self._last.get(where)
+            known = self._last.get(where)
+            last = None if channel in self.unordered else known
             try:
                 inner = open_report(
                     msg,
@@ -187,7 +200,7 @@ class ReportGate:
                     return self._repeat(msg, key, device_id, channel, now)
                 return self._drop(device_id, reason, exc.message)
             will = inner.will_seq if isinstance(inner, DeviceStatus) and inner.state == "online" else None
-            if last is None or msg.seq > last:
+            if known is None or msg.seq > known:
                 self._last[where] = msg.seq
             if will is not None:
                 self._will[device_id] = will

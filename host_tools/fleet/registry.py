@@ -50,6 +50,11 @@ device's own on the same key); ``installed_versions``, the installed and previou
 of each bundle name per device, derived from the statuses (when the active version of a
 bundle changes, the old one becomes ``previous``); ``device_groups``, selectors saved by
 name.
+Version 6 makes reports idempotent: a metrics report is keyed by its device and its own
+(signed) time, ``report_ts``, so one heard twice (a retained report, a message the broker
+delivered again after a collector died) is one row; duplicates stored before are removed,
+the earliest row of each kept. It adds ``events``, what devices reported about commands,
+keyed the same way by device, time and kind.
 
 Values are checked before they are stored: times must be finite and between 1970 and
 2100 (:func:`check_time`), numbers in a metrics report finite, so that no stored row can
@@ -73,7 +78,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from edge_sdk.errors import ConfigError, MessageError, StorageError
-from edge_sdk.protocol import MetricsReport
+from edge_sdk.protocol import Event, MetricsReport
 
 __all__ = [
     "DEPLOYMENT_STATES",
@@ -524,6 +529,7 @@ class _Dialect:
     driver_errors: tuple[type[BaseException], ...]
     begin_schema_change: Callable[[Any], contextlib.AbstractContextManager[None]]
     returns_id_by_clause: bool
+    begin_batch: Callable[[Any], contextlib.AbstractContextManager[None]]
     #: After rows were copied with their ids into a rebuilt table ``{table}``, makes the
     #: next generated id follow the largest; ``None`` where the database does it itself.
     reset_identity: str | None = None
@@ -547,6 +553,10 @@ def _sqlite_schema_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
+def _postgres_batch(conn: Any) -> contextlib.AbstractContextManager[None]:
+    return conn.transaction()  # type: ignore[no-any-return]
+
+
 @contextlib.contextmanager
 def _postgres_schema_transaction(conn: Any) -> Iterator[None]:
     # CREATE TABLE IF NOT EXISTS is not safe against a concurrent twin on PostgreSQL;
@@ -568,6 +578,7 @@ def _sqlite_dialect() -> _Dialect:
         begin_schema_change=_sqlite_schema_transaction,
         # RETURNING needs SQLite 3.35; lastrowid works on every version with upserts.
         returns_id_by_clause=False,
+        begin_batch=_sqlite_schema_transaction,
     )
 
 
@@ -582,6 +593,7 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
         driver_errors=(driver_error,),
         begin_schema_change=_postgres_schema_transaction,
         returns_id_by_clause=True,
+        begin_batch=_postgres_batch,
         reset_identity=(
             "SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"
         ),
@@ -591,7 +603,7 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
 # --- schema ----------------------------------------------------------------------------
 
 #: The schema version this code writes and understands.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: One step of a migration: shared SQL, or a function of the connection and dialect for
 #: what SQL alone cannot say portably (checking rows, rewriting JSON).
@@ -755,6 +767,28 @@ def _installed_from_active(conn: Any, dialect: _Dialect) -> None:
             )
 
 
+def _keyed_metrics(conn: Any, dialect: _Dialect) -> None:
+    """Migration 6: key each metrics row by its report's own time; drop the rows stored twice (earliest kept)."""
+    conn.execute(dialect.sql("ALTER TABLE metrics ADD COLUMN report_ts {float}"))
+    seen: set[tuple[str, float]] = set()
+    twice: list[int] = []
+    for row_id, device_id, report in conn.execute("SELECT id, device_id, report FROM metrics ORDER BY id").fetchall():
+        try:
+            ts = float(json.loads(report)["ts"])
+        except (ValueError, TypeError, KeyError):
+            continue  # unreadable rows are named when read, as before; they keep no key
+        if (device_id, ts) in seen:
+            twice.append(row_id)
+            continue
+        seen.add((device_id, ts))
+        conn.execute(dialect.sql("UPDATE metrics SET report_ts = ? WHERE id = ?"), (ts, row_id))
+    for row_id in twice:
+        conn.execute(dialect.sql("DELETE FROM metrics WHERE id = ?"), (row_id,))
+    if twice:
+        logger.info("registry schema 6: removed %d metrics reports stored twice", len(twice))
+    conn.execute("CREATE UNIQUE INDEX metrics_report ON metrics (device_id, report_ts)")
+
+
 # Each entry brings the schema from version N-1 to N. Append; never edit a shipped one.
 _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
     (
@@ -884,6 +918,25 @@ _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
             _installed_from_active,
         ),
     ),
+    (
+        6,
+        (
+            _keyed_metrics,
+            """
+            CREATE TABLE IF NOT EXISTS events (
+                id {id},
+                device_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                ts {float} NOT NULL,
+                command_id TEXT NOT NULL,
+                transfer_id TEXT NOT NULL,
+                received_at {float} NOT NULL,
+                event TEXT NOT NULL
+            )
+            """,
+            "CREATE UNIQUE INDEX IF NOT EXISTS events_report ON events (device_id, ts, kind)",
+        ),
+    ),
 )
 
 _CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
@@ -971,6 +1024,21 @@ _DEPLOYMENT_COLUMNS = (
     "error_code, error_message, started_at, finished_at"
 )
 _METRICS_COLUMNS = "id, device_id, bundle_name, bundle_version, received_at, report"
+
+# What an event reported later does to the deployment it is about: the newest row of that
+# device and transfer (or bundle name and version) still waiting for an outcome, started
+# before the host received the event; a row the host closed as a timeout waits too (the
+# device was offline, and came back).
+_FOLLOW_DEPLOYMENT = """
+UPDATE deployments SET state = ?, error_code = ?, error_message = ?, finished_at = ?
+WHERE id = (
+    SELECT id FROM deployments
+    WHERE device_id = ? AND (transfer_id = ? OR (bundle_name = ? AND bundle_version = ?))
+      AND started_at <= ?
+      AND (state IN ('sent', 'deferred') OR (state = 'failed' AND error_code = 'device_timeout'))
+    ORDER BY started_at DESC, id DESC LIMIT 1
+)
+"""
 
 
 def _dump_json(value: Mapping[str, Any] | None) -> str | None:
@@ -1401,7 +1469,7 @@ class Registry:
         return bool(cursor.rowcount > 0)
 
     def forget_device(self, device_id: str) -> ForgetResult:
-        """Delete every row about a device: its device rows (all brokers), deployments and metrics.
+        """Delete every row about a device: its device rows (all brokers), deployments, metrics and events.
 
         Args:
             device_id: the device's id.
@@ -1417,7 +1485,7 @@ class Registry:
             brokers = self._conn.execute(
                 self._dialect.sql("SELECT broker FROM devices WHERE device_id = ? ORDER BY broker"), (device_id,)
             ).fetchall()
-            for table in ("devices", "deployments", "metrics", "operator_labels", "installed_versions"):
+            for table in ("devices", "deployments", "metrics", "operator_labels", "installed_versions", "events"):
                 cursor = self._conn.execute(self._dialect.sql(f"DELETE FROM {table} WHERE device_id = ?"), (device_id,))
                 counts[table] = max(0, cursor.rowcount)
         return ForgetResult(
@@ -1564,15 +1632,19 @@ class Registry:
 
     # -- metrics --
 
-    def add_metrics(self, report: MetricsReport, received_at: float) -> int:
-        """Store one metrics report whole, with the schema it was written in.
+    def add_metrics(self, report: MetricsReport, received_at: float) -> int | None:
+        """Store one metrics report whole, with the schema it was written in, once.
+
+        A report is keyed by its device and its own time (``ts``, which the device signed):
+        storing the same report again (a retained report heard again, a message delivered
+        twice) changes nothing.
 
         Args:
             report: the report as received; device, bundle and version come from it.
             received_at: unix seconds the host received it.
 
         Returns:
-            The new row's id.
+            The new row's id; None when this report was stored before.
 
         Raises:
             ValueError: an implausible time or a number that is not finite (nothing is stored).
@@ -1582,12 +1654,121 @@ class Registry:
         check_time(received_at, "received_at")
         check_time(report.ts, "report ts")
         _check_finite(stored, "report")
-        params = (report.device_id, report.bundle_name, report.bundle_version, received_at, _dump_json(stored))
-        return self._insert(
-            "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report) VALUES (?, ?, ?, ?, ?)",
+        params = (
+            report.device_id,
+            report.bundle_name,
+            report.bundle_version,
+            received_at,
+            _dump_json(stored),
+            report.ts,
+        )
+        return self._insert_once(
+            "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report, report_ts) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, report_ts) DO NOTHING",
             params,
             what=f"add metrics from {report.device_id!r}",
         )
+
+    # -- events --
+
+    def add_event(self, event: Event, received_at: float) -> bool:
+        """Store one event a device reported, once (keyed by device, its own time and kind).
+
+        Args:
+            event: the event as received.
+            received_at: unix seconds the host received it.
+
+        Returns:
+            True if stored now; False when it was stored before.
+
+        Raises:
+            ValueError: an implausible time (nothing is stored).
+            StorageError: on a database failure.
+        """
+        check_time(received_at, "received_at")
+        check_time(event.ts, "event ts")
+        params = (
+            event.device_id,
+            event.kind,
+            event.ts,
+            event.command_id,
+            event.transfer_id,
+            received_at,
+            json.dumps(event.to_dict(), sort_keys=True, separators=(",", ":")),
+        )
+        row = self._insert_once(
+            "INSERT INTO events (device_id, kind, ts, command_id, transfer_id, received_at, event) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, ts, kind) DO NOTHING",
+            params,
+            what=f"add an event from {event.device_id!r}",
+        )
+        return row is not None
+
+    def count_events(self, device_id: str | None = None) -> int:
+        """How many events are stored (of one device, or all).
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        where, params = _where({"device_id": device_id})
+        with self._storage_errors("count events"):
+            row = self._conn.execute(self._dialect.sql(f"SELECT COUNT(*) FROM events{where}"), params).fetchone()
+        return int(row[0])
+
+    def follow_deployment(
+        self,
+        device_id: str,
+        state: DeploymentState,
+        *,
+        seen_at: float,
+        received_at: float,
+        transfer_id: str = "",
+        bundle: BundleRef | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> bool:
+        """Bring a deployment up to what its device reported after the deploy command ended.
+
+        The row changed is the newest of ``device_id`` for ``transfer_id`` (or for
+        ``bundle``'s name and version) that started before ``received_at`` and still waits
+        for an outcome: ``sent``, ``deferred``, or ``failed`` by the host's timeout. Rows with
+        a device's own outcome are never changed, so an event heard twice is harmless.
+
+        Args:
+            device_id: the device that reported.
+            state: the outcome it reported.
+            seen_at: when the device reported it (its time, never later than the host's): the row's end.
+            received_at: when the host received the report (the host's clock, as ``started_at``).
+            transfer_id: the transfer the event names (``""``: none).
+            bundle: the bundle the event names, if it does.
+            error_code: the device's error code, for ``refused`` or ``failed``.
+            error_message: the device's error message.
+
+        Returns:
+            True if a deployment row changed.
+
+        Raises:
+            ValueError: if ``state`` is unknown.
+            StorageError: on a database failure.
+        """
+        _check_deployment_state(state)
+        name, version = (bundle.name, bundle.version) if bundle is not None else (None, None)
+        params = (state, error_code, error_message, seen_at, device_id, transfer_id or None, name, version, received_at)
+        with self._storage_errors(f"follow a deployment of {device_id!r}"):
+            cursor = self._conn.execute(self._dialect.sql(_FOLLOW_DEPLOYMENT), params)
+            return bool(cursor.rowcount)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction around several writes: all of them are stored, or none.
+
+        A collector commits a batch of messages before it acknowledges any of them.
+
+        Raises:
+            StorageError: on a database failure (the transaction is rolled back).
+        """
+        with self._storage_errors("write a batch"), self._dialect.begin_batch(self._conn):
+            yield
 
     def latest_metrics(self, device_id: str | None = None, bundle_name: str | None = None) -> list[MetricsRecord]:
         """The newest report for each (device, bundle, version).
@@ -1864,6 +2045,15 @@ class Registry:
             )
 
     # -- internals --
+
+    def _insert_once(self, query: str, params: Sequence[Any], *, what: str) -> int | None:
+        """Run an ``INSERT ... ON CONFLICT DO NOTHING``; the new row's id, or None if it was there."""
+        with self._storage_errors(what):
+            if self._dialect.returns_id_by_clause:
+                row = self._conn.execute(self._dialect.sql(query + " RETURNING id"), params).fetchone()
+                return None if row is None else int(row[0])
+            cursor = self._conn.execute(self._dialect.sql(query), params)
+            return int(cursor.lastrowid) if cursor.rowcount == 1 else None
 
     def _insert(self, query: str, params: Sequence[Any], *, what: str) -> int:
         with self._storage_errors(what):

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from host_tools.fleet.registry import EnrolmentRecord, ForgetResult, GroupRecord
 
 __all__ = [
+    "collect_line",
+    "collect_text",
     "command_data",
     "command_text",
     "deploy_data",
@@ -412,3 +414,27 @@ def command_text(device_id: str, event: Event, what: str) -> str:
     else:
         said = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in sorted(detail.items()))
     return f"{device_id}: {what}: done ({said})" if said else f"{device_id}: {what}: done"
+
+
+def collect_line(counts: Mapping[str, int], elapsed_s: float) -> str:
+    """One progress line of a running collector: what it took, stored and dropped, and its rate.
+
+    Args:
+        counts: :meth:`~host_tools.fleet.collect_service.CollectCounts.to_dict`.
+        elapsed_s: seconds since it started.
+    """
+    rate = counts["received"] / elapsed_s if elapsed_s > 0 else 0.0
+    line = (
+        f"collect: {counts['received']} received, {counts['stored']} stored, {counts['dropped']} dropped "
+        f"({rate:.0f}/s over {elapsed_s:.0f} s)"
+    )
+    if counts["retries"]:
+        line += f", {counts['retries']} batches retried"
+    if counts["reconnects"]:
+        line += f", {counts['reconnects']} reconnects"
+    return line
+
+
+def collect_text(counts: Mapping[str, int], elapsed_s: float) -> str:
+    """What a collector prints when it stops."""
+    return f"{collect_line(counts, elapsed_s)}; stopped"

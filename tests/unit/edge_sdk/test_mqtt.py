@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -39,7 +40,7 @@ def _client(inbox_max: int) -> MqttClient:
 
 def _receive(client: MqttClient, n: int) -> None:
     for i in range(n):
-        client._on_message(None, None, SimpleNamespace(topic=f"t/{i}", payload=b"x", retain=False))  # type: ignore[arg-type]
+        client._on_message(None, None, SimpleNamespace(topic=f"t/{i}", payload=b"x", retain=False, qos=0, mid=0))  # type: ignore[arg-type]
 
 
 def test_the_default_bound_is_positive_and_a_bad_one_is_refused() -> None:
@@ -171,7 +172,7 @@ def test_no_exception_leaves_a_callback_not_even_memory_error(monkeypatch: pytes
 def test_the_inbox_is_bounded_in_bytes_too() -> None:
     client = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="unit-bytes", inbox_max_bytes=10))
     for i in range(4):
-        client._on_message(None, None, SimpleNamespace(topic=f"t/{i}", payload=b"1234", retain=False))  # type: ignore[arg-type]
+        client._on_message(None, None, SimpleNamespace(topic=f"t/{i}", payload=b"1234", retain=False, qos=0, mid=0))  # type: ignore[arg-type]
     assert client.inbox.qsize() == 2 and client.inbox.payload_bytes == 8 and client.inbox_dropped == 2
     client.inbox.get_nowait()
     assert client.inbox.payload_bytes == 4
@@ -433,3 +434,47 @@ def test_the_connack_deadline_ends_an_attempt_the_broker_never_answers() -> None
             client.close()
         assert "ended before the broker's CONNACK" in client._last_error
         assert time.monotonic() - started < 5  # not paho's keep-alive (30 s)
+
+
+# --- acknowledgements after the owner stored a message (manual_ack) ----------------------
+
+
+def _manual(receive_maximum: int = 10) -> MqttClient:
+    options = MqttOptions(client_id="unit-ack", manual_ack=True, receive_maximum=receive_maximum, inbox_max=10)
+    return MqttClient("mqtt://127.0.0.1:1", options)
+
+
+def _deliver(client: MqttClient, mid: int) -> Incoming:
+    client._on_message(None, None, SimpleNamespace(topic="t/x", payload=b"x", retain=False, qos=1, mid=mid))  # type: ignore[arg-type]
+    items = [client.inbox.get_nowait() for _ in range(client.inbox.qsize())]
+    assert isinstance(items[-1], Incoming)  # after the connection changes, if any
+    return items[-1]
+
+
+def test_manual_ack_sends_the_puback_only_when_the_owner_acks_and_only_on_the_same_connection() -> None:
+    client = _manual()
+    _connected(client)
+    sent: list[tuple[int, int]] = []
+    client._client._send_puback = lambda mid: sent.append((mid, 1)) or MQTTErrorCode.MQTT_ERR_SUCCESS  # type: ignore[method-assign]
+    first = _deliver(client, 7)
+    assert first.qos == 1 and first.mid == 7 and first.link_epoch == 1
+    assert sent == []  # paho did not acknowledge it on receipt
+    assert client.ack(first) and sent == [(7, 1)]
+
+    stale = _deliver(client, 8)
+    _connected(client)  # a new connection: packet id 8 may name another message now
+    assert not client.ack(stale) and sent == [(7, 1)]  # the broker sends it again instead
+    assert client.ack(_deliver(client, 8)) and sent == [(7, 1), (8, 1)]
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"manual_ack": True}, "manual_ack needs a receive_maximum"),
+        ({"receive_maximum": 20, "inbox_max": 10}, "receive_maximum must be an integer in 1..10"),
+        ({"receive_maximum": 0}, "receive_maximum must be an integer"),
+    ],
+)
+def test_manual_ack_needs_a_receive_maximum_the_inbox_can_hold(options: dict[str, object], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        MqttOptions(client_id="unit", **options)  # type: ignore[arg-type]

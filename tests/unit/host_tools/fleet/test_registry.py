@@ -799,3 +799,89 @@ def test_v1_row_with_a_non_integer_version_stops_the_migration_and_changes_nothi
         assert versions == ["1.0.0", "10", "10", "9"]
     finally:
         conn.close()
+
+
+# --- schema 6: a report or event stored twice is one row ---------------------------------
+
+
+def test_a_metrics_report_stored_twice_is_one_row(db: Registry) -> None:
+    report = _report(n=7)
+    first = db.add_metrics(report, received_at=50.0)
+    assert first is not None
+    assert db.add_metrics(report, received_at=60.0) is None  # heard again: retained, or delivered twice
+    assert db.add_metrics(_report(n=8), received_at=61.0) is not None  # a later report is a new row
+    rows = db._conn.execute("SELECT id, received_at FROM metrics ORDER BY id").fetchall()
+    assert [(r[0], r[1]) for r in rows] == [(first, 50.0), (rows[1][0], 61.0)]
+
+
+def test_an_event_stored_twice_is_one_row(db: Registry) -> None:
+    from edge_sdk.protocol import Event
+
+    installed = Event("pi-01", "installed", 100.0, command_id="c1", transfer_id="t" * 32)
+    assert db.add_event(installed, received_at=101.0)
+    assert not db.add_event(installed, received_at=102.0)
+    assert db.add_event(Event("pi-01", "progress", 100.0), received_at=101.0)  # same time, other kind
+    assert db.count_events("pi-01") == 2 and db.count_events("pi-02") == 0
+    assert db.forget_device("pi-01").devices == 0 and db.count_events() == 0
+
+
+def test_a_batch_is_stored_whole_or_not_at_all(db: Registry) -> None:
+    with pytest.raises(RuntimeError), db.batch():
+        db.add_metrics(_report(n=1), received_at=10.0)
+        raise RuntimeError("the collector died mid-batch")
+    assert db.latest_metrics() == []
+    with db.batch():
+        db.add_metrics(_report(n=1), received_at=10.0)
+        db.add_metrics(_report(n=2), received_at=11.0)
+    assert len(db._conn.execute("SELECT id FROM metrics").fetchall()) == 2
+
+
+def test_a_later_outcome_follows_the_waiting_deployment_only(db: Registry) -> None:
+    deferred = db.record_deployment(
+        "pi-01", "digits", 2, "aa" * 32, started_at=100.0, transfer_id="t2", state="deferred"
+    )
+    done = db.record_deployment("pi-01", "digits", 1, "bb" * 32, started_at=50.0, transfer_id="t1", state="installed")
+    timed_out = db.record_deployment("pi-02", "digits", 2, "aa" * 32, started_at=100.0, transfer_id="t2")
+    db.update_deployment(timed_out, "failed", "device_timeout", "no answer", finished_at=160.0)
+    refused = db.record_deployment("pi-03", "digits", 2, "aa" * 32, started_at=100.0, transfer_id="t2")
+    db.update_deployment(refused, "refused", "bad_signature", "no", finished_at=101.0)
+
+    assert not db.follow_deployment("pi-01", "installed", seen_at=90.0, received_at=90.0, transfer_id="t2")  # before it
+    assert db.follow_deployment("pi-01", "installed", seen_at=300.0, received_at=301.0, transfer_id="t2")
+    assert not db.follow_deployment("pi-01", "failed", seen_at=310.0, received_at=311.0, transfer_id="t1")
+    assert db.follow_deployment(  # found by bundle name and version, the device back after the host gave up
+        "pi-02", "installed", seen_at=400.0, received_at=401.0, bundle=BundleRef("digits", 2)
+    )
+    assert not db.follow_deployment("pi-03", "installed", seen_at=400.0, received_at=401.0, transfer_id="t2")
+    states = {d.id: (d.state, d.finished_at, d.error_code) for d in db.list_deployments(limit=10)}
+    assert states == {
+        deferred: ("installed", 300.0, None),
+        done: ("installed", None, None),
+        timed_out: ("installed", 400.0, None),
+        refused: ("refused", 101.0, "bad_signature"),
+    }
+
+
+def test_schema_5_removes_reports_stored_twice_keeping_the_first(
+    v1_database: tuple[str, Callable[[], Any]],
+) -> None:
+    target, connect = v1_database
+    conn = connect()
+    try:
+        mark = "?" if isinstance(conn, sqlite3.Connection) else "%s"
+        device_id, bundle, version, at = V1_METRICS[0]
+        conn.execute(  # what `edgectl metrics --broker` did with a retained report: the same report again
+            "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report) "
+            f"VALUES ({', '.join([mark] * 5)})",
+            (device_id, bundle, version, at + 100, _v1_report(device_id, version, at)),
+        )
+    finally:
+        conn.close()
+    with open_registry(target) as db:
+        rows = db._conn.execute("SELECT device_id, received_at, report_ts FROM metrics ORDER BY id").fetchall()
+        assert [tuple(r) for r in rows] == [(d, a, a) for d, _, _, a in V1_METRICS]
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # the key holds from now on
+            db._conn.execute(
+                "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report, "
+                f"report_ts) VALUES ('pi-01', 'digits', 9, 1, '{{}}', {V1_METRICS[0][3]})"
+            )

@@ -1,0 +1,300 @@
+"""`edgectl collect`: a collector that runs until it is stopped and loses nothing.
+
+It subscribes to every device's status, events and metrics, through an MQTT 5 shared
+subscription (``$share/<group>/...``) when several collectors split the traffic, and
+writes what the :class:`~host_tools.fleet.enrolment.ReportGate` verified into the registry
+(:func:`~host_tools.fleet.collector.record_message`); the device id is the topic's.
+
+Nothing acknowledged is ever lost:
+
+* The session outlives the process (clean start off, a session expiry, a fixed client id
+  per collector), so what the broker queued while the collector was away, and what it
+  sent and never had acknowledged, comes again when the collector is back.
+* paho's network thread only converts each message and hands it over (``edge_sdk.mqtt``);
+  one worker (:meth:`Collector.run`) takes them in batches, verifies them, writes a batch
+  in one registry transaction, and acknowledges its messages (QoS 1 PUBACK) only once the
+  transaction committed. A crash before the commit leaves them unacknowledged: the broker
+  sends them again.
+* What comes again is stored once: status rows merge by time, metrics reports and events
+  are keyed by device and their own signed time (registry schema 6). So the gate checks the
+  order of status messages only (``unordered`` heartbeats, events and metrics): messages of one device
+  are split between collectors, and repeats after a restart are expected.
+* Flow: the collector asks the broker for at most ``receive_maximum`` unacknowledged
+  messages (MQTT 5 Receive Maximum), so a slow registry slows the broker's sending. Mosquitto
+  2.0 does not apply it to what it queued while the collector was away: it sends all of that
+  at once. The inbox is therefore sized for a backlog (``inbox_max`` messages, 256 MiB), and
+  should it overflow anyway, the dropped messages are unacknowledged, not lost: the
+  collector commits what it holds and ends with a :class:`~edge_sdk.errors.TransportError`
+  (exit 4), and on the restart (systemd ``Restart=always``) the broker sends them again.
+
+A batch the registry refuses is rolled back, kept, and tried again after ``retry_s``
+(logged), for as long as the collector runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from edge_sdk.errors import ConfigError, StorageError, TransportError
+from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions
+from edge_sdk.protocol import Channel, fleet_filter, shared
+from host_tools.fleet.collector import record_message
+from host_tools.fleet.enrolment import ReportGate, Verified
+from host_tools.fleet.registry import Registry
+
+__all__ = ["COLLECTED_CHANNELS", "CollectCounts", "CollectOptions", "Collector", "collect_filters"]
+
+log = logging.getLogger(__name__)
+
+#: The device channels a collector listens to.
+COLLECTED_CHANNELS = (Channel.STATUS, Channel.HEARTBEAT, Channel.EVENTS, Channel.METRICS)
+#: Channels stored under their own unique key (see the module's docstring).
+_UNORDERED = frozenset({Channel.HEARTBEAT, Channel.EVENTS, Channel.METRICS})
+
+
+@dataclass(frozen=True)
+class CollectOptions:
+    """How a collector listens and writes.
+
+    Attributes:
+        client_id: the MQTT client id; fixed per collector, so its session survives restarts.
+        group: the shared-subscription group several collectors split the traffic in;
+            None subscribes plainly (this collector alone hears everything).
+        session_expiry_s: how long the broker keeps the session (and queues for it) while
+            the collector is away.
+        batch_max: most messages written in one transaction.
+        batch_wait_s: how long a batch waits for more messages once it has one.
+        receive_maximum: most unacknowledged messages the broker may send at once.
+        inbox_max: most messages waiting for the worker (a backlog the broker sends at once).
+        progress_every_s: how often the progress callback is called.
+        retry_s: wait before writing a batch the registry refused again.
+        allow_unsigned: believe unsigned device messages (migration period only).
+
+    Raises:
+        ConfigError: a bound that is not positive, or a bad group name.
+    """
+
+    client_id: str
+    group: str | None = None
+    session_expiry_s: int = 86_400
+    batch_max: int = 500
+    batch_wait_s: float = 0.05
+    receive_maximum: int = 1000
+    inbox_max: int = 200_000
+    progress_every_s: float = 5.0
+    retry_s: float = 1.0
+    allow_unsigned: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.client_id:
+            raise ConfigError("a collector needs a fixed client id (its session outlives it)", key="client_id")
+        if self.group is not None:
+            shared(self.group, "x")  # raises ConfigError for a bad group name
+        for key in ("session_expiry_s", "batch_max", "receive_maximum", "inbox_max"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, not {value!r}", key=key)
+        for key in ("batch_wait_s", "progress_every_s", "retry_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be a positive number of seconds", key=key)
+
+    def mqtt_options(self, base: MqttOptions | None = None) -> MqttOptions:
+        """The client options a collector needs, over ``base`` (TLS, credentials, timeouts).
+
+        MQTT 5 (shared subscriptions, session expiry, Receive Maximum), a lasting session,
+        and acknowledgements sent by the collector after each commit.
+        """
+        from dataclasses import replace
+
+        given = base if base is not None else MqttOptions(client_id=self.client_id)
+        return replace(
+            given,
+            client_id=self.client_id,
+            protocol="5",
+            session_expiry_s=self.session_expiry_s,
+            manual_ack=True,
+            receive_maximum=self.receive_maximum,
+            inbox_max=max(self.inbox_max, self.receive_maximum),
+        )
+
+
+def collect_filters(group: str | None) -> list[str]:
+    """The subscriptions of a collector: every device's status, events and metrics.
+
+    Args:
+        group: the shared-subscription group, or None for plain subscriptions.
+
+    Returns:
+        One filter per channel, shared in ``group`` when one is given.
+
+    Raises:
+        ConfigError: a bad group name.
+    """
+    filters = [fleet_filter(channel) for channel in COLLECTED_CHANNELS]
+    return [shared(group, f) for f in filters] if group else filters
+
+
+@dataclass
+class CollectCounts:
+    """What a collector did so far.
+
+    Attributes:
+        received: messages taken from the broker.
+        stored: messages the gate let through and the registry now holds.
+        dropped: messages the gate dropped (counted per device and reason in the registry).
+        batches: transactions committed.
+        acked: acknowledgements sent after a commit.
+        redelivered: committed messages not acknowledged (their connection had ended): the
+            broker sends them again, and they are stored once.
+        retries: batches the registry refused, tried again.
+        reconnects: connections lost.
+    """
+
+    received: int = 0
+    stored: int = 0
+    dropped: int = 0
+    batches: int = 0
+    acked: int = 0
+    redelivered: int = 0
+    retries: int = 0
+    reconnects: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """A JSON-ready dict of every count."""
+        return asdict(self)
+
+
+class Collector:
+    """Writes what a connected client receives into the registry until told to stop.
+
+    Args:
+        client: a client built with :meth:`CollectOptions.mqtt_options`; started and
+            subscribed by :meth:`run`, closed by its owner.
+        registry: where rows go; used from the thread that calls :meth:`run` only.
+        options: how to batch, retry and report.
+        wall_clock: the host's clock (devices' times are judged against it; rows carry it).
+        clock: a monotonic clock, for waits.
+    """
+
+    def __init__(
+        self,
+        client: MqttClient,
+        registry: Registry,
+        options: CollectOptions,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.registry = registry
+        self.options = options
+        self.counts = CollectCounts()
+        self._wall_clock = wall_clock
+        self._clock = clock
+        self._gate = ReportGate.from_registry(registry, allow_unsigned=options.allow_unsigned, unordered=_UNORDERED)
+        self._broker = str(client.address)
+
+    def run(self, stop: threading.Event, progress: Callable[[CollectCounts], None] | None = None) -> CollectCounts:
+        """Subscribe, then take, write and acknowledge batches until ``stop`` is set.
+
+        A batch in hand when ``stop`` is set is written and acknowledged first; what is
+        still in the inbox is left unacknowledged, for the next run of this session.
+
+        Args:
+            stop: set it (from a signal handler, another thread) to end the run.
+            progress: called with the counts every ``progress_every_s`` and once at the end.
+
+        Returns:
+            The counts.
+
+        Raises:
+            TransportError: the inbox overflowed (a backlog larger than ``inbox_max``): what
+                it held is committed and acknowledged; the dropped messages come again on
+                the next connection of the session (run again).
+        """
+        for topic_filter in collect_filters(self.options.group):
+            self.client.subscribe(topic_filter, qos=1)
+        next_progress = self._clock() + self.options.progress_every_s
+        while not stop.is_set():
+            batch = self._take(stop)
+            if batch:
+                self._commit(batch, stop)
+            if self.client.inbox_dropped and self.client.inbox.empty():
+                raise TransportError(
+                    f"collector {self.options.client_id} dropped {self.client.inbox_dropped} messages from a "
+                    f"full inbox (more than {self.client.options.inbox_max} waiting); they are not acknowledged, "
+                    "so the broker sends them again when the collector reconnects: run it again",
+                    dropped=self.client.inbox_dropped,
+                )
+            if progress is not None and self._clock() >= next_progress:
+                next_progress = self._clock() + self.options.progress_every_s
+                progress(self.counts)
+        if progress is not None:
+            progress(self.counts)
+        return self.counts
+
+    def _take(self, stop: threading.Event) -> list[Incoming]:
+        """Up to ``batch_max`` messages: wait for the first (briefly), then ``batch_wait_s`` for more."""
+        batch: list[Incoming] = []
+        deadline: float | None = None
+        while len(batch) < self.options.batch_max:
+            if deadline is None:
+                timeout = 0.2  # wake now and then to see ``stop``
+            else:
+                timeout = deadline - self._clock()
+                if timeout <= 0:
+                    break
+            try:
+                item = self.client.inbox.get(timeout=timeout)
+            except queue.Empty:
+                if deadline is None:
+                    break
+                continue
+            if isinstance(item, ConnectionChange):
+                if not item.connected:
+                    self.counts.reconnects += 1
+                    log.info("collector %s lost the broker (%s)", self.options.client_id, item.reason)
+                continue
+            batch.append(item)
+            if deadline is None:
+                deadline = self._clock() + self.options.batch_wait_s
+        self.counts.received += len(batch)
+        return batch
+
+    def _commit(self, batch: list[Incoming], stop: threading.Event) -> None:
+        """Write ``batch`` in one transaction (again after ``retry_s`` while refused), then acknowledge it."""
+        while True:
+            try:
+                stored, dropped = self._write(batch)
+                break
+            except StorageError as exc:
+                self.counts.retries += 1
+                log.error("collector could not write %d messages (kept, retrying): %s", len(batch), exc.message)
+                if stop.wait(self.options.retry_s):
+                    return  # stopping: unacknowledged, so the broker sends them again
+        self.counts.batches += 1
+        self.counts.stored += stored
+        self.counts.dropped += dropped
+        for item in batch:
+            if self.client.ack(item):
+                self.counts.acked += 1
+            else:
+                self.counts.redelivered += 1
+
+    def _write(self, batch: list[Incoming]) -> tuple[int, int]:
+        now = self._wall_clock()
+        stored = dropped = 0
+        with self.registry.batch():
+            for item in batch:
+                verified = self._gate.check(item.topic, item.payload, now)
+                if isinstance(verified, Verified):
+                    record_message(self.registry, verified.msg, now, self._broker)
+                    stored += 1
+                else:
+                    dropped += 1
+            self._gate.flush(self.registry, now)
+        return stored, dropped
