@@ -42,7 +42,9 @@ Version 4 adds device identity:
 approves it, ``approved``, or ``revoked``); ``device_sequences`` keeps the last sequence
 number accepted from each device on each channel (status, events, metrics: a retained
 status is older than the events after it); ``report_drops`` counts the device messages the
-host dropped, per device and reason.
+host dropped, per device and reason. Version 5 adds rollouts (``rollouts``: one row per
+rollout, its policy, status and wave; ``rollout_devices``: where each of its devices stands,
+with its attempts), written by :mod:`host_tools.fleet.rollout_store`.
 
 Values are checked before they are stored: times must be finite and between 1970 and
 2100 (:func:`check_time`), numbers in a metrics report finite, so that no stored row can
@@ -528,7 +530,7 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
 # --- schema ----------------------------------------------------------------------------
 
 #: The schema version this code writes and understands.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: One step of a migration: shared SQL, or a function of the connection and dialect for
 #: what SQL alone cannot say portably (checking rows, rewriting JSON).
@@ -767,6 +769,51 @@ _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
             "UPDATE devices SET last_seen = 0 WHERE NOT (last_seen BETWEEN 0 AND 4102444800) OR last_seen IS NULL",
             "UPDATE devices SET first_seen = 0 WHERE NOT (first_seen BETWEEN 0 AND 4102444800) OR first_seen IS NULL",
             "UPDATE metrics SET received_at = 0 WHERE NOT (received_at BETWEEN 0 AND 4102444800)",
+        ),
+    ),
+    (
+        5,
+        (
+            """
+            CREATE TABLE IF NOT EXISTS rollouts (
+                id TEXT PRIMARY KEY,
+                bundle_name TEXT NOT NULL,
+                bundle_version BIGINT NOT NULL,
+                bundle_sha256 TEXT NOT NULL,
+                bundle_path TEXT NOT NULL,
+                selector TEXT NOT NULL,
+                policy TEXT NOT NULL,
+                status TEXT NOT NULL,
+                wave BIGINT NOT NULL,
+                waves BIGINT NOT NULL,
+                reason TEXT NOT NULL,
+                request TEXT,
+                created_at {float} NOT NULL,
+                updated_at {float} NOT NULL,
+                runner TEXT,
+                runner_seen {float}
+            )
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS rollout_devices (
+                rollout_id TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                position BIGINT NOT NULL,
+                wave BIGINT NOT NULL,
+                state TEXT NOT NULL,
+                attempts BIGINT NOT NULL,
+                previous_version BIGINT,
+                base_p99_ms {float},
+                base_rss_bytes BIGINT,
+                online INTEGER NOT NULL,
+                started_at {float},
+                finished_at {float},
+                error_code TEXT,
+                p99_ms {float},
+                rss_bytes BIGINT,
+                PRIMARY KEY (rollout_id, device_id)
+            )
+            """,
         ),
     ),
 )
@@ -1484,6 +1531,33 @@ class Registry:
                 received_at=row[4],
                 report=report,
             )
+
+    # -- for the stores of other tables (host_tools.fleet.rollout_store) --
+
+    def query(self, sql: str, params: Sequence[Any] = (), *, what: str) -> list[tuple[Any, ...]]:
+        """Run one statement of shared SQL (``?`` placeholders) and return its rows.
+
+        Raises:
+            StorageError: on a database failure; ``what`` names the operation.
+        """
+        with self._storage_errors(what):
+            cursor = self._conn.execute(self._dialect.sql(sql), tuple(params))
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+
+    def write(self, statements: Sequence[tuple[str, Sequence[Any]]], *, what: str) -> list[int]:
+        """Run statements of shared SQL as one transaction: all of them, or none.
+
+        Returns:
+            The rows each statement changed.
+
+        Raises:
+            StorageError: on a database failure (nothing was written); ``what`` names the operation.
+        """
+        counts: list[int] = []
+        with self._storage_errors(what), self._dialect.begin_schema_change(self._conn):
+            for sql, params in statements:
+                counts.append(max(0, self._conn.execute(self._dialect.sql(sql), tuple(params)).rowcount))
+        return counts
 
     # -- internals --
 
