@@ -67,6 +67,7 @@ __all__ = [
     "Installed",
     "Joined",
     "MaintenanceWindow",
+    "Observed",
     "Offline",
     "Online",
     "Pause",
@@ -392,6 +393,16 @@ class Joined:
 
 
 @dataclass(frozen=True)
+class Observed:
+    """What a device runs now, as its status says (fresher than the registry the plan was made from).
+
+    Taken only for a device not started yet: its ``previous_version`` and baseline become these.
+    """
+
+    target: Target
+
+
+@dataclass(frozen=True)
 class RolledBack:
     """A rollback command's result."""
 
@@ -422,9 +433,8 @@ class Abort:
     reason: str = "aborted by the operator"
 
 
-Event = (Installed | Confirmed | Failed | Deferred | TimedOut | Online | Offline | Joined | RolledBack) | (
-    Tick | Pause | Resume | Abort
-)
+DeviceEvent = Installed | Confirmed | Failed | Deferred | TimedOut | Online | Offline
+Event = DeviceEvent | Joined | Observed | RolledBack | Tick | Pause | Resume | Abort
 
 
 # --- decisions ------------------------------------------------------------------------------
@@ -559,6 +569,8 @@ class RolloutPlanner:
         out: list[Decision] = []
         if isinstance(event, Joined):
             self._join(event.target)
+        elif isinstance(event, Observed):
+            self._observed(event.target)
         elif isinstance(event, (Pause, Resume, Abort)):
             self._operator(event, out)
         elif isinstance(event, Tick):
@@ -635,6 +647,13 @@ class RolloutPlanner:
                 self._set(dev, error_code=event.code)
         elif dev.state == "failed" and dev.error_code == "health_gate" and not event.ok:
             self._set(dev, error_code=f"health_gate; rollback failed: {event.code}")
+
+    def _observed(self, t: Target) -> None:
+        dev = self.devices.get(t.device_id)
+        if dev is not None and dev.state == "queued" and dev.attempts == 0:
+            before = (t.previous_version, t.base_p99_ms, t.base_rss_bytes)
+            if (dev.previous_version, dev.base_p99_ms, dev.base_rss_bytes) != before:
+                self._set(dev, previous_version=before[0], base_p99_ms=before[1], base_rss_bytes=before[2])
 
     def _join(self, target: Target) -> None:
         if target.device_id in self.devices or self.finished:

@@ -65,7 +65,7 @@ from edge_sdk.protocol import (
 from host_tools.fleet.collector import active_bundles, record_message
 from host_tools.fleet.conversation import error_of
 from host_tools.fleet.deployer import DeployOptions, DeployOutcome, deploy_many, read_manifest, run_command
-from host_tools.fleet.registry import DeviceRecord, Registry
+from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry
 from host_tools.fleet.rollout_plan import (
     Abort,
     Aborted,
@@ -77,6 +77,7 @@ from host_tools.fleet.rollout_plan import (
     Failed,
     Installed,
     Joined,
+    Observed,
     Offline,
     Online,
     Pause,
@@ -173,9 +174,13 @@ def _values(record: DeviceRecord, key: str) -> set[str]:
     return {str(getattr(record, key))}
 
 
-def _target(registry: Registry, record: DeviceRecord, bundle_name: str) -> Target:
-    """What a device runs of ``bundle_name`` and measured on it (the health gate's baseline)."""
-    running = next((b.version for b in record.active_bundles or () if b.name == bundle_name), None)
+def _target(
+    registry: Registry, record: DeviceRecord, bundle_name: str, refs: Sequence[BundleRef] | None = None
+) -> Target:
+    """What a device runs of ``bundle_name`` (by ``refs``, else its row) and measured on it (the gate's baseline)."""
+    running = next(
+        (b.version for b in (record.active_bundles if refs is None else refs) or () if b.name == bundle_name), None
+    )
     p99 = rss = None
     if running is not None:
         for m in registry.latest_metrics(record.device_id, bundle_name):
@@ -519,7 +524,12 @@ class RolloutRunner:
             online = status.state == "online"
             if online != dev.online:
                 events.append(Online(device_id) if online else Offline(device_id))
-            runs = next((b.version for b in active_bundles(status) or () if b.name == self.record.bundle_name), None)
+            refs = active_bundles(status)
+            runs = next((b.version for b in refs or () if b.name == self.record.bundle_name), None)
+            if refs is not None and dev.state == "queued" and dev.attempts == 0:
+                row = self.registry.get_device(device_id, self._broker) or self.registry.get_device(device_id)
+                if row is not None:
+                    events.append(Observed(_target(self.registry, row, self.record.bundle_name, refs)))
             if runs == self.record.bundle_version and dev.state in ("in_flight", "deferred", "retry"):
                 # It installed while nobody listened (a deferred install, or a runner killed mid-wave).
                 events += [Installed(device_id), Confirmed(device_id, *self._stored_measurement(device_id))]

@@ -25,6 +25,7 @@ from host_tools.fleet.rollout_plan import (
     Installed,
     Joined,
     MaintenanceWindow,
+    Observed,
     Offline,
     Online,
     Pause,
@@ -488,3 +489,17 @@ def test_no_device_is_ever_started_twice_except_as_a_counted_retry(events: list[
         assert all(p.attempts == starts[d] for d, p in planner.devices.items())
         if aborted:
             assert not any(p.state == "queued" for p in planner.devices.values())
+
+
+def test_a_status_fresher_than_the_plan_updates_what_a_device_goes_back_to():
+    planner = RolloutPlanner.plan(RolloutPolicy(canary_count=1, canary_share=None), [Target("a"), Target("b")], 0.0)
+    fleet = Fleet(planner, ok)
+    fleet.hold = {"a"}
+    fleet.feed(Tick())
+    fleet.feed(Observed(Target("a", 7)))  # started already: what it ran is fixed
+    fleet.feed(Observed(Target("b", 4, 2.0, 100)))
+    assert planner.devices["a"].previous_version is None
+    assert (planner.devices["b"].previous_version, planner.devices["b"].base_p99_ms) == (4, 2.0)
+    fleet.feed(Abort())
+    fleet.feed(Installed("a"))
+    assert fleet.rolled_back == {"a": None}
