@@ -6,6 +6,7 @@ each device ended is read from the agents' own state on disk, not from what edge
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from agent_models import slow_model
 from harness import BIN, AgentProcess, Host
 
 pytestmark = pytest.mark.integration
@@ -129,3 +131,66 @@ def test_edgectl_killed_mid_rollout_resumes_and_no_device_installs_twice(
     assert {d["state"] for d in out["devices"]} == {"succeeded"}
     assert [_runs(a) for a in agents] == [2] * 5
     assert [_installs_of(a, 2) for a in agents] == [1] * 5  # no device installed v2 twice
+
+
+def _start_in_background(host: Host, bundle: Path, agents, url: str) -> subprocess.Popen[str]:
+    """`rollout start` of ``bundle`` (a slow model, ~2 s of benchmark a device) in waves of one, not waited for."""
+    env = dict(os.environ, EDGE_SDK_HOME=str(host.home))
+    env.pop("EDGE_SDK_BROKER", None)
+    ids = ",".join(a.device_id for a in agents)
+    return subprocess.Popen(
+        [str(BIN / "edgectl"), "rollout", "start", str(bundle), "--to", ids, "--canary", "1", "--wave-size", "1",
+         *FAST, "--runs", "200", "--broker", url, "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _pause_after_the_canary(host: Host, proc: subprocess.Popen[str], agents) -> dict:
+    """Pause the running rollout once its canary runs v2; the runner stops once nothing is under way."""
+    deadline = time.monotonic() + 120
+    while _runs(agents[0]) != 2 and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    (rollout,) = host.run("rollout", "status", "--json").json()
+    r = host.run("rollout", "pause", rollout["id"], "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["runner_live"] is True and r.json()["request"] == "pause"
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    paused = json.loads(out)
+    assert paused["status"] == "paused"
+    assert 1 <= sum(d["state"] == "succeeded" for d in paused["devices"]) < 5
+    assert not {d["state"] for d in paused["devices"]} - {"succeeded", "queued"}
+    return paused
+
+
+def test_pause_stops_new_waves_and_resume_finishes(host, tiny_model, mosquitto, start_agent, tmp_path):
+    agents = _fleet(host, tiny_model, mosquitto, start_agent, tmp_path)
+    model, sample = slow_model(tmp_path)
+    v2 = host.pack(model, sample, tmp_path / "v2.edge", NAME, 2)
+    paused = _pause_after_the_canary(host, _start_in_background(host, v2, agents, mosquitto.url), agents)
+    done = {d["device_id"] for d in paused["devices"] if d["state"] == "succeeded"}
+    assert [_runs(a) for a in agents] == [2 if a.device_id in done else 1 for a in agents]
+    r = host.run("rollout", "resume", paused["id"], "--broker", mosquitto.url, "--runs", "20", "--json", timeout=300)
+    assert r.code == 0, r.stderr
+    assert r.json()["status"] == "completed"
+    assert [_runs(a) for a in agents] == [2] * 5
+    assert [_installs_of(a, 2) for a in agents] == [1] * 5
+
+
+def test_an_operator_abort_rolls_the_installed_devices_back(host, tiny_model, mosquitto, start_agent, tmp_path):
+    agents = _fleet(host, tiny_model, mosquitto, start_agent, tmp_path)
+    model, sample = slow_model(tmp_path)
+    v2 = host.pack(model, sample, tmp_path / "v2.edge", NAME, 2)
+    paused = _pause_after_the_canary(host, _start_in_background(host, v2, agents, mosquitto.url), agents)
+    r = host.run("rollout", "abort", paused["id"], "--broker", mosquitto.url, "--json", timeout=300)
+    assert r.code == 0, r.stderr  # no runner was live: abort ran the rollbacks itself
+    out = r.json()
+    assert out["status"] == "aborted" and out["reason"] == "aborted by the operator"
+    states = {d["device_id"]: d["state"] for d in out["devices"]}
+    assert sorted(states.values()) == sorted(
+        ["rolled_back" if d["state"] == "succeeded" else "skipped" for d in paused["devices"]]
+    )
+    assert [_runs(a) for a in agents] == [1] * 5
+    again = host.run("rollout", "resume", paused["id"], "--broker", mosquitto.url, "--json")
+    assert again.code == 2 and "has aborted" in again.stderr
