@@ -1391,19 +1391,11 @@ def _share(text: str, what: str) -> float:
     return value
 
 
-def _rollout_policy(
-    canary: str,
-    wave_size: int | None,
-    wave_factor: float | None,
-    success_threshold: str,
-    abort_threshold: str,
-    device_timeout: float,
-    window: str | None,
-    max_p99_ratio: float,
-    max_rss_ratio: float,
-    retries: int,
-) -> Any:
+def _rollout_policy(flags: dict[str, Any]) -> Any:
+    """The ``RolloutPolicy`` of ``rollout start``'s flags (out of range: a usage error, exit 2)."""
     from host_tools.fleet.rollout_plan import MaintenanceWindow, RolloutPolicy
+
+    canary, wave_size, wave_factor, window = flags["canary"], flags["wave_size"], flags["wave_factor"], flags["window"]
 
     if wave_size is not None and wave_factor is not None:
         raise click.BadParameter("give --wave-size or --wave-factor, not both", param_hint="--wave-size")
@@ -1414,13 +1406,13 @@ def _rollout_policy(
             canary_share=None if count is not None else _share(canary, "--canary"),
             wave_size=wave_size,
             wave_factor=None if wave_size is not None else (wave_factor or 2.0),
-            success_threshold=_share(success_threshold, "--success-threshold"),
-            abort_threshold=_share(abort_threshold, "--abort-threshold"),
-            device_timeout_s=device_timeout,
+            success_threshold=_share(flags["success_threshold"], "--success-threshold"),
+            abort_threshold=_share(flags["abort_threshold"], "--abort-threshold"),
+            device_timeout_s=flags["device_timeout"],
             window=None if window is None else MaintenanceWindow.parse(window),
-            max_p99_ratio=max_p99_ratio or None,
-            max_rss_ratio=max_rss_ratio or None,
-            retries=retries,
+            max_p99_ratio=flags["max_p99_ratio"] or None,
+            max_rss_ratio=flags["max_rss_ratio"] or None,
+            retries=flags["retries"],
         )
     except EdgeError as exc:
         raise ConfigError(exc.message) from exc
@@ -1497,18 +1489,9 @@ def rollout() -> None:
 @click.pass_context
 def rollout_start(
     ctx: click.Context,
+    /,
     bundle: Path,
     selector: str,
-    canary: str,
-    wave_size: int | None,
-    wave_factor: float | None,
-    success_threshold: str,
-    abort_threshold: str,
-    device_timeout: float,
-    window: str | None,
-    max_p99_ratio: float,
-    max_rss_ratio: float,
-    retries: int,
     broker: str,
     connect_timeout: float,
     runs: int,
@@ -1517,6 +1500,7 @@ def rollout_start(
     chunk_size: int,
     passphrase_env: str | None,
     json_output: bool,
+    **policy_flags: Any,
 ) -> None:
     """Plan a rollout of BUNDLE to the devices --to selects, store it, and run it.
 
@@ -1529,9 +1513,8 @@ def rollout_start(
     from host_tools.fleet.rollouts import create_rollout
 
     cfg = _cfg(ctx, json_output)
-    policy = _rollout_policy(canary, wave_size, wave_factor, success_threshold, abort_threshold, device_timeout,
-                             window, max_p99_ratio, max_rss_ratio, retries)  # fmt: skip
-    options = _rollout_deploy_options(cfg, passphrase_env, runs, warmup, threads, device_timeout, chunk_size)
+    policy = _rollout_policy(policy_flags)
+    options = _rollout_deploy_options(cfg, passphrase_env, runs, warmup, threads, policy.device_timeout_s, chunk_size)
     with _registry(cfg) as reg:
         record = create_rollout(reg, bundle, selector, policy, _time.time())
     click.echo(f"edgectl: rollout {record.id}: {record.waves} wave(s)", err=True)
@@ -1591,38 +1574,30 @@ def _rollout_request(cfg: HostConfig, rollout_id: str, what: str) -> Any:
     return live
 
 
-@rollout.command("resume")
-@click.argument("rollout_id", metavar="ID")
-@broker_options
-@benchmark_options
-@chunk_size_option
-@signed_command_options
-@click.pass_context
-def rollout_resume(ctx: click.Context, rollout_id: str, broker: str, connect_timeout: float, runs: int, warmup: int,
-                   threads: int, chunk_size: int, passphrase_env: str | None, json_output: bool) -> None:  # fmt: skip
-    """Carry on with a paused or interrupted rollout from where the registry says it stood."""
-    cfg = _cfg(ctx, json_output)
-    if _rollout_request(cfg, rollout_id, "resume"):
-        return
-    options = _resume_options(cfg, rollout_id, passphrase_env, runs, warmup, threads, chunk_size)
-    _run_rollout(cfg, rollout_id, broker, connect_timeout, options)
+def _rollout_carry_on(what: str, doc: str) -> None:
+    """Define ``rollout WHAT ID``: leave the request for a live runner, or run the rollout with it here."""
+
+    @rollout.command(what, help=doc)
+    @click.argument("rollout_id", metavar="ID")
+    @broker_options
+    @benchmark_options
+    @chunk_size_option
+    @signed_command_options
+    @click.pass_context
+    def command(ctx: click.Context, rollout_id: str, broker: str, connect_timeout: float, runs: int, warmup: int,
+                threads: int, chunk_size: int, passphrase_env: str | None, json_output: bool) -> None:  # fmt: skip
+        cfg = _cfg(ctx, json_output)
+        if _rollout_request(cfg, rollout_id, what):
+            return
+        options = _resume_options(cfg, rollout_id, passphrase_env, runs, warmup, threads, chunk_size)
+        _run_rollout(cfg, rollout_id, broker, connect_timeout, options)
 
 
-@rollout.command("abort")
-@click.argument("rollout_id", metavar="ID")
-@broker_options
-@benchmark_options
-@chunk_size_option
-@signed_command_options
-@click.pass_context
-def rollout_abort(ctx: click.Context, rollout_id: str, broker: str, connect_timeout: float, runs: int, warmup: int,
-                  threads: int, chunk_size: int, passphrase_env: str | None, json_output: bool) -> None:  # fmt: skip
-    """Stop a rollout: no queued device starts; devices that installed are rolled back to what they ran before."""
-    cfg = _cfg(ctx, json_output)
-    if _rollout_request(cfg, rollout_id, "abort"):
-        return
-    options = _resume_options(cfg, rollout_id, passphrase_env, runs, warmup, threads, chunk_size)
-    _run_rollout(cfg, rollout_id, broker, connect_timeout, options)
+_rollout_carry_on("resume", "Carry on with a paused or interrupted rollout from where the registry says it stood.")
+_rollout_carry_on(
+    "abort",
+    "Stop a rollout: no queued device starts; devices that installed are rolled back to what they ran before.",
+)
 
 
 def _resume_options(cfg: HostConfig, rollout_id: str, passphrase_env: str | None, runs: int, warmup: int, threads: int,

@@ -61,6 +61,7 @@ __all__ = [
     "Confirmed",
     "Decision",
     "Deferred",
+    "DeviceEvent",
     "DeviceProgress",
     "Event",
     "Failed",
@@ -333,56 +334,51 @@ class RolloutProgress:
 
 
 @dataclass(frozen=True)
-class Installed:
-    """The device activated the bundle (its own health check passed)."""
+class DeviceEvent:
+    """Something one device did or said."""
 
     device_id: str
 
 
 @dataclass(frozen=True)
-class Confirmed:
+class Installed(DeviceEvent):
+    """The device activated the bundle (its own health check passed)."""
+
+
+@dataclass(frozen=True)
+class Confirmed(DeviceEvent):
     """The device's metrics report on the new version: p99 latency and peak RSS (None: not measured)."""
 
-    device_id: str
     p99_ms: float | None = None
     rss_bytes: int | None = None
 
 
 @dataclass(frozen=True)
-class Failed:
+class Failed(DeviceEvent):
     """The device (or the link to it) failed: ``code`` is an ``EdgeError.code``."""
 
-    device_id: str
-    code: str
+    code: str = "failed"
     message: str = ""
 
 
 @dataclass(frozen=True)
-class Deferred:
+class Deferred(DeviceEvent):
     """The device's update gate deferred the install; it will install later by itself."""
 
-    device_id: str
-
 
 @dataclass(frozen=True)
-class TimedOut:
+class TimedOut(DeviceEvent):
     """The shell gave up waiting for the device's outcome."""
 
-    device_id: str
-
 
 @dataclass(frozen=True)
-class Online:
+class Online(DeviceEvent):
     """The device came online."""
 
-    device_id: str
-
 
 @dataclass(frozen=True)
-class Offline:
+class Offline(DeviceEvent):
     """The device went offline."""
-
-    device_id: str
 
 
 @dataclass(frozen=True)
@@ -433,7 +429,6 @@ class Abort:
     reason: str = "aborted by the operator"
 
 
-DeviceEvent = Installed | Confirmed | Failed | Deferred | TimedOut | Online | Offline
 Event = DeviceEvent | Joined | Observed | RolledBack | Tick | Pause | Resume | Abort
 
 
@@ -727,13 +722,7 @@ class RolloutPlanner:
         while self.progress.wave + 1 < self.progress.waves:
             verdict = self._wave_verdict(self.progress.wave)
             if verdict == "abort":
-                devs = self.wave_devices(self.progress.wave)
-                ok = sum(1 for d in devs if d.state == "succeeded")
-                self._abort(
-                    f"wave {self.progress.wave}: {ok} of {len(devs)} devices succeeded, "
-                    f"below the success threshold of {self.policy.success_threshold:.1%}",
-                    out,
-                )
+                self._abort_short(out)
                 return
             if verdict != "advance":
                 break
@@ -741,16 +730,20 @@ class RolloutPlanner:
         self._start_due(now, out)
         if self.progress.wave + 1 >= self.progress.waves and not any(d.state in _OPEN for d in self.devices.values()):
             if self.progress.wave == self.progress.waves - 1 and self._wave_verdict(self.progress.wave) == "abort":
-                devs = self.wave_devices(self.progress.wave)
-                ok = sum(1 for d in devs if d.state == "succeeded")
-                self._abort(
-                    f"wave {self.progress.wave}: {ok} of {len(devs)} devices succeeded, "
-                    f"below the success threshold of {self.policy.success_threshold:.1%}",
-                    out,
-                )
+                self._abort_short(out)
                 return
             self.progress.status = "completed"
             out.append(Completed())
+
+    def _abort_short(self, out: list[Decision]) -> None:
+        """Abort because the current wave settled with too few successes."""
+        devs = self.wave_devices(self.progress.wave)
+        ok = sum(1 for d in devs if d.state == "succeeded")
+        self._abort(
+            f"wave {self.progress.wave}: {ok} of {len(devs)} devices succeeded, "
+            f"below the success threshold of {self.policy.success_threshold:.1%}",
+            out,
+        )
 
     def _wave_verdict(self, wave: int) -> str:
         """``advance``, ``wait`` or ``abort`` (every device settled, too few succeeded)."""
