@@ -41,6 +41,7 @@ registry row (``device_id``, ``status``, ``agent_version``, ``broker``, ``runtim
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -275,12 +276,23 @@ def rollout_report(registry: Registry, rollout_id: str, heard: dict[str, DeviceS
         StorageError: the registry cannot be read.
     """
     record, planner = RolloutStore(registry).load(rollout_id)
+    return _report(record, planner, registry, heard)
+
+
+def _report(
+    record: RolloutRecord,
+    planner: RolloutPlanner,
+    registry: Registry | None,
+    heard: dict[str, DeviceStatus] | None = None,
+) -> RolloutReport:
+    """A report of ``planner``'s state; versions from ``heard``, else from ``registry`` (None: not looked up)."""
     ends = []
     for d in planner.devices.values():
         status = (heard or {}).get(d.device_id)
+        refs: Sequence[BundleRef] = ()
         if status is not None:
             refs = active_bundles(status) or ()
-        else:
+        elif registry is not None:
             row = registry.get_device(d.device_id)
             refs = (row.active_bundles or ()) if row is not None else ()
         runs = next((b.version for b in refs if b.name == record.bundle_name), None)
@@ -288,8 +300,10 @@ def rollout_report(registry: Registry, rollout_id: str, heard: dict[str, DeviceS
             DeviceEnd(d.device_id, d.wave, d.state, d.attempts, d.error_code, d.p99_ms, d.rss_bytes, runs,
                       status is not None)
         )  # fmt: skip
-    waves = tuple(planner.counts(w) for w in range(planner.progress.waves))
-    return RolloutReport(record, tuple(ends), waves)
+    p = planner.progress
+    fresh = dataclasses.replace(record, status=p.status, wave=p.wave, waves=p.waves, reason=p.reason)
+    waves = tuple(planner.counts(w) for w in range(p.waves))
+    return RolloutReport(fresh, tuple(ends), waves)
 
 
 # --- the runner -------------------------------------------------------------------------------
@@ -433,7 +447,7 @@ class RolloutRunner:
     def _save(self) -> None:
         self.store.save(self.record.id, self.planner, self.clock())
         if self.progress is not None:
-            self.progress(rollout_report(self.registry, self.record.id))
+            self.progress(_report(self.record, self.planner, None))
 
     def _carry_out(self, decision: Decision) -> list[Event]:
         if isinstance(decision, Start):
