@@ -407,10 +407,7 @@ class RolloutRunner:
             time.sleep(0.05)
         selector_checked = 0.0
         while True:
-            events: list[Event] = []
-            request = self.store.take_request(self.record.id)
-            if request is not None:
-                events.append(_OPERATOR_EVENTS[request])
+            events = self._requests()
             events.extend(self._status_events())
             if not self.planner.finished and time.monotonic() - selector_checked > 10.0:
                 events.extend(self._joined())
@@ -440,9 +437,16 @@ class RolloutRunner:
         while todo:
             self._save()
             decision = todo.pop(0)
-            for event in self._carry_out(decision):
+            said = self._carry_out(decision)
+            # An operator's request made while devices were being sent goes in first: a pause or
+            # abort must hold the next wave back, which these outcomes would otherwise start.
+            for event in [*self._requests(), *said]:
                 todo.extend(self.planner.accept(event, self.clock()))
         self._save()
+
+    def _requests(self) -> list[Event]:
+        request = self.store.take_request(self.record.id)
+        return [] if request is None else [_OPERATOR_EVENTS[request]]
 
     def _save(self) -> None:
         self.store.save(self.record.id, self.planner, self.clock())
