@@ -1409,6 +1409,238 @@ def _selector(reg: Any, text: str | None) -> Any:
     return resolve_selector(text, saved)
 
 
+# --- rollouts ---------------------------------------------------------------------------------
+
+
+def _share(text: str, what: str) -> float:
+    """``3%`` or ``0.03`` as a fraction (a usage error, exit 2, when it is neither)."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a share such as 3% or 0.03", param_hint=what) from None
+    if not 0 <= value <= 1:
+        raise click.BadParameter(f"{text!r} is not between 0% and 100%", param_hint=what)
+    return value
+
+
+def _rollout_policy(flags: dict[str, Any]) -> Any:
+    """The ``RolloutPolicy`` of ``rollout start``'s flags (out of range: a usage error, exit 2)."""
+    from host_tools.fleet.rollout_plan import MaintenanceWindow, RolloutPolicy
+
+    canary, wave_size, wave_factor, window = flags["canary"], flags["wave_size"], flags["wave_factor"], flags["window"]
+
+    if wave_size is not None and wave_factor is not None:
+        raise click.BadParameter("give --wave-size or --wave-factor, not both", param_hint="--wave-size")
+    count = int(canary) if canary.isdigit() else None
+    try:
+        return RolloutPolicy(
+            canary_count=count,
+            canary_share=None if count is not None else _share(canary, "--canary"),
+            wave_size=wave_size,
+            wave_factor=None if wave_size is not None else (wave_factor or 2.0),
+            success_threshold=_share(flags["success_threshold"], "--success-threshold"),
+            abort_threshold=_share(flags["abort_threshold"], "--abort-threshold"),
+            device_timeout_s=flags["device_timeout"],
+            window=None if window is None else MaintenanceWindow.parse(window),
+            max_p99_ratio=flags["max_p99_ratio"] or None,
+            max_rss_ratio=flags["max_rss_ratio"] or None,
+            retries=flags["retries"],
+        )
+    except EdgeError as exc:
+        raise ConfigError(exc.message) from exc
+
+
+def _rollout_progress(cfg: HostConfig) -> Callable[[Any], None]:
+    """Per-wave progress on stderr as it changes: bars on a terminal, plain lines in a log."""
+    from host_tools.report.rollouts import wave_line
+
+    last: dict[int, str] = {}
+
+    def show(report: Any) -> None:
+        bars = _on_terminal()
+        for wave, counts in enumerate(report.waves):
+            line = wave_line(wave, counts, bars)
+            if counts and last.get(wave) != line:
+                last[wave] = line
+                _echo_for_terminal(f"rollout {report.record.id}: {line.strip()}", err=True)
+
+    return show
+
+
+def _run_rollout(cfg: HostConfig, rollout_id: str, broker: str, connect_timeout: float, options: Any) -> None:
+    """Run a stored rollout to its end (or pause, or only offline devices left) and print the report."""
+    from host_tools.fleet.rollouts import RolloutAbortedError, RolloutRunner
+    from host_tools.report.rollouts import rollout_text
+
+    with _registry(cfg) as reg, _client(broker, connect_timeout, "rollout") as client, _gated(cfg, reg, client) as r:
+        report = RolloutRunner(client, reg, r, rollout_id, options, progress=_rollout_progress(cfg)).run()
+    record = report.record
+    if record.status == "aborted" and not record.reason.startswith("aborted by the operator"):
+        error = RolloutAbortedError(f"rollout {rollout_id} aborted: {record.reason}", rollout_id=rollout_id)
+        raise CommandFailed(error, report.to_dict(), lambda: rollout_text(report, _on_terminal()))
+    _emit(cfg, report.to_dict(), lambda: rollout_text(report, _on_terminal()))
+
+
+def _rollout_deploy_options(cfg: HostConfig, passphrase_env: str | None, runs: int, warmup: int, threads: int,
+                            device_timeout: float, chunk_size: int) -> Any:  # fmt: skip
+    return _transfer_options(
+        cfg, passphrase_env, {"runs": runs, "warmup": warmup, "threads": threads},
+        chunk_size=chunk_size, finish_timeout_s=device_timeout,
+    )  # fmt: skip
+
+
+@cli.group()
+def rollout() -> None:
+    """Roll a bundle out to many devices in waves that stop themselves when devices fail.
+
+    A canary first, then waves (fixed size, or growing by a factor). A wave advances once enough
+    of its devices activated the bundle, passed their health check and confirmed with metrics
+    within the health gate (p99 latency and RSS against the version each ran before); failures
+    beyond the abort threshold stop the rollout and roll the devices that installed back.
+    The state lives in the registry: `rollout resume ID` carries on after edgectl was stopped.
+    """
+
+
+@rollout.command("start")
+@bundle_argument
+@click.option("--to", "selector", required=True, help="device ids (a,b,c) or key=value terms (status=online,...)")
+@click.option("--canary", default="1%", show_default=True, help="the canary wave: a share (1%) or a count (3)")
+@click.option("--wave-size", type=click.IntRange(1), help="devices per wave after the canary")
+@click.option("--wave-factor", type=click.FloatRange(1), help="each wave is the canary's size times this to the k (2)")
+@click.option("--success-threshold", default="95%", show_default=True, help="share of a wave that must succeed")
+@click.option("--abort-threshold", default="5%", show_default=True, help="share of a wave whose failure aborts")
+@click.option("--device-timeout", default=900.0, show_default=True, help="seconds a device has to install and report")
+@click.option("--window", metavar="HH:MM-HH:MM", help="start devices only in this window (UTC)")
+@click.option("--max-p99-ratio", default=1.5, show_default=True, help="health gate: p99 latency vs before (0: off)")
+@click.option("--max-rss-ratio", default=1.5, show_default=True, help="health gate: peak RSS vs before (0: off)")
+@click.option("--retries", default=2, show_default=True, type=click.IntRange(0, 20), help="retries of a timeout")
+@broker_options
+@benchmark_options
+@chunk_size_option
+@signed_command_options
+@click.pass_context
+def rollout_start(
+    ctx: click.Context,
+    /,
+    bundle: Path,
+    selector: str,
+    broker: str,
+    connect_timeout: float,
+    runs: int,
+    warmup: int,
+    threads: int,
+    chunk_size: int,
+    passphrase_env: str | None,
+    json_output: bool,
+    **policy_flags: Any,
+) -> None:
+    """Plan a rollout of BUNDLE to the devices --to selects, store it, and run it.
+
+    Exit code 0 when it completed (or only offline devices are left: `rollout resume` goes on
+    when they are back), 1 when it aborted; the report says where every device ended, as the
+    devices' own statuses say.
+    """
+    import time as _time
+
+    from host_tools.fleet.rollouts import create_rollout
+
+    cfg = _cfg(ctx, json_output)
+    policy = _rollout_policy(policy_flags)
+    options = _rollout_deploy_options(cfg, passphrase_env, runs, warmup, threads, policy.device_timeout_s, chunk_size)
+    with _registry(cfg) as reg:
+        record = create_rollout(reg, bundle, selector, policy, _time.time())
+    click.echo(f"edgectl: rollout {record.id}: {record.waves} wave(s)", err=True)
+    _run_rollout(cfg, record.id, broker, connect_timeout, options)
+
+
+@rollout.command("status")
+@click.argument("rollout_id", metavar="[ID]", required=False)
+@json_option
+@click.pass_context
+def rollout_status(ctx: click.Context, rollout_id: str | None, json_output: bool) -> None:
+    """Show a rollout per wave and per device (from the registry), or list the latest rollouts."""
+    from host_tools.fleet.rollouts import rollout_ids, rollout_report
+    from host_tools.report.rollouts import rollout_list_text, rollout_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        if rollout_id is None:
+            records = rollout_ids(reg)
+            _emit(cfg, [r.to_dict() for r in records], lambda: rollout_list_text(records))
+            return
+        report = rollout_report(reg, rollout_id)
+    _emit(cfg, report.to_dict(), lambda: rollout_text(report, sys.stdout.isatty()))
+
+
+@rollout.command("pause")
+@click.argument("rollout_id", metavar="ID")
+@json_option
+@click.pass_context
+def rollout_pause(ctx: click.Context, rollout_id: str, json_output: bool) -> None:
+    """Start no more devices (those under way finish and count); `rollout resume ID` goes on."""
+    _rollout_request(_cfg(ctx, json_output), rollout_id, "pause")
+
+
+def _rollout_request(cfg: HostConfig, rollout_id: str, what: str) -> Any:
+    """Leave the request for the runner; with none running, apply a pause at once. Returns whether a runner is live."""
+    import time as _time
+
+    from host_tools.fleet.rollout_plan import Pause
+    from host_tools.fleet.rollout_store import RolloutStore
+    from host_tools.fleet.rollouts import operator_request, runner_is_live
+
+    with _registry(cfg) as reg:
+        record = operator_request(reg, rollout_id, what, _time.time())
+        live = runner_is_live(record, _time.time())
+        if what == "pause" and not live:
+            store = RolloutStore(reg)
+            store.take_request(rollout_id)
+            _, planner = store.load(rollout_id)
+            planner.accept(Pause(), _time.time())
+            store.save(rollout_id, planner, _time.time())
+        record = RolloutStore(reg).get(rollout_id)
+    said = f"rollout {rollout_id}: {what} " + ("sent to its runner " + str(record.runner) if live else "recorded")
+    if not (live or what == "pause"):
+        return False
+    _emit(cfg, {**record.to_dict(), "runner_live": live}, said)
+    return live
+
+
+def _rollout_carry_on(what: str, doc: str) -> None:
+    """Define ``rollout WHAT ID``: leave the request for a live runner, or run the rollout with it here."""
+
+    @rollout.command(what, help=doc)
+    @click.argument("rollout_id", metavar="ID")
+    @broker_options
+    @benchmark_options
+    @chunk_size_option
+    @signed_command_options
+    @click.pass_context
+    def command(ctx: click.Context, rollout_id: str, broker: str, connect_timeout: float, runs: int, warmup: int,
+                threads: int, chunk_size: int, passphrase_env: str | None, json_output: bool) -> None:  # fmt: skip
+        cfg = _cfg(ctx, json_output)
+        if _rollout_request(cfg, rollout_id, what):
+            return
+        options = _resume_options(cfg, rollout_id, passphrase_env, runs, warmup, threads, chunk_size)
+        _run_rollout(cfg, rollout_id, broker, connect_timeout, options)
+
+
+_rollout_carry_on("resume", "Carry on with a paused or interrupted rollout from where the registry says it stood.")
+_rollout_carry_on(
+    "abort",
+    "Stop a rollout: no queued device starts; devices that installed are rolled back to what they ran before.",
+)
+
+
+def _resume_options(cfg: HostConfig, rollout_id: str, passphrase_env: str | None, runs: int, warmup: int, threads: int,
+                    chunk_size: int) -> Any:  # fmt: skip
+    from host_tools.fleet.rollout_store import RolloutStore
+
+    with _registry(cfg) as reg:
+        timeout = RolloutStore(reg).get(rollout_id).policy.device_timeout_s
+    return _rollout_deploy_options(cfg, passphrase_env, runs, warmup, threads, timeout, chunk_size)
+
+
 @cli.group(invoke_without_command=True)
 @click.option(
     "--broker",

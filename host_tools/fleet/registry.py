@@ -55,6 +55,9 @@ Version 6 makes reports idempotent: a metrics report is keyed by its device and 
 delivered again after a collector died) is one row; duplicates stored before are removed,
 the earliest row of each kept. It adds ``events``, what devices reported about commands,
 keyed the same way by device, time and kind.
+Version 7 adds rollouts (``rollouts``: one row per
+rollout, its policy, status and wave; ``rollout_devices``: where each of its devices stands,
+with its attempts), written by :mod:`host_tools.fleet.rollout_store`.
 
 Values are checked before they are stored: times must be finite and between 1970 and
 2100 (:func:`check_time`), numbers in a metrics report finite, so that no stored row can
@@ -603,7 +606,7 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
 # --- schema ----------------------------------------------------------------------------
 
 #: The schema version this code writes and understands.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: One step of a migration: shared SQL, or a function of the connection and dialect for
 #: what SQL alone cannot say portably (checking rows, rewriting JSON).
@@ -935,6 +938,51 @@ _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
             )
             """,
             "CREATE UNIQUE INDEX IF NOT EXISTS events_report ON events (device_id, ts, kind)",
+        ),
+    ),
+    (
+        7,
+        (
+            """
+            CREATE TABLE IF NOT EXISTS rollouts (
+                id TEXT PRIMARY KEY,
+                bundle_name TEXT NOT NULL,
+                bundle_version BIGINT NOT NULL,
+                bundle_sha256 TEXT NOT NULL,
+                bundle_path TEXT NOT NULL,
+                selector TEXT NOT NULL,
+                policy TEXT NOT NULL,
+                status TEXT NOT NULL,
+                wave BIGINT NOT NULL,
+                waves BIGINT NOT NULL,
+                reason TEXT NOT NULL,
+                request TEXT,
+                created_at {float} NOT NULL,
+                updated_at {float} NOT NULL,
+                runner TEXT,
+                runner_seen {float}
+            )
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS rollout_devices (
+                rollout_id TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                position BIGINT NOT NULL,
+                wave BIGINT NOT NULL,
+                state TEXT NOT NULL,
+                attempts BIGINT NOT NULL,
+                previous_version BIGINT,
+                base_p99_ms {float},
+                base_rss_bytes BIGINT,
+                online INTEGER NOT NULL,
+                started_at {float},
+                finished_at {float},
+                error_code TEXT,
+                p99_ms {float},
+                rss_bytes BIGINT,
+                PRIMARY KEY (rollout_id, device_id)
+            )
+            """,
         ),
     ),
 )
@@ -2043,6 +2091,33 @@ class Registry:
                 received_at=row[4],
                 report=report,
             )
+
+    # -- for the stores of other tables (host_tools.fleet.rollout_store) --
+
+    def query(self, sql: str, params: Sequence[Any] = (), *, what: str) -> list[tuple[Any, ...]]:
+        """Run one statement of shared SQL (``?`` placeholders) and return its rows.
+
+        Raises:
+            StorageError: on a database failure; ``what`` names the operation.
+        """
+        with self._storage_errors(what):
+            cursor = self._conn.execute(self._dialect.sql(sql), tuple(params))
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+
+    def write(self, statements: Sequence[tuple[str, Sequence[Any]]], *, what: str) -> list[int]:
+        """Run statements of shared SQL as one transaction: all of them, or none.
+
+        Returns:
+            The rows each statement changed.
+
+        Raises:
+            StorageError: on a database failure (nothing was written); ``what`` names the operation.
+        """
+        counts: list[int] = []
+        with self._storage_errors(what), self._dialect.begin_schema_change(self._conn):
+            for sql, params in statements:
+                counts.append(max(0, self._conn.execute(self._dialect.sql(sql), tuple(params)).rowcount))
+        return counts
 
     # -- internals --
 
