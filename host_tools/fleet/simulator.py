@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from edge_sdk.durable import atomic_write_bytes
 from edge_sdk.errors import ConfigError, EdgeError, StorageError
@@ -219,6 +220,26 @@ class SimFleet:
     def devices_with(self, kind: str) -> list[str]:
         """The devices that have a fault of ``kind`` (sorted)."""
         return sorted(d for d, f in self.faults.items() if any(x.kind == kind for x in f.faults))
+
+    def to_dict(self) -> dict[str, Any]:
+        """What runs: devices, processes, runtime, start time, and which devices each fault hits."""
+        hits: dict[str, list[str]] = {}
+        for device_id, faults in sorted(self.faults.items()):
+            for kind in sorted({f.kind for f in faults.faults}):
+                hits.setdefault(kind, []).append(device_id)
+        return {
+            "devices": len(self.provisioned.device_ids),
+            "processes": [
+                {"pid": p.pid, "spec": str(s)} for p, s in zip(self.processes, self.provisioned.specs, strict=False)
+            ],
+            "runtime": self.options.runtime,
+            "simulated_latency": self.options.runtime == "standin",
+            "broker": self.options.broker,
+            "root": str(self.options.root.resolve()),
+            "started_in_s": round(self.started_in_s, 3),
+            "seed": self.options.faults.seed,
+            "faults": hits,
+        }
 
     def data_dir(self, device_id: str) -> Path:
         """Where ``device_id``'s agent keeps its slots, state and identity."""
