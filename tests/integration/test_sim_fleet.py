@@ -1,9 +1,10 @@
 """A simulated fleet: 50 real agents in two processes against a real Mosquitto.
 
-One fleet serves the module's tests (starting it is the slow part): the devices come online
+One fleet serves the first two tests (starting it is the slow part): the devices come online
 and are listed; a deploy installs on every device without a fault; the devices picked for an
 injected install failure, and only those, report a failed install; gate-closed devices
 report deferred; a stand-in latency regression shows in the metrics of the devices it hits.
+Then link faults on a small fleet of their own, and `edgectl sim` itself.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Host, build_tiny_model
+from harness import Host, build_tiny_model, read_device_message
+from taps import BrokerTap
 
 from edge_sdk.mqtt import MqttClient, MqttOptions
+from edge_sdk.protocol import DeviceStatus
 from edge_sdk.simulation import FaultPlan, LatencyModel
 from host_tools.fleet.deployer import DeployOptions, deploy_many
 from host_tools.fleet.registry import open_registry
@@ -107,3 +110,59 @@ def test_a_deploy_installs_fails_exactly_where_injected_defers_behind_gates_and_
     plain = [p50[d] for d in set(p50) - slow]
     assert regressed and plain
     assert min(regressed) > 2 * max(plain), (regressed, plain)
+
+
+def test_a_cut_link_and_a_switched_off_device_go_offline_and_come_back_and_a_slow_link_still_connects(
+    tmp_path: Path, mosquitto
+):
+    host = Host(tmp_path / "home")
+    assert host.run("keys", "init").code == 0
+    seen: dict[str, list[str]] = {}
+
+    def record(topic: str, payload: bytes) -> None:
+        msg = read_device_message(payload)
+        if isinstance(msg, DeviceStatus) and (not seen.get(msg.device_id) or seen[msg.device_id][-1] != msg.state):
+            seen.setdefault(msg.device_id, []).append(msg.state)
+
+    options = SimOptions(
+        devices=3,
+        broker=mosquitto.url,
+        root=tmp_path / "fleet",
+        per_process=3,
+        id_prefix="link",
+        faults=FaultPlan.of(
+            [
+                "drop-link:devices=link-00000,after=8,every=120,for=6",
+                "offline:devices=link-00001,after=8,every=120,for=6",
+                "slow-link:devices=link-00002,rate=20000",
+            ]
+        ),
+    )
+    with (
+        BrokerTap(mosquitto.url, ["edge/v1/devices/+/status"], record),
+        open_registry(host.home / "registry.db") as reg,
+        start_sim_fleet(options, reg, host.root) as fleet,
+    ):
+        deadline = time.monotonic() + 60
+        want = {"link-00000": ["online", "offline", "online"], "link-00001": ["online", "offline", "online"]}
+        while time.monotonic() < deadline and any(seen.get(d) != w for d, w in want.items()):
+            time.sleep(0.2)
+        assert fleet.device_ids == ["link-00000", "link-00001", "link-00002"]
+    assert seen.get("link-00000") == ["online", "offline", "online"], seen
+    assert seen.get("link-00001") == ["online", "offline", "online"], seen
+    assert seen.get("link-00002", [])[:1] == ["online"], seen  # through the throttled proxy
+
+
+def test_edgectl_sim_runs_for_a_while_and_says_which_devices_each_fault_hits(tmp_path: Path, mosquitto):
+    host = Host(tmp_path / "home")
+    assert host.run("keys", "init").code == 0
+    args = ["sim", "--devices", "4", "--per-process", "2", "--broker", mosquitto.url, "--root", str(tmp_path / "f")]
+    r = host.run(
+        *args, "--fault", "install-fail:share=0.5", "--seed", "3", "--for", "1", "--json", "--id-prefix", "cli"
+    )
+    assert r.code == 0, r.stderr
+    out = r.json()
+    assert out["devices"] == 4 and len(out["processes"]) == 2 and out["simulated_latency"] is True  # type: ignore[index]
+    assert len(out["faults"]["install-fail"]) == 2  # type: ignore[index]
+    bad = host.run(*args, "--fault", "install-fail:share=2")
+    assert bad.code == 2 and "share" in bad.stderr
