@@ -1,7 +1,7 @@
 """Many simulated devices in one process: real agents, each with its own directory, key and connection.
 
-``edgectl sim`` (``host_tools/fleet/simulator.py``) provisions a fleet and starts this
-module once per group of devices: ``python -m device_agent.simulated SPEC.json``. Each
+``edgectl sim`` (``host_tools/fleet/simulator.py``) provisions a fleet and starts
+``edge-agent simulate SPEC.json`` once per group of devices. Each
 device is a real :class:`~device_agent.agent.Agent` (its config, identity, trust store,
 receiving, installer and reporter), on its own worker thread with its own MQTT connection;
 what is process-wide is set up once here: logging (each line names its thread, and so its
@@ -46,8 +46,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -59,7 +57,7 @@ from device_agent.agent import Agent, AgentHooks, mqtt_transport, open_identity
 from device_agent.config import AgentConfig
 from device_agent.install import ProfileHook
 from edge_sdk.durable import atomic_write_bytes
-from edge_sdk.errors import ConfigError, EdgeError, ExitCode, StorageError, exit_code_of
+from edge_sdk.errors import ConfigError, EdgeError, StorageError
 from edge_sdk.mqtt import parse_broker_url
 from edge_sdk.simulation import DeviceFaults, LatencyModel
 
@@ -69,7 +67,7 @@ if TYPE_CHECKING:
     from edge_sdk.protocol import DeployCommand
     from edge_sdk.runtime import InferenceSession
 
-__all__ = ["RUNTIMES", "LinkProxy", "SimDevice", "SimProcess", "main"]
+__all__ = ["RUNTIMES", "LinkProxy", "SimDevice", "SimProcess", "SimSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -453,39 +451,3 @@ class SimProcess:
                 device.stop()
             if self.proxy is not None:
                 self.proxy.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m device_agent.simulated SPEC.json [--log-level LEVEL]``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    level = "WARNING"
-    if "--log-level" in args:
-        i = args.index("--log-level")
-        level = args[i + 1] if i + 1 < len(args) else level
-        del args[i : i + 2]
-    if len(args) != 1:
-        print("usage: python -m device_agent.simulated SPEC.json [--log-level LEVEL]", file=sys.stderr)
-        return int(ExitCode.USAGE)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
-    try:
-        spec = SimSpec.from_dict(json.loads(Path(args[0]).read_text()))
-        process = SimProcess(spec)
-    except (OSError, ValueError) as exc:
-        print(f"edge-agent simulated: cannot read {args[0]}: {exc}", file=sys.stderr)
-        return int(ExitCode.USAGE)
-    except EdgeError as exc:
-        print(f"edge-agent simulated: {exc.message}", file=sys.stderr)
-        return int(exit_code_of(exc))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        process.run(stop)
-    except EdgeError as exc:
-        print(f"edge-agent simulated: {exc.message}", file=sys.stderr)
-        return int(exit_code_of(exc))
-    return int(ExitCode.OK)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

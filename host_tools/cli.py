@@ -323,6 +323,13 @@ BROKER_URL_HELP = "mqtt://host[:port] or mqtts://host[:port]; without a port, 18
 broker_option = click.option(
     "--broker", required=True, envvar="EDGE_SDK_BROKER", help=f"broker URL, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)"
 )
+#: The broker devices connect to (``devices provision``, ``sim``): not one edgectl talks to.
+device_broker_option = click.option(
+    "--broker",
+    required=True,
+    envvar="EDGE_SDK_BROKER",
+    help=f"the broker URL the devices connect to, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)",
+)
 connect_timeout_option = click.option(
     "--connect-timeout", default=10.0, show_default=True, type=float, help="seconds to wait for the broker"
 )
@@ -1503,12 +1510,7 @@ def devices_revoke(ctx: click.Context, device_id: str, json_output: bool) -> Non
     type=click.Path(path_type=Path, file_okay=False),
     help="directory to write (default HOME/devices/ID)",
 )
-@click.option(
-    "--broker",
-    required=True,
-    envvar="EDGE_SDK_BROKER",
-    help=f"the broker URL the device connects to, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)",
-)
+@device_broker_option
 @click.option(
     "--device-dir",
     default="/etc/edge-agent",
@@ -1641,12 +1643,7 @@ def demo(
 
 @cli.command()
 @click.option("--devices", "count", type=int, required=True, help="how many simulated devices")
-@click.option(
-    "--broker",
-    required=True,
-    envvar="EDGE_SDK_BROKER",
-    help=f"the broker the devices connect to, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)",
-)
+@device_broker_option
 @click.option(
     "--root",
     "root_dir",

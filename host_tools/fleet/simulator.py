@@ -8,7 +8,7 @@
 2. the fault plan (:class:`edge_sdk.simulation.FaultPlan`) resolved into each device's
    faults, so the caller knows beforehand which devices fail, defer or regress
    (:attr:`SimFleet.faults`);
-3. one spec file and one process (``python -m device_agent.simulated``) per
+3. one spec file and one process (``edge-agent simulate SPEC``) per
    ``per_process`` devices; each process runs its devices' agents on threads and says
    when all are started.
 
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 #: What simulated devices run models on: the stand-in (simulated latency) or the real runtimes.
 SIM_RUNTIMES = ("standin", "real")
 _KEY_FILE = "identity.key"
+#: The agent's command, installed beside this interpreter.
+_AGENT = Path(sys.executable).parent / "edge-agent"
 _STOP_TIMEOUT_S = 60.0
 
 
@@ -255,7 +257,7 @@ class SimFleet:
         for spec in self.provisioned.specs:
             ready = spec.with_suffix(".ready")
             ready.unlink(missing_ok=True)
-            argv = [sys.executable, "-m", "device_agent.simulated", str(spec), "--log-level", self.options.log_level]
+            argv = [str(_AGENT), "simulate", str(spec), "--log-level", self.options.log_level]
             with open(logs / f"{spec.stem}.log", "ab") as out:
                 self.processes.append(
                     subprocess.Popen(
