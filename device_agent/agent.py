@@ -116,6 +116,8 @@ __all__ = ["Agent", "AgentHooks", "mqtt_transport", "open_identity"]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.5
+#: How soon the pump thread notices it should stop (it otherwise waits for messages).
+_PUMP_POLL_S = 1.0
 #: Periodic work runs at least this often, however busy the inbound queue is.
 _TICK_S = 0.5
 #: How long the network thread may be dead before :meth:`Agent.run` gives up.
@@ -155,6 +157,8 @@ def mqtt_transport(config: AgentConfig, identity: DeviceIdentity | None = None) 
         MqttOptions(
             client_id=f"edge-agent-{config.device_id}",  # stable: the broker keeps its session
             reconnect_max_s=config.reconnect_max_s,
+            keepalive_s=config.keepalive_s,
+            connack_timeout_s=config.connack_timeout_s,
             protocol=config.mqtt_protocol,
             session_expiry_s=config.session_expiry_s,
             will=Will(DeviceTopics(config.device_id).status, will),
@@ -343,7 +347,7 @@ class Agent:
         log.info("agent %s starting; broker %s", self.config.device_id, self.transport.address)
         self._pump = threading.Thread(
             target=pump,
-            args=(self.transport.inbox, self.inbound, self._pump_stop),
+            args=(self.transport.inbox, self.inbound, self._pump_stop, _PUMP_POLL_S),
             name=f"edge-agent-inbound-{self.config.device_id}",
             daemon=True,
         )

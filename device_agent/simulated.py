@@ -76,6 +76,11 @@ RUNTIMES = ("standin", "real")
 #: How often the fault schedule is applied (gate files, offline periods).
 _SCHEDULE_S = 0.25
 _GATE_REASON = "simulated: update gate closed"
+#: Many agents share a machine's cores: a busy moment must not look like a dead link to the
+#: broker (silent for 1.5 x keepalive), nor an answer a little late like a refused connection.
+_KEEPALIVE_S = 120
+_CONNACK_TIMEOUT_S = 60.0
+_RECONNECT_MAX_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -401,7 +406,9 @@ class SimProcess:
                 identity_key=key,
                 update_gate_file=data_dir / "update-gate",
                 update_gate_retry_s=spec.gate_retry_s,
-                reconnect_max_s=5.0,
+                reconnect_max_s=_RECONNECT_MAX_S,
+                keepalive_s=_KEEPALIVE_S,
+                connack_timeout_s=_CONNACK_TIMEOUT_S,
             )
             if spec.runtime == "standin":
                 profile: ProfileHook | None = standin_profile(spec.latency, faults)

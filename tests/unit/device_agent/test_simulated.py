@@ -54,3 +54,11 @@ def test_a_spec_with_an_unknown_runtime_or_a_missing_field_is_refused() -> None:
         SimSpec.from_dict({**spec, "runtime": "quantum"})
     with pytest.raises(ConfigError, match="broker"):
         SimSpec.from_dict({k: v for k, v in spec.items() if k != "broker"})
+
+
+def test_edge_agent_simulate_refuses_a_spec_it_cannot_read_with_a_usage_exit_code(tmp_path: Path) -> None:
+    from device_agent.cli import main
+
+    assert main(["simulate", str(tmp_path / "missing.json")]) == 2
+    (tmp_path / "bad.json").write_text('{"broker": "mqtt://127.0.0.1:1"}')
+    assert main(["simulate", str(tmp_path / "bad.json")]) == 2
