@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open_registry(host.home / "registry.db") as reg:
                     fleet = start_sim_fleet(options, reg, host.root)
                 with fleet:
-                    online.wait(fleet.device_ids, 600)
+                    print(f"started in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+                    online.wait(fleet.device_ids, 900)
                     sim_start = time.monotonic() - t0
                     time.sleep(3)
                     sim_rss, sim_pss = _memory(fleet.pids)

@@ -342,6 +342,8 @@ class SimDevice:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failure: str | None = None
+        #: Whether the schedule changes anything on this device (its gate, or its power).
+        self.scheduled = any(f.kind in ("gate-closed", "offline") for f in faults.faults)
 
     @property
     def running(self) -> bool:
@@ -427,6 +429,8 @@ class SimProcess:
         """Open or close gates, switch devices off or on, as the faults say for now."""
         t = self.now()
         for device in self.devices:
+            if device.running and not device.scheduled:
+                continue
             gate = device.config.update_gate_file
             assert gate is not None
             closed = device.faults.gate_closed(t)
