@@ -158,13 +158,18 @@ def main(argv: list[str] | None = None) -> int:
                 with open_registry(host.home / "registry.db") as reg:
                     fleet = start_sim_fleet(options, reg, host.root)
                 with fleet:
-                    print(f"started in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+                    _note(f"simulated devices started in {time.monotonic() - t0:.1f} s")
                     online.wait(fleet.device_ids, 900)
                     sim_start = time.monotonic() - t0
                     time.sleep(3)
                     sim_rss, sim_pss = _memory(fleet.pids)
                     sim_idle = _cpu_share(fleet.pids, args.idle_s)
+                    _note(
+                        f"simulated: all online in {sim_start:.1f} s; RSS {sim_rss / n / MB:.2f} MB, "
+                        f"PSS {sim_pss / n / MB:.2f} MB per device; idle CPU {sim_idle:.1f}% of one core"
+                    )
                     sim_deploy = _deploy(broker.url, host.home, fleet.device_ids, bundle, fleet.pids)
+                    _note(f"simulated deploy: {sim_deploy}")
                 # --- baseline: real agent processes --------------------------------------------------
                 (tmp / "real").mkdir()
                 real = Fleet(host, broker.url, host.root, tmp / "real")
@@ -178,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(3)
                     real_rss, real_pss = _memory(pids)
                     real_idle = _cpu_share(pids, args.idle_s)
+                    _note(
+                        f"real: all online in {real_start:.1f} s; RSS {real_rss / nb / MB:.2f} MB, "
+                        f"PSS {real_pss / nb / MB:.2f} MB per agent; idle CPU {real_idle:.1f}% of one core"
+                    )
                     real_deploy = _deploy(broker.url, host.home, ids, bundle, pids)
+                    _note(f"real deploy: {real_deploy}")
                 finally:
                     real.stop()
             finally:
@@ -206,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {"devices": n, "per_process": args.per_process, "baseline_agents": nb, "baseline_extrapolated_by": scale}
     write_results("sim_fleet", {**results, "rows": rows, "simulated": sim, "real": real}, args.json_out)
     return 0
+
+
+def _note(line: str) -> None:
+    """A figure as soon as it is measured (stderr), so a long run that is cut short still says what it saw."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _row(label: str, simulated: float, real: float, digits: int) -> list[object]:

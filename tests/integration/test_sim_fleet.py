@@ -148,9 +148,10 @@ def test_a_cut_link_and_a_switched_off_device_go_offline_and_come_back_and_a_slo
         while time.monotonic() < deadline and any(seen.get(d) != w for d, w in want.items()):
             time.sleep(0.2)
         assert fleet.device_ids == ["link-00000", "link-00001", "link-00002"]
-    assert seen.get("link-00000") == ["online", "offline", "online"], seen
-    assert seen.get("link-00001") == ["online", "offline", "online"], seen
-    assert seen.get("link-00002", [])[:1] == ["online"], seen  # through the throttled proxy
+        heard = {d: list(states) for d, states in seen.items()}  # before the fleet stops (each says goodbye)
+    assert heard.get("link-00000") == ["online", "offline", "online"], heard
+    assert heard.get("link-00001") == ["online", "offline", "online"], heard
+    assert heard.get("link-00002") == ["online"], heard  # through the throttled proxy, never cut
 
 
 def test_edgectl_sim_runs_for_a_while_and_says_which_devices_each_fault_hits(tmp_path: Path, mosquitto):
