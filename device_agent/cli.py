@@ -25,6 +25,8 @@ from edge_sdk.mqtt import PROTOCOLS
 
 __all__ = ["main"]
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="edge-sdk device agent")
@@ -99,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     # A test hook (SIGKILL at a named step of an install, for crash-safety tests): accepted, never shown.
     run.add_argument("--debug-crash-at", choices=CRASH_POINTS, help=argparse.SUPPRESS)
-    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS)
     keys = sub.add_parser(
         "show-keys",
         help="print this device's recipient key (for edgectl pack --encrypt-to), making it if absent",
@@ -117,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
         "its own data directory, key and connection, with the faults SPEC gives them, until SIGTERM or SIGINT.",
     )
     simulate.add_argument("spec", type=Path, help="the spec file (JSON) edgectl sim wrote")
-    simulate.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    simulate.add_argument("--log-level", default="WARNING", choices=_LOG_LEVELS)
     return p
 
 
