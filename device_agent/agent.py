@@ -62,13 +62,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from device_agent.config import AgentConfig
 from device_agent.decryption_key import load_or_create_decryption_key
 from device_agent.deltas import base_refusal, rebuild_bundle
 from device_agent.gate import UpdateGate
 from device_agent.identity import DeviceIdentity
-from device_agent.install import InstallSequence
+from device_agent.install import InstallSequence, ProfileHook
 from device_agent.installer import Installer
 from device_agent.outbox import Outbox
 from device_agent.platform import PlatformInfo, detect_platform, power_model_name
@@ -111,10 +112,12 @@ from edge_sdk.protocol import (
 )
 from edge_sdk.trust import canonical_json
 
-__all__ = ["Agent", "mqtt_transport", "open_identity"]
+__all__ = ["Agent", "AgentHooks", "mqtt_transport", "open_identity"]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.5
+#: How soon the pump thread notices it should stop (it otherwise waits for messages).
+_PUMP_POLL_S = 1.0
 #: Periodic work runs at least this often, however busy the inbound queue is.
 _TICK_S = 0.5
 #: How long the network thread may be dead before :meth:`Agent.run` gives up.
@@ -154,6 +157,8 @@ def mqtt_transport(config: AgentConfig, identity: DeviceIdentity | None = None) 
         MqttOptions(
             client_id=f"edge-agent-{config.device_id}",  # stable: the broker keeps its session
             reconnect_max_s=config.reconnect_max_s,
+            keepalive_s=config.keepalive_s,
+            connack_timeout_s=config.connack_timeout_s,
             protocol=config.mqtt_protocol,
             session_expiry_s=config.session_expiry_s,
             will=Will(DeviceTopics(config.device_id).status, will),
@@ -180,6 +185,33 @@ def _crash_hook(point: str | None) -> Callable[[str], None]:
     return hook
 
 
+def _both(first: Callable[[str], None], then: Callable[[str], None]) -> Callable[[str], None]:
+    def hook(reached: str) -> None:
+        first(reached)
+        then(reached)
+
+    return hook
+
+
+@dataclass(frozen=True)
+class AgentHooks:
+    """Seams for a host that runs many simulated devices in one process (``edge-agent`` sets none).
+
+    Attributes:
+        checkpoint: called with the name of each step of an install as it is reached
+            (:data:`device_agent.config.CRASH_POINTS`), after ``debug_crash_at``'s hook; an
+            :class:`~edge_sdk.errors.EdgeError` it raises fails the install there, as a real
+            failure of that step does.
+        profile: health-checks and benchmarks an installed bundle instead of the real
+            runtime (:data:`device_agent.install.ProfileHook`), e.g. a stand-in runtime.
+        gate: the update gate, instead of the one the config describes.
+    """
+
+    checkpoint: Callable[[str], None] | None = None
+    profile: ProfileHook | None = None
+    gate: UpdateGate | None = None
+
+
 class Agent:
     """Runs one device: connects, dispatches what arrives, does periodic work.
 
@@ -193,6 +225,7 @@ class Agent:
             floor); injectable. Default: the system clock plus ``config.debug_clock_offset_s``.
         monotonic: monotonic seconds (transfer idle timeouts, gate retries); injectable.
         identity: the device's key and sequence counter (:func:`open_identity` if None).
+        hooks: seams for simulated devices (:class:`AgentHooks`); None for a real device.
 
     Raises:
         StorageError: the data directory cannot be used.
@@ -206,7 +239,9 @@ class Agent:
         clock: Callable[[], float] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         identity: DeviceIdentity | None = None,
+        hooks: AgentHooks | None = None,
     ) -> None:
+        hooks = hooks or AgentHooks()
         self.config = config
         self.identity = identity or open_identity(config)
         self.transport = transport
@@ -219,6 +254,8 @@ class Agent:
         self.topics = DeviceTopics(config.device_id)
         self.codec_limits = CodecLimits()
         checkpoint = _crash_hook(config.debug_crash_at)
+        if hooks.checkpoint is not None:
+            checkpoint = _both(checkpoint, hooks.checkpoint)
         self.trust = TrustStore(config.data_dir / "trust", config.load_root())
         self.installer = Installer(
             config.data_dir, self.trust.root.trusted("bundles"), config.limits, checkpoint=checkpoint
@@ -260,11 +297,12 @@ class Agent:
             self.reporter,
             self.platform,
             self.power,
-            UpdateGate(config.update_gate_file, config.update_gate_command, config.update_gate_timeout_s),
+            hooks.gate or UpdateGate(config.update_gate_file, config.update_gate_command, config.update_gate_timeout_s),
             clock=self.trusted_now,
             monotonic=monotonic,
             checkpoint=checkpoint,
             decryption_key=self.decryption_key,
+            profile=hooks.profile,
         )
         self._notifier = Notifier()
         self._pump_stop = threading.Event()
@@ -312,8 +350,8 @@ class Agent:
         log.info("agent %s starting; broker %s", self.config.device_id, self.transport.address)
         self._pump = threading.Thread(
             target=pump,
-            args=(self.transport.inbox, self.inbound, self._pump_stop),
-            name="edge-agent-inbound",
+            args=(self.transport.inbox, self.inbound, self._pump_stop, _PUMP_POLL_S),
+            name=f"edge-agent-inbound-{self.config.device_id}",
             daemon=True,
         )
         self._pump.start()

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from device_agent.config import CRASH_POINTS, load_config
@@ -23,6 +24,8 @@ from edge_sdk.errors import ConfigError, EdgeError, ExitCode, exit_code_of
 from edge_sdk.mqtt import PROTOCOLS
 
 __all__ = ["main"]
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     # A test hook (SIGKILL at a named step of an install, for crash-safety tests): accepted, never shown.
     run.add_argument("--debug-crash-at", choices=CRASH_POINTS, help=argparse.SUPPRESS)
-    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS)
     keys = sub.add_parser(
         "show-keys",
         help="print this device's recipient key (for edgectl pack --encrypt-to), making it if absent",
@@ -116,6 +119,14 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--config", type=Path, help="TOML config file (for its data_dir)")
     keys.add_argument("--data-dir", type=Path, help="the agent's data directory")
     keys.add_argument("--json", action="store_true", help="print key id, algorithm and key as JSON")
+    simulate = sub.add_parser(
+        "simulate",
+        help="run the simulated devices a spec file names, several in this process (edgectl sim starts it)",
+        description="Run real agents for the simulated devices SPEC names (written by `edgectl sim`), each with "
+        "its own data directory, key and connection, with the faults SPEC gives them, until SIGTERM or SIGINT.",
+    )
+    simulate.add_argument("spec", type=Path, help="the spec file (JSON) edgectl sim wrote")
+    simulate.add_argument("--log-level", default="WARNING", choices=_LOG_LEVELS)
     return p
 
 
@@ -162,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "show-keys":
         return _show_keys(args)
+    if args.command == "simulate":
+        return _simulate(args)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -204,15 +217,45 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeError as exc:
         print(f"edge-agent: {exc.message}", file=sys.stderr)
         return int(exit_code_of(exc))
+    notifier = Notifier.from_environ(os.environ)
+    return _serve(lambda stop: agent.run(stop, notifier))
+
+
+def _serve(run: Callable[[threading.Event], None]) -> int:
+    """Run until SIGTERM or SIGINT; an EdgeError that ends it becomes its message and exit code.
+
+    An agent ends by itself only when it can no longer work (its network thread died): its
+    supervisor (systemd) restarts it.
+    """
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        agent.run(stop, Notifier.from_environ(os.environ))
-    except EdgeError as exc:  # the agent could no longer work (its network thread died): let systemd restart it
+        run(stop)
+    except EdgeError as exc:
         print(f"edge-agent: {exc.message}", file=sys.stderr)
         return int(exit_code_of(exc))
     return int(ExitCode.OK)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    """``edge-agent simulate SPEC``: the simulated devices of one process (see device_agent/simulated.py)."""
+    import json
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        from device_agent.simulated import SimProcess, SimSpec
+
+        process = SimProcess(SimSpec.from_dict(json.loads(args.spec.read_text())))
+    except (OSError, ValueError) as exc:
+        print(f"edge-agent: cannot read simulation spec {args.spec}: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    except EdgeError as exc:
+        print(f"edge-agent: {exc.message}", file=sys.stderr)
+        return int(exit_code_of(exc))
+    return _serve(process.run)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ class AgentConfig:
         username, password: MQTT credentials (the password is read from ``password_file``
             or the environment, and never shown in this object's ``repr``).
         reconnect_max_s: upper bound of the reconnect backoff.
+        keepalive_s: the MQTT keepalive: the broker drops a connection silent for 1.5 times it.
+        connack_timeout_s: how long a connection attempt waits for the broker's answer.
         mqtt_protocol: ``auto`` (MQTT 5, or 3.1.1 where the broker does not speak 5), ``5``
             or ``3.1.1``.
         session_expiry_s: how long the broker keeps this device's session (subscriptions
@@ -147,6 +149,8 @@ class AgentConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     reconnect_max_s: float = 30.0
+    keepalive_s: int = 30
+    connack_timeout_s: float = 10.0
     mqtt_protocol: str = "auto"
     session_expiry_s: int = 3600
     transfer_idle_timeout_s: float = 60.0
@@ -195,6 +199,10 @@ class AgentConfig:
             raise ConfigError(
                 f"reconnect_max_s must be at least 1 (seconds), got {self.reconnect_max_s!r}", key="reconnect_max_s"
             )
+        if not _is_int_at_least(self.keepalive_s, 5) or self.keepalive_s > 65535:
+            raise ConfigError(f"keepalive_s must be an integer of seconds in 5..65535, got {self.keepalive_s!r}")
+        if not (_is_number(self.connack_timeout_s) and self.connack_timeout_s > 0):
+            raise ConfigError(f"connack_timeout_s must be positive (seconds), got {self.connack_timeout_s!r}")
         if self.mqtt_protocol not in PROTOCOLS:
             raise ConfigError(
                 f"mqtt_protocol must be one of {', '.join(PROTOCOLS)}, got {self.mqtt_protocol!r}", key="mqtt_protocol"
@@ -293,6 +301,8 @@ _SETTINGS: dict[str, _Kind] = {
     "username": _STRING,
     "password_file": _PATH,
     "reconnect_max_s": _NUMBER,
+    "keepalive_s": _INTEGER,
+    "connack_timeout_s": _NUMBER,
     "mqtt_protocol": _STRING,
     "session_expiry_s": _INTEGER,
     "transfer_idle_timeout_s": _NUMBER,

@@ -69,7 +69,11 @@ if TYPE_CHECKING:  # numpy and the runtimes are imported only when a model is pr
     from device_agent.profiler import Profile
     from device_agent.selection import ExecutionChoice
 
-__all__ = ["InstallSequence"]
+__all__ = ["InstallSequence", "ProfileHook"]
+
+#: Health-checks and benchmarks an installed bundle in place of the real runtime (simulated
+#: devices): (manifest, unpacked payload directory, deploy command) -> the profile.
+ProfileHook = Callable[[Manifest, Path, DeployCommand], "Profile"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,7 @@ class InstallSequence:
             injectable for tests.
         decryption_key: this device's X25519 key; encrypted bundles addressed to it are
             decrypted while they are staged (:mod:`device_agent.decryption_key`).
+        profile: replaces the real runtime's health check and benchmark (simulated devices).
     """
 
     def __init__(
@@ -109,8 +114,10 @@ class InstallSequence:
         checkpoint: Callable[[str], None] = lambda _point: None,
         free_bytes: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
         decryption_key: RecipientKey | None = None,
+        profile: ProfileHook | None = None,
     ) -> None:
         self.config = config
+        self.profile_hook = profile
         self.free_bytes = free_bytes
         self.decryption_key = decryption_key
         self.installer = installer
@@ -315,6 +322,8 @@ class InstallSequence:
             ModelError: the model does not load or fails its health check, the sparse
                 files are unusable, or no execution can run.
         """
+        if self.profile_hook is not None:
+            return self.profile_hook(manifest, payload, cmd), None
         from device_agent.profiler import profile_model  # numpy and the runtimes only when needed
 
         sample = payload / manifest.sample_input if manifest.sample_input else None

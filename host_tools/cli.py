@@ -323,6 +323,13 @@ BROKER_URL_HELP = "mqtt://host[:port] or mqtts://host[:port]; without a port, 18
 broker_option = click.option(
     "--broker", required=True, envvar="EDGE_SDK_BROKER", help=f"broker URL, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)"
 )
+#: The broker devices connect to (``devices provision``, ``sim``): not one edgectl talks to.
+device_broker_option = click.option(
+    "--broker",
+    required=True,
+    envvar="EDGE_SDK_BROKER",
+    help=f"the broker URL the devices connect to, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)",
+)
 connect_timeout_option = click.option(
     "--connect-timeout", default=10.0, show_default=True, type=float, help="seconds to wait for the broker"
 )
@@ -1907,12 +1914,7 @@ def devices_revoke(ctx: click.Context, device_id: str, json_output: bool) -> Non
     type=click.Path(path_type=Path, file_okay=False),
     help="directory to write (default HOME/devices/ID)",
 )
-@click.option(
-    "--broker",
-    required=True,
-    envvar="EDGE_SDK_BROKER",
-    help=f"the broker URL the device connects to, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)",
-)
+@device_broker_option
 @click.option(
     "--device-dir",
     default="/etc/edge-agent",
@@ -2141,6 +2143,87 @@ def demo(
     )  # fmt: skip
     result = run_demo_session(options, _say(cfg), _byte_progress)
     _emit(cfg, result.to_dict(), lambda: demo_text(result))
+
+
+@cli.command()
+@click.option("--devices", "count", type=int, required=True, help="how many simulated devices")
+@device_broker_option
+@click.option(
+    "--root",
+    "root_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="directory for the devices' data, keys, spec files and logs (kept: the same devices next time)",
+)
+@click.option("--per-process", default=50, show_default=True, help="devices per OS process")
+@click.option(
+    "--runtime",
+    type=click.Choice(["standin", "real"]),
+    default="standin",
+    show_default=True,
+    help="standin: latency drawn from a distribution (not a measurement), for large fleets; real: onnxruntime/LiteRT",
+)
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    metavar="KIND:key=value,...",
+    help="inject a fault (repeatable): install-fail, slow-link, drop-link, offline, gate-closed, latency, rss; "
+    "e.g. install-fail:share=0.05,after=120 or latency:share=0.1,factor=2,version=2 (see edge_sdk/simulation.py)",
+)
+@click.option("--seed", default=0, show_default=True, help="picks the devices of each fault's share")
+@click.option("--latency-ms", default=5.0, show_default=True, help="stand-in runtime: median latency")
+@click.option("--latency-sigma", default=0.25, show_default=True, help="stand-in runtime: log-normal spread")
+@click.option("--id-prefix", default="sim", show_default=True, help="device ids are PREFIX-00000, PREFIX-00001...")
+@click.option("--for", "run_for_s", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+@json_option
+@click.pass_context
+def sim(
+    ctx: click.Context,
+    count: int,
+    broker: str,
+    root_dir: Path,
+    per_process: int,
+    runtime: str,
+    faults: tuple[str, ...],
+    seed: int,
+    latency_ms: float,
+    latency_sigma: float,
+    id_prefix: str,
+    run_for_s: float | None,
+    json_output: bool,
+) -> None:
+    """Run a fleet of simulated devices on this machine: real agents, several per process, until Ctrl-C.
+
+    Each device has its own data directory, identity key (enrolled in the registry) and
+    connection; faults act in the agents' real code paths. The stand-in runtime's latency
+    and memory figures are simulated, and every report says so (runtime "simulated").
+    """
+    import signal
+    import threading
+
+    from edge_sdk.simulation import FaultPlan, LatencyModel
+    from host_tools.fleet.simulator import SimOptions, start_sim_fleet
+    from host_tools.keys import KeyRing
+    from host_tools.report.simulation import sim_text
+
+    cfg = _cfg(ctx, json_output)
+    options = SimOptions(
+        count, broker, root_dir, per_process=per_process, runtime=runtime, faults=FaultPlan.of(faults, seed),
+        latency=LatencyModel(latency_ms, latency_sigma), id_prefix=id_prefix,
+    )  # fmt: skip
+    ring = KeyRing(cfg.keys_dir)
+    ring.signed_root()  # a root devices can load, or a KeyStoreError saying to run `edgectl keys init`
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with _registry(cfg) as reg:
+        fleet = start_sim_fleet(options, reg, ring.root_path)
+    with fleet:
+        data = fleet.to_dict()
+        _emit(cfg, data, lambda: sim_text(data))
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait(run_for_s)
+    click.echo("simulated devices stopped", err=True)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from edge_sdk.errors import ConfigError, RuntimeUnavailableError
+from edge_sdk.runtime._standin import StandInSession
 from edge_sdk.runtime._types import (
     PRECISIONS,
     InferenceSession,
@@ -38,6 +39,7 @@ __all__ = [
     "RUNTIMES",
     "InferenceSession",
     "SessionOptions",
+    "StandInSession",
     "TensorSpec",
     "available_runtimes",
     "open_session",

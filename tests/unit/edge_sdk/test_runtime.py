@@ -92,6 +92,7 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
             "RUNTIMES",
             "InferenceSession",
             "SessionOptions",
+            "StandInSession",
             "TensorSpec",
             "available_runtimes",
             "open_session",
