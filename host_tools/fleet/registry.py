@@ -43,6 +43,8 @@ approves it, ``approved``, or ``revoked``); ``device_sequences`` keeps the last 
 number accepted from each device on each channel (status, events, metrics: a retained
 status is older than the events after it); ``report_drops`` counts the device messages the
 host dropped, per device and reason.
+Version 5 adds ``runs``: every compression, profile, deploy and rollout kept with an id, its
+kind, its time, its parameters and its results (JSON), so two can be compared later.
 
 Values are checked before they are stored: times must be finite and between 1970 and
 2100 (:func:`check_time`), numbers in a metrics report finite, so that no stored row can
@@ -72,6 +74,7 @@ __all__ = [
     "DEVICE_STATUSES",
     "ENROLMENT_STATES",
     "LATEST_TIME",
+    "RUN_KINDS",
     "SCHEMA_VERSION",
     "UNKNOWN_DEVICE",
     "BundleRef",
@@ -83,6 +86,7 @@ __all__ = [
     "ForgetResult",
     "MetricsRecord",
     "Registry",
+    "RunRecord",
     "check_time",
     "open_registry",
 ]
@@ -96,6 +100,9 @@ DeploymentState = Literal["sent", "installed", "refused", "failed", "deferred"]
 DEVICE_STATUSES: frozenset[str] = frozenset({"online", "offline"})
 #: Every state a deployment row may hold.
 DEPLOYMENT_STATES: frozenset[str] = frozenset({"sent", "installed", "refused", "failed", "deferred"})
+
+#: Every kind of run the registry keeps.
+RUN_KINDS: frozenset[str] = frozenset({"compress", "profile", "deploy", "rollout"})
 
 #: Every state an enrolment may hold.
 ENROLMENT_STATES: frozenset[str] = frozenset({"pending", "approved", "revoked"})
@@ -394,6 +401,45 @@ class MetricsRecord:
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """One kept run: a compression, profile, deploy or rollout, with what it was asked and what it found.
+
+    Args:
+        id: row id assigned by the registry (``edgectl compare A B`` takes two of them).
+        kind: one of :data:`RUN_KINDS`.
+        started_at: unix seconds the run was recorded.
+        parameters: what it was asked to do (files with their sha256, options).
+        results: what it produced (a compression report, device metrics reports).
+
+    Raises:
+        ValueError: an unknown kind, an implausible time, or a number that is not finite.
+    """
+
+    id: int
+    kind: str
+    started_at: float
+    parameters: Mapping[str, Any]
+    results: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.kind not in RUN_KINDS:
+            raise ValueError(f"unknown run kind {self.kind!r}; expected one of {sorted(RUN_KINDS)}")
+        check_time(self.started_at, "started_at")
+        _check_finite(self.parameters, "parameters")
+        _check_finite(self.results, "results")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "started_at": self.started_at,
+            "parameters": dict(self.parameters),
+            "results": dict(self.results),
+        }
+
+
+@dataclass(frozen=True)
 class EnrolmentRecord:
     """A device id bound to its public key, and what the host knows of its messages.
 
@@ -528,7 +574,7 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
 # --- schema ----------------------------------------------------------------------------
 
 #: The schema version this code writes and understands.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: One step of a migration: shared SQL, or a function of the connection and dialect for
 #: what SQL alone cannot say portably (checking rows, rewriting JSON).
@@ -769,6 +815,21 @@ _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
             "UPDATE metrics SET received_at = 0 WHERE NOT (received_at BETWEEN 0 AND 4102444800)",
         ),
     ),
+    (
+        5,
+        (
+            """
+            CREATE TABLE IF NOT EXISTS runs (
+                id {id},
+                kind TEXT NOT NULL,
+                started_at {float} NOT NULL,
+                parameters TEXT NOT NULL,
+                results TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX IF NOT EXISTS runs_kind_started ON runs (kind, started_at)",
+        ),
+    ),
 )
 
 _CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
@@ -816,6 +877,7 @@ _DEPLOYMENT_COLUMNS = (
     "error_code, error_message, started_at, finished_at"
 )
 _METRICS_COLUMNS = "id, device_id, bundle_name, bundle_version, received_at, report"
+_RUN_COLUMNS = "id, kind, started_at, parameters, results"
 
 
 def _dump_json(value: Mapping[str, Any] | None) -> str | None:
@@ -1414,6 +1476,67 @@ class Registry:
         for device_id, reason, count in rows:
             out.setdefault(str(device_id), {})[str(reason)] = int(count)
         return out
+
+    # -- runs --
+
+    def add_run(self, kind: str, started_at: float, parameters: Mapping[str, Any], results: Mapping[str, Any]) -> int:
+        """Keep one run.
+
+        Args:
+            kind: one of :data:`RUN_KINDS`.
+            started_at: unix seconds.
+            parameters: what the run was asked (JSON-ready).
+            results: what it produced (JSON-ready).
+
+        Returns:
+            The new run's id.
+
+        Raises:
+            ValueError: an unknown kind, an implausible time or a number that is not finite (nothing is stored).
+            StorageError: on a database failure.
+        """
+        RunRecord(0, kind, started_at, parameters, results)
+        return self._insert(
+            "INSERT INTO runs (kind, started_at, parameters, results) VALUES (?, ?, ?, ?)",
+            (kind, started_at, _dump_json(parameters), _dump_json(results)),
+            what=f"keep a {kind} run",
+        )
+
+    def get_run(self, run_id: int) -> RunRecord | None:
+        """One run by id, or ``None``.
+
+        Raises:
+            StorageError: on a database failure or a malformed row.
+        """
+        with self._storage_errors(f"read run {run_id}"):
+            row = self._conn.execute(
+                self._dialect.sql(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?"), (run_id,)
+            ).fetchone()
+        return None if row is None else self._run_from_row(row)
+
+    def list_runs(self, kind: str | None = None, since: float | None = None, limit: int = 1000) -> list[RunRecord]:
+        """Kept runs, newest first.
+
+        Args:
+            kind: only this kind; all when ``None``.
+            since: only runs started at or after this time.
+            limit: at most this many.
+
+        Raises:
+            StorageError: on a database failure or a malformed row.
+        """
+        where, params = _where({"kind": kind})
+        if since is not None:
+            where += (" AND" if where else " WHERE") + " started_at >= ?"
+            params = (*params, since)
+        query = f"SELECT {_RUN_COLUMNS} FROM runs{where} ORDER BY started_at DESC, id DESC LIMIT ?"
+        with self._storage_errors("list runs"):
+            rows = self._conn.execute(self._dialect.sql(query), (*params, int(limit))).fetchall()
+        return [self._run_from_row(row) for row in rows]
+
+    def _run_from_row(self, row: Sequence[Any]) -> RunRecord:
+        with self._row("runs", row[0]):
+            return RunRecord(int(row[0]), row[1], row[2], json.loads(row[3]), json.loads(row[4]))
 
     # -- reading rows --
 

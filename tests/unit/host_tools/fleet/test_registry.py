@@ -541,7 +541,9 @@ def test_public_names() -> None:
         "DeviceStatus",
         "ForgetResult",
         "MetricsRecord",
+        "RUN_KINDS",
         "Registry",
+        "RunRecord",
         "open_registry",
     }
 
@@ -681,7 +683,7 @@ def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[st
     before = _counts(connect)
 
     with open_registry(target) as db:
-        assert db.ensure_schema() == SCHEMA_VERSION == 4
+        assert db.ensure_schema() == SCHEMA_VERSION == 5
         assert _counts(connect) == before == {"devices": 3, "deployments": 4, "metrics": 4}
 
         latest = db.latest_metrics()
@@ -736,7 +738,7 @@ def test_v1_registry_upgrades_in_place_and_keeps_every_row(v1_database: tuple[st
     conn = connect()
     try:
         versions = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-        assert [r[0] for r in versions] == [1, 2, 3, 4]
+        assert [r[0] for r in versions] == list(range(1, SCHEMA_VERSION + 1))
         stored = conn.execute("SELECT active_bundles, broker FROM devices WHERE device_id = 'pi-01'").fetchone()
         assert json.loads(stored[0]) == [{"name": "digits", "version": 10}] and stored[1] == ""
     finally:
@@ -769,7 +771,7 @@ def test_two_processes_upgrade_one_v1_file_once(v1_database: tuple[str, Callable
     conn = connect()
     try:
         versions = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-        assert [r[0] for r in versions] == [1, 2, 3, 4]
+        assert [r[0] for r in versions] == list(range(1, SCHEMA_VERSION + 1))
     finally:
         conn.close()
 
