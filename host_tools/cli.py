@@ -1656,6 +1656,44 @@ def compare(ctx: click.Context, run_a: int, run_b: int, json_output: bool) -> No
     _emit(cfg, comparison, lambda: compare_text(comparison))
 
 
+@cli.command()
+@click.option("--html", "html_path", type=OutputFile(), help="write the report as one self-contained HTML file")
+@click.option(
+    "--png", "png_dir", type=click.Path(path_type=Path, file_okay=False), help="write each plot as DIR/<name>.png"
+)
+@click.option("--since", help="only data since: unix seconds, an ISO date/time, or an age (90m, 12h, 7d)")
+@click.option("--devices", "selector", help="only these devices: ids or globs (pi-*), or label=value, comma-separated")
+@json_option
+@click.pass_context
+def report(
+    ctx: click.Context,
+    html_path: Path | None,
+    png_dir: Path | None,
+    since: str | None,
+    selector: str | None,
+    json_output: bool,
+) -> None:
+    """Plots of the fleet from the registry: latency distributions, compression variants (Pareto front),
+    energy per inference (measured vs estimated), the rollout timeline, and the fleet table.
+
+    The HTML file needs no network: styles inline, every plot a PNG inside it.
+    """
+    from host_tools.report.data import parse_devices
+    from host_tools.report.html import build_report, write_report
+
+    cfg = _cfg(ctx, json_output)
+    if html_path is None and png_dir is None:
+        raise click.UsageError("give --html FILE, --png DIR, or both")
+    chosen = parse_devices(selector) if selector is not None else None
+    with _registry(cfg) as reg:
+        built = build_report(reg, time.time(), _since(since), chosen)
+    written = write_report(built, html_path, png_dir)
+    data = {**built.to_dict(), "written": [str(p) for p in written]}
+    _emit(
+        cfg, data, lambda: "\n".join(f"wrote {p}" for p in written) + "".join(f"\nnote: {n}" for n in built.fleet.notes)
+    )
+
+
 # --- broker and demo --------------------------------------------------------------------
 
 

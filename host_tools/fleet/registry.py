@@ -1288,6 +1288,31 @@ class Registry:
             StorageError: on a database failure, or a stored report that is not a valid one
                 (the error names its row).
         """
+        return [self._metrics_from_row(row) for row in self._latest_metrics_rows(device_id, bundle_name)]
+
+    def latest_metrics_json(self) -> list[tuple[str, str, int, float, dict[str, Any]]]:
+        """The newest report for each (device, bundle, version), as stored JSON, not rebuilt as typed records.
+
+        For readers of a whole fleet (the report, the exporter) where rebuilding ten thousand
+        typed reports costs more than the rest together: every report was validated when
+        it was stored (:meth:`add_metrics`); the reader still checks each value it uses.
+
+        Returns:
+            ``(device_id, bundle_name, bundle_version, received_at, report)`` ordered as
+            :meth:`latest_metrics`; rows whose report is not a JSON object are left out.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        out = []
+        for row in self._latest_metrics_rows(None, None):
+            version = _bundle_version(row[3])
+            report = json.loads(row[5])
+            if version is not None and isinstance(report, dict):
+                out.append((str(row[1]), str(row[2]), version, float(row[4]), report))
+        return out
+
+    def _latest_metrics_rows(self, device_id: str | None, bundle_name: str | None) -> list[Sequence[Any]]:
         where, params = _where({"device_id": device_id, "bundle_name": bundle_name})
         query = (
             f"SELECT {_METRICS_COLUMNS} FROM ("
@@ -1297,8 +1322,7 @@ class Registry:
             ") ranked WHERE newest = 1 ORDER BY device_id, bundle_name, bundle_version"
         )
         with self._storage_errors("read latest metrics"):
-            rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
-        return [self._metrics_from_row(row) for row in rows]
+            return list(self._conn.execute(self._dialect.sql(query), params).fetchall())
 
     # -- enrolment --
 

@@ -26,10 +26,11 @@ import re
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.protocol.topics import check_device_id
-from host_tools.fleet.registry import DeploymentRecord, DeviceRecord, MetricsRecord, Registry, RunRecord
+from host_tools.fleet.registry import DeploymentRecord, DeviceRecord, Registry, RunRecord
 
 __all__ = [
     "CompressionVariant",
@@ -280,28 +281,59 @@ def _state(record: DeviceRecord) -> str:
     return state if isinstance(state, str) and state in ("online", "stale", "offline") else record.status
 
 
-def _series(m: MetricsRecord) -> LatencySeries | None:
-    lat = m.report.latency
+#: A stored report as :meth:`Registry.latest_metrics_json` returns it.
+_Stored = tuple[str, str, int, float, dict[str, Any]]
+
+
+def _num(value: object) -> float | None:
+    """A finite, non-negative number, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        return None
+    return float(value)
+
+
+def _latency(report: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    lat = report.get("latency")
+    if not isinstance(lat, Mapping) or not lat:
+        return None
+    needed = ("min_ms", "max_ms", "p50_ms", "p90_ms", "p99_ms")
+    return lat if all(_num(lat.get(k)) is not None for k in needed) else None
+
+
+def _series(stored: _Stored) -> LatencySeries | None:
+    device_id, bundle, version, received_at, report = stored
+    lat = _latency(report)
     if lat is None:
         return None
-    quantiles = {0.5: lat.p50_ms, 0.9: lat.p90_ms, 0.99: lat.p99_ms}
-    if lat.samples_ms:
-        samples, from_percentiles = tuple(lat.samples_ms), False
+    quantiles = {0.5: float(lat["p50_ms"]), 0.9: float(lat["p90_ms"]), 0.99: float(lat["p99_ms"])}
+    raw = lat.get("samples_ms")
+    kept = [v for v in raw if _num(v) is not None] if isinstance(raw, list) else []
+    if kept:
+        samples, from_percentiles = tuple(sorted(float(v) for v in kept)), False
     else:
-        samples, from_percentiles = (lat.min_ms, lat.p50_ms, lat.p90_ms, lat.p99_ms, lat.max_ms), True
-    return LatencySeries(
-        m.device_id, m.bundle_name, m.bundle_version, samples, from_percentiles, lat.count, quantiles, m.received_at
-    )
+        samples = tuple(float(lat[k]) for k in ("min_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms"))
+        from_percentiles = True
+    count = lat.get("count")
+    count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else len(samples)
+    return LatencySeries(device_id, bundle, version, samples, from_percentiles, count, quantiles, received_at)
 
 
-def _energy(m: MetricsRecord) -> EnergyPoint | None:
-    power = m.report.power
-    if power is None or power.joules_per_inference is None:
+def _energy(stored: _Stored) -> EnergyPoint | None:
+    device_id, bundle, version, _, report = stored
+    power = report.get("power")
+    if not isinstance(power, Mapping) or _num(power.get("joules_per_inference")) is None:
         return None
+    estimated = power.get("estimated")
     return EnergyPoint(
-        m.device_id, m.bundle_name, m.bundle_version, power.joules_per_inference, power.watts, power.estimated,
-        power.source,
+        device_id, bundle, version, float(power["joules_per_inference"]), _num(power.get("watts")),
+        estimated is not False, str(power.get("source") or ""),
     )  # fmt: skip
+
+
+def memory_bytes(report: Mapping[str, Any]) -> float | None:
+    """The peak memory a stored report gives (``memory.peak_bytes``), if any."""
+    memory = report.get("memory")
+    return _num(memory.get("peak_bytes")) if isinstance(memory, Mapping) else None
 
 
 def _deployment_event(d: DeploymentRecord) -> TimelineEvent | None:
@@ -405,28 +437,19 @@ def read_fleet(
     """
     records = _select(registry.list_devices(), devices)
     wanted = {d.device_id for d in records}
-    metrics = [
-        m for m in registry.latest_metrics() if m.device_id in wanted and (since is None or m.received_at >= since)
-    ]
-    latest: dict[tuple[str, str, int], MetricsRecord] = {
-        (m.device_id, m.bundle_name, m.bundle_version): m for m in metrics
-    }
+    metrics = [m for m in registry.latest_metrics_json() if m[0] in wanted and (since is None or m[3] >= since)]
+    latency = [s for m in metrics if (s := _series(m)) is not None]
+    energy = [e for m in metrics if (e := _energy(m)) is not None]
+    p99 = {(s.device_id, s.bundle_name, s.version): s.quantiles_ms[0.99] for s in latency}
     rows = []
     for d in records:
-        p99s = [
-            latest[(d.device_id, b.name, b.version)].report.latency.p99_ms  # type: ignore[union-attr]
-            for b in d.active_bundles or ()
-            if (d.device_id, b.name, b.version) in latest
-            and latest[(d.device_id, b.name, b.version)].report.latency is not None
-        ]
+        p99s = [p99[key] for b in d.active_bundles or () if (key := (d.device_id, b.name, b.version)) in p99]
         rows.append(
             DeviceRow(
                 d.device_id, d.broker, _state(d), _labels(d), {b.name: b.version for b in d.active_bundles or ()},
                 d.last_seen, max(p99s) if p99s else None,
             )
         )  # fmt: skip
-    latency = [s for m in metrics if (s := _series(m)) is not None]
-    energy = [e for m in metrics if (e := _energy(m)) is not None]
     timeline = [
         e
         for d in registry.list_deployments(limit=100_000)
