@@ -1694,6 +1694,40 @@ def report(
     )
 
 
+@cli.command()
+@click.option(
+    "--port", default=9464, show_default=True, type=click.IntRange(0, 65535), help="port (0 picks a free one)"
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--registry", "registry_url", help="registry to read (default: edgectl's --registry / HOME/registry.db)")
+@click.option(
+    "--cache", "cache_s", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
+    help="seconds a registry read serves scrapes before the next read",
+)  # fmt: skip
+@click.pass_context
+def exporter(ctx: click.Context, port: int, host: str, registry_url: str | None, cache_s: float) -> None:
+    """Serve the fleet as Prometheus metrics on http://HOST:PORT/metrics until Ctrl-C.
+
+    Devices by state, latency quantiles and histograms, memory, power and energy (with an
+    `estimated` label), installed versions (`edge_device_bundle_info`), rollout progress where
+    rollouts are kept, and the collector's dropped and refused messages.
+    """
+    import signal
+    import threading
+
+    from host_tools.report.exporter import serve_exporter
+
+    cfg = _cfg(ctx, False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_exporter(
+            registry_url or cfg.registry_url, host, port, stop, cache_s,
+            lambda url: click.echo(f"exporter serving {url}; Ctrl-C to stop", err=True),
+        )  # fmt: skip
+    click.echo("exporter stopped", err=True)
+
+
 # --- broker and demo --------------------------------------------------------------------
 
 

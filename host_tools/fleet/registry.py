@@ -60,7 +60,7 @@ import math
 import re
 import sqlite3
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -1290,12 +1290,17 @@ class Registry:
         """
         return [self._metrics_from_row(row) for row in self._latest_metrics_rows(device_id, bundle_name)]
 
-    def latest_metrics_json(self) -> list[tuple[str, str, int, float, dict[str, Any]]]:
+    def latest_metrics_json(
+        self, only: Collection[tuple[str, str, int]] | None = None
+    ) -> list[tuple[str, str, int, float, dict[str, Any]]]:
         """The newest report for each (device, bundle, version), as stored JSON, not rebuilt as typed records.
 
         For readers of a whole fleet (the report, the exporter) where rebuilding ten thousand
         typed reports costs more than the rest together: every report was validated when
         it was stored (:meth:`add_metrics`); the reader still checks each value it uses.
+
+        Args:
+            only: decode only these (device, bundle, version); all when ``None``.
 
         Returns:
             ``(device_id, bundle_name, bundle_version, received_at, report)`` ordered as
@@ -1307,8 +1312,10 @@ class Registry:
         out = []
         for row in self._latest_metrics_rows(None, None):
             version = _bundle_version(row[3])
+            if version is None or (only is not None and (row[1], row[2], version) not in only):
+                continue
             report = json.loads(row[5])
-            if version is not None and isinstance(report, dict):
+            if isinstance(report, dict):
                 out.append((str(row[1]), str(row[2]), version, float(row[4]), report))
         return out
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import math
 import re
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "EnergyPoint",
     "FleetData",
     "LatencySeries",
+    "RolloutProgress",
     "TimelineEvent",
     "parse_devices",
     "parse_since",
@@ -86,6 +88,7 @@ class LatencySeries:
         count: timed runs behind the report.
         quantiles_ms: ``{0.5: p50, 0.9: p90, 0.99: p99}`` as the device computed them.
         received_at: when the host got the report.
+        mean_ms: the mean of every timed run.
     """
 
     device_id: str
@@ -96,6 +99,7 @@ class LatencySeries:
     count: int
     quantiles_ms: Mapping[float, float]
     received_at: float
+    mean_ms: float
 
     @property
     def model(self) -> str:
@@ -144,6 +148,21 @@ class TimelineEvent:
 
 
 @dataclass(frozen=True)
+class RolloutProgress:
+    """How far one rollout has come, where the registry keeps rollouts.
+
+    Args:
+        rollout: its id.
+        bundle: ``name vN``.
+        devices: state -> device count (``pending``, ``installed``, ``failed``...).
+    """
+
+    rollout: str
+    bundle: str
+    devices: Mapping[str, int]
+
+
+@dataclass(frozen=True)
 class CompressionVariant:
     """One kept compression run, as a point of accuracy vs size vs on-device latency.
 
@@ -181,6 +200,8 @@ class FleetData:
         variants: compression runs.
         drops: collector drops, device -> reason -> count.
         notes: what the data lacks, in words, for the report to say.
+        rollouts: progress of each rollout, where the registry keeps rollouts (else empty).
+        memory: (device, bundle, version, peak bytes) per report that measured memory.
     """
 
     generated_at: float
@@ -192,6 +213,8 @@ class FleetData:
     variants: tuple[CompressionVariant, ...]
     drops: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    rollouts: tuple[RolloutProgress, ...] = ()
+    memory: tuple[tuple[str, str, int, float], ...] = ()
 
 
 # --- parsing the options --------------------------------------------------------------
@@ -292,6 +315,15 @@ def _num(value: object) -> float | None:
     return float(value)
 
 
+def _samples(raw: object) -> tuple[float, ...]:
+    """Stored samples, if they are a list of finite non-negative numbers (else none), ascending."""
+    if not isinstance(raw, list) or not raw or not all(type(v) is float or type(v) is int for v in raw):
+        return ()
+    if min(raw) < 0 or not math.isfinite(max(raw)):
+        return ()
+    return tuple(sorted(raw))
+
+
 def _latency(report: Mapping[str, Any]) -> Mapping[str, Any] | None:
     lat = report.get("latency")
     if not isinstance(lat, Mapping) or not lat:
@@ -306,16 +338,19 @@ def _series(stored: _Stored) -> LatencySeries | None:
     if lat is None:
         return None
     quantiles = {0.5: float(lat["p50_ms"]), 0.9: float(lat["p90_ms"]), 0.99: float(lat["p99_ms"])}
-    raw = lat.get("samples_ms")
-    kept = [v for v in raw if _num(v) is not None] if isinstance(raw, list) else []
+    kept = _samples(lat.get("samples_ms"))
     if kept:
-        samples, from_percentiles = tuple(sorted(float(v) for v in kept)), False
+        samples, from_percentiles = kept, False
     else:
         samples = tuple(float(lat[k]) for k in ("min_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms"))
         from_percentiles = True
     count = lat.get("count")
     count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else len(samples)
-    return LatencySeries(device_id, bundle, version, samples, from_percentiles, count, quantiles, received_at)
+    mean = _num(lat.get("mean_ms"))
+    return LatencySeries(
+        device_id, bundle, version, samples, from_percentiles, count, quantiles, received_at,
+        mean if mean is not None else sum(samples) / len(samples),
+    )  # fmt: skip
 
 
 def _energy(stored: _Stored) -> EnergyPoint | None:
@@ -358,6 +393,21 @@ def _rollout_events(registry: Registry, since: float | None) -> tuple[list[Timel
                               str(get("rollout") or ""))
             )  # fmt: skip
     return events, True
+
+
+def _rollout_progress(registry: Registry) -> list[RolloutProgress]:
+    """Each rollout's device counts by state, from a registry method ``rollout_progress()`` when it has one."""
+    reader = getattr(registry, "rollout_progress", None)
+    if reader is None:
+        return []
+    out = []
+    for p in reader():
+        get = p.get if isinstance(p, Mapping) else lambda k, o=p: getattr(o, k, None)
+        rollout, devices = str(get("rollout") or get("id") or ""), get("devices")
+        if _LABEL_RE.fullmatch(rollout) and isinstance(devices, Mapping):
+            counts = {str(k): int(v) for k, v in devices.items() if _LABEL_RE.fullmatch(str(k)) and isinstance(v, int)}
+            out.append(RolloutProgress(rollout, str(get("bundle") or ""), counts))
+    return out
 
 
 def _variants(runs: Sequence[RunRecord]) -> list[CompressionVariant]:
@@ -419,6 +469,7 @@ def read_fleet(
     devices: Callable[[str, Mapping[str, str]], bool] | None = None,
     *,
     run_limit: int = 1000,
+    history: bool = True,
 ) -> FleetData:
     """Read what the report and the exporter show.
 
@@ -428,6 +479,8 @@ def read_fleet(
         since: only metrics, events and runs from this time on (the fleet table shows every selected device).
         devices: a predicate from :func:`parse_devices`; every device when ``None``.
         run_limit: newest compression, profile and deploy runs read.
+        history: read the timeline, the kept runs and the reports of versions no longer installed too
+            (the exporter shows only the present).
 
     Returns:
         The data, ordered by device id, model, time.
@@ -437,7 +490,10 @@ def read_fleet(
     """
     records = _select(registry.list_devices(), devices)
     wanted = {d.device_id for d in records}
-    metrics = [m for m in registry.latest_metrics_json() if m[0] in wanted and (since is None or m[3] >= since)]
+    installed = None if history else {(d.device_id, b.name, b.version) for d in records for b in d.active_bundles or ()}
+    metrics = [
+        m for m in registry.latest_metrics_json(installed) if m[0] in wanted and (since is None or m[3] >= since)
+    ]
     latency = [s for m in metrics if (s := _series(m)) is not None]
     energy = [e for m in metrics if (e := _energy(m)) is not None]
     p99 = {(s.device_id, s.bundle_name, s.version): s.quantiles_ms[0.99] for s in latency}
@@ -452,13 +508,13 @@ def read_fleet(
         )  # fmt: skip
     timeline = [
         e
-        for d in registry.list_deployments(limit=100_000)
+        for d in (registry.list_deployments(limit=100_000) if history else ())
         if d.device_id in wanted and (since is None or d.started_at >= since) and (e := _deployment_event(d))
     ]
-    rollout_events, rollouts_known = _rollout_events(registry, since)
+    rollout_events, rollouts_known = _rollout_events(registry, since) if history else ([], False)
     timeline.extend(e for e in rollout_events if not e.device_id or e.device_id in wanted)
     timeline.sort(key=lambda e: (e.at, e.kind, e.device_id))
-    runs = registry.list_runs(since=since, limit=run_limit)
+    runs = registry.list_runs(since=since, limit=run_limit) if history else []
     notes = []
     if any(s.from_percentiles for s in latency):
         n = sum(s.from_percentiles for s in latency)
@@ -468,7 +524,8 @@ def read_fleet(
     return FleetData(
         generated_at=now, devices=tuple(rows), latency=tuple(latency), energy=tuple(energy),
         timeline=tuple(timeline), rollouts_known=rollouts_known, variants=tuple(_variants(runs)),
-        drops=registry.drop_counts(), notes=tuple(notes),
+        drops=registry.drop_counts(), notes=tuple(notes), rollouts=tuple(_rollout_progress(registry)),
+        memory=tuple((m[0], m[1], m[2], peak) for m in metrics if (peak := memory_bytes(m[4])) is not None),
     )  # fmt: skip
 
 
