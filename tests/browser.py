@@ -110,7 +110,7 @@ def visit(page: Path, workdir: Path, screenshot: Path) -> PageVisit:
             else:
                 time.sleep(0.1)
         assert port is not None, "chromium did not open its DevTools port within 60 s"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=20) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=20) as resp:
             targets = json.load(resp)
         target = next(t for t in targets if t.get("type") == "page")
         cdp = _Cdp(target["webSocketDebuggerUrl"])
