@@ -386,10 +386,10 @@ def _rollout_events(registry: Registry, since: float | None) -> tuple[list[Timel
     events = []
     for e in reader(since):
         get = e.get if isinstance(e, Mapping) else lambda k, o=e: getattr(o, k, None)
-        kind = str(get("kind"))
-        if kind in ("wave", "success", "failure", "deferral", "rollback"):
+        kind, at = str(get("kind")), _num(get("at"))
+        if kind in ("wave", "success", "failure", "deferral", "rollback") and at is not None:
             events.append(
-                TimelineEvent(float(get("at")), kind, str(get("device_id") or ""), str(get("bundle") or ""),
+                TimelineEvent(at, kind, str(get("device_id") or ""), str(get("bundle") or ""),
                               str(get("rollout") or ""))
             )  # fmt: skip
     return events, True
@@ -507,9 +507,9 @@ def read_fleet(
             )
         )  # fmt: skip
     timeline = [
-        e
+        event
         for d in (registry.list_deployments(limit=100_000) if history else ())
-        if d.device_id in wanted and (since is None or d.started_at >= since) and (e := _deployment_event(d))
+        if d.device_id in wanted and (since is None or d.started_at >= since) and (event := _deployment_event(d))
     ]
     rollout_events, rollouts_known = _rollout_events(registry, since) if history else ([], False)
     timeline.extend(e for e in rollout_events if not e.device_id or e.device_id in wanted)

@@ -283,11 +283,12 @@ def plot_timeline(events: Sequence[TimelineEvent], rollouts_known: bool) -> Plot
     for kind in TIMELINE_KINDS:
         ts = [dt.datetime.fromtimestamp(e.at, tz=dt.timezone.utc) for e in events if e.kind == kind]
         if ts:
-            ax.scatter(date2num(ts), [rows[kind]] * len(ts), marker="|", s=200, color=_TIMELINE_COLOURS[kind],
+            days = date2num(ts)  # type: ignore[no-untyped-call]
+            ax.scatter(days, [rows[kind]] * len(ts), marker="|", s=200, color=_TIMELINE_COLOURS[kind],
                        label=f"{kind}: {len(ts)}")  # fmt: skip
-    locator = AutoDateLocator()
+    locator = AutoDateLocator()  # type: ignore[no-untyped-call]
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
     ax.set_yticks(list(rows.values()), list(rows))
     ax.set_ylim(0.3, len(TIMELINE_KINDS) + 0.7)
     ax.set_xlabel("time (UTC)")

@@ -1,4 +1,4 @@
-"""edgectl exporter: scraped over HTTP on a free loopback port, parsed, compared with the registry, linted by promtool."""
+"""edgectl exporter: scraped over HTTP on a loopback port, parsed, compared with the registry, checked by promtool."""
 
 from __future__ import annotations
 
