@@ -30,14 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/report_fleet.py: the fleet writer
 
-from _report import add_common_args, print_table, write_results  # noqa: E402
-from report_fleet import T0, FleetSpec, fill_fleet  # noqa: E402
+from _report import add_common_args, print_table, write_results
+from report_fleet import T0, FleetSpec, fill_fleet
 
-from host_tools.fleet.registry import open_registry  # noqa: E402
-from host_tools.report.data import read_fleet  # noqa: E402
-from host_tools.report.exporter import FleetCollector, registry_reader  # noqa: E402
-from host_tools.report.html import build_report  # noqa: E402
-from host_tools.report.table import Column, render_table  # noqa: E402
+from host_tools.fleet.registry import open_registry
+from host_tools.report.data import read_fleet
+from host_tools.report.exporter import FleetCollector, registry_reader
+from host_tools.report.html import build_report
+from host_tools.report.table import Column, render_table
 
 
 def _timed(fn: Callable[[], object]) -> float:
