@@ -799,3 +799,24 @@ def test_v1_row_with_a_non_integer_version_stops_the_migration_and_changes_nothi
         assert versions == ["1.0.0", "10", "10", "9"]
     finally:
         conn.close()
+
+
+# --- runs ------------------------------------------------------------------------------
+
+
+def test_runs_round_trip_filter_and_order(db: Registry) -> None:
+    first = db.add_run("compress", 100.0, {"model": {"sha256": "ab" * 32}}, {"report": {"final": {"size_bytes": 9}}})
+    second = db.add_run("profile", 200.0, {"devices": ["pi-01"]}, {"outcomes": []})
+    third = db.add_run("compress", 300.0, {}, {})
+    got = db.get_run(first)
+    assert got is not None and got.to_dict() == {
+        "id": first, "kind": "compress", "started_at": 100.0,
+        "parameters": {"model": {"sha256": "ab" * 32}}, "results": {"report": {"final": {"size_bytes": 9}}},
+    }  # fmt: skip
+    assert [r.id for r in db.list_runs()] == [third, second, first]
+    assert [r.id for r in db.list_runs(kind="compress")] == [third, first]
+    assert [r.id for r in db.list_runs(kind="compress", since=150.0)] == [third]
+    assert [r.id for r in db.list_runs(limit=1)] == [third]
+    assert db.get_run(third + 100) is None
+    with pytest.raises(ValueError, match="unknown run kind"):
+        db.add_run("train", 1.0, {}, {})
