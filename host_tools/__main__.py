@@ -20,7 +20,9 @@ from edge_sdk.errors import ConfigError
 __all__ = ["HOST_EXTRA_MODULES", "main"]
 
 #: Top-level modules of the ``host`` extra's packages (pyproject.toml); a test keeps them in step.
-HOST_EXTRA_MODULES = frozenset({"click", "onnx", "onnx_ir", "sklearn", "amqtt", "tqdm", "ai_edge_quantizer"})
+HOST_EXTRA_MODULES = frozenset(
+    {"click", "onnx", "onnx_ir", "sklearn", "amqtt", "tqdm", "ai_edge_quantizer", "matplotlib", "prometheus_client"}
+)
 
 #: The exit code of a usage or configuration error (the README's table of exit codes).
 _EXIT_CONFIG = 2

@@ -469,6 +469,14 @@ def _registry(cfg: HostConfig) -> Iterator[Any]:
         yield reg
 
 
+def _keep_run(reg: Any, kind: str, parameters: dict[str, Any], results: dict[str, Any]) -> None:
+    """Keep a run in the registry (``edgectl runs`` lists it) and say its id on stderr."""
+    from host_tools.fleet.runs import record_run
+
+    run_id = record_run(reg, kind, parameters, results, time.time())
+    click.echo(f"edgectl: kept as run {run_id} (edgectl runs, edgectl compare)", err=True)
+
+
 def _log_handler() -> logging.Handler:
     """Log lines on stderr, escaped for the terminal like every other line (they quote device strings)."""
     from host_tools.report.safe_text import TerminalSafeFormatter
@@ -834,6 +842,11 @@ def compress(
     )  # fmt: skip
     with _step_progress("compress", enabled=not job.is_tflite) as progress:
         result = hc.run_compress_job(job, progress)
+    from host_tools.fleet.runs import compress_parameters
+
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items() if k != "json_output"}
+    with _registry(cfg) as reg:
+        _keep_run(reg, "compress", compress_parameters(model, output, given), result.to_dict())
     _emit(cfg, result.to_dict(), lambda: compress_text(result))
 
 
@@ -1216,6 +1229,11 @@ def deploy(
             outcome = deploy_and_record(client, reg, device_ids[0], bundle, options, progress, router=r)
         else:
             outcomes = deploy_many(client, reg, list(device_ids), bundle, options, progress, router=r)
+        from host_tools.fleet.runs import bundle_parameters
+
+        kept = [outcome] if len(device_ids) == 1 else outcomes
+        asked = bundle_parameters(bundle, device_ids, options.benchmark.to_dict())
+        _keep_run(reg, "deploy", asked, deploy_many_data(kept))
     if len(device_ids) == 1:
         data = deploy_data(outcome)
         _raise_refusal(cfg, outcome, data)
@@ -1275,6 +1293,11 @@ def profile(
     )  # fmt: skip
     with _registry(cfg) as reg, _client(broker, connect_timeout, "profile") as client, _gated(cfg, reg, client) as r:
         outcome = profile_and_record(client, reg, device_id, bundle, options, _byte_progress(bundle.name), router=r)
+        from host_tools.fleet.runs import bundle_parameters
+
+        _keep_run(reg, "profile", bundle_parameters(bundle, [device_id], options.benchmark.to_dict()), {
+            "outcomes": [outcome_data(outcome)]
+        })  # fmt: skip
     data = outcome_data(outcome)
     _raise_refusal(cfg, outcome, data)
     _emit(cfg, data, lambda: profile_text(outcome))
@@ -2085,6 +2108,130 @@ def metrics(
         records = latest_metrics(reg, client, device_id, allow_unsigned=cfg.allow_unsigned_reports)
     reports = [r.report for r in records]
     _emit(cfg, [r.to_dict() for r in reports], lambda: metrics_text(reports))
+
+
+# --- kept runs, report and exporter ---------------------------------------------------
+
+
+def _since(text: str | None) -> float | None:
+    """``--since``: unix seconds, an ISO date or time (UTC unless it names a zone), or an age (90m, 12h, 7d)."""
+    if text is None:
+        return None
+    from host_tools.report.data import parse_since
+
+    try:
+        return parse_since(text, time.time())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from exc
+
+
+@cli.command()
+@click.option("--kind", type=click.Choice(["compress", "profile", "deploy", "rollout"]), help="only runs of this kind")
+@click.option("--since", help="only runs since: unix seconds, an ISO date/time, or an age (90m, 12h, 7d)")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000), help="newest runs shown")
+@json_option
+@click.pass_context
+def runs(ctx: click.Context, kind: str | None, since: str | None, limit: int, json_output: bool) -> None:
+    """Kept runs (compress, profile, deploy, rollout), newest first; compare two with `edgectl compare A B`."""
+    from host_tools.report.runs import runs_data, runs_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        kept = reg.list_runs(kind, _since(since), limit)
+    _emit(cfg, runs_data(kept), lambda: runs_text(kept))
+
+
+@cli.command()
+@click.argument("run_a", metavar="A", type=click.IntRange(1))
+@click.argument("run_b", metavar="B", type=click.IntRange(1))
+@json_option
+@click.pass_context
+def compare(ctx: click.Context, run_a: int, run_b: int, json_output: bool) -> None:
+    """Two kept runs side by side: size, quality, latency percentiles per device, and the change from A to B."""
+    from host_tools.report.runs import compare_runs, compare_text
+
+    cfg = _cfg(ctx, json_output)
+    with _registry(cfg) as reg:
+        found = {n: reg.get_run(n) for n in (run_a, run_b)}
+    missing = [str(n) for n, r in found.items() if r is None]
+    if missing:
+        raise ConfigError(f"no kept run with id {', '.join(missing)}; `edgectl runs` lists them", runs=missing)
+    a, b = found[run_a], found[run_b]
+    assert a is not None and b is not None
+    comparison = compare_runs(a, b)
+    _emit(cfg, comparison, lambda: compare_text(comparison))
+
+
+@cli.command()
+@click.option("--html", "html_path", type=OutputFile(), help="write the report as one self-contained HTML file")
+@click.option(
+    "--png", "png_dir", type=click.Path(path_type=Path, file_okay=False), help="write each plot as DIR/<name>.png"
+)
+@click.option("--since", help="only data since: unix seconds, an ISO date/time, or an age (90m, 12h, 7d)")
+@click.option("--devices", "selector", help="only these devices: ids or globs (pi-*), or label=value, comma-separated")
+@json_option
+@click.pass_context
+def report(
+    ctx: click.Context,
+    html_path: Path | None,
+    png_dir: Path | None,
+    since: str | None,
+    selector: str | None,
+    json_output: bool,
+) -> None:
+    """Plots of the fleet from the registry: latency distributions, compression variants (Pareto front),
+    energy per inference (measured vs estimated), the rollout timeline, and the fleet table.
+
+    The HTML file needs no network: styles inline, every plot a PNG inside it.
+    """
+    from host_tools.report.data import parse_devices
+    from host_tools.report.html import build_report, write_report
+
+    cfg = _cfg(ctx, json_output)
+    if html_path is None and png_dir is None:
+        raise click.UsageError("give --html FILE, --png DIR, or both")
+    chosen = parse_devices(selector) if selector is not None else None
+    with _registry(cfg) as reg:
+        built = build_report(reg, time.time(), _since(since), chosen)
+    written = write_report(built, html_path, png_dir)
+    data = {**built.to_dict(), "written": [str(p) for p in written]}
+    _emit(
+        cfg, data, lambda: "\n".join(f"wrote {p}" for p in written) + "".join(f"\nnote: {n}" for n in built.fleet.notes)
+    )
+
+
+@cli.command()
+@click.option(
+    "--port", default=9464, show_default=True, type=click.IntRange(0, 65535), help="port (0 picks a free one)"
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--registry", "registry_url", help="registry to read (default: edgectl's --registry / HOME/registry.db)")
+@click.option(
+    "--cache", "cache_s", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
+    help="seconds a registry read serves scrapes before the next read",
+)  # fmt: skip
+@click.pass_context
+def exporter(ctx: click.Context, port: int, host: str, registry_url: str | None, cache_s: float) -> None:
+    """Serve the fleet as Prometheus metrics on http://HOST:PORT/metrics until Ctrl-C.
+
+    Devices by state, latency quantiles and histograms, memory, power and energy (with an
+    `estimated` label), installed versions (`edge_device_bundle_info`), rollout progress where
+    rollouts are kept, and the collector's dropped and refused messages.
+    """
+    import signal
+    import threading
+
+    from host_tools.report.exporter import serve_exporter
+
+    cfg = _cfg(ctx, False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_exporter(
+            registry_url or cfg.registry_url, host, port, stop, cache_s,
+            lambda url: click.echo(f"exporter serving {url}; Ctrl-C to stop", err=True),
+        )  # fmt: skip
+    click.echo("exporter stopped", err=True)
 
 
 # --- broker and demo --------------------------------------------------------------------

@@ -17,6 +17,10 @@ __all__ = ["LatencyStats", "benchmark", "benchmark_interleaved"]
 
 #: Upper bound on timed runs when ``min_duration_s`` keeps :func:`benchmark` going.
 DEFAULT_MAX_RUNS = 100_000
+#: Samples a :class:`LatencyStats` keeps of its distribution (evenly spaced quantiles beyond this many runs).
+KEPT_SAMPLES = 64
+#: Most samples read back from a report (a peer's report is untrusted input).
+MAX_READ_SAMPLES = 1024
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,12 @@ class LatencyStats:
     ``stdev_ms`` is the sample standard deviation (0 for a single sample).
     Percentiles use numpy's ``"linear"`` method. ``throughput_per_s`` is runs per
     second of back-to-back execution (``count / total time``); it is 0.0 when the
-    total time is zero, i.e. unmeasurable. ``extra`` keeps fields a newer peer sent
-    (written back by :meth:`to_dict`, never read, not compared).
+    total time is zero, i.e. unmeasurable. ``samples_ms`` keeps the shape of the
+    distribution, bounded: every run's time when there were at most :data:`KEPT_SAMPLES`
+    runs, else that many evenly spaced quantiles (each stands for ``count / len`` runs),
+    ascending; ``None`` in reports from devices that did not send them (on the wire
+    only when present). ``extra`` keeps fields a newer peer sent (written back by
+    :meth:`to_dict`, never read, not compared).
     """
 
     count: int
@@ -39,9 +47,16 @@ class LatencyStats:
     p90_ms: float
     p99_ms: float
     throughput_per_s: float
+    samples_ms: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.samples_ms is not None and (
+            len(self.samples_ms) > MAX_READ_SAMPLES or any(v < 0 for v in self.samples_ms)
+        ):
+            raise MessageError(
+                f"latency samples must be at most {MAX_READ_SAMPLES} non-negative times", field="samples_ms"
+            )
         if self.count < 1:
             raise MessageError(f"latency stats need at least one run, got count={self.count}", field="count")
         if min(self.mean_ms, self.stdev_ms, self.min_ms, self.max_ms, self.p50_ms, self.p90_ms, self.p99_ms) < 0:
@@ -72,6 +87,10 @@ class LatencyStats:
         ms = data * 1000.0
         p50, p90, p99 = np.percentile(ms, [50, 90, 99], method="linear")
         total = float(data.sum())
+        if data.size <= KEPT_SAMPLES:
+            kept = np.sort(ms)
+        else:
+            kept = np.quantile(ms, (np.arange(KEPT_SAMPLES) + 0.5) / KEPT_SAMPLES, method="linear")
         return cls(
             count=int(data.size),
             mean_ms=float(ms.mean()),
@@ -82,11 +101,12 @@ class LatencyStats:
             p90_ms=float(p90),
             p99_ms=float(p99),
             throughput_per_s=data.size / total if total > 0 else 0.0,
+            samples_ms=tuple(float(v) for v in kept),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form, with the kept unknown fields."""
-        return plain_dict(self)
+        """Plain-JSON form, with the kept unknown fields; ``samples_ms`` only when there are some."""
+        return plain_dict(self, omit_none=("samples_ms",))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LatencyStats:
@@ -107,9 +127,14 @@ class LatencyStats:
         data = as_mapping(data, where)
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "extra":
+            if f.name in ("extra", "samples_ms"):
                 continue
             values[f.name] = read_int(data, f.name, where) if f.name == "count" else read_number(data, f.name, where)
+        raw = data.get("samples_ms")
+        if raw is not None:
+            if not isinstance(raw, list) or len(raw) > MAX_READ_SAMPLES:
+                raise MessageError(f"latency samples_ms must be a list of at most {MAX_READ_SAMPLES}", field=where)
+            values["samples_ms"] = tuple(read_number({"v": v}, "v", f"{where}.samples_ms") for v in raw)
         return cls(**values, extra=unknown(data, cls))
 
 

@@ -58,6 +58,8 @@ keyed the same way by device, time and kind.
 Version 7 adds rollouts (``rollouts``: one row per
 rollout, its policy, status and wave; ``rollout_devices``: where each of its devices stands,
 with its attempts), written by :mod:`host_tools.fleet.rollout_store`.
+Version 8 adds ``runs``: every compression, profile, deploy and rollout kept with an id, its
+kind, its time, its parameters and its results (JSON), so two can be compared later.
 
 Values are checked before they are stored: times must be finite and between 1970 and
 2100 (:func:`check_time`), numbers in a metrics report finite, so that no stored row can
@@ -74,7 +76,7 @@ import math
 import re
 import sqlite3
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -88,6 +90,7 @@ __all__ = [
     "DEVICE_STATUSES",
     "ENROLMENT_STATES",
     "LATEST_TIME",
+    "RUN_KINDS",
     "SCHEMA_VERSION",
     "UNKNOWN_DEVICE",
     "BundleRef",
@@ -101,6 +104,7 @@ __all__ = [
     "InstalledVersion",
     "MetricsRecord",
     "Registry",
+    "RunRecord",
     "check_time",
     "open_registry",
 ]
@@ -114,6 +118,9 @@ DeploymentState = Literal["sent", "installed", "refused", "failed", "deferred"]
 DEVICE_STATUSES: frozenset[str] = frozenset({"online", "offline"})
 #: Every state a deployment row may hold.
 DEPLOYMENT_STATES: frozenset[str] = frozenset({"sent", "installed", "refused", "failed", "deferred"})
+
+#: Every kind of run the registry keeps.
+RUN_KINDS: frozenset[str] = frozenset({"compress", "profile", "deploy", "rollout"})
 
 #: Every state an enrolment may hold.
 ENROLMENT_STATES: frozenset[str] = frozenset({"pending", "approved", "revoked"})
@@ -465,6 +472,45 @@ class MetricsRecord:
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """One kept run: a compression, profile, deploy or rollout, with what it was asked and what it found.
+
+    Args:
+        id: row id assigned by the registry (``edgectl compare A B`` takes two of them).
+        kind: one of :data:`RUN_KINDS`.
+        started_at: unix seconds the run was recorded.
+        parameters: what it was asked to do (files with their sha256, options).
+        results: what it produced (a compression report, device metrics reports).
+
+    Raises:
+        ValueError: an unknown kind, an implausible time, or a number that is not finite.
+    """
+
+    id: int
+    kind: str
+    started_at: float
+    parameters: Mapping[str, Any]
+    results: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.kind not in RUN_KINDS:
+            raise ValueError(f"unknown run kind {self.kind!r}; expected one of {sorted(RUN_KINDS)}")
+        check_time(self.started_at, "started_at")
+        _check_finite(self.parameters, "parameters")
+        _check_finite(self.results, "results")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "started_at": self.started_at,
+            "parameters": dict(self.parameters),
+            "results": dict(self.results),
+        }
+
+
+@dataclass(frozen=True)
 class EnrolmentRecord:
     """A device id bound to its public key, and what the host knows of its messages.
 
@@ -606,7 +652,7 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
 # --- schema ----------------------------------------------------------------------------
 
 #: The schema version this code writes and understands.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: One step of a migration: shared SQL, or a function of the connection and dialect for
 #: what SQL alone cannot say portably (checking rows, rewriting JSON).
@@ -985,6 +1031,21 @@ _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
             """,
         ),
     ),
+    (
+        8,
+        (
+            """
+            CREATE TABLE IF NOT EXISTS runs (
+                id {id},
+                kind TEXT NOT NULL,
+                started_at {float} NOT NULL,
+                parameters TEXT NOT NULL,
+                results TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX IF NOT EXISTS runs_kind_started ON runs (kind, started_at)",
+        ),
+    ),
 )
 
 _CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
@@ -1072,6 +1133,7 @@ _DEPLOYMENT_COLUMNS = (
     "error_code, error_message, started_at, finished_at"
 )
 _METRICS_COLUMNS = "id, device_id, bundle_name, bundle_version, received_at, report"
+_RUN_COLUMNS = "id, kind, started_at, parameters, results"
 
 # What an event reported later does to the deployment it is about: the newest row of that
 # device and transfer (or bundle name and version) still waiting for an outcome, started
@@ -1833,6 +1895,38 @@ class Registry:
             StorageError: on a database failure, or a stored report that is not a valid one
                 (the error names its row).
         """
+        return [self._metrics_from_row(row) for row in self._latest_metrics_rows(device_id, bundle_name)]
+
+    def latest_metrics_json(
+        self, only: Collection[tuple[str, str, int]] | None = None
+    ) -> list[tuple[str, str, int, float, dict[str, Any]]]:
+        """The newest report for each (device, bundle, version), as stored JSON, not rebuilt as typed records.
+
+        For readers of a whole fleet (the report, the exporter) where rebuilding ten thousand
+        typed reports costs more than the rest together: every report was validated when
+        it was stored (:meth:`add_metrics`); the reader still checks each value it uses.
+
+        Args:
+            only: decode only these (device, bundle, version); all when ``None``.
+
+        Returns:
+            ``(device_id, bundle_name, bundle_version, received_at, report)`` ordered as
+            :meth:`latest_metrics`; rows whose report is not a JSON object are left out.
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        out = []
+        for row in self._latest_metrics_rows(None, None):
+            version = _bundle_version(row[3])
+            if version is None or (only is not None and (row[1], row[2], version) not in only):
+                continue
+            report = json.loads(row[5])
+            if isinstance(report, dict):
+                out.append((str(row[1]), str(row[2]), version, float(row[4]), report))
+        return out
+
+    def _latest_metrics_rows(self, device_id: str | None, bundle_name: str | None) -> list[Sequence[Any]]:
         where, params = _where({"device_id": device_id, "bundle_name": bundle_name})
         query = (
             f"SELECT {_METRICS_COLUMNS} FROM ("
@@ -1842,8 +1936,7 @@ class Registry:
             ") ranked WHERE newest = 1 ORDER BY device_id, bundle_name, bundle_version"
         )
         with self._storage_errors("read latest metrics"):
-            rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
-        return [self._metrics_from_row(row) for row in rows]
+            return list(self._conn.execute(self._dialect.sql(query), params).fetchall())
 
     # -- enrolment --
 
@@ -2021,6 +2114,67 @@ class Registry:
         for device_id, reason, count in rows:
             out.setdefault(str(device_id), {})[str(reason)] = int(count)
         return out
+
+    # -- runs --
+
+    def add_run(self, kind: str, started_at: float, parameters: Mapping[str, Any], results: Mapping[str, Any]) -> int:
+        """Keep one run.
+
+        Args:
+            kind: one of :data:`RUN_KINDS`.
+            started_at: unix seconds.
+            parameters: what the run was asked (JSON-ready).
+            results: what it produced (JSON-ready).
+
+        Returns:
+            The new run's id.
+
+        Raises:
+            ValueError: an unknown kind, an implausible time or a number that is not finite (nothing is stored).
+            StorageError: on a database failure.
+        """
+        RunRecord(0, kind, started_at, parameters, results)
+        return self._insert(
+            "INSERT INTO runs (kind, started_at, parameters, results) VALUES (?, ?, ?, ?)",
+            (kind, started_at, _dump_json(parameters), _dump_json(results)),
+            what=f"keep a {kind} run",
+        )
+
+    def get_run(self, run_id: int) -> RunRecord | None:
+        """One run by id, or ``None``.
+
+        Raises:
+            StorageError: on a database failure or a malformed row.
+        """
+        with self._storage_errors(f"read run {run_id}"):
+            row = self._conn.execute(
+                self._dialect.sql(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?"), (run_id,)
+            ).fetchone()
+        return None if row is None else self._run_from_row(row)
+
+    def list_runs(self, kind: str | None = None, since: float | None = None, limit: int = 1000) -> list[RunRecord]:
+        """Kept runs, newest first.
+
+        Args:
+            kind: only this kind; all when ``None``.
+            since: only runs started at or after this time.
+            limit: at most this many.
+
+        Raises:
+            StorageError: on a database failure or a malformed row.
+        """
+        where, params = _where({"kind": kind})
+        if since is not None:
+            where += (" AND" if where else " WHERE") + " started_at >= ?"
+            params = (*params, since)
+        query = f"SELECT {_RUN_COLUMNS} FROM runs{where} ORDER BY started_at DESC, id DESC LIMIT ?"
+        with self._storage_errors("list runs"):
+            rows = self._conn.execute(self._dialect.sql(query), (*params, int(limit))).fetchall()
+        return [self._run_from_row(row) for row in rows]
+
+    def _run_from_row(self, row: Sequence[Any]) -> RunRecord:
+        with self._row("runs", row[0]):
+            return RunRecord(int(row[0]), row[1], row[2], json.loads(row[3]), json.loads(row[4]))
 
     # -- reading rows --
 

@@ -8,6 +8,7 @@ installing it: the report comes back and is stored, and state.json does not chan
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,17 @@ def test_remote_profile_reports_and_stores_without_installing(host, tiny_model, 
     assert host.run("profile", agent.device_id, str(v1), "--broker", mosquitto.url, "--runs", "5", "--json").code == 0
     m = host.deploy_metrics(v2, mosquitto.url, agent.device_id)
     assert m["bundle_version"] == 2 and agent.state()["bundles"]["pr"]["active"]["version"] == 2
+
+    # Every profile and deploy was kept as a run, newest first, naming the bundle by its hash.
+    kept = host.run("runs", "--json")
+    assert kept.code == 0, kept.stderr
+    runs = kept.json()
+    assert [r["kind"] for r in runs] == ["deploy", "profile", "profile", "profile", "deploy"]
+    v2_sha = hashlib.sha256(v2.read_bytes()).hexdigest()
+    assert runs[0]["parameters"]["bundle"]["sha256"] == runs[3]["parameters"]["bundle"]["sha256"] == v2_sha
+    assert runs[3]["results"]["outcomes"][0]["metrics"]["latency"]["samples_ms"]
+    compared = host.run("compare", str(runs[3]["id"]), str(runs[1]["id"]), "--json")
+    assert compared.code == 0, compared.stderr
+    figures = {row["figure"]: row for row in compared.json()["rows"]}
+    assert figures["sha256"]["same"] is False
+    assert figures[f"latency p99_ms {agent.device_id}"]["a"] == out["metrics"]["latency"]["p99_ms"]

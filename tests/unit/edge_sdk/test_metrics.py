@@ -783,3 +783,22 @@ def test_heap_reading_and_trimming_work_on_glibc() -> None:
     assert after is not None and after - before >= 8 << 20
     del block
     assert release_free_heap() is True
+
+
+def test_latency_keeps_a_bounded_set_of_samples_that_round_trips() -> None:
+    from edge_sdk.errors import MessageError
+    from edge_sdk.metrics._latency import KEPT_SAMPLES, MAX_READ_SAMPLES
+
+    few = LatencyStats.from_samples([0.003, 0.001, 0.002])
+    assert few.samples_ms == pytest.approx((1.0, 2.0, 3.0))
+    many = LatencyStats.from_samples([i / 1e6 for i in range(1, 10_001)])
+    assert many.samples_ms is not None and len(many.samples_ms) == KEPT_SAMPLES
+    assert list(many.samples_ms) == sorted(many.samples_ms)
+    assert many.samples_ms[0] >= many.min_ms and many.samples_ms[-1] <= many.max_ms
+    assert LatencyStats.from_dict(many.to_dict()).samples_ms == many.samples_ms
+    old = {k: v for k, v in many.to_dict().items() if k != "samples_ms"}
+    assert LatencyStats.from_dict(old).samples_ms is None and "samples_ms" not in LatencyStats.from_dict(old).to_dict()
+    with pytest.raises(MessageError, match="samples_ms"):
+        LatencyStats.from_dict({**old, "samples_ms": [1.0] * (MAX_READ_SAMPLES + 1)})
+    with pytest.raises(MessageError):
+        LatencyStats.from_dict({**old, "samples_ms": [1.0, float("nan")]})

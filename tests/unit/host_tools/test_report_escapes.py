@@ -50,7 +50,20 @@ RAW = {chr(c) for c in (*range(0x00, 0x0A), *range(0x0B, 0x20), *range(0x7F, 0xA
 RAW |= {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 
 #: Public names of host_tools.report modules that render nothing a device or bundle supplies.
-NOT_RENDERERS = {"safe_text.escape_for_terminal", "safe_text.TerminalSafeFormatter", "table.Column"}
+NOT_RENDERERS = {"safe_text.escape_for_terminal", "safe_text.TerminalSafeFormatter", "table.Column"} | {
+    # Not terminal output: data for plots (data.*), matplotlib figures (plots.*), the
+    # Prometheus exposition (exporter.*, its labels checked there) and the HTML report
+    # (html.*, escaped as HTML and tested in tests/unit/host_tools/report).
+    f"{module}.{name}"
+    for module, names in {
+        "data": ("CompressionVariant", "DeviceRow", "EnergyPoint", "FleetData", "LatencySeries", "RolloutProgress",
+                 "TimelineEvent", "parse_devices", "parse_since", "read_fleet"),
+        "plots": ("Plot", "pareto_front", "plot_energy", "plot_latency", "plot_pareto", "plot_timeline", "png_bytes"),
+        "exporter": ("FleetCollector", "serve_exporter"),
+        "html": ("Report", "build_report", "render_html", "write_report"),
+    }.items()
+    for name in names
+}  # fmt: skip
 
 LATENCY = LatencyStats(
     count=10, mean_ms=1.0, stdev_ms=0.1, min_ms=0.9, max_ms=2.0, p50_ms=1.0, p90_ms=1.5, p99_ms=2.0,

@@ -543,7 +543,9 @@ def test_public_names() -> None:
         "GroupRecord",
         "InstalledVersion",
         "MetricsRecord",
+        "RUN_KINDS",
         "Registry",
+        "RunRecord",
         "open_registry",
     }
 
@@ -885,3 +887,24 @@ def test_schema_5_removes_reports_stored_twice_keeping_the_first(
                 "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report, "
                 f"report_ts) VALUES ('pi-01', 'digits', 9, 1, '{{}}', {V1_METRICS[0][3]})"
             )
+
+
+# --- runs ------------------------------------------------------------------------------
+
+
+def test_runs_round_trip_filter_and_order(db: Registry) -> None:
+    first = db.add_run("compress", 100.0, {"model": {"sha256": "ab" * 32}}, {"report": {"final": {"size_bytes": 9}}})
+    second = db.add_run("profile", 200.0, {"devices": ["pi-01"]}, {"outcomes": []})
+    third = db.add_run("compress", 300.0, {}, {})
+    got = db.get_run(first)
+    assert got is not None and got.to_dict() == {
+        "id": first, "kind": "compress", "started_at": 100.0,
+        "parameters": {"model": {"sha256": "ab" * 32}}, "results": {"report": {"final": {"size_bytes": 9}}},
+    }  # fmt: skip
+    assert [r.id for r in db.list_runs()] == [third, second, first]
+    assert [r.id for r in db.list_runs(kind="compress")] == [third, first]
+    assert [r.id for r in db.list_runs(kind="compress", since=150.0)] == [third]
+    assert [r.id for r in db.list_runs(limit=1)] == [third]
+    assert db.get_run(third + 100) is None
+    with pytest.raises(ValueError, match="unknown run kind"):
+        db.add_run("train", 1.0, {}, {})

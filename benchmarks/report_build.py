@@ -1,0 +1,119 @@
+"""How long `edgectl report` takes to build, and one exporter scrape, for a large fleet.
+
+A real SQLite registry is filled with DEVICES devices x VERSIONS model versions (one metrics
+report each, with kept latency samples, power and memory; deployments; compression runs), by
+the same writer the tests use (tests/report_fleet.py). Then, alternating in rounds:
+
+* report build: read the registry, draw the four plots, encode the PNGs, render the HTML
+  (``build_report``); baseline: the same read rendered as a plain text fleet table;
+* exporter scrape: one ``/metrics`` body from the registry (``generate_latest`` over the
+  collector, cache off, so each scrape reads the registry), and the same with the cache
+  warm; baseline: reading the device table and printing it as JSON (``edgectl devices --json``'s
+  work without the broker).
+
+Targets: report <= 10 s for 1,000 devices x 10 versions; scrape <= 200 ms for 1,000 devices.
+
+    .venv/bin/python benchmarks/report_build.py [--devices 1000] [--versions 10] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/report_fleet.py: the fleet writer
+
+from _report import add_common_args, print_table, write_results
+from report_fleet import T0, FleetSpec, fill_fleet
+
+from host_tools.fleet.registry import open_registry
+from host_tools.report.data import read_fleet
+from host_tools.report.exporter import FleetCollector, registry_reader
+from host_tools.report.html import build_report
+from host_tools.report.table import Column, render_table
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--versions", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    add_common_args(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.devices, args.versions, args.rounds = 50, 3, 1
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = str(Path(tmp) / "registry.db")
+        with open_registry(db) as reg:
+            fill_s = _timed(lambda: fill_fleet(reg, FleetSpec(devices=args.devices, versions=args.versions)))
+            print(f"filled {args.devices} devices x {args.versions} versions in {fill_s:.1f} s", file=sys.stderr)
+
+            def report() -> None:
+                build_report(reg, T0 + 86400)
+
+            def table() -> None:
+                fleet = read_fleet(reg, T0 + 86400)
+                render_table(
+                    [Column("device", lambda r: r.device_id), Column("state", lambda r: r.state),
+                     Column("versions", lambda r: r.versions), Column("p99", lambda r: r.p99_ms)],
+                    fleet.devices,
+                )  # fmt: skip
+
+            cold = CollectorRegistry(auto_describe=False)
+            cold.register(FleetCollector(registry_reader(db), cache_s=0.0))
+            warm = CollectorRegistry(auto_describe=False)
+            warm.register(FleetCollector(registry_reader(db), cache_s=3600.0))
+            generate_latest(warm)
+            size = len(generate_latest(cold))
+
+            def devices_json() -> None:
+                with open_registry(db) as r:
+                    json.dumps([d.to_dict() for d in r.list_devices()])
+
+            cases: dict[str, Callable[[], object]] = {
+                "report": report, "table": table, "scrape": lambda: generate_latest(cold),
+                "scrape_cached": lambda: generate_latest(warm), "devices_json": devices_json,
+            }  # fmt: skip
+            times: dict[str, list[float]] = {k: [] for k in cases}
+            for _ in range(args.rounds):
+                for name, fn in cases.items():
+                    times[name].append(_timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = [
+        ["report build (read, 4 plots, PNG, HTML)", f"{med['report']:.2f} s", "text fleet table",
+         f"{med['table']:.2f} s", f"{med['report'] / med['table']:.1f}x", "<= 10 s", med["report"] <= 10.0],
+        ["exporter scrape, registry read each time", f"{med['scrape'] * 1000:.0f} ms", "devices as JSON",
+         f"{med['devices_json'] * 1000:.0f} ms", f"{med['scrape'] / med['devices_json']:.1f}x", "<= 200 ms",
+         med["scrape"] <= 0.2],
+        ["exporter scrape, cached read", f"{med['scrape_cached'] * 1000:.0f} ms", "devices as JSON",
+         f"{med['devices_json'] * 1000:.0f} ms", f"{med['scrape_cached'] / med['devices_json']:.1f}x", "<= 200 ms",
+         med["scrape_cached"] <= 0.2],
+    ]  # fmt: skip
+    print(f"{args.devices} devices x {args.versions} versions; median of {args.rounds} rounds; scrape {size} bytes")
+    print_table(["case", "ours", "baseline", "baseline time", "ratio", "target", "met"], rows)
+    path = write_results(
+        "report_build",
+        {"devices": args.devices, "versions": args.versions, "rounds": args.rounds, "fill_s": fill_s,
+         "scrape_bytes": size, "seconds": times, "median_s": med, "rows": rows},
+        args.json_out,
+    )  # fmt: skip
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""edgectl exporter: scraped over HTTP on a loopback port, parsed, compared with the registry, checked by promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from report_fleet import T0, FleetSpec, fill_fleet
+
+from host_tools.fleet.registry import open_registry
+from host_tools.report.data import DeviceRow, FleetData
+from host_tools.report.exporter import FleetCollector, serve_exporter
+
+SPEC = FleetSpec()
+
+
+@pytest.fixture
+def scrape(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The text of one scrape of an exporter serving a filled registry, and the registry's path."""
+    db = tmp_path / "registry.db"
+    with open_registry(db) as reg:
+        fill_fleet(reg, SPEC)
+    stop = threading.Event()
+    urls: list[str] = []
+    ready = threading.Event()
+
+    def announce(url: str) -> None:
+        urls.append(url)
+        ready.set()
+
+    server = threading.Thread(target=serve_exporter, args=(str(db), "127.0.0.1", 0, stop, 0.0, announce), daemon=True)
+    server.start()
+    try:
+        assert ready.wait(30), "the exporter did not start"
+        assert urls[0].startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(urls[0], timeout=30) as resp:
+            assert resp.status == 200
+            yield resp.read().decode("utf-8"), db
+    finally:
+        stop.set()
+        server.join(timeout=10)
+
+
+def _samples(text: str) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def test_scrape_values_equal_the_registry(scrape: tuple[str, Path]) -> None:
+    text, db = scrape
+    samples = _samples(text)
+    with open_registry(db) as reg:
+        devices = reg.list_devices()
+        latest = {(m.device_id, m.bundle_name, m.bundle_version): m.report for m in reg.latest_metrics()}
+        drops = reg.drop_counts()
+    by_state = {s.labels["state"]: s.value for s in samples["edge_devices"]}
+    assert by_state["online"] == sum(d.status == "online" for d in devices)
+    assert by_state["offline"] == sum(d.status == "offline" for d in devices)
+    installed = {(d.device_id, b.name, b.version) for d in devices for b in d.active_bundles or ()}
+    info = {
+        (s.labels["device"], s.labels["bundle"], int(s.labels["version"])) for s in samples["edge_device_bundle_info"]
+    }
+    assert info == installed
+
+    quantiles = samples["edge_inference_latency_quantiles_seconds"]
+    assert len(quantiles) == 3 * len(installed)
+    for s in quantiles:
+        report = latest[(s.labels["device"], s.labels["bundle"], int(s.labels["version"]))]
+        assert report.latency is not None
+        expected = {"0.5": report.latency.p50_ms, "0.9": report.latency.p90_ms, "0.99": report.latency.p99_ms}
+        assert s.value == pytest.approx(expected[s.labels["quantile"]] / 1000)
+    for s in samples["edge_inference_latency_seconds_count"]:
+        report = latest[(s.labels["device"], s.labels["bundle"], int(s.labels["version"]))]
+        assert report.latency is not None and s.value == report.latency.count
+    buckets = [s for s in samples["edge_inference_latency_seconds_bucket"] if s.labels["le"] == "+Inf"]
+    assert len(buckets) == len(installed)
+
+    for s in samples["edge_energy_per_inference_joules"]:
+        power = latest[(s.labels["device"], s.labels["bundle"], int(s.labels["version"]))].power
+        assert power is not None and power.joules_per_inference == pytest.approx(s.value)
+        assert s.labels["estimated"] == ("true" if power.estimated else "false")
+    assert {s.labels["estimated"] for s in samples["edge_energy_per_inference_joules"]} == {"true", "false"}
+    for s in samples["edge_model_memory_peak_bytes"]:
+        memory = latest[(s.labels["device"], s.labels["bundle"], int(s.labels["version"]))].memory
+        assert memory is not None and memory.peak_bytes == s.value
+
+    dropped = {
+        (s.labels["device"], s.labels["reason"]): s.value for s in samples["edge_collector_dropped_messages_total"]
+    }
+    assert dropped == {(d, r): n for d, reasons in drops.items() for r, n in reasons.items()}
+    assert samples["edge_exporter_skipped_series_total"][0].value == 0
+
+
+def test_promtool_accepts_the_scrape(scrape: tuple[str, Path]) -> None:
+    text, _ = scrape
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed (Debian package prometheus; make test installs it)"
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-2000:]
+
+
+def test_promtool_is_a_real_check() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed (Debian package prometheus; make test installs it)"
+    bad = "# HELP x_total a counter\n# TYPE x_total gauge\nx_total 1\n"
+    checked = subprocess.run([promtool, "check", "metrics"], input=bad, capture_output=True, text=True, timeout=60)
+    assert checked.returncode != 0
+
+
+def test_label_values_that_fail_their_check_are_left_out_and_counted() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    rows = (
+        DeviceRow("pi-01", "", "online", {}, {"cnn": 2}, T0, None),
+        DeviceRow('bad"id\n', "", "online", {}, {"cnn": 2}, T0, None),
+        DeviceRow("pi-02", "", "stale", {}, {"Free Text!": 1}, T0, None),
+    )
+    data = FleetData(T0, rows, (), (), (), False, (), drops={"pi-01": {"Bad Reason": 1, "replayed": 2}})
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(lambda: data))
+    samples = _samples(generate_latest(registry).decode())
+    assert {s.labels["device"] for s in samples["edge_device_bundle_info"]} == {"pi-01"}
+    assert {s.labels["state"]: s.value for s in samples["edge_devices"]}["stale"] == 1
+    assert samples["edge_exporter_skipped_series_total"][0].value == 3
+    assert [s.labels["reason"] for s in samples["edge_collector_dropped_messages_total"]] == ["replayed"]
+
+
+def test_cache_serves_repeated_scrapes_from_one_read() -> None:
+    reads: list[int] = []
+    now = [0.0]
+
+    def read() -> FleetData:
+        reads.append(1)
+        return FleetData(T0, (), (), (), (), False, ())
+
+    collector = FleetCollector(read, cache_s=5.0, clock=lambda: now[0])
+    list(collector.collect())
+    list(collector.collect())
+    assert len(reads) == 1
+    now[0] = 5.0
+    list(collector.collect())
+    assert len(reads) == 2
