@@ -8,7 +8,9 @@ usage mistake (a bad option, a missing input file) as 2.
 
 Every command that prints a table also prints JSON with ``--json``; with ``--json`` a
 failure prints ``{"error": {"code", "kind", "message", "exit_code", "details"}}`` on
-stdout as well (beside what the command knows, e.g. ``verify``'s checklist).
+stdout as well (beside what the command knows, e.g. ``verify``'s checklist). Each
+command's JSON has a versioned JSON Schema in the repository (``schemas/edgectl/``,
+``docs/json-schemas.md``); every JSON object printed names it in ``"$schema"``.
 
 Progress goes to stderr: a bar on a terminal, plain lines at a modest rate elsewhere
 (a log file, a pipe), and every bar is closed before an error is printed.
@@ -92,6 +94,61 @@ def _error_object(
     }
 
 
+#: The version of each command's JSON (``schemas/edgectl/<command>.v<N>.json``); 1 unless listed.
+JSON_SCHEMA_VERSIONS: dict[str, int] = {}
+#: The schema of an error object printed when no command was recognised (``edgectl --json nosuch``).
+ERROR_SCHEMA = "error"
+
+
+def json_schema_name(names: list[str]) -> str:
+    """The schema name of a command: its names joined with ``-`` (``keys show`` -> ``keys-show``)."""
+    return "-".join(names) if names else ERROR_SCHEMA
+
+
+def json_schema_id(name: str) -> str:
+    """The ``$id`` of a command's current schema, which its JSON names in ``"$schema"``."""
+    return f"urn:edge-sdk:edgectl:{name}:v{JSON_SCHEMA_VERSIONS.get(name, 1)}"
+
+
+def _with_schema(data: Any, name: str) -> Any:
+    """``data`` naming its schema: an object gains ``"$schema"`` (first when sorted); a list stays as
+    it is (v1 of those commands prints a bare list, and wrapping it would break its readers)."""
+    return {"$schema": json_schema_id(name), **data} if isinstance(data, dict) else data
+
+
+def command_names(group: click.Group, args: list[str]) -> list[str]:
+    """The (sub)command names ``args`` invoke, read without running anything (``["keys", "show"]``).
+
+    Options are skipped with their values; the walk stops at the first command that is not a
+    group, or at a word that names no command.
+    """
+    names: list[str] = []
+    command: click.Command = group
+    words = iter(args[: args.index("--")] if "--" in args else args)
+    for word in words:
+        if word.startswith("-"):
+            option = next((p for p in command.params if isinstance(p, click.Option) and word in p.opts), None)
+            if option is not None and not option.is_flag and not option.count and "=" not in word:
+                next(words, None)
+            continue
+        if not isinstance(command, click.Group) or word not in command.commands:
+            break
+        names.append(word)
+        command = command.commands[word]
+    return names
+
+
+def json_schema_of(group: click.Group, args: list[str]) -> str:
+    """The schema name of what ``edgectl *args`` prints with ``--json``: its command's, or
+    :data:`ERROR_SCHEMA` where no command with a ``--json`` option was named."""
+    names = command_names(group, args)
+    command: click.Command = group
+    for name in names:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    has_json = any(p.name == "json_output" for p in command.params)
+    return json_schema_name(names) if names and has_json else ERROR_SCHEMA
+
+
 def _wants_json(args: list[str]) -> bool:
     """Whether the command line asks for ``--json`` (known before, or without, parsing it)."""
     return "--json" in (args[: args.index("--")] if "--" in args else args)
@@ -126,31 +183,35 @@ class _EdgeGroup(click.Group):
 
     def _run(self, argv: list[str], prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
         json_output = _wants_json(argv)
+        schema = json_schema_of(self, argv)
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except CommandFailed as failed:
             if json_output:
-                _print_json({**failed.data, "error": _edge_error_object(failed.error)})
+                _print_json(_with_schema({**failed.data, "error": _edge_error_object(failed.error)}, schema))
             else:
                 click.echo(failed.text() if callable(failed.text) else failed.text)
             return _report(failed.error)
         except EdgeError as exc:
             if json_output:
-                _print_json({"error": _edge_error_object(exc)})
+                _print_json(_with_schema({"error": _edge_error_object(exc)}, schema))
             return _report(exc)
         except click.ClickException as exc:  # a usage mistake: bad option, missing input file
             if json_output:
-                _print_json({"error": _error_object("usage", ExitCode.USAGE, exc.format_message())})
+                _print_json(
+                    _with_schema({"error": _error_object("usage", ExitCode.USAGE, exc.format_message())}, schema)
+                )
             exc.show()
             return int(ExitCode.USAGE)
         except click.Abort:
             if json_output:
-                _print_json({"error": _error_object("aborted", ExitCode.FAILURE, "aborted")})
+                _print_json(_with_schema({"error": _error_object("aborted", ExitCode.FAILURE, "aborted")}, schema))
             click.echo("Aborted!", err=True)
             return int(ExitCode.FAILURE)
         except Exception as exc:  # a bug: the traceback follows, and JSON readers still get an object
             if json_output:
-                _print_json({"error": _error_object("internal", ExitCode.FAILURE, f"{type(exc).__name__}: {exc}")})
+                internal = _error_object("internal", ExitCode.FAILURE, f"{type(exc).__name__}: {exc}")
+                _print_json(_with_schema({"error": internal}, schema))
             raise
         return rv if isinstance(rv, int) and not isinstance(rv, bool) else int(ExitCode.OK)
 
@@ -181,9 +242,19 @@ def _echo_for_terminal(text: str, err: bool = False) -> None:
 
 def _emit(cfg: HostConfig, data: Any, text: str | Callable[[], str]) -> None:
     if cfg.json_output:
-        _print_json(data)
+        ctx = click.get_current_context(silent=True)
+        _print_json(data if ctx is None else _with_schema(data, json_schema_name(_context_names(ctx))))
     else:
         _echo_for_terminal(text() if callable(text) else text)
+
+
+def _context_names(ctx: click.Context) -> list[str]:
+    """The names of the running (sub)command, root excluded (``["devices", "enroll"]``)."""
+    names: list[str] = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return names[::-1]
 
 
 def _say(cfg: HostConfig) -> Callable[[str], None]:
