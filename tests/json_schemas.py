@@ -12,10 +12,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import click
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from host_tools.cli import cli, json_schema_id, json_schema_of
+from host_tools.cli import cli, json_schema_id, json_schema_name, json_schema_of
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas" / "edgectl"
 
@@ -53,3 +54,18 @@ def validate_output(args: tuple[str, ...] | list[str], stdout: str) -> Any:
     schema = registry().contents(expected)
     Draft202012Validator(schema, registry=registry()).validate(data)
     return data
+
+
+def json_commands() -> dict[str, list[str]]:
+    """Schema name -> command words, for every command with a ``--json`` option (found by walking the CLI)."""
+    found: dict[str, list[str]] = {}
+
+    def walk(command: click.Command, names: list[str]) -> None:
+        if any(p.name == "json_output" for p in command.params):
+            found[json_schema_name(names)] = names
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk(sub, [*names, name])
+
+    walk(cli, [])
+    return found

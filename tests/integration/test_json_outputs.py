@@ -9,29 +9,15 @@ success and failure alike. A command with `--json` that no case here runs fails
 from __future__ import annotations
 
 import json
+import time
 
-import click
 import numpy as np
 import pytest
+from json_schemas import json_commands
 
-from host_tools.cli import cli, json_schema_name, json_schema_of
+from host_tools.cli import cli, json_schema_of
 
 pytestmark = pytest.mark.integration
-
-
-def json_commands() -> set[str]:
-    """The schema name of every command with a --json option."""
-    found: set[str] = set()
-
-    def walk(command: click.Command, names: list[str]) -> None:
-        if any(p.name == "json_output" for p in command.params):
-            found.add(json_schema_name(names))
-        if isinstance(command, click.Group):
-            for name, sub in command.commands.items():
-                walk(sub, [*names, name])
-
-    walk(cli, [])
-    return found
 
 
 def test_every_json_command_was_run(host, tiny_model, mosquitto, start_agent, tmp_path) -> None:
@@ -81,13 +67,11 @@ def test_every_json_command_was_run(host, tiny_model, mosquitto, start_agent, tm
     run("devices", "provision", "json-prov", "--broker", url, "--out", str(tmp_path / "prov"))
     run("devices", "forget", agent.device_id, "--broker", url)
     run("demo", "--broker", url, "--runs", "20", "--workdir", str(tmp_path / "demo"))
-    assert ran == json_commands()
+    assert ran == set(json_commands())
 
 
 def _wait_pending(host, url: str, device_id: str, timeout_s: float = 20.0) -> list:  # type: ignore[no-untyped-def]
     """`devices` then `devices enroll --json` until ``device_id`` waits for approval (its announcement seen)."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert host.run("devices", "--broker", url, "--wait", "0.5").code == 0

@@ -7,7 +7,6 @@ runner, with the broker connection refused by a stand-in (no socket is opened).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -187,23 +186,12 @@ def test_a_broker_config_file_gives_every_connection_setting_the_config_file_wou
 # --- the commands -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No EDGE_SDK_ variable from the outside; HOME and the working directory in tmp_path."""
-    for name in list(os.environ):
-        if name.startswith("EDGE_SDK_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def edgectl(*args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     return CliRunner().invoke(cli, list(args), env=env)
 
 
-def test_init_writes_the_file_then_refuses_to_overwrite_it_without_force(clean_env: Path) -> None:
-    path = clean_env / ".edge-sdk" / "config.toml"
+def test_init_writes_the_file_then_refuses_to_overwrite_it_without_force(edgectl_env: Path) -> None:
+    path = edgectl_env / ".edge-sdk" / "config.toml"
     first = edgectl("init", "--broker", "mqtt://127.0.0.1:18830", "--json")
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout)["path"] == str(path) and 'url = "mqtt://127.0.0.1:18830"' in path.read_text()
@@ -216,8 +204,8 @@ def test_init_writes_the_file_then_refuses_to_overwrite_it_without_force(clean_e
     assert "mqtt://127.0.0.1:18830" not in path.read_text()
 
 
-def test_init_replaces_a_malformed_file_with_force(clean_env: Path) -> None:
-    bad = clean_env / "bad.toml"
+def test_init_replaces_a_malformed_file_with_force(edgectl_env: Path) -> None:
+    bad = edgectl_env / "bad.toml"
     bad.write_text("home = \n")
     assert edgectl("--config", str(bad), "keys", "show").exit_code == ExitCode.USAGE
     assert edgectl("--config", str(bad), "init").exit_code == ExitCode.USAGE
@@ -225,8 +213,8 @@ def test_init_replaces_a_malformed_file_with_force(clean_env: Path) -> None:
     assert edgectl("--config", str(bad), "config", "show").exit_code == 0
 
 
-def test_config_show_says_where_each_value_came_from(clean_env: Path) -> None:
-    config = clean_env / "edgectl.toml"
+def test_config_show_says_where_each_value_came_from(edgectl_env: Path) -> None:
+    config = edgectl_env / "edgectl.toml"
     config.write_text('registry = "reg.db"\nmqtt_protocol = "5"\n[broker]\nurl = "mqtt://file:1"\n')
     env = {"EDGE_SDK_CONFIG": str(config), "EDGE_SDK_MQTT_PROTOCOL": "3.1.1", "EDGE_SDK_BROKER_PASSWORD": "s3cret"}
     result = edgectl("--keys-dir", "k", "config", "show", "--username", "op", "--json", env=env)
@@ -234,7 +222,7 @@ def test_config_show_says_where_each_value_came_from(clean_env: Path) -> None:
     shown = json.loads(result.stdout)
     by_name = {s["name"]: s for s in shown["settings"]}
     assert shown["config_file"] == str(config) and shown["config_file_exists"] is True
-    assert by_name["registry"] == {**by_name["registry"], "value": str(clean_env / "reg.db"), "layer": "file"}
+    assert by_name["registry"] == {**by_name["registry"], "value": str(edgectl_env / "reg.db"), "layer": "file"}
     assert (
         by_name["mqtt_protocol"]["source"] == "env EDGE_SDK_MQTT_PROTOCOL"
         and by_name["mqtt_protocol"]["value"] == "3.1.1"
@@ -247,7 +235,7 @@ def test_config_show_says_where_each_value_came_from(clean_env: Path) -> None:
 
 
 def test_the_broker_and_its_connection_come_from_the_config_file(
-    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+    edgectl_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tried: list[str] = []
 
@@ -256,7 +244,7 @@ def test_the_broker_and_its_connection_come_from_the_config_file(
         raise BrokerUnreachableError("refused (test stand-in)")
 
     monkeypatch.setattr(MqttClient, "connect", refuse)
-    config = clean_env / "edgectl.toml"
+    config = edgectl_env / "edgectl.toml"
     config.write_text('[broker]\nurl = "mqtt://from-file.invalid:18831"\n')
     result = edgectl("--config", str(config), "metrics", "--json")
     assert result.exit_code == ExitCode.TRANSPORT and tried == ["mqtt://from-file.invalid:18831"]
@@ -267,17 +255,17 @@ def test_the_broker_and_its_connection_come_from_the_config_file(
     config.write_text('[broker]\nurl = "mqtt://from-file.invalid:18831"\n[broker.tls]\nca_file = "missing-ca.pem"\n')
     missing = edgectl("--config", str(config), "metrics")
     assert missing.exit_code == ExitCode.USAGE and len(tried) == 3
-    assert f"TLS ca_file {clean_env / 'missing-ca.pem'} does not exist (from {config})" in missing.stderr
+    assert f"TLS ca_file {edgectl_env / 'missing-ca.pem'} does not exist (from {config})" in missing.stderr
 
 
-def test_a_config_file_that_was_named_must_exist(clean_env: Path) -> None:
-    result = edgectl("keys", "show", env={"EDGE_SDK_CONFIG": str(clean_env / "nope.toml")})
+def test_a_config_file_that_was_named_must_exist(edgectl_env: Path) -> None:
+    result = edgectl("keys", "show", env={"EDGE_SDK_CONFIG": str(edgectl_env / "nope.toml")})
     assert result.exit_code == ExitCode.USAGE
-    assert f"config file {clean_env / 'nope.toml'} does not exist (from EDGE_SDK_CONFIG)" in result.stderr
+    assert f"config file {edgectl_env / 'nope.toml'} does not exist (from EDGE_SDK_CONFIG)" in result.stderr
 
 
-def test_keys_go_where_the_keys_dir_setting_says(clean_env: Path) -> None:
-    config = clean_env / "edgectl.toml"
+def test_keys_go_where_the_keys_dir_setting_says(edgectl_env: Path) -> None:
+    config = edgectl_env / "edgectl.toml"
     config.write_text('keys_dir = "fleet-keys"\n')
     assert edgectl("--config", str(config), "keys", "init").exit_code == 0
-    assert (clean_env / "fleet-keys" / "root.json").is_file() and not (clean_env / ".edge-sdk" / "keys").exists()
+    assert (edgectl_env / "fleet-keys" / "root.json").is_file() and not (edgectl_env / ".edge-sdk" / "keys").exists()

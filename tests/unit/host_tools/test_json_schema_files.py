@@ -9,35 +9,18 @@ model are also checked here, in-process.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
-from json_schemas import SCHEMA_DIR, registry, schema_path, validate_output
+from json_schemas import SCHEMA_DIR, json_commands, registry, schema_path, validate_output
 from jsonschema import Draft202012Validator
 
 from edge_sdk.errors import ExitCode
-from host_tools.cli import ERROR_SCHEMA, cli, command_names, json_schema_id, json_schema_name, json_schema_of
+from host_tools.cli import ERROR_SCHEMA, cli, command_names, json_schema_id, json_schema_of
 
 #: Schema files that are not one command's output: the failure object, and shared definitions.
 NOT_COMMANDS = {ERROR_SCHEMA, "common"}
-
-
-def json_commands() -> dict[str, list[str]]:
-    """Schema name -> command names, for every command with a --json option."""
-    found: dict[str, list[str]] = {}
-
-    def walk(command: click.Command, names: list[str]) -> None:
-        if any(p.name == "json_output" for p in command.params):
-            found[json_schema_name(names)] = names
-        if isinstance(command, click.Group):
-            for name, sub in command.commands.items():
-                walk(sub, [*names, name])
-
-    walk(cli, [])
-    return found
 
 
 @pytest.mark.parametrize("name", sorted(json_commands()))
@@ -84,16 +67,6 @@ def test_command_names_skip_options_and_their_values(args: list[str], names: lis
     assert command_names(cli, args) == names
 
 
-@pytest.fixture
-def clean_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in list(os.environ):
-        if name.startswith("EDGE_SDK_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 @pytest.mark.parametrize(
     ("args", "code"),
     [
@@ -106,7 +79,7 @@ def clean_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["keys", "--json"], ExitCode.USAGE),  # a group without --json: the error schema
     ],
 )
-def test_outputs_and_failures_name_and_meet_their_schema(clean_home: Path, args: list[str], code: int) -> None:
+def test_outputs_and_failures_name_and_meet_their_schema(edgectl_env: Path, args: list[str], code: int) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == code, result.output
     data = validate_output(args, result.stdout)
