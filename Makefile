@@ -2,7 +2,7 @@
 #
 # On a fresh Debian/Ubuntu with python3 (>= 3.10) and root:
 #     make demo     # virtualenv + host tools, then `edgectl demo`
-#     make test     # + test extras and a mosquitto binary, then pytest
+#     make test     # + test extras, mosquitto, chromium and promtool binaries, then pytest
 #
 # Recipes are POSIX sh. Stamp files inside the virtualenv keep re-runs fast;
 # they depend on pyproject.toml, so changing dependencies reinstalls.
@@ -20,15 +20,15 @@ STAMP_TEST  := $(VENV)/.stamp-test
 
 # Root runs apt-get itself; anyone else goes through sudo.
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_GET     := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -q
-MOSQUITTO_PRESENT := command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]
+# Another apt-get (an unattended upgrade, a second checkout) may hold the dpkg lock: wait for it.
+APT_GET     := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=900
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test-deps mosquitto demo lint test clean
+.PHONY: help venv test-deps test-packages demo lint test clean
 
 help:
 	@echo "make demo    create .venv, install edge-sdk[host,litert], run 'edgectl demo \$$DEMO_ARGS'"
-	@echo "make test    also install test extras and mosquitto, run 'make lint', then 'pytest \$$PYTEST_ARGS'"
+	@echo "make test    also install test extras, mosquitto, chromium and promtool, run 'make lint', then 'pytest \$$PYTEST_ARGS'"
 	@echo "make lint    ruff check, ruff format --check and mypy (the house checks; part of 'make test')"
 	@echo "make venv    only create .venv with edge-sdk[host,litert]"
 	@echo "make clean   remove .venv and build outputs"
@@ -71,33 +71,50 @@ $(STAMP_TEST): $(STAMP_VENV) pyproject.toml
 
 venv: $(STAMP_HOST)
 
-test-deps: $(STAMP_TEST) mosquitto
+test-deps: $(STAMP_TEST) test-packages
 
-# --- mosquitto (binary only) --------------------------------------------------------
+# --- Debian packages the tests use (binaries only) ---------------------------------------
 
-# The tests start their own brokers on free loopback ports; the machine-wide
-# service must not be started. policy-rc.d (exit 101) stops Debian maintainer
-# scripts from starting it; if one is already present it is left alone.
-mosquitto:
+# mosquitto: the tests start their own brokers on free loopback ports.
+# chromium: the HTML report is opened in headless Chromium (networking off).
+# prometheus: its promtool checks the exporter's scrape (`promtool check metrics`).
+# A package is installed only when its binary is missing, all missing ones in one
+# apt-get run, so a second `make test` is a no-op here. The machine-wide services these
+# packages bring (mosquitto, prometheus) must not be started: policy-rc.d (exit 101)
+# stops Debian maintainer scripts from starting them; if one is already present it is
+# left alone, and a service a package started anyway is stopped.
+#   package:binary pairs; the binary is looked up on PATH and in /usr/sbin.
+TEST_PACKAGES := mosquitto:mosquitto chromium:chromium prometheus:promtool
+
+test-packages:
 	@set -e; \
-	if $(MOSQUITTO_PRESENT); then exit 0; fi; \
+	present() { command -v "$$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$$1" ]; }; \
+	missing=; \
+	for pair in $(TEST_PACKAGES); do \
+	    present "$${pair#*:}" || missing="$$missing $${pair%%:*}"; \
+	done; \
+	[ -n "$$missing" ] || exit 0; \
 	command -v apt-get >/dev/null 2>&1 || { \
-	    echo "mosquitto is missing and there is no apt-get: install the mosquitto broker" >&2; exit 1; }; \
-	echo "installing mosquitto (binary only; its service is not started)"; \
+	    echo "missing:$$missing, and there is no apt-get: install these Debian packages" >&2; exit 1; }; \
+	echo "installing$$missing (binaries only; no service is started)"; \
 	policy=/usr/sbin/policy-rc.d; made_policy=; \
 	if [ ! -e "$$policy" ]; then \
 	    printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee "$$policy" >/dev/null; \
 	    $(SUDO) chmod 755 "$$policy"; made_policy=1; \
 	fi; \
 	status=0; \
-	{ $(APT_GET) update && $(APT_GET) install --no-install-recommends mosquitto; } || status=$$?; \
+	{ $(APT_GET) update && $(APT_GET) install --no-install-recommends $$missing; } || status=$$?; \
 	if [ -n "$$made_policy" ]; then $(SUDO) rm -f "$$policy"; fi; \
 	[ "$$status" -eq 0 ] || exit "$$status"; \
-	if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then \
-	    echo "stopping the mosquitto service the package started" >&2; \
-	    $(SUDO) systemctl stop mosquitto || true; \
-	fi; \
-	$(MOSQUITTO_PRESENT)
+	for service in $$missing; do \
+	    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$$service" 2>/dev/null; then \
+	        echo "stopping the $$service service the package started" >&2; \
+	        $(SUDO) systemctl stop "$$service" || true; \
+	    fi; \
+	done; \
+	for pair in $(TEST_PACKAGES); do \
+	    present "$${pair#*:}" || { echo "$${pair%%:*} installed but $${pair#*:} is not found" >&2; exit 1; }; \
+	done
 
 # --- entry points -------------------------------------------------------------------
 

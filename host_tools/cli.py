@@ -8,7 +8,9 @@ usage mistake (a bad option, a missing input file) as 2.
 
 Every command that prints a table also prints JSON with ``--json``; with ``--json`` a
 failure prints ``{"error": {"code", "kind", "message", "exit_code", "details"}}`` on
-stdout as well (beside what the command knows, e.g. ``verify``'s checklist).
+stdout as well (beside what the command knows, e.g. ``verify``'s checklist). Each
+command's JSON has a versioned JSON Schema in the repository (``schemas/edgectl/``,
+``docs/json-schemas.md``); every JSON object printed names it in ``"$schema"``.
 
 Progress goes to stderr: a bar on a terminal, plain lines at a modest rate elsewhere
 (a log file, a pipe), and every bar is closed before an error is printed.
@@ -17,6 +19,7 @@ Progress goes to stderr: a bar on a terminal, plain lines at a modest rate elsew
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -50,16 +53,18 @@ log = logging.getLogger("edgectl")
 
 @dataclass(frozen=True)
 class HostConfig:
-    """Built once from flags (and ``EDGE_SDK_HOME``) and passed down."""
+    """Built once from flags, the environment and the config file (:mod:`host_tools.config`) and passed down."""
 
     home: Path
     registry_url: str
     json_output: bool = False
     allow_unsigned_reports: bool = False
+    keys_path: Path | None = None
 
     @property
     def keys_dir(self) -> Path:
-        return self.home / "keys"
+        """The ``keys_dir`` setting, HOME/keys unless set."""
+        return self.keys_path if self.keys_path is not None else self.home / "keys"
 
 
 class CommandFailed(Exception):
@@ -87,6 +92,61 @@ def _error_object(
         "exit_code": int(exit_code),
         "details": details or {},
     }
+
+
+#: The version of each command's JSON (``schemas/edgectl/<command>.v<N>.json``); 1 unless listed.
+JSON_SCHEMA_VERSIONS: dict[str, int] = {}
+#: The schema of an error object printed when no command was recognised (``edgectl --json nosuch``).
+ERROR_SCHEMA = "error"
+
+
+def json_schema_name(names: list[str]) -> str:
+    """The schema name of a command: its names joined with ``-`` (``keys show`` -> ``keys-show``)."""
+    return "-".join(names) if names else ERROR_SCHEMA
+
+
+def json_schema_id(name: str) -> str:
+    """The ``$id`` of a command's current schema, which its JSON names in ``"$schema"``."""
+    return f"urn:edge-sdk:edgectl:{name}:v{JSON_SCHEMA_VERSIONS.get(name, 1)}"
+
+
+def _with_schema(data: Any, name: str) -> Any:
+    """``data`` naming its schema: an object gains ``"$schema"`` (first when sorted); a list stays as
+    it is (v1 of those commands prints a bare list, and wrapping it would break its readers)."""
+    return {"$schema": json_schema_id(name), **data} if isinstance(data, dict) else data
+
+
+def command_names(group: click.Group, args: list[str]) -> list[str]:
+    """The (sub)command names ``args`` invoke, read without running anything (``["keys", "show"]``).
+
+    Options are skipped with their values; the walk stops at the first command that is not a
+    group, or at a word that names no command.
+    """
+    names: list[str] = []
+    command: click.Command = group
+    words = iter(args[: args.index("--")] if "--" in args else args)
+    for word in words:
+        if word.startswith("-"):
+            option = next((p for p in command.params if isinstance(p, click.Option) and word in p.opts), None)
+            if option is not None and not option.is_flag and not option.count and "=" not in word:
+                next(words, None)
+            continue
+        if not isinstance(command, click.Group) or word not in command.commands:
+            break
+        names.append(word)
+        command = command.commands[word]
+    return names
+
+
+def json_schema_of(group: click.Group, args: list[str]) -> str:
+    """The schema name of what ``edgectl *args`` prints with ``--json``: its command's, or
+    :data:`ERROR_SCHEMA` where no command with a ``--json`` option was named."""
+    names = command_names(group, args)
+    command: click.Command = group
+    for name in names:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    has_json = any(p.name == "json_output" for p in command.params)
+    return json_schema_name(names) if names and has_json else ERROR_SCHEMA
 
 
 def _wants_json(args: list[str]) -> bool:
@@ -123,31 +183,35 @@ class _EdgeGroup(click.Group):
 
     def _run(self, argv: list[str], prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
         json_output = _wants_json(argv)
+        schema = json_schema_of(self, argv)
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except CommandFailed as failed:
             if json_output:
-                _print_json({**failed.data, "error": _edge_error_object(failed.error)})
+                _print_json(_with_schema({**failed.data, "error": _edge_error_object(failed.error)}, schema))
             else:
                 click.echo(failed.text() if callable(failed.text) else failed.text)
             return _report(failed.error)
         except EdgeError as exc:
             if json_output:
-                _print_json({"error": _edge_error_object(exc)})
+                _print_json(_with_schema({"error": _edge_error_object(exc)}, schema))
             return _report(exc)
         except click.ClickException as exc:  # a usage mistake: bad option, missing input file
             if json_output:
-                _print_json({"error": _error_object("usage", ExitCode.USAGE, exc.format_message())})
+                _print_json(
+                    _with_schema({"error": _error_object("usage", ExitCode.USAGE, exc.format_message())}, schema)
+                )
             exc.show()
             return int(ExitCode.USAGE)
         except click.Abort:
             if json_output:
-                _print_json({"error": _error_object("aborted", ExitCode.FAILURE, "aborted")})
+                _print_json(_with_schema({"error": _error_object("aborted", ExitCode.FAILURE, "aborted")}, schema))
             click.echo("Aborted!", err=True)
             return int(ExitCode.FAILURE)
         except Exception as exc:  # a bug: the traceback follows, and JSON readers still get an object
             if json_output:
-                _print_json({"error": _error_object("internal", ExitCode.FAILURE, f"{type(exc).__name__}: {exc}")})
+                internal = _error_object("internal", ExitCode.FAILURE, f"{type(exc).__name__}: {exc}")
+                _print_json(_with_schema({"error": internal}, schema))
             raise
         return rv if isinstance(rv, int) and not isinstance(rv, bool) else int(ExitCode.OK)
 
@@ -178,9 +242,19 @@ def _echo_for_terminal(text: str, err: bool = False) -> None:
 
 def _emit(cfg: HostConfig, data: Any, text: str | Callable[[], str]) -> None:
     if cfg.json_output:
-        _print_json(data)
+        ctx = click.get_current_context(silent=True)
+        _print_json(data if ctx is None else _with_schema(data, json_schema_name(_context_names(ctx))))
     else:
         _echo_for_terminal(text() if callable(text) else text)
+
+
+def _context_names(ctx: click.Context) -> list[str]:
+    """The names of the running (sub)command, root excluded (``["devices", "enroll"]``)."""
+    names: list[str] = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return names[::-1]
 
 
 def _say(cfg: HostConfig) -> Callable[[str], None]:
@@ -320,15 +394,29 @@ json_option = click.option(
 )
 #: Every --broker help says what a URL without a port means.
 BROKER_URL_HELP = "mqtt://host[:port] or mqtts://host[:port]; without a port, 1883 (8883 for mqtts)"
+
+
+def _configured_broker() -> str | None:
+    """``--broker``'s default: the config file's ``[broker] url`` (a flag and EDGE_SDK_BROKER come first)."""
+    ctx = click.get_current_context(silent=True)
+    settings = ctx.meta.get(_SETTINGS) if ctx is not None else None
+    return None if settings is None else settings["broker"].value
+
+
 broker_option = click.option(
-    "--broker", required=True, envvar="EDGE_SDK_BROKER", help=f"broker URL, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)"
+    "--broker",
+    required=True,
+    envvar="EDGE_SDK_BROKER",
+    default=_configured_broker,
+    help=f"broker URL, {BROKER_URL_HELP} (env EDGE_SDK_BROKER, or [broker] url in the config file)",
 )
 #: The broker devices connect to (``devices provision``, ``sim``): not one edgectl talks to.
 device_broker_option = click.option(
     "--broker",
     required=True,
     envvar="EDGE_SDK_BROKER",
-    help=f"the broker URL the devices connect to, {BROKER_URL_HELP} (env EDGE_SDK_BROKER)",
+    default=_configured_broker,
+    help=f"the broker URL the devices connect to, {BROKER_URL_HELP} (env EDGE_SDK_BROKER, or the config file)",
 )
 connect_timeout_option = click.option(
     "--connect-timeout", default=10.0, show_default=True, type=float, help="seconds to wait for the broker"
@@ -396,24 +484,39 @@ bundle_argument = click.argument("bundle", type=InputFile())
 
 def _cfg(ctx: click.Context, json_output: bool) -> HostConfig:
     base: HostConfig = ctx.obj
-    return HostConfig(base.home, base.registry_url, json_output, base.allow_unsigned_reports)
+    return dataclasses.replace(base, json_output=json_output)
 
 
 def _broker_connection() -> Any:
     """The broker connection (:class:`edge_sdk.broker_connection.BrokerConnection`), built once per command.
 
-    Each setting comes from its flag, else the environment, else the broker config file
-    (``--broker-config``, ``EDGE_SDK_BROKER_CONFIG``, or ``HOME/broker.toml`` if it exists).
+    Each setting comes from its flag, else the environment, else the connection file
+    (:func:`_connection_file`).
 
     Raises:
         ConfigError: a config file or a file it names is missing or unreadable (named with
             where it was set), or the file is not valid.
     """
-    from edge_sdk.broker_connection import connection_file_settings, resolve_connection
+    from edge_sdk.broker_connection import resolve_connection
+    from host_tools.config import connection_file
 
     ctx = click.get_current_context()
     flags: dict[str, Any] = dict(ctx.meta.get(_CONNECTION_FLAGS, {}))
-    config_file: Path | None = flags.pop("broker_config", None)
+    flags.pop("broker_config", None)
+    file = _connection_file(ctx)
+    file_values = connection_file(file) if file is not None else {}
+    return resolve_connection(flags, os.environ, file_values, str(file.path) if file is not None else "None")
+
+
+def _connection_file(ctx: click.Context) -> Any:
+    """Where the broker connection's file settings come from: one file, the first of
+    ``--broker-config``, ``EDGE_SDK_BROKER_CONFIG``, ``HOME/broker.toml`` if it exists, and the
+    edgectl config file's ``[broker]`` table (a :class:`host_tools.config.ConfigFile`, or ``None``).
+    """
+    from edge_sdk.broker_connection import connection_file_settings
+    from host_tools.config import ConfigFile, read_toml
+
+    config_file: Path | None = ctx.meta.get(_CONNECTION_FLAGS, {}).get("broker_config")
     source = "--broker-config"
     if config_file is None and os.environ.get("EDGE_SDK_BROKER_CONFIG"):
         config_file, source = Path(os.environ["EDGE_SDK_BROKER_CONFIG"]), "EDGE_SDK_BROKER_CONFIG"
@@ -421,27 +524,10 @@ def _broker_connection() -> Any:
         default = ctx.find_object(HostConfig)
         if default is not None and (default.home / "broker.toml").is_file():
             config_file = default.home / "broker.toml"
-    file_values: dict[str, str] = {}
     if config_file is not None:
-        file_values = connection_file_settings(_read_toml(config_file, source), str(config_file))
-    return resolve_connection(flags, os.environ, file_values, str(config_file))
-
-
-def _read_toml(path: Path, source: str) -> dict[str, Any]:
-    """A TOML file's contents; a missing or invalid file is a ConfigError naming it and who named it."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - 3.10
-        import tomli as tomllib
-
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"broker config file {path} does not exist (from {source})", path=str(path)) from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read broker config file {path}: {exc.strerror}", path=str(path)) from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"broker config file {path} is not valid TOML: {exc}", path=str(path)) from exc
+        _, raw = read_toml(config_file, "broker config file", source)
+        return ConfigFile(config_file, connection_file_settings(raw, str(config_file)))
+    return ctx.meta.get(_CONFIG_FILE)
 
 
 @contextmanager
@@ -503,50 +589,228 @@ def _exit_code_epilog() -> str:
     return f"\b\nExit codes (the same for edge-agent):\n{rows}"
 
 
+#: The resolved settings (:func:`host_tools.config.resolve_settings`) and the config file, in ``ctx.meta``.
+_SETTINGS = "edgectl.settings"
+_CONFIG_FILE = "edgectl.config_file"
+#: Root parameters that are settings of :mod:`host_tools.config` (parameter name -> setting name).
+_ROOT_SETTINGS = {
+    "home": "home",
+    "registry_url": "registry",
+    "keys_dir": "keys_dir",
+    "mqtt_protocol": "mqtt_protocol",
+    "allow_unsigned_reports": "allow_unsigned_reports",
+}
+
+
+def _load_settings(ctx: click.Context, config_path: Path | None, read_file: bool = True) -> None:
+    """Resolve every setting (flag > environment > config file > default) into ``ctx.meta``.
+
+    The config file is ``config_path`` (``--config``), else EDGE_SDK_CONFIG, else
+    HOME/config.toml, read when it was named or exists.
+
+    Raises:
+        ConfigError: the config file named by ``--config`` or EDGE_SDK_CONFIG is missing,
+            or a config file is not valid (with its path, line and key).
+    """
+    from host_tools.config import CONFIG_ENV, CONFIG_FILE_NAME, parse_config_file, read_toml, resolve_settings
+
+    flags = _setting_flags(ctx)
+    user = Path.home()
+    source = "--config"
+    if config_path is None and os.environ.get(CONFIG_ENV):
+        config_path, source = Path(os.environ[CONFIG_ENV]), CONFIG_ENV
+    named = config_path is not None
+    if config_path is None:
+        config_path = (
+            Path(str(resolve_settings(flags, os.environ, [], user, Path.cwd())["home"].value)) / CONFIG_FILE_NAME
+        )
+    config_path = config_path.expanduser().absolute()
+    file = None
+    if read_file and (named or config_path.is_file()):
+        text, raw = read_toml(config_path, "config file", source)
+        file = parse_config_file(text, raw, config_path, user)
+    ctx.meta[_CONFIG_PATH] = config_path
+    ctx.meta[_CONFIG_FILE] = file
+    ctx.meta[_SETTINGS] = resolve_settings(flags, os.environ, [file] if file is not None else [], user, Path.cwd())
+
+
+def _setting_flags(ctx: click.Context) -> dict[str, object]:
+    """The settings given as flags: the root's, the broker connection's and a subcommand's own (``--broker``)."""
+    root = ctx.find_root()
+    flags: dict[str, object] = {}
+    for param, name in _ROOT_SETTINGS.items():
+        if root.get_parameter_source(param) == click.core.ParameterSource.COMMANDLINE:
+            flags[name] = root.params[param]
+    flags.update(ctx.meta.get(_CONNECTION_FLAGS, {}))
+    flags.update(ctx.meta.get(_SETTING_FLAGS, {}))
+    return flags
+
+
+#: Where the config file is (or would be), and flags of settings given to a subcommand (``init --broker``).
+_CONFIG_PATH = "edgectl.config_path"
+_SETTING_FLAGS = "edgectl.setting_flags"
+
+
 @click.group(cls=_EdgeGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_exit_code_epilog())
 @click.version_option(__version__, prog_name="edgectl")
 @click.option(
-    "--home",
-    type=click.Path(path_type=Path, file_okay=False),
-    envvar="EDGE_SDK_HOME",
-    default=lambda: str(Path.home() / ".edge-sdk"),
-    show_default="~/.edge-sdk",
-    help="where keys and the registry live (env EDGE_SDK_HOME)",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="the config file (env EDGE_SDK_CONFIG; default HOME/config.toml if it exists; see `edgectl config show`)",
 )
 @click.option(
-    "--registry", "registry_url", help="registry: a SQLite path or postgresql:// URL (default HOME/registry.db)"
+    "--home",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="where keys and the registry live (env EDGE_SDK_HOME; default ~/.edge-sdk)",
+)
+@click.option(
+    "--registry",
+    "registry_url",
+    help="registry: a SQLite path or postgresql:// URL (env EDGE_SDK_REGISTRY; default HOME/registry.db)",
+)
+@click.option(
+    "--keys-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="signing keys and root.json (env EDGE_SDK_KEYS_DIR; default HOME/keys)",
 )
 @click.option(
     "--allow-unsigned-reports",
     is_flag=True,
-    envvar="EDGE_SDK_ALLOW_UNSIGNED_REPORTS",
-    help="also believe unsigned device messages (only while migrating older agents; off by default)",
+    help="also believe unsigned device messages (only while migrating older agents; off by default) "
+    "(env EDGE_SDK_ALLOW_UNSIGNED_REPORTS)",
 )
 @click.option(
     "--mqtt-protocol",
     type=click.Choice(["auto", "5", "3.1.1"]),
-    default="auto",
-    show_default=True,
-    envvar="EDGE_SDK_MQTT_PROTOCOL",
-    help="MQTT version to the broker: auto (5, or 3.1.1 where the broker does not speak 5), 5 or 3.1.1 "
+    help="MQTT version to the broker: auto (5, or 3.1.1 where the broker does not speak 5; the default), 5 or 3.1.1 "
     "(env EDGE_SDK_MQTT_PROTOCOL)",
 )
 @click.option("-v", "--verbose", count=True, help="more logging (-vv for debug)")
 @click.pass_context
 def cli(
     ctx: click.Context,
-    home: Path,
+    config_path: Path | None,
+    home: Path | None,
     registry_url: str | None,
+    keys_dir: Path | None,
     allow_unsigned_reports: bool,
-    mqtt_protocol: str,
+    mqtt_protocol: str | None,
     verbose: int,
 ) -> None:
-    """edge-sdk: compress models, sign bundles, deploy them to devices over MQTT."""
+    """edge-sdk: compress models, sign bundles, deploy them to devices over MQTT.
+
+    Settings come from flags, else the environment, else the config file
+    (`edgectl init` writes one), else defaults: `edgectl config show` says which.
+    """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, handlers=[_log_handler()])
-    home = Path(home).expanduser()
-    ctx.meta[_MQTT_PROTOCOL] = mqtt_protocol
-    ctx.obj = HostConfig(home, registry_url or str(home / "registry.db"), False, allow_unsigned_reports)
+    # `init` writes the file: one that does not parse must not stop it (init --force replaces it).
+    _load_settings(ctx, config_path, read_file=ctx.invoked_subcommand != "init")
+    settings = ctx.meta[_SETTINGS]
+    ctx.meta[_MQTT_PROTOCOL] = settings["mqtt_protocol"].value
+    ctx.obj = HostConfig(
+        Path(str(settings["home"].value)),
+        str(settings["registry"].value),
+        False,
+        bool(settings["allow_unsigned_reports"].value),
+        keys_path=Path(str(settings["keys_dir"].value)),
+    )
+
+
+# --- configuration ----------------------------------------------------------------------
+
+
+def _remember_setting_flag(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Keep a setting given to a subcommand (``init --broker``) for :func:`_setting_flags`.
+
+    Only a value given on the command line is a flag; one click took from the environment is
+    left to :func:`host_tools.config.resolve_settings`, which says so.
+    """
+    if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+        return
+    if value is not None:
+        ctx.meta.setdefault(_SETTING_FLAGS, {})[param.name] = value
+
+
+@cli.command("init")
+@click.option(
+    "--path",
+    "path",
+    type=OutputFile(),
+    help="where to write it (default: --config, EDGE_SDK_CONFIG, else HOME/config.toml)",
+)
+@click.option("--force", is_flag=True, help="replace an existing file")
+@click.option(
+    "--broker",
+    envvar="EDGE_SDK_BROKER",
+    help=f"the broker URL to write, {BROKER_URL_HELP}",
+    expose_value=False,
+    callback=_remember_setting_flag,
+)
+@click.option("--ca-file", help="CA certificate file to write", expose_value=False, callback=_remember_setting_flag)
+@click.option(
+    "--cert-file", help="client certificate file to write", expose_value=False, callback=_remember_setting_flag
+)
+@click.option("--key-file", help="its private key file to write", expose_value=False, callback=_remember_setting_flag)
+@click.option("--username", help="MQTT username to write", expose_value=False, callback=_remember_setting_flag)
+@click.option(
+    "--password-file", help="MQTT password file to write", expose_value=False, callback=_remember_setting_flag
+)
+@json_option
+@click.pass_context
+def init(ctx: click.Context, path: Path | None, force: bool, json_output: bool) -> None:
+    """Write a commented config file: settings given as flags or in the environment as values,
+    the others as commented-out defaults. An existing file is kept unless --force.
+    """
+    from edge_sdk.durable import atomic_write_bytes
+    from host_tools.config import render_config_file
+    from host_tools.report.config import init_data, init_text
+
+    cfg = _cfg(ctx, json_output)
+    _load_settings(ctx, ctx.find_root().params["config_path"], read_file=False)
+    target: Path = (path or ctx.meta[_CONFIG_PATH]).expanduser().absolute()
+    replaced = target.exists()
+    if replaced and not force:
+        raise ConfigError(f"config file {target} exists; --force replaces it", path=str(target))
+    settings = ctx.meta[_SETTINGS]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make {target.parent} for the config file: {exc.strerror}") from exc
+    atomic_write_bytes(target, render_config_file(settings).encode())
+    written = [r for r in settings.values() if r.layer in ("flag", "env") and not r.secret]
+    _emit(cfg, init_data(target, written, replaced), lambda: init_text(target, written, replaced))
+
+
+@cli.group("config")
+def config_group() -> None:
+    """The settings in effect: flag > environment > config file > default."""
+
+
+@config_group.command("show")
+@click.option(
+    "--broker",
+    envvar="EDGE_SDK_BROKER",
+    help=f"a broker URL, {BROKER_URL_HELP}, to show as the command would take it",
+    expose_value=False,
+    callback=_remember_setting_flag,
+)
+@broker_auth_options
+@json_option
+@click.pass_context
+def config_show(ctx: click.Context, json_output: bool) -> None:
+    """Print each setting, its value and where it came from (flag, env, file, default); secrets masked."""
+    from host_tools.config import file_layers, resolve_settings
+    from host_tools.report.config import settings_data, settings_text
+
+    cfg = _cfg(ctx, json_output)
+    config_file = ctx.meta.get(_CONFIG_FILE)
+    files = file_layers(config_file, _connection_file(ctx))
+    settings = resolve_settings(_setting_flags(ctx), os.environ, files, Path.home(), Path.cwd())
+    path: Path = ctx.meta[_CONFIG_PATH]
+    exists = path.is_file()
+    _emit(cfg, settings_data(settings, path, exists), lambda: settings_text(settings, path, exists))
 
 
 # --- keys -------------------------------------------------------------------------------
@@ -2089,7 +2353,10 @@ def collect(
 @cli.command()
 @click.option("--device", "device_id", help="only this device")
 @click.option(
-    "--broker", envvar="EDGE_SDK_BROKER", help=f"also fetch the latest reports from this broker ({BROKER_URL_HELP})"
+    "--broker",
+    envvar="EDGE_SDK_BROKER",
+    default=_configured_broker,
+    help=f"also fetch the latest reports from this broker ({BROKER_URL_HELP}; env EDGE_SDK_BROKER, or the config file)",
 )
 @connect_timeout_option
 @broker_auth_options

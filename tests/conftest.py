@@ -11,10 +11,15 @@ Real brokers for the integration tests:
   (same port). Every broker it started is stopped when the test ends.
 
 A missing mosquitto binary fails the run (never skips it): ``make test`` installs it.
+
+For `edgectl` run in-process: ``edgectl_env`` (function) removes every ``EDGE_SDK_``
+variable the run inherited and puts HOME and the working directory in ``tmp_path``
+(returned), so no setting comes from the machine's environment or config file.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,3 +68,14 @@ def start_mosquitto(tmp_path: Path) -> Iterator[Callable[..., MosquittoProcess]]
     yield start
     for broker in started:
         broker.stop()
+
+
+@pytest.fixture
+def edgectl_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No EDGE_SDK_ variable from outside; HOME and the working directory in ``tmp_path``."""
+    for name in list(os.environ):
+        if name.startswith("EDGE_SDK_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from json_schemas import validate_output
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
@@ -58,6 +59,8 @@ class Host:
         env.pop("EDGE_SDK_BROKER", None)
         started = time.monotonic()
         proc = subprocess.run([str(BIN / "edgectl"), *args], capture_output=True, text=True, timeout=timeout, env=env)
+        if "--json" in args and proc.stdout.strip():
+            validate_output(args, proc.stdout)  # every --json output a test sees meets its schema
         return CliResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
 
     def pack(self, model: Path, sample: Path, out: Path, name: str, version: int = 1, *extra: str) -> Path:

@@ -30,6 +30,7 @@ from edge_sdk.trust import SigningKey
 from host_tools.cli import HostConfig, _emit
 from host_tools.compress import CompressionReport, CompressJobResult, ModelMetrics, PackedFile, StepReport
 from host_tools.compress.tflite.quantize import TfliteCompression, TfliteMetrics
+from host_tools.config import Resolved
 from host_tools.demo import DemoResult, DemoRow
 from host_tools.fleet.deployer import DeployOutcome
 from host_tools.fleet.inventory import DeviceView
@@ -39,6 +40,7 @@ from host_tools.keys import RoleSummary, RootSummary
 from host_tools.packing import BundleCheck, BundleChecklist, CheckItem, PackedBundle, ResignedBundle
 from host_tools.provision import CaSummary, Provisioned
 from host_tools.report import bundle, compress, demo, fleet, keys, provision, table
+from host_tools.report import config as config_report
 from host_tools.report.progress import ProgressLines
 from host_tools.report.safe_text import escape_for_terminal
 
@@ -206,8 +208,18 @@ CASES: dict[str, Callable[[], Any]] = {
         BundleChecklist(PATH, (CheckItem(EVIL, "ok", EVIL), CheckItem(EVIL, "failed", EVIL)), _manifest())
     ),
     "progress.ProgressLines": lambda: ProgressLines(EVIL).update(1, 2, 0.0),
+    # A config file or an environment variable is written by someone else than the one reading it.
+    "config.settings_data": lambda: config_report.settings_data({"broker": _setting()}, PATH, True),
+    "config.settings_text": lambda: config_report.settings_text({"broker": _setting()}, PATH, False),
+    "config.init_data": lambda: config_report.init_data(PATH, [_setting()], True),
+    "config.init_text": lambda: config_report.init_text(PATH, [_setting()], False),
     "table.render_table": lambda: table.render_table([table.Column(EVIL, lambda r: r)], [EVIL, None]),
 }
+
+
+def _setting() -> Resolved:
+    return Resolved("broker", EVIL, f"env {EVIL}")
+
 
 #: Renderers whose output carries no string an attacker chooses (numbers and our own words).
 NO_HOSTILE_TEXT = {
