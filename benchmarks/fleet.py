@@ -200,6 +200,23 @@ def _host_sent(stderr: str) -> tuple[int, int] | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds a live process has used, all its threads (Linux ``schedstat``, ns resolution); None if unknown."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        return sum(int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0]) for t in tasks) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu_used(pids: Sequence[int], before: Sequence[float | None]) -> float | None:
+    """Mean CPU seconds per process since ``before`` (None where any is unknown)."""
+    used = [cpu_seconds(p) for p in pids]
+    if not pids or any(u is None or b is None for u, b in zip(used, before, strict=True)):
+        return None
+    return sum(u - b for u, b in zip(used, before, strict=True) if u is not None and b is not None) / len(pids)
+
+
 def _wait(predicate: Callable[[], bool], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -229,8 +246,13 @@ c.loop_forever()
 """
 
 
-def raw_fan_out(url: str, frames: list[bytes], subscribers: int, work: Path) -> float:
-    """Seconds from the first publish to the last subscriber holding every frame: paho QoS 1, the broker fans out."""
+def raw_fan_out(url: str, frames: list[bytes], subscribers: int, work: Path) -> tuple[float, float | None]:
+    """Paho QoS 1 publishes, the broker fans out to ``subscribers`` processes.
+
+    Returns:
+        Seconds from the first publish to the last subscriber holding every frame, and the
+        subscribers' mean CPU seconds over the same span (None where it cannot be read).
+    """
     host, port = url.split("//")[1].split(":")
     topic = f"bench/raw/{time.monotonic_ns()}"
     outs = [work / f"raw-{i}.done" for i in range(subscribers)]
@@ -243,14 +265,16 @@ def raw_fan_out(url: str, frames: list[bytes], subscribers: int, work: Path) -> 
         time.sleep(1.0)  # let every subscription reach the broker
         client = MqttClient(url, MqttOptions(client_id=f"bench-raw-{os.getpid()}"))
         client.connect()
+        cpu_before = [cpu_seconds(p.pid) for p in procs]
         started = time.monotonic()
         handles = [client.publish(topic, f) for f in frames]
         for h in handles:
             h.wait()
         if not _wait(lambda: all(o.exists() for o in outs), 600):
             raise RuntimeError("raw subscribers did not get every frame")
+        cpu = _cpu_used([p.pid for p in procs], cpu_before)
         client.close()
-        return max(float(o.read_text()) for o in outs) - started
+        return max(float(o.read_text()) for o in outs) - started, cpu
     finally:
         for p in procs:
             p.kill()
@@ -448,10 +472,13 @@ def case_fan_out(host: Host, work: Path, devices: int, mib: int) -> dict:
             data = bundle.read_bytes()
             tid = content_transfer_id(hashlib.sha256(data).hexdigest(), CHUNK)
             frames = [encode_chunk(tid, i // CHUNK, data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)]
-            raw_s = raw_fan_out(broker.url, frames, devices, work)
+            raw_s, raw_cpu_s = raw_fan_out(broker.url, frames, devices, work)
+            pids = [fleet.agents[d].proc.pid for d in ids]
+            agents_before = [cpu_seconds(p) for p in pids]
             tap = Tap(broker.url)
             proc, cpu_s = _timed_deploy(host, bundle, broker.url, ids)
             _wait(lambda: len(tap.received_at) == devices, 10)
+            agent_cpu_s = _cpu_used(pids, agents_before)  # to every `received` and the deferral after it
             tap.close()
             if proc.returncode:
                 raise RuntimeError(proc.stderr[-2000:])
@@ -481,6 +508,8 @@ def case_fan_out(host: Host, work: Path, devices: int, mib: int) -> dict:
                 "delivery_ratio": deliver_s / raw_s,
                 "host_cpu_s": cpu_s,
                 "host_cpu_ms_per_device": 1000 * cpu_s / devices,
+                "agent_cpu_ms_per_device": None if agent_cpu_s is None else 1000 * agent_cpu_s,
+                "raw_subscriber_cpu_ms": None if raw_cpu_s is None else 1000 * raw_cpu_s,
                 "goals_met": sent <= 1.1 * len(data) and deliver_s <= 1.5 * raw_s and 1000 * cpu_s / devices <= 20,
             }
         finally:
@@ -662,6 +691,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
         )
         rows.append(["fan-out: host CPU ms/device", f"{f['host_cpu_ms_per_device']:.1f}", "-", "-", "<= 20"])
+        if f["agent_cpu_ms_per_device"] is not None and f["raw_subscriber_cpu_ms"] is not None:
+            rows.append(
+                [
+                    "fan-out: CPU ms per device",
+                    f"agent {f['agent_cpu_ms_per_device']:.1f}",
+                    f"raw subscriber {f['raw_subscriber_cpu_ms']:.1f}",
+                    f"{f['agent_cpu_ms_per_device'] / f['raw_subscriber_cpu_ms']:.2f}",
+                    "context",
+                ]
+            )
         overlapped = f.get("delivery_with_installs_s")
         if overlapped is not None:
             rows.append(

@@ -1,15 +1,15 @@
 """The device agent: connect, announce, dispatch what arrives to the part that does it.
 
 One worker thread (the caller of :meth:`Agent.run`) does all the work. The transport's
-network thread only puts messages on its inbox; a pump thread moves them into the
-agent's bounded :class:`~device_agent.transport.InboundQueue` (what does not fit is
-dropped and counted). Every message is handled inside a guard: bad input becomes an
-``error``/``refused`` event back to the host, and the loop goes on.
+network thread only puts messages into the agent's bounded
+:class:`~device_agent.transport.InboundQueue` (what does not fit is dropped and counted).
+Every message is handled inside a guard: bad input becomes an ``error``/``refused`` event
+back to the host, and the loop goes on.
 
 Periodic work (idle transfers reported, abandoned ones removed, the offline outbox
 drained, deferred installs retried) runs on its own schedule, every ``_TICK_S`` whatever arrives: a trickle of junk
-cannot starve it. The worker feeds systemd's watchdog only while the network and pump
-threads live (:func:`device_agent.sdnotify.should_feed`); if the network thread dies,
+cannot starve it. The worker feeds systemd's watchdog only while the network
+thread lives (:func:`device_agent.sdnotify.should_feed`); if the network thread dies,
 :meth:`Agent.run` stops the agent with an error, so any supervisor restarts it.
 
 Time: every expiry decision uses :meth:`TrustStore.now <device_agent.trust_store.TrustStore.now>`,
@@ -76,7 +76,7 @@ from device_agent.platform import PlatformInfo, detect_platform, power_model_nam
 from device_agent.receiving import Received, ReceivedBundle, Receiving, Transfer
 from device_agent.reporter import Reporter
 from device_agent.sdnotify import Liveness, Notifier, should_feed
-from device_agent.transport import InboundQueue, Transport, pump
+from device_agent.transport import InboundQueue, Transport
 from device_agent.trust_store import TrustStore
 from edge_sdk import __version__
 from edge_sdk.errors import (
@@ -167,7 +167,6 @@ def mqtt_transport(config: AgentConfig, identity: DeviceIdentity | None = None) 
             key_file=config.key_file,
             username=config.username,
             password=config.password,
-            inbox_max_bytes=config.inbound_max_bytes // 2,
         ),
     )
 
@@ -267,7 +266,7 @@ class Agent:
         self.decryption_key = load_or_create_decryption_key(config.data_dir)
         self.platform: PlatformInfo = detect_platform(config.sysfs_root)
         self.power: PowerSource = detect_power_source(config.sysfs_root, power_model_name(self.platform))
-        self.inbound = InboundQueue(config.inbound_queue_max, max_bytes=config.inbound_max_bytes // 2)
+        self.inbound = InboundQueue(config.inbound_queue_max, max_bytes=config.inbound_max_bytes)
         self.reporter = Reporter(
             config.device_id,
             transport,
@@ -305,8 +304,6 @@ class Agent:
             profile=hooks.profile,
         )
         self._notifier = Notifier()
-        self._pump_stop = threading.Event()
-        self._pump: threading.Thread | None = None
         self._next_tick = float("-inf")
         self._next_heartbeat = float("inf")  # set when connected: the birth message counts as one
         self._deaf_since: float | None = None
@@ -341,20 +338,14 @@ class Agent:
             self.shutdown()
 
     def start(self, notifier: Notifier | None = None) -> None:
-        """Subscribe, start the transport and the pump into the inbound queue."""
+        """Subscribe, and start the transport, delivering into the inbound queue."""
         self._notifier = notifier or Notifier()
         self.transport.subscribe(self.topics.cmd, qos=1)
         self.transport.subscribe(self.topics.data, qos=1)
         for t in self.receiving.held():
             self.transport.subscribe(transfer_topic(t.transfer_id), qos=1)
         log.info("agent %s starting; broker %s", self.config.device_id, self.transport.address)
-        self._pump = threading.Thread(
-            target=pump,
-            args=(self.transport.inbox, self.inbound, self._pump_stop, _PUMP_POLL_S),
-            name=f"edge-agent-inbound-{self.config.device_id}",
-            daemon=True,
-        )
-        self._pump.start()
+        self.transport.deliver_to(self.inbound)
         self.transport.start()
         self._notifier.ready(f"device {self.config.device_id}: connecting to {self.transport.address}")
 
@@ -378,10 +369,7 @@ class Agent:
 
     def liveness(self) -> Liveness:
         """The state of the threads that bring messages to the worker."""
-        return Liveness(
-            network_alive=self.transport.network_alive,
-            pump_alive=self._pump is None or self._pump.is_alive(),
-        )
+        return Liveness(network_alive=self.transport.network_alive)
 
     def _feed_watchdog(self) -> None:
         liveness = self.liveness()
@@ -396,9 +384,6 @@ class Agent:
 
     def shutdown(self) -> None:
         """Close transfers under way (kept on disk), say goodbye, disconnect, close the outbox."""
-        self._pump_stop.set()
-        if self._pump is not None:
-            self._pump.join(timeout=5)
         self.receiving.close()
         self.reporter.goodbye()
         self.transport.close()

@@ -122,8 +122,8 @@ class AgentConfig:
         inbound_queue_max: most inbound messages waiting for the agent's worker; more are
             dropped, counted and logged (see :mod:`device_agent.transport`).
         inbound_max_bytes: the memory bound for inbound messages: most payload bytes held
-            between the network and the worker (half in the MQTT client's inbox, half in the
-            worker's queue); a flood beyond it is dropped and counted, whatever its size.
+            between the network and the worker (in the worker's queue, which the network thread
+            fills directly); a flood beyond it is dropped and counted, whatever its size.
         execution: how to run bundles with sparse layers: ``auto`` (measure and pick the
             fastest), or ``dense``/``dense_int8``/``sparse`` to pin it, overriding the
             manifest's choice.

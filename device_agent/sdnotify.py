@@ -8,7 +8,7 @@ and ``STOPPING=1`` on the way out. Without ``NOTIFY_SOCKET`` every call does not
 
 The worker vouches only for an agent that can hear: :func:`should_feed` (pure) says
 whether to ping, from the liveness of the threads that bring messages in. A wedged worker
-sends nothing (it is the one that pings); a dead network or pump thread makes it stop
+sends nothing (it is the one that pings); a dead network thread makes it stop
 pinging. Either way systemd's watchdog fires and restarts the agent.
 """
 
@@ -31,11 +31,9 @@ class Liveness:
 
     Attributes:
         network_alive: the transport's network thread runs (it receives and keeps the connection).
-        pump_alive: the thread that moves received messages to the worker's queue runs.
     """
 
     network_alive: bool
-    pump_alive: bool
 
 
 def should_feed(liveness: Liveness) -> bool:
@@ -50,7 +48,7 @@ def should_feed(liveness: Liveness) -> bool:
     Returns:
         True only if every thread on the way from the network to the worker is alive.
     """
-    return liveness.network_alive and liveness.pump_alive
+    return liveness.network_alive
 
 
 class Notifier:

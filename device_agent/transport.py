@@ -1,15 +1,16 @@
 """What the agent needs from its connection, and the bounded queue between it and the worker.
 
-:class:`Transport` is the seam: publish, subscribe, and one inbox of inbound messages and
-connection changes. :class:`edge_sdk.mqtt.MqttClient` satisfies it as it is (structurally,
-nothing to inherit); unit tests pass an in-memory one.
+:class:`Transport` is the seam: publish, subscribe, and a sink that takes inbound messages
+and connection changes. :class:`edge_sdk.mqtt.MqttClient` satisfies it as it is
+(structurally, nothing to inherit); unit tests pass an in-memory one.
 
-The network side never waits for the worker: a small pump thread moves everything from
-the transport's inbox into an :class:`InboundQueue` bounded in messages and in payload
-bytes. While the worker is busy (a health check, a benchmark) and the queue is full, new
-messages are dropped, counted and logged, so a flood costs messages, never the device's
-memory. The count of drops goes out in the device's status (``inbound_dropped``). Dropping is
-safe for this protocol: a lost chunk is asked for again at ``transfer_end``, and a lost
+The network side never waits for the worker: the transport's network thread puts each
+message straight into an :class:`InboundQueue` bounded in messages and in payload bytes
+(:meth:`Transport.deliver_to`; one hand-off a message, no thread in between). While the
+worker is busy (a health check, a benchmark) and the queue is full, new messages are
+dropped, counted and logged, so a flood costs messages, never the device's memory. The
+count of drops goes out in the device's status (``inbound_dropped``). Dropping is safe for
+this protocol: a lost chunk is asked for again at ``transfer_end``, and a lost
 command is one the host times out on and retries. Connection changes are never dropped.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -29,10 +29,8 @@ __all__ = [
     "DEFAULT_INBOUND_MAX",
     "DEFAULT_INBOUND_MAX_BYTES",
     "InboundQueue",
-    "Inbox",
     "PublishAck",
     "Transport",
-    "pump",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,14 +51,6 @@ class PublishAck(Protocol):
         """Block until the broker acknowledged it; raise TransportError if it did not."""
 
 
-class Inbox(Protocol):
-    """Where a transport puts what arrives (a :class:`queue.Queue` is one)."""
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Incoming | ConnectionChange:
-        """The next item; raise :class:`queue.Empty` when none came within ``timeout``."""
-        ...
-
-
 class Transport(Protocol):
     """A connection to the broker, as the agent uses it."""
 
@@ -79,10 +69,8 @@ class Transport(Protocol):
         """False once the thread that receives has died (the agent is then deaf)."""
         ...
 
-    @property
-    def inbox(self) -> Inbox:
-        """Inbound messages and connection changes, in arrival order."""
-        ...
+    def deliver_to(self, sink: InboundQueue) -> None:
+        """Put inbound messages and connection changes into ``sink``, in arrival order (before :meth:`start`)."""
 
     def start(self) -> None:
         """Connect in the background, and keep reconnecting."""
@@ -195,17 +183,3 @@ class InboundQueue:
             )
             self._last_log = now
             self._unlogged = 0
-
-
-def pump(source: Inbox, into: InboundQueue, stop: threading.Event, poll_s: float = 0.2) -> None:
-    """Move items from a transport's inbox into the bounded queue until ``stop`` is set.
-
-    Runs on its own thread and does nothing else, so the transport's inbox stays short
-    however long the worker is busy.
-    """
-    while not stop.is_set():
-        try:
-            item = source.get(timeout=poll_s)
-        except queue.Empty:
-            continue
-        into.put(item)

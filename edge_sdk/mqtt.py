@@ -2,7 +2,9 @@
 
 One concurrency rule: paho's network thread never does work. It converts each foreign
 event into an own value (:class:`Incoming` or :class:`ConnectionChange`) and puts it on
-``client.inbox``; the owner of the client drains that queue on its own thread.
+``client.inbox``; the owner of the client drains that queue on its own thread. An owner
+with a bounded queue of its own hands it to :meth:`MqttClient.deliver_to` instead, and the
+network thread puts each item there directly (one hand-off a message, no thread between).
 
 The inbox is bounded (``MqttOptions.inbox_max`` messages), so an owner that falls behind
 costs memory up to that bound and no more: a message that finds the inbox full is dropped,
@@ -69,7 +71,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -90,6 +92,7 @@ __all__ = [
     "BrokerAddress",
     "ConnectAttempts",
     "ConnectionChange",
+    "InboxSink",
     "Incoming",
     "LinkFacts",
     "MqttClient",
@@ -545,6 +548,14 @@ class ConnectionChange:
     link: LinkFacts | None = None
 
 
+class InboxSink(Protocol):
+    """Where the network thread hands what arrives instead of the inbox (see :meth:`MqttClient.deliver_to`)."""
+
+    def put(self, item: Incoming | ConnectionChange) -> bool:
+        """Take ``item`` without blocking; False when it was dropped (the sink bounds and counts its drops)."""
+        ...
+
+
 class _Inbox(queue.Queue[Incoming | ConnectionChange]):
     """A :class:`queue.Queue` that also knows how many payload bytes it holds."""
 
@@ -616,6 +627,7 @@ class MqttClient:
         self._mqtt5_accepted = False  # a broker once accepted MQTT 5 from this client: never fall back
         self._epoch = 0  # accepted connections so far; messages carry the one they came on
         self._forgotten: set[str] = set()  # unsubscribed while offline, still in the broker's session
+        self._sink: InboxSink | None = None
         min_delay, max_delay = max(1, int(options.reconnect_min_s)), max(1, int(options.reconnect_max_s))
         self._attempts = ConnectAttempts(min_delay, max_delay)
         mqtt5 = options.protocol != "3.1.1"
@@ -787,7 +799,10 @@ class MqttClient:
             )
 
     def _hand_over(self, item: Incoming | ConnectionChange) -> None:
-        """Put ``item`` on the inbox without ever blocking; count and log it if there is no room."""
+        """Put ``item`` on the inbox (or the sink) without ever blocking; count and log it if there is no room."""
+        if self._sink is not None:
+            self._sink.put(item)  # the sink counts and logs what it drops
+            return
         if isinstance(item, Incoming) and (
             self.inbox.qsize() >= self.options.inbox_max
             or self.inbox.payload_bytes + len(item.payload) > self.options.inbox_max_bytes
@@ -832,6 +847,19 @@ class MqttClient:
             return True
         thread = self._client._thread  # paho keeps its loop_start thread here; no public accessor
         return thread is not None and thread.is_alive()
+
+    def deliver_to(self, sink: InboxSink) -> None:
+        """Hand every message and connection change to ``sink`` instead of :attr:`inbox`.
+
+        The network thread calls ``sink.put`` for each, so ``put`` must never block; the
+        sink bounds what it holds and counts what it drops. Call it before :meth:`start`.
+
+        Raises:
+            ConfigError: the client has started already (items may be in the inbox).
+        """
+        if self._started:
+            raise ConfigError("deliver_to() must be called before the client starts")
+        self._sink = sink
 
     def start(self) -> None:
         """Connect in the background and keep reconnecting with backoff, forever."""

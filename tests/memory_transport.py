@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 from dataclasses import dataclass, field
 
-from edge_sdk.mqtt import ConnectionChange, Incoming
+from edge_sdk.mqtt import ConnectionChange, InboxSink, Incoming
 from edge_sdk.protocol import DeviceStatus, Event, Heartbeat, MetricsReport, SignedReport, decode
 
 __all__ = ["MemoryTransport", "Published"]
@@ -42,6 +42,7 @@ class MemoryTransport:
     published: list[Published] = field(default_factory=list)
     subscriptions: list[str] = field(default_factory=list)
     inbox: queue.Queue[Incoming | ConnectionChange] = field(default_factory=queue.Queue)
+    sink: InboxSink | None = None
     _connected: bool = False
     network_alive: bool = True
     started: bool = False
@@ -52,6 +53,9 @@ class MemoryTransport:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    def deliver_to(self, sink: InboxSink) -> None:
+        self.sink = sink
 
     def start(self) -> None:
         self.started = True
@@ -79,17 +83,24 @@ class MemoryTransport:
 
     def deliver(self, topic: str, payload: bytes) -> None:
         """A message arrives for the agent."""
-        self.inbox.put(Incoming(topic, payload, False))
+        self._arrive(Incoming(topic, payload, False))
 
     def disconnect(self) -> None:
         """The connection drops."""
         self._connected = False
-        self.inbox.put(ConnectionChange(False, "connection lost"))
+        self._arrive(ConnectionChange(False, "connection lost"))
 
     def reconnect(self) -> None:
         """The connection is (back) up."""
         self._connected = True
-        self.inbox.put(ConnectionChange(True, "connected"))
+        self._arrive(ConnectionChange(True, "connected"))
+
+    def _arrive(self, item: Incoming | ConnectionChange) -> None:
+        """Into the sink the agent gave (as the network thread does), else the inbox."""
+        if self.sink is not None:
+            self.sink.put(item)
+        else:
+            self.inbox.put(item)
 
     # --- reading what the agent said -------------------------------------------------------
 

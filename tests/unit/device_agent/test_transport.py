@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-import time
+from types import SimpleNamespace
 
 import pytest
 
-from device_agent.transport import InboundQueue, pump
-from edge_sdk.mqtt import ConnectionChange, Incoming
+from device_agent.transport import InboundQueue
+from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions
 
 
 def _msg(i: int) -> Incoming:
@@ -58,21 +56,13 @@ def test_a_bound_below_one_is_refused() -> None:
         InboundQueue(0)
 
 
-def test_the_pump_moves_everything_into_the_bound_and_stops() -> None:
-    source: queue.Queue[Incoming | ConnectionChange] = queue.Queue()
-    for i in range(5):
-        source.put(_msg(i))
+def test_a_client_delivering_into_the_queue_fills_it_from_the_network_thread_and_drops_the_rest() -> None:
     into = InboundQueue(3)
-    stop = threading.Event()
-    thread = threading.Thread(target=pump, args=(source, into, stop, 0.01))
-    thread.start()
-    deadline = time.monotonic() + 10
-    while into.dropped + len(into) < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    stop.set()
-    thread.join(5)
-    assert not thread.is_alive()
-    assert into.dropped == 2
+    client = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="unit-sink"))
+    client.deliver_to(into)
+    for i in range(5):  # paho's network thread calls this for each message; here, a stand-in message
+        client._on_message(None, None, SimpleNamespace(topic=_msg(i).topic, payload=b"x", retain=False))  # type: ignore[arg-type]
+    assert into.dropped == 2 and client.inbox.empty() and client.inbox_dropped == 0
     assert [into.get(0.01) for _ in range(4)] == [_msg(0), _msg(1), _msg(2), None]
 
 

@@ -73,6 +73,24 @@ def test_a_connection_change_finds_room_in_a_full_inbox() -> None:
     assert client.inbox_dropped == 2
 
 
+def test_a_sink_takes_what_arrives_instead_of_the_inbox_and_only_before_the_start() -> None:
+    taken: list[Incoming | ConnectionChange] = []
+
+    class Sink:
+        def put(self, item: Incoming | ConnectionChange) -> bool:
+            taken.append(item)
+            return len(taken) <= 1  # the sink bounds and counts; the client does not
+
+    client = _client(1)
+    client.deliver_to(Sink())
+    _receive(client, 3)
+    assert [m.topic for m in taken if isinstance(m, Incoming)] == ["t/0", "t/1", "t/2"]
+    assert client.inbox.empty() and client.inbox_dropped == 0
+    client._started = True  # as start() leaves it, without a connection attempt
+    with pytest.raises(ConfigError, match="before the client starts"):
+        client.deliver_to(Sink())
+
+
 # --- connection attempts: each one logged, with its cause and the next delay ----------------
 
 
