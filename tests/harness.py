@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,6 +242,30 @@ def _assert_staging_whole(staging: Path) -> None:
     for tid in tids:
         assert {f"{tid}.cmd", f"{tid}.part"} <= set(names), names
     assert all(n.split(".", 1)[1] in ("cmd", "part", "index") for n in names), names
+
+
+class ChunkSpy:
+    """Counts the chunk messages published on one device's data topic, as the broker delivers them."""
+
+    def __init__(self, url: str, device_id: str) -> None:
+        self.client = MqttClient(url, MqttOptions(client_id=f"spy-{uuid.uuid4().hex[:8]}"))
+        self.client.connect()
+        self.client.subscribe(DeviceTopics(device_id).data)
+        self.seen = 0
+
+    def count(self, settle_s: float = 0.5) -> int:
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:
+            try:
+                item = self.client.inbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if isinstance(item, Incoming):
+                self.seen += 1
+        return self.seen
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def wait_online(broker_url: str, device_id: str, timeout: float = 20.0) -> DeviceStatus:

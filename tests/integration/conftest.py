@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import BIN, AgentProcess, Host, TinyModel, build_tiny_model, enroll, wait_online
+from harness import BIN, AgentProcess, ChunkSpy, Host, TinyModel, build_tiny_model, enroll, wait_online
 from mosquitto import MosquittoProcess
 from topologies import TOPOLOGIES, Topology, bridge_config, wait_bridged
 
@@ -103,6 +103,20 @@ def start_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Call
     yield start
     for agent in agents:
         agent.stop()
+
+
+@pytest.fixture
+def spy(mosquitto) -> Iterator[Callable[[str], ChunkSpy]]:
+    """``spy(device_id)`` counts the chunks the broker delivers on that device's data topic."""
+    made: list[ChunkSpy] = []
+
+    def make(device_id: str) -> ChunkSpy:
+        made.append(ChunkSpy(mosquitto.url, device_id))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
 
 
 # --- broker topologies (tests/topologies.py) ----------------------------------------------------
