@@ -32,7 +32,9 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 VENV = "/opt/edge"
 SOURCE = "/opt/edge-sdk"
 #: Seconds an emulated agent may take to start, accept an offer or finish an install.
-EMULATED_TIMEOUT = 300.0
+EMULATED_TIMEOUT = 600.0
+#: Seconds each step of the device install may take under emulation (python -m venv, pip install).
+INSTALL_TIMEOUT = 3600.0
 #: `edgectl deploy` options for an emulated device: emulation's patience.
 DEPLOY_ARGS = ("--accept-timeout", str(EMULATED_TIMEOUT), "--timeout", str(EMULATED_TIMEOUT))
 PIP_CACHE = Path(os.environ.get("EDGE_SDK_CACHE", Path.home() / ".cache" / "edge-sdk" / "userlands")) / "pip"
@@ -193,13 +195,16 @@ class Userland:
             "LANG": "C.UTF-8",
             "PIP_CERT": "/etc/host-ca.pem",  # this machine reaches PyPI through its own CA
             "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            # pip would byte-compile every installed module, under emulation; Python compiles
+            # what the agent imports when it first runs instead
+            "PIP_NO_COMPILE": "1",
         }
         if self.spec.qemu_cpu:
             base["QEMU_CPU"] = self.spec.qemu_cpu
         pairs = [f"{k}={v}" for k, v in (base | env).items()]
         return ["chroot", str(self.root), "/usr/bin/env", "-i", *pairs, *argv]
 
-    def run(self, argv: Sequence[str], timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+    def run(self, argv: Sequence[str], timeout: float = EMULATED_TIMEOUT) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside and wait; stdout and stderr together in ``.stdout``."""
         return subprocess.run(
             self.command(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
@@ -214,9 +219,11 @@ class Userland:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dest)
         venv = ["python3", "-m", "venv", *(["--system-site-packages"] if self.spec.system_site_packages else []), VENV]
-        made = self.run(venv, timeout=300)
+        made = self.run(venv, timeout=INSTALL_TIMEOUT)
         assert made.returncode == 0, made.stdout
-        pip = self.run(["pip", "install", "--no-input", self.spec.requirement.format(src=SOURCE)], timeout=1500)
+        pip = self.run(
+            ["pip", "install", "--no-input", self.spec.requirement.format(src=SOURCE)], timeout=INSTALL_TIMEOUT
+        )
         assert pip.returncode == 0, pip.stdout[-6000:]
         return pip.stdout
 

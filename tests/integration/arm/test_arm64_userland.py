@@ -30,7 +30,7 @@ def test_the_device_install_is_an_aarch64_venv_with_both_runtimes(bookworm_arm64
         ["python", "-c", "import platform, onnxruntime, ai_edge_litert; print(platform.machine())"], timeout=300
     )
     assert r.returncode == 0 and r.stdout.split()[-1] == "aarch64", r.stdout[-3000:]
-    r = bookworm_arm64.run(["edgectl", "--help"], timeout=300)  # the device install has no host tools
+    r = bookworm_arm64.run(["edgectl", "--help"])  # the device install has no host tools
     assert r.returncode == 2 and "edge-sdk[host]" in r.stdout, r.stdout[-2000:]
 
 
@@ -116,7 +116,7 @@ def test_platform_detection_inside_the_userland_names_the_board(bookworm_arm64, 
     with contextlib.ExitStack() as mounts:
         for i, (target, text) in enumerate(files.items()):
             mounts.enter_context(bookworm_arm64.bind_file(target, text, tmp_path / f"file-{i}"))
-        r = bookworm_arm64.run(["python", "-c", probe], timeout=300)
+        r = bookworm_arm64.run(["python", "-c", probe])
     assert r.returncode == 0, r.stdout[-3000:]
     found = json.loads(r.stdout.splitlines()[-1])
     assert (found["kind"], found["model"], found["arch"], found["emulated"]) == (kind, model, "aarch64", True)
