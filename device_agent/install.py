@@ -375,6 +375,8 @@ class InstallSequence:
             power=profile.power,
             temperature=profile.temperature,
             execution=choice,
+            arch=self.platform.arch,
+            emulated=self.platform.emulated,
             extra=dict(extra),
         )
 

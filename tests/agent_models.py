@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["Built", "big_model", "nan_model", "slow_model", "wrong_shape_model"]
+__all__ = ["Built", "big_model", "int8_qdq_onnx", "nan_model", "slow_model", "wrong_shape_model"]
 
 Built = tuple[Path, Path]
 
@@ -103,3 +103,27 @@ def big_model(d: Path, mib: int = 24) -> Built:
         [w],
     )
     return _save(d, "big", graph, _x())
+
+
+def int8_qdq_onnx(model: Path, sample: Path, out: Path) -> Path:
+    """``model`` quantized to int8 QDQ (activations and weights), calibrated on ``sample``'s ``input`` rows."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    x = np.load(sample)["input"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rows = iter([{"input": x[i : i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.rows, None)
+
+    quantize_static(
+        str(model),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return out

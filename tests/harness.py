@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +56,17 @@ class CliResult:
 class Host:
     home: Path
 
-    def run(self, *args: str, timeout: float = 120.0, home: Path | None = None) -> CliResult:
+    def env(self, home: Path | None = None) -> dict[str, str]:
+        """The environment `edgectl` runs in: this operator's home, no broker from the caller's."""
         env = dict(os.environ, EDGE_SDK_HOME=str(home or self.home))
         env.pop("EDGE_SDK_BROKER", None)
+        return env
+
+    def run(self, *args: str, timeout: float = 120.0, home: Path | None = None) -> CliResult:
         started = time.monotonic()
-        proc = subprocess.run([str(BIN / "edgectl"), *args], capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [str(BIN / "edgectl"), *args], capture_output=True, text=True, timeout=timeout, env=self.env(home)
+        )
         if "--json" in args and proc.stdout.strip():
             validate_output(args, proc.stdout)  # every --json output a test sees meets its schema
         return CliResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
@@ -81,8 +89,13 @@ class Host:
         assert r.code == 0, r.stderr
         return out
 
-    def deploy_metrics(self, bundle: Path, url: str, device: str, runs: int = 30, warmup: int = 3) -> dict:
-        """`edgectl deploy --json` of ``bundle`` to ``device``; the deploy must succeed. Returns its metrics report."""
+    def deploy_metrics(
+        self, bundle: Path, url: str, device: str, runs: int = 30, warmup: int = 3, *extra: str, timeout: float = 120.0
+    ) -> dict:
+        """`edgectl deploy --json` of ``bundle`` to ``device``; the deploy must succeed. Returns its metrics report.
+
+        ``extra`` goes on the command line (``--timeout``...), ``timeout`` bounds the process.
+        """
         r = self.run(
             "deploy",
             str(bundle),
@@ -95,6 +108,8 @@ class Host:
             "--warmup",
             str(warmup),
             "--json",
+            *extra,
+            timeout=timeout,
         )
         assert r.code == 0, r.stderr
         return r.json()["metrics"]  # type: ignore[index]
@@ -194,6 +209,66 @@ class AgentProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def assert_one_version(data_dir: Path, name: str) -> int:
+    """One whole version of bundle ``name`` is active in an agent's ``data_dir``; returns it.
+
+    state.json names it and no pending mark remains, its slot's files match its
+    manifest's hashes, only the active and previous slots exist, staging holds only
+    whole kept transfers, and no scratch or temp file is left.
+    """
+    state = json.loads((data_dir / "state.json").read_text())
+    entry = state["bundles"][name]
+    assert "pending" not in entry, entry
+    active = entry["active"]["version"]
+    previous = entry["previous"]["version"] if entry.get("previous") else None
+    slot = data_dir / "slots" / name / f"v{active}"
+    manifest = json.loads((slot / "manifest.json").read_text())
+    assert manifest["version"] == active
+    on_disk = sorted(str(p.relative_to(slot / "payload")) for p in (slot / "payload").rglob("*") if p.is_file())
+    assert on_disk == sorted(f["path"] for f in manifest["files"])
+    for f in manifest["files"]:
+        assert hashlib.sha256((slot / "payload" / f["path"]).read_bytes()).hexdigest() == f["sha256"], f["path"]
+    expected_slots = {f"v{active}"} | ({f"v{previous}"} if previous else set())
+    assert {p.name for p in (data_dir / "slots" / name).iterdir()} == expected_slots
+    _assert_staging_whole(data_dir / "staging")
+    assert list((data_dir / "tmp").iterdir()) == []
+    assert not list(data_dir.glob(".state.json.*"))
+    return active
+
+
+def _assert_staging_whole(staging: Path) -> None:
+    """Only whole kept transfers: each a command and its bytes (and maybe its chunk index), nothing else."""
+    names = [p.name for p in staging.iterdir()]
+    tids = {n.split(".")[0] for n in names}
+    for tid in tids:
+        assert {f"{tid}.cmd", f"{tid}.part"} <= set(names), names
+    assert all(n.split(".", 1)[1] in ("cmd", "part", "index") for n in names), names
+
+
+class ChunkSpy:
+    """Counts the chunk messages published on one device's data topic, as the broker delivers them."""
+
+    def __init__(self, url: str, device_id: str) -> None:
+        self.client = MqttClient(url, MqttOptions(client_id=f"spy-{uuid.uuid4().hex[:8]}"))
+        self.client.connect()
+        self.client.subscribe(DeviceTopics(device_id).data)
+        self.seen = 0
+
+    def count(self, settle_s: float = 0.5) -> int:
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:
+            try:
+                item = self.client.inbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if isinstance(item, Incoming):
+                self.seen += 1
+        return self.seen
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def wait_online(broker_url: str, device_id: str, timeout: float = 20.0) -> DeviceStatus:

@@ -683,7 +683,10 @@ class MetricsReport(Message):
     The measurements are typed (:mod:`edge_sdk.metrics`); one that was not measured is
     ``None`` here and ``{}`` on the wire, as it always was. ``power`` always says whether
     it is ``estimated``. ``execution`` is the choice made for a sparse bundle, on the wire
-    only when there is one. ``schema`` is the message schema the report was written in
+    only when there is one. ``arch`` is the machine the measurements were taken on
+    (``aarch64``...) and ``emulated`` says that they were taken under a user-mode
+    emulator (qemu-user), so latency and throughput are the emulator's, not the
+    device's; both are on the wire only when set. ``schema`` is the message schema the report was written in
     (:data:`SCHEMA_VERSION` for reports built here); :meth:`to_dict` leaves it out and
     :meth:`~Message.to_wire` writes it, as for every message.
 
@@ -707,6 +710,8 @@ class MetricsReport(Message):
     power: PowerMeasurement | None = None
     temperature: tuple[ThermalReading, ...] = ()
     execution: ExecutionChoice | None = None
+    arch: str = ""
+    emulated: bool = False
     schema: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -745,6 +750,9 @@ class MetricsReport(Message):
                 out[name] = {}
         if out["execution"] is None:
             del out["execution"]
+        for name, unset in (("arch", ""), ("emulated", False)):  # on the wire only when known
+            if out[name] == unset:
+                del out[name]
         del out["schema"]
         return out
 

@@ -66,6 +66,15 @@ def power_cell(power: PowerMeasurement | None) -> str | None:
     return f"{power.watts:.2f} W{label}"
 
 
+def measured_on(report: MetricsReport) -> str | None:
+    """The machine a report was measured on: ``aarch64``, or ``aarch64 (emulated)`` when the
+    device ran under qemu-user (its latency is the emulator's, not the board's); None when
+    an older agent did not say."""
+    if not report.arch:
+        return "emulated" if report.emulated else None
+    return f"{report.arch} (emulated)" if report.emulated else report.arch
+
+
 def metrics_table(reports: Sequence[MetricsReport]) -> str:
     """One line per metrics report: latency, throughput, memory, power (``-`` where not measured).
 
@@ -80,6 +89,7 @@ def metrics_table(reports: Sequence[MetricsReport]) -> str:
             Column("device", lambda r: r.device_id),
             Column("bundle", lambda r: f"{r.bundle_name} v{r.bundle_version}"),
             Column("runtime", lambda r: f"{r.runtime} {r.precision} x{r.threads}"),
+            Column("measured on", measured_on),
             Column("p50 ms", lambda r: None if r.latency is None else f"{r.latency.p50_ms:.3f}", ">"),
             Column("p90 ms", lambda r: None if r.latency is None else f"{r.latency.p90_ms:.3f}", ">"),
             Column("p99 ms", lambda r: None if r.latency is None else f"{r.latency.p99_ms:.3f}", ">"),

@@ -6,7 +6,9 @@
 - ``start_agent``: starts `edge-agent run --root ROOT` as its own process and stops it afterwards.
   The key the agent makes at first start is enrolled in the ``host``'s registry (as
   `edgectl devices enroll ID --key device.pub` does), unless ``enroll_key=False``; a test
-  with its own operator home passes it as ``enroll_home``.
+  with its own operator home passes it as ``enroll_home``. ``launcher`` rewrites the command
+  line (the ARM userland tests run it in a chroot under qemu: tests/userland.py), and
+  ``timeout`` bounds the waits for its key and its birth message.
 
 Broker topologies (helpers in ``tests/topologies.py``):
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import BIN, AgentProcess, Host, TinyModel, build_tiny_model, enroll, wait_online
+from harness import BIN, AgentProcess, ChunkSpy, Host, TinyModel, build_tiny_model, enroll, wait_online
 from mosquitto import MosquittoProcess
 from topologies import TOPOLOGIES, Topology, bridge_config, wait_bridged
 
@@ -59,28 +61,31 @@ def start_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Call
         wait: bool = True,
         enroll_key: bool = True,
         enroll_home: Path | None = None,
+        launcher: Callable[[list[str]], list[str]] | None = None,
+        timeout: float = 20.0,
     ) -> AgentProcess:
         data_dir = tmp_path / f"agent-{device_id}"
         if "--data-dir" in extra:  # the test's own data directory wins (argparse takes the last)
             data_dir = Path(extra[len(extra) - 1 - extra[::-1].index("--data-dir") + 1])
         log_path = tmp_path / f"agent-{device_id}.log"
         log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process below
+        argv = [
+            str(BIN / "edge-agent"),
+            "run",
+            "--broker",
+            broker_url,
+            "--device-id",
+            device_id,
+            "--data-dir",
+            str(data_dir),
+            "--root",
+            str(root),
+            "--log-level",
+            "DEBUG",
+            *extra,
+        ]
         proc = subprocess.Popen(
-            [
-                str(BIN / "edge-agent"),
-                "run",
-                "--broker",
-                broker_url,
-                "--device-id",
-                device_id,
-                "--data-dir",
-                str(data_dir),
-                "--root",
-                str(root),
-                "--log-level",
-                "DEBUG",
-                *extra,
-            ],
+            launcher(argv) if launcher else argv,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             text=True,
@@ -90,14 +95,28 @@ def start_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Call
         agents.append(agent)
         if enroll_key:
             home = enroll_home or request.getfixturevalue("host").home
-            enroll(home, device_id, agent.wait_for_key())
+            enroll(home, device_id, agent.wait_for_key(timeout))
         if wait:
-            wait_online(broker_url, device_id)
+            wait_online(broker_url, device_id, timeout)
         return agent
 
     yield start
     for agent in agents:
         agent.stop()
+
+
+@pytest.fixture
+def spy(mosquitto) -> Iterator[Callable[[str], ChunkSpy]]:
+    """``spy(device_id)`` counts the chunks the broker delivers on that device's data topic."""
+    made: list[ChunkSpy] = []
+
+    def make(device_id: str) -> ChunkSpy:
+        made.append(ChunkSpy(mosquitto.url, device_id))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
 
 
 # --- broker topologies (tests/topologies.py) ----------------------------------------------------

@@ -17,9 +17,7 @@ a deploy of the same bundle after the restart sends only what the device lacks.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from agent_models import big_model
-from harness import BIN
+from harness import BIN, assert_one_version
 
 from device_agent.config import CRASH_POINTS
 
@@ -55,8 +53,6 @@ def _pack(host, model: Path, sample: Path, out: Path, version: int) -> Path:
 
 
 def _deploy_in_background(host, bundle: Path, url: str, device: str, *extra: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, EDGE_SDK_HOME=str(host.home))
-    env.pop("EDGE_SDK_BROKER", None)
     return subprocess.Popen(
         [
             str(BIN / "edgectl"),
@@ -78,43 +74,8 @@ def _deploy_in_background(host, bundle: Path, url: str, device: str, *extra: str
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=env,
+        env=host.env(),
     )
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def assert_consistent(data_dir: Path) -> int:
-    """Check the invariants; return the active version."""
-    state = json.loads((data_dir / "state.json").read_text())
-    entry = state["bundles"]["cs"]
-    assert "pending" not in entry, entry
-    active = entry["active"]["version"]
-    previous = entry["previous"]["version"] if entry.get("previous") else None
-    slot = data_dir / "slots" / "cs" / f"v{active}"
-    manifest = json.loads((slot / "manifest.json").read_text())
-    assert manifest["version"] == active
-    on_disk = sorted(str(p.relative_to(slot / "payload")) for p in (slot / "payload").rglob("*") if p.is_file())
-    assert on_disk == sorted(f["path"] for f in manifest["files"])
-    for f in manifest["files"]:
-        assert _sha256(slot / "payload" / f["path"]) == f["sha256"], f["path"]
-    expected_slots = {f"v{active}"} | ({f"v{previous}"} if previous else set())
-    assert {p.name for p in (data_dir / "slots" / "cs").iterdir()} == expected_slots
-    _assert_staging_whole(data_dir / "staging")
-    assert list((data_dir / "tmp").iterdir()) == []
-    assert not list(data_dir.glob(".state.json.*"))
-    return active
-
-
-def _assert_staging_whole(staging: Path) -> None:
-    """Only whole kept transfers: each a command and its bytes (and maybe its chunk index), nothing else."""
-    names = [p.name for p in staging.iterdir()]
-    tids = {n.split(".")[0] for n in names}
-    for tid in tids:
-        assert {f"{tid}.cmd", f"{tid}.part"} <= set(names), names
-    assert all(n.split(".", 1)[1] in ("cmd", "part", "index") for n in names), names
 
 
 @pytest.fixture
@@ -135,7 +96,7 @@ def installed_v1(host, tiny_model, mosquitto, start_agent, tmp_path) -> Path:
 
 def _restart_and_check(start_agent, url: str, device: str, trust: Path, data_dir: Path) -> int:
     agent = start_agent(url, device, trust)  # waits for its birth message
-    active = assert_consistent(data_dir)
+    active = assert_one_version(data_dir, "cs")
     log = agent.log()
     assert agent.stop() == 0
     return active if "Traceback" not in log else pytest.fail(log[-3000:])
@@ -205,5 +166,5 @@ def test_a_transfer_cut_by_sigkill_resumes_after_the_restart(host, mosquitto, st
     assert r.code == 0, r.stderr + agent.log()[-3000:]
     assert json.loads(r.stdout)["state"] == "installed"
     assert agent.stop() == 0
-    assert assert_consistent(data_dir) == NEW
+    assert assert_one_version(data_dir, "cs") == NEW
     assert list((data_dir / "staging").iterdir()) == []

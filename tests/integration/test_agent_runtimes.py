@@ -13,32 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from agent_models import int8_qdq_onnx
 from tflite_models import QuantParams, fully_connected_model, quantized_add_model
 
 pytestmark = pytest.mark.integration
-
-
-def _int8_qdq_onnx(tiny_model, out: Path) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    x = np.load(tiny_model.sample)["input"]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.rows = iter([{"input": x[i : i + 1]} for i in range(len(x))])
-
-        def get_next(self):
-            return next(self.rows, None)
-
-    quantize_static(
-        str(tiny_model.path),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-    )
-    return out
 
 
 def test_tflite_and_int8_bundles_run_and_report_their_precision(host, tiny_model, mosquitto, start_agent, tmp_path):
@@ -62,7 +40,7 @@ def test_tflite_and_int8_bundles_run_and_report_their_precision(host, tiny_model
     )
     assert m["runtime"] in ("litert", "tflite-runtime") and m["precision"] == "int8"
 
-    q = _int8_qdq_onnx(tiny_model, tmp_path / "tiny.int8.onnx")
+    q = int8_qdq_onnx(tiny_model.path, tiny_model.sample, tmp_path / "tiny.int8.onnx")
     m = host.deploy_metrics(
         host.pack(q, tiny_model.sample, tmp_path / "q.edge", "tiny-int8"), mosquitto.url, agent.device_id
     )

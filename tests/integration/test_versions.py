@@ -10,14 +10,13 @@ topic counts the chunks the host sent.
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,7 @@ from harness import BIN, AgentProcess, enroll, wait_online
 from tflite_models import fully_connected_model
 
 from edge_sdk.bundle import BundleSpec, pack_bundle
-from edge_sdk.mqtt import Incoming, MqttClient, MqttOptions
-from edge_sdk.protocol import DeviceTopics
+from edge_sdk.mqtt import MqttClient, MqttOptions
 from host_tools.fleet.deployer import DeployOptions, deploy_bundle
 from host_tools.fleet.registry import open_registry
 from host_tools.fleet.router import gated
@@ -38,43 +36,6 @@ pytestmark = pytest.mark.integration
 
 EXIT_UNTRUSTED = 3
 EXIT_LOCAL_STATE = 5
-
-
-class ChunkSpy:
-    """Counts the chunk messages published on one device's data topic, as the broker delivers them."""
-
-    def __init__(self, url: str, device_id: str) -> None:
-        self.client = MqttClient(url, MqttOptions(client_id=f"spy-{uuid.uuid4().hex[:8]}"))
-        self.client.connect()
-        self.client.subscribe(DeviceTopics(device_id).data)
-        self.seen = 0
-
-    def count(self, settle_s: float = 0.5) -> int:
-        deadline = time.monotonic() + settle_s
-        while time.monotonic() < deadline:
-            try:
-                item = self.client.inbox.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if isinstance(item, Incoming):
-                self.seen += 1
-        return self.seen
-
-    def close(self) -> None:
-        self.client.close()
-
-
-@pytest.fixture
-def spy(mosquitto) -> Iterator[Callable[[str], ChunkSpy]]:
-    made: list[ChunkSpy] = []
-
-    def make(device_id: str) -> ChunkSpy:
-        made.append(ChunkSpy(mosquitto.url, device_id))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def _pack(host, model: Path, sample: Path | None, out: Path, version: int, name: str = "my-cnn") -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from device_agent.platform import PlatformInfo, detect_platform
+from device_agent.platform import PlatformInfo, arch_family, detect_platform, is_emulated
 
 
 def _write(root: Path, rel: str, data: bytes | str) -> None:
@@ -122,3 +122,23 @@ def test_power_model_names_follow_the_hardware() -> None:
         got = power_model_name(PlatformInfo(kind, model, arch, 4, 1 << 30))
         assert got == want, (kind, model, arch)
         assert got in POWER_MODELS
+
+
+def test_emulation_is_a_kernel_of_another_family_than_the_interpreter(tmp_path: Path) -> None:
+    assert is_emulated(tmp_path, "aarch64") is False  # no /proc/sys/kernel/arch: nothing can be told
+    _write(tmp_path, "proc/sys/kernel/arch", "x86_64\n")
+    assert is_emulated(tmp_path, "aarch64") is True  # qemu-user: uname says aarch64, the kernel is x86
+    assert is_emulated(tmp_path, "x86_64") is False
+    _write(tmp_path, "proc/sys/kernel/arch", "aarch64\n")
+    assert is_emulated(tmp_path, "armv7l") is False  # 32-bit Pi OS on a Pi's 64-bit kernel runs natively
+    assert [arch_family(a) for a in ("aarch64", "armv7l", "armv8l", "x86_64", "i686", "riscv64")] == [
+        "arm", "arm", "arm", "x86", "x86", "riscv",
+    ]  # fmt: skip
+
+
+def test_an_emulated_platform_says_so_in_its_status(tmp_path: Path) -> None:
+    _write(tmp_path, "proc/sys/kernel/arch", "x86_64\n")
+    _write(tmp_path, "proc/device-tree/model", b"Raspberry Pi 5 Model B Rev 1.0\x00")
+    info = detect_platform(tmp_path, arch="aarch64", cores=4)
+    assert (info.kind, info.emulated, info.to_dict()["emulated"]) == ("raspberry-pi", True, True)
+    assert "emulated" not in detect_platform(tmp_path, arch="x86_64", cores=4).to_dict()

@@ -608,6 +608,15 @@ def test_metrics_report_reads_todays_wire_and_writes_it_back_unchanged() -> None
     assert report.extra == {"mode": "profile"} and json.loads(encode(report)) == sent
     with pytest.raises(MessageError, match="latency field 'count'"):
         decode(json.dumps({**body, "latency": {"p50_ms": 1.2}}).encode())
+    assert "arch" not in body and "emulated" not in body  # older hosts read the same report
+
+
+def test_metrics_report_says_where_it_was_measured_and_whether_emulated() -> None:
+    report = MetricsReport("pi-1", "digits", 3, "onnxruntime", "int8", 4.0, arch="aarch64", emulated=True)
+    body = json.loads(encode(report))
+    assert (body["arch"], body["emulated"]) == ("aarch64", True) and decode(encode(report)) == report
+    with pytest.raises(MessageError, match="emulated"):
+        decode(json.dumps({**body, "emulated": "yes"}).encode())
 
 
 # --- the deploy command's offer of manifest facts (added fields; old commands unchanged) --------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from host_tools.report.fleet import (
     devices_data,
     devices_text,
     forget_text,
+    measured_on,
     metrics_table,
     metrics_text,
     outcome_data,
@@ -114,12 +116,19 @@ def test_power_cell_says_estimated_unless_measured() -> None:
 def test_metrics_table_one_line_per_report() -> None:
     report = _metrics(_power(0.5, estimated=False), peak_bytes=3 << 20)
     lines = metrics_table([report]).splitlines()
-    header = "device  bundle  runtime  p50 ms  p90 ms  p99 ms  inf/s  peak RSS  power"
+    header = "device  bundle  runtime  measured on  p50 ms  p90 ms  p99 ms  inf/s  peak RSS  power"
     assert lines[0].split() == header.split()
-    row = "dev-1  digits v2  onnxruntime int8 x2  1.250  2.500  4.000  800  3.0 MiB  0.50 W"
+    row = "dev-1  digits v2  onnxruntime int8 x2  -  1.250  2.500  4.000  800  3.0 MiB  0.50 W"
     assert lines[2].split() == row.split()
     assert metrics_text([]) == "no metrics recorded"
     assert metrics_text([report]) == metrics_table([report])
+
+
+def test_metrics_table_says_when_latency_was_measured_under_emulation() -> None:
+    native = dataclasses.replace(_metrics(None), arch="aarch64")
+    emulated = dataclasses.replace(native, emulated=True)
+    assert [measured_on(r) for r in (_metrics(None), native, emulated)] == [None, "aarch64", "aarch64 (emulated)"]
+    assert "aarch64 (emulated)" in metrics_table([emulated]).splitlines()[2]
 
 
 def test_devices_text() -> None:
