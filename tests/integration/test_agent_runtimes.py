@@ -9,7 +9,6 @@ installing it: the report comes back and is stored, and state.json does not chan
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
