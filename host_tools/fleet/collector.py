@@ -73,11 +73,15 @@ def record_message(registry: Registry, msg: Message, received_at: float, broker:
         StorageError: the registry cannot be written.
     """
     if isinstance(msg, DeviceStatus):
+        # A will (offline, no bundles listed) is signed when the device connects, so its own
+        # time is older than the birth after it; the broker sends it when the link dies. The
+        # host's clock says when that was (the gate has already checked its order).
+        is_will = msg.state != "online" and msg.active is None
         registry.upsert_device(
             DeviceRecord(
                 device_id=msg.device_id,
                 status="online" if msg.state == "online" else "offline",  # the message allows no other
-                last_seen=_seen_at(msg.ts, received_at),
+                last_seen=received_at if is_will else _seen_at(msg.ts, received_at),
                 platform=msg.platform or None,
                 runtimes=msg.runtimes or None,
                 agent_version=msg.agent_version or None,

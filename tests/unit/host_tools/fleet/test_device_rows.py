@@ -72,6 +72,18 @@ def test_a_status_lists_every_bundle_and_an_empty_list_clears_what_a_will_keeps(
     assert got is not None and got.active_bundles == () and got.active_bundle is None
 
 
+def test_a_will_signed_before_the_birth_still_marks_the_device_offline(db: Registry) -> None:
+    # The agent signs its will when it connects, just before its birth: the will's own time
+    # is older than the birth's, yet the broker publishes it later, when the link dies.
+    record_message(db, _status("d", 100.0, []), 100.5, HERE)  # birth
+    record_message(db, _status("d", 99.9, None, "offline"), 500.0, HERE)  # the will, heard at 500
+    got = db.get_device("d")
+    assert got is not None and got.status == "offline" and got.last_seen == 500.0
+    record_message(db, _status("d", 600.0, []), 600.2, HERE)  # back
+    got = db.get_device("d")
+    assert got is not None and got.status == "online"
+
+
 def test_one_device_id_on_two_brokers_is_two_rows(db: Registry) -> None:
     record_message(db, _status("d", 1.0, []), 1.0, HERE)
     record_message(db, _status("d", 5.0, [], "offline"), 5.0, THERE)
