@@ -37,7 +37,8 @@ def wave_line(wave: int, counts: dict[str, int], bars: bool) -> str:
 def rollout_text(report: RolloutReport, bars: bool = False, devices: bool = True) -> str:
     """A rollout: what, where it stands, each wave, and (``devices``) each device with the version it runs."""
     r = report.record
-    head = f"rollout {r.id}: {r.bundle_name} v{r.bundle_version} to {r.selector!r}: {r.status}"
+    # Quoted, not repr(): the output function escapes the selector as it does every other field.
+    head = f"rollout {r.id}: {r.bundle_name} v{r.bundle_version} to '{r.selector}': {r.status}"
     if r.status in ("running", "paused"):
         head += f", wave {max(r.wave, 0)} of {r.waves - 1}"
     lines = [head]

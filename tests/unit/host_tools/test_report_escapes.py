@@ -32,14 +32,18 @@ from host_tools.compress import CompressionReport, CompressJobResult, ModelMetri
 from host_tools.compress.tflite.quantize import TfliteCompression, TfliteMetrics
 from host_tools.config import Resolved
 from host_tools.demo import DemoResult, DemoRow
+from host_tools.fleet.collect_service import CollectCounts
 from host_tools.fleet.deployer import DeployOutcome
 from host_tools.fleet.inventory import DeviceView
 from host_tools.fleet.profiler import ProfileOutcome
-from host_tools.fleet.registry import BundleRef, DeviceRecord, EnrolmentRecord, ForgetResult, GroupRecord
+from host_tools.fleet.registry import BundleRef, DeviceRecord, EnrolmentRecord, ForgetResult, GroupRecord, RunRecord
+from host_tools.fleet.rollout_plan import RolloutPolicy
+from host_tools.fleet.rollout_store import RolloutRecord
+from host_tools.fleet.rollouts import DeviceEnd, RolloutReport
 from host_tools.keys import RoleSummary, RootSummary
 from host_tools.packing import BundleCheck, BundleChecklist, CheckItem, PackedBundle, ResignedBundle
 from host_tools.provision import CaSummary, Provisioned
-from host_tools.report import bundle, compress, demo, fleet, keys, provision, table
+from host_tools.report import bundle, compress, demo, fleet, keys, provision, rollouts, runs, simulation, table
 from host_tools.report import config as config_report
 from host_tools.report.progress import ProgressLines
 from host_tools.report.safe_text import escape_for_terminal
@@ -146,6 +150,46 @@ def _enrolment() -> EnrolmentRecord:
     return EnrolmentRecord(EVIL, SigningKey.generate().public_key.raw.hex(), "pending", 0.0)
 
 
+def _rollout() -> RolloutRecord:
+    # Everything but the numbers and our own status words is a registry row's to hold.
+    return RolloutRecord(
+        EVIL, EVIL, 2, EVIL, f"/tmp/{EVIL}", EVIL, RolloutPolicy(), "running", 1, 3, EVIL, EVIL, 0.0, 1.0, EVIL, 1.0
+    )
+
+
+WAVES = ({"succeeded": 1, EVIL: 1}, {"failed": 1, "pending": 2}, {})
+
+
+def _rollout_report() -> RolloutReport:
+    devices = (
+        DeviceEnd(EVIL, 0, EVIL, 1, EVIL, 1.5, 1 << 20, 2, True),
+        DeviceEnd(EVIL, 1, EVIL, 2, None, None, None, None, False),
+    )
+    return RolloutReport(_rollout(), devices, WAVES)
+
+
+def _runs() -> tuple[RunRecord, RunRecord]:
+    """A compression and a deploy whose file names, hashes, metrics and device outcomes are attacker-chosen."""
+    final = {"size_bytes": 200, "quality": 0.97, "quality_metric": EVIL, "latency_p50_ms": 0.5}
+    compressed = RunRecord(
+        1, "compress", 1000.0, {"model": {"path": f"/tmp/{EVIL}.onnx", "sha256": EVIL}, "output": {"sha256": EVIL}},
+        {"output": EVIL, "report": {"final": final, "steps": [EVIL]}},
+    )  # fmt: skip
+    latency = {"p50_ms": 1.0, "p90_ms": 1.5, "p99_ms": 2.0}
+    outcomes = [{"device_id": EVIL, "state": EVIL, "metrics": {"latency": latency}}, {"device_id": EVIL + "2"}]
+    bundle_file = {"path": f"/tmp/{EVIL}", "sha256": EVIL, "size_bytes": 10}
+    deployed = RunRecord(2, "deploy", 2000.0, {"bundle": bundle_file, "bundle_name": EVIL}, {"outcomes": outcomes})
+    return compressed, deployed
+
+
+def _sim() -> dict[str, Any]:
+    """:meth:`SimFleet.to_dict` with the operator's and the file system's strings attacker-chosen."""
+    return {
+        "devices": 10, "processes": [{"pid": 1, "spec": EVIL}], "runtime": EVIL, "simulated_latency": True,
+        "broker": EVIL, "root": f"/tmp/{EVIL}", "started_in_s": 1.0, "seed": 1, "faults": {EVIL: [EVIL] * 10},
+    }  # fmt: skip
+
+
 #: One call per renderer with every string it takes chosen by an attacker.
 CASES: dict[str, Callable[[], Any]] = {
     "bundle.packed_text": lambda: bundle.packed_text(PackedBundle(PATH, (EVIL,), _manifest())),
@@ -214,6 +258,19 @@ CASES: dict[str, Callable[[], Any]] = {
     "config.init_data": lambda: config_report.init_data(PATH, [_setting()], True),
     "config.init_text": lambda: config_report.init_text(PATH, [_setting()], False),
     "table.render_table": lambda: table.render_table([table.Column(EVIL, lambda r: r)], [EVIL, None]),
+    "fleet.collect_line": lambda: fleet.collect_line(CollectCounts(9, 5, 4, 2, 2, 0, 1, 1).to_dict(), 3.0),
+    "fleet.collect_text": lambda: fleet.collect_text(CollectCounts(9, 5, 4, 2, 2, 0, 1, 1).to_dict(), 3.0),
+    "rollouts.wave_line": lambda: rollouts.wave_line(1, WAVES[0], True) + "\n" + rollouts.wave_line(0, WAVES[0], False),
+    "rollouts.rollout_text": lambda: (
+        rollouts.rollout_text(_rollout_report(), bars=True) + "\n" + rollouts.rollout_text(_rollout_report())
+    ),
+    "rollouts.rollout_list_text": lambda: rollouts.rollout_list_text([_rollout()]),
+    "runs.run_facts": lambda: runs.run_facts(_runs()[1]),
+    "runs.runs_data": lambda: runs.runs_data(_runs()),
+    "runs.runs_text": lambda: runs.runs_text(_runs()),
+    "runs.compare_runs": lambda: runs.compare_runs(*_runs()),
+    "runs.compare_text": lambda: runs.compare_text(runs.compare_runs(*_runs())),
+    "simulation.sim_text": lambda: simulation.sim_text(_sim()),
 }
 
 
@@ -229,6 +286,8 @@ NO_HOSTILE_TEXT = {
     "fleet.local_time",
     "fleet.power_cell",
     "compress.quality_cell",
+    "fleet.collect_line",
+    "fleet.collect_text",
 }
 
 
@@ -290,3 +349,9 @@ def test_a_hostile_cell_keeps_the_table_aligned() -> None:
     assert widths[0] == len(SHOWN) and rows[0].startswith(SHOWN + "  ")
     column_starts = [sum(widths[:i]) + 2 * i for i in range(len(widths))]
     assert rows[0][column_starts[1] : column_starts[1] + len(SHOWN)] == SHOWN  # the broker column lines up
+
+
+def test_a_rollout_shows_its_selector_escaped_like_every_other_field(capsys: pytest.CaptureFixture[str]) -> None:
+    _emit(HostConfig(Path("/home"), "r", json_output=False), None, rollouts.rollout_text(_rollout_report()))
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head == f"rollout {SHOWN}: {SHOWN} v2 to '{SHOWN}': running, wave 1 of 2"
