@@ -33,10 +33,8 @@ commands it decides go out, so a runner killed at any point is resumed without s
 device the bundle twice: a device stored as in flight is asked for its status, and started
 again only when the planner retries it (it timed out, or failed in a retryable way).
 
-Selectors (:func:`select_devices`) are read here until the registry has groups and labels:
-device ids separated by commas, or ``key=value`` terms that must all match a device's
-registry row (``device_id``, ``status``, ``agent_version``, ``broker``, ``runtime``,
-``bundle``, ``platform.<key>``).
+Selectors (:func:`select_devices`): device ids separated by commas, or the fleet's one
+selector grammar (labels, ``@group``) over each device's labels and registry facts.
 """
 
 from __future__ import annotations
@@ -66,6 +64,7 @@ from edge_sdk.protocol import (
 from host_tools.fleet.collector import active_bundles, record_message
 from host_tools.fleet.conversation import error_of
 from host_tools.fleet.deployer import DeployOptions, DeployOutcome, deploy_many, read_manifest, run_command
+from host_tools.fleet.inventory import DeviceView, list_devices
 from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry
 from host_tools.fleet.rollout_plan import (
     Abort,
@@ -93,6 +92,7 @@ from host_tools.fleet.rollout_plan import (
 )
 from host_tools.fleet.rollout_store import RolloutRecord, RolloutStore
 from host_tools.fleet.router import Router
+from host_tools.fleet.selectors import resolve_selector
 
 __all__ = [
     "DeviceEnd",
@@ -123,56 +123,66 @@ class RolloutAbortedError(EdgeError):
 def select_devices(registry: Registry, selector: str) -> list[DeviceRecord]:
     """The devices a selector names, one row each (the one seen last), ordered by id.
 
+    ``--to`` takes device ids separated by commas (when every term is a bare word and one
+    of them is a device the registry knows), or the fleet's one selector grammar
+    (:mod:`host_tools.fleet.selectors`: ``@group``, or comma = AND of ``key=value``,
+    ``key!=value``, ``key`` present, ``id=DEVICE``) over each device's effective labels
+    and its registry facts: ``status``, ``agent_version``, ``broker``, ``platform.<key>``,
+    ``runtime.<name>`` (its version) and ``bundle.<name>`` (the version it runs). A label
+    of the same name wins over a fact.
+
     Args:
         registry: where devices are known.
-        selector: ``id1,id2,...`` or ``key=value,...`` (every term must match).
+        selector: the ``--to`` text.
 
     Returns:
         The devices.
 
     Raises:
-        ConfigError: an empty selector, ids and terms mixed, an unknown key, an id the
-            registry does not know, or no device matches.
+        ConfigError: an empty or malformed selector, an unknown group, an id the registry
+            does not know, or no device matches.
     """
     terms = [t.strip() for t in selector.split(",") if t.strip()]
     if not terms:
-        raise ConfigError("a rollout needs a selector: device ids, or key=value terms")
-    latest: dict[str, DeviceRecord] = {}
-    for record in registry.list_devices():
-        if record.device_id not in latest or record.last_seen > latest[record.device_id].last_seen:
-            latest[record.device_id] = record
-    keyed = [t for t in terms if "=" in t]
-    if not keyed:
-        unknown = [t for t in terms if t not in latest]
+        raise ConfigError("a rollout needs a selector: device ids, @group, or key=value terms")
+    views: dict[str, DeviceView] = {}
+    for view in list_devices(registry, time.time()):
+        seen = views.get(view.record.device_id)
+        if seen is None or view.record.last_seen > seen.record.last_seen:
+            views[view.record.device_id] = view
+    bare = not selector.strip().startswith("@") and all("=" not in t for t in terms)
+    if bare and any(t in views for t in terms):
+        unknown = [t for t in terms if t not in views]
         if unknown:
             raise ConfigError(f"selector names devices registry {registry.name} does not know: {', '.join(unknown)}")
-        return [latest[t] for t in sorted(set(terms))]
-    if len(keyed) != len(terms):
-        raise ConfigError(f"selector {selector!r} mixes device ids and key=value terms")
-    wanted = [tuple(t.split("=", 1)) for t in keyed]
-    for key, _ in wanted:
-        if key not in _FIELDS and not key.startswith("platform."):
-            raise ConfigError(f"selector key {key!r} is unknown; use one of {', '.join(sorted(_FIELDS))}, platform.KEY")
-    chosen = [r for _, r in sorted(latest.items()) if all(value in _values(r, key) for key, value in wanted)]
+        return [views[t].record for t in sorted(set(terms))]
+
+    def saved(name: str) -> str | None:
+        group = registry.get_group(name)
+        return None if group is None else str(group.selector)
+
+    chosen_selector = resolve_selector(selector.strip(), saved)
+    chosen = [
+        view.record
+        for _, view in sorted(views.items())
+        if chosen_selector.matches(view.record.device_id, {**_facts(view.record), **view.labels})
+    ]
     if not chosen:
         raise ConfigError(f"no device in registry {registry.name} matches {selector!r}")
     return chosen
 
 
-_FIELDS = frozenset({"device_id", "status", "agent_version", "broker", "runtime", "bundle"})
-
-
-def _values(record: DeviceRecord, key: str) -> set[str]:
-    if key == "runtime":
-        return {str(k) for k in record.runtimes or {}}
-    if key == "bundle":
-        return {b.name for b in record.active_bundles or ()}
-    if key.startswith("platform."):
-        value: Any = record.platform or {}
-        for part in key.split(".")[1:]:
-            value = value.get(part) if isinstance(value, dict) else None
-        return set() if value is None else {str(value)}
-    return {str(getattr(record, key))}
+def _facts(record: DeviceRecord) -> dict[str, str]:
+    """What the registry knows of a device, as selector keys (see :func:`select_devices`)."""
+    facts = {"status": record.status, "agent_version": record.agent_version or "", "broker": record.broker}
+    for key, value in (record.platform or {}).items():
+        if isinstance(value, str | int | float | bool):
+            facts[f"platform.{key}"] = str(value)
+    for name, version in (record.runtimes or {}).items():
+        facts[f"runtime.{name}"] = str(version)
+    for ref in record.active_bundles or ():
+        facts[f"bundle.{ref.name}"] = str(ref.version)
+    return facts
 
 
 def _target(

@@ -34,10 +34,20 @@ def test_ids_name_devices_the_registry_knows(reg: Registry) -> None:
 def test_key_value_terms_must_all_match(reg: Registry) -> None:
     assert [d.device_id for d in select_devices(reg, "platform.machine=aarch64")] == ["pi-0", "pi-1"]
     assert [d.device_id for d in select_devices(reg, "platform.machine=aarch64,status=online")] == ["pi-0"]
-    assert [d.device_id for d in select_devices(reg, "runtime=onnxruntime,bundle=m")] == ["pi-0", "pi-1", "pi-2"]
-    for bad in ("", "colour=red", "pi-0,status=online", "status=lost"):
+    assert [d.device_id for d in select_devices(reg, "runtime.onnxruntime,bundle.m=3")] == ["pi-0", "pi-1", "pi-2"]
+    assert [d.device_id for d in select_devices(reg, "platform.machine!=aarch64")] == ["pi-2"]
+    for bad in ("", "colour=red", "pi-0,status=online", "status=lost", "bundle.m=4", "@nogroup", "a=b=c=="):
         with pytest.raises(ConfigError):
             select_devices(reg, bad)
+
+
+def test_labels_and_groups_select_with_facts(reg: Registry) -> None:
+    reg.set_operator_labels("pi-1", {"site": "depot-3"}, at=2000.0)
+    reg.set_operator_labels("pi-2", {"site": "depot-3", "status": "online"}, at=2000.0)
+    assert [d.device_id for d in select_devices(reg, "site=depot-3")] == ["pi-1", "pi-2"]
+    reg.save_group("depot3-online", "site=depot-3,status=online", 2000.0)
+    assert [d.device_id for d in select_devices(reg, "@depot3-online")] == ["pi-2"]  # pi-1 is offline
+    assert [d.device_id for d in select_devices(reg, "site")] == ["pi-1", "pi-2"]  # a bare word, not a device
 
 
 def test_a_target_carries_the_running_version_and_what_it_measured(reg: Registry) -> None:
