@@ -7,7 +7,6 @@ device keys (tests/report_stream.py); real agents supply status and install even
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from harness import BIN, Host
+from json_schemas import validate_output
 from report_stream import enroll_devices, publish_at_rate, publisher, reporting_devices
 
 from host_tools.fleet.registry import Registry, open_registry
@@ -76,7 +76,9 @@ class CollectorProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         out, _ = self.proc.communicate(timeout=20)
-        return self.proc.returncode, json.loads(out) if out.strip() else {}
+        if not out.strip():
+            return self.proc.returncode, {}
+        return self.proc.returncode, validate_output(self.args[1:], out)  # the counts meet collect's schema
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

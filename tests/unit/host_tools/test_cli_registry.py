@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from edge_sdk.errors import ExitCode
 from edge_sdk.protocol import DeviceStatus, Heartbeat
-from host_tools.cli import cli
+from host_tools.cli import cli, json_schema_id
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.registry import open_registry
 
@@ -65,7 +65,7 @@ def test_operator_labels_override_and_groups_select(tmp_path: Path) -> None:
     assert _edgectl(tmp_path, "devices", "label", "dev-0", "--remove", "tier")[0] == 0
     assert _ids(tmp_path, "--select", "@d4") == []
     code, out, _ = _edgectl(tmp_path, "groups", "rm", "d4", "--json")
-    assert code == 0 and json.loads(out) == {"name": "d4", "removed": True}
+    assert code == 0 and json.loads(out) == {"$schema": json_schema_id("groups-rm"), "name": "d4", "removed": True}
     assert _edgectl(tmp_path, "groups", "rm", "d4")[0] == 0  # removing it again is no error
 
 

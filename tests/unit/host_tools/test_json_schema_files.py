@@ -9,15 +9,21 @@ model are also checked here, in-process.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from json_schemas import SCHEMA_DIR, json_commands, registry, schema_path, validate_output
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError
 
 from edge_sdk.errors import ExitCode
+from edge_sdk.protocol import DeviceStatus, Heartbeat
 from host_tools.cli import ERROR_SCHEMA, cli, command_names, json_schema_id, json_schema_of
+from host_tools.fleet.collector import record_message
+from host_tools.fleet.registry import BundleRef, DeviceRecord, open_registry
+from host_tools.fleet.rollout_plan import RolloutPlanner, RolloutPolicy, Target
+from host_tools.fleet.rollout_store import RolloutStore
 
 #: Schema files that are not one command's output: the failure object, and shared definitions.
 NOT_COMMANDS = {ERROR_SCHEMA, "common"}
@@ -73,7 +79,7 @@ def test_command_names_skip_options_and_their_values(args: list[str], names: lis
         (["init", "--json", "--broker", "mqtt://127.0.0.1:18830"], ExitCode.OK),
         (["config", "show", "--json"], ExitCode.OK),
         (["keys", "show", "--json"], ExitCode.LOCAL_STATE),  # no keys yet
-        (["devices", "--json"], ExitCode.USAGE),  # no --broker
+        (["devices", "--json", "--state", "gone"], ExitCode.USAGE),  # not a state
         (["metrics", "--json", "--bogus"], ExitCode.USAGE),
         (["--json", "nosuch"], ExitCode.USAGE),
         (["keys", "--json"], ExitCode.USAGE),  # a group without --json: the error schema
@@ -86,3 +92,64 @@ def test_outputs_and_failures_name_and_meet_their_schema(edgectl_env: Path, args
     expected = json_schema_id(json_schema_of(cli, args))
     assert data["$schema"] == expected and ("error" in data) == (code != ExitCode.OK)
     assert (expected == json_schema_id(ERROR_SCHEMA)) == (args[0] in ("--json", "keys") and len(args) == 2)
+
+
+def _registry_with_a_fleet(home: Path) -> str:
+    """A SQLite registry with labelled devices, two kept runs and a rollout; returns the rollout's id."""
+    now, broker = time.time(), "mqtt://127.0.0.1:18830"
+    with open_registry(home / "registry.db") as reg:
+        for i in range(3):
+            status = DeviceStatus(f"dev-{i}", "online", now - 5, labels={"site": f"depot-{i}"}, heartbeat_s=60)
+            record_message(reg, status, now, broker)
+            record_message(reg, Heartbeat(f"dev-{i}", now, 60.0), now, broker)
+        reg.upsert_device(DeviceRecord("pi-1", "offline", now - 900, active_bundles=(BundleRef("m", 1),)))
+        outcome = {"device_id": "pi-1", "state": "installed", "metrics": {"latency": {"p50_ms": 2.0, "p99_ms": 4.0}}}
+        for p99 in (4.0, 5.0):
+            results = {"outcomes": [{**outcome, "metrics": {"latency": {"p50_ms": 2.0, "p99_ms": p99}}}]}
+            reg.add_run("profile", now, {"bundle": {"path": "/m.edge", "sha256": "00" * 32}}, results)
+        planner = RolloutPlanner.plan(RolloutPolicy(canary_count=1, canary_share=None), [Target("pi-1", 1)], now)
+        return RolloutStore(reg).create(planner, bundle=("m", 2, "00" * 32, "/m.edge"), selector="pi-1", now=now).id
+
+
+def test_registry_commands_outputs_meet_their_schemas(edgectl_env: Path) -> None:
+    rollout_id = _registry_with_a_fleet(edgectl_env)
+    for args in (
+        ["devices", "--json"],
+        ["devices", "--json", "--state", "stale"],
+        ["devices", "label", "dev-0", "site=lab", "tier=canary", "--json"],
+        ["groups", "add", "lab", "site=lab", "--json"],
+        ["groups", "list", "--json"],
+        ["groups", "rm", "lab", "--json"],
+        ["groups", "rm", "lab", "--json"],
+        ["runs", "--json"],
+        ["compare", "1", "2", "--json"],
+        ["compare", "1", "9", "--json"],  # no run 9: the failure, in compare's schema
+        ["rollout", "status", "--json"],
+        ["rollout", "status", rollout_id, "--json"],
+        ["rollout", "pause", rollout_id, "--json"],
+        ["rollout", "status", "nope", "--json"],
+        ["report", "--png", str(edgectl_env / "png"), "--json"],
+        ["report", "--json"],  # neither --html nor --png: a usage error
+    ):
+        result = CliRunner().invoke(cli, ["--home", str(edgectl_env), *args])
+        data = validate_output(args, result.stdout)
+        assert ("error" in data) == (result.exit_code != ExitCode.OK), (args, result.output)
+        assert data or args == ["devices", "--json", "--state", "stale"], args  # each shows what it read
+
+
+@pytest.mark.parametrize(
+    ("args", "item"),
+    [
+        (["devices", "--json"], {"device_id": "dev-0", "state": "sideways"}),
+        (["groups", "add", "g", "a=b", "--json"], {"created_at": "yesterday"}),
+        (["rollout", "status", "--json"], {"status": "halfway"}),
+    ],
+)
+def test_schemas_refuse_what_their_commands_never_print(
+    edgectl_env: Path, args: list[str], item: dict[str, str]
+) -> None:
+    _registry_with_a_fleet(edgectl_env)
+    data = validate_output(args, CliRunner().invoke(cli, ["--home", str(edgectl_env), *args]).stdout)
+    bad = [{**data[0], **item}] if isinstance(data, list) else {**data, **item}
+    with pytest.raises(ValidationError):
+        validate_output(args, json.dumps(bad))
