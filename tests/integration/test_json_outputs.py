@@ -9,11 +9,14 @@ success and failure alike. A command with `--json` that no case here runs fails
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 
 import numpy as np
 import pytest
-from json_schemas import json_commands
+from harness import BIN
+from json_schemas import json_commands, validate_output
 
 from host_tools.cli import cli, json_schema_of
 
@@ -57,6 +60,24 @@ def test_every_json_command_was_run(host, tiny_model, mosquitto, start_agent, tm
     run("remove", *device, "--name", "js")
     run("metrics", "--device", agent.device_id)
     run("devices", "--broker", url, "--wait", "0.5")
+    run("devices", "label", agent.device_id, "site=depot-3")
+    run("groups", "add", "depot3", "site=depot-3")
+    run("groups", "list")
+    v3 = host.pack(tiny_model.path, tiny_model.sample, tmp_path / "v3.edge", "js", 3)
+    fast = ("--runs", "5", "--warmup", "1", "--max-p99-ratio", "0", "--max-rss-ratio", "0")
+    rollout = run("rollout", "start", str(v3), "--to", "@depot3", "--canary", "1", "--broker", url, *fast)
+    run("rollout", "status", rollout["id"])
+    run("rollout", "pause", rollout["id"], code=_PAUSE_DONE)
+    run("rollout", "resume", rollout["id"], "--broker", url, *fast[:4], code=_RESUME_DONE)
+    run("rollout", "abort", rollout["id"], "--broker", url, code=_RESUME_DONE)
+    run("groups", "rm", "depot3")
+    kept = run("runs")
+    assert isinstance(kept, list) and len(kept) >= 2
+    run("compare", str(kept[-1]["id"]), str(kept[0]["id"]))
+    run("report", "--html", str(tmp_path / "report.html"), "--png", str(tmp_path / "plots"))
+    run("sim", "--devices", "2", "--broker", url, "--root", str(tmp_path / "sim"), "--for", "3")
+    _collect_once(host, url)
+    ran.add("collect")
 
     start_agent(url, "json-new", host.root, enroll_key=False, wait=False)
     pending = _wait_pending(host, url, "json-new")
@@ -68,6 +89,26 @@ def test_every_json_command_was_run(host, tiny_model, mosquitto, start_agent, tm
     run("devices", "forget", agent.device_id, "--broker", url)
     run("demo", "--broker", url, "--runs", "20", "--workdir", str(tmp_path / "demo"))
     assert ran == set(json_commands())
+
+
+_PAUSE_DONE = 2  # a completed rollout takes no pause (usage error, as JSON)
+_RESUME_DONE = 2  # nor a resume or an abort: their success outputs are checked in test_rollouts.py
+
+
+def _collect_once(host, url: str) -> None:  # type: ignore[no-untyped-def]
+    """`edgectl collect --json` runs until stopped: a few seconds, SIGTERM, its final counts checked."""
+    args = ("collect", "--broker", url, "--client-id", "json-collect", "--json")
+    proc = subprocess.Popen([str(BIN / "edgectl"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=host.env())  # fmt: skip
+    try:
+        time.sleep(3.0)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    validate_output(args, out)
 
 
 def _wait_pending(host, url: str, device_id: str, timeout_s: float = 20.0) -> list:  # type: ignore[no-untyped-def]
