@@ -1368,14 +1368,6 @@ def _rate(text: str | None) -> float | None:
     return None if text is None else parse_rate(text)
 
 
-def _already_runs(outcome: Any) -> bool:
-    """A device the host skipped because it runs this very version already (not a failure of a fleet deploy)."""
-    details = outcome.error.details if outcome.error is not None else {}
-    return bool(
-        outcome.detail.get("refused_by") == "host" and details.get("installed") == details.get("offered") is not None
-    )
-
-
 @cli.command()
 @bundle_argument
 @click.option(
@@ -1471,7 +1463,7 @@ def deploy(
     """
     from host_tools.fleet.bundle_store import BundleStore
     from host_tools.fleet.delta_offers import DeltaSettings
-    from host_tools.fleet.deployer import deploy_and_record, deploy_many
+    from host_tools.fleet.deployer import already_runs, deploy_and_record, deploy_many
     from host_tools.report.fleet import deploy_data, deploy_many_data, deploy_many_text, deploy_text
 
     cfg = _cfg(ctx, json_output)
@@ -1504,7 +1496,7 @@ def deploy(
         _emit(cfg, data, lambda: deploy_text(outcome))
         return
     many = deploy_many_data(outcomes)
-    failed = next((o for o in outcomes if o.error is not None and not _already_runs(o)), None)
+    failed = next((o for o in outcomes if o.error is not None and not already_runs(o)), None)
     if failed is not None:
         raise CommandFailed(failed.error, many, lambda: deploy_many_text(outcomes))  # type: ignore[arg-type]
     _emit(cfg, many, lambda: deploy_many_text(outcomes))

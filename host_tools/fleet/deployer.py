@@ -109,6 +109,7 @@ __all__ = [
     "Delivery",
     "DeployOptions",
     "DeployOutcome",
+    "already_runs",
     "bundle_facts",
     "check_known_device",
     "deploy_and_record",
@@ -269,6 +270,22 @@ class DeployOutcome:
     seconds: float = 0.0
     detail: dict[str, Any] = field(default_factory=dict)
     delivery: Delivery | None = None
+
+
+def already_runs(outcome: DeployOutcome) -> bool:
+    """The device runs this very version already: skipped by the host, or the offer refused by the device saying so.
+
+    The host skips a device whose status says it runs the version; a device whose status
+    the host had not heard yet refuses the offer itself (``not_newer``, with ``installed``
+    equal to ``offered``: the content check passed, so it is the same content). Neither is
+    a failure of a fleet deploy or a rollout.
+    """
+    if outcome.error is None:
+        return False
+    details = outcome.error.details
+    if details.get("installed") != outcome.bundle_version:
+        return False
+    return outcome.detail.get("refused_by") == "host" or details.get("reason") == "not_newer"
 
 
 def read_manifest(bundle_path: Path) -> Manifest:

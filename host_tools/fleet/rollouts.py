@@ -63,7 +63,14 @@ from edge_sdk.protocol import (
 )
 from host_tools.fleet.collector import active_bundles, record_message
 from host_tools.fleet.conversation import error_of
-from host_tools.fleet.deployer import DeployOptions, DeployOutcome, deploy_many, read_manifest, run_command
+from host_tools.fleet.deployer import (
+    DeployOptions,
+    DeployOutcome,
+    already_runs,
+    deploy_many,
+    read_manifest,
+    run_command,
+)
 from host_tools.fleet.inventory import DeviceView, list_devices
 from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry
 from host_tools.fleet.rollout_plan import (
@@ -493,8 +500,7 @@ class RolloutRunner:
         if outcome.state == "deferred":
             return [Deferred(d)]
         error = outcome.error
-        details = error.details if error is not None else {}
-        if outcome.detail.get("refused_by") == "host" and details.get("installed") == outcome.bundle_version:
+        if already_runs(outcome):
             # It runs this very version already (it installed while no runner listened): it is done.
             return [Installed(d), Confirmed(d, *self._stored_measurement(d))]
         return [Failed(d, error.code if error is not None else "failed", error.message if error is not None else "")]

@@ -163,8 +163,16 @@ def test_a_transfer_cut_by_sigkill_resumes_after_the_restart(host, mosquitto, st
         "deploy", str(v2), "--device", device, "--broker", mosquitto.url, "--runs", "5", "--warmup", "1",
         "--chunk-size", "65536", "--json",
     )  # fmt: skip
-    assert r.code == 0, r.stderr + agent.log()[-3000:]
-    assert json.loads(r.stdout)["state"] == "installed"
+    out = json.loads(r.stdout)
+    if r.code != 0:
+        # The broker kept the device's session: what the killed deployer had published reached
+        # the restarted agent, which finished the transfer from it before this deploy came;
+        # the device then says it runs v2 already (the same content, or it would say so).
+        details = out["error"]["details"]
+        assert (details["reason"], details["installed"], details["offered"]) == ("not_newer", NEW, NEW), r.stderr
+        assert "resuming cs v2" in agent.log() and "installed cs v2" in agent.log()
+    else:
+        assert out["state"] == "installed", r.stderr + agent.log()[-3000:]
     assert agent.stop() == 0
     assert assert_one_version(data_dir, "cs") == NEW
     assert list((data_dir / "staging").iterdir()) == []

@@ -13,6 +13,8 @@ from edge_sdk.protocol import DeployCommand
 from edge_sdk.trust import SigningKey
 from host_tools.fleet.deployer import (
     DeployOptions,
+    DeployOutcome,
+    already_runs,
     check_known_device,
     deploy_and_record,
     read_manifest,
@@ -90,3 +92,16 @@ def test_deploy_refuses_before_sending_or_recording_anything(bundle: Path, tmp_p
         assert outcome.detail == {"refused_by": "host", "sent": False} and outcome.metrics is None
         (recorded,) = registry.list_deployments("pi-01")
         assert (recorded.state, recorded.error_code) == ("refused", "target_mismatch")
+
+
+def test_a_device_that_runs_the_version_already_is_not_a_failure() -> None:
+    def outcome(error: RollbackError | None, **detail: object) -> DeployOutcome:
+        return DeployOutcome("pi-01", "m", 2, "aa" * 32, "t" * 32, "refused", error=error, detail=dict(detail))
+
+    same = {"offered": 2, "installed": 2, "floor": 2, "floor_reason": "installed"}
+    assert already_runs(outcome(RollbackError("runs it", **same), refused_by="host"))  # skipped by the host
+    assert already_runs(outcome(RollbackError("runs it", reason="not_newer", **same)))  # refused by the device
+    newer = dict(same, installed=3, floor=3)
+    assert not already_runs(outcome(RollbackError("older", reason="not_newer", **newer)))  # a real rollback
+    assert not already_runs(outcome(RollbackError("differs", reason="content_differs", **same)))
+    assert not already_runs(outcome(None))
