@@ -1995,8 +1995,6 @@ def devices(
             after=None if after is None else parse_cursor(after),
             stale_factor=stale_factor,
         )
-        drops = reg.drop_counts()
-        pending = reg.list_enrolments("pending")
         now = time.time()
         if broker:
             with _client(broker, connect_timeout, "devices") as client:
@@ -2005,6 +2003,8 @@ def devices(
                 )
         else:
             views = list_devices(reg, now, query)
+        drops = reg.drop_counts()  # after the broker's read: it counts what its gate dropped
+        pending = reg.list_enrolments("pending")
         last: list[Any] = []
 
         def tracked() -> Iterator[Any]:
