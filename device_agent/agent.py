@@ -116,8 +116,6 @@ __all__ = ["Agent", "AgentHooks", "mqtt_transport", "open_identity"]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.5
-#: How soon the pump thread notices it should stop (it otherwise waits for messages).
-_PUMP_POLL_S = 1.0
 #: Periodic work runs at least this often, however busy the inbound queue is.
 _TICK_S = 0.5
 #: How long the network thread may be dead before :meth:`Agent.run` gives up.
