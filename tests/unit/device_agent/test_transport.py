@@ -61,7 +61,7 @@ def test_a_client_delivering_into_the_queue_fills_it_from_the_network_thread_and
     client = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="unit-sink"))
     client.deliver_to(into)
     for i in range(5):  # paho's network thread calls this for each message; here, a stand-in message
-        client._on_message(None, None, SimpleNamespace(topic=_msg(i).topic, payload=b"x", retain=False))  # type: ignore[arg-type]
+        client._on_message(None, None, SimpleNamespace(topic=_msg(i).topic, payload=b"x", retain=False, qos=0, mid=0))  # type: ignore[arg-type]
     assert into.dropped == 2 and client.inbox.empty() and client.inbox_dropped == 0
     assert [into.get(0.01) for _ in range(4)] == [_msg(0), _msg(1), _msg(2), None]
 
