@@ -47,7 +47,7 @@ from host_tools.fleet.registry import Registry, open_registry
 from host_tools.report.fleet import device_data
 
 GOAL_S = 2.0
-BROKER = "mqtt://127.0.0.1:18830"
+BROKER = "mqtt://127.0.0.1:1"
 EDGECTL = Path(sys.executable).with_name("edgectl")
 
 

@@ -14,7 +14,7 @@ from host_tools.cli import cli, json_schema_id
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.registry import open_registry
 
-BROKER = "mqtt://127.0.0.1:18830"
+BROKER = "mqtt://127.0.0.1:1"
 
 
 def _fleet(home: Path) -> None:

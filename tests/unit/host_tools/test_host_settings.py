@@ -192,16 +192,16 @@ def edgectl(*args: str, env: dict[str, str] | None = None):  # type: ignore[no-u
 
 def test_init_writes_the_file_then_refuses_to_overwrite_it_without_force(edgectl_env: Path) -> None:
     path = edgectl_env / ".edge-sdk" / "config.toml"
-    first = edgectl("init", "--broker", "mqtt://127.0.0.1:18830", "--json")
+    first = edgectl("init", "--broker", "mqtt://127.0.0.1:1", "--json")
     assert first.exit_code == 0, first.output
-    assert json.loads(first.stdout)["path"] == str(path) and 'url = "mqtt://127.0.0.1:18830"' in path.read_text()
+    assert json.loads(first.stdout)["path"] == str(path) and 'url = "mqtt://127.0.0.1:1"' in path.read_text()
     before = path.read_bytes()
     again = edgectl("init", "--broker", "mqtt://other:1")
     assert again.exit_code == ExitCode.USAGE
     assert f"config file {path} exists; --force replaces it" in again.stderr and path.read_bytes() == before
     forced = edgectl("init", "--force", "--json")
     assert forced.exit_code == 0 and json.loads(forced.stdout)["replaced"] is True
-    assert "mqtt://127.0.0.1:18830" not in path.read_text()
+    assert "mqtt://127.0.0.1:1" not in path.read_text()
 
 
 def test_init_replaces_a_malformed_file_with_force(edgectl_env: Path) -> None:

@@ -76,7 +76,7 @@ def test_command_names_skip_options_and_their_values(args: list[str], names: lis
 @pytest.mark.parametrize(
     ("args", "code"),
     [
-        (["init", "--json", "--broker", "mqtt://127.0.0.1:18830"], ExitCode.OK),
+        (["init", "--json", "--broker", "mqtt://127.0.0.1:1"], ExitCode.OK),
         (["config", "show", "--json"], ExitCode.OK),
         (["keys", "show", "--json"], ExitCode.LOCAL_STATE),  # no keys yet
         (["devices", "--json", "--state", "gone"], ExitCode.USAGE),  # not a state
@@ -96,7 +96,7 @@ def test_outputs_and_failures_name_and_meet_their_schema(edgectl_env: Path, args
 
 def _registry_with_a_fleet(home: Path) -> str:
     """A SQLite registry with labelled devices, two kept runs and a rollout; returns the rollout's id."""
-    now, broker = time.time(), "mqtt://127.0.0.1:18830"
+    now, broker = time.time(), "mqtt://127.0.0.1:1"
     with open_registry(home / "registry.db") as reg:
         for i in range(3):
             status = DeviceStatus(f"dev-{i}", "online", now - 5, labels={"site": f"depot-{i}"}, heartbeat_s=60)

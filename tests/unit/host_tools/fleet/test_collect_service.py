@@ -24,7 +24,7 @@ class FakeClient:
     """The part of MqttClient a collector uses; records acknowledgements and subscriptions."""
 
     def __init__(self) -> None:
-        self.address = parse_broker_url("mqtt://127.0.0.1:18830")
+        self.address = parse_broker_url("mqtt://127.0.0.1:1")
         self.inbox: queue.Queue[Incoming | ConnectionChange] = queue.Queue()
         self.acked: list[int] = []
         self.subscribed: list[str] = []

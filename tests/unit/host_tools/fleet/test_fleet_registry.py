@@ -15,7 +15,7 @@ from edge_sdk.protocol import DeviceStatus, Heartbeat
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.registry import SCHEMA_VERSION, BundleRef, DeviceRecord, Registry, open_registry
 
-BROKER = "mqtt://127.0.0.1:18830"
+BROKER = "mqtt://127.0.0.1:1"
 T0 = 1_700_000_000.0
 
 
