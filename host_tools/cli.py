@@ -403,21 +403,20 @@ def _configured_broker() -> str | None:
     return None if settings is None else settings["broker"].value
 
 
-broker_option = click.option(
-    "--broker",
-    required=True,
-    envvar="EDGE_SDK_BROKER",
-    default=_configured_broker,
-    help=f"broker URL, {BROKER_URL_HELP} (env EDGE_SDK_BROKER, or [broker] url in the config file)",
-)
+def _broker_url_option(what: str) -> Callable[[Any], Any]:
+    """``--broker``: a flag, else EDGE_SDK_BROKER, else the config file's ``[broker] url``."""
+    return click.option(
+        "--broker",
+        required=True,
+        envvar="EDGE_SDK_BROKER",
+        default=_configured_broker,
+        help=f"{what}, {BROKER_URL_HELP} (env EDGE_SDK_BROKER, or [broker] url in the config file)",
+    )
+
+
+broker_option = _broker_url_option("broker URL")
 #: The broker devices connect to (``devices provision``, ``sim``): not one edgectl talks to.
-device_broker_option = click.option(
-    "--broker",
-    required=True,
-    envvar="EDGE_SDK_BROKER",
-    default=_configured_broker,
-    help=f"the broker URL the devices connect to, {BROKER_URL_HELP} (env EDGE_SDK_BROKER, or the config file)",
-)
+device_broker_option = _broker_url_option("the broker URL the devices connect to")
 connect_timeout_option = click.option(
     "--connect-timeout", default=10.0, show_default=True, type=float, help="seconds to wait for the broker"
 )
