@@ -133,8 +133,13 @@ lint: $(STAMP_TEST)
 	echo "mypy"; $(VENV)/bin/mypy || status=1; \
 	exit $$status
 
+# The suite runs on TEST_JOBS pytest-xdist workers, one test file per worker at a time
+# (module fixtures such as the demo's two runs are made once). Most integration tests wait
+# on real processes, so more workers than cores still shortens the run; TEST_JOBS=0 runs
+# everything in this one process.
+TEST_JOBS ?= 3
 test: test-deps lint
-	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest -n $(TEST_JOBS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 # --- emulated ARM userlands (root: mmdebstrap, binfmt_misc, mounts, chroot) -----------
 

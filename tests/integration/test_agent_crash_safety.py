@@ -169,7 +169,8 @@ def test_a_transfer_cut_by_sigkill_resumes_after_the_restart(host, mosquitto, st
         # the restarted agent, which finished the transfer from it before this deploy came;
         # the device then says it runs v2 already (the same content, or it would say so).
         details = out["error"]["details"]
-        assert (details["reason"], details["installed"], details["offered"]) == ("not_newer", NEW, NEW), r.stderr
+        refusal = (details.get("reason"), details.get("installed"), details.get("offered"))
+        assert refusal == ("not_newer", NEW, NEW), json.dumps(out) + r.stderr + agent.log()[-3000:]
         assert "resuming cs v2" in agent.log() and "installed cs v2" in agent.log()
     else:
         assert out["state"] == "installed", r.stderr + agent.log()[-3000:]

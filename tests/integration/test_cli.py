@@ -163,29 +163,3 @@ def test_remove_of_an_absent_bundle_fails_and_progress_in_a_pipe_is_plain_lines(
     assert again.code == 3 and "does not have t installed" in again.stderr
     j = host.run("remove", *dev, "--name", "t", "--json")
     assert j.code == 3 and j.json()["error"]["code"] == "not_installed" and j.json()["state"] == "done"
-
-
-def test_demo_log_ends_with_its_table_not_a_progress_bar(tmp_path):
-    """stdout and stderr into one log file, as `make demo > demo.log 2>&1` does: whole lines only."""
-    import subprocess
-
-    from harness import BIN
-
-    env = dict(os.environ, EDGE_SDK_HOME=str(tmp_path / "home"))
-    log = tmp_path / "demo.log"
-    with open(log, "w") as out:
-        proc = subprocess.run(
-            [str(BIN / "edgectl"), "demo", "--runs", "30", "--workdir", str(tmp_path / "work")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=300,
-            env=env,
-        )
-    text = log.read_text()
-    assert proc.returncode == 0, text[-2000:]
-    assert "\r" not in text and "\x1b" not in text
-    assert "%|" not in text  # no tqdm bar
-    lines = text.rstrip().splitlines()
-    table = next(i for i, line in enumerate(lines) if "smaller than fp32" in line)
-    assert not any("%" in line for line in lines[table:]), text[-1000:]  # the table, not a bar, ends the log
-    assert lines[-1].startswith("whole path in"), lines[-1]

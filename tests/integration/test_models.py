@@ -1,16 +1,12 @@
-"""`edgectl compress`, `pack --sample` and `demo` as a user meets them, run as real processes."""
+"""`edgectl compress` and `pack --sample` as a user meets them, run as real processes (the demo: test_demo.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from harness import BIN
 
 pytestmark = pytest.mark.integration
 
@@ -73,29 +69,3 @@ def test_pack_sample_layouts_and_mismatch(host, tiny_model, tmp_path):
     assert r.code == 2 and "'input' expects shape [?, 16]" in r.stderr and "[2, 15]" in r.stderr
     assert not (tmp_path / "c.edge").exists()
     assert "x.NAME" in " ".join(host.run("pack", "--help").stdout.split())
-
-
-def _demo(tmp_path: Path, work: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, HOME=str(tmp_path / "user"))
-    env.pop("EDGE_SDK_HOME", None)
-    return subprocess.run(
-        [str(BIN / "edgectl"), "demo", "--json", "--runs", "20", "--workdir", str(work), *extra],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
-
-
-def test_demo_runs_twice_in_one_workdir_and_leaves_home_alone(tmp_path):
-    (tmp_path / "user").mkdir()
-    work = tmp_path / "work"
-    first = _demo(tmp_path, work)
-    assert first.returncode == 0, first.stderr
-    second = _demo(tmp_path, work)
-    assert second.returncode == 0, second.stderr
-    assert [r["precision"] for r in json.loads(second.stdout)["rows"]] == ["fp32", "int8"]
-    assert not (tmp_path / "user" / ".edge-sdk").exists()
-    assert (work / "home" / "keys" / "root.json").exists() and (work / "home" / "registry.db").exists()
-    assert f"keys and registry in {work / 'home'}" in second.stderr
-    assert "root of trust v1 (existing" in second.stderr  # the keys of the first run, reused
