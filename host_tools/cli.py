@@ -397,10 +397,16 @@ BROKER_URL_HELP = "mqtt://host[:port] or mqtts://host[:port]; without a port, 18
 
 
 def _configured_broker() -> str | None:
-    """``--broker``'s default: the config file's ``[broker] url`` (a flag and EDGE_SDK_BROKER come first)."""
+    """``--broker``'s default: the config file's ``[broker] url`` (a flag and EDGE_SDK_BROKER come first).
+
+    Reads the settings when nothing has yet (:func:`_cfg`); click asks only when neither a
+    flag nor the environment gave the URL, and never for ``--help``.
+    """
     ctx = click.get_current_context(silent=True)
-    settings = ctx.meta.get(_SETTINGS) if ctx is not None else None
-    return None if settings is None else settings["broker"].value
+    if ctx is None:
+        return None
+    _cfg(ctx, False)
+    return ctx.meta[_SETTINGS]["broker"].value
 
 
 def _broker_url_option(what: str) -> Callable[[Any], Any]:
@@ -481,8 +487,36 @@ device_option = click.option(
 bundle_argument = click.argument("bundle", type=InputFile())
 
 
-def _cfg(ctx: click.Context, json_output: bool) -> HostConfig:
-    base: HostConfig = ctx.obj
+def _cfg(ctx: click.Context, json_output: bool, read_file: bool = True) -> HostConfig:
+    """The settings of a command that needs them, read on first use.
+
+    The root command reads no config file itself: ``--help`` of any command, and commands
+    that never ask for their settings, work whatever the file holds. A command that needs
+    them fails here, with the file, line, key and problem named (exit 2).
+
+    Args:
+        ctx: the command's context.
+        json_output: whether the command prints JSON.
+        read_file: read the config file (``init``, which writes it, does not).
+
+    Raises:
+        ConfigError: the config file is missing (when named) or not valid.
+    """
+    meta = ctx.meta
+    base: HostConfig | None = meta.get(_HOST_CONFIG)
+    if base is None:
+        root = ctx.find_root()
+        _load_settings(ctx, root.params.get("config_path"), read_file=read_file)
+        settings = meta[_SETTINGS]
+        meta[_MQTT_PROTOCOL] = settings["mqtt_protocol"].value
+        base = HostConfig(
+            Path(str(settings["home"].value)),
+            str(settings["registry"].value),
+            False,
+            bool(settings["allow_unsigned_reports"].value),
+            keys_path=Path(str(settings["keys_dir"].value)),
+        )
+        meta[_HOST_CONFIG] = base
     return dataclasses.replace(base, json_output=json_output)
 
 
@@ -520,8 +554,8 @@ def _connection_file(ctx: click.Context) -> Any:
     if config_file is None and os.environ.get("EDGE_SDK_BROKER_CONFIG"):
         config_file, source = Path(os.environ["EDGE_SDK_BROKER_CONFIG"]), "EDGE_SDK_BROKER_CONFIG"
     if config_file is None:
-        default = ctx.find_object(HostConfig)
-        if default is not None and (default.home / "broker.toml").is_file():
+        default = _cfg(ctx, False)
+        if (default.home / "broker.toml").is_file():
             config_file = default.home / "broker.toml"
     if config_file is not None:
         _, raw = read_toml(config_file, "broker config file", source)
@@ -647,6 +681,8 @@ def _setting_flags(ctx: click.Context) -> dict[str, object]:
 
 #: Where the config file is (or would be), and flags of settings given to a subcommand (``init --broker``).
 _CONFIG_PATH = "edgectl.config_path"
+#: The :class:`HostConfig` built by the first :func:`_cfg` of a command.
+_HOST_CONFIG = "edgectl.host_config"
 _SETTING_FLAGS = "edgectl.setting_flags"
 
 
@@ -704,17 +740,9 @@ def cli(
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, handlers=[_log_handler()])
-    # `init` writes the file: one that does not parse must not stop it (init --force replaces it).
-    _load_settings(ctx, config_path, read_file=ctx.invoked_subcommand != "init")
-    settings = ctx.meta[_SETTINGS]
-    ctx.meta[_MQTT_PROTOCOL] = settings["mqtt_protocol"].value
-    ctx.obj = HostConfig(
-        Path(str(settings["home"].value)),
-        str(settings["registry"].value),
-        False,
-        bool(settings["allow_unsigned_reports"].value),
-        keys_path=Path(str(settings["keys_dir"].value)),
-    )
+    # The settings (and the config file) are read by the first command that asks for them
+    # (_cfg), not here: `--help` must work whatever the file holds, and `init` replaces a
+    # file that does not parse.
 
 
 # --- configuration ----------------------------------------------------------------------
@@ -766,7 +794,7 @@ def init(ctx: click.Context, path: Path | None, force: bool, json_output: bool) 
     from host_tools.config import render_config_file
     from host_tools.report.config import init_data, init_text
 
-    cfg = _cfg(ctx, json_output)
+    cfg = _cfg(ctx, json_output, read_file=False)
     _load_settings(ctx, ctx.find_root().params["config_path"], read_file=False)
     target: Path = (path or ctx.meta[_CONFIG_PATH]).expanduser().absolute()
     replaced = target.exists()

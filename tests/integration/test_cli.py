@@ -189,3 +189,26 @@ def test_demo_log_ends_with_its_table_not_a_progress_bar(tmp_path):
     table = next(i for i, line in enumerate(lines) if "smaller than fp32" in line)
     assert not any("%" in line for line in lines[table:]), text[-1000:]  # the table, not a bar, ends the log
     assert lines[-1].startswith("whole path in"), lines[-1]
+
+
+def test_a_malformed_config_file_leaves_help_working_and_fails_only_what_needs_it(tmp_path):
+    from harness import Host
+
+    h = Host(tmp_path / "home")
+    h.home.mkdir()
+    config = h.home / "config.toml"
+    config.write_text('home = "/h"\n[broker\nurl = "mqtt://127.0.0.1:1"\n')
+    helps = (("--help",), ("runs", "--help"), ("rollout", "start", "--help"), ("deploy", "--help"), ("init", "-h"))
+    for args in helps:
+        shown = h.run(*args)
+        assert shown.code == 0 and shown.stdout.startswith("Usage: edgectl"), (args, shown.stderr)
+        assert "Traceback" not in shown.stderr
+    for args in (("runs",), ("config", "show"), ("devices",)):
+        failed = h.run(*args)
+        assert failed.code == 2, (args, failed.stdout, failed.stderr)
+        assert f"config file {config}, line 2" in failed.stderr and "not valid TOML" in failed.stderr
+        assert "Traceback" not in failed.stderr
+    as_json = h.run("runs", "--json")
+    assert as_json.code == 2 and as_json.json()["error"]["code"] == "config_invalid"
+    assert h.run("init", "--force").code == 0  # init replaces it
+    assert h.run("runs").code == 0
