@@ -406,7 +406,8 @@ def _configured_broker() -> str | None:
     if ctx is None:
         return None
     _cfg(ctx, False)
-    return ctx.meta[_SETTINGS]["broker"].value
+    url = ctx.meta[_SETTINGS]["broker"].value
+    return None if url is None else str(url)
 
 
 def _broker_url_option(what: str) -> Callable[[Any], Any]:

@@ -1916,8 +1916,12 @@ class Registry:
         Raises:
             StorageError: on a database failure.
         """
+        if only is None:
+            rows: Sequence[Sequence[Any]] = self._latest_metrics_rows(None, None)
+        else:
+            rows = self._latest_metrics_of(only)
         out = []
-        for row in self._latest_metrics_rows(None, None):
+        for row in rows:
             version = _bundle_version(row[3])
             if version is None or (only is not None and (row[1], row[2], version) not in only):
                 continue
@@ -1925,6 +1929,29 @@ class Registry:
             if isinstance(report, dict):
                 out.append((str(row[1]), str(row[2]), version, float(row[4]), report))
         return out
+
+    def _latest_metrics_of(self, only: Collection[tuple[str, str, int]]) -> list[Sequence[Any]]:
+        """The newest rows of ``only``'s keys: which rows are newest is found without their reports
+        (from the index), and only the wanted rows' reports are read, a page of ids at a time."""
+        query = (
+            "SELECT id, device_id, bundle_name, bundle_version, received_at FROM ("
+            "SELECT id, device_id, bundle_name, bundle_version, received_at, ROW_NUMBER() OVER ("
+            "PARTITION BY device_id, bundle_name, bundle_version "
+            "ORDER BY received_at DESC, id DESC) AS newest FROM metrics"
+            ") ranked WHERE newest = 1 ORDER BY device_id, bundle_name, bundle_version"
+        )
+        with self._storage_errors("read latest metrics"):
+            newest = self._conn.execute(self._dialect.sql(query)).fetchall()
+            wanted = [row for row in newest if (row[1], row[2], _bundle_version(row[3])) in only]
+            reports: dict[Any, str] = {}
+            for start in range(0, len(wanted), 500):
+                page = [row[0] for row in wanted[start : start + 500]]
+                marks = ", ".join("?" * len(page))
+                found = self._conn.execute(
+                    self._dialect.sql(f"SELECT id, report FROM metrics WHERE id IN ({marks})"), page
+                )
+                reports.update(found.fetchall())
+        return [(*row, reports[row[0]]) for row in wanted if row[0] in reports]
 
     def _latest_metrics_rows(self, device_id: str | None, bundle_name: str | None) -> list[Sequence[Any]]:
         where, params = _where({"device_id": device_id, "bundle_name": bundle_name})

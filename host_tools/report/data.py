@@ -315,9 +315,14 @@ def _num(value: object) -> float | None:
     return float(value)
 
 
+_SAMPLE_TYPES = frozenset({float, int})
+
+
 def _samples(raw: object) -> tuple[float, ...]:
     """Stored samples, if they are a list of finite non-negative numbers (else none), ascending."""
-    if not isinstance(raw, list) or not raw or not all(type(v) is float or type(v) is int for v in raw):
+    # Checked with set and min/max over the list (C loops): a generator over 640,000 samples
+    # of a 10,000-report fleet cost half a second. bool is its own type, so it is refused.
+    if not isinstance(raw, list) or not raw or not _SAMPLE_TYPES.issuperset(map(type, raw)):
         return ()
     if min(raw) < 0 or not math.isfinite(max(raw)):
         return ()
