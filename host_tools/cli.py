@@ -40,6 +40,7 @@ from edge_sdk.errors import (
     EdgeError,
     ExitCode,
     NotInstalledError,
+    StorageError,
     exit_code_of,
 )
 
@@ -589,12 +590,29 @@ def _registry(cfg: HostConfig) -> Iterator[Any]:
         yield reg
 
 
-def _keep_run(reg: Any, kind: str, parameters: dict[str, Any], results: dict[str, Any]) -> None:
-    """Keep a run in the registry (``edgectl runs`` lists it) and say its id on stderr."""
+def _keep_run(reg: Any, kind: str, parameters: dict[str, Any], results: dict[str, Any], done: str = "") -> None:
+    """Keep a run in the registry (``edgectl runs`` lists it) and say its id on stderr.
+
+    The record is secondary to what the command made or did (a model written, a bundle
+    installed): a registry that cannot keep it (:class:`StorageError`) is a warning on stderr,
+    naming the registry and the cause, not a failure.
+
+    Args:
+        done: what is whole nonetheless, for the warning (``the model m.onnx is written``).
+    """
     from host_tools.fleet.runs import record_run
 
-    run_id = record_run(reg, kind, parameters, results, time.time())
+    try:
+        run_id = record_run(reg, kind, parameters, results, time.time())
+    except StorageError as exc:
+        _run_not_kept(kind, exc, done)
+        return
     click.echo(f"edgectl: kept as run {run_id} (edgectl runs, edgectl compare)", err=True)
+
+
+def _run_not_kept(kind: str, exc: StorageError, done: str) -> None:
+    whole = f"{done}; " if done else ""
+    _echo_for_terminal(f"edgectl: warning: {whole}the {kind} run was not kept: {exc.message}", err=True)
 
 
 def _log_handler() -> logging.Handler:
@@ -1117,7 +1135,13 @@ def compress(
     guard_ranking: str | None,
     json_output: bool,
 ) -> None:
-    """Compress MODEL and report size, accuracy and host latency per step."""
+    """Compress MODEL and report size, accuracy and host latency per step.
+
+    The run is kept in the registry (`edgectl runs`, `edgectl compare`). When the registry
+    cannot be written (unwritable, locked past its timeout), the compressed model is still
+    written and whole and the command succeeds (exit 0): it says on stderr that the run was
+    not kept, naming the registry and the cause.
+    """
     from host_tools import compress as hc
     from host_tools.report.compress import compress_text
 
@@ -1137,8 +1161,12 @@ def compress(
     from host_tools.fleet.runs import compress_parameters
 
     given = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items() if k != "json_output"}
-    with _registry(cfg) as reg:
-        _keep_run(reg, "compress", compress_parameters(model, output, given), result.to_dict())
+    done = f"the model {output} is written and whole"
+    try:
+        with _registry(cfg) as reg:
+            _keep_run(reg, "compress", compress_parameters(model, output, given), result.to_dict(), done)
+    except StorageError as exc:  # the registry cannot even be opened: the model is still good
+        _run_not_kept("compress", exc, done)
     _emit(cfg, result.to_dict(), lambda: compress_text(result))
 
 
@@ -1784,10 +1812,12 @@ def _rollout_progress(cfg: HostConfig) -> Callable[[Any], None]:
 def _run_rollout(cfg: HostConfig, rollout_id: str, broker: str, connect_timeout: float, options: Any) -> None:
     """Run a stored rollout to its end (or pause, or only offline devices left) and print the report."""
     from host_tools.fleet.rollouts import RolloutAbortedError, RolloutRunner
+    from host_tools.fleet.runs import rollout_run
     from host_tools.report.rollouts import rollout_text
 
     with _registry(cfg) as reg, _client(broker, connect_timeout, "rollout") as client, _gated(cfg, reg, client) as r:
         report = RolloutRunner(client, reg, r, rollout_id, options, progress=_rollout_progress(cfg)).run()
+        _keep_run(reg, "rollout", *rollout_run(report))  # each start and resume is a run of its own
     record = report.record
     if record.status == "aborted" and not record.reason.startswith("aborted by the operator"):
         error = RolloutAbortedError(f"rollout {rollout_id} aborted: {record.reason}", rollout_id=rollout_id)
