@@ -2525,7 +2525,7 @@ def report(
 @click.option("--registry", "registry_url", help="registry to read (default: edgectl's --registry / HOME/registry.db)")
 @click.option(
     "--cache", "cache_s", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
-    help="seconds a registry read serves scrapes before the next read",
+    help="seconds one rendered scrape (one registry read) serves scrapes before the next read",
 )  # fmt: skip
 @click.pass_context
 def exporter(ctx: click.Context, port: int, host: str, registry_url: str | None, cache_s: float) -> None:
