@@ -105,6 +105,7 @@ __all__ = [
     "MetricsRecord",
     "Registry",
     "RunRecord",
+    "change_token",
     "check_time",
     "open_registry",
 ]
@@ -2427,6 +2428,36 @@ def open_registry(url_or_path: str | Path, *, timeout: float = _DEFAULT_TIMEOUT_
         f"registry URL {shown!r} is neither a path, sqlite:/// nor postgresql://",
         url=shown,
     )
+
+
+def change_token(url_or_path: str | Path) -> tuple[object, ...] | None:
+    """A value that differs after every write to a SQLite registry, read without opening it.
+
+    For readers that keep what they rendered (the exporter): the inode, size and modification
+    time of the database file and of its write-ahead log, which every commit appends to (or a
+    checkpoint rewrites). A reader compares it with the token taken before its last read, so a
+    write during that read shows as a change too.
+
+    Returns:
+        The token, or ``None`` where there is no such cheap sign (PostgreSQL).
+    """
+    text = str(url_or_path)
+    if isinstance(url_or_path, Path) or "://" not in text:
+        path = Path(text)
+    elif text.lower().startswith("sqlite://"):
+        path = Path(text[len("sqlite://") :])
+    else:
+        return None
+    path = path.expanduser()
+    token: list[object] = []
+    for file in (path, path.with_name(path.name + "-wal")):
+        try:
+            st = file.stat()
+        except OSError:
+            token.append(None)
+        else:
+            token.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(token)
 
 
 def _open_sqlite(path: Path, timeout: float) -> Registry:

@@ -6,9 +6,10 @@ about 31,000 lines, and building them through prometheus-client's metric familie
 writer cost ~38 us a line (1.2 s a scrape); formatting them here costs ~1 us. The body is
 checked by the same means as before: prometheus-client's text parser and ``promtool check
 metrics`` read it in the tests. :class:`FleetExporter` keeps the rendered body for ``cache_s``
-seconds (a dashboard refreshing every second neither reads the registry nor formats 31,000
-lines every second); :func:`serve_exporter` serves it over HTTP (``/metrics``) with the
-standard library's threading HTTP server.
+seconds, and beyond while a SQLite registry's files show no write (a dashboard refreshing
+every second neither reads the registry nor formats 31,000 lines every second);
+:func:`serve_exporter` serves it over HTTP (``/metrics``) with the standard library's
+threading HTTP server.
 
 Names follow Prometheus conventions: base units (``_seconds``, ``_bytes``, ``_joules``,
 ``_watts``), ``_total`` for counters, ``_info`` for the installed version. Latency
@@ -45,11 +46,11 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from edge_sdk.errors import EdgeError
-from host_tools.fleet.registry import UNKNOWN_DEVICE, open_registry
+from host_tools.fleet.registry import UNKNOWN_DEVICE, change_token, open_registry
 from host_tools.report.data import FleetData, read_fleet
 
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "FleetExporter", "exposition", "serve_exporter"]
@@ -200,22 +201,31 @@ def exposition(data: FleetData) -> bytes:
 
 
 class FleetExporter:
-    """One scrape's body, rendered from a read of the registry and kept for ``cache_s`` seconds.
+    """One scrape's body, rendered from a read of the registry and kept while it is current.
+
+    A kept body serves a scrape when it is younger than ``cache_s``, or when the registry has
+    not changed since it was read (``changed`` returns the token it returned then). The body
+    depends on the registry's contents only (no clock), so an unchanged registry means an
+    unchanged body.
 
     Args:
         read: returns the fleet's data now (the shell opens the registry inside it).
-        cache_s: serve a rendered body for this long (0: read and render at every scrape).
+        cache_s: serve a rendered body for this long whatever changed (0: only while unchanged).
         clock: monotonic clock, for the cache.
+        changed: returns a token that differs after every write to the registry
+            (:func:`host_tools.fleet.registry.change_token`), or ``None`` when it cannot tell.
     """
 
     def __init__(
-        self, read: Callable[[], FleetData], cache_s: float = 0.0, clock: Callable[[], float] = time.monotonic
-    ):
+        self, read: Callable[[], FleetData], cache_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
+        changed: Callable[[], Hashable | None] | None = None,
+    ):  # fmt: skip
         self._read = read
         self._cache_s = cache_s
         self._clock = clock
+        self._changed = changed
         self._lock = threading.Lock()
-        self._cached: tuple[float, bytes] | None = None
+        self._cached: tuple[float, Hashable | None, bytes] | None = None
 
     def body(self) -> bytes:
         """The body of a scrape now.
@@ -225,9 +235,13 @@ class FleetExporter:
         """
         with self._lock:  # concurrent scrapes wait for one read, not one read each
             now = self._clock()
-            if self._cached is None or now - self._cached[0] >= self._cache_s:
-                self._cached = (now, exposition(self._read()))
-            return self._cached[1]
+            token = self._changed() if self._changed is not None else None
+            kept = self._cached
+            if kept is not None and (now - kept[0] < self._cache_s or (token is not None and token == kept[1])):
+                return kept[2]
+            body = exposition(self._read())  # the token was taken first: a write during the read shows next time
+            self._cached = (now, token, body)
+            return body
 
 
 def registry_reader(registry_url: str, clock: Callable[[], float] = time.time) -> Callable[[], FleetData]:
@@ -285,7 +299,8 @@ def serve_exporter(
     """
     with open_registry(registry_url):
         pass
-    server = ThreadingHTTPServer((host, port), _handler(FleetExporter(registry_reader(registry_url), cache_s)))
+    exporter = FleetExporter(registry_reader(registry_url), cache_s, changed=lambda: change_token(registry_url))
+    server = ThreadingHTTPServer((host, port), _handler(exporter))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="exporter-http", daemon=True)
     thread.start()

@@ -533,6 +533,7 @@ def test_public_names() -> None:
         "SCHEMA_VERSION",
         "UNKNOWN_DEVICE",
         "EnrolmentRecord",
+        "change_token",
         "check_time",
         "BundleRef",
         "DeploymentRecord",

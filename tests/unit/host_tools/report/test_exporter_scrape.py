@@ -181,3 +181,30 @@ def _timed(fn: Any) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def test_an_unchanged_sqlite_registry_serves_the_kept_body_and_a_write_renders_anew(tmp_path: Path) -> None:
+    from host_tools.fleet.registry import DeviceRecord, change_token
+    from host_tools.report.exporter import registry_reader
+
+    db = tmp_path / "registry.db"
+    with open_registry(db) as reg:
+        fill_fleet(reg, FleetSpec(devices=3, versions=1))
+    reads: list[int] = []
+    read = registry_reader(str(db), clock=lambda: T0)
+
+    def counted() -> FleetData:
+        reads.append(1)
+        return read()
+
+    exporter = FleetExporter(counted, cache_s=0.0, changed=lambda: change_token(db))
+    first = exporter.body()
+    exporter.body()  # closing the first read's connection may checkpoint the log: one more read at most
+    settled = len(reads)
+    assert exporter.body() is exporter.body() and len(reads) == settled <= 2
+    assert b'device="pi-9999"' not in first
+    with open_registry(db) as reg:
+        reg.upsert_device(DeviceRecord("pi-9999", "online", T0))
+    assert b'edge_device_last_seen_timestamp_seconds{device="pi-9999"}' in exporter.body()
+    assert len(reads) == settled + 1
+    assert change_token("postgresql://db.example/edge") is None
