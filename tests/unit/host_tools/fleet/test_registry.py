@@ -909,3 +909,17 @@ def test_runs_round_trip_filter_and_order(db: Registry) -> None:
     assert db.get_run(third + 100) is None
     with pytest.raises(ValueError, match="unknown run kind"):
         db.add_run("train", 1.0, {}, {})
+
+
+def test_latest_metrics_of_some_versions_are_those_of_all_versions_filtered(db: Registry) -> None:
+    from report_fleet import FleetSpec, fill_fleet
+
+    fill_fleet(db, FleetSpec(devices=6, versions=3))
+    every = db.latest_metrics_json()
+    # A second report of one version at the same time as its newest: the one stored last wins, both ways.
+    *_, at, report = every[0]
+    db.add_metrics(MetricsReport.from_dict({**report, "command_id": "1" * 32}), at)
+    every = db.latest_metrics_json()
+    only = {(d, b, v) for d, b, v, _, _ in every[::2]}
+    assert db.latest_metrics_json(only) == [m for m in every if (m[0], m[1], m[2]) in only]
+    assert db.latest_metrics_json(set()) == []
