@@ -115,7 +115,13 @@ def main() -> None:
                     fleet.devices,
                 )  # fmt: skip
 
-            cold = FleetExporter(registry_reader(db), cache_s=0.0)  # as after a write: read and render
+            def first() -> bytes:  # a fresh exporter: read, decode every report, render
+                return FleetExporter(registry_reader(db), cache_s=0.0).body()
+
+            # As after a write: keys, devices and what changed read again, all rendered; the reports
+            # decoded by the last scrape kept (a write adds one report per device and version at most).
+            cold = FleetExporter(registry_reader(db), cache_s=0.0)
+            cold.body()
             unchanged = FleetExporter(registry_reader(db), cache_s=0.0, changed=lambda: change_token(db))
             warm = FleetExporter(registry_reader(db), cache_s=3600.0)
             warm.body()
@@ -128,7 +134,8 @@ def main() -> None:
                     json.dumps([d.to_dict() for d in r.list_devices()])
 
             cases: dict[str, Callable[[], object]] = {
-                "report": report, "table": table, "scrape": cold.body, "scrape_unchanged": unchanged.body,
+                "report": report, "table": table, "scrape_first": first, "scrape": cold.body,
+                "scrape_unchanged": unchanged.body,
                 "scrape_cached": warm.body, "devices_json": devices_json,
             }  # fmt: skip
             times: dict[str, list[float]] = {k: [] for k in cases}
@@ -144,14 +151,15 @@ def main() -> None:
         ["report build (read, 4 plots, PNG, HTML)", f"{med['report']:.2f} s", "text fleet table",
          f"{med['table']:.2f} s", f"{med['report'] / med['table']:.1f}x", "<= 10 s", med["report"] <= 10.0],
     ]  # fmt: skip
-    for name, what in (("scrape", "exporter scrape after a registry write (read, render)"),
+    for name, what in (("scrape_first", "exporter's first scrape (read, decode all, render)"),
+                       ("scrape", "exporter scrape after a registry write (read, render)"),
                        ("scrape_unchanged", "exporter scrape, registry unchanged"),
                        ("scrape_cached", "exporter scrape within --cache")):  # fmt: skip
         rows.append([
             what, f"{med[name] * 1000:.1f} ms", "devices as JSON", f"{med['devices_json'] * 1000:.0f} ms",
             f"{med[name] / med['devices_json']:.2f}x", "<= 200 ms", med[name] <= 0.2,
         ])  # fmt: skip
-    for row, name in zip(rows, ("report", "scrape", "scrape_unchanged", "scrape_cached"), strict=True):
+    for row, name in zip(rows, ("report", "scrape_first", "scrape", "scrape_unchanged", "scrape_cached"), strict=True):
         row.insert(2, f"{med_cpu[name] * 1000:.0f} ms")
     print(f"{args.devices} devices x {args.versions} versions; median of {args.rounds} rounds; scrape {size} bytes")
     print_table(["case", "ours", "ours CPU", "baseline", "baseline time", "ratio", "target", "met"], rows)

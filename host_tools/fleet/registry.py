@@ -76,7 +76,7 @@ import math
 import re
 import sqlite3
 import urllib.parse
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -1899,7 +1899,9 @@ class Registry:
         return [self._metrics_from_row(row) for row in self._latest_metrics_rows(device_id, bundle_name)]
 
     def latest_metrics_json(
-        self, only: Collection[tuple[str, str, int]] | None = None
+        self,
+        only: Collection[tuple[str, str, int]] | None = None,
+        decoded: MutableMapping[Any, dict[str, Any]] | None = None,
     ) -> list[tuple[str, str, int, float, dict[str, Any]]]:
         """The newest report for each (device, bundle, version), as stored JSON, not rebuilt as typed records.
 
@@ -1909,6 +1911,10 @@ class Registry:
 
         Args:
             only: decode only these (device, bundle, version); all when ``None``.
+            decoded: with ``only``, reports decoded by an earlier call, by row id, which this
+                call uses instead of reading and decoding them again and leaves holding exactly
+                the reports it returns (a metrics row never changes once stored). The reports
+                are shared: readers must not change them.
 
         Returns:
             ``(device_id, bundle_name, bundle_version, received_at, report)`` ordered as
@@ -1917,28 +1923,40 @@ class Registry:
         Raises:
             StorageError: on a database failure.
         """
-        if only is None:
-            rows: Sequence[Sequence[Any]] = self._latest_metrics_rows(None, None)
-        else:
-            rows = self._latest_metrics_of(only)
         out = []
-        for row in rows:
-            version = _bundle_version(row[3])
-            if version is None or (only is not None and (row[1], row[2], version) not in only):
+        if only is not None:
+            fresh: dict[Any, dict[str, Any]] = {}
+            for row_id, device_id, bundle_name, version, received_at, report in self._latest_metrics_of(only, decoded):
+                if isinstance(report, str):
+                    report = json.loads(report)
+                if isinstance(report, dict):
+                    fresh[row_id] = report
+                    out.append((device_id, bundle_name, version, float(received_at), report))
+            if decoded is not None:
+                decoded.clear()
+                decoded.update(fresh)
+            return out
+        for row in self._latest_metrics_rows(None, None):
+            stored_version = _bundle_version(row[3])
+            if stored_version is None:
                 continue
-            report = json.loads(row[5])
-            if isinstance(report, dict):
-                out.append((str(row[1]), str(row[2]), version, float(row[4]), report))
+            stored = json.loads(row[5])
+            if isinstance(stored, dict):
+                out.append((str(row[1]), str(row[2]), stored_version, float(row[4]), stored))
         return out
 
-    def _latest_metrics_of(self, only: Collection[tuple[str, str, int]]) -> list[Sequence[Any]]:
-        """The newest rows of ``only``'s keys, ordered as :meth:`latest_metrics`.
+    def _latest_metrics_of(
+        self, only: Collection[tuple[str, str, int]], decoded: Mapping[Any, dict[str, Any]] | None
+    ) -> list[tuple[Any, str, str, int, float, str | dict[str, Any]]]:
+        """The newest rows of ``only``'s keys, ordered as :meth:`latest_metrics`; each report as
+        stored text, or from ``decoded`` where it holds the row.
 
         Which rows are newest is found from the keys and times alone (a scan of the covering
         index, a third of what the window query over every row costs), and only the wanted
-        rows' reports are read, a page of ids at a time.
+        rows' reports not yet decoded are read, a page of ids at a time.
         """
         newest: dict[tuple[str, str, int], tuple[float, Any]] = {}
+        known = decoded if decoded is not None else {}
         with self._storage_errors("read latest metrics"):
             keys = self._conn.execute(
                 self._dialect.sql("SELECT id, device_id, bundle_name, bundle_version, received_at FROM metrics")
@@ -1951,9 +1969,10 @@ class Registry:
                     if seen is None or (received_at, row_id) > seen:
                         newest[key] = (received_at, row_id)
             wanted = sorted((key, when, row_id) for key, (when, row_id) in newest.items())
-            reports: dict[Any, str] = {}
-            for start in range(0, len(wanted), 500):
-                page = [row_id for _, _, row_id in wanted[start : start + 500]]
+            reports: dict[Any, str | dict[str, Any]] = {r: known[r] for _, _, r in wanted if r in known}
+            missing = [row_id for _, _, row_id in wanted if row_id not in reports]
+            for start in range(0, len(missing), 500):
+                page = missing[start : start + 500]
                 marks = ", ".join("?" * len(page))
                 query = f"SELECT id, report FROM metrics WHERE id IN ({marks})"
                 reports.update(self._conn.execute(self._dialect.sql(query), page).fetchall())

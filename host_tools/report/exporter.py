@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from edge_sdk.errors import EdgeError
 from host_tools.fleet.registry import UNKNOWN_DEVICE, change_token, open_registry
@@ -248,12 +249,15 @@ def registry_reader(registry_url: str, clock: Callable[[], float] = time.time) -
     """A reader that opens the registry, reads the present state of the fleet, and closes it.
 
     Each scrape runs on one of the HTTP server's threads; a registry connection belongs to
-    one thread, so each read opens its own.
+    one thread, so each read opens its own. The reports decoded by one read are kept for the
+    next (a stored report never changes): after a write, only the new reports are decoded.
+    Reads must not overlap (:class:`FleetExporter` holds a lock around them).
     """
+    decoded: dict[Any, dict[str, Any]] = {}
 
     def read() -> FleetData:
         with open_registry(registry_url) as reg:
-            return read_fleet(reg, clock(), history=False)
+            return read_fleet(reg, clock(), history=False, decoded=decoded)
 
     return read
 

@@ -923,3 +923,22 @@ def test_latest_metrics_of_some_versions_are_those_of_all_versions_filtered(db: 
     only = {(d, b, v) for d, b, v, _, _ in every[::2]}
     assert db.latest_metrics_json(only) == [m for m in every if (m[0], m[1], m[2]) in only]
     assert db.latest_metrics_json(set()) == []
+
+
+def test_reports_decoded_by_an_earlier_read_are_used_and_pruned(db: Registry) -> None:
+    from report_fleet import FleetSpec, fill_fleet
+
+    fill_fleet(db, FleetSpec(devices=3, versions=2))
+    every = db.latest_metrics_json()
+    only = {(d, b, v) for d, b, v, _, _ in every}
+    decoded: dict[Any, dict[str, Any]] = {}
+    assert db.latest_metrics_json(only, decoded) == every and len(decoded) == len(every)
+    row_id = next(iter(decoded))
+    decoded[row_id] = {"kept": "from the earlier read"}  # a stored row never changes: it is not read again
+    assert {"kept": "from the earlier read"} in [m[4] for m in db.latest_metrics_json(only, decoded)]
+    *_, at, report = every[0]
+    newer = MetricsReport.from_dict({**report, "ts": report["ts"] + 10})
+    assert db.add_metrics(newer, at + 10) is not None
+    again = db.latest_metrics_json(only, decoded)
+    assert again[0][3] == at + 10 and again == [m for m in db.latest_metrics_json() if (m[0], m[1], m[2]) in only]
+    assert len(decoded) == len(every)  # the report it replaced is dropped
