@@ -1962,7 +1962,8 @@ class Registry:
                 self._dialect.sql("SELECT id, device_id, bundle_name, bundle_version, received_at FROM metrics")
             )
             for row_id, device_id, bundle_name, raw_version, received_at in keys:
-                version = _bundle_version(raw_version)
+                # Versions are integers since schema 2: checked in full only when one is not.
+                version = raw_version if type(raw_version) is int and raw_version > 0 else _bundle_version(raw_version)
                 key = (str(device_id), str(bundle_name), version if version is not None else -1)
                 if key in only:
                     seen = newest.get(key)  # ties on received_at go to the row stored last, as latest_metrics

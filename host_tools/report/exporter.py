@@ -298,12 +298,11 @@ def serve_exporter(
     """Serve ``/metrics`` on ``host:port`` until ``stop`` is set.
 
     Raises:
-        StorageError: the registry cannot be opened at start (checked once before serving).
+        StorageError: the registry cannot be read at start (read once before serving).
         OSError: the port cannot be bound.
     """
-    with open_registry(registry_url):
-        pass
     exporter = FleetExporter(registry_reader(registry_url), cache_s, changed=lambda: change_token(registry_url))
+    exporter.body()  # read once before serving: a registry that cannot be read fails here, and the first scrape is fast
     server = ThreadingHTTPServer((host, port), _handler(exporter))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="exporter-http", daemon=True)
