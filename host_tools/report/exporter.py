@@ -3,7 +3,7 @@
 :func:`exposition` renders one scrape's body, in Prometheus' text format (0.0.4), straight
 from the values :func:`host_tools.report.data.read_fleet` returns: a 1,000-device fleet is
 about 31,000 lines, and building them through prometheus-client's metric families and text
-writer cost ~38 us a line (1.2 s a scrape); formatting them here costs ~1 us. The body is
+writer cost ~38 us a line (1.2 s a scrape); formatting them here costs 1-2 us. The body is
 checked by the same means as before: prometheus-client's text parser and ``promtool check
 metrics`` read it in the tests. :class:`FleetExporter` keeps the rendered body for ``cache_s``
 seconds, and beyond while a SQLite registry's files show no write (a dashboard refreshing
