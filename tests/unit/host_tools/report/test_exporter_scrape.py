@@ -208,3 +208,38 @@ def test_an_unchanged_sqlite_registry_serves_the_kept_body_and_a_write_renders_a
     assert b'edge_device_last_seen_timestamp_seconds{device="pi-9999"}' in exporter.body()
     assert len(reads) == settled + 1
     assert change_token("postgresql://db.example/edge") is None
+
+
+def test_other_paths_are_404_and_a_registry_gone_bad_is_503_until_it_reads_again(tmp_path: Path) -> None:
+    import urllib.error
+
+    db = tmp_path / "registry.db"
+    with open_registry(db) as reg:
+        fill_fleet(reg, FleetSpec(devices=2, versions=1))
+    stop, ready, urls = threading.Event(), threading.Event(), []
+
+    def announce(url: str) -> None:
+        urls.append(url)
+        ready.set()
+
+    server = threading.Thread(target=serve_exporter, args=(str(db), "127.0.0.1", 0, stop, 0.0, announce), daemon=True)
+    server.start()
+    try:
+        assert ready.wait(30)
+        base = urls[0].removesuffix("/metrics")
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(base + "/nope", timeout=30)
+        assert missing.value.code == 404
+        missing.value.close()
+        good = db.read_bytes()
+        db.write_bytes(b"not a database" * 100)  # a write: the kept body is no longer current
+        with pytest.raises(urllib.error.HTTPError) as broken:
+            urllib.request.urlopen(urls[0], timeout=30)
+        assert broken.value.code == 503 and b"registry cannot be read" in broken.value.read()
+        broken.value.close()
+        db.write_bytes(good)
+        with urllib.request.urlopen(urls[0], timeout=30) as resp:
+            assert resp.status == 200 and b'edge_device_bundle_info{device="pi-0000"' in resp.read()
+    finally:
+        stop.set()
+        server.join(timeout=10)
