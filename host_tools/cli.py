@@ -40,6 +40,7 @@ from edge_sdk.errors import (
     EdgeError,
     ExitCode,
     NotInstalledError,
+    StorageError,
     exit_code_of,
 )
 
@@ -397,10 +398,17 @@ BROKER_URL_HELP = "mqtt://host[:port] or mqtts://host[:port]; without a port, 18
 
 
 def _configured_broker() -> str | None:
-    """``--broker``'s default: the config file's ``[broker] url`` (a flag and EDGE_SDK_BROKER come first)."""
+    """``--broker``'s default: the config file's ``[broker] url`` (a flag and EDGE_SDK_BROKER come first).
+
+    Reads the settings when nothing has yet (:func:`_cfg`); click asks only when neither a
+    flag nor the environment gave the URL, and never for ``--help``.
+    """
     ctx = click.get_current_context(silent=True)
-    settings = ctx.meta.get(_SETTINGS) if ctx is not None else None
-    return None if settings is None else settings["broker"].value
+    if ctx is None:
+        return None
+    _cfg(ctx, False)
+    url = ctx.meta[_SETTINGS]["broker"].value
+    return None if url is None else str(url)
 
 
 def _broker_url_option(what: str) -> Callable[[Any], Any]:
@@ -481,8 +489,36 @@ device_option = click.option(
 bundle_argument = click.argument("bundle", type=InputFile())
 
 
-def _cfg(ctx: click.Context, json_output: bool) -> HostConfig:
-    base: HostConfig = ctx.obj
+def _cfg(ctx: click.Context, json_output: bool, read_file: bool = True) -> HostConfig:
+    """The settings of a command that needs them, read on first use.
+
+    The root command reads no config file itself: ``--help`` of any command, and commands
+    that never ask for their settings, work whatever the file holds. A command that needs
+    them fails here, with the file, line, key and problem named (exit 2).
+
+    Args:
+        ctx: the command's context.
+        json_output: whether the command prints JSON.
+        read_file: read the config file (``init``, which writes it, does not).
+
+    Raises:
+        ConfigError: the config file is missing (when named) or not valid.
+    """
+    meta = ctx.meta
+    base: HostConfig | None = meta.get(_HOST_CONFIG)
+    if base is None:
+        root = ctx.find_root()
+        _load_settings(ctx, root.params.get("config_path"), read_file=read_file)
+        settings = meta[_SETTINGS]
+        meta[_MQTT_PROTOCOL] = settings["mqtt_protocol"].value
+        base = HostConfig(
+            Path(str(settings["home"].value)),
+            str(settings["registry"].value),
+            False,
+            bool(settings["allow_unsigned_reports"].value),
+            keys_path=Path(str(settings["keys_dir"].value)),
+        )
+        meta[_HOST_CONFIG] = base
     return dataclasses.replace(base, json_output=json_output)
 
 
@@ -520,8 +556,8 @@ def _connection_file(ctx: click.Context) -> Any:
     if config_file is None and os.environ.get("EDGE_SDK_BROKER_CONFIG"):
         config_file, source = Path(os.environ["EDGE_SDK_BROKER_CONFIG"]), "EDGE_SDK_BROKER_CONFIG"
     if config_file is None:
-        default = ctx.find_object(HostConfig)
-        if default is not None and (default.home / "broker.toml").is_file():
+        default = _cfg(ctx, False)
+        if (default.home / "broker.toml").is_file():
             config_file = default.home / "broker.toml"
     if config_file is not None:
         _, raw = read_toml(config_file, "broker config file", source)
@@ -554,12 +590,29 @@ def _registry(cfg: HostConfig) -> Iterator[Any]:
         yield reg
 
 
-def _keep_run(reg: Any, kind: str, parameters: dict[str, Any], results: dict[str, Any]) -> None:
-    """Keep a run in the registry (``edgectl runs`` lists it) and say its id on stderr."""
+def _keep_run(reg: Any, kind: str, parameters: dict[str, Any], results: dict[str, Any], done: str = "") -> None:
+    """Keep a run in the registry (``edgectl runs`` lists it) and say its id on stderr.
+
+    The record is secondary to what the command made or did (a model written, a bundle
+    installed): a registry that cannot keep it (:class:`StorageError`) is a warning on stderr,
+    naming the registry and the cause, not a failure.
+
+    Args:
+        done: what is whole nonetheless, for the warning (``the model m.onnx is written``).
+    """
     from host_tools.fleet.runs import record_run
 
-    run_id = record_run(reg, kind, parameters, results, time.time())
+    try:
+        run_id = record_run(reg, kind, parameters, results, time.time())
+    except StorageError as exc:
+        _run_not_kept(kind, exc, done)
+        return
     click.echo(f"edgectl: kept as run {run_id} (edgectl runs, edgectl compare)", err=True)
+
+
+def _run_not_kept(kind: str, exc: StorageError, done: str) -> None:
+    whole = f"{done}; " if done else ""
+    _echo_for_terminal(f"edgectl: warning: {whole}the {kind} run was not kept: {exc.message}", err=True)
 
 
 def _log_handler() -> logging.Handler:
@@ -647,6 +700,8 @@ def _setting_flags(ctx: click.Context) -> dict[str, object]:
 
 #: Where the config file is (or would be), and flags of settings given to a subcommand (``init --broker``).
 _CONFIG_PATH = "edgectl.config_path"
+#: The :class:`HostConfig` built by the first :func:`_cfg` of a command.
+_HOST_CONFIG = "edgectl.host_config"
 _SETTING_FLAGS = "edgectl.setting_flags"
 
 
@@ -704,17 +759,9 @@ def cli(
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, handlers=[_log_handler()])
-    # `init` writes the file: one that does not parse must not stop it (init --force replaces it).
-    _load_settings(ctx, config_path, read_file=ctx.invoked_subcommand != "init")
-    settings = ctx.meta[_SETTINGS]
-    ctx.meta[_MQTT_PROTOCOL] = settings["mqtt_protocol"].value
-    ctx.obj = HostConfig(
-        Path(str(settings["home"].value)),
-        str(settings["registry"].value),
-        False,
-        bool(settings["allow_unsigned_reports"].value),
-        keys_path=Path(str(settings["keys_dir"].value)),
-    )
+    # The settings (and the config file) are read by the first command that asks for them
+    # (_cfg), not here: `--help` must work whatever the file holds, and `init` replaces a
+    # file that does not parse.
 
 
 # --- configuration ----------------------------------------------------------------------
@@ -766,7 +813,7 @@ def init(ctx: click.Context, path: Path | None, force: bool, json_output: bool) 
     from host_tools.config import render_config_file
     from host_tools.report.config import init_data, init_text
 
-    cfg = _cfg(ctx, json_output)
+    cfg = _cfg(ctx, json_output, read_file=False)
     _load_settings(ctx, ctx.find_root().params["config_path"], read_file=False)
     target: Path = (path or ctx.meta[_CONFIG_PATH]).expanduser().absolute()
     replaced = target.exists()
@@ -1088,7 +1135,13 @@ def compress(
     guard_ranking: str | None,
     json_output: bool,
 ) -> None:
-    """Compress MODEL and report size, accuracy and host latency per step."""
+    """Compress MODEL and report size, accuracy and host latency per step.
+
+    The run is kept in the registry (`edgectl runs`, `edgectl compare`). When the registry
+    cannot be written (unwritable, locked past its timeout), the compressed model is still
+    written and whole and the command succeeds (exit 0): it says on stderr that the run was
+    not kept, naming the registry and the cause.
+    """
     from host_tools import compress as hc
     from host_tools.report.compress import compress_text
 
@@ -1108,8 +1161,12 @@ def compress(
     from host_tools.fleet.runs import compress_parameters
 
     given = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items() if k != "json_output"}
-    with _registry(cfg) as reg:
-        _keep_run(reg, "compress", compress_parameters(model, output, given), result.to_dict())
+    done = f"the model {output} is written and whole"
+    try:
+        with _registry(cfg) as reg:
+            _keep_run(reg, "compress", compress_parameters(model, output, given), result.to_dict(), done)
+    except StorageError as exc:  # the registry cannot even be opened: the model is still good
+        _run_not_kept("compress", exc, done)
     _emit(cfg, result.to_dict(), lambda: compress_text(result))
 
 
@@ -1755,10 +1812,12 @@ def _rollout_progress(cfg: HostConfig) -> Callable[[Any], None]:
 def _run_rollout(cfg: HostConfig, rollout_id: str, broker: str, connect_timeout: float, options: Any) -> None:
     """Run a stored rollout to its end (or pause, or only offline devices left) and print the report."""
     from host_tools.fleet.rollouts import RolloutAbortedError, RolloutRunner
+    from host_tools.fleet.runs import rollout_run
     from host_tools.report.rollouts import rollout_text
 
     with _registry(cfg) as reg, _client(broker, connect_timeout, "rollout") as client, _gated(cfg, reg, client) as r:
         report = RolloutRunner(client, reg, r, rollout_id, options, progress=_rollout_progress(cfg)).run()
+        _keep_run(reg, "rollout", *rollout_run(report))  # each start and resume is a run of its own
     record = report.record
     if record.status == "aborted" and not record.reason.startswith("aborted by the operator"):
         error = RolloutAbortedError(f"rollout {rollout_id} aborted: {record.reason}", rollout_id=rollout_id)
@@ -2466,7 +2525,7 @@ def report(
 @click.option("--registry", "registry_url", help="registry to read (default: edgectl's --registry / HOME/registry.db)")
 @click.option(
     "--cache", "cache_s", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
-    help="seconds a registry read serves scrapes before the next read",
+    help="seconds one rendered scrape (one registry read) serves scrapes before the next read",
 )  # fmt: skip
 @click.pass_context
 def exporter(ctx: click.Context, port: int, host: str, registry_url: str | None, cache_s: float) -> None:

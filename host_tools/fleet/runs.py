@@ -15,12 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_sdk.bundle import file_sha256
 from host_tools.fleet.registry import RUN_KINDS, Registry
 
-__all__ = ["bundle_parameters", "compress_parameters", "file_facts", "record_run"]
+if TYPE_CHECKING:
+    from host_tools.fleet.rollouts import RolloutReport
+
+__all__ = ["bundle_parameters", "compress_parameters", "file_facts", "record_run", "rollout_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,50 @@ def bundle_parameters(bundle: Path, devices: Sequence[str], benchmark: Mapping[s
         "files": [{"path": f.path, "sha256": f.sha256, "size_bytes": f.size} for f in manifest.files],
     }
     return {"bundle": facts, "devices": list(devices), "benchmark": dict(benchmark)}
+
+
+def rollout_run(report: RolloutReport) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parameters and results of one run of a rollout (a start, or a resume), as a run keeps them.
+
+    Parameters: the rollout's id, selector, policy and devices, and its bundle as
+    :func:`bundle_parameters` names it (or, when the file is gone, as the rollout stored it:
+    path, sha256, name, version). Results: where the rollout stands (status, reason, each
+    wave's counts) and one outcome per device (state, wave, attempts, error code, the version
+    it runs, and the p99 latency and peak RSS its confirmation measured, in a metrics report's
+    shape so ``edgectl compare`` lines them up as it does a deploy's).
+
+    Raises:
+        StorageError: the bundle file exists but cannot be read.
+        BundleFormatError, ManifestError: it is not a bundle.
+    """
+    record = report.record
+    devices = [d.device_id for d in report.devices]
+    path = Path(record.bundle_path)
+    if path.is_file():
+        bundle = bundle_parameters(path, devices, {})["bundle"]
+    else:
+        bundle = {"path": record.bundle_path, "sha256": record.bundle_sha256, "name": record.bundle_name,
+                  "version": record.bundle_version}  # fmt: skip
+    parameters = {
+        "rollout": record.id, "selector": record.selector, "policy": record.policy.to_dict(), "bundle": bundle,
+        "devices": devices,
+    }  # fmt: skip
+    outcomes = []
+    for d in report.devices:
+        metrics: dict[str, Any] = {}
+        if d.p99_ms is not None:
+            metrics["latency"] = {"p99_ms": d.p99_ms}
+        if d.rss_bytes is not None:
+            metrics["memory"] = {"peak_bytes": d.rss_bytes}
+        outcomes.append({
+            "device_id": d.device_id, "state": d.state, "wave": d.wave, "attempts": d.attempts,
+            "error_code": d.error_code, "runs": d.runs, "metrics": metrics or None,
+        })  # fmt: skip
+    results = {
+        "status": record.status, "reason": record.reason, "waves": [dict(w) for w in report.waves],
+        "outcomes": outcomes,
+    }  # fmt: skip
+    return parameters, results
 
 
 def record_run(

@@ -25,7 +25,7 @@ import fnmatch
 import math
 import re
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,9 +315,14 @@ def _num(value: object) -> float | None:
     return float(value)
 
 
+_SAMPLE_TYPES = frozenset({float, int})
+
+
 def _samples(raw: object) -> tuple[float, ...]:
     """Stored samples, if they are a list of finite non-negative numbers (else none), ascending."""
-    if not isinstance(raw, list) or not raw or not all(type(v) is float or type(v) is int for v in raw):
+    # Checked with set and min/max over the list (C loops): a generator over 640,000 samples
+    # of a 10,000-report fleet cost half a second. bool is its own type, so it is refused.
+    if not isinstance(raw, list) or not raw or not _SAMPLE_TYPES.issuperset(map(type, raw)):
         return ()
     if min(raw) < 0 or not math.isfinite(max(raw)):
         return ()
@@ -470,6 +475,7 @@ def read_fleet(
     *,
     run_limit: int = 1000,
     history: bool = True,
+    decoded: MutableMapping[Any, dict[str, Any]] | None = None,
 ) -> FleetData:
     """Read what the report and the exporter show.
 
@@ -481,6 +487,8 @@ def read_fleet(
         run_limit: newest compression, profile and deploy runs read.
         history: read the timeline, the kept runs and the reports of versions no longer installed too
             (the exporter shows only the present).
+        decoded: without history, reports decoded by an earlier read, kept by the caller between
+            reads (:meth:`Registry.latest_metrics_json`): only reports stored since are decoded.
 
     Returns:
         The data, ordered by device id, model, time.
@@ -491,9 +499,8 @@ def read_fleet(
     records = _select(registry.list_devices(), devices)
     wanted = {d.device_id for d in records}
     installed = None if history else {(d.device_id, b.name, b.version) for d in records for b in d.active_bundles or ()}
-    metrics = [
-        m for m in registry.latest_metrics_json(installed) if m[0] in wanted and (since is None or m[3] >= since)
-    ]
+    stored = registry.latest_metrics_json(installed, decoded)
+    metrics = [m for m in stored if m[0] in wanted and (since is None or m[3] >= since)]
     latency = [s for m in metrics if (s := _series(m)) is not None]
     energy = [e for m in metrics if (e := _energy(m)) is not None]
     p99 = {(s.device_id, s.bundle_name, s.version): s.quantiles_ms[0.99] for s in latency}

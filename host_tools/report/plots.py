@@ -113,25 +113,66 @@ def plot_latency(series: Sequence[LatencySeries], max_devices: int = 24) -> Plot
     top.set_xticks(range(1, len(models) + 1), models, rotation=30, ha="right", fontsize=8)
     top.set_ylabel("latency (ms)")
     top.set_title(f"all devices, per model version ({len(devices)} devices, {len(series)} reports)", fontsize=10)
-    boxes, labels, colours = [], [], []
+    boxes: list[Sequence[float]] = []
+    labels: list[str] = []
+    colours: list[str] = []
     palette = [f"C{i}" for i in range(10)]
+    order = {m: i for i, m in enumerate(models)}
+    by_device: dict[str, list[LatencySeries]] = {}
+    for s in series:
+        by_device.setdefault(s.device_id, []).append(s)
+    groups: list[tuple[str, float]] = []  # (device, centre of its boxes), to label a crowded axis by device
     for d in shown:
-        for s in sorted((s for s in series if s.device_id == d), key=lambda s: models.index(s.model)):
+        first = len(boxes) + 1
+        for s in sorted(by_device.get(d, ()), key=lambda s: order[s.model]):
             boxes.append(s.samples_ms)
             labels.append(f"{d} {s.model}")
-            colours.append(palette[models.index(s.model) % len(palette)])
-    bp = bottom.boxplot(boxes, whis=(1, 99), showfliers=False, patch_artist=True, widths=0.7)
-    for patch, colour in zip(bp["boxes"], colours, strict=True):
-        patch.set_facecolor(colour)
-        patch.set_alpha(0.6)
-    bottom.set_xticks(range(1, len(boxes) + 1), labels if len(boxes) <= 60 else [""] * len(boxes),
-                      rotation=90, fontsize=6)  # fmt: skip
+            colours.append(palette[order[s.model] % len(palette)])
+        groups.append((d, (first + len(boxes)) / 2))
+    _boxes(bottom, boxes, colours)
+    if len(boxes) <= 60:
+        bottom.set_xticks(range(1, len(boxes) + 1), labels, rotation=90, fontsize=6)
+    else:  # one label per device: a label per box would be unreadable (and slow to lay out)
+        bottom.set_xticks([c for _, c in groups], [d for d, _ in groups], rotation=90, fontsize=6)
+    bottom.set_xlim(0.3, len(boxes) + 0.7)
     bottom.set_ylabel("latency (ms)")
     bottom.set_title(
         f"per device and version: {len(shown)} of {len(devices)} devices (highest p99), whiskers p1-p99", fontsize=10
     )
     data["boxes"] = len(boxes)
     return Plot("latency", "Latency distribution per device and model version", fig, data)
+
+
+def _boxes(ax: Any, boxes: Sequence[Sequence[float]], colours: Sequence[str], width: float = 0.7) -> None:
+    """Box plots (quartiles, median, whiskers p1-p99, no fliers) drawn as three collections.
+
+    :meth:`Axes.boxplot` makes five line artists and a patch per box: 1,200 artists for 240
+    boxes, which cost seconds to build and draw; the same figure as collections costs
+    milliseconds.
+    """
+    import numpy as np
+    from matplotlib.collections import LineCollection, PolyCollection
+
+    if not boxes:
+        return
+    stats = np.array([np.percentile(np.asarray(b, dtype=np.float64), (1, 25, 50, 75, 99)) for b in boxes])
+    xs = np.arange(1, len(boxes) + 1, dtype=np.float64)
+    half, cap = width / 2, width / 4
+    p1, q1, med, q3, p99 = stats.T
+    rects = np.stack(
+        [np.column_stack([xs - half, q1]), np.column_stack([xs + half, q1]),
+         np.column_stack([xs + half, q3]), np.column_stack([xs - half, q3])], axis=1,
+    )  # fmt: skip
+    ax.add_collection(PolyCollection(list(rects), facecolors=colours, edgecolors="black", linewidths=0.6, alpha=0.6))
+    whiskers = [((x, lo), (x, hi)) for x, lo, hi in zip(xs, p1, q1, strict=True)]
+    whiskers += [((x, lo), (x, hi)) for x, lo, hi in zip(xs, q3, p99, strict=True)]
+    whiskers += [((x - cap, y), (x + cap, y)) for x, y in zip(xs, p1, strict=True)]
+    whiskers += [((x - cap, y), (x + cap, y)) for x, y in zip(xs, p99, strict=True)]
+    ax.add_collection(LineCollection(whiskers, colors="black", linewidths=0.6))
+    medians = [((x - half, y), (x + half, y)) for x, y in zip(xs, med, strict=True)]
+    ax.add_collection(LineCollection(medians, colors="#d62728", linewidths=1.0))
+    ax.update_datalim(np.column_stack([np.concatenate([xs, xs]), np.concatenate([p1, p99])]))
+    ax.autoscale_view()
 
 
 def _violin_stats(samples: Sequence[float], points: int = 80) -> dict[str, Any]:

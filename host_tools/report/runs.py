@@ -145,7 +145,11 @@ def _summary(run: RunRecord) -> str:
     devices = facts.get("devices", {})
     states: dict[str, int] = {}
     for d in devices.values():
-        states[str(d.get("state"))] = states.get(str(d.get("state")), 0) + 1
+        state = d.get("state")
+        # An outcome kept without a state (an older record, a device that never answered) is
+        # counted as such, not as the word "None".
+        name = state if isinstance(state, str) and state else "no state"
+        states[name] = states.get(name, 0) + 1
     return ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no device"
 
 

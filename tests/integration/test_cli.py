@@ -163,3 +163,65 @@ def test_remove_of_an_absent_bundle_fails_and_progress_in_a_pipe_is_plain_lines(
     assert again.code == 3 and "does not have t installed" in again.stderr
     j = host.run("remove", *dev, "--name", "t", "--json")
     assert j.code == 3 and j.json()["error"]["code"] == "not_installed" and j.json()["state"] == "done"
+
+
+def test_a_malformed_config_file_leaves_help_working_and_fails_only_what_needs_it(tmp_path):
+    from harness import Host
+
+    h = Host(tmp_path / "home")
+    h.home.mkdir()
+    config = h.home / "config.toml"
+    config.write_text('home = "/h"\n[broker\nurl = "mqtt://127.0.0.1:1"\n')
+    helps = (("--help",), ("runs", "--help"), ("rollout", "start", "--help"), ("deploy", "--help"), ("init", "-h"))
+    for args in helps:
+        shown = h.run(*args)
+        assert shown.code == 0 and shown.stdout.startswith("Usage: edgectl"), (args, shown.stderr)
+        assert "Traceback" not in shown.stderr
+    for args in (("runs",), ("config", "show"), ("devices",)):
+        failed = h.run(*args)
+        assert failed.code == 2, (args, failed.stdout, failed.stderr)
+        assert f"config file {config}, line 2" in failed.stderr and "not valid TOML" in failed.stderr
+        assert "Traceback" not in failed.stderr
+    as_json = h.run("runs", "--json")
+    assert as_json.code == 2 and as_json.json()["error"]["code"] == "config_invalid"
+    assert h.run("init", "--force").code == 0  # init replaces it
+    assert h.run("runs").code == 0
+
+
+def test_compress_whose_run_cannot_be_kept_succeeds_with_the_model_whole_and_says_why(host, tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the registry's directory would be")
+    out = tmp_path / "a.onnx"
+    args = ("compress", str(tiny_model.path), "-o", str(out), "--calib", str(calib), "--json")
+    unwritable = host.run("--registry", str(blocker / "registry.db"), *args)
+    assert unwritable.code == 0, unwritable.stderr
+    assert unwritable.json()["report"]["steps"][0]["metrics"]["size_bytes"] == out.stat().st_size
+    assert f"the model {out} is written and whole; the compress run was not kept" in unwritable.stderr
+    assert f"registry sqlite://{blocker / 'registry.db'}: cannot create directory" in unwritable.stderr
+
+    # A registry another process holds locked past the registry's timeout.
+    locked_db = tmp_path / "locked.db"
+    assert host.run("--registry", str(locked_db), "runs").code == 0  # creates it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys, time\n"
+         f"c = sqlite3.connect({str(locked_db)!r}, isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\n"
+         "print('locked', flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        out.unlink()
+        busy = host.run("--registry", str(locked_db), *args, timeout=180)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert busy.code == 0, busy.stderr
+    assert out.stat().st_size == busy.json()["report"]["steps"][0]["metrics"]["size_bytes"]
+    assert "the compress run was not kept" in busy.stderr and "locked" in busy.stderr
+    assert host.run("--registry", str(locked_db), "runs", "--json").json() == []

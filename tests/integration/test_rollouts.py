@@ -73,6 +73,14 @@ def test_a_rollout_to_five_agents_completes_wave_by_wave(host, tiny_model, mosqu
     assert out["id"] in listed.stdout and "completed" in listed.stdout
     assert canary == agents[0].device_id  # devices in plan order: the selector's, sorted
 
+    kept = host.run("runs", "--kind", "rollout", "--json").json()  # the rollout is a kept run, as a deploy is
+    assert [r["parameters"]["rollout"] for r in kept] == [out["id"]]
+    assert kept[0]["results"]["status"] == "completed"
+    assert {o["device_id"]: o["state"] for o in kept[0]["results"]["outcomes"]} == {
+        a.device_id: "succeeded" for a in agents
+    }
+    assert "rollout" in host.run("runs").stdout and "5 succeeded" in host.run("runs").stdout
+
 
 def test_a_failing_device_aborts_the_rollout_and_the_installed_ones_go_back(
     host, tiny_model, mosquitto, start_agent, tmp_path

@@ -65,7 +65,7 @@ NOT_RENDERERS = {"safe_text.escape_for_terminal", "safe_text.TerminalSafeFormatt
         "data": ("CompressionVariant", "DeviceRow", "EnergyPoint", "FleetData", "LatencySeries", "RolloutProgress",
                  "TimelineEvent", "parse_devices", "parse_since", "read_fleet"),
         "plots": ("Plot", "pareto_front", "plot_energy", "plot_latency", "plot_pareto", "plot_timeline", "png_bytes"),
-        "exporter": ("FleetCollector", "serve_exporter"),
+        "exporter": ("CONTENT_TYPE", "FleetExporter", "LATENCY_BUCKETS_S", "exposition", "serve_exporter"),
         "html": ("Report", "build_report", "render_html", "write_report"),
     }.items()
     for name in names

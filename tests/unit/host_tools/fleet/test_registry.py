@@ -533,6 +533,7 @@ def test_public_names() -> None:
         "SCHEMA_VERSION",
         "UNKNOWN_DEVICE",
         "EnrolmentRecord",
+        "change_token",
         "check_time",
         "BundleRef",
         "DeploymentRecord",
@@ -908,3 +909,36 @@ def test_runs_round_trip_filter_and_order(db: Registry) -> None:
     assert db.get_run(third + 100) is None
     with pytest.raises(ValueError, match="unknown run kind"):
         db.add_run("train", 1.0, {}, {})
+
+
+def test_latest_metrics_of_some_versions_are_those_of_all_versions_filtered(db: Registry) -> None:
+    from report_fleet import FleetSpec, fill_fleet
+
+    fill_fleet(db, FleetSpec(devices=6, versions=3))
+    every = db.latest_metrics_json()
+    # A second report of one version at the same time as its newest: the one stored last wins, both ways.
+    *_, at, report = every[0]
+    db.add_metrics(MetricsReport.from_dict({**report, "command_id": "1" * 32}), at)
+    every = db.latest_metrics_json()
+    only = {(d, b, v) for d, b, v, _, _ in every[::2]}
+    assert db.latest_metrics_json(only) == [m for m in every if (m[0], m[1], m[2]) in only]
+    assert db.latest_metrics_json(set()) == []
+
+
+def test_reports_decoded_by_an_earlier_read_are_used_and_pruned(db: Registry) -> None:
+    from report_fleet import FleetSpec, fill_fleet
+
+    fill_fleet(db, FleetSpec(devices=3, versions=2))
+    every = db.latest_metrics_json()
+    only = {(d, b, v) for d, b, v, _, _ in every}
+    decoded: dict[Any, dict[str, Any]] = {}
+    assert db.latest_metrics_json(only, decoded) == every and len(decoded) == len(every)
+    row_id = next(iter(decoded))
+    decoded[row_id] = {"kept": "from the earlier read"}  # a stored row never changes: it is not read again
+    assert {"kept": "from the earlier read"} in [m[4] for m in db.latest_metrics_json(only, decoded)]
+    *_, at, report = every[0]
+    newer = MetricsReport.from_dict({**report, "ts": report["ts"] + 10})
+    assert db.add_metrics(newer, at + 10) is not None
+    again = db.latest_metrics_json(only, decoded)
+    assert again[0][3] == at + 10 and again == [m for m in db.latest_metrics_json() if (m[0], m[1], m[2]) in only]
+    assert len(decoded) == len(every)  # the report it replaced is dropped

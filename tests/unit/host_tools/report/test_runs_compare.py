@@ -120,3 +120,42 @@ def test_cli_runs_and_compare(tmp_path: Path) -> None:
     assert rows["size_bytes"]["ratio"] == 0.5
     missing = runner.invoke(cli, ["--home", str(home), "compare", str(a), "99"])
     assert missing.exit_code == 2 and "no kept run with id 99" in missing.output
+
+
+def test_runs_text_counts_an_outcome_without_a_state_in_words_not_as_none(registry: Registry) -> None:
+    outcomes = [_outcome("pi-01", 1.0, 3.0, "installed"), {"device_id": "pi-02"}, {"device_id": "pi-03", "state": None}]
+    record_run(registry, "deploy", {"bundle_name": "cnn"}, {"outcomes": outcomes}, at=10.0)
+    text = runs_text(registry.list_runs())
+    assert "1 installed, 2 no state" in text
+    assert "None" not in text
+
+
+def test_a_rollout_run_keeps_its_bundle_and_where_each_device_stands(registry: Registry, tmp_path: Path) -> None:
+    from host_tools.fleet.registry import BundleRef, DeviceRecord
+    from host_tools.fleet.rollout_plan import RolloutPlanner, RolloutPolicy, Target
+    from host_tools.fleet.rollout_store import RolloutStore
+    from host_tools.fleet.rollouts import rollout_report
+    from host_tools.fleet.runs import rollout_run
+
+    bundle = _bundle(tmp_path, b"model" * 50)
+    registry.upsert_device(DeviceRecord("pi-1", "online", 1000.0, active_bundles=(BundleRef("cnn", 2),)))
+    planner = RolloutPlanner.plan(
+        RolloutPolicy(canary_count=1, canary_share=None), [Target("pi-1", 2), Target("pi-2", 2)], 1000.0
+    )
+    sha = bundle_parameters(bundle, [], {})["bundle"]["sha256"]
+    store = RolloutStore(registry)
+    rid = store.create(planner, bundle=("cnn", 3, sha, str(bundle)), selector="pi-1,pi-2", now=1000.0).id
+    parameters, results = rollout_run(rollout_report(registry, rid))
+    run_id = record_run(registry, "rollout", parameters, results, at=1001.0)
+    kept = registry.get_run(run_id)
+    assert kept is not None and kept.kind == "rollout"
+    assert kept.parameters["rollout"] == rid and kept.parameters["devices"] == ["pi-1", "pi-2"]
+    assert kept.parameters["bundle"]["sha256"] == sha and kept.parameters["bundle"]["version"] == 3
+    assert [o["device_id"] for o in kept.results["outcomes"]] == ["pi-1", "pi-2"]
+    assert kept.results["status"] == "running" and kept.results["outcomes"][0]["runs"] == 2
+    assert run_facts(kept)["devices"]["pi-1"]["state"] == "queued"
+    assert "rollout  " in runs_text([kept]) and "2 queued" in runs_text([kept]) and "cnn.edge" in runs_text([kept])
+
+    bundle.unlink()  # a rollout whose bundle file is gone is still kept, as the rollout stored it
+    parameters, _ = rollout_run(rollout_report(registry, rid))
+    assert parameters["bundle"] == {"path": str(bundle), "sha256": sha, "name": "cnn", "version": 3}
