@@ -32,6 +32,9 @@ The rules:
   size, or when the operator says so: queued devices are never started, and every device that
   installed (or installs later, from a transfer still under way) is rolled back to the version
   it ran before (:class:`RollBack`; ``to_version`` None: it ran none, the bundle is removed).
+  A device that activated after the abort is still judged by the health gate when its report
+  comes (it ends ``rolled_back`` with ``error_code`` ``health_gate``), so the report names
+  every device that regressed, not only those judged before the abort.
 - **Offline** devices are not started with their wave; they are started when they come back
   online while the rollout runs, within ``lifetime_s`` of its creation (then they are ``missed``).
 - **Devices joining the selector** mid-rollout (:class:`Joined`) are added to the last wave:
@@ -601,6 +604,13 @@ class RolloutPlanner:
             self._failed(dev, code, now, out)
 
     def _confirmed(self, dev: DeviceProgress, event: Confirmed, now: float, out: list[Decision]) -> None:
+        if dev.state == "rolling_back" and dev.p99_ms is None and dev.rss_bytes is None:
+            # It activated after the abort and is on its way back; what it measured still says
+            # whether it regressed (the report names it), though it no longer counts.
+            self._set(dev, p99_ms=event.p99_ms, rss_bytes=event.rss_bytes)
+            if self._regressed(dev):
+                self._set(dev, error_code="health_gate")
+            return
         if dev.state not in ("installed", "deferred"):
             return  # success needs the activation first
         if dev.state == "deferred":  # a deferred install that landed later, reported by its status
