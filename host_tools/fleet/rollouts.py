@@ -406,6 +406,8 @@ class RolloutRunner:
         self._heard: dict[str, DeviceStatus] = {}
         self._status_changed: set[str] = set()  # devices whose liveness to check at once
         self._liveness_checked = float("-inf")
+        self._stale: dict[str, float] = {}  # device -> its heartbeat interval, while judged stale
+        self._listening_since = time.monotonic()
         self._broker = str(client.address)
 
     def run(self) -> RolloutReport:
@@ -432,6 +434,7 @@ class RolloutRunner:
             raise ConfigError(f"rollout {rid}: its bundle {self.record.bundle_path} is gone", rollout_id=rid)
         self.client.subscribe(fleet_filter(Channel.STATUS), qos=1)
         self.client.subscribe(fleet_filter(Channel.HEARTBEAT), qos=0)
+        self._listening_since = time.monotonic()
         try:
             self._loop()
         finally:
@@ -465,9 +468,15 @@ class RolloutRunner:
             return False
         if p.finished or p.progress.status == "paused":
             return True
-        return not self.settings.wait_offline and not any(
-            d.state in ("queued", "retry") and d.online and d.wave <= p.progress.wave for d in p.devices.values()
-        )
+        due = [d for d in p.devices.values() if d.state in ("queued", "retry") and d.wave <= p.progress.wave]
+        if any(d.online for d in due):
+            return False
+        # A device stale by the registry may only have gone unrecorded (no collector ran): it
+        # is waited for until this runner itself has listened as long as makes one stale.
+        listened = time.monotonic() - self._listening_since
+        if any(listened < self._stale.get(d.device_id, 0.0) * self.settings.stale_factor for d in due):
+            return False
+        return not self.settings.wait_offline
 
     def _act(self, events: list[Event]) -> None:
         """Feed the events; carry out the decisions (and those their results bring), storing each step first."""
@@ -614,6 +623,10 @@ class RolloutRunner:
             row = self.registry.get_device(device_id, self._broker) or self.registry.get_device(device_id)
             if row is not None:
                 states[device_id] = device_liveness(row, now, self.settings.stale_factor)
+                if states[device_id] == "stale":
+                    self._stale[device_id] = row.heartbeat_s or 0.0
+                else:
+                    self._stale.pop(device_id, None)
         return presence_events((self.planner.devices[d] for d in sorted(ids) if d in self.planner.devices), states)
 
     def _joined(self) -> list[Event]:
