@@ -777,8 +777,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "<= 5%, installed",
             ]
         )
+    delivery_rows = len(rows)
     rows.extend(rollout_rows)
-    print(f"fleet delivery, {args.devices} devices, {args.mib} MiB of weights, {CHUNK // 1024} KiB chunks, Mosquitto")
+    if delivery_rows:
+        kib = CHUNK // 1024
+        print(f"fleet delivery, {args.devices} devices, {args.mib} MiB of weights, {kib} KiB chunks, Mosquitto")
     if rollout_rows:
         print(f"rollouts: {args.rollout_devices} simulated devices, 1 MB bundle (benchmarks/rollouts.py)")
     print_table(["measure", "edge-sdk", "baseline (same run)", "ratio", "goal"], rows)
