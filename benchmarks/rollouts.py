@@ -2,7 +2,9 @@
 
 One simulated fleet (``host_tools.fleet.simulator``: real agent code, the stand-in runtime,
 ``--per-process`` devices per OS process) on a real Mosquitto; the host (router, deployer,
-rollout runner) runs in this process, as ``edgectl rollout start`` runs them. Bundles
+rollout runner) runs in this process, as ``edgectl rollout start`` runs them, with an inbox
+of 50,000 messages; the simulated devices' threads run 5 nice steps below it (they stand
+for other machines; sharing two cores, they would otherwise starve the host). Bundles
 ``v1``..``v4`` of one 1 MB model (1 MiB MatMul). Every rollout: canary 1%, then waves
 doubling (the canary's size x 2**k), success threshold 95%, health gate p99 and RSS <= 1.5x
 what the device measured on the version it ran before.
@@ -36,8 +38,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -69,6 +73,7 @@ CASES = ("rollout", "rollout-abort", "rollout-health")
 NAME = "rolloutbench"
 FAIL_SHARE, FAIL_FROM_WAVE, FAIL_THRESHOLD = 0.05, 3, 0.03
 SLOW_SHARE, SLOW_FACTOR = 0.10, 2.0
+SIM_NICE = 5  # the simulated devices' threads run this much nicer than the host's
 
 
 def policy(abort_threshold: float) -> RolloutPolicy:
@@ -131,8 +136,14 @@ class WaveClock:
         return out
 
 
+#: The host's inbox: a thousand devices answer a wave at once (installed events, statuses,
+#: metrics), while the host shares two cores with them; the default (1,000) drops answers.
+HOST_INBOX_MAX = 50_000
+
+
 def _client(url: str, name: str) -> MqttClient:
-    client = MqttClient(url, MqttOptions(client_id=f"rollout-bench-{name}", connect_timeout_s=30))
+    options = MqttOptions(client_id=f"rollout-bench-{name}", connect_timeout_s=30, inbox_max=HOST_INBOX_MAX)
+    client = MqttClient(url, options)
     client.connect()
     return client
 
@@ -185,6 +196,15 @@ def run_rollout(
         timing["rollback_host_cpu_s"] = end[1] - clock.aborted_at[1]
         timing["to_abort_s"] = clock.aborted_at[0] - t0
     return report, timing
+
+
+def lower_priority(pids: Sequence[int], by: int) -> None:
+    """Lower every thread of these processes by ``by`` nice steps: simulated devices stand for
+    other machines and must not starve the host they share this one with."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), min(19, os.getpriority(os.PRIO_PROCESS, int(tid)) + by))
 
 
 def runs_on_device(fleet: SimFleet, device_id: str) -> int | None:
@@ -343,6 +363,7 @@ def run(
         with open_registry(host.home / "registry.db") as reg:
             t0 = time.monotonic()
             with start_sim_fleet(options, reg, host.root) as fleet:
+                lower_priority(fleet.pids, SIM_NICE)
                 online.wait(fleet.device_ids, 900)
                 online.close()
                 results["fleet_online_s"] = time.monotonic() - t0
