@@ -26,11 +26,15 @@ Cases (issue 14's table):
   <= 1.2x the changed tensors.
 - ``slow-link``: the device's connection to Mosquitto (default limits) passes a proxy that
   delivers 256 KB/s to the device. Baseline: the bundle's size. Goal: extra bytes <= 5%.
+- ``rollout``, ``rollout-abort``, ``rollout-health`` (issue 15): rollouts in waves to
+  ``--rollout-devices`` simulated devices, run by ``benchmarks/rollouts.py`` (its docstring
+  says what each case checks), beside a ``deploy_many`` fan-out and the clean rollout.
 
 Usage::
 
     .venv/bin/python benchmarks/fleet.py [--devices 100] [--mib 10] [--cases fan-out,agent-kill,...]
     .venv/bin/python benchmarks/fleet.py --quick     # 10 devices, 4 MiB
+    .venv/bin/python benchmarks/fleet.py --cases rollout,rollout-abort,rollout-health --rollout-devices 1000
 """
 
 from __future__ import annotations
@@ -637,15 +641,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=100, help="agents in the fan-out case")
     parser.add_argument("--mib", type=int, default=10, help="MiB of weights in the bundle")
     parser.add_argument("--slow-mib", type=int, default=50, help="MiB of weights for the slow-link case")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    import rollouts  # here: it imports sim_fleet, which imports this module
+
+    every = (*CASES, *rollouts.CASES)
+    parser.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated, of {', '.join(every)} (default: every delivery case; the rollout cases when named)",
+    )
     parser.add_argument("--window", type=int, default=64, help="deploy --window (chunks in flight)")
+    parser.add_argument("--rollout-devices", type=int, default=1000, help="simulated devices in the rollout cases")
     add_common_args(parser)
     args = parser.parse_args(argv)
     WINDOW = args.window
     if args.quick:
-        args.devices, args.mib, args.slow_mib = 10, 4, 4
+        args.devices, args.mib, args.slow_mib, args.rollout_devices = 10, 4, 4, 200
     cases = [c for c in args.cases.split(",") if c]
-    unknown = set(cases) - set(CASES)
+    unknown = set(cases) - set(every)
     if unknown:
         parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
     results: dict[str, dict] = {}
@@ -655,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = host.run("keys", "init")
         if r.code:
             raise SystemExit(r.stderr)
-        for case in cases:
+        for case in [c for c in cases if c not in rollouts.CASES]:
             print(f"case {case}...", flush=True)
             started = time.monotonic()
             if case == "fan-out":
@@ -669,7 +681,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 results[case] = _resume_case(host, work, args.mib, case)
             results[case]["seconds"] = time.monotonic() - started
-    rows = []
+        rollout_cases = [c for c in cases if c in rollouts.CASES]
+        rollout_rows: list[list[object]] = []
+        if rollout_cases:
+            print(f"cases {', '.join(rollout_cases)} ({args.rollout_devices} simulated devices)...", flush=True)
+            (work / "rollouts").mkdir()
+            got, rollout_rows = rollouts.run(rollout_cases, args.rollout_devices, 100, work / "rollouts")
+            results.update({c: got[c] for c in rollouts.CASES if c in got})
+            results["rollout-baseline"] = {k: v for k, v in got.items() if k not in rollouts.CASES}
+    rows: list[list[object]] = []
     if "fan-out" in results:
         f = results["fan-out"]
         rows.append(
@@ -757,13 +777,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "<= 5%, installed",
             ]
         )
-    print(f"fleet delivery, {args.devices} devices, {args.mib} MiB of weights, {CHUNK // 1024} KiB chunks, Mosquitto")
+    delivery_rows = len(rows)
+    rows.extend(rollout_rows)
+    if delivery_rows:
+        kib = CHUNK // 1024
+        print(f"fleet delivery, {args.devices} devices, {args.mib} MiB of weights, {kib} KiB chunks, Mosquitto")
+    if rollout_rows:
+        print(f"rollouts: {args.rollout_devices} simulated devices, 1 MB bundle (benchmarks/rollouts.py)")
     print_table(["measure", "edge-sdk", "baseline (same run)", "ratio", "goal"], rows)
     path = write_results(
         "fleet", {"devices": args.devices, "mib": args.mib, "chunk": CHUNK, "cases": results}, args.json_out
     )
     print(f"wrote {path}")
-    return 0
+    missed = [c for c in rollouts.CASES if c in results and not results[c]["goals_met"]]
+    if missed:
+        print(f"GOALS NOT MET: {', '.join(missed)}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

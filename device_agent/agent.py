@@ -79,6 +79,7 @@ from device_agent.sdnotify import Liveness, Notifier, should_feed
 from device_agent.transport import InboundQueue, Transport
 from device_agent.trust_store import TrustStore
 from edge_sdk import __version__
+from edge_sdk.bundle import Manifest
 from edge_sdk.errors import (
     DeltaError,
     EdgeError,
@@ -202,11 +203,14 @@ class AgentHooks:
         profile: health-checks and benchmarks an installed bundle instead of the real
             runtime (:data:`device_agent.install.ProfileHook`), e.g. a stand-in runtime.
         gate: the update gate, instead of the one the config describes.
+        activating: called with each verified bundle's manifest just before it is activated;
+            an :class:`~edge_sdk.errors.EdgeError` it raises fails the install there.
     """
 
     checkpoint: Callable[[str], None] | None = None
     profile: ProfileHook | None = None
     gate: UpdateGate | None = None
+    activating: Callable[[Manifest], None] | None = None
 
 
 class Agent:
@@ -300,6 +304,7 @@ class Agent:
             checkpoint=checkpoint,
             decryption_key=self.decryption_key,
             profile=hooks.profile,
+            activating=hooks.activating,
         )
         self._notifier = Notifier()
         self._next_tick = float("-inf")

@@ -98,6 +98,9 @@ class InstallSequence:
         decryption_key: this device's X25519 key; encrypted bundles addressed to it are
             decrypted while they are staged (:mod:`device_agent.decryption_key`).
         profile: replaces the real runtime's health check and benchmark (simulated devices).
+        activating: called with the manifest of each verified bundle just before it is
+            activated; an ``EdgeError`` it raises fails the install there (simulated devices'
+            injected install failures).
     """
 
     def __init__(
@@ -115,9 +118,11 @@ class InstallSequence:
         free_bytes: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
         decryption_key: RecipientKey | None = None,
         profile: ProfileHook | None = None,
+        activating: Callable[[Manifest], None] | None = None,
     ) -> None:
         self.config = config
         self.profile_hook = profile
+        self.activating_hook = activating
         self.free_bytes = free_bytes
         self.decryption_key = decryption_key
         self.installer = installer
@@ -238,6 +243,8 @@ class InstallSequence:
         staged = self.installer.stage(bundle_path, self.clock(), self._checks(cmd))
         manifest = staged.verified.manifest
         self.trust.observe(manifest.created_at, self.clock())  # a signed time: raises the device's time floor
+        if self.activating_hook is not None:
+            self.activating_hook(manifest)
         self.installer.activate(staged, cmd.command_id)
         active = self.installer.active(manifest.name)
         if active is None:

@@ -9,9 +9,11 @@ device), signal handlers, and no systemd notifications.
 
 Faults (:mod:`edge_sdk.simulation`) act in the agent's real code paths:
 
-- ``install-fail``: the installer's step ``staged`` raises the
-  :class:`~edge_sdk.errors.StorageError` a full disk raises when the state file is written;
-  the install sequence reports it as a failed install, as it would on a device.
+- ``install-fail``: just before a verified bundle is activated (the agent's ``activating``
+  hook, where the installer's step ``staged`` writes the state file) the hook raises the
+  :class:`~edge_sdk.errors.StorageError` a full disk raises when that file is written;
+  the install sequence reports it as a failed install, as it would on a device. A fault
+  for one version fails only installs of that version.
 - ``gate-closed``: the device's update-gate file exists while the fault holds (its first
   line is the reason); the agent defers installs and installs them when it is removed.
 - ``offline``: the agent is stopped (it says goodbye) and started again later, as a device
@@ -128,15 +130,17 @@ class SimSpec:
 # --- faults in the agent's code paths ---------------------------------------------------------
 
 
-def install_fault(faults: DeviceFaults, state_path: Path, now: Callable[[], float]) -> Callable[[str], None]:
-    """The installer's checkpoint hook: at ``staged``, fail as a full disk fails the state file's write."""
-    attempts = [0]  # installs that reached the step, for failures at a rate
+def install_fault(faults: DeviceFaults, state_path: Path, now: Callable[[], float]) -> Callable[[Manifest], None]:
+    """The install's ``activating`` hook: fail as a full disk fails the state file's write, before activation.
 
-    def hook(reached: str) -> None:
-        if reached != "staged":
-            return
+    Each bundle about to be activated counts as one install (for failures at a rate); a
+    fault for one version fails only installs of that version.
+    """
+    attempts = [0]  # installs that reached activation, for failures at a rate
+
+    def hook(manifest: Manifest) -> None:
         attempts[0] += 1
-        if faults.install_fails(now(), attempts[0]):
+        if faults.install_fails(now(), attempts[0], manifest.version):
             raise StorageError(
                 f"cannot write {state_path}: No space left on device", path=str(state_path), injected="install-fail"
             )
@@ -418,7 +422,7 @@ class SimProcess:
                 profile = regressed_profile(config, faults)
             else:
                 profile = None
-            hooks = AgentHooks(checkpoint=install_fault(faults, data_dir / "state.json", self.now), profile=profile)
+            hooks = AgentHooks(activating=install_fault(faults, data_dir / "state.json", self.now), profile=profile)
             self.devices.append(SimDevice(config, faults, hooks))
 
     def now(self) -> float:

@@ -4,9 +4,10 @@
 goes wrong where and when is decided here, from values only, so that a test or a rollout
 benchmark can say beforehand exactly which devices will fail:
 
-- a :class:`Fault` names a kind (:data:`FAULT_KINDS`), which devices (a share of the fleet,
-  picked with a seed, or a list of ids) and when (``after_s`` .. ``until_s``, seconds since
-  the fleet started), and its parameters;
+- a :class:`Fault` names a kind (:data:`FAULT_KINDS`), which devices (a share of the fleet
+  or of the devices it lists in ``among``, picked with a seed, or a list of ids) and when
+  (``after_s`` .. ``until_s``, seconds since the fleet started; for install failures and
+  regressions also which bundle version), and its parameters;
 - :meth:`FaultPlan.resolve` turns a plan and the fleet's device ids into one
   :class:`DeviceFaults` per device: the faults that apply to it, nothing to pick any more;
 - :class:`DeviceFaults` answers, for a time (and a bundle version), whether an install
@@ -19,7 +20,7 @@ does I/O. :class:`LatencyModel` is the stand-in runtime's latency distribution.
 
 Kinds and their parameters::
 
-    install-fail   rate (share of this device's installs that fail, default 1)
+    install-fail   rate (share of this device's installs that fail, default 1), version (only installs of it)
     slow-link      rate (bytes/s from the broker to the device)
     drop-link      every_s, for_s (the link is cut for for_s every every_s)
     offline        every_s, for_s (the device is switched off for for_s every every_s)
@@ -28,8 +29,10 @@ Kinds and their parameters::
     rss            factor, version (the model's memory multiplied for that bundle version)
 
 Text form (``edgectl sim --fault``): ``KIND:key=value,key=value``; devices as
-``devices=id1+id2``; e.g. ``install-fail:share=0.05,after=120`` or
-``latency:share=0.1,factor=2,version=2``.
+``devices=id1+id2``, the pool a share is picked from as ``among=id1+id2``; e.g.
+``install-fail:share=0.05,after=120``, ``latency:share=0.1,factor=2,version=2`` or
+``install-fail:share=0.05,among=sim-00070+sim-00071+...,version=3`` (5% of those devices,
+exactly, fail installing v3: how a rollout benchmark makes one wave fail and no other).
 """
 
 from __future__ import annotations
@@ -57,14 +60,16 @@ class Fault:
 
     Attributes:
         kind: one of :data:`FAULT_KINDS`.
-        share: the share of the fleet it hits (0..1), picked with the plan's seed; or None.
+        share: the share of the fleet (or of ``among``) it hits (0..1), picked with the plan's
+            seed; or None.
         devices: the device ids it hits (with ``share``: those and a share of the rest).
+        among: the devices ``share`` is a share of (empty: the whole fleet).
         after_s: from this many seconds after the fleet started.
         until_s: until then (None: for ever).
         rate: install-fail: the share of installs that fail; slow-link: bytes per second.
         every_s, for_s: drop-link and offline: the period and how long each outage lasts.
         factor: latency and rss: the multiplier.
-        version: latency, rss: only for this bundle version (None: every one).
+        version: install-fail, latency, rss: only for this bundle version (None: every one).
 
     Raises:
         ConfigError: a parameter is missing, out of range, or does not belong to the kind.
@@ -73,6 +78,7 @@ class Fault:
     kind: str
     share: float | None = None
     devices: tuple[str, ...] = ()
+    among: tuple[str, ...] = ()
     after_s: float = 0.0
     until_s: float | None = None
     rate: float | None = None
@@ -83,6 +89,7 @@ class Fault:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "among", tuple(self.among))
         k = self.kind
         if k not in FAULT_KINDS:
             raise ConfigError(f"unknown fault {k!r}; expected one of {', '.join(FAULT_KINDS)}", key="fault")
@@ -90,6 +97,8 @@ class Fault:
             raise ConfigError(f"fault {k}: say which devices (share=0..1 or devices=id+id)", key="fault")
         if self.share is not None and not 0 <= self.share <= 1:
             raise ConfigError(f"fault {k}: share must be within 0..1, got {self.share!r}", key="fault")
+        if self.among and self.share is None:
+            raise ConfigError(f"fault {k}: among=... names the devices a share is picked from; give share", key="fault")
         if self.after_s < 0 or (self.until_s is not None and self.until_s <= self.after_s):
             raise ConfigError(f"fault {k}: after must be >= 0 and until later than after", key="fault")
         if k == "install-fail" and self.rate is not None and not 0 < self.rate <= 1:
@@ -109,7 +118,7 @@ class Fault:
                 ("every", self.every_s, _PERIODIC),
                 ("for", self.for_s, _PERIODIC),
                 ("factor", self.factor, _FACTORS),
-                ("version", self.version, _FACTORS),
+                ("version", self.version, ("install-fail", *_FACTORS)),
             )
             if value is not None and k not in kinds
         ]
@@ -134,6 +143,8 @@ class Fault:
                 out[name] = value
         if self.devices:
             out["devices"] = list(self.devices)
+        if self.among:
+            out["among"] = list(self.among)
         return out
 
     @classmethod
@@ -143,12 +154,13 @@ class Fault:
         Raises:
             ConfigError: a field is unknown or has the wrong type.
         """
-        known = {"kind", "share", "devices", "after_s", "until_s", "rate", "every_s", "for_s", "factor", "version"}
+        known = {"kind", "share", "devices", "among", "after_s", "until_s", "rate", "every_s", "for_s", "factor",
+                 "version"}  # fmt: skip
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown fault field(s): {', '.join(sorted(unknown))}", key="fault")
         try:
-            return cls(**{**d, "devices": tuple(d.get("devices", ()))})
+            return cls(**{**d, "devices": tuple(d.get("devices", ())), "among": tuple(d.get("among", ()))})
         except TypeError as exc:
             raise ConfigError(f"bad fault {dict(d)!r}: {exc}", key="fault") from exc
 
@@ -166,8 +178,8 @@ def parse_fault(text: str) -> Fault:
         key = key.strip()
         if not sep:
             raise ConfigError(f"fault {text!r}: {part!r} is not key=value", key="fault")
-        if key == "devices":
-            values["devices"] = tuple(v for v in value.split("+") if v)
+        if key in ("devices", "among"):
+            values[key] = tuple(v for v in value.split("+") if v)
         elif key == "version":
             try:
                 values["version"] = int(value)
@@ -210,14 +222,15 @@ class DeviceFaults:
     def _of(self, kind: str) -> list[Fault]:
         return [f for f in self.faults if f.kind == kind]
 
-    def install_fails(self, t: float, attempt: int = 1) -> bool:
-        """Whether this device's install number ``attempt`` (from 1), at ``t``, fails.
+    def install_fails(self, t: float, attempt: int = 1, version: int | None = None) -> bool:
+        """Whether this device's install number ``attempt`` (from 1), at ``t``, of bundle ``version``, fails.
 
         The same question always gets the same answer: a rate is drawn from the seed, the
-        device and the attempt.
+        device and the attempt. A fault for one version fails only installs of that version
+        (``version`` None: not known, so such a fault does not apply).
         """
         for i, f in enumerate(self.faults):
-            if f.kind != "install-fail" or not f.active(t):
+            if f.kind != "install-fail" or not f.active(t) or f.version not in (None, version):
                 continue
             if f.rate is None or _unit(self.seed, i, self.device_id, attempt) < f.rate:
                 return True
@@ -279,21 +292,23 @@ class FaultPlan:
     def devices_of(self, index: int, device_ids: Sequence[str]) -> frozenset[str]:
         """The devices fault number ``index`` hits: its listed ones, and its share of the fleet.
 
-        A share picks ``round(share * N)`` devices of the ``N`` given (sorted, then sampled
-        with the seed and the fault's index), so the same plan hits the same devices.
+        A share picks ``round(share * N)`` devices of the ``N`` given, or of the ``N`` the
+        fault names in ``among`` (sorted, then sampled with the seed and the fault's index),
+        so the same plan hits the same devices.
 
         Raises:
-            ConfigError: the fault lists a device the fleet does not have.
+            ConfigError: the fault lists (in ``devices`` or ``among``) a device the fleet does not have.
         """
         fault = self.faults[index]
         fleet = sorted(set(device_ids))
-        unknown = set(fault.devices) - set(fleet)
+        unknown = (set(fault.devices) | set(fault.among)) - set(fleet)
         if unknown:
             raise ConfigError(f"fault {fault.kind} names devices not in the fleet: {', '.join(sorted(unknown))}")
         chosen = set(fault.devices)
         if fault.share is not None:
-            count = round(fault.share * len(fleet))
-            chosen |= set(random.Random(f"{self.seed}:{index}:{fault.kind}").sample(fleet, count))
+            pool = sorted(set(fault.among)) if fault.among else fleet
+            count = round(fault.share * len(pool))
+            chosen |= set(random.Random(f"{self.seed}:{index}:{fault.kind}").sample(pool, count))
         return frozenset(chosen)
 
     def resolve(self, device_ids: Sequence[str]) -> dict[str, DeviceFaults]:
@@ -304,7 +319,8 @@ class FaultPlan:
         """
         hit: dict[str, list[Fault]] = {d: [] for d in device_ids}
         for i, fault in enumerate(self.faults):
-            plain = replace(fault, share=None, devices=("*",))  # resolved: it applies to the device it sits on
+            # resolved: it applies to the device it sits on
+            plain = replace(fault, share=None, devices=("*",), among=())
             for d in self.devices_of(i, device_ids):
                 hit[d].append(plain)
         return {d: DeviceFaults(d, tuple(fs), self.seed) for d, fs in hit.items()}

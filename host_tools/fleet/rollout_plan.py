@@ -32,8 +32,14 @@ The rules:
   size, or when the operator says so: queued devices are never started, and every device that
   installed (or installs later, from a transfer still under way) is rolled back to the version
   it ran before (:class:`RollBack`; ``to_version`` None: it ran none, the bundle is removed).
+  A device that activated after the abort is still judged by the health gate when its report
+  comes (it ends ``rolled_back`` with ``error_code`` ``health_gate``), so the report names
+  every device that regressed, not only those judged before the abort.
 - **Offline** devices are not started with their wave; they are started when they come back
   online while the rollout runs, within ``lifetime_s`` of its creation (then they are ``missed``).
+  A device that is ``stale`` (its last word was online, but it has not been heard within its
+  heartbeat interval times a factor: :mod:`host_tools.fleet.liveness`) counts as offline: it
+  is not started into silence, and is started once heard again (:func:`presence_events`).
 - **Devices joining the selector** mid-rollout (:class:`Joined`) are added to the last wave:
   they start when it starts, or at once if it has started; they never skip the canary's gate.
 - **Pause** stops new starts (in-flight devices finish and count); **resume** goes on.
@@ -45,7 +51,7 @@ The rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -82,6 +88,7 @@ __all__ = [
     "Target",
     "Tick",
     "TimedOut",
+    "presence_events",
     "run_events",
     "wave_sizes",
 ]
@@ -601,6 +608,13 @@ class RolloutPlanner:
             self._failed(dev, code, now, out)
 
     def _confirmed(self, dev: DeviceProgress, event: Confirmed, now: float, out: list[Decision]) -> None:
+        if dev.state == "rolling_back" and dev.p99_ms is None and dev.rss_bytes is None:
+            # It activated after the abort and is on its way back; what it measured still says
+            # whether it regressed (the report names it), though it no longer counts.
+            self._set(dev, p99_ms=event.p99_ms, rss_bytes=event.rss_bytes)
+            if self._regressed(dev):
+                self._set(dev, error_code="health_gate")
+            return
         if dev.state not in ("installed", "deferred"):
             return  # success needs the activation first
         if dev.state == "deferred":  # a deferred install that landed later, reported by its status
@@ -802,6 +816,32 @@ def _progress_of(target: Target, wave: int) -> DeviceProgress:
         base_rss_bytes=target.base_rss_bytes,
         online=target.online,
     )
+
+
+def presence_events(devices: Iterable[DeviceProgress], states: Mapping[str, str]) -> list[Event]:
+    """:class:`Online` / :class:`Offline` for each device whose liveness differs from what the plan holds.
+
+    Only ``online`` counts as online: a device ``stale`` (not heard within its heartbeat
+    interval times a factor) is treated as ``offline``, so its wave does not start it into
+    silence; it is started when it is heard again (within the rollout's lifetime).
+
+    Args:
+        devices: the rollout's devices.
+        states: liveness by device id (:data:`~host_tools.fleet.liveness.LIVENESS_STATES`);
+            a device not in it is left as it is.
+
+    Returns:
+        The events, in the order of ``devices``.
+    """
+    out: list[Event] = []
+    for dev in devices:
+        state = states.get(dev.device_id)
+        if state is None:
+            continue
+        online = state == "online"
+        if online != dev.online:
+            out.append(Online(dev.device_id) if online else Offline(dev.device_id))
+    return out
 
 
 def run_events(planner: RolloutPlanner, events: Iterable[tuple[Event, float]]) -> list[Decision]:

@@ -9,9 +9,12 @@ into the planner's events and carries out its decisions:
 heard                                      event
 =========================================  ==================================================
 an operator's request in the registry      Pause / Resume / Abort
-a device's status (retained, or new)       Online / Offline; it runs the new version: Installed
-                                           and Confirmed (a deferred install that landed, or an
-                                           install finished while no runner ran)
+a device's status (retained, or new)       it runs the new version: Installed and Confirmed (a
+                                           deferred install that landed, or an install finished
+                                           while no runner ran)
+its liveness (status and heartbeats, as    Online / Offline (:func:`presence_events`): ``stale``,
+the registry has them)                     not heard within its heartbeat interval x factor, is
+                                           offline
 a new device matches the selector          Joined
 :func:`~host_tools.fleet.deployer.deploy_many`'s outcome: installed + metrics -> Installed,
 Confirmed (p99, peak RSS); deferred -> Deferred; refused / failed -> Failed(code); the host
@@ -72,6 +75,7 @@ from host_tools.fleet.deployer import (
     run_command,
 )
 from host_tools.fleet.inventory import DeviceView, list_devices
+from host_tools.fleet.liveness import DEFAULT_STALE_FACTOR, LivenessState, liveness
 from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry
 from host_tools.fleet.rollout_plan import (
     Abort,
@@ -85,8 +89,6 @@ from host_tools.fleet.rollout_plan import (
     Installed,
     Joined,
     Observed,
-    Offline,
-    Online,
     Pause,
     Resume,
     RollBack,
@@ -96,6 +98,7 @@ from host_tools.fleet.rollout_plan import (
     Start,
     Target,
     Tick,
+    presence_events,
 )
 from host_tools.fleet.rollout_store import RolloutRecord, RolloutStore
 from host_tools.fleet.router import Router
@@ -193,9 +196,14 @@ def _facts(record: DeviceRecord) -> dict[str, str]:
 
 
 def _target(
-    registry: Registry, record: DeviceRecord, bundle_name: str, refs: Sequence[BundleRef] | None = None
+    registry: Registry,
+    record: DeviceRecord,
+    bundle_name: str,
+    now: float,
+    refs: Sequence[BundleRef] | None = None,
 ) -> Target:
-    """What a device runs of ``bundle_name`` (by ``refs``, else its row) and measured on it (the gate's baseline)."""
+    """What a device runs of ``bundle_name`` (by ``refs``, else its row), measured on it (the gate's
+    baseline), and whether it is online now (``stale`` is not: :func:`device_liveness`)."""
     running = next(
         (b.version for b in (record.active_bundles if refs is None else refs) or () if b.name == bundle_name), None
     )
@@ -204,7 +212,12 @@ def _target(
         for m in registry.latest_metrics(record.device_id, bundle_name):
             if m.bundle_version == running:
                 p99, rss = _measured(m.report)
-    return Target(record.device_id, running, p99, rss, online=record.status == "online")
+    return Target(record.device_id, running, p99, rss, online=device_liveness(record, now) == "online")
+
+
+def device_liveness(record: DeviceRecord, now: float, factor: float = DEFAULT_STALE_FACTOR) -> LivenessState:
+    """A device's liveness from its registry row: ``online``, ``stale`` or ``offline`` (see :mod:`.liveness`)."""
+    return liveness(record.status, record.last_seen, record.last_heard, record.heartbeat_s, now, factor)
 
 
 def _measured(report: MetricsReport | None) -> tuple[float | None, int | None]:
@@ -227,7 +240,7 @@ def create_rollout(
     """
     manifest = read_manifest(bundle_path)
     devices = select_devices(registry, selector)
-    planner = RolloutPlanner.plan(policy, [_target(registry, d, manifest.name) for d in devices], now)
+    planner = RolloutPlanner.plan(policy, [_target(registry, d, manifest.name, now) for d in devices], now)
     digest = hashlib.sha256(bundle_path.read_bytes()).hexdigest()
     bundle = (manifest.name, manifest.version, digest, str(bundle_path.resolve()))
     record = RolloutStore(registry).create(planner, bundle=bundle, selector=selector, now=now)
@@ -338,6 +351,10 @@ class RunSettings:
         wait_offline: keep running while only offline devices remain (until they return or
             the rollout's lifetime ends); otherwise the run returns and ``resume`` goes on later.
         settle_s: after the end, how long to wait for the devices' statuses to say where they are.
+        liveness_check_s: how often every device not yet started is checked for going stale
+            (a device whose status changed is checked at once).
+        stale_factor: heartbeat intervals a device may go unheard before it is stale (offline
+            for the rollout).
     """
 
     poll_s: float = 0.5
@@ -345,6 +362,8 @@ class RunSettings:
     lease_stale_s: float = 900.0
     wait_offline: bool = False
     settle_s: float = 5.0
+    liveness_check_s: float = 5.0
+    stale_factor: float = DEFAULT_STALE_FACTOR
 
 
 class RolloutRunner:
@@ -385,6 +404,10 @@ class RolloutRunner:
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}"
         self.record, self.planner = self.store.load(rollout_id)
         self._heard: dict[str, DeviceStatus] = {}
+        self._status_changed: set[str] = set()  # devices whose liveness to check at once
+        self._liveness_checked = float("-inf")
+        self._stale: dict[str, float] = {}  # device -> its heartbeat interval, while judged stale
+        self._listening_since = time.monotonic()
         self._broker = str(client.address)
 
     def run(self) -> RolloutReport:
@@ -410,6 +433,8 @@ class RolloutRunner:
         if not Path(self.record.bundle_path).is_file() and not self.planner.finished:
             raise ConfigError(f"rollout {rid}: its bundle {self.record.bundle_path} is gone", rollout_id=rid)
         self.client.subscribe(fleet_filter(Channel.STATUS), qos=1)
+        self.client.subscribe(fleet_filter(Channel.HEARTBEAT), qos=0)
+        self._listening_since = time.monotonic()
         try:
             self._loop()
         finally:
@@ -426,6 +451,7 @@ class RolloutRunner:
         while True:
             events = self._requests()
             events.extend(self._status_events())
+            events.extend(self._presence_events())
             if not self.planner.finished and time.monotonic() - selector_checked > 10.0:
                 events.extend(self._joined())
                 selector_checked = time.monotonic()
@@ -442,9 +468,15 @@ class RolloutRunner:
             return False
         if p.finished or p.progress.status == "paused":
             return True
-        return not self.settings.wait_offline and not any(
-            d.state in ("queued", "retry") and d.online and d.wave <= p.progress.wave for d in p.devices.values()
-        )
+        due = [d for d in p.devices.values() if d.state in ("queued", "retry") and d.wave <= p.progress.wave]
+        if any(d.online for d in due):
+            return False
+        # A device stale by the registry may only have gone unrecorded (no collector ran): it
+        # is waited for until this runner itself has listened as long as makes one stale.
+        listened = time.monotonic() - self._listening_since
+        if any(listened < self._stale.get(d.device_id, 0.0) * self.settings.stale_factor for d in due):
+            return False
+        return not self.settings.wait_offline
 
     def _act(self, events: list[Event]) -> None:
         """Feed the events; carry out the decisions (and those their results bring), storing each step first."""
@@ -554,20 +586,48 @@ class RolloutRunner:
                 record_message(self.registry, status, self.clock(), self._broker)
             except StorageError as exc:
                 log.warning("status of %s not recorded: %s", device_id, exc)
+            self._status_changed.add(device_id)
             dev = self.planner.devices[device_id]
-            online = status.state == "online"
-            if online != dev.online:
-                events.append(Online(device_id) if online else Offline(device_id))
             refs = active_bundles(status)
             runs = next((b.version for b in refs or () if b.name == self.record.bundle_name), None)
             if refs is not None and dev.state == "queued" and dev.attempts == 0:
                 row = self.registry.get_device(device_id, self._broker) or self.registry.get_device(device_id)
                 if row is not None:
-                    events.append(Observed(_target(self.registry, row, self.record.bundle_name, refs)))
+                    events.append(Observed(_target(self.registry, row, self.record.bundle_name, self.clock(), refs)))
             if runs == self.record.bundle_version and dev.state in ("in_flight", "deferred", "retry"):
                 # It installed while nobody listened (a deferred install, or a runner killed mid-wave).
                 events += [Installed(device_id), Confirmed(device_id, *self._stored_measurement(device_id))]
         return events
+
+    def _presence_events(self) -> list[Event]:
+        """Online / Offline from each device's liveness in the registry (its statuses and the heartbeats heard).
+
+        Heartbeats this runner hears are recorded first. Devices whose status changed are
+        judged at once; every device not yet started (or to be retried) every
+        ``liveness_check_s``, so one that fell silent is held back as offline.
+        """
+        for heartbeat, heard_at in self.router.take_heartbeats():
+            if heartbeat.device_id in self.planner.devices:
+                try:
+                    record_message(self.registry, heartbeat, heard_at, self._broker)
+                except StorageError as exc:
+                    log.warning("heartbeat of %s not recorded: %s", heartbeat.device_id, exc)
+        now = self.clock()
+        ids = set(self._status_changed)
+        self._status_changed.clear()
+        if time.monotonic() - self._liveness_checked >= self.settings.liveness_check_s:
+            self._liveness_checked = time.monotonic()
+            ids.update(d.device_id for d in self.planner.devices.values() if d.state in ("queued", "retry"))
+        states: dict[str, str] = {}
+        for device_id in ids:
+            row = self.registry.get_device(device_id, self._broker) or self.registry.get_device(device_id)
+            if row is not None:
+                states[device_id] = device_liveness(row, now, self.settings.stale_factor)
+                if states[device_id] == "stale":
+                    self._stale[device_id] = row.heartbeat_s or 0.0
+                else:
+                    self._stale.pop(device_id, None)
+        return presence_events((self.planner.devices[d] for d in sorted(ids) if d in self.planner.devices), states)
 
     def _joined(self) -> list[Event]:
         try:
@@ -575,7 +635,7 @@ class RolloutRunner:
         except ConfigError:
             return []
         return [
-            Joined(_target(self.registry, d, self.record.bundle_name))
+            Joined(_target(self.registry, d, self.record.bundle_name, self.clock()))
             for d in devices
             if d.device_id not in self.planner.devices
         ]

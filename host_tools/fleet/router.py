@@ -123,6 +123,7 @@ class Router:
         self._by_id: dict[tuple[str, str], Listener] = {}
         self._by_device: dict[str, list[Listener]] = {}
         self._status: dict[str, DeviceStatus] = {}
+        self._heartbeats: dict[str, tuple[Heartbeat, float]] = {}  # the latest per device, until taken
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
 
@@ -175,6 +176,17 @@ class Router:
         with self._lock:
             return self._status.get(device_id)
 
+    def take_heartbeats(self) -> list[tuple[Heartbeat, float]]:
+        """The latest heartbeat heard from each device since the last call, with when it was heard.
+
+        Heartbeats arrive only where the client subscribed to them (a rollout's runner does,
+        to judge liveness); at most one is kept per device.
+        """
+        with self._lock:
+            out = list(self._heartbeats.values())
+            self._heartbeats.clear()
+        return out
+
     # --- delivery (the worker's thread, or a test's) ------------------------------------
 
     def dispatch(self, item: Incoming | ConnectionChange) -> None:
@@ -204,7 +216,9 @@ class Router:
             self.delivered += len(listeners)
             return
         if isinstance(msg, Heartbeat):
-            return  # no conversation waits for one; the collector records them
+            with self._lock:  # no conversation waits for one; kept for take_heartbeats
+                self._heartbeats[device_id] = (msg, self.clock())
+            return
         if not verified.fresh:
             self.dropped_unknown += 1
             log.debug("%s %s from %s heard again; already delivered", msg.TYPE, msg.command_id, device_id)

@@ -202,3 +202,38 @@ def test_an_operator_abort_rolls_the_installed_devices_back(host, tiny_model, mo
     assert [_runs(a) for a in agents] == [1] * 5
     again = host.run("rollout", "resume", paused["id"], "--broker", mosquitto.url, "--json")
     assert again.code == 2 and "has aborted" in again.stderr
+
+
+def test_a_stale_device_is_held_back_like_an_offline_one_and_gets_the_rollout_when_heard_again(
+    host, tiny_model, mosquitto, start_agent, tmp_path
+):
+    # Three agents beating every 2 s; the middle one hangs (SIGSTOP): no will reaches the broker
+    # (its connection stays open), its retained status still says online, but it is not heard.
+    tag = uuid.uuid4().hex[:6]
+    agents = [start_agent(mosquitto.url, f"st-{tag}-{i}", host.root, "--heartbeat", "2") for i in range(3)]
+    v1 = host.pack(tiny_model.path, tiny_model.sample, tmp_path / "v1.edge", NAME, 1)
+    r = host.run("deploy", str(v1), *[a for x in agents for a in ("--device", x.device_id)], "--broker", mosquitto.url,
+                 "--runs", "10", "--warmup", "1", "--json")  # fmt: skip
+    assert r.code == 0, r.stderr
+    v2 = host.pack(tiny_model.path, tiny_model.sample, tmp_path / "v2.edge", NAME, 2)
+    hung = agents[1]
+    hung.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(8)  # more than 3 heartbeat intervals unheard: stale
+        ids = ",".join(a.device_id for a in agents)
+        r = host.run("rollout", "start", str(v2), "--to", ids, "--canary", "1", "--wave-size", "2",
+                     "--device-timeout", "60", *FAST, "--broker", mosquitto.url, "--json", timeout=300)  # fmt: skip
+        assert r.code == 0, r.stderr
+        out = r.json()
+        states = {d["device_id"]: d["state"] for d in out["devices"]}
+        assert out["status"] == "running"  # it waits for the stale device; `resume` goes on
+        assert states == {agents[0].device_id: "succeeded", hung.device_id: "queued", agents[2].device_id: "succeeded"}
+        assert next(d for d in out["devices"] if d["device_id"] == hung.device_id)["attempts"] == 0
+    finally:
+        hung.proc.send_signal(signal.SIGCONT)
+    assert _installs_of(hung, 2) == 0
+    r = host.run("rollout", "resume", out["id"], "--broker", mosquitto.url, "--runs", "20", "--json", timeout=300)
+    assert r.code == 0, r.stderr
+    assert r.json()["status"] == "completed"
+    assert [_runs(a) for a in agents] == [2] * 3  # from the agents' own state
+    assert [_installs_of(a, 2) for a in agents] == [1] * 3

@@ -14,18 +14,19 @@ from edge_sdk.protocol import BenchmarkSpec
 from edge_sdk.simulation import DeviceFaults, LatencyModel, parse_fault
 
 
-def test_an_install_failure_is_the_storage_error_of_a_full_disk_at_the_staged_step_only(tmp_path: Path) -> None:
-    faults = DeviceFaults("d", (parse_fault("install-fail:share=1,after=10"),))
+def test_an_install_failure_is_the_storage_error_of_a_full_disk_before_activation_of_its_version_only(
+    tmp_path: Path,
+) -> None:
+    faults = DeviceFaults("d", (parse_fault("install-fail:share=1,after=10,version=3"),))
     now = [0.0]
     hook = install_fault(faults, tmp_path / "state.json", lambda: now[0])
-    hook("staged")  # before its time: nothing
+    hook(_manifest(3))  # before its time: nothing
     now[0] = 10.0
-    for step in ("receiving", "received", "activated", "profiled", "confirmed", "reported"):
-        hook(step)
+    hook(_manifest(2))  # another version: nothing
     with pytest.raises(StorageError, match="No space left on device") as caught:
-        hook("staged")
+        hook(_manifest(3))
     assert caught.value.details["path"] == str(tmp_path / "state.json")
-    install_fault(DeviceFaults("e"), tmp_path / "state.json", lambda: 99.0)("staged")  # no fault: no error
+    install_fault(DeviceFaults("e"), tmp_path / "state.json", lambda: 99.0)(_manifest(3))  # no fault: no error
 
 
 def _manifest(version: int) -> Any:

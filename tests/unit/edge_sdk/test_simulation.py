@@ -40,6 +40,32 @@ def test_resolve_gives_every_device_its_faults_and_only_them() -> None:
     assert resolved["sim-00002"].factor("latency", 3) == 1.0
 
 
+def test_a_share_among_listed_devices_picks_exactly_that_share_of_them_and_nothing_else() -> None:
+    wave = FLEET[70:150]  # e.g. the devices of one rollout wave
+    among = "+".join(wave)
+    plan = FaultPlan.of([f"install-fail:share=0.05,among={among},version=3"], seed=2)
+    picked = plan.devices_of(0, FLEET)
+    assert len(picked) == 4 and picked <= set(wave)
+    assert picked == FaultPlan.of([f"install-fail:share=0.05,among={among}"], seed=2).devices_of(0, FLEET)
+    assert picked != FaultPlan.of([f"install-fail:share=0.05,among={among}"], seed=3).devices_of(0, FLEET)
+    fault = plan.faults[0]
+    assert Fault.from_dict(fault.to_dict()) == fault
+    with pytest.raises(ConfigError, match="sim-99999"):
+        FaultPlan.of(["install-fail:share=0.5,among=sim-00001+sim-99999"]).resolve(FLEET)
+    with pytest.raises(ConfigError, match="give share"):
+        parse_fault("install-fail:devices=sim-00001,among=sim-00002")
+
+
+def test_an_install_failure_for_one_version_fails_only_installs_of_that_version() -> None:
+    resolved = FaultPlan.of(["install-fail:devices=sim-00001,version=3"]).resolve(FLEET)
+    f = resolved["sim-00001"]
+    assert [f.install_fails(0.0, 1, v) for v in (1, 2, 3, 4)] == [False, False, True, False]
+    assert not f.install_fails(0.0, 1)  # the version not known: a fault for one version does not apply
+    assert DeviceFaults("d", (parse_fault("install-fail:share=1"),)).install_fails(0.0, 1, 7)  # no version: all
+    with pytest.raises(ConfigError, match="takes no version"):
+        parse_fault("gate-closed:share=1,version=3")
+
+
 def test_a_listed_device_that_is_not_in_the_fleet_is_refused() -> None:
     with pytest.raises(ConfigError, match="sim-99999"):
         FaultPlan.of(["offline:devices=sim-99999,every=60,for=10"]).resolve(FLEET)
@@ -88,7 +114,7 @@ def test_the_slowest_active_link_rate_wins_and_a_gate_closes_within_its_window()
         "drop-link:share=0.1,every=10,for=10",
         "latency:share=0.1",
         "gate-closed:share=0.1,factor=2",
-        "install-fail:share=0.1,version=2",
+        "install-fail:among=sim-00001+sim-00002",
         "install-fail:share=x",
         "install-fail:share",
         "install-fail:share=0.1,after=10,until=5",

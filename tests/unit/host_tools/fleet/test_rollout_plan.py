@@ -231,6 +231,32 @@ def test_a_2x_p99_regression_on_10_percent_counts_as_failed_and_aborts():
     assert set(failed) <= set(fleet.rolled_back)  # regressed devices are rolled back too
 
 
+def test_a_device_regressed_but_reported_after_the_abort_is_still_named_by_the_gate():
+    # One wave of four answers at once (as one deploy_many does): d0001's regression aborts
+    # the rollout before d0002 (regressed too) and d0003 (fine) are judged.
+    def fate(device_id: str, attempt: int) -> list[Event]:
+        slow = device_id in ("d0001", "d0002")
+        return [Installed(device_id), Confirmed(device_id, BASE_P99 * (2.0 if slow else 1.0), BASE_RSS)]
+
+    fleet = run(4, fate, canary_count=4, canary_share=None, abort_threshold=0.05, max_p99_ratio=1.5)
+    devices = fleet.planner.devices
+    assert fleet.planner.progress.status == "aborted"
+    assert (devices["d0001"].state, devices["d0001"].error_code) == ("failed", "health_gate")
+    assert (devices["d0002"].state, devices["d0002"].error_code) == ("rolled_back", "health_gate")
+    assert devices["d0002"].p99_ms == BASE_P99 * 2.0
+    assert (devices["d0003"].state, devices["d0003"].error_code, devices["d0003"].p99_ms) == (
+        "rolled_back",
+        None,
+        BASE_P99,
+    )
+    assert Counter(d.device_id for d in fleet.decisions if isinstance(d, RollBack)) == {
+        "d0000": 1,
+        "d0001": 1,
+        "d0002": 1,
+        "d0003": 1,
+    }
+
+
 def test_an_rss_regression_counts_as_failed_too():
     def fate(device_id: str, attempt: int) -> list[Event]:
         return [Installed(device_id), Confirmed(device_id, BASE_P99, BASE_RSS * 3)]

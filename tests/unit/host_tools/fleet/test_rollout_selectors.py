@@ -10,6 +10,16 @@ from edge_sdk.errors import ConfigError
 from edge_sdk.metrics import LatencyStats
 from edge_sdk.protocol import MetricsReport
 from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry, open_registry
+from host_tools.fleet.rollout_plan import (
+    Offline,
+    Online,
+    RolloutPlanner,
+    RolloutPolicy,
+    Start,
+    Target,
+    Tick,
+    presence_events,
+)
 from host_tools.fleet.rollouts import _target, select_devices
 
 
@@ -56,6 +66,46 @@ def test_a_target_carries_the_running_version_and_what_it_measured(reg: Registry
     reg.add_metrics(MetricsReport("pi-0", "m", 3, "onnxruntime", "fp32", 1000.0, latency=stats), 1001.0)
     device = reg.get_device("pi-0")
     assert device is not None
-    t = _target(reg, device, "m")
+    t = _target(reg, device, "m", 1001.0)
     assert (t.previous_version, t.base_p99_ms, t.base_rss_bytes, t.online) == (3, 2.5, None, True)
-    assert _target(reg, device, "other").previous_version is None
+    assert _target(reg, device, "other", 1001.0).previous_version is None
+
+
+def test_a_device_not_heard_within_its_heartbeat_interval_times_the_factor_is_planned_offline(
+    reg: Registry, tmp_path: Path
+) -> None:
+    # pi-0 said online at 1000 and beats every 10 s: stale (not online) once 3 x 10 s pass unheard.
+    reg.upsert_device(
+        DeviceRecord("pi-0", "online", 1000.0, active_bundles=(BundleRef("m", 3),), broker="mqtt://127.0.0.1:1",
+                     heartbeat_s=10.0)
+    )  # fmt: skip
+    device = reg.get_device("pi-0")
+    assert device is not None
+    assert _target(reg, device, "m", 1029.0).online is True
+    assert _target(reg, device, "m", 1031.0).online is False  # stale: treated as offline
+    reg.record_heartbeat("pi-0", "mqtt://127.0.0.1:1", 1030.0, 10.0)
+    heard = reg.get_device("pi-0")
+    assert heard is not None and _target(reg, heard, "m", 1031.0).online is True
+    offline = reg.get_device("pi-1")
+    assert offline is not None and _target(reg, offline, "m", 1001.0).online is False
+    # The plan built from the registry holds the stale device back; heard again, it starts.
+    targets = [_target(reg, d, "m", 1100.0) for d in select_devices(reg, "pi-0,pi-2")]
+    planner = RolloutPlanner.plan(RolloutPolicy(canary_count=1, canary_share=None), targets, 1100.0)
+    started = [d for d in planner.accept(Tick(), 1100.0) if isinstance(d, Start)]
+    assert started == [Start(1, ("pi-2",))]
+    assert (planner.devices["pi-0"].state, planner.devices["pi-0"].online) == ("queued", False)
+    assert presence_events(planner.devices.values(), {"pi-0": "stale", "pi-2": "online"}) == []
+    (back,) = presence_events(planner.devices.values(), {"pi-0": "online"})
+    assert back == Online("pi-0")
+    assert [d for d in planner.accept(back, 1101.0) if isinstance(d, Start)] == [Start(0, ("pi-0",))]
+
+
+def test_presence_events_treat_stale_as_offline_and_leave_unknown_devices_alone() -> None:
+    planner = RolloutPlanner.plan(
+        RolloutPolicy(canary_count=1, canary_share=None),
+        [Target("a"), Target("b"), Target("c", online=False), Target("d")],
+        0.0,
+    )
+    events = presence_events(planner.devices.values(), {"a": "stale", "b": "online", "c": "online"})
+    assert events == [Offline("a"), Online("c")]
+    assert presence_events(planner.devices.values(), {"b": "offline"}) == [Offline("b")]
