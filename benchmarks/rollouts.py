@@ -65,7 +65,7 @@ from host_tools.fleet.deployer import DeployOptions, deploy_many
 from host_tools.fleet.registry import Registry, open_registry
 from host_tools.fleet.rollout_plan import RolloutPolicy, wave_sizes
 from host_tools.fleet.rollouts import RolloutReport, RolloutRunner, RunSettings, create_rollout
-from host_tools.fleet.router import gated
+from host_tools.fleet.router import FLEET_INBOX_MAX, gated
 from host_tools.fleet.simulator import SimFleet, SimOptions, start_sim_fleet
 from host_tools.keys import KeyRing, command_authority
 
@@ -136,13 +136,8 @@ class WaveClock:
         return out
 
 
-#: The host's inbox: a thousand devices answer a wave at once (installed events, statuses,
-#: metrics), while the host shares two cores with them; the default (1,000) drops answers.
-HOST_INBOX_MAX = 50_000
-
-
 def _client(url: str, name: str) -> MqttClient:
-    options = MqttOptions(client_id=f"rollout-bench-{name}", connect_timeout_s=30, inbox_max=HOST_INBOX_MAX)
+    options = MqttOptions(client_id=f"rollout-bench-{name}", connect_timeout_s=30, inbox_max=FLEET_INBOX_MAX)
     client = MqttClient(url, options)
     client.connect()
     return client

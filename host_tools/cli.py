@@ -568,12 +568,18 @@ def _connection_file(ctx: click.Context) -> Any:
 @contextmanager
 def _client(broker: str, timeout_s: float, name: str) -> Iterator[Any]:
     from edge_sdk.mqtt import MqttClient, MqttOptions, parse_broker_url
+    from host_tools.fleet.router import FLEET_INBOX_MAX
 
     connection = _broker_connection()
     click.echo(f"edgectl: broker {parse_broker_url(broker)}", err=True)  # the address used, port included
     protocol = click.get_current_context().meta.get(_MQTT_PROTOCOL, "auto")
     # The host keeps clean sessions (session_expiry_s 0): its client ids are per process.
-    options = MqttOptions(client_id=f"edgectl-{name}-{os.getpid()}", connect_timeout_s=timeout_s, protocol=protocol)
+    options = MqttOptions(
+        client_id=f"edgectl-{name}-{os.getpid()}",
+        connect_timeout_s=timeout_s,
+        protocol=protocol,
+        inbox_max=FLEET_INBOX_MAX,
+    )
     client = MqttClient(broker, connection.mqtt_options(options))
     client.connect()
     try:

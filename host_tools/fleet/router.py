@@ -57,6 +57,12 @@ log = logging.getLogger(__name__)
 #: Default bound of one conversation's mailbox, in messages. A deploy hears a handful.
 DEFAULT_MAILBOX_MAX = 64
 
+#: The inbox bound (messages) of a host client that talks to a fleet: every device of a wave
+#: answers at once (statuses, progress and install events, metrics), and a host that shares
+#: its CPU falls behind for a while. The client's default (1,000) dropped the ``installed``
+#: events of a 1,000-device rollout; the byte bound (256 MiB) still caps the memory.
+FLEET_INBOX_MAX = 50_000
+
 #: How long the worker waits on the inbox before looking whether it should stop.
 _POLL_S = 0.05
 
