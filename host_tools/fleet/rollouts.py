@@ -49,6 +49,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Rollback commands in flight at once after an abort: each waits for its device's answer
+#: (up to the command timeout), so one at a time took 26 s for 146 devices.
+ROLLBACKS_AT_ONCE = 32
 
 
 class RolloutAbortedError(EdgeError):
@@ -485,8 +490,10 @@ class RolloutRunner:
             todo.extend(self.planner.accept(event, self.clock()))
         while todo:
             self._save()
-            decision = todo.pop(0)
-            said = self._carry_out(decision)
+            batch = [todo.pop(0)]
+            while isinstance(batch[0], RollBack) and todo and isinstance(todo[0], RollBack):
+                batch.append(todo.pop(0))  # an abort's rollbacks go out together (stored first, above)
+            said = self._carry_out_all(batch)
             # An operator's request made while devices were being sent goes in first: a pause or
             # abort must hold the next wave back, which these outcomes would otherwise start.
             for event in [*self._requests(), *said]:
@@ -501,6 +508,13 @@ class RolloutRunner:
         self.store.save(self.record.id, self.planner, self.clock())
         if self.progress is not None:
             self.progress(_report(self.record, self.planner, None))
+
+    def _carry_out_all(self, decisions: list[Decision]) -> list[Event]:
+        """Carry the decisions out; several rollbacks at once, each waiting for its own device."""
+        if len(decisions) == 1:
+            return self._carry_out(decisions[0])
+        with ThreadPoolExecutor(max_workers=min(len(decisions), ROLLBACKS_AT_ONCE)) as pool:
+            return [event for said in pool.map(self._carry_out, decisions) for event in said]
 
     def _carry_out(self, decision: Decision) -> list[Event]:
         if isinstance(decision, Start):
