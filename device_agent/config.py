@@ -69,7 +69,7 @@ __all__ = ["CRASH_POINTS", "AgentConfig", "load_config"]
 
 #: Named steps of an install where ``debug_crash_at`` makes the agent SIGKILL itself, for
 #: crash-safety tests. In order: a chunk half-way through the transfer was written; the
-#: whole file arrived and its hash matched; the verified slot is on disk; state.json says
+#: whole file arrived, every chunk matching the signed index; the verified slot is on disk; state.json says
 #: active-but-pending; the health check and benchmark passed; state.json says confirmed;
 #: the installed event was published.
 CRASH_POINTS = ("receiving", "received", "staged", "activated", "profiled", "confirmed", "reported")

@@ -85,7 +85,7 @@ def rebuild_bundle(received: ReceivedDelta, active: ActiveBundle | None, limits:
     ``received.command.transfer``, and is verified in full by the install sequence.
 
     Args:
-        received: the delta, received whole (its own sha256 checked).
+        received: the delta, received whole (each chunk checked against its signed index).
         active: the active version of the command's bundle now, or None.
         limits: this device's bundle limits (the delta's bounds follow them).
 

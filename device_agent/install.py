@@ -5,7 +5,7 @@
     deploy offer    precheck   every check the signed offer allows, before any chunk moves:
                                version vs floor and content, expiry, runtime, target, storage
                                (edge_sdk.bundle.admission) -> REFUSED at once, nothing reserved
-    received        RECEIVED event                      (whole file, hash checked: device_agent.receiving)
+    received        RECEIVED event                      (whole file, each chunk checked: device_agent.receiving)
     action profile  -> verify into scratch, benchmark, metrics (not retained), PROFILED, scratch removed
     gate closed     -> DEFERRED (reason); bundle kept under deferred/, the gate asked again every
                        update_gate_retry_s (retry_deferred), then installed as below

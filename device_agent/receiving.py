@@ -11,7 +11,8 @@ missing); this module is the shell that does what it says to the staging directo
     begin(cmd)       files created (or, for a transfer already held, the command replaced)
     accept(frame)    index frame -> kept; chunk -> digest checked -> pwrite at its offset;
                      a frame that fails a check is discarded and counted, never fatal
-    last chunk       fsync, whole-file sha256 checked against the offer -> ReceivedBundle
+    last chunk       the file is closed and comes out -> ReceivedBundle (see "Why no whole-file
+                     hash" below)
     recover()        at start: every held transfer is reopened, and the chunks on disk that
                      match their digests count as received (the bitmap is rebuilt from the
                      bytes themselves, so nothing unverified is ever trusted)
@@ -20,6 +21,30 @@ The file is the bundle the command offers, or the delta it offers instead
 (``DeployCommand.delta``, see :mod:`device_agent.deltas`): the transfer id the files are
 named by says which, so both resume alike. A finished bundle comes out as a
 :class:`ReceivedBundle`, a finished delta as a :class:`ReceivedDelta`.
+
+Why no whole-file hash at the end. The signed offer binds both the file's sha256 and
+``chunks_sha256``, the sha256 of the chunk index. A finished file is already the file the
+signed offer describes, without reading it back:
+
+1. the index is taken only when its length is the offer's chunk count times 32 and its
+   sha256 is ``chunks_sha256`` (:meth:`ChunkIndex.received`);
+2. the staging file is created (``O_TRUNC``, mode 0600) at exactly the offer's size, and the
+   offer's chunk spans cover it with no gap and no overlap;
+3. a chunk counts as received only once its bytes matched their index entry: in memory
+   just before they were written at their span, or read back from disk after a restart
+   (:meth:`Receiving.recover`); nothing else writes the file;
+4. so a complete file is, span by span, the bytes the signed index names, unless someone
+   can find a second sha256 preimage of a chunk: the assumption the whole-file sha256
+   itself rests on.
+
+Comparing the file's sha256 with the offer's would only check that the command's signer
+agrees with itself (its index and its sha256 describe the same bytes). A signer that does
+not gains nothing it could not sign outright, and the file still faces every later check:
+the install verifies the bundle's own signatures (another role's key), its manifest's
+hashes and the name, version and content the command expects; a delta must name
+``command.transfer``'s sha256 and size in its header, and its output is hashed against
+them. Reading 10 MB back and hashing it again cost a receiving agent more CPU than all
+of its chunk checks together.
 
 A transfer is named by its content, so a host that offers the same bundle again (a retry,
 a restarted ``edgectl``) resumes it. What is held is bounded: a transfer without a chunk
@@ -31,7 +56,6 @@ oldest first, until it can.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -42,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_sdk.durable import atomic_write_bytes, fsync_dir
-from edge_sdk.errors import EdgeError, HashMismatchError, MessageError, StorageError, TransferError
+from edge_sdk.errors import EdgeError, MessageError, StorageError, TransferError
 from edge_sdk.protocol import (
     INDEX_FRAME,
     Chunk,
@@ -77,7 +101,7 @@ def _same_bytes(a: TransferOffer, b: TransferOffer) -> bool:
 
 @dataclass(frozen=True)
 class ReceivedBundle:
-    """A bundle file received whole, its sha256 matching the signed offer.
+    """A bundle file received whole, every chunk of it matching the signed offer's index.
 
     Attributes:
         command: the deploy command that offered it.
@@ -98,7 +122,7 @@ class ReceivedBundle:
 
 @dataclass(frozen=True)
 class ReceivedDelta:
-    """A delta file received whole, its sha256 matching the signed offer (``command.delta.transfer``).
+    """A delta file received whole, every chunk matching the signed offer's index (``command.delta.transfer``).
 
     It is not a bundle yet: :func:`device_agent.deltas.rebuild_bundle` makes one from it
     and the installed base slot.
@@ -186,32 +210,16 @@ class StagingFile:
         except OSError as exc:
             raise StorageError(f"cannot read staging file {self.path}: {exc.strerror}") from exc
 
-    def finish(self) -> str:
-        """Read the whole file back for its sha256, and close it.
+    def finish(self) -> None:
+        """Close the file: every chunk of it is in and checked (see the module's "Why no whole-file hash").
 
         No fsync here. A power cut cannot make a chunk count as received without its bytes:
         after a restart, a chunk counts only if the bytes on disk match its digest. What the
         file becomes is made durable where it goes next: the install fsyncs the slot it
         unpacks into, and a deferred install fsyncs the file before keeping it. So the
         bundle goes to storage once, not twice, which matters on an SD card.
-
-        Returns:
-            The sha256 of its content (hex).
-
-        Raises:
-            StorageError: it cannot be read back.
         """
-        try:
-            digest = hashlib.sha256()
-            offset = 0
-            while block := os.pread(self._fd, 1 << 20, offset):
-                digest.update(block)
-                offset += len(block)
-        except OSError as exc:
-            raise StorageError(f"cannot read back staging file {self.path}: {exc.strerror}") from exc
-        finally:
-            self.close()
-        return digest.hexdigest()
+        self.close()
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
@@ -443,13 +451,11 @@ class Receiving:
             now: monotonic seconds.
 
         Returns:
-            The finished file once the last chunk is in and the whole file's hash matches;
-            None otherwise (also for a frame of a transfer not held).
+            The finished file once the last chunk is in; None otherwise (also for a frame
+            of a transfer not held).
 
         Raises:
-            HashMismatchError: the finished file is not the one the offer declared (the
-                transfer is removed).
-            StorageError: the staging files cannot be written or read back.
+            StorageError: the staging files cannot be written (the transfer is removed).
         """
         t = self._transfers.get(chunk.transfer_id)
         if t is None:
@@ -493,9 +499,6 @@ class Receiving:
 
         Returns:
             The file, or None when the transfer is not held or still lacks chunks.
-
-        Raises:
-            HashMismatchError, StorageError: as for :meth:`accept`.
         """
         t = self._transfers.get(transfer_id)
         if t is None or not t.receiver.complete:
@@ -504,18 +507,7 @@ class Receiving:
 
     def _finish(self, t: Transfer) -> Received:
         tid = t.transfer_id
-        try:
-            digest = t.file.finish()
-            expected = t.offer.sha256
-            if digest != expected:
-                raise HashMismatchError(
-                    f"received file's sha256 {digest[:16]}... differs from the offer's {expected[:16]}...",
-                    expected=expected,
-                    actual=digest,
-                )
-        except EdgeError:
-            self.drop(tid)
-            raise
+        t.file.finish()
         del self._transfers[tid]
         for suffix in (".cmd", ".index"):
             self._path(tid, suffix).unlink(missing_ok=True)

@@ -635,7 +635,7 @@ class EventKind:
     ACCEPTED = "accepted"  # offer accepted; `missing_ranges` lists chunks still needed (resume)
     NEED_CHUNKS = "need_chunks"  # after transfer_end, or after a restart: these chunks are still missing
     PROGRESS = "progress"  # detail.have: chunks held now (paces the host's sending)
-    RECEIVED = "received"  # whole file received, hash matches
+    RECEIVED = "received"  # whole file received, every chunk matching the signed index
     INSTALLED = "installed"  # verified, installed, health-checked, active
     REFUSED = "refused"  # bad input: nothing installed (error says why)
     FAILED = "failed"  # local failure on the device (error says why)

@@ -7,6 +7,7 @@ tests/integration/test_agent_*.py.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -614,6 +615,27 @@ def test_a_bundle_that_is_not_the_content_the_offer_named_is_refused(make_agent,
     event = last(transport, cmd.command_id)
     assert event.kind == EventKind.REFUSED and event.error is not None and event.error.code == "manifest_invalid"
     assert "does not hold the content the signed command describes" in event.error.message
+    assert agent.installer.all_active() == []
+
+
+def test_an_offer_whose_index_names_another_bundle_is_refused_at_the_install(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    # The device does not hash the whole file once its chunks are in (device_agent.receiving,
+    # "Why no whole-file hash"): an offer that names one bundle by its sha256 and binds the
+    # chunk index of another yields the other's bytes, and the install refuses them.
+    agent, transport = make_agent()
+    named, other = fleet.bundle(1, "tiny"), fleet.bundle(1, "other")
+    cmd = fleet.deploy(named, "tiny", 1)
+    mixed = dataclasses.replace(
+        cmd, transfer=dataclasses.replace(cmd.transfer, chunks_sha256=ChunkIndex.of_chunks(parts(other)).sha256)
+    )
+    mixed = dataclasses.replace(mixed, transfer=dataclasses.replace(mixed.transfer, size=len(other)))
+    transport.deliver(TOPICS.cmd, fleet.signed(mixed))
+    send_frames(transport, mixed, [index_frame(mixed, other), *chunks(mixed, other)])
+    drive(agent, settled(transport, mixed.command_id))
+    assert EventKind.RECEIVED in kinds(transport, mixed.command_id)
+    event = last(transport, mixed.command_id)
+    assert event.kind == EventKind.REFUSED and event.error is not None, event
+    assert event.error.code == "manifest_invalid" and "other" in event.error.message, event.error
     assert agent.installer.all_active() == []
 
 

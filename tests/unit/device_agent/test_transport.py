@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -72,3 +74,60 @@ def test_the_inbound_queue_is_bounded_in_bytes() -> None:
     assert q.dropped == 1 and q.payload_bytes == 8
     q.get(0)
     assert q.payload_bytes == 4 and q.put(Incoming("t", b"123456", False))
+
+
+# --- batches: one wake-up for a burst of chunks ----------------------------------------------
+
+
+def _chunk_msg(i: int) -> Incoming:
+    return Incoming(f"edge/v1/transfers/t/{i}", b"c", False)
+
+
+def _is_chunk(item: object) -> bool:
+    return isinstance(item, Incoming) and item.topic.startswith("edge/v1/transfers/")
+
+
+def test_a_batch_is_everything_waiting_in_order_up_to_its_bound() -> None:
+    q = InboundQueue(100, bulk=_is_chunk, gather=2, linger_s=0.0)
+    assert q.get_batch(0.01) == []
+    items = [_chunk_msg(0), _msg(1), ConnectionChange(False, "lost"), _chunk_msg(3), _chunk_msg(4)]
+    for item in items:
+        q.put(item)
+    assert q.get_batch(0.01, max_items=3) == items[:3]
+    assert q.get_batch(0.01) == items[3:]
+    assert len(q) == 0 and q.payload_bytes == 0
+
+
+def test_a_lone_chunk_lingers_for_its_burst_but_not_past_linger_s() -> None:
+    q = InboundQueue(100, bulk=_is_chunk, gather=4, linger_s=0.2)
+    q.put(_chunk_msg(0))
+    threading.Timer(0.05, lambda: [q.put(_chunk_msg(i)) for i in (1, 2, 3)]).start()
+    started = time.monotonic()
+    assert q.get_batch(1.0) == [_chunk_msg(i) for i in range(4)]  # one batch: the burst gathered
+    assert time.monotonic() - started < 0.19  # ended by the fourth chunk, not by linger_s
+    q.put(_chunk_msg(9))
+    started = time.monotonic()
+    assert q.get_batch(1.0) == [_chunk_msg(9)]  # nothing more came: out after linger_s
+    assert 0.15 <= time.monotonic() - started < 0.9
+
+
+def test_a_command_or_a_connection_change_ends_lingering_at_once() -> None:
+    for urgent in (_msg(1), ConnectionChange(True, "up")):
+        q = InboundQueue(100, bulk=_is_chunk, gather=64, linger_s=5.0)
+        q.put(_chunk_msg(0))
+        threading.Timer(0.05, q.put, (urgent,)).start()
+        started = time.monotonic()
+        assert q.get_batch(1.0) == [_chunk_msg(0), urgent]
+        assert time.monotonic() - started < 2.0
+        q.put(urgent)  # waiting with a chunk behind it: no lingering at all
+        q.put(_chunk_msg(1))
+        started = time.monotonic()
+        assert q.get_batch(1.0) == [urgent, _chunk_msg(1)]
+        assert time.monotonic() - started < 2.0
+
+
+def test_gather_and_linger_are_checked() -> None:
+    with pytest.raises(ValueError):
+        InboundQueue(4, gather=0)
+    with pytest.raises(ValueError):
+        InboundQueue(4, linger_s=-1.0)

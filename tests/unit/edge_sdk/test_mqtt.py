@@ -496,3 +496,80 @@ def test_manual_ack_sends_the_puback_only_when_the_owner_acks_and_only_on_the_sa
 def test_manual_ack_needs_a_receive_maximum_the_inbox_can_hold(options: dict[str, object], says: str) -> None:
     with pytest.raises(ConfigError, match=says):
         MqttOptions(client_id="unit", **options)  # type: ignore[arg-type]
+
+
+# --- an incoming PUBLISH, decoded with one copy of its payload ----------------------------------
+
+
+def _publish_body(topic: bytes, qos: int, payload: bytes, properties: bytes | None) -> bytes:
+    """A PUBLISH after its fixed header: topic, packet id (QoS>0), properties (MQTT 5), payload."""
+    body = len(topic).to_bytes(2, "big") + topic + ((4242).to_bytes(2, "big") if qos else b"")
+    if properties is not None:
+        body += len(properties).to_bytes(1, "big") + properties
+    return body + payload
+
+
+_USER_PROPERTY = b"\x26" + (1).to_bytes(2, "big") + b"k" + (1).to_bytes(2, "big") + b"v"
+_EXPIRY = b"\x02" + (30).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+@pytest.mark.parametrize("properties", [None, b"", _EXPIRY + _USER_PROPERTY])
+def test_a_publish_decodes_as_paho_decodes_it(qos: int, properties: bytes | None) -> None:
+    from paho.mqtt._packet import decode_publish
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    from edge_sdk.mqtt import _decode_publish
+
+    mqtt5 = properties is not None
+    body = _publish_body(b"edge/v1/transfers/ab", qos, b"\x00chunk" * 5000, properties)
+    protocol = MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311
+    theirs = decode_publish(0x30 | qos << 1, bytearray(body), protocol)
+    topic, mid, props, payload = _decode_publish(memoryview(bytearray(body)), qos, mqtt5)
+    assert (topic, mid, payload) == (theirs.topic, theirs.mid, theirs.payload)
+    assert type(payload) is bytes  # the callback's bytes(...) is then no copy
+    if properties:
+        assert props is not None and props.json() == theirs.properties.json()
+        assert props.MessageExpiryInterval == 30 and props.UserProperty == [("k", "v")]
+    else:
+        assert props is None  # none carried: none parsed
+
+
+@pytest.mark.parametrize(
+    "body, qos, mqtt5",
+    [
+        (b"\x00", 0, False),  # shorter than the topic length
+        (b"\x00\x09abc", 0, False),  # the topic overruns the packet
+        (b"\x00\x00payload", 0, False),  # MQTT 3.1.1 forbids an empty topic
+        (b"\x00\x01t\x00", 1, False),  # the packet id overruns
+        (b"\x00\x01t\x00\x01\x05\x02", 1, True),  # the properties overrun
+        (b"\x00\x01t\x00\x01\xff\xff\xff\xff\x01", 1, True),  # a properties length of five bytes
+        (b"\x00\x01t\x00\x01", 1, True),  # no properties length at all
+    ],
+)
+def test_a_malformed_publish_is_a_protocol_error_not_a_crash(body: bytes, qos: int, mqtt5: bool) -> None:
+    from paho.mqtt.exception import MalformedPacket
+
+    from edge_sdk.mqtt import _decode_publish
+
+    with pytest.raises(MalformedPacket):
+        _decode_publish(memoryview(body), qos, mqtt5)
+
+
+@pytest.mark.parametrize("manual_ack", [False, True])
+def test_an_incoming_publish_reaches_the_sink_as_bytes_and_is_acknowledged_unless_acks_are_manual(
+    manual_ack: bool,
+) -> None:
+    ack_options: dict[str, object] = {"manual_ack": True, "receive_maximum": 16} if manual_ack else {}
+    client = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="unit-publish", **ack_options))  # type: ignore[arg-type]
+    got: list[Incoming] = []
+    client.deliver_to(SimpleNamespace(put=lambda item: got.append(item) or True))  # type: ignore[arg-type]
+    acks: list[int] = []
+    paho_client = client._client
+    paho_client._send_puback = lambda mid: acks.append(mid) or MQTTErrorCode.MQTT_ERR_SUCCESS  # type: ignore[method-assign]
+    paho_client._in_packet["command"] = 0x32  # PUBLISH, QoS 1
+    paho_client._in_packet["packet"] = bytearray(_publish_body(b"edge/v1/transfers/ab", 1, b"frame", b""))
+    assert paho_client._handle_publish() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert got == [Incoming("edge/v1/transfers/ab", b"frame", False, 1, 4242, 0)]
+    assert type(got[0].payload) is bytes
+    assert acks == ([] if manual_ack else [4242])
