@@ -42,6 +42,8 @@ log() { echo "userland.sh: $*" >&2; }
 need_tools() {
     missing=
     command -v mmdebstrap >/dev/null 2>&1 || missing="$missing mmdebstrap"
+    # mmdebstrap refuses a foreign architecture without arch-test ("install arch-test ...")
+    command -v arch-test >/dev/null 2>&1 || missing="$missing arch-test"
     command -v "qemu-$qemu-static" >/dev/null 2>&1 || missing="$missing qemu-user-static"
     command -v update-binfmts >/dev/null 2>&1 || missing="$missing binfmt-support"
     command -v zstd >/dev/null 2>&1 || missing="$missing zstd"
@@ -71,11 +73,14 @@ fi
 
 mkdir -p "$cache"
 partial=$tarball.partial.$$
-trap 'rm -f "$partial"' EXIT INT TERM
+trap 'rm -f "$partial" "$partial.tar"' EXIT INT TERM
 started=$(date +%s)
 log "building debian $suite $arch from $mirror (packages: $packages)"
+# Two steps, not a pipe: sh has no pipefail, and a failed mmdebstrap piped into zstd
+# once left a 13-byte "userland" in the cache with its checksum.
 mmdebstrap --quiet --arch="$arch" --variant=minbase --include="$packages" \
-    --format=tar "$suite" - "$mirror" | zstd -q -T0 -3 -o "$partial"
+    --format=tar "$suite" "$partial.tar" "$mirror"
+zstd -q -T0 -3 --rm -o "$partial" "$partial.tar"
 mv "$partial" "$tarball"
 (cd "$cache" && sha256sum "$(basename "$tarball")" > "$(basename "$tarball").sha256")
 log "built $tarball in $(( $(date +%s) - started )) s"
