@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from edge_sdk.errors import ConfigError, StorageError, TransportError
 from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import Channel, fleet_filter, shared
-from host_tools.fleet.collector import record_message
+from host_tools.fleet.collector import record_messages
 from host_tools.fleet.enrolment import ReportGate, Verified
 from host_tools.fleet.registry import Registry
 
@@ -289,12 +289,14 @@ class Collector:
         now = self._wall_clock()
         stored = dropped = 0
         with self.registry.batch():
+            messages = []
             for item in batch:
                 verified = self._gate.check(item.topic, item.payload, now)
                 if isinstance(verified, Verified):
-                    record_message(self.registry, verified.msg, now, self._broker)
-                    stored += 1
+                    messages.append(verified.msg)
                 else:
                     dropped += 1
+            record_messages(self.registry, messages, now, self._broker)
+            stored = len(messages)
             self._gate.flush(self.registry, now)
         return stored, dropped
