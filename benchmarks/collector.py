@@ -44,13 +44,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # real broker, report publishers
 
-from _report import add_common_args, print_table, write_results
+from _report import EDGECTL, add_common_args, checkout_env, print_table, write_results
 from mosquitto import MosquittoProcess, find_mosquitto
 from report_stream import enroll_devices, publish_at_rate, publish_burst, publisher, reporting_devices
 
 from host_tools.fleet.registry import open_registry
 
-BIN = Path(sys.executable).parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 GROUP = "bench"
 
@@ -135,9 +134,9 @@ class Subscriber:
 
 
 def ours(broker: MosquittoProcess, pg_url: str, client_id: str, group: str | None, work: Path) -> Subscriber:
-    args = [str(BIN / "edgectl"), "--registry", pg_url, "collect", "--broker", broker.url, "--client-id", client_id]
+    args = [*EDGECTL, "--registry", pg_url, "collect", "--broker", broker.url, "--client-id", client_id]
     args += ["--every", "0.5", "--json"] + (["--group", group] if group else [])
-    env = dict(os.environ, EDGE_SDK_HOME=str(work / "home"))
+    env = checkout_env(dict(os.environ, EDGE_SDK_HOME=str(work / "home")), pycache=work / "pycache")
     return Subscriber(args, env, "collect: ", work / f"{client_id}.log")
 
 
