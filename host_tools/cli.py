@@ -2295,6 +2295,12 @@ def devices_provision(
     type=click.FloatRange(min=0.1),
     help="seconds per progress line",
 )
+@click.option(
+    "--verify-workers",
+    type=click.IntRange(0),
+    help="worker processes that check a backlog's signatures beside the collector (0: none) "
+    "[default: CPUs - 1, at most 4]",
+)
 @connect_timeout_option
 @broker_auth_options
 @json_option
@@ -2307,6 +2313,7 @@ def collect(
     session_expiry_s: int,
     batch_max: int,
     every_s: float,
+    verify_workers: int | None,
     connect_timeout: float,
     json_output: bool,
 ) -> None:
@@ -2332,6 +2339,7 @@ def collect(
         batch_max=batch_max,
         progress_every_s=every_s,
         allow_unsigned=cfg.allow_unsigned_reports,
+        verify_workers=min(4, (os.cpu_count() or 1) - 1) if verify_workers is None else verify_workers,
     )
     base = MqttOptions(client_id=options.client_id, connect_timeout_s=connect_timeout)
     stop = threading.Event()

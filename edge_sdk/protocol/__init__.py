@@ -58,6 +58,7 @@ if TYPE_CHECKING:
         open_report,
         seal,
         seal_bytes,
+        signature_input,
         signed_report_of,
     )
     from edge_sdk.protocol.topics import (
@@ -128,6 +129,7 @@ _HOMES = {
     "seal": "reports",
     "seal_bytes": "reports",
     "signed_report_of": "reports",
+    "signature_input": "reports",
     "TRANSFER_ROOT": "topics",
     "Channel": "topics",
     "DeviceTopics": "topics",
@@ -226,6 +228,7 @@ __all__ = [
     "seal_bytes",
     "shared",
     "sign_command",
+    "signature_input",
     "signed_report_of",
     "transfer_topic",
 ]

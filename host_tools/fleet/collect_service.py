@@ -29,6 +29,13 @@ Nothing acknowledged is ever lost:
 
 A batch the registry refuses is rolled back, kept, and tried again after ``retry_s``
 (logged), for as long as the collector runs.
+
+Speed: a batch's signatures are the costliest part of it. When a batch holds at least
+``pool_min`` messages (a backlog, not a trickle), they are checked all at once, split
+between this process and ``verify_workers`` worker processes (started on the first such
+batch, with ``spawn``: this process runs paho's thread); everything else the gate judges
+stays in the worker thread, in order. A batch's metrics reports are written in one
+statement.
 """
 
 from __future__ import annotations
@@ -37,17 +44,19 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 
 from edge_sdk.errors import ConfigError, StorageError, TransportError
 from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import Channel, fleet_filter, shared
+from edge_sdk.trust import SignatureCheck, check_device_signatures
 from host_tools.fleet.collector import record_messages
 from host_tools.fleet.enrolment import ReportGate, Verified
 from host_tools.fleet.registry import Registry
 
-__all__ = ["COLLECTED_CHANNELS", "CollectCounts", "CollectOptions", "Collector", "collect_filters"]
+__all__ = ["COLLECTED_CHANNELS", "CollectCounts", "CollectOptions", "Collector", "SignaturePool", "collect_filters"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +83,8 @@ class CollectOptions:
         progress_every_s: how often the progress callback is called.
         retry_s: wait before writing a batch the registry refused again.
         allow_unsigned: believe unsigned device messages (migration period only).
+        verify_workers: worker processes that check signatures beside this one (0: none).
+        pool_min: fewest messages in a batch whose signatures the workers share.
 
     Raises:
         ConfigError: a bound that is not positive, or a bad group name.
@@ -89,16 +100,21 @@ class CollectOptions:
     progress_every_s: float = 5.0
     retry_s: float = 1.0
     allow_unsigned: bool = False
+    verify_workers: int = 0
+    pool_min: int = 64
 
     def __post_init__(self) -> None:
         if not self.client_id:
             raise ConfigError("a collector needs a fixed client id (its session outlives it)", key="client_id")
         if self.group is not None:
             shared(self.group, "x")  # raises ConfigError for a bad group name
-        for key in ("session_expiry_s", "batch_max", "receive_maximum", "inbox_max"):
+        for key in ("session_expiry_s", "batch_max", "receive_maximum", "inbox_max", "pool_min"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, not {value!r}", key=key)
+        workers: object = self.verify_workers
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+            raise ConfigError(f"verify_workers must be 0 or more, not {self.verify_workers!r}", key="verify_workers")
         for key in ("batch_wait_s", "progress_every_s", "retry_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be a positive number of seconds", key=key)
@@ -169,6 +185,59 @@ class CollectCounts:
         return asdict(self)
 
 
+class SignaturePool:
+    """Checks a batch's signatures in this process and ``workers`` worker processes at once.
+
+    The pool starts on first use (``spawn``: never fork a process that runs paho's
+    thread). Should it break (a worker killed), the batch is checked here instead and the
+    pool started again next time: an answer is never skipped.
+
+    Args:
+        workers: worker processes beside this one.
+        executor: makes the executor (tests inject one); a ``spawn`` process pool by default.
+    """
+
+    def __init__(self, workers: int, executor: Callable[[int], Executor] | None = None) -> None:
+        if workers < 1:
+            raise ConfigError(f"a signature pool needs at least one worker, not {workers}", key="verify_workers")
+        self.workers = workers
+        self._make = executor or _spawn_pool
+        self._executor: Executor | None = None
+
+    def __call__(self, checks: Sequence[SignatureCheck]) -> list[bool]:
+        """Whether each signature verifies (:func:`edge_sdk.trust.check_device_signatures`), in order."""
+        parts = self.workers + 1
+        size = -(-len(checks) // parts)
+        chunks = [list(checks[i : i + size]) for i in range(0, len(checks), size)]
+        if len(chunks) < 2:
+            return check_device_signatures(checks)
+        try:
+            if self._executor is None:
+                self._executor = self._make(self.workers)
+            futures = [self._executor.submit(check_device_signatures, chunk) for chunk in chunks[1:]]
+            answers = check_device_signatures(chunks[0])  # this process takes a share too
+            for future in futures:
+                answers.extend(future.result())
+            return answers
+        except Exception as exc:  # a broken pool (BrokenProcessPool, OSError): check here, start again later
+            log.warning("signature workers failed (%s); checking this batch in the collector", exc)
+            self.close()
+            return check_device_signatures(checks)
+
+    def close(self) -> None:
+        """Stop the workers (started again on next use)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _spawn_pool(workers: int) -> Executor:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 class Collector:
     """Writes what a connected client receives into the registry until told to stop.
 
@@ -197,6 +266,7 @@ class Collector:
         self._clock = clock
         self._gate = ReportGate.from_registry(registry, allow_unsigned=options.allow_unsigned, unordered=_UNORDERED)
         self._broker = str(client.address)
+        self._pool = SignaturePool(options.verify_workers) if options.verify_workers else None
 
     def run(self, stop: threading.Event, progress: Callable[[CollectCounts], None] | None = None) -> CollectCounts:
         """Subscribe, then take, write and acknowledge batches until ``stop`` is set.
@@ -216,6 +286,13 @@ class Collector:
                 it held is committed and acknowledged; the dropped messages come again on
                 the next connection of the session (run again).
         """
+        try:
+            return self._run(stop, progress)
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+
+    def _run(self, stop: threading.Event, progress: Callable[[CollectCounts], None] | None) -> CollectCounts:
         for topic_filter in collect_filters(self.options.group):
             self.client.subscribe(topic_filter, qos=1)
         next_progress = self._clock() + self.options.progress_every_s
@@ -290,8 +367,11 @@ class Collector:
         stored = dropped = 0
         with self.registry.batch():
             messages = []
-            for item in batch:
-                verified = self._gate.check(item.topic, item.payload, now)
+            if self._pool is not None and len(batch) >= self.options.pool_min:
+                results = self._gate.check_many([(i.topic, i.payload) for i in batch], now, self._pool)
+            else:
+                results = [self._gate.check(i.topic, i.payload, now) for i in batch]
+            for verified in results:
                 if isinstance(verified, Verified):
                     messages.append(verified.msg)
                 else:
