@@ -52,6 +52,8 @@ from host_tools.fleet.registry import open_registry
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 GROUP = "bench"
+#: ``--verify-workers`` of our collectors (None: edgectl's default).
+VERIFY_WORKERS: int | None = None
 
 
 # --- the baseline: a raw paho subscriber, one INSERT per message ------------------------
@@ -146,6 +148,8 @@ class Subscriber:
 def ours(broker: MosquittoProcess, pg_url: str, client_id: str, group: str | None, work: Path) -> Subscriber:
     args = [*EDGECTL, "--registry", pg_url, "collect", "--broker", broker.url, "--client-id", client_id]
     args += ["--every", "0.1", "--json"] + (["--group", group] if group else [])  # ready: its first progress line
+    if VERIFY_WORKERS is not None:
+        args += ["--verify-workers", str(VERIFY_WORKERS)]
     env = checkout_env(dict(os.environ, EDGE_SDK_HOME=str(work / "home")), pycache=work / "pycache")
     return Subscriber(args, env, "collect: ", work / f"{client_id}.log")
 
@@ -314,11 +318,20 @@ def main() -> None:
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="PostgreSQL server (a schema is made and dropped)")
     parser.add_argument("--cases", default="stream,burst")
     parser.add_argument("--wait", type=float, default=120.0, help="most seconds to wait for the burst's rows")
+    parser.add_argument("--verify-workers", type=int, help="our collectors' --verify-workers (default: edgectl's)")
     add_common_args(parser)
     args = parser.parse_args()
+    global VERIFY_WORKERS
+    VERIFY_WORKERS = args.verify_workers
     if args.quick:
         args.devices, args.seconds, args.burst = 20, 10.0, 5000
-    results: dict[str, Any] = {"devices": args.devices, "seconds": args.seconds, "burst": args.burst}
+    results: dict[str, Any] = {
+        "devices": args.devices,
+        "seconds": args.seconds,
+        "burst": args.burst,
+        "verify_workers": args.verify_workers,
+        "load_average_start": os.getloadavg(),
+    }
     with tempfile.TemporaryDirectory(prefix="bench-collect-") as tmp:
         work = Path(tmp)
         broker = MosquittoProcess(
@@ -351,6 +364,8 @@ def main() -> None:
                 )  # fmt: skip
         finally:
             broker.stop()
+    results["load_average_end"] = os.getloadavg()
+    print(f"\nload average at the start {results['load_average_start']}, at the end {results['load_average_end']}")
     print(f"\nwrote {write_results('collector', results, args.json_out)}")
 
 
