@@ -44,19 +44,18 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from edge_sdk.errors import ConfigError, StorageError, TransportError
 from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import Channel, fleet_filter, shared
-from edge_sdk.trust import SignatureCheck, check_device_signatures
 from host_tools.fleet.collector import record_messages
 from host_tools.fleet.enrolment import ReportGate, Verified
 from host_tools.fleet.registry import Registry
+from host_tools.fleet.signature_workers import SignaturePool
 
-__all__ = ["COLLECTED_CHANNELS", "CollectCounts", "CollectOptions", "Collector", "SignaturePool", "collect_filters"]
+__all__ = ["COLLECTED_CHANNELS", "CollectCounts", "CollectOptions", "Collector", "collect_filters"]
 
 log = logging.getLogger(__name__)
 
@@ -183,59 +182,6 @@ class CollectCounts:
     def to_dict(self) -> dict[str, int]:
         """A JSON-ready dict of every count."""
         return asdict(self)
-
-
-class SignaturePool:
-    """Checks a batch's signatures in this process and ``workers`` worker processes at once.
-
-    The pool starts on first use (``spawn``: never fork a process that runs paho's
-    thread). Should it break (a worker killed), the batch is checked here instead and the
-    pool started again next time: an answer is never skipped.
-
-    Args:
-        workers: worker processes beside this one.
-        executor: makes the executor (tests inject one); a ``spawn`` process pool by default.
-    """
-
-    def __init__(self, workers: int, executor: Callable[[int], Executor] | None = None) -> None:
-        if workers < 1:
-            raise ConfigError(f"a signature pool needs at least one worker, not {workers}", key="verify_workers")
-        self.workers = workers
-        self._make = executor or _spawn_pool
-        self._executor: Executor | None = None
-
-    def __call__(self, checks: Sequence[SignatureCheck]) -> list[bool]:
-        """Whether each signature verifies (:func:`edge_sdk.trust.check_device_signatures`), in order."""
-        parts = self.workers + 1
-        size = -(-len(checks) // parts)
-        chunks = [list(checks[i : i + size]) for i in range(0, len(checks), size)]
-        if len(chunks) < 2:
-            return check_device_signatures(checks)
-        try:
-            if self._executor is None:
-                self._executor = self._make(self.workers)
-            futures = [self._executor.submit(check_device_signatures, chunk) for chunk in chunks[1:]]
-            answers = check_device_signatures(chunks[0])  # this process takes a share too
-            for future in futures:
-                answers.extend(future.result())
-            return answers
-        except Exception as exc:  # a broken pool (BrokenProcessPool, OSError): check here, start again later
-            log.warning("signature workers failed (%s); checking this batch in the collector", exc)
-            self.close()
-            return check_device_signatures(checks)
-
-    def close(self) -> None:
-        """Stop the workers (started again on next use)."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _spawn_pool(workers: int) -> Executor:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 class Collector:

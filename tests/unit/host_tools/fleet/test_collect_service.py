@@ -165,37 +165,6 @@ def test_a_collector_keeps_a_session_and_acknowledges_itself() -> None:
     assert collect_filters("g")[0] == "$share/g/edge/v1/devices/+/status"
 
 
-def test_a_signature_pool_answers_as_this_process_would_and_survives_a_broken_pool() -> None:
-    from concurrent.futures import Executor
-
-    from edge_sdk.protocol import decode, signature_input
-    from edge_sdk.trust import check_device_signatures
-    from host_tools.fleet.collect_service import SignaturePool
-
-    devices = [ReportingDevice(f"pool-{i}") for i in range(3)]
-    checks = []
-    for i in range(40):
-        d = devices[i % 3]
-        sig, data = signature_input(decode(d.report(NOW + i)))  # type: ignore[arg-type, misc]
-        raw = d.key.public_key.raw if i % 7 else devices[(i + 1) % 3].key.public_key.raw  # some by the wrong key
-        checks.append((raw, sig, data if i % 5 else data + b" "))  # some over changed bytes
-    expected = check_device_signatures(checks)
-    assert expected.count(False) >= 10 and expected.count(True) >= 10
-    pool = SignaturePool(1)  # a real spawned worker process
-    try:
-        assert pool(checks) == expected
-        assert pool(checks[:1]) == expected[:1]  # too few to share: checked here
-    finally:
-        pool.close()
-
-    def broken(workers: int) -> Executor:
-        raise OSError("cannot start a process")
-
-    assert SignaturePool(2, broken)(checks) == expected  # checked here instead, nothing skipped
-    with pytest.raises(ConfigError):
-        SignaturePool(0)
-
-
 def test_a_backlog_is_checked_with_the_pool_and_stored_once(registry: Registry) -> None:
     devices = [ReportingDevice(f"pool-{i}") for i in range(4)]
     for d in devices:
