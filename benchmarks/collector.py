@@ -101,8 +101,8 @@ def baseline_subscriber(broker_port: int, pg_url: str, client_id: str, group: st
 class Subscriber:
     """One subscriber process (ours or the baseline), startable again after a kill."""
 
-    def __init__(self, args: list[str], env: dict[str, str], ready: str, log: Path) -> None:
-        self.args, self.env, self.ready, self.log = args, env, ready, log
+    def __init__(self, args: list[str], env: dict[str, str], ready: str, log: Path, began: str | None = None) -> None:
+        self.args, self.env, self.ready, self.log, self.began = args, env, ready, log, began
         self.proc: subprocess.Popen[str] | None = None
         self.starts = 0
         self.started_at = 0.0
@@ -120,11 +120,21 @@ class Subscriber:
             threading.Thread(target=self.wait_ready, daemon=True).start()
         return self
 
+    def _ready_now(self) -> bool:
+        """Ready since the last start: ``ready`` printed as many times as it started, or, with
+        ``began`` (a line each start prints once), ``ready`` printed after the last ``began``."""
+        text = self.log.read_text(errors="replace")
+        if self.began is None:
+            return text.count(self.ready) >= self.starts
+        if text.count(self.began) < self.starts:
+            return False
+        return self.ready in text[text.rindex(self.began) :]
+
     def wait_ready(self) -> float:
         """Seconds from the last start until the process said it was ready (polled every 20 ms)."""
         assert self.proc is not None
         deadline = time.monotonic() + 120  # a loaded host starts processes slowly
-        while self.log.read_text(errors="replace").count(self.ready) < self.starts:
+        while not self._ready_now():
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError(f"{self.args[:4]} did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.02)
@@ -155,7 +165,7 @@ def ours(broker: MosquittoProcess, pg_url: str, client_id: str, group: str | Non
     if VERIFY_WORKERS is not None:
         args += ["--verify-workers", str(VERIFY_WORKERS)]
     env = checkout_env(dict(os.environ, EDGE_SDK_HOME=str(work / "home")), pycache=work / "pycache")
-    return Subscriber(args, env, "collect: ", work / f"{client_id}.log")
+    return Subscriber(args, env, "collect: ", work / f"{client_id}.log", began="edgectl: collecting from")
 
 
 def baseline(broker: MosquittoProcess, pg_url: str, client_id: str, group: str | None, work: Path) -> Subscriber:
