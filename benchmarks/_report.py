@@ -21,9 +21,39 @@ from typing import Any
 
 from edge_sdk.metrics import benchmark_interleaved
 
-__all__ = ["add_common_args", "alternating_p50", "cpu_info", "machine_info", "print_table", "write_results"]
+__all__ = [
+    "EDGECTL",
+    "REPO_ROOT",
+    "add_common_args",
+    "alternating_p50",
+    "checkout_env",
+    "cpu_info",
+    "machine_info",
+    "print_table",
+    "write_results",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: The checkout these benchmarks belong to.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: `edgectl` of this checkout: the console script in a copied virtualenv may run another
+#: checkout's code (its shebang names that virtualenv's interpreter).
+EDGECTL = (sys.executable, "-m", "host_tools")
+
+
+def checkout_env(env: dict[str, str], pycache: Path | None = None) -> dict[str, str]:
+    """``env`` for a child that runs this checkout's code (``PYTHONPATH``).
+
+    Args:
+        env: the environment to extend.
+        pycache: where the child may write byte code (``PYTHONPYCACHEPREFIX``), so that its
+            start-up is measured as an installed package's, not with every module compiled.
+    """
+    out = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")])))
+    if pycache is not None:
+        out.pop("PYTHONDONTWRITEBYTECODE", None)
+        out["PYTHONPYCACHEPREFIX"] = str(pycache)
+    return out
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -44,15 +44,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # real broker, report publishers
 
-from _report import add_common_args, print_table, write_results
+from _report import EDGECTL, add_common_args, checkout_env, print_table, write_results
 from mosquitto import MosquittoProcess, find_mosquitto
 from report_stream import enroll_devices, publish_at_rate, publish_burst, publisher, reporting_devices
 
 from host_tools.fleet.registry import open_registry
 
-BIN = Path(sys.executable).parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 GROUP = "bench"
+#: ``--verify-workers`` of our collectors (None: edgectl's default).
+VERIFY_WORKERS: int | None = None
 
 
 # --- the baseline: a raw paho subscriber, one INSERT per message ------------------------
@@ -100,21 +101,45 @@ def baseline_subscriber(broker_port: int, pg_url: str, client_id: str, group: st
 class Subscriber:
     """One subscriber process (ours or the baseline), startable again after a kill."""
 
-    def __init__(self, args: list[str], env: dict[str, str], ready: str, log: Path) -> None:
-        self.args, self.env, self.ready, self.log = args, env, ready, log
+    def __init__(self, args: list[str], env: dict[str, str], ready: str, log: Path, began: str | None = None) -> None:
+        self.args, self.env, self.ready, self.log, self.began = args, env, ready, log, began
         self.proc: subprocess.Popen[str] | None = None
         self.starts = 0
+        self.started_at = 0.0
+        self.ready_after = 0.0
 
-    def start(self) -> Subscriber:
+    def start(self, wait: bool = True) -> Subscriber:
+        """Start the process; with ``wait``, return once it says it is ready (see :meth:`wait_ready`)."""
         self.starts += 1
+        self.started_at, self.ready_after = time.monotonic(), 0.0
         with open(self.log, "a") as err:
             self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=err, text=True, env=self.env)
+        if wait:
+            self.wait_ready()
+        else:  # note when it is ready, without holding up the caller
+            threading.Thread(target=self.wait_ready, daemon=True).start()
+        return self
+
+    def _ready_now(self) -> bool:
+        """Ready since the last start: ``ready`` printed as many times as it started, or, with
+        ``began`` (a line each start prints once), ``ready`` printed after the last ``began``."""
+        text = self.log.read_text(errors="replace")
+        if self.began is None:
+            return text.count(self.ready) >= self.starts
+        if text.count(self.began) < self.starts:
+            return False
+        return self.ready in text[text.rindex(self.began) :]
+
+    def wait_ready(self) -> float:
+        """Seconds from the last start until the process said it was ready (polled every 20 ms)."""
+        assert self.proc is not None
         deadline = time.monotonic() + 120  # a loaded host starts processes slowly
-        while self.log.read_text(errors="replace").count(self.ready) < self.starts:
+        while not self._ready_now():
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError(f"{self.args[:4]} did not start: {self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        return self
+            time.sleep(0.02)
+        self.ready_after = time.monotonic() - self.started_at
+        return self.ready_after
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -135,10 +160,12 @@ class Subscriber:
 
 
 def ours(broker: MosquittoProcess, pg_url: str, client_id: str, group: str | None, work: Path) -> Subscriber:
-    args = [str(BIN / "edgectl"), "--registry", pg_url, "collect", "--broker", broker.url, "--client-id", client_id]
-    args += ["--every", "0.5", "--json"] + (["--group", group] if group else [])
-    env = dict(os.environ, EDGE_SDK_HOME=str(work / "home"))
-    return Subscriber(args, env, "collect: ", work / f"{client_id}.log")
+    args = [*EDGECTL, "--registry", pg_url, "collect", "--broker", broker.url, "--client-id", client_id]
+    args += ["--every", "0.1", "--json"] + (["--group", group] if group else [])  # ready: its first progress line
+    if VERIFY_WORKERS is not None:
+        args += ["--verify-workers", str(VERIFY_WORKERS)]
+    env = checkout_env(dict(os.environ, EDGE_SDK_HOME=str(work / "home")), pycache=work / "pycache")
+    return Subscriber(args, env, "collect: ", work / f"{client_id}.log", began="edgectl: collecting from")
 
 
 def baseline(broker: MosquittoProcess, pg_url: str, client_id: str, group: str | None, work: Path) -> Subscriber:
@@ -221,7 +248,7 @@ def stream_case(
                 a.kill()
                 events["killed"] = time.time()
             elif "killed" in events and "restarted" not in events and elapsed >= back_at:
-                a.start()
+                a.start(wait=False)  # the stream goes on while it starts, as it would in the field
                 events["restarted"] = time.time()
 
         client = publisher(broker.url, f"{name}-pub-{tag}")
@@ -229,6 +256,10 @@ def stream_case(
             published = publish_at_rate(client, devices, 1.0, args.seconds, on_tick=tick)
         finally:
             client.close()
+        deadline = time.monotonic() + 120
+        while a.starts == 2 and a.ready_after == 0.0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the watcher thread notes when the restarted one was ready
+        start_up_s = a.ready_after
         rows = _wait_rows(pg_url, name == "ours", published, quiet_s=2.0, limit_s=30)
         a.stop()
         b.stop()
@@ -250,6 +281,8 @@ def stream_case(
         "max_s": max(latencies) if latencies else None,
         "p99_outside_outage_s": _pct(outside, 0.99),
         "outage_s": round(events["restarted"] - events["killed"], 2),
+        "restart_after_s": args.restart_after,
+        "start_up_s": round(start_up_s, 2),
     }
 
 
@@ -295,16 +328,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, default=200, help="simulated devices in the stream")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the stream")
-    parser.add_argument("--restart-after", type=float, default=2.0, help="seconds before the killed one restarts")
+    parser.add_argument(
+        "--restart-after", type=float, default=0.25, help="seconds before the killed one restarts (RestartSec)"
+    )
     parser.add_argument("--burst", type=int, default=100_000, help="reports queued for the burst")
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="PostgreSQL server (a schema is made and dropped)")
     parser.add_argument("--cases", default="stream,burst")
     parser.add_argument("--wait", type=float, default=120.0, help="most seconds to wait for the burst's rows")
+    parser.add_argument("--verify-workers", type=int, help="our collectors' --verify-workers (default: edgectl's)")
     add_common_args(parser)
     args = parser.parse_args()
+    global VERIFY_WORKERS
+    VERIFY_WORKERS = args.verify_workers
     if args.quick:
         args.devices, args.seconds, args.burst = 20, 10.0, 5000
-    results: dict[str, Any] = {"devices": args.devices, "seconds": args.seconds, "burst": args.burst}
+    results: dict[str, Any] = {
+        "devices": args.devices,
+        "seconds": args.seconds,
+        "burst": args.burst,
+        "verify_workers": args.verify_workers,
+        "load_average_start": os.getloadavg(),
+    }
     with tempfile.TemporaryDirectory(prefix="bench-collect-") as tmp:
         work = Path(tmp)
         broker = MosquittoProcess(
@@ -319,9 +363,11 @@ def main() -> None:
                 print(f"\nstream: {args.devices} simulated devices at 1 Hz for {args.seconds:g} s, "
                       f"two subscribers sharing a group, one SIGKILLed at half time")  # fmt: skip
                 print_table(
-                    ["subscriber", "published", "lost", "twice", "p50 s", "p99 s", "max s", "p99 outside outage s"],
+                    ["subscriber", "published", "lost", "twice", "p50 s", "p99 s", "max s", "p99 outside outage s",
+                     "restart after s", "start-up s"],
                     [[r["subscriber"], r["published"], r["lost"], r["twice"], _r(r["p50_s"]), _r(r["p99_s"]),
-                      _r(r["max_s"]), _r(r["p99_outside_outage_s"])] for r in results["stream"]],
+                      _r(r["max_s"]), _r(r["p99_outside_outage_s"]), r["restart_after_s"], r["start_up_s"]]
+                     for r in results["stream"]],
                 )  # fmt: skip
             if "burst" in args.cases:
                 results["burst_rows"] = burst_case(broker, args.postgres, args, work)
@@ -335,6 +381,8 @@ def main() -> None:
                 )  # fmt: skip
         finally:
             broker.stop()
+    results["load_average_end"] = os.getloadavg()
+    print(f"\nload average at the start {results['load_average_start']}, at the end {results['load_average_end']}")
     print(f"\nwrote {write_results('collector', results, args.json_out)}")
 
 

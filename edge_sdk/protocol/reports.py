@@ -34,6 +34,7 @@ from edge_sdk.trust.device import (
     DeviceEnvelope,
     DevicePolicy,
     sign_device_message,
+    signed_device_bytes,
     verify_device_message,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "open_report",
     "seal",
     "seal_bytes",
+    "signature_input",
     "signed_report_of",
 ]
 
@@ -103,6 +105,23 @@ def _envelope(signed: SignedReport) -> DeviceEnvelope:
     except (binascii.Error, ValueError) as exc:
         raise SignatureError("signed report signature is not base64", reason="bad_signature") from exc
     return DeviceEnvelope(signed.device_id, signed.seq, signed.ts, signed.message.encode(), signed.keyid, sig)
+
+
+def signature_input(signed: SignedReport) -> tuple[bytes, bytes] | None:
+    """A signed report's signature and the exact bytes :func:`open_report` checks it over.
+
+    For checking many signatures at once (elsewhere) before :func:`open_report` judges
+    each message; the signature decides nothing by itself.
+
+    Returns:
+        ``(signature, signed bytes)``; None when the signature is not base64 (``open_report``
+        drops it as ``bad_signature``).
+    """
+    try:
+        env = _envelope(signed)
+    except SignatureError:
+        return None
+    return env.sig, signed_device_bytes(env.device_id, env.seq, env.ts, env.payload)
 
 
 def _inner(signed: SignedReport, topic_device_id: str, channel: Channel, limits: CodecLimits) -> DeviceMessage:

@@ -19,7 +19,9 @@ persists them (in blocks reserved ahead), so a restart continues above every num
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edge_sdk.errors import ExpiredError, ReplayError, SignatureError, TargetMismatchError, UntrustedKeyError
@@ -30,6 +32,8 @@ __all__ = [
     "MAX_SEQ",
     "DeviceEnvelope",
     "DevicePolicy",
+    "SignatureCheck",
+    "check_device_signatures",
     "fingerprint",
     "sign_device_message",
     "signed_device_bytes",
@@ -91,6 +95,30 @@ class DeviceEnvelope:
 def signed_device_bytes(device_id: str, seq: int, ts: float, payload: bytes) -> bytes:
     """The bytes a device signature covers (see the module docstring)."""
     return _CONTEXT + canonical_json({"device_id": device_id, "seq": seq, "ts": ts}) + b"\n" + payload
+
+
+#: One signature to check: (the raw enrolled key, the signature, the bytes it must cover).
+SignatureCheck = tuple[bytes, bytes, bytes]
+
+
+def check_device_signatures(checks: Sequence[SignatureCheck]) -> list[bool]:
+    """Whether each signature verifies with its key: the costly part of
+    :func:`verify_device_message`, for many messages at once (a collector runs it in worker
+    processes). Only the answer is computed here; every other rule stays with the caller.
+
+    Args:
+        checks: the signatures to check.
+
+    Returns:
+        One answer per check, in order.
+    """
+    return [_key_of(raw).verifies(sig, data) for raw, sig, data in checks]
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_of(raw: bytes) -> PublicKey:
+    """The key of raw bytes, with its verifier built once (a worker checks many messages per key)."""
+    return PublicKey(raw)
 
 
 def fingerprint(key: PublicKey) -> str:

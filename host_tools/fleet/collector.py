@@ -19,14 +19,14 @@ import contextlib
 import logging
 import queue
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from edge_sdk.mqtt import Incoming, MqttClient
 from edge_sdk.protocol import DeviceStatus, Event, EventKind, Heartbeat, Message, MetricsReport
 from host_tools.fleet.enrolment import ReportGate, Verified
 from host_tools.fleet.registry import BundleRef, DeploymentState, DeviceRecord, Registry, check_time
 
-__all__ = ["active_bundles", "collect_retained", "record_event", "record_message"]
+__all__ = ["active_bundles", "collect_retained", "record_event", "record_message", "record_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,27 @@ def record_message(registry: Registry, msg: Message, received_at: float, broker:
             log.warning("metrics report from %s not stored: %s", msg.device_id, exc)
     elif isinstance(msg, Event):
         record_event(registry, msg, received_at)
+
+
+def record_messages(registry: Registry, msgs: Sequence[Message], received_at: float, broker: str = "") -> None:
+    """Store verified device messages, as :func:`record_message` stores each, the metrics
+    reports among them in one statement.
+
+    Metrics rows are keyed by device and report time and merge with nothing, so writing
+    them after the other messages of the batch stores the same rows; call it inside one
+    :meth:`~host_tools.fleet.registry.Registry.batch` to keep the batch atomic.
+
+    Raises:
+        StorageError: the registry cannot be written.
+    """
+    reports: list[MetricsReport] = []
+    for msg in msgs:
+        if isinstance(msg, MetricsReport):
+            reports.append(msg)
+        else:
+            record_message(registry, msg, received_at, broker)
+    for report, exc in registry.add_metrics_batch(reports, received_at) if reports else ():
+        log.warning("metrics report from %s not stored: %s", report.device_id, exc)
 
 
 #: What each install outcome a device reports makes of its deployment row.

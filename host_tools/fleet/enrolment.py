@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,14 +44,16 @@ from edge_sdk.protocol import (
     Event,
     Heartbeat,
     MetricsReport,
+    ParsedTopic,
     SignedReport,
     decode,
     open_enrolment_request,
     open_report,
     parse_topic,
+    signature_input,
 )
 from edge_sdk.protocol.topics import check_device_id
-from edge_sdk.trust import DevicePolicy, PublicKey
+from edge_sdk.trust import DevicePolicy, PublicKey, SignatureCheck
 from edge_sdk.trust import fingerprint as fingerprint_of
 from host_tools.fleet.registry import UNKNOWN_DEVICE, EnrolmentRecord, Registry
 
@@ -58,6 +61,7 @@ __all__ = [
     "DEFAULT_MAX_PENDING",
     "Dropped",
     "ReportGate",
+    "SignatureChecker",
     "Verified",
     "enroll_device",
     "key_fingerprint",
@@ -69,6 +73,28 @@ log = logging.getLogger(__name__)
 
 #: Most devices that may wait for approval at once (bounds what invented ids can add).
 DEFAULT_MAX_PENDING = 256
+
+
+#: Checks many signatures at once: ``(raw key, signature, signed bytes)`` -> verifies
+#: (:func:`edge_sdk.trust.check_device_signatures`, perhaps in worker processes).
+SignatureChecker = Callable[[Sequence[SignatureCheck]], list[bool]]
+
+
+@dataclass(frozen=True)
+class _CheckedKey(PublicKey):
+    """An enrolled key that already knows its answer for one signature over one text.
+
+    The answer was computed elsewhere from these very bytes and this very key; any other
+    signature or text is verified as usual.
+    """
+
+    checked: tuple[bytes, bytes] = (b"", b"")
+    ok: bool = False
+
+    def verifies(self, signature: bytes, data: bytes) -> bool:
+        if (signature, data) == self.checked:
+            return self.ok
+        return super().verifies(signature, data)
 
 
 @dataclass(frozen=True)
@@ -164,6 +190,48 @@ class ReportGate:
         Returns:
             The verified message, or why it was dropped.
         """
+        decoded = self._decode(topic, payload)
+        return decoded if isinstance(decoded, Dropped) else self._judge(*decoded, now)
+
+    def check_many(
+        self, messages: Sequence[tuple[str, bytes]], now: float, signatures: SignatureChecker
+    ) -> list[Verified | Dropped]:
+        """:meth:`check` each message in order, their signatures checked all at once first.
+
+        Every rule but the signature itself (the enrolled key, the device, the order, the
+        time) is judged here as :meth:`check` judges it; ``signatures`` only says whether
+        each signature verifies over its bytes with its device's enrolled key.
+
+        Args:
+            messages: ``(topic, payload)`` as they arrived.
+            now: the host's clock.
+            signatures: checks many signatures at once.
+
+        Returns:
+            One result per message, in order.
+        """
+        decoded = [self._decode(topic, payload) for topic, payload in messages]
+        checks: list[SignatureCheck] = []
+        keyed: list[tuple[int, PublicKey, tuple[bytes, bytes]]] = []
+        with self._lock:
+            for i, item in enumerate(decoded):
+                if isinstance(item, Dropped) or not isinstance(item[1], SignedReport):
+                    continue
+                key = self._keys.get(item[0].device_id)
+                signed = None if key is None else signature_input(item[1])
+                if key is not None and signed is not None:
+                    checks.append((key.raw, *signed))
+                    keyed.append((i, key, signed))
+        answers = signatures(checks) if checks else []
+        keys: dict[int, PublicKey] = {
+            i: _CheckedKey(key.raw, signed, ok) for (i, key, signed), ok in zip(keyed, answers, strict=True)
+        }
+        return [
+            item if isinstance(item, Dropped) else self._judge(*item, now, keys.get(i))
+            for i, item in enumerate(decoded)
+        ]
+
+    def _decode(self, topic: str, payload: bytes) -> tuple[ParsedTopic, object] | Dropped:
         try:
             parsed = parse_topic(topic)
             msg = decode(payload, self.limits)
@@ -172,6 +240,11 @@ class ReportGate:
                 self.drops[(UNKNOWN_DEVICE, "malformed")] += 1
             log.info("dropped a malformed message on %s: %s", topic, exc.message)
             return Dropped("malformed")
+        return parsed, msg
+
+    def _judge(
+        self, parsed: ParsedTopic, msg: object, now: float, checked: PublicKey | None = None
+    ) -> Verified | Dropped:
         device_id, channel = parsed.device_id, parsed.channel
         with self._lock:
             if not isinstance(msg, SignedReport):
@@ -179,6 +252,8 @@ class ReportGate:
             key = self._keys.get(device_id)
             if key is None:
                 return self._request(msg, device_id, channel, now)
+            if checked is not None and checked.raw == key.raw:
+                key = checked  # its signature was checked with this very key
             where = (device_id, channel.value)
             known = self._last.get(where)
             last = None if channel in self.unordered else known

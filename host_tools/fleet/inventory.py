@@ -28,16 +28,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_sdk.errors import ConfigError
-from edge_sdk.mqtt import MqttClient
-from edge_sdk.protocol import Channel, DeviceStatus, DeviceTopics, fleet_filter
-from host_tools.fleet.collector import collect_retained, record_message
-from host_tools.fleet.enrolment import ReportGate
 from host_tools.fleet.liveness import DEFAULT_STALE_FACTOR, LivenessState, liveness
-from host_tools.fleet.registry import DeviceRecord, ForgetResult, MetricsRecord, Registry
+from host_tools.fleet.registry import DeviceRecord, DeviceRow, ForgetResult, MetricsRecord, Registry
 from host_tools.fleet.selectors import Selector
+
+if TYPE_CHECKING:
+    from edge_sdk.mqtt import MqttClient
+
+# What reads a broker (the MQTT client, the protocol, the report gate) is imported by the
+# functions that read one: `edgectl devices` lists the registry without paying for them.
 
 __all__ = [
     "DeviceView",
@@ -47,6 +49,7 @@ __all__ = [
     "forget_device",
     "label_device",
     "latest_metrics",
+    "list_device_rows",
     "list_devices",
     "parse_cursor",
     "require_known",
@@ -131,9 +134,10 @@ class ListingQuery:
             raise ConfigError(f"limit must be at least 1, got {self.limit}")
 
 
-def cursor_of(view: DeviceView) -> str:
-    """The ``--after`` cursor that continues a listing after ``view``: ``DEVICE/BROKER``."""
-    return f"{view.record.device_id}/{view.record.broker}"
+def cursor_of(view: DeviceView | DeviceRow) -> str:
+    """The ``--after`` cursor that continues a listing after ``view`` (or a row): ``DEVICE/BROKER``."""
+    record = view.record if isinstance(view, DeviceView) else view
+    return f"{record.device_id}/{record.broker}"
 
 
 def parse_cursor(text: str) -> tuple[str, str]:
@@ -162,23 +166,46 @@ def list_devices(registry: Registry, now: float, query: ListingQuery | None = No
     Raises:
         StorageError: the registry cannot be read.
     """
+    for row, state, mine in list_device_rows(registry, now, query):
+        yield DeviceView(registry.device_record(row), False, "", state, mine)
+
+
+def list_device_rows(
+    registry: Registry, now: float, query: ListingQuery | None = None
+) -> Iterator[tuple[DeviceRow, LivenessState, Mapping[str, str]]]:
+    """What :func:`list_devices` lists, as stored rows: for a listing that writes them out
+    (``edgectl devices --json``) without building a record and a view per device.
+
+    Args:
+        registry: the registry.
+        now: unix seconds now, for each device's state.
+        query: selector, state, limit and cursor; everything when None.
+
+    Yields:
+        ``(row, state, operator labels)`` per device row that the query selects, at most
+        ``query.limit``, ordered by id then broker.
+
+    Raises:
+        StorageError: the registry cannot be read.
+    """
     query = query or ListingQuery()
     operator = registry.operator_labels()
     only_ids = query.selector.device_ids()
+    by_labels = bool(query.selector.terms)
+    wanted, factor = query.state, query.stale_factor
     left = query.limit
-    for record in registry.iter_devices(after=query.after):
-        if only_ids is not None and record.device_id not in only_ids:
+    none: Mapping[str, str] = {}
+    for row in registry.iter_device_rows(after=query.after):
+        device_id = row.device_id
+        if only_ids is not None and device_id not in only_ids:
             continue
-        state = liveness(
-            record.status, record.last_seen, record.last_heard, record.heartbeat_s, now, query.stale_factor
-        )
-        if query.state is not None and state != query.state:
+        state = liveness(row.status, row.last_seen, row.last_heard, row.heartbeat_s, now, factor)
+        if wanted is not None and state != wanted:
             continue
-        mine = operator.get(record.device_id, {})
-        view = DeviceView(record, False, "", state, mine)
-        if query.selector.terms and not query.selector.matches(record.device_id, view.labels):
+        mine = operator.get(device_id, none)
+        if by_labels and not query.selector.matches(device_id, {**(row.device_labels() or {}), **mine}):
             continue
-        yield view
+        yield row, state, mine
         if left is not None:
             left -= 1
             if left == 0:
@@ -231,6 +258,10 @@ def current_devices(
     Raises:
         StorageError: the registry cannot be read or written.
     """
+    from edge_sdk.protocol import Channel, DeviceStatus, fleet_filter
+    from host_tools.fleet.collector import collect_retained, record_message
+    from host_tools.fleet.enrolment import ReportGate
+
     broker = str(client.address)
     seen: set[str] = set()
     gate = ReportGate.from_registry(registry, allow_unsigned=allow_unsigned)
@@ -281,6 +312,8 @@ def forget_device(registry: Registry, client: MqttClient, device_id: str) -> For
         TransportError: the broker did not acknowledge a clearing publish.
         StorageError: the registry cannot be read or written.
     """
+    from edge_sdk.protocol import DeviceTopics
+
     require_known(registry, device_id)
     topics = DeviceTopics(device_id)
     for topic in (topics.status, topics.metrics):
@@ -313,6 +346,10 @@ def latest_metrics(
         StorageError: the registry cannot be read or written.
     """
     if client is not None:
+        from edge_sdk.protocol import Channel, DeviceTopics, fleet_filter
+        from host_tools.fleet.collector import collect_retained, record_message
+        from host_tools.fleet.enrolment import ReportGate
+
         topic = DeviceTopics(device_id).metrics if device_id else fleet_filter(Channel.METRICS)
         gate = ReportGate.from_registry(registry, allow_unsigned=allow_unsigned)
         for verified in collect_retained(client, [topic], gate, wall_clock=clock):

@@ -80,10 +80,12 @@ from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapp
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from edge_sdk.errors import ConfigError, MessageError, StorageError
-from edge_sdk.protocol import Event, MetricsReport
+
+if TYPE_CHECKING:  # imported where a report is read back: listing devices does without the protocol
+    from edge_sdk.protocol import Event, MetricsReport
 
 __all__ = [
     "DEPLOYMENT_STATES",
@@ -97,6 +99,7 @@ __all__ = [
     "DeploymentRecord",
     "DeploymentState",
     "DeviceRecord",
+    "DeviceRow",
     "DeviceStatus",
     "EnrolmentRecord",
     "ForgetResult",
@@ -108,6 +111,7 @@ __all__ = [
     "change_token",
     "check_time",
     "open_registry",
+    "stored_bundles",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1152,6 +1156,25 @@ WHERE id = (
 """
 
 
+_INSERT_METRICS = (
+    "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report, report_ts) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, report_ts) DO NOTHING"
+)
+
+
+def _metrics_row(report: MetricsReport, received_at: float) -> tuple[Any, ...]:
+    """The metrics row of a report; raises ValueError for an implausible time or a number not finite."""
+    check_time(received_at, "received_at")
+    check_time(report.ts, "report ts")
+    stored = {**report.to_dict(), "schema": report.schema}
+    try:
+        text = json.dumps(stored, sort_keys=True, separators=(",", ":"), allow_nan=False)  # finite, checked in C
+    except ValueError:
+        _check_finite(stored, "report")  # names the number that is not
+        raise
+    return (report.device_id, report.bundle_name, report.bundle_version, received_at, text, report.ts)
+
+
 def _dump_json(value: Mapping[str, Any] | None) -> str | None:
     if value is None:
         return None
@@ -1360,19 +1383,31 @@ class Registry:
             rows = self._conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id, broker").fetchall()
         return [self._device_from_row(row) for row in rows]
 
-    def iter_devices(self, after: tuple[str, str] | None = None, page: int = 5000) -> Iterator[DeviceRecord]:
+    def iter_devices(self, after: tuple[str, str] | None = None, page: int = 20_000) -> Iterator[DeviceRecord]:
+        """Every device row after ``after``, ordered by id then broker, as records (see :meth:`iter_device_rows`).
+
+        Raises:
+            ValueError: a page size below 1.
+            StorageError: on a database failure or a malformed row.
+        """
+        for row in self.iter_device_rows(after, page):
+            yield self.device_record(row)
+
+    def iter_device_rows(self, after: tuple[str, str] | None = None, page: int = 20_000) -> Iterator[DeviceRow]:
         """Every device row after ``after``, ordered by id then broker, read in pages (keyset paging).
 
         Each page is one query that starts where the last one ended (on the primary key), so
         a listing of any size holds one page in memory and never skips or repeats a row
-        that was there throughout.
+        that was there throughout. The rows come as stored, their JSON columns as text, each
+        checked to decode to what it should (decoded once per distinct text): what a
+        listing that writes JSON needs, without building a record per row.
 
         Args:
             after: ``(device_id, broker)`` of the last row already seen; None from the start.
             page: rows per query.
 
         Yields:
-            The devices.
+            The device rows.
 
         Raises:
             ValueError: a page size below 1.
@@ -1381,6 +1416,7 @@ class Registry:
         if page < 1:
             raise ValueError(f"page must be at least 1, got {page}")
         cursor_key = after
+        make = DeviceRow._make
         while True:
             if cursor_key is None:
                 query, params = f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id, broker LIMIT ?", (page,)
@@ -1392,11 +1428,24 @@ class Registry:
                 params = (cursor_key[0], cursor_key[0], cursor_key[1], page)  # type: ignore[assignment]
             with self._storage_errors("list devices"):
                 rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
-            for row in rows:
-                yield self._device_from_row(row)
+            for raw in rows:
+                row = make(raw)
+                try:
+                    _check_device_row(row)
+                except (ValueError, TypeError) as exc:
+                    self._malformed("devices", row[0], exc)
+                yield row
             if len(rows) < page:
                 return
             cursor_key = (rows[-1][0], rows[-1][8])
+
+    def device_record(self, row: DeviceRow) -> DeviceRecord:
+        """The record a device row (:meth:`iter_device_rows`) makes.
+
+        Raises:
+            StorageError: the row is malformed.
+        """
+        return self._device_from_row(row)
 
     def record_heartbeat(self, device_id: str, broker: str, at: float, heartbeat_s: float) -> None:
         """Record that a device was heard from at ``at``, announcing ``heartbeat_s``.
@@ -1761,24 +1810,38 @@ class Registry:
             ValueError: an implausible time or a number that is not finite (nothing is stored).
             StorageError: on a database failure.
         """
-        stored = {**report.to_dict(), "schema": report.schema}
-        check_time(received_at, "received_at")
-        check_time(report.ts, "report ts")
-        _check_finite(stored, "report")
-        params = (
-            report.device_id,
-            report.bundle_name,
-            report.bundle_version,
-            received_at,
-            _dump_json(stored),
-            report.ts,
-        )
         return self._insert_once(
-            "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report, report_ts) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, report_ts) DO NOTHING",
-            params,
-            what=f"add metrics from {report.device_id!r}",
+            _INSERT_METRICS, _metrics_row(report, received_at), what=f"add metrics from {report.device_id!r}"
         )
+
+    def add_metrics_batch(
+        self, reports: Sequence[MetricsReport], received_at: float
+    ) -> list[tuple[MetricsReport, ValueError]]:
+        """Store many metrics reports in one statement (``executemany``), each once (see :meth:`add_metrics`).
+
+        Args:
+            reports: the reports as received.
+            received_at: unix seconds the host received them.
+
+        Returns:
+            The reports not stored (an implausible time, a number that is not finite), each with why.
+
+        Raises:
+            StorageError: on a database failure (nothing of the batch is stored).
+        """
+        rows: list[tuple[Any, ...]] = []
+        refused: list[tuple[MetricsReport, ValueError]] = []
+        for report in reports:
+            try:
+                rows.append(_metrics_row(report, received_at))
+            except ValueError as exc:
+                refused.append((report, exc))
+        if rows:
+            # a cursor: psycopg's connection has no executemany
+            what = f"add {len(rows)} metrics reports"
+            with self._storage_errors(what), contextlib.closing(self._conn.cursor()) as cur:
+                cur.executemany(self._dialect.sql(_INSERT_METRICS), rows)
+        return refused
 
     # -- events --
 
@@ -2237,13 +2300,17 @@ class Registry:
         try:
             yield
         except (MessageError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            text = exc.message if isinstance(exc, MessageError) else str(exc)
-            raise StorageError(
-                f"registry {self._name}: {table} row {key!r} is malformed: {text}",
-                database=self._name,
-                table=table,
-                row_id=key,
-            ) from exc
+            self._malformed(table, key, exc)
+
+    def _malformed(self, table: str, key: object, exc: Exception) -> None:
+        """Raise the StorageError that names a malformed row, from what was wrong with it."""
+        text = exc.message if isinstance(exc, MessageError) else str(exc)
+        raise StorageError(
+            f"registry {self._name}: {table} row {key!r} is malformed: {text}",
+            database=self._name,
+            table=table,
+            row_id=key,
+        ) from exc
 
     def _device_from_row(self, row: Sequence[Any]) -> DeviceRecord:
         with self._row("devices", row[0]):
@@ -2286,6 +2353,8 @@ class Registry:
 
     def _metrics_from_row(self, row: Sequence[Any]) -> MetricsRecord:
         with self._row("metrics", row[0]):
+            from edge_sdk.protocol import MetricsReport
+
             report = MetricsReport.from_dict(json.loads(row[5]))
             version = _bundle_version(row[3])
             if version is None:
@@ -2376,35 +2445,115 @@ def _load_shared_json(text: str) -> Any:
 
 
 @functools.lru_cache(maxsize=4096)
-def _shared_bundles(text: str) -> tuple[BundleRef, ...]:
-    """The active bundles a row's JSON lists, decoded once for every row that lists the same."""
+def stored_bundles(text: str) -> tuple[BundleRef, ...]:
+    """The active bundles a devices row's JSON lists, ordered by name then version.
+
+    Decoded once for every row that lists the same (an LRU of 4,096 texts).
+
+    Args:
+        text: the ``active_bundles`` column.
+
+    Returns:
+        The bundles.
+
+    Raises:
+        ValueError: not a JSON list of bundle references.
+    """
     active = json.loads(text)
     if not isinstance(active, list):
         raise ValueError("active_bundles must be a JSON list")
     return tuple(sorted((BundleRef.from_dict(b) for b in active), key=_bundle_order))
 
 
+def stored_object(text: str | None, what: str) -> Mapping[str, Any] | None:
+    """A devices row's JSON object column (platform, runtimes, labels), decoded once per distinct text.
+
+    Args:
+        text: the column; ``None`` when not reported.
+        what: the column's name, for the error.
+
+    Returns:
+        The object (shared between rows: read it, never change it), or ``None``.
+
+    Raises:
+        ValueError: the text is not a JSON object.
+    """
+    if text is None:
+        return None
+    value = _load_shared_json(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return value
+
+
+class DeviceRow(NamedTuple):
+    """One row of the devices table as stored: the JSON columns as their text.
+
+    :meth:`Registry.iter_device_rows` yields these checked (a valid status, a plausible
+    ``last_seen``, JSON that decodes to what each column should hold), so a listing can
+    write their JSON text without decoding it again; :meth:`Registry.device_record` makes
+    the :class:`DeviceRecord`.
+    """
+
+    device_id: str
+    status: str
+    platform: str | None
+    runtimes: str | None
+    agent_version: str | None
+    active_bundles: str | None
+    first_seen: float | None
+    last_seen: float
+    broker: str
+    labels: str | None
+    heartbeat_s: float | None
+    last_heard: float | None
+
+    def device_labels(self) -> Mapping[str, str] | None:
+        """The device's own labels (shared between rows: read them, never change them); None: never reported.
+
+        Raises:
+            ValueError: the column is not a JSON object.
+        """
+        return stored_object(self.labels, "labels")
+
+
+def _check_device_row(row: DeviceRow) -> None:
+    """Raise ValueError or TypeError if a row makes no valid record (what :func:`_device_from_row` checks)."""
+    if row[1] not in DEVICE_STATUSES:
+        raise ValueError(f"unknown device status {row[1]!r}")
+    if not row[0]:
+        raise ValueError("device_id must not be empty")
+    last_seen = row[7]
+    if type(last_seen) is not float or not 0.0 <= last_seen <= LATEST_TIME:  # NaN fails too
+        check_time(last_seen, "last_seen")
+    if row[6] is not None:
+        check_time(row[6], "first_seen")
+    _check_json_columns(row[2], row[3], row[5], row[9])
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_json_columns(platform: str | None, runtimes: str | None, bundles: str | None, labels: str | None) -> None:
+    """Raise ValueError unless a row's JSON columns hold what they should; once per distinct combination."""
+    stored_object(platform, "platform")
+    stored_object(runtimes, "runtimes")
+    stored_object(labels, "labels")
+    if bundles is not None:
+        stored_bundles(bundles)
+
+
 def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
     """A device record from its row; raises ValueError, TypeError, KeyError or AttributeError when malformed."""
-    load = _load_shared_json
-    platform = None if row[2] is None else load(row[2])
-    runtimes = None if row[3] is None else load(row[3])
-    if not isinstance(platform, (dict, type(None))) or not isinstance(runtimes, (dict, type(None))):
-        raise ValueError("platform and runtimes must be JSON objects")
-    labels = None if row[9] is None else load(row[9])
-    if not isinstance(labels, (dict, type(None))):
-        raise ValueError("labels must be a JSON object")
     return DeviceRecord(
         device_id=row[0],
         status=row[1],
-        platform=platform,
-        runtimes=runtimes,
+        platform=stored_object(row[2], "platform"),
+        runtimes=stored_object(row[3], "runtimes"),
         agent_version=row[4],
-        active_bundles=None if row[5] is None else _shared_bundles(row[5]),
+        active_bundles=None if row[5] is None else stored_bundles(row[5]),
         first_seen=row[6],
         last_seen=row[7],
         broker=row[8],
-        labels=labels,
+        labels=stored_object(row[9], "labels"),
         heartbeat_s=row[10],
         last_heard=row[11],
     )

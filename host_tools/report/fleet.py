@@ -7,12 +7,14 @@ file, the registry or the network.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.protocol import EventKind
 from host_tools.report.table import Column, format_bytes, render_table
 
 if TYPE_CHECKING:
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from host_tools.fleet.deployer import DeployOutcome
     from host_tools.fleet.inventory import DeviceView
     from host_tools.fleet.profiler import ProfileOutcome
-    from host_tools.fleet.registry import EnrolmentRecord, ForgetResult, GroupRecord
+    from host_tools.fleet.registry import DeviceRow, EnrolmentRecord, ForgetResult, GroupRecord
 
 __all__ = [
     "collect_line",
@@ -33,6 +35,7 @@ __all__ = [
     "deploy_many_text",
     "deploy_text",
     "device_data",
+    "device_row_json",
     "devices_data",
     "devices_text",
     "enrolments_data",
@@ -129,8 +132,13 @@ def seen_text(ts: float, now: float) -> str:
     Returns:
         The text.
     """
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
-    return f"{stamp} ({ago_text(now - ts)})"
+    return f"{_utc_stamp(math.floor(ts))} ({ago_text(now - ts)})"
+
+
+@functools.lru_cache(maxsize=1024)
+def _utc_stamp(second: int) -> str:
+    """``2026-12-03 07:45:12 UTC``, formatted once per second that many devices share."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(second))
 
 
 def status_cell(view: DeviceView, now: float) -> str:
@@ -245,6 +253,104 @@ def device_data(view: DeviceView, now: float, drops: Mapping[str, Mapping[str, i
         "last_seen_text": seen_text(view.record.last_seen, now),
         "dropped": dict((drops or {}).get(view.record.device_id, {})),
     }
+
+
+def device_row_json(
+    row: DeviceRow,
+    state: str,
+    operator_labels: Mapping[str, str],
+    now: float,
+    drops: Mapping[str, Mapping[str, int]] | None = None,
+) -> str:
+    """One device as ``edgectl devices --json`` prints it, written from its stored row.
+
+    The same text, byte for byte, as ``json.dumps(device_data(view, now, drops), ensure_ascii=True)``
+    for the view the row makes (listed from the registry, no broker read), without
+    building the record, the view and the dict: the row's JSON columns are re-encoded once
+    per distinct text (many devices report alike), and the rest is spliced in.
+
+    Args:
+        row: the row, as :meth:`~host_tools.fleet.registry.Registry.iter_device_rows` checked it.
+        state: its state now (``online``, ``stale``, ``offline``).
+        operator_labels: the labels the operator set on it.
+        now: unix seconds now, for ``last_seen_text``.
+        drops: device id -> reason -> messages dropped.
+
+    Returns:
+        The device's JSON object, one line.
+    """
+    text = encode_basestring_ascii
+    status = text(row.status)
+    active_bundles, active_bundle = _bundles_json(row.active_bundles)
+    if operator_labels:
+        device_labels, labels, sources = _merged_labels_json(row.device_labels(), operator_labels)
+        operator = _dumps(dict(operator_labels))
+    else:
+        device_labels, labels, sources = _own_labels_json(row.labels)
+        operator = "{}"
+    dropped = (drops or {}).get(row.device_id)
+    return (
+        f'{{"device_id": {text(row.device_id)}, "broker": {text(row.broker)}, "status": {status}, '
+        f'"platform": {_object_json(row.platform)}, "runtimes": {_object_json(row.runtimes)}, '
+        f'"agent_version": {"null" if row.agent_version is None else text(row.agent_version)}, '
+        f'"active_bundles": {active_bundles}, "active_bundle": {active_bundle}, '
+        f'"first_seen": {_number_json(row.first_seen)}, "last_seen": {_number_json(row.last_seen)}, '
+        f'"device_labels": {device_labels}, "heartbeat_s": {_interval_json(row.heartbeat_s)}, '
+        f'"last_heard": {_number_json(row.last_heard)}, "last_status": {status}, "status_confirmed": false, '
+        f'"state": {text(state)}, "labels": {labels}, "label_sources": {sources}, "operator_labels": {operator}, '
+        f'"last_seen_text": {text(seen_text(row.last_seen, now))}, '
+        f'"dropped": {_dumps(dict(dropped)) if dropped else "{}"}}}'
+    )
+
+
+def _dumps(value: object) -> str:
+    """What ``edgectl devices --json`` writes for a value (see ``_print_json_stream`` in the CLI)."""
+    return json.dumps(value, default=str, ensure_ascii=True)
+
+
+def _number_json(value: object) -> str:
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)  # what json writes for a finite float
+    return "null" if value is None else _dumps(value)
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # typed: 60 and 60.0 are written differently
+def _interval_json(value: object) -> str:
+    """A heartbeat interval, which most devices share, encoded once per value."""
+    return _number_json(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _object_json(stored: str | None) -> str:
+    """A stored JSON column (checked when read) as the listing writes it, once per distinct text."""
+    return "null" if stored is None else _dumps(json.loads(stored))
+
+
+@functools.lru_cache(maxsize=4096)
+def _bundles_json(stored: str | None) -> tuple[str, str]:
+    """``active_bundles`` and ``active_bundle`` (see DeviceRecord.to_dict), once per distinct text."""
+    from host_tools.fleet.registry import stored_bundles  # the registry's reading of the column
+
+    if stored is None:
+        return "null", "null"
+    refs = stored_bundles(stored)
+    listed = _dumps([{"name": b.name, "version": b.version} for b in refs])
+    return listed, _dumps(refs[0].to_dict()) if refs else "null"
+
+
+@functools.lru_cache(maxsize=4096)
+def _own_labels_json(stored: str | None) -> tuple[str, str, str]:
+    """``device_labels``, ``labels`` and ``label_sources`` of a device the operator labelled not."""
+    if stored is None:
+        return "null", "{}", "{}"
+    own = json.loads(stored)
+    return _merged_labels_json(own, {})
+
+
+def _merged_labels_json(own: Mapping[str, str] | None, operator: Mapping[str, str]) -> tuple[str, str, str]:
+    labels = dict(sorted({**(own or {}), **operator}.items()))
+    sources = {k: ("operator" if k in operator else "device") for k in labels}
+    return "null" if own is None else _dumps(dict(own)), _dumps(labels), _dumps(sources)
 
 
 def labels_text(view: DeviceView) -> str:
@@ -412,6 +518,8 @@ def command_data(device_id: str, event: Event) -> dict[str, Any]:
 
 def command_text(device_id: str, event: Event, what: str) -> str:
     """The line for the device's answer to ``what`` (e.g. ``remove NAME``), its detail in words."""
+    from edge_sdk.protocol import EventKind  # the messages; `edgectl devices` imports this module without them
+
     if event.kind != EventKind.DONE:
         return f"{device_id} refused: {what}"
     detail = dict(event.detail)

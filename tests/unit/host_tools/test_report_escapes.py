@@ -36,7 +36,15 @@ from host_tools.fleet.collect_service import CollectCounts
 from host_tools.fleet.deployer import DeployOutcome
 from host_tools.fleet.inventory import DeviceView
 from host_tools.fleet.profiler import ProfileOutcome
-from host_tools.fleet.registry import BundleRef, DeviceRecord, EnrolmentRecord, ForgetResult, GroupRecord, RunRecord
+from host_tools.fleet.registry import (
+    BundleRef,
+    DeviceRecord,
+    DeviceRow,
+    EnrolmentRecord,
+    ForgetResult,
+    GroupRecord,
+    RunRecord,
+)
 from host_tools.fleet.rollout_plan import RolloutPolicy
 from host_tools.fleet.rollout_store import RolloutRecord
 from host_tools.fleet.rollouts import DeviceEnd, RolloutReport
@@ -109,6 +117,18 @@ def _labelled() -> DeviceView:
     """A device whose own labels and operator labels are attacker-chosen (the registry may hold anything)."""
     record = DeviceRecord(EVIL, "online", 0.0, broker=EVIL, labels={EVIL: EVIL, "site": EVIL})
     return DeviceView(record, False, "", "stale", {"site": EVIL + "o"})
+
+
+def _row_json() -> Any:
+    """``devices --json`` written from a stored row whose every string is attacker-chosen: ASCII, exact JSON."""
+    evil = json.dumps(EVIL)
+    row = DeviceRow(
+        EVIL, "online", f'{{"kind": {evil}}}', f"{{{evil}: {evil}}}", EVIL, f'[{{"name": {evil}, "version": 2}}]',
+        0.0, 1.0, EVIL, f'{{"site": {evil}}}', 60.0, None,
+    )  # fmt: skip
+    text = fleet.device_row_json(row, "stale", {EVIL: EVIL}, 10.0, {EVIL: {EVIL: 1}})
+    assert text.isascii() and "\n" not in text
+    return json.loads(text)
 
 
 def _views() -> list[DeviceView]:
@@ -213,6 +233,7 @@ CASES: dict[str, Callable[[], Any]] = {
     "fleet.devices_text": lambda: fleet.devices_text(_views(), 10.0),
     "fleet.devices_data": lambda: fleet.devices_data(_views(), 10.0),
     "fleet.device_data": lambda: fleet.device_data(_labelled(), 10.0),
+    "fleet.device_row_json": _row_json,
     "fleet.labels_cell": lambda: fleet.labels_cell(_labelled()),
     "fleet.labels_text": lambda: fleet.labels_text(_labelled()),
     "fleet.groups_text": lambda: fleet.groups_text([GroupRecord(EVIL, EVIL, 0.0)]),

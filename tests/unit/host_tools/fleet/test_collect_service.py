@@ -163,3 +163,21 @@ def test_a_collector_keeps_a_session_and_acknowledges_itself() -> None:
         "edge/v1/devices/+/metrics",
     ]
     assert collect_filters("g")[0] == "$share/g/edge/v1/devices/+/status"
+
+
+def test_a_backlog_is_checked_with_the_pool_and_stored_once(registry: Registry) -> None:
+    devices = [ReportingDevice(f"pool-{i}") for i in range(4)]
+    for d in devices:
+        registry.enroll(d.device_id, d.key.public_key.raw.hex(), NOW)
+    forged = ReportingDevice("pool-0")  # another key for an enrolled id
+    client = FakeClient()
+    options = CollectOptions(client_id="unit", batch_wait_s=0.2, verify_workers=1, pool_min=8)
+    collector = Collector(client, registry, options, wall_clock=lambda: NOW)  # type: ignore[arg-type]
+    for i in range(40):
+        client.inbox.put(_message(devices[i % 4], i + 1, NOW - 40 + i))
+    client.inbox.put(Incoming(DeviceTopics("pool-0").metrics, forged.report(NOW - 0.5), False, 1, 41, 1))
+    _run_until(collector, lambda: len(client.acked) == 41, limit_s=60)
+    assert sorted(client.acked) == list(range(1, 42))
+    assert collector.counts.stored == 40 and collector.counts.dropped == 1
+    assert len(registry.query("SELECT id FROM metrics", what="count")) == 40
+    assert registry.drop_counts() == {"pool-0": {"bad_signature": 1}}

@@ -187,3 +187,60 @@ def test_enroll_device_by_key_file_or_by_the_pending_keys_fingerprint(tmp_path: 
         assert key_fingerprint(reg.get_enrolment("pi-1")) == key_fingerprint(  # type: ignore[arg-type]
             reg.list_enrolments("approved")[0]
         )
+
+
+def _mixed_batch(registry: Registry) -> list[tuple[str, bytes]]:
+    """Good, forged, replayed, repeated, unenrolled, unsigned and malformed messages, in one order."""
+    dev, stranger, ghost = TestDevice("pi-1"), TestDevice("pi-1"), TestDevice("ghost")
+    registry.enroll("pi-1", dev.public_hex, NOW)
+    t = DeviceTopics("pi-1")
+    status = dev.sign(DeviceStatus("pi-1", "online", NOW, will_seq=50), ts=NOW, seq=10)
+    return [
+        (t.metrics, dev.sign(_report("pi-1", NOW - 2), ts=NOW)),
+        (t.status, status),
+        (t.metrics, stranger.sign(_report("pi-1", NOW - 1), ts=NOW)),  # forged: another key
+        (t.status, status),  # heard again: verified, not fresh
+        (t.status, dev.sign(DeviceStatus("pi-1", "online", NOW), ts=NOW, seq=9)),  # older: replayed
+        (t.metrics, dev.sign(_report("pi-1", NOW), ts=NOW + 7200)),  # future
+        (DeviceTopics("ghost").metrics, ghost.sign(_report("ghost"), ts=NOW)),
+        (t.events, encode(Event("pi-1", EventKind.INSTALLED, NOW))),
+        ("not/a/device/topic", b"{}"),
+        (t.metrics, dev.sign(_report("pi-1", NOW - 3), ts=NOW)),
+    ]
+
+
+def test_checking_signatures_all_at_once_judges_as_one_by_one(registry: Registry, tmp_path: Path) -> None:
+    from edge_sdk.trust import check_device_signatures
+
+    batch = _mixed_batch(registry)
+    one_by_one = ReportGate.from_registry(registry)
+    expected = [one_by_one.check(topic, payload, NOW) for topic, payload in batch]
+    asked: list[int] = []
+
+    def checker(checks: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
+        asked.append(len(checks))
+        return check_device_signatures(checks)
+
+    at_once = ReportGate.from_registry(registry)
+    got = at_once.check_many(batch, NOW, checker)
+    assert got == expected
+    assert [type(g).__name__ for g in got].count("Verified") == 4 and Dropped("bad_signature") in got
+    assert asked == [7]  # every signed message of an enrolled device, in one call
+    assert at_once.drops == one_by_one.drops
+
+
+def test_an_answer_checked_elsewhere_counts_for_those_bytes_only(registry: Registry) -> None:
+    """The gate takes the checker's answer for the very signature and bytes it asked about,
+    and for nothing else: another signature or text under the same key is verified again."""
+    from host_tools.fleet.enrolment import _CheckedKey
+
+    dev = TestDevice("pi-1")
+    registry.enroll("pi-1", dev.public_hex, NOW)
+    t = DeviceTopics("pi-1")
+    good = dev.sign(_report("pi-1", NOW - 1), ts=NOW)
+    gate = ReportGate.from_registry(registry)
+    assert gate.check_many([(t.metrics, good)], NOW, lambda checks: [False] * len(checks)) == [Dropped("bad_signature")]
+    real = bytes.fromhex(dev.public_hex)
+    key = _CheckedKey(real, (b"sig", b"data"), True)
+    assert key.verifies(b"sig", b"data")
+    assert not key.verifies(b"sig", b"other data") and not key.verifies(b"other sig", b"data")

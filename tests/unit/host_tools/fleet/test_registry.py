@@ -539,6 +539,7 @@ def test_public_names() -> None:
         "DeploymentRecord",
         "DeploymentState",
         "DeviceRecord",
+        "DeviceRow",
         "DeviceStatus",
         "ForgetResult",
         "GroupRecord",
@@ -548,6 +549,7 @@ def test_public_names() -> None:
         "Registry",
         "RunRecord",
         "open_registry",
+        "stored_bundles",
     }
 
 
@@ -815,6 +817,21 @@ def test_a_metrics_report_stored_twice_is_one_row(db: Registry) -> None:
     assert db.add_metrics(_report(n=8), received_at=61.0) is not None  # a later report is a new row
     rows = db._conn.execute("SELECT id, received_at FROM metrics ORDER BY id").fetchall()
     assert [(r[0], r[1]) for r in rows] == [(first, 50.0), (rows[1][0], 61.0)]
+
+
+def test_a_batch_of_reports_is_stored_as_one_by_one_each_once(db: Registry) -> None:
+    good = [_report(n=n) for n in (1, 2, 3)]
+    odd = MetricsReport.from_dict({**V1_REPORT, "ts": 4.0, "odd": [1.0, float("nan")]})  # kept unknown field
+    late = _report(n=5_000_000_000)  # after 2100: not a plausible time
+    db.add_metrics(good[0], received_at=40.0)  # stored before: stays as it was
+    with db.batch():
+        refused = db.add_metrics_batch([*good, odd, good[1], late], received_at=50.0)
+    assert [(r.ts, type(e)) for r, e in refused] == [(4.0, ValueError), (5e9, ValueError)]
+    assert "report.odd[] is not a finite number" in str(refused[0][1])
+    rows = db._conn.execute("SELECT received_at, report FROM metrics ORDER BY report_ts").fetchall()
+    assert [r[0] for r in rows] == [40.0, 50.0, 50.0]
+    assert [json.loads(r[1]) for r in rows] == [{**g.to_dict(), "schema": g.schema} for g in good]
+    assert db.add_metrics_batch([], received_at=60.0) == []
 
 
 def test_an_event_stored_twice_is_one_row(db: Registry) -> None:
