@@ -13,8 +13,9 @@ always say whether they are measured or estimated.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from edge_sdk._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from edge_sdk.metrics._cpu import CpuMeasurement, CpuSampler
@@ -90,19 +91,6 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
 __all__ = [
     "POWER_MODELS",
     "BatterySource",
@@ -136,3 +124,5 @@ __all__ = [
     "release_free_heap",
     "rss_bytes",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)

@@ -9,8 +9,9 @@ the labels (``edgectl devices``) does not pay for the messages, the codec and th
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from edge_sdk._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from edge_sdk.protocol.codec import (
@@ -154,19 +155,6 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
 __all__ = [
     "CHANNEL_OF",
     "INDEX_FRAME",
@@ -232,3 +220,5 @@ __all__ = [
     "signed_report_of",
     "transfer_topic",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)

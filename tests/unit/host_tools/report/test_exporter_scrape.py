@@ -7,6 +7,7 @@ import subprocess
 import threading
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,10 @@ from host_tools.report.exporter import CONTENT_TYPE, FleetExporter, exposition, 
 SPEC = FleetSpec()
 
 
-@pytest.fixture
-def scrape(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """The text of one scrape of an exporter serving a filled registry, and the registry's path."""
-    db = tmp_path / "registry.db"
-    with open_registry(db) as reg:
-        fill_fleet(reg, SPEC)
-    stop = threading.Event()
-    urls: list[str] = []
-    ready = threading.Event()
+@contextmanager
+def _serving(db: Path) -> Iterator[str]:
+    """An exporter serving ``db`` on a free loopback port, in a thread; yields its /metrics URL."""
+    stop, ready, urls = threading.Event(), threading.Event(), []
 
     def announce(url: str) -> None:
         urls.append(url)
@@ -39,13 +35,23 @@ def scrape(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     server.start()
     try:
         assert ready.wait(30), "the exporter did not start"
-        assert urls[0].startswith("http://127.0.0.1:")
-        with urllib.request.urlopen(urls[0], timeout=30) as resp:
-            assert resp.status == 200 and resp.headers["Content-Type"] == CONTENT_TYPE
-            yield resp.read().decode("utf-8"), db
+        yield urls[0]
     finally:
         stop.set()
         server.join(timeout=10)
+
+
+@pytest.fixture
+def scrape(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The text of one scrape of an exporter serving a filled registry, and the registry's path."""
+    db = tmp_path / "registry.db"
+    with open_registry(db) as reg:
+        fill_fleet(reg, SPEC)
+    with _serving(db) as url:
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"] == CONTENT_TYPE
+            yield resp.read().decode("utf-8"), db
 
 
 def _samples(text: str) -> dict[str, list[Any]]:
@@ -216,17 +222,8 @@ def test_other_paths_are_404_and_a_registry_gone_bad_is_503_until_it_reads_again
     db = tmp_path / "registry.db"
     with open_registry(db) as reg:
         fill_fleet(reg, FleetSpec(devices=2, versions=1))
-    stop, ready, urls = threading.Event(), threading.Event(), []
-
-    def announce(url: str) -> None:
-        urls.append(url)
-        ready.set()
-
-    server = threading.Thread(target=serve_exporter, args=(str(db), "127.0.0.1", 0, stop, 0.0, announce), daemon=True)
-    server.start()
-    try:
-        assert ready.wait(30)
-        base = urls[0].removesuffix("/metrics")
+    with _serving(db) as url:
+        base = url.removesuffix("/metrics")
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(base + "/nope", timeout=30)
         assert missing.value.code == 404
@@ -234,12 +231,9 @@ def test_other_paths_are_404_and_a_registry_gone_bad_is_503_until_it_reads_again
         good = db.read_bytes()
         db.write_bytes(b"not a database" * 100)  # a write: the kept body is no longer current
         with pytest.raises(urllib.error.HTTPError) as broken:
-            urllib.request.urlopen(urls[0], timeout=30)
+            urllib.request.urlopen(url, timeout=30)
         assert broken.value.code == 503 and b"registry cannot be read" in broken.value.read()
         broken.value.close()
         db.write_bytes(good)
-        with urllib.request.urlopen(urls[0], timeout=30) as resp:
+        with urllib.request.urlopen(url, timeout=30) as resp:
             assert resp.status == 200 and b'edge_device_bundle_info{device="pi-0000"' in resp.read()
-    finally:
-        stop.set()
-        server.join(timeout=10)
