@@ -146,7 +146,8 @@ test: test-deps lint
 # deploy/arm/userland.sh builds a Debian userland once (qemu-user, mmdebstrap) and keeps it
 # as a checksummed tarball under ~/.cache/edge-sdk (measured on 2 cores shared with other
 # work, load average 170-500: arm64 19.5 min wall, 3.9 min CPU; bookworm armhf 52 min wall,
-# 4.1 min CPU; trixie armhf about 6 min at nice 19 beside a test run; from the cached
+# 4.1 min CPU; trixie armhf about 6 min at nice 19 beside a test run; arm64 again on a fresh
+# machine, 11 min beside benchmarks, load 3-90; from the cached
 # tarballs, pip install included: the arm64 tests 140 s, the armhf ones 148 s);
 # the tests unpack it, install edge-sdk from this tree with pip as the README says, run
 # the agent there under qemu and edgectl here, and unmount everything when they end.
