@@ -37,7 +37,7 @@ SAMPLE: dict[str, tuple[str, object]] = {
     "keys_dir": ("/srv/keys", Path("/srv/keys")),
     "mqtt_protocol": ("3.1.1", "3.1.1"),
     "allow_unsigned_reports": ("true", True),
-    "broker": ("mqtts://broker.example:8883", "mqtts://broker.example:8883"),
+    "broker": ("mqtts://broker.example:9443", "mqtts://broker.example:9443"),
     "username": ("operator", "operator"),
     "password_file": ("/etc/edge/password", Path("/etc/edge/password")),
     "password": ("s3cret", "s3cret"),
