@@ -21,7 +21,7 @@ __all__ = ["HOST_EXTRA_MODULES", "main"]
 
 #: Top-level modules of the ``host`` extra's packages (pyproject.toml); a test keeps them in step.
 HOST_EXTRA_MODULES = frozenset(
-    {"click", "onnx", "onnx_ir", "sklearn", "amqtt", "tqdm", "ai_edge_quantizer", "matplotlib", "prometheus_client"}
+    {"click", "onnx", "onnx_ir", "sklearn", "amqtt", "tqdm", "ai_edge_quantizer", "matplotlib"}
 )
 
 #: The exit code of a usage or configuration error (the README's table of exit codes).
