@@ -2393,7 +2393,7 @@ def collect(
     import threading
 
     from edge_sdk.mqtt import MqttClient, MqttOptions
-    from host_tools.fleet.collect_service import CollectCounts, CollectOptions, Collector
+    from host_tools.fleet.collect_service import CollectCounts, CollectOptions, Collector, default_verify_workers
     from host_tools.report.fleet import collect_line, collect_text
 
     cfg = _cfg(ctx, json_output)
@@ -2404,7 +2404,7 @@ def collect(
         batch_max=batch_max,
         progress_every_s=every_s,
         allow_unsigned=cfg.allow_unsigned_reports,
-        verify_workers=min(4, (os.cpu_count() or 1) - 1) if verify_workers is None else verify_workers,
+        verify_workers=default_verify_workers() if verify_workers is None else verify_workers,
     )
     base = MqttOptions(client_id=options.client_id, connect_timeout_s=connect_timeout)
     stop = threading.Event()

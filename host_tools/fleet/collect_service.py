@@ -41,6 +41,7 @@ statement.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -55,9 +56,22 @@ from host_tools.fleet.enrolment import ReportGate, Verified
 from host_tools.fleet.registry import Registry
 from host_tools.fleet.signature_workers import SignaturePool
 
-__all__ = ["COLLECTED_CHANNELS", "CollectCounts", "CollectOptions", "Collector", "collect_filters"]
+__all__ = [
+    "COLLECTED_CHANNELS",
+    "CollectCounts",
+    "CollectOptions",
+    "Collector",
+    "collect_filters",
+    "default_verify_workers",
+]
 
 log = logging.getLogger(__name__)
+
+
+def default_verify_workers() -> int:
+    """Signature worker processes a collector starts unless told: one per other CPU, at most 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
 
 #: The device channels a collector listens to.
 COLLECTED_CHANNELS = (Channel.STATUS, Channel.HEARTBEAT, Channel.EVENTS, Channel.METRICS)
