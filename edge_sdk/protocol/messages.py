@@ -185,6 +185,10 @@ def _fields(cls: type) -> tuple[tuple[tuple[str, Checker, bool], ...], frozenset
     return known
 
 
+#: Per wire class: the names of its fields but ``extra``, in order (for ``to_dict``).
+_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 class _Wire:
     """Mixin: generic ``from_dict``/``to_dict`` driven by the dataclass fields."""
 
@@ -202,16 +206,18 @@ class _Wire:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
+        names = _NAMES.get(type(self))
+        if names is None:  # once per class
+            fields = dataclasses.fields(self)  # type: ignore[arg-type]  # the mixin is used on dataclasses only
+            names = _NAMES[type(self)] = tuple(f.name for f in fields if f.name != "extra")
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # the mixin is used on dataclasses only
-            value = getattr(self, f.name)
-            if f.name == "extra":
-                continue
-            if dataclasses.is_dataclass(value):
-                value = typing.cast(Any, value).to_dict()  # every nested wire dataclass has to_dict
+        for name in names:
+            value = getattr(self, name)
+            if hasattr(type(value), "__dataclass_fields__"):  # dataclasses.is_dataclass, for an instance
+                value = value.to_dict()  # every nested wire dataclass has to_dict
             elif isinstance(value, tuple):
-                value = [typing.cast(Any, v).to_dict() if dataclasses.is_dataclass(v) else v for v in value]
-            out[f.name] = value
+                value = [v.to_dict() if hasattr(type(v), "__dataclass_fields__") else v for v in value]
+            out[name] = value
         extra = getattr(self, "extra", None)
         if extra:
             return {**extra, **out}

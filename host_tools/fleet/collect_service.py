@@ -52,7 +52,7 @@ from edge_sdk.errors import ConfigError, StorageError, TransportError
 from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions
 from edge_sdk.protocol import Channel, fleet_filter, shared
 from host_tools.fleet.collector import record_messages
-from host_tools.fleet.enrolment import ReportGate, Verified
+from host_tools.fleet.enrolment import Dropped, PreparedBatch, ReportGate, Verified
 from host_tools.fleet.registry import Registry
 from host_tools.fleet.signature_workers import SignaturePool
 
@@ -256,11 +256,14 @@ class Collector:
         for topic_filter in collect_filters(self.options.group):
             self.client.subscribe(topic_filter, qos=1)
         next_progress = self._clock() + self.options.progress_every_s
+        in_flight: _Flight | None = None  # a batch whose signatures the workers are checking
         while not stop.is_set():
-            batch = self._take(stop)
-            if batch:
-                self._commit(batch, stop)
-            if self.client.inbox_dropped and self.client.inbox.empty():
+            batch = self._take(stop, wait=in_flight is None)
+            started = self._start(batch) if batch else None
+            if in_flight is not None:
+                self._commit(in_flight, stop)  # while the workers check ``started``
+            in_flight = started
+            if in_flight is None and self.client.inbox_dropped and self.client.inbox.empty():
                 raise TransportError(
                     f"collector {self.options.client_id} dropped {self.client.inbox_dropped} messages from a "
                     f"full inbox (more than {self.client.options.inbox_max} waiting); they are not acknowledged, "
@@ -270,14 +273,21 @@ class Collector:
             if progress is not None and self._clock() >= next_progress:
                 next_progress = self._clock() + self.options.progress_every_s
                 progress(self.counts)
+        if in_flight is not None:
+            self._commit(in_flight, stop)
         if progress is not None:
             progress(self.counts)
         return self.counts
 
-    def _take(self, stop: threading.Event) -> list[Incoming]:
-        """Up to ``batch_max`` messages: wait for the first (briefly), then ``batch_wait_s`` for more."""
+    def _take(self, stop: threading.Event, wait: bool = True) -> list[Incoming]:
+        """Up to ``batch_max`` messages: wait for the first (briefly), then ``batch_wait_s`` for more.
+
+        With ``wait`` False (a batch is in flight, to be committed next), only what the
+        inbox holds now is taken: a backlog keeps the pipeline full, and a quiet inbox does
+        not hold the batch in flight back.
+        """
         batch: list[Incoming] = []
-        deadline: float | None = None
+        deadline: float | None = None if wait else self._clock()
         while len(batch) < self.options.batch_max:
             if deadline is None:
                 timeout = 0.2  # wake now and then to see ``stop``
@@ -302,41 +312,56 @@ class Collector:
         self.counts.received += len(batch)
         return batch
 
-    def _commit(self, batch: list[Incoming], stop: threading.Event) -> None:
-        """Write ``batch`` in one transaction (again after ``retry_s`` while refused), then acknowledge it."""
+    def _start(self, batch: list[Incoming]) -> _Flight:
+        """Decode a backlog's batch and hand its signatures to the workers; a trickle is judged at commit."""
+        if self._pool is None or len(batch) < self.options.pool_min:
+            return _Flight(batch)
+        prepared = self._gate.prepare([(i.topic, i.payload) for i in batch])
+        return _Flight(batch, prepared, self._pool.submit(prepared.checks))
+
+    def _commit(self, flight: _Flight, stop: threading.Event) -> None:
+        """Judge ``flight`` once, write it in one transaction (again after ``retry_s`` while
+        refused), then acknowledge it."""
+        results = self._judge(flight)
         while True:
             try:
-                stored, dropped = self._write(batch)
+                stored, dropped = self._write(results)
                 break
             except StorageError as exc:
                 self.counts.retries += 1
-                log.error("collector could not write %d messages (kept, retrying): %s", len(batch), exc.message)
+                log.error("collector could not write %d messages (kept, retrying): %s", len(flight.batch), exc.message)
                 if stop.wait(self.options.retry_s):
                     return  # stopping: unacknowledged, so the broker sends them again
         self.counts.batches += 1
         self.counts.stored += stored
         self.counts.dropped += dropped
-        for item in batch:
+        for item in flight.batch:
             if self.client.ack(item):
                 self.counts.acked += 1
             else:
                 self.counts.redelivered += 1
 
-    def _write(self, batch: list[Incoming]) -> tuple[int, int]:
+    def _judge(self, flight: _Flight) -> list[Verified | Dropped]:
         now = self._wall_clock()
-        stored = dropped = 0
+        if flight.prepared is not None and flight.answers is not None:
+            return self._gate.judge(flight.prepared, flight.answers(), now)
+        return [self._gate.check(i.topic, i.payload, now) for i in flight.batch]
+
+    def _write(self, results: list[Verified | Dropped]) -> tuple[int, int]:
+        """Store what the gate let through, and the gate's counts and sequence numbers, in one
+        transaction; the gate keeps them should it fail (retried by :meth:`_commit`)."""
+        now = self._wall_clock()
+        messages = [r.msg for r in results if isinstance(r, Verified)]
         with self.registry.batch():
-            messages = []
-            if self._pool is not None and len(batch) >= self.options.pool_min:
-                results = self._gate.check_many([(i.topic, i.payload) for i in batch], now, self._pool)
-            else:
-                results = [self._gate.check(i.topic, i.payload, now) for i in batch]
-            for verified in results:
-                if isinstance(verified, Verified):
-                    messages.append(verified.msg)
-                else:
-                    dropped += 1
             record_messages(self.registry, messages, now, self._broker)
-            stored = len(messages)
             self._gate.flush(self.registry, now)
-        return stored, dropped
+        return len(messages), len(results) - len(messages)
+
+
+@dataclass
+class _Flight:
+    """A batch on its way: taken from the inbox, perhaps decoded with its signatures being checked."""
+
+    batch: list[Incoming]
+    prepared: PreparedBatch | None = None
+    answers: Callable[[], list[bool]] | None = None

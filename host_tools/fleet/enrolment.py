@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,7 @@ from host_tools.fleet.registry import UNKNOWN_DEVICE, EnrolmentRecord, Registry
 __all__ = [
     "DEFAULT_MAX_PENDING",
     "Dropped",
+    "PreparedBatch",
     "ReportGate",
     "SignatureChecker",
     "Verified",
@@ -95,6 +96,21 @@ class _CheckedKey(PublicKey):
         if (signature, data) == self.checked:
             return self.ok
         return super().verifies(signature, data)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Messages decoded by :meth:`ReportGate.prepare`, waiting for their signatures' answers.
+
+    Attributes:
+        decoded: per message, its topic and message, or why it was dropped already.
+        checks: the signatures to check, ``(raw key, signature, signed bytes)``.
+        keyed: per check, the index of its message, the key and the signed text.
+    """
+
+    decoded: list[tuple[ParsedTopic, object] | Dropped]
+    checks: list[SignatureCheck]
+    keyed: list[tuple[int, PublicKey, tuple[bytes, bytes]]]
 
 
 @dataclass(frozen=True)
@@ -210,6 +226,14 @@ class ReportGate:
         Returns:
             One result per message, in order.
         """
+        batch = self.prepare(messages)
+        return self.judge(batch, signatures(batch.checks) if batch.checks else [], now)
+
+    def prepare(self, messages: Sequence[tuple[str, bytes]]) -> PreparedBatch:
+        """The first half of :meth:`check_many`: decode each message and list the signatures
+        to check. Nothing is judged and no state changes but the count of malformed messages,
+        so the signatures can be checked elsewhere while earlier batches are judged.
+        """
         decoded = [self._decode(topic, payload) for topic, payload in messages]
         checks: list[SignatureCheck] = []
         keyed: list[tuple[int, PublicKey, tuple[bytes, bytes]]] = []
@@ -222,13 +246,17 @@ class ReportGate:
                 if key is not None and signed is not None:
                     checks.append((key.raw, *signed))
                     keyed.append((i, key, signed))
-        answers = signatures(checks) if checks else []
+        return PreparedBatch(decoded, checks, keyed)
+
+    def judge(self, batch: PreparedBatch, answers: Sequence[bool], now: float) -> list[Verified | Dropped]:
+        """The second half of :meth:`check_many`: judge each message of ``batch`` in order,
+        given whether each of its ``checks`` verifies (``answers``, in the same order)."""
         keys: dict[int, PublicKey] = {
-            i: _CheckedKey(key.raw, signed, ok) for (i, key, signed), ok in zip(keyed, answers, strict=True)
+            i: _CheckedKey(key.raw, signed, ok) for (i, key, signed), ok in zip(batch.keyed, answers, strict=True)
         }
         return [
             item if isinstance(item, Dropped) else self._judge(*item, now, keys.get(i))
-            for i, item in enumerate(decoded)
+            for i, item in enumerate(batch.decoded)
         ]
 
     def _decode(self, topic: str, payload: bytes) -> tuple[ParsedTopic, object] | Dropped:
@@ -317,6 +345,10 @@ class ReportGate:
     def flush(self, registry: Registry, now: float) -> None:
         """Write drop counts, sequence numbers and enrolment requests to the registry, then forget them.
 
+        Should a write fail, the gate keeps them (merged with what came meanwhile) for the
+        next flush: call it inside the transaction that stores the messages, and again when
+        that transaction is retried.
+
         Raises:
             StorageError: on a database failure.
         """
@@ -324,8 +356,26 @@ class ReportGate:
             drops, self.drops = self.drops, Counter()
             advanced, self._advanced = self._advanced, {}
             requests, self.requests = self.requests, {}
-        for (device_id, channel), (seq, will) in advanced.items():
-            registry.advance_sequence(device_id, channel, seq, will)
+        try:
+            self._store(registry, now, Counter(drops), advanced, requests)
+        except BaseException:
+            with self._lock:
+                self.drops.update(drops)
+                self._advanced = {**advanced, **self._advanced}  # what came meanwhile is newer
+                self.requests = {**requests, **self.requests}
+            raise
+
+    def _store(
+        self,
+        registry: Registry,
+        now: float,
+        drops: Counter[tuple[str, str]],
+        advanced: Mapping[tuple[str, str], tuple[int, int | None]],
+        requests: Mapping[str, DeviceStatus],
+    ) -> None:
+        registry.advance_sequences(
+            [(device_id, channel, seq, will) for (device_id, channel), (seq, will) in advanced.items()]
+        )
         full = 0
         for device_id, status in requests.items():
             if not registry.request_enrolment(device_id, status.public_key, now, self.max_pending):

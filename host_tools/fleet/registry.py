@@ -2185,19 +2185,31 @@ class Registry:
         Raises:
             StorageError: on a database failure.
         """
-        with self._storage_errors(f"advance sequence of {device_id!r}"):
-            self._conn.execute(
+        self.advance_sequences([(device_id, channel, seq, will_seq)])
+
+    def advance_sequences(self, advanced: Sequence[tuple[str, str, int, int | None]]) -> None:
+        """:meth:`advance_sequence` for many ``(device_id, channel, seq, will_seq)`` at once
+        (one ``executemany`` per statement).
+
+        Raises:
+            StorageError: on a database failure.
+        """
+        if not advanced:
+            return
+        what = f"advance sequence of {advanced[0][0]!r}" if len(advanced) == 1 else "advance sequences"
+        wills = [(will, device_id) for device_id, _channel, _seq, will in advanced if will is not None]
+        # a cursor: psycopg's connection has no executemany
+        with self._storage_errors(what), contextlib.closing(self._conn.cursor()) as cur:
+            cur.executemany(
                 self._dialect.sql(
                     "INSERT INTO device_sequences (device_id, channel, last_seq) VALUES (?, ?, ?) "
                     "ON CONFLICT (device_id, channel) DO UPDATE SET "
                     "last_seq = {greatest}(device_sequences.last_seq, excluded.last_seq)"
                 ),
-                (device_id, channel, seq),
+                [(device_id, channel, seq) for device_id, channel, seq, _will in advanced],
             )
-            if will_seq is not None:
-                self._conn.execute(
-                    self._dialect.sql("UPDATE enrolments SET will_seq = ? WHERE device_id = ?"), (will_seq, device_id)
-                )
+            if wills:
+                cur.executemany(self._dialect.sql("UPDATE enrolments SET will_seq = ? WHERE device_id = ?"), wills)
 
     def count_drops(self, counts: Mapping[tuple[str, str], int], at: float) -> None:
         """Add dropped-message counts, per (device, reason).

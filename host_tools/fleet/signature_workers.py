@@ -64,6 +64,36 @@ class SignaturePool:
             self.close()
             return check_device_signatures(checks)
 
+    def submit(self, checks: Sequence[SignatureCheck]) -> Callable[[], list[bool]]:
+        """Start checking ``checks`` in the worker processes only, and return at once.
+
+        For a collector that judges and writes one batch while the workers check the next
+        one's signatures. Call what is returned (once) for the answers, in order; should the
+        pool break, they are computed here then.
+        """
+        if not checks:
+            return list
+        size = -(-len(checks) // self.workers)
+        chunks = [list(checks[i : i + size]) for i in range(0, len(checks), size)]
+        try:
+            if self._executor is None:
+                self._executor = self._make(self.workers)
+            futures = [self._executor.submit(check_device_signatures, chunk) for chunk in chunks]
+        except Exception as exc:  # a broken pool: check when asked, start again later
+            log.warning("signature workers failed (%s); checking this batch in the collector", exc)
+            self.close()
+            return lambda: check_device_signatures(checks)
+
+        def answers() -> list[bool]:
+            try:
+                return [ok for future in futures for ok in future.result()]
+            except Exception as exc:  # a worker died mid-batch
+                log.warning("signature workers failed (%s); checking this batch in the collector", exc)
+                self.close()
+                return check_device_signatures(checks)
+
+        return answers
+
     def close(self) -> None:
         """Stop the workers (started again on next use)."""
         executor, self._executor = self._executor, None

@@ -111,6 +111,38 @@ def test_a_message_from_an_ended_connection_is_stored_and_left_for_the_broker_to
     assert client.acked == [] and collector.counts.stored == 1 and collector.counts.reconnects == 1
 
 
+def test_a_batch_refused_after_it_was_judged_is_stored_whole_on_the_retry(registry: Registry) -> None:
+    # The batch is judged once; its write fails at the last statement (the drop counts),
+    # after the gate raised the devices' sequence numbers and counted a forgery. The retry
+    # must store every report, the forgery's count and the sequence numbers all the same.
+    device = ReportingDevice("pi-01")
+    registry.enroll(device.device_id, device.key.public_key.raw.hex(), NOW)
+    forged = ReportingDevice("pi-01")  # another key for the enrolled id
+    client = FakeClient()
+    options = CollectOptions(client_id="unit", batch_wait_s=0.05, retry_s=0.05)
+    collector = Collector(client, registry, options, wall_clock=lambda: NOW)  # type: ignore[arg-type]
+    real_count = registry.count_drops
+    refusals: list[object] = []
+
+    def count_refused_once(drops, at):  # type: ignore[no-untyped-def]
+        if not refusals:
+            refusals.append(dict(drops))
+            raise StorageError("database went away")
+        return real_count(drops, at)
+
+    registry.count_drops = count_refused_once  # type: ignore[method-assign]
+    for mid in (1, 2, 3):
+        client.inbox.put(_message(device, mid, NOW - 10 + mid))
+    client.inbox.put(Incoming(DeviceTopics("pi-01").metrics, forged.report(NOW - 0.5), False, 1, 4, 1))
+    _run_until(collector, lambda: len(client.acked) == 4)
+
+    assert refusals == [{("pi-01", "bad_signature"): 1}] and collector.counts.retries == 1
+    assert collector.counts.stored == 3 and collector.counts.dropped == 1
+    assert len(registry.query("SELECT id FROM metrics", what="count")) == 3
+    assert registry.drop_counts() == {"pi-01": {"bad_signature": 1}}
+    assert registry.get_enrolment("pi-01").sequences == {"metrics": 3}  # type: ignore[union-attr]
+
+
 def test_events_and_forged_messages(registry: Registry) -> None:
     device, stranger = ReportingDevice("pi-03"), ReportingDevice("pi-04")
     registry.enroll(device.device_id, device.key.public_key.raw.hex(), NOW)

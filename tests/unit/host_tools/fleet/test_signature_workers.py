@@ -10,7 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,34 @@ def test_a_signature_pool_answers_as_this_process_would_and_survives_a_broken_po
     assert SignaturePool(2, broken)(checks) == expected  # checked here instead, nothing skipped
     with pytest.raises(ConfigError):
         SignaturePool(0)
+
+
+def test_submitted_checks_come_back_in_order_from_the_workers_or_from_here_when_they_break() -> None:
+    checks = _checks(30)
+    expected = check_device_signatures(checks)
+    pool = SignaturePool(2)  # real spawned worker processes: the batch is split between them
+    try:
+        answers = pool.submit(checks)
+        assert answers() == expected
+        assert pool.submit([])() == []
+    finally:
+        pool.close()
+
+    class DiesMidBatch(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return super().submit(_worker_killed)
+
+    assert SignaturePool(2, DiesMidBatch)(checks) == expected
+    assert SignaturePool(2, DiesMidBatch).submit(checks)() == expected
+
+    def broken(workers: int) -> Executor:
+        raise OSError("cannot start a process")
+
+    assert SignaturePool(1, broken).submit(checks)() == expected
+
+
+def _worker_killed() -> list[bool]:
+    raise BrokenProcessPool("a worker died")
 
 
 def test_workers_exit_when_their_collector_is_killed(tmp_path: Path) -> None:
