@@ -71,7 +71,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -102,9 +102,12 @@ __all__ = [
     "Will",
     "parse_broker_url",
     "publish_packet_size",
+    "take_waiting",
 ]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Default bound of a client's inbox, in messages (see :attr:`MqttOptions.inbox_max`).
 DEFAULT_INBOX_MAX = 1000
@@ -660,6 +663,27 @@ class _Inbox(queue.Queue[Incoming | ConnectionChange]):
         if isinstance(item, Incoming):
             self.payload_bytes -= len(item.payload)
         return item
+
+
+def take_waiting(inbox: queue.Queue[_T], max_items: int, timeout: float) -> list[_T]:
+    """Up to ``max_items`` items from ``inbox`` in one go, oldest first, under one lock.
+
+    Waits up to ``timeout`` seconds for the first item (``0``: does not wait); then takes
+    what is waiting, at most ``max_items``, without waiting for more. For a consumer that
+    works in batches (a collector), where a ``get`` per message costs a lock and a wake-up
+    each. Uses the queue's own condition variables and its ``_qsize``/``_get`` hooks, so a
+    subclass's bookkeeping (:class:`_Inbox` counts payload bytes) stays right.
+
+    Returns:
+        The items; empty if none came within ``timeout``.
+    """
+    with inbox.not_empty:
+        # _qsize and _get: the hooks queue.Queue gives subclasses
+        if not inbox._qsize() and (timeout <= 0 or not inbox.not_empty.wait_for(inbox._qsize, timeout)):
+            return []
+        items = [inbox._get() for _ in range(min(max_items, inbox._qsize()))]
+        inbox.not_full.notify(len(items))
+        return items
 
 
 class PublishHandle:

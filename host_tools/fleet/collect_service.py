@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from edge_sdk.errors import ConfigError, StorageError, TransportError
-from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions
+from edge_sdk.mqtt import ConnectionChange, Incoming, MqttClient, MqttOptions, take_waiting
 from edge_sdk.protocol import Channel, fleet_filter, shared
 from host_tools.fleet.collector import record_messages
 from host_tools.fleet.enrolment import Dropped, PreparedBatch, ReportGate, Verified
@@ -289,26 +288,22 @@ class Collector:
         batch: list[Incoming] = []
         deadline: float | None = None if wait else self._clock()
         while len(batch) < self.options.batch_max:
+            # with no deadline yet, wake now and then to see ``stop``
+            timeout = 0.2 if deadline is None else max(0.0, deadline - self._clock())
+            items = take_waiting(self.client.inbox, self.options.batch_max - len(batch), timeout)
+            for item in items:
+                if isinstance(item, ConnectionChange):
+                    if not item.connected:
+                        self.counts.reconnects += 1
+                        log.info("collector %s lost the broker (%s)", self.options.client_id, item.reason)
+                    continue
+                batch.append(item)
             if deadline is None:
-                timeout = 0.2  # wake now and then to see ``stop``
-            else:
-                timeout = deadline - self._clock()
-                if timeout <= 0:
-                    break
-            try:
-                item = self.client.inbox.get(timeout=timeout)
-            except queue.Empty:
-                if deadline is None:
-                    break
-                continue
-            if isinstance(item, ConnectionChange):
-                if not item.connected:
-                    self.counts.reconnects += 1
-                    log.info("collector %s lost the broker (%s)", self.options.client_id, item.reason)
-                continue
-            batch.append(item)
-            if deadline is None:
+                if not batch:
+                    break  # nothing within the wait: see ``stop``
                 deadline = self._clock() + self.options.batch_wait_s
+            elif not items and timeout <= 0:
+                break
         self.counts.received += len(batch)
         return batch
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,7 @@ from edge_sdk.mqtt import (
     MqttClient,
     MqttOptions,
     publish_packet_size,
+    take_waiting,
 )
 
 
@@ -573,3 +575,23 @@ def test_an_incoming_publish_reaches_the_sink_as_bytes_and_is_acknowledged_unles
     assert got == [Incoming("edge/v1/transfers/ab", b"frame", False, 1, 4242, 0)]
     assert type(got[0].payload) is bytes
     assert acks == ([] if manual_ack else [4242])
+
+
+def test_take_waiting_takes_a_batch_under_one_lock_and_keeps_the_byte_count() -> None:
+    client = MqttClient("mqtt://127.0.0.1:1", MqttOptions(client_id="unit-take", inbox_max=10))
+    assert take_waiting(client.inbox, 5, 0) == []  # nothing waiting, no wait
+    for i in range(7):
+        client._on_message(None, None, SimpleNamespace(topic=f"t/{i}", payload=b"1234", retain=False, qos=0, mid=i))  # type: ignore[arg-type]
+    first = take_waiting(client.inbox, 5, 0)
+    assert [m.topic for m in first] == [f"t/{i}" for i in range(5)]  # type: ignore[union-attr]
+    assert client.inbox.qsize() == 2 and client.inbox.payload_bytes == 8
+    assert [m.topic for m in take_waiting(client.inbox, 5, 0)] == ["t/5", "t/6"]  # type: ignore[union-attr]
+    assert client.inbox.payload_bytes == 0
+
+    started = time.monotonic()
+    assert take_waiting(client.inbox, 5, 0.1) == []  # waited for one, none came
+    assert time.monotonic() - started >= 0.09
+    late = threading.Timer(0.05, client.inbox.put, (ConnectionChange(True, "back"),))
+    late.start()
+    assert take_waiting(client.inbox, 5, 5.0) == [ConnectionChange(True, "back")]  # woken by the first item
+    late.join()
