@@ -598,7 +598,7 @@ class FanOut:
         """Devices to send ``transfer_end`` now, once a round: all they lacked went out (or they stalled)."""
         due = []
         for device, peer in self._peers.items():
-            if peer.state != "receiving" or peer.end_sent or any(i in self._queued for i in peer.missing):
+            if peer.state != "receiving" or peer.end_sent or not self._queued.isdisjoint(peer.missing):
                 continue
             if peer.stalled:
                 peer.unicast = []  # it says what it lacks when it answers
