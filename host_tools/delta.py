@@ -45,8 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-import numpy as np
-
 from edge_sdk.bundle import Manifest, content_digest
 from edge_sdk.bundle.archive import BundleLimits, BundleReader
 from edge_sdk.bundle.delta import (
@@ -342,6 +340,8 @@ def _common_prefix(a: memoryview, b: memoryview) -> int:
     while pos < n:
         end = min(n, pos + step)
         if a[pos:end] != b[pos:end]:
+            import numpy as np  # here: a deploy imports this module, and most deploys build no delta
+
             diff = np.frombuffer(a[pos:end], np.uint8) != np.frombuffer(b[pos:end], np.uint8)
             return pos + int(np.argmax(diff))
         pos, step = end, min(step * 4, _MAX_STEP)
@@ -357,6 +357,8 @@ def _common_suffix(a: memoryview, b: memoryview) -> int:
         size = min(n - done, step)
         ca, cb = a[la - done - size : la - done], b[lb - done - size : lb - done]
         if ca != cb:
+            import numpy as np
+
             diff = (np.frombuffer(ca, np.uint8) != np.frombuffer(cb, np.uint8))[::-1]
             return done + int(np.argmax(diff))
         done, step = done + size, min(step * 4, _MAX_STEP)
@@ -415,6 +417,8 @@ def _tensor_anchors(path: str, data: memoryview, index: _Index, options: DeltaOp
 
 
 def _block_anchors(data: memoryview, index: _Index, anchors: list[_Copy]) -> list[_Copy]:
+    import numpy as np
+
     size = index.block_size
     count = len(data) // size
     covered = np.zeros(count, dtype=bool)

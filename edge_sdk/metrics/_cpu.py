@@ -18,8 +18,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from edge_sdk.errors import ConfigError, MessageError
 from edge_sdk.metrics._fields import (
     as_mapping,
@@ -59,6 +57,8 @@ def process_cpu_seconds(pid: int | None = None) -> float:
     Raises:
         ConfigError: no such process, or it may not be inspected.
     """
+    import psutil  # here: the message types import this module, and most of their users read no process
+
     try:
         times = psutil.Process(pid).cpu_times()
     except (psutil.NoSuchProcess, psutil.AccessDenied) as exc:

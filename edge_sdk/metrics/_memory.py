@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from edge_sdk.errors import ConfigError, MessageError
 from edge_sdk.metrics._fields import as_mapping, optional_int, optional_str, plain_dict, read_int, unknown
 from edge_sdk.metrics._window import MeasurementWindow, SamplingThread
@@ -60,6 +58,8 @@ def rss_bytes(pid: int | None = None) -> int:
     Raises:
         ConfigError: no such process, or it may not be inspected.
     """
+    import psutil  # here: the message types import this module, and most of their users read no process
+
     try:
         return int(psutil.Process(pid).memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied) as exc:

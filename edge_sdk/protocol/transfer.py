@@ -582,23 +582,52 @@ class FanOut:
                 sends.append(Send(i, device))
                 peer.sent += 1
                 self.unicast_chunks += 1
-        while self._broadcast and len(sends) < limit and all(p.in_flight < self.window for p in active):
-            i = self._broadcast.pop(0)
+        # As many queued chunks as every active device's window takes, each sent while all of
+        # them had room: one pass per device over at most ``limit`` chunks, not one per chunk.
+        upto = min(limit - len(sends), len(self._broadcast))
+        count = min([upto, *(self._room(p, upto) for p in active)]) if upto > 0 else 0
+        batch = self._broadcast[:count]
+        del self._broadcast[:count]
+        for i in batch:
             self._queued.discard(i)
             sends.append(Send(i))
-            self.broadcast_chunks += 1
             self._seq += 1
             self._broadcast_at[i] = self._seq
+        self.broadcast_chunks += count
+        if batch:
+            taken = set(batch)
             for p in self._peers.values():
-                if p.state == "receiving" and i in p.missing:
-                    p.sent += 1
+                if p.state == "receiving":
+                    p.sent += len(p.missing & taken)
         return sends
+
+    def _room(self, peer: _Peer, upto: int) -> int:
+        """How many of the next ``upto`` queued chunks can go out before ``peer``'s window is full.
+
+        A chunk goes out while the device has fewer than ``window`` in flight; each one it
+        lacks adds one.
+        """
+        free = self.window - (peer.sent - (peer.have - peer.have_at_round))  # in_flight, unclamped
+        if free <= 0:
+            return 0
+        ahead = self._broadcast[:upto]
+        if free >= len(ahead):
+            return upto
+        if peer.missing.issuperset(ahead[:free]):  # the usual case: it lacks every one of them
+            return free
+        lacked = 0
+        for n, i in enumerate(ahead):
+            if i in peer.missing:
+                lacked += 1
+                if lacked == free:
+                    return n + 1
+        return upto
 
     def ends_due(self) -> list[str]:
         """Devices to send ``transfer_end`` now, once a round: all they lacked went out (or they stalled)."""
         due = []
         for device, peer in self._peers.items():
-            if peer.state != "receiving" or peer.end_sent or any(i in self._queued for i in peer.missing):
+            if peer.state != "receiving" or peer.end_sent or not self._queued.isdisjoint(peer.missing):
                 continue
             if peer.stalled:
                 peer.unicast = []  # it says what it lacks when it answers

@@ -90,7 +90,7 @@ from edge_sdk.protocol import (
     sign_command,
 )
 from edge_sdk.trust import SigningKey
-from host_tools.fleet.collector import record_message
+from host_tools.fleet.collector import record_messages
 from host_tools.fleet.conversation import TERMINAL_KINDS, Conversation, FleetConversation, end_state, error_of
 from host_tools.fleet.delivery import Inbound, PreparedFile, TransferResult, TransferRun, prepare_file
 from host_tools.fleet.delta_offers import (
@@ -853,8 +853,9 @@ def deploy_many(
             tempfile.TemporaryDirectory(prefix="edge-delta-") as work_dir,
         ):
             # The retained statuses are fresher than the registry (a rollback or remove since changed what runs).
-            for status in _statuses_heard(fleet, list(commands), min(STATUS_WAIT_S, options.accept_timeout_s)).values():
-                record_message(registry, status, clock(), broker)
+            heard = _statuses_heard(fleet, list(commands), min(STATUS_WAIT_S, options.accept_timeout_s))
+            with registry.batch():  # one commit for the fleet: a deploy writes a few rows per device
+                record_messages(registry, list(heard.values()), clock(), broker)
             for device_id, cmd in list(commands.items()):
                 try:
                     check_known_device(_known_device(registry, device_id, broker), cmd)
@@ -873,37 +874,40 @@ def deploy_many(
                     commands, deltas = offer_deltas(
                         commands, bases, bundle_path, settings.build, options.chunk_size, Path(work_dir)
                     )
-            deployments = {
-                d: registry.record_deployment(
-                    d,
-                    c.bundle_name,
-                    c.bundle_version,
-                    c.transfer.sha256,
-                    started_at=clock(),
-                    transfer_id=c.transfer.transfer_id,
-                )
-                for d, c in commands.items()
-            }
+            with registry.batch():
+                deployments = {
+                    d: registry.record_deployment(
+                        d,
+                        c.bundle_name,
+                        c.bundle_version,
+                        c.transfer.sha256,
+                        started_at=clock(),
+                        transfer_id=c.transfer.transfer_id,
+                    )
+                    for d, c in commands.items()
+                }
             try:
                 sent = (
                     _deploy(client, fleet, commands, prepared, options, progress, started, deltas) if commands else {}
                 )
             except EdgeError as exc:
-                for dep in deployments.values():
-                    registry.update_deployment(dep, "failed", exc.code, exc.message, finished_at=clock())
+                with registry.batch():
+                    for dep in deployments.values():
+                        registry.update_deployment(dep, "failed", exc.code, exc.message, finished_at=clock())
                 raise
-        for device_id, outcome in sent.items():
-            err = outcome.error
-            registry.update_deployment(
-                deployments[device_id],
-                outcome.state,
-                err.code if err else None,
-                err.message if err else None,
-                finished_at=clock(),
-            )
-            if outcome.metrics is not None:
-                record_message(registry, outcome.metrics, clock())
-            outcomes[device_id] = outcome
+        with registry.batch():
+            for device_id, outcome in sent.items():
+                err = outcome.error
+                registry.update_deployment(
+                    deployments[device_id],
+                    outcome.state,
+                    err.code if err else None,
+                    err.message if err else None,
+                    finished_at=clock(),
+                )
+                outcomes[device_id] = outcome
+            reports = [o.metrics for o in sent.values() if o.metrics is not None]
+            record_messages(registry, reports, clock())
     return [outcomes[d] for d in device_ids]
 
 

@@ -316,7 +316,8 @@ def gated(
         with own:
             yield own
     finally:
-        gate.flush(registry, time.time())
+        with registry.batch():  # one commit for every device's counts, not one per row
+            gate.flush(registry, time.time())
 
 
 @contextmanager
