@@ -66,7 +66,7 @@ from edge_sdk.simulation import DeviceFaults, LatencyModel
 if TYPE_CHECKING:
     from device_agent.profiler import Profile
     from edge_sdk.bundle import Manifest
-    from edge_sdk.protocol import DeployCommand
+    from edge_sdk.protocol import BenchmarkSpec
     from edge_sdk.runtime import InferenceSession
 
 __all__ = ["RUNTIMES", "LinkProxy", "SimDevice", "SimProcess", "SimSpec"]
@@ -151,12 +151,11 @@ def install_fault(faults: DeviceFaults, state_path: Path, now: Callable[[], floa
 def standin_profile(model: LatencyModel, faults: DeviceFaults) -> ProfileHook:
     """Health check and benchmark on the stand-in runtime: the agent's own code, timing simulated runs."""
 
-    def profile(manifest: Manifest, payload: Path, cmd: DeployCommand) -> Profile:
+    def profile(manifest: Manifest, payload: Path, spec: BenchmarkSpec) -> Profile:
         from device_agent.profiler import Profile, health_check
         from edge_sdk.metrics import CpuMeasurement, ModelMemory, PowerMeasurement, benchmark
         from edge_sdk.runtime import StandInSession
 
-        spec = cmd.benchmark
         factor = faults.factor("latency", manifest.version)
         session = StandInSession(model, f"{faults.device_id}:{manifest.name}:{manifest.version}", factor, spec.threads)
         health_check(session, {}, manifest.health.max_latency_ms if manifest.health else None, clock=session.clock)
@@ -234,7 +233,7 @@ class _Regressed:
 def regressed_profile(config: AgentConfig, faults: DeviceFaults) -> ProfileHook:
     """The real runtime's health check and benchmark, with the device's latency and memory regressions."""
 
-    def profile(manifest: Manifest, payload: Path, cmd: DeployCommand) -> Profile:
+    def profile(manifest: Manifest, payload: Path, spec: BenchmarkSpec) -> Profile:
         from device_agent.profiler import profile_model
         from edge_sdk.metrics import detect_power_source
         from edge_sdk.runtime import SessionOptions, open_session
@@ -253,7 +252,7 @@ def regressed_profile(config: AgentConfig, faults: DeviceFaults) -> ProfileHook:
             manifest.runtime,
             manifest.precision,
             payload / manifest.sample_input if manifest.sample_input else None,
-            cmd.benchmark,
+            spec,
             detect_power_source(config.sysfs_root),
             config.sysfs_root,
             max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
