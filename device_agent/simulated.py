@@ -33,7 +33,7 @@ method). They are not measurements.
 The spec file (written by the host)::
 
     {"broker": URL, "root": ROOT_JSON, "started_at": UNIX_TIME, "runtime": "standin"|"real",
-     "latency": {...LatencyModel}, "gate_retry_s": S, "ready_file": PATH,
+     "latency": {...LatencyModel}, "gate_retry_s": S, "metrics_every_s": S|null, "ready_file": PATH,
      "devices": [{"device_id": ID, "data_dir": DIR, "identity_key": PEM_FILE,
                   "faults": {...DeviceFaults}}]}
 
@@ -97,6 +97,7 @@ class SimSpec:
     gate_retry_s: float
     ready_file: Path | None
     devices: tuple[tuple[str, Path, Path | None, DeviceFaults], ...]
+    metrics_every_s: float | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SimSpec:
@@ -112,6 +113,7 @@ class SimSpec:
                 runtime=runtime,
                 latency=LatencyModel.from_dict(d.get("latency") or LatencyModel().to_dict()),
                 gate_retry_s=float(d.get("gate_retry_s", 2.0)),
+                metrics_every_s=float(d["metrics_every_s"]) if d.get("metrics_every_s") is not None else None,
                 ready_file=Path(d["ready_file"]) if d.get("ready_file") else None,
                 devices=tuple(
                     (
@@ -414,6 +416,7 @@ class SimProcess:
                 reconnect_max_s=_RECONNECT_MAX_S,
                 keepalive_s=_KEEPALIVE_S,
                 connack_timeout_s=_CONNACK_TIMEOUT_S,
+                metrics_every_s=spec.metrics_every_s,
             )
             if spec.runtime == "standin":
                 profile: ProfileHook | None = standin_profile(spec.latency, faults)
