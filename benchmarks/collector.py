@@ -269,14 +269,15 @@ def stream_window(
         time.sleep(0.05)  # the watcher thread notes when the restarted one was ready
     start_up_s = a.ready_after
     rows = _wait_rows(pg_url, name == "ours", sent, quiet_s=2.0, limit_s=30)
-    a.stop()
-    b.stop()
+    printed = [a.stop(), b.stop()]
     keys = [(d, t) for d, t, _ in rows if (d, t) in sent]
     stored = set(keys)
     latencies = [r - t for d, t, r in rows if (d, t) in sent]
     outside = [
         r - t for d, t, r in rows if (d, t) in sent and not (events["killed"] - 1 <= t <= events["restarted"] + 5)
     ]
+    t0 = min(t for _, t in sent) if sent else 0.0
+    late = sorted((round(t - t0, 2), round(r - t, 3)) for d, t, r in rows if (d, t) in sent and r - t > 0.5)
     return {
         "subscriber": name,
         "published": len(sent),
@@ -290,6 +291,10 @@ def stream_window(
         "outage_s": round(events["restarted"] - events["killed"], 2),
         "restart_after_s": args.restart_after,
         "start_up_s": round(start_up_s, 2),
+        "killed_at_s": round(events["killed"] - t0, 2),
+        "restarted_at_s": round(events["restarted"] - t0, 2),
+        "late_over_0_5_s": late[:3000],  # (report time from the window's start, latency), for where the tail is
+        "printed": [p.strip() for p in printed],
     }
 
 
