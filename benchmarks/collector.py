@@ -257,8 +257,8 @@ def stream_window(
 
     def tick(elapsed: float) -> None:
         if elapsed >= kill_at and "killed" not in events:
+            events["killed"] = time.time()  # the outage starts with the kill, not once it is reaped
             a.kill()
-            events["killed"] = time.time()
         elif "killed" in events and "restarted" not in events and elapsed >= back_at:
             a.start(wait=False)  # the stream goes on while it starts, as it would in the field
             events["restarted"] = time.time()
