@@ -270,6 +270,8 @@ def stream_window(
     start_up_s = a.ready_after
     rows = _wait_rows(pg_url, name == "ours", sent, quiet_s=2.0, limit_s=30)
     printed = [a.stop(), b.stop()]
+    logs = "\n".join(s.log.read_text(errors="replace") for s in (a, b))
+    refused = [line for line in logs.splitlines() if "could not write" in line]
     keys = [(d, t) for d, t, _ in rows if (d, t) in sent]
     stored = set(keys)
     latencies = [r - t for d, t, r in rows if (d, t) in sent]
@@ -295,6 +297,7 @@ def stream_window(
         "restarted_at_s": round(events["restarted"] - t0, 2),
         "late_over_0_5_s": late[:3000],  # (report time from the window's start, latency), for where the tail is
         "printed": [p.strip() for p in printed],
+        "writes_refused": refused[:20],  # our collectors' batches the registry refused (then retried)
     }
 
 
@@ -543,14 +546,15 @@ def _stream_table(rows: list[dict[str, Any]], extra: bool) -> None:
     """Lost, twice and publish -> row latency per subscriber; p99's ratio to the baseline's."""
     base = next((r["p99_s"] for r in rows if r["subscriber"] == "baseline"), None)
     head = ["subscriber", "published", "lost", "twice", "p50 s", "p99 s", "p99 ratio to baseline", "max s",
-            "p99 outside outage s", "restart after s", "start-up s"]  # fmt: skip
+            "p99 outside outage s", "restart after s", "start-up s", "writes refused"]  # fmt: skip
     if extra:
         head += ["reports/device/s", "devices' CPU ms/report"]
     table = []
     for r in rows:
         line = [r["subscriber"], r["published"], r["lost"], r["twice"], _r(r["p50_s"]), _r(r["p99_s"]),
                 _r(r["p99_s"] / base) if base and r["p99_s"] is not None else None, _r(r["max_s"]),
-                _r(r["p99_outside_outage_s"]), r["restart_after_s"], r["start_up_s"]]  # fmt: skip
+                _r(r["p99_outside_outage_s"]), r["restart_after_s"], r["start_up_s"],
+                len(r["writes_refused"]) if r["subscriber"] == "ours" else None]  # fmt: skip
         if extra:
             line += [r["per_device_per_s"], r["sim_cpu_ms_per_report"]]
         table.append(line)

@@ -324,7 +324,9 @@ class ReportGate:
             drops, self.drops = self.drops, Counter()
             advanced, self._advanced = self._advanced, {}
             requests, self.requests = self.requests, {}
-        for (device_id, channel), (seq, will) in advanced.items():
+        # Rows in one order (device, channel) in every collector: two collectors' transactions
+        # that touch the same devices then wait for each other instead of deadlocking.
+        for (device_id, channel), (seq, will) in sorted(advanced.items()):
             registry.advance_sequence(device_id, channel, seq, will)
         full = 0
         for device_id, status in requests.items():
@@ -336,7 +338,7 @@ class ReportGate:
                     drops[(device_id, "unenrolled")] += 1
         if full:
             drops[(UNKNOWN_DEVICE, "pending_full")] += full
-        registry.count_drops(drops, now)
+        registry.count_drops(dict(sorted(drops.items())), now)
 
 
 # --- the operator's decisions: enroll, approve, revoke ----------------------------------
