@@ -87,8 +87,10 @@ def test_periodic_reports_of_a_real_agent_are_rows_of_their_own_and_a_repeat_is_
                 assert all(r["latency"]["count"] == 3 and r["latency"]["p50_ms"] > 0 for _, r in periodic)
                 times = [ts for ts, _ in periodic]
                 assert len(set(times)) == len(times)  # each a row of its own
-                # one a second: each comes in the worker's periodic work after its due time (ticks of 0.5 s)
-                assert len(times) - 1 - 0.75 <= times[-1] - times[0] <= len(times) - 1 + 0.75
+                # At most one a second: each report is taken within its own round's second (rounds keep
+                # their phase; a round later than the next one's start is dropped), so n reports span
+                # at least n - 2 seconds (less the time a measurement takes), however late the worker gets to each.
+                assert times[-1] - times[0] > len(times) - 2.5
                 # The same signed report again, as a broker redelivers it after a collector died: one row.
                 again_ts = times[1]
                 with lock:
