@@ -913,6 +913,19 @@ def test_periodic_metrics_reports_measure_each_active_bundle_again_live_only(mak
     assert len(transport.metrics()) == sent and agent.reporter.outbox.pending == 0
 
 
+def test_a_periodic_measurement_that_fails_is_counted_and_not_reported(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent(metrics_every_s=1.0, metrics_runs=2)
+    cmd = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1)
+    drive(agent, settled(transport, cmd.command_id))
+    active = agent.installer.active("tiny")
+    assert active is not None
+    active.model_path.write_bytes(b"not a model any more")  # the disk under it went bad
+    assert agent.telemetry is not None
+    drive(agent, lambda: agent.telemetry is not None and agent.telemetry.failures >= 2, timeout_s=10)
+    assert [m.command_id for m in transport.metrics()] == [cmd.command_id]  # only the install's report
+    assert agent.telemetry.reports == 0
+
+
 def test_no_periodic_metrics_reports_unless_configured(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
     agent, transport = make_agent()
     cmd = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1)
