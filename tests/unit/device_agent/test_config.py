@@ -207,4 +207,4 @@ def test_periodic_metrics_are_off_unless_set_and_bounded(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="metrics_runs must be an integer, not a float"):
         _load(tmp_path, "metrics_runs = 2.5\n" + _VALID)
     with pytest.raises(ConfigError, match="metrics_every_s must be a number of seconds from 1"):
-        AgentConfig("mqtt://127.0.0.1:18883", "pi-01", tmp_path, root=tmp_path / "r.json", metrics_every_s=True)
+        AgentConfig("mqtt://127.0.0.1:1", "pi-01", tmp_path, root=tmp_path / "r.json", metrics_every_s=True)
