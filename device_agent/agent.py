@@ -7,9 +7,10 @@ Every message is handled inside a guard: bad input becomes an ``error``/``refuse
 back to the host, and the loop goes on.
 
 Periodic work (idle transfers reported, abandoned ones removed, the offline outbox
-drained, deferred installs retried) runs on its own schedule, every ``_TICK_S`` whatever arrives: a trickle of junk
-cannot starve it. The worker feeds systemd's watchdog only while the network
-thread lives (:func:`device_agent.sdnotify.should_feed`); if the network thread dies,
+drained, deferred installs retried, heartbeats, and periodic metrics reports when
+``metrics_every_s`` is set: :mod:`device_agent.telemetry`) runs on its own schedule, every
+``_TICK_S`` whatever arrives: a trickle of junk cannot starve it. The worker feeds systemd's
+watchdog only while the network thread lives (:func:`device_agent.sdnotify.should_feed`); if the network thread dies,
 :meth:`Agent.run` stops the agent with an error, so any supervisor restarts it.
 
 Time: every expiry decision uses :meth:`TrustStore.now <device_agent.trust_store.TrustStore.now>`,
@@ -25,6 +26,7 @@ The parts, one job each::
     device_agent.install     the install sequence: stage, activate, health check, confirm or roll back,
                              deferred installs, rollback and remove commands
     device_agent.reporter    status (birth, goodbye), events, metrics, the offline outbox
+    device_agent.telemetry   periodic metrics reports: each active bundle measured again
 
 Lifecycle of a deploy::
 
@@ -77,6 +79,7 @@ from device_agent.platform import PlatformInfo, detect_platform, power_model_nam
 from device_agent.receiving import Received, ReceivedBundle, Receiving, Transfer
 from device_agent.reporter import Reporter
 from device_agent.sdnotify import Liveness, Notifier, should_feed
+from device_agent.telemetry import RECEIVING_S, Telemetry
 from device_agent.transport import InboundQueue, Transport
 from device_agent.trust_store import TrustStore
 from edge_sdk import __version__
@@ -308,6 +311,11 @@ class Agent:
             profile=hooks.profile,
             activating=hooks.activating,
         )
+        self.telemetry: Telemetry | None = None
+        if config.metrics_every_s is not None:
+            self.telemetry = Telemetry(
+                config.metrics_every_s, config.metrics_runs, self.installer, self.installs, self.reporter
+            )
         self._notifier = Notifier()
         self._next_tick = float("-inf")
         self._next_heartbeat = float("inf")  # set when connected: the birth message counts as one
@@ -460,6 +468,13 @@ class Agent:
         if now >= self._next_heartbeat and self.reporter.heartbeat():
             self._next_heartbeat = now + self.config.heartbeat_s
         self.installs.retry_deferred()
+        if self.telemetry is not None:
+            self.telemetry.step(self.monotonic(), self.transport.connected, self._busy)
+
+    def _busy(self) -> bool:
+        """Whether work waits that a periodic measurement must not delay: inbound items, a transfer under way."""
+        now = self.monotonic()
+        return len(self.inbound) > 0 or any(now - t.last_chunk_at < RECEIVING_S for t in self.receiving.held())
 
     # --- dispatch -------------------------------------------------------------------
 
@@ -496,6 +511,8 @@ class Agent:
                 log.warning("inbound queue has dropped %d message(s) since start", self.inbound.dropped)
             self.reporter.publish_status()
             self._next_heartbeat = self.monotonic() + self.config.heartbeat_s
+            if self.telemetry is not None:
+                self.telemetry.start(self.monotonic())
             self.reporter.drain_outbox()
             # After any restart, say what is kept and what is lacking, unless the broker kept
             # this device's session: then what was sent meanwhile is queued and on its way, and

@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         help="a label of this device, key=value, e.g. site=depot-3 (repeatable; replaces the config file's labels)",
     )
     run.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 60)")
+    run.add_argument(
+        "--metrics-every",
+        type=float,
+        help="seconds between periodic metrics reports of each active bundle, measured again (default: off)",
+    )
+    run.add_argument("--metrics-runs", type=int, help="timed runs of each periodic measurement (default 10)")
     tls = run.add_argument_group(
         "broker connection",
         "TLS client certificate and MQTT username/password. Each may also come from the environment "
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                 "accelerators": tuple(args.accelerator),
                 "labels": tuple(args.label),
                 "heartbeat_s": args.heartbeat,
+                "metrics_every_s": args.metrics_every,
+                "metrics_runs": args.metrics_runs,
                 "sysfs_root": args.sysfs_root,
                 "transfer_idle_timeout_s": args.transfer_idle_timeout,
                 "reconnect_max_s": args.reconnect_max,

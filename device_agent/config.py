@@ -8,6 +8,9 @@ Example ``agent.toml``::
     root = "/etc/edge-agent/root.json"      # the signed root of trust shipped with the device
     accelerators = ["cuda"]                 # optional: what bundles' target constraints may require
     heartbeat_s = 60                        # optional: seconds between heartbeats (not retained)
+    metrics_every_s = 300                   # optional: a metrics report of each active bundle every
+                                            # 300 s, re-measured with metrics_runs timed runs (default 10);
+                                            # off unless set
     identity_key = "/etc/edge-agent/identity.key"  # optional: a provisioned key that signs what it
                                             # reports; else made at first start in data_dir/identity/
 
@@ -65,7 +68,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 devices
     import tomli as tomllib
 
-__all__ = ["CRASH_POINTS", "AgentConfig", "load_config"]
+__all__ = ["CRASH_POINTS", "MAX_METRICS_RUNS", "AgentConfig", "load_config"]
 
 #: Named steps of an install where ``debug_crash_at`` makes the agent SIGKILL itself, for
 #: crash-safety tests. In order: a chunk half-way through the transfer was written; the
@@ -79,6 +82,8 @@ _MIN_INBOUND = 16
 _MIN_INBOUND_BYTES = 4 << 20
 #: Largest clock offset the test hook accepts (a year).
 _MAX_CLOCK_OFFSET_S = 366 * 86400.0
+#: Most timed runs of a periodic measurement: it runs on the agent's worker, between messages.
+MAX_METRICS_RUNS = 100
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,11 @@ class AgentConfig:
             carried by its status; a table, or a list of ``key=value`` strings.
         heartbeat_s: seconds between heartbeats (1 s to a day); the host lists a device it
             has not heard from within a few of them as ``stale``.
+        metrics_every_s: seconds between periodic metrics reports (1 s to a day), each active
+            bundle measured again (:mod:`device_agent.telemetry`); None (the default): only the
+            report after each install.
+        metrics_runs: timed runs of each periodic measurement (1 to :data:`MAX_METRICS_RUNS`),
+            after one warm-up run.
         debug_crash_at: test-only: SIGKILL the agent at this step of an install (:data:`CRASH_POINTS`).
         debug_clock_offset_s: test-only, config file only: seconds added to the device's
             clock (mounts a clock set back or forward, as after a reboot without RTC).
@@ -168,6 +178,8 @@ class AgentConfig:
     identity_key: Path | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     heartbeat_s: float = 60.0
+    metrics_every_s: float | None = None
+    metrics_runs: int = 10
     debug_crash_at: str | None = None
     debug_clock_offset_s: float = 0.0
 
@@ -185,6 +197,17 @@ class AgentConfig:
             raise ConfigError(
                 f"heartbeat_s must be a number of seconds from 1 to {MAX_HEARTBEAT_S:g}, got {self.heartbeat_s!r}",
                 key="heartbeat_s",
+            )
+        every = self.metrics_every_s
+        if every is not None and (not _is_number(every) or not 1 <= every <= MAX_HEARTBEAT_S):
+            raise ConfigError(
+                f"metrics_every_s must be a number of seconds from 1 to {MAX_HEARTBEAT_S:g}, got {every!r}",
+                key="metrics_every_s",
+            )
+        if not _is_int_at_least(self.metrics_runs, 1) or self.metrics_runs > MAX_METRICS_RUNS:
+            raise ConfigError(
+                f"metrics_runs must be an integer from 1 to {MAX_METRICS_RUNS}, got {self.metrics_runs!r}",
+                key="metrics_runs",
             )
         if self.transfer_idle_timeout_s <= 0:
             raise ConfigError(
@@ -321,6 +344,8 @@ _SETTINGS: dict[str, _Kind] = {
     "identity_key": _PATH,
     "labels": _LABELS,
     "heartbeat_s": _NUMBER,
+    "metrics_every_s": _NUMBER,
+    "metrics_runs": _INTEGER,
 }
 _PATH_FIELDS = {key for key, kind in _SETTINGS.items() if kind is _PATH} - set(CONNECTION_SETTINGS)
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from device_agent.config import AgentConfig
 from device_agent.decryption_key import check_recipient
 from device_agent.gate import UpdateGate
-from device_agent.installer import BundleChecks, Installer, PendingRollback
+from device_agent.installer import ActiveBundle, BundleChecks, Installer, PendingRollback
 from device_agent.platform import PlatformInfo
 from device_agent.receiving import ReceivedBundle
 from device_agent.reporter import Reporter
@@ -53,6 +53,7 @@ from edge_sdk.errors import (
 )
 from edge_sdk.metrics import PowerSource
 from edge_sdk.protocol import (
+    BenchmarkSpec,
     CodecLimits,
     DeployCommand,
     EventKind,
@@ -72,8 +73,8 @@ if TYPE_CHECKING:  # numpy and the runtimes are imported only when a model is pr
 __all__ = ["InstallSequence", "ProfileHook"]
 
 #: Health-checks and benchmarks an installed bundle in place of the real runtime (simulated
-#: devices): (manifest, unpacked payload directory, deploy command) -> the profile.
-ProfileHook = Callable[[Manifest, Path, DeployCommand], "Profile"]
+#: devices): (manifest, unpacked payload directory, how to benchmark) -> the profile.
+ProfileHook = Callable[[Manifest, Path, BenchmarkSpec], "Profile"]
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class InstallSequence:
         if active is None:
             raise StorageError(f"{manifest.name} v{manifest.version} is not active right after its activation")
         try:
-            profile, choice = self._profile(manifest, active.slot / "payload", cmd)
+            profile, choice = self._profile(manifest, active.slot / "payload", cmd.benchmark)
             if choice is not None:
                 self.installer.record_execution(active, choice.to_dict())
         except ModelError as exc:
@@ -274,7 +275,7 @@ class InstallSequence:
         )
         self.checkpoint("reported")
         self.reporter.publish_status()
-        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, choice)
+        report = self.metrics_report(cmd.command_id, manifest.name, manifest.version, profile, choice)
         self.reporter.metrics(report, retain=True)
         log.info(
             "installed %s v%s: p50 %.3f ms, p99 %.3f ms",
@@ -289,10 +290,10 @@ class InstallSequence:
         scratch = self.installer.stage_scratch(bundle_path, self.clock(), self._checks(cmd))
         manifest = scratch.verified.manifest
         try:
-            profile, choice = self._profile(manifest, scratch.slot / "payload", cmd)
+            profile, choice = self._profile(manifest, scratch.slot / "payload", cmd.benchmark)
         finally:
             self.installer.discard(scratch)
-        report = self._metrics_report(cmd, manifest.name, manifest.version, profile, choice, mode="profile")
+        report = self.metrics_report(cmd.command_id, manifest.name, manifest.version, profile, choice, mode="profile")
         self.reporter.metrics(report)
         self.reporter.event(EventKind.PROFILED, cmd=cmd, detail={"name": manifest.name, "version": manifest.version})
         log.info(
@@ -316,11 +317,32 @@ class InstallSequence:
     def _device_facts(self) -> DeviceFacts:
         return DeviceFacts(self.platform.arch, self.platform.memory_bytes, frozenset(self.config.accelerators))
 
-    def _profile(self, manifest: Manifest, payload: Path, cmd: DeployCommand) -> tuple[Profile, ExecutionChoice | None]:
+    def measure(self, active: ActiveBundle, spec: BenchmarkSpec) -> tuple[Profile, ExecutionChoice | None]:
+        """Health-check and benchmark an active bundle again, as installed (periodic reports).
+
+        A sparse bundle runs the execution chosen at its install (kept in its slot), so
+        nothing is chosen again; one without a kept choice is chosen as at install.
+
+        Returns:
+            The profile, and the execution run (``None`` for other bundles).
+
+        Raises:
+            ModelError: the model no longer loads or fails its health check.
+            EdgeError: the bundle's files are unusable.
+        """
+        kept = active.execution
+        chosen = kept.get("chosen") if kept is not None else None
+        pin = chosen if isinstance(chosen, str) else None
+        return self._profile(active.manifest, active.slot / "payload", spec, pin)
+
+    def _profile(
+        self, manifest: Manifest, payload: Path, spec: BenchmarkSpec, execution: str | None = None
+    ) -> tuple[Profile, ExecutionChoice | None]:
         """Health-check and benchmark the bundle unpacked in ``payload``.
 
-        A bundle with sparse layers first gets its execution chosen (by pin or by
-        measurement, :mod:`device_agent.selection`), and the profile runs that one.
+        A bundle with sparse layers first gets its execution chosen (by pin, ``execution``
+        or the agent's setting, or by measurement, :mod:`device_agent.selection`), and the
+        profile runs that one.
 
         Returns:
             The profile, and the execution choice (``None`` for other bundles).
@@ -330,7 +352,7 @@ class InstallSequence:
                 files are unusable, or no execution can run.
         """
         if self.profile_hook is not None:
-            return self.profile_hook(manifest, payload, cmd), None
+            return self.profile_hook(manifest, payload, spec), None
         from device_agent.profiler import profile_model  # numpy and the runtimes only when needed
 
         sample = payload / manifest.sample_input if manifest.sample_input else None
@@ -339,7 +361,7 @@ class InstallSequence:
             from device_agent.selection import select_execution  # sparse bundles only
 
             try:
-                choice, opener = select_execution(payload, manifest, cmd.benchmark, self.config.execution, sample)
+                choice, opener = select_execution(payload, manifest, spec, execution or self.config.execution, sample)
             except ModelError:
                 raise
             except EdgeError as exc:
@@ -349,7 +371,7 @@ class InstallSequence:
             manifest.runtime,
             manifest.precision,
             sample,
-            cmd.benchmark,
+            spec,
             self.power,
             self.config.sysfs_root,
             max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
@@ -357,23 +379,32 @@ class InstallSequence:
         )
         return profile, choice
 
-    def _metrics_report(
+    def metrics_report(
         self,
-        cmd: DeployCommand,
+        command_id: str,
         name: str,
         version: int,
         profile: Profile,
         choice: ExecutionChoice | None,
         **extra: object,
     ) -> MetricsReport:
+        """The signed-to-be report of one measurement, dated by :meth:`Reporter.metrics_time`.
+
+        Args:
+            command_id: the command it answers ("" for a periodic report).
+            name, version: the bundle measured.
+            profile: what was measured.
+            choice: the execution run (sparse bundles).
+            extra: marks for readers (``mode``: ``profile``, ``periodic``; none after an install).
+        """
         return MetricsReport(
             device_id=self.config.device_id,
             bundle_name=name,
             bundle_version=version,
             runtime=profile.runtime,
             precision=profile.precision,
-            ts=self.clock(),
-            command_id=cmd.command_id,
+            ts=self.reporter.metrics_time(),
+            command_id=command_id,
             threads=profile.threads,
             providers=profile.providers,
             latency=profile.latency,

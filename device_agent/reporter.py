@@ -46,6 +46,9 @@ __all__ = ["Reporter"]
 log = logging.getLogger(__name__)
 _OUTBOX_ACK_TIMEOUT_S = 10.0
 _OUTBOX_COMMIT_EVERY = 32
+#: Metrics reports of one device are dated at least this far apart: the host keys them by
+#: device and time, so two taken within one tick of the clock must not share a time.
+_METRICS_TS_STEP_S = 1e-6
 
 
 class Reporter:
@@ -95,6 +98,7 @@ class Reporter:
         self.power = power
         self.inbound = inbound
         self.clock = clock
+        self._metrics_ts = float("-inf")
 
     # --- status ---------------------------------------------------------------------
 
@@ -187,6 +191,16 @@ class Reporter:
             detail=detail or {},
         )
         self.send(self.topics.events, encode(event))
+
+    def metrics_time(self) -> float:
+        """The time for a new metrics report: the clock, but always later than the last one's.
+
+        The host stores a report once per device and time (a report heard twice is one row),
+        so two reports (two bundles measured in one round, an install right after a
+        periodic report) must never share one.
+        """
+        self._metrics_ts = max(self.clock(), self._metrics_ts + _METRICS_TS_STEP_S)
+        return self._metrics_ts
 
     def metrics(self, report: MetricsReport, retain: bool = False) -> None:
         """Report a benchmark (retained for the installed version, not for a profile-only run)."""

@@ -33,7 +33,7 @@ method). They are not measurements.
 The spec file (written by the host)::
 
     {"broker": URL, "root": ROOT_JSON, "started_at": UNIX_TIME, "runtime": "standin"|"real",
-     "latency": {...LatencyModel}, "gate_retry_s": S, "ready_file": PATH,
+     "latency": {...LatencyModel}, "gate_retry_s": S, "metrics_every_s": S|null, "ready_file": PATH,
      "devices": [{"device_id": ID, "data_dir": DIR, "identity_key": PEM_FILE,
                   "faults": {...DeviceFaults}}]}
 
@@ -66,7 +66,7 @@ from edge_sdk.simulation import DeviceFaults, LatencyModel
 if TYPE_CHECKING:
     from device_agent.profiler import Profile
     from edge_sdk.bundle import Manifest
-    from edge_sdk.protocol import DeployCommand
+    from edge_sdk.protocol import BenchmarkSpec
     from edge_sdk.runtime import InferenceSession
 
 __all__ = ["RUNTIMES", "LinkProxy", "SimDevice", "SimProcess", "SimSpec"]
@@ -97,6 +97,7 @@ class SimSpec:
     gate_retry_s: float
     ready_file: Path | None
     devices: tuple[tuple[str, Path, Path | None, DeviceFaults], ...]
+    metrics_every_s: float | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SimSpec:
@@ -112,6 +113,7 @@ class SimSpec:
                 runtime=runtime,
                 latency=LatencyModel.from_dict(d.get("latency") or LatencyModel().to_dict()),
                 gate_retry_s=float(d.get("gate_retry_s", 2.0)),
+                metrics_every_s=float(d["metrics_every_s"]) if d.get("metrics_every_s") is not None else None,
                 ready_file=Path(d["ready_file"]) if d.get("ready_file") else None,
                 devices=tuple(
                     (
@@ -151,12 +153,11 @@ def install_fault(faults: DeviceFaults, state_path: Path, now: Callable[[], floa
 def standin_profile(model: LatencyModel, faults: DeviceFaults) -> ProfileHook:
     """Health check and benchmark on the stand-in runtime: the agent's own code, timing simulated runs."""
 
-    def profile(manifest: Manifest, payload: Path, cmd: DeployCommand) -> Profile:
+    def profile(manifest: Manifest, payload: Path, spec: BenchmarkSpec) -> Profile:
         from device_agent.profiler import Profile, health_check
         from edge_sdk.metrics import CpuMeasurement, ModelMemory, PowerMeasurement, benchmark
         from edge_sdk.runtime import StandInSession
 
-        spec = cmd.benchmark
         factor = faults.factor("latency", manifest.version)
         session = StandInSession(model, f"{faults.device_id}:{manifest.name}:{manifest.version}", factor, spec.threads)
         health_check(session, {}, manifest.health.max_latency_ms if manifest.health else None, clock=session.clock)
@@ -234,7 +235,7 @@ class _Regressed:
 def regressed_profile(config: AgentConfig, faults: DeviceFaults) -> ProfileHook:
     """The real runtime's health check and benchmark, with the device's latency and memory regressions."""
 
-    def profile(manifest: Manifest, payload: Path, cmd: DeployCommand) -> Profile:
+    def profile(manifest: Manifest, payload: Path, spec: BenchmarkSpec) -> Profile:
         from device_agent.profiler import profile_model
         from edge_sdk.metrics import detect_power_source
         from edge_sdk.runtime import SessionOptions, open_session
@@ -253,7 +254,7 @@ def regressed_profile(config: AgentConfig, faults: DeviceFaults) -> ProfileHook:
             manifest.runtime,
             manifest.precision,
             payload / manifest.sample_input if manifest.sample_input else None,
-            cmd.benchmark,
+            spec,
             detect_power_source(config.sysfs_root),
             config.sysfs_root,
             max_latency_ms=manifest.health.max_latency_ms if manifest.health else None,
@@ -415,6 +416,7 @@ class SimProcess:
                 reconnect_max_s=_RECONNECT_MAX_S,
                 keepalive_s=_KEEPALIVE_S,
                 connack_timeout_s=_CONNACK_TIMEOUT_S,
+                metrics_every_s=spec.metrics_every_s,
             )
             if spec.runtime == "standin":
                 profile: ProfileHook | None = standin_profile(spec.latency, faults)

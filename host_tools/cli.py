@@ -2678,6 +2678,12 @@ def demo(
 @click.option("--latency-ms", default=5.0, show_default=True, help="stand-in runtime: median latency")
 @click.option("--latency-sigma", default=0.25, show_default=True, help="stand-in runtime: log-normal spread")
 @click.option("--id-prefix", default="sim", show_default=True, help="device ids are PREFIX-00000, PREFIX-00001...")
+@click.option(
+    "--metrics-every",
+    "metrics_every_s",
+    type=float,
+    help="each device reports metrics of each active bundle this often, measured again (seconds; default: off)",
+)
 @click.option("--for", "run_for_s", type=float, help="stop after this many seconds (default: until Ctrl-C)")
 @json_option
 @click.pass_context
@@ -2693,6 +2699,7 @@ def sim(
     latency_ms: float,
     latency_sigma: float,
     id_prefix: str,
+    metrics_every_s: float | None,
     run_for_s: float | None,
     json_output: bool,
 ) -> None:
@@ -2713,7 +2720,7 @@ def sim(
     cfg = _cfg(ctx, json_output)
     options = SimOptions(
         count, broker, root_dir, per_process=per_process, runtime=runtime, faults=FaultPlan.of(faults, seed),
-        latency=LatencyModel(latency_ms, latency_sigma), id_prefix=id_prefix,
+        latency=LatencyModel(latency_ms, latency_sigma), id_prefix=id_prefix, metrics_every_s=metrics_every_s,
     )  # fmt: skip
     ring = KeyRing(cfg.keys_dir)
     ring.signed_root()  # a root devices can load, or a KeyStoreError saying to run `edgectl keys init`

@@ -115,7 +115,11 @@ def record_messages(registry: Registry, msgs: Sequence[Message], received_at: fl
         StorageError: the registry cannot be written.
     """
     reports: list[MetricsReport] = []
-    for msg in msgs:
+    # By device (a stable sort: each device's messages keep their order): every collector
+    # writes the rows of a batch in one order, so two collectors' transactions that touch the
+    # same devices wait for each other instead of deadlocking (PostgreSQL aborts one of a
+    # deadlocked pair, and its batch waits for a retry).
+    for msg in sorted(msgs, key=lambda m: str(getattr(m, "device_id", ""))):
         if isinstance(msg, MetricsReport):
             reports.append(msg)
         else:

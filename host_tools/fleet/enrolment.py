@@ -373,8 +373,10 @@ class ReportGate:
         advanced: Mapping[tuple[str, str], tuple[int, int | None]],
         requests: Mapping[str, DeviceStatus],
     ) -> None:
+        # Rows in one order (device, channel) in every collector: two collectors' transactions
+        # that touch the same devices then wait for each other instead of deadlocking.
         registry.advance_sequences(
-            [(device_id, channel, seq, will) for (device_id, channel), (seq, will) in advanced.items()]
+            [(device_id, channel, seq, will) for (device_id, channel), (seq, will) in sorted(advanced.items())]
         )
         full = 0
         for device_id, status in requests.items():
@@ -386,7 +388,7 @@ class ReportGate:
                     drops[(device_id, "unenrolled")] += 1
         if full:
             drops[(UNKNOWN_DEVICE, "pending_full")] += full
-        registry.count_drops(drops, now)
+        registry.count_drops(dict(sorted(drops.items())), now)
 
 
 # --- the operator's decisions: enroll, approve, revoke ----------------------------------

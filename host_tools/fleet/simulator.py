@@ -41,6 +41,7 @@ from typing import Any
 from edge_sdk.durable import atomic_write_bytes
 from edge_sdk.errors import ConfigError, EdgeError, StorageError
 from edge_sdk.mqtt import parse_broker_url
+from edge_sdk.protocol.messages import MAX_HEARTBEAT_S
 from edge_sdk.protocol.topics import check_device_id
 from edge_sdk.simulation import DeviceFaults, FaultPlan, LatencyModel
 from edge_sdk.trust import SigningKey
@@ -74,9 +75,12 @@ class SimOptions:
         gate_retry_s: how often a device with a deferred install asks its gate again.
         start_timeout_s: how long the processes have to start every device.
         log_level: the device processes' log level (their logs: ``root/logs/``).
+        metrics_every_s: each device publishes a metrics report of each active bundle this
+            often, measured again (the agent's ``metrics_every_s``; 1 s to a day); None: only
+            after installs.
 
     Raises:
-        ConfigError: a count, runtime, prefix or broker that cannot be used.
+        ConfigError: a count, runtime, prefix, broker or report interval that cannot be used.
     """
 
     devices: int
@@ -90,6 +94,7 @@ class SimOptions:
     gate_retry_s: float = 2.0
     start_timeout_s: float = 300.0
     log_level: str = "WARNING"
+    metrics_every_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.devices <= 100_000:
@@ -100,6 +105,12 @@ class SimOptions:
             raise ConfigError(f"--runtime must be one of {', '.join(SIM_RUNTIMES)}, got {self.runtime!r}")
         if not self.gate_retry_s > 0 or not self.start_timeout_s > 0:
             raise ConfigError("gate retry and start timeout must be positive seconds")
+        every = self.metrics_every_s
+        if every is not None and not 1 <= every <= MAX_HEARTBEAT_S:
+            raise ConfigError(
+                f"--metrics-every must be a number of seconds from 1 to {MAX_HEARTBEAT_S:g}, got {every!r}",
+                key="metrics_every_s",
+            )
         parse_broker_url(self.broker)
         check_device_id(f"{self.id_prefix}-0")
 
@@ -186,6 +197,7 @@ def provision_sim(options: SimOptions, registry: Registry, root_of_trust: Path, 
             "runtime": options.runtime,
             "latency": options.latency.to_dict(),
             "gate_retry_s": options.gate_retry_s,
+            "metrics_every_s": options.metrics_every_s,
             "ready_file": str(root / "specs" / f"process-{n:03d}.ready"),
             "devices": entries[start : start + options.per_process],
         }
@@ -240,6 +252,7 @@ class SimFleet:
             "root": str(self.options.root.resolve()),
             "started_in_s": round(self.started_in_s, 3),
             "seed": self.options.faults.seed,
+            "metrics_every_s": self.options.metrics_every_s,
             "faults": hits,
         }
 

@@ -22,6 +22,8 @@ def sim_text(data: dict[str, Any]) -> str:
         f"runtime: {runtime}"
         + (" (stand-in: latency is drawn from a distribution, not measured)" if data["simulated_latency"] else ""),
     ]
+    every = data.get("metrics_every_s")
+    lines.append(f"periodic metrics: every {every:g} s" if every else "periodic metrics: off (reports after installs)")
     if not data["faults"]:
         lines.append("faults: none")
     for kind, devices in data["faults"].items():

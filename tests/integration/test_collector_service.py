@@ -224,3 +224,51 @@ def test_a_deferred_install_that_lands_later_updates_its_deployment_row(
         device = reg.get_device(agent.device_id)
     assert device is not None and [(b.name, b.version) for b in device.active_bundles or ()] == [("held", 1)]
     assert collector.stop()[0] == 0
+
+
+def test_two_collectors_writing_the_same_devices_in_opposite_orders_do_not_deadlock(pg_url) -> None:
+    """Each collector's batch holds heartbeats of devices a and b, in opposite orders (real agents'
+    messages come in any order). Each transaction writes its first row, waits up to 1 s for the
+    other to have written its first, then goes on: written in arrival order, the two would lock
+    a and b in opposite orders and PostgreSQL would abort one as a deadlock."""
+    import threading
+
+    from edge_sdk.protocol import Heartbeat
+    from host_tools.fleet.collector import record_messages
+
+    now = time.time()
+    with open_registry(pg_url) as reg:
+        reg.ensure_schema()
+        for d in ("dev-a", "dev-b"):
+            reg.record_heartbeat(d, "mqtt://127.0.0.1:1", now, 60.0)
+    firsts = [threading.Event(), threading.Event()]
+    errors: list[BaseException] = []
+
+    def collector(i: int, order: list[str]) -> None:
+        try:
+            with open_registry(pg_url) as reg:
+                original = reg.record_heartbeat
+                calls = [0]
+
+                def record(*args: object) -> None:
+                    original(*args)  # type: ignore[arg-type]
+                    calls[0] += 1
+                    if calls[0] == 1:
+                        firsts[i].set()
+                        firsts[1 - i].wait(1.0)
+
+                reg.record_heartbeat = record  # type: ignore[method-assign]
+                with reg.batch():
+                    record_messages(reg, [Heartbeat(d, now + 1, 60.0) for d in order], now + 1, "mqtt://127.0.0.1:1")
+        except BaseException as exc:  # reported below, on the test's thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=collector, args=(0, ["dev-a", "dev-b"])),
+        threading.Thread(target=collector, args=(1, ["dev-b", "dev-a"])),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []

@@ -18,7 +18,7 @@ from harness import Host, build_tiny_model, read_device_message
 from taps import BrokerTap
 
 from edge_sdk.mqtt import MqttClient, MqttOptions
-from edge_sdk.protocol import DeviceStatus
+from edge_sdk.protocol import DeviceStatus, MetricsReport
 from edge_sdk.simulation import FaultPlan, LatencyModel
 from host_tools.fleet.deployer import DeployOptions, deploy_many
 from host_tools.fleet.registry import open_registry
@@ -154,6 +154,46 @@ def test_a_cut_link_and_a_switched_off_device_go_offline_and_come_back_and_a_slo
     assert heard.get("link-00002") == ["online"], heard  # through the throttled proxy, never cut
 
 
+def test_simulated_devices_publish_periodic_metrics_reports_of_their_active_bundle(tmp_path: Path, mosquitto):
+    host = Host(tmp_path / "home")
+    assert host.run("keys", "init").code == 0
+    model = build_tiny_model(tmp_path)
+    bundle = host.pack(model.path, model.sample, tmp_path / "tele.edge", "tele", 1)
+    reports: list[MetricsReport] = []
+
+    def record(topic: str, payload: bytes) -> None:
+        msg = read_device_message(payload)
+        if isinstance(msg, MetricsReport):
+            reports.append(msg)
+
+    options = SimOptions(devices=4, broker=mosquitto.url, root=tmp_path / "fleet", per_process=4, metrics_every_s=1.0)
+    client = MqttClient(mosquitto.url, MqttOptions(client_id="sim-tele-host"))
+    client.connect()
+    with (
+        BrokerTap(mosquitto.url, ["edge/v1/devices/+/metrics"], record),
+        open_registry(host.home / "registry.db") as reg,
+        start_sim_fleet(options, reg, host.root) as fleet,
+    ):
+        try:
+            authority = command_authority(KeyRing(host.home / "keys"))
+            outcomes = deploy_many(client, reg, fleet.device_ids, bundle, DeployOptions(authority=authority))
+        finally:
+            client.close()
+        assert {o.state for o in outcomes} == {"installed"}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+            sum(1 for r in list(reports) if r.device_id == d and r.extra.get("mode") == "periodic") >= 3
+            for d in fleet.device_ids
+        ):
+            time.sleep(0.2)
+    periodic = [r for r in reports if r.extra.get("mode") == "periodic"]
+    for d in fleet.device_ids:
+        mine = [r for r in periodic if r.device_id == d]
+        assert len(mine) >= 3 and len({r.ts for r in mine}) == len(mine), d
+        assert all(r.bundle_name == "tele" and r.runtime == "simulated" and r.command_id == "" for r in mine)
+        assert all(r.latency is not None and r.latency.count == 10 for r in mine)
+
+
 def test_edgectl_sim_runs_for_a_while_and_says_which_devices_each_fault_hits(tmp_path: Path, mosquitto):
     host = Host(tmp_path / "home")
     assert host.run("keys", "init").code == 0
@@ -165,5 +205,10 @@ def test_edgectl_sim_runs_for_a_while_and_says_which_devices_each_fault_hits(tmp
     out = r.json()
     assert out["devices"] == 4 and len(out["processes"]) == 2 and out["simulated_latency"] is True  # type: ignore[index]
     assert len(out["faults"]["install-fail"]) == 2  # type: ignore[index]
+    assert out["metrics_every_s"] is None  # type: ignore[index]
     bad = host.run(*args, "--fault", "install-fail:share=2")
     assert bad.code == 2 and "share" in bad.stderr
+    r = host.run(*args, "--metrics-every", "2", "--for", "1", "--json", "--id-prefix", "cli")
+    assert r.code == 0 and r.json()["metrics_every_s"] == 2.0, r.stderr  # type: ignore[index]
+    bad = host.run(*args, "--metrics-every", "0.1")
+    assert bad.code == 2 and "--metrics-every must be a number of seconds from 1" in bad.stderr

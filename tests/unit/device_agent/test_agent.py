@@ -886,6 +886,56 @@ def test_an_expired_root_refuses_every_command_until_a_new_root_arrives(make_age
     assert last(transport, again.command_id).kind == EventKind.DONE
 
 
+def test_periodic_metrics_reports_measure_each_active_bundle_again_live_only(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent(metrics_every_s=1.0, metrics_runs=3)
+    cmd = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1)
+    drive(agent, settled(transport, cmd.command_id))
+    other = send_deploy(fleet, transport, fleet.bundle(1, name="other"), "other", 1)
+    drive(agent, settled(transport, other.command_id))
+    drive(agent, lambda: sum(1 for m in transport.metrics() if m.extra.get("mode") == "periodic") >= 4, timeout_s=20)
+    reports = transport.metrics()
+    installed = [m for m in reports if m.command_id in (cmd.command_id, other.command_id)]
+    periodic = [m for m in reports if m.extra.get("mode") == "periodic"]
+    assert len(installed) == 2 and all("mode" not in m.extra for m in installed)
+    assert {m.bundle_name for m in periodic} == {"tiny", "other"}
+    assert all(m.command_id == "" and m.extra["every_s"] == 1.0 for m in periodic)
+    assert all(m.latency is not None and m.latency.count == 3 and m.latency.p50_ms > 0 for m in periodic)
+    times = [m.ts for m in reports]
+    assert times == sorted(times) and len(set(times)) == len(times)  # each its own key in the registry
+    retained = {p.retain for p in transport.published if p.topic == TOPICS.metrics}
+    assert retained == {True, False}  # the install's report is retained, periodic ones are not
+    assert agent.telemetry is not None and agent.telemetry.failures == 0
+    transport.disconnect()  # offline: nothing measured, nothing buffered
+    sent = len(transport.metrics())
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        agent.step(0.05)
+    assert len(transport.metrics()) == sent and agent.reporter.outbox.pending == 0
+
+
+def test_a_periodic_measurement_that_fails_is_counted_and_not_reported(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent(metrics_every_s=1.0, metrics_runs=2)
+    cmd = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1)
+    drive(agent, settled(transport, cmd.command_id))
+    active = agent.installer.active("tiny")
+    assert active is not None
+    active.model_path.write_bytes(b"not a model any more")  # the disk under it went bad
+    assert agent.telemetry is not None
+    drive(agent, lambda: agent.telemetry is not None and agent.telemetry.failures >= 2, timeout_s=10)
+    assert [m.command_id for m in transport.metrics()] == [cmd.command_id]  # only the install's report
+    assert agent.telemetry.reports == 0
+
+
+def test_no_periodic_metrics_reports_unless_configured(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    agent, transport = make_agent()
+    cmd = send_deploy(fleet, transport, fleet.bundle(1), "tiny", 1)
+    drive(agent, settled(transport, cmd.command_id))
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        agent.step(0.05)
+    assert agent.telemetry is None and len(transport.metrics()) == 1
+
+
 def test_status_carries_labels_and_heartbeats_follow_live_only(make_agent, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
     agent, transport = make_agent(labels={"site": "depot-3", "hw": "pi5"}, heartbeat_s=1.0)
     drive(agent, lambda: bool(transport.statuses()))

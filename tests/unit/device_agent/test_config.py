@@ -187,3 +187,24 @@ def test_labels_come_from_a_table_or_a_list_and_are_checked(tmp_path: Path) -> N
         _load(tmp_path, 'labels = ["Site=x"]\n' + _VALID)
     with pytest.raises(ConfigError, match="heartbeat_s must be a number of seconds from 1"):
         _load(tmp_path, "heartbeat_s = 0.5\n" + _VALID)
+
+
+def test_periodic_metrics_are_off_unless_set_and_bounded(tmp_path: Path) -> None:
+    default = _load(tmp_path, _VALID)
+    assert default.metrics_every_s is None and default.metrics_runs == 10
+    on = _load(tmp_path, "metrics_every_s = 30\nmetrics_runs = 5\n" + _VALID)
+    assert on.metrics_every_s == 30 and on.metrics_runs == 5
+    flagged = load_config(tmp_path / "agent.toml", {"metrics_every_s": 1.5, "metrics_runs": 100})
+    assert flagged.metrics_every_s == 1.5 and flagged.metrics_runs == 100
+    for bad in ("0.5", "86401", "nan", "inf", "-1"):
+        with pytest.raises(ConfigError, match="metrics_every_s must be a number of seconds from 1 to 86400"):
+            _load(tmp_path, f"metrics_every_s = {bad}\n" + _VALID)
+    for bad in ("0", "101", "-3"):
+        with pytest.raises(ConfigError, match="metrics_runs must be an integer from 1 to 100"):
+            _load(tmp_path, f"metrics_runs = {bad}\n" + _VALID)
+    with pytest.raises(ConfigError, match="metrics_every_s must be a number of seconds, not a string"):
+        _load(tmp_path, 'metrics_every_s = "60"\n' + _VALID)
+    with pytest.raises(ConfigError, match="metrics_runs must be an integer, not a float"):
+        _load(tmp_path, "metrics_runs = 2.5\n" + _VALID)
+    with pytest.raises(ConfigError, match="metrics_every_s must be a number of seconds from 1"):
+        AgentConfig("mqtt://127.0.0.1:1", "pi-01", tmp_path, root=tmp_path / "r.json", metrics_every_s=True)

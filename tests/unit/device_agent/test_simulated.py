@@ -39,9 +39,9 @@ def test_the_stand_in_profile_says_simulated_and_carries_the_regression_of_its_v
     )
     model = LatencyModel(median_ms=2.0, sigma=0.0, model_bytes=1 << 20)
     profile = standin_profile(model, faults)
-    cmd: Any = SimpleNamespace(benchmark=BenchmarkSpec(runs=50, warmup=2))
-    v1 = profile(_manifest(1), Path("/nonexistent"), cmd)
-    v2 = profile(_manifest(2), Path("/nonexistent"), cmd)
+    spec = BenchmarkSpec(runs=50, warmup=2)
+    v1 = profile(_manifest(1), Path("/nonexistent"), spec)
+    v2 = profile(_manifest(2), Path("/nonexistent"), spec)
     assert v1.runtime == "simulated" and v1.providers == ("simulated",) and v1.power.source == "simulated"
     assert v1.cpu.insufficient_data and v1.memory.model_bytes_method == "simulated"
     assert v1.latency.p50_ms == pytest.approx(2.0) and v2.latency.p99_ms == pytest.approx(6.0)
