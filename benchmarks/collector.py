@@ -338,7 +338,7 @@ class PeriodicTap:
 
         def keep(topic: str, payload: bytes) -> None:
             msg = read_device_message(payload)
-            if isinstance(msg, MetricsReport) and msg.extra.get("mode") == "periodic":
+            if isinstance(msg, MetricsReport) and msg.periodic:
                 with self._lock:
                     self.heard.append((msg.device_id, msg.ts))
 

@@ -35,14 +35,12 @@ from device_agent.install import InstallSequence
 from device_agent.installer import Installer
 from device_agent.reporter import Reporter
 from edge_sdk.errors import EdgeError
-from edge_sdk.protocol import BenchmarkSpec
+from edge_sdk.protocol import PERIODIC_MODE, BenchmarkSpec
 
-__all__ = ["PERIODIC", "RECEIVING_S", "Telemetry"]
+__all__ = ["RECEIVING_S", "Telemetry"]
 
 log = logging.getLogger(__name__)
 
-#: The ``extra["mode"]`` of a periodic report.
-PERIODIC = "periodic"
 #: A transfer that had a chunk within this many seconds holds periodic measurements back.
 RECEIVING_S = 5.0
 
@@ -109,7 +107,7 @@ class Telemetry:
             log.warning("periodic measurement of %s v%s failed: %s: %s", name, active.version, exc.code, exc.message)
             return False
         report = self.installs.metrics_report(
-            "", active.name, active.version, profile, choice, mode=PERIODIC, every_s=self.every_s
+            "", active.name, active.version, profile, choice, mode=PERIODIC_MODE, every_s=self.every_s
         )
         self.reporter.metrics(report)
         self.reports += 1

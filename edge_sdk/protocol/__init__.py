@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     )
     from edge_sdk.protocol.labels import check_labels, parse_label, parse_labels
     from edge_sdk.protocol.messages import (
+        PERIODIC_MODE,
         SCHEMA_VERSION,
         BenchmarkSpec,
         BundleFacts,
@@ -116,6 +117,7 @@ _HOMES = {
     "Heartbeat": "messages",
     "Message": "messages",
     "MetricsReport": "messages",
+    "PERIODIC_MODE": "messages",
     "RemoveCommand": "messages",
     "RollbackCommand": "messages",
     "RootUpdate": "messages",
@@ -159,6 +161,7 @@ __all__ = [
     "CHANNEL_OF",
     "INDEX_FRAME",
     "MAX_CHUNKS",
+    "PERIODIC_MODE",
     "PROGRESS_EVERY",
     "SCHEMA_VERSION",
     "TRANSFER_ROOT",

@@ -29,6 +29,7 @@ from edge_sdk.protocol.topics import check_device_id
 __all__ = [
     "DEPLOY_ACTIONS",
     "MESSAGE_TYPES",
+    "PERIODIC_MODE",
     "SCHEMA_VERSION",
     "BenchmarkSpec",
     "BundleFacts",
@@ -681,6 +682,10 @@ class Event(Message):
 #: The measurements of a report that are JSON objects; ``{}`` on the wire means "not measured".
 _MEASUREMENTS = ("latency", "memory", "cpu", "power")
 
+#: ``MetricsReport.extra["mode"]`` of a report a device measured on its own schedule
+#: (``metrics_every_s``), not after an install.
+PERIODIC_MODE = "periodic"
+
 
 @dataclass(frozen=True)
 class MetricsReport(Message):
@@ -747,6 +752,12 @@ class MetricsReport(Message):
                 body[name] = None
         report: MetricsReport = super().from_dict(body)
         return report
+
+    @property
+    def periodic(self) -> bool:
+        """Measured on the device's own schedule (``extra["mode"]`` is :data:`PERIODIC_MODE`),
+        not as the profile after an install."""
+        return self.extra.get("mode") == PERIODIC_MODE
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form devices have always sent: ``{}`` for a measurement not taken, no ``schema``."""

@@ -657,7 +657,7 @@ def _postgres_dialect(driver_error: type[BaseException]) -> _Dialect:
 # --- schema ----------------------------------------------------------------------------
 
 #: The schema version this code writes and understands.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 #: One step of a migration: shared SQL, or a function of the connection and dialect for
 #: what SQL alone cannot say portably (checking rows, rewriting JSON).
@@ -1051,6 +1051,9 @@ _MIGRATIONS: tuple[tuple[int, tuple[_Step, ...]], ...] = (
             "CREATE INDEX IF NOT EXISTS runs_kind_started ON runs (kind, started_at)",
         ),
     ),
+    # A report a device measured on its own schedule (metrics_every_s), told apart from the
+    # profile after an install: a rollout's health gate compares installs with installs.
+    (9, ("ALTER TABLE metrics ADD COLUMN periodic INTEGER NOT NULL DEFAULT 0",)),
 )
 
 _CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
@@ -1157,8 +1160,8 @@ WHERE id = (
 
 
 _INSERT_METRICS = (
-    "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report, report_ts) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, report_ts) DO NOTHING"
+    "INSERT INTO metrics (device_id, bundle_name, bundle_version, received_at, report, report_ts, periodic) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, report_ts) DO NOTHING"
 )
 
 
@@ -1172,7 +1175,15 @@ def _metrics_row(report: MetricsReport, received_at: float) -> tuple[Any, ...]:
     except ValueError:
         _check_finite(stored, "report")  # names the number that is not
         raise
-    return (report.device_id, report.bundle_name, report.bundle_version, received_at, text, report.ts)
+    return (
+        report.device_id,
+        report.bundle_name,
+        report.bundle_version,
+        received_at,
+        text,
+        report.ts,
+        int(report.periodic),
+    )
 
 
 def _dump_json(value: Mapping[str, Any] | None) -> str | None:
@@ -1944,12 +1955,17 @@ class Registry:
         with self._storage_errors("write a batch"), self._dialect.begin_batch(self._conn):
             yield
 
-    def latest_metrics(self, device_id: str | None = None, bundle_name: str | None = None) -> list[MetricsRecord]:
+    def latest_metrics(
+        self, device_id: str | None = None, bundle_name: str | None = None, *, periodic: bool = True
+    ) -> list[MetricsRecord]:
         """The newest report for each (device, bundle, version).
 
         Args:
             device_id: only this device; all when ``None``.
             bundle_name: only this bundle (any version); all when ``None``.
+            periodic: count reports a device measured on its own schedule
+                (:attr:`~edge_sdk.protocol.MetricsReport.periodic`); False: only the profiles
+                made after installs, as a rollout's health gate compares them.
 
         Returns:
             One record per (device, bundle, version), ordered by device, bundle, version.
@@ -1959,7 +1975,8 @@ class Registry:
             StorageError: on a database failure, or a stored report that is not a valid one
                 (the error names its row).
         """
-        return [self._metrics_from_row(row) for row in self._latest_metrics_rows(device_id, bundle_name)]
+        rows = self._latest_metrics_rows(device_id, bundle_name, None if periodic else 0)
+        return [self._metrics_from_row(row) for row in rows]
 
     def latest_metrics_json(
         self,
@@ -2042,8 +2059,10 @@ class Registry:
                 reports.update(self._conn.execute(self._dialect.sql(query), page).fetchall())
         return [(row_id, *key, when, reports[row_id]) for key, when, row_id in wanted if row_id in reports]
 
-    def _latest_metrics_rows(self, device_id: str | None, bundle_name: str | None) -> list[Sequence[Any]]:
-        where, params = _where({"device_id": device_id, "bundle_name": bundle_name})
+    def _latest_metrics_rows(
+        self, device_id: str | None, bundle_name: str | None, periodic: int | None = None
+    ) -> list[Sequence[Any]]:
+        where, params = _where({"device_id": device_id, "bundle_name": bundle_name, "periodic": periodic})
         query = (
             f"SELECT {_METRICS_COLUMNS} FROM ("
             f"SELECT {_METRICS_COLUMNS}, ROW_NUMBER() OVER ("

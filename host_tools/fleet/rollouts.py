@@ -208,13 +208,14 @@ def _target(
     refs: Sequence[BundleRef] | None = None,
 ) -> Target:
     """What a device runs of ``bundle_name`` (by ``refs``, else its row), measured on it (the gate's
-    baseline), and whether it is online now (``stale`` is not: :func:`device_liveness`)."""
+    baseline: the profile after its install, never a periodic report, which is measured with
+    fewer runs), and whether it is online now (``stale`` is not: :func:`device_liveness`)."""
     running = next(
         (b.version for b in (record.active_bundles if refs is None else refs) or () if b.name == bundle_name), None
     )
     p99 = rss = None
     if running is not None:
-        for m in registry.latest_metrics(record.device_id, bundle_name):
+        for m in registry.latest_metrics(record.device_id, bundle_name, periodic=False):
             if m.bundle_version == running:
                 p99, rss = _measured(m.report)
     return Target(record.device_id, running, p99, rss, online=device_liveness(record, now) == "online")
@@ -552,7 +553,7 @@ class RolloutRunner:
         return [Failed(d, error.code if error is not None else "failed", error.message if error is not None else "")]
 
     def _stored_measurement(self, device_id: str) -> tuple[float | None, int | None]:
-        for m in self.registry.latest_metrics(device_id, self.record.bundle_name):
+        for m in self.registry.latest_metrics(device_id, self.record.bundle_name, periodic=False):
             if m.bundle_version == self.record.bundle_version:
                 return _measured(m.report)
         return None, None

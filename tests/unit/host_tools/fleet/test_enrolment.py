@@ -149,6 +149,7 @@ def test_old_rows_with_implausible_times_are_repaired_by_the_migration(tmp_path:
     conn.execute("DROP TABLE events")  # and before schema 6's keyed reports
     conn.execute("DROP INDEX metrics_report")
     conn.execute("ALTER TABLE metrics DROP COLUMN report_ts")
+    conn.execute("ALTER TABLE metrics DROP COLUMN periodic")  # and schema 9's
     conn.execute(
         "INSERT INTO devices (device_id, status, first_seen, last_seen) VALUES ('pi-x', 'online', 1e300, 4200000000)"
     )

@@ -71,6 +71,29 @@ def test_a_target_carries_the_running_version_and_what_it_measured(reg: Registry
     assert _target(reg, device, "other", 1001.0).previous_version is None
 
 
+def test_the_gate_s_baseline_is_the_install_profile_not_a_newer_periodic_report(reg: Registry) -> None:
+    # With metrics_every_s on, the newest report of the running version is a periodic one,
+    # measured with fewer runs; the health gate compares the new install's profile with the
+    # old install's profile.
+    def stats(p99: float) -> LatencyStats:
+        return LatencyStats(count=10, mean_ms=1, stdev_ms=0, min_ms=1, max_ms=9, p50_ms=1, p90_ms=2, p99_ms=p99,
+                            throughput_per_s=100)  # fmt: skip
+
+    reg.add_metrics(MetricsReport("pi-0", "m", 3, "onnxruntime", "fp32", 1000.0, latency=stats(2.5)), 1001.0)
+    periodic = MetricsReport(
+        "pi-0", "m", 3, "onnxruntime", "fp32", 1060.0, latency=stats(7.0), extra={"mode": "periodic", "every_s": 60}
+    )
+    assert periodic.periodic
+    reg.add_metrics(periodic, 1061.0)
+    device = reg.get_device("pi-0")
+    assert device is not None
+    assert _target(reg, device, "m", 1061.0).base_p99_ms == 2.5
+    [newest] = reg.latest_metrics("pi-0", "m")  # readers of the fleet's state see the newest
+    assert newest.report.periodic and newest.report.latency is not None and newest.report.latency.p99_ms == 7.0
+    [install] = reg.latest_metrics("pi-0", "m", periodic=False)
+    assert not install.report.periodic and install.report.ts == 1000.0
+
+
 def test_a_device_not_heard_within_its_heartbeat_interval_times_the_factor_is_planned_offline(
     reg: Registry, tmp_path: Path
 ) -> None:
