@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -1736,18 +1737,12 @@ def _print_json_texts(texts: Iterable[str]) -> int:
     Returns:
         How many items were written.
     """
-    out = sys.stdout
+    out, items = sys.stdout, iter(texts)
     out.write("[")
     n = 0
-    block: list[str] = []
-    for text in texts:
-        block.append(text)
-        if len(block) == 1000:
-            out.write(("," if n else "") + "\n" + ",\n".join(block))
-            n += len(block)
-            block.clear()
-    if block:
-        out.write(("," if n else "") + "\n" + ",\n".join(block))
+    while block := list(itertools.islice(items, 1000)):
+        out.write(",\n" if n else "\n")  # apart from the block: no copy of it to put this in front
+        out.write(",\n".join(block))
         n += len(block)
     out.write("\n]\n" if n else "]\n")
     out.flush()
@@ -2066,7 +2061,7 @@ def devices(
         list_devices,
         parse_cursor,
     )
-    from host_tools.report.fleet import device_data, device_row_json, devices_text
+    from host_tools.report.fleet import device_data, device_rows_json, devices_text
 
     cfg = _cfg(ctx, json_output)
     with _registry(cfg) as reg:
@@ -2094,13 +2089,14 @@ def devices(
                 last[:] = [item]
                 yield item
 
-        def row_texts() -> Iterator[str]:  # straight from the stored rows: no record, view or dict per device
-            for row, st, mine in list_device_rows(reg, now, query):
-                last[:] = [row]
-                yield device_row_json(row, st, mine, now, drops)
+        def tracked_rows() -> Iterator[Any]:
+            for item in list_device_rows(reg, now, query):
+                last[:] = [item[0]]
+                yield item
 
-        if cfg.json_output and not broker:
-            shown = _print_json_texts(row_texts())
+        if cfg.json_output and not broker:  # straight from the stored rows: no record, view or dict per device
+            rows = list_device_rows(reg, now, query) if limit is None else tracked_rows()
+            shown = _print_json_texts(device_rows_json(rows, now, drops))
         elif cfg.json_output:
             shown = _print_json_texts(_json_text(device_data(v, now, drops)) for v in tracked(views))
         else:
