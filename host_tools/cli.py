@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -1734,16 +1735,26 @@ def _json_text(item: Any) -> str:
 def _print_json_texts(texts: Iterable[str]) -> int:
     """A JSON list of items already encoded, one per line, written in blocks of 1,000.
 
+    The cyclic garbage collector is paused meanwhile: what a listing makes per item (rows,
+    tuples, texts) is freed by reference counting alone, and the collector's passes over it
+    cost a few per cent of a long listing.
+
     Returns:
         How many items were written.
     """
     out, items = sys.stdout, iter(texts)
     out.write("[")
     n = 0
-    while block := list(itertools.islice(items, 1000)):
-        out.write(",\n" if n else "\n")  # apart from the block: no copy of it to put this in front
-        out.write(",\n".join(block))
-        n += len(block)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        while block := list(itertools.islice(items, 1000)):
+            out.write(",\n" if n else "\n")  # apart from the block: no copy of it to put this in front
+            out.write(",\n".join(block))
+            n += len(block)
+    finally:
+        if collecting:
+            gc.enable()
     out.write("\n]\n" if n else "]\n")
     out.flush()
     return n
