@@ -10,7 +10,7 @@ things are timed in the same run, in alternating rounds:
   into a record and a view, state and labels computed) with each device's JSON written
   as ``device_data`` + ``json.dumps`` write it (the path ``--json`` took before);
 - rows: :func:`host_tools.fleet.inventory.list_device_rows` with
-  :func:`host_tools.report.fleet.device_row_json` (the same bytes, from the stored rows:
+  :func:`host_tools.report.fleet.device_rows_json` (the same bytes, from the stored rows:
   what ``--json`` streams now);
 - the command: ``edgectl devices --json`` of this checkout (``python -m host_tools``) as a
   separate process writing to a file, from start to exit (start-up, imports and printing
@@ -52,7 +52,7 @@ from edge_sdk.protocol import DeviceStatus, Heartbeat
 from host_tools.fleet.collector import record_message
 from host_tools.fleet.inventory import list_device_rows, list_devices
 from host_tools.fleet.registry import Registry, open_registry
-from host_tools.report.fleet import device_data, device_row_json
+from host_tools.report.fleet import device_data, device_rows_json
 
 GOAL_S = 2.0
 BROKER = "mqtt://127.0.0.1:1"
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             out = io.StringIO()
             with open_registry(path) as reg:
                 n = 0
-                for row, state, mine in list_device_rows(reg, time.time()):
-                    out.write(device_row_json(row, state, mine, now))
+                for text in device_rows_json(list_device_rows(reg, time.time()), now):
+                    out.write(text)
                     n += 1
             return n
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = (
         "SELECT * into dicts (baseline)",
         "list_devices + device_data + json.dumps (before)",
-        "list_device_rows + device_row_json (now)",
+        "list_device_rows + device_rows_json (now)",
         "edgectl devices --json (process)",
     )
     rows_out = [

@@ -31,21 +31,27 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_sdk.errors import ConfigError
-from edge_sdk.mqtt import MqttOptions
+
+if TYPE_CHECKING:  # the client (and paho) loads only where a connection is made
+    from edge_sdk.mqtt import MqttOptions
 
 __all__ = [
     "CONNECTION_SETTINGS",
     "ENVIRONMENT",
     "PASSWORD_ENV",
+    "PROTOCOLS",
     "TLS_SETTINGS",
     "BrokerConnection",
     "connection_file_settings",
     "resolve_connection",
 ]
 
+#: The MQTT versions a client may ask for (``MqttOptions.protocol``, ``--mqtt-protocol``): here,
+#: beside the other settings, so that a program reads its settings without loading the client.
+PROTOCOLS = ("auto", "5", "3.1.1")
 #: The TLS settings, as named in config files (under ``[tls]``) and in ``MqttOptions``.
 TLS_SETTINGS = ("ca_file", "cert_file", "key_file")
 #: Every setting of a broker connection a flag, the environment or a config file may give.

@@ -81,6 +81,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_sdk.broker_connection import PROTOCOLS
 from edge_sdk.errors import BrokerUnreachableError, ConfigError, TransportError
 
 __all__ = [
@@ -116,8 +117,6 @@ DEFAULT_INBOX_MAX_BYTES = 256 << 20
 
 #: Default cap on QoS>0 publishes in flight (awaiting PUBACK), before the broker's Receive Maximum.
 DEFAULT_MAX_INFLIGHT = 20
-#: The protocol choices of :attr:`MqttOptions.protocol`.
-PROTOCOLS = ("auto", "5", "3.1.1")
 #: Largest MQTT 5 Session Expiry Interval (four bytes; the broker reads it as "never expires").
 MAX_SESSION_EXPIRY_S = 2**32 - 1
 #: Largest Receive Maximum MQTT 5 can say (two bytes), and the largest in-flight cap.

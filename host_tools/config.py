@@ -42,9 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.broker_connection import ENVIRONMENT as CONNECTION_ENVIRONMENT
-from edge_sdk.broker_connection import PASSWORD_ENV
+from edge_sdk.broker_connection import PASSWORD_ENV, PROTOCOLS
 from edge_sdk.errors import ConfigError
-from edge_sdk.mqtt import PROTOCOLS
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_sdk.errors import ConfigError
 from host_tools.fleet.liveness import DEFAULT_STALE_FACTOR, LivenessState, liveness
-from host_tools.fleet.registry import DeviceRecord, DeviceRow, ForgetResult, MetricsRecord, Registry
+from host_tools.fleet.registry import DEVICE_PAGE, DeviceRecord, DeviceRow, ForgetResult, MetricsRecord, Registry
 from host_tools.fleet.selectors import Selector
 
 if TYPE_CHECKING:
@@ -195,7 +195,10 @@ def list_device_rows(
     wanted, factor = query.state, query.stale_factor
     left = query.limit
     none: Mapping[str, str] = {}
-    for row in registry.iter_device_rows(after=query.after):
+    # A page of --limit N unfiltered rows holds the N that will be listed: read no more.
+    unfiltered = only_ids is None and not by_labels and wanted is None
+    pages = {"page": min(left, DEVICE_PAGE)} if left is not None and unfiltered else {}
+    for row in registry.iter_device_rows(after=query.after, **pages):
         device_id = row.device_id
         if only_ids is not None and device_id not in only_ids:
             continue

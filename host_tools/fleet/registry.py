@@ -89,6 +89,7 @@ if TYPE_CHECKING:  # imported where a report is read back: listing devices does 
 
 __all__ = [
     "DEPLOYMENT_STATES",
+    "DEVICE_PAGE",
     "DEVICE_STATUSES",
     "ENROLMENT_STATES",
     "LATEST_TIME",
@@ -121,6 +122,8 @@ DeploymentState = Literal["sent", "installed", "refused", "failed", "deferred"]
 
 #: Every status a device row may hold.
 DEVICE_STATUSES: frozenset[str] = frozenset({"online", "offline"})
+#: Device rows a listing reads per query (:meth:`Registry.iter_device_rows`).
+DEVICE_PAGE = 5_000
 #: Every state a deployment row may hold.
 DEPLOYMENT_STATES: frozenset[str] = frozenset({"sent", "installed", "refused", "failed", "deferred"})
 
@@ -1404,7 +1407,7 @@ class Registry:
         for row in self.iter_device_rows(after, page):
             yield self.device_record(row)
 
-    def iter_device_rows(self, after: tuple[str, str] | None = None, page: int = 20_000) -> Iterator[DeviceRow]:
+    def iter_device_rows(self, after: tuple[str, str] | None = None, page: int = DEVICE_PAGE) -> Iterator[DeviceRow]:
         """Every device row after ``after``, ordered by id then broker, read in pages (keyset paging).
 
         Each page is one query that starts where the last one ended (on the primary key), so
@@ -1427,25 +1430,24 @@ class Registry:
         if page < 1:
             raise ValueError(f"page must be at least 1, got {page}")
         cursor_key = after
-        make = DeviceRow._make
+        make = functools.partial(tuple.__new__, DeviceRow)  # DeviceRow._make without its Python frame
         while True:
             if cursor_key is None:
                 query, params = f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id, broker LIMIT ?", (page,)
             else:
-                query = (
-                    f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id > ? OR (device_id = ? AND broker > ?) "
+                query = (  # a row value: both databases seek the primary key to it (an OR would scan up to it)
+                    f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE (device_id, broker) > (?, ?) "
                     "ORDER BY device_id, broker LIMIT ?"
                 )
-                params = (cursor_key[0], cursor_key[0], cursor_key[1], page)  # type: ignore[assignment]
+                params = (cursor_key[0], cursor_key[1], page)  # type: ignore[assignment]
             with self._storage_errors("list devices"):
-                rows = self._conn.execute(self._dialect.sql(query), params).fetchall()
-            for raw in rows:
-                row = make(raw)
-                try:
+                rows = list(map(make, self._conn.execute(self._dialect.sql(query), params).fetchall()))
+            try:
+                for row in rows:
                     _check_device_row(row)
-                except (ValueError, TypeError) as exc:
-                    self._malformed("devices", row[0], exc)
-                yield row
+            except (ValueError, TypeError) as exc:
+                self._malformed("devices", row[0], exc)
+            yield from rows  # checked whole first, then handed on without a Python frame per row
             if len(rows) < page:
                 return
             cursor_key = (rows[-1][0], rows[-1][8])
@@ -2550,16 +2552,17 @@ class DeviceRow(NamedTuple):
 
 def _check_device_row(row: DeviceRow) -> None:
     """Raise ValueError or TypeError if a row makes no valid record (what :func:`_device_from_row` checks)."""
-    if row[1] not in DEVICE_STATUSES:
-        raise ValueError(f"unknown device status {row[1]!r}")
-    if not row[0]:
+    device_id, status, platform, runtimes, _, bundles, first_seen, last_seen, _, labels, _, _ = row
+    if status not in DEVICE_STATUSES:
+        raise ValueError(f"unknown device status {status!r}")
+    if not device_id:
         raise ValueError("device_id must not be empty")
-    last_seen = row[7]
-    if type(last_seen) is not float or not 0.0 <= last_seen <= LATEST_TIME:  # NaN fails too
+    # What check_time accepts, without a call for the float in range that a row holds (NaN fails too).
+    if type(last_seen) is not float or not 0.0 <= last_seen <= LATEST_TIME:
         check_time(last_seen, "last_seen")
-    if row[6] is not None:
-        check_time(row[6], "first_seen")
-    _check_json_columns(row[2], row[3], row[5], row[9])
+    if first_seen is not None and (type(first_seen) is not float or not 0.0 <= first_seen <= LATEST_TIME):
+        check_time(first_seen, "first_seen")
+    _check_json_columns(platform, runtimes, bundles, labels)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "deploy_text",
     "device_data",
     "device_row_json",
+    "device_rows_json",
     "devices_data",
     "devices_text",
     "enrolments_data",
@@ -266,8 +268,7 @@ def device_row_json(
 
     The same text, byte for byte, as ``json.dumps(device_data(view, now, drops), ensure_ascii=True)``
     for the view the row makes (listed from the registry, no broker read), without
-    building the record, the view and the dict: the row's JSON columns are re-encoded once
-    per distinct text (many devices report alike), and the rest is spliced in.
+    building the record, the view and the dict (see :func:`device_rows_json`).
 
     Args:
         row: the row, as :meth:`~host_tools.fleet.registry.Registry.iter_device_rows` checked it.
@@ -279,33 +280,129 @@ def device_row_json(
     Returns:
         The device's JSON object, one line.
     """
+    return next(device_rows_json([(row, state, operator_labels)], now, drops))
+
+
+#: Distinct values each cache of :func:`device_rows_json` holds before it starts afresh.
+_SHARED_TEXTS = 16_384
+#: The largest finite float: ``-_FLOAT_MAX <= x <= _FLOAT_MAX`` is ``math.isfinite(x)`` for a float.
+_FLOAT_MAX = sys.float_info.max
+
+
+def device_rows_json(
+    rows: Iterable[tuple[DeviceRow, str, Mapping[str, str]]],
+    now: float,
+    drops: Mapping[str, Mapping[str, int]] | None = None,
+) -> Iterator[str]:
+    """What :func:`device_row_json` writes for each of ``rows``: a whole listing's JSON, one
+    device at a time, byte for byte what the record -> view -> dict -> ``json.dumps`` path writes.
+
+    What many devices share is encoded once per distinct value and spliced in: the broker,
+    status, platform, runtimes, agent version and bundles together; the device's own labels
+    (when the operator has labelled it not); the date and hour of ``last_seen_text`` and its
+    "ago". Per device, only its id, its times and what is its alone are encoded. Each cache
+    holds at most 16,384 values, so a fleet whose devices all differ costs no more memory
+    than one whose devices report alike.
+
+    Args:
+        rows: ``(row, state, operator labels)``, as
+            :func:`~host_tools.fleet.inventory.list_device_rows` yields them.
+        now: unix seconds now, for ``last_seen_text``.
+        drops: device id -> reason -> messages dropped.
+
+    Yields:
+        Each device's JSON object, one line.
+    """
+    text, number, interval, floor, big = encode_basestring_ascii, _number_json, _interval_json, math.floor, _FLOAT_MAX
+    write_float, clock, drops = float.__repr__, _clock_texts(), drops or {}
+    heads: dict[tuple[str | None, ...], str] = {}
+    owns: dict[str | None, tuple[str, str, str, str]] = {}
+    hours: dict[int, str] = {}
+    agos: dict[int, str] = {}
+    for row, state, mine in rows:
+        device_id, status, platform, runtimes, version, bundles, first_at, seen_at, broker, labels, beat, heard = row
+        key = (broker, status, platform, runtimes, version, bundles)
+        head = heads.get(key)
+        if head is None:
+            if len(heads) >= _SHARED_TEXTS:
+                heads.clear()
+            head = heads[key] = _head_json(*key)
+        if mine:
+            own, merged, sources, operator = _labels_json(row.device_labels(), mine)
+        else:
+            parts = owns.get(labels)
+            if parts is None:
+                if len(owns) >= _SHARED_TEXTS:
+                    owns.clear()
+                parts = owns[labels] = _labels_json(row.device_labels(), mine)
+            own, merged, sources, operator = parts
+        # The times are each device's own: a finite float is written as json writes it, without a call.
+        seen = write_float(seen_at) if type(seen_at) is float and -big <= seen_at <= big else number(seen_at)
+        # A device whose status was recorded once was first seen then: the same number, the same text.
+        same = first_at == seen_at and first_at and type(first_at) is type(seen_at)
+        first = seen if same else number(first_at)
+        heard_text = write_float(heard) if type(heard) is float and -big <= heard <= big else number(heard)
+        # last_seen_text: "YYYY-MM-DD HH:" per hour, "MM:SS UTC (" per second of the hour, then how long ago.
+        hour, second = divmod(floor(seen_at), 3600)
+        stamp = hours.get(hour)
+        if stamp is None:
+            if len(hours) >= _SHARED_TEXTS:
+                hours.clear()
+            stamp = hours[hour] = '"' + time.strftime("%Y-%m-%d %H:", time.gmtime(hour * 3600))
+        ago_s = floor(now - seen_at)  # ago_text says the same of a time and of its whole second
+        ago = agos.get(ago_s)
+        if ago is None:
+            if len(agos) >= _SHARED_TEXTS:
+                agos.clear()
+            ago = agos[ago_s] = ago_text(ago_s) + ')"'
+        dropped = drops.get(device_id)
+        yield (
+            f'{{"device_id": {text(device_id)}{head}{first}, "last_seen": {seen}, "device_labels": {own}, '
+            f'"heartbeat_s": {interval(beat)}, "last_heard": {heard_text}, "last_status": {text(status)}, '
+            f'"status_confirmed": false, "state": {text(state)}, "labels": {merged}, "label_sources": {sources}, '
+            f'"operator_labels": {operator}, "last_seen_text": {stamp}{clock[second]}{ago}, '
+            f'"dropped": {_dumps(dict(dropped)) if dropped else "{}"}}}'
+        )
+
+
+@functools.cache
+def _clock_texts() -> tuple[str, ...]:
+    """``MM:SS UTC (`` for each second of an hour: the middle of ``last_seen_text`` (UTC hours have
+    3,600 seconds: Unix time counts no leap second)."""
+    return tuple(f"{m:02d}:{s:02d} UTC (" for m in range(60) for s in range(60))
+
+
+def _head_json(
+    broker: str, status: str, platform: str | None, runtimes: str | None, version: str | None, bundles: str | None
+) -> str:
+    """From ``, "broker": `` to ``"first_seen": ``: what devices that report alike share."""
     text = encode_basestring_ascii
-    status = text(row.status)
-    active_bundles, active_bundle = _bundles_json(row.active_bundles)
-    if operator_labels:
-        device_labels, labels, sources = _merged_labels_json(row.device_labels(), operator_labels)
-        operator = _dumps(dict(operator_labels))
-    else:
-        device_labels, labels, sources = _own_labels_json(row.labels)
-        operator = "{}"
-    dropped = (drops or {}).get(row.device_id)
+    active_bundles, active_bundle = _bundles_json(bundles)
     return (
-        f'{{"device_id": {text(row.device_id)}, "broker": {text(row.broker)}, "status": {status}, '
-        f'"platform": {_object_json(row.platform)}, "runtimes": {_object_json(row.runtimes)}, '
-        f'"agent_version": {"null" if row.agent_version is None else text(row.agent_version)}, '
-        f'"active_bundles": {active_bundles}, "active_bundle": {active_bundle}, '
-        f'"first_seen": {_number_json(row.first_seen)}, "last_seen": {_number_json(row.last_seen)}, '
-        f'"device_labels": {device_labels}, "heartbeat_s": {_interval_json(row.heartbeat_s)}, '
-        f'"last_heard": {_number_json(row.last_heard)}, "last_status": {status}, "status_confirmed": false, '
-        f'"state": {text(state)}, "labels": {labels}, "label_sources": {sources}, "operator_labels": {operator}, '
-        f'"last_seen_text": {text(seen_text(row.last_seen, now))}, '
-        f'"dropped": {_dumps(dict(dropped)) if dropped else "{}"}}}'
+        f', "broker": {text(broker)}, "status": {text(status)}, '
+        f'"platform": {_object_json(platform)}, "runtimes": {_object_json(runtimes)}, '
+        f'"agent_version": {"null" if version is None else text(version)}, '
+        f'"active_bundles": {active_bundles}, "active_bundle": {active_bundle}, "first_seen": '
     )
 
 
-def _dumps(value: object) -> str:
-    """What ``edgectl devices --json`` writes for a value (see ``_print_json_stream`` in the CLI)."""
-    return json.dumps(value, default=str, ensure_ascii=True)
+def _labels_json(own: Mapping[str, str] | None, operator: Mapping[str, str]) -> tuple[str, str, str, str]:
+    """``device_labels``, ``labels``, ``label_sources`` and ``operator_labels`` (see DeviceView.to_dict)."""
+    labels = dict(sorted({**(own or {}), **operator}.items()))
+    sources = _dumps({k: ("operator" if k in operator else "device") for k in labels})
+    merged = _dumps(labels)
+    if own is None:
+        device_labels = "null"
+    elif not operator and list(own) == list(labels):
+        device_labels = merged  # already in order: the same dict, the same text
+    else:
+        device_labels = _dumps(dict(own))
+    return device_labels, merged, sources, _dumps(dict(operator)) if operator else "{}"
+
+
+#: The encoder ``edgectl devices --json`` writes with (see ``_print_json_stream`` in the CLI),
+#: made once: ``json.dumps`` with other than its default arguments makes one per call.
+_dumps = json.JSONEncoder(default=str, ensure_ascii=True).encode
 
 
 def _number_json(value: object) -> str:
@@ -336,21 +433,6 @@ def _bundles_json(stored: str | None) -> tuple[str, str]:
     refs = stored_bundles(stored)
     listed = _dumps([{"name": b.name, "version": b.version} for b in refs])
     return listed, _dumps(refs[0].to_dict()) if refs else "null"
-
-
-@functools.lru_cache(maxsize=4096)
-def _own_labels_json(stored: str | None) -> tuple[str, str, str]:
-    """``device_labels``, ``labels`` and ``label_sources`` of a device the operator labelled not."""
-    if stored is None:
-        return "null", "{}", "{}"
-    own = json.loads(stored)
-    return _merged_labels_json(own, {})
-
-
-def _merged_labels_json(own: Mapping[str, str] | None, operator: Mapping[str, str]) -> tuple[str, str, str]:
-    labels = dict(sorted({**(own or {}), **operator}.items()))
-    sources = {k: ("operator" if k in operator else "device") for k in labels}
-    return "null" if own is None else _dumps(dict(own)), _dumps(labels), _dumps(sources)
 
 
 def labels_text(view: DeviceView) -> str:

@@ -11,6 +11,7 @@ or host-only packages, because the agent imports runtimes lazily.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -209,6 +210,24 @@ def test_importing_the_agent_loads_nothing_heavy_or_host_side() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_listing_devices_loads_no_client_and_no_model_code(tmp_path: Path) -> None:
+    # `edgectl devices` reads the registry: its start-up is part of every listing's time.
+    code = (
+        "import atexit, runpy, sys\n"
+        "banned = {'paho', 'onnx', 'onnxruntime', 'numpy', 'torch', 'cryptography'}\n"
+        "def report():\n"
+        "    print(sorted(m for m in sys.modules if m.split('.')[0] in banned), file=sys.stderr)\n"
+        "atexit.register(report)\n"
+        f"sys.argv = ['edgectl', '--registry', {str(tmp_path / 'registry.db')!r}, 'devices', '--json']\n"
+        "runpy.run_module('host_tools', run_name='__main__')\n"
+    )
+    env = {**os.environ, "EDGE_SDK_BROKER": "", "EDGE_SDK_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[]\n"
+    assert result.stderr.splitlines()[-1] == "[]"
 
 
 def test_every_test_file_has_a_unique_name() -> None:

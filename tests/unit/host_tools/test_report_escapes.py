@@ -131,6 +131,18 @@ def _row_json() -> Any:
     return json.loads(text)
 
 
+def _rows_json() -> Any:
+    """A listing's JSON (``device_rows_json``) of two attacker-chosen rows, one the operator labelled."""
+    evil = json.dumps(EVIL)
+    row = DeviceRow(
+        EVIL, "online", f'{{"kind": {evil}}}', f"{{{evil}: {evil}}}", EVIL, f'[{{"name": {evil}, "version": 2}}]',
+        0.0, 1.0, EVIL, f'{{"site": {evil}}}', 60.0, None,
+    )  # fmt: skip
+    texts = list(fleet.device_rows_json([(row, "stale", {EVIL: EVIL}), (row, "online", {})], 10.0, {EVIL: {EVIL: 1}}))
+    assert all(text.isascii() and "\n" not in text for text in texts)
+    return [json.loads(text) for text in texts]
+
+
 def _views() -> list[DeviceView]:
     return [DeviceView(_record(), True, EVIL), DeviceView(_record(), False, EVIL)]
 
@@ -234,6 +246,7 @@ CASES: dict[str, Callable[[], Any]] = {
     "fleet.devices_data": lambda: fleet.devices_data(_views(), 10.0),
     "fleet.device_data": lambda: fleet.device_data(_labelled(), 10.0),
     "fleet.device_row_json": _row_json,
+    "fleet.device_rows_json": _rows_json,
     "fleet.labels_cell": lambda: fleet.labels_cell(_labelled()),
     "fleet.labels_text": lambda: fleet.labels_text(_labelled()),
     "fleet.groups_text": lambda: fleet.groups_text([GroupRecord(EVIL, EVIL, 0.0)]),

@@ -5,15 +5,17 @@ devices selected; a malformed row still refused."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from test_registry import db, open_db  # noqa: F401  # the fixtures: each case runs on both backends
 
+import host_tools.report.fleet as fleet_report
 from edge_sdk.errors import StorageError
 from host_tools.fleet.inventory import ListingQuery, list_device_rows, list_devices
 from host_tools.fleet.registry import BundleRef, DeviceRecord, Registry
 from host_tools.fleet.selectors import parse_selector
-from host_tools.report.fleet import device_data, device_row_json
+from host_tools.report.fleet import device_data, device_row_json, device_rows_json
 
 T0 = 1_700_000_000.0
 NOW = T0 + 100.0
@@ -100,3 +102,59 @@ def test_a_malformed_row_is_refused_not_written(db: Registry, column: str, value
     with pytest.raises(StorageError, match=says) as caught:
         list(list_device_rows(db, NOW))
     assert "dev-c" in str(caught.value)
+
+
+def _fleet_of_times(reg: Registry) -> None:
+    """Devices whose times differ in every way a listing writes them: fractions, whole seconds,
+    first seen with the status or before it, heard after it or never, intervals int, float or none."""
+    rng = random.Random(5)
+    for i in range(120):
+        seen = T0 - rng.choice([0.0, 0.5, 4.2, 59.9, 61.0, 3599.0, 3600.5, 86399.0, 86400.0, 9e5]) - rng.random()
+        if i % 7 == 0:
+            seen = float(int(seen))  # a whole second
+        reg.upsert_device(
+            DeviceRecord(
+                f"dev-{i:03d}",
+                "offline" if i % 5 == 0 else "online",
+                seen,
+                first_seen=seen if i % 2 else seen - rng.random() * 1e6,
+                broker=f"mqtt://b{i % 3}:1",
+                labels={"site": f"s{i % 4}", **({"serial": f"n{i}"} if i % 3 == 0 else {})},
+                heartbeat_s=[None, 60.0, 30, 1.5][i % 4],
+                platform={"kind": f"k{i % 2}"},
+            )
+        )
+        if i % 3:
+            reg.record_heartbeat(f"dev-{i:03d}", f"mqtt://b{i % 3}:1", seen + rng.random() * 100, 60.0)
+    reg.set_operator_labels("dev-004", {"tier": "canary", "site": "x"}, at=T0)
+
+
+@pytest.mark.parametrize("offset", [-0.5, 0.0, 0.25, 4.999, 5.0, 59.999, 60.0, 3599.999, 3600.0, 86400.5, 2e6])
+def test_a_listing_of_distinct_times_writes_what_each_view_writes(db: Registry, offset: float) -> None:  # noqa: F811
+    # The shared parts (the hour of last_seen_text, its "ago", the heads and labels) are cached
+    # per listing; every device's own text must still be its own, at every boundary of "ago".
+    _fleet_of_times(db)
+    now = T0 + offset
+    drops = {"dev-001": {"replayed": 1}}
+    fast = list(device_rows_json(list_device_rows(db, now), now, drops))
+    slow = [json.dumps(device_data(v, now, drops), default=str, ensure_ascii=True) for v in list_devices(db, now)]
+    assert len(fast) == 120
+    assert fast == slow
+
+
+def test_a_listing_whose_caches_overflow_writes_the_same(db: Registry, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    _fleet_of_times(db)
+    whole = list(device_rows_json(list_device_rows(db, NOW), NOW))
+    monkeypatch.setattr(fleet_report, "_SHARED_TEXTS", 2)  # every cache starts afresh again and again
+    assert list(device_rows_json(list_device_rows(db, NOW), NOW)) == whole
+
+
+def test_a_listing_in_pages_lists_each_row_once(db: Registry) -> None:  # noqa: F811
+    _fleet_of_times(db)
+    whole = [r.device_id for r in db.iter_device_rows()]
+    assert whole == sorted(whole) and len(whole) == 120
+    for page in (1, 7, 120, 500):
+        assert [r.device_id for r in db.iter_device_rows(page=page)] == whole
+        assert [r.device_id for r in db.iter_device_rows(after=("dev-050", ""), page=page)] == whole[50:]
+    limited = [r.device_id for r, _, _ in list_device_rows(db, NOW, ListingQuery(limit=3, after=("dev-010", "z")))]
+    assert limited == whole[11:14]

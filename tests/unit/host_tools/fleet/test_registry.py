@@ -527,6 +527,7 @@ def test_mask_password_in_query() -> None:
 def test_public_names() -> None:
     assert set(registry_module.__all__) == {
         "DEPLOYMENT_STATES",
+        "DEVICE_PAGE",
         "DEVICE_STATUSES",
         "ENROLMENT_STATES",
         "LATEST_TIME",
