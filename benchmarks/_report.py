@@ -81,6 +81,17 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     return {"model": fields.get("model name") or fields.get("Model"), "flags": [f for f in KERNEL_FLAGS if f in flags]}
 
 
+def processes_cpu_s(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far, together."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
 def alternating_p50(calls: Sequence[Callable[[], object]], runs: int, rounds: int = 5) -> list[float]:
     """p50 ms of each call, timed in alternating rounds (median of the rounds' medians),
     so that other load on the host slows them alike."""

@@ -52,7 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # real broker, report publishers
 
-from _report import EDGECTL, add_common_args, checkout_env, print_table, write_results
+from _report import EDGECTL, add_common_args, checkout_env, print_table, processes_cpu_s, write_results
 from mosquitto import MosquittoProcess, find_mosquitto
 from report_stream import enroll_devices, publish_at_rate, publish_burst, publisher, reporting_devices
 
@@ -352,26 +352,16 @@ class PeriodicTap:
         self._tap.close()
 
 
-def _cpu_s(pids: list[int]) -> float:
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        t = psutil.Process(pid).cpu_times()
-        total += t.user + t.system
-    return total
-
-
 def _fleet_stream(tap: PeriodicTap, pids: list[int], args: argparse.Namespace, window: dict[str, Any]) -> Stream:
     """The fleet's own stream for ``--seconds``: what the tap heard with a time in it; its CPU into ``window``."""
 
     def stream(tick: Callable[[float], None]) -> set[tuple[str, float]]:
-        t0_wall, t0, cpu0 = time.time(), time.monotonic(), _cpu_s(pids)
+        t0_wall, t0, cpu0 = time.time(), time.monotonic(), processes_cpu_s(pids)
         while (elapsed := time.monotonic() - t0) < args.seconds:
             tick(elapsed)
             time.sleep(0.05)
         t1_wall = time.time()
-        sim_cpu = _cpu_s(pids) - cpu0
+        sim_cpu = processes_cpu_s(pids) - cpu0
         time.sleep(2.0)  # what was published by the end reaches the tap
         sent = tap.between(t0_wall, t1_wall)
         window["sim_cpu_s"] = round(sim_cpu, 2)

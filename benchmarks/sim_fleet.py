@@ -36,7 +36,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _report import add_common_args, print_table, write_results
+from _report import add_common_args, print_table, processes_cpu_s, write_results
 from agent_models import big_model
 from fleet import Fleet
 from harness import Host, read_device_message
@@ -93,19 +93,11 @@ def _memory(pids: Sequence[int]) -> tuple[int, int]:
     return rss, pss
 
 
-def _cpu_s(pids: Sequence[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        t = psutil.Process(pid).cpu_times()
-        total += t.user + t.system
-    return total
-
-
 def _cpu_share(pids: Sequence[int], seconds: float) -> float:
     """CPU of these processes over ``seconds`` of idling, in % of one core."""
-    before, t0 = _cpu_s(pids), time.monotonic()
+    before, t0 = processes_cpu_s(pids), time.monotonic()
     time.sleep(seconds)
-    return 100.0 * (_cpu_s(pids) - before) / (time.monotonic() - t0)
+    return 100.0 * (processes_cpu_s(pids) - before) / (time.monotonic() - t0)
 
 
 def _deploy(url: str, home: Path, devices: list[str], bundle: Path, pids: Sequence[int]) -> dict[str, object]:
@@ -114,9 +106,9 @@ def _deploy(url: str, home: Path, devices: list[str], bundle: Path, pids: Sequen
     options = DeployOptions(authority=command_authority(KeyRing(home / "keys")), finish_timeout_s=600)
     try:
         with open_registry(home / "registry.db") as reg:
-            cpu0, t0 = _cpu_s(pids), time.monotonic()
+            cpu0, t0 = processes_cpu_s(pids), time.monotonic()
             outcomes = deploy_many(client, reg, devices, bundle, options)
-            wall, cpu = time.monotonic() - t0, _cpu_s(pids) - cpu0
+            wall, cpu = time.monotonic() - t0, processes_cpu_s(pids) - cpu0
             records = [reg.get_device(d, url) for d in devices]
             in_registry = sum(1 for rec in records if rec is not None and rec.status == "online")
     finally:

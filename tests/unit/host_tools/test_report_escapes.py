@@ -119,13 +119,18 @@ def _labelled() -> DeviceView:
     return DeviceView(record, False, "", "stale", {"site": EVIL + "o"})
 
 
-def _row_json() -> Any:
-    """``devices --json`` written from a stored row whose every string is attacker-chosen: ASCII, exact JSON."""
+def _evil_row() -> DeviceRow:
+    """A stored device row whose every string is attacker-chosen."""
     evil = json.dumps(EVIL)
-    row = DeviceRow(
+    return DeviceRow(
         EVIL, "online", f'{{"kind": {evil}}}', f"{{{evil}: {evil}}}", EVIL, f'[{{"name": {evil}, "version": 2}}]',
         0.0, 1.0, EVIL, f'{{"site": {evil}}}', 60.0, None,
     )  # fmt: skip
+
+
+def _row_json() -> Any:
+    """``devices --json`` written from a stored row whose every string is attacker-chosen: ASCII, exact JSON."""
+    row = _evil_row()
     text = fleet.device_row_json(row, "stale", {EVIL: EVIL}, 10.0, {EVIL: {EVIL: 1}})
     assert text.isascii() and "\n" not in text
     return json.loads(text)
@@ -133,11 +138,7 @@ def _row_json() -> Any:
 
 def _rows_json() -> Any:
     """A listing's JSON (``device_rows_json``) of two attacker-chosen rows, one the operator labelled."""
-    evil = json.dumps(EVIL)
-    row = DeviceRow(
-        EVIL, "online", f'{{"kind": {evil}}}', f"{{{evil}: {evil}}}", EVIL, f'[{{"name": {evil}, "version": 2}}]',
-        0.0, 1.0, EVIL, f'{{"site": {evil}}}', 60.0, None,
-    )  # fmt: skip
+    row = _evil_row()
     texts = list(fleet.device_rows_json([(row, "stale", {EVIL: EVIL}), (row, "online", {})], 10.0, {EVIL: {EVIL: 1}}))
     assert all(text.isascii() and "\n" not in text for text in texts)
     return [json.loads(text) for text in texts]
